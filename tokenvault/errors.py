@@ -1,0 +1,117 @@
+"""Typed errors the service raises and the problem+json bodies the HTTP layer sends.
+
+The service layer (tokenvault/service.py) raises ServiceError subclasses; the
+HTTP layer turns each into an RFC 9457 ``application/problem+json`` response
+with the error's status, title, detail and extra headers. Every detail text
+is written by this project and never contains a submitted value, token or key:
+callers must build details from counts, positions and names only.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from http import HTTPStatus
+
+PROBLEM_CONTENT_TYPE = "application/problem+json"
+# Problem types are URNs rather than URLs so that nobody is tempted to
+# dereference them; docs/api.md lists every one of them.
+PROBLEM_TYPE_PREFIX = "urn:tokenvault:problem:"
+DEFAULT_RETRY_AFTER_SECONDS = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """A finished write as the service returns it: status and JSON body bytes, sent as-is.
+
+    ``replayed`` is true when the body is the stored first response of an
+    idempotent request; the HTTP layer then adds ``Idempotent-Replayed: true``.
+    """
+
+    status: int
+    body: bytes
+    replayed: bool
+
+
+class ServiceError(Exception):
+    """An error the client is told about: status, short title, detail and headers.
+
+    Subclasses fix ``status``, ``title`` and ``problem``; the detail is
+    chosen at the raise site and must never contain a value, token or key.
+    """
+
+    status: int = 500
+    title: str = "Internal error"
+    problem: str = "internal"
+
+    def __init__(self, detail: str | None = None, *, headers: Mapping[str, str] | None = None) -> None:
+        self.detail = detail if detail is not None else self.title
+        self.headers: dict[str, str] = dict(headers or {})
+        super().__init__(self.detail)
+
+
+class Unavailable(ServiceError):
+    """No primary or no quorum right now: the request had no effect or will complete exactly once."""
+
+    status = 503
+    title = "Service unavailable"
+    problem = "unavailable"
+
+    def __init__(
+        self,
+        detail: str | None = None,
+        *,
+        retry_after_seconds: int = DEFAULT_RETRY_AFTER_SECONDS,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        merged = {"Retry-After": str(max(0, int(retry_after_seconds)))}
+        merged.update(headers or {})
+        super().__init__(detail or "no primary or no quorum right now; retry later", headers=merged)
+
+
+class IdempotencyInFlight(ServiceError):
+    """A request with the same Idempotency-Key is still being processed."""
+
+    status = 409
+    title = "Idempotent request in flight"
+    problem = "idempotency-in-flight"
+
+    def __init__(self, detail: str | None = None, *, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(
+            detail or "a request with this Idempotency-Key is still in progress; retry later",
+            headers=headers,
+        )
+
+
+class IdempotencyMismatch(ServiceError):
+    """The Idempotency-Key was used before with a different request body."""
+
+    status = 422
+    title = "Idempotency key reused with a different request"
+    problem = "idempotency-mismatch"
+
+    def __init__(self, detail: str | None = None, *, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(
+            detail or "this Idempotency-Key was already used with a different request body",
+            headers=headers,
+        )
+
+
+def problem_type(slug: str) -> str:
+    """The full ``type`` URI for a problem slug such as ``invalid-request``."""
+    return PROBLEM_TYPE_PREFIX + slug
+
+
+def problem_body(status: int, slug: str, title: str, detail: str) -> bytes:
+    """Serialise a problem+json document; ASCII-only output so it is always valid UTF-8."""
+    document = {"type": problem_type(slug), "title": title, "status": status, "detail": detail}
+    return json.dumps(document, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+
+
+def default_title(status: int) -> str:
+    """The standard reason phrase for ``status``, or a generic one for unknown codes."""
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"

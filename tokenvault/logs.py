@@ -1,0 +1,197 @@
+"""Structured JSON-lines logging for a node (structlog).
+
+One JSON object per line with ``ts`` (RFC 3339, UTC), ``level``, ``node`` and
+``event`` first, then the event's fields. Logging goes through structlog only;
+records from the standard library (aiohttp, asyncio) are bridged into the same
+format so the node log stays one machine-readable stream.
+
+Defence in depth: the code never passes a value, key or API key to a logger,
+but ``drop_sensitive_fields`` removes any field whose name says it could hold
+one, and ``exception_without_message`` logs exceptions by type and traceback
+frames only, because an exception message could quote its input.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import traceback
+from collections.abc import MutableMapping
+from pathlib import Path
+from typing import Any, TextIO
+
+import structlog
+
+LEVELS: dict[str, int] = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+    "critical": logging.CRITICAL,
+}
+
+# Field names that could carry a plaintext value or key material. A field is
+# dropped when its lower-cased name is one of these or ends with one of the
+# suffixes; the record keeps a ``redacted`` list naming what was dropped.
+SENSITIVE_FIELD_NAMES = frozenset(
+    {
+        "value",
+        "values",
+        "plaintext",
+        "plaintexts",
+        "secret",
+        "secrets",
+        "key",
+        "keys",
+        "api_key",
+        "master_key",
+        "authorization",
+        "password",
+        "ciphertext",
+    }
+)
+SENSITIVE_FIELD_SUFFIXES = ("_secret", "_api_key", "_plaintext", "_master_key", "_password")
+FIRST_FIELDS = ("ts", "level", "node", "event")
+
+_open_log_file: TextIO | None = None
+
+
+def is_sensitive_field(name: str) -> bool:
+    """True when a log field called ``name`` must never be written."""
+    lowered = name.lower()
+    return lowered in SENSITIVE_FIELD_NAMES or lowered.endswith(SENSITIVE_FIELD_SUFFIXES)
+
+
+def drop_sensitive_fields(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """Remove sensitive fields, including those nested inside dict fields."""
+    redacted: list[str] = []
+    _scrub_mapping(event_dict, "", redacted)
+    if redacted:
+        event_dict["redacted"] = sorted(redacted)
+    return event_dict
+
+
+def _scrub_mapping(mapping: MutableMapping[str, Any], prefix: str, redacted: list[str]) -> None:
+    for name in list(mapping.keys()):
+        if not isinstance(name, str):
+            continue
+        if name != "event" and is_sensitive_field(name):
+            del mapping[name]
+            redacted.append(prefix + name)
+            continue
+        nested = mapping[name]
+        if isinstance(nested, dict):
+            # Copy before scrubbing so a caller's dict is never mutated by logging.
+            copy = dict(nested)
+            _scrub_mapping(copy, f"{prefix}{name}.", redacted)
+            mapping[name] = copy
+
+
+def exception_without_message(
+    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """Replace ``exc_info`` by the exception's type and stack frames, without its message."""
+    exc_info = event_dict.pop("exc_info", None)
+    if not exc_info:
+        return event_dict
+    if exc_info is True:
+        exc_info = sys.exc_info()
+    elif isinstance(exc_info, BaseException):
+        exc_info = (type(exc_info), exc_info, exc_info.__traceback__)
+    exception_type, _exception, trace = exc_info
+    if exception_type is None:
+        return event_dict
+    event_dict["exception_type"] = f"{exception_type.__module__}.{exception_type.__qualname__}"
+    event_dict["traceback"] = "".join(traceback.format_tb(trace)) if trace is not None else ""
+    return event_dict
+
+
+def _add_node(node_id: str) -> structlog.types.Processor:
+    def add_node(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+        event_dict.setdefault("node", node_id)
+        return event_dict
+
+    return add_node
+
+
+def _first_fields_in_order(
+    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """Put ts, level, node and event first so a human can scan the file."""
+    ordered: dict[str, Any] = {name: event_dict.pop(name) for name in FIRST_FIELDS if name in event_dict}
+    ordered.update(event_dict)
+    return ordered
+
+
+def _processors(node_id: str) -> list[structlog.types.Processor]:
+    return [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts"),
+        _add_node(node_id),
+        exception_without_message,
+        drop_sensitive_fields,
+        _first_fields_in_order,
+    ]
+
+
+def parse_level(level: str | int) -> int:
+    """Accept ``"info"``-style names or logging's integer levels."""
+    if isinstance(level, int):
+        return level
+    try:
+        return LEVELS[level.strip().lower()]
+    except KeyError:
+        raise ValueError(f"unknown log level {level!r}; use one of {', '.join(LEVELS)}") from None
+
+
+def configure_logging(node_id: str, log_file: Path | None, level: str | int = "info") -> None:
+    """Send every log record of this process to ``log_file`` (stderr when None) as JSON lines."""
+    global _open_log_file
+    numeric_level = parse_level(level)
+    stream: TextIO
+    if log_file is None:
+        stream = sys.stderr
+    else:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        stream = open(log_file, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 - lives as long as the process
+    previous, _open_log_file = _open_log_file, (stream if log_file is not None else None)
+    processors = _processors(node_id)
+    structlog.configure(
+        processors=[*processors, structlog.processors.JSONRenderer(ensure_ascii=False, default=str)],
+        wrapper_class=structlog.make_filtering_bound_logger(numeric_level),
+        logger_factory=structlog.WriteLoggerFactory(file=stream),
+        cache_logger_on_first_use=False,
+    )
+    _bridge_standard_logging(stream, processors, numeric_level)
+    if previous is not None and previous is not stream:
+        previous.close()
+
+
+def _bridge_standard_logging(stream: TextIO, processors: list[structlog.types.Processor], level: int) -> None:
+    """Route the standard library's records (aiohttp, asyncio) into the same JSON lines."""
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[structlog.stdlib.add_logger_name, *processors],
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.JSONRenderer(ensure_ascii=False, default=str),
+        ],
+    )
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    for existing in list(root.handlers):
+        if getattr(existing, "_tokenvault_handler", False):
+            root.removeHandler(existing)
+    handler._tokenvault_handler = True  # type: ignore[attr-defined]
+    root.addHandler(handler)
+    # Library chatter below WARNING (aiohttp access lines, asyncio debug) stays out of the node log.
+    root.setLevel(max(level, logging.WARNING))
+
+
+def get_logger(name: str | None = None, **fields: Any) -> Any:
+    """A structlog logger bound to ``logger=name`` (when given) and ``fields``."""
+    logger = structlog.get_logger()
+    if name is not None:
+        fields = {"logger": name, **fields}
+    return logger.bind(**fields) if fields else logger

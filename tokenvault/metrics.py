@@ -1,0 +1,161 @@
+"""Prometheus metrics of one node, kept in a registry of its own.
+
+Each node process (and each test) builds its own ``Metrics`` so that nothing
+touches prometheus_client's global registry; ``GET /metrics`` renders exactly
+this registry. The HTTP layer records requests, latencies, issued tokens and
+detokenized values; the node driver records replication state and WAL fsyncs
+through the ``set_*`` / ``observe_*`` methods. Label values come from fixed
+sets (route templates, roles, peer ids from the config), never from request
+data, so the number of series is bounded.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+ROLES = ("primary", "backup", "candidate")
+UNMATCHED_ROUTE = "unmatched"
+
+# Buckets in seconds, chosen around the latencies this service targets: an
+# fsynced tokenize takes milliseconds, a request waiting for a failover seconds.
+REQUEST_LATENCY_BUCKETS_SECONDS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)
+FSYNC_LATENCY_BUCKETS_SECONDS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+)
+BATCH_ENTRY_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+BATCH_BYTES_BUCKETS = (256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216)
+
+
+class Metrics:
+    """All metric objects of a node, registered in ``self.registry``."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._define_http_metrics()
+        self._define_replication_metrics()
+        self._define_wal_metrics()
+
+    def _define_http_metrics(self) -> None:
+        registry = self.registry
+        self.http_requests = Counter(
+            "tokenvault_http_requests",
+            "HTTP requests answered, by route template, method and status.",
+            ("route", "method", "status"),
+            registry=registry,
+        )
+        self.http_request_duration = Histogram(
+            "tokenvault_http_request_duration_seconds",
+            "Time from receiving a request to having its response ready, by route template and method.",
+            ("route", "method"),
+            buckets=REQUEST_LATENCY_BUCKETS_SECONDS,
+            registry=registry,
+        )
+        self.tokens_issued = Counter(
+            "tokenvault_tokens_issued",
+            "Tokens returned by successful, non-replayed tokenize requests on this node.",
+            registry=registry,
+        )
+        self.values_detokenized = Counter(
+            "tokenvault_values_detokenized",
+            "Tokens looked up by successful detokenize requests on this node, by result.",
+            ("result",),
+            registry=registry,
+        )
+        self.idempotent_replays = Counter(
+            "tokenvault_idempotent_replays",
+            "Responses served from a stored idempotency record, by endpoint.",
+            ("route",),
+            registry=registry,
+        )
+
+    def _define_replication_metrics(self) -> None:
+        registry = self.registry
+        self.role = Gauge("tokenvault_role", "1 for this node's current role, 0 for the others.", ("role",), registry=registry)
+        self.view = Gauge("tokenvault_view", "Current view (term) of this node.", registry=registry)
+        self.commit_index = Gauge("tokenvault_commit_index", "Highest log index known committed.", registry=registry)
+        self.applied_index = Gauge("tokenvault_applied_index", "Highest log index applied to the store.", registry=registry)
+        self.active_epoch = Gauge("tokenvault_active_epoch", "Active token epoch (0 before the first).", registry=registry)
+        self.peer_reachable = Gauge(
+            "tokenvault_peer_reachable", "1 when the peer link is connected, else 0.", ("peer",), registry=registry
+        )
+        self.peer_match_index = Gauge(
+            "tokenvault_peer_match_index",
+            "Highest log index known replicated on the peer (primary only).",
+            ("peer",),
+            registry=registry,
+        )
+        for role in ROLES:
+            self.role.labels(role=role).set(0)
+
+    def _define_wal_metrics(self) -> None:
+        registry = self.registry
+        self.wal_fsync_duration = Histogram(
+            "tokenvault_wal_fsync_duration_seconds",
+            "Duration of one WAL group commit (write plus fsync).",
+            buckets=FSYNC_LATENCY_BUCKETS_SECONDS,
+            registry=registry,
+        )
+        self.wal_batch_entries = Histogram(
+            "tokenvault_wal_batch_entries",
+            "Log entries made durable by one WAL fsync.",
+            buckets=BATCH_ENTRY_BUCKETS,
+            registry=registry,
+        )
+        self.wal_batch_bytes = Histogram(
+            "tokenvault_wal_batch_bytes",
+            "Bytes written by one WAL group commit.",
+            buckets=BATCH_BYTES_BUCKETS,
+            registry=registry,
+        )
+
+    # HTTP layer.
+
+    def observe_request(self, route: str, method: str, status: int, duration_seconds: float) -> None:
+        self.http_requests.labels(route=route, method=method, status=str(status)).inc()
+        self.http_request_duration.labels(route=route, method=method).observe(duration_seconds)
+
+    def record_tokens_issued(self, count: int) -> None:
+        self.tokens_issued.inc(count)
+
+    def record_detokenized(self, found: int, unknown: int) -> None:
+        self.values_detokenized.labels(result="found").inc(found)
+        self.values_detokenized.labels(result="unknown").inc(unknown)
+
+    def record_replay(self, route: str) -> None:
+        self.idempotent_replays.labels(route=route).inc()
+
+    # Node driver.
+
+    def set_role(self, role: str) -> None:
+        """Mark ``role`` (one of ROLES) as the current one."""
+        if role not in ROLES:
+            raise ValueError(f"unknown role {role!r}")
+        for name in ROLES:
+            self.role.labels(role=name).set(1 if name == role else 0)
+
+    def set_replication(self, *, role: str, view: int, commit_index: int, applied_index: int, active_epoch: int) -> None:
+        """Set every replication gauge at once (the driver calls this after each Ready)."""
+        self.set_role(role)
+        self.view.set(view)
+        self.commit_index.set(commit_index)
+        self.applied_index.set(applied_index)
+        self.active_epoch.set(active_epoch)
+
+    def set_peer(self, peer: str, *, reachable: bool, match_index: int | None = None) -> None:
+        self.peer_reachable.labels(peer=peer).set(1 if reachable else 0)
+        if match_index is not None:
+            self.peer_match_index.labels(peer=peer).set(match_index)
+
+    def observe_wal_sync(self, duration_seconds: float, entries: int, written_bytes: int) -> None:
+        """One WAL group commit: its latency, how many entries and bytes it made durable."""
+        self.wal_fsync_duration.observe(duration_seconds)
+        self.wal_batch_entries.observe(entries)
+        self.wal_batch_bytes.observe(written_bytes)
+
+    # Exposition.
+
+    def render(self) -> tuple[bytes, str]:
+        """The Prometheus text exposition of this registry and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -1,0 +1,407 @@
+"""Keys, tokens and value encryption.
+
+Key hierarchy:
+
+* The master key (32 bytes, from a mode-0600 file or TOKENVAULT_MASTER_KEY)
+  only wraps epoch secrets and derives the idempotency fingerprint key.
+* Each epoch has a random 32-byte secret. It is wrapped with AES-256-GCM under
+  the master key (associated data ``b"tokenvault/epoch/" + str(epoch)``) and the
+  wrapped blob travels through the replicated log, so every node holds it.
+* HKDF-SHA256 derives, from an epoch secret, the token key (HMAC-SHA256 key for
+  token bodies) and the 64-byte data key (AES-SIV-256 for values, with the
+  token as associated data).
+
+Objects holding keys override ``__repr__`` so that keys never reach logs or
+tracebacks, and every error raised here carries no key, value or ciphertext.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import stat
+from pathlib import Path
+from typing import Iterable, Mapping
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, AESSIV
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from tokenvault.tokens import MAX_EPOCH, TOKEN_BODY_BYTES, TOKEN_PREFIX, encode_token_body, parse_token
+
+MASTER_KEY_BYTES = 32
+EPOCH_SECRET_BYTES = 32
+GCM_NONCE_BYTES = 12
+GCM_TAG_BYTES = 16
+WRAPPED_SECRET_BYTES = GCM_NONCE_BYTES + EPOCH_SECRET_BYTES + GCM_TAG_BYTES
+FINGERPRINT_BYTES = 32
+MASTER_KEY_ENVIRONMENT_VARIABLE = "TOKENVAULT_MASTER_KEY"
+
+TOKEN_KEY_INFO = b"tokenvault token key"
+DATA_KEY_INFO = b"tokenvault data key"
+IDEMPOTENCY_KEY_INFO = b"tokenvault idempotency"
+EPOCH_WRAP_CONTEXT = b"tokenvault/epoch/"
+
+# A key file holds 64 hex characters and perhaps a newline; anything far
+# larger is not a key file and is refused before it is read.
+_MAX_SECRET_FILE_BYTES = 1024
+# A 4096-byte value with AES-SIV's 16-byte tag, with generous headroom.
+_MAX_CIPHERTEXT_BYTES = 1 << 20
+
+
+class CryptoError(Exception):
+    """Base of every error raised here; messages never contain key material."""
+
+
+class SecretFileError(CryptoError):
+    """A key file is missing, unreadable, too permissive or malformed."""
+
+
+class MasterKeyError(CryptoError):
+    """The master key could not be loaded."""
+
+
+class UnwrapError(CryptoError):
+    """A wrapped epoch secret failed authentication: wrong master key, wrong
+    epoch or tampered bytes."""
+
+
+class DecryptError(CryptoError):
+    """A value ciphertext failed authentication for the given token."""
+
+
+class ValueEncodingError(CryptoError, ValueError):
+    """A value is not encodable as UTF-8 (for example a lone surrogate)."""
+
+
+class UnknownEpochError(CryptoError, KeyError):
+    """The key ring holds no secret for the requested epoch."""
+
+
+class KeyRingConflictError(CryptoError):
+    """A different secret was offered for an epoch the ring already holds."""
+
+
+def _parse_hex_key(text: str, description: str, expected_bytes: int) -> bytes:
+    """Decode hex key text, with errors that describe the problem but never
+    include the text."""
+    stripped = text.strip()
+    if len(stripped) != 2 * expected_bytes:
+        raise MasterKeyError(
+            f"{description} must be {2 * expected_bytes} hex characters, got {len(stripped)}"
+        )
+    try:
+        return bytes.fromhex(stripped)
+    except ValueError:
+        raise MasterKeyError(f"{description} is not valid hex") from None
+
+
+def read_secret_file(path: Path | str, description: str, expected_bytes: int = 32) -> bytes:
+    """Read a hex-encoded secret from a regular file that only its owner can
+    read (no group or other permission bits: mode 0600 or 0400)."""
+    path = Path(path)
+    try:
+        # O_NOFOLLOW and fstat on the opened descriptor check the file that is
+        # actually read, not whatever a symlink or a racing rename points at.
+        descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise SecretFileError(f"{description} file {str(path)!r} does not exist") from None
+    except OSError as error:
+        raise SecretFileError(
+            f"{description} file {str(path)!r} cannot be opened ({error.strerror})"
+        ) from None
+    with os.fdopen(descriptor, "rb") as handle:
+        status = os.fstat(handle.fileno())
+        if not stat.S_ISREG(status.st_mode):
+            raise SecretFileError(f"{description} file {str(path)!r} is not a regular file")
+        permissions = stat.S_IMODE(status.st_mode)
+        if permissions & 0o077:
+            raise SecretFileError(
+                f"{description} file {str(path)!r} has mode {permissions:04o}; it must not be "
+                f"readable or writable by group or others (chmod 600)"
+            )
+        content = handle.read(_MAX_SECRET_FILE_BYTES + 1)
+    if len(content) > _MAX_SECRET_FILE_BYTES:
+        raise SecretFileError(f"{description} file {str(path)!r} is too large to be a key file")
+    try:
+        text = content.decode("ascii")
+        return _parse_hex_key(text, f"{description} file {str(path)!r}", expected_bytes)
+    except (UnicodeDecodeError, MasterKeyError):
+        raise SecretFileError(
+            f"{description} file {str(path)!r} must contain exactly {2 * expected_bytes} "
+            f"hex characters"
+        ) from None
+
+
+def write_secret_file(path: Path | str, secret: bytes) -> None:
+    """Write ``secret`` as hex to a new file created with mode 0600.
+
+    Refuses to overwrite an existing file, so a cluster's keys are never
+    replaced by accident."""
+    path = Path(path)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    descriptor = os.open(path, flags, 0o600)
+    try:
+        os.fchmod(descriptor, 0o600)
+        os.write(descriptor, (secret.hex() + "\n").encode("ascii"))
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def _hkdf(secret: bytes, info: bytes, length_bytes: int) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=length_bytes, salt=None, info=info).derive(secret)
+
+
+def _wrap_associated_data(epoch: int) -> bytes:
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or not 1 <= epoch <= MAX_EPOCH:
+        raise ValueError("epoch must be an int between 1 and 2**63-1")
+    return EPOCH_WRAP_CONTEXT + str(epoch).encode("ascii")
+
+
+def new_epoch_secret() -> bytes:
+    """A fresh random epoch secret, drawn once when an epoch is created."""
+    return os.urandom(EPOCH_SECRET_BYTES)
+
+
+class MasterKey:
+    """The key-encryption key. It never leaves this object except through
+    ``to_hex`` (for writing the cluster's key file at set-up)."""
+
+    __slots__ = ("_key", "_wrapper", "_fingerprint_hmac")
+
+    def __init__(self, key: bytes) -> None:
+        if not isinstance(key, bytes) or len(key) != MASTER_KEY_BYTES:
+            raise MasterKeyError(f"a master key is exactly {MASTER_KEY_BYTES} bytes")
+        self._key = key
+        self._wrapper = AESGCM(key)
+        fingerprint_key = _hkdf(key, IDEMPOTENCY_KEY_INFO, 32)
+        self._fingerprint_hmac = hmac.new(fingerprint_key, digestmod=hashlib.sha256)
+
+    def __repr__(self) -> str:
+        return "MasterKey(<redacted>)"
+
+    __str__ = __repr__
+
+    def __reduce__(self) -> object:
+        raise TypeError("a MasterKey cannot be pickled")
+
+    @classmethod
+    def generate(cls) -> "MasterKey":
+        return cls(os.urandom(MASTER_KEY_BYTES))
+
+    @classmethod
+    def from_hex(cls, text: str) -> "MasterKey":
+        return cls(_parse_hex_key(text, "the master key", MASTER_KEY_BYTES))
+
+    @classmethod
+    def from_file(cls, path: Path | str) -> "MasterKey":
+        return cls(read_secret_file(path, "master key", MASTER_KEY_BYTES))
+
+    @classmethod
+    def load(
+        cls, path: Path | str | None, environ: Mapping[str, str] | None = None
+    ) -> "MasterKey":
+        """The environment variable wins when set (and non-empty); otherwise the
+        key file is read."""
+        environment = os.environ if environ is None else environ
+        from_environment = environment.get(MASTER_KEY_ENVIRONMENT_VARIABLE, "")
+        if from_environment:
+            return cls(
+                _parse_hex_key(
+                    from_environment, MASTER_KEY_ENVIRONMENT_VARIABLE, MASTER_KEY_BYTES
+                )
+            )
+        if path is None:
+            raise MasterKeyError(
+                f"no master key: set master_key_file in the config or "
+                f"{MASTER_KEY_ENVIRONMENT_VARIABLE}"
+            )
+        return cls.from_file(path)
+
+    def to_hex(self) -> str:
+        return self._key.hex()
+
+    def write_file(self, path: Path | str) -> None:
+        """Create the key file (mode 0600); refuses to overwrite one."""
+        write_secret_file(path, self._key)
+
+    def wrap_epoch_secret(self, epoch: int, secret: bytes) -> bytes:
+        """nonce (12 bytes) || AES-256-GCM(secret) with the epoch bound in as
+        associated data, so a blob cannot be replayed as another epoch's."""
+        if not isinstance(secret, bytes) or len(secret) != EPOCH_SECRET_BYTES:
+            raise ValueError(f"an epoch secret is exactly {EPOCH_SECRET_BYTES} bytes")
+        nonce = os.urandom(GCM_NONCE_BYTES)
+        return nonce + self._wrapper.encrypt(nonce, secret, _wrap_associated_data(epoch))
+
+    def unwrap_epoch_secret(self, epoch: int, blob: bytes) -> bytes:
+        associated_data = _wrap_associated_data(epoch)
+        if not isinstance(blob, (bytes, bytearray)) or len(blob) != WRAPPED_SECRET_BYTES:
+            raise UnwrapError(f"a wrapped epoch secret is exactly {WRAPPED_SECRET_BYTES} bytes")
+        blob = bytes(blob)
+        try:
+            return self._wrapper.decrypt(
+                blob[:GCM_NONCE_BYTES], blob[GCM_NONCE_BYTES:], associated_data
+            )
+        except InvalidTag:
+            raise UnwrapError(
+                f"the wrapped secret of epoch {epoch} does not authenticate under this "
+                f"master key"
+            ) from None
+
+    def idempotency_fingerprint(self, principal: str, kind: str, canonical_body: bytes) -> bytes:
+        """HMAC(fingerprint key, principal 0x00 kind 0x00 body): equal exactly when
+        the same principal sends the same kind of request with the same body.
+
+        A NUL inside principal or kind would make two different triples
+        encode alike, so it is refused."""
+        if "\x00" in principal or "\x00" in kind:
+            raise ValueError("principal and kind must not contain NUL")
+        mac = self._fingerprint_hmac.copy()
+        mac.update(principal.encode("utf-8"))
+        mac.update(b"\x00")
+        mac.update(kind.encode("utf-8"))
+        mac.update(b"\x00")
+        mac.update(canonical_body)
+        return mac.digest()
+
+
+class EpochKeys:
+    """The token key and data key of one epoch, with their HMAC and AES-SIV
+    objects built once and reused, since they are used for every value."""
+
+    __slots__ = ("epoch", "_token_hmac", "_cipher", "_prefix")
+
+    def __init__(self, epoch: int, secret: bytes) -> None:
+        _wrap_associated_data(epoch)  # validates the epoch
+        if not isinstance(secret, bytes) or len(secret) != EPOCH_SECRET_BYTES:
+            raise ValueError(f"an epoch secret is exactly {EPOCH_SECRET_BYTES} bytes")
+        self.epoch = epoch
+        token_key = _hkdf(secret, TOKEN_KEY_INFO, 32)
+        data_key = _hkdf(secret, DATA_KEY_INFO, 64)
+        self._token_hmac = hmac.new(token_key, digestmod=hashlib.sha256)
+        self._cipher = AESSIV(data_key)
+        self._prefix = f"{TOKEN_PREFIX}{epoch}_"
+
+    def __repr__(self) -> str:
+        return f"EpochKeys(epoch={self.epoch}, keys=<redacted>)"
+
+    __str__ = __repr__
+
+    def __reduce__(self) -> object:
+        raise TypeError("EpochKeys cannot be pickled")
+
+    def token_for(self, value: str) -> str:
+        """``tv<epoch>_`` + base32 of HMAC-SHA256(token key, value) cut to 20 bytes."""
+        mac = self._token_hmac.copy()
+        mac.update(_encode_value(value))
+        return self._prefix + encode_token_body(mac.digest()[:TOKEN_BODY_BYTES])
+
+    def encrypt(self, token: str, value: str) -> bytes:
+        """Deterministic AES-SIV of the value, bound to its token."""
+        return self._cipher.encrypt(_encode_value(value), [token.encode("ascii")])
+
+    def decrypt(self, token: str, ciphertext: bytes) -> str:
+        if not isinstance(ciphertext, (bytes, bytearray)) or len(ciphertext) > _MAX_CIPHERTEXT_BYTES:
+            raise DecryptError("ciphertext has an invalid type or size")
+        try:
+            associated_data = token.encode("ascii")
+            plaintext = self._cipher.decrypt(bytes(ciphertext), [associated_data])
+            return plaintext.decode("utf-8")
+        except (InvalidTag, ValueError, UnicodeError):
+            raise DecryptError("ciphertext does not authenticate for this token") from None
+
+    def seal(self, value: str) -> tuple[str, bytes]:
+        """The (token, ciphertext) pair stored for ``value``."""
+        encoded = _encode_value(value)
+        mac = self._token_hmac.copy()
+        mac.update(encoded)
+        token = self._prefix + encode_token_body(mac.digest()[:TOKEN_BODY_BYTES])
+        return token, self._cipher.encrypt(encoded, [token.encode("ascii")])
+
+    def seal_many(self, values: Iterable[str]) -> list[tuple[str, bytes]]:
+        """``seal`` for a batch, in order."""
+        return [self.seal(value) for value in values]
+
+
+def _encode_value(value: str) -> bytes:
+    if not isinstance(value, str):
+        raise ValueEncodingError("a value must be a string")
+    try:
+        return value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueEncodingError("a value must be valid Unicode (no lone surrogates)") from None
+
+
+class KeyRing:
+    """Epoch -> EpochKeys, built by unwrapping the wrapped secrets read from the
+    log or the store. Derived keys are computed once per epoch and kept."""
+
+    __slots__ = ("_master_key", "_keys", "_secret_digests")
+
+    def __init__(self, master_key: MasterKey) -> None:
+        self._master_key = master_key
+        self._keys: dict[int, EpochKeys] = {}
+        # A digest of each secret lets ``add`` tell a re-delivered epoch (same
+        # secret, fresh nonce) from a conflicting one without keeping secrets.
+        self._secret_digests: dict[int, bytes] = {}
+
+    def __repr__(self) -> str:
+        return f"KeyRing(epochs={sorted(self._keys)})"
+
+    __str__ = __repr__
+
+    def __reduce__(self) -> object:
+        raise TypeError("a KeyRing cannot be pickled")
+
+    @classmethod
+    def from_wrapped(
+        cls, master_key: MasterKey, wrapped_secrets: Iterable[tuple[int, bytes]]
+    ) -> "KeyRing":
+        ring = cls(master_key)
+        for epoch, wrapped in wrapped_secrets:
+            ring.add(epoch, wrapped)
+        return ring
+
+    def add(self, epoch: int, wrapped: bytes) -> EpochKeys:
+        """Unwrap and add an epoch; adding the same secret again is a no-op.
+        Raises UnwrapError or KeyRingConflictError."""
+        secret = self._master_key.unwrap_epoch_secret(epoch, wrapped)
+        digest = hashlib.sha256(b"tokenvault keyring\x00" + secret).digest()
+        existing = self._secret_digests.get(epoch)
+        if existing is not None:
+            if not hmac.compare_digest(existing, digest):
+                raise KeyRingConflictError(f"epoch {epoch} already holds a different secret")
+            return self._keys[epoch]
+        keys = EpochKeys(epoch, secret)
+        self._keys[epoch] = keys
+        self._secret_digests[epoch] = digest
+        return keys
+
+    def get(self, epoch: int) -> EpochKeys:
+        keys = self._keys.get(epoch)
+        if keys is None:
+            raise UnknownEpochError(f"no key for epoch {epoch}")
+        return keys
+
+    def __contains__(self, epoch: object) -> bool:
+        return epoch in self._keys
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def epochs(self) -> list[int]:
+        return sorted(self._keys)
+
+    def decrypt(self, token: str, ciphertext: bytes) -> str:
+        """Decrypt with the keys of the epoch the token names. Raises
+        TokenFormatError, UnknownEpochError or DecryptError."""
+        return self.get(parse_token(token).epoch).decrypt(token, ciphertext)
+

@@ -1,0 +1,499 @@
+"""The node driver: one asyncio loop around the pure replication core.
+
+Everything that touches the ``protocol.Replica`` happens in one driver task, so
+the core is never re-entered while a ``Ready`` batch is being carried out. HTTP
+handlers and the peer transport only put work into an inbox and wake the
+driver. For every ``Ready`` the order is the one DESIGN.md requires: install a
+received snapshot, append entries and hard state to the WAL and fsync once,
+then send messages, then apply committed entries to the SQLite store, then
+``advance()``. Proposals that arrive while an fsync is running wait in the
+inbox and go into the next batch (group commit).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+import signal
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from protocol import (Entry, EntryKind, HardState, INITIAL_HARD_STATE, NotPrimary, Replica,
+                      ReplicaConfig, RestoredState, Role)
+from tokenvault import commands
+from tokenvault.config import NodeConfig, load_config
+from tokenvault.crypto import KeyRing
+from tokenvault.logs import configure_logging, get_logger
+from tokenvault.metrics import Metrics
+from tokenvault.store import ApplyResult, Outcome, VaultStore
+from tokenvault.transport import PeerAddress, PeerTransport
+from tokenvault.wal import WalCorruption, WalFatal, WriteAheadLog
+
+log = get_logger("node")
+
+INBOX_MAX_ITEMS = 100_000
+COMPACT_EVERY_APPLIED_ENTRIES = 20_000
+COMPACT_KEEP_ENTRIES = 10_000
+MAX_FRAME_BYTES = 16 * 1024 * 1024
+
+
+class ProposalLost(Exception):
+    """A different entry was committed where this proposal stood: it never took effect."""
+
+
+@dataclass(slots=True)
+class _PendingProposal:
+    view: int
+    future: asyncio.Future
+
+
+@dataclass(slots=True)
+class _PendingRead:
+    read_index: int
+    future: asyncio.Future
+
+
+@dataclass(slots=True)
+class Progress:
+    """Counters for /health, metrics and the node.recovered event."""
+
+    replayed_entries: int = 0
+    started_monotonic: float = field(default_factory=time.monotonic)
+
+
+class Node:
+    """One vault node: WAL, store, key ring, replica and transport, driven by one loop."""
+
+    def __init__(self, config: NodeConfig, metrics: Metrics | None = None) -> None:
+        self.config = config
+        self.node_id = config.node_id
+        self.metrics = metrics or Metrics()
+        self.data_dir = Path(config.data_dir)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.store = VaultStore.open(self.data_dir / "vault.db",
+                                     retention_ms=config.idempotency.retention_hours * 3600 * 1000)
+        self.wal, recovered = WriteAheadLog.open(self.data_dir / "wal",
+                                                 max_segment_bytes=config.wal.max_segment_bytes,
+                                                 fsync=config.wal.fsync)
+        self.master_key = config.load_master_key()
+        self.keyring = KeyRing(self.master_key)
+        for record in self.store.epochs():
+            self.keyring.add(record.epoch, record.wrapped_secret)
+        self.restored = self._restored_state(recovered)
+        self.recovered_log = recovered
+        members = tuple(member.id for member in config.members)
+        self.replica = Replica(
+            ReplicaConfig(node_id=self.node_id, members=members,
+                          election_timeout_ticks=config.timing.election_timeout_ticks,
+                          heartbeat_interval_ticks=config.timing.heartbeat_interval_ticks),
+            self.restored, random.Random())
+        self.transport: PeerTransport | None = None
+        if len(members) > 1:
+            peers = [PeerAddress(member.id, *_split_address(member.peer_addr)) for member in config.members]
+            self.transport = PeerTransport(self.node_id, config.peer.host, config.peer.port, peers,
+                                           config.load_cluster_secret(), self._on_peer_message,
+                                           MAX_FRAME_BYTES)
+        self._inbox: deque = deque()
+        self._wakeup = asyncio.Event()
+        self._pending_proposals: dict[int, _PendingProposal] = {}
+        self._pending_reads: dict[int, asyncio.Future] = {}
+        self._reads_waiting_apply: list[_PendingRead] = []
+        self._read_ids = itertools.count(1)
+        self._applied_since_compact = 0
+        self._bootstrap_in_flight = False
+        self._tasks: list[asyncio.Task] = []
+        self.forward_handler = None  # set by the service: handles ForwardRequest frames
+        self.forward_response_handler = None
+        self.progress = Progress()
+        self.fatal_error: str | None = None
+        self.stopped = asyncio.Event()
+
+    # ----------------------------------------------------------------- start-up
+    def _restored_state(self, recovered) -> RestoredState:
+        """Combine the store's checkpoint and the WAL into the core's starting point.
+
+        The store may be ahead of the WAL's base (segments below the durable
+        checkpoint are deleted), so the log base is whichever is further along;
+        WAL entries at or below it were applied already.
+        """
+        base_index, base_view = recovered.base_index, recovered.base_view
+        if self.store.applied_index > base_index:
+            base_index, base_view = self.store.applied_index, self.store.applied_view
+        entries = tuple(entry for entry in recovered.entries if entry.index > base_index)
+        expected = base_index + 1
+        for entry in entries:
+            if entry.index != expected:
+                raise WalCorruption(f"log gap: expected index {expected}, found {entry.index}")
+            expected += 1
+        hard_state = recovered.hard_state or INITIAL_HARD_STATE
+        if hard_state.commit_index < base_index:
+            hard_state = HardState(hard_state.view, hard_state.voted_for, base_index)
+        return RestoredState(hard_state=hard_state, snapshot_index=base_index, snapshot_view=base_view,
+                             entries=entries)
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self.transport is not None:
+            await self.transport.start()
+        self._tasks.append(loop.create_task(self._drive(), name="driver"))
+        self._tasks.append(loop.create_task(self._tick_forever(), name="ticker"))
+        log.info("node.started", members=[member.id for member in self.config.members],
+                 http_port=self.config.http.port, peer_port=self.config.peer.port,
+                 applied_index=self.store.applied_index, view=self.restored.hard_state.view)
+        self._wake()
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):
+                pass
+        if self.transport is not None:
+            await self.transport.close()
+        self._fail_pending(ProposalLost("node stopping"))
+        self.wal.close()
+        self.store.close()
+
+    # ----------------------------------------------------------------- inputs
+    def _wake(self) -> None:
+        self._wakeup.set()
+
+    def _enqueue(self, item: tuple) -> None:
+        if len(self._inbox) >= INBOX_MAX_ITEMS:
+            raise NotPrimary(None)
+        self._inbox.append(item)
+        self._wake()
+
+    def _on_peer_message(self, sender: str, message: object) -> None:
+        from protocol import ForwardRequest, ForwardResponse
+        if isinstance(message, ForwardRequest):
+            if self.forward_handler is not None:
+                self.forward_handler(sender, message)
+            return
+        if isinstance(message, ForwardResponse):
+            if self.forward_response_handler is not None:
+                self.forward_response_handler(sender, message)
+            return
+        if len(self._inbox) < INBOX_MAX_ITEMS:
+            self._inbox.append(("step", sender, message))
+            self._wake()
+
+    async def propose(self, payload: bytes, timeout_seconds: float) -> ApplyResult:
+        """Replicate one command; resolves with the store's result once it is applied here.
+
+        Raises NotPrimary when this node cannot propose, ProposalLost when a
+        different entry took its place, and asyncio.TimeoutError when it did not
+        commit in time (it may still commit later: callers answer 503).
+        """
+        loop = asyncio.get_running_loop()
+        accepted: asyncio.Future = loop.create_future()
+        self._enqueue(("propose", payload, accepted))
+        pending: _PendingProposal = await asyncio.wait_for(accepted, timeout_seconds)
+        return await asyncio.wait_for(asyncio.shield(pending.future), timeout_seconds)
+
+    async def read_barrier(self, timeout_seconds: float) -> None:
+        """Linearizable read point: returns once this primary's store reflects every write acknowledged before."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future = loop.create_future()
+        self._enqueue(("read", next(self._read_ids), future))
+        await asyncio.wait_for(future, timeout_seconds)
+
+    def send_to_peer(self, peer_id: str, message: object) -> bool:
+        return self.transport is not None and self.transport.send(peer_id, message)
+
+    # ----------------------------------------------------------------- driver
+    async def _tick_forever(self) -> None:
+        interval = self.config.timing.tick_ms / 1000.0
+        while True:
+            await asyncio.sleep(interval)
+            self._inbox.append(("tick",))
+            self._wake()
+
+    async def _drive(self) -> None:
+        try:
+            while True:
+                await self._wakeup.wait()
+                self._wakeup.clear()
+                self._drain_inbox()
+                while self.replica.has_ready():
+                    ready = self.replica.ready()
+                    await self._handle_ready(ready)
+                    self.replica.advance(ready)
+                    self._drain_inbox()
+                self._maybe_bootstrap_epoch()
+        except asyncio.CancelledError:
+            raise
+        except BaseException as error:  # a storage failure: the node must stop, never go on
+            self.fatal_error = f"{type(error).__name__}: {str(error)[:300]}"
+            log.critical("node.fatal", error=self.fatal_error)
+            self.stopped.set()
+            raise
+
+    def _drain_inbox(self) -> None:
+        replica = self.replica
+        while self._inbox:
+            item = self._inbox.popleft()
+            kind = item[0]
+            if kind == "step":
+                replica.step(item[1], item[2])
+            elif kind == "tick":
+                replica.tick()
+            elif kind == "propose":
+                self._propose_now(item[1], item[2])
+            elif kind == "read":
+                self._read_now(item[1], item[2])
+
+    def _propose_now(self, payload: bytes, accepted: asyncio.Future) -> None:
+        if accepted.done():
+            return
+        try:
+            index, view = self.replica.propose(payload)
+        except NotPrimary as error:
+            accepted.set_exception(error)
+            return
+        pending = _PendingProposal(view, asyncio.get_running_loop().create_future())
+        previous = self._pending_proposals.pop(index, None)
+        if previous is not None and not previous.future.done():
+            previous.future.set_exception(ProposalLost("superseded"))
+        self._pending_proposals[index] = pending
+        accepted.set_result(pending)
+
+    def _read_now(self, request_id: int, future: asyncio.Future) -> None:
+        if future.done():
+            return
+        try:
+            self.replica.request_read(request_id)
+        except NotPrimary as error:
+            future.set_exception(error)
+            return
+        self._pending_reads[request_id] = future
+
+    async def _handle_ready(self, ready) -> None:
+        loop = asyncio.get_running_loop()
+        if ready.snapshot is not None:
+            # Inline, not in a thread: HTTP handlers read the store from this thread.
+            self._install_snapshot(ready.snapshot)
+        if ready.entries or ready.hard_state is not None or ready.truncate_from is not None:
+            self.wal.append(truncate_from=ready.truncate_from, entries=ready.entries,
+                            hard_state=ready.hard_state)
+            started = time.perf_counter()
+            await loop.run_in_executor(None, self.wal.sync)
+            self.metrics.observe_fsync(time.perf_counter() - started, len(ready.entries))
+        for destination, message in ready.messages:
+            self.send_to_peer(destination, message)
+        if ready.committed:
+            self._apply(ready.committed)
+        for result in ready.read_results:
+            self._on_read_result(result)
+        for peer_id in ready.snapshot_requests:
+            index, view, data = self.store.snapshot_bytes()
+            self.replica.offer_snapshot(peer_id, index, view, data)
+            log.info("snapshot.sent", peer=peer_id, index=index, bytes=len(data))
+        for event in ready.events:
+            self._log_event(event)
+        self._release_reads()
+        self._update_gauges()
+
+    def _install_snapshot(self, snapshot) -> None:
+        self.store.install_snapshot(snapshot.data, snapshot.index, snapshot.view)
+        self.wal.reset_base(snapshot.index, snapshot.view)
+        self.wal.sync()
+        self.keyring = KeyRing(self.master_key)
+        for record in self.store.epochs():
+            self.keyring.add(record.epoch, record.wrapped_secret)
+        log.info("snapshot.installed", index=snapshot.index, view=snapshot.view)
+
+    # ----------------------------------------------------------------- apply
+    def _apply(self, entries: tuple[Entry, ...]) -> None:
+        results = self.store.apply_batch(entries)
+        by_index = {result.index: result for result in results}
+        issued_count = 0
+        issued_epoch = 0
+        for entry in entries:
+            result = by_index.get(entry.index)
+            if result is not None and entry.kind == EntryKind.COMMAND:
+                count, epoch = self._after_apply(entry, result)
+                issued_count += count
+                issued_epoch = max(issued_epoch, epoch)
+            pending = self._pending_proposals.pop(entry.index, None)
+            if pending is None or pending.future.done():
+                continue
+            if pending.view != entry.view:
+                pending.future.set_exception(ProposalLost("another entry was committed at this index"))
+            elif result is None:
+                pending.future.set_exception(ProposalLost("entry was applied before this process started"))
+            else:
+                pending.future.set_result(result)
+        if issued_count and self.replica.role == Role.PRIMARY:
+            log.info("token.issued", count=issued_count, epoch=issued_epoch)
+            self.metrics.tokens_issued(issued_count)
+        self._applied_since_compact += len(entries)
+        if self._applied_since_compact >= COMPACT_EVERY_APPLIED_ENTRIES:
+            self._compact()
+
+    def _after_apply(self, entry: Entry, result: ApplyResult) -> tuple[int, int]:
+        """Follow-ups of one applied command: new epoch keys, and the counts for token.issued."""
+        if result.outcome != Outcome.OK:
+            return 0, 0
+        command = commands.decode_command(entry.payload)
+        if isinstance(command, commands.RotateEpochCommand):
+            self.keyring.add(command.epoch, command.wrapped_secret)
+            log.info("epoch.rotated", epoch=command.epoch, index=entry.index)
+            self.metrics.set_active_epoch(command.epoch)
+            return 0, 0
+        return len(command.items), command.epoch
+
+    def _compact(self) -> None:
+        self._applied_since_compact = 0
+        durable_index = self.store.checkpoint()
+        self.wal.release(durable_index)
+        if durable_index > COMPACT_KEEP_ENTRIES:
+            self.replica.compact(durable_index - COMPACT_KEEP_ENTRIES)
+
+    # ----------------------------------------------------------------- reads
+    def _on_read_result(self, result) -> None:
+        future = self._pending_reads.pop(result.request_id, None)
+        if future is None or future.done():
+            return
+        if not result.ok:
+            future.set_exception(NotPrimary(self.replica.primary_id))
+            return
+        self._reads_waiting_apply.append(_PendingRead(result.read_index, future))
+
+    def _release_reads(self) -> None:
+        if not self._reads_waiting_apply:
+            return
+        applied = self.store.applied_index
+        still_waiting = []
+        for pending in self._reads_waiting_apply:
+            if pending.future.done():
+                continue
+            if applied >= pending.read_index:
+                pending.future.set_result(None)
+            else:
+                still_waiting.append(pending)
+        self._reads_waiting_apply = still_waiting
+
+    # ----------------------------------------------------------------- roles
+    def _log_event(self, event) -> None:
+        name = type(event).__name__
+        if name == "BecamePrimary":
+            log.info("primary.elected", primary=self.node_id, view=event.view)
+            return
+        if name == "SteppedDown":
+            log.warning("primary.stepped_down", view=event.view)
+            # Proposals of a deposed primary may still commit under the new one, so
+            # they keep waiting; their callers time out into a 503 otherwise.
+            for future in self._pending_reads.values():
+                if not future.done():
+                    future.set_exception(NotPrimary(None))
+            self._pending_reads.clear()
+            return
+        if name == "PrimaryChanged":
+            log.info("primary.changed", view=event.view, primary=event.primary_id)
+            return
+        log.info("replica.event", kind=name)
+
+    def _maybe_bootstrap_epoch(self) -> None:
+        """The first primary of a new cluster creates epoch 1; apply refuses duplicates."""
+        if self._bootstrap_in_flight or self.replica.role != Role.PRIMARY:
+            return
+        if self.store.active_epoch() != 0 or self.replica.commit_index < 1:
+            return
+        from tokenvault.crypto import new_epoch_secret
+        command = commands.RotateEpochCommand(
+            epoch=1, wrapped_secret=self.master_key.wrap_epoch_secret(1, new_epoch_secret()),
+            created_at_ms=int(time.time() * 1000), principal=None, idempotency_key=None, fingerprint=None)
+        self._bootstrap_in_flight = True
+        task = asyncio.get_running_loop().create_task(self._bootstrap(commands.encode_command(command)))
+        self._tasks.append(task)
+
+    async def _bootstrap(self, payload: bytes) -> None:
+        try:
+            await self.propose(payload, self.config.timing.request_timeout_ms / 1000)
+        except (NotPrimary, ProposalLost, asyncio.TimeoutError):
+            pass
+        finally:
+            self._bootstrap_in_flight = False
+            self._wake()
+
+    # ----------------------------------------------------------------- state
+    def _fail_pending(self, error: Exception) -> None:
+        for pending in self._pending_proposals.values():
+            if not pending.future.done():
+                pending.future.set_exception(error)
+        self._pending_proposals.clear()
+
+    def _update_gauges(self) -> None:
+        self.metrics.set_replication(role=self.replica.role.name.lower(), view=self.replica.view,
+                                     commit_index=self.replica.commit_index,
+                                     applied_index=self.store.applied_index)
+
+    def role_name(self) -> str:
+        role = self.replica.role
+        return "primary" if role == Role.PRIMARY else ("candidate" if role == Role.CANDIDATE else "backup")
+
+    def health(self) -> dict:
+        return {"status": "ok", "node_id": self.node_id, "role": self.role_name(), "view": self.replica.view,
+                "primary_id": self.replica.primary_id, "commit_index": self.replica.commit_index,
+                "applied_index": self.store.applied_index, "active_epoch": self.store.active_epoch()}
+
+
+def _split_address(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host, int(port)
+
+
+# --------------------------------------------------------------------- process entry point
+async def run_node(config: NodeConfig) -> int:
+    """Start every part of one node and serve until SIGTERM/SIGINT or a fatal storage error."""
+    from aiohttp import web
+
+    from tokenvault.http import create_app
+    from tokenvault.service import NodeService
+
+    configure_logging(config.node_id, Path(config.log_file) if config.log_file else None, config.log_level)
+    metrics = Metrics()
+    try:
+        node = Node(config, metrics)
+    except WalCorruption as error:
+        log.critical("node.refused_to_start", reason=str(error)[:500])
+        return 3
+    service = NodeService(node)
+    await node.start()
+    replayed = len(node.restored.entries)
+    log.info("node.recovered", wal_entries=replayed, log_base_index=node.restored.snapshot_index,
+             store_applied_index=node.store.applied_index, commit_index=node.restored.hard_state.commit_index,
+             truncated_tail_bytes=node.recovered_log.truncated_tail_bytes, view=node.restored.hard_state.view)
+    runner = web.AppRunner(create_app(service, config, metrics), access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, config.http.host, config.http.port, reuse_address=True)
+    await site.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signal_number in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signal_number, stop.set)
+    stop_task = loop.create_task(stop.wait())
+    fatal_task = loop.create_task(node.stopped.wait())
+    await asyncio.wait({stop_task, fatal_task}, return_when=asyncio.FIRST_COMPLETED)
+    log.info("node.stopping", reason="fatal" if node.fatal_error else "signal")
+    await runner.cleanup()
+    await service.close()
+    await node.close()
+    log.info("node.stopped")
+    return 2 if node.fatal_error else 0
+
+
+def main(config_path: str) -> int:
+    """Console entry point used by ``tokenvault serve``: load the config and run until stopped."""
+    config = load_config(Path(config_path))
+    try:
+        return asyncio.run(run_node(config))
+    except WalFatal as error:
+        log.critical("node.fatal", error=str(error)[:300])
+        return 2

@@ -1,0 +1,364 @@
+"""The vault's request logic on one node: what the HTTP layer calls.
+
+On the primary a tokenize computes its tokens and ciphertexts with the active
+epoch, proposes them as one log entry and answers once that entry is applied;
+the apply step re-checks the epoch and the idempotency key, so a request can
+never span a rotation and a key is honoured once even across failovers. A node
+that is not the primary forwards writes, and detokenizes of tokens it has not
+applied, to the primary over the authenticated peer link.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import time
+
+import msgpack
+
+from protocol import ForwardRequest, ForwardResponse, NotPrimary, Role
+from tokenvault import commands
+from tokenvault.crypto import new_epoch_secret
+from tokenvault.errors import (IdempotencyInFlight, IdempotencyMismatch, Outcome, ServiceError,
+                               Unavailable, problem_body)
+from tokenvault.logs import get_logger
+from tokenvault.node import Node, ProposalLost
+from tokenvault.store import Outcome as ApplyOutcome
+from tokenvault.tokens import parse_token
+
+log = get_logger("service")
+
+MAX_EPOCH_RETRIES = 5
+MAX_FORWARDS_IN_FLIGHT = 4096
+TOKENIZE = "tokenize"
+ROTATE = "rotate"
+
+
+class ForwardedError(ServiceError):
+    """An error the primary answered to a forwarded request, passed on unchanged."""
+
+    def __init__(self, status: int, title: str, detail: str, problem: str, headers: dict[str, str]) -> None:
+        self.status = status
+        self.title = title
+        self.problem = problem
+        super().__init__(detail, headers=headers)
+
+
+def _json(document: object) -> bytes:
+    return json.dumps(document, separators=(",", ":")).encode()
+
+
+def _rfc3339(milliseconds: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(milliseconds / 1000)) + f".{milliseconds % 1000:03d}Z"
+
+
+class NodeService:
+    """Implements the VaultService protocol of tokenvault.http on top of a Node."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.node_id = node.node_id
+        self._timeout_seconds = node.config.timing.request_timeout_ms / 1000
+        self._in_flight: set[tuple[str, str]] = set()
+        self._forward_ids = itertools.count(1)
+        self._forwards_waiting: dict[int, asyncio.Future] = {}
+        self._forward_tasks: set[asyncio.Task] = set()
+        node.forward_handler = self._on_forward_request
+        node.forward_response_handler = self._on_forward_response
+
+    async def close(self) -> None:
+        for task in list(self._forward_tasks):
+            task.cancel()
+        for future in self._forwards_waiting.values():
+            if not future.done():
+                future.cancel()
+
+    def health(self) -> dict:
+        return self.node.health()
+
+    # ------------------------------------------------------------------ routing
+    def _is_primary(self) -> bool:
+        return self.node.replica.role == Role.PRIMARY
+
+    async def _route(self, kind: str, arguments: dict, local):
+        """Run ``local`` here if this node is the primary, else forward to the primary."""
+        if self._is_primary():
+            try:
+                return await local(**arguments)
+            except NotPrimary:
+                pass
+        primary_id = self.node.replica.primary_id
+        if primary_id is None or primary_id == self.node_id:
+            raise Unavailable("no primary is known right now; retry shortly")
+        return await self._forward(primary_id, kind, arguments)
+
+    # ------------------------------------------------------------------ tokenize
+    async def tokenize(self, principal: str, values: list[str], idempotency_key: str | None) -> Outcome:
+        arguments = {"principal": principal, "values": values, "idempotency_key": idempotency_key}
+        return await self._route(TOKENIZE, arguments, self._tokenize_here)
+
+    async def _tokenize_here(self, principal: str, values: list[str], idempotency_key: str | None) -> Outcome:
+        fingerprint = None
+        if idempotency_key is not None:
+            canonical = msgpack.packb(values, use_bin_type=True)
+            fingerprint = self.node.master_key.idempotency_fingerprint(principal, TOKENIZE, canonical)
+        async with self._idempotency_slot(principal, idempotency_key, TOKENIZE, fingerprint) as replay:
+            if replay is not None:
+                return replay
+            for _ in range(MAX_EPOCH_RETRIES):
+                epoch = self.node.store.active_epoch()
+                if epoch == 0:
+                    raise Unavailable("the cluster has no active epoch yet; retry shortly")
+                keys = self.node.keyring.get(epoch)
+                items = tuple((token, keys.encrypt(token, value))
+                              for value in values for token in (keys.token_for(value),))
+                command = commands.TokenizeCommand(
+                    epoch=epoch, items=items, principal=principal, idempotency_key=idempotency_key,
+                    fingerprint=fingerprint, issued_at_ms=int(time.time() * 1000))
+                result = await self._propose(commands.encode_command(command))
+                if result.outcome == ApplyOutcome.OK:
+                    body = _json({"epoch": epoch, "tokens": [token for token, _ in items]})
+                    return Outcome(200, body, False)
+                if result.outcome == ApplyOutcome.DUPLICATE:
+                    return self._replay(principal, idempotency_key, TOKENIZE, fingerprint)
+                # EPOCH_MISMATCH: a rotation was applied first; recompute in the new epoch.
+            raise Unavailable("the active epoch kept changing; retry")
+
+    async def _propose(self, payload: bytes):
+        try:
+            return await self.node.propose(payload, self._timeout_seconds)
+        except asyncio.TimeoutError:
+            raise Unavailable("the write was not confirmed by a majority in time; it takes effect at most "
+                              "once: retry with the same Idempotency-Key") from None
+        except ProposalLost:
+            raise Unavailable("the primary changed before the write committed; it had no effect") from None
+
+    # ------------------------------------------------------------------ idempotency
+    def _idempotency_slot(self, principal, idempotency_key, kind, fingerprint):
+        return _IdempotencySlot(self, principal, idempotency_key, kind, fingerprint)
+
+    def _replay(self, principal: str, idempotency_key: str | None, kind: str, fingerprint: bytes | None) -> Outcome:
+        record = self.node.store.idempotency_get(principal, idempotency_key) if idempotency_key else None
+        if record is None:
+            raise Unavailable("the first request with this Idempotency-Key is not visible yet; retry")
+        if record.kind != kind or record.fingerprint != fingerprint:
+            raise IdempotencyMismatch()
+        return Outcome(record.status, record.response, True)
+
+    # ------------------------------------------------------------------ detokenize
+    async def detokenize(self, tokens: list[str]) -> list[str | None]:
+        found = self.node.store.lookup(tokens)
+        missing = sorted({token for token in tokens if token not in found})
+        plain: dict[str, str | None] = {}
+        if missing:
+            plain = await self._route("detokenize", {"tokens": missing}, self._detokenize_missing_here)
+        values: list[str | None] = []
+        for token in tokens:
+            ciphertext = found.get(token)
+            values.append(self._decrypt(token, ciphertext) if ciphertext is not None else plain.get(token))
+        self.node.metrics.values_detokenized(sum(value is not None for value in values))
+        return values
+
+    async def _detokenize_missing_here(self, tokens: list[str]) -> dict[str, str | None]:
+        """On the primary: confirm leadership and catch up, then look the tokens up again."""
+        await self._read_barrier()
+        found = self.node.store.lookup(tokens)
+        return {token: self._decrypt(token, found[token]) if token in found else None for token in tokens}
+
+    async def _read_barrier(self) -> None:
+        try:
+            await self.node.read_barrier(self._timeout_seconds)
+        except asyncio.TimeoutError:
+            raise Unavailable("could not confirm a majority in time") from None
+
+    def _decrypt(self, token: str, ciphertext: bytes) -> str | None:
+        epoch = parse_token(token).epoch
+        if epoch not in self.node.keyring:
+            return None
+        return self.node.keyring.get(epoch).decrypt(token, ciphertext)
+
+    # ------------------------------------------------------------------ epochs
+    async def rotate_epoch(self, principal: str, idempotency_key: str | None) -> Outcome:
+        arguments = {"principal": principal, "idempotency_key": idempotency_key}
+        return await self._route(ROTATE, arguments, self._rotate_here)
+
+    async def _rotate_here(self, principal: str, idempotency_key: str | None) -> Outcome:
+        fingerprint = None
+        if idempotency_key is not None:
+            fingerprint = self.node.master_key.idempotency_fingerprint(principal, ROTATE, b"{}")
+        async with self._idempotency_slot(principal, idempotency_key, ROTATE, fingerprint) as replay:
+            if replay is not None:
+                return replay
+            for _ in range(MAX_EPOCH_RETRIES):
+                epoch = self.node.store.active_epoch() + 1
+                command = commands.RotateEpochCommand(
+                    epoch=epoch, wrapped_secret=self.node.master_key.wrap_epoch_secret(epoch, new_epoch_secret()),
+                    created_at_ms=int(time.time() * 1000), principal=principal,
+                    idempotency_key=idempotency_key, fingerprint=fingerprint)
+                result = await self._propose(commands.encode_command(command))
+                if result.outcome == ApplyOutcome.OK:
+                    return Outcome(201, _json({"epoch": epoch}), False)
+                if result.outcome == ApplyOutcome.DUPLICATE:
+                    return self._replay(principal, idempotency_key, ROTATE, fingerprint)
+                # STALE_EPOCH: another rotation won this number; take the next one.
+            raise Unavailable("concurrent rotations kept racing; retry")
+
+    async def list_epochs(self) -> dict:
+        return await self._route("epochs", {}, self._list_epochs_here)
+
+    async def _list_epochs_here(self) -> dict:
+        await self._read_barrier()
+        records = self.node.store.epochs()
+        return {"active_epoch": self.node.store.active_epoch(),
+                "epochs": [{"epoch": record.epoch, "created_at": _rfc3339(record.created_at_ms),
+                            "state": record.state} for record in records]}
+
+    async def cluster_view(self) -> dict:
+        replica = self.node.replica
+        progress = replica.progress() if replica.role == Role.PRIMARY else {}
+        transport = self.node.transport
+        nodes = []
+        for member in self.node.config.members:
+            is_self = member.id == self.node_id
+            if is_self:
+                role = self.node.role_name()
+            else:
+                role = "primary" if member.id == replica.primary_id else "backup"
+            entry = {"id": member.id, "http_url": member.http_url, "peer_addr": member.peer_addr,
+                     "role": role, "is_self": is_self,
+                     "reachable": is_self or (transport is not None and transport.is_connected(member.id))}
+            if member.id in progress:
+                match_index, next_index = progress[member.id]
+                entry.update(match_index=match_index, next_index=next_index)
+            if is_self:
+                entry.update(view=replica.view, commit_index=replica.commit_index,
+                             applied_index=self.node.store.applied_index,
+                             active_epoch=self.node.store.active_epoch())
+            nodes.append(entry)
+        return {"node_id": self.node_id, "view": replica.view, "primary_id": replica.primary_id, "nodes": nodes}
+
+    # ------------------------------------------------------------------ forwarding
+    async def _forward(self, primary_id: str, kind: str, arguments: dict):
+        if len(self._forwards_waiting) >= MAX_FORWARDS_IN_FLIGHT:
+            raise Unavailable("too many requests are being forwarded to the primary")
+        request_id = next(self._forward_ids)
+        future = asyncio.get_running_loop().create_future()
+        self._forwards_waiting[request_id] = future
+        body = msgpack.packb(arguments, use_bin_type=True)
+        try:
+            if not self.node.send_to_peer(primary_id, ForwardRequest(request_id=request_id, kind=kind, body=body)):
+                raise Unavailable("the primary is not reachable from this node right now")
+            response: ForwardResponse = await asyncio.wait_for(future, self._timeout_seconds + 1)
+        except asyncio.TimeoutError:
+            raise Unavailable("the primary did not answer in time; the request takes effect at most once") from None
+        finally:
+            self._forwards_waiting.pop(request_id, None)
+        return _decode_forward_response(kind, response)
+
+    def _on_forward_response(self, sender: str, response: ForwardResponse) -> None:
+        future = self._forwards_waiting.get(response.request_id)
+        if future is not None and not future.done():
+            future.set_result(response)
+
+    def _on_forward_request(self, sender: str, request: ForwardRequest) -> None:
+        task = asyncio.get_running_loop().create_task(self._serve_forward(sender, request))
+        self._forward_tasks.add(task)
+        task.add_done_callback(self._forward_tasks.discard)
+
+    async def _serve_forward(self, sender: str, request: ForwardRequest) -> None:
+        """Answer a backup's forwarded request here; never forward again (no loops)."""
+        status, body, headers = 503, b"", ()
+        try:
+            status, body, headers = await self._run_forwarded(request)
+        except ServiceError as error:
+            status = error.status
+            body = problem_body(error.status, error.problem, error.title, error.detail)
+            headers = tuple(error.headers.items())
+        except NotPrimary:
+            error = Unavailable("the node asked is no longer the primary; retry")
+            status, body = 503, problem_body(503, error.problem, error.title, error.detail)
+            headers = tuple(error.headers.items())
+        except (ValueError, TypeError, KeyError, msgpack.UnpackException):
+            status, body = 400, problem_body(400, "invalid-request", "Bad Request", "malformed forwarded request")
+        self.node.send_to_peer(sender, ForwardResponse(request_id=request.request_id, status=status,
+                                                       body=body, headers=headers))
+
+    async def _run_forwarded(self, request: ForwardRequest) -> tuple[int, bytes, tuple]:
+        if not self._is_primary():
+            raise NotPrimary(self.node.replica.primary_id)
+        arguments = msgpack.unpackb(request.body, raw=False)
+        if not isinstance(arguments, dict):
+            raise ValueError("arguments")
+        if request.kind == TOKENIZE:
+            outcome = await self._tokenize_here(str(arguments["principal"]), _strings(arguments["values"]),
+                                                _optional_string(arguments["idempotency_key"]))
+            return outcome.status, outcome.body, (("Idempotent-Replayed", "true"),) if outcome.replayed else ()
+        if request.kind == ROTATE:
+            outcome = await self._rotate_here(str(arguments["principal"]),
+                                              _optional_string(arguments["idempotency_key"]))
+            return outcome.status, outcome.body, (("Idempotent-Replayed", "true"),) if outcome.replayed else ()
+        if request.kind == "detokenize":
+            tokens = _strings(arguments["tokens"])
+            for token in tokens:
+                parse_token(token)
+            return 200, msgpack.packb(await self._detokenize_missing_here(tokens), use_bin_type=True), ()
+        if request.kind == "epochs":
+            return 200, _json(await self._list_epochs_here()), ()
+        raise ValueError("unknown kind")
+
+
+def _strings(items: object) -> list[str]:
+    if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
+        raise TypeError("expected a list of strings")
+    return items
+
+
+def _optional_string(item: object) -> str | None:
+    if item is not None and not isinstance(item, str):
+        raise TypeError("expected a string")
+    return item
+
+
+def _decode_forward_response(kind: str, response: ForwardResponse):
+    headers = dict(response.headers)
+    if response.status >= 400:
+        try:
+            problem = json.loads(response.body)
+            title, detail = str(problem["title"]), str(problem["detail"])
+            slug = str(problem["type"]).rsplit(":", 1)[-1]
+        except (ValueError, KeyError, TypeError):
+            title, detail, slug = "Error", "the primary refused the request", "forwarded"
+        headers.pop("Content-Type", None)
+        raise ForwardedError(response.status, title, detail, slug, headers)
+    if kind == "detokenize":
+        return msgpack.unpackb(response.body, raw=False)
+    if kind == "epochs":
+        return json.loads(response.body)
+    return Outcome(response.status, response.body, headers.get("Idempotent-Replayed") == "true")
+
+
+class _IdempotencySlot:
+    """Claims (principal, key) for the duration of one request, or yields the stored first answer."""
+
+    def __init__(self, service: NodeService, principal: str, key: str | None, kind: str,
+                 fingerprint: bytes | None) -> None:
+        self.service, self.principal, self.key, self.kind, self.fingerprint = (
+            service, principal, key, kind, fingerprint)
+        self.claimed = False
+
+    async def __aenter__(self) -> Outcome | None:
+        if self.key is None:
+            return None
+        if self.service.node.store.idempotency_get(self.principal, self.key) is not None:
+            return self.service._replay(self.principal, self.key, self.kind, self.fingerprint)
+        slot = (self.principal, self.key)
+        if slot in self.service._in_flight:
+            raise IdempotencyInFlight()
+        self.service._in_flight.add(slot)
+        self.claimed = True
+        return None
+
+    async def __aexit__(self, *exc_info) -> None:
+        if self.claimed:
+            self.service._in_flight.discard((self.principal, self.key))

@@ -1,0 +1,265 @@
+"""Peer transport: one authenticated TCP connection per pair of vault nodes.
+
+The node with the smaller id dials, the other accepts, and the connection then
+carries frames both ways. Before any protocol frame is accepted both sides prove
+they hold the cluster secret with an HMAC over the other side's random nonce,
+so a process without the secret can neither join nor inject frames. A frame that
+fails to decode closes that one connection; the node goes on.
+
+Replication messages are fire-and-forget: the replication core tolerates loss,
+so a full send queue drops the newest message instead of blocking the driver.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from protocol import FrameDecoder, Hello, HelloProof, ProtocolError, encode_frame
+from tokenvault.logs import get_logger
+
+HANDSHAKE_TIMEOUT_SECONDS = 3.0
+NONCE_BYTES = 32
+SEND_QUEUE_MAX_MESSAGES = 4096
+RECONNECT_DELAY_SECONDS_MIN = 0.05
+RECONNECT_DELAY_SECONDS_MAX = 1.0
+READ_CHUNK_BYTES = 256 * 1024
+
+log = get_logger("transport")
+
+
+@dataclass(frozen=True, slots=True)
+class PeerAddress:
+    node_id: str
+    host: str
+    port: int
+
+
+def _proof(secret: bytes, nonce: bytes, prover_id: str, verifier_id: str) -> bytes:
+    """The MAC that shows the prover holds the cluster secret, bound to both ids and the nonce."""
+    message = b"tokenvault/peer-handshake\x00" + prover_id.encode() + b"\x00" + verifier_id.encode() + b"\x00" + nonce
+    return hmac.new(secret, message, hashlib.sha256).digest()
+
+
+class HandshakeError(Exception):
+    """The other side did not prove it belongs to this cluster."""
+
+
+class _Connection:
+    """One established, authenticated connection to a peer, with a bounded send queue."""
+
+    def __init__(self, peer_id: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 decoder: FrameDecoder) -> None:
+        self.peer_id = peer_id
+        self.reader = reader
+        self.writer = writer
+        self.decoder = decoder
+        self.queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=SEND_QUEUE_MAX_MESSAGES)
+        self.dropped_messages = 0
+
+    def enqueue(self, frame: bytes) -> bool:
+        try:
+            self.queue.put_nowait(frame)
+            return True
+        except asyncio.QueueFull:
+            self.dropped_messages += 1
+            return False
+
+    async def write_loop(self) -> None:
+        while True:
+            frame = await self.queue.get()
+            frames = [frame]
+            # Coalesce whatever is already queued into one write to save syscalls.
+            while not self.queue.empty() and len(frames) < 512:
+                frames.append(self.queue.get_nowait())
+            self.writer.write(b"".join(frames))
+            await self.writer.drain()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class PeerTransport:
+    """Keeps a connection to every peer and hands inbound messages to ``on_message``."""
+
+    def __init__(self, node_id: str, listen_host: str, listen_port: int, peers: list[PeerAddress],
+                 cluster_secret: bytes, on_message: Callable[[str, object], None],
+                 max_frame_bytes: int) -> None:
+        self.node_id = node_id
+        self.listen_host = listen_host
+        self.listen_port = listen_port
+        self.peers = {peer.node_id: peer for peer in peers if peer.node_id != node_id}
+        self._secret = cluster_secret
+        self._on_message = on_message
+        self._max_frame_bytes = max_frame_bytes
+        self._connections: dict[str, _Connection] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self._server: asyncio.AbstractServer | None = None
+        self._closing = False
+        self.last_seen_monotonic: dict[str, float] = {}
+        self.handshake_failures = 0
+        self.frames_rejected = 0
+
+    # ----------------------------------------------------------------- lifecycle
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._accept, self.listen_host, self.listen_port,
+                                                  limit=READ_CHUNK_BYTES)
+        for peer_id in self.peers:
+            if self.node_id < peer_id:
+                self._spawn(self._dial_forever(self.peers[peer_id]))
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._server is not None:
+            self._server.close()
+        for connection in list(self._connections.values()):
+            connection.close()
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):
+                pass
+
+    def _spawn(self, coroutine) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # ----------------------------------------------------------------- sending
+    def send(self, peer_id: str, message: object) -> bool:
+        """Queue a message for a peer; False when there is no connection or the queue is full."""
+        connection = self._connections.get(peer_id)
+        if connection is None:
+            return False
+        return connection.enqueue(encode_frame(message))
+
+    def is_connected(self, peer_id: str) -> bool:
+        return peer_id in self._connections
+
+    # ----------------------------------------------------------------- dialing
+    async def _dial_forever(self, peer: PeerAddress) -> None:
+        delay = RECONNECT_DELAY_SECONDS_MIN
+        while not self._closing:
+            try:
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_connection(peer.host, peer.port, limit=READ_CHUNK_BYTES),
+                    HANDSHAKE_TIMEOUT_SECONDS)
+            except (OSError, asyncio.TimeoutError):
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RECONNECT_DELAY_SECONDS_MAX)
+                continue
+            try:
+                decoder = FrameDecoder(self._max_frame_bytes)
+                await asyncio.wait_for(self._handshake_as_dialer(peer.node_id, reader, writer, decoder),
+                                       HANDSHAKE_TIMEOUT_SECONDS)
+            except (HandshakeError, ProtocolError, OSError, asyncio.TimeoutError, asyncio.IncompleteReadError) as error:
+                self.handshake_failures += 1
+                log.warning("peer.handshake_failed", peer=peer.node_id, reason=type(error).__name__)
+                writer.close()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RECONNECT_DELAY_SECONDS_MAX)
+                continue
+            delay = RECONNECT_DELAY_SECONDS_MIN
+            await self._serve_connection(_Connection(peer.node_id, reader, writer, decoder))
+
+    async def _read_messages(self, reader: asyncio.StreamReader, decoder: FrameDecoder, count: int) -> list:
+        """Read until the decoder yields ``count`` messages (handshake only)."""
+        messages: list = []
+        while len(messages) < count:
+            data = await reader.read(4096)
+            if not data:
+                raise HandshakeError("connection closed during handshake")
+            messages.extend(decoder.feed(data))
+        return messages
+
+    async def _handshake_as_dialer(self, peer_id: str, reader, writer, decoder: FrameDecoder) -> None:
+        my_nonce = os.urandom(NONCE_BYTES)
+        writer.write(encode_frame(Hello(node_id=self.node_id, nonce=my_nonce)))
+        await writer.drain()
+        messages = await self._read_messages(reader, decoder, 2)
+        hello, proof = messages[0], messages[1]
+        if not isinstance(hello, Hello) or not isinstance(proof, HelloProof) or hello.node_id != peer_id:
+            raise HandshakeError("unexpected handshake frames")
+        expected = _proof(self._secret, my_nonce, peer_id, self.node_id)
+        if not hmac.compare_digest(expected, proof.mac):
+            raise HandshakeError("peer failed to prove the cluster secret")
+        writer.write(encode_frame(HelloProof(node_id=self.node_id,
+                                             mac=_proof(self._secret, hello.nonce, self.node_id, peer_id))))
+        await writer.drain()
+        # Frames that arrived together with the handshake stay buffered in the decoder.
+        for message in messages[2:]:
+            self._deliver(peer_id, message)
+
+    # ----------------------------------------------------------------- accepting
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        decoder = FrameDecoder(self._max_frame_bytes)
+        try:
+            peer_id = await asyncio.wait_for(self._handshake_as_acceptor(reader, writer, decoder),
+                                             HANDSHAKE_TIMEOUT_SECONDS)
+        except (HandshakeError, ProtocolError, OSError, asyncio.TimeoutError, asyncio.IncompleteReadError) as error:
+            self.handshake_failures += 1
+            log.warning("peer.handshake_failed", reason=type(error).__name__)
+            writer.close()
+            return
+        await self._serve_connection(_Connection(peer_id, reader, writer, decoder))
+
+    async def _handshake_as_acceptor(self, reader, writer, decoder: FrameDecoder) -> str:
+        hello = (await self._read_messages(reader, decoder, 1))[0]
+        if not isinstance(hello, Hello) or hello.node_id not in self.peers or not hello.node_id < self.node_id:
+            raise HandshakeError("unknown peer or wrong dialing direction")
+        if len(hello.nonce) != NONCE_BYTES:
+            raise HandshakeError("bad nonce")
+        my_nonce = os.urandom(NONCE_BYTES)
+        writer.write(encode_frame(Hello(node_id=self.node_id, nonce=my_nonce))
+                     + encode_frame(HelloProof(node_id=self.node_id,
+                                               mac=_proof(self._secret, hello.nonce, self.node_id, hello.node_id))))
+        await writer.drain()
+        proof = (await self._read_messages(reader, decoder, 1))[0]
+        expected = _proof(self._secret, my_nonce, hello.node_id, self.node_id)
+        if not isinstance(proof, HelloProof) or not hmac.compare_digest(expected, proof.mac):
+            raise HandshakeError("peer failed to prove the cluster secret")
+        return hello.node_id
+
+    # ----------------------------------------------------------------- serving
+    async def _serve_connection(self, connection: _Connection) -> None:
+        peer_id = connection.peer_id
+        previous = self._connections.get(peer_id)
+        if previous is not None:
+            previous.close()
+        self._connections[peer_id] = connection
+        self.last_seen_monotonic[peer_id] = time.monotonic()
+        log.info("peer.up", peer=peer_id)
+        writer_task = self._spawn(connection.write_loop())
+        try:
+            while True:
+                data = await connection.reader.read(READ_CHUNK_BYTES)
+                if not data:
+                    break
+                self.last_seen_monotonic[peer_id] = time.monotonic()
+                for message in connection.decoder.feed(data):
+                    self._deliver(peer_id, message)
+        except ProtocolError as error:
+            self.frames_rejected += 1
+            log.warning("peer.bad_frame", peer=peer_id, reason=str(error)[:200])
+        except (OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer_task.cancel()
+            connection.close()
+            if self._connections.get(peer_id) is connection:
+                del self._connections[peer_id]
+                if not self._closing:
+                    log.warning("peer.down", peer=peer_id)
+
+    def _deliver(self, peer_id: str, message: object) -> None:
+        if isinstance(message, (Hello, HelloProof)):
+            return
+        self._on_message(peer_id, message)

@@ -1,0 +1,195 @@
+"""Tests of tokenvault.client against in-memory fake nodes on 127.0.0.1:0."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from fake_vault_server import DROP, FakeVaultServer, Reply, closed_port_url, problem
+from tokenvault import client as client_module
+from tokenvault.client import (AsyncClient, Client, ConfigurationError, Conflict, Forbidden, NoNodeAvailable,
+                               ResponseError, ServiceUnavailable, Unauthorized, normalize_urls)
+
+API_KEY = "tvk_" + "A" * 43
+
+
+@pytest.fixture
+def node_a() -> Iterator[FakeVaultServer]:
+    with FakeVaultServer("n1", api_key=API_KEY) as server:
+        yield server
+
+
+@pytest.fixture
+def node_b() -> Iterator[FakeVaultServer]:
+    with FakeVaultServer("n2", role="backup", api_key=API_KEY) as server:
+        yield server
+
+
+def test_normalize_urls_splits_commas_strips_slashes_and_deduplicates() -> None:
+    urls = normalize_urls(["http://127.0.0.1:8101/, http://127.0.0.1:8102", "http://127.0.0.1:8101"])
+    assert urls == ("http://127.0.0.1:8101", "http://127.0.0.1:8102")
+
+
+@pytest.mark.parametrize("bad", ["", "127.0.0.1:8101", "ftp://host", "http://", "http://h/?q=1"])
+def test_normalize_urls_rejects_unusable_urls(bad: str) -> None:
+    with pytest.raises(ConfigurationError):
+        normalize_urls(bad)
+
+
+def test_api_key_with_header_breaking_characters_is_refused_without_echo() -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        AsyncClient("http://127.0.0.1:1", "secret\r\nInjected: 1")
+    assert "secret" not in str(caught.value)
+
+
+async def test_tokenize_sends_bearer_key_and_json_and_parses_result(node_a: FakeVaultServer) -> None:
+    async with AsyncClient(node_a.url, API_KEY) as vault:
+        result = await vault.tokenize(["4111", "5500"], idempotency_key="k-1")
+    assert result.epoch == 1
+    assert result.tokens == (node_a.token_for("4111", 1), node_a.token_for("5500", 1))
+    assert result.replayed is False
+    sent = node_a.calls("/v1/tokenize")[0]
+    assert sent.headers["Authorization"] == f"Bearer {API_KEY}"
+    assert sent.headers["Idempotency-Key"] == "k-1"
+    assert sent.headers["Content-Type"].startswith("application/json")
+    assert sent.body == {"values": ["4111", "5500"]}
+
+
+async def test_replayed_header_is_reported(node_a: FakeVaultServer) -> None:
+    node_a.responders[("POST", "/v1/tokenize")] = lambda request: Reply(
+        200, {"epoch": 1, "tokens": ["tv1_" + "a" * 32]}, {"Idempotent-Replayed": "true"})
+    async with AsyncClient(node_a.url, API_KEY) as vault:
+        result = await vault.tokenize(["x"], idempotency_key="k")
+    assert result.replayed is True
+
+
+async def test_fails_over_from_an_unreachable_node_and_remembers_the_live_one(node_b: FakeVaultServer) -> None:
+    async with AsyncClient([closed_port_url(), node_b.url], API_KEY, deadline_seconds=2) as vault:
+        tokens = (await vault.tokenize(["v"])).tokens
+        assert vault.current_url == node_b.url
+        assert await vault.detokenize(tokens) == ("v",)
+    assert len(node_b.calls("/v1/tokenize")) == 1
+
+
+async def test_fails_over_on_503(node_a: FakeVaultServer, node_b: FakeVaultServer) -> None:
+    node_a.responders[("POST", "/v1/tokenize")] = lambda request: problem(
+        503, "Service Unavailable", "no primary", {"Retry-After": "1"})
+    async with AsyncClient([node_a.url, node_b.url], API_KEY) as vault:
+        result = await vault.tokenize(["v"])
+    assert result.tokens == (node_b.token_for("v", 1),)
+    assert len(node_a.calls("/v1/tokenize")) == 1
+
+
+async def test_retries_the_same_node_after_retry_after_until_it_recovers(node_a: FakeVaultServer) -> None:
+    answers = iter([problem(503, "Service Unavailable", "electing", {"Retry-After": "5"})] * 2)
+    node_a.responders[("POST", "/v1/tokenize")] = lambda request: next(answers, None)
+    async with AsyncClient(node_a.url, API_KEY, retry_after_cap_seconds=0.05, deadline_seconds=5) as vault:
+        result = await vault.tokenize(["v"])
+    assert result.epoch == 1
+    assert len(node_a.calls("/v1/tokenize")) == 3
+
+
+async def test_persistent_503_raises_service_unavailable_with_capped_retry_after(node_a: FakeVaultServer) -> None:
+    node_a.responders[("POST", "/v1/tokenize")] = lambda request: problem(
+        503, "Service Unavailable", "no quorum", {"Retry-After": "30"})
+    async with AsyncClient(node_a.url, API_KEY, retry_after_cap_seconds=0.05, deadline_seconds=0.3) as vault:
+        with pytest.raises(ServiceUnavailable) as caught:
+            await vault.tokenize(["v"])
+    assert caught.value.status == 503
+    assert caught.value.detail == "no quorum"
+    assert caught.value.retry_after_seconds == 0.05
+    assert len(node_a.calls("/v1/tokenize")) >= 2
+
+
+async def test_no_reachable_node_raises_no_node_available() -> None:
+    urls = [closed_port_url(), closed_port_url()]
+    async with AsyncClient(urls, API_KEY, deadline_seconds=0.3, retry_after_cap_seconds=0.05) as vault:
+        with pytest.raises(NoNodeAvailable) as caught:
+            await vault.health()
+    assert caught.value.failures
+    assert API_KEY not in str(caught.value)
+
+
+async def test_client_errors_are_typed_and_not_retried(node_a: FakeVaultServer, node_b: FakeVaultServer) -> None:
+    node_a.responders[("POST", "/v1/admin/epochs")] = lambda request: problem(
+        403, "Forbidden", "this key lacks the admin scope")
+    async with AsyncClient([node_a.url, node_b.url], API_KEY) as vault:
+        with pytest.raises(Forbidden) as caught:
+            await vault.rotate_epoch()
+    assert caught.value.detail == "this key lacks the admin scope"
+    assert caught.value.title == "Forbidden"
+    assert node_b.calls("/v1/admin/epochs") == []
+    assert API_KEY not in str(caught.value)
+
+
+async def test_wrong_key_gives_unauthorized(node_a: FakeVaultServer) -> None:
+    async with AsyncClient(node_a.url, "tvk_wrong") as vault:
+        with pytest.raises(Unauthorized):
+            await vault.list_epochs()
+
+
+async def test_rotate_generates_one_idempotency_key_reused_across_failover(
+        node_a: FakeVaultServer, node_b: FakeVaultServer) -> None:
+    node_a.responders[("POST", "/v1/admin/epochs")] = lambda request: DROP
+    async with AsyncClient([node_a.url, node_b.url], API_KEY) as vault:
+        result = await vault.rotate_epoch()
+    assert result.epoch == 2
+    first_key = node_a.calls("/v1/admin/epochs")[0].headers["Idempotency-Key"]
+    second_key = node_b.calls("/v1/admin/epochs")[0].headers["Idempotency-Key"]
+    assert first_key == second_key and first_key
+
+
+async def test_in_flight_409_is_retried_only_after_an_uncertain_attempt(node_a: FakeVaultServer) -> None:
+    answers = iter([DROP, problem(409, "Conflict", "in flight")])
+    node_a.responders[("POST", "/v1/tokenize")] = lambda request: next(answers, None)
+    async with AsyncClient(node_a.url, API_KEY, retry_after_cap_seconds=0.05) as vault:
+        result = await vault.tokenize(["v"], idempotency_key="k")
+    assert result.tokens == (node_a.token_for("v", 1),)
+    assert len(node_a.calls("/v1/tokenize")) == 3
+
+
+async def test_first_attempt_409_is_raised(node_a: FakeVaultServer) -> None:
+    node_a.responders[("POST", "/v1/tokenize")] = lambda request: problem(409, "Conflict", "in flight")
+    async with AsyncClient(node_a.url, API_KEY) as vault:
+        with pytest.raises(Conflict):
+            await vault.tokenize(["v"], idempotency_key="k")
+    assert len(node_a.calls("/v1/tokenize")) == 1
+
+
+async def test_tokenize_response_with_wrong_token_count_is_a_response_error(node_a: FakeVaultServer) -> None:
+    node_a.responders[("POST", "/v1/tokenize")] = lambda request: Reply(200, {"epoch": 1, "tokens": []})
+    async with AsyncClient(node_a.url, API_KEY) as vault:
+        with pytest.raises(ResponseError):
+            await vault.tokenize(["v"])
+
+
+async def test_oversized_response_is_refused(node_a: FakeVaultServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(client_module, "MAX_RESPONSE_BYTES", 64)
+    node_a.responders[("GET", "/v1/admin/cluster")] = lambda request: Reply(200, {"nodes": ["x" * 200]})
+    async with AsyncClient(node_a.url, API_KEY) as vault:
+        with pytest.raises(ResponseError):
+            await vault.cluster()
+
+
+async def test_health_of_a_given_url_does_not_fail_over(node_b: FakeVaultServer) -> None:
+    down = closed_port_url()
+    async with AsyncClient([down, node_b.url]) as vault:
+        with pytest.raises(NoNodeAvailable):
+            await vault.health(down)
+        health = await vault.health(node_b.url)
+    assert health["node_id"] == "n2"
+    assert node_b.calls("/health")
+
+
+def test_sync_client_round_trip_and_epochs(node_a: FakeVaultServer) -> None:
+    with Client(node_a.url, API_KEY) as vault:
+        first = vault.tokenize(["4111 1111 1111 1111"])
+        assert vault.detokenize(list(first.tokens) + ["tv1_" + "b" * 32]) == ("4111 1111 1111 1111", None)
+        assert vault.rotate_epoch().epoch == 2
+        epochs = vault.list_epochs()
+        assert epochs.active_epoch == 2
+        assert [entry.state for entry in epochs.epochs] == ["retired", "active"]
+        assert vault.cluster()["nodes"][0]["id"] == "n1"
+        assert repr(vault).count(API_KEY) == 0
+

@@ -1,0 +1,462 @@
+"""Client library for the TokenVault HTTP API.
+
+`AsyncClient` (aiohttp) talks to one or more nodes. Any node serves the whole
+API, so the client keeps the node that answered last and moves on to the next
+URL when a node cannot be reached or answers 503; after a full round of
+failures it waits (honouring Retry-After, capped) and tries again until its
+deadline. `Client` is a small synchronous wrapper for scripts and the CLI.
+
+Errors are typed: a problem+json answer becomes a `ProblemError` subclass that
+carries the server's fields; no node reachable is `NoNodeAvailable`. No error
+message ever contains the API key or a submitted value.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+from multidict import CIMultiDict
+
+DEFAULT_TIMEOUT_SECONDS = 5.0
+DEFAULT_DEADLINE_SECONDS = 15.0
+DEFAULT_RETRY_AFTER_CAP_SECONDS = 2.0
+MAX_RESPONSE_BYTES = 64 * 1024 * 1024
+MAX_REMEMBERED_FAILURES = 12
+INITIAL_BACKOFF_SECONDS = 0.1
+
+
+class VaultError(Exception):
+    """Base class of every error raised by this module."""
+
+
+class ConfigurationError(VaultError, ValueError):
+    """The client was given an unusable URL or API key."""
+
+
+class ResponseError(VaultError):
+    """A node answered with something that is not what the contract promises."""
+
+
+class NoNodeAvailable(VaultError):
+    """No node could be reached (or all answered 503) before the deadline."""
+
+    def __init__(self, failures: Sequence[str]) -> None:
+        self.failures = tuple(failures)
+        summary = "; ".join(self.failures) if self.failures else "no attempt made"
+        super().__init__(f"no node available: {summary}")
+
+
+class ProblemError(VaultError):
+    """A node answered with an HTTP error (application/problem+json)."""
+
+    def __init__(self, status: int, title: str, detail: str, problem_type: str, url: str,
+                 retry_after_seconds: float | None = None) -> None:
+        self.status = status
+        self.title = title
+        self.detail = detail
+        self.problem_type = problem_type
+        self.url = url
+        self.retry_after_seconds = retry_after_seconds
+        text = f"{status} {title}"
+        if detail:
+            text += f": {detail}"
+        super().__init__(f"{text} (from {url})")
+
+
+class BadRequest(ProblemError):
+    """400: the request was malformed."""
+
+
+class Unauthorized(ProblemError):
+    """401: missing or unknown API key."""
+
+
+class Forbidden(ProblemError):
+    """403: the API key lacks the endpoint's scope."""
+
+
+class NotFound(ProblemError):
+    """404 or 405: unknown path or method."""
+
+
+class Conflict(ProblemError):
+    """409: a request with the same idempotency key is still in flight."""
+
+
+class PayloadTooLarge(ProblemError):
+    """413: too many items or a body that is too large."""
+
+
+class UnsupportedMediaType(ProblemError):
+    """415: the request was not JSON."""
+
+
+class Unprocessable(ProblemError):
+    """422: the idempotency key was reused with a different body."""
+
+
+class ServiceUnavailable(ProblemError):
+    """503: no primary or no quorum right now."""
+
+
+class ServerError(ProblemError):
+    """Any other status, which the contract never promises."""
+
+
+_ERROR_CLASSES: dict[int, type[ProblemError]] = {
+    400: BadRequest, 401: Unauthorized, 403: Forbidden, 404: NotFound, 405: NotFound,
+    409: Conflict, 413: PayloadTooLarge, 415: UnsupportedMediaType, 422: Unprocessable,
+    503: ServiceUnavailable,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class TokenizeResult:
+    epoch: int
+    tokens: tuple[str, ...]
+    replayed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class RotateResult:
+    epoch: int
+    replayed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class EpochInfo:
+    epoch: int
+    created_at: str
+    state: str
+
+
+@dataclass(frozen=True, slots=True)
+class EpochList:
+    active_epoch: int
+    epochs: tuple[EpochInfo, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    url: str
+    status: int
+    headers: Mapping[str, str]
+    body: Any
+
+
+def normalize_urls(urls: str | Iterable[str]) -> tuple[str, ...]:
+    """Split comma-separated entries, validate each base URL, drop duplicates, keep order."""
+    if isinstance(urls, str):
+        urls = [urls]
+    result: list[str] = []
+    for entry in urls:
+        for part in str(entry).split(","):
+            candidate = part.strip().rstrip("/")
+            if not candidate:
+                continue
+            parsed = urlsplit(candidate)
+            if parsed.scheme not in ("http", "https") or not parsed.hostname:
+                raise ConfigurationError(f"not an http(s) base URL: {candidate!r}")
+            if parsed.query or parsed.fragment:
+                raise ConfigurationError(f"a base URL takes no query or fragment: {candidate!r}")
+            if candidate not in result:
+                result.append(candidate)
+    if not result:
+        raise ConfigurationError("no node URL given")
+    return tuple(result)
+
+
+def _validate_api_key(api_key: str | None) -> str | None:
+    if api_key is None or api_key == "":
+        return None
+    # Why: the key goes into a header; refuse anything that could split it. Never echo the key.
+    if len(api_key) > 1024 or not all(33 <= ord(character) <= 126 for character in api_key):
+        raise ConfigurationError("the API key contains characters that are not printable ASCII")
+    return api_key
+
+
+def _parse_retry_after(value: str | None, cap_seconds: float) -> float | None:
+    if value is None:
+        return None
+    value = value.strip()
+    if not value.isdigit() or len(value) > 6:
+        return None
+    return min(float(value), cap_seconds)
+
+
+def _problem_from(answer: _Answer, retry_after_cap_seconds: float) -> ProblemError:
+    body = answer.body if isinstance(answer.body, dict) else {}
+
+    def text(field: str, default: str) -> str:
+        value = body.get(field)
+        return value[:1000] if isinstance(value, str) else default
+
+    error_class = _ERROR_CLASSES.get(answer.status, ServerError)
+    return error_class(
+        status=answer.status,
+        title=text("title", f"HTTP {answer.status}"),
+        detail=text("detail", ""),
+        problem_type=text("type", "about:blank"),
+        url=answer.url,
+        retry_after_seconds=_parse_retry_after(answer.headers.get("Retry-After"), retry_after_cap_seconds),
+    )
+
+
+def _describe_failure(error: BaseException) -> str:
+    if isinstance(error, asyncio.TimeoutError):
+        return "timed out"
+    name = type(error).__name__
+    # Why: aiohttp connection errors describe the address, never request content.
+    message = str(error).splitlines()[0][:200] if str(error) else ""
+    return f"{name}: {message}" if message else name
+
+
+def _require_int(body: Any, field: str) -> int:
+    value = body.get(field) if isinstance(body, dict) else None
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ResponseError(f"response field {field!r} is missing or not an integer")
+    return value
+
+
+class AsyncClient:
+    """Async client for a TokenVault cluster; use as `async with AsyncClient(urls, key) as client`."""
+
+    def __init__(self, urls: str | Iterable[str], api_key: str | None = None, *,
+                 timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS,
+                 deadline_seconds: float = DEFAULT_DEADLINE_SECONDS,
+                 retry_after_cap_seconds: float = DEFAULT_RETRY_AFTER_CAP_SECONDS,
+                 session: aiohttp.ClientSession | None = None) -> None:
+        self.urls = normalize_urls(urls)
+        self._api_key = _validate_api_key(api_key)
+        self._timeout_seconds = timeout_seconds
+        self._deadline_seconds = deadline_seconds
+        self._retry_after_cap_seconds = retry_after_cap_seconds
+        self._session = session
+        self._owns_session = session is None
+        self._preferred_index = 0
+
+    def __repr__(self) -> str:
+        return f"AsyncClient(urls={list(self.urls)!r})"
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *exception_info: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._session is not None and self._owns_session:
+            await self._session.close()
+        self._session = None
+
+    @property
+    def current_url(self) -> str:
+        """The URL the next request goes to first (the node that answered last)."""
+        return self.urls[self._preferred_index]
+
+    async def tokenize(self, values: Sequence[str], idempotency_key: str | None = None) -> TokenizeResult:
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        answer = await self._request("POST", "/v1/tokenize", {"values": list(values)}, headers,
+                                     idempotent=idempotency_key is not None)
+        epoch = _require_int(answer.body, "epoch")
+        tokens = answer.body.get("tokens")
+        if not isinstance(tokens, list) or len(tokens) != len(values) or \
+                not all(isinstance(token, str) for token in tokens):
+            raise ResponseError("tokenize response does not hold one token per value")
+        return TokenizeResult(epoch, tuple(tokens), _replayed(answer))
+
+    async def detokenize(self, tokens: Sequence[str]) -> tuple[str | None, ...]:
+        answer = await self._request("POST", "/v1/detokenize", {"tokens": list(tokens)}, {})
+        values = answer.body.get("values") if isinstance(answer.body, dict) else None
+        if not isinstance(values, list) or len(values) != len(tokens) or \
+                not all(value is None or isinstance(value, str) for value in values):
+            raise ResponseError("detokenize response does not hold one value or null per token")
+        return tuple(values)
+
+    async def rotate_epoch(self, idempotency_key: str | None = None) -> RotateResult:
+        """Rotate the epoch. Without a key, one is generated so that a retry never rotates twice."""
+        key = idempotency_key or f"tvclient-rotate-{uuid.uuid4()}"
+        answer = await self._request("POST", "/v1/admin/epochs", {}, {"Idempotency-Key": key},
+                                     idempotent=True)
+        return RotateResult(_require_int(answer.body, "epoch"), _replayed(answer))
+
+    async def list_epochs(self) -> EpochList:
+        answer = await self._request("GET", "/v1/admin/epochs", None, {})
+        active = _require_int(answer.body, "active_epoch")
+        entries = answer.body.get("epochs")
+        if not isinstance(entries, list):
+            raise ResponseError("epoch list response has no 'epochs' list")
+        epochs = []
+        for entry in entries:
+            created_at = entry.get("created_at") if isinstance(entry, dict) else None
+            state = entry.get("state") if isinstance(entry, dict) else None
+            if not isinstance(created_at, str) or not isinstance(state, str):
+                raise ResponseError("epoch list entry lacks created_at or state")
+            epochs.append(EpochInfo(_require_int(entry, "epoch"), created_at, state))
+        return EpochList(active, tuple(epochs))
+
+    async def health(self, url: str | None = None) -> dict[str, Any]:
+        """The /health body of the given node, or of the first node that answers."""
+        if url is not None:
+            base_url = normalize_urls(url)[0]
+            try:
+                answer = await self._send_once(base_url, "GET", "/health", None, {})
+            except (aiohttp.ClientError, asyncio.TimeoutError) as error:
+                raise NoNodeAvailable([f"{base_url}: {_describe_failure(error)}"]) from None
+            if answer.status != 200:
+                raise _problem_from(answer, self._retry_after_cap_seconds)
+        else:
+            answer = await self._request("GET", "/health", None, {})
+        if not isinstance(answer.body, dict):
+            raise ResponseError("health response is not a JSON object")
+        return answer.body
+
+    async def cluster(self) -> dict[str, Any]:
+        """The /v1/admin/cluster body from the first node that answers."""
+        answer = await self._request("GET", "/v1/admin/cluster", None, {})
+        if not isinstance(answer.body, dict) or not isinstance(answer.body.get("nodes"), list):
+            raise ResponseError("cluster response has no 'nodes' list")
+        return answer.body
+
+    async def _request(self, method: str, path: str, body: Any, headers: dict[str, str], *,
+                       idempotent: bool = False) -> _Answer:
+        """Send to the preferred node, failing over on connection errors and 503 until the deadline."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._deadline_seconds
+        failures: list[str] = []
+        last_problem: ProblemError | None = None
+        backoff_seconds = INITIAL_BACKOFF_SECONDS
+        outcome_unknown = False
+        while True:
+            wait_seconds = backoff_seconds
+            for offset in range(len(self.urls)):
+                index = (self._preferred_index + offset) % len(self.urls)
+                url = self.urls[index]
+                try:
+                    answer = await self._send_once(url, method, path, body, headers)
+                except (aiohttp.ClientError, asyncio.TimeoutError) as error:
+                    # Why: after a timeout or a dropped connection the request may still take effect.
+                    outcome_unknown = outcome_unknown or not isinstance(error, aiohttp.ClientConnectorError)
+                    failures.append(f"{url}: {_describe_failure(error)}")
+                    continue
+                retry_conflict = answer.status == 409 and idempotent and outcome_unknown
+                if answer.status == 503 or retry_conflict:
+                    last_problem = _problem_from(answer, self._retry_after_cap_seconds)
+                    failures.append(f"{url}: {answer.status} {last_problem.title}")
+                    if last_problem.retry_after_seconds is not None:
+                        wait_seconds = max(wait_seconds, last_problem.retry_after_seconds)
+                    continue
+                self._preferred_index = index
+                if answer.status >= 300:
+                    raise _problem_from(answer, self._retry_after_cap_seconds)
+                if not isinstance(answer.body, dict):
+                    raise ResponseError(f"{method} {path} answered with a body that is not a JSON object")
+                return answer
+            remaining_seconds = deadline - loop.time()
+            if remaining_seconds <= 0:
+                if last_problem is not None:
+                    raise last_problem
+                raise NoNodeAvailable(failures[-MAX_REMEMBERED_FAILURES:])
+            await asyncio.sleep(min(wait_seconds, self._retry_after_cap_seconds, remaining_seconds))
+            backoff_seconds = min(backoff_seconds * 2, self._retry_after_cap_seconds)
+
+    async def _send_once(self, url: str, method: str, path: str, body: Any,
+                         headers: dict[str, str]) -> _Answer:
+        session = self._get_session()
+        request_headers = {"Accept": "application/json, application/problem+json", **headers}
+        if self._api_key is not None:
+            request_headers["Authorization"] = f"Bearer {self._api_key}"
+        data = None
+        if body is not None:
+            data = json.dumps(body, ensure_ascii=False).encode("utf-8")
+            request_headers["Content-Type"] = "application/json"
+        timeout = aiohttp.ClientTimeout(total=self._timeout_seconds)
+        async with session.request(method, url + path, data=data, headers=request_headers,
+                                   timeout=timeout, allow_redirects=False) as response:
+            raw = await _read_bounded(response)
+            return _Answer(url, response.status, CIMultiDict(response.headers), _decode_json(raw))
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession()
+            self._owns_session = True
+        return self._session
+
+
+async def _read_bounded(response: aiohttp.ClientResponse) -> bytes:
+    chunks: list[bytes] = []
+    total_bytes = 0
+    async for chunk in response.content.iter_chunked(65536):
+        total_bytes += len(chunk)
+        if total_bytes > MAX_RESPONSE_BYTES:
+            raise ResponseError(f"response body larger than {MAX_RESPONSE_BYTES} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _decode_json(raw: bytes) -> Any:
+    if not raw:
+        return None
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+def _replayed(answer: _Answer) -> bool:
+    return answer.headers.get("Idempotent-Replayed", "").strip().lower() == "true"
+
+
+class Client:
+    """Synchronous wrapper around `AsyncClient` with its own event loop.
+
+    Meant for scripts and the CLI; do not call it from inside a running event loop
+    (use `AsyncClient` there).
+    """
+
+    def __init__(self, urls: str | Iterable[str], api_key: str | None = None, **options: Any) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._client = AsyncClient(urls, api_key, **options)
+
+    def __repr__(self) -> str:
+        return f"Client(urls={list(self._client.urls)!r})"
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exception_info: object) -> None:
+        self.close()
+
+    @property
+    def urls(self) -> tuple[str, ...]:
+        return self._client.urls
+
+    def close(self) -> None:
+        if not self._loop.is_closed():
+            self._loop.run_until_complete(self._client.close())
+            self._loop.close()
+
+    def tokenize(self, values: Sequence[str], idempotency_key: str | None = None) -> TokenizeResult:
+        return self._loop.run_until_complete(self._client.tokenize(values, idempotency_key))
+
+    def detokenize(self, tokens: Sequence[str]) -> tuple[str | None, ...]:
+        return self._loop.run_until_complete(self._client.detokenize(tokens))
+
+    def rotate_epoch(self, idempotency_key: str | None = None) -> RotateResult:
+        return self._loop.run_until_complete(self._client.rotate_epoch(idempotency_key))
+
+    def list_epochs(self) -> EpochList:
+        return self._loop.run_until_complete(self._client.list_epochs())
+
+    def health(self, url: str | None = None) -> dict[str, Any]:
+        return self._loop.run_until_complete(self._client.health(url))
+
+    def cluster(self) -> dict[str, Any]:
+        return self._loop.run_until_complete(self._client.cluster())

@@ -1,0 +1,551 @@
+"""The node configuration: a TOML file, validated completely before a node starts.
+
+``load_config(path)`` reads and validates a file; ``to_toml(config)`` and
+``write_node_config(path, config)`` write one (tomllib cannot write, so this
+module has a small emitter for exactly this schema). Every record validates
+itself on construction, so a NodeConfig built in code (as the cluster tool
+does) is held to the same rules as one read from disk.
+
+Error messages name the offending key and never contain secret material; string
+values are not echoed at all, integers are.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+from urllib.parse import urlsplit
+
+from tokenvault.auth import ALL_SCOPES, ApiKeyEntry, ApiKeyTable, ApiKeyTableError
+from tokenvault.crypto import CryptoError, MasterKey, read_secret_file
+
+CLUSTER_SECRET_BYTES = 32
+ALLOWED_MEMBER_COUNTS = (1, 3, 5)
+LOG_LEVELS = ("debug", "info", "warning", "error")
+NODE_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}\Z")
+_HOSTNAME_PATTERN = re.compile(
+    r"(?=.{1,253}\Z)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\Z"
+)
+_MAX_CONFIG_FILE_BYTES = 1 << 20
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid or a file it names cannot be used."""
+
+
+def _check_int(name: str, value: object, minimum: int, maximum: int) -> None:
+    # bool is an int subclass; `fsync = true` must not pass as a port.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{name} must be an integer")
+    if not minimum <= value <= maximum:
+        raise ConfigError(f"{name} must be between {minimum} and {maximum}, got {value}")
+
+
+def _check_bool(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name} must be true or false")
+
+
+def _check_string(name: str, value: object, max_chars: int = 4096) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{name} must be a non-empty string")
+    if len(value) > max_chars:
+        raise ConfigError(f"{name} must be at most {max_chars} characters")
+    return value
+
+
+def _check_host(name: str, value: object) -> None:
+    host = _check_string(name, value, 253)
+    try:
+        ipaddress.ip_address(host)
+        return
+    except ValueError:
+        pass
+    if not _HOSTNAME_PATTERN.match(host):
+        raise ConfigError(f"{name} must be an IP address or a host name")
+
+
+def _check_path(name: str, value: object, optional: bool) -> None:
+    if value is None and optional:
+        return
+    if not isinstance(value, Path):
+        raise ConfigError(f"{name} must be a path")
+    text = str(value)
+    if not value.is_absolute():
+        raise ConfigError(f"{name} must be an absolute path")
+    if "\x00" in text or len(text) > 4096:
+        raise ConfigError(f"{name} is not a usable path")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConfigError(f"{name} must be valid UTF-8") from None
+
+
+def _split_host_port(name: str, address: str) -> tuple[str, int]:
+    """Split ``host:port`` or ``[ipv6]:port``."""
+    host, separator, port_text = address.rpartition(":")
+    if not separator or not port_text.isascii() or not port_text.isdigit() or len(port_text) > 5:
+        raise ConfigError(f"{name} must be host:port")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        try:
+            if ipaddress.ip_address(host).version != 6:
+                raise ValueError
+        except ValueError:
+            raise ConfigError(f"{name} must put only an IPv6 address in brackets") from None
+    else:
+        _check_host(name, host)
+    port = int(port_text)
+    _check_int(f"{name} port", port, 1, 65535)
+    return host, port
+
+
+@dataclass(frozen=True, slots=True)
+class HttpConfig:
+    host: str = "127.0.0.1"
+    port: int = 8101
+
+    def __post_init__(self) -> None:
+        _check_host("http.host", self.host)
+        _check_int("http.port", self.port, 1, 65535)
+
+
+@dataclass(frozen=True, slots=True)
+class PeerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8201
+
+    def __post_init__(self) -> None:
+        _check_host("peer.host", self.host)
+        _check_int("peer.port", self.port, 1, 65535)
+
+
+@dataclass(frozen=True, slots=True)
+class MemberConfig:
+    """One cluster member as every node sees it."""
+
+    id: str
+    peer_addr: str
+    http_url: str
+
+    def __post_init__(self) -> None:
+        _check_string("members.id", self.id, 32)
+        if not NODE_ID_PATTERN.match(self.id):
+            raise ConfigError(
+                "members.id must be 1-32 characters of [A-Za-z0-9_.-] starting with a letter or digit"
+            )
+        label = f"members[{self.id}]"
+        _check_string(f"{label}.peer_addr", self.peer_addr, 300)
+        _split_host_port(f"{label}.peer_addr", self.peer_addr)
+        self._http_host_port(label)
+
+    def _http_host_port(self, label: str) -> tuple[str, int]:
+        name = f"{label}.http_url"
+        url = _check_string(name, self.http_url, 300)
+        if not url.isascii() or any(character.isspace() or not character.isprintable() for character in url):
+            raise ConfigError(f"{name} must be printable ASCII without spaces")
+        parts = urlsplit(url)
+        # v1 has no TLS on the HTTP API, so only http:// URLs describe what runs.
+        if parts.scheme != "http" or parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise ConfigError(f"{name} must look like http://host:port")
+        if parts.username is not None or parts.password is not None:
+            raise ConfigError(f"{name} must not contain credentials")
+        try:
+            port = parts.port
+        except ValueError:
+            raise ConfigError(f"{name} has an invalid port") from None
+        if port is None or parts.hostname is None:
+            raise ConfigError(f"{name} must name a host and a port")
+        if ":" not in parts.hostname:
+            _check_host(name, parts.hostname)
+        _check_int(f"{name} port", port, 1, 65535)
+        return parts.hostname, port
+
+    @property
+    def peer_host(self) -> str:
+        return _split_host_port("peer_addr", self.peer_addr)[0]
+
+    @property
+    def peer_port(self) -> int:
+        return _split_host_port("peer_addr", self.peer_addr)[1]
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    max_items: int = 1000
+    max_value_bytes: int = 4096
+    max_body_bytes: int = 8 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        _check_int("limits.max_items", self.max_items, 1, 100_000)
+        _check_int("limits.max_value_bytes", self.max_value_bytes, 1, 1024 * 1024)
+        _check_int("limits.max_body_bytes", self.max_body_bytes, 1024, 1024 * 1024 * 1024)
+
+
+@dataclass(frozen=True, slots=True)
+class TimingConfig:
+    tick_ms: int = 50
+    election_timeout_ticks: int = 20
+    heartbeat_interval_ticks: int = 2
+    request_timeout_ms: int = 5000
+
+    def __post_init__(self) -> None:
+        _check_int("timing.tick_ms", self.tick_ms, 1, 10_000)
+        _check_int("timing.election_timeout_ticks", self.election_timeout_ticks, 2, 100_000)
+        # A primary must send heartbeats well within a backup's election
+        # timeout, or backups would keep electing new primaries.
+        _check_int(
+            "timing.heartbeat_interval_ticks",
+            self.heartbeat_interval_ticks,
+            1,
+            max(1, self.election_timeout_ticks - 1),
+        )
+        _check_int("timing.request_timeout_ms", self.request_timeout_ms, 1, 3_600_000)
+
+
+@dataclass(frozen=True, slots=True)
+class IdempotencyConfig:
+    retention_hours: int = 48
+
+    def __post_init__(self) -> None:
+        # The contract promises idempotency keys are kept at least 24 hours.
+        _check_int("idempotency.retention_hours", self.retention_hours, 24, 24 * 365 * 10)
+
+    @property
+    def retention_ms(self) -> int:
+        return self.retention_hours * 3_600_000
+
+
+@dataclass(frozen=True, slots=True)
+class WalConfig:
+    max_segment_bytes: int = 64 * 1024 * 1024
+    fsync: bool = True
+
+    def __post_init__(self) -> None:
+        _check_int("wal.max_segment_bytes", self.max_segment_bytes, 4096, 1024 * 1024 * 1024)
+        _check_bool("wal.fsync", self.fsync)
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    """A whole node configuration. Paths given as strings are converted to Path."""
+
+    node_id: str
+    data_dir: Path
+    members: tuple[MemberConfig, ...]
+    api_keys: tuple[ApiKeyEntry, ...]
+    master_key_file: Path | None = None
+    cluster_secret_file: Path | None = None
+    log_file: Path | None = None
+    log_level: str = "info"
+    http: HttpConfig = field(default_factory=HttpConfig)
+    peer: PeerConfig = field(default_factory=PeerConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    timing: TimingConfig = field(default_factory=TimingConfig)
+    idempotency: IdempotencyConfig = field(default_factory=IdempotencyConfig)
+    wal: WalConfig = field(default_factory=WalConfig)
+
+    def __post_init__(self) -> None:
+        for name in ("data_dir", "master_key_file", "cluster_secret_file", "log_file"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                object.__setattr__(self, name, Path(value))
+        for name in ("members", "api_keys"):
+            value = getattr(self, name)
+            if isinstance(value, list):
+                object.__setattr__(self, name, tuple(value))
+        _check_string("node_id", self.node_id, 32)
+        if not NODE_ID_PATTERN.match(self.node_id):
+            raise ConfigError(
+                "node_id must be 1-32 characters of [A-Za-z0-9_.-] starting with a letter or digit"
+            )
+        _check_path("data_dir", self.data_dir, optional=False)
+        _check_path("master_key_file", self.master_key_file, optional=True)
+        _check_path("cluster_secret_file", self.cluster_secret_file, optional=True)
+        _check_path("log_file", self.log_file, optional=True)
+        if self.log_level not in LOG_LEVELS:
+            raise ConfigError(f"log_level must be one of {', '.join(LOG_LEVELS)}")
+        self._check_sections()
+        self._check_members()
+        self._check_api_keys()
+
+    def _check_sections(self) -> None:
+        expected = {
+            "http": HttpConfig, "peer": PeerConfig, "limits": LimitsConfig,
+            "timing": TimingConfig, "idempotency": IdempotencyConfig, "wal": WalConfig,
+        }
+        for name, section_type in expected.items():
+            if not isinstance(getattr(self, name), section_type):
+                raise ConfigError(f"[{name}] must be a {section_type.__name__}")
+        if self.http.host == self.peer.host and self.http.port == self.peer.port:
+            raise ConfigError("http and peer must not listen on the same host and port")
+
+    def _check_members(self) -> None:
+        if not all(isinstance(member, MemberConfig) for member in self.members):
+            raise ConfigError("members must be MemberConfig records")
+        if len(self.members) not in ALLOWED_MEMBER_COUNTS:
+            raise ConfigError(
+                f"members must list 1, 3 or 5 nodes (got {len(self.members)}): a majority of an "
+                f"even-sized cluster tolerates no more failures than one node fewer"
+            )
+        for attribute in ("id", "peer_addr", "http_url"):
+            values = [getattr(member, attribute) for member in self.members]
+            if len(set(values)) != len(values):
+                raise ConfigError(f"members: every {attribute} must be unique")
+        if self.node_id not in self.member_ids:
+            raise ConfigError("node_id must be one of the members' ids")
+        # Peers authenticate each other with an HMAC over this shared secret;
+        # without it anyone who can reach the peer port could join the log.
+        if len(self.members) > 1 and self.cluster_secret_file is None:
+            raise ConfigError("cluster_secret_file is required when there is more than one member")
+
+    def _check_api_keys(self) -> None:
+        if not self.api_keys:
+            raise ConfigError("api_keys must list at least one key")
+        if not all(isinstance(entry, ApiKeyEntry) for entry in self.api_keys):
+            raise ConfigError("api_keys must be ApiKeyEntry records")
+        try:
+            ApiKeyTable(self.api_keys)
+        except ApiKeyTableError as error:
+            raise ConfigError(f"api_keys: {error}") from None
+
+    @property
+    def member_ids(self) -> tuple[str, ...]:
+        return tuple(member.id for member in self.members)
+
+    @property
+    def self_member(self) -> MemberConfig:
+        return next(member for member in self.members if member.id == self.node_id)
+
+    @property
+    def peers(self) -> tuple[MemberConfig, ...]:
+        """Every member except this node."""
+        return tuple(member for member in self.members if member.id != self.node_id)
+
+    def api_key_table(self) -> ApiKeyTable:
+        return ApiKeyTable(self.api_keys)
+
+    def load_master_key(self, environ: Mapping[str, str] | None = None) -> MasterKey:
+        """TOKENVAULT_MASTER_KEY (hex) when set, else master_key_file (mode 0600)."""
+        try:
+            return MasterKey.load(self.master_key_file, environ)
+        except CryptoError as error:
+            raise ConfigError(str(error)) from None
+
+    def load_cluster_secret(self) -> bytes:
+        """The 32-byte peer handshake secret from cluster_secret_file (mode 0600)."""
+        if self.cluster_secret_file is None:
+            raise ConfigError("cluster_secret_file is not set in the config")
+        try:
+            return read_secret_file(self.cluster_secret_file, "cluster secret", CLUSTER_SECRET_BYTES)
+        except CryptoError as error:
+            raise ConfigError(str(error)) from None
+
+
+# ---------------------------------------------------------------- reading TOML
+
+_TOP_LEVEL_KEYS = {
+    "node_id": "string", "data_dir": "path", "log_file": "path", "log_level": "string",
+    "master_key_file": "path", "cluster_secret_file": "path",
+}
+_SECTIONS: dict[str, type] = {
+    "http": HttpConfig, "peer": PeerConfig, "limits": LimitsConfig,
+    "timing": TimingConfig, "idempotency": IdempotencyConfig, "wal": WalConfig,
+}
+_REQUIRED_KEYS = ("node_id", "data_dir", "members", "api_keys")
+
+
+def _check_known_keys(name: str, table: Mapping[str, Any], known: set[str]) -> None:
+    unknown = sorted(set(table) - known)
+    if unknown:
+        # Key names come from the file's structure, not its values; a typo
+        # should fail loudly rather than leave a default silently in force.
+        shown = ", ".join(repr(key[:64]) for key in unknown[:5])
+        raise ConfigError(f"{name}: unknown key(s) {shown}")
+
+
+def _section_from_table(name: str, table: object) -> object:
+    section_type = _SECTIONS[name]
+    if not isinstance(table, dict):
+        raise ConfigError(f"[{name}] must be a table")
+    _check_known_keys(f"[{name}]", table, {item.name for item in fields(section_type)})
+    return section_type(**table)
+
+
+def _member_from_table(index: int, table: object) -> MemberConfig:
+    if not isinstance(table, dict):
+        raise ConfigError(f"members[{index}] must be a table ([[members]])")
+    _check_known_keys(f"members[{index}]", table, {"id", "peer_addr", "http_url"})
+    for key in ("id", "peer_addr", "http_url"):
+        if key not in table:
+            raise ConfigError(f"members[{index}] is missing {key}")
+    return MemberConfig(id=table["id"], peer_addr=table["peer_addr"], http_url=table["http_url"])
+
+
+def _api_key_from_table(index: int, table: object) -> ApiKeyEntry:
+    label = f"api_keys[{index}]"
+    if not isinstance(table, dict):
+        raise ConfigError(f"{label} must be a table ([[api_keys]])")
+    _check_known_keys(label, table, {"name", "sha256", "scopes"})
+    for key in ("name", "sha256", "scopes"):
+        if key not in table:
+            raise ConfigError(f"{label} is missing {key}")
+    scopes = table["scopes"]
+    if not isinstance(scopes, list) or not all(isinstance(scope, str) for scope in scopes):
+        raise ConfigError(f"{label}.scopes must be a list of strings")
+    if len(set(scopes)) != len(scopes):
+        raise ConfigError(f"{label}.scopes lists a scope twice")
+    if not set(scopes) <= ALL_SCOPES:
+        raise ConfigError(f"{label}.scopes may only contain {', '.join(sorted(ALL_SCOPES))}")
+    digest = table["sha256"]
+    if isinstance(digest, str):
+        digest = digest.lower()
+    try:
+        return ApiKeyEntry(name=table["name"], sha256=digest, scopes=frozenset(scopes))
+    except ApiKeyTableError as error:
+        raise ConfigError(f"{label}: {error}") from None
+
+
+def _list_of_tables(name: str, value: object) -> list[object]:
+    if not isinstance(value, list):
+        raise ConfigError(f"{name} must be an array of tables ([[{name}]])")
+    return value
+
+
+def config_from_mapping(document: Mapping[str, Any]) -> NodeConfig:
+    """Validate a parsed TOML document and build the NodeConfig."""
+    _check_known_keys("config", document, set(_TOP_LEVEL_KEYS) | set(_SECTIONS) | {"members", "api_keys"})
+    for key in _REQUIRED_KEYS:
+        if key not in document:
+            raise ConfigError(f"config is missing the required key {key}")
+    arguments: dict[str, Any] = {}
+    for key, kind in _TOP_LEVEL_KEYS.items():
+        if key not in document:
+            continue
+        value = _check_string(key, document[key])
+        arguments[key] = Path(value) if kind == "path" else value
+    for name in _SECTIONS:
+        if name in document:
+            arguments[name] = _section_from_table(name, document[name])
+    members = _list_of_tables("members", document["members"])
+    arguments["members"] = tuple(_member_from_table(index, table) for index, table in enumerate(members))
+    keys = _list_of_tables("api_keys", document["api_keys"])
+    arguments["api_keys"] = tuple(_api_key_from_table(index, table) for index, table in enumerate(keys))
+    return NodeConfig(**arguments)
+
+
+def parse_config(text: str) -> NodeConfig:
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        # The decoder's message names a line and column, never the content.
+        raise ConfigError(f"not valid TOML: {error}") from None
+    return config_from_mapping(document)
+
+
+def load_config(path: Path | str) -> NodeConfig:
+    """Read, parse and validate a node config file. Raises ConfigError."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as handle:
+            content = handle.read(_MAX_CONFIG_FILE_BYTES + 1)
+    except OSError as error:
+        raise ConfigError(f"cannot read config file {str(path)!r} ({error.strerror})") from None
+    if len(content) > _MAX_CONFIG_FILE_BYTES:
+        raise ConfigError(f"config file {str(path)!r} is larger than {_MAX_CONFIG_FILE_BYTES} bytes")
+    try:
+        text = content.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {str(path)!r} is not UTF-8") from None
+    try:
+        return parse_config(text)
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
+
+
+# ---------------------------------------------------------------- writing TOML
+
+def _toml_string(text: str) -> str:
+    """A TOML basic string. TOML 1.0 requires escaping the quote, the backslash
+    and every control character except tab; everything else may appear raw."""
+    escapes = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\n": "\\n", "\f": "\\f", "\r": "\\r", "\t": "\\t"}
+    pieces = []
+    for character in text:
+        if character in escapes:
+            pieces.append(escapes[character])
+        elif ord(character) < 0x20 or ord(character) == 0x7F:
+            pieces.append(f"\\u{ord(character):04X}")
+        else:
+            pieces.append(character)
+    return '"' + "".join(pieces) + '"'
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, (str, Path)):
+        return _toml_string(str(value))
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    raise TypeError(f"cannot write a {type(value).__name__} to the config")
+
+
+def to_toml(config: NodeConfig) -> str:
+    """The TOML text of ``config``; load_config reads it back to an equal config."""
+    lines: list[str] = []
+    for key in ("node_id", "data_dir", "log_file", "log_level", "master_key_file", "cluster_secret_file"):
+        value = getattr(config, key)
+        if value is not None:
+            lines.append(f"{key} = {_toml_value(value)}")
+    for name in _SECTIONS:
+        section = getattr(config, name)
+        lines.append("")
+        lines.append(f"[{name}]")
+        for item in fields(section):
+            lines.append(f"{item.name} = {_toml_value(getattr(section, item.name))}")
+    for member in config.members:
+        lines.extend(["", "[[members]]"])
+        lines.append(f"id = {_toml_value(member.id)}")
+        lines.append(f"peer_addr = {_toml_value(member.peer_addr)}")
+        lines.append(f"http_url = {_toml_value(member.http_url)}")
+    for entry in config.api_keys:
+        lines.extend(["", "[[api_keys]]"])
+        lines.append(f"name = {_toml_value(entry.name)}")
+        lines.append(f"sha256 = {_toml_value(entry.sha256)}")
+        lines.append(f"scopes = {_toml_value(sorted(entry.scopes))}")
+    return "\n".join(lines) + "\n"
+
+
+def write_node_config(path: Path | str, config: NodeConfig) -> None:
+    """Write ``config`` to ``path`` atomically with mode 0600 (write a temporary
+    file, fsync, rename over the target, fsync the directory)."""
+    path = Path(path)
+    data = to_toml(config).encode("utf-8")
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        os.fchmod(descriptor, 0o600)
+        view = memoryview(data)
+        while view:
+            written = os.write(descriptor, view)
+            view = view[written:]
+        os.fsync(descriptor)
+    except BaseException:
+        os.close(descriptor)
+        temporary.unlink(missing_ok=True)
+        raise
+    os.close(descriptor)
+    os.replace(temporary, path)
+    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)

@@ -104,25 +104,20 @@ def read_secret_file(path: Path | str, description: str, expected_bytes: int = 3
     path = Path(path)
     try:
         # O_NOFOLLOW and fstat on the opened descriptor check the file that is
-        # actually read, not whatever a symlink or a racing rename points at.
-        descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        # actually read, not whatever a symlink or a racing rename points at;
+        # O_NONBLOCK keeps a FIFO planted at the path from hanging the open.
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+        descriptor = os.open(path, flags)
     except FileNotFoundError:
         raise SecretFileError(f"{description} file {str(path)!r} does not exist") from None
     except OSError as error:
         raise SecretFileError(
             f"{description} file {str(path)!r} cannot be opened ({error.strerror})"
         ) from None
-    with os.fdopen(descriptor, "rb") as handle:
-        status = os.fstat(handle.fileno())
-        if not stat.S_ISREG(status.st_mode):
-            raise SecretFileError(f"{description} file {str(path)!r} is not a regular file")
-        permissions = stat.S_IMODE(status.st_mode)
-        if permissions & 0o077:
-            raise SecretFileError(
-                f"{description} file {str(path)!r} has mode {permissions:04o}; it must not be "
-                f"readable or writable by group or others (chmod 600)"
-            )
-        content = handle.read(_MAX_SECRET_FILE_BYTES + 1)
+    try:
+        content = _read_private_file(descriptor, path, description)
+    finally:
+        os.close(descriptor)
     if len(content) > _MAX_SECRET_FILE_BYTES:
         raise SecretFileError(f"{description} file {str(path)!r} is too large to be a key file")
     try:
@@ -133,6 +128,27 @@ def read_secret_file(path: Path | str, description: str, expected_bytes: int = 3
             f"{description} file {str(path)!r} must contain exactly {2 * expected_bytes} "
             f"hex characters"
         ) from None
+
+
+def _read_private_file(descriptor: int, path: Path, description: str) -> bytes:
+    status = os.fstat(descriptor)
+    if not stat.S_ISREG(status.st_mode):
+        raise SecretFileError(f"{description} file {str(path)!r} is not a regular file")
+    permissions = stat.S_IMODE(status.st_mode)
+    if permissions & 0o077:
+        raise SecretFileError(
+            f"{description} file {str(path)!r} has mode {permissions:04o}; it must not be "
+            f"readable or writable by group or others (chmod 600)"
+        )
+    chunks = []
+    remaining = _MAX_SECRET_FILE_BYTES + 1
+    while remaining > 0:
+        chunk = os.read(descriptor, remaining)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        remaining -= len(chunk)
+    return b"".join(chunks)
 
 
 def write_secret_file(path: Path | str, secret: bytes) -> None:

@@ -1,0 +1,184 @@
+"""Tests of the `tokenvault` click CLI against in-memory fake nodes on 127.0.0.1:0."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from fake_vault_server import FakeVaultServer, closed_port_url, problem
+from tokenvault.cli import tokenvault
+
+ADMIN_KEY = "tvk_" + "a" * 43
+TOKENIZER_KEY = "tvk_" + "t" * 43
+
+
+@pytest.fixture
+def primary() -> Iterator[FakeVaultServer]:
+    with FakeVaultServer("n1", role="primary", api_key=ADMIN_KEY) as server:
+        yield server
+
+
+@pytest.fixture
+def backup() -> Iterator[FakeVaultServer]:
+    with FakeVaultServer("n2", role="backup", api_key=ADMIN_KEY) as server:
+        yield server
+
+
+@pytest.fixture
+def runner(monkeypatch: pytest.MonkeyPatch) -> CliRunner:
+    for name in ("TOKENVAULT_URL", "TOKENVAULT_API_KEY", "TOKENVAULT_CLUSTER_JSON"):
+        monkeypatch.delenv(name, raising=False)
+    return CliRunner(env={"COLUMNS": "200"})
+
+
+def test_status_table_shows_every_node_and_marks_the_down_one(
+        runner: CliRunner, primary: FakeVaultServer, backup: FakeVaultServer) -> None:
+    down = closed_port_url()
+    result = runner.invoke(tokenvault, ["admin", "status", "--url", f"{primary.url},{down}", "--url", backup.url,
+                                        "--api-key", ADMIN_KEY])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    primary_line = next(line for line in lines if primary.url in line)
+    assert "n1" in primary_line and "primary" in primary_line and "42" in primary_line
+    assert any(backup.url in line and "backup" in line for line in lines)
+    assert any(down in line and "down" in line for line in lines)
+    assert "Cluster view" in result.stdout and "match_index" in result.stdout
+    assert ADMIN_KEY not in result.output
+
+
+def test_status_json_carries_health_and_cluster(runner: CliRunner, primary: FakeVaultServer) -> None:
+    result = runner.invoke(tokenvault, ["admin", "status", "--json", "--url", primary.url, "--api-key", ADMIN_KEY])
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.stdout)
+    health = document["nodes"][0]["health"]
+    assert (health["role"], health["view"], health["commit_index"], health["applied_index"],
+            health["active_epoch"]) == ("primary", 3, 42, 41, 1)
+    assert document["cluster"]["nodes"][1]["reachable"] is False
+
+
+def test_status_without_key_shows_health_only(runner: CliRunner, primary: FakeVaultServer) -> None:
+    result = runner.invoke(tokenvault, ["admin", "status", "--url", primary.url])
+    assert result.exit_code == 0, result.output
+    assert "primary" in result.stdout and "Cluster view" not in result.stdout
+    assert primary.calls("/v1/admin/cluster") == []
+
+
+def test_status_with_every_node_down_exits_3(runner: CliRunner) -> None:
+    result = runner.invoke(tokenvault, ["admin", "status", "--url", closed_port_url(), "--timeout", "0.5"])
+    assert result.exit_code == 3
+    assert "down" in result.stdout
+
+
+def test_epoch_rotate_fails_over_and_sends_the_idempotency_key(
+        runner: CliRunner, backup: FakeVaultServer) -> None:
+    result = runner.invoke(tokenvault, ["admin", "epoch", "rotate", "--url", closed_port_url(), "--url",
+                                        backup.url, "--api-key", ADMIN_KEY, "--idempotency-key", "rot-7"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == "epoch 2 is now active"
+    sent = backup.calls("/v1/admin/epochs")[0]
+    assert sent.headers["Idempotency-Key"] == "rot-7"
+    assert sent.headers["Authorization"] == f"Bearer {ADMIN_KEY}"
+
+
+def test_epoch_list_table_and_json(runner: CliRunner, primary: FakeVaultServer) -> None:
+    primary.active_epoch = 3
+    table = runner.invoke(tokenvault, ["admin", "epoch", "list", "--url", primary.url, "--api-key", ADMIN_KEY])
+    assert table.exit_code == 0, table.output
+    assert "active: 3" in table.stdout
+    assert sum("retired" in line for line in table.stdout.splitlines()) == 2
+    listed = runner.invoke(tokenvault, ["admin", "epoch", "list", "--json", "--url", primary.url,
+                                        "--api-key", ADMIN_KEY])
+    document = json.loads(listed.stdout)
+    assert document["active_epoch"] == 3
+    assert [entry["state"] for entry in document["epochs"]] == ["retired", "retired", "active"]
+
+
+def test_environment_variables_supply_urls_and_key(runner: CliRunner, primary: FakeVaultServer) -> None:
+    environment = {"TOKENVAULT_URL": f"{closed_port_url()},{primary.url}", "TOKENVAULT_API_KEY": ADMIN_KEY}
+    result = runner.invoke(tokenvault, ["admin", "epoch", "rotate", "--json"], env=environment)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == {"epoch": 2, "replayed": False}
+
+
+def test_problem_detail_is_shown_with_exit_1_and_never_the_key(
+        runner: CliRunner, primary: FakeVaultServer) -> None:
+    primary.responders[("POST", "/v1/admin/epochs")] = lambda request: problem(
+        403, "Forbidden", "this API key lacks the admin scope")
+    result = runner.invoke(tokenvault, ["admin", "epoch", "rotate", "--url", primary.url, "--api-key", ADMIN_KEY])
+    assert result.exit_code == 1
+    assert "403 Forbidden: this API key lacks the admin scope" in result.stderr
+    assert ADMIN_KEY not in result.output
+
+
+def test_wrong_key_is_401(runner: CliRunner, primary: FakeVaultServer) -> None:
+    result = runner.invoke(tokenvault, ["admin", "epoch", "list", "--url", primary.url, "--api-key", "tvk_nope"])
+    assert result.exit_code == 1
+    assert "401" in result.stderr and "tvk_nope" not in result.output
+
+
+def test_missing_url_is_a_usage_error(runner: CliRunner) -> None:
+    result = runner.invoke(tokenvault, ["admin", "epoch", "list"])
+    assert result.exit_code == 2
+    assert "no node URL" in result.output
+
+
+def test_unreachable_cluster_exits_3(runner: CliRunner) -> None:
+    result = runner.invoke(tokenvault, ["admin", "epoch", "list", "--url", closed_port_url(), "--retry-seconds", "0.3"])
+    assert result.exit_code == 3
+    assert "no node available" in result.stderr
+
+
+def _write_cluster_json(path: Path, urls: list[str]) -> None:
+    nodes = [{"id": f"n{number}", "http_url": url} for number, url in enumerate(urls, start=1)]
+    keys = {"admin": {"key": ADMIN_KEY, "scopes": ["admin"]},
+            "tokenizer": {"key": TOKENIZER_KEY, "scopes": ["tokenize"]}}
+    path.write_text(json.dumps({"nodes": nodes, "api_keys": keys}))
+
+
+def test_cluster_json_supplies_urls_and_the_command_specific_key(
+        runner: CliRunner, primary: FakeVaultServer, tmp_path: Path) -> None:
+    cluster_file = tmp_path / "cluster.json"
+    _write_cluster_json(cluster_file, [closed_port_url(), primary.url])
+    primary.api_key = None
+    rotated = runner.invoke(tokenvault, ["admin", "epoch", "rotate", "--cluster-json", str(cluster_file)])
+    assert rotated.exit_code == 0, rotated.output
+    tokenized = runner.invoke(tokenvault, ["tokenize", "--cluster-json", str(cluster_file)], input="v1\n")
+    assert tokenized.exit_code == 0, tokenized.output
+    assert primary.calls("/v1/admin/epochs")[0].headers["Authorization"] == f"Bearer {ADMIN_KEY}"
+    assert primary.calls("/v1/tokenize")[0].headers["Authorization"] == f"Bearer {TOKENIZER_KEY}"
+
+
+def test_tokenize_from_stdin_and_detokenize_round_trip(runner: CliRunner, primary: FakeVaultServer) -> None:
+    values = ["4111 1111 1111 1111", "5500 0000 0000 0004"]
+    options = ["--url", primary.url, "--api-key", ADMIN_KEY]
+    tokenized = runner.invoke(tokenvault, ["tokenize", *options], input="\n".join(values) + "\n\n")
+    assert tokenized.exit_code == 0, tokenized.output
+    tokens = tokenized.stdout.split()
+    assert tokens == [primary.token_for(value, 1) for value in values]
+    assert not any(value in tokenized.output for value in values)
+    unknown = "tv1_" + "c" * 32
+    detokenized = runner.invoke(tokenvault, ["detokenize", *options, "--json", *tokens, unknown])
+    assert detokenized.exit_code == 0, detokenized.output
+    assert json.loads(detokenized.stdout) == [*values, None]
+    assert "1 of 3 tokens are unknown" in detokenized.stderr
+
+
+def test_tokenize_splits_large_input_into_batches_of_1000(runner: CliRunner, primary: FakeVaultServer) -> None:
+    values = [f"value-{number}" for number in range(2500)]
+    result = runner.invoke(tokenvault, ["tokenize", "--url", primary.url, "--api-key", ADMIN_KEY],
+                           input="\n".join(values))
+    assert result.exit_code == 0, result.output
+    assert [len(call.body["values"]) for call in primary.calls("/v1/tokenize")] == [1000, 1000, 500]
+    assert len(result.stdout.split()) == 2500
+
+
+def test_tokenize_refuses_an_idempotency_key_for_several_batches(
+        runner: CliRunner, primary: FakeVaultServer) -> None:
+    result = runner.invoke(tokenvault, ["tokenize", "--url", primary.url, "--idempotency-key", "k"],
+                           input="\n".join(str(number) for number in range(1001)))
+    assert result.exit_code == 2
+    assert primary.calls("/v1/tokenize") == []

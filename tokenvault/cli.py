@@ -1,0 +1,361 @@
+"""The `tokenvault` command: `serve` runs one node, `admin ...` operates a cluster.
+
+Connection options are shared by every client command: `--url` (repeatable,
+and/or comma-separated; env TOKENVAULT_URL), `--api-key` (env
+TOKENVAULT_API_KEY) and `--cluster-json` (env TOKENVAULT_CLUSTER_JSON), which
+supplies the node URLs and the right key from a `cluster.json` written by
+`run_cluster.sh`. Several URLs are tried in turn, so commands keep working while
+a node is down.
+
+Exit codes: 0 success, 1 the service answered with an error (its problem+json
+title and detail are shown), 2 usage or configuration error, 3 no node reachable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from tokenvault.client import (AsyncClient, ConfigurationError, NoNodeAvailable, ProblemError, ResponseError,
+                               VaultError, normalize_urls)
+
+EXIT_SERVICE_ERROR = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+MAX_ITEMS_PER_REQUEST = 1000
+MAX_CELL_CHARS = 80
+
+Result = TypeVar("Result")
+
+
+@dataclass(frozen=True, slots=True)
+class Connection:
+    urls: tuple[str, ...]
+    api_key: str | None
+    timeout_seconds: float
+    retry_seconds: float
+
+    def client(self) -> AsyncClient:
+        return AsyncClient(self.urls, self.api_key, timeout_seconds=self.timeout_seconds,
+                           deadline_seconds=self.retry_seconds)
+
+
+def _fail(message: str, exit_code: int) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(exit_code)
+
+
+def _run(coroutine: Coroutine[Any, Any, Result]) -> Result:
+    """Run a client coroutine and turn client errors into messages and exit codes."""
+    try:
+        return asyncio.run(coroutine)
+    except ProblemError as error:
+        _fail(str(error), EXIT_SERVICE_ERROR)
+    except NoNodeAvailable as error:
+        _fail(str(error), EXIT_UNREACHABLE)
+    except ConfigurationError as error:
+        _fail(str(error), EXIT_USAGE)
+    except (ResponseError, VaultError) as error:
+        _fail(str(error), EXIT_SERVICE_ERROR)
+    raise AssertionError("unreachable")
+
+
+def _load_cluster_json(path: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            document = json.load(handle)
+    except OSError as error:
+        raise click.UsageError(f"cannot read cluster file {path!r}: {error.strerror}") from None
+    except ValueError:
+        raise click.UsageError(f"cluster file {path!r} is not valid JSON") from None
+    if not isinstance(document, dict) or not isinstance(document.get("nodes"), list):
+        raise click.UsageError(f"cluster file {path!r} has no 'nodes' list")
+    return document
+
+
+def _resolve_connection(urls: tuple[str, ...], api_key: str | None, cluster_json: str | None,
+                        key_name: str, timeout_seconds: float, retry_seconds: float) -> Connection:
+    """Pick URLs (--url, TOKENVAULT_URL, then cluster.json) and the key (--api-key/env, then cluster.json)."""
+    document = _load_cluster_json(cluster_json) if cluster_json else None
+    candidates: list[str] = list(urls)
+    if not candidates and os.environ.get("TOKENVAULT_URL"):
+        candidates = [os.environ["TOKENVAULT_URL"]]
+    if not candidates and document is not None:
+        candidates = [str(node.get("http_url", "")) for node in document["nodes"] if isinstance(node, dict)]
+    if not candidates:
+        raise click.UsageError("no node URL: pass --url, set TOKENVAULT_URL, or pass --cluster-json")
+    if not api_key and document is not None:
+        entry = document.get("api_keys", {}).get(key_name) or document.get("api_keys", {}).get("full")
+        if isinstance(entry, dict) and isinstance(entry.get("key"), str):
+            api_key = entry["key"]
+    try:
+        return Connection(normalize_urls(candidates), api_key or None, timeout_seconds, retry_seconds)
+    except ConfigurationError as error:
+        raise click.UsageError(str(error)) from None
+
+
+def connection_options(key_name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator adding --url/--api-key/--cluster-json/--timeout and passing a `connection` argument."""
+
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        @click.option("--url", "urls", multiple=True, metavar="URL",
+                      help="Node base URL; repeat or comma-separate for failover (env TOKENVAULT_URL).")
+        @click.option("--api-key", envvar="TOKENVAULT_API_KEY", show_envvar=True, metavar="KEY",
+                      help="API key sent as a Bearer token.")
+        @click.option("--cluster-json", envvar="TOKENVAULT_CLUSTER_JSON", show_envvar=True,
+                      type=click.Path(dir_okay=False), metavar="FILE",
+                      help=f"Take node URLs and the {key_name!r} key from this cluster.json.")
+        @click.option("--timeout", "timeout_seconds", type=click.FloatRange(0.1, 300), default=5.0,
+                      show_default=True, help="Per-request timeout in seconds.")
+        @click.option("--retry-seconds", type=click.FloatRange(0, 600), default=10.0, show_default=True,
+                      help="Keep retrying unreachable or unavailable (503) nodes for this long.")
+        @functools.wraps(command)
+        def wrapper(urls: tuple[str, ...], api_key: str | None, cluster_json: str | None,
+                    timeout_seconds: float, retry_seconds: float, **arguments: Any) -> Any:
+            connection = _resolve_connection(urls, api_key, cluster_json, key_name, timeout_seconds,
+                                             retry_seconds)
+            return command(connection=connection, **arguments)
+
+        return wrapper
+
+    return decorate
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    text = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
+    return text if len(text) <= MAX_CELL_CHARS else text[: MAX_CELL_CHARS - 1] + "…"
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def tokenvault() -> None:
+    """TokenVault: a replicated vault of deterministic tokens."""
+
+
+@tokenvault.command()
+@click.option("--config", "config_path", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="The node's TOML config file.")
+def serve(config_path: str) -> None:
+    """Run one node until SIGTERM or SIGINT."""
+    import uvloop
+
+    # Why here: the event loop policy is a process-wide choice of the entry point, not of the library.
+    uvloop.install()
+    from tokenvault.config import ConfigError
+    from tokenvault.crypto import CryptoError
+    from tokenvault.node import main as run_node
+
+    try:
+        exit_code = run_node(config_path)
+    except (ConfigError, CryptoError) as error:
+        _fail(str(error), EXIT_USAGE)
+    sys.exit(exit_code)
+
+
+@tokenvault.group()
+def admin() -> None:
+    """Administer a running cluster (status, epochs)."""
+
+
+async def _status(connection: Connection) -> tuple[list[tuple[str, dict[str, Any] | None, str]], Any]:
+    async with connection.client() as vault:
+        async def probe(url: str) -> tuple[str, dict[str, Any] | None, str]:
+            try:
+                return url, await vault.health(url), ""
+            except VaultError as error:
+                return url, None, str(error)
+
+        rows = list(await asyncio.gather(*(probe(url) for url in connection.urls)))
+        cluster: Any = None
+        if connection.api_key and any(health is not None for _, health, _ in rows):
+            try:
+                cluster = await vault.cluster()
+            except VaultError as error:
+                cluster = error
+        return rows, cluster
+
+
+@admin.command()
+@connection_options("admin")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+def status(connection: Connection, as_json: bool) -> None:
+    """Every node's role, view, commit and applied index and active epoch."""
+    rows, cluster = _run(_status(connection))
+    if as_json:
+        document = {"nodes": [{"url": url, "health": health, "error": error or None} for url, health, error in rows],
+                    "cluster": cluster if isinstance(cluster, dict) else None}
+        click.echo(json.dumps(document, indent=2))
+    else:
+        console = Console()
+        table = Table(title="Nodes (GET /health)")
+        for column in ("url", "node", "role", "view", "primary", "commit", "applied", "epoch"):
+            table.add_column(column)
+        for url, health, error in rows:
+            if health is None:
+                table.add_row(url, "-", "[red]down[/red]", "-", "-", "-", "-", "-")
+                continue
+            table.add_row(url, *(_cell(health.get(field)) for field in
+                                 ("node_id", "role", "view", "primary_id", "commit_index", "applied_index",
+                                  "active_epoch")))
+        console.print(table)
+        for url, health, error in rows:
+            if health is None:
+                click.echo(f"{url}: {error}", err=True)
+        _print_cluster_view(console, cluster)
+    if all(health is None for _, health, _ in rows):
+        sys.exit(EXIT_UNREACHABLE)
+
+
+def _print_cluster_view(console: Console, cluster: Any) -> None:
+    if cluster is None:
+        return
+    if isinstance(cluster, VaultError):
+        click.echo(f"cluster view unavailable: {cluster}", err=True)
+        return
+    nodes = [node for node in cluster.get("nodes", []) if isinstance(node, dict)]
+    columns: list[str] = []
+    for node in nodes:
+        columns.extend(key for key in node if key not in columns)
+    table = Table(title="Cluster view (GET /v1/admin/cluster)")
+    for column in columns:
+        table.add_column(column)
+    for node in nodes:
+        table.add_row(*(_cell(node.get(column)) for column in columns))
+    console.print(table)
+
+
+@admin.group()
+def epoch() -> None:
+    """Rotate and list token epochs."""
+
+
+@epoch.command("rotate")
+@connection_options("admin")
+@click.option("--idempotency-key", default=None, metavar="KEY",
+              help="Makes a retried rotation return the first answer instead of rotating twice.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def epoch_rotate(connection: Connection, idempotency_key: str | None, as_json: bool) -> None:
+    """Start a new epoch: new tokens are issued in it; old tokens stay detokenizable."""
+
+    async def rotate() -> Any:
+        async with connection.client() as vault:
+            return await vault.rotate_epoch(idempotency_key)
+
+    result = _run(rotate())
+    if as_json:
+        click.echo(json.dumps({"epoch": result.epoch, "replayed": result.replayed}))
+    elif result.replayed:
+        click.echo(f"epoch {result.epoch} (replayed answer of the first request with this idempotency key)")
+    else:
+        click.echo(f"epoch {result.epoch} is now active")
+
+
+@epoch.command("list")
+@connection_options("admin")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def epoch_list(connection: Connection, as_json: bool) -> None:
+    """List every epoch with its state and creation time."""
+
+    async def fetch() -> Any:
+        async with connection.client() as vault:
+            return await vault.list_epochs()
+
+    result = _run(fetch())
+    if as_json:
+        epochs = [{"epoch": entry.epoch, "created_at": entry.created_at, "state": entry.state}
+                  for entry in result.epochs]
+        click.echo(json.dumps({"active_epoch": result.active_epoch, "epochs": epochs}, indent=2))
+        return
+    table = Table(title=f"Epochs (active: {result.active_epoch})")
+    for column in ("epoch", "state", "created_at"):
+        table.add_column(column)
+    for entry in result.epochs:
+        table.add_row(str(entry.epoch), _cell(entry.state), _cell(entry.created_at))
+    Console().print(table)
+
+
+def _read_lines(source: Any) -> list[str]:
+    return [line.rstrip("\r\n") for line in source if line.strip()]
+
+
+def _batches(items: list[str]) -> list[list[str]]:
+    return [items[start:start + MAX_ITEMS_PER_REQUEST] for start in range(0, len(items), MAX_ITEMS_PER_REQUEST)]
+
+
+@tokenvault.command()
+@connection_options("tokenizer")
+@click.option("--idempotency-key", default=None, metavar="KEY", help="Idempotency key (single batch only).")
+@click.option("--json", "as_json", is_flag=True, help="Print {epoch, tokens} JSON per batch.")
+def tokenize(connection: Connection, idempotency_key: str | None, as_json: bool) -> None:
+    """Tokenize values read from stdin, one per line; prints one token per line.
+
+    Values are read from stdin only, so they never appear in a command line or shell history.
+    """
+    values = _read_lines(sys.stdin)
+    if not values:
+        raise click.UsageError("no values on stdin (one value per line)")
+    batches = _batches(values)
+    if idempotency_key and len(batches) > 1:
+        raise click.UsageError(f"--idempotency-key needs at most {MAX_ITEMS_PER_REQUEST} values")
+
+    async def send() -> list[Any]:
+        async with connection.client() as vault:
+            return [await vault.tokenize(batch, idempotency_key) for batch in batches]
+
+    for result in _run(send()):
+        if as_json:
+            click.echo(json.dumps({"epoch": result.epoch, "tokens": list(result.tokens)}))
+        else:
+            for token in result.tokens:
+                click.echo(token)
+
+
+@tokenvault.command()
+@connection_options("detokenizer")
+@click.argument("tokens", nargs=-1)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list (null for unknown tokens).")
+def detokenize(connection: Connection, tokens: tuple[str, ...], as_json: bool) -> None:
+    """Detokenize TOKENS (or tokens read from stdin, one per line); prints one value per line.
+
+    An unknown token prints an empty line (null with --json) and a note on stderr.
+    """
+    token_list = list(tokens) or _read_lines(sys.stdin)
+    if not token_list:
+        raise click.UsageError("no tokens given (arguments or stdin, one per line)")
+
+    async def send() -> list[str | None]:
+        async with connection.client() as vault:
+            values: list[str | None] = []
+            for batch in _batches(token_list):
+                values.extend(await vault.detokenize(batch))
+            return values
+
+    values = _run(send())
+    if as_json:
+        click.echo(json.dumps(values, ensure_ascii=False))
+    else:
+        for value in values:
+            click.echo("" if value is None else value)
+    unknown = sum(value is None for value in values)
+    if unknown:
+        click.echo(f"{unknown} of {len(values)} tokens are unknown", err=True)
+
+
+def main() -> None:
+    """Console-script entry point (`tokenvault`)."""
+    tokenvault(prog_name="tokenvault")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,343 @@
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tokenvault.auth import ADMIN, DETOKENIZE, TOKENIZE, ApiKeyEntry, generate_api_key, hash_api_key
+from tokenvault.config import (
+    ConfigError,
+    HttpConfig,
+    IdempotencyConfig,
+    LimitsConfig,
+    MemberConfig,
+    NodeConfig,
+    PeerConfig,
+    TimingConfig,
+    WalConfig,
+    load_config,
+    parse_config,
+    to_toml,
+    write_node_config,
+)
+from tokenvault.crypto import MasterKey, write_secret_file
+
+ADMIN_KEY = generate_api_key()
+ADMIN_HASH = hash_api_key(ADMIN_KEY)
+
+FULL_EXAMPLE = f"""
+node_id = "n1"
+data_dir = "/abs/.cluster/n1/data"
+log_file = "/abs/.cluster/n1/node.log"
+log_level = "info"
+master_key_file = "/abs/.cluster/master.key"
+cluster_secret_file = "/abs/.cluster/cluster.secret"
+[http]
+host = "127.0.0.1"
+port = 8101
+[peer]
+host = "127.0.0.1"
+port = 8201
+[[members]]
+id = "n1"
+peer_addr = "127.0.0.1:8201"
+http_url = "http://127.0.0.1:8101"
+[[members]]
+id = "n2"
+peer_addr = "127.0.0.1:8202"
+http_url = "http://127.0.0.1:8102"
+[[members]]
+id = "n3"
+peer_addr = "127.0.0.1:8203"
+http_url = "http://127.0.0.1:8103"
+[[api_keys]]
+name = "admin"
+sha256 = "{ADMIN_HASH}"
+scopes = ["admin"]
+[[api_keys]]
+name = "full"
+sha256 = "{hash_api_key('other')}"
+scopes = ["admin", "tokenize", "detokenize"]
+[limits]
+max_items = 1000
+max_value_bytes = 4096
+max_body_bytes = 8388608
+[timing]
+tick_ms = 50
+election_timeout_ticks = 20
+heartbeat_interval_ticks = 2
+request_timeout_ms = 5000
+[idempotency]
+retention_hours = 48
+[wal]
+max_segment_bytes = 67108864
+fsync = true
+"""
+
+MINIMAL = f"""
+node_id = "n1"
+data_dir = "/data/n1"
+[[members]]
+id = "n1"
+peer_addr = "127.0.0.1:8201"
+http_url = "http://127.0.0.1:8101"
+[[api_keys]]
+name = "admin"
+sha256 = "{ADMIN_HASH}"
+scopes = ["admin"]
+"""
+
+
+def _minimal_config(**changes: object) -> NodeConfig:
+    base = NodeConfig(
+        node_id="n1",
+        data_dir=Path("/data/n1"),
+        members=(MemberConfig("n1", "127.0.0.1:8201", "http://127.0.0.1:8101"),),
+        api_keys=(ApiKeyEntry("admin", ADMIN_HASH, frozenset({ADMIN})),),
+    )
+    return replace(base, **changes)
+
+
+def test_full_example_loads_with_every_field() -> None:
+    config = parse_config(FULL_EXAMPLE)
+    assert config.node_id == "n1"
+    assert config.data_dir == Path("/abs/.cluster/n1/data")
+    assert config.log_file == Path("/abs/.cluster/n1/node.log")
+    assert config.master_key_file == Path("/abs/.cluster/master.key")
+    assert config.cluster_secret_file == Path("/abs/.cluster/cluster.secret")
+    assert config.http == HttpConfig("127.0.0.1", 8101)
+    assert config.peer == PeerConfig("127.0.0.1", 8201)
+    assert config.member_ids == ("n1", "n2", "n3")
+    assert [member.id for member in config.peers] == ["n2", "n3"]
+    assert config.self_member.peer_port == 8201 and config.self_member.peer_host == "127.0.0.1"
+    assert config.api_keys[1].scopes == frozenset({ADMIN, TOKENIZE, DETOKENIZE})
+    assert config.timing == TimingConfig(50, 20, 2, 5000)
+    assert config.idempotency.retention_ms == 48 * 3600 * 1000
+    assert config.wal == WalConfig(67108864, True)
+    principal = config.api_key_table().authenticate(ADMIN_KEY)
+    assert principal is not None and principal.name == "admin"
+
+
+def test_minimal_config_gets_the_documented_defaults() -> None:
+    config = parse_config(MINIMAL)
+    assert config.log_level == "info" and config.log_file is None
+    assert config.master_key_file is None and config.cluster_secret_file is None
+    assert config.http == HttpConfig("127.0.0.1", 8101)
+    assert config.peer == PeerConfig("127.0.0.1", 8201)
+    assert config.limits == LimitsConfig(1000, 4096, 8 * 1024 * 1024)
+    assert config.timing == TimingConfig(50, 20, 2, 5000)
+    assert config.idempotency == IdempotencyConfig(48)
+    assert config.wal == WalConfig(64 * 1024 * 1024, True)
+
+
+@pytest.mark.parametrize(
+    ("replacement", "message"),
+    [
+        (('node_id = "n1"', 'node_id = "n9"'), "node_id must be one of"),
+        (('node_id = "n1"', 'node_id = "n 1"'), "node_id must be"),
+        (('data_dir = "/data/n1"', 'data_dir = "relative/dir"'), "data_dir must be an absolute"),
+        (('data_dir = "/data/n1"', "data_dir = 5"), "data_dir must be a non-empty string"),
+        (('scopes = ["admin"]', 'scopes = ["root"]'), "scopes may only contain"),
+        (('scopes = ["admin"]', 'scopes = ["admin", "admin"]'), "twice"),
+        (('scopes = ["admin"]', "scopes = []"), "scopes must be a non-empty"),
+        (('scopes = ["admin"]', 'scopes = "admin"'), "list of strings"),
+        (('peer_addr = "127.0.0.1:8201"', 'peer_addr = "127.0.0.1:0"'), "between 1 and 65535"),
+        (('peer_addr = "127.0.0.1:8201"', 'peer_addr = "127.0.0.1:70000"'), "between 1 and 65535"),
+        (('peer_addr = "127.0.0.1:8201"', 'peer_addr = "127.0.0.1"'), "host:port"),
+        (('peer_addr = "127.0.0.1:8201"', 'peer_addr = "bad host:1"'), "IP address or a host name"),
+        (('http_url = "http://127.0.0.1:8101"', 'http_url = "https://127.0.0.1:8101"'), "http://host:port"),
+        (('http_url = "http://127.0.0.1:8101"', 'http_url = "http://127.0.0.1"'), "host and a port"),
+        (('http_url = "http://127.0.0.1:8101"', 'http_url = "http://u:p@127.0.0.1:1"'), "credentials"),
+        (('http_url = "http://127.0.0.1:8101"', 'http_url = "http://h:1/path"'), "http://host:port"),
+        (('name = "admin"', 'name = ""'), "API key name is 1-64 characters"),
+        (('node_id = "n1"', 'node_id = "n1"\nhttp = 5'), "must be a table"),
+        (('node_id = "n1"', 'node_id = "n1"\nsurprise = 1'), "unknown key"),
+        (('node_id = "n1"', 'node_id = "n1"\nlog_level = "loud"'), "log_level must be one of"),
+    ],
+)
+def test_invalid_values_are_refused_with_a_clear_message(replacement: tuple[str, str], message: str) -> None:
+    text = MINIMAL.replace(*replacement, 1)
+    assert text != MINIMAL
+    with pytest.raises(ConfigError, match=message):
+        parse_config(text)
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ("[http]\nport = 0", "http.port must be between 1 and 65535, got 0"),
+        ("[http]\nport = 65536", "http.port must be between"),
+        ("[http]\nport = true", "http.port must be an integer"),
+        ("[http]\nport = 8201", "same host and port"),
+        ("[peer]\nhost = ''", "peer.host must be a non-empty string"),
+        ("[peer]\nprot = 1", "unknown key"),
+        ("[limits]\nmax_items = 0", "limits.max_items must be between"),
+        ("[limits]\nmax_value_bytes = -1", "limits.max_value_bytes"),
+        ("[timing]\ntick_ms = 0", "timing.tick_ms"),
+        ("[timing]\nheartbeat_interval_ticks = 20", "timing.heartbeat_interval_ticks"),
+        ("[timing]\nrequest_timeout_ms = 1.5", "must be an integer"),
+        ("[idempotency]\nretention_hours = 23", "retention_hours must be between 24"),
+        ("[wal]\nfsync = 1", "wal.fsync must be true or false"),
+        ("[wal]\nmax_segment_bytes = 100", "wal.max_segment_bytes"),
+    ],
+)
+def test_invalid_sections_are_refused(section: str, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(MINIMAL + "\n" + section + "\n")
+    assert message in str(caught.value)
+
+
+@pytest.mark.parametrize("missing", ["node_id", "data_dir", "members", "api_keys"])
+def test_required_keys(missing: str) -> None:
+    document = {"node_id": "n1", "data_dir": "/d", "members": [], "api_keys": []}
+    from tokenvault.config import config_from_mapping
+
+    del document[missing]
+    with pytest.raises(ConfigError, match=f"required key {missing}"):
+        config_from_mapping(document)
+
+
+def test_member_rules() -> None:
+    n1 = MemberConfig("n1", "127.0.0.1:8201", "http://127.0.0.1:8101")
+    n2 = MemberConfig("n2", "127.0.0.1:8202", "http://127.0.0.1:8102")
+    n3 = MemberConfig("n3", "127.0.0.1:8203", "http://127.0.0.1:8103")
+    secret = Path("/s/cluster.secret")
+    with pytest.raises(ConfigError, match="1, 3 or 5"):
+        _minimal_config(members=(n1, n2), cluster_secret_file=secret)
+    with pytest.raises(ConfigError, match="every id must be unique"):
+        _minimal_config(members=(n1, n2, replace(n3, id="n2")), cluster_secret_file=secret)
+    with pytest.raises(ConfigError, match="every peer_addr must be unique"):
+        _minimal_config(members=(n1, n2, replace(n3, peer_addr=n2.peer_addr)), cluster_secret_file=secret)
+    with pytest.raises(ConfigError, match="cluster_secret_file is required"):
+        _minimal_config(members=(n1, n2, n3))
+    with pytest.raises(ConfigError, match="api_keys must list at least one"):
+        _minimal_config(api_keys=())
+    config = _minimal_config(members=(n1, n2, n3), cluster_secret_file=secret)
+    assert config.member_ids == ("n1", "n2", "n3")
+    ipv6 = MemberConfig("n1", "[::1]:8201", "http://[::1]:8101")
+    assert ipv6.peer_host == "::1" and ipv6.peer_port == 8201
+    with pytest.raises(ConfigError):
+        MemberConfig("n1", "[127.0.0.1]:8201", "http://127.0.0.1:8101")
+
+
+def test_duplicate_api_key_names_are_refused() -> None:
+    entry = ApiKeyEntry("admin", ADMIN_HASH, frozenset({ADMIN}))
+    with pytest.raises(ConfigError, match="twice"):
+        _minimal_config(api_keys=(entry, replace(entry, sha256=hash_api_key("other"))))
+
+
+def test_uppercase_hash_in_file_is_normalised() -> None:
+    config = parse_config(MINIMAL.replace(ADMIN_HASH, ADMIN_HASH.upper()))
+    assert config.api_keys[0].sha256 == ADMIN_HASH
+
+
+def test_errors_never_contain_secret_material() -> None:
+    bad_hash = "ab" * 31 + "zz"
+    with pytest.raises(ConfigError) as caught:
+        parse_config(MINIMAL.replace(ADMIN_HASH, bad_hash))
+    assert "abab" not in str(caught.value)
+    with pytest.raises(ConfigError) as caught:
+        parse_config(MINIMAL.replace('name = "admin"', f'name = "{ADMIN_KEY} x"'))
+    assert ADMIN_KEY not in str(caught.value)
+
+
+def test_broken_toml_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        parse_config('node_id = "n1\n')
+
+
+def test_load_config_reads_files_and_prefixes_errors(tmp_path: Path) -> None:
+    path = tmp_path / "node.toml"
+    path.write_text(FULL_EXAMPLE)
+    assert load_config(path) == parse_config(FULL_EXAMPLE)
+    path.write_bytes(b"\xff\xfe")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_config(path)
+    path.write_text(MINIMAL.replace('"n1"', '"n 1"', 1))
+    with pytest.raises(ConfigError, match=str(path)):
+        load_config(path)
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "absent.toml")
+
+
+def test_round_trip_of_the_full_example(tmp_path: Path) -> None:
+    config = parse_config(FULL_EXAMPLE)
+    assert parse_config(to_toml(config)) == config
+    path = tmp_path / "node.toml"
+    write_node_config(path, config)
+    assert (path.stat().st_mode & 0o777) == 0o600
+    assert load_config(path) == config
+    # Overwriting replaces the file and leaves no temporary files behind.
+    changed = replace(config, log_level="debug")
+    write_node_config(path, changed)
+    assert load_config(path) == changed
+    assert sorted(entry.name for entry in tmp_path.iterdir()) == ["node.toml"]
+
+
+path_text = st.text(
+    alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), min_size=1, max_size=40
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    data_name=path_text,
+    log_name=path_text,
+    level=st.sampled_from(["debug", "info", "warning", "error"]),
+    port=st.integers(1, 65535),
+    fsync=st.booleans(),
+    scopes=st.sets(st.sampled_from([ADMIN, TOKENIZE, DETOKENIZE]), min_size=1),
+    retention=st.integers(24, 1000),
+)
+def test_round_trip_with_arbitrary_paths_and_values(
+    data_name: str, log_name: str, level: str, port: int, fsync: bool, scopes: set[str], retention: int
+) -> None:
+    # Paths may hold quotes, backslashes, control characters and any Unicode:
+    # the emitter must escape exactly what TOML requires.
+    config = _minimal_config(
+        data_dir=Path("/" + data_name),
+        log_file=Path("/var/" + log_name),
+        log_level=level,
+        http=HttpConfig("localhost", port),
+        peer=PeerConfig("127.0.0.2", 8201),
+        wal=WalConfig(4096, fsync),
+        idempotency=IdempotencyConfig(retention),
+        api_keys=(ApiKeyEntry("admin", ADMIN_HASH, frozenset(scopes)),),
+    )
+    assert parse_config(to_toml(config)) == config
+
+
+def test_constructor_converts_string_paths_and_validates() -> None:
+    config = _minimal_config(data_dir="/data/x", master_key_file="/keys/master.key")  # type: ignore[arg-type]
+    assert config.data_dir == Path("/data/x") and config.master_key_file == Path("/keys/master.key")
+    with pytest.raises(ConfigError, match="master_key_file must be an absolute"):
+        _minimal_config(master_key_file=Path("master.key"))
+
+
+def test_load_master_key_from_file_environment_or_neither(tmp_path: Path) -> None:
+    master = MasterKey.generate()
+    master.write_file(tmp_path / "master.key")
+    config = _minimal_config(master_key_file=tmp_path / "master.key")
+    assert config.load_master_key(environ={}).to_hex() == master.to_hex()
+    override = MasterKey.generate().to_hex()
+    assert config.load_master_key(environ={"TOKENVAULT_MASTER_KEY": override}).to_hex() == override
+    with pytest.raises(ConfigError, match="no master key"):
+        _minimal_config().load_master_key(environ={})
+    os.chmod(tmp_path / "master.key", 0o644)
+    with pytest.raises(ConfigError, match="chmod 600") as caught:
+        config.load_master_key(environ={})
+    assert master.to_hex() not in str(caught.value)
+
+
+def test_load_cluster_secret(tmp_path: Path) -> None:
+    secret = os.urandom(32)
+    write_secret_file(tmp_path / "cluster.secret", secret)
+    config = _minimal_config(cluster_secret_file=tmp_path / "cluster.secret")
+    assert config.load_cluster_secret() == secret
+    with pytest.raises(ConfigError, match="not set"):
+        _minimal_config().load_cluster_secret()
+    os.chmod(tmp_path / "cluster.secret", 0o640)
+    with pytest.raises(ConfigError, match="chmod 600"):
+        config.load_cluster_secret()

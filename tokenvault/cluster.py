@@ -1,0 +1,686 @@
+"""The local cluster tool behind ./run_cluster.sh (`python -m tokenvault.cluster <command>`).
+
+It generates a cluster directory once (master key, cluster secret, API keys,
+one config per node) and then starts, stops, kills and restarts node processes
+from it; the same directory always restarts the same cluster with the same keys
+and data. Layout under $TOKENVAULT_CLUSTER_DIR (default ./.cluster):
+
+    master.key, cluster.secret   hex secrets, mode 0600
+    cluster.json                 node URLs/paths and the API keys (mode 0600)
+    n1/ .. nN/                   node.toml (hashes of API keys only), data/,
+                                 node.log (the node's JSON log), node.out
+                                 (its stdout/stderr), node.pid
+
+The functions here are usable programmatically (integration tests drive a
+cluster through init_cluster, start_cluster, cluster_status, kill_node,
+restart_node and stop_cluster); none of them uses asyncio, so they can be called
+from sync or async code alike.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tokenvault.auth import ApiKeyEntry, generate_api_key, hash_api_key
+from tokenvault.config import (ConfigError, HttpConfig, MemberConfig, NodeConfig, PeerConfig, TimingConfig,
+                               WalConfig, write_node_config)
+from tokenvault.crypto import MasterKey, write_secret_file
+
+ALLOWED_NODE_COUNTS = (1, 3, 5)
+DEFAULT_NODE_COUNT = 3
+DEFAULT_BASE_PORT = 8100
+DEFAULT_START_TIMEOUT_SECONDS = 30.0
+DEFAULT_STOP_TIMEOUT_SECONDS = 10.0
+HEALTH_TIMEOUT_SECONDS = 1.0
+POLL_INTERVAL_SECONDS = 0.1
+HOST = "127.0.0.1"
+CLUSTER_FILE_NAME = "cluster.json"
+LOCK_FILE_NAME = ".lock"
+MAX_HEALTH_BYTES = 65536
+API_KEY_SCOPES: dict[str, tuple[str, ...]] = {
+    "admin": ("admin",),
+    "tokenizer": ("tokenize",),
+    "detokenizer": ("detokenize",),
+    "full": ("admin", "tokenize", "detokenize"),
+}
+# Environment knobs written into node configs when a cluster is generated.
+ENVIRONMENT_KNOBS = {
+    "TOKENVAULT_TICK_MS": "timing.tick_ms",
+    "TOKENVAULT_ELECTION_TIMEOUT_TICKS": "timing.election_timeout_ticks",
+    "TOKENVAULT_HEARTBEAT_INTERVAL_TICKS": "timing.heartbeat_interval_ticks",
+    "TOKENVAULT_REQUEST_TIMEOUT_MS": "timing.request_timeout_ms",
+    "TOKENVAULT_WAL_FSYNC": "wal.fsync",
+    "TOKENVAULT_LOG_LEVEL": "log_level",
+}
+
+Report = Callable[[str], None]
+
+# Processes started by this Python process, so that they can be reaped (a
+# killed child stays a zombie, and looks alive, until its parent waits for it).
+_children: dict[int, subprocess.Popen[bytes]] = {}
+
+
+class ClusterError(Exception):
+    """A cluster command cannot be carried out; the message says why and what to do."""
+
+
+def _silent(message: str) -> None:
+    del message
+
+
+@dataclass(frozen=True, slots=True)
+class NodeSpec:
+    node_id: str
+    http_url: str
+    peer_addr: str
+    data_dir: Path
+    log_file: Path
+    pid_file: Path
+    config: Path
+
+    @property
+    def directory(self) -> Path:
+        return self.config.parent
+
+    @property
+    def output_file(self) -> Path:
+        return self.directory / "node.out"
+
+    @property
+    def http_port(self) -> int:
+        return int(self.http_url.rsplit(":", 1)[1])
+
+    @property
+    def peer_port(self) -> int:
+        return int(self.peer_addr.rsplit(":", 1)[1])
+
+    def to_json(self) -> dict[str, str]:
+        return {"id": self.node_id, "http_url": self.http_url, "peer_addr": self.peer_addr,
+                "data_dir": str(self.data_dir), "log_file": str(self.log_file),
+                "pid_file": str(self.pid_file), "config": str(self.config)}
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKeyInfo:
+    name: str
+    key: str
+    scopes: tuple[str, ...]
+
+    def __repr__(self) -> str:
+        return f"ApiKeyInfo(name={self.name!r}, scopes={self.scopes!r})"
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterSpec:
+    directory: Path
+    nodes: tuple[NodeSpec, ...]
+    api_keys: tuple[ApiKeyInfo, ...]
+
+    @property
+    def cluster_file(self) -> Path:
+        return self.directory / CLUSTER_FILE_NAME
+
+    @property
+    def http_urls(self) -> tuple[str, ...]:
+        return tuple(node.http_url for node in self.nodes)
+
+    def node(self, node_id: str) -> NodeSpec:
+        for node in self.nodes:
+            if node.node_id == node_id:
+                return node
+        known = ", ".join(node.node_id for node in self.nodes)
+        raise ClusterError(f"no node {node_id!r} in this cluster (nodes: {known})")
+
+    def key(self, name: str) -> str:
+        for info in self.api_keys:
+            if info.name == name:
+                return info.key
+        raise ClusterError(f"no API key named {name!r} in {self.cluster_file}")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"nodes": [node.to_json() for node in self.nodes],
+                "api_keys": {info.name: {"key": info.key, "scopes": list(info.scopes)} for info in self.api_keys}}
+
+
+@dataclass(frozen=True, slots=True)
+class NodeSettings:
+    """What the environment knobs set in every generated node config."""
+
+    log_level: str = "info"
+    timing: TimingConfig = field(default_factory=TimingConfig)
+    wal: WalConfig = field(default_factory=WalConfig)
+
+
+@dataclass(frozen=True, slots=True)
+class NodeStatus:
+    node_id: str
+    http_url: str
+    pid: int | None
+    health: Mapping[str, Any] | None
+    error: str | None
+
+    def field(self, name: str) -> Any:
+        return None if self.health is None else self.health.get(name)
+
+    def describe(self) -> str:
+        """One status line: id, pid or "down", role, view, commit and applied index, active epoch."""
+        if self.pid is None and self.health is None:
+            return f"{self.node_id:<4} down"
+        pid_text = f"pid {self.pid}" if self.pid is not None else "pid ? (no pid file)"
+        if self.health is None:
+            return f"{self.node_id:<4} {pid_text:<10} unreachable: {self.error}  {self.http_url}"
+        return (f"{self.node_id:<4} {pid_text:<10} {str(self.field('role')):<9} view {self.field('view')}  "
+                f"commit {self.field('commit_index')}  applied {self.field('applied_index')}  "
+                f"epoch {self.field('active_epoch')}  {self.http_url}")
+
+
+# ---------------------------------------------------------------- generation
+
+
+def default_cluster_directory(environ: Mapping[str, str] | None = None) -> Path:
+    environment = os.environ if environ is None else environ
+    return Path(environment.get("TOKENVAULT_CLUSTER_DIR") or ".cluster").expanduser().absolute()
+
+
+def base_port_from_environment(environ: Mapping[str, str] | None = None) -> int:
+    environment = os.environ if environ is None else environ
+    text = environment.get("TOKENVAULT_BASE_PORT", "").strip()
+    if not text:
+        return DEFAULT_BASE_PORT
+    if not text.isdigit() or not 1 <= int(text) <= 65535 - 100 - max(ALLOWED_NODE_COUNTS):
+        raise ClusterError(f"TOKENVAULT_BASE_PORT must be an integer from 1 to {65535 - 105}")
+    return int(text)
+
+
+def _environment_integer(environment: Mapping[str, str], name: str, default: int) -> int:
+    text = environment.get(name, "").strip()
+    if not text:
+        return default
+    if not text.isdigit():
+        raise ClusterError(f"{name} must be a non-negative integer")
+    return int(text)
+
+
+def settings_from_environment(environ: Mapping[str, str] | None = None) -> NodeSettings:
+    """Read the TOKENVAULT_* knobs listed in ENVIRONMENT_KNOBS (unset ones keep the config defaults)."""
+    environment = os.environ if environ is None else environ
+    defaults = TimingConfig()
+    fsync_text = environment.get("TOKENVAULT_WAL_FSYNC", "").strip().lower()
+    if fsync_text not in ("", "true", "false", "1", "0"):
+        raise ClusterError("TOKENVAULT_WAL_FSYNC must be true or false")
+    try:
+        timing = TimingConfig(
+            tick_ms=_environment_integer(environment, "TOKENVAULT_TICK_MS", defaults.tick_ms),
+            election_timeout_ticks=_environment_integer(
+                environment, "TOKENVAULT_ELECTION_TIMEOUT_TICKS", defaults.election_timeout_ticks),
+            heartbeat_interval_ticks=_environment_integer(
+                environment, "TOKENVAULT_HEARTBEAT_INTERVAL_TICKS", defaults.heartbeat_interval_ticks),
+            request_timeout_ms=_environment_integer(
+                environment, "TOKENVAULT_REQUEST_TIMEOUT_MS", defaults.request_timeout_ms))
+        wal = WalConfig(fsync=fsync_text not in ("false", "0"))
+        log_level = environment.get("TOKENVAULT_LOG_LEVEL", "").strip().lower() or "info"
+        if log_level not in ("debug", "info", "warning", "error"):
+            raise ClusterError("TOKENVAULT_LOG_LEVEL must be debug, info, warning or error")
+    except ConfigError as error:
+        raise ClusterError(f"environment knob out of range: {error}") from None
+    return NodeSettings(log_level=log_level, timing=timing, wal=wal)
+
+
+def plan_nodes(directory: Path, count: int, ports: Sequence[tuple[int, int]]) -> tuple[NodeSpec, ...]:
+    """Node i (1-based) gets the i-th (http_port, peer_port) pair and the directory `n<i>`."""
+    nodes = []
+    for number, (http_port, peer_port) in zip(range(1, count + 1), ports, strict=True):
+        node_directory = directory / f"n{number}"
+        nodes.append(NodeSpec(
+            node_id=f"n{number}", http_url=f"http://{HOST}:{http_port}", peer_addr=f"{HOST}:{peer_port}",
+            data_dir=node_directory / "data", log_file=node_directory / "node.log",
+            pid_file=node_directory / "node.pid", config=node_directory / "node.toml"))
+    return tuple(nodes)
+
+
+def contract_ports(count: int, base_port: int) -> list[tuple[int, int]]:
+    """The contract's ports: HTTP on base+i, peer protocol on base+100+i."""
+    return [(base_port + number, base_port + 100 + number) for number in range(1, count + 1)]
+
+
+def _write_private_file(path: Path, text: str) -> None:
+    """Create `path` with mode 0600 atomically (temporary file, fsync, rename)."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        os.fchmod(descriptor, 0o600)
+        os.write(descriptor, text.encode("utf-8"))
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+    os.replace(temporary, path)
+
+
+def _node_config(spec: ClusterSpec, node: NodeSpec, settings: NodeSettings) -> NodeConfig:
+    members = tuple(MemberConfig(id=member.node_id, peer_addr=member.peer_addr, http_url=member.http_url)
+                    for member in spec.nodes)
+    api_keys = tuple(ApiKeyEntry(name=info.name, sha256=hash_api_key(info.key), scopes=frozenset(info.scopes))
+                     for info in spec.api_keys)
+    return NodeConfig(
+        node_id=node.node_id, data_dir=node.data_dir, members=members, api_keys=api_keys,
+        master_key_file=spec.directory / "master.key", cluster_secret_file=spec.directory / "cluster.secret",
+        log_file=node.log_file, log_level=settings.log_level,
+        http=HttpConfig(host=HOST, port=node.http_port), peer=PeerConfig(host=HOST, port=node.peer_port),
+        timing=settings.timing, wal=settings.wal)
+
+
+def _generate(directory: Path, nodes: tuple[NodeSpec, ...], settings: NodeSettings) -> ClusterSpec:
+    keys = tuple(ApiKeyInfo(name, generate_api_key(), scopes) for name, scopes in API_KEY_SCOPES.items())
+    spec = ClusterSpec(directory, nodes, keys)
+    configs = [_node_config(spec, node, settings) for node in nodes]
+    MasterKey.generate().write_file(directory / "master.key")
+    write_secret_file(directory / "cluster.secret", os.urandom(32))
+    for node, config in zip(nodes, configs):
+        node.directory.mkdir(mode=0o700)
+        node.data_dir.mkdir(mode=0o700)
+        write_node_config(node.config, config)
+    # Written last: its presence marks a complete cluster directory.
+    _write_private_file(spec.cluster_file, json.dumps(spec.to_json(), indent=2) + "\n")
+    return spec
+
+
+def init_cluster(directory: Path | str, nodes: int = DEFAULT_NODE_COUNT, base_port: int = DEFAULT_BASE_PORT, *,
+                 ports: Sequence[tuple[int, int]] | None = None, settings: NodeSettings | None = None,
+                 ) -> tuple[ClusterSpec, bool]:
+    """Generate the cluster directory if it has no cluster.json yet; return (spec, created).
+
+    An existing cluster is returned unchanged (same keys and data) as long as it
+    has `nodes` nodes. `ports` overrides the contract's port numbering, e.g. with
+    free ephemeral ports in tests.
+    """
+    directory = Path(directory).expanduser().absolute()
+    if nodes not in ALLOWED_NODE_COUNTS:
+        raise ClusterError(f"--nodes must be 1, 3 or 5 (a majority of an even count tolerates no more failures)")
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with _locked(directory):
+        if (directory / CLUSTER_FILE_NAME).exists():
+            spec = load_cluster(directory)
+            _check_node_count(spec, nodes)
+            return spec, False
+        leftovers = [entry.name for entry in directory.iterdir() if entry.name != LOCK_FILE_NAME]
+        if leftovers:
+            raise ClusterError(
+                f"{directory} is not empty but has no {CLUSTER_FILE_NAME} (an interrupted set-up, or not a "
+                f"cluster directory); remove it or set TOKENVAULT_CLUSTER_DIR to another directory")
+        planned = plan_nodes(directory, nodes, ports if ports is not None else contract_ports(nodes, base_port))
+        try:
+            return _generate(directory, planned, settings or NodeSettings()), True
+        except BaseException:
+            for entry in directory.iterdir():
+                if entry.name != LOCK_FILE_NAME:
+                    shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+            raise
+
+
+def _check_node_count(spec: ClusterSpec, nodes: int | None) -> None:
+    if nodes is not None and nodes != len(spec.nodes):
+        raise ClusterError(
+            f"the cluster in {spec.directory} has {len(spec.nodes)} node(s), not {nodes}; run "
+            f"'./run_cluster.sh start' without --nodes to restart it, or stop it and remove the directory "
+            f"(or set TOKENVAULT_CLUSTER_DIR elsewhere) to create a {nodes}-node cluster")
+
+
+def load_cluster(directory: Path | str) -> ClusterSpec:
+    """Read cluster.json of an existing cluster directory."""
+    directory = Path(directory).expanduser().absolute()
+    path = directory / CLUSTER_FILE_NAME
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+        nodes = tuple(NodeSpec(node_id=str(node["id"]), http_url=str(node["http_url"]),
+                               peer_addr=str(node["peer_addr"]), data_dir=Path(node["data_dir"]),
+                               log_file=Path(node["log_file"]), pid_file=Path(node["pid_file"]),
+                               config=Path(node["config"])) for node in document["nodes"])
+        keys = tuple(ApiKeyInfo(str(name), str(entry["key"]), tuple(entry["scopes"]))
+                     for name, entry in document["api_keys"].items())
+    except FileNotFoundError:
+        raise ClusterError(f"no cluster in {directory} (no {CLUSTER_FILE_NAME}); run './run_cluster.sh start'")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise ClusterError(f"{path} is unreadable or not in the expected shape") from None
+    if not nodes:
+        raise ClusterError(f"{path} lists no nodes")
+    return ClusterSpec(directory, nodes, keys)
+
+
+@contextlib.contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    """Serialise cluster commands on one directory (two concurrent starts must not both launch a node)."""
+    with open(directory / LOCK_FILE_NAME, "a+") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+# ---------------------------------------------------------------- processes
+
+
+def _reap(pid: int) -> bool:
+    """True when `pid` is a child of ours that has exited (and is now reaped)."""
+    child = _children.get(pid)
+    if child is not None:
+        if child.poll() is None:
+            return False
+        del _children[pid]
+        return True
+    try:
+        reaped_pid, _ = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return False
+    return reaped_pid == pid
+
+
+def _is_node_process(pid: int, node: NodeSpec) -> bool:
+    """True when `pid` is alive and is this node's `serve` process (not a recycled pid)."""
+    if _reap(pid):
+        return False
+    process = Path(f"/proc/{pid}")
+    if not Path("/proc/self").exists():
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    try:
+        state = (process / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        arguments = (process / "cmdline").read_bytes().split(b"\0")
+    except (OSError, IndexError):
+        return False
+    if state in ("Z", "X"):
+        return False
+    return str(node.config).encode() in arguments
+
+
+def read_pid_file(node: NodeSpec) -> int | None:
+    try:
+        text = node.pid_file.read_text().strip()
+    except FileNotFoundError:
+        return None
+    except OSError as error:
+        raise ClusterError(f"cannot read {node.pid_file}: {error.strerror}") from None
+    return int(text) if text.isdigit() and 0 < int(text) < 2**22 else None
+
+
+def running_pid(node: NodeSpec) -> int | None:
+    """The pid of the node's running process, or None when it is down (a stale pid file counts as down)."""
+    pid = read_pid_file(node)
+    if pid is None or not _is_node_process(pid, node):
+        return None
+    return pid
+
+
+def _clear_stale_pid_file(node: NodeSpec, report: Report) -> None:
+    pid = read_pid_file(node)
+    if node.pid_file.exists() and (pid is None or not _is_node_process(pid, node)):
+        report(f"{node.node_id}: removing stale pid file (pid {pid} is gone or is not this node)")
+        node.pid_file.unlink(missing_ok=True)
+
+
+def _serve_command(node: NodeSpec) -> list[str]:
+    script = Path(sys.executable).parent / "tokenvault"
+    if script.exists():
+        return [str(script), "serve", "--config", str(node.config)]
+    return [sys.executable, "-m", "tokenvault.cli", "serve", "--config", str(node.config)]
+
+
+def _check_ports_free(node: NodeSpec) -> None:
+    for label, port in (("HTTP", node.http_port), ("peer", node.peer_port)):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((HOST, port))
+            except OSError:
+                raise ClusterError(
+                    f"{node.node_id}: {label} port {port} is already in use by another process; stop it or "
+                    f"use another cluster directory with a different TOKENVAULT_BASE_PORT") from None
+
+
+def launch_node(node: NodeSpec, report: Report = _silent) -> int:
+    """Start the node's `tokenvault serve` process detached (own session) and write its pid file."""
+    _clear_stale_pid_file(node, report)
+    if running_pid(node) is not None:
+        raise ClusterError(f"{node.node_id} is already running")
+    _check_ports_free(node)
+    with open(node.output_file, "ab") as output:
+        process = subprocess.Popen(_serve_command(node), stdin=subprocess.DEVNULL, stdout=output,
+                                   stderr=subprocess.STDOUT, cwd=node.directory, start_new_session=True,
+                                   close_fds=True)
+    _children[process.pid] = process
+    _write_private_file(node.pid_file, f"{process.pid}\n")
+    return process.pid
+
+
+def output_tail(node: NodeSpec, lines: int = 12) -> str:
+    """The last lines of the node's stdout/stderr and log, for error messages."""
+    parts = []
+    for path in (node.output_file, node.log_file):
+        try:
+            with open(path, "rb") as handle:
+                handle.seek(max(0, os.fstat(handle.fileno()).st_size - 16384))
+                text = handle.read().decode("utf-8", "replace").splitlines()[-lines:]
+        except OSError:
+            continue
+        if text:
+            parts.append(f"--- last lines of {path} ---\n" + "\n".join(text))
+    return "\n".join(parts) if parts else "(the node wrote no output)"
+
+
+# ---------------------------------------------------------------- health and status
+
+_opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def fetch_health(url: str, timeout_seconds: float = HEALTH_TIMEOUT_SECONDS) -> dict[str, Any]:
+    """GET <url>/health (no proxy, short timeout); raises OSError or ValueError on failure."""
+    with _opener.open(url.rstrip("/") + "/health", timeout=timeout_seconds) as response:
+        body = response.read(MAX_HEALTH_BYTES + 1)
+    if len(body) > MAX_HEALTH_BYTES:
+        raise ValueError("health response too large")
+    document = json.loads(body)
+    if not isinstance(document, dict):
+        raise ValueError("health response is not a JSON object")
+    return document
+
+
+def _describe_error(error: BaseException) -> str:
+    if isinstance(error, urllib.error.HTTPError):
+        return f"HTTP {error.code}"
+    if isinstance(error, urllib.error.URLError):
+        reason = error.reason
+        return "connection refused" if isinstance(reason, ConnectionRefusedError) else str(reason)[:120]
+    if isinstance(error, (TimeoutError, socket.timeout)):
+        return "timed out"
+    return f"{type(error).__name__}: {str(error)[:120]}"
+
+
+def node_status(node: NodeSpec, timeout_seconds: float = HEALTH_TIMEOUT_SECONDS) -> NodeStatus:
+    pid = running_pid(node)
+    try:
+        health: dict[str, Any] | None = fetch_health(node.http_url, timeout_seconds)
+        error = None
+    except (OSError, ValueError) as failure:
+        health, error = None, _describe_error(failure)
+    return NodeStatus(node.node_id, node.http_url, pid, health, error)
+
+
+def cluster_status(spec: ClusterSpec, timeout_seconds: float = HEALTH_TIMEOUT_SECONDS,
+                   node_ids: Sequence[str] | None = None) -> list[NodeStatus]:
+    """Every node's pid and /health, queried concurrently (a hung node costs one timeout, not one each)."""
+    nodes = [node for node in spec.nodes if node_ids is None or node.node_id in node_ids]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=len(nodes)) as pool:
+        return list(pool.map(lambda node: node_status(node, timeout_seconds), nodes))
+
+
+def primary_of(statuses: Sequence[NodeStatus]) -> str | None:
+    """The primary every answering node agrees on: a node saying role "primary" (highest view wins)."""
+    primaries = [status for status in statuses if status.field("role") == "primary"]
+    if primaries:
+        return max(primaries, key=lambda status: status.field("view") or 0).node_id
+    answering = [status.field("primary_id") for status in statuses if status.health is not None]
+    if answering and answering[0] is not None and all(primary == answering[0] for primary in answering):
+        return str(answering[0])
+    return None
+
+
+def _wait(spec: ClusterSpec, node_ids: Sequence[str], timeout_seconds: float,
+          ready: Callable[[list[NodeStatus]], bool], what: str) -> list[NodeStatus]:
+    """Poll the nodes' health until `ready` holds; fail early when a node process exits."""
+    deadline = time.monotonic() + timeout_seconds
+    while True:
+        statuses = cluster_status(spec, HEALTH_TIMEOUT_SECONDS, node_ids)
+        if ready(statuses):
+            return statuses
+        for status in statuses:
+            if status.pid is None and status.health is None:
+                node = spec.node(status.node_id)
+                raise ClusterError(f"{node.node_id} exited while waiting for {what}.\n{output_tail(node)}")
+        if time.monotonic() >= deadline:
+            lines = "\n".join(status.describe() for status in statuses)
+            raise ClusterError(f"timed out after {timeout_seconds:g} s waiting for {what}:\n{lines}\n"
+                               f"(see './run_cluster.sh logs NODE_ID')")
+        time.sleep(POLL_INTERVAL_SECONDS)
+
+
+def wait_for_primary(spec: ClusterSpec, timeout_seconds: float = DEFAULT_START_TIMEOUT_SECONDS,
+                     node_ids: Sequence[str] | None = None) -> list[NodeStatus]:
+    """Wait until every given node answers /health and a primary is elected."""
+    ids = list(node_ids) if node_ids is not None else [node.node_id for node in spec.nodes]
+
+    def ready(statuses: list[NodeStatus]) -> bool:
+        return all(status.health is not None for status in statuses) and primary_of(statuses) is not None
+
+    return _wait(spec, ids, timeout_seconds, ready, "a primary to be elected")
+
+
+# ---------------------------------------------------------------- commands
+
+
+def start_cluster(directory: Path | str, nodes: int | None = None, base_port: int | None = None, *,
+                  ports: Sequence[tuple[int, int]] | None = None, settings: NodeSettings | None = None,
+                  timeout_seconds: float = DEFAULT_START_TIMEOUT_SECONDS,
+                  report: Report = _silent) -> tuple[ClusterSpec, list[NodeStatus]]:
+    """Create the cluster if needed, start every node that is not running, wait for a primary."""
+    directory = Path(directory).expanduser().absolute()
+    if (directory / CLUSTER_FILE_NAME).exists():
+        spec = load_cluster(directory)
+        _check_node_count(spec, nodes)
+    else:
+        spec, _ = init_cluster(directory, nodes or DEFAULT_NODE_COUNT, base_port or DEFAULT_BASE_PORT,
+                               ports=ports, settings=settings)
+        report(f"generated a {len(spec.nodes)}-node cluster in {directory}")
+    with _locked(directory):
+        for node in spec.nodes:
+            _clear_stale_pid_file(node, report)
+            pid = running_pid(node)
+            if pid is not None:
+                report(f"{node.node_id} is already running (pid {pid})")
+                continue
+            pid = launch_node(node, report)
+            report(f"started {node.node_id} (pid {pid}) on {node.http_url}")
+    return spec, wait_for_primary(spec, timeout_seconds)
+
+
+def _wait_gone(nodes_and_pids: Sequence[tuple[NodeSpec, int]], deadline: float) -> list[tuple[NodeSpec, int]]:
+    remaining = list(nodes_and_pids)
+    while remaining:
+        remaining = [(node, pid) for node, pid in remaining if _is_node_process(pid, node)]
+        if not remaining or time.monotonic() >= deadline:
+            break
+        time.sleep(0.05)
+    return remaining
+
+
+def stop_cluster(directory: Path | str, timeout_seconds: float = DEFAULT_STOP_TIMEOUT_SECONDS,
+                 report: Report = _silent) -> list[str]:
+    """SIGTERM every running node, wait up to `timeout_seconds`, SIGKILL the rest. Returns stopped ids."""
+    spec = load_cluster(directory)
+    with _locked(spec.directory):
+        running = []
+        for node in spec.nodes:
+            _clear_stale_pid_file(node, report)
+            pid = running_pid(node)
+            if pid is None:
+                report(f"{node.node_id} is not running")
+                continue
+            os.kill(pid, signal.SIGTERM)
+            running.append((node, pid))
+        survivors = _wait_gone(running, time.monotonic() + timeout_seconds)
+        for node, pid in survivors:
+            report(f"{node.node_id} (pid {pid}) did not stop within {timeout_seconds:g} s: sending SIGKILL")
+            os.kill(pid, signal.SIGKILL)
+        still_alive = _wait_gone(survivors, time.monotonic() + 5.0)
+        for node, pid in running:
+            if (node, pid) not in still_alive:
+                node.pid_file.unlink(missing_ok=True)
+                report(f"stopped {node.node_id} (pid {pid})")
+        if still_alive:
+            names = ", ".join(node.node_id for node, _ in still_alive)
+            raise ClusterError(f"could not stop {names} even with SIGKILL")
+    return [node.node_id for node, _ in running]
+
+
+def kill_node(directory: Path | str, node_id: str, report: Report = _silent) -> int:
+    """SIGKILL one node (no graceful shutdown) and wait until it is gone. Returns its pid."""
+    spec = load_cluster(directory)
+    node = spec.node(node_id)
+    with _locked(spec.directory):
+        _clear_stale_pid_file(node, report)
+        pid = running_pid(node)
+        if pid is None:
+            raise ClusterError(f"{node_id} is not running")
+        os.kill(pid, signal.SIGKILL)
+        if _wait_gone([(node, pid)], time.monotonic() + 5.0):
+            raise ClusterError(f"{node_id} (pid {pid}) is still alive after SIGKILL")
+        node.pid_file.unlink(missing_ok=True)
+    report(f"killed {node_id} (pid {pid}) with SIGKILL")
+    return pid
+
+
+def restart_node(directory: Path | str, node_id: str, timeout_seconds: float = DEFAULT_START_TIMEOUT_SECONDS,
+                 report: Report = _silent) -> NodeStatus:
+    """Start a stopped or killed node with its existing data and wait until it answers /health."""
+    spec = load_cluster(directory)
+    node = spec.node(node_id)
+    with _locked(spec.directory):
+        _clear_stale_pid_file(node, report)
+        pid = running_pid(node)
+        if pid is not None:
+            report(f"{node_id} is already running (pid {pid})")
+        else:
+            pid = launch_node(node, report)
+            report(f"started {node_id} (pid {pid}) on {node.http_url}")
+    statuses = _wait(spec, [node_id], timeout_seconds,
+                     lambda statuses: statuses[0].health is not None, f"{node_id} to answer /health")
+    return statuses[0]
+
+
+
+if __name__ == "__main__":
+    # Why a separate module: the command line (output, argument parsing, the demo) is kept out of the
+    # library functions that integration tests import.
+    from tokenvault.cluster_cli import main
+
+    main()

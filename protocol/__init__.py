@@ -5,6 +5,24 @@ own; the node driver in ``tokenvault.node`` feeds it messages and ticks and
 carries out the ``Ready`` batches it returns.
 """
 
+from protocol.codec import DEFAULT_MAX_FRAME_BYTES, PROTOCOL_VERSION, FrameDecoder, decode_body, encode_frame
+from protocol.errors import NotPrimary, ProposalRejected, ProtocolError
+from protocol.messages import (MESSAGE_REGISTRY, MESSAGE_TYPES, AppendEntries, AppendReply, ForwardRequest,
+                               ForwardResponse, Heartbeat, HeartbeatReply, Hello, HelloProof, InstallSnapshot,
+                               Message, RequestVote, SnapshotReply, VoteReply)
+from protocol.records import (BecamePrimary, ElectionStarted, Event, PrimaryChanged, ReadResult, Ready,
+                              ReplicaConfig, RestoredState, Role, SnapshotToInstall, SteppedDown)
+from protocol.replica import Replica
 from protocol.types import INITIAL_HARD_STATE, Entry, EntryKind, HardState
 
-__all__ = ["INITIAL_HARD_STATE", "Entry", "EntryKind", "HardState"]
+__all__ = [
+    "DEFAULT_MAX_FRAME_BYTES", "PROTOCOL_VERSION", "FrameDecoder", "decode_body", "encode_frame",
+    "NotPrimary", "ProposalRejected", "ProtocolError",
+    "MESSAGE_REGISTRY", "MESSAGE_TYPES", "AppendEntries", "AppendReply", "ForwardRequest", "ForwardResponse",
+    "Heartbeat", "HeartbeatReply", "Hello", "HelloProof", "InstallSnapshot", "Message", "RequestVote",
+    "SnapshotReply", "VoteReply",
+    "BecamePrimary", "ElectionStarted", "Event", "PrimaryChanged", "ReadResult", "Ready", "ReplicaConfig",
+    "RestoredState", "Role", "SnapshotToInstall", "SteppedDown",
+    "Replica",
+    "INITIAL_HARD_STATE", "Entry", "EntryKind", "HardState",
+]

@@ -1,0 +1,215 @@
+"""Frame codec: a 4-byte big-endian length prefix, then a msgpack body.
+
+The body is the list ``[version, type_tag, field_1, field_2, ...]`` with the
+fields in the dataclass's declaration order. Entries travel as
+``[index, view, kind, payload]`` and headers as ``[name, value]`` pairs. Every
+decoded value is checked against the field's declared type and bounds, and
+any defect surfaces as ``ProtocolError`` and nothing else: a peer sending
+garbage costs one connection, never the node.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import msgpack
+
+from protocol.errors import ProtocolError
+from protocol.messages import MESSAGE_REGISTRY, MESSAGE_TYPES, Message
+from protocol.types import Entry, EntryKind
+
+PROTOCOL_VERSION = 1
+LENGTH_PREFIX_BYTES = 4
+DEFAULT_MAX_FRAME_BYTES = 16 * 1024 * 1024
+MAX_INTEGER = 2**63 - 1
+MAX_TEXT_CHARS = 65_536
+MAX_HEADER_PAIRS = 256
+
+
+# --------------------------------------------------------------------------- per-field codecs
+
+
+def _check_integer(value: Any) -> int:
+    # bool is a subclass of int in Python; a boolean where a number belongs is garbage.
+    if type(value) is not int or value < 0 or value > MAX_INTEGER:
+        raise ProtocolError("expected a non-negative 64-bit integer")
+    return value
+
+
+def _check_boolean(value: Any) -> bool:
+    if type(value) is not bool:
+        raise ProtocolError("expected a boolean")
+    return value
+
+
+def _check_text(value: Any) -> str:
+    if type(value) is not str or len(value) > MAX_TEXT_CHARS:
+        raise ProtocolError("expected a bounded text string")
+    return value
+
+
+def _check_bytes(value: Any) -> bytes:
+    if type(value) is not bytes:
+        raise ProtocolError("expected a byte string")
+    return value
+
+
+def _decode_entries(value: Any) -> tuple[Entry, ...]:
+    if type(value) is not list:
+        raise ProtocolError("expected a list of entries")
+    entries = []
+    for item in value:
+        if type(item) is not list or len(item) != 4:
+            raise ProtocolError("an entry must be a list of four fields")
+        kind_number = _check_integer(item[2])
+        if kind_number not in (EntryKind.NOOP, EntryKind.COMMAND):
+            raise ProtocolError("unknown entry kind")
+        entries.append(Entry(index=_check_integer(item[0]), view=_check_integer(item[1]),
+                             kind=EntryKind(kind_number), payload=_check_bytes(item[3])))
+    return tuple(entries)
+
+
+def _encode_entries(entries: tuple[Entry, ...]) -> list[list[Any]]:
+    return [[entry.index, entry.view, int(entry.kind), entry.payload] for entry in entries]
+
+
+def _decode_headers(value: Any) -> tuple[tuple[str, str], ...]:
+    if type(value) is not list or len(value) > MAX_HEADER_PAIRS:
+        raise ProtocolError("expected a bounded list of header pairs")
+    pairs = []
+    for item in value:
+        if type(item) is not list or len(item) != 2:
+            raise ProtocolError("a header must be a [name, value] pair")
+        pairs.append((_check_text(item[0]), _check_text(item[1])))
+    return tuple(pairs)
+
+
+def _encode_headers(headers: tuple[tuple[str, str], ...]) -> list[list[str]]:
+    return [[name, value] for name, value in headers]
+
+
+def _identity(value: Any) -> Any:
+    return value
+
+
+# Field annotation (as written in messages.py) -> (encode, decode).
+_FIELD_CODECS: dict[str, tuple[Callable[[Any], Any], Callable[[Any], Any]]] = {
+    "int": (_identity, _check_integer),
+    "bool": (_identity, _check_boolean),
+    "str": (_identity, _check_text),
+    "bytes": (_identity, _check_bytes),
+    "tuple[Entry, ...]": (_encode_entries, _decode_entries),
+    "tuple[tuple[str, str], ...]": (_encode_headers, _decode_headers),
+}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _MessageLayout:
+    message_type: type[Message]
+    names: tuple[str, ...]
+    encoders: tuple[Callable[[Any], Any], ...]
+    decoders: tuple[Callable[[Any], Any], ...]
+
+
+def _layout(message_type: type[Message]) -> _MessageLayout:
+    names, encoders, decoders = [], [], []
+    for field in dataclasses.fields(message_type):
+        annotation = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", "")
+        if annotation not in _FIELD_CODECS:
+            raise RuntimeError(f"{message_type.__name__}.{field.name} has no wire codec for {annotation!r}")
+        encode, decode = _FIELD_CODECS[annotation]
+        names.append(field.name)
+        encoders.append(encode)
+        decoders.append(decode)
+    return _MessageLayout(message_type, tuple(names), tuple(encoders), tuple(decoders))
+
+
+_LAYOUTS: dict[type[Message], _MessageLayout] = {message_type: _layout(message_type) for message_type in MESSAGE_TYPES}
+_LAYOUTS_BY_TAG: dict[int, _MessageLayout] = {tag: _LAYOUTS[message_type] for tag, message_type in MESSAGE_REGISTRY.items()}
+
+
+# --------------------------------------------------------------------------- frames
+
+
+def encode_body(message: Message) -> bytes:
+    """The msgpack body of a frame, without the length prefix."""
+    layout = _LAYOUTS.get(type(message))
+    if layout is None:
+        raise TypeError(f"{type(message).__name__} is not a registered message type")
+    body: list[Any] = [PROTOCOL_VERSION, message.TYPE_TAG]
+    for name, encode in zip(layout.names, layout.encoders):
+        body.append(encode(getattr(message, name)))
+    return msgpack.packb(body, use_bin_type=True)
+
+
+def encode_frame(message: Message) -> bytes:
+    """Length prefix plus body, ready to write to a stream."""
+    body = encode_body(message)
+    return len(body).to_bytes(LENGTH_PREFIX_BYTES, "big") + body
+
+
+def decode_body(body: bytes) -> Message:
+    """Decode and validate one frame body; raises ProtocolError on any defect."""
+    try:
+        decoded = msgpack.unpackb(body, raw=False, use_list=True, strict_map_key=True)
+    except Exception as error:  # msgpack raises many types; the caller must see exactly one.
+        raise ProtocolError(f"undecodable frame body ({type(error).__name__})") from None
+    if type(decoded) is not list or len(decoded) < 2:
+        raise ProtocolError("frame body must be a list [version, type_tag, ...]")
+    version, tag = decoded[0], decoded[1]
+    if type(version) is not int or version != PROTOCOL_VERSION:
+        raise ProtocolError("unsupported protocol version")
+    layout = _LAYOUTS_BY_TAG.get(tag) if type(tag) is int else None
+    if layout is None:
+        raise ProtocolError("unknown message type tag")
+    values = decoded[2:]
+    if len(values) != len(layout.names):
+        raise ProtocolError(f"{layout.message_type.__name__} expects {len(layout.names)} fields")
+    arguments = {name: decode(value) for name, decode, value in zip(layout.names, layout.decoders, values)}
+    return layout.message_type(**arguments)
+
+
+class FrameDecoder:
+    """Streaming decoder: feed it bytes as they arrive, get back every complete message.
+
+    The frame length is checked as soon as its 4-byte prefix is in, before
+    waiting for the body, so an oversized frame is refused without buffering
+    it. After the first error the decoder stays failed: the stream position is
+    lost and the connection must be closed.
+    """
+
+    def __init__(self, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
+        if max_frame_bytes < 1:
+            raise ValueError("max_frame_bytes must be positive")
+        self._max_frame_bytes = max_frame_bytes
+        self._buffer = bytearray()
+        self._failed = False
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes received that do not yet form a complete frame."""
+        return len(self._buffer)
+
+    def feed(self, data: bytes) -> list[Message]:
+        if self._failed:
+            raise ProtocolError("decoder failed earlier; the stream cannot be resynchronised")
+        self._buffer += data
+        messages: list[Message] = []
+        try:
+            while len(self._buffer) >= LENGTH_PREFIX_BYTES:
+                length = int.from_bytes(self._buffer[:LENGTH_PREFIX_BYTES], "big")
+                if length == 0 or length > self._max_frame_bytes:
+                    raise ProtocolError(f"frame length {length} outside 1..{self._max_frame_bytes}")
+                end = LENGTH_PREFIX_BYTES + length
+                if len(self._buffer) < end:
+                    break
+                body = bytes(self._buffer[LENGTH_PREFIX_BYTES:end])
+                del self._buffer[:end]
+                messages.append(decode_body(body))
+        except ProtocolError:
+            self._failed = True
+            self._buffer.clear()
+            raise
+        return messages

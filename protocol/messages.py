@@ -1,0 +1,182 @@
+"""Wire messages exchanged between replicas, with an explicit type-tag registry.
+
+Every message is a frozen, slotted dataclass. The codec serialises the fields
+in declaration order after a numeric tag; the tags below are part of the wire
+format and must never be reused for a different message. The sender of a
+message is not carried in it: the transport authenticates the peer in its
+handshake and passes its id to ``Replica.step``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from protocol.types import Entry
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """Base class of every frame the codec knows."""
+
+    TYPE_TAG: ClassVar[int] = 0
+
+
+# --------------------------------------------------------------------------- elections
+
+
+@dataclass(frozen=True, slots=True)
+class RequestVote(Message):
+    """A candidate asks for a vote in ``view``; its log ends at (last_index, last_view)."""
+
+    TYPE_TAG: ClassVar[int] = 1
+    view: int
+    last_index: int
+    last_view: int
+
+
+@dataclass(frozen=True, slots=True)
+class VoteReply(Message):
+    """The answer to RequestVote; sent only after the voter's view and vote are durable."""
+
+    TYPE_TAG: ClassVar[int] = 2
+    view: int
+    granted: bool
+
+
+# --------------------------------------------------------------------------- replication
+
+
+@dataclass(frozen=True, slots=True)
+class AppendEntries(Message):
+    """The primary's entries following (prev_index, prev_view), and its commit index."""
+
+    TYPE_TAG: ClassVar[int] = 3
+    view: int
+    prev_index: int
+    prev_view: int
+    commit_index: int
+    entries: tuple[Entry, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class AppendReply(Message):
+    """A backup's answer to AppendEntries, sent only after the entries are durable.
+
+    On success ``index`` is the last index the backup now holds in agreement
+    with the primary. On refusal ``index`` is the refused ``prev_index`` and
+    (hint_index, hint_view) is the backup's last entry that may still agree,
+    so the primary can skip back a whole view at a time.
+    """
+
+    TYPE_TAG: ClassVar[int] = 4
+    view: int
+    success: bool
+    index: int
+    hint_index: int
+    hint_view: int
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat(Message):
+    """Keeps backups from starting elections and carries a read-index confirmation round."""
+
+    TYPE_TAG: ClassVar[int] = 5
+    view: int
+    commit_index: int
+    read_round: int
+
+
+@dataclass(frozen=True, slots=True)
+class HeartbeatReply(Message):
+    """Echoes the read round: proof that this backup still follows the primary in ``view``."""
+
+    TYPE_TAG: ClassVar[int] = 6
+    view: int
+    read_round: int
+
+
+@dataclass(frozen=True, slots=True)
+class InstallSnapshot(Message):
+    """One chunk of a snapshot of the applied state through (snapshot_index, snapshot_view)."""
+
+    TYPE_TAG: ClassVar[int] = 7
+    view: int
+    snapshot_index: int
+    snapshot_view: int
+    offset: int
+    total_bytes: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotReply(Message):
+    """How many bytes of the snapshot the receiver holds, and whether it installed it."""
+
+    TYPE_TAG: ClassVar[int] = 8
+    view: int
+    snapshot_index: int
+    received_bytes: int
+    installed: bool
+
+
+# --------------------------------------------------------------------------- transport frames
+# The replica ignores these; the node's transport and request forwarding use them.
+
+
+@dataclass(frozen=True, slots=True)
+class Hello(Message):
+    """Opens a peer connection: who is calling, and a fresh challenge nonce."""
+
+    TYPE_TAG: ClassVar[int] = 16
+    node_id: str
+    nonce: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class HelloProof(Message):
+    """Answers a Hello with a MAC over the challenge, proving knowledge of the cluster secret."""
+
+    TYPE_TAG: ClassVar[int] = 17
+    node_id: str
+    mac: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardRequest(Message):
+    """A client request a backup forwards to the primary."""
+
+    TYPE_TAG: ClassVar[int] = 18
+    request_id: int
+    kind: str
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardResponse(Message):
+    """The primary's answer to a ForwardRequest."""
+
+    TYPE_TAG: ClassVar[int] = 19
+    request_id: int
+    status: int
+    body: bytes
+    headers: tuple[tuple[str, str], ...]
+
+
+MESSAGE_TYPES: tuple[type[Message], ...] = (
+    RequestVote, VoteReply, AppendEntries, AppendReply, Heartbeat, HeartbeatReply,
+    InstallSnapshot, SnapshotReply, Hello, HelloProof, ForwardRequest, ForwardResponse,
+)
+
+
+def _build_registry() -> dict[int, type[Message]]:
+    registry: dict[int, type[Message]] = {}
+    for message_type in MESSAGE_TYPES:
+        tag = message_type.TYPE_TAG
+        if tag <= 0 or tag in registry:
+            raise RuntimeError(f"type tag {tag} of {message_type.__name__} is invalid or reused")
+        registry[tag] = message_type
+    return registry
+
+
+MESSAGE_REGISTRY: dict[int, type[Message]] = _build_registry()

@@ -1,0 +1,98 @@
+"""What the primary knows about each backup, and snapshot transfers in both directions."""
+
+from __future__ import annotations
+
+from collections import deque
+from enum import Enum
+
+
+class PeerState(Enum):
+    """How the primary currently feeds one backup.
+
+    PROBE: one append at a time until the backup's log position is found.
+    REPLICATE: appends are pipelined, up to the in-flight limit.
+    SNAPSHOT: the backup needs entries the primary compacted; a snapshot is
+    requested from the driver or being streamed.
+    """
+
+    PROBE = 1
+    REPLICATE = 2
+    SNAPSHOT = 3
+
+
+class OutgoingSnapshot:
+    """A snapshot being streamed to one backup, one chunk per round trip."""
+
+    __slots__ = ("index", "view", "data", "acknowledged_bytes", "reported_bytes", "stalled_heartbeats")
+
+    def __init__(self, index: int, view: int, data: bytes) -> None:
+        self.index = index
+        self.view = view
+        self.data = data
+        self.acknowledged_bytes = 0
+        # The most recent count the receiver reported; after a stall the stream
+        # resumes there, which also covers a receiver that restarted from zero.
+        self.reported_bytes = 0
+        self.stalled_heartbeats = 0
+
+
+class IncomingSnapshot:
+    """A snapshot being reassembled by a backup; keyed so chunks of another transfer never mix in."""
+
+    __slots__ = ("key", "buffer")
+
+    def __init__(self, key: tuple[int, str, int, int, int]) -> None:
+        self.key = key
+        self.buffer = bytearray()
+
+
+class PeerProgress:
+    """Replication state of one backup, as seen by the primary."""
+
+    __slots__ = ("match_index", "next_index", "state", "probe_sent", "inflight", "recently_active",
+                 "read_round_acknowledged", "match_at_last_heartbeat", "stalled_heartbeats",
+                 "snapshot", "snapshot_wait_ticks")
+
+    def __init__(self, next_index: int) -> None:
+        self.match_index = 0
+        self.next_index = next_index
+        self.state = PeerState.PROBE
+        self.probe_sent = False
+        # Last index carried by each append sent in REPLICATE state and not yet acknowledged.
+        self.inflight: deque[int] = deque()
+        self.recently_active = False
+        self.read_round_acknowledged = 0
+        self.match_at_last_heartbeat = 0
+        self.stalled_heartbeats = 0
+        self.snapshot: OutgoingSnapshot | None = None
+        self.snapshot_wait_ticks = 0
+
+    def become_probe(self, next_index: int) -> None:
+        self.state = PeerState.PROBE
+        self.next_index = max(next_index, self.match_index + 1)
+        self.probe_sent = False
+        self.inflight.clear()
+        self.stalled_heartbeats = 0
+        self.snapshot = None
+
+    def become_replicate(self) -> None:
+        self.state = PeerState.REPLICATE
+        self.next_index = self.match_index + 1
+        self.inflight.clear()
+        self.stalled_heartbeats = 0
+
+    def become_snapshot(self) -> None:
+        self.state = PeerState.SNAPSHOT
+        self.inflight.clear()
+        self.snapshot = None
+        self.snapshot_wait_ticks = 0
+
+    def acknowledge(self, index: int) -> bool:
+        """Record that the backup durably holds everything up to index; True if that is news."""
+        while self.inflight and self.inflight[0] <= index:
+            self.inflight.popleft()
+        if index <= self.match_index:
+            return False
+        self.match_index = index
+        self.next_index = max(self.next_index, index + 1)
+        return True

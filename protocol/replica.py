@@ -1,0 +1,686 @@
+"""The replication core: a deterministic primary-backup state machine with view-numbered primaries.
+
+The replica performs no I/O. The driver feeds it ticks, peer messages,
+proposals and read requests, and carries out the ``Ready`` batches it returns
+(persist, then send, then apply, then ``advance``). The rules it follows, and
+why each is there, are written up in docs/replication.md.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from protocol.errors import NotPrimary, ProposalRejected
+from protocol.messages import (AppendEntries, AppendReply, Heartbeat, HeartbeatReply, InstallSnapshot, Message,
+                               RequestVote, SnapshotReply, VoteReply)
+from protocol.progress import IncomingSnapshot, OutgoingSnapshot, PeerProgress, PeerState
+from protocol.records import (BecamePrimary, ElectionStarted, Event, PrimaryChanged, ReadResult, Ready,
+                              ReplicaConfig, RestoredState, Role, SnapshotToInstall, SteppedDown)
+from protocol.replicated_log import ENTRY_OVERHEAD_BYTES, ReplicatedLog
+from protocol.types import Entry, EntryKind, HardState
+
+# After this many heartbeat intervals without progress, a pipelined stream or a
+# snapshot transfer is assumed to have lost a message and is restarted.
+STALLED_HEARTBEATS_LIMIT = 2
+PRIMARY_SENT_TYPES = (AppendEntries, Heartbeat, InstallSnapshot)
+
+
+class RandomSource(Protocol):
+    def random(self) -> float: ...
+
+    def randrange(self, start: int, stop: int) -> int: ...
+
+
+class Replica:
+    """One member of the replica group. See the module docstring and docs/replication.md."""
+
+    def __init__(self, config: ReplicaConfig, restored: RestoredState, rng: RandomSource) -> None:
+        self._config = config
+        self._rng = rng
+        self._peers = tuple(member for member in config.members if member != config.node_id)
+        self._quorum = len(config.members) // 2 + 1
+        self._log = _restore_log(restored)
+        hard_state = restored.hard_state
+        self._view = hard_state.view
+        self._voted_for = hard_state.voted_for
+        # A torn WAL tail may have kept a hard state whose commit index outruns the entries.
+        self._commit_index = max(restored.snapshot_index, min(hard_state.commit_index, self._log.last_index))
+        self._role = Role.BACKUP
+        self._primary_id: str | None = None
+        self._election_elapsed_ticks = 0
+        self._heartbeat_elapsed_ticks = 0
+        self._randomized_election_timeout_ticks = 0
+        self._randomize_election_timeout()
+        self._votes: dict[str, bool] = {}
+        self._progress: dict[str, PeerProgress] = {}
+        self._incoming_snapshot: IncomingSnapshot | None = None
+        # Output bookkeeping: what has been handed to the driver and what it confirmed.
+        self._handed_hard_state = hard_state
+        self._unstable_from_index = self._log.last_index + 1
+        self._pending_truncate_from: int | None = None
+        self._persisted_index = self._log.last_index
+        self._applied_index = restored.snapshot_index
+        self._pending_snapshot: SnapshotToInstall | None = None
+        self._outbox: list[tuple[str, Message]] = []
+        self._read_results: list[ReadResult] = []
+        self._snapshot_requests: list[str] = []
+        self._events: list[Event] = []
+        self._peers_needing_append: set[str] = set()
+        # Read-index state (primary only).
+        self._read_round = 0
+        self._unsent_reads: list[int] = []
+        self._pending_reads: list[tuple[int, int, int]] = []  # (request_id, read_index, round)
+        self._handlers = {
+            RequestVote: self._on_request_vote, VoteReply: self._on_vote_reply,
+            AppendEntries: self._on_append_entries, AppendReply: self._on_append_reply,
+            Heartbeat: self._on_heartbeat, HeartbeatReply: self._on_heartbeat_reply,
+            InstallSnapshot: self._on_install_snapshot, SnapshotReply: self._on_snapshot_reply,
+        }
+
+    # ------------------------------------------------------------------ introspection
+
+    @property
+    def node_id(self) -> str:
+        return self._config.node_id
+
+    @property
+    def config(self) -> ReplicaConfig:
+        return self._config
+
+    @property
+    def role(self) -> Role:
+        return self._role
+
+    @property
+    def view(self) -> int:
+        return self._view
+
+    @property
+    def primary_id(self) -> str | None:
+        return self._primary_id
+
+    @property
+    def commit_index(self) -> int:
+        return self._commit_index
+
+    @property
+    def last_index(self) -> int:
+        return self._log.last_index
+
+    @property
+    def last_view(self) -> int:
+        return self._log.last_view
+
+    @property
+    def log_base_index(self) -> int:
+        return self._log.base_index
+
+    def log_entry(self, index: int) -> Entry:
+        """The held entry at index (for inspection by tests and tools)."""
+        return self._log.entry(index)
+
+    def progress(self) -> dict[str, tuple[int, int]]:
+        """(match_index, next_index) of every backup; empty unless this replica is the primary."""
+        return {peer: (state.match_index, state.next_index) for peer, state in self._progress.items()}
+
+    # ------------------------------------------------------------------ inputs
+
+    def tick(self) -> None:
+        if self._role is Role.PRIMARY:
+            self._tick_primary()
+            return
+        self._election_elapsed_ticks += 1
+        # A cluster of one has nobody to wait for: it takes over at its first tick.
+        if not self._peers or self._election_elapsed_ticks >= self._randomized_election_timeout_ticks:
+            self._become_candidate()
+
+    def step(self, sender: str, message: Message) -> None:
+        """Handle one message from a peer; stale, foreign or malformed input is dropped."""
+        handler = self._handlers.get(type(message))
+        if handler is None or sender not in self._peers:
+            return
+        view = message.view  # type: ignore[attr-defined]
+        if view > self._view:
+            self._become_backup(view, sender if isinstance(message, PRIMARY_SENT_TYPES) else None)
+        elif view < self._view:
+            self._answer_stale(sender, message)
+            return
+        if self._role is Role.PRIMARY:
+            progress = self._progress[sender]
+            progress.recently_active = True
+        handler(sender, message)
+
+    def propose(self, payload: bytes) -> tuple[int, int]:
+        if self._role is not Role.PRIMARY:
+            raise NotPrimary(self._primary_id)
+        if len(payload) > self._config.max_entry_bytes:
+            raise ProposalRejected("payload larger than max_entry_bytes")
+        if self._log.last_index - self._commit_index >= self._config.max_uncommitted_entries:
+            raise ProposalRejected("too many uncommitted entries")
+        entry = Entry(self._log.last_index + 1, self._view, EntryKind.COMMAND, payload)
+        self._log.append([entry])
+        self._peers_needing_append.update(self._peers)
+        return entry.index, entry.view
+
+    def request_read(self, request_id: int) -> None:
+        if self._role is not Role.PRIMARY:
+            raise NotPrimary(self._primary_id)
+        if len(self._unsent_reads) + len(self._pending_reads) >= self._config.max_pending_reads:
+            self._read_results.append(ReadResult(request_id, 0, False))
+            return
+        self._unsent_reads.append(request_id)
+
+    def compact(self, index: int) -> None:
+        """Drop entries at or below index: the driver's store durably holds their effects."""
+        if index <= self._log.base_index:
+            return
+        if index > self._applied_index:
+            raise ValueError(f"cannot compact to {index}: only {self._applied_index} was handed out to apply")
+        self._log.compact_to(index)
+
+    def offer_snapshot(self, peer: str, index: int, view: int, data: bytes) -> None:
+        """The driver's answer to a snapshot request: the store's state through (index, view)."""
+        progress = self._progress.get(peer) if self._role is Role.PRIMARY else None
+        if progress is None or progress.state is not PeerState.SNAPSHOT or progress.snapshot is not None:
+            return  # the need went away (role change, or the transfer already runs)
+        if len(data) > self._config.max_snapshot_bytes:
+            raise ValueError("snapshot larger than max_snapshot_bytes")
+        if not self._log.base_index <= index <= self._commit_index or self._log.view_at(index) != view:
+            raise ValueError(f"snapshot at {index}/{view} is not a committed position this log holds")
+        progress.snapshot = OutgoingSnapshot(index, view, data)
+        self._send_snapshot_chunk(peer, progress.snapshot)
+
+    # ------------------------------------------------------------------ outputs
+
+    def has_ready(self) -> bool:
+        return bool(
+            self._hard_state() != self._handed_hard_state
+            or self._pending_truncate_from is not None
+            or self._unstable_from_index <= self._log.last_index
+            or self._pending_snapshot is not None
+            or self._outbox or self._read_results or self._snapshot_requests or self._events
+            or self._peers_needing_append
+            or self._commit_index > self._applied_index
+            or (self._unsent_reads and self._committed_in_current_view()))
+
+    def ready(self) -> Ready:
+        """Everything to do now; state moves on as if it were done, confirmed by advance()."""
+        self._flush_appends()
+        self._flush_reads()
+        hard_state = self._hard_state()
+        hard_state_out = hard_state if hard_state != self._handed_hard_state else None
+        self._handed_hard_state = hard_state
+        entries = tuple(self._log.entries_between(self._unstable_from_index, self._log.last_index))
+        self._unstable_from_index = self._log.last_index + 1
+        apply_upto = min(self._commit_index, self._applied_index + self._config.max_committed_entries_per_ready)
+        committed = tuple(self._log.entries_between(self._applied_index + 1, apply_upto))
+        self._applied_index = max(self._applied_index, apply_upto)
+        ready = Ready(
+            hard_state=hard_state_out, truncate_from=self._pending_truncate_from, entries=entries,
+            snapshot=self._pending_snapshot, messages=tuple(self._outbox), committed=committed,
+            read_results=tuple(self._read_results), snapshot_requests=tuple(self._snapshot_requests),
+            events=tuple(self._events))
+        self._pending_truncate_from = None
+        self._pending_snapshot = None
+        self._outbox.clear()
+        self._read_results.clear()
+        self._snapshot_requests.clear()
+        self._events.clear()
+        return ready
+
+    def advance(self, ready: Ready) -> None:
+        """The driver persisted, sent and applied ``ready``: its entries now count as durable here."""
+        persisted = self._persisted_index
+        if ready.snapshot is not None and self._log.base_index >= ready.snapshot.index:
+            persisted = max(persisted, ready.snapshot.index)
+        if ready.entries:
+            last = ready.entries[-1]
+            # A later conflict may have replaced these entries before advance(): check the view.
+            if self._log.view_at(last.index) == last.view:
+                persisted = max(persisted, last.index)
+        if self._pending_truncate_from is not None:
+            persisted = min(persisted, self._pending_truncate_from - 1)
+        self._persisted_index = min(persisted, self._log.last_index)
+        if self._role is Role.PRIMARY:
+            self._maybe_commit()
+
+    # ------------------------------------------------------------------ role changes
+
+    def _become_backup(self, view: int, primary_id: str | None) -> None:
+        assert view >= self._view, "views only grow"
+        was_primary = self._role is Role.PRIMARY
+        old_view = self._view
+        if view > self._view:
+            self._view = view
+            self._voted_for = None
+        self._role = Role.BACKUP
+        if was_primary:
+            self._stop_leading(old_view)
+        self._set_primary(primary_id)
+        self._votes.clear()
+        self._election_elapsed_ticks = 0
+        self._randomize_election_timeout()
+
+    def _become_candidate(self) -> None:
+        assert self._role is not Role.PRIMARY, "a primary does not campaign"
+        self._view += 1
+        self._voted_for = self.node_id
+        self._role = Role.CANDIDATE
+        self._set_primary(None)
+        self._votes = {self.node_id: True}
+        self._election_elapsed_ticks = 0
+        self._randomize_election_timeout()
+        self._events.append(ElectionStarted(self._view))
+        if self._granted_votes() >= self._quorum:
+            self._become_primary()
+            return
+        request = RequestVote(self._view, self._log.last_index, self._log.last_view)
+        self._outbox.extend((peer, request) for peer in self._peers)
+
+    def _become_primary(self) -> None:
+        assert self._role is Role.CANDIDATE, "only a candidate that won its election leads"
+        self._role = Role.PRIMARY
+        self._set_primary(self.node_id)
+        self._events.append(BecamePrimary(self._view))
+        self._progress = {peer: PeerProgress(self._log.last_index + 1) for peer in self._peers}
+        self._heartbeat_elapsed_ticks = 0
+        self._election_elapsed_ticks = 0
+        self._read_round = 0
+        # Entries of earlier views commit only underneath an entry of this view (figure 8 of
+        # the Raft paper), so the new primary writes a no-op straight away.
+        self._log.append([Entry(self._log.last_index + 1, self._view, EntryKind.NOOP, b"")])
+        self._peers_needing_append.update(self._peers)
+
+    def _stop_leading(self, view: int) -> None:
+        self._events.append(SteppedDown(view))
+        self._progress = {}
+        self._peers_needing_append.clear()
+        for request_id in self._unsent_reads:
+            self._read_results.append(ReadResult(request_id, 0, False))
+        for request_id, _read_index, _round in self._pending_reads:
+            self._read_results.append(ReadResult(request_id, 0, False))
+        self._unsent_reads.clear()
+        self._pending_reads.clear()
+
+    def _set_primary(self, primary_id: str | None) -> None:
+        if primary_id != self._primary_id:
+            self._primary_id = primary_id
+            self._events.append(PrimaryChanged(self._view, primary_id))
+
+    def _randomize_election_timeout(self) -> None:
+        timeout = self._config.election_timeout_ticks
+        self._randomized_election_timeout_ticks = self._rng.randrange(timeout, 2 * timeout)
+
+    # ------------------------------------------------------------------ elections
+
+    def _on_request_vote(self, sender: str, message: RequestVote) -> None:
+        granted = (self._role is Role.BACKUP
+                   and self._voted_for in (None, sender)
+                   and self._candidate_is_up_to_date(message.last_index, message.last_view))
+        if granted:
+            self._voted_for = sender
+            self._election_elapsed_ticks = 0
+        # The reply leaves only after the Ready carrying the new vote was persisted.
+        self._outbox.append((sender, VoteReply(self._view, granted)))
+
+    def _on_vote_reply(self, sender: str, message: VoteReply) -> None:
+        if self._role is not Role.CANDIDATE:
+            return
+        self._votes[sender] = message.granted
+        if self._granted_votes() >= self._quorum:
+            self._become_primary()
+
+    def _granted_votes(self) -> int:
+        return sum(1 for granted in self._votes.values() if granted)
+
+    def _candidate_is_up_to_date(self, last_index: int, last_view: int) -> bool:
+        """The election restriction: vote only for a log at least as recent as ours."""
+        own_view = self._log.last_view
+        return last_view > own_view or (last_view == own_view and last_index >= self._log.last_index)
+
+    def _answer_stale(self, sender: str, message: Message) -> None:
+        """Tell a sender still living in an older view about the current one."""
+        if isinstance(message, PRIMARY_SENT_TYPES):
+            self._outbox.append((sender, AppendReply(self._view, False, 0, 0, 0)))
+        elif isinstance(message, RequestVote):
+            self._outbox.append((sender, VoteReply(self._view, False)))
+
+    # ------------------------------------------------------------------ backup side
+
+    def _hear_from_primary(self, sender: str) -> bool:
+        """Follow the primary that sent this current-view message; False if we lead this view."""
+        if self._role is Role.PRIMARY:
+            return False  # two primaries in one view cannot happen; ignore rather than obey
+        if self._role is Role.CANDIDATE or self._primary_id != sender:
+            self._become_backup(self._view, sender)
+        self._election_elapsed_ticks = 0
+        return True
+
+    def _on_append_entries(self, sender: str, message: AppendEntries) -> None:
+        if not self._hear_from_primary(sender) or not _well_formed_append(message):
+            return
+        entries, prev_index, prev_view = message.entries, message.prev_index, message.prev_view
+        if prev_index < self._commit_index:
+            # Our committed prefix is settled and equal to the primary's: skip what it covers.
+            skip = self._commit_index - prev_index
+            if skip >= len(entries):
+                self._reply_append(sender, True, self._commit_index)
+                return
+            if entries[skip - 1].view != self._log.view_at(self._commit_index):
+                return  # contradicts our committed prefix: not from a correct primary
+            entries, prev_index = entries[skip:], self._commit_index
+            prev_view = self._log.view_at(prev_index)  # type: ignore[assignment]
+        if self._log.view_at(prev_index) != prev_view:
+            hint_index = self._log.find_conflict_by_view(min(prev_index, self._log.last_index), message.prev_view)
+            hint_view = self._log.view_at(hint_index) or 0
+            self._outbox.append((sender, AppendReply(self._view, False, message.prev_index, hint_index, hint_view)))
+            return
+        for position, entry in enumerate(entries):
+            held_view = self._log.view_at(entry.index)
+            if held_view == entry.view:
+                continue
+            if held_view is not None:
+                self._truncate_from(entry.index)
+            self._log.append(list(entries[position:]))
+            break
+        last_new_index = prev_index + len(entries)
+        self._commit_to(min(message.commit_index, last_new_index))
+        self._reply_append(sender, True, last_new_index)
+
+    def _reply_append(self, sender: str, success: bool, index: int) -> None:
+        self._outbox.append((sender, AppendReply(self._view, success, index, 0, 0)))
+
+    def _truncate_from(self, index: int) -> None:
+        assert index > self._commit_index, "committed entries are never truncated"
+        self._log.truncate_from(index)
+        self._persisted_index = min(self._persisted_index, index - 1)
+        if index < self._unstable_from_index:
+            # Some of these entries were handed to the driver: its WAL must drop them too.
+            if self._pending_truncate_from is None or index < self._pending_truncate_from:
+                self._pending_truncate_from = index
+            self._unstable_from_index = index
+
+    def _on_heartbeat(self, sender: str, message: Heartbeat) -> None:
+        if not self._hear_from_primary(sender):
+            return
+        # The primary sends min(commit, our match index), which our log is known to agree with.
+        self._commit_to(min(message.commit_index, self._log.last_index))
+        self._outbox.append((sender, HeartbeatReply(self._view, message.read_round)))
+
+    def _on_install_snapshot(self, sender: str, message: InstallSnapshot) -> None:
+        if not self._hear_from_primary(sender):
+            return
+        if message.snapshot_index <= self._commit_index:
+            self._reply_snapshot(sender, message, message.total_bytes, True)
+            return
+        if (message.total_bytes > self._config.max_snapshot_bytes
+                or message.offset + len(message.data) > message.total_bytes):
+            return
+        key = (message.view, sender, message.snapshot_index, message.snapshot_view, message.total_bytes)
+        incoming = self._incoming_snapshot
+        if incoming is None or incoming.key != key:
+            if message.offset != 0:
+                self._reply_snapshot(sender, message, 0, False)
+                return
+            incoming = self._incoming_snapshot = IncomingSnapshot(key)
+        if message.offset != len(incoming.buffer):
+            self._reply_snapshot(sender, message, len(incoming.buffer), False)
+            return
+        incoming.buffer += message.data
+        if len(incoming.buffer) == message.total_bytes:
+            self._incoming_snapshot = None
+            self._install_snapshot(message.snapshot_index, message.snapshot_view, bytes(incoming.buffer))
+        self._reply_snapshot(sender, message, len(incoming.buffer), len(incoming.buffer) == message.total_bytes)
+
+    def _install_snapshot(self, index: int, view: int, data: bytes) -> None:
+        if self._log.view_at(index) == view:
+            # We already hold that entry; the entries through it just become committed.
+            self._commit_to(index)
+            return
+        self._log.reset(index, view)
+        self._commit_index = index
+        self._applied_index = index
+        self._persisted_index = min(self._persisted_index, index)
+        self._unstable_from_index = index + 1
+        # The driver's base reset discards the whole persisted log, so no truncation is needed.
+        self._pending_truncate_from = None
+        self._pending_snapshot = SnapshotToInstall(index, view, data)
+
+    def _reply_snapshot(self, sender: str, message: InstallSnapshot, received_bytes: int, installed: bool) -> None:
+        reply = SnapshotReply(self._view, message.snapshot_index, received_bytes, installed)
+        self._outbox.append((sender, reply))
+
+    def _commit_to(self, index: int) -> None:
+        if index > self._commit_index:
+            self._commit_index = index
+
+    # ------------------------------------------------------------------ primary side
+
+    def _tick_primary(self) -> None:
+        self._election_elapsed_ticks += 1
+        self._heartbeat_elapsed_ticks += 1
+        if self._election_elapsed_ticks >= self._config.election_timeout_ticks:
+            self._election_elapsed_ticks = 0
+            if self._config.check_quorum and not self._quorum_recently_active():
+                # Cut off from a majority: a new primary may exist, so stop serving.
+                self._become_backup(self._view, None)
+                return
+            for progress in self._progress.values():
+                progress.recently_active = False
+        if self._heartbeat_elapsed_ticks >= self._config.heartbeat_interval_ticks:
+            self._heartbeat_elapsed_ticks = 0
+            for peer, progress in self._progress.items():
+                self._send_heartbeat(peer, progress)
+                self._retry_stalled(peer, progress)
+
+    def _quorum_recently_active(self) -> bool:
+        active = 1 + sum(1 for progress in self._progress.values() if progress.recently_active)
+        return active >= self._quorum
+
+    def _send_heartbeat(self, peer: str, progress: PeerProgress) -> None:
+        commit_index = min(self._commit_index, progress.match_index)
+        self._outbox.append((peer, Heartbeat(self._view, commit_index, self._read_round)))
+
+    def _retry_stalled(self, peer: str, progress: PeerProgress) -> None:
+        """Recover from lost messages: restart a stream that made no progress for a while."""
+        if progress.state is PeerState.REPLICATE:
+            if progress.inflight and progress.match_index == progress.match_at_last_heartbeat:
+                progress.stalled_heartbeats += 1
+                if progress.stalled_heartbeats >= STALLED_HEARTBEATS_LIMIT:
+                    progress.become_probe(progress.match_index + 1)
+                    self._send_appends(peer)
+            else:
+                progress.stalled_heartbeats = 0
+            progress.match_at_last_heartbeat = progress.match_index
+        elif progress.state is PeerState.SNAPSHOT:
+            self._retry_snapshot(peer, progress)
+
+    def _retry_snapshot(self, peer: str, progress: PeerProgress) -> None:
+        transfer = progress.snapshot
+        if transfer is None:
+            progress.snapshot_wait_ticks += self._config.heartbeat_interval_ticks
+            if progress.snapshot_wait_ticks >= self._config.election_timeout_ticks:
+                progress.snapshot_wait_ticks = 0
+                self._request_snapshot(peer)
+            return
+        transfer.stalled_heartbeats += 1
+        if transfer.stalled_heartbeats >= STALLED_HEARTBEATS_LIMIT:
+            transfer.acknowledged_bytes = min(transfer.acknowledged_bytes, transfer.reported_bytes)
+            self._send_snapshot_chunk(peer, transfer)
+
+    def _request_snapshot(self, peer: str) -> None:
+        if peer not in self._snapshot_requests:
+            self._snapshot_requests.append(peer)
+
+    def _flush_appends(self) -> None:
+        if self._role is Role.PRIMARY:
+            for peer in self._peers_needing_append:
+                self._send_appends(peer)
+        self._peers_needing_append.clear()
+
+    def _send_appends(self, peer: str) -> None:
+        """Send what the flow control allows: one probe, or appends up to the in-flight limit."""
+        progress = self._progress[peer]
+        while True:
+            if progress.state is PeerState.SNAPSHOT:
+                return
+            if progress.state is PeerState.PROBE and progress.probe_sent:
+                return
+            replicating = progress.state is PeerState.REPLICATE
+            if replicating and (len(progress.inflight) >= self._config.max_inflight_appends
+                                or progress.next_index > self._log.last_index):
+                return
+            prev_index = progress.next_index - 1
+            prev_view = self._log.view_at(prev_index)
+            if prev_view is None or prev_index < self._log.base_index:
+                progress.become_snapshot()
+                self._request_snapshot(peer)
+                return
+            entries: list[Entry] = []
+            if progress.next_index <= self._log.last_index:
+                entries = self._log.batch_from(progress.next_index, self._config.max_entries_per_message,
+                                               self._config.max_bytes_per_message)
+            message = AppendEntries(self._view, prev_index, prev_view, self._commit_index, tuple(entries))
+            self._outbox.append((peer, message))
+            if not replicating:
+                progress.probe_sent = True
+                return
+            progress.next_index = entries[-1].index + 1
+            progress.inflight.append(entries[-1].index)
+
+    def _on_append_reply(self, sender: str, message: AppendReply) -> None:
+        if self._role is not Role.PRIMARY or message.index > self._log.last_index:
+            return
+        progress = self._progress[sender]
+        if message.success:
+            if progress.acknowledge(message.index):
+                self._maybe_commit()
+            if progress.state is PeerState.PROBE:
+                progress.become_replicate()
+            elif progress.state is PeerState.SNAPSHOT and progress.match_index >= self._log.base_index:
+                progress.become_probe(progress.match_index + 1)
+            self._send_appends(sender)
+            return
+        if progress.state is PeerState.SNAPSHOT:
+            return
+        if progress.state is PeerState.REPLICATE and message.index <= progress.match_index:
+            return  # a refusal of an append older than what the backup since acknowledged
+        if progress.state is PeerState.PROBE and message.index != progress.next_index - 1:
+            return  # a refusal of an earlier probe
+        candidate = self._log.find_conflict_by_view(min(message.hint_index, message.index), message.hint_view)
+        progress.become_probe(min(message.index, candidate + 1))
+        self._send_appends(sender)
+
+    def _on_heartbeat_reply(self, sender: str, message: HeartbeatReply) -> None:
+        if self._role is not Role.PRIMARY:
+            return
+        progress = self._progress[sender]
+        round_seen = min(message.read_round, self._read_round)
+        if round_seen > progress.read_round_acknowledged:
+            progress.read_round_acknowledged = round_seen
+            self._confirm_reads()
+        if progress.state is PeerState.PROBE and progress.match_index < self._log.last_index:
+            progress.probe_sent = False  # the backup is reachable: probe again
+            self._send_appends(sender)
+
+    def _on_snapshot_reply(self, sender: str, message: SnapshotReply) -> None:
+        if self._role is not Role.PRIMARY:
+            return
+        progress = self._progress[sender]
+        transfer = progress.snapshot
+        if transfer is None or message.snapshot_index != transfer.index:
+            return
+        if message.installed:
+            if progress.acknowledge(transfer.index):
+                self._maybe_commit()
+            progress.become_probe(transfer.index + 1)
+            self._send_appends(sender)
+            return
+        transfer.reported_bytes = min(message.received_bytes, len(transfer.data))
+        if transfer.reported_bytes > transfer.acknowledged_bytes:
+            transfer.acknowledged_bytes = transfer.reported_bytes
+            transfer.stalled_heartbeats = 0
+            self._send_snapshot_chunk(sender, transfer)
+
+    def _send_snapshot_chunk(self, peer: str, transfer: OutgoingSnapshot) -> None:
+        offset = transfer.acknowledged_bytes
+        chunk = transfer.data[offset:offset + self._config.max_bytes_per_message]
+        message = InstallSnapshot(self._view, transfer.index, transfer.view, offset, len(transfer.data), chunk)
+        self._outbox.append((peer, message))
+        transfer.stalled_heartbeats = 0
+
+    def _maybe_commit(self) -> None:
+        """Move the commit point to the highest index durable on a quorum, if it is of this view."""
+        durable = sorted([self._persisted_index] + [p.match_index for p in self._progress.values()], reverse=True)
+        candidate = durable[self._commit_quorum_size() - 1]
+        if candidate > self._commit_index and self._may_commit_entry_of_view(self._log.view_at(candidate)):
+            self._commit_index = candidate
+
+    def _commit_quorum_size(self) -> int:
+        return self._quorum
+
+    def _may_commit_entry_of_view(self, view: int | None) -> bool:
+        """Counting replicas commits only entries of the current view (Raft figure 8)."""
+        return view == self._view
+
+    def _committed_in_current_view(self) -> bool:
+        return self._role is Role.PRIMARY and self._log.view_at(self._commit_index) == self._view
+
+    # ------------------------------------------------------------------ read index
+
+    def _flush_reads(self) -> None:
+        """Start one confirmation round for every read that arrived since the last Ready."""
+        if not self._unsent_reads or not self._committed_in_current_view():
+            return
+        self._read_round += 1
+        for request_id in self._unsent_reads:
+            self._pending_reads.append((request_id, self._commit_index, self._read_round))
+        self._unsent_reads.clear()
+        for peer, progress in self._progress.items():
+            self._send_heartbeat(peer, progress)
+        self._confirm_reads()
+
+    def _confirm_reads(self) -> None:
+        if not self._pending_reads:
+            return
+        rounds = sorted([self._read_round] + [p.read_round_acknowledged for p in self._progress.values()],
+                        reverse=True)
+        confirmed_round = rounds[self._quorum - 1]
+        still_waiting = []
+        for request_id, read_index, read_round in self._pending_reads:
+            if read_round <= confirmed_round:
+                self._read_results.append(ReadResult(request_id, read_index, True))
+            else:
+                still_waiting.append((request_id, read_index, read_round))
+        self._pending_reads = still_waiting
+
+    def _hard_state(self) -> HardState:
+        return HardState(self._view, self._voted_for, self._commit_index)
+
+
+def _restore_log(restored: RestoredState) -> ReplicatedLog:
+    hard_state = restored.hard_state
+    if restored.snapshot_index < 0 or restored.snapshot_view < 0 or hard_state.view < 0:
+        raise ValueError("restored positions must be non-negative")
+    try:
+        log = ReplicatedLog(restored.snapshot_index, restored.snapshot_view, restored.entries)
+    except ValueError as error:
+        raise ValueError(f"restored entries are not a log: {error}") from None
+    if log.last_view > hard_state.view:
+        raise ValueError("restored entries are from a view later than the restored hard state")
+    return log
+
+
+def _well_formed_append(message: AppendEntries) -> bool:
+    """Entries must follow prev_index contiguously with views in [prev_view, view], never decreasing."""
+    expected_index = message.prev_index + 1
+    previous_view = message.prev_view
+    for entry in message.entries:
+        if entry.index != expected_index or entry.view < previous_view or entry.view > message.view:
+            return False
+        expected_index += 1
+        previous_view = entry.view
+    return True
+
+
+__all__ = ["ENTRY_OVERHEAD_BYTES", "Replica"]

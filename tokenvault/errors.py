@@ -115,3 +115,55 @@ def default_title(status: int) -> str:
         return HTTPStatus(status).phrase
     except ValueError:
         return "Error"
+
+
+class InvalidRequest(ServiceError):
+    """The request is not JSON, has the wrong shape or types, or holds an invalid item or header."""
+
+    status = 400
+    title = "Invalid request"
+    problem = "invalid-request"
+
+
+class Unauthenticated(ServiceError):
+    """No API key, a malformed Authorization header, or an unknown key."""
+
+    status = 401
+    title = "Authentication required"
+    problem = "unauthenticated"
+
+
+class Forbidden(ServiceError):
+    """The API key is valid but lacks the scope the endpoint needs."""
+
+    status = 403
+    title = "Insufficient scope"
+    problem = "forbidden"
+
+
+class PayloadTooLarge(ServiceError):
+    """The body is larger than max_body_bytes or holds more than max_items items."""
+
+    status = 413
+    title = "Payload too large"
+    problem = "payload-too-large"
+
+
+class UnsupportedMediaType(ServiceError):
+    """The request body is not declared as JSON."""
+
+    status = 415
+    title = "Unsupported media type"
+    problem = "unsupported-media-type"
+
+
+class Overloaded(Unavailable):
+    """Too many requests are in progress on this node; the rejected one had no effect."""
+
+    problem = "overloaded"
+
+    def __init__(self, detail: str | None = None, *, retry_after_seconds: int = DEFAULT_RETRY_AFTER_SECONDS) -> None:
+        super().__init__(
+            detail or "too many requests in progress on this node; retry later",
+            retry_after_seconds=retry_after_seconds,
+        )

@@ -1,0 +1,491 @@
+"""The HTTP API of a node (aiohttp): routing, authentication, validation, problem+json.
+
+This module is the only place where client bytes become service calls, so it
+validates everything before the service sees it. The checks run in this order,
+and the first failing one answers:
+
+1. route and method (404, 405), by aiohttp's router;
+2. authentication (401 with ``WWW-Authenticate: Bearer``), then scope (403) —
+   before the body is read, so an unauthenticated client cannot make the node
+   buffer or parse anything;
+3. the in-flight bound (503 with ``Retry-After``), so the memory held by
+   request bodies stays bounded;
+4. the ``Idempotency-Key`` header (400);
+5. the content type (415), when the request has a body;
+6. the body size (413): first the declared Content-Length, then aiohttp's
+   ``client_max_size`` while reading (which also covers chunked bodies);
+7. JSON syntax and UTF-8 (400), the document's shape (400), the item count
+   (413), then each item (400);
+8. the service's own answers: 409 / 422 for idempotency conflicts, 503.
+
+Error bodies are ``application/problem+json`` built from fixed texts, counts
+and positions; they never contain a submitted value, token or key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+from aiohttp.http_exceptions import DecompressSizeError, HttpProcessingError
+
+from tokenvault import auth
+from tokenvault.errors import (
+    PROBLEM_CONTENT_TYPE,
+    Forbidden,
+    InvalidRequest,
+    Outcome,
+    Overloaded,
+    PayloadTooLarge,
+    ServiceError,
+    Unauthenticated,
+    UnsupportedMediaType,
+    default_title,
+    problem_body,
+)
+from tokenvault.logs import get_logger
+from tokenvault.metrics import UNMATCHED_ROUTE, Metrics
+from tokenvault.tokens import is_token
+
+if TYPE_CHECKING:
+    from tokenvault.config import NodeConfig
+    from tokenvault.service import VaultService
+
+ROUTE_HEALTH = "/health"
+ROUTE_METRICS = "/metrics"
+ROUTE_TOKENIZE = "/v1/tokenize"
+ROUTE_DETOKENIZE = "/v1/detokenize"
+ROUTE_EPOCHS = "/v1/admin/epochs"
+ROUTE_CLUSTER = "/v1/admin/cluster"
+
+JSON_CONTENT_TYPE = "application/json"
+IDEMPOTENCY_KEY_HEADER = "Idempotency-Key"
+REPLAYED_HEADER = "Idempotent-Replayed"
+# Printable ASCII is 0x20-0x7E; HTTP parsing already strips surrounding spaces.
+IDEMPOTENCY_KEY_PATTERN = re.compile(r"[\x20-\x7e]{1,255}\Z")
+DEFAULT_MAX_INFLIGHT_REQUESTS = 256
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+# Responses to API calls may carry plaintext values: no cache may keep them.
+NO_STORE_HEADERS = {"Cache-Control": "no-store"}
+
+SERVICE_KEY: web.AppKey[Any] = web.AppKey("tokenvault_service", object)
+METRICS_KEY: web.AppKey[Metrics] = web.AppKey("tokenvault_metrics", Metrics)
+
+_log = get_logger("tokenvault.http")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True, slots=True)
+class HttpLimits:
+    """Request limits; the contract's defaults are 1000 items, 4096 bytes, 8 MiB."""
+
+    max_items: int = 1000
+    max_value_bytes: int = 4096
+    max_body_bytes: int = 8 * 1024 * 1024
+    max_inflight_requests: int = DEFAULT_MAX_INFLIGHT_REQUESTS
+
+    def __post_init__(self) -> None:
+        for name in ("max_items", "max_value_bytes", "max_body_bytes", "max_inflight_requests"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+
+    @classmethod
+    def from_config(cls, config: Any, *, max_inflight_requests: int = DEFAULT_MAX_INFLIGHT_REQUESTS) -> HttpLimits:
+        limits = config.limits
+        return cls(
+            max_items=limits.max_items,
+            max_value_bytes=limits.max_value_bytes,
+            max_body_bytes=limits.max_body_bytes,
+            max_inflight_requests=max_inflight_requests,
+        )
+
+
+# ---------------------------------------------------------------- responses
+
+
+def json_response(document: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    body = json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    return web.Response(body=body, status=status, content_type=JSON_CONTENT_TYPE, headers=headers)
+
+
+def problem_response(
+    status: int, slug: str, title: str, detail: str, headers: dict[str, str] | None = None
+) -> web.Response:
+    response = web.Response(
+        body=problem_body(status, slug, title, detail), status=status, headers=dict(headers or {})
+    )
+    # Set after construction: aiohttp's content_type argument would append a charset parameter.
+    response.headers["Content-Type"] = PROBLEM_CONTENT_TYPE
+    return response
+
+
+def outcome_response(outcome: Outcome) -> web.Response:
+    headers = dict(NO_STORE_HEADERS)
+    if outcome.replayed:
+        headers[REPLAYED_HEADER] = "true"
+    return web.Response(body=outcome.body, status=outcome.status, content_type=JSON_CONTENT_TYPE, headers=headers)
+
+
+_HTTP_EXCEPTION_PROBLEMS: dict[int, tuple[str, str]] = {
+    400: ("invalid-request", "the request could not be parsed"),
+    404: ("not-found", "no such endpoint"),
+    405: ("method-not-allowed", "this endpoint does not support the request's method"),
+    413: ("payload-too-large", "the request body is larger than max_body_bytes"),
+}
+
+
+def http_exception_problem(error: web.HTTPException) -> web.Response:
+    """Re-render one of aiohttp's own errors (404, 405, 413, ...) as problem+json."""
+    slug, detail = _HTTP_EXCEPTION_PROBLEMS.get(error.status, (f"http-{error.status}", default_title(error.status)))
+    headers = {name: error.headers[name] for name in ("Allow",) if name in error.headers}
+    return problem_response(error.status, slug, default_title(error.status), detail, headers)
+
+
+# ---------------------------------------------------------------- header checks
+
+
+def authorize(request: web.Request, api_keys: auth.ApiKeyTable, scope: str) -> auth.Principal:
+    """The request's principal if its bearer key is known and has ``scope``; else 401 / 403."""
+    headers = request.headers.getall("Authorization", [])
+    if not headers:
+        raise Unauthenticated("send an API key as 'Authorization: Bearer <key>'", headers=_challenge())
+    if len(headers) > 1:
+        raise Unauthenticated("send exactly one Authorization header", headers=_challenge("invalid_request"))
+    presented = auth.bearer_credentials(headers[0])
+    if presented is None:
+        raise Unauthenticated("the Authorization header must use the Bearer scheme", headers=_challenge("invalid_request"))
+    principal = api_keys.authenticate(presented)
+    if principal is None:
+        raise Unauthenticated("unknown API key", headers=_challenge("invalid_token"))
+    if not principal.has_scope(scope):
+        raise Forbidden(
+            f"this API key lacks the '{scope}' scope",
+            headers={"WWW-Authenticate": f'Bearer realm="tokenvault", error="insufficient_scope", scope="{scope}"'},
+        )
+    return principal
+
+
+def _challenge(error: str | None = None) -> dict[str, str]:
+    value = 'Bearer realm="tokenvault"'
+    if error is not None:
+        value += f', error="{error}"'
+    return {"WWW-Authenticate": value}
+
+
+def idempotency_key(request: web.Request) -> str | None:
+    """The Idempotency-Key header (1-255 printable ASCII characters), or None when absent."""
+    values = request.headers.getall(IDEMPOTENCY_KEY_HEADER, [])
+    if not values:
+        return None
+    if len(values) > 1:
+        raise InvalidRequest("send at most one Idempotency-Key header")
+    if IDEMPOTENCY_KEY_PATTERN.match(values[0]) is None:
+        raise InvalidRequest("Idempotency-Key must be 1-255 printable ASCII characters")
+    return values[0]
+
+
+def require_json_content_type(request: web.Request) -> None:
+    """415 unless the body is declared as JSON (application/json or */*+json) in UTF-8."""
+    if "Content-Type" not in request.headers:
+        raise UnsupportedMediaType("send the body with 'Content-Type: application/json'")
+    media_type = request.content_type
+    is_json = media_type == JSON_CONTENT_TYPE or (media_type.startswith("application/") and media_type.endswith("+json"))
+    if not is_json:
+        raise UnsupportedMediaType("the request body must be application/json")
+    charset = request.charset
+    if charset is not None and charset.lower() not in ("utf-8", "utf8"):
+        raise UnsupportedMediaType("JSON request bodies must be UTF-8")
+
+
+# ---------------------------------------------------------------- body checks
+
+
+class _DuplicateMember(ValueError):
+    pass
+
+
+def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    document = dict(pairs)
+    if len(document) != len(pairs):
+        raise _DuplicateMember
+    return document
+
+
+def _refuse_constant(_name: str) -> Any:
+    raise ValueError("NaN and Infinity are not JSON")
+
+
+def parse_json(body: bytes) -> Any:
+    """Strict JSON: UTF-8, no duplicate object members, no NaN/Infinity, bounded nesting."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidRequest("the request body is not valid UTF-8") from None
+    try:
+        return json.loads(text, object_pairs_hook=_object_without_duplicates, parse_constant=_refuse_constant)
+    except _DuplicateMember:
+        raise InvalidRequest("a JSON object in the body has a duplicate member name") from None
+    except RecursionError:
+        raise InvalidRequest("the JSON body is nested too deeply") from None
+    except ValueError:
+        # json's messages hold only positions, but ours is fixed text to be sure.
+        raise InvalidRequest("the request body is not valid JSON") from None
+
+
+def require_members(document: Any, required: tuple[str, ...]) -> dict[str, Any]:
+    """The body as a JSON object holding exactly the ``required`` members."""
+    if not isinstance(document, dict):
+        raise InvalidRequest("the request body must be a JSON object")
+    unknown = len(set(document) - set(required))
+    if unknown:
+        raise InvalidRequest(f"the request body has {unknown} unknown member(s); allowed: {list(required)}")
+    for name in required:
+        if name not in document:
+            raise InvalidRequest(f"the request body must have a '{name}' member")
+    return document
+
+
+def require_item_list(document: dict[str, Any], member: str, limits: HttpLimits) -> list[Any]:
+    """A non-empty JSON array of at most max_items items (413 past the limit)."""
+    items = document[member]
+    if not isinstance(items, list):
+        raise InvalidRequest(f"'{member}' must be an array of strings")
+    if not items:
+        raise InvalidRequest(f"'{member}' must not be empty")
+    if len(items) > limits.max_items:
+        raise PayloadTooLarge(f"'{member}' has {len(items)} items; at most {limits.max_items} are allowed")
+    return items
+
+
+def validate_values(items: list[Any], limits: HttpLimits) -> list[str]:
+    """Every value is a non-empty string of valid Unicode of at most max_value_bytes UTF-8 bytes."""
+    for position, value in enumerate(items):
+        if not isinstance(value, str):
+            raise InvalidRequest(f"values[{position}] must be a string")
+        if not value:
+            raise InvalidRequest(f"values[{position}] must not be empty")
+        try:
+            size_bytes = len(value.encode("utf-8"))
+        except UnicodeEncodeError:
+            # A lone surrogate escape such as "\ud800" is valid JSON but not Unicode text.
+            raise InvalidRequest(f"values[{position}] is not valid Unicode text") from None
+        if size_bytes > limits.max_value_bytes:
+            raise InvalidRequest(
+                f"values[{position}] is {size_bytes} UTF-8 bytes; at most {limits.max_value_bytes} are allowed"
+            )
+    return items
+
+
+def validate_tokens(items: list[Any]) -> list[str]:
+    """Every token is a string of the token grammar tv<epoch>_<body>."""
+    for position, token in enumerate(items):
+        if not isinstance(token, str):
+            raise InvalidRequest(f"tokens[{position}] must be a string")
+        if not is_token(token):
+            raise InvalidRequest(f"tokens[{position}] is not a token (expected tv<epoch>_<base32 body>)")
+    return items
+
+
+# ---------------------------------------------------------------- the application
+
+
+class _Api:
+    """The route handlers, holding the service, key table, limits and metrics."""
+
+    def __init__(self, service: VaultService, api_keys: auth.ApiKeyTable, limits: HttpLimits, metrics: Metrics) -> None:
+        self.service = service
+        self.api_keys = api_keys
+        self.limits = limits
+        self.metrics = metrics
+        self.inflight_requests = 0
+
+    async def read_json(self, request: web.Request, *, body_required: bool) -> Any:
+        """Content type, size and JSON checks; an empty body is ``None`` when allowed."""
+        if not body_required and not request.body_exists:
+            return None
+        require_json_content_type(request)
+        declared_bytes = request.content_length
+        if declared_bytes is not None and declared_bytes > self.limits.max_body_bytes:
+            raise PayloadTooLarge(f"the request body is larger than {self.limits.max_body_bytes} bytes")
+        body = await self.read_body(request)
+        if len(body) > self.limits.max_body_bytes:
+            raise PayloadTooLarge(f"the request body is larger than {self.limits.max_body_bytes} bytes")
+        if not body:
+            if not body_required:
+                return None
+            raise InvalidRequest("the request body is empty; send a JSON object")
+        return parse_json(body)
+
+    async def read_body(self, request: web.Request) -> bytes:
+        """The whole body; a broken transfer or content encoding is the client's error (400)."""
+        try:
+            return await request.read()
+        except (web.RequestPayloadError, HttpProcessingError) as error:
+            # aiohttp wraps the parser's error; a decompressed body over the limit is still 413.
+            if isinstance(error, DecompressSizeError) or isinstance(error.__cause__, DecompressSizeError):
+                raise PayloadTooLarge(
+                    f"the decoded request body is larger than {self.limits.max_body_bytes} bytes"
+                ) from None
+            raise InvalidRequest("the request body could not be read (bad transfer or content encoding)") from None
+        except ConnectionError:
+            raise InvalidRequest("the request body ended early") from None
+
+    @contextlib.contextmanager
+    def inflight_slot(self) -> Iterator[None]:
+        """Hold one of max_inflight_requests slots, or refuse with 503 when none is free."""
+        if self.inflight_requests >= self.limits.max_inflight_requests:
+            raise Overloaded()
+        self.inflight_requests += 1
+        try:
+            yield
+        finally:
+            self.inflight_requests -= 1
+
+    async def health(self, request: web.Request) -> web.Response:
+        return json_response(self.service.health(), headers=NO_STORE_HEADERS)
+
+    async def metrics_endpoint(self, request: web.Request) -> web.Response:
+        body, content_type = self.metrics.render()
+        response = web.Response(body=body)
+        response.headers["Content-Type"] = content_type
+        return response
+
+    async def tokenize(self, request: web.Request) -> web.StreamResponse:
+        principal = authorize(request, self.api_keys, auth.TOKENIZE)
+        with self.inflight_slot():
+            return await self._tokenize(request, principal)
+
+    async def _tokenize(self, request: web.Request, principal: auth.Principal) -> web.Response:
+        key = idempotency_key(request)
+        document = require_members(await self.read_json(request, body_required=True), ("values",))
+        values = validate_values(require_item_list(document, "values", self.limits), self.limits)
+        outcome = await self.service.tokenize(principal.name, values, key)
+        # Issued tokens are counted by the node when it applies them, once per
+        # token across forwards; this layer counts only replays.
+        if outcome.replayed:
+            self.metrics.record_replay(ROUTE_TOKENIZE)
+        return outcome_response(outcome)
+
+    async def detokenize(self, request: web.Request) -> web.StreamResponse:
+        authorize(request, self.api_keys, auth.DETOKENIZE)
+        with self.inflight_slot():
+            return await self._detokenize(request)
+
+    async def _detokenize(self, request: web.Request) -> web.Response:
+        document = require_members(await self.read_json(request, body_required=True), ("tokens",))
+        tokens = validate_tokens(require_item_list(document, "tokens", self.limits))
+        values = await self.service.detokenize(tokens)
+        if len(values) != len(tokens):
+            raise AssertionError("the service answered a different number of values than tokens asked")
+        return json_response({"values": values}, headers=NO_STORE_HEADERS)
+
+    async def rotate_epoch(self, request: web.Request) -> web.StreamResponse:
+        principal = authorize(request, self.api_keys, auth.ADMIN)
+        with self.inflight_slot():
+            return await self._rotate_epoch(request, principal)
+
+    async def _rotate_epoch(self, request: web.Request, principal: auth.Principal) -> web.Response:
+        key = idempotency_key(request)
+        # The body is `{}`; an empty body is accepted as the same request.
+        document = await self.read_json(request, body_required=False)
+        if document is not None:
+            require_members(document, ())
+        outcome = await self.service.rotate_epoch(principal.name, key)
+        if outcome.replayed:
+            self.metrics.record_replay(ROUTE_EPOCHS)
+        return outcome_response(outcome)
+
+    async def list_epochs(self, request: web.Request) -> web.Response:
+        authorize(request, self.api_keys, auth.ADMIN)
+        return json_response(await self.service.list_epochs(), headers=NO_STORE_HEADERS)
+
+    async def cluster(self, request: web.Request) -> web.Response:
+        authorize(request, self.api_keys, auth.ADMIN)
+        return json_response(await self.service.cluster_view(), headers=NO_STORE_HEADERS)
+
+
+def _route_label(request: web.Request) -> str:
+    resource = request.match_info.route.resource
+    if resource is None:
+        return UNMATCHED_ROUTE
+    return resource.canonical
+
+
+def _metrics_middleware(metrics: Metrics) -> Any:
+    @web.middleware
+    async def record_request(request: web.Request, handler: Handler) -> web.StreamResponse:
+        started = time.perf_counter()
+        status: int | None = None
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        finally:
+            # A cancelled request (client gone) has no status and is not counted.
+            if status is not None:
+                method = request.method if request.method in KNOWN_METHODS else "OTHER"
+                metrics.observe_request(_route_label(request), method, status, time.perf_counter() - started)
+
+    return record_request
+
+
+@web.middleware
+async def _problem_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Turn every error into problem+json; an unexpected exception is logged without its message."""
+    try:
+        return await handler(request)
+    except ServiceError as error:
+        return problem_response(error.status, error.problem, error.title, error.detail, error.headers)
+    except web.HTTPException as error:
+        if error.status < 400:
+            raise
+        return http_exception_problem(error)
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        _log.exception("http.unexpected_error", route=_route_label(request), method=request.method)
+        return problem_response(500, "internal", "Internal error", "an unexpected error occurred; it has been logged")
+
+
+def build_app(
+    service: VaultService, api_keys: auth.ApiKeyTable, limits: HttpLimits, metrics: Metrics
+) -> web.Application:
+    """The application from its parts (create_app reads them from a NodeConfig)."""
+    # aiohttp refuses bodies strictly larger than client_max_size, so the
+    # limit itself is allowed, as the contract says ("at most").
+    app = web.Application(
+        client_max_size=limits.max_body_bytes,
+        middlewares=[_metrics_middleware(metrics), _problem_middleware],
+    )
+    api = _Api(service, api_keys, limits, metrics)
+    app[SERVICE_KEY] = service
+    app[METRICS_KEY] = metrics
+    app.router.add_get(ROUTE_HEALTH, api.health)
+    app.router.add_get(ROUTE_METRICS, api.metrics_endpoint)
+    app.router.add_post(ROUTE_TOKENIZE, api.tokenize)
+    app.router.add_post(ROUTE_DETOKENIZE, api.detokenize)
+    app.router.add_post(ROUTE_EPOCHS, api.rotate_epoch)
+    app.router.add_get(ROUTE_EPOCHS, api.list_epochs)
+    app.router.add_get(ROUTE_CLUSTER, api.cluster)
+    return app
+
+
+def create_app(
+    service: VaultService,
+    config: NodeConfig,
+    metrics: Metrics,
+    *,
+    max_inflight_requests: int = DEFAULT_MAX_INFLIGHT_REQUESTS,
+) -> web.Application:
+    """The node's HTTP application: API key table and limits from ``config``."""
+    api_keys = auth.ApiKeyTable(config.api_keys)
+    limits = HttpLimits.from_config(config, max_inflight_requests=max_inflight_requests)
+    return build_app(service, api_keys, limits, metrics)

@@ -143,7 +143,7 @@ def logs(node_id: str, follow: bool) -> None:
         click.echo(f"--- node log ({node.log_file}) ---", err=True)
     if not node.log_file.exists():
         return
-    output = click.get_binary_stream("stdout")
+    output = sys.stdout.buffer
     with open(node.log_file, "rb") as handle:
         shutil.copyfileobj(handle, output)
         output.flush()

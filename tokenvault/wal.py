@@ -1,0 +1,727 @@
+"""Write-ahead log of the replication log and the hard state.
+
+The log lives in a directory of segment files ``segment-<sequence>.wal``. Each
+file is a sequence of records::
+
+    u32 length | u32 crc32 | u8 type | payload (msgpack, ``length`` bytes)
+
+all big-endian. The CRC covers the length, the type and the payload, so a
+damaged header is detected like a damaged payload. Record types:
+
+- ``BASE [index, view, reset]``: the first record of every segment. It names
+  the log position the segment continues from; ``reset`` marks a segment
+  written after a snapshot install, which replaces everything before it.
+- ``HARD_STATE [view, voted_for, commit_index]``: the latest one wins. Every
+  segment repeats the hard state right after its BASE record, so deleting old
+  segments never loses it.
+- ``ENTRY [index, view, kind, payload]``: the next log entry.
+- ``TRUNCATE [from_index]``: drop the entries from ``from_index`` on (a
+  conflicting suffix the primary replaced).
+
+Writes are group commits: ``append`` only encodes records into a buffer, and
+``sync`` writes the whole buffer with one ``write`` and makes it durable with
+one ``fdatasync``. Recovery (``open``) replays every segment in order. Damage at
+the very end of the last segment that looks like an interrupted write (a cut
+record, or a record running into never-written zero bytes) is cut off: it was
+never synced, so never acknowledged. Any other damage raises WalCorruption
+naming the file and offset, and the node refuses to start. A failed write or
+fsync raises WalFatal and poisons the log: the page cache state after a failed
+fsync is unknown, so the node must exit rather than retry.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import mmap
+import os
+import re
+import struct
+import threading
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import IntEnum
+from pathlib import Path
+
+import msgpack
+
+from protocol import Entry, EntryKind, HardState
+
+# The largest command is 64 MiB (tokenvault.commands.MAX_COMMAND_BYTES); an
+# entry adds a few bytes of framing. A longer length field is corruption, and is
+# refused before anything is allocated for it.
+MAX_RECORD_PAYLOAD_BYTES = 64 * 1024 * 1024 + 64 * 1024
+DEFAULT_MAX_SEGMENT_BYTES = 64 * 1024 * 1024
+MAX_VOTED_FOR_CHARS = 255
+MAX_LOG_INTEGER = 2**63 - 1
+# Unwritten parts of a torn write show up as zeros in whole disk sectors.
+SECTOR_BYTES = 512
+
+SEGMENT_PATTERN = re.compile(r"segment-([0-9]{16})\.wal\Z")
+LOCK_FILE_NAME = "wal.lock"
+
+_HEADER = struct.Struct(">IIB")
+_LENGTH_AND_TYPE = struct.Struct(">IB")
+HEADER_BYTES = _HEADER.size
+
+
+class RecordType(IntEnum):
+    ENTRY = 1
+    HARD_STATE = 2
+    TRUNCATE = 3
+    BASE = 4
+
+
+class WalCorruption(Exception):
+    """The log is damaged before its tail: the node must not start from it."""
+
+
+class WalFatal(Exception):
+    """A write, fsync or file operation failed: the node must log it and exit."""
+
+
+@dataclass(frozen=True, slots=True)
+class RecoveredLog:
+    """What ``open`` rebuilt: the log holds ``entries`` after position (base_index, base_view)."""
+
+    hard_state: HardState | None
+    base_index: int
+    base_view: int
+    entries: tuple[Entry, ...]
+    truncated_tail_bytes: int
+    records_replayed: int
+
+
+def segment_name(sequence: int) -> str:
+    return f"segment-{sequence:016d}.wal"
+
+
+def encode_record(record_type: RecordType, payload: bytes) -> bytes:
+    """One framed record; exposed for tests that build damaged logs by hand."""
+    prefix = _LENGTH_AND_TYPE.pack(len(payload), record_type)
+    crc = zlib.crc32(payload, zlib.crc32(prefix))
+    return _HEADER.pack(len(payload), crc, record_type) + payload
+
+
+def _record_crc(length: int, record_type: int, payload) -> int:
+    return zlib.crc32(payload, zlib.crc32(_LENGTH_AND_TYPE.pack(length, record_type)))
+
+
+def _base_record(index: int, view: int, reset: bool) -> bytes:
+    return encode_record(RecordType.BASE, msgpack.packb((index, view, reset)))
+
+
+def _hard_state_record(hard_state: HardState) -> bytes:
+    fields = (hard_state.view, hard_state.voted_for, hard_state.commit_index)
+    return encode_record(RecordType.HARD_STATE, msgpack.packb(fields))
+
+
+# ---------------------------------------------------------------- recovery
+@dataclass(slots=True)
+class _SegmentInfo:
+    """Bookkeeping of one segment file, used to decide which segments may be deleted."""
+
+    sequence: int
+    path: Path
+    size_bytes: int
+    header_bytes: int              # the BASE record and the hard state copy after it
+    start_index: int               # the position (index, view) of the segment's BASE record
+    start_view: int
+    high_water_index: int          # the largest index the segment holds or starts from
+    lowest_truncate_from: int | None
+    is_reset: bool
+
+
+class _ReplayState:
+    """The log being rebuilt from records; every check failure is corruption."""
+
+    def __init__(self) -> None:
+        self.base_index = 0
+        self.base_view = 0
+        self.entries: list[Entry] = []
+        self.hard_state: HardState | None = None
+        self.records_replayed = 0
+
+    @property
+    def last_index(self) -> int:
+        return self.entries[-1].index if self.entries else self.base_index
+
+    @property
+    def last_view(self) -> int:
+        return self.entries[-1].view if self.entries else self.base_view
+
+    def apply(self, record_type: int, fields: list, first_segment: bool, segment: _SegmentInfo) -> None:
+        if record_type == RecordType.ENTRY:
+            index, view, kind, payload = fields
+            if index != self.last_index + 1 or view < self.last_view:
+                raise ValueError("entry does not continue the log")
+            self.entries.append(Entry(index, view, EntryKind(kind), payload))
+            segment.high_water_index = max(segment.high_water_index, index)
+        elif record_type == RecordType.HARD_STATE:
+            self.hard_state = HardState(fields[0], fields[1], fields[2])
+        elif record_type == RecordType.TRUNCATE:
+            (from_index,) = fields
+            if not self.base_index < from_index <= self.last_index + 1:
+                raise ValueError("truncation outside the log")
+            del self.entries[from_index - self.base_index - 1:]
+            lowest = segment.lowest_truncate_from
+            segment.lowest_truncate_from = from_index if lowest is None else min(lowest, from_index)
+        else:
+            self._apply_base(fields, first_segment, segment)
+        self.records_replayed += 1
+
+    def _apply_base(self, fields: list, first_segment: bool, segment: _SegmentInfo) -> None:
+        index, view, reset = fields
+        if first_segment or reset:
+            self.base_index, self.base_view, self.entries = index, view, []
+        elif (index, view) != (self.last_index, self.last_view):
+            raise ValueError("segment does not continue the previous one")
+        segment.start_index = segment.high_water_index = index
+        segment.start_view = view
+        segment.is_reset = reset
+
+
+def _valid_integer(value: object) -> bool:
+    return type(value) is int and 0 <= value <= MAX_LOG_INTEGER
+
+
+def _decode_fields(record_type: int, payload: bytes) -> list:
+    """Parse a record payload whose CRC matched; a malformed one raises ValueError."""
+    fields = msgpack.unpackb(payload, raw=False, use_list=True, max_map_len=0, max_ext_len=0,
+                             max_array_len=8, max_str_len=MAX_VOTED_FOR_CHARS * 4)
+    if type(fields) is not list:
+        raise ValueError("record payload is not an array")
+    if record_type == RecordType.ENTRY:
+        ok = (len(fields) == 4 and _valid_integer(fields[0]) and fields[0] >= 1 and _valid_integer(fields[1])
+              and fields[2] in (EntryKind.NOOP, EntryKind.COMMAND) and type(fields[2]) is int
+              and type(fields[3]) is bytes)
+    elif record_type == RecordType.HARD_STATE:
+        ok = (len(fields) == 3 and _valid_integer(fields[0]) and _valid_integer(fields[2])
+              and (fields[1] is None or (type(fields[1]) is str and 0 < len(fields[1]) <= MAX_VOTED_FOR_CHARS)))
+    elif record_type == RecordType.TRUNCATE:
+        ok = len(fields) == 1 and _valid_integer(fields[0]) and fields[0] >= 1
+    else:
+        ok = (len(fields) == 3 and _valid_integer(fields[0]) and _valid_integer(fields[1])
+              and type(fields[2]) is bool)
+    if not ok:
+        raise ValueError("record fields are malformed")
+    return fields
+
+
+def _trailing_zero_start(data, size: int) -> int:
+    """Offset where the run of zero bytes at the end of ``data`` begins (``size`` if none)."""
+    chunk_bytes = 1 << 16
+    end = size
+    while end > 0:
+        start = max(0, end - chunk_bytes)
+        stripped = len(bytes(data[start:end]).rstrip(b"\0"))
+        if stripped:
+            return start + stripped
+        end = start
+    return 0
+
+
+def _length_bit_flip_verifies(data, offset: int, size: int, length: int, crc: int, record_type: int) -> bool:
+    """True when flipping one bit of the length field gives a record whose CRC matches.
+
+    A record that claims to run past the end of the file normally is an
+    interrupted write. If instead a single flipped bit in its length field made
+    it look that way, the record with the corrected length is intact and
+    verifies: that is corruption of a synced record, not a torn write.
+    """
+    for bit in range(32):
+        candidate = length ^ (1 << bit)
+        end = offset + HEADER_BYTES + candidate
+        if candidate <= MAX_RECORD_PAYLOAD_BYTES and end <= size:
+            if _record_crc(candidate, record_type, data[offset + HEADER_BYTES:end]) == crc:
+                return True
+    return False
+
+
+def _is_torn_tail(data, offset: int, size: int, end: int, header) -> bool:
+    """Whether the damaged record at ``offset`` of the last segment is an interrupted write."""
+    zero_start = _trailing_zero_start(data, size)
+    if zero_start <= offset:
+        return True  # the file was extended but the data never reached the disk
+    if header is None:
+        return True  # fewer bytes than a header: a cut record
+    length, crc, record_type = header
+    if record_type not in RecordType._value2member_map_:
+        return False
+    if end > size:
+        return length <= MAX_RECORD_PAYLOAD_BYTES and not _length_bit_flip_verifies(
+            data, offset, size, length, crc, record_type)
+    # A complete record that fails its CRC is torn only when its end lies in
+    # whole sectors of zeros that a crash left unwritten.
+    first_zero_sector = -(-zero_start // SECTOR_BYTES) * SECTOR_BYTES
+    return first_zero_sector < end
+
+
+def _scan_segment(path: Path, data, size: int, is_last: bool, state: _ReplayState,
+                  segment: _SegmentInfo, first_segment: bool) -> int:
+    """Replay one segment's records into ``state``; returns where the valid records end."""
+    offset = 0
+    first_record_end = 0
+    while offset < size:
+        header = _HEADER.unpack_from(data, offset) if size - offset >= HEADER_BYTES else None
+        end = offset + HEADER_BYTES + header[0] if header is not None else size + 1
+        problem = _record_problem(data, header, offset, end, size)
+        if problem is not None:
+            if is_last and _is_torn_tail(data, offset, size, end, header):
+                return offset
+            raise WalCorruption(f"write-ahead log {path.name} is corrupt at offset {offset}: {problem}")
+        record_type = header[2]
+        try:
+            if offset == 0 and record_type != RecordType.BASE:
+                raise ValueError("a segment must start with a BASE record")
+            if offset != 0 and record_type == RecordType.BASE:
+                raise ValueError("a BASE record inside a segment")
+            fields = _decode_fields(record_type, data[offset + HEADER_BYTES:end])
+            state.apply(record_type, fields, first_segment, segment)
+            if offset == 0 or (offset == segment.header_bytes and record_type == RecordType.HARD_STATE
+                               and segment.header_bytes == first_record_end):
+                segment.header_bytes = end
+            if offset == 0:
+                first_record_end = end
+        except Exception as error:  # msgpack raises many types; all of them mean a bad record here.
+            raise WalCorruption(
+                f"write-ahead log {path.name} has an invalid record at offset {offset}: {error}") from None
+        offset = end
+    return offset
+
+
+def _record_problem(data, header, offset: int, end: int, size: int) -> str | None:
+    if header is None:
+        return "incomplete record header"
+    length, crc, record_type = header
+    if length > MAX_RECORD_PAYLOAD_BYTES:
+        return f"record length {length} exceeds the maximum"
+    if end > size:
+        return "record runs past the end of the file"
+    if record_type not in RecordType._value2member_map_:
+        return f"unknown record type {record_type}"
+    if _record_crc(length, record_type, data[offset + HEADER_BYTES:end]) != crc:
+        return "CRC mismatch"
+    return None
+
+
+def _list_segments(directory: Path) -> list[tuple[int, Path]]:
+    segments = []
+    for path in directory.iterdir():
+        match = SEGMENT_PATTERN.match(path.name)
+        if match:
+            segments.append((int(match.group(1)), path))
+    segments.sort()
+    for (previous, _), (sequence, path) in zip(segments, segments[1:]):
+        if sequence != previous + 1:
+            raise WalCorruption(f"write-ahead log segment {segment_name(previous + 1)} is missing "
+                                f"(found {path.name} after {segment_name(previous)})")
+    return segments
+
+
+def _replay_file(path: Path, sequence: int, is_last: bool, state: _ReplayState,
+                 first_segment: bool) -> tuple[_SegmentInfo, int]:
+    """Replay one file; returns its info (size = valid bytes) and the bytes past the valid end."""
+    segment = _SegmentInfo(sequence, path, 0, 0, state.last_index, state.last_view, state.last_index, None, False)
+    with open(path, "rb") as file:
+        size = os.fstat(file.fileno()).st_size
+        if size == 0:
+            data = b""
+            valid_end = 0
+        else:
+            with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
+                valid_end = _scan_segment(path, data, size, is_last, state, segment, first_segment)
+    if valid_end == 0 and not is_last:
+        raise WalCorruption(f"write-ahead log {path.name} is empty but is not the last segment")
+    segment.size_bytes = valid_end
+    return segment, size - valid_end
+
+
+# ---------------------------------------------------------------- file helpers
+def _fsync_directory(directory: Path) -> None:
+    descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _write_all(descriptor: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(descriptor, view)
+        view = view[written:]
+
+
+class _Tail:
+    """The in-memory shape of the log (no entries): base, last index and the views by index.
+
+    Views change rarely, so they are kept as runs: (first index, view) pairs.
+    """
+
+    def __init__(self, base_index: int, base_view: int, entries: Sequence[Entry]) -> None:
+        self.base_index = base_index
+        self.base_view = base_view
+        self.last_index = base_index
+        self.runs: list[tuple[int, int]] = []
+        for entry in entries:
+            self.append(entry.index, entry.view)
+
+    @property
+    def last_view(self) -> int:
+        return self.runs[-1][1] if self.runs else self.base_view
+
+    def view_at(self, index: int) -> int:
+        view = self.base_view
+        for first_index, run_view in self.runs:
+            if first_index > index:
+                break
+            view = run_view
+        return view
+
+    def append(self, index: int, view: int) -> None:
+        if not self.runs or self.runs[-1][1] != view:
+            self.runs.append((index, view))
+        self.last_index = index
+
+    def truncate(self, from_index: int) -> None:
+        self.runs = [run for run in self.runs if run[0] < from_index]
+        self.last_index = from_index - 1
+
+    def rebase(self, index: int, view: int) -> None:
+        """The log now starts after (index, view): older segments were deleted."""
+        self.base_index, self.base_view = index, view
+        self.runs = [run for run in self.runs if run[0] > index]
+
+
+def _lock_directory(directory: Path) -> int:
+    """Hold an exclusive lock so that two processes never write one log."""
+    descriptor = os.open(directory / LOCK_FILE_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(descriptor)
+        raise WalFatal(f"write-ahead log directory {directory} is in use by another process") from None
+    return descriptor
+
+
+def _recover(directory: Path, fsync: bool) -> tuple[_ReplayState, list[_SegmentInfo], int]:
+    """Replay all segments, cut a torn tail and drop leftovers; returns state, segments, cut bytes."""
+    found = _list_segments(directory)
+    state = _ReplayState()
+    segments: list[_SegmentInfo] = []
+    cut_bytes = 0
+    for position, (sequence, path) in enumerate(found):
+        segment, cut_bytes = _replay_file(path, sequence, position == len(found) - 1, state, position == 0)
+        segments.append(segment)
+    if cut_bytes:
+        with open(segments[-1].path, "r+b") as file:
+            os.ftruncate(file.fileno(), segments[-1].size_bytes)
+            if fsync:
+                os.fsync(file.fileno())
+    removed = False
+    if segments and segments[-1].size_bytes == 0:
+        # A segment whose header never reached the disk: the write that created
+        # it was never acknowledged.
+        segments.pop().path.unlink()
+        removed = True
+    resets = [position for position, segment in enumerate(segments) if segment.is_reset]
+    if resets and resets[-1] > 0:
+        # An interrupted reset_base: everything before the reset segment is superseded.
+        for segment in segments[:resets[-1]]:
+            segment.path.unlink()
+        segments = segments[resets[-1]:]
+        removed = True
+    if removed and fsync:
+        _fsync_directory(directory)
+    return state, segments, cut_bytes
+
+
+class WriteAheadLog:
+    """The durable replication log of one node; see the module docstring for the format.
+
+    ``append`` may be called many times before one ``sync``. All methods take an
+    internal lock, so ``sync`` may run in a worker thread while the event loop
+    thread waits for it.
+    """
+
+    def __init__(self, directory: Path, max_segment_bytes: int, fsync: bool, lock_descriptor: int,
+                 segments: list[_SegmentInfo], tail: _Tail, hard_state: HardState | None) -> None:
+        self._directory = directory
+        self._max_segment_bytes = max_segment_bytes
+        self._fsync = fsync
+        self._lock_descriptor = lock_descriptor
+        self._segments = segments
+        self._tail = tail
+        self._hard_state = hard_state
+        self._durable_hard_state = hard_state
+        self._durable_last = (tail.last_index, tail.last_view)
+        self._pending: list[bytes] = []
+        self._pending_high_water_index = 0
+        self._pending_lowest_truncate_from: int | None = None
+        self._failed = False
+        self._closed = False
+        self._lock = threading.Lock()
+        self._active_descriptor = os.open(segments[-1].path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+
+    # ------------------------------------------------------------ opening
+    @classmethod
+    def open(cls, directory: Path, *, max_segment_bytes: int = DEFAULT_MAX_SEGMENT_BYTES,
+             fsync: bool = True) -> tuple["WriteAheadLog", RecoveredLog]:
+        """Recover the log in ``directory`` (created if missing) and open it for appending.
+
+        Raises WalCorruption when the log is damaged anywhere but its tail, and
+        WalFatal when the directory cannot be used.
+        """
+        if type(max_segment_bytes) is not int or max_segment_bytes < 1:
+            raise ValueError("max_segment_bytes must be a positive integer")
+        directory = Path(directory)
+        try:
+            created = not directory.exists()
+            directory.mkdir(parents=True, exist_ok=True)
+            if created and fsync:
+                _fsync_directory(directory.parent)
+            lock_descriptor = _lock_directory(directory)
+        except OSError as error:
+            raise WalFatal(f"cannot open write-ahead log directory {directory}: {error.strerror}") from None
+        try:
+            return cls._open_locked(directory, max_segment_bytes, fsync, lock_descriptor)
+        except BaseException:
+            os.close(lock_descriptor)
+            raise
+
+    @classmethod
+    def _open_locked(cls, directory: Path, max_segment_bytes: int, fsync: bool,
+                     lock_descriptor: int) -> tuple["WriteAheadLog", RecoveredLog]:
+        try:
+            state, segments, cut_bytes = _recover(directory, fsync)
+            if not segments:
+                segments = [_create_first_segment(directory, fsync)]
+        except OSError as error:
+            raise WalFatal(f"cannot recover write-ahead log in {directory}: {error.strerror}") from None
+        tail = _Tail(state.base_index, state.base_view, state.entries)
+        wal = cls(directory, max_segment_bytes, fsync, lock_descriptor, segments, tail, state.hard_state)
+        recovered = RecoveredLog(hard_state=state.hard_state, base_index=state.base_index,
+                                 base_view=state.base_view, entries=tuple(state.entries),
+                                 truncated_tail_bytes=cut_bytes, records_replayed=state.records_replayed)
+        return wal, recovered
+
+    # ------------------------------------------------------------ writing
+    def append(self, *, truncate_from: int | None, entries: Sequence[Entry], hard_state: HardState | None) -> None:
+        """Buffer records: the truncation first, then the entries, then the hard state.
+
+        Nothing is written until ``sync``. Entries must continue the log (after
+        the truncation) with non-decreasing views; a violation is a caller bug
+        and raises ValueError without buffering anything.
+        """
+        with self._lock:
+            self._check_usable()
+            records = self._encode_batch(truncate_from, entries, hard_state)
+            tail = self._tail
+            if truncate_from is not None:
+                tail.truncate(truncate_from)
+                lowest = self._pending_lowest_truncate_from
+                self._pending_lowest_truncate_from = truncate_from if lowest is None else min(lowest, truncate_from)
+            for entry in entries:
+                tail.append(entry.index, entry.view)
+            if entries:
+                self._pending_high_water_index = max(self._pending_high_water_index, entries[-1].index)
+            if hard_state is not None:
+                self._hard_state = hard_state
+            self._pending.extend(records)
+
+    def _encode_batch(self, truncate_from: int | None, entries: Sequence[Entry],
+                      hard_state: HardState | None) -> list[bytes]:
+        tail = self._tail
+        records: list[bytes] = []
+        previous_view = tail.last_view
+        next_index = tail.last_index + 1
+        if truncate_from is not None:
+            if type(truncate_from) is not int or not tail.base_index < truncate_from <= tail.last_index + 1:
+                raise ValueError("truncate_from is outside the log")
+            records.append(encode_record(RecordType.TRUNCATE, msgpack.packb((truncate_from,))))
+            previous_view = tail.view_at(truncate_from - 1)
+            next_index = truncate_from
+        header_pack, length_type_pack, crc32, packb = _HEADER.pack, _LENGTH_AND_TYPE.pack, zlib.crc32, msgpack.packb
+        for entry in entries:
+            if entry.index != next_index or entry.view < previous_view or type(entry.payload) is not bytes:
+                raise ValueError("entries must continue the log with non-decreasing views and bytes payloads")
+            payload = packb((entry.index, entry.view, int(EntryKind(entry.kind)), entry.payload))
+            length = len(payload)
+            if length > MAX_RECORD_PAYLOAD_BYTES:
+                raise ValueError("entry payload is too large for the write-ahead log")
+            # Header and payload stay separate buffers: the join in sync copies them once.
+            records.append(header_pack(length, crc32(payload, crc32(length_type_pack(length, 1))), 1))
+            records.append(payload)
+            previous_view, next_index = entry.view, next_index + 1
+        if hard_state is not None:
+            if not (_valid_integer(hard_state.view) and _valid_integer(hard_state.commit_index)
+                    and (hard_state.voted_for is None or (type(hard_state.voted_for) is str
+                                                          and 0 < len(hard_state.voted_for) <= MAX_VOTED_FOR_CHARS))):
+                raise ValueError("hard state fields are out of range")
+            records.append(_hard_state_record(hard_state))
+        return records
+
+    def sync(self) -> None:
+        """Write every buffered record with one write and make it durable with one fdatasync.
+
+        fdatasync is enough: it flushes the data and the file size, which is all
+        recovery reads; skipping the timestamps saves a journal commit per batch.
+        """
+        with self._lock:
+            self._check_usable()
+            self._sync_locked()
+
+    def _sync_locked(self) -> None:
+        if not self._pending:
+            return
+        data = b"".join(self._pending)
+        active = self._segments[-1]
+        try:
+            created = False
+            if (active.size_bytes + len(data) > self._max_segment_bytes
+                    and active.size_bytes > active.header_bytes):
+                header = self._start_segment(*self._durable_last, reset=False)
+                data = header + data
+                active, created = self._segments[-1], True
+            _write_all(self._active_descriptor, data)
+            if self._fsync:
+                os.fdatasync(self._active_descriptor)
+                if created:
+                    _fsync_directory(self._directory)
+        except OSError as error:
+            self._failed = True
+            raise WalFatal(f"write-ahead log write or fsync failed: {error.strerror}") from None
+        active.size_bytes += len(data)
+        active.high_water_index = max(active.high_water_index, self._pending_high_water_index)
+        if self._pending_lowest_truncate_from is not None:
+            lowest = active.lowest_truncate_from
+            from_index = self._pending_lowest_truncate_from
+            active.lowest_truncate_from = from_index if lowest is None else min(lowest, from_index)
+        self._durable_last = (self._tail.last_index, self._tail.last_view)
+        self._durable_hard_state = self._hard_state
+        self._pending = []
+        self._pending_high_water_index = 0
+        self._pending_lowest_truncate_from = None
+
+    def _start_segment(self, base_index: int, base_view: int, reset: bool) -> bytes:
+        """Create the next segment file and make it active; returns its header, not yet written."""
+        sequence = self._segments[-1].sequence + 1
+        path = self._directory / segment_name(sequence)
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        os.close(self._active_descriptor)
+        self._active_descriptor = descriptor
+        header = _base_record(base_index, base_view, reset)
+        if self._durable_hard_state is not None:
+            header += _hard_state_record(self._durable_hard_state)
+        self._segments.append(_SegmentInfo(sequence, path, 0, len(header), base_index, base_view,
+                                           base_index, None, reset))
+        return header
+
+    def reset_base(self, index: int, view: int) -> None:
+        """After a snapshot install: the log now starts after (index, view) and holds no entries.
+
+        Durable when it returns: a new segment starting with a reset BASE record
+        is written and synced, then every older segment is deleted. Call it only
+        after the store durably holds the snapshot.
+        """
+        if not (_valid_integer(index) and _valid_integer(view)):
+            raise ValueError("index and view must be non-negative integers")
+        with self._lock:
+            self._check_usable()
+            self._sync_locked()
+            try:
+                header = self._start_segment(index, view, reset=True)
+                _write_all(self._active_descriptor, header)
+                if self._fsync:
+                    os.fdatasync(self._active_descriptor)
+                    _fsync_directory(self._directory)
+                self._segments[-1].size_bytes = len(header)
+                self._delete_segments(len(self._segments) - 1)
+            except OSError as error:
+                self._failed = True
+                raise WalFatal(f"write-ahead log reset failed: {error.strerror}") from None
+            self._tail = _Tail(index, view, ())
+            self._durable_last = (index, view)
+
+    def release(self, upto_index: int) -> None:
+        """Delete the oldest segments whose entries are all <= ``upto_index`` (durable in the store).
+
+        The active segment is never deleted. A segment is also kept while a
+        later truncation reaches below the start of the segment after it,
+        because replaying that truncation needs the entries it removes.
+        """
+        with self._lock:
+            self._check_usable()
+            segments = self._segments
+            count = 0
+            while count < len(segments) - 1 and segments[count].high_water_index <= upto_index:
+                count += 1
+            while count > 0 and not self._can_start_log(count):
+                count -= 1
+            if count == 0:
+                return
+            try:
+                self._delete_segments(count)
+            except OSError as error:
+                self._failed = True
+                raise WalFatal(f"write-ahead log segment deletion failed: {error.strerror}") from None
+            first = self._segments[0]
+            self._tail.rebase(first.start_index, first.start_view)
+
+    def _can_start_log(self, position: int) -> bool:
+        start_index = self._segments[position].start_index
+        truncations = [segment.lowest_truncate_from for segment in self._segments[position:]]
+        truncations.append(self._pending_lowest_truncate_from)
+        return all(from_index is None or from_index > start_index for from_index in truncations)
+
+    def _delete_segments(self, count: int) -> None:
+        for segment in self._segments[:count]:
+            segment.path.unlink()
+        del self._segments[:count]
+        if self._fsync:
+            _fsync_directory(self._directory)
+
+    # ------------------------------------------------------------ lifecycle
+    def _check_usable(self) -> None:
+        if self._failed:
+            raise WalFatal("write-ahead log failed earlier; the node must restart")
+        if self._closed:
+            raise RuntimeError("write-ahead log is closed")
+
+    @property
+    def last_index(self) -> int:
+        """Index of the last appended entry (synced or not), or the base index."""
+        return self._tail.last_index
+
+    @property
+    def segment_count(self) -> int:
+        return len(self._segments)
+
+    def close(self) -> None:
+        """Sync anything still buffered, then release the files and the directory lock."""
+        with self._lock:
+            if self._closed:
+                return
+            try:
+                if not self._failed:
+                    self._sync_locked()
+            finally:
+                self._closed = True
+                os.close(self._active_descriptor)
+                os.close(self._lock_descriptor)
+
+
+def _create_first_segment(directory: Path, fsync: bool) -> _SegmentInfo:
+    path = directory / segment_name(1)
+    header = _base_record(0, 0, False)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        _write_all(descriptor, header)
+        if fsync:
+            os.fdatasync(descriptor)
+    finally:
+        os.close(descriptor)
+    if fsync:
+        _fsync_directory(directory)
+    return _SegmentInfo(1, path, len(header), len(header), 0, 0, 0, None, False)

@@ -1,0 +1,438 @@
+"""Unit tests for tokenvault.wal: recovery, truncation, base resets, segments, damage handling."""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+
+import msgpack
+import pytest
+
+from protocol import Entry, EntryKind, HardState
+from tokenvault import wal as wal_module
+from tokenvault.wal import (
+    HEADER_BYTES,
+    MAX_RECORD_PAYLOAD_BYTES,
+    RecordType,
+    WalCorruption,
+    WalFatal,
+    WriteAheadLog,
+    encode_record,
+    segment_name,
+)
+
+
+def entry(index: int, view: int = 1, payload: bytes | None = None) -> Entry:
+    if payload is None:
+        payload = f"command-{index}".encode()
+    return Entry(index, view, EntryKind.COMMAND, payload)
+
+
+def segment_paths(directory: Path) -> list[Path]:
+    return sorted(directory.glob("segment-*.wal"))
+
+
+def reopen(directory: Path, **options):
+    log, recovered = WriteAheadLog.open(directory, **options)
+    log.close()
+    return recovered
+
+
+def write_entries(directory: Path, count: int, *, view: int = 1, **options) -> None:
+    log, _ = WriteAheadLog.open(directory, **options)
+    for index in range(1, count + 1):
+        log.append(truncate_from=None, entries=[entry(index, view)], hard_state=HardState(view, "n1", index - 1))
+        log.sync()
+    log.close()
+
+
+def test_fresh_directory_recovers_an_empty_log(tmp_path):
+    log, recovered = WriteAheadLog.open(tmp_path / "wal")
+    log.close()
+    assert recovered.entries == () and recovered.hard_state is None
+    assert (recovered.base_index, recovered.base_view, recovered.truncated_tail_bytes) == (0, 0, 0)
+
+
+def test_entries_and_hard_state_survive_reopen(tmp_path):
+    directory = tmp_path / "wal"
+    log, _ = WriteAheadLog.open(directory)
+    log.append(truncate_from=None, entries=[entry(1), entry(2)], hard_state=HardState(1, "n2", 0))
+    log.append(truncate_from=None, entries=[Entry(3, 1, EntryKind.NOOP, b"")], hard_state=HardState(1, "n2", 2))
+    log.sync()
+    log.close()
+    recovered = reopen(directory)
+    assert recovered.entries == (entry(1), entry(2), Entry(3, 1, EntryKind.NOOP, b""))
+    assert recovered.hard_state == HardState(1, "n2", 2)
+    assert recovered.truncated_tail_bytes == 0
+    # BASE, two batches of entries and two hard states.
+    assert recovered.records_replayed == 1 + 3 + 2
+
+
+def test_group_commit_writes_once_and_fsyncs_once(tmp_path, monkeypatch):
+    log, _ = WriteAheadLog.open(tmp_path / "wal")
+    calls = {"write": 0, "fdatasync": 0}
+    real_write, real_fdatasync = os.write, os.fdatasync
+
+    def counting_write(descriptor, data):
+        calls["write"] += 1
+        return real_write(descriptor, data)
+
+    def counting_fdatasync(descriptor):
+        calls["fdatasync"] += 1
+        return real_fdatasync(descriptor)
+
+    monkeypatch.setattr(wal_module.os, "write", counting_write)
+    monkeypatch.setattr(wal_module.os, "fdatasync", counting_fdatasync)
+    for index in range(1, 51):
+        log.append(truncate_from=None, entries=[entry(index)], hard_state=HardState(1, None, index))
+    assert calls == {"write": 0, "fdatasync": 0}
+    log.sync()
+    assert calls == {"write": 1, "fdatasync": 1}
+    log.sync()  # nothing buffered: no write, no fsync
+    assert calls == {"write": 1, "fdatasync": 1}
+    monkeypatch.undo()
+    log.close()
+
+
+def test_unsynced_records_are_not_on_disk(tmp_path):
+    directory = tmp_path / "wal"
+    log, _ = WriteAheadLog.open(directory)
+    log.append(truncate_from=None, entries=[entry(1)], hard_state=None)
+    log.sync()
+    log.append(truncate_from=None, entries=[entry(2)], hard_state=None)
+    size_before_close = segment_paths(directory)[0].stat().st_size
+    log.close()  # close syncs what is buffered
+    assert segment_paths(directory)[0].stat().st_size > size_before_close
+    assert [e.index for e in reopen(directory).entries] == [1, 2]
+
+
+def test_truncate_record_replaces_the_suffix(tmp_path):
+    directory = tmp_path / "wal"
+    log, _ = WriteAheadLog.open(directory)
+    log.append(truncate_from=None, entries=[entry(i, 1) for i in range(1, 6)], hard_state=None)
+    log.sync()
+    log.append(truncate_from=3, entries=[entry(3, 2, b"new-3"), entry(4, 2, b"new-4")], hard_state=None)
+    log.sync()
+    assert log.last_index == 4
+    log.close()
+    recovered = reopen(directory)
+    assert recovered.entries == (entry(1, 1), entry(2, 1), entry(3, 2, b"new-3"), entry(4, 2, b"new-4"))
+
+
+def test_truncate_without_new_entries(tmp_path):
+    directory = tmp_path / "wal"
+    log, _ = WriteAheadLog.open(directory)
+    log.append(truncate_from=None, entries=[entry(i) for i in range(1, 4)], hard_state=None)
+    log.append(truncate_from=2, entries=[], hard_state=None)
+    log.close()
+    assert reopen(directory).entries == (entry(1),)
+
+
+@pytest.mark.parametrize("truncate_from, entries", [
+    (0, []),           # at or below the base
+    (5, []),           # beyond last index + 1
+    (None, [entry(4)]),  # a gap
+    (None, [entry(2)]),  # a repeat without truncation
+    (2, [entry(2, view=0)]),  # a view lower than the previous entry's
+])
+def test_append_refuses_entries_that_do_not_continue_the_log(tmp_path, truncate_from, entries):
+    directory = tmp_path / "wal"
+    log, _ = WriteAheadLog.open(directory)
+    log.append(truncate_from=None, entries=[entry(1), entry(2)], hard_state=None)
+    with pytest.raises(ValueError):
+        log.append(truncate_from=truncate_from, entries=entries, hard_state=None)
+    # Nothing of the refused batch was buffered.
+    log.append(truncate_from=None, entries=[entry(3)], hard_state=None)
+    log.close()
+    assert [e.index for e in reopen(directory).entries] == [1, 2, 3]
+
+
+def test_append_refuses_bad_hard_state(tmp_path):
+    log, _ = WriteAheadLog.open(tmp_path / "wal")
+    with pytest.raises(ValueError):
+        log.append(truncate_from=None, entries=[], hard_state=HardState(-1, None, 0))
+    with pytest.raises(ValueError):
+        log.append(truncate_from=None, entries=[], hard_state=HardState(1, "x" * 300, 0))
+    log.close()
+
+
+def test_reset_base_replaces_the_log_and_deletes_older_segments(tmp_path):
+    directory = tmp_path / "wal"
+    log, _ = WriteAheadLog.open(directory, max_segment_bytes=200)
+    for index in range(1, 11):
+        log.append(truncate_from=None, entries=[entry(index)], hard_state=HardState(1, None, index))
+        log.sync()
+    assert len(segment_paths(directory)) > 1
+    log.reset_base(100, 3)
+    assert len(segment_paths(directory)) == 1
+    assert log.last_index == 100
+    log.append(truncate_from=None, entries=[entry(101, 3)], hard_state=None)
+    log.sync()
+    log.close()
+    recovered = reopen(directory)
+    assert (recovered.base_index, recovered.base_view) == (100, 3)
+    assert recovered.entries == (entry(101, 3),)
+    assert recovered.hard_state == HardState(1, None, 10)
+
+
+def test_interrupted_reset_is_completed_on_open(tmp_path):
+    """A reset segment written before the old ones were deleted wins over them."""
+    directory = tmp_path / "wal"
+    write_entries(directory, 5)
+    reset_segment = encode_record(RecordType.BASE, msgpack.packb((50, 2, True)))
+    (directory / segment_name(2)).write_bytes(reset_segment)
+    log, recovered = WriteAheadLog.open(directory)
+    log.close()
+    assert (recovered.base_index, recovered.base_view, recovered.entries) == (50, 2, ())
+    assert [path.name for path in segment_paths(directory)] == [segment_name(2)]
+
+
+def test_segments_roll_over_and_each_starts_with_base_and_hard_state(tmp_path):
+    directory = tmp_path / "wal"
+    write_entries(directory, 40, max_segment_bytes=256)
+    paths = segment_paths(directory)
+    assert len(paths) >= 5
+    for path in paths:
+        data = path.read_bytes()
+        assert len(data) <= 256
+        length, _, record_type = struct.unpack_from(">IIB", data, 0)
+        assert record_type == RecordType.BASE
+        if path != paths[0]:
+            assert struct.unpack_from(">IIB", data, HEADER_BYTES + length)[2] == RecordType.HARD_STATE
+    recovered = reopen(directory, max_segment_bytes=256)
+    assert [e.index for e in recovered.entries] == list(range(1, 41))
+    assert recovered.hard_state == HardState(1, "n1", 39)
+
+
+def test_a_batch_larger_than_a_segment_is_written_whole(tmp_path):
+    directory = tmp_path / "wal"
+    log, _ = WriteAheadLog.open(directory, max_segment_bytes=64)
+    log.append(truncate_from=None, entries=[entry(i, payload=b"p" * 100) for i in range(1, 4)], hard_state=None)
+    log.sync()
+    log.append(truncate_from=None, entries=[entry(4)], hard_state=None)
+    log.sync()
+    log.close()
+    assert len(segment_paths(directory)) == 2
+    assert [e.index for e in reopen(directory).entries] == [1, 2, 3, 4]
+
+
+def test_release_deletes_covered_segments_but_never_the_active_one(tmp_path):
+    directory = tmp_path / "wal"
+    log, _ = WriteAheadLog.open(directory, max_segment_bytes=256)
+    for index in range(1, 41):
+        log.append(truncate_from=None, entries=[entry(index)], hard_state=HardState(1, None, index))
+        log.sync()
+    total_segments = log.segment_count
+    log.release(0)
+    assert log.segment_count == total_segments
+    log.release(20)
+    kept = log.segment_count
+    assert 1 < kept < total_segments
+    log.release(1000)
+    assert log.segment_count == 1 and len(segment_paths(directory)) == 1
+    log.append(truncate_from=None, entries=[entry(41)], hard_state=None)
+    log.close()
+    recovered = reopen(directory)
+    assert recovered.entries[-1] == entry(41)
+    assert recovered.base_index >= 20
+    assert [e.index for e in recovered.entries] == list(range(recovered.base_index + 1, 42))
+    assert recovered.hard_state == HardState(1, None, 40)
+
+
+def test_release_keeps_segments_a_later_truncation_reaches_into(tmp_path):
+    directory = tmp_path / "wal"
+    log, _ = WriteAheadLog.open(directory, max_segment_bytes=200)
+    for index in range(1, 11):
+        log.append(truncate_from=None, entries=[entry(index, 1)], hard_state=None)
+        log.sync()
+    # A new primary replaced entries 5.. in a later segment.
+    log.append(truncate_from=5, entries=[entry(i, 2, b"v2") for i in range(5, 8)], hard_state=None)
+    log.sync()
+    for index in range(8, 12):
+        log.append(truncate_from=None, entries=[entry(index, 2, b"v2")], hard_state=None)
+        log.sync()
+    log.release(11)
+    log.close()
+    recovered = reopen(directory)
+    expected = [entry(i, 1) for i in range(1, 5)] + [entry(i, 2, b"v2") for i in range(5, 12)]
+    assert list(recovered.entries) == [e for e in expected if e.index > recovered.base_index]
+    assert recovered.entries[-1] == entry(11, 2, b"v2")
+
+
+def test_torn_tail_is_cut_and_reported(tmp_path):
+    directory = tmp_path / "wal"
+    write_entries(directory, 3)
+    path = segment_paths(directory)[-1]
+    full_size = path.stat().st_size
+    with open(path, "r+b") as file:
+        file.truncate(full_size - 3)
+    log, recovered = WriteAheadLog.open(directory)
+    # The last sync wrote entry 3 then its hard state; the hard state record is torn.
+    assert [e.index for e in recovered.entries] == [1, 2, 3]
+    assert recovered.hard_state == HardState(1, "n1", 1)
+    assert recovered.truncated_tail_bytes > 0
+    assert path.stat().st_size == full_size - 3 - recovered.truncated_tail_bytes
+    log.append(truncate_from=None, entries=[entry(4)], hard_state=None)
+    log.close()
+    recovered_again = reopen(directory)
+    assert [e.index for e in recovered_again.entries] == [1, 2, 3, 4]
+    assert recovered_again.truncated_tail_bytes == 0
+
+
+def test_zero_filled_tail_is_cut(tmp_path):
+    directory = tmp_path / "wal"
+    write_entries(directory, 2)
+    path = segment_paths(directory)[-1]
+    with open(path, "ab") as file:
+        file.write(b"\0" * 4096)
+    recovered = reopen(directory)
+    assert [e.index for e in recovered.entries] == [1, 2]
+    assert recovered.truncated_tail_bytes == 4096
+
+
+def test_half_written_record_running_into_zero_sectors_is_cut(tmp_path):
+    directory = tmp_path / "wal"
+    write_entries(directory, 1)
+    path = segment_paths(directory)[-1]
+    before = path.read_bytes()
+    record = encode_record(RecordType.ENTRY, msgpack.packb((2, 1, 1, b"z" * 2000)))
+    padding = (-len(before)) % 512
+    # The first sector of the record reached the disk, the rest stayed zeros.
+    written = record[:512 + padding]
+    path.write_bytes(before + written + b"\0" * (len(record) - len(written)))
+    recovered = reopen(directory)
+    assert [e.index for e in recovered.entries] == [1]
+    assert recovered.truncated_tail_bytes == len(record)
+
+
+def test_crc_mismatch_before_the_tail_is_refused_with_file_and_offset(tmp_path):
+    directory = tmp_path / "wal"
+    write_entries(directory, 5)
+    path = segment_paths(directory)[-1]
+    data = bytearray(path.read_bytes())
+    base_length = struct.unpack_from(">I", data, 0)[0]
+    first_entry_offset = HEADER_BYTES + base_length
+    data[first_entry_offset + HEADER_BYTES + 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(WalCorruption) as raised:
+        WriteAheadLog.open(directory)
+    assert path.name in str(raised.value)
+    assert f"offset {first_entry_offset}" in str(raised.value)
+
+
+def test_corruption_of_the_last_complete_record_is_refused(tmp_path):
+    directory = tmp_path / "wal"
+    write_entries(directory, 3)
+    path = segment_paths(directory)[-1]
+    data = bytearray(path.read_bytes())
+    data[-2] ^= 0x40  # inside the last hard state record, which is complete
+    path.write_bytes(bytes(data))
+    with pytest.raises(WalCorruption):
+        WriteAheadLog.open(directory)
+
+
+def test_single_bit_flip_in_a_length_field_is_corruption_not_a_torn_tail(tmp_path):
+    directory = tmp_path / "wal"
+    write_entries(directory, 3)
+    path = segment_paths(directory)[-1]
+    data = bytearray(path.read_bytes())
+    # Find the last ENTRY record and make its length point past the end of the file.
+    offset, last_entry_offset = 0, None
+    while offset < len(data):
+        length, _, record_type = struct.unpack_from(">IIB", data, offset)
+        if record_type == RecordType.ENTRY:
+            last_entry_offset = offset
+        offset += HEADER_BYTES + length
+    data[last_entry_offset + 2] ^= 0x01  # +256 bytes: past the end of the file
+    path.write_bytes(bytes(data))
+    with pytest.raises(WalCorruption):
+        WriteAheadLog.open(directory)
+
+
+def test_damage_in_an_older_segment_is_refused_even_at_its_end(tmp_path):
+    directory = tmp_path / "wal"
+    write_entries(directory, 20, max_segment_bytes=256)
+    first = segment_paths(directory)[0]
+    with open(first, "r+b") as file:
+        file.truncate(first.stat().st_size - 1)
+    with pytest.raises(WalCorruption):
+        WriteAheadLog.open(directory, max_segment_bytes=256)
+
+
+def test_a_missing_middle_segment_is_refused(tmp_path):
+    directory = tmp_path / "wal"
+    write_entries(directory, 30, max_segment_bytes=256)
+    paths = segment_paths(directory)
+    assert len(paths) >= 3
+    paths[1].unlink()
+    with pytest.raises(WalCorruption, match="missing"):
+        WriteAheadLog.open(directory)
+
+
+def test_a_segment_that_does_not_continue_the_log_is_refused(tmp_path):
+    directory = tmp_path / "wal"
+    write_entries(directory, 3)
+    foreign = encode_record(RecordType.BASE, msgpack.packb((77, 1, False)))
+    (directory / segment_name(2)).write_bytes(foreign)
+    with pytest.raises(WalCorruption, match="continue"):
+        WriteAheadLog.open(directory)
+
+
+def test_record_length_above_the_maximum_is_corruption(tmp_path):
+    directory = tmp_path / "wal"
+    write_entries(directory, 1)
+    path = segment_paths(directory)[-1]
+    header = struct.pack(">IIB", MAX_RECORD_PAYLOAD_BYTES + 1, 0, RecordType.ENTRY)
+    path.write_bytes(path.read_bytes() + header + b"x" * 20)
+    with pytest.raises(WalCorruption, match="exceeds"):
+        WriteAheadLog.open(directory)
+
+
+def test_valid_crc_with_malformed_payload_is_corruption(tmp_path):
+    directory = tmp_path / "wal"
+    write_entries(directory, 1)
+    path = segment_paths(directory)[-1]
+    bad = encode_record(RecordType.ENTRY, msgpack.packb(("not", "an", "entry", 1)))
+    path.write_bytes(path.read_bytes() + bad)
+    with pytest.raises(WalCorruption, match="invalid record"):
+        WriteAheadLog.open(directory)
+
+
+def test_empty_last_segment_from_an_interrupted_rollover_is_removed(tmp_path):
+    directory = tmp_path / "wal"
+    write_entries(directory, 3)
+    (directory / segment_name(2)).write_bytes(b"")
+    log, recovered = WriteAheadLog.open(directory)
+    assert [e.index for e in recovered.entries] == [1, 2, 3]
+    assert [path.name for path in segment_paths(directory)] == [segment_name(1)]
+    log.append(truncate_from=None, entries=[entry(4)], hard_state=None)
+    log.close()
+    assert [e.index for e in reopen(directory).entries] == [1, 2, 3, 4]
+
+
+def test_a_second_process_cannot_open_the_same_directory(tmp_path):
+    directory = tmp_path / "wal"
+    log, _ = WriteAheadLog.open(directory)
+    with pytest.raises(WalFatal, match="in use"):
+        WriteAheadLog.open(directory)
+    log.close()
+    reopen(directory)
+
+
+def test_fsync_failure_is_fatal_and_poisons_the_log(tmp_path, monkeypatch):
+    log, _ = WriteAheadLog.open(tmp_path / "wal")
+    log.append(truncate_from=None, entries=[entry(1)], hard_state=None)
+
+    def failing_fdatasync(descriptor):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(wal_module.os, "fdatasync", failing_fdatasync)
+    with pytest.raises(WalFatal):
+        log.sync()
+    monkeypatch.undo()
+    with pytest.raises(WalFatal):
+        log.append(truncate_from=None, entries=[entry(2)], hard_state=None)
+    with pytest.raises(WalFatal):
+        log.sync()
+    log.close()

@@ -365,7 +365,8 @@ def load_cluster(directory: Path | str) -> ClusterSpec:
 @contextlib.contextmanager
 def _locked(directory: Path) -> Iterator[None]:
     """Serialise cluster commands on one directory (two concurrent starts must not both launch a node)."""
-    with open(directory / LOCK_FILE_NAME, "a+") as handle:
+    descriptor = os.open(directory / LOCK_FILE_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    with os.fdopen(descriptor, "r+") as handle:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
         try:
             yield
@@ -464,7 +465,8 @@ def launch_node(node: NodeSpec, report: Report = _silent) -> int:
     if running_pid(node) is not None:
         raise ClusterError(f"{node.node_id} is already running")
     _check_ports_free(node)
-    with open(node.output_file, "ab") as output:
+    descriptor = os.open(node.output_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    with os.fdopen(descriptor, "ab") as output:
         process = subprocess.Popen(_serve_command(node), stdin=subprocess.DEVNULL, stdout=output,
                                    stderr=subprocess.STDOUT, cwd=node.directory, start_new_session=True,
                                    close_fds=True)
@@ -600,7 +602,11 @@ def start_cluster(directory: Path | str, nodes: int | None = None, base_port: in
                 continue
             pid = launch_node(node, report)
             report(f"started {node.node_id} (pid {pid}) on {node.http_url}")
-    return spec, wait_for_primary(spec, timeout_seconds)
+    try:
+        return spec, wait_for_primary(spec, timeout_seconds)
+    except ClusterError as error:
+        raise ClusterError(f"{error}\n(nodes that did start keep running: './run_cluster.sh status' shows "
+                           f"them, './run_cluster.sh stop' stops them)") from None
 
 
 def _wait_gone(nodes_and_pids: Sequence[tuple[NodeSpec, int]], deadline: float) -> list[tuple[NodeSpec, int]]:

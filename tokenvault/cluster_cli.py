@@ -140,7 +140,8 @@ def logs(node_id: str, follow: bool) -> None:
     if node.output_file.exists() and node.output_file.stat().st_size:
         click.echo(f"--- stdout/stderr of the process ({node.output_file}) ---", err=True)
         click.echo(node.output_file.read_text(encoding="utf-8", errors="replace"), err=True, nl=False)
-        click.echo(f"--- node log ({node.log_file}) ---", err=True)
+        if node.log_file.exists():
+            click.echo(f"--- node log ({node.log_file}) ---", err=True)
     if not node.log_file.exists():
         return
     output = sys.stdout.buffer

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from tokenvault import cluster
+from tokenvault import cluster, demo
 from tokenvault.auth import hash_api_key
 from tokenvault.cluster import ClusterError, NodeSettings
 from tokenvault.cluster_cli import run_cluster
@@ -298,3 +298,34 @@ def test_run_cluster_script_reports_missing_cluster(tmp_path: Path) -> None:
                             env={**os.environ, "TOKENVAULT_CLUSTER_DIR": str(tmp_path / "none")})
     assert result.returncode == 1
     assert "no cluster in" in result.stderr
+
+
+def luhn_valid(number: str) -> bool:
+    digits = [int(character) for character in number.replace(" ", "")][::-1]
+    total = sum(digit if position % 2 == 0 else (digit * 2 - 9 if digit * 2 > 9 else digit * 2)
+                for position, digit in enumerate(digits))
+    return total % 10 == 0
+
+
+def test_demo_card_numbers_are_distinct_luhn_valid_test_numbers() -> None:
+    numbers = demo.fake_card_numbers(300, seed=11)
+    assert len(set(numbers)) == 300
+    assert all(len(number) == 19 and number.startswith("4000 00") and luhn_valid(number) for number in numbers)
+    assert demo.fake_card_numbers(5, seed=11) != demo.fake_card_numbers(5, seed=12)
+
+
+def test_demo_story_reads_only_recent_story_events_and_shows_only_safe_fields(tmp_path: Path) -> None:
+    log_file = tmp_path / "node.log"
+    lines = [
+        {"ts": "2020-01-01T00:00:00Z", "event": "primary.elected", "view": 1},
+        {"ts": "2030-01-01T00:00:00Z", "event": "primary.elected", "view": 7, "primary": "n2"},
+        {"ts": "2030-01-01T00:00:01Z", "event": "token.issued", "count": 3},
+        {"ts": "2030-01-01T00:00:02Z", "event": "peer.down", "peer": "n1", "api_key": "tvk_secret",
+         "detail": "has spaces and could be anything"},
+    ]
+    log_file.write_text("\n".join(json.dumps(line) for line in lines) + "\nnot json\n")
+    since = demo.datetime(2025, 1, 1, tzinfo=demo.timezone.utc)
+    records = demo.read_log_events(log_file, since)
+    assert [record["event"] for record in records] == ["primary.elected", "peer.down"]
+    assert demo.describe_fields(records[0]) == "view=7 primary=n2"
+    assert demo.describe_fields(records[1]) == "peer=n1"

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import DecompressSizeError, HttpProcessingError
+from aiohttp.web_protocol import RequestHandler
 
 from tokenvault import auth
 from tokenvault.errors import (
@@ -489,3 +490,54 @@ def create_app(
     api_keys = auth.ApiKeyTable(config.api_keys)
     limits = HttpLimits.from_config(config, max_inflight_requests=max_inflight_requests)
     return build_app(service, api_keys, limits, metrics)
+
+
+# ---------------------------------------------------------------- errors before the application
+
+
+class _ProblemRequestHandler(RequestHandler):
+    """aiohttp's connection handler, answering its own errors as problem+json.
+
+    Requests that aiohttp's HTTP parser rejects (a bad request line, a control
+    character in a header, an oversized header line) never reach the
+    application. aiohttp's default answer is plain text quoting the offending
+    bytes, which may be an Authorization header, so this answers with fixed
+    text instead and logs only the error's type.
+    """
+
+    __slots__ = ()
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        _log.warning("http.malformed_request", status=status, error_type=type(exc).__name__ if exc else None)
+        if request.writer.output_size > 0:
+            raise ConnectionError("the response was already started; the connection is closed")
+        if status >= 500:
+            response = problem_response(status, "internal", "Internal error", "the request could not be handled")
+        else:
+            response = problem_response(
+                status, "invalid-request", default_title(status), "the request is not valid HTTP/1.1"
+            )
+        response.force_close()
+        return response
+
+
+class _ProblemServer(web.Server):
+    def __call__(self) -> RequestHandler:
+        return _ProblemRequestHandler(self, loop=self._loop, **self._kwargs)
+
+
+class ProblemAppRunner(web.AppRunner):
+    """An AppRunner whose connections answer malformed HTTP with problem+json (use it to serve create_app)."""
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        # aiohttp has no public hook for the connection handler class; the
+        # subclass only overrides __call__, so swapping the class is safe.
+        server.__class__ = _ProblemServer
+        return server

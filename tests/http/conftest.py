@@ -27,7 +27,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from tokenvault import auth
 from tokenvault.errors import IdempotencyInFlight, IdempotencyMismatch, Outcome, Unavailable
-from tokenvault.http import HttpLimits, build_app
+from tokenvault.http import HttpLimits, ProblemAppRunner, build_app
 from tokenvault.metrics import Metrics
 from tokenvault.tokens import parse_token
 
@@ -170,6 +170,13 @@ def make_key_ring() -> KeyRing:
     return KeyRing(keys={name: auth.generate_api_key() for name in scopes}, scopes=scopes)
 
 
+class ProblemTestServer(TestServer):
+    """aiohttp's TestServer, served by the runner the node uses (problem+json for malformed HTTP)."""
+
+    async def _make_runner(self, **kwargs):  # type: ignore[override]
+        return ProblemAppRunner(self.app, **kwargs)
+
+
 @pytest.fixture
 def key_ring() -> KeyRing:
     return make_key_ring()
@@ -197,7 +204,7 @@ def app(service: FakeService, key_ring: KeyRing, limits: HttpLimits, metrics: Me
 
 @pytest.fixture
 async def client(app: web.Application) -> AsyncIterator[TestClient]:
-    async with TestClient(TestServer(app, host="127.0.0.1", port=0)) as test_client:
+    async with TestClient(ProblemTestServer(app, host="127.0.0.1", port=0)) as test_client:
         yield test_client
 
 
@@ -209,7 +216,7 @@ async def make_client(
     clients: list[TestClient] = []
 
     async def factory(limits: HttpLimits) -> TestClient:
-        test_client = TestClient(TestServer(build_app(service, key_ring.table(), limits, metrics), host="127.0.0.1", port=0))
+        test_client = TestClient(ProblemTestServer(build_app(service, key_ring.table(), limits, metrics), host="127.0.0.1", port=0))
         await test_client.start_server()
         clients.append(test_client)
         return test_client
@@ -248,7 +255,7 @@ class LiveServer:
         self._loop.close()
 
     async def _start(self) -> None:
-        self._runner = web.AppRunner(self._app_factory(), access_log=None, handle_signals=False)
+        self._runner = ProblemAppRunner(self._app_factory(), access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()

@@ -1,0 +1,396 @@
+"""Load generator for TokenVault (and, for comparison, etcd), on asyncio + aiohttp.
+
+    python bench/loadgen.py run --cluster-json .cluster/cluster.json --mode tokenize --batch 1 --concurrency 64
+    python bench/loadgen.py compare-etcd            # starts a 3-node vault and a 3-member etcd, drives both
+
+`run` drives an already running vault: every worker holds one request in
+flight at a time, so --concurrency is the number of requests in flight. Each
+request carries --batch values: fresh random synthetic strings for tokenize;
+tokens from a pool tokenized beforehand for detokenize; `mixed` alternates.
+It prints requests/s, values/s, p50 and p99 latency of acknowledged requests
+and error counts for the measured window (after --warmup seconds).
+
+`compare-etcd` starts its own clusters in a temporary directory, on loopback,
+and runs the same client against: vault single-value tokenize, etcd
+insert-if-absent transactions (compare create_revision = 0, then put) through
+etcd's JSON gateway, and vault 100-value tokenize; it prints the ratio. It
+needs Debian's `etcd-server` (apt-get install etcd-server) and says so if etcd
+is missing.
+
+Nothing here asserts on timing: it measures and prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+if str(REPOSITORY) not in sys.path:
+    sys.path.insert(0, str(REPOSITORY))
+
+DETOKENIZE_POOL_VALUES = 20_000
+PREPARE_BATCH = 1000
+ETCD_INSTALL_HINT = "etcd is not installed: run 'apt-get install etcd-server' (Debian) and try again"
+
+
+@dataclass(slots=True)
+class Measurement:
+    """What the measured window saw; errors are counted by kind (HTTP status or exception name)."""
+
+    requests: int = 0
+    values: int = 0
+    latencies_ms: list[float] = field(default_factory=list)
+    errors: Counter[str] = field(default_factory=Counter)
+    window_seconds: float = 0.0
+
+    def percentile_ms(self, fraction: float) -> float:
+        if not self.latencies_ms:
+            return float("nan")
+        ordered = sorted(self.latencies_ms)
+        return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    ok: bool
+    values: int
+    error: str | None = None
+
+
+Operation = Callable[[aiohttp.ClientSession, int], Awaitable[Outcome]]
+
+
+def random_values(count: int, generator: random.Random) -> list[str]:
+    """Synthetic values: a fixed prefix and 24 random hex digits, so each is new to the vault."""
+    return [f"synthetic-{generator.getrandbits(96):024x}" for _ in range(count)]
+
+
+async def drive(operation: Operation, concurrency: int, duration_seconds: float, warmup_seconds: float,
+                connection_limit: int | None = None) -> Measurement:
+    """Run `concurrency` workers for warmup + duration; record requests that start after the warmup."""
+    measurement = Measurement()
+    connector = aiohttp.TCPConnector(limit=connection_limit or concurrency, force_close=False)
+    timeout = aiohttp.ClientTimeout(total=30)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        # Why perf_counter: uvloop's loop.time() has millisecond resolution, too coarse for latencies.
+        clock = time.perf_counter
+        measure_from = clock() + warmup_seconds
+        stop_at = measure_from + duration_seconds
+
+        async def worker(number: int) -> None:
+            while (started := clock()) < stop_at:
+                try:
+                    outcome = await operation(session, number)
+                except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as error:
+                    outcome = Outcome(False, 0, type(error).__name__)
+                finished = clock()
+                if started < measure_from or finished > stop_at:
+                    continue
+                if outcome.ok:
+                    measurement.requests += 1
+                    measurement.values += outcome.values
+                    measurement.latencies_ms.append((finished - started) * 1000.0)
+                else:
+                    measurement.errors[outcome.error or "error"] += 1
+                    # Why: a failing target would otherwise be hammered in a tight loop.
+                    await asyncio.sleep(0.01)
+
+        await asyncio.gather(*(worker(number) for number in range(concurrency)))
+    measurement.window_seconds = duration_seconds
+    return measurement
+
+
+def report_line(label: str, measurement: Measurement) -> str:
+    window = measurement.window_seconds or 1.0
+    errors = ", ".join(f"{kind}: {count}" for kind, count in sorted(measurement.errors.items())) or "none"
+    return (f"{label:<34} {measurement.requests / window:>10.0f} req/s {measurement.values / window:>11.0f} values/s"
+            f"   p50 {measurement.percentile_ms(0.50):7.2f} ms   p99 {measurement.percentile_ms(0.99):7.2f} ms"
+            f"   ok {measurement.requests}   errors {errors}")
+
+
+# ---------------------------------------------------------------- vault operations
+
+
+class VaultTarget:
+    """Builds tokenize/detokenize operations against a list of vault node URLs (round-robin per worker)."""
+
+    def __init__(self, urls: Sequence[str], api_key: str, seed: int) -> None:
+        self.urls = [url.rstrip("/") for url in urls]
+        self.headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
+        self.generator = random.Random(seed)
+        self.pool: list[str] = []
+
+    def url_for(self, worker: int) -> str:
+        return self.urls[worker % len(self.urls)]
+
+    async def post(self, session: aiohttp.ClientSession, url: str, body: dict[str, list[str]]) -> tuple[int, dict]:
+        async with session.post(url, data=json.dumps(body), headers=self.headers) as response:
+            payload = await response.read()
+            if response.status != 200:
+                return response.status, {}
+            return response.status, json.loads(payload)
+
+    def tokenize(self, batch: int) -> Operation:
+        async def operation(session: aiohttp.ClientSession, worker: int) -> Outcome:
+            values = random_values(batch, self.generator)
+            status, body = await self.post(session, self.url_for(worker) + "/v1/tokenize", {"values": values})
+            if status != 200 or len(body.get("tokens", ())) != batch:
+                return Outcome(False, 0, f"HTTP {status}")
+            return Outcome(True, batch)
+
+        return operation
+
+    def detokenize(self, batch: int) -> Operation:
+        async def operation(session: aiohttp.ClientSession, worker: int) -> Outcome:
+            tokens = self.generator.sample(self.pool, min(batch, len(self.pool)))
+            status, body = await self.post(session, self.url_for(worker) + "/v1/detokenize", {"tokens": tokens})
+            values = body.get("values", ())
+            if status != 200 or len(values) != len(tokens) or any(value is None for value in values):
+                return Outcome(False, 0, f"HTTP {status}" if status != 200 else "unknown token")
+            return Outcome(True, len(tokens))
+
+        return operation
+
+    def mixed(self, batch: int) -> Operation:
+        tokenize, detokenize = self.tokenize(batch), self.detokenize(batch)
+        counter = 0
+
+        async def operation(session: aiohttp.ClientSession, worker: int) -> Outcome:
+            nonlocal counter
+            counter += 1
+            return await (tokenize if counter % 2 else detokenize)(session, worker)
+
+        return operation
+
+    async def fill_pool(self, count: int) -> None:
+        """Tokenize `count` values once so that detokenize has tokens that exist."""
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+            while len(self.pool) < count:
+                values = random_values(min(PREPARE_BATCH, count - len(self.pool)), self.generator)
+                status, body = await self.post(session, self.urls[0] + "/v1/tokenize", {"values": values})
+                if status != 200:
+                    raise SystemExit(f"preparing detokenize tokens failed: HTTP {status} from {self.urls[0]}")
+                self.pool.extend(body["tokens"])
+
+
+# ---------------------------------------------------------------- etcd
+
+
+def etcd_insert_if_absent(client_urls: Sequence[str], seed: int) -> Operation:
+    """One etcd transaction per request: if create_revision(key) == 0 then put(key, value)."""
+    generator = random.Random(seed)
+
+    def encode(text: str) -> str:
+        return base64.b64encode(text.encode()).decode()
+
+    async def operation(session: aiohttp.ClientSession, worker: int) -> Outcome:
+        key = encode(f"/bench/{generator.getrandbits(96):024x}")
+        body = {"compare": [{"key": key, "result": "EQUAL", "target": "CREATE", "create_revision": "0"}],
+                "success": [{"request_put": {"key": key, "value": encode("ciphertext-stand-in")}}]}
+        url = client_urls[worker % len(client_urls)] + "/v3/kv/txn"
+        async with session.post(url, data=json.dumps(body)) as response:
+            payload = await response.read()
+            if response.status != 200:
+                return Outcome(False, 0, f"HTTP {response.status}")
+            return Outcome(bool(json.loads(payload).get("succeeded")), 1, "not inserted")
+
+    return operation
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for probe in sockets:
+            probe.bind(("127.0.0.1", 0))
+        return [probe.getsockname()[1] for probe in sockets]
+    finally:
+        for probe in sockets:
+            probe.close()
+
+
+def start_etcd(directory: Path, members: int = 3) -> tuple[list[subprocess.Popen[bytes]], list[str]]:
+    """Start a `members`-member etcd cluster on loopback; returns the processes and the client URLs."""
+    binary = shutil.which("etcd") or ("/usr/bin/etcd" if Path("/usr/bin/etcd").exists() else None)
+    if binary is None:
+        raise SystemExit(ETCD_INSTALL_HINT)
+    ports = free_ports(2 * members)
+    client_urls = [f"http://127.0.0.1:{ports[2 * number]}" for number in range(members)]
+    peer_urls = [f"http://127.0.0.1:{ports[2 * number + 1]}" for number in range(members)]
+    initial = ",".join(f"e{number + 1}={peer_urls[number]}" for number in range(members))
+    processes = []
+    for number in range(members):
+        name = f"e{number + 1}"
+        command = [binary, "--name", name, "--data-dir", str(directory / name),
+                   "--listen-client-urls", client_urls[number], "--advertise-client-urls", client_urls[number],
+                   "--listen-peer-urls", peer_urls[number], "--initial-advertise-peer-urls", peer_urls[number],
+                   "--initial-cluster", initial, "--initial-cluster-state", "new",
+                   "--initial-cluster-token", "tokenvault-bench", "--log-level", "warn"]
+        with open(directory / f"{name}.out", "ab") as output:
+            processes.append(subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT,
+                                              stdin=subprocess.DEVNULL, start_new_session=True))
+    wait_etcd_healthy(client_urls, processes, directory)
+    return processes, client_urls
+
+
+def wait_etcd_healthy(client_urls: Sequence[str], processes: Sequence[subprocess.Popen[bytes]],
+                      directory: Path, timeout_seconds: float = 30.0) -> None:
+    import urllib.request
+
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    deadline = time.monotonic() + timeout_seconds
+    while time.monotonic() < deadline:
+        if any(process.poll() is not None for process in processes):
+            raise SystemExit(f"an etcd member exited during start; see {directory}/e*.out")
+        healthy = 0
+        for url in client_urls:
+            try:
+                with opener.open(url + "/health", timeout=1) as response:
+                    healthy += json.loads(response.read()).get("health") in ("true", True)
+            except (OSError, ValueError):
+                pass
+        if healthy == len(client_urls):
+            return
+        time.sleep(0.2)
+    raise SystemExit(f"etcd did not become healthy within {timeout_seconds:g} s; see {directory}/e*.out")
+
+
+def stop_processes(processes: Sequence[subprocess.Popen[bytes]]) -> None:
+    for process in processes:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    for process in processes:
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+
+
+# ---------------------------------------------------------------- commands
+
+
+def load_cluster_json(path: str) -> tuple[list[str], str]:
+    with open(path, encoding="utf-8") as handle:
+        document = json.load(handle)
+    urls = [node["http_url"] for node in document["nodes"]]
+    return urls, document["api_keys"]["full"]["key"]
+
+
+async def command_run(arguments: argparse.Namespace) -> int:
+    urls = [url for entry in arguments.url for url in entry.split(",") if url]
+    api_key = arguments.api_key or os.environ.get("TOKENVAULT_API_KEY")
+    if arguments.cluster_json:
+        cluster_urls, cluster_key = load_cluster_json(arguments.cluster_json)
+        urls = urls or cluster_urls
+        api_key = api_key or cluster_key
+    if not urls or not api_key:
+        raise SystemExit("give --url and --api-key, or --cluster-json")
+    target = VaultTarget(urls, api_key, arguments.seed)
+    if arguments.mode in ("detokenize", "mixed"):
+        await target.fill_pool(max(arguments.pool, arguments.batch))
+    operation = {"tokenize": target.tokenize, "detokenize": target.detokenize,
+                 "mixed": target.mixed}[arguments.mode](arguments.batch)
+    print(f"{arguments.mode}, {arguments.batch} value(s)/request, concurrency {arguments.concurrency}, "
+          f"{arguments.duration:g} s after {arguments.warmup:g} s warm-up, against {', '.join(urls)}", flush=True)
+    measurement = await drive(operation, arguments.concurrency, arguments.duration, arguments.warmup)
+    print(report_line(f"vault {arguments.mode} x{arguments.batch}", measurement))
+    return 0
+
+
+async def command_compare_etcd(arguments: argparse.Namespace) -> int:
+    from tokenvault import cluster
+
+    if shutil.which("etcd") is None and not Path("/usr/bin/etcd").exists():
+        raise SystemExit(ETCD_INSTALL_HINT)
+    with tempfile.TemporaryDirectory(prefix="tokenvault-bench-") as temporary:
+        directory = Path(temporary)
+        vault_directory = directory / "vault"
+        port_list = free_ports(6)
+        ports = [(port_list[2 * number], port_list[2 * number + 1]) for number in range(3)]
+        (directory / "etcd").mkdir()
+        etcd_processes: list[subprocess.Popen[bytes]] = []
+        try:
+            spec, _ = await asyncio.to_thread(cluster.start_cluster, vault_directory, 3, ports=ports,
+                                              timeout_seconds=60)
+            etcd_processes, etcd_urls = await asyncio.to_thread(start_etcd, directory / "etcd")
+            return await compare(arguments, list(spec.http_urls), spec.key("full"), etcd_urls)
+        finally:
+            stop_processes(etcd_processes)
+            if (vault_directory / cluster.CLUSTER_FILE_NAME).exists():
+                await asyncio.to_thread(cluster.stop_cluster, vault_directory, 10)
+
+
+async def compare(arguments: argparse.Namespace, vault_urls: list[str], api_key: str,
+                  etcd_urls: list[str]) -> int:
+    concurrency, duration, warmup = arguments.concurrency, arguments.duration, arguments.warmup
+    print(f"3-node vault {', '.join(vault_urls)}\n3-member etcd {', '.join(etcd_urls)}\n"
+          f"concurrency {concurrency}, {duration:g} s per run after {warmup:g} s warm-up\n", flush=True)
+    target = VaultTarget(vault_urls, api_key, arguments.seed)
+    vault_single = await drive(target.tokenize(1), concurrency, duration, warmup)
+    print(report_line("vault tokenize x1", vault_single), flush=True)
+    etcd_single = await drive(etcd_insert_if_absent(etcd_urls, arguments.seed), concurrency, duration, warmup)
+    print(report_line("etcd txn insert-if-absent x1", etcd_single), flush=True)
+    vault_batch = await drive(target.tokenize(100), concurrency, duration, warmup)
+    print(report_line("vault tokenize x100", vault_batch), flush=True)
+    if etcd_single.requests:
+        ratio = (vault_single.requests / duration) / (etcd_single.requests / duration)
+        print(f"\nvault/etcd single-value operations per second: {ratio:.2f}x")
+    return 0
+
+
+def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="drive a running vault")
+    run.add_argument("--url", action="append", default=[], help="node URL (repeat or comma-separate)")
+    run.add_argument("--api-key", help="API key with the needed scopes (or env TOKENVAULT_API_KEY)")
+    run.add_argument("--cluster-json", help="take URLs and the 'full' key from this cluster.json")
+    run.add_argument("--mode", choices=("tokenize", "detokenize", "mixed"), default="tokenize")
+    run.add_argument("--batch", type=int, default=1, help="values (or tokens) per request")
+    run.add_argument("--pool", type=int, default=DETOKENIZE_POOL_VALUES, help="tokens prepared for detokenize")
+    compare_parser = commands.add_parser("compare-etcd", help="start a 3-node vault and a 3-member etcd, drive both")
+    for sub in (run, compare_parser):
+        sub.add_argument("--concurrency", type=int, default=64, help="requests in flight")
+        sub.add_argument("--duration", type=float, default=10.0, help="measured seconds")
+        sub.add_argument("--warmup", type=float, default=2.0, help="seconds before measuring")
+        sub.add_argument("--seed", type=int, default=None, help="random seed for the synthetic values")
+    arguments = parser.parse_args(argv)
+    if arguments.seed is None:
+        arguments.seed = random.SystemRandom().getrandbits(32)
+    if getattr(arguments, "batch", 1) < 1 or arguments.concurrency < 1 or arguments.duration <= 0:
+        parser.error("--batch and --concurrency must be at least 1 and --duration positive")
+    return arguments
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    arguments = parse_arguments(argv)
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    handler = command_run if arguments.command == "run" else command_compare_etcd
+    return asyncio.run(handler(arguments))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

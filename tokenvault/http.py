@@ -80,6 +80,8 @@ SERVICE_KEY: web.AppKey[Any] = web.AppKey("tokenvault_service", object)
 METRICS_KEY: web.AppKey[Metrics] = web.AppKey("tokenvault_metrics", Metrics)
 
 _log = get_logger("tokenvault.http")
+# Marks "no body at all", which differs from a JSON body of `null`.
+EMPTY_BODY = object()
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -309,9 +311,9 @@ class _Api:
         self.inflight_requests = 0
 
     async def read_json(self, request: web.Request, *, body_required: bool) -> Any:
-        """Content type, size and JSON checks; an empty body is ``None`` when allowed."""
+        """Content type, size and JSON checks; ``EMPTY_BODY`` when the body is empty and allowed."""
         if not body_required and not request.body_exists:
-            return None
+            return EMPTY_BODY
         require_json_content_type(request)
         declared_bytes = request.content_length
         if declared_bytes is not None and declared_bytes > self.limits.max_body_bytes:
@@ -321,7 +323,7 @@ class _Api:
             raise PayloadTooLarge(f"the request body is larger than {self.limits.max_body_bytes} bytes")
         if not body:
             if not body_required:
-                return None
+                return EMPTY_BODY
             raise InvalidRequest("the request body is empty; send a JSON object")
         return parse_json(body)
 
@@ -397,7 +399,7 @@ class _Api:
         key = idempotency_key(request)
         # The body is `{}`; an empty body is accepted as the same request.
         document = await self.read_json(request, body_required=False)
-        if document is not None:
+        if document is not EMPTY_BODY:
             require_members(document, ())
         outcome = await self.service.rotate_epoch(principal.name, key)
         if outcome.replayed:

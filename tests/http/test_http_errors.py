@@ -104,8 +104,8 @@ async def test_invalid_detokenize_tokens_are_400(
 
 @pytest.mark.parametrize(
     "body",
-    [b'{"epoch": 5}', b"[]", b"{", b'"' + MARKER.encode() + b'"', b'{"' + MARKER.encode() + b'": 1}'],
-    ids=["member", "array", "invalid-json", "string", "marker-member"],
+    [b'{"epoch": 5}', b"[]", b"{", b'"' + MARKER.encode() + b'"', b'{"' + MARKER.encode() + b'": 1}', b"null", b" "],
+    ids=["member", "array", "invalid-json", "string", "marker-member", "null", "whitespace"],
 )
 async def test_invalid_rotate_bodies_are_400(client: TestClient, key_ring: KeyRing, service: FakeService, body: bytes) -> None:
     response = await post(client, "/v1/admin/epochs", body, {**JSON, **key_ring.bearer("admin")})

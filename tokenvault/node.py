@@ -92,7 +92,7 @@ class Node:
             self.restored, random.Random())
         self.transport: PeerTransport | None = None
         if len(members) > 1:
-            peers = [PeerAddress(member.id, *_split_address(member.peer_addr)) for member in config.members]
+            peers = [PeerAddress(member.id, member.peer_host, member.peer_port) for member in config.members]
             self.transport = PeerTransport(self.node_id, config.peer.host, config.peer.port, peers,
                                            config.load_cluster_secret(), self._on_peer_message,
                                            MAX_FRAME_BYTES)
@@ -283,7 +283,8 @@ class Node:
                             hard_state=ready.hard_state)
             started = time.perf_counter()
             await loop.run_in_executor(None, self.wal.sync)
-            self.metrics.observe_fsync(time.perf_counter() - started, len(ready.entries))
+            self.metrics.observe_wal_sync(time.perf_counter() - started, len(ready.entries),
+                                          sum(len(entry.payload) for entry in ready.entries))
         for destination, message in ready.messages:
             self.send_to_peer(destination, message)
         if ready.committed:
@@ -331,7 +332,7 @@ class Node:
                 pending.future.set_result(result)
         if issued_count and self.replica.role == Role.PRIMARY:
             log.info("token.issued", count=issued_count, epoch=issued_epoch)
-            self.metrics.tokens_issued(issued_count)
+            self.metrics.record_tokens_issued(issued_count)
         self._applied_since_compact += len(entries)
         if self._applied_since_compact >= COMPACT_EVERY_APPLIED_ENTRIES:
             self._compact()
@@ -344,7 +345,6 @@ class Node:
         if isinstance(command, commands.RotateEpochCommand):
             self.keyring.add(command.epoch, command.wrapped_secret)
             log.info("epoch.rotated", epoch=command.epoch, index=entry.index)
-            self.metrics.set_active_epoch(command.epoch)
             return 0, 0
         return len(command.items), command.epoch
 
@@ -430,9 +430,10 @@ class Node:
         self._pending_proposals.clear()
 
     def _update_gauges(self) -> None:
-        self.metrics.set_replication(role=self.replica.role.name.lower(), view=self.replica.view,
+        self.metrics.set_replication(role=self.role_name(), view=self.replica.view,
                                      commit_index=self.replica.commit_index,
-                                     applied_index=self.store.applied_index)
+                                     applied_index=self.store.applied_index,
+                                     active_epoch=self.store.active_epoch())
 
     def role_name(self) -> str:
         role = self.replica.role
@@ -442,11 +443,6 @@ class Node:
         return {"status": "ok", "node_id": self.node_id, "role": self.role_name(), "view": self.replica.view,
                 "primary_id": self.replica.primary_id, "commit_index": self.replica.commit_index,
                 "applied_index": self.store.applied_index, "active_epoch": self.store.active_epoch()}
-
-
-def _split_address(address: str) -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    return host, int(port)
 
 
 # --------------------------------------------------------------------- process entry point

@@ -19,7 +19,7 @@ import msgpack
 
 from protocol import ForwardRequest, ForwardResponse, NotPrimary, Role
 from tokenvault import commands
-from tokenvault.crypto import new_epoch_secret
+from tokenvault.crypto import DecryptError, new_epoch_secret
 from tokenvault.errors import (IdempotencyInFlight, IdempotencyMismatch, Outcome, ServiceError,
                                Unavailable, problem_body)
 from tokenvault.logs import get_logger
@@ -111,8 +111,7 @@ class NodeService:
                 if epoch == 0:
                     raise Unavailable("the cluster has no active epoch yet; retry shortly")
                 keys = self.node.keyring.get(epoch)
-                items = tuple((token, keys.encrypt(token, value))
-                              for value in values for token in (keys.token_for(value),))
+                items = tuple(keys.seal_many(values))
                 command = commands.TokenizeCommand(
                     epoch=epoch, items=items, principal=principal, idempotency_key=idempotency_key,
                     fingerprint=fingerprint, issued_at_ms=int(time.time() * 1000))
@@ -157,7 +156,8 @@ class NodeService:
         for token in tokens:
             ciphertext = found.get(token)
             values.append(self._decrypt(token, ciphertext) if ciphertext is not None else plain.get(token))
-        self.node.metrics.values_detokenized(sum(value is not None for value in values))
+        found_count = sum(value is not None for value in values)
+        self.node.metrics.record_detokenized(found_count, len(values) - found_count)
         return values
 
     async def _detokenize_missing_here(self, tokens: list[str]) -> dict[str, str | None]:
@@ -176,7 +176,13 @@ class NodeService:
         epoch = parse_token(token).epoch
         if epoch not in self.node.keyring:
             return None
-        return self.node.keyring.get(epoch).decrypt(token, ciphertext)
+        try:
+            return self.node.keyring.get(epoch).decrypt(token, ciphertext)
+        except DecryptError:
+            # Only corrupt storage gets here; the mapping is unusable, so it reads as unknown
+            # and the operator is told loudly (without the token or any data).
+            log.error("store.ciphertext_corrupt", epoch=epoch)
+            return None
 
     # ------------------------------------------------------------------ epochs
     async def rotate_epoch(self, principal: str, idempotency_key: str | None) -> Outcome:

@@ -148,15 +148,18 @@ def tokenvault() -> None:
               help="The node's TOML config file.")
 def serve(config_path: str) -> None:
     """Run one node until SIGTERM or SIGINT."""
-    import uvloop
-
-    # Why here: the event loop policy is a process-wide choice of the entry point, not of the library.
-    uvloop.install()
-    from tokenvault.config import ConfigError
+    from tokenvault.config import ConfigError, load_config
     from tokenvault.crypto import CryptoError
-    from tokenvault.node import main as run_node
 
     try:
+        # Why first: a bad config should be one clear line, before the node's modules are even loaded.
+        load_config(config_path)
+        import uvloop
+
+        # Why here: the event loop policy is a process-wide choice of the entry point, not of the library.
+        uvloop.install()
+        from tokenvault.node import main as run_node
+
         exit_code = run_node(config_path)
     except (ConfigError, CryptoError) as error:
         _fail(str(error), EXIT_USAGE)

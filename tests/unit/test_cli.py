@@ -182,3 +182,14 @@ def test_tokenize_refuses_an_idempotency_key_for_several_batches(
                            input="\n".join(str(number) for number in range(1001)))
     assert result.exit_code == 2
     assert primary.calls("/v1/tokenize") == []
+
+
+def test_serve_with_an_invalid_config_is_one_clear_line_and_exit_2(runner: CliRunner, tmp_path: Path) -> None:
+    config = tmp_path / "node.toml"
+    config.write_text('node_id = "n1"\nthis is not toml\n')
+    result = runner.invoke(tokenvault, ["serve", "--config", str(config)])
+    assert result.exit_code == 2
+    assert "not valid TOML" in result.stderr
+    config.write_text('node_id = "n1"\n')
+    result = runner.invoke(tokenvault, ["serve", "--config", str(config)])
+    assert result.exit_code == 2 and "missing the required key" in result.stderr

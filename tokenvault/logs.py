@@ -195,3 +195,16 @@ def get_logger(name: str | None = None, **fields: Any) -> Any:
     if name is not None:
         fields = {"logger": name, **fields}
     return logger.bind(**fields) if fields else logger
+
+
+def reset_logging() -> None:
+    """Undo configure_logging: structlog defaults, no bridged handler, log file closed (for tests)."""
+    global _open_log_file
+    structlog.reset_defaults()
+    root = logging.getLogger()
+    for existing in list(root.handlers):
+        if getattr(existing, "_tokenvault_handler", False):
+            root.removeHandler(existing)
+    if _open_log_file is not None:
+        _open_log_file.close()
+        _open_log_file = None

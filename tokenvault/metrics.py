@@ -2,9 +2,9 @@
 
 Each node process (and each test) builds its own ``Metrics`` so that nothing
 touches prometheus_client's global registry; ``GET /metrics`` renders exactly
-this registry. The HTTP layer records requests, latencies, issued tokens and
-detokenized values; the node driver records replication state and WAL fsyncs
-through the ``set_*`` / ``observe_*`` methods. Label values come from fixed
+this registry. The HTTP layer records requests, latencies and idempotent replays; the node driver records replication state and WAL fsyncs
+through the ``set_*`` / ``observe_*`` methods, issued tokens when it applies them,
+and the service records detokenize results. Label values come from fixed
 sets (route templates, roles, peer ids from the config), never from request
 data, so the number of series is bounded.
 """
@@ -54,12 +54,12 @@ class Metrics:
         )
         self.tokens_issued = Counter(
             "tokenvault_tokens_issued",
-            "Tokens returned by successful, non-replayed tokenize requests on this node.",
+            "Tokens written by tokenize entries this node applied while primary (the node records it).",
             registry=registry,
         )
         self.values_detokenized = Counter(
             "tokenvault_values_detokenized",
-            "Tokens looked up by successful detokenize requests on this node, by result.",
+            "Tokens looked up by detokenize requests answered by this node, by result (the service records it).",
             ("result",),
             registry=registry,
         )

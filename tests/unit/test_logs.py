@@ -1,0 +1,174 @@
+"""tokenvault.logs: JSON lines with ts/level/node/event, redaction of sensitive fields."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tokenvault.logs import (
+    SENSITIVE_FIELD_NAMES,
+    configure_logging,
+    drop_sensitive_fields,
+    get_logger,
+    is_sensitive_field,
+    parse_level,
+    reset_logging,
+)
+
+SECRET = "plaintext-4111-1111-1111-1111"
+
+
+@pytest.fixture
+def log_file(tmp_path: Path) -> Iterator[Path]:
+    path = tmp_path / "logs" / "node.log"
+    configure_logging("n7", path, "info")
+    yield path
+    reset_logging()
+
+
+def read_lines(path: Path) -> list[dict]:
+    text = path.read_text(encoding="utf-8")
+    assert text.endswith("\n")
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def test_each_event_is_one_json_line_with_the_required_fields_first(log_file: Path) -> None:
+    logger = get_logger("test")
+    logger.info("token.issued", count=3, epoch=2)
+    logger.warning("peer.down", peer="n2")
+    first, second = read_lines(log_file)
+    assert list(first)[:4] == ["ts", "level", "node", "event"]
+    assert first["level"] == "info" and first["node"] == "n7" and first["event"] == "token.issued"
+    assert first["count"] == 3 and first["epoch"] == 2 and first["logger"] == "test"
+    assert second["level"] == "warning" and second["peer"] == "n2"
+
+
+def test_timestamp_is_rfc3339_utc(log_file: Path) -> None:
+    before = datetime.now().astimezone()
+    get_logger().info("node.started")
+    (line,) = read_lines(log_file)
+    assert line["ts"].endswith("Z")
+    stamp = datetime.fromisoformat(line["ts"].replace("Z", "+00:00"))
+    assert stamp.utcoffset() == timedelta(0)
+    assert abs(stamp - before) < timedelta(seconds=30)
+
+
+def test_level_filters_lower_events(log_file: Path) -> None:
+    logger = get_logger()
+    logger.debug("too.detailed")
+    logger.info("kept")
+    assert [line["event"] for line in read_lines(log_file)] == ["kept"]
+
+
+def test_sensitive_fields_are_dropped_and_named(log_file: Path) -> None:
+    logger = get_logger()
+    logger.info(
+        "oops", value=SECRET, values=[SECRET], plaintext=SECRET, secret=SECRET, key=SECRET, api_key=SECRET,
+        master_key=SECRET, epoch_secret=SECRET, nested={"api_key": SECRET, "count": 1}, count=1,
+    )
+    text = log_file.read_text()
+    assert SECRET not in text
+    (line,) = read_lines(log_file)
+    assert line["count"] == 1 and line["nested"] == {"count": 1}
+    assert line["redacted"] == sorted(
+        ["value", "values", "plaintext", "secret", "key", "api_key", "master_key", "epoch_secret", "nested.api_key"]
+    )
+
+
+def test_bound_sensitive_fields_are_dropped_too(log_file: Path) -> None:
+    get_logger("bound", api_key=SECRET).info("request")
+    assert SECRET not in log_file.read_text()
+
+
+def test_caller_dicts_are_not_mutated(log_file: Path) -> None:
+    nested = {"secret": SECRET, "size": 2}
+    get_logger().info("event", details=nested)
+    assert nested == {"secret": SECRET, "size": 2}
+    assert read_lines(log_file)[0]["details"] == {"size": 2}
+
+
+def test_exceptions_are_logged_by_type_and_frames_without_message(log_file: Path) -> None:
+    try:
+        raise ValueError(f"could not handle {SECRET}")
+    except ValueError:
+        get_logger().exception("request.failed")
+    text = log_file.read_text()
+    assert SECRET not in text
+    (line,) = read_lines(log_file)
+    assert line["exception_type"] == "builtins.ValueError"
+    assert "test_exceptions_are_logged_by_type_and_frames_without_message" in line["traceback"]
+    assert line["level"] == "error"
+
+
+def test_standard_library_records_are_bridged(log_file: Path) -> None:
+    logging.getLogger("aiohttp.server").warning("Error handling request from %s", "127.0.0.1")
+    logging.getLogger("aiohttp.access").info("this stays out of the node log")
+    try:
+        raise RuntimeError(SECRET)
+    except RuntimeError:
+        logging.getLogger("aiohttp.server").exception("Error handling request")
+    lines = read_lines(log_file)
+    assert [line["event"] for line in lines] == ["Error handling request from 127.0.0.1", "Error handling request"]
+    assert all(line["node"] == "n7" and line["logger"] == "aiohttp.server" for line in lines)
+    assert lines[1]["exception_type"] == "builtins.RuntimeError"
+    assert SECRET not in log_file.read_text()
+
+
+def test_reconfiguring_replaces_the_bridge_and_file(tmp_path: Path) -> None:
+    first, second = tmp_path / "first.log", tmp_path / "second.log"
+    try:
+        configure_logging("a", first, "info")
+        configure_logging("b", second, "info")
+        logging.getLogger("x").warning("once")
+        get_logger().info("after")
+    finally:
+        reset_logging()
+    assert first.read_text() == ""
+    assert [line["event"] for line in read_lines(second)] == ["once", "after"]
+
+
+def test_stderr_when_no_file(capsys: pytest.CaptureFixture[str]) -> None:
+    try:
+        configure_logging("n1", None, "warning")
+        get_logger().info("hidden")
+        get_logger().error("shown", count=1)
+    finally:
+        reset_logging()
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    assert [(line["event"], line["node"]) for line in lines] == [("shown", "n1")]
+
+
+def test_parse_level() -> None:
+    assert parse_level("INFO") == logging.INFO
+    assert parse_level(" debug ") == logging.DEBUG
+    assert parse_level(logging.ERROR) == logging.ERROR
+    with pytest.raises(ValueError):
+        parse_level("verbose")
+
+
+field_names = st.text(alphabet="abcdefghijklmnopqrstuvwxyz_", min_size=1, max_size=20)
+
+
+@given(
+    fields=st.dictionaries(
+        field_names | st.sampled_from(sorted(SENSITIVE_FIELD_NAMES)) | field_names.map(lambda name: name + "_secret"),
+        st.just(SECRET) | st.dictionaries(st.sampled_from(["api_key", "value", "size"]), st.just(SECRET)),
+        max_size=8,
+    )
+)
+def test_drop_sensitive_fields_property(fields: dict) -> None:
+    event = {"event": "x", **fields}
+    result = drop_sensitive_fields(None, "info", dict(event))
+    for name, content in result.items():
+        assert not (name != "event" and is_sensitive_field(name))
+        if isinstance(content, dict):
+            assert not any(is_sensitive_field(inner) for inner in content)
+    dropped = {name for name in fields if is_sensitive_field(name)}
+    assert dropped <= set(result.get("redacted", []))

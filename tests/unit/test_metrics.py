@@ -1,0 +1,100 @@
+"""tokenvault.metrics: a private registry per node, and what each method records."""
+
+from __future__ import annotations
+
+import prometheus_client
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tokenvault.metrics import ROLES, Metrics
+
+
+def samples(metrics: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    body, _ = metrics.render()
+    found = {}
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return found
+
+
+def test_instances_have_separate_registries() -> None:
+    first, second = Metrics(), Metrics()  # a second instance must not clash with the first
+    first.observe_request("/v1/tokenize", "POST", 200, 0.002)
+    assert ("tokenvault_http_requests_total", (("method", "POST"), ("route", "/v1/tokenize"), ("status", "200"))) \
+        in samples(first)
+    assert not any(name == "tokenvault_http_requests_total" for name, _ in samples(second))
+    assert b"tokenvault_" not in prometheus_client.generate_latest(prometheus_client.REGISTRY)
+
+
+def test_request_counter_and_latency_histogram() -> None:
+    metrics = Metrics()
+    for duration_seconds in (0.0004, 0.003, 0.2):
+        metrics.observe_request("/v1/detokenize", "POST", 200, duration_seconds)
+    metrics.observe_request("/v1/detokenize", "POST", 400, 0.0001)
+    found = samples(metrics)
+    labels = (("method", "POST"), ("route", "/v1/detokenize"))
+    assert found[("tokenvault_http_requests_total", (*labels, ("status", "200")))] == 3
+    assert found[("tokenvault_http_requests_total", (*labels, ("status", "400")))] == 1
+    assert found[("tokenvault_http_request_duration_seconds_count", labels)] == 4
+    assert found[("tokenvault_http_request_duration_seconds_bucket", (("le", "0.001"), *labels))] == 2
+    assert found[("tokenvault_http_request_duration_seconds_sum", labels)] == pytest.approx(0.2035)
+
+
+def test_vault_counters() -> None:
+    metrics = Metrics()
+    metrics.record_tokens_issued(100)
+    metrics.record_tokens_issued(1)
+    metrics.record_detokenized(found=7, unknown=2)
+    metrics.record_replay("/v1/tokenize")
+    found = samples(metrics)
+    assert found[("tokenvault_tokens_issued_total", ())] == 101
+    assert found[("tokenvault_values_detokenized_total", (("result", "found"),))] == 7
+    assert found[("tokenvault_values_detokenized_total", (("result", "unknown"),))] == 2
+    assert found[("tokenvault_idempotent_replays_total", (("route", "/v1/tokenize"),))] == 1
+
+
+def test_replication_gauges_and_one_hot_role() -> None:
+    metrics = Metrics()
+    assert all(samples(metrics)[("tokenvault_role", (("role", role),))] == 0 for role in ROLES)
+    metrics.set_replication(role="candidate", view=4, commit_index=10, applied_index=9, active_epoch=2)
+    metrics.set_replication(role="primary", view=5, commit_index=12, applied_index=12, active_epoch=3)
+    found = samples(metrics)
+    assert {role: found[("tokenvault_role", (("role", role),))] for role in ROLES} == {
+        "primary": 1, "backup": 0, "candidate": 0
+    }
+    assert found[("tokenvault_view", ())] == 5
+    assert found[("tokenvault_commit_index", ())] == 12
+    assert found[("tokenvault_applied_index", ())] == 12
+    assert found[("tokenvault_active_epoch", ())] == 3
+    with pytest.raises(ValueError):
+        metrics.set_role("leader")
+
+
+def test_peer_gauges() -> None:
+    metrics = Metrics()
+    metrics.set_peer("n2", reachable=True, match_index=40)
+    metrics.set_peer("n3", reachable=False)
+    found = samples(metrics)
+    assert found[("tokenvault_peer_reachable", (("peer", "n2"),))] == 1
+    assert found[("tokenvault_peer_reachable", (("peer", "n3"),))] == 0
+    assert found[("tokenvault_peer_match_index", (("peer", "n2"),))] == 40
+    assert ("tokenvault_peer_match_index", (("peer", "n3"),)) not in found
+
+
+def test_wal_sync_histograms() -> None:
+    metrics = Metrics()
+    metrics.observe_wal_sync(0.0008, entries=3, written_bytes=5000)
+    metrics.observe_wal_sync(0.004, entries=200, written_bytes=2_000_000)
+    found = samples(metrics)
+    assert found[("tokenvault_wal_fsync_duration_seconds_count", ())] == 2
+    assert found[("tokenvault_wal_fsync_duration_seconds_bucket", (("le", "0.001"),))] == 1
+    assert found[("tokenvault_wal_batch_entries_sum", ())] == 203
+    assert found[("tokenvault_wal_batch_entries_bucket", (("le", "4.0"),))] == 1
+    assert found[("tokenvault_wal_batch_bytes_sum", ())] == 2_005_000
+
+
+def test_render_content_type_is_prometheus_text() -> None:
+    body, content_type = Metrics().render()
+    assert content_type.startswith("text/plain")
+    assert b"# TYPE tokenvault_http_requests_total counter" in body

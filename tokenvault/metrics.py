@@ -2,11 +2,12 @@
 
 Each node process (and each test) builds its own ``Metrics`` so that nothing
 touches prometheus_client's global registry; ``GET /metrics`` renders exactly
-this registry. The HTTP layer records requests, latencies and idempotent replays; the node driver records replication state and WAL fsyncs
-through the ``set_*`` / ``observe_*`` methods, issued tokens when it applies them,
-and the service records detokenize results. Label values come from fixed
-sets (route templates, roles, peer ids from the config), never from request
-data, so the number of series is bounded.
+this registry. The HTTP layer records requests, latencies and idempotent
+replays; the node driver records replication state and WAL fsyncs through the
+``set_*`` / ``observe_*`` methods and issued tokens when it applies them; the
+service records detokenize results. Label values come from fixed sets (route
+templates, roles, peer ids from the config), never from request data, so the
+number of series is bounded.
 """
 
 from __future__ import annotations

@@ -311,7 +311,7 @@ def init_cluster(directory: Path | str, nodes: int = DEFAULT_NODE_COUNT, base_po
     """
     directory = Path(directory).expanduser().absolute()
     if nodes not in ALLOWED_NODE_COUNTS:
-        raise ClusterError(f"--nodes must be 1, 3 or 5 (a majority of an even count tolerates no more failures)")
+        raise ClusterError("--nodes must be 1, 3 or 5 (a majority of an even count tolerates no more failures)")
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     with _locked(directory):
         if (directory / CLUSTER_FILE_NAME).exists():
@@ -532,6 +532,8 @@ def cluster_status(spec: ClusterSpec, timeout_seconds: float = HEALTH_TIMEOUT_SE
                    node_ids: Sequence[str] | None = None) -> list[NodeStatus]:
     """Every node's pid and /health, queried concurrently (a hung node costs one timeout, not one each)."""
     nodes = [node for node in spec.nodes if node_ids is None or node.node_id in node_ids]
+    if not nodes:
+        return []
     with concurrent.futures.ThreadPoolExecutor(max_workers=len(nodes)) as pool:
         return list(pool.map(lambda node: node_status(node, timeout_seconds), nodes))
 

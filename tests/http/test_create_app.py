@@ -1,0 +1,48 @@
+"""create_app reads the API keys and limits from a real NodeConfig."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from _http_checks import check_problem
+from aiohttp.test_utils import TestClient
+from conftest import FakeService, ProblemTestServer
+
+from tokenvault import auth
+from tokenvault.config import LimitsConfig, MemberConfig, NodeConfig
+from tokenvault.http import create_app
+from tokenvault.metrics import Metrics
+
+
+def node_config(tmp_path: Path, key: str, limits: LimitsConfig) -> NodeConfig:
+    return NodeConfig(
+        node_id="n1",
+        data_dir=tmp_path / "data",
+        members=(MemberConfig(id="n1", peer_addr="127.0.0.1:8201", http_url="http://127.0.0.1:8101"),),
+        api_keys=(auth.ApiKeyEntry(name="ops", sha256=auth.hash_api_key(key), scopes=frozenset({auth.TOKENIZE})),),
+        limits=limits,
+    )
+
+
+async def test_keys_and_limits_come_from_the_config(tmp_path: Path) -> None:
+    key = auth.generate_api_key()
+    config = node_config(tmp_path, key, LimitsConfig(max_items=3, max_value_bytes=8, max_body_bytes=1024))
+    service = FakeService()
+    app = create_app(service, config, Metrics())
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    async with TestClient(ProblemTestServer(app, host="127.0.0.1", port=0)) as client:
+        ok = await client.post("/v1/tokenize", data=json.dumps({"values": ["12345678"] * 3}), headers=headers)
+        assert ok.status == 200
+        assert service.tokenize_calls[0][0] == "ops"
+        too_many = await client.post("/v1/tokenize", data=json.dumps({"values": ["a"] * 4}), headers=headers)
+        check_problem(too_many.status, too_many.headers, await too_many.read(), 413)
+        too_long = await client.post("/v1/tokenize", data=json.dumps({"values": ["123456789"]}), headers=headers)
+        check_problem(too_long.status, too_long.headers, await too_long.read(), 400, ["123456789"])
+        too_big = await client.post("/v1/tokenize", data=json.dumps({"values": ["a"]}) + " " * 1024, headers=headers)
+        check_problem(too_big.status, too_big.headers, await too_big.read(), 413)
+        # The key has only the tokenize scope.
+        admin = await client.get("/v1/admin/epochs", headers=headers)
+        check_problem(admin.status, admin.headers, await admin.read(), 403, [key])
+        unknown = await client.get("/v1/admin/epochs", headers={"Authorization": f"Bearer {auth.generate_api_key()}"})
+        check_problem(unknown.status, unknown.headers, await unknown.read(), 401)

@@ -185,3 +185,9 @@ async def test_in_flight_repeat_then_completion(client: TestClient, key_ring: Ke
     assert (await first).status == 200
     third = await tokenize(client, key_ring, ["slow value"], **headers)
     assert third.status == 200 and third.headers["Idempotent-Replayed"] == "true"
+
+
+async def test_head_follows_get(client: TestClient, key_ring: KeyRing) -> None:
+    assert (await client.head("/health")).status == 200
+    assert (await client.head("/v1/admin/epochs", headers=key_ring.bearer("admin"))).status == 200
+    assert (await client.head("/v1/admin/epochs")).status == 401

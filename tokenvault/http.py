@@ -164,7 +164,9 @@ def authorize(request: web.Request, api_keys: auth.ApiKeyTable, scope: str) -> a
         raise Unauthenticated("send exactly one Authorization header", headers=_challenge("invalid_request"))
     presented = auth.bearer_credentials(headers[0])
     if presented is None:
-        raise Unauthenticated("the Authorization header must use the Bearer scheme", headers=_challenge("invalid_request"))
+        raise Unauthenticated(
+            "the Authorization header must use the Bearer scheme", headers=_challenge("invalid_request")
+        )
     principal = api_keys.authenticate(presented)
     if principal is None:
         raise Unauthenticated("unknown API key", headers=_challenge("invalid_token"))
@@ -200,7 +202,9 @@ def require_json_content_type(request: web.Request) -> None:
     if "Content-Type" not in request.headers:
         raise UnsupportedMediaType("send the body with 'Content-Type: application/json'")
     media_type = request.content_type
-    is_json = media_type == JSON_CONTENT_TYPE or (media_type.startswith("application/") and media_type.endswith("+json"))
+    is_json = media_type == JSON_CONTENT_TYPE or (
+        media_type.startswith("application/") and media_type.endswith("+json")
+    )
     if not is_json:
         raise UnsupportedMediaType("the request body must be application/json")
     charset = request.charset

@@ -73,11 +73,19 @@ class Metrics:
 
     def _define_replication_metrics(self) -> None:
         registry = self.registry
-        self.role = Gauge("tokenvault_role", "1 for this node's current role, 0 for the others.", ("role",), registry=registry)
+        self.role = Gauge(
+            "tokenvault_role", "1 for this node's current role, 0 for the others.", ("role",), registry=registry
+        )
         self.view = Gauge("tokenvault_view", "Current view (term) of this node.", registry=registry)
-        self.commit_index = Gauge("tokenvault_commit_index", "Highest log index known committed.", registry=registry)
-        self.applied_index = Gauge("tokenvault_applied_index", "Highest log index applied to the store.", registry=registry)
-        self.active_epoch = Gauge("tokenvault_active_epoch", "Active token epoch (0 before the first).", registry=registry)
+        self.commit_index = Gauge(
+            "tokenvault_commit_index", "Highest log index known committed.", registry=registry
+        )
+        self.applied_index = Gauge(
+            "tokenvault_applied_index", "Highest log index applied to the store.", registry=registry
+        )
+        self.active_epoch = Gauge(
+            "tokenvault_active_epoch", "Active token epoch (0 before the first).", registry=registry
+        )
         self.peer_reachable = Gauge(
             "tokenvault_peer_reachable", "1 when the peer link is connected, else 0.", ("peer",), registry=registry
         )
@@ -136,7 +144,9 @@ class Metrics:
         for name in ROLES:
             self.role.labels(role=name).set(1 if name == role else 0)
 
-    def set_replication(self, *, role: str, view: int, commit_index: int, applied_index: int, active_epoch: int) -> None:
+    def set_replication(
+        self, *, role: str, view: int, commit_index: int, applied_index: int, active_epoch: int
+    ) -> None:
         """Set every replication gauge at once (the driver calls this after each Ready)."""
         self.set_role(role)
         self.view.set(view)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from _http_checks import check_problem
 from aiohttp.test_utils import TestClient
-from conftest import FakeService, ProblemTestServer
+from _http_support import FakeService, ProblemTestServer
 
 from tokenvault import auth
 from tokenvault.config import LimitsConfig, MemberConfig, NodeConfig

@@ -14,7 +14,7 @@ import pytest
 from _http_checks import check_problem
 from aiohttp import web
 from aiohttp.test_utils import TestClient
-from conftest import FakeService, KeyRing
+from _http_support import FakeService, KeyRing
 
 from tokenvault.http import HttpLimits
 

@@ -13,7 +13,7 @@ import socket
 from urllib.parse import urlsplit
 
 from _http_checks import check_problem
-from conftest import HttpTarget
+from _http_support import HttpTarget
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

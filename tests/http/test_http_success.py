@@ -6,7 +6,7 @@ import asyncio
 import json
 
 from aiohttp.test_utils import TestClient
-from conftest import FakeService, KeyRing, fake_token
+from _http_support import FakeService, KeyRing, fake_token
 
 from tokenvault.metrics import Metrics
 from tokenvault.tokens import is_token, parse_token

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import schemathesis
-from conftest import HttpTarget
+from _http_support import HttpTarget
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (

@@ -1,0 +1,229 @@
+"""Test doubles for the HTTP layer: an in-memory FakeService, API keys, servers.
+
+A module of its own (not conftest.py) so test modules can import it by a
+unique name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from tokenvault import auth
+from tokenvault.errors import IdempotencyInFlight, IdempotencyMismatch, Outcome, Unavailable
+from tokenvault.http import ProblemAppRunner
+from tokenvault.tokens import parse_token
+
+FAKE_NODE_ID = "fake-1"
+LIVE_SERVER_START_TIMEOUT_SECONDS = 10.0
+
+
+def fake_token(epoch: int, value: str) -> str:
+    """A deterministic token of the real grammar (not the real HMAC: this is a fake)."""
+    digest = hashlib.sha256(f"{epoch}\x00{value}".encode("utf-8")).digest()[:20]
+    return f"tv{epoch}_{base64.b32encode(digest).decode('ascii').lower()}"
+
+
+def _json_bytes(document: object) -> bytes:
+    return json.dumps(document, separators=(",", ":")).encode("utf-8")
+
+
+class FakeService:
+    """The VaultService protocol in memory, with switches to provoke each service error.
+
+    ``unavailable``: every call raises Unavailable (503).
+    ``tokenize_gate``: when set, tokenize waits on it after claiming its
+    idempotency key, so a concurrent repeat sees 409.
+    ``crash_with``: tokenize raises this exception (an unexpected bug).
+    """
+
+    def __init__(self) -> None:
+        self.node_id = FAKE_NODE_ID
+        self.active_epoch = 1
+        self.epoch_created_at = {1: "2024-01-01T00:00:00.000Z"}
+        self.vault: dict[str, str] = {}
+        self.idempotency: dict[tuple[str, str], tuple[str, bytes, Outcome]] = {}
+        self.in_flight: set[tuple[str, str]] = set()
+        self.unavailable = False
+        self.tokenize_gate: asyncio.Event | None = None
+        self.crash_with: BaseException | None = None
+        self.tokenize_calls: list[tuple[str, list[str], str | None]] = []
+        self.detokenize_calls: list[list[str]] = []
+
+    def _check_available(self) -> None:
+        if self.unavailable:
+            raise Unavailable("no primary is known right now; retry shortly")
+
+    def health(self) -> dict:
+        return {"status": "ok", "node_id": self.node_id, "role": "primary", "view": 3, "primary_id": self.node_id,
+                "commit_index": 7, "applied_index": 7, "active_epoch": self.active_epoch}
+
+    async def _idempotent(self, principal: str, key: str | None, kind: str, fingerprint: bytes, work) -> Outcome:
+        if key is None:
+            return await work()
+        stored = self.idempotency.get((principal, key))
+        if stored is not None:
+            stored_kind, stored_fingerprint, outcome = stored
+            if stored_kind != kind or stored_fingerprint != fingerprint:
+                raise IdempotencyMismatch()
+            return Outcome(outcome.status, outcome.body, True)
+        if (principal, key) in self.in_flight:
+            raise IdempotencyInFlight()
+        self.in_flight.add((principal, key))
+        try:
+            outcome = await work()
+            self.idempotency[(principal, key)] = (kind, fingerprint, outcome)
+            return outcome
+        finally:
+            self.in_flight.discard((principal, key))
+
+    async def tokenize(self, principal: str, values: list[str], idempotency_key: str | None) -> Outcome:
+        self._check_available()
+        if self.crash_with is not None:
+            raise self.crash_with
+        self.tokenize_calls.append((principal, list(values), idempotency_key))
+        fingerprint = hashlib.sha256(_json_bytes(values)).digest()
+
+        async def work() -> Outcome:
+            if self.tokenize_gate is not None:
+                await self.tokenize_gate.wait()
+            epoch = self.active_epoch
+            tokens = [fake_token(epoch, value) for value in values]
+            for token, value in zip(tokens, values):
+                self.vault.setdefault(token, value)
+            return Outcome(200, _json_bytes({"epoch": epoch, "tokens": tokens}), False)
+
+        return await self._idempotent(principal, idempotency_key, "tokenize", fingerprint, work)
+
+    async def detokenize(self, tokens: list[str]) -> list[str | None]:
+        self._check_available()
+        for token in tokens:
+            parse_token(token)  # the HTTP layer promised grammar-checked tokens
+        self.detokenize_calls.append(list(tokens))
+        return [self.vault.get(token) for token in tokens]
+
+    async def rotate_epoch(self, principal: str, idempotency_key: str | None) -> Outcome:
+        self._check_available()
+
+        async def work() -> Outcome:
+            self.active_epoch += 1
+            self.epoch_created_at[self.active_epoch] = "2024-01-02T00:00:00.000Z"
+            return Outcome(201, _json_bytes({"epoch": self.active_epoch}), False)
+
+        return await self._idempotent(principal, idempotency_key, "rotate", b"{}", work)
+
+    async def list_epochs(self) -> dict:
+        self._check_available()
+        epochs = [
+            {"epoch": epoch, "created_at": created_at, "state": "active" if epoch == self.active_epoch else "retired"}
+            for epoch, created_at in sorted(self.epoch_created_at.items())
+        ]
+        return {"active_epoch": self.active_epoch, "epochs": epochs}
+
+    async def cluster_view(self) -> dict:
+        self._check_available()
+        return {"node_id": self.node_id, "view": 3, "primary_id": self.node_id,
+                "nodes": [{"id": self.node_id, "role": "primary", "reachable": True, "is_self": True}]}
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRing:
+    """Plain API keys for the test principals, by name; the app only sees their hashes."""
+
+    keys: dict[str, str]
+    scopes: dict[str, frozenset[str]]
+
+    def table(self) -> auth.ApiKeyTable:
+        return auth.ApiKeyTable(
+            auth.ApiKeyEntry(name=name, sha256=auth.hash_api_key(key), scopes=self.scopes[name])
+            for name, key in self.keys.items()
+        )
+
+    def bearer(self, name: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.keys[name]}"}
+
+
+def make_key_ring() -> KeyRing:
+    scopes = {
+        "admin": frozenset({auth.ADMIN}),
+        "tokenizer": frozenset({auth.TOKENIZE}),
+        "detokenizer": frozenset({auth.DETOKENIZE}),
+        "full": frozenset({auth.ADMIN, auth.TOKENIZE, auth.DETOKENIZE}),
+    }
+    return KeyRing(keys={name: auth.generate_api_key() for name in scopes}, scopes=scopes)
+
+
+class ProblemTestServer(TestServer):
+    """aiohttp's TestServer, served by the runner the node uses (problem+json for malformed HTTP)."""
+
+    async def _make_runner(self, **kwargs):  # type: ignore[override]
+        return ProblemAppRunner(self.app, **kwargs)
+
+
+# ---------------------------------------------------------------- live server in a thread
+
+
+class LiveServer:
+    """Runs an aiohttp application on 127.0.0.1, port 0, in its own thread and event loop."""
+
+    def __init__(self, app_factory: Callable[[], web.Application]) -> None:
+        self._app_factory = app_factory
+        self._loop = asyncio.new_event_loop()
+        self._runner: web.AppRunner | None = None
+        self._thread = threading.Thread(target=self._run, name="live-http-server", daemon=True)
+        self._started = threading.Event()
+        self._error: BaseException | None = None
+        self.base_url = ""
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._loop.run_until_complete(self._start())
+        except BaseException as error:  # reported to the starting thread
+            self._error = error
+            self._started.set()
+            return
+        self._started.set()
+        self._loop.run_forever()
+        self._loop.run_until_complete(self._runner.cleanup())
+        self._loop.close()
+
+    async def _start(self) -> None:
+        self._runner = ProblemAppRunner(self._app_factory(), access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        host, port = self._runner.addresses[0][:2]
+        self.base_url = f"http://{host}:{port}"
+
+    def start(self) -> str:
+        self._thread.start()
+        if not self._started.wait(LIVE_SERVER_START_TIMEOUT_SECONDS):
+            raise TimeoutError("the live server did not start in time")
+        if self._error is not None:
+            raise self._error
+        return self.base_url
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(LIVE_SERVER_START_TIMEOUT_SECONDS)
+
+
+@dataclass(frozen=True, slots=True)
+class HttpTarget:
+    """Where sync tests send requests, and the API key (all scopes) they use."""
+
+    base_url: str
+    full_key: str
+    is_fake: bool
+
+

@@ -8,12 +8,14 @@ file is a sequence of records::
 all big-endian. The CRC covers the length, the type and the payload, so a
 damaged header is detected like a damaged payload. Record types:
 
-- ``BASE [index, view, reset]``: the first record of every segment. It names
-  the log position the segment continues from; ``reset`` marks a segment
-  written after a snapshot install, which replaces everything before it.
-- ``HARD_STATE [view, voted_for, commit_index]``: the latest one wins. Every
-  segment repeats the hard state right after its BASE record, so deleting old
-  segments never loses it.
+- ``BASE [index, view, reset, hard_state]``: the first record of every
+  segment. It names the log position the segment continues from; ``reset``
+  marks a segment written after a snapshot install, which replaces everything
+  before it. ``hard_state`` (``[view, voted_for, commit_index]`` or nil) is a
+  copy of the hard state when the segment was started, so deleting old
+  segments never loses it. The copy is inside the BASE record rather than in a
+  record of its own so that a segment header is whole or absent, never half.
+- ``HARD_STATE [view, voted_for, commit_index]``: the latest one wins.
 - ``ENTRY [index, view, kind, payload]``: the next log entry.
 - ``TRUNCATE [from_index]``: drop the entries from ``from_index`` on (a
   conflicting suffix the primary replaced).
@@ -107,13 +109,18 @@ def _record_crc(length: int, record_type: int, payload) -> int:
     return zlib.crc32(payload, zlib.crc32(_LENGTH_AND_TYPE.pack(length, record_type)))
 
 
-def _base_record(index: int, view: int, reset: bool) -> bytes:
-    return encode_record(RecordType.BASE, msgpack.packb((index, view, reset)))
+def _hard_state_fields(hard_state: HardState | None) -> tuple | None:
+    if hard_state is None:
+        return None
+    return (hard_state.view, hard_state.voted_for, hard_state.commit_index)
+
+
+def _base_record(index: int, view: int, reset: bool, hard_state: HardState | None) -> bytes:
+    return encode_record(RecordType.BASE, msgpack.packb((index, view, reset, _hard_state_fields(hard_state))))
 
 
 def _hard_state_record(hard_state: HardState) -> bytes:
-    fields = (hard_state.view, hard_state.voted_for, hard_state.commit_index)
-    return encode_record(RecordType.HARD_STATE, msgpack.packb(fields))
+    return encode_record(RecordType.HARD_STATE, msgpack.packb(_hard_state_fields(hard_state)))
 
 
 # ---------------------------------------------------------------- recovery
@@ -124,7 +131,7 @@ class _SegmentInfo:
     sequence: int
     path: Path
     size_bytes: int
-    header_bytes: int              # the BASE record and the hard state copy after it
+    header_bytes: int              # size of the BASE record
     start_index: int               # the position (index, view) of the segment's BASE record
     start_view: int
     high_water_index: int          # the largest index the segment holds or starts from
@@ -171,7 +178,9 @@ class _ReplayState:
         self.records_replayed += 1
 
     def _apply_base(self, fields: list, first_segment: bool, segment: _SegmentInfo) -> None:
-        index, view, reset = fields
+        index, view, reset, hard_state = fields
+        if hard_state is not None:
+            self.hard_state = HardState(hard_state[0], hard_state[1], hard_state[2])
         if first_segment or reset:
             self.base_index, self.base_view, self.entries = index, view, []
         elif (index, view) != (self.last_index, self.last_view):
@@ -185,6 +194,11 @@ def _valid_integer(value: object) -> bool:
     return type(value) is int and 0 <= value <= MAX_LOG_INTEGER
 
 
+def _valid_hard_state_fields(fields: object) -> bool:
+    return (type(fields) is list and len(fields) == 3 and _valid_integer(fields[0]) and _valid_integer(fields[2])
+            and (fields[1] is None or (type(fields[1]) is str and 0 < len(fields[1]) <= MAX_VOTED_FOR_CHARS)))
+
+
 def _decode_fields(record_type: int, payload: bytes) -> list:
     """Parse a record payload whose CRC matched; a malformed one raises ValueError."""
     fields = msgpack.unpackb(payload, raw=False, use_list=True, max_map_len=0, max_ext_len=0,
@@ -196,13 +210,12 @@ def _decode_fields(record_type: int, payload: bytes) -> list:
               and fields[2] in (EntryKind.NOOP, EntryKind.COMMAND) and type(fields[2]) is int
               and type(fields[3]) is bytes)
     elif record_type == RecordType.HARD_STATE:
-        ok = (len(fields) == 3 and _valid_integer(fields[0]) and _valid_integer(fields[2])
-              and (fields[1] is None or (type(fields[1]) is str and 0 < len(fields[1]) <= MAX_VOTED_FOR_CHARS)))
+        ok = _valid_hard_state_fields(fields)
     elif record_type == RecordType.TRUNCATE:
         ok = len(fields) == 1 and _valid_integer(fields[0]) and fields[0] >= 1
     else:
-        ok = (len(fields) == 3 and _valid_integer(fields[0]) and _valid_integer(fields[1])
-              and type(fields[2]) is bool)
+        ok = (len(fields) == 4 and _valid_integer(fields[0]) and _valid_integer(fields[1])
+              and type(fields[2]) is bool and (fields[3] is None or _valid_hard_state_fields(fields[3])))
     if not ok:
         raise ValueError("record fields are malformed")
     return fields
@@ -261,7 +274,6 @@ def _scan_segment(path: Path, data, size: int, is_last: bool, state: _ReplayStat
                   segment: _SegmentInfo, first_segment: bool) -> int:
     """Replay one segment's records into ``state``; returns where the valid records end."""
     offset = 0
-    first_record_end = 0
     while offset < size:
         header = _HEADER.unpack_from(data, offset) if size - offset >= HEADER_BYTES else None
         end = offset + HEADER_BYTES + header[0] if header is not None else size + 1
@@ -278,11 +290,8 @@ def _scan_segment(path: Path, data, size: int, is_last: bool, state: _ReplayStat
                 raise ValueError("a BASE record inside a segment")
             fields = _decode_fields(record_type, data[offset + HEADER_BYTES:end])
             state.apply(record_type, fields, first_segment, segment)
-            if offset == 0 or (offset == segment.header_bytes and record_type == RecordType.HARD_STATE
-                               and segment.header_bytes == first_record_end):
-                segment.header_bytes = end
             if offset == 0:
-                first_record_end = end
+                segment.header_bytes = end
         except Exception as error:  # msgpack raises many types; all of them mean a bad record here.
             raise WalCorruption(
                 f"write-ahead log {path.name} has an invalid record at offset {offset}: {error}") from None
@@ -422,7 +431,12 @@ def _recover(directory: Path, fsync: bool) -> tuple[_ReplayState, list[_SegmentI
     removed = False
     if segments and segments[-1].size_bytes == 0:
         # A segment whose header never reached the disk: the write that created
-        # it was never acknowledged.
+        # it was never acknowledged. Only the very first segment may be alone
+        # in that state; a later one alone means its predecessors were deleted
+        # against its (now lost) header, so the log cannot be rebuilt.
+        if len(segments) == 1 and segments[0].sequence != 1:
+            raise WalCorruption(f"write-ahead log {segments[0].path.name} lost its header and "
+                                "no earlier segment is left")
         segments.pop().path.unlink()
         removed = True
     resets = [position for position, segment in enumerate(segments) if segment.is_reset]
@@ -611,9 +625,7 @@ class WriteAheadLog:
         descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o600)
         os.close(self._active_descriptor)
         self._active_descriptor = descriptor
-        header = _base_record(base_index, base_view, reset)
-        if self._durable_hard_state is not None:
-            header += _hard_state_record(self._durable_hard_state)
+        header = _base_record(base_index, base_view, reset, self._durable_hard_state)
         self._segments.append(_SegmentInfo(sequence, path, 0, len(header), base_index, base_view,
                                            base_index, None, reset))
         return header
@@ -714,7 +726,7 @@ class WriteAheadLog:
 
 def _create_first_segment(directory: Path, fsync: bool) -> _SegmentInfo:
     path = directory / segment_name(1)
-    header = _base_record(0, 0, False)
+    header = _base_record(0, 0, False, None)
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
         _write_all(descriptor, header)

@@ -65,7 +65,7 @@ def test_entries_and_hard_state_survive_reopen(tmp_path):
     assert recovered.entries == (entry(1), entry(2), Entry(3, 1, EntryKind.NOOP, b""))
     assert recovered.hard_state == HardState(1, "n2", 2)
     assert recovered.truncated_tail_bytes == 0
-    # BASE, two batches of entries and two hard states.
+    # BASE, three entries and two hard states.
     assert recovered.records_replayed == 1 + 3 + 2
 
 
@@ -180,7 +180,7 @@ def test_interrupted_reset_is_completed_on_open(tmp_path):
     """A reset segment written before the old ones were deleted wins over them."""
     directory = tmp_path / "wal"
     write_entries(directory, 5)
-    reset_segment = encode_record(RecordType.BASE, msgpack.packb((50, 2, True)))
+    reset_segment = encode_record(RecordType.BASE, msgpack.packb((50, 2, True, None)))
     (directory / segment_name(2)).write_bytes(reset_segment)
     log, recovered = WriteAheadLog.open(directory)
     log.close()
@@ -188,7 +188,7 @@ def test_interrupted_reset_is_completed_on_open(tmp_path):
     assert [path.name for path in segment_paths(directory)] == [segment_name(2)]
 
 
-def test_segments_roll_over_and_each_starts_with_base_and_hard_state(tmp_path):
+def test_segments_roll_over_and_each_starts_with_base_holding_the_hard_state(tmp_path):
     directory = tmp_path / "wal"
     write_entries(directory, 40, max_segment_bytes=256)
     paths = segment_paths(directory)
@@ -198,8 +198,9 @@ def test_segments_roll_over_and_each_starts_with_base_and_hard_state(tmp_path):
         assert len(data) <= 256
         length, _, record_type = struct.unpack_from(">IIB", data, 0)
         assert record_type == RecordType.BASE
+        base = msgpack.unpackb(data[HEADER_BYTES:HEADER_BYTES + length])
         if path != paths[0]:
-            assert struct.unpack_from(">IIB", data, HEADER_BYTES + length)[2] == RecordType.HARD_STATE
+            assert base[3] is not None and base[3][1] == "n1"
     recovered = reopen(directory, max_segment_bytes=256)
     assert [e.index for e in recovered.entries] == list(range(1, 41))
     assert recovered.hard_state == HardState(1, "n1", 39)
@@ -373,7 +374,7 @@ def test_a_missing_middle_segment_is_refused(tmp_path):
 def test_a_segment_that_does_not_continue_the_log_is_refused(tmp_path):
     directory = tmp_path / "wal"
     write_entries(directory, 3)
-    foreign = encode_record(RecordType.BASE, msgpack.packb((77, 1, False)))
+    foreign = encode_record(RecordType.BASE, msgpack.packb((77, 1, False, None)))
     (directory / segment_name(2)).write_bytes(foreign)
     with pytest.raises(WalCorruption, match="continue"):
         WriteAheadLog.open(directory)

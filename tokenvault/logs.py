@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import structlog
+from structlog._config import BoundLoggerLazyProxy
 
 LEVELS: dict[str, int] = {
     "debug": logging.DEBUG,
@@ -191,10 +192,11 @@ def _bridge_standard_logging(stream: TextIO, processors: list[structlog.types.Pr
 
 def get_logger(name: str | None = None, **fields: Any) -> Any:
     """A structlog logger bound to ``logger=name`` (when given) and ``fields``."""
-    logger = structlog.get_logger()
+    # Initial values keep the proxy lazy: module-level loggers created at import
+    # time must pick up the configuration made later by configure_logging().
     if name is not None:
         fields = {"logger": name, **fields}
-    return logger.bind(**fields) if fields else logger
+    return BoundLoggerLazyProxy(None, initial_values=fields)
 
 
 def reset_logging() -> None:

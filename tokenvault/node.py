@@ -450,7 +450,7 @@ async def run_node(config: NodeConfig) -> int:
     """Start every part of one node and serve until SIGTERM/SIGINT or a fatal storage error."""
     from aiohttp import web
 
-    from tokenvault.http import create_app
+    from tokenvault.http import ProblemAppRunner, create_app
     from tokenvault.service import NodeService
 
     configure_logging(config.node_id, Path(config.log_file) if config.log_file else None, config.log_level)
@@ -466,7 +466,7 @@ async def run_node(config: NodeConfig) -> int:
     log.info("node.recovered", wal_entries=replayed, log_base_index=node.restored.snapshot_index,
              store_applied_index=node.store.applied_index, commit_index=node.restored.hard_state.commit_index,
              truncated_tail_bytes=node.recovered_log.truncated_tail_bytes, view=node.restored.hard_state.view)
-    runner = web.AppRunner(create_app(service, config, metrics), access_log=None, handle_signals=False)
+    runner = ProblemAppRunner(create_app(service, config, metrics), access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, config.http.host, config.http.port, reuse_address=True)
     await site.start()

@@ -221,7 +221,10 @@ class VaultStore:
             raise ValueError("retention_ms must be a non-negative integer")
         path = Path(path)
         created = not path.exists()
-        connection = _connect(path)
+        try:
+            connection = _connect(path)
+        except sqlite3.DatabaseError as error:
+            raise StoreCorruption(f"cannot open the store: {error}") from None
         try:
             if created or not _schema_of(connection):
                 _initialise(connection)

@@ -605,10 +605,28 @@ def start_cluster(directory: Path | str, nodes: int | None = None, base_port: in
             pid = launch_node(node, report)
             report(f"started {node.node_id} (pid {pid}) on {node.http_url}")
     try:
-        return spec, wait_for_primary(spec, timeout_seconds)
+        statuses = wait_for_primary(spec, timeout_seconds)
     except ClusterError as error:
         raise ClusterError(f"{error}\n(nodes that did start keep running: './run_cluster.sh status' shows "
                            f"them, './run_cluster.sh stop' stops them)") from None
+    return spec, _settle(spec, statuses)
+
+
+def _settle(spec: ClusterSpec, statuses: list[NodeStatus], grace_seconds: float = 3.0) -> list[NodeStatus]:
+    """Give backups a moment to apply what the new primary committed, so the printed status is in step.
+
+    Not a condition of success: a node with a long log to catch up keeps doing so after start returns.
+    """
+    deadline = time.monotonic() + grace_seconds
+    while time.monotonic() < deadline:
+        primary = primary_of(statuses)
+        target = next((status.field("commit_index") for status in statuses if status.node_id == primary), None)
+        applied = [status.field("applied_index") for status in statuses]
+        if isinstance(target, int) and all(isinstance(index, int) and index >= target for index in applied):
+            break
+        time.sleep(POLL_INTERVAL_SECONDS)
+        statuses = cluster_status(spec)
+    return statuses
 
 
 def _wait_gone(nodes_and_pids: Sequence[tuple[NodeSpec, int]], deadline: float) -> list[tuple[NodeSpec, int]]:

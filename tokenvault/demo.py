@@ -87,7 +87,7 @@ class Demo:
         return await asyncio.to_thread(cluster.cluster_status, self.spec)
 
     async def show_cluster(self, title: str) -> list[NodeStatus]:
-        self.say(f"   {title}")
+        self.say(title)
         statuses = await self.statuses()
         for status in statuses:
             self.say("     " + status.describe())
@@ -199,7 +199,7 @@ class Demo:
         self.check(new_primary is not None and new_primary != primary, "a new primary was elected")
         self.check(await self.detokenize_all(survivor_urls, self.tokens),
                    f"all {len(self.tokens)} tokens issued so far detokenize to their values on the survivors")
-        await self.show_cluster("The cluster now:")
+        await self.show_cluster("   The cluster now:")
         return primary
 
     async def wait_for_new_primary(self, survivors: list[str], killed_at: float) -> str | None:

@@ -190,11 +190,9 @@ class Node:
         different entry took its place, and asyncio.TimeoutError when it did not
         commit in time (it may still commit later: callers answer 503).
         """
-        loop = asyncio.get_running_loop()
-        accepted: asyncio.Future = loop.create_future()
-        self._enqueue(("propose", payload, accepted))
-        pending: _PendingProposal = await asyncio.wait_for(accepted, timeout_seconds)
-        return await asyncio.wait_for(asyncio.shield(pending.future), timeout_seconds)
+        result: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._enqueue(("propose", payload, result))
+        return await asyncio.wait_for(result, timeout_seconds)
 
     async def read_barrier(self, timeout_seconds: float) -> None:
         """Linearizable read point: returns once this primary's store reflects every write acknowledged before."""
@@ -222,7 +220,7 @@ class Node:
                 self._drain_inbox()
                 while self.replica.has_ready():
                     ready = self.replica.ready()
-                    await self._handle_ready(ready)
+                    self._handle_ready(ready)
                     self.replica.advance(ready)
                     self._drain_inbox()
                 self._maybe_bootstrap_epoch()
@@ -248,20 +246,18 @@ class Node:
             elif kind == "read":
                 self._read_now(item[1], item[2])
 
-    def _propose_now(self, payload: bytes, accepted: asyncio.Future) -> None:
-        if accepted.done():
-            return
+    def _propose_now(self, payload: bytes, result: asyncio.Future) -> None:
+        if result.done():
+            return  # the caller gave up while this waited in the inbox: never propose it
         try:
             index, view = self.replica.propose(payload)
         except NotPrimary as error:
-            accepted.set_exception(error)
+            result.set_exception(error)
             return
-        pending = _PendingProposal(view, asyncio.get_running_loop().create_future())
         previous = self._pending_proposals.pop(index, None)
         if previous is not None and not previous.future.done():
             previous.future.set_exception(ProposalLost("superseded"))
-        self._pending_proposals[index] = pending
-        accepted.set_result(pending)
+        self._pending_proposals[index] = _PendingProposal(view, result)
 
     def _read_now(self, request_id: int, future: asyncio.Future) -> None:
         if future.done():
@@ -273,8 +269,7 @@ class Node:
             return
         self._pending_reads[request_id] = future
 
-    async def _handle_ready(self, ready) -> None:
-        loop = asyncio.get_running_loop()
+    def _handle_ready(self, ready) -> None:
         if ready.snapshot is not None:
             # Inline, not in a thread: HTTP handlers read the store from this thread.
             self._install_snapshot(ready.snapshot)
@@ -282,7 +277,10 @@ class Node:
             self.wal.append(truncate_from=ready.truncate_from, entries=ready.entries,
                             hard_state=ready.hard_state)
             started = time.perf_counter()
-            await loop.run_in_executor(None, self.wal.sync)
+            # One fsync per batch, inline: on this hardware it costs ~0.1-0.2 ms, less than a
+            # thread hand-off, and requests arriving meanwhile wait in socket buffers and
+            # join the next batch anyway.
+            self.wal.sync()
             self.metrics.observe_wal_sync(time.perf_counter() - started, len(ready.entries),
                                           sum(len(entry.payload) for entry in ready.entries))
         for destination, message in ready.messages:

@@ -128,8 +128,8 @@ class NodeService:
         try:
             return await self.node.propose(payload, self._timeout_seconds)
         except asyncio.TimeoutError:
-            raise Unavailable("the write was not confirmed by a majority in time; it takes effect at most "
-                              "once: retry with the same Idempotency-Key") from None
+            raise Unavailable("the write was not confirmed by a majority in time; it may still take effect "
+                              "(once): retry, ideally with an Idempotency-Key") from None
         except ProposalLost:
             raise Unavailable("the primary changed before the write committed; it had no effect") from None
 

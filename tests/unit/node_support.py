@@ -1,0 +1,306 @@
+"""Shared helpers for the in-process node, service and transport tests.
+
+Every node of a test runs in the test's one event loop, with its real WAL and
+SQLite store under tmp_path and real TCP on 127.0.0.1 (ports chosen by binding
+port 0). Waiting is always polling against a deadline, never a fixed sleep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import os
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from protocol import FrameDecoder, Hello, HelloProof, Message, Role, encode_frame
+from tokenvault import commands
+from tokenvault.auth import ApiKeyEntry
+from tokenvault.config import (IdempotencyConfig, HttpConfig, MemberConfig, NodeConfig, PeerConfig,
+                               TimingConfig, WalConfig)
+from tokenvault.crypto import MasterKey, write_secret_file
+from tokenvault.node import Node
+from tokenvault.service import NodeService
+
+POLL_INTERVAL_SECONDS = 0.01
+NONCE_BYTES = 32
+HANDSHAKE_CONTEXT = b"tokenvault/peer-handshake\x00"
+
+
+# --------------------------------------------------------------------------- waiting
+
+async def wait_until(predicate: Callable[[], Any], timeout_seconds: float, what: str) -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail with ``what`` at the deadline."""
+    deadline = time.monotonic() + timeout_seconds
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout_seconds} s waiting for {what}")
+        await asyncio.sleep(POLL_INTERVAL_SECONDS)
+
+
+async def retry_until_ok(call: Callable[[], Awaitable[Any]], timeout_seconds: float, what: str,
+                         retry_on: tuple[type[BaseException], ...]) -> Any:
+    """Repeat ``call`` while it raises one of ``retry_on``; its first result, or fail at the deadline."""
+    deadline = time.monotonic() + timeout_seconds
+    while True:
+        try:
+            return await call()
+        except retry_on as error:
+            if time.monotonic() >= deadline:
+                raise AssertionError(f"timed out after {timeout_seconds} s: {what} (last error {error!r})")
+        await asyncio.sleep(POLL_INTERVAL_SECONDS * 5)
+
+
+# --------------------------------------------------------------------------- configs
+
+def free_port() -> int:
+    """An ephemeral port the kernel just handed out (bound to 0, then released)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterFiles:
+    """The secrets every node of one test cluster shares."""
+
+    master_key_file: Path
+    cluster_secret_file: Path
+    cluster_secret: bytes
+
+
+def write_cluster_files(directory: Path) -> ClusterFiles:
+    directory.mkdir(parents=True, exist_ok=True)
+    master_key_file = directory / "master.key"
+    MasterKey.generate().write_file(master_key_file)
+    cluster_secret = os.urandom(32)
+    cluster_secret_file = directory / "cluster.secret"
+    write_secret_file(cluster_secret_file, cluster_secret)
+    return ClusterFiles(master_key_file, cluster_secret_file, cluster_secret)
+
+
+API_KEYS = (ApiKeyEntry(name="admin", sha256=hashlib.sha256(b"unused test key").hexdigest(),
+                        scopes=frozenset({"admin", "tokenize", "detokenize"})),)
+
+
+@dataclass(frozen=True, slots=True)
+class Timing:
+    tick_ms: int = 10
+    election_timeout_ticks: int = 25
+    heartbeat_interval_ticks: int = 2
+    request_timeout_ms: int = 2000
+
+
+def make_configs(root: Path, node_count: int, timing: Timing = Timing(),
+                 log_file: Path | None = None) -> list[NodeConfig]:
+    """One NodeConfig per member (ids n1..nN), data under ``root``/<id>/data."""
+    files = write_cluster_files(root / "secrets")
+    ids = [f"n{number}" for number in range(1, node_count + 1)]
+    peer_ports = {node_id: free_port() for node_id in ids}
+    http_ports = {node_id: free_port() for node_id in ids}
+    members = tuple(MemberConfig(id=node_id, peer_addr=f"127.0.0.1:{peer_ports[node_id]}",
+                                 http_url=f"http://127.0.0.1:{http_ports[node_id]}") for node_id in ids)
+    timing_config = TimingConfig(tick_ms=timing.tick_ms, election_timeout_ticks=timing.election_timeout_ticks,
+                                 heartbeat_interval_ticks=timing.heartbeat_interval_ticks,
+                                 request_timeout_ms=timing.request_timeout_ms)
+    return [NodeConfig(node_id=node_id, data_dir=root / node_id / "data", members=members, api_keys=API_KEYS,
+                       master_key_file=files.master_key_file,
+                       cluster_secret_file=files.cluster_secret_file if node_count > 1 else None,
+                       log_file=log_file, http=HttpConfig(port=http_ports[node_id]),
+                       peer=PeerConfig(port=peer_ports[node_id]), timing=timing_config,
+                       idempotency=IdempotencyConfig(), wal=WalConfig(fsync=True))
+            for node_id in ids]
+
+
+# --------------------------------------------------------------------------- running nodes
+
+@dataclass(slots=True)
+class RunningNode:
+    config: NodeConfig
+    node: Node
+    service: NodeService
+    closed: bool = False
+
+    @property
+    def node_id(self) -> str:
+        return self.config.node_id
+
+    def is_primary(self) -> bool:
+        return not self.closed and self.node.replica.role == Role.PRIMARY
+
+    async def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            await self.service.close()
+            await self.node.close()
+
+
+async def start_node(config: NodeConfig) -> RunningNode:
+    node = Node(config)
+    service = NodeService(node)
+    await node.start()
+    return RunningNode(config, node, service)
+
+
+@dataclass(slots=True)
+class Cluster:
+    """Nodes of one test cluster; ``close`` stops every node still running."""
+
+    configs: list[NodeConfig]
+    nodes: list[RunningNode] = field(default_factory=list)
+
+    def running(self) -> list[RunningNode]:
+        return [running for running in self.nodes if not running.closed]
+
+    def primaries(self) -> list[RunningNode]:
+        return [running for running in self.running() if running.is_primary()]
+
+    def by_id(self, node_id: str) -> RunningNode:
+        return next(running for running in self.nodes if running.node_id == node_id)
+
+    async def wait_for_stable_primary(self, timeout_seconds: float = 5.0) -> RunningNode:
+        """The single primary once every running node follows it and has applied epoch 1."""
+        def settled() -> RunningNode | None:
+            primaries = self.primaries()
+            if len(primaries) != 1:
+                return None
+            primary = primaries[0]
+            for running in self.running():
+                if running.node.replica.primary_id != primary.node_id:
+                    return None
+                if running.node.store.active_epoch() < 1:
+                    return None
+            return primary
+        return await wait_until(settled, timeout_seconds, "one primary followed by every running node")
+
+    def backups(self) -> list[RunningNode]:
+        return [running for running in self.running() if not running.is_primary()]
+
+    async def close(self) -> None:
+        for running in self.nodes:
+            await running.close()
+
+
+async def start_cluster(root: Path, node_count: int, timing: Timing = Timing()) -> Cluster:
+    cluster = Cluster(make_configs(root, node_count, timing))
+    try:
+        for config in cluster.configs:
+            cluster.nodes.append(await start_node(config))
+    except BaseException:
+        await cluster.close()
+        raise
+    return cluster
+
+
+# --------------------------------------------------------------------------- proposal gates
+
+class ProposalGate:
+    """Wraps ``node.propose`` so a test can hold chosen proposals until it opens the gate.
+
+    ``hold(payload)`` decides which proposals wait; every proposal's decoded
+    command is recorded in order, so a test can see what the service proposed.
+    """
+
+    def __init__(self, node: Node, hold: Callable[[object], bool]) -> None:
+        self.node = node
+        self.original = node.propose
+        self.hold = hold
+        self.opened = asyncio.Event()
+        self.waiting = asyncio.Event()
+        self.proposed: list[object] = []
+        node.propose = self._propose  # type: ignore[method-assign]
+
+    async def _propose(self, payload: bytes, timeout_seconds: float):
+        command = commands.decode_command(payload)
+        self.proposed.append(command)
+        if self.hold(command):
+            self.waiting.set()
+            await self.opened.wait()
+        return await self.original(payload, timeout_seconds)
+
+    def open(self) -> None:
+        self.opened.set()
+
+    def remove(self) -> None:
+        self.opened.set()
+        self.node.propose = self.original  # type: ignore[method-assign]
+
+
+# --------------------------------------------------------------------------- raw peer connections
+
+def handshake_proof(secret: bytes, nonce: bytes, prover_id: str, verifier_id: str) -> bytes:
+    """The peer handshake MAC as transport.py documents it, written independently for the tests."""
+    message = HANDSHAKE_CONTEXT + prover_id.encode() + b"\x00" + verifier_id.encode() + b"\x00" + nonce
+    return hmac.new(secret, message, hashlib.sha256).digest()
+
+
+class RawPeer:
+    """A hand-driven peer connection: lets a test play a (possibly hostile) node."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.decoder = FrameDecoder(16 * 1024 * 1024)
+        self.received: list[Message] = []
+
+    @classmethod
+    async def connect(cls, port: int) -> "RawPeer":
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        return cls(reader, writer)
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def receive(self, count: int, timeout_seconds: float = 3.0) -> list[Message]:
+        """Read until ``count`` more messages arrived; raises EOFError if the other side closed."""
+        async def read() -> list[Message]:
+            while len(self.received) < count:
+                data = await self.reader.read(65536)
+                if not data:
+                    raise EOFError("the peer closed the connection")
+                self.received.extend(self.decoder.feed(data))
+            taken, self.received = self.received[:count], self.received[count:]
+            return taken
+        return await asyncio.wait_for(read(), timeout_seconds)
+
+    async def read_until_closed(self, timeout_seconds: float = 3.0) -> bytes:
+        """Everything the other side sends until it closes the connection (fails if it never does)."""
+        async def read() -> bytes:
+            chunks = []
+            while True:
+                try:
+                    data = await self.reader.read(65536)
+                except ConnectionResetError:
+                    return b"".join(chunks)
+                if not data:
+                    return b"".join(chunks)
+                chunks.append(data)
+        return await asyncio.wait_for(read(), timeout_seconds)
+
+    async def handshake(self, my_id: str, acceptor_id: str, secret: bytes,
+                        trailing: bytes = b"") -> None:
+        """Dial side of the handshake; ``trailing`` bytes go out in the same write as the proof."""
+        my_nonce = os.urandom(NONCE_BYTES)
+        await self.send(encode_frame(Hello(node_id=my_id, nonce=my_nonce)))
+        hello, proof = await self.receive(2)
+        assert isinstance(hello, Hello) and hello.node_id == acceptor_id
+        assert isinstance(proof, HelloProof)
+        assert hmac.compare_digest(proof.mac, handshake_proof(secret, my_nonce, acceptor_id, my_id))
+        answer = HelloProof(node_id=my_id, mac=handshake_proof(secret, hello.nonce, my_id, acceptor_id))
+        await self.send(encode_frame(answer) + trailing)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def data_files(directory: Path) -> list[Path]:
+    return [path for path in directory.rglob("*") if path.is_file()]

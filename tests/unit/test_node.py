@@ -1,0 +1,317 @@
+"""tokenvault.node: the driver loop, run in-process with real WAL, SQLite and TCP.
+
+Single nodes and three-node clusters run in the test's one event loop (see
+node_support.py). Waiting is polling against deadlines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from node_support import (Cluster, RunningNode, Timing, data_files, make_configs, retry_until_ok, start_cluster,
+                          start_node, wait_until)
+from protocol import NotPrimary, Role
+from tokenvault import commands
+from tokenvault.crypto import new_epoch_secret
+from tokenvault.errors import ServiceError, Unavailable
+from tokenvault.logs import configure_logging, reset_logging
+from tokenvault.store import Outcome as ApplyOutcome
+
+HEALTH_FIELDS = {"status", "node_id", "role", "view", "primary_id", "commit_index", "applied_index",
+                 "active_epoch"}
+
+
+@pytest.fixture(autouse=True)
+def _no_master_key_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The environment variable would override every config's key file.
+    monkeypatch.delenv("TOKENVAULT_MASTER_KEY", raising=False)
+
+
+@pytest.fixture
+async def single(tmp_path: Path) -> AsyncIterator[RunningNode]:
+    cluster = await start_cluster(tmp_path, 1)
+    try:
+        await cluster.wait_for_stable_primary()
+        yield cluster.nodes[0]
+    finally:
+        await cluster.close()
+
+
+@pytest.fixture
+async def trio(tmp_path: Path) -> AsyncIterator[Cluster]:
+    cluster = await start_cluster(tmp_path, 3)
+    try:
+        yield cluster
+    finally:
+        await cluster.close()
+
+
+def rotate_payload(running: RunningNode, epoch: int) -> bytes:
+    command = commands.RotateEpochCommand(
+        epoch=epoch, wrapped_secret=running.node.master_key.wrap_epoch_secret(epoch, new_epoch_secret()),
+        created_at_ms=int(time.time() * 1000), principal=None, idempotency_key=None, fingerprint=None)
+    return commands.encode_command(command)
+
+
+async def tokens_of(running: RunningNode, values: list[str], principal: str = "p") -> tuple[int, list[str]]:
+    outcome = await running.service.tokenize(principal, values, None)
+    assert outcome.status == 200 and not outcome.replayed
+    document = json.loads(outcome.body)
+    return document["epoch"], document["tokens"]
+
+
+# --------------------------------------------------------------------------- single node
+
+async def test_single_node_bootstraps_epoch_one_and_reports_health(single: RunningNode) -> None:
+    node = single.node
+    epochs = node.store.epochs()
+    assert [(record.epoch, record.state) for record in epochs] == [(1, "active")]
+    assert 1 in node.keyring
+    health = single.service.health()
+    assert set(health) == HEALTH_FIELDS
+    assert health["status"] == "ok" and health["node_id"] == "n1" and health["role"] == "primary"
+    assert health["primary_id"] == "n1" and health["active_epoch"] == 1 and health["view"] >= 1
+    # The no-op of the view and the epoch-1 rotation are both committed and applied.
+    assert health["commit_index"] >= 2 and health["applied_index"] == health["commit_index"]
+
+
+async def test_propose_resolves_with_the_store_result_of_that_entry(single: RunningNode) -> None:
+    node = single.node
+    before = node.store.applied_index
+    result = await node.propose(rotate_payload(single, 2), timeout_seconds=2)
+    assert result.outcome == ApplyOutcome.OK and result.status == 201
+    assert result.index == before + 1 == node.store.applied_index
+    assert node.store.active_epoch() == 2 and 2 in node.keyring
+    # The same epoch number again is stale at apply time and writes nothing.
+    stale = await node.propose(rotate_payload(single, 2), timeout_seconds=2)
+    assert stale.outcome == ApplyOutcome.STALE_EPOCH and stale.index == result.index + 1
+    assert [record.epoch for record in node.store.epochs()] == [1, 2]
+
+
+async def test_read_barrier_on_a_single_node_returns(single: RunningNode) -> None:
+    await asyncio.wait_for(single.node.read_barrier(timeout_seconds=2), 3)
+
+
+async def test_restart_gives_identical_tokens_and_detokenizes_everything(tmp_path: Path) -> None:
+    (config,) = make_configs(tmp_path, 1)
+    values = [f"restart-value-{number}" for number in range(20)]
+    running = await start_node(config)
+    try:
+        await wait_until(lambda: running.node.store.active_epoch() == 1, 5, "epoch 1")
+        epoch, first_tokens = await tokens_of(running, values)
+        assert epoch == 1
+    finally:
+        await running.close()
+
+    running = await start_node(config)
+    try:
+        await wait_until(running.is_primary, 5, "the restarted node to lead")
+        assert running.node.store.active_epoch() == 1
+        epoch, again = await tokens_of(running, values)
+        assert (epoch, again) == (1, first_tokens)
+        assert await running.service.detokenize(first_tokens) == values
+        rotated = await running.service.rotate_epoch("p", None)
+        assert json.loads(rotated.body) == {"epoch": 2}
+        epoch, second_tokens = await tokens_of(running, values)
+        assert epoch == 2 and set(second_tokens).isdisjoint(first_tokens)
+    finally:
+        await running.close()
+
+    running = await start_node(config)
+    try:
+        await wait_until(running.is_primary, 5, "the restarted node to lead")
+        assert running.node.store.active_epoch() == 2
+        assert await running.service.detokenize(first_tokens + second_tokens) == values + values
+        assert await tokens_of(running, values) == (2, second_tokens)
+        # Nothing replayed twice: one row per distinct token.
+        assert running.node.store.token_count() == 2 * len(values)
+    finally:
+        await running.close()
+
+
+async def test_restart_keeps_idempotency_records(tmp_path: Path) -> None:
+    (config,) = make_configs(tmp_path, 1)
+    running = await start_node(config)
+    try:
+        await wait_until(lambda: running.node.store.active_epoch() == 1, 5, "epoch 1")
+        first = await running.service.tokenize("p", ["kept"], "key-1")
+    finally:
+        await running.close()
+    running = await start_node(config)
+    try:
+        await wait_until(running.is_primary, 5, "the restarted node to lead")
+        again = await running.service.tokenize("p", ["kept"], "key-1")
+        assert again.replayed and again.body == first.body and again.status == 200
+    finally:
+        await running.close()
+
+
+# --------------------------------------------------------------------------- no plaintext at rest or in logs
+
+@pytest.fixture
+def node_log(tmp_path: Path) -> Iterator[Path]:
+    path = tmp_path / "logs" / "node.log"
+    configure_logging("n1", path, "debug")
+    try:
+        yield path
+    finally:
+        reset_logging()
+
+
+async def test_no_value_in_the_node_log_or_any_data_file(tmp_path: Path, node_log: Path) -> None:
+    marker = "MARKER-plaintext-9f3b27c1"
+    values = [f"{marker}-{number}" for number in range(5)]
+    cluster = await start_cluster(tmp_path / "cluster", 3)
+    try:
+        primary = await cluster.wait_for_stable_primary()
+        backup = cluster.backups()[0]
+        outcome = await backup.service.tokenize("p", values, "idem-1")
+        tokens = json.loads(outcome.body)["tokens"]
+        assert await backup.service.detokenize(tokens) == values
+        assert await primary.service.detokenize(tokens) == values
+        with pytest.raises(ServiceError) as mismatch:
+            await backup.service.tokenize("p", [marker + "-other"], "idem-1")
+        assert mismatch.value.status == 422 and marker not in str(mismatch.value.detail)
+        await backup.service.rotate_epoch("p", None)
+        await primary.service.tokenize("p", values, None)
+        await wait_until(lambda: all(running.node.store.token_count() == 10 for running in cluster.running()),
+                         5, "every node to apply both tokenizes")
+    finally:
+        await cluster.close()
+    log_bytes = node_log.read_bytes()
+    lines = [json.loads(line) for line in log_bytes.decode().splitlines()]
+    events = {line["event"] for line in lines}
+    # The log really captured the nodes' activity, so its silence about values means something.
+    assert {"node.started", "token.issued", "epoch.rotated", "primary.elected", "peer.up"} <= events
+    assert all({"ts", "level", "node", "event"} <= set(line) for line in lines)
+    assert marker.encode() not in log_bytes
+    files = data_files(tmp_path / "cluster")
+    assert any(path.name == "vault.db" for path in files) and len(files) >= 6
+    for path in files:
+        assert marker.encode() not in path.read_bytes(), f"a value in plaintext in {path.name}"
+
+
+# --------------------------------------------------------------------------- three nodes
+
+async def test_three_nodes_elect_one_primary_that_everyone_follows(trio: Cluster) -> None:
+    primary = await trio.wait_for_stable_primary()
+    assert len(trio.primaries()) == 1
+    backups = trio.backups()
+    assert len(backups) == 2
+    healths = [running.service.health() for running in trio.running()]
+    for health in healths:
+        assert set(health) == HEALTH_FIELDS and health["status"] == "ok"
+        assert health["primary_id"] == primary.node_id and health["active_epoch"] == 1
+    assert primary.service.health()["role"] == "primary"
+    assert all(running.service.health()["role"] == "backup" for running in backups)
+    assert len({health["view"] for health in healths}) == 1
+
+
+async def test_health_and_cluster_view_converge_after_writes(trio: Cluster) -> None:
+    primary = await trio.wait_for_stable_primary()
+    await tokens_of(primary, ["converge-a", "converge-b"])
+    commit_index = primary.node.replica.commit_index
+
+    def converged() -> bool:
+        return all(running.service.health()["applied_index"] >= commit_index
+                   and running.service.health()["commit_index"] >= commit_index for running in trio.running())
+    await wait_until(converged, 5, "every node to apply the write")
+    view = await primary.service.cluster_view()
+    assert view["primary_id"] == primary.node_id
+    assert [entry["id"] for entry in view["nodes"]] == ["n1", "n2", "n3"]
+    for entry in view["nodes"]:
+        assert entry["reachable"] is True
+        assert entry["role"] == ("primary" if entry["id"] == primary.node_id else "backup")
+        if entry["id"] != primary.node_id:
+            await wait_until(lambda: primary.node.replica.progress()[entry["id"]][0] >= commit_index, 5,
+                             "the primary to see the backup's match index")
+    view = await primary.service.cluster_view()
+    for entry in view["nodes"]:
+        if entry["id"] != primary.node_id:
+            assert entry["match_index"] >= commit_index
+
+
+async def test_propose_and_read_barrier_on_a_backup_raise_not_primary(trio: Cluster) -> None:
+    primary = await trio.wait_for_stable_primary()
+    backup = trio.backups()[0]
+    with pytest.raises(NotPrimary) as raised:
+        await backup.node.propose(rotate_payload(backup, 2), timeout_seconds=2)
+    assert raised.value.primary_id == primary.node_id
+    with pytest.raises(NotPrimary):
+        await backup.node.read_barrier(timeout_seconds=2)
+    await primary.node.read_barrier(timeout_seconds=2)
+    assert backup.node.store.active_epoch() == 1
+
+
+async def test_closing_the_primary_elects_another_that_serves(trio: Cluster) -> None:
+    old = await trio.wait_for_stable_primary()
+    values = ["before-failover-1", "before-failover-2"]
+    _, tokens = await tokens_of(old, values)
+    old_view = old.node.replica.view
+    await old.close()
+    started = time.monotonic()
+    new = await trio.wait_for_stable_primary(timeout_seconds=5)
+    assert new.node_id != old.node_id and new.node.replica.view > old_view
+    assert time.monotonic() - started < 5
+    for running in trio.running():
+        assert await running.service.detokenize(tokens) == values
+        epoch, again = await tokens_of(running, values)
+        assert (epoch, again) == (1, tokens)
+        _, fresh = await tokens_of(running, [f"after-failover-{running.node_id}"])
+        for other in trio.running():
+            assert await other.service.detokenize(fresh) == [f"after-failover-{running.node_id}"]
+
+
+async def test_without_a_majority_writes_are_503_and_service_returns_with_it(tmp_path: Path) -> None:
+    cluster = await start_cluster(tmp_path, 3, Timing(request_timeout_ms=600))
+    try:
+        primary = await cluster.wait_for_stable_primary()
+        _, tokens = await tokens_of(primary, ["kept-through-outage"])
+        survivor = cluster.backups()[0]
+        gone = [running for running in cluster.running() if running is not survivor]
+        for running in gone:
+            await running.close()
+        await wait_until(lambda: survivor.node.replica.role != Role.PRIMARY, 5, "no primary among one node")
+        with pytest.raises(ServiceError) as raised:
+            await asyncio.wait_for(survivor.service.tokenize("p", ["during-outage"], None), 5)
+        assert raised.value.status == 503 and raised.value.headers.get("Retry-After")
+        with pytest.raises(Unavailable):
+            await asyncio.wait_for(survivor.service.rotate_epoch("p", None), 5)
+        with pytest.raises(ServiceError) as raised:
+            await asyncio.wait_for(survivor.service.list_epochs(), 5)
+        assert raised.value.status == 503
+        # What this node applied stays readable; tokens it does not hold cannot be confirmed absent.
+        assert await survivor.service.detokenize(tokens) == ["kept-through-outage"]
+        assert survivor.node.store.active_epoch() == 1
+
+        returning = gone[0]
+        cluster.nodes[cluster.nodes.index(returning)] = await start_node(returning.config)
+        await cluster.wait_for_stable_primary(timeout_seconds=5)
+        outcome = await retry_until_ok(lambda: survivor.service.tokenize("p", ["after-outage"], None), 5,
+                                       "a tokenize once the majority is back", (Unavailable, ServiceError))
+        assert outcome.status == 200
+        for running in cluster.running():
+            assert await running.service.detokenize(tokens) == ["kept-through-outage"]
+    finally:
+        await cluster.close()
+
+
+async def test_a_restarted_backup_catches_up(trio: Cluster) -> None:
+    primary = await trio.wait_for_stable_primary()
+    backup = trio.backups()[0]
+    await backup.close()
+    _, tokens = await tokens_of(primary, [f"while-down-{number}" for number in range(10)])
+    await primary.service.rotate_epoch("p", None)
+    restarted = await start_node(backup.config)
+    trio.nodes[trio.nodes.index(backup)] = restarted
+    await wait_until(lambda: restarted.node.store.lookup(tokens).keys() == set(tokens), 5,
+                     "the restarted backup to apply what it missed")
+    await wait_until(lambda: restarted.node.store.active_epoch() == 2, 5, "the rotation on the restarted node")
+    assert await restarted.service.detokenize(tokens) == [f"while-down-{number}" for number in range(10)]
+    assert restarted.node.replica.role == Role.BACKUP

@@ -201,10 +201,12 @@ def _chunks(items: Sequence, size: int) -> Iterable[Sequence]:
 class VaultStore:
     """The applied state of one node. Not thread-safe: use it from one thread."""
 
-    def __init__(self, path: Path, connection: sqlite3.Connection, retention_ms: int) -> None:
+    def __init__(self, path: Path, connection: sqlite3.Connection, retention_ms: int,
+                 purge_limit_per_command: int) -> None:
         self._path = path
         self._connection = connection
         self._retention_ms = retention_ms
+        self._purge_limit_per_command = purge_limit_per_command
         self._load_meta()
         self._durable_index = 0
 
@@ -215,10 +217,17 @@ class VaultStore:
         self._active_epoch = active or 0
 
     @classmethod
-    def open(cls, path: Path, *, retention_ms: int = DEFAULT_RETENTION_MS) -> "VaultStore":
-        """Open or create the store at ``path``; raises StoreCorruption for a foreign or damaged file."""
+    def open(cls, path: Path, *, retention_ms: int = DEFAULT_RETENTION_MS,
+             purge_limit_per_command: int = PURGE_LIMIT_PER_COMMAND) -> "VaultStore":
+        """Open or create the store at ``path``; raises StoreCorruption for a foreign or damaged file.
+
+        ``retention_ms`` and ``purge_limit_per_command`` shape the replicated
+        state, so every node of a cluster must use the same values.
+        """
         if type(retention_ms) is not int or retention_ms < 0:
             raise ValueError("retention_ms must be a non-negative integer")
+        if type(purge_limit_per_command) is not int or purge_limit_per_command < 1:
+            raise ValueError("purge_limit_per_command must be a positive integer")
         path = Path(path)
         created = not path.exists()
         try:
@@ -230,7 +239,7 @@ class VaultStore:
                 _initialise(connection)
                 _fsync_directory(path.parent)
             _check_store_schema(connection, StoreCorruption)
-            store = cls(path, connection, retention_ms)
+            store = cls(path, connection, retention_ms, purge_limit_per_command)
         except sqlite3.DatabaseError as error:
             connection.close()
             raise StoreCorruption(f"cannot open the store: {error}") from None
@@ -340,7 +349,7 @@ class VaultStore:
         """Purge a bounded number of expired records, then find a live record for (principal, key)."""
         connection = self._connection
         expired_before_ms = now_ms - self._retention_ms
-        connection.execute(_PURGE_IDEMPOTENCY, (expired_before_ms, PURGE_LIMIT_PER_COMMAND))
+        connection.execute(_PURGE_IDEMPOTENCY, (expired_before_ms, self._purge_limit_per_command))
         if key is None:
             return None
         row = connection.execute(_SELECT_IDEMPOTENCY, (principal, key)).fetchone()

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from harness import ClusterHarness
+from tokenvault.cluster import NodeSettings
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
@@ -47,8 +48,10 @@ def make_cluster(request: pytest.FixtureRequest, tmp_path: Path,
         pytest.fail(f"`tokenvault serve` cannot start a node at all:\n{serve_probe}")
     harnesses: list[ClusterHarness] = []
 
-    def make(nodes: int = 3, proxies: bool = False, start: bool = True) -> ClusterHarness:
-        harness = ClusterHarness(tmp_path / f"cluster{len(harnesses) + 1}", node_count=nodes, with_proxies=proxies)
+    def make(nodes: int = 3, proxies: bool = False, start: bool = True,
+             settings: NodeSettings | None = None) -> ClusterHarness:
+        harness = ClusterHarness(tmp_path / f"cluster{len(harnesses) + 1}", node_count=nodes, with_proxies=proxies,
+                                 settings=settings)
         harnesses.append(harness)
         if start:
             harness.create_and_start()

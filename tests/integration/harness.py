@@ -54,19 +54,26 @@ BASE_PORT_RANGE = (10000, 32000)
 PORT_ATTEMPTS = 200
 START_ATTEMPTS = 3
 LOG_TAIL_LINES = 40
+LOAD_STOP_TIMEOUT_SECONDS = 20.0
 
 Value = TypeVar("Value")
 
 
-def election_timeout_seconds() -> float:
+def election_timeout_seconds(settings: cluster.NodeSettings | None = None) -> float:
     """The longest randomised election timeout (2x the configured ticks)."""
-    return 2 * ELECTION_TIMEOUT_TICKS * TICK_MS / 1000.0
+    timing = (settings or fast_settings()).timing
+    return 2 * timing.election_timeout_ticks * timing.tick_ms / 1000.0
 
 
 def fast_settings() -> cluster.NodeSettings:
     timing = TimingConfig(tick_ms=TICK_MS, election_timeout_ticks=ELECTION_TIMEOUT_TICKS,
                           heartbeat_interval_ticks=HEARTBEAT_INTERVAL_TICKS, request_timeout_ms=REQUEST_TIMEOUT_MS)
     return cluster.NodeSettings(log_level="info", timing=timing, wal=WalConfig(fsync=True))
+
+
+def default_settings() -> cluster.NodeSettings:
+    """The shipped defaults (tick 50 ms, election timeout 20-40 ticks): for the contract's "within 5 s"."""
+    return cluster.NodeSettings(log_level="info", timing=TimingConfig(), wal=WalConfig(fsync=True))
 
 
 def _port_free(port: int) -> bool:
@@ -132,10 +139,11 @@ class ClusterHarness:
     """One cluster of real `tokenvault serve` processes in `directory`."""
 
     def __init__(self, directory: Path, node_count: int = 3, *, with_proxies: bool = False,
-                 rng: random.Random | None = None) -> None:
+                 settings: cluster.NodeSettings | None = None, rng: random.Random | None = None) -> None:
         self.directory = Path(directory)
         self.node_count = node_count
         self.with_proxies = with_proxies
+        self.settings = settings or fast_settings()
         self.rng = rng or random.Random()
         self.spec: cluster.ClusterSpec | None = None
         self.proxies: dict[tuple[str, str], FaultProxy] = {}
@@ -160,7 +168,7 @@ class ClusterHarness:
 
     def _create(self) -> None:
         base_port = free_base_port(self.node_count, self.rng)
-        self.spec, _ = cluster.init_cluster(self.directory, self.node_count, base_port, settings=fast_settings())
+        self.spec, _ = cluster.init_cluster(self.directory, self.node_count, base_port, settings=self.settings)
         if self.with_proxies:
             self._splice_proxies()
 
@@ -345,6 +353,10 @@ class ClusterHarness:
         for proxy in self.links_of(node_id):
             proxy.partition()
 
+    def cut_from(self, source: str, destination: str) -> None:
+        """Drop every byte `source` sends to `destination` (the other direction keeps flowing)."""
+        self.proxy(source, destination).cut("a->b" if source < destination else "b->a")
+
     def heal_all(self) -> None:
         for proxy in self.proxies.values():
             proxy.heal()
@@ -490,3 +502,30 @@ async def run_load(harness: ClusterHarness, history: History, stop: asyncio.Even
             await recorder.close()
 
     await asyncio.gather(*(worker(number) for number in range(workers)))
+
+
+@contextlib.asynccontextmanager
+async def background_load(harness: ClusterHarness, history: History, values: Sequence[str],
+                          **options: Any) -> AsyncIterator[asyncio.Event]:
+    """Run `run_load` while the body runs; on exit stop it and wait for its operations to finish."""
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_load(harness, history, stop, values, **options))
+    try:
+        yield stop
+    finally:
+        stop.set()
+        try:
+            await asyncio.wait_for(task, LOAD_STOP_TIMEOUT_SECONDS)
+        except asyncio.TimeoutError:
+            raise AssertionError("the load clients did not finish in time") from None
+
+
+async def wait_for_acknowledged(history: History, count: int, since_monotonic: float = 0.0,
+                                timeout_seconds: float = 15.0) -> None:
+    """Wait until `count` tokenizes that started at or after `since_monotonic` were acknowledged."""
+
+    async def enough() -> bool:
+        return sum(1 for operation in history.acknowledged(Kind.TOKENIZE)
+                   if operation.start_monotonic >= since_monotonic) >= count
+
+    await wait_for_async(enough, timeout_seconds, f"{count} acknowledged tokenizes ({history.summary()})")

@@ -166,8 +166,11 @@ class History:
     def summary(self) -> str:
         counts: dict[tuple[str, str], int] = defaultdict(int)
         for operation in self.operations():
-            counts[(operation.kind, operation.status)] += 1
-        return ", ".join(f"{kind} {status}: {count}" for (kind, status), count in sorted(counts.items()))
+            outcome = str(operation.status)
+            if operation.error_status is not None or operation.error:
+                outcome += f" {operation.error_status or ''} {operation.error}".rstrip()
+            counts[(operation.kind, outcome)] += 1
+        return ", ".join(f"{kind} {outcome}: {count}" for (kind, outcome), count in sorted(counts.items()))
 
 
 def acknowledged_token_map(operations: Iterable[Operation]) -> dict[str, str]:

@@ -139,7 +139,7 @@ def test_records_times_outcomes_and_refuses_a_second_finish() -> None:
     assert history.acknowledged_tokens() == {"tv1_" + "a" * 32: "v"}
     with pytest.raises(RuntimeError):
         history.ok(first, epoch=1)
-    assert "tokenize ok: 1" in history.summary() and "tokenize error: 1" in history.summary()
+    assert "tokenize ok: 1" in history.summary() and "tokenize error 503 no quorum: 1" in history.summary()
 
 
 def test_recording_from_many_threads_and_tasks_loses_nothing() -> None:

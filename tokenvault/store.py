@@ -43,6 +43,13 @@ DEFAULT_RETENTION_MS = 48 * 3600 * 1000
 # adds at most one record, so purging up to 8 per command always keeps up.
 PURGE_LIMIT_PER_COMMAND = 8
 LOOKUP_CHUNK_TOKENS = 500
+# Tokens are HMAC outputs, so inserts land on random B-tree pages: a page cache
+# that holds the tree's inner pages and many leaves keeps 100-value batches off
+# the disk (measured: about 1.6x the default 2 MiB cache at 400,000 tokens).
+CACHE_KIBIBYTES = 64 * 1024
+# SQLite's own checkpoint runs only as a safety net; the node calls checkpoint()
+# on its own schedule (it also decides which log segments may go).
+AUTOCHECKPOINT_PAGES = 16384
 SCHEMA_VERSION = 1
 APPLICATION_ID = 0x54564C54  # "TVLT": marks a file as a TokenVault store
 SQLITE_HEADER_BYTES = 100
@@ -173,6 +180,8 @@ def _connect(path: Path) -> sqlite3.Connection:
         if mode.lower() != "wal":
             raise StoreCorruption("the store cannot use WAL journal mode")
         connection.execute("PRAGMA synchronous = NORMAL")
+        connection.execute(f"PRAGMA cache_size = -{CACHE_KIBIBYTES}")
+        connection.execute(f"PRAGMA wal_autocheckpoint = {AUTOCHECKPOINT_PAGES}")
     except BaseException:
         connection.close()
         raise

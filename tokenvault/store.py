@@ -238,6 +238,8 @@ class VaultStore:
         if type(purge_limit_per_command) is not int or purge_limit_per_command < 1:
             raise ValueError("purge_limit_per_command must be a positive integer")
         path = Path(path)
+        # A leftover of an install_snapshot interrupted before its rename.
+        path.with_name(path.name + ".install").unlink(missing_ok=True)
         created = not path.exists()
         try:
             connection = _connect(path)
@@ -286,6 +288,8 @@ class VaultStore:
         restart); the rest must follow it without gaps. NOOP entries only move
         the applied index. On any error nothing of the batch is applied.
         """
+        if not entries:
+            return []
         connection = self._connection
         state = _BatchState(self._applied_index, self._applied_view, self._active_epoch, self._token_count)
         results: list[ApplyResult] = []
@@ -431,11 +435,7 @@ class VaultStore:
 
     def snapshot_bytes(self) -> tuple[int, int, bytes]:
         """(applied index, applied view, a consistent image of the whole database)."""
-        image = bytearray(self._connection.serialize())
-        # Bytes 18 and 19 select the journal mode; the image is marked as a
-        # rollback-journal file so it can be loaded in memory for validation.
-        image[18] = image[19] = 1
-        return self._applied_index, self._applied_view, bytes(image)
+        return self._applied_index, self._applied_view, _as_rollback_journal_image(self._connection.serialize())
 
     def install_snapshot(self, data: bytes, index: int, view: int) -> None:
         """Replace the whole state with a snapshot image taken at (index, view).
@@ -481,12 +481,19 @@ class _BatchState:
     token_count: int
 
 
+def _as_rollback_journal_image(image: bytes) -> bytes:
+    # Header bytes 18 and 19 select WAL or rollback-journal mode. SQLite loads
+    # only rollback-journal images in memory, which is where a received
+    # snapshot is validated; the store switches the file back to WAL on open.
+    return image[:18] + b"\x01\x01" + image[20:]
+
+
 def _validated_image(data: bytes, index: int, view: int) -> bytes:
     if type(data) is not bytes or len(data) < SQLITE_HEADER_BYTES:
         raise SnapshotRejected("snapshot image is too short to be a database")
-    image = bytearray(data)
-    image[18] = image[19] = 1
-    image = bytes(image)
+    if type(index) is not int or type(view) is not int:
+        raise SnapshotRejected("snapshot index and view must be integers")
+    image = _as_rollback_journal_image(data)
     connection = sqlite3.connect(":memory:")
     try:
         connection.execute("PRAGMA trusted_schema = OFF")

@@ -74,6 +74,9 @@ class RecordType(IntEnum):
     BASE = 4
 
 
+_RECORD_TYPE_VALUES = frozenset(int(record_type) for record_type in RecordType)
+
+
 class WalCorruption(Exception):
     """The log is damaged before its tail: the node must not start from it."""
 
@@ -259,7 +262,7 @@ def _is_torn_tail(data, offset: int, size: int, end: int, header) -> bool:
     if header is None:
         return True  # fewer bytes than a header: a cut record
     length, crc, record_type = header
-    if record_type not in RecordType._value2member_map_:
+    if record_type not in _RECORD_TYPE_VALUES:
         return False
     if end > size:
         return length <= MAX_RECORD_PAYLOAD_BYTES and not _length_bit_flip_verifies(
@@ -307,7 +310,7 @@ def _record_problem(data, header, offset: int, end: int, size: int) -> str | Non
         return f"record length {length} exceeds the maximum"
     if end > size:
         return "record runs past the end of the file"
-    if record_type not in RecordType._value2member_map_:
+    if record_type not in _RECORD_TYPE_VALUES:
         return f"unknown record type {record_type}"
     if _record_crc(length, record_type, data[offset + HEADER_BYTES:end]) != crc:
         return "CRC mismatch"
@@ -334,10 +337,8 @@ def _replay_file(path: Path, sequence: int, is_last: bool, state: _ReplayState,
     segment = _SegmentInfo(sequence, path, 0, 0, state.last_index, state.last_view, state.last_index, None, False)
     with open(path, "rb") as file:
         size = os.fstat(file.fileno()).st_size
-        if size == 0:
-            data = b""
-            valid_end = 0
-        else:
+        valid_end = 0
+        if size:
             with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
                 valid_end = _scan_segment(path, data, size, is_last, state, segment, first_segment)
     if valid_end == 0 and not is_last:

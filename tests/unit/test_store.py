@@ -383,3 +383,11 @@ def test_opening_a_garbage_file_is_refused(tmp_path):
     path.write_bytes(b"not a database at all" * 200)
     with pytest.raises(StoreCorruption):
         VaultStore.open(path)
+
+
+def test_a_leftover_of_an_interrupted_install_is_removed_on_open(tmp_path):
+    VaultStore.open(tmp_path / "vault.db").close()
+    leftover = tmp_path / "vault.db.install"
+    leftover.write_bytes(b"partial image")
+    VaultStore.open(tmp_path / "vault.db").close()
+    assert not leftover.exists()

@@ -41,8 +41,11 @@ class Replica:
         self._quorum = len(config.members) // 2 + 1
         self._log = _restore_log(restored)
         hard_state = restored.hard_state
-        self._view = hard_state.view
-        self._voted_for = hard_state.voted_for
+        # A crash between writing entries and writing the hard state of the same batch can
+        # leave entries of a view the hard state never reached. No vote was sent from that
+        # batch, so taking the entries' view with no vote in it is safe.
+        self._view = max(hard_state.view, self._log.last_view)
+        self._voted_for = hard_state.voted_for if self._view == hard_state.view else None
         # A torn WAL tail may have kept a hard state whose commit index outruns the entries.
         self._commit_index = max(restored.snapshot_index, min(hard_state.commit_index, self._log.last_index))
         self._role = Role.BACKUP
@@ -65,7 +68,8 @@ class Replica:
         self._read_results: list[ReadResult] = []
         self._snapshot_requests: list[str] = []
         self._events: list[Event] = []
-        self._peers_needing_append: set[str] = set()
+        # New entries wait for the next ready() so that proposals between two Readies share messages.
+        self._appends_pending = False
         # Read-index state (primary only).
         self._read_round = 0
         self._unsent_reads: list[int] = []
@@ -159,7 +163,7 @@ class Replica:
             raise ProposalRejected("too many uncommitted entries")
         entry = Entry(self._log.last_index + 1, self._view, EntryKind.COMMAND, payload)
         self._log.append([entry])
-        self._peers_needing_append.update(self._peers)
+        self._appends_pending = True
         return entry.index, entry.view
 
     def request_read(self, request_id: int) -> None:
@@ -199,7 +203,7 @@ class Replica:
             or self._unstable_from_index <= self._log.last_index
             or self._pending_snapshot is not None
             or self._outbox or self._read_results or self._snapshot_requests or self._events
-            or self._peers_needing_append
+            or self._appends_pending
             or self._commit_index > self._applied_index
             or (self._unsent_reads and self._committed_in_current_view()))
 
@@ -289,12 +293,12 @@ class Replica:
         # Entries of earlier views commit only underneath an entry of this view (figure 8 of
         # the Raft paper), so the new primary writes a no-op straight away.
         self._log.append([Entry(self._log.last_index + 1, self._view, EntryKind.NOOP, b"")])
-        self._peers_needing_append.update(self._peers)
+        self._appends_pending = True
 
     def _stop_leading(self, view: int) -> None:
         self._events.append(SteppedDown(view))
         self._progress = {}
-        self._peers_needing_append.clear()
+        self._appends_pending = False
         for request_id in self._unsent_reads:
             self._read_results.append(ReadResult(request_id, 0, False))
         for request_id, _read_index, _round in self._pending_reads:
@@ -513,10 +517,10 @@ class Replica:
             self._snapshot_requests.append(peer)
 
     def _flush_appends(self) -> None:
-        if self._role is Role.PRIMARY:
-            for peer in self._peers_needing_append:
+        if self._appends_pending and self._role is Role.PRIMARY:
+            for peer in self._peers:
                 self._send_appends(peer)
-        self._peers_needing_append.clear()
+        self._appends_pending = False
 
     def _send_appends(self, peer: str) -> None:
         """Send what the flow control allows: one probe, or appends up to the in-flight limit."""
@@ -569,6 +573,11 @@ class Replica:
             return  # a refusal of an earlier probe
         candidate = self._log.find_conflict_by_view(min(message.hint_index, message.index), message.hint_view)
         progress.become_probe(min(message.index, candidate + 1))
+        if message.index <= progress.match_index:
+            # The backup refuses a position it acknowledged before: its disk lost data, which is
+            # outside the failure model. Retry at heartbeat pace rather than ping-pong at full speed.
+            progress.probe_sent = True
+            return
         self._send_appends(sender)
 
     def _on_heartbeat_reply(self, sender: str, message: HeartbeatReply) -> None:
@@ -666,8 +675,6 @@ def _restore_log(restored: RestoredState) -> ReplicatedLog:
         log = ReplicatedLog(restored.snapshot_index, restored.snapshot_view, restored.entries)
     except ValueError as error:
         raise ValueError(f"restored entries are not a log: {error}") from None
-    if log.last_view > hard_state.view:
-        raise ValueError("restored entries are from a view later than the restored hard state")
     return log
 
 

@@ -1,0 +1,576 @@
+"""A seeded, deterministic simulation of a protocol.Replica cluster.
+
+Everything that can go wrong between replicas is drawn from one
+``random.Random(seed)``: message delay, loss, duplication and reordering,
+partitions that form and heal, crashes (with a disk on which writes not yet
+fsynced vanish, or survive only as a prefix) and restarts. The simulated driver
+follows the node's order for every Ready: install snapshot, persist, send,
+apply, advance. After every step the invariants of docs/replication.md are
+checked; a violation raises SimulationFailure naming the seed and the recent
+trace, and ``pytest tests/sim --seed N`` replays exactly that run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import random
+from collections import deque
+from dataclasses import dataclass, field, replace
+
+from protocol import (INITIAL_HARD_STATE, BecamePrimary, Entry, EntryKind, HardState, Message, NotPrimary, Ready,
+                      ReplicaConfig, Replica, RestoredState, Role, decode_body)
+from protocol.codec import encode_body
+
+TRACE_LENGTH = 60
+MESSAGES_PER_TICK_LIMIT = 20_000
+
+
+class SimulationFailure(AssertionError):
+    """An invariant broke. The message names the seed and the recent history."""
+
+
+@dataclass(frozen=True, slots=True)
+class SimulationConfig:
+    """The shape of one simulated run; ``from_seed`` draws a varied one per seed."""
+
+    cluster_size: int = 3
+    steps: int = 2000
+    election_timeout_ticks: int = 10
+    heartbeat_interval_ticks: int = 2
+    max_entries_per_message: int = 64
+    max_bytes_per_message: int = 4096
+    max_inflight_appends: int = 8
+    loss_probability: float = 0.02
+    duplicate_probability: float = 0.02
+    max_delay_ticks: int = 2
+    crash_weight: float = 1.0
+    partition_weight: float = 1.0
+    split_ready_probability: float = 0.2
+    compact_weight: float = 1.5
+    through_codec: bool = False
+    check_quorum: bool = True
+    liveness_bound_ticks: int = 400
+
+    @classmethod
+    def from_seed(cls, seed: int, steps: int = 2000) -> SimulationConfig:
+        rng = random.Random(f"config-{seed}")
+        return cls(
+            cluster_size=rng.choices((1, 3, 5), weights=(1, 6, 3))[0],
+            steps=steps,
+            max_entries_per_message=rng.choice((1, 2, 4, 64)),
+            max_bytes_per_message=rng.choice((48, 256, 4096)),
+            max_inflight_appends=rng.choice((1, 2, 8)),
+            loss_probability=rng.choice((0.0, 0.02, 0.1, 0.25)),
+            duplicate_probability=rng.choice((0.0, 0.02, 0.1)),
+            max_delay_ticks=rng.choice((0, 1, 3)),
+            crash_weight=rng.choice((0.5, 1.0, 2.0)),
+            partition_weight=rng.choice((0.5, 1.0, 2.0)),
+            split_ready_probability=rng.choice((0.0, 0.2, 0.5)),
+            through_codec=rng.random() < 0.25,
+        )
+
+
+@dataclass
+class Disk:
+    """What survives a crash: the WAL (hard state, base, entries) and the store (applied state)."""
+
+    hard_state: HardState = INITIAL_HARD_STATE
+    base_index: int = 0
+    base_view: int = 0
+    entries: list[Entry] = field(default_factory=list)
+    applied_index: int = 0
+    applied_view: int = 0
+    applied_digest: bytes = b"\x00" * 16
+
+    @property
+    def last_index(self) -> int:
+        return self.base_index + len(self.entries)
+
+
+@dataclass
+class SimNode:
+    node_id: str
+    replica: Replica | None
+    disk: Disk = field(default_factory=Disk)
+    pending: Ready | None = None  # written but not yet fsynced: lost (or torn) by a crash
+    pending_primary_view: int | None = None  # the view it led when that Ready was taken, if primary
+    read_ids: int = 0
+
+
+def digest_after(digest: bytes, entry: Entry) -> bytes:
+    hasher = hashlib.blake2b(digest, digest_size=16)
+    hasher.update(b"%d/%d/%d/" % (entry.index, entry.view, entry.kind))
+    hasher.update(entry.payload)
+    return hasher.digest()
+
+
+class Simulation:
+    """One seeded run. ``run()`` performs the steps, then heals everything and checks liveness."""
+
+    def __init__(self, seed: int, config: SimulationConfig | None = None,
+                 replica_class: type[Replica] = Replica) -> None:
+        self.seed = seed
+        self.config = config or SimulationConfig.from_seed(seed)
+        self.replica_class = replica_class
+        self.rng = random.Random(seed)
+        self.member_ids = tuple(f"n{number}" for number in range(1, self.config.cluster_size + 1))
+        self.nodes = {node_id: SimNode(node_id, None) for node_id in self.member_ids}
+        for node in self.nodes.values():
+            node.replica = self._start_replica(node)
+        self.now_ticks = 0
+        self.sequence = 0
+        self.delayed: list[tuple[int, int, str, str, Message]] = []
+        self.deliverable: list[tuple[str, str, Message]] = []
+        self.partition_of: dict[str, int] = {node_id: 0 for node_id in self.member_ids}
+        self.loss_probability = self.config.loss_probability
+        self.duplicate_probability = self.config.duplicate_probability
+        self.max_delay_ticks = self.config.max_delay_ticks
+        self.trace: deque[str] = deque(maxlen=TRACE_LENGTH)
+        self.step_number = 0
+        # Invariant bookkeeping.
+        self.primary_of_view: dict[int, str] = {}
+        self.committed: dict[int, tuple[int, bytes]] = {}
+        self.digest_at: dict[int, bytes] = {0: b"\x00" * 16}
+        # index -> (entry view, payload, view of the primary that committed and acknowledged it)
+        self.acknowledged: dict[int, tuple[int, bytes, int]] = {}
+        self.checked_primaries: set[tuple[str, int]] = set()
+        self.highest_acknowledged_index = 0
+        self.read_floor: dict[tuple[str, int], int] = {}
+        self.payload_counter = 0
+        self.reads_confirmed = 0
+        self.snapshots_installed = 0
+        self.elections = 0
+
+    # ------------------------------------------------------------------ life cycle
+
+    def _replica_config(self, node_id: str) -> ReplicaConfig:
+        config = self.config
+        return ReplicaConfig(
+            node_id=node_id, members=self.member_ids, election_timeout_ticks=config.election_timeout_ticks,
+            heartbeat_interval_ticks=config.heartbeat_interval_ticks,
+            max_entries_per_message=config.max_entries_per_message,
+            max_bytes_per_message=config.max_bytes_per_message, max_inflight_appends=config.max_inflight_appends,
+            max_pending_reads=64, max_uncommitted_entries=512, check_quorum=config.check_quorum)
+
+    def _start_replica(self, node: SimNode) -> Replica:
+        disk = node.disk
+        # As the node does: the store may be ahead of the WAL base; start the log after it.
+        base_index, base_view = disk.base_index, disk.base_view
+        if disk.applied_index > base_index:
+            base_index, base_view = disk.applied_index, disk.applied_view
+        entries = tuple(entry for entry in disk.entries if entry.index > base_index)
+        hard_state = disk.hard_state
+        if hard_state.commit_index < base_index:
+            hard_state = replace(hard_state, commit_index=base_index)
+        restored = RestoredState(hard_state, base_index, base_view, entries)
+        return self.replica_class(self._replica_config(node.node_id), restored, random.Random(self.rng.random()))
+
+    def fail(self, message: str) -> None:
+        history = "\n  ".join(self.trace)
+        raise SimulationFailure(
+            f"seed {self.seed} step {self.step_number}: {message}\n"
+            f"replay with: pytest tests/sim --seed {self.seed}\nconfig: {self.config}\nrecent steps:\n  {history}")
+
+    def note(self, text: str) -> None:
+        self.trace.append(f"[{self.step_number} t={self.now_ticks}] {text}")
+
+    # ------------------------------------------------------------------ the driver
+
+    def drive(self, node: SimNode) -> None:
+        """Carry out Readies in the node's order; sometimes stop after the write, before the fsync."""
+        replica = node.replica
+        while replica is not None and node.pending is None and replica.has_ready():
+            primary_view = replica.view if replica.role is Role.PRIMARY else None
+            ready = replica.ready()
+            if self.config.split_ready_probability and self.rng.random() < self.config.split_ready_probability:
+                node.pending, node.pending_primary_view = ready, primary_view
+                return
+            self.complete(node, ready, primary_view)
+            replica = node.replica
+
+    def complete(self, node: SimNode, ready: Ready, primary_view: int | None) -> None:
+        replica = node.replica
+        assert replica is not None
+        self._persist(node, ready, len(self._records(ready)))
+        for destination, message in ready.messages:
+            self.send(node.node_id, destination, message)
+        self._apply(node, ready, primary_view)
+        for result in ready.read_results:
+            self._check_read(node, result)
+        for peer in ready.snapshot_requests:
+            replica.offer_snapshot(peer, node.disk.applied_index, node.disk.applied_view, self._snapshot_bytes(node))
+        for event in ready.events:
+            if isinstance(event, BecamePrimary):
+                self.elections += 1
+                self.note(f"{node.node_id} became primary of view {event.view}")
+        replica.advance(ready)
+
+    @staticmethod
+    def _records(ready: Ready) -> list[tuple[str, object]]:
+        records: list[tuple[str, object]] = []
+        if ready.snapshot is not None:
+            records.append(("snapshot", ready.snapshot))
+        if ready.truncate_from is not None:
+            records.append(("truncate", ready.truncate_from))
+        records.extend(("entry", entry) for entry in ready.entries)
+        if ready.hard_state is not None:
+            records.append(("hard_state", ready.hard_state))
+        return records
+
+    def _persist(self, node: SimNode, ready: Ready, record_count: int) -> None:
+        """Make the first record_count records of a Ready durable, in the WAL's order."""
+        disk = node.disk
+        for kind, value in self._records(ready)[:record_count]:
+            if kind == "snapshot":
+                self._install_snapshot(node, value)  # type: ignore[arg-type]
+            elif kind == "truncate":
+                cut = value - disk.base_index - 1  # type: ignore[operator]
+                if cut < 0:
+                    self.fail(f"{node.node_id} asked to truncate below its log base at {value}")
+                if value <= disk.applied_index:  # type: ignore[operator]
+                    self.fail(f"{node.node_id} truncates applied entry {value}")
+                del disk.entries[cut:]
+            elif kind == "entry":
+                if value.index != disk.last_index + 1:  # type: ignore[union-attr]
+                    self.fail(f"{node.node_id} Ready entry {value} does not extend its disk log at {disk.last_index}")
+                disk.entries.append(value)  # type: ignore[arg-type]
+            else:
+                previous = disk.hard_state
+                if value.view < previous.view:  # type: ignore[union-attr]
+                    self.fail(f"{node.node_id} hard state view went back from {previous.view}")
+                disk.hard_state = value  # type: ignore[assignment]
+
+    def _install_snapshot(self, node: SimNode, snapshot) -> None:
+        disk = node.disk
+        index = int.from_bytes(snapshot.data[0:8], "big")
+        view = int.from_bytes(snapshot.data[8:16], "big")
+        digest = snapshot.data[16:32]
+        if (index, view) != (snapshot.index, snapshot.view):
+            self.fail(f"{node.node_id} snapshot header {index}/{view} != {snapshot.index}/{snapshot.view}")
+        if self.digest_at.get(index) != digest:
+            self.fail(f"{node.node_id} installs a snapshot at {index} whose state differs from the committed one")
+        if index < disk.applied_index:
+            self.fail(f"{node.node_id} installs a snapshot at {index} behind its applied {disk.applied_index}")
+        disk.applied_index, disk.applied_view, disk.applied_digest = index, view, digest
+        disk.base_index, disk.base_view, disk.entries = index, view, []
+        self.snapshots_installed += 1
+        self.note(f"{node.node_id} installed snapshot {index}/{view}")
+
+    def _snapshot_bytes(self, node: SimNode) -> bytes:
+        disk = node.disk
+        padding = bytes(self.rng.randrange(0, 300))  # exercises multi-chunk transfers
+        return (disk.applied_index.to_bytes(8, "big") + disk.applied_view.to_bytes(8, "big")
+                + disk.applied_digest + padding)
+
+    def _apply(self, node: SimNode, ready: Ready, primary_view: int | None) -> None:
+        disk = node.disk
+        replica = node.replica
+        for entry in ready.committed:
+            known = self.committed.get(entry.index)
+            if known is None:
+                self.committed[entry.index] = (entry.view, entry.payload)
+            elif known != (entry.view, entry.payload):
+                self.fail(f"{node.node_id} commits {entry.index}/{entry.view} but {known[0]} was committed there")
+            if entry.index <= disk.applied_index:
+                continue  # the store skips what it already applied (restart replay)
+            if entry.index != disk.applied_index + 1:
+                self.fail(f"{node.node_id} applies {entry.index} after {disk.applied_index}: a gap")
+            disk.applied_digest = digest_after(disk.applied_digest, entry)
+            disk.applied_index, disk.applied_view = entry.index, entry.view
+            expected = self.digest_at.setdefault(entry.index, disk.applied_digest)
+            if expected != disk.applied_digest:
+                self.fail(f"{node.node_id} state at applied index {entry.index} differs from another replica's")
+            if primary_view is not None and entry.kind is EntryKind.COMMAND:
+                # The driver answers the client here; the entry was committed in primary_view.
+                self.acknowledged[entry.index] = (entry.view, entry.payload, primary_view)
+                self.highest_acknowledged_index = max(self.highest_acknowledged_index, entry.index)
+        if primary_view is not None and ready.committed:
+            last = ready.committed[-1]
+            self._check_no_electable_node_lacks(last.index, last.view)
+
+    # ------------------------------------------------------------------ invariants
+
+    def _check_primary_holds_acknowledged(self, node: SimNode) -> None:
+        """A primary of view v holds every entry acknowledged by a primary of an earlier view."""
+        replica = node.replica
+        assert replica is not None
+        for index, (view, payload, commit_view) in self.acknowledged.items():
+            if commit_view >= replica.view or index <= replica.log_base_index:
+                continue  # compacted: the store holds it, checked by the digest chain
+            if index > replica.last_index:
+                self.fail(f"new primary {node.node_id} lacks acknowledged entry {index}")
+            entry = replica.log_entry(index)
+            if (entry.view, entry.payload) != (view, payload):
+                self.fail(f"new primary {node.node_id} holds {entry.index}/{entry.view} over acknowledged {index}/{view}")
+
+    def _log_position(self, node: SimNode) -> tuple[int, int]:
+        """(last view, last index) a node would campaign and vote with: its live log, else its disk."""
+        if node.replica is not None:
+            return node.replica.last_view, node.replica.last_index
+        disk = node.disk
+        if disk.applied_index > disk.last_index:
+            return disk.applied_view, disk.applied_index
+        return (disk.entries[-1].view if disk.entries else disk.base_view), disk.last_index
+
+    def _holds(self, node: SimNode, index: int, view: int) -> bool:
+        replica, disk = node.replica, node.disk
+        if replica is not None:
+            if index <= replica.log_base_index:
+                return True
+            return index <= replica.last_index and replica.log_entry(index).view == view
+        if index <= max(disk.base_index, disk.applied_index):
+            return True
+        return index <= disk.last_index and disk.entries[index - disk.base_index - 1].view == view
+
+    def _check_no_electable_node_lacks(self, index: int, view: int) -> None:
+        """Leader completeness, looked at from the front: once an entry is committed, no replica
+        lacking it may be at least as up to date as a majority, or it could be elected and
+        overwrite the entry. (Raft's proof of leader completeness shows this holds.)"""
+        positions = {node_id: self._log_position(node) for node_id, node in self.nodes.items()}
+        quorum = len(self.nodes) // 2 + 1
+        for node_id, node in self.nodes.items():
+            if self._holds(node, index, view):
+                continue
+            position = positions[node_id]
+            voters = sum(1 for other in positions.values() if position >= other)
+            if voters >= quorum:
+                self.fail(f"{node_id} lacks committed entry {index}/{view} yet could win an election "
+                          f"(log at {position}, {voters} replicas no more up to date)")
+
+    def _check_read(self, node: SimNode, result) -> None:
+        floor = self.read_floor.pop((node.node_id, result.request_id), None)
+        if floor is None or not result.ok:
+            return
+        self.reads_confirmed += 1
+        if result.read_index < floor:
+            self.fail(f"{node.node_id} read index {result.read_index} misses acknowledged index {floor}: stale read")
+
+    def check_step_invariants(self) -> None:
+        for node in self.nodes.values():
+            replica = node.replica
+            if replica is None:
+                continue
+            if replica.role is Role.PRIMARY:
+                holder = self.primary_of_view.setdefault(replica.view, node.node_id)
+                if holder != node.node_id:
+                    self.fail(f"two primaries in view {replica.view}: {holder} and {node.node_id}")
+                if (node.node_id, replica.view) not in self.checked_primaries:
+                    # Its log only grows while it leads this view, so checking once is enough.
+                    self.checked_primaries.add((node.node_id, replica.view))
+                    self._check_primary_holds_acknowledged(node)
+            if replica.commit_index < node.disk.applied_index and node.pending is None:
+                self.fail(f"{node.node_id} commit {replica.commit_index} behind its applied {node.disk.applied_index}")
+
+    # ------------------------------------------------------------------ network
+
+    def send(self, source: str, destination: str, message: Message) -> None:
+        if self.config.through_codec:
+            message = decode_body(encode_body(message))
+        rng = self.rng
+        if self.loss_probability and rng.random() < self.loss_probability:
+            return
+        copies = 2 if self.duplicate_probability and rng.random() < self.duplicate_probability else 1
+        for _ in range(copies):
+            delay = rng.randint(0, self.max_delay_ticks) if self.max_delay_ticks else 0
+            if delay == 0:
+                self.deliverable.append((source, destination, message))
+            else:
+                self.sequence += 1
+                heapq.heappush(self.delayed, (self.now_ticks + delay, self.sequence, source, destination, message))
+
+    def deliver_one(self) -> bool:
+        if not self.deliverable:
+            return False
+        position = self.rng.randrange(len(self.deliverable))
+        self.deliverable[position], self.deliverable[-1] = self.deliverable[-1], self.deliverable[position]
+        source, destination, message = self.deliverable.pop()
+        node = self.nodes[destination]
+        if node.replica is None or self.partition_of[source] != self.partition_of[destination]:
+            return True
+        node.replica.step(source, message)
+        self.drive(node)
+        return True
+
+    def tick(self) -> None:
+        self.now_ticks += 1
+        while self.delayed and self.delayed[0][0] <= self.now_ticks:
+            _, _, source, destination, message = heapq.heappop(self.delayed)
+            self.deliverable.append((source, destination, message))
+        for node in self.nodes.values():
+            if node.replica is not None:
+                node.replica.tick()
+                self.drive(node)
+
+    # ------------------------------------------------------------------ client and faults
+
+    def live_primaries(self) -> list[SimNode]:
+        return [node for node in self.nodes.values()
+                if node.replica is not None and node.replica.role is Role.PRIMARY]
+
+    def propose(self, node: SimNode | None = None) -> bool:
+        candidates = [node] if node is not None else self.live_primaries()
+        if not candidates:
+            return False
+        node = self.rng.choice(candidates)
+        self.payload_counter += 1
+        payload = b"c%d" % self.payload_counter + bytes(self.rng.randrange(0, 40))
+        try:
+            index, view = node.replica.propose(payload)  # type: ignore[union-attr]
+        except NotPrimary:
+            return False
+        self.note(f"{node.node_id} proposed {index}/{view}")
+        self.drive(node)
+        return True
+
+    def request_read(self) -> None:
+        primaries = self.live_primaries()
+        if not primaries:
+            return
+        node = self.rng.choice(primaries)
+        node.read_ids += 1
+        self.read_floor[(node.node_id, node.read_ids)] = self.highest_acknowledged_index
+        node.replica.request_read(node.read_ids)  # type: ignore[union-attr]
+        self.drive(node)
+
+    def crash(self, node: SimNode) -> None:
+        if node.pending is not None:
+            records = self._records(node.pending)
+            # The fsync never finished: any prefix of the write may or may not be on disk.
+            kept = self.rng.randrange(len(records) + 1)
+            self._persist(node, node.pending, kept)
+            node.pending = None
+        node.replica = None
+        self.note(f"{node.node_id} crashed")
+
+    def restart(self, node: SimNode) -> None:
+        node.replica = self._start_replica(node)
+        self.note(f"{node.node_id} restarted (view {node.replica.view}, last {node.replica.last_index})")
+        self.drive(node)
+
+    def finish_pending(self, node: SimNode) -> None:
+        if node.pending is not None and node.replica is not None:
+            ready, primary_view = node.pending, node.pending_primary_view
+            node.pending = node.pending_primary_view = None
+            self.complete(node, ready, primary_view)
+            self.drive(node)
+
+    def partition(self) -> None:
+        groups = {node_id: self.rng.randrange(2) for node_id in self.member_ids}
+        self.partition_of = groups
+        self.note(f"partition {sorted(groups.items())}")
+
+    def heal(self) -> None:
+        self.partition_of = {node_id: 0 for node_id in self.member_ids}
+        self.note("healed")
+
+    def compact(self, node: SimNode) -> None:
+        replica, disk = node.replica, node.disk
+        assert replica is not None
+        index = disk.applied_index - self.rng.randrange(0, 4)
+        if index <= replica.log_base_index:
+            return
+        replica.compact(index)
+        if disk.base_index < index <= disk.last_index:
+            view = disk.entries[index - disk.base_index - 1].view
+            del disk.entries[:index - disk.base_index]
+            disk.base_index, disk.base_view = index, view
+        self.note(f"{node.node_id} compacted to {index}")
+
+    # ------------------------------------------------------------------ the run
+
+    def step(self) -> None:
+        self.step_number += 1
+        rng = self.rng
+        config = self.config
+        roll = rng.random() * 100
+        if roll < 45:
+            if not self.deliver_one():
+                self.tick()
+        elif roll < 65:
+            self.tick()
+        elif roll < 77:
+            self.propose()
+        elif roll < 80:
+            self.request_read()
+        elif roll < 88:
+            busy = [node for node in self.nodes.values() if node.pending is not None]
+            if busy:
+                self.finish_pending(rng.choice(busy))
+        elif roll < 88 + config.compact_weight:
+            live = [node for node in self.nodes.values() if node.replica is not None]
+            if live:
+                self.compact(rng.choice(live))
+        elif roll < 92 + config.crash_weight:
+            live = [node for node in self.nodes.values() if node.replica is not None]
+            if live and rng.random() < 0.5:
+                # Half of the crashes hit a primary: failover is where the subtle cases live.
+                primaries = self.live_primaries()
+                self.crash(rng.choice(primaries if primaries and rng.random() < 0.5 else live))
+            else:
+                down = [node for node in self.nodes.values() if node.replica is None]
+                if down:
+                    self.restart(rng.choice(down))
+        elif roll < 94 + config.crash_weight + config.partition_weight:
+            if rng.random() < 0.45:
+                self.partition()
+            else:
+                self.heal()
+        else:
+            down = [node for node in self.nodes.values() if node.replica is None]
+            if down:
+                self.restart(rng.choice(down))
+        self.check_step_invariants()
+
+    def run(self) -> Simulation:
+        for _ in range(self.config.steps):
+            self.step()
+        self.check_liveness()
+        return self
+
+    def check_liveness(self) -> None:
+        """Heal every fault; a primary must then be elected and commit a new entry on every replica."""
+        self.heal()
+        self.loss_probability = self.duplicate_probability = 0.0
+        self.max_delay_ticks = min(self.max_delay_ticks, 1)
+        for node in self.nodes.values():
+            if node.replica is None:
+                self.restart(node)
+            self.finish_pending(node)
+        marker: bytes | None = None
+        marker_index = marker_view = 0
+        for _ in range(self.config.liveness_bound_ticks):
+            self.tick()
+            for _ in range(MESSAGES_PER_TICK_LIMIT):
+                if not self.deliver_one():
+                    break
+            else:
+                self.fail(f"more than {MESSAGES_PER_TICK_LIMIT} messages within one tick: a message storm")
+            for node in self.nodes.values():
+                self.finish_pending(node)
+            self.check_step_invariants()
+            primaries = self.live_primaries()
+            if len(primaries) == 1 and (marker is None or primaries[0].replica.view != marker_view):
+                # A new primary (or the first one after healing) gets a fresh entry to commit.
+                self.payload_counter += 1
+                marker = b"marker-%d" % self.payload_counter
+                marker_index, marker_view = primaries[0].replica.propose(marker)  # type: ignore[union-attr]
+                self.drive(primaries[0])
+            if (marker is not None and self.committed.get(marker_index) == (marker_view, marker)
+                    and all(node.disk.applied_index >= marker_index for node in self.nodes.values())):
+                break
+        else:
+            self.fail(f"no new entry committed on every replica within {self.config.liveness_bound_ticks} "
+                      f"ticks after healing")
+        self._check_converged()
+
+    def _check_converged(self) -> None:
+        for node in self.nodes.values():
+            disk = node.disk
+            if self.digest_at.get(disk.applied_index) != disk.applied_digest:
+                self.fail(f"{node.node_id} state at {disk.applied_index} differs from the committed one")
+            if disk.applied_index < self.highest_acknowledged_index:
+                self.fail(f"{node.node_id} has not applied acknowledged entries after healing")
+        for index, (view, payload, _) in self.acknowledged.items():
+            if self.committed.get(index) != (view, payload):
+                self.fail(f"acknowledged entry {index} was lost")

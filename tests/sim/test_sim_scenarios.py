@@ -1,0 +1,259 @@
+"""Named failure scenarios, driven step by step; the sweep's invariants are checked throughout."""
+
+from __future__ import annotations
+
+import pytest
+
+from broken_replicas import CommitsEarlierViewByCounting
+from protocol import AppendEntries, Replica, RequestVote, Role, VoteReply
+from scenario_cluster import ScenarioCluster
+from simulator import SimulationFailure
+
+ELECTION_TIMEOUT_TICKS = 10
+
+
+def acknowledged_payloads(cluster: ScenarioCluster) -> set[bytes]:
+    return {payload for _, payload, _ in cluster.acknowledged.values()}
+
+
+def test_initial_election() -> None:
+    cluster = ScenarioCluster(3)
+    elapsed = cluster.run_until(
+        lambda: cluster.the_primary() is not None
+        and all(cluster.replica(node_id).primary_id == cluster.the_primary() for node_id in cluster.member_ids),
+        max_ticks=3 * ELECTION_TIMEOUT_TICKS, what="one primary that everyone follows")
+    assert elapsed < 2 * ELECTION_TIMEOUT_TICKS + 2, "the first randomized timeout is below twice the base"
+    assert len(cluster.live_primaries()) == 1
+    cluster.run_until(lambda: all(node.disk.applied_index >= 1 for node in cluster.nodes.values()),
+                      max_ticks=5, what="the primary's no-op applied everywhere")
+
+
+def test_single_member_cluster_leads_at_once() -> None:
+    cluster = ScenarioCluster(1)
+    cluster.run_ticks(1)
+    assert cluster.the_primary() == "n1"
+    index, _ = cluster.propose_at("n1", b"alone")
+    assert cluster.node("n1").disk.applied_index == index
+    assert acknowledged_payloads(cluster) == {b"alone"}
+
+
+def test_re_election_after_the_primary_crashes() -> None:
+    cluster = ScenarioCluster(3)
+    cluster.elect("n1")
+    for number in range(5):
+        cluster.propose_at("n1", b"before-%d" % number)
+    cluster.run_ticks(2)
+    assert len(cluster.acknowledged) == 5
+    cluster.crash(cluster.node("n1"))
+    cluster.run_until(lambda: cluster.the_primary() in ("n2", "n3"), max_ticks=4 * ELECTION_TIMEOUT_TICKS,
+                      what="a new primary among the survivors")
+    new_primary = cluster.the_primary()
+    assert new_primary is not None
+    cluster.propose_at(new_primary, b"after")
+    cluster.run_ticks(2)
+    assert b"after" in acknowledged_payloads(cluster)
+    cluster.restart(cluster.node("n1"))
+    cluster.run_until(lambda: cluster.node("n1").disk.applied_index == cluster.node(new_primary).disk.applied_index,
+                      max_ticks=4 * ELECTION_TIMEOUT_TICKS, what="the old primary catches up")
+    assert cluster.replica("n1").role is Role.BACKUP and cluster.replica("n1").primary_id == new_primary
+    cluster.check_liveness()
+
+
+def drop_appends_that_would_store(cluster: ScenarioCluster, index: int):
+    """Drop appends that would put an entry at or past index on a replica (refused ones pass)."""
+    def keep(source: str, destination: str, message) -> bool:
+        if not isinstance(message, AppendEntries) or all(entry.index < index for entry in message.entries):
+            return True
+        receiver = cluster.nodes[destination].replica
+        if receiver is None or message.prev_index > receiver.last_index:
+            return True
+        held_view = receiver.log_entry(message.prev_index).view if message.prev_index > 0 else 0
+        return held_view != message.prev_view
+    return keep
+
+
+def tick_alone(cluster: ScenarioCluster, node_id: str, keep, until, max_ticks: int = 60,
+               must_reach: bool = True) -> None:
+    """Only node_id's timers run; messages pass through ``keep``."""
+    for _ in range(max_ticks):
+        if until():
+            return
+        cluster.now_ticks += 1
+        cluster.replica(node_id).tick()
+        cluster.drive(cluster.node(node_id))
+        cluster.deliver_all(keep)
+    if must_reach and not until():
+        cluster.fail(f"{node_id}: condition not reached")
+
+
+def run_figure_eight(replica_class: type[Replica]) -> ScenarioCluster:
+    """Raft's figure 8 with five replicas; appends carry one entry so that they can be cut apart."""
+    cluster = ScenarioCluster(5, replica_class=replica_class, max_entries_per_message=1, max_inflight_appends=1)
+    cluster.elect("n1")
+    cluster.run_ticks(2)
+    # (a) n1 writes X at index 2 in its view, and only n2 receives it.
+    cluster.isolate(("n1", "n2"), ("n3", "n4", "n5"))
+    x_index, x_view = cluster.propose_at("n1", b"X")
+    cluster.deliver_all()
+    assert x_index == 2 and cluster.replica("n2").last_index == 2
+    cluster.crash(cluster.node("n1"))
+    # (b) n5 wins a later view with n3 and n4, writes its no-op at index 2, and crashes before sending it.
+    never_appends = lambda source, destination, message: not isinstance(message, AppendEntries)  # noqa: E731
+    tick_alone(cluster, "n5", never_appends, lambda: cluster.replica("n5").role is Role.PRIMARY)
+    n5_view = cluster.replica("n5").view
+    assert cluster.replica("n5").log_entry(2).view == n5_view
+    cluster.crash(cluster.node("n5"))
+    # (c) n1 returns and wins a still later view with n2, n3 and n4; X reaches n3, its own no-op reaches nobody.
+    cluster.isolate(("n1", "n2", "n3", "n4"), ("n5",))
+    cluster.restart(cluster.node("n1"))
+    keep = drop_appends_that_would_store(cluster, 3)
+    tick_alone(cluster, "n1", keep, lambda: cluster.replica("n1").role is Role.PRIMARY)
+    assert cluster.replica("n1").view > n5_view > x_view
+    tick_alone(cluster, "n1", keep, lambda: cluster.replica("n1").progress()["n3"][0] >= 2)
+    # X is now on three of five replicas, from an earlier view: counting replicas must not commit it.
+    for _ in range(10):
+        tick_alone(cluster, "n1", keep, lambda: False, max_ticks=1, must_reach=False)
+    assert cluster.replica("n1").commit_index == 1
+    assert b"X" not in acknowledged_payloads(cluster)
+    # (d) n1 crashes; n5 returns and wins with its later-view no-op, replacing X everywhere.
+    cluster.crash(cluster.node("n1"))
+    cluster.isolate(("n2", "n3", "n4", "n5"), ("n1",))
+    cluster.restart(cluster.node("n5"))
+    tick_alone(cluster, "n5", None, lambda: cluster.replica("n5").role is Role.PRIMARY
+               and cluster.replica("n5").commit_index >= 3)
+    assert cluster.committed[2] == (n5_view, b"")
+    cluster.restart(cluster.node("n1"))
+    cluster.check_liveness()
+    return cluster
+
+
+def test_figure_eight_earlier_view_entry_is_not_committed_by_counting() -> None:
+    cluster = run_figure_eight(Replica)
+    assert b"X" not in acknowledged_payloads(cluster)
+
+
+def test_figure_eight_breaks_a_replica_that_commits_by_counting() -> None:
+    with pytest.raises(SimulationFailure, match="lacks committed entry 2/1"):
+        run_figure_eight(CommitsEarlierViewByCounting)
+
+
+@pytest.mark.parametrize("check_quorum", [True, False])
+def test_stale_primary_in_a_minority_cannot_commit_and_steps_down(check_quorum: bool) -> None:
+    cluster = ScenarioCluster(5, check_quorum=check_quorum)
+    cluster.elect("n1")
+    cluster.propose_at("n1", b"committed")
+    cluster.run_ticks(2)
+    cluster.isolate(("n1", "n2"), ("n3", "n4", "n5"))
+    stale_index, _ = cluster.propose_at("n1", b"stale")
+    majority_primary = None
+    for _ in range(6 * ELECTION_TIMEOUT_TICKS):
+        cluster.run_ticks(1)
+        assert cluster.node("n1").disk.applied_index < stale_index, "a minority primary committed"
+        candidates = [node_id for node_id in ("n3", "n4", "n5") if cluster.replica(node_id).role is Role.PRIMARY]
+        if candidates and majority_primary is None:
+            majority_primary = candidates[0]
+            cluster.propose_at(majority_primary, b"majority")
+    assert majority_primary is not None and b"majority" in acknowledged_payloads(cluster)
+    # With check_quorum it gives up by itself; without, it learns of the new view once healed.
+    assert (cluster.replica("n1").role is Role.PRIMARY) is (not check_quorum)
+    cluster.isolate(tuple(cluster.member_ids))
+    cluster.run_until(lambda: cluster.replica("n1").role is Role.BACKUP
+                      and cluster.node("n1").disk.applied_index == cluster.node(majority_primary).disk.applied_index,
+                      max_ticks=4 * ELECTION_TIMEOUT_TICKS, what="the stale primary steps down and catches up")
+    assert b"stale" not in acknowledged_payloads(cluster)
+    assert cluster.replica("n1").log_entry(stale_index).payload != b"stale"
+    cluster.check_liveness()
+
+
+def test_no_quorum_no_commit() -> None:
+    cluster = ScenarioCluster(3)
+    cluster.elect("n1")
+    cluster.run_ticks(2)
+    acknowledged_before = dict(cluster.acknowledged)
+    commit_before = cluster.replica("n1").commit_index
+    cluster.crash(cluster.node("n2"))
+    cluster.crash(cluster.node("n3"))
+    cluster.propose_at("n1", b"unreplicated")
+    cluster.run_ticks(5 * ELECTION_TIMEOUT_TICKS)
+    assert cluster.replica("n1").commit_index == commit_before
+    assert cluster.acknowledged == acknowledged_before
+    assert cluster.replica("n1").role is not Role.PRIMARY, "check_quorum steps it down"
+    cluster.restart(cluster.node("n2"))
+    cluster.restart(cluster.node("n3"))
+    cluster.check_liveness()
+
+
+def test_backup_far_behind_catches_up_through_a_snapshot() -> None:
+    cluster = ScenarioCluster(3, max_bytes_per_message=48)
+    cluster.elect("n1")
+    cluster.crash(cluster.node("n3"))
+    for number in range(60):
+        cluster.propose_at("n1", b"entry-%d" % number)
+        if number % 10 == 0:
+            cluster.run_ticks(1)
+    cluster.run_ticks(2)
+    for node_id in ("n1", "n2"):
+        cluster.compact(cluster.node(node_id))
+    assert cluster.replica("n1").log_base_index > 50
+    cluster.restart(cluster.node("n3"))
+    cluster.run_until(lambda: cluster.node("n3").disk.applied_index == cluster.node("n1").disk.applied_index,
+                      max_ticks=6 * ELECTION_TIMEOUT_TICKS, what="the lagging backup catches up")
+    assert cluster.snapshots_installed == 1
+    assert cluster.node("n3").disk.base_index > 50, "its log restarts after the snapshot"
+    assert cluster.node("n3").disk.applied_digest == cluster.node("n1").disk.applied_digest
+    cluster.propose_at("n1", b"after-snapshot")
+    cluster.run_ticks(2)
+    assert cluster.node("n3").disk.applied_index == cluster.node("n1").disk.applied_index
+    cluster.check_liveness()
+
+
+def test_restarted_replica_never_votes_twice_in_one_view() -> None:
+    cluster = ScenarioCluster(3)
+    replies: list[tuple[str, str, VoteReply]] = []
+
+    def record_votes(source: str, destination: str, message) -> bool:
+        if isinstance(message, VoteReply):
+            replies.append((source, destination, message))
+        # n1's request reaches only n2, and n2's reply is lost with the crash below.
+        return not (source == "n1" and destination == "n3") and not isinstance(message, VoteReply)
+
+    tick_alone(cluster, "n1", record_votes, lambda: any(source == "n2" for source, _, _ in replies))
+    vote_view = cluster.replica("n1").view
+    assert replies[-1] == ("n2", "n1", VoteReply(vote_view, True))
+    cluster.crash(cluster.node("n2"))
+    cluster.restart(cluster.node("n2"))
+    cluster.deliverable.clear()
+    # n3 campaigns in the very same view; n2 restarted, but its vote in that view is on disk.
+    cluster.replica("n2").step("n3", RequestVote(view=vote_view, last_index=5, last_view=0))
+    cluster.drive(cluster.node("n2"))
+    answers = [message for source, destination, message in cluster.deliverable if source == "n2"]
+    assert answers == [VoteReply(vote_view, False)]
+    cluster.check_liveness()
+
+
+@pytest.mark.parametrize("size", [3, 5])
+def test_whole_cluster_crash_and_restart_loses_nothing_acknowledged(size: int) -> None:
+    cluster = ScenarioCluster(size, seed=size, split_ready_probability=0.5)
+    cluster.run_until(lambda: cluster.the_primary() is not None, max_ticks=4 * ELECTION_TIMEOUT_TICKS,
+                      what="a primary")
+    for number in range(40):
+        primary = cluster.the_primary()
+        if primary is not None:
+            cluster.propose_at(primary, b"w-%d" % number)
+        if number % 3 == 0:
+            cluster.run_ticks(1)
+    acknowledged = dict(cluster.acknowledged)
+    assert len(acknowledged) >= 20
+    for number in range(5):  # written, maybe not fsynced, when the power goes
+        cluster.propose_at(cluster.the_primary(), b"late-%d" % number)
+    cluster.deliver_all()
+    assert any(node.pending is not None for node in cluster.nodes.values())
+    acknowledged = dict(cluster.acknowledged)
+    for node in cluster.nodes.values():
+        cluster.crash(node)  # some Readies are written but not fsynced: they vanish or survive torn
+    for node in cluster.nodes.values():
+        cluster.restart(node)
+    cluster.check_liveness()
+    for index, (view, payload, _) in acknowledged.items():
+        assert cluster.committed[index] == (view, payload)
+        assert all(node.disk.applied_index >= index for node in cluster.nodes.values())

@@ -1,0 +1,343 @@
+"""tokenvault.service: tokenize, detokenize, epochs and idempotency on real nodes.
+
+A single node and three-node clusters run in-process (node_support.py). Where a
+request must be caught in flight, the test wraps ``node.propose`` with a gate
+instead of sleeping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from node_support import Cluster, ProposalGate, RunningNode, start_cluster, wait_until
+from protocol import AppendEntries
+from tokenvault import commands
+from tokenvault.crypto import new_epoch_secret
+from tokenvault.errors import IdempotencyInFlight, IdempotencyMismatch, Outcome, ServiceError, Unavailable
+from tokenvault.service import MAX_EPOCH_RETRIES
+from tokenvault.store import Outcome as ApplyOutcome
+
+TOKEN_PATTERN = re.compile(r"tv(\d+)_[a-z2-7]{32}\Z")
+RFC3339_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z\Z")
+
+
+@pytest.fixture(autouse=True)
+def _no_master_key_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TOKENVAULT_MASTER_KEY", raising=False)
+
+
+@pytest.fixture
+async def single(tmp_path: Path) -> AsyncIterator[RunningNode]:
+    cluster = await start_cluster(tmp_path, 1)
+    try:
+        await cluster.wait_for_stable_primary()
+        yield cluster.nodes[0]
+    finally:
+        await cluster.close()
+
+
+@pytest.fixture
+async def trio(tmp_path: Path) -> AsyncIterator[Cluster]:
+    cluster = await start_cluster(tmp_path, 3)
+    try:
+        await cluster.wait_for_stable_primary()
+        yield cluster
+    finally:
+        await cluster.close()
+
+
+def body(outcome: Outcome) -> dict:
+    return json.loads(outcome.body)
+
+
+def is_tokenize(principal: str, key: str):
+    return lambda command: (isinstance(command, commands.TokenizeCommand)
+                            and command.principal == principal and command.idempotency_key == key)
+
+
+# --------------------------------------------------------------------------- tokenize and detokenize
+
+async def test_tokenize_is_deterministic_one_token_per_value_in_order(single: RunningNode) -> None:
+    service = single.service
+    first = await service.tokenize("p", ["alpha", "beta", "alpha"], None)
+    assert first.status == 200 and not first.replayed
+    document = body(first)
+    assert set(document) == {"epoch", "tokens"} and document["epoch"] == 1
+    tokens = document["tokens"]
+    assert len(tokens) == 3 and tokens[0] == tokens[2] != tokens[1]
+    assert all(TOKEN_PATTERN.match(token).group(1) == "1" for token in tokens)
+    assert not any("alpha" in token or "beta" in token for token in tokens)
+    second = body(await service.tokenize("q", ["beta", "gamma", "alpha"], None))
+    assert second["tokens"][0] == tokens[1] and second["tokens"][2] == tokens[0]
+    assert single.node.store.token_count() == 3
+    assert await service.detokenize([tokens[1], second["tokens"][1], tokens[0], tokens[0]]) == [
+        "beta", "gamma", "alpha", "alpha"]
+
+
+async def test_unknown_tokens_detokenize_to_none(single: RunningNode) -> None:
+    known = body(await single.service.tokenize("p", ["known"], None))["tokens"][0]
+    never_issued = "tv1_" + "a" * 32
+    unknown_epoch = "tv77_" + "b" * 32
+    assert await single.service.detokenize([never_issued, known, unknown_epoch]) == [None, "known", None]
+
+
+async def test_unicode_values_round_trip(single: RunningNode) -> None:
+    values = ["żółć", "日本語", "emoji 🙂", "x" * 4096]
+    tokens = body(await single.service.tokenize("p", values, None))["tokens"]
+    assert len(set(tokens)) == 4
+    assert await single.service.detokenize(tokens) == values
+
+
+# --------------------------------------------------------------------------- idempotency
+
+async def test_idempotent_replay_returns_the_first_body_even_after_a_rotation(single: RunningNode) -> None:
+    service = single.service
+    first = await service.tokenize("p", ["idem-a", "idem-b"], "key-1")
+    assert first.status == 200 and not first.replayed
+    count = single.node.store.token_count()
+    rotated = await service.rotate_epoch("p", "rotate-key")
+    assert rotated.status == 201 and body(rotated) == {"epoch": 2} and not rotated.replayed
+    again = await service.tokenize("p", ["idem-a", "idem-b"], "key-1")
+    assert again.status == 200 and again.replayed and again.body == first.body
+    assert body(again)["epoch"] == 1
+    assert single.node.store.token_count() == count
+    # The rotation's own key replays too, without creating a third epoch.
+    rotated_again = await service.rotate_epoch("p", "rotate-key")
+    assert rotated_again.replayed and rotated_again.status == 201 and rotated_again.body == rotated.body
+    assert single.node.store.active_epoch() == 2
+    # Without a key, the same values are simply issued in the new epoch.
+    assert body(await service.tokenize("p", ["idem-a", "idem-b"], None))["epoch"] == 2
+
+
+async def test_same_key_with_a_different_body_is_422(single: RunningNode) -> None:
+    service = single.service
+    await service.tokenize("p", ["one"], "key-1")
+    with pytest.raises(IdempotencyMismatch) as raised:
+        await service.tokenize("p", ["two"], "key-1")
+    assert raised.value.status == 422
+    with pytest.raises(IdempotencyMismatch):
+        await service.tokenize("p", ["one", "one"], "key-1")
+    # A tokenize key reused for a rotation is a different request too.
+    with pytest.raises(IdempotencyMismatch):
+        await service.rotate_epoch("p", "key-1")
+    assert single.node.store.active_epoch() == 1
+    assert single.node.store.token_count() == 1
+
+
+async def test_same_key_while_the_first_is_in_flight_is_409(single: RunningNode) -> None:
+    service = single.service
+    gate = ProposalGate(single.node, is_tokenize("p", "slow"))
+    first = asyncio.create_task(service.tokenize("p", ["slow-value"], "slow"))
+    await asyncio.wait_for(gate.waiting.wait(), 5)
+    with pytest.raises(IdempotencyInFlight) as raised:
+        await service.tokenize("p", ["slow-value"], "slow")
+    assert raised.value.status == 409
+    with pytest.raises(IdempotencyInFlight):
+        await service.tokenize("p", ["another-value"], "slow")
+    # Other keys and other principals are not blocked by it.
+    other = await service.tokenize("p", ["unrelated"], "fast")
+    assert other.status == 200
+    elsewhere = await service.tokenize("someone-else", ["slow-value"], "slow")
+    assert elsewhere.status == 200 and not elsewhere.replayed
+    gate.open()
+    outcome = await asyncio.wait_for(first, 5)
+    assert outcome.status == 200 and not outcome.replayed
+    replay = await service.tokenize("p", ["slow-value"], "slow")
+    assert replay.replayed and replay.body == outcome.body
+    tokenize_proposals = [command for command in gate.proposed if isinstance(command, commands.TokenizeCommand)]
+    assert len(tokenize_proposals) == 3  # the first, "fast" and the other principal's: the 409s proposed nothing
+
+
+async def test_a_first_request_that_timed_out_frees_its_key(single: RunningNode) -> None:
+    node = single.node
+    original = node.propose
+
+    async def no_quorum(payload: bytes, timeout_seconds: float):
+        raise asyncio.TimeoutError()  # as if no majority confirmed the entry in time
+    node.propose = no_quorum
+    with pytest.raises(Unavailable) as raised:
+        await single.service.tokenize("p", ["v"], "retry-me")
+    assert raised.value.headers.get("Retry-After")
+    node.propose = original
+    outcome = await single.service.tokenize("p", ["v"], "retry-me")
+    assert outcome.status == 200 and not outcome.replayed
+
+
+async def test_idempotency_keys_are_scoped_per_principal(single: RunningNode) -> None:
+    service = single.service
+    alice = await service.tokenize("alice", ["alice-value"], "shared-key")
+    bob = await service.tokenize("bob", ["bob-value"], "shared-key")
+    assert not alice.replayed and not bob.replayed and alice.body != bob.body
+    again_alice = await service.tokenize("alice", ["alice-value"], "shared-key")
+    again_bob = await service.tokenize("bob", ["bob-value"], "shared-key")
+    assert again_alice.replayed and again_alice.body == alice.body
+    assert again_bob.replayed and again_bob.body == bob.body
+    with pytest.raises(IdempotencyMismatch):
+        await service.tokenize("bob", ["alice-value"], "shared-key")
+
+
+# --------------------------------------------------------------------------- epochs
+
+async def test_rotation_issues_new_tokens_and_old_ones_still_detokenize(single: RunningNode) -> None:
+    service = single.service
+    old = body(await service.tokenize("p", ["rotating"], None))["tokens"][0]
+    rotated = await service.rotate_epoch("p", None)
+    assert rotated.status == 201 and body(rotated) == {"epoch": 2}
+    new_document = body(await service.tokenize("p", ["rotating"], None))
+    new = new_document["tokens"][0]
+    assert new_document["epoch"] == 2 and TOKEN_PATTERN.match(new).group(1) == "2" and new != old
+    assert await service.detokenize([old, new]) == ["rotating", "rotating"]
+    listing = await service.list_epochs()
+    assert listing["active_epoch"] == 2
+    assert [(item["epoch"], item["state"]) for item in listing["epochs"]] == [(1, "retired"), (2, "active")]
+    assert all(RFC3339_UTC.match(item["created_at"]) for item in listing["epochs"])
+    assert set(listing["epochs"][0]) == {"epoch", "created_at", "state"}
+
+
+async def test_tokenize_racing_a_rotation_is_retried_in_the_new_epoch(single: RunningNode) -> None:
+    """The tokenize computed its tokens in epoch 1; a rotation applies first; apply says EPOCH_MISMATCH."""
+    service = single.service
+    gate = ProposalGate(single.node, lambda command: isinstance(command, commands.TokenizeCommand)
+                        and command.epoch == 1)
+    racing = asyncio.create_task(service.tokenize("p", ["raced-1", "raced-2"], "raced"))
+    await asyncio.wait_for(gate.waiting.wait(), 5)
+    rotated = await service.rotate_epoch("p", None)
+    assert body(rotated) == {"epoch": 2}
+    gate.open()
+    outcome = await asyncio.wait_for(racing, 5)
+    document = body(outcome)
+    assert outcome.status == 200 and document["epoch"] == 2
+    assert all(TOKEN_PATTERN.match(token).group(1) == "2" for token in document["tokens"])
+    proposed_epochs = [command.epoch for command in gate.proposed if isinstance(command, commands.TokenizeCommand)]
+    assert proposed_epochs == [1, 2]
+    # The stale entry wrote nothing: the epoch-1 tokens of these values do not exist.
+    stale_tokens = [single.node.keyring.get(1).token_for(value) for value in ("raced-1", "raced-2")]
+    assert single.node.store.lookup(stale_tokens) == {}
+    assert await service.detokenize(document["tokens"]) == ["raced-1", "raced-2"]
+    replay = await service.tokenize("p", ["raced-1", "raced-2"], "raced")
+    assert replay.replayed and replay.body == outcome.body
+
+
+async def test_tokenize_gives_up_with_503_when_the_epoch_keeps_changing(single: RunningNode) -> None:
+    node = single.node
+    original = node.propose
+    attempts: list[int] = []
+
+    async def rotate_first(payload: bytes, timeout_seconds: float):
+        command = commands.decode_command(payload)
+        if isinstance(command, commands.TokenizeCommand):
+            attempts.append(command.epoch)
+            epoch = node.store.active_epoch() + 1
+            rotation = commands.RotateEpochCommand(
+                epoch=epoch, wrapped_secret=node.master_key.wrap_epoch_secret(epoch, new_epoch_secret()),
+                created_at_ms=int(time.time() * 1000), principal=None, idempotency_key=None, fingerprint=None)
+            result = await original(commands.encode_command(rotation), timeout_seconds)
+            assert result.outcome == ApplyOutcome.OK
+        return await original(payload, timeout_seconds)
+    node.propose = rotate_first
+    count = node.store.token_count()
+    with pytest.raises(Unavailable):
+        await single.service.tokenize("p", ["never-settles"], None)
+    assert attempts == list(range(1, MAX_EPOCH_RETRIES + 1))
+    assert node.store.token_count() == count
+
+
+# --------------------------------------------------------------------------- three nodes: forwarding
+
+async def test_tokenize_through_a_backup_is_forwarded(trio: Cluster) -> None:
+    primary = trio.primaries()[0]
+    backup = trio.backups()[0]
+    outcome = await backup.service.tokenize("p", ["via-backup-1", "via-backup-2"], None)
+    assert outcome.status == 200 and not outcome.replayed
+    tokens = body(outcome)["tokens"]
+    assert primary.node.store.lookup(tokens).keys() == set(tokens)
+    assert await primary.service.detokenize(tokens) == ["via-backup-1", "via-backup-2"]
+    direct = body(await primary.service.tokenize("p", ["via-backup-1"], None))
+    assert direct["tokens"] == tokens[:1]
+
+
+async def test_detokenize_right_after_the_acknowledgement_finds_it_on_every_node(trio: Cluster) -> None:
+    """Guarantee 2, with no retries: a detokenize that starts after the 200 finds the tokens anywhere."""
+    primary = trio.primaries()[0]
+    for round_number in range(5):
+        entry_node = trio.running()[round_number % 3]
+        values = [f"fresh-{round_number}-{item}" for item in range(3)]
+        tokens = body(await entry_node.service.tokenize("p", values, None))["tokens"]
+        for running in [*trio.backups(), primary]:
+            assert await running.service.detokenize(tokens) == values, running.node_id
+
+
+async def test_detokenize_on_a_backup_that_has_not_applied_the_token_is_forwarded(trio: Cluster) -> None:
+    primary = trio.primaries()[0]
+    lagging = trio.backups()[0]
+    transport = lagging.node.transport
+    deliver = transport._on_message  # replication to this backup is held back by dropping its appends
+    transport._on_message = lambda sender, message: (None if isinstance(message, AppendEntries)
+                                                     else deliver(sender, message))
+    try:
+        values = ["not-yet-here-1", "not-yet-here-2"]
+        tokens = body(await primary.service.tokenize("p", values, None))["tokens"]
+        assert lagging.node.store.lookup(tokens) == {}
+        assert await lagging.service.detokenize(tokens + ["tv1_" + "c" * 32]) == [*values, None]
+        assert lagging.node.store.lookup(tokens) == {}  # the answer came from the primary
+    finally:
+        transport._on_message = deliver
+    await wait_until(lambda: lagging.node.store.lookup(tokens).keys() == set(tokens), 5,
+                     "the lagging backup to catch up")
+
+
+async def test_rotate_and_list_epochs_through_a_backup(trio: Cluster) -> None:
+    first, second = trio.backups()
+    rotated = await first.service.rotate_epoch("admin", None)
+    assert rotated.status == 201 and body(rotated) == {"epoch": 2} and not rotated.replayed
+    listing = await second.service.list_epochs()
+    assert listing["active_epoch"] == 2
+    assert [(item["epoch"], item["state"]) for item in listing["epochs"]] == [(1, "retired"), (2, "active")]
+    # Epoch authority: a tokenize that starts after the answer is issued in epoch 2, on any node.
+    for running in trio.running():
+        assert body(await running.service.tokenize("p", ["after-rotation"], None))["epoch"] == 2
+    await wait_until(lambda: all(running.service.health()["active_epoch"] == 2 for running in trio.running()),
+                     5, "every node's health to show epoch 2")
+
+
+async def test_idempotency_holds_across_nodes(trio: Cluster) -> None:
+    primary = trio.primaries()[0]
+    first, second = trio.backups()
+    outcome = await first.service.tokenize("p", ["cross-node"], "cross-key")
+    assert not outcome.replayed
+    for running in (second, primary, first):
+        replay = await running.service.tokenize("p", ["cross-node"], "cross-key")
+        assert replay.status == 200 and replay.replayed and replay.body == outcome.body
+    with pytest.raises(ServiceError) as raised:
+        await second.service.tokenize("p", ["something-else"], "cross-key")
+    assert raised.value.status == 422
+    rotated = await second.service.rotate_epoch("admin", "rotation-key")
+    replay = await first.service.rotate_epoch("admin", "rotation-key")
+    assert replay.replayed and replay.status == 201 and replay.body == rotated.body
+    assert primary.node.store.active_epoch() == 2
+
+
+async def test_in_flight_key_through_backups_is_409(trio: Cluster) -> None:
+    primary = trio.primaries()[0]
+    first, second = trio.backups()
+    gate = ProposalGate(primary.node, is_tokenize("p", "held"))
+    try:
+        held = asyncio.create_task(first.service.tokenize("p", ["held-value"], "held"))
+        await asyncio.wait_for(gate.waiting.wait(), 5)
+        with pytest.raises(ServiceError) as raised:
+            await second.service.tokenize("p", ["held-value"], "held")
+        assert raised.value.status == 409
+        gate.open()
+        outcome = await asyncio.wait_for(held, 5)
+        assert outcome.status == 200 and not outcome.replayed
+    finally:
+        gate.remove()
+    replay = await second.service.tokenize("p", ["held-value"], "held")
+    assert replay.replayed and replay.body == outcome.body

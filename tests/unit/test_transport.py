@@ -1,0 +1,290 @@
+"""tokenvault.transport: authenticated peer connections over real TCP on 127.0.0.1.
+
+Real PeerTransport objects talk to each other, and a hand-driven RawPeer
+(node_support.py) plays honest or hostile nodes byte by byte.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import struct
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from node_support import RawPeer, free_port, start_cluster, wait_until
+from protocol import ForwardRequest, Hello, HelloProof, RequestVote, encode_frame
+from tokenvault import transport as transport_module
+from tokenvault.transport import PeerAddress, PeerTransport
+
+MAX_FRAME_BYTES = 1024 * 1024
+IDS = ("n1", "n2", "n3")
+
+
+@dataclass
+class Side:
+    """One transport under test and everything it delivered."""
+
+    transport: PeerTransport
+    received: list[tuple[str, object]] = field(default_factory=list)
+
+
+@dataclass
+class Mesh:
+    secret: bytes
+    ports: dict[str, int]
+    sides: dict[str, Side] = field(default_factory=dict)
+
+    def addresses(self) -> list[PeerAddress]:
+        return [PeerAddress(node_id, "127.0.0.1", port) for node_id, port in self.ports.items()]
+
+    async def start(self, node_id: str, secret: bytes | None = None) -> Side:
+        received: list[tuple[str, object]] = []
+        transport = PeerTransport(node_id, "127.0.0.1", self.ports[node_id], self.addresses(),
+                                  secret if secret is not None else self.secret,
+                                  lambda sender, message: received.append((sender, message)), MAX_FRAME_BYTES)
+        side = Side(transport, received)
+        self.sides[node_id] = side
+        await transport.start()
+        return side
+
+    async def close(self) -> None:
+        for side in self.sides.values():
+            await side.transport.close()
+
+
+@pytest.fixture
+async def mesh() -> AsyncIterator[Mesh]:
+    mesh = Mesh(os.urandom(32), {node_id: free_port() for node_id in IDS})
+    try:
+        yield mesh
+    finally:
+        await mesh.close()
+
+
+def forward(request_id: int) -> ForwardRequest:
+    return ForwardRequest(request_id=request_id, kind="tokenize", body=b"\x80")
+
+
+def forwards(side: Side) -> list[int]:
+    return [message.request_id for _, message in side.received if isinstance(message, ForwardRequest)]
+
+
+# --------------------------------------------------------------------------- honest peers
+
+async def test_peers_with_the_cluster_secret_connect_and_exchange_frames(mesh: Mesh) -> None:
+    sides = [await mesh.start(node_id) for node_id in IDS]
+    await wait_until(lambda: all(side.transport.is_connected(other) for side in sides for other in IDS
+                                 if other != side.transport.node_id), 5, "a full mesh")
+    for number, (sender, receiver) in enumerate([("n1", "n3"), ("n3", "n1"), ("n2", "n3"), ("n3", "n2")]):
+        assert mesh.sides[sender].transport.send(receiver, forward(number))
+        await wait_until(lambda: number in forwards(mesh.sides[receiver]), 5, f"{sender}->{receiver}")
+        assert (sender, forward(number)) in mesh.sides[receiver].received
+    assert all(side.transport.handshake_failures == 0 for side in sides)
+    # Hello and HelloProof are the transport's own business and never reach the node.
+    assert not any(isinstance(message, (Hello, HelloProof)) for side in sides for _, message in side.received)
+
+
+async def test_send_without_a_connection_returns_false(mesh: Mesh) -> None:
+    side = await mesh.start("n1")
+    assert side.transport.send("n2", forward(1)) is False
+    assert side.transport.send("nobody", forward(1)) is False
+
+
+async def test_dialer_reconnects_after_the_listener_restarts(mesh: Mesh) -> None:
+    first = await mesh.start("n1")
+    await mesh.start("n2")
+    await wait_until(lambda: first.transport.is_connected("n2"), 5, "n1 to reach n2")
+    await mesh.sides["n2"].transport.close()
+    await wait_until(lambda: not first.transport.is_connected("n2"), 5, "n1 to notice n2 went away")
+    assert first.transport.send("n2", forward(1)) is False
+    restarted = await mesh.start("n2")
+    await wait_until(lambda: first.transport.is_connected("n2") and restarted.transport.is_connected("n1"), 5,
+                     "n1 to reconnect to the restarted n2")
+    assert first.transport.send("n2", forward(7)) and restarted.transport.send("n1", forward(8))
+    await wait_until(lambda: forwards(restarted) == [7] and forwards(first) == [8], 5, "frames both ways")
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "transport._handshake_as_acceptor reads the HelloProof with _read_messages(reader, decoder, 1) and "
+    "keeps only element [0]: any frame the dialer sent in the same TCP read as its proof is decoded and "
+    "silently dropped (the dialer side delivers messages[2:], the acceptor side does not)"))
+async def test_frames_sent_together_with_the_proof_are_delivered(mesh: Mesh) -> None:
+    """A dialer may send right after its HelloProof; TCP can hand both to the acceptor in one read."""
+    acceptor = await mesh.start("n2")
+    peer = await RawPeer.connect(mesh.ports["n2"])
+    try:
+        await peer.handshake("n1", "n2", mesh.secret, trailing=encode_frame(forward(41)))
+        await wait_until(lambda: acceptor.transport.is_connected("n1"), 5, "the connection to be up")
+        await peer.send(encode_frame(forward(42)))
+        await wait_until(lambda: 42 in forwards(acceptor), 5, "the frame after the handshake")
+        assert forwards(acceptor) == [41, 42]
+    finally:
+        peer.close()
+
+
+# --------------------------------------------------------------------------- hostile peers
+
+async def test_transports_with_different_secrets_never_connect(mesh: Mesh) -> None:
+    dialer = await mesh.start("n1")
+    acceptor = await mesh.start("n2", secret=os.urandom(32))
+    await wait_until(lambda: dialer.transport.handshake_failures >= 2 and acceptor.transport.handshake_failures >= 2,
+                     5, "both sides to refuse repeated handshakes")
+    assert not dialer.transport.is_connected("n2") and not acceptor.transport.is_connected("n1")
+    assert dialer.transport.send("n2", forward(1)) is False
+    assert dialer.received == [] and acceptor.received == []
+
+
+async def test_a_wrong_secret_cannot_inject_frames(mesh: Mesh) -> None:
+    acceptor = await mesh.start("n2")
+    peer = await RawPeer.connect(mesh.ports["n2"])
+    try:
+        with pytest.raises(AssertionError):  # the acceptor's proof does not verify under a wrong secret
+            await peer.handshake("n1", "n2", os.urandom(32))
+        # Play on regardless: answer with a made-up proof and try to push frames behind it.
+        forged = HelloProof(node_id="n1", mac=os.urandom(32))
+        await peer.send(encode_frame(forged) + encode_frame(forward(1))
+                        + encode_frame(RequestVote(view=99, last_index=10**6, last_view=99)))
+        await peer.read_until_closed()
+    finally:
+        peer.close()
+    assert acceptor.received == []
+    assert acceptor.transport.handshake_failures == 1
+    assert not acceptor.transport.is_connected("n1")
+
+
+async def test_frames_before_the_handshake_are_refused(mesh: Mesh) -> None:
+    acceptor = await mesh.start("n2")
+    peer = await RawPeer.connect(mesh.ports["n2"])
+    try:
+        await peer.send(encode_frame(forward(1)) + encode_frame(forward(2)))
+        assert await peer.read_until_closed() == b""
+    finally:
+        peer.close()
+    assert acceptor.received == [] and acceptor.transport.handshake_failures == 1
+
+
+@pytest.mark.parametrize("claimed_id", ["n9", "n3", "n2"], ids=["unknown-id", "wrong-direction", "own-id"])
+async def test_a_hello_from_an_unknown_id_or_the_wrong_direction_is_refused(mesh: Mesh, claimed_id: str) -> None:
+    # n2 accepts only from smaller ids it knows (n1); n3 must be dialed by n2, never the other way.
+    acceptor = await mesh.start("n2")
+    peer = await RawPeer.connect(mesh.ports["n2"])
+    try:
+        await peer.send(encode_frame(Hello(node_id=claimed_id, nonce=os.urandom(32))))
+        # Refused before the acceptor says anything: no Hello, no proof to learn from.
+        assert await peer.read_until_closed() == b""
+    finally:
+        peer.close()
+    assert acceptor.transport.handshake_failures == 1
+    assert not acceptor.transport.is_connected(claimed_id)
+
+
+async def test_a_hello_with_a_short_nonce_is_refused(mesh: Mesh) -> None:
+    acceptor = await mesh.start("n2")
+    peer = await RawPeer.connect(mesh.ports["n2"])
+    try:
+        await peer.send(encode_frame(Hello(node_id="n1", nonce=b"\x00" * 4)))
+        assert await peer.read_until_closed() == b""
+    finally:
+        peer.close()
+    assert acceptor.transport.handshake_failures == 1
+
+
+async def test_a_silent_connection_is_dropped_after_the_handshake_timeout(
+        mesh: Mesh, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(transport_module, "HANDSHAKE_TIMEOUT_SECONDS", 0.2)
+    acceptor = await mesh.start("n2")
+    peer = await RawPeer.connect(mesh.ports["n2"])
+    try:
+        assert await peer.read_until_closed(timeout_seconds=3) == b""
+    finally:
+        peer.close()
+    assert acceptor.transport.handshake_failures == 1
+
+
+GARBAGE = {
+    "oversize-length": struct.pack(">I", MAX_FRAME_BYTES + 1) + b"\x00" * 16,
+    "bad-msgpack": struct.pack(">I", 6) + b"\xc1" * 6,
+    "unknown-type": encode_frame(forward(5))[:4] + b"\x00" * (len(encode_frame(forward(5))) - 4),
+}
+
+
+@pytest.mark.parametrize("garbage", GARBAGE.values(), ids=GARBAGE.keys())
+async def test_garbage_after_the_handshake_closes_only_that_connection(mesh: Mesh, garbage: bytes) -> None:
+    acceptor = await mesh.start("n2")
+    await mesh.start("n3")  # n2 dials n3: the link that must survive
+    await wait_until(lambda: acceptor.transport.is_connected("n3"), 5, "n2 to reach n3")
+    peer = await RawPeer.connect(mesh.ports["n2"])
+    try:
+        await peer.handshake("n1", "n2", mesh.secret)
+        await wait_until(lambda: acceptor.transport.is_connected("n1"), 5, "the raw n1 to be accepted")
+        await peer.send(encode_frame(forward(1)))
+        await wait_until(lambda: forwards(acceptor) == [1], 5, "a valid frame first")
+        await peer.send(garbage + encode_frame(forward(2)))
+        await peer.read_until_closed()
+    finally:
+        peer.close()
+    await wait_until(lambda: not acceptor.transport.is_connected("n1"), 5, "the bad connection to be dropped")
+    assert acceptor.transport.frames_rejected == 1
+    assert forwards(acceptor) == [1]
+    # The other link still carries frames, and a new honest connection from n1 works.
+    assert acceptor.transport.is_connected("n3") and mesh.sides["n3"].transport.send("n2", forward(3))
+    await wait_until(lambda: 3 in forwards(acceptor), 5, "n3's frame after the garbage")
+    again = await RawPeer.connect(mesh.ports["n2"])
+    try:
+        await again.handshake("n1", "n2", mesh.secret)
+        await wait_until(lambda: acceptor.transport.is_connected("n1"), 5, "the new connection")
+        await again.send(encode_frame(forward(4)))
+        await wait_until(lambda: 4 in forwards(acceptor), 5, "a frame on the new connection")
+        assert acceptor.transport.send("n1", forward(5))
+        (message,) = await again.receive(1)
+        assert message == forward(5)
+    finally:
+        again.close()
+    assert acceptor.transport.handshake_failures == 0
+
+
+# --------------------------------------------------------------------------- against running nodes
+
+async def test_a_stranger_and_a_garbling_peer_do_not_disturb_a_cluster(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TOKENVAULT_MASTER_KEY", raising=False)
+    cluster = await start_cluster(tmp_path, 3)
+    try:
+        primary = await cluster.wait_for_stable_primary()
+        view = primary.node.replica.view
+        target = cluster.by_id("n3")
+        stranger = await RawPeer.connect(target.config.peer.port)
+        try:
+            with pytest.raises(AssertionError):
+                await stranger.handshake("n1", "n3", os.urandom(32))
+            await stranger.send(encode_frame(HelloProof(node_id="n1", mac=os.urandom(32)))
+                                + encode_frame(RequestVote(view=view + 50, last_index=10**6, last_view=view + 50)))
+            await stranger.read_until_closed()
+        finally:
+            stranger.close()
+        assert target.node.transport.handshake_failures >= 1
+        secret = target.config.load_cluster_secret()
+        garbler = await RawPeer.connect(target.config.peer.port)
+        try:
+            # It holds the secret (a confused or buggy member): its garbage costs only its own link.
+            await garbler.handshake("n1", "n3", secret)
+            await garbler.send(b"\xff\xff\xff\xff garbage")
+            await garbler.read_until_closed()
+        finally:
+            garbler.close()
+        # Whether the garbage reached the node during or after the handshake is up to TCP here (the
+        # garbage-after-handshake counters are pinned down by the transport-level test above); what
+        # matters is that the node closed that link and goes on serving.
+        outcome = await target.service.tokenize("p", ["still-serving"], None)
+        tokens = json.loads(outcome.body)["tokens"]
+        for running in cluster.running():
+            assert await running.service.detokenize(tokens) == ["still-serving"]
+        await wait_until(lambda: cluster.by_id("n1").node.transport.is_connected("n3"), 5, "n1 to redial n3")
+        assert all(running.node.replica.view < view + 50 for running in cluster.running())
+    finally:
+        await cluster.close()

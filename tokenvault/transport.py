@@ -158,8 +158,8 @@ class PeerTransport:
                 continue
             try:
                 decoder = FrameDecoder(self._max_frame_bytes)
-                await asyncio.wait_for(self._handshake_as_dialer(peer.node_id, reader, writer, decoder),
-                                       HANDSHAKE_TIMEOUT_SECONDS)
+                leftover = await asyncio.wait_for(self._handshake_as_dialer(peer.node_id, reader, writer, decoder),
+                                                  HANDSHAKE_TIMEOUT_SECONDS)
             except (HandshakeError, ProtocolError, OSError, asyncio.TimeoutError, asyncio.IncompleteReadError) as error:
                 self.handshake_failures += 1
                 log.warning("peer.handshake_failed", peer=peer.node_id, reason=type(error).__name__)
@@ -168,7 +168,7 @@ class PeerTransport:
                 delay = min(delay * 2, RECONNECT_DELAY_SECONDS_MAX)
                 continue
             delay = RECONNECT_DELAY_SECONDS_MIN
-            await self._serve_connection(_Connection(peer.node_id, reader, writer, decoder))
+            await self._serve_connection(_Connection(peer.node_id, reader, writer, decoder), leftover)
 
     async def _read_messages(self, reader: asyncio.StreamReader, decoder: FrameDecoder, count: int) -> list:
         """Read until the decoder yields ``count`` messages (handshake only)."""
@@ -180,7 +180,7 @@ class PeerTransport:
             messages.extend(decoder.feed(data))
         return messages
 
-    async def _handshake_as_dialer(self, peer_id: str, reader, writer, decoder: FrameDecoder) -> None:
+    async def _handshake_as_dialer(self, peer_id: str, reader, writer, decoder: FrameDecoder) -> list:
         my_nonce = os.urandom(NONCE_BYTES)
         writer.write(encode_frame(Hello(node_id=self.node_id, nonce=my_nonce)))
         await writer.drain()
@@ -194,25 +194,25 @@ class PeerTransport:
         writer.write(encode_frame(HelloProof(node_id=self.node_id,
                                              mac=_proof(self._secret, hello.nonce, self.node_id, peer_id))))
         await writer.drain()
-        # Frames that arrived together with the handshake stay buffered in the decoder.
-        for message in messages[2:]:
-            self._deliver(peer_id, message)
+        # Frames that arrived in the same reads as the handshake are delivered once the link is up.
+        return messages[2:]
 
     # ----------------------------------------------------------------- accepting
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         decoder = FrameDecoder(self._max_frame_bytes)
         try:
-            peer_id = await asyncio.wait_for(self._handshake_as_acceptor(reader, writer, decoder),
-                                             HANDSHAKE_TIMEOUT_SECONDS)
+            peer_id, leftover = await asyncio.wait_for(self._handshake_as_acceptor(reader, writer, decoder),
+                                                       HANDSHAKE_TIMEOUT_SECONDS)
         except (HandshakeError, ProtocolError, OSError, asyncio.TimeoutError, asyncio.IncompleteReadError) as error:
             self.handshake_failures += 1
             log.warning("peer.handshake_failed", reason=type(error).__name__)
             writer.close()
             return
-        await self._serve_connection(_Connection(peer_id, reader, writer, decoder))
+        await self._serve_connection(_Connection(peer_id, reader, writer, decoder), leftover)
 
-    async def _handshake_as_acceptor(self, reader, writer, decoder: FrameDecoder) -> str:
-        hello = (await self._read_messages(reader, decoder, 1))[0]
+    async def _handshake_as_acceptor(self, reader, writer, decoder: FrameDecoder) -> tuple[str, list]:
+        first = await self._read_messages(reader, decoder, 1)
+        hello = first[0]
         if not isinstance(hello, Hello) or hello.node_id not in self.peers or not hello.node_id < self.node_id:
             raise HandshakeError("unknown peer or wrong dialing direction")
         if len(hello.nonce) != NONCE_BYTES:
@@ -222,14 +222,19 @@ class PeerTransport:
                      + encode_frame(HelloProof(node_id=self.node_id,
                                                mac=_proof(self._secret, hello.nonce, self.node_id, hello.node_id))))
         await writer.drain()
-        proof = (await self._read_messages(reader, decoder, 1))[0]
+        # The dialer sends nothing after Hello until it has our proof, so anything
+        # behind Hello in the first read is a protocol violation.
+        if len(first) > 1:
+            raise HandshakeError("frames before the handshake finished")
+        rest = await self._read_messages(reader, decoder, 1)
+        proof = rest[0]
         expected = _proof(self._secret, my_nonce, hello.node_id, self.node_id)
         if not isinstance(proof, HelloProof) or not hmac.compare_digest(expected, proof.mac):
             raise HandshakeError("peer failed to prove the cluster secret")
-        return hello.node_id
+        return hello.node_id, rest[1:]
 
     # ----------------------------------------------------------------- serving
-    async def _serve_connection(self, connection: _Connection) -> None:
+    async def _serve_connection(self, connection: _Connection, leftover: list) -> None:
         peer_id = connection.peer_id
         previous = self._connections.get(peer_id)
         if previous is not None:
@@ -238,6 +243,8 @@ class PeerTransport:
         self.last_seen_monotonic[peer_id] = time.monotonic()
         log.info("peer.up", peer=peer_id)
         writer_task = self._spawn(connection.write_loop())
+        for message in leftover:
+            self._deliver(peer_id, message)
         try:
             while True:
                 data = await connection.reader.read(READ_CHUNK_BYTES)

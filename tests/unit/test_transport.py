@@ -109,10 +109,6 @@ async def test_dialer_reconnects_after_the_listener_restarts(mesh: Mesh) -> None
     await wait_until(lambda: forwards(restarted) == [7] and forwards(first) == [8], 5, "frames both ways")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "transport._handshake_as_acceptor reads the HelloProof with _read_messages(reader, decoder, 1) and "
-    "keeps only element [0]: any frame the dialer sent in the same TCP read as its proof is decoded and "
-    "silently dropped (the dialer side delivers messages[2:], the acceptor side does not)"))
 async def test_frames_sent_together_with_the_proof_are_delivered(mesh: Mesh) -> None:
     """A dialer may send right after its HelloProof; TCP can hand both to the acceptor in one read."""
     acceptor = await mesh.start("n2")

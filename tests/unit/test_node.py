@@ -274,6 +274,7 @@ async def test_without_a_majority_writes_are_503_and_service_returns_with_it(tmp
         primary = await cluster.wait_for_stable_primary()
         _, tokens = await tokens_of(primary, ["kept-through-outage"])
         survivor = cluster.backups()[0]
+        await wait_until(lambda: survivor.node.store.lookup(tokens), 5, "the survivor to apply the token")
         gone = [running for running in cluster.running() if running is not survivor]
         for running in gone:
             await running.close()

@@ -99,8 +99,8 @@ class Timing:
     request_timeout_ms: int = 2000
 
 
-def make_configs(root: Path, node_count: int, timing: Timing = Timing(),
-                 log_file: Path | None = None) -> list[NodeConfig]:
+def make_configs(root: Path, node_count: int, timing: Timing = Timing(), log_file: Path | None = None,
+                 wal_max_segment_bytes: int = 64 * 1024 * 1024) -> list[NodeConfig]:
     """One NodeConfig per member (ids n1..nN), data under ``root``/<id>/data."""
     files = write_cluster_files(root / "secrets")
     ids = [f"n{number}" for number in range(1, node_count + 1)]
@@ -116,7 +116,8 @@ def make_configs(root: Path, node_count: int, timing: Timing = Timing(),
                        cluster_secret_file=files.cluster_secret_file if node_count > 1 else None,
                        log_file=log_file, http=HttpConfig(port=http_ports[node_id]),
                        peer=PeerConfig(port=peer_ports[node_id]), timing=timing_config,
-                       idempotency=IdempotencyConfig(), wal=WalConfig(fsync=True))
+                       idempotency=IdempotencyConfig(),
+                       wal=WalConfig(max_segment_bytes=wal_max_segment_bytes, fsync=True))
             for node_id in ids]
 
 
@@ -181,6 +182,13 @@ class Cluster:
             return primary
         return await wait_until(settled, timeout_seconds, "one primary followed by every running node")
 
+    async def restart(self, running: RunningNode) -> RunningNode:
+        """Close ``running`` if needed and start a new Node on the same config and directories."""
+        await running.close()
+        restarted = await start_node(running.config)
+        self.nodes[self.nodes.index(running)] = restarted
+        return restarted
+
     def backups(self) -> list[RunningNode]:
         return [running for running in self.running() if not running.is_primary()]
 
@@ -189,8 +197,9 @@ class Cluster:
             await running.close()
 
 
-async def start_cluster(root: Path, node_count: int, timing: Timing = Timing()) -> Cluster:
-    cluster = Cluster(make_configs(root, node_count, timing))
+async def start_cluster(root: Path, node_count: int, timing: Timing = Timing(),
+                        wal_max_segment_bytes: int = 64 * 1024 * 1024) -> Cluster:
+    cluster = Cluster(make_configs(root, node_count, timing, wal_max_segment_bytes=wal_max_segment_bytes))
     try:
         for config in cluster.configs:
             cluster.nodes.append(await start_node(config))

@@ -249,6 +249,32 @@ async def test_tokenize_gives_up_with_503_when_the_epoch_keeps_changing(single: 
     assert node.store.token_count() == count
 
 
+async def test_concurrent_tokenizes_agree_on_every_token(single: RunningNode) -> None:
+    service = single.service
+    batches = [[f"shared-{number % 7}", f"own-{number}"] for number in range(40)]
+    outcomes = await asyncio.wait_for(asyncio.gather(*(service.tokenize("p", batch, None) for batch in batches)), 20)
+    token_of: dict[str, str] = {}
+    for batch, outcome in zip(batches, outcomes):
+        document = body(outcome)
+        assert outcome.status == 200 and document["epoch"] == 1
+        for value, token in zip(batch, document["tokens"]):
+            assert token_of.setdefault(value, token) == token
+    assert len(set(token_of.values())) == len(token_of) == 47
+    assert single.node.store.token_count() == 47
+    values = list(token_of)
+    assert await service.detokenize([token_of[value] for value in values]) == values
+
+
+async def test_concurrent_rotations_each_get_their_own_epoch(single: RunningNode) -> None:
+    service = single.service
+    outcomes = await asyncio.wait_for(asyncio.gather(*(service.rotate_epoch("admin", None) for _ in range(3))), 20)
+    assert sorted(body(outcome)["epoch"] for outcome in outcomes) == [2, 3, 4]
+    assert all(outcome.status == 201 for outcome in outcomes)
+    listing = await service.list_epochs()
+    assert listing["active_epoch"] == 4
+    assert [item["state"] for item in listing["epochs"]] == ["retired", "retired", "retired", "active"]
+
+
 # --------------------------------------------------------------------------- three nodes: forwarding
 
 async def test_tokenize_through_a_backup_is_forwarded(trio: Cluster) -> None:

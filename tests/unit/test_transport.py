@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from node_support import RawPeer, free_port, start_cluster, wait_until
+from node_support import RawPeer, free_port, handshake_proof, start_cluster, wait_until
 from protocol import ForwardRequest, Hello, HelloProof, RequestVote, encode_frame
 from tokenvault import transport as transport_module
 from tokenvault.transport import PeerAddress, PeerTransport
@@ -200,6 +200,44 @@ async def test_a_silent_connection_is_dropped_after_the_handshake_timeout(
     finally:
         peer.close()
     assert acceptor.transport.handshake_failures == 1
+
+
+async def fake_acceptor(port: int, answer) -> tuple[asyncio.AbstractServer, list[Hello]]:
+    """A listener on ``port`` that reads the dialer's Hello and sends back ``answer(hello)`` bytes."""
+    hellos: list[Hello] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = RawPeer(reader, writer)
+        try:
+            (hello,) = await peer.receive(1)
+            hellos.append(hello)
+            await peer.send(answer(hello))
+            await peer.read_until_closed()
+        except (EOFError, ConnectionError, asyncio.TimeoutError):
+            pass
+        finally:
+            writer.close()
+    server = await asyncio.start_server(handle, "127.0.0.1", port)
+    return server, hellos
+
+
+@pytest.mark.parametrize("forgery", ["wrong-secret", "wrong-acceptor-id"])
+async def test_the_dialer_refuses_an_acceptor_that_cannot_prove_itself(mesh: Mesh, forgery: str) -> None:
+    def answer(hello: Hello) -> bytes:
+        if forgery == "wrong-secret":
+            me, mac = "n2", handshake_proof(os.urandom(32), hello.nonce, "n2", "n1")
+        else:  # a real member's proof, but not the member that was dialed
+            me, mac = "n3", handshake_proof(mesh.secret, hello.nonce, "n3", "n1")
+        return (encode_frame(Hello(node_id=me, nonce=os.urandom(32))) + encode_frame(HelloProof(node_id=me, mac=mac))
+                + encode_frame(forward(1)) + encode_frame(RequestVote(view=9, last_index=9, last_view=9)))
+    server, hellos = await fake_acceptor(mesh.ports["n2"], answer)
+    try:
+        dialer = await mesh.start("n1")
+        await wait_until(lambda: dialer.transport.handshake_failures >= 2, 5, "the dialer to refuse twice")
+        assert hellos and all(hello.node_id == "n1" for hello in hellos)
+        assert dialer.received == [] and not dialer.transport.is_connected("n2")
+    finally:
+        server.close()
 
 
 GARBAGE = {

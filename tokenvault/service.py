@@ -62,15 +62,16 @@ class NodeService:
         self._timeout_seconds = node.config.timing.request_timeout_ms / 1000
         self._in_flight: set[tuple[str, str]] = set()
         self._forward_ids = itertools.count(1)
-        self._forwards_waiting: dict[int, asyncio.Future] = {}
+        self._forwards_waiting: dict[int, tuple[str, asyncio.Future]] = {}
         self._forward_tasks: set[asyncio.Task] = set()
         node.forward_handler = self._on_forward_request
         node.forward_response_handler = self._on_forward_response
+        node.peer_down_handler = self._on_peer_down
 
     async def close(self) -> None:
         for task in list(self._forward_tasks):
             task.cancel()
-        for future in self._forwards_waiting.values():
+        for _, future in self._forwards_waiting.values():
             if not future.done():
                 future.cancel()
 
@@ -250,7 +251,7 @@ class NodeService:
             raise Unavailable("too many requests are being forwarded to the primary")
         request_id = next(self._forward_ids)
         future = asyncio.get_running_loop().create_future()
-        self._forwards_waiting[request_id] = future
+        self._forwards_waiting[request_id] = (primary_id, future)
         body = msgpack.packb(arguments, use_bin_type=True)
         try:
             if not self.node.send_to_peer(primary_id, ForwardRequest(request_id=request_id, kind=kind, body=body)):
@@ -263,9 +264,16 @@ class NodeService:
         return _decode_forward_response(kind, response)
 
     def _on_forward_response(self, sender: str, response: ForwardResponse) -> None:
-        future = self._forwards_waiting.get(response.request_id)
-        if future is not None and not future.done():
-            future.set_result(response)
+        waiting = self._forwards_waiting.get(response.request_id)
+        if waiting is not None and waiting[0] == sender and not waiting[1].done():
+            waiting[1].set_result(response)
+
+    def _on_peer_down(self, peer_id: str) -> None:
+        """The link to a peer dropped: requests forwarded there will never be answered."""
+        for destination, future in self._forwards_waiting.values():
+            if destination == peer_id and not future.done():
+                future.set_exception(Unavailable("the link to the primary dropped while it handled this "
+                                                 "request; it took effect at most once: retry"))
 
     def _on_forward_request(self, sender: str, request: ForwardRequest) -> None:
         task = asyncio.get_running_loop().create_task(self._serve_forward(sender, request))

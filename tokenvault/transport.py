@@ -89,13 +89,14 @@ class PeerTransport:
 
     def __init__(self, node_id: str, listen_host: str, listen_port: int, peers: list[PeerAddress],
                  cluster_secret: bytes, on_message: Callable[[str, object], None],
-                 max_frame_bytes: int) -> None:
+                 max_frame_bytes: int, on_peer_down: Callable[[str], None] | None = None) -> None:
         self.node_id = node_id
         self.listen_host = listen_host
         self.listen_port = listen_port
         self.peers = {peer.node_id: peer for peer in peers if peer.node_id != node_id}
         self._secret = cluster_secret
         self._on_message = on_message
+        self._on_peer_down = on_peer_down
         self._max_frame_bytes = max_frame_bytes
         self._connections: dict[str, _Connection] = {}
         self._tasks: set[asyncio.Task] = set()
@@ -265,6 +266,8 @@ class PeerTransport:
                 del self._connections[peer_id]
                 if not self._closing:
                     log.warning("peer.down", peer=peer_id)
+                    if self._on_peer_down is not None:
+                        self._on_peer_down(peer_id)
 
     def _deliver(self, peer_id: str, message: object) -> None:
         if isinstance(message, (Hello, HelloProof)):

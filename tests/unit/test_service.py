@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from node_support import Cluster, ProposalGate, RunningNode, start_cluster, wait_until
+from node_support import Cluster, ProposalGate, RunningNode, Timing, retry_until_ok, start_cluster, wait_until
 from protocol import AppendEntries
 from tokenvault import commands
 from tokenvault.crypto import new_epoch_secret
@@ -367,3 +367,52 @@ async def test_in_flight_key_through_backups_is_409(trio: Cluster) -> None:
         gate.remove()
     replay = await second.service.tokenize("p", ["held-value"], "held")
     assert replay.replayed and replay.body == outcome.body
+
+
+async def test_idempotent_replay_survives_a_change_of_primary(trio: Cluster) -> None:
+    old = trio.primaries()[0]
+    first = await trio.backups()[0].service.tokenize("p", ["before-change"], "change-key")
+    await old.close()
+    new = await trio.wait_for_stable_primary()
+    assert new.node_id != old.node_id
+    for running in trio.running():
+        replay = await retry_until_ok(lambda: running.service.tokenize("p", ["before-change"], "change-key"), 5,
+                                      "a replay once the new primary serves", (Unavailable,))
+        assert replay.status == 200 and replay.replayed and replay.body == first.body
+    with pytest.raises(ServiceError) as raised:
+        await new.service.tokenize("p", ["changed"], "change-key")
+    assert raised.value.status == 422
+
+
+async def test_a_rotation_acknowledged_before_a_failover_holds_on_the_new_primary(trio: Cluster) -> None:
+    """Epoch authority: tokenizes that start after the 201 are in the new epoch, even on the next primary."""
+    old = trio.primaries()[0]
+    rotated = await old.service.rotate_epoch("admin", None)
+    assert body(rotated) == {"epoch": 2}
+    await old.close()
+    for running in trio.running():
+        outcome = await retry_until_ok(lambda: running.service.tokenize("p", [f"after-{running.node_id}"], None),
+                                       5, "a tokenize once a new primary serves", (Unavailable,))
+        document = body(outcome)
+        assert document["epoch"] == 2
+        assert all(TOKEN_PATTERN.match(token).group(1) == "2" for token in document["tokens"])
+
+
+async def test_a_forward_in_flight_fails_fast_when_the_link_to_the_primary_drops(tmp_path: Path) -> None:
+    cluster = await start_cluster(tmp_path, 3, Timing(request_timeout_ms=4000))
+    try:
+        primary = await cluster.wait_for_stable_primary()
+        backup = cluster.backups()[0]
+        gate = ProposalGate(primary.node, is_tokenize("p", "caught"))
+        caught = asyncio.create_task(backup.service.tokenize("p", ["caught-by-failure"], "caught"))
+        await asyncio.wait_for(gate.waiting.wait(), 5)
+        await primary.close()  # the forwarded request dies with the primary: no answer will ever come
+        await wait_until(lambda: not backup.node.transport.is_connected(primary.node_id), 2,
+                         "the backup to see the link drop")
+        dropped_at = time.monotonic()
+        with pytest.raises(ServiceError) as raised:
+            await asyncio.wait_for(caught, 10)
+        assert raised.value.status == 503
+        assert time.monotonic() - dropped_at < 1.5, "the 503 waited for the forward timeout"
+    finally:
+        await cluster.close()

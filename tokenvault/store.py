@@ -159,8 +159,14 @@ def _check_store_schema(connection: sqlite3.Connection, error: type[StoreError])
         raise error("store meta row is missing")
 
 
+# One shared encoder: json.dumps with non-default separators builds a new
+# encoder per call, which was a measurable part of applying a 1-item command.
+# The output is identical to json.dumps(document, separators=(",", ":")).
+_JSON_ENCODER = json.JSONEncoder(separators=(",", ":"))
+
+
 def _json_bytes(document: dict) -> bytes:
-    return json.dumps(document, separators=(",", ":")).encode()
+    return _JSON_ENCODER.encode(document).encode()
 
 
 def _fsync_directory(directory: Path) -> None:

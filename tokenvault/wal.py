@@ -512,10 +512,10 @@ class WriteAheadLog:
             state, segments, cut_bytes = _recover(directory, fsync)
             if not segments:
                 segments = [_create_first_segment(directory, fsync)]
+            tail = _Tail(state.base_index, state.base_view, state.entries)
+            wal = cls(directory, max_segment_bytes, fsync, lock_descriptor, segments, tail, state.hard_state)
         except OSError as error:
             raise WalFatal(f"cannot recover write-ahead log in {directory}: {error.strerror}") from None
-        tail = _Tail(state.base_index, state.base_view, state.entries)
-        wal = cls(directory, max_segment_bytes, fsync, lock_descriptor, segments, tail, state.hard_state)
         recovered = RecoveredLog(hard_state=state.hard_state, base_index=state.base_index,
                                  base_view=state.base_view, entries=tuple(state.entries),
                                  truncated_tail_bytes=cut_bytes, records_replayed=state.records_replayed)

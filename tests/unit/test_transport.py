@@ -123,6 +123,32 @@ async def test_frames_sent_together_with_the_proof_are_delivered(mesh: Mesh) -> 
         peer.close()
 
 
+async def test_the_send_queue_is_bounded_and_keeps_order_when_the_peer_does_not_read(mesh: Mesh) -> None:
+    acceptor = await mesh.start("n2")
+    peer = await RawPeer.connect(mesh.ports["n2"])
+    try:
+        await peer.handshake("n1", "n2", mesh.secret)
+        await wait_until(lambda: acceptor.transport.is_connected("n1"), 5, "the connection")
+        accepted = 0
+        padding = b"\x00" * 1024
+        # The raw peer reads nothing: kernel buffers fill, then the bounded queue, then send refuses.
+        for request_id in range(transport_module.SEND_QUEUE_MAX_MESSAGES * 10):
+            if not acceptor.transport.send("n1", ForwardRequest(request_id=request_id, kind="x", body=padding)):
+                break
+            accepted += 1
+            if request_id % 64 == 0:
+                await asyncio.sleep(0)  # let the writer push what the kernel still takes
+        assert transport_module.SEND_QUEUE_MAX_MESSAGES <= accepted < transport_module.SEND_QUEUE_MAX_MESSAGES * 10
+        received = await peer.receive(accepted, timeout_seconds=20)
+        assert [message.request_id for message in received] == list(range(accepted))
+        # Once drained, the same connection takes messages again.
+        assert acceptor.transport.send("n1", forward(10**6))
+        (message,) = await peer.receive(1)
+        assert message == forward(10**6)
+    finally:
+        peer.close()
+
+
 # --------------------------------------------------------------------------- hostile peers
 
 async def test_transports_with_different_secrets_never_connect(mesh: Mesh) -> None:

@@ -56,18 +56,27 @@ def _check_bytes(value: Any) -> bytes:
     return value
 
 
+_ENTRY_KINDS = {int(kind): kind for kind in EntryKind}
+
+
 def _decode_entries(value: Any) -> tuple[Entry, ...]:
     if type(value) is not list:
         raise ProtocolError("expected a list of entries")
     entries = []
+    append = entries.append
+    kinds = _ENTRY_KINDS
+    # Inlined checks: this loop runs once per replicated entry, so it is kept lean.
     for item in value:
         if type(item) is not list or len(item) != 4:
             raise ProtocolError("an entry must be a list of four fields")
-        kind_number = _check_integer(item[2])
-        if kind_number not in (EntryKind.NOOP, EntryKind.COMMAND):
+        index, view, kind_number, payload = item
+        if (type(index) is not int or type(view) is not int or not 0 <= index <= MAX_INTEGER
+                or not 0 <= view <= MAX_INTEGER or type(payload) is not bytes):
+            raise ProtocolError("malformed entry fields")
+        kind = kinds.get(kind_number) if type(kind_number) is int else None
+        if kind is None:
             raise ProtocolError("unknown entry kind")
-        entries.append(Entry(index=_check_integer(item[0]), view=_check_integer(item[1]),
-                             kind=EntryKind(kind_number), payload=_check_bytes(item[3])))
+        append(Entry(index, view, kind, payload))
     return tuple(entries)
 
 

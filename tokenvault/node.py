@@ -124,6 +124,11 @@ class Node:
         WAL entries at or below it were applied already.
         """
         base_index, base_view = recovered.base_index, recovered.base_view
+        wal_last_index = recovered.entries[-1].index if recovered.entries else recovered.base_index
+        if self.store.applied_index > wal_last_index:
+            # The store holds more than the log (a crash during a snapshot install):
+            # the log must continue from the store, not leave a gap.
+            self.wal.reset_base(self.store.applied_index, self.store.applied_view)
         if self.store.applied_index > base_index:
             base_index, base_view = self.store.applied_index, self.store.applied_view
         entries = tuple(entry for entry in recovered.entries if entry.index > base_index)
@@ -218,6 +223,7 @@ class Node:
         interval = self.config.timing.tick_ms / 1000.0
         while True:
             await asyncio.sleep(interval)
+            self.store.flush_if_due()
             self._inbox.append(("tick",))
             self._wake()
 

@@ -391,3 +391,48 @@ def test_a_leftover_of_an_interrupted_install_is_removed_on_open(tmp_path):
     leftover.write_bytes(b"partial image")
     VaultStore.open(tmp_path / "vault.db").close()
     assert not leftover.exists()
+
+
+def test_uncommitted_batches_are_lost_in_a_crash_and_a_replay_restores_them(tmp_path):
+    """Applied batches are committed together; a crash loses only the uncommitted tail, with its applied index."""
+    path = tmp_path / "vault.db"
+    vault = VaultStore.open(path)
+    vault.commit_interval_seconds = 3600.0  # only an explicit flush commits in this test
+    log = Log()
+    started(vault, log)
+    vault.flush()
+    committed = table_dump(vault)
+    later = [log.command(tokenize(1, [7, 8])), log.command(tokenize(1, [9], key="k"))]
+    vault.apply_batch(later)
+    # The same connection reads its own uncommitted rows.
+    assert vault.lookup([token(1, 7), token(1, 9)]) == {token(1, 7): b"ct-7", token(1, 9): b"ct-9"}
+    assert vault.idempotency_get("tokenizer", "k") is not None and vault.applied_index == 4
+    # A second connection sees only what was committed: what a crash would leave on disk.
+    on_disk = sqlite3.connect(path)
+    assert on_disk.execute("SELECT applied_index FROM meta").fetchone()[0] == 2
+    assert on_disk.execute("SELECT count(*) FROM tokens").fetchone()[0] == 0
+    on_disk.close()
+    vault._connection.close()  # crash: the open transaction is never committed
+    reopened = VaultStore.open(path)
+    assert table_dump(reopened) == committed and reopened.applied_index == 2
+    reopened.apply_batch(later)  # the node replays the log above the applied index
+    assert reopened.lookup([token(1, 8)]) == {token(1, 8): b"ct-8"} and reopened.applied_index == 4
+    reopened.close()
+
+
+def test_flush_commits_on_rows_and_on_time(tmp_path):
+    vault = VaultStore.open(tmp_path / "vault.db")
+    log = Log()
+    started(vault, log)
+    vault.commit_interval_seconds = 0.0
+    vault.flush_if_due()
+    assert not vault._connection.in_transaction
+    vault.commit_interval_seconds = 3600.0
+    vault.commit_rows = 3
+    vault.apply_batch([log.command(tokenize(1, [1]))])
+    assert vault._connection.in_transaction
+    vault.flush_if_due()
+    assert vault._connection.in_transaction  # not due yet
+    vault.apply_batch([log.command(tokenize(1, [2, 3]))])
+    assert not vault._connection.in_transaction  # enough rows: committed
+    vault.close()

@@ -31,6 +31,7 @@ class Side:
 
     transport: PeerTransport
     received: list[tuple[str, object]] = field(default_factory=list)
+    peers_down: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -44,10 +45,12 @@ class Mesh:
 
     async def start(self, node_id: str, secret: bytes | None = None) -> Side:
         received: list[tuple[str, object]] = []
+        peers_down: list[str] = []
         transport = PeerTransport(node_id, "127.0.0.1", self.ports[node_id], self.addresses(),
                                   secret if secret is not None else self.secret,
-                                  lambda sender, message: received.append((sender, message)), MAX_FRAME_BYTES)
-        side = Side(transport, received)
+                                  lambda sender, message: received.append((sender, message)), MAX_FRAME_BYTES,
+                                  on_peer_down=peers_down.append)
+        side = Side(transport, received, peers_down)
         self.sides[node_id] = side
         await transport.start()
         return side
@@ -99,14 +102,18 @@ async def test_dialer_reconnects_after_the_listener_restarts(mesh: Mesh) -> None
     first = await mesh.start("n1")
     await mesh.start("n2")
     await wait_until(lambda: first.transport.is_connected("n2"), 5, "n1 to reach n2")
-    await mesh.sides["n2"].transport.close()
+    closing = mesh.sides["n2"]
+    await closing.transport.close()
     await wait_until(lambda: not first.transport.is_connected("n2"), 5, "n1 to notice n2 went away")
+    # The node hears of the drop (it fails requests forwarded there); the closing side reports nothing.
+    assert first.peers_down == ["n2"] and closing.peers_down == []
     assert first.transport.send("n2", forward(1)) is False
     restarted = await mesh.start("n2")
     await wait_until(lambda: first.transport.is_connected("n2") and restarted.transport.is_connected("n1"), 5,
                      "n1 to reconnect to the restarted n2")
     assert first.transport.send("n2", forward(7)) and restarted.transport.send("n1", forward(8))
     await wait_until(lambda: forwards(restarted) == [7] and forwards(first) == [8], 5, "frames both ways")
+    assert first.peers_down == ["n2"]
 
 
 async def test_frames_sent_together_with_the_proof_are_delivered(mesh: Mesh) -> None:
@@ -289,7 +296,7 @@ async def test_garbage_after_the_handshake_closes_only_that_connection(mesh: Mes
     finally:
         peer.close()
     await wait_until(lambda: not acceptor.transport.is_connected("n1"), 5, "the bad connection to be dropped")
-    assert acceptor.transport.frames_rejected == 1
+    assert acceptor.transport.frames_rejected == 1 and acceptor.peers_down == ["n1"]
     assert forwards(acceptor) == [1]
     # The other link still carries frames, and a new honest connection from n1 works.
     assert acceptor.transport.is_connected("n3") and mesh.sides["n3"].transport.send("n2", forward(3))

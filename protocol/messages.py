@@ -120,6 +120,29 @@ class SnapshotReply(Message):
     installed: bool
 
 
+@dataclass(frozen=True, slots=True)
+class PreVote(Message):
+    """Would you vote for me in ``view``? Asked before a real election; changes no state anywhere.
+
+    A replica that was cut off cannot win a pre-vote, so it never raises its
+    view and cannot depose a healthy primary when it comes back.
+    """
+
+    TYPE_TAG: ClassVar[int] = 9
+    view: int
+    last_index: int
+    last_view: int
+
+
+@dataclass(frozen=True, slots=True)
+class PreVoteReply(Message):
+    """Answer to PreVote: ``view`` is the asked view if granted, else the voter's own view."""
+
+    TYPE_TAG: ClassVar[int] = 10
+    view: int
+    granted: bool
+
+
 # --------------------------------------------------------------------------- transport frames
 # The replica ignores these; the node's transport and request forwarding use them.
 
@@ -165,7 +188,7 @@ class ForwardResponse(Message):
 
 MESSAGE_TYPES: tuple[type[Message], ...] = (
     RequestVote, VoteReply, AppendEntries, AppendReply, Heartbeat, HeartbeatReply,
-    InstallSnapshot, SnapshotReply, Hello, HelloProof, ForwardRequest, ForwardResponse,
+    InstallSnapshot, SnapshotReply, PreVote, PreVoteReply, Hello, HelloProof, ForwardRequest, ForwardResponse,
 )
 
 

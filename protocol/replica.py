@@ -12,7 +12,7 @@ from typing import Protocol
 
 from protocol.errors import NotPrimary, ProposalRejected
 from protocol.messages import (AppendEntries, AppendReply, Heartbeat, HeartbeatReply, InstallSnapshot, Message,
-                               RequestVote, SnapshotReply, VoteReply)
+                               PreVote, PreVoteReply, RequestVote, SnapshotReply, VoteReply)
 from protocol.progress import IncomingSnapshot, OutgoingSnapshot, PeerProgress, PeerState
 from protocol.records import (BecamePrimary, ElectionStarted, Event, PrimaryChanged, ReadResult, Ready,
                               ReplicaConfig, RestoredState, Role, SnapshotToInstall, SteppedDown)
@@ -55,6 +55,8 @@ class Replica:
         self._randomized_election_timeout_ticks = 0
         self._randomize_election_timeout()
         self._votes: dict[str, bool] = {}
+        # A CANDIDATE first polls with PreVote at view + 1 and only campaigns for real on a majority.
+        self._pre_voting = False
         self._progress: dict[str, PeerProgress] = {}
         self._incoming_snapshot: IncomingSnapshot | None = None
         # Output bookkeeping: what has been handed to the driver and what it confirmed.
@@ -79,6 +81,7 @@ class Replica:
             AppendEntries: self._on_append_entries, AppendReply: self._on_append_reply,
             Heartbeat: self._on_heartbeat, HeartbeatReply: self._on_heartbeat_reply,
             InstallSnapshot: self._on_install_snapshot, SnapshotReply: self._on_snapshot_reply,
+            PreVote: self._on_pre_vote, PreVoteReply: self._on_pre_vote_reply,
         }
 
     # ------------------------------------------------------------------ introspection
@@ -134,14 +137,18 @@ class Replica:
             self._tick_primary()
             return
         self._election_elapsed_ticks += 1
-        # A cluster of one has nobody to wait for: it takes over at its first tick.
-        if not self._peers or self._election_elapsed_ticks >= self._randomized_election_timeout_ticks:
-            self._become_candidate()
+        if not self._peers:
+            self._become_candidate()  # a cluster of one has nobody to wait for: it leads at its first tick
+        elif self._election_elapsed_ticks >= self._randomized_election_timeout_ticks:
+            self._start_pre_vote()
 
     def step(self, sender: str, message: Message) -> None:
         """Handle one message from a peer; stale, foreign or malformed input is dropped."""
         handler = self._handlers.get(type(message))
         if handler is None or sender not in self._peers:
+            return
+        if isinstance(message, (PreVote, PreVoteReply)):
+            handler(sender, message)  # a poll changes no view: it bypasses the view rules below
             return
         view = message.view  # type: ignore[attr-defined]
         if view > self._view:
@@ -258,6 +265,7 @@ class Replica:
             self._view = view
             self._voted_for = None
         self._role = Role.BACKUP
+        self._pre_voting = False
         if was_primary:
             self._stop_leading(old_view)
         self._set_primary(primary_id)
@@ -270,6 +278,7 @@ class Replica:
         self._view += 1
         self._voted_for = self.node_id
         self._role = Role.CANDIDATE
+        self._pre_voting = False
         self._set_primary(None)
         self._votes = {self.node_id: True}
         self._election_elapsed_ticks = 0
@@ -282,7 +291,7 @@ class Replica:
         self._outbox.extend((peer, request) for peer in self._peers)
 
     def _become_primary(self) -> None:
-        assert self._role is Role.CANDIDATE, "only a candidate that won its election leads"
+        assert self._role is Role.CANDIDATE and not self._pre_voting, "only a candidate that won its election leads"
         self._role = Role.PRIMARY
         self._set_primary(self.node_id)
         self._events.append(BecamePrimary(self._view))
@@ -328,11 +337,45 @@ class Replica:
         self._outbox.append((sender, VoteReply(self._view, granted)))
 
     def _on_vote_reply(self, sender: str, message: VoteReply) -> None:
-        if self._role is not Role.CANDIDATE:
+        if self._role is not Role.CANDIDATE or self._pre_voting:
             return
         self._votes[sender] = message.granted
         if self._granted_votes() >= self._quorum:
             self._become_primary()
+
+    def _start_pre_vote(self) -> None:
+        assert self._role is not Role.PRIMARY, "a primary does not campaign"
+        self._role = Role.CANDIDATE
+        self._pre_voting = True
+        self._set_primary(None)
+        self._votes = {self.node_id: True}
+        self._election_elapsed_ticks = 0
+        self._randomize_election_timeout()
+        poll = PreVote(self._view + 1, self._log.last_index, self._log.last_view)
+        self._outbox.extend((peer, poll) for peer in self._peers)
+
+    def _on_pre_vote(self, sender: str, message: PreVote) -> None:
+        # With check_quorum, a primary that is heard from (or that we are) holds a lease: refuse,
+        # since the poller is the one cut off. Without check_quorum a deposed primary might not
+        # notice it lost its majority, so no lease can be trusted.
+        in_lease = self._config.check_quorum and (self._role is Role.PRIMARY or (
+            self._primary_id is not None and self._election_elapsed_ticks < self._config.election_timeout_ticks))
+        could_vote = message.view > self._view or (
+            message.view == self._view and self._voted_for in (None, sender) and self._primary_id is None)
+        granted = (could_vote and not in_lease
+                   and self._candidate_is_up_to_date(message.last_index, message.last_view))
+        self._outbox.append((sender, PreVoteReply(message.view if granted else self._view, granted)))
+
+    def _on_pre_vote_reply(self, sender: str, message: PreVoteReply) -> None:
+        if not message.granted:
+            if message.view > self._view:
+                self._become_backup(message.view, None)  # a later view exists: catch up with it
+            return
+        if self._role is not Role.CANDIDATE or not self._pre_voting or message.view != self._view + 1:
+            return
+        self._votes[sender] = True
+        if self._granted_votes() >= self._quorum:
+            self._become_candidate()
 
     def _granted_votes(self) -> int:
         return sum(1 for granted in self._votes.values() if granted)

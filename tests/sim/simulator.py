@@ -68,6 +68,7 @@ class SimulationConfig:
             partition_weight=rng.choice((0.5, 1.0, 2.0)),
             split_ready_probability=rng.choice((0.0, 0.2, 0.5)),
             through_codec=rng.random() < 0.25,
+            check_quorum=rng.random() < 0.7,
         )
 
 

@@ -7,7 +7,8 @@ import pytest
 
 from protocol import (MESSAGE_REGISTRY, PROTOCOL_VERSION, AppendEntries, AppendReply, Entry, EntryKind,
                       ForwardRequest, ForwardResponse, FrameDecoder, Heartbeat, HeartbeatReply, Hello, HelloProof,
-                      InstallSnapshot, ProtocolError, RequestVote, SnapshotReply, VoteReply, encode_frame)
+                      InstallSnapshot, PreVote, PreVoteReply, ProtocolError, RequestVote, SnapshotReply, VoteReply,
+                      encode_frame)
 
 EXAMPLES = [
     RequestVote(view=3, last_index=10, last_view=2),
@@ -19,6 +20,8 @@ EXAMPLES = [
     HeartbeatReply(view=4, read_round=6),
     InstallSnapshot(view=5, snapshot_index=100, snapshot_view=4, offset=64, total_bytes=1000, data=b"chunk"),
     SnapshotReply(view=5, snapshot_index=100, received_bytes=69, installed=False),
+    PreVote(view=6, last_index=12, last_view=5),
+    PreVoteReply(view=6, granted=False),
     Hello(node_id="n1", nonce=b"\x01" * 16),
     HelloProof(node_id="n2", mac=b"\x02" * 32),
     ForwardRequest(request_id=17, kind="tokenize", body=b'{"values":[]}'),

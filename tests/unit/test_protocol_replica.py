@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 import pytest
 
 from protocol import (INITIAL_HARD_STATE, AppendEntries, AppendReply, BecamePrimary, Entry, EntryKind, HardState,
-                      Heartbeat, HeartbeatReply, Hello, InstallSnapshot, NotPrimary, ProposalRejected, Ready,
+                      Heartbeat, HeartbeatReply, Hello, InstallSnapshot, NotPrimary, PreVote, PreVoteReply,
+                      ProposalRejected, Ready,
                       ReplicaConfig, Replica, RequestVote, RestoredState, Role, SteppedDown, VoteReply)
 
 EMPTY = RestoredState(INITIAL_HARD_STATE, 0, 0, ())
@@ -245,6 +246,47 @@ def test_vote_refused_to_a_candidate_with_an_older_log() -> None:
     assert voter.ready().messages == (("n3", VoteReply(5, True)),)
 
 
+def test_election_starts_with_a_pre_vote_that_changes_no_state() -> None:
+    candidate = make_replica("n1", ("n1", "n2", "n3"))
+    while candidate.role is not Role.CANDIDATE:
+        candidate.tick()
+    ready = candidate.ready()
+    assert candidate.view == 0 and ready.hard_state is None, "polling raises no view and casts no vote"
+    assert {message for _, message in ready.messages} == {PreVote(view=1, last_index=0, last_view=0)}
+    voter = make_replica("n2", ("n1", "n2", "n3"))
+    voter.step("n1", PreVote(view=1, last_index=0, last_view=0))
+    voter_ready = voter.ready()
+    assert voter_ready.messages == (("n1", PreVoteReply(1, True)),)
+    assert voter.view == 0 and voter_ready.hard_state is None
+    candidate.step("n2", PreVoteReply(1, True))
+    ready = candidate.ready()
+    assert candidate.view == 1 and ready.hard_state == HardState(1, "n1", 0)
+    assert {message for _, message in ready.messages} == {RequestVote(view=1, last_index=0, last_view=0)}
+
+
+def test_pre_vote_refused_while_a_primary_is_heard_from() -> None:
+    cluster = Cluster(3)
+    cluster.elect("n1")
+    backup = cluster.nodes["n2"].replica
+    backup.step("n3", PreVote(view=backup.view + 1, last_index=backup.last_index, last_view=backup.last_view))
+    assert backup.ready().messages == (("n3", PreVoteReply(backup.view, False)),)
+    primary = cluster.nodes["n1"].replica
+    primary.step("n3", PreVote(view=primary.view + 1, last_index=primary.last_index, last_view=primary.last_view))
+    assert primary.ready().messages == (("n3", PreVoteReply(primary.view, False)),)
+
+
+def test_a_cut_off_replica_does_not_raise_its_view_or_disturb_the_primary_on_return() -> None:
+    cluster = Cluster(3)
+    cluster.elect("n1")
+    cluster.isolated = {"n3"}
+    cluster.tick(times=10 * cluster.nodes["n3"].replica.config.election_timeout_ticks)
+    assert cluster.nodes["n3"].replica.view == 1, "failed polls never raise the view"
+    cluster.isolated = set()
+    cluster.tick(times=4)
+    assert cluster.primary().node_id == "n1" and cluster.primary().view == 1
+    assert cluster.nodes["n3"].replica.primary_id == "n1"
+
+
 def test_stale_messages_are_answered_with_the_current_view() -> None:
     replica = make_replica("n2", ("n1", "n2", "n3"), RestoredState(HardState(4, None, 0), 0, 0, ()))
     replica.step("n1", AppendEntries(view=2, prev_index=0, prev_view=0, commit_index=0, entries=()))
@@ -406,6 +448,7 @@ def test_read_waits_for_the_first_commit_of_the_view() -> None:
     primary = make_replica("n1", ("n1", "n2", "n3"))
     while primary.role is not Role.CANDIDATE:
         primary.tick()
+    primary.step("n2", PreVoteReply(primary.view + 1, True))
     primary.step("n2", VoteReply(primary.view, True))
     assert primary.role is Role.PRIMARY
     primary.advance(primary.ready())  # the no-op is durable here, but not yet on a majority

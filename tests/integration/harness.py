@@ -27,6 +27,7 @@ import random
 import shutil
 import signal
 import socket
+import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
@@ -55,6 +56,7 @@ PORT_ATTEMPTS = 200
 START_ATTEMPTS = 3
 LOG_TAIL_LINES = 40
 LOAD_STOP_TIMEOUT_SECONDS = 20.0
+PORT_RELEASE_TIMEOUT_SECONDS = 10.0
 
 Value = TypeVar("Value")
 
@@ -223,9 +225,15 @@ class ClusterHarness:
         return cluster.running_pid(self.node(node_id))
 
     def kill(self, node_id: str) -> None:
-        """SIGKILL (kill -9) one node and wait until it is gone."""
+        """SIGKILL (kill -9) one node and wait until it is gone and its ports are free."""
         self.paused.discard(node_id)
         cluster.kill_node(self.directory, node_id)
+        # Why also wait for the ports: kill_node returns once the process looks dead (its main thread
+        # is a zombie), but the kernel closes its sockets only when the last thread has exited, which
+        # can lag (e.g. behind an fsync in progress); a restart before that finds the port in use.
+        node = self.node(node_id)
+        wait_for(lambda: _port_free(node.http_port) and _port_free(node.peer_port), PORT_RELEASE_TIMEOUT_SECONDS,
+                 f"{node_id}'s ports to be released after SIGKILL")
 
     def kill_all(self) -> None:
         for node_id in self.node_ids:
@@ -237,8 +245,20 @@ class ClusterHarness:
         try:
             cluster.restart_node(self.directory, node_id, timeout_seconds)
         except cluster.ClusterError as error:
-            raise AssertionError(f"{node_id} did not restart:\n{error}") from None
+            raise AssertionError(f"{node_id} did not restart:\n{error}\n{self._port_holders(node_id)}") from None
         self._remember_pids()
+
+    def _port_holders(self, node_id: str) -> str:
+        """What holds the node's ports (sockets, with owners when visible), for failure messages."""
+        node = self.node(node_id)
+        ports = (f":{node.http_port} ", f":{node.peer_port} ")
+        try:
+            listing = subprocess.run(["ss", "-tanp"], capture_output=True, text=True, timeout=5).stdout
+        except (OSError, subprocess.SubprocessError):
+            return "(ss is not available)"
+        lines = [line for line in listing.splitlines()
+                 if any(port in line for port in ports) and not line.startswith("TIME-WAIT")]
+        return "sockets on its ports:\n" + "\n".join(lines[:20])
 
     def pause(self, node_id: str) -> None:
         """SIGSTOP the node: it stays alive but does nothing (no ticks, no answers)."""
@@ -348,10 +368,16 @@ class ClusterHarness:
     def links_of(self, node_id: str) -> list[FaultProxy]:
         return [proxy for (first, second), proxy in self.proxies.items() if node_id in (first, second)]
 
-    def isolate(self, node_id: str) -> None:
-        """Cut the node off from every other node (its HTTP port stays reachable)."""
+    def isolate(self, node_id: str, silently: bool = False) -> None:
+        """Cut the node off from every other node (its HTTP port stays reachable).
+
+        By default its peer connections are reset and new ones refused; `silently` drops every
+        byte instead and keeps connections open, like a network that loses packets without a word."""
         for proxy in self.links_of(node_id):
-            proxy.partition()
+            if silently:
+                proxy.drop()
+            else:
+                proxy.partition()
 
     def cut_from(self, source: str, destination: str) -> None:
         """Drop every byte `source` sends to `destination` (the other direction keeps flowing)."""

@@ -16,7 +16,7 @@ from protocol.messages import (AppendEntries, AppendReply, Heartbeat, HeartbeatR
 from protocol.progress import IncomingSnapshot, OutgoingSnapshot, PeerProgress, PeerState
 from protocol.records import (BecamePrimary, ElectionStarted, Event, PrimaryChanged, ReadResult, Ready,
                               ReplicaConfig, RestoredState, Role, SnapshotToInstall, SteppedDown)
-from protocol.replicated_log import ENTRY_OVERHEAD_BYTES, ReplicatedLog
+from protocol.replicated_log import ReplicatedLog, entries_follow
 from protocol.types import Entry, EntryKind, HardState
 
 # After this many heartbeat intervals without progress, a pipelined stream or a
@@ -39,7 +39,9 @@ class Replica:
         self._rng = rng
         self._peers = tuple(member for member in config.members if member != config.node_id)
         self._quorum = len(config.members) // 2 + 1
-        self._log = _restore_log(restored)
+        if min(restored.snapshot_index, restored.snapshot_view, restored.hard_state.view) < 0:
+            raise ValueError("restored positions must be non-negative")
+        self._log = ReplicatedLog(restored.snapshot_index, restored.snapshot_view, restored.entries)
         hard_state = restored.hard_state
         # A crash between writing entries and writing the hard state of the same batch can
         # leave entries of a view the hard state never reached. No vote was sent from that
@@ -404,7 +406,7 @@ class Replica:
         return True
 
     def _on_append_entries(self, sender: str, message: AppendEntries) -> None:
-        if not self._hear_from_primary(sender) or not _well_formed_append(message):
+        if not self._hear_from_primary(sender) or not entries_follow(message.prev_index, message.prev_view, message.entries, message.view):
             return
         entries, prev_index, prev_view = message.entries, message.prev_index, message.prev_view
         if prev_index < self._commit_index:
@@ -708,29 +710,3 @@ class Replica:
 
     def _hard_state(self) -> HardState:
         return HardState(self._view, self._voted_for, self._commit_index)
-
-
-def _restore_log(restored: RestoredState) -> ReplicatedLog:
-    hard_state = restored.hard_state
-    if restored.snapshot_index < 0 or restored.snapshot_view < 0 or hard_state.view < 0:
-        raise ValueError("restored positions must be non-negative")
-    try:
-        log = ReplicatedLog(restored.snapshot_index, restored.snapshot_view, restored.entries)
-    except ValueError as error:
-        raise ValueError(f"restored entries are not a log: {error}") from None
-    return log
-
-
-def _well_formed_append(message: AppendEntries) -> bool:
-    """Entries must follow prev_index contiguously with views in [prev_view, view], never decreasing."""
-    expected_index = message.prev_index + 1
-    previous_view = message.prev_view
-    for entry in message.entries:
-        if entry.index != expected_index or entry.view < previous_view or entry.view > message.view:
-            return False
-        expected_index += 1
-        previous_view = entry.view
-    return True
-
-
-__all__ = ["ENTRY_OVERHEAD_BYTES", "Replica"]

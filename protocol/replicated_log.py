@@ -115,3 +115,15 @@ class ReplicatedLog:
         while index > self._base_index and self._entries[index - self._base_index - 1].view > view:
             index -= 1
         return index
+
+
+def entries_follow(prev_index: int, prev_view: int, entries: Iterable[Entry], max_view: int) -> bool:
+    """True if entries follow (prev_index, prev_view) contiguously, views never decreasing nor above max_view."""
+    expected_index = prev_index + 1
+    previous_view = prev_view
+    for entry in entries:
+        if entry.index != expected_index or entry.view < previous_view or entry.view > max_view:
+            return False
+        expected_index += 1
+        previous_view = entry.view
+    return True

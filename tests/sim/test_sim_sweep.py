@@ -24,8 +24,8 @@ def test_seed_sweep(sweep_seeds: range, sweep_steps: int) -> None:
     assert not failures, f"{len(failures)} failing seed(s); the first:\n{failures[0]}"
     if len(sweep_seeds) >= 100:
         # The sweep must actually exercise failover, acknowledged writes, reads and snapshots
-        # (500 seeds measured: about 5,400 elections, 18,000 acknowledged entries, 3,200 confirmed
-        # reads and 390 snapshot installs).
+        # (500 seeds measured: about 4,550 elections, 19,700 acknowledged entries, 3,440 confirmed
+        # reads and 370 snapshot installs).
         seeds = len(sweep_seeds)
         assert totals["elections"] >= 5 * seeds and totals["acknowledged"] >= 20 * seeds, totals
         assert totals["reads"] >= 3 * seeds and totals["snapshots"] >= seeds // 2, totals

@@ -61,11 +61,22 @@ async def retry_until_ok(call: Callable[[], Awaitable[Any]], timeout_seconds: fl
 
 # --------------------------------------------------------------------------- configs
 
-def free_port() -> int:
-    """An ephemeral port the kernel just handed out (bound to 0, then released)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct ephemeral ports the kernel just handed out (bound to 0, then released).
+
+    All probes stay bound until every port is chosen, so the kernel cannot hand
+    out the same port twice within one call.
+    """
+    probes = []
+    try:
+        for _ in range(count):
+            probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            probes.append(probe)
+            probe.bind(("127.0.0.1", 0))
+        return [probe.getsockname()[1] for probe in probes]
+    finally:
+        for probe in probes:
+            probe.close()
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,8 +115,9 @@ def make_configs(root: Path, node_count: int, timing: Timing = Timing(), log_fil
     """One NodeConfig per member (ids n1..nN), data under ``root``/<id>/data."""
     files = write_cluster_files(root / "secrets")
     ids = [f"n{number}" for number in range(1, node_count + 1)]
-    peer_ports = {node_id: free_port() for node_id in ids}
-    http_ports = {node_id: free_port() for node_id in ids}
+    ports = free_ports(2 * node_count)
+    peer_ports = dict(zip(ids, ports[:node_count]))
+    http_ports = dict(zip(ids, ports[node_count:]))
     members = tuple(MemberConfig(id=node_id, peer_addr=f"127.0.0.1:{peer_ports[node_id]}",
                                  http_url=f"http://127.0.0.1:{http_ports[node_id]}") for node_id in ids)
     timing_config = TimingConfig(tick_ms=timing.tick_ms, election_timeout_ticks=timing.election_timeout_ticks,
@@ -207,6 +219,43 @@ async def start_cluster(root: Path, node_count: int, timing: Timing = Timing(),
         await cluster.close()
         raise
     return cluster
+
+
+# --------------------------------------------------------------------------- partitions
+
+class Partition:
+    """Cuts a node off from the others by dropping every frame delivered across the cut.
+
+    The TCP links stay up (as behind a black-holing switch), so nothing notices
+    a disconnect; only the messages vanish. It wraps the transport's private
+    delivery callback because the Node binds its handler at construction.
+    """
+
+    def __init__(self, cluster: Cluster, isolated_id: str) -> None:
+        self.cluster = cluster
+        self.isolated_id = isolated_id
+        self.originals: dict[str, Callable[[str, object], None]] = {}
+        self.dropped = 0
+        for running in cluster.running():
+            transport = running.node.transport
+            assert transport is not None
+            original = transport._on_message
+            self.originals[running.node_id] = original
+            transport._on_message = self._filter(running.node_id, original)
+
+    def _filter(self, receiver_id: str, deliver: Callable[[str, object], None]) -> Callable[[str, object], None]:
+        def filtered(sender_id: str, message: object) -> None:
+            if (sender_id == self.isolated_id) != (receiver_id == self.isolated_id):
+                self.dropped += 1
+                return
+            deliver(sender_id, message)
+        return filtered
+
+    def heal(self) -> None:
+        for running in self.cluster.running():
+            if running.node_id in self.originals and running.node.transport is not None:
+                running.node.transport._on_message = self.originals[running.node_id]
+        self.originals.clear()
 
 
 # --------------------------------------------------------------------------- proposal gates

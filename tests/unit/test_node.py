@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from node_support import (Cluster, RunningNode, Timing, data_files, make_configs, retry_until_ok, start_cluster,
+from node_support import (Cluster, Partition, RunningNode, Timing, data_files, make_configs, retry_until_ok, start_cluster,
                           start_node, wait_until)
 from protocol import NotPrimary, Role
 from tokenvault import commands
@@ -371,5 +371,42 @@ async def test_a_backup_behind_the_compacted_log_catches_up_from_a_snapshot(
             assert await running.service.detokenize(tokens) == values
         # Epoch-2 values tokenize to the same tokens again after the restart (same epoch secret).
         assert await tokens_of(cluster.running()[0], values[8:]) == (2, tokens[8:])
+    finally:
+        await cluster.close()
+
+
+async def test_an_isolated_primary_neither_acknowledges_writes_nor_reads_stale(tmp_path: Path) -> None:
+    cluster = await start_cluster(tmp_path, 3, Timing(request_timeout_ms=800))
+    try:
+        old = await cluster.wait_for_stable_primary()
+        _, before = await tokens_of(old, ["before-partition"])
+        partition = Partition(cluster, old.node_id)
+        try:
+            others = [running for running in cluster.running() if running is not old]
+            new = await wait_until(lambda: next((running for running in others if running.is_primary()), None), 5,
+                                   "the majority side to elect a primary")
+            _, fresh = await tokens_of(new, ["issued-by-the-majority"])
+            # The old primary may still believe it leads: it must not say the new token is unknown.
+            try:
+                values = await asyncio.wait_for(old.service.detokenize(fresh), 5)
+            except ServiceError as error:
+                assert error.status == 503
+            else:
+                assert values == ["issued-by-the-majority"], "a stale read from the isolated primary"
+            with pytest.raises(ServiceError) as raised:
+                await asyncio.wait_for(old.service.tokenize("p", ["minority-write"], None), 5)
+            assert raised.value.status == 503
+            await wait_until(lambda: not old.is_primary(), 5, "the isolated primary to step down")
+            assert partition.dropped > 0
+        finally:
+            partition.heal()
+        await wait_until(lambda: old.node.store.lookup(fresh), 5, "the old primary to catch up after healing")
+        assert await old.service.detokenize(before + fresh) == ["before-partition", "issued-by-the-majority"]
+        await cluster.wait_for_stable_primary()
+        commit_index = max(running.node.replica.commit_index for running in cluster.running())
+        await wait_until(lambda: all(running.node.store.applied_index >= commit_index
+                                     for running in cluster.running()), 5, "every node to apply the same log")
+        counts = {running.node_id: running.node.store.token_count() for running in cluster.running()}
+        assert len(set(counts.values())) == 1, counts
     finally:
         await cluster.close()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from node_support import RawPeer, free_port, handshake_proof, start_cluster, wait_until
+from node_support import RawPeer, free_ports, handshake_proof, start_cluster, wait_until
 from protocol import ForwardRequest, Hello, HelloProof, RequestVote, encode_frame
 from tokenvault import transport as transport_module
 from tokenvault.transport import PeerAddress, PeerTransport
@@ -62,7 +62,7 @@ class Mesh:
 
 @pytest.fixture
 async def mesh() -> AsyncIterator[Mesh]:
-    mesh = Mesh(os.urandom(32), {node_id: free_port() for node_id in IDS})
+    mesh = Mesh(os.urandom(32), dict(zip(IDS, free_ports(len(IDS)))))
     try:
         yield mesh
     finally:

@@ -17,7 +17,9 @@ from pathlib import Path
 import pytest
 
 from node_support import Cluster, ProposalGate, RunningNode, Timing, retry_until_ok, start_cluster, wait_until
-from protocol import AppendEntries
+import msgpack
+
+from protocol import AppendEntries, ForwardRequest, ForwardResponse
 from tokenvault import commands
 from tokenvault.crypto import new_epoch_secret
 from tokenvault.errors import IdempotencyInFlight, IdempotencyMismatch, Outcome, ServiceError, Unavailable
@@ -416,3 +418,66 @@ async def test_a_forward_in_flight_fails_fast_when_the_link_to_the_primary_drops
         assert time.monotonic() - dropped_at < 1.5, "the 503 waited for the forward timeout"
     finally:
         await cluster.close()
+
+
+HOSTILE_FORWARDS = {
+    "not-msgpack": ("tokenize", b"\xc1\xc1"),
+    "not-a-map": ("tokenize", msgpack.packb(["values"])),
+    "missing-fields": ("tokenize", msgpack.packb({"values": ["x"]})),
+    "values-not-strings": ("tokenize", msgpack.packb({"principal": "p", "values": [1, b"x"], "idempotency_key": None})),
+    "no-values": ("tokenize", msgpack.packb({"principal": "p", "values": [], "idempotency_key": None})),
+    "key-not-a-string": ("tokenize", msgpack.packb({"principal": "p", "values": ["x"], "idempotency_key": 5})),
+    "invalid-utf8": ("tokenize", b"\x81\xa6values\x91\xa2\xff\xfe"),
+    "bad-token": ("detokenize", msgpack.packb({"tokens": ["not-a-token"]})),
+    "unknown-kind": ("drop-tables", msgpack.packb({})),
+}
+
+
+async def serve_forward(running: RunningNode, request: ForwardRequest) -> ForwardResponse:
+    """Hand a forwarded request to the node as the transport would, and catch the answer it sends."""
+    answers: list[tuple[str, object]] = []
+    original = running.node.send_to_peer
+
+    def capture(peer_id: str, message: object) -> bool:
+        if isinstance(message, ForwardResponse):
+            answers.append((peer_id, message))
+            return True
+        return original(peer_id, message)  # replication traffic goes on as usual
+    running.node.send_to_peer = capture
+    try:
+        running.node.forward_handler("n9", request)
+        await wait_until(lambda: answers, 5, "the forwarded request's answer")
+    finally:
+        running.node.send_to_peer = original
+    ((peer_id, response),) = answers
+    assert peer_id == "n9" and isinstance(response, ForwardResponse) and response.request_id == request.request_id
+    return response
+
+
+async def test_a_malformed_forwarded_request_is_answered_400_and_changes_nothing(trio: Cluster) -> None:
+    # One cluster for every case: each case is independent and a cluster start costs more than all of them.
+    primary = trio.primaries()[0]
+    for request_id, (name, (kind, payload)) in enumerate(HOSTILE_FORWARDS.items()):
+        applied, tokens = primary.node.store.applied_index, primary.node.store.token_count()
+        response = await serve_forward(primary, ForwardRequest(request_id=request_id, kind=kind, body=payload))
+        assert response.status == 400, name
+        problem = json.loads(response.body)
+        assert problem["status"] == 400 and set(problem) == {"type", "title", "status", "detail"}, name
+        assert primary.node.store.token_count() == tokens and primary.node.store.applied_index == applied, name
+    # The node goes on serving.
+    assert body(await primary.service.tokenize("p", ["after-garbage"], None))["epoch"] == 1
+
+
+async def test_forwarded_requests_answered_by_the_primary_and_refused_by_a_backup(trio: Cluster) -> None:
+    primary = trio.primaries()[0]
+    arguments = msgpack.packb({"principal": "p", "values": ["forwarded"], "idempotency_key": None})
+    response = await serve_forward(primary, ForwardRequest(request_id=1, kind="tokenize", body=arguments))
+    assert response.status == 200 and json.loads(response.body)["epoch"] == 1
+    token = json.loads(response.body)["tokens"][0]
+    lookup = msgpack.packb({"tokens": [token]})
+    response = await serve_forward(primary, ForwardRequest(request_id=2, kind="detokenize", body=lookup))
+    assert response.status == 200 and msgpack.unpackb(response.body) == {token: "forwarded"}
+    # A backup never forwards a forwarded request again (no loops): it answers 503.
+    backup = trio.backups()[0]
+    response = await serve_forward(backup, ForwardRequest(request_id=3, kind="tokenize", body=arguments))
+    assert response.status == 503 and dict(response.headers).get("Retry-After")

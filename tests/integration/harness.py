@@ -47,7 +47,7 @@ ELECTION_TIMEOUT_TICKS = int(os.environ.get("TOKENVAULT_IT_ELECTION_TIMEOUT_TICK
 HEARTBEAT_INTERVAL_TICKS = 2
 REQUEST_TIMEOUT_MS = 2000
 START_TIMEOUT_SECONDS = 30.0
-STOP_TIMEOUT_SECONDS = 3.0
+STOP_TIMEOUT_SECONDS = 2.0
 HEALTH_TIMEOUT_SECONDS = 1.0
 POLL_INTERVAL_SECONDS = 0.05
 # Below Linux's ephemeral range (32768-60999), so outgoing connections never hold our ports.
@@ -170,6 +170,7 @@ class ClusterHarness:
 
     def _create(self) -> None:
         base_port = free_base_port(self.node_count, self.rng)
+        self.proxies = {}
         self.spec, _ = cluster.init_cluster(self.directory, self.node_count, base_port, settings=self.settings)
         if self.with_proxies:
             self._splice_proxies()

@@ -361,6 +361,31 @@ async def test_partitioned_primary_cannot_write_majority_elects_and_all_converge
         harness.wait_for_event(old_primary, "peer.up", since=healed_at_mark)
 
 
+async def test_peer_links_come_back_after_resets_during_handshakes(
+        make_cluster: Callable[..., ClusterHarness]) -> None:
+    harness = make_cluster(proxies=True)
+    await asyncio.to_thread(harness.wait_for_primary)
+    # Every link resets its connections and every reconnection attempt, mid-handshake, for a while.
+    for proxy in harness.proxies.values():
+        proxy.refuse_new_connections()
+        proxy.close_connections()
+    await asyncio.to_thread(
+        wait_for, lambda: all(proxy.statistics().connections_refused >= 6 for proxy in harness.proxies.values()),
+        15.0, "every link to fail six reconnection attempts")
+    marks = {node_id: harness.log_mark(node_id) for node_id in harness.node_ids}
+    harness.heal_all()
+    # Then every dialer must get its link back: the smaller id logs peer.up for the larger one.
+    for dialer, acceptor in harness.proxies:
+        harness.wait_for_event(dialer, "peer.up", since=marks[dialer], peer=acceptor)
+    await converged(harness)
+    history = History()
+    for node_id in harness.node_ids:
+        recorder = RecordingClient(history, f"after-{node_id}", harness.client(node_id), node_id)
+        assert await recorder.tokenize(value_pool(f"after-{node_id}", 5)) is not None, history.summary()
+        await recorder.close()
+    await assert_history_holds(harness, history, harness.node_ids)
+
+
 async def test_delayed_links_then_primary_cut_one_way_then_healed(
         make_cluster: Callable[..., ClusterHarness]) -> None:
     harness = make_cluster(proxies=True)
@@ -425,11 +450,14 @@ async def test_concurrent_clients_and_rotations_keep_epoch_safety(
     harness = make_cluster()
     history = History()
     rotations = []
-    admin = RecordingClient(history, "admin", harness.client(), "all")
     async with background_load(harness, history, value_pool("epochs", 24), workers=8, batch_items=4):
         await wait_for_acknowledged(history, 10)
-        for _ in range(4):
+        for number in range(4):
+            # Each rotation enters through another node, so backups forward rotations too.
+            entry = harness.node_ids[number % len(harness.node_ids)]
+            admin = RecordingClient(history, "admin", harness.client(entry), entry)
             rotation = await admin.rotate()
+            await admin.close()
             assert rotation is not None, history.summary()
             rotations.append((time.monotonic(), rotation.epoch))
             await asyncio.to_thread(
@@ -437,7 +465,6 @@ async def test_concurrent_clients_and_rotations_keep_epoch_safety(
                                       for answer in harness.healths().values()),
                 FAILOVER_BOUND_SECONDS, f"every node's /health to show epoch {rotation.epoch}")
             await wait_for_acknowledged(history, 8, since_monotonic=rotations[-1][0])
-    await admin.close()
 
     epochs = [epoch for _, epoch in rotations]
     assert epochs == sorted(set(epochs)), epochs

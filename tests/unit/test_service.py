@@ -481,3 +481,25 @@ async def test_forwarded_requests_answered_by_the_primary_and_refused_by_a_backu
     backup = trio.backups()[0]
     response = await serve_forward(backup, ForwardRequest(request_id=3, kind="tokenize", body=arguments))
     assert response.status == 503 and dict(response.headers).get("Retry-After")
+
+
+async def test_a_forward_takes_its_answer_only_from_the_primary_it_asked(trio: Cluster) -> None:
+    primary = trio.primaries()[0]
+    asking, other = trio.backups()
+    gate = ProposalGate(primary.node, is_tokenize("p", "asked"))
+    try:
+        waiting = asyncio.create_task(asking.service.tokenize("p", ["asked-value"], "asked"))
+        await asyncio.wait_for(gate.waiting.wait(), 5)
+        forged = json.dumps({"epoch": 1, "tokens": ["tv1_" + "e" * 32]}).encode()
+        for request_id in range(1, 50):  # whatever id the forward carries, a reply from another peer is ignored
+            asking.node.forward_response_handler(
+                other.node_id, ForwardResponse(request_id=request_id, status=200, body=forged, headers=()))
+        asking.node.peer_down_handler(other.node_id)  # a link to a peer that was not asked
+        await asyncio.sleep(0)
+        assert not waiting.done()
+        gate.open()
+        outcome = await asyncio.wait_for(waiting, 5)
+    finally:
+        gate.remove()
+    assert outcome.status == 200 and outcome.body != forged
+    assert await primary.service.detokenize(body(outcome)["tokens"]) == ["asked-value"]

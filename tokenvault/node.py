@@ -363,12 +363,12 @@ class Node:
         """Follow-ups of one applied command: new epoch keys, and the counts for token.issued."""
         if result.outcome != Outcome.OK:
             return 0, 0
-        command = commands.decode_command(entry.payload)
-        if isinstance(command, commands.RotateEpochCommand):
+        if result.kind == "rotate":
+            command = commands.decode_command(entry.payload)
             self.keyring.add(command.epoch, command.wrapped_secret)
             log.info("epoch.rotated", epoch=command.epoch, index=entry.index)
             return 0, 0
-        return len(command.items), command.epoch
+        return result.items, result.epoch
 
     def _compact(self) -> None:
         self._applied_since_compact = 0

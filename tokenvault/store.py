@@ -101,6 +101,10 @@ class ApplyResult:
     outcome: Outcome
     status: int | None
     response: bytes | None
+    # What an OK command did, so the node can log and count without decoding it again.
+    kind: str = ""
+    epoch: int = 0
+    items: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -384,10 +388,13 @@ class VaultStore:
             # repeated within this command): they must map to the same ciphertext.
             self._verify_existing(index, rows)
         state.token_count += inserted
-        response = _json_bytes({"epoch": command.epoch, "tokens": [token for token, _ in command.items]})
-        self._record_idempotency(command.principal, command.idempotency_key, TOKENIZE_KIND, command.fingerprint,
-                                 200, response, command.issued_at_ms)
-        return ApplyResult(index, Outcome.OK, 200, response)
+        response = None
+        if command.idempotency_key is not None:
+            # Only a keyed request can be replayed, so only then is the body built and kept.
+            response = _json_bytes({"epoch": command.epoch, "tokens": [token for token, _ in command.items]})
+            self._record_idempotency(command.principal, command.idempotency_key, TOKENIZE_KIND,
+                                     command.fingerprint, 200, response, command.issued_at_ms)
+        return ApplyResult(index, Outcome.OK, 200, response, TOKENIZE_KIND, command.epoch, len(command.items))
 
     def _apply_rotate(self, index: int, command: RotateEpochCommand, state: "_BatchState") -> ApplyResult:
         duplicate = self._existing_response(index, command.principal, command.idempotency_key,
@@ -402,7 +409,7 @@ class VaultStore:
         response = _json_bytes({"epoch": command.epoch})
         self._record_idempotency(command.principal, command.idempotency_key, ROTATE_KIND, command.fingerprint,
                                  201, response, command.created_at_ms)
-        return ApplyResult(index, Outcome.OK, 201, response)
+        return ApplyResult(index, Outcome.OK, 201, response, ROTATE_KIND, command.epoch, 0)
 
     def _existing_response(self, index: int, principal: str | None, key: str | None,
                            now_ms: int) -> ApplyResult | None:

@@ -99,8 +99,9 @@ class Model:
                 return (Outcome.DUPLICATE, record[1], record[2])
             for number in numbers:
                 self.tokens[token(epoch, number)] = ciphertext(token(epoch, number))
+            # The store builds (and keeps) a tokenize body only for a keyed, replayable request.
             body = json.dumps({"epoch": epoch, "tokens": [token(epoch, n) for n in numbers]},
-                              separators=(",", ":")).encode()
+                              separators=(",", ":")).encode() if key is not None else None
             status = 200
         else:
             _, epoch, key, at_ms = command

@@ -109,12 +109,17 @@ def test_rotation_to_other_than_active_plus_one_is_stale_and_writes_nothing(stor
 def test_tokenize_inserts_and_answers_with_the_exact_body(store):
     log = Log()
     started(store, log)
-    (result,) = store.apply_batch([log.command(tokenize(1, [5, 6, 7]))])
+    (result,) = store.apply_batch([log.command(tokenize(1, [5, 6, 7], key="exact"))])
     expected_body = json.dumps({"epoch": 1, "tokens": [token(1, 5), token(1, 6), token(1, 7)]},
                                separators=(",", ":")).encode()
     assert (result.outcome, result.status, result.response) == (Outcome.OK, 200, expected_body)
+    assert (result.kind, result.epoch, result.items) == ("tokenize", 1, 3)
+    assert store.idempotency_get("tokenizer", "exact").response == expected_body
     assert store.lookup([token(1, 6), token(1, 99)]) == {token(1, 6): b"ct-6"}
     assert store.token_count() == 3
+    # Without an idempotency key nothing can be replayed, so no body is built or kept.
+    (unkeyed,) = store.apply_batch([log.command(tokenize(1, [8]))])
+    assert (unkeyed.outcome, unkeyed.status, unkeyed.response, unkeyed.items) == (Outcome.OK, 200, None, 1)
 
 
 def test_tokenize_in_another_epoch_is_a_mismatch_and_writes_nothing(store):

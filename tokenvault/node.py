@@ -164,7 +164,7 @@ class Node:
                 pass
         if self.transport is not None:
             await self.transport.close()
-        self._fail_pending(ProposalLost("node stopping"))
+        self._fail_pending(NotPrimary(None))  # callers answer 503: this node is going away
         self._disk_executor.shutdown(wait=True)
         self.wal.close()
         self.store.close()
@@ -446,10 +446,16 @@ class Node:
 
     # ----------------------------------------------------------------- state
     def _fail_pending(self, error: Exception) -> None:
-        for pending in self._pending_proposals.values():
-            if not pending.future.done():
-                pending.future.set_exception(error)
+        futures = [pending.future for pending in self._pending_proposals.values()]
+        futures += list(self._pending_reads.values()) + [pending.future for pending in self._reads_waiting_apply]
+        futures += [item[-1] for item in self._inbox if item[0] in ("propose", "read")]
+        for future in futures:
+            if not future.done():
+                future.set_exception(error)
         self._pending_proposals.clear()
+        self._pending_reads.clear()
+        self._reads_waiting_apply.clear()
+        self._inbox.clear()
 
     def _update_gauges(self) -> None:
         self.metrics.set_replication(role=self.role_name(), view=self.replica.view,

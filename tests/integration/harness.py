@@ -292,22 +292,21 @@ class ClusterHarness:
     def agreed_primary(self, node_ids: Iterable[str] | None = None) -> str | None:
         """The primary that every given node answers with: one says role primary in view V and every
         other given node answers, in view V, that it is the primary. None while there is none."""
-        answers = self.healths(node_ids)
-        if any(answer is None for answer in answers.values()):
-            return None
-        primaries = [node_id for node_id, answer in answers.items() if answer and answer.get("role") == "primary"]
-        if len(primaries) != 1:
-            return None
-        primary = primaries[0]
-        view = answers[primary]["view"]  # type: ignore[index]
-        agreed = all(answer is not None and answer.get("view") == view and answer.get("primary_id") == primary
-                     for answer in answers.values())
-        return primary if agreed else None
+        return _agreement(self.healths(node_ids))
 
     def wait_for_primary(self, node_ids: Iterable[str] | None = None,
                          timeout_seconds: float = 10.0) -> str:
         chosen = list(node_ids) if node_ids is not None else self.node_ids
-        return wait_for(lambda: self.agreed_primary(chosen), timeout_seconds, f"a primary agreed by {chosen}")
+        seen: list[dict[str, dict[str, Any] | None]] = [{}]
+
+        def agreed() -> str | None:
+            seen[0] = self.healths(chosen)
+            return _agreement(seen[0])
+
+        try:
+            return wait_for(agreed, timeout_seconds, f"a primary agreed by {chosen}")
+        except AssertionError as error:
+            raise AssertionError(f"{error}; last answers: {_describe_answers(seen[0])}") from None
 
     def wait_for_applied(self, node_ids: Iterable[str], index: int, timeout_seconds: float = 10.0) -> None:
         chosen = list(node_ids)
@@ -435,6 +434,31 @@ class ClusterHarness:
                     cluster.running_pid(node)  # reaps our exited children
         for proxy in self.proxies.values():
             proxy.stop()
+
+
+def _agreement(answers: dict[str, dict[str, Any] | None]) -> str | None:
+    if not answers or any(answer is None for answer in answers.values()):
+        return None
+    primaries = [node_id for node_id, answer in answers.items() if answer and answer.get("role") == "primary"]
+    if len(primaries) != 1:
+        return None
+    primary = primaries[0]
+    view = answers[primary]["view"]  # type: ignore[index]
+    agreed = all(answer is not None and answer.get("view") == view and answer.get("primary_id") == primary
+                 for answer in answers.values())
+    return primary if agreed else None
+
+
+def _describe_answers(answers: dict[str, dict[str, Any] | None]) -> str:
+    parts = []
+    for node_id, answer in answers.items():
+        if answer is None:
+            parts.append(f"{node_id}: no /health answer within {HEALTH_TIMEOUT_SECONDS:g} s")
+        else:
+            parts.append(f"{node_id}: {answer.get('role')} view {answer.get('view')} primary "
+                         f"{answer.get('primary_id')} commit {answer.get('commit_index')} "
+                         f"applied {answer.get('applied_index')}")
+    return "; ".join(parts)
 
 
 def _parallel(function: Callable[[str], Value], items: Sequence[str]) -> list[Value]:

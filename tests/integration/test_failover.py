@@ -71,6 +71,17 @@ def highest_commit_index(harness: ClusterHarness, node_ids: Sequence[str]) -> in
     return max(answer["commit_index"] for answer in answers.values() if answer is not None)
 
 
+async def primary_now(harness: ClusterHarness) -> tuple[str, int, list[str]]:
+    """The primary all nodes agree on right now, its view, and the other nodes.
+
+    Why right before each fault: on a loaded machine an election can happen while load runs,
+    and a fault aimed at a former primary would test something else."""
+    primary = await asyncio.to_thread(harness.wait_for_primary)
+    health = await harness.health_async(primary)
+    assert health is not None and health["role"] == "primary", health
+    return primary, health["view"], [node_id for node_id in harness.node_ids if node_id != primary]
+
+
 async def converged(harness: ClusterHarness) -> str:
     """Wait until every node agrees on one primary and has applied the highest commit index."""
     primary = await asyncio.to_thread(harness.wait_for_primary, None, 15.0)
@@ -87,12 +98,10 @@ async def test_primary_killed_under_load_new_primary_serves_within_5_s(
     # The contract's bound holds "with the default timeouts": this cluster runs the shipped defaults.
     harness = make_cluster(settings=default_settings())
     history = History()
-    old_primary = await asyncio.to_thread(harness.wait_for_primary)
-    old_view = harness.health(old_primary)["view"]  # type: ignore[index]
-    survivors = [node_id for node_id in harness.node_ids if node_id != old_primary]
-    marks = {node_id: harness.log_mark(node_id) for node_id in survivors}
     async with background_load(harness, history, value_pool("kill-primary", 60), workers=LOAD_WORKERS):
         await wait_for_acknowledged(history, 20)
+        old_primary, old_view, survivors = await primary_now(harness)
+        marks = {node_id: harness.log_mark(node_id) for node_id in survivors}
         killed_at = time.monotonic()
         await asyncio.to_thread(harness.kill, old_primary)
         recovery_seconds = await time_to_first_write(harness, history, survivors, killed_at)
@@ -111,13 +120,12 @@ async def test_primary_killed_under_load_new_primary_serves_within_5_s(
 async def test_killed_backup_does_not_interrupt_service(make_cluster: Callable[..., ClusterHarness]) -> None:
     harness = make_cluster()
     history = History()
-    primary = await asyncio.to_thread(harness.wait_for_primary)
-    view = harness.health(primary)["view"]  # type: ignore[index]
-    backup = next(node_id for node_id in harness.node_ids if node_id != primary)
-    survivors = [node_id for node_id in harness.node_ids if node_id != backup]
-    mark = harness.log_mark(primary)
     async with background_load(harness, history, value_pool("kill-backup", 60), workers=LOAD_WORKERS):
         await wait_for_acknowledged(history, 15)
+        primary, view, backups = await primary_now(harness)
+        backup = backups[0]
+        survivors = [node_id for node_id in harness.node_ids if node_id != backup]
+        mark = harness.log_mark(primary)
         killed_at = time.monotonic()
         await asyncio.to_thread(harness.kill, backup)
         await wait_for_acknowledged(history, 30, since_monotonic=killed_at)
@@ -279,11 +287,9 @@ async def test_paused_primary_never_acknowledges_as_a_stale_primary(
         make_cluster: Callable[..., ClusterHarness]) -> None:
     harness = make_cluster()
     history = History()
-    old_primary = await asyncio.to_thread(harness.wait_for_primary)
-    old_view = harness.health(old_primary)["view"]  # type: ignore[index]
-    others = [node_id for node_id in harness.node_ids if node_id != old_primary]
     async with background_load(harness, history, value_pool("paused", 40), workers=4):
         await wait_for_acknowledged(history, 10)
+        old_primary, old_view, others = await primary_now(harness)
         await asyncio.to_thread(harness.pause, old_primary)
         new_primary = await asyncio.to_thread(harness.wait_for_primary, others, FAILOVER_BOUND_SECONDS)
         admin = RecordingClient(history, "admin", harness.client(others), "+".join(others))
@@ -320,13 +326,12 @@ async def test_partitioned_primary_cannot_write_majority_elects_and_all_converge
         make_cluster: Callable[..., ClusterHarness], silently: bool) -> None:
     harness = make_cluster(proxies=True)
     history = History()
-    old_primary = await asyncio.to_thread(harness.wait_for_primary)
-    old_view = harness.health(old_primary)["view"]  # type: ignore[index]
-    others = [node_id for node_id in harness.node_ids if node_id != old_primary]
+    await asyncio.to_thread(harness.wait_for_primary)
     assert all(proxy.statistics().forwarded_bytes["a->b"] > 0 for proxy in harness.proxies.values()), \
         "the peer links do not go through the proxies"
     async with background_load(harness, history, value_pool("partition", 40), workers=4):
         await wait_for_acknowledged(history, 10)
+        old_primary, old_view, others = await primary_now(harness)
         marks = {node_id: harness.log_mark(node_id) for node_id in harness.node_ids}
         cut_at = time.monotonic()
         harness.isolate(old_primary, silently=silently)
@@ -390,8 +395,6 @@ async def test_delayed_links_then_primary_cut_one_way_then_healed(
         make_cluster: Callable[..., ClusterHarness]) -> None:
     harness = make_cluster(proxies=True)
     history = History()
-    old_primary = await asyncio.to_thread(harness.wait_for_primary)
-    others = [node_id for node_id in harness.node_ids if node_id != old_primary]
     async with background_load(harness, history, value_pool("one-way", 40), workers=4):
         await wait_for_acknowledged(history, 5)
         for proxy in harness.proxies.values():
@@ -401,6 +404,7 @@ async def test_delayed_links_then_primary_cut_one_way_then_healed(
         harness.heal_all()
 
         # Everything the primary sends is lost; it still hears the others.
+        old_primary, _, others = await primary_now(harness)
         cut_at = time.monotonic()
         for node_id in others:
             harness.cut_from(old_primary, node_id)
@@ -422,11 +426,10 @@ async def test_primary_that_hears_nothing_does_not_stop_the_majority(
         make_cluster: Callable[..., ClusterHarness]) -> None:
     harness = make_cluster(proxies=True)
     history = History()
-    old_primary = await asyncio.to_thread(harness.wait_for_primary)
-    others = [node_id for node_id in harness.node_ids if node_id != old_primary]
     async with background_load(harness, history, value_pool("deaf", 40), workers=4):
         await wait_for_acknowledged(history, 5)
         # Everything sent to the primary is lost; what it sends (heartbeats, later vote requests) arrives.
+        old_primary, _, others = await primary_now(harness)
         cut_at = time.monotonic()
         for node_id in others:
             harness.cut_from(node_id, old_primary)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import random
 import signal
 import time
@@ -298,6 +299,17 @@ class Node:
                 self.send_to_peer(destination, message)
             else:
                 later.append((destination, message))
+        # Committed entries that were made durable by an earlier batch are applied
+        # (and their requests answered) before this batch's fsync rather than after
+        # it; only entries that arrive in this very batch wait for it.
+        first_new_index = ready.entries[0].index if ready.entries else None
+        committed_later = ready.committed
+        if ready.committed and (first_new_index is None or ready.committed[0].index < first_new_index):
+            split = len(ready.committed) if first_new_index is None else next(
+                (position for position, entry in enumerate(ready.committed) if entry.index >= first_new_index),
+                len(ready.committed))
+            self._apply(ready.committed[:split])
+            committed_later = ready.committed[split:]
         if ready.entries or ready.hard_state is not None or ready.truncate_from is not None:
             self.wal.append(truncate_from=ready.truncate_from, entries=ready.entries,
                             hard_state=ready.hard_state)
@@ -309,8 +321,8 @@ class Node:
                                           sum(len(entry.payload) for entry in ready.entries))
         for destination, message in later:
             self.send_to_peer(destination, message)
-        if ready.committed:
-            self._apply(ready.committed)
+        if committed_later:
+            self._apply(committed_later)
         for result in ready.read_results:
             self._on_read_result(result)
         for peer_id in ready.snapshot_requests:
@@ -481,6 +493,8 @@ async def run_node(config: NodeConfig) -> int:
     from tokenvault.http import ProblemAppRunner, create_app
     from tokenvault.service import NodeService
 
+    # Everything the node writes (log, WAL, store) is for its owner only.
+    os.umask(0o077)
     configure_logging(config.node_id, Path(config.log_file) if config.log_file else None, config.log_level)
     metrics = Metrics()
     try:

@@ -46,12 +46,12 @@ PURGE_LIMIT_PER_COMMAND = 8
 LOOKUP_CHUNK_TOKENS = 500
 # Applied batches are committed together: at the latest after this many seconds
 # (the node calls flush_if_due on its timer) or this many inserted rows.
-COMMIT_INTERVAL_SECONDS = 0.2
-COMMIT_ROWS = 50_000
+COMMIT_INTERVAL_SECONDS = 0.5
+COMMIT_ROWS = 100_000
 # Tokens are HMAC outputs, so inserts land on random B-tree pages: a page cache
 # that holds the tree's inner pages and many leaves keeps 100-value batches off
 # the disk (measured: about 1.6x the default 2 MiB cache at 400,000 tokens).
-CACHE_KIBIBYTES = 64 * 1024
+CACHE_KIBIBYTES = 256 * 1024
 # SQLite's own checkpoint runs only as a safety net; the node calls checkpoint()
 # on its own schedule (it also decides which log segments may go).
 AUTOCHECKPOINT_PAGES = 16384

@@ -4,9 +4,11 @@ Tables: ``tokens`` (token -> epoch, ciphertext; insert-once), ``epochs`` (wrappe
 secrets and their state), ``idempotency`` (the first response to each
 (principal, key)) and ``meta`` (the applied log position and the token count).
 
-Every batch of committed entries is applied in one SQLite transaction that
-also records the applied index and view, so after a crash the store is exactly
-at some applied index and the node replays the log from there.
+Every batch of committed entries is applied under a savepoint that also records
+the applied index and view; consecutive batches share one transaction that is
+committed every COMMIT_INTERVAL_SECONDS or COMMIT_ROWS rows (``flush``). So
+after a crash the store is exactly at some applied index (the last commit) and
+the node replays the log from there.
 
 Durability: the database runs in WAL journal mode with ``synchronous=NORMAL``.
 Commits are then atomic and never corrupt the file, but the latest ones may be

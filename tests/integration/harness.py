@@ -27,6 +27,7 @@ import random
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
@@ -273,6 +274,22 @@ class ClusterHarness:
         assert pid is not None, f"{node_id} is not running"
         os.kill(pid, signal.SIGCONT)
         self.paused.discard(node_id)
+
+    def last_wal_segment(self, node_id: str) -> Path:
+        segments = sorted((self.node(node_id).data_dir / "wal").glob("segment-*.wal"))
+        assert segments, f"{node_id} wrote no write-ahead-log segment"
+        return segments[-1]
+
+    def tear_wal_tail(self, node_id: str) -> bytes:
+        """Append a half-written record to the (stopped) node's last WAL segment; returns the bytes.
+
+        The header promises a 200-byte payload of which only 30 bytes follow: what an interrupted
+        write leaves behind (u32 length, u32 crc, u8 type ENTRY, then part of the payload)."""
+        assert self.pid(node_id) is None, f"{node_id} must be stopped to tear its log"
+        torn_record = struct.pack(">IIB", 200, 0x12345678, 1) + bytes(range(1, 31))
+        with open(self.last_wal_segment(node_id), "ab") as handle:
+            handle.write(torn_record)
+        return torn_record
 
     # ------------------------------------------------------------ health
 

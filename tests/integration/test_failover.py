@@ -215,6 +215,29 @@ async def test_restarted_backup_recovers_catches_up_and_serves_what_it_missed(
     await assert_history_holds(harness, history, harness.node_ids)
 
 
+async def test_torn_wal_tail_on_one_node_of_three_is_cut_and_it_catches_up(
+        make_cluster: Callable[..., ClusterHarness]) -> None:
+    harness = make_cluster()
+    history = History()
+    writer = RecordingClient(history, "writer", harness.client(), "all")
+    assert await writer.tokenize(value_pool("torn-early", 30)) is not None
+    primary, _, backups = await primary_now(harness)
+    torn_node = backups[0]
+    await asyncio.to_thread(harness.kill, torn_node)
+    torn_record = harness.tear_wal_tail(torn_node)
+    for batch in range(3):
+        assert await writer.tokenize(value_pool(f"torn-late-{batch}", 20)) is not None
+    await writer.close()
+    commit_index = highest_commit_index(harness, [primary])
+
+    mark = harness.log_mark(torn_node)
+    await asyncio.to_thread(harness.restart, torn_node)
+    recovered = harness.wait_for_event(torn_node, "node.recovered", since=mark)
+    assert recovered["truncated_tail_bytes"] == len(torn_record), recovered
+    await asyncio.to_thread(harness.wait_for_applied, [torn_node], commit_index, 10.0)
+    await assert_history_holds(harness, history, harness.node_ids)
+
+
 async def test_whole_cluster_killed_under_load_and_restarted_loses_nothing(
         make_cluster: Callable[..., ClusterHarness]) -> None:
     harness = make_cluster()

@@ -5,7 +5,6 @@ write-ahead-log tail is cut off on restart."""
 from __future__ import annotations
 
 import asyncio
-import struct
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -102,12 +101,6 @@ async def test_kill_restart_keeps_tokens_and_no_value_reaches_disk(
     planted.unlink()
 
 
-def last_wal_segment(harness: ClusterHarness) -> Path:
-    segments = sorted((harness.node("n1").data_dir / "wal").glob("segment-*.wal"))
-    assert segments, "the node wrote no write-ahead-log segment"
-    return segments[-1]
-
-
 async def test_torn_wal_tail_is_cut_and_everything_acknowledged_survives(
         make_cluster: Callable[..., ClusterHarness]) -> None:
     harness = make_cluster(nodes=1)
@@ -116,12 +109,9 @@ async def test_torn_wal_tail_is_cut_and_everything_acknowledged_survives(
     first_tokens = await tokenize_all(harness, history, values, "before")
     harness.kill("n1")
 
-    # A record whose header promises 200 payload bytes, of which only 30 were written: an interrupted write.
-    segment = last_wal_segment(harness)
-    torn_record = struct.pack(">IIB", 200, 0x12345678, 1) + bytes(range(1, 31))
+    segment = harness.last_wal_segment("n1")
     size_before = segment.stat().st_size
-    with open(segment, "ab") as handle:
-        handle.write(torn_record)
+    torn_record = harness.tear_wal_tail("n1")
 
     mark = harness.log_mark("n1")
     harness.restart("n1")

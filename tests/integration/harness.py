@@ -19,6 +19,7 @@ use the `*_async` variants here.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import json
@@ -480,8 +481,6 @@ def _describe_answers(answers: dict[str, dict[str, Any] | None]) -> str:
 
 def _parallel(function: Callable[[str], Value], items: Sequence[str]) -> list[Value]:
     """Call a blocking function for every item at once (a hung node costs one timeout, not one each)."""
-    import concurrent.futures
-
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(items))) as pool:
         return list(pool.map(function, items))
 

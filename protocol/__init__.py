@@ -9,7 +9,7 @@ from protocol.codec import DEFAULT_MAX_FRAME_BYTES, PROTOCOL_VERSION, FrameDecod
 from protocol.errors import NotPrimary, ProposalRejected, ProtocolError
 from protocol.messages import (MESSAGE_REGISTRY, MESSAGE_TYPES, AppendEntries, AppendReply, ForwardRequest,
                                ForwardResponse, Heartbeat, HeartbeatReply, Hello, HelloProof, InstallSnapshot,
-                               Message, PreVote, PreVoteReply, RequestVote, SnapshotReply, VoteReply)
+                               Message, Ping, PreVote, PreVoteReply, RequestVote, SnapshotReply, VoteReply)
 from protocol.records import (BecamePrimary, ElectionStarted, Event, PrimaryChanged, ReadResult, Ready,
                               ReplicaConfig, RestoredState, Role, SnapshotToInstall, SteppedDown)
 from protocol.replica import Replica
@@ -19,7 +19,7 @@ __all__ = [
     "DEFAULT_MAX_FRAME_BYTES", "PROTOCOL_VERSION", "FrameDecoder", "decode_body", "encode_frame",
     "NotPrimary", "ProposalRejected", "ProtocolError",
     "MESSAGE_REGISTRY", "MESSAGE_TYPES", "AppendEntries", "AppendReply", "ForwardRequest", "ForwardResponse",
-    "Heartbeat", "HeartbeatReply", "Hello", "HelloProof", "InstallSnapshot", "Message", "PreVote", "PreVoteReply",
+    "Heartbeat", "HeartbeatReply", "Hello", "HelloProof", "InstallSnapshot", "Message", "Ping", "PreVote", "PreVoteReply",
     "RequestVote",
     "SnapshotReply", "VoteReply",
     "BecamePrimary", "ElectionStarted", "Event", "PrimaryChanged", "ReadResult", "Ready", "ReplicaConfig",

@@ -186,9 +186,18 @@ class ForwardResponse(Message):
     headers: tuple[tuple[str, str], ...]
 
 
+@dataclass(frozen=True, slots=True)
+class Ping(Message):
+    """Transport keepalive on an otherwise idle link; lets a silent peer be noticed as down."""
+
+    TYPE_TAG: ClassVar[int] = 20
+    sequence: int
+
+
 MESSAGE_TYPES: tuple[type[Message], ...] = (
     RequestVote, VoteReply, AppendEntries, AppendReply, Heartbeat, HeartbeatReply,
     InstallSnapshot, SnapshotReply, PreVote, PreVoteReply, Hello, HelloProof, ForwardRequest, ForwardResponse,
+    Ping,
 )
 
 

@@ -678,9 +678,18 @@ def kill_node(directory: Path | str, node_id: str, report: Report = _silent) -> 
         if pid is None:
             raise ClusterError(f"{node_id} is not running")
         os.kill(pid, signal.SIGKILL)
-        if _wait_gone([(node, pid)], time.monotonic() + 5.0):
+        deadline = time.monotonic() + 5.0
+        if _wait_gone([(node, pid)], deadline):
             raise ClusterError(f"{node_id} (pid {pid}) is still alive after SIGKILL")
         node.pid_file.unlink(missing_ok=True)
+        # The process can be reaped-looking while its other threads still hold the
+        # listening sockets; a restart right after must find the ports free.
+        while time.monotonic() < deadline:
+            try:
+                _check_ports_free(node)
+                break
+            except ClusterError:
+                time.sleep(0.02)
     report(f"killed {node_id} (pid {pid}) with SIGKILL")
     return pid
 

@@ -30,7 +30,7 @@ from tokenvault.config import NodeConfig, load_config
 from tokenvault.crypto import KeyRing
 from tokenvault.logs import configure_logging, get_logger
 from tokenvault.metrics import Metrics
-from tokenvault.store import ApplyResult, Outcome, VaultStore
+from tokenvault.store import ApplyResult, Outcome, StoreError, VaultStore
 from tokenvault.transport import PeerAddress, PeerTransport
 from tokenvault.wal import WalCorruption, WalFatal, WriteAheadLog
 
@@ -40,6 +40,7 @@ INBOX_MAX_ITEMS = 100_000
 COMPACT_EVERY_APPLIED_ENTRIES = 20_000
 COMPACT_KEEP_ENTRIES = 10_000
 MAX_FRAME_BYTES = 16 * 1024 * 1024
+SHUTDOWN_GRACE_SECONDS = 1.0
 PRIMARY_MESSAGE_TYPES = (AppendEntries, Heartbeat, InstallSnapshot)
 
 
@@ -98,7 +99,8 @@ class Node:
             peers = [PeerAddress(member.id, member.peer_host, member.peer_port) for member in config.members]
             self.transport = PeerTransport(self.node_id, config.peer.host, config.peer.port, peers,
                                            config.load_cluster_secret(), self._on_peer_message,
-                                           MAX_FRAME_BYTES, on_peer_down=self._on_peer_down)
+                                           MAX_FRAME_BYTES, on_peer_down=self._on_peer_down,
+                                           idle_timeout_seconds=_link_idle_timeout_seconds(config))
         self._inbox: deque = deque()
         self._wakeup = asyncio.Event()
         self._pending_proposals: dict[int, _PendingProposal] = {}
@@ -457,6 +459,10 @@ class Node:
             self._wake()
 
     # ----------------------------------------------------------------- state
+    def abort_requests(self) -> None:
+        """Answer every waiting proposal and read with NotPrimary (503 to clients): the node is stopping."""
+        self._fail_pending(NotPrimary(None))
+
     def _fail_pending(self, error: Exception) -> None:
         futures = [pending.future for pending in self._pending_proposals.values()]
         futures += list(self._pending_reads.values()) + [pending.future for pending in self._reads_waiting_apply]
@@ -485,6 +491,12 @@ class Node:
                 "applied_index": self.store.applied_index, "active_epoch": self.store.active_epoch()}
 
 
+def _link_idle_timeout_seconds(config: NodeConfig) -> float:
+    """Twice the longest election timeout: a link silent that long is reported down (peer.down)."""
+    longest_election_timeout_seconds = 2 * config.timing.election_timeout_ticks * config.timing.tick_ms / 1000
+    return max(1.0, 2 * longest_election_timeout_seconds)
+
+
 # --------------------------------------------------------------------- process entry point
 async def run_node(config: NodeConfig) -> int:
     """Start every part of one node and serve until SIGTERM/SIGINT or a fatal storage error."""
@@ -499,7 +511,7 @@ async def run_node(config: NodeConfig) -> int:
     metrics = Metrics()
     try:
         node = Node(config, metrics)
-    except WalCorruption as error:
+    except (WalCorruption, StoreError) as error:
         log.critical("node.refused_to_start", reason=str(error)[:500])
         return 3
     service = NodeService(node)
@@ -508,7 +520,8 @@ async def run_node(config: NodeConfig) -> int:
     log.info("node.recovered", wal_entries=replayed, log_base_index=node.restored.snapshot_index,
              store_applied_index=node.store.applied_index, commit_index=node.restored.hard_state.commit_index,
              truncated_tail_bytes=node.recovered_log.truncated_tail_bytes, view=node.restored.hard_state.view)
-    runner = ProblemAppRunner(create_app(service, config, metrics), access_log=None, handle_signals=False)
+    runner = ProblemAppRunner(create_app(service, config, metrics), access_log=None, handle_signals=False,
+                              shutdown_timeout=SHUTDOWN_GRACE_SECONDS)
     await runner.setup()
     site = web.TCPSite(runner, config.http.host, config.http.port, reuse_address=True)
     await site.start()
@@ -520,8 +533,11 @@ async def run_node(config: NodeConfig) -> int:
     fatal_task = loop.create_task(node.stopped.wait())
     await asyncio.wait({stop_task, fatal_task}, return_when=asyncio.FIRST_COMPLETED)
     log.info("node.stopping", reason="fatal" if node.fatal_error else "signal")
-    await runner.cleanup()
+    # Waiting requests are answered 503 first, so closing the HTTP server does not
+    # wait out their request timeouts.
+    node.abort_requests()
     await service.close()
+    await runner.cleanup()
     await node.close()
     log.info("node.stopped")
     return 2 if node.fatal_error else 0

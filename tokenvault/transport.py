@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from protocol import FrameDecoder, Hello, HelloProof, ProtocolError, encode_frame
+from protocol import FrameDecoder, Hello, HelloProof, Ping, ProtocolError, encode_frame
 from tokenvault.logs import get_logger
 
 HANDSHAKE_TIMEOUT_SECONDS = 3.0
@@ -29,6 +29,10 @@ SEND_QUEUE_MAX_MESSAGES = 4096
 RECONNECT_DELAY_SECONDS_MIN = 0.05
 RECONNECT_DELAY_SECONDS_MAX = 1.0
 READ_CHUNK_BYTES = 256 * 1024
+# A link that carries nothing for this long is declared down and closed; each
+# side sends a Ping after a quarter of it of its own silence, so only a peer
+# (or a network) that really went quiet trips it.
+DEFAULT_IDLE_TIMEOUT_SECONDS = 4.0
 
 log = get_logger("transport")
 
@@ -61,6 +65,7 @@ class _Connection:
         self.decoder = decoder
         self.queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=SEND_QUEUE_MAX_MESSAGES)
         self.dropped_messages = 0
+        self.silent = False
 
     def enqueue(self, frame: bytes) -> bool:
         try:
@@ -77,8 +82,13 @@ class _Connection:
             # Coalesce whatever is already queued into one write to save syscalls.
             while not self.queue.empty() and len(frames) < 512:
                 frames.append(self.queue.get_nowait())
-            self.writer.write(b"".join(frames))
-            await self.writer.drain()
+            try:
+                self.writer.write(b"".join(frames))
+                await self.writer.drain()
+            except (OSError, RuntimeError):
+                # The socket is gone; the read side notices and reports the peer down.
+                self.writer.close()
+                return
 
     def close(self) -> None:
         self.writer.close()
@@ -89,7 +99,8 @@ class PeerTransport:
 
     def __init__(self, node_id: str, listen_host: str, listen_port: int, peers: list[PeerAddress],
                  cluster_secret: bytes, on_message: Callable[[str, object], None],
-                 max_frame_bytes: int, on_peer_down: Callable[[str], None] | None = None) -> None:
+                 max_frame_bytes: int, on_peer_down: Callable[[str], None] | None = None,
+                 idle_timeout_seconds: float = DEFAULT_IDLE_TIMEOUT_SECONDS) -> None:
         self.node_id = node_id
         self.listen_host = listen_host
         self.listen_port = listen_port
@@ -97,6 +108,7 @@ class PeerTransport:
         self._secret = cluster_secret
         self._on_message = on_message
         self._on_peer_down = on_peer_down
+        self._idle_timeout_seconds = idle_timeout_seconds
         self._max_frame_bytes = max_frame_bytes
         self._connections: dict[str, _Connection] = {}
         self._tasks: set[asyncio.Task] = set()
@@ -147,29 +159,43 @@ class PeerTransport:
 
     # ----------------------------------------------------------------- dialing
     async def _dial_forever(self, peer: PeerAddress) -> None:
+        """Keep one connection to ``peer`` up for as long as the transport runs.
+
+        Nothing a peer or the network does may end this task: every failure of
+        one attempt is logged by type and followed by a capped backoff.
+        """
         delay = RECONNECT_DELAY_SECONDS_MIN
         while not self._closing:
             try:
-                reader, writer = await asyncio.wait_for(
-                    asyncio.open_connection(peer.host, peer.port, limit=READ_CHUNK_BYTES),
-                    HANDSHAKE_TIMEOUT_SECONDS)
-            except (OSError, asyncio.TimeoutError):
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, RECONNECT_DELAY_SECONDS_MAX)
-                continue
-            try:
-                decoder = FrameDecoder(self._max_frame_bytes)
-                leftover = await asyncio.wait_for(self._handshake_as_dialer(peer.node_id, reader, writer, decoder),
-                                                  HANDSHAKE_TIMEOUT_SECONDS)
-            except (HandshakeError, ProtocolError, OSError, asyncio.TimeoutError, asyncio.IncompleteReadError) as error:
+                connected = await self._dial_once(peer)
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # a reset mid-handshake raises RuntimeError, OSError, ...
                 self.handshake_failures += 1
                 log.warning("peer.handshake_failed", peer=peer.node_id, reason=type(error).__name__)
-                writer.close()
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, RECONNECT_DELAY_SECONDS_MAX)
+                connected = False
+            if connected:
+                delay = RECONNECT_DELAY_SECONDS_MIN
                 continue
-            delay = RECONNECT_DELAY_SECONDS_MIN
-            await self._serve_connection(_Connection(peer.node_id, reader, writer, decoder), leftover)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RECONNECT_DELAY_SECONDS_MAX)
+
+    async def _dial_once(self, peer: PeerAddress) -> bool:
+        """One connection attempt; True once a connection was established and has ended."""
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(peer.host, peer.port, limit=READ_CHUNK_BYTES), HANDSHAKE_TIMEOUT_SECONDS)
+        except (OSError, asyncio.TimeoutError):
+            return False
+        try:
+            decoder = FrameDecoder(self._max_frame_bytes)
+            leftover = await asyncio.wait_for(self._handshake_as_dialer(peer.node_id, reader, writer, decoder),
+                                              HANDSHAKE_TIMEOUT_SECONDS)
+        except BaseException:
+            writer.close()
+            raise
+        await self._serve_connection(_Connection(peer.node_id, reader, writer, decoder), leftover)
+        return True
 
     async def _read_messages(self, reader: asyncio.StreamReader, decoder: FrameDecoder, count: int) -> list:
         """Read until the decoder yields ``count`` messages (handshake only)."""
@@ -204,7 +230,10 @@ class PeerTransport:
         try:
             peer_id, leftover = await asyncio.wait_for(self._handshake_as_acceptor(reader, writer, decoder),
                                                        HANDSHAKE_TIMEOUT_SECONDS)
-        except (HandshakeError, ProtocolError, OSError, asyncio.TimeoutError, asyncio.IncompleteReadError) as error:
+        except asyncio.CancelledError:
+            writer.close()
+            raise
+        except Exception as error:  # whatever a hostile or dying peer causes ends only this connection
             self.handshake_failures += 1
             log.warning("peer.handshake_failed", reason=type(error).__name__)
             writer.close()
@@ -244,8 +273,10 @@ class PeerTransport:
         self.last_seen_monotonic[peer_id] = time.monotonic()
         log.info("peer.up", peer=peer_id)
         writer_task = self._spawn(connection.write_loop())
+        keepalive_task = self._spawn(self._keep_alive(connection))
         for message in leftover:
             self._deliver(peer_id, message)
+        reason = "closed"
         try:
             while True:
                 data = await connection.reader.read(READ_CHUNK_BYTES)
@@ -256,20 +287,39 @@ class PeerTransport:
                     self._deliver(peer_id, message)
         except ProtocolError as error:
             self.frames_rejected += 1
+            reason = "bad_frame"
             log.warning("peer.bad_frame", peer=peer_id, reason=str(error)[:200])
-        except (OSError, asyncio.IncompleteReadError):
-            pass
+        except (OSError, RuntimeError, asyncio.IncompleteReadError) as error:
+            reason = type(error).__name__
         finally:
             writer_task.cancel()
+            keepalive_task.cancel()
             connection.close()
             if self._connections.get(peer_id) is connection:
                 del self._connections[peer_id]
                 if not self._closing:
-                    log.warning("peer.down", peer=peer_id)
+                    if connection.silent:
+                        reason = "silent"
+                    log.warning("peer.down", peer=peer_id, reason=reason)
                     if self._on_peer_down is not None:
                         self._on_peer_down(peer_id)
 
+    async def _keep_alive(self, connection: _Connection) -> None:
+        """Ping an idle link, and close it when the peer has been silent past the idle timeout."""
+        interval = self._idle_timeout_seconds / 4
+        sequence = 0
+        while True:
+            await asyncio.sleep(interval)
+            silent_for = time.monotonic() - self.last_seen_monotonic.get(connection.peer_id, 0.0)
+            if silent_for > self._idle_timeout_seconds:
+                connection.silent = True
+                connection.close()
+                return
+            if connection.queue.empty():
+                sequence += 1
+                connection.enqueue(encode_frame(Ping(sequence=sequence)))
+
     def _deliver(self, peer_id: str, message: object) -> None:
-        if isinstance(message, (Hello, HelloProof)):
+        if isinstance(message, (Hello, HelloProof, Ping)):
             return
         self._on_message(peer_id, message)

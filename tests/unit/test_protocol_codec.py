@@ -6,7 +6,7 @@ import msgpack
 import pytest
 
 from protocol import (MESSAGE_REGISTRY, PROTOCOL_VERSION, AppendEntries, AppendReply, Entry, EntryKind,
-                      ForwardRequest, ForwardResponse, FrameDecoder, Heartbeat, HeartbeatReply, Hello, HelloProof,
+                      ForwardRequest, ForwardResponse, FrameDecoder, Heartbeat, HeartbeatReply, Hello, HelloProof, Ping,
                       InstallSnapshot, PreVote, PreVoteReply, ProtocolError, RequestVote, SnapshotReply, VoteReply,
                       encode_frame)
 
@@ -26,6 +26,7 @@ EXAMPLES = [
     HelloProof(node_id="n2", mac=b"\x02" * 32),
     ForwardRequest(request_id=17, kind="tokenize", body=b'{"values":[]}'),
     ForwardResponse(request_id=17, status=201, body=b"{}", headers=(("Retry-After", "1"),)),
+    Ping(sequence=3),
 ]
 
 

@@ -43,13 +43,14 @@ class Mesh:
     def addresses(self) -> list[PeerAddress]:
         return [PeerAddress(node_id, "127.0.0.1", port) for node_id, port in self.ports.items()]
 
-    async def start(self, node_id: str, secret: bytes | None = None) -> Side:
+    async def start(self, node_id: str, secret: bytes | None = None,
+                    idle_timeout_seconds: float = transport_module.DEFAULT_IDLE_TIMEOUT_SECONDS) -> Side:
         received: list[tuple[str, object]] = []
         peers_down: list[str] = []
         transport = PeerTransport(node_id, "127.0.0.1", self.ports[node_id], self.addresses(),
                                   secret if secret is not None else self.secret,
                                   lambda sender, message: received.append((sender, message)), MAX_FRAME_BYTES,
-                                  on_peer_down=peers_down.append)
+                                  on_peer_down=peers_down.append, idle_timeout_seconds=idle_timeout_seconds)
         side = Side(transport, received, peers_down)
         self.sides[node_id] = side
         await transport.start()
@@ -355,3 +356,34 @@ async def test_a_stranger_and_a_garbling_peer_do_not_disturb_a_cluster(
         assert all(running.node.replica.view < view + 50 for running in cluster.running())
     finally:
         await cluster.close()
+
+
+# --------------------------------------------------------------------------- keepalive
+
+
+async def test_an_idle_link_stays_up_past_the_idle_timeout_thanks_to_pings(mesh: Mesh) -> None:
+    first = await mesh.start("n1", idle_timeout_seconds=0.4)
+    second = await mesh.start("n2", idle_timeout_seconds=0.4)
+    await wait_until(lambda: first.transport.is_connected("n2") and second.transport.is_connected("n1"), 5,
+                     "the link to come up")
+    loop = asyncio.get_running_loop()
+    quiet_until = loop.time() + 1.2  # three idle timeouts with no application traffic
+    await wait_until(lambda: loop.time() >= quiet_until or bool(first.peers_down or second.peers_down), 5,
+                     "three idle timeouts to pass")
+    assert first.peers_down == [] and second.peers_down == []
+    assert first.received == [] and second.received == []  # pings never reach the node
+    assert first.transport.send("n2", forward(5))
+    await wait_until(lambda: forwards(second) == [5], 5, "a frame over the idle link")
+
+
+async def test_a_peer_that_goes_silent_is_reported_down(mesh: Mesh) -> None:
+    """A handshaken peer that then sends nothing at all (a black-holed link) is noticed and dropped."""
+    acceptor = await mesh.start("n2", idle_timeout_seconds=0.4)
+    peer = await RawPeer.connect(mesh.ports["n2"])
+    try:
+        await peer.handshake("n1", "n2", mesh.secret)
+        await wait_until(lambda: acceptor.transport.is_connected("n1"), 5, "the connection to be up")
+        await wait_until(lambda: acceptor.peers_down == ["n1"], 5, "the silent peer to be reported down")
+        assert not acceptor.transport.is_connected("n1")
+    finally:
+        peer.close()

@@ -40,6 +40,7 @@ from pathlib import Path
 
 from protocol import Entry, EntryKind
 from tokenvault.commands import RotateEpochCommand, TokenizeCommand, decode_command
+from tokenvault.wal import fsync_directory
 
 DEFAULT_RETENTION_MS = 48 * 3600 * 1000
 # Expired idempotency records deleted per applied command at most. Each command
@@ -180,14 +181,6 @@ def _json_bytes(document: dict) -> bytes:
     return _JSON_ENCODER.encode(document).encode()
 
 
-def _fsync_directory(directory: Path) -> None:
-    descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
 def _connect(path: Path) -> sqlite3.Connection:
     # Autocommit mode: transactions are begun and ended explicitly in apply_batch.
     connection = sqlite3.connect(path, isolation_level=None, cached_statements=256)
@@ -272,7 +265,7 @@ class VaultStore:
         try:
             if created or not _schema_of(connection):
                 _initialise(connection)
-                _fsync_directory(path.parent)
+                fsync_directory(path.parent)
             _check_store_schema(connection, StoreCorruption)
             store = cls(path, connection, retention_ms, purge_limit_per_command)
         except sqlite3.DatabaseError as error:
@@ -521,7 +514,7 @@ class VaultStore:
             if leftover.exists():
                 leftover.unlink()
         os.replace(temporary, self._path)
-        _fsync_directory(self._path.parent)
+        fsync_directory(self._path.parent)
         self._connection = _connect(self._path)
         self._load_meta()
         self._durable_index = self._applied_index

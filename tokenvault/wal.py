@@ -348,7 +348,7 @@ def _replay_file(path: Path, sequence: int, is_last: bool, state: _ReplayState,
 
 
 # ---------------------------------------------------------------- file helpers
-def _fsync_directory(directory: Path) -> None:
+def fsync_directory(directory: Path) -> None:
     descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(descriptor)
@@ -448,7 +448,7 @@ def _recover(directory: Path, fsync: bool) -> tuple[_ReplayState, list[_SegmentI
         segments = segments[resets[-1]:]
         removed = True
     if removed and fsync:
-        _fsync_directory(directory)
+        fsync_directory(directory)
     return state, segments, cut_bytes
 
 
@@ -495,7 +495,7 @@ class WriteAheadLog:
             created = not directory.exists()
             directory.mkdir(parents=True, exist_ok=True)
             if created and fsync:
-                _fsync_directory(directory.parent)
+                fsync_directory(directory.parent)
             lock_descriptor = _lock_directory(directory)
         except OSError as error:
             raise WalFatal(f"cannot open write-ahead log directory {directory}: {error.strerror}") from None
@@ -603,7 +603,7 @@ class WriteAheadLog:
             if self._fsync:
                 os.fdatasync(self._active_descriptor)
                 if created:
-                    _fsync_directory(self._directory)
+                    fsync_directory(self._directory)
         except OSError as error:
             self._failed = True
             raise WalFatal(f"write-ahead log write or fsync failed: {error.strerror}") from None
@@ -648,7 +648,7 @@ class WriteAheadLog:
                 _write_all(self._active_descriptor, header)
                 if self._fsync:
                     os.fdatasync(self._active_descriptor)
-                    _fsync_directory(self._directory)
+                    fsync_directory(self._directory)
                 self._segments[-1].size_bytes = len(header)
                 self._delete_segments(len(self._segments) - 1)
             except OSError as error:
@@ -693,7 +693,7 @@ class WriteAheadLog:
             segment.path.unlink()
         del self._segments[:count]
         if self._fsync:
-            _fsync_directory(self._directory)
+            fsync_directory(self._directory)
 
     # ------------------------------------------------------------ lifecycle
     def _check_usable(self) -> None:
@@ -736,5 +736,5 @@ def _create_first_segment(directory: Path, fsync: bool) -> _SegmentInfo:
     finally:
         os.close(descriptor)
     if fsync:
-        _fsync_directory(directory)
+        fsync_directory(directory)
     return _SegmentInfo(1, path, len(header), len(header), 0, 0, 0, None, False)

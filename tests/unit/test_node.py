@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,31 +26,6 @@ from tokenvault.store import Outcome as ApplyOutcome
 
 HEALTH_FIELDS = {"status", "node_id", "role", "view", "primary_id", "commit_index", "applied_index",
                  "active_epoch"}
-
-
-@pytest.fixture(autouse=True)
-def _no_master_key_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    # The environment variable would override every config's key file.
-    monkeypatch.delenv("TOKENVAULT_MASTER_KEY", raising=False)
-
-
-@pytest.fixture
-async def single(tmp_path: Path) -> AsyncIterator[RunningNode]:
-    cluster = await start_cluster(tmp_path, 1)
-    try:
-        await cluster.wait_for_stable_primary()
-        yield cluster.nodes[0]
-    finally:
-        await cluster.close()
-
-
-@pytest.fixture
-async def trio(tmp_path: Path) -> AsyncIterator[Cluster]:
-    cluster = await start_cluster(tmp_path, 3)
-    try:
-        yield cluster
-    finally:
-        await cluster.close()
 
 
 def rotate_payload(running: RunningNode, epoch: int) -> bytes:

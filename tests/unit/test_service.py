@@ -11,7 +11,6 @@ import asyncio
 import json
 import re
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -28,31 +27,6 @@ from tokenvault.store import Outcome as ApplyOutcome
 
 TOKEN_PATTERN = re.compile(r"tv(\d+)_[a-z2-7]{32}\Z")
 RFC3339_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z\Z")
-
-
-@pytest.fixture(autouse=True)
-def _no_master_key_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("TOKENVAULT_MASTER_KEY", raising=False)
-
-
-@pytest.fixture
-async def single(tmp_path: Path) -> AsyncIterator[RunningNode]:
-    cluster = await start_cluster(tmp_path, 1)
-    try:
-        await cluster.wait_for_stable_primary()
-        yield cluster.nodes[0]
-    finally:
-        await cluster.close()
-
-
-@pytest.fixture
-async def trio(tmp_path: Path) -> AsyncIterator[Cluster]:
-    cluster = await start_cluster(tmp_path, 3)
-    try:
-        await cluster.wait_for_stable_primary()
-        yield cluster
-    finally:
-        await cluster.close()
 
 
 def body(outcome: Outcome) -> dict:

@@ -3,11 +3,14 @@
 Everything that touches the ``protocol.Replica`` happens in one driver task, so
 the core is never re-entered while a ``Ready`` batch is being carried out. HTTP
 handlers and the peer transport only put work into an inbox and wake the
-driver. For every ``Ready`` the order is the one DESIGN.md requires: install a
-received snapshot, append entries and hard state to the WAL and fsync once,
-then send messages, then apply committed entries to the SQLite store, then
-``advance()``. Proposals that arrive while an fsync is running wait in the
-inbox and go into the next batch (group commit).
+driver. For every ``Ready`` the order follows DESIGN.md, with two refinements
+that keep its guarantees: install a received snapshot; send the primary's own
+appends (its disk write runs in parallel, and the core counts its copy only
+after ``advance()``); apply committed entries that earlier batches already made
+durable; append this batch's entries and hard state to the WAL and fsync once;
+then send every other message (votes and replies only after the fsync); apply
+the rest; ``advance()``. Proposals that arrive while an fsync is running wait in
+the inbox and go into the next batch (group commit).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import signal
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from protocol import (AppendEntries, Entry, EntryKind, HardState, Heartbeat, INITIAL_HARD_STATE, InstallSnapshot,
@@ -58,14 +61,6 @@ class _PendingProposal:
 class _PendingRead:
     read_index: int
     future: asyncio.Future
-
-
-@dataclass(slots=True)
-class Progress:
-    """Counters for /health, metrics and the node.recovered event."""
-
-    replayed_entries: int = 0
-    started_monotonic: float = field(default_factory=time.monotonic)
 
 
 class Node:
@@ -114,7 +109,6 @@ class Node:
         self.forward_handler = None  # set by the service: handles ForwardRequest frames
         self.forward_response_handler = None
         self.peer_down_handler = None  # set by the service: fails requests forwarded to that peer
-        self.progress = Progress()
         self.fatal_error: str | None = None
         self.stopped = asyncio.Event()
 

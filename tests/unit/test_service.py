@@ -477,3 +477,15 @@ async def test_a_forward_takes_its_answer_only_from_the_primary_it_asked(trio: C
         gate.remove()
     assert outcome.status == 200 and outcome.body != forged
     assert await primary.service.detokenize(body(outcome)["tokens"]) == ["asked-value"]
+
+
+async def test_the_largest_allowed_request_is_forwarded_replicated_and_read_back(trio: Cluster) -> None:
+    """1000 values of 4096 bytes (the default limits) cross the peer link, one log entry and every store."""
+    values = [f"{position:04d}" + "v" * 4092 for position in range(1000)]
+    entry, reader = trio.backups()[0], trio.backups()[1]
+    outcome = await entry.service.tokenize("p", values, "largest")
+    tokens = body(outcome)["tokens"]
+    assert outcome.status == 200 and len(tokens) == 1000 and len(set(tokens)) == 1000
+    assert await reader.service.detokenize(tokens) == values
+    replay = await reader.service.tokenize("p", values, "largest")
+    assert replay.replayed and replay.body == outcome.body

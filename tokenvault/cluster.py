@@ -66,6 +66,8 @@ ENVIRONMENT_KNOBS = {
     "TOKENVAULT_HEARTBEAT_INTERVAL_TICKS": "timing.heartbeat_interval_ticks",
     "TOKENVAULT_REQUEST_TIMEOUT_MS": "timing.request_timeout_ms",
     "TOKENVAULT_WAL_FSYNC": "wal.fsync",
+    "TOKENVAULT_COMPACT_EVERY_ENTRIES": "wal.compact_every_entries",
+    "TOKENVAULT_COMPACT_KEEP_ENTRIES": "wal.compact_keep_entries",
     "TOKENVAULT_LOG_LEVEL": "log_level",
 }
 
@@ -233,7 +235,12 @@ def settings_from_environment(environ: Mapping[str, str] | None = None) -> NodeS
                 environment, "TOKENVAULT_HEARTBEAT_INTERVAL_TICKS", defaults.heartbeat_interval_ticks),
             request_timeout_ms=_environment_integer(
                 environment, "TOKENVAULT_REQUEST_TIMEOUT_MS", defaults.request_timeout_ms))
-        wal = WalConfig(fsync=fsync_text not in ("false", "0"))
+        wal_defaults = WalConfig()
+        wal = WalConfig(fsync=fsync_text not in ("false", "0"),
+                        compact_every_entries=_environment_integer(
+                            environment, "TOKENVAULT_COMPACT_EVERY_ENTRIES", wal_defaults.compact_every_entries),
+                        compact_keep_entries=_environment_integer(
+                            environment, "TOKENVAULT_COMPACT_KEEP_ENTRIES", wal_defaults.compact_keep_entries))
         log_level = environment.get("TOKENVAULT_LOG_LEVEL", "").strip().lower() or "info"
         if log_level not in ("debug", "info", "warning", "error"):
             raise ClusterError("TOKENVAULT_LOG_LEVEL must be debug, info, warning or error")

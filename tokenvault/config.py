@@ -226,10 +226,17 @@ class IdempotencyConfig:
 class WalConfig:
     max_segment_bytes: int = 64 * 1024 * 1024
     fsync: bool = True
+    # Every compact_every_entries applied entries the store is checkpointed, WAL
+    # segments below it are deleted and the core drops entries older than the
+    # last compact_keep_entries; a backup further behind then gets a snapshot.
+    compact_every_entries: int = 20_000
+    compact_keep_entries: int = 10_000
 
     def __post_init__(self) -> None:
         _check_int("wal.max_segment_bytes", self.max_segment_bytes, 4096, 1024 * 1024 * 1024)
         _check_bool("wal.fsync", self.fsync)
+        _check_int("wal.compact_every_entries", self.compact_every_entries, 10, 1_000_000_000)
+        _check_int("wal.compact_keep_entries", self.compact_keep_entries, 0, 1_000_000_000)
 
 
 @dataclass(frozen=True, slots=True)

@@ -40,8 +40,6 @@ from tokenvault.wal import WalCorruption, WalFatal, WriteAheadLog
 log = get_logger("node")
 
 INBOX_MAX_ITEMS = 100_000
-COMPACT_EVERY_APPLIED_ENTRIES = 20_000
-COMPACT_KEEP_ENTRIES = 10_000
 MAX_FRAME_BYTES = 16 * 1024 * 1024
 SHUTDOWN_GRACE_SECONDS = 1.0
 PRIMARY_MESSAGE_TYPES = (AppendEntries, Heartbeat, InstallSnapshot)
@@ -364,7 +362,7 @@ class Node:
             log.info("token.issued", count=issued_count, epoch=issued_epoch)
             self.metrics.record_tokens_issued(issued_count)
         self._applied_since_compact += len(entries)
-        if self._applied_since_compact >= COMPACT_EVERY_APPLIED_ENTRIES:
+        if self._applied_since_compact >= self.config.wal.compact_every_entries:
             self._compact()
 
     def _after_apply(self, entry: Entry, result: ApplyResult) -> tuple[int, int]:
@@ -382,8 +380,9 @@ class Node:
         self._applied_since_compact = 0
         durable_index = self.store.checkpoint()
         self.wal.release(durable_index)
-        if durable_index > COMPACT_KEEP_ENTRIES:
-            self.replica.compact(durable_index - COMPACT_KEEP_ENTRIES)
+        keep = self.config.wal.compact_keep_entries
+        if durable_index > keep:
+            self.replica.compact(durable_index - keep)
 
     # ----------------------------------------------------------------- reads
     def _on_read_result(self, result) -> None:

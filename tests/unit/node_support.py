@@ -111,7 +111,7 @@ class Timing:
 
 
 def make_configs(root: Path, node_count: int, timing: Timing = Timing(), log_file: Path | None = None,
-                 wal_max_segment_bytes: int = 64 * 1024 * 1024) -> list[NodeConfig]:
+                 wal_max_segment_bytes: int = 64 * 1024 * 1024, wal: WalConfig | None = None) -> list[NodeConfig]:
     """One NodeConfig per member (ids n1..nN), data under ``root``/<id>/data."""
     files = write_cluster_files(root / "secrets")
     ids = [f"n{number}" for number in range(1, node_count + 1)]
@@ -129,7 +129,7 @@ def make_configs(root: Path, node_count: int, timing: Timing = Timing(), log_fil
                        log_file=log_file, http=HttpConfig(port=http_ports[node_id]),
                        peer=PeerConfig(port=peer_ports[node_id]), timing=timing_config,
                        idempotency=IdempotencyConfig(),
-                       wal=WalConfig(max_segment_bytes=wal_max_segment_bytes, fsync=True))
+                       wal=wal or WalConfig(max_segment_bytes=wal_max_segment_bytes, fsync=True))
             for node_id in ids]
 
 
@@ -210,8 +210,8 @@ class Cluster:
 
 
 async def start_cluster(root: Path, node_count: int, timing: Timing = Timing(),
-                        wal_max_segment_bytes: int = 64 * 1024 * 1024) -> Cluster:
-    cluster = Cluster(make_configs(root, node_count, timing, wal_max_segment_bytes=wal_max_segment_bytes))
+                        wal_max_segment_bytes: int = 64 * 1024 * 1024, wal: WalConfig | None = None) -> Cluster:
+    cluster = Cluster(make_configs(root, node_count, timing, wal_max_segment_bytes=wal_max_segment_bytes, wal=wal))
     try:
         for config in cluster.configs:
             cluster.nodes.append(await start_node(config))

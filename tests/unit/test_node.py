@@ -18,7 +18,7 @@ from node_support import (Cluster, Partition, RunningNode, Timing, data_files, m
                           start_node, wait_until)
 from protocol import NotPrimary, Role
 from tokenvault import commands
-from tokenvault import node as node_module
+from tokenvault.config import WalConfig
 from tokenvault.crypto import new_epoch_secret
 from tokenvault.errors import ServiceError, Unavailable
 from tokenvault.logs import configure_logging, reset_logging
@@ -308,13 +308,11 @@ async def test_a_whole_cluster_restart_keeps_every_acknowledged_token(trio: Clus
         assert await tokens_of(running, values) == (2, second)
 
 
-async def test_a_backup_behind_the_compacted_log_catches_up_from_a_snapshot(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_backup_behind_the_compacted_log_catches_up_from_a_snapshot(tmp_path: Path) -> None:
     # Compact after every few applied entries and keep almost none, with small WAL segments, so a
     # short outage already leaves the backup behind the primary's log base.
-    monkeypatch.setattr(node_module, "COMPACT_EVERY_APPLIED_ENTRIES", 4)
-    monkeypatch.setattr(node_module, "COMPACT_KEEP_ENTRIES", 1)
-    cluster = await start_cluster(tmp_path, 3, wal_max_segment_bytes=4096)
+    wal = WalConfig(max_segment_bytes=4096, fsync=True, compact_every_entries=10, compact_keep_entries=1)
+    cluster = await start_cluster(tmp_path, 3, wal=wal)
     try:
         primary = await cluster.wait_for_stable_primary()
         lagging = cluster.backups()[0]
@@ -324,6 +322,8 @@ async def test_a_backup_behind_the_compacted_log_catches_up_from_a_snapshot(
         tokens = []
         for value in values[:8]:
             tokens += (await tokens_of(primary, [value]))[1]
+        for number in range(12):  # enough further entries for the primary to compact past the outage
+            await tokens_of(primary, [f"filler-{number}"])
         await primary.service.rotate_epoch("p", None)
         for value in values[8:]:
             tokens += (await tokens_of(primary, [value]))[1]

@@ -181,6 +181,8 @@ def test_invalid_values_are_refused_with_a_clear_message(replacement: tuple[str,
         ("[idempotency]\nretention_hours = 23", "retention_hours must be between 24"),
         ("[wal]\nfsync = 1", "wal.fsync must be true or false"),
         ("[wal]\nmax_segment_bytes = 100", "wal.max_segment_bytes"),
+        ("[wal]\ncompact_every_entries = 9", "wal.compact_every_entries"),
+        ("[wal]\ncompact_keep_entries = -1", "wal.compact_keep_entries"),
     ],
 )
 def test_invalid_sections_are_refused(section: str, message: str) -> None:

@@ -362,12 +362,13 @@ async def test_a_stranger_and_a_garbling_peer_do_not_disturb_a_cluster(
 
 
 async def test_an_idle_link_stays_up_past_the_idle_timeout_thanks_to_pings(mesh: Mesh) -> None:
-    first = await mesh.start("n1", idle_timeout_seconds=0.4)
-    second = await mesh.start("n2", idle_timeout_seconds=0.4)
+    # 0.8 s leaves room for event-loop stalls on a loaded 2-core machine (pings go every 0.2 s).
+    first = await mesh.start("n1", idle_timeout_seconds=0.8)
+    second = await mesh.start("n2", idle_timeout_seconds=0.8)
     await wait_until(lambda: first.transport.is_connected("n2") and second.transport.is_connected("n1"), 5,
                      "the link to come up")
     loop = asyncio.get_running_loop()
-    quiet_until = loop.time() + 1.2  # three idle timeouts with no application traffic
+    quiet_until = loop.time() + 2.0  # two and a half idle timeouts with no application traffic
     await wait_until(lambda: loop.time() >= quiet_until or bool(first.peers_down or second.peers_down), 5,
                      "three idle timeouts to pass")
     assert first.peers_down == [] and second.peers_down == []

@@ -48,16 +48,19 @@ DEFAULT_RETENTION_MS = 48 * 3600 * 1000
 PURGE_LIMIT_PER_COMMAND = 8
 LOOKUP_CHUNK_TOKENS = 500
 # Applied batches are committed together: at the latest after this many seconds
-# (the node calls flush_if_due on its timer) or this many inserted rows.
-COMMIT_INTERVAL_SECONDS = 0.5
-COMMIT_ROWS = 100_000
+# (the node calls flush_if_due on its timer) or this many inserted rows. Longer
+# windows rewrite each dirty page fewer times: in paired runs of 100-value
+# batches, 2 s with a 65,536-page autocheckpoint beat 0.5 s with 16,384 pages
+# every time (about 1.1-1.3x); the cost is a longer log replay after a crash.
+COMMIT_INTERVAL_SECONDS = 2.0
+COMMIT_ROWS = 400_000
 # Tokens are HMAC outputs, so inserts land on random B-tree pages: a page cache
 # that holds the tree's inner pages and many leaves keeps 100-value batches off
 # the disk (measured: about 1.6x the default 2 MiB cache at 400,000 tokens).
 CACHE_KIBIBYTES = 256 * 1024
 # SQLite's own checkpoint runs only as a safety net; the node calls checkpoint()
 # on its own schedule (it also decides which log segments may go).
-AUTOCHECKPOINT_PAGES = 16384
+AUTOCHECKPOINT_PAGES = 65536
 SCHEMA_VERSION = 1
 APPLICATION_ID = 0x54564C54  # "TVLT": marks a file as a TokenVault store
 SQLITE_HEADER_BYTES = 100

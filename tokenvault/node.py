@@ -45,6 +45,10 @@ SHUTDOWN_GRACE_SECONDS = 1.0
 PRIMARY_MESSAGE_TYPES = (AppendEntries, Heartbeat, InstallSnapshot)
 
 
+class ProposalOutcomeUnknown(Exception):
+    """The node stopped waiting for a proposal it had already made: it may still commit (once)."""
+
+
 class ProposalLost(Exception):
     """A different entry was committed where this proposal stood: it never took effect."""
 
@@ -159,7 +163,7 @@ class Node:
                 pass
         if self.transport is not None:
             await self.transport.close()
-        self._fail_pending(NotPrimary(None))  # callers answer 503: this node is going away
+        self._fail_pending()  # callers answer 503: this node is going away
         self._disk_executor.shutdown(wait=True)
         self.wal.close()
         self.store.close()
@@ -453,16 +457,20 @@ class Node:
 
     # ----------------------------------------------------------------- state
     def abort_requests(self) -> None:
-        """Answer every waiting proposal and read with NotPrimary (503 to clients): the node is stopping."""
-        self._fail_pending(NotPrimary(None))
+        """Answer everything waiting (503 to clients): the node is stopping."""
+        self._fail_pending()
 
-    def _fail_pending(self, error: Exception) -> None:
-        futures = [pending.future for pending in self._pending_proposals.values()]
-        futures += list(self._pending_reads.values()) + [pending.future for pending in self._reads_waiting_apply]
+    def _fail_pending(self) -> None:
+        # A proposal already in the log may still commit, so its caller must not
+        # retry it elsewhere on its own; work never proposed can safely go elsewhere.
+        for pending in self._pending_proposals.values():
+            if not pending.future.done():
+                pending.future.set_exception(ProposalOutcomeUnknown("the node stopped before the write committed"))
+        futures = list(self._pending_reads.values()) + [pending.future for pending in self._reads_waiting_apply]
         futures += [item[-1] for item in self._inbox if item[0] in ("propose", "read")]
         for future in futures:
             if not future.done():
-                future.set_exception(error)
+                future.set_exception(NotPrimary(None))
         self._pending_proposals.clear()
         self._pending_reads.clear()
         self._reads_waiting_apply.clear()

@@ -23,7 +23,7 @@ from tokenvault.crypto import DecryptError, new_epoch_secret
 from tokenvault.errors import (IdempotencyInFlight, IdempotencyMismatch, Outcome, ServiceError,
                                Unavailable, problem_body)
 from tokenvault.logs import get_logger
-from tokenvault.node import Node, ProposalLost
+from tokenvault.node import Node, ProposalLost, ProposalOutcomeUnknown
 from tokenvault.store import Outcome as ApplyOutcome
 from tokenvault.tokens import parse_token
 
@@ -128,7 +128,7 @@ class NodeService:
     async def _propose(self, payload: bytes):
         try:
             return await self.node.propose(payload, self._timeout_seconds)
-        except asyncio.TimeoutError:
+        except (asyncio.TimeoutError, ProposalOutcomeUnknown):
             raise Unavailable("the write was not confirmed by a majority in time; it may still take effect "
                               "(once): retry, ideally with an Idempotency-Key") from None
         except ProposalLost:

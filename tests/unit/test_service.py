@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import threading
 import time
 from pathlib import Path
 
@@ -489,3 +490,25 @@ async def test_the_largest_allowed_request_is_forwarded_replicated_and_read_back
     assert await reader.service.detokenize(tokens) == values
     replay = await reader.service.tokenize("p", values, "largest")
     assert replay.replayed and replay.body == outcome.body
+
+
+async def test_a_write_in_the_log_when_the_node_stops_is_answered_outcome_unknown(single: RunningNode) -> None:
+    """Stopping answers 503 "may still take effect" for a proposed write: it must not be retried elsewhere."""
+    release = threading.Event()
+    real_sync = single.node.wal.sync
+
+    def held_sync() -> None:  # the entry is in the log, but its fsync does not finish yet
+        release.wait(5)
+        real_sync()
+
+    single.node.wal.sync = held_sync
+    try:
+        task = asyncio.create_task(single.service.tokenize("p", ["stopping-value"], None))
+        await wait_until(lambda: bool(single.node._pending_proposals), 5, "the write to be proposed")
+        single.node.abort_requests()
+        with pytest.raises(Unavailable) as raised:
+            await asyncio.wait_for(task, 5)
+        assert "may still take effect" in raised.value.detail
+    finally:
+        release.set()
+        single.node.wal.sync = real_sync

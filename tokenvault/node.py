@@ -45,6 +45,18 @@ SHUTDOWN_GRACE_SECONDS = 1.0
 PRIMARY_MESSAGE_TYPES = (AppendEntries, Heartbeat, InstallSnapshot)
 
 
+def durable_committed_count(ready) -> int:
+    """How many of ``ready.committed`` an earlier Ready already made durable here.
+
+    Those lie below this Ready's first new entry and may be applied (and
+    answered) before this Ready's fsync. The simulation uses the same split.
+    """
+    if not ready.entries:
+        return len(ready.committed)
+    first_new_index = ready.entries[0].index
+    return sum(1 for entry in ready.committed if entry.index < first_new_index)
+
+
 class ProposalOutcomeUnknown(Exception):
     """The node stopped waiting for a proposal it had already made: it may still commit (once)."""
 
@@ -300,14 +312,10 @@ class Node:
         # Committed entries that were made durable by an earlier batch are applied
         # (and their requests answered) before this batch's fsync rather than after
         # it; only entries that arrive in this very batch wait for it.
-        first_new_index = ready.entries[0].index if ready.entries else None
-        committed_later = ready.committed
-        if ready.committed and (first_new_index is None or ready.committed[0].index < first_new_index):
-            split = len(ready.committed) if first_new_index is None else next(
-                (position for position, entry in enumerate(ready.committed) if entry.index >= first_new_index),
-                len(ready.committed))
-            self._apply(ready.committed[:split])
-            committed_later = ready.committed[split:]
+        durable_count = durable_committed_count(ready)
+        if durable_count:
+            self._apply(ready.committed[:durable_count])
+        committed_later = ready.committed[durable_count:]
         if ready.entries or ready.hard_state is not None or ready.truncate_from is not None:
             self.wal.append(truncate_from=ready.truncate_from, entries=ready.entries,
                             hard_state=ready.hard_state)

@@ -21,6 +21,9 @@ from dataclasses import dataclass, field, replace
 from protocol import (INITIAL_HARD_STATE, BecamePrimary, Entry, EntryKind, HardState, Message, NotPrimary, Ready,
                       ReplicaConfig, Replica, RestoredState, Role, decode_body)
 from protocol.codec import encode_body
+# The node's own choices, so that the sweep checks the order tokenvault/node.py really uses.
+from tokenvault.node import PRIMARY_MESSAGE_TYPES as EARLY_MESSAGE_TYPES
+from tokenvault.node import durable_committed_count
 
 TRACE_LENGTH = 60
 MESSAGES_PER_TICK_LIMIT = 20_000
@@ -184,19 +187,34 @@ class Simulation:
         while replica is not None and node.pending is None and replica.has_ready():
             primary_view = replica.view if replica.role is Role.PRIMARY else None
             ready = replica.ready()
+            self._before_fsync(node, ready, primary_view)
             if self.config.split_ready_probability and self.rng.random() < self.config.split_ready_probability:
                 node.pending, node.pending_primary_view = ready, primary_view
                 return
             self.complete(node, ready, primary_view)
             replica = node.replica
 
+    def _before_fsync(self, node: SimNode, ready: Ready, primary_view: int | None) -> None:
+        """What tokenvault/node.py does while a Ready's write is still running.
+
+        The primary's own appends, heartbeats and snapshot chunks leave at once,
+        and committed entries that an earlier Ready already made durable are
+        applied (and answered); a crash before the fsync keeps both effects.
+        """
+        for destination, message in ready.messages:
+            if isinstance(message, EARLY_MESSAGE_TYPES):
+                self.send(node.node_id, destination, message)
+        self._apply(node, ready.committed[:durable_committed_count(ready)], primary_view)
+
     def complete(self, node: SimNode, ready: Ready, primary_view: int | None) -> None:
+        """The fsync finished: the other messages go, the rest is applied, then advance()."""
         replica = node.replica
         assert replica is not None
         self._persist(node, ready, len(self._records(ready)))
         for destination, message in ready.messages:
-            self.send(node.node_id, destination, message)
-        self._apply(node, ready, primary_view)
+            if not isinstance(message, EARLY_MESSAGE_TYPES):
+                self.send(node.node_id, destination, message)
+        self._apply(node, ready.committed[durable_committed_count(ready):], primary_view)
         for result in ready.read_results:
             self._check_read(node, result)
         for peer in ready.snapshot_requests:
@@ -264,10 +282,9 @@ class Simulation:
         return (disk.applied_index.to_bytes(8, "big") + disk.applied_view.to_bytes(8, "big")
                 + disk.applied_digest + padding)
 
-    def _apply(self, node: SimNode, ready: Ready, primary_view: int | None) -> None:
+    def _apply(self, node: SimNode, committed: tuple[Entry, ...], primary_view: int | None) -> None:
         disk = node.disk
-        replica = node.replica
-        for entry in ready.committed:
+        for entry in committed:
             known = self.committed.get(entry.index)
             if known is None:
                 self.committed[entry.index] = (entry.view, entry.payload)
@@ -286,8 +303,8 @@ class Simulation:
                 # The driver answers the client here; the entry was committed in primary_view.
                 self.acknowledged[entry.index] = (entry.view, entry.payload, primary_view)
                 self.highest_acknowledged_index = max(self.highest_acknowledged_index, entry.index)
-        if primary_view is not None and ready.committed:
-            last = ready.committed[-1]
+        if primary_view is not None and committed:
+            last = committed[-1]
             self._check_no_electable_node_lacks(last.index, last.view)
 
     # ------------------------------------------------------------------ invariants

@@ -27,6 +27,7 @@ Violation messages never contain a submitted value, only a short fingerprint.
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import hashlib
 import re
@@ -358,26 +359,19 @@ def _store_answer(reads: dict[str, str | None], batch: list[str], answer: Sequen
 
 def check_history(history: History | Sequence[Operation], detokenizers: Mapping[str, Detokenize],
                   batch_items: int = DETOKENIZE_BATCH_ITEMS) -> list[Violation]:
-    """Read every acknowledged token back through each node's function, then run every check."""
-    operations = history.operations() if isinstance(history, History) else list(history)
-    tokens = list(acknowledged_token_map(operations))
-    reads: dict[str, dict[str, str | None]] = {}
-    failures = []
-    for node, detokenize in detokenizers.items():
-        reads[node] = {}
-        try:
-            for batch in _batches(tokens, batch_items):
-                _store_answer(reads[node], batch, detokenize(batch))
-        except Exception as error:  # noqa: BLE001 - any failure to read back is a finding, not a crash
-            failures.append(Violation("detokenize_on_every_node", f"{node}: read-back failed: "
-                                      f"{type(error).__name__}: {str(error)[:200]}"))
-            del reads[node]
-    return [*failures, *check_operations(operations, reads)]
+    """`check_history_async` for plain functions (called where no event loop runs)."""
+    def as_async(detokenize: Detokenize) -> AsyncDetokenize:
+        async def call(batch):
+            return detokenize(batch)
+        return call
+
+    return asyncio.run(check_history_async(history, {node: as_async(function) for node, function in detokenizers.items()},
+                                           batch_items))
 
 
 async def check_history_async(history: History | Sequence[Operation], detokenizers: Mapping[str, AsyncDetokenize],
                               batch_items: int = DETOKENIZE_BATCH_ITEMS) -> list[Violation]:
-    """`check_history` for async detokenize functions."""
+    """Read every acknowledged token back through each node's function, then run every check."""
     operations = history.operations() if isinstance(history, History) else list(history)
     tokens = list(acknowledged_token_map(operations))
     reads: dict[str, dict[str, str | None]] = {}

@@ -72,6 +72,7 @@ ENVIRONMENT_KNOBS = {
 }
 
 Report = Callable[[str], None]
+PORT_RELEASE_TIMEOUT_SECONDS = 10.0
 
 # Processes started by this Python process, so that they can be reaped (a
 # killed child stays a zombie, and looks alive, until its parent waits for it).
@@ -466,6 +467,17 @@ def _check_ports_free(node: NodeSpec) -> None:
                     f"use another cluster directory with a different TOKENVAULT_BASE_PORT") from None
 
 
+def _wait_ports_free(node: NodeSpec, deadline: float) -> None:
+    while True:
+        try:
+            _check_ports_free(node)
+            return
+        except ClusterError:
+            if time.monotonic() >= deadline:
+                raise ClusterError(f"{node.node_id} is gone but its ports were not released in time") from None
+            time.sleep(0.02)
+
+
 def launch_node(node: NodeSpec, report: Report = _silent) -> int:
     """Start the node's `tokenvault serve` process detached (own session) and write its pid file."""
     _clear_stale_pid_file(node, report)
@@ -676,7 +688,12 @@ def stop_cluster(directory: Path | str, timeout_seconds: float = DEFAULT_STOP_TI
 
 
 def kill_node(directory: Path | str, node_id: str, report: Report = _silent) -> int:
-    """SIGKILL one node (no graceful shutdown) and wait until it is gone. Returns its pid."""
+    """SIGKILL one node (no graceful shutdown) and wait until it is gone and its ports are free.
+
+    Returns its pid. The process can look dead (its main thread a zombie) while
+    other threads still hold its sockets; a restart right after must find the
+    ports free, so this waits for that too and says so if it does not happen.
+    """
     spec = load_cluster(directory)
     node = spec.node(node_id)
     with _locked(spec.directory):
@@ -689,14 +706,7 @@ def kill_node(directory: Path | str, node_id: str, report: Report = _silent) -> 
         if _wait_gone([(node, pid)], deadline):
             raise ClusterError(f"{node_id} (pid {pid}) is still alive after SIGKILL")
         node.pid_file.unlink(missing_ok=True)
-        # The process can be reaped-looking while its other threads still hold the
-        # listening sockets; a restart right after must find the ports free.
-        while time.monotonic() < deadline:
-            try:
-                _check_ports_free(node)
-                break
-            except ClusterError:
-                time.sleep(0.02)
+        _wait_ports_free(node, time.monotonic() + PORT_RELEASE_TIMEOUT_SECONDS)
     report(f"killed {node_id} (pid {pid}) with SIGKILL")
     return pid
 

@@ -58,7 +58,6 @@ PORT_ATTEMPTS = 200
 START_ATTEMPTS = 3
 LOG_TAIL_LINES = 40
 LOAD_STOP_TIMEOUT_SECONDS = 20.0
-PORT_RELEASE_TIMEOUT_SECONDS = 10.0
 
 Value = TypeVar("Value")
 
@@ -228,15 +227,9 @@ class ClusterHarness:
         return cluster.running_pid(self.node(node_id))
 
     def kill(self, node_id: str) -> None:
-        """SIGKILL (kill -9) one node and wait until it is gone and its ports are free."""
+        """SIGKILL (kill -9) one node; kill_node waits until it is gone and its ports are free."""
         self.paused.discard(node_id)
         cluster.kill_node(self.directory, node_id)
-        # Why also wait for the ports: kill_node returns once the process looks dead (its main thread
-        # is a zombie), but the kernel closes its sockets only when the last thread has exited, which
-        # can lag (e.g. behind an fsync in progress); a restart before that finds the port in use.
-        node = self.node(node_id)
-        wait_for(lambda: _port_free(node.http_port) and _port_free(node.peer_port), PORT_RELEASE_TIMEOUT_SECONDS,
-                 f"{node_id}'s ports to be released after SIGKILL")
 
     def kill_all(self) -> None:
         for node_id in self.node_ids:

@@ -26,11 +26,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from protocol import (AppendEntries, Entry, EntryKind, HardState, Heartbeat, INITIAL_HARD_STATE, InstallSnapshot,
-                      NotPrimary, Replica, ReplicaConfig, RestoredState, Role)
+from protocol import (AppendEntries, Entry, EntryKind, ForwardRequest, ForwardResponse, HardState, Heartbeat,
+                      INITIAL_HARD_STATE, InstallSnapshot, NotPrimary, Replica, ReplicaConfig, RestoredState, Role)
 from tokenvault import commands
 from tokenvault.config import NodeConfig, load_config
-from tokenvault.crypto import KeyRing
+from tokenvault.crypto import KeyRing, new_epoch_secret
 from tokenvault.logs import configure_logging, get_logger
 from tokenvault.metrics import Metrics
 from tokenvault.store import ApplyResult, Outcome, StoreError, VaultStore
@@ -191,7 +191,6 @@ class Node:
         self._wake()
 
     def _on_peer_message(self, sender: str, message: object) -> None:
-        from protocol import ForwardRequest, ForwardResponse
         if isinstance(message, ForwardRequest):
             if self.forward_handler is not None:
                 self.forward_handler(sender, message)
@@ -446,7 +445,6 @@ class Node:
             return
         if self.store.active_epoch() != 0 or self.replica.commit_index < 1:
             return
-        from tokenvault.crypto import new_epoch_secret
         command = commands.RotateEpochCommand(
             epoch=1, wrapped_secret=self.master_key.wrap_epoch_secret(1, new_epoch_secret()),
             created_at_ms=int(time.time() * 1000), principal=None, idempotency_key=None, fingerprint=None)

@@ -45,6 +45,13 @@ import aiohttp
 REPOSITORY = Path(__file__).resolve().parents[1]
 if str(REPOSITORY) not in sys.path:
     sys.path.insert(0, str(REPOSITORY))
+BENCH = Path(__file__).resolve().parent
+if str(BENCH) not in sys.path:
+    sys.path.insert(0, str(BENCH))
+
+from httpclients import CLIENT_KINDS, AiohttpClient, RawClient, open_client  # noqa: E402
+
+Client = AiohttpClient | RawClient
 
 DETOKENIZE_POOL_VALUES = 20_000
 PREPARE_BATCH = 1000
@@ -75,7 +82,7 @@ class Outcome:
     error: str | None = None
 
 
-Operation = Callable[[aiohttp.ClientSession, int], Awaitable[Outcome]]
+Operation = Callable[[Client, int], Awaitable[Outcome]]
 
 
 def random_values(count: int, generator: random.Random) -> list[str]:
@@ -84,12 +91,10 @@ def random_values(count: int, generator: random.Random) -> list[str]:
 
 
 async def drive(operation: Operation, concurrency: int, duration_seconds: float, warmup_seconds: float,
-                connection_limit: int | None = None) -> Measurement:
+                client_kind: str = "aiohttp") -> Measurement:
     """Run `concurrency` workers for warmup + duration; record requests that start after the warmup."""
     measurement = Measurement()
-    connector = aiohttp.TCPConnector(limit=connection_limit or concurrency, force_close=False)
-    timeout = aiohttp.ClientTimeout(total=30)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+    async with open_client(client_kind, concurrency) as client:
         # Why perf_counter: uvloop's loop.time() has millisecond resolution, too coarse for latencies.
         clock = time.perf_counter
         measure_from = clock() + warmup_seconds
@@ -98,8 +103,8 @@ async def drive(operation: Operation, concurrency: int, duration_seconds: float,
         async def worker(number: int) -> None:
             while (started := clock()) < stop_at:
                 try:
-                    outcome = await operation(session, number)
-                except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as error:
+                    outcome = await operation(client, number)
+                except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as error:
                     outcome = Outcome(False, 0, type(error).__name__)
                 finished = clock()
                 if started < measure_from or finished > stop_at:
@@ -141,17 +146,16 @@ class VaultTarget:
     def url_for(self, worker: int) -> str:
         return self.urls[worker % len(self.urls)]
 
-    async def post(self, session: aiohttp.ClientSession, url: str, body: dict[str, list[str]]) -> tuple[int, dict]:
-        async with session.post(url, data=json.dumps(body), headers=self.headers) as response:
-            payload = await response.read()
-            if response.status != 200:
-                return response.status, {}
-            return response.status, json.loads(payload)
+    async def post(self, client: Client, worker: int, url: str, body: dict[str, list[str]]) -> tuple[int, dict]:
+        status, payload = await client.post(worker, url, json.dumps(body).encode(), self.headers)
+        if status != 200:
+            return status, {}
+        return status, json.loads(payload)
 
     def tokenize(self, batch: int) -> Operation:
-        async def operation(session: aiohttp.ClientSession, worker: int) -> Outcome:
+        async def operation(client: Client, worker: int) -> Outcome:
             values = random_values(batch, self.generator)
-            status, body = await self.post(session, self.url_for(worker) + "/v1/tokenize", {"values": values})
+            status, body = await self.post(client, worker, self.url_for(worker) + "/v1/tokenize", {"values": values})
             if status != 200 or len(body.get("tokens", ())) != batch:
                 return Outcome(False, 0, f"HTTP {status}")
             return Outcome(True, batch)
@@ -159,9 +163,10 @@ class VaultTarget:
         return operation
 
     def detokenize(self, batch: int) -> Operation:
-        async def operation(session: aiohttp.ClientSession, worker: int) -> Outcome:
+        async def operation(client: Client, worker: int) -> Outcome:
             tokens = self.generator.sample(self.pool, min(batch, len(self.pool)))
-            status, body = await self.post(session, self.url_for(worker) + "/v1/detokenize", {"tokens": tokens})
+            status, body = await self.post(client, worker, self.url_for(worker) + "/v1/detokenize",
+                                           {"tokens": tokens})
             values = body.get("values", ())
             if status != 200 or len(values) != len(tokens) or any(value is None for value in values):
                 return Outcome(False, 0, f"HTTP {status}" if status != 200 else "unknown token")
@@ -173,19 +178,19 @@ class VaultTarget:
         tokenize, detokenize = self.tokenize(batch), self.detokenize(batch)
         counter = 0
 
-        async def operation(session: aiohttp.ClientSession, worker: int) -> Outcome:
+        async def operation(client: Client, worker: int) -> Outcome:
             nonlocal counter
             counter += 1
-            return await (tokenize if counter % 2 else detokenize)(session, worker)
+            return await (tokenize if counter % 2 else detokenize)(client, worker)
 
         return operation
 
     async def fill_pool(self, count: int) -> None:
         """Tokenize `count` values once so that detokenize has tokens that exist."""
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+        async with open_client("aiohttp", 1) as client:
             while len(self.pool) < count:
                 values = random_values(min(PREPARE_BATCH, count - len(self.pool)), self.generator)
-                status, body = await self.post(session, self.urls[0] + "/v1/tokenize", {"values": values})
+                status, body = await self.post(client, 0, self.urls[0] + "/v1/tokenize", {"values": values})
                 if status != 200:
                     raise SystemExit(f"preparing detokenize tokens failed: HTTP {status} from {self.urls[0]}")
                 self.pool.extend(body["tokens"])
@@ -201,16 +206,17 @@ def etcd_insert_if_absent(client_urls: Sequence[str], seed: int) -> Operation:
     def encode(text: str) -> str:
         return base64.b64encode(text.encode()).decode()
 
-    async def operation(session: aiohttp.ClientSession, worker: int) -> Outcome:
+    headers = {"Content-Type": "application/json"}
+
+    async def operation(client: Client, worker: int) -> Outcome:
         key = encode(f"/bench/{generator.getrandbits(96):024x}")
         body = {"compare": [{"key": key, "result": "EQUAL", "target": "CREATE", "create_revision": "0"}],
                 "success": [{"request_put": {"key": key, "value": encode("ciphertext-stand-in")}}]}
         url = client_urls[worker % len(client_urls)] + "/v3/kv/txn"
-        async with session.post(url, data=json.dumps(body)) as response:
-            payload = await response.read()
-            if response.status != 200:
-                return Outcome(False, 0, f"HTTP {response.status}")
-            return Outcome(bool(json.loads(payload).get("succeeded")), 1, "not inserted")
+        status, payload = await client.post(worker, url, json.dumps(body).encode(), headers)
+        if status != 200:
+            return Outcome(False, 0, f"HTTP {status}")
+        return Outcome(bool(json.loads(payload).get("succeeded")), 1, "not inserted")
 
     return operation
 
@@ -309,8 +315,10 @@ async def command_run(arguments: argparse.Namespace) -> int:
     operation = {"tokenize": target.tokenize, "detokenize": target.detokenize,
                  "mixed": target.mixed}[arguments.mode](arguments.batch)
     print(f"{arguments.mode}, {arguments.batch} value(s)/request, concurrency {arguments.concurrency}, "
-          f"{arguments.duration:g} s after {arguments.warmup:g} s warm-up, against {', '.join(urls)}", flush=True)
-    measurement = await drive(operation, arguments.concurrency, arguments.duration, arguments.warmup)
+          f"{arguments.duration:g} s after {arguments.warmup:g} s warm-up, {arguments.client} client, "
+          f"against {', '.join(urls)}", flush=True)
+    measurement = await drive(operation, arguments.concurrency, arguments.duration, arguments.warmup,
+                              arguments.client)
     print(report_line(f"vault {arguments.mode} x{arguments.batch}", measurement))
     return 0
 
@@ -342,13 +350,16 @@ async def compare(arguments: argparse.Namespace, vault_urls: list[str], api_key:
                   etcd_urls: list[str]) -> int:
     concurrency, duration, warmup = arguments.concurrency, arguments.duration, arguments.warmup
     print(f"3-node vault {', '.join(vault_urls)}\n3-member etcd {', '.join(etcd_urls)}\n"
-          f"concurrency {concurrency}, {duration:g} s per run after {warmup:g} s warm-up\n", flush=True)
+          f"concurrency {concurrency}, {duration:g} s per run after {warmup:g} s warm-up, "
+          f"{arguments.client} client\n", flush=True)
     target = VaultTarget(vault_urls, api_key, arguments.seed)
-    vault_single = await drive(target.tokenize(1), concurrency, duration, warmup)
+    client = arguments.client
+    vault_single = await drive(target.tokenize(1), concurrency, duration, warmup, client)
     print(report_line("vault tokenize x1", vault_single), flush=True)
-    etcd_single = await drive(etcd_insert_if_absent(etcd_urls, arguments.seed), concurrency, duration, warmup)
+    etcd_single = await drive(etcd_insert_if_absent(etcd_urls, arguments.seed), concurrency, duration, warmup,
+                              client)
     print(report_line("etcd txn insert-if-absent x1", etcd_single), flush=True)
-    vault_batch = await drive(target.tokenize(100), concurrency, duration, warmup)
+    vault_batch = await drive(target.tokenize(100), concurrency, duration, warmup, client)
     print(report_line("vault tokenize x100", vault_batch), flush=True)
     if etcd_single.requests:
         ratio = (vault_single.requests / duration) / (etcd_single.requests / duration)
@@ -372,6 +383,9 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
         sub.add_argument("--duration", type=float, default=10.0, help="measured seconds")
         sub.add_argument("--warmup", type=float, default=2.0, help="seconds before measuring")
         sub.add_argument("--seed", type=int, default=None, help="random seed for the synthetic values")
+        sub.add_argument("--client", choices=CLIENT_KINDS, default="aiohttp",
+                         help="HTTP client: aiohttp, or raw (a minimal asyncio HTTP/1.1 client that costs "
+                              "the shared cores less; see bench/httpclients.py)")
     arguments = parser.parse_args(argv)
     if arguments.seed is None:
         arguments.seed = random.SystemRandom().getrandbits(32)

@@ -89,6 +89,7 @@ _DELETE_IDEMPOTENCY = "DELETE FROM idempotency WHERE principal = ? AND key = ?"
 # Oldest first with the key as tie-breaker, so every node deletes the same rows.
 _PURGE_IDEMPOTENCY = ("DELETE FROM idempotency WHERE (principal, key) IN (SELECT principal, key FROM idempotency"
                       " WHERE created_at_ms < ? ORDER BY created_at_ms, principal, key LIMIT ?)")
+_NO_RECORDS = 2 ** 63  # the idempotency floor of an empty table
 _UPDATE_META = "UPDATE meta SET applied_index = ?, applied_view = ?, token_count = ? WHERE singleton = 1"
 
 
@@ -244,6 +245,12 @@ class VaultStore:
         self._applied_index, self._applied_view, self._token_count = row
         active = self._connection.execute("SELECT max(epoch) FROM epochs WHERE state = 'active'").fetchone()[0]
         self._active_epoch = active or 0
+        self._load_idempotency_floor()
+
+    def _load_idempotency_floor(self) -> None:
+        """No idempotency record is older than this: a purge with an earlier cut-off would delete nothing."""
+        oldest = self._connection.execute("SELECT min(created_at_ms) FROM idempotency").fetchone()[0]
+        self._idempotency_floor_ms = _NO_RECORDS if oldest is None else oldest
 
     @classmethod
     def open(cls, path: Path, *, retention_ms: int = DEFAULT_RETENTION_MS,
@@ -334,6 +341,7 @@ class VaultStore:
         except BaseException:
             connection.execute("ROLLBACK TO apply_batch")
             connection.execute("RELEASE apply_batch")
+            self._load_idempotency_floor()  # purges and inserts of the batch are undone
             raise
         self._uncommitted_rows += state.token_count - self._token_count + len(entries)
         self._applied_index, self._applied_view = state.applied_index, state.applied_view
@@ -414,7 +422,11 @@ class VaultStore:
         """Purge a bounded number of expired records, then find a live record for (principal, key)."""
         connection = self._connection
         expired_before_ms = now_ms - self._retention_ms
-        connection.execute(_PURGE_IDEMPOTENCY, (expired_before_ms, self._purge_limit_per_command))
+        if expired_before_ms > self._idempotency_floor_ms:
+            # Skipped when no record can have expired: the purge would delete nothing, so
+            # skipping it leaves the same state on every node.
+            connection.execute(_PURGE_IDEMPOTENCY, (expired_before_ms, self._purge_limit_per_command))
+            self._load_idempotency_floor()
         if key is None:
             return None
         row = connection.execute(_SELECT_IDEMPOTENCY, (principal, key)).fetchone()
@@ -432,6 +444,7 @@ class VaultStore:
             return
         self._connection.execute(_INSERT_IDEMPOTENCY,
                                  (principal, key, kind, fingerprint, status, response, created_at_ms))
+        self._idempotency_floor_ms = min(self._idempotency_floor_ms, created_at_ms)
 
     def _verify_existing(self, index: int, rows: list[tuple[str, int, bytes]]) -> None:
         stored = self._fetch([token for token, _, _ in rows])

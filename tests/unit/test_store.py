@@ -282,6 +282,36 @@ def test_expired_idempotency_records_are_purged_deterministically_with_bounded_w
         vault.close()
 
 
+def test_the_purge_runs_only_when_a_record_can_have_expired_and_resumes_after_a_reopen(tmp_path):
+    path = tmp_path / "vault.db"
+    vault = VaultStore.open(path, retention_ms=HOUR_MS)
+    log = Log()
+    started(vault, log)
+    purges: list[str] = []
+
+    def watch(connection):
+        connection.set_trace_callback(lambda sql: purges.append(sql) if "DELETE FROM idempotency" in sql else None)
+
+    watch(vault._connection)
+    vault.apply_batch([log.command(tokenize(1, [n], key=f"k{n}", at_ms=1_000 + n)) for n in range(6)])
+    vault.apply_batch([log.command(tokenize(1, [10], at_ms=HOUR_MS + 1_000))])  # nothing has expired yet
+    assert purges == []
+    vault.close()
+    # Reopened, the store knows the oldest record again, so the purge runs once
+    # records expire (here the three oldest).
+    vault = VaultStore.open(path, retention_ms=HOUR_MS)
+    watch(vault._connection)
+    vault.apply_batch([log.command(tokenize(1, [11], at_ms=HOUR_MS + 1_003))])
+    assert len(purges) == 1
+    assert [vault.idempotency_get("tokenizer", f"k{n}") is None for n in range(6)] == [True] * 3 + [False] * 3
+    vault.apply_batch([log.command(tokenize(1, [12], at_ms=3 * HOUR_MS))])
+    assert all(vault.idempotency_get("tokenizer", f"k{n}") is None for n in range(6))
+    purges.clear()
+    vault.apply_batch([log.command(tokenize(1, [13], at_ms=3 * HOUR_MS + 1))])  # the table is empty now
+    assert purges == []
+    vault.close()
+
+
 def test_an_expired_key_is_reusable_and_a_live_one_is_not(tmp_path):
     vault = VaultStore.open(tmp_path / "vault.db", retention_ms=HOUR_MS)
     log = Log()

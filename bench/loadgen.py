@@ -8,7 +8,12 @@ flight at a time, so --concurrency is the number of requests in flight. Each
 request carries --batch values: fresh random synthetic strings for tokenize;
 tokens from a pool tokenized beforehand for detokenize; `mixed` alternates.
 It prints requests/s, values/s, p50 and p99 latency of acknowledged requests
-and error counts for the measured window (after --warmup seconds).
+and error counts for the measured window (after --warmup seconds). Given a
+cluster.json it also prints the CPU time the nodes (together) and the load
+generator used per acknowledged request, read from /proc over warm-up and
+window; compare-etcd does the same for both systems. `--client raw` swaps
+aiohttp's client for a minimal one (bench/httpclients.py) that takes less of
+the cores the target shares with it.
 
 `compare-etcd` starts its own clusters in a temporary directory, on loopback,
 and runs the same client against: vault single-value tokenize, etcd
@@ -28,6 +33,7 @@ import base64
 import json
 import os
 import random
+import resource
 import shutil
 import signal
 import socket
@@ -36,7 +42,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,6 +59,7 @@ from httpclients import CLIENT_KINDS, AiohttpClient, RawClient, open_client  # n
 
 Client = AiohttpClient | RawClient
 
+CLOCK_TICKS_PER_SECOND = os.sysconf("SC_CLK_TCK")
 DETOKENIZE_POOL_VALUES = 20_000
 PREPARE_BATCH = 1000
 ETCD_INSTALL_HINT = "etcd is not installed: run 'apt-get install etcd-server' (Debian) and try again"
@@ -67,6 +74,9 @@ class Measurement:
     latencies_ms: list[float] = field(default_factory=list)
     errors: Counter[str] = field(default_factory=Counter)
     window_seconds: float = 0.0
+    completed_ok: int = 0  # acknowledged requests including the warm-up, for CPU per operation
+    server_cpu_seconds: float | None = None  # CPU the target's processes used during warm-up + window
+    client_cpu_seconds: float = 0.0  # CPU this load generator used meanwhile
 
     def percentile_ms(self, fraction: float) -> float:
         if not self.latencies_ms:
@@ -90,10 +100,34 @@ def random_values(count: int, generator: random.Random) -> list[str]:
     return [f"synthetic-{generator.getrandbits(96):024x}" for _ in range(count)]
 
 
+def process_cpu_seconds(pids: Sequence[int]) -> float | None:
+    """User + system CPU seconds the processes have used so far (Linux /proc), or None if unreadable."""
+    total = 0.0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat", encoding="ascii") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS_PER_SECOND
+        except (OSError, IndexError, ValueError):
+            return None
+    return total
+
+
+def own_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 async def drive(operation: Operation, concurrency: int, duration_seconds: float, warmup_seconds: float,
-                client_kind: str = "aiohttp") -> Measurement:
-    """Run `concurrency` workers for warmup + duration; record requests that start after the warmup."""
+                client_kind: str = "aiohttp", server_pids: Sequence[int] = ()) -> Measurement:
+    """Run `concurrency` workers for warmup + duration; record requests that start after the warmup.
+
+    With ``server_pids`` it also records the CPU those processes and this one
+    used over warm-up + window, so the report can give CPU per operation.
+    """
     measurement = Measurement()
+    server_before = process_cpu_seconds(server_pids) if server_pids else None
+    client_before = own_cpu_seconds()
     async with open_client(client_kind, concurrency) as client:
         # Why perf_counter: uvloop's loop.time() has millisecond resolution, too coarse for latencies.
         clock = time.perf_counter
@@ -107,6 +141,7 @@ async def drive(operation: Operation, concurrency: int, duration_seconds: float,
                 except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as error:
                     outcome = Outcome(False, 0, type(error).__name__)
                 finished = clock()
+                measurement.completed_ok += outcome.ok
                 if started < measure_from or finished > stop_at:
                     continue
                 if outcome.ok:
@@ -120,15 +155,24 @@ async def drive(operation: Operation, concurrency: int, duration_seconds: float,
 
         await asyncio.gather(*(worker(number) for number in range(concurrency)))
     measurement.window_seconds = duration_seconds
+    measurement.client_cpu_seconds = own_cpu_seconds() - client_before
+    server_after = process_cpu_seconds(server_pids) if server_before is not None else None
+    if server_before is not None and server_after is not None:
+        measurement.server_cpu_seconds = server_after - server_before
     return measurement
 
 
 def report_line(label: str, measurement: Measurement) -> str:
     window = measurement.window_seconds or 1.0
     errors = ", ".join(f"{kind}: {count}" for kind, count in sorted(measurement.errors.items())) or "none"
-    return (f"{label:<34} {measurement.requests / window:>10.0f} req/s {measurement.values / window:>11.0f} values/s"
+    line = (f"{label:<34} {measurement.requests / window:>10.0f} req/s {measurement.values / window:>11.0f} values/s"
             f"   p50 {measurement.percentile_ms(0.50):7.2f} ms   p99 {measurement.percentile_ms(0.99):7.2f} ms"
             f"   ok {measurement.requests}   errors {errors}")
+    if measurement.server_cpu_seconds is not None and measurement.completed_ok:
+        per_op = 1e6 / measurement.completed_ok
+        line += (f"\n{'':<34} CPU per acknowledged request: servers {measurement.server_cpu_seconds * per_op:.0f} us,"
+                 f" load generator {measurement.client_cpu_seconds * per_op:.0f} us")
+    return line
 
 
 # ---------------------------------------------------------------- vault operations
@@ -293,18 +337,30 @@ def stop_processes(processes: Sequence[subprocess.Popen[bytes]]) -> None:
 # ---------------------------------------------------------------- commands
 
 
-def load_cluster_json(path: str) -> tuple[list[str], str]:
+def load_cluster_json(path: str) -> tuple[list[str], str, list[int]]:
+    """URLs, the 'full' API key and the pids of the running nodes (those with a readable pid file)."""
     with open(path, encoding="utf-8") as handle:
         document = json.load(handle)
     urls = [node["http_url"] for node in document["nodes"]]
-    return urls, document["api_keys"]["full"]["key"]
+    return urls, document["api_keys"]["full"]["key"], read_pids(node.get("pid_file") for node in document["nodes"])
+
+
+def read_pids(pid_files: Iterable[str | Path | None]) -> list[int]:
+    pids = []
+    for pid_file in pid_files:
+        try:
+            pids.append(int(Path(pid_file).read_text().strip()))  # type: ignore[arg-type]
+        except (OSError, TypeError, ValueError):
+            pass
+    return pids
 
 
 async def command_run(arguments: argparse.Namespace) -> int:
     urls = [url for entry in arguments.url for url in entry.split(",") if url]
     api_key = arguments.api_key or os.environ.get("TOKENVAULT_API_KEY")
+    server_pids: list[int] = []
     if arguments.cluster_json:
-        cluster_urls, cluster_key = load_cluster_json(arguments.cluster_json)
+        cluster_urls, cluster_key, server_pids = load_cluster_json(arguments.cluster_json)
         urls = urls or cluster_urls
         api_key = api_key or cluster_key
     if not urls or not api_key:
@@ -317,8 +373,9 @@ async def command_run(arguments: argparse.Namespace) -> int:
     print(f"{arguments.mode}, {arguments.batch} value(s)/request, concurrency {arguments.concurrency}, "
           f"{arguments.duration:g} s after {arguments.warmup:g} s warm-up, {arguments.client} client, "
           f"against {', '.join(urls)}", flush=True)
+    # CPU per request counts every node of the cluster (all of them work for each write).
     measurement = await drive(operation, arguments.concurrency, arguments.duration, arguments.warmup,
-                              arguments.client)
+                              arguments.client, server_pids)
     print(report_line(f"vault {arguments.mode} x{arguments.batch}", measurement))
     return 0
 
@@ -339,7 +396,9 @@ async def command_compare_etcd(arguments: argparse.Namespace) -> int:
             spec, _ = await asyncio.to_thread(cluster.start_cluster, vault_directory, 3, ports=ports,
                                               timeout_seconds=60)
             etcd_processes, etcd_urls = await asyncio.to_thread(start_etcd, directory / "etcd")
-            return await compare(arguments, list(spec.http_urls), spec.key("full"), etcd_urls)
+            return await compare(arguments, list(spec.http_urls), spec.key("full"), etcd_urls,
+                                 read_pids(node.pid_file for node in spec.nodes),
+                                 [process.pid for process in etcd_processes])
         finally:
             stop_processes(etcd_processes)
             if (vault_directory / cluster.CLUSTER_FILE_NAME).exists():
@@ -347,19 +406,19 @@ async def command_compare_etcd(arguments: argparse.Namespace) -> int:
 
 
 async def compare(arguments: argparse.Namespace, vault_urls: list[str], api_key: str,
-                  etcd_urls: list[str]) -> int:
+                  etcd_urls: list[str], vault_pids: list[int], etcd_pids: list[int]) -> int:
     concurrency, duration, warmup = arguments.concurrency, arguments.duration, arguments.warmup
     print(f"3-node vault {', '.join(vault_urls)}\n3-member etcd {', '.join(etcd_urls)}\n"
           f"concurrency {concurrency}, {duration:g} s per run after {warmup:g} s warm-up, "
           f"{arguments.client} client\n", flush=True)
     target = VaultTarget(vault_urls, api_key, arguments.seed)
     client = arguments.client
-    vault_single = await drive(target.tokenize(1), concurrency, duration, warmup, client)
+    vault_single = await drive(target.tokenize(1), concurrency, duration, warmup, client, vault_pids)
     print(report_line("vault tokenize x1", vault_single), flush=True)
     etcd_single = await drive(etcd_insert_if_absent(etcd_urls, arguments.seed), concurrency, duration, warmup,
-                              client)
+                              client, etcd_pids)
     print(report_line("etcd txn insert-if-absent x1", etcd_single), flush=True)
-    vault_batch = await drive(target.tokenize(100), concurrency, duration, warmup, client)
+    vault_batch = await drive(target.tokenize(100), concurrency, duration, warmup, client, vault_pids)
     print(report_line("vault tokenize x100", vault_batch), flush=True)
     if etcd_single.requests:
         ratio = (vault_single.requests / duration) / (etcd_single.requests / duration)

@@ -15,6 +15,10 @@ The functions here are usable programmatically (integration tests drive a
 cluster through init_cluster, start_cluster, cluster_status, kill_node,
 restart_node and stop_cluster); none of them uses asyncio, so they can be called
 from sync or async code alike.
+
+The cluster's description (the spec types, the environment knobs, the
+generation and reading of the directory's files) is in tokenvault.cluster_spec;
+its public names are re-exported here.
 """
 
 from __future__ import annotations
@@ -33,43 +37,22 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tokenvault.auth import ApiKeyEntry, generate_api_key, hash_api_key
-from tokenvault.config import (ConfigError, HttpConfig, MemberConfig, NodeConfig, PeerConfig, TimingConfig,
-                               WalConfig, write_node_config)
-from tokenvault.crypto import MasterKey, write_secret_file
+from tokenvault.cluster_spec import (ALLOWED_NODE_COUNTS, API_KEY_SCOPES, CLUSTER_FILE_NAME, DEFAULT_BASE_PORT,
+                                     DEFAULT_NODE_COUNT, ENVIRONMENT_KNOBS, HOST, ApiKeyInfo, ClusterError,
+                                     ClusterSpec, NodeSettings, NodeSpec, _generate, _write_private_file,
+                                     base_port_from_environment, contract_ports, default_cluster_directory,
+                                     load_cluster, plan_nodes, settings_from_environment)
 
-ALLOWED_NODE_COUNTS = (1, 3, 5)
-DEFAULT_NODE_COUNT = 3
-DEFAULT_BASE_PORT = 8100
 DEFAULT_START_TIMEOUT_SECONDS = 30.0
 DEFAULT_STOP_TIMEOUT_SECONDS = 10.0
 HEALTH_TIMEOUT_SECONDS = 1.0
 POLL_INTERVAL_SECONDS = 0.1
-HOST = "127.0.0.1"
-CLUSTER_FILE_NAME = "cluster.json"
 LOCK_FILE_NAME = ".lock"
 MAX_HEALTH_BYTES = 65536
-API_KEY_SCOPES: dict[str, tuple[str, ...]] = {
-    "admin": ("admin",),
-    "tokenizer": ("tokenize",),
-    "detokenizer": ("detokenize",),
-    "full": ("admin", "tokenize", "detokenize"),
-}
-# Environment knobs written into node configs when a cluster is generated.
-ENVIRONMENT_KNOBS = {
-    "TOKENVAULT_TICK_MS": "timing.tick_ms",
-    "TOKENVAULT_ELECTION_TIMEOUT_TICKS": "timing.election_timeout_ticks",
-    "TOKENVAULT_HEARTBEAT_INTERVAL_TICKS": "timing.heartbeat_interval_ticks",
-    "TOKENVAULT_REQUEST_TIMEOUT_MS": "timing.request_timeout_ms",
-    "TOKENVAULT_WAL_FSYNC": "wal.fsync",
-    "TOKENVAULT_COMPACT_EVERY_ENTRIES": "wal.compact_every_entries",
-    "TOKENVAULT_COMPACT_KEEP_ENTRIES": "wal.compact_keep_entries",
-    "TOKENVAULT_LOG_LEVEL": "log_level",
-}
 
 Report = Callable[[str], None]
 PORT_RELEASE_TIMEOUT_SECONDS = 10.0
@@ -79,95 +62,8 @@ PORT_RELEASE_TIMEOUT_SECONDS = 10.0
 _children: dict[int, subprocess.Popen[bytes]] = {}
 
 
-class ClusterError(Exception):
-    """A cluster command cannot be carried out; the message says why and what to do."""
-
-
 def _silent(message: str) -> None:
     del message
-
-
-@dataclass(frozen=True, slots=True)
-class NodeSpec:
-    node_id: str
-    http_url: str
-    peer_addr: str
-    data_dir: Path
-    log_file: Path
-    pid_file: Path
-    config: Path
-
-    @property
-    def directory(self) -> Path:
-        return self.config.parent
-
-    @property
-    def output_file(self) -> Path:
-        return self.directory / "node.out"
-
-    @property
-    def http_port(self) -> int:
-        return int(self.http_url.rsplit(":", 1)[1])
-
-    @property
-    def peer_port(self) -> int:
-        return int(self.peer_addr.rsplit(":", 1)[1])
-
-    def to_json(self) -> dict[str, str]:
-        return {"id": self.node_id, "http_url": self.http_url, "peer_addr": self.peer_addr,
-                "data_dir": str(self.data_dir), "log_file": str(self.log_file),
-                "pid_file": str(self.pid_file), "config": str(self.config)}
-
-
-@dataclass(frozen=True, slots=True)
-class ApiKeyInfo:
-    name: str
-    key: str
-    scopes: tuple[str, ...]
-
-    def __repr__(self) -> str:
-        return f"ApiKeyInfo(name={self.name!r}, scopes={self.scopes!r})"
-
-
-@dataclass(frozen=True, slots=True)
-class ClusterSpec:
-    directory: Path
-    nodes: tuple[NodeSpec, ...]
-    api_keys: tuple[ApiKeyInfo, ...]
-
-    @property
-    def cluster_file(self) -> Path:
-        return self.directory / CLUSTER_FILE_NAME
-
-    @property
-    def http_urls(self) -> tuple[str, ...]:
-        return tuple(node.http_url for node in self.nodes)
-
-    def node(self, node_id: str) -> NodeSpec:
-        for node in self.nodes:
-            if node.node_id == node_id:
-                return node
-        known = ", ".join(node.node_id for node in self.nodes)
-        raise ClusterError(f"no node {node_id!r} in this cluster (nodes: {known})")
-
-    def key(self, name: str) -> str:
-        for info in self.api_keys:
-            if info.name == name:
-                return info.key
-        raise ClusterError(f"no API key named {name!r} in {self.cluster_file}")
-
-    def to_json(self) -> dict[str, Any]:
-        return {"nodes": [node.to_json() for node in self.nodes],
-                "api_keys": {info.name: {"key": info.key, "scopes": list(info.scopes)} for info in self.api_keys}}
-
-
-@dataclass(frozen=True, slots=True)
-class NodeSettings:
-    """What the environment knobs set in every generated node config."""
-
-    log_level: str = "info"
-    timing: TimingConfig = field(default_factory=TimingConfig)
-    wal: WalConfig = field(default_factory=WalConfig)
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,118 +90,6 @@ class NodeStatus:
 
 
 # ---------------------------------------------------------------- generation
-
-
-def default_cluster_directory(environ: Mapping[str, str] | None = None) -> Path:
-    environment = os.environ if environ is None else environ
-    return Path(environment.get("TOKENVAULT_CLUSTER_DIR") or ".cluster").expanduser().absolute()
-
-
-def base_port_from_environment(environ: Mapping[str, str] | None = None) -> int:
-    environment = os.environ if environ is None else environ
-    text = environment.get("TOKENVAULT_BASE_PORT", "").strip()
-    if not text:
-        return DEFAULT_BASE_PORT
-    if not text.isdigit() or not 1 <= int(text) <= 65535 - 100 - max(ALLOWED_NODE_COUNTS):
-        raise ClusterError(f"TOKENVAULT_BASE_PORT must be an integer from 1 to {65535 - 105}")
-    return int(text)
-
-
-def _environment_integer(environment: Mapping[str, str], name: str, default: int) -> int:
-    text = environment.get(name, "").strip()
-    if not text:
-        return default
-    if not text.isdigit():
-        raise ClusterError(f"{name} must be a non-negative integer")
-    return int(text)
-
-
-def settings_from_environment(environ: Mapping[str, str] | None = None) -> NodeSettings:
-    """Read the TOKENVAULT_* knobs listed in ENVIRONMENT_KNOBS (unset ones keep the config defaults)."""
-    environment = os.environ if environ is None else environ
-    defaults = TimingConfig()
-    fsync_text = environment.get("TOKENVAULT_WAL_FSYNC", "").strip().lower()
-    if fsync_text not in ("", "true", "false", "1", "0"):
-        raise ClusterError("TOKENVAULT_WAL_FSYNC must be true or false")
-    try:
-        timing = TimingConfig(
-            tick_ms=_environment_integer(environment, "TOKENVAULT_TICK_MS", defaults.tick_ms),
-            election_timeout_ticks=_environment_integer(
-                environment, "TOKENVAULT_ELECTION_TIMEOUT_TICKS", defaults.election_timeout_ticks),
-            heartbeat_interval_ticks=_environment_integer(
-                environment, "TOKENVAULT_HEARTBEAT_INTERVAL_TICKS", defaults.heartbeat_interval_ticks),
-            request_timeout_ms=_environment_integer(
-                environment, "TOKENVAULT_REQUEST_TIMEOUT_MS", defaults.request_timeout_ms))
-        wal_defaults = WalConfig()
-        wal = WalConfig(fsync=fsync_text not in ("false", "0"),
-                        compact_every_entries=_environment_integer(
-                            environment, "TOKENVAULT_COMPACT_EVERY_ENTRIES", wal_defaults.compact_every_entries),
-                        compact_keep_entries=_environment_integer(
-                            environment, "TOKENVAULT_COMPACT_KEEP_ENTRIES", wal_defaults.compact_keep_entries))
-        log_level = environment.get("TOKENVAULT_LOG_LEVEL", "").strip().lower() or "info"
-        if log_level not in ("debug", "info", "warning", "error"):
-            raise ClusterError("TOKENVAULT_LOG_LEVEL must be debug, info, warning or error")
-    except ConfigError as error:
-        raise ClusterError(f"environment knob out of range: {error}") from None
-    return NodeSettings(log_level=log_level, timing=timing, wal=wal)
-
-
-def plan_nodes(directory: Path, count: int, ports: Sequence[tuple[int, int]]) -> tuple[NodeSpec, ...]:
-    """Node i (1-based) gets the i-th (http_port, peer_port) pair and the directory `n<i>`."""
-    nodes = []
-    for number, (http_port, peer_port) in zip(range(1, count + 1), ports, strict=True):
-        node_directory = directory / f"n{number}"
-        nodes.append(NodeSpec(
-            node_id=f"n{number}", http_url=f"http://{HOST}:{http_port}", peer_addr=f"{HOST}:{peer_port}",
-            data_dir=node_directory / "data", log_file=node_directory / "node.log",
-            pid_file=node_directory / "node.pid", config=node_directory / "node.toml"))
-    return tuple(nodes)
-
-
-def contract_ports(count: int, base_port: int) -> list[tuple[int, int]]:
-    """The contract's ports: HTTP on base+i, peer protocol on base+100+i."""
-    return [(base_port + number, base_port + 100 + number) for number in range(1, count + 1)]
-
-
-def _write_private_file(path: Path, text: str) -> None:
-    """Create `path` with mode 0600 atomically (temporary file, fsync, rename)."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        os.fchmod(descriptor, 0o600)
-        os.write(descriptor, text.encode("utf-8"))
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-    os.replace(temporary, path)
-
-
-def _node_config(spec: ClusterSpec, node: NodeSpec, settings: NodeSettings) -> NodeConfig:
-    members = tuple(MemberConfig(id=member.node_id, peer_addr=member.peer_addr, http_url=member.http_url)
-                    for member in spec.nodes)
-    api_keys = tuple(ApiKeyEntry(name=info.name, sha256=hash_api_key(info.key), scopes=frozenset(info.scopes))
-                     for info in spec.api_keys)
-    return NodeConfig(
-        node_id=node.node_id, data_dir=node.data_dir, members=members, api_keys=api_keys,
-        master_key_file=spec.directory / "master.key", cluster_secret_file=spec.directory / "cluster.secret",
-        log_file=node.log_file, log_level=settings.log_level,
-        http=HttpConfig(host=HOST, port=node.http_port), peer=PeerConfig(host=HOST, port=node.peer_port),
-        timing=settings.timing, wal=settings.wal)
-
-
-def _generate(directory: Path, nodes: tuple[NodeSpec, ...], settings: NodeSettings) -> ClusterSpec:
-    keys = tuple(ApiKeyInfo(name, generate_api_key(), scopes) for name, scopes in API_KEY_SCOPES.items())
-    spec = ClusterSpec(directory, nodes, keys)
-    configs = [_node_config(spec, node, settings) for node in nodes]
-    MasterKey.generate().write_file(directory / "master.key")
-    write_secret_file(directory / "cluster.secret", os.urandom(32))
-    for node, config in zip(nodes, configs):
-        node.directory.mkdir(mode=0o700)
-        node.data_dir.mkdir(mode=0o700)
-        write_node_config(node.config, config)
-    # Written last: its presence marks a complete cluster directory.
-    _write_private_file(spec.cluster_file, json.dumps(spec.to_json(), indent=2) + "\n")
-    return spec
 
 
 def init_cluster(directory: Path | str, nodes: int = DEFAULT_NODE_COUNT, base_port: int = DEFAULT_BASE_PORT, *,
@@ -347,27 +131,6 @@ def _check_node_count(spec: ClusterSpec, nodes: int | None) -> None:
             f"the cluster in {spec.directory} has {len(spec.nodes)} node(s), not {nodes}; run "
             f"'./run_cluster.sh start' without --nodes to restart it, or stop it and remove the directory "
             f"(or set TOKENVAULT_CLUSTER_DIR elsewhere) to create a {nodes}-node cluster")
-
-
-def load_cluster(directory: Path | str) -> ClusterSpec:
-    """Read cluster.json of an existing cluster directory."""
-    directory = Path(directory).expanduser().absolute()
-    path = directory / CLUSTER_FILE_NAME
-    try:
-        document = json.loads(path.read_text(encoding="utf-8"))
-        nodes = tuple(NodeSpec(node_id=str(node["id"]), http_url=str(node["http_url"]),
-                               peer_addr=str(node["peer_addr"]), data_dir=Path(node["data_dir"]),
-                               log_file=Path(node["log_file"]), pid_file=Path(node["pid_file"]),
-                               config=Path(node["config"])) for node in document["nodes"])
-        keys = tuple(ApiKeyInfo(str(name), str(entry["key"]), tuple(entry["scopes"]))
-                     for name, entry in document["api_keys"].items())
-    except FileNotFoundError:
-        raise ClusterError(f"no cluster in {directory} (no {CLUSTER_FILE_NAME}); run './run_cluster.sh start'")
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        raise ClusterError(f"{path} is unreadable or not in the expected shape") from None
-    if not nodes:
-        raise ClusterError(f"{path} lists no nodes")
-    return ClusterSpec(directory, nodes, keys)
 
 
 @contextlib.contextmanager

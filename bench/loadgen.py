@@ -9,8 +9,8 @@ request carries --batch values: fresh random synthetic strings for tokenize;
 tokens from a pool tokenized beforehand for detokenize; `mixed` alternates.
 It prints requests/s, values/s, p50 and p99 latency of acknowledged requests
 and error counts for the measured window (after --warmup seconds). Given a
-cluster.json it also prints the CPU time the nodes (together, with their
-child processes) and the load generator used per acknowledged request, read from /proc over warm-up and
+cluster.json it also prints the CPU time the nodes (together) and the load
+generator used per acknowledged request, read from /proc over warm-up and
 window; compare-etcd does the same for both systems. `--client raw` swaps
 aiohttp's client for a minimal one (bench/httpclients.py) that takes less of
 the cores the target shares with it.
@@ -100,17 +100,6 @@ def random_values(count: int, generator: random.Random) -> list[str]:
     return [f"synthetic-{generator.getrandbits(96):024x}" for _ in range(count)]
 
 
-def with_children(pids: Sequence[int]) -> list[int]:
-    """The processes and their direct children (a node's fsync helper works for it too)."""
-    found = list(pids)
-    for pid in pids:
-        try:
-            found += [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-        except (OSError, ValueError):
-            pass
-    return found
-
-
 def process_cpu_seconds(pids: Sequence[int]) -> float | None:
     """User + system CPU seconds the processes have used so far (Linux /proc), or None if unreadable."""
     total = 0.0
@@ -137,7 +126,6 @@ async def drive(operation: Operation, concurrency: int, duration_seconds: float,
     used over warm-up + window, so the report can give CPU per operation.
     """
     measurement = Measurement()
-    server_pids = with_children(server_pids)
     server_before = process_cpu_seconds(server_pids) if server_pids else None
     client_before = own_cpu_seconds()
     async with open_client(client_kind, concurrency) as client:

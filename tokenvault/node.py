@@ -22,6 +22,7 @@ import random
 import signal
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +31,6 @@ from protocol import (AppendEntries, Entry, EntryKind, ForwardRequest, ForwardRe
 from tokenvault import commands
 from tokenvault.config import NodeConfig, load_config
 from tokenvault.crypto import KeyRing, new_epoch_secret
-from tokenvault.fsync_helper import FsyncHelper
 from tokenvault.logs import configure_logging, get_logger
 from tokenvault.metrics import Metrics
 from tokenvault.store import ApplyResult, Outcome, StoreError, VaultStore
@@ -119,7 +119,7 @@ class Node:
         self._applied_since_compact = 0
         self._bootstrap_in_flight = False
         self._tasks: list[asyncio.Task] = []
-        self._fsyncer: FsyncHelper | None = None  # started with the first fsync
+        self._disk_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"wal-{self.node_id}")
         self.forward_handler = None  # set by the service: handles ForwardRequest frames
         self.forward_response_handler = None
         self.peer_down_handler = None  # set by the service: fails requests forwarded to that peer
@@ -156,8 +156,6 @@ class Node:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        if self.config.wal.fsync:
-            self._fsync_helper()  # started now, so a node that cannot start it fails at once
         if self.transport is not None:
             await self.transport.start()
         self._tasks.append(loop.create_task(self._drive(), name="driver"))
@@ -178,8 +176,7 @@ class Node:
         if self.transport is not None:
             await self.transport.close()
         self._fail_pending()  # callers answer 503: this node is going away
-        if self._fsyncer is not None:
-            self._fsyncer.close()
+        self._disk_executor.shutdown(wait=True)
         self.wal.close()
         self.store.close()
 
@@ -322,7 +319,9 @@ class Node:
             self.wal.append(truncate_from=ready.truncate_from, entries=ready.entries,
                             hard_state=ready.hard_state)
             started = time.perf_counter()
-            await self._sync_wal()
+            # In a worker thread, so the loop keeps reading requests and replies
+            # meanwhile; they form the next batch (group commit).
+            await asyncio.get_running_loop().run_in_executor(self._disk_executor, self.wal.sync)
             self.metrics.observe_wal_sync(time.perf_counter() - started, len(ready.entries),
                                           sum(len(entry.payload) for entry in ready.entries))
         for destination, message in later:
@@ -339,29 +338,6 @@ class Node:
             self._log_event(event)
         self._release_reads()
         self._update_gauges()
-
-    async def _sync_wal(self) -> None:
-        """Write the batch here, fdatasync it in the helper process (group commit).
-
-        Meanwhile the loop keeps reading requests and replies; they form the
-        next batch. A failed or unknown fsync stops the node: nothing of the
-        batch may be acknowledged.
-        """
-        pending = self.wal.write_pending()
-        if pending is None:
-            return
-        if pending.needs_fsync:
-            try:
-                await self._fsync_helper().fdatasync(pending.descriptor)
-            except OSError as error:
-                raise self.wal.fail(str(error)[:200]) from None
-        self.wal.complete_sync(pending)
-
-    def _fsync_helper(self) -> FsyncHelper:
-        if self._fsyncer is None:
-            self._fsyncer = FsyncHelper()
-            log.info("wal.fsync_helper_started", pid=self._fsyncer.pid)
-        return self._fsyncer
 
     def _install_snapshot(self, snapshot) -> None:
         self.store.install_snapshot(snapshot.data, snapshot.index, snapshot.view)

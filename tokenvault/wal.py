@@ -176,27 +176,12 @@ def _recover(directory: Path, fsync: bool) -> tuple[_ReplayState, list[_SegmentI
     return state, segments, cut_bytes
 
 
-@dataclass(slots=True)
-class PendingSync:
-    """Records written by ``write_pending`` that become durable once ``descriptor`` is fdatasynced."""
-
-    descriptor: int
-    needs_fsync: bool
-    created: bool                  # the write started a new segment (its directory needs an fsync)
-    segment: _SegmentInfo
-    size_bytes: int
-    high_water_index: int
-    lowest_truncate_from: int | None
-    last: tuple[int, int]          # (index, view) of the last entry written
-    hard_state: HardState | None
-
-
 class WriteAheadLog:
     """The durable replication log of one node; see the module docstring for the format.
 
-    ``append`` may be called many times before one ``sync`` (or one
-    ``write_pending`` + ``complete_sync``, when the fdatasync runs elsewhere).
-    All methods take an internal lock.
+    ``append`` may be called many times before one ``sync``. All methods take an
+    internal lock, so ``sync`` may run in a worker thread while the event loop
+    thread waits for it.
     """
 
     def __init__(self, directory: Path, max_segment_bytes: int, fsync: bool, lock_descriptor: int,
@@ -216,7 +201,6 @@ class WriteAheadLog:
         self._failed = False
         self._closed = False
         self._lock = threading.Lock()
-        self._written: PendingSync | None = None  # written by write_pending, not yet known durable
         self._active_descriptor = os.open(segments[-1].path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
 
     # ------------------------------------------------------------ opening
@@ -327,49 +311,9 @@ class WriteAheadLog:
             self._check_usable()
             self._sync_locked()
 
-    def write_pending(self) -> PendingSync | None:
-        """The first half of ``sync``: write the buffered records with one write, no fsync.
-
-        Returns what ``complete_sync`` needs once ``pending.descriptor`` has been
-        fdatasynced by the caller (the node hands that to a helper process), or
-        None when nothing was buffered. Until then the records do not count as
-        durable; nothing else may be written in between.
-        """
-        with self._lock:
-            self._check_usable()
-            if self._written is not None:
-                raise RuntimeError("the previous write_pending was not completed")
-            self._written = self._write_locked()
-            return self._written
-
-    def complete_sync(self, pending: PendingSync) -> None:
-        """The second half: ``pending.descriptor`` is fdatasynced; fsync a new segment's directory, count it durable."""
-        with self._lock:
-            self._check_usable()
-            if pending is not self._written:
-                raise RuntimeError("complete_sync of a write that is not the outstanding one")
-            self._complete_locked(pending)
-
-    def fail(self, reason: str) -> WalFatal:
-        """Mark the log unusable (an fsync done elsewhere failed) and return the error to raise."""
-        with self._lock:
-            self._failed = True
-        return WalFatal(f"write-ahead log fsync failed: {reason}")
-
     def _sync_locked(self) -> None:
-        # An outstanding write_pending (its caller stopped waiting) is made durable first.
-        while (pending := self._written or self._write_locked()) is not None:
-            if self._fsync:
-                try:
-                    os.fdatasync(pending.descriptor)
-                except OSError as error:
-                    self._failed = True
-                    raise WalFatal(f"write-ahead log write or fsync failed: {error.strerror}") from None
-            self._complete_locked(pending)
-
-    def _write_locked(self) -> PendingSync | None:
         if not self._pending:
-            return None
+            return
         data = b"".join(self._pending)
         active = self._segments[-1]
         try:
@@ -380,34 +324,24 @@ class WriteAheadLog:
                 data = header + data
                 active, created = self._segments[-1], True
             _write_all(self._active_descriptor, data)
+            if self._fsync:
+                os.fdatasync(self._active_descriptor)
+                if created:
+                    fsync_directory(self._directory)
         except OSError as error:
             self._failed = True
             raise WalFatal(f"write-ahead log write or fsync failed: {error.strerror}") from None
-        pending = PendingSync(self._active_descriptor, self._fsync, created, active, len(data),
-                              self._pending_high_water_index, self._pending_lowest_truncate_from,
-                              (self._tail.last_index, self._tail.last_view), self._hard_state)
+        active.size_bytes += len(data)
+        active.high_water_index = max(active.high_water_index, self._pending_high_water_index)
+        if self._pending_lowest_truncate_from is not None:
+            lowest = active.lowest_truncate_from
+            from_index = self._pending_lowest_truncate_from
+            active.lowest_truncate_from = from_index if lowest is None else min(lowest, from_index)
+        self._durable_last = (self._tail.last_index, self._tail.last_view)
+        self._durable_hard_state = self._hard_state
         self._pending = []
         self._pending_high_water_index = 0
         self._pending_lowest_truncate_from = None
-        return pending
-
-    def _complete_locked(self, pending: PendingSync) -> None:
-        if pending.created and self._fsync:
-            try:
-                fsync_directory(self._directory)
-            except OSError as error:
-                self._failed = True
-                raise WalFatal(f"write-ahead log write or fsync failed: {error.strerror}") from None
-        active = pending.segment
-        active.size_bytes += pending.size_bytes
-        active.high_water_index = max(active.high_water_index, pending.high_water_index)
-        if pending.lowest_truncate_from is not None:
-            lowest = active.lowest_truncate_from
-            from_index = pending.lowest_truncate_from
-            active.lowest_truncate_from = from_index if lowest is None else min(lowest, from_index)
-        self._durable_last = pending.last
-        self._durable_hard_state = pending.hard_state
-        self._written = None
 
     def _start_segment(self, base_index: int, base_view: int, reset: bool) -> bytes:
         """Create the next segment file and make it active; returns its header, not yet written."""

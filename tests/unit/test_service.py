@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import threading
 import time
 from pathlib import Path
 
@@ -493,15 +494,14 @@ async def test_the_largest_allowed_request_is_forwarded_replicated_and_read_back
 
 async def test_a_write_in_the_log_when_the_node_stops_is_answered_outcome_unknown(single: RunningNode) -> None:
     """Stopping answers 503 "may still take effect" for a proposed write: it must not be retried elsewhere."""
-    release = asyncio.Event()
-    real_sync = single.node._sync_wal
+    release = threading.Event()
+    real_sync = single.node.wal.sync
 
-    async def held_sync() -> None:  # the entry is in the log, but its fsync does not finish yet
-        # A plain wait (released in `finally`): wait_for could swallow the driver's cancellation on close.
-        await release.wait()
-        await real_sync()
+    def held_sync() -> None:  # the entry is in the log, but its fsync does not finish yet
+        release.wait(5)
+        real_sync()
 
-    single.node._sync_wal = held_sync
+    single.node.wal.sync = held_sync
     try:
         task = asyncio.create_task(single.service.tokenize("p", ["stopping-value"], None))
         await wait_until(lambda: bool(single.node._pending_proposals), 5, "the write to be proposed")
@@ -511,4 +511,4 @@ async def test_a_write_in_the_log_when_the_node_stops_is_answered_outcome_unknow
         assert "may still take effect" in raised.value.detail
     finally:
         release.set()
-        single.node._sync_wal = real_sync
+        single.node.wal.sync = real_sync

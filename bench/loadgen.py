@@ -37,6 +37,7 @@ import resource
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -413,16 +414,30 @@ async def compare(arguments: argparse.Namespace, vault_urls: list[str], api_key:
           f"{arguments.client} client\n", flush=True)
     target = VaultTarget(vault_urls, api_key, arguments.seed)
     client = arguments.client
-    vault_single = await drive(target.tokenize(1), concurrency, duration, warmup, client, vault_pids)
-    print(report_line("vault tokenize x1", vault_single), flush=True)
-    etcd_single = await drive(etcd_insert_if_absent(etcd_urls, arguments.seed), concurrency, duration, warmup,
-                              client, etcd_pids)
-    print(report_line("etcd txn insert-if-absent x1", etcd_single), flush=True)
+    etcd_operation = etcd_insert_if_absent(etcd_urls, arguments.seed)
+    ratios: list[float] = []
+    for round_number in range(1, arguments.rounds + 1):
+        # Why alternate the order: the machine's speed drifts; a pair measured back to back in
+        # both orders is fairer than two long runs one after the other.
+        order = ("vault", "etcd") if round_number % 2 else ("etcd", "vault")
+        results: dict[str, Measurement] = {}
+        for system in order:
+            if system == "vault":
+                results[system] = await drive(target.tokenize(1), concurrency, duration, warmup, client, vault_pids)
+                label = "vault tokenize x1"
+            else:
+                results[system] = await drive(etcd_operation, concurrency, duration, warmup, client, etcd_pids)
+                label = "etcd txn insert-if-absent x1"
+            prefix = f"[{round_number}] " if arguments.rounds > 1 else ""
+            print(report_line(prefix + label, results[system]), flush=True)
+        if results["etcd"].requests:
+            ratios.append(results["vault"].requests / results["etcd"].requests)
     vault_batch = await drive(target.tokenize(100), concurrency, duration, warmup, client, vault_pids)
     print(report_line("vault tokenize x100", vault_batch), flush=True)
-    if etcd_single.requests:
-        ratio = (vault_single.requests / duration) / (etcd_single.requests / duration)
-        print(f"\nvault/etcd single-value operations per second: {ratio:.2f}x")
+    if ratios:
+        listed = ", ".join(f"{ratio:.2f}x" for ratio in ratios)
+        print(f"\nvault/etcd single-value operations per second: {listed}"
+              + (f" (median {statistics.median(ratios):.2f}x)" if len(ratios) > 1 else ""))
     return 0
 
 
@@ -437,6 +452,9 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     run.add_argument("--batch", type=int, default=1, help="values (or tokens) per request")
     run.add_argument("--pool", type=int, default=DETOKENIZE_POOL_VALUES, help="tokens prepared for detokenize")
     compare_parser = commands.add_parser("compare-etcd", help="start a 3-node vault and a 3-member etcd, drive both")
+    compare_parser.add_argument("--rounds", type=int, default=1,
+                                help="single-value pairs to run, alternating which system goes first; "
+                                     "prints every ratio and their median")
     for sub in (run, compare_parser):
         sub.add_argument("--concurrency", type=int, default=64, help="requests in flight")
         sub.add_argument("--duration", type=float, default=10.0, help="measured seconds")
@@ -448,8 +466,9 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     arguments = parser.parse_args(argv)
     if arguments.seed is None:
         arguments.seed = random.SystemRandom().getrandbits(32)
-    if getattr(arguments, "batch", 1) < 1 or arguments.concurrency < 1 or arguments.duration <= 0:
-        parser.error("--batch and --concurrency must be at least 1 and --duration positive")
+    if (getattr(arguments, "batch", 1) < 1 or getattr(arguments, "rounds", 1) < 1 or arguments.concurrency < 1
+            or arguments.duration <= 0):
+        parser.error("--batch, --rounds and --concurrency must be at least 1 and --duration positive")
     return arguments
 
 

@@ -1,4 +1,4 @@
-"""The load generator's minimal HTTP/1.1 client: response parsing and a real round trip."""
+"""The load generator: its minimal HTTP/1.1 client (parsing, a real round trip) and its CPU accounting."""
 
 from __future__ import annotations
 
@@ -85,3 +85,25 @@ async def test_the_raw_client_refuses_anything_but_plain_http() -> None:
     with pytest.raises(ValueError):
         async with open_client("curl", 1):
             pass
+
+
+def test_the_cpu_accounting_reads_proc_and_reports_per_acknowledged_request(tmp_path: Path) -> None:
+    import os
+
+    import loadgen
+
+    before = loadgen.process_cpu_seconds([os.getpid()])
+    deadline = loadgen.own_cpu_seconds() + 0.05
+    while loadgen.own_cpu_seconds() < deadline:
+        pass
+    assert loadgen.process_cpu_seconds([os.getpid()]) > before
+    assert loadgen.process_cpu_seconds([os.getpid(), 2 ** 22 + 12345]) is None  # no such process
+    (tmp_path / "good.pid").write_text(f"{os.getpid()}\n")
+    (tmp_path / "bad.pid").write_text("not a pid")
+    assert loadgen.read_pids([tmp_path / "good.pid", tmp_path / "bad.pid", tmp_path / "missing.pid", None]) == [
+        os.getpid()]
+    measurement = loadgen.Measurement(requests=10, values=10, latencies_ms=[1.0] * 10, window_seconds=1.0,
+                                      completed_ok=20, server_cpu_seconds=0.01, client_cpu_seconds=0.002)
+    assert "servers 500 us, load generator 100 us" in loadgen.report_line("x", measurement)
+    measurement.server_cpu_seconds = None
+    assert "CPU per" not in loadgen.report_line("x", measurement)

@@ -44,6 +44,18 @@ def test_token_matches_the_specified_construction() -> None:
     assert keys.token_for("héllo") == "tv5_" + encode_token_body(digest)
 
 
+def test_every_token_of_a_batch_is_the_standard_hmac_of_its_value() -> None:
+    # The token HMAC is computed from precomputed padded-key states; it must agree
+    # with the standard library's HMAC for short, long, non-ASCII and repeated values.
+    token_key = _hkdf(FIXED_SECRET, b"tokenvault token key", 32)
+    keys = EpochKeys(2, FIXED_SECRET)
+    values = ["a", "b" * 63, "c" * 64, "d" * 65, "ü" * 200, "value with spaces", "a", "\U0001f600" * 9]
+    expected = ["tv2_" + encode_token_body(hmac.new(token_key, value.encode("utf-8"), hashlib.sha256).digest()[:20])
+                for value in values]
+    assert [token for token, _ in keys.seal_many(values)] == expected
+    assert [keys.token_for(value) for value in values] == expected
+
+
 def test_ciphertext_matches_the_specified_construction() -> None:
     data_key = _hkdf(FIXED_SECRET, b"tokenvault data key", 64)
     keys = EpochKeys(5, FIXED_SECRET)

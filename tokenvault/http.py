@@ -230,6 +230,10 @@ def _refuse_constant(_name: str) -> Any:
     raise ValueError("NaN and Infinity are not JSON")
 
 
+# Built once: json.loads with hooks would construct a new decoder for every request.
+_STRICT_DECODER = json.JSONDecoder(object_pairs_hook=_object_without_duplicates, parse_constant=_refuse_constant)
+
+
 def parse_json(body: bytes) -> Any:
     """Strict JSON: UTF-8, no duplicate object members, no NaN/Infinity, bounded nesting."""
     try:
@@ -237,7 +241,7 @@ def parse_json(body: bytes) -> Any:
     except UnicodeDecodeError:
         raise InvalidRequest("the request body is not valid UTF-8") from None
     try:
-        return json.loads(text, object_pairs_hook=_object_without_duplicates, parse_constant=_refuse_constant)
+        return _STRICT_DECODER.decode(text)
     except _DuplicateMember:
         raise InvalidRequest("a JSON object in the body has a duplicate member name") from None
     except RecursionError:

@@ -34,6 +34,10 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        # Labelled children per (route, method, status): looking them up through
+        # labels() costs a few microseconds on every request. Bounded, since
+        # routes, methods and status codes are finite sets.
+        self._request_children: dict[tuple[str, str, int], tuple] = {}
         self._define_http_metrics()
         self._define_replication_metrics()
         self._define_wal_metrics()
@@ -122,8 +126,13 @@ class Metrics:
     # HTTP layer.
 
     def observe_request(self, route: str, method: str, status: int, duration_seconds: float) -> None:
-        self.http_requests.labels(route=route, method=method, status=str(status)).inc()
-        self.http_request_duration.labels(route=route, method=method).observe(duration_seconds)
+        children = self._request_children.get((route, method, status))
+        if children is None:
+            children = (self.http_requests.labels(route=route, method=method, status=str(status)),
+                        self.http_request_duration.labels(route=route, method=method))
+            self._request_children[(route, method, status)] = children
+        children[0].inc()
+        children[1].observe(duration_seconds)
 
     def record_tokens_issued(self, count: int) -> None:
         self.tokens_issued.inc(count)

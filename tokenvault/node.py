@@ -57,6 +57,26 @@ def durable_committed_count(ready) -> int:
     return sum(1 for entry in ready.committed if entry.index < first_new_index)
 
 
+async def await_future(future: asyncio.Future, timeout_seconds: float):
+    """``await future``, failing it with asyncio.TimeoutError after ``timeout_seconds``.
+
+    What asyncio.wait_for does for a plain future, without the wrapper task and
+    callbacks it adds (about 4 us per request here): a timer that fails the
+    future, cancelled once it resolves. Whoever resolves the future later sees
+    it done and leaves it alone.
+    """
+    timer = asyncio.get_running_loop().call_later(timeout_seconds, _expire, future)
+    try:
+        return await future
+    finally:
+        timer.cancel()
+
+
+def _expire(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_exception(asyncio.TimeoutError())
+
+
 class ProposalOutcomeUnknown(Exception):
     """The node stopped waiting for a proposal it had already made: it may still commit (once)."""
 
@@ -216,14 +236,14 @@ class Node:
         """
         result: asyncio.Future = asyncio.get_running_loop().create_future()
         self._enqueue(("propose", payload, result))
-        return await asyncio.wait_for(result, timeout_seconds)
+        return await await_future(result, timeout_seconds)
 
     async def read_barrier(self, timeout_seconds: float) -> None:
         """Linearizable read point: returns once this primary's store reflects every write acknowledged before."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future = loop.create_future()
         self._enqueue(("read", next(self._read_ids), future))
-        await asyncio.wait_for(future, timeout_seconds)
+        await await_future(future, timeout_seconds)
 
     def send_to_peer(self, peer_id: str, message: object) -> bool:
         return self.transport is not None and self.transport.send(peer_id, message)

@@ -23,7 +23,7 @@ from tokenvault.crypto import DecryptError, new_epoch_secret
 from tokenvault.errors import (IdempotencyInFlight, IdempotencyMismatch, Outcome, ServiceError,
                                Unavailable, problem_body)
 from tokenvault.logs import get_logger
-from tokenvault.node import Node, ProposalLost, ProposalOutcomeUnknown
+from tokenvault.node import Node, ProposalLost, ProposalOutcomeUnknown, await_future
 from tokenvault.store import Outcome as ApplyOutcome
 from tokenvault.tokens import parse_token
 
@@ -256,7 +256,7 @@ class NodeService:
         try:
             if not self.node.send_to_peer(primary_id, ForwardRequest(request_id=request_id, kind=kind, body=body)):
                 raise Unavailable("the primary is not reachable from this node right now")
-            response: ForwardResponse = await asyncio.wait_for(future, self._timeout_seconds + 1)
+            response: ForwardResponse = await await_future(future, self._timeout_seconds + 1)
         except asyncio.TimeoutError:
             raise Unavailable("the primary did not answer in time; the request takes effect at most once") from None
         finally:

@@ -385,3 +385,28 @@ async def test_an_isolated_primary_neither_acknowledges_writes_nor_reads_stale(t
         assert len(set(counts.values())) == 1, counts
     finally:
         await cluster.close()
+
+
+async def test_await_future_times_out_by_failing_the_future_and_otherwise_passes_it_through() -> None:
+    from tokenvault.node import await_future
+
+    loop = asyncio.get_running_loop()
+    slow = loop.create_future()
+    with pytest.raises(asyncio.TimeoutError):
+        await await_future(slow, 0.01)
+    assert slow.done()  # whoever would resolve it later sees it done (a proposal is then never made)
+    quick = loop.create_future()
+    loop.call_soon(quick.set_result, 7)
+    assert await await_future(quick, 5) == 7
+    failing = loop.create_future()
+    loop.call_soon(failing.set_exception, ValueError("x"))
+    with pytest.raises(ValueError):
+        await await_future(failing, 5)
+    # A cancelled caller (client gone) cancels the future too, as asyncio.wait_for did.
+    abandoned = loop.create_future()
+    waiter = asyncio.create_task(await_future(abandoned, 5))
+    await asyncio.sleep(0)
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert abandoned.cancelled()

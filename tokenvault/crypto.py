@@ -306,6 +306,8 @@ class EpochKeys:
         # HMAC-SHA256 (RFC 2104) from its two padded-key hash states, copied per value:
         # the same digest as hmac.new(token_key, value, sha256), in half the time of
         # copying an hmac object (tests/unit/test_crypto.py checks both agree).
+        if len(token_key) > _SHA256_BLOCK_BYTES:
+            raise ValueError("the token key must fit one SHA-256 block for this HMAC construction")
         padded = token_key.ljust(_SHA256_BLOCK_BYTES, b"\x00")
         self._token_inner = hashlib.sha256(bytes(byte ^ 0x36 for byte in padded))
         self._token_outer = hashlib.sha256(bytes(byte ^ 0x5C for byte in padded))

@@ -38,6 +38,7 @@ class Metrics:
         # labels() costs a few microseconds on every request. Bounded, since
         # routes, methods and status codes are finite sets.
         self._request_children: dict[tuple[str, str, int], tuple] = {}
+        self._current_role: str | None = None
         self._define_http_metrics()
         self._define_replication_metrics()
         self._define_wal_metrics()
@@ -152,12 +153,14 @@ class Metrics:
             raise ValueError(f"unknown role {role!r}")
         for name in ROLES:
             self.role.labels(role=name).set(1 if name == role else 0)
+        self._current_role = role
 
     def set_replication(
         self, *, role: str, view: int, commit_index: int, applied_index: int, active_epoch: int
     ) -> None:
         """Set every replication gauge at once (the driver calls this after each Ready)."""
-        self.set_role(role)
+        if role != self._current_role:  # the role gauges change rarely; labels() is not free
+            self.set_role(role)
         self.view.set(view)
         self.commit_index.set(commit_index)
         self.applied_index.set(applied_index)

@@ -69,6 +69,12 @@ def test_replication_gauges_and_one_hot_role() -> None:
     assert found[("tokenvault_active_epoch", ())] == 3
     with pytest.raises(ValueError):
         metrics.set_role("leader")
+    # Repeated and changing roles (the gauges are only rewritten on a change).
+    for role in ("primary", "backup", "backup", "primary"):
+        metrics.set_replication(role=role, view=6, commit_index=12, applied_index=12, active_epoch=3)
+        found = samples(metrics)
+        assert [found[("tokenvault_role", (("role", name),))] for name in ROLES].count(1) == 1
+        assert found[("tokenvault_role", (("role", role),))] == 1
 
 
 def test_peer_gauges() -> None:

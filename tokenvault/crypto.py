@@ -291,8 +291,9 @@ class MasterKey:
 
 
 class EpochKeys:
-    """The token key and data key of one epoch, with their HMAC and AES-SIV
-    objects built once and reused, since they are used for every value."""
+    """The token key and data key of one epoch, with the token key's HMAC
+    hash states and the AES-SIV object built once and reused, since they are
+    used for every value."""
 
     __slots__ = ("epoch", "_token_inner", "_token_outer", "_cipher", "_prefix")
 

@@ -34,7 +34,7 @@ import os
 import sqlite3
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
@@ -81,7 +81,13 @@ SCHEMA_STATEMENTS = (
     " applied_view INTEGER NOT NULL, token_count INTEGER NOT NULL)",
 )
 
-_INSERT_TOKEN = "INSERT OR IGNORE INTO tokens (token, epoch, ciphertext) VALUES (?, ?, ?)"
+# Token rows go in as multi-row INSERTs of these sizes (largest first), one
+# statement per chunk instead of one per row: SQLite steps once per statement and
+# binds the parameters in C. 256 rows are 768 parameters, under SQLite's oldest
+# default limit of 999; the fixed sizes keep the prepared statements cached.
+_INSERT_CHUNK_ROWS = (256, 128, 64, 32, 16, 8, 4, 2, 1)
+_INSERT_TOKENS = {rows: "INSERT OR IGNORE INTO tokens (token, epoch, ciphertext) VALUES "
+                  + ",".join(("(?,?,?)",) * rows) for rows in _INSERT_CHUNK_ROWS}
 _SELECT_IDEMPOTENCY = ("SELECT kind, fingerprint, status, response, created_at_ms FROM idempotency"
                        " WHERE principal = ? AND key = ?")
 _INSERT_IDEMPOTENCY = "INSERT INTO idempotency VALUES (?, ?, ?, ?, ?, ?, ?)"
@@ -335,6 +341,8 @@ class VaultStore:
                 if entry.kind == EntryKind.COMMAND:
                     results.append(self._apply_command(entry.index, decode_command(entry.payload), state))
                 state.applied_index, state.applied_view = entry.index, entry.view
+            if state.rows:
+                self._insert_tokens(state)
             if state.applied_index != self._applied_index:
                 connection.execute(_UPDATE_META, (state.applied_index, state.applied_view, state.token_count))
             connection.execute("RELEASE apply_batch")
@@ -384,16 +392,12 @@ class VaultStore:
                                             command.issued_at_ms)
         if duplicate is not None:
             return duplicate
-        rows = [(token, command.epoch, ciphertext) for token, ciphertext in command.items]
-        connection = self._connection
-        changes_before = connection.total_changes
-        connection.executemany(_INSERT_TOKEN, rows)
-        inserted = connection.total_changes - changes_before
-        if inserted != len(rows):
-            # Some tokens existed already (the same value tokenized again, or
-            # repeated within this command): they must map to the same ciphertext.
-            self._verify_existing(index, rows)
-        state.token_count += inserted
+        # The rows are inserted once for the whole batch (_insert_tokens): nothing
+        # later in the batch reads the tokens table, and a failure undoes the
+        # whole batch either way.
+        epoch = command.epoch
+        state.rows.extend([(token, epoch, ciphertext) for token, ciphertext in command.items])
+        state.row_entries.append((len(state.rows), index))
         response = None
         if command.idempotency_key is not None:
             # Only a keyed request can be replayed, so only then is the body built and kept.
@@ -446,9 +450,31 @@ class VaultStore:
                                  (principal, key, kind, fingerprint, status, response, created_at_ms))
         self._idempotency_floor_ms = min(self._idempotency_floor_ms, created_at_ms)
 
-    def _verify_existing(self, index: int, rows: list[tuple[str, int, bytes]]) -> None:
-        stored = self._fetch([token for token, _, _ in rows])
-        for token, epoch, ciphertext in rows:
+    def _insert_tokens(self, state: "_BatchState") -> None:
+        """Insert the batch's token rows; an existing token must keep its ciphertext."""
+        rows = state.rows
+        connection = self._connection
+        changes_before = connection.total_changes
+        start = 0
+        for size in _INSERT_CHUNK_ROWS:
+            statement = _INSERT_TOKENS[size]
+            while len(rows) - start >= size:
+                connection.execute(statement, [field for row in rows[start:start + size] for field in row])
+                start += size
+        inserted = connection.total_changes - changes_before
+        if inserted != len(rows):
+            # Some tokens existed already (the same value tokenized again, or
+            # repeated within the batch): they must map to the same ciphertext.
+            self._verify_existing(state)
+        state.token_count += inserted
+
+    def _verify_existing(self, state: "_BatchState") -> None:
+        stored = self._fetch([token for token, _, _ in state.rows])
+        ends = iter(state.row_entries)
+        end, index = next(ends)
+        for position, (token, epoch, ciphertext) in enumerate(state.rows):
+            while position >= end:
+                end, index = next(ends)
             if stored.get(token) != (epoch, ciphertext):
                 # The message carries positions only: a token is no secret, but
                 # there is no reason to spread it through logs either.
@@ -548,6 +574,9 @@ class _BatchState:
     applied_view: int
     active_epoch: int
     token_count: int
+    # The batch's token rows, and (rows so far, entry index) after each tokenize command.
+    rows: list = field(default_factory=list)
+    row_entries: list = field(default_factory=list)
 
 
 def _as_rollback_journal_image(image: bytes) -> bytes:

@@ -171,6 +171,32 @@ def test_conflicting_pair_inside_one_command_is_refused(store):
     assert store.lookup([token(1, 1)]) == {}
 
 
+def test_a_batch_of_many_rows_is_stored_whole_across_every_insert_chunk_size(store):
+    # 257 + 130 + 3 rows in one batch go in as chunks of every size from 256 down to 1.
+    log = Log()
+    started(store, log)
+    commands = [range(1, 258), range(258, 388), [388, 389, 1]]
+    results = store.apply_batch([log.command(tokenize(1, numbers)) for numbers in commands])
+    assert [(r.outcome, r.items) for r in results] == [(Outcome.OK, 257), (Outcome.OK, 130), (Outcome.OK, 3)]
+    assert store.token_count() == 389
+    every = [token(1, number) for number in range(1, 390)]
+    assert store.lookup(every) == {token(1, number): b"ct-" + str(number).encode() for number in range(1, 390)}
+    assert store.lookup([token(1, 390)]) == {}
+
+
+def test_insert_once_violation_names_the_entry_that_conflicts(store):
+    log = Log()
+    started(store, log)
+    fine = log.command(tokenize(1, [1, 2]))
+    conflicting = log.command(tokenize(1, [3, 1], ciphertext_prefix=b"other-"))
+    after = log.command(tokenize(1, [4]))
+    with pytest.raises(InsertOnceViolation) as raised:
+        store.apply_batch([fine, conflicting, after])
+    assert f"entry {conflicting.index} " in str(raised.value)
+    assert store.token_count() == 0
+    assert store.lookup([token(1, number) for number in (1, 2, 3, 4)]) == {}
+
+
 def test_duplicate_idempotency_key_returns_the_first_response_even_after_rotation(store):
     log = Log()
     started(store, log)

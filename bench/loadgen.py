@@ -9,7 +9,7 @@ request carries --batch values: fresh random synthetic strings for tokenize;
 tokens from a pool tokenized beforehand for detokenize; `mixed` alternates.
 It prints requests/s, values/s, p50 and p99 latency of acknowledged requests
 and error counts for the measured window (after --warmup seconds). Given a
-cluster.json it also prints the CPU time the nodes (together) and the load
+cluster.json it also prints the CPU time the nodes (together, with their sealer processes) and the load
 generator used per acknowledged request, read from /proc over warm-up and
 window; compare-etcd does the same for both systems. `--client raw` swaps
 aiohttp's client for a minimal one (bench/httpclients.py) that takes less of
@@ -114,6 +114,23 @@ def process_cpu_seconds(pids: Sequence[int]) -> float | None:
     return total
 
 
+def with_children(pids: Sequence[int]) -> list[int]:
+    """``pids`` and their direct children (a node's sealer process), read from /proc."""
+    wanted = set(pids)
+    children = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="ascii") as handle:
+                parent = int(handle.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if parent in wanted:
+            children.append(int(entry))
+    return list(pids) + children
+
+
 def own_cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -127,6 +144,7 @@ async def drive(operation: Operation, concurrency: int, duration_seconds: float,
     used over warm-up + window, so the report can give CPU per operation.
     """
     measurement = Measurement()
+    server_pids = with_children(server_pids) if server_pids else []
     server_before = process_cpu_seconds(server_pids) if server_pids else None
     client_before = own_cpu_seconds()
     async with open_client(client_kind, concurrency) as client:

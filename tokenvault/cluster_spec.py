@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from tokenvault.auth import ApiKeyEntry, generate_api_key, hash_api_key
-from tokenvault.config import (ConfigError, HttpConfig, MemberConfig, NodeConfig, PeerConfig, TimingConfig,
-                               WalConfig, write_node_config)
+from tokenvault.config import (ConfigError, HttpConfig, MemberConfig, NodeConfig, PeerConfig, SealerConfig,
+                               TimingConfig, WalConfig, write_node_config)
 from tokenvault.crypto import MasterKey, write_secret_file
 
 ALLOWED_NODE_COUNTS = (1, 3, 5)
@@ -44,6 +44,7 @@ ENVIRONMENT_KNOBS = {
     "TOKENVAULT_COMPACT_EVERY_ENTRIES": "wal.compact_every_entries",
     "TOKENVAULT_COMPACT_KEEP_ENTRIES": "wal.compact_keep_entries",
     "TOKENVAULT_LOG_LEVEL": "log_level",
+    "TOKENVAULT_SEALER": "sealer.enabled",
 }
 
 
@@ -132,6 +133,7 @@ class NodeSettings:
     log_level: str = "info"
     timing: TimingConfig = field(default_factory=TimingConfig)
     wal: WalConfig = field(default_factory=WalConfig)
+    sealer: SealerConfig = field(default_factory=SealerConfig)
 
 
 # ---------------------------------------------------------------- generation
@@ -168,6 +170,9 @@ def settings_from_environment(environ: Mapping[str, str] | None = None) -> NodeS
     fsync_text = environment.get("TOKENVAULT_WAL_FSYNC", "").strip().lower()
     if fsync_text not in ("", "true", "false", "1", "0"):
         raise ClusterError("TOKENVAULT_WAL_FSYNC must be true or false")
+    sealer_text = environment.get("TOKENVAULT_SEALER", "").strip().lower()
+    if sealer_text not in ("", "true", "false", "1", "0"):
+        raise ClusterError("TOKENVAULT_SEALER must be true or false")
     try:
         timing = TimingConfig(
             tick_ms=_environment_integer(environment, "TOKENVAULT_TICK_MS", defaults.tick_ms),
@@ -188,7 +193,8 @@ def settings_from_environment(environ: Mapping[str, str] | None = None) -> NodeS
             raise ClusterError("TOKENVAULT_LOG_LEVEL must be debug, info, warning or error")
     except ConfigError as error:
         raise ClusterError(f"environment knob out of range: {error}") from None
-    return NodeSettings(log_level=log_level, timing=timing, wal=wal)
+    return NodeSettings(log_level=log_level, timing=timing, wal=wal,
+                        sealer=SealerConfig(enabled=sealer_text not in ("false", "0")))
 
 
 def plan_nodes(directory: Path, count: int, ports: Sequence[tuple[int, int]]) -> tuple[NodeSpec, ...]:
@@ -231,7 +237,7 @@ def _node_config(spec: ClusterSpec, node: NodeSpec, settings: NodeSettings) -> N
         master_key_file=spec.directory / "master.key", cluster_secret_file=spec.directory / "cluster.secret",
         log_file=node.log_file, log_level=settings.log_level,
         http=HttpConfig(host=HOST, port=node.http_port), peer=PeerConfig(host=HOST, port=node.peer_port),
-        timing=settings.timing, wal=settings.wal)
+        timing=settings.timing, wal=settings.wal, sealer=settings.sealer)
 
 
 def _generate(directory: Path, nodes: tuple[NodeSpec, ...], settings: NodeSettings) -> ClusterSpec:

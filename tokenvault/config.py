@@ -240,6 +240,21 @@ class WalConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SealerConfig:
+    # A helper process seals tokenize batches of at least min_values values on
+    # another core (tokenvault/sealer.py); smaller batches, and batches that would
+    # put more than max_pending_values values in its queue, are sealed in process.
+    enabled: bool = True
+    min_values: int = 32
+    max_pending_values: int = 2048
+
+    def __post_init__(self) -> None:
+        _check_bool("sealer.enabled", self.enabled)
+        _check_int("sealer.min_values", self.min_values, 1, 100_000)
+        _check_int("sealer.max_pending_values", self.max_pending_values, 1, 10_000_000)
+
+
+@dataclass(frozen=True, slots=True)
 class NodeConfig:
     """A whole node configuration. Paths given as strings are converted to Path."""
 
@@ -257,6 +272,7 @@ class NodeConfig:
     timing: TimingConfig = field(default_factory=TimingConfig)
     idempotency: IdempotencyConfig = field(default_factory=IdempotencyConfig)
     wal: WalConfig = field(default_factory=WalConfig)
+    sealer: SealerConfig = field(default_factory=SealerConfig)
 
     def __post_init__(self) -> None:
         for name in ("data_dir", "master_key_file", "cluster_secret_file", "log_file"):
@@ -286,6 +302,7 @@ class NodeConfig:
         expected = {
             "http": HttpConfig, "peer": PeerConfig, "limits": LimitsConfig,
             "timing": TimingConfig, "idempotency": IdempotencyConfig, "wal": WalConfig,
+            "sealer": SealerConfig,
         }
         for name, section_type in expected.items():
             if not isinstance(getattr(self, name), section_type):
@@ -364,6 +381,7 @@ _TOP_LEVEL_KEYS = {
 _SECTIONS: dict[str, type] = {
     "http": HttpConfig, "peer": PeerConfig, "limits": LimitsConfig,
     "timing": TimingConfig, "idempotency": IdempotencyConfig, "wal": WalConfig,
+    "sealer": SealerConfig,
 }
 _REQUIRED_KEYS = ("node_id", "data_dir", "members", "api_keys")
 

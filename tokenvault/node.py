@@ -31,6 +31,7 @@ from protocol import (AppendEntries, Entry, EntryKind, ForwardRequest, ForwardRe
 from tokenvault import commands
 from tokenvault.config import NodeConfig, load_config
 from tokenvault.crypto import KeyRing, new_epoch_secret
+from tokenvault.futures import await_future
 from tokenvault.logs import configure_logging, get_logger
 from tokenvault.metrics import Metrics
 from tokenvault.store import ApplyResult, Outcome, StoreError, VaultStore
@@ -55,26 +56,6 @@ def durable_committed_count(ready) -> int:
         return len(ready.committed)
     first_new_index = ready.entries[0].index
     return sum(1 for entry in ready.committed if entry.index < first_new_index)
-
-
-async def await_future(future: asyncio.Future, timeout_seconds: float):
-    """``await future``, failing it with asyncio.TimeoutError after ``timeout_seconds``.
-
-    What asyncio.wait_for does for a plain future, without the wrapper task and
-    callbacks it adds (about 4 us per request here): a timer that fails the
-    future, cancelled once it resolves. Whoever resolves the future later sees
-    it done and leaves it alone.
-    """
-    timer = asyncio.get_running_loop().call_later(timeout_seconds, _expire, future)
-    try:
-        return await future
-    finally:
-        timer.cancel()
-
-
-def _expire(future: asyncio.Future) -> None:
-    if not future.done():
-        future.set_exception(asyncio.TimeoutError())
 
 
 class ProposalOutcomeUnknown(Exception):
@@ -541,7 +522,8 @@ async def run_node(config: NodeConfig) -> int:
     except (WalCorruption, StoreError) as error:
         log.critical("node.refused_to_start", reason=str(error)[:500])
         return 3
-    service = NodeService(node)
+    sealer = await _start_sealer(node) if config.sealer.enabled else None
+    service = NodeService(node, sealer)
     await node.start()
     replayed = len(node.restored.entries)
     log.info("node.recovered", wal_entries=replayed, log_base_index=node.restored.snapshot_index,
@@ -565,9 +547,26 @@ async def run_node(config: NodeConfig) -> int:
     node.abort_requests()
     await service.close()
     await runner.cleanup()
+    if sealer is not None:
+        await sealer.close()
     await node.close()
     log.info("node.stopped")
     return 2 if node.fatal_error else 0
+
+
+async def _start_sealer(node: Node):
+    """The helper process that seals large batches, or None (sealing then stays in process)."""
+    from tokenvault.sealer import Sealer
+
+    config = node.config
+    try:
+        return await Sealer.start(node.master_key, min_values=config.sealer.min_values,
+                                  max_pending_values=config.sealer.max_pending_values,
+                                  max_value_bytes=config.limits.max_value_bytes,
+                                  timeout_seconds=min(2.0, config.timing.request_timeout_ms / 2000))
+    except (OSError, asyncio.TimeoutError) as error:
+        log.warning("sealer.not_started", reason=type(error).__name__)
+        return None
 
 
 def main(config_path: str) -> int:

@@ -23,7 +23,9 @@ from tokenvault.crypto import DecryptError, new_epoch_secret
 from tokenvault.errors import (IdempotencyInFlight, IdempotencyMismatch, Outcome, ServiceError,
                                Unavailable, problem_body)
 from tokenvault.logs import get_logger
-from tokenvault.node import Node, ProposalLost, ProposalOutcomeUnknown, await_future
+from tokenvault.futures import await_future
+from tokenvault.node import Node, ProposalLost, ProposalOutcomeUnknown
+from tokenvault.sealer import Sealer, SealerUnavailable
 from tokenvault.store import Outcome as ApplyOutcome
 from tokenvault.tokens import parse_token
 
@@ -56,8 +58,10 @@ def _rfc3339(milliseconds: int) -> str:
 class NodeService:
     """Implements the VaultService protocol of tokenvault.http on top of a Node."""
 
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: Node, sealer: Sealer | None = None) -> None:
         self.node = node
+        self._sealer = sealer
+        self._wrapped_secrets: dict[int, bytes] = {}
         self.node_id = node.node_id
         self._timeout_seconds = node.config.timing.request_timeout_ms / 1000
         self._in_flight: set[tuple[str, str]] = set()
@@ -111,8 +115,7 @@ class NodeService:
                 epoch = self.node.store.active_epoch()
                 if epoch == 0:
                     raise Unavailable("the cluster has no active epoch yet; retry shortly")
-                keys = self.node.keyring.get(epoch)
-                items = tuple(keys.seal_many(values))
+                items = await self._seal(epoch, values)
                 command = commands.TokenizeCommand(
                     epoch=epoch, items=items, principal=principal, idempotency_key=idempotency_key,
                     fingerprint=fingerprint, issued_at_ms=int(time.time() * 1000))
@@ -124,6 +127,23 @@ class NodeService:
                     return self._replay(principal, idempotency_key, TOKENIZE, fingerprint)
                 # EPOCH_MISMATCH: a rotation was applied first; recompute in the new epoch.
             raise Unavailable("the active epoch kept changing; retry")
+
+    async def _seal(self, epoch: int, values: list[str]) -> tuple:
+        """The (token, ciphertext) pairs of ``values`` in ``epoch``: by the sealer process
+        when it takes the batch, else here (same keys, same code, same result)."""
+        keys = self.node.keyring.get(epoch)
+        sealer = self._sealer
+        if sealer is not None and sealer.wants(len(values)):
+            wrapped = self._wrapped_secrets.get(epoch)
+            if wrapped is None:
+                self._wrapped_secrets = {record.epoch: record.wrapped_secret for record in self.node.store.epochs()}
+                wrapped = self._wrapped_secrets.get(epoch)
+            if wrapped is not None:
+                try:
+                    return await sealer.seal(keys, wrapped, values)
+                except SealerUnavailable:
+                    pass
+        return tuple(keys.seal_many(values))
 
     async def _propose(self, payload: bytes):
         try:

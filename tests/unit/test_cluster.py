@@ -25,7 +25,7 @@ from tokenvault import cluster, demo
 from tokenvault.auth import hash_api_key
 from tokenvault.cluster import ClusterError, NodeSettings
 from tokenvault.cluster_cli import run_cluster
-from tokenvault.config import TimingConfig, WalConfig, load_config
+from tokenvault.config import SealerConfig, TimingConfig, WalConfig, load_config
 
 FAKE_NODE_SOURCE = r"""
 import json, os, signal, sys, threading, tomllib
@@ -174,17 +174,20 @@ def test_non_empty_directory_without_cluster_json_is_refused(cluster_directory: 
 def test_environment_knobs_reach_the_node_configs(cluster_directory: Path) -> None:
     environment = {"TOKENVAULT_TICK_MS": "10", "TOKENVAULT_ELECTION_TIMEOUT_TICKS": "8",
                    "TOKENVAULT_HEARTBEAT_INTERVAL_TICKS": "1", "TOKENVAULT_REQUEST_TIMEOUT_MS": "900",
-                   "TOKENVAULT_WAL_FSYNC": "false", "TOKENVAULT_LOG_LEVEL": "debug"}
+                   "TOKENVAULT_WAL_FSYNC": "false", "TOKENVAULT_LOG_LEVEL": "debug", "TOKENVAULT_SEALER": "false"}
     settings = cluster.settings_from_environment(environment)
-    assert settings == NodeSettings("debug", TimingConfig(10, 8, 1, 900), WalConfig(fsync=False))
+    assert settings == NodeSettings("debug", TimingConfig(10, 8, 1, 900), WalConfig(fsync=False),
+                                    SealerConfig(enabled=False))
     spec, _ = cluster.init_cluster(cluster_directory, 1, 9300, settings=settings)
     config = load_config(spec.nodes[0].config)
     assert config.timing == TimingConfig(10, 8, 1, 900)
-    assert config.wal.fsync is False and config.log_level == "debug"
+    assert config.wal.fsync is False and config.log_level == "debug" and config.sealer.enabled is False
+    assert cluster.settings_from_environment({}).sealer.enabled is True
 
 
 @pytest.mark.parametrize("environment", [{"TOKENVAULT_TICK_MS": "fast"}, {"TOKENVAULT_TICK_MS": "0"},
                                          {"TOKENVAULT_WAL_FSYNC": "maybe"}, {"TOKENVAULT_LOG_LEVEL": "loud"},
+                                         {"TOKENVAULT_SEALER": "yes"},
                                          {"TOKENVAULT_ELECTION_TIMEOUT_TICKS": "4",
                                           "TOKENVAULT_HEARTBEAT_INTERVAL_TICKS": "9"}])
 def test_bad_environment_knobs_are_clear_errors(environment: dict[str, str]) -> None:

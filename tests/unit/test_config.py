@@ -183,6 +183,10 @@ def test_invalid_values_are_refused_with_a_clear_message(replacement: tuple[str,
         ("[wal]\nmax_segment_bytes = 100", "wal.max_segment_bytes"),
         ("[wal]\ncompact_every_entries = 9", "wal.compact_every_entries"),
         ("[wal]\ncompact_keep_entries = -1", "wal.compact_keep_entries"),
+        ("[sealer]\nenabled = 1", "sealer.enabled must be true or false"),
+        ("[sealer]\nmin_values = 0", "sealer.min_values"),
+        ("[sealer]\nmax_pending_values = 0", "sealer.max_pending_values"),
+        ("[sealer]\nworkers = 2", "unknown key"),
     ],
 )
 def test_invalid_sections_are_refused(section: str, message: str) -> None:

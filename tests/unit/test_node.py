@@ -388,7 +388,7 @@ async def test_an_isolated_primary_neither_acknowledges_writes_nor_reads_stale(t
 
 
 async def test_await_future_times_out_by_failing_the_future_and_otherwise_passes_it_through() -> None:
-    from tokenvault.node import await_future
+    from tokenvault.futures import await_future
 
     loop = asyncio.get_running_loop()
     slow = loop.create_future()

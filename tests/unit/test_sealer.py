@@ -1,0 +1,222 @@
+"""tokenvault.sealer: the helper process that seals large tokenize batches.
+
+Every test starts a real child process (``python -m tokenvault.sealer``). The
+promises checked: the child's tokens and ciphertexts are exactly the node's own;
+small or oversized batches stay in process; a child that dies, hangs or answers
+wrongly is dropped for in-process sealing without a wrong answer; the child
+goes when its parent goes; the master key never shows on its command line or
+in its environment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from structlog.testing import capture_logs
+
+from node_support import make_configs, start_node, wait_until
+from tokenvault.crypto import KeyRing, MasterKey, new_epoch_secret
+from tokenvault.sealer import MAX_BATCH_BYTES, Sealer, SealerUnavailable
+from tokenvault.service import NodeService
+
+VALUES = [f"4111-{number:012d}-é" for number in range(100)]
+
+
+async def start_sealer(master_key: MasterKey, *, min_values: int = 16, max_pending_values: int = 10_000,
+                       max_value_bytes: int = 4096, timeout_seconds: float = 5.0) -> Sealer:
+    return await Sealer.start(master_key, min_values=min_values, max_pending_values=max_pending_values,
+                              max_value_bytes=max_value_bytes, timeout_seconds=timeout_seconds)
+
+
+def epochs(master_key: MasterKey, count: int) -> tuple[KeyRing, dict[int, bytes]]:
+    wrapped = {epoch: master_key.wrap_epoch_secret(epoch, new_epoch_secret()) for epoch in range(1, count + 1)}
+    return KeyRing.from_wrapped(master_key, wrapped.items()), wrapped
+
+
+async def wait_process_gone(process: subprocess.Popen | int, timeout_seconds: float = 5.0) -> None:
+    def gone() -> bool:
+        if isinstance(process, subprocess.Popen):
+            return process.poll() is not None
+        try:
+            os.kill(process, 0)
+        except ProcessLookupError:
+            return True
+        return False
+    await wait_until(gone, timeout_seconds, "the sealer process to exit")
+
+
+async def test_the_sealer_process_seals_exactly_as_the_node_does_in_every_epoch() -> None:
+    master_key = MasterKey.generate()
+    ring, wrapped = epochs(master_key, 2)
+    sealer = await start_sealer(master_key)
+    try:
+        for epoch in (1, 2, 1):
+            keys = ring.get(epoch)
+            assert await sealer.seal(keys, wrapped[epoch], VALUES) == tuple(keys.seal_many(VALUES))
+        # Several batches in flight at once are answered each to its own request.
+        batches = [[f"{epoch}-{number}-{value}" for value in VALUES[:40]] for epoch in (1, 2) for number in range(5)]
+        answers = await asyncio.gather(*(sealer.seal(ring.get(1 + index // 5), wrapped[1 + index // 5], batch)
+                                         for index, batch in enumerate(batches)))
+        for index, (batch, answer) in enumerate(zip(batches, answers)):
+            assert answer == tuple(ring.get(1 + index // 5).seal_many(batch))
+        assert sealer.batches == 13 and sealer.pending_values == 0 and sealer.alive
+    finally:
+        await sealer.close()
+    await wait_process_gone(sealer._process)
+
+
+async def test_small_oversized_and_queued_up_batches_stay_in_process() -> None:
+    sealer = await start_sealer(MasterKey.generate(), min_values=32, max_pending_values=100, max_value_bytes=4096)
+    try:
+        assert not sealer.wants(31)
+        assert sealer.wants(32) and sealer.wants(100)
+        assert not sealer.wants(101)  # more than may wait in the child's queue
+        sealer.pending_values = 60
+        assert sealer.wants(40) and not sealer.wants(41)
+        sealer.pending_values = 0
+        big = await start_sealer(MasterKey.generate(), min_values=1, max_pending_values=10**7, max_value_bytes=1024)
+        try:
+            fits = MAX_BATCH_BYTES // 1024
+            assert big.wants(fits) and not big.wants(fits + 1)  # the message bound, from the value limit
+        finally:
+            await big.close()
+    finally:
+        await sealer.close()
+    assert not sealer.wants(32)  # closed
+
+
+async def test_a_killed_sealer_is_dropped_and_the_node_seals_in_process_with_the_same_tokens(tmp_path: Path) -> None:
+    (config,) = make_configs(tmp_path, 1)
+    running = await start_node(config)
+    sealer = await start_sealer(running.node.master_key)
+    service = NodeService(running.node, sealer)
+    try:
+        await wait_until(lambda: running.node.store.active_epoch() == 1, 5.0, "epoch 1")
+        first = await service.tokenize("tokenizer", VALUES, None)
+        assert sealer.batches == 1
+        inline = running.node.keyring.get(1).seal_many(VALUES)
+        assert first.status == 200 and first.body.count(b"tv1_") == 100
+        assert [token for token, _ in inline] == [token for token in _tokens(first.body)]
+        with capture_logs() as logs:
+            os.kill(sealer.pid, signal.SIGKILL)
+            await wait_until(lambda: not sealer.alive, 5.0, "the parent to notice the sealer is gone")
+        assert [entry["event"] for entry in logs] == ["sealer.failed"]
+        assert not any(value in repr(logs) for value in VALUES)
+        again = await service.tokenize("tokenizer", VALUES + ["one more value"], None)
+        assert _tokens(again.body)[:100] == _tokens(first.body)
+        assert sealer.batches == 1 and not sealer.wants(100)
+    finally:
+        await sealer.close()
+        await service.close()
+        await running.close()
+
+
+def _tokens(body: bytes) -> list[str]:
+    import json
+    return json.loads(body)["tokens"]
+
+
+async def test_an_answer_that_differs_from_sealing_in_process_stops_the_sealer() -> None:
+    master_key = MasterKey.generate()
+    ring, _ = epochs(master_key, 1)
+    # The child is told a different secret for epoch 1 than the parent's keys hold.
+    other = master_key.wrap_epoch_secret(1, new_epoch_secret())
+    sealer = await start_sealer(master_key)
+    try:
+        with capture_logs() as logs:
+            with pytest.raises(SealerUnavailable):
+                await sealer.seal(ring.get(1), other, VALUES)
+        assert not sealer.alive and sealer.batches == 0
+        assert [entry["event"] for entry in logs] == ["sealer.failed"]
+        await wait_process_gone(sealer._process)
+    finally:
+        await sealer.close()
+
+
+async def test_an_epoch_the_child_cannot_unwrap_is_answered_cannot_and_the_sealer_stays() -> None:
+    master_key = MasterKey.generate()
+    ring, wrapped = epochs(master_key, 2)
+    sealer = await start_sealer(master_key)
+    try:
+        foreign = MasterKey.generate().wrap_epoch_secret(1, new_epoch_secret())
+        with pytest.raises(SealerUnavailable):
+            await sealer.seal(ring.get(1), foreign, VALUES)
+        assert sealer.alive
+        assert await sealer.seal(ring.get(2), wrapped[2], VALUES) == tuple(ring.get(2).seal_many(VALUES))
+    finally:
+        await sealer.close()
+
+
+async def test_values_the_child_cannot_receive_are_left_to_the_in_process_seal() -> None:
+    master_key = MasterKey.generate()
+    ring, wrapped = epochs(master_key, 1)
+    sealer = await start_sealer(master_key)
+    try:
+        with pytest.raises(SealerUnavailable):
+            await sealer.seal(ring.get(1), wrapped[1], ["lone \ud800 surrogate"] * 40)
+        # Nothing was sent, not even the epoch: the next batch still works.
+        assert sealer.alive
+        assert await sealer.seal(ring.get(1), wrapped[1], VALUES) == tuple(ring.get(1).seal_many(VALUES))
+    finally:
+        await sealer.close()
+
+
+async def test_a_hung_sealer_times_out_is_killed_and_not_used_again() -> None:
+    master_key = MasterKey.generate()
+    ring, wrapped = epochs(master_key, 1)
+    sealer = await start_sealer(master_key, timeout_seconds=0.3)
+    try:
+        os.kill(sealer.pid, signal.SIGSTOP)
+        started = time.monotonic()
+        with pytest.raises(SealerUnavailable):
+            await sealer.seal(ring.get(1), wrapped[1], VALUES)
+        assert time.monotonic() - started < 3.0
+        assert not sealer.alive and not sealer.wants(100)
+        await wait_process_gone(sealer._process)
+    finally:
+        await sealer.close()
+
+
+async def test_the_sealer_exits_when_its_node_is_killed(tmp_path: Path) -> None:
+    script = (
+        "import asyncio, sys\n"
+        "from tokenvault.crypto import MasterKey\n"
+        "from tokenvault.sealer import Sealer\n"
+        "async def main():\n"
+        "    sealer = await Sealer.start(MasterKey.generate(), min_values=1, max_pending_values=10,\n"
+        "                                max_value_bytes=10, timeout_seconds=1)\n"
+        "    print('pid', sealer.pid, flush=True)\n"
+        "    await asyncio.sleep(60)\n"
+        "asyncio.run(main())\n")
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                              cwd=Path(__file__).resolve().parents[2])
+    try:
+        assert parent.stdout is not None
+        lines = iter(parent.stdout.readline, b"")
+        child_pid = next(int(line.split()[1]) for line in lines if line.startswith(b"pid "))
+        os.kill(child_pid, 0)  # running
+        parent.kill()
+        parent.wait()
+        await wait_process_gone(child_pid)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+
+
+async def test_the_master_key_is_not_on_the_sealers_command_line_or_in_its_environment() -> None:
+    master_key = MasterKey.generate()
+    sealer = await start_sealer(master_key)
+    try:
+        secret = master_key.to_hex().encode()
+        for name in ("cmdline", "environ"):
+            assert secret not in Path(f"/proc/{sealer.pid}/{name}").read_bytes()
+    finally:
+        await sealer.close()

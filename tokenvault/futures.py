@@ -1,0 +1,25 @@
+"""Waiting on a future with a deadline, cheaply."""
+
+from __future__ import annotations
+
+import asyncio
+
+
+async def await_future(future: asyncio.Future, timeout_seconds: float):
+    """``await future``, failing it with asyncio.TimeoutError after ``timeout_seconds``.
+
+    What asyncio.wait_for does for a plain future, without the wrapper task and
+    callbacks it adds (about 4 us per request here): a timer that fails the
+    future, cancelled once it resolves. Whoever resolves the future later sees
+    it done and leaves it alone.
+    """
+    timer = asyncio.get_running_loop().call_later(timeout_seconds, _expire, future)
+    try:
+        return await future
+    finally:
+        timer.cancel()
+
+
+def _expire(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_exception(asyncio.TimeoutError())

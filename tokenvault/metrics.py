@@ -63,6 +63,14 @@ class Metrics:
             "Tokens written by tokenize entries this node applied while primary (the node records it).",
             registry=registry,
         )
+        self.sealed_values = Counter(
+            "tokenvault_sealed_values",
+            "Values sealed (token + ciphertext) for tokenize requests, by where: the sealer helper process or the"
+            " node's own process (the service records it).",
+            ("where",),
+            registry=registry,
+        )
+        self._sealed_children = {where: self.sealed_values.labels(where=where) for where in ("helper", "node")}
         self.values_detokenized = Counter(
             "tokenvault_values_detokenized",
             "Tokens looked up by detokenize requests answered by this node, by result (the service records it).",
@@ -137,6 +145,9 @@ class Metrics:
 
     def record_tokens_issued(self, count: int) -> None:
         self.tokens_issued.inc(count)
+
+    def record_sealed(self, where: str, count: int) -> None:
+        self._sealed_children[where].inc(count)
 
     def record_detokenized(self, found: int, unknown: int) -> None:
         self.values_detokenized.labels(result="found").inc(found)

@@ -140,10 +140,15 @@ class NodeService:
                 wrapped = self._wrapped_secrets.get(epoch)
             if wrapped is not None:
                 try:
-                    return await sealer.seal(keys, wrapped, values)
+                    items = await sealer.seal(keys, wrapped, values)
                 except SealerUnavailable:
                     pass
-        return tuple(keys.seal_many(values))
+                else:
+                    self.node.metrics.record_sealed("helper", len(items))
+                    return items
+        items = tuple(keys.seal_many(values))
+        self.node.metrics.record_sealed("node", len(items))
+        return items
 
     async def _propose(self, payload: bytes):
         try:

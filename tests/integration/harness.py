@@ -31,6 +31,7 @@ import socket
 import struct
 import subprocess
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -292,6 +293,11 @@ class ClusterHarness:
             return cluster.fetch_health(self.url(node_id), timeout_seconds)
         except (OSError, ValueError):
             return None
+
+    def metrics_text(self, node_id: str, timeout_seconds: float = HEALTH_TIMEOUT_SECONDS) -> str:
+        """The node's /metrics page (Prometheus text)."""
+        with urllib.request.urlopen(self.url(node_id) + "/metrics", timeout=timeout_seconds) as response:
+            return response.read().decode("utf-8")
 
     async def health_async(self, node_id: str) -> dict[str, Any] | None:
         return await asyncio.to_thread(self.health, node_id)

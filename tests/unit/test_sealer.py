@@ -104,6 +104,7 @@ async def test_a_killed_sealer_is_dropped_and_the_node_seals_in_process_with_the
         inline = running.node.keyring.get(1).seal_many(VALUES)
         assert first.status == 200 and first.body.count(b"tv1_") == 100
         assert [token for token, _ in inline] == [token for token in _tokens(first.body)]
+        assert sealed(running, "helper") == 100 and sealed(running, "node") == 0
         with capture_logs() as logs:
             os.kill(sealer.pid, signal.SIGKILL)
             await wait_until(lambda: not sealer.alive, 5.0, "the parent to notice the sealer is gone")
@@ -112,10 +113,15 @@ async def test_a_killed_sealer_is_dropped_and_the_node_seals_in_process_with_the
         again = await service.tokenize("tokenizer", VALUES + ["one more value"], None)
         assert _tokens(again.body)[:100] == _tokens(first.body)
         assert sealer.batches == 1 and not sealer.wants(100)
+        assert sealed(running, "helper") == 100 and sealed(running, "node") == 101
     finally:
         await sealer.close()
         await service.close()
         await running.close()
+
+
+def sealed(running, where: str) -> float:
+    return running.node.metrics.registry.get_sample_value("tokenvault_sealed_values_total", {"where": where})
 
 
 def _tokens(body: bytes) -> list[str]:

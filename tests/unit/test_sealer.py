@@ -13,11 +13,13 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import msgpack
 import pytest
 from structlog.testing import capture_logs
 
@@ -226,3 +228,24 @@ async def test_the_master_key_is_not_on_the_sealers_command_line_or_in_its_envir
             assert secret not in Path(f"/proc/{sealer.pid}/{name}").read_bytes()
     finally:
         await sealer.close()
+
+
+def test_the_child_stops_on_a_malformed_message_without_echoing_what_it_received() -> None:
+    parent_end, child_end = socket.socketpair()
+    child = subprocess.Popen([sys.executable, "-m", "tokenvault.sealer", str(child_end.fileno())],
+                             stdin=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=(child_end.fileno(),),
+                             cwd=Path(__file__).resolve().parents[2])
+    child_end.close()
+    try:
+        assert child.stdin is not None and child.stderr is not None
+        child.stdin.write(MasterKey.generate().to_hex().encode() + b"\n")
+        child.stdin.close()
+        parent_end.sendall(msgpack.packb([7, "SECRET-VALUE-4111"]))
+        assert child.wait(timeout=10) == 1
+        error = child.stderr.read().decode()
+        assert "stopping after ValueError" in error and "SECRET-VALUE" not in error
+    finally:
+        parent_end.close()
+        if child.poll() is None:
+            child.kill()
+            child.wait()

@@ -51,8 +51,10 @@ LOOKUP_CHUNK_TOKENS = 500
 # (the node calls flush_if_due on its timer) or this many inserted rows. Longer
 # windows rewrite each dirty page fewer times: in paired runs of 100-value
 # batches, 2 s with a 65,536-page autocheckpoint beat 0.5 s with 16,384 pages
-# every time (about 1.1-1.3x); the cost is a longer log replay after a crash.
-COMMIT_INTERVAL_SECONDS = 2.0
+# every time (about 1.1-1.3x), and 5 s beat 2 s in the second and third 10 s run
+# on a filling node in three pairs out of three (docs/performance.md, fourth
+# sitting); the cost is a longer log replay after a crash (at most 5 s of writes).
+COMMIT_INTERVAL_SECONDS = 5.0
 COMMIT_ROWS = 400_000
 # Tokens are HMAC outputs, so inserts land on random B-tree pages: a page cache
 # that holds the tree's inner pages and many leaves keeps 100-value batches off

@@ -34,6 +34,7 @@ from tokenvault.crypto import KeyRing, new_epoch_secret
 from tokenvault.futures import await_future
 from tokenvault.logs import configure_logging, get_logger
 from tokenvault.metrics import Metrics
+from tokenvault.sealer import Sealer
 from tokenvault.store import ApplyResult, Outcome, StoreError, VaultStore
 from tokenvault.transport import PeerAddress, PeerTransport
 from tokenvault.wal import WalCorruption, WalFatal, WriteAheadLog
@@ -554,10 +555,8 @@ async def run_node(config: NodeConfig) -> int:
     return 2 if node.fatal_error else 0
 
 
-async def _start_sealer(node: Node):
+async def _start_sealer(node: Node) -> Sealer | None:
     """The helper process that seals large batches, or None (sealing then stays in process)."""
-    from tokenvault.sealer import Sealer
-
     config = node.config
     try:
         return await Sealer.start(node.master_key, min_values=config.sealer.min_values,

@@ -180,6 +180,12 @@ class Sealer:
             self._transport.abort()
         if self._process.poll() is None:
             self._process.kill()
+            # Reaped off the loop, so a node that goes on without its helper keeps no zombie.
+            asyncio.get_running_loop().run_in_executor(None, self._process.wait)
+        self._release_waiting()
+
+    def _release_waiting(self) -> None:
+        """Answer every waiting batch "cannot": its caller seals it in process."""
         for future, _ in self._pending.values():
             if not future.done():
                 future.set_result((None, None))
@@ -197,10 +203,7 @@ class Sealer:
         except asyncio.TimeoutError:
             self._process.kill()
             await loop.run_in_executor(None, self._process.wait)
-        for future, _ in self._pending.values():
-            if not future.done():
-                future.set_result((None, None))
-        self._pending.clear()
+        self._release_waiting()
 
 
 class _SealerProtocol(asyncio.Protocol):

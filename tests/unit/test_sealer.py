@@ -11,13 +11,17 @@ in its environment.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import NamedTuple
 
 import msgpack
 import pytest
@@ -35,6 +39,25 @@ async def start_sealer(master_key: MasterKey, *, min_values: int = 16, max_pendi
                        max_value_bytes: int = 4096, timeout_seconds: float = 5.0) -> Sealer:
     return await Sealer.start(master_key, min_values=min_values, max_pending_values=max_pending_values,
                               max_value_bytes=max_value_bytes, timeout_seconds=timeout_seconds)
+
+
+class Started(NamedTuple):
+    sealer: Sealer
+    ring: KeyRing  # the parent's keys
+    wrapped: dict[int, bytes]  # epoch -> its secret wrapped by master_key
+    master_key: MasterKey
+
+
+@contextlib.asynccontextmanager
+async def running_sealer(epoch_count: int = 1, **options) -> AsyncIterator[Started]:
+    """A started sealer and the parent's keys for ``epoch_count`` epochs; the sealer is closed on exit."""
+    master_key = MasterKey.generate()
+    ring, wrapped = epochs(master_key, epoch_count)
+    sealer = await start_sealer(master_key, **options)
+    try:
+        yield Started(sealer, ring, wrapped, master_key)
+    finally:
+        await sealer.close()
 
 
 def epochs(master_key: MasterKey, count: int) -> tuple[KeyRing, dict[int, bytes]]:
@@ -55,10 +78,7 @@ async def wait_process_gone(process: subprocess.Popen | int, timeout_seconds: fl
 
 
 async def test_the_sealer_process_seals_exactly_as_the_node_does_in_every_epoch() -> None:
-    master_key = MasterKey.generate()
-    ring, wrapped = epochs(master_key, 2)
-    sealer = await start_sealer(master_key)
-    try:
+    async with running_sealer(2) as (sealer, ring, wrapped, _):
         for epoch in (1, 2, 1):
             keys = ring.get(epoch)
             assert await sealer.seal(keys, wrapped[epoch], VALUES) == tuple(keys.seal_many(VALUES))
@@ -69,8 +89,6 @@ async def test_the_sealer_process_seals_exactly_as_the_node_does_in_every_epoch(
         for index, (batch, answer) in enumerate(zip(batches, answers)):
             assert answer == tuple(ring.get(1 + index // 5).seal_many(batch))
         assert sealer.batches == 13 and sealer.pending_values == 0 and sealer.alive
-    finally:
-        await sealer.close()
     await wait_process_gone(sealer._process)
 
 
@@ -105,7 +123,7 @@ async def test_a_killed_sealer_is_dropped_and_the_node_seals_in_process_with_the
         assert sealer.batches == 1
         inline = running.node.keyring.get(1).seal_many(VALUES)
         assert first.status == 200 and first.body.count(b"tv1_") == 100
-        assert [token for token, _ in inline] == [token for token in _tokens(first.body)]
+        assert [token for token, _ in inline] == _tokens(first.body)
         assert sealed(running, "helper") == 100 and sealed(running, "node") == 0
         with capture_logs() as logs:
             os.kill(sealer.pid, signal.SIGKILL)
@@ -127,60 +145,41 @@ def sealed(running, where: str) -> float:
 
 
 def _tokens(body: bytes) -> list[str]:
-    import json
     return json.loads(body)["tokens"]
 
 
 async def test_an_answer_that_differs_from_sealing_in_process_stops_the_sealer() -> None:
-    master_key = MasterKey.generate()
-    ring, _ = epochs(master_key, 1)
-    # The child is told a different secret for epoch 1 than the parent's keys hold.
-    other = master_key.wrap_epoch_secret(1, new_epoch_secret())
-    sealer = await start_sealer(master_key)
-    try:
+    async with running_sealer() as (sealer, ring, _, master_key):
+        # The child is told a different secret for epoch 1 than the parent's keys hold.
+        other = master_key.wrap_epoch_secret(1, new_epoch_secret())
         with capture_logs() as logs:
             with pytest.raises(SealerUnavailable):
                 await sealer.seal(ring.get(1), other, VALUES)
         assert not sealer.alive and sealer.batches == 0
         assert [entry["event"] for entry in logs] == ["sealer.failed"]
         await wait_process_gone(sealer._process)
-    finally:
-        await sealer.close()
 
 
 async def test_an_epoch_the_child_cannot_unwrap_is_answered_cannot_and_the_sealer_stays() -> None:
-    master_key = MasterKey.generate()
-    ring, wrapped = epochs(master_key, 2)
-    sealer = await start_sealer(master_key)
-    try:
+    async with running_sealer(2) as (sealer, ring, wrapped, _):
         foreign = MasterKey.generate().wrap_epoch_secret(1, new_epoch_secret())
         with pytest.raises(SealerUnavailable):
             await sealer.seal(ring.get(1), foreign, VALUES)
         assert sealer.alive
         assert await sealer.seal(ring.get(2), wrapped[2], VALUES) == tuple(ring.get(2).seal_many(VALUES))
-    finally:
-        await sealer.close()
 
 
 async def test_values_the_child_cannot_receive_are_left_to_the_in_process_seal() -> None:
-    master_key = MasterKey.generate()
-    ring, wrapped = epochs(master_key, 1)
-    sealer = await start_sealer(master_key)
-    try:
+    async with running_sealer() as (sealer, ring, wrapped, _):
         with pytest.raises(SealerUnavailable):
             await sealer.seal(ring.get(1), wrapped[1], ["lone \ud800 surrogate"] * 40)
         # Nothing was sent, not even the epoch: the next batch still works.
         assert sealer.alive
         assert await sealer.seal(ring.get(1), wrapped[1], VALUES) == tuple(ring.get(1).seal_many(VALUES))
-    finally:
-        await sealer.close()
 
 
 async def test_a_hung_sealer_times_out_is_killed_and_not_used_again() -> None:
-    master_key = MasterKey.generate()
-    ring, wrapped = epochs(master_key, 1)
-    sealer = await start_sealer(master_key, timeout_seconds=0.3)
-    try:
+    async with running_sealer(timeout_seconds=0.3) as (sealer, ring, wrapped, _):
         os.kill(sealer.pid, signal.SIGSTOP)
         started = time.monotonic()
         with pytest.raises(SealerUnavailable):
@@ -188,8 +187,6 @@ async def test_a_hung_sealer_times_out_is_killed_and_not_used_again() -> None:
         assert time.monotonic() - started < 3.0
         assert not sealer.alive and not sealer.wants(100)
         await wait_process_gone(sealer._process)
-    finally:
-        await sealer.close()
 
 
 async def test_the_sealer_exits_when_its_node_is_killed(tmp_path: Path) -> None:
@@ -220,14 +217,10 @@ async def test_the_sealer_exits_when_its_node_is_killed(tmp_path: Path) -> None:
 
 
 async def test_the_master_key_is_not_on_the_sealers_command_line_or_in_its_environment() -> None:
-    master_key = MasterKey.generate()
-    sealer = await start_sealer(master_key)
-    try:
+    async with running_sealer() as (sealer, _, _, master_key):
         secret = master_key.to_hex().encode()
         for name in ("cmdline", "environ"):
             assert secret not in Path(f"/proc/{sealer.pid}/{name}").read_bytes()
-    finally:
-        await sealer.close()
 
 
 def test_the_child_stops_on_a_malformed_message_without_echoing_what_it_received() -> None:

@@ -5,7 +5,8 @@ touches prometheus_client's global registry; ``GET /metrics`` renders exactly
 this registry. The HTTP layer records requests, latencies and idempotent
 replays; the node driver records replication state and WAL fsyncs through the
 ``set_*`` / ``observe_*`` methods and issued tokens when it applies them; the
-service records detokenize results. Label values come from fixed sets (route
+service records detokenize results; the loop watcher (tokenvault/loopwatch.py)
+records how late the event loop woke it. Label values come from fixed sets (route
 templates, roles, peer ids from the config), never from request data, so the
 number of series is bounded.
 """
@@ -27,6 +28,11 @@ FSYNC_LATENCY_BUCKETS_SECONDS = (
 )
 BATCH_ENTRY_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 BATCH_BYTES_BUCKETS = (256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216)
+# Event-loop stalls, in seconds. The question they answer is whether the loop
+# ever stops long enough to miss a heartbeat or an election timeout (hundreds of
+# milliseconds), so they resolve the range from a timer's own jitter (1 ms) to
+# seconds.
+LOOP_STALL_BUCKETS_SECONDS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
 class Metrics:
@@ -42,6 +48,7 @@ class Metrics:
         self._define_http_metrics()
         self._define_replication_metrics()
         self._define_wal_metrics()
+        self._define_loop_metrics()
 
     def _define_http_metrics(self) -> None:
         registry = self.registry
@@ -132,6 +139,20 @@ class Metrics:
             registry=registry,
         )
 
+    def _define_loop_metrics(self) -> None:
+        registry = self.registry
+        self.event_loop_stall = Histogram(
+            "tokenvault_event_loop_stall_seconds",
+            "How late the loop watcher woke up against its timer (the time the event loop was busy elsewhere).",
+            buckets=LOOP_STALL_BUCKETS_SECONDS,
+            registry=registry,
+        )
+        self.event_loop_stall_max = Gauge(
+            "tokenvault_event_loop_stall_max_seconds",
+            "The longest event-loop stall seen over about the last minute.",
+            registry=registry,
+        )
+
     # HTTP layer.
 
     def observe_request(self, route: str, method: str, status: int, duration_seconds: float) -> None:
@@ -187,6 +208,15 @@ class Metrics:
         self.wal_fsync_duration.observe(duration_seconds)
         self.wal_batch_entries.observe(entries)
         self.wal_batch_bytes.observe(written_bytes)
+
+    # Loop watcher.
+
+    def observe_loop_stall(self, stall_seconds: float) -> None:
+        """One wake-up of the loop watcher, ``stall_seconds`` after it was due."""
+        self.event_loop_stall.observe(stall_seconds)
+
+    def set_loop_stall_max(self, stall_seconds: float) -> None:
+        self.event_loop_stall_max.set(stall_seconds)
 
     # Exposition.
 

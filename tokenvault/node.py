@@ -541,7 +541,10 @@ async def run_node(config: NodeConfig) -> int:
         loop.add_signal_handler(signal_number, stop.set)
     stop_task = loop.create_task(stop.wait())
     fatal_task = loop.create_task(node.stopped.wait())
+    from tokenvault.loopwatch import LoopWatch  # event-loop stalls into /metrics (loopwatch.py)
+    loop_watch = LoopWatch(metrics).start()
     await asyncio.wait({stop_task, fatal_task}, return_when=asyncio.FIRST_COMPLETED)
+    await loop_watch.stop()
     log.info("node.stopping", reason="fatal" if node.fatal_error else "signal")
     # Waiting requests are answered 503 first, so closing the HTTP server does not
     # wait out their request timeouts.

@@ -104,3 +104,16 @@ def test_render_content_type_is_prometheus_text() -> None:
     body, content_type = Metrics().render()
     assert content_type.startswith("text/plain")
     assert b"# TYPE tokenvault_http_requests_total counter" in body
+
+
+def test_loop_stall_histogram_and_max_gauge() -> None:
+    metrics = Metrics()
+    for stall_seconds in (0.0004, 0.003, 0.3):
+        metrics.observe_loop_stall(stall_seconds)
+    metrics.set_loop_stall_max(0.3)
+    found = samples(metrics)
+    assert found[("tokenvault_event_loop_stall_seconds_count", ())] == 3
+    assert found[("tokenvault_event_loop_stall_seconds_bucket", (("le", "0.001"),))] == 1
+    assert found[("tokenvault_event_loop_stall_seconds_bucket", (("le", "0.25"),))] == 2
+    assert found[("tokenvault_event_loop_stall_seconds_bucket", (("le", "0.5"),))] == 3
+    assert found[("tokenvault_event_loop_stall_max_seconds", ())] == 0.3

@@ -1,42 +1,87 @@
-"""The vault state machine: committed log entries applied to SQLite.
+"""The vault state machine: committed log entries applied to RocksDB (``rocksdict``).
 
-Tables: ``tokens`` (token -> epoch, ciphertext; insert-once), ``epochs`` (wrapped
-secrets and their state), ``idempotency`` (the first response to each
-(principal, key)) and ``meta`` (the applied log position and the token count).
+Layout. ``path`` is a directory holding a pointer file ``CURRENT`` (the name of
+the live generation, e.g. ``gen-000001``) and that generation directory, a
+RocksDB database. A snapshot install adds the next generation beside it and
+switches ``CURRENT`` with write-temp + fsync + rename + directory fsync, so a
+crash leaves either the old or the new generation named; open deletes every
+other generation and temporary file. A new store is built in a sibling
+directory ``<path>.creating`` and renamed into place, so ``path`` never exists
+half-made.
 
-Every batch of committed entries is applied under a savepoint that also records
-the applied index and view; consecutive batches share one transaction that is
-committed every COMMIT_INTERVAL_SECONDS or COMMIT_ROWS rows (``flush``). So
-after a crash the store is exactly at some applied index (the last commit) and
-the node replays the log from there.
+Keys (one column family, raw bytes; multi-byte integers big-endian so that
+byte order is numeric order):
 
-Durability: the database runs in WAL journal mode with ``synchronous=NORMAL``.
-Commits are then atomic and never corrupt the file, but the latest ones may be
-lost on power failure. That is safe because the replication write-ahead log
-(tokenvault.wal) already made every entry durable before it was applied: the
-store only promises what ``checkpoint`` returned, and the node deletes log
-segments only up to that index. ``checkpoint`` runs ``wal_checkpoint(TRUNCATE)``,
-which under ``synchronous=NORMAL`` fsyncs the SQLite WAL before copying it and
-the database file after, so one fsync pair covers many batches instead of one
-fsync per applied batch on the hot path.
+- ``t`` + token (UTF-8) -> epoch (4 bytes) + ciphertext. Insert-once.
+- ``e`` + epoch (8 bytes) -> msgpack [wrapped_secret, created_at_ms, state].
+- ``i`` + identity -> msgpack [kind, fingerprint, status, response, created_at_ms],
+  where identity is principal and key, each UTF-8 with 0x00 escaped as
+  0x00 0xFF and ended by 0x00. That keeps byte order equal to (principal, key)
+  order, and UTF-8 never holds 0xFF, so no two identities collide.
+- ``a`` + created_at_ms (8 bytes) + identity -> empty: the age index. The purge
+  and the idempotency floor are a seek on it, never a scan.
+- ``m`` -> msgpack [marker, schema version, applied_index, applied_view,
+  token_count], checked on every open.
+
+Atomicity. One ``apply_batch`` call is ONE RocksDB WriteBatch, meta included,
+so a crash leaves the store at the end of some batch. While a batch is applied
+its writes sit in a batch-local overlay (``_Batch``) that later commands of the
+same batch read through: idempotency records added or deleted, epochs, the age
+index for the purge. Token rows are checked and written once at the end of the
+batch (nothing in a batch reads tokens back), with one multi-get. Any
+exception (InsertOnceViolation, a gap, a malformed command) discards the
+overlay: nothing of the batch reaches the database and the in-memory fields
+are untouched, so memory and disk stay equal.
+
+Durability. Writes go through RocksDB's WAL with ``sync=False``: a process
+crash loses nothing written, a power failure may lose the latest batches (like
+SQLite's ``synchronous=NORMAL``). That is safe because the replication
+write-ahead log (tokenvault.wal) already made every entry durable before it was
+applied: the store only promises what ``checkpoint`` returned, and the node
+deletes log segments only up to that index. ``checkpoint`` fsyncs RocksDB's WAL.
+There is nothing to commit later, so the old ``flush``/``flush_if_due`` are gone.
+
+Snapshots. ``create_checkpoint`` writes a RocksDB checkpoint (hard links to the
+immutable table files, safe from a worker thread while the event loop keeps
+applying); ``verify_checkpoint``, ``prepare_install``, ``commit_install`` and
+``abort_install`` check and install a received one without ever holding the
+whole state in memory or scanning it.
 
 Apply is deterministic: outcomes depend only on the entries and the state, and
 idempotency records expire by the commands' own timestamps with a fixed amount
-of purge work per command, so every node that applies the same entries holds
-the same state, whatever its batch boundaries. ``retention_ms`` must therefore
-be the same on every node.
+of purge work per command (oldest first, then by principal and key), so every
+node that applies the same entries holds byte-identical state, whatever its
+batch boundaries. ``retention_ms`` must therefore be the same on every node.
 """
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
-import sqlite3
-import time
-from collections.abc import Iterable, Sequence
+import re
+import shutil
+import struct
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
+
+import msgpack
+from rocksdict import (
+    AccessType,
+    BlockBasedOptions,
+    Cache,
+    Checkpoint,
+    DBCompressionType,
+    DBRecoveryMode,
+    Options,
+    Rdict,
+    ReadOptions,
+    WriteBatch,
+    WriteOptions,
+)
 
 from protocol import Entry, EntryKind
 from tokenvault.commands import RotateEpochCommand, TokenizeCommand, decode_command
@@ -46,59 +91,59 @@ DEFAULT_RETENTION_MS = 48 * 3600 * 1000
 # Expired idempotency records deleted per applied command at most. Each command
 # adds at most one record, so purging up to 8 per command always keeps up.
 PURGE_LIMIT_PER_COMMAND = 8
-LOOKUP_CHUNK_TOKENS = 500
-# Applied batches are committed together: at the latest after this many seconds
-# (the node calls flush_if_due on its timer) or this many inserted rows. Longer
-# windows rewrite each dirty page fewer times: in paired runs of 100-value
-# batches, 2 s with a 65,536-page autocheckpoint beat 0.5 s with 16,384 pages
-# every time (about 1.1-1.3x), and 5 s beat 2 s in the second and third 10 s run
-# on a filling node in three pairs out of three (docs/performance.md, fourth
-# sitting); the cost is a longer log replay after a crash (at most 5 s of writes).
-COMMIT_INTERVAL_SECONDS = 5.0
-COMMIT_ROWS = 400_000
-# Tokens are HMAC outputs, so inserts land on random B-tree pages: a page cache
-# that holds the tree's inner pages and many leaves keeps 100-value batches off
-# the disk (measured: about 1.6x the default 2 MiB cache at 400,000 tokens).
-CACHE_KIBIBYTES = 256 * 1024
-# SQLite's own checkpoint runs only as a safety net; the node calls checkpoint()
-# on its own schedule (it also decides which log segments may go).
-AUTOCHECKPOINT_PAGES = 65536
-SCHEMA_VERSION = 1
-APPLICATION_ID = 0x54564C54  # "TVLT": marks a file as a TokenVault store
-SQLITE_HEADER_BYTES = 100
+
+SCHEMA_VERSION = 2  # version 1 was the SQLite store
+STORE_MARKER = "tokenvault-store"  # first field of the meta record: marks a database as ours
+CURRENT_FILE = "CURRENT"
+CURRENT_TEMP_FILE = "CURRENT.tmp"
+CREATING_SUFFIX = ".creating"
+GENERATION_PREFIX = "gen-"
+_GENERATION_NAME = re.compile(r"gen-(\d{6,})")
+# What rocksdict writes beside a raw-mode database; it reads it back on open and
+# it could switch the comparator or add prefix extractors, so anything else is refused.
+ROCKSDICT_CONFIG_FILE = "rocksdict-config.json"
+_ROCKSDICT_CONFIG = {"raw_mode": True, "prefix_extractors": {}}
+
+# --- RocksDB tuning -----------------------------------------------------------
+# Block cache shared by the live and a prepared generation: bounds read memory
+# whatever the store size (RSS stays well under 500 MB at 20 M tokens).
+BLOCK_CACHE_BYTES = 64 * 1024 * 1024
+# Full (not block-based) bloom filters: most insert-once checks and many
+# detokenize lookups are misses, which a filter answers without reading a block.
+# 10 bits/key is about 1 % false positives; at 20 M tokens that is 25 MB.
+BLOOM_BITS_PER_KEY = 10
+# Memtable size: large enough that flushes (and level-0 files) are few, small
+# enough that two of them (one being flushed) stay a small part of memory.
+WRITE_BUFFER_BYTES = 64 * 1024 * 1024
+MAX_WRITE_BUFFERS = 2
+# One flush and one compaction at a time: the node's other work keeps the other cores.
+MAX_BACKGROUND_JOBS = 2
+# RocksDB's info log: a few small files, never an ever-growing directory.
+INFO_LOG_KEEP_FILES = 2
+INFO_LOG_MAX_BYTES = 4 * 1024 * 1024
+# Opening a received checkpoint for verification reads a handful of blocks.
+VERIFY_CACHE_BYTES = 1024 * 1024
+# Epochs are stored in 4 bytes per token row; each rotation adds exactly one,
+# so reaching this would take four billion rotations.
+MAX_STORED_EPOCH = 2**32 - 1
+
 TOKENIZE_KIND = "tokenize"
 ROTATE_KIND = "rotate"
 ACTIVE = "active"
 RETIRED = "retired"
 
-SCHEMA_STATEMENTS = (
-    "CREATE TABLE tokens (token TEXT PRIMARY KEY, epoch INTEGER NOT NULL, ciphertext BLOB NOT NULL) WITHOUT ROWID",
-    "CREATE TABLE epochs (epoch INTEGER PRIMARY KEY, wrapped_secret BLOB NOT NULL, created_at_ms INTEGER NOT NULL,"
-    " state TEXT NOT NULL CHECK (state IN ('active', 'retired')))",
-    "CREATE TABLE idempotency (principal TEXT NOT NULL, key TEXT NOT NULL, kind TEXT NOT NULL,"
-    " fingerprint BLOB NOT NULL, status INTEGER NOT NULL, response BLOB NOT NULL, created_at_ms INTEGER NOT NULL,"
-    " PRIMARY KEY (principal, key)) WITHOUT ROWID",
-    "CREATE INDEX idempotency_by_age ON idempotency (created_at_ms, principal, key)",
-    "CREATE TABLE meta (singleton INTEGER PRIMARY KEY CHECK (singleton = 1), applied_index INTEGER NOT NULL,"
-    " applied_view INTEGER NOT NULL, token_count INTEGER NOT NULL)",
-)
-
-# Token rows go in as multi-row INSERTs of these sizes (largest first), one
-# statement per chunk instead of one per row: SQLite steps once per statement and
-# binds the parameters in C. 256 rows are 768 parameters, under SQLite's oldest
-# default limit of 999; the fixed sizes keep the prepared statements cached.
-_INSERT_CHUNK_ROWS = (256, 128, 64, 32, 16, 8, 4, 2, 1)
-_INSERT_TOKENS = {rows: "INSERT OR IGNORE INTO tokens (token, epoch, ciphertext) VALUES "
-                  + ",".join(("(?,?,?)",) * rows) for rows in _INSERT_CHUNK_ROWS}
-_SELECT_IDEMPOTENCY = ("SELECT kind, fingerprint, status, response, created_at_ms FROM idempotency"
-                       " WHERE principal = ? AND key = ?")
-_INSERT_IDEMPOTENCY = "INSERT INTO idempotency VALUES (?, ?, ?, ?, ?, ?, ?)"
-_DELETE_IDEMPOTENCY = "DELETE FROM idempotency WHERE principal = ? AND key = ?"
-# Oldest first with the key as tie-breaker, so every node deletes the same rows.
-_PURGE_IDEMPOTENCY = ("DELETE FROM idempotency WHERE (principal, key) IN (SELECT principal, key FROM idempotency"
-                      " WHERE created_at_ms < ? ORDER BY created_at_ms, principal, key LIMIT ?)")
-_NO_RECORDS = 2 ** 63  # the idempotency floor of an empty table
-_UPDATE_META = "UPDATE meta SET applied_index = ?, applied_view = ?, token_count = ? WHERE singleton = 1"
+_TOKEN = b"t"
+_EPOCH = b"e"
+_IDEMPOTENCY = b"i"
+_AGE = b"a"
+_META_KEY = b"m"
+_AGE_END = b"b"  # first key after the age index
+_EPOCH_END = b"f"
+_TOKEN_END = b"u"
+_U32 = struct.Struct(">I")
+_U64 = struct.Struct(">Q")
+_AGE_HEADER_BYTES = 1 + _U64.size
+_NO_RECORDS = 2**63  # the idempotency floor of an empty age index
 
 
 class Outcome(StrEnum):
@@ -150,120 +195,351 @@ class InsertOnceViolation(StoreError):
 
 
 class StoreCorruption(StoreError):
-    """The database file is not a TokenVault store of the expected schema."""
+    """The store directory is not a TokenVault store of the expected schema, or is damaged."""
 
 
 class SnapshotRejected(StoreError):
-    """A snapshot image failed validation; the current state is untouched."""
+    """A received checkpoint failed validation; the current state is untouched."""
 
 
-def _reference_schema() -> list[tuple]:
-    connection = sqlite3.connect(":memory:")
+# A test hook: called after each step of an install (and of the CURRENT switch)
+# so a test can stop the install there, as a crash would.
+_after_install_step: Callable[[str], None] = lambda step: None
+
+
+# ---------------------------------------------------------------- encoding
+def _identity(principal: str, key: str) -> bytes:
+    return (principal.encode().replace(b"\x00", b"\x00\xff") + b"\x00"
+            + key.encode().replace(b"\x00", b"\x00\xff") + b"\x00")
+
+
+def _token_key(token: str) -> bytes:
+    return _TOKEN + token.encode()
+
+
+def _epoch_key(epoch: int) -> bytes:
+    return _EPOCH + _U64.pack(epoch)
+
+
+def _age_key(created_at_ms: int, identity: bytes) -> bytes:
+    return _AGE + _U64.pack(created_at_ms) + identity
+
+
+def _age_created_at(age_key: bytes) -> int:
+    return _U64.unpack_from(age_key, 1)[0]
+
+
+def _pack(value: object) -> bytes:
+    return msgpack.packb(value, use_bin_type=True)
+
+
+def _meta_value(applied_index: int, applied_view: int, token_count: int) -> bytes:
+    return _pack([STORE_MARKER, SCHEMA_VERSION, applied_index, applied_view, token_count])
+
+
+def _unpack(value: bytes) -> object:
+    return msgpack.unpackb(value, raw=False, strict_map_key=True)
+
+
+def _is_count(value: object) -> bool:
+    return type(value) is int and value >= 0
+
+
+def _decode_meta(value: bytes | None, error: type[StoreError]) -> tuple[int, int, int]:
+    """(applied_index, applied_view, token_count) from the meta record, or ``error``."""
+    if value is None:
+        raise error("not a TokenVault store (no meta record)")
     try:
-        for statement in SCHEMA_STATEMENTS:
-            connection.execute(statement)
-        return _schema_of(connection)
-    finally:
-        connection.close()
-
-
-def _schema_of(connection: sqlite3.Connection) -> list[tuple]:
-    return connection.execute("SELECT type, name, tbl_name, sql FROM sqlite_master ORDER BY type, name").fetchall()
-
-
-def _check_store_schema(connection: sqlite3.Connection, error: type[StoreError]) -> None:
-    """The file must hold exactly our tables and index: no extra tables, views or triggers."""
-    if connection.execute("PRAGMA application_id").fetchone()[0] != APPLICATION_ID:
-        raise error("not a TokenVault store (application id differs)")
-    if connection.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
+        meta = _unpack(value)
+    except Exception:
+        raise error("not a TokenVault store (meta record is not readable)") from None
+    if type(meta) is not list or len(meta) < 2 or meta[0] != STORE_MARKER:
+        raise error("not a TokenVault store (marker differs)")
+    if meta[1] != SCHEMA_VERSION:
         raise error("unsupported store schema version")
-    if _schema_of(connection) != _reference_schema():
-        raise error("store schema differs from the expected one")
-    if connection.execute("SELECT count(*) FROM meta").fetchone()[0] != 1:
-        raise error("store meta row is missing")
+    if len(meta) != 5 or not all(_is_count(field_value) for field_value in meta[2:]):
+        raise error("store meta record is malformed")
+    return meta[2], meta[3], meta[4]
 
 
-# One shared encoder: json.dumps with non-default separators builds a new
-# encoder per call, which was a measurable part of applying a 1-item command.
-# The output is identical to json.dumps(document, separators=(",", ":")).
-_JSON_ENCODER = json.JSONEncoder(separators=(",", ":"))
-
-
-def _json_bytes(document: dict) -> bytes:
-    return _JSON_ENCODER.encode(document).encode()
-
-
-def _connect(path: Path) -> sqlite3.Connection:
-    # Autocommit mode: transactions are begun and ended explicitly in apply_batch.
-    connection = sqlite3.connect(path, isolation_level=None, cached_statements=256)
+def _decode_epoch(key: bytes, value: bytes, error: type[StoreError]) -> EpochRecord:
     try:
-        connection.execute("PRAGMA trusted_schema = OFF")
-        mode = connection.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-        if mode.lower() != "wal":
-            raise StoreCorruption("the store cannot use WAL journal mode")
-        connection.execute("PRAGMA synchronous = NORMAL")
-        connection.execute(f"PRAGMA cache_size = -{CACHE_KIBIBYTES}")
-        connection.execute(f"PRAGMA wal_autocheckpoint = {AUTOCHECKPOINT_PAGES}")
-    except BaseException:
-        connection.close()
-        raise
-    return connection
+        wrapped_secret, created_at_ms, state = _unpack(value)
+    except Exception:
+        raise error("an epoch record is malformed") from None
+    if (len(key) != 1 + _U64.size or type(wrapped_secret) is not bytes or not _is_count(created_at_ms)
+            or state not in (ACTIVE, RETIRED)):
+        raise error("an epoch record is malformed")
+    return EpochRecord(_U64.unpack_from(key, 1)[0], wrapped_secret, created_at_ms, state)
 
 
-def _initialise(connection: sqlite3.Connection) -> None:
-    connection.execute("BEGIN IMMEDIATE")
+# ---------------------------------------------------------------- files
+def _generation_name(number: int) -> str:
+    return f"{GENERATION_PREFIX}{number:06d}"
+
+
+def _fsync_file(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        for statement in SCHEMA_STATEMENTS:
-            connection.execute(statement)
-        connection.execute("INSERT INTO meta VALUES (1, 0, 0, 0)")
-        connection.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-        connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        connection.execute("COMMIT")
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _fsync_tree(directory: Path) -> None:
+    """fsync every file and directory under ``directory`` (deepest first), and itself."""
+    for root, directories, files in os.walk(directory, topdown=False):
+        for name in files:
+            entry = Path(root) / name
+            if not entry.is_symlink():
+                _fsync_file(entry)
+        fsync_directory(Path(root))
+
+
+def _remove_tree(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)
+
+
+def _write_current(store_directory: Path, generation: str) -> None:
+    """Point CURRENT at ``generation``: write a temporary file, fsync, rename, fsync the directory."""
+    temporary = store_directory / CURRENT_TEMP_FILE
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        data = memoryview(f"{generation}\n".encode())
+        while data:
+            data = data[os.write(descriptor, data):]
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+    _after_install_step("current_temp_written")
+    os.replace(temporary, store_directory / CURRENT_FILE)
+    _after_install_step("current_renamed")
+    fsync_directory(store_directory)
+
+
+def _read_current(store_directory: Path) -> str:
+    current = store_directory / CURRENT_FILE
+    if not current.is_file():
+        raise StoreCorruption(f"{store_directory} holds files but no {CURRENT_FILE} pointer: "
+                              "not a TokenVault store, or a damaged one")
+    try:
+        text = current.read_bytes().decode("ascii")
+    except (OSError, UnicodeDecodeError):
+        raise StoreCorruption(f"{current} is unreadable") from None
+    name = text[:-1] if text.endswith("\n") else ""
+    if _GENERATION_NAME.fullmatch(name) is None:
+        raise StoreCorruption(f"{current} does not name a generation")
+    if not (store_directory / name).is_dir():
+        raise StoreCorruption(f"{current} names {name}, which is missing")
+    return name
+
+
+def _remove_leftovers(store_directory: Path, current: str) -> None:
+    """Delete generations other than ``current`` and a temporary CURRENT: leftovers of an interrupted install."""
+    removed = False
+    for entry in store_directory.iterdir():
+        if entry.name == CURRENT_TEMP_FILE or (_GENERATION_NAME.fullmatch(entry.name) and entry.name != current):
+            _remove_tree(entry)
+            removed = True
+    if removed:
+        fsync_directory(store_directory)
+
+
+# ---------------------------------------------------------------- RocksDB
+def _options(cache: Cache, *, create: bool = False) -> Options:
+    options = Options(raw_mode=True)
+    options.create_if_missing(create)
+    options.set_error_if_exists(create)
+    table = BlockBasedOptions()
+    table.set_bloom_filter(BLOOM_BITS_PER_KEY, False)
+    table.set_block_cache(cache)
+    options.set_block_based_table_factory(table)
+    # Ciphertexts are random, so compression gains little; lz4 costs little on the
+    # upper levels and zstd packs the bottom level (most of the data) a bit tighter.
+    options.set_compression_type(DBCompressionType.lz4())
+    options.set_bottommost_compression_type(DBCompressionType.zstd())
+    options.set_write_buffer_size(WRITE_BUFFER_BYTES)
+    options.set_max_write_buffer_number(MAX_WRITE_BUFFERS)
+    options.set_level_compaction_dynamic_level_bytes(True)
+    options.set_max_background_jobs(MAX_BACKGROUND_JOBS)
+    options.set_keep_log_file_num(INFO_LOG_KEEP_FILES)
+    options.set_max_log_file_size(INFO_LOG_MAX_BYTES)
+    # After a power cut, recover up to the first damaged WAL record: a prefix of
+    # the applied batches, each whole (the replication log has the rest).
+    options.set_wal_recovery_mode(DBRecoveryMode.point_in_time())
+    return options
+
+
+def _check_rocksdict_config(directory: Path, error: type[StoreError]) -> None:
+    config = directory / ROCKSDICT_CONFIG_FILE
+    if not config.exists():
+        return
+    try:
+        document = json.loads(config.read_bytes())
+    except (OSError, ValueError):
+        raise error(f"{ROCKSDICT_CONFIG_FILE} is unreadable") from None
+    if document != _ROCKSDICT_CONFIG:
+        raise error(f"{ROCKSDICT_CONFIG_FILE} holds options this store does not use")
+
+
+def _open_database(directory: Path, options: Options, error: type[StoreError], *,
+                   read_only: bool = False) -> tuple[Rdict, tuple[int, int, int]]:
+    """Open an existing generation; returns it with its meta. Any problem raises ``error``."""
+    if directory.is_symlink() or not directory.is_dir():
+        raise error(f"{directory} is not a database directory")
+    _check_rocksdict_config(directory, error)
+    try:
+        families = Rdict.list_cf(str(directory), options)
+    except Exception:
+        raise error(f"{directory} is not a readable RocksDB database") from None
+    if families != ["default"]:
+        raise error(f"{directory} holds column families this store does not use")
+    try:
+        if read_only:
+            database = Rdict(str(directory), options, access_type=AccessType.read_only(False))
+        else:
+            database = Rdict(str(directory), options)
+    except Exception:
+        raise error(f"{directory} cannot be opened as a RocksDB database") from None
+    try:
+        try:
+            meta_value = database.get(_META_KEY)
+        except Exception:
+            raise error(f"{directory}: reading the meta record failed") from None
+        return database, _decode_meta(meta_value, error)
     except BaseException:
-        connection.execute("ROLLBACK")
+        database.close()
         raise
 
 
-def _chunks(items: Sequence, size: int) -> Iterable[Sequence]:
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
+def _bounded(lower: bytes, upper: bytes) -> ReadOptions:
+    read_options = ReadOptions()
+    read_options.set_iterate_lower_bound(lower)
+    read_options.set_iterate_upper_bound(upper)
+    return read_options
 
 
+def _read_epochs(database: Rdict, error: type[StoreError], limit: int | None = None) -> list[EpochRecord]:
+    records = []
+    # An explicit start: RocksDB applies iterate_lower_bound to backward moves only.
+    for key, value in database.items(from_key=_EPOCH, read_opt=_bounded(_EPOCH, _EPOCH_END)):
+        records.append(_decode_epoch(key, value, error))
+        if limit is not None and len(records) > limit:
+            raise error("more epochs than applied entries")
+    return records
+
+
+def _check_epochs(records: list[EpochRecord], error: type[StoreError]) -> int:
+    """The active epoch (0 if none): epochs run 1..n, only the last may be active."""
+    if [record.epoch for record in records] != list(range(1, len(records) + 1)):
+        raise error("epoch records are not the consecutive epochs 1..n")
+    active = [record.epoch for record in records if record.state == ACTIVE]
+    if len(active) > 1:
+        raise error("more than one active epoch")
+    if active and active[0] != len(records):
+        raise error("an epoch other than the newest is active")
+    return active[0] if active else 0
+
+
+def _first_key(database: Rdict, lower: bytes, upper: bytes) -> bytes | None:
+    iterator = database.iter(_bounded(lower, upper))
+    iterator.seek(lower)
+    return iterator.key() if iterator.valid() else None
+
+
+def _entry_upper_bound(database: Rdict) -> int:
+    """At least the number of distinct live keys: every one has an entry in a table file or a memtable."""
+    in_tables = sum(int(live["num_entries"]) for live in database.live_files())
+    in_memory = sum(database.property_int_value(name) or 0 for name in (
+        "rocksdb.num-entries-active-mem-table", "rocksdb.num-entries-imm-mem-tables"))
+    return in_tables + in_memory
+
+
+def _check_token_count(database: Rdict, token_count: int, error: type[StoreError]) -> None:
+    """Cheap plausibility of the meta's token count: no scan, a seek and file metadata only."""
+    has_tokens = _first_key(database, _TOKEN, _TOKEN_END) is not None
+    if has_tokens != (token_count > 0):
+        raise error("token count in meta contradicts the token rows")
+    if token_count > _entry_upper_bound(database):
+        raise error("token count in meta exceeds the entries in the database")
+
+
+# ---------------------------------------------------------------- installs
+@dataclass(eq=False)
+class PreparedInstall:
+    """A verified checkpoint moved into the store as the next generation, open, not yet live."""
+
+    index: int
+    view: int
+    directory: Path
+    _database: Rdict | None = field(repr=False, default=None)
+
+
+class RetiredGeneration:
+    """The generation an install replaced. ``close()`` (from a worker thread: it can take 0.3 s)
+    closes its database and deletes its directory; a crash before that leaves it for the next open."""
+
+    def __init__(self, database: Rdict, directory: Path, lock: threading.Lock) -> None:
+        self._database: Rdict | None = database
+        self.directory = directory
+        self._lock = lock  # held by create_checkpoint while it reads a database
+
+    def close(self) -> None:
+        with self._lock:
+            database, self._database = self._database, None
+            if database is None:
+                return
+            database.close()
+        _after_install_step("old_closed")
+        _remove_tree(self.directory)
+        fsync_directory(self.directory.parent)
+
+
+# ---------------------------------------------------------------- the store
 class VaultStore:
-    """The applied state of one node. Not thread-safe: use it from one thread."""
+    """The applied state of one node.
 
-    def __init__(self, path: Path, connection: sqlite3.Connection, retention_ms: int,
-                 purge_limit_per_command: int) -> None:
+    Apply, reads, checkpoint, commit_install and close belong to one thread (the
+    event loop). create_checkpoint, verify_checkpoint, prepare_install and
+    RetiredGeneration.close may run in worker threads meanwhile.
+    """
+
+    def __init__(self, path: Path, generation: str, database: Rdict, meta: tuple[int, int, int],
+                 cache: Cache, retention_ms: int, purge_limit_per_command: int) -> None:
         self._path = path
-        self._connection = connection
+        self._generation = generation
+        self._db = database
+        self._cache = cache
+        self._options = _options(cache)
+        self._write_options = WriteOptions()  # WAL on, sync off: see the module docstring
         self._retention_ms = retention_ms
         self._purge_limit_per_command = purge_limit_per_command
-        self._load_meta()
+        self._age_read_options = _bounded(_AGE, _AGE_END)
+        self._checkpoint_lock = threading.Lock()
+        self._install_lock = threading.Lock()
+        self._pending: PreparedInstall | None = None
+        self._closed = False
+        self._load_state(meta)
+
+    def _load_state(self, meta: tuple[int, int, int]) -> None:
+        self._applied_index, self._applied_view, self._token_count = meta
+        self._active_epoch = _check_epochs(_read_epochs(self._db, StoreCorruption), StoreCorruption)
+        first = _first_key(self._db, _AGE, _AGE_END)
+        # No idempotency record is older than the floor: a purge with an earlier
+        # cut-off would delete nothing, so it is skipped (the same on every node).
+        self._idempotency_floor_ms = _NO_RECORDS if first is None else _age_created_at(first)
+        # Every age key at or below this one is deleted: the purge seeks past it
+        # instead of stepping over the tombstones of earlier purges. Not persisted.
+        self._purge_resume_key: bytes | None = None
         self._durable_index = 0
-        # Applied batches accumulate in one open transaction that is committed
-        # every few thousand rows or every commit_interval; see flush().
-        self._transaction_open = False
-        self._transaction_started = 0.0
-        self._uncommitted_rows = 0
-        self.commit_interval_seconds = COMMIT_INTERVAL_SECONDS
-        self.commit_rows = COMMIT_ROWS
-
-    def _load_meta(self) -> None:
-        row = self._connection.execute("SELECT applied_index, applied_view, token_count FROM meta").fetchone()
-        self._applied_index, self._applied_view, self._token_count = row
-        active = self._connection.execute("SELECT max(epoch) FROM epochs WHERE state = 'active'").fetchone()[0]
-        self._active_epoch = active or 0
-        self._load_idempotency_floor()
-
-    def _load_idempotency_floor(self) -> None:
-        """No idempotency record is older than this: a purge with an earlier cut-off would delete nothing."""
-        oldest = self._connection.execute("SELECT min(created_at_ms) FROM idempotency").fetchone()[0]
-        self._idempotency_floor_ms = _NO_RECORDS if oldest is None else oldest
 
     @classmethod
     def open(cls, path: Path, *, retention_ms: int = DEFAULT_RETENTION_MS,
              purge_limit_per_command: int = PURGE_LIMIT_PER_COMMAND) -> "VaultStore":
-        """Open or create the store at ``path``; raises StoreCorruption for a foreign or damaged file.
+        """Open or create the store directory ``path``; raises StoreCorruption for a foreign or damaged one.
 
         ``retention_ms`` and ``purge_limit_per_command`` shape the replicated
         state, so every node of a cluster must use the same values.
@@ -273,27 +549,46 @@ class VaultStore:
         if type(purge_limit_per_command) is not int or purge_limit_per_command < 1:
             raise ValueError("purge_limit_per_command must be a positive integer")
         path = Path(path)
-        # A leftover of an install_snapshot interrupted before its rename.
-        path.with_name(path.name + ".install").unlink(missing_ok=True)
-        created = not path.exists()
+        cache = Cache(BLOCK_CACHE_BYTES)
+        _remove_tree(path.with_name(path.name + CREATING_SUFFIX))  # an interrupted creation
+        if path.is_dir() and not path.is_symlink() and not any(path.iterdir()):
+            path.rmdir()
+        if not path.exists() and not path.is_symlink():
+            cls._create(path, cache)
+        if path.is_symlink() or not path.is_dir():
+            raise StoreCorruption(f"{path} is not a store directory")
+        generation = _read_current(path)
+        _remove_leftovers(path, generation)
+        database, meta = _open_database(path / generation, _options(cache), StoreCorruption)
         try:
-            connection = _connect(path)
-        except sqlite3.DatabaseError as error:
-            raise StoreCorruption(f"cannot open the store: {error}") from None
-        try:
-            if created or not _schema_of(connection):
-                _initialise(connection)
-                fsync_directory(path.parent)
-            _check_store_schema(connection, StoreCorruption)
-            store = cls(path, connection, retention_ms, purge_limit_per_command)
-        except sqlite3.DatabaseError as error:
-            connection.close()
-            raise StoreCorruption(f"cannot open the store: {error}") from None
-        except BaseException:
-            connection.close()
-            raise
+            store = cls(path, generation, database, meta, cache, retention_ms, purge_limit_per_command)
+        except Exception as error:
+            database.close()
+            if isinstance(error, StoreError):
+                raise
+            raise StoreCorruption(f"{path / generation} cannot be read as a TokenVault store") from None
         store.checkpoint()
         return store
+
+    @staticmethod
+    def _create(path: Path, cache: Cache) -> None:
+        """Build an empty store beside ``path`` and rename it into place, so ``path`` is never half-made."""
+        building = path.with_name(path.name + CREATING_SUFFIX)
+        building.mkdir()
+        generation = _generation_name(1)
+        database = Rdict(str(building / generation), _options(cache, create=True))
+        try:
+            batch = WriteBatch(raw_mode=True)
+            batch.put(_META_KEY, _meta_value(0, 0, 0))
+            sync = WriteOptions()
+            sync.sync = True
+            database.write(batch, sync)
+        finally:
+            database.close()
+        _fsync_tree(building / generation)
+        _write_current(building, generation)
+        os.rename(building, path)
+        fsync_directory(path.parent)
 
     # ------------------------------------------------------------ properties
     @property
@@ -308,6 +603,10 @@ class VaultStore:
     def retention_ms(self) -> int:
         return self._retention_ms
 
+    @property
+    def path(self) -> Path:
+        return self._path
+
     def active_epoch(self) -> int:
         """The active epoch, 0 before the first rotation."""
         return self._active_epoch
@@ -317,7 +616,7 @@ class VaultStore:
 
     # ------------------------------------------------------------ apply
     def apply_batch(self, entries: Sequence[Entry]) -> list[ApplyResult]:
-        """Apply committed entries in one transaction; returns one result per applied command.
+        """Apply committed entries as one atomic write; returns one result per applied command.
 
         Entries at or below the applied index are skipped (a replay after a
         restart); the rest must follow it without gaps. NOOP entries only move
@@ -325,291 +624,413 @@ class VaultStore:
         """
         if not entries:
             return []
-        connection = self._connection
-        state = _BatchState(self._applied_index, self._applied_view, self._active_epoch, self._token_count)
+        batch = _Batch(self._db, self._applied_index, self._applied_view, self._active_epoch,
+                       self._token_count, self._idempotency_floor_ms, self._purge_resume_key)
         results: list[ApplyResult] = []
-        if not self._transaction_open:
-            connection.execute("BEGIN IMMEDIATE")
-            self._transaction_open = True
-            self._transaction_started = time.monotonic()
-        # A savepoint per batch: a failing batch leaves no trace, earlier batches stay.
-        connection.execute("SAVEPOINT apply_batch")
-        try:
-            for entry in entries:
-                if entry.index <= state.applied_index:
-                    continue
-                if entry.index != state.applied_index + 1:
-                    raise ValueError(f"entry {entry.index} does not follow applied index {state.applied_index}")
-                if entry.kind == EntryKind.COMMAND:
-                    results.append(self._apply_command(entry.index, decode_command(entry.payload), state))
-                state.applied_index, state.applied_view = entry.index, entry.view
-            if state.rows:
-                self._insert_tokens(state)
-            if state.applied_index != self._applied_index:
-                connection.execute(_UPDATE_META, (state.applied_index, state.applied_view, state.token_count))
-            connection.execute("RELEASE apply_batch")
-        except BaseException:
-            connection.execute("ROLLBACK TO apply_batch")
-            connection.execute("RELEASE apply_batch")
-            self._load_idempotency_floor()  # purges and inserts of the batch are undone
-            raise
-        self._uncommitted_rows += state.token_count - self._token_count + len(entries)
-        self._applied_index, self._applied_view = state.applied_index, state.applied_view
-        self._active_epoch, self._token_count = state.active_epoch, state.token_count
-        if self._uncommitted_rows >= self.commit_rows:
-            self.flush()
+        for entry in entries:
+            if entry.index <= batch.applied_index:
+                continue
+            if entry.index != batch.applied_index + 1:
+                raise ValueError(f"entry {entry.index} does not follow applied index {batch.applied_index}")
+            if entry.kind == EntryKind.COMMAND:
+                results.append(self._apply_command(entry.index, decode_command(entry.payload), batch))
+            batch.applied_index, batch.applied_view = entry.index, entry.view
+        if batch.applied_index == self._applied_index:
+            return results
+        write = WriteBatch(raw_mode=True)
+        if batch.tokenized:
+            self._add_tokens(batch, write)
+        for key, value in batch.writes.items():
+            if value is None:
+                write.delete(key)
+            else:
+                write.put(key, value)
+        write.put(_META_KEY, _meta_value(batch.applied_index, batch.applied_view, batch.token_count))
+        self._db.write(write, self._write_options)
+        self._applied_index, self._applied_view = batch.applied_index, batch.applied_view
+        self._active_epoch, self._token_count = batch.active_epoch, batch.token_count
+        self._idempotency_floor_ms, self._purge_resume_key = batch.floor_ms, batch.resume_key
         return results
 
-    def flush(self) -> None:
-        """Commit the open transaction of applied batches.
-
-        Why batches are not committed one by one: random token keys make every
-        commit write a page per inserted row, and the replicated log already
-        holds every applied entry durably. A crash loses at most the uncommitted
-        tail of the store, and the applied index is committed in the same
-        transaction, so a restart replays exactly those entries from the log.
-        Reads go through this same connection and see uncommitted rows.
-        """
-        if self._transaction_open:
-            self._connection.execute("COMMIT")
-            self._transaction_open = False
-            self._uncommitted_rows = 0
-
-    def flush_if_due(self) -> None:
-        """Commit when the open transaction is older than commit_interval_seconds (called on a timer)."""
-        if self._transaction_open and time.monotonic() - self._transaction_started >= self.commit_interval_seconds:
-            self.flush()
-
-    def _apply_command(self, index: int, command, state: "_BatchState") -> ApplyResult:
+    def _apply_command(self, index: int, command, batch: "_Batch") -> ApplyResult:
         if type(command) is TokenizeCommand:
-            if command.epoch != state.active_epoch:
+            if command.epoch != batch.active_epoch:
                 return ApplyResult(index, Outcome.EPOCH_MISMATCH, None, None)
-            return self._apply_tokenize(index, command, state)
-        if command.epoch != state.active_epoch + 1:
+            return self._apply_tokenize(index, command, batch)
+        if command.epoch != batch.active_epoch + 1:
             return ApplyResult(index, Outcome.STALE_EPOCH, None, None)
-        return self._apply_rotate(index, command, state)
+        return self._apply_rotate(index, command, batch)
 
-    def _apply_tokenize(self, index: int, command: TokenizeCommand, state: "_BatchState") -> ApplyResult:
+    def _apply_tokenize(self, index: int, command: TokenizeCommand, batch: "_Batch") -> ApplyResult:
         duplicate = self._existing_response(index, command.principal, command.idempotency_key,
-                                            command.issued_at_ms)
+                                            command.issued_at_ms, batch)
         if duplicate is not None:
             return duplicate
-        # The rows are inserted once for the whole batch (_insert_tokens): nothing
-        # later in the batch reads the tokens table, and a failure undoes the
-        # whole batch either way.
-        epoch = command.epoch
-        state.rows.extend([(token, epoch, ciphertext) for token, ciphertext in command.items])
-        state.row_entries.append((len(state.rows), index))
+        # Token rows are checked and written once for the whole batch (_add_tokens):
+        # nothing later in the batch reads them, and a failure drops the whole batch.
+        batch.tokenized.append((index, command.epoch, command.items))
         response = None
         if command.idempotency_key is not None:
             # Only a keyed request can be replayed, so only then is the body built and kept.
             response = _json_bytes({"epoch": command.epoch, "tokens": [token for token, _ in command.items]})
             self._record_idempotency(command.principal, command.idempotency_key, TOKENIZE_KIND,
-                                     command.fingerprint, 200, response, command.issued_at_ms)
+                                     command.fingerprint, 200, response, command.issued_at_ms, batch)
         return ApplyResult(index, Outcome.OK, 200, response, TOKENIZE_KIND, command.epoch, len(command.items))
 
-    def _apply_rotate(self, index: int, command: RotateEpochCommand, state: "_BatchState") -> ApplyResult:
+    def _apply_rotate(self, index: int, command: RotateEpochCommand, batch: "_Batch") -> ApplyResult:
         duplicate = self._existing_response(index, command.principal, command.idempotency_key,
-                                            command.created_at_ms)
+                                            command.created_at_ms, batch)
         if duplicate is not None:
             return duplicate
-        connection = self._connection
-        connection.execute("UPDATE epochs SET state = 'retired' WHERE state = 'active'")
-        connection.execute("INSERT INTO epochs VALUES (?, ?, ?, 'active')",
-                           (command.epoch, command.wrapped_secret, command.created_at_ms))
-        state.active_epoch = command.epoch
+        if command.epoch > MAX_STORED_EPOCH:
+            raise StoreError(f"entry {index} rotates past the largest epoch the store can hold")
+        if batch.active_epoch:
+            active_key = _epoch_key(batch.active_epoch)
+            value = batch.get(active_key)
+            if value is None:
+                raise StoreCorruption("the active epoch's record is missing")
+            record = _decode_epoch(active_key, value, StoreCorruption)
+            batch.put(active_key, _pack([record.wrapped_secret, record.created_at_ms, RETIRED]))
+        batch.put(_epoch_key(command.epoch), _pack([command.wrapped_secret, command.created_at_ms, ACTIVE]))
+        batch.active_epoch = command.epoch
         response = _json_bytes({"epoch": command.epoch})
         self._record_idempotency(command.principal, command.idempotency_key, ROTATE_KIND, command.fingerprint,
-                                 201, response, command.created_at_ms)
+                                 201, response, command.created_at_ms, batch)
         return ApplyResult(index, Outcome.OK, 201, response, ROTATE_KIND, command.epoch, 0)
 
-    def _existing_response(self, index: int, principal: str | None, key: str | None,
-                           now_ms: int) -> ApplyResult | None:
+    def _existing_response(self, index: int, principal: str | None, key: str | None, now_ms: int,
+                           batch: "_Batch") -> ApplyResult | None:
         """Purge a bounded number of expired records, then find a live record for (principal, key)."""
-        connection = self._connection
         expired_before_ms = now_ms - self._retention_ms
-        if expired_before_ms > self._idempotency_floor_ms:
-            # Skipped when no record can have expired: the purge would delete nothing, so
-            # skipping it leaves the same state on every node.
-            connection.execute(_PURGE_IDEMPOTENCY, (expired_before_ms, self._purge_limit_per_command))
-            self._load_idempotency_floor()
+        if expired_before_ms > batch.floor_ms:
+            # Skipped when no record can have expired: the purge would delete
+            # nothing, so skipping it leaves the same state on every node.
+            self._purge(expired_before_ms, batch)
         if key is None:
             return None
-        row = connection.execute(_SELECT_IDEMPOTENCY, (principal, key)).fetchone()
-        if row is None:
+        identity = _identity(principal, key)
+        value = batch.get(_IDEMPOTENCY + identity)
+        if value is None:
             return None
-        if row[4] < expired_before_ms:
+        _, _, status, response, created_at_ms = _unpack(value)
+        if created_at_ms < expired_before_ms:
             # Expired but not purged yet: it no longer answers; the new command takes its place.
-            connection.execute(_DELETE_IDEMPOTENCY, (principal, key))
+            batch.delete(_IDEMPOTENCY + identity)
+            batch.delete_age(_age_key(created_at_ms, identity))
             return None
-        return ApplyResult(index, Outcome.DUPLICATE, row[2], row[3])
+        return ApplyResult(index, Outcome.DUPLICATE, status, response)
+
+    def _purge(self, expired_before_ms: int, batch: "_Batch") -> None:
+        """Delete up to purge_limit_per_command records older than the cut-off, oldest first.
+
+        Order: created_at_ms, then principal, then key (the age index's byte
+        order), so every node deletes the same records whatever its batches.
+        """
+        bound = _AGE + _U64.pack(expired_before_ms)
+        keys = batch.first_age_keys(self._purge_limit_per_command + 1, self._age_read_options)
+        taken = []
+        for key in keys[:self._purge_limit_per_command]:
+            if key >= bound:
+                break
+            taken.append(key)
+        for key in taken:
+            batch.delete_age(key)
+            batch.delete(_IDEMPOTENCY + key[_AGE_HEADER_BYTES:])
+        if taken:
+            batch.resume_key = taken[-1]
+        batch.floor_ms = _age_created_at(keys[len(taken)]) if len(keys) > len(taken) else _NO_RECORDS
 
     def _record_idempotency(self, principal: str | None, key: str | None, kind: str, fingerprint: bytes | None,
-                            status: int, response: bytes, created_at_ms: int) -> None:
+                            status: int, response: bytes, created_at_ms: int, batch: "_Batch") -> None:
         if key is None:
             return
-        self._connection.execute(_INSERT_IDEMPOTENCY,
-                                 (principal, key, kind, fingerprint, status, response, created_at_ms))
-        self._idempotency_floor_ms = min(self._idempotency_floor_ms, created_at_ms)
+        identity = _identity(principal, key)
+        batch.put(_IDEMPOTENCY + identity, _pack([kind, fingerprint, status, response, created_at_ms]))
+        batch.put_age(_age_key(created_at_ms, identity))
+        batch.floor_ms = min(batch.floor_ms, created_at_ms)
 
-    def _insert_tokens(self, state: "_BatchState") -> None:
-        """Insert the batch's token rows; an existing token must keep its ciphertext."""
-        rows = state.rows
-        connection = self._connection
-        changes_before = connection.total_changes
-        start = 0
-        for size in _INSERT_CHUNK_ROWS:
-            statement = _INSERT_TOKENS[size]
-            while len(rows) - start >= size:
-                connection.execute(statement, [field for row in rows[start:start + size] for field in row])
-                start += size
-        inserted = connection.total_changes - changes_before
-        if inserted != len(rows):
-            # Some tokens existed already (the same value tokenized again, or
-            # repeated within the batch): they must map to the same ciphertext.
-            self._verify_existing(state)
-        state.token_count += inserted
-
-    def _verify_existing(self, state: "_BatchState") -> None:
-        stored = self._fetch([token for token, _, _ in state.rows])
-        ends = iter(state.row_entries)
-        end, index = next(ends)
-        for position, (token, epoch, ciphertext) in enumerate(state.rows):
-            while position >= end:
-                end, index = next(ends)
-            if stored.get(token) != (epoch, ciphertext):
-                # The message carries positions only: a token is no secret, but
-                # there is no reason to spread it through logs either.
-                raise InsertOnceViolation(
-                    f"entry {index} maps an existing token to a different value; refusing to overwrite")
-
-    def _fetch(self, tokens: Sequence[str]) -> dict[str, tuple[int, bytes]]:
-        found: dict[str, tuple[int, bytes]] = {}
-        unique = list(dict.fromkeys(tokens))
-        for chunk in _chunks(unique, LOOKUP_CHUNK_TOKENS):
-            sql = f"SELECT token, epoch, ciphertext FROM tokens WHERE token IN ({','.join('?' * len(chunk))})"
-            for token, epoch, ciphertext in self._connection.execute(sql, chunk):
-                found[token] = (epoch, ciphertext)
-        return found
+    def _add_tokens(self, batch: "_Batch", write: WriteBatch) -> None:
+        """Check the batch's tokens with one multi-get and add the new ones; an existing token keeps its value."""
+        keys: dict[str, bytes] = {}
+        for _, _, items in batch.tokenized:
+            for token, _ in items:
+                if token not in keys:
+                    keys[token] = _token_key(token)
+        stored = self._db.get(list(keys.values()))
+        known = {token: value for token, value in zip(keys, stored) if value is not None}
+        added = 0
+        for index, epoch, items in batch.tokenized:
+            prefix = _U32.pack(epoch)
+            for token, ciphertext in items:
+                value = prefix + ciphertext
+                existing = known.get(token)
+                if existing is None:
+                    known[token] = value
+                    write.put(keys[token], value)
+                    added += 1
+                elif existing != value:
+                    # The message carries positions only: a token is no secret, but
+                    # there is no reason to spread it through logs either.
+                    raise InsertOnceViolation(
+                        f"entry {index} maps an existing token to a different value; refusing to overwrite")
+        batch.token_count += added
 
     # ------------------------------------------------------------ reads
     def lookup(self, tokens: Sequence[str]) -> dict[str, bytes]:
-        """Ciphertexts of the known tokens among ``tokens`` (unknown ones are absent)."""
-        found: dict[str, bytes] = {}
+        """Ciphertexts of the known tokens among ``tokens`` (unknown ones are absent); one multi-get."""
         unique = list(dict.fromkeys(tokens))
-        for chunk in _chunks(unique, LOOKUP_CHUNK_TOKENS):
-            sql = f"SELECT token, ciphertext FROM tokens WHERE token IN ({','.join('?' * len(chunk))})"
-            found.update(self._connection.execute(sql, chunk).fetchall())
-        return found
+        if not unique:
+            return {}
+        values = self._db.get([_token_key(token) for token in unique])
+        return {token: value[_U32.size:] for token, value in zip(unique, values) if value is not None}
 
     def epochs(self) -> list[EpochRecord]:
-        rows = self._connection.execute(
-            "SELECT epoch, wrapped_secret, created_at_ms, state FROM epochs ORDER BY epoch").fetchall()
-        return [EpochRecord(*row) for row in rows]
+        return _read_epochs(self._db, StoreCorruption)
 
     def idempotency_get(self, principal: str, key: str) -> IdempotencyRecord | None:
-        row = self._connection.execute(_SELECT_IDEMPOTENCY, (principal, key)).fetchone()
-        if row is None:
+        value = self._db.get(_IDEMPOTENCY + _identity(principal, key))
+        if value is None:
             return None
-        kind, fingerprint, status, response, created_at_ms = row
+        kind, fingerprint, status, response, created_at_ms = _unpack(value)
         return IdempotencyRecord(principal, key, kind, fingerprint, status, response, created_at_ms)
 
-    # ------------------------------------------------------------ durability and snapshots
+    # ------------------------------------------------------------ durability
     def checkpoint(self) -> int:
-        """Make the applied state durable; returns the applied index that is now on disk for sure.
-
-        If SQLite could not finish the checkpoint (a reader held it back), the
-        previously durable index is returned and the caller simply keeps more log.
-        """
-        self.flush()
-        busy, _, _ = self._connection.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-        if busy == 0:
-            self._durable_index = self._applied_index
+        """Make the applied state durable (fsync RocksDB's WAL); returns the applied index now on disk for sure."""
+        self._db.flush_wal(True)
+        self._durable_index = self._applied_index
         return self._durable_index
 
-    def snapshot_bytes(self) -> tuple[int, int, bytes]:
-        """(applied index, applied view, a consistent image of the whole database)."""
-        self.flush()
-        return self._applied_index, self._applied_view, _as_rollback_journal_image(self._connection.serialize())
+    # ------------------------------------------------------------ snapshots
+    def create_checkpoint(self, directory: Path) -> tuple[int, int]:
+        """Write a consistent copy of the store into ``directory`` (which must not exist yet).
 
-    def install_snapshot(self, data: bytes, index: int, view: int) -> None:
-        """Replace the whole state with a snapshot image taken at (index, view).
-
-        The image is remote input: it must pass SQLite's integrity check, hold
-        exactly this store's schema and sit at (index, view), or
-        SnapshotRejected is raised and nothing changes. The swap is a write to a
-        temporary file, fsync, rename over the database and a directory fsync.
+        Returns (applied_index, applied_view) read from the copy itself: applies
+        may go on meanwhile. Safe from a worker thread; the memtable is flushed
+        first with the GIL released, so the checkpoint's own flush is short.
         """
-        image = _validated_image(data, index, view)
-        self.flush()
-        temporary = self._path.with_name(self._path.name + ".install")
-        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        directory = Path(directory)
+        if directory.exists() or directory.is_symlink():
+            raise FileExistsError(f"{directory} exists already")
+        with self._checkpoint_lock:
+            if self._closed:
+                raise StoreError("the store is closed")
+            database = self._db
+            database.flush()
+            Checkpoint(database).create_checkpoint(str(directory))
+        options = _options(Cache(VERIFY_CACHE_BYTES))
+        copy, (index, view, _) = _open_database(directory, options, StoreError, read_only=True)
+        copy.close()
+        return index, view
+
+    @staticmethod
+    def verify_checkpoint(directory: Path, index: int, view: int) -> None:
+        """Check a received checkpoint without a full scan; raises SnapshotRejected, never anything else.
+
+        Checks: a RocksDB database of one column family and our options, the
+        marker and schema version, meta at (index, view), epochs 1..n with at
+        most one (the newest) active, and a token count that fits the token rows
+        and the number of entries. RocksDB verifies the checksum of every block
+        it reads; blocks not read are not checked here.
+        """
+        if type(index) is not int or type(view) is not int or index < 0 or view < 0:
+            raise SnapshotRejected("checkpoint index and view must be non-negative integers")
         try:
-            view_of_image = memoryview(image)
-            while view_of_image:
-                view_of_image = view_of_image[os.write(descriptor, view_of_image):]
-            os.fsync(descriptor)
+            options = _options(Cache(VERIFY_CACHE_BYTES))
+            database, (meta_index, meta_view, token_count) = _open_database(
+                Path(directory), options, SnapshotRejected, read_only=True)
+        except SnapshotRejected:
+            raise
+        except Exception:
+            raise SnapshotRejected("checkpoint cannot be opened") from None
+        try:
+            if (meta_index, meta_view) != (index, view):
+                raise SnapshotRejected("checkpoint is not at the announced index and view")
+            _check_epochs(_read_epochs(database, SnapshotRejected, limit=index), SnapshotRejected)
+            _check_token_count(database, token_count, SnapshotRejected)
+        except SnapshotRejected:
+            raise
+        except Exception:
+            raise SnapshotRejected("checkpoint is damaged") from None
         finally:
-            os.close(descriptor)
-        self._connection.close()
-        # A WAL file left by the old database must never be replayed into the new one.
-        for suffix in ("-wal", "-shm"):
-            leftover = self._path.with_name(self._path.name + suffix)
-            if leftover.exists():
-                leftover.unlink()
-        os.replace(temporary, self._path)
-        fsync_directory(self._path.parent)
-        self._connection = _connect(self._path)
-        self._load_meta()
+            database.close()
+
+    def prepare_install(self, staged: Path, index: int, view: int) -> PreparedInstall:
+        """Verify ``staged`` and move it into the store as the next generation, open; CURRENT is not switched.
+
+        Callable from a worker thread. ``staged`` must be on the store's
+        filesystem. If verification fails it is left where it is; after the
+        move, any failure deletes it. One install may be prepared at a time.
+        """
+        staged = Path(staged)
+        with self._install_lock:
+            if self._closed:
+                raise StoreError("the store is closed")
+            if self._pending is not None:
+                raise StoreError("another install is prepared already")
+            placeholder = PreparedInstall(index, view, staged)
+            self._pending = placeholder
+        target: Path | None = None
+        try:
+            self.verify_checkpoint(staged, index, view)
+            _after_install_step("verified")
+            target = self._path / _generation_name(int(self._generation[len(GENERATION_PREFIX):]) + 1)
+            if target.exists() or target.is_symlink():
+                _remove_tree(target)
+            _fsync_tree(staged)
+            os.rename(staged, target)
+            fsync_directory(self._path)
+            fsync_directory(staged.parent)
+            _after_install_step("renamed")
+            database, meta = _open_database(target, self._options, SnapshotRejected)
+            if meta[:2] != (index, view):
+                database.close()
+                raise SnapshotRejected("checkpoint is not at the announced index and view")
+            _after_install_step("opened")
+        except Exception:
+            with self._install_lock:
+                self._pending = None
+            if target is not None and target.exists():
+                _remove_tree(target)
+                fsync_directory(self._path)
+            raise
+        prepared = PreparedInstall(index, view, target, database)
+        with self._install_lock:
+            self._pending = prepared
+        return prepared
+
+    def commit_install(self, prepared: PreparedInstall) -> RetiredGeneration:
+        """Make a prepared generation the live state (on the apply thread; a small, bounded amount of work).
+
+        Switches CURRENT, swaps the database handle and reloads the in-memory
+        meta. Returns the replaced generation: close it from a worker thread.
+        """
+        with self._install_lock:
+            if prepared is not self._pending or prepared._database is None:
+                raise StoreError("this install is not the prepared one")
+            if self._closed:
+                raise StoreError("the store is closed")
+            new_database = prepared._database
+            _write_current(self._path, prepared.directory.name)
+            old_database, old_directory = self._db, self._path / self._generation
+            self._db, self._generation = new_database, prepared.directory.name
+            prepared._database = None
+            self._pending = None
+        _after_install_step("handle_swapped")
+        self._load_state(_decode_meta(new_database.get(_META_KEY), StoreCorruption))
+        # Every file of the new generation was fsynced before the switch.
         self._durable_index = self._applied_index
+        return RetiredGeneration(old_database, old_directory, self._checkpoint_lock)
+
+    def abort_install(self, prepared: PreparedInstall) -> None:
+        """Close and delete a prepared generation; the live state is untouched."""
+        with self._install_lock:
+            if prepared is not self._pending:
+                return
+            self._pending = None
+            database, prepared._database = prepared._database, None
+        if database is not None:
+            database.close()
+        _remove_tree(prepared.directory)
+        fsync_directory(self._path)
 
     def close(self) -> None:
-        self.flush()
-        self._connection.close()
+        with self._install_lock:
+            pending, self._pending = self._pending, None
+        if pending is not None and pending._database is not None:
+            pending._database.close()
+            pending._database = None  # its directory goes on the next open
+        with self._checkpoint_lock:
+            if self._closed:
+                return
+            self._closed = True
+            try:
+                self._db.flush_wal(True)
+            finally:
+                self._db.close()
 
 
-@dataclass(slots=True)
-class _BatchState:
-    """What a batch changes, kept aside until its transaction commits."""
-
-    applied_index: int
-    applied_view: int
-    active_epoch: int
-    token_count: int
-    # The batch's token rows, and (rows so far, entry index) after each tokenize command.
-    rows: list = field(default_factory=list)
-    row_entries: list = field(default_factory=list)
+# One shared encoder: json.dumps with non-default separators builds a new
+# encoder per call, which was a measurable part of applying a 1-item command.
+# The output is identical to json.dumps(document, separators=(",", ":")).
+_JSON_ENCODER = json.JSONEncoder(separators=(",", ":"))
 
 
-def _as_rollback_journal_image(image: bytes) -> bytes:
-    # Header bytes 18 and 19 select WAL or rollback-journal mode. SQLite loads
-    # only rollback-journal images in memory, which is where a received
-    # snapshot is validated; the store switches the file back to WAL on open.
-    return image[:18] + b"\x01\x01" + image[20:]
+def _json_bytes(document: dict) -> bytes:
+    return _JSON_ENCODER.encode(document).encode()
 
 
-def _validated_image(data: bytes, index: int, view: int) -> bytes:
-    if type(data) is not bytes or len(data) < SQLITE_HEADER_BYTES:
-        raise SnapshotRejected("snapshot image is too short to be a database")
-    if type(index) is not int or type(view) is not int:
-        raise SnapshotRejected("snapshot index and view must be integers")
-    image = _as_rollback_journal_image(data)
-    connection = sqlite3.connect(":memory:")
-    try:
-        connection.execute("PRAGMA trusted_schema = OFF")
-        connection.deserialize(image)
-        if connection.execute("PRAGMA integrity_check").fetchall() != [("ok",)]:
-            raise SnapshotRejected("snapshot image fails the integrity check")
-        _check_store_schema(connection, SnapshotRejected)
-        meta = connection.execute("SELECT applied_index, applied_view, token_count FROM meta").fetchone()
-        if meta[:2] != (index, view):
-            raise SnapshotRejected("snapshot image is not at the announced index and view")
-        if meta[2] != connection.execute("SELECT count(*) FROM tokens").fetchone()[0]:
-            raise SnapshotRejected("snapshot image token count is inconsistent")
-        if connection.execute("SELECT count(*) FROM epochs WHERE state = 'active'").fetchone()[0] > 1:
-            raise SnapshotRejected("snapshot image has more than one active epoch")
-    except sqlite3.DatabaseError:
-        raise SnapshotRejected("snapshot image is not a valid database") from None
-    finally:
-        connection.close()
-    return image
+class _Batch:
+    """What a batch changes, kept aside until it is written as one WriteBatch.
+
+    ``writes`` is the overlay for epoch, idempotency and age keys (None: deleted);
+    reads of those keys during the batch go through it. ``live_age`` holds the
+    overlay's live age keys in order, so the purge can merge them with the database.
+    """
+
+    __slots__ = ("db", "applied_index", "applied_view", "active_epoch", "token_count", "floor_ms",
+                 "resume_key", "writes", "live_age", "tokenized")
+
+    def __init__(self, db: Rdict, applied_index: int, applied_view: int, active_epoch: int, token_count: int,
+                 floor_ms: int, resume_key: bytes | None) -> None:
+        self.db = db
+        self.applied_index = applied_index
+        self.applied_view = applied_view
+        self.active_epoch = active_epoch
+        self.token_count = token_count
+        self.floor_ms = floor_ms
+        self.resume_key = resume_key
+        self.writes: dict[bytes, bytes | None] = {}
+        self.live_age: list[bytes] = []
+        # (entry index, epoch, items) of each applied tokenize command.
+        self.tokenized: list[tuple[int, int, tuple[tuple[str, bytes], ...]]] = []
+
+    def get(self, key: bytes) -> bytes | None:
+        if key in self.writes:
+            return self.writes[key]
+        return self.db.get(key)
+
+    def put(self, key: bytes, value: bytes) -> None:
+        self.writes[key] = value
+
+    def delete(self, key: bytes) -> None:
+        self.writes[key] = None
+
+    def put_age(self, key: bytes) -> None:
+        self.writes[key] = b""
+        position = bisect.bisect_left(self.live_age, key)
+        if position == len(self.live_age) or self.live_age[position] != key:
+            self.live_age.insert(position, key)
+        if self.resume_key is not None and key <= self.resume_key:
+            self.resume_key = None  # a live key below it: seek from the floor again
+
+    def delete_age(self, key: bytes) -> None:
+        self.writes[key] = None
+        position = bisect.bisect_left(self.live_age, key)
+        if position < len(self.live_age) and self.live_age[position] == key:
+            del self.live_age[position]
+
+    def first_age_keys(self, count: int, read_options: ReadOptions) -> list[bytes]:
+        """The first ``count`` live age keys as the batch sees them (database shadowed by the overlay)."""
+        start = _AGE + _U64.pack(min(self.floor_ms, _NO_RECORDS - 1))
+        if self.resume_key is not None:
+            start = max(start, self.resume_key + b"\x00")
+        iterator = self.db.iter(read_options)
+        iterator.seek(start)
+        position = bisect.bisect_left(self.live_age, start)
+        found: list[bytes] = []
+        writes, live = self.writes, self.live_age
+        while len(found) < count:
+            while iterator.valid() and iterator.key() in writes:
+                iterator.next()  # deleted or rewritten in this batch: the overlay decides
+            stored = iterator.key() if iterator.valid() else None
+            added = live[position] if position < len(live) else None
+            if stored is None and added is None:
+                break
+            if added is None or (stored is not None and stored < added):
+                found.append(stored)
+                iterator.next()
+            else:
+                found.append(added)
+                position += 1
+        return found

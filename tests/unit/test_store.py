@@ -1,20 +1,27 @@
-"""Unit tests for tokenvault.store: apply semantics, idempotency, restarts and snapshots."""
+"""Unit tests for tokenvault.store: apply semantics, idempotency, restarts, layout and checkpoints."""
 
 from __future__ import annotations
 
 import json
-import sqlite3
+import os
+import threading
+from pathlib import Path
 
+import msgpack
 import pytest
+from rocksdict import AccessType, Options, Rdict
 
 from protocol import Entry, EntryKind
 from tokenvault.commands import CommandError, RotateEpochCommand, TokenizeCommand, encode_command
 from tokenvault.store import (
     PURGE_LIMIT_PER_COMMAND,
+    SCHEMA_VERSION,
+    STORE_MARKER,
     InsertOnceViolation,
     Outcome,
     SnapshotRejected,
     StoreCorruption,
+    StoreError,
     VaultStore,
 )
 
@@ -58,7 +65,7 @@ class Log:
 
 @pytest.fixture
 def store(tmp_path):
-    vault = VaultStore.open(tmp_path / "vault.db")
+    vault = VaultStore.open(tmp_path / "store")
     yield vault
     vault.close()
 
@@ -69,22 +76,158 @@ def started(store: VaultStore, log: Log) -> None:
     assert result.outcome == Outcome.OK
 
 
-def table_dump(store: VaultStore) -> dict:
-    connection = store._connection
-    return {table: connection.execute(f"SELECT * FROM {table} ORDER BY 1, 2").fetchall()
-            for table in ("tokens", "epochs", "idempotency", "meta")}
+def dump(store: VaultStore) -> list[tuple[bytes, bytes]]:
+    """Every key and value of the live database, meta included."""
+    return list(store._db.items())
 
 
-def test_fresh_store_is_empty_and_uses_wal_journal_mode(tmp_path):
-    vault = VaultStore.open(tmp_path / "vault.db")
+def listing(directory: Path) -> list[str]:
+    return sorted(entry.name for entry in directory.iterdir())
+
+
+def raw_database(directory: Path, *, read_only: bool = False, create: bool = False) -> Rdict:
+    options = Options(raw_mode=True)
+    options.create_if_missing(create)
+    if read_only:
+        return Rdict(str(directory), options, access_type=AccessType.read_only(False))
+    return Rdict(str(directory), options)
+
+
+# ------------------------------------------------------------------ layout and open
+def test_fresh_store_is_empty_and_is_a_current_pointer_and_one_generation(tmp_path):
+    vault = VaultStore.open(tmp_path / "store")
     assert (vault.applied_index, vault.applied_view, vault.active_epoch(), vault.token_count()) == (0, 0, 0, 0)
     assert vault.epochs() == []
     vault.close()
-    connection = sqlite3.connect(tmp_path / "vault.db")
-    assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    connection.close()
+    assert listing(tmp_path / "store") == ["CURRENT", "gen-000001"]
+    assert (tmp_path / "store" / "CURRENT").read_text() == "gen-000001\n"
+    assert listing(tmp_path) == ["store"]  # the building directory was renamed into place
+    meta = msgpack.unpackb(raw_database(tmp_path / "store" / "gen-000001", read_only=True)[b"m"])
+    assert meta == [STORE_MARKER, SCHEMA_VERSION, 0, 0, 0]
 
 
+def test_an_existing_empty_directory_becomes_a_store(tmp_path):
+    (tmp_path / "store").mkdir()
+    VaultStore.open(tmp_path / "store").close()
+    assert listing(tmp_path / "store") == ["CURRENT", "gen-000001"]
+
+
+def test_an_interrupted_creation_is_removed_and_redone(tmp_path):
+    building = tmp_path / "store.creating"
+    (building / "gen-000001").mkdir(parents=True)
+    (building / "gen-000001" / "000004.log").write_bytes(b"half")
+    vault = VaultStore.open(tmp_path / "store")
+    assert vault.applied_index == 0
+    vault.close()
+    assert listing(tmp_path) == ["store"]
+
+
+def test_leftovers_of_an_interrupted_install_are_removed_on_open(tmp_path):
+    path = tmp_path / "store"
+    vault = VaultStore.open(path)
+    started(vault, Log())
+    vault.close()
+    (path / "gen-000002").mkdir()
+    (path / "gen-000002" / "000009.sst").write_bytes(b"partial")
+    (path / "CURRENT.tmp").write_text("gen-000002\n")
+    (path / "gen-000000").mkdir()
+    reopened = VaultStore.open(path)
+    assert reopened.applied_index == 2 and reopened.active_epoch() == 1
+    reopened.close()
+    assert listing(path) == ["CURRENT", "gen-000001"]
+
+
+def test_a_directory_with_files_but_no_current_pointer_is_refused(tmp_path):
+    path = tmp_path / "store"
+    path.mkdir()
+    (path / "something").write_bytes(b"data")
+    with pytest.raises(StoreCorruption, match="no CURRENT"):
+        VaultStore.open(path)
+    assert listing(path) == ["something"]  # nothing was deleted
+
+
+@pytest.mark.parametrize("current", [b"gen-000002\n", b"garbage", b"gen-000001", b"../x\n", b"\xff\xfe\n"])
+def test_a_current_pointer_to_nothing_valid_is_refused(tmp_path, current):
+    path = tmp_path / "store"
+    VaultStore.open(path).close()
+    (path / "CURRENT").write_bytes(current)
+    with pytest.raises(StoreCorruption):
+        VaultStore.open(path)
+    assert (path / "gen-000001").is_dir()
+
+
+def test_a_file_in_place_of_the_store_directory_is_refused(tmp_path):
+    path = tmp_path / "vault.db"
+    path.write_bytes(b"SQLite format 3\x00" + b"\x00" * 200)
+    with pytest.raises(StoreCorruption):
+        VaultStore.open(path)
+    assert path.read_bytes().startswith(b"SQLite format 3")
+
+
+def _replace_generation_with(path: Path, build) -> None:
+    VaultStore.open(path).close()
+    generation = path / "gen-000001"
+    for entry in generation.iterdir():
+        entry.unlink()
+    generation.rmdir()
+    build(generation)
+
+
+def _foreign_raw_database(directory: Path) -> None:
+    database = raw_database(directory, create=True)
+    database[b"tokens"] = b"values"
+    database.close()
+
+
+def _foreign_rocksdict_database(directory: Path) -> None:
+    database = Rdict(str(directory))  # rocksdict's default (pickled keys and values)
+    database["tokens"] = ["values"]
+    database.close()
+
+
+def _garbage_files(directory: Path) -> None:
+    directory.mkdir()
+    for name in ("CURRENT", "MANIFEST-000001", "000004.log", "IDENTITY"):
+        (directory / name).write_bytes(os.urandom(300))
+
+
+@pytest.mark.parametrize("build", [_foreign_raw_database, _foreign_rocksdict_database, _garbage_files],
+                         ids=["raw-rocksdb", "rocksdict-default", "garbage"])
+def test_a_generation_that_is_not_a_tokenvault_store_is_refused(tmp_path, build):
+    path = tmp_path / "store"
+    _replace_generation_with(path, build)
+    with pytest.raises(StoreCorruption):
+        VaultStore.open(path)
+
+
+@pytest.mark.parametrize("meta, message", [
+    (["another-app", SCHEMA_VERSION, 0, 0, 0], "marker"),
+    ([STORE_MARKER, SCHEMA_VERSION + 1, 0, 0, 0], "schema version"),
+    ([STORE_MARKER, 1, 0, 0, 0], "schema version"),
+    ([STORE_MARKER, SCHEMA_VERSION, -1, 0, 0], "malformed"),
+    ([STORE_MARKER, SCHEMA_VERSION, 0, 0], "malformed"),
+])
+def test_the_marker_and_schema_version_are_checked_on_open(tmp_path, meta, message):
+    path = tmp_path / "store"
+    VaultStore.open(path).close()
+    database = raw_database(path / "gen-000001")
+    database[b"m"] = msgpack.packb(meta)
+    database.close()
+    with pytest.raises(StoreCorruption, match=message):
+        VaultStore.open(path)
+
+
+def test_an_extra_column_family_is_refused(tmp_path):
+    path = tmp_path / "store"
+    VaultStore.open(path).close()
+    database = raw_database(path / "gen-000001")
+    database.create_column_family("extra", Options(raw_mode=True))
+    database.close()
+    with pytest.raises(StoreCorruption, match="column families"):
+        VaultStore.open(path)
+
+
+# ------------------------------------------------------------------ apply
 def test_rotation_creates_active_epoch_and_retires_the_previous(store):
     log = Log()
     results = store.apply_batch([log.command(rotate(1)), log.command(rotate(2, at_ms=900))])
@@ -144,13 +287,15 @@ def test_existing_token_with_the_same_ciphertext_is_accepted(store):
     results = store.apply_batch([log.command(tokenize(1, [1, 2])), log.command(tokenize(1, [2, 2, 3]))])
     assert [r.outcome for r in results] == [Outcome.OK, Outcome.OK]
     assert store.token_count() == 3
+    store.apply_batch([log.command(tokenize(1, [3, 4]))])  # 3 exists in the database now
+    assert store.token_count() == 4
 
 
 def test_insert_once_violation_is_refused_and_the_batch_rolled_back(store):
     log = Log()
     started(store, log)
     store.apply_batch([log.command(tokenize(1, [1]))])
-    before = table_dump(store)
+    before = dump(store)
     applied_before = store.applied_index
     batch = [log.command(tokenize(1, [2])), log.command(tokenize(1, [1], ciphertext_prefix=b"other-"))]
     with pytest.raises(InsertOnceViolation) as raised:
@@ -158,7 +303,7 @@ def test_insert_once_violation_is_refused_and_the_batch_rolled_back(store):
     assert "ct-" not in str(raised.value) and token(1, 1) not in str(raised.value)
     assert store.lookup([token(1, 1), token(1, 2)]) == {token(1, 1): b"ct-1"}
     assert store.applied_index == applied_before
-    assert table_dump(store) == before
+    assert dump(store) == before
 
 
 def test_conflicting_pair_inside_one_command_is_refused(store):
@@ -171,8 +316,18 @@ def test_conflicting_pair_inside_one_command_is_refused(store):
     assert store.lookup([token(1, 1)]) == {}
 
 
-def test_a_batch_of_many_rows_is_stored_whole_across_every_insert_chunk_size(store):
-    # 257 + 130 + 3 rows in one batch go in as chunks of every size from 256 down to 1.
+def test_the_same_token_in_another_epoch_prefix_is_a_conflict(store):
+    # The stored value is (epoch, ciphertext): the same ciphertext under another epoch differs.
+    log = Log()
+    started(store, log)
+    store.apply_batch([log.command(tokenize(1, [1]))])
+    store.apply_batch([log.command(rotate(2))])
+    items = ((token(1, 1), b"ct-1"),)
+    with pytest.raises(InsertOnceViolation):
+        store.apply_batch([log.command(encode_command(TokenizeCommand(2, items, "p", None, None, 1)))])
+
+
+def test_a_batch_of_many_rows_and_repeats_is_stored_whole(store):
     log = Log()
     started(store, log)
     commands = [range(1, 258), range(258, 388), [388, 389, 1]]
@@ -197,6 +352,30 @@ def test_insert_once_violation_names_the_entry_that_conflicts(store):
     assert store.lookup([token(1, number) for number in (1, 2, 3, 4)]) == {}
 
 
+def test_a_failed_batch_leaves_memory_and_disk_as_if_it_never_came(tmp_path):
+    """The refused batch purged and recorded idempotency records in its overlay: none of it may stay."""
+    stores = [VaultStore.open(tmp_path / f"store-{n}", retention_ms=HOUR_MS) for n in range(2)]
+    log = Log()
+    prefix = [log.command(rotate(1))]
+    prefix += [log.command(tokenize(1, [n], key=f"old-{n}", at_ms=1_000 + n)) for n in range(20)]
+    for vault in stores:
+        vault.apply_batch(prefix)
+    failing_start = log.next_index
+    failing = [log.command(tokenize(1, [100], key="new", at_ms=2 * HOUR_MS)),
+               log.command(tokenize(1, [0], ciphertext_prefix=b"other-", at_ms=2 * HOUR_MS))]
+    with pytest.raises(InsertOnceViolation):
+        stores[0].apply_batch(failing)
+    assert dump(stores[0]) == dump(stores[1])
+    assert (stores[0].applied_index, stores[0].token_count()) == (stores[1].applied_index, stores[1].token_count())
+    # The log then carries other entries at those indexes; both stores must end identical.
+    log.next_index = failing_start
+    rest = [log.command(tokenize(1, [200 + n], key=f"later-{n}", at_ms=2 * HOUR_MS + n)) for n in range(4)]
+    assert stores[0].apply_batch(rest) == stores[1].apply_batch(rest)
+    assert dump(stores[0]) == dump(stores[1])
+    for vault in stores:
+        vault.close()
+
+
 def test_duplicate_idempotency_key_returns_the_first_response_even_after_rotation(store):
     log = Log()
     started(store, log)
@@ -211,12 +390,34 @@ def test_duplicate_idempotency_key_returns_the_first_response_even_after_rotatio
         "tokenize", b"fp-k1", 200, first.response)
 
 
+def test_a_duplicate_within_the_same_batch_sees_the_first_command(store):
+    log = Log()
+    started(store, log)
+    first, again = store.apply_batch([log.command(tokenize(1, [1], key="k")),
+                                      log.command(tokenize(1, [2], key="k"))])
+    assert (first.outcome, again.outcome) == (Outcome.OK, Outcome.DUPLICATE)
+    assert again.response == first.response
+    assert store.lookup([token(1, 2)]) == {}
+
+
 def test_idempotency_keys_are_scoped_per_principal(store):
     log = Log()
     started(store, log)
     results = store.apply_batch([log.command(tokenize(1, [1], key="same", principal="a")),
                                  log.command(tokenize(1, [2], key="same", principal="b"))])
     assert [r.outcome for r in results] == [Outcome.OK, Outcome.OK]
+
+
+def test_principal_and_key_never_run_together(store):
+    # ("ab", "c") and ("a", "bc") must be two records, also with NUL characters in them.
+    log = Log()
+    started(store, log)
+    pairs = [("ab", "c"), ("a", "bc"), ("a\x00", "b"), ("a", "\x00b")]
+    results = store.apply_batch([log.command(tokenize(1, [n], key=key, principal=principal))
+                                 for n, (principal, key) in enumerate(pairs)])
+    assert [r.outcome for r in results] == [Outcome.OK] * 4
+    for n, (principal, key) in enumerate(pairs):
+        assert json.loads(store.idempotency_get(principal, key).response)["tokens"] == [token(1, n)]
 
 
 def test_duplicate_rotation_returns_the_first_epoch(store):
@@ -236,7 +437,9 @@ def test_already_applied_indexes_are_skipped(store):
     more = [log.command(tokenize(1, [2]))]
     results = store.apply_batch(entries + more)
     assert [r.index for r in results] == [4]
+    before = dump(store)
     assert store.apply_batch(entries + more) == []
+    assert dump(store) == before
     assert store.applied_index == 4 and store.token_count() == 2
 
 
@@ -253,6 +456,7 @@ def test_a_gap_is_refused_and_nothing_applied(store):
     with pytest.raises(ValueError):
         store.apply_batch([first, log.command(tokenize(1, [1]))])
     assert store.applied_index == 0 and store.active_epoch() == 0
+    assert store.epochs() == []
 
 
 def test_a_malformed_committed_command_is_refused_and_nothing_applied(store):
@@ -263,15 +467,15 @@ def test_a_malformed_committed_command_is_refused_and_nothing_applied(store):
 
 
 def test_restart_keeps_the_state(tmp_path):
-    path = tmp_path / "vault.db"
+    path = tmp_path / "store"
     vault = VaultStore.open(path)
     log = Log(view=2)
     started(vault, log)
     vault.apply_batch([log.command(tokenize(1, [1, 2], key="k"))])
-    before = table_dump(vault)
+    before = dump(vault)
     vault.close()
     reopened = VaultStore.open(path)
-    assert table_dump(reopened) == before
+    assert dump(reopened) == before
     assert (reopened.applied_index, reopened.applied_view) == (3, 2)
     assert reopened.active_epoch() == 1 and reopened.token_count() == 2
     assert reopened.lookup([token(1, 2)]) == {token(1, 2): b"ct-2"}
@@ -279,19 +483,17 @@ def test_restart_keeps_the_state(tmp_path):
     reopened.close()
 
 
-def test_checkpoint_returns_the_durable_applied_index(tmp_path):
-    path = tmp_path / "vault.db"
-    vault = VaultStore.open(path)
+def test_checkpoint_returns_the_durable_applied_index(store):
     log = Log()
-    started(vault, log)
-    assert vault.checkpoint() == 2
-    # After a checkpoint the database file alone holds the state.
-    assert not (tmp_path / "vault.db-wal").exists() or (tmp_path / "vault.db-wal").stat().st_size == 0
-    vault.close()
+    started(store, log)
+    assert store.checkpoint() == 2
+    store.apply_batch([log.command(tokenize(1, [1])), log.noop()])
+    assert store.checkpoint() == 4
 
 
+# ------------------------------------------------------------------ idempotency expiry
 def test_expired_idempotency_records_are_purged_deterministically_with_bounded_work(tmp_path):
-    stores = [VaultStore.open(tmp_path / f"vault-{n}.db", retention_ms=HOUR_MS) for n in range(2)]
+    stores = [VaultStore.open(tmp_path / f"store-{n}", retention_ms=HOUR_MS) for n in range(2)]
     log = Log()
     entries = [log.command(rotate(1))]
     entries += [log.command(tokenize(1, [n], key=f"old-{n}", at_ms=1_000 + n)) for n in range(20)]
@@ -303,22 +505,50 @@ def test_expired_idempotency_records_are_purged_deterministically_with_bounded_w
     remaining = [n for n in range(20) if stores[0].idempotency_get("tokenizer", f"old-{n}") is not None]
     assert len(remaining) == 20 - 2 * PURGE_LIMIT_PER_COMMAND
     assert remaining == list(range(2 * PURGE_LIMIT_PER_COMMAND, 20))  # oldest first
-    assert table_dump(stores[0]) == table_dump(stores[1])
+    assert dump(stores[0]) == dump(stores[1])
     for vault in stores:
         vault.close()
 
 
+def test_purge_order_is_created_at_then_principal_then_key(tmp_path):
+    vault = VaultStore.open(tmp_path / "store", retention_ms=HOUR_MS, purge_limit_per_command=1)
+    log = Log()
+    started(vault, log)
+    # Same timestamp; (principal, key) order is ("a","k10") < ("a","k2") < ("ab","a") < ("b","a").
+    identities = [("b", "a"), ("ab", "a"), ("a", "k2"), ("a", "k10")]
+    vault.apply_batch([log.command(tokenize(1, [n], key=key, principal=principal, at_ms=5_000))
+                       for n, (principal, key) in enumerate(identities)])
+    vault.apply_batch([log.command(tokenize(1, [9], key="young", principal="z", at_ms=4_000))])
+    gone = []
+    for step in range(5):
+        vault.apply_batch([log.command(tokenize(1, [10 + step], at_ms=HOUR_MS + 5_001))])
+        gone.append([identity for identity in identities + [("z", "young")]
+                     if vault.idempotency_get(*identity) is None])
+    assert gone == [[("z", "young")],
+                    [("a", "k10"), ("z", "young")],
+                    [("a", "k2"), ("a", "k10"), ("z", "young")],
+                    [("ab", "a"), ("a", "k2"), ("a", "k10"), ("z", "young")],
+                    [("b", "a"), ("ab", "a"), ("a", "k2"), ("a", "k10"), ("z", "young")]]
+    vault.close()
+
+
 def test_the_purge_runs_only_when_a_record_can_have_expired_and_resumes_after_a_reopen(tmp_path):
-    path = tmp_path / "vault.db"
+    path = tmp_path / "store"
     vault = VaultStore.open(path, retention_ms=HOUR_MS)
     log = Log()
     started(vault, log)
-    purges: list[str] = []
+    purges: list[int] = []
 
-    def watch(connection):
-        connection.set_trace_callback(lambda sql: purges.append(sql) if "DELETE FROM idempotency" in sql else None)
+    def watch(store: VaultStore) -> None:
+        purge = store._purge
 
-    watch(vault._connection)
+        def counted(expired_before_ms, batch):
+            purges.append(expired_before_ms)
+            return purge(expired_before_ms, batch)
+
+        store._purge = counted
+
+    watch(vault)
     vault.apply_batch([log.command(tokenize(1, [n], key=f"k{n}", at_ms=1_000 + n)) for n in range(6)])
     vault.apply_batch([log.command(tokenize(1, [10], at_ms=HOUR_MS + 1_000))])  # nothing has expired yet
     assert purges == []
@@ -326,20 +556,44 @@ def test_the_purge_runs_only_when_a_record_can_have_expired_and_resumes_after_a_
     # Reopened, the store knows the oldest record again, so the purge runs once
     # records expire (here the three oldest).
     vault = VaultStore.open(path, retention_ms=HOUR_MS)
-    watch(vault._connection)
+    watch(vault)
     vault.apply_batch([log.command(tokenize(1, [11], at_ms=HOUR_MS + 1_003))])
     assert len(purges) == 1
     assert [vault.idempotency_get("tokenizer", f"k{n}") is None for n in range(6)] == [True] * 3 + [False] * 3
     vault.apply_batch([log.command(tokenize(1, [12], at_ms=3 * HOUR_MS))])
     assert all(vault.idempotency_get("tokenizer", f"k{n}") is None for n in range(6))
     purges.clear()
-    vault.apply_batch([log.command(tokenize(1, [13], at_ms=3 * HOUR_MS + 1))])  # the table is empty now
+    vault.apply_batch([log.command(tokenize(1, [13], at_ms=3 * HOUR_MS + 1))])  # the index is empty now
     assert purges == []
+    assert list(vault._db.keys(from_key=b"a")) == [key for key in vault._db.keys() if key >= b"a"]
+    assert not [key for key in vault._db.keys() if key[:1] in (b"a", b"i")]
     vault.close()
 
 
+def test_a_record_older_than_the_purge_position_is_still_purged_in_order(tmp_path):
+    """A command stamped earlier than records already purged (a primary with a slower clock) adds a
+    record below the purge's resume point; the next purge must still find it first."""
+    stores = [VaultStore.open(tmp_path / f"store-{n}", retention_ms=HOUR_MS, purge_limit_per_command=1)
+              for n in range(2)]
+    log = Log()
+    entries = [log.command(rotate(1))]
+    entries += [log.command(tokenize(1, [n], key=f"k{n}", at_ms=10_000 + n)) for n in range(4)]
+    entries += [log.command(tokenize(1, [10], at_ms=HOUR_MS + 10_002))]  # purges k0
+    entries += [log.command(tokenize(1, [11], key="late", at_ms=5_000))]  # below the purged k0
+    entries += [log.command(tokenize(1, [12 + n], at_ms=HOUR_MS + 10_002)) for n in range(2)]
+    stores[0].apply_batch(entries)
+    for entry in entries:
+        stores[1].apply_batch([entry])
+    for vault in stores:
+        assert vault.idempotency_get("tokenizer", "late") is None
+        assert [vault.idempotency_get("tokenizer", f"k{n}") is None for n in range(4)] == [True, True, False, False]
+    assert dump(stores[0]) == dump(stores[1])
+    for vault in stores:
+        vault.close()
+
+
 def test_an_expired_key_is_reusable_and_a_live_one_is_not(tmp_path):
-    vault = VaultStore.open(tmp_path / "vault.db", retention_ms=HOUR_MS)
+    vault = VaultStore.open(tmp_path / "store", retention_ms=HOUR_MS)
     log = Log()
     started(vault, log)
     vault.apply_batch([log.command(tokenize(1, [1], key="k", at_ms=1_000))])
@@ -352,7 +606,7 @@ def test_an_expired_key_is_reusable_and_a_live_one_is_not(tmp_path):
     vault.close()
 
 
-def test_lookup_handles_many_tokens_in_chunks_and_repeats(store):
+def test_lookup_handles_many_tokens_and_repeats(store):
     log = Log()
     started(store, log)
     store.apply_batch([log.command(tokenize(1, range(1200)))])
@@ -360,140 +614,257 @@ def test_lookup_handles_many_tokens_in_chunks_and_repeats(store):
     found = store.lookup(wanted)
     assert len(found) == 1200
     assert found[token(1, 1199)] == b"ct-1199" and token(1, 1250) not in found
+    assert store.lookup([]) == {}
 
 
-def test_snapshot_round_trip_replaces_the_whole_state(tmp_path):
-    source = VaultStore.open(tmp_path / "source.db")
-    log = Log(view=3)
+# ------------------------------------------------------------------ checkpoints and installs
+def _source_with_state(path: Path, view: int = 3) -> tuple[VaultStore, Log]:
+    source = VaultStore.open(path)
+    log = Log(view=view)
     started(source, log)
     source.apply_batch([log.command(tokenize(1, [1, 2], key="k")), log.command(rotate(2))])
-    index, view, image = source.snapshot_bytes()
-    assert (index, view) == (4, 3)
-    target = VaultStore.open(tmp_path / "target.db")
+    return source, log
+
+
+def test_checkpoint_install_round_trip_replaces_the_whole_state_and_survives_a_reopen(tmp_path):
+    source, log = _source_with_state(tmp_path / "source")
+    assert source.create_checkpoint(tmp_path / "checkpoint") == (4, 3)
+    target = VaultStore.open(tmp_path / "target")
     other_log = Log()
     started(target, other_log)
     target.apply_batch([other_log.command(tokenize(1, [50]))])
-    target.install_snapshot(image, index, view)
-    assert table_dump(target) == table_dump(source)
-    assert (target.applied_index, target.applied_view, target.active_epoch()) == (4, 3, 2)
+    prepared = target.prepare_install(tmp_path / "checkpoint", 4, 3)
+    assert not (tmp_path / "checkpoint").exists()
+    assert prepared.directory == tmp_path / "target" / "gen-000002"
+    assert target.applied_index == 3  # not live before the commit
+    assert (tmp_path / "target" / "CURRENT").read_text() == "gen-000001\n"
+    retired = target.commit_install(prepared)
+    assert (tmp_path / "target" / "CURRENT").read_text() == "gen-000002\n"
+    assert dump(target) == dump(source)
+    assert (target.applied_index, target.applied_view, target.active_epoch(), target.token_count()) == (4, 3, 2, 2)
+    assert target.checkpoint() == 4
     assert target.lookup([token(1, 50)]) == {}
+    retired.close()
+    retired.close()  # closing twice is harmless
+    assert listing(tmp_path / "target") == ["CURRENT", "gen-000002"]
     (result,) = target.apply_batch([log.command(tokenize(2, [9]))])
     assert result.outcome == Outcome.OK
     target.close()
-    reopened = VaultStore.open(tmp_path / "target.db")
+    reopened = VaultStore.open(tmp_path / "target")
     assert reopened.applied_index == 5 and reopened.lookup([token(2, 9)]) == {token(2, 9): b"ct-9"}
+    assert reopened.idempotency_get("tokenizer", "k").status == 200
     reopened.close()
     source.close()
 
 
-def _foreign_database_image(tmp_path) -> bytes:
-    path = tmp_path / "foreign.db"
-    connection = sqlite3.connect(path)
-    connection.execute("CREATE TABLE tokens (token TEXT, value TEXT)")
-    connection.commit()
-    connection.close()
-    return path.read_bytes()
+def test_a_second_install_goes_to_the_next_generation(tmp_path):
+    source, log = _source_with_state(tmp_path / "source")
+    target = VaultStore.open(tmp_path / "target")
+    for round_number in range(2):
+        index, view = source.create_checkpoint(tmp_path / f"checkpoint-{round_number}")
+        target.commit_install(target.prepare_install(tmp_path / f"checkpoint-{round_number}", index, view)).close()
+        assert listing(tmp_path / "target") == ["CURRENT", f"gen-00000{round_number + 2}"]
+        source.apply_batch([log.command(tokenize(2, [round_number + 10]))])
+    assert target.applied_index == source.applied_index - 1
+    target.close()
+    source.close()
 
 
-def _image_with_trigger(tmp_path, image: bytes) -> bytes:
-    path = tmp_path / "with-trigger.db"
-    path.write_bytes(image)
-    connection = sqlite3.connect(path)
-    connection.execute("CREATE TRIGGER t AFTER INSERT ON tokens BEGIN DELETE FROM epochs; END")
-    connection.commit()
-    connection.close()
-    return path.read_bytes()
+def test_an_aborted_install_leaves_the_store_untouched(tmp_path):
+    source, _ = _source_with_state(tmp_path / "source")
+    source.create_checkpoint(tmp_path / "checkpoint")
+    target = VaultStore.open(tmp_path / "target")
+    started(target, Log())
+    before = dump(target)
+    prepared = target.prepare_install(tmp_path / "checkpoint", 4, 3)
+    target.abort_install(prepared)
+    assert listing(tmp_path / "target") == ["CURRENT", "gen-000001"]
+    assert dump(target) == before and target.applied_index == 2
+    with pytest.raises(StoreError):
+        target.commit_install(prepared)
+    target.close()
+    source.close()
 
 
-def test_garbage_and_foreign_snapshot_images_are_rejected_and_change_nothing(tmp_path, store):
-    log = Log()
-    started(store, log)
-    store.apply_batch([log.command(tokenize(1, [1]))])
-    before = table_dump(store)
-    index, view, image = store.snapshot_bytes()
-    half_image = image[: len(image) // 2]
-    damaged = bytearray(image)
-    page_bytes = int.from_bytes(image[16:18], "big")
-    damaged[page_bytes:page_bytes + 12] = b"\xff" * 12  # the b-tree header of page 2
-    candidates = [
-        (b"", index, view),
-        (b"garbage" * 1000, index, view),
-        (half_image, index, view),
-        (bytes(damaged), index, view),
-        (_foreign_database_image(tmp_path), index, view),
-        (_image_with_trigger(tmp_path, image), index, view),
-        (image, index + 1, view),  # not at the announced position
-        (image, index, view + 1),
-    ]
-    for data, at_index, at_view in candidates:
-        with pytest.raises(SnapshotRejected):
-            store.install_snapshot(data, at_index, at_view)
-        assert table_dump(store) == before
-    assert store.lookup([token(1, 1)]) == {token(1, 1): b"ct-1"}
-
-
-def test_opening_a_foreign_database_is_refused(tmp_path):
-    path = tmp_path / "foreign.db"
-    path.write_bytes(_foreign_database_image(tmp_path))
-    with pytest.raises(StoreCorruption):
-        VaultStore.open(path)
-
-
-def test_opening_a_garbage_file_is_refused(tmp_path):
-    path = tmp_path / "garbage.db"
-    path.write_bytes(b"not a database at all" * 200)
-    with pytest.raises(StoreCorruption):
-        VaultStore.open(path)
-
-
-def test_a_leftover_of_an_interrupted_install_is_removed_on_open(tmp_path):
-    VaultStore.open(tmp_path / "vault.db").close()
-    leftover = tmp_path / "vault.db.install"
-    leftover.write_bytes(b"partial image")
-    VaultStore.open(tmp_path / "vault.db").close()
-    assert not leftover.exists()
-
-
-def test_uncommitted_batches_are_lost_in_a_crash_and_a_replay_restores_them(tmp_path):
-    """Applied batches are committed together; a crash loses only the uncommitted tail, with its applied index."""
-    path = tmp_path / "vault.db"
-    vault = VaultStore.open(path)
-    vault.commit_interval_seconds = 3600.0  # only an explicit flush commits in this test
-    log = Log()
-    started(vault, log)
-    vault.flush()
-    committed = table_dump(vault)
-    later = [log.command(tokenize(1, [7, 8])), log.command(tokenize(1, [9], key="k"))]
-    vault.apply_batch(later)
-    # The same connection reads its own uncommitted rows.
-    assert vault.lookup([token(1, 7), token(1, 9)]) == {token(1, 7): b"ct-7", token(1, 9): b"ct-9"}
-    assert vault.idempotency_get("tokenizer", "k") is not None and vault.applied_index == 4
-    # A second connection sees only what was committed: what a crash would leave on disk.
-    on_disk = sqlite3.connect(path)
-    assert on_disk.execute("SELECT applied_index FROM meta").fetchone()[0] == 2
-    assert on_disk.execute("SELECT count(*) FROM tokens").fetchone()[0] == 0
-    on_disk.close()
-    vault._connection.close()  # crash: the open transaction is never committed
-    reopened = VaultStore.open(path)
-    assert table_dump(reopened) == committed and reopened.applied_index == 2
-    reopened.apply_batch(later)  # the node replays the log above the applied index
-    assert reopened.lookup([token(1, 8)]) == {token(1, 8): b"ct-8"} and reopened.applied_index == 4
+def test_only_one_install_is_prepared_at_a_time_and_close_drops_it(tmp_path):
+    source, _ = _source_with_state(tmp_path / "source")
+    source.create_checkpoint(tmp_path / "one")
+    source.create_checkpoint(tmp_path / "two")
+    target = VaultStore.open(tmp_path / "target")
+    target.prepare_install(tmp_path / "one", 4, 3)
+    with pytest.raises(StoreError, match="another install"):
+        target.prepare_install(tmp_path / "two", 4, 3)
+    assert (tmp_path / "two").is_dir()
+    target.close()  # with the install still prepared
+    reopened = VaultStore.open(tmp_path / "target")
+    assert reopened.applied_index == 0
+    assert listing(tmp_path / "target") == ["CURRENT", "gen-000001"]
     reopened.close()
+    source.close()
 
 
-def test_flush_commits_on_rows_and_on_time(tmp_path):
-    vault = VaultStore.open(tmp_path / "vault.db")
+def test_create_checkpoint_refuses_an_existing_directory_and_a_closed_store(tmp_path):
+    vault = VaultStore.open(tmp_path / "store")
+    (tmp_path / "exists").mkdir()
+    with pytest.raises(FileExistsError):
+        vault.create_checkpoint(tmp_path / "exists")
+    vault.close()
+    with pytest.raises(StoreError):
+        vault.create_checkpoint(tmp_path / "after-close")
+
+
+def test_a_checkpoint_taken_while_another_thread_applies_is_consistent_with_its_index(tmp_path):
+    """Production shape: the apply thread keeps writing while a worker thread takes checkpoints."""
+    vault = VaultStore.open(tmp_path / "store")
     log = Log()
     started(vault, log)
-    vault.commit_interval_seconds = 0.0
-    vault.flush_if_due()
-    assert not vault._connection.in_transaction
-    vault.commit_interval_seconds = 3600.0
-    vault.commit_rows = 3
-    vault.apply_batch([log.command(tokenize(1, [1]))])
-    assert vault._connection.in_transaction
-    vault.flush_if_due()
-    assert vault._connection.in_transaction  # not due yet
-    vault.apply_batch([log.command(tokenize(1, [2, 3]))])
-    assert not vault._connection.in_transaction  # enough rows: committed
+    tokens_per_entry = 25
+    taken: list[tuple[Path, int, int]] = []
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def checkpoints() -> None:
+        try:
+            for number in range(6):
+                directory = tmp_path / f"checkpoint-{number}"
+                index, view = vault.create_checkpoint(directory)
+                taken.append((directory, index, view))
+        except BaseException as error:  # reported by the main thread
+            errors.append(error)
+        finally:
+            done.set()
+
+    worker = threading.Thread(target=checkpoints)
+    worker.start()
+    batches = 0
+    while not done.is_set() and batches < 20_000:
+        first = log.next_index - 2
+        vault.apply_batch([log.command(tokenize(1, range(first * tokens_per_entry, (first + 1) * tokens_per_entry)))])
+        batches += 1
+    worker.join(timeout=30)
+    assert not worker.is_alive() and errors == []
+    assert len(taken) == 6
+    assert taken[-1][1] > taken[0][1] or batches < 2  # applies went on between checkpoints
+    for directory, index, view in taken:
+        VaultStore.verify_checkpoint(directory, index, view)
+        copy = raw_database(directory, read_only=True)
+        stored = sum(1 for key in copy.keys(from_key=b"t") if key[:1] == b"t")
+        meta = msgpack.unpackb(copy[b"m"])
+        expected = (index - 2) * tokens_per_entry
+        assert (meta[2], meta[4], stored) == (index, expected, expected)
+        copy.close()
     vault.close()
+
+
+def _checkpoint_of(tmp_path: Path, name: str) -> tuple[Path, int, int]:
+    source, _ = _source_with_state(tmp_path / f"source-{name}")
+    directory = tmp_path / f"checkpoint-{name}"
+    index, view = source.create_checkpoint(directory)
+    source.close()
+    return directory, index, view
+
+
+def _rewrite_meta(directory: Path, change) -> None:
+    database = raw_database(directory)
+    meta = msgpack.unpackb(database[b"m"])
+    database[b"m"] = msgpack.packb(change(meta))
+    database.close()
+
+
+def _put(directory: Path, key: bytes, value: bytes) -> None:
+    database = raw_database(directory)
+    database[key] = value
+    database.close()
+
+
+def _damage_table_files(directory: Path) -> None:
+    for table in directory.glob("*.sst"):
+        data = bytearray(table.read_bytes())
+        for offset in range(10, min(len(data), 400), 7):
+            data[offset] ^= 0x5A
+        table.unlink()  # the checkpoint hard-links the source's files: never write through the link
+        table.write_bytes(bytes(data))
+
+
+def _truncate_table_files(directory: Path) -> None:
+    for table in directory.glob("*.sst"):
+        data = table.read_bytes()
+        table.unlink()
+        table.write_bytes(data[: len(data) // 2])
+
+
+def _damaged_checkpoints(tmp_path: Path):
+    """(name, directory, index, view) of checkpoints that must be refused."""
+
+    def made(name, change=None, *, index_delta=0, view_delta=0):
+        directory, index, view = _checkpoint_of(tmp_path, name)
+        if change is not None:
+            change(directory)
+        return name, directory, index + index_delta, view + view_delta
+
+    yield made("wrong-index", index_delta=1)
+    yield made("wrong-view", view_delta=1)
+    yield made("marker", lambda d: _rewrite_meta(d, lambda m: ["other", *m[1:]]))
+    yield made("schema", lambda d: _rewrite_meta(d, lambda m: [m[0], SCHEMA_VERSION + 1, *m[2:]]))
+    yield made("count-too-high", lambda d: _rewrite_meta(d, lambda m: [*m[:4], 10**9]))
+    yield made("count-zero-with-tokens", lambda d: _rewrite_meta(d, lambda m: [*m[:4], 0]))
+    yield made("two-active-epochs", lambda d: _put(d, b"e" + (1).to_bytes(8, "big"),
+                                                   msgpack.packb([b"w", 1, "active"])))
+    yield made("epoch-gap", lambda d: _put(d, b"e" + (7).to_bytes(8, "big"), msgpack.packb([b"w", 1, "retired"])))
+    yield made("epoch-garbage", lambda d: _put(d, b"e" + (3).to_bytes(8, "big"), b"\xc1"))
+    yield made("meta-garbage", lambda d: _put(d, b"m", b"\xc1\xc1"))
+    yield made("config", lambda d: (d / "rocksdict-config.json").write_text('{"raw_mode": false}'))
+    yield made("extra-family", lambda d: raw_database(d).create_column_family("x", Options(raw_mode=True)).close())
+    yield made("damaged-tables", _damage_table_files)
+    yield made("truncated-tables", _truncate_table_files)
+    yield made("no-current", lambda d: (d / "CURRENT").unlink())
+    foreign = tmp_path / "foreign-raw"
+    _foreign_raw_database(foreign)
+    yield "foreign-raw", foreign, 4, 3
+    foreign_default = tmp_path / "foreign-default"
+    _foreign_rocksdict_database(foreign_default)
+    yield "foreign-rocksdict", foreign_default, 4, 3
+    garbage = tmp_path / "garbage"
+    _garbage_files(garbage)
+    yield "garbage", garbage, 4, 3
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    yield "empty", empty, 4, 3
+    yield "missing", tmp_path / "missing", 4, 3
+    plain_file = tmp_path / "plain-file"
+    plain_file.write_bytes(b"not a directory")
+    yield "plain-file", plain_file, 4, 3
+
+
+def test_verify_and_prepare_install_reject_damaged_and_foreign_checkpoints_and_change_nothing(tmp_path):
+    store_path = tmp_path / "store"
+    vault = VaultStore.open(store_path)
+    log = Log()
+    started(vault, log)
+    vault.apply_batch([log.command(tokenize(1, [1]))])
+    before = dump(vault)
+    rejected = []
+    for name, directory, index, view in _damaged_checkpoints(tmp_path):
+        with pytest.raises(SnapshotRejected) as raised:
+            VaultStore.verify_checkpoint(directory, index, view)
+        assert "Traceback" not in str(raised.value) and "ct-1" not in str(raised.value)
+        with pytest.raises(SnapshotRejected):
+            vault.prepare_install(directory, index, view)
+        assert dump(vault) == before, name
+        assert listing(store_path) == ["CURRENT", "gen-000001"], name
+        rejected.append(name)
+    assert len(rejected) == 21
+    assert vault.lookup([token(1, 1)]) == {token(1, 1): b"ct-1"}
+    # The store still installs a good checkpoint afterwards.
+    directory, index, view = _checkpoint_of(tmp_path, "good")
+    vault.commit_install(vault.prepare_install(directory, index, view)).close()
+    assert vault.applied_index == index
+    vault.close()
+
+
+def test_verify_rejects_index_and_view_that_are_not_integers(tmp_path):
+    directory, index, view = _checkpoint_of(tmp_path, "typed")
+    for bad_index, bad_view in [(str(index), view), (index, float(view)), (True, view), (-1, view)]:
+        with pytest.raises(SnapshotRejected):
+            VaultStore.verify_checkpoint(directory, bad_index, bad_view)
+    VaultStore.verify_checkpoint(directory, index, view)

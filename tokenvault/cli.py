@@ -7,8 +7,12 @@ supplies the node URLs and the right key from a `cluster.json` written by
 `run_cluster.sh`. Several URLs are tried in turn, so commands keep working while
 a node is down.
 
+`admin backup` downloads a verified backup of one node's store; `admin restore`
+fills an empty node data directory from one (tokenvault.backup).
+
 Exit codes: 0 success, 1 the service answered with an error (its problem+json
-title and detail are shown), 2 usage or configuration error, 3 no node reachable.
+title and detail are shown) or a backup was refused, 2 usage or configuration
+error, 3 no node reachable.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import os
 import sys
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -168,7 +173,7 @@ def serve(config_path: str) -> None:
 
 @tokenvault.group()
 def admin() -> None:
-    """Administer a running cluster (status, epochs)."""
+    """Administer a cluster (status, epochs, backup and restore)."""
 
 
 async def _status(connection: Connection) -> tuple[list[tuple[str, dict[str, Any] | None, str]], Any]:
@@ -236,6 +241,72 @@ def _print_cluster_view(console: Console, cluster: Any) -> None:
     for node in nodes:
         table.add_row(*(_cell(node.get(column)) for column in columns))
     console.print(table)
+
+
+@admin.command("backup")
+@connection_options("admin")
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), metavar="FILE",
+              help="Where to write the backup (first as FILE.partial, renamed once verified).")
+@click.option("--prefer", type=click.Choice(["primary", "backup", "any"]), default="primary", show_default=True,
+              help="Which node to take it from: the primary has everything acknowledged; a backup node "
+                   "spares the primary but may be a little behind; any takes the URLs in order.")
+@click.option("--read-timeout", "read_timeout_seconds", type=click.FloatRange(1, 3600), default=60.0,
+              show_default=True, help="Give up when the stream stalls for this many seconds.")
+@click.option("--force", is_flag=True, help="Overwrite FILE if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def admin_backup(connection: Connection, out_path: str, prefer: str, read_timeout_seconds: float, force: bool,
+                 as_json: bool) -> None:
+    """Download a consistent backup of one node's store while the cluster keeps serving.
+
+    The stream is checked whole (manifest, every file's SHA-256, trailer) before FILE appears.
+    """
+    from tokenvault.backup import BackupError, download_backup
+
+    report = (lambda message: None) if as_json else (lambda message: click.echo(message, err=True))
+    try:
+        result = _run(download_backup(connection.urls, connection.api_key, Path(out_path), prefer=prefer,
+                                      timeout_seconds=connection.timeout_seconds,
+                                      retry_seconds=connection.retry_seconds,
+                                      read_timeout_seconds=read_timeout_seconds, overwrite=force, report=report))
+    except BackupError as error:
+        _fail(str(error), EXIT_SERVICE_ERROR)
+    document = {"file": str(result.path), "node_id": result.node_id, "role": result.role, "url": result.url,
+                "index": result.index, "view": result.view, "bytes": result.size_bytes,
+                "token_count": result.token_count, "seconds": round(result.seconds, 3)}
+    if as_json:
+        click.echo(json.dumps(document))
+        return
+    tokens = "" if result.token_count is None else f", {result.token_count} tokens"
+    click.echo(f"backup of {result.node_id} ({result.role}) at index {result.index}, view {result.view}: "
+               f"{result.size_bytes} bytes{tokens} in {result.seconds:.1f} s, verified -> {result.path}")
+
+
+@admin.command("restore")
+@click.option("--backup", "backup_path", required=True, type=click.Path(dir_okay=False), metavar="FILE",
+              help="A backup written by 'tokenvault admin backup'.")
+@click.option("--config", "config_path", required=True, type=click.Path(exists=True, dir_okay=False),
+              metavar="NODE_TOML", help="The config of the node whose (empty) data directory to fill.")
+def admin_restore(backup_path: str, config_path: str) -> None:
+    """Fill one node's empty data directory from a backup (offline: the node must not run).
+
+    Verifies the whole backup and that the node's master key opens it, installs the store and starts
+    the replication log after the backup's index. Restore every node of a new cluster this way (or use
+    './run_cluster.sh restore FILE'), then start them.
+    """
+    from tokenvault.backup import BackupError, restore_data_dir
+    from tokenvault.config import ConfigError, load_config
+
+    try:
+        config = load_config(config_path)
+    except ConfigError as error:
+        _fail(str(error), EXIT_USAGE)
+    try:
+        restored = restore_data_dir(Path(backup_path), config)
+    except BackupError as error:
+        _fail(str(error), EXIT_SERVICE_ERROR)
+    click.echo(f"restored {restored.node_id} into {restored.data_dir}: index {restored.index}, view "
+               f"{restored.view}, {restored.epochs} epoch(s); start it with 'tokenvault serve --config "
+               f"{config_path}'")
 
 
 @admin.group()

@@ -13,8 +13,9 @@ and data. Layout under $TOKENVAULT_CLUSTER_DIR (default ./.cluster):
 
 The functions here are usable programmatically (integration tests drive a
 cluster through init_cluster, start_cluster, cluster_status, kill_node,
-restart_node and stop_cluster); none of them uses asyncio, so they can be called
-from sync or async code alike.
+restart_node and stop_cluster; restore_cluster builds a new cluster from a
+backup); none of them uses asyncio, so they can be called from sync or async
+code alike.
 
 The cluster's description (the spec types, the environment knobs, the
 generation and reading of the directory's files) is in tokenvault.cluster_spec;
@@ -41,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tokenvault.crypto import CryptoError, MasterKey
 from tokenvault.cluster_spec import (ALLOWED_NODE_COUNTS, API_KEY_SCOPES, CLUSTER_FILE_NAME, DEFAULT_BASE_PORT,
                                      DEFAULT_NODE_COUNT, ENVIRONMENT_KNOBS, HOST, ApiKeyInfo, ClusterError,
                                      ClusterSpec, NodeSettings, NodeSpec, _generate, _write_private_file,
@@ -94,12 +96,13 @@ class NodeStatus:
 
 def init_cluster(directory: Path | str, nodes: int = DEFAULT_NODE_COUNT, base_port: int = DEFAULT_BASE_PORT, *,
                  ports: Sequence[tuple[int, int]] | None = None, settings: NodeSettings | None = None,
-                 ) -> tuple[ClusterSpec, bool]:
+                 master_key: MasterKey | None = None) -> tuple[ClusterSpec, bool]:
     """Generate the cluster directory if it has no cluster.json yet; return (spec, created).
 
     An existing cluster is returned unchanged (same keys and data) as long as it
     has `nodes` nodes. `ports` overrides the contract's port numbering, e.g. with
-    free ephemeral ports in tests.
+    free ephemeral ports in tests. `master_key` is used instead of a new one
+    (restore_cluster passes the key of the cluster a backup came from).
     """
     directory = Path(directory).expanduser().absolute()
     if nodes not in ALLOWED_NODE_COUNTS:
@@ -117,7 +120,7 @@ def init_cluster(directory: Path | str, nodes: int = DEFAULT_NODE_COUNT, base_po
                 f"cluster directory); remove it or set TOKENVAULT_CLUSTER_DIR to another directory")
         planned = plan_nodes(directory, nodes, ports if ports is not None else contract_ports(nodes, base_port))
         try:
-            return _generate(directory, planned, settings or NodeSettings()), True
+            return _generate(directory, planned, settings or NodeSettings(), master_key), True
         except BaseException:
             for entry in directory.iterdir():
                 if entry.name != LOCK_FILE_NAME:
@@ -491,6 +494,65 @@ def restart_node(directory: Path | str, node_id: str, timeout_seconds: float = D
                      lambda statuses: statuses[0].health is not None, f"{node_id} to answer /health")
     return statuses[0]
 
+
+# ---------------------------------------------------------------- restore from a backup
+
+
+def default_master_key_file() -> Path:
+    """Where the dev cluster keeps its master key: ./.cluster/master.key (whatever TOKENVAULT_CLUSTER_DIR
+    says, since that names the new cluster when restoring)."""
+    return default_cluster_directory({}) / "master.key"
+
+
+def restore_cluster(directory: Path | str, backup_file: Path | str, master_key_file: Path | str,
+                    nodes: int = DEFAULT_NODE_COUNT, base_port: int = DEFAULT_BASE_PORT, *,
+                    ports: Sequence[tuple[int, int]] | None = None, settings: NodeSettings | None = None,
+                    timeout_seconds: float = DEFAULT_START_TIMEOUT_SECONDS,
+                    report: Report = _silent) -> tuple[ClusterSpec, list[NodeStatus]]:
+    """Build a new cluster in `directory` (which must not exist) from a backup, and start it.
+
+    The backup is verified whole first, and the master key (the one of the
+    cluster the backup came from) must open every epoch in it; only then is the
+    directory generated, with new API keys and cluster secret, as `start` does,
+    and every node's data directory filled from the backup. If anything fails
+    before the nodes start, the directory is removed again.
+    """
+    from tokenvault.backup import BackupError, install_staged, staged_backup
+    from tokenvault.config import ConfigError, load_config
+
+    directory = Path(directory).expanduser().absolute()
+    if directory.exists() or directory.is_symlink():
+        raise ClusterError(f"{directory} exists already: a restore builds a new cluster directory; set "
+                           f"TOKENVAULT_CLUSTER_DIR to a path that does not exist yet")
+    if nodes not in ALLOWED_NODE_COUNTS:
+        raise ClusterError("--nodes must be 1, 3 or 5")
+    master_key_path = Path(master_key_file).expanduser().absolute()
+    if not master_key_path.exists():
+        raise ClusterError(f"no master key file at {master_key_path}: pass --master-key-file PATH, the "
+                           f"master.key of the cluster the backup was taken from")
+    try:
+        master_key = MasterKey.from_file(master_key_path)
+    except CryptoError as error:
+        raise ClusterError(f"cannot use {master_key_path} as the master key: {error}") from None
+    if not directory.parent.is_dir():
+        raise ClusterError(f"directory {directory.parent} does not exist")
+    try:
+        with staged_backup(Path(backup_file), directory.parent) as staged:
+            report(f"backup {backup_file} verified: index {staged.index}, view {staged.view}")
+            spec, _ = init_cluster(directory, nodes, base_port, ports=ports, settings=settings,
+                                   master_key=master_key)
+            try:
+                for position, node in enumerate(spec.nodes):
+                    install_staged(staged, load_config(node.config), master_key,
+                                   consume=position == len(spec.nodes) - 1)
+                    report(f"{node.node_id}: data directory restored")
+            except BaseException:
+                shutil.rmtree(directory, ignore_errors=True)
+                raise
+    except (BackupError, ConfigError) as error:
+        raise ClusterError(str(error)) from None
+    report(f"generated a {len(spec.nodes)}-node cluster in {directory} with the backup's master key")
+    return start_cluster(directory, timeout_seconds=timeout_seconds, report=report)
 
 
 if __name__ == "__main__":

@@ -162,6 +162,30 @@ def logs(node_id: str, follow: bool) -> None:
 
 
 @run_cluster.command()
+@click.argument("backup_file", type=click.Path(dir_okay=False))
+@click.option("--master-key-file", type=click.Path(dir_okay=False), default=None, metavar="PATH",
+              help="The master.key of the cluster the backup was taken from (default: ./.cluster/master.key).")
+@click.option("--nodes", type=click.Choice(["1", "3", "5"]), default="3", show_default=True,
+              help="Number of nodes of the new cluster.")
+@click.option("--timeout-seconds", type=click.FloatRange(1, 3600), envvar="TOKENVAULT_START_TIMEOUT_S",
+              default=cluster.DEFAULT_START_TIMEOUT_SECONDS, show_default=True, show_envvar=True,
+              help="How long to wait for a primary.")
+@_handle_errors
+def restore(backup_file: str, master_key_file: str | None, nodes: str, timeout_seconds: float) -> None:
+    """Build a NEW cluster in $TOKENVAULT_CLUSTER_DIR (which must not exist) from BACKUP_FILE and start it.
+
+    Same master key as the backed-up cluster, new API keys and cluster secret; every node starts from
+    the backup, so every token issued before it detokenizes. A truncated or altered backup is refused.
+    """
+    directory = cluster.default_cluster_directory()
+    spec, statuses = cluster.restore_cluster(
+        directory, backup_file, master_key_file or cluster.default_master_key_file(), int(nodes),
+        cluster.base_port_from_environment(), settings=cluster.settings_from_environment(),
+        timeout_seconds=timeout_seconds, report=_echo)
+    _print_started(spec, statuses)
+
+
+@run_cluster.command()
 @_handle_errors
 def demo() -> None:
     """Narrated live demo against the running cluster: concurrency, failover, recovery, epoch rotation."""

@@ -187,7 +187,9 @@ def settings_from_environment(environ: Mapping[str, str] | None = None) -> NodeS
                         compact_every_entries=_environment_integer(
                             environment, "TOKENVAULT_COMPACT_EVERY_ENTRIES", wal_defaults.compact_every_entries),
                         compact_keep_entries=_environment_integer(
-                            environment, "TOKENVAULT_COMPACT_KEEP_ENTRIES", wal_defaults.compact_keep_entries))
+                            environment, "TOKENVAULT_COMPACT_KEEP_ENTRIES", wal_defaults.compact_keep_entries),
+                        snapshot_chunk_bytes=_environment_integer(
+                            environment, "TOKENVAULT_SNAPSHOT_CHUNK_BYTES", wal_defaults.snapshot_chunk_bytes))
         log_level = environment.get("TOKENVAULT_LOG_LEVEL", "").strip().lower() or "info"
         if log_level not in ("debug", "info", "warning", "error"):
             raise ClusterError("TOKENVAULT_LOG_LEVEL must be debug, info, warning or error")
@@ -240,11 +242,14 @@ def _node_config(spec: ClusterSpec, node: NodeSpec, settings: NodeSettings) -> N
         timing=settings.timing, wal=settings.wal, sealer=settings.sealer)
 
 
-def _generate(directory: Path, nodes: tuple[NodeSpec, ...], settings: NodeSettings) -> ClusterSpec:
+def _generate(directory: Path, nodes: tuple[NodeSpec, ...], settings: NodeSettings,
+              master_key: MasterKey | None = None) -> ClusterSpec:
+    """Write a new cluster's secrets, configs and cluster.json; ``master_key`` is given when restoring a
+    backup (whose epoch secrets only that key opens), otherwise a new one is generated."""
     keys = tuple(ApiKeyInfo(name, generate_api_key(), scopes) for name, scopes in API_KEY_SCOPES.items())
     spec = ClusterSpec(directory, nodes, keys)
     configs = [_node_config(spec, node, settings) for node in nodes]
-    MasterKey.generate().write_file(directory / "master.key")
+    (master_key or MasterKey.generate()).write_file(directory / "master.key")
     write_secret_file(directory / "cluster.secret", os.urandom(32))
     for node, config in zip(nodes, configs):
         node.directory.mkdir(mode=0o700)

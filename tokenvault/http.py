@@ -9,7 +9,9 @@ and the first failing one answers:
    before the body is read, so an unauthenticated client cannot make the node
    buffer or parse anything;
 3. the in-flight bound (503 with ``Retry-After``), so the memory held by
-   request bodies stays bounded;
+   request bodies stays bounded; for ``GET /v1/admin/backup`` instead the
+   backup-stream bound (at most ``max_backup_streams`` streams at a time, 503
+   with ``Retry-After``), so a long download never holds a request slot;
 4. the ``Idempotency-Key`` header (400);
 5. the content type (415), when the request has a body;
 6. the body size (413): first the declared Content-Length, then aiohttp's
@@ -37,7 +39,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import DecompressSizeError, HttpProcessingError
 from aiohttp.web_protocol import RequestHandler
 
-from tokenvault import auth
+from tokenvault import auth, backup
 from tokenvault.errors import (
     PROBLEM_CONTENT_TYPE,
     Forbidden,
@@ -65,6 +67,7 @@ ROUTE_TOKENIZE = "/v1/tokenize"
 ROUTE_DETOKENIZE = "/v1/detokenize"
 ROUTE_EPOCHS = "/v1/admin/epochs"
 ROUTE_CLUSTER = "/v1/admin/cluster"
+ROUTE_BACKUP = backup.ROUTE_BACKUP
 
 JSON_CONTENT_TYPE = "application/json"
 IDEMPOTENCY_KEY_HEADER = "Idempotency-Key"
@@ -94,20 +97,25 @@ class HttpLimits:
     max_value_bytes: int = 4096
     max_body_bytes: int = 8 * 1024 * 1024
     max_inflight_requests: int = DEFAULT_MAX_INFLIGHT_REQUESTS
+    max_backup_streams: int = backup.DEFAULT_MAX_BACKUP_STREAMS
+    backup_chunk_bytes: int = backup.BACKUP_CHUNK_BYTES
 
     def __post_init__(self) -> None:
-        for name in ("max_items", "max_value_bytes", "max_body_bytes", "max_inflight_requests"):
+        for name in ("max_items", "max_value_bytes", "max_body_bytes", "max_inflight_requests",
+                     "max_backup_streams", "backup_chunk_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
 
     @classmethod
-    def from_config(cls, config: Any, *, max_inflight_requests: int = DEFAULT_MAX_INFLIGHT_REQUESTS) -> HttpLimits:
+    def from_config(cls, config: Any, *, max_inflight_requests: int = DEFAULT_MAX_INFLIGHT_REQUESTS,
+                    max_backup_streams: int = backup.DEFAULT_MAX_BACKUP_STREAMS) -> HttpLimits:
         limits = config.limits
         return cls(
             max_items=limits.max_items,
             max_value_bytes=limits.max_value_bytes,
             max_body_bytes=limits.max_body_bytes,
             max_inflight_requests=max_inflight_requests,
+            max_backup_streams=max_backup_streams,
         )
 
 
@@ -317,6 +325,7 @@ class _Api:
         self.limits = limits
         self.metrics = metrics
         self.inflight_requests = 0
+        self.backup_streams = 0
 
     async def read_json(self, request: web.Request, *, body_required: bool) -> Any:
         """Content type, size and JSON checks; ``EMPTY_BODY`` when the body is empty and allowed."""
@@ -359,6 +368,17 @@ class _Api:
             yield
         finally:
             self.inflight_requests -= 1
+
+    @contextlib.contextmanager
+    def backup_slot(self) -> Iterator[None]:
+        """Hold one of max_backup_streams slots, or refuse with 503 when none is free."""
+        if self.backup_streams >= self.limits.max_backup_streams:
+            raise backup.BackupBusy(self.limits.max_backup_streams)
+        self.backup_streams += 1
+        try:
+            yield
+        finally:
+            self.backup_streams -= 1
 
     async def health(self, request: web.Request) -> web.Response:
         return json_response(self.service.health(), headers=NO_STORE_HEADERS)
@@ -421,6 +441,53 @@ class _Api:
     async def cluster(self, request: web.Request) -> web.Response:
         authorize(request, self.api_keys, auth.ADMIN)
         return json_response(await self.service.cluster_view(), headers=NO_STORE_HEADERS)
+
+    async def backup(self, request: web.Request) -> web.StreamResponse:
+        authorize(request, self.api_keys, auth.ADMIN)
+        with self.backup_slot():
+            return await self._backup(request)
+
+    async def _backup(self, request: web.Request) -> web.StreamResponse:
+        """Stream a checkpoint of this node's store; the checkpoint is deleted however the stream ends.
+
+        Once the headers are sent the status cannot change: a failure midway (or a client that
+        goes away) closes the connection without the final chunk, so the client sees a broken
+        transfer, and the stream's trailing SHA-256 makes any cut-off copy detectable anyway.
+        """
+        stream = await self.service.open_backup()
+        started = time.perf_counter()
+        try:
+            health = self.service.health()
+            response = web.StreamResponse(status=200, headers={
+                **NO_STORE_HEADERS,
+                backup.HEADER_INDEX: str(stream.index), backup.HEADER_VIEW: str(stream.view),
+                backup.HEADER_BYTES: str(stream.total_bytes), backup.HEADER_NODE: str(health.get("node_id")),
+                backup.HEADER_ROLE: str(health.get("role")),
+                "Content-Disposition": f'attachment; filename="tokenvault-{health.get("node_id")}-'
+                                       f'{stream.index}.backup"'})
+            response.content_type = backup.BACKUP_CONTENT_TYPE
+            response.enable_chunked_encoding()
+            _log.info("backup.started", index=stream.index, view=stream.view, bytes=stream.total_bytes)
+            await response.prepare(request)
+            try:
+                async for chunk in stream.chunks(self.limits.backup_chunk_bytes):
+                    await response.write(chunk)
+                await response.write_eof()
+            except ConnectionError:
+                _log.warning("backup.aborted", reason="client gone", sent_bytes=stream.sent_bytes,
+                             bytes=stream.total_bytes)
+                return response
+            except Exception as error:
+                _log.error("backup.failed", error_type=type(error).__name__, sent_bytes=stream.sent_bytes)
+                response.force_close()
+                if request.transport is not None:
+                    request.transport.abort()
+                return response
+            _log.info("backup.finished", index=stream.index, bytes=stream.total_bytes,
+                      seconds=round(time.perf_counter() - started, 3))
+            return response
+        finally:
+            await stream.close()
 
 
 def _route_label(request: web.Request) -> str:
@@ -486,6 +553,8 @@ def build_app(
     app.router.add_post(ROUTE_EPOCHS, api.rotate_epoch)
     app.router.add_get(ROUTE_EPOCHS, api.list_epochs)
     app.router.add_get(ROUTE_CLUSTER, api.cluster)
+    # No HEAD: it would take a checkpoint only to throw it away.
+    app.router.add_get(ROUTE_BACKUP, api.backup, allow_head=False)
     return app
 
 
@@ -495,10 +564,12 @@ def create_app(
     metrics: Metrics,
     *,
     max_inflight_requests: int = DEFAULT_MAX_INFLIGHT_REQUESTS,
+    max_backup_streams: int = backup.DEFAULT_MAX_BACKUP_STREAMS,
 ) -> web.Application:
     """The node's HTTP application: API key table and limits from ``config``."""
     api_keys = auth.ApiKeyTable(config.api_keys)
-    limits = HttpLimits.from_config(config, max_inflight_requests=max_inflight_requests)
+    limits = HttpLimits.from_config(config, max_inflight_requests=max_inflight_requests,
+                                    max_backup_streams=max_backup_streams)
     return build_app(service, api_keys, limits, metrics)
 
 

@@ -19,6 +19,7 @@ import msgpack
 
 from protocol import ForwardRequest, ForwardResponse, NotPrimary, Role
 from tokenvault import commands
+from tokenvault.backup import BACKUP_WORK_DIR_NAME, BackupStream
 from tokenvault.crypto import DecryptError, new_epoch_secret
 from tokenvault.errors import (IdempotencyInFlight, IdempotencyMismatch, Outcome, ServiceError,
                                Unavailable, problem_body)
@@ -269,6 +270,12 @@ class NodeService:
                              active_epoch=self.node.store.active_epoch())
             nodes.append(entry)
         return {"node_id": self.node_id, "view": replica.view, "primary_id": replica.primary_id, "nodes": nodes}
+
+    # ------------------------------------------------------------------ backup
+    async def open_backup(self) -> BackupStream:
+        """A consistent checkpoint of this node's own store, never forwarded: on a backup node it holds a
+        committed prefix of the log that may lag the primary's a little."""
+        return await BackupStream.open(self.node.store, self.node.data_dir / BACKUP_WORK_DIR_NAME)
 
     # ------------------------------------------------------------------ forwarding
     async def _forward(self, primary_id: str, kind: str, arguments: dict):

@@ -1,0 +1,423 @@
+"""Online backup and restore (tokenvault.backup): the endpoint, the CLI download, and restoring a data dir.
+
+The endpoint tests serve a real BackupStream (real snapshot stream code) over a
+stand-in store that writes a few checkpoint files; the restore test takes a
+backup of a real node's store, restores it into a new data directory and
+starts a node there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from click.testing import CliRunner
+
+from node_support import make_configs, start_node, wait_until
+from tokenvault import auth
+from tokenvault.backup import (BACKUP_WORK_DIR_NAME, HEADER_BYTES, HEADER_INDEX, HEADER_NODE, HEADER_VIEW,
+                               BackupError, BackupRefused, BackupStream, restore_data_dir, verify_backup_file)
+from tokenvault.cli import tokenvault
+from tokenvault.config import write_node_config
+from tokenvault.http import HttpLimits, ProblemAppRunner, build_app
+from tokenvault.metrics import Metrics
+from tokenvault.snapshots import stage_file
+from tokenvault.wal import WriteAheadLog
+
+ADMIN_KEY = auth.generate_api_key()
+TOKENIZER_KEY = auth.generate_api_key()
+KEYS = auth.ApiKeyTable([auth.ApiKeyEntry("admin", auth.hash_api_key(ADMIN_KEY), frozenset({auth.ADMIN})),
+                         auth.ApiKeyEntry("tokenizer", auth.hash_api_key(TOKENIZER_KEY), frozenset({auth.TOKENIZE}))])
+CHECKPOINT_FILES = {"000007.sst": os.urandom(300_000), "MANIFEST-000005": b"manifest" * 100, "empty.log": b""}
+BIG_CHECKPOINT_FILES = {"000009.sst": os.urandom(6 * 1024 * 1024)}
+
+
+class CheckpointingStore:
+    """A store whose checkpoint is a few fixed files at (index, view) = (41, 3)."""
+
+    def __init__(self, files: dict[str, bytes]) -> None:
+        self.files = files
+        self.checkpoints = 0
+
+    def create_checkpoint(self, directory: Path) -> tuple[int, int]:
+        directory.mkdir(parents=True)
+        for name, data in self.files.items():
+            (directory / name).write_bytes(data)
+        self.checkpoints += 1
+        return 41, 3
+
+
+class BackupService:
+    """The two service methods the backup endpoint uses."""
+
+    def __init__(self, store: Any, work_root: Path, role: str = "primary", node_id: str = "n1") -> None:
+        self.store, self.work_root, self.role, self.node_id = store, work_root, role, node_id
+        self.gate: asyncio.Event | None = None
+
+    def health(self) -> dict[str, Any]:
+        return {"status": "ok", "node_id": self.node_id, "role": self.role, "view": 3, "primary_id": "n1",
+                "commit_index": 41, "applied_index": 41, "active_epoch": 1}
+
+    async def open_backup(self) -> BackupStream:
+        stream = await BackupStream.open(self.store, self.work_root)
+        if self.gate is not None:
+            original = stream.chunks
+
+            async def gated(chunk_bytes: int):  # type: ignore[no-untyped-def]
+                assert self.gate is not None
+                await self.gate.wait()
+                async for chunk in original(chunk_bytes):
+                    yield chunk
+
+            stream.chunks = gated  # type: ignore[method-assign]
+        return stream
+
+
+def backup_app(service: BackupService, **limits: int) -> web.Application:
+    return build_app(service, KEYS, HttpLimits(**limits), Metrics())  # type: ignore[arg-type]
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+async def get_when_free(client: TestClient, timeout_seconds: float = 10.0) -> Any:
+    """GET the backup, repeating while the node answers 503 (the previous stream still cleaning up)."""
+    deadline = asyncio.get_running_loop().time() + timeout_seconds
+    while True:
+        response = await client.get("/v1/admin/backup", headers=bearer(ADMIN_KEY))
+        await response.read()
+        if response.status != 503 or asyncio.get_running_loop().time() > deadline:
+            return response
+        await asyncio.sleep(0.01)
+
+
+def work_dirs(service: BackupService) -> list[Path]:
+    return list(service.work_root.iterdir()) if service.work_root.exists() else []
+
+
+# ---------------------------------------------------------------- the endpoint
+
+
+async def test_backup_streams_a_verifiable_checkpoint_and_deletes_it_afterwards(tmp_path: Path) -> None:
+    service = BackupService(CheckpointingStore(CHECKPOINT_FILES), tmp_path / BACKUP_WORK_DIR_NAME)
+    async with TestClient(TestServer(backup_app(service, backup_chunk_bytes=65536))) as client:
+        response = await client.get("/v1/admin/backup", headers=bearer(ADMIN_KEY))
+        body = await response.read()
+        await wait_until(lambda: work_dirs(service) == [], 10.0, "the checkpoint to be deleted")
+    assert response.status == 200
+    assert response.headers["Content-Type"] == "application/octet-stream"
+    assert response.headers["Transfer-Encoding"] == "chunked"
+    assert (response.headers[HEADER_INDEX], response.headers[HEADER_VIEW], response.headers[HEADER_NODE]) == \
+        ("41", "3", "n1")
+    assert int(response.headers[HEADER_BYTES]) == len(body)
+    (tmp_path / "backup.bin").write_bytes(body)
+    staged = stage_file(tmp_path / "backup.bin", tmp_path / "staged")
+    assert (staged.index, staged.view) == (41, 3)
+    assert {path.name: path.read_bytes() for path in staged.checkpoint_dir.iterdir()} == CHECKPOINT_FILES
+
+
+async def test_backup_needs_the_admin_scope_and_takes_no_checkpoint_otherwise(tmp_path: Path) -> None:
+    store = CheckpointingStore(CHECKPOINT_FILES)
+    service = BackupService(store, tmp_path / BACKUP_WORK_DIR_NAME)
+    async with TestClient(TestServer(backup_app(service))) as client:
+        anonymous = await client.get("/v1/admin/backup")
+        tokenizer = await client.get("/v1/admin/backup", headers=bearer(TOKENIZER_KEY))
+        head = await client.head("/v1/admin/backup", headers=bearer(ADMIN_KEY))
+    assert (anonymous.status, tokenizer.status, head.status) == (401, 403, 405)
+    assert anonymous.headers["Content-Type"] == "application/problem+json"
+    assert store.checkpoints == 0
+
+
+async def test_a_second_backup_while_one_streams_is_503_with_retry_after(tmp_path: Path) -> None:
+    service = BackupService(CheckpointingStore(CHECKPOINT_FILES), tmp_path / BACKUP_WORK_DIR_NAME)
+    service.gate = asyncio.Event()
+    async with TestClient(TestServer(backup_app(service))) as client:
+        first = await client.get("/v1/admin/backup", headers=bearer(ADMIN_KEY))
+        assert first.status == 200
+        second = await client.get("/v1/admin/backup", headers=bearer(ADMIN_KEY))
+        problem = await second.json(content_type=None)
+        assert second.status == 503 and second.headers["Retry-After"] == "5"
+        assert problem["type"] == "urn:tokenvault:problem:backup-busy"
+        service.gate.set()
+        await first.read()
+        # The slot is held until the checkpoint is deleted, just after the last byte went out.
+        third = await get_when_free(client)
+        assert third.status == 200
+    await wait_until(lambda: work_dirs(service) == [], 10.0, "the checkpoints to be deleted")
+
+
+async def test_a_client_that_goes_away_midway_releases_the_checkpoint(tmp_path: Path) -> None:
+    service = BackupService(CheckpointingStore(BIG_CHECKPOINT_FILES), tmp_path / BACKUP_WORK_DIR_NAME)
+    async with TestClient(TestServer(backup_app(service))) as client:
+        response = await client.get("/v1/admin/backup", headers=bearer(ADMIN_KEY))
+        assert response.status == 200
+        await response.content.readexactly(1000)
+        assert len(work_dirs(service)) == 1
+        response.close()
+        await wait_until(lambda: work_dirs(service) == [], 10.0, "the checkpoint to be deleted")
+        # The slot is free again: another backup streams whole.
+        again = await get_when_free(client)
+        assert again.status == 200 and len(await again.read()) == int(again.headers[HEADER_BYTES])
+
+
+async def test_a_leftover_checkpoint_of_a_dead_process_is_removed_by_the_next_backup(tmp_path: Path) -> None:
+    service = BackupService(CheckpointingStore(CHECKPOINT_FILES), tmp_path / BACKUP_WORK_DIR_NAME)
+    leftover = service.work_root / "backup-0123" / "source-1"
+    leftover.mkdir(parents=True)
+    (leftover / "000001.sst").write_bytes(b"x" * 100)
+    async with TestClient(TestServer(backup_app(service))) as client:
+        response = await client.get("/v1/admin/backup", headers=bearer(ADMIN_KEY))
+        await response.read()
+        assert response.status == 200
+        await wait_until(lambda: work_dirs(service) == [], 10.0, "every checkpoint to be deleted")
+
+
+# ---------------------------------------------------------------- the CLI download
+
+
+class ThreadedServer:
+    """The backup app served on 127.0.0.1:0 from its own thread, for the synchronous CliRunner."""
+
+    def __init__(self, service: BackupService) -> None:
+        self.service = service
+        self.loop = asyncio.new_event_loop()
+        self.ready = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.url = ""
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        runner = ProblemAppRunner(backup_app(self.service), access_log=None, handle_signals=False)
+
+        async def start() -> None:
+            await runner.setup()
+            site = web.TCPSite(runner, "127.0.0.1", 0)
+            await site.start()
+            host, port = runner.addresses[0][:2]
+            self.url = f"http://{host}:{port}"
+
+        self.loop.run_until_complete(start())
+        self.ready.set()
+        self.loop.run_forever()
+        self.loop.run_until_complete(runner.cleanup())
+        self.loop.close()
+
+    def __enter__(self) -> ThreadedServer:
+        self.thread.start()
+        assert self.ready.wait(10)
+        return self
+
+    def __exit__(self, *exception_info: object) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+@pytest.fixture
+def runner(monkeypatch: pytest.MonkeyPatch) -> CliRunner:
+    for name in ("TOKENVAULT_URL", "TOKENVAULT_API_KEY", "TOKENVAULT_CLUSTER_JSON"):
+        monkeypatch.delenv(name, raising=False)
+    return CliRunner()
+
+
+@pytest.fixture
+def two_nodes(tmp_path: Path) -> Iterator[tuple[ThreadedServer, ThreadedServer]]:
+    store = CheckpointingStore(CHECKPOINT_FILES)
+    backup = BackupService(store, tmp_path / "n2" / BACKUP_WORK_DIR_NAME, role="backup", node_id="n2")
+    primary = BackupService(store, tmp_path / "n1" / BACKUP_WORK_DIR_NAME, role="primary", node_id="n1")
+    with ThreadedServer(backup) as backup_server, ThreadedServer(primary) as primary_server:
+        yield backup_server, primary_server
+
+
+def test_cli_backup_prefers_the_primary_verifies_and_renames(
+        runner: CliRunner, two_nodes: tuple[ThreadedServer, ThreadedServer], tmp_path: Path) -> None:
+    backup_server, primary_server = two_nodes
+    out = tmp_path / "vault.backup"
+    result = runner.invoke(tokenvault, ["admin", "backup", "--url", f"{backup_server.url},{primary_server.url}",
+                                        "--api-key", ADMIN_KEY, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "backup of n1 (primary) at index 41, view 3" in result.stdout
+    assert ADMIN_KEY not in result.output
+    assert out.exists() and not out.with_name(out.name + ".partial").exists()
+    assert verify_backup_file(out).index == 41
+    assert [path.name for path in tmp_path.iterdir() if path.name.startswith(".tokenvault")] == []
+    again = runner.invoke(tokenvault, ["admin", "backup", "--url", primary_server.url, "--api-key", ADMIN_KEY,
+                                       "--out", str(out)])
+    assert again.exit_code == 1 and "exists already" in again.output
+
+
+def test_cli_backup_from_a_backup_node_when_asked(
+        runner: CliRunner, two_nodes: tuple[ThreadedServer, ThreadedServer], tmp_path: Path) -> None:
+    backup_server, primary_server = two_nodes
+    out = tmp_path / "vault.backup"
+    result = runner.invoke(tokenvault, ["admin", "backup", "--url", f"{primary_server.url},{backup_server.url}",
+                                        "--api-key", ADMIN_KEY, "--out", str(out), "--prefer", "backup", "--json"])
+    assert result.exit_code == 0, result.output
+    # The last line: the in-process servers' own log lines go to stdout too.
+    document = json.loads(result.stdout.splitlines()[-1])
+    assert (document["node_id"], document["role"], document["index"]) == ("n2", "backup", 41)
+    assert document["bytes"] == out.stat().st_size
+
+
+def test_cli_backup_with_a_key_lacking_admin_scope_fails_without_a_file(
+        runner: CliRunner, two_nodes: tuple[ThreadedServer, ThreadedServer], tmp_path: Path) -> None:
+    _, primary_server = two_nodes
+    out = tmp_path / "vault.backup"
+    result = runner.invoke(tokenvault, ["admin", "backup", "--url", primary_server.url, "--api-key", TOKENIZER_KEY,
+                                        "--out", str(out)])
+    assert result.exit_code == 1 and "403" in result.output
+    assert TOKENIZER_KEY not in result.output
+    assert list(tmp_path.glob("vault.backup*")) == []
+
+
+# ---------------------------------------------------------------- refusing bad backups and data dirs
+
+
+@pytest.fixture
+def backup_file(tmp_path: Path) -> Path:
+    from tokenvault.snapshots import SnapshotSource
+
+    source = SnapshotSource.create(CheckpointingStore(CHECKPOINT_FILES), tmp_path / "work")
+    path = tmp_path / "good.backup"
+    with open(path, "wb") as handle:
+        source.write_to(handle)
+    source.close()
+    return path
+
+
+@pytest.fixture
+def node_config(tmp_path: Path) -> Path:
+    config = make_configs(tmp_path / "restored", 1)[0]
+    path = tmp_path / "node.toml"
+    write_node_config(path, config)
+    return path
+
+
+def damaged_copy(backup_file: Path, change: Any) -> Path:
+    data = bytearray(backup_file.read_bytes())
+    damaged = backup_file.with_name("damaged.backup")
+    damaged.write_bytes(bytes(change(data)))
+    return damaged
+
+
+def flip(position: int) -> Any:
+    def change(data: bytearray) -> bytearray:
+        data[position % len(data)] ^= 0x01
+        return data
+    return change
+
+
+@pytest.mark.parametrize("change, reason", [
+    (lambda data: data[:len(data) // 2], "ended early"),
+    (lambda data: data[:-1], "ended early"),
+    (flip(20), "manifest"),
+    (flip(200_000), "does not match its digest"),
+    (flip(-1), "trailing digest"),
+    (lambda data: b"not a backup at all" + data, "bad magic"),
+], ids=["half", "last-byte-cut", "manifest-byte", "file-byte", "trailer-byte", "garbage"])
+def test_a_truncated_or_altered_backup_is_refused_and_writes_nothing(
+        runner: CliRunner, backup_file: Path, node_config: Path, tmp_path: Path, change: Any, reason: str) -> None:
+    damaged = damaged_copy(backup_file, change)
+    with pytest.raises(BackupRefused, match=reason):
+        verify_backup_file(damaged)
+    result = runner.invoke(tokenvault, ["admin", "restore", "--backup", str(damaged), "--config", str(node_config)])
+    assert result.exit_code == 1
+    assert "is refused" in result.output and reason in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "restored" / "n1" / "data").exists()
+    assert [path.name for path in (tmp_path / "restored" / "n1").glob(".*")] == []
+
+
+def test_a_non_empty_data_dir_is_refused_untouched(runner: CliRunner, backup_file: Path, node_config: Path,
+                                                   tmp_path: Path) -> None:
+    data_dir = tmp_path / "restored" / "n1" / "data"
+    data_dir.mkdir(parents=True)
+    (data_dir / "precious").write_text("keep me")
+    result = runner.invoke(tokenvault, ["admin", "restore", "--backup", str(backup_file),
+                                        "--config", str(node_config)])
+    assert result.exit_code == 1
+    assert "is not empty" in result.output and "Traceback" not in result.output
+    assert [path.name for path in data_dir.iterdir()] == ["precious"]
+
+
+def test_a_missing_backup_file_is_a_clear_error(runner: CliRunner, node_config: Path, tmp_path: Path) -> None:
+    result = runner.invoke(tokenvault, ["admin", "restore", "--backup", str(tmp_path / "nope"),
+                                        "--config", str(node_config)])
+    assert result.exit_code == 1 and "does not exist" in result.output
+
+
+# ---------------------------------------------------------------- restoring a real store
+
+
+async def test_a_data_dir_restored_from_a_real_store_serves_every_token(tmp_path: Path) -> None:
+    source_config, = make_configs(tmp_path / "source", 1)
+    running = await start_node(source_config)
+    try:
+        await wait_until(lambda: running.node.store.active_epoch() >= 1, 10.0, "epoch 1")
+        values = [f"4111-{number:012d}" for number in range(300)]
+        tokens: list[str] = []
+        for start in range(0, len(values), 100):
+            outcome = await running.service.tokenize("admin", values[start:start + 100], None)
+            tokens += json.loads(outcome.body)["tokens"]
+        await running.service.rotate_epoch("admin", None)
+        later = await running.service.tokenize("admin", ["after-rotation"], None)
+        tokens += json.loads(later.body)["tokens"]
+        values.append("after-rotation")
+        stream = await running.service.open_backup()
+        path = tmp_path / "real.backup"
+        with open(path, "wb") as handle:
+            async for chunk in stream.chunks(65536):
+                handle.write(chunk)
+        await stream.close()
+        index, view = stream.index, stream.view
+        assert index >= 5 and list((source_config.data_dir / BACKUP_WORK_DIR_NAME).iterdir()) == []
+    finally:
+        await running.close()
+
+    target = dataclasses.replace(source_config, data_dir=tmp_path / "target" / "data")
+    restored = restore_data_dir(path, target)
+    assert (restored.index, restored.view, restored.epochs) == (index, view, 2)
+    with pytest.raises(BackupError, match="not empty"):
+        restore_data_dir(path, target)
+    wal, recovered = WriteAheadLog.open(target.data_dir / "wal")
+    wal.close()
+    assert (recovered.base_index, recovered.base_view, recovered.entries) == (index, view, ())
+    assert recovered.hard_state is not None and recovered.hard_state.view >= view
+    assert recovered.hard_state.commit_index == index
+
+    running = await start_node(target)
+    try:
+        await wait_until(lambda: running.is_primary() and running.node.store.applied_index > index, 10.0,
+                         "the restored node to lead and commit in a new view")
+        assert await running.service.detokenize(tokens) == values
+        assert running.node.store.active_epoch() == 2
+    finally:
+        await running.close()
+
+
+async def test_a_backup_under_another_master_key_is_refused(tmp_path: Path) -> None:
+    source_config, = make_configs(tmp_path / "source", 1)
+    running = await start_node(source_config)
+    try:
+        await wait_until(lambda: running.node.store.active_epoch() >= 1, 10.0, "epoch 1")
+        stream = await running.service.open_backup()
+        path = tmp_path / "real.backup"
+        with open(path, "wb") as handle:
+            async for chunk in stream.chunks(65536):
+                handle.write(chunk)
+        await stream.close()
+    finally:
+        await running.close()
+    other, = make_configs(tmp_path / "other", 1)
+    with pytest.raises(BackupError, match="master key does not open"):
+        restore_data_dir(path, other)
+    assert not other.data_dir.exists()

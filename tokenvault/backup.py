@@ -274,6 +274,7 @@ class RestoredNode:
     index: int
     view: int
     epochs: int
+    token_count: int
 
 
 def _check_empty_data_dir(data_dir: Path) -> None:
@@ -310,7 +311,7 @@ def install_staged(staged: Any, config: Any, master_key: Any = None, *, consume:
     building = Path(tempfile.mkdtemp(prefix=f".{data_dir.name}.restoring-", dir=data_dir.parent))
     try:
         os.chmod(building, 0o700)
-        epochs = _install_store(building / STORE_DIR_NAME, staged, config, key, consume)
+        epochs, token_count = _install_store(building / STORE_DIR_NAME, staged, config, key, consume)
         _start_log_after(building / WAL_DIR_NAME, staged.index, staged.view, config)
         _fsync_tree(building)
         if data_dir.exists():
@@ -320,13 +321,12 @@ def install_staged(staged: Any, config: Any, master_key: Any = None, *, consume:
     except BaseException:
         shutil.rmtree(building, ignore_errors=True)
         raise
-    log.info("backup.restored", node=config.node_id, index=staged.index, view=staged.view, epochs=epochs)
-    return RestoredNode(config.node_id, data_dir, staged.index, staged.view, epochs)
+    return RestoredNode(config.node_id, data_dir, staged.index, staged.view, epochs, token_count)
 
 
-def _install_store(store_dir: Path, staged: Any, config: Any, master_key: Any, consume: bool) -> int:
+def _install_store(store_dir: Path, staged: Any, config: Any, master_key: Any, consume: bool) -> tuple[int, int]:
     """Install the staged checkpoint (moved when ``consume``, else a copy) as the live generation of a new
-    store; returns the epoch count after checking that ``master_key`` unwraps every epoch secret in it."""
+    store; returns (epochs, tokens) after checking that ``master_key`` unwraps every epoch secret in it."""
     checkpoint = store_dir.parent / "checkpoint"
     if consume:
         os.rename(staged.checkpoint_dir, checkpoint)
@@ -355,7 +355,7 @@ def _install_store(store_dir: Path, staged: Any, config: Any, master_key: Any, c
         except CryptoError:
             raise BackupError("the master key does not open the epoch secrets of this backup: it was taken "
                               "from a cluster with another master key (pass that cluster's master.key)") from None
-        return len(records)
+        return len(records), store.token_count()
     finally:
         store.close()
         shutil.rmtree(checkpoint, ignore_errors=True)

@@ -305,8 +305,8 @@ def admin_restore(backup_path: str, config_path: str) -> None:
     except BackupError as error:
         _fail(str(error), EXIT_SERVICE_ERROR)
     click.echo(f"restored {restored.node_id} into {restored.data_dir}: index {restored.index}, view "
-               f"{restored.view}, {restored.epochs} epoch(s); start it with 'tokenvault serve --config "
-               f"{config_path}'")
+               f"{restored.view}, {restored.token_count} tokens in {restored.epochs} epoch(s); start it with "
+               f"'tokenvault serve --config {config_path}'")
 
 
 @admin.group()

@@ -543,9 +543,10 @@ def restore_cluster(directory: Path | str, backup_file: Path | str, master_key_f
                                    master_key=master_key)
             try:
                 for position, node in enumerate(spec.nodes):
-                    install_staged(staged, load_config(node.config), master_key,
-                                   consume=position == len(spec.nodes) - 1)
-                    report(f"{node.node_id}: data directory restored")
+                    restored = install_staged(staged, load_config(node.config), master_key,
+                                              consume=position == len(spec.nodes) - 1)
+                    report(f"{node.node_id}: data directory restored ({restored.token_count} tokens in "
+                           f"{restored.epochs} epoch(s))")
             except BaseException:
                 shutil.rmtree(directory, ignore_errors=True)
                 raise

@@ -385,7 +385,7 @@ async def test_a_data_dir_restored_from_a_real_store_serves_every_token(tmp_path
 
     target = dataclasses.replace(source_config, data_dir=tmp_path / "target" / "data")
     restored = restore_data_dir(path, target)
-    assert (restored.index, restored.view, restored.epochs) == (index, view, 2)
+    assert (restored.index, restored.view, restored.epochs, restored.token_count) == (index, view, 2, 301)
     with pytest.raises(BackupError, match="not empty"):
         restore_data_dir(path, target)
     wal, recovered = WriteAheadLog.open(target.data_dir / "wal")

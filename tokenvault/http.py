@@ -443,51 +443,55 @@ class _Api:
         return json_response(await self.service.cluster_view(), headers=NO_STORE_HEADERS)
 
     async def backup(self, request: web.Request) -> web.StreamResponse:
+        """Stream a checkpoint of this node's store; the checkpoint is deleted however the stream ends."""
         authorize(request, self.api_keys, auth.ADMIN)
         with self.backup_slot():
-            return await self._backup(request)
+            stream = await self.service.open_backup()
+            try:
+                response = await self._send_backup(request, stream)
+            except BaseException:
+                await stream.close()
+                raise
+        # The slot is free as soon as the last byte is out (no await in between), so a client that
+        # asks again at once is served; the checkpoint is deleted right after, in a worker thread.
+        await stream.close()
+        return response
 
-    async def _backup(self, request: web.Request) -> web.StreamResponse:
-        """Stream a checkpoint of this node's store; the checkpoint is deleted however the stream ends.
-
-        Once the headers are sent the status cannot change: a failure midway (or a client that
+    async def _send_backup(self, request: web.Request, stream: Any) -> web.StreamResponse:
+        """Once the headers are sent the status cannot change: a failure midway (or a client that
         goes away) closes the connection without the final chunk, so the client sees a broken
         transfer, and the stream's trailing SHA-256 makes any cut-off copy detectable anyway.
         """
-        stream = await self.service.open_backup()
         started = time.perf_counter()
+        health = self.service.health()
+        response = web.StreamResponse(status=200, headers={
+            **NO_STORE_HEADERS,
+            backup.HEADER_INDEX: str(stream.index), backup.HEADER_VIEW: str(stream.view),
+            backup.HEADER_BYTES: str(stream.total_bytes), backup.HEADER_NODE: str(health.get("node_id")),
+            backup.HEADER_ROLE: str(health.get("role")),
+            "Content-Disposition": f'attachment; filename="tokenvault-{health.get("node_id")}-'
+                                   f'{stream.index}.backup"'})
+        response.content_type = backup.BACKUP_CONTENT_TYPE
+        response.enable_chunked_encoding()
+        _log.info("backup.started", index=stream.index, view=stream.view, bytes=stream.total_bytes)
+        await response.prepare(request)
         try:
-            health = self.service.health()
-            response = web.StreamResponse(status=200, headers={
-                **NO_STORE_HEADERS,
-                backup.HEADER_INDEX: str(stream.index), backup.HEADER_VIEW: str(stream.view),
-                backup.HEADER_BYTES: str(stream.total_bytes), backup.HEADER_NODE: str(health.get("node_id")),
-                backup.HEADER_ROLE: str(health.get("role")),
-                "Content-Disposition": f'attachment; filename="tokenvault-{health.get("node_id")}-'
-                                       f'{stream.index}.backup"'})
-            response.content_type = backup.BACKUP_CONTENT_TYPE
-            response.enable_chunked_encoding()
-            _log.info("backup.started", index=stream.index, view=stream.view, bytes=stream.total_bytes)
-            await response.prepare(request)
-            try:
-                async for chunk in stream.chunks(self.limits.backup_chunk_bytes):
-                    await response.write(chunk)
-                await response.write_eof()
-            except ConnectionError:
-                _log.warning("backup.aborted", reason="client gone", sent_bytes=stream.sent_bytes,
-                             bytes=stream.total_bytes)
-                return response
-            except Exception as error:
-                _log.error("backup.failed", error_type=type(error).__name__, sent_bytes=stream.sent_bytes)
-                response.force_close()
-                if request.transport is not None:
-                    request.transport.abort()
-                return response
-            _log.info("backup.finished", index=stream.index, bytes=stream.total_bytes,
-                      seconds=round(time.perf_counter() - started, 3))
+            async for chunk in stream.chunks(self.limits.backup_chunk_bytes):
+                await response.write(chunk)
+            await response.write_eof()
+        except ConnectionError:
+            _log.warning("backup.aborted", reason="client gone", sent_bytes=stream.sent_bytes,
+                         bytes=stream.total_bytes)
             return response
-        finally:
-            await stream.close()
+        except Exception as error:
+            _log.error("backup.failed", error_type=type(error).__name__, sent_bytes=stream.sent_bytes)
+            response.force_close()
+            if request.transport is not None:
+                request.transport.abort()
+            return response
+        _log.info("backup.finished", index=stream.index, bytes=stream.total_bytes,
+                  seconds=round(time.perf_counter() - started, 3))
+        return response
 
 
 def _route_label(request: web.Request) -> str:

@@ -57,6 +57,7 @@ class FakeService:
         self.crash_with: BaseException | None = None
         self.tokenize_calls: list[tuple[str, list[str], str | None]] = []
         self.detokenize_calls: list[list[str]] = []
+        self.backups_opened = 0
 
     def _check_available(self) -> None:
         if self.unavailable:
@@ -132,6 +133,30 @@ class FakeService:
         self._check_available()
         return {"node_id": self.node_id, "view": 3, "primary_id": self.node_id,
                 "nodes": [{"id": self.node_id, "role": "primary", "reachable": True, "is_self": True}]}
+
+    async def open_backup(self) -> "FakeBackupStream":
+        self._check_available()
+        self.backups_opened += 1
+        return FakeBackupStream()
+
+
+class FakeBackupStream:
+    """What open_backup returns (tokenvault.backup.BackupStream's interface), from memory."""
+
+    index, view = 7, 3
+
+    def __init__(self) -> None:
+        self.data = b"TVSNAP1\n" + bytes(range(256)) * 64
+        self.total_bytes = len(self.data)
+        self.sent_bytes = 0
+
+    async def chunks(self, chunk_bytes: int):
+        for start in range(0, self.total_bytes, chunk_bytes):
+            self.sent_bytes = min(self.total_bytes, start + chunk_bytes)
+            yield self.data[start:start + chunk_bytes]
+
+    async def close(self) -> None:
+        pass
 
 
 @dataclass(frozen=True, slots=True)

@@ -145,6 +145,7 @@ PROTECTED = [
     ("POST", "/v1/admin/epochs", "{}", "admin"),
     ("GET", "/v1/admin/epochs", None, "admin"),
     ("GET", "/v1/admin/cluster", None, "admin"),
+    ("GET", "/v1/admin/backup", None, "admin"),
 ]
 
 
@@ -173,6 +174,7 @@ async def test_missing_or_unknown_key_is_401_with_challenge(
         await expect_problem(response, 401, (MARKER, MARKER_TOKEN, *key_ring.keys.values()))
         assert response.headers["WWW-Authenticate"].startswith("Bearer")
     assert service.tokenize_calls == [] and service.detokenize_calls == [] and service.active_epoch == 1
+    assert service.backups_opened == 0
 
 
 async def test_bearer_scheme_is_case_insensitive(client: TestClient, key_ring: KeyRing) -> None:
@@ -190,6 +192,7 @@ async def test_key_without_scope_is_403(
         response = await client.request(method, path, data=body, headers={**JSON, **key_ring.bearer(name)})
         await expect_problem(response, 403, (MARKER, MARKER_TOKEN, *key_ring.keys.values()))
     assert service.tokenize_calls == [] and service.detokenize_calls == [] and service.active_epoch == 1
+    assert service.backups_opened == 0
 
 
 # ---------------------------------------------------------------- 404 / 405
@@ -204,7 +207,7 @@ async def test_unknown_path_is_404(client: TestClient, path: str) -> None:
 @pytest.mark.parametrize(
     ("method", "path"),
     [("GET", "/v1/tokenize"), ("PUT", "/v1/tokenize"), ("GET", "/v1/detokenize"), ("DELETE", "/v1/admin/epochs"),
-     ("POST", "/health"), ("POST", "/metrics"), ("POST", "/v1/admin/cluster")],
+     ("POST", "/health"), ("POST", "/metrics"), ("POST", "/v1/admin/cluster"), ("POST", "/v1/admin/backup")],
 )
 async def test_wrong_method_is_405_with_allow(client: TestClient, method: str, path: str) -> None:
     response = await client.request(method, path)

@@ -71,4 +71,5 @@ def test_openapi_document_lists_every_route() -> None:
     assert operations == {
         ("/health", "get"), ("/metrics", "get"), ("/v1/tokenize", "post"), ("/v1/detokenize", "post"),
         ("/v1/admin/epochs", "post"), ("/v1/admin/epochs", "get"), ("/v1/admin/cluster", "get"),
+        ("/v1/admin/backup", "get"),
     }

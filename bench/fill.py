@@ -67,6 +67,10 @@ if str(BENCH) not in sys.path:
 
 from httpclients import CLIENT_KINDS, open_client  # noqa: E402
 from loadgen import Measurement, VaultTarget  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
+from tokenvault.cluster import (CLUSTER_FILE_NAME, ClusterError, cluster_status, fetch_health,  # noqa: E402
+                                launch_node, load_cluster, output_tail, running_pid, stop_cluster)
 
 CARD_DIGITS = 16
 CARD_SPACE = 10 ** CARD_DIGITS
@@ -291,8 +295,6 @@ def disk_usage_bytes(directory: Path) -> int | None:
 
 def stall_figures(exposition: str) -> tuple[dict[float, float], float | None] | None:
     """From a /metrics text: how many stalls exceeded each threshold so far, and the worst-of-a-minute gauge."""
-    from prometheus_client.parser import text_string_to_metric_families
-
     buckets: dict[float, float] = {}
     count = maximum = None
     for family in text_string_to_metric_families(exposition):
@@ -310,8 +312,6 @@ def stall_figures(exposition: str) -> tuple[dict[float, float], float | None] | 
 
 
 def sample_node(node: Any) -> NodeSample:
-    from tokenvault.cluster import fetch_health, running_pid
-
     sample = NodeSample(node.node_id)
     try:
         sample.health = fetch_health(node.http_url, SCRAPE_TIMEOUT_SECONDS)
@@ -626,8 +626,6 @@ def wait_until_serving(spec: Any, since: dict[str, float], timeout_seconds: floa
 
     A node whose process is gone without having answered is marked "exited" and no longer waited for.
     """
-    from tokenvault.cluster import cluster_status
-
     seen: dict[str, dict[str, float]] = {node.node_id: {} for node in spec.nodes}
     first_poll = True
     deadline = time.monotonic() + timeout_seconds
@@ -655,8 +653,6 @@ def wait_until_serving(spec: Any, since: dict[str, float], timeout_seconds: floa
 
 def measure_start(spec: Any, timeout_seconds: float) -> None:
     """For every running node: from its process start to /health answering and a primary being known."""
-    from tokenvault.cluster import running_pid
-
     since: dict[str, float] = {}
     for node in spec.nodes:
         pid = running_pid(node)
@@ -690,8 +686,6 @@ def _seconds(value: float | None) -> str:
 
 def _serving_report(node: Any, marks: dict[str, float]) -> str:
     if "exited" in marks and "health" not in marks:
-        from tokenvault.cluster import output_tail
-
         return f"exited before answering /health\n{output_tail(node, 4)}"
     return (f"/health answered after {_seconds(marks.get('health'))},"
             f" primary known after {_seconds(marks.get('primary'))}")
@@ -699,8 +693,6 @@ def _serving_report(node: Any, marks: dict[str, float]) -> str:
 
 def restart_check(spec: Any, timeout_seconds: float) -> None:
     """Stop every node as `./run_cluster.sh stop` does, start them again, time /health and the primary."""
-    from tokenvault.cluster import launch_node, stop_cluster
-
     print(f"\nrestart check: stopping {', '.join(node.node_id for node in spec.nodes)} (SIGTERM)", flush=True)
     stopping = time.monotonic()
     stop_cluster(spec.directory, timeout_seconds=timeout_seconds, report=lambda line: print("  " + line))
@@ -713,14 +705,8 @@ def restart_check(spec: Any, timeout_seconds: float) -> None:
     seen = wait_until_serving(spec, since, timeout_seconds)
     for node in spec.nodes:
         marks = seen[node.node_id]
-        rss = f", rss {mebibytes(process_rss_bytes(_pid_of(node)))} MiB" if "health" in marks else ""
+        rss = f", rss {mebibytes(process_rss_bytes(running_pid(node)))} MiB" if "health" in marks else ""
         print(f"  {node.node_id}: {_serving_report(node, marks)}{rss}")
-
-
-def _pid_of(node: Any) -> int | None:
-    from tokenvault.cluster import running_pid
-
-    return running_pid(node)
 
 
 # ---------------------------------------------------------------- command line
@@ -762,8 +748,6 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def load_spec(path: str) -> Any:
-    from tokenvault.cluster import CLUSTER_FILE_NAME, ClusterError, load_cluster
-
     if Path(path).name != CLUSTER_FILE_NAME:
         raise SystemExit(f"--cluster-json must name a cluster directory's {CLUSTER_FILE_NAME}")
     try:

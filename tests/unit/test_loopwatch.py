@@ -59,8 +59,8 @@ async def test_an_idle_loop_records_small_stalls_and_logs_nothing() -> None:
     found = stall_samples(metrics)
     assert found["seconds_count"] >= 10
     # Loose on purpose (a busy CI machine delays timers a little), yet far below a heartbeat.
-    assert found["0.05"] == found["seconds_count"]
-    assert found["max_seconds"] < 0.05
+    assert found["0.1"] == found["seconds_count"]
+    assert found["max_seconds"] < 0.1
     assert not [entry for entry in logs if entry["event"] == "loop.stalled"]
 
 

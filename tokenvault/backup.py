@@ -258,9 +258,14 @@ def staged_backup(path: Path, scratch_parent: Path) -> Any:
 
 
 def verify_backup_file(path: Path, scratch_parent: Path | None = None) -> VerifiedBackup:
-    """Check a whole backup file (trailer, manifest, every file's SHA-256) by staging it once."""
+    """Check a whole backup file by staging it once: trailer, manifest, every file's SHA-256, and then the
+    checkpoint itself as a store would before installing it (RocksDB opens it; meta, epochs, token count)."""
     path = Path(path)
     with staged_backup(path, scratch_parent or path.absolute().parent) as staged:
+        try:
+            VaultStore.verify_checkpoint(staged.checkpoint_dir, staged.index, staged.view)
+        except SnapshotRejected as error:
+            raise BackupRefused(f"backup file {path} is refused: {error}") from None
         return _staged_summary(staged, path.stat().st_size)
 
 

@@ -23,14 +23,17 @@ from aiohttp.test_utils import TestClient, TestServer
 from click.testing import CliRunner
 
 from node_support import make_configs, start_node, wait_until
+from protocol import Entry, EntryKind
 from tokenvault import auth
 from tokenvault.backup import (BACKUP_WORK_DIR_NAME, HEADER_BYTES, HEADER_INDEX, HEADER_NODE, HEADER_VIEW,
                                BackupError, BackupRefused, BackupStream, restore_data_dir, verify_backup_file)
 from tokenvault.cli import tokenvault
+from tokenvault.commands import RotateEpochCommand, encode_command
 from tokenvault.config import write_node_config
 from tokenvault.http import HttpLimits, ProblemAppRunner, build_app
 from tokenvault.metrics import Metrics
 from tokenvault.snapshots import stage_file
+from tokenvault.store import VaultStore
 from tokenvault.wal import WriteAheadLog
 
 ADMIN_KEY = auth.generate_api_key()
@@ -42,10 +45,11 @@ BIG_CHECKPOINT_FILES = {"000009.sst": os.urandom(6 * 1024 * 1024)}
 
 
 class CheckpointingStore:
-    """A store whose checkpoint is a few fixed files at (index, view) = (41, 3)."""
+    """A store whose checkpoint is a few fixed files at (index, view), (41, 3) by default."""
 
-    def __init__(self, files: dict[str, bytes]) -> None:
+    def __init__(self, files: dict[str, bytes], index: int = 41, view: int = 3) -> None:
         self.files = files
+        self.index, self.view = index, view
         self.checkpoints = 0
 
     def create_checkpoint(self, directory: Path) -> tuple[int, int]:
@@ -53,7 +57,23 @@ class CheckpointingStore:
         for name, data in self.files.items():
             (directory / name).write_bytes(data)
         self.checkpoints += 1
-        return 41, 3
+        return self.index, self.view
+
+
+@pytest.fixture(scope="module")
+def real_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> CheckpointingStore:
+    """The files of a real store's checkpoint at (41, 3): what the CLI's verification opens with RocksDB."""
+    directory = tmp_path_factory.mktemp("real-checkpoint")
+    store = VaultStore.open(directory / "store")
+    try:
+        entries = [Entry(index, 3, EntryKind.NOOP, b"") for index in range(1, 41)]
+        rotate = RotateEpochCommand(1, b"w" * 60, 1_000, None, None, None)
+        entries.append(Entry(41, 3, EntryKind.COMMAND, encode_command(rotate)))
+        store.apply_batch(entries)
+        assert store.create_checkpoint(directory / "checkpoint") == (41, 3)
+    finally:
+        store.close()
+    return CheckpointingStore({path.name: path.read_bytes() for path in (directory / "checkpoint").iterdir()})
 
 
 class BackupService:
@@ -230,8 +250,8 @@ def runner(monkeypatch: pytest.MonkeyPatch) -> CliRunner:
 
 
 @pytest.fixture
-def two_nodes(tmp_path: Path) -> Iterator[tuple[ThreadedServer, ThreadedServer]]:
-    store = CheckpointingStore(CHECKPOINT_FILES)
+def two_nodes(tmp_path: Path, real_checkpoint: CheckpointingStore) -> Iterator[tuple[ThreadedServer, ThreadedServer]]:
+    store = real_checkpoint
     backup = BackupService(store, tmp_path / "n2" / BACKUP_WORK_DIR_NAME, role="backup", node_id="n2")
     primary = BackupService(store, tmp_path / "n1" / BACKUP_WORK_DIR_NAME, role="primary", node_id="n1")
     with ThreadedServer(backup) as backup_server, ThreadedServer(primary) as primary_server:
@@ -276,6 +296,17 @@ def test_cli_backup_with_a_key_lacking_admin_scope_fails_without_a_file(
                                         "--out", str(out)])
     assert result.exit_code == 1 and "403" in result.output
     assert TOKENIZER_KEY not in result.output
+    assert list(tmp_path.glob("vault.backup*")) == []
+
+
+def test_cli_backup_refuses_a_whole_stream_whose_checkpoint_is_no_store(runner: CliRunner, tmp_path: Path) -> None:
+    service = BackupService(CheckpointingStore(CHECKPOINT_FILES), tmp_path / BACKUP_WORK_DIR_NAME)
+    out = tmp_path / "vault.backup"
+    with ThreadedServer(service) as server:
+        result = runner.invoke(tokenvault, ["admin", "backup", "--url", server.url, "--api-key", ADMIN_KEY,
+                                            "--out", str(out)])
+    assert result.exit_code == 1 and "is refused" in result.output and "RocksDB" in result.output
+    assert "Traceback" not in result.output
     assert list(tmp_path.glob("vault.backup*")) == []
 
 

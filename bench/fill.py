@@ -436,6 +436,7 @@ def run_fill(arguments: argparse.Namespace, spec: Any, urls: Sequence[str]) -> F
         start.set(started_at)
         return _collect(arguments, spec, reports, workers, budget, started_at)
     finally:
+        _empty(budget)  # after a second Ctrl-C or an error too: the load processes wind down
         for process in workers:
             process.join(timeout=10)
             if process.is_alive():

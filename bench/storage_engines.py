@@ -29,7 +29,10 @@ LMDB's VmRSS also counts the pages of its memory-mapped file), time to close and
 reopen, and time to take a consistent checkpoint to a directory next to DIR
 (RocksDB: flush + Checkpoint, hard links on the same file system; LMDB:
 env.copy(compact=False); SQLite: wal_checkpoint(TRUNCATE) + the backup API),
-each followed by an fsync of the checkpoint's files. Milestone measurements are
+each followed by an fsync of the checkpoint's files. Rates are given per wall
+second and per second of this process's CPU time (all its threads, RocksDB's
+background compaction included), since the machine is shared; ``load1`` is the
+1-minute load average at the time. Milestone measurements are
 not counted in the insert windows. If ``--max-seconds`` (wall time since the
 start, measurements included) runs out first, the run stops, says where, gives
 the rate at the stop, and measures the store at that size.
@@ -161,7 +164,13 @@ class RocksEngine:
         return options
 
     def open(self) -> None:
-        self.db = self.rocksdict.Rdict(str(self.path), self._options())
+        # The default column family's options must be passed explicitly: given only
+        # ``options``, rocksdict (0.3.29) reopens an existing database with the
+        # column family options read back from its OPTIONS file, where the bloom
+        # filter does not survive (filter_policy=nullptr): every SST written after
+        # a reopen would have no filter. detail() prints the filter coverage.
+        self.db = self.rocksdict.Rdict(str(self.path), self._options(),
+                                       column_families={"default": self._options()})
         write = self.rocksdict.WriteOptions()
         write.sync = False  # WAL on, not synced per write
         write.disable_wal = False
@@ -213,6 +222,11 @@ class RocksEngine:
                 continue
             if count:
                 files[f"L{level}"] = count
+        table = self.db.property_value("rocksdb.aggregated-table-properties") or ""
+        fields = dict(part.strip().split("=", 1) for part in table.split(";") if "=" in part)
+        parts.append(f"sst_entries={fields.get('# entries', '?')} "
+                     f"filter_entries={fields.get('# entries for filter', '?')} "
+                     f"filter_bytes={fields.get('filter block size', '?')}")
         return " ".join(parts) + f" files={files}"
 
     def checkpoint(self, target: Path) -> None:
@@ -424,21 +438,23 @@ def measure_reads(engine, source: KeySource, inserted: int, rng: random.Random) 
     done = found = 0
     position = 0
     started = time.perf_counter()
+    cpu_started = time.process_time()
     while done % 10_000 or time.perf_counter() - started < READ_SECONDS:
         batch = batches[position]
         position = (position + 1) % len(batches)
         found += engine.read_batch(batch)
         done += len(batch)
     seconds = time.perf_counter() - started
+    cpu_seconds = time.process_time() - cpu_started
     if found != done:
         raise SystemExit(f"read check failed: {found} of {done} existing keys found")
-    return done / seconds, done
+    return done / seconds, done / cpu_seconds, done
 
 
-def measure_store(engine, args, source: KeySource, inserted: int, window_rate: float, label: str,
-                  rng: random.Random) -> None:
+def measure_store(engine, args, source: KeySource, inserted: int, window_rate: float, window_cpu_rate: float,
+                  label: str, rng: random.Random) -> None:
     engine.commit()
-    read_rate, read_keys = measure_reads(engine, source, inserted, rng)
+    read_rate, read_cpu_rate, read_keys = measure_reads(engine, source, inserted, rng)
     allocated, apparent = directory_bytes(args.directory)
     disk = f"disk {allocated / inserted:.1f} B/token ({allocated / GIB:.2f} GiB, apparent {apparent / GIB:.2f} GiB)"
     if engine.compacts:
@@ -469,8 +485,10 @@ def measure_store(engine, args, source: KeySource, inserted: int, window_rate: f
     checkpoint_allocated, _ = directory_bytes(target)
     shutil.rmtree(target)
     after_checkpoint, _ = directory_bytes(args.directory)
-    say(f"{label} engine={engine.name} tokens={inserted:,} insert={window_rate:,.0f} values/s (last window) "
-        f"read={read_rate:,.0f} keys/s ({read_keys:,} keys in 100-key multi-gets) {disk} "
+    say(f"{label} engine={engine.name} tokens={inserted:,} insert={window_rate:,.0f} values/s "
+        f"({window_cpu_rate:,.0f} per CPU-s, last window) "
+        f"read={read_rate:,.0f} keys/s ({read_cpu_rate:,.0f} per CPU-s, {read_keys:,} keys in 100-key multi-gets) "
+        f"{disk} load1={os.getloadavg()[0]:.2f} "
         f"VmRSS={vm_rss / MIB:,.0f} MiB RssAnon={rss_anon / MIB:,.0f} MiB "
         f"close={closed - started:.2f} s reopen={opened - closed:.3f} s "
         f"checkpoint={synced - started_checkpoint:.2f} s (make {made - started_checkpoint:.2f} s + fsync "
@@ -525,9 +543,10 @@ def main() -> int:
     inserted = 0
     batch_number = 0
     window_started = time.perf_counter()
+    window_cpu = time.process_time()
     window_inserted = 0
     window_number = 0
-    last_window_rate = 0.0
+    last_window_rate = last_window_cpu_rate = 0.0
     pending = list(milestones)
     while pending:
         keys = source.keys(batch_number)
@@ -539,29 +558,37 @@ def main() -> int:
         window_inserted += new
         if window_inserted >= WINDOW_TOKENS:
             now = time.perf_counter()
+            cpu_now = time.process_time()
             window_number += 1
             last_window_rate = window_inserted / (now - window_started)
+            last_window_cpu_rate = window_inserted / max(1e-9, cpu_now - window_cpu)
             say(f"window {window_number:>3} engine={args.engine} tokens={inserted:,} insert={last_window_rate:,.0f} "
-                f"values/s elapsed={now - run_started:,.0f} s")
+                f"values/s ({last_window_cpu_rate:,.0f} per CPU-s, process CPU {cpu_now - window_cpu:.1f} s "
+                f"in {now - window_started:.1f} s) elapsed={now - run_started:,.0f} s load1={os.getloadavg()[0]:.2f}")
             window_inserted = 0
             window_started = now
+            window_cpu = cpu_now
         if inserted >= pending[0]:
             pending.pop(0)
-            rate = last_window_rate
+            rate, cpu_rate = last_window_rate, last_window_cpu_rate
             if window_inserted:  # milestone off a window boundary, or before the first full window
                 rate = window_inserted / (time.perf_counter() - window_started)
-            measure_store(engine, args, source, inserted, rate, "milestone", rng)
+                cpu_rate = window_inserted / max(1e-9, time.process_time() - window_cpu)
+            measure_store(engine, args, source, inserted, rate, cpu_rate, "milestone", rng)
             window_started = time.perf_counter()
+            window_cpu = time.process_time()
             window_inserted = 0
             continue
         if args.max_seconds and batch_number % 100 == 0 and time.perf_counter() - run_started >= args.max_seconds:
             now = time.perf_counter()
             rate = window_inserted / (now - window_started) if window_inserted else last_window_rate
+            cpu_rate = (window_inserted / max(1e-9, time.process_time() - window_cpu) if window_inserted
+                        else last_window_cpu_rate)
             say(f"STOPPED engine={args.engine}: --max-seconds {args.max_seconds:,.0f} reached at tokens={inserted:,} "
-                f"before milestone {pending[0]:,}; insert rate at stop {rate:,.0f} values/s "
+                f"before milestone {pending[0]:,}; insert rate at stop {rate:,.0f} values/s ({cpu_rate:,.0f} per CPU-s) "
                 f"(current partial window of {window_inserted:,}), last full window "
                 + (f"{last_window_rate:,.0f} values/s" if last_window_rate else "none"))
-            measure_store(engine, args, source, inserted, rate, "partial", rng)
+            measure_store(engine, args, source, inserted, rate, cpu_rate, "partial", rng)
             break
     engine.close()
     say(f"done engine={args.engine} tokens={inserted:,} wall={time.perf_counter() - run_started:,.0f} s")

@@ -57,7 +57,7 @@ from tokenvault.errors import Unavailable
 from tokenvault.logs import get_logger
 from tokenvault.snapshots import SnapshotRejected, SnapshotSource, stage_file
 from tokenvault.store import StoreError, VaultStore
-from tokenvault.wal import WriteAheadLog
+from tokenvault.wal import WalFatal, WriteAheadLog
 
 log = get_logger("tokenvault.backup")
 
@@ -313,9 +313,9 @@ def install_staged(staged: Any, config: Any, master_key: Any = None, *, consume:
         key = master_key if master_key is not None else config.load_master_key()
     except CryptoError as error:
         raise BackupError(f"cannot load the master key of {config.node_id}: {error}") from None
-    building = Path(tempfile.mkdtemp(prefix=f".{data_dir.name}.restoring-", dir=data_dir.parent))
+    building: Path | None = None
     try:
-        os.chmod(building, 0o700)
+        building = Path(tempfile.mkdtemp(prefix=f".{data_dir.name}.restoring-", dir=data_dir.parent))
         epochs, token_count = _install_store(building / STORE_DIR_NAME, staged, config, key, consume)
         _start_log_after(building / WAL_DIR_NAME, staged.index, staged.view, config)
         _fsync_tree(building)
@@ -323,8 +323,13 @@ def install_staged(staged: Any, config: Any, master_key: Any = None, *, consume:
             data_dir.rmdir()  # empty, checked above; rename() cannot replace it on every file system
         os.replace(building, data_dir)
         _fsync_directory(data_dir.parent)
-    except BaseException:
-        shutil.rmtree(building, ignore_errors=True)
+    except BaseException as error:
+        if building is not None:
+            shutil.rmtree(building, ignore_errors=True)
+        if isinstance(error, (OSError, WalFatal)):
+            reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+            raise BackupError(f"cannot build the data directory of {config.node_id} in {data_dir.parent}: "
+                              f"{reason}") from None
         raise
     return RestoredNode(config.node_id, data_dir, staged.index, staged.view, epochs, token_count)
 
@@ -469,7 +474,8 @@ async def download_backup(urls: Sequence[str], api_key: str | None, destination:
                     failures.append(f"{url}: 503 {busy.title}")
                     wait_seconds = max(wait_seconds, busy.retry_after_seconds)
                     continue
-                except (aiohttp.ClientConnectorError, asyncio.TimeoutError) as error:
+                except (aiohttp.ClientError, asyncio.TimeoutError) as error:
+                    # Before the stream started (a broken stream is a BackupError): try the next node.
                     failures.append(f"{url}: {type(error).__name__}")
                     continue
                 if result is not None:
@@ -512,8 +518,8 @@ async def _download_from(session: Any, url: str, headers: dict[str, str], partia
         report(f"streaming the backup of {node_id or url} ({role or 'unknown role'}) at index {index}, "
                f"view {view}")
         size_bytes = 0
-        descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
+            descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             with os.fdopen(descriptor, "wb") as handle:
                 try:
                     async for chunk in response.content.iter_chunked(BACKUP_CHUNK_BYTES):
@@ -525,8 +531,10 @@ async def _download_from(session: Any, url: str, headers: dict[str, str], partia
                         from None
                 handle.flush()
                 os.fsync(handle.fileno())
-        except BaseException:
+        except BaseException as error:
             partial.unlink(missing_ok=True)
+            if isinstance(error, OSError):
+                raise BackupError(f"cannot write {partial}: {error.strerror or error}") from None
             raise
         return _Received(url, node_id, role, index, view, size_bytes)
 

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
@@ -82,6 +83,7 @@ class BackupService:
     def __init__(self, store: Any, work_root: Path, role: str = "primary", node_id: str = "n1") -> None:
         self.store, self.work_root, self.role, self.node_id = store, work_root, role, node_id
         self.gate: asyncio.Event | None = None
+        self.fail_midway = False
 
     def health(self) -> dict[str, Any]:
         return {"status": "ok", "node_id": self.node_id, "role": self.role, "view": 3, "primary_id": "n1",
@@ -89,6 +91,15 @@ class BackupService:
 
     async def open_backup(self) -> BackupStream:
         stream = await BackupStream.open(self.store, self.work_root)
+        if self.fail_midway:
+            whole = stream.chunks
+
+            async def failing(chunk_bytes: int):  # type: ignore[no-untyped-def]
+                async for chunk in whole(chunk_bytes):
+                    yield chunk
+                    raise OSError("the disk went away")
+
+            stream.chunks = failing  # type: ignore[method-assign]
         if self.gate is not None:
             original = stream.chunks
 
@@ -307,6 +318,28 @@ def test_cli_backup_refuses_a_whole_stream_whose_checkpoint_is_no_store(runner: 
                                             "--out", str(out)])
     assert result.exit_code == 1 and "is refused" in result.output and "RocksDB" in result.output
     assert "Traceback" not in result.output
+    assert list(tmp_path.glob("vault.backup*")) == []
+
+
+async def test_a_failure_midway_breaks_the_transfer_instead_of_ending_it(tmp_path: Path) -> None:
+    service = BackupService(CheckpointingStore(BIG_CHECKPOINT_FILES), tmp_path / BACKUP_WORK_DIR_NAME)
+    service.fail_midway = True
+    async with TestClient(TestServer(backup_app(service))) as client:
+        response = await client.get("/v1/admin/backup", headers=bearer(ADMIN_KEY))
+        assert response.status == 200
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await response.read()
+    await wait_until(lambda: work_dirs(service) == [], 10.0, "the checkpoint to be deleted")
+
+
+def test_cli_backup_of_a_stream_that_breaks_off_keeps_nothing(runner: CliRunner, tmp_path: Path) -> None:
+    service = BackupService(CheckpointingStore(BIG_CHECKPOINT_FILES), tmp_path / BACKUP_WORK_DIR_NAME)
+    service.fail_midway = True
+    out = tmp_path / "vault.backup"
+    with ThreadedServer(service) as server:
+        result = runner.invoke(tokenvault, ["admin", "backup", "--url", server.url, "--api-key", ADMIN_KEY,
+                                            "--out", str(out)])
+    assert result.exit_code == 1 and "broke off" in result.output and "Traceback" not in result.output
     assert list(tmp_path.glob("vault.backup*")) == []
 
 

@@ -55,7 +55,7 @@ from tokenvault.client import AsyncClient, NoNodeAvailable, ProblemError, Respon
 from tokenvault.crypto import CryptoError, KeyRing
 from tokenvault.errors import Unavailable
 from tokenvault.logs import get_logger
-from tokenvault.snapshots import SnapshotRejected, SnapshotSource, stage_file
+from tokenvault.snapshots import SnapshotRejected, SnapshotSource, StagedSnapshot, stage_file
 from tokenvault.store import StoreError, VaultStore
 from tokenvault.wal import WalFatal, WriteAheadLog
 
@@ -139,19 +139,27 @@ class BackupStream:
             created.add_done_callback(lambda future: cls._discard_later(future, work_dir))
             raise
         except BaseException:
-            cls._active_work_dirs.discard(work_dir)
-            await asyncio.to_thread(shutil.rmtree, work_dir, True)
+            await cls._discard(None, work_dir)
             raise
         return cls(source, work_dir)
 
     @classmethod
     def _discard_later(cls, future: asyncio.Future[Any], work_dir: Path) -> None:
         source = None if future.cancelled() or future.exception() is not None else future.result()
-        stream = cls.__new__(cls)
-        stream._source, stream._work_dir, stream._pending_read, stream._closed = source, work_dir, None, False
-        task = asyncio.get_running_loop().create_task(stream.close())
+        cls._keep_until_done(asyncio.get_running_loop().create_task(cls._discard(source, work_dir)))
+
+    @classmethod
+    def _keep_until_done(cls, task: asyncio.Task[None]) -> None:
+        # The loop holds tasks only weakly: keep a clean-up alive even when nobody awaits it.
         cls._closing_tasks.add(task)
         task.add_done_callback(cls._closing_tasks.discard)
+
+    @classmethod
+    async def _discard(cls, source: SnapshotSource | None, work_dir: Path) -> None:
+        try:
+            await asyncio.to_thread(_discard_files, source, work_dir)
+        finally:
+            cls._active_work_dirs.discard(work_dir)  # on the loop's thread, like every other use of the set
 
     async def chunks(self, chunk_bytes: int = BACKUP_CHUNK_BYTES) -> AsyncIterator[bytes]:
         """The stream in order, ``chunk_bytes`` at a time, each read in a worker thread."""
@@ -176,25 +184,25 @@ class BackupStream:
             return
         self._closed = True
         task = asyncio.get_running_loop().create_task(self._close_after_reads())
-        self._closing_tasks.add(task)
-        task.add_done_callback(self._closing_tasks.discard)
+        self._keep_until_done(task)
         await asyncio.shield(task)
 
     async def _close_after_reads(self) -> None:
         pending = self._pending_read
         if pending is not None and not pending.done():
             await asyncio.wait([pending])
-        await asyncio.to_thread(self._close_source)
+        await self._discard(self._source, self._work_dir)
 
-    def _close_source(self) -> None:
-        try:
-            if self._source is not None:
-                self._source.close()
-        except Exception as error:  # noqa: BLE001 - the clean-up below still runs; the type is logged
-            log.warning("backup.close_failed", error_type=type(error).__name__)
-        finally:
-            shutil.rmtree(self._work_dir, ignore_errors=True)
-            self._active_work_dirs.discard(self._work_dir)
+
+def _discard_files(source: SnapshotSource | None, work_dir: Path) -> None:
+    """Close the source (which deletes its checkpoint) and remove the stream's work directory."""
+    try:
+        if source is not None:
+            source.close()
+    except Exception as error:  # noqa: BLE001 - the clean-up below still runs; the type is logged
+        log.warning("backup.close_failed", error_type=type(error).__name__)
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
 
 
 def _create_source(store: Any, work_root: Path, work_dir: Path, active: frozenset[Path]) -> SnapshotSource:
@@ -219,19 +227,12 @@ class VerifiedBackup:
     token_count: int | None
 
 
-def _staged_summary(staged: Any, size_bytes: int) -> VerifiedBackup:
-    manifest = staged.manifest
-    files = _manifest_field(manifest, "files")
-    token_count = _manifest_field(manifest, "token_count")
+def _staged_summary(staged: StagedSnapshot, size_bytes: int) -> VerifiedBackup:
+    # The manifest (format 1) has no token count; a later format may carry one.
+    token_count = getattr(staged.manifest, "token_count", None)
     return VerifiedBackup(index=staged.index, view=staged.view, size_bytes=size_bytes,
-                          file_count=len(files) if isinstance(files, (list, tuple, dict)) else 0,
+                          file_count=len(staged.manifest.files),
                           token_count=token_count if isinstance(token_count, int) else None)
-
-
-def _manifest_field(manifest: Any, name: str) -> Any:
-    if isinstance(manifest, dict):
-        return manifest.get(name)
-    return getattr(manifest, name, None)
 
 
 @contextlib.contextmanager
@@ -303,7 +304,7 @@ def restore_data_dir(backup_file: Path, config: Any, master_key: Any = None) -> 
         return install_staged(staged, config, master_key, consume=True)
 
 
-def install_staged(staged: Any, config: Any, master_key: Any = None, *, consume: bool = False) -> RestoredNode:
+def install_staged(staged: StagedSnapshot, config: Any, master_key: Any = None, *, consume: bool = False) -> RestoredNode:
     """Build the node's data directory from a staged, verified snapshot. The snapshot is copied, so one
     staged backup can fill several nodes, unless ``consume`` (then it is moved: the last or only node).
     The staging directory must be on the data directory's file system."""
@@ -334,7 +335,7 @@ def install_staged(staged: Any, config: Any, master_key: Any = None, *, consume:
     return RestoredNode(config.node_id, data_dir, staged.index, staged.view, epochs, token_count)
 
 
-def _install_store(store_dir: Path, staged: Any, config: Any, master_key: Any, consume: bool) -> tuple[int, int]:
+def _install_store(store_dir: Path, staged: StagedSnapshot, config: Any, master_key: Any, consume: bool) -> tuple[int, int]:
     """Install the staged checkpoint (moved when ``consume``, else a copy) as the live generation of a new
     store; returns (epochs, tokens) after checking that ``master_key`` unwraps every epoch secret in it."""
     checkpoint = store_dir.parent / "checkpoint"

@@ -1,25 +1,31 @@
 """Property tests for tokenvault.store: apply follows a reference model and is deterministic.
 
-Random command sequences (tokenize and rotate with right and wrong epochs,
-idempotency keys reused across principals, timestamps that let records expire,
-no-ops) are applied to a store in random batches with a restart and a replay of
-already-applied entries in between, and to a second store in one batch. Both
-must produce the model's results, and end with identical tables.
+Random command sequences (tokenize and rotate with right and wrong epochs, the
+same tokens again, idempotency keys reused across principals and retried,
+timestamps that let records expire, no-ops) are applied to a store in random
+batches with reopens and replays of already-applied entries in between, and to
+a second store in one batch. Both must produce the model's results (outcomes,
+lookups, token count, epochs, idempotency records including expiry and purge)
+and end byte-identical. Checkpoints taken at any point and installed elsewhere
+give the same state; a batch refused for an insert-once conflict changes nothing.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from protocol import Entry, EntryKind
 from tokenvault.commands import RotateEpochCommand, TokenizeCommand, encode_command
-from tokenvault.store import Outcome, VaultStore
+import pytest
+
+from tokenvault.store import InsertOnceViolation, Outcome, VaultStore
 
 RETENTION_MS = 2_000
 # A small purge limit and a wide key space make the bounded, ordered purge matter.
@@ -75,6 +81,7 @@ class Model:
 
     active_epoch: int = 0
     tokens: dict = field(default_factory=dict)
+    epochs: list = field(default_factory=list)  # [epoch, created_at_ms, state]
     idempotency: dict = field(default_factory=dict)  # (principal, key) -> (created_at_ms, status, response)
 
     def existing(self, principal, key, now_ms):
@@ -111,6 +118,9 @@ class Model:
             record = self.existing(principal, key, at_ms)
             if record is not None:
                 return (Outcome.DUPLICATE, record[1], record[2])
+            if self.epochs:
+                self.epochs[-1][2] = "retired"
+            self.epochs.append([epoch, at_ms, "active"])
             self.active_epoch = epoch
             body, status = json.dumps({"epoch": epoch}, separators=(",", ":")).encode(), 201
         if key is not None:
@@ -118,15 +128,31 @@ class Model:
         return (Outcome.OK, status, body)
 
 
-def tables(store: VaultStore) -> dict:
-    connection = store._connection
-    return {table: connection.execute(f"SELECT * FROM {table} ORDER BY 1, 2").fetchall()
-            for table in ("tokens", "epochs", "idempotency", "meta")}
+def dump(store: VaultStore) -> list:
+    """Every key and value of the live database, meta included."""
+    return list(store._db.items())
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(command_list=st.lists(commands, min_size=5, max_size=40), data=st.data())
-def test_apply_matches_the_model_whatever_the_batching_restarts_and_replays(command_list, data):
+def idempotency_count(store: VaultStore) -> int:
+    return sum(1 for key in store._db.keys(from_key=b"i") if key[:1] == b"i")
+
+
+_EMPTY_STORE = tempfile.TemporaryDirectory(prefix="tokenvault-empty-store-")
+
+
+def open_store(path: Path) -> VaultStore:
+    """Open the store at ``path``; a new one starts as a copy of an empty store made once, which
+    spares each example the fsyncs of a creation (tests/unit/test_store.py covers creating)."""
+    if not path.exists():
+        template = Path(_EMPTY_STORE.name) / "store"
+        if not template.exists():
+            VaultStore.open(template).close()
+        shutil.copytree(template, path)
+    return VaultStore.open(path, retention_ms=RETENTION_MS, purge_limit_per_command=PURGE_LIMIT)
+
+
+def build(command_list: list) -> tuple[Model, list, list]:
+    """The model after the commands, their entries, and the model's result of each command."""
     model = Model()
     entries, expected = [], []
     for index, drawn in enumerate(command_list, start=1):
@@ -134,11 +160,31 @@ def test_apply_matches_the_model_whatever_the_batching_restarts_and_replays(comm
         entries.append(to_entry(index, command))
         if command[0] != "noop":
             expected.append((index, *model.apply(command)))
+    return model, entries, expected
+
+
+def assert_matches(store: VaultStore, model: Model) -> None:
+    assert store.active_epoch() == model.active_epoch
+    assert store.lookup(list(model.tokens)) == model.tokens
+    assert store.token_count() == len(model.tokens)
+    assert [[e.epoch, e.created_at_ms, e.state] for e in store.epochs()] == model.epochs
+    assert all(e.wrapped_secret == b"wrapped" for e in store.epochs())
+    for (principal, key), (created_at_ms, status, body) in model.idempotency.items():
+        record = store.idempotency_get(principal, key)
+        assert record is not None
+        assert (record.status, record.response, record.created_at_ms) == (status, body, created_at_ms)
+    assert idempotency_count(store) == len(model.idempotency)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(command_list=st.lists(commands, min_size=5, max_size=40), data=st.data())
+def test_apply_matches_the_model_whatever_the_batching_reopens_and_replays(command_list, data):
+    model, entries, expected = build(command_list)
     cuts = sorted(data.draw(st.sets(st.integers(1, len(entries)), max_size=6)))
-    restart_after = data.draw(st.integers(0, len(cuts)))
+    reopen_after = data.draw(st.sets(st.integers(0, len(cuts)), max_size=3))
     with tempfile.TemporaryDirectory() as temporary:
-        path = Path(temporary) / "batched.db"
-        batched = VaultStore.open(path, retention_ms=RETENTION_MS, purge_limit_per_command=PURGE_LIMIT)
+        path = Path(temporary) / "batched"
+        batched = open_store(path)
         results = []
         start = 0
         for position, end in enumerate(cuts + [len(entries)]):
@@ -146,44 +192,69 @@ def test_apply_matches_the_model_whatever_the_batching_restarts_and_replays(comm
             replay_from = data.draw(st.integers(0, start))
             results += batched.apply_batch(entries[replay_from:end])
             start = max(start, end)
-            if position == restart_after:
+            if position in reopen_after:
                 batched.close()
-                batched = VaultStore.open(path, retention_ms=RETENTION_MS, purge_limit_per_command=PURGE_LIMIT)
-        single = VaultStore.open(Path(temporary) / "single.db", retention_ms=RETENTION_MS, purge_limit_per_command=PURGE_LIMIT)
+                batched = open_store(path)
+        single = open_store(Path(temporary) / "single")
         single_results = single.apply_batch(entries)
         assert [(r.index, r.outcome, r.status, r.response) for r in results] == expected
         assert single_results == results
-        assert tables(batched) == tables(single)
+        assert dump(batched) == dump(single)
         assert batched.applied_index == len(entries)
-        assert batched.active_epoch() == model.active_epoch
-        assert batched.lookup(list(model.tokens)) == model.tokens
-        assert batched.token_count() == len(model.tokens)
-        for (principal, key), (_, status, body) in model.idempotency.items():
-            record = batched.idempotency_get(principal, key)
-            assert record is not None and (record.status, record.response) == (status, body)
-        assert len(tables(batched)["idempotency"]) == len(model.idempotency)
+        assert_matches(batched, model)
         batched.close()
+        reopened = open_store(path)
+        assert_matches(reopened, model)
+        reopened.close()
         single.close()
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(command_list=st.lists(commands, min_size=2, max_size=30), data=st.data())
-def test_snapshot_at_any_point_then_the_rest_of_the_log_gives_the_same_state(command_list, data):
-    model = Model()
-    entries = []
-    for index, drawn in enumerate(command_list, start=1):
-        command = resolve_epoch(drawn, model.active_epoch)
-        entries.append(to_entry(index, command))
-        if command[0] != "noop":
-            model.apply(command)
+def test_checkpoint_at_any_point_then_the_rest_of_the_log_gives_the_same_state(command_list, data):
+    model, entries, _ = build(command_list)
     split = data.draw(st.integers(1, len(entries) - 1))
+    target_prefix = data.draw(st.integers(0, len(entries)))
     with tempfile.TemporaryDirectory() as temporary:
-        source = VaultStore.open(Path(temporary) / "source.db", retention_ms=RETENTION_MS, purge_limit_per_command=PURGE_LIMIT)
+        source = open_store(Path(temporary) / "source")
         source.apply_batch(entries[:split])
-        index, view, image = source.snapshot_bytes()
-        target = VaultStore.open(Path(temporary) / "target.db", retention_ms=RETENTION_MS, purge_limit_per_command=PURGE_LIMIT)
-        target.install_snapshot(image, index, view)
+        index, view = source.create_checkpoint(Path(temporary) / "checkpoint")
+        assert (index, view) == (split, 1)
+        # The target has a state of its own (possibly ahead): the install replaces it whole.
+        target = open_store(Path(temporary) / "target")
+        target.apply_batch(entries[:target_prefix])
+        target.commit_install(target.prepare_install(Path(temporary) / "checkpoint", index, view)).close()
+        assert dump(target) == dump(source)
         assert target.apply_batch(entries) == source.apply_batch(entries)
-        assert tables(target) == tables(source)
+        assert dump(target) == dump(source)
+        assert_matches(target, model)
         source.close()
         target.close()
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(command_list=st.lists(commands, min_size=2, max_size=30), data=st.data())
+def test_a_batch_refused_for_an_insert_once_conflict_changes_nothing(command_list, data):
+    model, entries, _ = build(command_list)
+    assume(model.tokens)
+    split = data.draw(st.integers(0, len(entries)))
+    conflicting_token = data.draw(st.sampled_from(sorted(model.tokens)))
+    epoch = model.active_epoch  # the epoch at the end of the log, so the command is applied, not a mismatch
+    with tempfile.TemporaryDirectory() as temporary:
+        store = open_store(Path(temporary) / "store")
+        twin = open_store(Path(temporary) / "twin")
+        for vault in (store, twin):
+            vault.apply_batch(entries[:split])
+        # The rest of the log, then a command that maps a stored token to another ciphertext.
+        conflict = TokenizeCommand(epoch, ((conflicting_token, b"other"),), None, None, None, 0)
+        refused = entries[split:] + [Entry(len(entries) + 1, 1, EntryKind.COMMAND, encode_command(conflict))]
+        before = (store.applied_index, store.active_epoch(), store.token_count(), dump(store))
+        with pytest.raises(InsertOnceViolation):
+            store.apply_batch(refused)
+        assert (store.applied_index, store.active_epoch(), store.token_count(), dump(store)) == before
+        # Without the conflicting command both stores go on identically (memory included: purge state).
+        assert store.apply_batch(entries) == twin.apply_batch(entries)
+        assert dump(store) == dump(twin)
+        assert_matches(store, model)
+        store.close()
+        twin.close()

@@ -123,6 +123,8 @@ INFO_LOG_KEEP_FILES = 2
 INFO_LOG_MAX_BYTES = 4 * 1024 * 1024
 # Opening a received checkpoint for verification reads a handful of blocks.
 VERIFY_CACHE_BYTES = 1024 * 1024
+# Longest RocksDB error text quoted in a StoreCorruption or SnapshotRejected message.
+REASON_MAX_CHARS = 200
 # Epochs are stored in 4 bytes per token row; each rotation adds exactly one,
 # so reaching this would take four billion rotations.
 MAX_STORED_EPOCH = 2**32 - 1
@@ -373,6 +375,13 @@ def _options(cache: Cache, *, create: bool = False) -> Options:
     return options
 
 
+def _reason(failure: BaseException) -> str:
+    """RocksDB's own words (a status such as "IO error: ..." or "Corruption: block checksum
+    mismatch ..." naming files and offsets, never keys or values), one line, bounded."""
+    text = str(failure).splitlines()[0] if str(failure) else type(failure).__name__
+    return text[:REASON_MAX_CHARS]
+
+
 def _check_rocksdict_config(directory: Path, error: type[StoreError]) -> None:
     config = directory / ROCKSDICT_CONFIG_FILE
     if not config.exists():
@@ -393,8 +402,8 @@ def _open_database(directory: Path, options: Options, error: type[StoreError], *
     _check_rocksdict_config(directory, error)
     try:
         families = Rdict.list_cf(str(directory), options)
-    except Exception:
-        raise error(f"{directory} is not a readable RocksDB database") from None
+    except Exception as failure:
+        raise error(f"{directory} is not a readable RocksDB database: {_reason(failure)}") from None
     if families != ["default"]:
         raise error(f"{directory} holds column families this store does not use")
     try:
@@ -402,13 +411,13 @@ def _open_database(directory: Path, options: Options, error: type[StoreError], *
             database = Rdict(str(directory), options, access_type=AccessType.read_only(False))
         else:
             database = Rdict(str(directory), options)
-    except Exception:
-        raise error(f"{directory} cannot be opened as a RocksDB database") from None
+    except Exception as failure:
+        raise error(f"{directory} cannot be opened as a RocksDB database: {_reason(failure)}") from None
     try:
         try:
             meta_value = database.get(_META_KEY)
-        except Exception:
-            raise error(f"{directory}: reading the meta record failed") from None
+        except Exception as failure:
+            raise error(f"{directory}: reading the meta record failed: {_reason(failure)}") from None
         return database, _decode_meta(meta_value, error)
     except BaseException:
         database.close()
@@ -479,8 +488,9 @@ class PreparedInstall:
 
 
 class RetiredGeneration:
-    """The generation an install replaced. ``close()`` (from a worker thread: it can take 0.3 s)
-    closes its database and deletes its directory; a crash before that leaves it for the next open."""
+    """The generation an install replaced. ``close()`` (or calling it; from a worker thread: it can
+    take 0.3 s) closes its database and deletes its directory; a crash before that leaves it for the
+    next open to delete."""
 
     def __init__(self, database: Rdict, directory: Path, lock: threading.Lock) -> None:
         self._database: Rdict | None = database
@@ -496,6 +506,8 @@ class RetiredGeneration:
         _after_install_step("old_closed")
         _remove_tree(self.directory)
         fsync_directory(self.directory.parent)
+
+    __call__ = close
 
 
 # ---------------------------------------------------------------- the store
@@ -558,15 +570,18 @@ class VaultStore:
         if path.is_symlink() or not path.is_dir():
             raise StoreCorruption(f"{path} is not a store directory")
         generation = _read_current(path)
-        _remove_leftovers(path, generation)
+        # Opened first: RocksDB's lock on the live generation keeps a second
+        # process from deleting what the first one is installing.
         database, meta = _open_database(path / generation, _options(cache), StoreCorruption)
         try:
+            _remove_leftovers(path, generation)
             store = cls(path, generation, database, meta, cache, retention_ms, purge_limit_per_command)
         except Exception as error:
             database.close()
-            if isinstance(error, StoreError):
+            if isinstance(error, (StoreError, OSError)):
                 raise
-            raise StoreCorruption(f"{path / generation} cannot be read as a TokenVault store") from None
+            raise StoreCorruption(f"{path / generation} cannot be read as a TokenVault store: "
+                                  f"{_reason(error)}") from None
         store.checkpoint()
         return store
 
@@ -861,13 +876,15 @@ class VaultStore:
         Callable from a worker thread. ``staged`` must be on the store's
         filesystem. If verification fails it is left where it is; after the
         move, any failure deletes it. One install may be prepared at a time.
+        Refusals (a bad checkpoint, another install prepared, a closed store)
+        raise SnapshotRejected; I/O errors raise OSError.
         """
         staged = Path(staged)
         with self._install_lock:
             if self._closed:
-                raise StoreError("the store is closed")
+                raise SnapshotRejected("the store is closed")
             if self._pending is not None:
-                raise StoreError("another install is prepared already")
+                raise SnapshotRejected("another install is prepared already")
             placeholder = PreparedInstall(index, view, staged)
             self._pending = placeholder
         target: Path | None = None

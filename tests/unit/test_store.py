@@ -227,6 +227,18 @@ def test_an_extra_column_family_is_refused(tmp_path):
         VaultStore.open(path)
 
 
+def test_the_database_runs_with_the_chosen_tuning(tmp_path):
+    vault = VaultStore.open(tmp_path / "store")
+    vault.close()
+    newest = max((tmp_path / "store" / "gen-000001").glob("OPTIONS-*"), key=lambda path: int(path.name[8:]))
+    settings = {line.strip() for line in newest.read_text().splitlines()}
+    for expected in ("compression=kLZ4Compression", "bottommost_compression=kZSTD",
+                     "write_buffer_size=67108864", "max_write_buffer_number=2",
+                     "level_compaction_dynamic_level_bytes=true", "max_background_jobs=2",
+                     "filter_policy=bloomfilter", "wal_recovery_mode=kPointInTimeRecovery", "no_block_cache=false"):
+        assert expected in settings
+
+
 # ------------------------------------------------------------------ apply
 def test_rotation_creates_active_epoch_and_retires_the_previous(store):
     log = Log()
@@ -644,7 +656,7 @@ def test_checkpoint_install_round_trip_replaces_the_whole_state_and_survives_a_r
     assert (target.applied_index, target.applied_view, target.active_epoch(), target.token_count()) == (4, 3, 2, 2)
     assert target.checkpoint() == 4
     assert target.lookup([token(1, 50)]) == {}
-    retired.close()
+    retired()  # the driver hands it to an executor as a plain callable
     retired.close()  # closing twice is harmless
     assert listing(tmp_path / "target") == ["CURRENT", "gen-000002"]
     (result,) = target.apply_batch([log.command(tokenize(2, [9]))])
@@ -692,7 +704,7 @@ def test_only_one_install_is_prepared_at_a_time_and_close_drops_it(tmp_path):
     source.create_checkpoint(tmp_path / "two")
     target = VaultStore.open(tmp_path / "target")
     target.prepare_install(tmp_path / "one", 4, 3)
-    with pytest.raises(StoreError, match="another install"):
+    with pytest.raises(SnapshotRejected, match="another install"):
         target.prepare_install(tmp_path / "two", 4, 3)
     assert (tmp_path / "two").is_dir()
     target.close()  # with the install still prepared

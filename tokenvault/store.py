@@ -406,11 +406,15 @@ def _open_database(directory: Path, options: Options, error: type[StoreError], *
         raise error(f"{directory} is not a readable RocksDB database: {_reason(failure)}") from None
     if families != ["default"]:
         raise error(f"{directory} holds column families this store does not use")
+    # The default column family's options are named explicitly: without that,
+    # rocksdict reopens an existing database without our table options (no bloom filter).
+    families = {"default": options}
     try:
         if read_only:
-            database = Rdict(str(directory), options, access_type=AccessType.read_only(False))
+            database = Rdict(str(directory), options, column_families=families,
+                             access_type=AccessType.read_only(False))
         else:
-            database = Rdict(str(directory), options)
+            database = Rdict(str(directory), options, column_families=families)
     except Exception as failure:
         raise error(f"{directory} cannot be opened as a RocksDB database: {_reason(failure)}") from None
     try:

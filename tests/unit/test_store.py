@@ -228,8 +228,8 @@ def test_an_extra_column_family_is_refused(tmp_path):
 
 
 def test_the_database_runs_with_the_chosen_tuning(tmp_path):
-    vault = VaultStore.open(tmp_path / "store")
-    vault.close()
+    VaultStore.open(tmp_path / "store").close()
+    VaultStore.open(tmp_path / "store").close()  # the options of a reopen, not only of the creation
     newest = max((tmp_path / "store" / "gen-000001").glob("OPTIONS-*"), key=lambda path: int(path.name[8:]))
     settings = {line.strip() for line in newest.read_text().splitlines()}
     for expected in ("compression=kLZ4Compression", "bottommost_compression=kZSTD",

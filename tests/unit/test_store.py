@@ -14,6 +14,7 @@ from rocksdict import AccessType, Options, Rdict
 from protocol import Entry, EntryKind
 from tokenvault.commands import CommandError, RotateEpochCommand, TokenizeCommand, encode_command
 from tokenvault.store import (
+    BLOCK_CACHE_BYTES,
     PURGE_LIMIT_PER_COMMAND,
     SCHEMA_VERSION,
     STORE_MARKER,
@@ -237,6 +238,9 @@ def test_the_database_runs_with_the_chosen_tuning(tmp_path):
                      "level_compaction_dynamic_level_bytes=true", "max_background_jobs=2",
                      "filter_policy=bloomfilter", "wal_recovery_mode=kPointInTimeRecovery", "no_block_cache=false"):
         assert expected in settings
+    vault = VaultStore.open(tmp_path / "store")
+    assert vault._db.property_int_value("rocksdb.block-cache-capacity") == BLOCK_CACHE_BYTES
+    vault.close()
 
 
 # ------------------------------------------------------------------ apply

@@ -518,9 +518,9 @@ class RetiredGeneration:
 class VaultStore:
     """The applied state of one node.
 
-    Apply, reads, checkpoint, commit_install and close belong to one thread (the
-    event loop). create_checkpoint, verify_checkpoint, prepare_install and
-    RetiredGeneration.close may run in worker threads meanwhile.
+    Apply, reads, commit_install and close belong to one thread (the event
+    loop). checkpoint, create_checkpoint, verify_checkpoint, prepare_install,
+    abort_install and RetiredGeneration.close may run in worker threads meanwhile.
     """
 
     def __init__(self, path: Path, generation: str, database: Rdict, meta: tuple[int, int, int],
@@ -550,7 +550,6 @@ class VaultStore:
         # Every age key at or below this one is deleted: the purge seeks past it
         # instead of stepping over the tombstones of earlier purges. Not persisted.
         self._purge_resume_key: bytes | None = None
-        self._durable_index = 0
 
     @classmethod
     def open(cls, path: Path, *, retention_ms: int = DEFAULT_RETENTION_MS,
@@ -815,10 +814,17 @@ class VaultStore:
 
     # ------------------------------------------------------------ durability
     def checkpoint(self) -> int:
-        """Make the applied state durable (fsync RocksDB's WAL); returns the applied index now on disk for sure."""
-        self._db.flush_wal(True)
-        self._durable_index = self._applied_index
-        return self._durable_index
+        """Make the applied state durable (fsync RocksDB's WAL); returns the applied index now on disk for sure.
+
+        May run in a worker thread while the apply thread goes on: the index is
+        read before the fsync, so every batch up to it was in the WAL by then.
+        """
+        with self._checkpoint_lock:  # a replaced generation is not closed meanwhile
+            if self._closed:
+                raise StoreError("the store is closed")
+            index = self._applied_index
+            self._db.flush_wal(True)
+        return index
 
     # ------------------------------------------------------------ snapshots
     def create_checkpoint(self, directory: Path) -> tuple[int, int]:
@@ -938,9 +944,9 @@ class VaultStore:
             prepared._database = None
             self._pending = None
         _after_install_step("handle_swapped")
+        # Every file of the new generation was fsynced before the switch, so
+        # the installed state is durable from here on.
         self._load_state(_decode_meta(new_database.get(_META_KEY), StoreCorruption))
-        # Every file of the new generation was fsynced before the switch.
-        self._durable_index = self._applied_index
         return RetiredGeneration(old_database, old_directory, self._checkpoint_lock)
 
     def abort_install(self, prepared: PreparedInstall) -> None:

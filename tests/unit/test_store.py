@@ -507,6 +507,34 @@ def test_checkpoint_returns_the_durable_applied_index(store):
     assert store.checkpoint() == 4
 
 
+def test_checkpoint_from_a_worker_thread_while_batches_are_applied(store):
+    log = Log()
+    started(store, log)
+    returned: list[int] = []
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def checkpoints() -> None:
+        try:
+            while not stop.is_set():
+                returned.append(store.checkpoint())
+        except BaseException as error:  # reported by the main thread
+            errors.append(error)
+
+    worker = threading.Thread(target=checkpoints)
+    worker.start()
+    try:
+        for number in range(300):
+            store.apply_batch([log.command(tokenize(1, [number]))])
+            assert not returned or returned[-1] <= store.applied_index
+    finally:
+        stop.set()
+        worker.join(timeout=30)
+    assert not worker.is_alive() and errors == []
+    assert returned == sorted(returned) and returned[-1] <= store.applied_index
+    assert store.checkpoint() == store.applied_index == 302
+
+
 # ------------------------------------------------------------------ idempotency expiry
 def test_expired_idempotency_records_are_purged_deterministically_with_bounded_work(tmp_path):
     stores = [VaultStore.open(tmp_path / f"store-{n}", retention_ms=HOUR_MS) for n in range(2)]

@@ -11,7 +11,8 @@ from protocol.messages import (MESSAGE_REGISTRY, MESSAGE_TYPES, AppendEntries, A
                                ForwardResponse, Heartbeat, HeartbeatReply, Hello, HelloProof, InstallSnapshot,
                                Message, Ping, PreVote, PreVoteReply, RequestVote, SnapshotReply, VoteReply)
 from protocol.records import (BecamePrimary, ElectionStarted, Event, PrimaryChanged, ReadResult, Ready,
-                              ReplicaConfig, RestoredState, Role, SnapshotToInstall, SteppedDown)
+                              ReplicaConfig, RestoredState, Role, SnapshotChunk, SnapshotRead, SnapshotToInstall,
+                              SteppedDown)
 from protocol.replica import Replica
 from protocol.types import INITIAL_HARD_STATE, Entry, EntryKind, HardState
 
@@ -23,7 +24,7 @@ __all__ = [
     "RequestVote",
     "SnapshotReply", "VoteReply",
     "BecamePrimary", "ElectionStarted", "Event", "PrimaryChanged", "ReadResult", "Ready", "ReplicaConfig",
-    "RestoredState", "Role", "SnapshotToInstall", "SteppedDown",
+    "RestoredState", "Role", "SnapshotChunk", "SnapshotRead", "SnapshotToInstall", "SteppedDown",
     "Replica",
     "INITIAL_HARD_STATE", "Entry", "EntryKind", "HardState",
 ]

@@ -98,7 +98,11 @@ class HeartbeatReply(Message):
 
 @dataclass(frozen=True, slots=True)
 class InstallSnapshot(Message):
-    """One chunk of a snapshot of the applied state through (snapshot_index, snapshot_view)."""
+    """One chunk of a snapshot of the applied state through (snapshot_index, snapshot_view).
+
+    ``checksum`` is the CRC-32 of ``data``; the receiver drops a chunk that does
+    not match it (and the stream as a whole is checked by the driver's format).
+    """
 
     TYPE_TAG: ClassVar[int] = 7
     view: int
@@ -107,6 +111,7 @@ class InstallSnapshot(Message):
     offset: int
     total_bytes: int
     data: bytes
+    checksum: int
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,29 +21,46 @@ class PeerState(Enum):
 
 
 class OutgoingSnapshot:
-    """A snapshot being streamed to one backup, one chunk per round trip."""
+    """A snapshot being streamed to one backup, one chunk per round trip; the driver holds the bytes."""
 
-    __slots__ = ("index", "view", "data", "acknowledged_bytes", "reported_bytes", "stalled_heartbeats")
+    __slots__ = ("index", "view", "total_bytes", "acknowledged_bytes", "reported_bytes", "stalled_heartbeats",
+                 "silent_ticks")
 
-    def __init__(self, index: int, view: int, data: bytes) -> None:
+    def __init__(self, index: int, view: int, total_bytes: int) -> None:
         self.index = index
         self.view = view
-        self.data = data
+        self.total_bytes = total_bytes
         self.acknowledged_bytes = 0
         # The most recent count the receiver reported; after a stall the stream
         # resumes there, which also covers a receiver that restarted from zero.
         self.reported_bytes = 0
         self.stalled_heartbeats = 0
+        # Ticks since the backup last answered this transfer at all (resends do not reset it).
+        self.silent_ticks = 0
 
 
 class IncomingSnapshot:
-    """A snapshot being reassembled by a backup; keyed so chunks of another transfer never mix in."""
+    """A snapshot a backup is receiving; keyed so chunks of another transfer never mix in.
 
-    __slots__ = ("key", "buffer")
+    The bytes go to the driver's staging area as they arrive; the core counts
+    them. Once ``received_bytes`` reaches the total the transfer is
+    ``installing`` until the driver reports how the install went.
+    """
+
+    __slots__ = ("key", "received_bytes", "installing")
 
     def __init__(self, key: tuple[int, str, int, int, int]) -> None:
         self.key = key
-        self.buffer = bytearray()
+        self.received_bytes = 0
+        self.installing = False
+
+    @property
+    def sender(self) -> str:
+        return self.key[1]
+
+    @property
+    def total_bytes(self) -> int:
+        return self.key[4]
 
 
 class PeerProgress:

@@ -22,9 +22,12 @@ class ReplicaConfig:
     """Static settings of one replica; every limit the core enforces lives here.
 
     ``max_bytes_per_message`` bounds how many entry bytes are batched into one
-    AppendEntries and the size of one snapshot chunk; a single entry larger
-    than it still travels alone, bounded by ``max_entry_bytes``. The transport's
-    frame limit must exceed both plus a few KiB of framing.
+    AppendEntries; a single entry larger than it still travels alone, bounded by
+    ``max_entry_bytes``. ``snapshot_chunk_bytes`` is the size of one snapshot
+    chunk. The transport's frame limit must exceed all three plus a few KiB of
+    framing. A snapshot's total size has no limit here: its bytes never pass
+    through the core, which only counts offsets (the driver streams them from
+    and to disk).
     """
 
     node_id: str
@@ -38,7 +41,7 @@ class ReplicaConfig:
     check_quorum: bool = True
     max_entry_bytes: int = 12 * MEBIBYTE
     max_uncommitted_entries: int = 65_536
-    max_snapshot_bytes: int = 1024 * MEBIBYTE
+    snapshot_chunk_bytes: int = 1 * MEBIBYTE
     max_committed_entries_per_ready: int = 4096
 
     def __post_init__(self) -> None:
@@ -52,7 +55,7 @@ class ReplicaConfig:
             raise ValueError("need 1 <= heartbeat_interval_ticks < election_timeout_ticks")
         positive = ("max_entries_per_message", "max_bytes_per_message", "max_inflight_appends",
                     "max_pending_reads", "max_entry_bytes", "max_uncommitted_entries",
-                    "max_snapshot_bytes", "max_committed_entries_per_ready")
+                    "snapshot_chunk_bytes", "max_committed_entries_per_ready")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive")
@@ -79,11 +82,46 @@ class ReadResult:
 
 @dataclass(frozen=True, slots=True)
 class SnapshotToInstall:
-    """A complete snapshot received from the primary; the log now starts after (index, view)."""
+    """The driver installed a snapshot at (index, view) into its store; the log now starts after it."""
 
     index: int
     view: int
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotRead:
+    """Primary side: read ``length`` bytes at ``offset`` of the snapshot offered to ``peer`` and send them.
+
+    The driver sends ``InstallSnapshot(view, index, snapshot_view, offset,
+    total_bytes, data, crc32(data))``; the bytes never pass through the core.
+    """
+
+    peer: str
+    view: int
+    index: int
+    snapshot_view: int
+    offset: int
+    length: int
+    total_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotChunk:
+    """Backup side: stage ``data`` at ``offset`` of the snapshot at (index, view) before sending replies.
+
+    ``offset == 0`` starts a new transfer (drop any earlier staging). When
+    ``complete`` is true the stream is whole: the driver verifies and installs
+    it off the event loop, then calls ``snapshot_installed`` or
+    ``snapshot_failed``.
+    """
+
+    sender: str
+    index: int
+    view: int
+    offset: int
+    total_bytes: int
     data: bytes
+    complete: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,12 +152,14 @@ Event = BecamePrimary | SteppedDown | PrimaryChanged | ElectionStarted
 class Ready:
     """One batch of work for the driver, carried out in this order.
 
-    1. install ``snapshot`` into the store and reset the log base to it;
+    1. reset the log base to ``snapshot`` (the store already holds it: the
+       driver installed it before calling ``snapshot_installed``);
     2. drop the persisted log from ``truncate_from`` on, append ``entries``,
-       write ``hard_state``, fsync;
-    3. send ``messages``;
+       write ``hard_state``; stage ``snapshot_chunks`` in order; fsync;
+    3. send ``messages``; read and send ``snapshot_reads``;
     4. apply ``committed``; answer ``read_results`` once applied >= read_index;
-       offer snapshots for ``snapshot_requests``; log ``events``;
+       offer snapshots for ``snapshot_requests``; drop the sources of
+       ``snapshot_transfers_ended``; log ``events``;
     5. call ``advance(ready)``.
     """
 
@@ -132,3 +172,6 @@ class Ready:
     read_results: tuple[ReadResult, ...]
     snapshot_requests: tuple[str, ...]
     events: tuple[Event, ...]
+    snapshot_reads: tuple[SnapshotRead, ...] = ()
+    snapshot_chunks: tuple[SnapshotChunk, ...] = ()
+    snapshot_transfers_ended: tuple[str, ...] = ()

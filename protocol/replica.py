@@ -8,6 +8,7 @@ why each is there, are written up in docs/replication.md.
 
 from __future__ import annotations
 
+import zlib
 from typing import Protocol
 
 from protocol.errors import NotPrimary, ProposalRejected
@@ -15,13 +16,18 @@ from protocol.messages import (AppendEntries, AppendReply, Heartbeat, HeartbeatR
                                PreVote, PreVoteReply, RequestVote, SnapshotReply, VoteReply)
 from protocol.progress import IncomingSnapshot, OutgoingSnapshot, PeerProgress, PeerState
 from protocol.records import (BecamePrimary, ElectionStarted, Event, PrimaryChanged, ReadResult, Ready,
-                              ReplicaConfig, RestoredState, Role, SnapshotToInstall, SteppedDown)
+                              ReplicaConfig, RestoredState, Role, SnapshotChunk, SnapshotRead, SnapshotToInstall,
+                              SteppedDown)
 from protocol.replicated_log import ReplicatedLog, entries_follow
 from protocol.types import Entry, EntryKind, HardState
 
 # After this many heartbeat intervals without progress, a pipelined stream or a
 # snapshot transfer is assumed to have lost a message and is restarted.
 STALLED_HEARTBEATS_LIMIT = 2
+# A snapshot transfer the backup has not answered for this many election
+# timeouts is dropped (the driver frees its checkpoint and the log it holds);
+# a new one is asked for once the backup answers again.
+SNAPSHOT_SILENT_ELECTION_TIMEOUTS = 3
 PRIMARY_SENT_TYPES = (AppendEntries, Heartbeat, InstallSnapshot)
 
 
@@ -71,6 +77,9 @@ class Replica:
         self._outbox: list[tuple[str, Message]] = []
         self._read_results: list[ReadResult] = []
         self._snapshot_requests: list[str] = []
+        self._snapshot_reads: list[SnapshotRead] = []
+        self._snapshot_chunks: list[SnapshotChunk] = []
+        self._snapshot_transfers_ended: list[str] = []
         self._events: list[Event] = []
         # New entries wait for the next ready() so that proposals between two Readies share messages.
         self._appends_pending = False
@@ -191,17 +200,63 @@ class Replica:
             raise ValueError(f"cannot compact to {index}: only {self._applied_index} was handed out to apply")
         self._log.compact_to(index)
 
-    def offer_snapshot(self, peer: str, index: int, view: int, data: bytes) -> None:
-        """The driver's answer to a snapshot request: the store's state through (index, view)."""
+    def offer_snapshot(self, peer: str, index: int, view: int, total_bytes: int) -> bool:
+        """The driver's answer to a snapshot request: it holds ``total_bytes`` of the store through (index, view).
+
+        Returns whether the transfer starts. It does not when the need went
+        away (a role change, a transfer already running) or when the position is
+        not one this primary knows to be committed with that view; the driver
+        then drops its copy and the core asks again later. The driver reads the
+        bytes itself when the Ready names them (``snapshot_reads``).
+        """
         progress = self._progress.get(peer) if self._role is Role.PRIMARY else None
         if progress is None or progress.state is not PeerState.SNAPSHOT or progress.snapshot is not None:
-            return  # the need went away (role change, or the transfer already runs)
-        if len(data) > self._config.max_snapshot_bytes:
-            raise ValueError("snapshot larger than max_snapshot_bytes")
-        if not self._log.base_index <= index <= self._commit_index or self._log.view_at(index) != view:
-            raise ValueError(f"snapshot at {index}/{view} is not a committed position this log holds")
-        progress.snapshot = OutgoingSnapshot(index, view, data)
+            return False
+        if type(total_bytes) is not int or total_bytes < 1:
+            raise ValueError("a snapshot has at least one byte")
+        if not 0 < index <= self._commit_index:
+            return False
+        # Below the log base the view can no longer be checked here; the driver read it
+        # from the store's own record of the entry, which is where the log's came from.
+        if index >= self._log.base_index and self._log.view_at(index) != view:
+            return False
+        progress.snapshot = OutgoingSnapshot(index, view, total_bytes)
         self._send_snapshot_chunk(peer, progress.snapshot)
+        return True
+
+    def snapshot_installed(self, index: int, view: int) -> None:
+        """The driver's store now holds the snapshot at (index, view) it staged from ``snapshot_chunks``.
+
+        The store was swapped before this call, so the core follows it whatever
+        else happened meanwhile: a snapshot is committed state, so a log that
+        holds (index, view) agrees with it and only moves its commit point;
+        any other log is replaced by one that starts after the snapshot.
+        """
+        incoming = self._incoming_snapshot
+        if incoming is not None and incoming.key[2:4] == (index, view):
+            self._incoming_snapshot = None
+            self._outbox.append((incoming.sender, SnapshotReply(self._view, index, incoming.total_bytes, True)))
+        if self._log.view_at(index) == view:
+            self._commit_to(index)
+            self._applied_index = max(self._applied_index, index)
+            return
+        self._log.reset(index, view)
+        self._commit_index = max(self._commit_index, index)
+        self._applied_index = index
+        self._persisted_index = min(self._persisted_index, index)
+        self._unstable_from_index = index + 1
+        # The driver's base reset discards the whole persisted log, so no truncation is needed.
+        self._pending_truncate_from = None
+        self._pending_snapshot = SnapshotToInstall(index, view)
+
+    def snapshot_failed(self, index: int, view: int) -> None:
+        """The staged snapshot at (index, view) was refused or could not be staged: ask for it from the start."""
+        incoming = self._incoming_snapshot
+        if incoming is None or incoming.key[2:4] != (index, view):
+            return
+        self._incoming_snapshot = None
+        # Zero received bytes makes the primary restart the stream from offset 0.
+        self._outbox.append((incoming.sender, SnapshotReply(self._view, index, 0, False)))
 
     # ------------------------------------------------------------------ outputs
 
@@ -212,6 +267,7 @@ class Replica:
             or self._unstable_from_index <= self._log.last_index
             or self._pending_snapshot is not None
             or self._outbox or self._read_results or self._snapshot_requests or self._events
+            or self._snapshot_reads or self._snapshot_chunks or self._snapshot_transfers_ended
             or self._appends_pending
             or self._commit_index > self._applied_index
             or (self._unsent_reads and self._committed_in_current_view()))
@@ -232,12 +288,17 @@ class Replica:
             hard_state=hard_state_out, truncate_from=self._pending_truncate_from, entries=entries,
             snapshot=self._pending_snapshot, messages=tuple(self._outbox), committed=committed,
             read_results=tuple(self._read_results), snapshot_requests=tuple(self._snapshot_requests),
-            events=tuple(self._events))
+            events=tuple(self._events), snapshot_reads=tuple(self._snapshot_reads),
+            snapshot_chunks=tuple(self._snapshot_chunks),
+            snapshot_transfers_ended=tuple(self._snapshot_transfers_ended))
         self._pending_truncate_from = None
         self._pending_snapshot = None
         self._outbox.clear()
         self._read_results.clear()
         self._snapshot_requests.clear()
+        self._snapshot_reads.clear()
+        self._snapshot_chunks.clear()
+        self._snapshot_transfers_ended.clear()
         self._events.clear()
         return ready
 
@@ -459,41 +520,36 @@ class Replica:
     def _on_install_snapshot(self, sender: str, message: InstallSnapshot) -> None:
         if not self._hear_from_primary(sender):
             return
+        incoming = self._incoming_snapshot
+        if incoming is not None and incoming.installing:
+            # The driver is verifying and installing a whole stream; it answers when done.
+            if incoming.key[1:] == (sender, message.snapshot_index, message.snapshot_view, message.total_bytes):
+                self._reply_snapshot(sender, message, incoming.received_bytes, False)
+            return
         if message.snapshot_index <= self._commit_index:
             self._reply_snapshot(sender, message, message.total_bytes, True)
             return
-        if (message.total_bytes > self._config.max_snapshot_bytes
-                or message.offset + len(message.data) > message.total_bytes):
+        if (message.total_bytes < 1 or message.offset + len(message.data) > message.total_bytes
+                or zlib.crc32(message.data) != message.checksum):
+            # Damaged or impossible: not staged; the primary resends after a stall.
             return
         key = (message.view, sender, message.snapshot_index, message.snapshot_view, message.total_bytes)
-        incoming = self._incoming_snapshot
         if incoming is None or incoming.key != key:
             if message.offset != 0:
                 self._reply_snapshot(sender, message, 0, False)
                 return
             incoming = self._incoming_snapshot = IncomingSnapshot(key)
-        if message.offset != len(incoming.buffer):
-            self._reply_snapshot(sender, message, len(incoming.buffer), False)
+        elif message.offset == 0 and incoming.received_bytes > 0:
+            incoming.received_bytes = 0  # the primary restarted the stream: so does the staging
+        if message.offset != incoming.received_bytes or not message.data:
+            self._reply_snapshot(sender, message, incoming.received_bytes, False)
             return
-        incoming.buffer += message.data
-        if len(incoming.buffer) == message.total_bytes:
-            self._incoming_snapshot = None
-            self._install_snapshot(message.snapshot_index, message.snapshot_view, bytes(incoming.buffer))
-        self._reply_snapshot(sender, message, len(incoming.buffer), len(incoming.buffer) == message.total_bytes)
-
-    def _install_snapshot(self, index: int, view: int, data: bytes) -> None:
-        if self._log.view_at(index) == view:
-            # We already hold that entry; the entries through it just become committed.
-            self._commit_to(index)
-            return
-        self._log.reset(index, view)
-        self._commit_index = index
-        self._applied_index = index
-        self._persisted_index = min(self._persisted_index, index)
-        self._unstable_from_index = index + 1
-        # The driver's base reset discards the whole persisted log, so no truncation is needed.
-        self._pending_truncate_from = None
-        self._pending_snapshot = SnapshotToInstall(index, view, data)
+        incoming.received_bytes += len(message.data)
+        complete = incoming.received_bytes == message.total_bytes
+        incoming.installing = complete
+        self._snapshot_chunks.append(SnapshotChunk(sender, message.snapshot_index, message.snapshot_view,
+                                                   message.offset, message.total_bytes, message.data, complete))
+        self._reply_snapshot(sender, message, incoming.received_bytes, False)
 
     def _reply_snapshot(self, sender: str, message: InstallSnapshot, received_bytes: int, installed: bool) -> None:
         reply = SnapshotReply(self._view, message.snapshot_index, received_bytes, installed)
@@ -548,9 +604,16 @@ class Replica:
         transfer = progress.snapshot
         if transfer is None:
             progress.snapshot_wait_ticks += self._config.heartbeat_interval_ticks
-            if progress.snapshot_wait_ticks >= self._config.election_timeout_ticks:
+            # Only for a backup that answers: a checkpoint for a dead one would be wasted work.
+            if progress.snapshot_wait_ticks >= self._config.election_timeout_ticks and progress.recently_active:
                 progress.snapshot_wait_ticks = 0
                 self._request_snapshot(peer)
+            return
+        transfer.silent_ticks += self._config.heartbeat_interval_ticks
+        if transfer.silent_ticks >= SNAPSHOT_SILENT_ELECTION_TIMEOUTS * self._config.election_timeout_ticks:
+            progress.snapshot = None
+            progress.snapshot_wait_ticks = 0
+            self._snapshot_transfers_ended.append(peer)
             return
         transfer.stalled_heartbeats += 1
         if transfer.stalled_heartbeats >= STALLED_HEARTBEATS_LIMIT:
@@ -583,7 +646,8 @@ class Replica:
             prev_view = self._log.view_at(prev_index)
             if prev_view is None or prev_index < self._log.base_index:
                 progress.become_snapshot()
-                self._request_snapshot(peer)
+                if progress.recently_active:
+                    self._request_snapshot(peer)
                 return
             entries: list[Entry] = []
             if progress.next_index <= self._log.last_index:
@@ -607,6 +671,8 @@ class Replica:
             if progress.state is PeerState.PROBE:
                 progress.become_replicate()
             elif progress.state is PeerState.SNAPSHOT and progress.match_index >= self._log.base_index:
+                if progress.snapshot is not None:
+                    self._snapshot_transfers_ended.append(sender)
                 progress.become_probe(progress.match_index + 1)
             self._send_appends(sender)
             return
@@ -644,13 +710,15 @@ class Replica:
         transfer = progress.snapshot
         if transfer is None or message.snapshot_index != transfer.index:
             return
+        transfer.silent_ticks = 0
         if message.installed:
             if progress.acknowledge(transfer.index):
                 self._maybe_commit()
             progress.become_probe(transfer.index + 1)
+            self._snapshot_transfers_ended.append(sender)
             self._send_appends(sender)
             return
-        transfer.reported_bytes = min(message.received_bytes, len(transfer.data))
+        transfer.reported_bytes = min(message.received_bytes, transfer.total_bytes)
         if transfer.reported_bytes > transfer.acknowledged_bytes:
             transfer.acknowledged_bytes = transfer.reported_bytes
             transfer.stalled_heartbeats = 0
@@ -658,9 +726,11 @@ class Replica:
 
     def _send_snapshot_chunk(self, peer: str, transfer: OutgoingSnapshot) -> None:
         offset = transfer.acknowledged_bytes
-        chunk = transfer.data[offset:offset + self._config.max_bytes_per_message]
-        message = InstallSnapshot(self._view, transfer.index, transfer.view, offset, len(transfer.data), chunk)
-        self._outbox.append((peer, message))
+        # Once every byte is acknowledged the read is empty: a probe that the backup
+        # answers with how its install went (or with 0 if it lost the transfer).
+        length = max(0, min(self._config.snapshot_chunk_bytes, transfer.total_bytes - offset))
+        self._snapshot_reads.append(SnapshotRead(peer, self._view, transfer.index, transfer.view, offset, length,
+                                                 transfer.total_bytes))
         transfer.stalled_heartbeats = 0
 
     def _maybe_commit(self) -> None:

@@ -231,12 +231,16 @@ class WalConfig:
     # last compact_keep_entries; a backup further behind then gets a snapshot.
     compact_every_entries: int = 20_000
     compact_keep_entries: int = 10_000
+    # A snapshot streams in chunks of this size, one per round trip; the peer
+    # frame limit (16 MiB) bounds it from above.
+    snapshot_chunk_bytes: int = 1024 * 1024
 
     def __post_init__(self) -> None:
         _check_int("wal.max_segment_bytes", self.max_segment_bytes, 4096, 1024 * 1024 * 1024)
         _check_bool("wal.fsync", self.fsync)
         _check_int("wal.compact_every_entries", self.compact_every_entries, 10, 1_000_000_000)
         _check_int("wal.compact_keep_entries", self.compact_keep_entries, 0, 1_000_000_000)
+        _check_int("wal.snapshot_chunk_bytes", self.snapshot_chunk_bytes, 1024, 8 * 1024 * 1024)
 
 
 @dataclass(frozen=True, slots=True)

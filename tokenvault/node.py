@@ -4,7 +4,8 @@ Everything that touches the ``protocol.Replica`` happens in one driver task, so
 the core is never re-entered while a ``Ready`` batch is being carried out. HTTP
 handlers and the peer transport only put work into an inbox and wake the
 driver. For every ``Ready`` the order follows DESIGN.md, with two refinements
-that keep its guarantees: install a received snapshot; send the primary's own
+that keep its guarantees: reset the log after a snapshot the store now holds
+(tokenvault/snapshot_transfer.py moves snapshot bytes); send the primary's own
 appends (its disk write runs in parallel, and the core counts its copy only
 after ``advance()``); apply committed entries that earlier batches already made
 durable; append this batch's entries and hard state to the WAL and fsync once;
@@ -35,7 +36,8 @@ from tokenvault.futures import await_future
 from tokenvault.logs import configure_logging, get_logger
 from tokenvault.metrics import Metrics
 from tokenvault.sealer import Sealer
-from tokenvault.store import ApplyResult, Outcome, StoreError, VaultStore
+from tokenvault.snapshot_transfer import SnapshotTransfers
+from tokenvault.store import ApplyResult, Outcome, StoreCorruption, StoreError, VaultStore
 from tokenvault.transport import PeerAddress, PeerTransport
 from tokenvault.wal import WalCorruption, WalFatal, WriteAheadLog
 
@@ -43,6 +45,7 @@ log = get_logger("node")
 
 INBOX_MAX_ITEMS = 100_000
 MAX_FRAME_BYTES = 16 * 1024 * 1024
+STORE_DIRECTORY = "store"
 SHUTDOWN_GRACE_SECONDS = 1.0
 PRIMARY_MESSAGE_TYPES = (AppendEntries, Heartbeat, InstallSnapshot)
 
@@ -88,7 +91,10 @@ class Node:
         self.metrics = metrics or Metrics()
         self.data_dir = Path(config.data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.store = VaultStore.open(self.data_dir / "vault.db",
+        if (self.data_dir / "vault.db").exists() and not (self.data_dir / STORE_DIRECTORY).exists():
+            raise StoreCorruption("this data directory holds a version 1 (SQLite) store, which this version does "
+                                  "not read; restore a backup into a new cluster instead")
+        self.store = VaultStore.open(self.data_dir / STORE_DIRECTORY,
                                      retention_ms=config.idempotency.retention_hours * 3600 * 1000)
         self.wal, recovered = WriteAheadLog.open(self.data_dir / "wal",
                                                  max_segment_bytes=config.wal.max_segment_bytes,
@@ -103,7 +109,8 @@ class Node:
         self.replica = Replica(
             ReplicaConfig(node_id=self.node_id, members=members,
                           election_timeout_ticks=config.timing.election_timeout_ticks,
-                          heartbeat_interval_ticks=config.timing.heartbeat_interval_ticks),
+                          heartbeat_interval_ticks=config.timing.heartbeat_interval_ticks,
+                          snapshot_chunk_bytes=config.wal.snapshot_chunk_bytes),
             self.restored, random.Random())
         self.transport: PeerTransport | None = None
         if len(members) > 1:
@@ -122,6 +129,9 @@ class Node:
         self._bootstrap_in_flight = False
         self._tasks: list[asyncio.Task] = []
         self._disk_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"wal-{self.node_id}")
+        self._compaction: asyncio.Task | None = None
+        self.snapshots = SnapshotTransfers(self.data_dir, lambda: self.store, self._run_in_driver,
+                                           self.send_to_peer, self.metrics)
         self.forward_handler = None  # set by the service: handles ForwardRequest frames
         self.forward_response_handler = None
         self.peer_down_handler = None  # set by the service: fails requests forwarded to that peer
@@ -137,14 +147,21 @@ class Node:
         WAL entries at or below it were applied already.
         """
         base_index, base_view = recovered.base_index, recovered.base_view
-        wal_last_index = recovered.entries[-1].index if recovered.entries else recovered.base_index
-        if self.store.applied_index > wal_last_index:
-            # The store holds more than the log (a crash during a snapshot install):
-            # the log must continue from the store, not leave a gap.
-            self.wal.reset_base(self.store.applied_index, self.store.applied_view)
-        if self.store.applied_index > base_index:
-            base_index, base_view = self.store.applied_index, self.store.applied_view
-        entries = tuple(entry for entry in recovered.entries if entry.index > base_index)
+        entries = recovered.entries
+        store_position = (self.store.applied_index, self.store.applied_view)
+        if store_position[0] > base_index:
+            held = next((entry.view for entry in entries if entry.index == store_position[0]), None)
+            if held != store_position[1]:
+                # The store holds a snapshot the log does not lead to: the node stopped
+                # between the store's switch and the log reset. The log's entries are all
+                # covered by the snapshot or conflict with it (uncommitted), so the log
+                # restarts after the store, as the install would have left it.
+                log.warning("node.log_reset_to_store", store_index=store_position[0],
+                            log_base_index=base_index, log_entries=len(entries))
+                self.wal.reset_base(*store_position)
+                entries = ()
+            base_index, base_view = store_position
+        entries = tuple(entry for entry in entries if entry.index > base_index)
         expected = base_index + 1
         for entry in entries:
             if entry.index != expected:
@@ -178,6 +195,13 @@ class Node:
         if self.transport is not None:
             await self.transport.close()
         self._fail_pending()  # callers answer 503: this node is going away
+        if self._compaction is not None:
+            self._compaction.cancel()
+            try:
+                await self._compaction
+            except (asyncio.CancelledError, Exception):
+                pass
+        await self.snapshots.close()
         self._disk_executor.shutdown(wait=True)
         self.wal.close()
         self.store.close()
@@ -235,7 +259,6 @@ class Node:
         interval = self.config.timing.tick_ms / 1000.0
         while True:
             await asyncio.sleep(interval)
-            self.store.flush_if_due()
             self._inbox.append(("tick",))
             self._wake()
 
@@ -254,10 +277,13 @@ class Node:
         except asyncio.CancelledError:
             raise
         except BaseException as error:  # a storage failure: the node must stop, never go on
-            self.fatal_error = f"{type(error).__name__}: {str(error)[:300]}"
-            log.critical("node.fatal", error=self.fatal_error)
-            self.stopped.set()
+            self._fatal(error)
             raise
+
+    def _fatal(self, error: BaseException) -> None:
+        self.fatal_error = f"{type(error).__name__}: {str(error)[:300]}"
+        log.critical("node.fatal", error=self.fatal_error)
+        self.stopped.set()
 
     def _drain_inbox(self) -> None:
         replica = self.replica
@@ -272,6 +298,13 @@ class Node:
                 self._propose_now(item[1], item[2])
             elif kind == "read":
                 self._read_now(item[1], item[2])
+            elif kind == "call":
+                item[1]()
+
+    def _run_in_driver(self, function) -> None:
+        """Run ``function`` in the driver task, between two Readies: the core is never re-entered."""
+        self._inbox.append(("call", function))
+        self._wake()
 
     def _propose_now(self, payload: bytes, result: asyncio.Future) -> None:
         if result.done():
@@ -298,8 +331,8 @@ class Node:
 
     async def _handle_ready(self, ready) -> None:
         if ready.snapshot is not None:
-            # Inline, not in a thread: HTTP handlers read the store from this thread.
-            self._install_snapshot(ready.snapshot)
+            # The store switched to the snapshot already; the log now starts after it.
+            self.wal.reset_base(ready.snapshot.index, ready.snapshot.view)
         # A primary's appends may travel while its own disk write runs (Raft thesis
         # 10.2.1): the core counts the primary's entries only after advance(), so
         # nothing is acknowledged before they are durable here too. Every other
@@ -310,6 +343,8 @@ class Node:
                 self.send_to_peer(destination, message)
             else:
                 later.append((destination, message))
+        for read in ready.snapshot_reads:
+            self.snapshots.send_chunk(read)
         # Committed entries that were made durable by an earlier batch are applied
         # (and their requests answered) before this batch's fsync rather than after
         # it; only entries that arrive in this very batch wait for it.
@@ -326,29 +361,42 @@ class Node:
             await asyncio.get_running_loop().run_in_executor(self._disk_executor, self.wal.sync)
             self.metrics.observe_wal_sync(time.perf_counter() - started, len(ready.entries),
                                           sum(len(entry.payload) for entry in ready.entries))
+        if ready.snapshot_chunks:
+            # Staged before the replies that acknowledge them leave.
+            await self.snapshots.stage(ready.snapshot_chunks, self._switch_to_snapshot,
+                                       self.replica.snapshot_failed)
         for destination, message in later:
             self.send_to_peer(destination, message)
         if committed_later:
             self._apply(committed_later)
         for result in ready.read_results:
             self._on_read_result(result)
+        for peer_id in ready.snapshot_transfers_ended:
+            self.snapshots.ended(peer_id)
         for peer_id in ready.snapshot_requests:
-            index, view, data = self.store.snapshot_bytes()
-            self.replica.offer_snapshot(peer_id, index, view, data)
-            log.info("snapshot.sent", peer=peer_id, index=index, bytes=len(data))
+            self.snapshots.request(peer_id, self.replica.offer_snapshot)
         for event in ready.events:
             self._log_event(event)
+        if self.replica.role != Role.PRIMARY:
+            self.snapshots.drop_sources()
         self._release_reads()
         self._update_gauges()
 
-    def _install_snapshot(self, snapshot) -> None:
-        self.store.install_snapshot(snapshot.data, snapshot.index, snapshot.view)
-        self.wal.reset_base(snapshot.index, snapshot.view)
-        self.wal.sync()
-        self.keyring = KeyRing(self.master_key)
+    def _switch_to_snapshot(self, prepared, index: int, view: int) -> None:
+        """In the driver: the verified, opened snapshot becomes the store, then the core follows it."""
+        if self.store.applied_index >= index:
+            # The log caught up meanwhile (a new primary's appends): the snapshot is not needed.
+            self.snapshots.close_later(lambda: self.store.abort_install(prepared))
+            self.replica.snapshot_failed(index, view)
+            return
+        old = self.store.commit_install(prepared)
+        self.snapshots.close_later(old)
+        keyring = KeyRing(self.master_key)
         for record in self.store.epochs():
-            self.keyring.add(record.epoch, record.wrapped_secret)
-        log.info("snapshot.installed", index=snapshot.index, view=snapshot.view)
+            keyring.add(record.epoch, record.wrapped_secret)
+        self.keyring = keyring
+        self.replica.snapshot_installed(index, view)
+        log.info("snapshot.installed", index=index, view=view, tokens=self.store.token_count())
 
     # ----------------------------------------------------------------- apply
     def _apply(self, entries: tuple[Entry, ...]) -> None:
@@ -391,11 +439,26 @@ class Node:
 
     def _compact(self) -> None:
         self._applied_since_compact = 0
-        durable_index = self.store.checkpoint()
-        self.wal.release(durable_index)
-        keep = self.config.wal.compact_keep_entries
-        if durable_index > keep:
-            self.replica.compact(durable_index - keep)
+        if self._compaction is None or self._compaction.done():
+            self._compaction = asyncio.get_running_loop().create_task(self._compact_off_loop())
+
+    async def _compact_off_loop(self) -> None:
+        """Make the store durable in a worker thread, then drop the log it covers."""
+        try:
+            durable_index = await asyncio.get_running_loop().run_in_executor(self._disk_executor,
+                                                                             self.store.checkpoint)
+            self.wal.release(durable_index)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as error:  # a storage failure, as in the driver: stop
+            self._fatal(error)
+            return
+        compact_to = durable_index - self.config.wal.compact_keep_entries
+        held = self.snapshots.hold_index()
+        if held is not None:
+            compact_to = min(compact_to, held)  # a backup receiving a snapshot continues from it
+        if compact_to > 0:
+            self._run_in_driver(lambda: self.replica.compact(compact_to))
 
     # ----------------------------------------------------------------- reads
     def _on_read_result(self, result) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 from collections.abc import Callable
 
 import pytest
@@ -56,4 +57,58 @@ async def test_backup_behind_the_compacted_log_installs_a_snapshot_and_serves(
         answers = await clients[backup].detokenize(list(missed))
     assert list(answers) == list(missed.values())
     assert (harness.health(backup) or {}).get("active_epoch") == 2
+    await assert_history_holds(harness, history, harness.node_ids)
+
+
+async def test_a_store_of_over_100_chunks_streams_to_a_backup_while_writes_are_acknowledged_within_2_s(
+        make_cluster: Callable[..., ClusterHarness]) -> None:
+    # 1 KiB chunks: the store of a few thousand tokens spans well over 100 of them.
+    chunk_bytes = 1024
+    settings = dataclasses.replace(fast_settings(), wal=WalConfig(
+        fsync=True, compact_every_entries=20, compact_keep_entries=2, snapshot_chunk_bytes=chunk_bytes))
+    harness = make_cluster(settings=settings)
+    history = History()
+    primary = await asyncio.to_thread(harness.wait_for_primary)
+    backup = next(node_id for node_id in harness.node_ids if node_id != primary)
+    await asyncio.to_thread(harness.kill, backup)
+    live = [node_id for node_id in harness.node_ids if node_id != backup]
+    filler = RecordingClient(history, "filler", harness.client(live), "+".join(live))
+    for batch in range(30):
+        assert await filler.tokenize(value_pool(f"bulk-{batch}", 100)) is not None
+    await filler.close()
+
+    latencies: list[float] = []
+    stop = asyncio.Event()
+
+    async def steady_single_value_writes() -> None:
+        writer = RecordingClient(history, "steady", harness.client(live), "+".join(live))
+        try:
+            number = 0
+            while not stop.is_set():
+                started = time.monotonic()
+                assert await writer.tokenize([f"steady-{number}"]) is not None, "a write was refused"
+                latencies.append(time.monotonic() - started)
+                number += 1
+        finally:
+            await writer.close()
+
+    writes = asyncio.get_running_loop().create_task(steady_single_value_writes())
+    backup_mark = harness.log_mark(backup)
+    primary_mark = harness.log_mark(primary)
+    await asyncio.to_thread(harness.restart, backup)
+    await asyncio.to_thread(harness.wait_for_event, backup, "snapshot.installed", backup_mark, 30.0)
+    await asyncio.to_thread(harness.wait_for_event, primary, "snapshot.sent", primary_mark, 10.0, peer=backup)
+    # The transfer that completed (it may have been offered while the backup was still down).
+    sending = harness.find_events(primary, "snapshot.sending", peer=backup)[-1]
+    stop.set()
+    await writes
+    assert sending["bytes"] > 100 * chunk_bytes, sending
+    assert len(latencies) >= 5 and max(latencies) < 2.0, (len(latencies), max(latencies))
+    await asyncio.to_thread(harness.wait_for_applied, [backup], highest_commit_index(harness, live), 10.0)
+    # The backup answers every acknowledged token from its own store.
+    issued = {token: value for operation in history.acknowledged(Kind.TOKENIZE)
+              for value, token in zip(operation.inputs, operation.outputs)}
+    async with harness.node_clients([backup]) as clients:
+        answers = await clients[backup].detokenize(list(issued)[:1000])
+    assert list(answers) == list(issued.values())[:1000]
     await assert_history_holds(harness, history, harness.node_ids)

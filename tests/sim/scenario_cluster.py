@@ -55,9 +55,13 @@ class ScenarioCluster(Simulation):
                     self.drive(node)
             self.deliver_all()
             # Within a tick every written Ready also gets its fsync; until then a crash may lose it.
-            while any(node.pending is not None for node in self.nodes.values()):
+            # So does every staged snapshot get installed (the fault-free path).
+            while any(node.pending is not None or (node.staged is not None and node.replica is not None)
+                      for node in self.nodes.values()):
                 for node in self.nodes.values():
                     self.finish_pending(node)
+                    if node.staged is not None and node.replica is not None:
+                        self.finish_install(node, faults=False)
                 self.deliver_all()
 
     def run_until(self, predicate: Callable[[], bool], max_ticks: int, what: str) -> int:

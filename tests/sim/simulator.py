@@ -4,8 +4,12 @@ Everything that can go wrong between replicas is drawn from one
 ``random.Random(seed)``: message delay, loss, duplication and reordering,
 partitions that form and heal, crashes (with a disk on which writes not yet
 fsynced vanish, or survive only as a prefix) and restarts. The simulated driver
-follows the node's order for every Ready: install snapshot, persist, send,
-apply, advance. After every step the invariants of docs/replication.md are
+follows the node's order for every Ready: reset the log base after a snapshot,
+persist (staging snapshot chunks), send, apply, advance. A snapshot's bytes never
+pass through the core: the primary's driver keeps its image and reads chunks
+from it, the backup's driver stages them and installs the whole image later (a
+step of its own, so crashes land inside the install: after the store swap and
+before the log reset). After every step the invariants of docs/replication.md are
 checked; a violation raises SimulationFailure naming the seed and the recent
 trace, and ``pytest tests/sim --seed N`` replays exactly that run.
 """
@@ -15,11 +19,12 @@ from __future__ import annotations
 import hashlib
 import heapq
 import random
+import zlib
 from collections import deque
 from dataclasses import dataclass, field, replace
 
-from protocol import (INITIAL_HARD_STATE, BecamePrimary, Entry, EntryKind, HardState, Message, NotPrimary, Ready,
-                      ReplicaConfig, Replica, RestoredState, Role, decode_body)
+from protocol import (INITIAL_HARD_STATE, BecamePrimary, Entry, EntryKind, HardState, InstallSnapshot, Message,
+                      NotPrimary, Ready, ReplicaConfig, Replica, RestoredState, Role, decode_body)
 from protocol.codec import encode_body
 # The node's own choices, so that the sweep checks the order tokenvault/node.py really uses.
 from tokenvault.node import PRIMARY_MESSAGE_TYPES as EARLY_MESSAGE_TYPES
@@ -100,6 +105,11 @@ class SimNode:
     pending: Ready | None = None  # written but not yet fsynced: lost (or torn) by a crash
     pending_primary_view: int | None = None  # the view it led when that Ready was taken, if primary
     read_ids: int = 0
+    # Primary: the snapshot image offered to each peer, as (index, view, bytes).
+    sources: dict = field(default_factory=dict)
+    # Backup: chunks staged so far, and a whole image waiting to be installed, as (index, view, bytes).
+    staging: bytearray = field(default_factory=bytearray)
+    staged: tuple | None = None
 
 
 def digest_after(digest: bytes, entry: Entry) -> bytes:
@@ -155,6 +165,7 @@ class Simulation:
             heartbeat_interval_ticks=config.heartbeat_interval_ticks,
             max_entries_per_message=config.max_entries_per_message,
             max_bytes_per_message=config.max_bytes_per_message, max_inflight_appends=config.max_inflight_appends,
+            snapshot_chunk_bytes=config.max_bytes_per_message,
             max_pending_reads=64, max_uncommitted_entries=512, check_quorum=config.check_quorum)
 
     def _start_replica(self, node: SimNode) -> Replica:
@@ -163,6 +174,11 @@ class Simulation:
         base_index, base_view = disk.base_index, disk.base_view
         if disk.applied_index > base_index:
             base_index, base_view = disk.applied_index, disk.applied_view
+            held = disk.entries[base_index - disk.base_index - 1].view if base_index <= disk.last_index else None
+            if held != base_view:
+                # A crash between a snapshot's store swap and the log reset: the log does
+                # not extend the store's position, so it is reset to it (as the node does).
+                disk.base_index, disk.base_view, disk.entries = base_index, base_view, []
         entries = tuple(entry for entry in disk.entries if entry.index > base_index)
         hard_state = disk.hard_state
         if hard_state.commit_index < base_index:
@@ -204,21 +220,68 @@ class Simulation:
         for destination, message in ready.messages:
             if isinstance(message, EARLY_MESSAGE_TYPES):
                 self.send(node.node_id, destination, message)
+        for read in ready.snapshot_reads:
+            self._send_snapshot_chunk(node, read)
         self._apply(node, ready.committed[:durable_committed_count(ready)], primary_view)
+
+    def _send_snapshot_chunk(self, node: SimNode, read) -> None:
+        source = node.sources.get(read.peer)
+        if source is None or source[:2] != (read.index, read.snapshot_view) or len(source[2]) != read.total_bytes:
+            return  # the image was dropped (a restart): the transfer stalls and is asked for again
+        data = source[2][read.offset:read.offset + read.length]
+        self.send(node.node_id, read.peer, InstallSnapshot(read.view, read.index, read.snapshot_view, read.offset,
+                                                           read.total_bytes, data, zlib.crc32(data)))
+
+    def _stage_snapshot_chunks(self, node: SimNode, ready: Ready) -> None:
+        for chunk in ready.snapshot_chunks:
+            if chunk.offset == 0:
+                node.staging = bytearray()
+                node.staged = None
+            if chunk.offset != len(node.staging):
+                self.fail(f"{node.node_id} stages a chunk at {chunk.offset} after {len(node.staging)} bytes")
+            node.staging += chunk.data
+            if chunk.complete:
+                node.staged = (chunk.index, chunk.view, bytes(node.staging))
+                node.staging = bytearray()
+
+    def finish_install(self, node: SimNode, faults: bool = True) -> None:
+        """The driver verified a whole staged image: swap the store, tell the core, then it resets the log."""
+        assert node.replica is not None and node.staged is not None
+        index, view, image = node.staged
+        node.staged = None
+        if faults and self.rng.random() < 0.1:
+            self.note(f"{node.node_id} refused staged snapshot {index}/{view}")
+            node.replica.snapshot_failed(index, view)
+            self.drive(node)
+            return
+        self._install_store(node, index, view, image)
+        if faults and self.rng.random() < 0.15:
+            self.crash(node)  # between the store swap and the log reset
+            return
+        node.replica.snapshot_installed(index, view)
+        self.drive(node)
 
     def complete(self, node: SimNode, ready: Ready, primary_view: int | None) -> None:
         """The fsync finished: the other messages go, the rest is applied, then advance()."""
         replica = node.replica
         assert replica is not None
         self._persist(node, ready, len(self._records(ready)))
+        self._stage_snapshot_chunks(node, ready)
         for destination, message in ready.messages:
             if not isinstance(message, EARLY_MESSAGE_TYPES):
                 self.send(node.node_id, destination, message)
         self._apply(node, ready.committed[durable_committed_count(ready):], primary_view)
         for result in ready.read_results:
             self._check_read(node, result)
+        for peer in ready.snapshot_transfers_ended:
+            node.sources.pop(peer, None)
         for peer in ready.snapshot_requests:
-            replica.offer_snapshot(peer, node.disk.applied_index, node.disk.applied_view, self._snapshot_bytes(node))
+            disk = node.disk
+            image = self._snapshot_bytes(node)
+            if replica.offer_snapshot(peer, disk.applied_index, disk.applied_view, len(image)):
+                node.sources[peer] = (disk.applied_index, disk.applied_view, image)
+        if replica.role is not Role.PRIMARY:
+            node.sources.clear()
         for event in ready.events:
             if isinstance(event, BecamePrimary):
                 self.elections += 1
@@ -242,7 +305,7 @@ class Simulation:
         disk = node.disk
         for kind, value in self._records(ready)[:record_count]:
             if kind == "snapshot":
-                self._install_snapshot(node, value)  # type: ignore[arg-type]
+                self._reset_log_base(node, value)  # type: ignore[arg-type]
             elif kind == "truncate":
                 cut = value - disk.base_index - 1  # type: ignore[operator]
                 if cut < 0:
@@ -260,21 +323,27 @@ class Simulation:
                     self.fail(f"{node.node_id} hard state view went back from {previous.view}")
                 disk.hard_state = value  # type: ignore[assignment]
 
-    def _install_snapshot(self, node: SimNode, snapshot) -> None:
+    def _install_store(self, node: SimNode, index: int, view: int, image: bytes) -> None:
+        """The store swap: atomic on its own, and durable before the core hears of it."""
         disk = node.disk
-        index = int.from_bytes(snapshot.data[0:8], "big")
-        view = int.from_bytes(snapshot.data[8:16], "big")
-        digest = snapshot.data[16:32]
-        if (index, view) != (snapshot.index, snapshot.view):
-            self.fail(f"{node.node_id} snapshot header {index}/{view} != {snapshot.index}/{snapshot.view}")
+        header_index = int.from_bytes(image[0:8], "big")
+        header_view = int.from_bytes(image[8:16], "big")
+        digest = image[16:32]
+        if (header_index, header_view) != (index, view):
+            self.fail(f"{node.node_id} snapshot header {header_index}/{header_view} != {index}/{view}")
         if self.digest_at.get(index) != digest:
             self.fail(f"{node.node_id} installs a snapshot at {index} whose state differs from the committed one")
         if index < disk.applied_index:
             self.fail(f"{node.node_id} installs a snapshot at {index} behind its applied {disk.applied_index}")
         disk.applied_index, disk.applied_view, disk.applied_digest = index, view, digest
-        disk.base_index, disk.base_view, disk.entries = index, view, []
         self.snapshots_installed += 1
-        self.note(f"{node.node_id} installed snapshot {index}/{view}")
+        self.note(f"{node.node_id} installed snapshot {index}/{view} into its store")
+
+    def _reset_log_base(self, node: SimNode, snapshot) -> None:
+        disk = node.disk
+        if (disk.applied_index, disk.applied_view) < (snapshot.index, snapshot.view):
+            self.fail(f"{node.node_id} resets its log to {snapshot.index} before its store holds the snapshot")
+        disk.base_index, disk.base_view, disk.entries = snapshot.index, snapshot.view, []
 
     def _snapshot_bytes(self, node: SimNode) -> bytes:
         disk = node.disk
@@ -459,6 +528,8 @@ class Simulation:
             self._persist(node, node.pending, kept)
             node.pending = None
         node.replica = None
+        node.sources.clear()
+        node.staging, node.staged = bytearray(), None  # staging is not kept across a restart
         self.note(f"{node.node_id} crashed")
 
     def restart(self, node: SimNode) -> None:
@@ -513,7 +584,10 @@ class Simulation:
             self.request_read()
         elif roll < 88:
             busy = [node for node in self.nodes.values() if node.pending is not None]
-            if busy:
+            installing = [node for node in self.nodes.values() if node.staged is not None and node.replica]
+            if installing and rng.random() < 0.5:
+                self.finish_install(rng.choice(installing))
+            elif busy:
                 self.finish_pending(rng.choice(busy))
         elif roll < 88 + config.compact_weight:
             live = [node for node in self.nodes.values() if node.replica is not None]
@@ -566,6 +640,8 @@ class Simulation:
                 self.fail(f"more than {MESSAGES_PER_TICK_LIMIT} messages within one tick: a message storm")
             for node in self.nodes.values():
                 self.finish_pending(node)
+                if node.staged is not None and node.replica is not None:
+                    self.finish_install(node, faults=False)
             self.check_step_invariants()
             primaries = self.live_primaries()
             if len(primaries) == 1 and (marker is None or primaries[0].replica.view != marker_view):

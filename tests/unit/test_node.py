@@ -1,4 +1,4 @@
-"""tokenvault.node: the driver loop, run in-process with real WAL, SQLite and TCP.
+"""tokenvault.node: the driver loop, run in-process with real WAL, RocksDB store and TCP.
 
 Single nodes and three-node clusters run in the test's one event loop (see
 node_support.py). Waiting is polling against deadlines.
@@ -168,7 +168,9 @@ async def test_no_value_in_the_node_log_or_any_data_file(tmp_path: Path, node_lo
     assert all({"ts", "level", "node", "event"} <= set(line) for line in lines)
     assert marker.encode() not in log_bytes
     files = data_files(tmp_path / "cluster")
-    assert any(path.name == "vault.db" for path in files) and len(files) >= 6
+    # The store's own files (RocksDB tables and its log) are among those searched.
+    assert any(path.suffix == ".sst" for path in files) and any(path.suffix == ".log" for path in files)
+    assert len(files) >= 6
     for path in files:
         assert marker.encode() not in path.read_bytes(), f"a value in plaintext in {path.name}"
 
@@ -410,3 +412,78 @@ async def test_await_future_times_out_by_failing_the_future_and_otherwise_passes
     with pytest.raises(asyncio.CancelledError):
         await waiter
     assert abandoned.cancelled()
+
+
+# --------------------------------------------------------------------------- snapshots at the crash points of an install
+
+def _noop(index: int, view: int):
+    from protocol import Entry, EntryKind
+    return Entry(index, view, EntryKind.NOOP, b"")
+
+
+async def test_a_node_stopped_between_the_store_switch_and_the_log_reset_starts_again(tmp_path: Path) -> None:
+    """The state a crash leaves between a snapshot's store switch and the log reset.
+
+    Its log still holds an older history past the snapshot's position (entries of
+    view 1 where the snapshot's entry is of view 2). Before the fix, the node kept
+    that suffix and raised on every start; now it resets its log to the store.
+    """
+    from protocol import HardState
+    from tokenvault.store import VaultStore
+    from tokenvault.wal import WriteAheadLog
+
+    (config,) = make_configs(tmp_path, 1)
+    data_dir = Path(config.data_dir)
+    data_dir.mkdir(parents=True)
+    store = VaultStore.open(data_dir / "store")
+    store.apply_batch([_noop(index, 1) for index in range(1, 8)] + [_noop(8, 2)])
+    store.checkpoint()
+    store.close()
+    wal, _ = WriteAheadLog.open(data_dir / "wal")
+    wal.append(truncate_from=None, entries=[_noop(index, 1) for index in range(1, 13)],
+               hard_state=HardState(2, None, 7))
+    wal.sync()
+    wal.close()
+
+    running = await start_node(config)
+    try:
+        restored = running.node.restored
+        assert (restored.snapshot_index, restored.snapshot_view, restored.entries) == (8, 2, ())
+        await wait_until(lambda: running.node.store.active_epoch() == 1, 5, "the node to serve again")
+        epoch, tokens = await tokens_of(running, ["after-the-crash"])
+        assert await running.service.detokenize(tokens) == ["after-the-crash"]
+    finally:
+        await running.close()
+    # And it stays startable: the log now extends the store.
+    running = await start_node(config)
+    try:
+        assert running.node.restored.snapshot_index >= 8
+        await wait_until(running.is_primary, 5, "the restarted node to lead")
+        assert await running.service.detokenize(tokens) == ["after-the-crash"]
+    finally:
+        await running.close()
+
+
+async def test_a_log_that_extends_the_store_is_kept_after_a_restart(tmp_path: Path) -> None:
+    from protocol import HardState
+    from tokenvault.store import VaultStore
+    from tokenvault.wal import WriteAheadLog
+
+    (config,) = make_configs(tmp_path, 1)
+    data_dir = Path(config.data_dir)
+    data_dir.mkdir(parents=True)
+    store = VaultStore.open(data_dir / "store")
+    store.apply_batch([_noop(index, 1) for index in range(1, 6)])
+    store.checkpoint()
+    store.close()
+    wal, _ = WriteAheadLog.open(data_dir / "wal")
+    wal.append(truncate_from=None, entries=[_noop(index, 1) for index in range(1, 10)],
+               hard_state=HardState(1, None, 9))
+    wal.sync()
+    wal.close()
+    running = await start_node(config)
+    try:
+        restored = running.node.restored
+        assert (restored.snapshot_index, [entry.index for entry in restored.entries]) == (5, [6, 7, 8, 9])
+    finally:
+        await running.close()

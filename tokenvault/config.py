@@ -231,6 +231,12 @@ class WalConfig:
     # last compact_keep_entries; a backup further behind then gets a snapshot.
     compact_every_entries: int = 20_000
     compact_keep_entries: int = 10_000
+    # The same two bounds in bytes of entry payloads, whichever comes first, so
+    # that large entries (1,000-value tokenizes) do not keep hundreds of MiB of
+    # log in memory: compaction after this many applied bytes, and at most this
+    # many bytes of the newest entries kept for lagging backups.
+    compact_every_bytes: int = 32 * 1024 * 1024
+    compact_keep_bytes: int = 16 * 1024 * 1024
     # A snapshot streams in chunks of this size, one per round trip; the peer
     # frame limit (16 MiB) bounds it from above.
     snapshot_chunk_bytes: int = 1024 * 1024
@@ -240,6 +246,8 @@ class WalConfig:
         _check_bool("wal.fsync", self.fsync)
         _check_int("wal.compact_every_entries", self.compact_every_entries, 10, 1_000_000_000)
         _check_int("wal.compact_keep_entries", self.compact_keep_entries, 0, 1_000_000_000)
+        _check_int("wal.compact_every_bytes", self.compact_every_bytes, 4096, 1 << 40)
+        _check_int("wal.compact_keep_bytes", self.compact_keep_bytes, 0, 1 << 40)
         _check_int("wal.snapshot_chunk_bytes", self.snapshot_chunk_bytes, 1024, 8 * 1024 * 1024)
 
 

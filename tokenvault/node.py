@@ -126,6 +126,10 @@ class Node:
         self._reads_waiting_apply: list[_PendingRead] = []
         self._read_ids = itertools.count(1)
         self._applied_since_compact = 0
+        self._applied_bytes_since_compact = 0
+        # (index, payload bytes) of the newest applied entries: how far back the kept log reaches.
+        self._recent_entry_sizes: deque[tuple[int, int]] = deque(
+            maxlen=config.wal.compact_keep_entries + config.wal.compact_every_entries)
         self._bootstrap_in_flight = False
         self._tasks: list[asyncio.Task] = []
         self._disk_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"wal-{self.node_id}")
@@ -423,7 +427,12 @@ class Node:
             log.info("token.issued", count=issued_count, epoch=issued_epoch)
             self.metrics.record_tokens_issued(issued_count)
         self._applied_since_compact += len(entries)
-        if self._applied_since_compact >= self.config.wal.compact_every_entries:
+        sizes = [(entry.index, len(entry.payload)) for entry in entries]
+        self._recent_entry_sizes.extend(sizes)
+        self._applied_bytes_since_compact += sum(size for _, size in sizes)
+        wal = self.config.wal
+        if (self._applied_since_compact >= wal.compact_every_entries
+                or self._applied_bytes_since_compact >= wal.compact_every_bytes):
             self._compact()
 
     def _after_apply(self, entry: Entry, result: ApplyResult) -> tuple[int, int]:
@@ -439,6 +448,7 @@ class Node:
 
     def _compact(self) -> None:
         self._applied_since_compact = 0
+        self._applied_bytes_since_compact = 0
         if self._compaction is None or self._compaction.done():
             self._compaction = asyncio.get_running_loop().create_task(self._compact_off_loop())
 
@@ -453,12 +463,22 @@ class Node:
         except BaseException as error:  # a storage failure, as in the driver: stop
             self._fatal(error)
             return
-        compact_to = durable_index - self.config.wal.compact_keep_entries
+        compact_to = min(durable_index, max(durable_index - self.config.wal.compact_keep_entries,
+                                            self._oldest_index_beyond_keep_bytes()))
         held = self.snapshots.hold_index()
         if held is not None:
             compact_to = min(compact_to, held)  # a backup receiving a snapshot continues from it
         if compact_to > 0:
             self._run_in_driver(lambda: self.replica.compact(compact_to))
+
+    def _oldest_index_beyond_keep_bytes(self) -> int:
+        """The highest index such that the entries after it hold more than compact_keep_bytes (0 if none)."""
+        kept_bytes = 0
+        for index, size in reversed(self._recent_entry_sizes):
+            kept_bytes += size
+            if kept_bytes > self.config.wal.compact_keep_bytes:
+                return index
+        return 0
 
     # ----------------------------------------------------------------- reads
     def _on_read_result(self, result) -> None:

@@ -487,3 +487,25 @@ async def test_a_log_that_extends_the_store_is_kept_after_a_restart(tmp_path: Pa
         assert (restored.snapshot_index, [entry.index for entry in restored.entries]) == (5, [6, 7, 8, 9])
     finally:
         await running.close()
+
+
+async def test_the_log_kept_in_memory_is_bounded_in_bytes_as_well_as_in_entries(tmp_path: Path) -> None:
+    # Entry counts alone would keep every entry here; the byte bounds compact anyway.
+    wal = WalConfig(fsync=True, compact_every_entries=1_000_000, compact_keep_entries=1_000_000,
+                    compact_every_bytes=64 * 1024, compact_keep_bytes=32 * 1024)
+    (config,) = make_configs(tmp_path, 1, wal=wal)
+    running = await start_node(config)
+    try:
+        await wait_until(lambda: running.node.store.active_epoch() == 1, 5, "epoch 1")
+        for number in range(60):
+            await tokens_of(running, [f"bulky-{number}-{item}-" + "v" * 300 for item in range(10)])
+        replica = running.node.replica
+
+        def kept_bytes() -> int:
+            return sum(len(entry.payload) for entry in replica._log.entries_between(replica.log_base_index + 1,
+                                                                                    replica.last_index))
+        await wait_until(lambda: replica.log_base_index > 0, 5, "a compaction by bytes")
+        # At most what is kept plus what accumulates before the next compaction (and one entry).
+        assert kept_bytes() <= 32 * 1024 + 64 * 1024 + 8 * 1024, kept_bytes()
+    finally:
+        await running.close()

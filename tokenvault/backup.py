@@ -56,8 +56,8 @@ from tokenvault.crypto import CryptoError, KeyRing
 from tokenvault.errors import Unavailable
 from tokenvault.logs import get_logger
 from tokenvault.snapshots import SnapshotRejected, SnapshotSource, StagedSnapshot, stage_file
-from tokenvault.store import StoreError, VaultStore
-from tokenvault.wal import WalFatal, WriteAheadLog
+from tokenvault.store import StoreError, VaultStore, fsync_tree
+from tokenvault.wal import WalFatal, WriteAheadLog, fsync_directory
 
 log = get_logger("tokenvault.backup")
 
@@ -319,11 +319,11 @@ def install_staged(staged: StagedSnapshot, config: Any, master_key: Any = None, 
         building = Path(tempfile.mkdtemp(prefix=f".{data_dir.name}.restoring-", dir=data_dir.parent))
         epochs, token_count = _install_store(building / STORE_DIR_NAME, staged, config, key, consume)
         _start_log_after(building / WAL_DIR_NAME, staged.index, staged.view, config)
-        _fsync_tree(building)
+        fsync_tree(building)
         if data_dir.exists():
             data_dir.rmdir()  # empty, checked above; rename() cannot replace it on every file system
         os.replace(building, data_dir)
-        _fsync_directory(data_dir.parent)
+        fsync_directory(data_dir.parent)
     except BaseException as error:
         if building is not None:
             shutil.rmtree(building, ignore_errors=True)
@@ -381,25 +381,6 @@ def _start_log_after(wal_dir: Path, index: int, view: int, config: Any) -> None:
         wal.reset_base(index, view)
     finally:
         wal.close()
-
-
-def _fsync_directory(directory: Path) -> None:
-    descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def _fsync_tree(root: Path) -> None:
-    for directory, _, files in os.walk(root):
-        for name in files:
-            descriptor = os.open(Path(directory) / name, os.O_RDONLY)
-            try:
-                os.fsync(descriptor)
-            finally:
-                os.close(descriptor)
-        _fsync_directory(Path(directory))
 
 
 # ---------------------------------------------------------------- downloading
@@ -552,7 +533,7 @@ async def _finish_download(received: _Received, partial: Path, destination: Path
         raise BackupRefused(f"the backup's manifest says index {verified.index}, view {verified.view}, but the "
                             f"node announced {received.index}, {received.view}")
     os.replace(partial, destination)
-    _fsync_directory(destination.parent)
+    fsync_directory(destination.parent)
     return DownloadedBackup(destination, received.url, received.node_id, received.role, received.index,
                             received.view, received.size_bytes, time.monotonic() - started,
                             verified.token_count)

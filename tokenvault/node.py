@@ -135,7 +135,7 @@ class Node:
         self._disk_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"wal-{self.node_id}")
         self._compaction: asyncio.Task | None = None
         self.snapshots = SnapshotTransfers(self.data_dir, lambda: self.store, self._run_in_driver,
-                                           self.send_to_peer, self.metrics)
+                                           self.send_to_peer)
         self.forward_handler = None  # set by the service: handles ForwardRequest frames
         self.forward_response_handler = None
         self.peer_down_handler = None  # set by the service: fails requests forwarded to that peer

@@ -49,7 +49,7 @@ class SnapshotTransfers:
     """Owns the node's snapshot sources and its one staging area. Used from the event-loop thread only."""
 
     def __init__(self, data_dir: Path, store_of: Callable[[], Any], run_in_driver: Callable[[Callable[[], None]], None],
-                 send: Callable[[str, object], bool], metrics: Any = None) -> None:
+                 send: Callable[[str, object], bool]) -> None:
         self._outgoing_dir = data_dir / OUTGOING_DIRECTORY
         self._incoming_dir = data_dir / INCOMING_DIRECTORY
         # Leftovers of a previous run: a source or a staging area is never resumed.
@@ -58,7 +58,6 @@ class SnapshotTransfers:
         self._store_of = store_of
         self._run_in_driver = run_in_driver
         self._send = send
-        self._metrics = metrics
         # One thread: checkpoints, chunk reads and staging writes never run at the same time,
         # and a chunk is always staged before the next one.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="snapshot")

@@ -288,7 +288,7 @@ def _fsync_file(path: Path) -> None:
         os.close(descriptor)
 
 
-def _fsync_tree(directory: Path) -> None:
+def fsync_tree(directory: Path) -> None:
     """fsync every file and directory under ``directory`` (deepest first), and itself."""
     for root, directories, files in os.walk(directory, topdown=False):
         for name in files:
@@ -603,7 +603,7 @@ class VaultStore:
             database.write(batch, sync)
         finally:
             database.close()
-        _fsync_tree(building / generation)
+        fsync_tree(building / generation)
         _write_current(building, generation)
         os.rename(building, path)
         fsync_directory(path.parent)
@@ -904,7 +904,7 @@ class VaultStore:
             target = self._path / _generation_name(int(self._generation[len(GENERATION_PREFIX):]) + 1)
             if target.exists() or target.is_symlink():
                 _remove_tree(target)
-            _fsync_tree(staged)
+            fsync_tree(staged)
             os.rename(staged, target)
             fsync_directory(self._path)
             fsync_directory(staged.parent)

@@ -43,6 +43,7 @@ class ReplicaConfig:
     max_uncommitted_entries: int = 65_536
     snapshot_chunk_bytes: int = 1 * MEBIBYTE
     max_committed_entries_per_ready: int = 4096
+    max_committed_bytes_per_ready: int = 256 * 1024
 
     def __post_init__(self) -> None:
         if len(self.members) not in (1, 3, 5):
@@ -55,7 +56,7 @@ class ReplicaConfig:
             raise ValueError("need 1 <= heartbeat_interval_ticks < election_timeout_ticks")
         positive = ("max_entries_per_message", "max_bytes_per_message", "max_inflight_appends",
                     "max_pending_reads", "max_entry_bytes", "max_uncommitted_entries",
-                    "snapshot_chunk_bytes", "max_committed_entries_per_ready")
+                    "snapshot_chunk_bytes", "max_committed_entries_per_ready", "max_committed_bytes_per_ready")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive")

@@ -281,9 +281,15 @@ class Replica:
         self._handed_hard_state = hard_state
         entries = tuple(self._log.entries_between(self._unstable_from_index, self._log.last_index))
         self._unstable_from_index = self._log.last_index + 1
-        apply_upto = min(self._commit_index, self._applied_index + self._config.max_committed_entries_per_ready)
-        committed = tuple(self._log.entries_between(self._applied_index + 1, apply_upto))
-        self._applied_index = max(self._applied_index, apply_upto)
+        committed: tuple[Entry, ...] = ()
+        if self._commit_index > self._applied_index:
+            # Bounded in entries and bytes, so one Ready's apply is a few ms of the driver's
+            # time however far behind the store is (a backup catching up, a long fsync).
+            committed = tuple(self._log.batch_from(
+                self._applied_index + 1,
+                min(self._commit_index - self._applied_index, self._config.max_committed_entries_per_ready),
+                self._config.max_committed_bytes_per_ready))
+            self._applied_index = committed[-1].index
         ready = Ready(
             hard_state=hard_state_out, truncate_from=self._pending_truncate_from, entries=entries,
             snapshot=self._pending_snapshot, messages=tuple(self._outbox), committed=committed,

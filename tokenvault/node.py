@@ -276,6 +276,9 @@ class Node:
                     ready = self.replica.ready()
                     await self._handle_ready(ready)
                     self.replica.advance(ready)
+                    # Let the ticker, the transport and HTTP handlers run between two
+                    # Readies: a run of apply-only Readies would otherwise hold the loop.
+                    await asyncio.sleep(0)
                     self._drain_inbox()
                 self._maybe_bootstrap_epoch()
         except asyncio.CancelledError:

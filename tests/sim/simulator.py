@@ -249,6 +249,11 @@ class Simulation:
         assert node.replica is not None and node.staged is not None
         index, view, image = node.staged
         node.staged = None
+        if node.disk.applied_index >= index:
+            # As the node does: the store got there through the log meanwhile; no install.
+            node.replica.snapshot_failed(index, view)
+            self.drive(node)
+            return
         if faults and self.rng.random() < 0.1:
             self.note(f"{node.node_id} refused staged snapshot {index}/{view}")
             node.replica.snapshot_failed(index, view)

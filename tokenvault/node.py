@@ -17,6 +17,7 @@ the inbox and go into the next batch (group commit).
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import os
 import random
@@ -47,6 +48,8 @@ INBOX_MAX_ITEMS = 100_000
 MAX_FRAME_BYTES = 16 * 1024 * 1024
 STORE_DIRECTORY = "store"
 SHUTDOWN_GRACE_SECONDS = 1.0
+# Allocations minus deallocations before a youngest-generation collection (CPython's default is 700).
+GC_YOUNG_THRESHOLD = 50_000
 PRIMARY_MESSAGE_TYPES = (AppendEntries, Heartbeat, InstallSnapshot)
 
 
@@ -612,6 +615,7 @@ async def run_node(config: NodeConfig) -> int:
     sealer = await _start_sealer(node) if config.sealer.enabled else None
     service = NodeService(node, sealer)
     await node.start()
+    _tune_garbage_collector()
     replayed = len(node.restored.entries)
     log.info("node.recovered", wal_entries=replayed, log_base_index=node.restored.snapshot_index,
              store_applied_index=node.store.applied_index, commit_index=node.restored.hard_state.commit_index,
@@ -642,6 +646,22 @@ async def run_node(config: NodeConfig) -> int:
     await node.close()
     log.info("node.stopped")
     return 2 if node.fatal_error else 0
+
+
+def _tune_garbage_collector() -> None:
+    """Keep full collections off the event loop's critical path.
+
+    Measured on three nodes under 100-value load: the interpreter's full
+    (generation 2) collections ran every few seconds, took 20-90 ms each and
+    found nothing to free, scanning the long-lived objects of the imported
+    libraries and the node's caches. Freezing what exists after start-up
+    moves those objects out of every future collection, and a larger
+    youngest-generation threshold makes collections rarer; request garbage is
+    freed by reference counting, not by the collector.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
 
 
 async def _start_sealer(node: Node) -> Sealer | None:

@@ -509,3 +509,17 @@ async def test_the_log_kept_in_memory_is_bounded_in_bytes_as_well_as_in_entries(
         assert kept_bytes() <= 32 * 1024 + 64 * 1024 + 8 * 1024, kept_bytes()
     finally:
         await running.close()
+
+
+def test_the_node_freezes_start_up_objects_and_collects_less_often() -> None:
+    import gc
+
+    from tokenvault.node import GC_YOUNG_THRESHOLD, _tune_garbage_collector
+    threshold = gc.get_threshold()
+    try:
+        _tune_garbage_collector()
+        assert gc.get_freeze_count() > 0
+        assert gc.get_threshold() == (GC_YOUNG_THRESHOLD, *threshold[1:])
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*threshold)

@@ -1,7 +1,7 @@
 """A helper process that seals large tokenize batches beside the node's event loop.
 
 A node is one Python process, and its event loop runs on one core: HTTP, JSON,
-the replication core, the WAL and SQLite all share it. Sealing a value (HMAC
+the replication core, the WAL and the store all share it. Sealing a value (HMAC
 for the token, AES-SIV for the ciphertext) is pure computation that needs only
 the epoch's keys, so a batch of values can be sealed by a second process on the
 machine's other core while the loop goes on with everything else.

@@ -523,3 +523,15 @@ def test_the_node_freezes_start_up_objects_and_collects_less_often() -> None:
     finally:
         gc.unfreeze()
         gc.set_threshold(*threshold)
+
+
+def test_a_version_1_data_directory_is_refused_with_a_clear_message(tmp_path: Path) -> None:
+    from tokenvault.node import Node
+    from tokenvault.store import StoreCorruption
+
+    (config,) = make_configs(tmp_path, 1)
+    Path(config.data_dir).mkdir(parents=True)
+    (Path(config.data_dir) / "vault.db").write_bytes(b"SQLite format 3\x00")
+    with pytest.raises(StoreCorruption, match="version 1"):
+        Node(config)
+    assert not (Path(config.data_dir) / "store").exists(), "nothing is created beside the old store"

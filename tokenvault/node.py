@@ -95,8 +95,8 @@ class Node:
         self.data_dir = Path(config.data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if (self.data_dir / "vault.db").exists() and not (self.data_dir / STORE_DIRECTORY).exists():
-            raise StoreCorruption("this data directory holds a version 1 (SQLite) store, which this version does "
-                                  "not read; restore a backup into a new cluster instead")
+            raise StoreCorruption("this data directory holds a version 1 (SQLite) store, which this version "
+                                  "cannot read; there is no migration from version 1 yet")
         self.store = VaultStore.open(self.data_dir / STORE_DIRECTORY,
                                      retention_ms=config.idempotency.retention_hours * 3600 * 1000)
         self.wal, recovered = WriteAheadLog.open(self.data_dir / "wal",

@@ -26,6 +26,7 @@ CONTENT_TYPES = (
     "application/json; charset=utf-16", "", "application/octet-stream",
 )
 SOCKET_TIMEOUT_SECONDS = 5.0
+UNPARSABLE_REQUEST_DETAIL = b"the request is not valid HTTP/1.1"  # tokenvault/http.py
 FUZZ_SETTINGS = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 marked_text = st.text(max_size=40).map(lambda text: MARK + text)
@@ -172,8 +173,11 @@ def test_arbitrary_header_bytes_never_5xx(http_target: HttpTarget, header_block:
             headers = dict(line.decode("latin-1").split(": ", 1) for line in header_lines)
             check_problem(status, headers, body, status)
             # The parser's own message would quote the offending header bytes; ours never does.
+            # Our fixed detail for unparsable requests is taken out first: a fuzzed line
+            # such as b"HTTP/1.1" is part of it without being an echo.
+            without_fixed_text = body.replace(UNPARSABLE_REQUEST_DETAIL, b"")
             for line in header_block.split(b"\r\n"):
-                assert len(line) < 8 or line not in body
+                assert len(line) < 8 or line not in without_fixed_text
     # The node still serves normal requests afterwards.
     assert send(http_target, "GET", "/health", None, [])[0] == 200
 

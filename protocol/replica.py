@@ -724,6 +724,14 @@ class Replica:
             self._snapshot_transfers_ended.append(sender)
             self._send_appends(sender)
             return
+        if message.received_bytes == 0 and transfer.acknowledged_bytes >= transfer.total_bytes:
+            # The backup had every byte and refused the stream (or lost it): this copy is
+            # dropped, and a fresh one is asked for after an election timeout, so a
+            # damaged checkpoint is never streamed again and again.
+            progress.snapshot = None
+            progress.snapshot_wait_ticks = 0
+            self._snapshot_transfers_ended.append(sender)
+            return
         transfer.reported_bytes = min(message.received_bytes, transfer.total_bytes)
         if transfer.reported_bytes > transfer.acknowledged_bytes:
             transfer.acknowledged_bytes = transfer.reported_bytes

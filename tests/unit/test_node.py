@@ -535,3 +535,43 @@ def test_a_version_1_data_directory_is_refused_with_a_clear_message(tmp_path: Pa
     with pytest.raises(StoreCorruption, match="version 1"):
         Node(config)
     assert not (Path(config.data_dir) / "store").exists(), "nothing is created beside the old store"
+
+
+async def test_a_damaged_snapshot_stream_is_refused_asked_for_again_and_never_fatal(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The first stream the primary sends has one byte altered after its checksum was
+    # taken (as a bad disk would): each chunk passes its CRC, the whole stream fails
+    # its digest. The backup drops it, is streamed the snapshot again, and installs it.
+    from tokenvault import snapshots as snapshots_module
+
+    original_read = snapshots_module.SnapshotSource.read
+    damaged_streams: list[int] = []
+
+    def read_damaging_the_first_stream(self, offset: int, length: int) -> bytes:
+        data = original_read(self, offset, length)
+        if not damaged_streams or damaged_streams[0] == id(self):
+            if offset == 0 and not damaged_streams:
+                damaged_streams.append(id(self))
+            if data and offset + len(data) == self.total_bytes:
+                return data[:-1] + bytes([data[-1] ^ 0x01])
+        return data
+
+    monkeypatch.setattr(snapshots_module.SnapshotSource, "read", read_damaging_the_first_stream)
+    wal = WalConfig(max_segment_bytes=4096, fsync=True, compact_every_entries=10, compact_keep_entries=1)
+    cluster = await start_cluster(tmp_path, 3, wal=wal)
+    try:
+        primary = await cluster.wait_for_stable_primary()
+        lagging = cluster.backups()[0]
+        await lagging.close()
+        tokens = []
+        for number in range(30):
+            tokens += (await tokens_of(primary, [f"damaged-snapshot-{number}"]))[1]
+        assert primary.node.replica.log_base_index > 2, "the primary never compacted its log"
+        lagging = await cluster.restart(lagging)
+        await wait_until(lambda: lagging.node.store.lookup(tokens).keys() == set(tokens), 15,
+                         "the lagging backup to install the second stream")
+        assert len(damaged_streams) == 1, "the first stream was damaged"
+        assert lagging.node.fatal_error is None and primary.node.fatal_error is None
+        assert await lagging.service.detokenize(tokens) == [f"damaged-snapshot-{number}" for number in range(30)]
+    finally:
+        await cluster.close()

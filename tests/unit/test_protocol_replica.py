@@ -570,15 +570,21 @@ def _behind_by_a_snapshot(cluster: Cluster) -> tuple[Replica, int]:
     return primary, applied
 
 
-def test_a_refused_staged_snapshot_is_streamed_again_from_the_start_and_installed() -> None:
+def test_a_refused_snapshot_is_dropped_and_a_fresh_one_is_streamed_and_installed() -> None:
     cluster = Cluster(3, snapshot_chunk_bytes=64)
     primary, applied = _behind_by_a_snapshot(cluster)
     cluster.refuse_installs = 1
     data = bytes(range(200))
     assert cluster.offer("n1", "n3", applied, primary.view, data)
+    cluster.snapshot_requests.clear()
     cluster.settle()
     assert cluster.nodes["n3"].replica.commit_index < applied, "refused: nothing installed"
-    cluster.tick(times=8)  # the stalled stream restarts at offset 0
+    assert cluster.nodes["n1"].sources == {}, "the refused copy is dropped, never streamed again"
+    cluster.tick(times=2 * primary.config.election_timeout_ticks)
+    assert ("n1", "n3") in cluster.snapshot_requests, "a fresh snapshot is asked for"
+    assert cluster.offer("n1", "n3", applied, primary.view, data)
+    cluster.settle()
+    cluster.tick(times=2)
     backup = cluster.nodes["n3"]
     assert backup.base == (applied, primary.view) and backup.applied[0].payload == data
     assert primary.progress()["n3"][0] == primary.last_index

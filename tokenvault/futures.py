@@ -1,8 +1,9 @@
-"""Waiting on a future with a deadline, cheaply."""
+"""Waiting on a future with a deadline, cheaply; cancelling a group of tasks."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable
 
 
 async def await_future(future: asyncio.Future, timeout_seconds: float):
@@ -23,3 +24,15 @@ async def await_future(future: asyncio.Future, timeout_seconds: float):
 def _expire(future: asyncio.Future) -> None:
     if not future.done():
         future.set_exception(asyncio.TimeoutError())
+
+
+async def cancel_and_wait(tasks: Iterable[asyncio.Task | None]) -> None:
+    """Cancel every task, then wait for each to finish; their errors are not the caller's concern."""
+    pending = [task for task in tasks if task is not None]
+    for task in pending:
+        task.cancel()
+    for task in pending:
+        try:
+            await task
+        except (asyncio.CancelledError, Exception):
+            pass

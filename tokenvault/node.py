@@ -33,7 +33,7 @@ from protocol import (AppendEntries, Entry, EntryKind, ForwardRequest, ForwardRe
 from tokenvault import commands
 from tokenvault.config import NodeConfig, load_config
 from tokenvault.crypto import KeyRing, new_epoch_secret
-from tokenvault.futures import await_future
+from tokenvault.futures import await_future, cancel_and_wait
 from tokenvault.logs import configure_logging, get_logger
 from tokenvault.metrics import Metrics
 from tokenvault.sealer import Sealer
@@ -192,22 +192,11 @@ class Node:
         self._wake()
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            try:
-                await task
-            except (asyncio.CancelledError, Exception):
-                pass
+        await cancel_and_wait(self._tasks)
         if self.transport is not None:
             await self.transport.close()
         self._fail_pending()  # callers answer 503: this node is going away
-        if self._compaction is not None:
-            self._compaction.cancel()
-            try:
-                await self._compaction
-            except (asyncio.CancelledError, Exception):
-                pass
+        await cancel_and_wait([self._compaction])
         await self.snapshots.close()
         self._disk_executor.shutdown(wait=True)
         self.wal.close()

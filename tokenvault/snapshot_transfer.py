@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from protocol import InstallSnapshot, SnapshotChunk, SnapshotRead
+from tokenvault.futures import cancel_and_wait
 from tokenvault.logs import get_logger
 from tokenvault.snapshots import SnapshotSource, SnapshotStager, StagedSnapshot
 from tokenvault.store import SnapshotRejected
@@ -207,13 +208,7 @@ class SnapshotTransfers:
         task.add_done_callback(self._tasks.discard)
 
     async def close(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            try:
-                await task
-            except (asyncio.CancelledError, Exception):
-                pass
+        await cancel_and_wait(list(self._tasks))
         self.drop_sources()
         self._discard_stager()
         self._executor.shutdown(wait=True)

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from protocol import FrameDecoder, Hello, HelloProof, Ping, ProtocolError, encode_frame
+from tokenvault.futures import cancel_and_wait
 from tokenvault.logs import get_logger
 
 HANDSHAKE_TIMEOUT_SECONDS = 3.0
@@ -132,13 +133,7 @@ class PeerTransport:
             self._server.close()
         for connection in list(self._connections.values()):
             connection.close()
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            try:
-                await task
-            except (asyncio.CancelledError, Exception):
-                pass
+        await cancel_and_wait(list(self._tasks))
 
     def _spawn(self, coroutine) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coroutine)

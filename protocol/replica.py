@@ -236,12 +236,14 @@ class Replica:
         if incoming is not None and incoming.key[2:4] == (index, view):
             self._incoming_snapshot = None
             self._outbox.append((incoming.sender, SnapshotReply(self._view, index, incoming.total_bytes, True)))
-        if self._log.view_at(index) == view:
+        if index <= self._commit_index or self._log.view_at(index) == view:
+            # Committed here already, or held with that view: the entries through it are
+            # committed; never move the log backwards to an older snapshot.
             self._commit_to(index)
             self._applied_index = max(self._applied_index, index)
             return
         self._log.reset(index, view)
-        self._commit_index = max(self._commit_index, index)
+        self._commit_index = index
         self._applied_index = index
         self._persisted_index = min(self._persisted_index, index)
         self._unstable_from_index = index + 1
@@ -250,7 +252,12 @@ class Replica:
         self._pending_snapshot = SnapshotToInstall(index, view)
 
     def snapshot_failed(self, index: int, view: int) -> None:
-        """The staged snapshot at (index, view) was refused or could not be staged: ask for it from the start."""
+        """The staged snapshot at (index, view) was refused or could not be staged.
+
+        The reply says zero bytes received: a primary that had sent every byte
+        drops that copy and asks its driver for a fresh one; one that had not
+        restarts the stream from offset 0.
+        """
         incoming = self._incoming_snapshot
         if incoming is None or incoming.key[2:4] != (index, view):
             return
@@ -617,14 +624,18 @@ class Replica:
             return
         transfer.silent_ticks += self._config.heartbeat_interval_ticks
         if transfer.silent_ticks >= SNAPSHOT_SILENT_ELECTION_TIMEOUTS * self._config.election_timeout_ticks:
-            progress.snapshot = None
-            progress.snapshot_wait_ticks = 0
-            self._snapshot_transfers_ended.append(peer)
+            self._drop_snapshot_transfer(peer, progress)
             return
         transfer.stalled_heartbeats += 1
         if transfer.stalled_heartbeats >= STALLED_HEARTBEATS_LIMIT:
             transfer.acknowledged_bytes = min(transfer.acknowledged_bytes, transfer.reported_bytes)
             self._send_snapshot_chunk(peer, transfer)
+
+    def _drop_snapshot_transfer(self, peer: str, progress: PeerProgress) -> None:
+        """End a transfer that will not complete; the peer stays in SNAPSHOT state and a new one is asked for."""
+        progress.snapshot = None
+        progress.snapshot_wait_ticks = 0
+        self._snapshot_transfers_ended.append(peer)
 
     def _request_snapshot(self, peer: str) -> None:
         if peer not in self._snapshot_requests:
@@ -728,9 +739,7 @@ class Replica:
             # The backup had every byte and refused the stream (or lost it): this copy is
             # dropped, and a fresh one is asked for after an election timeout, so a
             # damaged checkpoint is never streamed again and again.
-            progress.snapshot = None
-            progress.snapshot_wait_ticks = 0
-            self._snapshot_transfers_ended.append(sender)
+            self._drop_snapshot_transfer(sender, progress)
             return
         transfer.reported_bytes = min(message.received_bytes, transfer.total_bytes)
         if transfer.reported_bytes > transfer.acknowledged_bytes:

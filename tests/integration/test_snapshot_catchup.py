@@ -23,17 +23,22 @@ from tokenvault.config import WalConfig
 pytestmark = pytest.mark.integration
 
 
-async def test_backup_behind_the_compacted_log_installs_a_snapshot_and_serves(
-        make_cluster: Callable[..., ClusterHarness]) -> None:
+async def _cluster_with_a_backup_down(make_cluster: Callable[..., ClusterHarness],
+                                      **wal: int) -> tuple[ClusterHarness, str, str, list[str]]:
+    """A cluster that compacts every 20 entries keeping 2, with one backup killed: (harness, primary, backup, live)."""
     settings = dataclasses.replace(fast_settings(), wal=WalConfig(fsync=True, compact_every_entries=20,
-                                                                  compact_keep_entries=2))
+                                                                  compact_keep_entries=2, **wal))
     harness = make_cluster(settings=settings)
-    history = History()
     primary = await asyncio.to_thread(harness.wait_for_primary)
     backup = next(node_id for node_id in harness.node_ids if node_id != primary)
     await asyncio.to_thread(harness.kill, backup)
+    return harness, primary, backup, [node_id for node_id in harness.node_ids if node_id != backup]
 
-    live = [node_id for node_id in harness.node_ids if node_id != backup]
+
+async def test_backup_behind_the_compacted_log_installs_a_snapshot_and_serves(
+        make_cluster: Callable[..., ClusterHarness]) -> None:
+    harness, primary, backup, live = await _cluster_with_a_backup_down(make_cluster)
+    history = History()
     writer = RecordingClient(history, "missed", harness.client(live), "+".join(live))
     for batch in range(60):  # 60 entries: the primary compacts its log well past the backup's position
         assert await writer.tokenize(value_pool(f"snap-{batch}", 3)) is not None
@@ -64,14 +69,8 @@ async def test_a_store_of_over_100_chunks_streams_to_a_backup_while_writes_are_a
         make_cluster: Callable[..., ClusterHarness]) -> None:
     # 1 KiB chunks: the store of a few thousand tokens spans well over 100 of them.
     chunk_bytes = 1024
-    settings = dataclasses.replace(fast_settings(), wal=WalConfig(
-        fsync=True, compact_every_entries=20, compact_keep_entries=2, snapshot_chunk_bytes=chunk_bytes))
-    harness = make_cluster(settings=settings)
+    harness, primary, backup, live = await _cluster_with_a_backup_down(make_cluster, snapshot_chunk_bytes=chunk_bytes)
     history = History()
-    primary = await asyncio.to_thread(harness.wait_for_primary)
-    backup = next(node_id for node_id in harness.node_ids if node_id != primary)
-    await asyncio.to_thread(harness.kill, backup)
-    live = [node_id for node_id in harness.node_ids if node_id != backup]
     filler = RecordingClient(history, "filler", harness.client(live), "+".join(live))
     for batch in range(30):
         assert await filler.tokenize(value_pool(f"bulk-{batch}", 100)) is not None

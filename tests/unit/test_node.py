@@ -421,6 +421,27 @@ def _noop(index: int, view: int):
     return Entry(index, view, EntryKind.NOOP, b"")
 
 
+def _data_dir_with(tmp_path: Path, store_views: list[int], wal_views: list[int], hard_state):
+    """A one-node config whose data dir holds a store applied through len(store_views) and a WAL of
+    len(wal_views) entries, the entry at index i having view store_views[i - 1] / wal_views[i - 1]."""
+    from tokenvault.store import VaultStore
+    from tokenvault.wal import WriteAheadLog
+
+    (config,) = make_configs(tmp_path, 1)
+    data_dir = Path(config.data_dir)
+    data_dir.mkdir(parents=True)
+    store = VaultStore.open(data_dir / "store")
+    store.apply_batch([_noop(index, view) for index, view in enumerate(store_views, start=1)])
+    store.checkpoint()
+    store.close()
+    wal, _ = WriteAheadLog.open(data_dir / "wal")
+    wal.append(truncate_from=None, entries=[_noop(index, view) for index, view in enumerate(wal_views, start=1)],
+               hard_state=hard_state)
+    wal.sync()
+    wal.close()
+    return config
+
+
 async def test_a_node_stopped_between_the_store_switch_and_the_log_reset_starts_again(tmp_path: Path) -> None:
     """The state a crash leaves between a snapshot's store switch and the log reset.
 
@@ -429,22 +450,8 @@ async def test_a_node_stopped_between_the_store_switch_and_the_log_reset_starts_
     that suffix and raised on every start; now it resets its log to the store.
     """
     from protocol import HardState
-    from tokenvault.store import VaultStore
-    from tokenvault.wal import WriteAheadLog
 
-    (config,) = make_configs(tmp_path, 1)
-    data_dir = Path(config.data_dir)
-    data_dir.mkdir(parents=True)
-    store = VaultStore.open(data_dir / "store")
-    store.apply_batch([_noop(index, 1) for index in range(1, 8)] + [_noop(8, 2)])
-    store.checkpoint()
-    store.close()
-    wal, _ = WriteAheadLog.open(data_dir / "wal")
-    wal.append(truncate_from=None, entries=[_noop(index, 1) for index in range(1, 13)],
-               hard_state=HardState(2, None, 7))
-    wal.sync()
-    wal.close()
-
+    config = _data_dir_with(tmp_path, [1] * 7 + [2], [1] * 12, HardState(2, None, 7))
     running = await start_node(config)
     try:
         restored = running.node.restored
@@ -466,21 +473,8 @@ async def test_a_node_stopped_between_the_store_switch_and_the_log_reset_starts_
 
 async def test_a_log_that_extends_the_store_is_kept_after_a_restart(tmp_path: Path) -> None:
     from protocol import HardState
-    from tokenvault.store import VaultStore
-    from tokenvault.wal import WriteAheadLog
 
-    (config,) = make_configs(tmp_path, 1)
-    data_dir = Path(config.data_dir)
-    data_dir.mkdir(parents=True)
-    store = VaultStore.open(data_dir / "store")
-    store.apply_batch([_noop(index, 1) for index in range(1, 6)])
-    store.checkpoint()
-    store.close()
-    wal, _ = WriteAheadLog.open(data_dir / "wal")
-    wal.append(truncate_from=None, entries=[_noop(index, 1) for index in range(1, 10)],
-               hard_state=HardState(1, None, 9))
-    wal.sync()
-    wal.close()
+    config = _data_dir_with(tmp_path, [1] * 5, [1] * 9, HardState(1, None, 9))
     running = await start_node(config)
     try:
         restored = running.node.restored

@@ -57,6 +57,7 @@ class Cluster:
         self.isolated: set[str] = set()
         self.snapshot_requests: list[tuple[str, str]] = []
         self.refuse_installs = 0  # how many completed stagings the "driver" refuses next
+        self.chunks_staged: dict[str, int] = {}
 
     def _new_replica(self, node_id: str, restored: RestoredState, seed: int) -> Replica:
         return Replica(ReplicaConfig(node_id, self.ids, **self.overrides), restored, random.Random(seed))
@@ -73,6 +74,7 @@ class Cluster:
             if ready.hard_state is not None:
                 node.hard_state = ready.hard_state
             completed = self._stage(node, ready)
+            self.chunks_staged[node_id] = self.chunks_staged.get(node_id, 0) + len(ready.snapshot_chunks)
             self.queue.extend((node_id, destination, message) for destination, message in ready.messages)
             for read in ready.snapshot_reads:
                 data = node.sources[read.peer][read.offset:read.offset + read.length]
@@ -525,12 +527,12 @@ def test_read_queue_is_bounded() -> None:
 # ---------------------------------------------------------------------------- snapshots
 
 
-def test_backup_behind_the_compacted_log_catches_up_through_a_chunked_snapshot() -> None:
-    cluster = Cluster(3, max_bytes_per_message=64)
+def _behind_by_a_snapshot(cluster: Cluster, proposals: int = 10) -> tuple[Replica, int]:
+    """n1 primary; n3 cut off while n1 commits ``proposals`` entries and compacts past them, then back."""
     cluster.elect("n1")
     cluster.isolated = {"n3"}
     primary = cluster.primary()
-    for number in range(30):
+    for number in range(proposals):
         primary.propose(b"p%d" % number)
     cluster.settle()
     cluster.tick(times=2)
@@ -539,6 +541,13 @@ def test_backup_behind_the_compacted_log_catches_up_through_a_chunked_snapshot()
     assert primary.log_base_index == applied
     cluster.isolated = set()
     cluster.tick(times=6)  # the lost appends are given up on after two quiet heartbeats
+    assert ("n1", "n3") in cluster.snapshot_requests
+    return primary, applied
+
+
+def test_backup_behind_the_compacted_log_catches_up_through_a_chunked_snapshot() -> None:
+    cluster = Cluster(3, max_bytes_per_message=64, snapshot_chunk_bytes=64)
+    primary, applied = _behind_by_a_snapshot(cluster, proposals=30)
     assert cluster.snapshot_requests == [("n1", "n3")]
     data = bytes(range(256)) * 2  # 512 bytes: eight chunks of 64
     chunks_before = len(cluster.queue)
@@ -549,25 +558,10 @@ def test_backup_behind_the_compacted_log_catches_up_through_a_chunked_snapshot()
     cluster.tick(times=2)
     backup = cluster.nodes["n3"]
     assert backup.base == (applied, primary.view) and backup.applied[0].payload == data
+    assert cluster.chunks_staged["n3"] == 8
     assert backup.replica.commit_index == primary.commit_index
     assert primary.progress()["n3"][0] == primary.last_index
     assert cluster.nodes["n1"].sources == {}, "the primary's driver is told to drop its copy"
-
-
-def _behind_by_a_snapshot(cluster: Cluster) -> tuple[Replica, int]:
-    cluster.elect("n1")
-    cluster.isolated = {"n3"}
-    primary = cluster.primary()
-    for number in range(10):
-        primary.propose(b"p%d" % number)
-    cluster.settle()
-    cluster.tick(times=2)
-    applied = cluster.nodes["n1"].applied[-1].index
-    primary.compact(applied)
-    cluster.isolated = set()
-    cluster.tick(times=6)
-    assert ("n1", "n3") in cluster.snapshot_requests
-    return primary, applied
 
 
 def test_a_refused_snapshot_is_dropped_and_a_fresh_one_is_streamed_and_installed() -> None:

@@ -155,13 +155,26 @@ class Ready:
 
     1. reset the log base to ``snapshot`` (the store already holds it: the
        driver installed it before calling ``snapshot_installed``);
-    2. drop the persisted log from ``truncate_from`` on, append ``entries``,
+    2. send ``messages`` and read and send ``snapshot_reads`` at once: they are
+       the primary's own appends, heartbeats and snapshot chunks, which need
+       not wait for its disk, because the core counts the primary's own copy
+       of an entry only after ``advance()`` (Raft thesis 10.2.1; etcd's
+       ``Ready.Messages`` beside ``MsgStorageAppend``);
+    3. apply ``committed_durable``: the first ``committed_durable_count``
+       committed entries, which an earlier Ready already made durable here, so
+       their requests may be answered before this batch's fsync;
+    4. drop the persisted log from ``truncate_from`` on, append ``entries``,
        write ``hard_state``; stage ``snapshot_chunks`` in order; fsync;
-    3. send ``messages``; read and send ``snapshot_reads``;
-    4. apply ``committed``; answer ``read_results`` once applied >= read_index;
-       offer snapshots for ``snapshot_requests``; drop the sources of
-       ``snapshot_transfers_ended``; log ``events``;
-    5. call ``advance(ready)``.
+    5. send ``messages_after_persist`` (votes and replies: they promise what
+       is on disk, as etcd's ``msgsAfterAppend``);
+    6. apply ``committed_after_persist``; answer ``read_results`` once
+       applied >= read_index; offer snapshots for ``snapshot_requests``; drop
+       the sources of ``snapshot_transfers_ended``; log ``events``;
+    7. call ``advance(ready)`` with this Ready, before asking for the next.
+
+    A driver may also do everything after the fsync; the split only says what
+    may go earlier. The node driver and the simulator both follow it, and
+    docs/replication.md states it.
     """
 
     hard_state: HardState | None
@@ -176,3 +189,17 @@ class Ready:
     snapshot_reads: tuple[SnapshotRead, ...] = ()
     snapshot_chunks: tuple[SnapshotChunk, ...] = ()
     snapshot_transfers_ended: tuple[str, ...] = ()
+    messages_after_persist: tuple[tuple[str, Message], ...] = ()
+    committed_durable_count: int = 0
+
+    @property
+    def committed_durable(self) -> tuple[Entry, ...]:
+        return self.committed[:self.committed_durable_count]
+
+    @property
+    def committed_after_persist(self) -> tuple[Entry, ...]:
+        return self.committed[self.committed_durable_count:]
+
+    @property
+    def all_messages(self) -> tuple[tuple[str, Message], ...]:
+        return self.messages + self.messages_after_persist

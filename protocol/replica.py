@@ -75,6 +75,7 @@ class Replica:
         self._applied_index = restored.snapshot_index
         self._pending_snapshot: SnapshotToInstall | None = None
         self._outbox: list[tuple[str, Message]] = []
+        self._last_ready: Ready | None = None
         self._read_results: list[ReadResult] = []
         self._snapshot_requests: list[str] = []
         self._snapshot_reads: list[SnapshotRead] = []
@@ -243,6 +244,7 @@ class Replica:
             self._applied_index = max(self._applied_index, index)
             return
         self._log.reset(index, view)
+        assert index > self._commit_index, "commit index only grows"
         self._commit_index = index
         self._applied_index = index
         self._persisted_index = min(self._persisted_index, index)
@@ -296,14 +298,19 @@ class Replica:
                 self._applied_index + 1,
                 min(self._commit_index - self._applied_index, self._config.max_committed_entries_per_ready),
                 self._config.max_committed_bytes_per_ready))
+            assert committed and committed[-1].index > self._applied_index, "applied index only grows"
             self._applied_index = committed[-1].index
+        early, after_persist = _split_outbox(self._outbox)
         ready = Ready(
             hard_state=hard_state_out, truncate_from=self._pending_truncate_from, entries=entries,
-            snapshot=self._pending_snapshot, messages=tuple(self._outbox), committed=committed,
+            snapshot=self._pending_snapshot, messages=early, committed=committed,
             read_results=tuple(self._read_results), snapshot_requests=tuple(self._snapshot_requests),
             events=tuple(self._events), snapshot_reads=tuple(self._snapshot_reads),
             snapshot_chunks=tuple(self._snapshot_chunks),
-            snapshot_transfers_ended=tuple(self._snapshot_transfers_ended))
+            snapshot_transfers_ended=tuple(self._snapshot_transfers_ended),
+            messages_after_persist=after_persist,
+            committed_durable_count=_durable_prefix(committed, entries))
+        self._last_ready = ready
         self._pending_truncate_from = None
         self._pending_snapshot = None
         self._outbox.clear()
@@ -317,6 +324,8 @@ class Replica:
 
     def advance(self, ready: Ready) -> None:
         """The driver persisted, sent and applied ``ready``: its entries now count as durable here."""
+        assert ready is self._last_ready, "advance() takes the last Ready handed out, once"
+        self._last_ready = None
         persisted = self._persisted_index
         if ready.snapshot is not None and self._log.base_index >= ready.snapshot.index:
             persisted = max(persisted, ready.snapshot.index)
@@ -803,3 +812,25 @@ class Replica:
 
     def _hard_state(self) -> HardState:
         return HardState(self._view, self._voted_for, self._commit_index)
+
+
+# Messages the primary sends about its own log. They may leave before the
+# primary's own write is durable, because the core counts the primary's copy
+# of an entry only after advance(); everything else (votes, replies) promises
+# what is on this node's disk and waits for the fsync.
+_SENT_BEFORE_PERSIST = (AppendEntries, Heartbeat, InstallSnapshot)
+
+
+def _split_outbox(outbox: list[tuple[str, Message]]) -> tuple[tuple[tuple[str, Message], ...],
+                                                              tuple[tuple[str, Message], ...]]:
+    early = tuple(item for item in outbox if isinstance(item[1], _SENT_BEFORE_PERSIST))
+    after_persist = tuple(item for item in outbox if not isinstance(item[1], _SENT_BEFORE_PERSIST))
+    return early, after_persist
+
+
+def _durable_prefix(committed: tuple[Entry, ...], entries: tuple[Entry, ...]) -> int:
+    """How many committed entries an earlier Ready made durable: those below this Ready's first new entry."""
+    if not entries:
+        return len(committed)
+    first_new_index = entries[0].index
+    return sum(1 for entry in committed if entry.index < first_new_index)

@@ -3,14 +3,11 @@
 Everything that touches the ``protocol.Replica`` happens in one driver task, so
 the core is never re-entered while a ``Ready`` batch is being carried out. HTTP
 handlers and the peer transport only put work into an inbox and wake the
-driver. For every ``Ready`` the order follows DESIGN.md, with two refinements
-that keep its guarantees: reset the log after a snapshot the store now holds
-(tokenvault/snapshot_transfer.py moves snapshot bytes); send the primary's own
-appends (its disk write runs in parallel, and the core counts its copy only
-after ``advance()``); apply committed entries that earlier batches already made
-durable; append this batch's entries and hard state to the WAL and fsync once;
-then send every other message (votes and replies only after the fsync); apply
-the rest; ``advance()``. Proposals that arrive while an fsync is running wait in
+driver. For every ``Ready`` the driver follows the order the core states in
+``protocol.Ready`` (tokenvault/snapshot_transfer.py moves snapshot bytes):
+``messages`` leave while the WAL write runs, ``committed_durable`` is applied
+before the fsync, ``messages_after_persist`` and ``committed_after_persist``
+wait for it, then ``advance()``. Proposals that arrive while an fsync is running wait in
 the inbox and go into the next batch (group commit).
 """
 
@@ -28,8 +25,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from protocol import (AppendEntries, Entry, EntryKind, ForwardRequest, ForwardResponse, HardState, Heartbeat,
-                      INITIAL_HARD_STATE, InstallSnapshot, NotPrimary, Replica, ReplicaConfig, RestoredState, Role)
+from protocol import (Entry, EntryKind, ForwardRequest, ForwardResponse, HardState, INITIAL_HARD_STATE, NotPrimary,
+                      Replica, ReplicaConfig, RestoredState, Role)
 from tokenvault import commands
 from tokenvault.config import NodeConfig, load_config
 from tokenvault.crypto import KeyRing, new_epoch_secret
@@ -50,19 +47,6 @@ STORE_DIRECTORY = "store"
 SHUTDOWN_GRACE_SECONDS = 1.0
 # Allocations minus deallocations before a youngest-generation collection (CPython's default is 700).
 GC_YOUNG_THRESHOLD = 50_000
-PRIMARY_MESSAGE_TYPES = (AppendEntries, Heartbeat, InstallSnapshot)
-
-
-def durable_committed_count(ready) -> int:
-    """How many of ``ready.committed`` an earlier Ready already made durable here.
-
-    Those lie below this Ready's first new entry and may be applied (and
-    answered) before this Ready's fsync. The simulation uses the same split.
-    """
-    if not ready.entries:
-        return len(ready.committed)
-    first_new_index = ready.entries[0].index
-    return sum(1 for entry in ready.committed if entry.index < first_new_index)
 
 
 class ProposalOutcomeUnknown(Exception):
@@ -332,25 +316,16 @@ class Node:
         if ready.snapshot is not None:
             # The store switched to the snapshot already; the log now starts after it.
             self.wal.reset_base(ready.snapshot.index, ready.snapshot.view)
-        # A primary's appends may travel while its own disk write runs (Raft thesis
-        # 10.2.1): the core counts the primary's entries only after advance(), so
-        # nothing is acknowledged before they are durable here too. Every other
-        # message (votes, append and snapshot replies) waits for the fsync.
-        later = []
+        # The core's statement of the order (protocol/records.py, Ready): the
+        # primary's own appends, heartbeats and snapshot chunks leave while its
+        # disk write runs, and entries an earlier batch made durable are applied
+        # (and answered) before this batch's fsync.
         for destination, message in ready.messages:
-            if isinstance(message, PRIMARY_MESSAGE_TYPES):
-                self.send_to_peer(destination, message)
-            else:
-                later.append((destination, message))
+            self.send_to_peer(destination, message)
         for read in ready.snapshot_reads:
             self.snapshots.send_chunk(read)
-        # Committed entries that were made durable by an earlier batch are applied
-        # (and their requests answered) before this batch's fsync rather than after
-        # it; only entries that arrive in this very batch wait for it.
-        durable_count = durable_committed_count(ready)
-        if durable_count:
-            self._apply(ready.committed[:durable_count])
-        committed_later = ready.committed[durable_count:]
+        if ready.committed_durable_count:
+            self._apply(ready.committed_durable)
         if ready.entries or ready.hard_state is not None or ready.truncate_from is not None:
             self.wal.append(truncate_from=ready.truncate_from, entries=ready.entries,
                             hard_state=ready.hard_state)
@@ -364,10 +339,10 @@ class Node:
             # Staged before the replies that acknowledge them leave.
             await self.snapshots.stage(ready.snapshot_chunks, self._switch_to_snapshot,
                                        self.replica.snapshot_failed)
-        for destination, message in later:
+        for destination, message in ready.messages_after_persist:
             self.send_to_peer(destination, message)
-        if committed_later:
-            self._apply(committed_later)
+        if len(ready.committed) > ready.committed_durable_count:
+            self._apply(ready.committed_after_persist)
         for result in ready.read_results:
             self._on_read_result(result)
         for peer_id in ready.snapshot_transfers_ended:

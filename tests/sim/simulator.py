@@ -27,8 +27,6 @@ from protocol import (INITIAL_HARD_STATE, BecamePrimary, Entry, EntryKind, HardS
                       NotPrimary, Ready, ReplicaConfig, Replica, RestoredState, Role, decode_body)
 from protocol.codec import encode_body
 # The node's own choices, so that the sweep checks the order tokenvault/node.py really uses.
-from tokenvault.node import PRIMARY_MESSAGE_TYPES as EARLY_MESSAGE_TYPES
-from tokenvault.node import durable_committed_count
 
 TRACE_LENGTH = 60
 MESSAGES_PER_TICK_LIMIT = 20_000
@@ -218,11 +216,10 @@ class Simulation:
         applied (and answered); a crash before the fsync keeps both effects.
         """
         for destination, message in ready.messages:
-            if isinstance(message, EARLY_MESSAGE_TYPES):
-                self.send(node.node_id, destination, message)
+            self.send(node.node_id, destination, message)
         for read in ready.snapshot_reads:
             self._send_snapshot_chunk(node, read)
-        self._apply(node, ready.committed[:durable_committed_count(ready)], primary_view)
+        self._apply(node, ready.committed_durable, primary_view)
 
     def _send_snapshot_chunk(self, node: SimNode, read) -> None:
         source = node.sources.get(read.peer)
@@ -272,10 +269,9 @@ class Simulation:
         assert replica is not None
         self._persist(node, ready, len(self._records(ready)))
         self._stage_snapshot_chunks(node, ready)
-        for destination, message in ready.messages:
-            if not isinstance(message, EARLY_MESSAGE_TYPES):
-                self.send(node.node_id, destination, message)
-        self._apply(node, ready.committed[durable_committed_count(ready):], primary_view)
+        for destination, message in ready.messages_after_persist:
+            self.send(node.node_id, destination, message)
+        self._apply(node, ready.committed_after_persist, primary_view)
         for result in ready.read_results:
             self._check_read(node, result)
         for peer in ready.snapshot_transfers_ended:

@@ -75,7 +75,7 @@ class Cluster:
                 node.hard_state = ready.hard_state
             completed = self._stage(node, ready)
             self.chunks_staged[node_id] = self.chunks_staged.get(node_id, 0) + len(ready.snapshot_chunks)
-            self.queue.extend((node_id, destination, message) for destination, message in ready.messages)
+            self.queue.extend((node_id, destination, message) for destination, message in ready.all_messages)
             for read in ready.snapshot_reads:
                 data = node.sources[read.peer][read.offset:read.offset + read.length]
                 self.queue.append((node_id, read.peer, InstallSnapshot(
@@ -260,7 +260,9 @@ def test_vote_is_in_hard_state_of_the_same_ready_as_the_reply() -> None:
     voter.step("n1", RequestVote(view=1, last_index=0, last_view=0))
     ready = voter.ready()
     assert ready.hard_state == HardState(1, "n1", 0)
-    assert ready.messages == (("n1", VoteReply(1, True)),)
+    # The vote promises what is on disk: it waits for the fsync.
+    assert ready.messages == ()
+    assert ready.messages_after_persist == (("n1", VoteReply(1, True)),)
 
 
 def test_restarted_replica_never_votes_twice_in_one_view() -> None:
@@ -269,20 +271,20 @@ def test_restarted_replica_never_votes_twice_in_one_view() -> None:
     hard_state = voter.ready().hard_state
     restarted = make_replica("n2", ("n1", "n2", "n3"), RestoredState(hard_state, 0, 0, ()))
     restarted.step("n3", RequestVote(view=3, last_index=5, last_view=2))
-    assert restarted.ready().messages == (("n3", VoteReply(3, False)),)
+    assert restarted.ready().all_messages == (("n3", VoteReply(3, False)),)
     restarted.step("n1", RequestVote(view=3, last_index=0, last_view=0))
-    assert restarted.ready().messages == (("n1", VoteReply(3, True)),)
+    assert restarted.ready().all_messages == (("n1", VoteReply(3, True)),)
 
 
 def test_vote_refused_to_a_candidate_with_an_older_log() -> None:
     entries = (Entry(1, 2, EntryKind.NOOP, b""), Entry(2, 2, EntryKind.COMMAND, b"x"))
     voter = make_replica("n2", ("n1", "n2", "n3"), RestoredState(HardState(2, None, 0), 0, 0, entries))
     voter.step("n1", RequestVote(view=3, last_index=5, last_view=1))  # longer, but older view
-    assert voter.ready().messages == (("n1", VoteReply(3, False)),)
+    assert voter.ready().all_messages == (("n1", VoteReply(3, False)),)
     voter.step("n3", RequestVote(view=4, last_index=1, last_view=2))  # same view, shorter
-    assert voter.ready().messages == (("n3", VoteReply(4, False)),)
+    assert voter.ready().all_messages == (("n3", VoteReply(4, False)),)
     voter.step("n3", RequestVote(view=5, last_index=2, last_view=2))
-    assert voter.ready().messages == (("n3", VoteReply(5, True)),)
+    assert voter.ready().all_messages == (("n3", VoteReply(5, True)),)
 
 
 def test_election_starts_with_a_pre_vote_that_changes_no_state() -> None:
@@ -291,16 +293,16 @@ def test_election_starts_with_a_pre_vote_that_changes_no_state() -> None:
         candidate.tick()
     ready = candidate.ready()
     assert candidate.view == 0 and ready.hard_state is None, "polling raises no view and casts no vote"
-    assert {message for _, message in ready.messages} == {PreVote(view=1, last_index=0, last_view=0)}
+    assert {message for _, message in ready.all_messages} == {PreVote(view=1, last_index=0, last_view=0)}
     voter = make_replica("n2", ("n1", "n2", "n3"))
     voter.step("n1", PreVote(view=1, last_index=0, last_view=0))
     voter_ready = voter.ready()
-    assert voter_ready.messages == (("n1", PreVoteReply(1, True)),)
+    assert voter_ready.all_messages == (("n1", PreVoteReply(1, True)),)
     assert voter.view == 0 and voter_ready.hard_state is None
     candidate.step("n2", PreVoteReply(1, True))
     ready = candidate.ready()
     assert candidate.view == 1 and ready.hard_state == HardState(1, "n1", 0)
-    assert {message for _, message in ready.messages} == {RequestVote(view=1, last_index=0, last_view=0)}
+    assert {message for _, message in ready.all_messages} == {RequestVote(view=1, last_index=0, last_view=0)}
 
 
 def test_pre_vote_refused_while_a_primary_is_heard_from() -> None:
@@ -308,10 +310,10 @@ def test_pre_vote_refused_while_a_primary_is_heard_from() -> None:
     cluster.elect("n1")
     backup = cluster.nodes["n2"].replica
     backup.step("n3", PreVote(view=backup.view + 1, last_index=backup.last_index, last_view=backup.last_view))
-    assert backup.ready().messages == (("n3", PreVoteReply(backup.view, False)),)
+    assert backup.ready().all_messages == (("n3", PreVoteReply(backup.view, False)),)
     primary = cluster.nodes["n1"].replica
     primary.step("n3", PreVote(view=primary.view + 1, last_index=primary.last_index, last_view=primary.last_view))
-    assert primary.ready().messages == (("n3", PreVoteReply(primary.view, False)),)
+    assert primary.ready().all_messages == (("n3", PreVoteReply(primary.view, False)),)
 
 
 def test_a_cut_off_replica_does_not_raise_its_view_or_disturb_the_primary_on_return() -> None:
@@ -330,7 +332,7 @@ def test_stale_messages_are_answered_with_the_current_view() -> None:
     replica = make_replica("n2", ("n1", "n2", "n3"), RestoredState(HardState(4, None, 0), 0, 0, ()))
     replica.step("n1", AppendEntries(view=2, prev_index=0, prev_view=0, commit_index=0, entries=()))
     replica.step("n3", RequestVote(view=3, last_index=0, last_view=0))
-    assert replica.ready().messages == (("n1", AppendReply(4, False, 0, 0, 0)), ("n3", VoteReply(4, False)))
+    assert replica.ready().all_messages == (("n1", AppendReply(4, False, 0, 0, 0)), ("n3", VoteReply(4, False)))
 
 
 def test_foreign_and_non_core_messages_are_ignored() -> None:
@@ -378,11 +380,11 @@ def test_primary_counts_itself_only_after_advance() -> None:
     primary = cluster.nodes["n1"].replica
     index, _ = primary.propose(b"x")
     ready = primary.ready()  # not advanced: the primary's own copy is not durable yet
-    for destination, message in ready.messages:
+    for destination, message in ready.all_messages:
         if destination == "n2":
             cluster.nodes["n2"].replica.step("n1", message)
     backup_ready = cluster.nodes["n2"].replica.ready()
-    for _, reply in backup_ready.messages:
+    for _, reply in backup_ready.all_messages:
         primary.step("n2", reply)
     assert primary.commit_index < index, "one durable copy of three is not a majority"
     primary.advance(ready)
@@ -399,18 +401,50 @@ def test_conflicting_suffix_is_truncated_and_reported() -> None:
     backup.step("n3", AppendEntries(view=2, prev_index=1, prev_view=1, commit_index=1, entries=new))
     ready = backup.ready()
     assert ready.truncate_from == 2 and ready.entries == new
-    assert ready.messages == (("n3", AppendReply(2, True, 2, 0, 0)),)
+    assert ready.messages == ()
+    assert ready.messages_after_persist == (("n3", AppendReply(2, True, 2, 0, 0)),)
     assert backup.last_index == 2
+
+
+def test_ready_states_what_may_go_before_the_fsync() -> None:
+    """The primary's appends leave at once; entries an earlier Ready made durable are applied first."""
+    cluster = Cluster(3)
+    cluster.elect("n1")
+    primary = cluster.nodes["n1"].replica
+    primary.propose(b"first")
+    ready = primary.ready()
+    assert ready.entries and ready.messages and ready.messages_after_persist == ()
+    assert all(isinstance(message, AppendEntries) for _, message in ready.messages)
+    primary.advance(ready)
+    backup = make_replica("n2", ("n1", "n2", "n3"), RestoredState(HardState(2, "n1", 0), 0, 0, (
+        Entry(1, 1, EntryKind.NOOP, b""), Entry(2, 2, EntryKind.COMMAND, b"old"))))
+    backup.step("n1", AppendEntries(view=2, prev_index=2, prev_view=2, commit_index=3,
+                                    entries=(Entry(3, 2, EntryKind.COMMAND, b"new"),)))
+    ready = backup.ready()
+    assert [entry.index for entry in ready.committed] == [1, 2, 3]
+    assert ready.committed_durable_count == 2
+    assert [entry.index for entry in ready.committed_durable] == [1, 2]
+    assert [entry.index for entry in ready.committed_after_persist] == [3]
+    assert [type(message) for _, message in ready.messages_after_persist] == [AppendReply]
+
+
+def test_advance_takes_only_the_last_ready_and_only_once() -> None:
+    replica = make_replica("n2", ("n1", "n2", "n3"))
+    replica.step("n1", RequestVote(view=1, last_index=0, last_view=0))
+    first = replica.ready()
+    replica.advance(first)
+    with pytest.raises(AssertionError):
+        replica.advance(first)
 
 
 def test_refusal_carries_a_hint_that_skips_a_whole_view() -> None:
     old = tuple([Entry(1, 1, EntryKind.NOOP, b"")] + [Entry(i, 2, EntryKind.COMMAND, b"x") for i in range(2, 30)])
     backup = make_replica("n2", ("n1", "n2", "n3"), RestoredState(HardState(2, None, 1), 0, 0, old))
     backup.step("n3", AppendEntries(view=3, prev_index=40, prev_view=3, commit_index=1, entries=()))
-    (_, reply), = backup.ready().messages
+    (_, reply), = backup.ready().all_messages
     assert reply == AppendReply(3, False, 40, 29, 2)
     backup.step("n3", AppendEntries(view=3, prev_index=29, prev_view=1, commit_index=1, entries=()))
-    (_, reply), = backup.ready().messages
+    (_, reply), = backup.ready().all_messages
     assert (reply.success, reply.hint_index, reply.hint_view) == (False, 1, 1)
 
 
@@ -444,7 +478,7 @@ def test_appends_respect_entry_byte_and_inflight_bounds() -> None:
     primary = cluster.primary()
     for _ in range(20):
         primary.propose(b"x" * 50)
-    appends = [message for destination, message in primary.ready().messages
+    appends = [message for destination, message in primary.ready().all_messages
                if destination == "n2" and isinstance(message, AppendEntries)]
     assert len(appends) == 2, "at most max_inflight_appends in flight"
     for message in appends:
@@ -474,7 +508,7 @@ def test_read_index_needs_a_quorum_round_and_batches_requests() -> None:
     primary.request_read(2)
     ready = primary.ready()
     assert ready.read_results == ()
-    heartbeats = [message for _, message in ready.messages if isinstance(message, Heartbeat)]
+    heartbeats = [message for _, message in ready.all_messages if isinstance(message, Heartbeat)]
     assert len(heartbeats) == 2 and {message.read_round for message in heartbeats} == {1}
     primary.advance(ready)
     primary.step("n2", HeartbeatReply(primary.view, 1))
@@ -496,7 +530,7 @@ def test_read_waits_for_the_first_commit_of_the_view() -> None:
     primary.step("n2", AppendReply(primary.view, True, 1, 0, 0))
     ready = primary.ready()
     assert primary.commit_index == 1 and ready.read_results == ()
-    rounds = {message.read_round for _, message in ready.messages if isinstance(message, Heartbeat)}
+    rounds = {message.read_round for _, message in ready.all_messages if isinstance(message, Heartbeat)}
     assert rounds == {1}
     primary.step("n3", HeartbeatReply(primary.view, 1))
     assert primary.ready().read_results[0].request_id == 5
@@ -605,14 +639,14 @@ def test_a_snapshot_of_any_size_passes_the_core_without_its_bytes() -> None:
                                       data=b"x" * 10, checksum=zlib.crc32(b"x" * 10)))
     ready = backup.ready()
     assert [(chunk.offset, chunk.total_bytes, chunk.complete) for chunk in ready.snapshot_chunks] == [(0, total, False)]
-    replies = [message for _, message in ready.messages if isinstance(message, SnapshotReply)]
+    replies = [message for _, message in ready.all_messages if isinstance(message, SnapshotReply)]
     assert replies == [SnapshotReply(1, 5, 10, False)]
     # Out of order: nothing staged, the reply says where to resume.
     backup.step("n1", InstallSnapshot(view=1, snapshot_index=5, snapshot_view=1, offset=20, total_bytes=total,
                                       data=b"y", checksum=zlib.crc32(b"y")))
     ready = backup.ready()
     assert ready.snapshot_chunks == ()
-    assert [message for _, message in ready.messages] == [SnapshotReply(1, 5, 10, False)]
+    assert [message for _, message in ready.all_messages] == [SnapshotReply(1, 5, 10, False)]
 
 
 def test_offer_snapshot_refuses_a_position_that_is_not_committed_here() -> None:

@@ -23,15 +23,14 @@ class NotPrimary(Exception):
         self.primary_id = primary_id
 
 
-class ProposalRejected(NotPrimary):
+class ProposalRejected(Exception):
     """The primary refused a proposal it cannot take now (too large, or too much uncommitted work).
 
-    It subclasses NotPrimary with ``primary_id`` None so that a driver which
-    answers NotPrimary with "unavailable, retry later" treats it the same way
-    without any extra handling; ``reason`` says which limit was hit.
+    This is overload, not a missing primary: the node is the primary and says
+    so, and the driver answers "overloaded, retry later" rather than "no
+    primary is known". ``reason`` says which limit was hit.
     """
 
     def __init__(self, reason: str) -> None:
-        super().__init__(None)
+        super().__init__(f"proposal rejected: {reason}")
         self.reason = reason
-        self.args = (f"proposal rejected: {reason}",)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from protocol import (Entry, EntryKind, ForwardRequest, ForwardResponse, HardState, INITIAL_HARD_STATE, NotPrimary,
-                      Replica, ReplicaConfig, RestoredState, Role)
+                      ProposalRejected, Replica, ReplicaConfig, RestoredState, Role)
 from tokenvault import commands
 from tokenvault.config import NodeConfig, load_config
 from tokenvault.crypto import KeyRing, new_epoch_secret
@@ -47,6 +47,10 @@ STORE_DIRECTORY = "store"
 SHUTDOWN_GRACE_SECONDS = 1.0
 # Allocations minus deallocations before a youngest-generation collection (CPython's default is 700).
 GC_YOUNG_THRESHOLD = 50_000
+
+
+class NodeBusy(Exception):
+    """The driver's inbox is full: the request was not taken and had no effect (overload, not a lost primary)."""
 
 
 class ProposalOutcomeUnknown(Exception):
@@ -192,7 +196,7 @@ class Node:
 
     def _enqueue(self, item: tuple) -> None:
         if len(self._inbox) >= INBOX_MAX_ITEMS:
-            raise NotPrimary(None)
+            raise NodeBusy()
         self._inbox.append(item)
         self._wake()
 
@@ -216,7 +220,8 @@ class Node:
     async def propose(self, payload: bytes, timeout_seconds: float) -> ApplyResult:
         """Replicate one command; resolves with the store's result once it is applied here.
 
-        Raises NotPrimary when this node cannot propose, ProposalLost when a
+        Raises NotPrimary when this node is not the primary, NodeBusy or
+        ProposalRejected when it is overloaded, ProposalLost when a
         different entry took its place, and asyncio.TimeoutError when it did not
         commit in time (it may still commit later: callers answer 503).
         """
@@ -294,7 +299,7 @@ class Node:
             return  # the caller gave up while this waited in the inbox: never propose it
         try:
             index, view = self.replica.propose(payload)
-        except NotPrimary as error:
+        except (NotPrimary, ProposalRejected) as error:
             result.set_exception(error)
             return
         previous = self._pending_proposals.pop(index, None)

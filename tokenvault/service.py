@@ -17,15 +17,15 @@ import time
 
 import msgpack
 
-from protocol import ForwardRequest, ForwardResponse, NotPrimary, Role
+from protocol import ForwardRequest, ForwardResponse, NotPrimary, ProposalRejected, Role
 from tokenvault import commands
 from tokenvault.backup import BACKUP_WORK_DIR_NAME, BackupStream
 from tokenvault.crypto import DecryptError, new_epoch_secret
-from tokenvault.errors import (IdempotencyInFlight, IdempotencyMismatch, Outcome, ServiceError,
+from tokenvault.errors import (IdempotencyInFlight, IdempotencyMismatch, Outcome, Overloaded, ServiceError,
                                Unavailable, problem_body)
 from tokenvault.logs import get_logger
 from tokenvault.futures import await_future
-from tokenvault.node import Node, ProposalLost, ProposalOutcomeUnknown
+from tokenvault.node import Node, NodeBusy, ProposalLost, ProposalOutcomeUnknown
 from tokenvault.sealer import Sealer, SealerUnavailable
 from tokenvault.store import Outcome as ApplyOutcome
 from tokenvault.tokens import parse_token
@@ -159,6 +159,11 @@ class NodeService:
                               "(once): retry, ideally with an Idempotency-Key") from None
         except ProposalLost:
             raise Unavailable("the primary changed before the write committed; it had no effect") from None
+        except NodeBusy:
+            raise Overloaded("the primary's work queue is full; the write had no effect: retry later") from None
+        except ProposalRejected as rejected:
+            raise Overloaded(f"the primary refused the write ({rejected.reason}); it had no effect: "
+                             "retry later") from None
 
     # ------------------------------------------------------------------ idempotency
     def _idempotency_slot(self, principal, idempotency_key, kind, fingerprint):
@@ -198,6 +203,8 @@ class NodeService:
             await self.node.read_barrier(self._timeout_seconds)
         except asyncio.TimeoutError:
             raise Unavailable("could not confirm a majority in time") from None
+        except NodeBusy:
+            raise Overloaded("the primary's work queue is full; retry later") from None
 
     def _decrypt(self, token: str, ciphertext: bytes) -> str | None:
         epoch = parse_token(token).epoch

@@ -24,7 +24,7 @@ from collections import deque
 from dataclasses import dataclass, field, replace
 
 from protocol import (INITIAL_HARD_STATE, BecamePrimary, Entry, EntryKind, HardState, InstallSnapshot, Message,
-                      NotPrimary, Ready, ReplicaConfig, Replica, RestoredState, Role, decode_body)
+                      NotPrimary, ProposalRejected, Ready, ReplicaConfig, Replica, RestoredState, Role, decode_body)
 from protocol.codec import encode_body
 # The node's own choices, so that the sweep checks the order tokenvault/node.py really uses.
 
@@ -505,7 +505,7 @@ class Simulation:
         payload = b"c%d" % self.payload_counter + bytes(self.rng.randrange(0, 40))
         try:
             index, view = node.replica.propose(payload)  # type: ignore[union-attr]
-        except NotPrimary:
+        except (NotPrimary, ProposalRejected):
             return False
         self.note(f"{node.node_id} proposed {index}/{view}")
         self.drive(node)

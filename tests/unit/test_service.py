@@ -19,10 +19,11 @@ import pytest
 from node_support import Cluster, ProposalGate, RunningNode, Timing, retry_until_ok, start_cluster, wait_until
 import msgpack
 
-from protocol import AppendEntries, ForwardRequest, ForwardResponse
+from protocol import AppendEntries, ForwardRequest, ForwardResponse, ProposalRejected
 from tokenvault import commands
 from tokenvault.crypto import new_epoch_secret
-from tokenvault.errors import IdempotencyInFlight, IdempotencyMismatch, Outcome, ServiceError, Unavailable
+from tokenvault.errors import (IdempotencyInFlight, IdempotencyMismatch, Outcome, Overloaded, ServiceError,
+                               Unavailable)
 from tokenvault.service import MAX_EPOCH_RETRIES
 from tokenvault.store import Outcome as ApplyOutcome
 
@@ -145,6 +146,28 @@ async def test_a_first_request_that_timed_out_frees_its_key(single: RunningNode)
     node.propose = original
     outcome = await single.service.tokenize("p", ["v"], "retry-me")
     assert outcome.status == 200 and not outcome.replayed
+
+
+async def test_an_overloaded_primary_answers_overloaded_not_no_primary(single: RunningNode,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full driver inbox or a proposal the core refuses is overload: its own problem type, still 503."""
+    monkeypatch.setattr("tokenvault.node.INBOX_MAX_ITEMS", 0)
+    for attempt in (single.service.tokenize("p", ["v"], None), single.service.detokenize(["tv1_" + "a" * 32])):
+        with pytest.raises(Overloaded) as raised:
+            await attempt
+        assert raised.value.status == 503 and raised.value.problem == "overloaded"
+        assert raised.value.headers.get("Retry-After")
+        assert "no primary" not in raised.value.detail
+    monkeypatch.undo()
+
+    def refuse(payload: bytes):
+        raise ProposalRejected("too many uncommitted entries")
+    monkeypatch.setattr(single.node.replica, "propose", refuse)
+    with pytest.raises(Overloaded) as raised:
+        await single.service.tokenize("p", ["w"], None)
+    assert "uncommitted" in raised.value.detail
+    monkeypatch.undo()
+    assert (await single.service.tokenize("p", ["w"], None)).status == 200
 
 
 async def test_idempotency_keys_are_scoped_per_principal(single: RunningNode) -> None:

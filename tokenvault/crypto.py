@@ -26,6 +26,7 @@ from typing import Iterable, Mapping
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hmac as crypto_hmac
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, AESSIV
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
@@ -49,7 +50,6 @@ EPOCH_WRAP_CONTEXT = b"tokenvault/epoch/"
 _MAX_SECRET_FILE_BYTES = 1024
 # A 4096-byte value with AES-SIV's 16-byte tag, with generous headroom.
 _MAX_CIPHERTEXT_BYTES = 1 << 20
-_SHA256_BLOCK_BYTES = 64  # HMAC pads keys of up to one block; the token key is 32 bytes
 
 
 class CryptoError(Exception):
@@ -291,11 +291,11 @@ class MasterKey:
 
 
 class EpochKeys:
-    """The token key and data key of one epoch, with the token key's HMAC
-    hash states and the AES-SIV object built once and reused, since they are
-    used for every value."""
+    """The token key and data key of one epoch, with the token key's keyed HMAC
+    context and the AES-SIV object built once and reused, since they are used
+    for every value."""
 
-    __slots__ = ("epoch", "_token_inner", "_token_outer", "_cipher", "_prefix")
+    __slots__ = ("epoch", "_token_hmac", "_cipher", "_prefix")
 
     def __init__(self, epoch: int, secret: bytes) -> None:
         _wrap_associated_data(epoch)  # validates the epoch
@@ -304,14 +304,11 @@ class EpochKeys:
         self.epoch = epoch
         token_key = _hkdf(secret, TOKEN_KEY_INFO, 32)
         data_key = _hkdf(secret, DATA_KEY_INFO, 64)
-        # HMAC-SHA256 (RFC 2104) from its two padded-key hash states, copied per value:
-        # the same digest as hmac.new(token_key, value, sha256), in half the time of
-        # copying an hmac object (tests/unit/test_crypto.py checks both agree).
-        if len(token_key) > _SHA256_BLOCK_BYTES:
-            raise ValueError("the token key must fit one SHA-256 block for this HMAC construction")
-        padded = token_key.ljust(_SHA256_BLOCK_BYTES, b"\x00")
-        self._token_inner = hashlib.sha256(bytes(byte ^ 0x36 for byte in padded))
-        self._token_outer = hashlib.sha256(bytes(byte ^ 0x5C for byte in padded))
+        # The library's keyed HMAC-SHA256 context, copied per value: the key is
+        # absorbed once. A copy costs 0.6 us per value against 1.6 us for a new
+        # context and 0.7 us for the hand-assembled SHA-256 states used before
+        # (bench/crypto_throughput.py prints the three side by side).
+        self._token_hmac = crypto_hmac.HMAC(token_key, hashes.SHA256())
         self._cipher = AESSIV(data_key)
         self._prefix = f"{TOKEN_PREFIX}{epoch}_"
 
@@ -328,11 +325,9 @@ class EpochKeys:
         return self._token(_encode_value(value))
 
     def _token(self, encoded: bytes) -> str:
-        inner = self._token_inner.copy()
-        inner.update(encoded)
-        outer = self._token_outer.copy()
-        outer.update(inner.digest())
-        return self._prefix + encode_token_body(outer.digest()[:TOKEN_BODY_BYTES])
+        context = self._token_hmac.copy()
+        context.update(encoded)
+        return self._prefix + encode_token_body(context.finalize()[:TOKEN_BODY_BYTES])
 
     def encrypt(self, token: str, value: str) -> bytes:
         """Deterministic AES-SIV of the value, bound to its token."""

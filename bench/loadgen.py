@@ -6,7 +6,10 @@
 `run` drives an already running vault: every worker holds one request in
 flight at a time, so --concurrency is the number of requests in flight. Each
 request carries --batch values: fresh random synthetic strings for tokenize;
-tokens from a pool tokenized beforehand for detokenize; `mixed` alternates.
+tokens from a pool tokenized beforehand for detokenize; values drawn from that
+pool for `repeat` (tokenize of values that have their tokens already, as when
+the same cards come back at every purchase); `mixed` alternates tokenize and
+detokenize.
 It prints requests/s, values/s, p50 and p99 latency of acknowledged requests
 and error counts for the measured window (after --warmup seconds). Given a
 cluster.json it also prints the CPU time the nodes (together, with their sealer processes) and the load
@@ -205,6 +208,7 @@ class VaultTarget:
         self.headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
         self.generator = random.Random(seed)
         self.pool: list[str] = []
+        self.pool_values: list[str] = []
 
     def url_for(self, worker: int) -> str:
         return self.urls[worker % len(self.urls)]
@@ -222,6 +226,16 @@ class VaultTarget:
             if status != 200 or len(body.get("tokens", ())) != batch:
                 return Outcome(False, 0, f"HTTP {status}")
             return Outcome(True, batch)
+
+        return operation
+
+    def repeat(self, batch: int) -> Operation:
+        async def operation(client: Client, worker: int) -> Outcome:
+            values = self.generator.sample(self.pool_values, min(batch, len(self.pool_values)))
+            status, body = await self.post(client, worker, self.url_for(worker) + "/v1/tokenize", {"values": values})
+            if status != 200 or len(body.get("tokens", ())) != len(values):
+                return Outcome(False, 0, f"HTTP {status}")
+            return Outcome(True, len(values))
 
         return operation
 
@@ -257,6 +271,7 @@ class VaultTarget:
                 if status != 200:
                     raise SystemExit(f"preparing detokenize tokens failed: HTTP {status} from {self.urls[0]}")
                 self.pool.extend(body["tokens"])
+                self.pool_values.extend(values)
 
 
 # ---------------------------------------------------------------- etcd
@@ -385,9 +400,9 @@ async def command_run(arguments: argparse.Namespace) -> int:
     if not urls or not api_key:
         raise SystemExit("give --url and --api-key, or --cluster-json")
     target = VaultTarget(urls, api_key, arguments.seed)
-    if arguments.mode in ("detokenize", "mixed"):
+    if arguments.mode in ("detokenize", "mixed", "repeat"):
         await target.fill_pool(max(arguments.pool, arguments.batch))
-    operation = {"tokenize": target.tokenize, "detokenize": target.detokenize,
+    operation = {"tokenize": target.tokenize, "detokenize": target.detokenize, "repeat": target.repeat,
                  "mixed": target.mixed}[arguments.mode](arguments.batch)
     print(f"{arguments.mode}, {arguments.batch} value(s)/request, concurrency {arguments.concurrency}, "
           f"{arguments.duration:g} s after {arguments.warmup:g} s warm-up, {arguments.client} client, "
@@ -466,9 +481,9 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     run.add_argument("--url", action="append", default=[], help="node URL (repeat or comma-separate)")
     run.add_argument("--api-key", help="API key with the needed scopes (or env TOKENVAULT_API_KEY)")
     run.add_argument("--cluster-json", help="take URLs and the 'full' key from this cluster.json")
-    run.add_argument("--mode", choices=("tokenize", "detokenize", "mixed"), default="tokenize")
+    run.add_argument("--mode", choices=("tokenize", "detokenize", "repeat", "mixed"), default="tokenize")
     run.add_argument("--batch", type=int, default=1, help="values (or tokens) per request")
-    run.add_argument("--pool", type=int, default=DETOKENIZE_POOL_VALUES, help="tokens prepared for detokenize")
+    run.add_argument("--pool", type=int, default=DETOKENIZE_POOL_VALUES, help="values tokenized beforehand for detokenize and repeat")
     compare_parser = commands.add_parser("compare-etcd", help="start a 3-node vault and a 3-member etcd, drive both")
     compare_parser.add_argument("--rounds", type=int, default=1,
                                 help="single-value pairs to run, alternating which system goes first; "

@@ -70,6 +70,12 @@ class Metrics:
             "Tokens written by tokenize entries this node applied while primary (the node records it).",
             registry=registry,
         )
+        self.tokenize_answered_as_read = Counter(
+            "tokenvault_tokenize_answered_as_read",
+            "Values of tokenize requests answered without a log entry because every token existed already in the"
+            " active epoch (the primary records it, after a read barrier).",
+            registry=registry,
+        )
         self.sealed_values = Counter(
             "tokenvault_sealed_values",
             "Values sealed (token + ciphertext) for tokenize requests, by where: the sealer helper process or the"
@@ -166,6 +172,9 @@ class Metrics:
 
     def record_tokens_issued(self, count: int) -> None:
         self.tokens_issued.inc(count)
+
+    def record_tokenize_answered_as_read(self, count: int) -> None:
+        self.tokenize_answered_as_read.inc(count)
 
     def record_sealed(self, where: str, count: int) -> None:
         self._sealed_children[where].inc(count)

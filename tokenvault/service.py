@@ -117,6 +117,11 @@ class NodeService:
                 if epoch == 0:
                     raise Unavailable("the cluster has no active epoch yet; retry shortly")
                 items = await self._seal(epoch, values)
+                if idempotency_key is None and await self._all_exist_after_barrier(epoch, items):
+                    self.node.metrics.record_tokenize_answered_as_read(len(items))
+                    return Outcome(200, _json({"epoch": epoch, "tokens": [token for token, _ in items]}), False)
+                if self.node.store.active_epoch() != epoch:
+                    continue  # a rotation was applied meanwhile: recompute in the new epoch
                 command = commands.TokenizeCommand(
                     epoch=epoch, items=items, principal=principal, idempotency_key=idempotency_key,
                     fingerprint=fingerprint, issued_at_ms=int(time.time() * 1000))
@@ -128,6 +133,25 @@ class NodeService:
                     return self._replay(principal, idempotency_key, TOKENIZE, fingerprint)
                 # EPOCH_MISMATCH: a rotation was applied first; recompute in the new epoch.
             raise Unavailable("the active epoch kept changing; retry")
+
+    async def _all_exist_after_barrier(self, epoch: int, items: tuple) -> bool:
+        """Whether every (token, ciphertext) of ``items`` is stored already and ``epoch`` is still active.
+
+        Such a tokenize is a read: it changes nothing, so it needs no log entry,
+        only the read barrier that a detokenize takes. The barrier makes this
+        primary's store reflect every write acknowledged before the request
+        started, a rotation included, so the epoch check after it never misses
+        an acknowledged rotation. Mappings are insert-once, so a token found
+        before the barrier is still there after it; the stored ciphertext must
+        equal this value's (deterministic AES-SIV), else the write path decides.
+        """
+        if not items:
+            return False  # not a valid tokenize: the command's own checks answer it
+        found = self.node.store.lookup([token for token, _ in items])
+        if any(found.get(token) != ciphertext for token, ciphertext in items):
+            return False
+        await self._read_barrier()
+        return self.node.store.active_epoch() == epoch
 
     async def _seal(self, epoch: int, values: list[str]) -> tuple:
         """The (token, ciphertext) pairs of ``values`` in ``epoch``: by the sealer process

@@ -183,6 +183,56 @@ async def test_idempotency_keys_are_scoped_per_principal(single: RunningNode) ->
         await service.tokenize("bob", ["alice-value"], "shared-key")
 
 
+# --------------------------------------------------------------------------- repeat tokenize is a read
+
+def tokenize_reads(running: RunningNode) -> float:
+    return running.node.metrics.tokenize_answered_as_read._value.get()
+
+
+async def test_a_repeat_tokenize_is_answered_without_a_log_entry(single: RunningNode) -> None:
+    service, replica = single.service, single.node.replica
+    first = body(await service.tokenize("p", ["card-a", "card-b"], None))
+    last_index, reads = replica.last_index, tokenize_reads(single)
+    again = body(await service.tokenize("q", ["card-b", "card-a"], None))
+    assert again == {"epoch": first["epoch"], "tokens": first["tokens"][::-1]}
+    assert replica.last_index == last_index and tokenize_reads(single) == reads + 2
+    # One new value among known ones is a write; so is any request with an Idempotency-Key.
+    mixed = body(await service.tokenize("p", ["card-a", "card-c"], None))
+    assert mixed["tokens"][0] == first["tokens"][0] and replica.last_index == last_index + 1
+    keyed = await service.tokenize("p", ["card-a"], "record-me")
+    assert keyed.status == 200 and replica.last_index == last_index + 2
+    assert (await service.tokenize("p", ["card-a"], "record-me")).replayed
+
+
+async def test_a_repeat_tokenize_waits_for_the_read_barrier(single: RunningNode) -> None:
+    service, node = single.service, single.node
+    await service.tokenize("p", ["known"], None)
+    original = node.read_barrier
+
+    async def no_majority(timeout_seconds: float) -> None:
+        raise asyncio.TimeoutError()  # as if leadership could not be confirmed
+    node.read_barrier = no_majority
+    with pytest.raises(Unavailable):
+        await service.tokenize("p", ["known"], None)
+    node.read_barrier = original
+    assert (await service.tokenize("p", ["known"], None)).status == 200
+
+
+async def test_a_repeat_tokenize_after_a_rotation_is_issued_in_the_new_epoch(trio: Cluster) -> None:
+    """Epoch authority holds on the read path: the rotation was acknowledged before the repeat started."""
+    primary = trio.primaries()[0]
+    backups = trio.backups()
+    old = body(await backups[0].service.tokenize("p", ["repeat-me"], None))
+    assert body(await backups[1].service.tokenize("p", ["repeat-me"], None)) == old
+    rotated = await backups[0].service.rotate_epoch("p", None)
+    last_index = primary.node.replica.last_index
+    new = body(await backups[1].service.tokenize("p", ["repeat-me"], None))
+    assert new["epoch"] == body(rotated)["epoch"] == old["epoch"] + 1 and new["tokens"] != old["tokens"]
+    assert primary.node.replica.last_index == last_index + 1
+    assert body(await backups[0].service.tokenize("p", ["repeat-me"], None)) == new
+    assert primary.node.replica.last_index == last_index + 1
+
+
 # --------------------------------------------------------------------------- epochs
 
 async def test_rotation_issues_new_tokens_and_old_ones_still_detokenize(single: RunningNode) -> None:

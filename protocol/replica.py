@@ -412,10 +412,15 @@ class Replica:
     # ------------------------------------------------------------------ elections
 
     def _on_request_vote(self, sender: str, message: RequestVote) -> None:
-        granted = (self._role is Role.BACKUP
+        # A node that is only polling (pre-vote) has changed no state in this view,
+        # so it may still vote in it; refusing would cost a real candidate its vote.
+        may_vote = self._role is Role.BACKUP or (self._role is Role.CANDIDATE and self._pre_voting)
+        granted = (may_vote
                    and self._voted_for in (None, sender)
                    and self._candidate_is_up_to_date(message.last_index, message.last_view))
         if granted:
+            if self._role is Role.CANDIDATE:
+                self._become_backup(self._view, None)  # stop polling: it would only disrupt the candidate
             self._voted_for = sender
             self._election_elapsed_ticks = 0
         # The reply leaves only after the Ready carrying the new vote was persisted.
@@ -766,9 +771,15 @@ class Replica:
         transfer.stalled_heartbeats = 0
 
     def _maybe_commit(self) -> None:
-        """Move the commit point to the highest index durable on a quorum, if it is of this view."""
+        """Move the commit point to the highest index durable on a quorum, if it is of this view.
+
+        The quorum always includes the primary's own durable copy (DESIGN.md,
+        rule 3): a majority of backups may hold an entry before the primary's
+        own fsync of it finished, but it commits only once that fsync did, so
+        an acknowledged entry is never missing from the node that answered.
+        """
         durable = sorted([self._persisted_index] + [p.match_index for p in self._progress.values()], reverse=True)
-        candidate = durable[self._commit_quorum_size() - 1]
+        candidate = min(durable[self._commit_quorum_size() - 1], self._persisted_index)
         if candidate > self._commit_index and self._may_commit_entry_of_view(self._log.view_at(candidate)):
             self._commit_index = candidate
 

@@ -172,8 +172,10 @@ class Node:
         loop = asyncio.get_running_loop()
         if self.transport is not None:
             await self.transport.start()
-        self._tasks.append(loop.create_task(self._drive(), name="driver"))
-        self._tasks.append(loop.create_task(self._tick_forever(), name="ticker"))
+        for coroutine, name in ((self._drive(), "driver"), (self._tick_forever(), "ticker")):
+            task = loop.create_task(coroutine, name=name)
+            task.add_done_callback(self._on_task_ended)
+            self._tasks.append(task)
         log.info("node.started", members=[member.id for member in self.config.members],
                  http_port=self.config.http.port, peer_port=self.config.peer.port,
                  applied_index=self.store.applied_index, view=self.restored.hard_state.view)
@@ -268,9 +270,24 @@ class Node:
             self._fatal(error)
             raise
 
-    def _fatal(self, error: BaseException) -> None:
+    def _on_task_ended(self, task: asyncio.Task) -> None:
+        """The driver and the ticker run for the node's whole life: one that ends takes the node down.
+
+        A node without its ticker sends no heartbeats and starts no elections,
+        and one without its driver answers nothing; either would look alive to
+        its peers and its clients while doing nothing, so it stops instead.
+        """
+        if task.cancelled() or self.stopped.is_set():
+            return
+        error = task.exception()
+        if error is None:
+            error = RuntimeError(f"the {task.get_name()} task ended")
+        if self.fatal_error is None:
+            self._fatal(error, task=task.get_name())
+
+    def _fatal(self, error: BaseException, task: str = "driver") -> None:
         self.fatal_error = f"{type(error).__name__}: {str(error)[:300]}"
-        log.critical("node.fatal", error=self.fatal_error)
+        log.critical("node.fatal", error=self.fatal_error, task=task)
         self.stopped.set()
 
     def _drain_inbox(self) -> None:
@@ -436,7 +453,7 @@ class Node:
         except asyncio.CancelledError:
             raise
         except BaseException as error:  # a storage failure, as in the driver: stop
-            self._fatal(error)
+            self._fatal(error, task="compaction")
             return
         compact_to = min(durable_index, max(durable_index - self.config.wal.compact_keep_entries,
                                             self._oldest_index_beyond_keep_bytes()))

@@ -175,6 +175,31 @@ async def test_no_value_in_the_node_log_or_any_data_file(tmp_path: Path, node_lo
         assert marker.encode() not in path.read_bytes(), f"a value in plaintext in {path.name}"
 
 
+async def test_a_ticker_that_dies_takes_the_node_down_with_node_fatal(tmp_path: Path, node_log: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without its ticker a node would send no heartbeats and start no elections while looking alive."""
+    ticks = 0
+
+    async def failing_ticker(self) -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(self.config.timing.tick_ms / 1000.0)
+            ticks += 1
+            self._inbox.append(("tick",))
+            self._wake()
+            if ticks == 20:
+                raise OSError("the clock went away")
+    monkeypatch.setattr("tokenvault.node.Node._tick_forever", failing_ticker)
+    single = await start_node(make_configs(tmp_path, 1)[0])
+    try:
+        await wait_until(lambda: single.node.stopped.is_set(), 5, "the node to stop")
+        assert single.node.fatal_error == "OSError: the clock went away"
+    finally:
+        await single.close()
+    fatal = [json.loads(line) for line in node_log.read_text().splitlines() if '"node.fatal"' in line]
+    assert [(line["task"], line["error"]) for line in fatal] == [("ticker", "OSError: the clock went away")]
+
+
 # --------------------------------------------------------------------------- three nodes
 
 async def test_three_nodes_elect_one_primary_that_everyone_follows(trio: Cluster) -> None:

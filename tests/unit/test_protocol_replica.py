@@ -287,6 +287,22 @@ def test_vote_refused_to_a_candidate_with_an_older_log() -> None:
     assert voter.ready().all_messages == (("n3", VoteReply(5, True)),)
 
 
+def test_a_node_polling_in_a_pre_vote_still_grants_a_real_vote_in_its_view() -> None:
+    """Polling changes no state, so it must not cost a candidate of the same view this node's vote."""
+    voter = make_replica("n2", ("n1", "n2", "n3"), RestoredState(HardState(3, None, 0), 0, 0, ()))
+    while voter.role is not Role.CANDIDATE:
+        voter.tick()
+    drain(voter)
+    assert voter.view == 3, "still polling: no view was raised"
+    voter.step("n3", RequestVote(view=3, last_index=0, last_view=0))
+    ready = voter.ready()
+    assert ready.messages_after_persist == (("n3", VoteReply(3, True)),)
+    assert ready.hard_state == HardState(3, "n3", 0)
+    voter.advance(ready)
+    voter.step("n1", RequestVote(view=3, last_index=0, last_view=0))
+    assert voter.ready().messages_after_persist == (("n1", VoteReply(3, False)),), "one vote per view"
+
+
 def test_election_starts_with_a_pre_vote_that_changes_no_state() -> None:
     candidate = make_replica("n1", ("n1", "n2", "n3"))
     while candidate.role is not Role.CANDIDATE:
@@ -426,6 +442,22 @@ def test_ready_states_what_may_go_before_the_fsync() -> None:
     assert [entry.index for entry in ready.committed_durable] == [1, 2]
     assert [entry.index for entry in ready.committed_after_persist] == [3]
     assert [type(message) for _, message in ready.messages_after_persist] == [AppendReply]
+
+
+def test_the_primary_commits_only_once_its_own_copy_is_durable() -> None:
+    """Both backups acknowledge before the primary's own fsync finished: no commit until advance()."""
+    cluster = Cluster(3)
+    cluster.elect("n1")
+    primary = cluster.nodes["n1"].replica
+    before = primary.commit_index
+    primary.propose(b"entry")
+    ready = primary.ready()
+    index = ready.entries[-1].index
+    for backup in ("n2", "n3"):
+        primary.step(backup, AppendReply(primary.view, True, index, 0, 0))
+    assert primary.commit_index == before
+    primary.advance(ready)
+    assert primary.commit_index == index
 
 
 def test_advance_takes_only_the_last_ready_and_only_once() -> None:

@@ -102,6 +102,8 @@ class InstallSnapshot(Message):
 
     ``checksum`` is the CRC-32 of ``data``; the receiver drops a chunk that does
     not match it (and the stream as a whole is checked by the driver's format).
+    ``offer`` numbers the primary's offers: two offers of the same position
+    (a fresh checkpoint after a refused one) never mix their chunks.
     """
 
     TYPE_TAG: ClassVar[int] = 7
@@ -112,6 +114,7 @@ class InstallSnapshot(Message):
     total_bytes: int
     data: bytes
     checksum: int
+    offer: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +126,7 @@ class SnapshotReply(Message):
     snapshot_index: int
     received_bytes: int
     installed: bool
+    offer: int
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,13 +23,14 @@ class PeerState(Enum):
 class OutgoingSnapshot:
     """A snapshot being streamed to one backup, one chunk per round trip; the driver holds the bytes."""
 
-    __slots__ = ("index", "view", "total_bytes", "acknowledged_bytes", "reported_bytes", "stalled_heartbeats",
-                 "silent_ticks")
+    __slots__ = ("index", "view", "total_bytes", "offer", "acknowledged_bytes", "reported_bytes",
+                 "stalled_heartbeats", "silent_ticks")
 
-    def __init__(self, index: int, view: int, total_bytes: int) -> None:
+    def __init__(self, index: int, view: int, total_bytes: int, offer: int) -> None:
         self.index = index
         self.view = view
         self.total_bytes = total_bytes
+        self.offer = offer
         self.acknowledged_bytes = 0
         # The most recent count the receiver reported; after a stall the stream
         # resumes there, which also covers a receiver that restarted from zero.
@@ -49,7 +50,7 @@ class IncomingSnapshot:
 
     __slots__ = ("key", "received_bytes", "installing")
 
-    def __init__(self, key: tuple[int, str, int, int, int]) -> None:
+    def __init__(self, key: tuple[int, str, int, int, int, int]) -> None:
         self.key = key
         self.received_bytes = 0
         self.installing = False
@@ -61,6 +62,10 @@ class IncomingSnapshot:
     @property
     def total_bytes(self) -> int:
         return self.key[4]
+
+    @property
+    def offer(self) -> int:
+        return self.key[5]
 
 
 class PeerProgress:

@@ -94,7 +94,7 @@ class SnapshotRead:
     """Primary side: read ``length`` bytes at ``offset`` of the snapshot offered to ``peer`` and send them.
 
     The driver sends ``InstallSnapshot(view, index, snapshot_view, offset,
-    total_bytes, data, crc32(data))``; the bytes never pass through the core.
+    total_bytes, data, crc32(data), offer)``; the bytes never pass through the core.
     """
 
     peer: str
@@ -104,6 +104,7 @@ class SnapshotRead:
     offset: int
     length: int
     total_bytes: int
+    offer: int
 
 
 @dataclass(frozen=True, slots=True)

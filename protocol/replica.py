@@ -76,6 +76,7 @@ class Replica:
         self._pending_snapshot: SnapshotToInstall | None = None
         self._outbox: list[tuple[str, Message]] = []
         self._last_ready: Ready | None = None
+        self._snapshot_offers = 0  # numbers this primary's offers, so two offers' chunks never mix
         self._read_results: list[ReadResult] = []
         self._snapshot_requests: list[str] = []
         self._snapshot_reads: list[SnapshotRead] = []
@@ -221,7 +222,8 @@ class Replica:
         # from the store's own record of the entry, which is where the log's came from.
         if index >= self._log.base_index and self._log.view_at(index) != view:
             return False
-        progress.snapshot = OutgoingSnapshot(index, view, total_bytes)
+        self._snapshot_offers += 1
+        progress.snapshot = OutgoingSnapshot(index, view, total_bytes, self._snapshot_offers)
         self._send_snapshot_chunk(peer, progress.snapshot)
         return True
 
@@ -236,7 +238,8 @@ class Replica:
         incoming = self._incoming_snapshot
         if incoming is not None and incoming.key[2:4] == (index, view):
             self._incoming_snapshot = None
-            self._outbox.append((incoming.sender, SnapshotReply(self._view, index, incoming.total_bytes, True)))
+            self._outbox.append((incoming.sender, SnapshotReply(self._view, index, incoming.total_bytes, True,
+                                                                incoming.offer)))
         if index <= self._commit_index or self._log.view_at(index) == view:
             # Committed here already, or held with that view: the entries through it are
             # committed; never move the log backwards to an older snapshot.
@@ -265,7 +268,7 @@ class Replica:
             return
         self._incoming_snapshot = None
         # Zero received bytes makes the primary restart the stream from offset 0.
-        self._outbox.append((incoming.sender, SnapshotReply(self._view, index, 0, False)))
+        self._outbox.append((incoming.sender, SnapshotReply(self._view, index, 0, False, incoming.offer)))
 
     # ------------------------------------------------------------------ outputs
 
@@ -550,7 +553,8 @@ class Replica:
         incoming = self._incoming_snapshot
         if incoming is not None and incoming.installing:
             # The driver is verifying and installing a whole stream; it answers when done.
-            if incoming.key[1:] == (sender, message.snapshot_index, message.snapshot_view, message.total_bytes):
+            if incoming.key[1:] == (sender, message.snapshot_index, message.snapshot_view, message.total_bytes,
+                                    message.offer):
                 self._reply_snapshot(sender, message, incoming.received_bytes, False)
             return
         if message.snapshot_index <= self._commit_index:
@@ -560,7 +564,8 @@ class Replica:
                 or zlib.crc32(message.data) != message.checksum):
             # Damaged or impossible: not staged; the primary resends after a stall.
             return
-        key = (message.view, sender, message.snapshot_index, message.snapshot_view, message.total_bytes)
+        key = (message.view, sender, message.snapshot_index, message.snapshot_view, message.total_bytes,
+               message.offer)
         if incoming is None or incoming.key != key:
             if message.offset != 0:
                 self._reply_snapshot(sender, message, 0, False)
@@ -579,7 +584,7 @@ class Replica:
         self._reply_snapshot(sender, message, incoming.received_bytes, False)
 
     def _reply_snapshot(self, sender: str, message: InstallSnapshot, received_bytes: int, installed: bool) -> None:
-        reply = SnapshotReply(self._view, message.snapshot_index, received_bytes, installed)
+        reply = SnapshotReply(self._view, message.snapshot_index, received_bytes, installed, message.offer)
         self._outbox.append((sender, reply))
 
     def _commit_to(self, index: int) -> None:
@@ -739,8 +744,8 @@ class Replica:
             return
         progress = self._progress[sender]
         transfer = progress.snapshot
-        if transfer is None or message.snapshot_index != transfer.index:
-            return
+        if transfer is None or message.snapshot_index != transfer.index or message.offer != transfer.offer:
+            return  # about another transfer, or an earlier offer of this one
         transfer.silent_ticks = 0
         if message.installed:
             if progress.acknowledge(transfer.index):
@@ -767,7 +772,7 @@ class Replica:
         # answers with how its install went (or with 0 if it lost the transfer).
         length = max(0, min(self._config.snapshot_chunk_bytes, transfer.total_bytes - offset))
         self._snapshot_reads.append(SnapshotRead(peer, self._view, transfer.index, transfer.view, offset, length,
-                                                 transfer.total_bytes))
+                                                 transfer.total_bytes, transfer.offer))
         transfer.stalled_heartbeats = 0
 
     def _maybe_commit(self) -> None:

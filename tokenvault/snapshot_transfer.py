@@ -121,7 +121,7 @@ class SnapshotTransfers:
             log.error("snapshot.read_failed", peer=read.peer, reason=_reason(error))
             return
         self._send(read.peer, InstallSnapshot(read.view, read.index, read.snapshot_view, read.offset,
-                                              read.total_bytes, data, zlib.crc32(data)))
+                                              read.total_bytes, data, zlib.crc32(data), read.offer))
 
     def ended(self, peer: str) -> None:
         source = self._sources.pop(peer, None)

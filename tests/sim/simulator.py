@@ -227,7 +227,7 @@ class Simulation:
             return  # the image was dropped (a restart): the transfer stalls and is asked for again
         data = source[2][read.offset:read.offset + read.length]
         self.send(node.node_id, read.peer, InstallSnapshot(read.view, read.index, read.snapshot_view, read.offset,
-                                                           read.total_bytes, data, zlib.crc32(data)))
+                                                           read.total_bytes, data, zlib.crc32(data), read.offer))
 
     def _stage_snapshot_chunks(self, node: SimNode, ready: Ready) -> None:
         for chunk in ready.snapshot_chunks:

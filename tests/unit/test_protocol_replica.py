@@ -79,7 +79,8 @@ class Cluster:
             for read in ready.snapshot_reads:
                 data = node.sources[read.peer][read.offset:read.offset + read.length]
                 self.queue.append((node_id, read.peer, InstallSnapshot(
-                    read.view, read.index, read.snapshot_view, read.offset, read.total_bytes, data, zlib.crc32(data))))
+                    read.view, read.index, read.snapshot_view, read.offset, read.total_bytes, data, zlib.crc32(data),
+                    read.offer)))
             for peer in ready.snapshot_transfers_ended:
                 del node.sources[peer]
             node.applied.extend(ready.committed)
@@ -653,14 +654,47 @@ def test_a_refused_snapshot_is_dropped_and_a_fresh_one_is_streamed_and_installed
 def test_a_chunk_whose_checksum_does_not_match_is_not_staged() -> None:
     backup = make_replica("n2", ("n1", "n2", "n3"))
     backup.step("n1", InstallSnapshot(view=1, snapshot_index=5, snapshot_view=1, offset=0, total_bytes=4,
-                                      data=b"abcd", checksum=zlib.crc32(b"abce")))
+                                      data=b"abcd", checksum=zlib.crc32(b"abce"), offer=1))
     ready = backup.ready()
     assert ready.snapshot_chunks == () and ready.snapshot is None
     backup.step("n1", InstallSnapshot(view=1, snapshot_index=5, snapshot_view=1, offset=0, total_bytes=4,
-                                      data=b"abcd", checksum=zlib.crc32(b"abcd")))
+                                      data=b"abcd", checksum=zlib.crc32(b"abcd"), offer=1))
     ready = backup.ready()
     assert [(chunk.offset, chunk.data, chunk.complete) for chunk in ready.snapshot_chunks] == [(0, b"abcd", True)]
     assert ready.snapshot is None, "the core waits for the driver's install"
+
+
+def test_chunks_of_two_offers_of_one_position_are_never_spliced() -> None:
+    """A late chunk of an earlier offer of the same position and size is not staged into the later one."""
+    backup = make_replica("n2", ("n1", "n2", "n3"))
+
+    def chunk(offset: int, data: bytes, offer: int) -> InstallSnapshot:
+        return InstallSnapshot(view=1, snapshot_index=5, snapshot_view=1, offset=offset, total_bytes=8, data=data,
+                               checksum=zlib.crc32(data), offer=offer)
+    backup.step("n1", chunk(0, b"AAAA", 1))
+    backup.ready()
+    backup.step("n1", chunk(0, b"BBBB", 2))  # the primary made a fresh checkpoint and offers it
+    ready = backup.ready()
+    assert [(c.offset, c.data) for c in ready.snapshot_chunks] == [(0, b"BBBB")]
+    backup.step("n1", chunk(4, b"AAAA", 1))  # delayed: the first offer's second half
+    ready = backup.ready()
+    assert ready.snapshot_chunks == ()
+    assert [message for _, message in ready.all_messages] == [SnapshotReply(1, 5, 0, False, 1)]
+    backup.step("n1", chunk(4, b"BBBB", 2))
+    ready = backup.ready()
+    assert [(c.offset, c.data, c.complete) for c in ready.snapshot_chunks] == [(4, b"BBBB", True)]
+
+
+def test_a_reply_about_an_earlier_offer_does_not_move_the_current_transfer() -> None:
+    cluster = Cluster(3)
+    primary, applied = _behind_by_a_snapshot(cluster)
+    assert primary.offer_snapshot("n3", applied, primary.view, 10)
+    drain(primary)
+    progress = primary._progress["n3"].snapshot
+    primary.step("n3", SnapshotReply(primary.view, applied, 10, True, progress.offer - 1))
+    assert primary._progress["n3"].snapshot is progress and progress.acknowledged_bytes == 0
+    primary.step("n3", SnapshotReply(primary.view, applied, 10, True, progress.offer))
+    assert primary._progress["n3"].snapshot is None and primary.progress()["n3"][0] == applied
 
 
 def test_a_snapshot_of_any_size_passes_the_core_without_its_bytes() -> None:
@@ -668,17 +702,17 @@ def test_a_snapshot_of_any_size_passes_the_core_without_its_bytes() -> None:
     backup = make_replica("n2", ("n1", "n2", "n3"))
     total = 50 * 1024 ** 3
     backup.step("n1", InstallSnapshot(view=1, snapshot_index=5, snapshot_view=1, offset=0, total_bytes=total,
-                                      data=b"x" * 10, checksum=zlib.crc32(b"x" * 10)))
+                                      data=b"x" * 10, checksum=zlib.crc32(b"x" * 10), offer=1))
     ready = backup.ready()
     assert [(chunk.offset, chunk.total_bytes, chunk.complete) for chunk in ready.snapshot_chunks] == [(0, total, False)]
     replies = [message for _, message in ready.all_messages if isinstance(message, SnapshotReply)]
-    assert replies == [SnapshotReply(1, 5, 10, False)]
+    assert replies == [SnapshotReply(1, 5, 10, False, 1)]
     # Out of order: nothing staged, the reply says where to resume.
     backup.step("n1", InstallSnapshot(view=1, snapshot_index=5, snapshot_view=1, offset=20, total_bytes=total,
-                                      data=b"y", checksum=zlib.crc32(b"y")))
+                                      data=b"y", checksum=zlib.crc32(b"y"), offer=1))
     ready = backup.ready()
     assert ready.snapshot_chunks == ()
-    assert [message for _, message in ready.all_messages] == [SnapshotReply(1, 5, 10, False)]
+    assert [message for _, message in ready.all_messages] == [SnapshotReply(1, 5, 10, False, 1)]
 
 
 def test_offer_snapshot_refuses_a_position_that_is_not_committed_here() -> None:

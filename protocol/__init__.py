@@ -9,7 +9,8 @@ from protocol.codec import DEFAULT_MAX_FRAME_BYTES, PROTOCOL_VERSION, FrameDecod
 from protocol.errors import NotPrimary, ProposalRejected, ProtocolError
 from protocol.messages import (MESSAGE_REGISTRY, MESSAGE_TYPES, AppendEntries, AppendReply, ForwardRequest,
                                ForwardResponse, Heartbeat, HeartbeatReply, Hello, HelloProof, InstallSnapshot,
-                               Message, Ping, PreVote, PreVoteReply, RequestVote, SnapshotReply, VoteReply)
+                               Message, Ping, PreVote, PreVoteReply, ReadIndex, ReadIndexReply, RequestVote,
+                               SnapshotReply, VoteReply)
 from protocol.records import (BecamePrimary, ElectionStarted, Event, PrimaryChanged, ReadResult, Ready,
                               ReplicaConfig, RestoredState, Role, SnapshotChunk, SnapshotRead, SnapshotToInstall,
                               SteppedDown)
@@ -21,7 +22,7 @@ __all__ = [
     "NotPrimary", "ProposalRejected", "ProtocolError",
     "MESSAGE_REGISTRY", "MESSAGE_TYPES", "AppendEntries", "AppendReply", "ForwardRequest", "ForwardResponse",
     "Heartbeat", "HeartbeatReply", "Hello", "HelloProof", "InstallSnapshot", "Message", "Ping", "PreVote", "PreVoteReply",
-    "RequestVote",
+    "ReadIndex", "ReadIndexReply", "RequestVote",
     "SnapshotReply", "VoteReply",
     "BecamePrimary", "ElectionStarted", "Event", "PrimaryChanged", "ReadResult", "Ready", "ReplicaConfig",
     "RestoredState", "Role", "SnapshotChunk", "SnapshotRead", "SnapshotToInstall", "SteppedDown",

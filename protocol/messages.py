@@ -152,6 +152,31 @@ class PreVoteReply(Message):
     granted: bool
 
 
+@dataclass(frozen=True, slots=True)
+class ReadIndex(Message):
+    """A backup asks the primary of ``view`` for a read index (etcd's MsgReadIndex).
+
+    The primary confirms it still leads with a heartbeat round, as for its own
+    reads, and answers with its commit index as of the request; the backup then
+    answers the read once it has applied that far.
+    """
+
+    TYPE_TAG: ClassVar[int] = 11
+    view: int
+    request_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReadIndexReply(Message):
+    """The primary's answer to ReadIndex: ``read_index`` when ``ok``, else refused (retry or forward)."""
+
+    TYPE_TAG: ClassVar[int] = 12
+    view: int
+    request_id: int
+    read_index: int
+    ok: bool
+
+
 # --------------------------------------------------------------------------- transport frames
 # The replica ignores these; the node's transport and request forwarding use them.
 
@@ -205,8 +230,8 @@ class Ping(Message):
 
 MESSAGE_TYPES: tuple[type[Message], ...] = (
     RequestVote, VoteReply, AppendEntries, AppendReply, Heartbeat, HeartbeatReply,
-    InstallSnapshot, SnapshotReply, PreVote, PreVoteReply, Hello, HelloProof, ForwardRequest, ForwardResponse,
-    Ping,
+    InstallSnapshot, SnapshotReply, PreVote, PreVoteReply, ReadIndex, ReadIndexReply, Hello, HelloProof,
+    ForwardRequest, ForwardResponse, Ping,
 )
 
 

@@ -74,11 +74,17 @@ class RestoredState:
 
 @dataclass(frozen=True, slots=True)
 class ReadResult:
-    """Answer to request_read: once ok, reply after the store has applied read_index."""
+    """Answer to request_read: once ok, reply after the store has applied read_index.
+
+    Not ok: the read could not be confirmed here (leadership lost, the primary
+    changed, or the primary refused); ``overloaded`` says the refusal was the
+    bound on pending reads, which is overload, not a missing primary.
+    """
 
     request_id: int
     read_index: int
     ok: bool
+    overloaded: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,7 +13,8 @@ from typing import Protocol
 
 from protocol.errors import NotPrimary, ProposalRejected
 from protocol.messages import (AppendEntries, AppendReply, Heartbeat, HeartbeatReply, InstallSnapshot, Message,
-                               PreVote, PreVoteReply, RequestVote, SnapshotReply, VoteReply)
+                               PreVote, PreVoteReply, ReadIndex, ReadIndexReply, RequestVote, SnapshotReply,
+                               VoteReply)
 from protocol.progress import IncomingSnapshot, OutgoingSnapshot, PeerProgress, PeerState
 from protocol.records import (BecamePrimary, ElectionStarted, Event, PrimaryChanged, ReadResult, Ready,
                               ReplicaConfig, RestoredState, Role, SnapshotChunk, SnapshotRead, SnapshotToInstall,
@@ -87,14 +88,18 @@ class Replica:
         self._appends_pending = False
         # Read-index state (primary only).
         self._read_round = 0
-        self._unsent_reads: list[int] = []
-        self._pending_reads: list[tuple[int, int, int]] = []  # (request_id, read_index, round)
+        # Reads of this node (origin None) and of backups (origin = their id) share the rounds.
+        self._unsent_reads: list[tuple[str | None, int]] = []  # (origin, request_id)
+        self._pending_reads: list[tuple[str | None, int, int, int]] = []  # (origin, request_id, read_index, round)
+        # A backup's reads waiting for the primary's ReadIndexReply: request_id -> the primary asked.
+        self._remote_reads: dict[int, str] = {}
         self._handlers = {
             RequestVote: self._on_request_vote, VoteReply: self._on_vote_reply,
             AppendEntries: self._on_append_entries, AppendReply: self._on_append_reply,
             Heartbeat: self._on_heartbeat, HeartbeatReply: self._on_heartbeat_reply,
             InstallSnapshot: self._on_install_snapshot, SnapshotReply: self._on_snapshot_reply,
             PreVote: self._on_pre_vote, PreVoteReply: self._on_pre_vote_reply,
+            ReadIndex: self._on_read_index, ReadIndexReply: self._on_read_index_reply,
         }
 
     # ------------------------------------------------------------------ introspection
@@ -187,12 +192,53 @@ class Replica:
         return entry.index, entry.view
 
     def request_read(self, request_id: int) -> None:
-        if self._role is not Role.PRIMARY:
-            raise NotPrimary(self._primary_id)
-        if len(self._unsent_reads) + len(self._pending_reads) >= self._config.max_pending_reads:
-            self._read_results.append(ReadResult(request_id, 0, False))
+        """Ask for a read index: answered by a ``ReadResult`` once this node may serve the read.
+
+        The primary confirms its leadership with a heartbeat round. A backup
+        that follows a known primary asks it (``ReadIndex``) and gets the
+        primary's commit index as of the request; the driver answers once its
+        own store has applied that far. Without a known primary: NotPrimary.
+        """
+        if self._role is Role.PRIMARY:
+            self._queue_read(None, request_id)
             return
-        self._unsent_reads.append(request_id)
+        if self._role is not Role.BACKUP or self._primary_id is None:
+            raise NotPrimary(self._primary_id)
+        if len(self._remote_reads) >= self._config.max_pending_reads:
+            self._read_results.append(ReadResult(request_id, 0, False, overloaded=True))
+            return
+        self._remote_reads[request_id] = self._primary_id
+        self._outbox.append((self._primary_id, ReadIndex(self._view, request_id)))
+
+    def _queue_read(self, origin: str | None, request_id: int) -> None:
+        if len(self._unsent_reads) + len(self._pending_reads) >= self._config.max_pending_reads:
+            self._answer_read(origin, request_id, 0, False, overloaded=True)
+            return
+        self._unsent_reads.append((origin, request_id))
+
+    def _answer_read(self, origin: str | None, request_id: int, read_index: int, ok: bool,
+                     overloaded: bool = False) -> None:
+        if origin is None:
+            self._read_results.append(ReadResult(request_id, read_index, ok, overloaded))
+        else:
+            self._outbox.append((origin, ReadIndexReply(self._view, request_id, read_index, ok)))
+
+    def _on_read_index(self, sender: str, message: ReadIndex) -> None:
+        if self._role is not Role.PRIMARY:
+            self._outbox.append((sender, ReadIndexReply(self._view, message.request_id, 0, False)))
+            return
+        self._queue_read(sender, message.request_id)
+
+    def _on_read_index_reply(self, sender: str, message: ReadIndexReply) -> None:
+        if self._remote_reads.get(message.request_id) != sender:
+            return  # not asked of this sender, or already failed by a change of primary
+        del self._remote_reads[message.request_id]
+        self._read_results.append(ReadResult(message.request_id, message.read_index, message.ok))
+
+    def _fail_remote_reads(self) -> None:
+        for request_id in self._remote_reads:
+            self._read_results.append(ReadResult(request_id, 0, False))
+        self._remote_reads.clear()
 
     def compact(self, index: int) -> None:
         """Drop entries at or below index: the driver's store durably holds their effects."""
@@ -396,15 +442,16 @@ class Replica:
         self._events.append(SteppedDown(view))
         self._progress = {}
         self._appends_pending = False
-        for request_id in self._unsent_reads:
-            self._read_results.append(ReadResult(request_id, 0, False))
-        for request_id, _read_index, _round in self._pending_reads:
-            self._read_results.append(ReadResult(request_id, 0, False))
+        for origin, request_id in self._unsent_reads:
+            self._answer_read(origin, request_id, 0, False)
+        for origin, request_id, _read_index, _round in self._pending_reads:
+            self._answer_read(origin, request_id, 0, False)
         self._unsent_reads.clear()
         self._pending_reads.clear()
 
     def _set_primary(self, primary_id: str | None) -> None:
         if primary_id != self._primary_id:
+            self._fail_remote_reads()  # asked of the former primary: its answer no longer counts
             self._primary_id = primary_id
             self._events.append(PrimaryChanged(self._view, primary_id))
 
@@ -805,8 +852,8 @@ class Replica:
         if not self._unsent_reads or not self._committed_in_current_view():
             return
         self._read_round += 1
-        for request_id in self._unsent_reads:
-            self._pending_reads.append((request_id, self._commit_index, self._read_round))
+        for origin, request_id in self._unsent_reads:
+            self._pending_reads.append((origin, request_id, self._commit_index, self._read_round))
         self._unsent_reads.clear()
         for peer, progress in self._progress.items():
             self._send_heartbeat(peer, progress)
@@ -819,11 +866,12 @@ class Replica:
                         reverse=True)
         confirmed_round = rounds[self._quorum - 1]
         still_waiting = []
-        for request_id, read_index, read_round in self._pending_reads:
+        for pending in self._pending_reads:
+            origin, request_id, read_index, read_round = pending
             if read_round <= confirmed_round:
-                self._read_results.append(ReadResult(request_id, read_index, True))
+                self._answer_read(origin, request_id, read_index, True)
             else:
-                still_waiting.append((request_id, read_index, read_round))
+                still_waiting.append(pending)
         self._pending_reads = still_waiting
 
     def _hard_state(self) -> HardState:
@@ -832,9 +880,11 @@ class Replica:
 
 # Messages the primary sends about its own log. They may leave before the
 # primary's own write is durable, because the core counts the primary's copy
-# of an entry only after advance(); everything else (votes, replies) promises
-# what is on this node's disk and waits for the fsync.
-_SENT_BEFORE_PERSIST = (AppendEntries, Heartbeat, InstallSnapshot)
+# of an entry only after advance(). Read-index requests and answers promise
+# nothing about this node's disk (a read index is a commit index, durable on a
+# majority already). Everything else (votes, replies) promises what is on this
+# node's disk and waits for the fsync.
+_SENT_BEFORE_PERSIST = (AppendEntries, Heartbeat, InstallSnapshot, ReadIndex, ReadIndexReply)
 
 
 def _split_outbox(outbox: list[tuple[str, Message]]) -> tuple[tuple[tuple[str, Message], ...],

@@ -232,7 +232,13 @@ class Node:
         return await await_future(result, timeout_seconds)
 
     async def read_barrier(self, timeout_seconds: float) -> None:
-        """Linearizable read point: returns once this primary's store reflects every write acknowledged before."""
+        """Linearizable read point: returns once this node's store reflects every write acknowledged before.
+
+        On the primary after a heartbeat round; on a backup after the primary
+        answered its ReadIndex and this store applied that far. Raises
+        NotPrimary when no primary is known or it refused, NodeBusy when
+        too many reads wait.
+        """
         loop = asyncio.get_running_loop()
         future: asyncio.Future = loop.create_future()
         self._enqueue(("read", next(self._read_ids), future))
@@ -478,7 +484,7 @@ class Node:
         if future is None or future.done():
             return
         if not result.ok:
-            future.set_exception(NotPrimary(self.replica.primary_id))
+            future.set_exception(NodeBusy() if result.overloaded else NotPrimary(self.replica.primary_id))
             return
         self._reads_waiting_apply.append(_PendingRead(result.read_index, future))
 

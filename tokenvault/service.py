@@ -101,8 +101,30 @@ class NodeService:
 
     # ------------------------------------------------------------------ tokenize
     async def tokenize(self, principal: str, values: list[str], idempotency_key: str | None) -> Outcome:
+        if idempotency_key is None and not self._is_primary():
+            repeat = await self._repeat_on_backup(values)
+            if repeat is not None:
+                return repeat
         arguments = {"principal": principal, "values": values, "idempotency_key": idempotency_key}
         return await self._route(TOKENIZE, arguments, self._tokenize_here)
+
+    async def _repeat_on_backup(self, values: list[str]) -> Outcome | None:
+        """A backup answers a tokenize whose tokens all exist, with a read index from the primary.
+
+        None when it cannot (a new value, a rotation meanwhile, no primary to
+        ask, the read not confirmed): the request is then forwarded as a write.
+        """
+        epoch = self.node.store.active_epoch()
+        if epoch == 0 or not values:
+            return None
+        items = await self._seal(epoch, values)
+        try:
+            if not await self._all_exist_after_barrier(epoch, items):
+                return None
+        except (NotPrimary, ServiceError):
+            return None
+        self.node.metrics.record_tokenize_answered_as_read(len(items))
+        return Outcome(200, _json({"epoch": epoch, "tokens": [token for token, _ in items]}), False)
 
     async def _tokenize_here(self, principal: str, values: list[str], idempotency_key: str | None) -> Outcome:
         fingerprint = None
@@ -138,10 +160,10 @@ class NodeService:
         """Whether every (token, ciphertext) of ``items`` is stored already and ``epoch`` is still active.
 
         Such a tokenize is a read: it changes nothing, so it needs no log entry,
-        only the read barrier that a detokenize takes. The barrier makes this
-        primary's store reflect every write acknowledged before the request
-        started, a rotation included, so the epoch check after it never misses
-        an acknowledged rotation. Mappings are insert-once, so a token found
+        only a read barrier (on a backup, a read index from the primary). The
+        barrier makes this node's store reflect every write acknowledged before
+        the request started, a rotation included, so the epoch check after it
+        never misses an acknowledged rotation. Mappings are insert-once, so a token found
         before the barrier is still there after it; the stored ciphertext must
         equal this value's (deterministic AES-SIV), else the write path decides.
         """

@@ -7,7 +7,7 @@ import pytest
 
 from protocol import (MESSAGE_REGISTRY, PROTOCOL_VERSION, AppendEntries, AppendReply, Entry, EntryKind,
                       ForwardRequest, ForwardResponse, FrameDecoder, Heartbeat, HeartbeatReply, Hello, HelloProof, Ping,
-                      InstallSnapshot, PreVote, PreVoteReply, ProtocolError, RequestVote, SnapshotReply, VoteReply,
+                      InstallSnapshot, PreVote, PreVoteReply, ProtocolError, ReadIndex, ReadIndexReply, RequestVote, SnapshotReply, VoteReply,
                       encode_frame)
 
 EXAMPLES = [
@@ -21,6 +21,8 @@ EXAMPLES = [
     InstallSnapshot(view=5, snapshot_index=100, snapshot_view=4, offset=64, total_bytes=1000, data=b"chunk",
                     checksum=0x1234ABCD, offer=3),
     SnapshotReply(view=5, snapshot_index=100, received_bytes=69, installed=False, offer=3),
+    ReadIndex(view=5, request_id=12),
+    ReadIndexReply(view=5, request_id=12, read_index=40, ok=True),
     PreVote(view=6, last_index=12, last_view=5),
     PreVoteReply(view=6, granted=False),
     Hello(node_id="n1", nonce=b"\x01" * 16),

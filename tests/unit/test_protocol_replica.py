@@ -10,7 +10,7 @@ import pytest
 
 from protocol import (INITIAL_HARD_STATE, AppendEntries, AppendReply, BecamePrimary, Entry, EntryKind, HardState,
                       Heartbeat, HeartbeatReply, Hello, InstallSnapshot, NotPrimary, PreVote, PreVoteReply,
-                      ProposalRejected, Ready,
+                      ProposalRejected, ReadIndex, ReadIndexReply, ReadResult, Ready,
                       ReplicaConfig, Replica, RequestVote, RestoredState, Role, SnapshotReply, SteppedDown, VoteReply)
 
 EMPTY = RestoredState(INITIAL_HARD_STATE, 0, 0, ())
@@ -213,8 +213,9 @@ def test_propose_on_backup_raises_not_primary_with_hint() -> None:
     with pytest.raises(NotPrimary) as raised:
         cluster.nodes["n2"].replica.propose(b"x")
     assert raised.value.primary_id == "n1"
+    candidate = make_replica("n2", ("n1", "n2", "n3"))
     with pytest.raises(NotPrimary):
-        cluster.nodes["n2"].replica.request_read(1)
+        candidate.request_read(1)  # no primary known: nobody to ask for a read index
 
 
 def test_propose_limits() -> None:
@@ -587,8 +588,50 @@ def test_read_queue_is_bounded() -> None:
     replica.request_read(1)
     replica.request_read(2)
     replica.request_read(3)
-    results = {result.request_id: result.ok for result in drain(replica)[0].read_results}
-    assert results == {3: False, 1: True, 2: True}
+    results = {result.request_id: (result.ok, result.overloaded) for result in drain(replica)[0].read_results}
+    assert results == {3: (False, True), 1: (True, False), 2: (True, False)}
+
+
+def test_a_backup_gets_a_read_index_from_the_primary_after_its_quorum_round() -> None:
+    cluster = Cluster(3)
+    cluster.elect("n1")
+    primary, backup = cluster.primary(), cluster.nodes["n2"].replica
+    primary.propose(b"written")
+    cluster.settle()
+    backup.request_read(7)
+    ready = backup.ready()
+    assert ready.messages == (("n1", ReadIndex(backup.view, 7)),) and ready.read_results == ()
+    backup.advance(ready)
+    primary.step("n2", ReadIndex(primary.view, 7))
+    ready = primary.ready()
+    assert not any(isinstance(message, ReadIndexReply) for _, message in ready.all_messages), "no answer before the round"
+    read_round = {message.read_round for _, message in ready.all_messages if isinstance(message, Heartbeat)}
+    primary.advance(ready)
+    primary.step("n3", HeartbeatReply(primary.view, read_round.pop()))
+    ready = primary.ready()
+    assert ready.messages == (("n2", ReadIndexReply(primary.view, 7, primary.commit_index, True)),)
+    primary.advance(ready)
+    backup.step("n1", ReadIndexReply(primary.view, 7, primary.commit_index, True))
+    assert backup.ready().read_results == (ReadResult(7, primary.commit_index, True),)
+
+
+def test_a_backup_read_fails_when_its_primary_changes_and_ignores_a_late_answer() -> None:
+    cluster = Cluster(3)
+    cluster.elect("n1")
+    backup = cluster.nodes["n2"].replica
+    backup.request_read(3)
+    backup.advance(backup.ready())
+    backup.step("n3", RequestVote(view=backup.view + 1, last_index=backup.last_index, last_view=backup.view))
+    results = backup.ready().read_results
+    assert results == (ReadResult(3, 0, False),)
+    backup.step("n1", ReadIndexReply(backup.view, 3, 99, True))  # too late, and from a former primary
+    assert backup.ready().read_results == ()
+
+
+def test_a_backup_read_refused_by_a_node_that_no_longer_leads() -> None:
+    replica = make_replica("n2", ("n1", "n2", "n3"))
+    replica.step("n3", ReadIndex(0, 4))
+    assert replica.ready().all_messages == (("n3", ReadIndexReply(0, 4, 0, False)),)
 
 
 # ---------------------------------------------------------------------------- snapshots

@@ -218,6 +218,24 @@ async def test_a_repeat_tokenize_waits_for_the_read_barrier(single: RunningNode)
     assert (await service.tokenize("p", ["known"], None)).status == 200
 
 
+async def test_a_backup_answers_a_repeat_tokenize_itself_after_a_read_index(trio: Cluster) -> None:
+    primary = trio.primaries()[0]
+    backup = trio.backups()[0]
+    first = body(await primary.service.tokenize("p", ["seen-before"], None))
+    last_index, reads = primary.node.replica.last_index, tokenize_reads(backup)
+    # A backup that has not applied the token yet forwards the request (the primary answers it as a read).
+    await wait_until(lambda: backup.node.store.applied_index >= primary.node.store.applied_index, 5,
+                     "the backup to apply the first tokenize")
+
+    async def no_forwarding(*arguments):
+        raise AssertionError("a repeat must not be forwarded")
+    backup.service._forward = no_forwarding
+    assert body(await backup.service.tokenize("q", ["seen-before"], None)) == first
+    assert tokenize_reads(backup) == reads + 1 and primary.node.replica.last_index == last_index
+    with pytest.raises(AssertionError, match="forwarded"):
+        await backup.service.tokenize("q", ["never-seen"], None)  # a new value is a write: forwarded
+
+
 async def test_a_repeat_tokenize_after_a_rotation_is_issued_in_the_new_epoch(trio: Cluster) -> None:
     """Epoch authority holds on the read path: the rotation was acknowledged before the repeat started."""
     primary = trio.primaries()[0]

@@ -117,6 +117,24 @@ def default_title(status: int) -> str:
         return "Error"
 
 
+def error_from_problem(status: int, slug: str, detail: str, headers: Mapping[str, str]) -> ServiceError | None:
+    """The error class a peer raised, rebuilt from its problem type and status (forwarded requests).
+
+    A backup that forwarded a request raises the same class the primary
+    raised, so callers and the HTTP layer treat a forwarded error exactly as a
+    local one. None when no class of this project has that type and status.
+    """
+    pending: list[type[ServiceError]] = [ServiceError]
+    while pending:
+        error_class = pending.pop()
+        pending.extend(error_class.__subclasses__())
+        if error_class.problem == slug and error_class.status == status:
+            error = error_class.__new__(error_class)
+            ServiceError.__init__(error, detail, headers=headers)
+            return error
+    return None
+
+
 class InvalidRequest(ServiceError):
     """The request is not JSON, has the wrong shape or types, or holds an invalid item or header."""
 

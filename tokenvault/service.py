@@ -22,7 +22,7 @@ from tokenvault import commands
 from tokenvault.backup import BACKUP_WORK_DIR_NAME, BackupStream
 from tokenvault.crypto import DecryptError, new_epoch_secret
 from tokenvault.errors import (IdempotencyInFlight, IdempotencyMismatch, Outcome, Overloaded, ServiceError,
-                               Unavailable, problem_body)
+                               Unavailable, error_from_problem, problem_body)
 from tokenvault.logs import get_logger
 from tokenvault.futures import await_future
 from tokenvault.node import Node, NodeBusy, ProposalLost, ProposalOutcomeUnknown
@@ -39,7 +39,7 @@ ROTATE = "rotate"
 
 
 class ForwardedError(ServiceError):
-    """An error the primary answered to a forwarded request, passed on unchanged."""
+    """An error the primary answered to a forwarded request whose type this node does not know, passed on."""
 
     def __init__(self, status: int, title: str, detail: str, problem: str, headers: dict[str, str]) -> None:
         self.status = status
@@ -429,7 +429,8 @@ def _decode_forward_response(kind: str, response: ForwardResponse):
         except (ValueError, KeyError, TypeError):
             title, detail, slug = "Error", "the primary refused the request", "forwarded"
         headers.pop("Content-Type", None)
-        raise ForwardedError(response.status, title, detail, slug, headers)
+        raise (error_from_problem(response.status, slug, detail, headers)
+               or ForwardedError(response.status, title, detail, slug, headers))
     if kind == "detokenize":
         return msgpack.unpackb(response.body, raw=False)
     if kind == "epochs":

@@ -170,6 +170,18 @@ async def test_an_overloaded_primary_answers_overloaded_not_no_primary(single: R
     assert (await single.service.tokenize("p", ["w"], None)).status == 200
 
 
+async def test_an_overloaded_primary_is_overloaded_through_a_backup_too(trio: Cluster,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    primary, backup = trio.primaries()[0], trio.backups()[0]
+
+    def refuse(payload: bytes):
+        raise ProposalRejected("too many uncommitted entries")
+    monkeypatch.setattr(primary.node.replica, "propose", refuse)
+    with pytest.raises(Overloaded) as raised:
+        await backup.service.tokenize("p", ["forwarded-while-overloaded"], None)
+    assert raised.value.problem == "overloaded" and raised.value.headers.get("Retry-After")
+
+
 async def test_idempotency_keys_are_scoped_per_principal(single: RunningNode) -> None:
     service = single.service
     alice = await service.tokenize("alice", ["alice-value"], "shared-key")
@@ -409,9 +421,9 @@ async def test_idempotency_holds_across_nodes(trio: Cluster) -> None:
     for running in (second, primary, first):
         replay = await running.service.tokenize("p", ["cross-node"], "cross-key")
         assert replay.status == 200 and replay.replayed and replay.body == outcome.body
-    with pytest.raises(ServiceError) as raised:
+    with pytest.raises(IdempotencyMismatch) as raised:  # the primary's error class, through the backup
         await second.service.tokenize("p", ["something-else"], "cross-key")
-    assert raised.value.status == 422
+    assert raised.value.status == 422 and raised.value.problem == "idempotency-mismatch"
     rotated = await second.service.rotate_epoch("admin", "rotation-key")
     replay = await first.service.rotate_epoch("admin", "rotation-key")
     assert replay.replayed and replay.status == 201 and replay.body == rotated.body

@@ -139,7 +139,10 @@ class BecamePrimary:
 
 @dataclass(frozen=True, slots=True)
 class SteppedDown:
+    """The primary of ``view`` stopped leading; ``reason`` says why, for a log reader."""
+
     view: int
+    reason: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,7 +153,10 @@ class PrimaryChanged:
 
 @dataclass(frozen=True, slots=True)
 class ElectionStarted:
+    """This node became a candidate in ``view``; ``reason`` says what it had (not) heard, for a log reader."""
+
     view: int
+    reason: str = ""
 
 
 Event = BecamePrimary | SteppedDown | PrimaryChanged | ElectionStarted

@@ -77,6 +77,7 @@ class Replica:
         self._pending_snapshot: SnapshotToInstall | None = None
         self._outbox: list[tuple[str, Message]] = []
         self._last_ready: Ready | None = None
+        self._poll_reason = ""  # why the running pre-vote started, for the ElectionStarted event
         self._snapshot_offers = 0  # numbers this primary's offers, so two offers' chunks never mix
         self._read_results: list[ReadResult] = []
         self._snapshot_requests: list[str] = []
@@ -156,8 +157,11 @@ class Replica:
             return
         self._election_elapsed_ticks += 1
         if not self._peers:
-            self._become_candidate()  # a cluster of one has nobody to wait for: it leads at its first tick
+            # A cluster of one has nobody to wait for: it leads at its first tick.
+            self._become_candidate("single member: nobody to wait for")
         elif self._election_elapsed_ticks >= self._randomized_election_timeout_ticks:
+            self._poll_reason = (f"no message from a primary (last: {self._primary_id or 'none'}) for "
+                                 f"{self._election_elapsed_ticks} ticks, the election timeout drawn this time")
             self._start_pre_vote()
 
     def step(self, sender: str, message: Message) -> None:
@@ -170,7 +174,8 @@ class Replica:
             return
         view = message.view  # type: ignore[attr-defined]
         if view > self._view:
-            self._become_backup(view, sender if isinstance(message, PRIMARY_SENT_TYPES) else None)
+            self._become_backup(view, sender if isinstance(message, PRIMARY_SENT_TYPES) else None,
+                                f"heard view {view} from {sender} ({type(message).__name__})")
         elif view < self._view:
             self._answer_stale(sender, message)
             return
@@ -391,7 +396,7 @@ class Replica:
 
     # ------------------------------------------------------------------ role changes
 
-    def _become_backup(self, view: int, primary_id: str | None) -> None:
+    def _become_backup(self, view: int, primary_id: str | None, reason: str = "a current-view message") -> None:
         assert view >= self._view, "views only grow"
         was_primary = self._role is Role.PRIMARY
         old_view = self._view
@@ -401,13 +406,13 @@ class Replica:
         self._role = Role.BACKUP
         self._pre_voting = False
         if was_primary:
-            self._stop_leading(old_view)
+            self._stop_leading(old_view, reason)
         self._set_primary(primary_id)
         self._votes.clear()
         self._election_elapsed_ticks = 0
         self._randomize_election_timeout()
 
-    def _become_candidate(self) -> None:
+    def _become_candidate(self, reason: str) -> None:
         assert self._role is not Role.PRIMARY, "a primary does not campaign"
         self._view += 1
         self._voted_for = self.node_id
@@ -417,7 +422,7 @@ class Replica:
         self._votes = {self.node_id: True}
         self._election_elapsed_ticks = 0
         self._randomize_election_timeout()
-        self._events.append(ElectionStarted(self._view))
+        self._events.append(ElectionStarted(self._view, reason))
         if self._granted_votes() >= self._quorum:
             self._become_primary()
             return
@@ -438,8 +443,8 @@ class Replica:
         self._log.append([Entry(self._log.last_index + 1, self._view, EntryKind.NOOP, b"")])
         self._appends_pending = True
 
-    def _stop_leading(self, view: int) -> None:
-        self._events.append(SteppedDown(view))
+    def _stop_leading(self, view: int, reason: str) -> None:
+        self._events.append(SteppedDown(view, reason))
         self._progress = {}
         self._appends_pending = False
         for origin, request_id in self._unsent_reads:
@@ -515,7 +520,7 @@ class Replica:
             return
         self._votes[sender] = True
         if self._granted_votes() >= self._quorum:
-            self._become_candidate()
+            self._become_candidate(f"a majority granted the pre-vote after {self._poll_reason}")
 
     def _granted_votes(self) -> int:
         return sum(1 for granted in self._votes.values() if granted)
@@ -647,7 +652,11 @@ class Replica:
             self._election_elapsed_ticks = 0
             if self._config.check_quorum and not self._quorum_recently_active():
                 # Cut off from a majority: a new primary may exist, so stop serving.
-                self._become_backup(self._view, None)
+                silent = ", ".join(sorted(peer for peer, progress in self._progress.items()
+                                          if not progress.recently_active))
+                self._become_backup(self._view, None, f"check-quorum: no majority heard from in "
+                                                      f"{self._config.election_timeout_ticks} ticks "
+                                                      f"(silent: {silent})")
                 return
             for progress in self._progress.values():
                 progress.recently_active = False

@@ -509,7 +509,7 @@ class Node:
             log.info("primary.elected", primary=self.node_id, view=event.view)
             return
         if name == "SteppedDown":
-            log.warning("primary.stepped_down", view=event.view)
+            log.warning("primary.stepped_down", view=event.view, reason=event.reason)
             # Proposals of a deposed primary may still commit under the new one, so
             # they keep waiting; their callers time out into a 503 otherwise.
             for future in self._pending_reads.values():
@@ -519,6 +519,9 @@ class Node:
             return
         if name == "PrimaryChanged":
             log.info("primary.changed", view=event.view, primary=event.primary_id)
+            return
+        if name == "ElectionStarted":
+            log.info("election.started", view=event.view, reason=event.reason)
             return
         log.info("replica.event", kind=name)
 

@@ -164,7 +164,10 @@ async def test_no_value_in_the_node_log_or_any_data_file(tmp_path: Path, node_lo
     lines = [json.loads(line) for line in log_bytes.decode().splitlines()]
     events = {line["event"] for line in lines}
     # The log really captured the nodes' activity, so its silence about values means something.
-    assert {"node.started", "token.issued", "epoch.rotated", "primary.elected", "peer.up"} <= events
+    assert {"node.started", "token.issued", "epoch.rotated", "primary.elected", "peer.up", "election.started"} <= events
+    # A log reader can tell why an election started, without reading the code.
+    elections = [line for line in lines if line["event"] == "election.started"]
+    assert all("pre-vote" in line["reason"] and "ticks" in line["reason"] for line in elections)
     assert all({"ts", "level", "node", "event"} <= set(line) for line in lines)
     assert marker.encode() not in log_bytes
     files = data_files(tmp_path / "cluster")

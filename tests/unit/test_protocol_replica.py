@@ -11,7 +11,7 @@ import pytest
 from protocol import (INITIAL_HARD_STATE, AppendEntries, AppendReply, BecamePrimary, Entry, EntryKind, HardState,
                       Heartbeat, HeartbeatReply, Hello, InstallSnapshot, NotPrimary, PreVote, PreVoteReply,
                       ProposalRejected, ReadIndex, ReadIndexReply, ReadResult, Ready,
-                      ReplicaConfig, Replica, RequestVote, RestoredState, Role, SnapshotReply, SteppedDown, VoteReply)
+                      ReplicaConfig, Replica, RequestVote, ElectionStarted, RestoredState, Role, SnapshotReply, SteppedDown, VoteReply)
 
 EMPTY = RestoredState(INITIAL_HARD_STATE, 0, 0, ())
 
@@ -43,6 +43,7 @@ class Node:
     applied: list[Entry] = field(default_factory=list)
     sources: dict = field(default_factory=dict)  # primary: peer -> snapshot bytes offered
     staging: bytearray = field(default_factory=bytearray)  # backup: chunks staged so far
+    events: list = field(default_factory=list)
 
 
 class Cluster:
@@ -84,6 +85,7 @@ class Cluster:
             for peer in ready.snapshot_transfers_ended:
                 del node.sources[peer]
             node.applied.extend(ready.committed)
+            node.events.extend(ready.events)
             self.snapshot_requests.extend((node_id, peer) for peer in ready.snapshot_requests)
             node.replica.advance(ready)
             for chunk in completed:
@@ -366,7 +368,7 @@ def test_primary_steps_down_when_it_hears_a_higher_view() -> None:
     primary = cluster.nodes["n1"].replica
     primary.step("n2", AppendReply(view=5, success=False, index=0, hint_index=0, hint_view=0))
     assert primary.role is Role.BACKUP and primary.view == 5
-    assert SteppedDown(1) in primary.ready().events
+    assert SteppedDown(1, "heard view 5 from n2 (AppendReply)") in primary.ready().events
 
 
 def test_check_quorum_steps_down_an_isolated_primary() -> None:
@@ -378,6 +380,18 @@ def test_check_quorum_steps_down_an_isolated_primary() -> None:
         primary.tick()
         cluster.settle()
     assert primary.role is Role.BACKUP and primary.primary_id is None
+    (stepped_down,) = [event for event in cluster.nodes["n1"].events if isinstance(event, SteppedDown)]
+    assert stepped_down.reason == (f"check-quorum: no majority heard from in {primary.config.election_timeout_ticks}"
+                                   " ticks (silent: n2, n3)")
+
+
+def test_an_election_says_what_the_candidate_had_not_heard() -> None:
+    cluster = Cluster(3)
+    cluster.elect("n1")
+    (started,) = [event for event in cluster.nodes["n1"].events if isinstance(event, ElectionStarted)]
+    assert started.view == 1
+    assert started.reason.startswith("a majority granted the pre-vote after no message from a primary (last: none) "
+                                     "for ") and "ticks" in started.reason
 
 
 def test_primary_without_quorum_cannot_commit() -> None:

@@ -148,7 +148,9 @@ class Simulation:
         self.acknowledged: dict[int, tuple[int, bytes, int]] = {}
         self.checked_primaries: set[tuple[str, int]] = set()
         self.highest_acknowledged_index = 0
-        self.read_floor: dict[tuple[str, int], int] = {}
+        # (node, request id) -> (highest acknowledged index when the read was asked, asked on a backup)
+        self.read_floor: dict[tuple[str, int], tuple[int, bool]] = {}
+        self.backup_reads_confirmed = 0
         self.payload_counter = 0
         self.reads_confirmed = 0
         self.snapshots_installed = 0
@@ -427,10 +429,12 @@ class Simulation:
                           f"(log at {position}, {voters} replicas no more up to date)")
 
     def _check_read(self, node: SimNode, result) -> None:
-        floor = self.read_floor.pop((node.node_id, result.request_id), None)
-        if floor is None or not result.ok:
+        asked = self.read_floor.pop((node.node_id, result.request_id), None)
+        if asked is None or not result.ok:
             return
+        floor, on_backup = asked
         self.reads_confirmed += 1
+        self.backup_reads_confirmed += on_backup
         if result.read_index < floor:
             self.fail(f"{node.node_id} read index {result.read_index} misses acknowledged index {floor}: stale read")
 
@@ -512,13 +516,21 @@ class Simulation:
         return True
 
     def request_read(self) -> None:
-        primaries = self.live_primaries()
-        if not primaries:
+        """A read on a primary, or on a backup that asks its primary for a read index (ReadIndex)."""
+        readers = [node for node in self.nodes.values() if node.replica is not None and (
+            node.replica.role is Role.PRIMARY
+            or (node.replica.role is Role.BACKUP and node.replica.primary_id is not None))]
+        if not readers:
             return
-        node = self.rng.choice(primaries)
+        node = self.rng.choice(readers)
         node.read_ids += 1
-        self.read_floor[(node.node_id, node.read_ids)] = self.highest_acknowledged_index
-        node.replica.request_read(node.read_ids)  # type: ignore[union-attr]
+        self.read_floor[(node.node_id, node.read_ids)] = (self.highest_acknowledged_index,
+                                                         node.replica.role is Role.BACKUP)
+        try:
+            node.replica.request_read(node.read_ids)  # type: ignore[union-attr]
+        except NotPrimary:
+            del self.read_floor[(node.node_id, node.read_ids)]
+            return
         self.drive(node)
 
     def crash(self, node: SimNode) -> None:

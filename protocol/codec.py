@@ -62,7 +62,7 @@ _ENTRY_KINDS = {int(kind): kind for kind in EntryKind}
 def _decode_entries(value: Any) -> tuple[Entry, ...]:
     if type(value) is not list:
         raise ProtocolError("expected a list of entries")
-    entries = []
+    entries: list[Entry] = []
     append = entries.append
     kinds = _ENTRY_KINDS
     # Inlined checks: this loop runs once per replicated entry, so it is kept lean.
@@ -150,7 +150,8 @@ def encode_body(message: Message) -> bytes:
     body: list[Any] = [PROTOCOL_VERSION, message.TYPE_TAG]
     for name, encode in zip(layout.names, layout.encoders):
         body.append(encode(getattr(message, name)))
-    return msgpack.packb(body, use_bin_type=True)
+    packed: bytes = msgpack.packb(body, use_bin_type=True)
+    return packed
 
 
 def encode_frame(message: Message) -> bytes:

@@ -9,7 +9,8 @@ why each is there, are written up in docs/replication.md.
 from __future__ import annotations
 
 import zlib
-from typing import Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from protocol.errors import NotPrimary, ProposalRejected
 from protocol.messages import (AppendEntries, AppendReply, Heartbeat, HeartbeatReply, InstallSnapshot, Message,
@@ -94,7 +95,7 @@ class Replica:
         self._pending_reads: list[tuple[str | None, int, int, int]] = []  # (origin, request_id, read_index, round)
         # A backup's reads waiting for the primary's ReadIndexReply: request_id -> the primary asked.
         self._remote_reads: dict[int, str] = {}
-        self._handlers = {
+        self._handlers: dict[type[Message], Callable[[str, Any], None]] = {
             RequestVote: self._on_request_vote, VoteReply: self._on_vote_reply,
             AppendEntries: self._on_append_entries, AppendReply: self._on_append_reply,
             Heartbeat: self._on_heartbeat, HeartbeatReply: self._on_heartbeat_reply,

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
-async def await_future(future: asyncio.Future, timeout_seconds: float):
+async def await_future(future: asyncio.Future[T], timeout_seconds: float) -> T:
     """``await future``, failing it with asyncio.TimeoutError after ``timeout_seconds``.
 
     What asyncio.wait_for does for a plain future, without the wrapper task and
@@ -21,12 +24,12 @@ async def await_future(future: asyncio.Future, timeout_seconds: float):
         timer.cancel()
 
 
-def _expire(future: asyncio.Future) -> None:
+def _expire(future: asyncio.Future[Any]) -> None:
     if not future.done():
         future.set_exception(asyncio.TimeoutError())
 
 
-async def cancel_and_wait(tasks: Iterable[asyncio.Task | None]) -> None:
+async def cancel_and_wait(tasks: Iterable[asyncio.Task[Any] | None]) -> None:
     """Cancel every task, then wait for each to finish; their errors are not the caller's concern."""
     pending = [task for task in tasks if task is not None]
     for task in pending:

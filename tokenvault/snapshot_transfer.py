@@ -29,7 +29,7 @@ import asyncio
 import shutil
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -67,7 +67,7 @@ class SnapshotTransfers:
         self._stager: SnapshotStager | None = None
         self._stager_key: tuple[int, int, int] | None = None  # (index, view, total bytes)
         self._staging_started = 0.0
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------ primary side
     def hold_index(self) -> int | None:
@@ -199,10 +199,10 @@ class SnapshotTransfers:
             self._executor.submit(stager.discard)
 
     # ------------------------------------------------------------ plumbing
-    async def _in_thread(self, function: Callable, *arguments: Any) -> Any:
+    async def _in_thread(self, function: Callable[..., Any], *arguments: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._executor, function, *arguments)
 
-    def _spawn(self, coroutine) -> None:
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

@@ -76,9 +76,10 @@ class Manifest:
     files: tuple[FileEntry, ...]
 
     def encode(self) -> bytes:
-        return msgpack.packb({"format": FORMAT_VERSION, "index": self.index, "view": self.view,
-                              "created_at_ms": self.created_at_ms,
-                              "files": [[entry.name, entry.size, entry.sha256] for entry in self.files]})
+        encoded: bytes = msgpack.packb({"format": FORMAT_VERSION, "index": self.index, "view": self.view,
+                                        "created_at_ms": self.created_at_ms,
+                                        "files": [[entry.name, entry.size, entry.sha256] for entry in self.files]})
+        return encoded
 
     @classmethod
     def decode(cls, data: bytes) -> "Manifest":
@@ -89,9 +90,12 @@ class Manifest:
             raise SnapshotStreamError("snapshot manifest is not valid msgpack") from None
         if not isinstance(document, dict) or document.get("format") != FORMAT_VERSION:
             raise SnapshotStreamError("snapshot manifest has an unknown format")
-        numbers = [document.get(name) for name in ("index", "view", "created_at_ms")]
-        if any(type(number) is not int or number < 0 for number in numbers):
-            raise SnapshotStreamError("snapshot manifest index, view or time is not a non-negative integer")
+        numbers: list[int] = []
+        for name in ("index", "view", "created_at_ms"):
+            number = document.get(name)
+            if type(number) is not int or number < 0:
+                raise SnapshotStreamError("snapshot manifest index, view or time is not a non-negative integer")
+            numbers.append(number)
         files = document.get("files")
         if not isinstance(files, list) or not files:
             raise SnapshotStreamError("snapshot manifest lists no files")

@@ -21,6 +21,7 @@ import zlib
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
+from typing import Any, Union
 
 import msgpack
 
@@ -67,11 +68,16 @@ def encode_record(record_type: RecordType, payload: bytes) -> bytes:
     return _HEADER.pack(len(payload), crc, record_type) + payload
 
 
-def _record_crc(length: int, record_type: int, payload) -> int:
+# A segment's bytes as read for replay: a read-only memory map of the file.
+SegmentData = Union[bytes, mmap.mmap]
+RecordHeader = tuple[int, int, int]  # (payload length, CRC, record type)
+
+
+def _record_crc(length: int, record_type: int, payload: bytes | memoryview | mmap.mmap) -> int:
     return zlib.crc32(payload, zlib.crc32(_LENGTH_AND_TYPE.pack(length, record_type)))
 
 
-def _hard_state_fields(hard_state: HardState | None) -> tuple | None:
+def _hard_state_fields(hard_state: HardState | None) -> tuple[int, str | None, int] | None:
     if hard_state is None:
         return None
     return (hard_state.view, hard_state.voted_for, hard_state.commit_index)
@@ -119,7 +125,7 @@ class _ReplayState:
     def last_view(self) -> int:
         return self.entries[-1].view if self.entries else self.base_view
 
-    def apply(self, record_type: int, fields: list, first_segment: bool, segment: _SegmentInfo) -> None:
+    def apply(self, record_type: int, fields: list[Any], first_segment: bool, segment: _SegmentInfo) -> None:
         if record_type == RecordType.ENTRY:
             index, view, kind, payload = fields
             if index != self.last_index + 1 or view < self.last_view:
@@ -139,7 +145,7 @@ class _ReplayState:
             self._apply_base(fields, first_segment, segment)
         self.records_replayed += 1
 
-    def _apply_base(self, fields: list, first_segment: bool, segment: _SegmentInfo) -> None:
+    def _apply_base(self, fields: list[Any], first_segment: bool, segment: _SegmentInfo) -> None:
         index, view, reset, hard_state = fields
         if hard_state is not None:
             self.hard_state = HardState(hard_state[0], hard_state[1], hard_state[2])
@@ -161,7 +167,7 @@ def _valid_hard_state_fields(fields: object) -> bool:
             and (fields[1] is None or (type(fields[1]) is str and 0 < len(fields[1]) <= MAX_VOTED_FOR_CHARS)))
 
 
-def _decode_fields(record_type: int, payload: bytes) -> list:
+def _decode_fields(record_type: int, payload: bytes) -> list[Any]:
     """Parse a record payload whose CRC matched; a malformed one raises ValueError."""
     fields = msgpack.unpackb(payload, raw=False, use_list=True, max_map_len=0, max_ext_len=0,
                              max_array_len=8, max_str_len=MAX_VOTED_FOR_CHARS * 4)
@@ -183,7 +189,7 @@ def _decode_fields(record_type: int, payload: bytes) -> list:
     return fields
 
 
-def _trailing_zero_start(data, size: int) -> int:
+def _trailing_zero_start(data: SegmentData, size: int) -> int:
     """Offset where the run of zero bytes at the end of ``data`` begins (``size`` if none)."""
     chunk_bytes = 1 << 16
     end = size
@@ -196,7 +202,7 @@ def _trailing_zero_start(data, size: int) -> int:
     return 0
 
 
-def _length_bit_flip_verifies(data, offset: int, size: int, length: int, crc: int, record_type: int) -> bool:
+def _length_bit_flip_verifies(data: SegmentData, offset: int, size: int, length: int, crc: int, record_type: int) -> bool:
     """True when flipping one bit of the length field gives a record whose CRC matches.
 
     A record that claims to run past the end of the file normally is an
@@ -213,7 +219,7 @@ def _length_bit_flip_verifies(data, offset: int, size: int, length: int, crc: in
     return False
 
 
-def _is_torn_tail(data, offset: int, size: int, end: int, header) -> bool:
+def _is_torn_tail(data: SegmentData, offset: int, size: int, end: int, header: RecordHeader | None) -> bool:
     """Whether the damaged record at ``offset`` of the last segment is an interrupted write."""
     zero_start = _trailing_zero_start(data, size)
     if zero_start <= offset:
@@ -232,18 +238,20 @@ def _is_torn_tail(data, offset: int, size: int, end: int, header) -> bool:
     return first_zero_sector < end
 
 
-def _scan_segment(path: Path, data, size: int, is_last: bool, state: _ReplayState,
+def _scan_segment(path: Path, data: SegmentData, size: int, is_last: bool, state: _ReplayState,
                   segment: _SegmentInfo, first_segment: bool) -> int:
     """Replay one segment's records into ``state``; returns where the valid records end."""
     offset = 0
     while offset < size:
-        header = _HEADER.unpack_from(data, offset) if size - offset >= HEADER_BYTES else None
+        header: RecordHeader | None = (_HEADER.unpack_from(data, offset) if size - offset >= HEADER_BYTES
+                                       else None)
         end = offset + HEADER_BYTES + header[0] if header is not None else size + 1
         problem = _record_problem(data, header, offset, end, size)
         if problem is not None:
             if is_last and _is_torn_tail(data, offset, size, end, header):
                 return offset
             raise WalCorruption(f"write-ahead log {path.name} is corrupt at offset {offset}: {problem}")
+        assert header is not None, "a record without a header is a problem above"
         record_type = header[2]
         try:
             if offset == 0 and record_type != RecordType.BASE:
@@ -261,7 +269,7 @@ def _scan_segment(path: Path, data, size: int, is_last: bool, state: _ReplayStat
     return offset
 
 
-def _record_problem(data, header, offset: int, end: int, size: int) -> str | None:
+def _record_problem(data: SegmentData, header: RecordHeader | None, offset: int, end: int, size: int) -> str | None:
     if header is None:
         return "incomplete record header"
     length, crc, record_type = header

@@ -27,6 +27,10 @@ the token) is a ``KeyCustodyError`` that names what is wrong, never the PIN.
 Calls into the module block; they happen at start, at each epoch rotation and
 when a snapshot is installed, a handful of times per process, so they run on
 the caller's thread under a lock (one session is not safe for concurrent use).
+A PKCS#11 login belongs to the whole process, not to a session, so every
+``Pkcs11MasterKey`` of one token in a process shares one logged-in session
+(counted, logged out when the last one closes); a second one must still
+present the same PIN.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import hashlib
 import hmac
 import os
 import threading
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Mapping
 
 from tokenvault.crypto import (EPOCH_SECRET_BYTES, GCM_NONCE_BYTES, GCM_TAG_BYTES, WRAPPED_SECRET_BYTES,
@@ -67,6 +72,24 @@ def read_pin(source: Pkcs11Config, environ: Mapping[str, str] | None = None) -> 
     return from_environment
 
 
+@dataclass(slots=True)
+class _Login:
+    """The process's one logged-in session with a token, shared by its users."""
+
+    session: Any
+    pin_digest: bytes
+    users: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+_logins: dict[tuple[str, str], _Login] = {}
+_logins_lock = threading.Lock()
+
+
+def _pin_digest(pin: str) -> bytes:
+    return hashlib.sha256(b"tokenvault pkcs11 pin\x00" + pin.encode("utf-8")).digest()
+
+
 def _import_pkcs11() -> Any:
     try:
         import pkcs11
@@ -79,14 +102,16 @@ def _import_pkcs11() -> Any:
 class Pkcs11MasterKey:
     """A ``KeyWrapper`` whose key stays inside a PKCS#11 token."""
 
-    __slots__ = ("_pkcs11", "_session", "_key", "_lock", "_fingerprint_hmac", "_where")
+    __slots__ = ("_pkcs11", "_login", "_login_key", "_key", "_lock", "_fingerprint_hmac", "_where", "_closed")
 
-    def __init__(self, pkcs11: Any, session: Any, key: Any, where: str) -> None:
+    def __init__(self, pkcs11: Any, login: _Login, login_key: tuple[str, str], key: Any, where: str) -> None:
         self._pkcs11 = pkcs11
-        self._session = session
+        self._login = login
+        self._login_key = login_key
         self._key = key
-        self._lock = threading.Lock()
+        self._lock = login.lock
         self._where = where
+        self._closed = False
         fingerprint_key = self._derive_fingerprint_key()
         self._fingerprint_hmac = hmac.new(fingerprint_key, digestmod=hashlib.sha256)
 
@@ -113,20 +138,31 @@ class Pkcs11MasterKey:
         except pkcs11.PKCS11Error:
             raise KeyCustodyError(f"PKCS#11 module {module} cannot be loaded (not a PKCS#11 library, or "
                                   f"one of its own dependencies is missing)") from None
-        session = _log_in(pkcs11, library, module, source, pin)
+        login_key = (module, source.token_label)
+        with _logins_lock:
+            login = _logins.get(login_key)
+            if login is None:
+                login = _Login(_log_in(pkcs11, library, module, source, pin), _pin_digest(pin))
+                _logins[login_key] = login
+            elif not hmac.compare_digest(login.pin_digest, _pin_digest(pin)):
+                raise KeyCustodyError(f"the PIN for PKCS#11 token {source.token_label!r} is incorrect")
+            login.users += 1
         try:
-            key = _find_key(pkcs11, session, source)
-            _check_mechanisms(pkcs11, session, source)
-            master_key = cls(pkcs11, session, key, where)
+            with login.lock:
+                key = _find_key(pkcs11, login.session, source)
+                _check_mechanisms(pkcs11, login.session, source)
+            master_key = cls(pkcs11, login, login_key, key, where)
             master_key._self_test()
         except BaseException:
-            _close_quietly(session)
+            _release(login_key, login)
             raise
         return master_key
 
     def close(self) -> None:
-        with self._lock:
-            _close_quietly(self._session)
+        """Give up this user of the token's login; the last one logs out."""
+        if not self._closed:
+            self._closed = True
+            _release(self._login_key, self._login)
 
     # ------------------------------------------------------------ the KeyWrapper protocol
 
@@ -236,16 +272,19 @@ def _log_in(pkcs11: Any, library: Any, module: str, source: Pkcs11Config, pin: s
 
 def _find_key(pkcs11: Any, session: Any, source: Pkcs11Config) -> Any:
     where = f"on PKCS#11 token {source.token_label!r}"
+    attribute = pkcs11.Attribute
     try:
-        key = session.get_key(object_class=pkcs11.ObjectClass.SECRET_KEY, key_type=pkcs11.KeyType.AES,
-                              label=source.key_label)
-    except pkcs11.NoSuchKey:
-        raise KeyCustodyError(f"no AES key labelled {source.key_label!r} {where}") from None
-    except pkcs11.MultipleObjectsReturned:
-        raise KeyCustodyError(f"more than one AES key labelled {source.key_label!r} {where}") from None
+        # The whole search is read (not session.get_key, which leaves it open): few objects share a label.
+        found = list(session.get_objects({attribute.CLASS: pkcs11.ObjectClass.SECRET_KEY,
+                                          attribute.KEY_TYPE: pkcs11.KeyType.AES,
+                                          attribute.LABEL: source.key_label}))
     except pkcs11.PKCS11Error as error:
         raise _custody_error(f"token {source.token_label!r}", "looking for the key", error) from None
-    attribute = pkcs11.Attribute
+    if not found:
+        raise KeyCustodyError(f"no AES key labelled {source.key_label!r} {where}")
+    if len(found) > 1:
+        raise KeyCustodyError(f"more than one AES key labelled {source.key_label!r} {where}")
+    key = found[0]
     try:
         flags = {name: bool(key[getattr(attribute, name)])
                  for name in ("ENCRYPT", "DECRYPT", "SIGN", "SENSITIVE", "EXTRACTABLE")}
@@ -279,6 +318,17 @@ def _custody_error(where: str, doing: str, error: BaseException) -> KeyCustodyEr
     # The exception's class names the PKCS#11 return code (PinExpired, DeviceRemoved, ...); its text may
     # be empty, and never carries key material, but only the class is shown to stay on the safe side.
     return KeyCustodyError(f"PKCS#11 error {type(error).__name__} while {doing} ({where})")
+
+
+def _release(login_key: tuple[str, str], login: _Login) -> None:
+    with _logins_lock:
+        login.users -= 1
+        if login.users > 0:
+            return
+        if _logins.get(login_key) is login:
+            del _logins[login_key]
+    with login.lock:
+        _close_quietly(login.session)
 
 
 def _close_quietly(session: Any) -> None:

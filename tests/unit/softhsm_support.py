@@ -78,3 +78,17 @@ def create_aes_key(softhsm: SoftHsm, label: str, *, bits: int = 256, sign: bool 
         session.generate_key(KeyType.AES, bits, label=label, store=True, template={
             Attribute.SENSITIVE: sensitive, Attribute.EXTRACTABLE: extractable, Attribute.SIGN: sign,
             Attribute.ENCRYPT: True, Attribute.DECRYPT: True})
+
+
+def import_aes_key(softhsm: SoftHsm, label: str, value: bytes) -> None:
+    """Put a known 32-byte AES key on the token, sensitive and not extractable from then on
+    (how an operator would move a key file's key into a token)."""
+    import pkcs11
+    from pkcs11 import Attribute, KeyType, ObjectClass
+
+    token = pkcs11.lib(str(softhsm.module)).get_token(token_label=softhsm.token_label)
+    with token.open(user_pin=softhsm.pin, rw=True) as session:
+        session.create_object({
+            Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.KEY_TYPE: KeyType.AES, Attribute.TOKEN: True,
+            Attribute.LABEL: label, Attribute.VALUE: value, Attribute.SENSITIVE: True,
+            Attribute.EXTRACTABLE: False, Attribute.ENCRYPT: True, Attribute.DECRYPT: True, Attribute.SIGN: True})

@@ -20,6 +20,7 @@ The promises checked (docs/security.md, "Key custody"):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -35,7 +36,7 @@ from pathlib import Path
 import pytest
 
 from node_support import make_configs, start_node, wait_until
-from softhsm_support import MASTER_KEY_LABEL, SoftHsm, create_aes_key, make_softhsm
+from softhsm_support import MASTER_KEY_LABEL, SoftHsm, create_aes_key, import_aes_key, make_softhsm
 from tokenvault.config import ConfigError, NodeConfig, Pkcs11Config, load_config, parse_config, to_toml, \
     write_node_config
 from tokenvault.crypto import (WRAPPED_SECRET_BYTES, KeyCustodyError, KeyRing, MasterKey, UnwrapError,
@@ -59,7 +60,11 @@ def softhsm(tmp_path_factory: pytest.TempPathFactory) -> SoftHsm:
     create_aes_key(token, "aes-128", bits=128)
     create_aes_key(token, "twice")
     create_aes_key(token, "twice")
+    import_aes_key(token, "imported", bytes.fromhex(IMPORTED_KEY_HEX))
     return token
+
+
+IMPORTED_KEY_HEX = "5e" * 16 + "a7" * 16
 
 
 def pkcs11_config(softhsm: SoftHsm, **overrides: object) -> Pkcs11Config:
@@ -133,6 +138,22 @@ def test_every_session_gives_the_same_epoch_keys_and_idempotency_fingerprints(so
         other.close()
     finally:
         second.close()
+
+
+def test_a_key_files_key_moved_into_a_token_opens_the_same_epochs(softhsm: SoftHsm) -> None:
+    """The token wraps exactly as MasterKey does (AES-256-GCM, nonce || ciphertext || tag, the
+    epoch as associated data), so a cluster can move its key file's key into a token."""
+    in_memory = MasterKey.from_hex(IMPORTED_KEY_HEX)
+    token = open_token(softhsm, key_label="imported")
+    try:
+        secret = new_epoch_secret()
+        assert token.unwrap_epoch_secret(4, in_memory.wrap_epoch_secret(4, secret)) == secret
+        assert in_memory.unwrap_epoch_secret(4, token.wrap_epoch_secret(4, secret)) == secret
+        # The idempotency fingerprint key is derived differently (AES-CMAC on the token, HKDF in memory).
+        assert token.idempotency_fingerprint("p", "tokenize", b"{}") != \
+            in_memory.idempotency_fingerprint("p", "tokenize", b"{}")
+    finally:
+        token.close()
 
 
 def test_the_token_key_cannot_be_read_out_and_a_key_that_could_is_refused(softhsm: SoftHsm) -> None:
@@ -290,6 +311,60 @@ async def test_a_node_keeps_its_master_key_in_the_token_and_restarts_to_the_same
     other = dataclasses.replace(config, pkcs11=dataclasses.replace(config.pkcs11, key_label="other-master"))
     with pytest.raises(UnwrapError):
         await start_node(other)
+
+
+class _FailingToken:
+    """A master key whose token has gone away (removed, logged out by an administrator)."""
+
+    def __init__(self, inner: object) -> None:
+        self._inner = inner
+
+    def wrap_epoch_secret(self, epoch: int, secret: bytes) -> bytes:
+        raise KeyCustodyError("PKCS#11 error DeviceRemoved while wrapping an epoch secret (token 't')")
+
+    def unwrap_epoch_secret(self, epoch: int, blob: bytes) -> bytes:
+        raise KeyCustodyError("PKCS#11 error DeviceRemoved while unwrapping an epoch secret (token 't')")
+
+    def idempotency_fingerprint(self, principal: str, kind: str, body: bytes) -> bytes:
+        return self._inner.idempotency_fingerprint(principal, kind, body)  # type: ignore[attr-defined]
+
+
+async def test_a_token_that_cannot_wrap_makes_a_rotation_503_with_nothing_proposed(tmp_path: Path) -> None:
+    from tokenvault.errors import Unavailable
+
+    running = await start_node(_config(tmp_path))
+    try:
+        await wait_until(lambda: running.node.store.active_epoch() == 1, 5.0, "epoch 1")
+        commit_index = running.node.replica.commit_index
+        running.node.master_key = _FailingToken(running.node.master_key)  # type: ignore[assignment]
+        with pytest.raises(Unavailable, match="cannot wrap a new epoch secret"):
+            await running.service.rotate_epoch("p", None)
+        assert running.node.replica.commit_index == commit_index and running.node.store.active_epoch() == 1
+        assert running.node.fatal_error is None
+    finally:
+        await running.close()
+
+
+async def test_a_token_that_cannot_unwrap_a_committed_epoch_stops_the_node(tmp_path: Path) -> None:
+    """Serving on without the new epoch's keys would fail every tokenize in it: the node stops (exit 2
+    under `tokenvault serve`) and unwraps again from its store when restarted."""
+    config = _config(tmp_path)
+    running = await start_node(config)
+    try:
+        await wait_until(lambda: running.node.store.active_epoch() == 1, 5.0, "epoch 1")
+        running.node.keyring = KeyRing(_FailingToken(running.node.master_key))  # type: ignore[arg-type]
+        with contextlib.suppress(Exception):
+            await running.service.rotate_epoch("p", None)
+        await wait_until(lambda: running.node.fatal_error is not None, 5.0, "the node to stop")
+        assert running.node.fatal_error.startswith("KeyCustodyError: PKCS#11 error DeviceRemoved")
+    finally:
+        await running.close()
+    running = await start_node(config)
+    try:
+        await wait_until(running.is_primary, 5.0, "the restarted node to be primary")
+        assert running.node.store.active_epoch() == 2 and 2 in running.node.keyring
+    finally:
+        await running.close()
 
 
 # ------------------------------------------------------------------ real node processes

@@ -420,7 +420,9 @@ def test_a_node_with_a_bad_key_file_does_not_start_and_says_why(tmp_path: Path, 
         result = _run_serve(dataclasses.replace(config, master_key_file=key_path), tmp_path, _serve_environment())
         expected = KEY_FILE_FAILURES[case]
         assert str(key_path) in result.stderr
-    assert result.returncode != 0
+        assert "node.refused_to_start" in result.stderr
+        assert not config.data_dir.exists()  # refused before the data directory was even created
+    assert result.returncode == 2
     assert expected in result.stderr, result.stderr
     assert "Traceback" not in result.stdout + result.stderr
     assert "ab" * 32 not in result.stdout + result.stderr
@@ -441,11 +443,12 @@ def test_a_node_with_an_unusable_token_does_not_start_and_says_why(softhsm: Soft
     config = _config(tmp_path, master_key_file=None, pkcs11=pkcs11_config(softhsm, **overrides))
     environment = _serve_environment(**softhsm.environment(), TOKENVAULT_PKCS11_PIN=pin or softhsm.pin)
     result = _run_serve(config, tmp_path, environment)
-    assert result.returncode != 0
+    assert result.returncode == 2
     assert expected in result.stderr, result.stderr
+    assert "node.refused_to_start" in result.stderr
     assert "Traceback" not in result.stdout + result.stderr
     assert softhsm.pin not in result.stdout + result.stderr and "9999-wrong-pin" not in result.stdout + result.stderr
-    assert not (config.data_dir / "store").exists()  # refused before the data directory was touched
+    assert not config.data_dir.exists()  # refused before the data directory was even created
 
 
 def _children(pid: int) -> list[int]:

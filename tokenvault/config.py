@@ -22,7 +22,8 @@ from typing import Any, Mapping
 from urllib.parse import urlsplit
 
 from tokenvault.auth import ALL_SCOPES, ApiKeyEntry, ApiKeyTable, ApiKeyTableError
-from tokenvault.crypto import MASTER_KEY_ENVIRONMENT_VARIABLE, CryptoError, KeyWrapper, MasterKey, read_secret_file
+from tokenvault.crypto import (MASTER_KEY_ENVIRONMENT_VARIABLE, CryptoError, KeyWrapper, MasterKey, read_secret_file,
+                               take_from_environment)
 
 CLUSTER_SECRET_BYTES = 32
 ALLOWED_MEMBER_COUNTS = (1, 3, 5)
@@ -429,7 +430,7 @@ class NodeConfig:
             raise ConfigError(str(error)) from None
 
     def _open_pkcs11(self, environ: Mapping[str, str] | None) -> KeyWrapper:
-        from tokenvault.crypto import take_from_environment
+        # Imported here: only a node configured with a token needs the module (and python-pkcs11).
         from tokenvault.custody import Pkcs11MasterKey
 
         assert self.pkcs11 is not None

@@ -5,11 +5,18 @@ one config per node) and then starts, stops, kills and restarts node processes
 from it; the same directory always restarts the same cluster with the same keys
 and data. Layout under $TOKENVAULT_CLUSTER_DIR (default ./.cluster):
 
-    master.key, cluster.secret   hex secrets, mode 0600
+    cluster.secret               hex secret (peer handshake), mode 0600
     cluster.json                 node URLs/paths and the API keys (mode 0600)
     n1/ .. nN/                   node.toml (hashes of API keys only), data/,
                                  node.log (the node's JSON log), node.out
                                  (its stdout/stderr), node.pid
+
+and, outside it, the master key: $TOKENVAULT_KEY_DIR/master.key, by default the
+sibling <cluster dir>.keys/master.key (./.cluster.keys/master.key), hex, mode
+0600 in a mode-0700 directory. A copy of the cluster directory, every node's
+data included, therefore opens no value (docs/security.md, "Key custody"). A
+cluster generated before this layout keeps its master.key inside and still
+starts, with a warning.
 
 The functions here are usable programmatically (integration tests drive a
 cluster through init_cluster, start_cluster, cluster_status, kill_node,
@@ -45,9 +52,10 @@ from typing import Any
 from tokenvault.crypto import CryptoError, MasterKey
 from tokenvault.cluster_spec import (ALLOWED_NODE_COUNTS, API_KEY_SCOPES, CLUSTER_FILE_NAME, DEFAULT_BASE_PORT,
                                      DEFAULT_NODE_COUNT, ENVIRONMENT_KNOBS, HOST, ApiKeyInfo, ClusterError,
-                                     ClusterSpec, NodeSettings, NodeSpec, _generate, _write_private_file,
+                                     KEY_DIRECTORY_ENVIRONMENT_VARIABLE, MASTER_KEY_FILE_NAME, ClusterSpec,
+                                     NodeSettings, NodeSpec, _generate, _write_private_file,
                                      base_port_from_environment, contract_ports, default_cluster_directory,
-                                     load_cluster, plan_nodes, settings_from_environment)
+                                     key_directory, load_cluster, plan_nodes, settings_from_environment)
 
 DEFAULT_START_TIMEOUT_SECONDS = 30.0
 DEFAULT_STOP_TIMEOUT_SECONDS = 10.0
@@ -379,7 +387,9 @@ def start_cluster(directory: Path | str, nodes: int | None = None, base_port: in
     else:
         spec, _ = init_cluster(directory, nodes or DEFAULT_NODE_COUNT, base_port or DEFAULT_BASE_PORT,
                                ports=ports, settings=settings)
-        report(f"generated a {len(spec.nodes)}-node cluster in {directory}")
+        report(f"generated a {len(spec.nodes)}-node cluster in {directory} (master key: "
+               f"{master_key_file_of(spec)}, kept outside it)")
+    _check_master_key_file(spec, report)
     with _locked(directory):
         for node in spec.nodes:
             _clear_stale_pid_file(node, report)
@@ -395,6 +405,32 @@ def start_cluster(directory: Path | str, nodes: int | None = None, base_port: in
         raise ClusterError(f"{error}\n(nodes that did start keep running: './run_cluster.sh status' shows "
                            f"them, './run_cluster.sh stop' stops them)") from None
     return spec, _settle(spec, statuses)
+
+
+def master_key_file_of(spec: ClusterSpec) -> Path | None:
+    """The master key file the cluster's node configs name (None: they take it from the environment)."""
+    from tokenvault.config import ConfigError, load_config
+
+    try:
+        return load_config(spec.nodes[0].config).master_key_file
+    except ConfigError as error:
+        raise ClusterError(str(error)) from None
+
+
+def _check_master_key_file(spec: ClusterSpec, report: Report) -> None:
+    """Before any node starts: a missing key file is one clear error, not N failed nodes; a key kept inside
+    the cluster directory (a cluster generated before the key directory) starts with a warning."""
+    path = master_key_file_of(spec)
+    if path is None or os.environ.get("TOKENVAULT_MASTER_KEY"):
+        return
+    if not (path.exists() or path.is_symlink()):
+        raise ClusterError(f"the master key file of this cluster, {path}, does not exist: without it no node "
+                           f"can open the data in {spec.directory} (restore the key file from where you keep "
+                           f"its copy)")
+    if Path(os.path.normpath(path)).is_relative_to(spec.directory):
+        report(f"warning: the master key {path} is inside the cluster directory, so a copy of {spec.directory} "
+               f"opens every value; stop the cluster, move the file to {key_directory(spec.directory)}/ and set "
+               f"master_key_file in each n*/node.toml to its new path")
 
 
 def _settle(spec: ClusterSpec, statuses: list[NodeStatus], grace_seconds: float = 3.0) -> list[NodeStatus]:
@@ -499,9 +535,10 @@ def restart_node(directory: Path | str, node_id: str, timeout_seconds: float = D
 
 
 def default_master_key_file() -> Path:
-    """Where the dev cluster keeps its master key: ./.cluster/master.key (whatever TOKENVAULT_CLUSTER_DIR
-    says, since that names the new cluster when restoring)."""
-    return default_cluster_directory({}) / "master.key"
+    """The master key a restore uses unless told: the default cluster's, $TOKENVAULT_KEY_DIR/master.key or
+    ./.cluster.keys/master.key (not TOKENVAULT_CLUSTER_DIR's, since that names the new cluster)."""
+    environment = {name: value for name, value in os.environ.items() if name == KEY_DIRECTORY_ENVIRONMENT_VARIABLE}
+    return key_directory(default_cluster_directory({}), environment) / MASTER_KEY_FILE_NAME
 
 
 def restore_cluster(directory: Path | str, backup_file: Path | str, master_key_file: Path | str,
@@ -529,7 +566,8 @@ def restore_cluster(directory: Path | str, backup_file: Path | str, master_key_f
     master_key_path = Path(master_key_file).expanduser().absolute()
     if not master_key_path.exists():
         raise ClusterError(f"no master key file at {master_key_path}: pass --master-key-file PATH, the "
-                           f"master.key of the cluster the backup was taken from")
+                           f"master.key of the cluster the backup was taken from (in its key directory, "
+                           f"<cluster dir>.keys/ or ${KEY_DIRECTORY_ENVIRONMENT_VARIABLE})")
     try:
         master_key = MasterKey.from_file(master_key_path)
     except CryptoError as error:

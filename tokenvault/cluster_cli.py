@@ -164,7 +164,8 @@ def logs(node_id: str, follow: bool) -> None:
 @run_cluster.command()
 @click.argument("backup_file", type=click.Path(dir_okay=False))
 @click.option("--master-key-file", type=click.Path(dir_okay=False), default=None, metavar="PATH",
-              help="The master.key of the cluster the backup was taken from (default: ./.cluster/master.key).")
+              help="The master.key of the cluster the backup was taken from (default: "
+                   "$TOKENVAULT_KEY_DIR/master.key, else ./.cluster.keys/master.key).")
 @click.option("--nodes", type=click.Choice(["1", "3", "5"]), default="3", show_default=True,
               help="Number of nodes of the new cluster.")
 @click.option("--timeout-seconds", type=click.FloatRange(1, 3600), envvar="TOKENVAULT_START_TIMEOUT_S",

@@ -11,6 +11,7 @@ starts nor queries node processes, and takes no directory lock;
 
 from __future__ import annotations
 
+import hmac
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -21,13 +22,16 @@ from typing import Any
 from tokenvault.auth import ApiKeyEntry, generate_api_key, hash_api_key
 from tokenvault.config import (ConfigError, HttpConfig, MemberConfig, NodeConfig, PeerConfig, SealerConfig,
                                TimingConfig, WalConfig, write_node_config)
-from tokenvault.crypto import MasterKey, write_secret_file
+from tokenvault.crypto import CryptoError, MasterKey, write_secret_file
 
 ALLOWED_NODE_COUNTS = (1, 3, 5)
 DEFAULT_NODE_COUNT = 3
 DEFAULT_BASE_PORT = 8100
 HOST = "127.0.0.1"
 CLUSTER_FILE_NAME = "cluster.json"
+MASTER_KEY_FILE_NAME = "master.key"
+KEY_DIRECTORY_ENVIRONMENT_VARIABLE = "TOKENVAULT_KEY_DIR"
+KEY_DIRECTORY_SUFFIX = ".keys"
 API_KEY_SCOPES: dict[str, tuple[str, ...]] = {
     "admin": ("admin",),
     "tokenizer": ("tokenize",),
@@ -229,14 +233,52 @@ def _write_private_file(path: Path, text: str) -> None:
     os.replace(temporary, path)
 
 
-def _node_config(spec: ClusterSpec, node: NodeSpec, settings: NodeSettings) -> NodeConfig:
+def key_directory(cluster_directory: Path | str, environ: Mapping[str, str] | None = None) -> Path:
+    """Where a dev cluster keeps its master key: $TOKENVAULT_KEY_DIR, else the sibling
+    directory ``<cluster dir>.keys`` (``./.cluster.keys`` for ``./.cluster``).
+
+    Never under the cluster directory, so that a copy of the cluster directory (every
+    node's data) does not carry the key that opens it."""
+    environment = os.environ if environ is None else environ
+    cluster_directory = Path(os.path.normpath(Path(cluster_directory).expanduser().absolute()))
+    configured = environment.get(KEY_DIRECTORY_ENVIRONMENT_VARIABLE, "").strip()
+    if configured:
+        directory = Path(os.path.normpath(Path(configured).expanduser().absolute()))
+    else:
+        directory = cluster_directory.with_name(cluster_directory.name + KEY_DIRECTORY_SUFFIX)
+    if directory.is_relative_to(cluster_directory):
+        raise ClusterError(f"{KEY_DIRECTORY_ENVIRONMENT_VARIABLE}={directory} is inside the cluster directory "
+                           f"{cluster_directory}: the master key must live outside it")
+    return directory
+
+
+def _place_master_key(cluster_directory: Path, master_key: MasterKey | None) -> Path:
+    """The cluster's master key file in its key directory: the one already there (a key directory outlives
+    its cluster directory), else ``master_key`` or a new key written there (mode 0600)."""
+    directory = key_directory(cluster_directory)
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = directory / MASTER_KEY_FILE_NAME
+    if not (path.exists() or path.is_symlink()):
+        (master_key or MasterKey.generate()).write_file(path)
+        return path
+    try:
+        existing = MasterKey.from_file(path)
+    except CryptoError as error:
+        raise ClusterError(f"cannot use the existing master key {path}: {error}") from None
+    if master_key is not None and not hmac.compare_digest(existing.to_hex(), master_key.to_hex()):
+        raise ClusterError(f"{path} already holds another master key than the one given; set "
+                           f"{KEY_DIRECTORY_ENVIRONMENT_VARIABLE} to another directory for this cluster")
+    return path
+
+
+def _node_config(spec: ClusterSpec, node: NodeSpec, settings: NodeSettings, master_key_file: Path) -> NodeConfig:
     members = tuple(MemberConfig(id=member.node_id, peer_addr=member.peer_addr, http_url=member.http_url)
                     for member in spec.nodes)
     api_keys = tuple(ApiKeyEntry(name=info.name, sha256=hash_api_key(info.key), scopes=frozenset(info.scopes))
                      for info in spec.api_keys)
     return NodeConfig(
         node_id=node.node_id, data_dir=node.data_dir, members=members, api_keys=api_keys,
-        master_key_file=spec.directory / "master.key", cluster_secret_file=spec.directory / "cluster.secret",
+        master_key_file=master_key_file, cluster_secret_file=spec.directory / "cluster.secret",
         log_file=node.log_file, log_level=settings.log_level,
         http=HttpConfig(host=HOST, port=node.http_port), peer=PeerConfig(host=HOST, port=node.peer_port),
         timing=settings.timing, wal=settings.wal, sealer=settings.sealer)
@@ -245,11 +287,11 @@ def _node_config(spec: ClusterSpec, node: NodeSpec, settings: NodeSettings) -> N
 def _generate(directory: Path, nodes: tuple[NodeSpec, ...], settings: NodeSettings,
               master_key: MasterKey | None = None) -> ClusterSpec:
     """Write a new cluster's secrets, configs and cluster.json; ``master_key`` is given when restoring a
-    backup (whose epoch secrets only that key opens), otherwise a new one is generated."""
+    backup (whose epoch secrets only that key opens), otherwise the key directory's key or a new one."""
     keys = tuple(ApiKeyInfo(name, generate_api_key(), scopes) for name, scopes in API_KEY_SCOPES.items())
     spec = ClusterSpec(directory, nodes, keys)
-    configs = [_node_config(spec, node, settings) for node in nodes]
-    (master_key or MasterKey.generate()).write_file(directory / "master.key")
+    master_key_file = _place_master_key(directory, master_key)
+    configs = [_node_config(spec, node, settings, master_key_file) for node in nodes]
     write_secret_file(directory / "cluster.secret", os.urandom(32))
     for node, config in zip(nodes, configs):
         node.directory.mkdir(mode=0o700)

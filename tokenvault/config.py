@@ -22,7 +22,8 @@ from typing import Any, Mapping
 from urllib.parse import urlsplit
 
 from tokenvault.auth import ALL_SCOPES, ApiKeyEntry, ApiKeyTable, ApiKeyTableError
-from tokenvault.crypto import CryptoError, MasterKey, read_secret_file
+from tokenvault.crypto import (MASTER_KEY_ENVIRONMENT_VARIABLE, CryptoError, KeyWrapper, MasterKey, read_secret_file,
+                               take_from_environment)
 
 CLUSTER_SECRET_BYTES = 32
 ALLOWED_MEMBER_COUNTS = (1, 3, 5)
@@ -33,6 +34,8 @@ _HOSTNAME_PATTERN = re.compile(
     r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\Z"
 )
 _MAX_CONFIG_FILE_BYTES = 1 << 20
+_ENVIRONMENT_VARIABLE_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}\Z")
+DEFAULT_PIN_ENVIRONMENT_VARIABLE = "TOKENVAULT_PKCS11_PIN"
 
 
 class ConfigError(ValueError):
@@ -267,6 +270,36 @@ class SealerConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class Pkcs11Config:
+    """The master key as an AES-256 key inside a PKCS#11 token (tokenvault/custody.py).
+    The PIN comes from the environment variable ``pin_env`` or the file ``pin_file``,
+    never from the config itself."""
+
+    module: Path
+    token_label: str
+    key_label: str
+    pin_env: str = DEFAULT_PIN_ENVIRONMENT_VARIABLE
+    pin_file: Path | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("module", "pin_file"):
+            if isinstance(getattr(self, name), str):
+                object.__setattr__(self, name, Path(getattr(self, name)))
+        _check_path("pkcs11.module", self.module, optional=False)
+        _check_path("pkcs11.pin_file", self.pin_file, optional=True)
+        # Labels are at most 32 bytes in PKCS#11 (CK_TOKEN_INFO.label); key labels have no fixed bound.
+        _check_string("pkcs11.token_label", self.token_label, 32)
+        _check_string("pkcs11.key_label", self.key_label, 256)
+        if not isinstance(self.pin_env, str) or not _ENVIRONMENT_VARIABLE_PATTERN.match(self.pin_env):
+            raise ConfigError("pkcs11.pin_env must be an environment variable name ([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def _inside(path: Path, directory: Path) -> bool:
+    """Whether ``path`` is ``directory`` or lies under it (lexically, after normalising . and ..)."""
+    return Path(os.path.normpath(path)).is_relative_to(Path(os.path.normpath(directory)))
+
+
+@dataclass(frozen=True, slots=True)
 class NodeConfig:
     """A whole node configuration. Paths given as strings are converted to Path."""
 
@@ -285,6 +318,7 @@ class NodeConfig:
     idempotency: IdempotencyConfig = field(default_factory=IdempotencyConfig)
     wal: WalConfig = field(default_factory=WalConfig)
     sealer: SealerConfig = field(default_factory=SealerConfig)
+    pkcs11: Pkcs11Config | None = None
 
     def __post_init__(self) -> None:
         for name in ("data_dir", "master_key_file", "cluster_secret_file", "log_file"):
@@ -309,6 +343,7 @@ class NodeConfig:
         self._check_sections()
         self._check_members()
         self._check_api_keys()
+        self._check_key_custody()
 
     def _check_sections(self) -> None:
         expected = {
@@ -351,6 +386,17 @@ class NodeConfig:
         except ApiKeyTableError as error:
             raise ConfigError(f"api_keys: {error}") from None
 
+    def _check_key_custody(self) -> None:
+        """One key source, and no key file or PIN file beside the data it protects."""
+        if self.pkcs11 is not None and not isinstance(self.pkcs11, Pkcs11Config):
+            raise ConfigError("[pkcs11] must be a Pkcs11Config")
+        if self.pkcs11 is not None and self.master_key_file is not None:
+            raise ConfigError("set either master_key_file or [pkcs11], not both: the master key has one source")
+        for name, path in (("master_key_file", self.master_key_file),
+                           ("pkcs11.pin_file", self.pkcs11.pin_file if self.pkcs11 else None)):
+            if path is not None and _inside(path, self.data_dir):
+                raise ConfigError(_beside_the_data(name, path, self.data_dir))
+
     @property
     def member_ids(self) -> tuple[str, ...]:
         return tuple(member.id for member in self.members)
@@ -367,12 +413,39 @@ class NodeConfig:
     def api_key_table(self) -> ApiKeyTable:
         return ApiKeyTable(self.api_keys)
 
-    def load_master_key(self, environ: Mapping[str, str] | None = None) -> MasterKey:
-        """TOKENVAULT_MASTER_KEY (hex) when set, else master_key_file (mode 0600)."""
+    def load_master_key(self, environ: Mapping[str, str] | None = None) -> KeyWrapper:
+        """The master key from its one source: the PKCS#11 token of [pkcs11]; else
+        TOKENVAULT_MASTER_KEY (hex) when set; else master_key_file (mode 0600).
+
+        TOKENVAULT_MASTER_KEY and the PIN variable are removed from the environment
+        as they are read (``os.environ`` when ``environ`` is None), so that no child
+        process inherits them. Raises ConfigError naming what is wrong."""
         try:
+            if self.pkcs11 is not None:
+                return self._open_pkcs11(environ)
+            if self.master_key_file is not None:
+                self._check_not_beside_the_data("master_key_file", self.master_key_file)
             return MasterKey.load(self.master_key_file, environ)
         except CryptoError as error:
             raise ConfigError(str(error)) from None
+
+    def _open_pkcs11(self, environ: Mapping[str, str] | None) -> KeyWrapper:
+        # Imported here: only a node configured with a token needs the module (and python-pkcs11).
+        from tokenvault.custody import Pkcs11MasterKey
+
+        assert self.pkcs11 is not None
+        if take_from_environment(MASTER_KEY_ENVIRONMENT_VARIABLE, environ):
+            raise ConfigError(f"{MASTER_KEY_ENVIRONMENT_VARIABLE} is set but the config keeps the master key in a "
+                              f"PKCS#11 token ([pkcs11]); unset the variable (the master key has one source)")
+        if self.pkcs11.pin_file is not None:
+            self._check_not_beside_the_data("pkcs11.pin_file", self.pkcs11.pin_file)
+        return Pkcs11MasterKey.open(self.pkcs11, environ)
+
+    def _check_not_beside_the_data(self, name: str, path: Path) -> None:
+        """The check of _check_key_custody again on the real paths, after symlinks."""
+        real_path, real_data_dir = Path(os.path.realpath(path)), Path(os.path.realpath(self.data_dir))
+        if real_path.is_relative_to(real_data_dir):
+            raise ConfigError(_beside_the_data(name, real_path, real_data_dir))
 
     def load_cluster_secret(self) -> bytes:
         """The 32-byte peer handshake secret from cluster_secret_file (mode 0600)."""
@@ -382,6 +455,11 @@ class NodeConfig:
             return read_secret_file(self.cluster_secret_file, "cluster secret", CLUSTER_SECRET_BYTES)
         except CryptoError as error:
             raise ConfigError(str(error)) from None
+
+
+def _beside_the_data(name: str, path: Path, data_dir: Path) -> str:
+    return (f"{name} {path} is inside the data directory {data_dir}: a copy of the data directory would "
+            f"carry the key that opens it; keep the file outside it (and outside any directory copied with it)")
 
 
 # ---------------------------------------------------------------- reading TOML
@@ -449,6 +527,22 @@ def _api_key_from_table(index: int, table: object) -> ApiKeyEntry:
         raise ConfigError(f"{label}: {error}") from None
 
 
+def _pkcs11_from_table(table: object) -> Pkcs11Config:
+    if not isinstance(table, dict):
+        raise ConfigError("[pkcs11] must be a table")
+    if "pin" in table or "user_pin" in table:
+        raise ConfigError("[pkcs11] must not hold the PIN: give it in the environment variable named by "
+                          f"pin_env (default {DEFAULT_PIN_ENVIRONMENT_VARIABLE}) or in pin_file")
+    _check_known_keys("[pkcs11]", table, {item.name for item in fields(Pkcs11Config)})
+    for key in ("module", "token_label", "key_label"):
+        if key not in table:
+            raise ConfigError(f"[pkcs11] is missing {key}")
+    for key in ("module", "pin_file"):
+        if key in table:
+            _check_string(f"pkcs11.{key}", table[key])
+    return Pkcs11Config(**table)
+
+
 def _list_of_tables(name: str, value: object) -> list[object]:
     if not isinstance(value, list):
         raise ConfigError(f"{name} must be an array of tables ([[{name}]])")
@@ -457,7 +551,8 @@ def _list_of_tables(name: str, value: object) -> list[object]:
 
 def config_from_mapping(document: Mapping[str, Any]) -> NodeConfig:
     """Validate a parsed TOML document and build the NodeConfig."""
-    _check_known_keys("config", document, set(_TOP_LEVEL_KEYS) | set(_SECTIONS) | {"members", "api_keys"})
+    _check_known_keys("config", document,
+                      set(_TOP_LEVEL_KEYS) | set(_SECTIONS) | {"members", "api_keys", "pkcs11"})
     for key in _REQUIRED_KEYS:
         if key not in document:
             raise ConfigError(f"config is missing the required key {key}")
@@ -470,6 +565,8 @@ def config_from_mapping(document: Mapping[str, Any]) -> NodeConfig:
     for name in _SECTIONS:
         if name in document:
             arguments[name] = _section_from_table(name, document[name])
+    if "pkcs11" in document:
+        arguments["pkcs11"] = _pkcs11_from_table(document["pkcs11"])
     members = _list_of_tables("members", document["members"])
     arguments["members"] = tuple(_member_from_table(index, table) for index, table in enumerate(members))
     keys = _list_of_tables("api_keys", document["api_keys"])
@@ -548,6 +645,12 @@ def to_toml(config: NodeConfig) -> str:
         lines.append(f"[{name}]")
         for item in fields(section):
             lines.append(f"{item.name} = {_toml_value(getattr(section, item.name))}")
+    if config.pkcs11 is not None:
+        lines.extend(["", "[pkcs11]"])
+        for item in fields(Pkcs11Config):
+            value = getattr(config.pkcs11, item.name)
+            if value is not None:
+                lines.append(f"{item.name} = {_toml_value(value)}")
     for member in config.members:
         lines.extend(["", "[[members]]"])
         lines.append(f"id = {_toml_value(member.id)}")

@@ -2,8 +2,11 @@
 
 Key hierarchy:
 
-* The master key (32 bytes, from a mode-0600 file or TOKENVAULT_MASTER_KEY)
-  only wraps epoch secrets and derives the idempotency fingerprint key.
+* The master key only wraps epoch secrets and derives the idempotency
+  fingerprint key. It is 32 bytes from a mode-0600 file or TOKENVAULT_MASTER_KEY
+  (``MasterKey``, here), or an AES key that never leaves a PKCS#11 token
+  (``tokenvault.custody.Pkcs11MasterKey``); both wrap alike and both satisfy
+  ``KeyWrapper``, which is all that ``KeyRing`` and the node use.
 * Each epoch has a random 32-byte secret. It is wrapped with AES-256-GCM under
   the master key (associated data ``b"tokenvault/epoch/" + str(epoch)``) and the
   wrapped blob travels through the replicated log, so every node holds it.
@@ -22,7 +25,7 @@ import hmac
 import os
 import stat
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, MutableMapping, Protocol
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -38,6 +41,8 @@ GCM_NONCE_BYTES = 12
 GCM_TAG_BYTES = 16
 WRAPPED_SECRET_BYTES = GCM_NONCE_BYTES + EPOCH_SECRET_BYTES + GCM_TAG_BYTES
 FINGERPRINT_BYTES = 32
+TOKEN_KEY_BYTES = 32
+DATA_KEY_BYTES = 64
 MASTER_KEY_ENVIRONMENT_VARIABLE = "TOKENVAULT_MASTER_KEY"
 
 TOKEN_KEY_INFO = b"tokenvault token key"
@@ -62,6 +67,10 @@ class SecretFileError(CryptoError):
 
 class MasterKeyError(CryptoError):
     """The master key could not be loaded."""
+
+
+class KeyCustodyError(CryptoError):
+    """The key source (a PKCS#11 token, its module, PIN or key) cannot be used."""
 
 
 class UnwrapError(CryptoError):
@@ -131,6 +140,41 @@ def read_secret_file(path: Path | str, description: str, expected_bytes: int = 3
         ) from None
 
 
+def read_private_text_file(path: Path | str, description: str, max_bytes: int = 256) -> str:
+    """The text of a small file that only its owner can read (a PIN file), without
+    its trailing newline; errors name the file, never its content."""
+    path = Path(path)
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise SecretFileError(f"{description} file {str(path)!r} does not exist") from None
+    except OSError as error:
+        raise SecretFileError(f"{description} file {str(path)!r} cannot be opened ({error.strerror})") from None
+    try:
+        content = _read_private_file(descriptor, path, description)
+    finally:
+        os.close(descriptor)
+    if len(content) > max_bytes:
+        raise SecretFileError(f"{description} file {str(path)!r} is longer than {max_bytes} bytes")
+    try:
+        text = content.decode("utf-8").rstrip("\r\n")
+    except UnicodeDecodeError:
+        raise SecretFileError(f"{description} file {str(path)!r} is not UTF-8 text") from None
+    if not text:
+        raise SecretFileError(f"{description} file {str(path)!r} is empty")
+    return text
+
+
+def take_from_environment(name: str, environ: Mapping[str, str] | None = None) -> str:
+    """The value of environment variable ``name`` ("" when unset), removed from the
+    environment as it is read, so that no child process started later inherits it.
+    A read-only mapping (tests) is only read."""
+    environment = os.environ if environ is None else environ
+    if isinstance(environment, MutableMapping):
+        return environment.pop(name, "")
+    return environment.get(name, "")
+
+
 def _read_private_file(descriptor: int, path: Path, description: str) -> bytes:
     status = os.fstat(descriptor)
     if not stat.S_ISREG(status.st_mode):
@@ -188,9 +232,25 @@ def new_epoch_secret() -> bytes:
     return os.urandom(EPOCH_SECRET_BYTES)
 
 
+class KeyWrapper(Protocol):
+    """What the node needs of a master key, wherever the key lives."""
+
+    def wrap_epoch_secret(self, epoch: int, secret: bytes) -> bytes: ...
+
+    def unwrap_epoch_secret(self, epoch: int, blob: bytes) -> bytes: ...
+
+    def idempotency_fingerprint(self, principal: str, kind: str, canonical_body: bytes) -> bytes: ...
+
+
+def epoch_wrap_associated_data(epoch: int) -> bytes:
+    """The AES-GCM associated data that binds a wrapped secret to its epoch (shared with custody.py)."""
+    return _wrap_associated_data(epoch)
+
+
 class MasterKey:
-    """The key-encryption key. It never leaves this object except through
-    ``to_hex`` (for writing the cluster's key file at set-up)."""
+    """The key-encryption key held in memory (from a key file or the environment).
+    It never leaves this object except through ``to_hex`` (for writing the
+    cluster's key file at set-up)."""
 
     __slots__ = ("_key", "_wrapper", "_fingerprint_hmac")
 
@@ -227,9 +287,9 @@ class MasterKey:
         cls, path: Path | str | None, environ: Mapping[str, str] | None = None
     ) -> "MasterKey":
         """The environment variable wins when set (and non-empty); otherwise the
-        key file is read."""
-        environment = os.environ if environ is None else environ
-        from_environment = environment.get(MASTER_KEY_ENVIRONMENT_VARIABLE, "")
+        key file is read. The variable is removed from the environment as it is
+        read (``take_from_environment``), before any child process can start."""
+        from_environment = take_from_environment(MASTER_KEY_ENVIRONMENT_VARIABLE, environ)
         if from_environment:
             return cls(
                 _parse_hex_key(
@@ -295,15 +355,34 @@ class EpochKeys:
     context and the AES-SIV object built once and reused, since they are used
     for every value."""
 
-    __slots__ = ("epoch", "_token_hmac", "_cipher", "_prefix")
+    __slots__ = ("epoch", "_token_key", "_data_key", "_token_hmac", "_cipher", "_prefix")
 
     def __init__(self, epoch: int, secret: bytes) -> None:
-        _wrap_associated_data(epoch)  # validates the epoch
         if not isinstance(secret, bytes) or len(secret) != EPOCH_SECRET_BYTES:
             raise ValueError(f"an epoch secret is exactly {EPOCH_SECRET_BYTES} bytes")
+        self._set_keys(epoch, _hkdf(secret, TOKEN_KEY_INFO, TOKEN_KEY_BYTES),
+                       _hkdf(secret, DATA_KEY_INFO, DATA_KEY_BYTES))
+
+    @classmethod
+    def from_derived_keys(cls, epoch: int, token_key: bytes, data_key: bytes) -> "EpochKeys":
+        """The keys ``derived_keys`` returned: how the sealer process gets an epoch
+        without the master key or the epoch secret."""
+        if not (isinstance(token_key, bytes) and len(token_key) == TOKEN_KEY_BYTES
+                and isinstance(data_key, bytes) and len(data_key) == DATA_KEY_BYTES):
+            raise ValueError(f"derived keys are {TOKEN_KEY_BYTES} and {DATA_KEY_BYTES} bytes")
+        keys = cls.__new__(cls)
+        keys._set_keys(epoch, token_key, data_key)
+        return keys
+
+    def derived_keys(self) -> tuple[bytes, bytes]:
+        """(token key, data key): everything sealing in this epoch needs, and nothing for other epochs."""
+        return self._token_key, self._data_key
+
+    def _set_keys(self, epoch: int, token_key: bytes, data_key: bytes) -> None:
+        _wrap_associated_data(epoch)  # validates the epoch
         self.epoch = epoch
-        token_key = _hkdf(secret, TOKEN_KEY_INFO, 32)
-        data_key = _hkdf(secret, DATA_KEY_INFO, 64)
+        self._token_key = token_key
+        self._data_key = data_key
         # The library's keyed HMAC-SHA256 context, copied per value: the key is
         # absorbed once. A copy costs 0.6 us per value against 1.6 us for a new
         # context and 0.7 us for the hand-assembled SHA-256 states used before
@@ -369,7 +448,7 @@ class KeyRing:
 
     __slots__ = ("_master_key", "_keys", "_secret_digests")
 
-    def __init__(self, master_key: MasterKey) -> None:
+    def __init__(self, master_key: KeyWrapper) -> None:
         self._master_key = master_key
         self._keys: dict[int, EpochKeys] = {}
         # A digest of each secret lets ``add`` tell a re-delivered epoch (same
@@ -386,7 +465,7 @@ class KeyRing:
 
     @classmethod
     def from_wrapped(
-        cls, master_key: MasterKey, wrapped_secrets: Iterable[tuple[int, bytes]]
+        cls, master_key: KeyWrapper, wrapped_secrets: Iterable[tuple[int, bytes]]
     ) -> "KeyRing":
         ring = cls(master_key)
         for epoch, wrapped in wrapped_secrets:

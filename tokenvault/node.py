@@ -28,7 +28,7 @@ from pathlib import Path
 from protocol import (Entry, EntryKind, ForwardRequest, ForwardResponse, HardState, INITIAL_HARD_STATE, NotPrimary,
                       ProposalRejected, Replica, ReplicaConfig, RestoredState, Role)
 from tokenvault import commands
-from tokenvault.config import NodeConfig, load_config
+from tokenvault.config import ConfigError, NodeConfig, load_config
 from tokenvault.crypto import KeyRing, new_epoch_secret
 from tokenvault.futures import await_future, cancel_and_wait
 from tokenvault.logs import configure_logging, get_logger
@@ -80,6 +80,10 @@ class Node:
         self.config = config
         self.node_id = config.node_id
         self.metrics = metrics or Metrics()
+        # First, before the data directory is touched: a key source that cannot be used (or a key file
+        # inside the data directory) stops the node with the reason, and removes TOKENVAULT_MASTER_KEY
+        # and a PIN variable from the environment before the sealer or anything else can start.
+        self.master_key = config.load_master_key()
         self.data_dir = Path(config.data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if (self.data_dir / "vault.db").exists() and not (self.data_dir / STORE_DIRECTORY).exists():
@@ -90,7 +94,6 @@ class Node:
         self.wal, recovered = WriteAheadLog.open(self.data_dir / "wal",
                                                  max_segment_bytes=config.wal.max_segment_bytes,
                                                  fsync=config.wal.fsync)
-        self.master_key = config.load_master_key()
         self.keyring = KeyRing(self.master_key)
         for record in self.store.epochs():
             self.keyring.add(record.epoch, record.wrapped_secret)
@@ -191,6 +194,9 @@ class Node:
         self._disk_executor.shutdown(wait=True)
         self.wal.close()
         self.store.close()
+        close_key = getattr(self.master_key, "close", None)  # a PKCS#11 session is logged out
+        if close_key is not None:
+            close_key()
 
     # ----------------------------------------------------------------- inputs
     def _wake(self) -> None:
@@ -607,6 +613,9 @@ async def run_node(config: NodeConfig) -> int:
     except (WalCorruption, StoreError) as error:
         log.critical("node.refused_to_start", reason=str(error)[:500])
         return 3
+    except ConfigError as error:  # the master key's source (config.load_master_key): the caller prints it too
+        log.critical("node.refused_to_start", reason=str(error)[:500])
+        raise
     sealer = await _start_sealer(node) if config.sealer.enabled else None
     service = NodeService(node, sealer)
     await node.start()
@@ -663,7 +672,7 @@ async def _start_sealer(node: Node) -> Sealer | None:
     """The helper process that seals large batches, or None (sealing then stays in process)."""
     config = node.config
     try:
-        return await Sealer.start(node.master_key, min_values=config.sealer.min_values,
+        return await Sealer.start(min_values=config.sealer.min_values,
                                   max_pending_values=config.sealer.max_pending_values,
                                   max_value_bytes=config.limits.max_value_bytes,
                                   timeout_seconds=min(2.0, config.timing.request_timeout_ms / 2000))

@@ -6,12 +6,14 @@ for the token, AES-SIV for the ciphertext) is pure computation that needs only
 the epoch's keys, so a batch of values can be sealed by a second process on the
 machine's other core while the loop goes on with everything else.
 
-The parent (``Sealer``) starts ``python -m tokenvault.sealer FD``, hands it the
-master key over its standard input (never the command line or the
-environment), and talks msgpack over a Unix socket pair:
+The parent (``Sealer``) starts ``python -m tokenvault.sealer FD`` and talks
+msgpack over a Unix socket pair. The child never holds the master key (which may
+not even be in memory: a PKCS#11 token keeps it), nor its PIN: it starts with an
+environment stripped of every ``TOKENVAULT_*`` variable, no standard input, and
+learns each epoch's derived keys over the socket pair:
 
-- ``[0, epoch, wrapped_secret]``: learn an epoch; the child unwraps the secret
-  itself, so only wrapped secrets, which the log holds anyway, cross the socket.
+- ``[0, epoch, token_key, data_key]``: learn an epoch (``EpochKeys.derived_keys``),
+  sent once per epoch before the first batch sealed in it.
 - ``[1, request_id, epoch, values]``: seal; answered ``[request_id, tokens,
   ciphertexts]``, or ``[request_id, None, None]`` when the child cannot (the
   parent then seals in process, which raises the proper error).
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import signal
 import socket
 import subprocess
@@ -38,7 +41,7 @@ from collections.abc import Sequence
 
 import msgpack
 
-from tokenvault.crypto import EpochKeys, KeyRing, MasterKey
+from tokenvault.crypto import EpochKeys
 from tokenvault.futures import await_future
 from tokenvault.logs import get_logger
 
@@ -52,6 +55,16 @@ MAX_BATCH_VALUES = 100_000
 MAX_BATCH_BYTES = 32 * 1024 * 1024
 MAX_MESSAGE_BYTES = 2 * MAX_BATCH_BYTES
 RECEIVE_BYTES = 256 * 1024
+# The child inherits no variable of this prefix: TOKENVAULT_MASTER_KEY (already
+# removed when it was read), a PKCS#11 PIN variable, or any later secret.
+PRIVATE_ENVIRONMENT_PREFIX = "TOKENVAULT_"
+MAX_EPOCHS = 100_000  # epochs one child may learn; more is a confused parent
+
+
+def child_environment(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The parent's environment without any TOKENVAULT_* variable."""
+    environment = dict(os.environ if environ is None else environ)
+    return {name: value for name, value in environment.items() if not name.startswith(PRIVATE_ENVIRONMENT_PREFIX)}
 
 
 class SealerUnavailable(Exception):
@@ -78,14 +91,14 @@ class Sealer:
         self.batches = 0  # batches the child sealed (tests read it; /metrics counts values)
 
     @classmethod
-    async def start(cls, master_key: MasterKey, *, min_values: int, max_pending_values: int,
+    async def start(cls, *, min_values: int, max_pending_values: int,
                     max_value_bytes: int, timeout_seconds: float) -> "Sealer":
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             process = subprocess.Popen(
                 [sys.executable, "-m", "tokenvault.sealer", str(child_end.fileno())],
-                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, pass_fds=(child_end.fileno(),),
-                close_fds=True)
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, pass_fds=(child_end.fileno(),),
+                close_fds=True, env=child_environment())
         except BaseException:
             parent_end.close()
             raise
@@ -94,9 +107,6 @@ class Sealer:
         sealer = cls(process, min_values=min_values, max_pending_values=max_pending_values,
                      max_value_bytes=max_value_bytes, timeout_seconds=timeout_seconds)
         try:
-            assert process.stdin is not None
-            process.stdin.write(master_key.to_hex().encode("ascii") + b"\n")
-            process.stdin.close()
             loop = asyncio.get_running_loop()
             await loop.create_connection(lambda: _SealerProtocol(sealer), sock=parent_end)
         except BaseException:
@@ -118,7 +128,7 @@ class Sealer:
                 and count * self._max_value_bytes <= MAX_BATCH_BYTES
                 and self.pending_values + count <= self.max_pending_values)
 
-    async def seal(self, keys: EpochKeys, wrapped_secret: bytes, values: Sequence[str]) -> tuple:
+    async def seal(self, keys: EpochKeys, values: Sequence[str]) -> tuple:
         """(token, ciphertext) pairs for ``values``, as ``keys.seal_many`` gives them.
 
         Raises SealerUnavailable if the child cannot answer; the caller then
@@ -133,7 +143,7 @@ class Sealer:
             # Not text the child can receive (the in-process seal names the problem).
             raise SealerUnavailable("the batch cannot be sent to the sealer") from None
         if keys.epoch not in self._epochs_sent:
-            frames.insert(0, msgpack.packb([ADD_EPOCH, keys.epoch, wrapped_secret]))
+            frames.insert(0, msgpack.packb([ADD_EPOCH, keys.epoch, *keys.derived_keys()]))
             self._epochs_sent.add(keys.epoch)
         future = asyncio.get_running_loop().create_future()
         self._pending[request_id] = (future, len(values))
@@ -228,14 +238,16 @@ class _SealerProtocol(asyncio.Protocol):
 
 
 # ------------------------------------------------------------------ the child
-def _answer(ring: KeyRing, message: object) -> bytes | None:
+def _answer(ring: dict[int, EpochKeys], message: object) -> bytes | None:
     if not isinstance(message, list) or not message:
         raise ValueError("a message of the wrong shape")
-    if message[0] == ADD_EPOCH and len(message) == 3:
-        _, epoch, wrapped = message
+    if message[0] == ADD_EPOCH and len(message) == 4:
+        _, epoch, token_key, data_key = message
+        if len(ring) >= MAX_EPOCHS and epoch not in ring:
+            raise ValueError("too many epochs")
         try:
-            ring.add(epoch, wrapped)
-        except Exception:
+            ring[epoch] = EpochKeys.from_derived_keys(epoch, token_key, data_key)
+        except (TypeError, ValueError):
             pass  # a seal request for this epoch is then answered "cannot"
         return None
     if message[0] == SEAL and len(message) == 4:
@@ -244,7 +256,7 @@ def _answer(ring: KeyRing, message: object) -> bytes | None:
                 or not isinstance(epoch, int) or epoch not in ring):
             return msgpack.packb([request_id, None, None])
         try:
-            pairs = ring.get(epoch).seal_many(values)
+            pairs = ring[epoch].seal_many(values)
         except Exception:
             return msgpack.packb([request_id, None, None])
         return msgpack.packb([request_id, [token for token, _ in pairs], [ciphertext for _, ciphertext in pairs]])
@@ -253,9 +265,7 @@ def _answer(ring: KeyRing, message: object) -> bytes | None:
 
 def child_main(descriptor: int) -> int:
     """Serve seal requests on ``descriptor`` until the parent closes it."""
-    master_key = MasterKey.from_hex(sys.stdin.readline().strip())
-    sys.stdin.close()
-    ring = KeyRing(master_key)
+    ring: dict[int, EpochKeys] = {}
     connection = socket.socket(fileno=descriptor)
     unpacker = msgpack.Unpacker(raw=False, max_buffer_size=MAX_MESSAGE_BYTES)
     while True:

@@ -20,7 +20,7 @@ import msgpack
 from protocol import ForwardRequest, ForwardResponse, NotPrimary, ProposalRejected, Role
 from tokenvault import commands
 from tokenvault.backup import BACKUP_WORK_DIR_NAME, BackupStream
-from tokenvault.crypto import DecryptError, new_epoch_secret
+from tokenvault.crypto import DecryptError, KeyCustodyError, new_epoch_secret
 from tokenvault.errors import (IdempotencyInFlight, IdempotencyMismatch, Outcome, Overloaded, ServiceError,
                                Unavailable, error_from_problem, problem_body)
 from tokenvault.logs import get_logger
@@ -62,7 +62,6 @@ class NodeService:
     def __init__(self, node: Node, sealer: Sealer | None = None) -> None:
         self.node = node
         self._sealer = sealer
-        self._wrapped_secrets: dict[int, bytes] = {}
         self.node_id = node.node_id
         self._timeout_seconds = node.config.timing.request_timeout_ms / 1000
         self._in_flight: set[tuple[str, str]] = set()
@@ -181,18 +180,13 @@ class NodeService:
         keys = self.node.keyring.get(epoch)
         sealer = self._sealer
         if sealer is not None and sealer.wants(len(values)):
-            wrapped = self._wrapped_secrets.get(epoch)
-            if wrapped is None:
-                self._wrapped_secrets = {record.epoch: record.wrapped_secret for record in self.node.store.epochs()}
-                wrapped = self._wrapped_secrets.get(epoch)
-            if wrapped is not None:
-                try:
-                    items = await sealer.seal(keys, wrapped, values)
-                except SealerUnavailable:
-                    pass
-                else:
-                    self.node.metrics.record_sealed("helper", len(items))
-                    return items
+            try:
+                items = await sealer.seal(keys, values)
+            except SealerUnavailable:
+                pass
+            else:
+                self.node.metrics.record_sealed("helper", len(items))
+                return items
         items = tuple(keys.seal_many(values))
         self.node.metrics.record_sealed("node", len(items))
         return items
@@ -279,7 +273,7 @@ class NodeService:
             for _ in range(MAX_EPOCH_RETRIES):
                 epoch = self.node.store.active_epoch() + 1
                 command = commands.RotateEpochCommand(
-                    epoch=epoch, wrapped_secret=self.node.master_key.wrap_epoch_secret(epoch, new_epoch_secret()),
+                    epoch=epoch, wrapped_secret=self._wrap_new_secret(epoch),
                     created_at_ms=int(time.time() * 1000), principal=principal,
                     idempotency_key=idempotency_key, fingerprint=fingerprint)
                 result = await self._propose(commands.encode_command(command))
@@ -289,6 +283,15 @@ class NodeService:
                     return self._replay(principal, idempotency_key, ROTATE, fingerprint)
                 # STALE_EPOCH: another rotation won this number; take the next one.
             raise Unavailable("concurrent rotations kept racing; retry")
+
+    def _wrap_new_secret(self, epoch: int) -> bytes:
+        """A fresh epoch secret wrapped by the master key; a PKCS#11 token that fails
+        (removed, logged out) makes the rotation 503, with nothing proposed."""
+        try:
+            return self.node.master_key.wrap_epoch_secret(epoch, new_epoch_secret())
+        except KeyCustodyError as error:
+            log.error("epoch.wrap_failed", reason=str(error)[:300])
+            raise Unavailable("the master key's token cannot wrap a new epoch secret right now; retry") from None
 
     async def list_epochs(self) -> dict:
         return await self._route("epochs", {}, self._list_epochs_here)

@@ -44,6 +44,13 @@ def restore_command(backup: Path, directory: Path, master_key_file: Path) -> lis
     return [str(REPOSITORY / "run_cluster.sh"), "restore", str(backup), "--master-key-file", str(master_key_file)]
 
 
+def source_key_file(source: ClusterHarness) -> Path:
+    """The backed-up cluster's master key file: in its key directory, outside its cluster directory."""
+    path = cluster.master_key_file_of(cluster.load_cluster(source.directory))
+    assert path is not None and not path.is_relative_to(source.directory)
+    return path
+
+
 def restore_environment(directory: Path) -> dict[str, str]:
     """A new cluster directory on free ports, with the harness's fast timing knobs."""
     return {"TOKENVAULT_CLUSTER_DIR": str(directory),
@@ -87,7 +94,7 @@ async def test_backup_under_load_restores_into_a_new_cluster(
 
     restored = make_cluster(start=False)
     outcome = await asyncio.to_thread(run_command, restore_command(backup, restored.directory,
-                                                                   source.directory / "master.key"),
+                                                                   source_key_file(source)),
                                       restore_environment(restored.directory))
     if restored.directory.exists():
         restored.spec = cluster.load_cluster(restored.directory)
@@ -134,7 +141,7 @@ async def test_a_damaged_backup_is_refused_and_builds_no_cluster(
     backup.write_bytes(bytes(data))
 
     target = tmp_path / "restored"
-    outcome = await asyncio.to_thread(run_command, restore_command(backup, target, source.directory / "master.key"),
+    outcome = await asyncio.to_thread(run_command, restore_command(backup, target, source_key_file(source)),
                                       restore_environment(target))
     assert outcome.returncode == 1
     assert "is refused" in outcome.stderr and "Traceback" not in outcome.stdout + outcome.stderr

@@ -8,8 +8,10 @@ detection, SIGTERM then SIGKILL, status) independently of the real node.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import shutil
 import socket
 import stat
 import subprocess
@@ -25,7 +27,8 @@ from tokenvault import cluster, demo
 from tokenvault.auth import hash_api_key
 from tokenvault.cluster import ClusterError, NodeSettings
 from tokenvault.cluster_cli import run_cluster
-from tokenvault.config import SealerConfig, TimingConfig, WalConfig, load_config
+from tokenvault.config import SealerConfig, TimingConfig, WalConfig, load_config, write_node_config
+from tokenvault.crypto import MasterKey
 
 FAKE_NODE_SOURCE = r"""
 import json, os, signal, sys, threading, tomllib
@@ -79,7 +82,8 @@ def fake_serve(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-def cluster_directory(tmp_path: Path) -> Iterator[Path]:
+def cluster_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    monkeypatch.delenv("TOKENVAULT_KEY_DIR", raising=False)
     directory = tmp_path / "vault"
     yield directory
     if (directory / cluster.CLUSTER_FILE_NAME).exists():
@@ -118,15 +122,93 @@ def test_generation_writes_contract_cluster_json_with_absolute_paths_and_ports(c
     assert spec.to_json() == document
 
 
+def key_file(cluster_directory: Path) -> Path:
+    """Where a cluster generated without TOKENVAULT_KEY_DIR keeps its master key."""
+    return cluster_directory.with_name(cluster_directory.name + ".keys") / "master.key"
+
+
 def test_secrets_and_cluster_json_are_private(cluster_directory: Path) -> None:
     cluster.init_cluster(cluster_directory, 1, 9300)
-    for name in ("master.key", "cluster.secret", "cluster.json", "n1/node.toml"):
-        assert mode_of(cluster_directory / name) == 0o600, name
-    for name in ("master.key", "cluster.secret"):
-        text = (cluster_directory / name).read_text().strip()
+    for path in (key_file(cluster_directory), *(cluster_directory / name for name in (
+            "cluster.secret", "cluster.json", "n1/node.toml"))):
+        assert mode_of(path) == 0o600, path
+    for path in (key_file(cluster_directory), cluster_directory / "cluster.secret"):
+        text = path.read_text().strip()
         assert len(text) == 64 and int(text, 16) >= 0
-    assert (cluster_directory / "master.key").read_text() != (cluster_directory / "cluster.secret").read_text()
+    assert key_file(cluster_directory).read_text() != (cluster_directory / "cluster.secret").read_text()
     assert mode_of(cluster_directory / "n1" / "data") == 0o700
+    assert mode_of(key_file(cluster_directory).parent) == 0o700
+
+
+def test_the_master_key_is_kept_outside_the_cluster_directory(cluster_directory: Path) -> None:
+    """No file under the cluster directory holds the master key, in hex or raw."""
+    spec, _ = cluster.init_cluster(cluster_directory, 3, 9300)
+    key_hex = key_file(cluster_directory).read_text().strip()
+    assert not (cluster_directory / "master.key").exists()
+    files = [path for path in cluster_directory.rglob("*") if path.is_file()]
+    assert len(files) >= 5
+    for path in files:
+        content = path.read_bytes()
+        assert key_hex.encode() not in content.lower() and bytes.fromhex(key_hex) not in content, path
+    assert cluster.master_key_file_of(spec) == key_file(cluster_directory)
+
+
+def test_tokenvault_key_dir_names_the_key_directory_but_not_one_inside_the_cluster(
+        cluster_directory: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TOKENVAULT_KEY_DIR", str(cluster_directory / "keys"))
+    with pytest.raises(ClusterError, match="inside the cluster directory"):
+        cluster.init_cluster(cluster_directory, 1, 9300)
+    assert not (cluster_directory / "cluster.json").exists()
+    monkeypatch.setenv("TOKENVAULT_KEY_DIR", str(tmp_path / "elsewhere"))
+    shutil.rmtree(cluster_directory)
+    spec, _ = cluster.init_cluster(cluster_directory, 1, 9300)
+    assert cluster.master_key_file_of(spec) == tmp_path / "elsewhere" / "master.key"
+    assert mode_of(tmp_path / "elsewhere" / "master.key") == 0o600
+    assert cluster.default_master_key_file() == tmp_path / "elsewhere" / "master.key"
+    monkeypatch.delenv("TOKENVAULT_KEY_DIR")
+    assert cluster.default_master_key_file() == Path.cwd() / ".cluster.keys" / "master.key"
+
+
+def test_a_key_directory_outlives_its_cluster_and_refuses_another_key(cluster_directory: Path) -> None:
+    cluster.init_cluster(cluster_directory, 1, 9300)
+    key_hex = key_file(cluster_directory).read_text()
+    shutil.rmtree(cluster_directory)
+    spec, created = cluster.init_cluster(cluster_directory, 1, 9300)
+    assert created and key_file(cluster_directory).read_text() == key_hex
+    shutil.rmtree(cluster_directory)
+    with pytest.raises(ClusterError, match="already holds another master key"):
+        cluster.init_cluster(cluster_directory, 1, 9300, master_key=MasterKey.generate())
+    assert key_file(cluster_directory).read_text() == key_hex
+    shutil.rmtree(cluster_directory)
+    os.chmod(key_file(cluster_directory), 0o644)
+    with pytest.raises(ClusterError, match="cannot use the existing master key .*chmod 600") as raised:
+        cluster.init_cluster(cluster_directory, 1, 9300)
+    assert key_hex.strip() not in str(raised.value)
+
+
+def test_start_refuses_a_cluster_whose_key_file_is_gone_before_starting_any_node(cluster_directory: Path) -> None:
+    spec, _ = cluster.init_cluster(cluster_directory, 1, 9300)
+    key_file(cluster_directory).unlink()
+    with pytest.raises(ClusterError, match=f"master key file of this cluster, {key_file(cluster_directory)}, "
+                                           f"does not exist"):
+        cluster.start_cluster(cluster_directory)
+    assert cluster.running_pid(spec.nodes[0]) is None
+
+
+def test_a_cluster_with_its_key_inside_still_starts_with_a_warning(cluster_directory: Path) -> None:
+    """A cluster generated before the key directory: its configs name <cluster dir>/master.key."""
+    spec, _ = cluster.init_cluster(cluster_directory, 1, 9300)
+    inside = cluster_directory / "master.key"
+    key_file(cluster_directory).rename(inside)
+    config = load_config(spec.nodes[0].config)
+    write_node_config(spec.nodes[0].config, dataclasses.replace(config, master_key_file=inside))
+    lines: list[str] = []
+    cluster._check_master_key_file(spec, lines.append)
+    assert len(lines) == 1 and lines[0].startswith("warning: the master key") and str(inside) in lines[0]
+    assert str(key_file(cluster_directory).parent) in lines[0]
+    lines.clear()
+    cluster._check_master_key_file(cluster.load_cluster(cluster_directory), lines.append)
+    load_config(spec.nodes[0].config).load_master_key(environ={})  # and the node can load it
 
 
 def test_node_configs_hold_only_hashes_and_load(cluster_directory: Path) -> None:
@@ -141,7 +223,7 @@ def test_node_configs_hold_only_hashes_and_load(cluster_directory: Path) -> None
         assert config.http.port == node.http_port and config.peer.port == node.peer_port
         assert config.member_ids == ("n1", "n2", "n3")
         assert config.data_dir == node.data_dir and config.log_file == node.log_file
-        assert config.master_key_file == cluster_directory / "master.key"
+        assert config.master_key_file == key_file(cluster_directory)
         assert config.cluster_secret_file == cluster_directory / "cluster.secret"
         assert config.api_key_table().authenticate(spec.key("tokenizer")).scopes == frozenset({"tokenize"})
         assert config.load_cluster_secret() == bytes.fromhex((cluster_directory / "cluster.secret").read_text())
@@ -149,11 +231,11 @@ def test_node_configs_hold_only_hashes_and_load(cluster_directory: Path) -> None
 
 def test_second_init_keeps_keys_and_refuses_another_node_count(cluster_directory: Path) -> None:
     first, _ = cluster.init_cluster(cluster_directory, 3, 9300)
-    master_key = (cluster_directory / "master.key").read_text()
+    master_key = key_file(cluster_directory).read_text()
     again, created = cluster.init_cluster(cluster_directory, 3, 9500)
     assert not created
     assert again == first
-    assert (cluster_directory / "master.key").read_text() == master_key
+    assert key_file(cluster_directory).read_text() == master_key
     with pytest.raises(ClusterError, match="has 3 node\\(s\\), not 5"):
         cluster.init_cluster(cluster_directory, 5, 9300)
 

@@ -4,14 +4,17 @@ Every test starts a real child process (``python -m tokenvault.sealer``). The
 promises checked: the child's tokens and ciphertexts are exactly the node's own;
 small or oversized batches stay in process; a child that dies, hangs or answers
 wrongly is dropped for in-process sealing without a wrong answer; the child
-goes when its parent goes; the master key never shows on its command line or
-in its environment.
+goes when its parent goes; the child never holds the master key or the epoch
+secrets (only each epoch's derived keys, over the socket pair), and neither
+the master key nor a PKCS#11 PIN shows on its command line or in its
+environment.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import os
 import signal
@@ -28,16 +31,16 @@ import pytest
 from structlog.testing import capture_logs
 
 from node_support import make_configs, start_node, wait_until
-from tokenvault.crypto import KeyRing, MasterKey, new_epoch_secret
+from tokenvault.crypto import EpochKeys, KeyRing, MasterKey, new_epoch_secret
 from tokenvault.sealer import MAX_BATCH_BYTES, Sealer, SealerUnavailable
 from tokenvault.service import NodeService
 
 VALUES = [f"4111-{number:012d}-é" for number in range(100)]
 
 
-async def start_sealer(master_key: MasterKey, *, min_values: int = 16, max_pending_values: int = 10_000,
+async def start_sealer(*, min_values: int = 16, max_pending_values: int = 10_000,
                        max_value_bytes: int = 4096, timeout_seconds: float = 5.0) -> Sealer:
-    return await Sealer.start(master_key, min_values=min_values, max_pending_values=max_pending_values,
+    return await Sealer.start(min_values=min_values, max_pending_values=max_pending_values,
                               max_value_bytes=max_value_bytes, timeout_seconds=timeout_seconds)
 
 
@@ -53,7 +56,7 @@ async def running_sealer(epoch_count: int = 1, **options) -> AsyncIterator[Start
     """A started sealer and the parent's keys for ``epoch_count`` epochs; the sealer is closed on exit."""
     master_key = MasterKey.generate()
     ring, wrapped = epochs(master_key, epoch_count)
-    sealer = await start_sealer(master_key, **options)
+    sealer = await start_sealer(**options)
     try:
         yield Started(sealer, ring, wrapped, master_key)
     finally:
@@ -81,10 +84,10 @@ async def test_the_sealer_process_seals_exactly_as_the_node_does_in_every_epoch(
     async with running_sealer(2) as (sealer, ring, wrapped, _):
         for epoch in (1, 2, 1):
             keys = ring.get(epoch)
-            assert await sealer.seal(keys, wrapped[epoch], VALUES) == tuple(keys.seal_many(VALUES))
+            assert await sealer.seal(keys, VALUES) == tuple(keys.seal_many(VALUES))
         # Several batches in flight at once are answered each to its own request.
         batches = [[f"{epoch}-{number}-{value}" for value in VALUES[:40]] for epoch in (1, 2) for number in range(5)]
-        answers = await asyncio.gather(*(sealer.seal(ring.get(1 + index // 5), wrapped[1 + index // 5], batch)
+        answers = await asyncio.gather(*(sealer.seal(ring.get(1 + index // 5), batch)
                                          for index, batch in enumerate(batches)))
         for index, (batch, answer) in enumerate(zip(batches, answers)):
             assert answer == tuple(ring.get(1 + index // 5).seal_many(batch))
@@ -93,7 +96,7 @@ async def test_the_sealer_process_seals_exactly_as_the_node_does_in_every_epoch(
 
 
 async def test_small_oversized_and_queued_up_batches_stay_in_process() -> None:
-    sealer = await start_sealer(MasterKey.generate(), min_values=32, max_pending_values=100, max_value_bytes=4096)
+    sealer = await start_sealer(min_values=32, max_pending_values=100, max_value_bytes=4096)
     try:
         assert not sealer.wants(31)
         assert sealer.wants(32) and sealer.wants(100)
@@ -101,7 +104,7 @@ async def test_small_oversized_and_queued_up_batches_stay_in_process() -> None:
         sealer.pending_values = 60
         assert sealer.wants(40) and not sealer.wants(41)
         sealer.pending_values = 0
-        big = await start_sealer(MasterKey.generate(), min_values=1, max_pending_values=10**7, max_value_bytes=1024)
+        big = await start_sealer(min_values=1, max_pending_values=10**7, max_value_bytes=1024)
         try:
             fits = MAX_BATCH_BYTES // 1024
             assert big.wants(fits) and not big.wants(fits + 1)  # the message bound, from the value limit
@@ -115,7 +118,7 @@ async def test_small_oversized_and_queued_up_batches_stay_in_process() -> None:
 async def test_a_killed_sealer_is_dropped_and_the_node_seals_in_process_with_the_same_tokens(tmp_path: Path) -> None:
     (config,) = make_configs(tmp_path, 1)
     running = await start_node(config)
-    sealer = await start_sealer(running.node.master_key)
+    sealer = await start_sealer()
     service = NodeService(running.node, sealer)
     try:
         await wait_until(lambda: running.node.store.active_epoch() == 1, 5.0, "epoch 1")
@@ -149,33 +152,63 @@ def _tokens(body: bytes) -> list[str]:
 
 
 async def test_an_answer_that_differs_from_sealing_in_process_stops_the_sealer() -> None:
-    async with running_sealer() as (sealer, ring, _, master_key):
-        # The child is told a different secret for epoch 1 than the parent's keys hold.
-        other = master_key.wrap_epoch_secret(1, new_epoch_secret())
+    async with running_sealer() as (sealer, ring, _, _):
+        assert await sealer.seal(ring.get(1), VALUES) == tuple(ring.get(1).seal_many(VALUES))
+        # The child holds epoch 1's keys; the parent now seals epoch 1 with other keys.
+        other = EpochKeys(1, new_epoch_secret())
         with capture_logs() as logs:
             with pytest.raises(SealerUnavailable):
-                await sealer.seal(ring.get(1), other, VALUES)
-        assert not sealer.alive and sealer.batches == 0
+                await sealer.seal(other, VALUES)
+        assert not sealer.alive and sealer.batches == 1
         assert [entry["event"] for entry in logs] == ["sealer.failed"]
         await wait_process_gone(sealer._process)
 
 
-async def test_an_epoch_the_child_cannot_unwrap_is_answered_cannot_and_the_sealer_stays() -> None:
-    async with running_sealer(2) as (sealer, ring, wrapped, _):
-        foreign = MasterKey.generate().wrap_epoch_secret(1, new_epoch_secret())
+class _MalformedKeys:
+    """Keys of epoch 1 whose derived keys have the wrong sizes: the child refuses to learn them."""
+
+    epoch = 1
+
+    def derived_keys(self) -> tuple[bytes, bytes]:
+        return b"short", b"also short"
+
+
+async def test_an_epoch_whose_keys_the_child_refuses_is_answered_cannot_and_the_sealer_stays() -> None:
+    async with running_sealer(2) as (sealer, ring, _, _):
         with pytest.raises(SealerUnavailable):
-            await sealer.seal(ring.get(1), foreign, VALUES)
+            await sealer.seal(_MalformedKeys(), VALUES)  # type: ignore[arg-type]
         assert sealer.alive
-        assert await sealer.seal(ring.get(2), wrapped[2], VALUES) == tuple(ring.get(2).seal_many(VALUES))
+        assert await sealer.seal(ring.get(2), VALUES) == tuple(ring.get(2).seal_many(VALUES))
+
+
+async def test_the_child_learns_derived_keys_never_the_master_key_or_the_epoch_secret() -> None:
+    """What crosses the socket pair: [ADD_EPOCH, epoch, token key, data key], nothing else secret."""
+    master_key = MasterKey.generate()
+    secret = new_epoch_secret()
+    keys = KeyRing.from_wrapped(master_key, [(1, master_key.wrap_epoch_secret(1, secret))]).get(1)
+    sealer = await start_sealer()
+    sent: list[bytes] = []
+    assert sealer._transport is not None
+    write = sealer._transport.write
+    sealer._transport.write = lambda data: (sent.append(bytes(data)), write(data))[1]  # type: ignore[method-assign]
+    try:
+        assert await sealer.seal(keys, VALUES) == tuple(keys.seal_many(VALUES))
+    finally:
+        await sealer.close()
+    messages = list(msgpack.Unpacker(io.BytesIO(b"".join(sent)), raw=False))
+    assert messages[0] == [0, 1, *keys.derived_keys()]
+    everything = b"".join(sent)
+    for secret_bytes in (secret, bytes.fromhex(master_key.to_hex())):
+        assert secret_bytes not in everything and secret_bytes.hex().encode() not in everything
 
 
 async def test_values_the_child_cannot_receive_are_left_to_the_in_process_seal() -> None:
     async with running_sealer() as (sealer, ring, wrapped, _):
         with pytest.raises(SealerUnavailable):
-            await sealer.seal(ring.get(1), wrapped[1], ["lone \ud800 surrogate"] * 40)
+            await sealer.seal(ring.get(1), ["lone \ud800 surrogate"] * 40)
         # Nothing was sent, not even the epoch: the next batch still works.
         assert sealer.alive
-        assert await sealer.seal(ring.get(1), wrapped[1], VALUES) == tuple(ring.get(1).seal_many(VALUES))
+        assert await sealer.seal(ring.get(1), VALUES) == tuple(ring.get(1).seal_many(VALUES))
 
 
 async def test_a_hung_sealer_times_out_is_killed_and_not_used_again() -> None:
@@ -183,7 +216,7 @@ async def test_a_hung_sealer_times_out_is_killed_and_not_used_again() -> None:
         os.kill(sealer.pid, signal.SIGSTOP)
         started = time.monotonic()
         with pytest.raises(SealerUnavailable):
-            await sealer.seal(ring.get(1), wrapped[1], VALUES)
+            await sealer.seal(ring.get(1), VALUES)
         assert time.monotonic() - started < 3.0
         assert not sealer.alive and not sealer.wants(100)
         await wait_process_gone(sealer._process)
@@ -192,10 +225,9 @@ async def test_a_hung_sealer_times_out_is_killed_and_not_used_again() -> None:
 async def test_the_sealer_exits_when_its_node_is_killed(tmp_path: Path) -> None:
     script = (
         "import asyncio, sys\n"
-        "from tokenvault.crypto import MasterKey\n"
         "from tokenvault.sealer import Sealer\n"
         "async def main():\n"
-        "    sealer = await Sealer.start(MasterKey.generate(), min_values=1, max_pending_values=10,\n"
+        "    sealer = await Sealer.start(min_values=1, max_pending_values=10,\n"
         "                                max_value_bytes=10, timeout_seconds=1)\n"
         "    print('pid', sealer.pid, flush=True)\n"
         "    await asyncio.sleep(60)\n"
@@ -216,23 +248,31 @@ async def test_the_sealer_exits_when_its_node_is_killed(tmp_path: Path) -> None:
             parent.wait()
 
 
-async def test_the_master_key_is_not_on_the_sealers_command_line_or_in_its_environment() -> None:
-    async with running_sealer() as (sealer, _, _, master_key):
-        secret = master_key.to_hex().encode()
+async def test_no_secret_is_on_the_sealers_command_line_or_in_its_environment(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Variables a parent could still hold: the child gets no TOKENVAULT_* variable at all.
+    master_key = MasterKey.generate()
+    monkeypatch.setenv("TOKENVAULT_MASTER_KEY", master_key.to_hex())
+    monkeypatch.setenv("TOKENVAULT_PKCS11_PIN", "pin-4711-not-for-children")
+    sealer = await start_sealer()
+    try:
         for name in ("cmdline", "environ"):
-            assert secret not in Path(f"/proc/{sealer.pid}/{name}").read_bytes()
+            seen = Path(f"/proc/{sealer.pid}/{name}").read_bytes()
+            assert master_key.to_hex().encode() not in seen and b"pin-4711" not in seen
+            assert b"TOKENVAULT_" not in seen
+        assert b"PATH=" in Path(f"/proc/{sealer.pid}/environ").read_bytes()  # the rest is inherited
+    finally:
+        await sealer.close()
 
 
 def test_the_child_stops_on_a_malformed_message_without_echoing_what_it_received() -> None:
     parent_end, child_end = socket.socketpair()
     child = subprocess.Popen([sys.executable, "-m", "tokenvault.sealer", str(child_end.fileno())],
-                             stdin=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=(child_end.fileno(),),
+                             stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, pass_fds=(child_end.fileno(),),
                              cwd=Path(__file__).resolve().parents[2])
     child_end.close()
     try:
-        assert child.stdin is not None and child.stderr is not None
-        child.stdin.write(MasterKey.generate().to_hex().encode() + b"\n")
-        child.stdin.close()
+        assert child.stderr is not None
         parent_end.sendall(msgpack.packb([7, "SECRET-VALUE-4111"]))
         assert child.wait(timeout=10) == 1
         error = child.stderr.read().decode()

@@ -19,6 +19,7 @@ import pytest
 from node_support import RawPeer, free_ports, handshake_proof, start_cluster, wait_until
 from protocol import ForwardRequest, Hello, HelloProof, RequestVote, encode_frame
 from tokenvault import transport as transport_module
+from tokenvault.errors import Unavailable
 from tokenvault.transport import PeerAddress, PeerTransport
 
 MAX_FRAME_BYTES = 1024 * 1024
@@ -44,13 +45,15 @@ class Mesh:
         return [PeerAddress(node_id, "127.0.0.1", port) for node_id, port in self.ports.items()]
 
     async def start(self, node_id: str, secret: bytes | None = None,
-                    idle_timeout_seconds: float = transport_module.DEFAULT_IDLE_TIMEOUT_SECONDS) -> Side:
+                    idle_timeout_seconds: float = transport_module.DEFAULT_IDLE_TIMEOUT_SECONDS,
+                    **options: object) -> Side:
         received: list[tuple[str, object]] = []
         peers_down: list[str] = []
         transport = PeerTransport(node_id, "127.0.0.1", self.ports[node_id], self.addresses(),
                                   secret if secret is not None else self.secret,
                                   lambda sender, message: received.append((sender, message)), MAX_FRAME_BYTES,
-                                  on_peer_down=peers_down.append, idle_timeout_seconds=idle_timeout_seconds)
+                                  on_peer_down=peers_down.append, idle_timeout_seconds=idle_timeout_seconds,
+                                  **options)
         side = Side(transport, received, peers_down)
         self.sides[node_id] = side
         await transport.start()
@@ -224,10 +227,8 @@ async def test_a_hello_with_a_short_nonce_is_refused(mesh: Mesh) -> None:
     assert acceptor.transport.handshake_failures == 1
 
 
-async def test_a_silent_connection_is_dropped_after_the_handshake_timeout(
-        mesh: Mesh, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(transport_module, "HANDSHAKE_TIMEOUT_SECONDS", 0.2)
-    acceptor = await mesh.start("n2")
+async def test_a_silent_connection_is_dropped_after_the_handshake_timeout(mesh: Mesh) -> None:
+    acceptor = await mesh.start("n2", handshake_timeout_seconds=0.2)
     peer = await RawPeer.connect(mesh.ports["n2"])
     try:
         assert await peer.read_until_closed(timeout_seconds=3) == b""
@@ -243,6 +244,7 @@ async def fake_acceptor(port: int, answer) -> tuple[asyncio.AbstractServer, list
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = RawPeer(reader, writer)
         try:
+            await peer.send(transport_module.GREETING)
             (hello,) = await peer.receive(1)
             hellos.append(hello)
             await peer.send(answer(hello))
@@ -318,6 +320,18 @@ async def test_garbage_after_the_handshake_closes_only_that_connection(mesh: Mes
 
 # --------------------------------------------------------------------------- against running nodes
 
+async def _tokenize_within(service, value: str, timeout_seconds: float):
+    """Tokenize through `service`, retrying while the primary is (briefly) unreachable from this node."""
+    deadline = asyncio.get_running_loop().time() + timeout_seconds
+    while True:
+        try:
+            return await service.tokenize("p", [value], None)
+        except Unavailable:
+            if asyncio.get_running_loop().time() >= deadline:
+                raise
+            await asyncio.sleep(0.05)
+
+
 async def test_a_stranger_and_a_garbling_peer_do_not_disturb_a_cluster(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TOKENVAULT_MASTER_KEY", raising=False)
@@ -347,12 +361,12 @@ async def test_a_stranger_and_a_garbling_peer_do_not_disturb_a_cluster(
             garbler.close()
         # Whether the garbage reached the node during or after the handshake is up to TCP here (the
         # garbage-after-handshake counters are pinned down by the transport-level test above); what
-        # matters is that the node closed that link and goes on serving.
-        outcome = await target.service.tokenize("p", ["still-serving"], None)
+        # matters is that the node closed that link and goes on serving. Handshake frames are read
+        # exactly, so the garbler may have replaced the real n1's link for a moment: wait for the redial.
+        outcome = await _tokenize_within(target.service, "still-serving", 5.0)
         tokens = json.loads(outcome.body)["tokens"]
         for running in cluster.running():
             assert await running.service.detokenize(tokens) == ["still-serving"]
-        await wait_until(lambda: cluster.by_id("n1").node.transport.is_connected("n3"), 5, "n1 to redial n3")
         assert all(running.node.replica.view < view + 50 for running in cluster.running())
     finally:
         await cluster.close()

@@ -155,10 +155,15 @@ def serve(config_path: str) -> None:
     """Run one node until SIGTERM or SIGINT."""
     from tokenvault.config import ConfigError, load_config
     from tokenvault.crypto import CryptoError
+    from tokenvault.tls import TlsError
 
     try:
         # Why first: a bad config should be one clear line, before the node's modules are even loaded.
-        load_config(config_path)
+        config = load_config(config_path)
+        if config.tls is not None:
+            from tokenvault.tls import check_node_files
+
+            check_node_files(config.tls.files(), config.node_id)
         import uvloop
 
         # Why here: the event loop policy is a process-wide choice of the entry point, not of the library.
@@ -166,7 +171,7 @@ def serve(config_path: str) -> None:
         from tokenvault.node import main as run_node
 
         exit_code = run_node(config_path)
-    except (ConfigError, CryptoError) as error:
+    except (ConfigError, CryptoError, TlsError) as error:
         _fail(str(error), EXIT_USAGE)
     sys.exit(exit_code)
 

@@ -121,10 +121,14 @@ class HttpConfig:
 class PeerConfig:
     host: str = "127.0.0.1"
     port: int = 8201
+    # Connections on the peer port that have not finished the handshake, at once; the rest are closed at
+    # once, so strangers cannot tie up more than this many sockets and handshake buffers.
+    max_unauthenticated_connections: int = 8
 
     def __post_init__(self) -> None:
         _check_host("peer.host", self.host)
         _check_int("peer.port", self.port, 1, 65535)
+        _check_int("peer.max_unauthenticated_connections", self.max_unauthenticated_connections, 1, 1024)
 
 
 @dataclass(frozen=True, slots=True)

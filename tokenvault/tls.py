@@ -34,6 +34,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 NODE_IDENTITY_URI_PREFIX = "urn:tokenvault:node:"
@@ -215,7 +216,7 @@ def load_certificate(path: Path, what: str = "certificate") -> x509.Certificate:
         raise TlsError(f"{what} file {str(path)!r} does not hold a PEM certificate") from None
 
 
-def load_private_key(path: Path, what: str = "private key") -> ec.EllipticCurvePrivateKey | Any:
+def load_private_key(path: Path, what: str = "private key") -> PrivateKeyTypes:
     data = _read_pem(path, what, private=True)
     try:
         return serialization.load_pem_private_key(data, password=None)

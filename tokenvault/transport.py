@@ -83,6 +83,17 @@ class HandshakeError(Exception):
     """The other side did not prove it belongs to this cluster."""
 
 
+def _abort(writer: asyncio.StreamWriter) -> None:
+    """Close at once, without a TLS close_notify exchange.
+
+    A graceful TLS close waits (up to 30 s) for the other side's close_notify;
+    a silent link or a hostile stranger would hold the socket that long, after
+    it stopped counting as unauthenticated. Frames are fire-and-forget, so
+    nothing is lost that the protocol needs.
+    """
+    writer.transport.abort()
+
+
 def _remote_address(writer: asyncio.StreamWriter) -> str:
     """host:port of the other end, for logs (the address only: nothing the peer chose to send)."""
     peername = writer.get_extra_info("peername")
@@ -137,11 +148,11 @@ class _Connection:
                 await self.writer.drain()
             except (OSError, RuntimeError):
                 # The socket is gone; the read side notices and reports the peer down.
-                self.writer.close()
+                _abort(self.writer)
                 return
 
     def close(self) -> None:
-        self.writer.close()
+        _abort(self.writer)
 
 
 class PeerTransport:
@@ -186,10 +197,6 @@ class PeerTransport:
         self.connections_refused = 0
         self._refusals_not_logged = 0
         self._refusal_logged_monotonic = float("-inf")
-
-    @property
-    def uses_tls(self) -> bool:
-        return self._tls is not None
 
     # ----------------------------------------------------------------- lifecycle
     async def start(self) -> None:
@@ -260,7 +267,7 @@ class PeerTransport:
             await asyncio.wait_for(self._authenticate_as_dialer(peer, reader, writer),
                                    self._handshake_timeout_seconds)
         except BaseException:
-            writer.close()
+            _abort(writer)
             raise
         await self._serve_connection(_Connection(peer.node_id, reader, writer, FrameDecoder(self._max_frame_bytes)))
         return True
@@ -294,19 +301,19 @@ class PeerTransport:
         remote = _remote_address(writer)
         if self.unauthenticated_connections >= self._max_unauthenticated_connections:
             self._refuse(remote)
-            writer.close()
+            _abort(writer)
             return
         self.unauthenticated_connections += 1
         try:
             peer_id = await asyncio.wait_for(self._authenticate_as_acceptor(reader, writer),
                                              self._handshake_timeout_seconds)
         except asyncio.CancelledError:
-            writer.close()
+            _abort(writer)
             raise
         except Exception as error:  # whatever a hostile or dying peer causes ends only this connection
             self.handshake_failures += 1
             log.warning("peer.handshake_failed", remote=remote, reason=type(error).__name__)
-            writer.close()
+            _abort(writer)
             return
         finally:
             self.unauthenticated_connections -= 1

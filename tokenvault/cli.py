@@ -5,8 +5,8 @@ and/or comma-separated; env TOKENVAULT_URL), `--api-key` (env
 TOKENVAULT_API_KEY), `--ca-file` (env TOKENVAULT_CA_FILE: the cluster CA that
 https:// nodes are verified against) and `--cluster-json` (env
 TOKENVAULT_CLUSTER_JSON), which supplies the node URLs, the right key and the
-CA from a `cluster.json` written by `run_cluster.sh`. Several URLs are tried in turn, so commands keep working while
-a node is down.
+CA from a `cluster.json` written by `run_cluster.sh`. Several URLs are tried in
+turn, so commands keep working while a node is down.
 
 `admin backup` downloads a verified backup of one node's store; `admin restore`
 fills an empty node data directory from one (tokenvault.backup).
@@ -165,14 +165,12 @@ def serve(config_path: str) -> None:
     """Run one node until SIGTERM or SIGINT."""
     from tokenvault.config import ConfigError, load_config
     from tokenvault.crypto import CryptoError
-    from tokenvault.tls import TlsError
+    from tokenvault.tls import TlsError, check_node_files
 
     try:
-        # Why first: a bad config should be one clear line, before the node's modules are even loaded.
+        # Why first: a bad config or certificate should be one clear line, before the node's modules load.
         config = load_config(config_path)
         if config.tls is not None:
-            from tokenvault.tls import check_node_files
-
             check_node_files(config.tls.files(), config.node_id)
         import uvloop
 

@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 from fake_vault_server import FakeVaultServer, closed_port_url, node_tls_files, problem
 from tokenvault.cli import tokenvault
+from tokenvault.config import load_config
 
 ADMIN_KEY = "tvk_" + "a" * 43
 TOKENIZER_KEY = "tvk_" + "t" * 43
@@ -218,3 +219,16 @@ def test_a_missing_ca_file_is_a_usage_error(runner: CliRunner, tmp_path: Path) -
     result = runner.invoke(tokenvault, ["admin", "epoch", "list", "--url", "https://127.0.0.1:1", "--api-key",
                                         ADMIN_KEY, "--ca-file", str(tmp_path / "nope.crt")])
     assert result.exit_code == 2 and "nope.crt" in result.stderr and "does not exist" in result.stderr
+
+
+def test_serve_refuses_a_bad_certificate_with_one_line_naming_the_file(runner: CliRunner, tmp_path: Path) -> None:
+    from tokenvault import cluster
+
+    spec, _ = cluster.init_cluster(tmp_path / "vault", 1, 9300)
+    config = load_config(spec.nodes[0].config)
+    assert config.tls is not None
+    config.tls.cert_file.write_text("-----BEGIN CERTIFICATE-----\ngarbage\n-----END CERTIFICATE-----\n")
+    result = runner.invoke(tokenvault, ["serve", "--config", str(spec.nodes[0].config)])
+    assert result.exit_code == 2
+    assert str(config.tls.cert_file) in result.stderr and "does not hold a PEM certificate" in result.stderr
+    assert "Traceback" not in result.output and len(result.stderr.strip().splitlines()) == 1

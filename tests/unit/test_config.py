@@ -381,7 +381,8 @@ def test_a_tls_section_with_https_members_loads_and_round_trips(tmp_path: Path) 
     ("text", "message"),
     [
         (MINIMAL + TLS_SECTION, r"must start with https:// \(the config has a \[tls\] section\)"),
-        (_https(MINIMAL) + TLS_SECTION.replace('ca_file = "/abs/.cluster/tls/ca.crt"\n', ""), r"\[tls\] is missing ca_file"),
+        (_https(MINIMAL) + TLS_SECTION.replace('ca_file = "/abs/.cluster/tls/ca.crt"\n', ""),
+         r"\[tls\] is missing ca_file"),
         (_https(MINIMAL) + TLS_SECTION.replace('"/abs/.cluster/tls/n1.key"', '"relative.key"'),
          "tls.key_file must be an absolute path"),
         (_https(MINIMAL) + TLS_SECTION + "surprise = 1\n", r"\[tls\]: unknown key"),

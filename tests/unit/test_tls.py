@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
 from tokenvault import tls
@@ -92,8 +93,20 @@ def test_garbage_in_place_of_a_certificate_or_key(cluster_files: tls.ClusterTlsF
     garbage = tmp_path / "garbage.pem"
     garbage.write_bytes(b"-----BEGIN CERTIFICATE-----\nnot base64 at all\n-----END CERTIFICATE-----\n")
     garbage.chmod(0o600)
-    _expect_error(NodeTlsFiles(garbage, files.key_file, files.ca_file), str(garbage), "does not hold a PEM certificate")
-    _expect_error(NodeTlsFiles(files.cert_file, garbage, files.ca_file), str(garbage), "does not hold a PEM private key")
+    _expect_error(NodeTlsFiles(garbage, files.key_file, files.ca_file), str(garbage),
+                  "does not hold a PEM certificate")
+    _expect_error(NodeTlsFiles(files.cert_file, garbage, files.ca_file), str(garbage),
+                  "does not hold a PEM private key")
+
+
+def test_an_encrypted_key_is_refused_with_a_clear_message(cluster_files: tls.ClusterTlsFiles, tmp_path: Path) -> None:
+    files = cluster_files.nodes["n1"]
+    key = tls.load_private_key(files.key_file)
+    encrypted = tmp_path / "encrypted.key"
+    encrypted.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                            serialization.BestAvailableEncryption(b"passphrase")))
+    encrypted.chmod(0o600)
+    _expect_error(NodeTlsFiles(files.cert_file, encrypted, files.ca_file), str(encrypted), "is encrypted")
 
 
 def test_a_key_that_belongs_to_another_certificate(cluster_files: tls.ClusterTlsFiles) -> None:

@@ -48,7 +48,6 @@ import random
 import signal
 import sys
 import time
-import urllib.request
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -70,7 +69,7 @@ from loadgen import Measurement, VaultTarget  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from tokenvault.cluster import (CLUSTER_FILE_NAME, ClusterError, cluster_status, fetch_health,  # noqa: E402
-                                launch_node, load_cluster, output_tail, running_pid, stop_cluster)
+                                launch_node, load_cluster, open_url, output_tail, running_pid, stop_cluster)
 
 CARD_DIGITS = 16
 CARD_SPACE = 10 ** CARD_DIGITS
@@ -80,7 +79,6 @@ SCRAPE_TIMEOUT_SECONDS = 5.0
 STALL_THRESHOLDS_SECONDS = (0.1, 1.0)
 LOG_TAIL_BYTES = 8 * 1024 * 1024
 PRIMARY_EVENTS = ("primary.elected", "primary.changed")
-_opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 # ---------------------------------------------------------------- values and window statistics
@@ -152,6 +150,7 @@ class LoadSettings:
     window_seconds: float
     seed: int
     processes: int
+    ca_file: str | None = None  # the cluster CA for https:// nodes
 
 
 def load_process(index: int, concurrency: int, settings: LoadSettings, budget: Any, start: Any,
@@ -171,7 +170,7 @@ def load_process(index: int, concurrency: int, settings: LoadSettings, budget: A
 
 async def _fill(index: int, concurrency: int, settings: LoadSettings, budget: Any, started_at: float,
                 reports: Any) -> None:
-    target = VaultTarget(settings.urls, settings.api_key, settings.seed + index)
+    target = VaultTarget(settings.urls, settings.api_key, settings.seed + index, settings.ca_file)
     values = CardValues(settings.seed)  # the same permutation everywhere, counters disjoint per process
     numbers = itertools.count(index, settings.processes)
     windows: dict[int, Measurement] = {}
@@ -222,7 +221,7 @@ async def _fill(index: int, concurrency: int, settings: LoadSettings, budget: An
             await asyncio.sleep(max(0.0, next_boundary + FLUSH_DELAY_SECONDS - clock()))
             flush(window_index(clock(), started_at, settings.window_seconds) - 1, False)
 
-    async with open_client(settings.client, concurrency) as client:
+    async with open_client(settings.client, concurrency, settings.ca_file) as client:
         reporting = asyncio.get_running_loop().create_task(reporter())
         await asyncio.gather(*(worker(client, worker_number) for worker_number in range(concurrency)))
         reporting.cancel()
@@ -311,14 +310,14 @@ def stall_figures(exposition: str) -> tuple[dict[float, float], float | None] | 
     return {threshold: count - buckets.get(threshold, count) for threshold in STALL_THRESHOLDS_SECONDS}, maximum
 
 
-def sample_node(node: Any) -> NodeSample:
+def sample_node(node: Any, ca_file: Path | None = None) -> NodeSample:
     sample = NodeSample(node.node_id)
     try:
-        sample.health = fetch_health(node.http_url, SCRAPE_TIMEOUT_SECONDS)
+        sample.health = fetch_health(node.http_url, SCRAPE_TIMEOUT_SECONDS, ca_file)
     except (OSError, ValueError):
         pass
     try:
-        with _opener.open(node.http_url.rstrip("/") + "/metrics", timeout=SCRAPE_TIMEOUT_SECONDS) as response:
+        with open_url(node.http_url.rstrip("/") + "/metrics", SCRAPE_TIMEOUT_SECONDS, ca_file) as response:
             stalls = stall_figures(response.read(16 * 1024 * 1024).decode("utf-8", "replace"))
         if stalls is not None:
             sample.stall_over, sample.stall_max_seconds = stalls
@@ -329,10 +328,10 @@ def sample_node(node: Any) -> NodeSample:
     return sample
 
 
-def sample_cluster(nodes: Sequence[Any]) -> list[NodeSample]:
+def sample_cluster(nodes: Sequence[Any], ca_file: Path | None = None) -> list[NodeSample]:
     """Every node sampled at once, so a hung node costs one timeout, not one per node."""
     with concurrent.futures.ThreadPoolExecutor(max_workers=len(nodes)) as pool:
-        return list(pool.map(sample_node, nodes))
+        return list(pool.map(lambda node: sample_node(node, ca_file), nodes))
 
 
 def highest_view(samples: Iterable[NodeSample]) -> int | None:
@@ -420,7 +419,8 @@ def split_concurrency(concurrency: int, processes: int) -> list[int]:
 def run_fill(arguments: argparse.Namespace, spec: Any, urls: Sequence[str]) -> FillResult:
     context = multiprocessing.get_context("spawn")
     settings = LoadSettings(tuple(urls), spec.key("full"), arguments.batch, arguments.client, arguments.window,
-                            arguments.seed, arguments.processes)
+                            arguments.seed, arguments.processes,
+                            str(spec.ca_file) if spec.ca_file is not None else None)
     budget = context.Value("q", arguments.tokens)
     start = _StartSignal(context)
     reports = context.Queue()
@@ -469,7 +469,7 @@ def _collect(arguments: argparse.Namespace, spec: Any, reports: Any, workers: Se
     ended_at = started_at
     printed = -1
     last_acknowledged = time.monotonic()
-    previous_samples = sample_cluster(spec.nodes)
+    previous_samples = sample_cluster(spec.nodes, spec.ca_file)
     interrupted = _stop_on_first_interrupt()
     print(HEADER, flush=True)
     while not all(done):
@@ -490,7 +490,7 @@ def _collect(arguments: argparse.Namespace, spec: Any, reports: Any, workers: Se
                 ended_at = max(ended_at, process_clock)
             continue  # drain every waiting report before sampling or printing
         if time.monotonic() >= boundary:
-            samples[len(samples)] = sample_cluster(spec.nodes)
+            samples[len(samples)] = sample_cluster(spec.nodes, spec.ca_file)
         quiet_seconds = time.monotonic() - last_acknowledged
         if interrupted or (arguments.abort_after > 0 and quiet_seconds > arguments.abort_after):
             print("interrupted: letting the requests in flight finish" if interrupted else
@@ -507,7 +507,7 @@ def _collect(arguments: argparse.Namespace, spec: Any, reports: Any, workers: Se
             previous_samples = _print_window(result, printed, width, width, pending.pop(printed, Measurement()),
                                              samples[printed], previous_samples, False)
     final = max(window_index(ended_at, started_at, width), max(pending, default=-1))
-    final_samples = sample_cluster(spec.nodes)
+    final_samples = sample_cluster(spec.nodes, spec.ca_file)
     for index in range(printed + 1, final + 1):
         partial = index == final and index not in samples
         duration = max(1e-9, ended_at - started_at - index * width) if partial else width

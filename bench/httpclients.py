@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -29,11 +31,22 @@ MAX_BODY_BYTES = 64 * 1024 * 1024
 CLIENT_KINDS = ("aiohttp", "raw")
 
 
+def ssl_context_for(ca_file: str | Path | None) -> ssl.SSLContext | None:
+    """Verification against the cluster CA for https:// nodes (None: plain http, or the system's CAs)."""
+    if not ca_file:
+        return None
+    from tokenvault.tls import http_client_context
+
+    return http_client_context(Path(ca_file))
+
+
 class AiohttpClient:
     """aiohttp's ClientSession behind the common `post` interface."""
 
-    def __init__(self, concurrency: int) -> None:
-        connector = aiohttp.TCPConnector(limit=concurrency, force_close=False)
+    def __init__(self, concurrency: int, ca_file: str | Path | None = None) -> None:
+        context = ssl_context_for(ca_file)
+        connector = aiohttp.TCPConnector(limit=concurrency, force_close=False,
+                                         ssl=context if context is not None else True)
         self._session = aiohttp.ClientSession(connector=connector,
                                               timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_SECONDS))
 
@@ -165,28 +178,33 @@ class _RawConnection(asyncio.Protocol):
 class RawClient:
     """Minimal HTTP/1.1 client: one keep-alive connection per (worker, host, port)."""
 
-    def __init__(self) -> None:
+    def __init__(self, ca_file: str | Path | None = None) -> None:
         self._connections: dict[tuple[int, str, int], _RawConnection] = {}
-        self._targets: dict[str, tuple[str, int, str]] = {}
+        self._targets: dict[str, tuple[str, int, str, bool]] = {}
+        self._ssl_context = ssl_context_for(ca_file)
 
-    def _target(self, url: str) -> tuple[str, int, str]:
+    def _target(self, url: str) -> tuple[str, int, str, bool]:
         target = self._targets.get(url)
         if target is None:
             parts = urlsplit(url)
-            if parts.scheme != "http" or parts.hostname is None:
-                raise ValueError("the raw client speaks plain http:// only")
+            if parts.scheme not in ("http", "https") or parts.hostname is None:
+                raise ValueError("the raw client speaks http:// and https:// only")
+            if parts.scheme == "https" and self._ssl_context is None:
+                raise ValueError("https:// needs the cluster CA (ca_file)")
             path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-            target = (parts.hostname, parts.port or 80, path)
+            secure = parts.scheme == "https"
+            target = (parts.hostname, parts.port or (443 if secure else 80), path, secure)
             self._targets[url] = target
         return target
 
     async def post(self, worker: int, url: str, data: bytes, headers: Mapping[str, str]) -> tuple[int, bytes]:
-        host, port, path = self._target(url)
+        host, port, path, secure = self._target(url)
         key = (worker, host, port)
         connection = self._connections.get(key)
         loop = asyncio.get_running_loop()
         if connection is None or connection.closed:
-            _, connection = await loop.create_connection(_RawConnection, host, port)
+            tls = {"ssl": self._ssl_context, "server_hostname": host} if secure else {}
+            _, connection = await loop.create_connection(_RawConnection, host, port, **tls)
             self._connections[key] = connection
         head = [f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Length: {len(data)}\r\n"]
         head.extend(f"{name}: {value}\r\n" for name, value in headers.items())
@@ -220,10 +238,12 @@ def _expire(waiter: asyncio.Future) -> None:
 
 
 @contextlib.asynccontextmanager
-async def open_client(kind: str, concurrency: int) -> AsyncIterator[AiohttpClient | RawClient]:
+async def open_client(kind: str, concurrency: int,
+                      ca_file: str | Path | None = None) -> AsyncIterator[AiohttpClient | RawClient]:
     if kind not in CLIENT_KINDS:
         raise ValueError(f"unknown client {kind!r}; choose one of {', '.join(CLIENT_KINDS)}")
-    client: AiohttpClient | RawClient = AiohttpClient(concurrency) if kind == "aiohttp" else RawClient()
+    client: AiohttpClient | RawClient = (AiohttpClient(concurrency, ca_file) if kind == "aiohttp"
+                                         else RawClient(ca_file))
     try:
         yield client
     finally:

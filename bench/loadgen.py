@@ -140,7 +140,8 @@ def own_cpu_seconds() -> float:
 
 
 async def drive(operation: Operation, concurrency: int, duration_seconds: float, warmup_seconds: float,
-                client_kind: str = "aiohttp", server_pids: Sequence[int] = ()) -> Measurement:
+                client_kind: str = "aiohttp", server_pids: Sequence[int] = (),
+                ca_file: str | Path | None = None) -> Measurement:
     """Run `concurrency` workers for warmup + duration; record requests that start after the warmup.
 
     With ``server_pids`` it also records the CPU those processes and this one
@@ -150,7 +151,7 @@ async def drive(operation: Operation, concurrency: int, duration_seconds: float,
     server_pids = with_children(server_pids) if server_pids else []
     server_before = process_cpu_seconds(server_pids) if server_pids else None
     client_before = own_cpu_seconds()
-    async with open_client(client_kind, concurrency) as client:
+    async with open_client(client_kind, concurrency, ca_file) as client:
         # Why perf_counter: uvloop's loop.time() has millisecond resolution, too coarse for latencies.
         clock = time.perf_counter
         measure_from = clock() + warmup_seconds
@@ -203,8 +204,9 @@ def report_line(label: str, measurement: Measurement) -> str:
 class VaultTarget:
     """Builds tokenize/detokenize operations against a list of vault node URLs (round-robin per worker)."""
 
-    def __init__(self, urls: Sequence[str], api_key: str, seed: int) -> None:
+    def __init__(self, urls: Sequence[str], api_key: str, seed: int, ca_file: str | Path | None = None) -> None:
         self.urls = [url.rstrip("/") for url in urls]
+        self.ca_file = ca_file  # the cluster CA for https:// nodes
         self.headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
         self.generator = random.Random(seed)
         self.pool: list[str] = []
@@ -264,7 +266,7 @@ class VaultTarget:
 
     async def fill_pool(self, count: int) -> None:
         """Tokenize `count` values once so that detokenize has tokens that exist."""
-        async with open_client("aiohttp", 1) as client:
+        async with open_client("aiohttp", 1, self.ca_file) as client:
             while len(self.pool) < count:
                 values = random_values(min(PREPARE_BATCH, count - len(self.pool)), self.generator)
                 status, body = await self.post(client, 0, self.urls[0] + "/v1/tokenize", {"values": values})
@@ -371,12 +373,13 @@ def stop_processes(processes: Sequence[subprocess.Popen[bytes]]) -> None:
 # ---------------------------------------------------------------- commands
 
 
-def load_cluster_json(path: str) -> tuple[list[str], str, list[int]]:
-    """URLs, the 'full' API key and the pids of the running nodes (those with a readable pid file)."""
+def load_cluster_json(path: str) -> tuple[list[str], str, list[int], str | None]:
+    """URLs, the 'full' API key, the pids of the running nodes (those with a readable pid file) and the CA."""
     with open(path, encoding="utf-8") as handle:
         document = json.load(handle)
     urls = [node["http_url"] for node in document["nodes"]]
-    return urls, document["api_keys"]["full"]["key"], read_pids(node.get("pid_file") for node in document["nodes"])
+    return (urls, document["api_keys"]["full"]["key"], read_pids(node.get("pid_file") for node in document["nodes"]),
+            document.get("ca_file"))
 
 
 def read_pids(pid_files: Iterable[str | Path | None]) -> list[int]:
@@ -392,14 +395,16 @@ def read_pids(pid_files: Iterable[str | Path | None]) -> list[int]:
 async def command_run(arguments: argparse.Namespace) -> int:
     urls = [url for entry in arguments.url for url in entry.split(",") if url]
     api_key = arguments.api_key or os.environ.get("TOKENVAULT_API_KEY")
+    ca_file = arguments.ca_file or os.environ.get("TOKENVAULT_CA_FILE") or None
     server_pids: list[int] = []
     if arguments.cluster_json:
-        cluster_urls, cluster_key, server_pids = load_cluster_json(arguments.cluster_json)
+        cluster_urls, cluster_key, server_pids, cluster_ca_file = load_cluster_json(arguments.cluster_json)
         urls = urls or cluster_urls
         api_key = api_key or cluster_key
+        ca_file = ca_file or cluster_ca_file
     if not urls or not api_key:
         raise SystemExit("give --url and --api-key, or --cluster-json")
-    target = VaultTarget(urls, api_key, arguments.seed)
+    target = VaultTarget(urls, api_key, arguments.seed, ca_file)
     if arguments.mode in ("detokenize", "mixed", "repeat"):
         await target.fill_pool(max(arguments.pool, arguments.batch))
     operation = {"tokenize": target.tokenize, "detokenize": target.detokenize, "repeat": target.repeat,
@@ -409,7 +414,7 @@ async def command_run(arguments: argparse.Namespace) -> int:
           f"against {', '.join(urls)}", flush=True)
     # CPU per request counts every node of the cluster (all of them work for each write).
     measurement = await drive(operation, arguments.concurrency, arguments.duration, arguments.warmup,
-                              arguments.client, server_pids)
+                              arguments.client, server_pids, ca_file)
     print(report_line(f"vault {arguments.mode} x{arguments.batch}", measurement))
     return 0
 
@@ -432,7 +437,7 @@ async def command_compare_etcd(arguments: argparse.Namespace) -> int:
             etcd_processes, etcd_urls = await asyncio.to_thread(start_etcd, directory / "etcd")
             return await compare(arguments, list(spec.http_urls), spec.key("full"), etcd_urls,
                                  read_pids(node.pid_file for node in spec.nodes),
-                                 [process.pid for process in etcd_processes])
+                                 [process.pid for process in etcd_processes], spec.ca_file)
         finally:
             stop_processes(etcd_processes)
             if (vault_directory / cluster.CLUSTER_FILE_NAME).exists():
@@ -440,12 +445,13 @@ async def command_compare_etcd(arguments: argparse.Namespace) -> int:
 
 
 async def compare(arguments: argparse.Namespace, vault_urls: list[str], api_key: str,
-                  etcd_urls: list[str], vault_pids: list[int], etcd_pids: list[int]) -> int:
+                  etcd_urls: list[str], vault_pids: list[int], etcd_pids: list[int],
+                  ca_file: str | Path | None = None) -> int:
     concurrency, duration, warmup = arguments.concurrency, arguments.duration, arguments.warmup
     print(f"3-node vault {', '.join(vault_urls)}\n3-member etcd {', '.join(etcd_urls)}\n"
           f"concurrency {concurrency}, {duration:g} s per run after {warmup:g} s warm-up, "
           f"{arguments.client} client\n", flush=True)
-    target = VaultTarget(vault_urls, api_key, arguments.seed)
+    target = VaultTarget(vault_urls, api_key, arguments.seed, ca_file)
     client = arguments.client
     etcd_operation = etcd_insert_if_absent(etcd_urls, arguments.seed)
     ratios: list[float] = []
@@ -456,7 +462,8 @@ async def compare(arguments: argparse.Namespace, vault_urls: list[str], api_key:
         results: dict[str, Measurement] = {}
         for system in order:
             if system == "vault":
-                results[system] = await drive(target.tokenize(1), concurrency, duration, warmup, client, vault_pids)
+                results[system] = await drive(target.tokenize(1), concurrency, duration, warmup, client, vault_pids,
+                                              ca_file)
                 label = "vault tokenize x1"
             else:
                 results[system] = await drive(etcd_operation, concurrency, duration, warmup, client, etcd_pids)
@@ -465,7 +472,7 @@ async def compare(arguments: argparse.Namespace, vault_urls: list[str], api_key:
             print(report_line(prefix + label, results[system]), flush=True)
         if results["etcd"].requests:
             ratios.append(results["vault"].requests / results["etcd"].requests)
-    vault_batch = await drive(target.tokenize(100), concurrency, duration, warmup, client, vault_pids)
+    vault_batch = await drive(target.tokenize(100), concurrency, duration, warmup, client, vault_pids, ca_file)
     print(report_line("vault tokenize x100", vault_batch), flush=True)
     if ratios:
         listed = ", ".join(f"{ratio:.2f}x" for ratio in ratios)
@@ -480,7 +487,8 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     run = commands.add_parser("run", help="drive a running vault")
     run.add_argument("--url", action="append", default=[], help="node URL (repeat or comma-separate)")
     run.add_argument("--api-key", help="API key with the needed scopes (or env TOKENVAULT_API_KEY)")
-    run.add_argument("--cluster-json", help="take URLs and the 'full' key from this cluster.json")
+    run.add_argument("--cluster-json", help="take URLs, the 'full' key and the CA from this cluster.json")
+    run.add_argument("--ca-file", help="cluster CA for https:// nodes (or env TOKENVAULT_CA_FILE)")
     run.add_argument("--mode", choices=("tokenize", "detokenize", "repeat", "mixed"), default="tokenize")
     run.add_argument("--batch", type=int, default=1, help="values (or tokens) per request")
     run.add_argument("--pool", type=int, default=DETOKENIZE_POOL_VALUES, help="values tokenized beforehand for detokenize and repeat")

@@ -51,7 +51,7 @@ from typing import Any
 import aiohttp
 
 from protocol import HardState
-from tokenvault.client import AsyncClient, NoNodeAvailable, ProblemError, ResponseError
+from tokenvault.client import AsyncClient, NoNodeAvailable, ProblemError, ResponseError, client_ssl_context
 from tokenvault.crypto import CryptoError, KeyRing
 from tokenvault.errors import Unavailable
 from tokenvault.logs import get_logger
@@ -421,7 +421,7 @@ async def order_by_role(urls: Sequence[str], prefer: str, health: Callable[[str]
 async def download_backup(urls: Sequence[str], api_key: str | None, destination: Path, *,
                           prefer: str = "primary", timeout_seconds: float = 5.0, retry_seconds: float = 10.0,
                           read_timeout_seconds: float = 60.0, overwrite: bool = False,
-                          report: Report = _silent) -> DownloadedBackup:
+                          report: Report = _silent, ca_file: str | Path | None = None) -> DownloadedBackup:
     """Download a backup to ``destination`` (via ``destination.partial``), fsync it, verify it, rename it.
 
     Tries the nodes in order of preference; a node that is unreachable or busy (503) before the
@@ -435,8 +435,10 @@ async def download_backup(urls: Sequence[str], api_key: str | None, destination:
     if not destination.parent.is_dir():
         raise BackupError(f"directory {destination.parent} does not exist")
     partial = destination.with_name(destination.name + PARTIAL_SUFFIX)
-    async with AsyncClient(urls, api_key, timeout_seconds=timeout_seconds) as client:
+    async with AsyncClient(urls, api_key, timeout_seconds=timeout_seconds, ca_file=ca_file) as client:
         ordered = await order_by_role(client.urls, prefer, client.health)
+    ssl_context = client_ssl_context(ca_file)
+    connector = aiohttp.TCPConnector(ssl=ssl_context) if ssl_context is not None else None
     started = time.monotonic()
     loop = asyncio.get_running_loop()
     deadline = loop.time() + retry_seconds
@@ -446,7 +448,7 @@ async def download_backup(urls: Sequence[str], api_key: str | None, destination:
     headers = {"Accept": f"{BACKUP_CONTENT_TYPE}, application/problem+json"}
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
-    async with aiohttp.ClientSession(timeout=timeout) as session:
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
         while True:
             wait_seconds = 0.2
             for url in ordered:

@@ -2,10 +2,11 @@
 
 Connection options are shared by every client command: `--url` (repeatable,
 and/or comma-separated; env TOKENVAULT_URL), `--api-key` (env
-TOKENVAULT_API_KEY) and `--cluster-json` (env TOKENVAULT_CLUSTER_JSON), which
-supplies the node URLs and the right key from a `cluster.json` written by
-`run_cluster.sh`. Several URLs are tried in turn, so commands keep working while
-a node is down.
+TOKENVAULT_API_KEY), `--ca-file` (env TOKENVAULT_CA_FILE: the cluster CA that
+https:// nodes are verified against) and `--cluster-json` (env
+TOKENVAULT_CLUSTER_JSON), which supplies the node URLs, the right key and the
+CA from a `cluster.json` written by `run_cluster.sh`. Several URLs are tried in
+turn, so commands keep working while a node is down.
 
 `admin backup` downloads a verified backup of one node's store; `admin restore`
 fills an empty node data directory from one (tokenvault.backup).
@@ -49,10 +50,11 @@ class Connection:
     api_key: str | None
     timeout_seconds: float
     retry_seconds: float
+    ca_file: str | None = None
 
     def client(self) -> AsyncClient:
         return AsyncClient(self.urls, self.api_key, timeout_seconds=self.timeout_seconds,
-                           deadline_seconds=self.retry_seconds)
+                           deadline_seconds=self.retry_seconds, ca_file=self.ca_file)
 
 
 def _fail(message: str, exit_code: int) -> None:
@@ -89,8 +91,10 @@ def _load_cluster_json(path: str) -> dict[str, Any]:
 
 
 def _resolve_connection(urls: tuple[str, ...], api_key: str | None, cluster_json: str | None,
-                        key_name: str, timeout_seconds: float, retry_seconds: float) -> Connection:
-    """Pick URLs (--url, TOKENVAULT_URL, then cluster.json) and the key (--api-key/env, then cluster.json)."""
+                        key_name: str, timeout_seconds: float, retry_seconds: float,
+                        ca_file: str | None = None) -> Connection:
+    """Pick URLs (--url, TOKENVAULT_URL, then cluster.json), the key (--api-key/env, then cluster.json)
+    and the CA that https:// nodes are verified against (--ca-file/env, then cluster.json's ca_file)."""
     document = _load_cluster_json(cluster_json) if cluster_json else None
     candidates: list[str] = list(urls)
     if not candidates and os.environ.get("TOKENVAULT_URL"):
@@ -103,8 +107,11 @@ def _resolve_connection(urls: tuple[str, ...], api_key: str | None, cluster_json
         entry = document.get("api_keys", {}).get(key_name) or document.get("api_keys", {}).get("full")
         if isinstance(entry, dict) and isinstance(entry.get("key"), str):
             api_key = entry["key"]
+    if not ca_file and document is not None and isinstance(document.get("ca_file"), str):
+        ca_file = document["ca_file"]
     try:
-        return Connection(normalize_urls(candidates), api_key or None, timeout_seconds, retry_seconds)
+        return Connection(normalize_urls(candidates), api_key or None, timeout_seconds, retry_seconds,
+                          ca_file or None)
     except ConfigurationError as error:
         raise click.UsageError(str(error)) from None
 
@@ -119,16 +126,19 @@ def connection_options(key_name: str) -> Callable[[Callable[..., Any]], Callable
                       help="API key sent as a Bearer token.")
         @click.option("--cluster-json", envvar="TOKENVAULT_CLUSTER_JSON", show_envvar=True,
                       type=click.Path(dir_okay=False), metavar="FILE",
-                      help=f"Take node URLs and the {key_name!r} key from this cluster.json.")
+                      help=f"Take node URLs, the {key_name!r} key and the CA from this cluster.json.")
+        @click.option("--ca-file", envvar="TOKENVAULT_CA_FILE", show_envvar=True,
+                      type=click.Path(dir_okay=False), metavar="FILE",
+                      help="Verify https:// nodes against this CA certificate (cluster.json's ca_file).")
         @click.option("--timeout", "timeout_seconds", type=click.FloatRange(0.1, 300), default=5.0,
                       show_default=True, help="Per-request timeout in seconds.")
         @click.option("--retry-seconds", type=click.FloatRange(0, 600), default=10.0, show_default=True,
                       help="Keep retrying unreachable or unavailable (503) nodes for this long.")
         @functools.wraps(command)
-        def wrapper(urls: tuple[str, ...], api_key: str | None, cluster_json: str | None,
+        def wrapper(urls: tuple[str, ...], api_key: str | None, cluster_json: str | None, ca_file: str | None,
                     timeout_seconds: float, retry_seconds: float, **arguments: Any) -> Any:
             connection = _resolve_connection(urls, api_key, cluster_json, key_name, timeout_seconds,
-                                             retry_seconds)
+                                             retry_seconds, ca_file)
             return command(connection=connection, **arguments)
 
         return wrapper
@@ -155,10 +165,13 @@ def serve(config_path: str) -> None:
     """Run one node until SIGTERM or SIGINT."""
     from tokenvault.config import ConfigError, load_config
     from tokenvault.crypto import CryptoError
+    from tokenvault.tls import TlsError, check_node_files
 
     try:
-        # Why first: a bad config should be one clear line, before the node's modules are even loaded.
-        load_config(config_path)
+        # Why first: a bad config or certificate should be one clear line, before the node's modules load.
+        config = load_config(config_path)
+        if config.tls is not None:
+            check_node_files(config.tls.files(), config.node_id)
         import uvloop
 
         # Why here: the event loop policy is a process-wide choice of the entry point, not of the library.
@@ -166,7 +179,7 @@ def serve(config_path: str) -> None:
         from tokenvault.node import main as run_node
 
         exit_code = run_node(config_path)
-    except (ConfigError, CryptoError) as error:
+    except (ConfigError, CryptoError, TlsError) as error:
         _fail(str(error), EXIT_USAGE)
     sys.exit(exit_code)
 
@@ -267,7 +280,8 @@ def admin_backup(connection: Connection, out_path: str, prefer: str, read_timeou
         result = _run(download_backup(connection.urls, connection.api_key, Path(out_path), prefer=prefer,
                                       timeout_seconds=connection.timeout_seconds,
                                       retry_seconds=connection.retry_seconds,
-                                      read_timeout_seconds=read_timeout_seconds, overwrite=force, report=report))
+                                      read_timeout_seconds=read_timeout_seconds, overwrite=force, report=report,
+                                      ca_file=connection.ca_file))
     except BackupError as error:
         _fail(str(error), EXIT_SERVICE_ERROR)
     document = {"file": str(result.path), "node_id": result.node_id, "role": result.role, "url": result.url,

@@ -1,6 +1,7 @@
 """Client library for the TokenVault HTTP API.
 
-`AsyncClient` (aiohttp) talks to one or more nodes. Any node serves the whole
+`AsyncClient` (aiohttp) talks to one or more nodes; give it the cluster CA
+(`ca_file`, the `ca_file` of cluster.json) to verify `https://` nodes. Any node serves the whole
 API, so the client keeps the node that answered last and moves on to the next
 URL when a node cannot be reached or answers 503; after a full round of
 failures it waits (honouring Retry-After, capped) and tries again until its
@@ -15,14 +16,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
 from multidict import CIMultiDict
+
+from tokenvault.tls import TlsError, http_client_context
 
 DEFAULT_TIMEOUT_SECONDS = 5.0
 DEFAULT_DEADLINE_SECONDS = 15.0
@@ -209,6 +214,16 @@ def _problem_from(answer: _Answer, retry_after_cap_seconds: float) -> ProblemErr
     )
 
 
+def client_ssl_context(ca_file: str | Path | None) -> ssl.SSLContext | None:
+    """The context that verifies nodes against the cluster CA in `ca_file`; None without one."""
+    if ca_file is None or ca_file == "":
+        return None
+    try:
+        return http_client_context(Path(ca_file))
+    except TlsError as error:
+        raise ConfigurationError(str(error)) from None
+
+
 def _describe_failure(error: BaseException) -> str:
     if isinstance(error, asyncio.TimeoutError):
         return "timed out"
@@ -232,9 +247,12 @@ class AsyncClient:
                  timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS,
                  deadline_seconds: float = DEFAULT_DEADLINE_SECONDS,
                  retry_after_cap_seconds: float = DEFAULT_RETRY_AFTER_CAP_SECONDS,
-                 session: aiohttp.ClientSession | None = None) -> None:
+                 session: aiohttp.ClientSession | None = None,
+                 ca_file: str | Path | None = None) -> None:
         self.urls = normalize_urls(urls)
         self._api_key = _validate_api_key(api_key)
+        # https:// nodes are verified against the cluster CA when one is given (else the system's CAs).
+        self._ssl_context = client_ssl_context(ca_file)
         self._timeout_seconds = timeout_seconds
         self._deadline_seconds = deadline_seconds
         self._retry_after_cap_seconds = retry_after_cap_seconds
@@ -385,7 +403,8 @@ class AsyncClient:
 
     def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None:
-            self._session = aiohttp.ClientSession()
+            connector = aiohttp.TCPConnector(ssl=self._ssl_context) if self._ssl_context is not None else None
+            self._session = aiohttp.ClientSession(connector=connector)
             self._owns_session = True
         return self._session
 

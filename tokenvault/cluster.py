@@ -34,6 +34,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import fcntl
+import functools
 import json
 import os
 import shutil
@@ -50,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from tokenvault.crypto import CryptoError, MasterKey
+from tokenvault.tls import TlsError, http_client_context
 from tokenvault.cluster_spec import (ALLOWED_NODE_COUNTS, API_KEY_SCOPES, CLUSTER_FILE_NAME, DEFAULT_BASE_PORT,
                                      DEFAULT_NODE_COUNT, ENVIRONMENT_KNOBS, HOST, ApiKeyInfo, ClusterError,
                                      KEY_DIRECTORY_ENVIRONMENT_VARIABLE, MASTER_KEY_FILE_NAME, ClusterSpec,
@@ -126,9 +128,11 @@ def init_cluster(directory: Path | str, nodes: int = DEFAULT_NODE_COUNT, base_po
             raise ClusterError(
                 f"{directory} is not empty but has no {CLUSTER_FILE_NAME} (an interrupted set-up, or not a "
                 f"cluster directory); remove it or set TOKENVAULT_CLUSTER_DIR to another directory")
-        planned = plan_nodes(directory, nodes, ports if ports is not None else contract_ports(nodes, base_port))
+        settings = settings or NodeSettings()
+        planned = plan_nodes(directory, nodes, ports if ports is not None else contract_ports(nodes, base_port),
+                             tls=settings.tls)
         try:
-            return _generate(directory, planned, settings or NodeSettings(), master_key), True
+            return _generate(directory, planned, settings, master_key), True
         except BaseException:
             for entry in directory.iterdir():
                 if entry.name != LOCK_FILE_NAME:
@@ -285,12 +289,33 @@ def output_tail(node: NodeSpec, lines: int = 12) -> str:
 
 # ---------------------------------------------------------------- health and status
 
-_opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+_plain_opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-def fetch_health(url: str, timeout_seconds: float = HEALTH_TIMEOUT_SECONDS) -> dict[str, Any]:
+@functools.lru_cache(maxsize=8)
+def _https_opener(ca_file: str) -> urllib.request.OpenerDirector:
+    """An opener that verifies nodes against the cluster CA (cached: a context costs a file read and parse)."""
+    context = http_client_context(Path(ca_file))
+    return urllib.request.build_opener(urllib.request.ProxyHandler({}),
+                                       urllib.request.HTTPSHandler(context=context))
+
+
+def open_url(url: str, timeout_seconds: float, ca_file: Path | str | None = None) -> Any:
+    """GET `url` without a proxy; https:// is verified against `ca_file` (the cluster CA) when given."""
+    if ca_file is not None:
+        try:
+            opener = _https_opener(str(ca_file))
+        except TlsError as error:
+            raise ClusterError(str(error)) from None
+    else:
+        opener = _plain_opener
+    return opener.open(url, timeout=timeout_seconds)
+
+
+def fetch_health(url: str, timeout_seconds: float = HEALTH_TIMEOUT_SECONDS,
+                 ca_file: Path | str | None = None) -> dict[str, Any]:
     """GET <url>/health (no proxy, short timeout); raises OSError or ValueError on failure."""
-    with _opener.open(url.rstrip("/") + "/health", timeout=timeout_seconds) as response:
+    with open_url(url.rstrip("/") + "/health", timeout_seconds, ca_file) as response:
         body = response.read(MAX_HEALTH_BYTES + 1)
     if len(body) > MAX_HEALTH_BYTES:
         raise ValueError("health response too large")
@@ -311,10 +336,11 @@ def _describe_error(error: BaseException) -> str:
     return f"{type(error).__name__}: {str(error)[:120]}"
 
 
-def node_status(node: NodeSpec, timeout_seconds: float = HEALTH_TIMEOUT_SECONDS) -> NodeStatus:
+def node_status(node: NodeSpec, timeout_seconds: float = HEALTH_TIMEOUT_SECONDS,
+                ca_file: Path | None = None) -> NodeStatus:
     pid = running_pid(node)
     try:
-        health: dict[str, Any] | None = fetch_health(node.http_url, timeout_seconds)
+        health: dict[str, Any] | None = fetch_health(node.http_url, timeout_seconds, ca_file)
         error = None
     except (OSError, ValueError) as failure:
         health, error = None, _describe_error(failure)
@@ -328,7 +354,7 @@ def cluster_status(spec: ClusterSpec, timeout_seconds: float = HEALTH_TIMEOUT_SE
     if not nodes:
         return []
     with concurrent.futures.ThreadPoolExecutor(max_workers=len(nodes)) as pool:
-        return list(pool.map(lambda node: node_status(node, timeout_seconds), nodes))
+        return list(pool.map(lambda node: node_status(node, timeout_seconds, spec.ca_file), nodes))
 
 
 def primary_of(statuses: Sequence[NodeStatus]) -> str | None:

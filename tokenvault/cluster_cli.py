@@ -47,7 +47,18 @@ def _print_started(spec: ClusterSpec, statuses: list[NodeStatus]) -> None:
     _echo(f"\nAPI keys (also in {spec.cluster_file}, mode 0600):")
     for info in spec.api_keys:
         _echo(f"  {info.name:<12} {info.key}  scopes: {', '.join(info.scopes)}")
-    _echo(f"\nTry: curl -s {spec.nodes[0].http_url}/health   or   ./run_cluster.sh demo")
+    if spec.ca_file is not None:
+        _echo(f"\nCluster CA (clients verify nodes against it): {spec.ca_file}")
+        _echo(f"Try: curl -s --cacert {spec.ca_file} {spec.nodes[0].http_url}/health   or   ./run_cluster.sh demo")
+    else:
+        _echo(f"\nTry: curl -s {spec.nodes[0].http_url}/health   or   ./run_cluster.sh demo")
+        _warn_plain(spec)
+
+
+def _warn_plain(spec: ClusterSpec) -> None:
+    click.echo(f"warning: the cluster in {spec.directory} runs without TLS (generated with TOKENVAULT_TLS=false "
+               f"or before TLS existed): API keys and values cross the network readable; for a TLS cluster, "
+               f"stop it and generate a new cluster directory", err=True)
 
 
 def _note_ignored_environment(spec: ClusterSpec) -> None:

@@ -21,8 +21,9 @@ from typing import Any
 
 from tokenvault.auth import ApiKeyEntry, generate_api_key, hash_api_key
 from tokenvault.config import (ConfigError, HttpConfig, MemberConfig, NodeConfig, PeerConfig, SealerConfig,
-                               TimingConfig, WalConfig, write_node_config)
+                               TimingConfig, TlsConfig, WalConfig, write_node_config)
 from tokenvault.crypto import CryptoError, MasterKey, write_secret_file
+from tokenvault.tls import ClusterTlsFiles, create_cluster_tls
 
 ALLOWED_NODE_COUNTS = (1, 3, 5)
 DEFAULT_NODE_COUNT = 3
@@ -32,6 +33,7 @@ CLUSTER_FILE_NAME = "cluster.json"
 MASTER_KEY_FILE_NAME = "master.key"
 KEY_DIRECTORY_ENVIRONMENT_VARIABLE = "TOKENVAULT_KEY_DIR"
 KEY_DIRECTORY_SUFFIX = ".keys"
+TLS_DIRECTORY_NAME = "tls"
 API_KEY_SCOPES: dict[str, tuple[str, ...]] = {
     "admin": ("admin",),
     "tokenizer": ("tokenize",),
@@ -49,6 +51,7 @@ ENVIRONMENT_KNOBS = {
     "TOKENVAULT_COMPACT_KEEP_ENTRIES": "wal.compact_keep_entries",
     "TOKENVAULT_LOG_LEVEL": "log_level",
     "TOKENVAULT_SEALER": "sealer.enabled",
+    "TOKENVAULT_TLS": "[tls] (a CA and node certificates; false makes a plain-HTTP cluster)",
 }
 
 
@@ -103,6 +106,12 @@ class ClusterSpec:
     directory: Path
     nodes: tuple[NodeSpec, ...]
     api_keys: tuple[ApiKeyInfo, ...]
+    # The cluster CA certificate (PEM) that HTTPS clients verify nodes against; None for a plain cluster.
+    ca_file: Path | None = None
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.ca_file is not None
 
     @property
     def cluster_file(self) -> Path:
@@ -127,7 +136,8 @@ class ClusterSpec:
 
     def to_json(self) -> dict[str, Any]:
         return {"nodes": [node.to_json() for node in self.nodes],
-                "api_keys": {info.name: {"key": info.key, "scopes": list(info.scopes)} for info in self.api_keys}}
+                "api_keys": {info.name: {"key": info.key, "scopes": list(info.scopes)} for info in self.api_keys},
+                "ca_file": str(self.ca_file) if self.ca_file is not None else None}
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +148,8 @@ class NodeSettings:
     timing: TimingConfig = field(default_factory=TimingConfig)
     wal: WalConfig = field(default_factory=WalConfig)
     sealer: SealerConfig = field(default_factory=SealerConfig)
+    # TLS on HTTP and mutual TLS on peer links; False (TOKENVAULT_TLS=false) only when asked for explicitly.
+    tls: bool = True
 
 
 # ---------------------------------------------------------------- generation
@@ -177,6 +189,9 @@ def settings_from_environment(environ: Mapping[str, str] | None = None) -> NodeS
     sealer_text = environment.get("TOKENVAULT_SEALER", "").strip().lower()
     if sealer_text not in ("", "true", "false", "1", "0"):
         raise ClusterError("TOKENVAULT_SEALER must be true or false")
+    tls_text = environment.get("TOKENVAULT_TLS", "").strip().lower()
+    if tls_text not in ("", "true", "false", "1", "0"):
+        raise ClusterError("TOKENVAULT_TLS must be true or false")
     try:
         timing = TimingConfig(
             tick_ms=_environment_integer(environment, "TOKENVAULT_TICK_MS", defaults.tick_ms),
@@ -200,16 +215,19 @@ def settings_from_environment(environ: Mapping[str, str] | None = None) -> NodeS
     except ConfigError as error:
         raise ClusterError(f"environment knob out of range: {error}") from None
     return NodeSettings(log_level=log_level, timing=timing, wal=wal,
-                        sealer=SealerConfig(enabled=sealer_text not in ("false", "0")))
+                        sealer=SealerConfig(enabled=sealer_text not in ("false", "0")),
+                        tls=tls_text not in ("false", "0"))
 
 
-def plan_nodes(directory: Path, count: int, ports: Sequence[tuple[int, int]]) -> tuple[NodeSpec, ...]:
+def plan_nodes(directory: Path, count: int, ports: Sequence[tuple[int, int]],
+               tls: bool = True) -> tuple[NodeSpec, ...]:
     """Node i (1-based) gets the i-th (http_port, peer_port) pair and the directory `n<i>`."""
+    scheme = "https" if tls else "http"
     nodes = []
     for number, (http_port, peer_port) in zip(range(1, count + 1), ports, strict=True):
         node_directory = directory / f"n{number}"
         nodes.append(NodeSpec(
-            node_id=f"n{number}", http_url=f"http://{HOST}:{http_port}", peer_addr=f"{HOST}:{peer_port}",
+            node_id=f"n{number}", http_url=f"{scheme}://{HOST}:{http_port}", peer_addr=f"{HOST}:{peer_port}",
             data_dir=node_directory / "data", log_file=node_directory / "node.log",
             pid_file=node_directory / "node.pid", config=node_directory / "node.toml"))
     return tuple(nodes)
@@ -271,17 +289,22 @@ def _place_master_key(cluster_directory: Path, master_key: MasterKey | None) -> 
     return path
 
 
-def _node_config(spec: ClusterSpec, node: NodeSpec, settings: NodeSettings, master_key_file: Path) -> NodeConfig:
+def _node_config(spec: ClusterSpec, node: NodeSpec, settings: NodeSettings, master_key_file: Path,
+                 tls_files: ClusterTlsFiles | None) -> NodeConfig:
     members = tuple(MemberConfig(id=member.node_id, peer_addr=member.peer_addr, http_url=member.http_url)
                     for member in spec.nodes)
     api_keys = tuple(ApiKeyEntry(name=info.name, sha256=hash_api_key(info.key), scopes=frozenset(info.scopes))
                      for info in spec.api_keys)
+    tls = None
+    if tls_files is not None:
+        files = tls_files.nodes[node.node_id]
+        tls = TlsConfig(cert_file=files.cert_file, key_file=files.key_file, ca_file=files.ca_file)
     return NodeConfig(
         node_id=node.node_id, data_dir=node.data_dir, members=members, api_keys=api_keys,
         master_key_file=master_key_file, cluster_secret_file=spec.directory / "cluster.secret",
         log_file=node.log_file, log_level=settings.log_level,
         http=HttpConfig(host=HOST, port=node.http_port), peer=PeerConfig(host=HOST, port=node.peer_port),
-        timing=settings.timing, wal=settings.wal, sealer=settings.sealer)
+        timing=settings.timing, wal=settings.wal, sealer=settings.sealer, tls=tls)
 
 
 def _generate(directory: Path, nodes: tuple[NodeSpec, ...], settings: NodeSettings,
@@ -289,9 +312,13 @@ def _generate(directory: Path, nodes: tuple[NodeSpec, ...], settings: NodeSettin
     """Write a new cluster's secrets, configs and cluster.json; ``master_key`` is given when restoring a
     backup (whose epoch secrets only that key opens), otherwise the key directory's key or a new one."""
     keys = tuple(ApiKeyInfo(name, generate_api_key(), scopes) for name, scopes in API_KEY_SCOPES.items())
-    spec = ClusterSpec(directory, nodes, keys)
+    tls_files = None
+    if settings.tls:
+        # Each node's certificate names the host its URLs use, and its node id.
+        tls_files = create_cluster_tls(directory / TLS_DIRECTORY_NAME, {node.node_id: [HOST] for node in nodes})
+    spec = ClusterSpec(directory, nodes, keys, tls_files.ca_cert_file if tls_files is not None else None)
     master_key_file = _place_master_key(directory, master_key)
-    configs = [_node_config(spec, node, settings, master_key_file) for node in nodes]
+    configs = [_node_config(spec, node, settings, master_key_file, tls_files) for node in nodes]
     write_secret_file(directory / "cluster.secret", os.urandom(32))
     for node, config in zip(nodes, configs):
         node.directory.mkdir(mode=0o700)
@@ -314,10 +341,15 @@ def load_cluster(directory: Path | str) -> ClusterSpec:
                                config=Path(node["config"])) for node in document["nodes"])
         keys = tuple(ApiKeyInfo(str(name), str(entry["key"]), tuple(entry["scopes"]))
                      for name, entry in document["api_keys"].items())
+        # Clusters generated before TLS existed have no ca_file and stay plain.
+        ca_text = document.get("ca_file")
+        if ca_text is not None and not isinstance(ca_text, str):
+            raise TypeError("ca_file")
+        ca_file = Path(ca_text) if ca_text else None
     except FileNotFoundError:
         raise ClusterError(f"no cluster in {directory} (no {CLUSTER_FILE_NAME}); run './run_cluster.sh start'")
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         raise ClusterError(f"{path} is unreadable or not in the expected shape") from None
     if not nodes:
         raise ClusterError(f"{path} lists no nodes")
-    return ClusterSpec(directory, nodes, keys)
+    return ClusterSpec(directory, nodes, keys, ca_file)

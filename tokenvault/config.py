@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 from tokenvault.auth import ALL_SCOPES, ApiKeyEntry, ApiKeyTable, ApiKeyTableError
 from tokenvault.crypto import (MASTER_KEY_ENVIRONMENT_VARIABLE, CryptoError, KeyWrapper, MasterKey, read_secret_file,
                                take_from_environment)
+from tokenvault.tls import NodeTlsFiles
 
 CLUSTER_SECRET_BYTES = 32
 ALLOWED_MEMBER_COUNTS = (1, 3, 5)
@@ -123,10 +124,14 @@ class HttpConfig:
 class PeerConfig:
     host: str = "127.0.0.1"
     port: int = 8201
+    # Connections on the peer port that have not finished the handshake, at once; the rest are closed at
+    # once, so strangers cannot tie up more than this many sockets and handshake buffers.
+    max_unauthenticated_connections: int = 8
 
     def __post_init__(self) -> None:
         _check_host("peer.host", self.host)
         _check_int("peer.port", self.port, 1, 65535)
+        _check_int("peer.max_unauthenticated_connections", self.max_unauthenticated_connections, 1, 1024)
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,9 +159,9 @@ class MemberConfig:
         if not url.isascii() or any(character.isspace() or not character.isprintable() for character in url):
             raise ConfigError(f"{name} must be printable ASCII without spaces")
         parts = urlsplit(url)
-        # v1 has no TLS on the HTTP API, so only http:// URLs describe what runs.
-        if parts.scheme != "http" or parts.path not in ("", "/") or parts.query or parts.fragment:
-            raise ConfigError(f"{name} must look like http://host:port")
+        # https:// when the cluster has a [tls] section, http:// for a plain one (NodeConfig checks which).
+        if parts.scheme not in ("http", "https") or parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise ConfigError(f"{name} must look like https://host:port (or http://host:port without TLS)")
         if parts.username is not None or parts.password is not None:
             raise ConfigError(f"{name} must not contain credentials")
         try:
@@ -169,6 +174,10 @@ class MemberConfig:
             _check_host(name, parts.hostname)
         _check_int(f"{name} port", port, 1, 65535)
         return parts.hostname, port
+
+    @property
+    def http_scheme(self) -> str:
+        return urlsplit(self.http_url).scheme
 
     @property
     def peer_host(self) -> str:
@@ -300,6 +309,28 @@ def _inside(path: Path, directory: Path) -> bool:
 
 
 @dataclass(frozen=True, slots=True)
+class TlsConfig:
+    """The node's certificate and key and the cluster CA (tokenvault/tls.py): HTTPS and mutual-TLS peer links.
+
+    The files themselves are checked when the node starts (tls.check_node_files), so that a config can be
+    validated on a machine that does not hold them."""
+
+    cert_file: Path
+    key_file: Path
+    ca_file: Path
+
+    def __post_init__(self) -> None:
+        for name in ("cert_file", "key_file", "ca_file"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                object.__setattr__(self, name, Path(value))
+            _check_path(f"tls.{name}", getattr(self, name), optional=False)
+
+    def files(self) -> "NodeTlsFiles":
+        return NodeTlsFiles(self.cert_file, self.key_file, self.ca_file)
+
+
+@dataclass(frozen=True, slots=True)
 class NodeConfig:
     """A whole node configuration. Paths given as strings are converted to Path."""
 
@@ -319,6 +350,8 @@ class NodeConfig:
     wal: WalConfig = field(default_factory=WalConfig)
     sealer: SealerConfig = field(default_factory=SealerConfig)
     pkcs11: Pkcs11Config | None = None
+    # None is a plain cluster: HTTP without TLS and peer links authenticated by the cluster secret only.
+    tls: TlsConfig | None = None
 
     def __post_init__(self) -> None:
         for name in ("data_dir", "master_key_file", "cluster_secret_file", "log_file"):
@@ -356,6 +389,8 @@ class NodeConfig:
                 raise ConfigError(f"[{name}] must be a {section_type.__name__}")
         if self.http.host == self.peer.host and self.http.port == self.peer.port:
             raise ConfigError("http and peer must not listen on the same host and port")
+        if self.tls is not None and not isinstance(self.tls, TlsConfig):
+            raise ConfigError("[tls] must be a TlsConfig")
 
     def _check_members(self) -> None:
         if not all(isinstance(member, MemberConfig) for member in self.members):
@@ -371,6 +406,11 @@ class NodeConfig:
                 raise ConfigError(f"members: every {attribute} must be unique")
         if self.node_id not in self.member_ids:
             raise ConfigError("node_id must be one of the members' ids")
+        # Clients find nodes by these URLs; they must say what the nodes really serve.
+        expected_scheme = "https" if self.tls is not None else "http"
+        if any(member.http_scheme != expected_scheme for member in self.members):
+            reason = "the config has a [tls] section" if self.tls is not None else "the config has no [tls] section"
+            raise ConfigError(f"members: every http_url must start with {expected_scheme}:// ({reason})")
         # Peers authenticate each other with an HMAC over this shared secret;
         # without it anyone who can reach the peer port could join the log.
         if len(self.members) > 1 and self.cluster_secret_file is None:
@@ -474,6 +514,18 @@ _SECTIONS: dict[str, type] = {
     "sealer": SealerConfig,
 }
 _REQUIRED_KEYS = ("node_id", "data_dir", "members", "api_keys")
+_TLS_KEYS = ("cert_file", "key_file", "ca_file")
+
+
+def _tls_from_table(table: object) -> TlsConfig:
+    if not isinstance(table, dict):
+        raise ConfigError("[tls] must be a table")
+    _check_known_keys("[tls]", table, set(_TLS_KEYS))
+    for key in _TLS_KEYS:
+        if key not in table:
+            raise ConfigError(f"[tls] is missing {key}")
+    paths = {key: Path(_check_string(f"tls.{key}", table[key])) for key in _TLS_KEYS}
+    return TlsConfig(**paths)
 
 
 def _check_known_keys(name: str, table: Mapping[str, Any], known: set[str]) -> None:
@@ -552,7 +604,7 @@ def _list_of_tables(name: str, value: object) -> list[object]:
 def config_from_mapping(document: Mapping[str, Any]) -> NodeConfig:
     """Validate a parsed TOML document and build the NodeConfig."""
     _check_known_keys("config", document,
-                      set(_TOP_LEVEL_KEYS) | set(_SECTIONS) | {"members", "api_keys", "pkcs11"})
+                      set(_TOP_LEVEL_KEYS) | set(_SECTIONS) | {"members", "api_keys", "pkcs11", "tls"})
     for key in _REQUIRED_KEYS:
         if key not in document:
             raise ConfigError(f"config is missing the required key {key}")
@@ -567,6 +619,8 @@ def config_from_mapping(document: Mapping[str, Any]) -> NodeConfig:
             arguments[name] = _section_from_table(name, document[name])
     if "pkcs11" in document:
         arguments["pkcs11"] = _pkcs11_from_table(document["pkcs11"])
+    if "tls" in document:
+        arguments["tls"] = _tls_from_table(document["tls"])
     members = _list_of_tables("members", document["members"])
     arguments["members"] = tuple(_member_from_table(index, table) for index, table in enumerate(members))
     keys = _list_of_tables("api_keys", document["api_keys"])
@@ -651,6 +705,10 @@ def to_toml(config: NodeConfig) -> str:
             value = getattr(config.pkcs11, item.name)
             if value is not None:
                 lines.append(f"{item.name} = {_toml_value(value)}")
+    if config.tls is not None:
+        lines.extend(["", "[tls]"])
+        for key in _TLS_KEYS:
+            lines.append(f"{key} = {_toml_value(getattr(config.tls, key))}")
     for member in config.members:
         lines.extend(["", "[[members]]"])
         lines.append(f"id = {_toml_value(member.id)}")

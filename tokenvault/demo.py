@@ -70,7 +70,7 @@ class Demo:
 
     def client(self, urls: Sequence[str], deadline_seconds: float = 15.0) -> AsyncClient:
         return AsyncClient(urls, self.key, timeout_seconds=3.0, deadline_seconds=deadline_seconds,
-                           retry_after_cap_seconds=0.5)
+                           retry_after_cap_seconds=0.5, ca_file=self.spec.ca_file)
 
     def check(self, holds: bool, claim: str) -> None:
         self.say(f"   [{'ok' if holds else 'FAILED'}] {claim}")

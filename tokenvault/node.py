@@ -36,6 +36,7 @@ from tokenvault.metrics import Metrics
 from tokenvault.sealer import Sealer
 from tokenvault.snapshot_transfer import SnapshotTransfers
 from tokenvault.store import ApplyResult, Outcome, StoreCorruption, StoreError, VaultStore
+from tokenvault.tls import TlsError, load_node_tls
 from tokenvault.transport import PeerAddress, PeerTransport
 from tokenvault.wal import WalCorruption, WalFatal, WriteAheadLog
 
@@ -106,13 +107,17 @@ class Node:
                           heartbeat_interval_ticks=config.timing.heartbeat_interval_ticks,
                           snapshot_chunk_bytes=config.wal.snapshot_chunk_bytes),
             self.restored, random.Random())
+        # TLS contexts are built before anything listens, so that a bad certificate stops the node at start.
+        self.http_tls_context, peer_tls = (load_node_tls(config.tls.files(), self.node_id)
+                                           if config.tls is not None else (None, None))
         self.transport: PeerTransport | None = None
         if len(members) > 1:
             peers = [PeerAddress(member.id, member.peer_host, member.peer_port) for member in config.members]
             self.transport = PeerTransport(self.node_id, config.peer.host, config.peer.port, peers,
                                            config.load_cluster_secret(), self._on_peer_message,
                                            MAX_FRAME_BYTES, on_peer_down=self._on_peer_down,
-                                           idle_timeout_seconds=_link_idle_timeout_seconds(config))
+                                           idle_timeout_seconds=_link_idle_timeout_seconds(config), tls=peer_tls,
+                                           max_unauthenticated_connections=config.peer.max_unauthenticated_connections)
         self._inbox: deque = deque()
         self._wakeup = asyncio.Event()
         self._pending_proposals: dict[int, _PendingProposal] = {}
@@ -610,12 +615,16 @@ async def run_node(config: NodeConfig) -> int:
     metrics = Metrics()
     try:
         node = Node(config, metrics)
-    except (WalCorruption, StoreError) as error:
+    except (WalCorruption, StoreError, TlsError) as error:
         log.critical("node.refused_to_start", reason=str(error)[:500])
         return 3
     except ConfigError as error:  # the master key's source (config.load_master_key): the caller prints it too
         log.critical("node.refused_to_start", reason=str(error)[:500])
         raise
+    if config.tls is None:
+        log.warning("node.tls_disabled", detail="plain HTTP and peer links without TLS: API keys, values and "
+                    "replicated entries cross the network readable; generate the cluster without "
+                    "TOKENVAULT_TLS=false for TLS")
     sealer = await _start_sealer(node) if config.sealer.enabled else None
     service = NodeService(node, sealer)
     await node.start()
@@ -627,7 +636,8 @@ async def run_node(config: NodeConfig) -> int:
     runner = ProblemAppRunner(create_app(service, config, metrics), access_log=None, handle_signals=False,
                               shutdown_timeout=SHUTDOWN_GRACE_SECONDS)
     await runner.setup()
-    site = web.TCPSite(runner, config.http.host, config.http.port, reuse_address=True)
+    site = web.TCPSite(runner, config.http.host, config.http.port, reuse_address=True,
+                       ssl_context=node.http_tls_context)
     await site.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

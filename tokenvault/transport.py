@@ -1,10 +1,29 @@
-"""Peer transport: one authenticated TCP connection per pair of vault nodes.
+"""Peer transport: one authenticated connection per pair of vault nodes.
 
 The node with the smaller id dials, the other accepts, and the connection then
-carries frames both ways. Before any protocol frame is accepted both sides prove
-they hold the cluster secret with an HMAC over the other side's random nonce,
-so a process without the secret can neither join nor inject frames. A frame that
-fails to decode closes that one connection; the node goes on.
+carries frames both ways. Authentication happens in this order, and nothing a
+peer sends before it is complete can cost more than a little memory:
+
+1. The acceptor counts the connection as unauthenticated; past
+   ``max_unauthenticated_connections`` at once, new ones are closed at once.
+2. The acceptor writes a short greeting; the dialer waits for it before it
+   speaks, so that the acceptor can hand the socket to TLS before any byte of
+   the dialer's arrives (bytes read before the switch would be lost to TLS).
+3. With TLS (the default for generated clusters), mutual TLS 1.3: both sides
+   present a certificate signed by the cluster CA. The dialer checks that the
+   acceptor's certificate names the peer it dialled; the acceptor takes the
+   dialer's node id from its certificate. TLS then protects every frame of the
+   connection (confidentiality and integrity), so a relayed handshake gains an
+   attacker nothing.
+4. Both sides prove they hold the cluster secret with an HMAC over the other
+   side's random nonce (a second factor under TLS; the only one in a plain
+   cluster), and the id in the Hello must be the one the certificate names.
+   Handshake frames are read one at a time with exact reads through a decoder
+   limited to ``HANDSHAKE_MAX_FRAME_BYTES``: a larger length prefix is refused
+   before any of its body is read.
+
+A failed handshake is logged with the remote address and closes only that
+connection; a frame that fails to decode later closes that one connection too.
 
 Replication messages are fire-and-forget: the replication core tolerates loss,
 so a full send queue drops the newest message instead of blocking the driver.
@@ -21,15 +40,24 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from protocol import FrameDecoder, Hello, HelloProof, Ping, ProtocolError, encode_frame
+from protocol.codec import LENGTH_PREFIX_BYTES
 from tokenvault.futures import cancel_and_wait
 from tokenvault.logs import get_logger
+from tokenvault.tls import PeerTlsContexts, peer_node_ids
 
 HANDSHAKE_TIMEOUT_SECONDS = 3.0
+# Hello and HelloProof are under 100 bytes; nothing larger is read from a peer not yet authenticated.
+HANDSHAKE_MAX_FRAME_BYTES = 1024
+DEFAULT_MAX_UNAUTHENTICATED_CONNECTIONS = 8
+# Sent by the acceptor first; the version lets a future protocol refuse an old dialer cleanly.
+GREETING = b"TVPEER1\n"
 NONCE_BYTES = 32
 SEND_QUEUE_MAX_MESSAGES = 4096
 RECONNECT_DELAY_SECONDS_MIN = 0.05
 RECONNECT_DELAY_SECONDS_MAX = 1.0
 READ_CHUNK_BYTES = 256 * 1024
+# A flood of refused connections is logged at most once per this interval, with the count.
+REFUSAL_LOG_INTERVAL_SECONDS = 1.0
 # A link that carries nothing for this long is declared down and closed; each
 # side sends a Ping after a quarter of it of its own silence, so only a peer
 # (or a network) that really went quiet trips it.
@@ -53,6 +81,38 @@ def _proof(secret: bytes, nonce: bytes, prover_id: str, verifier_id: str) -> byt
 
 class HandshakeError(Exception):
     """The other side did not prove it belongs to this cluster."""
+
+
+def _abort(writer: asyncio.StreamWriter) -> None:
+    """Close at once, without a TLS close_notify exchange.
+
+    A graceful TLS close waits (up to 30 s) for the other side's close_notify;
+    a silent link or a hostile stranger would hold the socket that long, after
+    it stopped counting as unauthenticated. Frames are fire-and-forget, so
+    nothing is lost that the protocol needs.
+    """
+    writer.transport.abort()
+
+
+def _remote_address(writer: asyncio.StreamWriter) -> str:
+    """host:port of the other end, for logs (the address only: nothing the peer chose to send)."""
+    peername = writer.get_extra_info("peername")
+    if isinstance(peername, tuple) and len(peername) >= 2:
+        return f"{peername[0]}:{peername[1]}"
+    return "unknown"
+
+
+async def _read_handshake_frame(reader: asyncio.StreamReader, decoder: FrameDecoder) -> object:
+    """Exactly one frame, read exactly: the length is checked (by the small decoder) before the body is read.
+
+    Exact reads also leave every byte after the handshake in the stream for the connection's own decoder.
+    """
+    prefix = await reader.readexactly(LENGTH_PREFIX_BYTES)
+    decoder.feed(prefix)  # raises ProtocolError for a length over the handshake limit
+    messages = decoder.feed(await reader.readexactly(int.from_bytes(prefix, "big")))
+    if len(messages) != 1:
+        raise HandshakeError("a handshake frame did not decode to one message")
+    return messages[0]
 
 
 class _Connection:
@@ -88,20 +148,32 @@ class _Connection:
                 await self.writer.drain()
             except (OSError, RuntimeError):
                 # The socket is gone; the read side notices and reports the peer down.
-                self.writer.close()
+                _abort(self.writer)
                 return
 
     def close(self) -> None:
-        self.writer.close()
+        _abort(self.writer)
 
 
 class PeerTransport:
-    """Keeps a connection to every peer and hands inbound messages to ``on_message``."""
+    """Keeps a connection to every peer and hands inbound messages to ``on_message``.
+
+    ``tls`` (the node's peer-link contexts from tokenvault.tls) makes every link
+    mutual TLS; without it links are plain TCP authenticated by the cluster
+    secret alone (a development cluster made with TOKENVAULT_TLS=false).
+    """
 
     def __init__(self, node_id: str, listen_host: str, listen_port: int, peers: list[PeerAddress],
                  cluster_secret: bytes, on_message: Callable[[str, object], None],
                  max_frame_bytes: int, on_peer_down: Callable[[str], None] | None = None,
-                 idle_timeout_seconds: float = DEFAULT_IDLE_TIMEOUT_SECONDS) -> None:
+                 idle_timeout_seconds: float = DEFAULT_IDLE_TIMEOUT_SECONDS, *,
+                 tls: PeerTlsContexts | None = None,
+                 max_unauthenticated_connections: int = DEFAULT_MAX_UNAUTHENTICATED_CONNECTIONS,
+                 handshake_timeout_seconds: float = HANDSHAKE_TIMEOUT_SECONDS) -> None:
+        if max_unauthenticated_connections < 1:
+            raise ValueError("max_unauthenticated_connections must be at least 1")
+        if handshake_timeout_seconds <= 0:
+            raise ValueError("handshake_timeout_seconds must be positive")
         self.node_id = node_id
         self.listen_host = listen_host
         self.listen_port = listen_port
@@ -111,6 +183,9 @@ class PeerTransport:
         self._on_peer_down = on_peer_down
         self._idle_timeout_seconds = idle_timeout_seconds
         self._max_frame_bytes = max_frame_bytes
+        self._tls = tls
+        self._max_unauthenticated_connections = max_unauthenticated_connections
+        self._handshake_timeout_seconds = handshake_timeout_seconds
         self._connections: dict[str, _Connection] = {}
         self._tasks: set[asyncio.Task] = set()
         self._server: asyncio.AbstractServer | None = None
@@ -118,6 +193,10 @@ class PeerTransport:
         self.last_seen_monotonic: dict[str, float] = {}
         self.handshake_failures = 0
         self.frames_rejected = 0
+        self.unauthenticated_connections = 0
+        self.connections_refused = 0
+        self._refusals_not_logged = 0
+        self._refusal_logged_monotonic = float("-inf")
 
     # ----------------------------------------------------------------- lifecycle
     async def start(self) -> None:
@@ -165,9 +244,10 @@ class PeerTransport:
                 connected = await self._dial_once(peer)
             except asyncio.CancelledError:
                 raise
-            except Exception as error:  # a reset mid-handshake raises RuntimeError, OSError, ...
+            except Exception as error:  # a reset mid-handshake raises RuntimeError, OSError, ssl.SSLError, ...
                 self.handshake_failures += 1
-                log.warning("peer.handshake_failed", peer=peer.node_id, reason=type(error).__name__)
+                log.warning("peer.handshake_failed", peer=peer.node_id, remote=f"{peer.host}:{peer.port}",
+                            reason=type(error).__name__)
                 connected = False
             if connected:
                 delay = RECONNECT_DELAY_SECONDS_MIN
@@ -179,67 +259,91 @@ class PeerTransport:
         """One connection attempt; True once a connection was established and has ended."""
         try:
             reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(peer.host, peer.port, limit=READ_CHUNK_BYTES), HANDSHAKE_TIMEOUT_SECONDS)
+                asyncio.open_connection(peer.host, peer.port, limit=READ_CHUNK_BYTES),
+                self._handshake_timeout_seconds)
         except (OSError, asyncio.TimeoutError):
             return False
         try:
-            decoder = FrameDecoder(self._max_frame_bytes)
-            leftover = await asyncio.wait_for(self._handshake_as_dialer(peer.node_id, reader, writer, decoder),
-                                              HANDSHAKE_TIMEOUT_SECONDS)
+            await asyncio.wait_for(self._authenticate_as_dialer(peer, reader, writer),
+                                   self._handshake_timeout_seconds)
         except BaseException:
-            writer.close()
+            _abort(writer)
             raise
-        await self._serve_connection(_Connection(peer.node_id, reader, writer, decoder), leftover)
+        await self._serve_connection(_Connection(peer.node_id, reader, writer, FrameDecoder(self._max_frame_bytes)))
         return True
 
-    async def _read_messages(self, reader: asyncio.StreamReader, decoder: FrameDecoder, count: int) -> list:
-        """Read until the decoder yields ``count`` messages (handshake only)."""
-        messages: list = []
-        while len(messages) < count:
-            data = await reader.read(4096)
-            if not data:
-                raise HandshakeError("connection closed during handshake")
-            messages.extend(decoder.feed(data))
-        return messages
-
-    async def _handshake_as_dialer(self, peer_id: str, reader, writer, decoder: FrameDecoder) -> list:
+    async def _authenticate_as_dialer(self, peer: PeerAddress, reader: asyncio.StreamReader,
+                                      writer: asyncio.StreamWriter) -> None:
+        if await reader.readexactly(len(GREETING)) != GREETING:
+            raise HandshakeError("the acceptor did not greet as a vault peer")
+        if self._tls is not None:
+            # Verifies the chain up to the cluster CA and the address dialled (an IP or DNS name in the SANs).
+            await writer.start_tls(self._tls.client, server_hostname=peer.host)
+            if peer.node_id not in peer_node_ids(writer.get_extra_info("peercert")):
+                raise HandshakeError("the acceptor's certificate does not name the peer dialled")
+        decoder = FrameDecoder(HANDSHAKE_MAX_FRAME_BYTES)
         my_nonce = os.urandom(NONCE_BYTES)
         writer.write(encode_frame(Hello(node_id=self.node_id, nonce=my_nonce)))
         await writer.drain()
-        messages = await self._read_messages(reader, decoder, 2)
-        hello, proof = messages[0], messages[1]
-        if not isinstance(hello, Hello) or not isinstance(proof, HelloProof) or hello.node_id != peer_id:
+        hello = await _read_handshake_frame(reader, decoder)
+        proof = await _read_handshake_frame(reader, decoder)
+        if not isinstance(hello, Hello) or not isinstance(proof, HelloProof) or hello.node_id != peer.node_id:
             raise HandshakeError("unexpected handshake frames")
-        expected = _proof(self._secret, my_nonce, peer_id, self.node_id)
+        expected = _proof(self._secret, my_nonce, peer.node_id, self.node_id)
         if not hmac.compare_digest(expected, proof.mac):
             raise HandshakeError("peer failed to prove the cluster secret")
         writer.write(encode_frame(HelloProof(node_id=self.node_id,
-                                             mac=_proof(self._secret, hello.nonce, self.node_id, peer_id))))
+                                             mac=_proof(self._secret, hello.nonce, self.node_id, peer.node_id))))
         await writer.drain()
-        # Frames that arrived in the same reads as the handshake are delivered once the link is up.
-        return messages[2:]
 
     # ----------------------------------------------------------------- accepting
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        decoder = FrameDecoder(self._max_frame_bytes)
+        remote = _remote_address(writer)
+        if self.unauthenticated_connections >= self._max_unauthenticated_connections:
+            self._refuse(remote)
+            _abort(writer)
+            return
+        self.unauthenticated_connections += 1
         try:
-            peer_id, leftover = await asyncio.wait_for(self._handshake_as_acceptor(reader, writer, decoder),
-                                                       HANDSHAKE_TIMEOUT_SECONDS)
+            peer_id = await asyncio.wait_for(self._authenticate_as_acceptor(reader, writer),
+                                             self._handshake_timeout_seconds)
         except asyncio.CancelledError:
-            writer.close()
+            _abort(writer)
             raise
         except Exception as error:  # whatever a hostile or dying peer causes ends only this connection
             self.handshake_failures += 1
-            log.warning("peer.handshake_failed", reason=type(error).__name__)
-            writer.close()
+            log.warning("peer.handshake_failed", remote=remote, reason=type(error).__name__)
+            _abort(writer)
             return
-        await self._serve_connection(_Connection(peer_id, reader, writer, decoder), leftover)
+        finally:
+            self.unauthenticated_connections -= 1
+        await self._serve_connection(_Connection(peer_id, reader, writer, FrameDecoder(self._max_frame_bytes)))
 
-    async def _handshake_as_acceptor(self, reader, writer, decoder: FrameDecoder) -> tuple[str, list]:
-        first = await self._read_messages(reader, decoder, 1)
-        hello = first[0]
+    def _refuse(self, remote: str) -> None:
+        """Count a connection closed for the unauthenticated cap; log it, at most once a second."""
+        self.connections_refused += 1
+        self._refusals_not_logged += 1
+        now = time.monotonic()
+        if now - self._refusal_logged_monotonic >= REFUSAL_LOG_INTERVAL_SECONDS:
+            log.warning("peer.connection_refused", remote=remote, reason="too_many_unauthenticated",
+                        limit=self._max_unauthenticated_connections, refused=self._refusals_not_logged)
+            self._refusals_not_logged = 0
+            self._refusal_logged_monotonic = now
+
+    async def _authenticate_as_acceptor(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> str:
+        """The dialer's node id once it has proved itself; raises on anything else."""
+        # No await between this write and start_tls: the dialer's first TLS byte must reach the TLS layer.
+        writer.write(GREETING)
+        certified: tuple[str, ...] | None = None
+        if self._tls is not None:
+            await writer.start_tls(self._tls.server)
+            certified = peer_node_ids(writer.get_extra_info("peercert"))
+        decoder = FrameDecoder(HANDSHAKE_MAX_FRAME_BYTES)
+        hello = await _read_handshake_frame(reader, decoder)
         if not isinstance(hello, Hello) or hello.node_id not in self.peers or not hello.node_id < self.node_id:
             raise HandshakeError("unknown peer or wrong dialing direction")
+        if certified is not None and hello.node_id not in certified:
+            raise HandshakeError("the dialer's certificate does not name the member it claims to be")
         if len(hello.nonce) != NONCE_BYTES:
             raise HandshakeError("bad nonce")
         my_nonce = os.urandom(NONCE_BYTES)
@@ -247,19 +351,15 @@ class PeerTransport:
                      + encode_frame(HelloProof(node_id=self.node_id,
                                                mac=_proof(self._secret, hello.nonce, self.node_id, hello.node_id))))
         await writer.drain()
-        # The dialer sends nothing after Hello until it has our proof, so anything
-        # behind Hello in the first read is a protocol violation.
-        if len(first) > 1:
-            raise HandshakeError("frames before the handshake finished")
-        rest = await self._read_messages(reader, decoder, 1)
-        proof = rest[0]
+        # The dialer sends nothing after Hello until it has our proof, so the next frame must be its proof.
+        proof = await _read_handshake_frame(reader, decoder)
         expected = _proof(self._secret, my_nonce, hello.node_id, self.node_id)
         if not isinstance(proof, HelloProof) or not hmac.compare_digest(expected, proof.mac):
             raise HandshakeError("peer failed to prove the cluster secret")
-        return hello.node_id, rest[1:]
+        return hello.node_id
 
     # ----------------------------------------------------------------- serving
-    async def _serve_connection(self, connection: _Connection, leftover: list) -> None:
+    async def _serve_connection(self, connection: _Connection) -> None:
         peer_id = connection.peer_id
         previous = self._connections.get(peer_id)
         if previous is not None:
@@ -269,8 +369,6 @@ class PeerTransport:
         log.info("peer.up", peer=peer_id)
         writer_task = self._spawn(connection.write_loop())
         keepalive_task = self._spawn(self._keep_alive(connection))
-        for message in leftover:
-            self._deliver(peer_id, message)
         reason = "closed"
         try:
             while True:

@@ -23,6 +23,7 @@ from typing import Any
 
 from tokenvault import cluster
 from tokenvault.config import TimingConfig, WalConfig
+from tokenvault.tls import http_client_context
 
 # A one-member cluster elects itself after one election timeout: 5-10 ticks of 20 ms.
 FAST_TIMING = TimingConfig(tick_ms=20, election_timeout_ticks=5, heartbeat_interval_ticks=1,
@@ -35,12 +36,17 @@ POLL_INTERVAL_SECONDS = 0.05
 REQUEST_TIMEOUT_SECONDS = 5.0
 MAX_RESPONSE_BYTES = 1 << 20
 
-_opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-def node_settings() -> cluster.NodeSettings:
+def node_settings(tls: bool = True) -> cluster.NodeSettings:
     # fsync stays on: the node under test takes the same durable write path as in production.
-    return cluster.NodeSettings(log_level="info", timing=FAST_TIMING, wal=WalConfig(fsync=True))
+    return cluster.NodeSettings(log_level="info", timing=FAST_TIMING, wal=WalConfig(fsync=True), tls=tls)
+
+
+def _opener(ca_file: Path | None) -> urllib.request.OpenerDirector:
+    """No proxy; https:// verified against the cluster CA."""
+    handlers: list[urllib.request.BaseHandler] = [urllib.request.ProxyHandler({})]
+    if ca_file is not None:
+        handlers.append(urllib.request.HTTPSHandler(context=http_client_context(ca_file)))
+    return urllib.request.build_opener(*handlers)
 
 
 def free_port_pair() -> tuple[int, int]:
@@ -83,6 +89,11 @@ class RealNode:
         return self.node.http_url
 
     @property
+    def ca_file(self) -> Path | None:
+        """The cluster CA (None for a plain node)."""
+        return self.spec.ca_file
+
+    @property
     def full_key(self) -> str:
         """The 'full' API key (admin, tokenize, detokenize) as cluster.json lists it."""
         return self.spec.key("full")
@@ -100,7 +111,7 @@ class RealNode:
             headers["Content-Type"] = "application/json"
         request = urllib.request.Request(self.base_url + path, data=data, headers=headers, method=method)
         try:
-            with _opener.open(request, timeout=REQUEST_TIMEOUT_SECONDS) as response:
+            with _opener(self.ca_file).open(request, timeout=REQUEST_TIMEOUT_SECONDS) as response:
                 return HttpReply(response.status, dict(response.headers), response.read(MAX_RESPONSE_BYTES))
         except urllib.error.HTTPError as error:
             with error:
@@ -150,12 +161,13 @@ def _stop_leftovers(directory: Path) -> None:
                 _kill_if_alive(node, pid)
 
 
-def start_real_node(root: Path) -> RealNode:
-    """Generate and start a one-node cluster under `root`; retry on a port taken in between."""
+def start_real_node(root: Path, tls: bool = True) -> RealNode:
+    """Generate and start a one-node cluster under `root` (TLS unless `tls` is False); retry on a port
+    taken in between."""
     for attempt in range(1, START_ATTEMPTS + 1):
         directory = root / f"cluster-{attempt}"
         try:
-            spec, _ = cluster.start_cluster(directory, 1, ports=[free_port_pair()], settings=node_settings(),
+            spec, _ = cluster.start_cluster(directory, 1, ports=[free_port_pair()], settings=node_settings(tls),
                                             timeout_seconds=START_TIMEOUT_SECONDS)
         except cluster.ClusterError as error:
             _stop_leftovers(directory)

@@ -31,7 +31,6 @@ import socket
 import struct
 import subprocess
 import time
-import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -224,6 +223,12 @@ class ClusterHarness:
         assert self.spec is not None
         return self.spec.key(name)
 
+    @property
+    def ca_file(self) -> Path | None:
+        """The cluster CA that clients verify the nodes' https:// URLs against (None for a plain cluster)."""
+        assert self.spec is not None
+        return self.spec.ca_file
+
     def pid(self, node_id: str) -> int | None:
         return cluster.running_pid(self.node(node_id))
 
@@ -290,13 +295,13 @@ class ClusterHarness:
 
     def health(self, node_id: str, timeout_seconds: float = HEALTH_TIMEOUT_SECONDS) -> dict[str, Any] | None:
         try:
-            return cluster.fetch_health(self.url(node_id), timeout_seconds)
+            return cluster.fetch_health(self.url(node_id), timeout_seconds, self.ca_file)
         except (OSError, ValueError):
             return None
 
     def metrics_text(self, node_id: str, timeout_seconds: float = HEALTH_TIMEOUT_SECONDS) -> str:
         """The node's /metrics page (Prometheus text)."""
-        with urllib.request.urlopen(self.url(node_id) + "/metrics", timeout=timeout_seconds) as response:
+        with cluster.open_url(self.url(node_id) + "/metrics", timeout_seconds, self.ca_file) as response:
             return response.read().decode("utf-8")
 
     async def health_async(self, node_id: str) -> dict[str, Any] | None:
@@ -417,7 +422,7 @@ class ClusterHarness:
             chosen = list(node_ids)
         return AsyncClient([self.url(node_id) for node_id in chosen], self.key(key),
                            timeout_seconds=timeout_seconds, deadline_seconds=deadline_seconds,
-                           retry_after_cap_seconds=0.5)
+                           retry_after_cap_seconds=0.5, ca_file=self.ca_file)
 
     @contextlib.asynccontextmanager
     async def node_clients(self, node_ids: Iterable[str] | None = None, **options: Any

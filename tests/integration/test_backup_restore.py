@@ -72,7 +72,7 @@ async def test_backup_under_load_restores_into_a_new_cluster(
         backup_started = time.monotonic()
         result = await asyncio.to_thread(run_command, [
             tokenvault_cli, "admin", "backup", "--url", ",".join(source.spec.http_urls),
-            "--api-key", source.key("admin"), "--out", str(backup), "--json"])
+            "--api-key", source.key("admin"), "--ca-file", str(source.ca_file), "--out", str(backup), "--json"])
         backup_ended = time.monotonic()
         # Writes go on after the backup too (the load stops only when this block ends).
         await wait_for_acknowledged(history, 10, since_monotonic=backup_ended)
@@ -116,7 +116,7 @@ async def test_backup_under_load_restores_into_a_new_cluster(
         again = await clients[restored.node_ids[0]].tokenize([some_value, "written after the restore"])
         assert again.tokens[0] == some_token
     # New API keys: the old cluster's key opens nothing here.
-    async with AsyncClient(restored.spec.http_urls, source.key("full")) as client:
+    async with AsyncClient(restored.spec.http_urls, source.key("full"), ca_file=restored.ca_file) as client:
         with pytest.raises(Unauthorized):
             await client.detokenize(tokens[:1])
 
@@ -131,7 +131,7 @@ async def test_a_damaged_backup_is_refused_and_builds_no_cluster(
     tokenvault_cli = str(Path(sys.executable).parent / "tokenvault")
     result = await asyncio.to_thread(run_command, [
         tokenvault_cli, "admin", "backup", "--url", source.url("n1"), "--api-key", source.key("admin"),
-        "--out", str(backup)])
+        "--ca-file", str(source.ca_file), "--out", str(backup)])
     assert result.returncode == 0, result.stderr
     data = bytearray(backup.read_bytes())
     if damage == "truncated":

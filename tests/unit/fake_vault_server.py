@@ -16,9 +16,12 @@ import json
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+
+from tokenvault.tls import NodeTlsFiles, create_cluster_tls, http_server_context
 
 DROP = "drop"
 
@@ -49,8 +52,10 @@ def problem(status: int, title: str, detail: str, headers: dict[str, str] | None
 class FakeVaultServer:
     """In-memory node; `responders[(method, path)]` overrides the default answer when it returns a reply."""
 
-    def __init__(self, node_id: str = "n1", role: str = "primary", api_key: str | None = None) -> None:
+    def __init__(self, node_id: str = "n1", role: str = "primary", api_key: str | None = None,
+                 tls_files: NodeTlsFiles | None = None) -> None:
         self.node_id = node_id
+        self.tls_files = tls_files  # serve https:// with this certificate, as a TLS node does
         self.role = role
         self.api_key = api_key
         self.requests: list[RecordedRequest] = []
@@ -89,10 +94,11 @@ class FakeVaultServer:
         app.router.add_route("*", "/{tail:.*}", self._handle)
         self._runner = web.AppRunner(app)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        context = http_server_context(self.tls_files) if self.tls_files is not None else None
+        site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=context)
         await site.start()
         port = self._runner.addresses[0][1]
-        return f"http://127.0.0.1:{port}"
+        return f"{'https' if context is not None else 'http'}://127.0.0.1:{port}"
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         raw = await request.read()
@@ -159,3 +165,8 @@ def closed_port_url() -> str:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     return f"http://127.0.0.1:{port}"
+
+
+def node_tls_files(directory: Path) -> NodeTlsFiles:
+    """A fresh cluster CA under `directory` and the files of one node (n1) on 127.0.0.1."""
+    return create_cluster_tls(directory, {"n1": ["127.0.0.1"]}).nodes["n1"]

@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import os
 import socket
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from tokenvault.config import (IdempotencyConfig, HttpConfig, MemberConfig, Node
 from tokenvault.crypto import MasterKey, write_secret_file
 from tokenvault.node import Node
 from tokenvault.service import NodeService
+from tokenvault.transport import GREETING
 
 POLL_INTERVAL_SECONDS = 0.01
 NONCE_BYTES = 32
@@ -309,9 +311,16 @@ class RawPeer:
         self.received: list[Message] = []
 
     @classmethod
-    async def connect(cls, port: int) -> "RawPeer":
+    async def connect(cls, port: int, *, greeting: bool = True, tls_context: ssl.SSLContext | None = None,
+                      timeout_seconds: float = 3.0) -> "RawPeer":
+        """Connect; by default wait for the acceptor's greeting (and then start TLS when given a context)."""
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        return cls(reader, writer)
+        peer = cls(reader, writer)
+        if greeting:
+            assert await asyncio.wait_for(reader.readexactly(len(GREETING)), timeout_seconds) == GREETING
+            if tls_context is not None:
+                await asyncio.wait_for(writer.start_tls(tls_context, server_hostname="127.0.0.1"), timeout_seconds)
+        return peer
 
     async def send(self, data: bytes) -> None:
         self.writer.write(data)

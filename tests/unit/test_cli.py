@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from fake_vault_server import FakeVaultServer, closed_port_url, problem
+from fake_vault_server import FakeVaultServer, closed_port_url, node_tls_files, problem
 from tokenvault.cli import tokenvault
+from tokenvault.config import load_config
 
 ADMIN_KEY = "tvk_" + "a" * 43
 TOKENIZER_KEY = "tvk_" + "t" * 43
@@ -30,7 +31,7 @@ def backup() -> Iterator[FakeVaultServer]:
 
 @pytest.fixture
 def runner(monkeypatch: pytest.MonkeyPatch) -> CliRunner:
-    for name in ("TOKENVAULT_URL", "TOKENVAULT_API_KEY", "TOKENVAULT_CLUSTER_JSON"):
+    for name in ("TOKENVAULT_URL", "TOKENVAULT_API_KEY", "TOKENVAULT_CLUSTER_JSON", "TOKENVAULT_CA_FILE"):
         monkeypatch.delenv(name, raising=False)
     return CliRunner(env={"COLUMNS": "200"})
 
@@ -193,3 +194,41 @@ def test_serve_with_an_invalid_config_is_one_clear_line_and_exit_2(runner: CliRu
     config.write_text('node_id = "n1"\n')
     result = runner.invoke(tokenvault, ["serve", "--config", str(config)])
     assert result.exit_code == 2 and "missing the required key" in result.stderr
+
+
+def test_https_nodes_are_verified_with_ca_file_env_or_cluster_json(runner: CliRunner, tmp_path: Path) -> None:
+    files = node_tls_files(tmp_path / "tls")
+    with FakeVaultServer("n1", api_key=ADMIN_KEY, tls_files=files) as node:
+        base = ["admin", "epoch", "list", "--url", node.url, "--api-key", ADMIN_KEY, "--retry-seconds", "0.3"]
+        untrusted = runner.invoke(tokenvault, base)
+        assert untrusted.exit_code == 3 and "certificate verify failed" in untrusted.stderr
+        with_option = runner.invoke(tokenvault, [*base, "--ca-file", str(files.ca_file)])
+        assert with_option.exit_code == 0, with_option.output
+        with_environment = runner.invoke(tokenvault, base, env={"TOKENVAULT_CA_FILE": str(files.ca_file)})
+        assert with_environment.exit_code == 0, with_environment.output
+        cluster_file = tmp_path / "cluster.json"
+        _write_cluster_json(cluster_file, [node.url])
+        document = json.loads(cluster_file.read_text())
+        cluster_file.write_text(json.dumps({**document, "ca_file": str(files.ca_file)}))
+        from_cluster_json = runner.invoke(tokenvault, ["admin", "epoch", "list", "--cluster-json", str(cluster_file)])
+        assert from_cluster_json.exit_code == 0, from_cluster_json.output
+        assert len(node.calls("/v1/admin/epochs")) == 3
+
+
+def test_a_missing_ca_file_is_a_usage_error(runner: CliRunner, tmp_path: Path) -> None:
+    result = runner.invoke(tokenvault, ["admin", "epoch", "list", "--url", "https://127.0.0.1:1", "--api-key",
+                                        ADMIN_KEY, "--ca-file", str(tmp_path / "nope.crt")])
+    assert result.exit_code == 2 and "nope.crt" in result.stderr and "does not exist" in result.stderr
+
+
+def test_serve_refuses_a_bad_certificate_with_one_line_naming_the_file(runner: CliRunner, tmp_path: Path) -> None:
+    from tokenvault import cluster
+
+    spec, _ = cluster.init_cluster(tmp_path / "vault", 1, 9300)
+    config = load_config(spec.nodes[0].config)
+    assert config.tls is not None
+    config.tls.cert_file.write_text("-----BEGIN CERTIFICATE-----\ngarbage\n-----END CERTIFICATE-----\n")
+    result = runner.invoke(tokenvault, ["serve", "--config", str(spec.nodes[0].config)])
+    assert result.exit_code == 2
+    assert str(config.tls.cert_file) in result.stderr and "does not hold a PEM certificate" in result.stderr
+    assert "Traceback" not in result.output and len(result.stderr.strip().splitlines()) == 1

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from fake_vault_server import DROP, FakeVaultServer, Reply, closed_port_url, problem
+from fake_vault_server import DROP, FakeVaultServer, Reply, closed_port_url, node_tls_files, problem
 from tokenvault import client as client_module
 from tokenvault.client import (AsyncClient, Client, ConfigurationError, Conflict, Forbidden, NoNodeAvailable,
                                ResponseError, ServiceUnavailable, Unauthorized, normalize_urls)
@@ -193,3 +194,33 @@ def test_sync_client_round_trip_and_epochs(node_a: FakeVaultServer) -> None:
         assert vault.cluster()["nodes"][0]["id"] == "n1"
         assert repr(vault).count(API_KEY) == 0
 
+
+
+# ---------------------------------------------------------------- https and the cluster CA
+
+
+def test_https_nodes_are_verified_against_the_given_ca(tmp_path: Path) -> None:
+    files = node_tls_files(tmp_path / "tls")
+    with FakeVaultServer("n1", tls_files=files, api_key=API_KEY) as node:
+        assert node.url.startswith("https://")
+        with Client(node.url, API_KEY, ca_file=files.ca_file) as vault:
+            assert vault.health()["node_id"] == "n1"
+            assert vault.tokenize(["v"]).epoch == 1
+        # Without the cluster CA the node's certificate is not trusted, and nothing is sent to it.
+        with Client(node.url, API_KEY, deadline_seconds=0.2) as vault:
+            with pytest.raises(NoNodeAvailable, match="certificate verify failed|SSL"):
+                vault.tokenize(["v"])
+        other = node_tls_files(tmp_path / "other")
+        with Client(node.url, API_KEY, deadline_seconds=0.2, ca_file=other.ca_file) as vault:
+            with pytest.raises(NoNodeAvailable):
+                vault.tokenize(["v"])
+        assert len(node.calls("/v1/tokenize")) == 1
+
+
+def test_an_unusable_ca_file_is_a_configuration_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match="missing.crt.*does not exist"):
+        AsyncClient("https://127.0.0.1:1", API_KEY, ca_file=tmp_path / "missing.crt")
+    garbage = tmp_path / "garbage.crt"
+    garbage.write_text("not a certificate")
+    with pytest.raises(ConfigurationError, match="does not hold a PEM certificate"):
+        AsyncClient("https://127.0.0.1:1", API_KEY, ca_file=garbage)

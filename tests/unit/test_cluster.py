@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from tokenvault import cluster, demo
+from tokenvault import cluster, demo, tls
 from tokenvault.auth import hash_api_key
 from tokenvault.cluster import ClusterError, NodeSettings
 from tokenvault.cluster_cli import run_cluster
@@ -51,6 +51,11 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, *arguments):
         pass
 server = ThreadingHTTPServer((config["http"]["host"], config["http"]["port"]), Handler)
+if "tls" in config:  # a TLS cluster: serve /health over HTTPS with the node's certificate, as the node does
+    import ssl
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(config["tls"]["cert_file"], config["tls"]["key_file"])
+    server.socket = context.wrap_socket(server.socket, server_side=True)
 stop = threading.Event()
 if os.environ.get("FAKE_NODE_IGNORE_SIGTERM"):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -103,11 +108,12 @@ def test_generation_writes_contract_cluster_json_with_absolute_paths_and_ports(c
     spec, created = cluster.init_cluster(cluster_directory, 3, 9300)
     assert created
     document = json.loads((cluster_directory / "cluster.json").read_text())
-    assert set(document) == {"nodes", "api_keys"}
+    assert set(document) == {"nodes", "api_keys", "ca_file"}
+    assert document["ca_file"] == str(cluster_directory / "tls" / "ca.crt") and Path(document["ca_file"]).is_file()
     assert [node["id"] for node in document["nodes"]] == ["n1", "n2", "n3"]
     for number, node in enumerate(document["nodes"], start=1):
         assert set(node) == {"id", "http_url", "peer_addr", "data_dir", "log_file", "pid_file", "config"}
-        assert node["http_url"] == f"http://127.0.0.1:{9300 + number}"
+        assert node["http_url"] == f"https://127.0.0.1:{9300 + number}"
         assert node["peer_addr"] == f"127.0.0.1:{9400 + number}"
         for key in ("data_dir", "log_file", "pid_file", "config"):
             assert Path(node[key]).is_absolute()
@@ -229,6 +235,52 @@ def test_node_configs_hold_only_hashes_and_load(cluster_directory: Path) -> None
         assert config.load_cluster_secret() == bytes.fromhex((cluster_directory / "cluster.secret").read_text())
 
 
+def test_tls_by_default_a_ca_and_one_certificate_per_node(cluster_directory: Path) -> None:
+    spec, _ = cluster.init_cluster(cluster_directory, 3, 9300)
+    assert spec.ca_file == cluster_directory / "tls" / "ca.crt" and spec.uses_tls
+    assert mode_of(cluster_directory / "tls") == 0o700
+    for node in spec.nodes:
+        config = load_config(node.config)
+        assert config.tls is not None and config.tls.ca_file == spec.ca_file
+        assert mode_of(config.tls.key_file) == 0o600
+        # The certificate is signed by the cluster CA, names the node id and its host.
+        certificate = tls.check_node_files(config.tls.files(), node.node_id)
+        assert tls.certificate_node_ids(certificate) == (node.node_id,)
+        assert all(member.http_url.startswith("https://") for member in config.members)
+    assert mode_of(cluster_directory / "tls" / "ca.key") == 0o600
+
+
+def test_tls_false_makes_a_plain_cluster(cluster_directory: Path) -> None:
+    settings = cluster.settings_from_environment({"TOKENVAULT_TLS": "false"})
+    assert settings.tls is False
+    spec, _ = cluster.init_cluster(cluster_directory, 3, 9300, settings=settings)
+    document = json.loads((cluster_directory / "cluster.json").read_text())
+    assert document["ca_file"] is None and spec.ca_file is None
+    assert all(node["http_url"].startswith("http://") for node in document["nodes"])
+    assert not (cluster_directory / "tls").exists()
+    assert all(load_config(node.config).tls is None for node in spec.nodes)
+
+
+def test_a_cluster_json_from_before_tls_loads_as_plain(cluster_directory: Path) -> None:
+    spec, _ = cluster.init_cluster(cluster_directory, 1, 9300, settings=NodeSettings(tls=False))
+    document = json.loads((cluster_directory / "cluster.json").read_text())
+    del document["ca_file"]
+    (cluster_directory / "cluster.json").write_text(json.dumps(document))
+    again = cluster.load_cluster(cluster_directory)
+    assert again.ca_file is None and again.nodes == spec.nodes
+
+
+def test_a_plain_cluster_is_warned_about_at_start(fake_serve: None, cluster_directory: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    ports = free_port_pairs(1)
+    cluster.init_cluster(cluster_directory, 1, ports=ports, settings=NodeSettings(tls=False))
+    monkeypatch.setenv("TOKENVAULT_CLUSTER_DIR", str(cluster_directory))
+    result = CliRunner().invoke(run_cluster, ["start", "--timeout-seconds", "20"])
+    assert result.exit_code == 0, result.output
+    assert "warning: the cluster in" in result.output and "without TLS" in result.output
+    cluster.stop_cluster(cluster_directory, 5)
+
+
 def test_second_init_keeps_keys_and_refuses_another_node_count(cluster_directory: Path) -> None:
     first, _ = cluster.init_cluster(cluster_directory, 3, 9300)
     master_key = key_file(cluster_directory).read_text()
@@ -259,7 +311,7 @@ def test_environment_knobs_reach_the_node_configs(cluster_directory: Path) -> No
                    "TOKENVAULT_WAL_FSYNC": "false", "TOKENVAULT_LOG_LEVEL": "debug", "TOKENVAULT_SEALER": "false"}
     settings = cluster.settings_from_environment(environment)
     assert settings == NodeSettings("debug", TimingConfig(10, 8, 1, 900), WalConfig(fsync=False),
-                                    SealerConfig(enabled=False))
+                                    SealerConfig(enabled=False), tls=True)
     spec, _ = cluster.init_cluster(cluster_directory, 1, 9300, settings=settings)
     config = load_config(spec.nodes[0].config)
     assert config.timing == TimingConfig(10, 8, 1, 900)
@@ -269,7 +321,7 @@ def test_environment_knobs_reach_the_node_configs(cluster_directory: Path) -> No
 
 @pytest.mark.parametrize("environment", [{"TOKENVAULT_TICK_MS": "fast"}, {"TOKENVAULT_TICK_MS": "0"},
                                          {"TOKENVAULT_WAL_FSYNC": "maybe"}, {"TOKENVAULT_LOG_LEVEL": "loud"},
-                                         {"TOKENVAULT_SEALER": "yes"},
+                                         {"TOKENVAULT_SEALER": "yes"}, {"TOKENVAULT_TLS": "off"},
                                          {"TOKENVAULT_ELECTION_TIMEOUT_TICKS": "4",
                                           "TOKENVAULT_HEARTBEAT_INTERVAL_TICKS": "9"}])
 def test_bad_environment_knobs_are_clear_errors(environment: dict[str, str]) -> None:

@@ -16,6 +16,7 @@ from tokenvault.config import (
     NodeConfig,
     PeerConfig,
     TimingConfig,
+    TlsConfig,
     WalConfig,
     load_config,
     parse_config,
@@ -147,7 +148,9 @@ def test_minimal_config_gets_the_documented_defaults() -> None:
         (('peer_addr = "127.0.0.1:8201"', 'peer_addr = "127.0.0.1:70000"'), "between 1 and 65535"),
         (('peer_addr = "127.0.0.1:8201"', 'peer_addr = "127.0.0.1"'), "host:port"),
         (('peer_addr = "127.0.0.1:8201"', 'peer_addr = "bad host:1"'), "IP address or a host name"),
-        (('http_url = "http://127.0.0.1:8101"', 'http_url = "https://127.0.0.1:8101"'), "http://host:port"),
+        (('http_url = "http://127.0.0.1:8101"', 'http_url = "https://127.0.0.1:8101"'),
+         r"must start with http:// \(the config has no \[tls\] section\)"),
+        (('http_url = "http://127.0.0.1:8101"', 'http_url = "ftp://127.0.0.1:8101"'), "https://host:port"),
         (('http_url = "http://127.0.0.1:8101"', 'http_url = "http://127.0.0.1"'), "host and a port"),
         (('http_url = "http://127.0.0.1:8101"', 'http_url = "http://u:p@127.0.0.1:1"'), "credentials"),
         (('http_url = "http://127.0.0.1:8101"', 'http_url = "http://h:1/path"'), "http://host:port"),
@@ -347,3 +350,52 @@ def test_load_cluster_secret(tmp_path: Path) -> None:
     os.chmod(tmp_path / "cluster.secret", 0o640)
     with pytest.raises(ConfigError, match="chmod 600"):
         config.load_cluster_secret()
+
+
+# ---------------------------------------------------------------- [tls]
+
+TLS_SECTION = """
+[tls]
+cert_file = "/abs/.cluster/tls/n1.crt"
+key_file = "/abs/.cluster/tls/n1.key"
+ca_file = "/abs/.cluster/tls/ca.crt"
+"""
+
+
+def _https(text: str) -> str:
+    return text.replace('http_url = "http://', 'http_url = "https://')
+
+
+def test_a_tls_section_with_https_members_loads_and_round_trips(tmp_path: Path) -> None:
+    config = parse_config(_https(MINIMAL) + TLS_SECTION)
+    assert config.tls == TlsConfig(Path("/abs/.cluster/tls/n1.crt"), Path("/abs/.cluster/tls/n1.key"),
+                                   Path("/abs/.cluster/tls/ca.crt"))
+    assert config.self_member.http_url == "https://127.0.0.1:8101"
+    path = tmp_path / "node.toml"
+    write_node_config(path, config)
+    assert load_config(path) == config
+    assert parse_config(MINIMAL).tls is None and "[tls]" not in to_toml(parse_config(MINIMAL))
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (MINIMAL + TLS_SECTION, r"must start with https:// \(the config has a \[tls\] section\)"),
+        (_https(MINIMAL) + TLS_SECTION.replace('ca_file = "/abs/.cluster/tls/ca.crt"\n', ""),
+         r"\[tls\] is missing ca_file"),
+        (_https(MINIMAL) + TLS_SECTION.replace('"/abs/.cluster/tls/n1.key"', '"relative.key"'),
+         "tls.key_file must be an absolute path"),
+        (_https(MINIMAL) + TLS_SECTION + "surprise = 1\n", r"\[tls\]: unknown key"),
+        ("tls = 1\n" + _https(MINIMAL), r"\[tls\] must be a table"),
+    ],
+)
+def test_bad_tls_sections_are_refused(text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_config(text)
+
+
+def test_peer_max_unauthenticated_connections_is_bounded() -> None:
+    assert PeerConfig().max_unauthenticated_connections == 8
+    for bad in (0, 1025):
+        with pytest.raises(ConfigError, match="peer.max_unauthenticated_connections"):
+            PeerConfig(max_unauthenticated_connections=bad)

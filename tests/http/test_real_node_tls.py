@@ -1,0 +1,81 @@
+"""A real `tokenvault serve` node serves its HTTP API over TLS by default, verified against the cluster CA."""
+
+from __future__ import annotations
+
+import json
+import socket
+import ssl
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from _real_node import RealNode, start_real_node
+from tokenvault.client import Client, NoNodeAvailable
+from tokenvault.tls import http_client_context
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def tls_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealNode]:
+    node = start_real_node(tmp_path_factory.mktemp("tls-node"))
+    try:
+        yield node
+    finally:
+        node.stop()
+
+
+def _host_port(node: RealNode) -> tuple[str, int]:
+    return "127.0.0.1", node.node.http_port
+
+
+def test_the_node_url_is_https_and_cluster_json_names_the_ca(tls_node: RealNode) -> None:
+    document = json.loads(tls_node.spec.cluster_file.read_text())
+    assert document["ca_file"] == str(tls_node.ca_file) and Path(document["ca_file"]).is_absolute()
+    assert document["nodes"][0]["http_url"].startswith("https://127.0.0.1:")
+
+
+def test_requests_over_tls_verified_against_the_ca(tls_node: RealNode) -> None:
+    reply = tls_node.request("GET", "/health")
+    assert reply.status == 200 and reply.json()["node_id"] == "n1"
+    with Client(tls_node.base_url, tls_node.full_key, ca_file=tls_node.ca_file) as vault:
+        tokens = vault.tokenize(["over-tls"]).tokens
+        assert vault.detokenize(tokens) == ("over-tls",)
+
+
+def test_without_the_ca_the_node_is_not_trusted(tls_node: RealNode) -> None:
+    with Client(tls_node.base_url, tls_node.full_key, deadline_seconds=0.2) as vault:
+        with pytest.raises(NoNodeAvailable, match="certificate verify failed"):
+            vault.health(tls_node.base_url)
+
+
+def test_plain_http_on_the_tls_port_gets_no_api_answer(tls_node: RealNode) -> None:
+    received = b""
+    with socket.create_connection(_host_port(tls_node), timeout=5) as raw:
+        raw.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        try:
+            while chunk := raw.recv(65536):
+                received += chunk
+        except ConnectionError:
+            pass
+    # At most a TLS alert comes back, never an HTTP answer.
+    assert not received.startswith(b"HTTP/") and b'"status"' not in received
+
+
+@pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1_1 is deprecated:DeprecationWarning")
+def test_tls_1_1_is_refused_and_1_2_accepted(tls_node: RealNode) -> None:
+    for version, accepted in ((ssl.TLSVersion.TLSv1_2, True), (ssl.TLSVersion.TLSv1_1, False)):
+        context = http_client_context(tls_node.ca_file)
+        context.minimum_version = ssl.TLSVersion.MINIMUM_SUPPORTED
+        context.maximum_version = version
+        try:
+            context.set_ciphers("DEFAULT:@SECLEVEL=0")
+        except ssl.SSLError:
+            pass
+        with socket.create_connection(_host_port(tls_node), timeout=5) as raw:
+            try:
+                with context.wrap_socket(raw, server_hostname="127.0.0.1") as wrapped:
+                    assert accepted and wrapped.version() == "TLSv1.2"
+            except (ssl.SSLError, ConnectionError):
+                assert not accepted

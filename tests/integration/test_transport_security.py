@@ -1,0 +1,130 @@
+"""Real node processes: TLS by default, the explicit plain mode, and what an unauthenticated peer costs.
+
+The audit probe this answers: one unauthenticated 16 MiB frame on the peer port
+raised a node's RSS from 29 to 205 MB (three at once: 684 MB) because the frame
+was buffered whole before the handshake. Now the handshake reads at most 1 KiB
+of frame and a bounded number of unauthenticated connections.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import socket
+import struct
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from harness import ClusterHarness, fast_settings, wait_for
+
+pytestmark = pytest.mark.integration
+
+FRAME_BYTES = 16 * 1024 * 1024
+ATTACKERS = 3
+RSS_GROWTH_BYTES_MAX = 8 * 1024 * 1024
+CLOSE_TIMEOUT_SECONDS = 5.0
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+def send_unauthenticated_frame(port: int) -> tuple[str, bool]:
+    """Connect and send a 16 MiB frame at once; returns (our address, whether the node closed the link)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=CLOSE_TIMEOUT_SECONDS) as connection:
+        address = "%s:%d" % connection.getsockname()[:2]
+        try:
+            connection.sendall(struct.pack(">I", FRAME_BYTES) + b"\x00" * FRAME_BYTES)
+        except (BrokenPipeError, ConnectionResetError):
+            return address, True  # closed before we could even write it all
+        except TimeoutError:
+            return address, False  # the node kept the link open and stopped reading: not what we want
+        try:
+            while connection.recv(65536):
+                pass
+        except ConnectionResetError:
+            pass
+        except TimeoutError:
+            return address, False
+        return address, True
+
+
+def attack(harness: ClusterHarness, node_id: str) -> list[tuple[str, bool]]:
+    port = harness.node(node_id).peer_port
+    with concurrent.futures.ThreadPoolExecutor(max_workers=ATTACKERS) as pool:
+        return list(pool.map(send_unauthenticated_frame, [port] * ATTACKERS))
+
+
+@pytest.mark.parametrize("tls", [True, False], ids=["tls", "plain"])
+async def test_unauthenticated_16_mib_frames_cost_a_node_almost_no_memory(
+        make_cluster: Callable[..., ClusterHarness], tls: bool) -> None:
+    harness = make_cluster(settings=dataclasses.replace(fast_settings(), tls=tls))
+    primary = harness.wait_for_primary()
+    target = next(node_id for node_id in harness.node_ids if node_id != primary)
+    pid = harness.pid(target)
+    assert pid is not None
+    before = rss_bytes(pid)
+    mark = harness.log_mark(target)
+    results = attack(harness, target)
+    assert all(closed for _, closed in results), results
+    after = rss_bytes(pid)
+    assert after - before < RSS_GROWTH_BYTES_MAX, f"RSS grew from {before} to {after} bytes"
+    # Each refusal is logged with the attacker's address; the node stays in the cluster and serves.
+    failures = wait_for(lambda: (lambda found: found if len(found) >= ATTACKERS else None)(
+        harness.find_events(target, "peer.handshake_failed", mark)), 5, "the refusals in the log")
+    assert {event["remote"] for event in failures} >= {address for address, _ in results}
+    if not tls:
+        assert {event["reason"] for event in failures} == {"ProtocolError"}
+    async with harness.client(target) as client:
+        tokens = (await client.tokenize(["after-the-attack"])).tokens
+    async with harness.client() as client:
+        assert await client.detokenize(tokens) == ("after-the-attack",)
+
+
+async def test_a_plain_cluster_works_when_asked_for_and_warns(make_cluster: Callable[..., ClusterHarness]) -> None:
+    harness = make_cluster(settings=dataclasses.replace(fast_settings(), tls=False))
+    assert harness.ca_file is None
+    assert all(harness.url(node_id).startswith("http://") for node_id in harness.node_ids)
+    primary = harness.wait_for_primary()
+    backup = next(node_id for node_id in harness.node_ids if node_id != primary)
+    async with harness.client(backup) as client:  # a backup forwards the write over a plain peer link
+        tokens = (await client.tokenize(["plain-value"])).tokens
+    async with harness.client() as client:
+        assert await client.detokenize(tokens) == ("plain-value",)
+    for node_id in harness.node_ids:
+        assert harness.find_events(node_id, "node.tls_disabled"), f"{node_id} did not warn about plain mode"
+
+
+async def test_a_tls_cluster_uses_https_and_mutual_tls_links(make_cluster: Callable[..., ClusterHarness]) -> None:
+    harness = make_cluster()
+    assert harness.ca_file is not None and harness.ca_file.is_file()
+    assert all(harness.url(node_id).startswith("https://") for node_id in harness.node_ids)
+    primary = harness.wait_for_primary()
+    backup = next(node_id for node_id in harness.node_ids if node_id != primary)
+    async with harness.client(backup) as client:  # forwarded to the primary over a mutual-TLS peer link
+        tokens = (await client.tokenize(["tls-value"])).tokens
+    async with harness.client() as client:
+        assert await client.detokenize(tokens) == ("tls-value",)
+    for node_id in harness.node_ids:
+        assert not harness.find_events(node_id, "node.tls_disabled")
+        assert not harness.find_events(node_id, "peer.handshake_failed")
+    # A plain-TCP stranger on the peer port is refused at the TLS layer and logged with its address.
+    target = harness.node_ids[-1]
+    mark = harness.log_mark(target)
+    with socket.create_connection(("127.0.0.1", harness.node(target).peer_port), timeout=5) as stranger:
+        address = "%s:%d" % stranger.getsockname()[:2]
+        stranger.sendall(b"\x00\x00\x00\x10" + b"hello, let me in")
+        deadline = time.monotonic() + CLOSE_TIMEOUT_SECONDS
+        while time.monotonic() < deadline:
+            try:
+                if not stranger.recv(65536):
+                    break
+            except ConnectionResetError:
+                break
+    harness.wait_for_event(target, "peer.handshake_failed", mark, remote=address)

@@ -1,0 +1,219 @@
+"""tokenvault.tls: the cluster CA, node certificates, file checks and the SSL contexts built on them."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import ipaddress
+import os
+import ssl
+import stat
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import NameOID
+
+from tokenvault import tls
+from tokenvault.tls import NodeTlsFiles, TlsError
+
+
+@pytest.fixture(scope="module")
+def cluster_files(tmp_path_factory: pytest.TempPathFactory) -> tls.ClusterTlsFiles:
+    directory = tmp_path_factory.mktemp("tls") / "tls"
+    return tls.create_cluster_tls(directory, {"n1": ["127.0.0.1"], "n2": ["127.0.0.1", "vault-2.example"]})
+
+
+def test_generation_writes_a_ca_and_one_certificate_per_node(cluster_files: tls.ClusterTlsFiles) -> None:
+    ca = tls.load_certificate(cluster_files.ca_cert_file)
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is True
+    assert set(cluster_files.nodes) == {"n1", "n2"}
+    for node_id, files in cluster_files.nodes.items():
+        certificate = tls.check_node_files(files, node_id)
+        assert certificate.issuer == ca.subject
+        assert certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == node_id
+        assert certificate.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is False
+
+
+def test_node_certificates_name_the_host_and_the_node(cluster_files: tls.ClusterTlsFiles) -> None:
+    names = tls.load_certificate(cluster_files.nodes["n2"].cert_file).extensions.get_extension_for_class(
+        x509.SubjectAlternativeName).value
+    assert names.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("127.0.0.1")]
+    assert names.get_values_for_type(x509.DNSName) == ["vault-2.example"]
+    assert names.get_values_for_type(x509.UniformResourceIdentifier) == ["urn:tokenvault:node:n2"]
+    assert tls.certificate_node_ids(tls.load_certificate(cluster_files.nodes["n1"].cert_file)) == ("n1",)
+
+
+def test_private_keys_are_written_mode_0600(cluster_files: tls.ClusterTlsFiles) -> None:
+    keys = [cluster_files.ca_key_file, *(files.key_file for files in cluster_files.nodes.values())]
+    for key_file in keys:
+        assert stat.S_IMODE(key_file.stat().st_mode) == 0o600, key_file
+    assert stat.S_IMODE(cluster_files.ca_cert_file.parent.stat().st_mode) == 0o700
+
+
+def _copy(source: Path, target: Path, mode: int = 0o600) -> Path:
+    target.write_bytes(source.read_bytes())
+    target.chmod(mode)
+    return target
+
+
+def _expect_error(files: NodeTlsFiles, *fragments: str, node_id: str | None = None) -> str:
+    with pytest.raises(TlsError) as caught:
+        tls.check_node_files(files, node_id)
+    message = str(caught.value)
+    for fragment in fragments:
+        assert fragment in message, message
+    # Never key material: no PEM armour and no base64 body of the key file in the message.
+    assert "BEGIN" not in message and "PRIVATE" not in message
+    return message
+
+
+def test_a_missing_file_is_named(cluster_files: tls.ClusterTlsFiles, tmp_path: Path) -> None:
+    files = cluster_files.nodes["n1"]
+    missing = tmp_path / "nowhere.crt"
+    _expect_error(NodeTlsFiles(missing, files.key_file, files.ca_file), str(missing), "does not exist")
+
+
+def test_a_key_readable_by_others_is_refused(cluster_files: tls.ClusterTlsFiles, tmp_path: Path) -> None:
+    files = cluster_files.nodes["n1"]
+    loose = _copy(files.key_file, tmp_path / "loose.key", 0o644)
+    _expect_error(NodeTlsFiles(files.cert_file, loose, files.ca_file), str(loose), "0644", "0600")
+
+
+def test_an_unreadable_file_is_named(cluster_files: tls.ClusterTlsFiles, tmp_path: Path) -> None:
+    files = cluster_files.nodes["n1"]
+    directory = tmp_path / "a-directory.crt"
+    directory.mkdir()
+    _expect_error(NodeTlsFiles(directory, files.key_file, files.ca_file), str(directory), "not a regular file")
+
+
+def test_garbage_in_place_of_a_certificate_or_key(cluster_files: tls.ClusterTlsFiles, tmp_path: Path) -> None:
+    files = cluster_files.nodes["n1"]
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_bytes(b"-----BEGIN CERTIFICATE-----\nnot base64 at all\n-----END CERTIFICATE-----\n")
+    garbage.chmod(0o600)
+    _expect_error(NodeTlsFiles(garbage, files.key_file, files.ca_file), str(garbage),
+                  "does not hold a PEM certificate")
+    _expect_error(NodeTlsFiles(files.cert_file, garbage, files.ca_file), str(garbage),
+                  "does not hold a PEM private key")
+
+
+def test_an_encrypted_key_is_refused_with_a_clear_message(cluster_files: tls.ClusterTlsFiles, tmp_path: Path) -> None:
+    files = cluster_files.nodes["n1"]
+    key = tls.load_private_key(files.key_file)
+    encrypted = tmp_path / "encrypted.key"
+    encrypted.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                            serialization.BestAvailableEncryption(b"passphrase")))
+    encrypted.chmod(0o600)
+    _expect_error(NodeTlsFiles(files.cert_file, encrypted, files.ca_file), str(encrypted), "is encrypted")
+
+
+def test_a_key_that_belongs_to_another_certificate(cluster_files: tls.ClusterTlsFiles) -> None:
+    n1, n2 = cluster_files.nodes["n1"], cluster_files.nodes["n2"]
+    _expect_error(NodeTlsFiles(n1.cert_file, n2.key_file, n1.ca_file), str(n2.key_file), "does not belong")
+
+
+def test_a_certificate_from_another_ca(cluster_files: tls.ClusterTlsFiles, tmp_path: Path) -> None:
+    other = tls.create_cluster_tls(tmp_path / "other", {"n1": ["127.0.0.1"]})
+    files = cluster_files.nodes["n1"]
+    _expect_error(NodeTlsFiles(other.nodes["n1"].cert_file, other.nodes["n1"].key_file, files.ca_file),
+                  "not signed by the CA", str(files.ca_file))
+
+
+def test_a_certificate_for_another_node(cluster_files: tls.ClusterTlsFiles) -> None:
+    _expect_error(cluster_files.nodes["n2"], "does not name node 'n1'", node_id="n1")
+
+
+def test_an_expired_certificate_and_one_not_yet_valid(cluster_files: tls.ClusterTlsFiles) -> None:
+    files = cluster_files.nodes["n1"]
+    later = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=tls.NODE_VALIDITY_DAYS + 1)
+    with pytest.raises(TlsError, match="expired on"):
+        tls.check_node_files(files, "n1", now=later)
+    earlier = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=1)
+    with pytest.raises(TlsError, match="not valid before"):
+        tls.check_node_files(files, "n1", now=earlier)
+
+
+def test_an_expired_certificate_on_disk_is_refused(cluster_files: tls.ClusterTlsFiles, tmp_path: Path) -> None:
+    files = cluster_files.nodes["n1"]
+    cert_file, key_file = tmp_path / "old.crt", tmp_path / "old.key"
+    tls.create_node_certificate(files.ca_file, cluster_files.ca_key_file, "n1", ["127.0.0.1"], cert_file, key_file,
+                                valid_days=0)
+    # valid_days=0 ends validity now; a moment later it has expired.
+    _expect_error(NodeTlsFiles(cert_file, key_file, files.ca_file), str(cert_file), "expired")
+
+
+def test_generation_refuses_an_existing_directory(tmp_path: Path) -> None:
+    (tmp_path / "tls").mkdir()
+    with pytest.raises(FileExistsError):
+        tls.create_cluster_tls(tmp_path / "tls", {"n1": ["127.0.0.1"]})
+
+
+def test_contexts_require_tls_1_2_for_http_and_1_3_and_client_certificates_for_peers(
+        cluster_files: tls.ClusterTlsFiles) -> None:
+    files = cluster_files.nodes["n1"]
+    http_server, peers = tls.load_node_tls(files, "n1")
+    assert http_server.minimum_version == ssl.TLSVersion.TLSv1_2
+    assert http_server.verify_mode == ssl.CERT_NONE
+    client = tls.http_client_context(files.ca_file)
+    assert client.verify_mode == ssl.CERT_REQUIRED and client.check_hostname
+    assert peers.server.verify_mode == ssl.CERT_REQUIRED and peers.server.minimum_version == ssl.TLSVersion.TLSv1_3
+    assert peers.client.verify_mode == ssl.CERT_REQUIRED and peers.client.check_hostname
+
+
+def test_http_client_context_with_a_bad_ca_file(tmp_path: Path) -> None:
+    with pytest.raises(TlsError, match="does not exist"):
+        tls.http_client_context(tmp_path / "missing-ca.crt")
+
+
+async def _handshake(server: ssl.SSLContext, client: ssl.SSLContext,
+                     server_hostname: str = "127.0.0.1") -> dict | None:
+    """One TLS connection over 127.0.0.1; returns the server's view of the client certificate."""
+    seen: list[dict | None] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen.append(writer.get_extra_info("peercert"))
+        writer.write(b"ok")
+        await writer.drain()
+        writer.close()
+
+    server_socket = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=server)
+    port = server_socket.sockets[0].getsockname()[1]
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client, server_hostname=server_hostname)
+        assert await reader.read(2) == b"ok"
+        writer.close()
+    finally:
+        server_socket.close()
+    return seen[0] if seen else None
+
+
+async def test_an_https_client_trusts_the_node_only_through_the_cluster_ca(
+        cluster_files: tls.ClusterTlsFiles, tmp_path: Path) -> None:
+    files = cluster_files.nodes["n1"]
+    server, _ = tls.load_node_tls(files, "n1")
+    await _handshake(server, tls.http_client_context(files.ca_file))
+    other = tls.create_cluster_tls(tmp_path / "other", {"n1": ["127.0.0.1"]})
+    with pytest.raises(ssl.SSLCertVerificationError):
+        await _handshake(server, tls.http_client_context(other.ca_cert_file))
+    with pytest.raises(ssl.SSLCertVerificationError):  # the certificate does not name this host
+        await _handshake(server, tls.http_client_context(files.ca_file), server_hostname="localhost")
+
+
+async def test_peer_contexts_carry_the_node_identity_both_ways(cluster_files: tls.ClusterTlsFiles) -> None:
+    _, n1 = tls.load_node_tls(cluster_files.nodes["n1"], "n1")
+    _, n2 = tls.load_node_tls(cluster_files.nodes["n2"], "n2")
+    client_certificate = await _handshake(n2.server, n1.client)
+    assert tls.peer_node_ids(client_certificate) == ("n1",)
+
+
+def test_peer_node_ids_ignores_other_names() -> None:
+    assert tls.peer_node_ids(None) == ()
+    assert tls.peer_node_ids({"subjectAltName": (("DNS", "urn:tokenvault:node:n9"), ("URI", "https://x"),
+                                                 ("URI", "urn:tokenvault:node:n3"))}) == ("n3",)
+
+
+def test_no_file_is_group_or_world_writable(cluster_files: tls.ClusterTlsFiles) -> None:
+    for path in cluster_files.ca_cert_file.parent.iterdir():
+        assert not stat.S_IMODE(os.stat(path).st_mode) & 0o022, path

@@ -1,8 +1,20 @@
 """API keys: generation, hashing and constant-time verification, and scopes.
 
-A node config stores only the SHA-256 of each API key with its name and scopes.
-The name is the principal: it scopes idempotency keys and appears in logs; the
-key itself never leaves the client and this module's stack frames.
+Two kinds of keys authenticate requests:
+
+- bootstrap keys, from the node config, which stores only the SHA-256 of each
+  key with its name and scopes;
+- runtime keys, created and revoked through the admin API as replicated log
+  entries (``tvk1_<key id>_<secret>``). The store keeps the public key id, a
+  random per-key salt and HMAC-SHA256(salt, key); the id finds the entry with
+  one lookup and the digest is compared in constant time.
+
+Runtime keys carry 256 random bits, so a salted fast hash is the right tool:
+a slow KDF protects guessable passwords, and nothing here is guessable. The
+salt makes equal keys hash differently and keeps precomputed tables useless.
+The principal's identity scopes idempotency keys and names the caller in the
+audit trail; the key itself never leaves the client and this module's stack
+frames.
 """
 
 from __future__ import annotations
@@ -13,12 +25,19 @@ import hmac
 import os
 import re
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable
 
 ADMIN = "admin"
 TOKENIZE = "tokenize"
 DETOKENIZE = "detokenize"
 ALL_SCOPES: frozenset[str] = frozenset({ADMIN, TOKENIZE, DETOKENIZE})
+
+RUNTIME_KEY_PREFIX = "tvk1_"
+RUNTIME_KEY_ID_BYTES = 8
+# 8 bytes are 16 lowercase hex characters: the public id of a runtime key.
+RUNTIME_KEY_ID_PATTERN = re.compile(r"[0-9a-f]{16}\Z")
+RUNTIME_KEY_SALT_BYTES = 16
+RUNTIME_KEY_DIGEST_BYTES = 32
 
 API_KEY_PREFIX = "tvk_"
 API_KEY_RANDOM_BYTES = 32
@@ -37,13 +56,60 @@ class ApiKeyTableError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Principal:
-    """Who sent a request: the API key's configured name and its scopes."""
+    """Who sent a request: the API key's name, its scopes and, for a runtime key, its id."""
 
     name: str
     scopes: frozenset[str]
+    key_id: str | None = None
 
     def has_scope(self, scope: str) -> bool:
         return scope in self.scopes
+
+    @property
+    def identity(self) -> str:
+        """What scopes idempotency keys: the bootstrap key's name, or ``key-<id>`` for a runtime key.
+
+        Runtime key names are labels chosen by an admin and may repeat or equal
+        a bootstrap name; the id is unique, and ``-`` never starts a bootstrap name."""
+        return self.name if self.key_id is None else f"key-{self.key_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeKey:
+    """One replicated API key as the store holds it: never the key, only its salted digest."""
+
+    key_id: str
+    name: str
+    scopes: frozenset[str]
+    salt: bytes
+    digest: bytes
+    created_at_ms: int
+    created_by: str
+
+
+def new_runtime_key() -> tuple[str, str, bytes, bytes]:
+    """(key id, key, salt, digest) of a new runtime key; only the id, salt and digest are stored."""
+    key_id = os.urandom(RUNTIME_KEY_ID_BYTES).hex()
+    secret = base64.urlsafe_b64encode(os.urandom(API_KEY_RANDOM_BYTES)).rstrip(b"=").decode("ascii")
+    key = f"{RUNTIME_KEY_PREFIX}{key_id}_{secret}"
+    salt = os.urandom(RUNTIME_KEY_SALT_BYTES)
+    return key_id, key, salt, runtime_key_digest(salt, key)
+
+
+def runtime_key_digest(salt: bytes, key: str) -> bytes:
+    """HMAC-SHA256 keyed by the per-key salt over the whole key."""
+    return hmac.new(salt, key.encode("utf-8"), hashlib.sha256).digest()
+
+
+def runtime_key_id(presented: str) -> str | None:
+    """The public id of a presented runtime key, or None if it does not have the runtime format."""
+    if not presented.startswith(RUNTIME_KEY_PREFIX):
+        return None
+    start = len(RUNTIME_KEY_PREFIX)
+    key_id = presented[start:start + 2 * RUNTIME_KEY_ID_BYTES]
+    if presented[start + len(key_id):start + len(key_id) + 1] != "_" or not RUNTIME_KEY_ID_PATTERN.match(key_id):
+        return None
+    return key_id
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,12 +165,16 @@ def bearer_credentials(authorization: str | None) -> str | None:
     return credentials or None
 
 
+RuntimeKeyLookup = Callable[[str], "RuntimeKey | None"]
+
+
 class ApiKeyTable:
-    """The configured API keys, checked in constant time."""
+    """The configured (bootstrap) API keys, checked in constant time, plus the replicated runtime keys."""
 
-    __slots__ = ("_digests", "_principals")
+    __slots__ = ("_digests", "_principals", "_runtime_lookup")
 
-    def __init__(self, entries: Iterable[ApiKeyEntry]) -> None:
+    def __init__(self, entries: Iterable[ApiKeyEntry], runtime_lookup: RuntimeKeyLookup | None = None) -> None:
+        self._runtime_lookup = runtime_lookup
         digests: list[bytes] = []
         principals: list[Principal] = []
         names: set[str] = set()
@@ -140,9 +210,27 @@ class ApiKeyTable:
             encoded = presented.encode("utf-8")
         except UnicodeEncodeError:
             return None
+        key_id = runtime_key_id(presented)
+        if key_id is not None:
+            return self._authenticate_runtime(key_id, presented)
         digest = hashlib.sha256(encoded).digest()
         matched: Principal | None = None
         for stored, principal in zip(self._digests, self._principals):
             if hmac.compare_digest(stored, digest):
                 matched = principal
         return matched
+
+    def _authenticate_runtime(self, key_id: str, presented: str) -> Principal | None:
+        """The runtime key's principal if the id is in the replicated table and the digest matches.
+
+        The id is public (it is part of the key and of audit records), so finding
+        the entry by it reveals nothing; only the digest comparison is secret and
+        it runs in constant time. A revoked key is no longer in the table."""
+        if self._runtime_lookup is None:
+            return None
+        entry = self._runtime_lookup(key_id)
+        if entry is None:
+            return None
+        if not hmac.compare_digest(runtime_key_digest(entry.salt, presented), entry.digest):
+            return None
+        return Principal(name=entry.name, scopes=entry.scopes, key_id=entry.key_id)

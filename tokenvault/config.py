@@ -267,6 +267,25 @@ class SealerConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AuditConfig:
+    # Every detokenize waits until its audit record is committed (tokenvault/audit.py).
+    # A node batches its records: the first waits at most flush_ms for company,
+    # one log entry carries at most max_batch_records, and at most
+    # max_pending_records wait at once (more are refused with 503).
+    # enabled = false exists for measurement only: it breaks the audit promise.
+    enabled: bool = True
+    flush_ms: int = 2
+    max_batch_records: int = 1024
+    max_pending_records: int = 8192
+
+    def __post_init__(self) -> None:
+        _check_bool("audit.enabled", self.enabled)
+        _check_int("audit.flush_ms", self.flush_ms, 0, 1000)
+        _check_int("audit.max_batch_records", self.max_batch_records, 1, 4096)
+        _check_int("audit.max_pending_records", self.max_pending_records, 1, 1_000_000)
+
+
+@dataclass(frozen=True, slots=True)
 class NodeConfig:
     """A whole node configuration. Paths given as strings are converted to Path."""
 
@@ -285,6 +304,7 @@ class NodeConfig:
     idempotency: IdempotencyConfig = field(default_factory=IdempotencyConfig)
     wal: WalConfig = field(default_factory=WalConfig)
     sealer: SealerConfig = field(default_factory=SealerConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
 
     def __post_init__(self) -> None:
         for name in ("data_dir", "master_key_file", "cluster_secret_file", "log_file"):
@@ -314,7 +334,7 @@ class NodeConfig:
         expected = {
             "http": HttpConfig, "peer": PeerConfig, "limits": LimitsConfig,
             "timing": TimingConfig, "idempotency": IdempotencyConfig, "wal": WalConfig,
-            "sealer": SealerConfig,
+            "sealer": SealerConfig, "audit": AuditConfig,
         }
         for name, section_type in expected.items():
             if not isinstance(getattr(self, name), section_type):
@@ -393,7 +413,7 @@ _TOP_LEVEL_KEYS = {
 _SECTIONS: dict[str, type] = {
     "http": HttpConfig, "peer": PeerConfig, "limits": LimitsConfig,
     "timing": TimingConfig, "idempotency": IdempotencyConfig, "wal": WalConfig,
-    "sealer": SealerConfig,
+    "sealer": SealerConfig, "audit": AuditConfig,
 }
 _REQUIRED_KEYS = ("node_id", "data_dir", "members", "api_keys")
 

@@ -193,10 +193,11 @@ class KeyRing:
     keys: dict[str, str]
     scopes: dict[str, frozenset[str]]
 
-    def table(self) -> auth.ApiKeyTable:
+    def table(self, runtime_lookup: auth.RuntimeKeyLookup | None = None) -> auth.ApiKeyTable:
         return auth.ApiKeyTable(
-            auth.ApiKeyEntry(name=name, sha256=auth.hash_api_key(key), scopes=self.scopes[name])
-            for name, key in self.keys.items()
+            (auth.ApiKeyEntry(name=name, sha256=auth.hash_api_key(key), scopes=self.scopes[name])
+             for name, key in self.keys.items()),
+            runtime_lookup,
         )
 
     def bearer(self, name: str) -> dict[str, str]:

@@ -15,8 +15,9 @@ breaks the link to the next one.
 
 Group commit. A detokenize does not become a log entry of its own: each node
 buffers its records (``AuditBuffer``) and proposes up to ``max_batch_records``
-of them as one entry, at most ``flush_ms`` after the first is buffered
-(a backup forwards the batch to the primary like other writes). A detokenize
+of them as one entry, at most ``flush_ms`` after the first is buffered, with
+at most a few batches being committed at once (a backup forwards each batch to
+the primary like other writes). A detokenize
 answers only once the entry holding its record has committed; if it cannot be
 written in time the detokenize fails with 503 (fail closed). The buffer holds at
 most ``max_pending_records``; past that a detokenize is refused with 503 at once.
@@ -36,6 +37,8 @@ from tokenvault.logs import get_logger
 
 GENESIS_HASH = bytes(32)
 HASH_BYTES = 32
+# Audit batches of one node being committed at once.
+DEFAULT_BATCHES_IN_FLIGHT = 4
 # The fields of one record as the API pages them out, in canonical order.
 RECORD_FIELDS = ("at_ms", "node", "key_name", "key_id", "action", "items", "found", "request_id", "subject")
 
@@ -109,19 +112,23 @@ class AuditBuffer:
     """Buffers one node's audit records and commits them in batches (group commit).
 
     ``append`` returns once the record's batch is committed, or raises
-    AuditUnavailable. One batch is in flight at a time; records arriving
+    AuditUnavailable. Up to ``max_batches_in_flight`` batches are being
+    committed at once (a commit waits for fsyncs on a majority, so one batch at
+    a time would cap a node at one batch per commit latency); records arriving
     meanwhile form the next batch, so under load each entry carries many
     records and an idle node adds no latency beyond ``flush_ms``."""
 
     def __init__(self, propose: Proposer, *, flush_ms: int, max_batch_records: int,
-                 max_pending_records: int) -> None:
+                 max_pending_records: int, max_batches_in_flight: int = DEFAULT_BATCHES_IN_FLIGHT) -> None:
         self._propose = propose
         self._flush_seconds = flush_ms / 1000
         self._max_batch_records = max_batch_records
         self._max_pending_records = max_pending_records
+        self._slots = asyncio.Semaphore(max_batches_in_flight)
         self._waiting: list[tuple[AuditRecord, asyncio.Future]] = []
         self._pending_count = 0
         self._flusher: asyncio.Task | None = None
+        self._commits: set[asyncio.Task] = set()
         self._closed = False
 
     @property
@@ -145,26 +152,35 @@ class AuditBuffer:
 
     async def _flush_loop(self) -> None:
         # The first record of a quiet period waits flush_ms for company; under
-        # load the previous batch's commit time does the batching by itself.
+        # load the commit time of the batches in flight does the batching.
         await asyncio.sleep(self._flush_seconds)
         while self._waiting and not self._closed:
-            batch = self._waiting[:self._max_batch_records]
-            del self._waiting[:len(batch)]
-            live = [(record, future) for record, future in batch if not future.done()]
-            if not live:
+            await self._slots.acquire()
+            batch = [(record, future) for record, future in self._waiting[:self._max_batch_records]
+                     if not future.done()]
+            del self._waiting[:self._max_batch_records]
+            if not batch:
+                self._slots.release()
                 continue
-            try:
-                await self._propose(tuple(record for record, _ in live))
-            except asyncio.CancelledError:
-                self._fail(live, "the node is shutting down")
-                raise
-            except Exception as error:  # every failure of the write fails its requests closed
-                log.warning("audit.write_failed", records=len(live), error_type=type(error).__name__)
-                self._fail(live, "the audit record could not be written; the request was refused")
-                continue
-            for _, future in live:
+            task = asyncio.get_running_loop().create_task(self._commit(batch))
+            self._commits.add(task)
+            task.add_done_callback(self._commits.discard)
+
+    async def _commit(self, batch: list[tuple[AuditRecord, asyncio.Future]]) -> None:
+        try:
+            await self._propose(tuple(record for record, _ in batch))
+        except asyncio.CancelledError:
+            self._fail(batch, "the node is shutting down")
+            raise
+        except Exception as error:  # every failure of the write fails its requests closed
+            log.warning("audit.write_failed", records=len(batch), error_type=type(error).__name__)
+            self._fail(batch, "the audit record could not be written; the request was refused")
+        else:
+            for _, future in batch:
                 if not future.done():
                     future.set_result(None)
+        finally:
+            self._slots.release()
 
     @staticmethod
     def _fail(batch: list[tuple[AuditRecord, asyncio.Future]], reason: str) -> None:
@@ -176,9 +192,11 @@ class AuditBuffer:
         self._closed = True
         self._fail(self._waiting, "the node is shutting down")
         self._waiting = []
-        if self._flusher is not None and not self._flusher.done():
-            self._flusher.cancel()
+        tasks = [task for task in (self._flusher, *self._commits) if task is not None and not task.done()]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
             try:
-                await self._flusher
+                await task
             except (asyncio.CancelledError, Exception):
                 pass

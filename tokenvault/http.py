@@ -83,6 +83,7 @@ MAX_AUDIT_SEQ = 2**63 - 2
 JSON_CONTENT_TYPE = "application/json"
 IDEMPOTENCY_KEY_HEADER = "Idempotency-Key"
 REPLAYED_HEADER = "Idempotent-Replayed"
+REQUEST_ID_HEADER = "X-Request-Id"
 # Printable ASCII is 0x20-0x7E; HTTP parsing already strips surrounding spaces.
 IDEMPOTENCY_KEY_PATTERN = re.compile(r"[\x20-\x7e]{1,255}\Z")
 DEFAULT_MAX_INFLIGHT_REQUESTS = 256
@@ -472,10 +473,12 @@ class _Api:
     async def _detokenize(self, request: web.Request, principal: auth.Principal) -> web.Response:
         document = require_members(await self.read_json(request, body_required=True), ("tokens",))
         tokens = validate_tokens(require_item_list(document, "tokens", self.limits))
-        values = await self.service.detokenize(tokens, self.actor(principal))
+        actor = self.actor(principal)
+        values = await self.service.detokenize(tokens, actor)
         if len(values) != len(tokens):
             raise AssertionError("the service answered a different number of values than tokens asked")
-        return json_response({"values": values}, headers=NO_STORE_HEADERS)
+        # The id the audit record of this request carries, so a caller can find it there.
+        return json_response({"values": values}, headers={**NO_STORE_HEADERS, REQUEST_ID_HEADER: actor.request_id})
 
     async def rotate_epoch(self, request: web.Request) -> web.StreamResponse:
         principal = authorize(request, self.api_keys, auth.ADMIN)

@@ -59,6 +59,7 @@ class FakeService:
         self.detokenize_calls: list[list[str]] = []
         self.backups_opened = 0
         self.runtime_keys: dict[str, auth.RuntimeKey] = {}
+        self.detokenize_actors: list[object] = []
 
     def _check_available(self) -> None:
         if self.unavailable:
@@ -107,6 +108,7 @@ class FakeService:
 
     async def detokenize(self, tokens: list[str], actor: object = None) -> list[str | None]:
         self._check_available()
+        self.detokenize_actors.append(actor)
         for token in tokens:
             parse_token(token)  # the HTTP layer promised grammar-checked tokens
         self.detokenize_calls.append(list(tokens))

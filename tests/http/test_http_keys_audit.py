@@ -103,3 +103,16 @@ async def test_a_runtime_key_authenticates_until_it_is_revoked(key_ring: KeyRing
         await client.post(f"/v1/admin/keys/{created['id']}/revoke", headers=key_ring.bearer("admin"))
         await expect_problem(await client.post("/v1/detokenize", json={"tokens": ["tv1_" + "a" * 32]},
                                                headers=bearer), 401)
+
+
+async def test_a_detokenize_answer_names_the_request_id_of_its_audit_record(
+        client: TestClient, key_ring: KeyRing, service: FakeService) -> None:
+    first = await client.post("/v1/detokenize", json={"tokens": ["tv1_" + "a" * 32]},
+                              headers=key_ring.bearer("detokenizer"))
+    second = await client.post("/v1/detokenize", json={"tokens": ["tv1_" + "a" * 32]},
+                               headers=key_ring.bearer("detokenizer"))
+    ids = [response.headers["X-Request-Id"] for response in (first, second)]
+    assert all(len(request_id) == 16 for request_id in ids) and ids[0] != ids[1]
+    assert [actor.request_id for actor in service.detokenize_actors] == ids
+    assert {(actor.name, actor.key_id, actor.node) for actor in service.detokenize_actors} == {
+        ("detokenizer", None, service.node_id)}

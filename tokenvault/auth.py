@@ -2,8 +2,9 @@
 
 Two kinds of keys authenticate requests:
 
-- bootstrap keys, from the node config, which stores only the SHA-256 of each
-  key with its name and scopes;
+- bootstrap keys, from the node config, which stores each key's name, scopes
+  and HMAC-SHA256 under a random per-key salt (configs written before version
+  2 hold a plain SHA-256 instead, still accepted);
 - runtime keys, created and revoked through the admin API as replicated log
   entries (``tvk1_<key id>_<secret>``). The store keeps the public key id, a
   random per-key salt and HMAC-SHA256(salt, key); the id finds the entry with
@@ -48,6 +49,7 @@ API_KEY_CHARS = len(API_KEY_PREFIX) + 43
 MAX_PRESENTED_KEY_CHARS = 256
 PRINCIPAL_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 _SHA256_HEX_PATTERN = re.compile(r"[0-9a-f]{64}\Z")
+_SALT_HEX_PATTERN = re.compile(r"[0-9a-f]{32}\Z")
 
 
 class ApiKeyTableError(ValueError):
@@ -114,11 +116,17 @@ def runtime_key_id(presented: str) -> str | None:
 
 @dataclass(frozen=True, slots=True)
 class ApiKeyEntry:
-    """One configured API key: its name, the SHA-256 hex of the key, its scopes."""
+    """One configured (bootstrap) API key: its name, digest and scopes.
+
+    With ``salt`` (32 hex characters: 16 random bytes) ``sha256`` is the hex
+    HMAC-SHA256(salt, key), as configs generated since version 2 hold it;
+    without, it is the plain SHA-256 of the key (version 1 configs, still
+    accepted)."""
 
     name: str
     sha256: str
     scopes: frozenset[str]
+    salt: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not PRINCIPAL_NAME_PATTERN.match(self.name):
@@ -130,6 +138,8 @@ class ApiKeyEntry:
             raise ApiKeyTableError(
                 f"API key {self.name!r}: sha256 must be 64 lowercase hex characters"
             )
+        if self.salt is not None and (not isinstance(self.salt, str) or not _SALT_HEX_PATTERN.match(self.salt)):
+            raise ApiKeyTableError(f"API key {self.name!r}: salt must be 32 lowercase hex characters")
         if not isinstance(self.scopes, frozenset) or not self.scopes:
             raise ApiKeyTableError(f"API key {self.name!r}: scopes must be a non-empty set")
         unknown = self.scopes - ALL_SCOPES
@@ -147,10 +157,18 @@ def generate_api_key() -> str:
 
 
 def hash_api_key(key: str) -> str:
-    """The SHA-256 hex stored in node configs. API keys are 256-bit random, so
+    """The plain SHA-256 hex that version 1 node configs store (still accepted; new configs hold
+    salted_api_key_hash instead). API keys are 256-bit random, so
     a plain hash suffices: there is nothing to brute-force that a slow hash
     would protect."""
     return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def salted_api_key_hash(key: str) -> tuple[str, str]:
+    """(salt hex, HMAC-SHA256(salt, key) hex) for a bootstrap key in a node config: a fresh
+    random salt per key and node config, so equal keys never show as equal digests."""
+    salt = os.urandom(RUNTIME_KEY_SALT_BYTES)
+    return salt.hex(), runtime_key_digest(salt, key).hex()
 
 
 def bearer_credentials(authorization: str | None) -> str | None:
@@ -171,23 +189,26 @@ RuntimeKeyLookup = Callable[[str], "RuntimeKey | None"]
 class ApiKeyTable:
     """The configured (bootstrap) API keys, checked in constant time, plus the replicated runtime keys."""
 
-    __slots__ = ("_digests", "_principals", "_runtime_lookup")
+    __slots__ = ("_digests", "_salts", "_principals", "_runtime_lookup")
 
     def __init__(self, entries: Iterable[ApiKeyEntry], runtime_lookup: RuntimeKeyLookup | None = None) -> None:
         self._runtime_lookup = runtime_lookup
         digests: list[bytes] = []
+        salts: list[bytes | None] = []
         principals: list[Principal] = []
         names: set[str] = set()
         for entry in entries:
             if entry.name in names:
                 raise ApiKeyTableError(f"API key name {entry.name!r} appears twice")
             digest = bytes.fromhex(entry.sha256)
-            if digest in digests:
+            if entry.salt is None and digest in digests:
                 raise ApiKeyTableError(f"API key {entry.name!r} has the same hash as another key")
             names.add(entry.name)
             digests.append(digest)
+            salts.append(None if entry.salt is None else bytes.fromhex(entry.salt))
             principals.append(Principal(name=entry.name, scopes=entry.scopes))
         self._digests = tuple(digests)
+        self._salts = tuple(salts)
         self._principals = tuple(principals)
 
     def __repr__(self) -> str:
@@ -213,9 +234,10 @@ class ApiKeyTable:
         key_id = runtime_key_id(presented)
         if key_id is not None:
             return self._authenticate_runtime(key_id, presented)
-        digest = hashlib.sha256(encoded).digest()
+        plain = hashlib.sha256(encoded).digest()
         matched: Principal | None = None
-        for stored, principal in zip(self._digests, self._principals):
+        for stored, salt, principal in zip(self._digests, self._salts, self._principals):
+            digest = plain if salt is None else hmac.new(salt, encoded, hashlib.sha256).digest()
             if hmac.compare_digest(stored, digest):
                 matched = principal
         return matched

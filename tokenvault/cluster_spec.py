@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tokenvault.auth import ApiKeyEntry, generate_api_key, hash_api_key
+from tokenvault.auth import ApiKeyEntry, generate_api_key, salted_api_key_hash
 from tokenvault.config import (ConfigError, HttpConfig, MemberConfig, NodeConfig, PeerConfig, SealerConfig,
                                TimingConfig, WalConfig, write_node_config)
 from tokenvault.crypto import MasterKey, write_secret_file
@@ -229,11 +229,16 @@ def _write_private_file(path: Path, text: str) -> None:
     os.replace(temporary, path)
 
 
+def _salted_entry(name: str, key: str, scopes) -> ApiKeyEntry:
+    """A bootstrap key as a node config stores it: name, scopes, and HMAC-SHA256 under its own salt."""
+    salt, digest = salted_api_key_hash(key)
+    return ApiKeyEntry(name=name, sha256=digest, scopes=frozenset(scopes), salt=salt)
+
+
 def _node_config(spec: ClusterSpec, node: NodeSpec, settings: NodeSettings) -> NodeConfig:
     members = tuple(MemberConfig(id=member.node_id, peer_addr=member.peer_addr, http_url=member.http_url)
                     for member in spec.nodes)
-    api_keys = tuple(ApiKeyEntry(name=info.name, sha256=hash_api_key(info.key), scopes=frozenset(info.scopes))
-                     for info in spec.api_keys)
+    api_keys = tuple(_salted_entry(info.name, info.key, info.scopes) for info in spec.api_keys)
     return NodeConfig(
         node_id=node.node_id, data_dir=node.data_dir, members=members, api_keys=api_keys,
         master_key_file=spec.directory / "master.key", cluster_secret_file=spec.directory / "cluster.secret",

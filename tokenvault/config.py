@@ -449,7 +449,7 @@ def _api_key_from_table(index: int, table: object) -> ApiKeyEntry:
     label = f"api_keys[{index}]"
     if not isinstance(table, dict):
         raise ConfigError(f"{label} must be a table ([[api_keys]])")
-    _check_known_keys(label, table, {"name", "sha256", "scopes"})
+    _check_known_keys(label, table, {"name", "sha256", "scopes", "salt"})
     for key in ("name", "sha256", "scopes"):
         if key not in table:
             raise ConfigError(f"{label} is missing {key}")
@@ -464,7 +464,8 @@ def _api_key_from_table(index: int, table: object) -> ApiKeyEntry:
     if isinstance(digest, str):
         digest = digest.lower()
     try:
-        return ApiKeyEntry(name=table["name"], sha256=digest, scopes=frozenset(scopes))
+        return ApiKeyEntry(name=table["name"], sha256=digest, scopes=frozenset(scopes),
+                           salt=table["salt"].lower() if isinstance(table.get("salt"), str) else table.get("salt"))
     except ApiKeyTableError as error:
         raise ConfigError(f"{label}: {error}") from None
 
@@ -577,6 +578,8 @@ def to_toml(config: NodeConfig) -> str:
         lines.extend(["", "[[api_keys]]"])
         lines.append(f"name = {_toml_value(entry.name)}")
         lines.append(f"sha256 = {_toml_value(entry.sha256)}")
+        if entry.salt is not None:
+            lines.append(f"salt = {_toml_value(entry.salt)}")
         lines.append(f"scopes = {_toml_value(sorted(entry.scopes))}")
     return "\n".join(lines) + "\n"
 

@@ -498,37 +498,34 @@ def audit_group() -> None:
     """Check the hash-chained audit trail."""
 
 
-@audit_group.command("verify")
-@connection_options("admin")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def audit_verify(connection: Connection, as_json: bool) -> None:
-    """Walk every page of the audit trail and check its hash chain; exit 4 at the first broken link."""
-    from tokenvault.audit import ChainBreak, ChainVerifier
+async def _walk_audit(connection: Connection, verifier: Any, on_record: Callable[[dict], None]) -> tuple[int, Any]:
+    """Page through the whole trail, checking each record in order; (head seq, first ChainBreak or None).
 
-    verifier = ChainVerifier()
+    ``on_record`` sees every record that verified, in order, before the first broken one."""
+    from tokenvault.audit import ChainBreak
 
-    async def walk() -> tuple[int, ChainBreak | None]:
-        after = 0
-        async with connection.client() as vault:
-            while True:
-                page = await vault.audit_page(after, AUDIT_PAGE_RECORDS)
-                try:
-                    for record in page.records:
-                        verifier.check(record)
-                    if page.next_after is None and verifier.last_seq != page.last_seq:
-                        raise ChainBreak(verifier.last_seq + 1, f"is missing: the trail's head is record "
-                                                                f"{page.last_seq}")
-                except ChainBreak as broken:
-                    return page.last_seq, broken
-                if page.next_after is None or page.next_after <= after:
-                    return page.last_seq, None
-                after = page.next_after
+    after = 0
+    async with connection.client() as vault:
+        while True:
+            page = await vault.audit_page(after, AUDIT_PAGE_RECORDS)
+            try:
+                for record in page.records:
+                    verifier.check(record)
+                    on_record(record)
+                if page.next_after is None and verifier.last_seq != page.last_seq:
+                    raise ChainBreak(verifier.last_seq + 1, f"is missing: the trail's head is record {page.last_seq}")
+            except ChainBreak as broken:
+                return page.last_seq, broken
+            if page.next_after is None or page.next_after <= after:
+                return page.last_seq, None
+            after = page.next_after
 
-    last_seq, broken = _run(walk())
+
+def _report_audit(verifier: Any, last_seq: int, broken: Any, as_json: bool, extra: dict[str, Any]) -> None:
     if as_json:
         click.echo(json.dumps({"ok": broken is None, "verified": verifier.count, "last_seq": last_seq,
                                "broken_seq": broken.seq if broken else None,
-                               "reason": broken.reason if broken else None}))
+                               "reason": broken.reason if broken else None, **extra}))
     elif broken is None:
         click.echo(f"audit trail intact: {verifier.count} records, head {verifier.previous_hash.hex()}")
     else:
@@ -536,6 +533,43 @@ def audit_verify(connection: Connection, as_json: bool) -> None:
                    f"({verifier.count} records before it verified)", err=True)
     if broken is not None:
         sys.exit(EXIT_AUDIT_BROKEN)
+
+
+@audit_group.command("verify")
+@connection_options("admin")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def audit_verify(connection: Connection, as_json: bool) -> None:
+    """Walk every page of the audit trail and check its hash chain; exit 4 at the first broken link."""
+    from tokenvault.audit import ChainVerifier
+
+    verifier = ChainVerifier()
+    last_seq, broken = _run(_walk_audit(connection, verifier, lambda record: None))
+    _report_audit(verifier, last_seq, broken, as_json, {})
+
+
+@audit_group.command("export")
+@connection_options("admin")
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), metavar="FILE",
+              help="Where to write the records, one JSON object per line (mode 0600; never overwritten).")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def audit_export(connection: Connection, out_path: str, as_json: bool) -> None:
+    """Write the whole audit trail to FILE as JSON lines, verifying the chain on the way.
+
+    Every line keeps its hashes, so the copy can be checked again later. Records after a broken
+    link are not written and the command exits 4."""
+    from tokenvault.audit import ChainVerifier
+
+    try:
+        descriptor = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except OSError as error:
+        raise click.UsageError(f"cannot create {out_path!r}: {error.strerror}") from None
+    verifier = ChainVerifier()
+    with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+        def write(record: dict) -> None:
+            handle.write(json.dumps(record, separators=(",", ":"), sort_keys=True) + "\n")
+
+        last_seq, broken = _run(_walk_audit(connection, verifier, write))
+    _report_audit(verifier, last_seq, broken, as_json, {"file": out_path})
 
 
 def _read_lines(source: Any) -> list[str]:

@@ -375,3 +375,36 @@ def test_audit_verify_names_the_first_broken_link_and_exits_4(
     result = runner.invoke(tokenvault, ["admin", "audit", "verify", "--url", primary.url, "--api-key", ADMIN_KEY])
     assert result.exit_code == 4, result.output
     assert "BROKEN at record 17" in result.stderr
+
+
+def test_audit_export_writes_every_verified_record_as_json_lines_and_never_overwrites(
+        runner: CliRunner, primary: FakeVaultServer, tmp_path: Path) -> None:
+    from tokenvault.audit import ChainVerifier
+
+    records = _audit_records(1200)
+    _serve_audit(primary, records)
+    out = tmp_path / "audit.jsonl"
+    result = runner.invoke(tokenvault, ["admin", "--url", primary.url, "--api-key", ADMIN_KEY, "audit", "export",
+                                        "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["verified"] == 1200
+    exported = [json.loads(line) for line in out.read_text().splitlines()]
+    assert exported == records and out.stat().st_mode & 0o777 == 0o600
+    verifier = ChainVerifier()
+    for record in exported:
+        verifier.check(record)
+    again = runner.invoke(tokenvault, ["admin", "--url", primary.url, "--api-key", ADMIN_KEY, "audit", "export",
+                                       "--out", str(out)])
+    assert again.exit_code == 2 and len(out.read_text().splitlines()) == 1200
+
+
+def test_audit_export_stops_at_a_broken_link_and_exits_4(
+        runner: CliRunner, primary: FakeVaultServer, tmp_path: Path) -> None:
+    records = _audit_records(30)
+    records[9]["items"] = 99
+    _serve_audit(primary, records)
+    out = tmp_path / "audit.jsonl"
+    result = runner.invoke(tokenvault, ["admin", "audit", "export", "--out", str(out), "--url", primary.url,
+                                        "--api-key", ADMIN_KEY])
+    assert result.exit_code == 4 and "BROKEN at record 10" in result.stderr
+    assert [json.loads(line)["seq"] for line in out.read_text().splitlines()] == list(range(1, 10))

@@ -45,7 +45,8 @@ KEY_ID_PATTERN = re.compile(r"[0-9a-f]{16}\Z")
 KEY_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 KEY_SALT_BYTES = 16
 KEY_DIGEST_BYTES = 32
-# The scopes a runtime key may hold: the set tokenvault.auth defines.
+# The scope names a key entry may carry: those tokenvault.auth enforces and the version 2 names,
+# so that entries a later version writes still decode. The HTTP layer admits only enforced ones.
 KNOWN_SCOPES = frozenset({"admin", "tokenize", "detokenize", "delete", "retokenize", "detokenize_masked"})
 MAX_SCOPES = len(KNOWN_SCOPES)
 # Who did it: the node that took the request and the request's id, each bounded.

@@ -421,7 +421,7 @@ class NodeService:
         """Answer a backup's forwarded request here; never forward again (no loops)."""
         status, body, headers = 503, b"", ()
         try:
-            status, body, headers = await self._run_forwarded(request)
+            status, body, headers = await self._run_forwarded(request, sender)
         except ServiceError as error:
             status = error.status
             body = problem_body(error.status, error.problem, error.title, error.detail)
@@ -435,7 +435,7 @@ class NodeService:
         self.node.send_to_peer(sender, ForwardResponse(request_id=request.request_id, status=status,
                                                        body=body, headers=headers))
 
-    async def _run_forwarded(self, request: ForwardRequest) -> tuple[int, bytes, tuple]:
+    async def _run_forwarded(self, request: ForwardRequest, sender: str) -> tuple[int, bytes, tuple]:
         if not self._is_primary():
             raise NotPrimary(self.node.replica.primary_id)
         arguments = msgpack.unpackb(request.body, raw=False)
@@ -451,7 +451,7 @@ class NodeService:
                                               arguments.get("actor"))
             return outcome.status, outcome.body, (("Idempotent-Replayed", "true"),) if outcome.replayed else ()
         if request.kind in (CREATE_KEY, REVOKE_KEY, AUDIT):
-            outcome = await self._run_forwarded_change(request.kind, arguments)
+            outcome = await self._run_forwarded_change(request.kind, arguments, sender)
             return outcome.status, outcome.body, ()
         if request.kind == LIST_KEYS:
             return 200, _json(await self._list_keys_here()), ()
@@ -465,8 +465,9 @@ class NodeService:
         raise ValueError("unknown kind")
 
 
-    async def _run_forwarded_change(self, kind: str, arguments: dict) -> Outcome:
-        """A key change or audit batch from a backup; the commands re-validate every field (400 if not)."""
+    async def _run_forwarded_change(self, kind: str, arguments: dict, sender: str) -> Outcome:
+        """A key change or audit batch from a backup; the commands re-validate every field (400 if not),
+        and a peer may write audit records only in its own name."""
         try:
             if kind == CREATE_KEY:
                 return await self._create_key_here(str(arguments["name"]), _strings(arguments["scopes"]),
@@ -476,7 +477,10 @@ class NodeService:
             records = arguments["records"]
             if not isinstance(records, list) or not all(isinstance(record, list) for record in records):
                 raise TypeError("records")
-            return await self._audit_here(records)
+            audit_records = [commands.AuditRecord(*record) for record in records]
+            if any(record.node != sender for record in audit_records):
+                raise ValueError("audit records name another node than the peer that sent them")
+            return await self._audit_here(audit_records)
         except commands.CommandError:
             raise ValueError("malformed forwarded change") from None
 

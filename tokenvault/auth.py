@@ -1,8 +1,21 @@
 """API keys: generation, hashing and constant-time verification, and scopes.
 
-A node config stores only the SHA-256 of each API key with its name and scopes.
-The name is the principal: it scopes idempotency keys and appears in logs; the
-key itself never leaves the client and this module's stack frames.
+Two kinds of keys authenticate requests:
+
+- bootstrap keys, from the node config, which stores each key's name, scopes
+  and HMAC-SHA256 under a random per-key salt (configs written before version
+  2 hold a plain SHA-256 instead, still accepted);
+- runtime keys, created and revoked through the admin API as replicated log
+  entries (``tvk1_<key id>_<secret>``). The store keeps the public key id, a
+  random per-key salt and HMAC-SHA256(salt, key); the id finds the entry with
+  one lookup and the digest is compared in constant time.
+
+Runtime keys carry 256 random bits, so a salted fast hash is the right tool:
+a slow KDF protects guessable passwords, and nothing here is guessable. The
+salt makes equal keys hash differently and keeps precomputed tables useless.
+The principal's identity scopes idempotency keys and names the caller in the
+audit trail; the key itself never leaves the client and this module's stack
+frames.
 """
 
 from __future__ import annotations
@@ -13,12 +26,19 @@ import hmac
 import os
 import re
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable
 
 ADMIN = "admin"
 TOKENIZE = "tokenize"
 DETOKENIZE = "detokenize"
 ALL_SCOPES: frozenset[str] = frozenset({ADMIN, TOKENIZE, DETOKENIZE})
+
+RUNTIME_KEY_PREFIX = "tvk1_"
+RUNTIME_KEY_ID_BYTES = 8
+# 8 bytes are 16 lowercase hex characters: the public id of a runtime key.
+RUNTIME_KEY_ID_PATTERN = re.compile(r"[0-9a-f]{16}\Z")
+RUNTIME_KEY_SALT_BYTES = 16
+RUNTIME_KEY_DIGEST_BYTES = 32
 
 API_KEY_PREFIX = "tvk_"
 API_KEY_RANDOM_BYTES = 32
@@ -29,6 +49,7 @@ API_KEY_CHARS = len(API_KEY_PREFIX) + 43
 MAX_PRESENTED_KEY_CHARS = 256
 PRINCIPAL_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 _SHA256_HEX_PATTERN = re.compile(r"[0-9a-f]{64}\Z")
+_SALT_HEX_PATTERN = re.compile(r"[0-9a-f]{32}\Z")
 
 
 class ApiKeyTableError(ValueError):
@@ -37,22 +58,75 @@ class ApiKeyTableError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Principal:
-    """Who sent a request: the API key's configured name and its scopes."""
+    """Who sent a request: the API key's name, its scopes and, for a runtime key, its id."""
 
     name: str
     scopes: frozenset[str]
+    key_id: str | None = None
 
     def has_scope(self, scope: str) -> bool:
         return scope in self.scopes
 
+    @property
+    def identity(self) -> str:
+        """What scopes idempotency keys: the bootstrap key's name, or ``key-<id>`` for a runtime key.
+
+        Runtime key names are labels chosen by an admin and may repeat or equal
+        a bootstrap name; the id is unique, and ``-`` never starts a bootstrap name."""
+        return self.name if self.key_id is None else f"key-{self.key_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeKey:
+    """One replicated API key as the store holds it: never the key, only its salted digest."""
+
+    key_id: str
+    name: str
+    scopes: frozenset[str]
+    salt: bytes
+    digest: bytes
+    created_at_ms: int
+    created_by: str
+
+
+def new_runtime_key() -> tuple[str, str, bytes, bytes]:
+    """(key id, key, salt, digest) of a new runtime key; only the id, salt and digest are stored."""
+    key_id = os.urandom(RUNTIME_KEY_ID_BYTES).hex()
+    secret = base64.urlsafe_b64encode(os.urandom(API_KEY_RANDOM_BYTES)).rstrip(b"=").decode("ascii")
+    key = f"{RUNTIME_KEY_PREFIX}{key_id}_{secret}"
+    salt = os.urandom(RUNTIME_KEY_SALT_BYTES)
+    return key_id, key, salt, runtime_key_digest(salt, key)
+
+
+def runtime_key_digest(salt: bytes, key: str) -> bytes:
+    """HMAC-SHA256 keyed by the per-key salt over the whole key."""
+    return hmac.new(salt, key.encode("utf-8"), hashlib.sha256).digest()
+
+
+def runtime_key_id(presented: str) -> str | None:
+    """The public id of a presented runtime key, or None if it does not have the runtime format."""
+    if not presented.startswith(RUNTIME_KEY_PREFIX):
+        return None
+    start = len(RUNTIME_KEY_PREFIX)
+    key_id = presented[start:start + 2 * RUNTIME_KEY_ID_BYTES]
+    if presented[start + len(key_id):start + len(key_id) + 1] != "_" or not RUNTIME_KEY_ID_PATTERN.match(key_id):
+        return None
+    return key_id
+
 
 @dataclass(frozen=True, slots=True)
 class ApiKeyEntry:
-    """One configured API key: its name, the SHA-256 hex of the key, its scopes."""
+    """One configured (bootstrap) API key: its name, digest and scopes.
+
+    With ``salt`` (32 hex characters: 16 random bytes) ``sha256`` is the hex
+    HMAC-SHA256(salt, key), as configs generated since version 2 hold it;
+    without, it is the plain SHA-256 of the key (version 1 configs, still
+    accepted)."""
 
     name: str
     sha256: str
     scopes: frozenset[str]
+    salt: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not PRINCIPAL_NAME_PATTERN.match(self.name):
@@ -64,6 +138,8 @@ class ApiKeyEntry:
             raise ApiKeyTableError(
                 f"API key {self.name!r}: sha256 must be 64 lowercase hex characters"
             )
+        if self.salt is not None and (not isinstance(self.salt, str) or not _SALT_HEX_PATTERN.match(self.salt)):
+            raise ApiKeyTableError(f"API key {self.name!r}: salt must be 32 lowercase hex characters")
         if not isinstance(self.scopes, frozenset) or not self.scopes:
             raise ApiKeyTableError(f"API key {self.name!r}: scopes must be a non-empty set")
         unknown = self.scopes - ALL_SCOPES
@@ -81,10 +157,18 @@ def generate_api_key() -> str:
 
 
 def hash_api_key(key: str) -> str:
-    """The SHA-256 hex stored in node configs. API keys are 256-bit random, so
+    """The plain SHA-256 hex that version 1 node configs store (still accepted; new configs hold
+    salted_api_key_hash instead). API keys are 256-bit random, so
     a plain hash suffices: there is nothing to brute-force that a slow hash
     would protect."""
     return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def salted_api_key_hash(key: str) -> tuple[str, str]:
+    """(salt hex, HMAC-SHA256(salt, key) hex) for a bootstrap key in a node config: a fresh
+    random salt per key and node config, so equal keys never show as equal digests."""
+    salt = os.urandom(RUNTIME_KEY_SALT_BYTES)
+    return salt.hex(), runtime_key_digest(salt, key).hex()
 
 
 def bearer_credentials(authorization: str | None) -> str | None:
@@ -99,25 +183,32 @@ def bearer_credentials(authorization: str | None) -> str | None:
     return credentials or None
 
 
+RuntimeKeyLookup = Callable[[str], "RuntimeKey | None"]
+
+
 class ApiKeyTable:
-    """The configured API keys, checked in constant time."""
+    """The configured (bootstrap) API keys, checked in constant time, plus the replicated runtime keys."""
 
-    __slots__ = ("_digests", "_principals")
+    __slots__ = ("_digests", "_salts", "_principals", "_runtime_lookup")
 
-    def __init__(self, entries: Iterable[ApiKeyEntry]) -> None:
+    def __init__(self, entries: Iterable[ApiKeyEntry], runtime_lookup: RuntimeKeyLookup | None = None) -> None:
+        self._runtime_lookup = runtime_lookup
         digests: list[bytes] = []
+        salts: list[bytes | None] = []
         principals: list[Principal] = []
         names: set[str] = set()
         for entry in entries:
             if entry.name in names:
                 raise ApiKeyTableError(f"API key name {entry.name!r} appears twice")
             digest = bytes.fromhex(entry.sha256)
-            if digest in digests:
+            if entry.salt is None and digest in digests:
                 raise ApiKeyTableError(f"API key {entry.name!r} has the same hash as another key")
             names.add(entry.name)
             digests.append(digest)
+            salts.append(None if entry.salt is None else bytes.fromhex(entry.salt))
             principals.append(Principal(name=entry.name, scopes=entry.scopes))
         self._digests = tuple(digests)
+        self._salts = tuple(salts)
         self._principals = tuple(principals)
 
     def __repr__(self) -> str:
@@ -140,9 +231,28 @@ class ApiKeyTable:
             encoded = presented.encode("utf-8")
         except UnicodeEncodeError:
             return None
-        digest = hashlib.sha256(encoded).digest()
+        key_id = runtime_key_id(presented)
+        if key_id is not None:
+            return self._authenticate_runtime(key_id, presented)
+        plain = hashlib.sha256(encoded).digest()
         matched: Principal | None = None
-        for stored, principal in zip(self._digests, self._principals):
+        for stored, salt, principal in zip(self._digests, self._salts, self._principals):
+            digest = plain if salt is None else hmac.new(salt, encoded, hashlib.sha256).digest()
             if hmac.compare_digest(stored, digest):
                 matched = principal
         return matched
+
+    def _authenticate_runtime(self, key_id: str, presented: str) -> Principal | None:
+        """The runtime key's principal if the id is in the replicated table and the digest matches.
+
+        The id is public (it is part of the key and of audit records), so finding
+        the entry by it reveals nothing; only the digest comparison is secret and
+        it runs in constant time. A revoked key is no longer in the table."""
+        if self._runtime_lookup is None:
+            return None
+        entry = self._runtime_lookup(key_id)
+        if entry is None:
+            return None
+        if not hmac.compare_digest(runtime_key_digest(entry.salt, presented), entry.digest):
+            return None
+        return Principal(name=entry.name, scopes=entry.scopes, key_id=entry.key_id)

@@ -2,18 +2,23 @@
 
 Connection options are shared by every client command: `--url` (repeatable,
 and/or comma-separated; env TOKENVAULT_URL), `--api-key` (env
-TOKENVAULT_API_KEY), `--ca-file` (env TOKENVAULT_CA_FILE: the cluster CA that
-https:// nodes are verified against) and `--cluster-json` (env
-TOKENVAULT_CLUSTER_JSON), which supplies the node URLs, the right key and the
-CA from a `cluster.json` written by `run_cluster.sh`. Several URLs are tried in
-turn, so commands keep working while a node is down.
+TOKENVAULT_API_KEY), `--cluster-json` (env TOKENVAULT_CLUSTER_JSON), which
+supplies the node URLs, the right key and the CA from a `cluster.json` written
+by `run_cluster.sh`, and `--ca-file` (env TOKENVAULT_CA_FILE; else the file's
+`ca_file`), the cluster CA that https:// nodes are verified against. Several
+URLs are tried in turn, so commands keep working while a node is down.
+
+Under `admin` the four connection options may also stand before the
+subcommand, after any group on the way: `tokenvault admin --url U epoch
+rotate` is `tokenvault admin epoch rotate --url U`. A value given after the
+subcommand wins over one given before it; either wins over the environment.
 
 `admin backup` downloads a verified backup of one node's store; `admin restore`
 fills an empty node data directory from one (tokenvault.backup).
 
 Exit codes: 0 success, 1 the service answered with an error (its problem+json
 title and detail are shown) or a backup was refused, 2 usage or configuration
-error, 3 no node reachable.
+error, 3 no node reachable, 4 `admin audit verify` found a broken link.
 """
 
 from __future__ import annotations
@@ -38,6 +43,11 @@ from tokenvault.client import (AsyncClient, ConfigurationError, NoNodeAvailable,
 EXIT_SERVICE_ERROR = 1
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
+EXIT_AUDIT_BROKEN = 4
+AUDIT_PAGE_RECORDS = 1000
+# Where the admin groups keep the connection options given before the subcommand.
+GROUP_OPTIONS_META_KEY = "tokenvault.group_connection_options"
+CONNECTION_PARAMETERS = ("urls", "api_key", "cluster_json", "ca_file")
 MAX_ITEMS_PER_REQUEST = 1000
 MAX_CELL_CHARS = 80
 
@@ -116,31 +126,73 @@ def _resolve_connection(urls: tuple[str, ...], api_key: str | None, cluster_json
         raise click.UsageError(str(error)) from None
 
 
+def _location_options(*, with_environment: bool) -> list[Callable[[Callable[..., Any]], Callable[..., Any]]]:
+    """--url, --api-key, --cluster-json, --ca-file. Before the subcommand they carry no environment
+    variable: the environment is read once, by the subcommand, so an explicit option always wins."""
+    def environment(name: str) -> dict[str, Any]:
+        return {"envvar": name, "show_envvar": True} if with_environment else {}
+
+    return [
+        click.option("--url", "urls", multiple=True, metavar="URL",
+                     help="Node base URL; repeat or comma-separate for failover (env TOKENVAULT_URL)."),
+        click.option("--api-key", metavar="KEY", help="API key sent as a Bearer token.",
+                     **environment("TOKENVAULT_API_KEY")),
+        click.option("--cluster-json", type=click.Path(dir_okay=False), metavar="FILE",
+                     help="Take node URLs, the key and the CA file from this cluster.json.",
+                     **environment("TOKENVAULT_CLUSTER_JSON")),
+        click.option("--ca-file", type=click.Path(dir_okay=False), metavar="FILE",
+                     help="CA certificate (PEM) to verify https nodes against.",
+                     **environment("TOKENVAULT_CA_FILE")),
+    ]
+
+
+def group_connection_options(group: Callable[..., Any]) -> Callable[..., Any]:
+    """Let an admin group take the connection options before its subcommand and hand them down."""
+
+    @functools.wraps(group)
+    def wrapper(**arguments: Any) -> Any:
+        given = click.get_current_context().meta.setdefault(GROUP_OPTIONS_META_KEY, {})
+        for name in CONNECTION_PARAMETERS:
+            value = arguments.pop(name)
+            if value:  # an inner group's value replaces an outer one's
+                given[name] = value
+        return group(**arguments)
+
+    for decorate in reversed(_location_options(with_environment=False)):
+        wrapper = decorate(wrapper)
+    return wrapper
+
+
+def _merge_group_options(arguments: dict[str, Any]) -> None:
+    """Fill the connection options not given after the subcommand from those given before it."""
+    context = click.get_current_context()
+    given_before = context.meta.get(GROUP_OPTIONS_META_KEY, {})
+    for name in CONNECTION_PARAMETERS:
+        source = context.get_parameter_source(name)
+        if source is click.core.ParameterSource.COMMANDLINE and arguments[name]:
+            continue
+        if name in given_before:
+            arguments[name] = given_before[name]
+
+
 def connection_options(key_name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Decorator adding --url/--api-key/--cluster-json/--timeout and passing a `connection` argument."""
+    """Decorator adding --url/--api-key/--cluster-json/--ca-file/--timeout and passing a `connection`."""
 
     def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
-        @click.option("--url", "urls", multiple=True, metavar="URL",
-                      help="Node base URL; repeat or comma-separate for failover (env TOKENVAULT_URL).")
-        @click.option("--api-key", envvar="TOKENVAULT_API_KEY", show_envvar=True, metavar="KEY",
-                      help="API key sent as a Bearer token.")
-        @click.option("--cluster-json", envvar="TOKENVAULT_CLUSTER_JSON", show_envvar=True,
-                      type=click.Path(dir_okay=False), metavar="FILE",
-                      help=f"Take node URLs, the {key_name!r} key and the CA from this cluster.json.")
-        @click.option("--ca-file", envvar="TOKENVAULT_CA_FILE", show_envvar=True,
-                      type=click.Path(dir_okay=False), metavar="FILE",
-                      help="Verify https:// nodes against this CA certificate (cluster.json's ca_file).")
         @click.option("--timeout", "timeout_seconds", type=click.FloatRange(0.1, 300), default=5.0,
                       show_default=True, help="Per-request timeout in seconds.")
         @click.option("--retry-seconds", type=click.FloatRange(0, 600), default=10.0, show_default=True,
                       help="Keep retrying unreachable or unavailable (503) nodes for this long.")
         @functools.wraps(command)
-        def wrapper(urls: tuple[str, ...], api_key: str | None, cluster_json: str | None, ca_file: str | None,
-                    timeout_seconds: float, retry_seconds: float, **arguments: Any) -> Any:
-            connection = _resolve_connection(urls, api_key, cluster_json, key_name, timeout_seconds,
-                                             retry_seconds, ca_file)
+        def wrapper(timeout_seconds: float, retry_seconds: float, **arguments: Any) -> Any:
+            _merge_group_options(arguments)
+            connection = _resolve_connection(
+                arguments.pop("urls"), arguments.pop("api_key"), arguments.pop("cluster_json"), key_name,
+                timeout_seconds, retry_seconds, arguments.pop("ca_file"))
             return command(connection=connection, **arguments)
 
+        for option in reversed(_location_options(with_environment=True)):
+            wrapper = option(wrapper)
         return wrapper
 
     return decorate
@@ -185,8 +237,11 @@ def serve(config_path: str) -> None:
 
 
 @tokenvault.group()
+@group_connection_options
 def admin() -> None:
-    """Administer a cluster (status, epochs, backup and restore)."""
+    """Administer a cluster (status, epochs, API keys, audit trail, backup and restore).
+
+    The connection options may stand here, before the subcommand, or after it."""
 
 
 async def _status(connection: Connection) -> tuple[list[tuple[str, dict[str, Any] | None, str]], Any]:
@@ -324,6 +379,7 @@ def admin_restore(backup_path: str, config_path: str) -> None:
 
 
 @admin.group()
+@group_connection_options
 def epoch() -> None:
     """Rotate and list token epochs."""
 
@@ -371,6 +427,152 @@ def epoch_list(connection: Connection, as_json: bool) -> None:
     for entry in result.epochs:
         table.add_row(str(entry.epoch), _cell(entry.state), _cell(entry.created_at))
     Console().print(table)
+
+
+@admin.group("key")
+@group_connection_options
+def key_group() -> None:
+    """Create, list and revoke runtime API keys (replicated to every node)."""
+
+
+@key_group.command("create")
+@connection_options("admin")
+@click.option("--name", required=True, metavar="NAME", help="A label: 1-64 characters of [A-Za-z0-9_.-].")
+@click.option("--scope", "scopes", required=True, multiple=True, metavar="SCOPE",
+              help="A scope the key holds (admin, tokenize, detokenize); repeat for several.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (with the key).")
+def key_create(connection: Connection, name: str, scopes: tuple[str, ...], as_json: bool) -> None:
+    """Create a key and print it once: no node stores it, only its salted hash."""
+
+    async def create() -> Any:
+        async with connection.client() as vault:
+            return await vault.create_key(name, list(dict.fromkeys(scopes)))
+
+    info = _run(create())
+    if as_json:
+        click.echo(json.dumps({"id": info.id, "name": info.name, "scopes": list(info.scopes),
+                               "created_at": info.created_at, "key": info.key}))
+        return
+    click.echo(f"created key {info.id} ({info.name}; scopes: {', '.join(info.scopes)}). "
+               f"It is shown only now; store it safely:", err=True)
+    click.echo(info.key)
+
+
+@key_group.command("list")
+@connection_options("admin")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def key_list(connection: Connection, as_json: bool) -> None:
+    """List the runtime keys (id, name, scopes, creation time; never a key)."""
+
+    async def fetch() -> Any:
+        async with connection.client() as vault:
+            return await vault.list_keys()
+
+    keys = _run(fetch())
+    if as_json:
+        click.echo(json.dumps({"keys": [{"id": info.id, "name": info.name, "scopes": list(info.scopes),
+                                         "created_at": info.created_at} for info in keys]}, indent=2))
+        return
+    table = Table(title=f"Runtime API keys ({len(keys)})")
+    for column in ("id", "name", "scopes", "created_at"):
+        table.add_column(column)
+    for info in keys:
+        table.add_row(info.id, _cell(info.name), ",".join(info.scopes), _cell(info.created_at))
+    Console().print(table)
+
+
+@key_group.command("revoke")
+@connection_options("admin")
+@click.argument("key_id")
+def key_revoke(connection: Connection, key_id: str) -> None:
+    """Revoke the key KEY_ID: every node refuses it within a second of this command's success."""
+
+    async def revoke() -> None:
+        async with connection.client() as vault:
+            await vault.revoke_key(key_id)
+
+    _run(revoke())
+    click.echo(f"key {key_id} revoked")
+
+
+@admin.group("audit")
+@group_connection_options
+def audit_group() -> None:
+    """Check the hash-chained audit trail."""
+
+
+async def _walk_audit(connection: Connection, verifier: Any, on_record: Callable[[dict], None]) -> tuple[int, Any]:
+    """Page through the whole trail, checking each record in order; (head seq, first ChainBreak or None).
+
+    ``on_record`` sees every record that verified, in order, before the first broken one."""
+    from tokenvault.audit import ChainBreak
+
+    after = 0
+    async with connection.client() as vault:
+        while True:
+            page = await vault.audit_page(after, AUDIT_PAGE_RECORDS)
+            try:
+                for record in page.records:
+                    verifier.check(record)
+                    on_record(record)
+                if page.next_after is None and verifier.last_seq != page.last_seq:
+                    raise ChainBreak(verifier.last_seq + 1, f"is missing: the trail's head is record {page.last_seq}")
+            except ChainBreak as broken:
+                return page.last_seq, broken
+            if page.next_after is None or page.next_after <= after:
+                return page.last_seq, None
+            after = page.next_after
+
+
+def _report_audit(verifier: Any, last_seq: int, broken: Any, as_json: bool, extra: dict[str, Any]) -> None:
+    if as_json:
+        click.echo(json.dumps({"ok": broken is None, "verified": verifier.count, "last_seq": last_seq,
+                               "broken_seq": broken.seq if broken else None,
+                               "reason": broken.reason if broken else None, **extra}))
+    elif broken is None:
+        click.echo(f"audit trail intact: {verifier.count} records, head {verifier.previous_hash.hex()}")
+    else:
+        click.echo(f"audit trail BROKEN at record {broken.seq}: {broken.reason} "
+                   f"({verifier.count} records before it verified)", err=True)
+    if broken is not None:
+        sys.exit(EXIT_AUDIT_BROKEN)
+
+
+@audit_group.command("verify")
+@connection_options("admin")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def audit_verify(connection: Connection, as_json: bool) -> None:
+    """Walk every page of the audit trail and check its hash chain; exit 4 at the first broken link."""
+    from tokenvault.audit import ChainVerifier
+
+    verifier = ChainVerifier()
+    last_seq, broken = _run(_walk_audit(connection, verifier, lambda record: None))
+    _report_audit(verifier, last_seq, broken, as_json, {})
+
+
+@audit_group.command("export")
+@connection_options("admin")
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), metavar="FILE",
+              help="Where to write the records, one JSON object per line (mode 0600; never overwritten).")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def audit_export(connection: Connection, out_path: str, as_json: bool) -> None:
+    """Write the whole audit trail to FILE as JSON lines, verifying the chain on the way.
+
+    Every line keeps its hashes, so the copy can be checked again later. Records after a broken
+    link are not written and the command exits 4."""
+    from tokenvault.audit import ChainVerifier
+
+    try:
+        descriptor = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except OSError as error:
+        raise click.UsageError(f"cannot create {out_path!r}: {error.strerror}") from None
+    verifier = ChainVerifier()
+    with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+        def write(record: dict) -> None:
+            handle.write(json.dumps(record, separators=(",", ":"), sort_keys=True) + "\n")
+
+        last_seq, broken = _run(_walk_audit(connection, verifier, write))
+    _report_audit(verifier, last_seq, broken, as_json, {"file": out_path})
 
 
 def _read_lines(source: Any) -> list[str]:

@@ -149,6 +149,28 @@ class EpochList:
 
 
 @dataclass(frozen=True, slots=True)
+class ApiKeyInfo:
+    """A runtime API key as listed; ``key`` is set only in the answer to its creation."""
+
+    id: str
+    name: str
+    scopes: tuple[str, ...]
+    created_at: str
+    key: str | None = None
+
+    def __repr__(self) -> str:
+        # The key is a secret: a repr (logs, tracebacks) never shows it.
+        return f"ApiKeyInfo(id={self.id!r}, name={self.name!r}, scopes={self.scopes!r})"
+
+
+@dataclass(frozen=True, slots=True)
+class AuditPage:
+    records: tuple[dict[str, Any], ...]
+    last_seq: int
+    next_after: int | None
+
+
+@dataclass(frozen=True, slots=True)
 class _Answer:
     url: str
     status: int
@@ -250,6 +272,8 @@ class AsyncClient:
                  session: aiohttp.ClientSession | None = None,
                  ca_file: str | Path | None = None) -> None:
         self.urls = normalize_urls(urls)
+        # The CA certificate to verify https nodes against; kept for the TLS transport to use.
+        self.ca_file = ca_file
         self._api_key = _validate_api_key(api_key)
         # https:// nodes are verified against the cluster CA when one is given (else the system's CAs).
         self._ssl_context = client_ssl_context(ca_file)
@@ -319,6 +343,35 @@ class AsyncClient:
                 raise ResponseError("epoch list entry lacks created_at or state")
             epochs.append(EpochInfo(_require_int(entry, "epoch"), created_at, state))
         return EpochList(active, tuple(epochs))
+
+    async def create_key(self, name: str, scopes: Sequence[str]) -> ApiKeyInfo:
+        """Create a runtime API key; the answer holds the key itself, which no node can show again."""
+        answer = await self._request("POST", "/v1/admin/keys", {"name": name, "scopes": list(scopes)}, {})
+        info = _key_info(answer.body)
+        key = answer.body.get("key")
+        if not isinstance(key, str):
+            raise ResponseError("key creation response has no 'key'")
+        return ApiKeyInfo(info.id, info.name, info.scopes, info.created_at, key)
+
+    async def list_keys(self) -> tuple[ApiKeyInfo, ...]:
+        answer = await self._request("GET", "/v1/admin/keys", None, {})
+        entries = answer.body.get("keys")
+        if not isinstance(entries, list):
+            raise ResponseError("key list response has no 'keys' list")
+        return tuple(_key_info(entry) for entry in entries)
+
+    async def revoke_key(self, key_id: str) -> None:
+        if not isinstance(key_id, str) or not key_id.isalnum() or len(key_id) > 64:
+            raise ConfigurationError("a key id is 16 lowercase hex characters")
+        await self._request("POST", f"/v1/admin/keys/{key_id}/revoke", {}, {})
+
+    async def audit_page(self, after: int = 0, limit: int = 1000) -> AuditPage:
+        answer = await self._request("GET", f"/v1/admin/audit?after={int(after)}&limit={int(limit)}", None, {})
+        records = answer.body.get("records")
+        next_after = answer.body.get("next_after")
+        if not isinstance(records, list) or not (next_after is None or type(next_after) is int):
+            raise ResponseError("audit response has no 'records' list or a malformed 'next_after'")
+        return AuditPage(tuple(records), _require_int(answer.body, "last_seq"), next_after)
 
     async def health(self, url: str | None = None) -> dict[str, Any]:
         """The /health body of the given node, or of the first node that answers."""
@@ -407,6 +460,17 @@ class AsyncClient:
             self._session = aiohttp.ClientSession(connector=connector)
             self._owns_session = True
         return self._session
+
+
+def _key_info(entry: Any) -> ApiKeyInfo:
+    if not isinstance(entry, dict):
+        raise ResponseError("a key entry is not a JSON object")
+    fields = [entry.get(name) for name in ("id", "name", "created_at")]
+    scopes = entry.get("scopes")
+    if not all(isinstance(value, str) for value in fields) or not isinstance(scopes, list) or \
+            not all(isinstance(scope, str) for scope in scopes):
+        raise ResponseError("a key entry lacks id, name, scopes or created_at")
+    return ApiKeyInfo(fields[0], fields[1], tuple(scopes), fields[2])
 
 
 async def _read_bounded(response: aiohttp.ClientResponse) -> bytes:

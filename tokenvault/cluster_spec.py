@@ -14,12 +14,12 @@ from __future__ import annotations
 import hmac
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tokenvault.auth import ApiKeyEntry, generate_api_key, hash_api_key
+from tokenvault.auth import ApiKeyEntry, generate_api_key, salted_api_key_hash
 from tokenvault.config import (ConfigError, HttpConfig, MemberConfig, NodeConfig, PeerConfig, SealerConfig,
                                TimingConfig, TlsConfig, WalConfig, write_node_config)
 from tokenvault.crypto import CryptoError, MasterKey, write_secret_file
@@ -289,12 +289,17 @@ def _place_master_key(cluster_directory: Path, master_key: MasterKey | None) -> 
     return path
 
 
+def _salted_entry(name: str, key: str, scopes: Iterable[str]) -> ApiKeyEntry:
+    """A bootstrap key as a node config stores it: name, scopes, and HMAC-SHA256 under its own salt."""
+    salt, digest = salted_api_key_hash(key)
+    return ApiKeyEntry(name=name, sha256=digest, scopes=frozenset(scopes), salt=salt)
+
+
 def _node_config(spec: ClusterSpec, node: NodeSpec, settings: NodeSettings, master_key_file: Path,
                  tls_files: ClusterTlsFiles | None) -> NodeConfig:
     members = tuple(MemberConfig(id=member.node_id, peer_addr=member.peer_addr, http_url=member.http_url)
                     for member in spec.nodes)
-    api_keys = tuple(ApiKeyEntry(name=info.name, sha256=hash_api_key(info.key), scopes=frozenset(info.scopes))
-                     for info in spec.api_keys)
+    api_keys = tuple(_salted_entry(info.name, info.key, info.scopes) for info in spec.api_keys)
     tls = None
     if tls_files is not None:
         files = tls_files.nodes[node.node_id]

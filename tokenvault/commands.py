@@ -14,6 +14,7 @@ the field that is wrong but never echo its content.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import msgpack
@@ -21,6 +22,9 @@ import msgpack
 COMMAND_FORMAT_VERSION = 1
 TOKENIZE_TAG = 1
 ROTATE_EPOCH_TAG = 2
+CREATE_API_KEY_TAG = 3
+REVOKE_API_KEY_TAG = 4
+AUDIT_TAG = 5
 
 MAX_ITEMS = 100_000
 MAX_TOKEN_CHARS = 128
@@ -36,6 +40,23 @@ MAX_TIMESTAMP_MS = 2**63 - 1
 MAX_COMMAND_BYTES = 64 * 1024 * 1024
 # msgpack counts string lengths in bytes; no text field of a command is longer than this.
 MAX_TEXT_FIELD_CHARS = 1024
+# Runtime API keys (tokenvault.auth): a 16-hex-character public id, a 16-byte salt, a 32-byte digest.
+KEY_ID_PATTERN = re.compile(r"[0-9a-f]{16}\Z")
+KEY_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
+KEY_SALT_BYTES = 16
+KEY_DIGEST_BYTES = 32
+# The scope names a key entry may carry: those tokenvault.auth enforces and the version 2 names,
+# so that entries a later version writes still decode. The HTTP layer admits only enforced ones.
+KNOWN_SCOPES = frozenset({"admin", "tokenize", "detokenize", "delete", "retokenize", "detokenize_masked"})
+MAX_SCOPES = len(KNOWN_SCOPES)
+# Who did it: the node that took the request and the request's id, each bounded.
+MAX_NODE_ID_CHARS = 32
+MAX_REQUEST_ID_CHARS = 64
+MAX_SUBJECT_CHARS = 64
+# Audit records in one audit command: one node's buffer flushes at most this many at once.
+MAX_AUDIT_RECORDS = 4096
+AUDIT_ACTIONS = frozenset({"detokenize", "key.create", "key.revoke", "epoch.rotate"})
+AUDIT_RECORD_FIELDS = 9
 
 
 class CommandError(ValueError):
@@ -106,6 +127,34 @@ class TokenizeCommand:
 
 
 @dataclass(frozen=True, slots=True)
+class Actor:
+    """Who asked for a change, as the audit trail records it: the key's name and id (None for a
+    bootstrap key), the node that took the request and the request's id."""
+
+    name: str | None = None
+    key_id: str | None = None
+    node: str | None = None
+    request_id: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_optional_text("actor name", self.name, MAX_PRINCIPAL_CHARS)
+        _check_optional_text("actor key id", self.key_id, MAX_PRINCIPAL_CHARS)
+        _check_optional_text("actor node", self.node, MAX_NODE_ID_CHARS)
+        _check_optional_text("actor request id", self.request_id, MAX_REQUEST_ID_CHARS)
+
+    def fields(self) -> list:
+        return [self.name, self.key_id, self.node, self.request_id]
+
+
+NO_ACTOR = Actor()
+
+
+def _check_actor(actor: object) -> None:
+    if type(actor) is not Actor:
+        raise CommandError("actor must be an Actor")
+
+
+@dataclass(frozen=True, slots=True)
 class RotateEpochCommand:
     """Make ``epoch`` the active epoch, with its secret wrapped by the master key."""
 
@@ -115,6 +164,8 @@ class RotateEpochCommand:
     principal: str | None
     idempotency_key: str | None
     fingerprint: bytes | None
+    # Added with the audit trail; entries written before it decode with no actor.
+    actor: Actor = NO_ACTOR
 
     def __post_init__(self) -> None:
         _check_int("epoch", self.epoch, 1, MAX_EPOCH)
@@ -122,9 +173,101 @@ class RotateEpochCommand:
             raise CommandError(f"wrapped_secret must be 1 to {MAX_WRAPPED_SECRET_BYTES} bytes")
         _check_int("created_at_ms", self.created_at_ms, 0, MAX_TIMESTAMP_MS)
         _check_idempotency(self.principal, self.idempotency_key, self.fingerprint)
+        _check_actor(self.actor)
 
 
-Command = TokenizeCommand | RotateEpochCommand
+@dataclass(frozen=True, slots=True)
+class CreateApiKeyCommand:
+    """Add a runtime API key: its public id, name, scopes, salt and salted digest (never the key)."""
+
+    key_id: str
+    name: str
+    scopes: tuple[str, ...]
+    salt: bytes
+    digest: bytes
+    created_at_ms: int
+    actor: Actor
+
+    def __post_init__(self) -> None:
+        if type(self.key_id) is not str or not KEY_ID_PATTERN.match(self.key_id):
+            raise CommandError("key_id must be 16 lowercase hex characters")
+        if type(self.name) is not str or not KEY_NAME_PATTERN.match(self.name):
+            raise CommandError("name must be 1-64 characters of [A-Za-z0-9_.-] starting with a letter or digit")
+        if (type(self.scopes) is not tuple or not 0 < len(self.scopes) <= MAX_SCOPES
+                or any(type(scope) is not str or scope not in KNOWN_SCOPES for scope in self.scopes)
+                or list(self.scopes) != sorted(set(self.scopes))):
+            raise CommandError(f"scopes must be a sorted, duplicate-free tuple of {sorted(KNOWN_SCOPES)}")
+        if type(self.salt) is not bytes or len(self.salt) != KEY_SALT_BYTES:
+            raise CommandError(f"salt must be {KEY_SALT_BYTES} bytes")
+        if type(self.digest) is not bytes or len(self.digest) != KEY_DIGEST_BYTES:
+            raise CommandError(f"digest must be {KEY_DIGEST_BYTES} bytes")
+        _check_int("created_at_ms", self.created_at_ms, 0, MAX_TIMESTAMP_MS)
+        _check_actor(self.actor)
+
+
+@dataclass(frozen=True, slots=True)
+class RevokeApiKeyCommand:
+    """Remove a runtime API key from the replicated table: every node refuses it once applied."""
+
+    key_id: str
+    revoked_at_ms: int
+    actor: Actor
+
+    def __post_init__(self) -> None:
+        if type(self.key_id) is not str or not KEY_ID_PATTERN.match(self.key_id):
+            raise CommandError("key_id must be 16 lowercase hex characters")
+        _check_int("revoked_at_ms", self.revoked_at_ms, 0, MAX_TIMESTAMP_MS)
+        _check_actor(self.actor)
+
+
+@dataclass(frozen=True, slots=True)
+class AuditRecord:
+    """One audit record as a node proposes it; sequence number and hashes are added at apply.
+
+    Never a value, never a token: counts, who, what and when."""
+
+    at_ms: int
+    node: str
+    key_name: str | None
+    key_id: str | None
+    action: str
+    items: int
+    found: int
+    request_id: str | None
+    subject: str | None
+
+    def __post_init__(self) -> None:
+        _check_int("audit at_ms", self.at_ms, 0, MAX_TIMESTAMP_MS)
+        if type(self.node) is not str or not 0 < len(self.node) <= MAX_NODE_ID_CHARS:
+            raise CommandError(f"audit node must be a string of 1 to {MAX_NODE_ID_CHARS} characters")
+        _check_optional_text("audit key_name", self.key_name, MAX_PRINCIPAL_CHARS)
+        _check_optional_text("audit key_id", self.key_id, MAX_PRINCIPAL_CHARS)
+        if type(self.action) is not str or self.action not in AUDIT_ACTIONS:
+            raise CommandError(f"audit action must be one of {sorted(AUDIT_ACTIONS)}")
+        _check_int("audit items", self.items, 0, MAX_ITEMS)
+        _check_int("audit found", self.found, 0, self.items if type(self.items) is int else 0)
+        _check_optional_text("audit request_id", self.request_id, MAX_REQUEST_ID_CHARS)
+        _check_optional_text("audit subject", self.subject, MAX_SUBJECT_CHARS)
+
+    def fields(self) -> list:
+        """The canonical field order; the audit hash chain covers exactly these."""
+        return [self.at_ms, self.node, self.key_name, self.key_id, self.action, self.items, self.found,
+                self.request_id, self.subject]
+
+
+@dataclass(frozen=True, slots=True)
+class AuditCommand:
+    """A batch of audit records from one node (group commit: one log entry for many detokenizes)."""
+
+    records: tuple[AuditRecord, ...]
+
+    def __post_init__(self) -> None:
+        if (type(self.records) is not tuple or not 0 < len(self.records) <= MAX_AUDIT_RECORDS
+                or any(type(record) is not AuditRecord for record in self.records)):
+            raise CommandError(f"records must be a tuple of 1 to {MAX_AUDIT_RECORDS} audit records")
+
+
+Command = TokenizeCommand | RotateEpochCommand | CreateApiKeyCommand | RevokeApiKeyCommand | AuditCommand
 
 
 def encode_command(command: Command) -> bytes:
@@ -139,6 +282,16 @@ def encode_command(command: Command) -> bytes:
     elif type(command) is RotateEpochCommand:
         fields = [COMMAND_FORMAT_VERSION, ROTATE_EPOCH_TAG, command.epoch, command.wrapped_secret,
                   command.created_at_ms, command.principal, command.idempotency_key, command.fingerprint]
+        if command.actor != NO_ACTOR:
+            fields.extend(command.actor.fields())
+    elif type(command) is CreateApiKeyCommand:
+        fields = [COMMAND_FORMAT_VERSION, CREATE_API_KEY_TAG, command.key_id, command.name, list(command.scopes),
+                  command.salt, command.digest, command.created_at_ms, *command.actor.fields()]
+    elif type(command) is RevokeApiKeyCommand:
+        fields = [COMMAND_FORMAT_VERSION, REVOKE_API_KEY_TAG, command.key_id, command.revoked_at_ms,
+                  *command.actor.fields()]
+    elif type(command) is AuditCommand:
+        fields = [COMMAND_FORMAT_VERSION, AUDIT_TAG, [record.fields() for record in command.records]]
     else:
         raise CommandError("not a vault command")
     encoded = msgpack.packb(fields, use_bin_type=True)
@@ -180,20 +333,53 @@ def _decode_tokenize(fields: list) -> TokenizeCommand:
 
 
 def _decode_rotate(fields: list) -> RotateEpochCommand:
-    if len(fields) != 8:
-        raise CommandError("a rotate-epoch command has 8 fields")
-    _, _, epoch, wrapped_secret, created_at_ms, principal, idempotency_key, fingerprint = fields
+    if len(fields) not in (8, 12):
+        raise CommandError("a rotate-epoch command has 8 fields, or 12 with its actor")
+    _, _, epoch, wrapped_secret, created_at_ms, principal, idempotency_key, fingerprint = fields[:8]
+    actor = Actor(*fields[8:]) if len(fields) == 12 else NO_ACTOR
     return RotateEpochCommand(epoch=epoch, wrapped_secret=wrapped_secret, created_at_ms=created_at_ms,
                               principal=principal, idempotency_key=idempotency_key,
-                              fingerprint=fingerprint)
+                              fingerprint=fingerprint, actor=actor)
+
+
+def _decode_create_key(fields: list) -> CreateApiKeyCommand:
+    if len(fields) != 12:
+        raise CommandError("a create-API-key command has 12 fields")
+    _, _, key_id, name, scopes, salt, digest, created_at_ms = fields[:8]
+    if type(scopes) is not list or len(scopes) > MAX_SCOPES:
+        raise CommandError(f"scopes must be an array of at most {MAX_SCOPES} scopes")
+    return CreateApiKeyCommand(key_id=key_id, name=name, scopes=tuple(scopes), salt=salt, digest=digest,
+                               created_at_ms=created_at_ms, actor=Actor(*fields[8:]))
+
+
+def _decode_revoke_key(fields: list) -> RevokeApiKeyCommand:
+    if len(fields) != 8:
+        raise CommandError("a revoke-API-key command has 8 fields")
+    _, _, key_id, revoked_at_ms = fields[:4]
+    return RevokeApiKeyCommand(key_id=key_id, revoked_at_ms=revoked_at_ms, actor=Actor(*fields[4:]))
+
+
+def _decode_audit(fields: list) -> AuditCommand:
+    if len(fields) != 3 or type(fields[2]) is not list or not 0 < len(fields[2]) <= MAX_AUDIT_RECORDS:
+        raise CommandError(f"an audit command has 3 fields, the last 1 to {MAX_AUDIT_RECORDS} records")
+    records = []
+    for record in fields[2]:
+        if type(record) is not list or len(record) != AUDIT_RECORD_FIELDS:
+            raise CommandError(f"each audit record is an array of {AUDIT_RECORD_FIELDS} fields")
+        records.append(AuditRecord(*record))
+    return AuditCommand(records=tuple(records))
+
+
+_DECODERS = {TOKENIZE_TAG: _decode_tokenize, ROTATE_EPOCH_TAG: _decode_rotate,
+             CREATE_API_KEY_TAG: _decode_create_key, REVOKE_API_KEY_TAG: _decode_revoke_key,
+             AUDIT_TAG: _decode_audit}
 
 
 def decode_command(data: bytes) -> Command:
     """Parse and validate a command; raises CommandError (only) on anything malformed."""
     fields = _unpack(data)
     tag = fields[1]
-    if type(tag) is int and tag == TOKENIZE_TAG:
-        return _decode_tokenize(fields)
-    if type(tag) is int and tag == ROTATE_EPOCH_TAG:
-        return _decode_rotate(fields)
-    raise CommandError("unknown command type tag")
+    decoder = _DECODERS.get(tag) if type(tag) is int else None
+    if decoder is None:
+        raise CommandError("unknown command type tag")
+    return decoder(fields)

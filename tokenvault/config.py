@@ -331,6 +331,25 @@ class TlsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AuditConfig:
+    # Every detokenize waits until its audit record is committed (tokenvault/audit.py).
+    # A node batches its records: the first waits at most flush_ms for company,
+    # one log entry carries at most max_batch_records, and at most
+    # max_pending_records wait at once (more are refused with 503).
+    # enabled = false exists for measurement only: it breaks the audit promise.
+    enabled: bool = True
+    flush_ms: int = 2
+    max_batch_records: int = 1024
+    max_pending_records: int = 8192
+
+    def __post_init__(self) -> None:
+        _check_bool("audit.enabled", self.enabled)
+        _check_int("audit.flush_ms", self.flush_ms, 0, 1000)
+        _check_int("audit.max_batch_records", self.max_batch_records, 1, 4096)
+        _check_int("audit.max_pending_records", self.max_pending_records, 1, 1_000_000)
+
+
+@dataclass(frozen=True, slots=True)
 class NodeConfig:
     """A whole node configuration. Paths given as strings are converted to Path."""
 
@@ -352,6 +371,7 @@ class NodeConfig:
     pkcs11: Pkcs11Config | None = None
     # None is a plain cluster: HTTP without TLS and peer links authenticated by the cluster secret only.
     tls: TlsConfig | None = None
+    audit: AuditConfig = field(default_factory=AuditConfig)
 
     def __post_init__(self) -> None:
         for name in ("data_dir", "master_key_file", "cluster_secret_file", "log_file"):
@@ -382,7 +402,7 @@ class NodeConfig:
         expected = {
             "http": HttpConfig, "peer": PeerConfig, "limits": LimitsConfig,
             "timing": TimingConfig, "idempotency": IdempotencyConfig, "wal": WalConfig,
-            "sealer": SealerConfig,
+            "sealer": SealerConfig, "audit": AuditConfig,
         }
         for name, section_type in expected.items():
             if not isinstance(getattr(self, name), section_type):
@@ -511,7 +531,7 @@ _TOP_LEVEL_KEYS = {
 _SECTIONS: dict[str, type] = {
     "http": HttpConfig, "peer": PeerConfig, "limits": LimitsConfig,
     "timing": TimingConfig, "idempotency": IdempotencyConfig, "wal": WalConfig,
-    "sealer": SealerConfig,
+    "sealer": SealerConfig, "audit": AuditConfig,
 }
 _REQUIRED_KEYS = ("node_id", "data_dir", "members", "api_keys")
 _TLS_KEYS = ("cert_file", "key_file", "ca_file")
@@ -559,7 +579,7 @@ def _api_key_from_table(index: int, table: object) -> ApiKeyEntry:
     label = f"api_keys[{index}]"
     if not isinstance(table, dict):
         raise ConfigError(f"{label} must be a table ([[api_keys]])")
-    _check_known_keys(label, table, {"name", "sha256", "scopes"})
+    _check_known_keys(label, table, {"name", "sha256", "scopes", "salt"})
     for key in ("name", "sha256", "scopes"):
         if key not in table:
             raise ConfigError(f"{label} is missing {key}")
@@ -574,7 +594,8 @@ def _api_key_from_table(index: int, table: object) -> ApiKeyEntry:
     if isinstance(digest, str):
         digest = digest.lower()
     try:
-        return ApiKeyEntry(name=table["name"], sha256=digest, scopes=frozenset(scopes))
+        return ApiKeyEntry(name=table["name"], sha256=digest, scopes=frozenset(scopes),
+                           salt=table["salt"].lower() if isinstance(table.get("salt"), str) else table.get("salt"))
     except ApiKeyTableError as error:
         raise ConfigError(f"{label}: {error}") from None
 
@@ -718,6 +739,8 @@ def to_toml(config: NodeConfig) -> str:
         lines.extend(["", "[[api_keys]]"])
         lines.append(f"name = {_toml_value(entry.name)}")
         lines.append(f"sha256 = {_toml_value(entry.sha256)}")
+        if entry.salt is not None:
+            lines.append(f"salt = {_toml_value(entry.salt)}")
         lines.append(f"scopes = {_toml_value(sorted(entry.scopes))}")
     return "\n".join(lines) + "\n"
 

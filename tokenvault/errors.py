@@ -185,3 +185,19 @@ class Overloaded(Unavailable):
             detail or "too many requests in progress on this node; retry later",
             retry_after_seconds=retry_after_seconds,
         )
+
+
+class NotFound(ServiceError):
+    """The named resource (a runtime API key) does not exist."""
+
+    status = 404
+    title = "Not found"
+    problem = "not-found"
+
+
+class KeyLimitReached(ServiceError):
+    """The replicated API key table is full; revoke a key first."""
+
+    status = 409
+    title = "Conflict"
+    problem = "key-limit"

@@ -17,7 +17,8 @@ and the first failing one answers:
 6. the body size (413): first the declared Content-Length, then aiohttp's
    ``client_max_size`` while reading (which also covers chunked bodies);
 7. JSON syntax and UTF-8 (400), the document's shape (400), the item count
-   (413), then each item (400);
+   (413), then each item (400); for ``GET /v1/admin/audit`` the query
+   parameters ``after`` and ``limit`` (400);
 8. the service's own answers: 409 / 422 for idempotency conflicts, 503.
 
 Error bodies are ``application/problem+json`` built from fixed texts, counts
@@ -29,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import re
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -39,11 +41,12 @@ from aiohttp import web
 from aiohttp.http_exceptions import DecompressSizeError, HttpProcessingError
 from aiohttp.web_protocol import RequestHandler
 
-from tokenvault import auth, backup
+from tokenvault import auth, backup, commands
 from tokenvault.errors import (
     PROBLEM_CONTENT_TYPE,
     Forbidden,
     InvalidRequest,
+    NotFound,
     Outcome,
     Overloaded,
     PayloadTooLarge,
@@ -68,10 +71,19 @@ ROUTE_DETOKENIZE = "/v1/detokenize"
 ROUTE_EPOCHS = "/v1/admin/epochs"
 ROUTE_CLUSTER = "/v1/admin/cluster"
 ROUTE_BACKUP = backup.ROUTE_BACKUP
+ROUTE_KEYS = "/v1/admin/keys"
+ROUTE_KEY_REVOKE = "/v1/admin/keys/{key_id}/revoke"
+ROUTE_AUDIT = "/v1/admin/audit"
+# GET /v1/admin/audit: at most this many records per page, and this many when not asked.
+MAX_AUDIT_PAGE = 1000
+DEFAULT_AUDIT_PAGE = 100
+_DECIMAL = re.compile(r"(0|[1-9][0-9]{0,18})\Z")
+MAX_AUDIT_SEQ = 2**63 - 2
 
 JSON_CONTENT_TYPE = "application/json"
 IDEMPOTENCY_KEY_HEADER = "Idempotency-Key"
 REPLAYED_HEADER = "Idempotent-Replayed"
+REQUEST_ID_HEADER = "X-Request-Id"
 # Printable ASCII is 0x20-0x7E; HTTP parsing already strips surrounding spaces.
 IDEMPOTENCY_KEY_PATTERN = re.compile(r"[\x20-\x7e]{1,255}\Z")
 DEFAULT_MAX_INFLIGHT_REQUESTS = 256
@@ -313,6 +325,49 @@ def validate_tokens(items: list[Any]) -> list[str]:
     return items
 
 
+def validate_key_request(document: dict[str, Any]) -> tuple[str, list[str]]:
+    """The name (the principal name grammar) and scopes (non-empty, known, no repeats) of a new key."""
+    name, scopes = document["name"], document["scopes"]
+    if not isinstance(name, str) or not auth.PRINCIPAL_NAME_PATTERN.match(name):
+        raise InvalidRequest("'name' must be 1-64 characters of [A-Za-z0-9_.-] starting with a letter or digit")
+    if not isinstance(scopes, list) or not scopes:
+        raise InvalidRequest("'scopes' must be a non-empty array of scope names")
+    if len(scopes) > len(auth.ALL_SCOPES):
+        raise InvalidRequest(f"'scopes' has more than the {len(auth.ALL_SCOPES)} known scopes")
+    for position, scope in enumerate(scopes):
+        if not isinstance(scope, str) or scope not in auth.ALL_SCOPES:
+            raise InvalidRequest(f"scopes[{position}] is not one of {sorted(auth.ALL_SCOPES)}")
+    if len(set(scopes)) != len(scopes):
+        raise InvalidRequest("'scopes' lists a scope twice")
+    return name, scopes
+
+
+def audit_query(request: web.Request) -> tuple[int, int]:
+    """``after`` (default 0) and ``limit`` (1..MAX_AUDIT_PAGE, default DEFAULT_AUDIT_PAGE) of an audit page."""
+    query = request.query
+    unknown = len(set(query) - {"after", "limit"})
+    if unknown:
+        raise InvalidRequest(f"the query has {unknown} unknown parameter(s); allowed: after, limit")
+    values = {}
+    for name, default, minimum, maximum in (("after", 0, 0, MAX_AUDIT_SEQ),
+                                            ("limit", DEFAULT_AUDIT_PAGE, 1, MAX_AUDIT_PAGE)):
+        given = query.getall(name, [])
+        if len(given) > 1:
+            raise InvalidRequest(f"'{name}' is given more than once")
+        if not given:
+            values[name] = default
+            continue
+        if not _DECIMAL.match(given[0]) or not minimum <= int(given[0]) <= maximum:
+            raise InvalidRequest(f"'{name}' must be a decimal integer in [{minimum}, {maximum}]")
+        values[name] = int(given[0])
+    return values["after"], values["limit"]
+
+
+def new_request_id() -> str:
+    """A random id naming one request in the audit trail."""
+    return os.urandom(8).hex()
+
+
 # ---------------------------------------------------------------- the application
 
 
@@ -398,7 +453,7 @@ class _Api:
         key = idempotency_key(request)
         document = require_members(await self.read_json(request, body_required=True), ("values",))
         values = validate_values(require_item_list(document, "values", self.limits), self.limits)
-        outcome = await self.service.tokenize(principal.name, values, key)
+        outcome = await self.service.tokenize(principal.identity, values, key)
         # Issued tokens are counted by the node when it applies them, once per
         # token across forwards; this layer counts only replays.
         if outcome.replayed:
@@ -406,17 +461,24 @@ class _Api:
         return outcome_response(outcome)
 
     async def detokenize(self, request: web.Request) -> web.StreamResponse:
-        authorize(request, self.api_keys, auth.DETOKENIZE)
+        principal = authorize(request, self.api_keys, auth.DETOKENIZE)
         with self.inflight_slot():
-            return await self._detokenize(request)
+            return await self._detokenize(request, principal)
 
-    async def _detokenize(self, request: web.Request) -> web.Response:
+    def actor(self, principal: auth.Principal) -> commands.Actor:
+        """Who the audit trail names for this request."""
+        return commands.Actor(name=principal.name, key_id=principal.key_id, node=self.service.node_id,
+                              request_id=new_request_id())
+
+    async def _detokenize(self, request: web.Request, principal: auth.Principal) -> web.Response:
         document = require_members(await self.read_json(request, body_required=True), ("tokens",))
         tokens = validate_tokens(require_item_list(document, "tokens", self.limits))
-        values = await self.service.detokenize(tokens)
+        actor = self.actor(principal)
+        values = await self.service.detokenize(tokens, actor)
         if len(values) != len(tokens):
             raise AssertionError("the service answered a different number of values than tokens asked")
-        return json_response({"values": values}, headers=NO_STORE_HEADERS)
+        # The id the audit record of this request carries, so a caller can find it there.
+        return json_response({"values": values}, headers={**NO_STORE_HEADERS, REQUEST_ID_HEADER: actor.request_id})
 
     async def rotate_epoch(self, request: web.Request) -> web.StreamResponse:
         principal = authorize(request, self.api_keys, auth.ADMIN)
@@ -429,7 +491,7 @@ class _Api:
         document = await self.read_json(request, body_required=False)
         if document is not EMPTY_BODY:
             require_members(document, ())
-        outcome = await self.service.rotate_epoch(principal.name, key)
+        outcome = await self.service.rotate_epoch(principal.identity, key, actor=self.actor(principal))
         if outcome.replayed:
             self.metrics.record_replay(ROUTE_EPOCHS)
         return outcome_response(outcome)
@@ -437,6 +499,34 @@ class _Api:
     async def list_epochs(self, request: web.Request) -> web.Response:
         authorize(request, self.api_keys, auth.ADMIN)
         return json_response(await self.service.list_epochs(), headers=NO_STORE_HEADERS)
+
+    async def create_key(self, request: web.Request) -> web.StreamResponse:
+        principal = authorize(request, self.api_keys, auth.ADMIN)
+        with self.inflight_slot():
+            document = require_members(await self.read_json(request, body_required=True), ("name", "scopes"))
+            name, scopes = validate_key_request(document)
+            outcome = await self.service.create_key(name, scopes, self.actor(principal))
+            return outcome_response(outcome)
+
+    async def list_keys(self, request: web.Request) -> web.Response:
+        authorize(request, self.api_keys, auth.ADMIN)
+        return json_response(await self.service.list_keys(), headers=NO_STORE_HEADERS)
+
+    async def revoke_key(self, request: web.Request) -> web.StreamResponse:
+        principal = authorize(request, self.api_keys, auth.ADMIN)
+        with self.inflight_slot():
+            document = await self.read_json(request, body_required=False)
+            if document is not EMPTY_BODY:
+                require_members(document, ())
+            key_id = request.match_info["key_id"]
+            if not auth.RUNTIME_KEY_ID_PATTERN.match(key_id):
+                raise NotFound("no runtime API key has this id (ids are 16 lowercase hex characters)")
+            return outcome_response(await self.service.revoke_key(key_id, self.actor(principal)))
+
+    async def audit(self, request: web.Request) -> web.Response:
+        authorize(request, self.api_keys, auth.ADMIN)
+        after, limit = audit_query(request)
+        return json_response(await self.service.audit_page(after, limit), headers=NO_STORE_HEADERS)
 
     async def cluster(self, request: web.Request) -> web.Response:
         authorize(request, self.api_keys, auth.ADMIN)
@@ -557,6 +647,10 @@ def build_app(
     app.router.add_post(ROUTE_EPOCHS, api.rotate_epoch)
     app.router.add_get(ROUTE_EPOCHS, api.list_epochs)
     app.router.add_get(ROUTE_CLUSTER, api.cluster)
+    app.router.add_post(ROUTE_KEYS, api.create_key)
+    app.router.add_get(ROUTE_KEYS, api.list_keys)
+    app.router.add_post(ROUTE_KEY_REVOKE, api.revoke_key)
+    app.router.add_get(ROUTE_AUDIT, api.audit)
     # No HEAD: it would take a checkpoint only to throw it away.
     app.router.add_get(ROUTE_BACKUP, api.backup, allow_head=False)
     return app
@@ -571,7 +665,8 @@ def create_app(
     max_backup_streams: int = backup.DEFAULT_MAX_BACKUP_STREAMS,
 ) -> web.Application:
     """The node's HTTP application: API key table and limits from ``config``."""
-    api_keys = auth.ApiKeyTable(config.api_keys)
+    # Bootstrap keys from the config, plus the replicated runtime keys the node has applied.
+    api_keys = auth.ApiKeyTable(config.api_keys, getattr(service, "api_key", None))
     limits = HttpLimits.from_config(config, max_inflight_requests=max_inflight_requests,
                                     max_backup_streams=max_backup_streams)
     return build_app(service, api_keys, limits, metrics)

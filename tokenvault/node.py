@@ -453,6 +453,8 @@ class Node:
             self.keyring.add(command.epoch, command.wrapped_secret)
             log.info("epoch.rotated", epoch=command.epoch, index=entry.index)
             return 0, 0
+        if result.kind != "tokenize":
+            return 0, 0  # key changes and audit batches issue no tokens
         return result.items, result.epoch
 
     def _compact(self) -> None:
@@ -544,7 +546,8 @@ class Node:
             return
         command = commands.RotateEpochCommand(
             epoch=1, wrapped_secret=self.master_key.wrap_epoch_secret(1, new_epoch_secret()),
-            created_at_ms=int(time.time() * 1000), principal=None, idempotency_key=None, fingerprint=None)
+            created_at_ms=int(time.time() * 1000), principal=None, idempotency_key=None, fingerprint=None,
+            actor=commands.Actor(node=self.node_id, request_id="bootstrap"))
         self._bootstrap_in_flight = True
         task = asyncio.get_running_loop().create_task(self._bootstrap(commands.encode_command(command)))
         self._tasks.append(task)

@@ -18,15 +18,17 @@ import time
 import msgpack
 
 from protocol import ForwardRequest, ForwardResponse, NotPrimary, ProposalRejected, Role
-from tokenvault import commands
+from tokenvault import auth, commands
+from tokenvault.audit import AuditBuffer, AuditUnavailable
 from tokenvault.backup import BACKUP_WORK_DIR_NAME, BackupStream
 from tokenvault.crypto import DecryptError, KeyCustodyError, new_epoch_secret
-from tokenvault.errors import (IdempotencyInFlight, IdempotencyMismatch, Outcome, Overloaded, ServiceError,
-                               Unavailable, error_from_problem, problem_body)
+from tokenvault.errors import (IdempotencyInFlight, IdempotencyMismatch, KeyLimitReached, NotFound, Outcome,
+                               Overloaded, ServiceError, Unavailable, error_from_problem, problem_body)
 from tokenvault.logs import get_logger
 from tokenvault.futures import await_future
 from tokenvault.node import Node, NodeBusy, ProposalLost, ProposalOutcomeUnknown
 from tokenvault.sealer import Sealer, SealerUnavailable
+from tokenvault.store import MAX_API_KEYS as MAX_RUNTIME_KEYS
 from tokenvault.store import Outcome as ApplyOutcome
 from tokenvault.tokens import parse_token
 
@@ -36,6 +38,10 @@ MAX_EPOCH_RETRIES = 5
 MAX_FORWARDS_IN_FLIGHT = 4096
 TOKENIZE = "tokenize"
 ROTATE = "rotate"
+CREATE_KEY = "key.create"
+REVOKE_KEY = "key.revoke"
+LIST_KEYS = "keys"
+AUDIT = "audit"
 
 
 class ForwardedError(ServiceError):
@@ -71,8 +77,20 @@ class NodeService:
         node.forward_handler = self._on_forward_request
         node.forward_response_handler = self._on_forward_response
         node.peer_down_handler = self._on_peer_down
+        audit_config = node.config.audit
+        self._audit: AuditBuffer | None = None
+        if audit_config.enabled:
+            self._audit = AuditBuffer(self._write_audit, flush_ms=audit_config.flush_ms,
+                                      max_batch_records=audit_config.max_batch_records,
+                                      max_pending_records=audit_config.max_pending_records)
+
+    def api_key(self, key_id: str) -> auth.RuntimeKey | None:
+        """The replicated runtime key with this id, as this node has applied it (for authentication)."""
+        return self.node.store.api_key(key_id)
 
     async def close(self) -> None:
+        if self._audit is not None:
+            await self._audit.close()
         for task in list(self._forward_tasks):
             task.cancel()
         for _, future in self._forwards_waiting.values():
@@ -218,7 +236,36 @@ class NodeService:
         return Outcome(record.status, record.response, True)
 
     # ------------------------------------------------------------------ detokenize
-    async def detokenize(self, tokens: list[str]) -> list[str | None]:
+    async def detokenize(self, tokens: list[str], actor: commands.Actor | None = None) -> list[str | None]:
+        """The values of ``tokens``, answered only once the audit record of this detokenize is committed."""
+        values = await self._detokenize(tokens)
+        if self._audit is not None:
+            actor = actor or commands.NO_ACTOR
+            record = commands.AuditRecord(
+                at_ms=int(time.time() * 1000), node=self.node_id, key_name=actor.name, key_id=actor.key_id,
+                action="detokenize", items=len(values), found=sum(value is not None for value in values),
+                request_id=actor.request_id, subject=None)
+            try:
+                await self._audit.append(record)
+            except AuditUnavailable as error:
+                raise Unavailable(f"{error}; the values were not returned (every detokenize is audited)") from None
+        return values
+
+    async def _write_audit(self, records: tuple[commands.AuditRecord, ...]) -> None:
+        """Commit one batch of this node's audit records: proposed here on the primary, else forwarded."""
+        arguments = {"records": [record.fields() for record in records]}
+        await self._route(AUDIT, arguments, self._audit_here)
+
+    async def _audit_here(self, records: list) -> Outcome:
+        command = commands.AuditCommand(records=tuple(
+            record if isinstance(record, commands.AuditRecord) else commands.AuditRecord(*record)
+            for record in records))
+        result = await self._propose(commands.encode_command(command))
+        if result.outcome != ApplyOutcome.OK:
+            raise Unavailable("the audit records were not applied")
+        return Outcome(200, b"{}", False)
+
+    async def _detokenize(self, tokens: list[str]) -> list[str | None]:
         found = self.node.store.lookup(tokens)
         missing = sorted({token for token in tokens if token not in found})
         plain: dict[str, str | None] = {}
@@ -259,11 +306,13 @@ class NodeService:
             return None
 
     # ------------------------------------------------------------------ epochs
-    async def rotate_epoch(self, principal: str, idempotency_key: str | None) -> Outcome:
-        arguments = {"principal": principal, "idempotency_key": idempotency_key}
+    async def rotate_epoch(self, principal: str, idempotency_key: str | None,
+                           actor: commands.Actor | None = None) -> Outcome:
+        arguments = {"principal": principal, "idempotency_key": idempotency_key,
+                     "actor": (actor or commands.NO_ACTOR).fields()}
         return await self._route(ROTATE, arguments, self._rotate_here)
 
-    async def _rotate_here(self, principal: str, idempotency_key: str | None) -> Outcome:
+    async def _rotate_here(self, principal: str, idempotency_key: str | None, actor: list | None = None) -> Outcome:
         fingerprint = None
         if idempotency_key is not None:
             fingerprint = self.node.master_key.idempotency_fingerprint(principal, ROTATE, b"{}")
@@ -275,7 +324,7 @@ class NodeService:
                 command = commands.RotateEpochCommand(
                     epoch=epoch, wrapped_secret=self._wrap_new_secret(epoch),
                     created_at_ms=int(time.time() * 1000), principal=principal,
-                    idempotency_key=idempotency_key, fingerprint=fingerprint)
+                    idempotency_key=idempotency_key, fingerprint=fingerprint, actor=_actor(actor))
                 result = await self._propose(commands.encode_command(command))
                 if result.outcome == ApplyOutcome.OK:
                     return Outcome(201, _json({"epoch": epoch}), False)
@@ -302,6 +351,62 @@ class NodeService:
         return {"active_epoch": self.node.store.active_epoch(),
                 "epochs": [{"epoch": record.epoch, "created_at": _rfc3339(record.created_at_ms),
                             "state": record.state} for record in records]}
+
+    # ------------------------------------------------------------------ runtime API keys
+    async def create_key(self, name: str, scopes: list[str], actor: commands.Actor) -> Outcome:
+        """Create a runtime key on the primary; the answer holds the key, which is never stored."""
+        arguments = {"name": name, "scopes": sorted(set(scopes)), "actor": actor.fields()}
+        return await self._route(CREATE_KEY, arguments, self._create_key_here)
+
+    async def _create_key_here(self, name: str, scopes: list[str], actor: list) -> Outcome:
+        if len(self.node.store.api_keys()) >= MAX_RUNTIME_KEYS:
+            raise KeyLimitReached(f"the cluster holds {MAX_RUNTIME_KEYS} runtime API keys; revoke one first")
+        key_id, key, salt, digest = auth.new_runtime_key()
+        created_at_ms = int(time.time() * 1000)
+        command = commands.CreateApiKeyCommand(key_id=key_id, name=name, scopes=tuple(sorted(set(scopes))),
+                                               salt=salt, digest=digest, created_at_ms=created_at_ms,
+                                               actor=_actor(actor))
+        result = await self._propose(commands.encode_command(command))
+        if result.outcome == ApplyOutcome.KEY_LIMIT:
+            raise KeyLimitReached(f"the cluster holds {MAX_RUNTIME_KEYS} runtime API keys; revoke one first")
+        if result.outcome != ApplyOutcome.OK:
+            raise Unavailable("the new key could not be recorded; no key was created")
+        body = {"id": key_id, "name": name, "scopes": list(command.scopes),
+                "created_at": _rfc3339(created_at_ms), "key": key}
+        log.info("api_key.created", key_id=key_id, scopes=list(command.scopes))
+        return Outcome(201, _json(body), False)
+
+    async def revoke_key(self, key_id: str, actor: commands.Actor) -> Outcome:
+        arguments = {"key_id": key_id, "actor": actor.fields()}
+        return await self._route(REVOKE_KEY, arguments, self._revoke_key_here)
+
+    async def _revoke_key_here(self, key_id: str, actor: list) -> Outcome:
+        command = commands.RevokeApiKeyCommand(key_id=key_id, revoked_at_ms=int(time.time() * 1000),
+                                               actor=_actor(actor))
+        result = await self._propose(commands.encode_command(command))
+        if result.outcome == ApplyOutcome.KEY_NOT_FOUND:
+            raise NotFound("no runtime API key has this id (it may have been revoked already)")
+        if result.outcome != ApplyOutcome.OK:
+            raise Unavailable("the revocation could not be recorded")
+        log.info("api_key.revoked", key_id=key_id)
+        return Outcome(200, _json({"id": key_id, "revoked": True}), False)
+
+    async def list_keys(self) -> dict:
+        return await self._route(LIST_KEYS, {}, self._list_keys_here)
+
+    async def _list_keys_here(self) -> dict:
+        await self._read_barrier()
+        return {"keys": [{"id": entry.key_id, "name": entry.name, "scopes": sorted(entry.scopes),
+                          "created_at": _rfc3339(entry.created_at_ms)} for entry in self.node.store.api_keys()]}
+
+    # ------------------------------------------------------------------ audit trail
+    async def audit_page(self, after: int, limit: int) -> dict:
+        """This node's applied audit records after ``after``: never forwarded, so a verifier can read
+        each node's own copy of the chain."""
+        records = self.node.store.audit_page(after, limit)
+        last = records[-1]["seq"] if records else after
+        return {"records": records, "last_seq": self.node.store.audit_seq,
+                "next_after": last if last < self.node.store.audit_seq else None}
 
     async def cluster_view(self) -> dict:
         replica = self.node.replica
@@ -372,7 +477,7 @@ class NodeService:
         """Answer a backup's forwarded request here; never forward again (no loops)."""
         status, body, headers = 503, b"", ()
         try:
-            status, body, headers = await self._run_forwarded(request)
+            status, body, headers = await self._run_forwarded(request, sender)
         except ServiceError as error:
             status = error.status
             body = problem_body(error.status, error.problem, error.title, error.detail)
@@ -386,7 +491,7 @@ class NodeService:
         self.node.send_to_peer(sender, ForwardResponse(request_id=request.request_id, status=status,
                                                        body=body, headers=headers))
 
-    async def _run_forwarded(self, request: ForwardRequest) -> tuple[int, bytes, tuple]:
+    async def _run_forwarded(self, request: ForwardRequest, sender: str) -> tuple[int, bytes, tuple]:
         if not self._is_primary():
             raise NotPrimary(self.node.replica.primary_id)
         arguments = msgpack.unpackb(request.body, raw=False)
@@ -398,8 +503,14 @@ class NodeService:
             return outcome.status, outcome.body, (("Idempotent-Replayed", "true"),) if outcome.replayed else ()
         if request.kind == ROTATE:
             outcome = await self._rotate_here(str(arguments["principal"]),
-                                              _optional_string(arguments["idempotency_key"]))
+                                              _optional_string(arguments["idempotency_key"]),
+                                              arguments.get("actor"))
             return outcome.status, outcome.body, (("Idempotent-Replayed", "true"),) if outcome.replayed else ()
+        if request.kind in (CREATE_KEY, REVOKE_KEY, AUDIT):
+            outcome = await self._run_forwarded_change(request.kind, arguments, sender)
+            return outcome.status, outcome.body, ()
+        if request.kind == LIST_KEYS:
+            return 200, _json(await self._list_keys_here()), ()
         if request.kind == "detokenize":
             tokens = _strings(arguments["tokens"])
             for token in tokens:
@@ -408,6 +519,37 @@ class NodeService:
         if request.kind == "epochs":
             return 200, _json(await self._list_epochs_here()), ()
         raise ValueError("unknown kind")
+
+
+    async def _run_forwarded_change(self, kind: str, arguments: dict, sender: str) -> Outcome:
+        """A key change or audit batch from a backup; the commands re-validate every field (400 if not),
+        and a peer may write audit records only in its own name."""
+        try:
+            if kind == CREATE_KEY:
+                return await self._create_key_here(str(arguments["name"]), _strings(arguments["scopes"]),
+                                                   arguments["actor"])
+            if kind == REVOKE_KEY:
+                return await self._revoke_key_here(str(arguments["key_id"]), arguments["actor"])
+            records = arguments["records"]
+            if not isinstance(records, list) or not all(isinstance(record, list) for record in records):
+                raise TypeError("records")
+            audit_records = [commands.AuditRecord(*record) for record in records]
+            if any(record.node != sender for record in audit_records):
+                raise ValueError("audit records name another node than the peer that sent them")
+            return await self._audit_here(audit_records)
+        except commands.CommandError:
+            raise ValueError("malformed forwarded change") from None
+
+
+def _actor(fields: object) -> commands.Actor:
+    """An Actor from its field list (as forwarded); CommandError (a ValueError) when malformed."""
+    if fields is None:
+        return commands.NO_ACTOR
+    if isinstance(fields, commands.Actor):
+        return fields
+    if not isinstance(fields, list) or len(fields) != 4:
+        raise commands.CommandError("actor must be a list of 4 fields")
+    return commands.Actor(*fields)
 
 
 def _strings(items: object) -> list[str]:
@@ -436,7 +578,7 @@ def _decode_forward_response(kind: str, response: ForwardResponse):
                or ForwardedError(response.status, title, detail, slug, headers))
     if kind == "detokenize":
         return msgpack.unpackb(response.body, raw=False)
-    if kind == "epochs":
+    if kind in ("epochs", LIST_KEYS):
         return json.loads(response.body)
     return Outcome(response.status, response.body, headers.get("Idempotent-Replayed") == "true")
 

@@ -22,6 +22,14 @@ byte order is numeric order):
   and the idempotency floor are a seek on it, never a scan.
 - ``m`` -> msgpack [marker, schema version, applied_index, applied_view,
   token_count], checked on every open.
+- ``k`` + key id (16 hex characters) -> msgpack [name, scopes, salt, digest,
+  created_at_ms, created_by]: the runtime API keys (tokenvault.auth). Never the
+  key, only its salted digest. At most ``MAX_API_KEYS``; a revoke deletes the
+  row (the audit trail keeps who created and revoked it). Also held in memory,
+  so authentication never touches the database.
+- ``A`` + seq (8 bytes) -> msgpack [seq, *fields, previous hash, hash]: the
+  audit trail (tokenvault.audit), and ``h`` -> msgpack [last seq, last hash],
+  its head. Records are appended at apply, never changed or deleted.
 
 Atomicity. One ``apply_batch`` call is ONE RocksDB WriteBatch, meta included,
 so a crash leaves the store at the end of some batch. While a batch is applied
@@ -84,7 +92,10 @@ from rocksdict import (
 )
 
 from protocol import Entry, EntryKind
-from tokenvault.commands import RotateEpochCommand, TokenizeCommand, decode_command
+from tokenvault.audit import GENESIS_HASH, chain_hash, record_document
+from tokenvault.auth import RuntimeKey
+from tokenvault.commands import (AuditCommand, CreateApiKeyCommand, RevokeApiKeyCommand,
+                                 RotateEpochCommand, TokenizeCommand, decode_command)
 from tokenvault.wal import fsync_directory
 
 DEFAULT_RETENTION_MS = 48 * 3600 * 1000
@@ -133,6 +144,14 @@ TOKENIZE_KIND = "tokenize"
 ROTATE_KIND = "rotate"
 ACTIVE = "active"
 RETIRED = "retired"
+CREATE_KEY_KIND = "key.create"
+REVOKE_KEY_KIND = "key.revoke"
+AUDIT_KIND = "audit"
+# Runtime API keys in the replicated table: bounded so the in-memory copy is.
+MAX_API_KEYS = 1000
+# Audit records one page read returns at most.
+MAX_AUDIT_PAGE = 1000
+UNKNOWN_NODE = "-"
 
 _TOKEN = b"t"
 _EPOCH = b"e"
@@ -142,6 +161,11 @@ _META_KEY = b"m"
 _AGE_END = b"b"  # first key after the age index
 _EPOCH_END = b"f"
 _TOKEN_END = b"u"
+_API_KEY = b"k"
+_API_KEY_END = b"l"
+_AUDIT = b"A"
+_AUDIT_END = b"B"
+_AUDIT_HEAD_KEY = b"h"
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
 _AGE_HEADER_BYTES = 1 + _U64.size
@@ -153,6 +177,9 @@ class Outcome(StrEnum):
     EPOCH_MISMATCH = "epoch_mismatch"
     STALE_EPOCH = "stale_epoch"
     DUPLICATE = "duplicate"
+    KEY_LIMIT = "key_limit"
+    KEY_EXISTS = "key_exists"
+    KEY_NOT_FOUND = "key_not_found"
 
 
 @dataclass(frozen=True, slots=True)
@@ -273,6 +300,43 @@ def _decode_epoch(key: bytes, value: bytes, error: type[StoreError]) -> EpochRec
             or state not in (ACTIVE, RETIRED)):
         raise error("an epoch record is malformed")
     return EpochRecord(_U64.unpack_from(key, 1)[0], wrapped_secret, created_at_ms, state)
+
+
+def _api_key_value(entry: RuntimeKey) -> bytes:
+    return _pack([entry.name, sorted(entry.scopes), entry.salt, entry.digest, entry.created_at_ms,
+                  entry.created_by])
+
+
+def _decode_api_key(key: bytes, value: bytes, error: type[StoreError]) -> RuntimeKey:
+    try:
+        name, scopes, salt, digest, created_at_ms, created_by = _unpack(value)
+        return RuntimeKey(key[1:].decode("ascii"), name, frozenset(scopes), salt, digest, created_at_ms,
+                          created_by)
+    except Exception:
+        raise error("an API key record is malformed") from None
+
+
+def _read_api_keys(database: Rdict, error: type[StoreError]) -> dict[str, RuntimeKey]:
+    keys: dict[str, RuntimeKey] = {}
+    for key, value in database.items(from_key=_API_KEY, read_opt=_bounded(_API_KEY, _API_KEY_END)):
+        entry = _decode_api_key(key, value, error)
+        keys[entry.key_id] = entry
+        if len(keys) > MAX_API_KEYS:
+            raise error("more API keys than the table may hold")
+    return keys
+
+
+def _read_audit_head(database: Rdict, error: type[StoreError]) -> tuple[int, bytes]:
+    value = database.get(_AUDIT_HEAD_KEY)
+    if value is None:
+        return 0, GENESIS_HASH
+    try:
+        seq, digest = _unpack(value)
+    except Exception:
+        raise error("the audit head record is malformed") from None
+    if not _is_count(seq) or type(digest) is not bytes or len(digest) != len(GENESIS_HASH):
+        raise error("the audit head record is malformed")
+    return seq, digest
 
 
 # ---------------------------------------------------------------- files
@@ -543,6 +607,8 @@ class VaultStore:
     def _load_state(self, meta: tuple[int, int, int]) -> None:
         self._applied_index, self._applied_view, self._token_count = meta
         self._active_epoch = _check_epochs(_read_epochs(self._db, StoreCorruption), StoreCorruption)
+        self._api_keys = _read_api_keys(self._db, StoreCorruption)
+        self._audit_seq, self._audit_head = _read_audit_head(self._db, StoreCorruption)
         first = _first_key(self._db, _AGE, _AGE_END)
         # No idempotency record is older than the floor: a purge with an earlier
         # cut-off would delete nothing, so it is skipped (the same on every node).
@@ -644,6 +710,7 @@ class VaultStore:
             return []
         batch = _Batch(self._db, self._applied_index, self._applied_view, self._active_epoch,
                        self._token_count, self._idempotency_floor_ms, self._purge_resume_key)
+        batch.audit_seq, batch.audit_head = self._audit_seq, self._audit_head
         results: list[ApplyResult] = []
         for entry in entries:
             if entry.index <= batch.applied_index:
@@ -663,14 +730,27 @@ class VaultStore:
                 write.delete(key)
             else:
                 write.put(key, value)
+        if batch.audit_seq != self._audit_seq:
+            write.put(_AUDIT_HEAD_KEY, _pack([batch.audit_seq, batch.audit_head]))
         write.put(_META_KEY, _meta_value(batch.applied_index, batch.applied_view, batch.token_count))
         self._db.write(write, self._write_options)
+        if batch.api_keys is not None:
+            self._api_keys = batch.api_keys
+        self._audit_seq, self._audit_head = batch.audit_seq, batch.audit_head
         self._applied_index, self._applied_view = batch.applied_index, batch.applied_view
         self._active_epoch, self._token_count = batch.active_epoch, batch.token_count
         self._idempotency_floor_ms, self._purge_resume_key = batch.floor_ms, batch.resume_key
         return results
 
     def _apply_command(self, index: int, command, batch: "_Batch") -> ApplyResult:
+        if type(command) is AuditCommand:
+            for record in command.records:
+                self._append_audit(record.fields(), batch)
+            return ApplyResult(index, Outcome.OK, 200, None, AUDIT_KIND, 0, len(command.records))
+        if type(command) is CreateApiKeyCommand:
+            return self._apply_create_key(index, command, batch)
+        if type(command) is RevokeApiKeyCommand:
+            return self._apply_revoke_key(index, command, batch)
         if type(command) is TokenizeCommand:
             if command.epoch != batch.active_epoch:
                 return ApplyResult(index, Outcome.EPOCH_MISMATCH, None, None)
@@ -714,7 +794,47 @@ class VaultStore:
         response = _json_bytes({"epoch": command.epoch})
         self._record_idempotency(command.principal, command.idempotency_key, ROTATE_KIND, command.fingerprint,
                                  201, response, command.created_at_ms, batch)
+        actor = command.actor
+        # Entries written before the audit trail carry no actor: their principal still names the key.
+        name = actor.name if actor.name is not None or actor.key_id is not None else command.principal
+        self._append_audit([command.created_at_ms, actor.node or UNKNOWN_NODE, name, actor.key_id,
+                            "epoch.rotate", 0, 0, actor.request_id, str(command.epoch)], batch)
         return ApplyResult(index, Outcome.OK, 201, response, ROTATE_KIND, command.epoch, 0)
+
+    def _apply_create_key(self, index: int, command: CreateApiKeyCommand, batch: "_Batch") -> ApplyResult:
+        keys = batch.keys_for_change(self._api_keys)
+        if command.key_id in keys:
+            return ApplyResult(index, Outcome.KEY_EXISTS, None, None)
+        if len(keys) >= MAX_API_KEYS:
+            return ApplyResult(index, Outcome.KEY_LIMIT, None, None)
+        actor = command.actor
+        created_by = actor.key_id if actor.key_id is not None else (actor.name or "")
+        entry = RuntimeKey(command.key_id, command.name, frozenset(command.scopes), command.salt, command.digest,
+                           command.created_at_ms, created_by)
+        keys[command.key_id] = entry
+        batch.put(_API_KEY + command.key_id.encode("ascii"), _api_key_value(entry))
+        self._append_audit([command.created_at_ms, actor.node or UNKNOWN_NODE, actor.name, actor.key_id,
+                            "key.create", 1, 1, actor.request_id, command.key_id], batch)
+        return ApplyResult(index, Outcome.OK, 201, None, CREATE_KEY_KIND, 0, 1)
+
+    def _apply_revoke_key(self, index: int, command: RevokeApiKeyCommand, batch: "_Batch") -> ApplyResult:
+        keys = batch.keys_for_change(self._api_keys)
+        if command.key_id not in keys:
+            return ApplyResult(index, Outcome.KEY_NOT_FOUND, None, None)
+        del keys[command.key_id]
+        batch.delete(_API_KEY + command.key_id.encode("ascii"))
+        actor = command.actor
+        self._append_audit([command.revoked_at_ms, actor.node or UNKNOWN_NODE, actor.name, actor.key_id,
+                            "key.revoke", 1, 1, actor.request_id, command.key_id], batch)
+        return ApplyResult(index, Outcome.OK, 200, None, REVOKE_KEY_KIND, 0, 1)
+
+    @staticmethod
+    def _append_audit(fields: list, batch: "_Batch") -> None:
+        """The next record of the chain: sequence number and hash are a function of the log alone."""
+        seq = batch.audit_seq + 1
+        digest = chain_hash(batch.audit_head, seq, fields)
+        batch.put(_AUDIT + _U64.pack(seq), _pack([seq, *fields, batch.audit_head, digest]))
+        batch.audit_seq, batch.audit_head = seq, digest
 
     def _existing_response(self, index: int, principal: str | None, key: str | None, now_ms: int,
                            batch: "_Batch") -> ApplyResult | None:
@@ -804,6 +924,42 @@ class VaultStore:
 
     def epochs(self) -> list[EpochRecord]:
         return _read_epochs(self._db, StoreCorruption)
+
+    def api_key(self, key_id: str) -> RuntimeKey | None:
+        """The runtime API key with this public id, from memory (authentication calls this per request)."""
+        return self._api_keys.get(key_id)
+
+    def api_keys(self) -> list[RuntimeKey]:
+        """Every runtime API key, by id."""
+        return [self._api_keys[key_id] for key_id in sorted(self._api_keys)]
+
+    @property
+    def audit_seq(self) -> int:
+        """The sequence number of the newest audit record (0 when there is none)."""
+        return self._audit_seq
+
+    def audit_page(self, after: int, limit: int) -> list[dict]:
+        """Up to ``limit`` audit records with seq > ``after``, in order, as JSON-ready documents.
+
+        A record that cannot be decoded is returned as ``{"seq": n, "malformed": true}`` so that a
+        verifier reports it instead of the node failing the request."""
+        if not 0 <= after < 2**63 or not 1 <= limit <= MAX_AUDIT_PAGE:
+            raise ValueError("after or limit out of range")
+        start = _AUDIT + _U64.pack(after + 1)
+        page: list[dict] = []
+        for key, value in self._db.items(from_key=start, read_opt=_bounded(start, _AUDIT_END)):
+            seq = _U64.unpack_from(key, 1)[0] if len(key) == 1 + _U64.size else after + len(page) + 1
+            try:
+                decoded = _unpack(value)
+                fields, previous, digest = decoded[1:-2], decoded[-2], decoded[-1]
+                if type(decoded) is not list or len(fields) != 9 or decoded[0] != seq:
+                    raise ValueError
+                page.append(record_document(seq, fields, previous, digest))
+            except Exception:
+                page.append({"seq": seq, "malformed": True})
+            if len(page) >= limit:
+                break
+        return page
 
     def idempotency_get(self, principal: str, key: str) -> IdempotencyRecord | None:
         value = self._db.get(_IDEMPOTENCY + _identity(principal, key))
@@ -996,7 +1152,7 @@ class _Batch:
     """
 
     __slots__ = ("db", "applied_index", "applied_view", "active_epoch", "token_count", "floor_ms",
-                 "resume_key", "writes", "live_age", "tokenized")
+                 "resume_key", "writes", "live_age", "tokenized", "api_keys", "audit_seq", "audit_head")
 
     def __init__(self, db: Rdict, applied_index: int, applied_view: int, active_epoch: int, token_count: int,
                  floor_ms: int, resume_key: bytes | None) -> None:
@@ -1011,6 +1167,16 @@ class _Batch:
         self.live_age: list[bytes] = []
         # (entry index, epoch, items) of each applied tokenize command.
         self.tokenized: list[tuple[int, int, tuple[tuple[str, bytes], ...]]] = []
+        # A copy of the runtime key table made at the batch's first key change, else None.
+        self.api_keys: dict[str, RuntimeKey] | None = None
+        self.audit_seq = 0
+        self.audit_head = GENESIS_HASH
+
+    def keys_for_change(self, current: dict[str, RuntimeKey]) -> dict[str, RuntimeKey]:
+        """The batch's own copy of the key table: the live one changes only once the batch is written."""
+        if self.api_keys is None:
+            self.api_keys = dict(current)
+        return self.api_keys
 
     def get(self, key: bytes) -> bytes | None:
         if key in self.writes:

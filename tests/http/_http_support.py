@@ -18,7 +18,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from tokenvault import auth
-from tokenvault.errors import IdempotencyInFlight, IdempotencyMismatch, Outcome, Unavailable
+from tokenvault.errors import IdempotencyInFlight, IdempotencyMismatch, NotFound, Outcome, Unavailable
 from tokenvault.http import ProblemAppRunner
 from tokenvault.tokens import parse_token
 
@@ -58,6 +58,8 @@ class FakeService:
         self.tokenize_calls: list[tuple[str, list[str], str | None]] = []
         self.detokenize_calls: list[list[str]] = []
         self.backups_opened = 0
+        self.runtime_keys: dict[str, auth.RuntimeKey] = {}
+        self.detokenize_actors: list[object] = []
 
     def _check_available(self) -> None:
         if self.unavailable:
@@ -104,14 +106,15 @@ class FakeService:
 
         return await self._idempotent(principal, idempotency_key, "tokenize", fingerprint, work)
 
-    async def detokenize(self, tokens: list[str]) -> list[str | None]:
+    async def detokenize(self, tokens: list[str], actor: object = None) -> list[str | None]:
         self._check_available()
+        self.detokenize_actors.append(actor)
         for token in tokens:
             parse_token(token)  # the HTTP layer promised grammar-checked tokens
         self.detokenize_calls.append(list(tokens))
         return [self.vault.get(token) for token in tokens]
 
-    async def rotate_epoch(self, principal: str, idempotency_key: str | None) -> Outcome:
+    async def rotate_epoch(self, principal: str, idempotency_key: str | None, actor: object = None) -> Outcome:
         self._check_available()
 
         async def work() -> Outcome:
@@ -128,6 +131,32 @@ class FakeService:
             for epoch, created_at in sorted(self.epoch_created_at.items())
         ]
         return {"active_epoch": self.active_epoch, "epochs": epochs}
+
+    def api_key(self, key_id: str) -> auth.RuntimeKey | None:
+        return self.runtime_keys.get(key_id)
+
+    async def create_key(self, name: str, scopes: list[str], actor: object) -> Outcome:
+        self._check_available()
+        key_id, key, salt, digest = auth.new_runtime_key()
+        self.runtime_keys[key_id] = auth.RuntimeKey(key_id, name, frozenset(scopes), salt, digest, 0, "fake")
+        body = {"id": key_id, "name": name, "scopes": sorted(set(scopes)),
+                "created_at": "2024-01-01T00:00:00.000Z", "key": key}
+        return Outcome(201, _json_bytes(body), False)
+
+    async def list_keys(self) -> dict:
+        self._check_available()
+        return {"keys": [{"id": entry.key_id, "name": entry.name, "scopes": sorted(entry.scopes),
+                          "created_at": "2024-01-01T00:00:00.000Z"} for entry in self.runtime_keys.values()]}
+
+    async def revoke_key(self, key_id: str, actor: object) -> Outcome:
+        self._check_available()
+        if self.runtime_keys.pop(key_id, None) is None:
+            raise NotFound("no runtime API key has this id")
+        return Outcome(200, _json_bytes({"id": key_id, "revoked": True}), False)
+
+    async def audit_page(self, after: int, limit: int) -> dict:
+        self._check_available()
+        return {"records": [], "last_seq": 0, "next_after": None}
 
     async def cluster_view(self) -> dict:
         self._check_available()
@@ -166,10 +195,11 @@ class KeyRing:
     keys: dict[str, str]
     scopes: dict[str, frozenset[str]]
 
-    def table(self) -> auth.ApiKeyTable:
+    def table(self, runtime_lookup: auth.RuntimeKeyLookup | None = None) -> auth.ApiKeyTable:
         return auth.ApiKeyTable(
-            auth.ApiKeyEntry(name=name, sha256=auth.hash_api_key(key), scopes=self.scopes[name])
-            for name, key in self.keys.items()
+            (auth.ApiKeyEntry(name=name, sha256=auth.hash_api_key(key), scopes=self.scopes[name])
+             for name, key in self.keys.items()),
+            runtime_lookup,
         )
 
     def bearer(self, name: str) -> dict[str, str]:

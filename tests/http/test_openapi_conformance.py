@@ -71,5 +71,6 @@ def test_openapi_document_lists_every_route() -> None:
     assert operations == {
         ("/health", "get"), ("/metrics", "get"), ("/v1/tokenize", "post"), ("/v1/detokenize", "post"),
         ("/v1/admin/epochs", "post"), ("/v1/admin/epochs", "get"), ("/v1/admin/cluster", "get"),
-        ("/v1/admin/backup", "get"),
+        ("/v1/admin/backup", "get"), ("/v1/admin/keys", "post"), ("/v1/admin/keys", "get"),
+        ("/v1/admin/keys/{key_id}/revoke", "post"), ("/v1/admin/audit", "get"),
     }

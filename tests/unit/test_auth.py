@@ -128,3 +128,20 @@ def test_repr_shows_names_only() -> None:
 )
 def test_bearer_credentials(header: str | None, expected: str | None) -> None:
     assert bearer_credentials(header) == expected
+
+
+def test_a_salted_bootstrap_entry_authenticates_and_its_digest_depends_on_the_salt() -> None:
+    key = generate_api_key()
+    salt, digest = auth.salted_api_key_hash(key)
+    again_salt, again_digest = auth.salted_api_key_hash(key)
+    assert salt != again_salt and digest != again_digest and digest != hash_api_key(key)
+    assert digest == hmac.new(bytes.fromhex(salt), key.encode(), hashlib.sha256).hexdigest()
+    table = ApiKeyTable([ApiKeyEntry("salted", digest, frozenset({ADMIN}), salt=salt),
+                         ApiKeyEntry("plain", hash_api_key("tvk_other"), frozenset({ADMIN})),
+                         ApiKeyEntry("same-key-other-salt", again_digest, frozenset({ADMIN}), salt=again_salt)])
+    assert table.authenticate(key).name == "same-key-other-salt"  # the last match wins, as before
+    assert ApiKeyTable([ApiKeyEntry("salted", digest, frozenset({ADMIN}), salt=salt)]).authenticate(key).name == "salted"
+    assert table.authenticate("tvk_other").name == "plain"
+    assert table.authenticate(generate_api_key()) is None
+    with pytest.raises(ApiKeyTableError):
+        ApiKeyEntry("bad-salt", digest, frozenset({ADMIN}), salt="XYZ")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from fake_vault_server import FakeVaultServer, closed_port_url, node_tls_files, problem
+from fake_vault_server import FakeVaultServer, Reply, closed_port_url, node_tls_files, problem
 from tokenvault.cli import tokenvault
 from tokenvault.config import load_config
 
@@ -232,3 +232,218 @@ def test_serve_refuses_a_bad_certificate_with_one_line_naming_the_file(runner: C
     assert result.exit_code == 2
     assert str(config.tls.cert_file) in result.stderr and "does not hold a PEM certificate" in result.stderr
     assert "Traceback" not in result.output and len(result.stderr.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------- connection options before or after
+
+
+@pytest.mark.parametrize("placement", ["before", "after", "between-groups", "split"])
+def test_connection_options_before_or_after_the_subcommand_are_the_same(
+        runner: CliRunner, primary: FakeVaultServer, placement: str) -> None:
+    connection = ["--url", primary.url, "--api-key", ADMIN_KEY]
+    arguments = {
+        "before": ["admin", *connection, "epoch", "rotate", "--json"],
+        "after": ["admin", "epoch", "rotate", "--json", *connection],
+        "between-groups": ["admin", "epoch", *connection, "rotate", "--json"],
+        "split": ["admin", "--url", primary.url, "epoch", "rotate", "--api-key", ADMIN_KEY, "--json"],
+    }[placement]
+    result = runner.invoke(tokenvault, arguments)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == {"epoch": 2, "replayed": False}
+    assert primary.calls("/v1/admin/epochs")[0].headers["Authorization"] == f"Bearer {ADMIN_KEY}"
+
+
+def test_the_option_after_the_subcommand_wins_and_either_wins_over_the_environment(
+        runner: CliRunner, primary: FakeVaultServer) -> None:
+    after_wins = runner.invoke(tokenvault, ["admin", "--api-key", "tvk_wrong", "epoch", "list", "--url", primary.url,
+                                            "--api-key", ADMIN_KEY])
+    assert after_wins.exit_code == 0, after_wins.output
+    before_wins = runner.invoke(tokenvault, ["admin", "--api-key", ADMIN_KEY, "--url", primary.url, "epoch", "list"],
+                                env={"TOKENVAULT_API_KEY": "tvk_wrong", "TOKENVAULT_URL": closed_port_url()})
+    assert before_wins.exit_code == 0, before_wins.output
+    wrong_after = runner.invoke(tokenvault, ["admin", "--api-key", ADMIN_KEY, "epoch", "list", "--url", primary.url,
+                                             "--api-key", "tvk_wrong"])
+    assert wrong_after.exit_code == 1 and "401" in wrong_after.stderr
+
+
+def test_cluster_json_before_the_subcommand(runner: CliRunner, primary: FakeVaultServer, tmp_path: Path) -> None:
+    cluster_file = tmp_path / "cluster.json"
+    _write_cluster_json(cluster_file, [primary.url])
+    result = runner.invoke(tokenvault, ["admin", "--cluster-json", str(cluster_file), "epoch", "list", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["active_epoch"] == 1
+
+
+@pytest.mark.parametrize("where", ["before", "after", "environment", "cluster.json"])
+def test_ca_file_reaches_the_client_wherever_it_is_given(
+        runner: CliRunner, primary: FakeVaultServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        where: str) -> None:
+    import tokenvault.cli as cli_module
+
+    seen: list[str | None] = []
+    real_client = cli_module.AsyncClient
+
+    def recording_client(*arguments, **options):
+        seen.append(options.get("ca_file"))
+        return real_client(*arguments, **options)
+
+    monkeypatch.setattr(cli_module, "AsyncClient", recording_client)
+    ca_file = str(node_tls_files(tmp_path / "tls").ca_file)  # a real CA: the client loads it
+    connection = ["--url", primary.url, "--api-key", ADMIN_KEY]
+    environment: dict[str, str] = {}
+    if where == "before":
+        arguments = ["admin", "--ca-file", ca_file, "epoch", "list", *connection]
+    elif where == "after":
+        arguments = ["admin", "epoch", "list", *connection, "--ca-file", ca_file]
+    elif where == "environment":
+        arguments, environment = ["admin", "epoch", "list", *connection], {"TOKENVAULT_CA_FILE": ca_file}
+    else:
+        cluster_file = tmp_path / "cluster.json"
+        _write_cluster_json(cluster_file, [primary.url])
+        document = json.loads(cluster_file.read_text())
+        document["ca_file"] = ca_file
+        cluster_file.write_text(json.dumps(document))
+        arguments = ["admin", "epoch", "list", "--cluster-json", str(cluster_file)]
+    result = runner.invoke(tokenvault, arguments, env=environment)
+    assert result.exit_code == 0, result.output
+    assert seen == [ca_file]
+
+
+# ---------------------------------------------------------------- runtime keys
+
+RUNTIME_KEY = "tvk1_0123456789abcdef_" + "s" * 43
+
+
+def _key_entry(key_id: str = "0123456789abcdef") -> dict:
+    return {"id": key_id, "name": "ci", "scopes": ["detokenize", "tokenize"],
+            "created_at": "2026-12-04T20:00:00.000Z"}
+
+
+def test_key_create_prints_the_key_once_and_sends_name_and_scopes(
+        runner: CliRunner, primary: FakeVaultServer) -> None:
+    primary.responders[("POST", "/v1/admin/keys")] = lambda request: Reply(201, {**_key_entry(), "key": RUNTIME_KEY})
+    result = runner.invoke(tokenvault, ["admin", "--url", primary.url, "--api-key", ADMIN_KEY, "key", "create",
+                                        "--name", "ci", "--scope", "tokenize", "--scope", "detokenize",
+                                        "--scope", "tokenize"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == RUNTIME_KEY
+    assert "0123456789abcdef" in result.stderr and "shown only now" in result.stderr
+    assert primary.calls("/v1/admin/keys")[0].body == {"name": "ci", "scopes": ["tokenize", "detokenize"]}
+
+
+def test_key_list_shows_ids_names_scopes_and_never_a_key(runner: CliRunner, primary: FakeVaultServer) -> None:
+    primary.responders[("GET", "/v1/admin/keys")] = lambda request: Reply(200, {"keys": [_key_entry()]})
+    table = runner.invoke(tokenvault, ["admin", "key", "list", "--url", primary.url, "--api-key", ADMIN_KEY])
+    assert table.exit_code == 0, table.output
+    assert "0123456789abcdef" in table.stdout and "ci" in table.stdout and "detokenize,tokenize" in table.stdout
+    listed = runner.invoke(tokenvault, ["admin", "key", "list", "--json", "--url", primary.url,
+                                        "--api-key", ADMIN_KEY])
+    assert json.loads(listed.stdout) == {"keys": [_key_entry()]}
+
+
+def test_key_revoke_posts_to_the_key_and_a_missing_key_is_exit_1(
+        runner: CliRunner, primary: FakeVaultServer) -> None:
+    path = "/v1/admin/keys/0123456789abcdef/revoke"
+    primary.responders[("POST", path)] = lambda request: Reply(200, {"id": "0123456789abcdef", "revoked": True})
+    result = runner.invoke(tokenvault, ["admin", "key", "revoke", "0123456789abcdef", "--url", primary.url,
+                                        "--api-key", ADMIN_KEY])
+    assert result.exit_code == 0, result.output
+    assert len(primary.calls(path)) == 1
+    missing = runner.invoke(tokenvault, ["admin", "key", "revoke", "fedcba9876543210", "--url", primary.url,
+                                         "--api-key", ADMIN_KEY])
+    assert missing.exit_code == 1 and "404" in missing.stderr
+
+
+# ---------------------------------------------------------------- audit verify
+
+
+def _audit_records(count: int) -> list[dict]:
+    from tokenvault.audit import GENESIS_HASH, chain_hash, record_document
+
+    records, previous = [], GENESIS_HASH
+    for seq in range(1, count + 1):
+        fields = [1_000 + seq, "n1", "detokenizer", None, "detokenize", 3, seq % 4 if seq % 4 <= 3 else 3,
+                  f"req{seq}", None]
+        digest = chain_hash(previous, seq, fields)
+        records.append(record_document(seq, fields, previous, digest))
+        previous = digest
+    return records
+
+
+def _serve_audit(server: FakeVaultServer, records: list[dict], last_seq: int | None = None) -> None:
+    pages = [records[start:start + 1000] for start in range(0, max(len(records), 1), 1000)]
+    served = iter(range(len(pages)))
+
+    def respond(request):
+        number = next(served)
+        page = pages[number]
+        more = number + 1 < len(pages)
+        return Reply(200, {"records": page, "last_seq": len(records) if last_seq is None else last_seq,
+                           "next_after": page[-1]["seq"] if more else None})
+
+    server.responders[("GET", "/v1/admin/audit")] = respond
+
+
+def test_audit_verify_walks_every_page_of_an_intact_chain(runner: CliRunner, primary: FakeVaultServer) -> None:
+    _serve_audit(primary, _audit_records(2500))
+    result = runner.invoke(tokenvault, ["admin", "--url", primary.url, "--api-key", ADMIN_KEY, "audit", "verify",
+                                        "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == {"ok": True, "verified": 2500, "last_seq": 2500, "broken_seq": None,
+                                         "reason": None}
+    assert len(primary.calls("/v1/admin/audit")) == 3
+
+
+@pytest.mark.parametrize("damage", ["field", "hash", "link", "gap", "truncated"])
+def test_audit_verify_names_the_first_broken_link_and_exits_4(
+        runner: CliRunner, primary: FakeVaultServer, damage: str) -> None:
+    records = _audit_records(40)
+    last_seq = None
+    if damage == "field":
+        records[16]["found"] = 0 if records[16]["found"] else 1
+    elif damage == "hash":
+        records[16]["hash"] = "00" * 32
+    elif damage == "link":
+        records[16]["prev_hash"] = records[14]["hash"]
+    elif damage == "gap":
+        del records[16]
+    else:
+        del records[16:]
+        last_seq = 40
+    _serve_audit(primary, records, last_seq)
+    result = runner.invoke(tokenvault, ["admin", "audit", "verify", "--url", primary.url, "--api-key", ADMIN_KEY])
+    assert result.exit_code == 4, result.output
+    assert "BROKEN at record 17" in result.stderr
+
+
+def test_audit_export_writes_every_verified_record_as_json_lines_and_never_overwrites(
+        runner: CliRunner, primary: FakeVaultServer, tmp_path: Path) -> None:
+    from tokenvault.audit import ChainVerifier
+
+    records = _audit_records(1200)
+    _serve_audit(primary, records)
+    out = tmp_path / "audit.jsonl"
+    result = runner.invoke(tokenvault, ["admin", "--url", primary.url, "--api-key", ADMIN_KEY, "audit", "export",
+                                        "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["verified"] == 1200
+    exported = [json.loads(line) for line in out.read_text().splitlines()]
+    assert exported == records and out.stat().st_mode & 0o777 == 0o600
+    verifier = ChainVerifier()
+    for record in exported:
+        verifier.check(record)
+    again = runner.invoke(tokenvault, ["admin", "--url", primary.url, "--api-key", ADMIN_KEY, "audit", "export",
+                                       "--out", str(out)])
+    assert again.exit_code == 2 and len(out.read_text().splitlines()) == 1200
+
+
+def test_audit_export_stops_at_a_broken_link_and_exits_4(
+        runner: CliRunner, primary: FakeVaultServer, tmp_path: Path) -> None:
+    records = _audit_records(30)
+    records[9]["items"] = 99
+    _serve_audit(primary, records)
+    out = tmp_path / "audit.jsonl"
+    result = runner.invoke(tokenvault, ["admin", "audit", "export", "--out", str(out), "--url", primary.url,
+                                        "--api-key", ADMIN_KEY])
+    assert result.exit_code == 4 and "BROKEN at record 10" in result.stderr
+    assert [json.loads(line)["seq"] for line in out.read_text().splitlines()] == list(range(1, 10))

@@ -219,12 +219,18 @@ def test_a_cluster_with_its_key_inside_still_starts_with_a_warning(cluster_direc
 
 def test_node_configs_hold_only_hashes_and_load(cluster_directory: Path) -> None:
     spec, _ = cluster.init_cluster(cluster_directory, 3, 9300)
+    all_salts: list[str | None] = []
     for node in spec.nodes:
         text = node.config.read_text()
-        for info in spec.api_keys:
-            assert info.key not in text
-            assert hash_api_key(info.key) in text
         config = load_config(node.config)
+        for info in spec.api_keys:
+            # Salted: neither the key nor its plain SHA-256 is in the file, and no two entries
+            # (nor the same key in two nodes' configs) share a salt.
+            assert info.key not in text
+            assert hash_api_key(info.key) not in text
+        salts = [entry.salt for entry in config.api_keys]
+        assert all(salt is not None and f'salt = "{salt}"' in text for salt in salts)
+        all_salts.extend(salts)
         assert config.node_id == node.node_id
         assert config.http.port == node.http_port and config.peer.port == node.peer_port
         assert config.member_ids == ("n1", "n2", "n3")
@@ -233,6 +239,7 @@ def test_node_configs_hold_only_hashes_and_load(cluster_directory: Path) -> None
         assert config.cluster_secret_file == cluster_directory / "cluster.secret"
         assert config.api_key_table().authenticate(spec.key("tokenizer")).scopes == frozenset({"tokenize"})
         assert config.load_cluster_secret() == bytes.fromhex((cluster_directory / "cluster.secret").read_text())
+    assert len(set(all_salts)) == len(all_salts) == 3 * len(spec.api_keys)
 
 
 def test_tls_by_default_a_ca_and_one_certificate_per_node(cluster_directory: Path) -> None:

@@ -399,3 +399,18 @@ def test_peer_max_unauthenticated_connections_is_bounded() -> None:
     for bad in (0, 1025):
         with pytest.raises(ConfigError, match="peer.max_unauthenticated_connections"):
             PeerConfig(max_unauthenticated_connections=bad)
+
+
+def test_a_salted_api_key_entry_loads_and_round_trips_and_old_unsalted_ones_still_load(tmp_path: Path) -> None:
+    from tokenvault.auth import salted_api_key_hash
+
+    salt, digest = salted_api_key_hash(ADMIN_KEY)
+    text = MINIMAL.replace(f'sha256 = "{ADMIN_HASH}"', f'sha256 = "{digest}"\nsalt = "{salt.upper()}"')
+    config = parse_config(text)
+    assert config.api_keys[0].salt == salt
+    assert config.api_key_table().authenticate(ADMIN_KEY).name == "admin"
+    assert parse_config(to_toml(config)) == config
+    assert parse_config(MINIMAL).api_keys[0].salt is None
+    assert parse_config(MINIMAL).api_key_table().authenticate(ADMIN_KEY).name == "admin"
+    with pytest.raises(ConfigError, match="salt"):
+        parse_config(MINIMAL.replace(f'sha256 = "{ADMIN_HASH}"', f'sha256 = "{ADMIN_HASH}"\nsalt = "nothex"'))

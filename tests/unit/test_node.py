@@ -305,8 +305,12 @@ async def test_without_a_majority_writes_are_503_and_service_returns_with_it(tmp
             with pytest.raises(ServiceError) as raised:
                 await asyncio.wait_for(call(), 5)
             assert raised.value.status == 503 and raised.value.headers.get("Retry-After"), name
-        # What this node applied stays readable; tokens it does not hold cannot be confirmed absent.
-        assert await survivor.service.detokenize(tokens) == ["kept-through-outage"]
+        # Every detokenize waits for its audit record, which needs a majority: even tokens this
+        # node holds are refused (fail closed) rather than read without a trace.
+        with pytest.raises(ServiceError) as raised:
+            await asyncio.wait_for(survivor.service.detokenize(tokens), 5)
+        assert raised.value.status == 503 and raised.value.headers.get("Retry-After")
+        assert "audit" in raised.value.detail
         assert survivor.node.store.active_epoch() == 1
 
         await cluster.restart(gone[0])

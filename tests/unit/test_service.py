@@ -508,6 +508,19 @@ HOSTILE_FORWARDS = {
     "invalid-utf8": ("tokenize", b"\x81\xa6values\x91\xa2\xff\xfe"),
     "bad-token": ("detokenize", msgpack.packb({"tokens": ["not-a-token"]})),
     "unknown-kind": ("drop-tables", msgpack.packb({})),
+    # Audit records only in the sending peer's own name (serve_forward sends as "n9"), and well-formed.
+    "audit-in-another-nodes-name": ("audit", msgpack.packb(
+        {"records": [[1, "n1", "reader", None, "detokenize", 1, 1, "r", None]]})),
+    "audit-found-above-items": ("audit", msgpack.packb(
+        {"records": [[1, "n9", "reader", None, "detokenize", 1, 2, "r", None]]})),
+    "audit-short-record": ("audit", msgpack.packb({"records": [[1, "n9", "reader"]]})),
+    "audit-not-a-list": ("audit", msgpack.packb({"records": "all of them"})),
+    "key-unknown-scope": ("key.create", msgpack.packb(
+        {"name": "ci", "scopes": ["root"], "actor": ["admin", None, "n9", "r"]})),
+    "key-bad-name": ("key.create", msgpack.packb(
+        {"name": "a b", "scopes": ["tokenize"], "actor": ["admin", None, "n9", "r"]})),
+    "key-bad-actor": ("key.create", msgpack.packb({"name": "ci", "scopes": ["tokenize"], "actor": "admin"})),
+    "revoke-bad-id": ("key.revoke", msgpack.packb({"key_id": "../../x", "actor": ["admin", None, "n9", "r"]})),
 }
 
 

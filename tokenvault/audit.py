@@ -1,0 +1,202 @@
+"""The audit trail: hash chain, record format and each node's group-commit buffer.
+
+Every detokenize, API key change and epoch change leaves one audit record in a
+replicated log-ordered table (tokenvault.store). A record holds who (key name
+and id), what (action, item count, found count, subject such as a key id or an
+epoch), when, on which node and for which request — never a value and never a
+token.
+
+Chain. At apply every node gives the record the next sequence number and
+computes ``hash = SHA-256(previous hash || msgpack([seq, *fields]))`` with 32
+zero bytes before the first record. Apply is deterministic, so every node holds
+the same chain; anyone can recompute it from the records the API pages out
+(``verify_chain``), and a record changed on disk no longer matches its hash or
+breaks the link to the next one.
+
+Group commit. A detokenize does not become a log entry of its own: each node
+buffers its records (``AuditBuffer``) and proposes up to ``max_batch_records``
+of them as one entry, at most ``flush_ms`` after the first is buffered, with
+at most a few batches being committed at once (a backup forwards each batch to
+the primary like other writes). A detokenize
+answers only once the entry holding its record has committed; if it cannot be
+written in time the detokenize fails with 503 (fail closed). The buffer holds at
+most ``max_pending_records``; past that a detokenize is refused with 503 at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import msgpack
+
+from tokenvault.commands import AuditRecord
+from tokenvault.logs import get_logger
+
+GENESIS_HASH = bytes(32)
+HASH_BYTES = 32
+# Audit batches of one node being committed at once.
+DEFAULT_BATCHES_IN_FLIGHT = 4
+# The fields of one record as the API pages them out, in canonical order.
+RECORD_FIELDS = ("at_ms", "node", "key_name", "key_id", "action", "items", "found", "request_id", "subject")
+
+log = get_logger("audit")
+
+
+def chain_hash(previous: bytes, seq: int, fields: Sequence[Any]) -> bytes:
+    """The hash of record ``seq``: SHA-256 over the previous hash and the canonical encoding."""
+    canonical = msgpack.packb([seq, *fields], use_bin_type=True)
+    return hashlib.sha256(previous + canonical).digest()
+
+
+class ChainBreak(Exception):
+    """The first record at which the chain does not hold; ``seq`` names it."""
+
+    def __init__(self, seq: int, reason: str) -> None:
+        self.seq = seq
+        self.reason = reason
+        super().__init__(f"audit record {seq}: {reason}")
+
+
+class ChainVerifier:
+    """Checks records page by page, in order: each links to the one before and hashes to its stored hash."""
+
+    def __init__(self) -> None:
+        self.previous_hash = GENESIS_HASH
+        self.last_seq = 0
+        self.count = 0
+
+    def check(self, record: Any) -> None:
+        """Raise ChainBreak at the first record that is malformed, out of order or does not hash."""
+        expected_seq = self.last_seq + 1
+        if not isinstance(record, dict):
+            raise ChainBreak(expected_seq, "is not a JSON object")
+        seq = record.get("seq")
+        if type(seq) is not int or seq != expected_seq:
+            raise ChainBreak(expected_seq, "is missing or out of order")
+        if record.get("malformed"):
+            raise ChainBreak(seq, "cannot be read from the store")
+        try:
+            fields = [record[name] for name in RECORD_FIELDS]
+            previous = bytes.fromhex(record["prev_hash"])
+            stored = bytes.fromhex(record["hash"])
+        except (KeyError, TypeError, ValueError):
+            raise ChainBreak(seq, "lacks a field or has a malformed hash") from None
+        if previous != self.previous_hash:
+            raise ChainBreak(seq, "does not link to the previous record's hash")
+        if chain_hash(previous, seq, fields) != stored:
+            raise ChainBreak(seq, "its content does not match its hash")
+        self.previous_hash, self.last_seq = stored, seq
+        self.count += 1
+
+
+def record_document(seq: int, fields: Sequence[Any], previous: bytes, digest: bytes) -> dict:
+    """The JSON form of one stored record (GET /v1/admin/audit)."""
+    document: dict[str, Any] = {"seq": seq}
+    document.update(zip(RECORD_FIELDS, fields))
+    document["prev_hash"] = previous.hex()
+    document["hash"] = digest.hex()
+    return document
+
+
+class AuditUnavailable(Exception):
+    """The audit record could not be committed (buffer full, no primary, timeout)."""
+
+
+Proposer = Callable[[tuple[AuditRecord, ...]], Awaitable[None]]
+
+
+class AuditBuffer:
+    """Buffers one node's audit records and commits them in batches (group commit).
+
+    ``append`` returns once the record's batch is committed, or raises
+    AuditUnavailable. Up to ``max_batches_in_flight`` batches are being
+    committed at once (a commit waits for fsyncs on a majority, so one batch at
+    a time would cap a node at one batch per commit latency); records arriving
+    meanwhile form the next batch, so under load each entry carries many
+    records and an idle node adds no latency beyond ``flush_ms``."""
+
+    def __init__(self, propose: Proposer, *, flush_ms: int, max_batch_records: int,
+                 max_pending_records: int, max_batches_in_flight: int = DEFAULT_BATCHES_IN_FLIGHT) -> None:
+        self._propose = propose
+        self._flush_seconds = flush_ms / 1000
+        self._max_batch_records = max_batch_records
+        self._max_pending_records = max_pending_records
+        self._slots = asyncio.Semaphore(max_batches_in_flight)
+        self._waiting: list[tuple[AuditRecord, asyncio.Future]] = []
+        self._pending_count = 0
+        self._flusher: asyncio.Task | None = None
+        self._commits: set[asyncio.Task] = set()
+        self._closed = False
+
+    @property
+    def pending_count(self) -> int:
+        return self._pending_count
+
+    async def append(self, record: AuditRecord) -> None:
+        if self._closed:
+            raise AuditUnavailable("the node is shutting down")
+        if self._pending_count >= self._max_pending_records:
+            raise AuditUnavailable("too many audit records are waiting to be written")
+        future = asyncio.get_running_loop().create_future()
+        self._waiting.append((record, future))
+        self._pending_count += 1
+        try:
+            if self._flusher is None or self._flusher.done():
+                self._flusher = asyncio.get_running_loop().create_task(self._flush_loop())
+            await future
+        finally:
+            self._pending_count -= 1
+
+    async def _flush_loop(self) -> None:
+        # The first record of a quiet period waits flush_ms for company; under
+        # load the commit time of the batches in flight does the batching.
+        await asyncio.sleep(self._flush_seconds)
+        while self._waiting and not self._closed:
+            await self._slots.acquire()
+            batch = [(record, future) for record, future in self._waiting[:self._max_batch_records]
+                     if not future.done()]
+            del self._waiting[:self._max_batch_records]
+            if not batch:
+                self._slots.release()
+                continue
+            task = asyncio.get_running_loop().create_task(self._commit(batch))
+            self._commits.add(task)
+            task.add_done_callback(self._commits.discard)
+
+    async def _commit(self, batch: list[tuple[AuditRecord, asyncio.Future]]) -> None:
+        try:
+            await self._propose(tuple(record for record, _ in batch))
+        except asyncio.CancelledError:
+            self._fail(batch, "the node is shutting down")
+            raise
+        except Exception as error:  # every failure of the write fails its requests closed
+            log.warning("audit.write_failed", records=len(batch), error_type=type(error).__name__)
+            self._fail(batch, "the audit record could not be written; the request was refused")
+        else:
+            for _, future in batch:
+                if not future.done():
+                    future.set_result(None)
+        finally:
+            self._slots.release()
+
+    @staticmethod
+    def _fail(batch: list[tuple[AuditRecord, asyncio.Future]], reason: str) -> None:
+        for _, future in batch:
+            if not future.done():
+                future.set_exception(AuditUnavailable(reason))
+
+    async def close(self) -> None:
+        self._closed = True
+        self._fail(self._waiting, "the node is shutting down")
+        self._waiting = []
+        tasks = [task for task in (self._flusher, *self._commits) if task is not None and not task.done()]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):
+                pass

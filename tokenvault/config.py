@@ -110,10 +110,26 @@ def _split_host_port(name: str, address: str) -> tuple[str, int]:
 class HttpConfig:
     host: str = "127.0.0.1"
     port: int = 8101
+    # A connection must deliver a request's headers within header_timeout_ms of
+    # opening (or of the previous response), and each piece of a request body
+    # within body_timeout_ms of the last; otherwise it is closed.
+    header_timeout_ms: int = 10_000
+    body_timeout_ms: int = 10_000
+    # Open HTTP connections beyond max_connections are answered 503 and closed at once.
+    max_connections: int = 1024
+    # Request bodies being received at once, on the whole node and per API key
+    # (docs/security.md, "Unauthenticated and abusive traffic").
+    max_body_reads: int = 128
+    max_body_reads_per_key: int = 32
 
     def __post_init__(self) -> None:
         _check_host("http.host", self.host)
         _check_int("http.port", self.port, 1, 65535)
+        _check_int("http.header_timeout_ms", self.header_timeout_ms, 10, 600_000)
+        _check_int("http.body_timeout_ms", self.body_timeout_ms, 10, 600_000)
+        _check_int("http.max_connections", self.max_connections, 1, 1_000_000)
+        _check_int("http.max_body_reads", self.max_body_reads, 1, 1_000_000)
+        _check_int("http.max_body_reads_per_key", self.max_body_reads_per_key, 1, self.max_body_reads)
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,6 +202,34 @@ class LimitsConfig:
         _check_int("limits.max_items", self.max_items, 1, 100_000)
         _check_int("limits.max_value_bytes", self.max_value_bytes, 1, 1024 * 1024)
         _check_int("limits.max_body_bytes", self.max_body_bytes, 1024, 1024 * 1024 * 1024)
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitsConfig:
+    """Requests per second and burst, per API key and endpoint kind, on each node; 0 means unlimited.
+
+    A burst of 0 with a rate set means a burst of one second's worth (the rate).
+    """
+
+    tokenize_per_second: int = 0
+    tokenize_burst: int = 0
+    detokenize_per_second: int = 0
+    detokenize_burst: int = 0
+    admin_per_second: int = 0
+    admin_burst: int = 0
+
+    def __post_init__(self) -> None:
+        for kind in ("tokenize", "detokenize", "admin"):
+            _check_int(f"rate_limits.{kind}_per_second", getattr(self, f"{kind}_per_second"), 0, 10_000_000)
+            _check_int(f"rate_limits.{kind}_burst", getattr(self, f"{kind}_burst"), 0, 10_000_000)
+
+    def rate_and_burst(self, kind: str) -> tuple[int, int]:
+        """(rate per second, burst) of ``kind``; (0, 0) when unlimited."""
+        rate = getattr(self, f"{kind}_per_second")
+        burst = getattr(self, f"{kind}_burst")
+        if rate == 0:
+            return 0, 0
+        return rate, burst or rate
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,6 +325,7 @@ class NodeConfig:
     http: HttpConfig = field(default_factory=HttpConfig)
     peer: PeerConfig = field(default_factory=PeerConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    rate_limits: RateLimitsConfig = field(default_factory=RateLimitsConfig)
     timing: TimingConfig = field(default_factory=TimingConfig)
     idempotency: IdempotencyConfig = field(default_factory=IdempotencyConfig)
     wal: WalConfig = field(default_factory=WalConfig)
@@ -313,8 +358,8 @@ class NodeConfig:
     def _check_sections(self) -> None:
         expected = {
             "http": HttpConfig, "peer": PeerConfig, "limits": LimitsConfig,
-            "timing": TimingConfig, "idempotency": IdempotencyConfig, "wal": WalConfig,
-            "sealer": SealerConfig,
+            "rate_limits": RateLimitsConfig, "timing": TimingConfig, "idempotency": IdempotencyConfig,
+            "wal": WalConfig, "sealer": SealerConfig,
         }
         for name, section_type in expected.items():
             if not isinstance(getattr(self, name), section_type):
@@ -392,8 +437,8 @@ _TOP_LEVEL_KEYS = {
 }
 _SECTIONS: dict[str, type] = {
     "http": HttpConfig, "peer": PeerConfig, "limits": LimitsConfig,
-    "timing": TimingConfig, "idempotency": IdempotencyConfig, "wal": WalConfig,
-    "sealer": SealerConfig,
+    "rate_limits": RateLimitsConfig, "timing": TimingConfig, "idempotency": IdempotencyConfig,
+    "wal": WalConfig, "sealer": SealerConfig,
 }
 _REQUIRED_KEYS = ("node_id", "data_dir", "members", "api_keys")
 

@@ -53,7 +53,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import re
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -85,6 +84,7 @@ from tokenvault.validation import (
     check_json_structure,
     max_json_values,
     require_item_list,
+    validate_idempotency_key,
     validate_tokens,
     validate_values,
 )
@@ -104,8 +104,6 @@ ROUTE_BACKUP = backup.ROUTE_BACKUP
 JSON_CONTENT_TYPE = "application/json"
 IDEMPOTENCY_KEY_HEADER = "Idempotency-Key"
 REPLAYED_HEADER = "Idempotent-Replayed"
-# Printable ASCII is 0x20-0x7E; HTTP parsing already strips surrounding spaces.
-IDEMPOTENCY_KEY_PATTERN = re.compile(r"[\x20-\x7e]{1,255}\Z")
 DEFAULT_MAX_INFLIGHT_REQUESTS = 256
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 # Responses to API calls may carry plaintext values: no cache may keep them.
@@ -264,9 +262,7 @@ def idempotency_key(request: web.Request) -> str | None:
         return None
     if len(values) > 1:
         raise InvalidRequest("send at most one Idempotency-Key header")
-    if IDEMPOTENCY_KEY_PATTERN.match(values[0]) is None:
-        raise InvalidRequest("Idempotency-Key must be 1-255 printable ASCII characters")
-    return values[0]
+    return validate_idempotency_key(values[0])
 
 
 def require_json_content_type(request: web.Request) -> None:

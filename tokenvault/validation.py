@@ -20,6 +20,8 @@ from typing import Any, Protocol
 from tokenvault.errors import InvalidRequest, PayloadTooLarge
 from tokenvault.tokens import is_token
 
+# Printable ASCII is 0x20-0x7E; HTTP parsing already strips surrounding spaces.
+IDEMPOTENCY_KEY_PATTERN = re.compile(r"[\x20-\x7e]{1,255}\Z")
 # The JSON values a request may hold beyond its item list: member names, the
 # document itself, small optional members. Generous, since the point is only to
 # keep the count proportional to max_items rather than to the body's size.
@@ -67,6 +69,13 @@ def check_json_structure(body: bytes, max_values: int) -> None:
     values = 1 + skeleton.count(b",") + skeleton.count(b":") + containers
     if values > max_values:
         raise PayloadTooLarge(f"the request body holds more than {max_values} JSON values")
+
+
+def validate_idempotency_key(value: str) -> str:
+    """An Idempotency-Key is 1-255 printable ASCII characters."""
+    if IDEMPOTENCY_KEY_PATTERN.match(value) is None:
+        raise InvalidRequest("Idempotency-Key must be 1-255 printable ASCII characters")
+    return value
 
 
 def require_item_list(document: dict[str, Any], member: str, limits: ItemLimits) -> list[Any]:

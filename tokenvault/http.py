@@ -622,8 +622,7 @@ async def _problem_middleware(request: web.Request, handler: Handler) -> web.Str
     except ServiceError as error:
         response = problem_response(error.status, error.problem, error.title, error.detail, error.headers)
         if getattr(error, "close_connection", False):
-            # A stalled body leaves the connection mid-request: it cannot carry another one.
-            response.force_close()
+            await _send_and_close(request, response)
         return response
     except web.HTTPException as error:
         if error.status < 400:
@@ -634,6 +633,22 @@ async def _problem_middleware(request: web.Request, handler: Handler) -> web.Str
     except Exception:
         _log.exception("http.unexpected_error", route=_route_label(request), method=request.method)
         return problem_response(500, "internal", "Internal error", "an unexpected error occurred; it has been logged")
+
+
+async def _send_and_close(request: web.Request, response: web.Response) -> None:
+    """Send ``response`` now and close the connection behind it.
+
+    For a stalled body: the connection is mid-request, so it cannot carry
+    another one, and aiohttp would otherwise linger for the rest of the body
+    (up to its lingering time) before closing.
+    """
+    response.force_close()
+    try:
+        await response.prepare(request)
+        await response.write_eof()
+    except ConnectionError:
+        pass
+    request.protocol.force_close()
 
 
 def build_app(

@@ -347,3 +347,45 @@ def test_load_cluster_secret(tmp_path: Path) -> None:
     os.chmod(tmp_path / "cluster.secret", 0o640)
     with pytest.raises(ConfigError, match="chmod 600"):
         config.load_cluster_secret()
+
+
+def test_connection_limits_and_rate_limits_have_documented_defaults_and_load() -> None:
+    from tokenvault.config import RateLimitsConfig
+
+    config = parse_config(MINIMAL)
+    assert (config.http.header_timeout_ms, config.http.body_timeout_ms) == (10_000, 10_000)
+    assert (config.http.max_connections, config.http.max_body_reads, config.http.max_body_reads_per_key) == (
+        1024, 128, 32)
+    assert config.rate_limits == RateLimitsConfig()
+    assert all(config.rate_limits.rate_and_burst(kind) == (0, 0) for kind in ("tokenize", "detokenize", "admin"))
+    tuned = parse_config(MINIMAL + "\n[http]\nheader_timeout_ms = 500\nbody_timeout_ms = 750\nmax_connections = 64\n"
+                         "max_body_reads = 8\nmax_body_reads_per_key = 2\n"
+                         "[rate_limits]\ntokenize_per_second = 100\ntokenize_burst = 300\n"
+                         "admin_per_second = 5\n")
+    assert (tuned.http.header_timeout_ms, tuned.http.body_timeout_ms, tuned.http.max_connections) == (500, 750, 64)
+    assert (tuned.http.max_body_reads, tuned.http.max_body_reads_per_key) == (8, 2)
+    assert tuned.rate_limits.rate_and_burst("tokenize") == (100, 300)
+    assert tuned.rate_limits.rate_and_burst("admin") == (5, 5)  # burst 0: one second's worth
+    assert tuned.rate_limits.rate_and_burst("detokenize") == (0, 0)
+    assert parse_config(to_toml(tuned)) == tuned
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ("[http]\nheader_timeout_ms = 0", "http.header_timeout_ms must be between 10 and 600000, got 0"),
+        ("[http]\nbody_timeout_ms = 600001", "http.body_timeout_ms must be between"),
+        ("[http]\nbody_timeout_ms = 1.5", "http.body_timeout_ms must be an integer"),
+        ("[http]\nmax_connections = 0", "http.max_connections must be between 1"),
+        ("[http]\nmax_body_reads = 0", "http.max_body_reads must be between 1"),
+        ("[http]\nmax_body_reads = 4\nmax_body_reads_per_key = 5", "http.max_body_reads_per_key must be between 1 and 4"),
+        ("[rate_limits]\ntokenize_per_second = -1", "rate_limits.tokenize_per_second must be between 0"),
+        ("[rate_limits]\nadmin_burst = true", "rate_limits.admin_burst must be an integer"),
+        ("[rate_limits]\ndetokenize_per_second = 0.5", "rate_limits.detokenize_per_second must be an integer"),
+        ("[rate_limits]\nper_key = 1", "unknown key"),
+    ],
+)
+def test_invalid_connection_and_rate_limits_are_refused(section: str, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(MINIMAL + "\n" + section + "\n")
+    assert message in str(caught.value)

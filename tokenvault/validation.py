@@ -48,8 +48,9 @@ def check_json_structure(body: bytes, max_values: int) -> None:
     and objects; 413 when it holds more than ``max_values`` JSON values (or half as many strings).
 
     Memory is a few copies of the body, time a few passes at C speed (about
-    50 ms for 8 MiB). Exact for valid JSON; for invalid JSON the count may be
-    anything, and the parser that runs next refuses it anyway.
+    50 ms for 8 MiB). For valid JSON the count is exact but for empty arrays
+    and objects, which count twice; for invalid JSON it may be anything, and
+    the parser that runs next refuses such a body anyway.
     """
     # An escape is a backslash and one character, read left to right: drop the
     # escaped backslashes first, then what remains before a quote escapes it.
@@ -65,7 +66,8 @@ def check_json_structure(body: bytes, max_values: int) -> None:
         # Items are strings: no allowed request holds more than a few arrays and objects.
         raise InvalidRequest(f"the request body holds more than {STRUCTURE_SLACK_VALUES} JSON arrays and objects "
                              "(or nests them too deeply)")
-    # Outside strings every value but the first follows a ',' or ':' or opens a container.
+    # Outside strings every value but the first follows a ',' or ':' or is the first in its container:
+    # an upper bound, exact but for an empty array or object, which counts twice.
     values = 1 + skeleton.count(b",") + skeleton.count(b":") + containers
     if values > max_values:
         raise PayloadTooLarge(f"the request body holds more than {max_values} JSON values")

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Mapping
 from urllib.parse import urlsplit
 
-from tokenvault.auth import ALL_SCOPES, ApiKeyEntry, ApiKeyTable, ApiKeyTableError
+from tokenvault.auth import ALL_SCOPES, PRINCIPAL_NAME_PATTERN, ApiKeyEntry, ApiKeyTable, ApiKeyTableError
 from tokenvault.crypto import CryptoError, MasterKey, read_secret_file
 
 CLUSTER_SECRET_BYTES = 32
@@ -204,11 +204,55 @@ class LimitsConfig:
         _check_int("limits.max_body_bytes", self.max_body_bytes, 1024, 1024 * 1024 * 1024)
 
 
+RATE_LIMIT_KINDS = ("tokenize", "detokenize", "admin")
+MAX_RATE_LIMIT_KEYS = 10_000
+
+
+def _rate_and_burst(rate: int, burst: int) -> tuple[int, int]:
+    return (0, 0) if rate == 0 else (rate, burst or rate)
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRateLimitsConfig:
+    """One API key's own limits (``[[rate_limits.keys]]``), by the key's name; a kind whose
+    ``_per_second`` is left out keeps the ``[rate_limits]`` default."""
+
+    name: str
+    tokenize_per_second: int | None = None
+    tokenize_burst: int | None = None
+    detokenize_per_second: int | None = None
+    detokenize_burst: int | None = None
+    admin_per_second: int | None = None
+    admin_burst: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not PRINCIPAL_NAME_PATTERN.match(self.name):
+            raise ConfigError("rate_limits.keys: name must be an API key name (1-64 characters of "
+                              "[A-Za-z0-9_.-] starting with a letter or digit)")
+        for kind in RATE_LIMIT_KINDS:
+            rate, burst = getattr(self, f"{kind}_per_second"), getattr(self, f"{kind}_burst")
+            label = f"rate_limits.keys[{self.name}].{kind}"
+            if rate is not None:
+                _check_int(f"{label}_per_second", rate, 0, 10_000_000)
+            if burst is not None:
+                _check_int(f"{label}_burst", burst, 0, 10_000_000)
+                if rate is None:
+                    raise ConfigError(f"{label}_burst needs {kind}_per_second in the same table")
+
+    def rate_and_burst(self, kind: str) -> tuple[int, int] | None:
+        """This key's (rate, burst) of ``kind``, or None when it keeps the default."""
+        rate = getattr(self, f"{kind}_per_second")
+        if rate is None:
+            return None
+        return _rate_and_burst(rate, getattr(self, f"{kind}_burst") or 0)
+
+
 @dataclass(frozen=True, slots=True)
 class RateLimitsConfig:
     """Requests per second and burst, per API key and endpoint kind, on each node; 0 means unlimited.
 
-    A burst of 0 with a rate set means a burst of one second's worth (the rate).
+    The six numbers are every key's default; ``keys`` gives single keys their
+    own. A burst of 0 with a rate set means a burst of one second's worth (the rate).
     """
 
     tokenize_per_second: int = 0
@@ -217,19 +261,45 @@ class RateLimitsConfig:
     detokenize_burst: int = 0
     admin_per_second: int = 0
     admin_burst: int = 0
+    keys: tuple[KeyRateLimitsConfig, ...] = ()
 
     def __post_init__(self) -> None:
-        for kind in ("tokenize", "detokenize", "admin"):
+        for kind in RATE_LIMIT_KINDS:
             _check_int(f"rate_limits.{kind}_per_second", getattr(self, f"{kind}_per_second"), 0, 10_000_000)
             _check_int(f"rate_limits.{kind}_burst", getattr(self, f"{kind}_burst"), 0, 10_000_000)
+        object.__setattr__(self, "keys", _key_rate_limits(self.keys))
 
-    def rate_and_burst(self, kind: str) -> tuple[int, int]:
-        """(rate per second, burst) of ``kind``; (0, 0) when unlimited."""
-        rate = getattr(self, f"{kind}_per_second")
-        burst = getattr(self, f"{kind}_burst")
-        if rate == 0:
-            return 0, 0
-        return rate, burst or rate
+    def rate_and_burst(self, kind: str, key_name: str | None = None) -> tuple[int, int]:
+        """(rate per second, burst) of ``kind`` for ``key_name`` (or the default); (0, 0) when unlimited."""
+        for entry in self.keys:
+            if entry.name == key_name:
+                own = entry.rate_and_burst(kind)
+                if own is not None:
+                    return own
+        return _rate_and_burst(getattr(self, f"{kind}_per_second"), getattr(self, f"{kind}_burst"))
+
+
+def _key_rate_limits(entries: object) -> tuple[KeyRateLimitsConfig, ...]:
+    """``[[rate_limits.keys]]`` as records: tables from TOML are converted, names must be unique."""
+    if not isinstance(entries, (list, tuple)):
+        raise ConfigError("rate_limits.keys must be an array of tables ([[rate_limits.keys]])")
+    if len(entries) > MAX_RATE_LIMIT_KEYS:
+        raise ConfigError(f"rate_limits.keys may list at most {MAX_RATE_LIMIT_KEYS} keys")
+    records = []
+    for index, entry in enumerate(entries):
+        if isinstance(entry, dict):
+            _check_known_keys(f"rate_limits.keys[{index}]", entry,
+                              {item.name for item in fields(KeyRateLimitsConfig)})
+            if "name" not in entry:
+                raise ConfigError(f"rate_limits.keys[{index}] is missing name")
+            entry = KeyRateLimitsConfig(**entry)
+        if not isinstance(entry, KeyRateLimitsConfig):
+            raise ConfigError(f"rate_limits.keys[{index}] must be a table")
+        records.append(entry)
+    names = [record.name for record in records]
+    if len(set(names)) != len(names):
+        raise ConfigError("rate_limits.keys: every name must be unique")
+    return tuple(records)
 
 
 @dataclass(frozen=True, slots=True)
@@ -580,6 +650,17 @@ def _toml_value(value: object) -> str:
     raise TypeError(f"cannot write a {type(value).__name__} to the config")
 
 
+def _key_rate_limits_toml(entries: tuple[KeyRateLimitsConfig, ...]) -> list[str]:
+    lines: list[str] = []
+    for entry in entries:
+        lines.extend(["", "[[rate_limits.keys]]"])
+        for item in fields(entry):
+            value = getattr(entry, item.name)
+            if value is not None:
+                lines.append(f"{item.name} = {_toml_value(value)}")
+    return lines
+
+
 def to_toml(config: NodeConfig) -> str:
     """The TOML text of ``config``; load_config reads it back to an equal config."""
     lines: list[str] = []
@@ -592,7 +673,11 @@ def to_toml(config: NodeConfig) -> str:
         lines.append("")
         lines.append(f"[{name}]")
         for item in fields(section):
+            if name == "rate_limits" and item.name == "keys":
+                continue
             lines.append(f"{item.name} = {_toml_value(getattr(section, item.name))}")
+        if name == "rate_limits":
+            lines.extend(_key_rate_limits_toml(section.keys))
     for member in config.members:
         lines.extend(["", "[[members]]"])
         lines.append(f"id = {_toml_value(member.id)}")

@@ -131,7 +131,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 class HttpLimits:
     """Request and connection limits; the contract's defaults are 1000 items, 4096 bytes, 8 MiB.
 
-    ``rate_limits`` maps an endpoint kind to its per-key bucket (absent kinds are unlimited).
+    ``rate_limits`` maps an endpoint kind to every key's bucket (absent kinds are unlimited);
+    ``key_rate_limits`` maps a key name to its own buckets by kind (absent: the default).
     """
 
     max_items: int = 1000
@@ -146,6 +147,7 @@ class HttpLimits:
     max_body_reads: int = 128
     max_body_reads_per_key: int = 32
     rate_limits: Mapping[str, ratelimit.BucketLimit] = field(default_factory=dict)
+    key_rate_limits: Mapping[str, Mapping[str, ratelimit.BucketLimit]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("max_items", "max_value_bytes", "max_body_bytes", "max_inflight_requests",
@@ -166,6 +168,9 @@ class HttpLimits:
             rate, burst = config.rate_limits.rate_and_burst(kind)
             if rate:
                 rates[kind] = ratelimit.BucketLimit(rate_per_second=rate, burst=burst)
+        key_rates = {entry.name: {kind: ratelimit.BucketLimit(*config.rate_limits.rate_and_burst(kind, entry.name))
+                                  for kind in ratelimit.KINDS if entry.rate_and_burst(kind) is not None}
+                     for entry in config.rate_limits.keys}
         return cls(
             max_items=limits.max_items,
             max_value_bytes=limits.max_value_bytes,
@@ -178,6 +183,7 @@ class HttpLimits:
             max_body_reads=http.max_body_reads,
             max_body_reads_per_key=http.max_body_reads_per_key,
             rate_limits=rates,
+            key_rate_limits=key_rates,
         )
 
 
@@ -344,7 +350,7 @@ class _Api:
         self.api_keys = api_keys
         self.limits = limits
         self.metrics = metrics
-        self.rate_limiter = ratelimit.RateLimiter(limits.rate_limits, clock=clock)
+        self.rate_limiter = ratelimit.RateLimiter(limits.rate_limits, key_limits=limits.key_rate_limits, clock=clock)
         self.inflight_requests = 0
         self.backup_streams = 0
         self.body_reads = 0

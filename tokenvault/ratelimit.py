@@ -3,7 +3,8 @@
 Each request an API key sends to an endpoint of a kind (``tokenize``,
 ``detokenize`` or ``admin``) takes one token from that key's bucket of that
 kind; a bucket holds at most ``burst`` tokens and refills at
-``rate_per_second``. Requests are counted, not items: the limit is checked
+``rate_per_second``. Every key has the same default limits, and single keys
+may have their own (by key name). Requests are counted, not items: the limit is checked
 right after authentication, before the body is read, so a key past its limit
 costs the node no body buffering and no parsing, and the item limit per
 request (``max_items``) bounds the items a key can send to ``rate x max_items``
@@ -84,31 +85,51 @@ class TokenBucket:
         return (cost - self.tokens) / self.rate_per_second
 
 
-class RateLimiter:
-    """The buckets of every (key name, kind) on this node, with the limits of each kind."""
+def _check_kinds(limits: Mapping[str, BucketLimit]) -> None:
+    unknown = set(limits) - set(KINDS)
+    if unknown:
+        raise ValueError(f"unknown rate limit kinds {sorted(unknown)}; known: {list(KINDS)}")
 
-    def __init__(self, limits: Mapping[str, BucketLimit], *, clock: Callable[[], float] = time.monotonic,
-                 max_buckets: int = DEFAULT_MAX_BUCKETS) -> None:
-        unknown = set(limits) - set(KINDS)
-        if unknown:
-            raise ValueError(f"unknown rate limit kinds {sorted(unknown)}; known: {list(KINDS)}")
+
+class RateLimiter:
+    """The buckets of every (key name, kind) on this node, with the limits of each kind.
+
+    ``limits`` holds every key's default per kind (absent: unlimited);
+    ``key_limits`` holds single keys' own limits by key name, per kind (absent:
+    the default).
+    """
+
+    def __init__(self, limits: Mapping[str, BucketLimit], *,
+                 key_limits: Mapping[str, Mapping[str, BucketLimit]] | None = None,
+                 clock: Callable[[], float] = time.monotonic, max_buckets: int = DEFAULT_MAX_BUCKETS) -> None:
+        _check_kinds(limits)
+        for own in (key_limits or {}).values():
+            _check_kinds(own)
         if max_buckets < 1:
             raise ValueError("max_buckets must be at least 1")
         self._limits = {kind: limits.get(kind, UNLIMITED) for kind in KINDS}
+        self._key_limits = {name: dict(own) for name, own in (key_limits or {}).items()}
         self._clock = clock
         self._max_buckets = max_buckets
         self._buckets: OrderedDict[tuple[str, str], TokenBucket] = OrderedDict()
 
     @property
     def enabled(self) -> bool:
-        return any(not limit.unlimited for limit in self._limits.values())
+        limits = [*self._limits.values(), *(limit for own in self._key_limits.values() for limit in own.values())]
+        return any(not limit.unlimited for limit in limits)
+
+    def limit_of(self, key_name: str, kind: str) -> BucketLimit:
+        own = self._key_limits.get(key_name)
+        if own is not None and kind in own:
+            return own[kind]
+        return self._limits[kind]
 
     def __len__(self) -> int:
         return len(self._buckets)
 
     def check(self, key_name: str, kind: str) -> float:
         """Take one request from the bucket of (key_name, kind): 0.0 when allowed, else seconds to wait."""
-        limit = self._limits[kind]
+        limit = self.limit_of(key_name, kind)
         if limit.unlimited:
             return 0.0
         now = self._clock()

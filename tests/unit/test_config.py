@@ -378,7 +378,8 @@ def test_connection_limits_and_rate_limits_have_documented_defaults_and_load() -
         ("[http]\nbody_timeout_ms = 1.5", "http.body_timeout_ms must be an integer"),
         ("[http]\nmax_connections = 0", "http.max_connections must be between 1"),
         ("[http]\nmax_body_reads = 0", "http.max_body_reads must be between 1"),
-        ("[http]\nmax_body_reads = 4\nmax_body_reads_per_key = 5", "http.max_body_reads_per_key must be between 1 and 4"),
+        ("[http]\nmax_body_reads = 4\nmax_body_reads_per_key = 5",
+         "http.max_body_reads_per_key must be between 1 and 4"),
         ("[rate_limits]\ntokenize_per_second = -1", "rate_limits.tokenize_per_second must be between 0"),
         ("[rate_limits]\nadmin_burst = true", "rate_limits.admin_burst must be an integer"),
         ("[rate_limits]\ndetokenize_per_second = 0.5", "rate_limits.detokenize_per_second must be an integer"),
@@ -388,4 +389,41 @@ def test_connection_limits_and_rate_limits_have_documented_defaults_and_load() -
 def test_invalid_connection_and_rate_limits_are_refused(section: str, message: str) -> None:
     with pytest.raises(ConfigError) as caught:
         parse_config(MINIMAL + "\n" + section + "\n")
+    assert message in str(caught.value)
+
+
+def test_single_keys_may_have_their_own_rate_limits() -> None:
+    config = parse_config(MINIMAL + """
+[rate_limits]
+tokenize_per_second = 10
+detokenize_per_second = 20
+detokenize_burst = 40
+[[rate_limits.keys]]
+name = "bulk-loader"
+tokenize_per_second = 1000
+tokenize_burst = 5000
+[[rate_limits.keys]]
+name = "admin"
+detokenize_per_second = 0
+""")
+    limits = config.rate_limits
+    assert limits.rate_and_burst("tokenize", "bulk-loader") == (1000, 5000)
+    assert limits.rate_and_burst("detokenize", "bulk-loader") == (20, 40)  # not named: the default
+    assert limits.rate_and_burst("detokenize", "admin") == (0, 0)  # its own: unlimited
+    assert limits.rate_and_burst("tokenize", "anyone-else") == (10, 10)
+    assert parse_config(to_toml(config)) == config
+
+
+@pytest.mark.parametrize(("tables", "message"), [
+    ('[[rate_limits.keys]]\ntokenize_per_second = 1', "rate_limits.keys[0] is missing name"),
+    ('[[rate_limits.keys]]\nname = "a b"', "must be an API key name"),
+    ('[[rate_limits.keys]]\nname = "k"\ntokenize_burst = 5', "needs tokenize_per_second"),
+    ('[[rate_limits.keys]]\nname = "k"\nadmin_per_second = -2', "admin_per_second must be between 0"),
+    ('[[rate_limits.keys]]\nname = "k"\nquota = 1', "unknown key"),
+    ('[[rate_limits.keys]]\nname = "k"\n[[rate_limits.keys]]\nname = "k"', "every name must be unique"),
+    ('[rate_limits]\nkeys = 5', "array of tables"),
+])
+def test_invalid_key_rate_limits_are_refused(tables: str, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(MINIMAL + "\n" + tables + "\n")
     assert message in str(caught.value)

@@ -102,3 +102,14 @@ def test_invalid_limits_are_refused(arguments: dict) -> None:
 def test_unknown_kinds_are_refused() -> None:
     with pytest.raises(ValueError, match="unknown rate limit kinds"):
         RateLimiter({"delete": BucketLimit(rate_per_second=1, burst=1)})
+
+
+def test_a_key_with_its_own_limits_uses_them_and_the_others_the_default() -> None:
+    clock = Clock()
+    limiter = RateLimiter({TOKENIZE: BucketLimit(rate_per_second=1, burst=1)},
+                          key_limits={"bulk": {TOKENIZE: BucketLimit(rate_per_second=1, burst=3)},
+                                      "trusted": {TOKENIZE: BucketLimit()}}, clock=clock)
+    assert [limiter.check("bulk", TOKENIZE) == 0.0 for _ in range(4)] == [True, True, True, False]
+    assert [limiter.check("other", TOKENIZE) == 0.0 for _ in range(2)] == [True, False]
+    assert all(limiter.check("trusted", TOKENIZE) == 0.0 for _ in range(100))
+    assert limiter.enabled and not RateLimiter({}, key_limits={"trusted": {ADMIN: BucketLimit()}}).enabled

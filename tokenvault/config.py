@@ -119,7 +119,7 @@ class HttpConfig:
     max_connections: int = 1024
     # Request bodies being received at once, on the whole node and per API key
     # (docs/security.md, "Unauthenticated and abusive traffic").
-    max_body_reads: int = 128
+    max_body_reads: int = 256
     max_body_reads_per_key: int = 32
 
     def __post_init__(self) -> None:

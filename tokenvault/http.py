@@ -144,7 +144,7 @@ class HttpLimits:
     header_timeout_seconds: float = 10.0
     body_timeout_seconds: float = 10.0
     max_connections: int = 1024
-    max_body_reads: int = 128
+    max_body_reads: int = 256
     max_body_reads_per_key: int = 32
     rate_limits: Mapping[str, ratelimit.BucketLimit] = field(default_factory=dict)
     key_rate_limits: Mapping[str, Mapping[str, ratelimit.BucketLimit]] = field(default_factory=dict)

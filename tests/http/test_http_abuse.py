@@ -207,7 +207,7 @@ async def test_slow_bodies_from_one_key_do_not_starve_another_key(
 ) -> None:
     """Audit: 256 slow bodies sent with a detokenize-only key made another key's tokenize get 503.
 
-    Default limits: 256 in-flight slots, 128 bodies being received per node, 32 per key.
+    Default limits: 256 in-flight slots, 256 bodies being received per node, 32 per key.
     """
     limits = HttpLimits()
     client = await make_client(limits)

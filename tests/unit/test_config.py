@@ -355,7 +355,7 @@ def test_connection_limits_and_rate_limits_have_documented_defaults_and_load() -
     config = parse_config(MINIMAL)
     assert (config.http.header_timeout_ms, config.http.body_timeout_ms) == (10_000, 10_000)
     assert (config.http.max_connections, config.http.max_body_reads, config.http.max_body_reads_per_key) == (
-        1024, 128, 32)
+        1024, 256, 32)
     assert config.rate_limits == RateLimitsConfig()
     assert all(config.rate_limits.rate_and_burst(kind) == (0, 0) for kind in ("tokenize", "detokenize", "admin"))
     tuned = parse_config(MINIMAL + "\n[http]\nheader_timeout_ms = 500\nbody_timeout_ms = 750\nmax_connections = 64\n"

@@ -35,13 +35,13 @@ then holds ``inflight_slot`` around the rest):
    /v1/admin/backup`` instead the backup-stream bound (at most
    ``max_backup_streams`` streams at a time, 503 with ``Retry-After``), so a
    long download never holds a request slot;
-7. the structure bound on the raw body, before it is parsed: more JSON values
-   than any allowed request holds (``max_items`` plus a fixed slack) is 413,
-   unpaired quotes or more arrays and objects than the slack 400
-   (tokenvault/validation.py, a few C-speed passes), so
-   parsing never builds millions of objects or holds the event loop; then JSON
-   syntax and UTF-8 (400), the document's shape (400), the item count (413),
-   then each item (400);
+7. the structure bound on the raw body, before it is parsed
+   (tokenvault/validation.py, a few C-speed passes): unpaired quotes (400),
+   more strings than any allowed request holds (413), more arrays and objects
+   than a fixed slack (400), more JSON values than ``max_items`` plus that
+   slack (413) — so parsing never builds millions of objects or holds the
+   event loop; then JSON syntax and UTF-8 (400), the document's shape (400),
+   the item count (413), then each item (400);
 8. the service's own answers: 409 / 422 for idempotency conflicts, 503.
 
 Error bodies are ``application/problem+json`` built from fixed texts, counts
@@ -163,14 +163,7 @@ class HttpLimits:
     def from_config(cls, config: Any, *, max_inflight_requests: int = DEFAULT_MAX_INFLIGHT_REQUESTS,
                     max_backup_streams: int = backup.DEFAULT_MAX_BACKUP_STREAMS) -> HttpLimits:
         limits, http = config.limits, config.http
-        rates = {}
-        for kind in ratelimit.KINDS:
-            rate, burst = config.rate_limits.rate_and_burst(kind)
-            if rate:
-                rates[kind] = ratelimit.BucketLimit(rate_per_second=rate, burst=burst)
-        key_rates = {entry.name: {kind: ratelimit.BucketLimit(*config.rate_limits.rate_and_burst(kind, entry.name))
-                                  for kind in ratelimit.KINDS if entry.rate_and_burst(kind) is not None}
-                     for entry in config.rate_limits.keys}
+        rates, key_rates = _bucket_limits(config.rate_limits)
         return cls(
             max_items=limits.max_items,
             max_value_bytes=limits.max_value_bytes,
@@ -185,6 +178,20 @@ class HttpLimits:
             rate_limits=rates,
             key_rate_limits=key_rates,
         )
+
+
+def _bucket_limits(rate_limits: Any) -> tuple[dict[str, ratelimit.BucketLimit],
+                                               dict[str, dict[str, ratelimit.BucketLimit]]]:
+    """The config's [rate_limits] as buckets: every key's default per kind, and single keys' own."""
+    def bucket(rate_and_burst: tuple[int, int]) -> ratelimit.BucketLimit:
+        rate, burst = rate_and_burst
+        return ratelimit.BucketLimit(rate_per_second=rate, burst=burst)
+
+    defaults = {kind: bucket(rate_limits.rate_and_burst(kind)) for kind in ratelimit.KINDS}
+    own = {entry.name: {kind: bucket(entry.rate_and_burst(kind))
+                        for kind in ratelimit.KINDS if entry.rate_and_burst(kind) is not None}
+           for entry in rate_limits.keys}
+    return defaults, own
 
 
 # ---------------------------------------------------------------- responses

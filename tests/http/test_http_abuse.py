@@ -216,7 +216,7 @@ async def test_slow_bodies_from_one_key_do_not_starve_another_key(
         connection = await RawConnection.open(client)
         await connection.send(request_head("/v1/detokenize", slow_key, 1000) + b'{"tokens": ["')
         connections.append(connection)
-    refused = limits.max_body_reads_per_key and 256 - limits.max_body_reads_per_key
+    refused = 256 - limits.max_body_reads_per_key
     labels = {"key": "detokenizer", "kind": "detokenize", "reason": "bodies"}
     await poll(lambda: sample(metrics, "tokenvault_rate_limited_requests_total", labels) == refused,
                "the slow bodies past the key's share to be refused")

@@ -746,24 +746,6 @@ class _ProblemRequestHandler(RequestHandler):
             transport.write(TOO_MANY_CONNECTIONS_RESPONSE)  # type: ignore[attr-defined]
             self.force_close()
 
-
-# A flood of refused connections must not become a flood of log lines.
-REFUSED_CONNECTION_LOG_INTERVAL_SECONDS = 1.0
-
-
-def _note_refused_connection(server: Any, max_connections: int) -> None:
-    """Count a refused connection in the metrics; log at most one line per interval, with the count."""
-    on_refused = getattr(server, "on_connection_refused", None)
-    if on_refused is not None:
-        on_refused()
-    server.refused_since_log = getattr(server, "refused_since_log", 0) + 1
-    now = time.monotonic()
-    if now - getattr(server, "refused_logged_at", float("-inf")) >= REFUSED_CONNECTION_LOG_INTERVAL_SECONDS:
-        _log.warning("http.connection_refused", reason="max_connections", max_connections=max_connections,
-                     refused=server.refused_since_log)
-        server.refused_logged_at = now
-        server.refused_since_log = 0
-
     def handle_error(
         self,
         request: web.BaseRequest,
@@ -782,6 +764,24 @@ def _note_refused_connection(server: Any, max_connections: int) -> None:
             )
         response.force_close()
         return response
+
+
+# A flood of refused connections must not become a flood of log lines.
+REFUSED_CONNECTION_LOG_INTERVAL_SECONDS = 1.0
+
+
+def _note_refused_connection(server: Any, max_connections: int) -> None:
+    """Count a refused connection in the metrics; log at most one line per interval, with the count."""
+    on_refused = getattr(server, "on_connection_refused", None)
+    if on_refused is not None:
+        on_refused()
+    server.refused_since_log = getattr(server, "refused_since_log", 0) + 1
+    now = time.monotonic()
+    if now - getattr(server, "refused_logged_at", float("-inf")) >= REFUSED_CONNECTION_LOG_INTERVAL_SECONDS:
+        _log.warning("http.connection_refused", reason="max_connections", max_connections=max_connections,
+                     refused=server.refused_since_log)
+        server.refused_logged_at = now
+        server.refused_since_log = 0
 
 
 class _ProblemServer(web.Server):

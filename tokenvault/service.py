@@ -29,7 +29,7 @@ from tokenvault.futures import await_future
 from tokenvault.node import Node, ProposalLost, ProposalOutcomeUnknown
 from tokenvault.sealer import Sealer, SealerUnavailable
 from tokenvault.store import Outcome as ApplyOutcome
-from tokenvault.tokens import parse_token
+from tokenvault.tokens import MAX_TOKEN_CHARS, parse_token
 from tokenvault.validation import require_item_list, validate_idempotency_key, validate_tokens, validate_values
 
 log = get_logger("service")
@@ -367,8 +367,9 @@ FORWARDED_MEMBERS: dict[str, tuple[str, ...]] = {
 
 
 def _max_forwarded_bytes(limits) -> int:
-    """The largest msgpack body an allowed request packs to: every item at its largest, plus headroom."""
-    return limits.max_items * (limits.max_value_bytes + 8) + 4096
+    """The largest msgpack body an allowed request packs to: every item at its largest (a value or a
+    token), plus headroom for member names, the principal and the Idempotency-Key."""
+    return limits.max_items * (max(limits.max_value_bytes, MAX_TOKEN_CHARS) + 8) + 4096
 
 
 def _forwarded_arguments(request: ForwardRequest, members: tuple[str, ...], max_bytes: int) -> dict:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Mapping
 from urllib.parse import urlsplit
 
-from tokenvault.auth import ALL_SCOPES, ApiKeyEntry, ApiKeyTable, ApiKeyTableError
+from tokenvault.auth import ALL_SCOPES, PRINCIPAL_NAME_PATTERN, ApiKeyEntry, ApiKeyTable, ApiKeyTableError
 from tokenvault.crypto import (MASTER_KEY_ENVIRONMENT_VARIABLE, CryptoError, KeyWrapper, MasterKey, read_secret_file,
                                take_from_environment)
 from tokenvault.tls import NodeTlsFiles
@@ -114,10 +114,26 @@ def _split_host_port(name: str, address: str) -> tuple[str, int]:
 class HttpConfig:
     host: str = "127.0.0.1"
     port: int = 8101
+    # A connection must deliver a request's headers within header_timeout_ms of
+    # opening (or of the previous response), and each piece of a request body
+    # within body_timeout_ms of the last; otherwise it is closed.
+    header_timeout_ms: int = 10_000
+    body_timeout_ms: int = 10_000
+    # Open HTTP connections beyond max_connections are answered 503 and closed at once.
+    max_connections: int = 1024
+    # Request bodies being received at once, on the whole node and per API key
+    # (docs/security.md, "Unauthenticated and abusive traffic").
+    max_body_reads: int = 256
+    max_body_reads_per_key: int = 32
 
     def __post_init__(self) -> None:
         _check_host("http.host", self.host)
         _check_int("http.port", self.port, 1, 65535)
+        _check_int("http.header_timeout_ms", self.header_timeout_ms, 10, 600_000)
+        _check_int("http.body_timeout_ms", self.body_timeout_ms, 10, 600_000)
+        _check_int("http.max_connections", self.max_connections, 1, 1_000_000)
+        _check_int("http.max_body_reads", self.max_body_reads, 1, 1_000_000)
+        _check_int("http.max_body_reads_per_key", self.max_body_reads_per_key, 1, self.max_body_reads)
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,6 +214,104 @@ class LimitsConfig:
         _check_int("limits.max_items", self.max_items, 1, 100_000)
         _check_int("limits.max_value_bytes", self.max_value_bytes, 1, 1024 * 1024)
         _check_int("limits.max_body_bytes", self.max_body_bytes, 1024, 1024 * 1024 * 1024)
+
+
+RATE_LIMIT_KINDS = ("tokenize", "detokenize", "admin")
+MAX_RATE_LIMIT_KEYS = 10_000
+
+
+def _rate_and_burst(rate: int, burst: int) -> tuple[int, int]:
+    return (0, 0) if rate == 0 else (rate, burst or rate)
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRateLimitsConfig:
+    """One API key's own limits (``[[rate_limits.keys]]``), by the key's name; a kind whose
+    ``_per_second`` is left out keeps the ``[rate_limits]`` default."""
+
+    name: str
+    tokenize_per_second: int | None = None
+    tokenize_burst: int | None = None
+    detokenize_per_second: int | None = None
+    detokenize_burst: int | None = None
+    admin_per_second: int | None = None
+    admin_burst: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not PRINCIPAL_NAME_PATTERN.match(self.name):
+            raise ConfigError("rate_limits.keys: name must be an API key name (1-64 characters of "
+                              "[A-Za-z0-9_.-] starting with a letter or digit)")
+        for kind in RATE_LIMIT_KINDS:
+            rate, burst = getattr(self, f"{kind}_per_second"), getattr(self, f"{kind}_burst")
+            label = f"rate_limits.keys[{self.name}].{kind}"
+            if rate is not None:
+                _check_int(f"{label}_per_second", rate, 0, 10_000_000)
+            if burst is not None:
+                _check_int(f"{label}_burst", burst, 0, 10_000_000)
+                if rate is None:
+                    raise ConfigError(f"{label}_burst needs {kind}_per_second in the same table")
+
+    def rate_and_burst(self, kind: str) -> tuple[int, int] | None:
+        """This key's (rate, burst) of ``kind``, or None when it keeps the default."""
+        rate = getattr(self, f"{kind}_per_second")
+        if rate is None:
+            return None
+        return _rate_and_burst(rate, getattr(self, f"{kind}_burst") or 0)
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitsConfig:
+    """Requests per second and burst, per API key and endpoint kind, on each node; 0 means unlimited.
+
+    The six numbers are every key's default; ``keys`` gives single keys their
+    own. A burst of 0 with a rate set means a burst of one second's worth (the rate).
+    """
+
+    tokenize_per_second: int = 0
+    tokenize_burst: int = 0
+    detokenize_per_second: int = 0
+    detokenize_burst: int = 0
+    admin_per_second: int = 0
+    admin_burst: int = 0
+    keys: tuple[KeyRateLimitsConfig, ...] = ()
+
+    def __post_init__(self) -> None:
+        for kind in RATE_LIMIT_KINDS:
+            _check_int(f"rate_limits.{kind}_per_second", getattr(self, f"{kind}_per_second"), 0, 10_000_000)
+            _check_int(f"rate_limits.{kind}_burst", getattr(self, f"{kind}_burst"), 0, 10_000_000)
+        object.__setattr__(self, "keys", _key_rate_limits(self.keys))
+
+    def rate_and_burst(self, kind: str, key_name: str | None = None) -> tuple[int, int]:
+        """(rate per second, burst) of ``kind`` for ``key_name`` (or the default); (0, 0) when unlimited."""
+        for entry in self.keys:
+            if entry.name == key_name:
+                own = entry.rate_and_burst(kind)
+                if own is not None:
+                    return own
+        return _rate_and_burst(getattr(self, f"{kind}_per_second"), getattr(self, f"{kind}_burst"))
+
+
+def _key_rate_limits(entries: object) -> tuple[KeyRateLimitsConfig, ...]:
+    """``[[rate_limits.keys]]`` as records: tables from TOML are converted, names must be unique."""
+    if not isinstance(entries, (list, tuple)):
+        raise ConfigError("rate_limits.keys must be an array of tables ([[rate_limits.keys]])")
+    if len(entries) > MAX_RATE_LIMIT_KEYS:
+        raise ConfigError(f"rate_limits.keys may list at most {MAX_RATE_LIMIT_KEYS} keys")
+    records = []
+    for index, entry in enumerate(entries):
+        if isinstance(entry, dict):
+            _check_known_keys(f"rate_limits.keys[{index}]", entry,
+                              {item.name for item in fields(KeyRateLimitsConfig)})
+            if "name" not in entry:
+                raise ConfigError(f"rate_limits.keys[{index}] is missing name")
+            entry = KeyRateLimitsConfig(**entry)
+        if not isinstance(entry, KeyRateLimitsConfig):
+            raise ConfigError(f"rate_limits.keys[{index}] must be a table")
+        records.append(entry)
+    names = [record.name for record in records]
+    if len(set(names)) != len(names):
+        raise ConfigError("rate_limits.keys: every name must be unique")
+    return tuple(records)
 
 
 @dataclass(frozen=True, slots=True)
@@ -364,6 +478,7 @@ class NodeConfig:
     http: HttpConfig = field(default_factory=HttpConfig)
     peer: PeerConfig = field(default_factory=PeerConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    rate_limits: RateLimitsConfig = field(default_factory=RateLimitsConfig)
     timing: TimingConfig = field(default_factory=TimingConfig)
     idempotency: IdempotencyConfig = field(default_factory=IdempotencyConfig)
     wal: WalConfig = field(default_factory=WalConfig)
@@ -401,8 +516,8 @@ class NodeConfig:
     def _check_sections(self) -> None:
         expected = {
             "http": HttpConfig, "peer": PeerConfig, "limits": LimitsConfig,
-            "timing": TimingConfig, "idempotency": IdempotencyConfig, "wal": WalConfig,
-            "sealer": SealerConfig, "audit": AuditConfig,
+            "rate_limits": RateLimitsConfig, "timing": TimingConfig, "idempotency": IdempotencyConfig,
+            "wal": WalConfig, "sealer": SealerConfig, "audit": AuditConfig,
         }
         for name, section_type in expected.items():
             if not isinstance(getattr(self, name), section_type):
@@ -530,8 +645,8 @@ _TOP_LEVEL_KEYS = {
 }
 _SECTIONS: dict[str, type] = {
     "http": HttpConfig, "peer": PeerConfig, "limits": LimitsConfig,
-    "timing": TimingConfig, "idempotency": IdempotencyConfig, "wal": WalConfig,
-    "sealer": SealerConfig, "audit": AuditConfig,
+    "rate_limits": RateLimitsConfig, "timing": TimingConfig, "idempotency": IdempotencyConfig,
+    "wal": WalConfig, "sealer": SealerConfig, "audit": AuditConfig,
 }
 _REQUIRED_KEYS = ("node_id", "data_dir", "members", "api_keys")
 _TLS_KEYS = ("cert_file", "key_file", "ca_file")
@@ -707,6 +822,17 @@ def _toml_value(value: object) -> str:
     raise TypeError(f"cannot write a {type(value).__name__} to the config")
 
 
+def _key_rate_limits_toml(entries: tuple[KeyRateLimitsConfig, ...]) -> list[str]:
+    lines: list[str] = []
+    for entry in entries:
+        lines.extend(["", "[[rate_limits.keys]]"])
+        for item in fields(entry):
+            value = getattr(entry, item.name)
+            if value is not None:
+                lines.append(f"{item.name} = {_toml_value(value)}")
+    return lines
+
+
 def to_toml(config: NodeConfig) -> str:
     """The TOML text of ``config``; load_config reads it back to an equal config."""
     lines: list[str] = []
@@ -719,7 +845,11 @@ def to_toml(config: NodeConfig) -> str:
         lines.append("")
         lines.append(f"[{name}]")
         for item in fields(section):
+            if name == "rate_limits" and item.name == "keys":
+                continue
             lines.append(f"{item.name} = {_toml_value(getattr(section, item.name))}")
+        if name == "rate_limits":
+            lines.extend(_key_rate_limits_toml(section.keys))
     if config.pkcs11 is not None:
         lines.extend(["", "[pkcs11]"])
         for item in fields(Pkcs11Config):

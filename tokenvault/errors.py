@@ -201,3 +201,31 @@ class KeyLimitReached(ServiceError):
     status = 409
     title = "Conflict"
     problem = "key-limit"
+
+
+class RateLimited(ServiceError):
+    """The API key is past its rate limit (or its share of bodies being received); retry after Retry-After."""
+
+    status = 429
+    title = "Too many requests"
+    problem = "rate-limited"
+
+    def __init__(self, detail: str | None = None, *, retry_after_seconds: int = DEFAULT_RETRY_AFTER_SECONDS) -> None:
+        # Retry-After is whole seconds and at least 1: "0" would invite an immediate retry that fails again.
+        super().__init__(
+            detail or "this API key is past its rate limit; retry after the time in Retry-After",
+            headers={"Retry-After": str(max(1, int(retry_after_seconds)))},
+        )
+
+
+class RequestTimeout(ServiceError):
+    """The request body stopped arriving for longer than the body timeout; the connection is closed."""
+
+    status = 408
+    title = "Request timeout"
+    problem = "request-timeout"
+    close_connection = True
+
+    def __init__(self, detail: str | None = None) -> None:
+        super().__init__(detail or "the request body stopped arriving; the connection is closed",
+                         headers={"Connection": "close"})

@@ -1,24 +1,48 @@
 """The HTTP API of a node (aiohttp): routing, authentication, validation, problem+json.
 
 This module is the only place where client bytes become service calls, so it
-validates everything before the service sees it. The checks run in this order,
-and the first failing one answers:
+validates everything before the service sees it. Before any request, the
+connection itself is bounded (``ProblemAppRunner``): at most
+``max_connections`` are open at once (the rest are answered 503 and closed at
+once), and a connection must deliver a request's headers within
+``header_timeout_seconds`` of opening or of its previous response, or it is
+closed; an idle keep-alive connection counts as one waiting for headers.
+
+The checks of a request run in this order, and the first failing one answers
+(an endpoint handler calls ``admit``, then ``receive_body`` if it takes a body,
+then holds ``inflight_slot`` around the rest):
 
 1. route and method (404, 405), by aiohttp's router;
 2. authentication (401 with ``WWW-Authenticate: Bearer``), then scope (403) —
    before the body is read, so an unauthenticated client cannot make the node
    buffer or parse anything;
-3. the in-flight bound (503 with ``Retry-After``), so the memory held by
-   request bodies stays bounded; for ``GET /v1/admin/backup`` instead the
-   backup-stream bound (at most ``max_backup_streams`` streams at a time, 503
-   with ``Retry-After``), so a long download never holds a request slot;
-4. the ``Idempotency-Key`` header (400);
-5. the content type (415), when the request has a body;
-6. the body size (413): first the declared Content-Length, then aiohttp's
-   ``client_max_size`` while reading (which also covers chunked bodies);
-7. JSON syntax and UTF-8 (400), the document's shape (400), the item count
-   (413), then each item (400); for ``GET /v1/admin/audit`` the query
-   parameters ``after`` and ``limit`` (400);
+3. the key's rate limit for the endpoint's kind (429 with ``Retry-After``,
+   tokenvault/ratelimit.py), still before the body is read; handlers do 2 and
+   3 in one call, ``admit``;
+4. the ``Idempotency-Key`` header (400), on the endpoints that take one;
+5. receiving the body (``receive_body``), for requests that have one: the
+   content type (415), the declared Content-Length (413), then the body itself
+   under two bounds on bodies being received at once, ``max_body_reads_per_key``
+   for the key (429 with ``Retry-After``) and ``max_body_reads`` for the node
+   (503 with ``Retry-After``). Each piece of the body must arrive within
+   ``body_timeout_seconds`` of the previous one (else 408 and the connection is
+   closed), and the bytes received count against ``max_body_bytes`` as they
+   arrive (413, also for chunked and compressed bodies);
+6. the in-flight bound (503 with ``Retry-After``), so the requests being
+   worked on stay bounded; it is taken only once the body is in memory, so a
+   slow sender never holds an in-flight slot, and the per-key body bound keeps
+   one key's slow senders from holding every body slot. For ``GET
+   /v1/admin/backup`` instead the backup-stream bound (at most
+   ``max_backup_streams`` streams at a time, 503 with ``Retry-After``), so a
+   long download never holds a request slot;
+7. the structure bound on the raw body, before it is parsed
+   (tokenvault/validation.py, a few C-speed passes): unpaired quotes (400),
+   more strings than any allowed request holds (413), more arrays and objects
+   than a fixed slack (400), more JSON values than ``max_items`` plus that
+   slack (413) — so parsing never builds millions of objects or holds the
+   event loop; then JSON syntax and UTF-8 (400), the document's shape (400),
+   the item count (413), then each item (400); for ``GET /v1/admin/audit``
+   the query parameters ``after`` and ``limit`` (400);
 8. the service's own answers: 409 / 422 for idempotency conflicts, 503.
 
 Error bodies are ``application/problem+json`` built from fixed texts, counts
@@ -33,15 +57,15 @@ import json
 import os
 import re
 import time
-from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import DecompressSizeError, HttpProcessingError
 from aiohttp.web_protocol import RequestHandler
 
-from tokenvault import auth, backup, commands
+from tokenvault import auth, backup, commands, ratelimit
 from tokenvault.errors import (
     PROBLEM_CONTENT_TYPE,
     Forbidden,
@@ -50,6 +74,8 @@ from tokenvault.errors import (
     Outcome,
     Overloaded,
     PayloadTooLarge,
+    RateLimited,
+    RequestTimeout,
     ServiceError,
     Unauthenticated,
     UnsupportedMediaType,
@@ -58,7 +84,14 @@ from tokenvault.errors import (
 )
 from tokenvault.logs import get_logger
 from tokenvault.metrics import UNMATCHED_ROUTE, Metrics
-from tokenvault.tokens import is_token
+from tokenvault.validation import (
+    check_json_structure,
+    max_json_values,
+    require_item_list,
+    validate_idempotency_key,
+    validate_tokens,
+    validate_values,
+)
 
 if TYPE_CHECKING:
     from tokenvault.config import NodeConfig
@@ -84,8 +117,6 @@ JSON_CONTENT_TYPE = "application/json"
 IDEMPOTENCY_KEY_HEADER = "Idempotency-Key"
 REPLAYED_HEADER = "Idempotent-Replayed"
 REQUEST_ID_HEADER = "X-Request-Id"
-# Printable ASCII is 0x20-0x7E; HTTP parsing already strips surrounding spaces.
-IDEMPOTENCY_KEY_PATTERN = re.compile(r"[\x20-\x7e]{1,255}\Z")
 DEFAULT_MAX_INFLIGHT_REQUESTS = 256
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 # Responses to API calls may carry plaintext values: no cache may keep them.
@@ -93,6 +124,14 @@ NO_STORE_HEADERS = {"Cache-Control": "no-store"}
 
 SERVICE_KEY: web.AppKey[Any] = web.AppKey("tokenvault_service", object)
 METRICS_KEY: web.AppKey[Metrics] = web.AppKey("tokenvault_metrics", Metrics)
+LIMITS_KEY: web.AppKey[Any] = web.AppKey("tokenvault_http_limits", object)
+# Per request: the admitted principal, its rate-limit kind and the received body.
+_PRINCIPAL: web.RequestKey[Any] = web.RequestKey("tokenvault_principal", object)
+_KIND: web.RequestKey[str] = web.RequestKey("tokenvault_rate_limit_kind", str)
+_BODY: web.RequestKey[bytes] = web.RequestKey("tokenvault_body", bytes)
+# The endpoint kind a scope's requests are counted under (tokenvault/ratelimit.py).
+RATE_LIMIT_KIND_OF_SCOPE = {auth.TOKENIZE: ratelimit.TOKENIZE, auth.DETOKENIZE: ratelimit.DETOKENIZE,
+                            auth.ADMIN: ratelimit.ADMIN}
 
 _log = get_logger("tokenvault.http")
 # Marks "no body at all", which differs from a JSON body of `null`.
@@ -103,7 +142,11 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 @dataclass(frozen=True, slots=True)
 class HttpLimits:
-    """Request limits; the contract's defaults are 1000 items, 4096 bytes, 8 MiB."""
+    """Request and connection limits; the contract's defaults are 1000 items, 4096 bytes, 8 MiB.
+
+    ``rate_limits`` maps an endpoint kind to every key's bucket (absent kinds are unlimited);
+    ``key_rate_limits`` maps a key name to its own buckets by kind (absent: the default).
+    """
 
     max_items: int = 1000
     max_value_bytes: int = 4096
@@ -111,24 +154,57 @@ class HttpLimits:
     max_inflight_requests: int = DEFAULT_MAX_INFLIGHT_REQUESTS
     max_backup_streams: int = backup.DEFAULT_MAX_BACKUP_STREAMS
     backup_chunk_bytes: int = backup.BACKUP_CHUNK_BYTES
+    header_timeout_seconds: float = 10.0
+    body_timeout_seconds: float = 10.0
+    max_connections: int = 1024
+    max_body_reads: int = 256
+    max_body_reads_per_key: int = 32
+    rate_limits: Mapping[str, ratelimit.BucketLimit] = field(default_factory=dict)
+    key_rate_limits: Mapping[str, Mapping[str, ratelimit.BucketLimit]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("max_items", "max_value_bytes", "max_body_bytes", "max_inflight_requests",
-                     "max_backup_streams", "backup_chunk_bytes"):
+                     "max_backup_streams", "backup_chunk_bytes", "max_connections", "max_body_reads",
+                     "max_body_reads_per_key"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        for name in ("header_timeout_seconds", "body_timeout_seconds"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive")
 
     @classmethod
     def from_config(cls, config: Any, *, max_inflight_requests: int = DEFAULT_MAX_INFLIGHT_REQUESTS,
                     max_backup_streams: int = backup.DEFAULT_MAX_BACKUP_STREAMS) -> HttpLimits:
-        limits = config.limits
+        limits, http = config.limits, config.http
+        rates, key_rates = _bucket_limits(config.rate_limits)
         return cls(
             max_items=limits.max_items,
             max_value_bytes=limits.max_value_bytes,
             max_body_bytes=limits.max_body_bytes,
             max_inflight_requests=max_inflight_requests,
             max_backup_streams=max_backup_streams,
+            header_timeout_seconds=http.header_timeout_ms / 1000,
+            body_timeout_seconds=http.body_timeout_ms / 1000,
+            max_connections=http.max_connections,
+            max_body_reads=http.max_body_reads,
+            max_body_reads_per_key=http.max_body_reads_per_key,
+            rate_limits=rates,
+            key_rate_limits=key_rates,
         )
+
+
+def _bucket_limits(rate_limits: Any) -> tuple[dict[str, ratelimit.BucketLimit],
+                                               dict[str, dict[str, ratelimit.BucketLimit]]]:
+    """The config's [rate_limits] as buckets: every key's default per kind, and single keys' own."""
+    def bucket(rate_and_burst: tuple[int, int]) -> ratelimit.BucketLimit:
+        rate, burst = rate_and_burst
+        return ratelimit.BucketLimit(rate_per_second=rate, burst=burst)
+
+    defaults = {kind: bucket(rate_limits.rate_and_burst(kind)) for kind in ratelimit.KINDS}
+    own = {entry.name: {kind: bucket(entry.rate_and_burst(kind))
+                        for kind in ratelimit.KINDS if entry.rate_and_burst(kind) is not None}
+           for entry in rate_limits.keys}
+    return defaults, own
 
 
 # ---------------------------------------------------------------- responses
@@ -212,9 +288,7 @@ def idempotency_key(request: web.Request) -> str | None:
         return None
     if len(values) > 1:
         raise InvalidRequest("send at most one Idempotency-Key header")
-    if IDEMPOTENCY_KEY_PATTERN.match(values[0]) is None:
-        raise InvalidRequest("Idempotency-Key must be 1-255 printable ASCII characters")
-    return values[0]
+    return validate_idempotency_key(values[0])
 
 
 def require_json_content_type(request: web.Request) -> None:
@@ -284,47 +358,6 @@ def require_members(document: Any, required: tuple[str, ...]) -> dict[str, Any]:
     return document
 
 
-def require_item_list(document: dict[str, Any], member: str, limits: HttpLimits) -> list[Any]:
-    """A non-empty JSON array of at most max_items items (413 past the limit)."""
-    items = document[member]
-    if not isinstance(items, list):
-        raise InvalidRequest(f"'{member}' must be an array of strings")
-    if not items:
-        raise InvalidRequest(f"'{member}' must not be empty")
-    if len(items) > limits.max_items:
-        raise PayloadTooLarge(f"'{member}' has {len(items)} items; at most {limits.max_items} are allowed")
-    return items
-
-
-def validate_values(items: list[Any], limits: HttpLimits) -> list[str]:
-    """Every value is a non-empty string of valid Unicode of at most max_value_bytes UTF-8 bytes."""
-    for position, value in enumerate(items):
-        if not isinstance(value, str):
-            raise InvalidRequest(f"values[{position}] must be a string")
-        if not value:
-            raise InvalidRequest(f"values[{position}] must not be empty")
-        try:
-            size_bytes = len(value.encode("utf-8"))
-        except UnicodeEncodeError:
-            # A lone surrogate escape such as "\ud800" is valid JSON but not Unicode text.
-            raise InvalidRequest(f"values[{position}] is not valid Unicode text") from None
-        if size_bytes > limits.max_value_bytes:
-            raise InvalidRequest(
-                f"values[{position}] is {size_bytes} UTF-8 bytes; at most {limits.max_value_bytes} are allowed"
-            )
-    return items
-
-
-def validate_tokens(items: list[Any]) -> list[str]:
-    """Every token is a string of the token grammar tv<epoch>_<body>."""
-    for position, token in enumerate(items):
-        if not isinstance(token, str):
-            raise InvalidRequest(f"tokens[{position}] must be a string")
-        if not is_token(token):
-            raise InvalidRequest(f"tokens[{position}] is not a token (expected tv<epoch>_<base32 body>)")
-    return items
-
-
 def validate_key_request(document: dict[str, Any]) -> tuple[str, list[str]]:
     """The name (the principal name grammar) and scopes (non-empty, known, no repeats) of a new key."""
     name, scopes = document["name"], document["scopes"]
@@ -374,35 +407,86 @@ def new_request_id() -> str:
 class _Api:
     """The route handlers, holding the service, key table, limits and metrics."""
 
-    def __init__(self, service: VaultService, api_keys: auth.ApiKeyTable, limits: HttpLimits, metrics: Metrics) -> None:
+    def __init__(self, service: VaultService, api_keys: auth.ApiKeyTable, limits: HttpLimits, metrics: Metrics,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.service = service
         self.api_keys = api_keys
         self.limits = limits
         self.metrics = metrics
+        self.rate_limiter = ratelimit.RateLimiter(limits.rate_limits, key_limits=limits.key_rate_limits, clock=clock)
         self.inflight_requests = 0
         self.backup_streams = 0
+        self.body_reads = 0
+        # Bodies being received per key name; a name leaves the map at zero, so
+        # its size is bounded by the key table.
+        self.body_reads_by_key: dict[str, int] = {}
+
+    def admit(self, request: web.Request, scope: str) -> auth.Principal:
+        """Authentication (401), scope (403), then the key's rate limit for the scope's kind (429)."""
+        principal = authorize(request, self.api_keys, scope)
+        kind = RATE_LIMIT_KIND_OF_SCOPE.get(scope, ratelimit.ADMIN)
+        wait_seconds = self.rate_limiter.check(principal.name, kind)
+        if wait_seconds > 0:
+            self.metrics.record_rate_limited(principal.name, kind, "rate")
+            raise RateLimited(f"this API key is past its {kind} rate limit on this node",
+                              retry_after_seconds=ratelimit.retry_after_seconds(wait_seconds))
+        request[_PRINCIPAL] = principal
+        request[_KIND] = kind
+        return principal
+
+    async def receive_body(self, request: web.Request, *, idempotent: bool = False) -> bytes:
+        """The request body, received once under the body bounds (order steps 4 and 5); b"" when there is
+        none. ``idempotent``: the endpoint takes an Idempotency-Key, checked first."""
+        received = request.get(_BODY)
+        if received is not None:
+            return received
+        if idempotent:
+            idempotency_key(request)
+        body = b""
+        if request.body_exists:
+            require_json_content_type(request)
+            declared_bytes = request.content_length
+            if declared_bytes is not None and declared_bytes > self.limits.max_body_bytes:
+                raise PayloadTooLarge(f"the request body is larger than {self.limits.max_body_bytes} bytes")
+            principal = request.get(_PRINCIPAL)
+            with self.body_slot(principal.name if principal is not None else "", request.get(_KIND, "")):
+                body = await self.read_body(request)
+        request[_BODY] = body
+        return body
 
     async def read_json(self, request: web.Request, *, body_required: bool) -> Any:
         """Content type, size and JSON checks; ``EMPTY_BODY`` when the body is empty and allowed."""
         if not body_required and not request.body_exists:
             return EMPTY_BODY
         require_json_content_type(request)
-        declared_bytes = request.content_length
-        if declared_bytes is not None and declared_bytes > self.limits.max_body_bytes:
-            raise PayloadTooLarge(f"the request body is larger than {self.limits.max_body_bytes} bytes")
-        body = await self.read_body(request)
-        if len(body) > self.limits.max_body_bytes:
-            raise PayloadTooLarge(f"the request body is larger than {self.limits.max_body_bytes} bytes")
+        body = await self.receive_body(request)
         if not body:
             if not body_required:
                 return EMPTY_BODY
             raise InvalidRequest("the request body is empty; send a JSON object")
+        check_json_structure(body, max_json_values(self.limits))
         return parse_json(body)
 
     async def read_body(self, request: web.Request) -> bytes:
-        """The whole body; a broken transfer or content encoding is the client's error (400)."""
+        """The whole body, each piece within body_timeout_seconds of the last and at most max_body_bytes
+        in all; a broken transfer or content encoding is the client's error (400)."""
+        chunks: list[bytes] = []
+        received_bytes = 0
         try:
-            return await request.read()
+            while True:
+                async with asyncio.timeout(self.limits.body_timeout_seconds):
+                    chunk = await request.content.readany()
+                if not chunk:
+                    return b"".join(chunks)
+                received_bytes += len(chunk)
+                if received_bytes > self.limits.max_body_bytes:
+                    raise PayloadTooLarge(f"the request body is larger than {self.limits.max_body_bytes} bytes")
+                chunks.append(chunk)
+        except TimeoutError:
+            self.metrics.record_body_timeout()
+            raise RequestTimeout(
+                f"no part of the request body arrived for {self.limits.body_timeout_seconds:g} s; "
+                "the connection is closed") from None
         except (web.RequestPayloadError, HttpProcessingError) as error:
             # aiohttp wraps the parser's error; a decompressed body over the limit is still 413.
             if isinstance(error, DecompressSizeError) or isinstance(error.__cause__, DecompressSizeError):
@@ -412,6 +496,28 @@ class _Api:
             raise InvalidRequest("the request body could not be read (bad transfer or content encoding)") from None
         except ConnectionError:
             raise InvalidRequest("the request body ended early") from None
+
+    @contextlib.contextmanager
+    def body_slot(self, key_name: str, kind: str) -> Iterator[None]:
+        """Hold one of the key's max_body_reads_per_key (else 429) and the node's max_body_reads (else 503)."""
+        held_by_key = self.body_reads_by_key.get(key_name, 0)
+        if held_by_key >= self.limits.max_body_reads_per_key:
+            self.metrics.record_rate_limited(key_name, kind, "bodies")
+            raise RateLimited(f"this API key already has {held_by_key} request bodies being received on this "
+                              "node; send fewer at once")
+        if self.body_reads >= self.limits.max_body_reads:
+            raise Overloaded("too many request bodies are being received on this node; retry later")
+        self.body_reads += 1
+        self.body_reads_by_key[key_name] = held_by_key + 1
+        try:
+            yield
+        finally:
+            self.body_reads -= 1
+            remaining = self.body_reads_by_key[key_name] - 1
+            if remaining:
+                self.body_reads_by_key[key_name] = remaining
+            else:
+                del self.body_reads_by_key[key_name]
 
     @contextlib.contextmanager
     def inflight_slot(self) -> Iterator[None]:
@@ -445,7 +551,8 @@ class _Api:
         return response
 
     async def tokenize(self, request: web.Request) -> web.StreamResponse:
-        principal = authorize(request, self.api_keys, auth.TOKENIZE)
+        principal = self.admit(request, auth.TOKENIZE)
+        await self.receive_body(request, idempotent=True)
         with self.inflight_slot():
             return await self._tokenize(request, principal)
 
@@ -461,7 +568,8 @@ class _Api:
         return outcome_response(outcome)
 
     async def detokenize(self, request: web.Request) -> web.StreamResponse:
-        principal = authorize(request, self.api_keys, auth.DETOKENIZE)
+        principal = self.admit(request, auth.DETOKENIZE)
+        await self.receive_body(request)
         with self.inflight_slot():
             return await self._detokenize(request, principal)
 
@@ -481,7 +589,8 @@ class _Api:
         return json_response({"values": values}, headers={**NO_STORE_HEADERS, REQUEST_ID_HEADER: actor.request_id})
 
     async def rotate_epoch(self, request: web.Request) -> web.StreamResponse:
-        principal = authorize(request, self.api_keys, auth.ADMIN)
+        principal = self.admit(request, auth.ADMIN)
+        await self.receive_body(request, idempotent=True)
         with self.inflight_slot():
             return await self._rotate_epoch(request, principal)
 
@@ -497,11 +606,12 @@ class _Api:
         return outcome_response(outcome)
 
     async def list_epochs(self, request: web.Request) -> web.Response:
-        authorize(request, self.api_keys, auth.ADMIN)
+        self.admit(request, auth.ADMIN)
         return json_response(await self.service.list_epochs(), headers=NO_STORE_HEADERS)
 
     async def create_key(self, request: web.Request) -> web.StreamResponse:
-        principal = authorize(request, self.api_keys, auth.ADMIN)
+        principal = self.admit(request, auth.ADMIN)
+        await self.receive_body(request)
         with self.inflight_slot():
             document = require_members(await self.read_json(request, body_required=True), ("name", "scopes"))
             name, scopes = validate_key_request(document)
@@ -509,11 +619,12 @@ class _Api:
             return outcome_response(outcome)
 
     async def list_keys(self, request: web.Request) -> web.Response:
-        authorize(request, self.api_keys, auth.ADMIN)
+        self.admit(request, auth.ADMIN)
         return json_response(await self.service.list_keys(), headers=NO_STORE_HEADERS)
 
     async def revoke_key(self, request: web.Request) -> web.StreamResponse:
-        principal = authorize(request, self.api_keys, auth.ADMIN)
+        principal = self.admit(request, auth.ADMIN)
+        await self.receive_body(request)
         with self.inflight_slot():
             document = await self.read_json(request, body_required=False)
             if document is not EMPTY_BODY:
@@ -524,17 +635,17 @@ class _Api:
             return outcome_response(await self.service.revoke_key(key_id, self.actor(principal)))
 
     async def audit(self, request: web.Request) -> web.Response:
-        authorize(request, self.api_keys, auth.ADMIN)
+        self.admit(request, auth.ADMIN)
         after, limit = audit_query(request)
         return json_response(await self.service.audit_page(after, limit), headers=NO_STORE_HEADERS)
 
     async def cluster(self, request: web.Request) -> web.Response:
-        authorize(request, self.api_keys, auth.ADMIN)
+        self.admit(request, auth.ADMIN)
         return json_response(await self.service.cluster_view(), headers=NO_STORE_HEADERS)
 
     async def backup(self, request: web.Request) -> web.StreamResponse:
         """Stream a checkpoint of this node's store; the checkpoint is deleted however the stream ends."""
-        authorize(request, self.api_keys, auth.ADMIN)
+        self.admit(request, auth.ADMIN)
         with self.backup_slot():
             stream = await self.service.open_backup()
             try:
@@ -615,7 +726,10 @@ async def _problem_middleware(request: web.Request, handler: Handler) -> web.Str
     try:
         return await handler(request)
     except ServiceError as error:
-        return problem_response(error.status, error.problem, error.title, error.detail, error.headers)
+        response = problem_response(error.status, error.problem, error.title, error.detail, error.headers)
+        if getattr(error, "close_connection", False):
+            await _send_and_close(request, response)
+        return response
     except web.HTTPException as error:
         if error.status < 400:
             raise
@@ -625,6 +739,22 @@ async def _problem_middleware(request: web.Request, handler: Handler) -> web.Str
     except Exception:
         _log.exception("http.unexpected_error", route=_route_label(request), method=request.method)
         return problem_response(500, "internal", "Internal error", "an unexpected error occurred; it has been logged")
+
+
+async def _send_and_close(request: web.Request, response: web.Response) -> None:
+    """Send ``response`` now and close the connection behind it.
+
+    For a stalled body: the connection is mid-request, so it cannot carry
+    another one, and aiohttp would otherwise linger for the rest of the body
+    (up to its lingering time) before closing.
+    """
+    response.force_close()
+    try:
+        await response.prepare(request)
+        await response.write_eof()
+    except ConnectionError:
+        pass
+    request.protocol.force_close()
 
 
 def build_app(
@@ -640,6 +770,7 @@ def build_app(
     api = _Api(service, api_keys, limits, metrics)
     app[SERVICE_KEY] = service
     app[METRICS_KEY] = metrics
+    app[LIMITS_KEY] = limits
     app.router.add_get(ROUTE_HEALTH, api.health)
     app.router.add_get(ROUTE_METRICS, api.metrics_endpoint)
     app.router.add_post(ROUTE_TOKENIZE, api.tokenize)
@@ -675,6 +806,18 @@ def create_app(
 # ---------------------------------------------------------------- errors before the application
 
 
+_TOO_MANY_CONNECTIONS_BODY = problem_body(
+    503, "overloaded", "Service unavailable", "too many connections are open to this node; retry later")
+# Written straight to a connection refused at accept time, before any request of it is read.
+TOO_MANY_CONNECTIONS_RESPONSE = (
+    b"HTTP/1.1 503 Service Unavailable\r\n"
+    b"Content-Type: " + PROBLEM_CONTENT_TYPE.encode("ascii") + b"\r\n"
+    b"Retry-After: 1\r\nConnection: close\r\n"
+    b"Content-Length: " + str(len(_TOO_MANY_CONNECTIONS_BODY)).encode("ascii") + b"\r\n\r\n"
+    + _TOO_MANY_CONNECTIONS_BODY
+)
+
+
 class _ProblemRequestHandler(RequestHandler):
     """aiohttp's connection handler, answering its own errors as problem+json.
 
@@ -683,9 +826,23 @@ class _ProblemRequestHandler(RequestHandler):
     application. aiohttp's default answer is plain text quoting the offending
     bytes, which may be an Authorization header, so this answers with fixed
     text instead and logs only the error's type.
+
+    It also enforces the connection cap: a connection beyond the server's
+    ``max_connections`` is answered 503 and closed as soon as it is accepted.
     """
 
     __slots__ = ()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        server = self._manager
+        max_connections = getattr(server, "max_connections", None)
+        # Counted before this one registers itself with the server.
+        refuse = max_connections is not None and len(server.connections) >= max_connections
+        super().connection_made(transport)
+        if refuse:
+            _note_refused_connection(server, max_connections)
+            transport.write(TOO_MANY_CONNECTIONS_RESPONSE)  # type: ignore[attr-defined]
+            self.force_close()
 
     def handle_error(
         self,
@@ -707,17 +864,51 @@ class _ProblemRequestHandler(RequestHandler):
         return response
 
 
+# A flood of refused connections must not become a flood of log lines.
+REFUSED_CONNECTION_LOG_INTERVAL_SECONDS = 1.0
+
+
+def _note_refused_connection(server: Any, max_connections: int) -> None:
+    """Count a refused connection in the metrics; log at most one line per interval, with the count."""
+    on_refused = getattr(server, "on_connection_refused", None)
+    if on_refused is not None:
+        on_refused()
+    server.refused_since_log = getattr(server, "refused_since_log", 0) + 1
+    now = time.monotonic()
+    if now - getattr(server, "refused_logged_at", float("-inf")) >= REFUSED_CONNECTION_LOG_INTERVAL_SECONDS:
+        _log.warning("http.connection_refused", reason="max_connections", max_connections=max_connections,
+                     refused=server.refused_since_log)
+        server.refused_logged_at = now
+        server.refused_since_log = 0
+
+
 class _ProblemServer(web.Server):
     def __call__(self) -> RequestHandler:
         return _ProblemRequestHandler(self, loop=self._loop, **self._kwargs)
 
 
 class ProblemAppRunner(web.AppRunner):
-    """An AppRunner whose connections answer malformed HTTP with problem+json (use it to serve create_app)."""
+    """An AppRunner whose connections answer malformed HTTP with problem+json (use it to serve create_app).
+
+    With an application from build_app it also applies the connection limits
+    of its HttpLimits: the header timeout and the connection cap.
+    """
 
     async def _make_server(self) -> web.Server:
+        limits = self.app.get(LIMITS_KEY)
+        if limits is not None:
+            # aiohttp closes a connection whose handler is still waiting for a
+            # request when its keep-alive timer fires. The timer starts when the
+            # connection opens and again after each response, and receiving part
+            # of a request's headers does not stop it: exactly a header timeout.
+            self._kwargs["keepalive_timeout"] = limits.header_timeout_seconds
         server = await super()._make_server()
         # aiohttp has no public hook for the connection handler class; the
         # subclass only overrides __call__, so swapping the class is safe.
         server.__class__ = _ProblemServer
+        if limits is not None:
+            server.max_connections = limits.max_connections  # type: ignore[attr-defined]
+            metrics = self.app.get(METRICS_KEY)
+            if metrics is not None:
+                server.on_connection_refused = metrics.record_connection_refused  # type: ignore[attr-defined]
         return server

@@ -2,13 +2,13 @@
 
 Each node process (and each test) builds its own ``Metrics`` so that nothing
 touches prometheus_client's global registry; ``GET /metrics`` renders exactly
-this registry. The HTTP layer records requests, latencies and idempotent
-replays; the node driver records replication state and WAL fsyncs through the
+this registry. The HTTP layer records requests, latencies, idempotent
+replays, 429s, refused connections and body timeouts; the node driver records replication state and WAL fsyncs through the
 ``set_*`` / ``observe_*`` methods and issued tokens when it applies them; the
 service records detokenize results; the loop watcher (tokenvault/loopwatch.py)
 records how late the event loop woke it. Label values come from fixed sets (route
-templates, roles, peer ids from the config), never from request data, so the
-number of series is bounded.
+templates, roles, peer ids and API key names from the config), never from
+request data, so the number of series is bounded.
 """
 
 from __future__ import annotations
@@ -88,6 +88,23 @@ class Metrics:
             "tokenvault_values_detokenized",
             "Tokens looked up by detokenize requests answered by this node, by result (the service records it).",
             ("result",),
+            registry=registry,
+        )
+        self.rate_limited_requests = Counter(
+            "tokenvault_rate_limited_requests",
+            "Requests answered 429, by API key name (never the key) and endpoint kind (tokenize, detokenize,"
+            " admin); reason is 'rate' for the key's rate limit, 'bodies' for its share of bodies being received.",
+            ("key", "kind", "reason"),
+            registry=registry,
+        )
+        self.http_connections_refused = Counter(
+            "tokenvault_http_connections_refused",
+            "HTTP connections answered 503 and closed at once because max_connections were open.",
+            registry=registry,
+        )
+        self.http_body_timeouts = Counter(
+            "tokenvault_http_body_timeouts",
+            "Requests whose body stopped arriving for longer than the body timeout (answered 408, closed).",
             registry=registry,
         )
         self.idempotent_replays = Counter(
@@ -182,6 +199,16 @@ class Metrics:
     def record_detokenized(self, found: int, unknown: int) -> None:
         self.values_detokenized.labels(result="found").inc(found)
         self.values_detokenized.labels(result="unknown").inc(unknown)
+
+    def record_rate_limited(self, key_name: str, kind: str, reason: str) -> None:
+        """A 429; ``key_name`` is the key's configured name (the key table bounds the series)."""
+        self.rate_limited_requests.labels(key=key_name, kind=kind, reason=reason).inc()
+
+    def record_connection_refused(self) -> None:
+        self.http_connections_refused.inc()
+
+    def record_body_timeout(self) -> None:
+        self.http_body_timeouts.inc()
 
     def record_replay(self, route: str) -> None:
         self.idempotent_replays.labels(route=route).inc()

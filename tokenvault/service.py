@@ -22,15 +22,18 @@ from tokenvault import auth, commands
 from tokenvault.audit import AuditBuffer, AuditUnavailable
 from tokenvault.backup import BACKUP_WORK_DIR_NAME, BackupStream
 from tokenvault.crypto import DecryptError, KeyCustodyError, new_epoch_secret
-from tokenvault.errors import (IdempotencyInFlight, IdempotencyMismatch, KeyLimitReached, NotFound, Outcome,
-                               Overloaded, ServiceError, Unavailable, error_from_problem, problem_body)
+from tokenvault.auth import PRINCIPAL_NAME_PATTERN
+from tokenvault.errors import (IdempotencyInFlight, IdempotencyMismatch, InvalidRequest, KeyLimitReached, NotFound,
+                               Outcome, Overloaded, PayloadTooLarge, ServiceError, Unavailable, error_from_problem,
+                               problem_body)
 from tokenvault.logs import get_logger
 from tokenvault.futures import await_future
 from tokenvault.node import Node, NodeBusy, ProposalLost, ProposalOutcomeUnknown
 from tokenvault.sealer import Sealer, SealerUnavailable
 from tokenvault.store import MAX_API_KEYS as MAX_RUNTIME_KEYS
 from tokenvault.store import Outcome as ApplyOutcome
-from tokenvault.tokens import parse_token
+from tokenvault.tokens import MAX_TOKEN_CHARS, parse_token
+from tokenvault.validation import require_item_list, validate_idempotency_key, validate_tokens, validate_values
 
 log = get_logger("service")
 
@@ -42,6 +45,8 @@ CREATE_KEY = "key.create"
 REVOKE_KEY = "key.revoke"
 LIST_KEYS = "keys"
 AUDIT = "audit"
+DETOKENIZE = "detokenize"
+EPOCHS = "epochs"
 
 
 class ForwardedError(ServiceError):
@@ -270,7 +275,7 @@ class NodeService:
         missing = sorted({token for token in tokens if token not in found})
         plain: dict[str, str | None] = {}
         if missing:
-            plain = await self._route("detokenize", {"tokens": missing}, self._detokenize_missing_here)
+            plain = await self._route(DETOKENIZE, {"tokens": missing}, self._detokenize_missing_here)
         values: list[str | None] = []
         for token in tokens:
             ciphertext = found.get(token)
@@ -343,7 +348,7 @@ class NodeService:
             raise Unavailable("the master key's token cannot wrap a new epoch secret right now; retry") from None
 
     async def list_epochs(self) -> dict:
-        return await self._route("epochs", {}, self._list_epochs_here)
+        return await self._route(EPOCHS, {}, self._list_epochs_here)
 
     async def _list_epochs_here(self) -> dict:
         await self._read_barrier()
@@ -492,33 +497,32 @@ class NodeService:
                                                        body=body, headers=headers))
 
     async def _run_forwarded(self, request: ForwardRequest, sender: str) -> tuple[int, bytes, tuple]:
+        """Run a backup's forwarded request after the same checks the HTTP layer makes (validation.py):
+        a peer is authenticated, but what it forwards is still a client's request."""
         if not self._is_primary():
             raise NotPrimary(self.node.replica.primary_id)
-        arguments = msgpack.unpackb(request.body, raw=False)
-        if not isinstance(arguments, dict):
-            raise ValueError("arguments")
+        limits = self.node.config.limits
+        if request.kind not in FORWARDED_MEMBERS:
+            raise InvalidRequest("a forwarded request of an unknown kind")
+        arguments = _forwarded_arguments(request, FORWARDED_MEMBERS[request.kind], _max_forwarded_bytes(limits))
         if request.kind == TOKENIZE:
-            outcome = await self._tokenize_here(str(arguments["principal"]), _strings(arguments["values"]),
-                                                _optional_string(arguments["idempotency_key"]))
+            values = validate_values(require_item_list(arguments, "values", limits), limits)
+            outcome = await self._tokenize_here(_principal(arguments), values,
+                                                _optional_idempotency_key(arguments))
             return outcome.status, outcome.body, (("Idempotent-Replayed", "true"),) if outcome.replayed else ()
         if request.kind == ROTATE:
-            outcome = await self._rotate_here(str(arguments["principal"]),
-                                              _optional_string(arguments["idempotency_key"]),
-                                              arguments.get("actor"))
+            outcome = await self._rotate_here(_principal(arguments), _optional_idempotency_key(arguments),
+                                              arguments["actor"])
             return outcome.status, outcome.body, (("Idempotent-Replayed", "true"),) if outcome.replayed else ()
         if request.kind in (CREATE_KEY, REVOKE_KEY, AUDIT):
             outcome = await self._run_forwarded_change(request.kind, arguments, sender)
             return outcome.status, outcome.body, ()
         if request.kind == LIST_KEYS:
             return 200, _json(await self._list_keys_here()), ()
-        if request.kind == "detokenize":
-            tokens = _strings(arguments["tokens"])
-            for token in tokens:
-                parse_token(token)
+        if request.kind == DETOKENIZE:
+            tokens = validate_tokens(require_item_list(arguments, "tokens", limits))
             return 200, msgpack.packb(await self._detokenize_missing_here(tokens), use_bin_type=True), ()
-        if request.kind == "epochs":
-            return 200, _json(await self._list_epochs_here()), ()
-        raise ValueError("unknown kind")
+        return 200, _json(await self._list_epochs_here()), ()
 
 
     async def _run_forwarded_change(self, kind: str, arguments: dict, sender: str) -> Outcome:
@@ -558,10 +562,52 @@ def _strings(items: object) -> list[str]:
     return items
 
 
-def _optional_string(item: object) -> str | None:
-    if item is not None and not isinstance(item, str):
-        raise TypeError("expected a string")
-    return item
+# The members each kind of forwarded request carries, exactly.
+FORWARDED_MEMBERS: dict[str, tuple[str, ...]] = {
+    TOKENIZE: ("principal", "values", "idempotency_key"),
+    ROTATE: ("principal", "idempotency_key", "actor"),
+    DETOKENIZE: ("tokens",),
+    EPOCHS: (),
+    CREATE_KEY: ("name", "scopes", "actor"),
+    REVOKE_KEY: ("key_id", "actor"),
+    AUDIT: ("records",),
+    LIST_KEYS: (),
+}
+
+
+def _max_forwarded_bytes(limits) -> int:
+    """The largest msgpack body an allowed request packs to: every item at its largest (a value or a
+    token), plus headroom for member names, the principal and the Idempotency-Key."""
+    return limits.max_items * (max(limits.max_value_bytes, MAX_TOKEN_CHARS) + 8) + 4096
+
+
+def _forwarded_arguments(request: ForwardRequest, members: tuple[str, ...], max_bytes: int) -> dict:
+    """The forwarded body as a map of exactly ``members``: size first, then msgpack, then shape (400 / 413)."""
+    if len(request.body) > max_bytes:
+        raise PayloadTooLarge(f"the forwarded request is larger than {max_bytes} bytes")
+    try:
+        arguments = msgpack.unpackb(request.body, raw=False)
+    except (ValueError, msgpack.UnpackException):
+        raise InvalidRequest("the forwarded request is not valid msgpack") from None
+    if not isinstance(arguments, dict) or set(arguments) != set(members):
+        raise InvalidRequest(f"a forwarded request must be a map of exactly {list(members)}")
+    return arguments
+
+
+def _principal(arguments: dict) -> str:
+    principal = arguments["principal"]
+    if not isinstance(principal, str) or PRINCIPAL_NAME_PATTERN.match(principal) is None:
+        raise InvalidRequest("the forwarded principal is not an API key name")
+    return principal
+
+
+def _optional_idempotency_key(arguments: dict) -> str | None:
+    key = arguments["idempotency_key"]
+    if key is None:
+        return None
+    if not isinstance(key, str):
+        raise InvalidRequest("the forwarded Idempotency-Key must be a string")
+    return validate_idempotency_key(key)
 
 
 def _decode_forward_response(kind: str, response: ForwardResponse):
@@ -576,9 +622,9 @@ def _decode_forward_response(kind: str, response: ForwardResponse):
         headers.pop("Content-Type", None)
         raise (error_from_problem(response.status, slug, detail, headers)
                or ForwardedError(response.status, title, detail, slug, headers))
-    if kind == "detokenize":
+    if kind == DETOKENIZE:
         return msgpack.unpackb(response.body, raw=False)
-    if kind in ("epochs", LIST_KEYS):
+    if kind in (EPOCHS, LIST_KEYS):
         return json.loads(response.body)
     return Outcome(response.status, response.body, headers.get("Idempotent-Replayed") == "true")
 

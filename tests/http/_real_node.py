@@ -41,7 +41,7 @@ def node_settings(tls: bool = True) -> cluster.NodeSettings:
     return cluster.NodeSettings(log_level="info", timing=FAST_TIMING, wal=WalConfig(fsync=True), tls=tls)
 
 
-def _opener(ca_file: Path | None) -> urllib.request.OpenerDirector:
+def https_opener(ca_file: Path | None) -> urllib.request.OpenerDirector:
     """No proxy; https:// verified against the cluster CA."""
     handlers: list[urllib.request.BaseHandler] = [urllib.request.ProxyHandler({})]
     if ca_file is not None:
@@ -111,7 +111,7 @@ class RealNode:
             headers["Content-Type"] = "application/json"
         request = urllib.request.Request(self.base_url + path, data=data, headers=headers, method=method)
         try:
-            with _opener(self.ca_file).open(request, timeout=REQUEST_TIMEOUT_SECONDS) as response:
+            with https_opener(self.ca_file).open(request, timeout=REQUEST_TIMEOUT_SECONDS) as response:
                 return HttpReply(response.status, dict(response.headers), response.read(MAX_RESPONSE_BYTES))
         except urllib.error.HTTPError as error:
             with error:

@@ -46,3 +46,38 @@ async def test_keys_and_limits_come_from_the_config(tmp_path: Path) -> None:
         check_problem(admin.status, admin.headers, await admin.read(), 403, [key])
         unknown = await client.get("/v1/admin/epochs", headers={"Authorization": f"Bearer {auth.generate_api_key()}"})
         check_problem(unknown.status, unknown.headers, await unknown.read(), 401)
+
+
+async def test_connection_and_rate_limits_come_from_the_config(tmp_path: Path) -> None:
+    """[http] timeouts and caps, [rate_limits] defaults and a key's own limits, as create_app applies them."""
+    import asyncio
+    from dataclasses import replace
+
+    from tokenvault.config import HttpConfig, KeyRateLimitsConfig, RateLimitsConfig
+
+    keys = {name: auth.generate_api_key() for name in ("ops", "bulk")}
+    config = replace(
+        node_config(tmp_path, keys["ops"], LimitsConfig()),
+        api_keys=tuple(auth.ApiKeyEntry(name=name, sha256=auth.hash_api_key(key), scopes=frozenset({auth.TOKENIZE}))
+                       for name, key in keys.items()),
+        http=HttpConfig(header_timeout_ms=200, max_connections=50),
+        rate_limits=RateLimitsConfig(tokenize_per_second=1, tokenize_burst=2,
+                                     keys=(KeyRateLimitsConfig(name="bulk", tokenize_per_second=1,
+                                                               tokenize_burst=5),)),
+    )
+    app = create_app(FakeService(), config, Metrics())
+    body = json.dumps({"values": ["v"]})
+    async with TestClient(ProblemTestServer(app, host="127.0.0.1", port=0)) as client:
+        async def statuses(name: str, count: int) -> list[int]:
+            headers = {"Authorization": f"Bearer {keys[name]}", "Content-Type": "application/json"}
+            return [(await client.post("/v1/tokenize", data=body, headers=headers)).status for _ in range(count)]
+
+        # Within a second a bucket gains at most one token: "ops" gets 2 or 3 of 4, "bulk" 5 or 6 of 7.
+        assert (await statuses("ops", 4)).count(200) in (2, 3)
+        assert (await statuses("bulk", 7)).count(200) in (5, 6)
+        # The header timeout is the config's 200 ms: a connection that sends nothing is closed soon after.
+        reader, writer = await asyncio.open_connection(client.host, client.port)
+        try:
+            assert await asyncio.wait_for(reader.read(), 5) == b""
+        finally:
+            writer.close()

@@ -414,3 +414,83 @@ def test_a_salted_api_key_entry_loads_and_round_trips_and_old_unsalted_ones_stil
     assert parse_config(MINIMAL).api_key_table().authenticate(ADMIN_KEY).name == "admin"
     with pytest.raises(ConfigError, match="salt"):
         parse_config(MINIMAL.replace(f'sha256 = "{ADMIN_HASH}"', f'sha256 = "{ADMIN_HASH}"\nsalt = "nothex"'))
+
+
+def test_connection_limits_and_rate_limits_have_documented_defaults_and_load() -> None:
+    from tokenvault.config import RateLimitsConfig
+
+    config = parse_config(MINIMAL)
+    assert (config.http.header_timeout_ms, config.http.body_timeout_ms) == (10_000, 10_000)
+    assert (config.http.max_connections, config.http.max_body_reads, config.http.max_body_reads_per_key) == (
+        1024, 256, 32)
+    assert config.rate_limits == RateLimitsConfig()
+    assert all(config.rate_limits.rate_and_burst(kind) == (0, 0) for kind in ("tokenize", "detokenize", "admin"))
+    tuned = parse_config(MINIMAL + "\n[http]\nheader_timeout_ms = 500\nbody_timeout_ms = 750\nmax_connections = 64\n"
+                         "max_body_reads = 8\nmax_body_reads_per_key = 2\n"
+                         "[rate_limits]\ntokenize_per_second = 100\ntokenize_burst = 300\n"
+                         "admin_per_second = 5\n")
+    assert (tuned.http.header_timeout_ms, tuned.http.body_timeout_ms, tuned.http.max_connections) == (500, 750, 64)
+    assert (tuned.http.max_body_reads, tuned.http.max_body_reads_per_key) == (8, 2)
+    assert tuned.rate_limits.rate_and_burst("tokenize") == (100, 300)
+    assert tuned.rate_limits.rate_and_burst("admin") == (5, 5)  # burst 0: one second's worth
+    assert tuned.rate_limits.rate_and_burst("detokenize") == (0, 0)
+    assert parse_config(to_toml(tuned)) == tuned
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ("[http]\nheader_timeout_ms = 0", "http.header_timeout_ms must be between 10 and 600000, got 0"),
+        ("[http]\nbody_timeout_ms = 600001", "http.body_timeout_ms must be between"),
+        ("[http]\nbody_timeout_ms = 1.5", "http.body_timeout_ms must be an integer"),
+        ("[http]\nmax_connections = 0", "http.max_connections must be between 1"),
+        ("[http]\nmax_body_reads = 0", "http.max_body_reads must be between 1"),
+        ("[http]\nmax_body_reads = 4\nmax_body_reads_per_key = 5",
+         "http.max_body_reads_per_key must be between 1 and 4"),
+        ("[rate_limits]\ntokenize_per_second = -1", "rate_limits.tokenize_per_second must be between 0"),
+        ("[rate_limits]\nadmin_burst = true", "rate_limits.admin_burst must be an integer"),
+        ("[rate_limits]\ndetokenize_per_second = 0.5", "rate_limits.detokenize_per_second must be an integer"),
+        ("[rate_limits]\nper_key = 1", "unknown key"),
+    ],
+)
+def test_invalid_connection_and_rate_limits_are_refused(section: str, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(MINIMAL + "\n" + section + "\n")
+    assert message in str(caught.value)
+
+
+def test_single_keys_may_have_their_own_rate_limits() -> None:
+    config = parse_config(MINIMAL + """
+[rate_limits]
+tokenize_per_second = 10
+detokenize_per_second = 20
+detokenize_burst = 40
+[[rate_limits.keys]]
+name = "bulk-loader"
+tokenize_per_second = 1000
+tokenize_burst = 5000
+[[rate_limits.keys]]
+name = "admin"
+detokenize_per_second = 0
+""")
+    limits = config.rate_limits
+    assert limits.rate_and_burst("tokenize", "bulk-loader") == (1000, 5000)
+    assert limits.rate_and_burst("detokenize", "bulk-loader") == (20, 40)  # not named: the default
+    assert limits.rate_and_burst("detokenize", "admin") == (0, 0)  # its own: unlimited
+    assert limits.rate_and_burst("tokenize", "anyone-else") == (10, 10)
+    assert parse_config(to_toml(config)) == config
+
+
+@pytest.mark.parametrize(("tables", "message"), [
+    ('[[rate_limits.keys]]\ntokenize_per_second = 1', "rate_limits.keys[0] is missing name"),
+    ('[[rate_limits.keys]]\nname = "a b"', "must be an API key name"),
+    ('[[rate_limits.keys]]\nname = "k"\ntokenize_burst = 5', "needs tokenize_per_second"),
+    ('[[rate_limits.keys]]\nname = "k"\nadmin_per_second = -2', "admin_per_second must be between 0"),
+    ('[[rate_limits.keys]]\nname = "k"\nquota = 1', "unknown key"),
+    ('[[rate_limits.keys]]\nname = "k"\n[[rate_limits.keys]]\nname = "k"', "every name must be unique"),
+    ('[rate_limits]\nkeys = 5', "array of tables"),
+])
+def test_invalid_key_rate_limits_are_refused(tables: str, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(MINIMAL + "\n" + tables + "\n")
+    assert message in str(caught.value)

@@ -628,3 +628,49 @@ async def test_a_write_in_the_log_when_the_node_stops_is_answered_outcome_unknow
     finally:
         release.set()
         single.node.wal.sync = real_sync
+
+
+def _forward_cases(limits) -> dict[str, tuple[str, bytes, int]]:
+    """Requests a backup could forward that the HTTP layer would refuse, with the status HTTP gives them."""
+    def packed(document: object) -> bytes:
+        return msgpack.packb(document, use_bin_type=True)
+
+    def tokenize(**changes: object) -> bytes:
+        return packed({"principal": "p", "values": ["x"], "idempotency_key": None, **changes})
+
+    token = "tv1_" + "a" * 32
+    return {
+        "too-many-values": ("tokenize", tokenize(values=["v"] * (limits.max_items + 1)), 413),
+        "value-too-long": ("tokenize", tokenize(values=["x" * (limits.max_value_bytes + 1)]), 400),
+        "empty-value": ("tokenize", tokenize(values=["ok", ""]), 400),
+        "principal-not-a-name": ("tokenize", tokenize(principal="not a name\n"), 400),
+        "idempotency-key-not-printable": ("tokenize", tokenize(idempotency_key="\x00bad"), 400),
+        "idempotency-key-too-long": ("tokenize", tokenize(idempotency_key="k" * 256), 400),
+        "extra-member": ("tokenize", packed({"principal": "p", "values": ["x"], "idempotency_key": None,
+                                             "epoch": 9}), 400),
+        "rotate-principal-not-a-string": ("rotate", packed({"principal": 7, "idempotency_key": None}), 400),
+        "too-many-tokens": ("detokenize", packed({"tokens": [token] * (limits.max_items + 1)}), 413),
+        "no-tokens": ("detokenize", packed({"tokens": []}), 400),
+        "body-larger-than-any-allowed-request": (
+            "tokenize", tokenize(values=["v" * 1000] * (limits.max_items * (limits.max_value_bytes + 8) // 1000 + 8)),
+            413),
+    }
+
+
+async def test_forwarded_requests_are_held_to_the_http_limits_by_the_primary(trio: Cluster) -> None:
+    """A backup's forwarded request gets the same item, size and value checks as an HTTP request."""
+    primary = trio.primaries()[0]
+    cases = _forward_cases(primary.node.config.limits)
+    for request_id, (name, (kind, payload, status)) in enumerate(cases.items(), start=100):
+        applied, tokens = primary.node.store.applied_index, primary.node.store.token_count()
+        response = await serve_forward(primary, ForwardRequest(request_id=request_id, kind=kind, body=payload))
+        assert response.status == status, (name, response.status, response.body[:200])
+        problem = json.loads(response.body)
+        assert problem["status"] == status and set(problem) == {"type", "title", "status", "detail"}, name
+        assert primary.node.store.token_count() == tokens and primary.node.store.applied_index == applied, name
+    # At the limits exactly, the same request is accepted.
+    limits = primary.node.config.limits
+    largest = msgpack.packb({"principal": "p", "values": ["w" * limits.max_value_bytes] * 2,
+                             "idempotency_key": "k" * 255}, use_bin_type=True)
+    response = await serve_forward(primary, ForwardRequest(request_id=1, kind="tokenize", body=largest))
+    assert response.status == 200, response.body[:200]

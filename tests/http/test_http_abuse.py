@@ -1,0 +1,317 @@
+"""Abusive HTTP traffic against the application in process: the audit's probes, each showing its fix.
+
+Slow and half-sent requests go over raw sockets (aiohttp's client always sends
+whole requests). Timeouts are configured short (0.5 s) so that the tests wait
+little; every wait polls with a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+from _http_checks import check_problem
+from _http_support import FakeService, KeyRing, fake_token
+from aiohttp.test_utils import TestClient
+
+from tokenvault.http import HttpLimits
+from tokenvault.metrics import Metrics
+from tokenvault.ratelimit import BucketLimit
+
+ClientFactory = Callable[[HttpLimits], Awaitable[TestClient]]
+JSON = {"Content-Type": "application/json"}
+SHORT_SECONDS = 0.5
+DEADLINE_SECONDS = 10.0
+
+
+class RawConnection:
+    """One TCP connection to the test server, for requests sent piece by piece."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, client: TestClient) -> RawConnection:
+        reader, writer = await asyncio.open_connection(client.host, client.port)
+        return cls(reader, writer)
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def read_all(self, timeout_seconds: float = DEADLINE_SECONDS) -> bytes:
+        """Everything until the server closes the connection."""
+        return await asyncio.wait_for(self.reader.read(), timeout_seconds)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def request_head(path: str, key: str, content_length: int) -> bytes:
+    return (f"POST {path} HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {key}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {content_length}\r\n\r\n").encode()
+
+
+async def expect_problem(response, status: int, submitted: tuple[str, ...] = ()) -> dict:
+    return check_problem(response.status, response.headers, await response.read(), status, submitted)
+
+
+def status_of(response: bytes) -> int:
+    return int(response.split(b" ", 2)[1])
+
+
+async def poll(condition: Callable[[], bool], what: str, timeout_seconds: float = DEADLINE_SECONDS) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_seconds
+    while not condition():
+        assert loop.time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
+def sample(metrics: Metrics, name: str, labels: dict[str, str] | None = None) -> float:
+    return metrics.registry.get_sample_value(name, labels or {}) or 0.0
+
+
+@pytest.fixture
+async def connections() -> AsyncIterator[list[RawConnection]]:
+    opened: list[RawConnection] = []
+    yield opened
+    for connection in opened:
+        connection.close()
+
+
+# ---------------------------------------------------------------- headers and connections
+
+
+async def test_half_sent_headers_are_closed_after_the_header_timeout(
+    make_client: ClientFactory, connections: list[RawConnection]
+) -> None:
+    """Audit: 500 half-sent header connections were all open after 6 s, a lone one after 20 s."""
+    client = await make_client(HttpLimits(header_timeout_seconds=SHORT_SECONDS))
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    for _ in range(500):
+        connection = await RawConnection.open(client)
+        await connection.send(b"POST /v1/tokenize HTTP/1.1\r\nHost: test\r\nContent-Type: appl")
+        connections.append(connection)
+    # Each is closed by the server without an answer, half a second after it opened.
+    answers = await asyncio.gather(*(connection.read_all() for connection in connections))
+    assert answers == [b""] * 500
+    assert loop.time() - started >= SHORT_SECONDS
+    lone = await RawConnection.open(client)
+    connections.append(lone)
+    await lone.send(b"GET /health HTTP/1.1\r\n")
+    opened = loop.time()
+    assert await lone.read_all() == b""
+    assert SHORT_SECONDS * 0.9 <= loop.time() - opened < DEADLINE_SECONDS
+    # The server goes on serving.
+    assert (await client.get("/health")).status == 200
+
+
+async def test_a_slow_handler_is_not_cut_off_by_the_header_timeout(
+    make_client: ClientFactory, key_ring: KeyRing, service: FakeService
+) -> None:
+    """The header timeout covers waiting for a request, never the time the node takes to answer it."""
+    client = await make_client(HttpLimits(header_timeout_seconds=0.2))
+    service.tokenize_gate = asyncio.Event()
+    pending = asyncio.ensure_future(client.post("/v1/tokenize", data=json.dumps({"values": ["slow"]}),
+                                                headers={**JSON, **key_ring.bearer("tokenizer")}))
+    await poll(lambda: service.tokenize_calls != [], "the tokenize to reach the service")
+    loop = asyncio.get_running_loop()
+    held_until = loop.time() + 0.6
+    await poll(lambda: loop.time() >= held_until, "three header timeouts to pass")
+    service.tokenize_gate.set()
+    assert (await pending).status == 200
+
+
+async def test_connections_past_the_cap_are_refused_and_the_server_goes_on(
+    make_client: ClientFactory, metrics: Metrics, connections: list[RawConnection]
+) -> None:
+    client = await make_client(HttpLimits(max_connections=8))
+    for _ in range(8):
+        connection = await RawConnection.open(client)
+        await connection.send(b"GET /health HTTP/1.1\r\n")  # held open, headers unfinished
+        connections.append(connection)
+    extra = await RawConnection.open(client)
+    connections.append(extra)
+    refused = await extra.read_all()
+    assert status_of(refused) == 503 and b"Retry-After: 1" in refused
+    assert b'"type":"urn:tokenvault:problem:overloaded"' in refused
+    assert sample(metrics, "tokenvault_http_connections_refused_total") == 1
+    for connection in connections[:8]:
+        connection.close()
+
+    async def health_answers() -> bool:
+        response = await client.get("/health")
+        return response.status == 200
+
+    # Closing the held connections frees their places (the server learns of each close asynchronously).
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + DEADLINE_SECONDS
+    while True:
+        try:
+            if await health_answers():
+                break
+        except Exception:  # a connection refused while the old ones are still being torn down
+            pass
+        assert loop.time() < deadline, "the server did not accept connections again"
+        await asyncio.sleep(0.01)
+
+
+# ---------------------------------------------------------------- bodies
+
+
+async def test_a_stalled_body_is_408_and_the_connection_is_closed(
+    make_client: ClientFactory, key_ring: KeyRing, metrics: Metrics, service: FakeService,
+    connections: list[RawConnection]
+) -> None:
+    client = await make_client(HttpLimits(body_timeout_seconds=SHORT_SECONDS))
+    connection = await RawConnection.open(client)
+    connections.append(connection)
+    await connection.send(request_head("/v1/tokenize", key_ring.keys["tokenizer"], 100) + b'{"values": [')
+    response = await connection.read_all()
+    assert status_of(response) == 408
+    head, _, body = response.partition(b"\r\n\r\n")
+    assert b"Connection: close" in head
+    problem = json.loads(body)
+    assert problem["status"] == 408 and problem["type"] == "urn:tokenvault:problem:request-timeout"
+    assert sample(metrics, "tokenvault_http_body_timeouts_total") == 1
+    assert service.tokenize_calls == []
+
+
+async def test_a_body_that_keeps_arriving_is_not_cut_off(
+    make_client: ClientFactory, key_ring: KeyRing, connections: list[RawConnection]
+) -> None:
+    """The body timeout bounds the gap between pieces, not the whole transfer."""
+    client = await make_client(HttpLimits(body_timeout_seconds=0.3))
+    body = json.dumps({"values": ["trickled"]}).encode()
+    connection = await RawConnection.open(client)
+    connections.append(connection)
+    await connection.send(request_head("/v1/tokenize", key_ring.keys["tokenizer"], len(body)))
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    for position in range(0, len(body), 4):
+        await connection.send(body[position:position + 4])
+        pause_until = loop.time() + 0.1
+        await poll(lambda: loop.time() >= pause_until, "a pause shorter than the body timeout")
+    assert loop.time() - started > 0.3, "the transfer must take longer than one body timeout"
+    head = await asyncio.wait_for(connection.reader.readuntil(b"\r\n\r\n"), DEADLINE_SECONDS)
+    assert status_of(head) == 200
+
+
+async def test_slow_bodies_from_one_key_do_not_starve_another_key(
+    make_client: ClientFactory, key_ring: KeyRing, metrics: Metrics, service: FakeService,
+    connections: list[RawConnection]
+) -> None:
+    """Audit: 256 slow bodies sent with a detokenize-only key made another key's tokenize get 503.
+
+    Default limits: 256 in-flight slots, 256 bodies being received per node, 32 per key.
+    """
+    limits = HttpLimits()
+    client = await make_client(limits)
+    slow_key = key_ring.keys["detokenizer"]
+    for _ in range(256):
+        connection = await RawConnection.open(client)
+        await connection.send(request_head("/v1/detokenize", slow_key, 1000) + b'{"tokens": ["')
+        connections.append(connection)
+    refused = 256 - limits.max_body_reads_per_key
+    labels = {"key": "detokenizer", "kind": "detokenize", "reason": "bodies"}
+    await poll(lambda: sample(metrics, "tokenvault_rate_limited_requests_total", labels) == refused,
+               "the slow bodies past the key's share to be refused")
+    # The key's own share is held by its slow bodies; other keys are served, whatever their kind.
+    tokenized = await client.post("/v1/tokenize", data=json.dumps({"values": ["other key"]}),
+                                  headers={**JSON, **key_ring.bearer("tokenizer")})
+    assert tokenized.status == 200
+    token = (await tokenized.json())["tokens"][0]
+    detokenized = await client.post("/v1/detokenize", data=json.dumps({"tokens": [token]}),
+                                    headers={**JSON, **key_ring.bearer("full")})
+    assert detokenized.status == 200 and (await detokenized.json()) == {"values": ["other key"]}
+    # The slow key itself is told to send fewer at once (429), not that the node is down.
+    extra = await client.post("/v1/detokenize", data=json.dumps({"tokens": [token]}),
+                              headers={**JSON, "Authorization": f"Bearer {slow_key}"})
+    await expect_problem(extra, 429, (slow_key, token))
+    assert int(extra.headers["Retry-After"]) >= 1
+    assert service.detokenize_calls == [[token]]
+
+
+async def test_eight_mib_of_empty_objects_is_refused_before_parsing(
+    client: TestClient, key_ring: KeyRing, service: FakeService
+) -> None:
+    """Audit: one 8 MiB {"tokens":[{},{},...]} was parsed whole (RSS 62 -> 300 MB, 0.93 s stall).
+
+    The structure bound refuses it from a count of its bytes; tests/http/test_http_abuse_real_node.py
+    measures memory and the event loop on a real node.
+    """
+    headers = {**JSON, **key_ring.bearer("full")}
+    limit = HttpLimits().max_body_bytes
+    objects = b'{"tokens":[' + b",".join([b"{}"] * ((limit - 20) // 3)) + b"]}"
+    numbers = b'{"tokens":[' + b",".join([b"0"] * ((limit - 20) // 2)) + b"]}"
+    assert len(objects) <= limit and len(numbers) <= limit
+    response = await client.post("/v1/detokenize", data=objects, headers=headers)
+    problem = await expect_problem(response, 400)
+    assert "arrays and objects" in problem["detail"]
+    response = await client.post("/v1/detokenize", data=numbers, headers=headers)
+    problem = await expect_problem(response, 413)
+    assert "JSON values" in problem["detail"]
+    assert service.detokenize_calls == []
+
+
+# ---------------------------------------------------------------- rate limits
+
+
+async def test_a_key_past_its_rate_limit_gets_429_while_another_key_is_served(
+    make_client: ClientFactory, key_ring: KeyRing, metrics: Metrics, service: FakeService
+) -> None:
+    # A rate of one request per 1000 s: nothing refills while the test runs.
+    limits = HttpLimits(rate_limits={"tokenize": BucketLimit(rate_per_second=0.001, burst=2)})
+    client = await make_client(limits)
+    value = "rate-limited-value-4711"
+    body = json.dumps({"values": [value]})
+    tokenizer = {**JSON, **key_ring.bearer("tokenizer")}
+    assert [(await client.post("/v1/tokenize", data=body, headers=tokenizer)).status for _ in range(2)] == [200, 200]
+    limited = await client.post("/v1/tokenize", data=body, headers=tokenizer)
+    await expect_problem(limited, 429, (key_ring.keys["tokenizer"], value))
+    retry_after = limited.headers["Retry-After"]
+    assert retry_after.isdigit() and 1 <= int(retry_after) <= 1000
+    assert len(service.tokenize_calls) == 2
+    # Another key, and the same key's other kinds, are still served.
+    assert (await client.post("/v1/tokenize", data=body, headers={**JSON, **key_ring.bearer("full")})).status == 200
+    token = fake_token(1, value)
+    assert (await client.post("/v1/detokenize", data=json.dumps({"tokens": [token]}),
+                              headers={**JSON, **key_ring.bearer("full")})).status == 200
+    labels = {"key": "tokenizer", "kind": "tokenize", "reason": "rate"}
+    assert sample(metrics, "tokenvault_rate_limited_requests_total", labels) == 1
+    rendered = (await (await client.get("/metrics")).text())
+    assert key_ring.keys["tokenizer"] not in rendered
+
+
+async def test_a_rate_limited_request_is_refused_before_its_body_is_read(
+    make_client: ClientFactory, key_ring: KeyRing, connections: list[RawConnection]
+) -> None:
+    limits = HttpLimits(rate_limits={"detokenize": BucketLimit(rate_per_second=0.001, burst=1)},
+                        body_timeout_seconds=DEADLINE_SECONDS * 3)
+    client = await make_client(limits)
+    token = fake_token(1, "v")
+    headers = {**JSON, **key_ring.bearer("detokenizer")}
+    assert (await client.post("/v1/detokenize", data=json.dumps({"tokens": [token]}), headers=headers)).status == 200
+    connection = await RawConnection.open(client)
+    connections.append(connection)
+    # Headers only: the answer comes at once, without waiting for the body (nor its timeout).
+    await connection.send(request_head("/v1/detokenize", key_ring.keys["detokenizer"], 1000))
+    head = await asyncio.wait_for(connection.reader.readuntil(b"\r\n\r\n"), DEADLINE_SECONDS)
+    assert status_of(head) == 429 and b"Retry-After: " in head
+
+
+async def test_admin_endpoints_share_the_admin_bucket(
+    make_client: ClientFactory, key_ring: KeyRing
+) -> None:
+    client = await make_client(HttpLimits(rate_limits={"admin": BucketLimit(rate_per_second=0.001, burst=2)}))
+    admin = key_ring.bearer("admin")
+    assert (await client.get("/v1/admin/epochs", headers=admin)).status == 200
+    assert (await client.get("/v1/admin/cluster", headers=admin)).status == 200
+    limited = await client.post("/v1/admin/epochs", data="{}", headers={**JSON, **admin})
+    await expect_problem(limited, 429)
+    # Unauthenticated endpoints are never rate limited by key.
+    assert (await client.get("/health")).status == 200

@@ -21,4 +21,4 @@ if [ ! -f "$runtime_stamp" ] && [ ! -f "$VENV/.installed-$hash" ]; then
     rm -f "$VENV"/.installed-runtime-*
     touch "$runtime_stamp"
 fi
-exec "$VENV/bin/python" -m tokenvault.cluster "$@"
+exec "$VENV/bin/python" -m tokenvault.devcluster "$@"

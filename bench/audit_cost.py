@@ -19,8 +19,8 @@ from pathlib import Path
 
 from loadgen import VaultTarget, drive, free_ports, read_pids, report_line
 
-from tokenvault import cluster
-from tokenvault.client import AsyncClient
+from tokenvault.devcluster import cluster
+from tokenvault.client.vault import AsyncClient
 from tokenvault.config import AuditConfig, load_config, write_node_config
 
 NODES = 3

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cryptography.hazmat.primitives import hashes, hmac  # noqa: E402
 
-from tokenvault.crypto import EPOCH_SECRET_BYTES, EpochKeys  # noqa: E402
+from tokenvault.crypto.keys import EPOCH_SECRET_BYTES, EpochKeys  # noqa: E402
 
 SHA256_BLOCK_BYTES = 64
 

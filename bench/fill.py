@@ -18,7 +18,7 @@ in it and errors; then, read from each node of the cluster.json: the node
 process's RSS (/proc), the data directory's size on disk (allocated blocks),
 the event-loop stall gauge (worst of the last minute) and how many stalls of
 more than 100 ms and 1 s the stall histogram gained in the window
-(tokenvault/loopwatch.py), and the highest view any node reports in /health.
+(tokenvault/core/loopwatch.py), and the highest view any node reports in /health.
 A view that grows is an election; the line says so. At the end a summary
 compares the first window with the last full one (rate and p99 ratios).
 
@@ -68,7 +68,7 @@ from httpclients import CLIENT_KINDS, open_client  # noqa: E402
 from loadgen import Measurement, VaultTarget  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
-from tokenvault.cluster import (CLUSTER_FILE_NAME, ClusterError, cluster_status, fetch_health,  # noqa: E402
+from tokenvault.devcluster.cluster import (CLUSTER_FILE_NAME, ClusterError, cluster_status, fetch_health,  # noqa: E402
                                 launch_node, load_cluster, open_url, output_tail, running_pid, stop_cluster)
 
 CARD_DIGITS = 16

@@ -35,7 +35,7 @@ def ssl_context_for(ca_file: str | Path | None) -> ssl.SSLContext | None:
     """Verification against the cluster CA for https:// nodes (None: plain http, or the system's CAs)."""
     if not ca_file:
         return None
-    from tokenvault.tls import http_client_context
+    from tokenvault.crypto.tls import http_client_context
 
     return http_client_context(Path(ca_file))
 

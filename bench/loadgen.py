@@ -420,7 +420,7 @@ async def command_run(arguments: argparse.Namespace) -> int:
 
 
 async def command_compare_etcd(arguments: argparse.Namespace) -> int:
-    from tokenvault import cluster
+    from tokenvault.devcluster import cluster
 
     if shutil.which("etcd") is None and not Path("/usr/bin/etcd").exists():
         raise SystemExit(ETCD_INSTALL_HINT)

@@ -10,7 +10,7 @@ vault's shape of data and stops at the largest milestone of ``--tokens``:
 - keys: ``tv1_`` + 32 characters of base32 [a-z2-7] (160 random bits), 36 ASCII bytes;
 - values: 4-byte epoch + 32 random bytes (the AES-SIV ciphertext of a 16-byte
   card-like value: 16-byte tag + 16 bytes); SQLite keeps the epoch in its own
-  INTEGER column as tokenvault/store.py does;
+  INTEGER column as tokenvault/core/store.py does;
 - insert-once: every batch (``--batch``, default 100) first looks up all its
   keys (multi-get), then inserts them;
 - point reads: batches of 100 random existing keys (RocksDB ``db.get([...])``,
@@ -329,7 +329,7 @@ class LmdbEngine:
         self.env.copy(str(target), compact=False)
 
 
-_INSERT_CHUNK_ROWS = (256, 128, 64, 32, 16, 8, 4, 2, 1)  # as tokenvault/store.py
+_INSERT_CHUNK_ROWS = (256, 128, 64, 32, 16, 8, 4, 2, 1)  # as tokenvault/core/store.py
 _INSERT_TOKENS = {rows: "INSERT OR IGNORE INTO tokens (token, epoch, ciphertext) VALUES "
                   + ",".join(("(?,?,?)",) * rows) for rows in _INSERT_CHUNK_ROWS}
 
@@ -351,7 +351,7 @@ class SqliteEngine:
         self._selects: dict[int, str] = {}
 
     def open(self) -> None:
-        # The pragmas of tokenvault/store.py's _connect.
+        # The pragmas of tokenvault/core/store.py's _connect.
         self.connection = self.sqlite3.connect(self.path, isolation_level=None, cached_statements=256)
         self.connection.execute("PRAGMA journal_mode = WAL")
         self.connection.execute("PRAGMA synchronous = NORMAL")

@@ -23,9 +23,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from protocol import Entry, EntryKind, HardState  # noqa: E402
-from tokenvault.commands import RotateEpochCommand, TokenizeCommand, decode_command, encode_command  # noqa: E402
-from tokenvault.store import VaultStore  # noqa: E402
-from tokenvault.wal import WriteAheadLog  # noqa: E402
+from tokenvault.core.commands import RotateEpochCommand, TokenizeCommand, decode_command, encode_command  # noqa: E402
+from tokenvault.core.store import VaultStore  # noqa: E402
+from tokenvault.core.wal import WriteAheadLog  # noqa: E402
 
 
 def random_token(rng: random.Random) -> str:

@@ -22,9 +22,9 @@ from typing import Any, Mapping
 from urllib.parse import urlsplit
 
 from tokenvault.auth import ALL_SCOPES, PRINCIPAL_NAME_PATTERN, ApiKeyEntry, ApiKeyTable, ApiKeyTableError
-from tokenvault.crypto import (MASTER_KEY_ENVIRONMENT_VARIABLE, CryptoError, KeyWrapper, MasterKey, read_secret_file,
+from tokenvault.crypto.keys import (MASTER_KEY_ENVIRONMENT_VARIABLE, CryptoError, KeyWrapper, MasterKey, read_secret_file,
                                take_from_environment)
-from tokenvault.tls import NodeTlsFiles
+from tokenvault.crypto.tls import NodeTlsFiles
 
 CLUSTER_SECRET_BYTES = 32
 ALLOWED_MEMBER_COUNTS = (1, 3, 5)
@@ -380,7 +380,7 @@ class WalConfig:
 @dataclass(frozen=True, slots=True)
 class SealerConfig:
     # A helper process seals tokenize batches of at least min_values values on
-    # another core (tokenvault/sealer.py); smaller batches, and batches that would
+    # another core (tokenvault/core/sealer.py); smaller batches, and batches that would
     # put more than max_pending_values values in its queue, are sealed in process.
     enabled: bool = True
     min_values: int = 32
@@ -394,7 +394,7 @@ class SealerConfig:
 
 @dataclass(frozen=True, slots=True)
 class Pkcs11Config:
-    """The master key as an AES-256 key inside a PKCS#11 token (tokenvault/custody.py).
+    """The master key as an AES-256 key inside a PKCS#11 token (tokenvault/crypto/custody.py).
     The PIN comes from the environment variable ``pin_env`` or the file ``pin_file``,
     never from the config itself."""
 
@@ -424,7 +424,7 @@ def _inside(path: Path, directory: Path) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class TlsConfig:
-    """The node's certificate and key and the cluster CA (tokenvault/tls.py): HTTPS and mutual-TLS peer links.
+    """The node's certificate and key and the cluster CA (tokenvault/crypto/tls.py): HTTPS and mutual-TLS peer links.
 
     The files themselves are checked when the node starts (tls.check_node_files), so that a config can be
     validated on a machine that does not hold them."""
@@ -446,7 +446,7 @@ class TlsConfig:
 
 @dataclass(frozen=True, slots=True)
 class AuditConfig:
-    # Every detokenize waits until its audit record is committed (tokenvault/audit.py).
+    # Every detokenize waits until its audit record is committed (tokenvault/api/audit.py).
     # A node batches its records: the first waits at most flush_ms for company,
     # one log entry carries at most max_batch_records, and at most
     # max_pending_records wait at once (more are refused with 503).
@@ -606,7 +606,7 @@ class NodeConfig:
 
     def _open_pkcs11(self, environ: Mapping[str, str] | None) -> KeyWrapper:
         # Imported here: only a node configured with a token needs the module (and python-pkcs11).
-        from tokenvault.custody import Pkcs11MasterKey
+        from tokenvault.crypto.custody import Pkcs11MasterKey
 
         assert self.pkcs11 is not None
         if take_from_environment(MASTER_KEY_ENVIRONMENT_VARIABLE, environ):

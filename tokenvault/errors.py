@@ -1,6 +1,6 @@
 """Typed errors the service raises and the problem+json bodies the HTTP layer sends.
 
-The service layer (tokenvault/service.py) raises ServiceError subclasses; the
+The service layer (tokenvault/api/service.py) raises ServiceError subclasses; the
 HTTP layer turns each into an RFC 9457 ``application/problem+json`` response
 with the error's status, title, detail and extra headers. Every detail text
 is written by this project and never contains a submitted value, token or key:

@@ -5,7 +5,7 @@ touches prometheus_client's global registry; ``GET /metrics`` renders exactly
 this registry. The HTTP layer records requests, latencies, idempotent
 replays, 429s, refused connections and body timeouts; the node driver records replication state and WAL fsyncs through the
 ``set_*`` / ``observe_*`` methods and issued tokens when it applies them; the
-service records detokenize results; the loop watcher (tokenvault/loopwatch.py)
+service records detokenize results; the loop watcher (tokenvault/core/loopwatch.py)
 records how late the event loop woke it. Label values come from fixed sets (route
 templates, roles, peer ids and API key names from the config), never from
 request data, so the number of series is bounded.

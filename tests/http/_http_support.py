@@ -19,8 +19,8 @@ from aiohttp.test_utils import TestServer
 
 from tokenvault import auth
 from tokenvault.errors import IdempotencyInFlight, IdempotencyMismatch, NotFound, Outcome, Unavailable
-from tokenvault.http import ProblemAppRunner
-from tokenvault.tokens import parse_token
+from tokenvault.api.http import ProblemAppRunner
+from tokenvault.crypto.tokens import parse_token
 
 FAKE_NODE_ID = "fake-1"
 LIVE_SERVER_START_TIMEOUT_SECONDS = 10.0
@@ -170,7 +170,7 @@ class FakeService:
 
 
 class FakeBackupStream:
-    """What open_backup returns (tokenvault.backup.BackupStream's interface), from memory."""
+    """What open_backup returns (tokenvault.core.backup.BackupStream's interface), from memory."""
 
     index, view = 7, 3
 

@@ -1,6 +1,6 @@
 """One real `tokenvault serve` process (a cluster of one) for the HTTP tests.
 
-The node is generated and started through tokenvault.cluster's programmatic
+The node is generated and started through tokenvault.devcluster.cluster's programmatic
 API in a temporary directory, on ports the kernel handed out for port 0, with
 fast election timing so that it becomes primary in a fraction of a second.
 `RealNode.stop` always ends the process: SIGTERM through stop_cluster, then a
@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tokenvault import cluster
+from tokenvault.devcluster import cluster
 from tokenvault.config import TimingConfig, WalConfig
-from tokenvault.tls import http_client_context
+from tokenvault.crypto.tls import http_client_context
 
 # A one-member cluster elects itself after one election timeout: 5-10 ticks of 20 ms.
 FAST_TIMING = TimingConfig(tick_ms=20, election_timeout_ticks=5, heartbeat_interval_ticks=1,

@@ -26,7 +26,7 @@ from _http_support import (
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from tokenvault.http import HttpLimits, build_app
+from tokenvault.api.http import HttpLimits, build_app
 from tokenvault.metrics import Metrics
 
 

@@ -11,7 +11,7 @@ from _http_support import FakeService, ProblemTestServer
 
 from tokenvault import auth
 from tokenvault.config import LimitsConfig, MemberConfig, NodeConfig
-from tokenvault.http import create_app
+from tokenvault.api.http import create_app
 from tokenvault.metrics import Metrics
 
 

@@ -16,9 +16,9 @@ from _http_checks import check_problem
 from _http_support import FakeService, KeyRing, fake_token
 from aiohttp.test_utils import TestClient
 
-from tokenvault.http import HttpLimits
+from tokenvault.api.http import HttpLimits
 from tokenvault.metrics import Metrics
-from tokenvault.ratelimit import BucketLimit
+from tokenvault.api.ratelimit import BucketLimit
 
 ClientFactory = Callable[[HttpLimits], Awaitable[TestClient]]
 JSON = {"Content-Type": "application/json"}

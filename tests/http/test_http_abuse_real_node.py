@@ -5,7 +5,7 @@ limit was checked: the node's RSS rose from 62 to 300 MB and its event loop
 stalled 0.93 s. Now it is refused from a count of its bytes; this measures the
 node's peak resident memory (VmHWM in /proc/PID/status) before and after, and
 the worst event-loop stall the node itself reports in /metrics
-(tokenvault/loopwatch.py). The peak is reset before each probe (Linux's
+(tokenvault/core/loopwatch.py). The peak is reset before each probe (Linux's
 /proc/PID/clear_refs), so each probe is measured on its own.
 """
 

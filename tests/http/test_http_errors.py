@@ -16,7 +16,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from _http_support import FakeService, KeyRing
 
-from tokenvault.http import HttpLimits
+from tokenvault.api.http import HttpLimits
 
 JSON = {"Content-Type": "application/json"}
 MARKER = "SECRET-value-7c1e"  # a submitted value that must never come back

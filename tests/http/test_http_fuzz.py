@@ -17,7 +17,7 @@ from _http_support import HttpTarget
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tokenvault.tokens import is_token
+from tokenvault.crypto.tokens import is_token
 
 MARK = "MARK"  # every generated string starts with this; no response may contain it
 POST_PATHS = ("/v1/tokenize", "/v1/detokenize", "/v1/admin/epochs")
@@ -26,7 +26,7 @@ CONTENT_TYPES = (
     "application/json; charset=utf-16", "", "application/octet-stream",
 )
 SOCKET_TIMEOUT_SECONDS = 5.0
-UNPARSABLE_REQUEST_DETAIL = b"the request is not valid HTTP/1.1"  # tokenvault/http.py
+UNPARSABLE_REQUEST_DETAIL = b"the request is not valid HTTP/1.1"  # tokenvault/api/http.py
 FUZZ_SETTINGS = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 marked_text = st.text(max_size=40).map(lambda text: MARK + text)

@@ -8,7 +8,7 @@ from _http_checks import check_problem
 from _http_support import FakeService, KeyRing, ProblemTestServer
 from aiohttp.test_utils import TestClient
 
-from tokenvault.http import HttpLimits, build_app
+from tokenvault.api.http import HttpLimits, build_app
 from tokenvault.metrics import Metrics
 
 JSON = {"Content-Type": "application/json"}

@@ -9,7 +9,7 @@ from aiohttp.test_utils import TestClient
 from _http_support import FakeService, KeyRing, fake_token
 
 from tokenvault.metrics import Metrics
-from tokenvault.tokens import is_token, parse_token
+from tokenvault.crypto.tokens import is_token, parse_token
 
 JSON = {"Content-Type": "application/json"}
 

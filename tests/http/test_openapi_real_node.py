@@ -1,7 +1,7 @@
 """A real node checked against docs/openapi.yaml over real HTTP (issue 2, point 9).
 
 One `tokenvault serve` process (a cluster of one, started by _real_node.py
-through tokenvault.cluster) serves this whole module. Against it run:
+through tokenvault.devcluster.cluster) serves this whole module. Against it run:
 
 - schemathesis, with the same document, configuration and checks as
   test_openapi_conformance.py (every operation, valid and invalid requests,
@@ -46,7 +46,7 @@ from test_http_fuzz import (  # noqa: F401
     test_tokenize_arbitrary_text_values,
 )
 
-from tokenvault.tokens import is_token
+from tokenvault.crypto.tokens import is_token
 
 pytestmark = pytest.mark.integration
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from _real_node import RealNode, start_real_node
-from tokenvault.client import Client, NoNodeAvailable
-from tokenvault.tls import http_client_context
+from tokenvault.client.vault import Client, NoNodeAvailable
+from tokenvault.crypto.tls import http_client_context
 
 pytestmark = pytest.mark.integration
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from harness import ClusterHarness
-from tokenvault.cluster import NodeSettings
+from tokenvault.devcluster.cluster import NodeSettings
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

@@ -1,6 +1,6 @@
 """Real-process clusters for the integration tests.
 
-`ClusterHarness` generates a cluster directory through tokenvault.cluster
+`ClusterHarness` generates a cluster directory through tokenvault.devcluster.cluster
 (init_cluster) on a random free base port, with fast timing knobs, optionally
 splices a `FaultProxy` into every peer link, and then starts, kills, restarts,
 pauses (SIGSTOP) and resumes (SIGCONT) the `tokenvault serve` processes. It
@@ -37,8 +37,8 @@ from typing import Any, TypeVar
 
 from faultproxy import FaultProxy
 from history import History, Kind
-from tokenvault import cluster
-from tokenvault.client import (AsyncClient, NoNodeAvailable, ProblemError, ResponseError, RotateResult,
+from tokenvault.devcluster import cluster
+from tokenvault.client.vault import (AsyncClient, NoNodeAvailable, ProblemError, ResponseError, RotateResult,
                                TokenizeResult)
 from tokenvault.config import TimingConfig, WalConfig, load_config, write_node_config
 

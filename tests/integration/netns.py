@@ -30,7 +30,7 @@ from typing import Any, ClassVar, TypeVar
 
 from tokenvault.auth import ApiKeyEntry
 from tokenvault.config import HttpConfig, MemberConfig, NodeConfig, PeerConfig, TimingConfig, write_node_config
-from tokenvault.crypto import MasterKey, write_secret_file
+from tokenvault.crypto.keys import MasterKey, write_secret_file
 
 HTTP_PORT = 7000
 PEER_PORT = 7001
@@ -179,7 +179,7 @@ class NetnsCluster:
             write_node_config(node.config_path, config)
 
     def start_node(self, node: NetnsNode) -> None:
-        command = ["ip", "netns", "exec", node.namespace, sys.executable, "-m", "tokenvault.cli", "serve",
+        command = ["ip", "netns", "exec", node.namespace, sys.executable, "-m", "tokenvault.client.cli", "serve",
                    "--config", str(node.config_path)]
         with open(node.output_path, "ab") as output:
             node.process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT,

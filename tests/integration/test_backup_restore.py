@@ -26,8 +26,8 @@ from harness import (ELECTION_TIMEOUT_TICKS, HEARTBEAT_INTERVAL_TICKS, REQUEST_T
                      background_load, free_base_port, wait_for_acknowledged)
 from history import History, Kind
 from test_failover import value_pool
-from tokenvault import cluster
-from tokenvault.client import AsyncClient, Unauthorized
+from tokenvault.devcluster import cluster
+from tokenvault.client.vault import AsyncClient, Unauthorized
 
 pytestmark = pytest.mark.integration
 

@@ -9,6 +9,7 @@ import asyncio
 import json
 import time
 import uuid
+from pathlib import Path
 
 import aiohttp
 import msgpack
@@ -16,9 +17,9 @@ import pytest
 from click.testing import CliRunner
 
 from harness import ClusterHarness, default_settings, wait_for
-from tokenvault.cli import tokenvault
-from tokenvault.client import AsyncClient
-from tokenvault.store import VaultStore
+from tokenvault.client.cli import tokenvault
+from tokenvault.client.vault import AsyncClient, client_ssl_context
+from tokenvault.core.store import VaultStore
 
 pytestmark = pytest.mark.integration
 
@@ -52,7 +53,8 @@ def test_a_revoked_key_gets_401_on_every_node_within_one_second_of_the_ack(make_
     harness: ClusterHarness = make_cluster(3, settings=default_settings())
 
     async def scenario() -> dict[str, float | None]:
-        async with harness.client() as admin, aiohttp.ClientSession() as session:
+        connector = aiohttp.TCPConnector(ssl=client_ssl_context(harness.ca_file))
+        async with harness.client() as admin, aiohttp.ClientSession(connector=connector) as session:
             created = await admin.create_key("probe", ["tokenize"])
             assert created.key is not None and created.key.startswith(f"tvk1_{created.id}_")
             # The key works everywhere once created (each node applied it): 403 here means authenticated.
@@ -64,7 +66,7 @@ def test_a_revoked_key_gets_401_on_every_node_within_one_second_of_the_ack(make_
                     await asyncio.sleep(0.02)
                 else:
                     raise AssertionError(f"{node_id} never accepted the new key")
-            async with AsyncClient(harness.url(harness.node_ids[0]), created.key) as user:
+            async with AsyncClient(harness.url(harness.node_ids[0]), created.key, ca_file=harness.ca_file) as user:
                 assert (await user.tokenize(["from-a-runtime-key"])).tokens
             assert [info.id for info in await admin.list_keys()] == [created.id]
             backup = next(node_id for node_id in harness.node_ids
@@ -82,9 +84,10 @@ def test_a_revoked_key_gets_401_on_every_node_within_one_second_of_the_ack(make_
     assert not late, f"still accepted the revoked key 1 s after the ack: {seconds_until_401}"
 
 
-def _verify(url: str, key: str) -> tuple[int, str, str]:
-    result = CliRunner().invoke(tokenvault, ["admin", "--url", url, "--api-key", key, "audit", "verify", "--json"],
-                                env={"TOKENVAULT_URL": "", "TOKENVAULT_API_KEY": ""})
+def _verify(url: str, key: str, ca_file: Path | None) -> tuple[int, str, str]:
+    connection = ["--url", url, "--api-key", key] + (["--ca-file", str(ca_file)] if ca_file else [])
+    result = CliRunner().invoke(tokenvault, ["admin", *connection, "audit", "verify", "--json"],
+                                env={"TOKENVAULT_URL": "", "TOKENVAULT_API_KEY": "", "TOKENVAULT_CA_FILE": ""})
     return result.exit_code, result.stdout, result.stderr
 
 
@@ -156,16 +159,16 @@ def test_audit_trail_is_identical_everywhere_and_verify_finds_a_record_tampered_
 
     victim = harness.node_ids[1]
     for node_id in harness.node_ids:
-        assert _verify(harness.url(node_id), harness.key("admin"))[0] == 0
+        assert _verify(harness.url(node_id), harness.key("admin"), harness.ca_file)[0] == 0
     tampered_seq = detokenizes[1]["seq"]
     harness.kill(victim)
     _tamper_found_count(harness.node(victim).data_dir / "store", tampered_seq)
     harness.restart(victim)
     wait_for(lambda: (harness.health(victim) or {}).get("applied_index", 0) > 0, 10, "the victim to serve")
-    exit_code, stdout, stderr = _verify(harness.url(victim), harness.key("admin"))
+    exit_code, stdout, stderr = _verify(harness.url(victim), harness.key("admin"), harness.ca_file)
     assert exit_code == 4, (stdout, stderr)
     report = json.loads(stdout)
     assert (report["ok"], report["broken_seq"], report["verified"]) == (False, tampered_seq, tampered_seq - 1)
     assert "does not match its hash" in report["reason"]
     untouched = next(node_id for node_id in harness.node_ids if node_id != victim)
-    assert _verify(harness.url(untouched), harness.key("admin"))[0] == 0
+    assert _verify(harness.url(untouched), harness.key("admin"), harness.ca_file)[0] == 0

@@ -1,4 +1,4 @@
-"""Property tests for tokenvault.store: apply follows a reference model and is deterministic.
+"""Property tests for tokenvault.core.store: apply follows a reference model and is deterministic.
 
 Random command sequences (tokenize and rotate with right and wrong epochs, the
 same tokens again, idempotency keys reused across principals and retried,
@@ -22,10 +22,10 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from protocol import Entry, EntryKind
-from tokenvault.commands import RotateEpochCommand, TokenizeCommand, encode_command
+from tokenvault.core.commands import RotateEpochCommand, TokenizeCommand, encode_command
 import pytest
 
-from tokenvault.store import InsertOnceViolation, Outcome, VaultStore
+from tokenvault.core.store import InsertOnceViolation, Outcome, VaultStore
 
 RETENTION_MS = 2_000
 # A small purge limit and a wide key space make the bounded, ordered purge matter.

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tokenvault.crypto import DecryptError, KeyRing, MasterKey
-from tokenvault.tokens import (
+from tokenvault.crypto.keys import DecryptError, KeyRing, MasterKey
+from tokenvault.crypto.tokens import (
     MAX_EPOCH,
     TOKEN_BODY_CHARS,
     TokenFormatError,

@@ -1,4 +1,4 @@
-"""Property tests for tokenvault.wal: damaged logs recover a valid prefix or refuse to start.
+"""Property tests for tokenvault.core.wal: damaged logs recover a valid prefix or refuse to start.
 
 A model replays the same operations record by record, so every state the log
 passed through is known. After random batches (with truncations, hard states,
@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from protocol import Entry, EntryKind, HardState
-from tokenvault.wal import HEADER_BYTES, WalCorruption, WriteAheadLog
+from tokenvault.core.wal import HEADER_BYTES, WalCorruption, WriteAheadLog
 
 # TOKENVAULT_PROP_EXAMPLES raises the example count for a longer soak run.
 PROPERTY_SETTINGS = settings(max_examples=int(os.environ.get("TOKENVAULT_PROP_EXAMPLES", "120")), deadline=None,

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 from protocol import (INITIAL_HARD_STATE, BecamePrimary, Entry, EntryKind, HardState, InstallSnapshot, Message,
                       NotPrimary, ProposalRejected, Ready, ReplicaConfig, Replica, RestoredState, Role, decode_body)
 from protocol.codec import encode_body
-# The node's own choices, so that the sweep checks the order tokenvault/node.py really uses.
+# The node's own choices, so that the sweep checks the order tokenvault/core/node.py really uses.
 
 TRACE_LENGTH = 60
 MESSAGES_PER_TICK_LIMIT = 20_000
@@ -211,7 +211,7 @@ class Simulation:
             replica = node.replica
 
     def _before_fsync(self, node: SimNode, ready: Ready, primary_view: int | None) -> None:
-        """What tokenvault/node.py does while a Ready's write is still running.
+        """What tokenvault/core/node.py does while a Ready's write is still running.
 
         The primary's own appends, heartbeats and snapshot chunks leave at once,
         and committed entries that an earlier Ready already made durable are

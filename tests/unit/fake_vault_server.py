@@ -21,7 +21,7 @@ from typing import Any
 
 from aiohttp import web
 
-from tokenvault.tls import NodeTlsFiles, create_cluster_tls, http_server_context
+from tokenvault.crypto.tls import NodeTlsFiles, create_cluster_tls, http_server_context
 
 DROP = "drop"
 

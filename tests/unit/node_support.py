@@ -21,14 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from protocol import FrameDecoder, Hello, HelloProof, Message, Role, encode_frame
-from tokenvault import commands
+from tokenvault.core import commands
 from tokenvault.auth import ApiKeyEntry
 from tokenvault.config import (IdempotencyConfig, HttpConfig, MemberConfig, NodeConfig, PeerConfig,
                                TimingConfig, WalConfig)
-from tokenvault.crypto import MasterKey, write_secret_file
-from tokenvault.node import Node
-from tokenvault.service import NodeService
-from tokenvault.transport import GREETING
+from tokenvault.crypto.keys import MasterKey, write_secret_file
+from tokenvault.core.node import Node
+from tokenvault.api.service import NodeService
+from tokenvault.core.transport import GREETING
 
 POLL_INTERVAL_SECONDS = 0.01
 NONCE_BYTES = 32

@@ -18,9 +18,9 @@ import sys
 from pathlib import Path
 
 from protocol import Entry, EntryKind
-from tokenvault import store as store_module
-from tokenvault.commands import RotateEpochCommand, TokenizeCommand, encode_command
-from tokenvault.store import VaultStore
+from tokenvault.core import store as store_module
+from tokenvault.core.commands import RotateEpochCommand, TokenizeCommand, encode_command
+from tokenvault.core.store import VaultStore
 
 RETENTION_MS = 2_000
 PURGE_LIMIT = 2

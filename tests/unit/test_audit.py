@@ -1,4 +1,4 @@
-"""tokenvault.audit: the group-commit buffer (batching, fail closed, bound) and runtime key parsing."""
+"""tokenvault.api.audit: the group-commit buffer (batching, fail closed, bound) and runtime key parsing."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import asyncio
 import pytest
 
 from tokenvault import auth
-from tokenvault.audit import AuditBuffer, AuditUnavailable
-from tokenvault.commands import AuditRecord
+from tokenvault.api.audit import AuditBuffer, AuditUnavailable
+from tokenvault.core.commands import AuditRecord
 
 
 def record(number: int) -> AuditRecord:

@@ -1,4 +1,4 @@
-"""Online backup and restore (tokenvault.backup): the endpoint, the CLI download, and restoring a data dir.
+"""Online backup and restore (tokenvault.core.backup): the endpoint, the CLI download, and restoring a data dir.
 
 The endpoint tests serve a real BackupStream (real snapshot stream code) over a
 stand-in store that writes a few checkpoint files; the restore test takes a
@@ -26,16 +26,16 @@ from click.testing import CliRunner
 from node_support import make_configs, start_node, wait_until
 from protocol import Entry, EntryKind
 from tokenvault import auth
-from tokenvault.backup import (BACKUP_WORK_DIR_NAME, HEADER_BYTES, HEADER_INDEX, HEADER_NODE, HEADER_VIEW,
+from tokenvault.core.backup import (BACKUP_WORK_DIR_NAME, HEADER_BYTES, HEADER_INDEX, HEADER_NODE, HEADER_VIEW,
                                BackupError, BackupRefused, BackupStream, restore_data_dir, verify_backup_file)
-from tokenvault.cli import tokenvault
-from tokenvault.commands import RotateEpochCommand, encode_command
+from tokenvault.client.cli import tokenvault
+from tokenvault.core.commands import RotateEpochCommand, encode_command
 from tokenvault.config import write_node_config
-from tokenvault.http import HttpLimits, ProblemAppRunner, build_app
+from tokenvault.api.http import HttpLimits, ProblemAppRunner, build_app
 from tokenvault.metrics import Metrics
-from tokenvault.snapshots import stage_file
-from tokenvault.store import VaultStore
-from tokenvault.wal import WriteAheadLog
+from tokenvault.core.snapshots import stage_file
+from tokenvault.core.store import VaultStore
+from tokenvault.core.wal import WriteAheadLog
 
 ADMIN_KEY = auth.generate_api_key()
 TOKENIZER_KEY = auth.generate_api_key()
@@ -348,7 +348,7 @@ def test_cli_backup_of_a_stream_that_breaks_off_keeps_nothing(runner: CliRunner,
 
 @pytest.fixture
 def backup_file(tmp_path: Path) -> Path:
-    from tokenvault.snapshots import SnapshotSource
+    from tokenvault.core.snapshots import SnapshotSource
 
     source = SnapshotSource.create(CheckpointingStore(CHECKPOINT_FILES), tmp_path / "work")
     path = tmp_path / "good.backup"

@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from fake_vault_server import FakeVaultServer, Reply, closed_port_url, node_tls_files, problem
-from tokenvault.cli import tokenvault
+from tokenvault.client.cli import tokenvault
 from tokenvault.config import load_config
 
 ADMIN_KEY = "tvk_" + "a" * 43
@@ -222,7 +222,7 @@ def test_a_missing_ca_file_is_a_usage_error(runner: CliRunner, tmp_path: Path) -
 
 
 def test_serve_refuses_a_bad_certificate_with_one_line_naming_the_file(runner: CliRunner, tmp_path: Path) -> None:
-    from tokenvault import cluster
+    from tokenvault.devcluster import cluster
 
     spec, _ = cluster.init_cluster(tmp_path / "vault", 1, 9300)
     config = load_config(spec.nodes[0].config)
@@ -278,7 +278,7 @@ def test_cluster_json_before_the_subcommand(runner: CliRunner, primary: FakeVaul
 def test_ca_file_reaches_the_client_wherever_it_is_given(
         runner: CliRunner, primary: FakeVaultServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         where: str) -> None:
-    import tokenvault.cli as cli_module
+    import tokenvault.client.cli as cli_module
 
     seen: list[str | None] = []
     real_client = cli_module.AsyncClient
@@ -358,7 +358,7 @@ def test_key_revoke_posts_to_the_key_and_a_missing_key_is_exit_1(
 
 
 def _audit_records(count: int) -> list[dict]:
-    from tokenvault.audit import GENESIS_HASH, chain_hash, record_document
+    from tokenvault.audit_chain import GENESIS_HASH, chain_hash, record_document
 
     records, previous = [], GENESIS_HASH
     for seq in range(1, count + 1):
@@ -418,7 +418,7 @@ def test_audit_verify_names_the_first_broken_link_and_exits_4(
 
 def test_audit_export_writes_every_verified_record_as_json_lines_and_never_overwrites(
         runner: CliRunner, primary: FakeVaultServer, tmp_path: Path) -> None:
-    from tokenvault.audit import ChainVerifier
+    from tokenvault.audit_chain import ChainVerifier
 
     records = _audit_records(1200)
     _serve_audit(primary, records)

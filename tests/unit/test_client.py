@@ -1,4 +1,4 @@
-"""Tests of tokenvault.client against in-memory fake nodes on 127.0.0.1:0."""
+"""Tests of tokenvault.client.vault against in-memory fake nodes on 127.0.0.1:0."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from fake_vault_server import DROP, FakeVaultServer, Reply, closed_port_url, node_tls_files, problem
-from tokenvault import client as client_module
-from tokenvault.client import (AsyncClient, Client, ConfigurationError, Conflict, Forbidden, NoNodeAvailable,
+from tokenvault.client import vault as client_module
+from tokenvault.client.vault import (AsyncClient, Client, ConfigurationError, Conflict, Forbidden, NoNodeAvailable,
                                ResponseError, ServiceUnavailable, Unauthorized, normalize_urls)
 
 API_KEY = "tvk_" + "A" * 43

@@ -1,4 +1,4 @@
-"""Tests of tokenvault.cluster: generation of the cluster directory and the process lifecycle.
+"""Tests of tokenvault.devcluster.cluster: generation of the cluster directory and the process lifecycle.
 
 The lifecycle tests start a stand-in node process (a few lines of stdlib Python
 answering /health on the node's HTTP port) in place of `tokenvault serve`, so
@@ -23,12 +23,14 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from tokenvault import cluster, demo, tls
+from tokenvault.devcluster import cluster
+from tokenvault.devcluster import demo
+from tokenvault.crypto import tls
 from tokenvault.auth import hash_api_key
-from tokenvault.cluster import ClusterError, NodeSettings
-from tokenvault.cluster_cli import run_cluster
+from tokenvault.devcluster.cluster import ClusterError, NodeSettings
+from tokenvault.devcluster.cluster_cli import run_cluster
 from tokenvault.config import SealerConfig, TimingConfig, WalConfig, load_config, write_node_config
-from tokenvault.crypto import MasterKey
+from tokenvault.crypto.keys import MasterKey
 
 FAKE_NODE_SOURCE = r"""
 import json, os, signal, sys, threading, tomllib

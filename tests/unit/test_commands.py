@@ -1,4 +1,4 @@
-"""Unit tests for tokenvault.commands: round trips, validation and hostile payloads."""
+"""Unit tests for tokenvault.core.commands: round trips, validation and hostile payloads."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tokenvault.commands import (
+from tokenvault.core.commands import (
     COMMAND_FORMAT_VERSION,
     MAX_CIPHERTEXT_BYTES,
     MAX_ITEMS,

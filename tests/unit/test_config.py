@@ -23,7 +23,7 @@ from tokenvault.config import (
     to_toml,
     write_node_config,
 )
-from tokenvault.crypto import MasterKey, write_secret_file
+from tokenvault.crypto.keys import MasterKey, write_secret_file
 
 ADMIN_KEY = generate_api_key()
 ADMIN_HASH = hash_api_key(ADMIN_KEY)

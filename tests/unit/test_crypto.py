@@ -9,7 +9,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, AESSIV
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from tokenvault.crypto import (
+from tokenvault.crypto.keys import (
     WRAPPED_SECRET_BYTES,
     DecryptError,
     EpochKeys,
@@ -25,7 +25,7 @@ from tokenvault.crypto import (
     read_secret_file,
     write_secret_file,
 )
-from tokenvault.tokens import TokenFormatError, encode_token_body, is_token, parse_token
+from tokenvault.crypto.tokens import TokenFormatError, encode_token_body, is_token, parse_token
 
 FIXED_MASTER = bytes(range(32))
 FIXED_SECRET = bytes(range(100, 132))

@@ -39,10 +39,10 @@ from node_support import make_configs, start_node, wait_until
 from softhsm_support import MASTER_KEY_LABEL, SoftHsm, create_aes_key, import_aes_key, make_softhsm
 from tokenvault.config import ConfigError, NodeConfig, Pkcs11Config, load_config, parse_config, to_toml, \
     write_node_config
-from tokenvault.crypto import (WRAPPED_SECRET_BYTES, KeyCustodyError, KeyRing, MasterKey, UnwrapError,
+from tokenvault.crypto.keys import (WRAPPED_SECRET_BYTES, KeyCustodyError, KeyRing, MasterKey, UnwrapError,
                                new_epoch_secret)
-from tokenvault.custody import Pkcs11MasterKey
-from tokenvault.store import VaultStore
+from tokenvault.crypto.custody import Pkcs11MasterKey
+from tokenvault.core.store import VaultStore
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 TOKENVAULT = str(Path(sys.executable).parent / "tokenvault")

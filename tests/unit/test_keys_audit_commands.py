@@ -1,11 +1,11 @@
-"""The runtime key and audit commands (tokenvault.commands): round trips and the hostile-input decoder."""
+"""The runtime key and audit commands (tokenvault.core.commands): round trips and the hostile-input decoder."""
 
 from __future__ import annotations
 
 import msgpack
 import pytest
 
-from tokenvault.commands import (
+from tokenvault.core.commands import (
     AUDIT_TAG,
     COMMAND_FORMAT_VERSION,
     CREATE_API_KEY_TAG,

@@ -1,4 +1,4 @@
-"""tokenvault.loopwatch: a blocked loop shows up in the stall histogram, the gauge and the log."""
+"""tokenvault.core.loopwatch: a blocked loop shows up in the stall histogram, the gauge and the log."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
-from tokenvault.loopwatch import LoopWatch
+from tokenvault.core.loopwatch import LoopWatch
 from tokenvault.metrics import Metrics
 
 

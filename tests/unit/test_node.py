@@ -1,4 +1,4 @@
-"""tokenvault.node: the driver loop, run in-process with real WAL, RocksDB store and TCP.
+"""tokenvault.core.node: the driver loop, run in-process with real WAL, RocksDB store and TCP.
 
 Single nodes and three-node clusters run in the test's one event loop (see
 node_support.py). Waiting is polling against deadlines.
@@ -17,12 +17,12 @@ import pytest
 from node_support import (Cluster, Partition, RunningNode, Timing, data_files, make_configs, retry_until_ok, start_cluster,
                           start_node, wait_until)
 from protocol import AppendEntries, NotPrimary, Role
-from tokenvault import commands
+from tokenvault.core import commands
 from tokenvault.config import WalConfig
-from tokenvault.crypto import new_epoch_secret
+from tokenvault.crypto.keys import new_epoch_secret
 from tokenvault.errors import ServiceError, Unavailable
 from tokenvault.logs import configure_logging, reset_logging
-from tokenvault.store import Outcome as ApplyOutcome
+from tokenvault.core.store import Outcome as ApplyOutcome
 
 HEALTH_FIELDS = {"status", "node_id", "role", "view", "primary_id", "commit_index", "applied_index",
                  "active_epoch"}
@@ -192,7 +192,7 @@ async def test_a_ticker_that_dies_takes_the_node_down_with_node_fatal(tmp_path: 
             self._wake()
             if ticks == 20:
                 raise OSError("the clock went away")
-    monkeypatch.setattr("tokenvault.node.Node._tick_forever", failing_ticker)
+    monkeypatch.setattr("tokenvault.core.node.Node._tick_forever", failing_ticker)
     single = await start_node(make_configs(tmp_path, 1)[0])
     try:
         await wait_until(lambda: single.node.stopped.is_set(), 5, "the node to stop")
@@ -468,8 +468,8 @@ def _noop(index: int, view: int):
 def _data_dir_with(tmp_path: Path, store_views: list[int], wal_views: list[int], hard_state):
     """A one-node config whose data dir holds a store applied through len(store_views) and a WAL of
     len(wal_views) entries, the entry at index i having view store_views[i - 1] / wal_views[i - 1]."""
-    from tokenvault.store import VaultStore
-    from tokenvault.wal import WriteAheadLog
+    from tokenvault.core.store import VaultStore
+    from tokenvault.core.wal import WriteAheadLog
 
     (config,) = make_configs(tmp_path, 1)
     data_dir = Path(config.data_dir)
@@ -552,7 +552,8 @@ async def test_the_log_kept_in_memory_is_bounded_in_bytes_as_well_as_in_entries(
 def test_the_node_freezes_start_up_objects_and_collects_less_often() -> None:
     import gc
 
-    from tokenvault.node import GC_YOUNG_THRESHOLD, _tune_garbage_collector
+    from tokenvault.core.node import GC_YOUNG_THRESHOLD
+    from tokenvault.serve import _tune_garbage_collector
     threshold = gc.get_threshold()
     try:
         _tune_garbage_collector()
@@ -564,8 +565,8 @@ def test_the_node_freezes_start_up_objects_and_collects_less_often() -> None:
 
 
 def test_a_version_1_data_directory_is_refused_with_a_clear_message(tmp_path: Path) -> None:
-    from tokenvault.node import Node
-    from tokenvault.store import StoreCorruption
+    from tokenvault.core.node import Node
+    from tokenvault.core.store import StoreCorruption
 
     (config,) = make_configs(tmp_path, 1)
     Path(config.data_dir).mkdir(parents=True)
@@ -580,7 +581,7 @@ async def test_a_damaged_snapshot_stream_is_refused_asked_for_again_and_never_fa
     # The first stream the primary sends has one byte altered after its checksum was
     # taken (as a bad disk would): each chunk passes its CRC, the whole stream fails
     # its digest. The backup drops it, is streamed the snapshot again, and installs it.
-    from tokenvault import snapshots as snapshots_module
+    from tokenvault.core import snapshots as snapshots_module
 
     original_read = snapshots_module.SnapshotSource.read
     damaged_streams: list[int] = []

@@ -1,10 +1,10 @@
-"""tokenvault.ratelimit: token buckets per (API key name, endpoint kind), driven by a hand-moved clock."""
+"""tokenvault.api.ratelimit: token buckets per (API key name, endpoint kind), driven by a hand-moved clock."""
 
 from __future__ import annotations
 
 import pytest
 
-from tokenvault.ratelimit import (
+from tokenvault.api.ratelimit import (
     ADMIN,
     DETOKENIZE,
     TOKENIZE,

@@ -1,6 +1,6 @@
-"""tokenvault.sealer: the helper process that seals large tokenize batches.
+"""tokenvault.core.sealer: the helper process that seals large tokenize batches.
 
-Every test starts a real child process (``python -m tokenvault.sealer``). The
+Every test starts a real child process (``python -m tokenvault.core.sealer``). The
 promises checked: the child's tokens and ciphertexts are exactly the node's own;
 small or oversized batches stay in process; a child that dies, hangs or answers
 wrongly is dropped for in-process sealing without a wrong answer; the child
@@ -31,9 +31,9 @@ import pytest
 from structlog.testing import capture_logs
 
 from node_support import make_configs, start_node, wait_until
-from tokenvault.crypto import EpochKeys, KeyRing, MasterKey, new_epoch_secret
-from tokenvault.sealer import MAX_BATCH_BYTES, Sealer, SealerUnavailable
-from tokenvault.service import NodeService
+from tokenvault.crypto.keys import EpochKeys, KeyRing, MasterKey, new_epoch_secret
+from tokenvault.core.sealer import MAX_BATCH_BYTES, Sealer, SealerUnavailable
+from tokenvault.api.service import NodeService
 
 VALUES = [f"4111-{number:012d}-é" for number in range(100)]
 
@@ -225,7 +225,7 @@ async def test_a_hung_sealer_times_out_is_killed_and_not_used_again() -> None:
 async def test_the_sealer_exits_when_its_node_is_killed(tmp_path: Path) -> None:
     script = (
         "import asyncio, sys\n"
-        "from tokenvault.sealer import Sealer\n"
+        "from tokenvault.core.sealer import Sealer\n"
         "async def main():\n"
         "    sealer = await Sealer.start(min_values=1, max_pending_values=10,\n"
         "                                max_value_bytes=10, timeout_seconds=1)\n"
@@ -267,7 +267,7 @@ async def test_no_secret_is_on_the_sealers_command_line_or_in_its_environment(
 
 def test_the_child_stops_on_a_malformed_message_without_echoing_what_it_received() -> None:
     parent_end, child_end = socket.socketpair()
-    child = subprocess.Popen([sys.executable, "-m", "tokenvault.sealer", str(child_end.fileno())],
+    child = subprocess.Popen([sys.executable, "-m", "tokenvault.core.sealer", str(child_end.fileno())],
                              stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, pass_fds=(child_end.fileno(),),
                              cwd=Path(__file__).resolve().parents[2])
     child_end.close()

@@ -1,4 +1,4 @@
-"""tokenvault.service: tokenize, detokenize, epochs and idempotency on real nodes.
+"""tokenvault.api.service: tokenize, detokenize, epochs and idempotency on real nodes.
 
 A single node and three-node clusters run in-process (node_support.py). Where a
 request must be caught in flight, the test wraps ``node.propose`` with a gate
@@ -20,12 +20,12 @@ from node_support import Cluster, ProposalGate, RunningNode, Timing, retry_until
 import msgpack
 
 from protocol import AppendEntries, ForwardRequest, ForwardResponse, ProposalRejected
-from tokenvault import commands
-from tokenvault.crypto import new_epoch_secret
+from tokenvault.core import commands
+from tokenvault.crypto.keys import new_epoch_secret
 from tokenvault.errors import (IdempotencyInFlight, IdempotencyMismatch, Outcome, Overloaded, ServiceError,
                                Unavailable)
-from tokenvault.service import MAX_EPOCH_RETRIES
-from tokenvault.store import Outcome as ApplyOutcome
+from tokenvault.api.service import MAX_EPOCH_RETRIES
+from tokenvault.core.store import Outcome as ApplyOutcome
 
 TOKEN_PATTERN = re.compile(r"tv(\d+)_[a-z2-7]{32}\Z")
 RFC3339_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z\Z")
@@ -151,7 +151,7 @@ async def test_a_first_request_that_timed_out_frees_its_key(single: RunningNode)
 async def test_an_overloaded_primary_answers_overloaded_not_no_primary(single: RunningNode,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """A full driver inbox or a proposal the core refuses is overload: its own problem type, still 503."""
-    monkeypatch.setattr("tokenvault.node.INBOX_MAX_ITEMS", 0)
+    monkeypatch.setattr("tokenvault.core.node.INBOX_MAX_ITEMS", 0)
     for attempt in (single.service.tokenize("p", ["v"], None), single.service.detokenize(["tv1_" + "a" * 32])):
         with pytest.raises(Overloaded) as raised:
             await attempt

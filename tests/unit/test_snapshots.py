@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tokenvault.snapshots import (MAGIC, SnapshotSource, SnapshotStager, SnapshotStreamError, stage_file)
+from tokenvault.core.snapshots import (MAGIC, SnapshotSource, SnapshotStager, SnapshotStreamError, stage_file)
 
 
 class FakeStore:

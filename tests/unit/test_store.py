@@ -1,4 +1,4 @@
-"""Unit tests for tokenvault.store: apply semantics, idempotency, restarts, layout and checkpoints."""
+"""Unit tests for tokenvault.core.store: apply semantics, idempotency, restarts, layout and checkpoints."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 from rocksdict import AccessType, Options, Rdict
 
 from protocol import Entry, EntryKind
-from tokenvault.commands import CommandError, RotateEpochCommand, TokenizeCommand, encode_command
-from tokenvault.store import (
+from tokenvault.core.commands import CommandError, RotateEpochCommand, TokenizeCommand, encode_command
+from tokenvault.core.store import (
     BLOCK_CACHE_BYTES,
     PURGE_LIMIT_PER_COMMAND,
     SCHEMA_VERSION,

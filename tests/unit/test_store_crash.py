@@ -1,4 +1,4 @@
-"""Crash tests of tokenvault.store with real processes killed by SIGKILL.
+"""Crash tests of tokenvault.core.store with real processes killed by SIGKILL.
 
 The child (tests/unit/store_crash_child.py) applies a deterministic log; the
 test kills it at random moments and checks that the reopened store is exactly
@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from store_crash_child import PURGE_LIMIT, RETENTION_MS, entry, open_store
-from tokenvault.store import VaultStore
+from tokenvault.core.store import VaultStore
 
 CHILD = Path(__file__).with_name("store_crash_child.py")
 KILLS = 6

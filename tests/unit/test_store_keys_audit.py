@@ -1,4 +1,4 @@
-"""The replicated key table and audit trail in tokenvault.store: apply, limits, restarts, snapshots,
+"""The replicated key table and audit trail in tokenvault.core.store: apply, limits, restarts, snapshots,
 and one chain on every node whatever its batch boundaries."""
 
 from __future__ import annotations
@@ -7,11 +7,12 @@ import msgpack
 import pytest
 
 from protocol import Entry, EntryKind
-from tokenvault import auth, store as store_module
-from tokenvault.audit import ChainBreak, ChainVerifier
-from tokenvault.commands import (Actor, AuditCommand, AuditRecord, CreateApiKeyCommand, RevokeApiKeyCommand,
+from tokenvault import auth
+from tokenvault.core import store as store_module
+from tokenvault.audit_chain import ChainBreak, ChainVerifier
+from tokenvault.core.commands import (Actor, AuditCommand, AuditRecord, CreateApiKeyCommand, RevokeApiKeyCommand,
                                  RotateEpochCommand, encode_command)
-from tokenvault.store import Outcome, VaultStore
+from tokenvault.core.store import Outcome, VaultStore
 
 ACTOR = Actor(name="admin", key_id=None, node="n1", request_id="req-1")
 

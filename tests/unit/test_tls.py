@@ -1,4 +1,4 @@
-"""tokenvault.tls: the cluster CA, node certificates, file checks and the SSL contexts built on them."""
+"""tokenvault.crypto.tls: the cluster CA, node certificates, file checks and the SSL contexts built on them."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
-from tokenvault import tls
-from tokenvault.tls import NodeTlsFiles, TlsError
+from tokenvault.crypto import tls
+from tokenvault.crypto.tls import NodeTlsFiles, TlsError
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@ import base64
 
 import pytest
 
-from tokenvault.tokens import (
+from tokenvault.crypto.tokens import (
     MAX_EPOCH,
     MAX_TOKEN_CHARS,
     ParsedToken,

@@ -1,4 +1,4 @@
-"""tokenvault.transport: authenticated peer connections over real TCP on 127.0.0.1.
+"""tokenvault.core.transport: authenticated peer connections over real TCP on 127.0.0.1.
 
 Real PeerTransport objects talk to each other, and a hand-driven RawPeer
 (node_support.py) plays honest or hostile nodes byte by byte.
@@ -22,10 +22,10 @@ from structlog.testing import capture_logs
 
 from node_support import RawPeer, free_ports, handshake_proof, start_cluster, wait_until
 from protocol import ForwardRequest, Hello, HelloProof, RequestVote, encode_frame
-from tokenvault import tls
-from tokenvault import transport as transport_module
+from tokenvault.crypto import tls
+from tokenvault.core import transport as transport_module
 from tokenvault.errors import Unavailable
-from tokenvault.transport import PeerAddress, PeerTransport
+from tokenvault.core.transport import PeerAddress, PeerTransport
 
 MAX_FRAME_BYTES = 1024 * 1024
 IDS = ("n1", "n2", "n3")

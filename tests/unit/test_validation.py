@@ -1,4 +1,4 @@
-"""tokenvault.validation: the structure bound that runs before JSON parsing, and the shared item checks."""
+"""tokenvault.api.validation: the structure bound that runs before JSON parsing, and the shared item checks."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from tokenvault.config import LimitsConfig
 from tokenvault.errors import InvalidRequest, PayloadTooLarge
-from tokenvault.validation import (
+from tokenvault.api.validation import (
     STRUCTURE_SLACK_VALUES,
     check_json_structure,
     max_json_values,

@@ -1,4 +1,4 @@
-"""Unit tests for tokenvault.wal: recovery, truncation, base resets, segments, damage handling."""
+"""Unit tests for tokenvault.core.wal: recovery, truncation, base resets, segments, damage handling."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import msgpack
 import pytest
 
 from protocol import Entry, EntryKind, HardState
-from tokenvault import wal as wal_module
-from tokenvault.wal import (
+from tokenvault.core import wal as wal_module
+from tokenvault.core.wal import (
     HEADER_BYTES,
     MAX_RECORD_PAYLOAD_BYTES,
     RecordType,

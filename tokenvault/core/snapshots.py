@@ -40,8 +40,8 @@ from typing import Any, BinaryIO
 
 import msgpack
 
-from tokenvault.store import SnapshotRejected
-from tokenvault.wal import fsync_directory
+from tokenvault.core.store import SnapshotRejected
+from tokenvault.core.wal import fsync_directory
 
 MAGIC = b"TVSNAP1\n"
 FORMAT_VERSION = 1

@@ -6,7 +6,7 @@ for the token, AES-SIV for the ciphertext) is pure computation that needs only
 the epoch's keys, so a batch of values can be sealed by a second process on the
 machine's other core while the loop goes on with everything else.
 
-The parent (``Sealer``) starts ``python -m tokenvault.sealer FD`` and talks
+The parent (``Sealer``) starts ``python -m tokenvault.core.sealer FD`` and talks
 msgpack over a Unix socket pair. The child never holds the master key (which may
 not even be in memory: a PKCS#11 token keeps it), nor its PIN: it starts with an
 environment stripped of every ``TOKENVAULT_*`` variable, no standard input, and
@@ -41,7 +41,7 @@ from collections.abc import Sequence
 
 import msgpack
 
-from tokenvault.crypto import EpochKeys
+from tokenvault.crypto.keys import EpochKeys
 from tokenvault.futures import await_future
 from tokenvault.logs import get_logger
 
@@ -96,7 +96,7 @@ class Sealer:
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             process = subprocess.Popen(
-                [sys.executable, "-m", "tokenvault.sealer", str(child_end.fileno())],
+                [sys.executable, "-m", "tokenvault.core.sealer", str(child_end.fileno())],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, pass_fds=(child_end.fileno(),),
                 close_fds=True, env=child_environment())
         except BaseException:
@@ -280,7 +280,7 @@ def child_main(descriptor: int) -> int:
 
 if __name__ == "__main__":
     if len(sys.argv) != 2 or not sys.argv[1].isdigit():
-        sys.exit("usage: python -m tokenvault.sealer FD (started by a node, not by hand)")
+        sys.exit("usage: python -m tokenvault.core.sealer FD (started by a node, not by hand)")
     # The node handles SIGINT and SIGTERM for both; the child ends when the socket closes.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)

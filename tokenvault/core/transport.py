@@ -43,7 +43,7 @@ from protocol import FrameDecoder, Hello, HelloProof, Ping, ProtocolError, encod
 from protocol.codec import LENGTH_PREFIX_BYTES
 from tokenvault.futures import cancel_and_wait
 from tokenvault.logs import get_logger
-from tokenvault.tls import PeerTlsContexts, peer_node_ids
+from tokenvault.crypto.tls import PeerTlsContexts, peer_node_ids
 
 HANDSHAKE_TIMEOUT_SECONDS = 3.0
 # Hello and HelloProof are under 100 bytes; nothing larger is read from a peer not yet authenticated.
@@ -158,7 +158,7 @@ class _Connection:
 class PeerTransport:
     """Keeps a connection to every peer and hands inbound messages to ``on_message``.
 
-    ``tls`` (the node's peer-link contexts from tokenvault.tls) makes every link
+    ``tls`` (the node's peer-link contexts from tokenvault.crypto.tls) makes every link
     mutual TLS; without it links are plain TCP authenticated by the cluster
     secret alone (a development cluster made with TOKENVAULT_TLS=false).
     """

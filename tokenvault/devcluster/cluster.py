@@ -1,4 +1,4 @@
-"""The local cluster tool behind ./run_cluster.sh (`python -m tokenvault.cluster <command>`).
+"""The local cluster tool behind ./run_cluster.sh (`python -m tokenvault.devcluster <command>`).
 
 It generates a cluster directory once (master key, cluster secret, API keys,
 one config per node) and then starts, stops, kills and restarts node processes
@@ -25,7 +25,7 @@ backup); none of them uses asyncio, so they can be called from sync or async
 code alike.
 
 The cluster's description (the spec types, the environment knobs, the
-generation and reading of the directory's files) is in tokenvault.cluster_spec;
+generation and reading of the directory's files) is in tokenvault.devcluster.cluster_spec;
 its public names are re-exported here.
 """
 
@@ -50,9 +50,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tokenvault.crypto import CryptoError, MasterKey
-from tokenvault.tls import TlsError, http_client_context
-from tokenvault.cluster_spec import (ALLOWED_NODE_COUNTS, API_KEY_SCOPES, CLUSTER_FILE_NAME, DEFAULT_BASE_PORT,
+from tokenvault.crypto.keys import CryptoError, MasterKey
+from tokenvault.crypto.tls import TlsError, http_client_context
+from tokenvault.devcluster.cluster_spec import (ALLOWED_NODE_COUNTS, API_KEY_SCOPES, CLUSTER_FILE_NAME, DEFAULT_BASE_PORT,
                                      DEFAULT_NODE_COUNT, ENVIRONMENT_KNOBS, HOST, ApiKeyInfo, ClusterError,
                                      KEY_DIRECTORY_ENVIRONMENT_VARIABLE, MASTER_KEY_FILE_NAME, ClusterSpec,
                                      NodeSettings, NodeSpec, _generate, _write_private_file,
@@ -230,7 +230,7 @@ def _serve_command(node: NodeSpec) -> list[str]:
     script = Path(sys.executable).parent / "tokenvault"
     if script.exists():
         return [str(script), "serve", "--config", str(node.config)]
-    return [sys.executable, "-m", "tokenvault.cli", "serve", "--config", str(node.config)]
+    return [sys.executable, "-m", "tokenvault.client.cli", "serve", "--config", str(node.config)]
 
 
 def _check_ports_free(node: NodeSpec) -> None:
@@ -580,7 +580,7 @@ def restore_cluster(directory: Path | str, backup_file: Path | str, master_key_f
     and every node's data directory filled from the backup. If anything fails
     before the nodes start, the directory is removed again.
     """
-    from tokenvault.backup import BackupError, install_staged, staged_backup
+    from tokenvault.core.backup import BackupError, install_staged, staged_backup
     from tokenvault.config import ConfigError, load_config
 
     directory = Path(directory).expanduser().absolute()
@@ -618,11 +618,3 @@ def restore_cluster(directory: Path | str, backup_file: Path | str, master_key_f
         raise ClusterError(str(error)) from None
     report(f"generated a {len(spec.nodes)}-node cluster in {directory} with the backup's master key")
     return start_cluster(directory, timeout_seconds=timeout_seconds, report=report)
-
-
-if __name__ == "__main__":
-    # Why a separate module: the command line (output, argument parsing, the demo) is kept out of the
-    # library functions that integration tests import.
-    from tokenvault.cluster_cli import main
-
-    main()

@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 import aiohttp
 from multidict import CIMultiDict
 
-from tokenvault.tls import TlsError, http_client_context
+from tokenvault.crypto.tls import TlsError, http_client_context
 
 DEFAULT_TIMEOUT_SECONDS = 5.0
 DEFAULT_DEADLINE_SECONDS = 15.0

@@ -22,9 +22,9 @@ from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
-from tokenvault import cluster
-from tokenvault.client import AsyncClient, VaultError
-from tokenvault.cluster import ClusterSpec, NodeStatus
+from tokenvault.devcluster import cluster
+from tokenvault.client.vault import AsyncClient, VaultError
+from tokenvault.devcluster.cluster import ClusterSpec, NodeStatus
 
 Say = Callable[[str], None]
 CLIENTS = 16

@@ -17,7 +17,7 @@ then holds ``inflight_slot`` around the rest):
    before the body is read, so an unauthenticated client cannot make the node
    buffer or parse anything;
 3. the key's rate limit for the endpoint's kind (429 with ``Retry-After``,
-   tokenvault/ratelimit.py), still before the body is read; handlers do 2 and
+   tokenvault/api/ratelimit.py), still before the body is read; handlers do 2 and
    3 in one call, ``admit``;
 4. the ``Idempotency-Key`` header (400), on the endpoints that take one;
 5. receiving the body (``receive_body``), for requests that have one: the
@@ -36,7 +36,7 @@ then holds ``inflight_slot`` around the rest):
    ``max_backup_streams`` streams at a time, 503 with ``Retry-After``), so a
    long download never holds a request slot;
 7. the structure bound on the raw body, before it is parsed
-   (tokenvault/validation.py, a few C-speed passes): unpaired quotes (400),
+   (tokenvault/api/validation.py, a few C-speed passes): unpaired quotes (400),
    more strings than any allowed request holds (413), more arrays and objects
    than a fixed slack (400), more JSON values than ``max_items`` plus that
    slack (413) — so parsing never builds millions of objects or holds the
@@ -65,7 +65,10 @@ from aiohttp import web
 from aiohttp.http_exceptions import DecompressSizeError, HttpProcessingError
 from aiohttp.web_protocol import RequestHandler
 
-from tokenvault import auth, backup, commands, ratelimit
+from tokenvault import auth
+from tokenvault.core import backup
+from tokenvault.core import commands
+from tokenvault.api import ratelimit
 from tokenvault.errors import (
     PROBLEM_CONTENT_TYPE,
     Forbidden,
@@ -84,7 +87,7 @@ from tokenvault.errors import (
 )
 from tokenvault.logs import get_logger
 from tokenvault.metrics import UNMATCHED_ROUTE, Metrics
-from tokenvault.validation import (
+from tokenvault.api.validation import (
     check_json_structure,
     max_json_values,
     require_item_list,
@@ -95,7 +98,7 @@ from tokenvault.validation import (
 
 if TYPE_CHECKING:
     from tokenvault.config import NodeConfig
-    from tokenvault.service import VaultService
+    from tokenvault.api.service import VaultService
 
 ROUTE_HEALTH = "/health"
 ROUTE_METRICS = "/metrics"
@@ -129,11 +132,11 @@ LIMITS_KEY: web.AppKey[Any] = web.AppKey("tokenvault_http_limits", object)
 _PRINCIPAL: web.RequestKey[Any] = web.RequestKey("tokenvault_principal", object)
 _KIND: web.RequestKey[str] = web.RequestKey("tokenvault_rate_limit_kind", str)
 _BODY: web.RequestKey[bytes] = web.RequestKey("tokenvault_body", bytes)
-# The endpoint kind a scope's requests are counted under (tokenvault/ratelimit.py).
+# The endpoint kind a scope's requests are counted under (tokenvault/api/ratelimit.py).
 RATE_LIMIT_KIND_OF_SCOPE = {auth.TOKENIZE: ratelimit.TOKENIZE, auth.DETOKENIZE: ratelimit.DETOKENIZE,
                             auth.ADMIN: ratelimit.ADMIN}
 
-_log = get_logger("tokenvault.http")
+_log = get_logger("tokenvault.api.http")
 # Marks "no body at all", which differs from a JSON body of `null`.
 EMPTY_BODY = object()
 

@@ -28,7 +28,7 @@ byte order is numeric order):
   row (the audit trail keeps who created and revoked it). Also held in memory,
   so authentication never touches the database.
 - ``A`` + seq (8 bytes) -> msgpack [seq, *fields, previous hash, hash]: the
-  audit trail (tokenvault.audit), and ``h`` -> msgpack [last seq, last hash],
+  audit trail (tokenvault.audit_chain), and ``h`` -> msgpack [last seq, last hash],
   its head. Records are appended at apply, never changed or deleted.
 
 Atomicity. One ``apply_batch`` call is ONE RocksDB WriteBatch, meta included,
@@ -44,7 +44,7 @@ are untouched, so memory and disk stay equal.
 Durability. Writes go through RocksDB's WAL with ``sync=False``: a process
 crash loses nothing written, a power failure may lose the latest batches (like
 SQLite's ``synchronous=NORMAL``). That is safe because the replication
-write-ahead log (tokenvault.wal) already made every entry durable before it was
+write-ahead log (tokenvault.core.wal) already made every entry durable before it was
 applied: the store only promises what ``checkpoint`` returned, and the node
 deletes log segments only up to that index. ``checkpoint`` fsyncs RocksDB's WAL.
 There is nothing to commit later, so the old ``flush``/``flush_if_due`` are gone.
@@ -92,11 +92,11 @@ from rocksdict import (
 )
 
 from protocol import Entry, EntryKind
-from tokenvault.audit import GENESIS_HASH, chain_hash, record_document
+from tokenvault.audit_chain import GENESIS_HASH, chain_hash, record_document
 from tokenvault.auth import RuntimeKey
-from tokenvault.commands import (AuditCommand, CreateApiKeyCommand, RevokeApiKeyCommand,
+from tokenvault.core.commands import (AuditCommand, CreateApiKeyCommand, RevokeApiKeyCommand,
                                  RotateEpochCommand, TokenizeCommand, decode_command)
-from tokenvault.wal import fsync_directory
+from tokenvault.core.wal import fsync_directory
 
 DEFAULT_RETENTION_MS = 48 * 3600 * 1000
 # Expired idempotency records deleted per applied command at most. Each command

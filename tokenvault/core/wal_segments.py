@@ -1,13 +1,13 @@
 """Record framing and replay of the write-ahead log's segment files.
 
 The format (record layout, record types, what recovery cuts off and what it
-refuses) is described in ``tokenvault.wal``, which re-exports the public names
+refuses) is described in ``tokenvault.core.wal``, which re-exports the public names
 defined here. This module holds the part of the log that deals with single
 records and reading segments back: encoding a record and its CRC, checking the
 fields of a decoded record, replaying a segment's records into the log being
 rebuilt, telling a torn tail (an interrupted write, never acknowledged) from
 corruption, and listing the segment files. Nothing here writes, truncates or
-deletes a file; ``tokenvault.wal`` does all of that, so every durability step
+deletes a file; ``tokenvault.core.wal`` does all of that, so every durability step
 stays in one place.
 """
 
@@ -27,7 +27,7 @@ import msgpack
 
 from protocol import Entry, EntryKind, HardState
 
-# The largest command is 64 MiB (tokenvault.commands.MAX_COMMAND_BYTES); an
+# The largest command is 64 MiB (tokenvault.core.commands.MAX_COMMAND_BYTES); an
 # entry adds a few bytes of framing. A longer length field is corruption, and is
 # refused before anything is allocated for it.
 MAX_RECORD_PAYLOAD_BYTES = 64 * 1024 * 1024 + 64 * 1024

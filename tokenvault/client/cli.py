@@ -14,7 +14,7 @@ rotate` is `tokenvault admin epoch rotate --url U`. A value given after the
 subcommand wins over one given before it; either wins over the environment.
 
 `admin backup` downloads a verified backup of one node's store; `admin restore`
-fills an empty node data directory from one (tokenvault.backup).
+fills an empty node data directory from one (tokenvault.core.backup).
 
 Exit codes: 0 success, 1 the service answered with an error (its problem+json
 title and detail are shown) or a backup was refused, 2 usage or configuration
@@ -37,7 +37,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from tokenvault.client import (AsyncClient, ConfigurationError, NoNodeAvailable, ProblemError, ResponseError,
+from tokenvault.client.vault import (AsyncClient, ConfigurationError, NoNodeAvailable, ProblemError, ResponseError,
                                VaultError, normalize_urls)
 
 EXIT_SERVICE_ERROR = 1
@@ -216,8 +216,8 @@ def tokenvault() -> None:
 def serve(config_path: str) -> None:
     """Run one node until SIGTERM or SIGINT."""
     from tokenvault.config import ConfigError, load_config
-    from tokenvault.crypto import CryptoError
-    from tokenvault.tls import TlsError, check_node_files
+    from tokenvault.crypto.keys import CryptoError
+    from tokenvault.crypto.tls import TlsError, check_node_files
 
     try:
         # Why first: a bad config or certificate should be one clear line, before the node's modules load.
@@ -228,7 +228,7 @@ def serve(config_path: str) -> None:
 
         # Why here: the event loop policy is a process-wide choice of the entry point, not of the library.
         uvloop.install()
-        from tokenvault.node import main as run_node
+        from tokenvault.serve import main as run_node
 
         exit_code = run_node(config_path)
     except (ConfigError, CryptoError, TlsError) as error:
@@ -328,7 +328,7 @@ def admin_backup(connection: Connection, out_path: str, prefer: str, read_timeou
 
     The stream is checked whole (manifest, every file's SHA-256, trailer) before FILE appears.
     """
-    from tokenvault.backup import BackupError, download_backup
+    from tokenvault.core.backup import BackupError, download_backup
 
     report = (lambda message: None) if as_json else (lambda message: click.echo(message, err=True))
     try:
@@ -362,7 +362,7 @@ def admin_restore(backup_path: str, config_path: str) -> None:
     the replication log after the backup's index. Restore every node of a new cluster this way (or use
     './run_cluster.sh restore FILE'), then start them.
     """
-    from tokenvault.backup import BackupError, restore_data_dir
+    from tokenvault.core.backup import BackupError, restore_data_dir
     from tokenvault.config import ConfigError, load_config
 
     try:
@@ -505,7 +505,7 @@ async def _walk_audit(connection: Connection, verifier: Any, on_record: Callable
     """Page through the whole trail, checking each record in order; (head seq, first ChainBreak or None).
 
     ``on_record`` sees every record that verified, in order, before the first broken one."""
-    from tokenvault.audit import ChainBreak
+    from tokenvault.audit_chain import ChainBreak
 
     after = 0
     async with connection.client() as vault:
@@ -543,7 +543,7 @@ def _report_audit(verifier: Any, last_seq: int, broken: Any, as_json: bool, extr
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def audit_verify(connection: Connection, as_json: bool) -> None:
     """Walk every page of the audit trail and check its hash chain; exit 4 at the first broken link."""
-    from tokenvault.audit import ChainVerifier
+    from tokenvault.audit_chain import ChainVerifier
 
     verifier = ChainVerifier()
     last_seq, broken = _run(_walk_audit(connection, verifier, lambda record: None))
@@ -560,7 +560,7 @@ def audit_export(connection: Connection, out_path: str, as_json: bool) -> None:
 
     Every line keeps its hashes, so the copy can be checked again later. Records after a broken
     link are not written and the command exits 4."""
-    from tokenvault.audit import ChainVerifier
+    from tokenvault.audit_chain import ChainVerifier
 
     try:
         descriptor = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)

@@ -18,22 +18,23 @@ import time
 import msgpack
 
 from protocol import ForwardRequest, ForwardResponse, NotPrimary, ProposalRejected, Role
-from tokenvault import auth, commands
-from tokenvault.audit import AuditBuffer, AuditUnavailable
-from tokenvault.backup import BACKUP_WORK_DIR_NAME, BackupStream
-from tokenvault.crypto import DecryptError, KeyCustodyError, new_epoch_secret
+from tokenvault import auth
+from tokenvault.core import commands
+from tokenvault.api.audit import AuditBuffer, AuditUnavailable
+from tokenvault.core.backup import BACKUP_WORK_DIR_NAME, BackupStream
+from tokenvault.crypto.keys import DecryptError, KeyCustodyError, new_epoch_secret
 from tokenvault.auth import PRINCIPAL_NAME_PATTERN
 from tokenvault.errors import (IdempotencyInFlight, IdempotencyMismatch, InvalidRequest, KeyLimitReached, NotFound,
                                Outcome, Overloaded, PayloadTooLarge, ServiceError, Unavailable, error_from_problem,
                                problem_body)
 from tokenvault.logs import get_logger
 from tokenvault.futures import await_future
-from tokenvault.node import Node, NodeBusy, ProposalLost, ProposalOutcomeUnknown
-from tokenvault.sealer import Sealer, SealerUnavailable
-from tokenvault.store import MAX_API_KEYS as MAX_RUNTIME_KEYS
-from tokenvault.store import Outcome as ApplyOutcome
-from tokenvault.tokens import MAX_TOKEN_CHARS, parse_token
-from tokenvault.validation import require_item_list, validate_idempotency_key, validate_tokens, validate_values
+from tokenvault.core.node import Node, NodeBusy, ProposalLost, ProposalOutcomeUnknown
+from tokenvault.core.sealer import Sealer, SealerUnavailable
+from tokenvault.core.store import MAX_API_KEYS as MAX_RUNTIME_KEYS
+from tokenvault.core.store import Outcome as ApplyOutcome
+from tokenvault.crypto.tokens import MAX_TOKEN_CHARS, parse_token
+from tokenvault.api.validation import require_item_list, validate_idempotency_key, validate_tokens, validate_values
 
 log = get_logger("service")
 
@@ -68,7 +69,7 @@ def _rfc3339(milliseconds: int) -> str:
 
 
 class NodeService:
-    """Implements the VaultService protocol of tokenvault.http on top of a Node."""
+    """Implements the VaultService protocol of tokenvault.api.http on top of a Node."""
 
     def __init__(self, node: Node, sealer: Sealer | None = None) -> None:
         self.node = node

@@ -1,7 +1,7 @@
 """Key custody: the master key kept in a PKCS#11 token, where it never leaves.
 
 The other two sources (a key file, the TOKENVAULT_MASTER_KEY variable) give a
-``tokenvault.crypto.MasterKey`` held in memory. With a token, the node holds
+``tokenvault.crypto.keys.MasterKey`` held in memory. With a token, the node holds
 only a session and a handle to an AES-256 key that is sensitive and not
 extractable, and asks the token to do the two things the master key is for:
 
@@ -42,7 +42,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Mapping
 
-from tokenvault.crypto import (EPOCH_SECRET_BYTES, GCM_NONCE_BYTES, GCM_TAG_BYTES, WRAPPED_SECRET_BYTES,
+from tokenvault.crypto.keys import (EPOCH_SECRET_BYTES, GCM_NONCE_BYTES, GCM_TAG_BYTES, WRAPPED_SECRET_BYTES,
                                CryptoError, KeyCustodyError, UnwrapError, epoch_wrap_associated_data,
                                read_private_text_file, take_from_environment)
 

@@ -1,6 +1,6 @@
 """Online backup of a live node, and restore of a node's data directory from a backup.
 
-A backup is a snapshot stream (``tokenvault.snapshots``): a header with the
+A backup is a snapshot stream (``tokenvault.core.snapshots``): a header with the
 manifest (format version, applied index and view, file names, sizes and
 SHA-256 each), the bytes of a consistent checkpoint of the store, and a
 trailing SHA-256 of everything before it. The same stream ships a store to a
@@ -51,15 +51,15 @@ from typing import Any
 import aiohttp
 
 from protocol import HardState
-from tokenvault.client import AsyncClient, NoNodeAvailable, ProblemError, ResponseError, client_ssl_context
-from tokenvault.crypto import CryptoError, KeyRing
+from tokenvault.client.vault import AsyncClient, NoNodeAvailable, ProblemError, ResponseError, client_ssl_context
+from tokenvault.crypto.keys import CryptoError, KeyRing
 from tokenvault.errors import Unavailable
 from tokenvault.logs import get_logger
-from tokenvault.snapshots import SnapshotRejected, SnapshotSource, StagedSnapshot, stage_file
-from tokenvault.store import StoreError, VaultStore, fsync_tree
-from tokenvault.wal import WalFatal, WriteAheadLog, fsync_directory
+from tokenvault.core.snapshots import SnapshotRejected, SnapshotSource, StagedSnapshot, stage_file
+from tokenvault.core.store import StoreError, VaultStore, fsync_tree
+from tokenvault.core.wal import WalFatal, WriteAheadLog, fsync_directory
 
-log = get_logger("tokenvault.backup")
+log = get_logger("tokenvault.core.backup")
 
 BACKUP_CHUNK_BYTES = 1024 * 1024
 DEFAULT_MAX_BACKUP_STREAMS = 1

@@ -1,7 +1,7 @@
 """The audit trail: hash chain, record format and each node's group-commit buffer.
 
 Every detokenize, API key change and epoch change leaves one audit record in a
-replicated log-ordered table (tokenvault.store). A record holds who (key name
+replicated log-ordered table (tokenvault.core.store). A record holds who (key name
 and id), what (action, item count, found count, subject such as a key id or an
 epoch), when, on which node and for which request — never a value and never a
 token.
@@ -26,79 +26,16 @@ most ``max_pending_records``; past that a detokenize is refused with 503 at once
 from __future__ import annotations
 
 import asyncio
-import hashlib
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable
 
-import msgpack
 
-from tokenvault.commands import AuditRecord
+from tokenvault.core.commands import AuditRecord
 from tokenvault.logs import get_logger
 
-GENESIS_HASH = bytes(32)
-HASH_BYTES = 32
 # Audit batches of one node being committed at once.
 DEFAULT_BATCHES_IN_FLIGHT = 4
-# The fields of one record as the API pages them out, in canonical order.
-RECORD_FIELDS = ("at_ms", "node", "key_name", "key_id", "action", "items", "found", "request_id", "subject")
 
 log = get_logger("audit")
-
-
-def chain_hash(previous: bytes, seq: int, fields: Sequence[Any]) -> bytes:
-    """The hash of record ``seq``: SHA-256 over the previous hash and the canonical encoding."""
-    canonical = msgpack.packb([seq, *fields], use_bin_type=True)
-    return hashlib.sha256(previous + canonical).digest()
-
-
-class ChainBreak(Exception):
-    """The first record at which the chain does not hold; ``seq`` names it."""
-
-    def __init__(self, seq: int, reason: str) -> None:
-        self.seq = seq
-        self.reason = reason
-        super().__init__(f"audit record {seq}: {reason}")
-
-
-class ChainVerifier:
-    """Checks records page by page, in order: each links to the one before and hashes to its stored hash."""
-
-    def __init__(self) -> None:
-        self.previous_hash = GENESIS_HASH
-        self.last_seq = 0
-        self.count = 0
-
-    def check(self, record: Any) -> None:
-        """Raise ChainBreak at the first record that is malformed, out of order or does not hash."""
-        expected_seq = self.last_seq + 1
-        if not isinstance(record, dict):
-            raise ChainBreak(expected_seq, "is not a JSON object")
-        seq = record.get("seq")
-        if type(seq) is not int or seq != expected_seq:
-            raise ChainBreak(expected_seq, "is missing or out of order")
-        if record.get("malformed"):
-            raise ChainBreak(seq, "cannot be read from the store")
-        try:
-            fields = [record[name] for name in RECORD_FIELDS]
-            previous = bytes.fromhex(record["prev_hash"])
-            stored = bytes.fromhex(record["hash"])
-        except (KeyError, TypeError, ValueError):
-            raise ChainBreak(seq, "lacks a field or has a malformed hash") from None
-        if previous != self.previous_hash:
-            raise ChainBreak(seq, "does not link to the previous record's hash")
-        if chain_hash(previous, seq, fields) != stored:
-            raise ChainBreak(seq, "its content does not match its hash")
-        self.previous_hash, self.last_seq = stored, seq
-        self.count += 1
-
-
-def record_document(seq: int, fields: Sequence[Any], previous: bytes, digest: bytes) -> dict:
-    """The JSON form of one stored record (GET /v1/admin/audit)."""
-    document: dict[str, Any] = {"seq": seq}
-    document.update(zip(RECORD_FIELDS, fields))
-    document["prev_hash"] = previous.hex()
-    document["hash"] = digest.hex()
-    return document
 
 
 class AuditUnavailable(Exception):

@@ -44,9 +44,9 @@ from pathlib import Path
 import msgpack
 
 from protocol import Entry, EntryKind, HardState
-# Record framing and segment replay live in tokenvault.wal_segments; the public
-# names are re-exported here so callers keep importing them from tokenvault.wal.
-from tokenvault.wal_segments import (HEADER_BYTES, MAX_LOG_INTEGER, MAX_RECORD_PAYLOAD_BYTES, MAX_VOTED_FOR_CHARS,
+# Record framing and segment replay live in tokenvault.core.wal_segments; the public
+# names are re-exported here so callers keep importing them from tokenvault.core.wal.
+from tokenvault.core.wal_segments import (HEADER_BYTES, MAX_LOG_INTEGER, MAX_RECORD_PAYLOAD_BYTES, MAX_VOTED_FOR_CHARS,
                                      SECTOR_BYTES, SEGMENT_PATTERN, RecordType, WalCorruption, _base_record,
                                      _hard_state_record, _HEADER, _LENGTH_AND_TYPE, _list_segments, _replay_file,
                                      _ReplayState, _SegmentInfo, _valid_integer, encode_record, segment_name)

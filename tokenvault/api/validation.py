@@ -1,7 +1,7 @@
 """Checks of request items shared by the HTTP layer and the primary's forwarded-request path.
 
-A request reaches the service either from a client through tokenvault/http.py
-or from a backup over the peer link (tokenvault/service.py, forwarded
+A request reaches the service either from a client through tokenvault/api/http.py
+or from a backup over the peer link (tokenvault/api/service.py, forwarded
 requests). Both run the same functions here, so a request the HTTP layer would
 refuse is refused by the primary too, whoever sent it.
 
@@ -18,7 +18,7 @@ import re
 from typing import Any, Protocol
 
 from tokenvault.errors import InvalidRequest, PayloadTooLarge
-from tokenvault.tokens import is_token
+from tokenvault.crypto.tokens import is_token
 
 # Printable ASCII is 0x20-0x7E; HTTP parsing already strips surrounding spaces.
 IDEMPOTENCY_KEY_PATTERN = re.compile(r"[\x20-\x7e]{1,255}\Z")

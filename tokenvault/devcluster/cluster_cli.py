@@ -1,4 +1,4 @@
-"""Command line of ./run_cluster.sh (`python -m tokenvault.cluster COMMAND`).
+"""Command line of ./run_cluster.sh (`python -m tokenvault.devcluster COMMAND`).
 
 Every command works on $TOKENVAULT_CLUSTER_DIR (default ./.cluster). Exit codes:
 0 success, 1 the command could not be carried out (the message says why),
@@ -17,8 +17,8 @@ from typing import Any
 
 import click
 
-from tokenvault import cluster
-from tokenvault.cluster import ClusterError, ClusterSpec, NodeSpec, NodeStatus
+from tokenvault.devcluster import cluster
+from tokenvault.devcluster.cluster import ClusterError, ClusterSpec, NodeSpec, NodeStatus
 
 EXIT_FAILED = 1
 
@@ -201,14 +201,10 @@ def restore(backup_file: str, master_key_file: str | None, nodes: str, timeout_s
 @_handle_errors
 def demo() -> None:
     """Narrated live demo against the running cluster: concurrency, failover, recovery, epoch rotation."""
-    from tokenvault.demo import run_demo
+    from tokenvault.devcluster.demo import run_demo
 
     sys.exit(run_demo(cluster.load_cluster(cluster.default_cluster_directory()), _echo))
 
 
 def main() -> None:
     run_cluster(prog_name="run_cluster.sh")
-
-
-if __name__ == "__main__":
-    main()

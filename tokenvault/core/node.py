@@ -4,7 +4,7 @@ Everything that touches the ``protocol.Replica`` happens in one driver task, so
 the core is never re-entered while a ``Ready`` batch is being carried out. HTTP
 handlers and the peer transport only put work into an inbox and wake the
 driver. For every ``Ready`` the driver follows the order the core states in
-``protocol.Ready`` (tokenvault/snapshot_transfer.py moves snapshot bytes):
+``protocol.Ready`` (tokenvault/core/snapshot_transfer.py moves snapshot bytes):
 ``messages`` leave while the WAL write runs, ``committed_durable`` is applied
 before the fsync, ``messages_after_persist`` and ``committed_after_persist``
 wait for it, then ``advance()``. Proposals that arrive while an fsync is running wait in
@@ -14,11 +14,8 @@ the inbox and go into the next batch (group commit).
 from __future__ import annotations
 
 import asyncio
-import gc
 import itertools
-import os
 import random
-import signal
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -27,18 +24,17 @@ from pathlib import Path
 
 from protocol import (Entry, EntryKind, ForwardRequest, ForwardResponse, HardState, INITIAL_HARD_STATE, NotPrimary,
                       ProposalRejected, Replica, ReplicaConfig, RestoredState, Role)
-from tokenvault import commands
-from tokenvault.config import ConfigError, NodeConfig, load_config
-from tokenvault.crypto import KeyRing, new_epoch_secret
+from tokenvault.config import NodeConfig
+from tokenvault.core import commands
+from tokenvault.core.snapshot_transfer import SnapshotTransfers
+from tokenvault.core.store import ApplyResult, Outcome, StoreCorruption, VaultStore
+from tokenvault.core.transport import PeerAddress, PeerTransport
+from tokenvault.core.wal import WalCorruption, WriteAheadLog
+from tokenvault.crypto.keys import KeyRing, new_epoch_secret
+from tokenvault.crypto.tls import load_node_tls
 from tokenvault.futures import await_future, cancel_and_wait
-from tokenvault.logs import configure_logging, get_logger
+from tokenvault.logs import get_logger
 from tokenvault.metrics import Metrics
-from tokenvault.sealer import Sealer
-from tokenvault.snapshot_transfer import SnapshotTransfers
-from tokenvault.store import ApplyResult, Outcome, StoreCorruption, StoreError, VaultStore
-from tokenvault.tls import TlsError, load_node_tls
-from tokenvault.transport import PeerAddress, PeerTransport
-from tokenvault.wal import WalCorruption, WalFatal, WriteAheadLog
 
 log = get_logger("node")
 
@@ -602,103 +598,3 @@ def _link_idle_timeout_seconds(config: NodeConfig) -> float:
     """Twice the longest election timeout: a link silent that long is reported down (peer.down)."""
     longest_election_timeout_seconds = 2 * config.timing.election_timeout_ticks * config.timing.tick_ms / 1000
     return max(1.0, 2 * longest_election_timeout_seconds)
-
-
-# --------------------------------------------------------------------- process entry point
-async def run_node(config: NodeConfig) -> int:
-    """Start every part of one node and serve until SIGTERM/SIGINT or a fatal storage error."""
-    from aiohttp import web
-
-    from tokenvault.http import ProblemAppRunner, create_app
-    from tokenvault.service import NodeService
-
-    # Everything the node writes (log, WAL, store) is for its owner only.
-    os.umask(0o077)
-    configure_logging(config.node_id, Path(config.log_file) if config.log_file else None, config.log_level)
-    metrics = Metrics()
-    try:
-        node = Node(config, metrics)
-    except (WalCorruption, StoreError, TlsError) as error:
-        log.critical("node.refused_to_start", reason=str(error)[:500])
-        return 3
-    except ConfigError as error:  # the master key's source (config.load_master_key): the caller prints it too
-        log.critical("node.refused_to_start", reason=str(error)[:500])
-        raise
-    if config.tls is None:
-        log.warning("node.tls_disabled", detail="plain HTTP and peer links without TLS: API keys, values and "
-                    "replicated entries cross the network readable; generate the cluster without "
-                    "TOKENVAULT_TLS=false for TLS")
-    sealer = await _start_sealer(node) if config.sealer.enabled else None
-    service = NodeService(node, sealer)
-    await node.start()
-    _tune_garbage_collector()
-    replayed = len(node.restored.entries)
-    log.info("node.recovered", wal_entries=replayed, log_base_index=node.restored.snapshot_index,
-             store_applied_index=node.store.applied_index, commit_index=node.restored.hard_state.commit_index,
-             truncated_tail_bytes=node.recovered_log.truncated_tail_bytes, view=node.restored.hard_state.view)
-    runner = ProblemAppRunner(create_app(service, config, metrics), access_log=None, handle_signals=False,
-                              shutdown_timeout=SHUTDOWN_GRACE_SECONDS)
-    await runner.setup()
-    site = web.TCPSite(runner, config.http.host, config.http.port, reuse_address=True,
-                       ssl_context=node.http_tls_context)
-    await site.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signal_number in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signal_number, stop.set)
-    stop_task = loop.create_task(stop.wait())
-    fatal_task = loop.create_task(node.stopped.wait())
-    from tokenvault.loopwatch import LoopWatch  # event-loop stalls into /metrics (loopwatch.py)
-    loop_watch = LoopWatch(metrics).start()
-    await asyncio.wait({stop_task, fatal_task}, return_when=asyncio.FIRST_COMPLETED)
-    await loop_watch.stop()
-    log.info("node.stopping", reason="fatal" if node.fatal_error else "signal")
-    # Waiting requests are answered 503 first, so closing the HTTP server does not
-    # wait out their request timeouts.
-    node.abort_requests()
-    await service.close()
-    await runner.cleanup()
-    if sealer is not None:
-        await sealer.close()
-    await node.close()
-    log.info("node.stopped")
-    return 2 if node.fatal_error else 0
-
-
-def _tune_garbage_collector() -> None:
-    """Keep full collections off the event loop's critical path.
-
-    Measured on three nodes under 100-value load: the interpreter's full
-    (generation 2) collections ran every few seconds, took 20-90 ms each and
-    found nothing to free, scanning the long-lived objects of the imported
-    libraries and the node's caches. Freezing what exists after start-up
-    moves those objects out of every future collection, and a larger
-    youngest-generation threshold makes collections rarer; request garbage is
-    freed by reference counting, not by the collector.
-    """
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
-
-
-async def _start_sealer(node: Node) -> Sealer | None:
-    """The helper process that seals large batches, or None (sealing then stays in process)."""
-    config = node.config
-    try:
-        return await Sealer.start(min_values=config.sealer.min_values,
-                                  max_pending_values=config.sealer.max_pending_values,
-                                  max_value_bytes=config.limits.max_value_bytes,
-                                  timeout_seconds=min(2.0, config.timing.request_timeout_ms / 2000))
-    except (OSError, asyncio.TimeoutError) as error:
-        log.warning("sealer.not_started", reason=type(error).__name__)
-        return None
-
-
-def main(config_path: str) -> int:
-    """Console entry point used by ``tokenvault serve``: load the config and run until stopped."""
-    config = load_config(Path(config_path))
-    try:
-        return asyncio.run(run_node(config))
-    except WalFatal as error:
-        log.critical("node.fatal", error=str(error)[:300])
-        return 2

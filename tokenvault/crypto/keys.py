@@ -5,7 +5,7 @@ Key hierarchy:
 * The master key only wraps epoch secrets and derives the idempotency
   fingerprint key. It is 32 bytes from a mode-0600 file or TOKENVAULT_MASTER_KEY
   (``MasterKey``, here), or an AES key that never leaves a PKCS#11 token
-  (``tokenvault.custody.Pkcs11MasterKey``); both wrap alike and both satisfy
+  (``tokenvault.crypto.custody.Pkcs11MasterKey``); both wrap alike and both satisfy
   ``KeyWrapper``, which is all that ``KeyRing`` and the node use.
 * Each epoch has a random 32-byte secret. It is wrapped with AES-256-GCM under
   the master key (associated data ``b"tokenvault/epoch/" + str(epoch)``) and the
@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives import hmac as crypto_hmac
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, AESSIV
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from tokenvault.tokens import MAX_EPOCH, TOKEN_BODY_BYTES, TOKEN_PREFIX, encode_token_body, parse_token
+from tokenvault.crypto.tokens import MAX_EPOCH, TOKEN_BODY_BYTES, TOKEN_PREFIX, encode_token_body, parse_token
 
 MASTER_KEY_BYTES = 32
 EPOCH_SECRET_BYTES = 32

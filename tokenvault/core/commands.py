@@ -1,7 +1,7 @@
 """Vault commands: the payloads of replicated log entries.
 
 Every state change of the vault is one of these commands, proposed by the
-primary, replicated in the log and applied by ``tokenvault.store``. A command
+primary, replicated in the log and applied by ``tokenvault.core.store``. A command
 carries everything the primary decided (tokens, ciphertexts, the wrapped epoch
 secret, timestamps), so applying it is a pure function of the log.
 

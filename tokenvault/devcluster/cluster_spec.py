@@ -1,12 +1,12 @@
 """What a local cluster is made of, and the generation and reading of its directory.
 
-This is the description half of the cluster tool (``tokenvault.cluster``, which
+This is the description half of the cluster tool (``tokenvault.devcluster.cluster``, which
 re-exports every public name defined here): the spec types (NodeSpec,
 ApiKeyInfo, ClusterSpec, NodeSettings), the TOKENVAULT_* environment knobs,
 the planning of node ids, ports and paths, the generation of the secrets, the
 per-node configs and cluster.json, and reading cluster.json back. It neither
 starts nor queries node processes, and takes no directory lock;
-``tokenvault.cluster`` does that around these functions.
+``tokenvault.devcluster.cluster`` does that around these functions.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from typing import Any
 from tokenvault.auth import ApiKeyEntry, generate_api_key, salted_api_key_hash
 from tokenvault.config import (ConfigError, HttpConfig, MemberConfig, NodeConfig, PeerConfig, SealerConfig,
                                TimingConfig, TlsConfig, WalConfig, write_node_config)
-from tokenvault.crypto import CryptoError, MasterKey, write_secret_file
-from tokenvault.tls import ClusterTlsFiles, create_cluster_tls
+from tokenvault.crypto.keys import CryptoError, MasterKey, write_secret_file
+from tokenvault.crypto.tls import ClusterTlsFiles, create_cluster_tls
 
 ALLOWED_NODE_COUNTS = (1, 3, 5)
 DEFAULT_NODE_COUNT = 3

@@ -37,8 +37,8 @@ from typing import Any
 from protocol import InstallSnapshot, SnapshotChunk, SnapshotRead
 from tokenvault.futures import cancel_and_wait
 from tokenvault.logs import get_logger
-from tokenvault.snapshots import SnapshotSource, SnapshotStager, StagedSnapshot
-from tokenvault.store import SnapshotRejected
+from tokenvault.core.snapshots import SnapshotSource, SnapshotStager, StagedSnapshot
+from tokenvault.core.store import SnapshotRejected
 
 log = get_logger("snapshot")
 

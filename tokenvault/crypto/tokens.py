@@ -20,7 +20,7 @@ TOKEN_BODY_CHARS = 32
 MIN_BODY_CHARS = 26
 MAX_TOKEN_CHARS = 128
 # The grammar accepts epochs up to a signed 64-bit integer; the store keeps far
-# fewer (tokenvault/store.py MAX_STORED_EPOCH), so a larger one is never found.
+# fewer (tokenvault/core/store.py MAX_STORED_EPOCH), so a larger one is never found.
 MAX_EPOCH = 2**63 - 1
 
 # \Z rather than $ so that a trailing newline is not accepted, and [0-9]

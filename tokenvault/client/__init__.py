@@ -1,0 +1,1 @@
+"""What users import and run: the client library (sync and async) and the command line."""

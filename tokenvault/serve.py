@@ -1,0 +1,124 @@
+"""The wiring of one node's process: the core (tokenvault.core.node) and its HTTP API (tokenvault.api).
+
+``tokenvault serve --config FILE`` runs ``main``: it loads the config, starts
+the node, the sealer helper and the HTTPS (or HTTP) server, and serves until
+SIGTERM/SIGINT or a fatal storage error. The driver itself knows nothing of
+HTTP; this module is the only one that imports both sides.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import signal
+from pathlib import Path
+
+from aiohttp import web
+
+from tokenvault.api.http import ProblemAppRunner, create_app
+from tokenvault.api.service import NodeService
+from tokenvault.config import ConfigError, NodeConfig, load_config
+from tokenvault.core.loopwatch import LoopWatch
+from tokenvault.core.node import GC_YOUNG_THRESHOLD, SHUTDOWN_GRACE_SECONDS, Node
+from tokenvault.core.sealer import Sealer
+from tokenvault.core.store import StoreError
+from tokenvault.core.wal import WalCorruption, WalFatal
+from tokenvault.crypto.tls import TlsError
+from tokenvault.logs import configure_logging, get_logger
+from tokenvault.metrics import Metrics
+
+log = get_logger("node")
+
+
+async def run_node(config: NodeConfig) -> int:
+    """Start every part of one node and serve until SIGTERM/SIGINT or a fatal storage error."""
+    # Everything the node writes (log, WAL, store) is for its owner only.
+    os.umask(0o077)
+    configure_logging(config.node_id, Path(config.log_file) if config.log_file else None, config.log_level)
+    metrics = Metrics()
+    try:
+        node = Node(config, metrics)
+    except (WalCorruption, StoreError, TlsError) as error:
+        log.critical("node.refused_to_start", reason=str(error)[:500])
+        return 3
+    except ConfigError as error:  # the master key's source (config.load_master_key): the caller prints it too
+        log.critical("node.refused_to_start", reason=str(error)[:500])
+        raise
+    if config.tls is None:
+        log.warning("node.tls_disabled", detail="plain HTTP and peer links without TLS: API keys, values and "
+                    "replicated entries cross the network readable; generate the cluster without "
+                    "TOKENVAULT_TLS=false for TLS")
+    sealer = await _start_sealer(node) if config.sealer.enabled else None
+    service = NodeService(node, sealer)
+    await node.start()
+    _tune_garbage_collector()
+    replayed = len(node.restored.entries)
+    log.info("node.recovered", wal_entries=replayed, log_base_index=node.restored.snapshot_index,
+             store_applied_index=node.store.applied_index, commit_index=node.restored.hard_state.commit_index,
+             truncated_tail_bytes=node.recovered_log.truncated_tail_bytes, view=node.restored.hard_state.view)
+    runner = ProblemAppRunner(create_app(service, config, metrics), access_log=None, handle_signals=False,
+                              shutdown_timeout=SHUTDOWN_GRACE_SECONDS)
+    await runner.setup()
+    site = web.TCPSite(runner, config.http.host, config.http.port, reuse_address=True,
+                       ssl_context=node.http_tls_context)
+    await site.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signal_number in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signal_number, stop.set)
+    stop_task = loop.create_task(stop.wait())
+    fatal_task = loop.create_task(node.stopped.wait())
+    loop_watch = LoopWatch(metrics).start()
+    await asyncio.wait({stop_task, fatal_task}, return_when=asyncio.FIRST_COMPLETED)
+    await loop_watch.stop()
+    log.info("node.stopping", reason="fatal" if node.fatal_error else "signal")
+    # Waiting requests are answered 503 first, so closing the HTTP server does not
+    # wait out their request timeouts.
+    node.abort_requests()
+    await service.close()
+    await runner.cleanup()
+    if sealer is not None:
+        await sealer.close()
+    await node.close()
+    log.info("node.stopped")
+    return 2 if node.fatal_error else 0
+
+
+def _tune_garbage_collector() -> None:
+    """Keep full collections off the event loop's critical path.
+
+    Measured on three nodes under 100-value load: the interpreter's full
+    (generation 2) collections ran every few seconds, took 20-90 ms each and
+    found nothing to free, scanning the long-lived objects of the imported
+    libraries and the node's caches. Freezing what exists after start-up
+    moves those objects out of every future collection, and a larger
+    youngest-generation threshold makes collections rarer; request garbage is
+    freed by reference counting, not by the collector.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
+
+
+async def _start_sealer(node: Node) -> Sealer | None:
+    """The helper process that seals large batches, or None (sealing then stays in process)."""
+    config = node.config
+    try:
+        return await Sealer.start(min_values=config.sealer.min_values,
+                                  max_pending_values=config.sealer.max_pending_values,
+                                  max_value_bytes=config.limits.max_value_bytes,
+                                  timeout_seconds=min(2.0, config.timing.request_timeout_ms / 2000))
+    except (OSError, asyncio.TimeoutError) as error:
+        log.warning("sealer.not_started", reason=type(error).__name__)
+        return None
+
+
+def main(config_path: str) -> int:
+    """Console entry point used by ``tokenvault serve``: load the config and run until stopped."""
+    config = load_config(Path(config_path))
+    try:
+        return asyncio.run(run_node(config))
+    except WalFatal as error:
+        log.critical("node.fatal", error=str(error)[:300])
+        return 2

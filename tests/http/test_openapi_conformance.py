@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import schemathesis
+from _http_checks import conformance_headers
 from _http_support import HttpTarget
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
@@ -59,7 +60,7 @@ schema = schemathesis.openapi.from_path(OPENAPI_PATH, config=CONFIG)
 @schema.parametrize()
 @settings(max_examples=MAX_EXAMPLES_PER_OPERATION, deadline=None, suppress_health_check=list(HealthCheck))
 def test_server_conforms_to_openapi(case: schemathesis.Case, http_target: HttpTarget) -> None:
-    headers = {"Authorization": f"Bearer {http_target.full_key}"}
+    headers = conformance_headers(case, http_target.full_key)
     case.call_and_validate(base_url=http_target.base_url, headers=headers, checks=CHECKS)
 
 

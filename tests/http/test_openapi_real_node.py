@@ -29,6 +29,7 @@ from pathlib import Path
 import pytest
 import schemathesis
 import test_openapi_conformance as conformance
+from _http_checks import conformance_headers
 from _http_support import HttpTarget
 from _real_node import RealNode, start_real_node
 from hypothesis import HealthCheck, settings
@@ -78,7 +79,7 @@ def http_target(real_node: RealNode) -> HttpTarget:
 @conformance.schema.parametrize()
 @settings(max_examples=MAX_EXAMPLES_PER_OPERATION, deadline=None, suppress_health_check=list(HealthCheck))
 def test_real_node_conforms_to_openapi(case: schemathesis.Case, real_node: RealNode) -> None:
-    headers = {"Authorization": f"Bearer {real_node.full_key}"}
+    headers = conformance_headers(case, real_node.full_key)
     case.call_and_validate(base_url=real_node.base_url, headers=headers, checks=conformance.CHECKS)
 
 

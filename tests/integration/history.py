@@ -20,7 +20,10 @@ The checks (each returns `Violation`s, so a test can show every problem at once)
   check below relies on it);
 - client_epoch_monotonic: the epochs one client sees never go backwards;
 - rotation_epoch_authority: a tokenize that started after a rotation was
-  acknowledged has an epoch at least the rotation's.
+  acknowledged has an epoch at least the rotation's;
+- linearizable: the whole history against a model of the vault (every token an
+  insert-once register, the active epoch a counter), by a Wing-Gong search
+  (linearizability.py).
 
 Violation messages never contain a submitted value, only a short fingerprint.
 """
@@ -338,7 +341,13 @@ def check_operations(operations: Sequence[Operation],
     return [*check_response_single_epoch(operations), *check_token_single_value(operations, reads),
             *check_value_epoch_single_token(operations), *check_client_sequential(operations),
             *check_client_epoch_monotonic(operations), *check_rotation_epoch_authority(operations),
-            *check_final_reads(operations, reads)]
+            *check_final_reads(operations, reads), *_linearizability(operations)]
+
+
+def _linearizability(operations: Sequence[Operation]) -> list[Violation]:
+    from linearizability import check_linearizable  # it builds on this module's types
+
+    return check_linearizable(operations)
 
 
 # ---------------------------------------------------------------- reading back on every node

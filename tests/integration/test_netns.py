@@ -23,6 +23,7 @@ REASON = unavailable_reason()
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(REASON is not None, reason=REASON or "")]
 # A new primary within this long of a cut (elections start after 0.5-1 s at the timing used here).
 FAILOVER_SECONDS = 8.0
+BATCH_ITEMS = 500
 
 
 @pytest.fixture
@@ -36,8 +37,10 @@ def cluster(tmp_path: Path) -> Iterator[NetnsCluster]:
 
 def read_back_everywhere(cluster: NetnsCluster, tokens: list[str], values: list[str]) -> None:
     for node in cluster.nodes:
-        wait_for(lambda node=node: cluster.detokenize(node, tokens) == values, 10,
-                 f"{node.node_id} to detokenize every acknowledged token")
+        for start in range(0, len(tokens), BATCH_ITEMS):  # a request holds at most 1000 items
+            batch, expected = tokens[start:start + BATCH_ITEMS], values[start:start + BATCH_ITEMS]
+            wait_for(lambda node=node, batch=batch, expected=expected: cluster.detokenize(node, batch) == expected,
+                     10, f"{node.node_id} to detokenize every acknowledged token")
 
 
 def test_a_primary_cut_off_from_its_peers_never_acknowledges_and_the_majority_carries_on(

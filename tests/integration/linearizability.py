@@ -16,11 +16,13 @@ is:
   value v is ``insert(t, v)`` (it succeeds when t is unset or already holds v,
   and never maps t to a second value); a detokenize that answered t with v or
   null is ``read(t) -> v | null``;
-- the active epoch, a counter: an acknowledged rotation to E is
-  ``advance() -> E`` (E must be the next epoch), an acknowledged tokenize in
-  epoch E is ``read() -> E``. Only two reads of each epoch can bind (the one
-  that ended first and the one that started last, since the epoch E holds on
-  one interval of time), so only those are searched.
+- the active epoch, which only grows: an acknowledged rotation to E is
+  ``advance() -> E``, an acknowledged tokenize in epoch E is ``read() -> E``;
+  rotations the history did not record may happen at any time, so a read of a
+  later epoch is allowed and moves it there, but never one of an earlier
+  epoch. Only two reads of each epoch can bind (the one that ended first and
+  the one that started last, since epoch E holds on one interval of time), so
+  only those are searched.
 
 Whether a token is the right function of its value and epoch is a property of
 the keys, not of concurrency; history.py checks what it can of it.
@@ -104,11 +106,20 @@ def register_step(state: Hashable, call: Call) -> list[Hashable]:
 
 
 def epoch_step(state: Hashable, call: Call) -> list[Hashable]:
-    """The active epoch: ("advance",) -> the next epoch (any next one when unknown), ("read",) -> it."""
+    """The active epoch, which only grows: ("advance",) -> E moves it to E, ("read",) -> E sees E.
+
+    Rotations the history did not record (an operator's, a bootstrap) may
+    happen at any time, so a read of a later epoch also moves the state there;
+    what can never happen is an epoch going back. An advance of unknown outcome
+    moves it one further or not at all."""
     assert isinstance(state, int)
     if call.operation == ("advance",):
-        return [state + 1] if call.unknown or call.output == state + 1 else []
-    return [state] if state == call.output else []
+        if call.unknown:
+            return [state + 1]
+        assert isinstance(call.output, int)
+        return [call.output] if call.output > state else []
+    assert isinstance(call.output, int)
+    return [call.output] if call.output >= state else []
 
 
 def _end(operation: Operation) -> float | None:

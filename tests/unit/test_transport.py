@@ -432,8 +432,9 @@ async def test_mutual_tls_links_come_up_and_carry_frames(
         mesh: Mesh, cluster_tls: dict[str, tls.PeerTlsContexts]) -> None:
     sides = [await mesh.start(node_id, tls=cluster_tls[node_id]) for node_id in IDS]
     n1, n2, n3 = sides
-    await wait_until(lambda: all(n1.transport.is_connected(peer) for peer in ("n2", "n3"))
-                     and n2.transport.is_connected("n3"), 5, "every link to come up")
+    # Both ends of every link, the accepting ends included (they register a moment after the dialer).
+    await wait_until(lambda: all(side.transport.is_connected(peer) for side in sides for peer in IDS
+                                 if peer != side.transport.node_id), 5, "every link to come up at both ends")
     assert all(_is_tls(side, peer) for side in sides for peer in IDS if peer != side.transport.node_id)
     assert n1.transport.send("n3", forward(7)) and n3.transport.send("n1", forward(8))
     await wait_until(lambda: forwards(n3) == [7] and forwards(n1) == [8], 5, "frames both ways")

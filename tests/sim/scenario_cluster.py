@@ -37,7 +37,7 @@ class ScenarioCluster(Simulation):
             if keep is not None and not keep(source, destination, message):
                 continue
             node = self.nodes[destination]
-            if node.replica is None or self.partition_of[source] != self.partition_of[destination]:
+            if node.replica is None or not self.link_open(source, destination):
                 continue
             node.replica.step(source, message)
             self.drive(node)

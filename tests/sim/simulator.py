@@ -93,9 +93,9 @@ class SimulationConfig:
             split_ready_probability=rng.choice((0.0, 0.2, 0.5)),
             through_codec=rng.random() < 0.25,
             check_quorum=rng.random() < 0.7,
-            link_fault_weight=rng.choice((0.0, 1.0, 2.0)),
-            slow_link_weight=rng.choice((0.0, 0.5, 1.0)),
-            pause_weight=rng.choice((0.0, 0.5, 1.0)),
+            link_fault_weight=rng.choice((0.0, 0.5, 1.0)),
+            slow_link_weight=rng.choice((0.0, 0.2, 0.5)),
+            pause_weight=rng.choice((0.0, 0.2, 0.5)),
             clock_skew=rng.random() < 0.4,
             crash_point_probability=rng.choice((0.0, 0.005, 0.02)),
             store_sync_probability=rng.choice((1.0, 0.5, 0.1)),
@@ -176,6 +176,7 @@ class Simulation:
         self.blocked: set[tuple[str, str]] = set()
         self.slow_links: dict[tuple[str, str], int] = {}
         self.isolated_until_ticks = 0  # the primary's isolation holds off heal() until then
+        self.isolated_nodes: set[str] = set()
         self.crash_points_enabled = True
         self.fault_tolerance = (self.config.cluster_size - 1) // 2
         # Bookkeeping of the on-disk invariants.
@@ -676,6 +677,12 @@ class Simulation:
         return [node for node in self.nodes.values()
                 if node.replica is not None and node.replica.role is Role.PRIMARY and not self.is_paused(node)]
 
+    @staticmethod
+    def _serves_reads(replica: Replica | None) -> bool:
+        """A primary whose commit point is of its own view (its no-op committed)."""
+        return (replica is not None and replica.role is Role.PRIMARY and replica.commit_index > replica.log_base_index
+                and replica.log_entry(replica.commit_index).view == replica.view)
+
     def _superseded(self, node: SimNode) -> bool:
         """A node that believes it leads while some replica has moved to a later view."""
         assert node.replica is not None
@@ -704,24 +711,43 @@ class Simulation:
             node.replica.role is Role.PRIMARY
             or (node.replica.role is Role.BACKUP and node.replica.primary_id is not None))]
         primaries = [node for node in readers if node.replica.role is Role.PRIMARY]  # type: ignore[union-attr]
-        if len(primaries) > 1 and self.rng.random() < 0.7:
-            # The client asks every node that believes it leads, a superseded one above all:
-            # that is where a read without its quorum round comes back stale.
+        if (len(primaries) > 1 or self.now_ticks < self.isolated_until_ticks) and self.rng.random() < 0.7:
+            # The client asks every node that believes it leads, a superseded or isolated one above
+            # all: that is where a read without its quorum round comes back stale.
             readers = primaries
         if not readers:
             return
         node = self.rng.choice(readers)
         if node.replica.role is Role.PRIMARY and self._superseded(node):  # type: ignore[union-attr]
             self.superseded_reads += 1
+        self.ask_read(node)
+
+    def client_round(self) -> None:
+        """While a primary is isolated, the client sends a write and a read to every node that
+        believes it leads (as a client that does not know who leads would)."""
+        for node in self.live_primaries():
+            if node.replica is None or node.replica.role is not Role.PRIMARY:
+                continue  # an earlier step of this round deposed or crashed it
+            if self._superseded(node):
+                self.superseded_reads += 1
+            self.ask_read(node)
+            if node.replica is not None and node.replica.role is Role.PRIMARY:
+                self.propose(node)
+
+    def ask_read(self, node: SimNode) -> int | None:
+        """A client read on this node; its answer must see every write acknowledged before now.
+        Returns the request id, or None when the node refuses (NotPrimary)."""
+        assert node.replica is not None
         node.read_ids += 1
         self.read_floor[(node.node_id, node.read_ids)] = (self.highest_acknowledged_index,
                                                          node.replica.role is Role.BACKUP)
         try:
-            node.replica.request_read(node.read_ids)  # type: ignore[union-attr]
+            node.replica.request_read(node.read_ids)
         except NotPrimary:
             del self.read_floor[(node.node_id, node.read_ids)]
-            return
+            return None
         self.drive(node)
+        return node.read_ids
 
     def crash(self, node: SimNode) -> None:
         if node.pending is not None:
@@ -755,6 +781,8 @@ class Simulation:
             self.drive(node)
 
     def partition(self) -> None:
+        if self.now_ticks < self.isolated_until_ticks:
+            return  # the primary's isolation runs its full course
         groups = {node_id: self.rng.randrange(2) for node_id in self.member_ids}
         self.partition_of = groups
         self.note(f"partition {sorted(groups.items())}")
@@ -774,8 +802,11 @@ class Simulation:
         """The fault budget: within it, at most f nodes (at least one) are down or paused at once."""
         if self.config.beyond_budget:
             return True
-        out = sum(1 for other in self.nodes.values()
-                  if other is not node and (other.replica is None or self.is_paused(other)))
+        isolated = self.isolated_nodes if self.now_ticks < self.isolated_until_ticks else set()
+        if node.node_id in isolated:
+            return True  # already counted out
+        out = sum(1 for other in self.nodes.values() if other is not node and (
+            other.replica is None or self.is_paused(other) or other.node_id in isolated))
         return out < max(1, self.fault_tolerance)
 
     def _cut(self, group: set[str], others: set[str]) -> None:
@@ -786,8 +817,11 @@ class Simulation:
         """One of: a one-way cut, a bridge partition, or the primary isolated in a minority."""
         if len(self.member_ids) < 2:
             return
+        if self.now_ticks < self.isolated_until_ticks:
+            return  # the primary's isolation runs its full course
         self.link_faults += 1
         rng = self.rng
+        self.blocked.clear()  # one link fault at a time, so that most runs still make progress
         kind = rng.random()
         if kind < 0.35:
             source, destination = rng.sample(self.member_ids, 2)
@@ -806,13 +840,22 @@ class Simulation:
     def isolate_primary(self) -> None:
         """Cut the primary of the highest view into a minority for 3 to 5 election timeouts
         (counted on the slowest clock), while the client keeps writing and reading on it."""
-        primaries = self.live_primaries()
+        # A primary that committed in its view serves reads: isolating that one is the test.
+        primaries = [node for node in self.live_primaries() if self._serves_reads(node.replica)]
         if not primaries or len(self.member_ids) < 3:
             return
         primary = max(primaries, key=lambda node: node.replica.view)  # type: ignore[union-attr]
         others = [node_id for node_id in self.member_ids if node_id != primary.node_id]
         minority = {primary.node_id, *self.rng.sample(others, self.rng.randrange(0, self.fault_tolerance))}
         majority = set(self.member_ids) - minority
+        # The majority side is whole (within the budget, the minority is all the faults there
+        # are), so that it elects a new primary while the old one still believes it leads.
+        for node_id in sorted(majority):
+            node = self.nodes[node_id]
+            node.paused_until_ticks = min(node.paused_until_ticks, self.now_ticks)
+            if node.replica is None and not self.config.beyond_budget:
+                self.restart(node)
+        self.isolated_nodes = minority
         self.blocked.clear()
         self.partition_of = {node_id: 0 for node_id in self.member_ids}
         self._cut(minority, majority)
@@ -827,6 +870,7 @@ class Simulation:
             return
         source, destination = self.rng.sample(self.member_ids, 2)
         timeout = self.config.election_timeout_ticks
+        self.slow_links.clear()
         delay = self.rng.randint(timeout + 1, 3 * timeout)
         self.slow_links[(source, destination)] = delay
         if self.rng.random() < 0.5:
@@ -865,6 +909,8 @@ class Simulation:
         rng = self.rng
         config = self.config
         roll = rng.random() * 100
+        if self.now_ticks < self.isolated_until_ticks and rng.random() < 0.08:
+            self.client_round()
         if roll < 45:
             if not self.deliver_one():
                 self.tick()

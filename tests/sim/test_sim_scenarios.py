@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from broken_replicas import CommitsEarlierViewByCounting
+from broken_replicas import CommitsEarlierViewByCounting, ReadsWithoutQuorumRound, UpToDateByIndexOnly
 from protocol import AppendEntries, Replica, RequestVote, Role, VoteReply
 from scenario_cluster import ScenarioCluster
 from simulator import SimulationFailure
@@ -260,3 +260,67 @@ def test_whole_cluster_crash_and_restart_loses_nothing_acknowledged(size: int) -
     for index, (view, payload, _) in acknowledged.items():
         assert cluster.committed[index] == (view, payload)
         assert all(node.disk.applied_index >= index for node in cluster.nodes.values())
+
+
+# ---------------------------------------------------------------- planted bugs the sweep reaches rarely
+
+@pytest.mark.parametrize("broken", [False, True], ids=["real", "mutant"])
+def test_read_without_quorum_round_on_an_isolated_primary_is_caught(broken: bool) -> None:
+    """A primary cut off in a minority (no check-quorum, so it keeps believing it leads) gets a
+    read after the majority elected a new primary and acknowledged a write: the real replica never
+    confirms that read; one that skips the quorum round answers it stale."""
+    cluster = ScenarioCluster(5, check_quorum=False,
+                              replica_class=ReadsWithoutQuorumRound if broken else Replica)
+    cluster.elect("n1")
+    cluster.isolate(("n1", "n2"), ("n3", "n4", "n5"))
+    new_primary = None
+    for _ in range(6 * ELECTION_TIMEOUT_TICKS):
+        cluster.run_ticks(1, only=("n1", "n2", "n3"))
+        if cluster.replica("n3").role is Role.PRIMARY:
+            new_primary = "n3"
+            break
+    assert new_primary is not None, "the majority elects a primary"
+    cluster.propose_at(new_primary, b"written-on-the-majority-side")
+    cluster.run_ticks(2)
+    assert b"written-on-the-majority-side" in acknowledged_payloads(cluster)
+    assert cluster.replica("n1").role is Role.PRIMARY, "without check-quorum it still believes it leads"
+    if broken:
+        with pytest.raises(SimulationFailure, match="stale read"):
+            cluster.ask_read(cluster.node("n1"))
+            cluster.run_ticks(3 * ELECTION_TIMEOUT_TICKS)
+        return
+    request_id = cluster.ask_read(cluster.node("n1"))
+    cluster.run_ticks(3 * ELECTION_TIMEOUT_TICKS)
+    assert ("n1", request_id) in cluster.read_floor, "the isolated primary never confirms the read"
+    assert cluster.reads_confirmed == 0
+    cluster.isolate(tuple(cluster.member_ids))
+    cluster.check_liveness()
+
+
+@pytest.mark.parametrize("broken", [False, True], ids=["real", "mutant"])
+def test_up_to_date_check_by_index_only_is_caught(broken: bool) -> None:
+    """n1 holds a longer log of an older view (never committed); n2 holds a shorter log whose last
+    entry, of a later view, was acknowledged (by n3, then crashed). n1 must not win n2's vote:
+    comparing indexes only, it does, and as primary it would overwrite the acknowledged entry."""
+    cluster = ScenarioCluster(3, check_quorum=False, replica_class=UpToDateByIndexOnly if broken else Replica)
+    cluster.elect("n1")
+    cluster.isolate(("n1",), ("n2", "n3"))
+    for number in range(4):
+        cluster.propose_at("n1", b"never-committed-%d" % number)
+    cluster.crash(cluster.node("n1"))
+    cluster.elect("n3")
+    cluster.propose_at("n3", b"acknowledged")
+    cluster.run_ticks(2)
+    assert b"acknowledged" in acknowledged_payloads(cluster)
+    assert cluster.replica("n3").last_index < cluster.node("n1").disk.last_index
+    cluster.crash(cluster.node("n3"))
+    cluster.restart(cluster.node("n1"))
+    cluster.isolate(tuple(cluster.member_ids))
+    if broken:
+        with pytest.raises(SimulationFailure, match="acknowledged"):
+            cluster.elect("n1", max_ticks=6 * ELECTION_TIMEOUT_TICKS)
+        return
+    cluster.run_ticks(6 * ELECTION_TIMEOUT_TICKS, only=("n1",))
+    assert cluster.replica("n1").role is not Role.PRIMARY, "n2 refuses the longer log of the older view"
+    cluster.restart(cluster.node("n3"))
+    cluster.check_liveness()

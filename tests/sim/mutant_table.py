@@ -4,8 +4,8 @@
 
 A seed "catches" a mutant when its run raises SimulationFailure (an invariant
 broke) or an assertion of the core fires. The table goes into docs/replication.md
-("Mutants"); a mutant caught in fewer than 5% of the seeds names the hand-built
-scenario in tests/sim/test_sim_scenarios.py that catches it instead.
+("Mutants"); a mutant the sweep catches rarely names the hand-built scenario in
+tests/sim/test_sim_scenarios.py that catches it every time.
 """
 
 from __future__ import annotations
@@ -23,9 +23,16 @@ from simulator import Simulation, SimulationConfig, SimulationFailure  # noqa: E
 
 # Mutants the sweep reaches too rarely, and the named scenario that catches each of them.
 SCENARIOS = {
-    "installs an older snapshot": "tests/sim/test_sim_scenarios.py::test_older_snapshot_mutant_is_caught",
     "reads answered without the quorum round":
-        "tests/sim/test_sim_scenarios.py::test_read_without_quorum_round_on_an_isolated_primary_is_caught",
+        "test_sim_scenarios.py::test_read_without_quorum_round_on_an_isolated_primary_is_caught",
+    "driver sends replies before the fsync": "test_sim_scenarios.py::test_replies_before_the_fsync_are_caught",
+    "installs an older snapshot": "test_sim_scenarios.py::test_older_snapshot_mutant_is_caught",
+    "accepts messages from lower views": "test_sim_scenarios.py::test_message_of_a_lower_view_is_refused",
+    "up-to-date check compares index only": "test_sim_scenarios.py::test_up_to_date_check_by_index_only_is_caught",
+    "reads before the view's first commit":
+        "test_sim_scenarios.py::test_reads_before_the_views_first_commit_are_caught",
+    "commits an earlier view by counting":
+        "test_sim_scenarios.py::test_figure_eight_breaks_a_replica_that_commits_by_counting",
 }
 
 

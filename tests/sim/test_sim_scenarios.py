@@ -449,3 +449,27 @@ def test_older_snapshot_mutant_is_caught(broken: bool) -> None:
     assert cluster.replica("n3").last_index == new_index
     cluster.isolate(tuple(cluster.member_ids))
     cluster.check_liveness()
+
+
+@pytest.mark.parametrize("broken", [False, True], ids=["real", "mutant"])
+def test_replies_before_the_fsync_are_caught(broken: bool) -> None:
+    """Every write waits for its fsync here. A driver that lets a backup's AppendReply leave before
+    the backup's fsync lets the primary acknowledge an entry that only its own disk holds."""
+    bugs = frozenset({"replies_before_fsync"}) if broken else frozenset()
+    cluster = ScenarioCluster(3, split_ready_probability=1.0, driver_bugs=bugs)
+    cluster.elect("n1")
+    cluster.run_ticks(2)
+    cluster.propose_at("n1", b"written")
+    cluster.deliver_all()  # the backups' writes are not yet fsynced
+    assert all(cluster.node(node_id).pending is not None for node_id in ("n2", "n3"))
+    if broken:
+        with pytest.raises(SimulationFailure, match="durable on 1 disk"):
+            cluster.finish_pending(cluster.node("n1"))
+            cluster.check_step_invariants()
+        return
+    cluster.finish_pending(cluster.node("n1"))
+    cluster.check_step_invariants()
+    assert b"written" not in acknowledged_payloads(cluster), "no backup reply before its fsync"
+    cluster.run_ticks(2)
+    assert b"written" in acknowledged_payloads(cluster)
+    cluster.check_liveness()

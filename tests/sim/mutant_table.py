@@ -63,7 +63,7 @@ def main() -> None:
         caught = catching_seeds(name, seeds, arguments.steps)
         rate = len(caught) / len(seeds)
         first = str(caught[0]) if caught else "none"
-        scenario = SCENARIOS.get(name, "")
+        scenario = f"tests/sim/{SCENARIOS[name]}" if name in SCENARIOS else ""
         if rate < 0.05 and not scenario:
             scenario = "NOT REACHED: below 5% and no scenario"
         print(f"| {name} | {len(caught)} of {len(seeds)} | {rate:.1%} | {first} | {scenario} |", flush=True)

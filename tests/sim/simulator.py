@@ -10,8 +10,9 @@ pass through the core: the primary's driver keeps its image and reads chunks
 from it, the backup's driver stages them and installs the whole image later (a
 step of its own, so crashes land inside the install: after the store swap and
 before the log reset). After every step the invariants of docs/replication.md are
-checked; a violation raises SimulationFailure naming the seed and the recent
-trace, and ``pytest tests/sim --seed N`` replays exactly that run.
+checked (invariants.py); a violation raises SimulationFailure naming the seed
+and the recent trace, and ``pytest tests/sim --seed N`` replays exactly that
+run. The nemeses beyond loss, delay and partitions live in nemeses.py.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from protocol import (INITIAL_HARD_STATE, BecamePrimary, Entry, EntryKind, HardS
                       NotPrimary, ProposalRejected, Ready, ReplicaConfig, Replica, RestoredState, Role, decode_body)
 from protocol.codec import encode_body
 from protocol.messages import VoteReply
+from invariants import InvariantChecks
+from nemeses import Nemeses
 # The node's own choices, so that the sweep checks the order tokenvault/node.py really uses.
 
 TRACE_LENGTH = 60
@@ -150,7 +153,7 @@ def digest_after(digest: bytes, entry: Entry) -> bytes:
     return hasher.digest()
 
 
-class Simulation:
+class Simulation(InvariantChecks, Nemeses):
     """One seeded run. ``run()`` performs the steps, then heals everything and checks liveness."""
 
     def __init__(self, seed: int, config: SimulationConfig | None = None,
@@ -493,121 +496,6 @@ class Simulation:
             last = committed[-1]
             self._check_no_electable_node_lacks(last.index, last.view)
 
-    # ------------------------------------------------------------------ invariants
-
-    def _check_primary_holds_acknowledged(self, node: SimNode) -> None:
-        """A primary of view v holds every entry acknowledged by a primary of an earlier view."""
-        replica = node.replica
-        assert replica is not None
-        for index, (view, payload, commit_view) in self.acknowledged.items():
-            if commit_view >= replica.view or index <= replica.log_base_index:
-                continue  # compacted: the store holds it, checked by the digest chain
-            if index > replica.last_index:
-                self.fail(f"new primary {node.node_id} lacks acknowledged entry {index}")
-            entry = replica.log_entry(index)
-            if (entry.view, entry.payload) != (view, payload):
-                self.fail(f"new primary {node.node_id} holds {entry.index}/{entry.view} over acknowledged {index}/{view}")
-
-    def _log_position(self, node: SimNode) -> tuple[int, int]:
-        """(last view, last index) a node would campaign and vote with: its live log, else its disk."""
-        if node.replica is not None:
-            return node.replica.last_view, node.replica.last_index
-        disk = node.disk
-        if disk.applied_index > disk.last_index:
-            return disk.applied_view, disk.applied_index
-        return (disk.entries[-1].view if disk.entries else disk.base_view), disk.last_index
-
-    def _holds(self, node: SimNode, index: int, view: int) -> bool:
-        replica, disk = node.replica, node.disk
-        if replica is not None:
-            if index <= replica.log_base_index:
-                return True
-            return index <= replica.last_index and replica.log_entry(index).view == view
-        if index <= max(disk.base_index, disk.applied_index):
-            return True
-        return index <= disk.last_index and disk.entries[index - disk.base_index - 1].view == view
-
-    def _check_no_electable_node_lacks(self, index: int, view: int) -> None:
-        """Leader completeness, looked at from the front: once an entry is committed, no replica
-        lacking it may be at least as up to date as a majority, or it could be elected and
-        overwrite the entry. (Raft's proof of leader completeness shows this holds.)"""
-        positions = {node_id: self._log_position(node) for node_id, node in self.nodes.items()}
-        quorum = len(self.nodes) // 2 + 1
-        for node_id, node in self.nodes.items():
-            if self._holds(node, index, view):
-                continue
-            position = positions[node_id]
-            voters = sum(1 for other in positions.values() if position >= other)
-            if voters >= quorum:
-                self.fail(f"{node_id} lacks committed entry {index}/{view} yet could win an election "
-                          f"(log at {position}, {voters} replicas no more up to date)")
-
-    def _check_read(self, node: SimNode, result) -> None:
-        asked = self.read_floor.pop((node.node_id, result.request_id), None)
-        if asked is None or not result.ok:
-            return
-        floor, on_backup = asked
-        self.reads_confirmed += 1
-        self.backup_reads_confirmed += on_backup
-        if result.read_index < floor:
-            self.fail(f"{node.node_id} read index {result.read_index} misses acknowledged index {floor}: stale read")
-
-    def _check_log_matching(self, node: SimNode, entry: Entry) -> None:
-        """Log matching across every disk: one (index, view) names one payload and one predecessor view,
-        so by induction two logs that share an entry share the whole prefix before it."""
-        disk = node.disk
-        prev_view = disk.entries[-1].view if disk.entries else disk.base_view
-        known = self.entries_on_disk.setdefault((entry.index, entry.view), (entry.payload, prev_view))
-        if known != (entry.payload, prev_view):
-            self.fail(f"{node.node_id} writes entry {entry.index}/{entry.view} (after view {prev_view}) unlike "
-                      f"another disk's (after view {known[1]}, {'same' if known[0] == entry.payload else 'other'} "
-                      f"payload): log matching broken")
-
-    @staticmethod
-    def _disk_holds(disk: Disk, index: int, view: int) -> bool:
-        """Whether this disk alone would bring back entry (index, view) after a crash."""
-        if index <= max(disk.base_index, disk.store_synced[0]):
-            return True  # below the log base or within the synced store: the store holds its effect
-        return index <= disk.last_index and disk.entries[index - disk.base_index - 1].view == view
-
-    def _check_acknowledged_durable(self) -> None:
-        """Every acknowledged entry is durable on a majority's disk (only those above what a
-        majority's stores already hold need looking at, which keeps this cheap)."""
-        if not self.acknowledged_indexes:
-            return
-        quorum = len(self.nodes) // 2 + 1
-        floors = sorted((max(node.disk.base_index, node.disk.store_synced[0]) for node in self.nodes.values()),
-                        reverse=True)
-        start = bisect.bisect_right(self.acknowledged_indexes, floors[quorum - 1])
-        for index in self.acknowledged_indexes[start:]:
-            view = self.acknowledged[index][0]
-            holders = sum(1 for node in self.nodes.values() if self._disk_holds(node.disk, index, view))
-            if holders < quorum:
-                self.fail(f"acknowledged entry {index}/{view} is durable on {holders} disk(s), fewer than a "
-                          f"majority of {quorum}")
-
-    def _check_vote(self, voter: str, candidate: str, view: int) -> None:
-        granted = self.votes_granted.setdefault((voter, view), candidate)
-        if granted != candidate:
-            self.fail(f"{voter} granted its vote in view {view} to {granted} and to {candidate}: votes twice")
-
-    def check_step_invariants(self) -> None:
-        self._check_acknowledged_durable()
-        for node in self.nodes.values():
-            replica = node.replica
-            if replica is None:
-                continue
-            if replica.role is Role.PRIMARY:
-                holder = self.primary_of_view.setdefault(replica.view, node.node_id)
-                if holder != node.node_id:
-                    self.fail(f"two primaries in view {replica.view}: {holder} and {node.node_id}")
-                if (node.node_id, replica.view) not in self.checked_primaries:
-                    # Its log only grows while it leads this view, so checking once is enough.
-                    self.checked_primaries.add((node.node_id, replica.view))
-                    self._check_primary_holds_acknowledged(node)
-            if replica.commit_index < node.disk.applied_index and node.pending is None:
-                self.fail(f"{node.node_id} commit {replica.commit_index} behind its applied {node.disk.applied_index}")
-
     # ------------------------------------------------------------------ network
 
     def send(self, source: str, destination: str, message: Message) -> None:
@@ -677,18 +565,6 @@ class Simulation:
         return [node for node in self.nodes.values()
                 if node.replica is not None and node.replica.role is Role.PRIMARY and not self.is_paused(node)]
 
-    @staticmethod
-    def _serves_reads(replica: Replica | None) -> bool:
-        """A primary whose commit point is of its own view (its no-op committed)."""
-        return (replica is not None and replica.role is Role.PRIMARY and replica.commit_index > replica.log_base_index
-                and replica.log_entry(replica.commit_index).view == replica.view)
-
-    def _superseded(self, node: SimNode) -> bool:
-        """A node that believes it leads while some replica has moved to a later view."""
-        assert node.replica is not None
-        return any(other.replica is not None and other.replica.view > node.replica.view
-                   for other in self.nodes.values())
-
     def propose(self, node: SimNode | None = None) -> bool:
         candidates = [node] if node is not None else self.live_primaries()
         if not candidates:
@@ -721,18 +597,6 @@ class Simulation:
         if node.replica.role is Role.PRIMARY and self._superseded(node):  # type: ignore[union-attr]
             self.superseded_reads += 1
         self.ask_read(node)
-
-    def client_round(self) -> None:
-        """While a primary is isolated, the client sends a write and a read to every node that
-        believes it leads (as a client that does not know who leads would)."""
-        for node in self.live_primaries():
-            if node.replica is None or node.replica.role is not Role.PRIMARY:
-                continue  # an earlier step of this round deposed or crashed it
-            if self._superseded(node):
-                self.superseded_reads += 1
-            self.ask_read(node)
-            if node.replica is not None and node.replica.role is Role.PRIMARY:
-                self.propose(node)
 
     def ask_read(self, node: SimNode) -> int | None:
         """A client read on this node; its answer must see every write acknowledged before now.
@@ -795,98 +659,6 @@ class Simulation:
         self.slow_links.clear()
         self.isolated_until_ticks = 0
         self.note("healed")
-
-    # ------------------------------------------------------------------ nemeses of issue 12
-
-    def _may_take_down(self, node: SimNode) -> bool:
-        """The fault budget: within it, at most f nodes (at least one) are down or paused at once."""
-        if self.config.beyond_budget:
-            return True
-        isolated = self.isolated_nodes if self.now_ticks < self.isolated_until_ticks else set()
-        if node.node_id in isolated:
-            return True  # already counted out
-        out = sum(1 for other in self.nodes.values() if other is not node and (
-            other.replica is None or self.is_paused(other) or other.node_id in isolated))
-        return out < max(1, self.fault_tolerance)
-
-    def _cut(self, group: set[str], others: set[str]) -> None:
-        self.blocked.update((a, b) for a in group for b in others)
-        self.blocked.update((b, a) for a in group for b in others)
-
-    def link_fault(self) -> None:
-        """One of: a one-way cut, a bridge partition, or the primary isolated in a minority."""
-        if len(self.member_ids) < 2:
-            return
-        if self.now_ticks < self.isolated_until_ticks:
-            return  # the primary's isolation runs its full course
-        self.link_faults += 1
-        rng = self.rng
-        self.blocked.clear()  # one link fault at a time, so that most runs still make progress
-        kind = rng.random()
-        if kind < 0.35:
-            source, destination = rng.sample(self.member_ids, 2)
-            self.blocked.add((source, destination))
-            self.note(f"one-way cut {source} -> {destination}")
-        elif kind < 0.6 and len(self.member_ids) >= 3:
-            # A bridge: two sides that cannot hear each other, and one node that hears both.
-            bridge, *rest = rng.sample(self.member_ids, len(self.member_ids))
-            split = rng.randrange(1, len(rest))
-            left, right = set(rest[:split]), set(rest[split:])
-            self._cut(left, right)
-            self.note(f"bridge {bridge} between {sorted(left)} and {sorted(right)}")
-        else:
-            self.isolate_primary()
-
-    def isolate_primary(self) -> None:
-        """Cut the primary of the highest view into a minority for 3 to 5 election timeouts
-        (counted on the slowest clock), while the client keeps writing and reading on it."""
-        # A primary that committed in its view serves reads: isolating that one is the test.
-        primaries = [node for node in self.live_primaries() if self._serves_reads(node.replica)]
-        if not primaries or len(self.member_ids) < 3:
-            return
-        primary = max(primaries, key=lambda node: node.replica.view)  # type: ignore[union-attr]
-        others = [node_id for node_id in self.member_ids if node_id != primary.node_id]
-        minority = {primary.node_id, *self.rng.sample(others, self.rng.randrange(0, self.fault_tolerance))}
-        majority = set(self.member_ids) - minority
-        # The majority side is whole (within the budget, the minority is all the faults there
-        # are), so that it elects a new primary while the old one still believes it leads.
-        for node_id in sorted(majority):
-            node = self.nodes[node_id]
-            node.paused_until_ticks = min(node.paused_until_ticks, self.now_ticks)
-            if node.replica is None and not self.config.beyond_budget:
-                self.restart(node)
-        self.isolated_nodes = minority
-        self.blocked.clear()
-        self.partition_of = {node_id: 0 for node_id in self.member_ids}
-        self._cut(minority, majority)
-        slowest = min(node.tick_rate for node in self.nodes.values())
-        timeouts = self.rng.randint(3, 5)
-        self.isolated_until_ticks = self.now_ticks + int(timeouts * self.config.election_timeout_ticks / slowest) + 1
-        self.note(f"primary {primary.node_id} isolated in {sorted(minority)} until t={self.isolated_until_ticks}")
-
-    def slow_link(self) -> None:
-        """A link (one way or both) whose messages take longer than an election timeout."""
-        if len(self.member_ids) < 2:
-            return
-        source, destination = self.rng.sample(self.member_ids, 2)
-        timeout = self.config.election_timeout_ticks
-        self.slow_links.clear()
-        delay = self.rng.randint(timeout + 1, 3 * timeout)
-        self.slow_links[(source, destination)] = delay
-        if self.rng.random() < 0.5:
-            self.slow_links[(destination, source)] = delay
-        self.note(f"slow link {source} -> {destination}: +{delay} ticks")
-
-    def pause(self) -> None:
-        """A process pause: the node stops ticking and handling messages for 1 to 4 election timeouts."""
-        running = [node for node in self.nodes.values()
-                   if node.replica is not None and not self.is_paused(node) and self._may_take_down(node)]
-        if not running:
-            return
-        node = self.rng.choice(running)
-        node.paused_until_ticks = self.now_ticks + self.rng.randint(1, 4) * self.config.election_timeout_ticks
-        self.pauses += 1
-        self.note(f"{node.node_id} paused until t={node.paused_until_ticks}")
 
     def compact(self, node: SimNode) -> None:
         replica, disk = node.replica, node.disk

@@ -25,7 +25,7 @@ class Nemeses:
             return True
         isolated = self.isolated_nodes if self.now_ticks < self.isolated_until_ticks else set()
         if node.node_id in isolated:
-            return True  # already counted out
+            return False  # the isolated primary must live on, believing it leads: that is the test
         out = sum(1 for other in self.nodes.values() if other is not node and (
             other.replica is None or self.is_paused(other) or other.node_id in isolated))
         return out < max(1, self.fault_tolerance)
@@ -63,8 +63,14 @@ class Nemeses:
         (counted on the slowest clock), while the client keeps writing and reading on it."""
         # A primary that committed in its view serves reads: isolating that one is the test.
         primaries = [node for node in self.live_primaries() if self._serves_reads(node.replica)]
-        if not primaries or len(self.member_ids) < 3:
+        if len(self.member_ids) < 3:
             return
+        if not primaries:
+            # Often no primary serves just now (an election, a partition): the isolation waits
+            # for the next one (step() retries it), so that it is not wasted.
+            self.isolation_armed = True
+            return
+        self.isolation_armed = False
         primary = max(primaries, key=lambda node: node.replica.view)  # type: ignore[union-attr]
         others = [node_id for node_id in self.member_ids if node_id != primary.node_id]
         minority = {primary.node_id, *self.rng.sample(others, self.rng.randrange(0, self.fault_tolerance))}
@@ -111,9 +117,10 @@ class Nemeses:
 
     @staticmethod
     def _serves_reads(replica: Replica | None) -> bool:
-        """A primary whose commit point is of its own view (its no-op committed)."""
-        return (replica is not None and replica.role is Role.PRIMARY and replica.commit_index > replica.log_base_index
-                and replica.log_entry(replica.commit_index).view == replica.view)
+        """A primary whose commit point is of its own view (its no-op committed). The log's own
+        view_at is used because the commit point may sit at the compacted base."""
+        return (replica is not None and replica.role is Role.PRIMARY
+                and replica._log.view_at(replica.commit_index) == replica.view)
 
     def _superseded(self, node: SimNode) -> bool:
         """A node that believes it leads while some replica has moved to a later view."""

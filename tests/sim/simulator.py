@@ -180,6 +180,7 @@ class Simulation(InvariantChecks, Nemeses):
         self.slow_links: dict[tuple[str, str], int] = {}
         self.isolated_until_ticks = 0  # the primary's isolation holds off heal() until then
         self.isolated_nodes: set[str] = set()
+        self.isolation_armed = False  # an isolation drawn while no primary served: done at the next one
         self.crash_points_enabled = True
         self.fault_tolerance = (self.config.cluster_size - 1) // 2
         # Bookkeeping of the on-disk invariants.
@@ -683,6 +684,8 @@ class Simulation(InvariantChecks, Nemeses):
         roll = rng.random() * 100
         if self.now_ticks < self.isolated_until_ticks and rng.random() < 0.08:
             self.client_round()
+        elif self.isolation_armed and any(self._serves_reads(node.replica) for node in self.live_primaries()):
+            self.isolate_primary()
         if roll < 45:
             if not self.deliver_one():
                 self.tick()

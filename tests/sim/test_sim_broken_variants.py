@@ -23,16 +23,16 @@ from simulator import Simulation, SimulationConfig
 
 # Mutant -> the sweep catches it within this many seeds (measured first catching seed + margin).
 SWEEP_BOUNDS = {
-    "driver sends replies before the fsync": 10,  # first at seed 2 (9 of 200)
-    "node forgets its vote on restart": 5,  # seed 0 (94 of 200)
-    "up-to-date check compares index only": 30,  # seed 23 (9 of 200)
-    "reads before the view's first commit": 20,  # seed 13 (11 of 200)
-    "heartbeat carries the raw commit index": 10,  # seed 5 (27 of 200)
-    "votes twice in a view": 5,  # seed 1 (97 of 200)
-    "always truncates after prev": 5,  # seed 0 (49 of 200)
+    "driver sends replies before the fsync": 40,  # first at seed 28 (8 of 200)
+    "node forgets its vote on restart": 5,  # seed 0 (90 of 200)
+    "up-to-date check compares index only": 15,  # seed 9 (11 of 200)
+    "reads before the view's first commit": 12,  # seed 6 (24 of 200)
+    "heartbeat carries the raw commit index": 10,  # seed 5 (32 of 200)
+    "votes twice in a view": 5,  # seed 1 (99 of 200)
+    "always truncates after prev": 5,  # seed 0 (50 of 200)
     "acknowledges without a majority": 5,  # seed 0 (172 of 200)
-    "votes without the up-to-date check": 10,  # seed 2 (74 of 200)
-    "commits an earlier view by counting": 30,  # seed 23 (4 of 200)
+    "votes without the up-to-date check": 12,  # seed 6 (82 of 200)
+    "commits an earlier view by counting": 40,  # seed 31 (7 of 200)
 }
 
 SAFETY_SYMPTOMS = ("lacks committed entry", "over acknowledged", "lacks acknowledged", "was committed there",

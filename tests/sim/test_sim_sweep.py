@@ -28,15 +28,15 @@ def test_seed_sweep(sweep_seeds: range, sweep_steps: int) -> None:
     assert not failures, f"{len(failures)} failing seed(s); the first:\n{failures[0]}"
     if len(sweep_seeds) >= 100:
         # The sweep must actually exercise failover, acknowledged writes, reads, snapshots and each
-        # nemesis. Measured over the 500 default seeds: about 4,360 elections, 15,850 acknowledged
-        # entries, 3,500 confirmed reads (170 on backups), 260 snapshot installs, 80 reads asked of a
-        # superseded primary, 1,340 crashes inside a Ready, 2,740 lost store tails, 1,560 process
-        # pauses, 4,270 link faults, and 81 runs beyond the fault budget.
+        # nemesis. Measured over the 500 default seeds: about 4,300 elections, 16,800 acknowledged
+        # entries, 3,700 confirmed reads (160 on backups), 230 snapshot installs, 690 reads asked of a
+        # superseded primary, 1,270 crashes inside a Ready, 2,560 lost store tails, 1,520 process
+        # pauses, 4,140 link faults, and 81 runs beyond the fault budget.
         seeds = len(sweep_seeds)
         assert totals["elections"] >= 5 * seeds and totals["acknowledged"] >= 20 * seeds, totals
         assert totals["reads_confirmed"] >= 3 * seeds and totals["snapshots_installed"] >= seeds // 3, totals
         assert totals["backup_reads_confirmed"] >= seeds // 5, totals
-        assert totals["superseded_reads"] >= seeds // 10, totals
+        assert totals["superseded_reads"] >= seeds // 2, totals
         assert totals["crash_points_hit"] >= seeds and totals["store_tails_lost"] >= seeds, totals
         assert totals["pauses"] >= seeds and totals["link_faults"] >= 2 * seeds, totals
         assert totals["beyond_budget"] >= seeds // 20, totals

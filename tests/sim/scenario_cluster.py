@@ -13,12 +13,13 @@ from simulator import MESSAGES_PER_TICK_LIMIT, SimNode, Simulation, SimulationCo
 
 
 class ScenarioCluster(Simulation):
-    def __init__(self, size: int, *, seed: int = 1, replica_class: type[Replica] = Replica, **overrides) -> None:
+    def __init__(self, size: int, *, seed: int = 1, replica_class: type[Replica] = Replica,
+                 driver_bugs: frozenset[str] = frozenset(), **overrides) -> None:
         settings = dict(loss_probability=0.0, duplicate_probability=0.0, max_delay_ticks=0,
                         split_ready_probability=0.0)
         settings.update(overrides)
         config = SimulationConfig(cluster_size=size, **settings)  # type: ignore[arg-type]
-        super().__init__(seed, config, replica_class)
+        super().__init__(seed, config, replica_class, driver_bugs)
 
     def node(self, node_id: str) -> SimNode:
         return self.nodes[node_id]
@@ -37,7 +38,7 @@ class ScenarioCluster(Simulation):
             if keep is not None and not keep(source, destination, message):
                 continue
             node = self.nodes[destination]
-            if node.replica is None or self.partition_of[source] != self.partition_of[destination]:
+            if node.replica is None or not self.link_open(source, destination):
                 continue
             node.replica.step(source, message)
             self.drive(node)

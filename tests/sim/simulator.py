@@ -10,12 +10,14 @@ pass through the core: the primary's driver keeps its image and reads chunks
 from it, the backup's driver stages them and installs the whole image later (a
 step of its own, so crashes land inside the install: after the store swap and
 before the log reset). After every step the invariants of docs/replication.md are
-checked; a violation raises SimulationFailure naming the seed and the recent
-trace, and ``pytest tests/sim --seed N`` replays exactly that run.
+checked (invariants.py); a violation raises SimulationFailure naming the seed
+and the recent trace, and ``pytest tests/sim --seed N`` replays exactly that
+run. The nemeses beyond loss, delay and partitions live in nemeses.py.
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import heapq
 import random
@@ -26,10 +28,20 @@ from dataclasses import dataclass, field, replace
 from protocol import (INITIAL_HARD_STATE, BecamePrimary, Entry, EntryKind, HardState, InstallSnapshot, Message,
                       NotPrimary, ProposalRejected, Ready, ReplicaConfig, Replica, RestoredState, Role, decode_body)
 from protocol.codec import encode_body
+from protocol.messages import VoteReply
+from invariants import InvariantChecks
+from nemeses import Nemeses
 # The node's own choices, so that the sweep checks the order tokenvault/core/node.py really uses.
 
 TRACE_LENGTH = 60
 MESSAGES_PER_TICK_LIMIT = 20_000
+CLOCK_RATES = (0.5, 0.75, 1.0, 1.0, 1.5, 2.0)
+# Where a crash may land inside one Ready, in the driver's order (see Ready in protocol/records.py).
+# "after-write" and "after-durable-apply" stop before the fsync, so the write may survive only in part.
+CRASH_POINTS = ("after-early-sends", "after-durable-apply", "after-fsync", "after-replies", "after-apply")
+# Bugs that can be planted in the simulated driver (the mutant table): the replies that wait for
+# the fsync leave before it; a restarted node forgets the vote it had persisted.
+DRIVER_BUGS = frozenset({"replies_before_fsync", "forgets_vote_on_restart"})
 
 
 class SimulationFailure(AssertionError):
@@ -57,6 +69,15 @@ class SimulationConfig:
     through_codec: bool = False
     check_quorum: bool = True
     liveness_bound_ticks: int = 400
+    # The nemeses of issue 12. The defaults switch them off, so hand-built scenarios
+    # get a plain network unless they ask; from_seed draws them for the sweep.
+    link_fault_weight: float = 0.0  # one-way cuts, bridges, the primary isolated in a minority
+    slow_link_weight: float = 0.0  # links whose delay exceeds an election timeout
+    pause_weight: float = 0.0  # a node's ticks and message handling stop, then resume
+    clock_skew: bool = False  # each node ticks at its own rate
+    crash_point_probability: float = 0.0  # a crash between two steps of a Ready
+    store_sync_probability: float = 1.0  # below 1: the store's applied tail may be unsynced and lost
+    beyond_budget: bool = False  # more faults than the cluster tolerates: liveness is not required
 
     @classmethod
     def from_seed(cls, seed: int, steps: int = 2000) -> SimulationConfig:
@@ -75,6 +96,13 @@ class SimulationConfig:
             split_ready_probability=rng.choice((0.0, 0.2, 0.5)),
             through_codec=rng.random() < 0.25,
             check_quorum=rng.random() < 0.7,
+            link_fault_weight=rng.choice((0.0, 0.5, 1.0)),
+            slow_link_weight=rng.choice((0.0, 0.2, 0.5)),
+            pause_weight=rng.choice((0.0, 0.2, 0.5)),
+            clock_skew=rng.random() < 0.4,
+            crash_point_probability=rng.choice((0.0, 0.005, 0.02)),
+            store_sync_probability=rng.choice((1.0, 0.5, 0.1)),
+            beyond_budget=rng.random() < 0.15,
         )
 
 
@@ -89,6 +117,8 @@ class Disk:
     applied_index: int = 0
     applied_view: int = 0
     applied_digest: bytes = b"\x00" * 16
+    # What of the applied state survives a crash: (index, view, digest) of the store's last sync.
+    store_synced: tuple[int, int, bytes] = (0, 0, b"\x00" * 16)
 
     @property
     def last_index(self) -> int:
@@ -108,6 +138,12 @@ class SimNode:
     # Backup: chunks staged so far, and a whole image waiting to be installed, as (index, view, bytes).
     staging: bytearray = field(default_factory=bytearray)
     staged: tuple | None = None
+    # Clock skew: ticks this node performs per simulated tick, and the fraction carried over.
+    tick_rate: float = 1.0
+    tick_credit: float = 0.0
+    # A paused process: until this tick it neither ticks nor handles messages (they wait in held).
+    paused_until_ticks: int = 0
+    held: list = field(default_factory=list)
 
 
 def digest_after(digest: bytes, entry: Entry) -> bytes:
@@ -117,19 +153,46 @@ def digest_after(digest: bytes, entry: Entry) -> bytes:
     return hasher.digest()
 
 
-class Simulation:
+class Simulation(InvariantChecks, Nemeses):
     """One seeded run. ``run()`` performs the steps, then heals everything and checks liveness."""
 
     def __init__(self, seed: int, config: SimulationConfig | None = None,
-                 replica_class: type[Replica] = Replica) -> None:
+                 replica_class: type[Replica] = Replica, driver_bugs: frozenset[str] = frozenset()) -> None:
         self.seed = seed
         self.config = config or SimulationConfig.from_seed(seed)
         self.replica_class = replica_class
+        # Planted driver bugs, for the mutant table only: see DRIVER_BUGS.
+        unknown = set(driver_bugs) - DRIVER_BUGS
+        if unknown:
+            raise ValueError(f"unknown driver bugs: {sorted(unknown)}")
+        self.driver_bugs = driver_bugs
         self.rng = random.Random(seed)
         self.member_ids = tuple(f"n{number}" for number in range(1, self.config.cluster_size + 1))
         self.nodes = {node_id: SimNode(node_id, None) for node_id in self.member_ids}
         for node in self.nodes.values():
             node.replica = self._start_replica(node)
+        if self.config.clock_skew:
+            for node in self.nodes.values():
+                node.tick_rate = self.rng.choice(CLOCK_RATES)
+        # Directed links that drop everything (one-way cuts, bridges, isolations), and links
+        # whose messages take longer than an election timeout, with their extra delay.
+        self.blocked: set[tuple[str, str]] = set()
+        self.slow_links: dict[tuple[str, str], int] = {}
+        self.isolated_until_ticks = 0  # the primary's isolation holds off heal() until then
+        self.isolated_nodes: set[str] = set()
+        self.isolation_armed = False  # an isolation drawn while no primary served: done at the next one
+        self.crash_points_enabled = True
+        self.fault_tolerance = (self.config.cluster_size - 1) // 2
+        # Bookkeeping of the on-disk invariants.
+        self.votes_granted: dict[tuple[str, int], str] = {}  # (voter, view) -> the candidate it granted
+        self.entries_on_disk: dict[tuple[int, int], tuple[bytes, int]] = {}  # (index, view) -> (payload, prev view)
+        self.acknowledged_indexes: list[int] = []  # sorted
+        self.superseded_reads = 0  # reads asked on a primary while a later view existed
+        self.superseded_writes = 0
+        self.crash_points_hit = 0
+        self.store_tails_lost = 0
+        self.pauses = 0
+        self.link_faults = 0
         self.now_ticks = 0
         self.sequence = 0
         self.delayed: list[tuple[int, int, str, str, Message]] = []
@@ -181,6 +244,8 @@ class Simulation:
                 disk.base_index, disk.base_view, disk.entries = base_index, base_view, []
         entries = tuple(entry for entry in disk.entries if entry.index > base_index)
         hard_state = disk.hard_state
+        if "forgets_vote_on_restart" in self.driver_bugs:
+            hard_state = replace(hard_state, voted_for=None)
         if hard_state.commit_index < base_index:
             hard_state = replace(hard_state, commit_index=base_index)
         restored = RestoredState(hard_state, base_index, base_view, entries)
@@ -198,20 +263,39 @@ class Simulation:
     # ------------------------------------------------------------------ the driver
 
     def drive(self, node: SimNode) -> None:
-        """Carry out Readies in the node's order; sometimes stop after the write, before the fsync."""
+        """Carry out Readies in the node's order; sometimes stop after the write, before the fsync,
+        and sometimes crash between two of its steps."""
         replica = node.replica
         while replica is not None and node.pending is None and replica.has_ready():
             primary_view = replica.view if replica.role is Role.PRIMARY else None
             ready = replica.ready()
-            self._before_fsync(node, ready, primary_view)
+            crash_point = self._draw_crash_point(node)
+            if not self._before_fsync(node, ready, primary_view, crash_point):
+                return
             if self.config.split_ready_probability and self.rng.random() < self.config.split_ready_probability:
                 node.pending, node.pending_primary_view = ready, primary_view
                 return
-            self.complete(node, ready, primary_view)
+            if not self.complete(node, ready, primary_view, crash_point):
+                return
             replica = node.replica
 
-    def _before_fsync(self, node: SimNode, ready: Ready, primary_view: int | None) -> None:
-        """What tokenvault/core/node.py does while a Ready's write is still running.
+    def _draw_crash_point(self, node: SimNode) -> str | None:
+        probability = self.config.crash_point_probability
+        if not (probability and self.crash_points_enabled and self.rng.random() < probability
+                and self._may_take_down(node)):
+            return None
+        return self.rng.choice(CRASH_POINTS)
+
+    def _crash_at(self, node: SimNode, point: str, ready: Ready | None = None) -> None:
+        self.crash_points_hit += 1
+        self.note(f"{node.node_id} crashes {point}")
+        if ready is not None:
+            node.pending, node.pending_primary_view = ready, None  # written, the fsync never finished
+        self.crash(node)
+
+    def _before_fsync(self, node: SimNode, ready: Ready, primary_view: int | None,
+                      crash_point: str | None = None) -> bool:
+        """What tokenvault/core/node.py does while a Ready's write is still running; False if it crashed.
 
         The primary's own appends, heartbeats and snapshot chunks leave at once,
         and committed entries that an earlier Ready already made durable are
@@ -219,9 +303,19 @@ class Simulation:
         """
         for destination, message in ready.messages:
             self.send(node.node_id, destination, message)
+        if "replies_before_fsync" in self.driver_bugs:
+            for destination, message in ready.messages_after_persist:
+                self.send(node.node_id, destination, message)
         for read in ready.snapshot_reads:
             self._send_snapshot_chunk(node, read)
+        if crash_point == "after-early-sends":
+            self._crash_at(node, crash_point, ready)
+            return False
         self._apply(node, ready.committed_durable, primary_view)
+        if crash_point == "after-durable-apply":
+            self._crash_at(node, crash_point, ready)
+            return False
+        return True
 
     def _send_snapshot_chunk(self, node: SimNode, read) -> None:
         source = node.sources.get(read.peer)
@@ -259,21 +353,32 @@ class Simulation:
             self.drive(node)
             return
         self._install_store(node, index, view, image)
-        if faults and self.rng.random() < 0.15:
+        if faults and self.rng.random() < 0.15 and self._may_take_down(node):
             self.crash(node)  # between the store swap and the log reset
             return
         node.replica.snapshot_installed(index, view)
         self.drive(node)
 
-    def complete(self, node: SimNode, ready: Ready, primary_view: int | None) -> None:
-        """The fsync finished: the other messages go, the rest is applied, then advance()."""
+    def complete(self, node: SimNode, ready: Ready, primary_view: int | None,
+                 crash_point: str | None = None) -> bool:
+        """The fsync finished: the other messages go, the rest is applied, then advance(). False if it crashed."""
         replica = node.replica
         assert replica is not None
         self._persist(node, ready, len(self._records(ready)))
         self._stage_snapshot_chunks(node, ready)
-        for destination, message in ready.messages_after_persist:
-            self.send(node.node_id, destination, message)
+        if crash_point == "after-fsync":
+            self._crash_at(node, crash_point)
+            return False
+        if "replies_before_fsync" not in self.driver_bugs:
+            for destination, message in ready.messages_after_persist:
+                self.send(node.node_id, destination, message)
+        if crash_point == "after-replies":
+            self._crash_at(node, crash_point)
+            return False
         self._apply(node, ready.committed_after_persist, primary_view)
+        if crash_point == "after-apply":
+            self._crash_at(node, crash_point)
+            return False
         for result in ready.read_results:
             self._check_read(node, result)
         for peer in ready.snapshot_transfers_ended:
@@ -290,6 +395,7 @@ class Simulation:
                 self.elections += 1
                 self.note(f"{node.node_id} became primary of view {event.view}")
         replica.advance(ready)
+        return True
 
     @staticmethod
     def _records(ready: Ready) -> list[tuple[str, object]]:
@@ -319,12 +425,19 @@ class Simulation:
             elif kind == "entry":
                 if value.index != disk.last_index + 1:  # type: ignore[union-attr]
                     self.fail(f"{node.node_id} Ready entry {value} does not extend its disk log at {disk.last_index}")
+                self._check_log_matching(node, value)  # type: ignore[arg-type]
                 disk.entries.append(value)  # type: ignore[arg-type]
             else:
                 previous = disk.hard_state
                 if value.view < previous.view:  # type: ignore[union-attr]
                     self.fail(f"{node.node_id} hard state view went back from {previous.view}")
+                if (value.view == previous.view and previous.voted_for is not None  # type: ignore[union-attr]
+                        and value.voted_for != previous.voted_for):  # type: ignore[union-attr]
+                    self.fail(f"{node.node_id} durable vote in view {previous.view} changed from "
+                              f"{previous.voted_for} to {value.voted_for}")  # type: ignore[union-attr]
                 disk.hard_state = value  # type: ignore[assignment]
+        if ready.truncate_from is not None and record_count:
+            self._check_acknowledged_durable()
 
     def _install_store(self, node: SimNode, index: int, view: int, image: bytes) -> None:
         """The store swap: atomic on its own, and durable before the core hears of it."""
@@ -339,6 +452,7 @@ class Simulation:
         if index < disk.applied_index:
             self.fail(f"{node.node_id} installs a snapshot at {index} behind its applied {disk.applied_index}")
         disk.applied_index, disk.applied_view, disk.applied_digest = index, view, digest
+        disk.store_synced = (index, view, digest)
         self.snapshots_installed += 1
         self.note(f"{node.node_id} installed snapshot {index}/{view} into its store")
 
@@ -368,95 +482,26 @@ class Simulation:
                 self.fail(f"{node.node_id} applies {entry.index} after {disk.applied_index}: a gap")
             disk.applied_digest = digest_after(disk.applied_digest, entry)
             disk.applied_index, disk.applied_view = entry.index, entry.view
+            if self.config.store_sync_probability >= 1 or self.rng.random() < self.config.store_sync_probability:
+                disk.store_synced = (disk.applied_index, disk.applied_view, disk.applied_digest)
             expected = self.digest_at.setdefault(entry.index, disk.applied_digest)
             if expected != disk.applied_digest:
                 self.fail(f"{node.node_id} state at applied index {entry.index} differs from another replica's")
             if primary_view is not None and entry.kind is EntryKind.COMMAND:
                 # The driver answers the client here; the entry was committed in primary_view.
+                if entry.index not in self.acknowledged:
+                    bisect.insort(self.acknowledged_indexes, entry.index)
                 self.acknowledged[entry.index] = (entry.view, entry.payload, primary_view)
                 self.highest_acknowledged_index = max(self.highest_acknowledged_index, entry.index)
         if primary_view is not None and committed:
             last = committed[-1]
             self._check_no_electable_node_lacks(last.index, last.view)
 
-    # ------------------------------------------------------------------ invariants
-
-    def _check_primary_holds_acknowledged(self, node: SimNode) -> None:
-        """A primary of view v holds every entry acknowledged by a primary of an earlier view."""
-        replica = node.replica
-        assert replica is not None
-        for index, (view, payload, commit_view) in self.acknowledged.items():
-            if commit_view >= replica.view or index <= replica.log_base_index:
-                continue  # compacted: the store holds it, checked by the digest chain
-            if index > replica.last_index:
-                self.fail(f"new primary {node.node_id} lacks acknowledged entry {index}")
-            entry = replica.log_entry(index)
-            if (entry.view, entry.payload) != (view, payload):
-                self.fail(f"new primary {node.node_id} holds {entry.index}/{entry.view} over acknowledged {index}/{view}")
-
-    def _log_position(self, node: SimNode) -> tuple[int, int]:
-        """(last view, last index) a node would campaign and vote with: its live log, else its disk."""
-        if node.replica is not None:
-            return node.replica.last_view, node.replica.last_index
-        disk = node.disk
-        if disk.applied_index > disk.last_index:
-            return disk.applied_view, disk.applied_index
-        return (disk.entries[-1].view if disk.entries else disk.base_view), disk.last_index
-
-    def _holds(self, node: SimNode, index: int, view: int) -> bool:
-        replica, disk = node.replica, node.disk
-        if replica is not None:
-            if index <= replica.log_base_index:
-                return True
-            return index <= replica.last_index and replica.log_entry(index).view == view
-        if index <= max(disk.base_index, disk.applied_index):
-            return True
-        return index <= disk.last_index and disk.entries[index - disk.base_index - 1].view == view
-
-    def _check_no_electable_node_lacks(self, index: int, view: int) -> None:
-        """Leader completeness, looked at from the front: once an entry is committed, no replica
-        lacking it may be at least as up to date as a majority, or it could be elected and
-        overwrite the entry. (Raft's proof of leader completeness shows this holds.)"""
-        positions = {node_id: self._log_position(node) for node_id, node in self.nodes.items()}
-        quorum = len(self.nodes) // 2 + 1
-        for node_id, node in self.nodes.items():
-            if self._holds(node, index, view):
-                continue
-            position = positions[node_id]
-            voters = sum(1 for other in positions.values() if position >= other)
-            if voters >= quorum:
-                self.fail(f"{node_id} lacks committed entry {index}/{view} yet could win an election "
-                          f"(log at {position}, {voters} replicas no more up to date)")
-
-    def _check_read(self, node: SimNode, result) -> None:
-        asked = self.read_floor.pop((node.node_id, result.request_id), None)
-        if asked is None or not result.ok:
-            return
-        floor, on_backup = asked
-        self.reads_confirmed += 1
-        self.backup_reads_confirmed += on_backup
-        if result.read_index < floor:
-            self.fail(f"{node.node_id} read index {result.read_index} misses acknowledged index {floor}: stale read")
-
-    def check_step_invariants(self) -> None:
-        for node in self.nodes.values():
-            replica = node.replica
-            if replica is None:
-                continue
-            if replica.role is Role.PRIMARY:
-                holder = self.primary_of_view.setdefault(replica.view, node.node_id)
-                if holder != node.node_id:
-                    self.fail(f"two primaries in view {replica.view}: {holder} and {node.node_id}")
-                if (node.node_id, replica.view) not in self.checked_primaries:
-                    # Its log only grows while it leads this view, so checking once is enough.
-                    self.checked_primaries.add((node.node_id, replica.view))
-                    self._check_primary_holds_acknowledged(node)
-            if replica.commit_index < node.disk.applied_index and node.pending is None:
-                self.fail(f"{node.node_id} commit {replica.commit_index} behind its applied {node.disk.applied_index}")
-
     # ------------------------------------------------------------------ network
 
     def send(self, source: str, destination: str, message: Message) -> None:
+        if isinstance(message, VoteReply) and message.granted:
+            self._check_vote(source, destination, message.view)
         if self.config.through_codec:
             message = decode_body(encode_body(message))
         rng = self.rng
@@ -465,6 +510,7 @@ class Simulation:
         copies = 2 if self.duplicate_probability and rng.random() < self.duplicate_probability else 1
         for _ in range(copies):
             delay = rng.randint(0, self.max_delay_ticks) if self.max_delay_ticks else 0
+            delay += self.slow_links.get((source, destination), 0)
             if delay == 0:
                 self.deliverable.append((source, destination, message))
             else:
@@ -478,11 +524,21 @@ class Simulation:
         self.deliverable[position], self.deliverable[-1] = self.deliverable[-1], self.deliverable[position]
         source, destination, message = self.deliverable.pop()
         node = self.nodes[destination]
-        if node.replica is None or self.partition_of[source] != self.partition_of[destination]:
+        if node.replica is None or not self.link_open(source, destination):
+            return True
+        if self.is_paused(node):
+            node.held.append((source, destination, message))  # handled when the process resumes
             return True
         node.replica.step(source, message)
         self.drive(node)
         return True
+
+    def link_open(self, source: str, destination: str) -> bool:
+        return (self.partition_of[source] == self.partition_of[destination]
+                and (source, destination) not in self.blocked)
+
+    def is_paused(self, node: SimNode) -> bool:
+        return node.paused_until_ticks > self.now_ticks
 
     def tick(self) -> None:
         self.now_ticks += 1
@@ -490,21 +546,32 @@ class Simulation:
             _, _, source, destination, message = heapq.heappop(self.delayed)
             self.deliverable.append((source, destination, message))
         for node in self.nodes.values():
-            if node.replica is not None:
+            if node.held and not self.is_paused(node):
+                self.note(f"{node.node_id} resumes with {len(node.held)} held message(s)")
+                self.deliverable.extend(node.held)
+                node.held.clear()
+            if node.replica is None or self.is_paused(node):
+                continue
+            # Clock skew: a fast node ticks twice in some simulated ticks, a slow one skips some.
+            node.tick_credit += node.tick_rate
+            while node.tick_credit >= 1 and node.replica is not None:
+                node.tick_credit -= 1
                 node.replica.tick()
                 self.drive(node)
 
     # ------------------------------------------------------------------ client and faults
 
     def live_primaries(self) -> list[SimNode]:
+        """Every running node that believes it is primary (a superseded one included)."""
         return [node for node in self.nodes.values()
-                if node.replica is not None and node.replica.role is Role.PRIMARY]
+                if node.replica is not None and node.replica.role is Role.PRIMARY and not self.is_paused(node)]
 
     def propose(self, node: SimNode | None = None) -> bool:
         candidates = [node] if node is not None else self.live_primaries()
         if not candidates:
             return False
         node = self.rng.choice(candidates)
+        self.superseded_writes += self._superseded(node)
         self.payload_counter += 1
         payload = b"c%d" % self.payload_counter + bytes(self.rng.randrange(0, 40))
         try:
@@ -517,21 +584,35 @@ class Simulation:
 
     def request_read(self) -> None:
         """A read on a primary, or on a backup that asks its primary for a read index (ReadIndex)."""
-        readers = [node for node in self.nodes.values() if node.replica is not None and (
+        readers = [node for node in self.nodes.values() if node.replica is not None and not self.is_paused(node) and (
             node.replica.role is Role.PRIMARY
             or (node.replica.role is Role.BACKUP and node.replica.primary_id is not None))]
+        primaries = [node for node in readers if node.replica.role is Role.PRIMARY]  # type: ignore[union-attr]
+        if (len(primaries) > 1 or self.now_ticks < self.isolated_until_ticks) and self.rng.random() < 0.7:
+            # The client asks every node that believes it leads, a superseded or isolated one above
+            # all: that is where a read without its quorum round comes back stale.
+            readers = primaries
         if not readers:
             return
         node = self.rng.choice(readers)
+        if node.replica.role is Role.PRIMARY and self._superseded(node):  # type: ignore[union-attr]
+            self.superseded_reads += 1
+        self.ask_read(node)
+
+    def ask_read(self, node: SimNode) -> int | None:
+        """A client read on this node; its answer must see every write acknowledged before now.
+        Returns the request id, or None when the node refuses (NotPrimary)."""
+        assert node.replica is not None
         node.read_ids += 1
         self.read_floor[(node.node_id, node.read_ids)] = (self.highest_acknowledged_index,
                                                          node.replica.role is Role.BACKUP)
         try:
-            node.replica.request_read(node.read_ids)  # type: ignore[union-attr]
+            node.replica.request_read(node.read_ids)
         except NotPrimary:
             del self.read_floor[(node.node_id, node.read_ids)]
-            return
+            return None
         self.drive(node)
+        return node.read_ids
 
     def crash(self, node: SimNode) -> None:
         if node.pending is not None:
@@ -540,9 +621,16 @@ class Simulation:
             kept = self.rng.randrange(len(records) + 1)
             self._persist(node, node.pending, kept)
             node.pending = None
+        disk = node.disk
+        if disk.store_synced[0] < disk.applied_index:
+            # The store's applied tail was never synced: it is lost; the WAL replays it.
+            disk.applied_index, disk.applied_view, disk.applied_digest = disk.store_synced
+            self.store_tails_lost += 1
         node.replica = None
         node.sources.clear()
         node.staging, node.staged = bytearray(), None  # staging is not kept across a restart
+        node.held.clear()  # a crashed process loses what it had not handled
+        node.paused_until_ticks = 0
         self.note(f"{node.node_id} crashed")
 
     def restart(self, node: SimNode) -> None:
@@ -551,25 +639,33 @@ class Simulation:
         self.drive(node)
 
     def finish_pending(self, node: SimNode) -> None:
-        if node.pending is not None and node.replica is not None:
+        if node.pending is not None and node.replica is not None and not self.is_paused(node):
             ready, primary_view = node.pending, node.pending_primary_view
             node.pending = node.pending_primary_view = None
             self.complete(node, ready, primary_view)
             self.drive(node)
 
     def partition(self) -> None:
+        if self.now_ticks < self.isolated_until_ticks:
+            return  # the primary's isolation runs its full course
         groups = {node_id: self.rng.randrange(2) for node_id in self.member_ids}
         self.partition_of = groups
         self.note(f"partition {sorted(groups.items())}")
 
-    def heal(self) -> None:
+    def heal(self, force: bool = False) -> None:
+        if not force and self.now_ticks < self.isolated_until_ticks:
+            return  # the primary's isolation runs its full course
         self.partition_of = {node_id: 0 for node_id in self.member_ids}
+        self.blocked.clear()
+        self.slow_links.clear()
+        self.isolated_until_ticks = 0
         self.note("healed")
 
     def compact(self, node: SimNode) -> None:
         replica, disk = node.replica, node.disk
         assert replica is not None
-        index = disk.applied_index - self.rng.randrange(0, 4)
+        # The log is truncated only below what the store has durably synced (DESIGN.md, storage).
+        index = min(disk.applied_index - self.rng.randrange(0, 4), disk.store_synced[0])
         if index <= replica.log_base_index:
             return
         replica.compact(index)
@@ -586,24 +682,29 @@ class Simulation:
         rng = self.rng
         config = self.config
         roll = rng.random() * 100
+        if self.now_ticks < self.isolated_until_ticks and rng.random() < 0.08:
+            self.client_round()
+        elif self.isolation_armed and any(self._serves_reads(node.replica) for node in self.live_primaries()):
+            self.isolate_primary()
         if roll < 45:
             if not self.deliver_one():
                 self.tick()
         elif roll < 65:
             self.tick()
-        elif roll < 77:
+        elif roll < 76:
             self.propose()
         elif roll < 80:
             self.request_read()
         elif roll < 88:
-            busy = [node for node in self.nodes.values() if node.pending is not None]
-            installing = [node for node in self.nodes.values() if node.staged is not None and node.replica]
+            busy = [node for node in self.nodes.values() if node.pending is not None and not self.is_paused(node)]
+            installing = [node for node in self.nodes.values()
+                          if node.staged is not None and node.replica and not self.is_paused(node)]
             if installing and rng.random() < 0.5:
                 self.finish_install(rng.choice(installing))
             elif busy:
                 self.finish_pending(rng.choice(busy))
         elif roll < 88 + config.compact_weight:
-            live = [node for node in self.nodes.values() if node.replica is not None]
+            live = [node for node in self.nodes.values() if node.replica is not None and not self.is_paused(node)]
             if live:
                 self.compact(rng.choice(live))
         elif roll < 92 + config.crash_weight:
@@ -611,7 +712,9 @@ class Simulation:
             if live and rng.random() < 0.5:
                 # Half of the crashes hit a primary: failover is where the subtle cases live.
                 primaries = self.live_primaries()
-                self.crash(rng.choice(primaries if primaries and rng.random() < 0.5 else live))
+                victim = rng.choice(primaries if primaries and rng.random() < 0.5 else live)
+                if self._may_take_down(victim):
+                    self.crash(victim)
             else:
                 down = [node for node in self.nodes.values() if node.replica is None]
                 if down:
@@ -621,6 +724,14 @@ class Simulation:
                 self.partition()
             else:
                 self.heal()
+        elif roll < 94 + config.crash_weight + config.partition_weight + config.link_fault_weight:
+            self.link_fault()
+        elif roll < 94 + config.crash_weight + config.partition_weight + config.link_fault_weight \
+                + config.slow_link_weight:
+            self.slow_link()
+        elif roll < 94 + config.crash_weight + config.partition_weight + config.link_fault_weight \
+                + config.slow_link_weight + config.pause_weight:
+            self.pause()
         else:
             down = [node for node in self.nodes.values() if node.replica is None]
             if down:
@@ -634,14 +745,27 @@ class Simulation:
         return self
 
     def check_liveness(self) -> None:
-        """Heal every fault; a primary must then be elected and commit a new entry on every replica."""
-        self.heal()
+        """Heal every fault; a primary must then be elected and commit a new entry on every replica.
+
+        A run beyond the fault budget instead keeps more nodes down than the cluster
+        tolerates: it may not make progress then, so liveness is not required of it,
+        but every safety invariant is still checked while it runs on.
+        """
+        self.heal(force=True)
+        self.crash_points_enabled = False
         self.loss_probability = self.duplicate_probability = 0.0
         self.max_delay_ticks = min(self.max_delay_ticks, 1)
         for node in self.nodes.values():
+            node.paused_until_ticks = 0
+            node.tick_rate = 1.0  # skew tests safety; timeouts assume one clock rate to be live
             if node.replica is None:
                 self.restart(node)
             self.finish_pending(node)
+        if self.config.beyond_budget and len(self.member_ids) > 1:
+            for node in self.rng.sample(list(self.nodes.values()), self.fault_tolerance + 1):
+                self.crash(node)
+            self._run_on_unavailable()
+            return
         marker: bytes | None = None
         marker_index = marker_view = 0
         for _ in range(self.config.liveness_bound_ticks):
@@ -670,6 +794,25 @@ class Simulation:
             self.fail(f"no new entry committed on every replica within {self.config.liveness_bound_ticks} "
                       f"ticks after healing")
         self._check_converged()
+
+    def _run_on_unavailable(self) -> None:
+        """Beyond the budget: no majority is up. Entries may still commit on copies the crashed
+        nodes made durable before they went down, so the checks are the per-step ones (every
+        acknowledged entry durable on a majority's disk, among others) and nothing acknowledged lost."""
+        for _ in range(self.config.liveness_bound_ticks // 4):
+            self.tick()
+            for _ in range(MESSAGES_PER_TICK_LIMIT):
+                if not self.deliver_one():
+                    break
+            for node in self.nodes.values():
+                self.finish_pending(node)
+            primaries = self.live_primaries()
+            if primaries and self.rng.random() < 0.3:
+                self.propose()
+            self.check_step_invariants()
+        for index, (view, payload, _) in self.acknowledged.items():
+            if self.committed.get(index) != (view, payload):
+                self.fail(f"acknowledged entry {index} was lost")
 
     def _check_converged(self) -> None:
         for node in self.nodes.values():

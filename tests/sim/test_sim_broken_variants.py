@@ -1,47 +1,88 @@
-"""Proof that the sweep's checks bite: each deliberately broken replica is caught within a stated number of seeds.
+"""Proof that the checks bite: each planted bug (broken_replicas.MUTANTS) is caught.
 
-Measured with the default sweep configuration (seeds 0, 1, 2, ... as the sweep
-runs them): AcknowledgesWithoutMajority is caught at seed 0 (174 of the first
-200 seeds catch it), VotesWithoutUpToDateCheck at seed 1 (73 of 200), and
-CommitsEarlierViewByCounting, which needs Raft's figure-8 history to arise by
-chance, at seed 34 (3 of 200); its bound is therefore the whole 500-seed sweep.
-tests/sim/test_sim_scenarios.py also builds figure 8 on purpose and catches it there.
+Each mutant is caught either by the sweep within a stated number of seeds (seeds
+0, 1, 2, ... as the sweep runs them; the bounds below are the first catching
+seed measured with tests/sim/mutant_table.py, plus a margin), or, where the
+sweep reaches it too rarely, by a named hand-built scenario in
+tests/sim/test_sim_scenarios.py (mutant_table.SCENARIOS), which runs it against
+the mutant and the real replica alike. The catch must come from a safety check,
+never from the liveness check. ``--sim-seeds N`` above the default 500 also
+runs the deep mode: every mutant over seeds 0..N-1, printing its catch rate.
 """
 
 from __future__ import annotations
 
+import ast
+from pathlib import Path
+
 import pytest
 
-from broken_replicas import AcknowledgesWithoutMajority, CommitsEarlierViewByCounting, VotesWithoutUpToDateCheck
-from protocol import Replica
-from simulator import Simulation, SimulationConfig, SimulationFailure
+from broken_replicas import MUTANTS
+from mutant_table import SCENARIOS, catching_seeds
+from simulator import Simulation, SimulationConfig
+
+# Mutant -> the sweep catches it within this many seeds (measured first catching seed + margin).
+SWEEP_BOUNDS = {
+    "driver sends replies before the fsync": 40,  # first at seed 28 (8 of 200)
+    "node forgets its vote on restart": 5,  # seed 0 (90 of 200)
+    "up-to-date check compares index only": 15,  # seed 9 (11 of 200)
+    "reads before the view's first commit": 12,  # seed 6 (24 of 200)
+    "heartbeat carries the raw commit index": 10,  # seed 5 (32 of 200)
+    "votes twice in a view": 5,  # seed 1 (99 of 200)
+    "always truncates after prev": 5,  # seed 0 (50 of 200)
+    "acknowledges without a majority": 5,  # seed 0 (172 of 200)
+    "votes without the up-to-date check": 12,  # seed 6 (82 of 200)
+    "commits an earlier view by counting": 40,  # seed 31 (7 of 200)
+}
+
+SAFETY_SYMPTOMS = ("lacks committed entry", "over acknowledged", "lacks acknowledged", "was committed there",
+                   "differs", "two primaries", "stale read", "was lost", "truncates applied", "votes twice",
+                   "durable vote", "durable on", "log matching", "never truncated", "commit index only grows")
 
 
-def first_catching_seed(replica_class: type[Replica], within_seeds: int) -> tuple[int, str] | None:
+def first_catch(name: str, within_seeds: int) -> tuple[int, str] | None:
+    replica_class, driver_bugs = MUTANTS[name]
     for seed in range(within_seeds):
         try:
-            Simulation(seed, SimulationConfig.from_seed(seed), replica_class).run()
-        except SimulationFailure as failure:
+            Simulation(seed, SimulationConfig.from_seed(seed), replica_class, driver_bugs).run()
+        except AssertionError as failure:  # SimulationFailure, or an assertion of the core itself
             return seed, str(failure)
     return None
 
 
-SAFETY_SYMPTOMS = ("lacks committed entry", "over acknowledged", "lacks acknowledged", "was committed there",
-                   "differs", "two primaries", "stale read", "was lost", "truncates applied")
-
-
-@pytest.mark.parametrize(("replica_class", "within_seeds"), [
-    (AcknowledgesWithoutMajority, 10),
-    (VotesWithoutUpToDateCheck, 20),
-    (CommitsEarlierViewByCounting, 500),
-], ids=lambda value: getattr(value, "__name__", str(value)))
-def test_broken_variant_is_caught_by_the_sweep(replica_class: type[Replica], within_seeds: int,
-                                               replay_seed: int | None) -> None:
+@pytest.mark.parametrize("name", sorted(SWEEP_BOUNDS))
+def test_mutant_is_caught_by_the_sweep(name: str, replay_seed: int | None) -> None:
     if replay_seed is not None:
         pytest.skip("--seed replays the sweep only")
-    caught = first_catching_seed(replica_class, within_seeds)
-    assert caught is not None, f"{replica_class.__name__} survived {within_seeds} seeds: the checks do not bite"
+    within_seeds = SWEEP_BOUNDS[name]
+    caught = first_catch(name, within_seeds)
+    assert caught is not None, f"{name!r} survived {within_seeds} seeds: the checks do not bite"
     seed, message = caught
     assert any(symptom in message for symptom in SAFETY_SYMPTOMS), f"caught, but not by a safety check:\n{message}"
-    # The same seeds pass with the real replica (the sweep runs them all), so the catch is the variant's doing.
+    # The same seed passes with the real replica and driver, so the catch is the mutant's doing.
     Simulation(seed, SimulationConfig.from_seed(seed)).run()
+
+
+def test_every_mutant_has_a_sweep_bound_or_a_named_scenario() -> None:
+    scenario_file = Path(__file__).with_name("test_sim_scenarios.py")
+    defined = {node.name for node in ast.parse(scenario_file.read_text()).body if isinstance(node, ast.FunctionDef)}
+    for name in MUTANTS:
+        assert name in SWEEP_BOUNDS or name in SCENARIOS, f"{name!r} is caught by nothing"
+        if name in SCENARIOS:
+            path, function = SCENARIOS[name].split("::")
+            assert path == scenario_file.name and function in defined, f"{SCENARIOS[name]} does not exist"
+
+
+def test_deep_mutant_sweep(request: pytest.FixtureRequest, replay_seed: int | None) -> None:
+    """Deep mode only (--sim-seeds above 500): each mutant's catch rate over the whole range."""
+    seeds = request.config.getoption("--sim-seeds", default=500)
+    if replay_seed is not None or seeds <= 500:
+        pytest.skip("deep mode: run with --sim-seeds N (N > 500)")
+    print(f"\nmutant sweep over seeds 0..{seeds - 1}")
+    uncaught = []
+    for name in MUTANTS:
+        caught = catching_seeds(name, range(seeds), 2000)
+        print(f"  {name}: {len(caught)} of {seeds}")
+        if len(caught) < 0.05 * seeds and name not in SCENARIOS:
+            uncaught.append(name)
+    assert not uncaught, f"below 5% with no named scenario: {uncaught}"

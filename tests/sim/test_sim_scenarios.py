@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from broken_replicas import CommitsEarlierViewByCounting
+from broken_replicas import (AcceptsLowerViews, CommitsEarlierViewByCounting, InstallsOlderSnapshot,
+                             ReadsBeforeFirstCommitOfView, ReadsWithoutQuorumRound, UpToDateByIndexOnly)
 from protocol import AppendEntries, Replica, RequestVote, Role, VoteReply
 from scenario_cluster import ScenarioCluster
 from simulator import SimulationFailure
@@ -260,3 +261,215 @@ def test_whole_cluster_crash_and_restart_loses_nothing_acknowledged(size: int) -
     for index, (view, payload, _) in acknowledged.items():
         assert cluster.committed[index] == (view, payload)
         assert all(node.disk.applied_index >= index for node in cluster.nodes.values())
+
+
+# ---------------------------------------------------------------- planted bugs the sweep reaches rarely
+
+@pytest.mark.parametrize("broken", [False, True], ids=["real", "mutant"])
+def test_read_without_quorum_round_on_an_isolated_primary_is_caught(broken: bool) -> None:
+    """A primary cut off in a minority (no check-quorum, so it keeps believing it leads) gets a
+    read after the majority elected a new primary and acknowledged a write: the real replica never
+    confirms that read; one that skips the quorum round answers it stale."""
+    cluster = ScenarioCluster(5, check_quorum=False,
+                              replica_class=ReadsWithoutQuorumRound if broken else Replica)
+    cluster.elect("n1")
+    cluster.isolate(("n1", "n2"), ("n3", "n4", "n5"))
+    new_primary = None
+    for _ in range(6 * ELECTION_TIMEOUT_TICKS):
+        cluster.run_ticks(1, only=("n1", "n2", "n3"))
+        if cluster.replica("n3").role is Role.PRIMARY:
+            new_primary = "n3"
+            break
+    assert new_primary is not None, "the majority elects a primary"
+    cluster.propose_at(new_primary, b"written-on-the-majority-side")
+    cluster.run_ticks(2)
+    assert b"written-on-the-majority-side" in acknowledged_payloads(cluster)
+    assert cluster.replica("n1").role is Role.PRIMARY, "without check-quorum it still believes it leads"
+    if broken:
+        with pytest.raises(SimulationFailure, match="stale read"):
+            cluster.ask_read(cluster.node("n1"))
+            cluster.run_ticks(3 * ELECTION_TIMEOUT_TICKS)
+        return
+    request_id = cluster.ask_read(cluster.node("n1"))
+    cluster.run_ticks(3 * ELECTION_TIMEOUT_TICKS)
+    assert ("n1", request_id) in cluster.read_floor, "the isolated primary never confirms the read"
+    assert cluster.reads_confirmed == 0
+    cluster.isolate(tuple(cluster.member_ids))
+    cluster.check_liveness()
+
+
+@pytest.mark.parametrize("broken", [False, True], ids=["real", "mutant"])
+def test_up_to_date_check_by_index_only_is_caught(broken: bool) -> None:
+    """n1 holds a longer log of an older view (never committed); n2 holds a shorter log whose last
+    entry, of a later view, was acknowledged (by n3, then crashed). n1 must not win n2's vote:
+    comparing indexes only, it does, and as primary it would overwrite the acknowledged entry."""
+    cluster = ScenarioCluster(3, check_quorum=False, replica_class=UpToDateByIndexOnly if broken else Replica)
+    cluster.elect("n1")
+    cluster.isolate(("n1",), ("n2", "n3"))
+    for number in range(4):
+        cluster.propose_at("n1", b"never-committed-%d" % number)
+    cluster.crash(cluster.node("n1"))
+    cluster.elect("n3")
+    cluster.propose_at("n3", b"acknowledged")
+    cluster.run_ticks(2)
+    assert b"acknowledged" in acknowledged_payloads(cluster)
+    assert cluster.replica("n3").last_index < cluster.node("n1").disk.last_index
+    cluster.crash(cluster.node("n3"))
+    cluster.restart(cluster.node("n1"))
+    cluster.isolate(tuple(cluster.member_ids))
+    if broken:
+        with pytest.raises(SimulationFailure, match="acknowledged"):
+            cluster.elect("n1", max_ticks=6 * ELECTION_TIMEOUT_TICKS)
+        return
+    cluster.run_ticks(6 * ELECTION_TIMEOUT_TICKS, only=("n1",))
+    assert cluster.replica("n1").role is not Role.PRIMARY, "n2 refuses the longer log of the older view"
+    cluster.restart(cluster.node("n3"))
+    cluster.check_liveness()
+
+
+@pytest.mark.parametrize("broken", [False, True], ids=["real", "mutant"])
+def test_reads_before_the_views_first_commit_are_caught(broken: bool) -> None:
+    """n2 and n3 hold an acknowledged entry but never heard that it committed; n1 crashes and n2
+    is elected. Until n2's no-op commits, its commit index is behind that entry: a read served
+    then (without waiting for the no-op) misses an acknowledged write."""
+    # No check-quorum: n3, which does not tick here, grants the pre-vote without a lease.
+    cluster = ScenarioCluster(3, check_quorum=False,
+                              replica_class=ReadsBeforeFirstCommitOfView if broken else Replica)
+    cluster.elect("n1")
+    cluster.run_ticks(2)
+    cluster.propose_at("n1", b"acknowledged")
+    cluster.deliver_all()  # the append and its replies only: no later message tells the backups it committed
+    assert b"acknowledged" in acknowledged_payloads(cluster)
+    acknowledged_index = cluster.highest_acknowledged_index
+    assert cluster.replica("n2").commit_index < acknowledged_index
+    cluster.crash(cluster.node("n1"))
+    cluster.deliverable.clear()
+    no_appends_from_n2 = lambda source, destination, message: not (  # noqa: E731
+        source == "n2" and isinstance(message, AppendEntries))
+    for _ in range(6 * ELECTION_TIMEOUT_TICKS):
+        cluster.now_ticks += 1
+        cluster.replica("n2").tick()
+        cluster.drive(cluster.node("n2"))
+        cluster.deliver_all(no_appends_from_n2)
+        if cluster.replica("n2").role is Role.PRIMARY:
+            break
+    assert cluster.replica("n2").role is Role.PRIMARY
+    assert cluster.replica("n2").commit_index < acknowledged_index, "the no-op has not committed"
+    if broken:
+        with pytest.raises(SimulationFailure, match="stale read"):
+            cluster.ask_read(cluster.node("n2"))
+            cluster.deliver_all(no_appends_from_n2)
+        return
+    request_id = cluster.ask_read(cluster.node("n2"))
+    cluster.deliver_all(no_appends_from_n2)
+    assert ("n2", request_id) in cluster.read_floor, "the read waits for the no-op to commit"
+    cluster.run_ticks(3)  # appends flow again: the no-op commits and the read is served
+    assert ("n2", request_id) not in cluster.read_floor and cluster.reads_confirmed == 1
+    cluster.restart(cluster.node("n1"))
+    cluster.check_liveness()
+
+
+@pytest.mark.parametrize("broken", [False, True], ids=["real", "mutant"])
+def test_message_of_a_lower_view_is_refused(broken: bool) -> None:
+    """n2's vote for n1 in view 1 arrives late, while n1 campaigns in view 2 and n2 has voted for n3
+    in view 2: counting the stale vote would make two primaries of view 2."""
+    cluster = ScenarioCluster(3, check_quorum=False, replica_class=AcceptsLowerViews if broken else Replica)
+    held_back: list[VoteReply] = []
+
+    def hold_back_votes(source: str, destination: str, message) -> bool:
+        if isinstance(message, VoteReply):
+            if source == "n2":
+                held_back.append(message)
+            return False
+        return True
+
+    tick_alone(cluster, "n1", hold_back_votes, lambda: bool(held_back))
+    assert held_back[0] == VoteReply(1, True)
+    tick_alone(cluster, "n1", lambda source, destination, message: not isinstance(message, RequestVote),
+               lambda: cluster.replica("n1").view == 2 and cluster.replica("n1").role is Role.CANDIDATE)
+    tick_alone(cluster, "n3", lambda source, destination, message: destination != "n1",
+               lambda: cluster.replica("n3").role is Role.PRIMARY)
+    assert cluster.replica("n3").view == 2
+    cluster.replica("n1").step("n2", held_back[0])
+    if broken:
+        with pytest.raises(SimulationFailure, match="two primaries in view 2"):
+            cluster.drive(cluster.node("n1"))
+            cluster.check_step_invariants()
+        return
+    cluster.drive(cluster.node("n1"))
+    cluster.check_step_invariants()
+    assert cluster.replica("n1").role is Role.CANDIDATE
+    cluster.check_liveness()
+
+
+@pytest.mark.parametrize("broken", [False, True], ids=["real", "mutant"])
+def test_older_snapshot_mutant_is_caught(broken: bool) -> None:
+    """n3 staged a snapshot at S, then (still installing) received and acknowledged entries past S,
+    which let the primary commit a new entry. Installing S must only move n3's commit point: a
+    replica that resets its log to the older snapshot drops that acknowledged entry."""
+    cluster = ScenarioCluster(3, max_bytes_per_message=48,
+                              replica_class=InstallsOlderSnapshot if broken else Replica)
+    cluster.elect("n1")
+    cluster.crash(cluster.node("n3"))
+    for number in range(30):
+        cluster.propose_at("n1", b"entry-%d" % number)
+        if number % 10 == 0:
+            cluster.run_ticks(1)
+    cluster.run_ticks(2)
+    cluster.compact(cluster.node("n1"))  # n2 keeps its log: the entries past S come from it
+    cluster.restart(cluster.node("n3"))
+    for _ in range(10 * ELECTION_TIMEOUT_TICKS):
+        cluster.tick()
+        cluster.deliver_all()
+        if cluster.node("n3").staged is not None:
+            break
+    assert cluster.node("n3").staged is not None, "n3 staged the whole snapshot"
+    snapshot_index = cluster.node("n3").staged[0]
+    cluster.isolate(("n1", "n3"), ("n2",))
+    cluster.deliverable.clear()
+    new_index, view = cluster.propose_at("n1", b"new")
+    cluster.deliverable.clear()
+    n1, n2, n3 = cluster.replica("n1"), cluster.replica("n2"), cluster.replica("n3")
+    previous = n3.last_index
+    entries = tuple(n2.log_entry(index) for index in range(previous + 1, n2.last_index + 1))
+    entries += tuple(n1.log_entry(index) for index in range(n2.last_index + 1, new_index + 1))
+    # As the primary would send it: n3 gets the log past S; it does not learn the commit index yet.
+    n3.step("n1", AppendEntries(view, previous, n3.last_view, n3.commit_index, entries))
+    cluster.drive(cluster.node("n3"))
+    cluster.deliver_all(lambda source, destination, message: source == "n3")  # n1's answer is held back
+    assert b"new" in acknowledged_payloads(cluster), "committed on n1 and n3"
+    assert cluster.node("n3").disk.applied_index < snapshot_index < n3.last_index
+    if broken:
+        with pytest.raises(SimulationFailure, match="acknowledged entry .* durable on 1 disk"):
+            cluster.finish_install(cluster.node("n3"), faults=False)
+            cluster.check_step_invariants()
+        return
+    cluster.finish_install(cluster.node("n3"), faults=False)
+    cluster.check_step_invariants()
+    assert cluster.replica("n3").last_index == new_index
+    cluster.isolate(tuple(cluster.member_ids))
+    cluster.check_liveness()
+
+
+@pytest.mark.parametrize("broken", [False, True], ids=["real", "mutant"])
+def test_replies_before_the_fsync_are_caught(broken: bool) -> None:
+    """Every write waits for its fsync here. A driver that lets a backup's AppendReply leave before
+    the backup's fsync lets the primary acknowledge an entry that only its own disk holds."""
+    bugs = frozenset({"replies_before_fsync"}) if broken else frozenset()
+    cluster = ScenarioCluster(3, split_ready_probability=1.0, driver_bugs=bugs)
+    cluster.elect("n1")
+    cluster.run_ticks(2)
+    cluster.propose_at("n1", b"written")
+    cluster.deliver_all()  # the backups' writes are not yet fsynced
+    assert all(cluster.node(node_id).pending is not None for node_id in ("n2", "n3"))
+    if broken:
+        with pytest.raises(SimulationFailure, match="durable on 1 disk"):
+            cluster.finish_pending(cluster.node("n1"))
+            cluster.check_step_invariants()
+        return
+    cluster.finish_pending(cluster.node("n1"))
+    cluster.check_step_invariants()
+    assert b"written" not in acknowledged_payloads(cluster), "no backup reply before its fsync"
+    cluster.run_ticks(2)
+    assert b"written" in acknowledged_payloads(cluster)
+    cluster.check_liveness()

@@ -138,16 +138,16 @@ class NodeService:
         ask, the read not confirmed): the request is then forwarded as a write.
         """
         epoch = self.node.store.active_epoch()
-        if epoch == 0 or not values:
+        if epoch == 0:
             return None
-        items = await self._seal(epoch, values)
         try:
-            if not await self._all_exist_after_barrier(epoch, items):
-                return None
+            tokens = await self._answer_as_read(epoch, values)
         except (NotPrimary, ServiceError):
             return None
-        self.node.metrics.record_tokenize_answered_as_read(len(items))
-        return Outcome(200, _json({"epoch": epoch, "tokens": [token for token, _ in items]}), False)
+        if tokens is None:
+            return None
+        self.node.metrics.record_tokenize_answered_as_read(len(tokens))
+        return Outcome(200, _json({"epoch": epoch, "tokens": tokens}), False)
 
     async def _tokenize_here(self, principal: str, values: list[str], idempotency_key: str | None) -> Outcome:
         fingerprint = None
@@ -161,12 +161,14 @@ class NodeService:
                 epoch = self.node.store.active_epoch()
                 if epoch == 0:
                     raise Unavailable("the cluster has no active epoch yet; retry shortly")
+                if idempotency_key is None:
+                    tokens = await self._answer_as_read(epoch, values)
+                    if tokens is not None:
+                        self.node.metrics.record_tokenize_answered_as_read(len(tokens))
+                        return Outcome(200, _json({"epoch": epoch, "tokens": tokens}), False)
+                    if self.node.store.active_epoch() != epoch:
+                        continue  # a rotation was applied meanwhile: recompute in the new epoch
                 items = await self._seal(epoch, values)
-                if idempotency_key is None and await self._all_exist_after_barrier(epoch, items):
-                    self.node.metrics.record_tokenize_answered_as_read(len(items))
-                    return Outcome(200, _json({"epoch": epoch, "tokens": [token for token, _ in items]}), False)
-                if self.node.store.active_epoch() != epoch:
-                    continue  # a rotation was applied meanwhile: recompute in the new epoch
                 command = commands.TokenizeCommand(
                     epoch=epoch, items=items, principal=principal, idempotency_key=idempotency_key,
                     fingerprint=fingerprint, issued_at_ms=int(time.time() * 1000))
@@ -179,24 +181,31 @@ class NodeService:
                 # EPOCH_MISMATCH: a rotation was applied first; recompute in the new epoch.
             raise Unavailable("the active epoch kept changing; retry")
 
-    async def _all_exist_after_barrier(self, epoch: int, items: tuple) -> bool:
-        """Whether every (token, ciphertext) of ``items`` is stored already and ``epoch`` is still active.
+    async def _answer_as_read(self, epoch: int, values: list[str]) -> list[str] | None:
+        """The tokens of ``values`` in ``epoch`` when this tokenize can be answered as a read, else None.
 
-        Such a tokenize is a read: it changes nothing, so it needs no log entry,
-        only a read barrier (on a backup, a read index from the primary). The
-        barrier makes this node's store reflect every write acknowledged before
-        the request started, a rotation included, so the epoch check after it
-        never misses an acknowledged rotation. Mappings are insert-once, so a token found
-        before the barrier is still there after it; the stored ciphertext must
-        equal this value's (deterministic AES-SIV), else the write path decides.
+        A tokenize whose (token, ciphertext) pairs are all stored already
+        changes nothing, so it needs no log entry, only a read barrier (on a
+        backup, a read index from the primary). The barrier makes this node's
+        store reflect every write acknowledged before the request started, a
+        rotation included, so the epoch check after it never misses an
+        acknowledged rotation. Mappings are insert-once, so a token found
+        before the barrier is still there after it. Only the tokens are
+        computed first (one HMAC per value), so a tokenize of new values pays
+        one lookup; the ciphertexts (deterministic AES-SIV) are compared only
+        when every token exists, and any difference leaves it to the write path.
         """
-        if not items:
-            return False  # not a valid tokenize: the command's own checks answer it
-        found = self.node.store.lookup([token for token, _ in items])
-        if any(found.get(token) != ciphertext for token, ciphertext in items):
-            return False
+        if not values:
+            return None  # not a valid tokenize: the command's own checks answer it
+        keys = self.node.keyring.get(epoch)
+        tokens = [keys.token_for(value) for value in values]
+        found = self.node.store.lookup(tokens)
+        if len(found) != len(set(tokens)):
+            return None
+        if any(found[token] != keys.encrypt(token, value) for token, value in zip(tokens, values)):
+            return None
         await self._read_barrier()
-        return self.node.store.active_epoch() == epoch
+        return tokens if self.node.store.active_epoch() == epoch else None
 
     async def _seal(self, epoch: int, values: list[str]) -> tuple:
         """The (token, ciphertext) pairs of ``values`` in ``epoch``: by the sealer process

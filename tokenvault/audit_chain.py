@@ -69,7 +69,7 @@ class ChainVerifier:
         self.count += 1
 
 
-def record_document(seq: int, fields: Sequence[Any], previous: bytes, digest: bytes) -> dict:
+def record_document(seq: int, fields: Sequence[Any], previous: bytes, digest: bytes) -> dict[str, Any]:
     """The JSON form of one stored record (GET /v1/admin/audit)."""
     document: dict[str, Any] = {"seq": seq}
     document.update(zip(RECORD_FIELDS, fields))

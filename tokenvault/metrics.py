@@ -13,6 +13,8 @@ request data, so the number of series is bounded.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 ROLES = ("primary", "backup", "candidate")
@@ -43,7 +45,7 @@ class Metrics:
         # Labelled children per (route, method, status): looking them up through
         # labels() costs a few microseconds on every request. Bounded, since
         # routes, methods and status codes are finite sets.
-        self._request_children: dict[tuple[str, str, int], tuple] = {}
+        self._request_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
         self._current_role: str | None = None
         self._define_http_metrics()
         self._define_replication_metrics()

@@ -23,7 +23,8 @@ from tokenvault.core.loopwatch import LoopWatch
 from tokenvault.core.node import GC_YOUNG_THRESHOLD, SHUTDOWN_GRACE_SECONDS, Node
 from tokenvault.core.sealer import Sealer
 from tokenvault.core.store import StoreError
-from tokenvault.core.wal import WalCorruption, WalFatal
+from tokenvault.core.wal_segments import WalCorruption
+from tokenvault.core.wal import WalFatal
 from tokenvault.crypto.tls import TlsError
 from tokenvault.logs import configure_logging, get_logger
 from tokenvault.metrics import Metrics

@@ -217,3 +217,17 @@ def test_peer_node_ids_ignores_other_names() -> None:
 def test_no_file_is_group_or_world_writable(cluster_files: tls.ClusterTlsFiles) -> None:
     for path in cluster_files.ca_cert_file.parent.iterdir():
         assert not stat.S_IMODE(os.stat(path).st_mode) & 0o022, path
+
+
+def test_a_ca_key_of_another_kind_is_named_not_used(cluster_files: tls.ClusterTlsFiles, tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    rsa_key_file = tmp_path / "rsa-ca.key"
+    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    rsa_key_file.write_bytes(rsa_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                   serialization.NoEncryption()))
+    rsa_key_file.chmod(0o600)
+    with pytest.raises(TlsError, match="rsa-ca.key.*not an elliptic-curve key"):
+        tls.create_node_certificate(cluster_files.ca_cert_file, rsa_key_file, "n3", ["127.0.0.1"],
+                                    tmp_path / "n3.crt", tmp_path / "n3.key")
+    assert not (tmp_path / "n3.crt").exists()

@@ -62,10 +62,10 @@ class AuditBuffer:
         self._max_batch_records = max_batch_records
         self._max_pending_records = max_pending_records
         self._slots = asyncio.Semaphore(max_batches_in_flight)
-        self._waiting: list[tuple[AuditRecord, asyncio.Future]] = []
+        self._waiting: list[tuple[AuditRecord, asyncio.Future[None]]] = []
         self._pending_count = 0
-        self._flusher: asyncio.Task | None = None
-        self._commits: set[asyncio.Task] = set()
+        self._flusher: asyncio.Task[None] | None = None
+        self._commits: set[asyncio.Task[None]] = set()
         self._closed = False
 
     @property
@@ -103,7 +103,7 @@ class AuditBuffer:
             self._commits.add(task)
             task.add_done_callback(self._commits.discard)
 
-    async def _commit(self, batch: list[tuple[AuditRecord, asyncio.Future]]) -> None:
+    async def _commit(self, batch: list[tuple[AuditRecord, asyncio.Future[None]]]) -> None:
         try:
             await self._propose(tuple(record for record, _ in batch))
         except asyncio.CancelledError:
@@ -120,7 +120,7 @@ class AuditBuffer:
             self._slots.release()
 
     @staticmethod
-    def _fail(batch: list[tuple[AuditRecord, asyncio.Future]], reason: str) -> None:
+    def _fail(batch: list[tuple[AuditRecord, asyncio.Future[None]]], reason: str) -> None:
         for _, future in batch:
             if not future.done():
                 future.set_exception(AuditUnavailable(reason))

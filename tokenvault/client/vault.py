@@ -470,7 +470,8 @@ def _key_info(entry: Any) -> ApiKeyInfo:
     if not all(isinstance(value, str) for value in fields) or not isinstance(scopes, list) or \
             not all(isinstance(scope, str) for scope in scopes):
         raise ResponseError("a key entry lacks id, name, scopes or created_at")
-    return ApiKeyInfo(fields[0], fields[1], tuple(scopes), fields[2])
+    key_id, name, created_at = (str(value) for value in fields)
+    return ApiKeyInfo(key_id, name, tuple(scopes), created_at)
 
 
 async def _read_bounded(response: aiohttp.ClientResponse) -> bytes:

@@ -55,8 +55,8 @@ from tokenvault.client.vault import AsyncClient, NoNodeAvailable, ProblemError, 
 from tokenvault.crypto.keys import CryptoError, KeyRing
 from tokenvault.errors import Unavailable
 from tokenvault.logs import get_logger
-from tokenvault.core.snapshots import SnapshotRejected, SnapshotSource, StagedSnapshot, stage_file
-from tokenvault.core.store import StoreError, VaultStore, fsync_tree
+from tokenvault.core.snapshots import SnapshotSource, StagedSnapshot, stage_file
+from tokenvault.core.store import SnapshotRejected, StoreError, VaultStore, fsync_tree
 from tokenvault.core.wal import WalFatal, WriteAheadLog, fsync_directory
 
 log = get_logger("tokenvault.core.backup")

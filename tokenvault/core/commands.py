@@ -15,6 +15,8 @@ the field that is wrong but never echo its content.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from typing import Any
 from dataclasses import dataclass
 
 import msgpack
@@ -142,7 +144,7 @@ class Actor:
         _check_optional_text("actor node", self.node, MAX_NODE_ID_CHARS)
         _check_optional_text("actor request id", self.request_id, MAX_REQUEST_ID_CHARS)
 
-    def fields(self) -> list:
+    def fields(self) -> list[Any]:
         return [self.name, self.key_id, self.node, self.request_id]
 
 
@@ -249,7 +251,7 @@ class AuditRecord:
         _check_optional_text("audit request_id", self.request_id, MAX_REQUEST_ID_CHARS)
         _check_optional_text("audit subject", self.subject, MAX_SUBJECT_CHARS)
 
-    def fields(self) -> list:
+    def fields(self) -> list[Any]:
         """The canonical field order; the audit hash chain covers exactly these."""
         return [self.at_ms, self.node, self.key_name, self.key_id, self.action, self.items, self.found,
                 self.request_id, self.subject]
@@ -294,13 +296,13 @@ def encode_command(command: Command) -> bytes:
         fields = [COMMAND_FORMAT_VERSION, AUDIT_TAG, [record.fields() for record in command.records]]
     else:
         raise CommandError("not a vault command")
-    encoded = msgpack.packb(fields, use_bin_type=True)
+    encoded: bytes = msgpack.packb(fields, use_bin_type=True)
     if len(encoded) > MAX_COMMAND_BYTES:
         raise CommandError(f"encoded command exceeds {MAX_COMMAND_BYTES} bytes")
     return encoded
 
 
-def _unpack(data: object) -> list:
+def _unpack(data: object) -> list[Any]:
     if type(data) is not bytes:
         raise CommandError("a command must be bytes")
     if len(data) > MAX_COMMAND_BYTES:
@@ -321,7 +323,7 @@ def _unpack(data: object) -> list:
     return fields
 
 
-def _decode_tokenize(fields: list) -> TokenizeCommand:
+def _decode_tokenize(fields: list[Any]) -> TokenizeCommand:
     if len(fields) != 9:
         raise CommandError("a tokenize command has 9 fields")
     _, _, epoch, tokens, ciphertexts, principal, idempotency_key, fingerprint, issued_at_ms = fields
@@ -332,7 +334,7 @@ def _decode_tokenize(fields: list) -> TokenizeCommand:
                            issued_at_ms=issued_at_ms)
 
 
-def _decode_rotate(fields: list) -> RotateEpochCommand:
+def _decode_rotate(fields: list[Any]) -> RotateEpochCommand:
     if len(fields) not in (8, 12):
         raise CommandError("a rotate-epoch command has 8 fields, or 12 with its actor")
     _, _, epoch, wrapped_secret, created_at_ms, principal, idempotency_key, fingerprint = fields[:8]
@@ -342,7 +344,7 @@ def _decode_rotate(fields: list) -> RotateEpochCommand:
                               fingerprint=fingerprint, actor=actor)
 
 
-def _decode_create_key(fields: list) -> CreateApiKeyCommand:
+def _decode_create_key(fields: list[Any]) -> CreateApiKeyCommand:
     if len(fields) != 12:
         raise CommandError("a create-API-key command has 12 fields")
     _, _, key_id, name, scopes, salt, digest, created_at_ms = fields[:8]
@@ -352,14 +354,14 @@ def _decode_create_key(fields: list) -> CreateApiKeyCommand:
                                created_at_ms=created_at_ms, actor=Actor(*fields[8:]))
 
 
-def _decode_revoke_key(fields: list) -> RevokeApiKeyCommand:
+def _decode_revoke_key(fields: list[Any]) -> RevokeApiKeyCommand:
     if len(fields) != 8:
         raise CommandError("a revoke-API-key command has 8 fields")
     _, _, key_id, revoked_at_ms = fields[:4]
     return RevokeApiKeyCommand(key_id=key_id, revoked_at_ms=revoked_at_ms, actor=Actor(*fields[4:]))
 
 
-def _decode_audit(fields: list) -> AuditCommand:
+def _decode_audit(fields: list[Any]) -> AuditCommand:
     if len(fields) != 3 or type(fields[2]) is not list or not 0 < len(fields[2]) <= MAX_AUDIT_RECORDS:
         raise CommandError(f"an audit command has 3 fields, the last 1 to {MAX_AUDIT_RECORDS} records")
     records = []
@@ -370,7 +372,7 @@ def _decode_audit(fields: list) -> AuditCommand:
     return AuditCommand(records=tuple(records))
 
 
-_DECODERS = {TOKENIZE_TAG: _decode_tokenize, ROTATE_EPOCH_TAG: _decode_rotate,
+_DECODERS: dict[int, Callable[[list[Any]], Command]] = {TOKENIZE_TAG: _decode_tokenize, ROTATE_EPOCH_TAG: _decode_rotate,
              CREATE_API_KEY_TAG: _decode_create_key, REVOKE_API_KEY_TAG: _decode_revoke_key,
              AUDIT_TAG: _decode_audit}
 

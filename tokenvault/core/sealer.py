@@ -38,6 +38,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import msgpack
 
@@ -74,7 +75,7 @@ class SealerUnavailable(Exception):
 class Sealer:
     """The parent's side: ``wants`` says whether a batch should go to the child, ``seal`` sends it."""
 
-    def __init__(self, process: subprocess.Popen, *, min_values: int, max_pending_values: int,
+    def __init__(self, process: subprocess.Popen[bytes], *, min_values: int, max_pending_values: int,
                  max_value_bytes: int, timeout_seconds: float) -> None:
         self._process = process
         self.min_values = min_values
@@ -84,7 +85,7 @@ class Sealer:
         self._transport: asyncio.Transport | None = None
         self._unpacker = msgpack.Unpacker(raw=False, max_buffer_size=MAX_MESSAGE_BYTES)
         self._request_ids = itertools.count(1)
-        self._pending: dict[int, tuple[asyncio.Future, int]] = {}
+        self._pending: dict[int, tuple[asyncio.Future[Any], int]] = {}
         self._epochs_sent: set[int] = set()
         self.pending_values = 0
         self.alive = False
@@ -128,7 +129,7 @@ class Sealer:
                 and count * self._max_value_bytes <= MAX_BATCH_BYTES
                 and self.pending_values + count <= self.max_pending_values)
 
-    async def seal(self, keys: EpochKeys, values: Sequence[str]) -> tuple:
+    async def seal(self, keys: EpochKeys, values: Sequence[str]) -> tuple[tuple[str, bytes], ...]:
         """(token, ciphertext) pairs for ``values``, as ``keys.seal_many`` gives them.
 
         Raises SealerUnavailable if the child cannot answer; the caller then
@@ -254,12 +255,12 @@ def _answer(ring: dict[int, EpochKeys], message: object) -> bytes | None:
         _, request_id, epoch, values = message
         if (not isinstance(values, list) or not 0 < len(values) <= MAX_BATCH_VALUES
                 or not isinstance(epoch, int) or epoch not in ring):
-            return msgpack.packb([request_id, None, None])
+            return _packed([request_id, None, None])
         try:
             pairs = ring[epoch].seal_many(values)
         except Exception:
-            return msgpack.packb([request_id, None, None])
-        return msgpack.packb([request_id, [token for token, _ in pairs], [ciphertext for _, ciphertext in pairs]])
+            return _packed([request_id, None, None])
+        return _packed([request_id, [token for token, _ in pairs], [ciphertext for _, ciphertext in pairs]])
     raise ValueError("a message of the wrong shape")
 
 
@@ -277,6 +278,12 @@ def child_main(descriptor: int) -> int:
         if answers:
             connection.sendall(b"".join(answers))
 
+
+
+
+def _packed(message: list[Any]) -> bytes:
+    packed: bytes = msgpack.packb(message)
+    return packed
 
 if __name__ == "__main__":
     if len(sys.argv) != 2 or not sys.argv[1].isdigit():

@@ -36,10 +36,11 @@ import hashlib
 import hmac
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 from dataclasses import dataclass
 
-from protocol import FrameDecoder, Hello, HelloProof, Ping, ProtocolError, encode_frame
+from protocol import FrameDecoder, Hello, HelloProof, Message, Ping, ProtocolError, encode_frame
 from protocol.codec import LENGTH_PREFIX_BYTES
 from tokenvault.futures import cancel_and_wait
 from tokenvault.logs import get_logger
@@ -187,7 +188,7 @@ class PeerTransport:
         self._max_unauthenticated_connections = max_unauthenticated_connections
         self._handshake_timeout_seconds = handshake_timeout_seconds
         self._connections: dict[str, _Connection] = {}
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
         self._server: asyncio.AbstractServer | None = None
         self._closing = False
         self.last_seen_monotonic: dict[str, float] = {}
@@ -214,14 +215,14 @@ class PeerTransport:
             connection.close()
         await cancel_and_wait(list(self._tasks))
 
-    def _spawn(self, coroutine) -> asyncio.Task:
+    def _spawn(self, coroutine: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
 
     # ----------------------------------------------------------------- sending
-    def send(self, peer_id: str, message: object) -> bool:
+    def send(self, peer_id: str, message: Message) -> bool:
         """Queue a message for a peer; False when there is no connection or the queue is full."""
         connection = self._connections.get(peer_id)
         if connection is None:

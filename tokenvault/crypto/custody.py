@@ -40,7 +40,7 @@ import hmac
 import os
 import threading
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping, NoReturn
 
 from tokenvault.crypto.keys import (EPOCH_SECRET_BYTES, GCM_NONCE_BYTES, GCM_TAG_BYTES, WRAPPED_SECRET_BYTES,
                                CryptoError, KeyCustodyError, UnwrapError, epoch_wrap_associated_data,
@@ -120,7 +120,7 @@ class Pkcs11MasterKey:
 
     __str__ = __repr__
 
-    def __reduce__(self) -> object:
+    def __reduce__(self) -> NoReturn:
         raise TypeError("a Pkcs11MasterKey cannot be pickled")
 
     @classmethod

@@ -25,7 +25,7 @@ import hmac
 import os
 import stat
 from pathlib import Path
-from typing import Iterable, Mapping, MutableMapping, Protocol
+from typing import Iterable, Mapping, MutableMapping, NoReturn, Protocol
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -171,7 +171,7 @@ def take_from_environment(name: str, environ: Mapping[str, str] | None = None) -
     A read-only mapping (tests) is only read."""
     environment = os.environ if environ is None else environ
     if isinstance(environment, MutableMapping):
-        return environment.pop(name, "")
+        return str(environment.pop(name, ""))
     return environment.get(name, "")
 
 
@@ -267,7 +267,7 @@ class MasterKey:
 
     __str__ = __repr__
 
-    def __reduce__(self) -> object:
+    def __reduce__(self) -> NoReturn:
         raise TypeError("a MasterKey cannot be pickled")
 
     @classmethod
@@ -396,7 +396,7 @@ class EpochKeys:
 
     __str__ = __repr__
 
-    def __reduce__(self) -> object:
+    def __reduce__(self) -> NoReturn:
         raise TypeError("EpochKeys cannot be pickled")
 
     def token_for(self, value: str) -> str:
@@ -460,7 +460,7 @@ class KeyRing:
 
     __str__ = __repr__
 
-    def __reduce__(self) -> object:
+    def __reduce__(self) -> NoReturn:
         raise TypeError("a KeyRing cannot be pickled")
 
     @classmethod

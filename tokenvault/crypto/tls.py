@@ -141,6 +141,10 @@ def create_node_certificate(ca_cert_file: Path, ca_key_file: Path, node_id: str,
     """A certificate for one node, signed by the CA: usable as TLS server and as TLS client (peer links)."""
     ca_certificate = load_certificate(ca_cert_file, "CA certificate")
     ca_key = load_private_key(ca_key_file, "CA key")
+    ca_public_key = ca_certificate.public_key()
+    # The cluster CA this module makes is an EC key; a key of a kind it cannot sign with is named, not used.
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey) or not isinstance(ca_public_key, ec.EllipticCurvePublicKey):
+        raise TlsError(f"CA key file {str(ca_key_file)!r} is not an elliptic-curve key, which the cluster CA is")
     key = ec.generate_private_key(ec.SECP256R1())
     now = _now()
     alternative_names = [*_host_names(hosts), x509.UniformResourceIdentifier(node_identity_uri(node_id))]
@@ -154,7 +158,7 @@ def create_node_certificate(ca_cert_file: Path, ca_key_file: Path, node_id: str,
         .add_extension(x509.SubjectAlternativeName(alternative_names), critical=False)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
                        critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_certificate.public_key()),
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_public_key),
                        critical=False)
         .sign(ca_key, hashes.SHA256())
     )
@@ -227,7 +231,8 @@ def load_private_key(path: Path, what: str = "private key") -> PrivateKeyTypes:
 
 
 def _public_bytes(key: Any) -> bytes:
-    return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    encoded: bytes = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return encoded
 
 
 def _check_validity(certificate: x509.Certificate, path: Path, what: str, now: datetime.datetime) -> None:

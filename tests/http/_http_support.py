@@ -37,7 +37,7 @@ def _json_bytes(document: object) -> bytes:
 
 
 class FakeService:
-    """The VaultService protocol in memory, with switches to provoke each service error.
+    """The methods tokenvault.api.http calls on the service, in memory, with switches to provoke each service error.
 
     ``unavailable``: every call raises Unavailable (503).
     ``tokenize_gate``: when set, tokenize waits on it after claiming its

@@ -98,7 +98,7 @@ from tokenvault.api.validation import (
 
 if TYPE_CHECKING:
     from tokenvault.config import NodeConfig
-    from tokenvault.api.service import VaultService
+    from tokenvault.api.service import NodeService
 
 ROUTE_HEALTH = "/health"
 ROUTE_METRICS = "/metrics"
@@ -410,7 +410,7 @@ def new_request_id() -> str:
 class _Api:
     """The route handlers, holding the service, key table, limits and metrics."""
 
-    def __init__(self, service: VaultService, api_keys: auth.ApiKeyTable, limits: HttpLimits, metrics: Metrics,
+    def __init__(self, service: NodeService, api_keys: auth.ApiKeyTable, limits: HttpLimits, metrics: Metrics,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.service = service
         self.api_keys = api_keys
@@ -441,7 +441,7 @@ class _Api:
         """The request body, received once under the body bounds (order steps 4 and 5); b"" when there is
         none. ``idempotent``: the endpoint takes an Idempotency-Key, checked first."""
         received = request.get(_BODY)
-        if received is not None:
+        if isinstance(received, bytes):
             return received
         if idempotent:
             idempotency_key(request)
@@ -589,7 +589,7 @@ class _Api:
         if len(values) != len(tokens):
             raise AssertionError("the service answered a different number of values than tokens asked")
         # The id the audit record of this request carries, so a caller can find it there.
-        return json_response({"values": values}, headers={**NO_STORE_HEADERS, REQUEST_ID_HEADER: actor.request_id})
+        return json_response({"values": values}, headers={**NO_STORE_HEADERS, REQUEST_ID_HEADER: actor.request_id or ""})
 
     async def rotate_epoch(self, request: web.Request) -> web.StreamResponse:
         principal = self.admit(request, auth.ADMIN)
@@ -761,7 +761,7 @@ async def _send_and_close(request: web.Request, response: web.Response) -> None:
 
 
 def build_app(
-    service: VaultService, api_keys: auth.ApiKeyTable, limits: HttpLimits, metrics: Metrics
+    service: NodeService, api_keys: auth.ApiKeyTable, limits: HttpLimits, metrics: Metrics
 ) -> web.Application:
     """The application from its parts (create_app reads them from a NodeConfig)."""
     # aiohttp refuses bodies strictly larger than client_max_size, so the
@@ -791,7 +791,7 @@ def build_app(
 
 
 def create_app(
-    service: VaultService,
+    service: NodeService,
     config: NodeConfig,
     metrics: Metrics,
     *,
@@ -840,9 +840,11 @@ class _ProblemRequestHandler(RequestHandler):
         server = self._manager
         max_connections = getattr(server, "max_connections", None)
         # Counted before this one registers itself with the server.
-        refuse = max_connections is not None and len(server.connections) >= max_connections
+        refuse = (server is not None and isinstance(max_connections, int)
+                  and len(server.connections) >= max_connections)
         super().connection_made(transport)
         if refuse:
+            assert isinstance(max_connections, int)
             _note_refused_connection(server, max_connections)
             transport.write(TOO_MANY_CONNECTIONS_RESPONSE)  # type: ignore[attr-defined]
             self.force_close()

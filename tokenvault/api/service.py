@@ -69,7 +69,7 @@ def _rfc3339(milliseconds: int) -> str:
 
 
 class NodeService:
-    """Implements the VaultService protocol of tokenvault.api.http on top of a Node."""
+    """What tokenvault.api.http calls, on top of a Node (tests stand in for it with a fake of the same methods)."""
 
     def __init__(self, node: Node, sealer: Sealer | None = None) -> None:
         self.node = node

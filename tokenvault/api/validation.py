@@ -34,8 +34,11 @@ _STRING = re.compile(rb'"[^"]*+"')
 class ItemLimits(Protocol):
     """What the item checks need: HttpLimits and the node config's LimitsConfig both have it."""
 
-    max_items: int
-    max_value_bytes: int
+    @property
+    def max_items(self) -> int: ...
+
+    @property
+    def max_value_bytes(self) -> int: ...
 
 
 def max_json_values(limits: ItemLimits) -> int:

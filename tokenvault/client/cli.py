@@ -501,7 +501,7 @@ def audit_group() -> None:
     """Check the hash-chained audit trail."""
 
 
-async def _walk_audit(connection: Connection, verifier: Any, on_record: Callable[[dict], None]) -> tuple[int, Any]:
+async def _walk_audit(connection: Connection, verifier: Any, on_record: Callable[[dict[str, Any]], None]) -> tuple[int, Any]:
     """Page through the whole trail, checking each record in order; (head seq, first ChainBreak or None).
 
     ``on_record`` sees every record that verified, in order, before the first broken one."""
@@ -568,7 +568,7 @@ def audit_export(connection: Connection, out_path: str, as_json: bool) -> None:
         raise click.UsageError(f"cannot create {out_path!r}: {error.strerror}") from None
     verifier = ChainVerifier()
     with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-        def write(record: dict) -> None:
+        def write(record: dict[str, Any]) -> None:
             handle.write(json.dumps(record, separators=(",", ":"), sort_keys=True) + "\n")
 
         last_seq, broken = _run(_walk_audit(connection, verifier, write))

@@ -16,22 +16,27 @@ from __future__ import annotations
 import asyncio
 import itertools
 import random
+import ssl
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from protocol import (Entry, EntryKind, ForwardRequest, ForwardResponse, HardState, INITIAL_HARD_STATE, NotPrimary,
-                      ProposalRejected, Replica, ReplicaConfig, RestoredState, Role)
+from protocol import (BecamePrimary, ElectionStarted, Entry, EntryKind, Event, ForwardRequest, ForwardResponse, HardState, INITIAL_HARD_STATE, Message,
+                      NotPrimary, PrimaryChanged, ProposalRejected, ReadResult, Ready, Replica, ReplicaConfig,
+                      RestoredState, Role, SteppedDown)
 from tokenvault.config import NodeConfig
 from tokenvault.core import commands
 from tokenvault.core.snapshot_transfer import SnapshotTransfers
-from tokenvault.core.store import ApplyResult, Outcome, StoreCorruption, VaultStore
+from tokenvault.core.store import ApplyResult, Outcome, PreparedInstall, StoreCorruption, VaultStore
 from tokenvault.core.transport import PeerAddress, PeerTransport
-from tokenvault.core.wal import WalCorruption, WriteAheadLog
+from tokenvault.core.wal import RecoveredLog, WriteAheadLog
+from tokenvault.core.wal_segments import WalCorruption
 from tokenvault.crypto.keys import KeyRing, new_epoch_secret
-from tokenvault.crypto.tls import load_node_tls
+from tokenvault.crypto.tls import PeerTlsContexts, load_node_tls
 from tokenvault.futures import await_future, cancel_and_wait
 from tokenvault.logs import get_logger
 from tokenvault.metrics import Metrics
@@ -61,13 +66,13 @@ class ProposalLost(Exception):
 @dataclass(slots=True)
 class _PendingProposal:
     view: int
-    future: asyncio.Future
+    future: asyncio.Future[Any]
 
 
 @dataclass(slots=True)
 class _PendingRead:
     read_index: int
-    future: asyncio.Future
+    future: asyncio.Future[Any]
 
 
 class Node:
@@ -104,8 +109,10 @@ class Node:
                           snapshot_chunk_bytes=config.wal.snapshot_chunk_bytes),
             self.restored, random.Random())
         # TLS contexts are built before anything listens, so that a bad certificate stops the node at start.
-        self.http_tls_context, peer_tls = (load_node_tls(config.tls.files(), self.node_id)
-                                           if config.tls is not None else (None, None))
+        self.http_tls_context: ssl.SSLContext | None = None
+        peer_tls: PeerTlsContexts | None = None
+        if config.tls is not None:
+            self.http_tls_context, peer_tls = load_node_tls(config.tls.files(), self.node_id)
         self.transport: PeerTransport | None = None
         if len(members) > 1:
             peers = [PeerAddress(member.id, member.peer_host, member.peer_port) for member in config.members]
@@ -114,10 +121,10 @@ class Node:
                                            MAX_FRAME_BYTES, on_peer_down=self._on_peer_down,
                                            idle_timeout_seconds=_link_idle_timeout_seconds(config), tls=peer_tls,
                                            max_unauthenticated_connections=config.peer.max_unauthenticated_connections)
-        self._inbox: deque = deque()
+        self._inbox: deque[tuple[Any, ...]] = deque()
         self._wakeup = asyncio.Event()
         self._pending_proposals: dict[int, _PendingProposal] = {}
-        self._pending_reads: dict[int, asyncio.Future] = {}
+        self._pending_reads: dict[int, asyncio.Future[None]] = {}
         self._reads_waiting_apply: list[_PendingRead] = []
         self._read_ids = itertools.count(1)
         self._applied_since_compact = 0
@@ -126,9 +133,9 @@ class Node:
         self._recent_entry_sizes: deque[tuple[int, int]] = deque(
             maxlen=config.wal.compact_keep_entries + config.wal.compact_every_entries)
         self._bootstrap_in_flight = False
-        self._tasks: list[asyncio.Task] = []
+        self._tasks: list[asyncio.Task[None]] = []
         self._disk_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"wal-{self.node_id}")
-        self._compaction: asyncio.Task | None = None
+        self._compaction: asyncio.Task[None] | None = None
         self.snapshots = SnapshotTransfers(self.data_dir, lambda: self.store, self._run_in_driver,
                                            self.send_to_peer)
         self.forward_handler = None  # set by the service: handles ForwardRequest frames
@@ -138,7 +145,7 @@ class Node:
         self.stopped = asyncio.Event()
 
     # ----------------------------------------------------------------- start-up
-    def _restored_state(self, recovered) -> RestoredState:
+    def _restored_state(self, recovered: RecoveredLog) -> RestoredState:
         """Combine the store's checkpoint and the WAL into the core's starting point.
 
         The store may be ahead of the WAL's base (segments below the durable
@@ -203,7 +210,7 @@ class Node:
     def _wake(self) -> None:
         self._wakeup.set()
 
-    def _enqueue(self, item: tuple) -> None:
+    def _enqueue(self, item: tuple[Any, ...]) -> None:
         if len(self._inbox) >= INBOX_MAX_ITEMS:
             raise NodeBusy()
         self._inbox.append(item)
@@ -234,7 +241,7 @@ class Node:
         different entry took its place, and asyncio.TimeoutError when it did not
         commit in time (it may still commit later: callers answer 503).
         """
-        result: asyncio.Future = asyncio.get_running_loop().create_future()
+        result: asyncio.Future[ApplyResult] = asyncio.get_running_loop().create_future()
         self._enqueue(("propose", payload, result))
         return await await_future(result, timeout_seconds)
 
@@ -247,11 +254,11 @@ class Node:
         too many reads wait.
         """
         loop = asyncio.get_running_loop()
-        future: asyncio.Future = loop.create_future()
+        future: asyncio.Future[None] = loop.create_future()
         self._enqueue(("read", next(self._read_ids), future))
         await await_future(future, timeout_seconds)
 
-    def send_to_peer(self, peer_id: str, message: object) -> bool:
+    def send_to_peer(self, peer_id: str, message: Message) -> bool:
         return self.transport is not None and self.transport.send(peer_id, message)
 
     # ----------------------------------------------------------------- driver
@@ -283,7 +290,7 @@ class Node:
             self._fatal(error)
             raise
 
-    def _on_task_ended(self, task: asyncio.Task) -> None:
+    def _on_task_ended(self, task: asyncio.Task[None]) -> None:
         """The driver and the ticker run for the node's whole life: one that ends takes the node down.
 
         A node without its ticker sends no heartbeats and starts no elections,
@@ -319,12 +326,12 @@ class Node:
             elif kind == "call":
                 item[1]()
 
-    def _run_in_driver(self, function) -> None:
+    def _run_in_driver(self, function: Callable[[], object]) -> None:
         """Run ``function`` in the driver task, between two Readies: the core is never re-entered."""
         self._inbox.append(("call", function))
         self._wake()
 
-    def _propose_now(self, payload: bytes, result: asyncio.Future) -> None:
+    def _propose_now(self, payload: bytes, result: asyncio.Future[ApplyResult]) -> None:
         if result.done():
             return  # the caller gave up while this waited in the inbox: never propose it
         try:
@@ -337,7 +344,7 @@ class Node:
             previous.future.set_exception(ProposalLost("superseded"))
         self._pending_proposals[index] = _PendingProposal(view, result)
 
-    def _read_now(self, request_id: int, future: asyncio.Future) -> None:
+    def _read_now(self, request_id: int, future: asyncio.Future[None]) -> None:
         if future.done():
             return
         try:
@@ -347,7 +354,7 @@ class Node:
             return
         self._pending_reads[request_id] = future
 
-    async def _handle_ready(self, ready) -> None:
+    async def _handle_ready(self, ready: Ready) -> None:
         if ready.snapshot is not None:
             # The store switched to the snapshot already; the log now starts after it.
             self.wal.reset_base(ready.snapshot.index, ready.snapshot.view)
@@ -391,7 +398,7 @@ class Node:
         self._release_reads()
         self._update_gauges()
 
-    def _switch_to_snapshot(self, prepared, index: int, view: int) -> None:
+    def _switch_to_snapshot(self, prepared: PreparedInstall, index: int, view: int) -> None:
         """In the driver: the verified, opened snapshot becomes the store, then the core follows it."""
         if self.store.applied_index >= index:
             # The log caught up meanwhile (a new primary's appends): the snapshot is not needed.
@@ -446,6 +453,7 @@ class Node:
             return 0, 0
         if result.kind == "rotate":
             command = commands.decode_command(entry.payload)
+            assert isinstance(command, commands.RotateEpochCommand), "a rotate result comes from a rotate entry"
             self.keyring.add(command.epoch, command.wrapped_secret)
             log.info("epoch.rotated", epoch=command.epoch, index=entry.index)
             return 0, 0
@@ -488,7 +496,7 @@ class Node:
         return 0
 
     # ----------------------------------------------------------------- reads
-    def _on_read_result(self, result) -> None:
+    def _on_read_result(self, result: ReadResult) -> None:
         future = self._pending_reads.pop(result.request_id, None)
         if future is None or future.done():
             return
@@ -512,12 +520,10 @@ class Node:
         self._reads_waiting_apply = still_waiting
 
     # ----------------------------------------------------------------- roles
-    def _log_event(self, event) -> None:
-        name = type(event).__name__
-        if name == "BecamePrimary":
+    def _log_event(self, event: Event) -> None:
+        if isinstance(event, BecamePrimary):
             log.info("primary.elected", primary=self.node_id, view=event.view)
-            return
-        if name == "SteppedDown":
+        elif isinstance(event, SteppedDown):
             log.warning("primary.stepped_down", view=event.view, reason=event.reason)
             # Proposals of a deposed primary may still commit under the new one, so
             # they keep waiting; their callers time out into a 503 otherwise.
@@ -525,14 +531,12 @@ class Node:
                 if not future.done():
                     future.set_exception(NotPrimary(None))
             self._pending_reads.clear()
-            return
-        if name == "PrimaryChanged":
+        elif isinstance(event, PrimaryChanged):
             log.info("primary.changed", view=event.view, primary=event.primary_id)
-            return
-        if name == "ElectionStarted":
+        elif isinstance(event, ElectionStarted):
             log.info("election.started", view=event.view, reason=event.reason)
-            return
-        log.info("replica.event", kind=name)
+        else:
+            log.info("replica.event", kind=type(event).__name__)
 
     def _maybe_bootstrap_epoch(self) -> None:
         """The first primary of a new cluster creates epoch 1; apply refuses duplicates."""
@@ -588,7 +592,7 @@ class Node:
         role = self.replica.role
         return "primary" if role == Role.PRIMARY else ("candidate" if role == Role.CANDIDATE else "backup")
 
-    def health(self) -> dict:
+    def health(self) -> dict[str, Any]:
         return {"status": "ok", "node_id": self.node_id, "role": self.role_name(), "view": self.replica.view,
                 "primary_id": self.replica.primary_id, "commit_index": self.replica.commit_index,
                 "applied_index": self.store.applied_index, "active_epoch": self.store.active_epoch()}

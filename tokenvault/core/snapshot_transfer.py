@@ -34,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from protocol import InstallSnapshot, SnapshotChunk, SnapshotRead
+from protocol import InstallSnapshot, Message, SnapshotChunk, SnapshotRead
 from tokenvault.futures import cancel_and_wait
 from tokenvault.logs import get_logger
 from tokenvault.core.snapshots import SnapshotSource, SnapshotStager, StagedSnapshot
@@ -50,7 +50,7 @@ class SnapshotTransfers:
     """Owns the node's snapshot sources and its one staging area. Used from the event-loop thread only."""
 
     def __init__(self, data_dir: Path, store_of: Callable[[], Any], run_in_driver: Callable[[Callable[[], None]], None],
-                 send: Callable[[str, object], bool]) -> None:
+                 send: Callable[[str, Message], bool]) -> None:
         self._outgoing_dir = data_dir / OUTGOING_DIRECTORY
         self._incoming_dir = data_dir / INCOMING_DIRECTORY
         # Leftovers of a previous run: a source or a staging area is never resumed.

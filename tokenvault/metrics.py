@@ -75,7 +75,7 @@ class Metrics:
         self.tokenize_answered_as_read = Counter(
             "tokenvault_tokenize_answered_as_read",
             "Values of tokenize requests answered without a log entry because every token existed already in the"
-            " active epoch (the primary records it, after a read barrier).",
+            " active epoch (the node that answered records it, after its read barrier or read index).",
             registry=registry,
         )
         self.sealed_values = Counter(

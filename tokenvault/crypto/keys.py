@@ -108,26 +108,28 @@ def _parse_hex_key(text: str, description: str, expected_bytes: int) -> bytes:
         raise MasterKeyError(f"{description} is not valid hex") from None
 
 
-def read_secret_file(path: Path | str, description: str, expected_bytes: int = 32) -> bytes:
-    """Read a hex-encoded secret from a regular file that only its owner can
-    read (no group or other permission bits: mode 0600 or 0400)."""
-    path = Path(path)
+def _read_owner_only_file(path: Path, description: str) -> bytes:
+    """The bytes of a regular file that only its owner can read; errors name the file, never its content."""
     try:
         # O_NOFOLLOW and fstat on the opened descriptor check the file that is
         # actually read, not whatever a symlink or a racing rename points at;
         # O_NONBLOCK keeps a FIFO planted at the path from hanging the open.
-        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
-        descriptor = os.open(path, flags)
+        descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except FileNotFoundError:
         raise SecretFileError(f"{description} file {str(path)!r} does not exist") from None
     except OSError as error:
-        raise SecretFileError(
-            f"{description} file {str(path)!r} cannot be opened ({error.strerror})"
-        ) from None
+        raise SecretFileError(f"{description} file {str(path)!r} cannot be opened ({error.strerror})") from None
     try:
-        content = _read_private_file(descriptor, path, description)
+        return _read_private_file(descriptor, path, description)
     finally:
         os.close(descriptor)
+
+
+def read_secret_file(path: Path | str, description: str, expected_bytes: int = 32) -> bytes:
+    """Read a hex-encoded secret from a regular file that only its owner can
+    read (no group or other permission bits: mode 0600 or 0400)."""
+    path = Path(path)
+    content = _read_owner_only_file(path, description)
     if len(content) > _MAX_SECRET_FILE_BYTES:
         raise SecretFileError(f"{description} file {str(path)!r} is too large to be a key file")
     try:
@@ -144,16 +146,7 @@ def read_private_text_file(path: Path | str, description: str, max_bytes: int = 
     """The text of a small file that only its owner can read (a PIN file), without
     its trailing newline; errors name the file, never its content."""
     path = Path(path)
-    try:
-        descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-    except FileNotFoundError:
-        raise SecretFileError(f"{description} file {str(path)!r} does not exist") from None
-    except OSError as error:
-        raise SecretFileError(f"{description} file {str(path)!r} cannot be opened ({error.strerror})") from None
-    try:
-        content = _read_private_file(descriptor, path, description)
-    finally:
-        os.close(descriptor)
+    content = _read_owner_only_file(path, description)
     if len(content) > max_bytes:
         raise SecretFileError(f"{description} file {str(path)!r} is longer than {max_bytes} bytes")
     try:

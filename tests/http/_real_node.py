@@ -9,6 +9,7 @@ SIGKILL of the recorded pid if the process is still there.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -19,6 +20,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 from tokenvault.devcluster import cluster
@@ -181,3 +183,13 @@ def start_real_node(root: Path, tls: bool = True) -> RealNode:
             raise RuntimeError(f"the node answered but has no running process\n{cluster.output_tail(spec.nodes[0])}")
         return RealNode(directory=directory, spec=spec, pid=pid)
     raise AssertionError("unreachable")
+
+
+@contextlib.contextmanager
+def running_real_node(root: Path, tls: bool = True) -> Iterator[RealNode]:
+    """A started one-node cluster under ``root``, stopped on the way out whatever happened."""
+    node = start_real_node(root, tls=tls)
+    try:
+        yield node
+    finally:
+        node.stop()

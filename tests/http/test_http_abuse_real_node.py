@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from _real_node import RealNode, https_opener, start_real_node
+from _real_node import RealNode, https_opener, running_real_node
 
 BODY_LIMIT_BYTES = 8 * 1024 * 1024
 # The body itself is 8 MiB and the node holds it, its joined copy and one
@@ -32,11 +32,8 @@ REQUEST_TIMEOUT_SECONDS = 30.0
 
 @pytest.fixture(scope="module")
 def real_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealNode]:
-    node = start_real_node(tmp_path_factory.mktemp("abuse-node"))
-    try:
+    with running_real_node(tmp_path_factory.mktemp("abuse-node")) as node:
         yield node
-    finally:
-        node.stop()
 
 
 def reset_peak_memory(pid: int) -> None:

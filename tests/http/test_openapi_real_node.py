@@ -31,7 +31,7 @@ import schemathesis
 import test_openapi_conformance as conformance
 from _http_checks import conformance_headers
 from _http_support import HttpTarget
-from _real_node import RealNode, start_real_node
+from _real_node import RealNode, running_real_node
 from hypothesis import HealthCheck, settings
 
 # Imported to be collected again in this module, where http_target is the real node.
@@ -63,11 +63,8 @@ def real_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealNode]:
     # Plain HTTP on purpose: the raw-byte fuzz cases end a request by half-closing the TCP connection,
     # which TLS turns into a full close (no answer can come back). HTTP parsing is the same under TLS;
     # the TLS path of a real node is tests/http/test_real_node_tls.py.
-    node = start_real_node(tmp_path_factory.mktemp("real-node"), tls=False)
-    try:
+    with running_real_node(tmp_path_factory.mktemp("real-node"), tls=False) as node:
         yield node
-    finally:
-        node.stop()
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from _real_node import RealNode, start_real_node
+from _real_node import RealNode, running_real_node
 from tokenvault.client.vault import Client, NoNodeAvailable
 from tokenvault.crypto.tls import http_client_context
 
@@ -19,11 +19,8 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def tls_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealNode]:
-    node = start_real_node(tmp_path_factory.mktemp("tls-node"))
-    try:
+    with running_real_node(tmp_path_factory.mktemp("tls-node")) as node:
         yield node
-    finally:
-        node.stop()
 
 
 def _host_port(node: RealNode) -> tuple[str, int]:

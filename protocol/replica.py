@@ -93,8 +93,10 @@ class Replica:
         # Reads of this node (origin None) and of backups (origin = their id) share the rounds.
         self._unsent_reads: list[tuple[str | None, int]] = []  # (origin, request_id)
         self._pending_reads: list[tuple[str | None, int, int, int]] = []  # (origin, request_id, read_index, round)
-        # A backup's reads waiting for the primary's ReadIndexReply: request_id -> the primary asked.
-        self._remote_reads: dict[int, str] = {}
+        # A backup's reads waiting for the primary's ReadIndexReply: request_id -> (the primary asked,
+        # the tick it was asked at). A request or reply lost on the way expires after an election timeout.
+        self._remote_reads: dict[int, tuple[str, int]] = {}
+        self._ticks = 0
         self._handlers: dict[type[Message], Callable[[str, Any], None]] = {
             RequestVote: self._on_request_vote, VoteReply: self._on_vote_reply,
             AppendEntries: self._on_append_entries, AppendReply: self._on_append_reply,
@@ -153,6 +155,9 @@ class Replica:
     # ------------------------------------------------------------------ inputs
 
     def tick(self) -> None:
+        self._ticks += 1
+        if self._remote_reads:
+            self._expire_remote_reads()
         if self._role is Role.PRIMARY:
             self._tick_primary()
             return
@@ -213,7 +218,7 @@ class Replica:
         if len(self._remote_reads) >= self._config.max_pending_reads:
             self._read_results.append(ReadResult(request_id, 0, False, overloaded=True))
             return
-        self._remote_reads[request_id] = self._primary_id
+        self._remote_reads[request_id] = (self._primary_id, self._ticks)
         self._outbox.append((self._primary_id, ReadIndex(self._view, request_id)))
 
     def _queue_read(self, origin: str | None, request_id: int) -> None:
@@ -236,10 +241,19 @@ class Replica:
         self._queue_read(sender, message.request_id)
 
     def _on_read_index_reply(self, sender: str, message: ReadIndexReply) -> None:
-        if self._remote_reads.get(message.request_id) != sender:
-            return  # not asked of this sender, or already failed by a change of primary
+        asked = self._remote_reads.get(message.request_id)
+        if asked is None or asked[0] != sender:
+            return  # not asked of this sender, or already failed (a change of primary, or expired)
         del self._remote_reads[message.request_id]
         self._read_results.append(ReadResult(message.request_id, message.read_index, message.ok))
+
+    def _expire_remote_reads(self) -> None:
+        """Fail the reads whose answer has not come within an election timeout (a message was lost)."""
+        oldest_allowed = self._ticks - self._config.election_timeout_ticks
+        expired = [request_id for request_id, (_, asked_at) in self._remote_reads.items() if asked_at < oldest_allowed]
+        for request_id in expired:
+            del self._remote_reads[request_id]
+            self._read_results.append(ReadResult(request_id, 0, False))
 
     def _fail_remote_reads(self) -> None:
         for request_id in self._remote_reads:

@@ -642,6 +642,25 @@ def test_a_backup_read_fails_when_its_primary_changes_and_ignores_a_late_answer(
     assert backup.ready().read_results == ()
 
 
+def test_a_backup_read_whose_request_or_answer_was_lost_expires_after_an_election_timeout() -> None:
+    cluster = Cluster(3)
+    cluster.elect("n1")
+    backup = cluster.nodes["n2"].replica
+    backup.request_read(5)
+    backup.advance(backup.ready())  # the ReadIndex is lost: never delivered
+    waited = []
+    for _ in range(backup.config.election_timeout_ticks):
+        backup.step("n1", Heartbeat(backup.view, backup.commit_index, 0))  # the primary is still heard
+        backup.tick()
+        waited.extend(result for ready in drain(backup) for result in ready.read_results)
+    assert waited == [], "within an election timeout the read still waits"
+    backup.tick()
+    results = [result for ready in drain(backup) for result in ready.read_results]
+    assert results == [ReadResult(5, 0, False)], "the read failed instead of waiting for good"
+    backup.step("n1", ReadIndexReply(backup.view, 5, 99, True))  # a late answer changes nothing
+    assert all(ready.read_results == () for ready in drain(backup))
+
+
 def test_a_backup_read_refused_by_a_node_that_no_longer_leads() -> None:
     replica = make_replica("n2", ("n1", "n2", "n3"))
     replica.step("n3", ReadIndex(0, 4))

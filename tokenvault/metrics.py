@@ -203,7 +203,7 @@ class Metrics:
         self.values_detokenized.labels(result="unknown").inc(unknown)
 
     def record_rate_limited(self, key_name: str, kind: str, reason: str) -> None:
-        """A 429; ``key_name`` is the key's configured name (the key table bounds the series)."""
+        """A 429; ``key_name`` is a bootstrap key's configured name or "runtime" (so the series are bounded)."""
         self.rate_limited_requests.labels(key=key_name, kind=kind, reason=reason).inc()
 
     def record_connection_refused(self) -> None:

@@ -181,6 +181,20 @@ async def test_a_stalled_body_is_408_and_the_connection_is_closed(
     assert service.tokenize_calls == []
 
 
+async def test_a_request_refused_before_its_body_closes_the_connection_at_once(
+    make_client: ClientFactory, connections: list[RawConnection]
+) -> None:
+    """A 401 sent before the body was read closes the connection, rather than aiohttp lingering up to 10 s
+    to read and drop the rest of the body: a client without a key holds no connection slot meanwhile."""
+    client = await make_client(HttpLimits())
+    connection = await RawConnection.open(client)
+    connections.append(connection)
+    await connection.send(request_head("/v1/tokenize", "tvk_not-a-key", 100_000) + b'{"values": [')
+    response = await connection.read_all(timeout_seconds=3.0)  # lingering would take 10 s
+    assert status_of(response) == 401
+    assert b"Connection: close" in response.partition(b"\r\n\r\n")[0]
+
+
 async def test_a_body_that_keeps_arriving_is_not_cut_off(
     make_client: ClientFactory, key_ring: KeyRing, connections: list[RawConnection]
 ) -> None:

@@ -113,3 +113,12 @@ def test_a_key_with_its_own_limits_uses_them_and_the_others_the_default() -> Non
     assert [limiter.check("other", TOKENIZE) == 0.0 for _ in range(2)] == [True, False]
     assert all(limiter.check("trusted", TOKENIZE) == 0.0 for _ in range(100))
     assert limiter.enabled and not RateLimiter({}, key_limits={"trusted": {ADMIN: BucketLimit()}}).enabled
+
+
+def test_a_bucket_key_apart_from_the_name_whose_own_limits_apply() -> None:
+    """A runtime key named after a configured key gets its own bucket and only the default limits."""
+    limiter = RateLimiter({TOKENIZE: BucketLimit(rate_per_second=1, burst=1)},
+                          key_limits={"bulk": {TOKENIZE: BucketLimit(rate_per_second=1, burst=3)}}, clock=Clock())
+    assert [limiter.check("key-0123", TOKENIZE, limits_of=None) == 0.0 for _ in range(2)] == [True, False]
+    # The configured key's own bucket is untouched by the runtime key's requests.
+    assert [limiter.check("bulk", TOKENIZE) == 0.0 for _ in range(4)] == [True, True, True, False]

@@ -14,8 +14,10 @@ then holds ``inflight_slot`` around the rest):
 
 1. route and method (404, 405), by aiohttp's router;
 2. authentication (401 with ``WWW-Authenticate: Bearer``), then scope (403) —
-   before the body is read, so an unauthenticated client cannot make the node
-   buffer or parse anything;
+   before the body is read, so an unauthenticated client makes the node parse
+   nothing and buffer no more than aiohttp's reader takes ahead on its own (at
+   most twice its 64 KiB read buffer per connection); a request refused before
+   its body is read closes its connection (``_body_left_unread``);
 3. the key's rate limit for the endpoint's kind (429 with ``Retry-After``,
    tokenvault/api/ratelimit.py), still before the body is read; handlers do 2 and
    3 in one call, ``admit``;
@@ -194,6 +196,14 @@ class HttpLimits:
             rate_limits=rates,
             key_rate_limits=key_rates,
         )
+
+
+def _metric_key_label(principal: auth.Principal | None) -> str:
+    """The key label of the rate-limit metric: a bootstrap key's configured name, or "runtime" for every
+    runtime key (their names are an admin's to choose, so they would make the label set unbounded)."""
+    if principal is None:
+        return ""
+    return principal.name if principal.key_id is None else "runtime"
 
 
 def _bucket_limits(rate_limits: Any) -> tuple[dict[str, ratelimit.BucketLimit],
@@ -420,17 +430,20 @@ class _Api:
         self.inflight_requests = 0
         self.backup_streams = 0
         self.body_reads = 0
-        # Bodies being received per key name; a name leaves the map at zero, so
-        # its size is bounded by the key table.
+        # Bodies being received per key (its identity); a key leaves the map at
+        # zero, so its size is bounded by the key table.
         self.body_reads_by_key: dict[str, int] = {}
 
     def admit(self, request: web.Request, scope: str) -> auth.Principal:
         """Authentication (401), scope (403), then the key's rate limit for the scope's kind (429)."""
         principal = authorize(request, self.api_keys, scope)
         kind = RATE_LIMIT_KIND_OF_SCOPE.get(scope, ratelimit.ADMIN)
-        wait_seconds = self.rate_limiter.check(principal.name, kind)
+        # One bucket per key (runtime keys may share a name); configured per-key limits apply by
+        # name to bootstrap keys only, so naming a runtime key after one does not inherit its limits.
+        configured_name = principal.name if principal.key_id is None else None
+        wait_seconds = self.rate_limiter.check(principal.identity, kind, limits_of=configured_name)
         if wait_seconds > 0:
-            self.metrics.record_rate_limited(principal.name, kind, "rate")
+            self.metrics.record_rate_limited(_metric_key_label(principal), kind, "rate")
             raise RateLimited(f"this API key is past its {kind} rate limit on this node",
                               retry_after_seconds=ratelimit.retry_after_seconds(wait_seconds))
         request[_PRINCIPAL] = principal
@@ -452,7 +465,7 @@ class _Api:
             if declared_bytes is not None and declared_bytes > self.limits.max_body_bytes:
                 raise PayloadTooLarge(f"the request body is larger than {self.limits.max_body_bytes} bytes")
             principal = request.get(_PRINCIPAL)
-            with self.body_slot(principal.name if principal is not None else "", request.get(_KIND, "")):
+            with self.body_slot(principal, request.get(_KIND, "")):
                 body = await self.read_body(request)
         request[_BODY] = body
         return body
@@ -501,11 +514,12 @@ class _Api:
             raise InvalidRequest("the request body ended early") from None
 
     @contextlib.contextmanager
-    def body_slot(self, key_name: str, kind: str) -> Iterator[None]:
+    def body_slot(self, principal: auth.Principal | None, kind: str) -> Iterator[None]:
         """Hold one of the key's max_body_reads_per_key (else 429) and the node's max_body_reads (else 503)."""
+        key_name = principal.identity if principal is not None else ""
         held_by_key = self.body_reads_by_key.get(key_name, 0)
         if held_by_key >= self.limits.max_body_reads_per_key:
-            self.metrics.record_rate_limited(key_name, kind, "bodies")
+            self.metrics.record_rate_limited(_metric_key_label(principal), kind, "bodies")
             raise RateLimited(f"this API key already has {held_by_key} request bodies being received on this "
                               "node; send fewer at once")
         if self.body_reads >= self.limits.max_body_reads:
@@ -730,13 +744,16 @@ async def _problem_middleware(request: web.Request, handler: Handler) -> web.Str
         return await handler(request)
     except ServiceError as error:
         response = problem_response(error.status, error.problem, error.title, error.detail, error.headers)
-        if getattr(error, "close_connection", False):
+        if getattr(error, "close_connection", False) or _body_left_unread(request):
             await _send_and_close(request, response)
         return response
     except web.HTTPException as error:
         if error.status < 400:
             raise
-        return http_exception_problem(error)
+        response = http_exception_problem(error)
+        if _body_left_unread(request):
+            await _send_and_close(request, response)
+        return response
     except asyncio.CancelledError:
         raise
     except Exception:
@@ -744,12 +761,22 @@ async def _problem_middleware(request: web.Request, handler: Handler) -> web.Str
         return problem_response(500, "internal", "Internal error", "an unexpected error occurred; it has been logged")
 
 
+def _body_left_unread(request: web.Request) -> bool:
+    """Whether the request was refused before its body was read (401, 403, 429, 413, 415 ...).
+
+    aiohttp would keep such a connection open for up to its lingering time
+    (10 s) reading and dropping the body, so one client without a valid key
+    could hold a connection slot that long per request; it is closed instead.
+    """
+    return request.body_exists and _BODY not in request
+
+
 async def _send_and_close(request: web.Request, response: web.Response) -> None:
     """Send ``response`` now and close the connection behind it.
 
-    For a stalled body: the connection is mid-request, so it cannot carry
-    another one, and aiohttp would otherwise linger for the rest of the body
-    (up to its lingering time) before closing.
+    For a stalled body, or one refused before it was read: the connection is
+    mid-request, so it cannot carry another one, and aiohttp would otherwise
+    linger for the rest of the body (up to its lingering time) before closing.
     """
     response.force_close()
     try:

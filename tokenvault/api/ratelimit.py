@@ -91,6 +91,13 @@ def _check_kinds(limits: Mapping[str, BucketLimit]) -> None:
         raise ValueError(f"unknown rate limit kinds {sorted(unknown)}; known: {list(KINDS)}")
 
 
+class _Same:
+    """The default of ``RateLimiter.check``'s ``limits_of``: the bucket's own key."""
+
+
+_SAME = _Same()
+
+
 class RateLimiter:
     """The buckets of every (key name, kind) on this node, with the limits of each kind.
 
@@ -118,8 +125,9 @@ class RateLimiter:
         limits = [*self._limits.values(), *(limit for own in self._key_limits.values() for limit in own.values())]
         return any(not limit.unlimited for limit in limits)
 
-    def limit_of(self, key_name: str, kind: str) -> BucketLimit:
-        own = self._key_limits.get(key_name)
+    def limit_of(self, key_name: str | None, kind: str) -> BucketLimit:
+        """A named key's own limit for ``kind`` if the config gives one, else every key's default."""
+        own = self._key_limits.get(key_name) if key_name is not None else None
         if own is not None and kind in own:
             return own[kind]
         return self._limits[kind]
@@ -127,13 +135,18 @@ class RateLimiter:
     def __len__(self) -> int:
         return len(self._buckets)
 
-    def check(self, key_name: str, kind: str) -> float:
-        """Take one request from the bucket of (key_name, kind): 0.0 when allowed, else seconds to wait."""
-        limit = self.limit_of(key_name, kind)
+    def check(self, key: str, kind: str, *, limits_of: str | None | _Same = _SAME) -> float:
+        """Take one request from the bucket of (key, kind): 0.0 when allowed, else seconds to wait.
+
+        ``key`` names the bucket (one per API key); ``limits_of`` names the
+        key whose own configured limits apply (by default ``key`` itself; None:
+        only the defaults, as for runtime keys, whose names an admin chooses
+        and which must not inherit a configured key's limits by naming)."""
+        limit = self.limit_of(key if isinstance(limits_of, _Same) else limits_of, kind)
         if limit.unlimited:
             return 0.0
         now = self._clock()
-        slot = (key_name, kind)
+        slot = (key, kind)
         bucket = self._buckets.get(slot)
         if bucket is None:
             bucket = TokenBucket(limit.rate_per_second, limit.burst, now)

@@ -40,6 +40,8 @@ log = get_logger("service")
 
 MAX_EPOCH_RETRIES = 5
 MAX_FORWARDS_IN_FLIGHT = 4096
+# Forwarded requests the primary serves at once, from all backups together.
+MAX_FORWARDS_SERVED = 2 * MAX_FORWARDS_IN_FLIGHT
 TOKENIZE = "tokenize"
 ROTATE = "rotate"
 CREATE_KEY = "key.create"
@@ -484,6 +486,14 @@ class NodeService:
                                                  "request; it took effect at most once: retry"))
 
     def _on_forward_request(self, sender: str, request: ForwardRequest) -> None:
+        if len(self._forward_tasks) >= MAX_FORWARDS_SERVED:
+            # Bounded like the sender's side: a peer cannot make this node hold unbounded work.
+            error = Overloaded("the primary is serving too many forwarded requests; retry later")
+            self.node.send_to_peer(sender, ForwardResponse(
+                request_id=request.request_id, status=error.status,
+                body=problem_body(error.status, error.problem, error.title, error.detail),
+                headers=tuple(error.headers.items())))
+            return
         task = asyncio.get_running_loop().create_task(self._serve_forward(sender, request))
         self._forward_tasks.add(task)
         task.add_done_callback(self._forward_tasks.discard)
@@ -503,6 +513,12 @@ class NodeService:
             headers = tuple(error.headers.items())
         except (ValueError, TypeError, KeyError, msgpack.UnpackException):
             status, body = 400, problem_body(400, "invalid-request", "Bad Request", "malformed forwarded request")
+        except Exception:
+            # Answered at once rather than leaving the backup to time out (logged as the HTTP layer does).
+            log.exception("forward.unexpected_error", kind=request.kind[:32])
+            error = Unavailable("the primary could not serve this request; retry")
+            status, body = 503, problem_body(503, error.problem, error.title, error.detail)
+            headers = tuple(error.headers.items())
         self.node.send_to_peer(sender, ForwardResponse(request_id=request.request_id, status=status,
                                                        body=body, headers=headers))
 

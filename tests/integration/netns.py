@@ -20,14 +20,14 @@ import secrets
 import shutil
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 
+from harness import wait_for
 from tokenvault.auth import ApiKeyEntry
 from tokenvault.config import HttpConfig, MemberConfig, NodeConfig, PeerConfig, TimingConfig, write_node_config
 from tokenvault.crypto.keys import MasterKey, write_secret_file
@@ -36,7 +36,8 @@ HTTP_PORT = 7000
 PEER_PORT = 7001
 REQUEST_TIMEOUT_SECONDS = 2.0
 COMMAND_TIMEOUT_SECONDS = 10.0
-Value = TypeVar("Value")
+# The test hosts are on a private bridge: never through a proxy the environment may name.
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def unavailable_reason() -> str | None:
@@ -78,17 +79,6 @@ def _run(*command: str) -> None:
     result = subprocess.run(command, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_SECONDS)
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed: {result.stderr.strip()[:300]}")
-
-
-def wait_for(predicate: Callable[[], Value | None], timeout_seconds: float, description: str) -> Value:
-    deadline = time.monotonic() + timeout_seconds
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_seconds} s waiting for {description}")
-        time.sleep(0.05)
 
 
 @dataclass
@@ -228,7 +218,7 @@ class NetnsCluster:
         request = urllib.request.Request(node.url + path, data=data, method=method, headers={
             "Authorization": f"Bearer {self.api_key}", "Content-Type": "application/json"})
         try:
-            with urllib.request.urlopen(request, timeout=timeout_seconds) as response:
+            with _OPENER.open(request, timeout=timeout_seconds) as response:
                 return response.status, json.loads(response.read())
         except urllib.error.HTTPError as error:
             return error.code, None

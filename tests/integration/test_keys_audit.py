@@ -80,7 +80,9 @@ def test_a_revoked_key_gets_401_on_every_node_within_one_second_of_the_ack(make_
             return dict(zip(harness.node_ids, answers))
 
     seconds_until_401 = asyncio.run(scenario())
-    late = {node_id: seconds for node_id, seconds in seconds_until_401.items() if seconds is None}
+    # A probe started just before the deadline may answer after it: its 401 counts only if it came in time.
+    late = {node_id: seconds for node_id, seconds in seconds_until_401.items()
+            if seconds is None or seconds > REVOKE_DEADLINE_SECONDS}
     assert not late, f"still accepted the revoked key 1 s after the ack: {seconds_until_401}"
 
 

@@ -7,7 +7,7 @@ over the histories they record (history.check_operations).
 from __future__ import annotations
 
 from history import History, Kind
-from linearizability import Call, check_linearizable, is_linearizable, register_step
+from linearizability import Call, SearchTooLarge, check_linearizable, is_linearizable, register_step
 
 T1 = "tv1_" + "a" * 32
 T2 = "tv2_" + "b" * 32
@@ -108,3 +108,25 @@ def test_two_values_on_one_token_are_found() -> None:
 def test_an_unknown_call_may_be_left_out() -> None:
     calls = [Call(0, 0.0, None, ("insert", "w")), Call(1, 1.0, 2.0, ("read",), None)]
     assert is_linearizable(calls, None, register_step)
+
+
+def test_a_search_that_outgrows_its_bound_is_reported_not_passed() -> None:
+    calls = [Call(number, 0.0, 10.0, ("insert", "v")) for number in range(12)]
+    try:
+        is_linearizable(calls, None, register_step, max_states=10)
+    except SearchTooLarge:
+        pass
+    else:
+        raise AssertionError("twelve concurrent calls need more than ten states")
+    history, clock = recorder()
+    operations = [history.begin("c", Kind.TOKENIZE, "n1", ["v"]) for _ in range(12)]
+    clock.at(10)
+    for operation in operations:
+        history.ok(operation, epoch=1, outputs=[T1])
+    import linearizability
+    original, linearizability.MAX_SEARCH_STATES = linearizability.MAX_SEARCH_STATES, 10
+    try:
+        checks = {violation.check for violation in check_linearizable(history.operations())}
+    finally:
+        linearizability.MAX_SEARCH_STATES = original
+    assert checks == {"linearizable-undecided"}

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from netns import NetnsCluster, netem_available, unavailable_reason, wait_for
+from harness import wait_for
+from netns import NetnsCluster, netem_available, unavailable_reason
 
 REASON = unavailable_reason()
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(REASON is not None, reason=REASON or "")]

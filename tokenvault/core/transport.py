@@ -2,7 +2,10 @@
 
 The node with the smaller id dials, the other accepts, and the connection then
 carries frames both ways. Authentication happens in this order, and nothing a
-peer sends before it is complete can cost more than a little memory:
+peer sends before it is complete can cost more than a little memory (at most
+1 KiB of frame is decoded; what the socket's stream reader takes ahead on its
+own stays under twice READ_CHUNK_BYTES, 512 KiB, per connection, and at most
+``max_unauthenticated_connections`` connections are unauthenticated):
 
 1. The acceptor counts the connection as unauthenticated; past
    ``max_unauthenticated_connections`` at once, new ones are closed at once.
@@ -290,6 +293,8 @@ class PeerTransport:
         proof = await _read_handshake_frame(reader, decoder)
         if not isinstance(hello, Hello) or not isinstance(proof, HelloProof) or hello.node_id != peer.node_id:
             raise HandshakeError("unexpected handshake frames")
+        if len(hello.nonce) != NONCE_BYTES:
+            raise HandshakeError("bad nonce")  # as the acceptor checks ours: a short nonce weakens our proof
         expected = _proof(self._secret, my_nonce, peer.node_id, self.node_id)
         if not hmac.compare_digest(expected, proof.mac):
             raise HandshakeError("peer failed to prove the cluster secret")

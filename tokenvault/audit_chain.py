@@ -18,7 +18,6 @@ from typing import Any
 import msgpack
 
 GENESIS_HASH = bytes(32)
-HASH_BYTES = 32
 # The fields of one record as the API pages them out, in canonical order.
 RECORD_FIELDS = ("at_ms", "node", "key_name", "key_id", "action", "items", "found", "request_id", "subject")
 

@@ -21,18 +21,21 @@ from broken_replicas import MUTANTS
 from mutant_table import SCENARIOS, catching_seeds
 from simulator import Simulation, SimulationConfig
 
-# Mutant -> the sweep catches it within this many seeds (measured first catching seed + margin).
+# Mutant -> the sweep catches it within this many seeds: enough that a mutant caught at the measured rate
+# (tests/sim/mutant_table.py --seeds 200, 2026-12-04) escapes them with probability under 1%, at least 5.
+# A bound of "first catching seed + a margin" broke whenever a change to the core moved the runs' paths
+# (the catch rates themselves did not fall); the test stops at the first catch, so its cost is unchanged.
 SWEEP_BOUNDS = {
-    "driver sends replies before the fsync": 40,  # first at seed 28 (8 of 200)
-    "node forgets its vote on restart": 5,  # seed 0 (90 of 200)
-    "up-to-date check compares index only": 15,  # seed 9 (11 of 200)
-    "reads before the view's first commit": 12,  # seed 6 (24 of 200)
-    "heartbeat carries the raw commit index": 10,  # seed 5 (32 of 200)
-    "votes twice in a view": 5,  # seed 1 (99 of 200)
-    "always truncates after prev": 5,  # seed 0 (50 of 200)
-    "acknowledges without a majority": 5,  # seed 0 (172 of 200)
-    "votes without the up-to-date check": 12,  # seed 6 (82 of 200)
-    "commits an earlier view by counting": 40,  # seed 31 (7 of 200)
+    "driver sends replies before the fsync": 113,  # 8 of 200 caught, first at seed 2
+    "node forgets its vote on restart": 9,  # 85 of 200 caught, first at seed 3
+    "up-to-date check compares index only": 101,  # 9 of 200 caught, first at seed 11
+    "reads before the view's first commit": 42,  # 21 of 200 caught, first at seed 6
+    "heartbeat carries the raw commit index": 26,  # 33 of 200 caught, first at seed 5
+    "votes twice in a view": 7,  # 107 of 200 caught, first at seed 1
+    "always truncates after prev": 15,  # 54 of 200 caught, first at seed 6
+    "acknowledges without a majority": 5,  # 172 of 200 caught, first at seed 0
+    "votes without the up-to-date check": 10,  # 78 of 200 caught, first at seed 0
+    "commits an earlier view by counting": 130,  # 7 of 200 caught, first at seed 31
 }
 
 SAFETY_SYMPTOMS = ("lacks committed entry", "over acknowledged", "lacks acknowledged", "was committed there",
@@ -41,12 +44,15 @@ SAFETY_SYMPTOMS = ("lacks committed entry", "over acknowledged", "lacks acknowle
 
 
 def first_catch(name: str, within_seeds: int) -> tuple[int, str] | None:
+    """The first seed at which a safety check catches the mutant; a seed where only the liveness check
+    fails (a mutant may also stall the cluster) does not count, and the search goes on."""
     replica_class, driver_bugs = MUTANTS[name]
     for seed in range(within_seeds):
         try:
             Simulation(seed, SimulationConfig.from_seed(seed), replica_class, driver_bugs).run()
         except AssertionError as failure:  # SimulationFailure, or an assertion of the core itself
-            return seed, str(failure)
+            if any(symptom in str(failure) for symptom in SAFETY_SYMPTOMS):
+                return seed, str(failure)
     return None
 
 
@@ -57,8 +63,7 @@ def test_mutant_is_caught_by_the_sweep(name: str, replay_seed: int | None) -> No
     within_seeds = SWEEP_BOUNDS[name]
     caught = first_catch(name, within_seeds)
     assert caught is not None, f"{name!r} survived {within_seeds} seeds: the checks do not bite"
-    seed, message = caught
-    assert any(symptom in message for symptom in SAFETY_SYMPTOMS), f"caught, but not by a safety check:\n{message}"
+    seed, _ = caught  # first_catch counts only a safety check's catch
     # The same seed passes with the real replica and driver, so the catch is the mutant's doing.
     Simulation(seed, SimulationConfig.from_seed(seed)).run()
 

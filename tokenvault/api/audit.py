@@ -1,23 +1,16 @@
-"""The audit trail: hash chain, record format and each node's group-commit buffer.
+"""The audit trail's group commit: each node's buffer of records waiting to be replicated.
 
 Every detokenize, API key change and epoch change leaves one audit record in a
 replicated log-ordered table (tokenvault.core.store). A record holds who (key name
 and id), what (action, item count, found count, subject such as a key id or an
 epoch), when, on which node and for which request — never a value and never a
-token.
-
-Chain. At apply every node gives the record the next sequence number and
-computes ``hash = SHA-256(previous hash || msgpack([seq, *fields]))`` with 32
-zero bytes before the first record. Apply is deterministic, so every node holds
-the same chain; anyone can recompute it from the records the API pages out
-(``verify_chain``), and a record changed on disk no longer matches its hash or
-breaks the link to the next one.
+token. The record format and the hash chain are in tokenvault/audit_chain.py.
 
 Group commit. A detokenize does not become a log entry of its own: each node
 buffers its records (``AuditBuffer``) and proposes up to ``max_batch_records``
-of them as one entry, at most ``flush_ms`` after the first is buffered, with
-at most a few batches being committed at once (a backup forwards each batch to
-the primary like other writes). A detokenize
+of them as one entry, ``flush_ms`` after the first is buffered or, when
+``max_batches_in_flight`` batches are being committed already, as soon as one
+of them is (a backup forwards each batch to the primary like other writes). A detokenize
 answers only once the entry holding its record has committed; if it cannot be
 written in time the detokenize fails with 503 (fail closed). The buffer holds at
 most ``max_pending_records``; past that a detokenize is refused with 503 at once.

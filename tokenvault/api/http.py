@@ -70,6 +70,7 @@ from aiohttp.web_protocol import RequestHandler
 from tokenvault import auth
 from tokenvault.core import backup
 from tokenvault.core import commands
+from tokenvault.core.store import MAX_AUDIT_PAGE
 from tokenvault.api import ratelimit
 from tokenvault.errors import (
     PROBLEM_CONTENT_TYPE,
@@ -113,7 +114,6 @@ ROUTE_KEYS = "/v1/admin/keys"
 ROUTE_KEY_REVOKE = "/v1/admin/keys/{key_id}/revoke"
 ROUTE_AUDIT = "/v1/admin/audit"
 # GET /v1/admin/audit: at most this many records per page, and this many when not asked.
-MAX_AUDIT_PAGE = 1000
 DEFAULT_AUDIT_PAGE = 100
 _DECIMAL = re.compile(r"(0|[1-9][0-9]{0,18})\Z")
 MAX_AUDIT_SEQ = 2**63 - 2

@@ -48,7 +48,7 @@ def max_json_values(limits: ItemLimits) -> int:
 
 def check_json_structure(body: bytes, max_values: int) -> None:
     """400 when the quotes of ``body`` do not pair or it holds more than STRUCTURE_SLACK_VALUES arrays
-    and objects; 413 when it holds more than ``max_values`` JSON values (or half as many strings).
+    and objects; 413 when it holds more than ``max_values`` strings, or more than ``max_values`` JSON values.
 
     Memory is a few copies of the body, time a few passes at C speed (about
     50 ms for 8 MiB). For valid JSON the count is exact but for empty arrays

@@ -358,11 +358,9 @@ def _install_store(store_dir: Path, staged: StagedSnapshot, config: Any, master_
         if (store.applied_index, store.applied_view) != (staged.index, staged.view):
             raise BackupError(f"the installed store is at index {store.applied_index}, view "
                               f"{store.applied_view}, not the backup's {staged.index}, {staged.view}")
-        ring = KeyRing(master_key)
         records = store.epochs()
         try:
-            for record in records:
-                ring.add(record.epoch, record.wrapped_secret)
+            KeyRing.from_wrapped(master_key, ((record.epoch, record.wrapped_secret) for record in records))
         except CryptoError:
             raise BackupError("the master key does not open the epoch secrets of this backup: it was taken "
                               "from a cluster with another master key (pass that cluster's master.key)") from None

@@ -96,9 +96,7 @@ class Node:
         self.wal, recovered = WriteAheadLog.open(self.data_dir / "wal",
                                                  max_segment_bytes=config.wal.max_segment_bytes,
                                                  fsync=config.wal.fsync)
-        self.keyring = KeyRing(self.master_key)
-        for record in self.store.epochs():
-            self.keyring.add(record.epoch, record.wrapped_secret)
+        self.keyring = self._keyring_of_store()
         self.restored = self._restored_state(recovered)
         self.recovered_log = recovered
         members = tuple(member.id for member in config.members)
@@ -145,6 +143,11 @@ class Node:
         self.stopped = asyncio.Event()
 
     # ----------------------------------------------------------------- start-up
+    def _keyring_of_store(self) -> KeyRing:
+        """Every epoch the store holds, unwrapped with the master key."""
+        return KeyRing.from_wrapped(self.master_key,
+                                    ((record.epoch, record.wrapped_secret) for record in self.store.epochs()))
+
     def _restored_state(self, recovered: RecoveredLog) -> RestoredState:
         """Combine the store's checkpoint and the WAL into the core's starting point.
 
@@ -407,10 +410,7 @@ class Node:
             return
         old = self.store.commit_install(prepared)
         self.snapshots.close_later(old)
-        keyring = KeyRing(self.master_key)
-        for record in self.store.epochs():
-            keyring.add(record.epoch, record.wrapped_secret)
-        self.keyring = keyring
+        self.keyring = self._keyring_of_store()
         self.replica.snapshot_installed(index, view)
         log.info("snapshot.installed", index=index, view=view, tokens=self.store.token_count())
 

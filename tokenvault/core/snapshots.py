@@ -119,14 +119,6 @@ class Manifest:
         return len(MAGIC) + LENGTH_BYTES + encoded_length + sum(entry.size for entry in self.files) + DIGEST_BYTES
 
 
-def _hash_file(path: Path) -> bytes:
-    hasher = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(READ_BLOCK_BYTES):
-            hasher.update(block)
-    return hasher.digest()
-
-
 class SnapshotSource:
     """A checkpoint of a store, read as one stream by offset. Create and read it in a worker thread."""
 

@@ -46,8 +46,8 @@ crash loses nothing written, a power failure may lose the latest batches (like
 SQLite's ``synchronous=NORMAL``). That is safe because the replication
 write-ahead log (tokenvault.core.wal) already made every entry durable before it was
 applied: the store only promises what ``checkpoint`` returned, and the node
-deletes log segments only up to that index. ``checkpoint`` fsyncs RocksDB's WAL.
-There is nothing to commit later, so the old ``flush``/``flush_if_due`` are gone.
+deletes log segments only up to that index. ``checkpoint`` fsyncs RocksDB's WAL;
+there is nothing to commit later.
 
 Snapshots. ``create_checkpoint`` writes a RocksDB checkpoint (hard links to the
 immutable table files, safe from a worker thread while the event loop keeps

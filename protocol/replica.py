@@ -94,7 +94,8 @@ class Replica:
         self._unsent_reads: list[tuple[str | None, int]] = []  # (origin, request_id)
         self._pending_reads: list[tuple[str | None, int, int, int]] = []  # (origin, request_id, read_index, round)
         # A backup's reads waiting for the primary's ReadIndexReply: request_id -> (the primary asked,
-        # the tick it was asked at). A request or reply lost on the way expires after an election timeout.
+        # the tick it was asked at). A request or reply lost on the way expires after the longest election
+        # timeout (twice the configured one).
         self._remote_reads: dict[int, tuple[str, int]] = {}
         self._ticks = 0
         self._handlers: dict[type[Message], Callable[[str, Any], None]] = {
@@ -248,8 +249,9 @@ class Replica:
         self._read_results.append(ReadResult(message.request_id, message.read_index, message.ok))
 
     def _expire_remote_reads(self) -> None:
-        """Fail the reads whose answer has not come within an election timeout (a message was lost)."""
-        oldest_allowed = self._ticks - self._config.election_timeout_ticks
+        """Fail the reads whose answer has not come within the longest election timeout (a message was
+        lost): by then a backup that heard nothing from its primary would have started an election."""
+        oldest_allowed = self._ticks - 2 * self._config.election_timeout_ticks
         expired = [request_id for request_id, (_, asked_at) in self._remote_reads.items() if asked_at < oldest_allowed]
         for request_id in expired:
             del self._remote_reads[request_id]

@@ -35,7 +35,9 @@ def test_seed_sweep(sweep_seeds: range, sweep_steps: int) -> None:
         seeds = len(sweep_seeds)
         assert totals["elections"] >= 5 * seeds and totals["acknowledged"] >= 20 * seeds, totals
         assert totals["reads_confirmed"] >= 3 * seeds and totals["snapshots_installed"] >= seeds // 3, totals
-        assert totals["backup_reads_confirmed"] >= seeds // 5, totals
+        # 109 confirmed over the 500 default seeds since a backup read whose message was lost expires
+        # (it used to wait for the next primary, and then count; 158 before).
+        assert totals["backup_reads_confirmed"] >= seeds // 6, totals
         assert totals["superseded_reads"] >= seeds // 2, totals
         assert totals["crash_points_hit"] >= seeds and totals["store_tails_lost"] >= seeds, totals
         assert totals["pauses"] >= seeds and totals["link_faults"] >= 2 * seeds, totals

@@ -110,6 +110,9 @@ def _split_host_port(name: str, address: str) -> tuple[str, int]:
     return host, port
 
 
+MAX_HTTP_WORKERS = 256
+
+
 @dataclass(frozen=True, slots=True)
 class HttpConfig:
     host: str = "127.0.0.1"
@@ -125,9 +128,15 @@ class HttpConfig:
     # (docs/security.md, "Unauthenticated and abusive traffic").
     max_body_reads: int = 256
     max_body_reads_per_key: int = 32
+    # HTTP worker processes sharing the port (tokenvault.api.workers): absent, the machine's cores
+    # minus one (at least one); 0 keeps the whole node in one process (for debugging). The limits
+    # above are the node's: each worker enforces its even share of them (docs/architecture.md).
+    workers: int | None = None
 
     def __post_init__(self) -> None:
         _check_host("http.host", self.host)
+        if self.workers is not None:
+            _check_int("http.workers", self.workers, 0, MAX_HTTP_WORKERS)
         _check_int("http.port", self.port, 1, 65535)
         _check_int("http.header_timeout_ms", self.header_timeout_ms, 10, 600_000)
         _check_int("http.body_timeout_ms", self.body_timeout_ms, 10, 600_000)
@@ -845,9 +854,10 @@ def to_toml(config: NodeConfig) -> str:
         lines.append("")
         lines.append(f"[{name}]")
         for item in fields(section):
-            if name == "rate_limits" and item.name == "keys":
-                continue
-            lines.append(f"{item.name} = {_toml_value(getattr(section, item.name))}")
+            value = getattr(section, item.name)
+            if (name == "rate_limits" and item.name == "keys") or value is None:
+                continue  # the keys' own table follows; None is a setting left to its default
+            lines.append(f"{item.name} = {_toml_value(value)}")
         if name == "rate_limits":
             lines.extend(_key_rate_limits_toml(section.keys))
     if config.pkcs11 is not None:

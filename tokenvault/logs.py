@@ -107,9 +107,11 @@ def exception_without_message(
     return event_dict
 
 
-def _add_node(node_id: str) -> structlog.types.Processor:
+def _add_node(node_id: str, process: str | None) -> structlog.types.Processor:
     def add_node(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
         event_dict.setdefault("node", node_id)
+        if process is not None:
+            event_dict.setdefault("process", process)
         return event_dict
 
     return add_node
@@ -124,12 +126,12 @@ def _first_fields_in_order(
     return ordered
 
 
-def _processors(node_id: str) -> list[structlog.types.Processor]:
+def _processors(node_id: str, process: str | None = None) -> list[structlog.types.Processor]:
     return [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts"),
-        _add_node(node_id),
+        _add_node(node_id, process),
         exception_without_message,
         drop_sensitive_fields,
         _first_fields_in_order,
@@ -146,8 +148,12 @@ def parse_level(level: str | int) -> int:
         raise ValueError(f"unknown log level {level!r}; use one of {', '.join(LEVELS)}") from None
 
 
-def configure_logging(node_id: str, log_file: Path | None, level: str | int = "info") -> None:
-    """Send every log record of this process to ``log_file`` (stderr when None) as JSON lines."""
+def configure_logging(node_id: str, log_file: Path | None, level: str | int = "info", *,
+                      process: str | None = None) -> None:
+    """Send every log record of this process to ``log_file`` (stderr when None) as JSON lines.
+
+    ``process`` names the process in every line (``worker-1``) where a node is several processes
+    writing one file (each line is one append)."""
     global _open_log_file
     numeric_level = parse_level(level)
     stream: TextIO
@@ -157,7 +163,7 @@ def configure_logging(node_id: str, log_file: Path | None, level: str | int = "i
         log_file.parent.mkdir(parents=True, exist_ok=True)
         stream = open(log_file, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 - lives as long as the process
     previous, _open_log_file = _open_log_file, (stream if log_file is not None else None)
-    processors = _processors(node_id)
+    processors = _processors(node_id, process)
     structlog.configure(
         processors=[*processors, structlog.processors.JSONRenderer(ensure_ascii=False, default=str)],
         wrapper_class=structlog.make_filtering_bound_logger(numeric_level),

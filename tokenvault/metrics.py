@@ -18,6 +18,8 @@ from typing import Any
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 ROLES = ("primary", "backup", "candidate")
+PROCESS_KINDS = ("node", "core", "worker")
+METRICS_CONTENT_TYPE = CONTENT_TYPE_LATEST
 UNMATCHED_ROUTE = "unmatched"
 
 # Buckets in seconds, chosen around the latencies this service targets: an
@@ -40,16 +42,24 @@ LOOP_STALL_BUCKETS_SECONDS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1
 class Metrics:
     """All metric objects of a node, registered in ``self.registry``."""
 
-    def __init__(self) -> None:
+    def __init__(self, process: str = "node") -> None:
+        """``process`` says which families this registry holds: "node" all of them (a node that is one
+        process), "core" all but the HTTP layer's, "worker" the HTTP layer's and the loop watcher's (a
+        node of W worker processes; tokenvault.api.core_calls merges them into one exposition)."""
+        if process not in PROCESS_KINDS:
+            raise ValueError(f"process must be one of {PROCESS_KINDS}")
         self.registry = CollectorRegistry(auto_describe=True)
         # Labelled children per (route, method, status): looking them up through
         # labels() costs a few microseconds on every request. Bounded, since
         # routes, methods and status codes are finite sets.
         self._request_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
         self._current_role: str | None = None
-        self._define_http_metrics()
-        self._define_replication_metrics()
-        self._define_wal_metrics()
+        if process != "core":
+            self._define_http_metrics()
+        if process != "worker":
+            self._define_service_metrics()
+            self._define_replication_metrics()
+            self._define_wal_metrics()
         self._define_loop_metrics()
 
     def _define_http_metrics(self) -> None:
@@ -65,31 +75,6 @@ class Metrics:
             "Time from receiving a request to having its response ready, by route template and method.",
             ("route", "method"),
             buckets=REQUEST_LATENCY_BUCKETS_SECONDS,
-            registry=registry,
-        )
-        self.tokens_issued = Counter(
-            "tokenvault_tokens_issued",
-            "Tokens written by tokenize entries this node applied while primary (the node records it).",
-            registry=registry,
-        )
-        self.tokenize_answered_as_read = Counter(
-            "tokenvault_tokenize_answered_as_read",
-            "Values of tokenize requests answered without a log entry because every token existed already in the"
-            " active epoch (the node that answered records it, after its read barrier or read index).",
-            registry=registry,
-        )
-        self.sealed_values = Counter(
-            "tokenvault_sealed_values",
-            "Values sealed (token + ciphertext) for tokenize requests, by where: the sealer helper process or the"
-            " node's own process (the service records it).",
-            ("where",),
-            registry=registry,
-        )
-        self._sealed_children = {where: self.sealed_values.labels(where=where) for where in ("helper", "node")}
-        self.values_detokenized = Counter(
-            "tokenvault_values_detokenized",
-            "Tokens looked up by detokenize requests answered by this node, by result (the service records it).",
-            ("result",),
             registry=registry,
         )
         self.rate_limited_requests = Counter(
@@ -113,6 +98,34 @@ class Metrics:
             "tokenvault_idempotent_replays",
             "Responses served from a stored idempotency record, by endpoint.",
             ("route",),
+            registry=registry,
+        )
+
+    def _define_service_metrics(self) -> None:
+        registry = self.registry
+        self.tokens_issued = Counter(
+            "tokenvault_tokens_issued",
+            "Tokens written by tokenize entries this node applied while primary (the node records it).",
+            registry=registry,
+        )
+        self.tokenize_answered_as_read = Counter(
+            "tokenvault_tokenize_answered_as_read",
+            "Values of tokenize requests answered without a log entry because every token existed already in the"
+            " active epoch (the node that answered records it, after its read barrier or read index).",
+            registry=registry,
+        )
+        self.sealed_values = Counter(
+            "tokenvault_sealed_values",
+            "Values sealed (token + ciphertext) for tokenize requests, by where: the sealer helper process or the"
+            " node's own process (the service records it).",
+            ("where",),
+            registry=registry,
+        )
+        self._sealed_children = {where: self.sealed_values.labels(where=where) for where in ("helper", "node")}
+        self.values_detokenized = Counter(
+            "tokenvault_values_detokenized",
+            "Tokens looked up by detokenize requests answered by this node, by result (the service records it).",
+            ("result",),
             registry=registry,
         )
 

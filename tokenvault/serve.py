@@ -17,7 +17,10 @@ from pathlib import Path
 from aiohttp import web
 
 from tokenvault.api.http import ProblemAppRunner, create_app
+from tokenvault.api.core_calls import CoreCalls
 from tokenvault.api.service import NodeService
+from tokenvault.api.workers import WorkerPool, WorkerStartError, default_worker_count
+from tokenvault.core.backup import DEFAULT_MAX_BACKUP_STREAMS
 from tokenvault.config import ConfigError, NodeConfig, load_config
 from tokenvault.core.loopwatch import LoopWatch
 from tokenvault.core.node import GC_YOUNG_THRESHOLD, SHUTDOWN_GRACE_SECONDS, Node
@@ -31,13 +34,21 @@ from tokenvault.metrics import Metrics
 
 log = get_logger("node")
 
+# How long the HTTP workers may take to start and listen (a Python start-up each, on a busy machine).
+WORKER_START_SECONDS = 30.0
 
-async def run_node(config: NodeConfig) -> int:
-    """Start every part of one node and serve until SIGTERM/SIGINT or a fatal storage error."""
+
+async def run_node(config: NodeConfig, config_path: Path | None = None) -> int:
+    """Start every part of one node and serve until SIGTERM/SIGINT or a fatal storage error.
+
+    With ``http.workers`` W > 0 (the default: the machine's cores minus one) the HTTP port is served by
+    W worker processes (tokenvault.api.worker), started from ``config_path``; this process is the
+    node's core. With W = 0, or without a config file to give the workers, it serves HTTP itself."""
     # Everything the node writes (log, WAL, store) is for its owner only.
     os.umask(0o077)
     configure_logging(config.node_id, Path(config.log_file) if config.log_file else None, config.log_level)
-    metrics = Metrics()
+    worker_count = default_worker_count() if config.http.workers is None else config.http.workers
+    metrics = Metrics("core" if worker_count > 0 and config_path is not None else "node")
     try:
         node = Node(config, metrics)
     except (WalCorruption, StoreError, TlsError) as error:
@@ -58,12 +69,31 @@ async def run_node(config: NodeConfig) -> int:
     log.info("node.recovered", wal_entries=replayed, log_base_index=node.restored.snapshot_index,
              store_applied_index=node.store.applied_index, commit_index=node.restored.hard_state.commit_index,
              truncated_tail_bytes=node.recovered_log.truncated_tail_bytes, view=node.restored.hard_state.view)
-    runner = ProblemAppRunner(create_app(service, config, metrics), access_log=None, handle_signals=False,
-                              shutdown_timeout=SHUTDOWN_GRACE_SECONDS)
-    await runner.setup()
-    site = web.TCPSite(runner, config.http.host, config.http.port, reuse_address=True,
-                       ssl_context=node.http_tls_context)
-    await site.start()
+    runner: ProblemAppRunner | None = None
+    pool: WorkerPool | None = None
+    calls: CoreCalls | None = None
+    if worker_count > 0 and config_path is not None:
+        calls = CoreCalls(service, metrics, lambda: pool.channels() if pool is not None else [],
+                          max_backup_streams=DEFAULT_MAX_BACKUP_STREAMS)
+        pool = WorkerPool(config_path, worker_count, calls, max_body_bytes=config.limits.max_body_bytes)
+        node.store.on_api_keys_changed = pool.push_keys
+        try:
+            await pool.start(WORKER_START_SECONDS)
+        except WorkerStartError as error:
+            log.critical("node.refused_to_start", reason=str(error))
+            node.abort_requests()
+            await service.close()
+            if sealer is not None:
+                await sealer.close()
+            await node.close()
+            return 3
+    else:
+        runner = ProblemAppRunner(create_app(service, config, metrics), access_log=None, handle_signals=False,
+                                  shutdown_timeout=SHUTDOWN_GRACE_SECONDS)
+        await runner.setup()
+        site = web.TCPSite(runner, config.http.host, config.http.port, reuse_address=True,
+                           ssl_context=node.http_tls_context)
+        await site.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signal_number in (signal.SIGTERM, signal.SIGINT):
@@ -76,9 +106,15 @@ async def run_node(config: NodeConfig) -> int:
     log.info("node.stopping", reason="fatal" if node.fatal_error else "signal")
     # Waiting requests are answered 503 first, so closing the HTTP server does not
     # wait out their request timeouts.
+    if pool is not None:
+        # Workers answer what they have in flight (the core still serves their calls), then exit.
+        await pool.close(SHUTDOWN_GRACE_SECONDS)
     node.abort_requests()
     await service.close()
-    await runner.cleanup()
+    if runner is not None:
+        await runner.cleanup()
+    if calls is not None:
+        await calls.close_backups()
     if sealer is not None:
         await sealer.close()
     await node.close()
@@ -119,7 +155,7 @@ def main(config_path: str) -> int:
     """Console entry point used by ``tokenvault serve``: load the config and run until stopped."""
     config = load_config(Path(config_path))
     try:
-        return asyncio.run(run_node(config))
+        return asyncio.run(run_node(config, Path(config_path)))
     except WalFatal as error:
         log.critical("node.fatal", error=str(error)[:300])
         return 2

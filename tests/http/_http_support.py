@@ -69,6 +69,9 @@ class FakeService:
         return {"status": "ok", "node_id": self.node_id, "role": "primary", "view": 3, "primary_id": self.node_id,
                 "commit_index": 7, "applied_index": 7, "active_epoch": self.active_epoch}
 
+    async def read_health(self) -> dict:
+        return self.health()
+
     async def _idempotent(self, principal: str, key: str | None, kind: str, fingerprint: bytes, work) -> Outcome:
         if key is None:
             return await work()

@@ -85,7 +85,7 @@ class BackupService:
         self.gate: asyncio.Event | None = None
         self.fail_midway = False
 
-    def health(self) -> dict[str, Any]:
+    async def read_health(self) -> dict[str, Any]:
         return {"status": "ok", "node_id": self.node_id, "role": self.role, "view": 3, "primary_id": "n1",
                 "commit_index": 41, "applied_index": 41, "active_epoch": 1}
 

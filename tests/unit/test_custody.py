@@ -35,6 +35,8 @@ from pathlib import Path
 
 import pytest
 
+from tokenvault.api.workers import default_worker_count
+
 from node_support import make_configs, start_node, wait_until
 from softhsm_support import MASTER_KEY_LABEL, SoftHsm, create_aes_key, import_aes_key, make_softhsm
 from tokenvault.config import ConfigError, NodeConfig, Pkcs11Config, load_config, parse_config, to_toml, \
@@ -479,8 +481,9 @@ def serving(tmp_path: Path) -> Iterator[list[subprocess.Popen]]:
 
 
 def _start_serving(config: NodeConfig, directory: Path, environment: dict[str, str],
-                   processes: list[subprocess.Popen]) -> tuple[subprocess.Popen, int]:
-    """A real node process; returns it and its sealer child's pid once /health answers."""
+                   processes: list[subprocess.Popen]) -> tuple[subprocess.Popen, list[int]]:
+    """A real node process; returns it and its children's pids (the sealer and the HTTP workers) once
+    /health answers."""
     path = directory / "node.toml"
     write_node_config(path, config)
     process = subprocess.Popen([TOKENVAULT, "serve", "--config", str(path)], env=environment, cwd=REPOSITORY,
@@ -498,31 +501,34 @@ def _start_serving(config: NodeConfig, directory: Path, environment: dict[str, s
             pass
         assert time.monotonic() < deadline, "the node did not answer /health"
         time.sleep(0.05)
+    workers = default_worker_count() if config.http.workers is None else config.http.workers
     children = _children(process.pid)
-    assert len(children) == 1, children  # the sealer
-    return process, children[0]
+    assert len(children) == 1 + workers, children  # the sealer and the workers
+    return process, children
 
 
-def test_the_sealer_child_of_a_real_node_has_no_master_key_in_its_environment(
+def test_the_children_of_a_real_node_have_no_master_key_in_their_environment(
         tmp_path: Path, serving: list[subprocess.Popen]) -> None:
     key = MasterKey.generate()
     config = _config(tmp_path, master_key_file=None)
     assert config.sealer.enabled
-    process, sealer_pid = _start_serving(config, tmp_path, _serve_environment(TOKENVAULT_MASTER_KEY=key.to_hex()),
-                                         serving)
-    environ = Path(f"/proc/{sealer_pid}/environ").read_bytes()
-    assert b"TOKENVAULT_MASTER_KEY" not in environ and key.to_hex().encode() not in environ
-    assert key.to_hex().encode() not in Path(f"/proc/{sealer_pid}/cmdline").read_bytes()
-    assert b"PATH=" in environ
+    process, children = _start_serving(config, tmp_path, _serve_environment(TOKENVAULT_MASTER_KEY=key.to_hex()),
+                                       serving)
+    for child in children:  # the sealer and every HTTP worker
+        environ = Path(f"/proc/{child}/environ").read_bytes()
+        assert b"TOKENVAULT_MASTER_KEY" not in environ and key.to_hex().encode() not in environ
+        assert key.to_hex().encode() not in Path(f"/proc/{child}/cmdline").read_bytes()
+        assert b"PATH=" in environ
 
 
-def test_the_sealer_child_of_a_node_on_a_token_has_no_pin_in_its_environment(
+def test_the_children_of_a_node_on_a_token_have_no_pin_in_their_environment(
         softhsm: SoftHsm, tmp_path: Path, serving: list[subprocess.Popen]) -> None:
     config = _config(tmp_path, master_key_file=None, pkcs11=pkcs11_config(softhsm))
     environment = _serve_environment(**softhsm.environment(), TOKENVAULT_PKCS11_PIN=softhsm.pin)
-    process, sealer_pid = _start_serving(config, tmp_path, environment, serving)
-    environ = Path(f"/proc/{sealer_pid}/environ").read_bytes()
-    assert softhsm.pin.encode() not in environ and b"TOKENVAULT_PKCS11_PIN" not in environ
+    process, children = _start_serving(config, tmp_path, environment, serving)
+    for child in children:  # the sealer and every HTTP worker
+        environ = Path(f"/proc/{child}/environ").read_bytes()
+        assert softhsm.pin.encode() not in environ and b"TOKENVAULT_PKCS11_PIN" not in environ
 
 
 # ------------------------------------------------------------------ a stolen data directory

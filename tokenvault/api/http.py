@@ -89,7 +89,7 @@ from tokenvault.errors import (
     problem_body,
 )
 from tokenvault.logs import get_logger
-from tokenvault.metrics import UNMATCHED_ROUTE, Metrics
+from tokenvault.metrics import METRICS_CONTENT_TYPE, UNMATCHED_ROUTE, Metrics
 from tokenvault.api.validation import (
     check_json_structure,
     max_json_values,
@@ -101,7 +101,7 @@ from tokenvault.api.validation import (
 
 if TYPE_CHECKING:
     from tokenvault.config import NodeConfig
-    from tokenvault.api.service import NodeService
+    from tokenvault.api.interface import VaultService
 
 ROUTE_HEALTH = "/health"
 ROUTE_METRICS = "/metrics"
@@ -179,20 +179,25 @@ class HttpLimits:
 
     @classmethod
     def from_config(cls, config: Any, *, max_inflight_requests: int = DEFAULT_MAX_INFLIGHT_REQUESTS,
-                    max_backup_streams: int = backup.DEFAULT_MAX_BACKUP_STREAMS) -> HttpLimits:
+                    max_backup_streams: int = backup.DEFAULT_MAX_BACKUP_STREAMS, share: int = 1) -> HttpLimits:
+        """The limits of one process serving ``1/share`` of the node: a node of W HTTP workers gives
+        each worker an even share (rounded up) of every per-node bound and rate limit, so the node as a
+        whole holds them (tokenvault.api.workers; docs/architecture.md)."""
+        if share < 1:
+            raise ValueError("share must be at least 1")
         limits, http = config.limits, config.http
-        rates, key_rates = _bucket_limits(config.rate_limits)
+        rates, key_rates = _bucket_limits(config.rate_limits, share)
         return cls(
             max_items=limits.max_items,
             max_value_bytes=limits.max_value_bytes,
             max_body_bytes=limits.max_body_bytes,
-            max_inflight_requests=max_inflight_requests,
+            max_inflight_requests=-(-max_inflight_requests // share),
             max_backup_streams=max_backup_streams,
             header_timeout_seconds=http.header_timeout_ms / 1000,
             body_timeout_seconds=http.body_timeout_ms / 1000,
-            max_connections=http.max_connections,
-            max_body_reads=http.max_body_reads,
-            max_body_reads_per_key=http.max_body_reads_per_key,
+            max_connections=-(-http.max_connections // share),
+            max_body_reads=-(-http.max_body_reads // share),
+            max_body_reads_per_key=-(-http.max_body_reads_per_key // share),
             rate_limits=rates,
             key_rate_limits=key_rates,
         )
@@ -206,12 +211,15 @@ def _metric_key_label(principal: auth.Principal | None) -> str:
     return principal.name if principal.key_id is None else "runtime"
 
 
-def _bucket_limits(rate_limits: Any) -> tuple[dict[str, ratelimit.BucketLimit],
-                                               dict[str, dict[str, ratelimit.BucketLimit]]]:
-    """The config's [rate_limits] as buckets: every key's default per kind, and single keys' own."""
+def _bucket_limits(rate_limits: Any, share: int = 1) -> tuple[dict[str, ratelimit.BucketLimit],
+                                                              dict[str, dict[str, ratelimit.BucketLimit]]]:
+    """The config's [rate_limits] as buckets: every key's default per kind, and single keys' own; each
+    rate and burst divided by ``share`` (a burst never below one request)."""
     def bucket(rate_and_burst: tuple[int, int]) -> ratelimit.BucketLimit:
         rate, burst = rate_and_burst
-        return ratelimit.BucketLimit(rate_per_second=rate, burst=burst)
+        if rate == 0:
+            return ratelimit.BucketLimit(rate_per_second=0, burst=burst)
+        return ratelimit.BucketLimit(rate_per_second=rate / share, burst=max(1.0, burst / share))
 
     defaults = {kind: bucket(rate_limits.rate_and_burst(kind)) for kind in ratelimit.KINDS}
     own = {entry.name: {kind: bucket(entry.rate_and_burst(kind))
@@ -420,9 +428,11 @@ def new_request_id() -> str:
 class _Api:
     """The route handlers, holding the service, key table, limits and metrics."""
 
-    def __init__(self, service: NodeService, api_keys: auth.ApiKeyTable, limits: HttpLimits, metrics: Metrics,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, service: VaultService, api_keys: auth.ApiKeyTable, limits: HttpLimits, metrics: Metrics,
+                 clock: Callable[[], float] = time.monotonic,
+                 node_metrics: Callable[[], Awaitable[str]] | None = None) -> None:
         self.service = service
+        self._node_metrics = node_metrics
         self.api_keys = api_keys
         self.limits = limits
         self.metrics = metrics
@@ -559,10 +569,16 @@ class _Api:
             self.backup_streams -= 1
 
     async def health(self, request: web.Request) -> web.Response:
-        return json_response(self.service.health(), headers=NO_STORE_HEADERS)
+        return json_response(await self.service.read_health(), headers=NO_STORE_HEADERS)
+
+    async def render_metrics(self) -> tuple[bytes, str]:
+        """This process's registry, or (in a worker) the whole node's exposition from the core."""
+        if self._node_metrics is None:
+            return self.metrics.render()
+        return (await self._node_metrics()).encode("utf-8"), METRICS_CONTENT_TYPE
 
     async def metrics_endpoint(self, request: web.Request) -> web.Response:
-        body, content_type = self.metrics.render()
+        body, content_type = await self.render_metrics()
         response = web.Response(body=body)
         response.headers["Content-Type"] = content_type
         return response
@@ -681,7 +697,7 @@ class _Api:
         transfer, and the stream's trailing SHA-256 makes any cut-off copy detectable anyway.
         """
         started = time.perf_counter()
-        health = self.service.health()
+        health = await self.service.read_health()
         response = web.StreamResponse(status=200, headers={
             **NO_STORE_HEADERS,
             backup.HEADER_INDEX: str(stream.index), backup.HEADER_VIEW: str(stream.view),
@@ -788,7 +804,8 @@ async def _send_and_close(request: web.Request, response: web.Response) -> None:
 
 
 def build_app(
-    service: NodeService, api_keys: auth.ApiKeyTable, limits: HttpLimits, metrics: Metrics
+    service: VaultService, api_keys: auth.ApiKeyTable, limits: HttpLimits, metrics: Metrics,
+    node_metrics: Callable[[], Awaitable[str]] | None = None,
 ) -> web.Application:
     """The application from its parts (create_app reads them from a NodeConfig)."""
     # aiohttp refuses bodies strictly larger than client_max_size, so the
@@ -797,7 +814,7 @@ def build_app(
         client_max_size=limits.max_body_bytes,
         middlewares=[_metrics_middleware(metrics), _problem_middleware],
     )
-    api = _Api(service, api_keys, limits, metrics)
+    api = _Api(service, api_keys, limits, metrics, node_metrics=node_metrics)
     app[SERVICE_KEY] = service
     app[METRICS_KEY] = metrics
     app[LIMITS_KEY] = limits
@@ -818,19 +835,24 @@ def build_app(
 
 
 def create_app(
-    service: NodeService,
+    service: VaultService,
     config: NodeConfig,
     metrics: Metrics,
     *,
     max_inflight_requests: int = DEFAULT_MAX_INFLIGHT_REQUESTS,
     max_backup_streams: int = backup.DEFAULT_MAX_BACKUP_STREAMS,
+    share: int = 1,
+    node_metrics: Callable[[], Awaitable[str]] | None = None,
 ) -> web.Application:
-    """The node's HTTP application: API key table and limits from ``config``."""
+    """The node's HTTP application: API key table and limits from ``config``.
+
+    ``share``: how many processes serve the node's port (its limits are split evenly between them);
+    ``node_metrics``: where a worker gets the node's whole exposition for ``GET /metrics``."""
     # Bootstrap keys from the config, plus the replicated runtime keys the node has applied.
     api_keys = auth.ApiKeyTable(config.api_keys, getattr(service, "api_key", None))
     limits = HttpLimits.from_config(config, max_inflight_requests=max_inflight_requests,
-                                    max_backup_streams=max_backup_streams)
-    return build_app(service, api_keys, limits, metrics)
+                                    max_backup_streams=max_backup_streams, share=share)
+    return build_app(service, api_keys, limits, metrics, node_metrics)
 
 
 # ---------------------------------------------------------------- errors before the application

@@ -108,6 +108,10 @@ class NodeService:
     def health(self) -> dict:
         return self.node.health()
 
+    async def read_health(self) -> dict:
+        """health() for the HTTP layer, whose service may be in another process (tokenvault.api.remote)."""
+        return self.node.health()
+
     # ------------------------------------------------------------------ routing
     def _is_primary(self) -> bool:
         return self.node.replica.role == Role.PRIMARY

@@ -161,22 +161,25 @@ class BackupStream:
         finally:
             cls._active_work_dirs.discard(work_dir)  # on the loop's thread, like every other use of the set
 
+    async def read(self, offset: int, length: int) -> bytes:
+        """``length`` bytes of the stream from ``offset``, read in a worker thread."""
+        if self._closed:
+            raise BackupError("the backup stream was closed")
+        self._pending_read = asyncio.get_running_loop().run_in_executor(None, self._source.read, offset, length)
+        # Shielded: a cancelled handler must not leave a read running while close() deletes the files.
+        data = await asyncio.shield(self._pending_read)
+        if len(data) != length:
+            raise BackupError(f"the checkpoint gave {len(data)} bytes at offset {offset}, not {length}")
+        self.sent_bytes = max(self.sent_bytes, offset + length)
+        return data
+
     async def chunks(self, chunk_bytes: int = BACKUP_CHUNK_BYTES) -> AsyncIterator[bytes]:
-        """The stream in order, ``chunk_bytes`` at a time, each read in a worker thread."""
-        loop = asyncio.get_running_loop()
+        """The stream in order, ``chunk_bytes`` at a time."""
         offset = 0
         while offset < self.total_bytes:
-            if self._closed:
-                raise BackupError("the backup stream was closed")
             length = min(chunk_bytes, self.total_bytes - offset)
-            self._pending_read = loop.run_in_executor(None, self._source.read, offset, length)
-            # Shielded: a cancelled handler must not leave a read running while close() deletes the files.
-            data = await asyncio.shield(self._pending_read)
-            if len(data) != length:
-                raise BackupError(f"the checkpoint gave {len(data)} bytes at offset {offset}, not {length}")
+            yield await self.read(offset, length)
             offset += length
-            self.sent_bytes = offset
-            yield data
 
     async def close(self) -> None:
         """Delete the checkpoint (after any read still running); runs to the end even if cancelled."""

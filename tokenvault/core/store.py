@@ -602,12 +602,16 @@ class VaultStore:
         self._install_lock = threading.Lock()
         self._pending: PreparedInstall | None = None
         self._closed = False
+        # Called after the runtime key table changed (an applied create or revoke, an installed
+        # snapshot): the node's HTTP workers hold a copy of it (tokenvault.api.workers).
+        self.on_api_keys_changed: Callable[[], None] | None = None
         self._load_state(meta)
 
     def _load_state(self, meta: tuple[int, int, int]) -> None:
         self._applied_index, self._applied_view, self._token_count = meta
         self._active_epoch = _check_epochs(_read_epochs(self._db, StoreCorruption), StoreCorruption)
         self._api_keys = _read_api_keys(self._db, StoreCorruption)
+        self._keys_changed()
         self._audit_seq, self._audit_head = _read_audit_head(self._db, StoreCorruption)
         first = _first_key(self._db, _AGE, _AGE_END)
         # No idempotency record is older than the floor: a purge with an earlier
@@ -734,13 +738,18 @@ class VaultStore:
             write.put(_AUDIT_HEAD_KEY, _pack([batch.audit_seq, batch.audit_head]))
         write.put(_META_KEY, _meta_value(batch.applied_index, batch.applied_view, batch.token_count))
         self._db.write(write, self._write_options)
-        if batch.api_keys is not None:
-            self._api_keys = batch.api_keys
         self._audit_seq, self._audit_head = batch.audit_seq, batch.audit_head
         self._applied_index, self._applied_view = batch.applied_index, batch.applied_view
         self._active_epoch, self._token_count = batch.active_epoch, batch.token_count
         self._idempotency_floor_ms, self._purge_resume_key = batch.floor_ms, batch.resume_key
+        if batch.api_keys is not None:
+            self._api_keys = batch.api_keys
+            self._keys_changed()
         return results
+
+    def _keys_changed(self) -> None:
+        if self.on_api_keys_changed is not None:
+            self.on_api_keys_changed()
 
     def _apply_command(self, index: int, command, batch: "_Batch") -> ApplyResult:
         if type(command) is AuditCommand:

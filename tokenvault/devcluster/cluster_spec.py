@@ -51,6 +51,7 @@ ENVIRONMENT_KNOBS = {
     "TOKENVAULT_COMPACT_KEEP_ENTRIES": "wal.compact_keep_entries",
     "TOKENVAULT_LOG_LEVEL": "log_level",
     "TOKENVAULT_SEALER": "sealer.enabled",
+    "TOKENVAULT_HTTP_WORKERS": "http.workers",
     "TOKENVAULT_TLS": "[tls] (a CA and node certificates; false makes a plain-HTTP cluster)",
 }
 
@@ -150,6 +151,8 @@ class NodeSettings:
     sealer: SealerConfig = field(default_factory=SealerConfig)
     # TLS on HTTP and mutual TLS on peer links; False (TOKENVAULT_TLS=false) only when asked for explicitly.
     tls: bool = True
+    # HTTP worker processes per node; None leaves http.workers out (the node's default: cores minus one).
+    http_workers: int | None = None
 
 
 # ---------------------------------------------------------------- generation
@@ -209,6 +212,11 @@ def settings_from_environment(environ: Mapping[str, str] | None = None) -> NodeS
                             environment, "TOKENVAULT_COMPACT_KEEP_ENTRIES", wal_defaults.compact_keep_entries),
                         snapshot_chunk_bytes=_environment_integer(
                             environment, "TOKENVAULT_SNAPSHOT_CHUNK_BYTES", wal_defaults.snapshot_chunk_bytes))
+        workers_text = environment.get("TOKENVAULT_HTTP_WORKERS", "").strip()
+        http_workers = None
+        if workers_text:
+            http_workers = _environment_integer(environment, "TOKENVAULT_HTTP_WORKERS", 0)
+            HttpConfig(workers=http_workers)  # the config's own range check
         log_level = environment.get("TOKENVAULT_LOG_LEVEL", "").strip().lower() or "info"
         if log_level not in ("debug", "info", "warning", "error"):
             raise ClusterError("TOKENVAULT_LOG_LEVEL must be debug, info, warning or error")
@@ -216,7 +224,7 @@ def settings_from_environment(environ: Mapping[str, str] | None = None) -> NodeS
         raise ClusterError(f"environment knob out of range: {error}") from None
     return NodeSettings(log_level=log_level, timing=timing, wal=wal,
                         sealer=SealerConfig(enabled=sealer_text not in ("false", "0")),
-                        tls=tls_text not in ("false", "0"))
+                        tls=tls_text not in ("false", "0"), http_workers=http_workers)
 
 
 def plan_nodes(directory: Path, count: int, ports: Sequence[tuple[int, int]],
@@ -308,7 +316,7 @@ def _node_config(spec: ClusterSpec, node: NodeSpec, settings: NodeSettings, mast
         node_id=node.node_id, data_dir=node.data_dir, members=members, api_keys=api_keys,
         master_key_file=master_key_file, cluster_secret_file=spec.directory / "cluster.secret",
         log_file=node.log_file, log_level=settings.log_level,
-        http=HttpConfig(host=HOST, port=node.http_port), peer=PeerConfig(host=HOST, port=node.peer_port),
+        http=HttpConfig(host=HOST, port=node.http_port, workers=settings.http_workers), peer=PeerConfig(host=HOST, port=node.peer_port),
         timing=settings.timing, wal=settings.wal, sealer=settings.sealer, tls=tls)
 
 

@@ -1,0 +1,231 @@
+"""The local channel between a node's core process and its HTTP worker processes.
+
+The core creates one Unix socket pair per worker and hands one end to the
+worker at spawn (tokenvault.api.workers); nothing else can reach it, so the
+channel needs no authentication, but the core still treats every frame as
+hostile: each frame is bounded before it is buffered and every call's
+arguments are checked before the service sees them (tokenvault.api.core_calls).
+
+Frames: a 4-byte big-endian length, then one msgpack array, at most
+``max_frame_bytes`` (the node's body limit twice over, plus room for headers).
+Four kinds of message:
+
+- ``[CALL, id, method, arguments]``: either side asks (a worker calls the
+  core's service; the core asks a worker for its metrics); ``arguments`` is a map.
+- ``[REPLY, id, is_outcome, result]``: the answer; an ``Outcome`` travels as
+  ``[status, body, replayed]`` with ``is_outcome`` true.
+- ``[FAIL, id, status, problem, detail, headers]``: a ServiceError, rebuilt on
+  the caller's side as the same class (tokenvault.errors.error_from_problem),
+  so a worker answers exactly what the single process would have answered.
+- ``[PUSH, topic, payload]``: one-way news, core to worker (the runtime key
+  table after every change, so a revoked key is refused by every worker).
+
+A channel that closes fails every call waiting on it with ``ChannelClosed``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import struct
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import msgpack
+
+from tokenvault.errors import Outcome, ServiceError, Unavailable, error_from_problem
+from tokenvault.logs import get_logger
+
+log = get_logger("channel")
+
+CALL = 0
+REPLY = 1
+FAIL = 2
+PUSH = 3
+
+_LENGTH = struct.Struct(">I")
+# What a frame may hold beyond a request body: headers of the call and the answer's JSON framing.
+FRAME_OVERHEAD_BYTES = 64 * 1024
+# Calls one side runs at once for the other; beyond it a call is refused with 503 at once.
+MAX_CONCURRENT_CALLS = 4096
+# The problem type of a failure that is no ServiceError of this project (a bug): answered as 503.
+_INTERNAL_TITLE = "Service unavailable"
+
+Handler = Callable[[dict[str, Any]], Awaitable[Any]]
+PushHandler = Callable[[str, Any], None]
+
+
+class ChannelClosed(Unavailable):
+    """The other process went away with this call unanswered."""
+
+
+class ChannelProtocolError(Exception):
+    """The other side sent a frame out of shape or over the bound; the channel is closed."""
+
+
+def max_frame_bytes(max_body_bytes: int) -> int:
+    """The frame bound for a node whose requests carry at most ``max_body_bytes``."""
+    return 2 * max_body_bytes + FRAME_OVERHEAD_BYTES
+
+
+class Channel:
+    """One end of a channel: ``call`` the other side, ``push`` to it, serve its calls with ``handlers``."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
+                 handlers: Mapping[str, Handler], on_push: PushHandler | None = None,
+                 max_frame_bytes: int, name: str) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._handlers = dict(handlers)
+        self._on_push = on_push
+        self._max_frame_bytes = max_frame_bytes
+        self.name = name
+        self._ids = itertools.count(1)
+        self._waiting: dict[int, asyncio.Future[Any]] = {}
+        self._serving: set[asyncio.Task[None]] = set()
+        self.closed = asyncio.Event()
+        self._run_task: asyncio.Task[None] | None = None
+
+    def start(self) -> Channel:
+        self._run_task = asyncio.get_running_loop().create_task(self._run(), name=f"channel-{self.name}")
+        return self
+
+    # ------------------------------------------------------------------ sending
+    def _send(self, message: list[Any]) -> None:
+        frame = msgpack.packb(message, use_bin_type=True)
+        if len(frame) > self._max_frame_bytes:
+            raise ServiceError(f"a channel message of {len(frame)} bytes is over the {self._max_frame_bytes}-byte "
+                               "bound")
+        if self.closed.is_set() or self._writer.is_closing():
+            raise ChannelClosed("the node's core process is not reachable; the request had no effect here, retry")
+        self._writer.write(_LENGTH.pack(len(frame)) + frame)
+
+    async def call(self, method: str, arguments: dict[str, Any]) -> Any:
+        """Ask the other side to run ``method``; its result, or the ServiceError it raised."""
+        call_id = next(self._ids)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._waiting[call_id] = future
+        try:
+            self._send([CALL, call_id, method, arguments])
+            await self._writer.drain()
+            return await future
+        except (ConnectionError, RuntimeError):
+            raise ChannelClosed("the node's core process is not reachable; retry") from None
+        finally:
+            self._waiting.pop(call_id, None)
+
+    def push(self, topic: str, payload: Any) -> None:
+        self._send([PUSH, topic, payload])
+
+    # ------------------------------------------------------------------ receiving
+    async def _run(self) -> None:
+        try:
+            while True:
+                header = await self._reader.readexactly(_LENGTH.size)
+                (length,) = _LENGTH.unpack(header)
+                if length > self._max_frame_bytes:
+                    raise ChannelProtocolError(f"a frame of {length} bytes is over the bound")
+                message = msgpack.unpackb(await self._reader.readexactly(length), raw=False,
+                                          strict_map_key=True, use_list=True)
+                self._dispatch(message)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass  # the other process is gone
+        except (ChannelProtocolError, ValueError, TypeError, msgpack.UnpackException) as error:
+            log.error("channel.refused", channel=self.name, error_type=type(error).__name__)
+        finally:
+            self._close_now()
+
+    def _dispatch(self, message: object) -> None:
+        if not isinstance(message, list) or not message:
+            raise ChannelProtocolError("a message is not a non-empty array")
+        kind = message[0]
+        if kind == CALL and len(message) == 4 and isinstance(message[1], int) and isinstance(message[2], str) \
+                and isinstance(message[3], dict):
+            self._serve(message[1], message[2], message[3])
+        elif kind == REPLY and len(message) == 4 and isinstance(message[1], int):
+            future = self._waiting.get(message[1])
+            if future is not None and not future.done():
+                future.set_result(_decode_result(message[2], message[3]))
+        elif kind == FAIL and len(message) == 6 and isinstance(message[1], int):
+            future = self._waiting.get(message[1])
+            if future is not None and not future.done():
+                future.set_exception(_decode_failure(message[2:]))
+        elif kind == PUSH and len(message) == 3 and isinstance(message[1], str):
+            if self._on_push is not None:
+                self._on_push(message[1], message[2])
+        else:
+            raise ChannelProtocolError("a message of unknown kind or shape")
+
+    def _serve(self, call_id: int, method: str, arguments: dict[str, Any]) -> None:
+        handler = self._handlers.get(method)
+        if handler is None or len(self._serving) >= MAX_CONCURRENT_CALLS:
+            reason = "unknown call" if handler is None else "too many calls at once"
+            self._reply_failure(call_id, Unavailable(f"the core refused a channel call ({reason})"))
+            return
+        task = asyncio.get_running_loop().create_task(self._answer(call_id, handler, arguments))
+        self._serving.add(task)
+        task.add_done_callback(self._serving.discard)
+
+    async def _answer(self, call_id: int, handler: Handler, arguments: dict[str, Any]) -> None:
+        try:
+            result = await handler(arguments)
+        except ServiceError as error:
+            self._reply_failure(call_id, error)
+            return
+        except Exception as error:  # a bug on this side: answer 503, never leave the caller waiting
+            log.error("channel.call_failed", channel=self.name, error_type=type(error).__name__)
+            self._reply_failure(call_id, Unavailable("the request failed inside the node; retry"))
+            return
+        try:
+            if isinstance(result, Outcome):
+                self._send([REPLY, call_id, True, [result.status, result.body, result.replayed]])
+            else:
+                self._send([REPLY, call_id, False, result])
+        except ServiceError as error:
+            self._reply_failure(call_id, error)
+
+    def _reply_failure(self, call_id: int, error: ServiceError) -> None:
+        try:
+            self._send([FAIL, call_id, error.status, error.problem, error.detail, dict(error.headers)])
+        except ServiceError:
+            pass  # the channel is closed: the caller's side fails the call itself
+
+    # ------------------------------------------------------------------ closing
+    def _close_now(self) -> None:
+        if self.closed.is_set():
+            return
+        self.closed.set()
+        for future in self._waiting.values():
+            if not future.done():
+                future.set_exception(ChannelClosed("the node's core process went away before answering; "
+                                                   "the request may or may not have taken effect: retry, ideally "
+                                                   "with an Idempotency-Key"))
+        for task in self._serving:
+            task.cancel()
+        self._writer.close()
+
+    async def close(self) -> None:
+        self._close_now()
+        if self._run_task is not None:
+            self._run_task.cancel()
+            await asyncio.gather(self._run_task, return_exceptions=True)
+
+
+def _decode_result(is_outcome: object, result: Any) -> Any:
+    if is_outcome is True:
+        if (not isinstance(result, list) or len(result) != 3 or not isinstance(result[0], int)
+                or not isinstance(result[1], bytes) or not isinstance(result[2], bool)):
+            raise ChannelProtocolError("an outcome out of shape")
+        return Outcome(result[0], result[1], result[2])
+    return result
+
+
+def _decode_failure(fields: list[Any]) -> ServiceError:
+    status, problem, detail, headers = fields
+    if (isinstance(status, int) and isinstance(problem, str) and isinstance(detail, str)
+            and isinstance(headers, dict) and all(isinstance(k, str) and isinstance(v, str)
+                                                   for k, v in headers.items())):
+        error = error_from_problem(status, problem, detail, headers)
+        if error is not None:
+            return error
+    return Unavailable("the node's core answered an error this worker does not know; retry")

@@ -1,0 +1,214 @@
+"""What a node's core process answers to its HTTP workers over the channel (tokenvault.api.channel).
+
+Each call names one NodeService operation and carries its arguments as a map;
+the arguments are checked here exactly as a forwarded request's are (a worker
+is the node's own process, but what it passes on is still a client's request),
+then the service runs as it would for the single process. Backups stream
+through ``backup.open`` / ``backup.read`` / ``backup.close``; ``metrics`` answers
+the whole node's exposition, the core's registry and every worker's together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector, CollectorRegistry
+from prometheus_client.exposition import generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.samples import Sample
+
+from tokenvault.api.channel import Channel
+from tokenvault.api.service import (NodeService, _actor, _optional_idempotency_key, _principal, _strings)
+from tokenvault.api.validation import require_item_list, validate_tokens, validate_values
+from tokenvault.core.backup import BackupStream
+from tokenvault.core.commands import Actor, CommandError
+from tokenvault.errors import InvalidRequest, NotFound, Overloaded
+from tokenvault.metrics import Metrics
+
+# How long the core waits for one worker's metrics before it renders the node's without them.
+WORKER_METRICS_TIMEOUT_SECONDS = 1.0
+MAX_AUDIT_LIMIT = 10_000
+MAX_CHUNK_BYTES = 4 * 1024 * 1024
+
+Handler = Callable[[dict[str, Any]], Awaitable[Any]]
+
+
+def _members(arguments: dict[str, Any], names: Sequence[str]) -> dict[str, Any]:
+    if set(arguments) != set(names):
+        raise InvalidRequest(f"a worker call must carry exactly {list(names)}")
+    return arguments
+
+
+def _int(value: object, name: str, minimum: int, maximum: int) -> int:
+    if type(value) is not int or not minimum <= value <= maximum:
+        raise InvalidRequest(f"{name} must be an integer in [{minimum}, {maximum}]")
+    return value
+
+
+class CoreCalls:
+    """The core's side of every worker channel: ``handlers`` for a Channel, plus the backup streams open."""
+
+    def __init__(self, service: NodeService, metrics: Metrics, workers: Callable[[], list[tuple[str, Channel]]],
+                 *, max_backup_streams: int) -> None:
+        self._service = service
+        self._metrics = metrics
+        self._workers = workers
+        self._limits = service.node.config.limits
+        self._max_backup_streams = max_backup_streams
+        self._backups: dict[int, BackupStream] = {}
+        self._backup_ids = itertools.count(1)
+
+    @property
+    def handlers(self) -> dict[str, Handler]:
+        return {
+            "tokenize": self._tokenize, "detokenize": self._detokenize, "rotate_epoch": self._rotate_epoch,
+            "list_epochs": self._list_epochs, "create_key": self._create_key, "revoke_key": self._revoke_key,
+            "list_keys": self._list_keys, "audit_page": self._audit_page, "cluster_view": self._cluster_view,
+            "health": self._health, "metrics": self._render_metrics, "backup.open": self._backup_open,
+            "backup.read": self._backup_read, "backup.close": self._backup_close,
+        }
+
+    def api_key_rows(self) -> list[list[Any]]:
+        """The runtime key table as the workers are sent it (ids, names, scopes, salts, digests)."""
+        return [[key.key_id, key.name, sorted(key.scopes), key.salt, key.digest, key.created_at_ms, key.created_by]
+                for key in self._service.node.store.api_keys()]
+
+    # ------------------------------------------------------------------ the vault
+    async def _tokenize(self, arguments: dict[str, Any]) -> Any:
+        _members(arguments, ("principal", "values", "idempotency_key"))
+        values = validate_values(require_item_list(arguments, "values", self._limits), self._limits)
+        return await self._service.tokenize(_principal(arguments), values, _optional_idempotency_key(arguments))
+
+    async def _detokenize(self, arguments: dict[str, Any]) -> Any:
+        _members(arguments, ("tokens", "actor"))
+        tokens = validate_tokens(require_item_list(arguments, "tokens", self._limits))
+        return await self._service.detokenize(tokens, _checked_actor(arguments["actor"]))
+
+    async def _rotate_epoch(self, arguments: dict[str, Any]) -> Any:
+        _members(arguments, ("principal", "idempotency_key", "actor"))
+        return await self._service.rotate_epoch(_principal(arguments), _optional_idempotency_key(arguments),
+                                                _checked_actor(arguments["actor"]))
+
+    async def _list_epochs(self, arguments: dict[str, Any]) -> Any:
+        _members(arguments, ())
+        return await self._service.list_epochs()
+
+    async def _create_key(self, arguments: dict[str, Any]) -> Any:
+        _members(arguments, ("name", "scopes", "actor"))
+        name = arguments["name"]
+        if not isinstance(name, str):
+            raise InvalidRequest("name must be a string")
+        try:
+            scopes = _strings(arguments["scopes"])
+        except TypeError:
+            raise InvalidRequest("scopes must be a list of strings") from None
+        return await self._service.create_key(name, scopes, _checked_actor(arguments["actor"]))
+
+    async def _revoke_key(self, arguments: dict[str, Any]) -> Any:
+        _members(arguments, ("key_id", "actor"))
+        if not isinstance(arguments["key_id"], str):
+            raise InvalidRequest("key_id must be a string")
+        return await self._service.revoke_key(arguments["key_id"], _checked_actor(arguments["actor"]))
+
+    async def _list_keys(self, arguments: dict[str, Any]) -> Any:
+        _members(arguments, ())
+        return await self._service.list_keys()
+
+    async def _audit_page(self, arguments: dict[str, Any]) -> Any:
+        _members(arguments, ("after", "limit"))
+        return await self._service.audit_page(_int(arguments["after"], "after", 0, 2**63 - 1),
+                                              _int(arguments["limit"], "limit", 1, MAX_AUDIT_LIMIT))
+
+    async def _cluster_view(self, arguments: dict[str, Any]) -> Any:
+        _members(arguments, ())
+        return await self._service.cluster_view()
+
+    async def _health(self, arguments: dict[str, Any]) -> Any:
+        _members(arguments, ())
+        return self._service.health()
+
+    # ------------------------------------------------------------------ backups
+    async def _backup_open(self, arguments: dict[str, Any]) -> Any:
+        _members(arguments, ())
+        if len(self._backups) >= self._max_backup_streams:
+            raise Overloaded(f"this node already streams {self._max_backup_streams} backups; retry when one is done")
+        stream = await self._service.open_backup()
+        stream_id = next(self._backup_ids)
+        self._backups[stream_id] = stream
+        return {"id": stream_id, "index": stream.index, "view": stream.view, "total_bytes": stream.total_bytes}
+
+    async def _backup_read(self, arguments: dict[str, Any]) -> Any:
+        _members(arguments, ("id", "offset", "length"))
+        stream = self._backups.get(arguments["id"])
+        if stream is None:
+            raise NotFound("no such backup stream")
+        offset = _int(arguments["offset"], "offset", 0, stream.total_bytes)
+        length = _int(arguments["length"], "length", 1, MAX_CHUNK_BYTES)
+        return await stream.read(offset, min(length, stream.total_bytes - offset))
+
+    async def _backup_close(self, arguments: dict[str, Any]) -> Any:
+        _members(arguments, ("id",))
+        stream = self._backups.pop(arguments["id"], None)
+        if stream is not None:
+            await stream.close()
+        return None
+
+    async def close_backups(self) -> None:
+        streams, self._backups = list(self._backups.values()), {}
+        for stream in streams:
+            await stream.close()
+
+    # ------------------------------------------------------------------ metrics
+    async def _render_metrics(self, arguments: dict[str, Any]) -> Any:
+        _members(arguments, ())
+        core_text, _ = self._metrics.render()
+        parts: list[tuple[str | None, str]] = [(None, core_text.decode("utf-8"))]
+        workers = self._workers()
+
+        async def one(name: str, channel: Channel) -> tuple[str | None, str] | None:
+            try:
+                text = await asyncio.wait_for(channel.call("metrics", {}), WORKER_METRICS_TIMEOUT_SECONDS)
+            except Exception:  # a worker that is restarting is left out of this scrape
+                return None
+            return (name, text) if isinstance(text, str) else None
+
+        answers = await asyncio.gather(*(one(name, channel) for name, channel in workers))
+        parts.extend(answer for answer in answers if answer is not None)
+        return merge_expositions(parts).decode("utf-8")
+
+
+def _checked_actor(fields: object) -> Actor:
+    try:
+        return _actor(fields)
+    except (CommandError, TypeError):
+        raise InvalidRequest("the actor is malformed") from None
+
+
+class _Families(Collector):
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> list[Metric]:
+        return self._families
+
+
+def merge_expositions(parts: Sequence[tuple[str | None, str]]) -> bytes:
+    """One Prometheus exposition from several: each worker's samples gain the label ``worker``."""
+    families: dict[str, Metric] = {}
+    for worker, text in parts:
+        for family in text_string_to_metric_families(text):
+            merged = families.get(family.name)
+            if merged is None:
+                merged = families[family.name] = Metric(family.name, family.documentation, family.type, family.unit)
+            for sample in family.samples:
+                labels = dict(sample.labels)
+                if worker is not None:
+                    labels["worker"] = worker
+                merged.samples.append(Sample(sample.name, labels, sample.value, sample.timestamp, sample.exemplar))
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Families(list(families.values())))
+    return generate_latest(registry)

@@ -1,0 +1,52 @@
+"""What the HTTP layer needs of the service: NodeService in a one-process node, RemoteService in a worker."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
+
+from tokenvault import auth
+from tokenvault.core import commands
+from tokenvault.errors import Outcome
+
+
+class BackupSource(Protocol):
+    index: int
+    view: int
+    total_bytes: int
+    sent_bytes: int
+
+    def chunks(self, chunk_bytes: int = ...) -> AsyncIterator[bytes]: ...
+
+    async def close(self) -> None: ...
+
+
+class VaultService(Protocol):
+    node_id: str
+
+    def api_key(self, key_id: str) -> auth.RuntimeKey | None: ...
+
+    async def read_health(self) -> dict[str, Any]: ...
+
+    async def tokenize(self, principal: str, values: list[str], idempotency_key: str | None) -> Outcome: ...
+
+    async def detokenize(self, tokens: list[str], actor: commands.Actor | None = None) -> list[str | None]: ...
+
+    async def rotate_epoch(self, principal: str, idempotency_key: str | None,
+                           actor: commands.Actor | None = None) -> Outcome: ...
+
+    async def list_epochs(self) -> dict[str, Any]: ...
+
+    async def create_key(self, name: str, scopes: list[str], actor: commands.Actor) -> Outcome: ...
+
+    async def revoke_key(self, key_id: str, actor: commands.Actor) -> Outcome: ...
+
+    async def list_keys(self) -> dict[str, Any]: ...
+
+    async def audit_page(self, after: int, limit: int) -> dict[str, Any]: ...
+
+    async def cluster_view(self) -> dict[str, Any]: ...
+
+    async def open_backup(self) -> Any: ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,177 @@
+"""The service as an HTTP worker process sees it: every operation is a call to the node's core.
+
+``RemoteService`` has the methods the HTTP layer (tokenvault.api.http) calls on
+a NodeService, and runs each as a channel call (tokenvault.api.channel) that
+the core answers with its own NodeService (tokenvault.api.core_calls). Errors
+come back as the same ServiceError class, so a worker answers exactly what the
+single process would. The runtime key table lives here too, as the core last
+pushed it: authentication never waits for the core, and a revoke reaches every
+worker as soon as the core applies it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+from tokenvault import auth
+from tokenvault.api.channel import Channel
+from tokenvault.core import commands
+from tokenvault.core.backup import BACKUP_CHUNK_BYTES
+from tokenvault.errors import Outcome, Unavailable
+from tokenvault.logs import get_logger
+
+log = get_logger("worker")
+
+KEYS_TOPIC = "keys"
+
+
+def _unexpected() -> Unavailable:
+    return Unavailable("the node's core answered out of shape; retry")
+
+
+def _outcome(result: object) -> Outcome:
+    if not isinstance(result, Outcome):
+        raise _unexpected()
+    return result
+
+
+def _document(result: object) -> dict[str, Any]:
+    if not isinstance(result, dict):
+        raise _unexpected()
+    return result
+
+
+def decode_key_rows(rows: object) -> dict[str, auth.RuntimeKey]:
+    """The runtime key table from the core's push (``CoreCalls.api_key_rows``); ValueError if malformed."""
+    if not isinstance(rows, list):
+        raise ValueError("the key table is not a list")
+    keys: dict[str, auth.RuntimeKey] = {}
+    for row in rows:
+        if not isinstance(row, list) or len(row) != 7:
+            raise ValueError("a key row out of shape")
+        key_id, name, scopes, salt, digest, created_at_ms, created_by = row
+        if not (isinstance(key_id, str) and isinstance(name, str) and isinstance(scopes, list)
+                and all(isinstance(scope, str) for scope in scopes) and isinstance(salt, bytes)
+                and isinstance(digest, bytes) and isinstance(created_at_ms, int) and isinstance(created_by, str)):
+            raise ValueError("a key row of the wrong types")
+        keys[key_id] = auth.RuntimeKey(key_id=key_id, name=name, scopes=frozenset(scopes), salt=salt,
+                                       digest=digest, created_at_ms=created_at_ms, created_by=created_by)
+    return keys
+
+
+class RemoteService:
+    """NodeService's operations, answered by the node's core process over ``channel``."""
+
+    def __init__(self, node_id: str, channel: Channel | None = None) -> None:
+        self.node_id = node_id
+        self.channel = channel
+        self._keys: dict[str, auth.RuntimeKey] = {}
+        self.keys_ready = asyncio.Event()
+
+    def on_push(self, topic: str, payload: object) -> None:
+        if topic != KEYS_TOPIC:
+            return
+        try:
+            self._keys = decode_key_rows(payload)
+        except ValueError as error:
+            # Keeping the previous table could keep a revoked key alive: refuse every runtime key instead.
+            log.error("worker.key_table_refused", error=str(error))
+            self._keys = {}
+        self.keys_ready.set()
+
+    def api_key(self, key_id: str) -> auth.RuntimeKey | None:
+        return self._keys.get(key_id)
+
+    async def _call(self, method: str, arguments: dict[str, Any]) -> Any:
+        if self.channel is None:
+            raise Unavailable("this worker is not connected to its node's core yet; retry")
+        return await self.channel.call(method, arguments)
+
+    async def read_health(self) -> dict[str, Any]:
+        return _document(await self._call("health", {}))
+
+    async def tokenize(self, principal: str, values: list[str], idempotency_key: str | None) -> Outcome:
+        return _outcome(await self._call("tokenize", {"principal": principal, "values": values,
+                                                      "idempotency_key": idempotency_key}))
+
+    async def detokenize(self, tokens: list[str], actor: commands.Actor | None = None) -> list[str | None]:
+        result = await self._call("detokenize", {"tokens": tokens,
+                                                 "actor": (actor or commands.NO_ACTOR).fields()})
+        if not isinstance(result, list) or len(result) != len(tokens) \
+                or not all(value is None or isinstance(value, str) for value in result):
+            raise _unexpected()
+        return result
+
+    async def rotate_epoch(self, principal: str, idempotency_key: str | None,
+                           actor: commands.Actor | None = None) -> Outcome:
+        return _outcome(await self._call("rotate_epoch", {
+            "principal": principal, "idempotency_key": idempotency_key,
+            "actor": (actor or commands.NO_ACTOR).fields()}))
+
+    async def list_epochs(self) -> dict[str, Any]:
+        return _document(await self._call("list_epochs", {}))
+
+    async def create_key(self, name: str, scopes: list[str], actor: commands.Actor) -> Outcome:
+        return _outcome(await self._call("create_key", {"name": name, "scopes": scopes, "actor": actor.fields()}))
+
+    async def revoke_key(self, key_id: str, actor: commands.Actor) -> Outcome:
+        return _outcome(await self._call("revoke_key", {"key_id": key_id, "actor": actor.fields()}))
+
+    async def list_keys(self) -> dict[str, Any]:
+        return _document(await self._call("list_keys", {}))
+
+    async def audit_page(self, after: int, limit: int) -> dict[str, Any]:
+        return _document(await self._call("audit_page", {"after": after, "limit": limit}))
+
+    async def cluster_view(self) -> dict[str, Any]:
+        return _document(await self._call("cluster_view", {}))
+
+    async def open_backup(self) -> RemoteBackupStream:
+        opened = _document(await self._call("backup.open", {}))
+        if not all(type(opened.get(name)) is int for name in ("id", "index", "view", "total_bytes")):
+            raise _unexpected()
+        return RemoteBackupStream(self, opened["id"], opened["index"], opened["view"], opened["total_bytes"])
+
+    async def metrics_text(self) -> str:
+        text = await self._call("metrics", {})
+        if not isinstance(text, str):
+            raise _unexpected()
+        return text
+
+    async def close(self) -> None:
+        return None
+
+
+class RemoteBackupStream:
+    """A backup the core streams, read a chunk per call (the HTTP layer's BackupStream interface)."""
+
+    def __init__(self, service: RemoteService, stream_id: int, index: int, view: int, total_bytes: int) -> None:
+        self._service = service
+        self._id = stream_id
+        self.index = index
+        self.view = view
+        self.total_bytes = total_bytes
+        self.sent_bytes = 0
+        self._closed = False
+
+    async def chunks(self, chunk_bytes: int = BACKUP_CHUNK_BYTES) -> AsyncIterator[bytes]:
+        offset = 0
+        while offset < self.total_bytes:
+            length = min(chunk_bytes, self.total_bytes - offset)
+            data = await self._service._call("backup.read", {"id": self._id, "offset": offset, "length": length})
+            if not isinstance(data, bytes) or len(data) != length:
+                raise _unexpected()
+            offset += length
+            self.sent_bytes = offset
+            yield data
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            await self._service._call("backup.close", {"id": self._id})
+        except Unavailable:
+            pass  # the core is gone: it removed the checkpoint itself or will on its next start

@@ -1,0 +1,122 @@
+"""One HTTP worker process of a node: ``python -m tokenvault.api.worker --config F --index I --workers W --fd N``.
+
+The node's core process starts W of these (tokenvault.api.workers). Each binds
+the node's HTTP port with SO_REUSEPORT, so the kernel spreads connections over
+them, and does everything that needs no ordering on its own core: TLS, HTTP
+parsing, authentication, rate limits, validation and JSON. Every operation is
+then one call to the core over the channel on file descriptor N (a Unix socket
+the core made; tokenvault.api.remote). The worker holds no key: it starts with
+no ``TOKENVAULT_*`` variable, never reads the master key, and sees values only
+in the requests it carries.
+
+It exits when its core goes away (the channel closes; within a second, after
+closing its listening socket so that no new connection lands on it), and on
+SIGTERM after answering the requests it has in flight.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+from aiohttp import web
+
+from tokenvault.api.channel import Channel, max_frame_bytes
+from tokenvault.api.http import ProblemAppRunner, create_app
+from tokenvault.api.remote import RemoteService
+from tokenvault.config import NodeConfig, load_config
+from tokenvault.core.loopwatch import LoopWatch
+from tokenvault.crypto.tls import TlsError, load_node_tls
+from tokenvault.logs import configure_logging, get_logger
+from tokenvault.metrics import Metrics
+
+log = get_logger("worker")
+
+EXIT_REFUSED = 3
+# How long a worker whose core is gone keeps connections open for answers already written.
+ORPHAN_GRACE_SECONDS = 0.3
+KEY_TABLE_TIMEOUT_SECONDS = 10.0
+
+
+async def run_worker(config: NodeConfig, index: int, workers: int, channel_fd: int) -> int:
+    os.umask(0o077)
+    configure_logging(config.node_id, Path(config.log_file) if config.log_file else None, config.log_level,
+                      process=f"worker-{index}")
+    metrics = Metrics("worker")
+    service = RemoteService(config.node_id)
+    reader, writer = await asyncio.open_unix_connection(sock=socket.socket(fileno=channel_fd))
+
+    async def render_metrics(arguments: dict[str, object]) -> str:
+        return metrics.render()[0].decode("utf-8")
+
+    channel = Channel(reader, writer, handlers={"metrics": render_metrics}, on_push=service.on_push,
+                      max_frame_bytes=max_frame_bytes(config.limits.max_body_bytes), name=f"worker-{index}").start()
+    service.channel = channel
+    try:
+        tls_context = load_node_tls(config.tls.files(), config.node_id)[0] if config.tls is not None else None
+    except TlsError as error:
+        log.critical("worker.refused_to_start", reason=str(error)[:300])
+        return EXIT_REFUSED
+    # The key table first, so a runtime key is never refused for want of it.
+    waited = asyncio.ensure_future(service.keys_ready.wait())
+    closed = asyncio.ensure_future(channel.closed.wait())
+    await asyncio.wait({waited, closed}, timeout=KEY_TABLE_TIMEOUT_SECONDS, return_when=asyncio.FIRST_COMPLETED)
+    waited.cancel()
+    closed.cancel()
+    if not service.keys_ready.is_set():
+        log.critical("worker.refused_to_start", reason="no key table from the core")
+        return EXIT_REFUSED
+    app = create_app(service, config, metrics, share=workers, node_metrics=service.metrics_text)
+    runner = ProblemAppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=config.timing.request_timeout_ms / 1000)
+    await runner.setup()
+    site = web.TCPSite(runner, config.http.host, config.http.port, reuse_port=True, ssl_context=tls_context)
+    try:
+        await site.start()
+    except OSError as error:
+        log.critical("worker.refused_to_start", reason=f"cannot listen on {config.http.host}:{config.http.port}: "
+                                                       f"{error.strerror}")
+        await runner.cleanup()
+        return EXIT_REFUSED
+    channel.push("ready", {"pid": os.getpid()})
+    log.info("worker.started", index=index, pid=os.getpid())
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signal_number in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signal_number, stop.set)
+    loop_watch = LoopWatch(metrics).start()
+    stop_task = loop.create_task(stop.wait())
+    gone_task = loop.create_task(channel.closed.wait())
+    await asyncio.wait({stop_task, gone_task}, return_when=asyncio.FIRST_COMPLETED)
+    await loop_watch.stop()
+    if channel.closed.is_set():
+        log.warning("worker.core_gone", index=index)
+        await site.stop()  # no new connection lands here while the process winds down
+        await asyncio.sleep(ORPHAN_GRACE_SECONDS)
+        return 0
+    await runner.cleanup()
+    await channel.close()
+    log.info("worker.stopped", index=index)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tokenvault.api.worker")
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--index", type=int, required=True)
+    parser.add_argument("--workers", type=int, required=True)
+    parser.add_argument("--fd", type=int, required=True)
+    args = parser.parse_args(argv)
+    config = load_config(Path(args.config))
+    import uvloop
+
+    uvloop.install()  # as `tokenvault serve` does for the core
+    return asyncio.run(run_worker(config, args.index, args.workers, args.fd))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

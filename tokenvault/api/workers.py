@@ -1,0 +1,188 @@
+"""The core's side of a node's HTTP workers: start W of them, restart any that dies, stop them.
+
+Each worker (tokenvault.api.worker) gets one end of a fresh Unix socket pair as
+its channel; the core serves its calls with ``CoreCalls`` and pushes it the
+runtime key table at start and after every change the core applies. A worker
+that exits for any reason is logged (``worker.exited``) and started again
+after a back-off (``worker.restarted``); a request it had in flight is lost
+with its connection (the client sees a connection error, and the core finishes
+or drops the operation exactly as for a client that hung up). Workers exit by
+themselves when the core dies: their channel closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tokenvault.api.channel import Channel, max_frame_bytes
+from tokenvault.api.core_calls import CoreCalls
+from tokenvault.api.remote import KEYS_TOPIC
+from tokenvault.core.sealer import child_environment
+from tokenvault.logs import get_logger
+
+log = get_logger("workers")
+
+READY_TOPIC = "ready"
+RESTART_BACKOFF_SECONDS = (0.1, 0.5, 1.0, 2.0, 5.0)
+# A worker that ran this long before it died starts the back-off afresh.
+HEALTHY_RUN_SECONDS = 10.0
+
+
+class WorkerStartError(Exception):
+    """A worker could not start (its port taken, its certificate unreadable): the node refuses to start."""
+
+
+def default_worker_count() -> int:
+    """The machine's cores available to this process, minus one for the core, at least one."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores - 1)
+
+
+@dataclass
+class _Slot:
+    index: int
+    process: asyncio.subprocess.Process | None = None
+    channel: Channel | None = None
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    started_at: float = 0.0
+    failures: int = 0
+
+
+class WorkerPool:
+    """W worker processes serving one node's HTTP port."""
+
+    def __init__(self, config_path: Path, count: int, calls: CoreCalls, *, max_body_bytes: int) -> None:
+        if count < 1:
+            raise ValueError("a worker pool has at least one worker")
+        self._config_path = config_path
+        self._calls = calls
+        self._frame_bytes = max_frame_bytes(max_body_bytes)
+        self._slots = [_Slot(index) for index in range(1, count + 1)]
+        self._supervisors: set[asyncio.Task[None]] = set()
+        self._closing = False
+
+    @property
+    def count(self) -> int:
+        return len(self._slots)
+
+    def channels(self) -> list[tuple[str, Channel]]:
+        """The channels of the workers running now, with their names (for the metrics' ``worker`` label)."""
+        return [(str(slot.index), slot.channel) for slot in self._slots
+                if slot.channel is not None and not slot.channel.closed.is_set()]
+
+    def push_keys(self) -> None:
+        """Send every running worker the runtime key table (after the core applied a change to it)."""
+        rows = self._calls.api_key_rows()
+        for _, channel in self.channels():
+            try:
+                channel.push(KEYS_TOPIC, rows)
+            except Exception as error:  # a worker that is going away: its successor gets the table at start
+                log.warning("worker.push_failed", error_type=type(error).__name__)
+
+    def pids(self) -> list[int]:
+        return [slot.process.pid for slot in self._slots if slot.process is not None]
+
+    async def start(self, timeout_seconds: float) -> None:
+        """Start every worker and wait until each listens; WorkerStartError if one cannot."""
+        for slot in self._slots:
+            await self._spawn(slot)
+        deadline = time.monotonic() + timeout_seconds
+        for slot in self._slots:
+            assert slot.process is not None
+            ready = asyncio.ensure_future(slot.ready.wait())
+            exited = asyncio.ensure_future(slot.process.wait())
+            await asyncio.wait({ready, exited}, timeout=max(0.0, deadline - time.monotonic()),
+                               return_when=asyncio.FIRST_COMPLETED)
+            ready.cancel()
+            exited.cancel()
+            if not slot.ready.is_set():
+                await self.close(grace_seconds=1.0)
+                code = slot.process.returncode
+                raise WorkerStartError(f"HTTP worker {slot.index} did not start "
+                                       + (f"(it exited with {code}; its log says why)" if code is not None
+                                          else f"within {timeout_seconds:g} s"))
+        for slot in self._slots:
+            task = asyncio.get_running_loop().create_task(self._supervise(slot), name=f"worker-{slot.index}")
+            self._supervisors.add(task)
+            task.add_done_callback(self._supervisors.discard)
+        log.info("workers.started", count=len(self._slots), pids=self.pids())
+
+    async def _spawn(self, slot: _Slot) -> None:
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            slot.process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "tokenvault.api.worker", "--config", str(self._config_path),
+                "--index", str(slot.index), "--workers", str(len(self._slots)), "--fd", str(child.fileno()),
+                pass_fds=(child.fileno(),), env=child_environment(), stdin=asyncio.subprocess.DEVNULL)
+        finally:
+            child.close()
+        slot.ready = asyncio.Event()
+        slot.started_at = time.monotonic()
+        reader, writer = await asyncio.open_unix_connection(sock=parent)
+
+        def on_push(topic: str, payload: object) -> None:
+            if topic == READY_TOPIC:
+                slot.ready.set()
+
+        slot.channel = Channel(reader, writer, handlers=self._calls.handlers, on_push=on_push,
+                               max_frame_bytes=self._frame_bytes, name=f"worker-{slot.index}").start()
+        slot.channel.push(KEYS_TOPIC, self._calls.api_key_rows())
+
+    async def _supervise(self, slot: _Slot) -> None:
+        while not self._closing:
+            assert slot.process is not None and slot.channel is not None
+            exited = asyncio.ensure_future(slot.process.wait())
+            closed = asyncio.ensure_future(slot.channel.closed.wait())
+            await asyncio.wait({exited, closed}, return_when=asyncio.FIRST_COMPLETED)
+            closed.cancel()
+            if slot.process.returncode is None:  # its channel broke: a worker that cannot talk is no use
+                slot.process.kill()
+            code = await exited
+            await slot.channel.close()
+            if self._closing:
+                return
+            ran = time.monotonic() - slot.started_at
+            slot.failures = 0 if ran >= HEALTHY_RUN_SECONDS else slot.failures + 1
+            delay = RESTART_BACKOFF_SECONDS[min(slot.failures, len(RESTART_BACKOFF_SECONDS) - 1)]
+            log.warning("worker.exited", index=slot.index, pid=slot.process.pid, exit_code=code,
+                        ran_seconds=round(ran, 3), restart_in_seconds=delay)
+            await asyncio.sleep(delay)
+            if self._closing:
+                return
+            await self._spawn(slot)
+            log.info("worker.restarted", index=slot.index, pid=slot.process.pid)
+
+    async def close(self, grace_seconds: float) -> None:
+        """SIGTERM every worker (each answers what it has in flight), SIGKILL what is left after the grace."""
+        self._closing = True
+        for task in list(self._supervisors):
+            task.cancel()
+        running = [slot for slot in self._slots if slot.process is not None and slot.process.returncode is None]
+        for slot in running:
+            assert slot.process is not None
+            with contextlib.suppress(ProcessLookupError):
+                slot.process.send_signal(signal.SIGTERM)
+        waits = [slot.process.wait() for slot in running if slot.process is not None]
+        if waits:
+            await asyncio.wait([asyncio.ensure_future(wait) for wait in waits], timeout=grace_seconds)
+            for slot in running:
+                assert slot.process is not None
+                if slot.process.returncode is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        slot.process.kill()
+                    await slot.process.wait()
+        for slot in self._slots:
+            if slot.channel is not None:
+                await slot.channel.close()
+

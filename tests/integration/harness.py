@@ -47,6 +47,9 @@ from tokenvault.config import TimingConfig, WalConfig, load_config, write_node_c
 TICK_MS = int(os.environ.get("TOKENVAULT_IT_TICK_MS", "25"))
 ELECTION_TIMEOUT_TICKS = int(os.environ.get("TOKENVAULT_IT_ELECTION_TIMEOUT_TICKS", "12"))
 HEARTBEAT_INTERVAL_TICKS = 2
+# HTTP worker processes per node: every integration test runs against nodes of a core and two workers
+# (issue 10: "every existing integration and fault test passes with W = 2"); 0 runs one process per node.
+HTTP_WORKERS = int(os.environ.get("TOKENVAULT_IT_HTTP_WORKERS", "2"))
 REQUEST_TIMEOUT_MS = 2000
 START_TIMEOUT_SECONDS = 30.0
 STOP_TIMEOUT_SECONDS = 2.0
@@ -71,12 +74,13 @@ def election_timeout_seconds(settings: cluster.NodeSettings | None = None) -> fl
 def fast_settings() -> cluster.NodeSettings:
     timing = TimingConfig(tick_ms=TICK_MS, election_timeout_ticks=ELECTION_TIMEOUT_TICKS,
                           heartbeat_interval_ticks=HEARTBEAT_INTERVAL_TICKS, request_timeout_ms=REQUEST_TIMEOUT_MS)
-    return cluster.NodeSettings(log_level="info", timing=timing, wal=WalConfig(fsync=True))
+    return cluster.NodeSettings(log_level="info", timing=timing, wal=WalConfig(fsync=True), http_workers=HTTP_WORKERS)
 
 
 def default_settings() -> cluster.NodeSettings:
     """The shipped defaults (tick 50 ms, election timeout 20-40 ticks): for the contract's "within 5 s"."""
-    return cluster.NodeSettings(log_level="info", timing=TimingConfig(), wal=WalConfig(fsync=True))
+    return cluster.NodeSettings(log_level="info", timing=TimingConfig(), wal=WalConfig(fsync=True),
+                                http_workers=HTTP_WORKERS)
 
 
 def _port_free(port: int) -> bool:

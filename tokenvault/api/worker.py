@@ -39,7 +39,7 @@ log = get_logger("worker")
 
 EXIT_REFUSED = 3
 # How long a worker whose core is gone keeps connections open for answers already written.
-ORPHAN_GRACE_SECONDS = 0.3
+ORPHAN_GRACE_SECONDS = 0.1
 KEY_TABLE_TIMEOUT_SECONDS = 10.0
 
 

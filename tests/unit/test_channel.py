@@ -1,0 +1,162 @@
+"""The channel between a node's core and its HTTP workers (tokenvault.api.channel, remote, core_calls)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+from types import SimpleNamespace
+from typing import Any
+
+import msgpack
+import pytest
+
+from tokenvault import auth
+from tokenvault.api.channel import Channel, ChannelClosed
+from tokenvault.api.core_calls import merge_expositions
+from tokenvault.api.http import HttpLimits
+from tokenvault.api.remote import RemoteService, decode_key_rows
+from tokenvault.config import HttpConfig, LimitsConfig, RateLimitsConfig
+from tokenvault.errors import IdempotencyMismatch, Outcome, RateLimited, Unavailable
+from tokenvault.metrics import Metrics
+
+FRAME_BYTES = 64 * 1024
+
+
+async def pair(core_handlers: dict[str, Any], worker_handlers: dict[str, Any] | None = None,
+               on_push: Any = None) -> tuple[Channel, Channel]:
+    core_socket, worker_socket = socket.socketpair()
+    core_reader, core_writer = await asyncio.open_unix_connection(sock=core_socket)
+    worker_reader, worker_writer = await asyncio.open_unix_connection(sock=worker_socket)
+    core = Channel(core_reader, core_writer, handlers=core_handlers, max_frame_bytes=FRAME_BYTES, name="core").start()
+    worker = Channel(worker_reader, worker_writer, handlers=worker_handlers or {}, on_push=on_push,
+                     max_frame_bytes=FRAME_BYTES, name="worker").start()
+    return core, worker
+
+
+async def test_calls_return_results_and_outcomes_and_errors_come_back_as_their_class() -> None:
+    async def echo(arguments: dict[str, Any]) -> Any:
+        return arguments["x"]
+
+    async def outcome(arguments: dict[str, Any]) -> Outcome:
+        return Outcome(201, b'{"a":1}', True)
+
+    async def mismatch(arguments: dict[str, Any]) -> Any:
+        raise IdempotencyMismatch()
+
+    async def limited(arguments: dict[str, Any]) -> Any:
+        raise RateLimited("slow down", retry_after_seconds=3)
+
+    core, worker = await pair({"echo": echo, "outcome": outcome, "mismatch": mismatch, "limited": limited})
+    assert await worker.call("echo", {"x": [1, "two", b"3", None]}) == [1, "two", b"3", None]
+    assert await worker.call("outcome", {}) == Outcome(201, b'{"a":1}', True)
+    with pytest.raises(IdempotencyMismatch):
+        await worker.call("mismatch", {})
+    with pytest.raises(RateLimited) as raised:
+        await worker.call("limited", {})
+    assert raised.value.headers["Retry-After"] == "3" and raised.value.detail == "slow down"
+    with pytest.raises(Unavailable, match="unknown call"):
+        await worker.call("no-such-call", {})
+    await core.close()
+    await worker.close()
+
+
+async def test_a_bug_in_a_handler_is_answered_503_never_left_waiting() -> None:
+    async def broken(arguments: dict[str, Any]) -> Any:
+        raise KeyError("oops")
+
+    core, worker = await pair({"broken": broken})
+    with pytest.raises(Unavailable):
+        await asyncio.wait_for(worker.call("broken", {}), 5)
+    await core.close()
+    await worker.close()
+
+
+async def test_calls_waiting_when_the_other_side_dies_fail_with_channel_closed() -> None:
+    gate = asyncio.Event()
+
+    async def slow(arguments: dict[str, Any]) -> Any:
+        await gate.wait()
+
+    core, worker = await pair({"slow": slow})
+    waiting = asyncio.create_task(worker.call("slow", {}))
+    await asyncio.sleep(0.05)
+    await core.close()
+    with pytest.raises(ChannelClosed):
+        await asyncio.wait_for(waiting, 5)
+    await asyncio.wait_for(worker.closed.wait(), 5)
+    with pytest.raises(ChannelClosed):
+        await worker.call("slow", {})
+
+
+async def test_a_frame_over_the_bound_closes_the_channel_before_it_is_buffered() -> None:
+    core_socket, worker_socket = socket.socketpair()
+    reader, writer = await asyncio.open_unix_connection(sock=core_socket)
+    core = Channel(reader, writer, handlers={}, max_frame_bytes=FRAME_BYTES, name="core").start()
+    # Only the length is sent: the channel must refuse it without waiting for the body.
+    worker_socket.sendall(struct.pack(">I", FRAME_BYTES + 1))
+    await asyncio.wait_for(core.closed.wait(), 5)
+    worker_socket.close()
+
+
+@pytest.mark.parametrize("message", [[], [9, 1], [0, "id", "m", {}], [1], "not an array", [3, 5, None]])
+async def test_messages_out_of_shape_close_the_channel(message: object) -> None:
+    core_socket, worker_socket = socket.socketpair()
+    reader, writer = await asyncio.open_unix_connection(sock=core_socket)
+    core = Channel(reader, writer, handlers={}, max_frame_bytes=FRAME_BYTES, name="core").start()
+    frame = msgpack.packb(message)
+    worker_socket.sendall(struct.pack(">I", len(frame)) + frame)
+    await asyncio.wait_for(core.closed.wait(), 5)
+    worker_socket.close()
+
+
+async def test_the_key_table_push_reaches_the_worker_and_a_malformed_one_refuses_every_runtime_key() -> None:
+    service = RemoteService("n1")
+    core, worker = await pair({}, on_push=service.on_push)
+    row = ["0123456789abcdef", "ci", ["tokenize"], b"s" * 16, b"d" * 32, 5, "admin"]
+    core.push("keys", [row])
+    await asyncio.wait_for(service.keys_ready.wait(), 5)
+    key = service.api_key("0123456789abcdef")
+    assert key is not None and key.scopes == frozenset({auth.TOKENIZE}) and key.name == "ci"
+    core.push("keys", [row[:3]])  # out of shape: the worker keeps no runtime key rather than a stale table
+    await asyncio.sleep(0.1)
+    assert service.api_key("0123456789abcdef") is None
+    await core.close()
+    await worker.close()
+
+
+def test_key_rows_are_checked_field_by_field() -> None:
+    with pytest.raises(ValueError):
+        decode_key_rows([["id", "name", "tokenize", b"", b"", 0, "x"]])  # scopes not a list
+    assert decode_key_rows([]) == {}
+
+
+def test_each_worker_enforces_its_share_of_the_node_limits() -> None:
+    config = SimpleNamespace(limits=LimitsConfig(),
+                             http=HttpConfig(max_connections=1000, max_body_reads=256, max_body_reads_per_key=32),
+                             rate_limits=RateLimitsConfig(tokenize_per_second=100, tokenize_burst=30))
+    whole = HttpLimits.from_config(config)
+    share = HttpLimits.from_config(config, share=3)
+    assert (whole.max_connections, share.max_connections) == (1000, 334)
+    assert (whole.max_body_reads, share.max_body_reads) == (256, 86)
+    assert (whole.max_body_reads_per_key, share.max_body_reads_per_key) == (32, 11)
+    assert share.rate_limits["tokenize"].rate_per_second == pytest.approx(100 / 3)
+    assert share.rate_limits["tokenize"].burst == pytest.approx(10)
+    assert share.rate_limits["detokenize"].unlimited
+
+
+def test_the_node_exposition_merges_the_core_and_every_worker() -> None:
+    core, first, second = Metrics("core"), Metrics("worker"), Metrics("worker")
+    core.set_role("primary")
+    first.observe_request("/v1/tokenize", "POST", 200, 0.002)
+    second.observe_request("/v1/tokenize", "POST", 200, 0.002)
+    second.observe_request("/v1/tokenize", "POST", 200, 0.004)
+    text = merge_expositions([(None, core.render()[0].decode()), ("1", first.render()[0].decode()),
+                              ("2", second.render()[0].decode())]).decode()
+    assert 'tokenvault_role{role="primary"} 1.0' in text
+    assert 'tokenvault_http_requests_total{method="POST",route="/v1/tokenize",status="200",worker="1"} 1.0' in text
+    assert 'tokenvault_http_requests_total{method="POST",route="/v1/tokenize",status="200",worker="2"} 2.0' in text
+    assert text.count("# TYPE tokenvault_http_requests_total counter") == 1
+    # The core holds no HTTP family and a worker no replication family: nothing is shown twice.
+    assert "tokenvault_http_requests" not in core.render()[0].decode()
+    assert "tokenvault_commit_index" not in first.render()[0].decode()

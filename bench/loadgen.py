@@ -12,7 +12,8 @@ the same cards come back at every purchase); `mixed` alternates tokenize and
 detokenize.
 It prints requests/s, values/s, p50 and p99 latency of acknowledged requests
 and error counts for the measured window (after --warmup seconds). Given a
-cluster.json it also prints the CPU time the nodes (together, with their sealer processes) and the load
+cluster.json it also prints the CPU time the nodes (together, with their sealer and HTTP worker processes,
+and by process kind) and the load
 generator used per acknowledged request, read from /proc over warm-up and
 window; compare-etcd does the same for both systems. `--client raw` swaps
 aiohttp's client for a minimal one (bench/httpclients.py) that takes less of
@@ -33,6 +34,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import dataclasses
 import json
 import os
 import random
@@ -80,6 +82,8 @@ class Measurement:
     window_seconds: float = 0.0
     completed_ok: int = 0  # acknowledged requests including the warm-up, for CPU per operation
     server_cpu_seconds: float | None = None  # CPU the target's processes used during warm-up + window
+    # The same by process kind: "core" (the node process), "worker" (HTTP workers), "sealer", "other".
+    server_cpu_by_kind: dict[str, float] = field(default_factory=dict)
     client_cpu_seconds: float = 0.0  # CPU this load generator used meanwhile
 
     def percentile_ms(self, fraction: float) -> float:
@@ -118,7 +122,7 @@ def process_cpu_seconds(pids: Sequence[int]) -> float | None:
 
 
 def with_children(pids: Sequence[int]) -> list[int]:
-    """``pids`` and their direct children (a node's sealer process), read from /proc."""
+    """``pids`` and their direct children (a node's sealer and HTTP workers), read from /proc."""
     wanted = set(pids)
     children = []
     for entry in os.listdir("/proc"):
@@ -132,6 +136,34 @@ def with_children(pids: Sequence[int]) -> list[int]:
         if parent in wanted:
             children.append(int(entry))
     return list(pids) + children
+
+
+def process_kind(pid: int) -> str:
+    """What a vault process is, from its command line: "worker", "sealer", "core" or "other"."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            command = handle.read().split(b"\0")
+    except OSError:
+        return "other"
+    if b"tokenvault.api.worker" in command:
+        return "worker"
+    if b"tokenvault.core.sealer" in command:
+        return "sealer"
+    if b"serve" in command:
+        return "core"
+    return "other"
+
+
+def cpu_by_kind(pids: Sequence[int]) -> dict[str, float] | None:
+    """process_cpu_seconds summed per process_kind, or None if a process is unreadable."""
+    totals: dict[str, float] = {}
+    for pid in pids:
+        seconds = process_cpu_seconds([pid])
+        if seconds is None:
+            return None
+        kind = process_kind(pid)
+        totals[kind] = totals.get(kind, 0.0) + seconds
+    return totals
 
 
 def own_cpu_seconds() -> float:
@@ -150,6 +182,7 @@ async def drive(operation: Operation, concurrency: int, duration_seconds: float,
     measurement = Measurement()
     server_pids = with_children(server_pids) if server_pids else []
     server_before = process_cpu_seconds(server_pids) if server_pids else None
+    kinds_before = cpu_by_kind(server_pids) if server_pids else None
     client_before = own_cpu_seconds()
     async with open_client(client_kind, concurrency, ca_file) as client:
         # Why perf_counter: uvloop's loop.time() has millisecond resolution, too coarse for latencies.
@@ -182,6 +215,10 @@ async def drive(operation: Operation, concurrency: int, duration_seconds: float,
     server_after = process_cpu_seconds(server_pids) if server_before is not None else None
     if server_before is not None and server_after is not None:
         measurement.server_cpu_seconds = server_after - server_before
+    kinds_after = cpu_by_kind(server_pids) if kinds_before is not None else None
+    if kinds_before is not None and kinds_after is not None:
+        measurement.server_cpu_by_kind = {kind: kinds_after[kind] - kinds_before.get(kind, 0.0)
+                                          for kind in kinds_after}
     return measurement
 
 
@@ -195,6 +232,10 @@ def report_line(label: str, measurement: Measurement) -> str:
         per_op = 1e6 / measurement.completed_ok
         line += (f"\n{'':<34} CPU per acknowledged request: servers {measurement.server_cpu_seconds * per_op:.0f} us,"
                  f" load generator {measurement.client_cpu_seconds * per_op:.0f} us")
+        if measurement.server_cpu_by_kind:
+            kinds = ", ".join(f"{kind} {seconds * per_op:.0f} us"
+                              for kind, seconds in sorted(measurement.server_cpu_by_kind.items()))
+            line += f"\n{'':<34} servers by process kind: {kinds}"
     return line
 
 
@@ -432,8 +473,11 @@ async def command_compare_etcd(arguments: argparse.Namespace) -> int:
         (directory / "etcd").mkdir()
         etcd_processes: list[subprocess.Popen[bytes]] = []
         try:
+            settings = cluster.settings_from_environment()
+            if arguments.workers is not None:
+                settings = dataclasses.replace(settings, http_workers=arguments.workers)
             spec, _ = await asyncio.to_thread(cluster.start_cluster, vault_directory, 3, ports=ports,
-                                              timeout_seconds=60)
+                                              settings=settings, timeout_seconds=60)
             etcd_processes, etcd_urls = await asyncio.to_thread(start_etcd, directory / "etcd")
             return await compare(arguments, list(spec.http_urls), spec.key("full"), etcd_urls,
                                  read_pids(node.pid_file for node in spec.nodes),
@@ -481,6 +525,38 @@ async def compare(arguments: argparse.Namespace, vault_urls: list[str], api_key:
     return 0
 
 
+async def command_workers(arguments: argparse.Namespace) -> int:
+    """One node (a cluster of one) per worker count, each driven with the same single-value load."""
+    from tokenvault.devcluster import cluster
+
+    counts = [int(text) for text in arguments.counts.split(",") if text.strip()]
+    print(f"one node, single-value tokenize, concurrency {arguments.concurrency}, {arguments.duration:g} s per run "
+          f"after {arguments.warmup:g} s warm-up, {arguments.client} client, {os.cpu_count()} cores visible\n",
+          flush=True)
+    for round_number in range(1, arguments.rounds + 1):
+        # Alternate the order between rounds, so the machine's drift does not favour one count.
+        order = counts if round_number % 2 else list(reversed(counts))
+        for count in order:
+            with tempfile.TemporaryDirectory(prefix="tokenvault-bench-") as temporary:
+                directory = Path(temporary) / "vault"
+                http_port, peer_port = free_ports(2)
+                settings = dataclasses.replace(cluster.settings_from_environment(), http_workers=count)
+                try:
+                    spec, _ = await asyncio.to_thread(cluster.start_cluster, directory, 1,
+                                                      ports=[(http_port, peer_port)], settings=settings,
+                                                      timeout_seconds=60)
+                    target = VaultTarget(list(spec.http_urls), spec.key("full"), arguments.seed, spec.ca_file)
+                    measurement = await drive(target.tokenize(1), arguments.concurrency, arguments.duration,
+                                              arguments.warmup, arguments.client,
+                                              read_pids(node.pid_file for node in spec.nodes), spec.ca_file)
+                    prefix = f"[{round_number}] " if arguments.rounds > 1 else ""
+                    print(report_line(f"{prefix}W={count} tokenize x1", measurement), flush=True)
+                finally:
+                    if (directory / cluster.CLUSTER_FILE_NAME).exists():
+                        await asyncio.to_thread(cluster.stop_cluster, directory, 10)
+    return 0
+
+
 def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -496,7 +572,13 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     compare_parser.add_argument("--rounds", type=int, default=1,
                                 help="single-value pairs to run, alternating which system goes first; "
                                      "prints every ratio and their median")
-    for sub in (run, compare_parser):
+    compare_parser.add_argument("--workers", type=int, default=None,
+                                help="HTTP worker processes per vault node (default: the node's own default, "
+                                     "cores minus one)")
+    workers_parser = commands.add_parser("workers", help="one node per HTTP worker count, same load on each")
+    workers_parser.add_argument("--counts", default="0,1,2,4,8", help="worker counts, comma-separated")
+    workers_parser.add_argument("--rounds", type=int, default=1, help="rounds over the counts, order alternating")
+    for sub in (run, compare_parser, workers_parser):
         sub.add_argument("--concurrency", type=int, default=64, help="requests in flight")
         sub.add_argument("--duration", type=float, default=10.0, help="measured seconds")
         sub.add_argument("--warmup", type=float, default=2.0, help="seconds before measuring")
@@ -521,7 +603,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         uvloop.install()
     except ImportError:
         pass
-    handler = command_run if arguments.command == "run" else command_compare_etcd
+    handler = {"run": command_run, "compare-etcd": command_compare_etcd, "workers": command_workers}[arguments.command]
     return asyncio.run(handler(arguments))
 
 

@@ -1,4 +1,4 @@
-"""The package's layers (docs/architecture.md, "One node"): which subpackage may import which.
+"""The package's layers (docs/architecture.md, "The core process"): which subpackage may import which.
 
 Imports are read from the source with ``ast``, wherever they stand (module level
 or inside a function), so a late import cannot slip past.

@@ -175,6 +175,16 @@ class UnsupportedMediaType(ServiceError):
     problem = "unsupported-media-type"
 
 
+class EpochChanged(ServiceError):
+    """Between a node's core and its HTTP workers only: the worker sealed in an epoch that is no longer
+    the active one (or that the core did not confirm); the worker then lets the core seal. Never
+    answered to a client."""
+
+    status = 409
+    title = "Epoch changed"
+    problem = "epoch-changed"
+
+
 class Overloaded(Unavailable):
     """Too many requests are in progress on this node; the rejected one had no effect."""
 

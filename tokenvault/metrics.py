@@ -116,12 +116,12 @@ class Metrics:
         )
         self.sealed_values = Counter(
             "tokenvault_sealed_values",
-            "Values sealed (token + ciphertext) for tokenize requests, by where: the sealer helper process or the"
-            " node's own process (the service records it).",
+            "Values sealed (token + ciphertext) for tokenize entries, by where: the sealer helper process, the"
+            " node's own process, or an HTTP worker process (the service records it).",
             ("where",),
             registry=registry,
         )
-        self._sealed_children = {where: self.sealed_values.labels(where=where) for where in ("helper", "node")}
+        self._sealed_children = {where: self.sealed_values.labels(where=where) for where in ("helper", "node", "worker")}
         self.values_detokenized = Counter(
             "tokenvault_values_detokenized",
             "Tokens looked up by detokenize requests answered by this node, by result (the service records it).",

@@ -22,7 +22,7 @@ import msgpack
 from protocol import AppendEntries, ForwardRequest, ForwardResponse, ProposalRejected
 from tokenvault.core import commands
 from tokenvault.crypto.keys import new_epoch_secret
-from tokenvault.errors import (IdempotencyInFlight, IdempotencyMismatch, Outcome, Overloaded, ServiceError,
+from tokenvault.errors import (EpochChanged, IdempotencyInFlight, IdempotencyMismatch, Outcome, Overloaded, ServiceError,
                                Unavailable)
 from tokenvault.api.service import MAX_EPOCH_RETRIES
 from tokenvault.core.store import Outcome as ApplyOutcome
@@ -674,3 +674,57 @@ async def test_forwarded_requests_are_held_to_the_http_limits_by_the_primary(tri
                              "idempotency_key": "k" * 255}, use_bin_type=True)
     response = await serve_forward(primary, ForwardRequest(request_id=1, kind="tokenize", body=largest))
     assert response.status == 200, response.body[:200]
+
+
+# --------------------------------------------------------------------------- sealed by an HTTP worker
+
+def worker_seal(running: RunningNode, values: list[str], epoch: int | None = None) -> tuple[int, list]:
+    """What an HTTP worker sends: the values sealed with the epoch keys the core pushed it."""
+    epoch = epoch or running.node.store.active_epoch()
+    keys = running.node.keyring.get(epoch)
+    return epoch, [tuple(pair) for pair in keys.seal_many(values)]
+
+
+async def test_a_worker_sealed_tokenize_is_the_same_tokenize_and_its_repeat_is_a_read(single: RunningNode) -> None:
+    service = single.service
+    epoch, items = worker_seal(single, ["w-one", "w-two"])
+    first = body(await service.tokenize_sealed("p", epoch, ["w-one", "w-two"], items))
+    assert first == {"epoch": epoch, "tokens": [token for token, _ in items]}
+    assert body(await service.tokenize("p", ["w-one", "w-two"], None)) == first
+    last_index = single.node.replica.last_index
+    assert body(await service.tokenize_sealed("p", epoch, ["w-one", "w-two"], items)) == first
+    assert single.node.replica.last_index == last_index  # answered as a read: no entry
+    assert await service.detokenize(first["tokens"]) == ["w-one", "w-two"]
+
+
+async def test_a_worker_sealed_tokenize_in_an_old_epoch_is_refused_with_epoch_changed(single: RunningNode) -> None:
+    service = single.service
+    epoch, items = worker_seal(single, ["stale"])
+    await service.rotate_epoch("p", None)
+    last_index = single.node.replica.last_index
+    with pytest.raises(EpochChanged):
+        await service.tokenize_sealed("p", epoch, ["stale"], items)
+    assert single.node.replica.last_index == last_index
+
+
+async def test_a_worker_sealed_tokenize_whose_first_value_does_not_match_is_refused(single: RunningNode) -> None:
+    service = single.service
+    epoch, items = worker_seal(single, ["real", "other"])
+    forged = [items[1], items[1]]  # the first pair is not the first value's
+    last_index = single.node.replica.last_index
+    with pytest.raises(Unavailable):
+        await service.tokenize_sealed("p", epoch, ["real", "other"], forged)
+    assert single.node.replica.last_index == last_index
+    assert single.node.store.lookup([items[0][0]]) == {}
+
+
+async def test_a_worker_sealed_tokenize_on_a_backup_answers_repeats_and_forwards_new_values(trio: Cluster) -> None:
+    backup = trio.backups()[0]
+    epoch, items = worker_seal(backup, ["fresh-on-backup"])
+    first = body(await backup.service.tokenize_sealed("p", epoch, ["fresh-on-backup"], items))
+    assert first["tokens"] == [items[0][0]]
+    primary = trio.primaries()[0]
+    last_index = primary.node.replica.last_index
+    await wait_until(lambda: backup.node.store.lookup([items[0][0]]) != {}, 5, "the backup to apply the token")
+    assert body(await backup.service.tokenize_sealed("p", epoch, ["fresh-on-backup"], items)) == first
+    assert primary.node.replica.last_index == last_index

@@ -65,7 +65,7 @@ class CoreCalls:
     @property
     def handlers(self) -> dict[str, Handler]:
         return {
-            "tokenize": self._tokenize, "detokenize": self._detokenize, "rotate_epoch": self._rotate_epoch,
+            "tokenize": self._tokenize, "tokenize_sealed": self._tokenize_sealed, "detokenize": self._detokenize, "rotate_epoch": self._rotate_epoch,
             "list_epochs": self._list_epochs, "create_key": self._create_key, "revoke_key": self._revoke_key,
             "list_keys": self._list_keys, "audit_page": self._audit_page, "cluster_view": self._cluster_view,
             "health": self._health, "metrics": self._render_metrics, "backup.open": self._backup_open,
@@ -77,11 +77,32 @@ class CoreCalls:
         return [[key.key_id, key.name, sorted(key.scopes), key.salt, key.digest, key.created_at_ms, key.created_by]
                 for key in self._service.node.store.api_keys()]
 
+    def active_epoch_keys(self) -> dict[str, Any]:
+        """The active epoch and its derived token and data keys, as the workers are sent them: what the
+        sealer gets (never the master key or an epoch secret), for the active epoch only."""
+        node = self._service.node
+        epoch = node.store.active_epoch()
+        if epoch == 0 or epoch not in node.keyring:
+            return {"epoch": 0}
+        token_key, data_key = node.keyring.get(epoch).derived_keys()
+        return {"epoch": epoch, "token_key": token_key, "data_key": data_key}
+
     # ------------------------------------------------------------------ the vault
     async def _tokenize(self, arguments: dict[str, Any]) -> Any:
         _members(arguments, ("principal", "values", "idempotency_key"))
         values = validate_values(require_item_list(arguments, "values", self._limits), self._limits)
         return await self._service.tokenize(_principal(arguments), values, _optional_idempotency_key(arguments))
+
+    async def _tokenize_sealed(self, arguments: dict[str, Any]) -> Any:
+        _members(arguments, ("principal", "epoch", "values", "items"))
+        values = validate_values(require_item_list(arguments, "values", self._limits), self._limits)
+        items = arguments["items"]
+        if (not isinstance(items, list) or len(items) != len(values)
+                or not all(isinstance(item, list) and len(item) == 2 and isinstance(item[0], str)
+                           and isinstance(item[1], bytes) for item in items)):
+            raise InvalidRequest("items must be one [token, ciphertext] pair per value")
+        return await self._service.tokenize_sealed(_principal(arguments), _int(arguments["epoch"], "epoch", 1, 2**32 - 1),
+                                                   values, [(token, ciphertext) for token, ciphertext in items])
 
     async def _detokenize(self, arguments: dict[str, Any]) -> Any:
         _members(arguments, ("tokens", "actor"))

@@ -19,12 +19,14 @@ from tokenvault import auth
 from tokenvault.api.channel import Channel
 from tokenvault.core import commands
 from tokenvault.core.backup import BACKUP_CHUNK_BYTES
-from tokenvault.errors import Outcome, Unavailable
+from tokenvault.crypto.keys import EpochKeys
+from tokenvault.errors import EpochChanged, Outcome, Unavailable
 from tokenvault.logs import get_logger
 
 log = get_logger("worker")
 
 KEYS_TOPIC = "keys"
+EPOCH_TOPIC = "epoch"
 
 
 def _unexpected() -> Unavailable:
@@ -41,6 +43,22 @@ def _document(result: object) -> dict[str, Any]:
     if not isinstance(result, dict):
         raise _unexpected()
     return result
+
+
+def _decode_epoch_keys(payload: object) -> EpochKeys | None:
+    """The active epoch's keys from the core's push; None (the core seals) when there is none or it is
+    malformed."""
+    if not isinstance(payload, dict) or payload.get("epoch") == 0:
+        return None
+    epoch, token_key, data_key = payload.get("epoch"), payload.get("token_key"), payload.get("data_key")
+    if type(epoch) is not int or not isinstance(token_key, bytes) or not isinstance(data_key, bytes):
+        log.error("worker.epoch_keys_refused")
+        return None
+    try:
+        return EpochKeys.from_derived_keys(epoch, token_key, data_key)
+    except ValueError:
+        log.error("worker.epoch_keys_refused")
+        return None
 
 
 def decode_key_rows(rows: object) -> dict[str, auth.RuntimeKey]:
@@ -69,8 +87,14 @@ class RemoteService:
         self.channel = channel
         self._keys: dict[str, auth.RuntimeKey] = {}
         self.keys_ready = asyncio.Event()
+        # The active epoch's keys as the core last pushed them (None before the first epoch): this
+        # worker seals the values of tokenize requests without an Idempotency-Key in it.
+        self._epoch_keys: EpochKeys | None = None
 
     def on_push(self, topic: str, payload: object) -> None:
+        if topic == EPOCH_TOPIC:
+            self._epoch_keys = _decode_epoch_keys(payload)
+            return
         if topic != KEYS_TOPIC:
             return
         try:
@@ -93,6 +117,16 @@ class RemoteService:
         return _document(await self._call("health", {}))
 
     async def tokenize(self, principal: str, values: list[str], idempotency_key: str | None) -> Outcome:
+        keys = self._epoch_keys
+        if idempotency_key is None and keys is not None:
+            # Sealed here, on this worker's core; the core checks the epoch and one value, and
+            # answers EpochChanged after a rotation this worker has not heard of yet.
+            items = [[token, ciphertext] for token, ciphertext in keys.seal_many(values)]
+            try:
+                return _outcome(await self._call("tokenize_sealed", {
+                    "principal": principal, "epoch": keys.epoch, "values": values, "items": items}))
+            except EpochChanged:
+                pass
         return _outcome(await self._call("tokenize", {"principal": principal, "values": values,
                                                       "idempotency_key": idempotency_key}))
 

@@ -24,7 +24,7 @@ from tokenvault.api.audit import AuditBuffer, AuditUnavailable
 from tokenvault.core.backup import BACKUP_WORK_DIR_NAME, BackupStream
 from tokenvault.crypto.keys import DecryptError, KeyCustodyError, new_epoch_secret
 from tokenvault.auth import PRINCIPAL_NAME_PATTERN
-from tokenvault.errors import (IdempotencyInFlight, IdempotencyMismatch, InvalidRequest, KeyLimitReached, NotFound,
+from tokenvault.errors import (EpochChanged, IdempotencyInFlight, IdempotencyMismatch, InvalidRequest, KeyLimitReached, NotFound,
                                Outcome, Overloaded, PayloadTooLarge, ServiceError, Unavailable, error_from_problem,
                                problem_body)
 from tokenvault.logs import get_logger
@@ -186,6 +186,50 @@ class NodeService:
                     return self._replay(principal, idempotency_key, TOKENIZE, fingerprint)
                 # EPOCH_MISMATCH: a rotation was applied first; recompute in the new epoch.
             raise Unavailable("the active epoch kept changing; retry")
+
+    async def tokenize_sealed(self, principal: str, epoch: int, values: list[str],
+                              items: list[tuple[str, bytes]]) -> Outcome:
+        """A tokenize an HTTP worker sealed already (no Idempotency-Key): ``items`` are the
+        (token, ciphertext) pairs of ``values`` in ``epoch``, which must be the active epoch.
+
+        The core checks the epoch (EpochChanged if it is not the active one: the worker then sends
+        the values to be sealed here) and re-seals the first value, as it does the sealer's answers;
+        a difference is refused and logged. Then it is a tokenize as any other, with the tokens and
+        ciphertexts computed already: answered as a read when every pair is stored (no HMAC and no
+        encryption here), else proposed as one entry on the primary; a backup that cannot answer it
+        as a read forwards the values, and the primary seals them itself.
+        """
+        keyring = self.node.keyring
+        if epoch != self.node.store.active_epoch() or epoch not in keyring:
+            raise EpochChanged("the worker sealed in an epoch that is not the active one")
+        keys = keyring.get(epoch)
+        if len(items) != len(values) or keys.seal(values[0]) != items[0]:
+            log.error("worker.sealing_mismatch", epoch=epoch, items=len(items))
+            raise Unavailable("the request was sealed inconsistently; it had no effect: retry")
+        tokens = [token for token, _ in items]
+        found = self.node.store.lookup(tokens)
+        if len(found) == len(set(tokens)) and all(found[token] == ciphertext for token, ciphertext in items):
+            try:
+                await self._read_barrier()
+            except ServiceError:
+                if self._is_primary():
+                    raise
+            else:
+                if self.node.store.active_epoch() == epoch:
+                    self.node.metrics.record_tokenize_answered_as_read(len(tokens))
+                    return Outcome(200, _json({"epoch": epoch, "tokens": tokens}), False)
+                raise EpochChanged("a rotation was applied meanwhile")
+        if not self._is_primary():
+            arguments = {"principal": principal, "values": values, "idempotency_key": None}
+            return await self._route(TOKENIZE, arguments, self._tokenize_here)
+        self.node.metrics.record_sealed("worker", len(items))
+        command = commands.TokenizeCommand(epoch=epoch, items=tuple(items), principal=principal,
+                                           idempotency_key=None, fingerprint=None,
+                                           issued_at_ms=int(time.time() * 1000))
+        result = await self._propose(commands.encode_command(command))
+        if result.outcome == ApplyOutcome.OK:
+            return Outcome(200, _json({"epoch": epoch, "tokens": tokens}), False)
+        raise EpochChanged("a rotation was applied first")
 
     async def _answer_as_read(self, epoch: int, values: list[str]) -> list[str] | None:
         """The tokens of ``values`` in ``epoch`` when this tokenize can be answered as a read, else None.

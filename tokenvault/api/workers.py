@@ -24,7 +24,7 @@ from pathlib import Path
 
 from tokenvault.api.channel import Channel, max_frame_bytes
 from tokenvault.api.core_calls import CoreCalls
-from tokenvault.api.remote import KEYS_TOPIC
+from tokenvault.api.remote import EPOCH_TOPIC, KEYS_TOPIC
 from tokenvault.core.sealer import child_environment
 from tokenvault.logs import get_logger
 
@@ -83,12 +83,18 @@ class WorkerPool:
 
     def push_keys(self) -> None:
         """Send every running worker the runtime key table (after the core applied a change to it)."""
-        rows = self._calls.api_key_rows()
+        self._push(KEYS_TOPIC, self._calls.api_key_rows())
+
+    def push_epoch(self) -> None:
+        """Send every running worker the active epoch's keys (after a rotation or a snapshot install)."""
+        self._push(EPOCH_TOPIC, self._calls.active_epoch_keys())
+
+    def _push(self, topic: str, payload: object) -> None:
         for _, channel in self.channels():
             try:
-                channel.push(KEYS_TOPIC, rows)
-            except Exception as error:  # a worker that is going away: its successor gets the table at start
-                log.warning("worker.push_failed", error_type=type(error).__name__)
+                channel.push(topic, payload)
+            except Exception as error:  # a worker that is going away: its successor gets it at start
+                log.warning("worker.push_failed", topic=topic, error_type=type(error).__name__)
 
     def pids(self) -> list[int]:
         return [slot.process.pid for slot in self._slots if slot.process is not None]
@@ -138,6 +144,7 @@ class WorkerPool:
         slot.channel = Channel(reader, writer, handlers=self._calls.handlers, on_push=on_push,
                                max_frame_bytes=self._frame_bytes, name=f"worker-{slot.index}").start()
         slot.channel.push(KEYS_TOPIC, self._calls.api_key_rows())
+        slot.channel.push(EPOCH_TOPIC, self._calls.active_epoch_keys())
 
     async def _supervise(self, slot: _Slot) -> None:
         while not self._closing:

@@ -97,6 +97,9 @@ class Node:
                                                  max_segment_bytes=config.wal.max_segment_bytes,
                                                  fsync=config.wal.fsync)
         self.keyring = self._keyring_of_store()
+        # Called after the keyring gained an epoch (an applied rotation, an installed snapshot): the
+        # node's HTTP workers seal in the active epoch with keys the core gives them (tokenvault.api.workers).
+        self.on_keyring_changed: Callable[[], None] | None = None
         self.restored = self._restored_state(recovered)
         self.recovered_log = recovered
         members = tuple(member.id for member in config.members)
@@ -411,6 +414,7 @@ class Node:
         old = self.store.commit_install(prepared)
         self.snapshots.close_later(old)
         self.keyring = self._keyring_of_store()
+        self._keyring_changed()
         self.replica.snapshot_installed(index, view)
         log.info("snapshot.installed", index=index, view=view, tokens=self.store.token_count())
 
@@ -455,11 +459,16 @@ class Node:
             command = commands.decode_command(entry.payload)
             assert isinstance(command, commands.RotateEpochCommand), "a rotate result comes from a rotate entry"
             self.keyring.add(command.epoch, command.wrapped_secret)
+            self._keyring_changed()
             log.info("epoch.rotated", epoch=command.epoch, index=entry.index)
             return 0, 0
         if result.kind != "tokenize":
             return 0, 0  # key changes and audit batches issue no tokens
         return result.items, result.epoch
+
+    def _keyring_changed(self) -> None:
+        if self.on_keyring_changed is not None:
+            self.on_keyring_changed()
 
     def _compact(self) -> None:
         self._applied_since_compact = 0

@@ -21,6 +21,7 @@ from protocol import ForwardRequest, ForwardResponse, NotPrimary, ProposalReject
 from tokenvault import auth
 from tokenvault.core import commands
 from tokenvault.api.audit import AuditBuffer, AuditUnavailable
+from tokenvault.api.coalesce import TokenizeCoalescer
 from tokenvault.core.backup import BACKUP_WORK_DIR_NAME, BackupStream
 from tokenvault.crypto.keys import DecryptError, KeyCustodyError, new_epoch_secret
 from tokenvault.auth import PRINCIPAL_NAME_PATTERN
@@ -85,6 +86,8 @@ class NodeService:
         node.forward_handler = self._on_forward_request
         node.forward_response_handler = self._on_forward_response
         node.peer_down_handler = self._on_peer_down
+        # Sealed tokenizes of many requests become one entry (tokenvault.api.coalesce).
+        self._coalescer = TokenizeCoalescer(self._propose)
         audit_config = node.config.audit
         self._audit: AuditBuffer | None = None
         if audit_config.enabled:
@@ -97,6 +100,7 @@ class NodeService:
         return self.node.store.api_key(key_id)
 
     async def close(self) -> None:
+        await self._coalescer.close()
         if self._audit is not None:
             await self._audit.close()
         for task in list(self._forward_tasks):
@@ -223,10 +227,7 @@ class NodeService:
             arguments = {"principal": principal, "values": values, "idempotency_key": None}
             return await self._route(TOKENIZE, arguments, self._tokenize_here)
         self.node.metrics.record_sealed("worker", len(items))
-        command = commands.TokenizeCommand(epoch=epoch, items=tuple(items), principal=principal,
-                                           idempotency_key=None, fingerprint=None,
-                                           issued_at_ms=int(time.time() * 1000))
-        result = await self._propose(commands.encode_command(command))
+        result = await self._coalescer.submit(epoch, items)
         if result.outcome == ApplyOutcome.OK:
             return Outcome(200, _json({"epoch": epoch, "tokens": tokens}), False)
         raise EpochChanged("a rotation was applied first")

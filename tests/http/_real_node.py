@@ -40,7 +40,8 @@ MAX_RESPONSE_BYTES = 1 << 20
 
 def node_settings(tls: bool = True) -> cluster.NodeSettings:
     # fsync stays on: the node under test takes the same durable write path as in production.
-    return cluster.NodeSettings(log_level="info", timing=FAST_TIMING, wal=WalConfig(fsync=True), tls=tls)
+    return cluster.NodeSettings(log_level="info", timing=FAST_TIMING, wal=WalConfig(fsync=True), tls=tls,
+                                http_workers=1)
 
 
 def https_opener(ca_file: Path | None) -> urllib.request.OpenerDirector:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from harness import wait_for
+from harness import HTTP_WORKERS, wait_for
 from tokenvault.auth import ApiKeyEntry
 from tokenvault.config import HttpConfig, MemberConfig, NodeConfig, PeerConfig, TimingConfig, write_node_config
 from tokenvault.crypto.keys import MasterKey, write_secret_file
@@ -164,7 +164,7 @@ class NetnsCluster:
                                 members=members, api_keys=(key,), master_key_file=master_key_file,
                                 cluster_secret_file=cluster_secret_file,
                                 log_file=self.directory / node.node_id / "node.log",
-                                http=HttpConfig(host=node.address, port=HTTP_PORT),
+                                http=HttpConfig(host=node.address, port=HTTP_PORT, workers=HTTP_WORKERS),
                                 peer=PeerConfig(host=node.address, port=PEER_PORT), timing=self.timing)
             write_node_config(node.config_path, config)
 

@@ -9,6 +9,7 @@ within a second. /metrics on any worker is the whole node's.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import time
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import HTTP_WORKERS, ClusterHarness, wait_for
+from harness import HTTP_WORKERS, ClusterHarness, fast_settings, wait_for
 from tokenvault.client.vault import NoNodeAvailable, ProblemError, ResponseError
 
 pytestmark = pytest.mark.integration
@@ -138,3 +139,22 @@ def test_the_workers_exit_within_a_second_of_their_core(single: ClusterHarness) 
     # And the node recovers as a one-process node always did: restarted, it serves again.
     single.restart("n1")
     assert len(worker_pids(single.pid("n1") or 0)) == len(workers)
+
+
+def test_with_no_workers_the_node_is_one_process_serving_http_itself(tmp_path: Path) -> None:
+    settings = dataclasses.replace(fast_settings(), http_workers=0)
+    harness = ClusterHarness(tmp_path / "cluster", node_count=1, settings=settings).create_and_start()
+    try:
+        pid = harness.pid("n1")
+        assert pid is not None and worker_pids(pid) == []
+        metrics = harness.metrics_text("n1")
+        assert "tokenvault_commit_index" in metrics and "worker=" not in metrics
+
+        async def round_trip() -> None:
+            async with harness.client("n1") as client:
+                result = await client.tokenize(["no-workers"])
+                assert list(await client.detokenize(list(result.tokens))) == ["no-workers"]
+
+        asyncio.run(round_trip())
+    finally:
+        harness.stop()

@@ -34,6 +34,10 @@ POLL_INTERVAL_SECONDS = 0.01
 NONCE_BYTES = 32
 HANDSHAKE_CONTEXT = b"tokenvault/peer-handshake\x00"
 
+# The HTTP workers of a node started as a real process from these configs (tests/unit/test_custody.py):
+# one, whatever the machine's cores, so that the tests start the same processes everywhere.
+TEST_HTTP_WORKERS = 1
+
 
 # --------------------------------------------------------------------------- waiting
 
@@ -127,7 +131,7 @@ def make_configs(root: Path, node_count: int, timing: TimingConfig = _FAST_TIMIN
     return [NodeConfig(node_id=node_id, data_dir=root / node_id / "data", members=members, api_keys=API_KEYS,
                        master_key_file=files.master_key_file,
                        cluster_secret_file=files.cluster_secret_file if node_count > 1 else None,
-                       log_file=log_file, http=HttpConfig(port=http_ports[node_id]),
+                       log_file=log_file, http=HttpConfig(port=http_ports[node_id], workers=TEST_HTTP_WORKERS),
                        peer=PeerConfig(port=peer_ports[node_id]), timing=timing,
                        idempotency=IdempotencyConfig(),
                        wal=wal or WalConfig(max_segment_bytes=wal_max_segment_bytes, fsync=True))

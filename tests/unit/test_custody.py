@@ -35,7 +35,6 @@ from pathlib import Path
 
 import pytest
 
-from tokenvault.api.workers import default_worker_count
 
 from node_support import make_configs, start_node, wait_until
 from softhsm_support import MASTER_KEY_LABEL, SoftHsm, create_aes_key, import_aes_key, make_softhsm
@@ -501,7 +500,8 @@ def _start_serving(config: NodeConfig, directory: Path, environment: dict[str, s
             pass
         assert time.monotonic() < deadline, "the node did not answer /health"
         time.sleep(0.05)
-    workers = default_worker_count() if config.http.workers is None else config.http.workers
+    workers = config.http.workers
+    assert workers is not None and workers >= 1  # node_support.make_configs sets it
     children = _children(process.pid)
     assert len(children) == 1 + workers, children  # the sealer and the workers
     return process, children

@@ -37,7 +37,7 @@ class Ff1Error(ValueError):
 class Ff1:
     """FF1 under one AES key (16, 24 or 32 bytes) for one radix."""
 
-    __slots__ = ("_radix", "_block", "_min_length")
+    __slots__ = ("_radix", "_block", "_min_length", "_cache")
 
     def __init__(self, key: bytes, radix: int = 10) -> None:
         if not isinstance(key, bytes) or len(key) not in (16, 24, 32):
@@ -48,6 +48,7 @@ class Ff1:
         # ECB over single blocks is the standard's CIPH; the context is reused for every block.
         self._block = Cipher(algorithms.AES(key), modes.ECB()).encryptor()
         self._min_length = max(2, math.ceil(math.log(MIN_DOMAIN, radix) - 1e-9))
+        self._cache: dict[tuple[int, int], tuple[int, int, int, int, int, int, int]] = {}
 
     def __repr__(self) -> str:
         return f"Ff1(radix={self._radix}, key=<redacted>)"
@@ -73,26 +74,15 @@ class Ff1:
         if not self._min_length <= len(numerals) <= MAX_LENGTH:
             raise Ff1Error(f"FF1 takes {self._min_length} to {MAX_LENGTH} numerals in radix {self._radix}")
         radix = self._radix
-        for numeral in numerals:
-            if type(numeral) is not int or not 0 <= numeral < radix:
-                raise Ff1Error(f"every numeral must be an integer in [0, {radix})")
+        if not all(type(numeral) is int and 0 <= numeral < radix for numeral in numerals):
+            raise Ff1Error(f"every numeral must be an integer in [0, {radix})")
 
     def _run(self, numerals: Sequence[int], tweak: bytes, *, decrypt: bool) -> list[int]:
         self._check(numerals, tweak)
         radix = self._radix
         n = len(numerals)
-        u = n // 2
-        v = n - u
-        # Step 3-4: bytes that hold NUM(B) and bytes of PRF output used per round.
-        b = math.ceil(math.ceil(v * math.log2(radix)) / 8)
-        d = 4 * math.ceil(b / 4) + 4
-        t = len(tweak)
-        # Step 5: P = [1]1 [2]1 [1]1 [radix]3 [10]1 [u mod 256]1 [n]4 [t]4.
-        p_block = (bytes([1, 2, 1]) + radix.to_bytes(3, "big") + bytes([10, u % 256])
-                   + n.to_bytes(4, "big") + t.to_bytes(4, "big"))
-        chain = self._block.update(p_block)  # the CBC-MAC state after P
-        q_prefix = tweak + bytes((-t - b - 1) % BLOCK_BYTES)
-        modulus_u, modulus_v = radix ** u, radix ** v
+        u, v, b, d, chain, modulus_u, modulus_v = self._parameters(n, len(tweak))
+        q_prefix = tweak + bytes((-len(tweak) - b - 1) % BLOCK_BYTES)
         a_number = _number(numerals[:u], radix)
         b_number = _number(numerals[u:], radix)
         rounds = range(ROUNDS - 1, -1, -1) if decrypt else range(ROUNDS)
@@ -110,15 +100,38 @@ class Ff1:
                 a_number, b_number = b_number, c
         return _numerals(a_number, u, radix) + _numerals(b_number, v, radix)
 
-    def _round_value(self, chain: bytes, q: bytes, d: int) -> int:
+    def _parameters(self, n: int, t: int) -> tuple[int, int, int, int, int, int, int]:
+        """Steps 1-5 for a length and tweak length: u, v, b, d, the CBC-MAC state after P, radix**u, radix**v.
+
+        Kept per (n, t) (at most MAX_LENGTH * (MAX_TWEAK_BYTES + 1) entries): they are the same for
+        every call of one token format."""
+        key = (n, t)
+        cached = self._cache.get(key)
+        if cached is not None:
+            return cached
+        radix = self._radix
+        u = n // 2
+        v = n - u
+        b = math.ceil(math.ceil(v * math.log2(radix)) / 8)
+        d = 4 * math.ceil(b / 4) + 4
+        # P = [1]1 [2]1 [1]1 [radix]3 [10]1 [u mod 256]1 [n]4 [t]4.
+        p_block = (bytes([1, 2, 1]) + radix.to_bytes(3, "big") + bytes([10, u % 256])
+                   + n.to_bytes(4, "big") + t.to_bytes(4, "big"))
+        chain = int.from_bytes(self._block.update(p_block), "big")
+        cached = (u, v, b, d, chain, radix ** u, radix ** v)
+        self._cache[key] = cached
+        return cached
+
+    def _round_value(self, chain: int, q: bytes, d: int) -> int:
         """Steps 6.ii-6.iv: R = PRF(P || Q), S = the first d bytes of R || CIPH(R xor [1]) || ..., y = NUM(S)."""
-        state = int.from_bytes(chain, "big")
+        state = chain
         block = self._block
         for start in range(0, len(q), BLOCK_BYTES):
             state ^= int.from_bytes(q[start:start + BLOCK_BYTES], "big")
             state = int.from_bytes(block.update(state.to_bytes(BLOCK_BYTES, "big")), "big")
-        r = state.to_bytes(BLOCK_BYTES, "big")
-        s = r
+        if d <= BLOCK_BYTES:
+            return state >> (8 * (BLOCK_BYTES - d))
+        s = state.to_bytes(BLOCK_BYTES, "big")
         for j in range(1, math.ceil(d / BLOCK_BYTES)):
             s += block.update((state ^ j).to_bytes(BLOCK_BYTES, "big"))
         return int.from_bytes(s[:d], "big")

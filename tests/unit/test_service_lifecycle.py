@@ -39,6 +39,10 @@ async def test_a_backup_forwards_format_tokenize_and_reveal(trio: Cluster, monke
     assert answer == {"values": [CARD], "metadata": [{"k": "v"}]}
     masked = await backup.service.reveal([token], None, None, False, True)
     assert masked == {"values": ["************1111"]}
+    # Audited like any detokenize (committed before the answer), and marked as masked.
+    store = trio.primaries()[0].node.store
+    subjects = [record.get("subject") for record in store.audit_page(0, 1000) if record.get("action") == "detokenize"]
+    assert subjects == [None, "masked"]
 
 
 async def test_forwarded_version_2_requests_get_the_http_checks(trio: Cluster) -> None:

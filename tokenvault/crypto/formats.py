@@ -50,8 +50,8 @@ FORMAT_KEY_BYTES = 32
 # so more than this many is an impossibility, asserted rather than looped on forever.
 MAX_CYCLE_WALK_STEPS = 1000
 _CARD_SEPARATORS = str.maketrans("", "", " -")
-# Tweaks stay short so that FF1's Q is one AES block per round (measured 1.3x faster than a
-# 21-byte tweak): the card tweak is its length byte and the four kept digits, the digits tweak a label.
+# Tweaks stay short so that FF1's Q is one AES block per round (a 21-byte tweak needs two): the
+# card tweak is its length byte and the four kept digits, the digits tweak a label.
 _DIGITS_TWEAK = b"digits"
 
 

@@ -140,7 +140,7 @@ class FakeService:
                       for value in values]
         document: dict = {"values": values}
         if include_metadata:
-            document["metadata"] = [None for _ in tokens]
+            document["metadata_json"] = [None for _ in tokens]
         return document
 
     async def rotate_epoch(self, principal: str, idempotency_key: str | None, actor: object = None) -> Outcome:

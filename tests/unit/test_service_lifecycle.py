@@ -36,7 +36,7 @@ async def test_a_backup_forwards_format_tokenize_and_reveal(trio: Cluster, monke
     # Nothing applied here yet counts: the backup asks the primary (reveal) for what it cannot find.
     monkeypatch.setattr(backup.node.store, "lookup_format", lambda *arguments, **keywords: {})
     answer = await backup.service.reveal([token], None, document["epoch"], True, False)
-    assert answer == {"values": [CARD], "metadata": [{"k": "v"}]}
+    assert answer == {"values": [CARD], "metadata_json": ['{"k":"v"}']}
     masked = await backup.service.reveal([token], None, None, False, True)
     assert masked == {"values": ["************1111"]}
     # Audited like any detokenize (committed before the answer), and marked as masked.

@@ -636,6 +636,9 @@ class _Api:
             answer = {"values": await self.service.detokenize(tokens, actor)}
         else:
             answer = await self.service.reveal(tokens, actor, epoch, include_metadata, masked)
+            if include_metadata:
+                answer = {"values": answer["values"], "metadata": [
+                    None if text is None else json.loads(text) for text in answer["metadata_json"]]}
         if len(answer["values"]) != len(tokens):
             raise AssertionError("the service answered a different number of values than tokens asked")
         # The id the audit record of this request carries, so a caller can find it there.

@@ -368,8 +368,9 @@ class NodeService:
                      include_metadata: bool = False, masked: bool = False) -> dict:
         """Detokenize with the version 2 options: card and digits tokens resolved in ``epoch`` (default:
         the active epoch, after a read barrier), expired mappings as null, ``{"values": [...]}`` plus
-        ``"metadata"`` when asked, and with ``masked`` every value masked (formats.mask_value) before it
-        leaves this method. Audited like ``detokenize``; a masked reveal's record says "masked"."""
+        metadata when asked, and with ``masked`` every value masked (formats.mask_value) before it
+        leaves this method; metadata comes as ``"metadata_json"``, each mapping's canonical JSON text or
+        None. Audited like ``detokenize``; a masked reveal's record says "masked"."""
         found = await self._lookup_mappings(tokens, epoch, include_metadata)
         values = [found[token][0] if token in found else None for token in tokens]
         found_count = sum(value is not None for value in values)
@@ -379,8 +380,8 @@ class NodeService:
             values = [None if value is None else formats.mask_value(value) for value in values]
         document: dict = {"values": values}
         if include_metadata:
-            document["metadata"] = [json.loads(found[token][1]) if token in found and found[token][1] is not None
-                                    else None for token in tokens]
+            # Canonical JSON text, not objects: plain strings cross any process boundary unchanged.
+            document["metadata_json"] = [found[token][1] if token in found else None for token in tokens]
         return document
 
     async def _audit_detokenize(self, values: list[str | None], actor: commands.Actor | None,

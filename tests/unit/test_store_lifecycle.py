@@ -12,7 +12,7 @@ import pytest
 
 from tokenvault.core.commands import (CommandError, PurgeExpiredCommand, TokenizeCommand, decode_command,
                                       encode_command)
-from tokenvault.core.store import Outcome, VaultStore
+from tokenvault.core.store import InsertOnceViolation, Outcome, VaultStore
 
 from test_store import Log, dump, rotate, started, token
 
@@ -89,6 +89,18 @@ def test_a_format_token_held_by_another_value_refuses_the_whole_command(store: V
     assert result.outcome == Outcome.TOKEN_COLLISION
     assert store.lookup_format(1, ["555555"]) == {}
     assert [row for row in dump(store) if row[0] != b"m"] == [row for row in before if row[0] != b"m"]
+
+
+def test_one_token_with_two_values_in_one_command_is_refused(store: VaultStore) -> None:
+    log = Log()
+    started(store, log)
+    before = dump(store)
+    for token_format, token_text in (("card", "4000001234560002"), ("opaque", token(1, 1))):
+        with pytest.raises(InsertOnceViolation):
+            apply(store, log, tokenize_v2(1, [(token_text, b"one"), (token_text, b"two")], token_format=token_format,
+                                          expires_at_ms=5_000))
+        log.next_index -= 1  # the refused entry was not applied
+    assert dump(store) == before
 
 
 def test_expiry_is_judged_by_the_reader_clock_and_purged_by_command_time(store: VaultStore) -> None:

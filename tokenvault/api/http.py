@@ -43,7 +43,11 @@ then holds ``inflight_slot`` around the rest):
    than a fixed slack (400), more JSON values than ``max_items`` plus that
    slack (413) — so parsing never builds millions of objects or holds the
    event loop; then JSON syntax and UTF-8 (400), the document's shape (400),
-   the item count (413), then each item (400); for ``GET /v1/admin/audit``
+   the item count (413), then each item (400); then the version 2 members of
+   tokenize (``format``, ``metadata``, ``ttl_seconds``: 400 for a wrong type,
+   422 for metadata over 1 KiB, a TTL out of range or a value that does not
+   fit its format) and of detokenize (``epoch``, ``include_metadata``: 400; a
+   ``detokenize_masked``-only key asking for metadata: 403); for ``GET /v1/admin/audit``
    the query parameters ``after`` and ``limit`` (400);
 8. the service's own answers: 409 / 422 for idempotency conflicts, 503.
 

@@ -999,7 +999,9 @@ class VaultStore:
         rows: dict[bytes, tuple[bytes, str, int]] = {}
         for position, (token, ciphertext) in enumerate(command.items):
             key = _format_token_key(command.epoch, token) if format_rows else _token_key(token)
-            rows.setdefault(key, (prefix + ciphertext, token, position))
+            first = rows.setdefault(key, (prefix + ciphertext, token, position))
+            if first[0] != prefix + ciphertext:
+                raise InsertOnceViolation(f"entry {index} maps one token to two values; refusing it")
         existing = batch.get_many({key: key for key in rows})
         for key, (value, _, _) in rows.items():
             found = existing.get(key)

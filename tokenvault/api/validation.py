@@ -162,7 +162,10 @@ def canonical_metadata(document: object) -> str:
     object, 422 when its UTF-8 encoding is longer than MAX_METADATA_BYTES."""
     if not isinstance(document, dict):
         raise InvalidRequest("'metadata' must be a JSON object")
-    text = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    try:
+        text = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except (RecursionError, ValueError):
+        raise InvalidRequest("'metadata' is nested too deeply") from None
     try:
         size_bytes = len(text.encode("utf-8"))
     except UnicodeEncodeError:

@@ -62,6 +62,7 @@ if str(BENCH) not in sys.path:
     sys.path.insert(0, str(BENCH))
 
 from httpclients import CLIENT_KINDS, AiohttpClient, RawClient, open_client  # noqa: E402
+from tokenvault.crypto.formats import luhn_valid  # noqa: E402
 
 Client = AiohttpClient | RawClient
 
@@ -106,6 +107,15 @@ Operation = Callable[[Client, int], Awaitable[Outcome]]
 def random_values(count: int, generator: random.Random) -> list[str]:
     """Synthetic values: a fixed prefix and 24 random hex digits, so each is new to the vault."""
     return [f"synthetic-{generator.getrandbits(96):024x}" for _ in range(count)]
+
+
+def random_cards(count: int, generator: random.Random) -> list[str]:
+    """Fresh random 16-digit card numbers with a valid Luhn check digit (what format=card accepts)."""
+    cards = []
+    for _ in range(count):
+        partial = f"4{generator.getrandbits(50) % 10**14:014d}"
+        cards.append(next(partial + check for check in "0123456789" if luhn_valid(partial + check)))
+    return cards
 
 
 def process_cpu_seconds(pids: Sequence[int]) -> float | None:
@@ -245,8 +255,10 @@ def report_line(label: str, measurement: Measurement) -> str:
 class VaultTarget:
     """Builds tokenize/detokenize operations against a list of vault node URLs (round-robin per worker)."""
 
-    def __init__(self, urls: Sequence[str], api_key: str, seed: int, ca_file: str | Path | None = None) -> None:
+    def __init__(self, urls: Sequence[str], api_key: str, seed: int, ca_file: str | Path | None = None,
+                 token_format: str = "opaque") -> None:
         self.urls = [url.rstrip("/") for url in urls]
+        self.token_format = token_format  # tokenize mode: "opaque", or "card" with random Luhn-valid cards
         self.ca_file = ca_file  # the cluster CA for https:// nodes
         self.headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
         self.generator = random.Random(seed)
@@ -256,7 +268,7 @@ class VaultTarget:
     def url_for(self, worker: int) -> str:
         return self.urls[worker % len(self.urls)]
 
-    async def post(self, client: Client, worker: int, url: str, body: dict[str, list[str]]) -> tuple[int, dict]:
+    async def post(self, client: Client, worker: int, url: str, body: dict[str, object]) -> tuple[int, dict]:
         status, payload = await client.post(worker, url, json.dumps(body).encode(), self.headers)
         if status != 200:
             return status, {}
@@ -264,8 +276,11 @@ class VaultTarget:
 
     def tokenize(self, batch: int) -> Operation:
         async def operation(client: Client, worker: int) -> Outcome:
-            values = random_values(batch, self.generator)
-            status, body = await self.post(client, worker, self.url_for(worker) + "/v1/tokenize", {"values": values})
+            if self.token_format == "card":
+                document: dict[str, object] = {"values": random_cards(batch, self.generator), "format": "card"}
+            else:
+                document = {"values": random_values(batch, self.generator)}
+            status, body = await self.post(client, worker, self.url_for(worker) + "/v1/tokenize", document)
             if status != 200 or len(body.get("tokens", ())) != batch:
                 return Outcome(False, 0, f"HTTP {status}")
             return Outcome(True, batch)
@@ -445,12 +460,12 @@ async def command_run(arguments: argparse.Namespace) -> int:
         ca_file = ca_file or cluster_ca_file
     if not urls or not api_key:
         raise SystemExit("give --url and --api-key, or --cluster-json")
-    target = VaultTarget(urls, api_key, arguments.seed, ca_file)
+    target = VaultTarget(urls, api_key, arguments.seed, ca_file, arguments.format)
     if arguments.mode in ("detokenize", "mixed", "repeat"):
         await target.fill_pool(max(arguments.pool, arguments.batch))
     operation = {"tokenize": target.tokenize, "detokenize": target.detokenize, "repeat": target.repeat,
                  "mixed": target.mixed}[arguments.mode](arguments.batch)
-    print(f"{arguments.mode}, {arguments.batch} value(s)/request, concurrency {arguments.concurrency}, "
+    print(f"{arguments.mode} ({arguments.format}), {arguments.batch} value(s)/request, concurrency {arguments.concurrency}, "
           f"{arguments.duration:g} s after {arguments.warmup:g} s warm-up, {arguments.client} client, "
           f"against {', '.join(urls)}", flush=True)
     # CPU per request counts every node of the cluster (all of them work for each write).
@@ -567,6 +582,8 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     run.add_argument("--ca-file", help="cluster CA for https:// nodes (or env TOKENVAULT_CA_FILE)")
     run.add_argument("--mode", choices=("tokenize", "detokenize", "repeat", "mixed"), default="tokenize")
     run.add_argument("--batch", type=int, default=1, help="values (or tokens) per request")
+    run.add_argument("--format", choices=("opaque", "card"), default="opaque",
+                     help="tokenize mode: opaque tokens of synthetic strings, or card tokens of random card numbers")
     run.add_argument("--pool", type=int, default=DETOKENIZE_POOL_VALUES, help="values tokenized beforehand for detokenize and repeat")
     compare_parser = commands.add_parser("compare-etcd", help="start a 3-node vault and a 3-member etcd, drive both")
     compare_parser.add_argument("--rounds", type=int, default=1,

@@ -31,7 +31,9 @@ from typing import Callable, Iterable
 ADMIN = "admin"
 TOKENIZE = "tokenize"
 DETOKENIZE = "detokenize"
-ALL_SCOPES: frozenset[str] = frozenset({ADMIN, TOKENIZE, DETOKENIZE})
+# Version 2: detokenize answers masked values only (tokenvault.crypto.formats.mask_value).
+DETOKENIZE_MASKED = "detokenize_masked"
+ALL_SCOPES: frozenset[str] = frozenset({ADMIN, TOKENIZE, DETOKENIZE, DETOKENIZE_MASKED})
 
 RUNTIME_KEY_PREFIX = "tvk1_"
 RUNTIME_KEY_ID_BYTES = 8

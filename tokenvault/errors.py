@@ -239,3 +239,21 @@ class RequestTimeout(ServiceError):
     def __init__(self, detail: str | None = None) -> None:
         super().__init__(detail or "the request body stopped arriving; the connection is closed",
                          headers={"Connection": "close"})
+
+
+class UnprocessableValue(ServiceError):
+    """A well-formed request whose content does not fit: a value that is not of the requested token
+    format, metadata too large, a TTL out of range. The detail names the field and position only."""
+
+    status = 422
+    title = "Unprocessable content"
+    problem = "unprocessable"
+
+
+class TokenCollision(ServiceError):
+    """A format-preserving token of this request is held, in this epoch, by another value of another
+    format (card and digits tokens of one length share a space); nothing of the request was stored."""
+
+    status = 409
+    title = "Conflict"
+    problem = "format-token-collision"

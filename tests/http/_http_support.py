@@ -60,6 +60,9 @@ class FakeService:
         self.backups_opened = 0
         self.runtime_keys: dict[str, auth.RuntimeKey] = {}
         self.detokenize_actors: list[object] = []
+        self.format_vault: dict[tuple[int, str], str] = {}
+        self.tokenize_options: list[tuple[str, str | None, int | None]] = []
+        self.reveal_calls: list[tuple[list[str], int | None, bool, bool]] = []
 
     def _check_available(self) -> None:
         if self.unavailable:
@@ -91,20 +94,30 @@ class FakeService:
         finally:
             self.in_flight.discard((principal, key))
 
-    async def tokenize(self, principal: str, values: list[str], idempotency_key: str | None) -> Outcome:
+    async def tokenize(self, principal: str, values: list[str], idempotency_key: str | None,
+                       token_format: str = "opaque", metadata_json: str | None = None,
+                       ttl_seconds: int | None = None) -> Outcome:
         self._check_available()
         if self.crash_with is not None:
             raise self.crash_with
         self.tokenize_calls.append((principal, list(values), idempotency_key))
-        fingerprint = hashlib.sha256(_json_bytes(values)).digest()
+        if token_format != "opaque" or metadata_json is not None or ttl_seconds is not None:
+            self.tokenize_options.append((token_format, metadata_json, ttl_seconds))
+        fingerprint = hashlib.sha256(_json_bytes([values, token_format, metadata_json, ttl_seconds])).digest()
 
         async def work() -> Outcome:
             if self.tokenize_gate is not None:
                 await self.tokenize_gate.wait()
             epoch = self.active_epoch
-            tokens = [fake_token(epoch, value) for value in values]
-            for token, value in zip(tokens, values):
-                self.vault.setdefault(token, value)
+            if token_format == "opaque":
+                tokens = [fake_token(epoch, value) for value in values]
+                for token, value in zip(tokens, values):
+                    self.vault.setdefault(token, value)
+            else:  # not FF1: a fake of the same shape (same length, digits)
+                tokens = [str(int(hashlib.sha256(f"{epoch}{value}".encode()).hexdigest(), 16))[:len(value)]
+                          for value in values]
+                for token, value in zip(tokens, values):
+                    self.format_vault.setdefault((epoch, token), value)
             return Outcome(200, _json_bytes({"epoch": epoch, "tokens": tokens}), False)
 
         return await self._idempotent(principal, idempotency_key, "tokenize", fingerprint, work)
@@ -116,6 +129,22 @@ class FakeService:
             parse_token(token)  # the HTTP layer promised grammar-checked tokens
         self.detokenize_calls.append(list(tokens))
         return [self.vault.get(token) for token in tokens]
+
+    async def reveal(self, tokens: list[str], actor: object = None, epoch: int | None = None,
+                     include_metadata: bool = False, masked: bool = False) -> dict:
+        self._check_available()
+        self.detokenize_actors.append(actor)
+        self.reveal_calls.append((list(tokens), epoch, include_metadata, masked))
+        epoch = self.active_epoch if epoch is None else epoch
+        values = [self.vault.get(token) if token.startswith("tv") else self.format_vault.get((epoch, token))
+                  for token in tokens]
+        if masked:
+            values = [None if value is None else "*" * (len(value) - len(value) // 2) + value[len(value) - len(value) // 2:]
+                      for value in values]
+        document: dict = {"values": values}
+        if include_metadata:
+            document["metadata_json"] = [None for _ in tokens]
+        return document
 
     async def rotate_epoch(self, principal: str, idempotency_key: str | None, actor: object = None) -> Outcome:
         self._check_available()

@@ -153,6 +153,20 @@ def test_cluster_json_supplies_urls_and_the_command_specific_key(
     assert primary.calls("/v1/tokenize")[0].headers["Authorization"] == f"Bearer {TOKENIZER_KEY}"
 
 
+def test_tokenize_and_detokenize_pass_the_format_ttl_and_epoch(runner: CliRunner, primary: FakeVaultServer) -> None:
+    options = ["--url", primary.url, "--api-key", ADMIN_KEY]
+    tokenized = runner.invoke(tokenvault, ["tokenize", *options, "--format", "card", "--ttl-seconds", "60"],
+                              input="4111 1111 1111 1111\n")
+    assert tokenized.exit_code == 0, tokenized.output
+    assert primary.calls("/v1/tokenize")[0].body == {"values": ["4111 1111 1111 1111"], "format": "card",
+                                                      "ttl_seconds": 60}
+    detokenized = runner.invoke(tokenvault, ["detokenize", *options, "--epoch", "3", "0000000000001111"])
+    assert detokenized.exit_code == 0, detokenized.output
+    assert primary.calls("/v1/detokenize")[0].body == {"tokens": ["0000000000001111"], "epoch": 3}
+    refused = runner.invoke(tokenvault, ["tokenize", *options, "--ttl-seconds", "0"], input="v\n")
+    assert refused.exit_code != 0 and not primary.calls("/v1/tokenize")[1:]
+
+
 def test_tokenize_from_stdin_and_detokenize_round_trip(runner: CliRunner, primary: FakeVaultServer) -> None:
     values = ["4111 1111 1111 1111", "5500 0000 0000 0004"]
     options = ["--url", primary.url, "--api-key", ADMIN_KEY]

@@ -23,7 +23,8 @@ from prometheus_client.samples import Sample
 
 from tokenvault.api.channel import Channel
 from tokenvault.api.service import (NodeService, _actor, _optional_idempotency_key, _principal, _strings)
-from tokenvault.api.validation import require_item_list, validate_tokens, validate_values
+from tokenvault.api.validation import (require_item_list, validate_lookup_epoch, validate_lookup_tokens,
+                                       validate_tokens, validate_values)
 from tokenvault.core.backup import BackupStream
 from tokenvault.core.commands import Actor, CommandError
 from tokenvault.errors import InvalidRequest, NotFound, Overloaded
@@ -65,7 +66,7 @@ class CoreCalls:
     @property
     def handlers(self) -> dict[str, Handler]:
         return {
-            "tokenize": self._tokenize, "tokenize_sealed": self._tokenize_sealed, "detokenize": self._detokenize, "rotate_epoch": self._rotate_epoch,
+            "tokenize": self._tokenize, "tokenize_sealed": self._tokenize_sealed, "detokenize": self._detokenize, "reveal": self._reveal, "rotate_epoch": self._rotate_epoch,
             "list_epochs": self._list_epochs, "create_key": self._create_key, "revoke_key": self._revoke_key,
             "list_keys": self._list_keys, "audit_page": self._audit_page, "cluster_view": self._cluster_view,
             "health": self._health, "metrics": self._render_metrics, "backup.open": self._backup_open,
@@ -89,9 +90,22 @@ class CoreCalls:
 
     # ------------------------------------------------------------------ the vault
     async def _tokenize(self, arguments: dict[str, Any]) -> Any:
-        _members(arguments, ("principal", "values", "idempotency_key"))
+        _members(arguments, ("principal", "values", "idempotency_key", "token_format", "metadata_json",
+                             "ttl_seconds"))
         values = validate_values(require_item_list(arguments, "values", self._limits), self._limits)
-        return await self._service.tokenize(_principal(arguments), values, _optional_idempotency_key(arguments))
+        # The version 2 options are checked by the service itself (validate_options), as for a forward.
+        return await self._service.tokenize(_principal(arguments), values, _optional_idempotency_key(arguments),
+                                            arguments["token_format"], arguments["metadata_json"],
+                                            arguments["ttl_seconds"])
+
+    async def _reveal(self, arguments: dict[str, Any]) -> Any:
+        _members(arguments, ("tokens", "actor", "epoch", "include_metadata", "masked"))
+        tokens = validate_lookup_tokens(require_item_list(arguments, "tokens", self._limits))
+        include_metadata, masked = arguments["include_metadata"], arguments["masked"]
+        if not isinstance(include_metadata, bool) or not isinstance(masked, bool):
+            raise InvalidRequest("include_metadata and masked must be booleans")
+        return await self._service.reveal(tokens, _checked_actor(arguments["actor"]),
+                                          validate_lookup_epoch(arguments["epoch"]), include_metadata, masked)
 
     async def _tokenize_sealed(self, arguments: dict[str, Any]) -> Any:
         _members(arguments, ("principal", "epoch", "values", "items"))

@@ -43,7 +43,11 @@ then holds ``inflight_slot`` around the rest):
    than a fixed slack (400), more JSON values than ``max_items`` plus that
    slack (413) — so parsing never builds millions of objects or holds the
    event loop; then JSON syntax and UTF-8 (400), the document's shape (400),
-   the item count (413), then each item (400); for ``GET /v1/admin/audit``
+   the item count (413), then each item (400); then the version 2 members of
+   tokenize (``format``, ``metadata``, ``ttl_seconds``: 400 for a wrong type,
+   422 for metadata over 1 KiB, a TTL out of range or a value that does not
+   fit its format) and of detokenize (``epoch``, ``include_metadata``: 400; a
+   ``detokenize_masked``-only key asking for metadata: 403); for ``GET /v1/admin/audit``
    the query parameters ``after`` and ``limit`` (400);
 8. the service's own answers: 409 / 422 for idempotency conflicts, 503.
 
@@ -91,13 +95,20 @@ from tokenvault.errors import (
 from tokenvault.logs import get_logger
 from tokenvault.metrics import METRICS_CONTENT_TYPE, UNMATCHED_ROUTE, Metrics
 from tokenvault.api.validation import (
+    canonical_metadata,
     check_json_structure,
     max_json_values,
+    normalize_values,
     require_item_list,
     validate_idempotency_key,
-    validate_tokens,
+    validate_lookup_epoch,
+    validate_lookup_tokens,
+    validate_options,
+    validate_ttl,
     validate_values,
 )
+from tokenvault.crypto import formats
+from tokenvault.crypto.tokens import is_token
 
 if TYPE_CHECKING:
     from tokenvault.config import NodeConfig
@@ -113,6 +124,8 @@ ROUTE_BACKUP = backup.ROUTE_BACKUP
 ROUTE_KEYS = "/v1/admin/keys"
 ROUTE_KEY_REVOKE = "/v1/admin/keys/{key_id}/revoke"
 ROUTE_AUDIT = "/v1/admin/audit"
+# The optional members of a tokenize request (version 2).
+TOKENIZE_OPTIONS = ("format", "metadata", "ttl_seconds")
 # GET /v1/admin/audit: at most this many records per page, and this many when not asked.
 DEFAULT_AUDIT_PAGE = 100
 _DECIMAL = re.compile(r"(0|[1-9][0-9]{0,18})\Z")
@@ -136,7 +149,7 @@ _KIND: web.RequestKey[str] = web.RequestKey("tokenvault_rate_limit_kind", str)
 _BODY: web.RequestKey[bytes] = web.RequestKey("tokenvault_body", bytes)
 # The endpoint kind a scope's requests are counted under (tokenvault/api/ratelimit.py).
 RATE_LIMIT_KIND_OF_SCOPE = {auth.TOKENIZE: ratelimit.TOKENIZE, auth.DETOKENIZE: ratelimit.DETOKENIZE,
-                            auth.ADMIN: ratelimit.ADMIN}
+                            auth.DETOKENIZE_MASKED: ratelimit.DETOKENIZE, auth.ADMIN: ratelimit.ADMIN}
 
 _log = get_logger("tokenvault.api.http")
 # Marks "no body at all", which differs from a JSON body of `null`.
@@ -272,8 +285,9 @@ def http_exception_problem(error: web.HTTPException) -> web.Response:
 # ---------------------------------------------------------------- header checks
 
 
-def authorize(request: web.Request, api_keys: auth.ApiKeyTable, scope: str) -> auth.Principal:
-    """The request's principal if its bearer key is known and has ``scope``; else 401 / 403."""
+def authorize(request: web.Request, api_keys: auth.ApiKeyTable, scope: str,
+              alternative: str | None = None) -> auth.Principal:
+    """The request's principal if its bearer key is known and has ``scope`` (or ``alternative``); else 401 / 403."""
     headers = request.headers.getall("Authorization", [])
     if not headers:
         raise Unauthenticated("send an API key as 'Authorization: Bearer <key>'", headers=_challenge())
@@ -287,7 +301,7 @@ def authorize(request: web.Request, api_keys: auth.ApiKeyTable, scope: str) -> a
     principal = api_keys.authenticate(presented)
     if principal is None:
         raise Unauthenticated("unknown API key", headers=_challenge("invalid_token"))
-    if not principal.has_scope(scope):
+    if not principal.has_scope(scope) and (alternative is None or not principal.has_scope(alternative)):
         raise Forbidden(
             f"this API key lacks the '{scope}' scope",
             headers={"WWW-Authenticate": f'Bearer realm="tokenvault", error="insufficient_scope", scope="{scope}"'},
@@ -366,13 +380,13 @@ def parse_json(body: bytes) -> Any:
         raise InvalidRequest("the request body is not valid JSON") from None
 
 
-def require_members(document: Any, required: tuple[str, ...]) -> dict[str, Any]:
-    """The body as a JSON object holding exactly the ``required`` members."""
+def require_members(document: Any, required: tuple[str, ...], optional: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The body as a JSON object holding the ``required`` members and perhaps some ``optional`` ones."""
     if not isinstance(document, dict):
         raise InvalidRequest("the request body must be a JSON object")
-    unknown = len(set(document) - set(required))
+    unknown = len(set(document) - set(required) - set(optional))
     if unknown:
-        raise InvalidRequest(f"the request body has {unknown} unknown member(s); allowed: {list(required)}")
+        raise InvalidRequest(f"the request body has {unknown} unknown member(s); allowed: {list(required + optional)}")
     for name in required:
         if name not in document:
             raise InvalidRequest(f"the request body must have a '{name}' member")
@@ -444,9 +458,9 @@ class _Api:
         # zero, so its size is bounded by the key table.
         self.body_reads_by_key: dict[str, int] = {}
 
-    def admit(self, request: web.Request, scope: str) -> auth.Principal:
+    def admit(self, request: web.Request, scope: str, alternative: str | None = None) -> auth.Principal:
         """Authentication (401), scope (403), then the key's rate limit for the scope's kind (429)."""
-        principal = authorize(request, self.api_keys, scope)
+        principal = authorize(request, self.api_keys, scope, alternative)
         kind = RATE_LIMIT_KIND_OF_SCOPE.get(scope, ratelimit.ADMIN)
         # One bucket per key (runtime keys may share a name); configured per-key limits apply by
         # name to bootstrap keys only, so naming a runtime key after one does not inherit its limits.
@@ -591,9 +605,20 @@ class _Api:
 
     async def _tokenize(self, request: web.Request, principal: auth.Principal) -> web.Response:
         key = idempotency_key(request)
-        document = require_members(await self.read_json(request, body_required=True), ("values",))
+        document = require_members(await self.read_json(request, body_required=True), ("values",),
+                                   TOKENIZE_OPTIONS)
         values = validate_values(require_item_list(document, "values", self.limits), self.limits)
-        outcome = await self.service.tokenize(principal.identity, values, key)
+        if len(document) > 1:
+            # Version 2 options: checked here (400 / 422) and again by the service (forwarded requests).
+            options = validate_options(
+                document.get("format", formats.OPAQUE),
+                canonical_metadata(document["metadata"]) if "metadata" in document else None,
+                validate_ttl(document["ttl_seconds"]) if "ttl_seconds" in document else None)
+            normalize_values(values, options.token_format)
+            outcome = await self.service.tokenize(principal.identity, values, key, options.token_format,
+                                                  options.metadata_json, options.ttl_seconds)
+        else:
+            outcome = await self.service.tokenize(principal.identity, values, key)
         # Issued tokens are counted by the node when it applies them, once per
         # token across forwards; this layer counts only replays.
         if outcome.replayed:
@@ -601,7 +626,7 @@ class _Api:
         return outcome_response(outcome)
 
     async def detokenize(self, request: web.Request) -> web.StreamResponse:
-        principal = self.admit(request, auth.DETOKENIZE)
+        principal = self.admit(request, auth.DETOKENIZE, auth.DETOKENIZE_MASKED)
         await self.receive_body(request)
         with self.inflight_slot():
             return await self._detokenize(request, principal)
@@ -612,14 +637,32 @@ class _Api:
                               request_id=new_request_id())
 
     async def _detokenize(self, request: web.Request, principal: auth.Principal) -> web.Response:
-        document = require_members(await self.read_json(request, body_required=True), ("tokens",))
-        tokens = validate_tokens(require_item_list(document, "tokens", self.limits))
+        document = require_members(await self.read_json(request, body_required=True), ("tokens",),
+                                   ("epoch", "include_metadata"))
+        tokens = validate_lookup_tokens(require_item_list(document, "tokens", self.limits))
+        if "epoch" in document and document["epoch"] is None:
+            raise InvalidRequest("'epoch' must be an integer when given")
+        epoch = validate_lookup_epoch(document.get("epoch"))
+        include_metadata = document.get("include_metadata", False)
+        if not isinstance(include_metadata, bool):
+            raise InvalidRequest("'include_metadata' must be true or false")
+        # A key with the detokenize scope sees values; one with only detokenize_masked, masked values.
+        masked = not principal.has_scope(auth.DETOKENIZE)
+        if masked and include_metadata:
+            raise Forbidden("the 'detokenize_masked' scope does not reveal metadata; it needs 'detokenize'")
         actor = self.actor(principal)
-        values = await self.service.detokenize(tokens, actor)
-        if len(values) != len(tokens):
+        plain = not masked and len(document) == 1 and all(map(is_token, tokens))
+        if plain:
+            answer = {"values": await self.service.detokenize(tokens, actor)}
+        else:
+            answer = await self.service.reveal(tokens, actor, epoch, include_metadata, masked)
+            if include_metadata:
+                answer = {"values": answer["values"], "metadata": [
+                    None if text is None else json.loads(text) for text in answer["metadata_json"]]}
+        if len(answer["values"]) != len(tokens):
             raise AssertionError("the service answered a different number of values than tokens asked")
         # The id the audit record of this request carries, so a caller can find it there.
-        return json_response({"values": values}, headers={**NO_STORE_HEADERS, REQUEST_ID_HEADER: actor.request_id or ""})
+        return json_response(answer, headers={**NO_STORE_HEADERS, REQUEST_ID_HEADER: actor.request_id or ""})
 
     async def rotate_epoch(self, request: web.Request) -> web.StreamResponse:
         principal = self.admit(request, auth.ADMIN)

@@ -19,6 +19,7 @@ from tokenvault import auth
 from tokenvault.api.channel import Channel
 from tokenvault.core import commands
 from tokenvault.core.backup import BACKUP_CHUNK_BYTES
+from tokenvault.crypto import formats
 from tokenvault.crypto.keys import EpochKeys
 from tokenvault.errors import EpochChanged, Outcome, Unavailable
 from tokenvault.logs import get_logger
@@ -116,9 +117,12 @@ class RemoteService:
     async def read_health(self) -> dict[str, Any]:
         return _document(await self._call("health", {}))
 
-    async def tokenize(self, principal: str, values: list[str], idempotency_key: str | None) -> Outcome:
+    async def tokenize(self, principal: str, values: list[str], idempotency_key: str | None,
+                       token_format: str = formats.OPAQUE, metadata_json: str | None = None,
+                       ttl_seconds: int | None = None) -> Outcome:
         keys = self._epoch_keys
-        if idempotency_key is None and keys is not None:
+        plain = token_format == formats.OPAQUE and metadata_json is None and ttl_seconds is None
+        if idempotency_key is None and plain and keys is not None:
             # Sealed here, on this worker's core; the core checks the epoch and one value, and
             # answers EpochChanged after a rotation this worker has not heard of yet.
             items = [[token, ciphertext] for token, ciphertext in keys.seal_many(values)]
@@ -127,8 +131,9 @@ class RemoteService:
                     "principal": principal, "epoch": keys.epoch, "values": values, "items": items}))
             except EpochChanged:
                 pass
-        return _outcome(await self._call("tokenize", {"principal": principal, "values": values,
-                                                      "idempotency_key": idempotency_key}))
+        return _outcome(await self._call("tokenize", {
+            "principal": principal, "values": values, "idempotency_key": idempotency_key,
+            "token_format": token_format, "metadata_json": metadata_json, "ttl_seconds": ttl_seconds}))
 
     async def detokenize(self, tokens: list[str], actor: commands.Actor | None = None) -> list[str | None]:
         result = await self._call("detokenize", {"tokens": tokens,
@@ -137,6 +142,12 @@ class RemoteService:
                 or not all(value is None or isinstance(value, str) for value in result):
             raise _unexpected()
         return result
+
+    async def reveal(self, tokens: list[str], actor: commands.Actor | None = None, epoch: int | None = None,
+                     include_metadata: bool = False, masked: bool = False) -> dict[str, Any]:
+        return _document(await self._call("reveal", {
+            "tokens": tokens, "actor": (actor or commands.NO_ACTOR).fields(), "epoch": epoch,
+            "include_metadata": include_metadata, "masked": masked}))
 
     async def rotate_epoch(self, principal: str, idempotency_key: str | None,
                            actor: commands.Actor | None = None) -> Outcome:

@@ -25,17 +25,20 @@ from tokenvault.api.coalesce import TokenizeCoalescer
 from tokenvault.core.backup import BACKUP_WORK_DIR_NAME, BackupStream
 from tokenvault.crypto.keys import DecryptError, KeyCustodyError, new_epoch_secret
 from tokenvault.auth import PRINCIPAL_NAME_PATTERN
-from tokenvault.errors import (EpochChanged, IdempotencyInFlight, IdempotencyMismatch, InvalidRequest, KeyLimitReached, NotFound,
-                               Outcome, Overloaded, PayloadTooLarge, ServiceError, Unavailable, error_from_problem,
-                               problem_body)
+from tokenvault.errors import (EpochChanged, IdempotencyInFlight, IdempotencyMismatch, InvalidRequest,
+                               KeyLimitReached, NotFound, Outcome, Overloaded, PayloadTooLarge, ServiceError,
+                               TokenCollision, Unavailable, error_from_problem, problem_body)
 from tokenvault.logs import get_logger
 from tokenvault.futures import await_future
 from tokenvault.core.node import Node, NodeBusy, ProposalLost, ProposalOutcomeUnknown
 from tokenvault.core.sealer import Sealer, SealerUnavailable
 from tokenvault.core.store import MAX_API_KEYS as MAX_RUNTIME_KEYS
 from tokenvault.core.store import Outcome as ApplyOutcome
-from tokenvault.crypto.tokens import MAX_TOKEN_CHARS, parse_token
-from tokenvault.api.validation import require_item_list, validate_idempotency_key, validate_tokens, validate_values
+from tokenvault.crypto import formats
+from tokenvault.crypto.tokens import MAX_TOKEN_CHARS, is_token, parse_token
+from tokenvault.api.validation import (TokenizeOptions, normalize_values, require_item_list,
+                                       validate_idempotency_key, validate_lookup_epoch, validate_lookup_tokens,
+                                       validate_options, validate_tokens, validate_values)
 
 log = get_logger("service")
 
@@ -44,13 +47,20 @@ MAX_FORWARDS_IN_FLIGHT = 4096
 # Forwarded requests the primary serves at once, from all backups together.
 MAX_FORWARDS_SERVED = 2 * MAX_FORWARDS_IN_FLIGHT
 TOKENIZE = "tokenize"
+TOKENIZE_EXTENDED = "tokenize.v2"
 ROTATE = "rotate"
 CREATE_KEY = "key.create"
 REVOKE_KEY = "key.revoke"
 LIST_KEYS = "keys"
 AUDIT = "audit"
 DETOKENIZE = "detokenize"
+REVEAL = "reveal"
 EPOCHS = "epochs"
+# The background purge of expired mappings (on the primary): how often it looks, and the most
+# mappings one purge entry deletes.
+EXPIRY_PURGE_INTERVAL_SECONDS = 1.0
+EXPIRY_PURGE_LIMIT = 256
+MASKED_SUBJECT = "masked"
 
 
 class ForwardedError(ServiceError):
@@ -65,6 +75,11 @@ class ForwardedError(ServiceError):
 
 def _json(document: object) -> bytes:
     return json.dumps(document, separators=(",", ":")).encode()
+
+
+def _now_ms() -> int:
+    """This node's clock, which reads judge expiry by."""
+    return int(time.time() * 1000)
 
 
 def _rfc3339(milliseconds: int) -> str:
@@ -94,6 +109,13 @@ class NodeService:
             self._audit = AuditBuffer(self._write_audit, flush_ms=audit_config.flush_ms,
                                       max_batch_records=audit_config.max_batch_records,
                                       max_pending_records=audit_config.max_pending_records)
+        self.expiry_purge_interval_seconds = EXPIRY_PURGE_INTERVAL_SECONDS
+        self.expiry_purge_limit = EXPIRY_PURGE_LIMIT
+        self._purge_task: asyncio.Task | None = None
+        try:
+            self._purge_task = asyncio.get_running_loop().create_task(self._purge_expired_loop())
+        except RuntimeError:
+            pass  # built outside an event loop (a test double's setup): no background purge
 
     def api_key(self, key_id: str) -> auth.RuntimeKey | None:
         """The replicated runtime key with this id, as this node has applied it (for authentication)."""
@@ -101,6 +123,8 @@ class NodeService:
 
     async def close(self) -> None:
         await self._coalescer.close()
+        if self._purge_task is not None:
+            self._purge_task.cancel()
         if self._audit is not None:
             await self._audit.close()
         for task in list(self._forward_tasks):
@@ -115,6 +139,37 @@ class NodeService:
     async def read_health(self) -> dict:
         """health() for the HTTP layer, whose service may be in another process (tokenvault.api.remote)."""
         return self.node.health()
+
+    # ------------------------------------------------------------------ expiry
+    async def _purge_expired_loop(self) -> None:
+        """On the primary, every interval: while a mapping's expiry has passed, propose a purge entry
+        of at most expiry_purge_limit mappings (the entry carries this node's clock, so every node
+        deletes the same ones). Backups only apply those entries."""
+        while True:
+            await asyncio.sleep(self.expiry_purge_interval_seconds)
+            try:
+                while await self.purge_expired_once() >= self.expiry_purge_limit:
+                    pass  # a full batch: more may be waiting
+            except asyncio.CancelledError:
+                raise
+            except (ServiceError, NotPrimary):
+                pass  # no quorum or a change of primary: the next round tries again
+            except Exception:
+                log.exception("expiry.purge_failed")
+
+    async def purge_expired_once(self) -> int:
+        """One purge entry if this node is the primary and a mapping has expired; the number deleted."""
+        if not self._is_primary():
+            return 0
+        now_ms = _now_ms()
+        next_expiry_ms = self.node.store.next_expiry_ms()
+        if next_expiry_ms is None or next_expiry_ms > now_ms:
+            return 0
+        command = commands.PurgeExpiredCommand(now_ms=now_ms, limit=self.expiry_purge_limit)
+        result = await self._propose(commands.encode_command(command))
+        if result.outcome == ApplyOutcome.OK and result.items:
+            log.info("expiry.purged", mappings=result.items, index=result.index)
+        return result.items if result.outcome == ApplyOutcome.OK else 0
 
     # ------------------------------------------------------------------ routing
     def _is_primary(self) -> bool:
@@ -133,15 +188,30 @@ class NodeService:
         return await self._forward(primary_id, kind, arguments)
 
     # ------------------------------------------------------------------ tokenize
-    async def tokenize(self, principal: str, values: list[str], idempotency_key: str | None) -> Outcome:
-        if idempotency_key is None and not self._is_primary():
-            repeat = await self._repeat_on_backup(values)
+    async def tokenize(self, principal: str, values: list[str], idempotency_key: str | None,
+                       token_format: str = formats.OPAQUE, metadata_json: str | None = None,
+                       ttl_seconds: int | None = None) -> Outcome:
+        """Tokenize ``values`` in the active epoch. Version 2 options: ``token_format`` (opaque, card,
+        digits), ``metadata_json`` (a JSON object's canonical text, validation.canonical_metadata) and
+        ``ttl_seconds``; a request without them is exactly the version 1 request."""
+        options = validate_options(token_format, metadata_json, ttl_seconds)
+        if idempotency_key is None and not self._is_primary() and options.answerable_as_read:
+            repeat = await self._repeat_on_backup(normalize_values(values, options.token_format), options)
             if repeat is not None:
                 return repeat
         arguments = {"principal": principal, "values": values, "idempotency_key": idempotency_key}
+        if options.extended:
+            arguments.update(options.forwarded())
+            return await self._route(TOKENIZE_EXTENDED, arguments, self._tokenize_extended_here)
         return await self._route(TOKENIZE, arguments, self._tokenize_here)
 
-    async def _repeat_on_backup(self, values: list[str]) -> Outcome | None:
+    async def _tokenize_extended_here(self, principal: str, values: list[str], idempotency_key: str | None,
+                                      token_format: str, metadata_json: str | None,
+                                      ttl_seconds: int | None) -> Outcome:
+        return await self._tokenize_here(principal, values, idempotency_key,
+                                         validate_options(token_format, metadata_json, ttl_seconds))
+
+    async def _repeat_on_backup(self, values: list[str], options: TokenizeOptions | None = None) -> Outcome | None:
         """A backup answers a tokenize whose tokens all exist, with a read index from the primary.
 
         None when it cannot (a new value, a rotation meanwhile, no primary to
@@ -151,7 +221,7 @@ class NodeService:
         if epoch == 0:
             return None
         try:
-            tokens = await self._answer_as_read(epoch, values)
+            tokens = await self._answer_as_read(epoch, values, options)
         except (NotPrimary, ServiceError):
             return None
         if tokens is None:
@@ -159,10 +229,15 @@ class NodeService:
         self.node.metrics.record_tokenize_answered_as_read(len(tokens))
         return Outcome(200, _json({"epoch": epoch, "tokens": tokens}), False)
 
-    async def _tokenize_here(self, principal: str, values: list[str], idempotency_key: str | None) -> Outcome:
+    async def _tokenize_here(self, principal: str, values: list[str], idempotency_key: str | None,
+                             options: TokenizeOptions | None = None) -> Outcome:
+        options = options or TokenizeOptions()
+        values = normalize_values(values, options.token_format)
         fingerprint = None
         if idempotency_key is not None:
-            canonical = msgpack.packb(values, use_bin_type=True)
+            # A version 1 request keeps its fingerprint; the options join it only when used.
+            canonical = msgpack.packb([values, *options.forwarded().values()] if options.extended else values,
+                                      use_bin_type=True)
             fingerprint = self.node.master_key.idempotency_fingerprint(principal, TOKENIZE, canonical)
         async with self._idempotency_slot(principal, idempotency_key, TOKENIZE, fingerprint) as replay:
             if replay is not None:
@@ -171,23 +246,30 @@ class NodeService:
                 epoch = self.node.store.active_epoch()
                 if epoch == 0:
                     raise Unavailable("the cluster has no active epoch yet; retry shortly")
-                if idempotency_key is None:
-                    tokens = await self._answer_as_read(epoch, values)
+                # FF1 tokens cost tens of microseconds each: computed once, for the read and the write.
+                format_tokens = None
+                if options.token_format != formats.OPAQUE:
+                    format_keys = self.node.keyring.get(epoch).formats
+                    format_tokens = [format_keys.token_for(options.token_format, value) for value in values]
+                if idempotency_key is None and options.answerable_as_read:
+                    tokens = await self._answer_as_read(epoch, values, options, format_tokens)
                     if tokens is not None:
                         self.node.metrics.record_tokenize_answered_as_read(len(tokens))
                         return Outcome(200, _json({"epoch": epoch, "tokens": tokens}), False)
                     if self.node.store.active_epoch() != epoch:
                         continue  # a rotation was applied meanwhile: recompute in the new epoch
-                items = await self._seal(epoch, values)
-                command = commands.TokenizeCommand(
-                    epoch=epoch, items=items, principal=principal, idempotency_key=idempotency_key,
-                    fingerprint=fingerprint, issued_at_ms=int(time.time() * 1000))
+                command = await self._tokenize_command(epoch, values, principal, idempotency_key, fingerprint,
+                                                       options, format_tokens)
                 result = await self._propose(commands.encode_command(command))
                 if result.outcome == ApplyOutcome.OK:
-                    body = _json({"epoch": epoch, "tokens": [token for token, _ in items]})
+                    body = _json({"epoch": epoch, "tokens": [token for token, _ in command.items]})
                     return Outcome(200, body, False)
                 if result.outcome == ApplyOutcome.DUPLICATE:
                     return self._replay(principal, idempotency_key, TOKENIZE, fingerprint)
+                if result.outcome == ApplyOutcome.TOKEN_COLLISION:
+                    raise TokenCollision("a card or digits token of this request is held by a value of the other "
+                                         "format in this epoch; nothing was stored (tokenize these values as "
+                                         "opaque, or again after a rotation)")
                 # EPOCH_MISMATCH: a rotation was applied first; recompute in the new epoch.
             raise Unavailable("the active epoch kept changing; retry")
 
@@ -211,7 +293,7 @@ class NodeService:
             log.error("worker.sealing_mismatch", epoch=epoch, items=len(items))
             raise Unavailable("the request was sealed inconsistently; it had no effect: retry")
         tokens = [token for token, _ in items]
-        found = self.node.store.lookup(tokens)
+        found = self.node.store.lookup(tokens, _now_ms())
         if len(found) == len(set(tokens)) and all(found[token] == ciphertext for token, ciphertext in items):
             try:
                 await self._read_barrier()
@@ -232,7 +314,34 @@ class NodeService:
             return Outcome(200, _json({"epoch": epoch, "tokens": tokens}), False)
         raise EpochChanged("a rotation was applied first")
 
-    async def _answer_as_read(self, epoch: int, values: list[str]) -> list[str] | None:
+    async def _tokenize_command(self, epoch: int, values: list[str], principal: str, idempotency_key: str | None,
+                                fingerprint: bytes | None, options: TokenizeOptions,
+                                format_tokens: list[str] | None = None) -> commands.TokenizeCommand:
+        """The log entry of a tokenize: tokens and ciphertexts, and for version 2 options the expiry
+        time (from this node's clock, carried in the entry) and the metadata sealed per token."""
+        issued_at_ms = int(time.time() * 1000)
+        if options.token_format == formats.OPAQUE:
+            items = await self._seal(epoch, values)
+        else:
+            keys = self.node.keyring.get(epoch)
+            if format_tokens is None:
+                items = tuple(keys.seal_format(options.token_format, value) for value in values)
+            else:
+                items = tuple((token, keys.encrypt(token, value)) for token, value in zip(format_tokens, values))
+            self.node.metrics.record_sealed("node", len(items))
+        metadata = None
+        if options.metadata_json is not None:
+            keys = self.node.keyring.get(epoch)
+            document = options.metadata_json.encode("utf-8")
+            metadata = tuple(keys.encrypt_metadata(token, document) for token, _ in items)
+        expires_at_ms = None if options.ttl_seconds is None else issued_at_ms + options.ttl_seconds * 1000
+        return commands.TokenizeCommand(
+            epoch=epoch, items=items, principal=principal, idempotency_key=idempotency_key,
+            fingerprint=fingerprint, issued_at_ms=issued_at_ms, token_format=options.token_format,
+            expires_at_ms=expires_at_ms, metadata=metadata)
+
+    async def _answer_as_read(self, epoch: int, values: list[str], options: TokenizeOptions | None = None,
+                              format_tokens: list[str] | None = None) -> list[str] | None:
         """The tokens of ``values`` in ``epoch`` when this tokenize can be answered as a read, else None.
 
         A tokenize whose (token, ciphertext) pairs are all stored already
@@ -241,7 +350,9 @@ class NodeService:
         store reflect every write acknowledged before the request started, a
         rotation included, so the epoch check after it never misses an
         acknowledged rotation. Mappings are insert-once, so a token found
-        before the barrier is still there after it. Only the tokens are
+        before the barrier is still there after it, unless it expires
+        meanwhile: then the answer is what the write path would give too (a
+        request without a TTL leaves a live mapping's expiry as it is). Only the tokens are
         computed first (one HMAC per value), so a tokenize of new values pays
         one lookup; the ciphertexts (deterministic AES-SIV) are compared only
         when every token exists, and any difference leaves it to the write path.
@@ -249,8 +360,13 @@ class NodeService:
         if not values:
             return None  # not a valid tokenize: the command's own checks answer it
         keys = self.node.keyring.get(epoch)
-        tokens = [keys.token_for(value) for value in values]
-        found = self.node.store.lookup(tokens)
+        token_format = formats.OPAQUE if options is None else options.token_format
+        if token_format == formats.OPAQUE:
+            tokens = [keys.token_for(value) for value in values]
+            found = self.node.store.lookup(tokens, _now_ms())
+        else:
+            tokens = format_tokens or [keys.formats.token_for(token_format, value) for value in values]
+            found = self.node.store.lookup_format(epoch, tokens, _now_ms())
         if len(found) != len(set(tokens)):
             return None
         if any(found[token] != keys.encrypt(token, value) for token, value in zip(tokens, values)):
@@ -305,17 +421,111 @@ class NodeService:
     async def detokenize(self, tokens: list[str], actor: commands.Actor | None = None) -> list[str | None]:
         """The values of ``tokens``, answered only once the audit record of this detokenize is committed."""
         values = await self._detokenize(tokens)
-        if self._audit is not None:
-            actor = actor or commands.NO_ACTOR
-            record = commands.AuditRecord(
-                at_ms=int(time.time() * 1000), node=self.node_id, key_name=actor.name, key_id=actor.key_id,
-                action="detokenize", items=len(values), found=sum(value is not None for value in values),
-                request_id=actor.request_id, subject=None)
-            try:
-                await self._audit.append(record)
-            except AuditUnavailable as error:
-                raise Unavailable(f"{error}; the values were not returned (every detokenize is audited)") from None
+        await self._audit_detokenize(values, actor, None)
         return values
+
+    async def reveal(self, tokens: list[str], actor: commands.Actor | None = None, epoch: int | None = None,
+                     include_metadata: bool = False, masked: bool = False) -> dict:
+        """Detokenize with the version 2 options: card and digits tokens resolved in ``epoch`` (default:
+        the active epoch, after a read barrier), expired mappings as null, ``{"values": [...]}`` plus
+        metadata when asked, and with ``masked`` every value masked (formats.mask_value) before it
+        leaves this method; metadata comes as ``"metadata_json"``, each mapping's canonical JSON text or
+        None. Audited like ``detokenize``; a masked reveal's record says "masked"."""
+        found = await self._lookup_mappings(tokens, epoch, include_metadata)
+        values = [found[token][0] if token in found else None for token in tokens]
+        found_count = sum(value is not None for value in values)
+        self.node.metrics.record_detokenized(found_count, len(values) - found_count)
+        await self._audit_detokenize(values, actor, MASKED_SUBJECT if masked else None)
+        if masked:
+            values = [None if value is None else formats.mask_value(value) for value in values]
+        document: dict = {"values": values}
+        if include_metadata:
+            # Canonical JSON text, not objects: plain strings cross any process boundary unchanged.
+            document["metadata_json"] = [found[token][1] if token in found else None for token in tokens]
+        return document
+
+    async def _audit_detokenize(self, values: list[str | None], actor: commands.Actor | None,
+                                subject: str | None) -> None:
+        if self._audit is None:
+            return
+        actor = actor or commands.NO_ACTOR
+        record = commands.AuditRecord(
+            at_ms=int(time.time() * 1000), node=self.node_id, key_name=actor.name, key_id=actor.key_id,
+            action="detokenize", items=len(values), found=sum(value is not None for value in values),
+            request_id=actor.request_id, subject=subject)
+        try:
+            await self._audit.append(record)
+        except AuditUnavailable as error:
+            raise Unavailable(f"{error}; the values were not returned (every detokenize is audited)") from None
+
+    async def _lookup_mappings(self, tokens: list[str], epoch: int | None,
+                               include_metadata: bool) -> dict[str, tuple[str, str | None]]:
+        """token -> (value, metadata JSON text or None) for the live mappings among ``tokens``: found
+        here, or else asked of the primary (a backup answers only what it has applied)."""
+        if epoch is None and any(not is_token(token) for token in tokens):
+            # Format tokens carry no epoch: "the active one" is the one as of a read barrier.
+            await self._read_barrier_anywhere()
+            epoch = self.node.store.active_epoch() or None
+        found = self._read_mappings(tokens, epoch, include_metadata, _now_ms())
+        missing = sorted({token for token in tokens if token not in found})
+        if missing:
+            arguments = {"tokens": missing, "epoch": epoch, "include_metadata": include_metadata}
+            answered = await self._route(REVEAL, arguments, self._reveal_missing_here)
+            for token, pair in answered.items():
+                if pair is not None and token in missing:
+                    found[token] = (pair[0], pair[1])
+        return found
+
+    async def _reveal_missing_here(self, tokens: list[str], epoch: int | None,
+                                   include_metadata: bool) -> dict[str, list | None]:
+        """On the primary: confirm leadership and catch up, then look the tokens up again."""
+        await self._read_barrier()
+        if epoch is None:
+            epoch = self.node.store.active_epoch() or None
+        found = self._read_mappings(tokens, epoch, include_metadata, _now_ms())
+        return {token: list(found[token]) if token in found else None for token in tokens}
+
+    def _read_mappings(self, tokens: list[str], epoch: int | None, include_metadata: bool,
+                       now_ms: int) -> dict[str, tuple[str, str | None]]:
+        """This node's live mappings among ``tokens``, decrypted; metadata only when asked."""
+        store = self.node.store
+        opaque = [token for token in tokens if is_token(token)]
+        found: dict[str, tuple[str, str | None]] = {}
+        for token, ciphertext in store.lookup(opaque, now_ms).items():
+            value = self._decrypt(token, ciphertext)
+            if value is not None:
+                found[token] = (value, None)
+        formatted = [token for token in tokens if not is_token(token)]
+        if formatted and epoch is not None:
+            for token, ciphertext in store.lookup_format(epoch, formatted, now_ms).items():
+                value = self._decrypt(token, ciphertext, epoch)
+                if value is not None:
+                    found[token] = (value, None)
+        if include_metadata and found:
+            known_opaque = [token for token in opaque if token in found]
+            for token, ciphertext in store.metadata(None, known_opaque).items():
+                found[token] = (found[token][0], self._decrypt_metadata(parse_token(token).epoch, token, ciphertext))
+            if epoch is not None:
+                known_formatted = [token for token in formatted if token in found]
+                for token, ciphertext in store.metadata(epoch, known_formatted).items():
+                    found[token] = (found[token][0], self._decrypt_metadata(epoch, token, ciphertext))
+        return found
+
+    def _decrypt_metadata(self, epoch: int, token: str, ciphertext: bytes) -> str | None:
+        if epoch not in self.node.keyring:
+            return None
+        try:
+            return self.node.keyring.get(epoch).decrypt_metadata(token, ciphertext).decode("utf-8")
+        except (DecryptError, UnicodeDecodeError):
+            log.error("store.metadata_corrupt", epoch=epoch)
+            return None
+
+    async def _read_barrier_anywhere(self) -> None:
+        """A read barrier here, on the primary or a backup (a backup's read index); 503 without a primary."""
+        try:
+            await self._read_barrier()
+        except NotPrimary:
+            raise Unavailable("no primary is known right now; retry shortly") from None
 
     async def _write_audit(self, records: tuple[commands.AuditRecord, ...]) -> None:
         """Commit one batch of this node's audit records: proposed here on the primary, else forwarded."""
@@ -332,7 +542,7 @@ class NodeService:
         return Outcome(200, b"{}", False)
 
     async def _detokenize(self, tokens: list[str]) -> list[str | None]:
-        found = self.node.store.lookup(tokens)
+        found = self.node.store.lookup(tokens, _now_ms())
         missing = sorted({token for token in tokens if token not in found})
         plain: dict[str, str | None] = {}
         if missing:
@@ -348,7 +558,7 @@ class NodeService:
     async def _detokenize_missing_here(self, tokens: list[str]) -> dict[str, str | None]:
         """On the primary: confirm leadership and catch up, then look the tokens up again."""
         await self._read_barrier()
-        found = self.node.store.lookup(tokens)
+        found = self.node.store.lookup(tokens, _now_ms())
         return {token: self._decrypt(token, found[token]) if token in found else None for token in tokens}
 
     async def _read_barrier(self) -> None:
@@ -359,8 +569,10 @@ class NodeService:
         except NodeBusy:
             raise Overloaded("the primary's work queue is full; retry later") from None
 
-    def _decrypt(self, token: str, ciphertext: bytes) -> str | None:
-        epoch = parse_token(token).epoch
+    def _decrypt(self, token: str, ciphertext: bytes, epoch: int | None = None) -> str | None:
+        """The value of a stored mapping; ``epoch`` for card and digits tokens, which carry none."""
+        if epoch is None:
+            epoch = parse_token(token).epoch
         if epoch not in self.node.keyring:
             return None
         try:
@@ -580,10 +792,14 @@ class NodeService:
         if request.kind not in FORWARDED_MEMBERS:
             raise InvalidRequest("a forwarded request of an unknown kind")
         arguments = _forwarded_arguments(request, FORWARDED_MEMBERS[request.kind], _max_forwarded_bytes(limits))
-        if request.kind == TOKENIZE:
+        if request.kind in (TOKENIZE, TOKENIZE_EXTENDED):
             values = validate_values(require_item_list(arguments, "values", limits), limits)
+            options = None
+            if request.kind == TOKENIZE_EXTENDED:
+                options = validate_options(arguments["token_format"], arguments["metadata_json"],
+                                           arguments["ttl_seconds"])
             outcome = await self._tokenize_here(_principal(arguments), values,
-                                                _optional_idempotency_key(arguments))
+                                                _optional_idempotency_key(arguments), options)
             return outcome.status, outcome.body, (("Idempotent-Replayed", "true"),) if outcome.replayed else ()
         if request.kind == ROTATE:
             outcome = await self._rotate_here(_principal(arguments), _optional_idempotency_key(arguments),
@@ -597,6 +813,14 @@ class NodeService:
         if request.kind == DETOKENIZE:
             tokens = validate_tokens(require_item_list(arguments, "tokens", limits))
             return 200, msgpack.packb(await self._detokenize_missing_here(tokens), use_bin_type=True), ()
+        if request.kind == REVEAL:
+            tokens = validate_lookup_tokens(require_item_list(arguments, "tokens", limits))
+            include_metadata = arguments["include_metadata"]
+            if not isinstance(include_metadata, bool):
+                raise InvalidRequest("include_metadata must be a boolean")
+            answer = await self._reveal_missing_here(tokens, validate_lookup_epoch(arguments["epoch"]),
+                                                     include_metadata)
+            return 200, msgpack.packb(answer, use_bin_type=True), ()
         return 200, _json(await self._list_epochs_here()), ()
 
 
@@ -640,6 +864,8 @@ def _strings(items: object) -> list[str]:
 # The members each kind of forwarded request carries, exactly.
 FORWARDED_MEMBERS: dict[str, tuple[str, ...]] = {
     TOKENIZE: ("principal", "values", "idempotency_key"),
+    TOKENIZE_EXTENDED: ("principal", "values", "idempotency_key", "token_format", "metadata_json", "ttl_seconds"),
+    REVEAL: ("tokens", "epoch", "include_metadata"),
     ROTATE: ("principal", "idempotency_key", "actor"),
     DETOKENIZE: ("tokens",),
     EPOCHS: (),
@@ -697,7 +923,7 @@ def _decode_forward_response(kind: str, response: ForwardResponse):
         headers.pop("Content-Type", None)
         raise (error_from_problem(response.status, slug, detail, headers)
                or ForwardedError(response.status, title, detail, slug, headers))
-    if kind == DETOKENIZE:
+    if kind in (DETOKENIZE, REVEAL):
         return msgpack.unpackb(response.body, raw=False)
     if kind in (EPOCHS, LIST_KEYS):
         return json.loads(response.body)

@@ -14,10 +14,13 @@ objects. Errors name what is wrong by field and position, never the content.
 
 from __future__ import annotations
 
+import json
 import re
+from dataclasses import dataclass
 from typing import Any, Protocol
 
-from tokenvault.errors import InvalidRequest, PayloadTooLarge
+from tokenvault.crypto import formats
+from tokenvault.errors import InvalidRequest, PayloadTooLarge, UnprocessableValue
 from tokenvault.crypto.tokens import is_token
 
 # Printable ASCII is 0x20-0x7E; HTTP parsing already strips surrounding spaces.
@@ -122,3 +125,117 @@ def validate_tokens(items: list[Any]) -> list[str]:
         if not is_token(token):
             raise InvalidRequest(f"tokens[{position}] is not a token (expected tv<epoch>_<base32 body>)")
     return items
+
+
+# ---------------------------------------------------------------- version 2: formats, metadata, expiry
+
+MAX_METADATA_BYTES = 1024
+MIN_TTL_SECONDS = 1
+MAX_TTL_SECONDS = 10 * 365 * 24 * 3600  # ten years of 365 days
+MAX_LOOKUP_EPOCH = 2**32 - 1  # the store keeps epochs in 4 bytes (tokenvault/core/store.py MAX_STORED_EPOCH)
+
+
+@dataclass(frozen=True, slots=True)
+class TokenizeOptions:
+    """The version 2 members of a tokenize request, checked (validate_options)."""
+
+    token_format: str = formats.OPAQUE
+    metadata_json: str | None = None
+    ttl_seconds: int | None = None
+
+    @property
+    def extended(self) -> bool:
+        return self != TokenizeOptions()
+
+    @property
+    def answerable_as_read(self) -> bool:
+        """A request without TTL or metadata changes nothing when every mapping exists and lives."""
+        return self.metadata_json is None and self.ttl_seconds is None
+
+    def forwarded(self) -> dict[str, Any]:
+        return {"token_format": self.token_format, "metadata_json": self.metadata_json,
+                "ttl_seconds": self.ttl_seconds}
+
+
+def canonical_metadata(document: object) -> str:
+    """A request's ``metadata`` as canonical JSON text (sorted keys, no spaces): 400 unless a JSON
+    object, 422 when its UTF-8 encoding is longer than MAX_METADATA_BYTES."""
+    if not isinstance(document, dict):
+        raise InvalidRequest("'metadata' must be a JSON object")
+    try:
+        text = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except (RecursionError, ValueError):
+        raise InvalidRequest("'metadata' is nested too deeply") from None
+    try:
+        size_bytes = len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise InvalidRequest("'metadata' holds text that is not valid Unicode") from None
+    if size_bytes > MAX_METADATA_BYTES:
+        raise UnprocessableValue(f"'metadata' is {size_bytes} bytes as canonical JSON; at most "
+                                 f"{MAX_METADATA_BYTES} are allowed")
+    return text
+
+
+def validate_metadata_json(text: object) -> str:
+    """Metadata text as it travels between nodes: canonical_metadata of a JSON object, unchanged."""
+    if not isinstance(text, str) or len(text) > MAX_METADATA_BYTES:
+        raise InvalidRequest("metadata must be the canonical JSON text of an object")
+    try:
+        document = json.loads(text)
+    except ValueError:
+        raise InvalidRequest("metadata must be the canonical JSON text of an object") from None
+    if canonical_metadata(document) != text:
+        raise InvalidRequest("metadata must be the canonical JSON text of an object")
+    return text
+
+
+def validate_ttl(ttl_seconds: object) -> int:
+    """400 unless an integer, 422 unless in [MIN_TTL_SECONDS, MAX_TTL_SECONDS]."""
+    if isinstance(ttl_seconds, bool) or not isinstance(ttl_seconds, int):
+        raise InvalidRequest("'ttl_seconds' must be an integer")
+    if not MIN_TTL_SECONDS <= ttl_seconds <= MAX_TTL_SECONDS:
+        raise UnprocessableValue(f"'ttl_seconds' must be between {MIN_TTL_SECONDS} and {MAX_TTL_SECONDS} "
+                                 "(ten years)")
+    return ttl_seconds
+
+
+def validate_options(token_format: object, metadata_json: object, ttl_seconds: object) -> TokenizeOptions:
+    if not isinstance(token_format, str) or token_format not in formats.FORMATS:
+        raise InvalidRequest(f"'format' must be one of {list(formats.FORMATS)}")
+    return TokenizeOptions(token_format,
+                           None if metadata_json is None else validate_metadata_json(metadata_json),
+                           None if ttl_seconds is None else validate_ttl(ttl_seconds))
+
+
+def normalize_values(values: list[str], token_format: str) -> list[str]:
+    """The values as stored for ``token_format`` (card numbers without separators); 422 for a value
+    that does not fit it, naming its position and the rule, never the value."""
+    if token_format == formats.OPAQUE:
+        return values
+    normalized = []
+    for position, value in enumerate(values):
+        try:
+            normalized.append(formats.normalize(token_format, value))
+        except formats.FormatError as error:
+            raise UnprocessableValue(f"values[{position}] does not fit format '{token_format}': {error}") from None
+    return normalized
+
+
+def validate_lookup_tokens(items: list[Any]) -> list[str]:
+    """Detokenize's tokens: opaque tokens (tv<epoch>_<body>) or card and digits tokens (6-128 digits)."""
+    for position, token in enumerate(items):
+        if not isinstance(token, str):
+            raise InvalidRequest(f"tokens[{position}] must be a string")
+        if not is_token(token) and not formats.is_format_token(token):
+            raise InvalidRequest(f"tokens[{position}] is not a token (expected tv<epoch>_<base32 body>, "
+                                 f"or {formats.DIGITS_MIN_LENGTH}-{formats.DIGITS_MAX_LENGTH} digits)")
+    return items
+
+
+def validate_lookup_epoch(epoch: object) -> int | None:
+    """Detokenize's optional ``epoch`` (for card and digits tokens)."""
+    if epoch is None:
+        return None
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or not 1 <= epoch <= MAX_LOOKUP_EPOCH:
+        raise InvalidRequest(f"'epoch' must be an integer in [1, {MAX_LOOKUP_EPOCH}]")
+    return epoch

@@ -587,7 +587,12 @@ def _batches(items: list[str]) -> list[list[str]]:
 @connection_options("tokenizer")
 @click.option("--idempotency-key", default=None, metavar="KEY", help="Idempotency key (single batch only).")
 @click.option("--json", "as_json", is_flag=True, help="Print {epoch, tokens} JSON per batch.")
-def tokenize(connection: Connection, idempotency_key: str | None, as_json: bool) -> None:
+@click.option("--format", "token_format", type=click.Choice(["opaque", "card", "digits"]), default=None,
+              help="Token format (default opaque); card and digits tokens carry no epoch: keep it (--json).")
+@click.option("--ttl-seconds", type=click.IntRange(1, 315_360_000), default=None,
+              help="Let the mappings expire after this many seconds.")
+def tokenize(connection: Connection, idempotency_key: str | None, as_json: bool, token_format: str | None,
+             ttl_seconds: int | None) -> None:
     """Tokenize values read from stdin, one per line; prints one token per line.
 
     Values are read from stdin only, so they never appear in a command line or shell history.
@@ -601,7 +606,8 @@ def tokenize(connection: Connection, idempotency_key: str | None, as_json: bool)
 
     async def send() -> list[Any]:
         async with connection.client() as vault:
-            return [await vault.tokenize(batch, idempotency_key) for batch in batches]
+            return [await vault.tokenize(batch, idempotency_key, token_format=token_format, ttl_seconds=ttl_seconds)
+                    for batch in batches]
 
     for result in _run(send()):
         if as_json:
@@ -615,7 +621,9 @@ def tokenize(connection: Connection, idempotency_key: str | None, as_json: bool)
 @connection_options("detokenizer")
 @click.argument("tokens", nargs=-1)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list (null for unknown tokens).")
-def detokenize(connection: Connection, tokens: tuple[str, ...], as_json: bool) -> None:
+@click.option("--epoch", type=click.IntRange(1, 2**32 - 1), default=None,
+              help="The epoch of card and digits tokens (default: the active one).")
+def detokenize(connection: Connection, tokens: tuple[str, ...], as_json: bool, epoch: int | None) -> None:
     """Detokenize TOKENS (or tokens read from stdin, one per line); prints one value per line.
 
     An unknown token prints an empty line (null with --json) and a note on stderr.
@@ -628,7 +636,7 @@ def detokenize(connection: Connection, tokens: tuple[str, ...], as_json: bool) -
         async with connection.client() as vault:
             values: list[str | None] = []
             for batch in _batches(token_list):
-                values.extend(await vault.detokenize(batch))
+                values.extend(await vault.detokenize(batch, epoch=epoch))
             return values
 
     values = _run(send())

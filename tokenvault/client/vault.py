@@ -303,9 +303,17 @@ class AsyncClient:
         """The URL the next request goes to first (the node that answered last)."""
         return self.urls[self._preferred_index]
 
-    async def tokenize(self, values: Sequence[str], idempotency_key: str | None = None) -> TokenizeResult:
+    async def tokenize(self, values: Sequence[str], idempotency_key: str | None = None, *,
+                       token_format: str | None = None, metadata: dict[str, Any] | None = None,
+                       ttl_seconds: int | None = None) -> TokenizeResult:
+        """Tokenize ``values``; the version 2 options (``format``, ``metadata``, ``ttl_seconds``) are sent
+        only when given."""
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
-        answer = await self._request("POST", "/v1/tokenize", {"values": list(values)}, headers,
+        document: dict[str, Any] = {"values": list(values)}
+        for name, option in (("format", token_format), ("metadata", metadata), ("ttl_seconds", ttl_seconds)):
+            if option is not None:
+                document[name] = option
+        answer = await self._request("POST", "/v1/tokenize", document, headers,
                                      idempotent=idempotency_key is not None)
         epoch = _require_int(answer.body, "epoch")
         tokens = answer.body.get("tokens")
@@ -314,8 +322,12 @@ class AsyncClient:
             raise ResponseError("tokenize response does not hold one token per value")
         return TokenizeResult(epoch, tuple(tokens), _replayed(answer))
 
-    async def detokenize(self, tokens: Sequence[str]) -> tuple[str | None, ...]:
-        answer = await self._request("POST", "/v1/detokenize", {"tokens": list(tokens)}, {})
+    async def detokenize(self, tokens: Sequence[str], *, epoch: int | None = None) -> tuple[str | None, ...]:
+        """The values of ``tokens``; ``epoch`` resolves card and digits tokens (default: the active one)."""
+        document: dict[str, Any] = {"tokens": list(tokens)}
+        if epoch is not None:
+            document["epoch"] = epoch
+        answer = await self._request("POST", "/v1/detokenize", document, {})
         values = answer.body.get("values") if isinstance(answer.body, dict) else None
         if not isinstance(values, list) or len(values) != len(tokens) or \
                 not all(value is None or isinstance(value, str) for value in values):
@@ -527,11 +539,14 @@ class Client:
             self._loop.run_until_complete(self._client.close())
             self._loop.close()
 
-    def tokenize(self, values: Sequence[str], idempotency_key: str | None = None) -> TokenizeResult:
-        return self._loop.run_until_complete(self._client.tokenize(values, idempotency_key))
+    def tokenize(self, values: Sequence[str], idempotency_key: str | None = None, *,
+                 token_format: str | None = None, metadata: dict[str, Any] | None = None,
+                 ttl_seconds: int | None = None) -> TokenizeResult:
+        return self._loop.run_until_complete(self._client.tokenize(
+            values, idempotency_key, token_format=token_format, metadata=metadata, ttl_seconds=ttl_seconds))
 
-    def detokenize(self, tokens: Sequence[str]) -> tuple[str | None, ...]:
-        return self._loop.run_until_complete(self._client.detokenize(tokens))
+    def detokenize(self, tokens: Sequence[str], *, epoch: int | None = None) -> tuple[str | None, ...]:
+        return self._loop.run_until_complete(self._client.detokenize(tokens, epoch=epoch))
 
     def rotate_epoch(self, idempotency_key: str | None = None) -> RotateResult:
         return self._loop.run_until_complete(self._client.rotate_epoch(idempotency_key))

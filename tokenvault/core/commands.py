@@ -27,6 +27,8 @@ ROTATE_EPOCH_TAG = 2
 CREATE_API_KEY_TAG = 3
 REVOKE_API_KEY_TAG = 4
 AUDIT_TAG = 5
+# Far from the next free numbers, which other additions of version 2 take.
+PURGE_EXPIRED_TAG = 16
 
 MAX_ITEMS = 100_000
 MAX_TOKEN_CHARS = 128
@@ -59,6 +61,13 @@ MAX_SUBJECT_CHARS = 64
 MAX_AUDIT_RECORDS = 4096
 AUDIT_ACTIONS = frozenset({"detokenize", "key.create", "key.revoke", "epoch.rotate"})
 AUDIT_RECORD_FIELDS = 9
+# Token formats (tokenvault.crypto.formats): opaque tokens are the tv<epoch>_ grammar, the others digits.
+TOKEN_FORMATS = frozenset({"opaque", "card", "digits"})
+OPAQUE_FORMAT = "opaque"
+# A mapping's metadata is at most 1 KiB of canonical JSON; AES-SIV adds a 16-byte tag.
+MAX_METADATA_CIPHERTEXT_BYTES = 1024 + 16
+# Expired mappings one purge command deletes at most.
+MAX_PURGE_PER_COMMAND = 10_000
 
 
 class CommandError(ValueError):
@@ -112,7 +121,12 @@ def _check_items(items: object) -> None:
 
 @dataclass(frozen=True, slots=True)
 class TokenizeCommand:
-    """Insert a batch of (token, ciphertext) pairs issued in ``epoch``, optionally idempotent."""
+    """Insert a batch of (token, ciphertext) pairs issued in ``epoch``, optionally idempotent.
+
+    Version 2 adds the token format (``card`` and ``digits`` tokens are digit
+    strings, stored per epoch), an expiry time and per-item encrypted metadata;
+    a command that uses none of them encodes exactly as before.
+    """
 
     epoch: int
     items: tuple[tuple[str, bytes], ...]
@@ -120,12 +134,46 @@ class TokenizeCommand:
     idempotency_key: str | None
     fingerprint: bytes | None
     issued_at_ms: int
+    token_format: str = OPAQUE_FORMAT
+    expires_at_ms: int | None = None
+    metadata: tuple[bytes, ...] | None = None
 
     def __post_init__(self) -> None:
         _check_int("epoch", self.epoch, 1, MAX_EPOCH)
         _check_items(self.items)
         _check_idempotency(self.principal, self.idempotency_key, self.fingerprint)
         _check_int("issued_at_ms", self.issued_at_ms, 0, MAX_TIMESTAMP_MS)
+        if type(self.token_format) is not str or self.token_format not in TOKEN_FORMATS:
+            raise CommandError(f"token_format must be one of {sorted(TOKEN_FORMATS)}")
+        if self.token_format != OPAQUE_FORMAT and any(
+                not (token.isascii() and token.isdigit()) for token, _ in self.items):
+            raise CommandError("card and digits tokens are strings of digits")
+        if self.expires_at_ms is not None:
+            _check_int("expires_at_ms", self.expires_at_ms, self.issued_at_ms + 1, MAX_TIMESTAMP_MS)
+        if self.metadata is not None:
+            if (type(self.metadata) is not tuple or len(self.metadata) != len(self.items)
+                    or any(type(item) is not bytes or not 0 < len(item) <= MAX_METADATA_CIPHERTEXT_BYTES
+                           for item in self.metadata)):
+                raise CommandError(f"metadata must be null or one ciphertext of 1 to "
+                                   f"{MAX_METADATA_CIPHERTEXT_BYTES} bytes per item")
+
+    @property
+    def extended(self) -> bool:
+        """Whether the command uses a version 2 field (a format, an expiry or metadata)."""
+        return self.token_format != OPAQUE_FORMAT or self.expires_at_ms is not None or self.metadata is not None
+
+
+@dataclass(frozen=True, slots=True)
+class PurgeExpiredCommand:
+    """Delete up to ``limit`` mappings whose expiry time is at or before ``now_ms`` (the proposer's
+    clock, carried in the entry so every node deletes the same ones), earliest expiry first."""
+
+    now_ms: int
+    limit: int
+
+    def __post_init__(self) -> None:
+        _check_int("now_ms", self.now_ms, 0, MAX_TIMESTAMP_MS)
+        _check_int("limit", self.limit, 1, MAX_PURGE_PER_COMMAND)
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,7 +317,8 @@ class AuditCommand:
             raise CommandError(f"records must be a tuple of 1 to {MAX_AUDIT_RECORDS} audit records")
 
 
-Command = TokenizeCommand | RotateEpochCommand | CreateApiKeyCommand | RevokeApiKeyCommand | AuditCommand
+Command = (TokenizeCommand | RotateEpochCommand | CreateApiKeyCommand | RevokeApiKeyCommand | AuditCommand
+           | PurgeExpiredCommand)
 
 
 def encode_command(command: Command) -> bytes:
@@ -281,6 +330,9 @@ def encode_command(command: Command) -> bytes:
         ciphertexts = [ciphertext for _, ciphertext in command.items]
         fields = [COMMAND_FORMAT_VERSION, TOKENIZE_TAG, command.epoch, tokens, ciphertexts,
                   command.principal, command.idempotency_key, command.fingerprint, command.issued_at_ms]
+        if command.extended:
+            fields.extend([command.token_format, command.expires_at_ms,
+                           None if command.metadata is None else list(command.metadata)])
     elif type(command) is RotateEpochCommand:
         fields = [COMMAND_FORMAT_VERSION, ROTATE_EPOCH_TAG, command.epoch, command.wrapped_secret,
                   command.created_at_ms, command.principal, command.idempotency_key, command.fingerprint]
@@ -294,6 +346,8 @@ def encode_command(command: Command) -> bytes:
                   *command.actor.fields()]
     elif type(command) is AuditCommand:
         fields = [COMMAND_FORMAT_VERSION, AUDIT_TAG, [record.fields() for record in command.records]]
+    elif type(command) is PurgeExpiredCommand:
+        fields = [COMMAND_FORMAT_VERSION, PURGE_EXPIRED_TAG, command.now_ms, command.limit]
     else:
         raise CommandError("not a vault command")
     encoded: bytes = msgpack.packb(fields, use_bin_type=True)
@@ -324,14 +378,29 @@ def _unpack(data: object) -> list[Any]:
 
 
 def _decode_tokenize(fields: list[Any]) -> TokenizeCommand:
-    if len(fields) != 9:
-        raise CommandError("a tokenize command has 9 fields")
-    _, _, epoch, tokens, ciphertexts, principal, idempotency_key, fingerprint, issued_at_ms = fields
+    if len(fields) not in (9, 12):
+        raise CommandError("a tokenize command has 9 fields, or 12 with format, expiry and metadata")
+    _, _, epoch, tokens, ciphertexts, principal, idempotency_key, fingerprint, issued_at_ms = fields[:9]
     if type(tokens) is not list or type(ciphertexts) is not list or len(tokens) != len(ciphertexts):
         raise CommandError("tokens and ciphertexts must be arrays of equal length")
-    return TokenizeCommand(epoch=epoch, items=tuple(zip(tokens, ciphertexts)), principal=principal,
-                           idempotency_key=idempotency_key, fingerprint=fingerprint,
-                           issued_at_ms=issued_at_ms)
+    token_format, expires_at_ms, metadata = fields[9:] if len(fields) == 12 else (OPAQUE_FORMAT, None, None)
+    if metadata is not None:
+        if type(metadata) is not list:
+            raise CommandError("metadata must be null or an array")
+        metadata = tuple(metadata)
+    command = TokenizeCommand(epoch=epoch, items=tuple(zip(tokens, ciphertexts)), principal=principal,
+                              idempotency_key=idempotency_key, fingerprint=fingerprint,
+                              issued_at_ms=issued_at_ms, token_format=token_format,
+                              expires_at_ms=expires_at_ms, metadata=metadata)
+    if len(fields) == 12 and not command.extended:
+        raise CommandError("a tokenize command without format, expiry or metadata has 9 fields")
+    return command
+
+
+def _decode_purge(fields: list[Any]) -> PurgeExpiredCommand:
+    if len(fields) != 4:
+        raise CommandError("a purge-expired command has 4 fields")
+    return PurgeExpiredCommand(now_ms=fields[2], limit=fields[3])
 
 
 def _decode_rotate(fields: list[Any]) -> RotateEpochCommand:
@@ -374,7 +443,7 @@ def _decode_audit(fields: list[Any]) -> AuditCommand:
 
 _DECODERS: dict[int, Callable[[list[Any]], Command]] = {TOKENIZE_TAG: _decode_tokenize, ROTATE_EPOCH_TAG: _decode_rotate,
              CREATE_API_KEY_TAG: _decode_create_key, REVOKE_API_KEY_TAG: _decode_revoke_key,
-             AUDIT_TAG: _decode_audit}
+             AUDIT_TAG: _decode_audit, PURGE_EXPIRED_TAG: _decode_purge}
 
 
 def decode_command(data: bytes) -> Command:

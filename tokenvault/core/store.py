@@ -30,6 +30,32 @@ byte order is numeric order):
 - ``A`` + seq (8 bytes) -> msgpack [seq, *fields, previous hash, hash]: the
   audit trail (tokenvault.audit_chain), and ``h`` -> msgpack [last seq, last hash],
   its head. Records are appended at apply, never changed or deleted.
+- ``F`` + epoch (4 bytes) + token (ASCII digits) -> ciphertext: card and digits
+  tokens (tokenvault.crypto.formats). They carry no epoch, and one digit string
+  can be a token of several epochs, so the epoch is part of the key. Insert-once
+  like ``t`` rows; a card token and a digits token of the same length can
+  coincide within an epoch, and a command that would store a second value under
+  such a key is refused whole (Outcome.TOKEN_COLLISION). Not counted in the
+  meta's token_count, which counts ``t`` rows.
+- ``L`` + row key -> msgpack [expires_at_ms or None, metadata ciphertext or
+  None]: the life of a mapping that has an expiry or metadata; the row key is
+  the mapping's ``t`` or ``F`` key. Absent: the mapping never expires and has
+  no metadata.
+- ``X`` + expires_at_ms (8 bytes) + row key -> empty: the expiry index, one key
+  per mapping that has an expiry. The purge (PurgeExpiredCommand) is a seek on
+  it, earliest expiry first, never a scan.
+
+Expiry. An ``L`` row's expiry is an absolute time in ms computed by the
+primary from the command's own issued_at_ms; apply compares it only with
+timestamps carried in commands (a tokenize's issued_at_ms, a purge's now_ms),
+never with this machine's clock. Reads (``lookup``, ``lookup_format``,
+``metadata``) take a ``now_ms`` from their caller, the node's clock at read
+time, and leave out mappings whose expiry is at or before it. Tokenizing a
+value again (a tokenize command whose row already exists): when the mapping
+has expired by the command's issued_at_ms it starts a new life with the
+command's expiry and metadata; otherwise it keeps the later of the two
+expiries (no expiry counts as the latest), and the command's metadata, if it
+has any, replaces the stored one. So tokenizing again never shortens a life.
 
 Atomicity. One ``apply_batch`` call is ONE RocksDB WriteBatch, meta included,
 so a crash leaves the store at the end of some batch. While a batch is applied
@@ -71,10 +97,12 @@ import re
 import shutil
 import struct
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
+from typing import TypeVar
 
 import msgpack
 from rocksdict import (
@@ -94,8 +122,8 @@ from rocksdict import (
 from protocol import Entry, EntryKind
 from tokenvault.audit_chain import GENESIS_HASH, chain_hash, record_document
 from tokenvault.auth import RuntimeKey
-from tokenvault.core.commands import (AuditCommand, CreateApiKeyCommand, RevokeApiKeyCommand,
-                                 RotateEpochCommand, TokenizeCommand, decode_command)
+from tokenvault.core.commands import (OPAQUE_FORMAT, AuditCommand, CreateApiKeyCommand, PurgeExpiredCommand,
+                                      RevokeApiKeyCommand, RotateEpochCommand, TokenizeCommand, decode_command)
 from tokenvault.core.wal import fsync_directory
 
 DEFAULT_RETENTION_MS = 48 * 3600 * 1000
@@ -142,6 +170,7 @@ MAX_STORED_EPOCH = 2**32 - 1
 
 TOKENIZE_KIND = "tokenize"
 ROTATE_KIND = "rotate"
+PURGE_KIND = "purge"
 ACTIVE = "active"
 RETIRED = "retired"
 CREATE_KEY_KIND = "key.create"
@@ -166,10 +195,18 @@ _API_KEY_END = b"l"
 _AUDIT = b"A"
 _AUDIT_END = b"B"
 _AUDIT_HEAD_KEY = b"h"
+_FORMAT_TOKEN = b"F"
+_FORMAT_TOKEN_END = b"G"
+_LIFE = b"L"
+_LIFE_END = b"M"
+_EXPIRY = b"X"
+_EXPIRY_END = b"Y"
+_EXPIRY_HEADER_BYTES = 1 + 8
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
 _AGE_HEADER_BYTES = 1 + _U64.size
 _NO_RECORDS = 2**63  # the idempotency floor of an empty age index
+_Name = TypeVar("_Name")
 
 
 class Outcome(StrEnum):
@@ -180,6 +217,7 @@ class Outcome(StrEnum):
     KEY_LIMIT = "key_limit"
     KEY_EXISTS = "key_exists"
     KEY_NOT_FOUND = "key_not_found"
+    TOKEN_COLLISION = "token_collision"
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,6 +282,28 @@ def _identity(principal: str, key: str) -> bytes:
 
 def _token_key(token: str) -> bytes:
     return _TOKEN + token.encode()
+
+
+def _format_token_key(epoch: int, token: str) -> bytes:
+    return _FORMAT_TOKEN + _U32.pack(epoch) + token.encode("ascii")
+
+
+def _expiry_key(expires_at_ms: int, row_key: bytes) -> bytes:
+    return _EXPIRY + _U64.pack(expires_at_ms) + row_key
+
+
+def _decode_life(value: bytes | None) -> tuple[int | None, bytes | None]:
+    """(expires_at_ms, metadata ciphertext) of a mapping; (None, None) when it has no ``L`` row."""
+    if value is None:
+        return None, None
+    try:
+        expires_at_ms, metadata = _unpack(value)
+    except Exception:
+        raise StoreCorruption("a mapping's life record is malformed") from None
+    if (expires_at_ms is not None and not _is_count(expires_at_ms)) or (
+            metadata is not None and type(metadata) is not bytes):
+        raise StoreCorruption("a mapping's life record is malformed")
+    return expires_at_ms, metadata
 
 
 def _epoch_key(epoch: int) -> bytes:
@@ -620,6 +680,10 @@ class VaultStore:
         # Every age key at or below this one is deleted: the purge seeks past it
         # instead of stepping over the tombstones of earlier purges. Not persisted.
         self._purge_resume_key: bytes | None = None
+        # Whether any mapping may have a life row: reads skip the expiry check while none can.
+        self._has_life = _first_key(self._db, _LIFE, _LIFE_END) is not None
+        # The expiry index's counterpart of _purge_resume_key.
+        self._expiry_resume_key: bytes | None = None
 
     @classmethod
     def open(cls, path: Path, *, retention_ms: int = DEFAULT_RETENTION_MS,
@@ -715,6 +779,7 @@ class VaultStore:
         batch = _Batch(self._db, self._applied_index, self._applied_view, self._active_epoch,
                        self._token_count, self._idempotency_floor_ms, self._purge_resume_key)
         batch.audit_seq, batch.audit_head = self._audit_seq, self._audit_head
+        batch.has_life, batch.expiry_resume = self._has_life, self._expiry_resume_key
         results: list[ApplyResult] = []
         for entry in entries:
             if entry.index <= batch.applied_index:
@@ -726,9 +791,8 @@ class VaultStore:
             batch.applied_index, batch.applied_view = entry.index, entry.view
         if batch.applied_index == self._applied_index:
             return results
+        self._add_tokens(batch)
         write = WriteBatch(raw_mode=True)
-        if batch.tokenized:
-            self._add_tokens(batch, write)
         for key, value in batch.writes.items():
             if value is None:
                 write.delete(key)
@@ -742,6 +806,7 @@ class VaultStore:
         self._applied_index, self._applied_view = batch.applied_index, batch.applied_view
         self._active_epoch, self._token_count = batch.active_epoch, batch.token_count
         self._idempotency_floor_ms, self._purge_resume_key = batch.floor_ms, batch.resume_key
+        self._has_life, self._expiry_resume_key = batch.has_life, batch.expiry_resume
         if batch.api_keys is not None:
             self._api_keys = batch.api_keys
             self._keys_changed()
@@ -764,6 +829,8 @@ class VaultStore:
             if command.epoch != batch.active_epoch:
                 return ApplyResult(index, Outcome.EPOCH_MISMATCH, None, None)
             return self._apply_tokenize(index, command, batch)
+        if type(command) is PurgeExpiredCommand:
+            return self._apply_purge_expired(index, command, batch)
         if command.epoch != batch.active_epoch + 1:
             return ApplyResult(index, Outcome.STALE_EPOCH, None, None)
         return self._apply_rotate(index, command, batch)
@@ -773,9 +840,15 @@ class VaultStore:
                                             command.issued_at_ms, batch)
         if duplicate is not None:
             return duplicate
-        # Token rows are checked and written once for the whole batch (_add_tokens):
-        # nothing later in the batch reads them, and a failure drops the whole batch.
-        batch.tokenized.append((index, command.epoch, command.items))
+        if command.extended or batch.has_life:
+            # Formats, expiry and metadata read and write rows through the overlay at once.
+            collision = self._apply_mappings(index, command, batch)
+            if collision is not None:
+                return collision
+        else:
+            # Token rows are checked and written once for the whole batch (_add_tokens):
+            # nothing reads them before, and a failure drops the whole batch.
+            batch.tokenized.append((index, command.epoch, command.items))
         response = None
         if command.idempotency_key is not None:
             # Only a keyed request can be replayed, so only then is the body built and kept.
@@ -896,15 +969,18 @@ class VaultStore:
         batch.put_age(_age_key(created_at_ms, identity))
         batch.floor_ms = min(batch.floor_ms, created_at_ms)
 
-    def _add_tokens(self, batch: "_Batch", write: WriteBatch) -> None:
-        """Check the batch's tokens with one multi-get and add the new ones; an existing token keeps its value."""
+    def _add_tokens(self, batch: "_Batch") -> None:
+        """Check the pending tokenized items with one multi-get and add the new rows to the overlay; an
+        existing token keeps its value. Runs at the end of a batch and before any command that reads
+        or deletes token rows, so those see every earlier command of the batch."""
+        if not batch.tokenized:
+            return
         keys: dict[str, bytes] = {}
         for _, _, items in batch.tokenized:
             for token, _ in items:
                 if token not in keys:
                     keys[token] = _token_key(token)
-        stored = self._db.get(list(keys.values()))
-        known = {token: value for token, value in zip(keys, stored) if value is not None}
+        known = batch.get_many(keys)
         added = 0
         for index, epoch, items in batch.tokenized:
             prefix = _U32.pack(epoch)
@@ -913,7 +989,7 @@ class VaultStore:
                 existing = known.get(token)
                 if existing is None:
                     known[token] = value
-                    write.put(keys[token], value)
+                    batch.put(keys[token], value)
                     added += 1
                 elif existing != value:
                     # The message carries positions only: a token is no secret, but
@@ -921,15 +997,151 @@ class VaultStore:
                     raise InsertOnceViolation(
                         f"entry {index} maps an existing token to a different value; refusing to overwrite")
         batch.token_count += added
+        batch.tokenized.clear()
+
+    def _apply_mappings(self, index: int, command: TokenizeCommand, batch: "_Batch") -> ApplyResult | None:
+        """Insert or renew the command's mappings through the overlay (module docstring, "Expiry");
+        an ApplyResult when a format token is held by another value (nothing is written then)."""
+        self._add_tokens(batch)
+        format_rows = command.token_format != OPAQUE_FORMAT
+        prefix = b"" if format_rows else _U32.pack(command.epoch)
+        rows: dict[bytes, tuple[bytes, str, int]] = {}
+        for position, (token, ciphertext) in enumerate(command.items):
+            key = _format_token_key(command.epoch, token) if format_rows else _token_key(token)
+            first = rows.setdefault(key, (prefix + ciphertext, token, position))
+            if first[0] != prefix + ciphertext:
+                raise InsertOnceViolation(f"entry {index} maps one token to two values; refusing it")
+        existing = batch.get_many({key: key for key in rows})
+        for key, (value, _, _) in rows.items():
+            found = existing.get(key)
+            if found is not None and found != value:
+                if format_rows:
+                    return ApplyResult(index, Outcome.TOKEN_COLLISION, None, None)
+                raise InsertOnceViolation(
+                    f"entry {index} maps an existing token to a different value; refusing to overwrite")
+        lives = batch.get_many({key: _LIFE + key for key in rows})
+        now_ms = command.issued_at_ms
+        for key, (value, _, position) in rows.items():
+            metadata = None if command.metadata is None else command.metadata[position]
+            old = _decode_life(lives.get(key))
+            if existing.get(key) is None:
+                batch.put(key, value)
+                if not format_rows:
+                    batch.token_count += 1
+                new = (command.expires_at_ms, metadata)
+            elif old[0] is not None and old[0] <= now_ms:
+                new = (command.expires_at_ms, metadata)  # expired: a new life
+            else:
+                # Live: no expiry is the latest of all, and the later of two expiries wins.
+                expires_at_ms = old[0]
+                if old[0] is not None and command.expires_at_ms is not None:
+                    expires_at_ms = max(old[0], command.expires_at_ms)
+                new = (expires_at_ms, metadata if metadata is not None else old[1])
+            self._set_life(key, old, new, batch)
+        return None
+
+    @staticmethod
+    def _set_life(key: bytes, old: tuple[int | None, bytes | None], new: tuple[int | None, bytes | None],
+                  batch: "_Batch") -> None:
+        if old == new:
+            return
+        if old[0] is not None and old[0] != new[0]:
+            batch.delete(_expiry_key(old[0], key))
+        if new[0] is not None and old[0] != new[0]:
+            expiry_key = _expiry_key(new[0], key)
+            batch.put(expiry_key, b"")
+            if batch.expiry_resume is not None and expiry_key <= batch.expiry_resume:
+                batch.expiry_resume = None  # a live key below it: seek from the start again
+        if new == (None, None):
+            batch.delete(_LIFE + key)
+        else:
+            batch.put(_LIFE + key, _pack(list(new)))
+            batch.has_life = True
+
+    def _apply_purge_expired(self, index: int, command: PurgeExpiredCommand, batch: "_Batch") -> ApplyResult:
+        """Delete up to ``limit`` mappings that expired at or before the command's now_ms, earliest first
+        (then by row key): the expiry index's byte order, the same on every node."""
+        self._add_tokens(batch)
+        taken = []
+        for key in batch.first_keys(_EXPIRY, _EXPIRY_END, batch.expiry_resume, command.limit):
+            if _U64.unpack_from(key, 1)[0] > command.now_ms:
+                break
+            taken.append(key)
+        for key in taken:
+            row_key = key[_EXPIRY_HEADER_BYTES:]
+            batch.delete(key)
+            batch.delete(_LIFE + row_key)
+            if row_key[:1] == _TOKEN and batch.get(row_key) is not None:
+                batch.token_count -= 1
+            batch.delete(row_key)
+        if taken:
+            batch.expiry_resume = taken[-1]
+        return ApplyResult(index, Outcome.OK, 200, None, PURGE_KIND, 0, len(taken))
 
     # ------------------------------------------------------------ reads
-    def lookup(self, tokens: Sequence[str]) -> dict[str, bytes]:
-        """Ciphertexts of the known tokens among ``tokens`` (unknown ones are absent); one multi-get."""
+    def lookup(self, tokens: Sequence[str], now_ms: int | None = None) -> dict[str, bytes]:
+        """Ciphertexts of the known opaque tokens among ``tokens`` (unknown and expired ones are absent).
+
+        ``now_ms`` is the read's clock (default: this machine's); a mapping whose
+        expiry is at or before it is left out. One multi-get, two with expiries."""
         unique = list(dict.fromkeys(tokens))
         if not unique:
             return {}
-        values = self._db.get([_token_key(token) for token in unique])
-        return {token: value[_U32.size:] for token, value in zip(unique, values) if value is not None}
+        keys = [_token_key(token) for token in unique]
+        values = self._db.get(keys)
+        found = {token: value[_U32.size:] for token, value in zip(unique, values) if value is not None}
+        if self._has_life and found:
+            self._drop_expired(found, dict(zip(unique, keys)), now_ms)
+        return found
+
+    def lookup_format(self, epoch: int, tokens: Sequence[str], now_ms: int | None = None) -> dict[str, bytes]:
+        """Ciphertexts of the live card and digits tokens of ``epoch`` among ``tokens`` (as ``lookup``)."""
+        unique = [token for token in dict.fromkeys(tokens) if token.isascii() and token.isdigit()]
+        if not unique or not 1 <= epoch <= MAX_STORED_EPOCH:
+            return {}
+        keys = [_format_token_key(epoch, token) for token in unique]
+        found = {token: value for token, value in zip(unique, self._db.get(keys)) if value is not None}
+        if self._has_life and found:
+            self._drop_expired(found, dict(zip(unique, keys)), now_ms)
+        return found
+
+    def metadata(self, epoch: int | None, tokens: Sequence[str]) -> dict[str, bytes]:
+        """The metadata ciphertexts of the mappings among ``tokens`` that have metadata: opaque tokens
+        when ``epoch`` is None, else card and digits tokens of ``epoch``. Expiry is not checked here:
+        ask only for tokens ``lookup`` or ``lookup_format`` found."""
+        unique = list(dict.fromkeys(tokens))
+        if not unique or not self._has_life:
+            return {}
+        if epoch is None:
+            keys = [_LIFE + _token_key(token) for token in unique]
+        else:
+            keys = [_LIFE + _format_token_key(epoch, token) for token in unique]
+        found = {}
+        for token, value in zip(unique, self._db.get(keys)):
+            metadata = _decode_life(value)[1]
+            if metadata is not None:
+                found[token] = metadata
+        return found
+
+    def _drop_expired(self, found: dict[str, bytes], row_keys: dict[str, bytes], now_ms: int | None) -> None:
+        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+        tokens = list(found)
+        for token, value in zip(tokens, self._db.get([_LIFE + row_keys[token] for token in tokens])):
+            expires_at_ms = _decode_life(value)[0]
+            if expires_at_ms is not None and expires_at_ms <= now_ms:
+                del found[token]
+
+    def next_expiry_ms(self) -> int | None:
+        """The earliest expiry time of any stored mapping (a seek on the expiry index), None when none."""
+        start = _EXPIRY if self._expiry_resume_key is None else self._expiry_resume_key + b"\x00"
+        key = _first_key(self._db, start, _EXPIRY_END)
+        return None if key is None else _U64.unpack_from(key, 1)[0]
+
+    def life(self, token: str, epoch: int | None = None) -> tuple[int | None, bytes | None]:
+        """(expires_at_ms, metadata ciphertext) of a mapping as stored: an opaque token's when ``epoch``
+        is None, else a format token's of ``epoch``; (None, None) without a life row."""
+        row_key = _token_key(token) if epoch is None else _format_token_key(epoch, token)
+        return _decode_life(self._db.get(_LIFE + row_key))
 
     def epochs(self) -> list[EpochRecord]:
         return _read_epochs(self._db, StoreCorruption)
@@ -1161,7 +1373,8 @@ class _Batch:
     """
 
     __slots__ = ("db", "applied_index", "applied_view", "active_epoch", "token_count", "floor_ms",
-                 "resume_key", "writes", "live_age", "tokenized", "api_keys", "audit_seq", "audit_head")
+                 "resume_key", "writes", "live_age", "tokenized", "api_keys", "audit_seq", "audit_head",
+                 "has_life", "expiry_resume")
 
     def __init__(self, db: Rdict, applied_index: int, applied_view: int, active_epoch: int, token_count: int,
                  floor_ms: int, resume_key: bytes | None) -> None:
@@ -1180,6 +1393,8 @@ class _Batch:
         self.api_keys: dict[str, RuntimeKey] | None = None
         self.audit_seq = 0
         self.audit_head = GENESIS_HASH
+        self.has_life = False
+        self.expiry_resume: bytes | None = None
 
     def keys_for_change(self, current: dict[str, RuntimeKey]) -> dict[str, RuntimeKey]:
         """The batch's own copy of the key table: the live one changes only once the batch is written."""
@@ -1191,6 +1406,48 @@ class _Batch:
         if key in self.writes:
             return self.writes[key]
         return self.db.get(key)
+
+    def get_many(self, keys: dict[_Name, bytes]) -> dict[_Name, bytes]:
+        """The values of ``keys`` (by name) as the batch sees them, absent ones left out; one multi-get."""
+        writes = self.writes
+        unread = [name for name, key in keys.items() if key not in writes]
+        found: dict[_Name, bytes] = {}
+        if unread:
+            for name, value in zip(unread, self.db.get([keys[name] for name in unread])):
+                if value is not None:
+                    found[name] = value
+        for name, key in keys.items():
+            value = writes.get(key) if key in writes else None
+            if value is not None:
+                found[name] = value
+        return found
+
+    def first_keys(self, lower: bytes, upper: bytes, resume: bytes | None, count: int) -> list[bytes]:
+        """The first ``count`` live keys in [lower, upper) as the batch sees them, after ``resume``.
+
+        The overlay's keys of the range are collected by a pass over it: only
+        the purge calls this, once per purge command."""
+        start = lower if resume is None else max(lower, resume + b"\x00")
+        added = sorted(key for key, value in self.writes.items()
+                       if value is not None and start <= key < upper)
+        iterator = self.db.iter(_bounded(lower, upper))
+        iterator.seek(start)
+        found: list[bytes] = []
+        position = 0
+        while len(found) < count:
+            while iterator.valid() and iterator.key() in self.writes:
+                iterator.next()  # deleted or rewritten in this batch: the overlay decides
+            stored = iterator.key() if iterator.valid() else None
+            overlay = added[position] if position < len(added) else None
+            if stored is None and overlay is None:
+                break
+            if overlay is None or (stored is not None and stored < overlay):
+                found.append(stored)
+                iterator.next()
+            else:
+                found.append(overlay)
+                position += 1
+        return found
 
     def put(self, key: bytes, value: bytes) -> None:
         self.writes[key] = value

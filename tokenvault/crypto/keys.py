@@ -11,8 +11,9 @@ Key hierarchy:
   the master key (associated data ``b"tokenvault/epoch/" + str(epoch)``) and the
   wrapped blob travels through the replicated log, so every node holds it.
 * HKDF-SHA256 derives, from an epoch secret, the token key (HMAC-SHA256 key for
-  token bodies) and the 64-byte data key (AES-SIV-256 for values, with the
-  token as associated data).
+  token bodies), the 64-byte data key (AES-SIV-256 for values, with the
+  token as associated data) and the 32-byte format key (AES-256 for FF1, the
+  card and digits tokens of tokenvault.crypto.formats).
 
 Objects holding keys override ``__repr__`` so that keys never reach logs or
 tracebacks, and every error raised here carries no key, value or ciphertext.
@@ -33,6 +34,7 @@ from cryptography.hazmat.primitives import hmac as crypto_hmac
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, AESSIV
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from tokenvault.crypto.formats import FORMAT_KEY_BYTES, FormatKeys
 from tokenvault.crypto.tokens import MAX_EPOCH, TOKEN_BODY_BYTES, TOKEN_PREFIX, encode_token_body, parse_token
 
 MASTER_KEY_BYTES = 32
@@ -48,7 +50,9 @@ MASTER_KEY_ENVIRONMENT_VARIABLE = "TOKENVAULT_MASTER_KEY"
 TOKEN_KEY_INFO = b"tokenvault token key"
 DATA_KEY_INFO = b"tokenvault data key"
 IDEMPOTENCY_KEY_INFO = b"tokenvault idempotency"
+FORMAT_KEY_INFO = b"tokenvault format key"
 EPOCH_WRAP_CONTEXT = b"tokenvault/epoch/"
+METADATA_CONTEXT = b"tokenvault metadata"
 
 # A key file holds 64 hex characters and perhaps a newline; anything far
 # larger is not a key file and is refused before it is read.
@@ -348,13 +352,15 @@ class EpochKeys:
     context and the AES-SIV object built once and reused, since they are used
     for every value."""
 
-    __slots__ = ("epoch", "_token_key", "_data_key", "_token_hmac", "_cipher", "_prefix")
+    __slots__ = ("epoch", "_token_key", "_data_key", "_token_hmac", "_cipher", "_prefix", "_formats")
+    _formats: FormatKeys | None
 
     def __init__(self, epoch: int, secret: bytes) -> None:
         if not isinstance(secret, bytes) or len(secret) != EPOCH_SECRET_BYTES:
             raise ValueError(f"an epoch secret is exactly {EPOCH_SECRET_BYTES} bytes")
         self._set_keys(epoch, _hkdf(secret, TOKEN_KEY_INFO, TOKEN_KEY_BYTES),
                        _hkdf(secret, DATA_KEY_INFO, DATA_KEY_BYTES))
+        self._formats = FormatKeys(_hkdf(secret, FORMAT_KEY_INFO, FORMAT_KEY_BYTES))
 
     @classmethod
     def from_derived_keys(cls, epoch: int, token_key: bytes, data_key: bytes) -> "EpochKeys":
@@ -365,6 +371,7 @@ class EpochKeys:
             raise ValueError(f"derived keys are {TOKEN_KEY_BYTES} and {DATA_KEY_BYTES} bytes")
         keys = cls.__new__(cls)
         keys._set_keys(epoch, token_key, data_key)
+        keys._formats = None  # the sealer seals opaque tokens only
         return keys
 
     def derived_keys(self) -> tuple[bytes, bytes]:
@@ -386,6 +393,19 @@ class EpochKeys:
 
     def __repr__(self) -> str:
         return f"EpochKeys(epoch={self.epoch}, keys=<redacted>)"
+
+    @property
+    def formats(self) -> FormatKeys:
+        """The epoch's card and digits tokenizer (FF1 under the format key)."""
+        if self._formats is None:
+            raise CryptoError("these epoch keys carry no format key")
+        return self._formats
+
+    def seal_format(self, format_name: str, normalized: str) -> tuple[str, bytes]:
+        """The (token, ciphertext) of a normalized card or digits value: an FF1 token, and the
+        value under AES-SIV bound to that token (the same ciphertext rule as opaque tokens)."""
+        token = self.formats.token_for(format_name, normalized)
+        return token, self.encrypt(token, normalized)
 
     __str__ = __repr__
 
@@ -414,6 +434,18 @@ class EpochKeys:
             return plaintext.decode("utf-8")
         except (InvalidTag, ValueError, UnicodeError):
             raise DecryptError("ciphertext does not authenticate for this token") from None
+
+    def encrypt_metadata(self, token: str, document: bytes) -> bytes:
+        """A mapping's metadata (canonical JSON bytes) under the data key, bound to its token."""
+        return self._cipher.encrypt(document, [METADATA_CONTEXT, token.encode("ascii")])
+
+    def decrypt_metadata(self, token: str, ciphertext: bytes) -> bytes:
+        if not isinstance(ciphertext, (bytes, bytearray)) or len(ciphertext) > _MAX_CIPHERTEXT_BYTES:
+            raise DecryptError("metadata ciphertext has an invalid type or size")
+        try:
+            return self._cipher.decrypt(bytes(ciphertext), [METADATA_CONTEXT, token.encode("ascii")])
+        except (InvalidTag, ValueError):
+            raise DecryptError("metadata does not authenticate for this token") from None
 
     def seal(self, value: str) -> tuple[str, bytes]:
         """The (token, ciphertext) pair stored for ``value``."""

@@ -38,7 +38,8 @@ API_KEY_SCOPES: dict[str, tuple[str, ...]] = {
     "admin": ("admin",),
     "tokenizer": ("tokenize",),
     "detokenizer": ("detokenize",),
-    "full": ("admin", "tokenize", "detokenize"),
+    "full": ("admin", "tokenize", "detokenize", "detokenize_masked"),
+    "masked": ("detokenize_masked",),
 }
 # Environment knobs written into node configs when a cluster is generated.
 ENVIRONMENT_KNOBS = {

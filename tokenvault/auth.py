@@ -31,7 +31,10 @@ from typing import Callable, Iterable
 ADMIN = "admin"
 TOKENIZE = "tokenize"
 DETOKENIZE = "detokenize"
-ALL_SCOPES: frozenset[str] = frozenset({ADMIN, TOKENIZE, DETOKENIZE})
+# The token lifecycle (docs/api.md): removing mappings, and re-issuing tokens in the active epoch.
+DELETE = "delete"
+RETOKENIZE = "retokenize"
+ALL_SCOPES: frozenset[str] = frozenset({ADMIN, TOKENIZE, DETOKENIZE, DELETE, RETOKENIZE})
 
 RUNTIME_KEY_PREFIX = "tvk1_"
 RUNTIME_KEY_ID_BYTES = 8

@@ -229,3 +229,19 @@ class RequestTimeout(ServiceError):
     def __init__(self, detail: str | None = None) -> None:
         super().__init__(detail or "the request body stopped arriving; the connection is closed",
                          headers={"Connection": "close"})
+
+
+class EpochActive(ServiceError):
+    """The active epoch cannot be destroyed: new tokens are issued in it. Rotate first."""
+
+    status = 409
+    title = "Conflict"
+    problem = "epoch-active"
+
+
+class EpochDestroyed(ServiceError):
+    """A token of a destroyed epoch was given where its value would be needed (re-tokenize, migrate)."""
+
+    status = 422
+    title = "Unprocessable content"
+    problem = "epoch-destroyed"

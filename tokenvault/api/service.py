@@ -21,6 +21,7 @@ from protocol import ForwardRequest, ForwardResponse, NotPrimary, ProposalReject
 from tokenvault import auth
 from tokenvault.core import commands
 from tokenvault.api.audit import AuditBuffer, AuditUnavailable
+from tokenvault.api.lifecycle import (LIFECYCLE_DOCUMENT_KINDS, LIFECYCLE_FORWARDED_MEMBERS, LifecycleOperations)
 from tokenvault.core.backup import BACKUP_WORK_DIR_NAME, BackupStream
 from tokenvault.crypto.keys import DecryptError, KeyCustodyError, new_epoch_secret
 from tokenvault.auth import PRINCIPAL_NAME_PATTERN
@@ -70,8 +71,10 @@ def _rfc3339(milliseconds: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(milliseconds / 1000)) + f".{milliseconds % 1000:03d}Z"
 
 
-class NodeService:
-    """What tokenvault.api.http calls, on top of a Node (tests stand in for it with a fake of the same methods)."""
+class NodeService(LifecycleOperations):
+    """What tokenvault.api.http calls, on top of a Node (tests stand in for it with a fake of the same methods).
+
+    The token lifecycle (delete, re-tokenize, epoch destroy) is in tokenvault/api/lifecycle.py."""
 
     def __init__(self, node: Node, sealer: Sealer | None = None) -> None:
         self.node = node
@@ -284,6 +287,15 @@ class NodeService:
 
     async def _detokenize(self, tokens: list[str]) -> list[str | None]:
         found = self.node.store.lookup(tokens)
+        if found:
+            # Mappings can be deleted (and epochs destroyed), so a token found here is answered only
+            # after a read barrier: a delete acknowledged before this request started is applied here
+            # by then, on a backup, a new primary or a deposed one alike (docs/api.md, "Lifecycle").
+            try:
+                await self._read_barrier()
+            except NotPrimary:
+                raise Unavailable("no primary is known right now; retry shortly") from None
+            found = self.node.store.lookup(tokens)
         missing = sorted({token for token in tokens if token not in found})
         plain: dict[str, str | None] = {}
         if missing:
@@ -545,6 +557,10 @@ class NodeService:
             return outcome.status, outcome.body, ()
         if request.kind == LIST_KEYS:
             return 200, _json(await self._list_keys_here()), ()
+        if request.kind in LIFECYCLE_FORWARDED_MEMBERS:
+            status, body = await self._run_forwarded_lifecycle(
+                request.kind, arguments, lambda document: validate_tokens(require_item_list(document, "tokens", limits)))
+            return status, body, ()
         if request.kind == DETOKENIZE:
             tokens = validate_tokens(require_item_list(arguments, "tokens", limits))
             return 200, msgpack.packb(await self._detokenize_missing_here(tokens), use_bin_type=True), ()
@@ -598,6 +614,7 @@ FORWARDED_MEMBERS: dict[str, tuple[str, ...]] = {
     REVOKE_KEY: ("key_id", "actor"),
     AUDIT: ("records",),
     LIST_KEYS: (),
+    **LIFECYCLE_FORWARDED_MEMBERS,
 }
 
 
@@ -650,7 +667,7 @@ def _decode_forward_response(kind: str, response: ForwardResponse):
                or ForwardedError(response.status, title, detail, slug, headers))
     if kind == DETOKENIZE:
         return msgpack.unpackb(response.body, raw=False)
-    if kind in (EPOCHS, LIST_KEYS):
+    if kind in (EPOCHS, LIST_KEYS) or kind in LIFECYCLE_DOCUMENT_KINDS:
         return json.loads(response.body)
     return Outcome(response.status, response.body, headers.get("Idempotent-Replayed") == "true")
 

@@ -30,8 +30,10 @@ from protocol import (BecamePrimary, ElectionStarted, Entry, EntryKind, Event, F
                       RestoredState, Role, SteppedDown)
 from tokenvault.config import NodeConfig
 from tokenvault.core import commands
+from tokenvault.core.shred import Shredder
 from tokenvault.core.snapshot_transfer import SnapshotTransfers
-from tokenvault.core.store import ApplyResult, Outcome, PreparedInstall, StoreCorruption, VaultStore
+from tokenvault.core.store import (DELETE_KIND, DESTROY_KIND, DESTROYED, ApplyResult, Outcome, PreparedInstall,
+                                   StoreCorruption, VaultStore)
 from tokenvault.core.transport import PeerAddress, PeerTransport
 from tokenvault.core.wal import RecoveredLog, WriteAheadLog
 from tokenvault.core.wal_segments import WalCorruption
@@ -97,6 +99,7 @@ class Node:
                                                  max_segment_bytes=config.wal.max_segment_bytes,
                                                  fsync=config.wal.fsync)
         self.keyring = self._keyring_of_store()
+        self.shredder = Shredder(lambda: self.store, self.wal, lambda error: self._fatal(error, task="shred"))
         self.restored = self._restored_state(recovered)
         self.recovered_log = recovered
         members = tuple(member.id for member in config.members)
@@ -144,9 +147,9 @@ class Node:
 
     # ----------------------------------------------------------------- start-up
     def _keyring_of_store(self) -> KeyRing:
-        """Every epoch the store holds, unwrapped with the master key."""
-        return KeyRing.from_wrapped(self.master_key,
-                                    ((record.epoch, record.wrapped_secret) for record in self.store.epochs()))
+        """Every epoch the store holds, unwrapped with the master key; a destroyed one has no secret left."""
+        return KeyRing.from_wrapped(self.master_key, ((record.epoch, record.wrapped_secret)
+                                                      for record in self.store.epochs() if record.state != DESTROYED))
 
     def _restored_state(self, recovered: RecoveredLog) -> RestoredState:
         """Combine the store's checkpoint and the WAL into the core's starting point.
@@ -190,6 +193,7 @@ class Node:
             task = loop.create_task(coroutine, name=name)
             task.add_done_callback(self._on_task_ended)
             self._tasks.append(task)
+        self.shredder.note_recovered(self.recovered_log.entries, self.store.applied_index)
         log.info("node.started", members=[member.id for member in self.config.members],
                  http_port=self.config.http.port, peer_port=self.config.peer.port,
                  applied_index=self.store.applied_index, view=self.restored.hard_state.view)
@@ -201,6 +205,7 @@ class Node:
             await self.transport.close()
         self._fail_pending()  # callers answer 503: this node is going away
         await cancel_and_wait([self._compaction])
+        await self.shredder.close()
         await self.snapshots.close()
         self._disk_executor.shutdown(wait=True)
         self.wal.close()
@@ -457,6 +462,15 @@ class Node:
             self.keyring.add(command.epoch, command.wrapped_secret)
             log.info("epoch.rotated", epoch=command.epoch, index=entry.index)
             return 0, 0
+        if result.kind in (DELETE_KIND, DESTROY_KIND):
+            command = commands.decode_command(entry.payload)
+            if isinstance(command, commands.DestroyEpochCommand):
+                self.keyring.forget(command.epoch)
+                log.info("epoch.destroyed", epoch=command.epoch, index=entry.index)
+            else:
+                log.info("tokens.deleted", count=result.items, index=entry.index)
+            self.shredder.note(entry.index, command)
+            return 0, 0
         if result.kind != "tokenize":
             return 0, 0  # key changes and audit batches issue no tokens
         return result.items, result.epoch
@@ -472,7 +486,9 @@ class Node:
         try:
             durable_index = await asyncio.get_running_loop().run_in_executor(self._disk_executor,
                                                                              self.store.checkpoint)
-            self.wal.release(durable_index)
+            hold = self.shredder.hold_index()
+            # A shredding entry stays in the log until the store's files are shredded (shred.py).
+            self.wal.release(durable_index if hold is None else min(durable_index, hold - 1))
         except asyncio.CancelledError:
             raise
         except BaseException as error:  # a storage failure, as in the driver: stop

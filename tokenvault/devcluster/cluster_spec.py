@@ -38,7 +38,7 @@ API_KEY_SCOPES: dict[str, tuple[str, ...]] = {
     "admin": ("admin",),
     "tokenizer": ("tokenize",),
     "detokenizer": ("detokenize",),
-    "full": ("admin", "tokenize", "detokenize"),
+    "full": ("admin", "tokenize", "detokenize", "delete", "retokenize"),
 }
 # Environment knobs written into node configs when a cluster is generated.
 ENVIRONMENT_KNOBS = {

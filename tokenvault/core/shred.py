@@ -113,7 +113,7 @@ class Shredder:
                 self._running_low = None
                 if await self._drop_log_through(target):
                     self.passes += 1
-                    log.info("shred.done", through_index=target, keys=len(keys))
+                    log.info("shred.done", through_index=target, rows=len(keys))
         except asyncio.CancelledError:
             raise
         except BaseException as error:  # a storage failure: the node stops, as for its other disk work

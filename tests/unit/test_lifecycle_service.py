@@ -103,6 +103,10 @@ async def test_destroy_shreds_the_epoch_secret_from_every_file_of_every_node(tri
     assert len(wrapped) >= 32
     for running in trio.running():
         assert files_holding(running.config.data_dir, wrapped), "the scan must see the secret before"
+    forgotten: list[tuple[str, int]] = []
+    for running in trio.running():  # as the service registers its sealer's forget
+        running.node.epoch_destroyed_handlers.append(
+            lambda epoch, node_id=running.node_id: forgotten.append((node_id, epoch)))
     with pytest.raises(EpochActive):
         await primary.service.destroy_epoch(1, ACTOR)
     await primary.service.rotate_epoch("admin", None)
@@ -122,6 +126,8 @@ async def test_destroy_shreds_the_epoch_secret_from_every_file_of_every_node(tri
         assert (await running.service.list_epochs())["epochs"][0]["state"] == "destroyed"
     with pytest.raises(EpochDestroyed):
         await primary.service.retokenize([token], ACTOR)
+    assert sorted(set(forgotten)) == [(running.node_id, 1) for running in sorted(trio.running(),
+                                                                                   key=lambda r: r.node_id)]
 
 
 async def test_delete_shreds_the_ciphertext_from_the_store_and_the_log(single: RunningNode) -> None:

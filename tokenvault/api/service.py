@@ -88,6 +88,8 @@ class NodeService(LifecycleOperations):
         node.forward_handler = self._on_forward_request
         node.forward_response_handler = self._on_forward_response
         node.peer_down_handler = self._on_peer_down
+        if sealer is not None:
+            node.epoch_destroyed_handlers.append(sealer.forget)
         audit_config = node.config.audit
         self._audit: AuditBuffer | None = None
         if audit_config.enabled:

@@ -142,6 +142,8 @@ class Node:
         self.forward_handler = None  # set by the service: handles ForwardRequest frames
         self.forward_response_handler = None
         self.peer_down_handler = None  # set by the service: fails requests forwarded to that peer
+        # Called with an epoch once its destroy is applied here (the service's sealer forgets its keys).
+        self.epoch_destroyed_handlers: list[Callable[[int], None]] = []
         self.fatal_error: str | None = None
         self.stopped = asyncio.Event()
 
@@ -466,6 +468,8 @@ class Node:
             command = commands.decode_command(entry.payload)
             if isinstance(command, commands.DestroyEpochCommand):
                 self.keyring.forget(command.epoch)
+                for handler in self.epoch_destroyed_handlers:
+                    handler(command.epoch)
                 log.info("epoch.destroyed", epoch=command.epoch, index=entry.index)
             else:
                 log.info("tokens.deleted", count=result.items, index=entry.index)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from pathlib import Path
@@ -10,7 +11,7 @@ import msgpack
 import pytest
 
 from node_support import Cluster, RunningNode, wait_until
-from protocol import ForwardRequest, ForwardResponse
+from protocol import AppendEntries, ForwardRequest, ForwardResponse, Heartbeat
 from tokenvault.core import commands
 from tokenvault.errors import EpochActive, EpochDestroyed, NotFound, Outcome
 
@@ -47,6 +48,36 @@ async def test_delete_answers_null_on_every_node_and_counts_only_existing_tokens
     assert body(await primary.service.delete_tokens([tokens[1]], ACTOR)) == {"deleted": 0}
     actions = [record["action"] for record in primary.node.store.audit_page(0, 100)]
     assert actions.count("token.delete") == 2
+
+
+async def test_a_backup_that_has_not_applied_a_delete_never_answers_the_deleted_value(trio: Cluster) -> None:
+    primary = await trio.wait_for_stable_primary()
+    (token,) = body(await primary.service.tokenize("p", ["stale-read"], None))["tokens"]
+    lagging = trio.backups()[0]
+    await wait_until(lambda: lagging.node.store.lookup([token]), 5, "the backup to apply the token")
+    transport = lagging.node.transport
+    assert transport is not None
+    deliver = transport._on_message
+
+    def without_appends(sender: str, message: object) -> None:
+        if not isinstance(message, (AppendEntries, Heartbeat)):  # it still forwards and hears answers
+            deliver(sender, message)
+
+    transport._on_message = without_appends
+    try:
+        await primary.service.delete_tokens([token], ACTOR)
+        assert lagging.node.store.lookup([token]), "the backup has not applied the delete"
+        asked = asyncio.create_task(lagging.service.detokenize([token]))
+
+        def audited() -> bool:
+            return any(record.get("action") == "detokenize" and record.get("node") == lagging.node_id
+                       for record in primary.node.store.audit_page(0, 1000))
+
+        await wait_until(audited, 5, "the backup's audit record to commit on the primary")
+        assert not asked.done(), "answered before applying what was committed before the request"
+    finally:
+        transport._on_message = deliver
+    assert await asked == [None]
 
 
 async def test_a_deleted_value_tokenized_again_gets_the_same_token_and_a_replay_resurrects_nothing(

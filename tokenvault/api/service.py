@@ -259,8 +259,15 @@ class NodeService(LifecycleOperations):
 
     # ------------------------------------------------------------------ detokenize
     async def detokenize(self, tokens: list[str], actor: commands.Actor | None = None) -> list[str | None]:
-        """The values of ``tokens``, answered only once the audit record of this detokenize is committed."""
-        values = await self._detokenize(tokens)
+        """The values of ``tokens``, answered only once the audit record of this detokenize is committed.
+
+        A token found in this node's store is answered only once the node has applied everything
+        committed before the request started (mappings can be deleted): with the audit trail on, the
+        record's own entry is that point — it commits after the request started, so once this node
+        has applied it, any delete acknowledged before is applied here too, and the tokens are looked
+        up again; with it off (or an index unknown), a read barrier."""
+        found = self.node.store.lookup(tokens)
+        values = await self._detokenize(tokens, found, barrier=self._audit is None)
         if self._audit is not None:
             actor = actor or commands.NO_ACTOR
             record = commands.AuditRecord(
@@ -268,15 +275,38 @@ class NodeService(LifecycleOperations):
                 action="detokenize", items=len(values), found=sum(value is not None for value in values),
                 request_id=actor.request_id, subject=None)
             try:
-                await self._audit.append(record)
+                index = await self._audit.append(record)
             except AuditUnavailable as error:
                 raise Unavailable(f"{error}; the values were not returned (every detokenize is audited)") from None
+            if found:
+                await self._caught_up_to(index)
+                still = self.node.store.lookup(list(found))
+                values = [None if token in found and token not in still else value
+                          for token, value in zip(tokens, values)]
         return values
 
-    async def _write_audit(self, records: tuple[commands.AuditRecord, ...]) -> None:
-        """Commit one batch of this node's audit records: proposed here on the primary, else forwarded."""
+    async def _caught_up_to(self, index: int | None) -> None:
+        """This node has applied ``index`` (an entry committed after the request started), else a read barrier."""
+        try:
+            if index is None:
+                await self._read_barrier()
+            else:
+                await self.node.wait_applied(index, self._timeout_seconds)
+        except NotPrimary:
+            raise Unavailable("no primary is known right now; retry shortly") from None
+        except asyncio.TimeoutError:
+            raise Unavailable("this node did not catch up with the primary in time") from None
+
+    async def _write_audit(self, records: tuple[commands.AuditRecord, ...]) -> int | None:
+        """Commit one batch of this node's audit records: proposed here on the primary, else forwarded.
+        Returns the log index of the entry that holds them (None if the primary did not say)."""
         arguments = {"records": [record.fields() for record in records]}
-        await self._route(AUDIT, arguments, self._audit_here)
+        outcome = await self._route(AUDIT, arguments, self._audit_here)
+        try:
+            index = json.loads(outcome.body).get("index")
+        except (ValueError, AttributeError):
+            return None
+        return index if type(index) is int and index > 0 else None
 
     async def _audit_here(self, records: list) -> Outcome:
         command = commands.AuditCommand(records=tuple(
@@ -285,18 +315,14 @@ class NodeService(LifecycleOperations):
         result = await self._propose(commands.encode_command(command))
         if result.outcome != ApplyOutcome.OK:
             raise Unavailable("the audit records were not applied")
-        return Outcome(200, b"{}", False)
+        return Outcome(200, _json({"index": result.index}), False)
 
-    async def _detokenize(self, tokens: list[str]) -> list[str | None]:
-        found = self.node.store.lookup(tokens)
-        if found:
+    async def _detokenize(self, tokens: list[str], found: dict[str, bytes], *, barrier: bool) -> list[str | None]:
+        if found and barrier:
             # Mappings can be deleted (and epochs destroyed), so a token found here is answered only
             # after a read barrier: a delete acknowledged before this request started is applied here
             # by then, on a backup, a new primary or a deposed one alike (docs/api.md, "Lifecycle").
-            try:
-                await self._read_barrier()
-            except NotPrimary:
-                raise Unavailable("no primary is known right now; retry shortly") from None
+            await self._caught_up_to(None)
             found = self.node.store.lookup(tokens)
         missing = sorted({token for token in tokens if token not in found})
         plain: dict[str, str | None] = {}

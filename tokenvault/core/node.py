@@ -268,6 +268,15 @@ class Node:
         self._enqueue(("read", next(self._read_ids), future))
         await await_future(future, timeout_seconds)
 
+    async def wait_applied(self, index: int, timeout_seconds: float) -> None:
+        """Return once this node's store has applied ``index`` (at once if it has); asyncio.TimeoutError
+        otherwise. The entry must be committed already (its index came from the primary)."""
+        if self.store.applied_index >= index:
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._reads_waiting_apply.append(_PendingRead(index, future))
+        await await_future(future, timeout_seconds)
+
     def send_to_peer(self, peer_id: str, message: Message) -> bool:
         return self.transport is not None and self.transport.send(peer_id, message)
 

@@ -122,12 +122,17 @@ class Shredder:
     async def _drop_log_through(self, target: int) -> bool:
         """True once no segment holds an entry at or below ``target``; False when a later pass will."""
         loop = asyncio.get_running_loop()
+        durable = -1
         while self._wal.first_held_index <= target:
             if self._pending_indexes:
                 return False  # a later entry waits for its own pass, which drops the log through this one too
-            durable = await loop.run_in_executor(self._executor, self._store().checkpoint)
+            if self._store().applied_index != durable:  # checkpoint (an fsync) only when there is more
+                durable = await loop.run_in_executor(self._executor, self._store().checkpoint)
             if durable >= target:
-                await loop.run_in_executor(self._executor, self._wal.roll, target)
+                # Past the target; once everything logged is applied, past the whole log, so that a
+                # segment kept for a later truncation record goes too.
+                through = durable + 1 if durable >= self._wal.last_index else target
+                await loop.run_in_executor(self._executor, self._wal.roll, through)
                 hold = self.hold_index()
                 await loop.run_in_executor(self._executor, self._wal.release,
                                            durable if hold is None else min(durable, hold - 1))

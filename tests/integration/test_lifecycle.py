@@ -44,7 +44,10 @@ def files_holding(directory: Path, needles: dict[str, bytes]) -> list[str]:
 
 
 def secrets_on_disk(harness: ClusterHarness, node_id: str, deleted_token: str) -> dict[str, bytes]:
-    """Epoch 1's wrapped secret and the deleted token's ciphertext, read from a stopped node's store."""
+    """Epoch 1's wrapped secret and the deleted token's ciphertext, read from a stopped node's store
+    (once it has applied everything the primary has committed)."""
+    commit_index = max((health or {}).get("commit_index", 0) for health in harness.healths().values())
+    harness.wait_for_applied([node_id], commit_index)
     harness.kill(node_id)
     store = VaultStore.open(harness.node(node_id).data_dir / "store")
     try:

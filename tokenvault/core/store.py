@@ -37,8 +37,9 @@ Atomicity. One ``apply_batch`` call is ONE RocksDB WriteBatch, meta included,
 so a crash leaves the store at the end of some batch. While a batch is applied
 its writes sit in a batch-local overlay (``_Batch``) that later commands of the
 same batch read through: idempotency records added or deleted, epochs, the age
-index for the purge. Token rows are checked and written once at the end of the
-batch (nothing in a batch reads tokens back), with one multi-get. Any
+index for the purge. Token rows of tokenizes are checked with one multi-get
+when the batch ends or a delete needs them settled (``_settle_tokens``), into
+the batch's token overlay, which is written with the rest. Any
 exception (InsertOnceViolation, a gap, a malformed command) discards the
 overlay: nothing of the batch reaches the database and the in-memory fields
 are untouched, so memory and disk stay equal.
@@ -785,8 +786,8 @@ class VaultStore:
                                             command.issued_at_ms, batch)
         if duplicate is not None:
             return duplicate
-        # Token rows are checked and written once for the whole batch (_add_tokens):
-        # nothing later in the batch reads them, and a failure drops the whole batch.
+        # Token rows are checked in bulk (_settle_tokens) when the batch ends or a delete
+        # needs them; a failure drops the whole batch.
         batch.tokenized.append((index, command.epoch, command.items))
         response = None
         if command.idempotency_key is not None:

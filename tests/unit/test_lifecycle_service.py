@@ -221,3 +221,22 @@ async def test_forwarded_lifecycle_requests_are_validated_like_the_http_layer(tr
         await primary.service._serve_forward(backup_id, ForwardRequest(
             request_id=1, kind=kind, body=msgpack.packb(arguments)))
         assert sent[-1].status == 400, kind
+
+
+async def test_a_node_that_stopped_before_shredding_shreds_when_it_restarts(tmp_path: Path) -> None:
+    configs = make_configs(tmp_path, 1)
+    cluster = Cluster(configs)
+    try:
+        cluster.nodes.append(await start_node(configs[0]))
+        running = await cluster.wait_for_stable_primary()
+        token = body(await running.service.tokenize("p", ["crash-window"], None))["tokens"][0]
+        ciphertext = running.node.store.lookup([token])[token]
+        running.node.shredder.note = lambda index, command: None  # type: ignore[method-assign]  # "crashes" first
+        await running.service.delete_tokens([token], ACTOR)
+        assert files_holding(running.config.data_dir, ciphertext), "not shredded before the restart"
+        restarted = await cluster.restart(running)
+        await wait_until(lambda: not files_holding(restarted.config.data_dir, ciphertext), 10,
+                         "the restarted node to shred the delete it found in its log")
+        assert restarted.node.store.lookup([token]) == {}
+    finally:
+        await cluster.close()

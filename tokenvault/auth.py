@@ -33,7 +33,10 @@ TOKENIZE = "tokenize"
 DETOKENIZE = "detokenize"
 # Version 2: detokenize answers masked values only (tokenvault.crypto.formats.mask_value).
 DETOKENIZE_MASKED = "detokenize_masked"
-ALL_SCOPES: frozenset[str] = frozenset({ADMIN, TOKENIZE, DETOKENIZE, DETOKENIZE_MASKED})
+# The token lifecycle (docs/api.md): removing mappings, and re-issuing tokens in the active epoch.
+DELETE = "delete"
+RETOKENIZE = "retokenize"
+ALL_SCOPES: frozenset[str] = frozenset({ADMIN, TOKENIZE, DETOKENIZE, DETOKENIZE_MASKED, DELETE, RETOKENIZE})
 
 RUNTIME_KEY_PREFIX = "tvk1_"
 RUNTIME_KEY_ID_BYTES = 8

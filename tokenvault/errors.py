@@ -257,3 +257,19 @@ class TokenCollision(ServiceError):
     status = 409
     title = "Conflict"
     problem = "format-token-collision"
+
+
+class EpochActive(ServiceError):
+    """The active epoch cannot be destroyed: new tokens are issued in it. Rotate first."""
+
+    status = 409
+    title = "Conflict"
+    problem = "epoch-active"
+
+
+class EpochDestroyed(ServiceError):
+    """A token of a destroyed epoch was given where its value would be needed (re-tokenize, migrate)."""
+
+    status = 422
+    title = "Unprocessable content"
+    problem = "epoch-destroyed"

@@ -18,7 +18,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from tokenvault import auth
-from tokenvault.errors import IdempotencyInFlight, IdempotencyMismatch, NotFound, Outcome, Unavailable
+from tokenvault.errors import (EpochActive, EpochDestroyed, IdempotencyInFlight, IdempotencyMismatch, NotFound, Outcome,
+                               Unavailable)
 from tokenvault.api.http import ProblemAppRunner
 from tokenvault.crypto.tokens import parse_token
 
@@ -63,6 +64,8 @@ class FakeService:
         self.format_vault: dict[tuple[int, str], str] = {}
         self.tokenize_options: list[tuple[str, str | None, int | None]] = []
         self.reveal_calls: list[tuple[list[str], int | None, bool, bool]] = []
+        self.destroyed: set[int] = set()
+        self.lifecycle_calls: list[tuple[str, object]] = []
 
     def _check_available(self) -> None:
         if self.unavailable:
@@ -159,10 +162,55 @@ class FakeService:
     async def list_epochs(self) -> dict:
         self._check_available()
         epochs = [
-            {"epoch": epoch, "created_at": created_at, "state": "active" if epoch == self.active_epoch else "retired"}
+            {"epoch": epoch, "created_at": created_at, "state": self._state(epoch)}
             for epoch, created_at in sorted(self.epoch_created_at.items())
         ]
         return {"active_epoch": self.active_epoch, "epochs": epochs}
+
+    def _state(self, epoch: int) -> str:
+        return "active" if epoch == self.active_epoch else "destroyed" if epoch in self.destroyed else "retired"
+
+    async def delete_tokens(self, tokens: list[str], actor: object = None) -> Outcome:
+        self._check_available()
+        self.lifecycle_calls.append(("delete", list(tokens)))
+        deleted = sum(self.vault.pop(token, None) is not None for token in dict.fromkeys(tokens))
+        return Outcome(200, _json_bytes({"deleted": deleted}), False)
+
+    async def retokenize(self, tokens: list[str], actor: object = None) -> dict:
+        self._check_available()
+        self.lifecycle_calls.append(("retokenize", list(tokens)))
+        for position, token in enumerate(tokens):
+            if parse_token(token).epoch in self.destroyed:
+                raise EpochDestroyed(f"tokens[{position}] belongs to a destroyed epoch")
+        answer = []
+        for token in tokens:
+            value = self.vault.get(token)
+            new = None if value is None else fake_token(self.active_epoch, value)
+            if new is not None:
+                self.vault[new] = value
+            answer.append(new)
+        return {"epoch": self.active_epoch, "tokens": answer}
+
+    async def destroy_epoch(self, epoch: int, actor: object = None) -> Outcome:
+        self._check_available()
+        self.lifecycle_calls.append(("destroy", epoch))
+        if epoch == self.active_epoch:
+            raise EpochActive("the active epoch cannot be destroyed")
+        if epoch not in self.epoch_created_at:
+            raise NotFound("no epoch has this number")
+        self.destroyed.add(epoch)
+        for token in [token for token in self.vault if parse_token(token).epoch == epoch]:
+            del self.vault[token]
+        return Outcome(200, _json_bytes({"epoch": epoch, "state": "destroyed"}), False)
+
+    async def epoch_tokens(self, epoch: int, after: str | None, limit: int) -> dict:
+        self._check_available()
+        if epoch not in self.epoch_created_at:
+            raise NotFound("no epoch has this number")
+        tokens = sorted(token for token in self.vault if parse_token(token).epoch == epoch
+                        and (after is None or token > after))[:limit]
+        return {"epoch": epoch, "state": self._state(epoch), "tokens": tokens,
+                "next_after": tokens[-1] if len(tokens) == limit else None}
 
     def api_key(self, key_id: str) -> auth.RuntimeKey | None:
         return self.runtime_keys.get(key_id)
@@ -243,7 +291,7 @@ def make_key_ring() -> KeyRing:
         "admin": frozenset({auth.ADMIN}),
         "tokenizer": frozenset({auth.TOKENIZE}),
         "detokenizer": frozenset({auth.DETOKENIZE}),
-        "full": frozenset({auth.ADMIN, auth.TOKENIZE, auth.DETOKENIZE}),
+        "full": frozenset({auth.ADMIN, auth.TOKENIZE, auth.DETOKENIZE, auth.DELETE, auth.RETOKENIZE}),
     }
     return KeyRing(keys={name: auth.generate_api_key() for name in scopes}, scopes=scopes)
 

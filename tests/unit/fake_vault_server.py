@@ -32,6 +32,7 @@ class RecordedRequest:
     path: str
     headers: dict[str, str]
     body: Any
+    query: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,7 +107,7 @@ class FakeVaultServer:
             body = json.loads(raw) if raw else None
         except ValueError:
             body = None
-        recorded = RecordedRequest(request.method, request.path, dict(request.headers), body)
+        recorded = RecordedRequest(request.method, request.path, dict(request.headers), body, dict(request.query))
         self.requests.append(recorded)
         responder = self.responders.get((request.method, request.path))
         reply = responder(recorded) if responder is not None else None

@@ -106,7 +106,7 @@ def write_cluster_files(directory: Path) -> ClusterFiles:
 
 
 API_KEYS = (ApiKeyEntry(name="admin", sha256=hashlib.sha256(b"unused test key").hexdigest(),
-                        scopes=frozenset({"admin", "tokenize", "detokenize"})),)
+                        scopes=frozenset({"admin", "tokenize", "detokenize", "delete", "retokenize"})),)
 
 
 _FAST_TIMING = TimingConfig(tick_ms=10, election_timeout_ticks=25, heartbeat_interval_ticks=2,

@@ -38,7 +38,7 @@ def test_hash_is_sha256_hex_of_the_key() -> None:
 
 def test_scope_constants() -> None:
     assert (ADMIN, TOKENIZE, DETOKENIZE) == ("admin", "tokenize", "detokenize")
-    assert ALL_SCOPES == {"admin", "tokenize", "detokenize", "detokenize_masked"}
+    assert ALL_SCOPES == {"admin", "tokenize", "detokenize", "detokenize_masked", "delete", "retokenize"}
 
 
 def test_authenticate_returns_the_matching_principal() -> None:

@@ -124,7 +124,7 @@ def test_generation_writes_contract_cluster_json_with_absolute_paths_and_ports(c
         assert Path(node["data_dir"]).is_dir() and Path(node["config"]).is_file()
     scopes = {name: entry["scopes"] for name, entry in document["api_keys"].items()}
     assert scopes == {"admin": ["admin"], "tokenizer": ["tokenize"], "detokenizer": ["detokenize"],
-                      "full": ["admin", "tokenize", "detokenize", "detokenize_masked"],
+                      "full": ["admin", "tokenize", "detokenize", "detokenize_masked", "delete", "retokenize"],
                       "masked": ["detokenize_masked"]}
     keys = [entry["key"] for entry in document["api_keys"].values()]
     assert len(set(keys)) == 5 and all(key.startswith("tvk_") and len(key) == 47 for key in keys)

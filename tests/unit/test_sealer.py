@@ -282,3 +282,26 @@ def test_the_child_stops_on_a_malformed_message_without_echoing_what_it_received
         if child.poll() is None:
             child.kill()
             child.wait()
+
+
+def test_the_child_forgets_a_destroyed_epoch() -> None:
+    from tokenvault.core.sealer import ADD_EPOCH, FORGET_EPOCH, SEAL, _answer
+    ring: dict[int, EpochKeys] = {}
+    keys = EpochKeys(1, new_epoch_secret())
+    _answer(ring, [ADD_EPOCH, 1, *keys.derived_keys()])
+    assert msgpack.unpackb(_answer(ring, [SEAL, 7, 1, ["v"]]))[1] is not None
+    assert _answer(ring, [FORGET_EPOCH, 1]) is None
+    assert ring == {}
+    assert msgpack.unpackb(_answer(ring, [SEAL, 8, 1, ["v"]])) == [8, None, None]
+
+
+async def test_forget_reaches_the_child_and_a_later_seal_teaches_the_epoch_again() -> None:
+    async with running_sealer(epoch_count=2, min_values=1) as started:
+        sealer, ring = started.sealer, started.ring
+        values = [f"v{number}" for number in range(4)]
+        assert await sealer.seal(ring.get(1), values) == tuple(ring.get(1).seal_many(values))
+        sealer.forget(1)
+        sealer.forget(2)  # never learnt: nothing is sent
+        assert sealer.alive
+        # Only a parent that has forgotten too re-teaches the epoch, so this still seals correctly.
+        assert await sealer.seal(ring.get(1), values) == tuple(ring.get(1).seal_many(values))

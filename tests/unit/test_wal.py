@@ -437,3 +437,22 @@ def test_fsync_failure_is_fatal_and_poisons_the_log(tmp_path, monkeypatch):
     with pytest.raises(WalFatal):
         log.sync()
     log.close()
+
+
+def test_roll_starts_a_segment_so_that_release_can_delete_an_entry_the_active_one_held(tmp_path):
+    directory = tmp_path / "wal"
+    log, _ = WriteAheadLog.open(directory)  # 64 MiB segments: everything stays in the active one
+    for index in range(1, 6):
+        log.append(truncate_from=None, entries=[entry(index, payload=b"secret-%d" % index)], hard_state=None)
+    log.sync()
+    log.release(5)
+    assert log.first_held_index == 1  # the active segment is never deleted
+    assert log.roll(3) is True
+    assert log.roll(3) is False  # the new active segment starts after entry 5 and holds nothing
+    log.release(5)
+    assert log.first_held_index == 6
+    assert not any(b"secret-" in path.read_bytes() for path in segment_paths(directory))
+    log.append(truncate_from=None, entries=[entry(6)], hard_state=None)
+    log.close()
+    recovered = reopen(directory)
+    assert (recovered.base_index, [e.index for e in recovered.entries]) == (5, [6])

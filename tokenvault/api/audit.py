@@ -35,13 +35,15 @@ class AuditUnavailable(Exception):
     """The audit record could not be committed (buffer full, no primary, timeout)."""
 
 
-Proposer = Callable[[tuple[AuditRecord, ...]], Awaitable[None]]
+# Commits one batch; returns the log index of the entry that holds it (None when unknown).
+Proposer = Callable[[tuple[AuditRecord, ...]], Awaitable[int | None]]
 
 
 class AuditBuffer:
     """Buffers one node's audit records and commits them in batches (group commit).
 
-    ``append`` returns once the record's batch is committed, or raises
+    ``append`` returns once the record's batch is committed, with the log index
+    of its entry (None when the proposer did not say), or raises
     AuditUnavailable. Up to ``max_batches_in_flight`` batches are being
     committed at once (a commit waits for fsyncs on a majority, so one batch at
     a time would cap a node at one batch per commit latency); records arriving
@@ -55,7 +57,7 @@ class AuditBuffer:
         self._max_batch_records = max_batch_records
         self._max_pending_records = max_pending_records
         self._slots = asyncio.Semaphore(max_batches_in_flight)
-        self._waiting: list[tuple[AuditRecord, asyncio.Future[None]]] = []
+        self._waiting: list[tuple[AuditRecord, asyncio.Future[int | None]]] = []
         self._pending_count = 0
         self._flusher: asyncio.Task[None] | None = None
         self._commits: set[asyncio.Task[None]] = set()
@@ -65,18 +67,18 @@ class AuditBuffer:
     def pending_count(self) -> int:
         return self._pending_count
 
-    async def append(self, record: AuditRecord) -> None:
+    async def append(self, record: AuditRecord) -> int | None:
         if self._closed:
             raise AuditUnavailable("the node is shutting down")
         if self._pending_count >= self._max_pending_records:
             raise AuditUnavailable("too many audit records are waiting to be written")
-        future = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
         self._waiting.append((record, future))
         self._pending_count += 1
         try:
             if self._flusher is None or self._flusher.done():
                 self._flusher = asyncio.get_running_loop().create_task(self._flush_loop())
-            await future
+            return await future
         finally:
             self._pending_count -= 1
 
@@ -96,9 +98,9 @@ class AuditBuffer:
             self._commits.add(task)
             task.add_done_callback(self._commits.discard)
 
-    async def _commit(self, batch: list[tuple[AuditRecord, asyncio.Future[None]]]) -> None:
+    async def _commit(self, batch: list[tuple[AuditRecord, asyncio.Future[int | None]]]) -> None:
         try:
-            await self._propose(tuple(record for record, _ in batch))
+            index = await self._propose(tuple(record for record, _ in batch))
         except asyncio.CancelledError:
             self._fail(batch, "the node is shutting down")
             raise
@@ -108,12 +110,12 @@ class AuditBuffer:
         else:
             for _, future in batch:
                 if not future.done():
-                    future.set_result(None)
+                    future.set_result(index)
         finally:
             self._slots.release()
 
     @staticmethod
-    def _fail(batch: list[tuple[AuditRecord, asyncio.Future[None]]], reason: str) -> None:
+    def _fail(batch: list[tuple[AuditRecord, asyncio.Future[int | None]]], reason: str) -> None:
         for _, future in batch:
             if not future.done():
                 future.set_exception(AuditUnavailable(reason))

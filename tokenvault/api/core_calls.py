@@ -27,6 +27,7 @@ from tokenvault.api.validation import (require_item_list, validate_lookup_epoch,
                                        validate_tokens, validate_values)
 from tokenvault.core.backup import BackupStream
 from tokenvault.core.commands import Actor, CommandError
+from tokenvault.core.store import MAX_TOKEN_PAGE
 from tokenvault.errors import InvalidRequest, NotFound, Overloaded
 from tokenvault.metrics import Metrics
 
@@ -69,7 +70,8 @@ class CoreCalls:
             "tokenize": self._tokenize, "tokenize_sealed": self._tokenize_sealed, "detokenize": self._detokenize, "reveal": self._reveal, "rotate_epoch": self._rotate_epoch,
             "list_epochs": self._list_epochs, "create_key": self._create_key, "revoke_key": self._revoke_key,
             "list_keys": self._list_keys, "audit_page": self._audit_page, "cluster_view": self._cluster_view,
-            "health": self._health, "metrics": self._render_metrics, "backup.open": self._backup_open,
+            "health": self._health, "delete_tokens": self._delete_tokens, "retokenize": self._retokenize,
+            "epoch_tokens": self._epoch_tokens, "destroy_epoch": self._destroy_epoch, "metrics": self._render_metrics, "backup.open": self._backup_open,
             "backup.read": self._backup_read, "backup.close": self._backup_close,
         }
 
@@ -148,6 +150,29 @@ class CoreCalls:
         if not isinstance(arguments["key_id"], str):
             raise InvalidRequest("key_id must be a string")
         return await self._service.revoke_key(arguments["key_id"], _checked_actor(arguments["actor"]))
+
+    async def _delete_tokens(self, arguments: dict[str, Any]) -> Any:
+        _members(arguments, ("tokens", "actor"))
+        tokens = validate_tokens(require_item_list(arguments, "tokens", self._limits))
+        return await self._service.delete_tokens(tokens, _checked_actor(arguments["actor"]))
+
+    async def _retokenize(self, arguments: dict[str, Any]) -> Any:
+        _members(arguments, ("tokens", "actor"))
+        tokens = validate_tokens(require_item_list(arguments, "tokens", self._limits))
+        return await self._service.retokenize(tokens, _checked_actor(arguments["actor"]))
+
+    async def _epoch_tokens(self, arguments: dict[str, Any]) -> Any:
+        _members(arguments, ("epoch", "after", "limit"))
+        after = arguments["after"]
+        if after is not None and (not isinstance(after, str) or not validate_tokens([after])):
+            raise InvalidRequest("after must be a token or null")
+        return await self._service.epoch_tokens(_int(arguments["epoch"], "epoch", 1, 2**32 - 1), after,
+                                                _int(arguments["limit"], "limit", 1, MAX_TOKEN_PAGE))
+
+    async def _destroy_epoch(self, arguments: dict[str, Any]) -> Any:
+        _members(arguments, ("epoch", "actor"))
+        return await self._service.destroy_epoch(_int(arguments["epoch"], "epoch", 1, 2**32 - 1),
+                                                 _checked_actor(arguments["actor"]))
 
     async def _list_keys(self, arguments: dict[str, Any]) -> Any:
         _members(arguments, ())

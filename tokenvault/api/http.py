@@ -148,8 +148,10 @@ _PRINCIPAL: web.RequestKey[Any] = web.RequestKey("tokenvault_principal", object)
 _KIND: web.RequestKey[str] = web.RequestKey("tokenvault_rate_limit_kind", str)
 _BODY: web.RequestKey[bytes] = web.RequestKey("tokenvault_body", bytes)
 # The endpoint kind a scope's requests are counted under (tokenvault/api/ratelimit.py).
+# Delete and re-tokenize are writes of the token table: they count as tokenize.
 RATE_LIMIT_KIND_OF_SCOPE = {auth.TOKENIZE: ratelimit.TOKENIZE, auth.DETOKENIZE: ratelimit.DETOKENIZE,
-                            auth.DETOKENIZE_MASKED: ratelimit.DETOKENIZE, auth.ADMIN: ratelimit.ADMIN}
+                            auth.DETOKENIZE_MASKED: ratelimit.DETOKENIZE, auth.ADMIN: ratelimit.ADMIN,
+                            auth.DELETE: ratelimit.TOKENIZE, auth.RETOKENIZE: ratelimit.TOKENIZE}
 
 _log = get_logger("tokenvault.api.http")
 # Marks "no body at all", which differs from a JSON body of `null`.
@@ -874,6 +876,9 @@ def build_app(
     app.router.add_get(ROUTE_AUDIT, api.audit)
     # No HEAD: it would take a checkpoint only to throw it away.
     app.router.add_get(ROUTE_BACKUP, api.backup, allow_head=False)
+    # Imported here: the lifecycle routes build on this module's _Api and helpers.
+    from tokenvault.api.http_lifecycle import add_lifecycle_routes
+    add_lifecycle_routes(app, api)
     return app
 
 

@@ -173,6 +173,21 @@ class RemoteService:
     async def cluster_view(self) -> dict[str, Any]:
         return _document(await self._call("cluster_view", {}))
 
+    async def delete_tokens(self, tokens: list[str], actor: commands.Actor | None = None) -> Outcome:
+        return _outcome(await self._call("delete_tokens", {"tokens": tokens,
+                                                           "actor": (actor or commands.NO_ACTOR).fields()}))
+
+    async def retokenize(self, tokens: list[str], actor: commands.Actor | None = None) -> dict[str, Any]:
+        return _document(await self._call("retokenize", {"tokens": tokens,
+                                                         "actor": (actor or commands.NO_ACTOR).fields()}))
+
+    async def epoch_tokens(self, epoch: int, after: str | None, limit: int) -> dict[str, Any]:
+        return _document(await self._call("epoch_tokens", {"epoch": epoch, "after": after, "limit": limit}))
+
+    async def destroy_epoch(self, epoch: int, actor: commands.Actor | None = None) -> Outcome:
+        return _outcome(await self._call("destroy_epoch", {"epoch": epoch,
+                                                           "actor": (actor or commands.NO_ACTOR).fields()}))
+
     async def open_backup(self) -> RemoteBackupStream:
         opened = _document(await self._call("backup.open", {}))
         if not all(type(opened.get(name)) is int for name in ("id", "index", "view", "total_bytes")):

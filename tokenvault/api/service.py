@@ -22,6 +22,7 @@ from tokenvault import auth
 from tokenvault.core import commands
 from tokenvault.api.audit import AuditBuffer, AuditUnavailable
 from tokenvault.api.coalesce import TokenizeCoalescer
+from tokenvault.api.lifecycle import (LIFECYCLE_DOCUMENT_KINDS, LIFECYCLE_FORWARDED_MEMBERS, LifecycleOperations)
 from tokenvault.core.backup import BACKUP_WORK_DIR_NAME, BackupStream
 from tokenvault.crypto.keys import DecryptError, KeyCustodyError, new_epoch_secret
 from tokenvault.auth import PRINCIPAL_NAME_PATTERN
@@ -86,8 +87,10 @@ def _rfc3339(milliseconds: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(milliseconds / 1000)) + f".{milliseconds % 1000:03d}Z"
 
 
-class NodeService:
-    """What tokenvault.api.http calls, on top of a Node (tests stand in for it with a fake of the same methods)."""
+class NodeService(LifecycleOperations):
+    """What tokenvault.api.http calls, on top of a Node (tests stand in for it with a fake of the same methods).
+
+    The token lifecycle (delete, re-tokenize, epoch destroy) is in tokenvault/api/lifecycle.py."""
 
     def __init__(self, node: Node, sealer: Sealer | None = None) -> None:
         self.node = node
@@ -103,6 +106,8 @@ class NodeService:
         node.peer_down_handler = self._on_peer_down
         # Sealed tokenizes of many requests become one entry (tokenvault.api.coalesce).
         self._coalescer = TokenizeCoalescer(self._propose)
+        if sealer is not None:
+            node.epoch_destroyed_handlers.append(sealer.forget)
         audit_config = node.config.audit
         self._audit: AuditBuffer | None = None
         if audit_config.enabled:
@@ -297,14 +302,16 @@ class NodeService:
         if len(found) == len(set(tokens)) and all(found[token] == ciphertext for token, ciphertext in items):
             try:
                 await self._read_barrier()
-            except ServiceError:
+            except (NotPrimary, ServiceError):
                 if self._is_primary():
                     raise
             else:
-                if self.node.store.active_epoch() == epoch:
+                if self.node.store.active_epoch() != epoch:
+                    raise EpochChanged("a rotation was applied meanwhile")
+                # Mappings can be deleted: what was found before the barrier must still be there after it.
+                if len(self.node.store.lookup(tokens, _now_ms())) == len(found):
                     self.node.metrics.record_tokenize_answered_as_read(len(tokens))
                     return Outcome(200, _json({"epoch": epoch, "tokens": tokens}), False)
-                raise EpochChanged("a rotation was applied meanwhile")
         if not self._is_primary():
             arguments = {"principal": principal, "values": values, "idempotency_key": None}
             return await self._route(TOKENIZE, arguments, self._tokenize_here)
@@ -372,7 +379,14 @@ class NodeService:
         if any(found[token] != keys.encrypt(token, value) for token, value in zip(tokens, values)):
             return None
         await self._read_barrier()
-        return tokens if self.node.store.active_epoch() == epoch else None
+        if self.node.store.active_epoch() != epoch:
+            return None
+        # Mappings can be deleted: what was found before the barrier must still be there after it.
+        if token_format == formats.OPAQUE:
+            still = self.node.store.lookup(tokens, _now_ms())
+        else:
+            still = self.node.store.lookup_format(epoch, tokens, _now_ms())
+        return tokens if len(still) == len(found) else None
 
     async def _seal(self, epoch: int, values: list[str]) -> tuple:
         """The (token, ciphertext) pairs of ``values`` in ``epoch``: by the sealer process
@@ -419,9 +433,21 @@ class NodeService:
 
     # ------------------------------------------------------------------ detokenize
     async def detokenize(self, tokens: list[str], actor: commands.Actor | None = None) -> list[str | None]:
-        """The values of ``tokens``, answered only once the audit record of this detokenize is committed."""
-        values = await self._detokenize(tokens)
-        await self._audit_detokenize(values, actor, None)
+        """The values of ``tokens``, answered only once the audit record of this detokenize is committed.
+
+        A token found in this node's store is answered only once the node has applied everything
+        committed before the request started (mappings can be deleted): with the audit trail on, the
+        record's own entry is that point — it commits after the request started, so once this node
+        has applied it, any delete acknowledged before is applied here too, and the tokens are looked
+        up again; with it off (or an index unknown), a read barrier."""
+        found = self.node.store.lookup(tokens, _now_ms())
+        values = await self._detokenize(tokens, found, barrier=self._audit is None)
+        index = await self._audit_detokenize(values, actor, None)
+        if found and self._audit is not None:
+            await self._caught_up_to(index)
+            still = self.node.store.lookup(list(found), _now_ms())
+            values = [None if token in found and token not in still else value
+                      for token, value in zip(tokens, values)]
         return values
 
     async def reveal(self, tokens: list[str], actor: commands.Actor | None = None, epoch: int | None = None,
@@ -431,11 +457,19 @@ class NodeService:
         metadata when asked, and with ``masked`` every value masked (formats.mask_value) before it
         leaves this method; metadata comes as ``"metadata_json"``, each mapping's canonical JSON text or
         None. Audited like ``detokenize``; a masked reveal's record says "masked"."""
-        found = await self._lookup_mappings(tokens, epoch, include_metadata)
+        found, local, epoch = await self._lookup_mappings(tokens, epoch, include_metadata,
+                                                          barrier=self._audit is None)
         values = [found[token][0] if token in found else None for token in tokens]
         found_count = sum(value is not None for value in values)
         self.node.metrics.record_detokenized(found_count, len(values) - found_count)
-        await self._audit_detokenize(values, actor, MASKED_SUBJECT if masked else None)
+        index = await self._audit_detokenize(values, actor, MASKED_SUBJECT if masked else None)
+        if local and self._audit is not None:
+            # As in detokenize: what this node found itself is answered once it applied the record's own
+            # entry, and looked up again (the primary answered the rest after its own read barrier).
+            await self._caught_up_to(index)
+            still = self._read_mappings(sorted(local), epoch, False, _now_ms())
+            found = {token: pair for token, pair in found.items() if token not in local or token in still}
+            values = [found[token][0] if token in found else None for token in tokens]
         if masked:
             values = [None if value is None else formats.mask_value(value) for value in values]
         document: dict = {"values": values}
@@ -445,28 +479,37 @@ class NodeService:
         return document
 
     async def _audit_detokenize(self, values: list[str | None], actor: commands.Actor | None,
-                                subject: str | None) -> None:
+                                subject: str | None) -> int | None:
+        """Commit the audit record of a detokenize or reveal; the log index of its entry (None when the
+        audit trail is off or the primary did not say)."""
         if self._audit is None:
-            return
+            return None
         actor = actor or commands.NO_ACTOR
         record = commands.AuditRecord(
             at_ms=int(time.time() * 1000), node=self.node_id, key_name=actor.name, key_id=actor.key_id,
             action="detokenize", items=len(values), found=sum(value is not None for value in values),
             request_id=actor.request_id, subject=subject)
         try:
-            await self._audit.append(record)
+            return await self._audit.append(record)
         except AuditUnavailable as error:
             raise Unavailable(f"{error}; the values were not returned (every detokenize is audited)") from None
 
-    async def _lookup_mappings(self, tokens: list[str], epoch: int | None,
-                               include_metadata: bool) -> dict[str, tuple[str, str | None]]:
+    async def _lookup_mappings(self, tokens: list[str], epoch: int | None, include_metadata: bool, *,
+                               barrier: bool = False
+                               ) -> tuple[dict[str, tuple[str, str | None]], set[str], int | None]:
         """token -> (value, metadata JSON text or None) for the live mappings among ``tokens``: found
-        here, or else asked of the primary (a backup answers only what it has applied)."""
+        here, or else asked of the primary (a backup answers only what it has applied); the tokens
+        found here; and the epoch format tokens were resolved in. ``barrier``: mappings found here are read again after a read barrier (mappings can
+        be deleted; with the audit trail on, the caller waits for the audit entry instead)."""
         if epoch is None and any(not is_token(token) for token in tokens):
             # Format tokens carry no epoch: "the active one" is the one as of a read barrier.
             await self._read_barrier_anywhere()
             epoch = self.node.store.active_epoch() or None
         found = self._read_mappings(tokens, epoch, include_metadata, _now_ms())
+        if found and barrier:
+            await self._caught_up_to(None)
+            found = self._read_mappings(tokens, epoch, include_metadata, _now_ms())
+        local = set(found)
         missing = sorted({token for token in tokens if token not in found})
         if missing:
             arguments = {"tokens": missing, "epoch": epoch, "include_metadata": include_metadata}
@@ -474,7 +517,7 @@ class NodeService:
             for token, pair in answered.items():
                 if pair is not None and token in missing:
                     found[token] = (pair[0], pair[1])
-        return found
+        return found, local, epoch
 
     async def _reveal_missing_here(self, tokens: list[str], epoch: int | None,
                                    include_metadata: bool) -> dict[str, list | None]:
@@ -527,10 +570,28 @@ class NodeService:
         except NotPrimary:
             raise Unavailable("no primary is known right now; retry shortly") from None
 
-    async def _write_audit(self, records: tuple[commands.AuditRecord, ...]) -> None:
-        """Commit one batch of this node's audit records: proposed here on the primary, else forwarded."""
+    async def _caught_up_to(self, index: int | None) -> None:
+        """This node has applied ``index`` (an entry committed after the request started), else a read barrier."""
+        try:
+            if index is None:
+                await self._read_barrier()
+            else:
+                await self.node.wait_applied(index, self._timeout_seconds)
+        except NotPrimary:
+            raise Unavailable("no primary is known right now; retry shortly") from None
+        except asyncio.TimeoutError:
+            raise Unavailable("this node did not catch up with the primary in time") from None
+
+    async def _write_audit(self, records: tuple[commands.AuditRecord, ...]) -> int | None:
+        """Commit one batch of this node's audit records: proposed here on the primary, else forwarded.
+        Returns the log index of the entry that holds them (None if the primary did not say)."""
         arguments = {"records": [record.fields() for record in records]}
-        await self._route(AUDIT, arguments, self._audit_here)
+        outcome = await self._route(AUDIT, arguments, self._audit_here)
+        try:
+            index = json.loads(outcome.body).get("index")
+        except (ValueError, AttributeError):
+            return None
+        return index if type(index) is int and index > 0 else None
 
     async def _audit_here(self, records: list) -> Outcome:
         command = commands.AuditCommand(records=tuple(
@@ -539,10 +600,15 @@ class NodeService:
         result = await self._propose(commands.encode_command(command))
         if result.outcome != ApplyOutcome.OK:
             raise Unavailable("the audit records were not applied")
-        return Outcome(200, b"{}", False)
+        return Outcome(200, _json({"index": result.index}), False)
 
-    async def _detokenize(self, tokens: list[str]) -> list[str | None]:
-        found = self.node.store.lookup(tokens, _now_ms())
+    async def _detokenize(self, tokens: list[str], found: dict[str, bytes], *, barrier: bool) -> list[str | None]:
+        if found and barrier:
+            # Mappings can be deleted (and epochs destroyed), so a token found here is answered only
+            # after a read barrier: a delete acknowledged before this request started is applied here
+            # by then, on a backup, a new primary or a deposed one alike (docs/api.md, "Lifecycle").
+            await self._caught_up_to(None)
+            found = self.node.store.lookup(tokens, _now_ms())
         missing = sorted({token for token in tokens if token not in found})
         plain: dict[str, str | None] = {}
         if missing:
@@ -810,6 +876,10 @@ class NodeService:
             return outcome.status, outcome.body, ()
         if request.kind == LIST_KEYS:
             return 200, _json(await self._list_keys_here()), ()
+        if request.kind in LIFECYCLE_FORWARDED_MEMBERS:
+            status, body = await self._run_forwarded_lifecycle(
+                request.kind, arguments, lambda document: validate_tokens(require_item_list(document, "tokens", limits)))
+            return status, body, ()
         if request.kind == DETOKENIZE:
             tokens = validate_tokens(require_item_list(arguments, "tokens", limits))
             return 200, msgpack.packb(await self._detokenize_missing_here(tokens), use_bin_type=True), ()
@@ -873,6 +943,7 @@ FORWARDED_MEMBERS: dict[str, tuple[str, ...]] = {
     REVOKE_KEY: ("key_id", "actor"),
     AUDIT: ("records",),
     LIST_KEYS: (),
+    **LIFECYCLE_FORWARDED_MEMBERS,
 }
 
 
@@ -925,7 +996,7 @@ def _decode_forward_response(kind: str, response: ForwardResponse):
                or ForwardedError(response.status, title, detail, slug, headers))
     if kind in (DETOKENIZE, REVEAL):
         return msgpack.unpackb(response.body, raw=False)
-    if kind in (EPOCHS, LIST_KEYS):
+    if kind in (EPOCHS, LIST_KEYS) or kind in LIFECYCLE_DOCUMENT_KINDS:
         return json.loads(response.body)
     return Outcome(response.status, response.body, headers.get("Idempotent-Replayed") == "true")
 

@@ -381,7 +381,7 @@ def admin_restore(backup_path: str, config_path: str) -> None:
 @admin.group()
 @group_connection_options
 def epoch() -> None:
-    """Rotate and list token epochs."""
+    """Rotate, list, migrate and destroy token epochs."""
 
 
 @epoch.command("rotate")
@@ -439,7 +439,7 @@ def key_group() -> None:
 @connection_options("admin")
 @click.option("--name", required=True, metavar="NAME", help="A label: 1-64 characters of [A-Za-z0-9_.-].")
 @click.option("--scope", "scopes", required=True, multiple=True, metavar="SCOPE",
-              help="A scope the key holds (admin, tokenize, detokenize); repeat for several.")
+              help="A scope the key holds (admin, tokenize, detokenize, delete, retokenize); repeat for several.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (with the key).")
 def key_create(connection: Connection, name: str, scopes: tuple[str, ...], as_json: bool) -> None:
     """Create a key and print it once: no node stores it, only its salted hash."""
@@ -648,6 +648,10 @@ def detokenize(connection: Connection, tokens: tuple[str, ...], as_json: bool, e
     unknown = sum(value is None for value in values)
     if unknown:
         click.echo(f"{unknown} of {len(values)} tokens are unknown", err=True)
+
+
+# Registers `admin epoch destroy` and `admin epoch migrate` on the epoch group above.
+from tokenvault.client import cli_lifecycle  # noqa: E402,F401
 
 
 def main() -> None:

@@ -171,6 +171,24 @@ class AuditPage:
 
 
 @dataclass(frozen=True, slots=True)
+class RetokenizeResult:
+    """The active epoch and one new token per token asked (None: unknown or deleted)."""
+
+    epoch: int
+    tokens: tuple[str | None, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class TokenPage:
+    """One page of an epoch's tokens; ``next_after`` is the cursor of the next page (None: last page)."""
+
+    epoch: int
+    state: str
+    tokens: tuple[str, ...]
+    next_after: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class _Answer:
     url: str
     status: int
@@ -355,6 +373,41 @@ class AsyncClient:
                 raise ResponseError("epoch list entry lacks created_at or state")
             epochs.append(EpochInfo(_require_int(entry, "epoch"), created_at, state))
         return EpochList(active, tuple(epochs))
+
+    async def delete_tokens(self, tokens: Sequence[str]) -> int:
+        """Remove the mappings of ``tokens`` (scope delete); returns how many existed. Deleting again is harmless."""
+        answer = await self._request("POST", "/v1/tokens/delete", {"tokens": list(tokens)}, {})
+        return _require_int(answer.body, "deleted")
+
+    async def retokenize(self, tokens: Sequence[str]) -> RetokenizeResult:
+        """Each token's value tokenized in the active epoch, computed inside the vault (scope retokenize)."""
+        answer = await self._request("POST", "/v1/retokenize", {"tokens": list(tokens)}, {})
+        new = answer.body.get("tokens")
+        if not isinstance(new, list) or len(new) != len(tokens) or \
+                not all(token is None or isinstance(token, str) for token in new):
+            raise ResponseError("retokenize response does not hold one token or null per token")
+        return RetokenizeResult(_require_int(answer.body, "epoch"), tuple(new))
+
+    async def destroy_epoch(self, epoch: int) -> str:
+        """Crypto-shred ``epoch`` on every node (admin); returns its state, "destroyed". Repeating it is harmless."""
+        if type(epoch) is not int or epoch < 1:
+            raise ConfigurationError("an epoch is an integer from 1")
+        answer = await self._request("POST", f"/v1/admin/epochs/{epoch}/destroy", {}, {})
+        if answer.body.get("state") != "destroyed":
+            raise ResponseError("destroy response does not say the epoch is destroyed")
+        return "destroyed"
+
+    async def epoch_tokens(self, epoch: int, after: str | None = None, limit: int = 100) -> TokenPage:
+        """One page of the tokens issued in ``epoch`` after the token ``after`` (admin)."""
+        if type(epoch) is not int or epoch < 1:
+            raise ConfigurationError("an epoch is an integer from 1")
+        query = f"limit={int(limit)}" + (f"&after={after}" if after is not None else "")
+        answer = await self._request("GET", f"/v1/admin/epochs/{epoch}/tokens?{query}", None, {})
+        tokens, next_after, state = (answer.body.get(name) for name in ("tokens", "next_after", "state"))
+        if (not isinstance(tokens, list) or not all(isinstance(token, str) for token in tokens)
+                or not (next_after is None or isinstance(next_after, str)) or not isinstance(state, str)):
+            raise ResponseError("epoch token page is malformed")
+        return TokenPage(_require_int(answer.body, "epoch"), state, tuple(tokens), next_after)
 
     async def create_key(self, name: str, scopes: Sequence[str]) -> ApiKeyInfo:
         """Create a runtime API key; the answer holds the key itself, which no node can show again."""
@@ -553,6 +606,18 @@ class Client:
 
     def list_epochs(self) -> EpochList:
         return self._loop.run_until_complete(self._client.list_epochs())
+
+    def delete_tokens(self, tokens: Sequence[str]) -> int:
+        return self._loop.run_until_complete(self._client.delete_tokens(tokens))
+
+    def retokenize(self, tokens: Sequence[str]) -> RetokenizeResult:
+        return self._loop.run_until_complete(self._client.retokenize(tokens))
+
+    def destroy_epoch(self, epoch: int) -> str:
+        return self._loop.run_until_complete(self._client.destroy_epoch(epoch))
+
+    def epoch_tokens(self, epoch: int, after: str | None = None, limit: int = 100) -> TokenPage:
+        return self._loop.run_until_complete(self._client.epoch_tokens(epoch, after, limit))
 
     def health(self, url: str | None = None) -> dict[str, Any]:
         return self._loop.run_until_complete(self._client.health(url))

@@ -29,6 +29,9 @@ REVOKE_API_KEY_TAG = 4
 AUDIT_TAG = 5
 # Far from the next free numbers, which other additions of version 2 take.
 PURGE_EXPIRED_TAG = 16
+# The token lifecycle (docs/api.md "Lifecycle"): deleting mappings and crypto-shredding an epoch.
+DELETE_TOKENS_TAG = 6
+DESTROY_EPOCH_TAG = 7
 
 MAX_ITEMS = 100_000
 MAX_TOKEN_CHARS = 128
@@ -59,7 +62,8 @@ MAX_REQUEST_ID_CHARS = 64
 MAX_SUBJECT_CHARS = 64
 # Audit records in one audit command: one node's buffer flushes at most this many at once.
 MAX_AUDIT_RECORDS = 4096
-AUDIT_ACTIONS = frozenset({"detokenize", "key.create", "key.revoke", "epoch.rotate"})
+AUDIT_ACTIONS = frozenset({"detokenize", "key.create", "key.revoke", "epoch.rotate",
+                           "token.delete", "token.retokenize", "epoch.destroy"})
 AUDIT_RECORD_FIELDS = 9
 # Token formats (tokenvault.crypto.formats): opaque tokens are the tv<epoch>_ grammar, the others digits.
 TOKEN_FORMATS = frozenset({"opaque", "card", "digits"})
@@ -317,8 +321,40 @@ class AuditCommand:
             raise CommandError(f"records must be a tuple of 1 to {MAX_AUDIT_RECORDS} audit records")
 
 
+@dataclass(frozen=True, slots=True)
+class DeleteTokensCommand:
+    """Remove the mappings of ``tokens`` (those that exist); who asked goes to the audit trail."""
+
+    tokens: tuple[str, ...]
+    deleted_at_ms: int
+    actor: Actor
+
+    def __post_init__(self) -> None:
+        if type(self.tokens) is not tuple or not 0 < len(self.tokens) <= MAX_ITEMS:
+            raise CommandError(f"tokens must be a tuple of 1 to {MAX_ITEMS} tokens")
+        for token in self.tokens:
+            if type(token) is not str or not 0 < len(token) <= MAX_TOKEN_CHARS:
+                raise CommandError(f"each token must be a string of 1 to {MAX_TOKEN_CHARS} characters")
+        _check_int("deleted_at_ms", self.deleted_at_ms, 0, MAX_TIMESTAMP_MS)
+        _check_actor(self.actor)
+
+
+@dataclass(frozen=True, slots=True)
+class DestroyEpochCommand:
+    """Erase ``epoch``'s wrapped secret (crypto-shredding): its ciphertexts can never be decrypted again."""
+
+    epoch: int
+    destroyed_at_ms: int
+    actor: Actor
+
+    def __post_init__(self) -> None:
+        _check_int("epoch", self.epoch, 1, MAX_EPOCH)
+        _check_int("destroyed_at_ms", self.destroyed_at_ms, 0, MAX_TIMESTAMP_MS)
+        _check_actor(self.actor)
+
+
 Command = (TokenizeCommand | RotateEpochCommand | CreateApiKeyCommand | RevokeApiKeyCommand | AuditCommand
-           | PurgeExpiredCommand)
+           | PurgeExpiredCommand | DeleteTokensCommand | DestroyEpochCommand)
 
 
 def encode_command(command: Command) -> bytes:
@@ -348,6 +384,12 @@ def encode_command(command: Command) -> bytes:
         fields = [COMMAND_FORMAT_VERSION, AUDIT_TAG, [record.fields() for record in command.records]]
     elif type(command) is PurgeExpiredCommand:
         fields = [COMMAND_FORMAT_VERSION, PURGE_EXPIRED_TAG, command.now_ms, command.limit]
+    elif type(command) is DeleteTokensCommand:
+        fields = [COMMAND_FORMAT_VERSION, DELETE_TOKENS_TAG, list(command.tokens), command.deleted_at_ms,
+                  *command.actor.fields()]
+    elif type(command) is DestroyEpochCommand:
+        fields = [COMMAND_FORMAT_VERSION, DESTROY_EPOCH_TAG, command.epoch, command.destroyed_at_ms,
+                  *command.actor.fields()]
     else:
         raise CommandError("not a vault command")
     encoded: bytes = msgpack.packb(fields, use_bin_type=True)
@@ -441,9 +483,34 @@ def _decode_audit(fields: list[Any]) -> AuditCommand:
     return AuditCommand(records=tuple(records))
 
 
+def _decode_delete_tokens(fields: list[Any]) -> DeleteTokensCommand:
+    if len(fields) != 8 or type(fields[2]) is not list:
+        raise CommandError("a delete-tokens command has 8 fields, the first an array of tokens")
+    return DeleteTokensCommand(tokens=tuple(fields[2]), deleted_at_ms=fields[3], actor=Actor(*fields[4:]))
+
+
+def _decode_destroy_epoch(fields: list[Any]) -> DestroyEpochCommand:
+    if len(fields) != 8:
+        raise CommandError("a destroy-epoch command has 8 fields")
+    return DestroyEpochCommand(epoch=fields[2], destroyed_at_ms=fields[3], actor=Actor(*fields[4:]))
+
+
 _DECODERS: dict[int, Callable[[list[Any]], Command]] = {TOKENIZE_TAG: _decode_tokenize, ROTATE_EPOCH_TAG: _decode_rotate,
              CREATE_API_KEY_TAG: _decode_create_key, REVOKE_API_KEY_TAG: _decode_revoke_key,
-             AUDIT_TAG: _decode_audit, PURGE_EXPIRED_TAG: _decode_purge}
+             AUDIT_TAG: _decode_audit, PURGE_EXPIRED_TAG: _decode_purge, DELETE_TOKENS_TAG: _decode_delete_tokens,
+             DESTROY_EPOCH_TAG: _decode_destroy_epoch}
+
+# Commands whose apply removes secrets or ciphertexts from the store, so the node then also
+# removes the log entries that carried them (tokenvault/core/shred.py).
+SHREDDING_TAGS = frozenset({DELETE_TOKENS_TAG, DESTROY_EPOCH_TAG})
+
+
+def peek_tag(payload: bytes) -> int | None:
+    """The type tag of an encoded command without decoding it (None when it is not where every
+    command of this version puts it: a fixarray, the version, then a positive fixint tag)."""
+    if len(payload) >= 3 and 0x92 <= payload[0] <= 0x9F and payload[1] == COMMAND_FORMAT_VERSION and payload[2] < 0x80:
+        return payload[2]
+    return None
 
 
 def decode_command(data: bytes) -> Command:

@@ -30,8 +30,10 @@ from protocol import (BecamePrimary, ElectionStarted, Entry, EntryKind, Event, F
                       RestoredState, Role, SteppedDown)
 from tokenvault.config import NodeConfig
 from tokenvault.core import commands
+from tokenvault.core.shred import Shredder
 from tokenvault.core.snapshot_transfer import SnapshotTransfers
-from tokenvault.core.store import ApplyResult, Outcome, PreparedInstall, StoreCorruption, VaultStore
+from tokenvault.core.store import (DELETE_KIND, DESTROY_KIND, DESTROYED, ApplyResult, Outcome, PreparedInstall,
+                                   StoreCorruption, VaultStore)
 from tokenvault.core.transport import PeerAddress, PeerTransport
 from tokenvault.core.wal import RecoveredLog, WriteAheadLog
 from tokenvault.core.wal_segments import WalCorruption
@@ -100,6 +102,7 @@ class Node:
         # Called after the keyring gained an epoch (an applied rotation, an installed snapshot): the
         # node's HTTP workers seal in the active epoch with keys the core gives them (tokenvault.api.workers).
         self.on_keyring_changed: Callable[[], None] | None = None
+        self.shredder = Shredder(lambda: self.store, self.wal, lambda error: self._fatal(error, task="shred"))
         self.restored = self._restored_state(recovered)
         self.recovered_log = recovered
         members = tuple(member.id for member in config.members)
@@ -142,14 +145,16 @@ class Node:
         self.forward_handler = None  # set by the service: handles ForwardRequest frames
         self.forward_response_handler = None
         self.peer_down_handler = None  # set by the service: fails requests forwarded to that peer
+        # Called with an epoch once its destroy is applied here (the service's sealer forgets its keys).
+        self.epoch_destroyed_handlers: list[Callable[[int], None]] = []
         self.fatal_error: str | None = None
         self.stopped = asyncio.Event()
 
     # ----------------------------------------------------------------- start-up
     def _keyring_of_store(self) -> KeyRing:
-        """Every epoch the store holds, unwrapped with the master key."""
-        return KeyRing.from_wrapped(self.master_key,
-                                    ((record.epoch, record.wrapped_secret) for record in self.store.epochs()))
+        """Every epoch the store holds, unwrapped with the master key; a destroyed one has no secret left."""
+        return KeyRing.from_wrapped(self.master_key, ((record.epoch, record.wrapped_secret)
+                                                      for record in self.store.epochs() if record.state != DESTROYED))
 
     def _restored_state(self, recovered: RecoveredLog) -> RestoredState:
         """Combine the store's checkpoint and the WAL into the core's starting point.
@@ -193,6 +198,7 @@ class Node:
             task = loop.create_task(coroutine, name=name)
             task.add_done_callback(self._on_task_ended)
             self._tasks.append(task)
+        self.shredder.note_recovered(self.recovered_log.entries, self.store.applied_index)
         log.info("node.started", members=[member.id for member in self.config.members],
                  http_port=self.config.http.port, peer_port=self.config.peer.port,
                  applied_index=self.store.applied_index, view=self.restored.hard_state.view)
@@ -204,6 +210,7 @@ class Node:
             await self.transport.close()
         self._fail_pending()  # callers answer 503: this node is going away
         await cancel_and_wait([self._compaction])
+        await self.shredder.close()
         await self.snapshots.close()
         self._disk_executor.shutdown(wait=True)
         self.wal.close()
@@ -262,6 +269,15 @@ class Node:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
         self._enqueue(("read", next(self._read_ids), future))
+        await await_future(future, timeout_seconds)
+
+    async def wait_applied(self, index: int, timeout_seconds: float) -> None:
+        """Return once this node's store has applied ``index`` (at once if it has); asyncio.TimeoutError
+        otherwise. The entry must be committed already (its index came from the primary)."""
+        if self.store.applied_index >= index:
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._reads_waiting_apply.append(_PendingRead(index, future))
         await await_future(future, timeout_seconds)
 
     def send_to_peer(self, peer_id: str, message: Message) -> bool:
@@ -462,6 +478,17 @@ class Node:
             self._keyring_changed()
             log.info("epoch.rotated", epoch=command.epoch, index=entry.index)
             return 0, 0
+        if result.kind in (DELETE_KIND, DESTROY_KIND):
+            command = commands.decode_command(entry.payload)
+            if isinstance(command, commands.DestroyEpochCommand):
+                self.keyring.forget(command.epoch)
+                for handler in self.epoch_destroyed_handlers:
+                    handler(command.epoch)
+                log.info("epoch.destroyed", epoch=command.epoch, index=entry.index)
+            else:
+                log.info("tokens.deleted", count=result.items, index=entry.index)
+            self.shredder.note(entry.index, command)
+            return 0, 0
         if result.kind != "tokenize":
             return 0, 0  # key changes and audit batches issue no tokens
         return result.items, result.epoch
@@ -481,7 +508,9 @@ class Node:
         try:
             durable_index = await asyncio.get_running_loop().run_in_executor(self._disk_executor,
                                                                              self.store.checkpoint)
-            self.wal.release(durable_index)
+            hold = self.shredder.hold_index()
+            # A shredding entry stays in the log until the store's files are shredded (shred.py).
+            self.wal.release(durable_index if hold is None else min(durable_index, hold - 1))
         except asyncio.CancelledError:
             raise
         except BaseException as error:  # a storage failure, as in the driver: stop

@@ -17,6 +17,7 @@ learns each epoch's derived keys over the socket pair:
 - ``[1, request_id, epoch, values]``: seal; answered ``[request_id, tokens,
   ciphertexts]``, or ``[request_id, None, None]`` when the child cannot (the
   parent then seals in process, which raises the proper error).
+- ``[2, epoch]``: forget an epoch's keys (the epoch was destroyed); no answer.
 
 The child runs the same ``EpochKeys.seal`` as the node, so tokens do not depend
 on which process sealed them; the parent still re-seals the first value of
@@ -50,6 +51,7 @@ log = get_logger("sealer")
 
 ADD_EPOCH = 0
 SEAL = 1
+FORGET_EPOCH = 2
 # Bounds on what one message may hold, checked by both sides; the parent only
 # sends batches under MAX_BATCH_BYTES (values' UTF-8 bytes, counted at most).
 MAX_BATCH_VALUES = 100_000
@@ -122,6 +124,14 @@ class Sealer:
     @property
     def pid(self) -> int:
         return self._process.pid
+
+    def forget(self, epoch: int) -> None:
+        """Make the child drop an epoch's keys (a destroyed epoch); nothing to do if it never learnt them."""
+        if epoch not in self._epochs_sent:
+            return
+        self._epochs_sent.discard(epoch)
+        if self.alive and self._transport is not None:
+            self._transport.write(msgpack.packb([FORGET_EPOCH, epoch]))
 
     def wants(self, count: int) -> bool:
         """Whether a batch of ``count`` values should be sealed by the child."""
@@ -250,6 +260,9 @@ def _answer(ring: dict[int, EpochKeys], message: object) -> bytes | None:
             ring[epoch] = EpochKeys.from_derived_keys(epoch, token_key, data_key)
         except (TypeError, ValueError):
             pass  # a seal request for this epoch is then answered "cannot"
+        return None
+    if message[0] == FORGET_EPOCH and len(message) == 2:
+        ring.pop(message[1], None)
         return None
     if message[0] == SEAL and len(message) == 4:
         _, request_id, epoch, values = message

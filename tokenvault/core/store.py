@@ -13,7 +13,9 @@ Keys (one column family, raw bytes; multi-byte integers big-endian so that
 byte order is numeric order):
 
 - ``t`` + token (UTF-8) -> epoch (4 bytes) + ciphertext. Insert-once.
-- ``e`` + epoch (8 bytes) -> msgpack [wrapped_secret, created_at_ms, state].
+- ``e`` + epoch (8 bytes) -> msgpack [wrapped_secret, created_at_ms, state]; a destroyed
+  epoch keeps its row with an empty wrapped_secret (tokenvault/core/shred.py erases
+  the old bytes from the files).
 - ``i`` + identity -> msgpack [kind, fingerprint, status, response, created_at_ms],
   where identity is principal and key, each UTF-8 with 0x00 escaped as
   0x00 0xFF and ended by 0x00. That keeps byte order equal to (principal, key)
@@ -61,8 +63,11 @@ Atomicity. One ``apply_batch`` call is ONE RocksDB WriteBatch, meta included,
 so a crash leaves the store at the end of some batch. While a batch is applied
 its writes sit in a batch-local overlay (``_Batch``) that later commands of the
 same batch read through: idempotency records added or deleted, epochs, the age
-index for the purge. Token rows are checked and written once at the end of the
-batch (nothing in a batch reads tokens back), with one multi-get. Any
+index for the purge, token rows. Token rows of plain tokenizes are checked
+with one multi-get when the batch ends or when a later command of the batch
+reads or deletes token rows (``_add_tokens``: a delete, a purge, a tokenize
+with options), and written into the overlay, which is written with the rest. A
+delete removes a mapping's row with its ``L`` row and ``X`` index key. Any
 exception (InsertOnceViolation, a gap, a malformed command) discards the
 overlay: nothing of the batch reaches the database and the in-memory fields
 are untouched, so memory and disk stay equal.
@@ -108,6 +113,8 @@ import msgpack
 from rocksdict import (
     AccessType,
     BlockBasedOptions,
+    BottommostLevelCompaction,
+    CompactOptions,
     Cache,
     Checkpoint,
     DBCompressionType,
@@ -122,8 +129,9 @@ from rocksdict import (
 from protocol import Entry, EntryKind
 from tokenvault.audit_chain import GENESIS_HASH, chain_hash, record_document
 from tokenvault.auth import RuntimeKey
-from tokenvault.core.commands import (OPAQUE_FORMAT, AuditCommand, CreateApiKeyCommand, PurgeExpiredCommand,
-                                      RevokeApiKeyCommand, RotateEpochCommand, TokenizeCommand, decode_command)
+from tokenvault.core.commands import (OPAQUE_FORMAT, AuditCommand, CreateApiKeyCommand, DeleteTokensCommand,
+                                      DestroyEpochCommand, PurgeExpiredCommand, RevokeApiKeyCommand,
+                                      RotateEpochCommand, TokenizeCommand, decode_command)
 from tokenvault.core.wal import fsync_directory
 
 DEFAULT_RETENTION_MS = 48 * 3600 * 1000
@@ -167,12 +175,19 @@ REASON_MAX_CHARS = 200
 # Epochs are stored in 4 bytes per token row; each rotation adds exactly one,
 # so reaching this would take four billion rotations.
 MAX_STORED_EPOCH = 2**32 - 1
+# Keys a shred compacts one by one; more become one range from the lowest to the highest.
+SHRED_POINT_RANGES = 64
 
 TOKENIZE_KIND = "tokenize"
 ROTATE_KIND = "rotate"
 PURGE_KIND = "purge"
 ACTIVE = "active"
 RETIRED = "retired"
+DESTROYED = "destroyed"
+DELETE_KIND = "token.delete"
+DESTROY_KIND = "epoch.destroy"
+# Tokens one page of an epoch's token listing holds at most (the migration reads it page by page).
+MAX_TOKEN_PAGE = 1000
 CREATE_KEY_KIND = "key.create"
 REVOKE_KEY_KIND = "key.revoke"
 AUDIT_KIND = "audit"
@@ -218,6 +233,8 @@ class Outcome(StrEnum):
     KEY_EXISTS = "key_exists"
     KEY_NOT_FOUND = "key_not_found"
     TOKEN_COLLISION = "token_collision"
+    EPOCH_ACTIVE = "epoch_active"
+    EPOCH_NOT_FOUND = "epoch_not_found"
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,7 +256,7 @@ class EpochRecord:
     epoch: int
     wrapped_secret: bytes
     created_at_ms: int
-    state: str  # "active" | "retired"
+    state: str  # "active" | "retired" | "destroyed"
 
 
 @dataclass(frozen=True, slots=True)
@@ -357,7 +374,7 @@ def _decode_epoch(key: bytes, value: bytes, error: type[StoreError]) -> EpochRec
     except Exception:
         raise error("an epoch record is malformed") from None
     if (len(key) != 1 + _U64.size or type(wrapped_secret) is not bytes or not _is_count(created_at_ms)
-            or state not in (ACTIVE, RETIRED)):
+            or state not in (ACTIVE, RETIRED, DESTROYED)):
         raise error("an epoch record is malformed")
     return EpochRecord(_U64.unpack_from(key, 1)[0], wrapped_secret, created_at_ms, state)
 
@@ -831,6 +848,10 @@ class VaultStore:
             return self._apply_tokenize(index, command, batch)
         if type(command) is PurgeExpiredCommand:
             return self._apply_purge_expired(index, command, batch)
+        if type(command) is DeleteTokensCommand:
+            return self._apply_delete(index, command, batch)
+        if type(command) is DestroyEpochCommand:
+            return self._apply_destroy(index, command, batch)
         if command.epoch != batch.active_epoch + 1:
             return ApplyResult(index, Outcome.STALE_EPOCH, None, None)
         return self._apply_rotate(index, command, batch)
@@ -1078,6 +1099,47 @@ class VaultStore:
             batch.expiry_resume = taken[-1]
         return ApplyResult(index, Outcome.OK, 200, None, PURGE_KIND, 0, len(taken))
 
+    def _apply_delete(self, index: int, command: DeleteTokensCommand, batch: "_Batch") -> ApplyResult:
+        """Remove the rows of the tokens that exist (as of this entry), with their expiry and metadata;
+        the others are not counted.
+
+        Tokenizes earlier in the batch are settled first (_add_tokens), so a token added and deleted in
+        one batch is gone. Tokenizing the same value again later re-creates the same token, with a
+        new life (docs/api.md)."""
+        self._add_tokens(batch)
+        keys = list(dict.fromkeys(_token_key(token) for token in command.tokens))
+        existing = batch.get_many({key: key for key in keys})
+        lives = batch.get_many({key: _LIFE + key for key in keys})
+        deleted = 0
+        for key in keys:
+            if existing.get(key) is not None:
+                batch.delete(key)
+                self._set_life(key, _decode_life(lives.get(key)), (None, None), batch)
+                deleted += 1
+        batch.token_count -= deleted
+        actor = command.actor
+        self._append_audit([command.deleted_at_ms, actor.node or UNKNOWN_NODE, actor.name, actor.key_id,
+                            DELETE_KIND, len(keys), deleted, actor.request_id, None], batch)
+        return ApplyResult(index, Outcome.OK, 200, _json_bytes({"deleted": deleted}), DELETE_KIND, 0, deleted)
+
+    def _apply_destroy(self, index: int, command: DestroyEpochCommand, batch: "_Batch") -> ApplyResult:
+        """Erase the epoch's wrapped secret from its row; the active epoch is refused, a destroyed one
+        is destroyed already (OK again, so a retry after a lost answer succeeds)."""
+        if command.epoch == batch.active_epoch:
+            return ApplyResult(index, Outcome.EPOCH_ACTIVE, None, None)
+        key = _epoch_key(command.epoch) if command.epoch <= MAX_STORED_EPOCH else None
+        value = batch.get(key) if key is not None else None
+        if key is None or value is None:
+            return ApplyResult(index, Outcome.EPOCH_NOT_FOUND, None, None)
+        record = _decode_epoch(key, value, StoreCorruption)
+        if record.state != DESTROYED:
+            batch.put(key, _pack([b"", record.created_at_ms, DESTROYED]))
+        actor = command.actor
+        self._append_audit([command.destroyed_at_ms, actor.node or UNKNOWN_NODE, actor.name, actor.key_id,
+                            DESTROY_KIND, 0, 0, actor.request_id, str(command.epoch)], batch)
+        response = _json_bytes({"epoch": command.epoch, "state": DESTROYED})
+        return ApplyResult(index, Outcome.OK, 200, response, DESTROY_KIND, command.epoch, 0)
+
     # ------------------------------------------------------------ reads
     def lookup(self, tokens: Sequence[str], now_ms: int | None = None) -> dict[str, bytes]:
         """Ciphertexts of the known opaque tokens among ``tokens`` (unknown and expired ones are absent).
@@ -1145,6 +1207,47 @@ class VaultStore:
 
     def epochs(self) -> list[EpochRecord]:
         return _read_epochs(self._db, StoreCorruption)
+
+    def epoch_tokens(self, epoch: int, after: str | None, limit: int) -> list[str]:
+        """Up to ``limit`` tokens issued in ``epoch``, in key order, after the token ``after`` (or from
+        the first): one bounded seek and scan. Opaque tokens only; format tokens, which the token
+        text does not place in an epoch, would be a second key range read here."""
+        if type(epoch) is not int or not 1 <= epoch <= MAX_STORED_EPOCH or not 1 <= limit <= MAX_TOKEN_PAGE:
+            raise ValueError("epoch or limit out of range")
+        prefix = _token_key(f"tv{epoch}_")
+        end = prefix[:-1] + bytes([prefix[-1] + 1])
+        start = prefix if after is None else _token_key(after) + b"\x00"
+        if start < prefix:
+            start = prefix
+        tokens: list[str] = []
+        if start >= end:
+            return tokens
+        for key in self._db.keys(from_key=start, read_opt=_bounded(start, end)):
+            tokens.append(key[1:].decode())
+            if len(tokens) >= limit:
+                break
+        return tokens
+
+    def shred(self, keys: Sequence[bytes]) -> None:
+        """Drop every older version of ``keys`` (rows deleted or rewritten) from RocksDB's files.
+
+        Flushes the memtable (RocksDB then deletes the WAL files that held the old versions) and
+        compacts the key ranges down to the bottom level, where a tombstone and what it covers
+        are dropped together. May run in a worker thread; costs the table files that overlap the
+        keys, so many scattered keys become one range from the lowest to the highest."""
+        with self._checkpoint_lock:
+            if self._closed:
+                raise StoreError("the store is closed")
+            database = self._db
+            database.flush()
+            ordered = sorted(set(keys))
+            ranges = ([(key, key + b"\x00") for key in ordered] if len(ordered) <= SHRED_POINT_RANGES
+                      else [(ordered[0], ordered[-1] + b"\x00")])
+            options = CompactOptions()
+            options.set_bottommost_level_compaction(BottommostLevelCompaction.force())
+            for begin, end in ranges:
+                database.compact_range(begin, end, options)
+            database.flush_wal(True)
 
     def api_key(self, key_id: str) -> RuntimeKey | None:
         """The runtime API key with this public id, from memory (authentication calls this per request)."""

@@ -366,6 +366,12 @@ class PeerTransport:
 
     # ----------------------------------------------------------------- serving
     async def _serve_connection(self, connection: _Connection) -> None:
+        if self._closing:
+            # Python 3.11's wait_for can swallow a cancellation that arrives as the connection or the
+            # handshake completes (gh-86296): a link made while the transport closes is dropped here,
+            # or close() would wait for it forever.
+            connection.close()
+            return
         peer_id = connection.peer_id
         previous = self._connections.get(peer_id)
         if previous is not None:

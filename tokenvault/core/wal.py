@@ -406,6 +406,34 @@ class WriteAheadLog:
             first = self._segments[0]
             self._tail.rebase(first.start_index, first.start_view)
 
+    def roll(self, through_index: int) -> bool:
+        """Start a new segment if the active one may hold an entry at or below ``through_index``, so
+        that ``release`` can delete every segment that does (tokenvault/core/shred.py). Durable when
+        it returns; True when a segment was started."""
+        with self._lock:
+            self._check_usable()
+            self._sync_locked()
+            active = self._segments[-1]
+            if active.start_index >= through_index or active.size_bytes <= active.header_bytes:
+                return False
+            try:
+                header = self._start_segment(*self._durable_last, reset=False)
+                _write_all(self._active_descriptor, header)
+                if self._fsync:
+                    os.fdatasync(self._active_descriptor)
+                    fsync_directory(self._directory)
+            except OSError as error:
+                self._failed = True
+                raise WalFatal(f"write-ahead log segment roll failed: {error.strerror}") from None
+            self._segments[-1].size_bytes = len(header)
+            return True
+
+    @property
+    def first_held_index(self) -> int:
+        """The lowest index any segment file may still hold an entry of."""
+        with self._lock:
+            return self._segments[0].start_index + 1
+
     def _can_start_log(self, position: int) -> bool:
         start_index = self._segments[position].start_index
         truncations = [segment.lowest_truncate_from for segment in self._segments[position:]]

@@ -512,6 +512,12 @@ class KeyRing:
         self._secret_digests[epoch] = digest
         return keys
 
+    def forget(self, epoch: int) -> None:
+        """Drop an epoch's keys (a destroyed epoch): nothing here can decrypt its values any more.
+        Python cannot wipe the memory the keys held; it is freed with the objects."""
+        self._keys.pop(epoch, None)
+        self._secret_digests.pop(epoch, None)
+
     def get(self, epoch: int) -> EpochKeys:
         keys = self._keys.get(epoch)
         if keys is None:

@@ -38,7 +38,7 @@ API_KEY_SCOPES: dict[str, tuple[str, ...]] = {
     "admin": ("admin",),
     "tokenizer": ("tokenize",),
     "detokenizer": ("detokenize",),
-    "full": ("admin", "tokenize", "detokenize", "detokenize_masked"),
+    "full": ("admin", "tokenize", "detokenize", "detokenize_masked", "delete", "retokenize"),
     "masked": ("detokenize_masked",),
 }
 # Environment knobs written into node configs when a cluster is generated.

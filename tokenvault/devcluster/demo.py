@@ -3,9 +3,10 @@
 It shows, checking each claim as it goes: concurrent tokenizes through every
 node, deterministic tokens, a SIGKILL of the primary with a new primary elected
 and service continuing, every earlier token still detokenizing, the killed node
-restarted and caught up, and an epoch rotation (new tokens in the new epoch,
-old tokens still detokenizable). At the end it prints the node log events that
-tell the same story.
+restarted and caught up, an epoch rotation (new tokens in the new epoch,
+old tokens still detokenizable) and the token lifecycle (a delete, the old
+epoch migrated and destroyed; tokenvault/devcluster/demo_lifecycle.py). At the
+end it prints the node log events that tell the same story.
 
 The values are made-up card numbers. The demo prints a value only on a
 "detokenize ... -> value" line, i.e. as the result of a detokenize.
@@ -25,6 +26,7 @@ from typing import Any
 from tokenvault.devcluster import cluster
 from tokenvault.client.vault import AsyncClient, VaultError
 from tokenvault.devcluster.cluster import ClusterSpec, NodeStatus
+from tokenvault.devcluster.demo_lifecycle import lifecycle_act
 
 Say = Callable[[str], None]
 CLIENTS = 16
@@ -33,7 +35,8 @@ BATCH_VALUES = 25
 FAILOVER_DEADLINE_SECONDS = 20.0
 CATCH_UP_DEADLINE_SECONDS = 30.0
 EPOCH_VISIBLE_DEADLINE_SECONDS = 5.0
-STORY_EVENTS = ("node.started", "primary.elected", "peer.down", "peer.up", "node.recovered", "epoch.rotated")
+STORY_EVENTS = ("node.started", "primary.elected", "peer.down", "peer.up", "node.recovered", "epoch.rotated",
+                "tokens.deleted", "epoch.destroyed", "shred.done")
 _SAFE_FIELD_TEXT = re.compile(r"[A-Za-z0-9_.:/-]{1,48}\Z")
 _HIDDEN_FIELD_WORDS = ("key", "secret", "value", "token", "password")
 
@@ -110,6 +113,7 @@ class Demo:
             await asyncio.to_thread(cluster.kill_node, self.spec.directory, killed, self.narrate)
         await self.recovery(killed)
         await self.rotation()
+        await lifecycle_act(self)
         self.print_story()
         verdict = "all checks passed" if self.checks_failed == 0 else f"{self.checks_failed} check(s) FAILED"
         self.say(f"\nDemo finished: {verdict}.")
@@ -277,7 +281,7 @@ class Demo:
         return False
 
     def print_story(self) -> None:
-        self.say("\n7. What the node logs recorded during the demo:")
+        self.say("\n8. What the node logs recorded during the demo:")
         events = []
         for node in self.spec.nodes:
             for record in read_log_events(node.log_file, self.started_at):

@@ -1,0 +1,108 @@
+"""`tokenvault admin epoch destroy` and `epoch migrate` against an in-memory fake node."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from fake_vault_server import FakeVaultServer, RecordedRequest, Reply, problem
+from tokenvault.client.cli import tokenvault
+
+KEY = "tvk_" + "f" * 43
+OLD_TOKENS = sorted(f"tv1_{letter * 32}" for letter in "abcdefg")
+UNKNOWN = OLD_TOKENS[4]  # answered null by re-tokenize (deleted meanwhile)
+
+
+@pytest.fixture
+def server() -> Iterator[FakeVaultServer]:
+    with FakeVaultServer("n1", api_key=KEY) as fake:
+        fake.active_epoch = 2
+        fake.responders[("GET", "/v1/admin/epochs/1/tokens")] = _page
+        fake.responders[("POST", "/v1/retokenize")] = _retokenize
+        yield fake
+
+
+@pytest.fixture
+def runner(monkeypatch: pytest.MonkeyPatch) -> CliRunner:
+    for name in ("TOKENVAULT_URL", "TOKENVAULT_API_KEY", "TOKENVAULT_CLUSTER_JSON", "TOKENVAULT_CA_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    return CliRunner()
+
+
+def _page(request: RecordedRequest) -> Reply:
+    after, limit = request.query.get("after"), int(request.query["limit"])
+    tokens = [token for token in OLD_TOKENS if after is None or token > after][:limit]
+    return Reply(200, {"epoch": 1, "state": "retired", "tokens": tokens,
+                       "next_after": tokens[-1] if len(tokens) == limit else None})
+
+
+def _retokenize(request: RecordedRequest) -> Reply:
+    tokens = request.body["tokens"]
+    return Reply(200, {"epoch": 2, "tokens": [None if token == UNKNOWN else "tv2_" + token[4:] for token in tokens]})
+
+
+def invoke(runner: CliRunner, server: FakeVaultServer, *arguments: str, input_text: str | None = None):
+    return runner.invoke(tokenvault, ["admin", "epoch", *arguments, "--url", server.url, "--api-key", KEY],
+                         input=input_text)
+
+
+def test_destroy_asks_first_and_sends_nothing_when_refused(runner: CliRunner, server: FakeVaultServer) -> None:
+    server.responders[("POST", "/v1/admin/epochs/1/destroy")] = lambda request: Reply(
+        200, {"epoch": 1, "state": "destroyed"})
+    refused = invoke(runner, server, "destroy", "1", input_text="n\n")
+    assert refused.exit_code == 1 and server.calls("/v1/admin/epochs/1/destroy") == []
+    confirmed = invoke(runner, server, "destroy", "1", input_text="y\n")
+    assert confirmed.exit_code == 0 and "epoch 1 is destroyed" in confirmed.output
+    assert invoke(runner, server, "destroy", "1", "--yes", "--json").output.strip() == \
+        json.dumps({"epoch": 1, "state": "destroyed"})
+    assert len(server.calls("/v1/admin/epochs/1/destroy")) == 2
+
+
+def test_destroying_the_active_epoch_shows_the_problem_and_exits_1(runner: CliRunner, server: FakeVaultServer) -> None:
+    server.responders[("POST", "/v1/admin/epochs/2/destroy")] = lambda request: problem(
+        409, "Conflict", "the active epoch cannot be destroyed; rotate to a new epoch first")
+    result = invoke(runner, server, "destroy", "2", "--yes")
+    assert result.exit_code == 1 and "rotate to a new epoch first" in result.output
+
+
+def test_migrate_pages_through_the_epoch_and_prints_the_count(
+        runner: CliRunner, server: FakeVaultServer, tmp_path: Path) -> None:
+    state = tmp_path / "state.json"
+    result = invoke(runner, server, "migrate", "1", "--batch-size", "3", "--state-file", str(state))
+    assert result.exit_code == 0, result.output
+    assert "migrated 6 tokens of epoch 1 to epoch 2" in result.output and not state.exists()
+    sent = [request.body["tokens"] for request in server.calls("/v1/retokenize")]
+    assert sent == [OLD_TOKENS[0:3], OLD_TOKENS[3:6], OLD_TOKENS[6:7]]
+
+
+def test_migrate_resumes_after_the_saved_cursor(runner: CliRunner, server: FakeVaultServer, tmp_path: Path) -> None:
+    state = tmp_path / "state.json"
+    state.write_text(json.dumps({"epoch": 1, "after": OLD_TOKENS[2], "migrated": 3}))
+    result = invoke(runner, server, "migrate", "1", "--batch-size", "2", "--state-file", str(state), "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == {"epoch": 1, "to_epoch": 2, "migrated": 6}
+    sent = [token for request in server.calls("/v1/retokenize") for token in request.body["tokens"]]
+    assert sent == OLD_TOKENS[3:]
+
+
+@pytest.mark.parametrize("content", ["not json", json.dumps({"epoch": 7, "after": None, "migrated": 0}),
+                                     json.dumps({"epoch": 1, "after": 5, "migrated": 0}), "x" * 10_000])
+def test_a_state_file_that_is_not_this_epochs_is_refused(
+        runner: CliRunner, server: FakeVaultServer, tmp_path: Path, content: str) -> None:
+    state = tmp_path / "state.json"
+    state.write_text(content)
+    result = invoke(runner, server, "migrate", "1", "--state-file", str(state))
+    assert result.exit_code == 2 and "--restart" in result.output
+    assert server.calls("/v1/retokenize") == []
+    restarted = invoke(runner, server, "migrate", "1", "--state-file", str(state), "--restart")
+    assert restarted.exit_code == 0 and "migrated 6 tokens" in restarted.output
+
+
+def test_migrating_the_active_epoch_is_refused(runner: CliRunner, server: FakeVaultServer, tmp_path: Path) -> None:
+    result = invoke(runner, server, "migrate", "2", "--state-file", str(tmp_path / "s.json"))
+    assert result.exit_code == 1 and "active epoch" in result.output
+    assert server.calls("/v1/retokenize") == []

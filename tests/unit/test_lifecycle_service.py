@@ -1,0 +1,242 @@
+"""tokenvault.api.lifecycle on real in-process nodes: delete, re-tokenize, epoch pages, destroy, shredding."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import msgpack
+import pytest
+
+from node_support import Cluster, RunningNode, make_configs, start_node, wait_until
+from protocol import AppendEntries, ForwardRequest, ForwardResponse, Heartbeat
+from tokenvault.config import AuditConfig
+from tokenvault.core import commands
+from tokenvault.errors import EpochActive, EpochDestroyed, NotFound, Outcome
+
+ACTOR = commands.Actor(name="admin", node="n1", request_id="r")
+
+
+def body(outcome: Outcome) -> dict:
+    return json.loads(outcome.body)
+
+
+def files_holding(directory: Path, needle: bytes) -> list[str]:
+    found = []
+    for root, _, names in os.walk(directory):
+        for name in names:
+            path = Path(root) / name
+            try:
+                data = path.read_bytes()
+            except FileNotFoundError:
+                continue  # deleted while the walk ran
+            if needle in data:
+                found.append(str(path))
+    return found
+
+
+async def test_delete_answers_null_on_every_node_and_counts_only_existing_tokens(trio: Cluster) -> None:
+    primary = await trio.wait_for_stable_primary()
+    tokens = body(await primary.service.tokenize("p", ["keep", "gone-1", "gone-2"], None))["tokens"]
+    backup = trio.backups()[0]
+    # Deleted through a backup (forwarded), with a repeat and an unknown token.
+    outcome = await backup.service.delete_tokens([tokens[1], tokens[2], tokens[1], "tv1_" + "a" * 32], ACTOR)
+    assert (outcome.status, body(outcome)) == (200, {"deleted": 2})
+    for running in trio.running():
+        assert await running.service.detokenize(tokens) == ["keep", None, None]
+    assert body(await primary.service.delete_tokens([tokens[1]], ACTOR)) == {"deleted": 0}
+    actions = [record["action"] for record in primary.node.store.audit_page(0, 100)]
+    assert actions.count("token.delete") == 2
+
+
+@pytest.mark.parametrize("audit", [True, False], ids=["audit-entry", "read-barrier"])
+async def test_a_backup_that_has_not_applied_a_delete_never_answers_the_deleted_value(
+        tmp_path: Path, audit: bool) -> None:
+    configs = [dataclasses.replace(config, audit=AuditConfig(enabled=audit)) for config in make_configs(tmp_path, 3)]
+    trio = Cluster(configs)
+    try:
+        for config in configs:
+            trio.nodes.append(await start_node(config))
+        await _backup_never_answers_a_deleted_value(trio, audit)
+    finally:
+        await trio.close()
+
+
+async def _backup_never_answers_a_deleted_value(trio: Cluster, audit: bool) -> None:
+    primary = await trio.wait_for_stable_primary()
+    (token,) = body(await primary.service.tokenize("p", ["stale-read"], None))["tokens"]
+    lagging = trio.backups()[0]
+    await wait_until(lambda: lagging.node.store.lookup([token]), 5, "the backup to apply the token")
+    transport = lagging.node.transport
+    assert transport is not None
+    deliver = transport._on_message
+
+    def without_appends(sender: str, message: object) -> None:
+        if not isinstance(message, (AppendEntries, Heartbeat)):  # it still forwards and hears answers
+            deliver(sender, message)
+
+    transport._on_message = without_appends
+    try:
+        await primary.service.delete_tokens([token], ACTOR)
+        assert lagging.node.store.lookup([token]), "the backup has not applied the delete"
+        asked = asyncio.create_task(lagging.service.detokenize([token]))
+
+        def audited() -> bool:
+            return any(record.get("action") == "detokenize" and record.get("node") == lagging.node_id
+                       for record in primary.node.store.audit_page(0, 1000))
+
+        def waiting() -> bool:  # the audit entry committed on the primary, or the read index answered
+            return audited() if audit else bool(lagging.node._reads_waiting_apply)
+
+        await wait_until(waiting, 5, "the backup to learn the index it must apply first")
+        assert not asked.done(), "answered before applying what was committed before the request"
+    finally:
+        transport._on_message = deliver
+    assert await asked == [None]
+
+
+async def test_a_deleted_value_tokenized_again_gets_the_same_token_and_a_replay_resurrects_nothing(
+        single: RunningNode) -> None:
+    service = single.service
+    first = await service.tokenize("p", ["replayed"], "idem")
+    token = body(first)["tokens"][0]
+    await service.delete_tokens([token], ACTOR)
+    replay = await service.tokenize("p", ["replayed"], "idem")
+    assert replay.replayed and replay.body == first.body
+    assert await service.detokenize([token]) == [None]
+    again = body(await service.tokenize("p", ["replayed"], None))["tokens"][0]
+    assert again == token and await service.detokenize([token]) == ["replayed"]
+
+
+async def test_retokenize_reissues_in_the_active_epoch_without_the_value_leaving(trio: Cluster) -> None:
+    primary = await trio.wait_for_stable_primary()
+    old = body(await primary.service.tokenize("p", ["alpha", "beta"], None))["tokens"]
+    await primary.service.delete_tokens([old[1]], ACTOR)
+    assert body(await primary.service.rotate_epoch("admin", None)) == {"epoch": 2}
+    backup = trio.backups()[0]
+    unknown = "tv1_" + "b" * 32
+    document = await backup.service.retokenize([old[0], old[1], unknown, old[0]], ACTOR)
+    assert document["epoch"] == 2
+    new = document["tokens"]
+    assert new[1] is None and new[2] is None and new[0] == new[3] and new[0].startswith("tv2_")
+    # Exactly the token a tokenize of the value gives in epoch 2.
+    assert body(await primary.service.tokenize("p", ["alpha"], None))["tokens"] == [new[0]]
+    assert await backup.service.detokenize([new[0], old[0]]) == ["alpha", "alpha"]
+    assert "token.retokenize" in [record["action"] for record in primary.node.store.audit_page(0, 100)]
+
+
+async def test_epoch_pages_list_every_token_of_the_epoch_once(single: RunningNode) -> None:
+    service = single.service
+    tokens = body(await service.tokenize("p", [f"v{n}" for n in range(23)], None))["tokens"]
+    await service.rotate_epoch("admin", None)
+    body(await service.tokenize("p", ["in-epoch-2"], None))
+    seen, after = [], None
+    while True:
+        page = await service.epoch_tokens(1, after, 10)
+        seen += page["tokens"]
+        if page["next_after"] is None:
+            break
+        after = page["next_after"]
+    assert sorted(seen) == sorted(tokens) and len(seen) == 23
+    with pytest.raises(NotFound):
+        await service.epoch_tokens(9, None, 10)
+
+
+async def test_destroy_shreds_the_epoch_secret_from_every_file_of_every_node(trio: Cluster) -> None:
+    primary = await trio.wait_for_stable_primary()
+    token = body(await primary.service.tokenize("p", ["doomed"], None))["tokens"][0]
+    wrapped = primary.node.store.epochs()[0].wrapped_secret
+    assert len(wrapped) >= 32
+    for running in trio.running():
+        assert files_holding(running.config.data_dir, wrapped), "the scan must see the secret before"
+    forgotten: list[tuple[str, int]] = []
+    for running in trio.running():  # as the service registers its sealer's forget
+        running.node.epoch_destroyed_handlers.append(
+            lambda epoch, node_id=running.node_id: forgotten.append((node_id, epoch)))
+    with pytest.raises(EpochActive):
+        await primary.service.destroy_epoch(1, ACTOR)
+    await primary.service.rotate_epoch("admin", None)
+    with pytest.raises(NotFound):
+        await trio.backups()[0].service.destroy_epoch(7, ACTOR)
+    outcome = await trio.backups()[0].service.destroy_epoch(1, ACTOR)
+    assert (outcome.status, body(outcome)) == (200, {"epoch": 1, "state": "destroyed"})
+    assert (await primary.service.destroy_epoch(1, ACTOR)).status == 200  # idempotent
+    for running in trio.running():
+        try:
+            await wait_until(lambda: not files_holding(running.config.data_dir, wrapped), 10,
+                             f"{running.node_id} to shred epoch 1's wrapped secret")
+        except AssertionError:
+            raise AssertionError(f"still holding it: {files_holding(running.config.data_dir, wrapped)}") from None
+        assert 1 not in running.node.keyring
+        assert await running.service.detokenize([token]) == [None]
+        assert (await running.service.list_epochs())["epochs"][0]["state"] == "destroyed"
+    with pytest.raises(EpochDestroyed):
+        await primary.service.retokenize([token], ACTOR)
+    assert sorted(set(forgotten)) == [(running.node_id, 1) for running in sorted(trio.running(),
+                                                                                   key=lambda r: r.node_id)]
+
+
+async def test_delete_shreds_the_ciphertext_from_the_store_and_the_log(single: RunningNode) -> None:
+    service, node = single.service, single.node
+    token = body(await service.tokenize("p", ["secret-value"], None))["tokens"][0]
+    ciphertext = node.store.lookup([token])[token]
+    assert files_holding(single.config.data_dir, ciphertext)
+    await service.delete_tokens([token], ACTOR)
+    await wait_until(lambda: not files_holding(single.config.data_dir, ciphertext), 10, "the ciphertext shredded")
+    assert node.wal.first_held_index > node.store.applied_index - 1
+
+
+async def test_a_restarted_node_detokenizes_null_for_a_destroyed_epoch(trio: Cluster) -> None:
+    primary = await trio.wait_for_stable_primary()
+    token = body(await primary.service.tokenize("p", ["v"], None))["tokens"][0]
+    await primary.service.rotate_epoch("admin", None)
+    await primary.service.destroy_epoch(1, ACTOR)
+    backup = trio.backups()[0]
+    await wait_until(lambda: backup.node.store.epochs()[0].state == "destroyed", 5, "the destroy applied")
+    restarted = await trio.restart(backup)
+    assert 1 not in restarted.node.keyring
+    assert 2 in restarted.node.keyring
+
+
+async def test_forwarded_lifecycle_requests_are_validated_like_the_http_layer(trio: Cluster) -> None:
+    primary = await trio.wait_for_stable_primary()
+    backup_id = trio.backups()[0].node_id
+    sent = []
+    send = primary.node.send_to_peer
+
+    def recording_send(peer: str, message: object) -> bool:
+        if isinstance(message, ForwardResponse):
+            sent.append(message)
+            return True
+        return send(peer, message)  # heartbeats and appends still flow
+
+    primary.node.send_to_peer = recording_send  # type: ignore[method-assign]
+    for kind, arguments in (("token.delete", {"tokens": ["not a token"], "actor": None}),
+                            ("epoch.destroy", {"epoch": "1", "actor": None}),
+                            ("epoch.tokens", {"epoch": 1, "after": "nope", "limit": 5}),
+                            ("epoch.tokens", {"epoch": 1, "after": None, "limit": 5000})):
+        await primary.service._serve_forward(backup_id, ForwardRequest(
+            request_id=1, kind=kind, body=msgpack.packb(arguments)))
+        assert sent[-1].status == 400, kind
+
+
+async def test_a_node_that_stopped_before_shredding_shreds_when_it_restarts(tmp_path: Path) -> None:
+    configs = make_configs(tmp_path, 1)
+    cluster = Cluster(configs)
+    try:
+        cluster.nodes.append(await start_node(configs[0]))
+        running = await cluster.wait_for_stable_primary()
+        token = body(await running.service.tokenize("p", ["crash-window"], None))["tokens"][0]
+        ciphertext = running.node.store.lookup([token])[token]
+        running.node.shredder.note = lambda index, command: None  # type: ignore[method-assign]  # "crashes" first
+        await running.service.delete_tokens([token], ACTOR)
+        assert files_holding(running.config.data_dir, ciphertext), "not shredded before the restart"
+        restarted = await cluster.restart(running)
+        await wait_until(lambda: not files_holding(restarted.config.data_dir, ciphertext), 10,
+                         "the restarted node to shred the delete it found in its log")
+        assert restarted.node.store.lookup([token]) == {}
+    finally:
+        await cluster.close()

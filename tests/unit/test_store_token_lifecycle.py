@@ -1,0 +1,171 @@
+"""The token lifecycle in the store: delete, destroy, an epoch's token pages and shredding the files."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from protocol import Entry, EntryKind
+from tokenvault.core.commands import (Actor, DeleteTokensCommand, DestroyEpochCommand, RotateEpochCommand,
+                                      TokenizeCommand, encode_command)
+from tokenvault.core.store import DESTROYED, MAX_TOKEN_PAGE, Outcome, VaultStore
+
+ACTOR = Actor(name="full", node="n1", request_id="r1")
+
+
+def token(epoch: int, number: int) -> str:
+    return f"tv{epoch}_{number:032d}"
+
+
+def tokenize(epoch: int, numbers, *, key: str | None = None, at_ms: int = 1_000) -> bytes:
+    items = tuple((token(epoch, number), b"ciphertext-%d-%d" % (epoch, number)) for number in numbers)
+    return encode_command(TokenizeCommand(epoch, items, "tokenizer" if key else None, key,
+                                          b"fp" if key else None, at_ms))
+
+
+def rotate(epoch: int, secret: bytes | None = None) -> bytes:
+    return encode_command(RotateEpochCommand(epoch, secret or b"wrapped-%d" % epoch, 500, None, None, None))
+
+
+def delete(*tokens: str) -> bytes:
+    return encode_command(DeleteTokensCommand(tuple(tokens), 2_000, ACTOR))
+
+
+def destroy(epoch: int) -> bytes:
+    return encode_command(DestroyEpochCommand(epoch, 3_000, ACTOR))
+
+
+class Log:
+    def __init__(self) -> None:
+        self.next_index = 1
+
+    def command(self, payload: bytes) -> Entry:
+        entry = Entry(self.next_index, 1, EntryKind.COMMAND, payload)
+        self.next_index += 1
+        return entry
+
+
+@pytest.fixture
+def store(tmp_path):
+    vault = VaultStore.open(tmp_path / "store")
+    yield vault
+    vault.close()
+
+
+def apply(store: VaultStore, log: Log, *payloads: bytes):
+    return store.apply_batch([log.command(payload) for payload in payloads])
+
+
+def files_holding(directory: Path, needle: bytes) -> list[str]:
+    found = []
+    for root, _, names in os.walk(directory):
+        for name in names:
+            path = Path(root) / name
+            if needle in path.read_bytes():
+                found.append(str(path.relative_to(directory)))
+    return found
+
+
+def test_delete_removes_existing_rows_counts_them_and_audits(store):
+    log = Log()
+    apply(store, log, rotate(1), tokenize(1, range(5)))
+    (result,) = apply(store, log, delete(token(1, 0), token(1, 3), token(1, 3), token(1, 99)))
+    assert result.outcome == Outcome.OK and result.response == b'{"deleted":2}'
+    assert set(store.lookup([token(1, n) for n in range(5)])) == {token(1, 1), token(1, 2), token(1, 4)}
+    assert store.token_count() == 3
+    record = store.audit_page(0, 10)[-1]
+    assert (record["action"], record["items"], record["found"]) == ("token.delete", 3, 2)
+    (again,) = apply(store, log, delete(token(1, 0)))
+    assert again.response == b'{"deleted":0}' and store.token_count() == 3
+
+
+def test_a_token_added_and_deleted_in_one_batch_is_gone_and_a_later_tokenize_recreates_it(store):
+    log = Log()
+    apply(store, log, rotate(1))
+    results = apply(store, log, tokenize(1, [7]), delete(token(1, 7)), tokenize(1, [8]))
+    assert [result.outcome for result in results] == [Outcome.OK] * 3
+    assert results[1].response == b'{"deleted":1}'
+    assert set(store.lookup([token(1, 7), token(1, 8)])) == {token(1, 8)}
+    assert store.token_count() == 1
+    apply(store, log, tokenize(1, [7]))  # the same value again: the same token, the same ciphertext
+    assert store.lookup([token(1, 7)]) == {token(1, 7): b"ciphertext-1-7"}
+    assert store.token_count() == 2
+
+
+def test_an_idempotent_replay_after_a_delete_answers_the_first_body_and_resurrects_nothing(store):
+    log = Log()
+    apply(store, log, rotate(1))
+    (first,) = apply(store, log, tokenize(1, [1], key="k"))
+    apply(store, log, delete(token(1, 1)))
+    (replay,) = apply(store, log, tokenize(1, [1], key="k"))
+    assert replay.outcome == Outcome.DUPLICATE and replay.response == first.response
+    assert store.lookup([token(1, 1)]) == {}
+
+
+def test_destroy_erases_the_wrapped_secret_refuses_the_active_epoch_and_is_idempotent(store):
+    log = Log()
+    apply(store, log, rotate(1), rotate(2))
+    (active,) = apply(store, log, destroy(2))
+    assert active.outcome == Outcome.EPOCH_ACTIVE
+    (unknown,) = apply(store, log, destroy(9))
+    assert unknown.outcome == Outcome.EPOCH_NOT_FOUND
+    (done,) = apply(store, log, destroy(1))
+    assert done.outcome == Outcome.OK and done.response == b'{"epoch":1,"state":"destroyed"}'
+    first = store.epochs()[0]
+    assert (first.state, first.wrapped_secret) == (DESTROYED, b"")
+    (again,) = apply(store, log, destroy(1))
+    assert again.outcome == Outcome.OK
+    assert [record["action"] for record in store.audit_page(0, 10)][-2:] == ["epoch.destroy", "epoch.destroy"]
+    assert store.active_epoch() == 2
+
+
+def test_a_destroyed_epoch_survives_a_reopen(tmp_path):
+    log = Log()
+    vault = VaultStore.open(tmp_path / "store")
+    apply(vault, log, rotate(1), rotate(2), destroy(1))
+    vault.close()
+    vault = VaultStore.open(tmp_path / "store")
+    try:
+        assert [record.state for record in vault.epochs()] == [DESTROYED, "active"]
+    finally:
+        vault.close()
+
+
+def test_epoch_tokens_pages_through_one_epoch_in_key_order(store):
+    log = Log()
+    apply(store, log, rotate(1), tokenize(1, range(25)), rotate(2), tokenize(2, range(3)))
+    # Epoch 10's prefix must not leak into epoch 1's pages.
+    pages, after = [], None
+    while True:
+        page = store.epoch_tokens(1, after, 10)
+        if not page:
+            break
+        pages.append(page)
+        after = page[-1]
+    assert [len(page) for page in pages] == [10, 10, 5]
+    assert sum(pages, []) == sorted(token(1, n) for n in range(25))
+    assert store.epoch_tokens(2, None, MAX_TOKEN_PAGE) == [token(2, n) for n in range(3)]
+    assert store.epoch_tokens(3, None, 5) == []
+    with pytest.raises(ValueError):
+        store.epoch_tokens(1, None, MAX_TOKEN_PAGE + 1)
+
+
+def test_shred_removes_the_old_bytes_from_every_file_of_the_store(tmp_path):
+    secret = os.urandom(48)
+    ciphertext_marker = b"ciphertext-2-5"
+    log = Log()
+    vault = VaultStore.open(tmp_path / "store")
+    try:
+        apply(vault, log, rotate(1, secret), rotate(2), tokenize(2, range(10)))
+        vault.checkpoint()
+        vault._db.flush()  # the old versions sit in a table file as well as in RocksDB's WAL
+        assert files_holding(tmp_path / "store", secret)
+        apply(vault, log, destroy(1), delete(token(2, 5)))
+        vault.shred([b"e" + (1).to_bytes(8, "big"), b"t" + token(2, 5).encode()])
+        assert files_holding(tmp_path / "store", secret) == []
+        assert files_holding(tmp_path / "store", ciphertext_marker) == []
+        assert len(vault.lookup([token(2, n) for n in range(10)])) == 9
+    finally:
+        vault.close()

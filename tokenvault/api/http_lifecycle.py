@@ -1,0 +1,116 @@
+"""The HTTP routes of the token lifecycle (docs/api.md, "Lifecycle"); tokenvault/api/http.py adds them.
+
+Each handler runs the checks in the order tokenvault/api/http.py's docstring
+fixes (admit, receive the body, in-flight slot, parse and validate) and makes
+one NodeService call (tokenvault/api/lifecycle.py) with plain values:
+
+- ``POST /v1/tokens/delete`` (scope ``delete``) ``{"tokens": [...]}`` -> ``{"deleted": n}``;
+- ``POST /v1/retokenize`` (scope ``retokenize``) ``{"tokens": [...]}`` -> ``{"epoch", "tokens"}``;
+- ``POST /v1/admin/epochs/{epoch}/destroy`` (admin) ``{}`` or no body -> ``{"epoch", "state"}``;
+- ``GET /v1/admin/epochs/{epoch}/tokens?after=<token>&limit=<n>`` (admin): a page of the
+  epoch's tokens for ``tokenvault admin epoch migrate``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from aiohttp import web
+
+from tokenvault import auth
+from tokenvault.api.http import (EMPTY_BODY, NO_STORE_HEADERS, _Api, json_response, outcome_response,
+                                 require_members)
+from tokenvault.api.validation import require_item_list, validate_tokens
+from tokenvault.core.store import MAX_STORED_EPOCH, MAX_TOKEN_PAGE
+from tokenvault.crypto.tokens import is_token
+from tokenvault.errors import InvalidRequest, NotFound
+
+ROUTE_DELETE = "/v1/tokens/delete"
+ROUTE_RETOKENIZE = "/v1/retokenize"
+ROUTE_EPOCH_DESTROY = "/v1/admin/epochs/{epoch}/destroy"
+ROUTE_EPOCH_TOKENS = "/v1/admin/epochs/{epoch}/tokens"
+DEFAULT_TOKEN_PAGE = 100
+_EPOCH_TEXT = re.compile(r"[1-9][0-9]{0,9}\Z")
+_LIMIT_TEXT = re.compile(r"[1-9][0-9]{0,3}\Z")
+
+
+def path_epoch(request: web.Request) -> int:
+    """The ``{epoch}`` of the path; anything that is not a stored epoch number is a 404, like a key id."""
+    text = request.match_info["epoch"]
+    if not _EPOCH_TEXT.match(text) or int(text) > MAX_STORED_EPOCH:
+        raise NotFound("no epoch has this number (epochs are decimal integers from 1)")
+    return int(text)
+
+
+def token_page_query(request: web.Request) -> tuple[str | None, int]:
+    """``after`` (a token, default none) and ``limit`` (1..MAX_TOKEN_PAGE, default DEFAULT_TOKEN_PAGE)."""
+    query = request.query
+    unknown = len(set(query) - {"after", "limit"})
+    if unknown:
+        raise InvalidRequest(f"the query has {unknown} unknown parameter(s); allowed: after, limit")
+    for name in ("after", "limit"):
+        if len(query.getall(name, [])) > 1:
+            raise InvalidRequest(f"'{name}' is given more than once")
+    after = query.get("after")
+    if after is not None and not is_token(after):
+        raise InvalidRequest("'after' must be a token (tv<epoch>_<base32 body>)")
+    limit_text = query.get("limit")
+    if limit_text is None:
+        return after, DEFAULT_TOKEN_PAGE
+    if not _LIMIT_TEXT.match(limit_text) or int(limit_text) > MAX_TOKEN_PAGE:
+        raise InvalidRequest(f"'limit' must be a decimal integer in [1, {MAX_TOKEN_PAGE}]")
+    return after, int(limit_text)
+
+
+class LifecycleRoutes:
+    """The lifecycle handlers over the application's ``_Api`` (its checks, slots and service)."""
+
+    def __init__(self, api: _Api) -> None:
+        self.api = api
+
+    async def _tokens(self, request: web.Request) -> list[str]:
+        document = require_members(await self.api.read_json(request, body_required=True), ("tokens",))
+        return validate_tokens(require_item_list(document, "tokens", self.api.limits))
+
+    async def delete(self, request: web.Request) -> web.StreamResponse:
+        principal = self.api.admit(request, auth.DELETE)
+        await self.api.receive_body(request)
+        with self.api.inflight_slot():
+            tokens = await self._tokens(request)
+            outcome = await self.api.service.delete_tokens(tokens, self.api.actor(principal))
+            return outcome_response(outcome)
+
+    async def retokenize(self, request: web.Request) -> web.StreamResponse:
+        principal = self.api.admit(request, auth.RETOKENIZE)
+        await self.api.receive_body(request)
+        with self.api.inflight_slot():
+            tokens = await self._tokens(request)
+            document: dict[str, Any] = await self.api.service.retokenize(tokens, self.api.actor(principal))
+            if len(document["tokens"]) != len(tokens):
+                raise AssertionError("the service answered a different number of tokens than asked")
+            return json_response(document, headers=NO_STORE_HEADERS)
+
+    async def destroy_epoch(self, request: web.Request) -> web.StreamResponse:
+        principal = self.api.admit(request, auth.ADMIN)
+        await self.api.receive_body(request)
+        with self.api.inflight_slot():
+            document = await self.api.read_json(request, body_required=False)
+            if document is not EMPTY_BODY:
+                require_members(document, ())
+            epoch = path_epoch(request)
+            return outcome_response(await self.api.service.destroy_epoch(epoch, self.api.actor(principal)))
+
+    async def epoch_tokens(self, request: web.Request) -> web.StreamResponse:
+        self.api.admit(request, auth.ADMIN)
+        epoch = path_epoch(request)
+        after, limit = token_page_query(request)
+        return json_response(await self.api.service.epoch_tokens(epoch, after, limit), headers=NO_STORE_HEADERS)
+
+
+def add_lifecycle_routes(app: web.Application, api: _Api) -> None:
+    routes = LifecycleRoutes(api)
+    app.router.add_post(ROUTE_DELETE, routes.delete)
+    app.router.add_post(ROUTE_RETOKENIZE, routes.retokenize)
+    app.router.add_post(ROUTE_EPOCH_DESTROY, routes.destroy_epoch)
+    app.router.add_get(ROUTE_EPOCH_TOKENS, routes.epoch_tokens)

@@ -1,0 +1,215 @@
+"""The token lifecycle on one node: delete, re-tokenize, an epoch's token pages and epoch destroy.
+
+``LifecycleOperations`` is mixed into ``tokenvault.api.service.NodeService``; every
+operation is one async method taking and returning plain values (or an Outcome),
+routed to the primary like the other writes. Each change is one replicated log
+entry (tokenvault/core/commands.py) that every node applies the same way
+(tokenvault/core/store.py); the node then shreds the removed bytes from its files
+(tokenvault/core/shred.py).
+
+Re-tokenize never lets a value leave the primary's process: the primary decrypts
+the stored ciphertexts, seals the values in the active epoch and proposes the
+new pairs as an ordinary tokenize entry (insert-once, deterministic), so a
+re-tokenized token is exactly the token a tokenize of the value gives in the
+active epoch. A token of a destroyed epoch cannot be re-tokenized (422
+epoch-destroyed): its value is gone for good.
+
+Format tokens (which carry no epoch in their text) plug in at ``_epoch_of``
+and ``VaultStore.epoch_tokens``: both read the epoch from the token today.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from tokenvault.api.audit import AuditUnavailable
+from tokenvault.core import commands
+from tokenvault.core.store import DESTROYED, MAX_TOKEN_PAGE, ApplyResult
+from tokenvault.core.store import Outcome as ApplyOutcome
+from tokenvault.crypto.tokens import parse_token
+from tokenvault.errors import EpochActive, EpochDestroyed, InvalidRequest, NotFound, Outcome, Unavailable
+
+if TYPE_CHECKING:
+    from tokenvault.api.audit import AuditBuffer
+    from tokenvault.core.node import Node
+
+DELETE_TOKENS = "token.delete"
+RETOKENIZE = "token.retokenize"
+DESTROY_EPOCH = "epoch.destroy"
+EPOCH_TOKENS = "epoch.tokens"
+MAX_EPOCH_RETRIES = 5
+# The members each kind of forwarded lifecycle request carries, exactly.
+LIFECYCLE_FORWARDED_MEMBERS: dict[str, tuple[str, ...]] = {
+    DELETE_TOKENS: ("tokens", "actor"),
+    RETOKENIZE: ("tokens",),
+    DESTROY_EPOCH: ("epoch", "actor"),
+    EPOCH_TOKENS: ("epoch", "after", "limit"),
+}
+# Forwarded kinds whose answer is a JSON document rather than an Outcome.
+LIFECYCLE_DOCUMENT_KINDS = frozenset({RETOKENIZE, EPOCH_TOKENS})
+
+
+def _json(document: object) -> bytes:
+    return json.dumps(document, separators=(",", ":")).encode()
+
+
+def _actor(fields: object) -> commands.Actor:
+    if fields is None:
+        return commands.NO_ACTOR
+    if isinstance(fields, commands.Actor):
+        return fields
+    if not isinstance(fields, list) or len(fields) != 4:
+        raise commands.CommandError("actor must be a list of 4 fields")
+    return commands.Actor(*fields)
+
+
+def _epoch_of(token: str) -> int:
+    """The epoch a token was issued in (opaque tokens name it; see the module docstring)."""
+    return parse_token(token).epoch
+
+
+class LifecycleOperations:
+    """The lifecycle half of NodeService; see the module docstring."""
+
+    node: Node
+    node_id: str
+    _audit: AuditBuffer | None
+
+    if TYPE_CHECKING:
+        async def _route(self, kind: str, arguments: dict[str, Any],
+                         local: Callable[..., Awaitable[Any]]) -> Any: ...
+
+        async def _propose(self, payload: bytes) -> ApplyResult: ...
+
+        async def _read_barrier(self) -> None: ...
+
+        async def _seal(self, epoch: int, values: list[str]) -> tuple[tuple[str, bytes], ...]: ...
+
+        def _decrypt(self, token: str, ciphertext: bytes) -> str | None: ...
+
+    # ------------------------------------------------------------------ delete
+    async def delete_tokens(self, tokens: list[str], actor: commands.Actor | None = None) -> Outcome:
+        """Remove the mappings of ``tokens``; answers ``{"deleted": n}``, n counting those that existed."""
+        arguments = {"tokens": list(dict.fromkeys(tokens)), "actor": (actor or commands.NO_ACTOR).fields()}
+        result: Outcome = await self._route(DELETE_TOKENS, arguments, self._delete_tokens_here)
+        return result
+
+    async def _delete_tokens_here(self, tokens: list[str], actor: list[Any] | None = None) -> Outcome:
+        command = commands.DeleteTokensCommand(tokens=tuple(tokens), deleted_at_ms=int(time.time() * 1000),
+                                               actor=_actor(actor))
+        result = await self._propose(commands.encode_command(command))
+        if result.outcome != ApplyOutcome.OK or result.response is None:
+            raise Unavailable("the delete could not be recorded")
+        return Outcome(200, result.response, False)
+
+    # ------------------------------------------------------------------ re-tokenize
+    async def retokenize(self, tokens: list[str], actor: commands.Actor | None = None) -> dict[str, Any]:
+        """``{"epoch": active, "tokens": [...]}``: each token's value tokenized in the active epoch (None
+        for an unknown or deleted token), computed on the primary; audited like a detokenize."""
+        document: dict[str, Any] = await self._route(RETOKENIZE, {"tokens": tokens}, self._retokenize_here)
+        if self._audit is not None:
+            actor = actor or commands.NO_ACTOR
+            found = sum(token is not None for token in document["tokens"])
+            record = commands.AuditRecord(
+                at_ms=int(time.time() * 1000), node=self.node_id, key_name=actor.name, key_id=actor.key_id,
+                action=RETOKENIZE, items=len(tokens), found=found, request_id=actor.request_id,
+                subject=str(document["epoch"]))
+            try:
+                await self._audit.append(record)
+            except AuditUnavailable as error:
+                raise Unavailable(f"{error}; the new tokens were not returned (every re-tokenize is audited)") from None
+        return document
+
+    async def _retokenize_here(self, tokens: list[str]) -> dict[str, Any]:
+        await self._read_barrier()
+        destroyed = {record.epoch for record in self.node.store.epochs() if record.state == DESTROYED}
+        for position, token in enumerate(tokens):
+            if _epoch_of(token) in destroyed:
+                raise EpochDestroyed(f"tokens[{position}] belongs to a destroyed epoch; its value is gone "
+                                     "and cannot be re-tokenized")
+        found = self.node.store.lookup(tokens)
+        plain = {token: self._decrypt(token, ciphertext) for token, ciphertext in found.items()}
+        values = list(dict.fromkeys(value for value in plain.values() if value is not None))
+        for _ in range(MAX_EPOCH_RETRIES):
+            epoch = self.node.store.active_epoch()
+            if epoch == 0:
+                raise Unavailable("the cluster has no active epoch yet; retry shortly")
+            if not values:
+                return {"epoch": epoch, "tokens": [None] * len(tokens)}
+            items = await self._seal(epoch, values)
+            command = commands.TokenizeCommand(epoch=epoch, items=items, principal=None, idempotency_key=None,
+                                               fingerprint=None, issued_at_ms=int(time.time() * 1000))
+            result = await self._propose(commands.encode_command(command))
+            if result.outcome == ApplyOutcome.OK:
+                new_token = dict(zip(values, (token for token, _ in items)))
+                answer: list[str | None] = []
+                for token in tokens:
+                    value = plain.get(token)
+                    answer.append(None if value is None else new_token[value])
+                return {"epoch": epoch, "tokens": answer}
+            # EPOCH_MISMATCH: a rotation was applied first; seal again in the new epoch.
+        raise Unavailable("the active epoch kept changing; retry")
+
+    # ------------------------------------------------------------------ an epoch's tokens
+    async def epoch_tokens(self, epoch: int, after: str | None, limit: int) -> dict[str, Any]:
+        """A page of the tokens issued in ``epoch`` after the token ``after``, for the migration."""
+        arguments = {"epoch": epoch, "after": after, "limit": limit}
+        document: dict[str, Any] = await self._route(EPOCH_TOKENS, arguments, self._epoch_tokens_here)
+        return document
+
+    async def _epoch_tokens_here(self, epoch: int, after: str | None, limit: int) -> dict[str, Any]:
+        if not isinstance(limit, int) or not 1 <= limit <= MAX_TOKEN_PAGE:
+            raise InvalidRequest(f"'limit' must be an integer in [1, {MAX_TOKEN_PAGE}]")
+        await self._read_barrier()
+        records = {record.epoch: record for record in self.node.store.epochs()}
+        if epoch not in records:
+            raise NotFound("no epoch has this number")
+        tokens = self.node.store.epoch_tokens(epoch, after, limit)
+        return {"epoch": epoch, "state": records[epoch].state, "tokens": tokens,
+                "next_after": tokens[-1] if len(tokens) == limit else None}
+
+    # ------------------------------------------------------------------ destroy
+    async def destroy_epoch(self, epoch: int, actor: commands.Actor | None = None) -> Outcome:
+        """Crypto-shred ``epoch``: 200 ``{"epoch", "state": "destroyed"}`` (again for a destroyed one),
+        409 for the active epoch, 404 for an epoch that never existed."""
+        arguments = {"epoch": epoch, "actor": (actor or commands.NO_ACTOR).fields()}
+        result: Outcome = await self._route(DESTROY_EPOCH, arguments, self._destroy_epoch_here)
+        return result
+
+    async def _destroy_epoch_here(self, epoch: int, actor: list[Any] | None = None) -> Outcome:
+        command = commands.DestroyEpochCommand(epoch=epoch, destroyed_at_ms=int(time.time() * 1000),
+                                               actor=_actor(actor))
+        result = await self._propose(commands.encode_command(command))
+        if result.outcome == ApplyOutcome.EPOCH_ACTIVE:
+            raise EpochActive("the active epoch cannot be destroyed; rotate to a new epoch first")
+        if result.outcome == ApplyOutcome.EPOCH_NOT_FOUND:
+            raise NotFound("no epoch has this number")
+        if result.outcome != ApplyOutcome.OK or result.response is None:
+            raise Unavailable("the destroy could not be recorded")
+        return Outcome(200, result.response, False)
+
+    # ------------------------------------------------------------------ forwarded
+    async def _run_forwarded_lifecycle(self, kind: str, arguments: dict[str, Any],
+                                       tokens: Callable[[dict[str, Any]], list[str]]) -> tuple[int, bytes]:
+        """A lifecycle request a backup forwarded; ``tokens`` validates a token list as the HTTP layer
+        does. Commands re-validate every other field (CommandError, a ValueError: 400)."""
+        if kind == DELETE_TOKENS:
+            outcome = await self._delete_tokens_here(tokens(arguments), arguments["actor"])
+            return outcome.status, outcome.body
+        if kind == RETOKENIZE:
+            return 200, _json(await self._retokenize_here(tokens(arguments)))
+        epoch = arguments["epoch"]
+        if type(epoch) is not int or not 1 <= epoch <= commands.MAX_EPOCH:
+            raise InvalidRequest("the forwarded epoch is not an epoch number")
+        if kind == DESTROY_EPOCH:
+            outcome = await self._destroy_epoch_here(epoch, arguments["actor"])
+            return outcome.status, outcome.body
+        after = arguments["after"]
+        if after is not None and not isinstance(after, str):
+            raise InvalidRequest("the forwarded cursor must be a token or null")
+        if after is not None:
+            parse_token(after)
+        return 200, _json(await self._epoch_tokens_here(epoch, after, arguments["limit"]))

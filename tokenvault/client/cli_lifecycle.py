@@ -1,0 +1,156 @@
+"""`tokenvault admin epoch destroy` and `tokenvault admin epoch migrate` (tokenvault/client/cli.py adds them).
+
+`destroy E` crypto-shreds epoch E on every node after a confirmation (`--yes`
+skips it). `migrate E` re-tokenizes every token of epoch E into the active
+epoch: it reads the epoch's tokens page by page (`GET
+/v1/admin/epochs/E/tokens`, at most `--batch-size` per page, 1-1000) and sends
+each page to `POST /v1/retokenize`, so the values never leave the vault. After
+every batch it writes its cursor (the last token done) to a state file, with
+write-temp + fsync + rename, so a crash or Ctrl-C loses at most the batch in
+flight, and running the same command again resumes after the cursor.
+Re-tokenizing is deterministic, so a batch done twice changes nothing. At the
+end it prints how many tokens it re-tokenized and removes the state file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from tokenvault.client.cli import EXIT_SERVICE_ERROR, Connection, _fail, _run, connection_options, epoch
+from tokenvault.client.vault import AsyncClient
+
+DEFAULT_BATCH_SIZE = 500
+MAX_BATCH_SIZE = 1000
+EXIT_INTERRUPTED = 130
+STATE_FILE_TEMPLATE = ".tokenvault-migrate-{epoch}.json"
+# A state file is a small JSON object; anything larger is not ours.
+MAX_STATE_FILE_BYTES = 4096
+
+
+@epoch.command("destroy")
+@connection_options("admin")
+@click.argument("epoch_number", metavar="EPOCH", type=click.IntRange(1, 2**32 - 1))
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def epoch_destroy(connection: Connection, epoch_number: int, yes: bool, as_json: bool) -> None:
+    """Crypto-shred EPOCH on every node: its tokens can never be detokenized again.
+
+    The active epoch is refused (rotate first). Backups taken before keep the epoch's secret."""
+    if not yes:
+        click.confirm(f"Destroy epoch {epoch_number}? Its tokens can never be detokenized or re-tokenized "
+                      "again, on any node", abort=True, err=True)
+
+    async def destroy() -> str:
+        async with connection.client() as vault:
+            return await vault.destroy_epoch(epoch_number)
+
+    state = _run(destroy())
+    if as_json:
+        click.echo(json.dumps({"epoch": epoch_number, "state": state}))
+    else:
+        click.echo(f"epoch {epoch_number} is {state}")
+
+
+def _read_state(path: Path, epoch_number: int) -> tuple[str | None, int]:
+    """(cursor, tokens done) from a state file of this epoch, or (None, 0) when there is none."""
+    try:
+        with open(path, "rb") as handle:
+            raw = handle.read(MAX_STATE_FILE_BYTES + 1)
+    except FileNotFoundError:
+        return None, 0
+    except OSError as error:
+        raise click.UsageError(f"cannot read state file {str(path)!r}: {error.strerror}") from None
+    try:
+        document = json.loads(raw) if len(raw) <= MAX_STATE_FILE_BYTES else None
+    except ValueError:
+        document = None
+    if (not isinstance(document, dict) or document.get("epoch") != epoch_number
+            or not (document.get("after") is None or isinstance(document.get("after"), str))
+            or type(document.get("migrated")) is not int):
+        raise click.UsageError(f"state file {str(path)!r} is not a migration state of epoch {epoch_number}; "
+                               "remove it or pass --restart")
+    return document["after"], document["migrated"]
+
+
+def _write_state(path: Path, epoch_number: int, after: str | None, migrated: int) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    data = json.dumps({"epoch": epoch_number, "after": after, "migrated": migrated}).encode()
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(descriptor, data)
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+    os.replace(temporary, path)
+
+
+async def _migrate(vault: AsyncClient, epoch_number: int, batch_size: int, state_path: Path,
+                   after: str | None, migrated: int, progress: Progress) -> tuple[int, int]:
+    """Re-tokenize page after page from ``after``; returns (tokens re-tokenized, the epoch they went to)."""
+    listing = await vault.list_epochs()
+    states = {entry.epoch: entry.state for entry in listing.epochs}
+    if epoch_number not in states:
+        _fail(f"epoch {epoch_number} does not exist", EXIT_SERVICE_ERROR)
+    if states[epoch_number] == "active":
+        _fail(f"epoch {epoch_number} is the active epoch: rotate first, then migrate it", EXIT_SERVICE_ERROR)
+    if states[epoch_number] == "destroyed":
+        _fail(f"epoch {epoch_number} is destroyed: its values are gone", EXIT_SERVICE_ERROR)
+    task = progress.add_task(f"epoch {epoch_number}", total=None, completed=migrated)
+    target = listing.active_epoch
+    while True:
+        page = await vault.epoch_tokens(epoch_number, after, batch_size)
+        if not page.tokens:
+            return migrated, target
+        result = await vault.retokenize(page.tokens)
+        target = result.epoch
+        migrated += sum(token is not None for token in result.tokens)
+        after = page.tokens[-1]
+        _write_state(state_path, epoch_number, after, migrated)
+        progress.update(task, completed=migrated)
+
+
+@epoch.command("migrate")
+@connection_options("full")
+@click.argument("epoch_number", metavar="EPOCH", type=click.IntRange(1, 2**32 - 1))
+@click.option("--batch-size", type=click.IntRange(1, MAX_BATCH_SIZE), default=DEFAULT_BATCH_SIZE,
+              show_default=True, help="Tokens read and re-tokenized per request.")
+@click.option("--state-file", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+              help=f"Where the cursor is kept [default: ./{STATE_FILE_TEMPLATE.format(epoch='EPOCH')}].")
+@click.option("--restart", is_flag=True, help="Ignore a saved cursor and start from the first token.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def epoch_migrate(connection: Connection, epoch_number: int, batch_size: int, state_file: str | None,
+                  restart: bool, as_json: bool) -> None:
+    """Re-tokenize every token of EPOCH into the active epoch, in batches, resumably.
+
+    Needs a key with the admin and retokenize scopes (cluster.json's `full`). The old tokens stay
+    valid; each old token's new one is what `POST /v1/retokenize` answers for it."""
+    state_path = Path(state_file or STATE_FILE_TEMPLATE.format(epoch=epoch_number))
+    after, migrated = (None, 0) if restart else _read_state(state_path, epoch_number)
+    if after is not None and not as_json:
+        click.echo(f"resuming after {migrated} tokens (state file {state_path})", err=True)
+
+    async def run() -> tuple[int, int]:
+        columns: list[Any] = [SpinnerColumn(), TextColumn("{task.description}: {task.completed} re-tokenized"),
+                              TimeElapsedColumn()]
+        with Progress(*columns, console=Console(stderr=True), transient=as_json) as progress:
+            async with connection.client() as vault:
+                return await _migrate(vault, epoch_number, batch_size, state_path, after, migrated, progress)
+
+    try:
+        total, target = _run(run())
+    except KeyboardInterrupt:
+        click.echo(f"interrupted; run the same command again to resume (state file {state_path})", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    state_path.unlink(missing_ok=True)
+    if as_json:
+        click.echo(json.dumps({"epoch": epoch_number, "to_epoch": target, "migrated": total}))
+    else:
+        click.echo(f"migrated {total} tokens of epoch {epoch_number} to epoch {target}")

@@ -1,0 +1,150 @@
+"""Shredding: after a delete or an epoch destroy is applied, the bytes it removed leave the files too.
+
+Applying a ``DeleteTokensCommand`` deletes token rows and a ``DestroyEpochCommand``
+empties an epoch's wrapped secret, but older copies stay on disk: in RocksDB's
+memtable, WAL and table files, and in the replication write-ahead log, whose
+tokenize and rotate entries carried the ciphertexts and the wrapped secret.
+The ``Shredder`` of a node removes them, in this order, in a worker thread:
+
+1. ``VaultStore.shred``: flush the memtable (RocksDB deletes its WAL files up to
+   there) and compact the affected keys down to the bottom level, which drops
+   the old versions with their tombstones;
+2. ``VaultStore.checkpoint``, then ``WriteAheadLog.roll`` past the shredding
+   entry and ``WriteAheadLog.release`` up to the checkpoint: every segment
+   holding an entry at or below it is deleted. Entries after it may not be
+   applied yet, so this repeats (polling) until the first segment starts after it.
+
+Until step 1 is done for an entry, ``hold_index`` keeps the node's ordinary log
+compaction below that entry: the entry in the log is what makes a node that
+crashes meanwhile shred again when it restarts (``note_recovered``).
+
+Not covered: copies outside the data directory (backups, and checkpoints being
+streamed to a peer or a backup client until that stream ends), and the memory
+of the processes (Python cannot wipe freed memory).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+
+from protocol import Entry, EntryKind
+from tokenvault.core import commands
+from tokenvault.core.store import VaultStore
+from tokenvault.core.wal import WriteAheadLog
+from tokenvault.logs import get_logger
+
+log = get_logger("shred")
+
+# Keys one shred pass compacts at most; more wait for the next pass.
+MAX_KEYS_PER_PASS = 100_000
+POLL_SECONDS = 0.05
+
+
+def shred_keys(command: commands.Command) -> list[bytes]:
+    """The store keys whose older versions a shredding command leaves behind."""
+    if type(command) is commands.DeleteTokensCommand:
+        return [b"t" + token.encode() for token in command.tokens]
+    if type(command) is commands.DestroyEpochCommand:
+        return [b"e" + command.epoch.to_bytes(8, "big")]
+    return []
+
+
+class Shredder:
+    """One node's shredding task (see the module docstring); every method runs on the event loop."""
+
+    def __init__(self, store: Callable[[], VaultStore], wal: WriteAheadLog,
+                 on_fatal: Callable[[BaseException], None]) -> None:
+        self._store = store
+        self._wal = wal
+        self._on_fatal = on_fatal
+        self._keys: set[bytes] = set()
+        self._pending_indexes: list[int] = []  # entries whose keys wait for step 1
+        self._running_low: int | None = None  # the lowest entry of the pass in step 1
+        self._task: asyncio.Task[None] | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shred")
+        self.passes = 0  # finished passes, for tests and the log
+
+    def note(self, index: int, command: commands.Command) -> None:
+        """A shredding command was applied (or was found applied at start-up) at ``index``."""
+        keys = shred_keys(command)
+        if not keys:
+            return
+        self._keys.update(keys)
+        self._pending_indexes.append(index)
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    def note_recovered(self, entries: Iterable[Entry], applied_index: int) -> None:
+        """At start-up: shredding entries the store applied before a restart may not have been shredded
+        (the log still holds them, so they are shredded again; doing it twice is harmless)."""
+        for entry in entries:
+            if (entry.index <= applied_index and entry.kind == EntryKind.COMMAND
+                    and commands.peek_tag(entry.payload) in commands.SHREDDING_TAGS):
+                self.note(entry.index, commands.decode_command(entry.payload))
+
+    def hold_index(self) -> int | None:
+        """The log must keep this entry (and what follows) for now; None when nothing waits."""
+        candidates = list(self._pending_indexes)
+        if self._running_low is not None:
+            candidates.append(self._running_low)
+        return min(candidates) if candidates else None
+
+    @property
+    def busy(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._keys:
+                keys = sorted(self._keys)[:MAX_KEYS_PER_PASS]
+                self._keys.difference_update(keys)
+                indexes, self._pending_indexes = self._pending_indexes, []
+                if self._keys:
+                    # More keys than one pass takes: the entries stay pending (and held) until the
+                    # pass that takes their last keys, which then drops the log through all of them.
+                    self._pending_indexes = indexes
+                    await loop.run_in_executor(self._executor, self._store().shred, keys)
+                    continue
+                self._running_low, target = min(indexes), max(indexes)
+                await loop.run_in_executor(self._executor, self._store().shred, keys)
+                self._running_low = None
+                if await self._drop_log_through(target):
+                    self.passes += 1
+                    log.info("shred.done", through_index=target, rows=len(keys))
+        except asyncio.CancelledError:
+            raise
+        except BaseException as error:  # a storage failure: the node stops, as for its other disk work
+            self._on_fatal(error)
+
+    async def _drop_log_through(self, target: int) -> bool:
+        """True once no segment holds an entry at or below ``target``; False when a later pass will."""
+        loop = asyncio.get_running_loop()
+        durable = -1
+        while self._wal.first_held_index <= target:
+            if self._pending_indexes:
+                return False  # a later entry waits for its own pass, which drops the log through this one too
+            if self._store().applied_index != durable:  # checkpoint (an fsync) only when there is more
+                durable = await loop.run_in_executor(self._executor, self._store().checkpoint)
+            if durable >= target:
+                # Past the target; once everything logged is applied, past the whole log, so that a
+                # segment kept for a later truncation record goes too.
+                through = durable + 1 if durable >= self._wal.last_index else target
+                await loop.run_in_executor(self._executor, self._wal.roll, through)
+                hold = self.hold_index()
+                await loop.run_in_executor(self._executor, self._wal.release,
+                                           durable if hold is None else min(durable, hold - 1))
+            if self._wal.first_held_index <= target:
+                await asyncio.sleep(POLL_SECONDS)  # later entries in the same segment are not applied yet
+        return True
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+        self._executor.shutdown(wait=True)

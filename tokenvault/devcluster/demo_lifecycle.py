@@ -1,0 +1,84 @@
+"""The demo's lifecycle act (`./run_cluster.sh demo`, step 7): delete, migrate and destroy, checked.
+
+After the rotation act the demo's values live in the retired epoch. This act
+deletes a few of their tokens (every node answers null at once), migrates the
+whole retired epoch into the active one with the same two requests
+`tokenvault admin epoch migrate` pages through (`GET
+/v1/admin/epochs/{epoch}/tokens`, `POST /v1/retokenize`), and then destroys
+the retired epoch: its tokens detokenize to null everywhere, re-tokenizing one
+is refused, and every value that was migrated still detokenizes under its new
+token. Values appear only as the result of a detokenize (Demo.show_detokenize).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from tokenvault.client.vault import Unprocessable
+
+if TYPE_CHECKING:
+    from tokenvault.devcluster.demo import Demo
+
+DELETED_VALUES = 3
+MIGRATE_PAGE_TOKENS = 500
+
+
+async def lifecycle_act(demo: Demo) -> None:
+    demo.say("\n7. Token lifecycle: delete, migrate an epoch, destroy it (crypto-shredding):")
+    # Format-preserving card tokens and the masked reveal join this act here (issue 13, parts 1 and 6).
+    doomed = [demo.tokens[value] for value in demo.values[-DELETED_VALUES:]]
+    async with demo.client(demo.spec.http_urls) as vault:
+        deleted = await vault.delete_tokens(doomed)
+    demo.say(f"   POST /v1/tokens/delete of {len(doomed)} tokens: {deleted} mappings removed")
+    everywhere = True
+    for node in demo.spec.nodes:
+        async with demo.client([node.http_url]) as vault:
+            everywhere = everywhere and await vault.detokenize(doomed) == (None,) * len(doomed)
+    demo.check(deleted == len(doomed) and everywhere, "every node at once answers null for the deleted tokens")
+    for value in demo.values[-DELETED_VALUES:]:
+        del demo.tokens[value]
+
+    old_epoch = int(next(iter(demo.tokens.values()))[2:].split("_", 1)[0])
+    migrated: dict[str, str] = {}
+    async with demo.client(demo.spec.http_urls) as vault:
+        after: str | None = None
+        while True:
+            page = await vault.epoch_tokens(old_epoch, after, MIGRATE_PAGE_TOKENS)
+            if not page.tokens:
+                break
+            result = await vault.retokenize(page.tokens)
+            migrated.update((old, new) for old, new in zip(page.tokens, result.tokens) if new is not None)
+            after = page.tokens[-1]
+        active = (await vault.list_epochs()).active_epoch
+    demo.say(f"   migrated epoch {old_epoch} to epoch {active}: {len(migrated)} tokens re-tokenized inside the "
+             "vault (no value left it)")
+    demo.check(all(token in migrated for token in demo.tokens.values()),
+               f"every token of the demo in epoch {old_epoch} has a new token in epoch {active}")
+
+    async with demo.client(demo.spec.http_urls) as vault:
+        state = await vault.destroy_epoch(old_epoch)
+        demo.say(f"   POST /v1/admin/epochs/{old_epoch}/destroy: epoch {old_epoch} is {state}")
+        sample = [demo.tokens[value] for value in demo.values[:2]]
+        refused = False
+        try:
+            await vault.retokenize(sample[:1])
+        except Unprocessable:
+            refused = True
+    demo.check(await _all_null(demo, list(demo.tokens.values())),
+               f"every node answers null for all {len(demo.tokens)} tokens of epoch {old_epoch}")
+    demo.check(refused, f"re-tokenizing a token of the destroyed epoch {old_epoch} is refused (422)")
+    demo.say("   the migrated tokens of the same values:")
+    await demo.show_detokenize([migrated[token] for token in sample])
+    new_tokens = {value: migrated[token] for value, token in demo.tokens.items()}
+    demo.check(await demo.detokenize_all(demo.spec.http_urls, new_tokens),
+               f"all {len(new_tokens)} migrated values still detokenize under their epoch-{active} tokens")
+    demo.say(f"   epochs: {await demo.list_epochs()}")
+
+
+async def _all_null(demo: Demo, tokens: list[str]) -> bool:
+    for node in demo.spec.nodes:
+        async with demo.client([node.http_url]) as vault:
+            for start in range(0, len(tokens), 500):
+                if set(await vault.detokenize(tokens[start:start + 500])) != {None}:
+                    return False
+    return True

@@ -100,6 +100,8 @@ class Replica:
         self._appends_pending = False
         # Read-index state (primary only).
         self._read_round = 0
+        # Primary: the commit index as of its last heartbeat; a learner holding it has caught up.
+        self._catch_up_floor = 0
         # Reads of this node (origin None) and of backups (origin = their id) share the rounds.
         self._unsent_reads: list[tuple[str | None, int]] = []  # (origin, request_id)
         self._pending_reads: list[tuple[str | None, int, int, int]] = []  # (origin, request_id, read_index, round)
@@ -169,6 +171,24 @@ class Replica:
         """Where the configuration in effect stands in the log (the log base when no entry above it has one)."""
         return self._configs[-1][0] if self._configs else self._log.base_index
 
+    @property
+    def may_campaign(self) -> bool:
+        """A voter of the configuration in effect; or a voter of the one before it while the change that
+        removed it is not committed: it may still be needed to commit that change (a removed primary
+        that lost its leadership may hold the only copy a majority of the new voters accepts; Raft
+        thesis 4.2.2). Such a candidate does not count its own vote. Learners never campaign."""
+        if self._membership.is_voter(self.node_id):
+            return True
+        if not self._configs or self._configs[-1][0] <= self._commit_index:
+            return False
+        previous = self._configs[-2][1] if len(self._configs) > 1 else self._base_membership
+        return previous.is_voter(self.node_id)
+
+    @property
+    def configuration_indexes(self) -> tuple[int, ...]:
+        """Indexes of the configuration entries held above the log base (for inspection by tests)."""
+        return tuple(index for index, _ in self._configs)
+
     def progress(self) -> dict[str, tuple[int, int]]:
         """(match_index, next_index) of every backup; empty unless this replica is the primary."""
         return {peer: (state.match_index, state.next_index) for peer, state in self._progress.items()}
@@ -183,8 +203,8 @@ class Replica:
             self._tick_primary()
             return
         self._election_elapsed_ticks += 1
-        if not self._membership.is_voter(self.node_id):
-            return  # a learner, or a member removed from the voters: it never campaigns
+        if not self.may_campaign:
+            return  # a learner, or a member whose removal from the voters is committed
         if self._membership.voters == (self.node_id,):
             # A cluster of one voter has nobody to wait for: it leads at its first tick.
             self._become_candidate("single voter: nobody to wait for")
@@ -257,9 +277,11 @@ class Replica:
             if not current.is_voter(node_id):
                 progress = self._progress.get(node_id)
                 match_index = progress.match_index if progress is not None else 0
-                if match_index < self._commit_index:
+                # Caught up: it holds every entry committed by the last heartbeat (at most a heartbeat
+                # interval ago), so under a steady write load it is never more than that behind.
+                if progress is None or progress.state is not PeerState.REPLICATE or match_index < self._catch_up_floor:
                     raise ProposalRejected(f"learner {node_id} has not caught up (holds {match_index} "
-                                           f"of {self._commit_index} committed entries)")
+                                           f"of {self._catch_up_floor} entries committed by the last heartbeat)")
         if self._log.last_index - self._commit_index >= self._config.max_uncommitted_entries:
             raise ProposalRejected("too many uncommitted entries")
         entry = Entry(self._log.last_index + 1, self._view, EntryKind.CONFIG, membership.encode())
@@ -529,6 +551,7 @@ class Replica:
         self._heartbeat_elapsed_ticks = 0
         self._election_elapsed_ticks = 0
         self._read_round = 0
+        self._catch_up_floor = self._log.last_index + 1  # its no-op: a learner is caught up once it holds it
         # Entries of earlier views commit only underneath an entry of this view (figure 8 of
         # the Raft paper), so the new primary writes a no-op straight away.
         self._log.append([Entry(self._log.last_index + 1, self._view, EntryKind.NOOP, b"")])
@@ -639,7 +662,7 @@ class Replica:
         self._membership = membership
         self._peers = self._peers_of(membership)
         self._events.append(MembershipChanged(self.membership_index, membership))
-        if self._role is Role.CANDIDATE and not membership.is_voter(self.node_id):
+        if self._role is Role.CANDIDATE and not self.may_campaign:
             self._become_backup(self._view, None, "no longer a voter")
         if self._role is not Role.PRIMARY:
             return
@@ -801,6 +824,7 @@ class Replica:
                 progress.recently_active = False
         if self._heartbeat_elapsed_ticks >= self._config.heartbeat_interval_ticks:
             self._heartbeat_elapsed_ticks = 0
+            self._catch_up_floor = self._commit_index
             for peer, progress in self._progress.items():
                 self._send_heartbeat(peer, progress)
                 self._retry_stalled(peer, progress)

@@ -229,3 +229,12 @@ class RequestTimeout(ServiceError):
     def __init__(self, detail: str | None = None) -> None:
         super().__init__(detail or "the request body stopped arriving; the connection is closed",
                          headers={"Connection": "close"})
+
+
+class MembershipChangeRefused(ServiceError):
+    """A membership change the cluster cannot make now (an earlier change is not committed, a learner
+    has not caught up) or at all (the node is a member already, or is not one); the detail says which."""
+
+    status = 409
+    title = "Conflict"
+    problem = "membership-change-refused"

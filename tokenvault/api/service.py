@@ -34,6 +34,7 @@ from tokenvault.core.sealer import Sealer, SealerUnavailable
 from tokenvault.core.store import MAX_API_KEYS as MAX_RUNTIME_KEYS
 from tokenvault.core.store import Outcome as ApplyOutcome
 from tokenvault.crypto.tokens import MAX_TOKEN_CHARS, parse_token
+from tokenvault.api.members import CHANGE_MEMBER, LIST_MEMBERS, MembershipOperations
 from tokenvault.api.validation import require_item_list, validate_idempotency_key, validate_tokens, validate_values
 
 log = get_logger("service")
@@ -70,7 +71,7 @@ def _rfc3339(milliseconds: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(milliseconds / 1000)) + f".{milliseconds % 1000:03d}Z"
 
 
-class NodeService:
+class NodeService(MembershipOperations):
     """What tokenvault.api.http calls, on top of a Node (tests stand in for it with a fake of the same methods)."""
 
     def __init__(self, node: Node, sealer: Sealer | None = None) -> None:
@@ -545,6 +546,9 @@ class NodeService:
             return outcome.status, outcome.body, ()
         if request.kind == LIST_KEYS:
             return 200, _json(await self._list_keys_here()), ()
+        if request.kind in (LIST_MEMBERS, CHANGE_MEMBER):
+            status, body = await self.run_forwarded_member_request(request.kind, arguments)
+            return status, body, ()
         if request.kind == DETOKENIZE:
             tokens = validate_tokens(require_item_list(arguments, "tokens", limits))
             return 200, msgpack.packb(await self._detokenize_missing_here(tokens), use_bin_type=True), ()
@@ -598,6 +602,8 @@ FORWARDED_MEMBERS: dict[str, tuple[str, ...]] = {
     REVOKE_KEY: ("key_id", "actor"),
     AUDIT: ("records",),
     LIST_KEYS: (),
+    LIST_MEMBERS: (),
+    CHANGE_MEMBER: ("action", "node_id", "peer_addr"),
 }
 
 
@@ -650,7 +656,7 @@ def _decode_forward_response(kind: str, response: ForwardResponse):
                or ForwardedError(response.status, title, detail, slug, headers))
     if kind == DETOKENIZE:
         return msgpack.unpackb(response.body, raw=False)
-    if kind in (EPOCHS, LIST_KEYS):
+    if kind in (EPOCHS, LIST_KEYS, LIST_MEMBERS):
         return json.loads(response.body)
     return Outcome(response.status, response.body, headers.get("Idempotent-Replayed") == "true")
 

@@ -74,4 +74,6 @@ def test_openapi_document_lists_every_route() -> None:
         ("/v1/admin/epochs", "post"), ("/v1/admin/epochs", "get"), ("/v1/admin/cluster", "get"),
         ("/v1/admin/backup", "get"), ("/v1/admin/keys", "post"), ("/v1/admin/keys", "get"),
         ("/v1/admin/keys/{key_id}/revoke", "post"), ("/v1/admin/audit", "get"),
+        ("/v1/admin/members", "get"), ("/v1/admin/members", "post"), ("/v1/admin/members/{node_id}/promote", "post"),
+        ("/v1/admin/members/{node_id}/remove", "post"),
     }

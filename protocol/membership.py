@@ -12,7 +12,7 @@ VOTER once it has caught up, or removed. The rules are in docs/replication.md
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import msgpack
 
@@ -41,6 +41,8 @@ class Membership:
     """A whole configuration, members in id order; at least one voter."""
 
     members: tuple[Member, ...]
+    # Derived once: the core asks for them on every tick and message.
+    _voters: tuple[str, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if type(self.members) is not tuple or not 1 <= len(self.members) <= MAX_MEMBERS:
@@ -59,6 +61,7 @@ class Membership:
             raise MembershipError("members must be in id order")
         if not any(member.voter for member in self.members):
             raise MembershipError("a configuration needs at least one voter")
+        object.__setattr__(self, "_voters", tuple(member.node_id for member in self.members if member.voter))
 
     @classmethod
     def of(cls, voters: tuple[str, ...] | list[str], learners: tuple[str, ...] | list[str] = (),
@@ -77,7 +80,7 @@ class Membership:
 
     @property
     def voters(self) -> tuple[str, ...]:
-        return tuple(member.node_id for member in self.members if member.voter)
+        return self._voters
 
     @property
     def learners(self) -> tuple[str, ...]:
@@ -86,10 +89,10 @@ class Membership:
     @property
     def quorum(self) -> int:
         """How many voters make a majority."""
-        return len(self.voters) // 2 + 1
+        return len(self._voters) // 2 + 1
 
     def is_voter(self, node_id: str) -> bool:
-        return any(member.node_id == node_id and member.voter for member in self.members)
+        return node_id in self._voters
 
     def member(self, node_id: str) -> Member | None:
         return next((member for member in self.members if member.node_id == node_id), None)

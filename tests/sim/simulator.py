@@ -207,6 +207,7 @@ class Simulation(InvariantChecks, Nemeses, MembershipChanges):
         self.votes_granted: dict[tuple[str, int], str] = {}  # (voter, view) -> the candidate it granted
         self.entries_on_disk: dict[tuple[int, int], tuple[bytes, int]] = {}  # (index, view) -> (payload, prev view)
         self.acknowledged_indexes: list[int] = []  # sorted
+        self.acknowledged_settled = 0  # acknowledged_indexes[:this] are held by a majority's stores for good
         self.superseded_reads = 0  # reads asked on a primary while a later view existed
         self.superseded_writes = 0
         self.crash_points_hit = 0
@@ -519,7 +520,9 @@ class Simulation(InvariantChecks, Nemeses, MembershipChanges):
             if primary_view is not None and entry.kind is EntryKind.COMMAND:
                 # The driver answers the client here; the entry was committed in primary_view.
                 if entry.index not in self.acknowledged:
-                    bisect.insort(self.acknowledged_indexes, entry.index)
+                    position = bisect.bisect(self.acknowledged_indexes, entry.index)
+                    self.acknowledged_indexes.insert(position, entry.index)
+                    self.acknowledged_settled = min(self.acknowledged_settled, position)
                 self.acknowledged[entry.index] = (entry.view, entry.payload, primary_view)
                 if node.replica is not None:
                     self.acknowledged_voters.setdefault(entry.index, self.counted_voter_sets(node.replica, entry.index))

@@ -92,7 +92,7 @@ def _check_path(name: str, value: object, optional: bool) -> None:
         raise ConfigError(f"{name} must be valid UTF-8") from None
 
 
-def _split_host_port(name: str, address: str) -> tuple[str, int]:
+def split_host_port(name: str, address: str) -> tuple[str, int]:
     """Split ``host:port`` or ``[ipv6]:port``."""
     host, separator, port_text = address.rpartition(":")
     if not separator or not port_text.isascii() or not port_text.isdigit() or len(port_text) > 5:
@@ -167,7 +167,7 @@ class MemberConfig:
             )
         label = f"members[{self.id}]"
         _check_string(f"{label}.peer_addr", self.peer_addr, 300)
-        _split_host_port(f"{label}.peer_addr", self.peer_addr)
+        split_host_port(f"{label}.peer_addr", self.peer_addr)
         self._http_host_port(label)
 
     def _http_host_port(self, label: str) -> tuple[str, int]:
@@ -198,11 +198,11 @@ class MemberConfig:
 
     @property
     def peer_host(self) -> str:
-        return _split_host_port("peer_addr", self.peer_addr)[0]
+        return split_host_port("peer_addr", self.peer_addr)[0]
 
     @property
     def peer_port(self) -> int:
-        return _split_host_port("peer_addr", self.peer_addr)[1]
+        return split_host_port("peer_addr", self.peer_addr)[1]
 
 
 @dataclass(frozen=True, slots=True)

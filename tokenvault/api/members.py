@@ -17,7 +17,7 @@ from typing import Any
 
 from protocol import Membership, MembershipError, NotPrimary, ProposalRejected, Role
 from protocol.membership import MAX_ADDRESS_BYTES
-from tokenvault.config import NODE_ID_PATTERN, ConfigError, _split_host_port
+from tokenvault.config import NODE_ID_PATTERN, ConfigError, split_host_port
 from tokenvault.core.node import NodeBusy, ProposalLost, ProposalOutcomeUnknown
 from tokenvault.errors import InvalidRequest, MembershipChangeRefused, Outcome, Overloaded, Unavailable
 from tokenvault.logs import get_logger
@@ -44,7 +44,7 @@ def validate_member_change(action: object, node_id: object, peer_addr: object) -
     if not isinstance(peer_addr, str) or not 0 < len(peer_addr.encode()) <= MAX_ADDRESS_BYTES:
         raise InvalidRequest("peer_addr must be host:port")
     try:
-        _split_host_port("peer_addr", peer_addr)
+        split_host_port("peer_addr", peer_addr)
     except ConfigError:
         raise InvalidRequest("peer_addr must be host:port") from None
     return str(action), node_id, peer_addr

@@ -427,21 +427,31 @@ class NodeService(MembershipOperations):
                 "next_after": last if last < self.node.store.audit_seq else None}
 
     async def cluster_view(self) -> dict:
+        """Every member of the configuration in effect here (and this node, if it is not one), as this
+        node sees them; ``voter`` is false for a learner."""
         replica = self.node.replica
         progress = replica.progress() if replica.role == Role.PRIMARY else {}
         transport = self.node.transport
+        static = {member.id: member for member in self.node.config.members}
+        members = [(member.node_id, member.address, member.voter) for member in replica.membership.members]
+        if self.node_id not in {node_id for node_id, _, _ in members}:
+            members.append((self.node_id, "", False))
         nodes = []
-        for member in self.node.config.members:
-            is_self = member.id == self.node_id
+        for node_id, address, voter in members:
+            is_self = node_id == self.node_id
             if is_self:
                 role = self.node.role_name()
             else:
-                role = "primary" if member.id == replica.primary_id else "backup"
-            entry = {"id": member.id, "http_url": member.http_url, "peer_addr": member.peer_addr,
-                     "role": role, "is_self": is_self,
-                     "reachable": is_self or (transport is not None and transport.is_connected(member.id))}
-            if member.id in progress:
-                match_index, next_index = progress[member.id]
+                role = "primary" if node_id == replica.primary_id else "backup"
+            entry = {"id": node_id, "role": role, "voter": voter, "is_self": is_self,
+                     "reachable": is_self or (transport is not None and transport.is_connected(node_id))}
+            configured = static.get(node_id)
+            if configured is not None:
+                entry["http_url"] = configured.http_url
+            if address or configured is not None:
+                entry["peer_addr"] = address or configured.peer_addr
+            if node_id in progress:
+                match_index, next_index = progress[node_id]
                 entry.update(match_index=match_index, next_index=next_index)
             if is_self:
                 entry.update(view=replica.view, commit_index=replica.commit_index,

@@ -28,7 +28,7 @@ from typing import Any
 from protocol import (BecamePrimary, ElectionStarted, Entry, EntryKind, Event, ForwardRequest, ForwardResponse, HardState, INITIAL_HARD_STATE, Membership,
                       MembershipChanged, MembershipError, Message, NotPrimary, PrimaryChanged, ProposalRejected,
                       ReadResult, Ready, Replica, ReplicaConfig, RestoredState, Role, SteppedDown)
-from tokenvault.config import NodeConfig
+from tokenvault.config import ConfigError, NodeConfig, split_host_port
 from tokenvault.core import commands
 from tokenvault.core.snapshot_transfer import SnapshotTransfers
 from tokenvault.core.store import ApplyResult, Outcome, PreparedInstall, StoreCorruption, VaultStore
@@ -203,8 +203,14 @@ class Node:
         addresses = []
         for member in membership.members:
             if member.address:
-                host, _, port = member.address.rpartition(":")
-                addresses.append(PeerAddress(member.node_id, host.strip("[]"), int(port)))
+                try:
+                    host, port = split_host_port("peer_addr", member.address)
+                except ConfigError:
+                    # The primary checked it when the change was asked for; a log holding another is not
+                    # one this node can dial, and must not stop it.
+                    log.warning("membership.bad_address", member=member.node_id)
+                    continue
+                addresses.append(PeerAddress(member.node_id, host, port))
             elif member.node_id in static:
                 entry = static[member.node_id]
                 addresses.append(PeerAddress(member.node_id, entry.peer_host, entry.peer_port))

@@ -1,7 +1,7 @@
 """Membership changes with real processes (issue 12, part 6): a dead node replaced by a fresh one.
 
-A 3-node cluster loses a node for good; ``run_cluster.sh add-node`` (the
-devcluster function behind it) starts a node with an empty data directory,
+A 3-node cluster loses a node for good; ``run_cluster.sh add-node`` (run as
+the module the script execs) starts a node with an empty data directory,
 which joins as a learner, catches up and is promoted; ``remove-node`` takes the
 dead one out. Then another original node is killed: the new node must now count
 in the majority, so writes acknowledged after that kill prove it does. A client
@@ -13,6 +13,9 @@ is linearizable).
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -21,11 +24,21 @@ import pytest
 
 from harness import ClusterHarness, background_load, wait_for_acknowledged
 from history import History, Kind, assert_no_violations, check_history_async
-from tokenvault.devcluster import cluster, membership
+from tokenvault.devcluster import cluster
 
 pytestmark = pytest.mark.integration
 
 CHANGE_TIMEOUT_SECONDS = 60.0
+
+
+def run_cluster(harness: ClusterHarness, *arguments: str) -> str:
+    """``./run_cluster.sh ARGUMENTS`` on the harness's cluster (the script execs this module); asserts exit 0."""
+    environment = {**os.environ, "TOKENVAULT_CLUSTER_DIR": str(harness.directory)}
+    done = subprocess.run([sys.executable, "-m", "tokenvault.devcluster", *arguments, "--timeout-seconds",
+                           str(CHANGE_TIMEOUT_SECONDS)], env=environment, capture_output=True, text=True,
+                          timeout=CHANGE_TIMEOUT_SECONDS + 30)
+    assert done.returncode == 0, f"run_cluster.sh {' '.join(arguments)}: exit {done.returncode}\n{done.stderr}"
+    return done.stdout + done.stderr
 
 
 def refresh(harness: ClusterHarness) -> None:
@@ -47,12 +60,15 @@ async def test_a_fresh_node_replaces_a_dead_one_and_nothing_acknowledged_is_lost
         lost = next(node_id for node_id in harness.node_ids if node_id != primary)
         await asyncio.to_thread(harness.kill, lost)  # lost for good: it never comes back
 
+        before = set(harness.node_ids)
         change_started = time.monotonic()
-        added = await asyncio.to_thread(membership.add_node, harness.directory, CHANGE_TIMEOUT_SECONDS)
-        await asyncio.to_thread(membership.remove_node, harness.directory, lost, CHANGE_TIMEOUT_SECONDS)
+        await asyncio.to_thread(run_cluster, harness, "add-node")
+        await asyncio.to_thread(run_cluster, harness, "remove-node", lost)
         change_ended = time.monotonic()
         refresh(harness)
-        assert lost not in harness.node_ids and added.node_id in harness.node_ids
+        (added_id,) = set(harness.node_ids) - before
+        added = harness.node(added_id)
+        assert lost not in harness.node_ids
         async with harness.client([added.node_id], key="admin") as admin:
             members = await admin.list_members()
         assert sorted(member["id"] for member in members["members"] if member["role"] == "voter") == sorted(

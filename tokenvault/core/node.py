@@ -122,6 +122,7 @@ class Node:
                                            MAX_FRAME_BYTES, on_peer_down=self._on_peer_down,
                                            idle_timeout_seconds=_link_idle_timeout_seconds(config), tls=peer_tls,
                                            max_unauthenticated_connections=config.peer.max_unauthenticated_connections)
+            self._follow_membership()  # links to the committed configuration's members too, not only the newest's
         self._inbox: deque[tuple[Any, ...]] = deque()
         self._wakeup = asyncio.Event()
         self._pending_proposals: dict[int, _PendingProposal] = {}

@@ -91,6 +91,9 @@ class MembershipOperations:
                 "commit_index": replica.commit_index, "members": members}
 
     async def _change_member_here(self, action: str, node_id: str, peer_addr: str | None) -> Outcome:
+        if action == "add" and self.node.transport is None:
+            raise MembershipChangeRefused("this node runs without peer links (a cluster started with one node "
+                                          "has none): it cannot feed a new member; start a cluster of 3")
         try:
             index = await self.node.change_membership(_change(action, node_id, peer_addr), self._timeout_seconds)
         except MembershipError as error:

@@ -154,7 +154,8 @@ class MembershipChanges:
             self._wait_committed(step_name)
         self.replacements += 1
         members = self.final_members()
-        voters = [node for node in members if node.replica is not None and node.replica.membership.is_voter(node.node_id)]
+        voters = [node for node in members
+                  if node.replica is not None and node.replica.membership.is_voter(node.node_id)]
         if len(voters) < 3:
             return None
         crashed = self.rng.choice(voters)

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
 from protocol import Membership, MembershipError, NotPrimary, ProposalRejected, Role
 from protocol.membership import MAX_ADDRESS_BYTES
@@ -66,18 +66,26 @@ class MembershipOperations:
     node: Any
     _timeout_seconds: float
 
+    if TYPE_CHECKING:  # NodeService's own, which these methods use
+        async def _route(self, kind: str, arguments: dict[str, Any],
+                         local: Callable[..., Awaitable[Any]]) -> Any: ...
+
+        async def _read_barrier(self) -> None: ...
+
     async def list_members(self) -> dict[str, Any]:
         """The configuration in effect on the primary (after a read barrier), with each member's progress."""
-        return await self._route(LIST_MEMBERS, {}, self._list_members_here)  # type: ignore[attr-defined, no-any-return]
+        members: dict[str, Any] = await self._route(LIST_MEMBERS, {}, self._list_members_here)
+        return members
 
     async def change_member(self, action: str, node_id: str, peer_addr: str | None) -> Outcome:
         """Add (as a learner), promote or remove one member; answered once the change is committed."""
         action, node_id, peer_addr = validate_member_change(action, node_id, peer_addr)
         arguments = {"action": action, "node_id": node_id, "peer_addr": peer_addr}
-        return await self._route(CHANGE_MEMBER, arguments, self._change_member_here)  # type: ignore[attr-defined, no-any-return]
+        outcome: Outcome = await self._route(CHANGE_MEMBER, arguments, self._change_member_here)
+        return outcome
 
     async def _list_members_here(self) -> dict[str, Any]:
-        await self._read_barrier()  # type: ignore[attr-defined]
+        await self._read_barrier()
         replica = self.node.replica
         progress = replica.progress() if replica.role == Role.PRIMARY else {}
         members = []

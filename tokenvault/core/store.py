@@ -994,6 +994,15 @@ class VaultStore:
         return IdempotencyRecord(principal, key, kind, fingerprint, status, response, created_at_ms)
 
     # ------------------------------------------------------------ durability
+    def forget_membership(self) -> None:
+        """Drop the recorded configuration, durably: a restore from a backup builds a new cluster, whose
+        configuration is its node configs' static one, not the one of the cluster the backup came from."""
+        write = WriteBatch(raw_mode=True)
+        write.delete(_MEMBERSHIP_KEY)
+        self._db.write(write, self._write_options)
+        self._membership = None
+        self.checkpoint()
+
     def checkpoint(self) -> int:
         """Make the applied state durable (fsync RocksDB's WAL); returns the applied index now on disk for sure.
 

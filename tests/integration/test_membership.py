@@ -6,8 +6,9 @@ which joins as a learner, catches up and is promoted; ``remove-node`` takes the
 dead one out. Then another original node is killed: the new node must now count
 in the majority, so writes acknowledged after that kill prove it does. That node
 then restarts with its old static config and catches up. A client load runs
-throughout and its whole history is checked at the end on every node (every
-acknowledged token detokenizes to its value, and the history is linearizable).
+throughout and its whole history is checked on every node (every acknowledged
+token detokenizes to its value, and the history is linearizable). Last,
+``remove-node`` removes the primary itself, which steps down once that commits.
 """
 
 from __future__ import annotations
@@ -100,3 +101,15 @@ async def test_a_fresh_node_replaces_a_dead_one_and_nothing_acknowledged_is_lost
     assert_no_violations(violations, history)
     print(f"replaced {lost} by {added.node_id} in {change_ended - change_started:.1f} s, then killed {victim}; "
           f"{len(during_change)} operations acknowledged during the change; {history.summary()}")
+
+    # Last, the primary itself is removed: it steps down once that commits, saying why, and the two
+    # voters left elect a successor that acknowledges writes.
+    primary = await asyncio.to_thread(harness.wait_for_primary)
+    mark = harness.log_mark(primary)
+    await asyncio.to_thread(run_cluster, harness, "remove-node", primary)
+    stepped_down = harness.find_events(primary, "primary.stepped_down", since=mark)
+    assert stepped_down and "removed from the voters" in stepped_down[-1]["reason"], stepped_down
+    refresh(harness)
+    assert primary not in harness.node_ids and len(harness.node_ids) == 2
+    async with harness.client(key="tokenizer", deadline_seconds=15.0) as tokenizer:
+        assert (await tokenizer.tokenize(["after-the-primary-left"])).tokens

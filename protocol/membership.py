@@ -149,3 +149,65 @@ class Membership:
                 raise MembershipError("a member is [id, address, voter]")
             members.append(Member(item[0], item[1], item[2]))
         return cls(tuple(members))
+
+
+class ConfigurationLog:
+    """The configurations one replica's log holds: the one at the log base and each CONFIG entry above it.
+
+    The last one is in effect, committed or not; a truncation that drops an
+    entry brings back the one before it; compaction moves the last one at or
+    below the new base into the base; a snapshot replaces them all with the
+    snapshot's (None: the store never applied one, so the bootstrap holds).
+    """
+
+    __slots__ = ("_bootstrap", "_base", "_held")
+
+    def __init__(self, bootstrap: Membership, base: Membership | None) -> None:
+        self._bootstrap = bootstrap
+        self._base = base or bootstrap
+        self._held: list[tuple[int, Membership]] = []
+
+    @property
+    def current(self) -> Membership:
+        return self._held[-1][1] if self._held else self._base
+
+    @property
+    def previous(self) -> Membership:
+        """The configuration before the one in effect (the base's when only one entry is held)."""
+        return self._held[-2][1] if len(self._held) > 1 else self._base
+
+    @property
+    def base(self) -> Membership:
+        return self._base
+
+    @property
+    def last_index(self) -> int | None:
+        """Where the entry of the configuration in effect stands; None when it is the base's."""
+        return self._held[-1][0] if self._held else None
+
+    @property
+    def indexes(self) -> tuple[int, ...]:
+        return tuple(index for index, _ in self._held)
+
+    def held(self) -> tuple[tuple[int, Membership], ...]:
+        return tuple(self._held)
+
+    def note(self, index: int, payload: bytes) -> None:
+        """A CONFIG entry at ``index`` joined the log (MembershipError if its payload is not a configuration)."""
+        self._held.append((index, Membership.decode(payload)))
+
+    def truncate_from(self, index: int) -> bool:
+        """The log dropped its entries from ``index`` on; True if the configuration in effect changed."""
+        if not self._held or self._held[-1][0] < index:
+            return False
+        self._held = [(at, membership) for at, membership in self._held if at < index]
+        return True
+
+    def compact_to(self, index: int) -> None:
+        while self._held and self._held[0][0] <= index:
+            self._base = self._held.pop(0)[1]  # the store applied it: it is the base's now
+
+    def reset(self, base: Membership | None) -> None:
+        """The log was replaced by a snapshot recording ``base`` (None: the bootstrap configuration)."""
+        self._held.clear()
+        self._base = base or self._bootstrap

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from protocol.errors import NotPrimary, ProposalRejected
-from protocol.membership import Membership, MembershipError
+from protocol.membership import ConfigurationLog, Membership, MembershipError
 from protocol.messages import (AppendEntries, AppendReply, Heartbeat, HeartbeatReply, InstallSnapshot, Message,
                                PreVote, PreVoteReply, ReadIndex, ReadIndexReply, RequestVote, SnapshotReply,
                                VoteReply)
@@ -51,14 +51,12 @@ class Replica:
         self._log = ReplicatedLog(restored.snapshot_index, restored.snapshot_view, restored.entries)
         # Membership (protocol/membership.py): the configuration at the log base, and every CONFIG
         # entry above it in index order; the last one is in effect, committed or not (Raft thesis 4.1).
-        self._bootstrap_membership = Membership.of(config.members, config.learners)
-        self._base_membership = restored.membership or self._bootstrap_membership
-        self._configs: list[tuple[int, Membership]] = []
+        self._configurations = ConfigurationLog(Membership.of(config.members, config.learners), restored.membership)
         try:
             self._note_configs(restored.entries)
         except MembershipError as error:
             raise ValueError(f"a configuration entry in the restored log is not valid: {error}") from None
-        self._membership = self._configs[-1][1] if self._configs else self._base_membership
+        self._membership = self._configurations.current
         self._peers = self._peers_of(self._membership)
         hard_state = restored.hard_state
         # A crash between writing entries and writing the hard state of the same batch can
@@ -169,7 +167,8 @@ class Replica:
     @property
     def membership_index(self) -> int:
         """Where the configuration in effect stands in the log (the log base when no entry above it has one)."""
-        return self._configs[-1][0] if self._configs else self._log.base_index
+        index = self._configurations.last_index
+        return self._log.base_index if index is None else index
 
     @property
     def may_campaign(self) -> bool:
@@ -179,15 +178,15 @@ class Replica:
         thesis 4.2.2). Such a candidate does not count its own vote. Learners never campaign."""
         if self._membership.is_voter(self.node_id):
             return True
-        if not self._configs or self._configs[-1][0] <= self._commit_index:
+        index = self._configurations.last_index
+        if index is None or index <= self._commit_index:
             return False
-        previous = self._configs[-2][1] if len(self._configs) > 1 else self._base_membership
-        return previous.is_voter(self.node_id)
+        return self._configurations.previous.is_voter(self.node_id)
 
     @property
-    def configuration_indexes(self) -> tuple[int, ...]:
-        """Indexes of the configuration entries held above the log base (for inspection by tests)."""
-        return tuple(index for index, _ in self._configs)
+    def configurations(self) -> ConfigurationLog:
+        """The configurations the log holds (for inspection by tests and tools; the replica changes it)."""
+        return self._configurations
 
     def progress(self) -> dict[str, tuple[int, int]]:
         """(match_index, next_index) of every backup; empty unless this replica is the primary."""
@@ -357,8 +356,7 @@ class Replica:
         if index > self._applied_index:
             raise ValueError(f"cannot compact to {index}: only {self._applied_index} was handed out to apply")
         self._log.compact_to(index)
-        while self._configs and self._configs[0][0] <= index:
-            self._base_membership = self._configs.pop(0)[1]  # the store applied it: it is the base's now
+        self._configurations.compact_to(index)
 
     def offer_snapshot(self, peer: str, index: int, view: int, total_bytes: int) -> bool:
         """The driver's answer to a snapshot request: it holds ``total_bytes`` of the store through (index, view).
@@ -407,8 +405,7 @@ class Replica:
             self._applied_index = max(self._applied_index, index)
             return
         self._log.reset(index, view)
-        self._configs.clear()
-        self._base_membership = membership or self._bootstrap_membership
+        self._configurations.reset(membership)
         self._refresh_membership()
         assert index > self._commit_index, "commit index only grows"
         self._commit_index = index
@@ -652,11 +649,11 @@ class Replica:
         """Record the configuration entries among newly held entries (already validated)."""
         for entry in entries:
             if entry.kind is EntryKind.CONFIG:
-                self._configs.append((entry.index, Membership.decode(entry.payload)))
+                self._configurations.note(entry.index, entry.payload)
 
     def _refresh_membership(self) -> None:
         """Follow the configuration now in effect: peers, the primary's progress, and what a majority is."""
-        membership = self._configs[-1][1] if self._configs else self._base_membership
+        membership = self._configurations.current
         if membership == self._membership:
             return
         self._membership = membership
@@ -743,9 +740,8 @@ class Replica:
     def _truncate_from(self, index: int) -> None:
         assert index > self._commit_index, "committed entries are never truncated"
         self._log.truncate_from(index)
-        if self._configs and self._configs[-1][0] >= index:
+        if self._configurations.truncate_from(index):
             # The previous configuration comes back with the log it belongs to (Raft thesis 4.1).
-            self._configs = [(at, membership) for at, membership in self._configs if at < index]
             self._refresh_membership()
         self._persisted_index = min(self._persisted_index, index - 1)
         if index < self._unstable_from_index:

@@ -61,8 +61,7 @@ class InstallsOlderSnapshot(Replica):
                                                                 incoming.offer)))
         # The guard "index <= commit index, or (index, view) held: only move the commit point" is gone.
         self._log.reset(index, view)
-        self._configs.clear()
-        self._base_membership = membership or self._bootstrap_membership
+        self._configurations.reset(membership)
         self._refresh_membership()
         self._commit_index = index
         self._applied_index = index

@@ -213,9 +213,9 @@ class MembershipChanges:
         """The voters a primary may have counted when it committed ``index``: those of the configuration in
         effect at that index and of every later one in its log (a primary counts with its newest one, and
         a change may have been appended between the commit and this apply)."""
-        held = [(at, Membership.decode(replica.log_entry(at).payload)) for at in replica.configuration_indexes]
+        held = replica.configurations.held()
         in_effect = [membership for at, membership in held if at <= index]
-        sets = [in_effect[-1].voters if in_effect else replica._base_membership.voters]
+        sets = [in_effect[-1].voters if in_effect else replica.configurations.base.voters]
         sets += [membership.voters for at, membership in held if at > index]
         return tuple(sets)
 
@@ -235,7 +235,7 @@ class MembershipChanges:
         assert replica is not None and replica.role is Role.PRIMARY
         # A new primary may hold changes of earlier views it has not seen committed yet; but one it
         # proposed itself found every earlier change committed, and nothing may follow it until it is.
-        uncommitted = [index for index in replica.configuration_indexes if index > replica.commit_index]
+        uncommitted = [index for index in replica.configurations.indexes if index > replica.commit_index]
         own = [index for index in uncommitted if replica.log_entry(index).view == replica.view]
         if own and len(uncommitted) > 1:
             self.fail(f"primary {node.node_id} of view {replica.view} holds uncommitted configuration entries "

@@ -13,7 +13,7 @@ import pytest
 from protocol import (INITIAL_HARD_STATE, AppendEntries, Entry, EntryKind, HardState, Membership,
                       MembershipChanged, MembershipError, NotPrimary, PreVoteReply, ProposalRejected, Replica,
                       ReplicaConfig, RequestVote, RestoredState, Role, SteppedDown, VoteReply)
-from protocol.membership import Member
+from protocol.membership import ConfigurationLog, Member
 from test_protocol_replica import EMPTY, Cluster, Node, drain
 
 
@@ -84,6 +84,28 @@ def test_membership_round_trips_and_each_change_is_one_member() -> None:
 def test_a_payload_that_is_not_a_membership_is_refused(payload: bytes) -> None:
     with pytest.raises(MembershipError):
         Membership.decode(payload)
+
+
+def test_the_configuration_log_follows_truncation_compaction_and_snapshots() -> None:
+    bootstrap = Membership.of(("n1", "n2", "n3"))
+    with_learner = bootstrap.with_learner("n4", "h:4")
+    promoted = with_learner.promoted("n4")
+    configurations = ConfigurationLog(bootstrap, None)
+    assert configurations.current == bootstrap and configurations.last_index is None
+    configurations.note(5, with_learner.encode())
+    configurations.note(9, promoted.encode())
+    assert (configurations.current, configurations.previous, configurations.indexes) == (promoted, with_learner, (5, 9))
+    assert not configurations.truncate_from(10), "nothing of a configuration was dropped"
+    assert configurations.truncate_from(9) and configurations.current == with_learner
+    configurations.compact_to(7)
+    assert configurations.base == with_learner and configurations.last_index is None
+    assert configurations.current == with_learner and configurations.previous == with_learner
+    configurations.reset(None)
+    assert configurations.current == bootstrap, "a snapshot without a recorded configuration: the bootstrap one"
+    configurations.reset(promoted)
+    assert configurations.current == promoted
+    with pytest.raises(MembershipError):
+        configurations.note(12, b"\x00")
 
 
 # ---------------------------------------------------------------------------- learners

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs a local TokenVault cluster: ./run_cluster.sh start [--nodes N] | stop | status |
-# kill NODE_ID | restart NODE_ID | logs NODE_ID | demo | restore BACKUP_FILE [--master-key-file PATH]
+# kill NODE_ID | restart NODE_ID | logs NODE_ID | demo | restore BACKUP_FILE [--master-key-file PATH] |
+# add-node | remove-node NODE_ID
 # (./run_cluster.sh --help for more).
 # On first use it creates .venv and installs the project into it. The stamp files
 # follow run_tests.sh: its stamp (.installed-<hash>, project plus test extras) also

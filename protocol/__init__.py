@@ -7,12 +7,13 @@ carries out the ``Ready`` batches it returns.
 
 from protocol.codec import DEFAULT_MAX_FRAME_BYTES, PROTOCOL_VERSION, FrameDecoder, decode_body, encode_frame
 from protocol.errors import NotPrimary, ProposalRejected, ProtocolError
+from protocol.membership import Member, Membership, MembershipError
 from protocol.messages import (MESSAGE_REGISTRY, MESSAGE_TYPES, AppendEntries, AppendReply, ForwardRequest,
                                ForwardResponse, Heartbeat, HeartbeatReply, Hello, HelloProof, InstallSnapshot,
                                Message, Ping, PreVote, PreVoteReply, ReadIndex, ReadIndexReply, RequestVote,
                                SnapshotReply, VoteReply)
-from protocol.records import (BecamePrimary, ElectionStarted, Event, PrimaryChanged, ReadResult, Ready,
-                              ReplicaConfig, RestoredState, Role, SnapshotChunk, SnapshotRead, SnapshotToInstall,
+from protocol.records import (BecamePrimary, ElectionStarted, Event, MembershipChanged, PrimaryChanged, ReadResult,
+                              Ready, ReplicaConfig, RestoredState, Role, SnapshotChunk, SnapshotRead, SnapshotToInstall,
                               SteppedDown)
 from protocol.replica import Replica
 from protocol.types import INITIAL_HARD_STATE, Entry, EntryKind, HardState
@@ -20,6 +21,7 @@ from protocol.types import INITIAL_HARD_STATE, Entry, EntryKind, HardState
 __all__ = [
     "DEFAULT_MAX_FRAME_BYTES", "PROTOCOL_VERSION", "FrameDecoder", "decode_body", "encode_frame",
     "NotPrimary", "ProposalRejected", "ProtocolError",
+    "Member", "Membership", "MembershipError", "MembershipChanged",
     "MESSAGE_REGISTRY", "MESSAGE_TYPES", "AppendEntries", "AppendReply", "ForwardRequest", "ForwardResponse",
     "Heartbeat", "HeartbeatReply", "Hello", "HelloProof", "InstallSnapshot", "Message", "Ping", "PreVote", "PreVoteReply",
     "ReadIndex", "ReadIndexReply", "RequestVote",

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
+from protocol.membership import MAX_MEMBERS, Membership
 from protocol.messages import Message
 from protocol.types import Entry, HardState
 
@@ -44,13 +45,18 @@ class ReplicaConfig:
     snapshot_chunk_bytes: int = 1 * MEBIBYTE
     max_committed_entries_per_ready: int = 4096
     max_committed_bytes_per_ready: int = 256 * 1024
+    # The bootstrap configuration's learners: a node that joins a running cluster starts with the
+    # voters it was told of in ``members`` and itself here, so it never campaigns before the log
+    # (or a snapshot) tells it the real configuration.
+    learners: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if len(self.members) not in (1, 3, 5):
-            raise ValueError("a cluster has 1, 3 or 5 members")
-        if len(set(self.members)) != len(self.members) or self.node_id not in self.members:
-            raise ValueError("members must be distinct and include node_id")
-        if any(not member for member in self.members):
+        everyone = self.members + self.learners
+        if not self.members or len(everyone) > MAX_MEMBERS:
+            raise ValueError(f"a configuration has 1 to {MAX_MEMBERS} members, at least one of them a voter")
+        if len(set(everyone)) != len(everyone) or self.node_id not in everyone:
+            raise ValueError("members and learners must be distinct and include node_id")
+        if any(not member for member in everyone):
             raise ValueError("member ids must be non-empty")
         if self.heartbeat_interval_ticks < 1 or self.election_timeout_ticks <= self.heartbeat_interval_ticks:
             raise ValueError("need 1 <= heartbeat_interval_ticks < election_timeout_ticks")
@@ -70,6 +76,8 @@ class RestoredState:
     snapshot_index: int
     snapshot_view: int
     entries: tuple[Entry, ...]
+    # The configuration in effect at snapshot_index (the store's); None: the bootstrap one of ReplicaConfig.
+    membership: Membership | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,7 +167,16 @@ class ElectionStarted:
     reason: str = ""
 
 
-Event = BecamePrimary | SteppedDown | PrimaryChanged | ElectionStarted
+@dataclass(frozen=True, slots=True)
+class MembershipChanged:
+    """The configuration in effect here changed: an entry at ``index`` was appended, or a truncation
+    or snapshot brought another back (index is then where that one stands; 0 for the bootstrap one)."""
+
+    index: int
+    membership: Membership
+
+
+Event = BecamePrimary | SteppedDown | PrimaryChanged | ElectionStarted | MembershipChanged
 
 
 @dataclass(frozen=True, slots=True)

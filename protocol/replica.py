@@ -13,13 +13,14 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from protocol.errors import NotPrimary, ProposalRejected
+from protocol.membership import ConfigurationLog, Membership, MembershipError
 from protocol.messages import (AppendEntries, AppendReply, Heartbeat, HeartbeatReply, InstallSnapshot, Message,
                                PreVote, PreVoteReply, ReadIndex, ReadIndexReply, RequestVote, SnapshotReply,
                                VoteReply)
 from protocol.progress import IncomingSnapshot, OutgoingSnapshot, PeerProgress, PeerState
-from protocol.records import (BecamePrimary, ElectionStarted, Event, PrimaryChanged, ReadResult, Ready,
-                              ReplicaConfig, RestoredState, Role, SnapshotChunk, SnapshotRead, SnapshotToInstall,
-                              SteppedDown)
+from protocol.records import (BecamePrimary, ElectionStarted, Event, MembershipChanged, PrimaryChanged, ReadResult,
+                              Ready, ReplicaConfig, RestoredState, Role, SnapshotChunk, SnapshotRead,
+                              SnapshotToInstall, SteppedDown)
 from protocol.replicated_log import ReplicatedLog, entries_follow
 from protocol.types import Entry, EntryKind, HardState
 
@@ -45,11 +46,18 @@ class Replica:
     def __init__(self, config: ReplicaConfig, restored: RestoredState, rng: RandomSource) -> None:
         self._config = config
         self._rng = rng
-        self._peers = tuple(member for member in config.members if member != config.node_id)
-        self._quorum = len(config.members) // 2 + 1
         if min(restored.snapshot_index, restored.snapshot_view, restored.hard_state.view) < 0:
             raise ValueError("restored positions must be non-negative")
         self._log = ReplicatedLog(restored.snapshot_index, restored.snapshot_view, restored.entries)
+        # Membership (protocol/membership.py): the configuration at the log base, and every CONFIG
+        # entry above it in index order; the last one is in effect, committed or not (Raft thesis 4.1).
+        self._configurations = ConfigurationLog(Membership.of(config.members, config.learners), restored.membership)
+        try:
+            self._note_configs(restored.entries)
+        except MembershipError as error:
+            raise ValueError(f"a configuration entry in the restored log is not valid: {error}") from None
+        self._membership = self._configurations.current
+        self._peers = self._peers_of(self._membership)
         hard_state = restored.hard_state
         # A crash between writing entries and writing the hard state of the same batch can
         # leave entries of a view the hard state never reached. No vote was sent from that
@@ -90,6 +98,8 @@ class Replica:
         self._appends_pending = False
         # Read-index state (primary only).
         self._read_round = 0
+        # Primary: the commit index as of its last heartbeat; a learner holding it has caught up.
+        self._catch_up_floor = 0
         # Reads of this node (origin None) and of backups (origin = their id) share the rounds.
         self._unsent_reads: list[tuple[str | None, int]] = []  # (origin, request_id)
         self._pending_reads: list[tuple[str | None, int, int, int]] = []  # (origin, request_id, read_index, round)
@@ -149,6 +159,35 @@ class Replica:
         """The held entry at index (for inspection by tests and tools)."""
         return self._log.entry(index)
 
+    @property
+    def membership(self) -> Membership:
+        """The configuration in effect here: the last CONFIG entry in the log, else the one at its base."""
+        return self._membership
+
+    @property
+    def membership_index(self) -> int:
+        """Where the configuration in effect stands in the log (the log base when no entry above it has one)."""
+        index = self._configurations.last_index
+        return self._log.base_index if index is None else index
+
+    @property
+    def may_campaign(self) -> bool:
+        """A voter of the configuration in effect; or a voter of the one before it while the change that
+        removed it is not committed: it may still be needed to commit that change (a removed primary
+        that lost its leadership may hold the only copy a majority of the new voters accepts; Raft
+        thesis 4.2.2). Such a candidate does not count its own vote. Learners never campaign."""
+        if self._membership.is_voter(self.node_id):
+            return True
+        index = self._configurations.last_index
+        if index is None or index <= self._commit_index:
+            return False
+        return self._configurations.previous.is_voter(self.node_id)
+
+    @property
+    def configurations(self) -> ConfigurationLog:
+        """The configurations the log holds (for inspection by tests and tools; the replica changes it)."""
+        return self._configurations
+
     def progress(self) -> dict[str, tuple[int, int]]:
         """(match_index, next_index) of every backup; empty unless this replica is the primary."""
         return {peer: (state.match_index, state.next_index) for peer, state in self._progress.items()}
@@ -163,9 +202,11 @@ class Replica:
             self._tick_primary()
             return
         self._election_elapsed_ticks += 1
-        if not self._peers:
-            # A cluster of one has nobody to wait for: it leads at its first tick.
-            self._become_candidate("single member: nobody to wait for")
+        if not self.may_campaign:
+            return  # a learner, or a member whose removal from the voters is committed
+        if self._membership.voters == (self.node_id,):
+            # A cluster of one voter has nobody to wait for: it leads at its first tick.
+            self._become_candidate("single voter: nobody to wait for")
         elif self._election_elapsed_ticks >= self._randomized_election_timeout_ticks:
             self._poll_reason = (f"no message from a primary (last: {self._primary_id or 'none'}) for "
                                  f"{self._election_elapsed_ticks} ticks, the election timeout drawn this time")
@@ -174,7 +215,13 @@ class Replica:
     def step(self, sender: str, message: Message) -> None:
         """Handle one message from a peer; stale, foreign or malformed input is dropped."""
         handler = self._handlers.get(type(message))
-        if handler is None or sender not in self._peers:
+        # A primary outside this node's configuration is heard (Raft thesis 4.1: its appends are how a
+        # lagging backup learns the configuration that made it a member); anything else from outside,
+        # a poll or a vote request of a removed member above all, is dropped, so a member that was
+        # removed without learning it cannot disrupt the cluster.
+        if handler is None or sender == self.node_id:
+            return
+        if sender not in self._peers and not isinstance(message, PRIMARY_SENT_TYPES):
             return
         if isinstance(message, (PreVote, PreVoteReply)):
             handler(sender, message)  # a poll changes no view: it bypasses the view rules below
@@ -187,8 +234,9 @@ class Replica:
             self._answer_stale(sender, message)
             return
         if self._role is Role.PRIMARY:
-            progress = self._progress[sender]
-            progress.recently_active = True
+            progress = self._progress.get(sender)
+            if progress is not None:
+                progress.recently_active = True
         handler(sender, message)
 
     def propose(self, payload: bytes) -> tuple[int, int]:
@@ -200,6 +248,45 @@ class Replica:
             raise ProposalRejected("too many uncommitted entries")
         entry = Entry(self._log.last_index + 1, self._view, EntryKind.COMMAND, payload)
         self._log.append([entry])
+        self._appends_pending = True
+        return entry.index, entry.view
+
+    def propose_membership(self, membership: Membership) -> tuple[int, int]:
+        """Append a configuration entry: the whole new membership, one member added, promoted or removed.
+
+        It takes effect here at once and on each replica once in its log. Refused
+        (ProposalRejected, naming the rule) while an earlier change is not
+        committed, before this primary committed an entry of its own view (a
+        change of an earlier view may still be uncommitted somewhere: Ongaro's
+        fix to the single-server algorithm), when more than one member differs,
+        and when a learner is promoted before it holds every committed entry.
+        """
+        if self._role is not Role.PRIMARY:
+            raise NotPrimary(self._primary_id)
+        current = self._membership
+        if self.membership_index > self._commit_index:
+            raise ProposalRejected(f"the configuration change at index {self.membership_index} is not committed yet")
+        if not self._committed_in_current_view():
+            raise ProposalRejected("this primary has not committed an entry of its own view yet")
+        if not current.differs_by_one_member(membership):
+            raise ProposalRejected("a configuration change adds, promotes or removes exactly one member")
+        for node_id in membership.voters:
+            if current.member(node_id) is None:
+                raise ProposalRejected(f"{node_id} joins as a learner first, and is promoted once it caught up")
+            if not current.is_voter(node_id):
+                progress = self._progress.get(node_id)
+                match_index = progress.match_index if progress is not None else 0
+                # Caught up: it holds every entry committed by the last heartbeat (at most a heartbeat
+                # interval ago), so under a steady write load it is never more than that behind.
+                if progress is None or progress.state is not PeerState.REPLICATE or match_index < self._catch_up_floor:
+                    raise ProposalRejected(f"learner {node_id} has not caught up (holds {match_index} "
+                                           f"of {self._catch_up_floor} entries committed by the last heartbeat)")
+        if self._log.last_index - self._commit_index >= self._config.max_uncommitted_entries:
+            raise ProposalRejected("too many uncommitted entries")
+        entry = Entry(self._log.last_index + 1, self._view, EntryKind.CONFIG, membership.encode())
+        self._log.append([entry])
+        self._note_configs((entry,))
+        self._refresh_membership()
         self._appends_pending = True
         return entry.index, entry.view
 
@@ -269,6 +356,7 @@ class Replica:
         if index > self._applied_index:
             raise ValueError(f"cannot compact to {index}: only {self._applied_index} was handed out to apply")
         self._log.compact_to(index)
+        self._configurations.compact_to(index)
 
     def offer_snapshot(self, peer: str, index: int, view: int, total_bytes: int) -> bool:
         """The driver's answer to a snapshot request: it holds ``total_bytes`` of the store through (index, view).
@@ -295,13 +383,15 @@ class Replica:
         self._send_snapshot_chunk(peer, progress.snapshot)
         return True
 
-    def snapshot_installed(self, index: int, view: int) -> None:
+    def snapshot_installed(self, index: int, view: int, membership: Membership | None = None) -> None:
         """The driver's store now holds the snapshot at (index, view) it staged from ``snapshot_chunks``.
 
         The store was swapped before this call, so the core follows it whatever
         else happened meanwhile: a snapshot is committed state, so a log that
         holds (index, view) agrees with it and only moves its commit point;
         any other log is replaced by one that starts after the snapshot.
+        ``membership`` is the configuration the snapshot's store records (None:
+        it never applied one, so the bootstrap configuration holds).
         """
         incoming = self._incoming_snapshot
         if incoming is not None and incoming.key[2:4] == (index, view):
@@ -315,6 +405,8 @@ class Replica:
             self._applied_index = max(self._applied_index, index)
             return
         self._log.reset(index, view)
+        self._configurations.reset(membership)
+        self._refresh_membership()
         assert index > self._commit_index, "commit index only grows"
         self._commit_index = index
         self._applied_index = index
@@ -440,21 +532,23 @@ class Replica:
         self._election_elapsed_ticks = 0
         self._randomize_election_timeout()
         self._events.append(ElectionStarted(self._view, reason))
-        if self._granted_votes() >= self._quorum:
+        if self._granted_votes() >= self._membership.quorum:
             self._become_primary()
             return
         request = RequestVote(self._view, self._log.last_index, self._log.last_view)
-        self._outbox.extend((peer, request) for peer in self._peers)
+        self._outbox.extend((peer, request) for peer in self._voting_peers())
 
     def _become_primary(self) -> None:
         assert self._role is Role.CANDIDATE and not self._pre_voting, "only a candidate that won its election leads"
         self._role = Role.PRIMARY
         self._set_primary(self.node_id)
         self._events.append(BecamePrimary(self._view))
+        # Learners are fed like voters; only the counting leaves them out.
         self._progress = {peer: PeerProgress(self._log.last_index + 1) for peer in self._peers}
         self._heartbeat_elapsed_ticks = 0
         self._election_elapsed_ticks = 0
         self._read_round = 0
+        self._catch_up_floor = self._log.last_index + 1  # its no-op: a learner is caught up once it holds it
         # Entries of earlier views commit only underneath an entry of this view (figure 8 of
         # the Raft paper), so the new primary writes a no-op straight away.
         self._log.append([Entry(self._log.last_index + 1, self._view, EntryKind.NOOP, b"")])
@@ -502,7 +596,7 @@ class Replica:
         if self._role is not Role.CANDIDATE or self._pre_voting:
             return
         self._votes[sender] = message.granted
-        if self._granted_votes() >= self._quorum:
+        if self._granted_votes() >= self._membership.quorum:
             self._become_primary()
 
     def _start_pre_vote(self) -> None:
@@ -514,7 +608,7 @@ class Replica:
         self._election_elapsed_ticks = 0
         self._randomize_election_timeout()
         poll = PreVote(self._view + 1, self._log.last_index, self._log.last_view)
-        self._outbox.extend((peer, poll) for peer in self._peers)
+        self._outbox.extend((peer, poll) for peer in self._voting_peers())
 
     def _on_pre_vote(self, sender: str, message: PreVote) -> None:
         # With check_quorum, a primary that is heard from (or that we are) holds a lease: refuse,
@@ -536,11 +630,50 @@ class Replica:
         if self._role is not Role.CANDIDATE or not self._pre_voting or message.view != self._view + 1:
             return
         self._votes[sender] = True
-        if self._granted_votes() >= self._quorum:
+        if self._granted_votes() >= self._membership.quorum:
             self._become_candidate(f"a majority granted the pre-vote after {self._poll_reason}")
 
     def _granted_votes(self) -> int:
-        return sum(1 for granted in self._votes.values() if granted)
+        """Granted votes of this configuration's voters: a learner's or a former member's do not count."""
+        return sum(1 for voter, granted in self._votes.items() if granted and self._membership.is_voter(voter))
+
+    def _voting_peers(self) -> tuple[str, ...]:
+        return tuple(voter for voter in self._membership.voters if voter != self.node_id)
+
+    # ------------------------------------------------------------------ membership
+
+    def _peers_of(self, membership: Membership) -> tuple[str, ...]:
+        return tuple(node_id for node_id in membership.ids if node_id != self.node_id)
+
+    def _note_configs(self, entries: tuple[Entry, ...] | list[Entry]) -> None:
+        """Record the configuration entries among newly held entries (already validated)."""
+        for entry in entries:
+            if entry.kind is EntryKind.CONFIG:
+                self._configurations.note(entry.index, entry.payload)
+
+    def _refresh_membership(self) -> None:
+        """Follow the configuration now in effect: peers, the primary's progress, and what a majority is."""
+        membership = self._configurations.current
+        if membership == self._membership:
+            return
+        self._membership = membership
+        self._peers = self._peers_of(membership)
+        self._events.append(MembershipChanged(self.membership_index, membership))
+        if self._role is Role.CANDIDATE and not self.may_campaign:
+            self._become_backup(self._view, None, "no longer a voter")
+        if self._role is not Role.PRIMARY:
+            return
+        for peer in list(self._progress):
+            if peer not in self._peers:
+                if self._progress.pop(peer).snapshot is not None:
+                    self._snapshot_transfers_ended.append(peer)
+        for peer in self._peers:
+            if peer not in self._progress:
+                self._progress[peer] = PeerProgress(self._log.last_index + 1)
+                self._appends_pending = True
+        # A smaller majority may already hold more, and pending reads may already be confirmed.
+        self._maybe_commit()
+        self._confirm_reads()
 
     def _candidate_is_up_to_date(self, last_index: int, last_view: int) -> bool:
         """The election restriction: vote only for a log at least as recent as ours."""
@@ -588,9 +721,14 @@ class Replica:
             held_view = self._log.view_at(entry.index)
             if held_view == entry.view:
                 continue
+            new_entries = entries[position:]
+            if not _configs_valid(new_entries):
+                return  # a configuration entry that does not decode: not from a correct primary
             if held_view is not None:
                 self._truncate_from(entry.index)
-            self._log.append(list(entries[position:]))
+            self._log.append(list(new_entries))
+            self._note_configs(new_entries)
+            self._refresh_membership()
             break
         last_new_index = prev_index + len(entries)
         self._commit_to(min(message.commit_index, last_new_index))
@@ -602,6 +740,9 @@ class Replica:
     def _truncate_from(self, index: int) -> None:
         assert index > self._commit_index, "committed entries are never truncated"
         self._log.truncate_from(index)
+        if self._configurations.truncate_from(index):
+            # The previous configuration comes back with the log it belongs to (Raft thesis 4.1).
+            self._refresh_membership()
         self._persisted_index = min(self._persisted_index, index - 1)
         if index < self._unstable_from_index:
             # Some of these entries were handed to the driver: its WAL must drop them too.
@@ -679,13 +820,16 @@ class Replica:
                 progress.recently_active = False
         if self._heartbeat_elapsed_ticks >= self._config.heartbeat_interval_ticks:
             self._heartbeat_elapsed_ticks = 0
+            self._catch_up_floor = self._commit_index
             for peer, progress in self._progress.items():
                 self._send_heartbeat(peer, progress)
                 self._retry_stalled(peer, progress)
 
     def _quorum_recently_active(self) -> bool:
-        active = 1 + sum(1 for progress in self._progress.values() if progress.recently_active)
-        return active >= self._quorum
+        voters = self._membership.voters
+        active = sum(1 for voter in voters if voter == self.node_id or (
+            voter in self._progress and self._progress[voter].recently_active))
+        return active >= self._membership.quorum
 
     def _send_heartbeat(self, peer: str, progress: PeerProgress) -> None:
         commit_index = min(self._commit_index, progress.match_index)
@@ -735,13 +879,15 @@ class Replica:
 
     def _flush_appends(self) -> None:
         if self._appends_pending and self._role is Role.PRIMARY:
-            for peer in self._peers:
+            for peer in self._progress:
                 self._send_appends(peer)
         self._appends_pending = False
 
     def _send_appends(self, peer: str) -> None:
         """Send what the flow control allows: one probe, or appends up to the in-flight limit."""
-        progress = self._progress[peer]
+        progress = self._progress.get(peer)
+        if progress is None:
+            return  # this node stopped leading meanwhile (a commit that removed it), or the peer left
         while True:
             if progress.state is PeerState.SNAPSHOT:
                 return
@@ -771,9 +917,9 @@ class Replica:
             progress.inflight.append(entries[-1].index)
 
     def _on_append_reply(self, sender: str, message: AppendReply) -> None:
-        if self._role is not Role.PRIMARY or message.index > self._log.last_index:
+        progress = self._progress.get(sender) if self._role is Role.PRIMARY else None
+        if progress is None or message.index > self._log.last_index:
             return
-        progress = self._progress[sender]
         if message.success:
             if progress.acknowledge(message.index):
                 self._maybe_commit()
@@ -801,9 +947,9 @@ class Replica:
         self._send_appends(sender)
 
     def _on_heartbeat_reply(self, sender: str, message: HeartbeatReply) -> None:
-        if self._role is not Role.PRIMARY:
+        progress = self._progress.get(sender) if self._role is Role.PRIMARY else None
+        if progress is None:
             return
-        progress = self._progress[sender]
         round_seen = min(message.read_round, self._read_round)
         if round_seen > progress.read_round_acknowledged:
             progress.read_round_acknowledged = round_seen
@@ -813,9 +959,9 @@ class Replica:
             self._send_appends(sender)
 
     def _on_snapshot_reply(self, sender: str, message: SnapshotReply) -> None:
-        if self._role is not Role.PRIMARY:
+        progress = self._progress.get(sender) if self._role is Role.PRIMARY else None
+        if progress is None:
             return
-        progress = self._progress[sender]
         transfer = progress.snapshot
         if transfer is None or message.snapshot_index != transfer.index or message.offer != transfer.offer:
             return  # about another transfer, or an earlier offer of this one
@@ -856,13 +1002,24 @@ class Replica:
         own fsync of it finished, but it commits only once that fsync did, so
         an acknowledged entry is never missing from the node that answered.
         """
-        durable = sorted([self._persisted_index] + [p.match_index for p in self._progress.values()], reverse=True)
+        durable = sorted((self._persisted_index if voter == self.node_id else self._progress[voter].match_index
+                          for voter in self._membership.voters), reverse=True)
         candidate = min(durable[self._commit_quorum_size() - 1], self._persisted_index)
         if candidate > self._commit_index and self._may_commit_entry_of_view(self._log.view_at(candidate)):
             self._commit_index = candidate
+            self._step_down_if_removed()
 
     def _commit_quorum_size(self) -> int:
-        return self._quorum
+        """Majorities are counted among the voters of the configuration in effect (learners never count)."""
+        return self._membership.quorum
+
+    def _step_down_if_removed(self) -> None:
+        """A primary the committed configuration leaves out of the voters stops leading (Raft thesis 4.2.2):
+        until the change committed it led without counting itself; now the others elect a successor."""
+        if (self._role is Role.PRIMARY and not self._membership.is_voter(self.node_id)
+                and self.membership_index <= self._commit_index):
+            self._become_backup(self._view, None, f"removed from the voters by the configuration committed "
+                                                  f"at index {self.membership_index}")
 
     def _may_commit_entry_of_view(self, view: int | None) -> bool:
         """Counting replicas commits only entries of the current view (Raft figure 8)."""
@@ -888,9 +1045,9 @@ class Replica:
     def _confirm_reads(self) -> None:
         if not self._pending_reads:
             return
-        rounds = sorted([self._read_round] + [p.read_round_acknowledged for p in self._progress.values()],
-                        reverse=True)
-        confirmed_round = rounds[self._quorum - 1]
+        rounds = sorted((self._read_round if voter == self.node_id else self._progress[voter].read_round_acknowledged
+                         for voter in self._membership.voters), reverse=True)
+        confirmed_round = rounds[self._membership.quorum - 1]
         still_waiting = []
         for pending in self._pending_reads:
             origin, request_id, read_index, read_round = pending
@@ -918,6 +1075,16 @@ def _split_outbox(outbox: list[tuple[str, Message]]) -> tuple[tuple[tuple[str, M
     early = tuple(item for item in outbox if isinstance(item[1], _SENT_BEFORE_PERSIST))
     after_persist = tuple(item for item in outbox if not isinstance(item[1], _SENT_BEFORE_PERSIST))
     return early, after_persist
+
+
+def _configs_valid(entries: tuple[Entry, ...]) -> bool:
+    for entry in entries:
+        if entry.kind is EntryKind.CONFIG:
+            try:
+                Membership.decode(entry.payload)
+            except MembershipError:
+                return False
+    return True
 
 
 def _durable_prefix(committed: tuple[Entry, ...], entries: tuple[Entry, ...]) -> int:

@@ -12,10 +12,12 @@ from enum import IntEnum
 
 
 class EntryKind(IntEnum):
-    """What a log entry carries: a no-op (a new primary's first entry) or an opaque command."""
+    """What a log entry carries: a no-op (a new primary's first entry), an opaque command, or a
+    configuration (protocol/membership.py), which the core reads and the store records."""
 
     NOOP = 0
     COMMAND = 1
+    CONFIG = 2
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,6 +28,7 @@ from tokenvault.crypto.tls import NodeTlsFiles
 
 CLUSTER_SECRET_BYTES = 32
 ALLOWED_MEMBER_COUNTS = (1, 3, 5)
+MAX_JOIN_MEMBERS = 9  # protocol.membership.MAX_MEMBERS
 LOG_LEVELS = ("debug", "info", "warning", "error")
 NODE_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}\Z")
 _HOSTNAME_PATTERN = re.compile(
@@ -91,7 +92,7 @@ def _check_path(name: str, value: object, optional: bool) -> None:
         raise ConfigError(f"{name} must be valid UTF-8") from None
 
 
-def _split_host_port(name: str, address: str) -> tuple[str, int]:
+def split_host_port(name: str, address: str) -> tuple[str, int]:
     """Split ``host:port`` or ``[ipv6]:port``."""
     host, separator, port_text = address.rpartition(":")
     if not separator or not port_text.isascii() or not port_text.isdigit() or len(port_text) > 5:
@@ -175,7 +176,7 @@ class MemberConfig:
             )
         label = f"members[{self.id}]"
         _check_string(f"{label}.peer_addr", self.peer_addr, 300)
-        _split_host_port(f"{label}.peer_addr", self.peer_addr)
+        split_host_port(f"{label}.peer_addr", self.peer_addr)
         self._http_host_port(label)
 
     def _http_host_port(self, label: str) -> tuple[str, int]:
@@ -206,11 +207,11 @@ class MemberConfig:
 
     @property
     def peer_host(self) -> str:
-        return _split_host_port("peer_addr", self.peer_addr)[0]
+        return split_host_port("peer_addr", self.peer_addr)[0]
 
     @property
     def peer_port(self) -> int:
-        return _split_host_port("peer_addr", self.peer_addr)[1]
+        return split_host_port("peer_addr", self.peer_addr)[1]
 
 
 @dataclass(frozen=True, slots=True)
@@ -496,6 +497,10 @@ class NodeConfig:
     # None is a plain cluster: HTTP without TLS and peer links authenticated by the cluster secret only.
     tls: TlsConfig | None = None
     audit: AuditConfig = field(default_factory=AuditConfig)
+    # A node added to a running cluster (run_cluster.sh add-node): ``members`` names the voters it was
+    # told of and itself, and it starts as a learner; the replicated configuration is the truth from
+    # its first snapshot or log entry on. A cluster's first nodes have join = false.
+    join: bool = False
 
     def __post_init__(self) -> None:
         for name in ("data_dir", "master_key_file", "cluster_secret_file", "log_file"):
@@ -539,7 +544,11 @@ class NodeConfig:
     def _check_members(self) -> None:
         if not all(isinstance(member, MemberConfig) for member in self.members):
             raise ConfigError("members must be MemberConfig records")
-        if len(self.members) not in ALLOWED_MEMBER_COUNTS:
+        if type(self.join) is not bool:
+            raise ConfigError("join must be true or false")
+        if self.join and not 2 <= len(self.members) <= MAX_JOIN_MEMBERS:
+            raise ConfigError(f"a joining node's members list it and 1 to {MAX_JOIN_MEMBERS - 1} voters")
+        if not self.join and len(self.members) not in ALLOWED_MEMBER_COUNTS:
             raise ConfigError(
                 f"members must list 1, 3 or 5 nodes (got {len(self.members)}): a majority of an "
                 f"even-sized cluster tolerates no more failures than one node fewer"
@@ -650,7 +659,7 @@ def _beside_the_data(name: str, path: Path, data_dir: Path) -> str:
 
 _TOP_LEVEL_KEYS = {
     "node_id": "string", "data_dir": "path", "log_file": "path", "log_level": "string",
-    "master_key_file": "path", "cluster_secret_file": "path",
+    "master_key_file": "path", "cluster_secret_file": "path", "join": "bool",
 }
 _SECTIONS: dict[str, type] = {
     "http": HttpConfig, "peer": PeerConfig, "limits": LimitsConfig,
@@ -757,6 +766,11 @@ def config_from_mapping(document: Mapping[str, Any]) -> NodeConfig:
     for key, kind in _TOP_LEVEL_KEYS.items():
         if key not in document:
             continue
+        if kind == "bool":
+            if type(document[key]) is not bool:
+                raise ConfigError(f"{key} must be true or false")
+            arguments[key] = document[key]
+            continue
         value = _check_string(key, document[key])
         arguments[key] = Path(value) if kind == "path" else value
     for name in _SECTIONS:
@@ -849,6 +863,8 @@ def to_toml(config: NodeConfig) -> str:
         value = getattr(config, key)
         if value is not None:
             lines.append(f"{key} = {_toml_value(value)}")
+    if config.join:
+        lines.append("join = true")
     for name in _SECTIONS:
         section = getattr(config, name)
         lines.append("")

@@ -273,3 +273,12 @@ class EpochDestroyed(ServiceError):
     status = 422
     title = "Unprocessable content"
     problem = "epoch-destroyed"
+
+
+class MembershipChangeRefused(ServiceError):
+    """A membership change the cluster cannot make now (an earlier change is not committed, a learner
+    has not caught up) or at all (the node is a member already, or is not one); the detail says which."""
+
+    status = 409
+    title = "Conflict"
+    problem = "membership-change-refused"

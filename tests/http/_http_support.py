@@ -17,8 +17,11 @@ from dataclasses import dataclass
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from protocol import Membership, MembershipError
 from tokenvault import auth
-from tokenvault.errors import (EpochActive, EpochDestroyed, IdempotencyInFlight, IdempotencyMismatch, NotFound, Outcome,
+from tokenvault.api.members import validate_member_change
+from tokenvault.errors import (EpochActive, EpochDestroyed, IdempotencyInFlight, IdempotencyMismatch,
+                               MembershipChangeRefused, NotFound, Outcome,
                                Unavailable)
 from tokenvault.api.http import ProblemAppRunner
 from tokenvault.crypto.tokens import parse_token
@@ -48,6 +51,7 @@ class FakeService:
 
     def __init__(self) -> None:
         self.node_id = FAKE_NODE_ID
+        self.membership = Membership.of((FAKE_NODE_ID,))
         self.active_epoch = 1
         self.epoch_created_at = {1: "2024-01-01T00:00:00.000Z"}
         self.vault: dict[str, str] = {}
@@ -233,6 +237,30 @@ class FakeService:
         if self.runtime_keys.pop(key_id, None) is None:
             raise NotFound("no runtime API key has this id")
         return Outcome(200, _json_bytes({"id": key_id, "revoked": True}), False)
+
+    async def list_members(self) -> dict:
+        self._check_available()
+        return {"primary_id": self.node_id, "configuration_index": 1, "committed": True, "commit_index": 1,
+                "members": [{"id": member.node_id, "peer_addr": member.address or None,
+                             "role": "voter" if member.voter else "learner", "match_index": 1}
+                            for member in self.membership.members]}
+
+    async def change_member(self, action: str, node_id: str, peer_addr: str | None) -> Outcome:
+        """As the real service: validated, then applied at once (a real primary waits for the commit)."""
+        self._check_available()
+        action, node_id, peer_addr = validate_member_change(action, node_id, peer_addr)
+        try:
+            if action == "add":
+                self.membership = self.membership.with_learner(node_id, peer_addr or "")
+            elif action == "promote":
+                self.membership = self.membership.promoted(node_id)
+            else:
+                self.membership = self.membership.without(node_id)
+        except MembershipError as error:
+            raise MembershipChangeRefused(str(error)) from None
+        body = {"action": action, "node_id": node_id, "configuration_index": 2,
+                "voters": list(self.membership.voters), "learners": list(self.membership.learners)}
+        return Outcome(201 if action == "add" else 200, _json_bytes(body), False)
 
     async def audit_page(self, after: int, limit: int) -> dict:
         self._check_available()

@@ -76,4 +76,6 @@ def test_openapi_document_lists_every_route() -> None:
         ("/v1/admin/keys/{key_id}/revoke", "post"), ("/v1/admin/audit", "get"),
         ("/v1/tokens/delete", "post"), ("/v1/retokenize", "post"),
         ("/v1/admin/epochs/{epoch}/destroy", "post"), ("/v1/admin/epochs/{epoch}/tokens", "get"),
+        ("/v1/admin/members", "get"), ("/v1/admin/members", "post"), ("/v1/admin/members/{node_id}/promote", "post"),
+        ("/v1/admin/members/{node_id}/remove", "post"),
     }

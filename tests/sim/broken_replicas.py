@@ -7,6 +7,7 @@ plain protocol.Replica from its configuration and cannot reach these.
 from __future__ import annotations
 
 from protocol import Message, Replica, Role
+from protocol.membership import Membership
 from protocol.messages import AppendEntries, Heartbeat, PreVote, PreVoteReply, RequestVote, SnapshotReply
 from protocol.progress import PeerProgress
 from protocol.records import SnapshotToInstall
@@ -52,7 +53,7 @@ class ReadsWithoutQuorumRound(Replica):
 class InstallsOlderSnapshot(Replica):
     """Resets its log to any snapshot it is handed, even one older than its commit point."""
 
-    def snapshot_installed(self, index: int, view: int) -> None:
+    def snapshot_installed(self, index: int, view: int, membership: Membership | None = None) -> None:
         incoming = self._incoming_snapshot
         if incoming is not None and incoming.key[2:4] == (index, view):
             self._incoming_snapshot = None
@@ -60,6 +61,8 @@ class InstallsOlderSnapshot(Replica):
                                                                 incoming.offer)))
         # The guard "index <= commit index, or (index, view) held: only move the commit point" is gone.
         self._log.reset(index, view)
+        self._configurations.reset(membership)
+        self._refresh_membership()
         self._commit_index = index
         self._applied_index = index
         self._persisted_index = min(self._persisted_index, index)

@@ -5,7 +5,6 @@ They are written up in docs/replication.md ("The simulation" and "Nemeses").
 
 from __future__ import annotations
 
-import bisect
 from typing import TYPE_CHECKING
 
 from protocol import Entry, Role
@@ -51,18 +50,23 @@ class InvariantChecks:
 
     def _check_no_electable_node_lacks(self, index: int, view: int) -> None:
         """Leader completeness, looked at from the front: once an entry is committed, no replica
-        lacking it may be at least as up to date as a majority, or it could be elected and
-        overwrite the entry. (Raft's proof of leader completeness shows this holds.)"""
-        positions = {node_id: self._log_position(node) for node_id, node in self.nodes.items()}
-        quorum = len(self.nodes) // 2 + 1
-        for node_id, node in self.nodes.items():
+        lacking it may be at least as up to date as a majority of the voters of its own
+        configuration (the one it would campaign with), or it could be elected and overwrite the
+        entry. (Raft's proof of leader completeness, with one change at a time, shows this holds.)
+        A retired node never runs again and neither campaigns nor votes."""
+        running = {node_id: node for node_id, node in self.nodes.items() if node_id not in self.retired}
+        positions = {node_id: self._log_position(node) for node_id, node in running.items()}
+        for node_id, node in running.items():
             if self._holds(node, index, view):
                 continue
+            if not self.may_campaign(node):
+                continue  # a learner, or a member whose removal committed, never campaigns
+            configuration = self.configuration_of(node)
             position = positions[node_id]
-            voters = sum(1 for other in positions.values() if position >= other)
-            if voters >= quorum:
+            voters = sum(1 for voter in configuration.voters if voter in positions and position >= positions[voter])
+            if voters >= configuration.quorum:
                 self.fail(f"{node_id} lacks committed entry {index}/{view} yet could win an election "
-                          f"(log at {position}, {voters} replicas no more up to date)")
+                          f"(log at {position}, {voters} of its voters {configuration.voters} no more up to date)")
 
     def _check_read(self, node: SimNode, result) -> None:
         asked = self.read_floor.pop((node.node_id, result.request_id), None)
@@ -93,20 +97,34 @@ class InvariantChecks:
         return index <= disk.last_index and disk.entries[index - disk.base_index - 1].view == view
 
     def _check_acknowledged_durable(self) -> None:
-        """Every acknowledged entry is durable on a majority's disk (only those above what a
-        majority's stores already hold need looking at, which keeps this cheap)."""
-        if not self.acknowledged_indexes:
+        """Every acknowledged entry is durable on the disks of a majority of the voters its primary
+        counted (the configuration in effect on that primary: majorities are the configuration's).
+        Entries that such a majority's stores already hold are settled for good (store floors only
+        grow) and skipped from then on, which keeps this cheap."""
+        indexes = self.acknowledged_indexes
+        if self.acknowledged_settled >= len(indexes):
             return
-        quorum = len(self.nodes) // 2 + 1
-        floors = sorted((max(node.disk.base_index, node.disk.store_synced[0]) for node in self.nodes.values()),
-                        reverse=True)
-        start = bisect.bisect_right(self.acknowledged_indexes, floors[quorum - 1])
-        for index in self.acknowledged_indexes[start:]:
+        floors = {node_id: max(node.disk.base_index, node.disk.store_synced[0]) for node_id, node in self.nodes.items()}
+        while self.acknowledged_settled < len(indexes):
+            index = indexes[self.acknowledged_settled]
+            if not any(sum(1 for voter in voters if floors[voter] >= index) >= len(voters) // 2 + 1
+                       for voters in self._voter_sets(index)):
+                break
+            self.acknowledged_settled += 1
+        for index in indexes[self.acknowledged_settled:]:
             view = self.acknowledged[index][0]
-            holders = sum(1 for node in self.nodes.values() if self._disk_holds(node.disk, index, view))
-            if holders < quorum:
-                self.fail(f"acknowledged entry {index}/{view} is durable on {holders} disk(s), fewer than a "
-                          f"majority of {quorum}")
+            best = ""
+            for voters in self._voter_sets(index):
+                quorum = len(voters) // 2 + 1
+                holders = sum(1 for voter in voters if self._disk_holds(self.nodes[voter].disk, index, view))
+                if holders >= quorum:
+                    break
+                best = f"{holders} disk(s) of the voters {voters}, fewer than a majority of {quorum}"
+            else:
+                self.fail(f"acknowledged entry {index}/{view} is durable on {best}")
+
+    def _voter_sets(self, index: int) -> tuple[tuple[str, ...], ...]:
+        return self.acknowledged_voters.get(index) or (tuple(self.initial_ids),)
 
     def _check_vote(self, voter: str, candidate: str, view: int) -> None:
         granted = self.votes_granted.setdefault((voter, view), candidate)
@@ -123,6 +141,7 @@ class InvariantChecks:
                 holder = self.primary_of_view.setdefault(replica.view, node.node_id)
                 if holder != node.node_id:
                     self.fail(f"two primaries in view {replica.view}: {holder} and {node.node_id}")
+                self.check_one_change_at_a_time(node)
                 if (node.node_id, replica.view) not in self.checked_primaries:
                     # Its log only grows while it leads this view, so checking once is enough.
                     self.checked_primaries.add((node.node_id, replica.view))

@@ -26,7 +26,7 @@ class Nemeses:
         isolated = self.isolated_nodes if self.now_ticks < self.isolated_until_ticks else set()
         if node.node_id in isolated:
             return False  # the isolated primary must live on, believing it leads: that is the test
-        out = sum(1 for other in self.nodes.values() if other is not node and (
+        out = sum(1 for other in self.nodes.values() if other is not node and other.node_id not in self.retired and (
             other.replica is None or self.is_paused(other) or other.node_id in isolated))
         return out < max(1, self.fault_tolerance)
 
@@ -73,7 +73,7 @@ class Nemeses:
         self.isolation_armed = False
         primary = max(primaries, key=lambda node: node.replica.view)  # type: ignore[union-attr]
         others = [node_id for node_id in self.member_ids if node_id != primary.node_id]
-        minority = {primary.node_id, *self.rng.sample(others, self.rng.randrange(0, self.fault_tolerance))}
+        minority = {primary.node_id, *self.rng.sample(others, self.rng.randrange(0, max(1, self.fault_tolerance)))}
         majority = set(self.member_ids) - minority
         # The majority side is whole (within the budget, the minority is all the faults there
         # are), so that it elects a new primary while the old one still believes it leads.

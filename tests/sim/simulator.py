@@ -25,11 +25,13 @@ import zlib
 from collections import deque
 from dataclasses import dataclass, field, replace
 
-from protocol import (INITIAL_HARD_STATE, BecamePrimary, Entry, EntryKind, HardState, InstallSnapshot, Message,
-                      NotPrimary, ProposalRejected, Ready, ReplicaConfig, Replica, RestoredState, Role, decode_body)
+from protocol import (INITIAL_HARD_STATE, BecamePrimary, Entry, EntryKind, HardState, InstallSnapshot, Membership,
+                      Message, NotPrimary, ProposalRejected, Ready, ReplicaConfig, Replica, RestoredState, Role,
+                      decode_body)
 from protocol.codec import encode_body
 from protocol.messages import VoteReply
 from invariants import InvariantChecks
+from membership import MembershipChanges
 from nemeses import Nemeses
 # The node's own choices, so that the sweep checks the order tokenvault/core/node.py really uses.
 
@@ -78,6 +80,7 @@ class SimulationConfig:
     crash_point_probability: float = 0.0  # a crash between two steps of a Ready
     store_sync_probability: float = 1.0  # below 1: the store's applied tail may be unsynced and lost
     beyond_budget: bool = False  # more faults than the cluster tolerates: liveness is not required
+    membership_weight: float = 0.0  # the primary adds, promotes or removes a member (membership.py)
 
     @classmethod
     def from_seed(cls, seed: int, steps: int = 2000) -> SimulationConfig:
@@ -103,6 +106,8 @@ class SimulationConfig:
             crash_point_probability=rng.choice((0.0, 0.005, 0.02)),
             store_sync_probability=rng.choice((1.0, 0.5, 0.1)),
             beyond_budget=rng.random() < 0.15,
+            # Drawn last, so that the other settings of a seed stay what they were before changes existed.
+            membership_weight=rng.choice((0.0, 0.0, 1.0, 2.0)),
         )
 
 
@@ -119,6 +124,9 @@ class Disk:
     applied_digest: bytes = b"\x00" * 16
     # What of the applied state survives a crash: (index, view, digest) of the store's last sync.
     store_synced: tuple[int, int, bytes] = (0, 0, b"\x00" * 16)
+    # The configuration the store recorded (the last CONFIG entry it applied; None: none yet), and as synced.
+    applied_membership: Membership | None = None
+    synced_membership: Membership | None = None
 
     @property
     def last_index(self) -> int:
@@ -144,6 +152,8 @@ class SimNode:
     # A paused process: until this tick it neither ticks nor handles messages (they wait in held).
     paused_until_ticks: int = 0
     held: list = field(default_factory=list)
+    # A node that joined: the (voters, learners) its static config names; None: the first cluster's members.
+    bootstrap: tuple | None = None
 
 
 def digest_after(digest: bytes, entry: Entry) -> bytes:
@@ -153,7 +163,7 @@ def digest_after(digest: bytes, entry: Entry) -> bytes:
     return hasher.digest()
 
 
-class Simulation(InvariantChecks, Nemeses):
+class Simulation(InvariantChecks, Nemeses, MembershipChanges):
     """One seeded run. ``run()`` performs the steps, then heals everything and checks liveness."""
 
     def __init__(self, seed: int, config: SimulationConfig | None = None,
@@ -168,6 +178,16 @@ class Simulation(InvariantChecks, Nemeses):
         self.driver_bugs = driver_bugs
         self.rng = random.Random(seed)
         self.member_ids = tuple(f"n{number}" for number in range(1, self.config.cluster_size + 1))
+        self.initial_ids = self.member_ids  # the static config of the first nodes (never updated)
+        # Membership changes (membership.py): the newest committed configuration, and nodes stopped for good.
+        self.committed_membership = Membership.of(self.member_ids)
+        self.committed_membership_index = 0
+        self.retired: set[str] = set()
+        self.retiring: set[str] = set()
+        self.membership_changes = 0
+        self.replacements = 0  # replacements completed on the healed cluster (membership.replace_a_member)
+        # index -> the voter sets its primary may have counted it with (membership.counted_voter_sets)
+        self.acknowledged_voters: dict[int, tuple[tuple[str, ...], ...]] = {}
         self.nodes = {node_id: SimNode(node_id, None) for node_id in self.member_ids}
         for node in self.nodes.values():
             node.replica = self._start_replica(node)
@@ -187,6 +207,7 @@ class Simulation(InvariantChecks, Nemeses):
         self.votes_granted: dict[tuple[str, int], str] = {}  # (voter, view) -> the candidate it granted
         self.entries_on_disk: dict[tuple[int, int], tuple[bytes, int]] = {}  # (index, view) -> (payload, prev view)
         self.acknowledged_indexes: list[int] = []  # sorted
+        self.acknowledged_settled = 0  # acknowledged_indexes[:this] are held by a majority's stores for good
         self.superseded_reads = 0  # reads asked on a primary while a later view existed
         self.superseded_writes = 0
         self.crash_points_hit = 0
@@ -223,8 +244,10 @@ class Simulation(InvariantChecks, Nemeses):
 
     def _replica_config(self, node_id: str) -> ReplicaConfig:
         config = self.config
+        bootstrap = self.bootstrap_membership(self.nodes[node_id])
         return ReplicaConfig(
-            node_id=node_id, members=self.member_ids, election_timeout_ticks=config.election_timeout_ticks,
+            node_id=node_id, members=bootstrap.voters, learners=bootstrap.learners,
+            election_timeout_ticks=config.election_timeout_ticks,
             heartbeat_interval_ticks=config.heartbeat_interval_ticks,
             max_entries_per_message=config.max_entries_per_message,
             max_bytes_per_message=config.max_bytes_per_message, max_inflight_appends=config.max_inflight_appends,
@@ -248,7 +271,7 @@ class Simulation(InvariantChecks, Nemeses):
             hard_state = replace(hard_state, voted_for=None)
         if hard_state.commit_index < base_index:
             hard_state = replace(hard_state, commit_index=base_index)
-        restored = RestoredState(hard_state, base_index, base_view, entries)
+        restored = RestoredState(hard_state, base_index, base_view, entries, disk.applied_membership)
         return self.replica_class(self._replica_config(node.node_id), restored, random.Random(self.rng.random()))
 
     def fail(self, message: str) -> None:
@@ -356,7 +379,7 @@ class Simulation(InvariantChecks, Nemeses):
         if faults and self.rng.random() < 0.15 and self._may_take_down(node):
             self.crash(node)  # between the store swap and the log reset
             return
-        node.replica.snapshot_installed(index, view)
+        node.replica.snapshot_installed(index, view, node.disk.applied_membership)
         self.drive(node)
 
     def complete(self, node: SimNode, ready: Ready, primary_view: int | None,
@@ -452,7 +475,9 @@ class Simulation(InvariantChecks, Nemeses):
         if index < disk.applied_index:
             self.fail(f"{node.node_id} installs a snapshot at {index} behind its applied {disk.applied_index}")
         disk.applied_index, disk.applied_view, disk.applied_digest = index, view, digest
-        disk.store_synced = (index, view, digest)
+        length = int.from_bytes(image[32:34], "big")
+        disk.applied_membership = Membership.decode(image[34:34 + length]) if length else None
+        disk.store_synced, disk.synced_membership = (index, view, digest), disk.applied_membership
         self.snapshots_installed += 1
         self.note(f"{node.node_id} installed snapshot {index}/{view} into its store")
 
@@ -465,8 +490,9 @@ class Simulation(InvariantChecks, Nemeses):
     def _snapshot_bytes(self, node: SimNode) -> bytes:
         disk = node.disk
         padding = bytes(self.rng.randrange(0, 300))  # exercises multi-chunk transfers
+        membership = disk.applied_membership.encode() if disk.applied_membership is not None else b""
         return (disk.applied_index.to_bytes(8, "big") + disk.applied_view.to_bytes(8, "big")
-                + disk.applied_digest + padding)
+                + disk.applied_digest + len(membership).to_bytes(2, "big") + membership + padding)
 
     def _apply(self, node: SimNode, committed: tuple[Entry, ...], primary_view: int | None) -> None:
         disk = node.disk
@@ -482,16 +508,24 @@ class Simulation(InvariantChecks, Nemeses):
                 self.fail(f"{node.node_id} applies {entry.index} after {disk.applied_index}: a gap")
             disk.applied_digest = digest_after(disk.applied_digest, entry)
             disk.applied_index, disk.applied_view = entry.index, entry.view
+            if entry.kind is EntryKind.CONFIG:
+                disk.applied_membership = Membership.decode(entry.payload)
+                self.note_committed_config(entry)
             if self.config.store_sync_probability >= 1 or self.rng.random() < self.config.store_sync_probability:
                 disk.store_synced = (disk.applied_index, disk.applied_view, disk.applied_digest)
+                disk.synced_membership = disk.applied_membership
             expected = self.digest_at.setdefault(entry.index, disk.applied_digest)
             if expected != disk.applied_digest:
                 self.fail(f"{node.node_id} state at applied index {entry.index} differs from another replica's")
             if primary_view is not None and entry.kind is EntryKind.COMMAND:
                 # The driver answers the client here; the entry was committed in primary_view.
                 if entry.index not in self.acknowledged:
-                    bisect.insort(self.acknowledged_indexes, entry.index)
+                    position = bisect.bisect(self.acknowledged_indexes, entry.index)
+                    self.acknowledged_indexes.insert(position, entry.index)
+                    self.acknowledged_settled = min(self.acknowledged_settled, position)
                 self.acknowledged[entry.index] = (entry.view, entry.payload, primary_view)
+                if node.replica is not None:
+                    self.acknowledged_voters.setdefault(entry.index, self.counted_voter_sets(node.replica, entry.index))
                 self.highest_acknowledged_index = max(self.highest_acknowledged_index, entry.index)
         if primary_view is not None and committed:
             last = committed[-1]
@@ -534,7 +568,7 @@ class Simulation(InvariantChecks, Nemeses):
         return True
 
     def link_open(self, source: str, destination: str) -> bool:
-        return (self.partition_of[source] == self.partition_of[destination]
+        return (self.partition_of.get(source, 0) == self.partition_of.get(destination, 0)
                 and (source, destination) not in self.blocked)
 
     def is_paused(self, node: SimNode) -> bool:
@@ -614,6 +648,10 @@ class Simulation(InvariantChecks, Nemeses):
         self.drive(node)
         return node.read_ids
 
+    def down_nodes(self) -> list[SimNode]:
+        """Crashed nodes that may be started again (a retired one never is)."""
+        return [node for node in self.nodes.values() if node.replica is None and node.node_id not in self.retired]
+
     def crash(self, node: SimNode) -> None:
         if node.pending is not None:
             records = self._records(node.pending)
@@ -625,6 +663,7 @@ class Simulation(InvariantChecks, Nemeses):
         if disk.store_synced[0] < disk.applied_index:
             # The store's applied tail was never synced: it is lost; the WAL replays it.
             disk.applied_index, disk.applied_view, disk.applied_digest = disk.store_synced
+            disk.applied_membership = disk.synced_membership
             self.store_tails_lost += 1
         node.replica = None
         node.sources.clear()
@@ -634,6 +673,7 @@ class Simulation(InvariantChecks, Nemeses):
         self.note(f"{node.node_id} crashed")
 
     def restart(self, node: SimNode) -> None:
+        assert node.node_id not in self.retired, "a retired node is never started again"
         node.replica = self._start_replica(node)
         self.note(f"{node.node_id} restarted (view {node.replica.view}, last {node.replica.last_index})")
         self.drive(node)
@@ -679,14 +719,18 @@ class Simulation(InvariantChecks, Nemeses):
 
     def step(self) -> None:
         self.step_number += 1
+        self.retire_pending()
         rng = self.rng
         config = self.config
-        roll = rng.random() * 100
+        # Membership changes take the roll's range above 100, so a run without them draws as before.
+        roll = rng.random() * (100 + config.membership_weight)
         if self.now_ticks < self.isolated_until_ticks and rng.random() < 0.08:
             self.client_round()
         elif self.isolation_armed and any(self._serves_reads(node.replica) for node in self.live_primaries()):
             self.isolate_primary()
-        if roll < 45:
+        if roll >= 100:
+            self.change_membership()
+        elif roll < 45:
             if not self.deliver_one():
                 self.tick()
         elif roll < 65:
@@ -716,7 +760,7 @@ class Simulation(InvariantChecks, Nemeses):
                 if self._may_take_down(victim):
                     self.crash(victim)
             else:
-                down = [node for node in self.nodes.values() if node.replica is None]
+                down = self.down_nodes()
                 if down:
                     self.restart(rng.choice(down))
         elif roll < 94 + config.crash_weight + config.partition_weight:
@@ -733,7 +777,7 @@ class Simulation(InvariantChecks, Nemeses):
                 + config.slow_link_weight + config.pause_weight:
             self.pause()
         else:
-            down = [node for node in self.nodes.values() if node.replica is None]
+            down = self.down_nodes()
             if down:
                 self.restart(rng.choice(down))
         self.check_step_invariants()
@@ -758,28 +802,47 @@ class Simulation(InvariantChecks, Nemeses):
         for node in self.nodes.values():
             node.paused_until_ticks = 0
             node.tick_rate = 1.0  # skew tests safety; timeouts assume one clock rate to be live
-            if node.replica is None:
+            if node.replica is None and node.node_id not in self.retired:
                 self.restart(node)
             self.finish_pending(node)
-        if self.config.beyond_budget and len(self.member_ids) > 1:
-            for node in self.rng.sample(list(self.nodes.values()), self.fault_tolerance + 1):
+        members = self.final_members()
+        voters = [node for node in members if self.may_campaign(node)]
+        if self.config.beyond_budget and len(voters) > 1:
+            for node in self.rng.sample(voters, (len(voters) - 1) // 2 + 1):
                 self.crash(node)
             self._run_on_unavailable()
             return
+        self._commit_marker_everywhere()
+        self._check_converged()
+        if self.config.membership_weight:
+            # On the healed cluster: a fresh node replaces a member, then a voter crashes (membership.py).
+            crashed = self.replace_a_member()
+            self._commit_marker_everywhere()  # with one voter down when it crashed one
+            if crashed is not None:
+                self.restart(crashed)
+                self._commit_marker_everywhere()
+            self._check_converged()
+
+    def healed_tick(self) -> None:
+        """One tick of the healed cluster: every message delivered, every write synced, every snapshot installed."""
+        self.retire_pending()
+        self.tick()
+        for _ in range(MESSAGES_PER_TICK_LIMIT):
+            if not self.deliver_one():
+                break
+        else:
+            self.fail(f"more than {MESSAGES_PER_TICK_LIMIT} messages within one tick: a message storm")
+        for node in self.nodes.values():
+            self.finish_pending(node)
+            if node.staged is not None and node.replica is not None:
+                self.finish_install(node, faults=False)
+        self.check_step_invariants()
+
+    def _commit_marker_everywhere(self) -> None:
         marker: bytes | None = None
         marker_index = marker_view = 0
         for _ in range(self.config.liveness_bound_ticks):
-            self.tick()
-            for _ in range(MESSAGES_PER_TICK_LIMIT):
-                if not self.deliver_one():
-                    break
-            else:
-                self.fail(f"more than {MESSAGES_PER_TICK_LIMIT} messages within one tick: a message storm")
-            for node in self.nodes.values():
-                self.finish_pending(node)
-                if node.staged is not None and node.replica is not None:
-                    self.finish_install(node, faults=False)
-            self.check_step_invariants()
+            self.healed_tick()
             primaries = self.live_primaries()
             if len(primaries) == 1 and (marker is None or primaries[0].replica.view != marker_view):
                 # A new primary (or the first one after healing) gets a fresh entry to commit.
@@ -788,12 +851,12 @@ class Simulation(InvariantChecks, Nemeses):
                 marker_index, marker_view = primaries[0].replica.propose(marker)  # type: ignore[union-attr]
                 self.drive(primaries[0])
             if (marker is not None and self.committed.get(marker_index) == (marker_view, marker)
-                    and all(node.disk.applied_index >= marker_index for node in self.nodes.values())):
+                    and all(node.disk.applied_index >= marker_index for node in self.final_members()
+                            if node.replica is not None)):
                 break
         else:
             self.fail(f"no new entry committed on every replica within {self.config.liveness_bound_ticks} "
                       f"ticks after healing")
-        self._check_converged()
 
     def _run_on_unavailable(self) -> None:
         """Beyond the budget: no majority is up. Entries may still commit on copies the crashed
@@ -815,7 +878,7 @@ class Simulation(InvariantChecks, Nemeses):
                 self.fail(f"acknowledged entry {index} was lost")
 
     def _check_converged(self) -> None:
-        for node in self.nodes.values():
+        for node in self.final_members():
             disk = node.disk
             if self.digest_at.get(disk.applied_index) != disk.applied_digest:
                 self.fail(f"{node.node_id} state at {disk.applied_index} differs from the committed one")

@@ -436,6 +436,10 @@ async def test_a_data_dir_restored_from_a_real_store_serves_every_token(tmp_path
         later = await running.service.tokenize("admin", ["after-rotation"], None)
         tokens += json.loads(later.body)["tokens"]
         values.append("after-rotation")
+        # The source cluster's configuration changed (a learner it will never feed): it must not follow
+        # the backup into the restored cluster, whose members are its own node configs'.
+        await running.node.change_membership(lambda current: current.with_learner("n9", "127.0.0.1:9"), 5.0)
+        assert running.node.store.membership().learners == ("n9",)
         stream = await running.service.open_backup()
         path = tmp_path / "real.backup"
         with open(path, "wb") as handle:
@@ -464,6 +468,8 @@ async def test_a_data_dir_restored_from_a_real_store_serves_every_token(tmp_path
                          "the restored node to lead and commit in a new view")
         assert await running.service.detokenize(tokens) == values
         assert running.node.store.active_epoch() == 2
+        assert running.node.store.membership() is None
+        assert running.node.replica.membership.voters == ("n1",) and running.node.replica.membership.learners == ()
     finally:
         await running.close()
 

@@ -461,3 +461,56 @@ def test_audit_export_stops_at_a_broken_link_and_exits_4(
                                         "--api-key", ADMIN_KEY])
     assert result.exit_code == 4 and "BROKEN at record 10" in result.stderr
     assert [json.loads(line)["seq"] for line in out.read_text().splitlines()] == list(range(1, 10))
+
+
+# ---------------------------------------------------------------- members
+
+
+def test_member_add_adds_a_learner_retries_the_promotion_until_caught_up_and_remove_removes(
+        runner: CliRunner, primary: FakeVaultServer) -> None:
+    roles = {"n1": "voter"}
+    refusals = [1]
+
+    def members(request: object) -> Reply:
+        return Reply(200, {"primary_id": "n1", "configuration_index": 3, "committed": True, "commit_index": 9,
+                           "members": [{"id": node_id, "peer_addr": None, "role": role, "match_index": 9}
+                                       for node_id, role in roles.items()]})
+
+    def add(request: object) -> Reply:
+        roles["n4"] = "learner"
+        return Reply(201, {"action": "add", "node_id": "n4", "configuration_index": 4, "voters": ["n1"],
+                           "learners": ["n4"]})
+
+    def promote(request: object) -> Reply:
+        if refusals:
+            refusals.pop()
+            return Reply(409, {"type": "urn:tokenvault:problem:membership-change-refused", "title": "Conflict",
+                               "status": 409, "detail": "learner n4 has not caught up"},
+                         headers={"Retry-After": "1"})
+        roles["n4"] = "voter"
+        return Reply(200, {"action": "promote", "node_id": "n4", "configuration_index": 5,
+                           "voters": ["n1", "n4"], "learners": []})
+
+    def remove(request: object) -> Reply:
+        del roles["n4"]
+        return Reply(200, {"action": "remove", "node_id": "n4", "configuration_index": 6, "voters": ["n1"],
+                           "learners": []})
+
+    primary.responders[("GET", "/v1/admin/members")] = members
+    primary.responders[("POST", "/v1/admin/members")] = add
+    primary.responders[("POST", "/v1/admin/members/n4/promote")] = promote
+    primary.responders[("POST", "/v1/admin/members/n4/remove")] = remove
+    options = ["--url", primary.url, "--api-key", ADMIN_KEY]
+    added = runner.invoke(tokenvault, ["admin", "member", "add", "n4", "127.0.0.1:8204", "--wait", "10", *options])
+    assert added.exit_code == 0, added.output
+    assert roles["n4"] == "voter" and len(primary.calls("/v1/admin/members/n4/promote")) == 2
+    assert primary.calls("/v1/admin/members")[1].body == {"node_id": "n4", "peer_addr": "127.0.0.1:8204"}
+    again = runner.invoke(tokenvault, ["admin", "member", "add", "n4", "127.0.0.1:8204", *options])
+    assert again.exit_code == 0, again.output  # done already: nothing is sent again
+    assert len(primary.calls("/v1/admin/members/n4/promote")) == 2
+    listed = runner.invoke(tokenvault, ["admin", "member", "list", "--json", *options])
+    assert {member["id"]: member["role"] for member in json.loads(listed.stdout)["members"]} == {
+        "n1": "voter", "n4": "voter"}
+    removed = runner.invoke(tokenvault, ["admin", "member", "remove", "n4", *options])
+    assert removed.exit_code == 0, removed.output
+    assert "n4" not in roles

@@ -494,3 +494,18 @@ def test_invalid_key_rate_limits_are_refused(tables: str, message: str) -> None:
     with pytest.raises(ConfigError) as caught:
         parse_config(MINIMAL + "\n" + tables + "\n")
     assert message in str(caught.value)
+
+
+def test_a_joining_node_lists_itself_and_the_current_members_and_round_trips() -> None:
+    members = tuple(MemberConfig(f"n{number}", f"127.0.0.1:82{number:02d}", f"http://127.0.0.1:81{number:02d}")
+                    for number in range(1, 5))
+    secret = Path("/s/cluster.secret")
+    with pytest.raises(ConfigError, match="1, 3 or 5"):
+        _minimal_config(members=members, cluster_secret_file=secret)  # four members start no cluster
+    joining = _minimal_config(node_id="n4", members=members, cluster_secret_file=secret, join=True)
+    assert joining.join and parse_config(to_toml(joining)) == joining
+    assert not parse_config(to_toml(_minimal_config())).join
+    with pytest.raises(ConfigError, match="joining node"):
+        _minimal_config(members=members[:1], join=True)
+    with pytest.raises(ConfigError, match="join must be true or false"):
+        parse_config(MINIMAL.replace('node_id = "n1"', 'node_id = "n1"\njoin = "yes"'))

@@ -22,7 +22,8 @@ import msgpack
 from protocol import AppendEntries, ForwardRequest, ForwardResponse, ProposalRejected
 from tokenvault.core import commands
 from tokenvault.crypto.keys import new_epoch_secret
-from tokenvault.errors import (EpochChanged, IdempotencyInFlight, IdempotencyMismatch, Outcome, Overloaded, ServiceError,
+from tokenvault.errors import (EpochChanged, IdempotencyInFlight, IdempotencyMismatch, InvalidRequest,
+                               MembershipChangeRefused, Outcome, Overloaded, ServiceError,
                                Unavailable)
 from tokenvault.api.service import MAX_EPOCH_RETRIES
 from tokenvault.core.store import Outcome as ApplyOutcome
@@ -728,3 +729,42 @@ async def test_a_worker_sealed_tokenize_on_a_backup_answers_repeats_and_forwards
     await wait_until(lambda: backup.node.store.lookup([items[0][0]]) != {}, 5, "the backup to apply the token")
     assert body(await backup.service.tokenize_sealed("p", epoch, ["fresh-on-backup"], items)) == first
     assert primary.node.replica.last_index == last_index
+
+
+# ------------------------------------------------------------------ membership
+
+
+async def test_a_member_removed_through_a_backup_is_gone_everywhere_and_the_rest_still_commit(trio: Cluster) -> None:
+    """The change is forwarded to the primary, answered once committed, and the two voters left
+    make the majority; a second removal of the same node is refused with 409 and no Retry-After."""
+    primary, backup = trio.primaries()[0], trio.backups()[0]
+    removed = next(running for running in trio.backups() if running is not backup)
+    outcome = await backup.service.change_member("remove", removed.node.node_id, None)
+    assert outcome.status == 200
+    assert body(outcome)["voters"] == sorted([primary.node.node_id, backup.node.node_id])
+    listed = await backup.service.list_members()
+    assert listed["committed"] and removed.node.node_id not in [member["id"] for member in listed["members"]]
+    await removed.node.close()
+    tokens = body(await backup.service.tokenize("p", ["after-the-removal"], None))["tokens"]
+    assert await primary.service.detokenize(tokens) == ["after-the-removal"]
+    with pytest.raises(MembershipChangeRefused) as refused:
+        await primary.service.change_member("remove", removed.node.node_id, None)
+    assert "Retry-After" not in refused.value.headers
+
+
+async def test_promoting_a_learner_that_is_not_running_is_refused_with_retry_after(trio: Cluster) -> None:
+    primary = trio.primaries()[0]
+    added = await primary.service.change_member("add", "n9", "127.0.0.1:9")
+    assert added.status == 201 and body(added)["learners"] == ["n9"]
+    with pytest.raises(MembershipChangeRefused) as refused:
+        await primary.service.change_member("promote", "n9", None)
+    assert "has not caught up" in refused.value.detail and refused.value.headers["Retry-After"] == "1"
+    tokens = body(await primary.service.tokenize("p", ["a-learner-never-counts"], None))["tokens"]
+    assert tokens  # two voters of three acknowledge; the dead learner is not waited for
+
+
+async def test_a_cluster_of_one_refuses_to_add_a_member(single: RunningNode) -> None:
+    with pytest.raises(MembershipChangeRefused, match="without peer links"):
+        await single.service.change_member("add", "n2", "127.0.0.1:9")
+    with pytest.raises(InvalidRequest):
+        await single.service.change_member("rename", "n2", None)

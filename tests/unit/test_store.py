@@ -912,3 +912,50 @@ def test_verify_rejects_index_and_view_that_are_not_integers(tmp_path):
         with pytest.raises(SnapshotRejected):
             VaultStore.verify_checkpoint(directory, bad_index, bad_view)
     VaultStore.verify_checkpoint(directory, index, view)
+
+
+def test_the_applied_configuration_is_recorded_travels_in_checkpoints_and_survives_a_reopen(tmp_path):
+    from protocol import Membership
+
+    store = VaultStore.open(tmp_path / "store")
+    log = Log()
+    started(store, log)
+    assert store.membership() is None, "no change applied yet: the static configuration holds"
+    changed = Membership.of(("n1", "n2", "n3"), ("n4",), {"n4": "127.0.0.1:8204"})
+    config_entry = Entry(log.next_index, log.view, EntryKind.CONFIG, changed.encode())
+    log.next_index += 1
+    assert store.apply_batch([config_entry]) == []
+    assert store.membership() == changed and store.applied_index == config_entry.index
+    assert store.create_checkpoint(tmp_path / "checkpoint") == (config_entry.index, log.view)
+    store.close()
+    reopened = VaultStore.open(tmp_path / "store")
+    assert reopened.membership() == changed
+    reopened.close()
+    target = VaultStore.open(tmp_path / "target")
+    target.commit_install(target.prepare_install(tmp_path / "checkpoint", config_entry.index, log.view))()
+    assert target.membership() == changed
+    target.close()
+
+
+def test_a_configuration_entry_that_does_not_decode_changes_nothing(store):
+    log = Log()
+    started(store, log)
+    before = store.applied_index
+    with pytest.raises(ValueError):
+        store.apply_batch([log.command(tokenize(1, [1])), Entry(log.next_index, 1, EntryKind.CONFIG, b"\xc1")])
+    assert store.applied_index == before and store.membership() is None and store.lookup([token(1, 1)]) == {}
+
+
+def test_a_checkpoint_with_a_malformed_configuration_is_refused(tmp_path):
+    from tokenvault.core.store import SnapshotRejected
+
+    source = VaultStore.open(tmp_path / "source")
+    log = Log()
+    started(source, log)
+    index, view = source.create_checkpoint(tmp_path / "checkpoint")
+    source.close()
+    database = Rdict(str(tmp_path / "checkpoint"), options=Options(raw_mode=True))
+    database[b"c"] = b"\x92\x01\x90"  # a membership without members
+    database.close()
+    with pytest.raises(SnapshotRejected, match="membership"):
+        VaultStore.verify_checkpoint(tmp_path / "checkpoint", index, view)

@@ -101,6 +101,36 @@ async def test_peers_with_the_cluster_secret_connect_and_exchange_frames(mesh: M
     assert not any(isinstance(message, (Hello, HelloProof)) for side in sides for _, message in side.received)
 
 
+async def test_set_peers_links_a_new_member_and_drops_a_removed_one(mesh: Mesh) -> None:
+    """A membership change: n1 and n2 start knowing only each other; n3 joins (both learn of it with
+    set_peers and link to it), then n2 leaves (its links close and it is no longer accepted)."""
+    first = [PeerAddress(node_id, "127.0.0.1", mesh.ports[node_id]) for node_id in ("n1", "n2")]
+    everyone = mesh.addresses()
+    for node_id in ("n1", "n2"):
+        received: list[tuple[str, object]] = []
+        transport = PeerTransport(node_id, "127.0.0.1", mesh.ports[node_id], first, mesh.secret,
+                                  lambda sender, message, into=received: into.append((sender, message)),
+                                  MAX_FRAME_BYTES)
+        mesh.sides[node_id] = Side(transport, received)
+        await transport.start()
+    await wait_until(lambda: mesh.sides["n1"].transport.is_connected("n2"), 5, "n1-n2")
+    joined = await mesh.start("n3")  # knows all three, as a joining node's config does
+    await asyncio.sleep(0.2)
+    assert not joined.transport.is_connected("n1"), "n1 does not dial a member it has not heard of"
+    for node_id in ("n1", "n2"):
+        mesh.sides[node_id].transport.set_peers(everyone)
+    await wait_until(lambda: all(joined.transport.is_connected(other) for other in ("n1", "n2")), 5, "n3 linked")
+    assert mesh.sides["n1"].transport.send("n3", forward(7))
+    await wait_until(lambda: 7 in forwards(joined), 5, "n1 -> n3")
+    remaining = [address for address in everyone if address.node_id != "n2"]
+    for node_id in ("n1", "n3"):
+        mesh.sides[node_id].transport.set_peers(remaining)
+    await wait_until(lambda: not any(mesh.sides[node_id].transport.is_connected("n2") for node_id in ("n1", "n3")),
+                     5, "links to n2 closed")
+    await asyncio.sleep(0.5)  # n2 keeps dialing n3 (n2 < n3): n3 refuses it now
+    assert not joined.transport.is_connected("n2") and mesh.sides["n1"].transport.is_connected("n3")
+
+
 async def test_send_without_a_connection_returns_false(mesh: Mesh) -> None:
     side = await mesh.start("n1")
     assert side.transport.send("n2", forward(1)) is False

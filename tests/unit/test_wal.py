@@ -69,6 +69,24 @@ def test_entries_and_hard_state_survive_reopen(tmp_path):
     assert recovered.records_replayed == 1 + 3 + 2
 
 
+def test_every_entry_kind_survives_reopen_and_an_unknown_kind_is_corruption(tmp_path):
+    """A configuration entry is logged like any other (issue 12: a node whose WAL held one refused to start)."""
+    directory = tmp_path / "wal"
+    kinds = [Entry(number, 1, kind, b"payload-%d" % number) for number, kind in enumerate(EntryKind, start=1)]
+    log, _ = WriteAheadLog.open(directory)
+    log.append(truncate_from=None, entries=kinds, hard_state=HardState(1, "n1", 0))
+    log.sync()
+    log.close()
+    assert EntryKind.CONFIG in {recovered.kind for recovered in reopen(directory).entries}
+    assert reopen(directory).entries == tuple(kinds)
+    path = segment_paths(directory)[-1]
+    with path.open("ab") as segment:
+        segment.write(encode_record(RecordType.ENTRY, msgpack.packb([len(kinds) + 1, 1, 99, b"x"])))
+        segment.write(encode_record(RecordType.ENTRY, msgpack.packb([len(kinds) + 2, 1, 1, b"y"])))
+    with pytest.raises(WalCorruption):
+        reopen(directory)
+
+
 def test_group_commit_writes_once_and_fsyncs_once(tmp_path, monkeypatch):
     log, _ = WriteAheadLog.open(tmp_path / "wal")
     calls = {"write": 0, "fdatasync": 0}

@@ -71,7 +71,8 @@ class CoreCalls:
             "list_epochs": self._list_epochs, "create_key": self._create_key, "revoke_key": self._revoke_key,
             "list_keys": self._list_keys, "audit_page": self._audit_page, "cluster_view": self._cluster_view,
             "health": self._health, "delete_tokens": self._delete_tokens, "retokenize": self._retokenize,
-            "epoch_tokens": self._epoch_tokens, "destroy_epoch": self._destroy_epoch, "metrics": self._render_metrics, "backup.open": self._backup_open,
+            "epoch_tokens": self._epoch_tokens, "destroy_epoch": self._destroy_epoch,
+            "list_members": self._list_members, "change_member": self._change_member, "metrics": self._render_metrics, "backup.open": self._backup_open,
             "backup.read": self._backup_read, "backup.close": self._backup_close,
         }
 
@@ -173,6 +174,15 @@ class CoreCalls:
         _members(arguments, ("epoch", "actor"))
         return await self._service.destroy_epoch(_int(arguments["epoch"], "epoch", 1, 2**32 - 1),
                                                  _checked_actor(arguments["actor"]))
+
+    async def _list_members(self, arguments: dict[str, Any]) -> Any:
+        _members(arguments, ())
+        return await self._service.list_members()
+
+    async def _change_member(self, arguments: dict[str, Any]) -> Any:
+        _members(arguments, ("action", "node_id", "peer_addr"))
+        # The service checks the three (validate_member_change) before anything else.
+        return await self._service.change_member(arguments["action"], arguments["node_id"], arguments["peer_addr"])
 
     async def _list_keys(self, arguments: dict[str, Any]) -> Any:
         _members(arguments, ())

@@ -126,6 +126,8 @@ ROUTE_KEY_REVOKE = "/v1/admin/keys/{key_id}/revoke"
 ROUTE_AUDIT = "/v1/admin/audit"
 # The optional members of a tokenize request (version 2).
 TOKENIZE_OPTIONS = ("format", "metadata", "ttl_seconds")
+ROUTE_MEMBERS = "/v1/admin/members"
+ROUTE_MEMBER_ACTION = "/v1/admin/members/{node_id}/{action:promote|remove}"
 # GET /v1/admin/audit: at most this many records per page, and this many when not asked.
 DEFAULT_AUDIT_PAGE = 100
 _DECIMAL = re.compile(r"(0|[1-9][0-9]{0,18})\Z")
@@ -717,6 +719,30 @@ class _Api:
         after, limit = audit_query(request)
         return json_response(await self.service.audit_page(after, limit), headers=NO_STORE_HEADERS)
 
+    async def list_members(self, request: web.Request) -> web.Response:
+        self.admit(request, auth.ADMIN)
+        return json_response(await self.service.list_members(), headers=NO_STORE_HEADERS)
+
+    async def add_member(self, request: web.Request) -> web.StreamResponse:
+        """Add a node as a learner; it counts in no majority until promoted (docs/api.md, "Membership")."""
+        self.admit(request, auth.ADMIN)
+        await self.receive_body(request)
+        with self.inflight_slot():
+            document = require_members(await self.read_json(request, body_required=True), ("node_id", "peer_addr"))
+            return outcome_response(await self.service.change_member("add", document["node_id"],
+                                                                     document["peer_addr"]))
+
+    async def change_member(self, request: web.Request) -> web.StreamResponse:
+        """Promote a caught-up learner to voter, or remove a member (live or dead, the primary included)."""
+        self.admit(request, auth.ADMIN)
+        await self.receive_body(request)
+        with self.inflight_slot():
+            document = await self.read_json(request, body_required=False)
+            if document is not EMPTY_BODY:
+                require_members(document, ())
+            return outcome_response(await self.service.change_member(
+                request.match_info["action"], request.match_info["node_id"], None))
+
     async def cluster(self, request: web.Request) -> web.Response:
         self.admit(request, auth.ADMIN)
         return json_response(await self.service.cluster_view(), headers=NO_STORE_HEADERS)
@@ -874,6 +900,9 @@ def build_app(
     app.router.add_get(ROUTE_KEYS, api.list_keys)
     app.router.add_post(ROUTE_KEY_REVOKE, api.revoke_key)
     app.router.add_get(ROUTE_AUDIT, api.audit)
+    app.router.add_get(ROUTE_MEMBERS, api.list_members)
+    app.router.add_post(ROUTE_MEMBERS, api.add_member)
+    app.router.add_post(ROUTE_MEMBER_ACTION, api.change_member)
     # No HEAD: it would take a checkpoint only to throw it away.
     app.router.add_get(ROUTE_BACKUP, api.backup, allow_head=False)
     # Imported here: the lifecycle routes build on this module's _Api and helpers.

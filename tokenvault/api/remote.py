@@ -188,6 +188,13 @@ class RemoteService:
         return _outcome(await self._call("destroy_epoch", {"epoch": epoch,
                                                            "actor": (actor or commands.NO_ACTOR).fields()}))
 
+    async def list_members(self) -> dict[str, Any]:
+        return _document(await self._call("list_members", {}))
+
+    async def change_member(self, action: str, node_id: str, peer_addr: str | None) -> Outcome:
+        return _outcome(await self._call("change_member", {"action": action, "node_id": node_id,
+                                                           "peer_addr": peer_addr}))
+
     async def open_backup(self) -> RemoteBackupStream:
         opened = _document(await self._call("backup.open", {}))
         if not all(type(opened.get(name)) is int for name in ("id", "index", "view", "total_bytes")):

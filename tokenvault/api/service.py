@@ -40,6 +40,7 @@ from tokenvault.crypto.tokens import MAX_TOKEN_CHARS, is_token, parse_token
 from tokenvault.api.validation import (TokenizeOptions, normalize_values, require_item_list,
                                        validate_idempotency_key, validate_lookup_epoch, validate_lookup_tokens,
                                        validate_options, validate_tokens, validate_values)
+from tokenvault.api.members import CHANGE_MEMBER, LIST_MEMBERS, MembershipOperations
 
 log = get_logger("service")
 
@@ -87,10 +88,11 @@ def _rfc3339(milliseconds: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(milliseconds / 1000)) + f".{milliseconds % 1000:03d}Z"
 
 
-class NodeService(LifecycleOperations):
+class NodeService(LifecycleOperations, MembershipOperations):
     """What tokenvault.api.http calls, on top of a Node (tests stand in for it with a fake of the same methods).
 
-    The token lifecycle (delete, re-tokenize, epoch destroy) is in tokenvault/api/lifecycle.py."""
+    The token lifecycle (delete, re-tokenize, epoch destroy) is in tokenvault/api/lifecycle.py, membership
+    changes in tokenvault/api/members.py."""
 
     def __init__(self, node: Node, sealer: Sealer | None = None) -> None:
         self.node = node
@@ -753,21 +755,31 @@ class NodeService(LifecycleOperations):
                 "next_after": last if last < self.node.store.audit_seq else None}
 
     async def cluster_view(self) -> dict:
+        """Every member of the configuration in effect here (and this node, if it is not one), as this
+        node sees them; ``voter`` is false for a learner."""
         replica = self.node.replica
         progress = replica.progress() if replica.role == Role.PRIMARY else {}
         transport = self.node.transport
+        static = {member.id: member for member in self.node.config.members}
+        members = [(member.node_id, member.address, member.voter) for member in replica.membership.members]
+        if self.node_id not in {node_id for node_id, _, _ in members}:
+            members.append((self.node_id, "", False))
         nodes = []
-        for member in self.node.config.members:
-            is_self = member.id == self.node_id
+        for node_id, address, voter in members:
+            is_self = node_id == self.node_id
             if is_self:
                 role = self.node.role_name()
             else:
-                role = "primary" if member.id == replica.primary_id else "backup"
-            entry = {"id": member.id, "http_url": member.http_url, "peer_addr": member.peer_addr,
-                     "role": role, "is_self": is_self,
-                     "reachable": is_self or (transport is not None and transport.is_connected(member.id))}
-            if member.id in progress:
-                match_index, next_index = progress[member.id]
+                role = "primary" if node_id == replica.primary_id else "backup"
+            entry = {"id": node_id, "role": role, "voter": voter, "is_self": is_self,
+                     "reachable": is_self or (transport is not None and transport.is_connected(node_id))}
+            configured = static.get(node_id)
+            if configured is not None:
+                entry["http_url"] = configured.http_url
+            if address or configured is not None:
+                entry["peer_addr"] = address or configured.peer_addr
+            if node_id in progress:
+                match_index, next_index = progress[node_id]
                 entry.update(match_index=match_index, next_index=next_index)
             if is_self:
                 entry.update(view=replica.view, commit_index=replica.commit_index,
@@ -880,6 +892,9 @@ class NodeService(LifecycleOperations):
             status, body = await self._run_forwarded_lifecycle(
                 request.kind, arguments, lambda document: validate_tokens(require_item_list(document, "tokens", limits)))
             return status, body, ()
+        if request.kind in (LIST_MEMBERS, CHANGE_MEMBER):
+            status, body = await self.run_forwarded_member_request(request.kind, arguments)
+            return status, body, ()
         if request.kind == DETOKENIZE:
             tokens = validate_tokens(require_item_list(arguments, "tokens", limits))
             return 200, msgpack.packb(await self._detokenize_missing_here(tokens), use_bin_type=True), ()
@@ -944,6 +959,8 @@ FORWARDED_MEMBERS: dict[str, tuple[str, ...]] = {
     AUDIT: ("records",),
     LIST_KEYS: (),
     **LIFECYCLE_FORWARDED_MEMBERS,
+    LIST_MEMBERS: (),
+    CHANGE_MEMBER: ("action", "node_id", "peer_addr"),
 }
 
 
@@ -996,7 +1013,7 @@ def _decode_forward_response(kind: str, response: ForwardResponse):
                or ForwardedError(response.status, title, detail, slug, headers))
     if kind in (DETOKENIZE, REVEAL):
         return msgpack.unpackb(response.body, raw=False)
-    if kind in (EPOCHS, LIST_KEYS) or kind in LIFECYCLE_DOCUMENT_KINDS:
+    if kind in (EPOCHS, LIST_KEYS, LIST_MEMBERS) or kind in LIFECYCLE_DOCUMENT_KINDS:
         return json.loads(response.body)
     return Outcome(response.status, response.body, headers.get("Idempotent-Replayed") == "true")
 

@@ -495,6 +495,72 @@ def key_revoke(connection: Connection, key_id: str) -> None:
     click.echo(f"key {key_id} revoked")
 
 
+@admin.group("member")
+@group_connection_options
+def member_group() -> None:
+    """List, add and remove cluster members, one at a time (docs/replication.md, "Membership")."""
+
+
+@member_group.command("list")
+@connection_options("admin")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def member_list(connection: Connection, as_json: bool) -> None:
+    """The configuration in effect on the primary: each member's role (voter or learner) and progress."""
+
+    async def fetch() -> Any:
+        async with connection.client() as vault:
+            return await vault.list_members()
+
+    members = _run(fetch())
+    if as_json:
+        click.echo(json.dumps(members, indent=2))
+        return
+    state = "committed" if members.get("committed") else "being committed"
+    table = Table(title=f"Members (configuration at index {members.get('configuration_index')}, {state})")
+    for column in ("id", "role", "peer_addr", "match_index"):
+        table.add_column(column)
+    for member in members["members"]:
+        primary = " (primary)" if member.get("id") == members.get("primary_id") else ""
+        table.add_row(_cell(member.get("id")) + primary, _cell(member.get("role")), _cell(member.get("peer_addr")),
+                      _cell(member.get("match_index")))
+    Console().print(table)
+
+
+@member_group.command("add")
+@connection_options("admin")
+@click.argument("node_id")
+@click.argument("peer_addr")
+@click.option("--learner-only", is_flag=True, help="Add it as a learner and do not promote it.")
+@click.option("--wait", "wait_seconds", type=click.FloatRange(1, 86400), default=300.0, show_default=True,
+              help="Seconds to wait for the learner to catch up before its promotion.")
+def member_add(connection: Connection, node_id: str, peer_addr: str, learner_only: bool, wait_seconds: float) -> None:
+    """Add NODE_ID (its peer listener at PEER_ADDR, host:port) as a learner, then promote it to voter once
+    it has caught up. The node must be running (tokenvault serve with join = true in its config)."""
+
+    async def add() -> Any:
+        async with connection.client() as vault:
+            if learner_only:
+                return await vault.change_member("add", node_id, peer_addr)
+            return await vault.add_voter(node_id, peer_addr, wait_seconds)
+
+    _run(add())
+    click.echo(f"{node_id} added as a {'learner' if learner_only else 'voter'}")
+
+
+@member_group.command("remove")
+@connection_options("admin")
+@click.argument("node_id")
+def member_remove(connection: Connection, node_id: str) -> None:
+    """Remove NODE_ID (live or dead; the primary steps down once its own removal commits)."""
+
+    async def remove() -> Any:
+        async with connection.client() as vault:
+            return await vault.change_member("remove", node_id)
+
+    _run(remove())
+    click.echo(f"{node_id} removed")
+
+
 @admin.group("audit")
 @group_connection_options
 def audit_group() -> None:

@@ -461,6 +461,68 @@ class AsyncClient:
             raise ResponseError("cluster response has no 'nodes' list")
         return answer.body
 
+    async def list_members(self) -> dict[str, Any]:
+        """The configuration in effect: every member's id, peer address, role (voter or learner) and progress."""
+        answer = await self._request("GET", "/v1/admin/members", None, {})
+        body: dict[str, Any] = answer.body
+        if not isinstance(body.get("members"), list):
+            raise ResponseError("member list response has no 'members' list")
+        return body
+
+    async def change_member(self, action: str, node_id: str, peer_addr: str | None = None) -> dict[str, Any]:
+        """One change, answered once committed: "add" (as a learner, with its peer_addr), "promote" or "remove"."""
+        if action == "add":
+            answer = await self._request("POST", "/v1/admin/members", {"node_id": node_id, "peer_addr": peer_addr}, {})
+        elif action in ("promote", "remove") and node_id.replace("-", "").replace(".", "").replace("_", "").isalnum():
+            answer = await self._request("POST", f"/v1/admin/members/{node_id}/{action}", {}, {})
+        else:
+            raise ConfigurationError("action is add, promote or remove, and a node id is [A-Za-z0-9_.-]")
+        changed: dict[str, Any] = answer.body
+        return changed
+
+    async def add_voter(self, node_id: str, peer_addr: str, wait_seconds: float = 300.0) -> dict[str, Any]:
+        """Add a node as a learner, wait until it has caught up and promote it. A step already done is
+        skipped, and a refusal that the step is done (after a retry whose first try's outcome was
+        unknown) counts as done, so a retry is safe. Refusals the cluster lifts by itself (a change
+        still committing, the learner still catching up: 409 with Retry-After) are retried until
+        ``wait_seconds`` pass."""
+        deadline = asyncio.get_running_loop().time() + wait_seconds
+        for action in ("add", "promote"):
+            await self.change_member_once(action, node_id, peer_addr if action == "add" else None, deadline)
+        return await self.list_members()
+
+    async def change_member_once(self, action: str, node_id: str, peer_addr: str | None, deadline: float) -> None:
+        """Make one change unless it is made already (as the member list shows, before and after a refusal)."""
+        if await self._change_is_made(action, node_id):
+            return
+        try:
+            await self.change_member_when_possible(action, node_id, peer_addr, deadline)
+        except ProblemError as refused:
+            if refused.status != 409 or not await self._change_is_made(action, node_id):
+                raise
+
+    async def _change_is_made(self, action: str, node_id: str) -> bool:
+        roles = {member.get("id"): member.get("role") for member in (await self.list_members())["members"]}
+        if action == "add":
+            return node_id in roles
+        if action == "promote":
+            return roles.get(node_id) == "voter"
+        return node_id not in roles
+
+    async def change_member_when_possible(self, action: str, node_id: str, peer_addr: str | None,
+                                          deadline: float) -> None:
+        """``change_member``, retried while the refusal is one the cluster lifts by itself (409 with
+        Retry-After) and the loop's clock is before ``deadline``."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                await self.change_member(action, node_id, peer_addr)
+                return
+            except ProblemError as refused:
+                if refused.status != 409 or refused.retry_after_seconds is None or loop.time() >= deadline:
+                    raise
+                await asyncio.sleep(min(refused.retry_after_seconds, max(0.0, deadline - loop.time())))
+
     async def _request(self, method: str, path: str, body: Any, headers: dict[str, str], *,
                        idempotent: bool = False) -> _Answer:
         """Send to the preferred node, failing over on connection errors and 503 until the deadline."""

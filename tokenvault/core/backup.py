@@ -358,6 +358,7 @@ def _install_store(store_dir: Path, staged: StagedSnapshot, config: Any, master_
         except StoreError as error:
             raise BackupRefused(f"the backup's checkpoint is refused: {error}") from None
         store.commit_install(prepared).close()
+        store.forget_membership()  # the new cluster starts with its own members, not the old cluster's
         if (store.applied_index, store.applied_view) != (staged.index, staged.view):
             raise BackupError(f"the installed store is at index {store.applied_index}, view "
                               f"{store.applied_view}, not the backup's {staged.index}, {staged.view}")

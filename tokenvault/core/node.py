@@ -25,10 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from protocol import (BecamePrimary, ElectionStarted, Entry, EntryKind, Event, ForwardRequest, ForwardResponse, HardState, INITIAL_HARD_STATE, Message,
-                      NotPrimary, PrimaryChanged, ProposalRejected, ReadResult, Ready, Replica, ReplicaConfig,
-                      RestoredState, Role, SteppedDown)
-from tokenvault.config import NodeConfig
+from protocol import (BecamePrimary, ElectionStarted, Entry, EntryKind, Event, ForwardRequest, ForwardResponse, HardState, INITIAL_HARD_STATE, Membership,
+                      MembershipChanged, MembershipError, Message, NotPrimary, PrimaryChanged, ProposalRejected,
+                      ReadResult, Ready, Replica, ReplicaConfig, RestoredState, Role, SteppedDown)
+from tokenvault.config import ConfigError, NodeConfig, split_host_port
 from tokenvault.core import commands
 from tokenvault.core.shred import Shredder
 from tokenvault.core.snapshot_transfer import SnapshotTransfers
@@ -106,8 +106,11 @@ class Node:
         self.restored = self._restored_state(recovered)
         self.recovered_log = recovered
         members = tuple(member.id for member in config.members)
+        # A joining node (run_cluster.sh add-node) starts as a learner of the voters it was told of; the
+        # configuration in its log or store, once it has one, replaces this bootstrap one.
+        voters = tuple(member for member in members if member != self.node_id) if config.join else members
         self.replica = Replica(
-            ReplicaConfig(node_id=self.node_id, members=members,
+            ReplicaConfig(node_id=self.node_id, members=voters, learners=(self.node_id,) if config.join else (),
                           election_timeout_ticks=config.timing.election_timeout_ticks,
                           heartbeat_interval_ticks=config.timing.heartbeat_interval_ticks,
                           snapshot_chunk_bytes=config.wal.snapshot_chunk_bytes),
@@ -119,12 +122,13 @@ class Node:
             self.http_tls_context, peer_tls = load_node_tls(config.tls.files(), self.node_id)
         self.transport: PeerTransport | None = None
         if len(members) > 1:
-            peers = [PeerAddress(member.id, member.peer_host, member.peer_port) for member in config.members]
+            peers = self._peer_addresses(self.replica.membership)
             self.transport = PeerTransport(self.node_id, config.peer.host, config.peer.port, peers,
                                            config.load_cluster_secret(), self._on_peer_message,
                                            MAX_FRAME_BYTES, on_peer_down=self._on_peer_down,
                                            idle_timeout_seconds=_link_idle_timeout_seconds(config), tls=peer_tls,
                                            max_unauthenticated_connections=config.peer.max_unauthenticated_connections)
+            self._follow_membership()  # links to the committed configuration's members too, not only the newest's
         self._inbox: deque[tuple[Any, ...]] = deque()
         self._wakeup = asyncio.Event()
         self._pending_proposals: dict[int, _PendingProposal] = {}
@@ -188,7 +192,38 @@ class Node:
         if hard_state.commit_index < base_index:
             hard_state = HardState(hard_state.view, hard_state.voted_for, base_index)
         return RestoredState(hard_state=hard_state, snapshot_index=base_index, snapshot_view=base_view,
-                             entries=entries)
+                             entries=entries, membership=self.store.membership())
+
+    def _follow_membership(self) -> None:
+        """Peer links to the members of the configuration in effect and of the last committed one: while a
+        change is not committed both sets may be needed (a removed primary commits its own removal;
+        a member the change adds catches up)."""
+        if self.transport is None:
+            return
+        committed = self.store.membership() or Membership.of(tuple(member.id for member in self.config.members))
+        addresses = {peer.node_id: peer for peer in self._peer_addresses(committed)}
+        addresses.update((peer.node_id, peer) for peer in self._peer_addresses(self.replica.membership))
+        self.transport.set_peers(list(addresses.values()))
+
+    def _peer_addresses(self, membership: Membership) -> list[PeerAddress]:
+        """Where each member of a configuration listens for peers: the address the configuration entry
+        carries, else the static config's (the first cluster's members have none in the bootstrap)."""
+        static = {member.id: member for member in self.config.members}
+        addresses = []
+        for member in membership.members:
+            if member.address:
+                try:
+                    host, port = split_host_port("peer_addr", member.address)
+                except ConfigError:
+                    # The primary checked it when the change was asked for; a log holding another is not
+                    # one this node can dial, and must not stop it.
+                    log.warning("membership.bad_address", member=member.node_id)
+                    continue
+                addresses.append(PeerAddress(member.node_id, host, port))
+            elif member.node_id in static:
+                entry = static[member.node_id]
+                addresses.append(PeerAddress(member.node_id, entry.peer_host, entry.peer_port))
+        return addresses
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -256,6 +291,15 @@ class Node:
         """
         result: asyncio.Future[ApplyResult] = asyncio.get_running_loop().create_future()
         self._enqueue(("propose", payload, result))
+        return await await_future(result, timeout_seconds)
+
+    async def change_membership(self, change: Callable[[Membership], Membership], timeout_seconds: float) -> int:
+        """Propose the configuration ``change`` makes of the current one; returns its index once committed
+        and applied here. Raises NotPrimary, MembershipError (the change makes no sense: a member
+        already, not a member), ProposalRejected (not now: a change pending, a learner behind) and
+        asyncio.TimeoutError as ``propose`` does."""
+        result: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._enqueue(("membership", change, result))
         return await await_future(result, timeout_seconds)
 
     async def read_barrier(self, timeout_seconds: float) -> None:
@@ -345,6 +389,8 @@ class Node:
                 self._propose_now(item[1], item[2])
             elif kind == "read":
                 self._read_now(item[1], item[2])
+            elif kind == "membership":
+                self._change_membership_now(item[1], item[2])
             elif kind == "call":
                 item[1]()
 
@@ -365,6 +411,19 @@ class Node:
         if previous is not None and not previous.future.done():
             previous.future.set_exception(ProposalLost("superseded"))
         self._pending_proposals[index] = _PendingProposal(view, result)
+
+    def _change_membership_now(self, change: Callable[[Membership], Membership], result: asyncio.Future[Any]) -> None:
+        if result.done():
+            return
+        try:
+            index, view = self.replica.propose_membership(change(self.replica.membership))
+        except (NotPrimary, ProposalRejected, MembershipError) as error:
+            result.set_exception(error)
+            return
+        log.info("membership.proposed", index=index, view=view)
+        outcome: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        outcome.add_done_callback(lambda done: _settle(result, done, index))
+        self._pending_proposals[index] = _PendingProposal(view, outcome)
 
     def _read_now(self, request_id: int, future: asyncio.Future[None]) -> None:
         if future.done():
@@ -431,7 +490,7 @@ class Node:
         self.snapshots.close_later(old)
         self.keyring = self._keyring_of_store()
         self._keyring_changed()
-        self.replica.snapshot_installed(index, view)
+        self.replica.snapshot_installed(index, view, self.store.membership())
         log.info("snapshot.installed", index=index, view=view, tokens=self.store.token_count())
 
     # ----------------------------------------------------------------- apply
@@ -442,6 +501,9 @@ class Node:
         issued_epoch = 0
         for entry in entries:
             result = by_index.get(entry.index)
+            if entry.kind == EntryKind.CONFIG:
+                log.info("membership.committed", index=entry.index)
+                self._follow_membership()
             if result is not None and entry.kind == EntryKind.COMMAND:
                 count, epoch = self._after_apply(entry, result)
                 issued_count += count
@@ -451,6 +513,8 @@ class Node:
                 continue
             if pending.view != entry.view:
                 pending.future.set_exception(ProposalLost("another entry was committed at this index"))
+            elif entry.kind == EntryKind.CONFIG:
+                pending.future.set_result(None)  # a configuration change has no result but its commit
             elif result is None:
                 pending.future.set_exception(ProposalLost("entry was applied before this process started"))
             else:
@@ -573,6 +637,11 @@ class Node:
             log.info("primary.changed", view=event.view, primary=event.primary_id)
         elif isinstance(event, ElectionStarted):
             log.info("election.started", view=event.view, reason=event.reason)
+        elif isinstance(event, MembershipChanged):
+            membership = event.membership
+            log.info("membership.changed", index=event.index, voters=list(membership.voters),
+                     learners=list(membership.learners))
+            self._follow_membership()
         else:
             log.info("replica.event", kind=type(event).__name__)
 
@@ -611,7 +680,7 @@ class Node:
             if not pending.future.done():
                 pending.future.set_exception(ProposalOutcomeUnknown("the node stopped before the write committed"))
         futures = list(self._pending_reads.values()) + [pending.future for pending in self._reads_waiting_apply]
-        futures += [item[-1] for item in self._inbox if item[0] in ("propose", "read")]
+        futures += [item[-1] for item in self._inbox if item[0] in ("propose", "read", "membership")]
         for future in futures:
             if not future.done():
                 future.set_exception(NotPrimary(None))
@@ -634,6 +703,18 @@ class Node:
         return {"status": "ok", "node_id": self.node_id, "role": self.role_name(), "view": self.replica.view,
                 "primary_id": self.replica.primary_id, "commit_index": self.replica.commit_index,
                 "applied_index": self.store.applied_index, "active_epoch": self.store.active_epoch()}
+
+
+def _settle(result: asyncio.Future[Any], done: asyncio.Future[Any], index: int) -> None:
+    """Pass a configuration entry's outcome on to its caller as the entry's index."""
+    if result.done():
+        return
+    if done.cancelled():
+        result.cancel()
+    elif done.exception() is not None:
+        result.set_exception(done.exception())  # type: ignore[arg-type]
+    else:
+        result.set_result(index)
 
 
 def _link_idle_timeout_seconds(config: NodeConfig) -> float:

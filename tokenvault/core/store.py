@@ -29,6 +29,10 @@ byte order is numeric order):
   key, only its salted digest. At most ``MAX_API_KEYS``; a revoke deletes the
   row (the audit trail keeps who created and revoked it). Also held in memory,
   so authentication never touches the database.
+- ``c`` -> the payload of the last configuration entry applied (protocol.membership:
+  the cluster's voters and learners with their peer addresses); absent until the
+  first membership change, when the static config's members hold. It travels
+  in snapshots, so a node that installs one knows the configuration it is at.
 - ``A`` + seq (8 bytes) -> msgpack [seq, *fields, previous hash, hash]: the
   audit trail (tokenvault.audit_chain), and ``h`` -> msgpack [last seq, last hash],
   its head. Records are appended at apply, never changed or deleted.
@@ -126,7 +130,7 @@ from rocksdict import (
     WriteOptions,
 )
 
-from protocol import Entry, EntryKind
+from protocol import Entry, EntryKind, Membership, MembershipError
 from tokenvault.audit_chain import GENESIS_HASH, chain_hash, record_document
 from tokenvault.auth import RuntimeKey
 from tokenvault.core.commands import (OPAQUE_FORMAT, AuditCommand, CreateApiKeyCommand, DeleteTokensCommand,
@@ -217,6 +221,7 @@ _LIFE_END = b"M"
 _EXPIRY = b"X"
 _EXPIRY_END = b"Y"
 _EXPIRY_HEADER_BYTES = 1 + 8
+_MEMBERSHIP_KEY = b"c"
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
 _AGE_HEADER_BYTES = 1 + _U64.size
@@ -366,6 +371,16 @@ def _decode_meta(value: bytes | None, error: type[StoreError]) -> tuple[int, int
     if len(meta) != 5 or not all(_is_count(field_value) for field_value in meta[2:]):
         raise error("store meta record is malformed")
     return meta[2], meta[3], meta[4]
+
+
+def _read_membership(database: Rdict, error: type[StoreError]) -> Membership | None:
+    value = database.get(_MEMBERSHIP_KEY)
+    if value is None:
+        return None
+    try:
+        return Membership.decode(bytes(value))
+    except MembershipError as failure:
+        raise error(f"store membership record is malformed: {failure}") from None
 
 
 def _decode_epoch(key: bytes, value: bytes, error: type[StoreError]) -> EpochRecord:
@@ -690,6 +705,7 @@ class VaultStore:
         self._api_keys = _read_api_keys(self._db, StoreCorruption)
         self._keys_changed()
         self._audit_seq, self._audit_head = _read_audit_head(self._db, StoreCorruption)
+        self._membership = _read_membership(self._db, StoreCorruption)
         first = _first_key(self._db, _AGE, _AGE_END)
         # No idempotency record is older than the floor: a purge with an earlier
         # cut-off would delete nothing, so it is skipped (the same on every node).
@@ -776,6 +792,10 @@ class VaultStore:
     def path(self) -> Path:
         return self._path
 
+    def membership(self) -> Membership | None:
+        """The configuration of the last membership change applied; None before the first one."""
+        return self._membership
+
     def active_epoch(self) -> int:
         """The active epoch, 0 before the first rotation."""
         return self._active_epoch
@@ -798,6 +818,7 @@ class VaultStore:
         batch.audit_seq, batch.audit_head = self._audit_seq, self._audit_head
         batch.has_life, batch.expiry_resume = self._has_life, self._expiry_resume_key
         results: list[ApplyResult] = []
+        membership = self._membership
         for entry in entries:
             if entry.index <= batch.applied_index:
                 continue
@@ -805,6 +826,9 @@ class VaultStore:
                 raise ValueError(f"entry {entry.index} does not follow applied index {batch.applied_index}")
             if entry.kind == EntryKind.COMMAND:
                 results.append(self._apply_command(entry.index, decode_command(entry.payload), batch))
+            elif entry.kind == EntryKind.CONFIG:
+                membership = Membership.decode(entry.payload)  # the core checked it; a bad one stops the batch
+                batch.writes[_MEMBERSHIP_KEY] = entry.payload
             batch.applied_index, batch.applied_view = entry.index, entry.view
         if batch.applied_index == self._applied_index:
             return results
@@ -821,6 +845,7 @@ class VaultStore:
         self._db.write(write, self._write_options)
         self._audit_seq, self._audit_head = batch.audit_seq, batch.audit_head
         self._applied_index, self._applied_view = batch.applied_index, batch.applied_view
+        self._membership = membership
         self._active_epoch, self._token_count = batch.active_epoch, batch.token_count
         self._idempotency_floor_ms, self._purge_resume_key = batch.floor_ms, batch.resume_key
         self._has_life, self._expiry_resume_key = batch.has_life, batch.expiry_resume
@@ -1293,6 +1318,15 @@ class VaultStore:
         return IdempotencyRecord(principal, key, kind, fingerprint, status, response, created_at_ms)
 
     # ------------------------------------------------------------ durability
+    def forget_membership(self) -> None:
+        """Drop the recorded configuration, durably: a restore from a backup builds a new cluster, whose
+        configuration is its node configs' static one, not the one of the cluster the backup came from."""
+        write = WriteBatch(raw_mode=True)
+        write.delete(_MEMBERSHIP_KEY)
+        self._db.write(write, self._write_options)
+        self._membership = None
+        self.checkpoint()
+
     def checkpoint(self) -> int:
         """Make the applied state durable (fsync RocksDB's WAL); returns the applied index now on disk for sure.
 
@@ -1353,6 +1387,7 @@ class VaultStore:
                 raise SnapshotRejected("checkpoint is not at the announced index and view")
             _check_epochs(_read_epochs(database, SnapshotRejected, limit=index), SnapshotRejected)
             _check_token_count(database, token_count, SnapshotRejected)
+            _read_membership(database, SnapshotRejected)
         except SnapshotRejected:
             raise
         except Exception:

@@ -194,6 +194,7 @@ class PeerTransport:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._server: asyncio.AbstractServer | None = None
         self._closing = False
+        self._started = False
         self.last_seen_monotonic: dict[str, float] = {}
         self.handshake_failures = 0
         self.frames_rejected = 0
@@ -206,9 +207,30 @@ class PeerTransport:
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._accept, self.listen_host, self.listen_port,
                                                   limit=READ_CHUNK_BYTES)
+        self._started = True
         for peer_id in self.peers:
             if self.node_id < peer_id:
                 self._spawn(self._dial_forever(self.peers[peer_id]))
+
+    def set_peers(self, peers: list[PeerAddress]) -> None:
+        """Follow a membership change: links to new members are made (the lower id dials, as at start),
+        links to members that left are closed and no longer accepted. A member whose address changed
+        is redialled at the new one."""
+        wanted = {peer.node_id: peer for peer in peers if peer.node_id != self.node_id}
+        for peer_id in list(self.peers):
+            if wanted.get(peer_id) != self.peers[peer_id]:
+                del self.peers[peer_id]  # its dialer sees this and stops
+                connection = self._connections.get(peer_id)
+                if connection is not None:
+                    connection.close()
+                log.info("peer.removed", peer=peer_id)
+        for peer_id, peer in wanted.items():
+            if peer_id in self.peers:
+                continue
+            self.peers[peer_id] = peer
+            log.info("peer.added", peer=peer_id, remote=f"{peer.host}:{peer.port}")
+            if self._started and not self._closing and self.node_id < peer_id:
+                self._spawn(self._dial_forever(peer))
 
     async def close(self) -> None:
         self._closing = True
@@ -243,7 +265,7 @@ class PeerTransport:
         one attempt is logged by type and followed by a capped backoff.
         """
         delay = RECONNECT_DELAY_SECONDS_MIN
-        while not self._closing:
+        while not self._closing and self.peers.get(peer.node_id) is peer:
             try:
                 connected = await self._dial_once(peer)
             except asyncio.CancelledError:

@@ -167,6 +167,9 @@ def _valid_hard_state_fields(fields: object) -> bool:
             and (fields[1] is None or (type(fields[1]) is str and 0 < len(fields[1]) <= MAX_VOTED_FOR_CHARS)))
 
 
+_ENTRY_KINDS = frozenset(int(kind) for kind in EntryKind)
+
+
 def _decode_fields(record_type: int, payload: bytes) -> list[Any]:
     """Parse a record payload whose CRC matched; a malformed one raises ValueError."""
     fields = msgpack.unpackb(payload, raw=False, use_list=True, max_map_len=0, max_ext_len=0,
@@ -175,7 +178,7 @@ def _decode_fields(record_type: int, payload: bytes) -> list[Any]:
         raise ValueError("record payload is not an array")
     if record_type == RecordType.ENTRY:
         ok = (len(fields) == 4 and _valid_integer(fields[0]) and fields[0] >= 1 and _valid_integer(fields[1])
-              and fields[2] in (EntryKind.NOOP, EntryKind.COMMAND) and type(fields[2]) is int
+              and type(fields[2]) is int and fields[2] in _ENTRY_KINDS
               and type(fields[3]) is bytes)
     elif record_type == RecordType.HARD_STATE:
         ok = _valid_hard_state_fields(fields)

@@ -17,7 +17,7 @@ from typing import Any
 
 import click
 
-from tokenvault.devcluster import cluster
+from tokenvault.devcluster import cluster, membership
 from tokenvault.devcluster.cluster import ClusterError, ClusterSpec, NodeSpec, NodeStatus
 
 EXIT_FAILED = 1
@@ -138,6 +138,26 @@ def restart(node_id: str, timeout_seconds: float) -> None:
     """Start a stopped or killed node again with its existing data."""
     status = cluster.restart_node(cluster.default_cluster_directory(), node_id, timeout_seconds, _echo)
     _echo(status.describe())
+
+
+@run_cluster.command("add-node")
+@click.option("--timeout-seconds", type=click.FloatRange(1, 86400), default=membership.DEFAULT_CHANGE_TIMEOUT_SECONDS,
+              show_default=True, help="How long to wait for the new node to catch up and be promoted.")
+@_handle_errors
+def add_node(timeout_seconds: float) -> None:
+    """Create, start and add one node (next free id and ports); exits 0 once it is a voter."""
+    node = membership.add_node(cluster.default_cluster_directory(), timeout_seconds, _echo)
+    _echo(f"{node.node_id} added: {node.http_url}")
+
+
+@run_cluster.command("remove-node")
+@click.argument("node_id")
+@click.option("--timeout-seconds", type=click.FloatRange(1, 86400), default=membership.DEFAULT_CHANGE_TIMEOUT_SECONDS,
+              show_default=True, help="How long to wait until the removal can be made and commits.")
+@_handle_errors
+def remove_node(node_id: str, timeout_seconds: float) -> None:
+    """Remove NODE_ID (live or dead) from the cluster and cluster.json; exits 0 once that is committed."""
+    membership.remove_node(cluster.default_cluster_directory(), node_id, timeout_seconds, _echo)
 
 
 @run_cluster.command()

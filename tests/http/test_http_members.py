@@ -1,0 +1,70 @@
+"""The membership endpoints of the HTTP layer: the add / promote / remove cycle, validation (400), the
+409 of a change that cannot be made, and the admin scope (401, 403)."""
+
+from __future__ import annotations
+
+import pytest
+from _http_checks import check_problem
+from _http_support import FakeService, KeyRing
+from aiohttp.test_utils import TestClient
+
+
+async def expect_problem(response, status: int) -> dict:
+    return check_problem(response.status, response.headers, await response.read(), status, ())
+
+
+async def test_add_promote_list_and_remove_a_member(client: TestClient, key_ring: KeyRing) -> None:
+    admin = key_ring.bearer("admin")
+    added = await client.post("/v1/admin/members", json={"node_id": "n4", "peer_addr": "127.0.0.1:8204"},
+                              headers=admin)
+    assert added.status == 201
+    assert (await added.json())["learners"] == ["n4"]
+    promoted = await client.post("/v1/admin/members/n4/promote", headers=admin)
+    assert promoted.status == 200 and "n4" in (await promoted.json())["voters"]
+    listed = await (await client.get("/v1/admin/members", headers=admin)).json()
+    assert {member["id"]: member["role"] for member in listed["members"]}["n4"] == "voter"
+    assert {member["id"]: member["peer_addr"] for member in listed["members"]}["n4"] == "127.0.0.1:8204"
+    removed = await client.post("/v1/admin/members/n4/remove", json={}, headers=admin)
+    assert removed.status == 200 and "n4" not in (await removed.json())["voters"]
+
+
+async def test_a_change_that_cannot_be_made_is_409_and_changes_nothing(
+        client: TestClient, key_ring: KeyRing, service: FakeService) -> None:
+    admin = key_ring.bearer("admin")
+    before = service.membership
+    problem = await expect_problem(await client.post("/v1/admin/members/n9/remove", headers=admin), 409)
+    assert problem["type"].endswith("membership-change-refused")
+    await expect_problem(await client.post("/v1/admin/members/n9/promote", headers=admin), 409)
+    await expect_problem(await client.post("/v1/admin/members", json={"node_id": service.node_id,
+                                                                      "peer_addr": "h:1"}, headers=admin), 409)
+    assert service.membership == before
+
+
+@pytest.mark.parametrize("document", [
+    {"node_id": "n4"},
+    {"peer_addr": "127.0.0.1:8204"},
+    {"node_id": "", "peer_addr": "127.0.0.1:8204"},
+    {"node_id": "-n4", "peer_addr": "127.0.0.1:8204"},
+    {"node_id": "n" * 33, "peer_addr": "127.0.0.1:8204"},
+    {"node_id": 4, "peer_addr": "127.0.0.1:8204"},
+    {"node_id": "n4", "peer_addr": "127.0.0.1"},
+    {"node_id": "n4", "peer_addr": "127.0.0.1:0"},
+    {"node_id": "n4", "peer_addr": "bad host:1"},
+    {"node_id": "n4", "peer_addr": ":1"},
+    {"node_id": "n4", "peer_addr": "h" * 300 + ":1"},
+    {"node_id": "n4", "peer_addr": 8204},
+    {"node_id": "n4", "peer_addr": "127.0.0.1:8204", "voter": True},
+])
+async def test_a_malformed_add_is_400_and_changes_nothing(
+        client: TestClient, key_ring: KeyRing, service: FakeService, document: dict) -> None:
+    before = service.membership
+    response = await client.post("/v1/admin/members", json=document, headers=key_ring.bearer("admin"))
+    problem = await expect_problem(response, 400)
+    assert "127.0.0.1" not in problem["detail"], "the input is never echoed"
+    assert service.membership == before
+
+
+async def test_member_endpoints_need_the_admin_scope(client: TestClient, key_ring: KeyRing) -> None:
+    await expect_problem(await client.get("/v1/admin/members"), 401)
+    await expect_problem(await client.get("/v1/admin/members", headers=key_ring.bearer("tokenizer")), 403)
+    await expect_problem(await client.post("/v1/admin/members/n1/remove", headers=key_ring.bearer("tokenizer")), 403)

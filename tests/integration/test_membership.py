@@ -1,0 +1,115 @@
+"""Membership changes with real processes (issue 12, part 6): a dead node replaced by a fresh one.
+
+A 3-node cluster loses a node for good; ``run_cluster.sh add-node`` (run as
+the module the script execs) starts a node with an empty data directory,
+which joins as a learner, catches up and is promoted; ``remove-node`` takes the
+dead one out. Then another original node is killed: the new node must now count
+in the majority, so writes acknowledged after that kill prove it does. That node
+then restarts with its old static config and catches up. A client load runs
+throughout and its whole history is checked on every node (every acknowledged
+token detokenizes to its value, and the history is linearizable). Last,
+``remove-node`` removes the primary itself, which steps down once that commits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+
+import pytest
+
+from harness import ClusterHarness, background_load, wait_for_acknowledged
+from history import History, Kind, assert_no_violations, check_history_async
+from tokenvault.devcluster import cluster
+
+pytestmark = pytest.mark.integration
+
+CHANGE_TIMEOUT_SECONDS = 60.0
+
+
+def run_cluster(harness: ClusterHarness, *arguments: str) -> str:
+    """``./run_cluster.sh ARGUMENTS`` on the harness's cluster (the script execs this module); asserts exit 0."""
+    environment = {**os.environ, "TOKENVAULT_CLUSTER_DIR": str(harness.directory)}
+    done = subprocess.run([sys.executable, "-m", "tokenvault.devcluster", *arguments, "--timeout-seconds",
+                           str(CHANGE_TIMEOUT_SECONDS)], env=environment, capture_output=True, text=True,
+                          timeout=CHANGE_TIMEOUT_SECONDS + 30)
+    assert done.returncode == 0, f"run_cluster.sh {' '.join(arguments)}: exit {done.returncode}\n{done.stderr}"
+    return done.stdout + done.stderr
+
+
+def refresh(harness: ClusterHarness) -> None:
+    """Follow cluster.json after add-node / remove-node (teardown then stops the new node too)."""
+    harness.spec = cluster.load_cluster(harness.directory)
+    # A removed node is stopped by remove-node and out of cluster.json: the harness forgets its pid.
+    harness.known_pids = {pid: node_id for pid, node_id in harness.known_pids.items() if node_id in harness.node_ids}
+    harness._remember_pids()
+
+
+async def test_a_fresh_node_replaces_a_dead_one_and_nothing_acknowledged_is_lost(
+        make_cluster: Callable[..., ClusterHarness]) -> None:
+    harness = make_cluster()
+    history = History()
+    values = [f"member-{uuid.uuid4().hex[:10]}-{index:03d}" for index in range(80)]
+    async with background_load(harness, history, values, workers=4):
+        await wait_for_acknowledged(history, 10)
+        primary = await asyncio.to_thread(harness.wait_for_primary)
+        lost = next(node_id for node_id in harness.node_ids if node_id != primary)
+        await asyncio.to_thread(harness.kill, lost)  # lost for good: it never comes back
+
+        before = set(harness.node_ids)
+        change_started = time.monotonic()
+        await asyncio.to_thread(run_cluster, harness, "add-node")
+        await asyncio.to_thread(run_cluster, harness, "remove-node", lost)
+        change_ended = time.monotonic()
+        refresh(harness)
+        (added_id,) = set(harness.node_ids) - before
+        added = harness.node(added_id)
+        assert lost not in harness.node_ids
+        async with harness.client([added.node_id], key="admin") as admin:
+            members = await admin.list_members()
+        assert sorted(member["id"] for member in members["members"] if member["role"] == "voter") == sorted(
+            harness.node_ids), members
+        assert members["committed"], members
+
+        # The new node counts now: with another original node down, it and the last one are the majority.
+        victim = await asyncio.to_thread(harness.wait_for_primary)
+        if victim == added.node_id:
+            victim = next(node_id for node_id in harness.node_ids if node_id != added.node_id)
+        killed_at = time.monotonic()
+        await asyncio.to_thread(harness.kill, victim)
+        await wait_for_acknowledged(history, 10, since_monotonic=killed_at, timeout_seconds=30.0)
+
+    during_change = [operation for operation in history.acknowledged()
+                     if change_started <= operation.start_monotonic <= change_ended]
+    assert any(operation.kind is Kind.TOKENIZE for operation in during_change), (
+        f"no write was acknowledged while the membership changed ({history.summary()})")
+    survivors = [node_id for node_id in harness.node_ids if node_id != victim]
+    assert added.node_id in survivors
+    # The killed original node restarts: its static config still names the removed node and not the new
+    # one, its log and store hold the current configuration; it catches up and serves everything.
+    await asyncio.to_thread(harness.restart, victim)
+    primary = await asyncio.to_thread(harness.wait_for_primary)
+    commit_index = (await harness.health_async(primary))["commit_index"]
+    await asyncio.to_thread(harness.wait_for_applied, [victim], commit_index, 30.0)
+    async with harness.node_clients(harness.node_ids, deadline_seconds=10.0) as clients:
+        violations = await check_history_async(history, {node: client.detokenize for node, client in clients.items()})
+    assert_no_violations(violations, history)
+    print(f"replaced {lost} by {added.node_id} in {change_ended - change_started:.1f} s, then killed {victim}; "
+          f"{len(during_change)} operations acknowledged during the change; {history.summary()}")
+
+    # Last, the primary itself is removed: it steps down once that commits, saying why, and the two
+    # voters left elect a successor that acknowledges writes.
+    primary = await asyncio.to_thread(harness.wait_for_primary)
+    mark = harness.log_mark(primary)
+    await asyncio.to_thread(run_cluster, harness, "remove-node", primary)
+    stepped_down = harness.find_events(primary, "primary.stepped_down", since=mark)
+    assert stepped_down and "removed from the voters" in stepped_down[-1]["reason"], stepped_down
+    refresh(harness)
+    assert primary not in harness.node_ids and len(harness.node_ids) == 2
+    async with harness.client(key="tokenizer", deadline_seconds=15.0) as tokenizer:
+        assert (await tokenizer.tokenize(["after-the-primary-left"])).tokens

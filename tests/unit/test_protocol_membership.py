@@ -1,0 +1,282 @@
+"""Membership changes in the pure core: the configuration rules, learners, and what a change survives.
+
+The rules are written up in docs/replication.md ("Membership"); the simulator
+(tests/sim) mixes the same changes into its sweep.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from protocol import (INITIAL_HARD_STATE, AppendEntries, Entry, EntryKind, HardState, Membership,
+                      MembershipChanged, MembershipError, NotPrimary, PreVoteReply, ProposalRejected, Replica,
+                      ReplicaConfig, RequestVote, RestoredState, Role, SteppedDown, VoteReply)
+from protocol.membership import ConfigurationLog, Member
+from test_protocol_replica import EMPTY, Cluster, Node, drain
+
+
+class GrowingCluster(Cluster):
+    """The replica tests' synchronous cluster, plus nodes that join with an empty log."""
+
+    def join(self, node_id: str, seed: int = 50) -> None:
+        config = ReplicaConfig(node_id, self.voters(), learners=(node_id,), **self.overrides)
+        self.nodes[node_id] = Node(Replica(config, EMPTY, random.Random(seed)))
+        self.ids = self.ids + (node_id,)
+
+    def voters(self) -> tuple[str, ...]:
+        return tuple(node_id for node_id in self.ids
+                     if self.nodes[node_id].replica.membership.is_voter(node_id))
+
+    def change(self, membership: Membership) -> int:
+        index, _ = self.primary().propose_membership(membership)
+        self.settle()
+        return index
+
+    def write(self, payload: bytes) -> int:
+        index, _ = self.primary().propose(payload)
+        self.tick(times=self.heartbeat_ticks())  # a heartbeat carries the new commit point to the backups
+        return index
+
+    def heartbeat_ticks(self) -> int:
+        return self.nodes["n1"].replica.config.heartbeat_interval_ticks
+
+
+def started_cluster(size: int = 3) -> GrowingCluster:
+    cluster = GrowingCluster(size)
+    cluster.elect("n1")
+    cluster.settle()
+    return cluster
+
+
+def applied_payloads(cluster: Cluster, node_id: str) -> list[bytes]:
+    return [entry.payload for entry in cluster.nodes[node_id].applied if entry.kind is EntryKind.COMMAND]
+
+
+# ---------------------------------------------------------------------------- the configuration record
+
+
+def test_membership_round_trips_and_each_change_is_one_member() -> None:
+    membership = Membership.of(("n1", "n2", "n3"), addresses={"n1": "127.0.0.1:8201"})
+    assert Membership.decode(membership.encode()) == membership
+    assert membership.quorum == 2 and membership.voters == ("n1", "n2", "n3") and membership.learners == ()
+    added = membership.with_learner("n4", "127.0.0.1:8204")
+    assert added.learners == ("n4",) and added.quorum == 2, "a learner never counts in the majority"
+    promoted = added.promoted("n4")
+    assert promoted.voters == ("n1", "n2", "n3", "n4") and promoted.quorum == 3
+    assert promoted.without("n3").voters == ("n1", "n2", "n4")
+    assert membership.differs_by_one_member(added) and added.differs_by_one_member(promoted)
+    assert not membership.differs_by_one_member(promoted.without("n1")), "a swap is two changes"
+    assert not membership.differs_by_one_member(membership)
+    with pytest.raises(MembershipError):
+        membership.with_learner("n1", "")
+    with pytest.raises(MembershipError):
+        membership.promoted("n1")
+    with pytest.raises(MembershipError):
+        Membership.of(("n1",)).without("n1")  # no voter left
+
+
+@pytest.mark.parametrize("payload", [b"", b"\xc1", b"\x92\x01\x90", b"\x92\x02\x91\x93\xa2n1\xa0\xc3",
+                                     b"\x92\x01\x91\x93\x01\xa0\xc3", b"\x92\x01\x91\x93\xa2n1\xa0\x01",
+                                     b"\x92\x01\x92\x93\xa2n2\xa0\xc3\x93\xa2n1\xa0\xc3", b"\x00" * 5000,
+                                     b"\x92\x01\x91\x93\xa2n1\xa0\xc2"])
+def test_a_payload_that_is_not_a_membership_is_refused(payload: bytes) -> None:
+    with pytest.raises(MembershipError):
+        Membership.decode(payload)
+
+
+def test_the_configuration_log_follows_truncation_compaction_and_snapshots() -> None:
+    bootstrap = Membership.of(("n1", "n2", "n3"))
+    with_learner = bootstrap.with_learner("n4", "h:4")
+    promoted = with_learner.promoted("n4")
+    configurations = ConfigurationLog(bootstrap, None)
+    assert configurations.current == bootstrap and configurations.last_index is None
+    configurations.note(5, with_learner.encode())
+    configurations.note(9, promoted.encode())
+    assert (configurations.current, configurations.previous, configurations.indexes) == (promoted, with_learner, (5, 9))
+    assert not configurations.truncate_from(10), "nothing of a configuration was dropped"
+    assert configurations.truncate_from(9) and configurations.current == with_learner
+    configurations.compact_to(7)
+    assert configurations.base == with_learner and configurations.last_index is None
+    assert configurations.current == with_learner and configurations.previous == with_learner
+    configurations.reset(None)
+    assert configurations.current == bootstrap, "a snapshot without a recorded configuration: the bootstrap one"
+    configurations.reset(promoted)
+    assert configurations.current == promoted
+    with pytest.raises(MembershipError):
+        configurations.note(12, b"\x00")
+
+
+# ---------------------------------------------------------------------------- learners
+
+
+def test_a_learner_catches_up_but_never_campaigns_nor_counts() -> None:
+    cluster = started_cluster()
+    before = cluster.write(b"before")
+    cluster.join("n4")
+    cluster.change(cluster.primary().membership.with_learner("n4", ""))
+    assert applied_payloads(cluster, "n4") == [b"before"], "the learner received the log"
+    assert cluster.nodes["n4"].replica.membership.learners == ("n4",)
+    assert before < cluster.nodes["n4"].replica.commit_index
+    # Only n1 and the learner remain: one voter of three, so nothing commits.
+    cluster.isolated = {"n2", "n3"}
+    stuck, _ = cluster.primary().propose(b"needs a voter majority")
+    cluster.settle()
+    assert cluster.primary().commit_index < stuck
+    # The learner, cut off from everyone, waits forever without raising its view.
+    cluster.isolated = {"n1", "n2", "n3"}
+    view = cluster.nodes["n4"].replica.view
+    cluster.tick(("n4",), times=10 * cluster.nodes["n4"].replica.config.election_timeout_ticks)
+    assert cluster.nodes["n4"].replica.role is Role.BACKUP and cluster.nodes["n4"].replica.view == view
+    assert not any(isinstance(message, RequestVote) for _, _, message in cluster.queue)
+
+
+def test_a_learner_is_promoted_only_once_caught_up() -> None:
+    cluster = started_cluster()
+    cluster.write(b"a")
+    cluster.join("n4")
+    cluster.isolated = {"n4"}  # n4 is added but cannot catch up yet
+    cluster.change(cluster.primary().membership.with_learner("n4", ""))
+    with pytest.raises(ProposalRejected, match="has not caught up"):
+        cluster.primary().propose_membership(cluster.primary().membership.promoted("n4"))
+    cluster.isolated = set()
+    cluster.tick(times=3)
+    cluster.change(cluster.primary().membership.promoted("n4"))
+    for node_id in cluster.ids:
+        assert cluster.nodes[node_id].replica.membership.voters == ("n1", "n2", "n3", "n4")
+    # Four voters: a majority is three, so n1 with n4 alone commits nothing, n1 with n2 and n4 does.
+    cluster.isolated = {"n2", "n3"}
+    stuck, _ = cluster.primary().propose(b"two of four")
+    cluster.settle()
+    assert cluster.primary().commit_index < stuck
+    cluster.isolated = {"n3"}
+    cluster.tick(times=10)  # the stalled stream to n2 is restarted after two quiet heartbeats
+    assert cluster.primary().commit_index >= stuck
+
+
+# ---------------------------------------------------------------------------- the change rules
+
+
+def test_one_uncommitted_change_at_a_time() -> None:
+    cluster = started_cluster()
+    cluster.join("n4")
+    cluster.join("n5")
+    cluster.isolated = {"n2", "n3"}
+    cluster.change(cluster.primary().membership.with_learner("n4", ""))
+    with pytest.raises(ProposalRejected, match="not committed yet"):
+        cluster.primary().propose_membership(cluster.primary().membership.with_learner("n5", ""))
+    cluster.isolated = set()
+    cluster.tick(times=10)
+    cluster.change(cluster.primary().membership.with_learner("n5", ""))
+    assert cluster.primary().membership.learners == ("n4", "n5")
+
+
+def test_a_change_touches_exactly_one_member_and_voters_join_as_learners() -> None:
+    cluster = started_cluster()
+    primary = cluster.primary()
+    with pytest.raises(ProposalRejected, match="exactly one member"):
+        primary.propose_membership(primary.membership.with_learner("n4", "").with_learner("n5", ""))
+    with pytest.raises(ProposalRejected, match="joins as a learner first"):
+        primary.propose_membership(Membership.of(("n1", "n2", "n3", "n4")))
+    with pytest.raises(NotPrimary):
+        cluster.nodes["n2"].replica.propose_membership(primary.membership.with_learner("n4", ""))
+
+
+def test_a_new_primary_changes_nothing_before_it_commits_in_its_own_view() -> None:
+    replica = Replica(ReplicaConfig("n1", ("n1", "n2", "n3")), EMPTY, random.Random(1))
+    # Nobody else runs: the replies that make it primary are handed to it directly.
+    while replica.role is not Role.PRIMARY:
+        for _ in range(30):
+            replica.tick()
+            if replica.role is Role.CANDIDATE:
+                break
+        replica.step("n2", PreVoteReply(replica.view + 1, True))
+        replica.step("n2", VoteReply(replica.view, True))
+    drain(replica)
+    with pytest.raises(ProposalRejected, match="own view"):
+        replica.propose_membership(replica.membership.with_learner("n4", ""))
+
+
+# ---------------------------------------------------------------------------- removal
+
+
+def test_the_removed_primary_steps_down_once_the_change_commits_and_never_campaigns() -> None:
+    cluster = started_cluster()
+    cluster.write(b"kept")
+    index = cluster.change(cluster.primary().membership.without("n1"))
+    old = cluster.nodes["n1"]
+    assert old.replica.role is Role.BACKUP and old.replica.commit_index >= index
+    assert any(isinstance(event, SteppedDown) and "removed from the voters" in event.reason for event in old.events)
+    for _ in range(40):
+        cluster.tick()
+        if any(cluster.nodes[node_id].replica.role is Role.PRIMARY for node_id in ("n2", "n3")):
+            break
+    new_primary = cluster.primary()
+    assert new_primary.node_id in ("n2", "n3") and new_primary.membership.voters == ("n2", "n3")
+    cluster.write(b"after")
+    assert applied_payloads(cluster, new_primary.node_id) == [b"kept", b"after"]
+    cluster.tick(("n1",), times=60)
+    assert old.replica.role is Role.BACKUP, "a removed member never campaigns"
+
+
+def test_a_dead_member_is_removed_by_the_others() -> None:
+    cluster = started_cluster()
+    cluster.isolated = {"n3"}
+    cluster.change(cluster.primary().membership.without("n3"))
+    assert cluster.primary().membership.voters == ("n1", "n2")
+    cluster.write(b"two voters")
+    assert applied_payloads(cluster, "n2") == [b"two voters"]
+    # n3 comes back unaware: its polls are dropped by members that no longer count it.
+    cluster.isolated = set()
+    for node_id in ("n1", "n2"):
+        cluster.nodes[node_id].replica.step("n3", RequestVote(99, 100, 99))
+        assert cluster.nodes[node_id].replica.view < 99
+
+
+# ---------------------------------------------------------------------------- truncation, restart, snapshot
+
+
+def test_a_truncated_configuration_entry_brings_the_previous_one_back() -> None:
+    config = ReplicaConfig("n2", ("n1", "n2", "n3"))
+    replica = Replica(config, EMPTY, random.Random(1))
+    changed = Membership.of(("n1", "n2", "n3"), ("n4",))
+    replica.step("n1", AppendEntries(1, 0, 0, 0, (Entry(1, 1, EntryKind.NOOP, b""),
+                                                  Entry(2, 1, EntryKind.CONFIG, changed.encode()))))
+    assert replica.membership == changed and replica.membership_index == 2
+    events = [event for ready in drain(replica) for event in ready.events]
+    assert MembershipChanged(2, changed) in events
+    replica.step("n3", AppendEntries(2, 1, 1, 0, (Entry(2, 2, EntryKind.NOOP, b""),)))
+    assert replica.membership == Membership.of(("n1", "n2", "n3")) and replica.membership_index == 0
+
+
+def test_a_configuration_entry_that_does_not_decode_is_not_appended() -> None:
+    replica = Replica(ReplicaConfig("n2", ("n1", "n2", "n3")), EMPTY, random.Random(1))
+    replica.step("n1", AppendEntries(1, 0, 0, 0, (Entry(1, 1, EntryKind.CONFIG, b"\xc1"),)))
+    assert replica.last_index == 0
+
+
+def test_a_restart_knows_the_configuration_from_the_log_or_the_store() -> None:
+    changed = Membership.of(("n1", "n2"), ("n4",), {"n4": "10.0.0.4:8204"})
+    config = ReplicaConfig("n1", ("n1", "n2", "n3"))  # the static config was never updated
+    entries = (Entry(1, 1, EntryKind.NOOP, b""), Entry(2, 1, EntryKind.CONFIG, changed.encode()))
+    from_log = Replica(config, RestoredState(HardState(1, "n1", 2), 0, 0, entries), random.Random(1))
+    assert from_log.membership == changed and from_log.membership_index == 2
+    from_store = Replica(config, RestoredState(HardState(1, "n1", 2), 2, 1, (), changed), random.Random(1))
+    assert from_store.membership == changed and from_store.membership_index == 2
+    with pytest.raises(ValueError, match="configuration entry"):
+        Replica(config, RestoredState(INITIAL_HARD_STATE, 0, 0, (Entry(1, 1, EntryKind.CONFIG, b"x"),)),
+                random.Random(1))
+
+
+def test_compaction_keeps_the_configuration_and_a_snapshot_brings_its_own() -> None:
+    cluster = started_cluster()
+    cluster.join("n4")
+    cluster.change(cluster.primary().membership.with_learner("n4", "host:1"))
+    primary = cluster.primary()
+    primary.compact(primary.commit_index)
+    assert primary.membership.learners == ("n4",) and primary.membership_index == primary.log_base_index
+    joined = Replica(ReplicaConfig("n5", ("n1", "n2", "n3"), learners=("n5",)), EMPTY, random.Random(3))
+    snapshot_membership = Membership(primary.membership.members + (Member("n5", "", False),))
+    joined.snapshot_installed(7, 1, snapshot_membership)
+    assert joined.membership == snapshot_membership and joined.membership_index == 7

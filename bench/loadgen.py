@@ -545,7 +545,7 @@ async def command_workers(arguments: argparse.Namespace) -> int:
     from tokenvault.devcluster import cluster
 
     counts = [int(text) for text in arguments.counts.split(",") if text.strip()]
-    print(f"one node, single-value tokenize, concurrency {arguments.concurrency}, {arguments.duration:g} s per run "
+    print(f"one node, tokenize of {arguments.batch} value(s), concurrency {arguments.concurrency}, {arguments.duration:g} s per run "
           f"after {arguments.warmup:g} s warm-up, {arguments.client} client, {os.cpu_count()} cores visible\n",
           flush=True)
     for round_number in range(1, arguments.rounds + 1):
@@ -561,11 +561,11 @@ async def command_workers(arguments: argparse.Namespace) -> int:
                                                       ports=[(http_port, peer_port)], settings=settings,
                                                       timeout_seconds=60)
                     target = VaultTarget(list(spec.http_urls), spec.key("full"), arguments.seed, spec.ca_file)
-                    measurement = await drive(target.tokenize(1), arguments.concurrency, arguments.duration,
+                    measurement = await drive(target.tokenize(arguments.batch), arguments.concurrency, arguments.duration,
                                               arguments.warmup, arguments.client,
                                               read_pids(node.pid_file for node in spec.nodes), spec.ca_file)
                     prefix = f"[{round_number}] " if arguments.rounds > 1 else ""
-                    print(report_line(f"{prefix}W={count} tokenize x1", measurement), flush=True)
+                    print(report_line(f"{prefix}W={count} tokenize x{arguments.batch}", measurement), flush=True)
                 finally:
                     if (directory / cluster.CLUSTER_FILE_NAME).exists():
                         await asyncio.to_thread(cluster.stop_cluster, directory, 10)
@@ -595,6 +595,7 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     workers_parser = commands.add_parser("workers", help="one node per HTTP worker count, same load on each")
     workers_parser.add_argument("--counts", default="0,1,2,4,8", help="worker counts, comma-separated")
     workers_parser.add_argument("--rounds", type=int, default=1, help="rounds over the counts, order alternating")
+    workers_parser.add_argument("--batch", type=int, default=1, help="values per tokenize request")
     for sub in (run, compare_parser, workers_parser):
         sub.add_argument("--concurrency", type=int, default=64, help="requests in flight")
         sub.add_argument("--duration", type=float, default=10.0, help="measured seconds")

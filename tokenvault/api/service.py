@@ -14,6 +14,8 @@ import asyncio
 import itertools
 import json
 import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
 import msgpack
 
@@ -34,6 +36,7 @@ from tokenvault.futures import await_future
 from tokenvault.core.node import Node, NodeBusy, ProposalLost, ProposalOutcomeUnknown
 from tokenvault.core.sealer import Sealer, SealerUnavailable
 from tokenvault.core.store import MAX_API_KEYS as MAX_RUNTIME_KEYS
+from tokenvault.core.store import ApplyResult
 from tokenvault.core.store import Outcome as ApplyOutcome
 from tokenvault.crypto import formats
 from tokenvault.crypto.tokens import MAX_TOKEN_CHARS, is_token, parse_token
@@ -41,6 +44,7 @@ from tokenvault.api.validation import (TokenizeOptions, normalize_values, requir
                                        validate_idempotency_key, validate_lookup_epoch, validate_lookup_tokens,
                                        validate_options, validate_tokens, validate_values)
 from tokenvault.api.members import CHANGE_MEMBER, LIST_MEMBERS, MembershipOperations
+from tokenvault.config import LimitsConfig
 
 log = get_logger("service")
 
@@ -63,6 +67,8 @@ EPOCHS = "epochs"
 EXPIRY_PURGE_INTERVAL_SECONDS = 1.0
 EXPIRY_PURGE_LIMIT = 256
 MASKED_SUBJECT = "masked"
+# What a routed call answers: its local function's result, here or (decoded) from the primary.
+_Result = TypeVar("_Result")
 
 
 class ForwardedError(ServiceError):
@@ -101,8 +107,8 @@ class NodeService(LifecycleOperations, MembershipOperations):
         self._timeout_seconds = node.config.timing.request_timeout_ms / 1000
         self._in_flight: set[tuple[str, str]] = set()
         self._forward_ids = itertools.count(1)
-        self._forwards_waiting: dict[int, tuple[str, asyncio.Future]] = {}
-        self._forward_tasks: set[asyncio.Task] = set()
+        self._forwards_waiting: dict[int, tuple[str, asyncio.Future[ForwardResponse]]] = {}
+        self._forward_tasks: set[asyncio.Task[None]] = set()
         node.forward_handler = self._on_forward_request
         node.forward_response_handler = self._on_forward_response
         node.peer_down_handler = self._on_peer_down
@@ -118,7 +124,7 @@ class NodeService(LifecycleOperations, MembershipOperations):
                                       max_pending_records=audit_config.max_pending_records)
         self.expiry_purge_interval_seconds = EXPIRY_PURGE_INTERVAL_SECONDS
         self.expiry_purge_limit = EXPIRY_PURGE_LIMIT
-        self._purge_task: asyncio.Task | None = None
+        self._purge_task: asyncio.Task[None] | None = None
         try:
             self._purge_task = asyncio.get_running_loop().create_task(self._purge_expired_loop())
         except RuntimeError:
@@ -140,10 +146,10 @@ class NodeService(LifecycleOperations, MembershipOperations):
             if not future.done():
                 future.cancel()
 
-    def health(self) -> dict:
+    def health(self) -> dict[str, Any]:
         return self.node.health()
 
-    async def read_health(self) -> dict:
+    async def read_health(self) -> dict[str, Any]:
         """health() for the HTTP layer, whose service may be in another process (tokenvault.api.remote)."""
         return self.node.health()
 
@@ -182,8 +188,10 @@ class NodeService(LifecycleOperations, MembershipOperations):
     def _is_primary(self) -> bool:
         return self.node.replica.role == Role.PRIMARY
 
-    async def _route(self, kind: str, arguments: dict, local):
-        """Run ``local`` here if this node is the primary, else forward to the primary."""
+    async def _route(self, kind: str, arguments: dict[str, Any],
+                     local: Callable[..., Awaitable[_Result]]) -> _Result:
+        """Run ``local`` here if this node is the primary, else forward to the primary, whose answer
+        is decoded into what ``local`` returns (_decode_forward_response)."""
         if self._is_primary():
             try:
                 return await local(**arguments)
@@ -192,7 +200,8 @@ class NodeService(LifecycleOperations, MembershipOperations):
         primary_id = self.node.replica.primary_id
         if primary_id is None or primary_id == self.node_id:
             raise Unavailable("no primary is known right now; retry shortly")
-        return await self._forward(primary_id, kind, arguments)
+        forwarded: _Result = await self._forward(primary_id, kind, arguments)
+        return forwarded
 
     # ------------------------------------------------------------------ tokenize
     async def tokenize(self, principal: str, values: list[str], idempotency_key: str | None,
@@ -390,7 +399,7 @@ class NodeService(LifecycleOperations, MembershipOperations):
             still = self.node.store.lookup_format(epoch, tokens, _now_ms())
         return tokens if len(still) == len(found) else None
 
-    async def _seal(self, epoch: int, values: list[str]) -> tuple:
+    async def _seal(self, epoch: int, values: list[str]) -> tuple[tuple[str, bytes], ...]:
         """The (token, ciphertext) pairs of ``values`` in ``epoch``: by the sealer process
         when it takes the batch, else here (same keys, same code, same result)."""
         keys = self.node.keyring.get(epoch)
@@ -407,7 +416,7 @@ class NodeService(LifecycleOperations, MembershipOperations):
         self.node.metrics.record_sealed("node", len(items))
         return items
 
-    async def _propose(self, payload: bytes):
+    async def _propose(self, payload: bytes) -> ApplyResult:
         try:
             return await self.node.propose(payload, self._timeout_seconds)
         except (asyncio.TimeoutError, ProposalOutcomeUnknown):
@@ -422,7 +431,8 @@ class NodeService(LifecycleOperations, MembershipOperations):
                              "retry later") from None
 
     # ------------------------------------------------------------------ idempotency
-    def _idempotency_slot(self, principal, idempotency_key, kind, fingerprint):
+    def _idempotency_slot(self, principal: str, idempotency_key: str | None, kind: str,
+                          fingerprint: bytes | None) -> _IdempotencySlot:
         return _IdempotencySlot(self, principal, idempotency_key, kind, fingerprint)
 
     def _replay(self, principal: str, idempotency_key: str | None, kind: str, fingerprint: bytes | None) -> Outcome:
@@ -453,7 +463,7 @@ class NodeService(LifecycleOperations, MembershipOperations):
         return values
 
     async def reveal(self, tokens: list[str], actor: commands.Actor | None = None, epoch: int | None = None,
-                     include_metadata: bool = False, masked: bool = False) -> dict:
+                     include_metadata: bool = False, masked: bool = False) -> dict[str, Any]:
         """Detokenize with the version 2 options: card and digits tokens resolved in ``epoch`` (default:
         the active epoch, after a read barrier), expired mappings as null, ``{"values": [...]}`` plus
         metadata when asked, and with ``masked`` every value masked (formats.mask_value) before it
@@ -474,7 +484,7 @@ class NodeService(LifecycleOperations, MembershipOperations):
             values = [found[token][0] if token in found else None for token in tokens]
         if masked:
             values = [None if value is None else formats.mask_value(value) for value in values]
-        document: dict = {"values": values}
+        document: dict[str, Any] = {"values": values}
         if include_metadata:
             # Canonical JSON text, not objects: plain strings cross any process boundary unchanged.
             document["metadata_json"] = [found[token][1] if token in found else None for token in tokens]
@@ -517,12 +527,13 @@ class NodeService(LifecycleOperations, MembershipOperations):
             arguments = {"tokens": missing, "epoch": epoch, "include_metadata": include_metadata}
             answered = await self._route(REVEAL, arguments, self._reveal_missing_here)
             for token, pair in answered.items():
-                if pair is not None and token in missing:
+                # A pair is [value, metadata JSON text or None]; the primary never answers a None value.
+                if pair is not None and token in missing and pair[0] is not None:
                     found[token] = (pair[0], pair[1])
         return found, local, epoch
 
     async def _reveal_missing_here(self, tokens: list[str], epoch: int | None,
-                                   include_metadata: bool) -> dict[str, list | None]:
+                                   include_metadata: bool) -> dict[str, list[str | None] | None]:
         """On the primary: confirm leadership and catch up, then look the tokens up again."""
         await self._read_barrier()
         if epoch is None:
@@ -595,7 +606,7 @@ class NodeService(LifecycleOperations, MembershipOperations):
             return None
         return index if type(index) is int and index > 0 else None
 
-    async def _audit_here(self, records: list) -> Outcome:
+    async def _audit_here(self, records: Sequence[commands.AuditRecord | list[Any]]) -> Outcome:
         command = commands.AuditCommand(records=tuple(
             record if isinstance(record, commands.AuditRecord) else commands.AuditRecord(*record)
             for record in records))
@@ -658,7 +669,8 @@ class NodeService(LifecycleOperations, MembershipOperations):
                      "actor": (actor or commands.NO_ACTOR).fields()}
         return await self._route(ROTATE, arguments, self._rotate_here)
 
-    async def _rotate_here(self, principal: str, idempotency_key: str | None, actor: list | None = None) -> Outcome:
+    async def _rotate_here(self, principal: str, idempotency_key: str | None,
+                           actor: list[Any] | None = None) -> Outcome:
         fingerprint = None
         if idempotency_key is not None:
             fingerprint = self.node.master_key.idempotency_fingerprint(principal, ROTATE, b"{}")
@@ -688,10 +700,10 @@ class NodeService(LifecycleOperations, MembershipOperations):
             log.error("epoch.wrap_failed", reason=str(error)[:300])
             raise Unavailable("the master key's token cannot wrap a new epoch secret right now; retry") from None
 
-    async def list_epochs(self) -> dict:
+    async def list_epochs(self) -> dict[str, Any]:
         return await self._route(EPOCHS, {}, self._list_epochs_here)
 
-    async def _list_epochs_here(self) -> dict:
+    async def _list_epochs_here(self) -> dict[str, Any]:
         await self._read_barrier()
         records = self.node.store.epochs()
         return {"active_epoch": self.node.store.active_epoch(),
@@ -704,7 +716,7 @@ class NodeService(LifecycleOperations, MembershipOperations):
         arguments = {"name": name, "scopes": sorted(set(scopes)), "actor": actor.fields()}
         return await self._route(CREATE_KEY, arguments, self._create_key_here)
 
-    async def _create_key_here(self, name: str, scopes: list[str], actor: list) -> Outcome:
+    async def _create_key_here(self, name: str, scopes: list[str], actor: list[Any]) -> Outcome:
         if len(self.node.store.api_keys()) >= MAX_RUNTIME_KEYS:
             raise KeyLimitReached(f"the cluster holds {MAX_RUNTIME_KEYS} runtime API keys; revoke one first")
         key_id, key, salt, digest = auth.new_runtime_key()
@@ -726,7 +738,7 @@ class NodeService(LifecycleOperations, MembershipOperations):
         arguments = {"key_id": key_id, "actor": actor.fields()}
         return await self._route(REVOKE_KEY, arguments, self._revoke_key_here)
 
-    async def _revoke_key_here(self, key_id: str, actor: list) -> Outcome:
+    async def _revoke_key_here(self, key_id: str, actor: list[Any]) -> Outcome:
         command = commands.RevokeApiKeyCommand(key_id=key_id, revoked_at_ms=int(time.time() * 1000),
                                                actor=_actor(actor))
         result = await self._propose(commands.encode_command(command))
@@ -737,16 +749,16 @@ class NodeService(LifecycleOperations, MembershipOperations):
         log.info("api_key.revoked", key_id=key_id)
         return Outcome(200, _json({"id": key_id, "revoked": True}), False)
 
-    async def list_keys(self) -> dict:
+    async def list_keys(self) -> dict[str, Any]:
         return await self._route(LIST_KEYS, {}, self._list_keys_here)
 
-    async def _list_keys_here(self) -> dict:
+    async def _list_keys_here(self) -> dict[str, Any]:
         await self._read_barrier()
         return {"keys": [{"id": entry.key_id, "name": entry.name, "scopes": sorted(entry.scopes),
                           "created_at": _rfc3339(entry.created_at_ms)} for entry in self.node.store.api_keys()]}
 
     # ------------------------------------------------------------------ audit trail
-    async def audit_page(self, after: int, limit: int) -> dict:
+    async def audit_page(self, after: int, limit: int) -> dict[str, Any]:
         """This node's applied audit records after ``after``: never forwarded, so a verifier can read
         each node's own copy of the chain."""
         records = self.node.store.audit_page(after, limit)
@@ -754,7 +766,7 @@ class NodeService(LifecycleOperations, MembershipOperations):
         return {"records": records, "last_seq": self.node.store.audit_seq,
                 "next_after": last if last < self.node.store.audit_seq else None}
 
-    async def cluster_view(self) -> dict:
+    async def cluster_view(self) -> dict[str, Any]:
         """Every member of the configuration in effect here (and this node, if it is not one), as this
         node sees them; ``voter`` is false for a learner."""
         replica = self.node.replica
@@ -771,13 +783,16 @@ class NodeService(LifecycleOperations, MembershipOperations):
                 role = self.node.role_name()
             else:
                 role = "primary" if node_id == replica.primary_id else "backup"
-            entry = {"id": node_id, "role": role, "voter": voter, "is_self": is_self,
-                     "reachable": is_self or (transport is not None and transport.is_connected(node_id))}
+            entry: dict[str, Any] = {
+                "id": node_id, "role": role, "voter": voter, "is_self": is_self,
+                "reachable": is_self or (transport is not None and transport.is_connected(node_id))}
             configured = static.get(node_id)
             if configured is not None:
                 entry["http_url"] = configured.http_url
-            if address or configured is not None:
-                entry["peer_addr"] = address or configured.peer_addr
+            if address:
+                entry["peer_addr"] = address
+            elif configured is not None:
+                entry["peer_addr"] = configured.peer_addr
             if node_id in progress:
                 match_index, next_index = progress[node_id]
                 entry.update(match_index=match_index, next_index=next_index)
@@ -795,11 +810,12 @@ class NodeService(LifecycleOperations, MembershipOperations):
         return await BackupStream.open(self.node.store, self.node.data_dir / BACKUP_WORK_DIR_NAME)
 
     # ------------------------------------------------------------------ forwarding
-    async def _forward(self, primary_id: str, kind: str, arguments: dict):
+    async def _forward(self, primary_id: str, kind: str, arguments: dict[str, Any]) -> Any:
+        """The primary's answer to a forwarded call, decoded by kind (_decode_forward_response)."""
         if len(self._forwards_waiting) >= MAX_FORWARDS_IN_FLIGHT:
             raise Unavailable("too many requests are being forwarded to the primary")
         request_id = next(self._forward_ids)
-        future = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[ForwardResponse] = asyncio.get_running_loop().create_future()
         self._forwards_waiting[request_id] = (primary_id, future)
         body = msgpack.packb(arguments, use_bin_type=True)
         try:
@@ -839,6 +855,7 @@ class NodeService(LifecycleOperations, MembershipOperations):
 
     async def _serve_forward(self, sender: str, request: ForwardRequest) -> None:
         """Answer a backup's forwarded request here; never forward again (no loops)."""
+        headers: tuple[tuple[str, str], ...]
         status, body, headers = 503, b"", ()
         try:
             status, body, headers = await self._run_forwarded(request, sender)
@@ -847,21 +864,22 @@ class NodeService(LifecycleOperations, MembershipOperations):
             body = problem_body(error.status, error.problem, error.title, error.detail)
             headers = tuple(error.headers.items())
         except NotPrimary:
-            error = Unavailable("the node asked is no longer the primary; retry")
-            status, body = 503, problem_body(503, error.problem, error.title, error.detail)
-            headers = tuple(error.headers.items())
+            unavailable = Unavailable("the node asked is no longer the primary; retry")
+            status, body = 503, problem_body(503, unavailable.problem, unavailable.title, unavailable.detail)
+            headers = tuple(unavailable.headers.items())
         except (ValueError, TypeError, KeyError, msgpack.UnpackException):
             status, body = 400, problem_body(400, "invalid-request", "Bad Request", "malformed forwarded request")
         except Exception:
             # Answered at once rather than leaving the backup to time out (logged as the HTTP layer does).
             log.exception("forward.unexpected_error", kind=request.kind[:32])
-            error = Unavailable("the primary could not serve this request; retry")
-            status, body = 503, problem_body(503, error.problem, error.title, error.detail)
-            headers = tuple(error.headers.items())
+            unavailable = Unavailable("the primary could not serve this request; retry")
+            status, body = 503, problem_body(503, unavailable.problem, unavailable.title, unavailable.detail)
+            headers = tuple(unavailable.headers.items())
         self.node.send_to_peer(sender, ForwardResponse(request_id=request.request_id, status=status,
                                                        body=body, headers=headers))
 
-    async def _run_forwarded(self, request: ForwardRequest, sender: str) -> tuple[int, bytes, tuple]:
+    async def _run_forwarded(self, request: ForwardRequest, sender: str
+                             ) -> tuple[int, bytes, tuple[tuple[str, str], ...]]:
         """Run a backup's forwarded request after the same checks the HTTP layer makes (validation.py):
         a peer is authenticated, but what it forwards is still a client's request."""
         if not self._is_primary():
@@ -909,7 +927,7 @@ class NodeService(LifecycleOperations, MembershipOperations):
         return 200, _json(await self._list_epochs_here()), ()
 
 
-    async def _run_forwarded_change(self, kind: str, arguments: dict, sender: str) -> Outcome:
+    async def _run_forwarded_change(self, kind: str, arguments: dict[str, Any], sender: str) -> Outcome:
         """A key change or audit batch from a backup; the commands re-validate every field (400 if not),
         and a peer may write audit records only in its own name."""
         try:
@@ -964,13 +982,13 @@ FORWARDED_MEMBERS: dict[str, tuple[str, ...]] = {
 }
 
 
-def _max_forwarded_bytes(limits) -> int:
+def _max_forwarded_bytes(limits: LimitsConfig) -> int:
     """The largest msgpack body an allowed request packs to: every item at its largest (a value or a
     token), plus headroom for member names, the principal and the Idempotency-Key."""
     return limits.max_items * (max(limits.max_value_bytes, MAX_TOKEN_CHARS) + 8) + 4096
 
 
-def _forwarded_arguments(request: ForwardRequest, members: tuple[str, ...], max_bytes: int) -> dict:
+def _forwarded_arguments(request: ForwardRequest, members: tuple[str, ...], max_bytes: int) -> dict[str, Any]:
     """The forwarded body as a map of exactly ``members``: size first, then msgpack, then shape (400 / 413)."""
     if len(request.body) > max_bytes:
         raise PayloadTooLarge(f"the forwarded request is larger than {max_bytes} bytes")
@@ -983,14 +1001,14 @@ def _forwarded_arguments(request: ForwardRequest, members: tuple[str, ...], max_
     return arguments
 
 
-def _principal(arguments: dict) -> str:
+def _principal(arguments: dict[str, Any]) -> str:
     principal = arguments["principal"]
     if not isinstance(principal, str) or PRINCIPAL_NAME_PATTERN.match(principal) is None:
         raise InvalidRequest("the forwarded principal is not an API key name")
     return principal
 
 
-def _optional_idempotency_key(arguments: dict) -> str | None:
+def _optional_idempotency_key(arguments: dict[str, Any]) -> str | None:
     key = arguments["idempotency_key"]
     if key is None:
         return None
@@ -999,7 +1017,9 @@ def _optional_idempotency_key(arguments: dict) -> str | None:
     return validate_idempotency_key(key)
 
 
-def _decode_forward_response(kind: str, response: ForwardResponse):
+def _decode_forward_response(kind: str, response: ForwardResponse) -> Any:
+    """What the local call of ``kind`` would have returned: the decoded document of a read (msgpack or
+    JSON), else an Outcome; an error answer is raised as the matching ServiceError."""
     headers = dict(response.headers)
     if response.status >= 400:
         try:
@@ -1039,6 +1059,6 @@ class _IdempotencySlot:
         self.claimed = True
         return None
 
-    async def __aexit__(self, *exc_info) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         if self.claimed:
             self.service._in_flight.discard((self.principal, self.key))

@@ -146,9 +146,11 @@ class Node:
         self._compaction: asyncio.Task[None] | None = None
         self.snapshots = SnapshotTransfers(self.data_dir, lambda: self.store, self._run_in_driver,
                                            self.send_to_peer)
-        self.forward_handler = None  # set by the service: handles ForwardRequest frames
-        self.forward_response_handler = None
-        self.peer_down_handler = None  # set by the service: fails requests forwarded to that peer
+        # Set by the service: handles ForwardRequest frames.
+        self.forward_handler: Callable[[str, ForwardRequest], None] | None = None
+        self.forward_response_handler: Callable[[str, ForwardResponse], None] | None = None
+        # Set by the service: fails requests forwarded to that peer.
+        self.peer_down_handler: Callable[[str], None] | None = None
         # Called with an epoch once its destroy is applied here (the service's sealer forgets its keys).
         self.epoch_destroyed_handlers: list[Callable[[int], None]] = []
         self.fatal_error: str | None = None

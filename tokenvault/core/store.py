@@ -107,11 +107,11 @@ import shutil
 import struct
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar, cast
 
 import msgpack
 from rocksdict import (
@@ -133,9 +133,9 @@ from rocksdict import (
 from protocol import Entry, EntryKind, Membership, MembershipError
 from tokenvault.audit_chain import GENESIS_HASH, chain_hash, record_document
 from tokenvault.auth import RuntimeKey
-from tokenvault.core.commands import (OPAQUE_FORMAT, AuditCommand, CreateApiKeyCommand, DeleteTokensCommand,
-                                      DestroyEpochCommand, PurgeExpiredCommand, RevokeApiKeyCommand,
-                                      RotateEpochCommand, TokenizeCommand, decode_command)
+from tokenvault.core.commands import (OPAQUE_FORMAT, AuditCommand, Command, CreateApiKeyCommand,
+                                      DeleteTokensCommand, DestroyEpochCommand, PurgeExpiredCommand,
+                                      RevokeApiKeyCommand, RotateEpochCommand, TokenizeCommand, decode_command)
 from tokenvault.core.wal import fsync_directory
 
 DEFAULT_RETENTION_MS = 48 * 3600 * 1000
@@ -337,18 +337,21 @@ def _age_key(created_at_ms: int, identity: bytes) -> bytes:
 
 
 def _age_created_at(age_key: bytes) -> int:
-    return _U64.unpack_from(age_key, 1)[0]
+    created_at_ms: int = _U64.unpack_from(age_key, 1)[0]
+    return created_at_ms
 
 
 def _pack(value: object) -> bytes:
-    return msgpack.packb(value, use_bin_type=True)
+    packed: bytes = msgpack.packb(value, use_bin_type=True)
+    return packed
 
 
 def _meta_value(applied_index: int, applied_view: int, token_count: int) -> bytes:
     return _pack([STORE_MARKER, SCHEMA_VERSION, applied_index, applied_view, token_count])
 
 
-def _unpack(value: bytes) -> object:
+def _unpack(value: bytes) -> Any:
+    """A msgpack document: of no known shape until the caller has checked it."""
     return msgpack.unpackb(value, raw=False, strict_map_key=True)
 
 
@@ -410,7 +413,7 @@ def _decode_api_key(key: bytes, value: bytes, error: type[StoreError]) -> Runtim
 
 def _read_api_keys(database: Rdict, error: type[StoreError]) -> dict[str, RuntimeKey]:
     keys: dict[str, RuntimeKey] = {}
-    for key, value in database.items(from_key=_API_KEY, read_opt=_bounded(_API_KEY, _API_KEY_END)):
+    for key, value in _items(database, _API_KEY, _API_KEY_END):
         entry = _decode_api_key(key, value, error)
         keys[entry.key_id] = entry
         if len(keys) > MAX_API_KEYS:
@@ -557,10 +560,10 @@ def _open_database(directory: Path, options: Options, error: type[StoreError], *
         raise error(f"{directory} is not a database directory")
     _check_rocksdict_config(directory, error)
     try:
-        families = Rdict.list_cf(str(directory), options)
+        family_names = Rdict.list_cf(str(directory), options)
     except Exception as failure:
         raise error(f"{directory} is not a readable RocksDB database: {_reason(failure)}") from None
-    if families != ["default"]:
+    if family_names != ["default"]:
         raise error(f"{directory} holds column families this store does not use")
     # The default column family's options are named explicitly: without that,
     # rocksdict reopens an existing database without our table options (no bloom filter).
@@ -591,10 +594,30 @@ def _bounded(lower: bytes, upper: bytes) -> ReadOptions:
     return read_options
 
 
+# rocksdict's stubs type a key as any of str, int, float, bytes and bool and a value as Any, whatever
+# the mode; every database here is opened in raw mode (Options(raw_mode=True)), where both are bytes.
+_RdictKey = str | int | float | bytes | bool
+
+
+def _items(database: Rdict, lower: bytes, upper: bytes) -> Iterable[tuple[bytes, bytes]]:
+    """The rows in [lower, upper) in key order. The start is explicit: RocksDB applies
+    iterate_lower_bound to backward moves only."""
+    return cast("Iterable[tuple[bytes, bytes]]", database.items(from_key=lower, read_opt=_bounded(lower, upper)))
+
+
+def _keys(database: Rdict, lower: bytes, upper: bytes) -> Iterable[bytes]:
+    """The keys in [lower, upper) in key order (as ``_items``)."""
+    return cast("Iterable[bytes]", database.keys(from_key=lower, read_opt=_bounded(lower, upper)))
+
+
+def _get_many(database: Rdict, keys: list[bytes]) -> list[bytes | None]:
+    """The values of ``keys`` in order, None where absent: one multi-get."""
+    return cast("list[bytes | None]", database.get(cast("list[_RdictKey]", keys)))
+
+
 def _read_epochs(database: Rdict, error: type[StoreError], limit: int | None = None) -> list[EpochRecord]:
     records = []
-    # An explicit start: RocksDB applies iterate_lower_bound to backward moves only.
-    for key, value in database.items(from_key=_EPOCH, read_opt=_bounded(_EPOCH, _EPOCH_END)):
+    for key, value in _items(database, _EPOCH, _EPOCH_END):
         records.append(_decode_epoch(key, value, error))
         if limit is not None and len(records) > limit:
             raise error("more epochs than applied entries")
@@ -858,7 +881,7 @@ class VaultStore:
         if self.on_api_keys_changed is not None:
             self.on_api_keys_changed()
 
-    def _apply_command(self, index: int, command, batch: "_Batch") -> ApplyResult:
+    def _apply_command(self, index: int, command: Command, batch: "_Batch") -> ApplyResult:
         if type(command) is AuditCommand:
             for record in command.records:
                 self._append_audit(record.fields(), batch)
@@ -877,6 +900,7 @@ class VaultStore:
             return self._apply_delete(index, command, batch)
         if type(command) is DestroyEpochCommand:
             return self._apply_destroy(index, command, batch)
+        assert type(command) is RotateEpochCommand  # the one kind left
         if command.epoch != batch.active_epoch + 1:
             return ApplyResult(index, Outcome.STALE_EPOCH, None, None)
         return self._apply_rotate(index, command, batch)
@@ -957,7 +981,7 @@ class VaultStore:
         return ApplyResult(index, Outcome.OK, 200, None, REVOKE_KEY_KIND, 0, 1)
 
     @staticmethod
-    def _append_audit(fields: list, batch: "_Batch") -> None:
+    def _append_audit(fields: list[Any], batch: "_Batch") -> None:
         """The next record of the chain: sequence number and hash are a function of the log alone."""
         seq = batch.audit_seq + 1
         digest = chain_hash(batch.audit_head, seq, fields)
@@ -974,6 +998,7 @@ class VaultStore:
             self._purge(expired_before_ms, batch)
         if key is None:
             return None
+        assert principal is not None  # decode_command refuses a key without a principal
         identity = _identity(principal, key)
         value = batch.get(_IDEMPOTENCY + identity)
         if value is None:
@@ -1010,6 +1035,7 @@ class VaultStore:
                             status: int, response: bytes, created_at_ms: int, batch: "_Batch") -> None:
         if key is None:
             return
+        assert principal is not None  # decode_command refuses a key without a principal
         identity = _identity(principal, key)
         batch.put(_IDEMPOTENCY + identity, _pack([kind, fingerprint, status, response, created_at_ms]))
         batch.put_age(_age_key(created_at_ms, identity))
@@ -1175,7 +1201,7 @@ class VaultStore:
         if not unique:
             return {}
         keys = [_token_key(token) for token in unique]
-        values = self._db.get(keys)
+        values = _get_many(self._db, keys)
         found = {token: value[_U32.size:] for token, value in zip(unique, values) if value is not None}
         if self._has_life and found:
             self._drop_expired(found, dict(zip(unique, keys)), now_ms)
@@ -1187,7 +1213,7 @@ class VaultStore:
         if not unique or not 1 <= epoch <= MAX_STORED_EPOCH:
             return {}
         keys = [_format_token_key(epoch, token) for token in unique]
-        found = {token: value for token, value in zip(unique, self._db.get(keys)) if value is not None}
+        found = {token: value for token, value in zip(unique, _get_many(self._db, keys)) if value is not None}
         if self._has_life and found:
             self._drop_expired(found, dict(zip(unique, keys)), now_ms)
         return found
@@ -1204,7 +1230,7 @@ class VaultStore:
         else:
             keys = [_LIFE + _format_token_key(epoch, token) for token in unique]
         found = {}
-        for token, value in zip(unique, self._db.get(keys)):
+        for token, value in zip(unique, _get_many(self._db, keys)):
             metadata = _decode_life(value)[1]
             if metadata is not None:
                 found[token] = metadata
@@ -1213,7 +1239,7 @@ class VaultStore:
     def _drop_expired(self, found: dict[str, bytes], row_keys: dict[str, bytes], now_ms: int | None) -> None:
         now_ms = int(time.time() * 1000) if now_ms is None else now_ms
         tokens = list(found)
-        for token, value in zip(tokens, self._db.get([_LIFE + row_keys[token] for token in tokens])):
+        for token, value in zip(tokens, _get_many(self._db, [_LIFE + row_keys[token] for token in tokens])):
             expires_at_ms = _decode_life(value)[0]
             if expires_at_ms is not None and expires_at_ms <= now_ms:
                 del found[token]
@@ -1247,7 +1273,7 @@ class VaultStore:
         tokens: list[str] = []
         if start >= end:
             return tokens
-        for key in self._db.keys(from_key=start, read_opt=_bounded(start, end)):
+        for key in _keys(self._db, start, end):
             tokens.append(key[1:].decode())
             if len(tokens) >= limit:
                 break
@@ -1287,7 +1313,7 @@ class VaultStore:
         """The sequence number of the newest audit record (0 when there is none)."""
         return self._audit_seq
 
-    def audit_page(self, after: int, limit: int) -> list[dict]:
+    def audit_page(self, after: int, limit: int) -> list[dict[str, Any]]:
         """Up to ``limit`` audit records with seq > ``after``, in order, as JSON-ready documents.
 
         A record that cannot be decoded is returned as ``{"seq": n, "malformed": true}`` so that a
@@ -1295,8 +1321,8 @@ class VaultStore:
         if not 0 <= after < 2**63 or not 1 <= limit <= MAX_AUDIT_PAGE:
             raise ValueError("after or limit out of range")
         start = _AUDIT + _U64.pack(after + 1)
-        page: list[dict] = []
-        for key, value in self._db.items(from_key=start, read_opt=_bounded(start, _AUDIT_END)):
+        page: list[dict[str, Any]] = []
+        for key, value in _items(self._db, start, _AUDIT_END):
             seq = _U64.unpack_from(key, 1)[0] if len(key) == 1 + _U64.size else after + len(page) + 1
             try:
                 decoded = _unpack(value)
@@ -1498,7 +1524,7 @@ class VaultStore:
 _JSON_ENCODER = json.JSONEncoder(separators=(",", ":"))
 
 
-def _json_bytes(document: dict) -> bytes:
+def _json_bytes(document: dict[str, Any]) -> bytes:
     return _JSON_ENCODER.encode(document).encode()
 
 
@@ -1551,7 +1577,7 @@ class _Batch:
         unread = [name for name, key in keys.items() if key not in writes]
         found: dict[_Name, bytes] = {}
         if unread:
-            for name, value in zip(unread, self.db.get([keys[name] for name in unread])):
+            for name, value in zip(unread, _get_many(self.db, [keys[name] for name in unread])):
                 if value is not None:
                     found[name] = value
         for name, key in keys.items():
@@ -1577,14 +1603,14 @@ class _Batch:
                 iterator.next()  # deleted or rewritten in this batch: the overlay decides
             stored = iterator.key() if iterator.valid() else None
             overlay = added[position] if position < len(added) else None
-            if stored is None and overlay is None:
-                break
-            if overlay is None or (stored is not None and stored < overlay):
+            if stored is not None and (overlay is None or stored < overlay):
                 found.append(stored)
                 iterator.next()
-            else:
+            elif overlay is not None:
                 found.append(overlay)
                 position += 1
+            else:
+                break
         return found
 
     def put(self, key: bytes, value: bytes) -> None:
@@ -1622,12 +1648,12 @@ class _Batch:
                 iterator.next()  # deleted or rewritten in this batch: the overlay decides
             stored = iterator.key() if iterator.valid() else None
             added = live[position] if position < len(live) else None
-            if stored is None and added is None:
-                break
-            if added is None or (stored is not None and stored < added):
+            if stored is not None and (added is None or stored < added):
                 found.append(stored)
                 iterator.next()
-            else:
+            elif added is not None:
                 found.append(added)
                 position += 1
+            else:
+                break
         return found

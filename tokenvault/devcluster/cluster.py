@@ -52,12 +52,18 @@ from typing import Any
 
 from tokenvault.crypto.keys import CryptoError, MasterKey
 from tokenvault.crypto.tls import TlsError, http_client_context
-from tokenvault.devcluster.cluster_spec import (ALLOWED_NODE_COUNTS, API_KEY_SCOPES, CLUSTER_FILE_NAME, DEFAULT_BASE_PORT,
-                                     DEFAULT_NODE_COUNT, ENVIRONMENT_KNOBS, HOST, ApiKeyInfo, ClusterError,
-                                     KEY_DIRECTORY_ENVIRONMENT_VARIABLE, MASTER_KEY_FILE_NAME, ClusterSpec,
-                                     NodeSettings, NodeSpec, _generate, _write_private_file,
-                                     base_port_from_environment, contract_ports, default_cluster_directory,
-                                     key_directory, load_cluster, plan_nodes, settings_from_environment)
+from tokenvault.devcluster.cluster_spec import _generate, _write_private_file
+# Re-exported (the "name as name" form marks them so for mypy): the cluster's public names live here too.
+from tokenvault.devcluster.cluster_spec import (
+    ALLOWED_NODE_COUNTS as ALLOWED_NODE_COUNTS, API_KEY_SCOPES as API_KEY_SCOPES,
+    CLUSTER_FILE_NAME as CLUSTER_FILE_NAME, DEFAULT_BASE_PORT as DEFAULT_BASE_PORT,
+    DEFAULT_NODE_COUNT as DEFAULT_NODE_COUNT, ENVIRONMENT_KNOBS as ENVIRONMENT_KNOBS, HOST as HOST,
+    KEY_DIRECTORY_ENVIRONMENT_VARIABLE as KEY_DIRECTORY_ENVIRONMENT_VARIABLE,
+    MASTER_KEY_FILE_NAME as MASTER_KEY_FILE_NAME, ApiKeyInfo as ApiKeyInfo, ClusterError as ClusterError,
+    ClusterSpec as ClusterSpec, NodeSettings as NodeSettings, NodeSpec as NodeSpec,
+    base_port_from_environment as base_port_from_environment, contract_ports as contract_ports,
+    default_cluster_directory as default_cluster_directory, key_directory as key_directory,
+    load_cluster as load_cluster, plan_nodes as plan_nodes, settings_from_environment as settings_from_environment)
 
 DEFAULT_START_TIMEOUT_SECONDS = 30.0
 DEFAULT_STOP_TIMEOUT_SECONDS = 10.0

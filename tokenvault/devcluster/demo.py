@@ -21,6 +21,7 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 from tokenvault.devcluster import cluster
@@ -292,9 +293,9 @@ class Demo:
             self.say("   (no story events found in the node logs)")
 
 
-def read_log_events(path: Any, since: datetime) -> list[dict[str, Any]]:
+def read_log_events(path: Path | str, since: datetime) -> list[dict[str, Any]]:
     """The story events of one node log written at or after `since` (bad lines are skipped)."""
-    records = []
+    records: list[dict[str, Any]] = []
     try:
         handle = open(path, encoding="utf-8", errors="replace")
     except OSError:

@@ -545,7 +545,8 @@ async def command_workers(arguments: argparse.Namespace) -> int:
     from tokenvault.devcluster import cluster
 
     counts = [int(text) for text in arguments.counts.split(",") if text.strip()]
-    print(f"one node, tokenize of {arguments.batch} value(s), concurrency {arguments.concurrency}, {arguments.duration:g} s per run "
+    print(f"one node, tokenize of {arguments.batch} value(s), concurrency {arguments.concurrency}, "
+          f"{arguments.duration:g} s per run "
           f"after {arguments.warmup:g} s warm-up, {arguments.client} client, {os.cpu_count()} cores visible\n",
           flush=True)
     for round_number in range(1, arguments.rounds + 1):
@@ -561,7 +562,8 @@ async def command_workers(arguments: argparse.Namespace) -> int:
                                                       ports=[(http_port, peer_port)], settings=settings,
                                                       timeout_seconds=60)
                     target = VaultTarget(list(spec.http_urls), spec.key("full"), arguments.seed, spec.ca_file)
-                    measurement = await drive(target.tokenize(arguments.batch), arguments.concurrency, arguments.duration,
+                    measurement = await drive(target.tokenize(arguments.batch), arguments.concurrency,
+                                              arguments.duration,
                                               arguments.warmup, arguments.client,
                                               read_pids(node.pid_file for node in spec.nodes), spec.ca_file)
                     prefix = f"[{round_number}] " if arguments.rounds > 1 else ""

@@ -67,12 +67,14 @@ class CoreCalls:
     @property
     def handlers(self) -> dict[str, Handler]:
         return {
-            "tokenize": self._tokenize, "tokenize_sealed": self._tokenize_sealed, "detokenize": self._detokenize, "reveal": self._reveal, "rotate_epoch": self._rotate_epoch,
+            "tokenize": self._tokenize, "tokenize_sealed": self._tokenize_sealed,
+            "detokenize": self._detokenize, "reveal": self._reveal, "rotate_epoch": self._rotate_epoch,
             "list_epochs": self._list_epochs, "create_key": self._create_key, "revoke_key": self._revoke_key,
             "list_keys": self._list_keys, "audit_page": self._audit_page, "cluster_view": self._cluster_view,
             "health": self._health, "delete_tokens": self._delete_tokens, "retokenize": self._retokenize,
             "epoch_tokens": self._epoch_tokens, "destroy_epoch": self._destroy_epoch,
-            "list_members": self._list_members, "change_member": self._change_member, "metrics": self._render_metrics, "backup.open": self._backup_open,
+            "list_members": self._list_members, "change_member": self._change_member,
+            "metrics": self._render_metrics, "backup.open": self._backup_open,
             "backup.read": self._backup_read, "backup.close": self._backup_close,
         }
 
@@ -118,8 +120,9 @@ class CoreCalls:
                 or not all(isinstance(item, list) and len(item) == 2 and isinstance(item[0], str)
                            and isinstance(item[1], bytes) for item in items)):
             raise InvalidRequest("items must be one [token, ciphertext] pair per value")
-        return await self._service.tokenize_sealed(_principal(arguments), _int(arguments["epoch"], "epoch", 1, 2**32 - 1),
-                                                   values, [(token, ciphertext) for token, ciphertext in items])
+        epoch = _int(arguments["epoch"], "epoch", 1, 2**32 - 1)
+        return await self._service.tokenize_sealed(_principal(arguments), epoch, values,
+                                                   [(token, ciphertext) for token, ciphertext in items])
 
     async def _detokenize(self, arguments: dict[str, Any]) -> Any:
         _members(arguments, ("tokens", "actor"))

@@ -511,8 +511,9 @@ class NodeService(LifecycleOperations, MembershipOperations):
                                ) -> tuple[dict[str, tuple[str, str | None]], set[str], int | None]:
         """token -> (value, metadata JSON text or None) for the live mappings among ``tokens``: found
         here, or else asked of the primary (a backup answers only what it has applied); the tokens
-        found here; and the epoch format tokens were resolved in. ``barrier``: mappings found here are read again after a read barrier (mappings can
-        be deleted; with the audit trail on, the caller waits for the audit entry instead)."""
+        found here; and the epoch format tokens were resolved in. ``barrier``: mappings found here are
+        read again after a read barrier (mappings can be deleted; with the audit trail on, the caller
+        waits for the audit entry instead)."""
         if epoch is None and any(not is_token(token) for token in tokens):
             # Format tokens carry no epoch: "the active one" is the one as of a read barrier.
             await self._read_barrier_anywhere()
@@ -908,7 +909,8 @@ class NodeService(LifecycleOperations, MembershipOperations):
             return 200, _json(await self._list_keys_here()), ()
         if request.kind in LIFECYCLE_FORWARDED_MEMBERS:
             status, body = await self._run_forwarded_lifecycle(
-                request.kind, arguments, lambda document: validate_tokens(require_item_list(document, "tokens", limits)))
+                request.kind, arguments,
+                lambda document: validate_tokens(require_item_list(document, "tokens", limits)))
             return status, body, ()
         if request.kind in (LIST_MEMBERS, CHANGE_MEMBER):
             status, body = await self.run_forwarded_member_request(request.kind, arguments)

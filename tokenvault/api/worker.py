@@ -72,7 +72,8 @@ async def run_worker(config: NodeConfig, index: int, workers: int, channel_fd: i
         log.critical("worker.refused_to_start", reason="no key table from the core")
         return EXIT_REFUSED
     app = create_app(service, config, metrics, share=workers, node_metrics=service.metrics_text)
-    runner = ProblemAppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=config.timing.request_timeout_ms / 1000)
+    runner = ProblemAppRunner(app, access_log=None, handle_signals=False,
+                              shutdown_timeout=config.timing.request_timeout_ms / 1000)
     await runner.setup()
     site = web.TCPSite(runner, config.http.host, config.http.port, reuse_port=True, ssl_context=tls_context)
     try:

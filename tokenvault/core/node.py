@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from protocol import (BecamePrimary, ElectionStarted, Entry, EntryKind, Event, ForwardRequest, ForwardResponse, HardState, INITIAL_HARD_STATE, Membership,
-                      MembershipChanged, MembershipError, Message, NotPrimary, PrimaryChanged, ProposalRejected,
+from protocol import (BecamePrimary, ElectionStarted, Entry, EntryKind, Event, ForwardRequest, ForwardResponse,
+                      HardState, INITIAL_HARD_STATE, Membership, MembershipChanged, MembershipError, Message, NotPrimary, PrimaryChanged, ProposalRejected,
                       ReadResult, Ready, Replica, ReplicaConfig, RestoredState, Role, SteppedDown)
 from tokenvault.config import ConfigError, NodeConfig, split_host_port
 from tokenvault.core import commands

@@ -1,6 +1,9 @@
-"""The demo's lifecycle act (`./run_cluster.sh demo`, step 7): delete, migrate and destroy, checked.
+"""The demo's lifecycle act (`./run_cluster.sh demo`, step 7): a card token, a masked reveal, delete,
+migrate and destroy, checked.
 
-After the rotation act the demo's values live in the retired epoch. This act
+It starts with a format-preserving card token of one of the demo's card numbers
+(same length, last four digits kept, never Luhn-valid) and its detokenize with
+the `masked` bootstrap key, which sees only the last four digits. After the rotation act the demo's values live in the retired epoch. This act
 deletes a few of their tokens (every node answers null at once), migrates the
 whole retired epoch into the active one with the same two requests
 `tokenvault admin epoch migrate` pages through (`GET
@@ -14,7 +17,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from tokenvault.client.vault import Unprocessable
+from tokenvault.client.vault import AsyncClient, Unprocessable
+from tokenvault.crypto.formats import luhn_valid, mask_value, normalize_card
 
 if TYPE_CHECKING:
     from tokenvault.devcluster.demo import Demo
@@ -24,8 +28,9 @@ MIGRATE_PAGE_TOKENS = 500
 
 
 async def lifecycle_act(demo: Demo) -> None:
-    demo.say("\n7. Token lifecycle: delete, migrate an epoch, destroy it (crypto-shredding):")
-    # Format-preserving card tokens and the masked reveal join this act here (issue 13, parts 1 and 6).
+    demo.say("\n7. Token lifecycle: a card token, a masked reveal, delete, migrate an epoch, destroy it "
+             "(crypto-shredding):")
+    await _card_and_masked_reveal(demo)
     doomed = [demo.tokens[value] for value in demo.values[-DELETED_VALUES:]]
     async with demo.client(demo.spec.http_urls) as vault:
         deleted = await vault.delete_tokens(doomed)
@@ -73,6 +78,22 @@ async def lifecycle_act(demo: Demo) -> None:
     demo.check(await demo.detokenize_all(demo.spec.http_urls, new_tokens),
                f"all {len(new_tokens)} migrated values still detokenize under their epoch-{active} tokens")
     demo.say(f"   epochs: {await demo.list_epochs()}")
+
+
+async def _card_and_masked_reveal(demo: Demo) -> None:
+    card = normalize_card(demo.values[0])
+    async with demo.client(demo.spec.http_urls) as vault:
+        (card_token,) = (await vault.tokenize([card], token_format="card")).tokens
+    demo.say(f"   POST /v1/tokenize with \"format\": \"card\": {card_token}")
+    demo.check(len(card_token) == len(card) and card_token.isdigit() and card_token[-4:] == card[-4:]
+               and not luhn_valid(card_token) and card_token != card,
+               "the card token has the card's length and last four digits, and is never Luhn-valid")
+    masked_client = AsyncClient(demo.spec.http_urls, demo.spec.key("masked"), timeout_seconds=3.0,
+                                deadline_seconds=15.0, retry_after_cap_seconds=0.5, ca_file=demo.spec.ca_file)
+    async with masked_client as vault:
+        (masked,) = await vault.detokenize([card_token])
+    demo.say(f"   detokenize of the card token with the 'masked' key: {masked}")
+    demo.check(masked == mask_value(card), "the masked key sees only the last four digits")
 
 
 async def _all_null(demo: Demo, tokens: list[str]) -> bool:

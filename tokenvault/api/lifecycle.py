@@ -56,14 +56,7 @@ def _json(document: object) -> bytes:
     return json.dumps(document, separators=(",", ":")).encode()
 
 
-def _actor(fields: object) -> commands.Actor:
-    if fields is None:
-        return commands.NO_ACTOR
-    if isinstance(fields, commands.Actor):
-        return fields
-    if not isinstance(fields, list) or len(fields) != 4:
-        raise commands.CommandError("actor must be a list of 4 fields")
-    return commands.Actor(*fields)
+_actor = commands.actor_from_fields
 
 
 def _epoch_of(token: str) -> int:

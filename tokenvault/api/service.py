@@ -949,15 +949,7 @@ class NodeService(LifecycleOperations, MembershipOperations):
             raise ValueError("malformed forwarded change") from None
 
 
-def _actor(fields: object) -> commands.Actor:
-    """An Actor from its field list (as forwarded); CommandError (a ValueError) when malformed."""
-    if fields is None:
-        return commands.NO_ACTOR
-    if isinstance(fields, commands.Actor):
-        return fields
-    if not isinstance(fields, list) or len(fields) != 4:
-        raise commands.CommandError("actor must be a list of 4 fields")
-    return commands.Actor(*fields)
+_actor = commands.actor_from_fields
 
 
 def _strings(items: object) -> list[str]:

@@ -203,6 +203,18 @@ class Actor:
 NO_ACTOR = Actor()
 
 
+def actor_from_fields(fields: object) -> Actor:
+    """An Actor from its field list (``Actor.fields``, as forwarded or sent by a worker); NO_ACTOR for
+    None; CommandError (a ValueError) when malformed."""
+    if fields is None:
+        return NO_ACTOR
+    if isinstance(fields, Actor):
+        return fields
+    if not isinstance(fields, list) or len(fields) != 4:
+        raise CommandError("actor must be a list of 4 fields")
+    return Actor(*fields)
+
+
 def _check_actor(actor: object) -> None:
     if type(actor) is not Actor:
         raise CommandError("actor must be an Actor")

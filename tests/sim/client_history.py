@@ -97,8 +97,9 @@ class ClientHistory:
             self.history_reads.append(ReadRecord(started[0], self._history_tick(), started[1], self.step_number,
                                                  node_id, read_index))
 
-    def token_calls(self) -> dict[bytes, list[Call]]:
-        """Per written payload: its insert, and the two reads that can bind (see the module docstring)."""
+    def token_calls(self, every_read: bool = False) -> dict[bytes, list[Call]]:
+        """Per written payload: its insert, and the two reads that can bind (see the module docstring);
+        every_read: every confirmed read instead (the tests compare the two verdicts)."""
         committed_at = {payload: index for index, (_, payload) in self.committed.items()}
         histories: dict[bytes, list[Call]] = {}
         for payload, write in self.history_writes.items():
@@ -106,13 +107,16 @@ class ClientHistory:
             index = committed_at.get(payload)
             latest_absent: ReadRecord | None = None
             earliest_present: ReadRecord | None = None
-            for read in self.history_reads:
-                if index is not None and index <= read.read_index:
+            for number, read in enumerate(self.history_reads):
+                seen = index is not None and index <= read.read_index
+                if every_read:
+                    calls.append(Call(number + 1, read.start, read.end, ("read",), payload if seen else None))
+                elif seen:
                     if earliest_present is None or read.end < earliest_present.end:
                         earliest_present = read
                 elif latest_absent is None or read.start > latest_absent.start:
                     latest_absent = read
-            if latest_absent is not None:
+            if latest_absent is not None:  # (neither is set with every_read)
                 calls.append(Call(1, latest_absent.start, latest_absent.end, ("read",), None))
             if earliest_present is not None:
                 calls.append(Call(2, earliest_present.start, earliest_present.end, ("read",), payload))

@@ -7,14 +7,17 @@ too large to finish is a failure, never a pass.
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 import client_history
+from linearizability import is_linearizable, register_step
 from broken_replicas import ReadsWithoutQuorumRound
 from simulator import Simulation, SimulationConfig, SimulationFailure
 
-# The seed among 0..399 of the sweep on which reads answered without the quorum round come back stale
-# (tests/sim/mutant_table.py --only 'reads answered without the quorum round', 2026-12-05).
+# The only seed of 0..399 of the sweep on which the per-read check catches the replica that answers reads
+# without the quorum round ("stale read"; found 2026-12-05 by running that mutant over those seeds).
 STALE_READ_SEED = 347
 
 
@@ -69,3 +72,64 @@ def test_an_unacknowledged_write_may_or_may_not_be_seen() -> None:
     simulation.record_read_confirmed("n1", 4, 1)
     violations = simulation.linearizability_violations()
     assert len(violations) == 1 and violations[0].startswith("not linearizable: token b'acked'"), violations
+
+
+def _verdicts(history: client_history.ClientHistory) -> tuple[dict[bytes, bool], dict[bytes, bool]]:
+    """Per token: (the search over every read, the search over the binding reads only)."""
+    def verdicts(every_read: bool) -> dict[bytes, bool]:
+        return {payload: is_linearizable(calls, None, register_step)
+                for payload, calls in history.token_calls(every_read).items()}
+    return verdicts(True), verdicts(False)
+
+
+class _BareHistory(client_history.ClientHistory):
+    def __init__(self) -> None:
+        self._init_history()
+        self.step_number = 0
+        self.committed: dict[int, tuple[int, bytes]] = {}
+
+
+def test_binding_reads_give_the_verdict_of_every_read_on_random_histories() -> None:
+    """The sweep searches each token's write with only its two binding reads; the Wing-Gong search over
+    every read agrees, on random small histories (open and acknowledged writes, reads that saw the
+    token and reads that missed it, in any overlap)."""
+    rng = random.Random(12)
+    outcomes = set()
+    for _ in range(400):
+        history = _BareHistory()
+        reads = rng.randint(1, 6)
+        events = sorted(rng.sample(range(1, 100), 2 * (reads + 1)))
+        rng.shuffle(events)
+        start, end = sorted(events[:2])
+        history.history_writes[b"p"] = client_history.WriteRecord(start, 0, end if rng.random() < 0.6 else None)
+        if rng.random() < 0.8:
+            history.committed[2] = (1, b"p")
+        for number in range(reads):
+            start, end = sorted(events[2 + 2 * number:4 + 2 * number])
+            history.history_reads.append(client_history.ReadRecord(start, end, 0, 0, "n1", rng.choice((1, 2))))
+        every, binding = _verdicts(history)
+        assert every == binding, (history.history_writes, history.history_reads)
+        outcomes.add(every[b"p"])
+    assert outcomes == {True, False}
+
+
+def test_binding_reads_give_the_verdict_of_every_read_on_simulated_histories() -> None:
+    """The same on the histories of sweep seeds, and on the mutant's stale read."""
+    histories = []
+    for seed in range(15):
+        simulation = Simulation(seed, SimulationConfig.from_seed(seed))
+        for _ in range(simulation.config.steps):
+            simulation.step()
+        histories.append(simulation)
+    mutant = Simulation(STALE_READ_SEED, SimulationConfig.from_seed(STALE_READ_SEED), ReadsWithoutQuorumRound)
+    mutant.check_reads_in_real_time = False
+    for _ in range(mutant.config.steps):
+        mutant.step()
+    histories.append(mutant)
+    refused = 0
+    for history in histories:
+        every, binding = _verdicts(history)
+        assert every == binding, history.seed
+        refused += list(every.values()).count(False)
+    assert refused == 2  # the mutant's two tokens; the real replica's histories all pass
+    assert sum(len(history.history_reads) for history in histories[:-1]) >= 50

@@ -71,11 +71,14 @@ class InvariantChecks:
     def _check_read(self, node: SimNode, result) -> None:
         asked = self.read_floor.pop((node.node_id, result.request_id), None)
         if asked is None or not result.ok:
+            self.record_read_dropped(node.node_id, result.request_id)
             return
         floor, on_backup = asked
         self.reads_confirmed += 1
         self.backup_reads_confirmed += on_backup
-        if result.read_index < floor:
+        # The client history (client_history.py) gets the read too, for the linearizability check.
+        self.record_read_confirmed(node.node_id, result.request_id, result.read_index)
+        if result.read_index < floor and self.check_reads_in_real_time:
             self.fail(f"{node.node_id} read index {result.read_index} misses acknowledged index {floor}: stale read")
 
     def _check_log_matching(self, node: SimNode, entry: Entry) -> None:

@@ -102,6 +102,7 @@ class ScenarioCluster(Simulation):
         self.note(f"partition {groups}")
 
     def propose_at(self, node_id: str, payload: bytes) -> tuple[int, int]:
+        self.record_write_invoked(payload)
         index, view = self.replica(node_id).propose(payload)
         self.drive(self.nodes[node_id])
         return index, view

@@ -30,6 +30,7 @@ from protocol import (INITIAL_HARD_STATE, BecamePrimary, Entry, EntryKind, HardS
                       decode_body)
 from protocol.codec import encode_body
 from protocol.messages import VoteReply
+from client_history import ClientHistory
 from invariants import InvariantChecks
 from membership import MembershipChanges
 from nemeses import Nemeses
@@ -163,7 +164,7 @@ def digest_after(digest: bytes, entry: Entry) -> bytes:
     return hasher.digest()
 
 
-class Simulation(InvariantChecks, Nemeses, MembershipChanges):
+class Simulation(InvariantChecks, Nemeses, MembershipChanges, ClientHistory):
     """One seeded run. ``run()`` performs the steps, then heals everything and checks liveness."""
 
     def __init__(self, seed: int, config: SimulationConfig | None = None,
@@ -239,6 +240,10 @@ class Simulation(InvariantChecks, Nemeses, MembershipChanges):
         self.reads_confirmed = 0
         self.snapshots_installed = 0
         self.elections = 0
+        # The client history, checked for linearizability at the end of the steps (client_history.py).
+        self._init_history()
+        # Off only in the test showing that the history check alone catches a stale read.
+        self.check_reads_in_real_time = True
 
     # ------------------------------------------------------------------ life cycle
 
@@ -524,6 +529,7 @@ class Simulation(InvariantChecks, Nemeses, MembershipChanges):
                     self.acknowledged_indexes.insert(position, entry.index)
                     self.acknowledged_settled = min(self.acknowledged_settled, position)
                 self.acknowledged[entry.index] = (entry.view, entry.payload, primary_view)
+                self.record_write_acknowledged(entry.payload)
                 if node.replica is not None:
                     self.acknowledged_voters.setdefault(entry.index, self.counted_voter_sets(node.replica, entry.index))
                 self.highest_acknowledged_index = max(self.highest_acknowledged_index, entry.index)
@@ -608,9 +614,11 @@ class Simulation(InvariantChecks, Nemeses, MembershipChanges):
         self.superseded_writes += self._superseded(node)
         self.payload_counter += 1
         payload = b"c%d" % self.payload_counter + bytes(self.rng.randrange(0, 40))
+        self.record_write_invoked(payload)
         try:
             index, view = node.replica.propose(payload)  # type: ignore[union-attr]
         except (NotPrimary, ProposalRejected):
+            del self.history_writes[payload]  # refused: it never takes effect
             return False
         self.note(f"{node.node_id} proposed {index}/{view}")
         self.drive(node)
@@ -640,10 +648,12 @@ class Simulation(InvariantChecks, Nemeses, MembershipChanges):
         node.read_ids += 1
         self.read_floor[(node.node_id, node.read_ids)] = (self.highest_acknowledged_index,
                                                          node.replica.role is Role.BACKUP)
+        self.record_read_invoked(node.node_id, node.read_ids)
         try:
             node.replica.request_read(node.read_ids)
         except NotPrimary:
             del self.read_floor[(node.node_id, node.read_ids)]
+            self.record_read_dropped(node.node_id, node.read_ids)
             return None
         self.drive(node)
         return node.read_ids
@@ -785,6 +795,7 @@ class Simulation(InvariantChecks, Nemeses, MembershipChanges):
     def run(self) -> Simulation:
         for _ in range(self.config.steps):
             self.step()
+        self.check_linearizable_history()
         self.check_liveness()
         return self
 

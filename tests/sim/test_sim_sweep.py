@@ -1,4 +1,5 @@
-"""The seed sweep: at least 500 seeded runs of 2,000 random steps each, invariants after every step.
+"""The seed sweep: at least 500 seeded runs of 2,000 random steps each, invariants after every step,
+and the client history of each run checked for linearizability after its steps (client_history.py).
 
 A failure prints its seed; ``pytest tests/sim --seed N`` replays that run alone.
 """
@@ -8,7 +9,8 @@ from __future__ import annotations
 from simulator import Simulation, SimulationConfig, SimulationFailure
 
 COUNTED = ("elections", "reads_confirmed", "backup_reads_confirmed", "snapshots_installed", "superseded_reads",
-           "crash_points_hit", "store_tails_lost", "pauses", "link_faults", "membership_changes", "replacements")
+           "crash_points_hit", "store_tails_lost", "pauses", "link_faults", "membership_changes", "replacements",
+           "history_registers_checked")
 
 
 def test_seed_sweep(sweep_seeds: range, sweep_steps: int) -> None:
@@ -45,6 +47,8 @@ def test_seed_sweep(sweep_seeds: range, sweep_steps: int) -> None:
         # Membership changes (membership.py), measured over the 500 default seeds: 1,076 changes committed
         # or proposed amid the faults, and 197 replacements (add, promote, remove, then a crash) once healed.
         assert totals["membership_changes"] >= seeds and totals["replacements"] >= seeds // 4, totals
+        # Every write of the client is one register of the linearizability check.
+        assert totals["history_registers_checked"] >= 20 * seeds, totals
 
 
 def test_a_seed_replays_identically() -> None:

@@ -297,8 +297,8 @@ class NodeService(LifecycleOperations, MembershipOperations):
         The core checks the epoch (EpochChanged if it is not the active one: the worker then sends
         the values to be sealed here) and re-seals the first value, as it does the sealer's answers;
         a difference is refused and logged. Then it is a tokenize as any other, with the tokens and
-        ciphertexts computed already: answered as a read when every pair is stored (no HMAC and no
-        encryption here), else proposed as one entry on the primary; a backup that cannot answer it
+        ciphertexts computed already: answered as a read when every pair is stored (no HMAC or
+        encryption here beyond the first value's check), else proposed as one entry on the primary; a backup that cannot answer it
         as a read forwards the values, and the primary seals them itself.
         """
         keyring = self.node.keyring

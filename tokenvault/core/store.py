@@ -125,6 +125,7 @@ from rocksdict import (
     DBRecoveryMode,
     Options,
     Rdict,
+    RdictIter,
     ReadOptions,
     WriteBatch,
     WriteOptions,
@@ -1596,10 +1597,16 @@ class _Batch:
                        if value is not None and start <= key < upper)
         iterator = self.db.iter(_bounded(lower, upper))
         iterator.seek(start)
+        return self._merged_keys(iterator, added, 0, count)
+
+    def _merged_keys(self, iterator: RdictIter, added: list[bytes], position: int, count: int) -> list[bytes]:
+        """The first ``count`` keys of the database (``iterator``, seeked to the start) merged in order
+        with the overlay's live keys ``added[position:]`` (sorted); keys this batch wrote or deleted are
+        taken from the overlay, never the database."""
         found: list[bytes] = []
-        position = 0
+        writes = self.writes
         while len(found) < count:
-            while iterator.valid() and iterator.key() in self.writes:
+            while iterator.valid() and iterator.key() in writes:
                 iterator.next()  # deleted or rewritten in this batch: the overlay decides
             stored = iterator.key() if iterator.valid() else None
             overlay = added[position] if position < len(added) else None
@@ -1640,20 +1647,4 @@ class _Batch:
             start = max(start, self.resume_key + b"\x00")
         iterator = self.db.iter(read_options)
         iterator.seek(start)
-        position = bisect.bisect_left(self.live_age, start)
-        found: list[bytes] = []
-        writes, live = self.writes, self.live_age
-        while len(found) < count:
-            while iterator.valid() and iterator.key() in writes:
-                iterator.next()  # deleted or rewritten in this batch: the overlay decides
-            stored = iterator.key() if iterator.valid() else None
-            added = live[position] if position < len(live) else None
-            if stored is not None and (added is None or stored < added):
-                found.append(stored)
-                iterator.next()
-            elif added is not None:
-                found.append(added)
-                position += 1
-            else:
-                break
-        return found
+        return self._merged_keys(iterator, self.live_age, bisect.bisect_left(self.live_age, start), count)

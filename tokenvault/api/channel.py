@@ -20,7 +20,10 @@ Four kinds of message:
 - ``[PUSH, topic, payload]``: one-way news, core to worker (the runtime key
   table after every change, so a revoked key is refused by every worker).
 
-A channel that closes fails every call waiting on it with ``ChannelClosed``.
+A channel that closes fails every call waiting on it with ``ChannelClosed``. Calls
+wait for the socket to drain before they finish, and at most MAX_CONCURRENT_CALLS
+are served at once, so a side that stops reading makes the other one wait, never
+buffer without bound.
 """
 
 from __future__ import annotations
@@ -183,6 +186,11 @@ class Channel:
                 self._send([REPLY, call_id, False, result])
         except ServiceError as error:
             self._reply_failure(call_id, error)
+        try:
+            # Back-pressure: a peer that stops reading holds this task, not an ever-growing write buffer.
+            await self._writer.drain()
+        except (ConnectionError, RuntimeError):
+            self._close_now()
 
     def _reply_failure(self, call_id: int, error: ServiceError) -> None:
         try:

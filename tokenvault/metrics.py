@@ -56,6 +56,8 @@ class Metrics:
         self._current_role: str | None = None
         if process != "core":
             self._define_http_metrics()
+        if process == "worker":
+            self._define_worker_read_metrics()
         if process != "worker":
             self._define_service_metrics()
             self._define_replication_metrics()
@@ -128,6 +130,29 @@ class Metrics:
             ("result",),
             registry=registry,
         )
+
+    def _define_worker_read_metrics(self) -> None:
+        """An HTTP worker answers detokenize requests from its own view of the store (docs/architecture.md)."""
+        registry = self.registry
+        self.values_detokenized = Counter(
+            "tokenvault_values_detokenized",
+            "Tokens looked up by detokenize requests answered by this node, by result (the service records it).",
+            ("result",),
+            registry=registry,
+        )
+        self.worker_store_reads = Counter(
+            "tokenvault_worker_store_reads",
+            "Detokenize requests by where an HTTP worker answered them: 'view' from its read-only view of the"
+            " store, 'core' by the node's core process (a token the view lacks, no view), 'failed' the view"
+            " failed after the audit record was written (answered 503).",
+            ("result",),
+            registry=registry,
+        )
+        self._worker_read_children = {result: self.worker_store_reads.labels(result=result)
+                                      for result in ("view", "core", "failed")}
+
+    def record_worker_store_read(self, result: str) -> None:
+        self._worker_read_children[result].inc()
 
     def _define_replication_metrics(self) -> None:
         registry = self.registry

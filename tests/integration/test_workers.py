@@ -158,3 +158,52 @@ def test_with_no_workers_the_node_is_one_process_serving_http_itself(tmp_path: P
         asyncio.run(round_trip())
     finally:
         harness.stop()
+
+
+def _counter(metrics: str, name: str, result: str) -> float:
+    """The sum over workers of one labelled counter in a node's exposition."""
+    total = 0.0
+    for line in metrics.splitlines():
+        if line.startswith(f"{name}{{") and f'result="{result}"' in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+async def test_workers_answer_detokenize_from_their_view_and_never_a_deleted_or_destroyed_value(
+        single: ClusterHarness) -> None:
+    """A worker answers a detokenize of tokens its view of the store holds without the core looking them up
+    (tokenvault_worker_store_reads{result="view"}), yet a token deleted, or of an epoch destroyed, before
+    the request started is never answered, however far behind the view was; every answer is audited."""
+    reads = "tokenvault_worker_store_reads_total"
+    async with single.client("n1") as client:
+        before = _counter(single.metrics_text("n1"), reads, "view")
+        audit_before = (await client.audit_page(0, 1000)).last_seq
+        answered = 0
+        for round_number in range(20):
+            values = [f"view-{round_number}-{number}" for number in range(3)]
+            tokens = list((await client.tokenize(values)).tokens)
+            # Asked at once: the view may not hold them yet (then the core answers).
+            assert list(await client.detokenize(tokens)) == values
+            for _ in range(2):  # on a later request, the view holds them
+                assert list(await client.detokenize(tokens)) == values
+                answered += 1
+            assert await client.delete_tokens(tokens[:1]) == 1
+            # Straight after the acknowledged delete: null, whichever worker and however stale its view.
+            assert list(await client.detokenize(tokens)) == [None, *values[1:]]
+            answered += 1
+        after = _counter(single.metrics_text("n1"), reads, "view")
+        assert after - before >= answered // 2, (before, after, answered)
+        assert _counter(single.metrics_text("n1"), reads, "failed") == 0
+        # Every detokenize wrote its audit record (80 requests, plus the deletes' own records).
+        page = await client.audit_page(audit_before, 1000)
+        detokenizes = [record for record in page.records if record.get("action") == "detokenize"]
+        assert len(detokenizes) == 80
+        # A destroyed epoch's tokens are never answered again, by any worker.
+        old = list((await client.tokenize(["before-destroy"])).tokens)
+        assert list(await client.detokenize(old)) == ["before-destroy"]
+        assert list(await client.detokenize(old)) == ["before-destroy"]
+        await client.rotate_epoch()
+        epoch = int(old[0][2:old[0].index("_")])
+        assert await client.destroy_epoch(epoch) == "destroyed"
+        for _ in range(4):
+            assert list(await client.detokenize(old)) == [None]

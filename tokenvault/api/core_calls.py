@@ -68,7 +68,8 @@ class CoreCalls:
     def handlers(self) -> dict[str, Handler]:
         return {
             "tokenize": self._tokenize, "tokenize_sealed": self._tokenize_sealed,
-            "detokenize": self._detokenize, "reveal": self._reveal, "rotate_epoch": self._rotate_epoch,
+            "detokenize": self._detokenize, "detokenize_read_point": self._detokenize_read_point,
+            "reveal": self._reveal, "rotate_epoch": self._rotate_epoch,
             "list_epochs": self._list_epochs, "create_key": self._create_key, "revoke_key": self._revoke_key,
             "list_keys": self._list_keys, "audit_page": self._audit_page, "cluster_view": self._cluster_view,
             "health": self._health, "delete_tokens": self._delete_tokens, "retokenize": self._retokenize,
@@ -85,13 +86,16 @@ class CoreCalls:
 
     def active_epoch_keys(self) -> dict[str, Any]:
         """The active epoch and its derived token and data keys, as the workers are sent them: what the
-        sealer gets (never the master key or an epoch secret), for the active epoch only."""
+        sealer gets (never the master key or an epoch secret), for the active epoch only; and under
+        ``"readable"`` every epoch's [epoch, token key, data key] that this node can decrypt (a destroyed
+        epoch is not among them), for the detokenizes a worker answers from its view of the store."""
         node = self._service.node
+        readable = [[epoch, *node.keyring.get(epoch).derived_keys()] for epoch in node.keyring.epochs()]
         epoch = node.store.active_epoch()
         if epoch == 0 or epoch not in node.keyring:
-            return {"epoch": 0}
+            return {"epoch": 0, "readable": readable}
         token_key, data_key = node.keyring.get(epoch).derived_keys()
-        return {"epoch": epoch, "token_key": token_key, "data_key": data_key}
+        return {"epoch": epoch, "token_key": token_key, "data_key": data_key, "readable": readable}
 
     # ------------------------------------------------------------------ the vault
     async def _tokenize(self, arguments: dict[str, Any]) -> Any:
@@ -128,6 +132,12 @@ class CoreCalls:
         _members(arguments, ("tokens", "actor"))
         tokens = validate_tokens(require_item_list(arguments, "tokens", self._limits))
         return await self._service.detokenize(tokens, _checked_actor(arguments["actor"]))
+
+    async def _detokenize_read_point(self, arguments: dict[str, Any]) -> Any:
+        _members(arguments, ("items", "found", "actor"))
+        items = _int(arguments["items"], "items", 1, self._limits.max_items)
+        found = _int(arguments["found"], "found", 0, items)
+        return await self._service.detokenize_read_point(items, found, _checked_actor(arguments["actor"]))
 
     async def _rotate_epoch(self, arguments: dict[str, Any]) -> Any:
         _members(arguments, ("principal", "idempotency_key", "actor"))

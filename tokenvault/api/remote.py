@@ -12,6 +12,7 @@ worker as soon as the core applies it.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -20,14 +21,28 @@ from tokenvault.api.channel import Channel
 from tokenvault.core import commands
 from tokenvault.core.backup import BACKUP_CHUNK_BYTES
 from tokenvault.crypto import formats
-from tokenvault.crypto.keys import EpochKeys
+from tokenvault.core.store_reader import CatchUp, StoreReadError, StoreReader
+from tokenvault.crypto.keys import DecryptError, EpochKeys
 from tokenvault.errors import EpochChanged, Outcome, Unavailable
 from tokenvault.logs import get_logger
+from tokenvault.metrics import Metrics
+from tokenvault.crypto.tokens import parse_token
 
 log = get_logger("worker")
 
+# After its view of the store failed, a worker sends every detokenize to the core for this long.
+READER_REST_SECONDS = 5.0
+
 KEYS_TOPIC = "keys"
 EPOCH_TOPIC = "epoch"
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _token_epoch(token: str) -> int:
+    return parse_token(token).epoch
 
 
 def _unexpected() -> Unavailable:
@@ -62,6 +77,27 @@ def _decode_epoch_keys(payload: object) -> EpochKeys | None:
         return None
 
 
+def _decode_readable_keys(payload: object) -> dict[int, EpochKeys]:
+    """Every epoch's keys this node can decrypt, from the core's push; empty (every detokenize goes to the
+    core) when they are missing or malformed."""
+    rows = payload.get("readable") if isinstance(payload, dict) else None
+    keys: dict[int, EpochKeys] = {}
+    if not isinstance(rows, list):
+        log.error("worker.epoch_keys_refused")
+        return keys
+    for row in rows:
+        if (not isinstance(row, list) or len(row) != 3 or type(row[0]) is not int
+                or not isinstance(row[1], bytes) or not isinstance(row[2], bytes)):
+            log.error("worker.epoch_keys_refused")
+            return {}
+        try:
+            keys[row[0]] = EpochKeys.from_derived_keys(row[0], row[1], row[2])
+        except ValueError:
+            log.error("worker.epoch_keys_refused")
+            return {}
+    return keys
+
+
 def decode_key_rows(rows: object) -> dict[str, auth.RuntimeKey]:
     """The runtime key table from the core's push (``CoreCalls.api_key_rows``); ValueError if malformed."""
     if not isinstance(rows, list):
@@ -83,7 +119,8 @@ def decode_key_rows(rows: object) -> dict[str, auth.RuntimeKey]:
 class RemoteService:
     """NodeService's operations, answered by the node's core process over ``channel``."""
 
-    def __init__(self, node_id: str, channel: Channel | None = None) -> None:
+    def __init__(self, node_id: str, channel: Channel | None = None, *, reader: StoreReader | None = None,
+                 metrics: Metrics | None = None, timeout_seconds: float = 5.0) -> None:
         self.node_id = node_id
         self.channel = channel
         self._keys: dict[str, auth.RuntimeKey] = {}
@@ -91,10 +128,19 @@ class RemoteService:
         # The active epoch's keys as the core last pushed them (None before the first epoch): this
         # worker seals the values of tokenize requests without an Idempotency-Key in it.
         self._epoch_keys: EpochKeys | None = None
+        # Every epoch's keys the core can decrypt, and this worker's read-only view of the store: a
+        # detokenize of tokens the view holds is answered here (``detokenize``).
+        self._readable: dict[int, EpochKeys] = {}
+        self._reader = reader
+        self._catch_up = CatchUp(reader) if reader is not None else None
+        self._reader_resting_until = 0.0
+        self._metrics = metrics
+        self._timeout_seconds = timeout_seconds
 
     def on_push(self, topic: str, payload: object) -> None:
         if topic == EPOCH_TOPIC:
             self._epoch_keys = _decode_epoch_keys(payload)
+            self._readable = _decode_readable_keys(payload)
             return
         if topic != KEYS_TOPIC:
             return
@@ -136,12 +182,84 @@ class RemoteService:
             "token_format": token_format, "metadata_json": metadata_json, "ttl_seconds": ttl_seconds}))
 
     async def detokenize(self, tokens: list[str], actor: commands.Actor | None = None) -> list[str | None]:
-        result = await self._call("detokenize", {"tokens": tokens,
-                                                 "actor": (actor or commands.NO_ACTOR).fields()})
+        """The values of ``tokens``: from this worker's view of the store when it holds every one of them,
+        else (or when the view cannot answer) by the core, exactly as the single process answers."""
+        actor = actor or commands.NO_ACTOR
+        if self._catch_up is not None and tokens and time.monotonic() >= self._reader_resting_until:
+            values = await self._detokenize_from_view(tokens, actor)
+            if values is not None:
+                self._record_read("view", values)
+                return values
+        result = await self._call("detokenize", {"tokens": tokens, "actor": actor.fields()})
         if not isinstance(result, list) or len(result) != len(tokens) \
                 or not all(value is None or isinstance(value, str) for value in result):
             raise _unexpected()
+        if self._catch_up is not None:
+            self._record_read("core", None)
         return result
+
+    async def _detokenize_from_view(self, tokens: list[str], actor: commands.Actor) -> list[str | None] | None:
+        """The read guarantee of a detokenize, kept from a view that may lag (docs/guarantees.md):
+
+        1. every token must be in the view (an unknown one may be newer than the view: the core asks the
+           primary) and of an epoch this worker can decrypt, else None: the core answers it all;
+        2. the core commits the audit record and returns an index it has applied, at or after every
+           delete or destroy acknowledged before the request started;
+        3. the view catches up to that index, the tokens are looked up again (a token deleted
+           meanwhile is null, as the core would answer) and decrypted with the epoch keys as of the
+           core's answer (its key pushes precede its answers on the channel: a destroyed epoch is gone).
+        A view that fails before step 2 leaves the request to the core; after it, the request is
+        answered 503 (its audit record is written: asking the core would write a second one)."""
+        assert self._reader is not None and self._catch_up is not None
+        try:
+            found = self._reader.lookup(tokens, _now_ms())
+        except StoreReadError as error:
+            self._rest_reader(error)
+            return None
+        if len(found) != len(set(tokens)):
+            self._catch_up.nudge()  # the view may lag the tokens clients are being given: freshen it
+            return None
+        if any(_token_epoch(token) not in self._readable for token in found):
+            return None
+        index = await self._call("detokenize_read_point", {"items": len(tokens), "found": len(tokens),
+                                                           "actor": actor.fields()})
+        if type(index) is not int or index < 0:
+            raise _unexpected()
+        try:
+            await self._catch_up.wait_applied(index, self._timeout_seconds)
+            still = self._reader.lookup(tokens, _now_ms())
+        except StoreReadError as error:
+            self._rest_reader(error)
+            self._record_read("failed", None)
+            raise Unavailable("this worker's view of the store did not catch up; the values were not "
+                              "returned; retry") from None
+        values: list[str | None] = []
+        for token in tokens:
+            ciphertext = still.get(token)
+            keys = self._readable.get(_token_epoch(token))
+            if ciphertext is None or keys is None:
+                values.append(None)
+                continue
+            try:
+                values.append(keys.decrypt(token, ciphertext))
+            except DecryptError:
+                log.error("store.ciphertext_corrupt", epoch=keys.epoch)
+                values.append(None)
+        return values
+
+    def _rest_reader(self, error: StoreReadError) -> None:
+        """After a view failure every detokenize goes to the core for a while; the view reopens on its
+        next catch-up."""
+        log.warning("worker.store_view_failed", error=str(error)[:200])
+        self._reader_resting_until = time.monotonic() + READER_REST_SECONDS
+
+    def _record_read(self, result: str, values: list[str | None] | None) -> None:
+        if self._metrics is None:
+            return
+        self._metrics.record_worker_store_read(result)
+        if values is not None:
+            found = sum(value is not None for value in values)
+            self._metrics.record_detokenized(found, len(values) - found)
 
     async def reveal(self, tokens: list[str], actor: commands.Actor | None = None, epoch: int | None = None,
                      include_metadata: bool = False, masked: bool = False) -> dict[str, Any]:

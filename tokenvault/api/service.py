@@ -490,17 +490,31 @@ class NodeService(LifecycleOperations, MembershipOperations):
             document["metadata_json"] = [found[token][1] if token in found else None for token in tokens]
         return document
 
+    async def detokenize_read_point(self, items: int, found: int, actor: commands.Actor) -> int:
+        """For a detokenize an HTTP worker answers from its own view of the store (tokenvault.core.store_reader):
+        commit its audit record (``items`` tokens asked, ``found`` of them in the worker's view) and return
+        an index this node has applied, at or after that record's entry — so at or after every delete,
+        destroy and rotation acknowledged before the request started. The worker answers only once its
+        view has applied it, and looks the tokens up again then. With the audit trail off, a read barrier
+        gives the index."""
+        index = await self._audit_counts(items, found, actor, None)
+        await self._caught_up_to(index)
+        return self.node.store.applied_index
+
     async def _audit_detokenize(self, values: list[str | None], actor: commands.Actor | None,
                                 subject: str | None) -> int | None:
         """Commit the audit record of a detokenize or reveal; the log index of its entry (None when the
         audit trail is off or the primary did not say)."""
+        return await self._audit_counts(len(values), sum(value is not None for value in values), actor, subject)
+
+    async def _audit_counts(self, items: int, found: int, actor: commands.Actor | None,
+                            subject: str | None) -> int | None:
         if self._audit is None:
             return None
         actor = actor or commands.NO_ACTOR
         record = commands.AuditRecord(
             at_ms=int(time.time() * 1000), node=self.node_id, key_name=actor.name, key_id=actor.key_id,
-            action="detokenize", items=len(values), found=sum(value is not None for value in values),
-            request_id=actor.request_id, subject=subject)
+            action="detokenize", items=items, found=found, request_id=actor.request_id, subject=subject)
         try:
             return await self._audit.append(record)
         except AuditUnavailable as error:

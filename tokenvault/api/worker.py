@@ -5,9 +5,13 @@ the node's HTTP port with SO_REUSEPORT, so the kernel spreads connections over
 them, and does everything that needs no ordering on its own core: TLS, HTTP
 parsing, authentication, rate limits, validation and JSON. Every operation is
 then one call to the core over the channel on file descriptor N (a Unix socket
-the core made; tokenvault.api.remote). The worker holds no key: it starts with
-no ``TOKENVAULT_*`` variable, never reads the master key, and sees values only
-in the requests it carries.
+the core made; tokenvault.api.remote), except what it can do alone: sealing
+the values of a plain tokenize, and answering a detokenize of tokens its
+read-only view of the store holds (tokenvault.core.store_reader; the core
+still writes the audit record and says how far the view must catch up first).
+It starts with no ``TOKENVAULT_*`` variable and never reads the master key or
+an epoch secret; the core pushes it the derived token and data keys of the
+epochs it can decrypt, as it gives the sealer helper the active one's.
 
 It exits when its core goes away (the channel closes; within a second, after
 closing its listening socket so that no new connection lands on it), and on
@@ -30,6 +34,8 @@ from tokenvault.api.channel import Channel, max_frame_bytes
 from tokenvault.api.http import ProblemAppRunner, create_app
 from tokenvault.api.remote import RemoteService
 from tokenvault.config import NodeConfig, load_config
+from tokenvault.core.store import STORE_DIRECTORY
+from tokenvault.core.store_reader import StoreReadError, StoreReader
 from tokenvault.core.loopwatch import LoopWatch
 from tokenvault.crypto.tls import TlsError, load_node_tls
 from tokenvault.logs import configure_logging, get_logger
@@ -41,6 +47,8 @@ EXIT_REFUSED = 3
 # How long a worker whose core is gone keeps connections open for answers already written.
 ORPHAN_GRACE_SECONDS = 0.1
 KEY_TABLE_TIMEOUT_SECONDS = 10.0
+# Beside the store in the data directory: each worker's scratch files for its view of the store.
+STORE_VIEWS_DIRECTORY = "store-views"
 
 
 async def run_worker(config: NodeConfig, index: int, workers: int, channel_fd: int) -> int:
@@ -48,7 +56,31 @@ async def run_worker(config: NodeConfig, index: int, workers: int, channel_fd: i
     configure_logging(config.node_id, Path(config.log_file) if config.log_file else None, config.log_level,
                       process=f"worker-{index}")
     metrics = Metrics("worker")
-    service = RemoteService(config.node_id)
+    reader = _open_store_view(config, index)
+    service = RemoteService(config.node_id, reader=reader, metrics=metrics,
+                            timeout_seconds=config.timing.request_timeout_ms / 1000)
+    try:
+        return await _serve(config, index, workers, channel_fd, service, metrics)
+    finally:
+        if reader is not None:
+            reader.close()
+
+
+def _open_store_view(config: NodeConfig, index: int) -> StoreReader | None:
+    """This worker's read-only view of the node's store; None (every detokenize goes to the core) when
+    store reads are off or the view cannot be opened."""
+    if not config.http.store_reads:
+        return None
+    scratch = Path(config.data_dir) / STORE_VIEWS_DIRECTORY / f"worker-{index}"
+    try:
+        return StoreReader(Path(config.data_dir) / STORE_DIRECTORY, scratch).open()
+    except (StoreReadError, OSError) as error:
+        log.warning("worker.store_view_unavailable", error=str(error)[:200])
+        return None
+
+
+async def _serve(config: NodeConfig, index: int, workers: int, channel_fd: int, service: RemoteService,
+                 metrics: Metrics) -> int:
     reader, writer = await asyncio.open_unix_connection(sock=socket.socket(fileno=channel_fd))
 
     async def render_metrics(arguments: dict[str, object]) -> str:

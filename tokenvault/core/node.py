@@ -32,8 +32,8 @@ from tokenvault.config import ConfigError, NodeConfig, split_host_port
 from tokenvault.core import commands
 from tokenvault.core.shred import Shredder
 from tokenvault.core.snapshot_transfer import SnapshotTransfers
-from tokenvault.core.store import (DELETE_KIND, DESTROY_KIND, DESTROYED, ApplyResult, Outcome, PreparedInstall,
-                                   StoreCorruption, VaultStore)
+from tokenvault.core.store import (DELETE_KIND, DESTROY_KIND, DESTROYED, STORE_DIRECTORY, ApplyResult, Outcome,
+                                   PreparedInstall, StoreCorruption, VaultStore)
 from tokenvault.core.transport import PeerAddress, PeerTransport
 from tokenvault.core.wal import RecoveredLog, WriteAheadLog
 from tokenvault.core.wal_segments import WalCorruption
@@ -47,7 +47,6 @@ log = get_logger("node")
 
 INBOX_MAX_ITEMS = 100_000
 MAX_FRAME_BYTES = 16 * 1024 * 1024
-STORE_DIRECTORY = "store"
 SHUTDOWN_GRACE_SECONDS = 1.0
 # Allocations minus deallocations before a youngest-generation collection (CPython's default is 700).
 GC_YOUNG_THRESHOLD = 50_000
@@ -550,6 +549,8 @@ class Node:
                 self.keyring.forget(command.epoch)
                 for handler in self.epoch_destroyed_handlers:
                     handler(command.epoch)
+                # The HTTP workers drop the epoch's keys before any later answer reaches them.
+                self._keyring_changed()
                 log.info("epoch.destroyed", epoch=command.epoch, index=entry.index)
             else:
                 log.info("tokens.deleted", count=result.items, index=entry.index)

@@ -146,6 +146,8 @@ PURGE_LIMIT_PER_COMMAND = 8
 
 SCHEMA_VERSION = 2  # version 1 was the SQLite store
 STORE_MARKER = "tokenvault-store"  # first field of the meta record: marks a database as ours
+# The store's directory inside a node's data directory (tokenvault.core.node, and its HTTP workers' views).
+STORE_DIRECTORY = "store"
 CURRENT_FILE = "CURRENT"
 CURRENT_TEMP_FILE = "CURRENT.tmp"
 CREATING_SUFFIX = ".creating"
@@ -614,6 +616,32 @@ def _keys(database: Rdict, lower: bytes, upper: bytes) -> Iterable[bytes]:
 def _get_many(database: Rdict, keys: list[bytes]) -> list[bytes | None]:
     """The values of ``keys`` in order, None where absent: one multi-get."""
     return cast("list[bytes | None]", database.get(cast("list[_RdictKey]", keys)))
+
+
+def lookup_opaque(database: Rdict, tokens: Sequence[str], now_ms: int | None, *,
+                  has_life: bool) -> dict[str, bytes]:
+    """Ciphertexts of the live opaque tokens among ``tokens`` in ``database`` (VaultStore.lookup; also
+    tokenvault.core.store_reader's, over a secondary instance). ``has_life``: whether any mapping may
+    have a life row; without one the expiry check is skipped. One multi-get, two with expiries."""
+    unique = list(dict.fromkeys(tokens))
+    if not unique:
+        return {}
+    keys = [_token_key(token) for token in unique]
+    values = _get_many(database, keys)
+    found = {token: value[_U32.size:] for token, value in zip(unique, values) if value is not None}
+    if has_life and found:
+        _drop_expired(database, found, dict(zip(unique, keys)), now_ms)
+    return found
+
+
+def _drop_expired(database: Rdict, found: dict[str, bytes], row_keys: dict[str, bytes], now_ms: int | None) -> None:
+    """Leave out of ``found`` the mappings whose expiry is at or before ``now_ms`` (default: now)."""
+    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+    tokens = list(found)
+    for token, value in zip(tokens, _get_many(database, [_LIFE + row_keys[token] for token in tokens])):
+        expires_at_ms = _decode_life(value)[0]
+        if expires_at_ms is not None and expires_at_ms <= now_ms:
+            del found[token]
 
 
 def _read_epochs(database: Rdict, error: type[StoreError], limit: int | None = None) -> list[EpochRecord]:
@@ -1198,15 +1226,7 @@ class VaultStore:
 
         ``now_ms`` is the read's clock (default: this machine's); a mapping whose
         expiry is at or before it is left out. One multi-get, two with expiries."""
-        unique = list(dict.fromkeys(tokens))
-        if not unique:
-            return {}
-        keys = [_token_key(token) for token in unique]
-        values = _get_many(self._db, keys)
-        found = {token: value[_U32.size:] for token, value in zip(unique, values) if value is not None}
-        if self._has_life and found:
-            self._drop_expired(found, dict(zip(unique, keys)), now_ms)
-        return found
+        return lookup_opaque(self._db, tokens, now_ms, has_life=self._has_life)
 
     def lookup_format(self, epoch: int, tokens: Sequence[str], now_ms: int | None = None) -> dict[str, bytes]:
         """Ciphertexts of the live card and digits tokens of ``epoch`` among ``tokens`` (as ``lookup``)."""
@@ -1216,7 +1236,7 @@ class VaultStore:
         keys = [_format_token_key(epoch, token) for token in unique]
         found = {token: value for token, value in zip(unique, _get_many(self._db, keys)) if value is not None}
         if self._has_life and found:
-            self._drop_expired(found, dict(zip(unique, keys)), now_ms)
+            _drop_expired(self._db, found, dict(zip(unique, keys)), now_ms)
         return found
 
     def metadata(self, epoch: int | None, tokens: Sequence[str]) -> dict[str, bytes]:
@@ -1236,14 +1256,6 @@ class VaultStore:
             if metadata is not None:
                 found[token] = metadata
         return found
-
-    def _drop_expired(self, found: dict[str, bytes], row_keys: dict[str, bytes], now_ms: int | None) -> None:
-        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
-        tokens = list(found)
-        for token, value in zip(tokens, _get_many(self._db, [_LIFE + row_keys[token] for token in tokens])):
-            expires_at_ms = _decode_life(value)[0]
-            if expires_at_ms is not None and expires_at_ms <= now_ms:
-                del found[token]
 
     def next_expiry_ms(self) -> int | None:
         """The earliest expiry time of any stored mapping (a seek on the expiry index), None when none."""

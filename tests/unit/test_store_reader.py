@@ -1,0 +1,110 @@
+"""Unit tests for tokenvault.core.store_reader: a worker's read-only view of the store (a secondary instance)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from tests.unit.test_store import Log, started, token, tokenize
+from tokenvault.core.commands import TokenizeCommand, encode_command
+from tokenvault.core.store import Outcome, VaultStore
+from tokenvault.core.store_reader import CatchUp, StoreReadError, StoreReader
+
+
+@pytest.fixture
+def store(tmp_path):
+    vault = VaultStore.open(tmp_path / "store")
+    yield vault
+    vault.close()
+
+
+@pytest.fixture
+def reader(store, tmp_path):
+    view = StoreReader(tmp_path / "store", tmp_path / "reader").open()
+    yield view
+    view.close()
+
+
+def test_the_view_sees_applied_writes_only_after_it_catches_up(store, reader):
+    log = Log()
+    started(store, log)
+    assert reader.lookup([token(1, 1)], 0) == {}
+    (result,) = store.apply_batch([log.command(tokenize(1, [1, 2]))])
+    assert result.outcome == Outcome.OK
+    assert reader.lookup([token(1, 1)], 0) == {}  # not caught up yet: the view is an older batch end
+    assert reader.catch_up() == store.applied_index == 3
+    assert reader.lookup([token(1, 1), token(1, 2), token(1, 3)], 0) == {token(1, 1): b"ct-1", token(1, 2): b"ct-2"}
+    assert reader.lookup([token(1, 1)], 0) == store.lookup([token(1, 1)], 0)
+
+
+def test_an_expired_mapping_is_left_out_as_the_store_leaves_it_out(store, reader):
+    log = Log()
+    started(store, log)
+    command = TokenizeCommand(1, ((token(1, 7), b"ct-7"),), "tokenizer", None, None, 1_000,
+                              expires_at_ms=5_000)
+    store.apply_batch([log.command(encode_command(command))])
+    reader.catch_up()
+    assert reader.lookup([token(1, 7)], 4_999) == {token(1, 7): b"ct-7"}
+    assert reader.lookup([token(1, 7)], 5_000) == {} == store.lookup([token(1, 7)], 5_000)
+
+
+def test_a_new_generation_is_noticed_on_catch_up_and_the_view_reopened(tmp_path, store, reader):
+    source = VaultStore.open(tmp_path / "source")
+    log = Log()
+    started(source, log)
+    source.apply_batch([log.command(tokenize(1, [40]))])
+    index, view = source.create_checkpoint(tmp_path / "checkpoint")
+    store.commit_install(store.prepare_install(tmp_path / "checkpoint", index, view)).close()
+    assert (tmp_path / "store" / "gen-000001").exists() is False
+    assert reader.catch_up() == index
+    assert reader.lookup([token(1, 40)], 0) == {token(1, 40): b"ct-40"}
+    source.close()
+
+
+def test_a_store_that_is_not_there_is_a_read_error_not_a_crash(tmp_path):
+    with pytest.raises(StoreReadError):
+        StoreReader(tmp_path / "nowhere", tmp_path / "reader").open()
+
+
+def test_one_catch_up_serves_every_request_waiting_when_it_began(store, reader):
+    log = Log()
+    started(store, log)
+    store.apply_batch([log.command(tokenize(1, [1]))])
+
+    async def scenario() -> int:
+        catch_up = CatchUp(reader)
+        before = reader.catch_ups
+        await asyncio.gather(*(catch_up.wait_applied(store.applied_index, 1.0) for _ in range(50)))
+        return reader.catch_ups - before
+
+    assert asyncio.run(scenario()) == 1
+    assert reader.applied_index == store.applied_index
+
+
+def test_an_index_the_view_never_reaches_is_a_read_error_in_time(store, reader):
+    log = Log()
+    started(store, log)
+
+    async def scenario() -> None:
+        await CatchUp(reader).wait_applied(store.applied_index + 1, 0.05)
+
+    with pytest.raises(StoreReadError):
+        asyncio.run(scenario())
+
+
+def test_a_waiter_already_there_does_not_catch_up(store, reader):
+    async def scenario() -> None:
+        await CatchUp(reader).wait_applied(0, 1.0)
+
+    asyncio.run(scenario())
+    assert reader.catch_ups == 0
+
+
+def test_close_removes_the_scratch_directory(tmp_path, store):
+    view = StoreReader(tmp_path / "store", tmp_path / "reader").open()
+    assert (tmp_path / "reader").is_dir()
+    view.close()
+    assert not (tmp_path / "reader").exists()
+    with pytest.raises(StoreReadError):
+        view.lookup([token(1, 1)], 0)

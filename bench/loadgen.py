@@ -545,29 +545,40 @@ async def command_workers(arguments: argparse.Namespace) -> int:
     from tokenvault.devcluster import cluster
 
     counts = [int(text) for text in arguments.counts.split(",") if text.strip()]
-    print(f"one node, tokenize of {arguments.batch} value(s), concurrency {arguments.concurrency}, "
+    # (workers, store reads): each count with the workers' store reads on, off, or both (W=0 has none).
+    store_reads = {"on": (True,), "off": (False,), "both": (True, False)}[arguments.store_reads]
+    runs = [(count, reads) for count in counts for reads in (store_reads if count else (True,))]
+    print(f"one node, {arguments.mode} of {arguments.batch} value(s), concurrency {arguments.concurrency}, "
           f"{arguments.duration:g} s per run "
           f"after {arguments.warmup:g} s warm-up, {arguments.client} client, {os.cpu_count()} cores visible\n",
           flush=True)
     for round_number in range(1, arguments.rounds + 1):
         # Alternate the order between rounds, so the machine's drift does not favour one count.
-        order = counts if round_number % 2 else list(reversed(counts))
-        for count in order:
+        order = runs if round_number % 2 else list(reversed(runs))
+        for count, reads in order:
             with tempfile.TemporaryDirectory(prefix="tokenvault-bench-") as temporary:
                 directory = Path(temporary) / "vault"
                 http_port, peer_port = free_ports(2)
-                settings = dataclasses.replace(cluster.settings_from_environment(), http_workers=count)
+                settings = dataclasses.replace(cluster.settings_from_environment(), http_workers=count,
+                                               http_store_reads=reads)
                 try:
                     spec, _ = await asyncio.to_thread(cluster.start_cluster, directory, 1,
                                                       ports=[(http_port, peer_port)], settings=settings,
                                                       timeout_seconds=60)
                     target = VaultTarget(list(spec.http_urls), spec.key("full"), arguments.seed, spec.ca_file)
-                    measurement = await drive(target.tokenize(arguments.batch), arguments.concurrency,
+                    if arguments.mode in ("detokenize", "repeat"):
+                        await target.fill_pool(max(arguments.pool, arguments.batch))
+                    operation = {"tokenize": target.tokenize, "detokenize": target.detokenize,
+                                 "repeat": target.repeat}[arguments.mode](arguments.batch)
+                    measurement = await drive(operation, arguments.concurrency,
                                               arguments.duration,
                                               arguments.warmup, arguments.client,
                                               read_pids(node.pid_file for node in spec.nodes), spec.ca_file)
                     prefix = f"[{round_number}] " if arguments.rounds > 1 else ""
-                    print(report_line(f"{prefix}W={count} tokenize x{arguments.batch}", measurement), flush=True)
+                    reads_label = "" if count == 0 or arguments.store_reads != "both" else \
+                        (" store-reads" if reads else " core-reads")
+                    print(report_line(f"{prefix}W={count}{reads_label} {arguments.mode} x{arguments.batch}",
+                                      measurement), flush=True)
                 finally:
                     if (directory / cluster.CLUSTER_FILE_NAME).exists():
                         await asyncio.to_thread(cluster.stop_cluster, directory, 10)
@@ -597,7 +608,12 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     workers_parser = commands.add_parser("workers", help="one node per HTTP worker count, same load on each")
     workers_parser.add_argument("--counts", default="0,1,2,4,8", help="worker counts, comma-separated")
     workers_parser.add_argument("--rounds", type=int, default=1, help="rounds over the counts, order alternating")
-    workers_parser.add_argument("--batch", type=int, default=1, help="values per tokenize request")
+    workers_parser.add_argument("--batch", type=int, default=1, help="values (or tokens) per request")
+    workers_parser.add_argument("--mode", choices=("tokenize", "detokenize", "repeat"), default="tokenize")
+    workers_parser.add_argument("--pool", type=int, default=DETOKENIZE_POOL_VALUES,
+                                help="values tokenized beforehand for detokenize and repeat")
+    workers_parser.add_argument("--store-reads", choices=("on", "off", "both"), default="on",
+                                help="the workers answer detokenize from their view of the store (http.store_reads)")
     for sub in (run, compare_parser, workers_parser):
         sub.add_argument("--concurrency", type=int, default=64, help="requests in flight")
         sub.add_argument("--duration", type=float, default=10.0, help="measured seconds")

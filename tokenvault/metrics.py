@@ -150,6 +150,12 @@ class Metrics:
         )
         self._worker_read_children = {result: self.worker_store_reads.labels(result=result)
                                       for result in ("view", "core", "failed")}
+        self.worker_store_view_catch_ups = Gauge(
+            "tokenvault_worker_store_view_catch_ups",
+            "Times this HTTP worker's view of the store caught up with the core's writes since the worker started"
+            " (each costs about a millisecond of the worker's CPU).",
+            registry=registry,
+        )
 
     def record_worker_store_read(self, result: str) -> None:
         self._worker_read_children[result].inc()

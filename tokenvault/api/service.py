@@ -492,14 +492,17 @@ class NodeService(LifecycleOperations, MembershipOperations):
 
     async def detokenize_read_point(self, items: int, found: int, actor: commands.Actor) -> int:
         """For a detokenize an HTTP worker answers from its own view of the store (tokenvault.core.store_reader):
-        commit its audit record (``items`` tokens asked, ``found`` of them in the worker's view) and return
-        an index this node has applied, at or after that record's entry — so at or after every delete,
-        destroy and rotation acknowledged before the request started. The worker answers only once its
-        view has applied it, and looks the tokens up again then. With the audit trail off, a read barrier
-        gives the index."""
+        commit its audit record (``items`` tokens asked, ``found`` of them in the worker's view), catch up
+        to that record's entry, which commits after the request started (with the audit trail off, a read
+        barrier instead), and return the last index at which this node removed or made unreadable any
+        mapping (Node.removal_index), as of then.
+
+        The worker's view only needs to have applied that index: entries after it only add mappings (or
+        lengthen their lives), so a token live in a view at or past it is live now, and one the view
+        lacks is asked of the core. Deletes and destroys are rare, so the view seldom has to catch up."""
         index = await self._audit_counts(items, found, actor, None)
         await self._caught_up_to(index)
-        return self.node.store.applied_index
+        return self.node.removal_index
 
     async def _audit_detokenize(self, values: list[str | None], actor: commands.Actor | None,
                                 subject: str | None) -> int | None:

@@ -60,7 +60,7 @@ async def run_worker(config: NodeConfig, index: int, workers: int, channel_fd: i
     service = RemoteService(config.node_id, reader=reader, metrics=metrics,
                             timeout_seconds=config.timing.request_timeout_ms / 1000)
     try:
-        return await _serve(config, index, workers, channel_fd, service, metrics)
+        return await _serve(config, index, workers, channel_fd, service, metrics, reader)
     finally:
         if reader is not None:
             reader.close()
@@ -80,10 +80,12 @@ def _open_store_view(config: NodeConfig, index: int) -> StoreReader | None:
 
 
 async def _serve(config: NodeConfig, index: int, workers: int, channel_fd: int, service: RemoteService,
-                 metrics: Metrics) -> int:
+                 metrics: Metrics, view: StoreReader | None) -> int:
     reader, writer = await asyncio.open_unix_connection(sock=socket.socket(fileno=channel_fd))
 
     async def render_metrics(arguments: dict[str, object]) -> str:
+        if view is not None:
+            metrics.worker_store_view_catch_ups.set(view.catch_ups)
         return metrics.render()[0].decode("utf-8")
 
     channel = Channel(reader, writer, handlers={"metrics": render_metrics}, on_push=service.on_push,

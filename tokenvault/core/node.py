@@ -32,7 +32,8 @@ from tokenvault.config import ConfigError, NodeConfig, split_host_port
 from tokenvault.core import commands
 from tokenvault.core.shred import Shredder
 from tokenvault.core.snapshot_transfer import SnapshotTransfers
-from tokenvault.core.store import (DELETE_KIND, DESTROY_KIND, DESTROYED, STORE_DIRECTORY, ApplyResult, Outcome,
+from tokenvault.core.store import (AUDIT_KIND, CREATE_KEY_KIND, DELETE_KIND, DESTROY_KIND, DESTROYED, REVOKE_KEY_KIND,
+                                   ROTATE_KIND, STORE_DIRECTORY, TOKENIZE_KIND, ApplyResult, Outcome,
                                    PreparedInstall, StoreCorruption, VaultStore)
 from tokenvault.core.transport import PeerAddress, PeerTransport
 from tokenvault.core.wal import RecoveredLog, WriteAheadLog
@@ -42,6 +43,10 @@ from tokenvault.crypto.tls import PeerTlsContexts, load_node_tls
 from tokenvault.futures import await_future, cancel_and_wait
 from tokenvault.logs import get_logger
 from tokenvault.metrics import Metrics
+
+# Command kinds that never remove a mapping nor make one unreadable (see Node.removal_index). A
+# tokenize may give an existing mapping a new life, never a shorter one.
+ONLY_ADDING_KINDS = frozenset({TOKENIZE_KIND, ROTATE_KIND, CREATE_KEY_KIND, REVOKE_KEY_KIND, AUDIT_KIND})
 
 log = get_logger("node")
 
@@ -134,6 +139,11 @@ class Node:
         self._pending_reads: dict[int, asyncio.Future[None]] = {}
         self._reads_waiting_apply: list[_PendingRead] = []
         self._read_ids = itertools.count(1)
+        # The last applied index at which a mapping may have been removed or made unreadable (a delete,
+        # a destroy, an expiry purge, an installed snapshot; any command kind not known to only add):
+        # an HTTP worker's view of the store at or past it answers detokenize as this store would
+        # (NodeService.detokenize_read_point). Everything before the store's state at open counts.
+        self.removal_index = self.store.applied_index
         self._applied_since_compact = 0
         self._applied_bytes_since_compact = 0
         # (index, payload bytes) of the newest applied entries: how far back the kept log reaches.
@@ -488,6 +498,7 @@ class Node:
             self.replica.snapshot_failed(index, view)
             return
         old = self.store.commit_install(prepared)
+        self.removal_index = max(self.removal_index, index)
         self.snapshots.close_later(old)
         self.keyring = self._keyring_of_store()
         self._keyring_changed()
@@ -506,6 +517,8 @@ class Node:
                 log.info("membership.committed", index=entry.index)
                 self._follow_membership()
             if result is not None and entry.kind == EntryKind.COMMAND:
+                if result.kind not in ONLY_ADDING_KINDS:
+                    self.removal_index = entry.index
                 count, epoch = self._after_apply(entry, result)
                 issued_count += count
                 issued_epoch = max(issued_epoch, epoch)

@@ -106,6 +106,11 @@ class StoreReader:
         except Exception as failure:
             raise StoreReadError(f"reading the store failed: {_reason(failure)}") from None
 
+    @property
+    def has_life(self) -> bool:
+        """Whether any mapping in this view may have an expiry (then a lookup depends on the clock)."""
+        return self._has_life
+
     def _database(self) -> Rdict:
         if self._db is None:
             raise StoreReadError("the store reader is closed")

@@ -53,6 +53,7 @@ ENVIRONMENT_KNOBS = {
     "TOKENVAULT_LOG_LEVEL": "log_level",
     "TOKENVAULT_SEALER": "sealer.enabled",
     "TOKENVAULT_HTTP_WORKERS": "http.workers",
+    "TOKENVAULT_HTTP_STORE_READS": "http.store_reads",
     "TOKENVAULT_TLS": "[tls] (a CA and node certificates; false makes a plain-HTTP cluster)",
 }
 
@@ -154,6 +155,8 @@ class NodeSettings:
     tls: bool = True
     # HTTP worker processes per node; None leaves http.workers out (the node's default: cores minus one).
     http_workers: int | None = None
+    # Whether the HTTP workers answer detokenizes from their own view of the store (http.store_reads).
+    http_store_reads: bool = True
 
 
 # ---------------------------------------------------------------- generation
@@ -196,6 +199,9 @@ def settings_from_environment(environ: Mapping[str, str] | None = None) -> NodeS
     tls_text = environment.get("TOKENVAULT_TLS", "").strip().lower()
     if tls_text not in ("", "true", "false", "1", "0"):
         raise ClusterError("TOKENVAULT_TLS must be true or false")
+    store_reads_text = environment.get("TOKENVAULT_HTTP_STORE_READS", "").strip().lower()
+    if store_reads_text not in ("", "true", "false", "1", "0"):
+        raise ClusterError("TOKENVAULT_HTTP_STORE_READS must be true or false")
     try:
         timing = TimingConfig(
             tick_ms=_environment_integer(environment, "TOKENVAULT_TICK_MS", defaults.tick_ms),
@@ -225,7 +231,8 @@ def settings_from_environment(environ: Mapping[str, str] | None = None) -> NodeS
         raise ClusterError(f"environment knob out of range: {error}") from None
     return NodeSettings(log_level=log_level, timing=timing, wal=wal,
                         sealer=SealerConfig(enabled=sealer_text not in ("false", "0")),
-                        tls=tls_text not in ("false", "0"), http_workers=http_workers)
+                        tls=tls_text not in ("false", "0"), http_workers=http_workers,
+                        http_store_reads=store_reads_text not in ("false", "0"))
 
 
 def plan_nodes(directory: Path, count: int, ports: Sequence[tuple[int, int]],
@@ -317,7 +324,9 @@ def _node_config(spec: ClusterSpec, node: NodeSpec, settings: NodeSettings, mast
         node_id=node.node_id, data_dir=node.data_dir, members=members, api_keys=api_keys,
         master_key_file=master_key_file, cluster_secret_file=spec.directory / "cluster.secret",
         log_file=node.log_file, log_level=settings.log_level,
-        http=HttpConfig(host=HOST, port=node.http_port, workers=settings.http_workers), peer=PeerConfig(host=HOST, port=node.peer_port),
+        http=HttpConfig(host=HOST, port=node.http_port, workers=settings.http_workers,
+                        store_reads=settings.http_store_reads),
+        peer=PeerConfig(host=HOST, port=node.peer_port),
         timing=settings.timing, wal=settings.wal, sealer=settings.sealer, tls=tls)
 
 

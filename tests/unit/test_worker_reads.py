@@ -1,0 +1,122 @@
+"""A worker's detokenize from its own view of the store, in one process: a RemoteService over a real
+channel to the core's CoreCalls of an in-process node, with a StoreReader on that node's store.
+
+The view catches up only when the core has removed something since (Node.removal_index); a deleted
+token, a destroyed epoch and an expired mapping are never answered; every answer is audited once."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from node_support import RunningNode
+from test_channel import pair
+from tokenvault.api.core_calls import CoreCalls
+from tokenvault.api.remote import EPOCH_TOPIC, RemoteService
+from tokenvault.core import commands
+from tokenvault.core.store import STORE_DIRECTORY
+from tokenvault.core.store_reader import StoreReader
+from tokenvault.metrics import Metrics
+
+
+class Worker:
+    def __init__(self, service: RemoteService, reader: StoreReader, metrics: Metrics) -> None:
+        self.service, self.reader, self.metrics = service, reader, metrics
+
+    def reads(self, result: str) -> float:
+        value = self.metrics.registry.get_sample_value("tokenvault_worker_store_reads_total", {"result": result})
+        return value or 0.0
+
+
+@pytest.fixture
+async def worker(single: RunningNode, tmp_path: Path) -> AsyncIterator[Worker]:
+    calls = CoreCalls(single.service, single.node.metrics, lambda: [], max_backup_streams=1)
+    metrics = Metrics("worker")
+    reader = StoreReader(Path(single.config.data_dir) / STORE_DIRECTORY, tmp_path / "view").open()
+    service = RemoteService(single.node_id, reader=reader, metrics=metrics, timeout_seconds=2.0)
+    core, channel = await pair(calls.handlers, on_push=service.on_push)
+    service.channel = channel
+    single.node.on_keyring_changed = lambda: core.push(EPOCH_TOPIC, calls.active_epoch_keys())
+    core.push(EPOCH_TOPIC, calls.active_epoch_keys())
+    await service.read_health()  # a round trip: the push has arrived
+    yield Worker(service, reader, metrics)
+    await core.close()
+    await channel.close()
+    reader.close()
+
+
+async def tokenize(single: RunningNode, values: list[str]) -> list[str]:
+    outcome = await single.service.tokenize("p", values, None)
+    assert outcome.status == 200
+    return list(json.loads(outcome.body)["tokens"])
+
+
+async def test_tokens_in_the_view_are_answered_there_and_others_by_the_core(single: RunningNode,
+                                                                           worker: Worker) -> None:
+    tokens = await tokenize(single, ["a", "b"])
+    # The view opened before these were written: the core answers, and the view is nudged to catch up.
+    assert await worker.service.detokenize(tokens) == ["a", "b"]
+    assert worker.reads("core") == 1 and worker.reads("view") == 0
+    worker.reader.catch_up()
+    catch_ups = worker.reader.catch_ups
+    for _ in range(3):
+        assert await worker.service.detokenize(tokens) == ["a", "b"]
+    assert worker.reads("view") == 3
+    # More tokens written meanwhile only add: the view answers what it holds without catching up.
+    await tokenize(single, ["c"])
+    assert await worker.service.detokenize(tokens[:1]) == ["a"]
+    assert worker.reader.catch_ups == catch_ups and worker.reads("view") == 4
+    # Every answer wrote one audit record, with the tokens asked and found.
+    records = single.node.store.audit_page(0, 100)
+    detokenizes = [record for record in records if record["action"] == "detokenize"]
+    assert [(record["items"], record["found"]) for record in detokenizes] == [(2, 2)] * 4 + [(1, 1)]
+
+
+async def test_a_delete_makes_the_view_catch_up_and_the_token_is_never_answered(single: RunningNode,
+                                                                                worker: Worker) -> None:
+    tokens = await tokenize(single, ["kept", "deleted"])
+    worker.reader.catch_up()
+    assert await worker.service.detokenize(tokens) == ["kept", "deleted"]
+    outcome = await single.service.delete_tokens(tokens[1:], commands.NO_ACTOR)
+    assert outcome.status == 200
+    assert single.node.removal_index == single.node.store.applied_index
+    assert worker.reader.applied_index < single.node.removal_index  # the view still holds the token
+    catch_ups = worker.reader.catch_ups
+    assert await worker.service.detokenize(tokens) == ["kept", None]
+    assert worker.reader.catch_ups > catch_ups and worker.reads("view") == 2
+
+
+async def test_a_destroyed_epoch_is_never_answered_from_the_view(single: RunningNode, worker: Worker) -> None:
+    tokens = await tokenize(single, ["old"])
+    worker.reader.catch_up()
+    assert await worker.service.detokenize(tokens) == ["old"]
+    await single.service.rotate_epoch("admin", None)
+    assert (await single.service.destroy_epoch(1, commands.NO_ACTOR)).status == 200
+    assert await worker.service.detokenize(tokens) == [None]
+
+
+async def test_an_expired_mapping_is_never_answered_from_the_view(single: RunningNode, worker: Worker) -> None:
+    outcome = await single.service.tokenize("p", ["short-lived"], None, ttl_seconds=1)
+    tokens = json.loads(outcome.body)["tokens"]
+    worker.reader.catch_up()
+    assert worker.reader.has_life
+    assert await worker.service.detokenize(tokens) == ["short-lived"]
+    deadline = time.monotonic() + 5
+    while await worker.service.detokenize(tokens) != [None]:
+        assert time.monotonic() < deadline, "the mapping did not expire"
+    assert worker.reads("view") >= 1
+
+
+async def test_only_adding_commands_leave_the_removal_index_alone(single: RunningNode) -> None:
+    node = single.node
+    before = node.removal_index
+    await tokenize(single, ["x"])
+    await single.service.rotate_epoch("admin", None)
+    assert node.removal_index == before
+    tokens = await tokenize(single, ["y"])
+    await single.service.delete_tokens(tokens, commands.NO_ACTOR)
+    assert node.removal_index == node.store.applied_index > before

@@ -68,6 +68,8 @@ Client = AiohttpClient | RawClient
 
 CLOCK_TICKS_PER_SECOND = os.sysconf("SC_CLK_TCK")
 DETOKENIZE_POOL_VALUES = 20_000
+# How long preparing the pool retries 503 answers (a node that has just started).
+PREPARE_RETRY_SECONDS = 10.0
 PREPARE_BATCH = 1000
 ETCD_INSTALL_HINT = "etcd is not installed: run 'apt-get install etcd-server' (Debian) and try again"
 
@@ -323,9 +325,13 @@ class VaultTarget:
     async def fill_pool(self, count: int) -> None:
         """Tokenize `count` values once so that detokenize has tokens that exist."""
         async with open_client("aiohttp", 1, self.ca_file) as client:
+            deadline = time.monotonic() + PREPARE_RETRY_SECONDS
             while len(self.pool) < count:
                 values = random_values(min(PREPARE_BATCH, count - len(self.pool)), self.generator)
                 status, body = await self.post(client, 0, self.urls[0] + "/v1/tokenize", {"values": values})
+                if status == 503 and time.monotonic() < deadline:
+                    await asyncio.sleep(0.1)  # a node just started may not know its primary yet
+                    continue
                 if status != 200:
                     raise SystemExit(f"preparing detokenize tokens failed: HTTP {status} from {self.urls[0]}")
                 self.pool.extend(body["tokens"])

@@ -738,7 +738,7 @@ async def test_a_worker_sealed_tokenize_on_a_backup_answers_repeats_and_forwards
     assert primary.node.replica.last_index == last_index
 
 
-# --------------------------------------------------------------------------- format and option tokenizes sealed by a worker
+# --------------------------------------------------------------------------- sealed by a worker: formats and options
 
 CARDS = ["4111 1111 1111 1111", "5500-0000-0000-0004"]
 

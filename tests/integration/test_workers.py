@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from harness import HTTP_WORKERS, ClusterHarness, fast_settings, wait_for
 from tokenvault.client.vault import NoNodeAvailable, ProblemError, ResponseError
@@ -77,6 +78,22 @@ def test_the_node_runs_its_configured_workers_on_one_port(single: ClusterHarness
     assert "tokenvault_commit_index" in metrics
     for index in range(1, HTTP_WORKERS + 1):
         assert f'worker="{index}"' in metrics, index
+
+    # Card tokens and a tokenize with a TTL are sealed by the workers, not the core, and answer as ever.
+    async def tokenize() -> None:
+        async with single.client("n1") as client:
+            card = await client.tokenize(["4111 1111 1111 1111", "5500000000000004"], token_format="card")
+            assert [len(token) for token in card.tokens] == [16, 16] and card.tokens[0].endswith("1111")
+            assert await client.detokenize(card.tokens, epoch=card.epoch) == ("4111111111111111", "5500000000000004")
+            lasting = await client.tokenize(["worker-ttl"], ttl_seconds=3600)
+            assert await client.detokenize(lasting.tokens) == ("worker-ttl",)
+    asyncio.run(tokenize())
+    sealed: dict[str, float] = {}
+    for family in text_string_to_metric_families(single.metrics_text("n1")):
+        for sample in family.samples:
+            if sample.name == "tokenvault_sealed_values_total":
+                sealed[sample.labels["where"]] = sealed.get(sample.labels["where"], 0) + sample.value
+    assert sealed.get("worker", 0) >= 3 and sealed.get("node", 0) == 0 and sealed.get("helper", 0) == 0, sealed
 
 
 async def test_a_killed_worker_is_restarted_and_no_answer_is_wrong_or_lost(single: ClusterHarness) -> None:

@@ -15,7 +15,8 @@ from tokenvault import auth
 from tokenvault.api.channel import Channel, ChannelClosed
 from tokenvault.api.core_calls import merge_expositions
 from tokenvault.api.http import HttpLimits
-from tokenvault.api.remote import RemoteService, decode_key_rows
+from tokenvault.api.remote import RemoteService, _decode_epoch_keys, decode_key_rows
+from tokenvault.crypto.keys import EpochKeys, new_epoch_secret
 from tokenvault.config import HttpConfig, LimitsConfig, RateLimitsConfig
 from tokenvault.errors import IdempotencyMismatch, Outcome, RateLimited, Unavailable
 from tokenvault.metrics import Metrics
@@ -123,6 +124,22 @@ async def test_the_key_table_push_reaches_the_worker_and_a_malformed_one_refuses
     assert service.api_key("0123456789abcdef") is None
     await core.close()
     await worker.close()
+
+
+def test_the_epoch_push_carries_the_format_key_and_a_malformed_one_leaves_the_core_to_seal() -> None:
+    keys = EpochKeys(3, new_epoch_secret())
+    token_key, data_key = keys.derived_keys()
+    pushed = {"epoch": 3, "token_key": token_key, "data_key": data_key, "format_key": keys.derived_format_key()}
+    worker_keys = _decode_epoch_keys(pushed)
+    assert worker_keys is not None and worker_keys.seals_formats
+    assert worker_keys.seal_format("card", "4111111111111111") == keys.seal_format("card", "4111111111111111")
+    assert worker_keys.seal("v") == keys.seal("v")
+    # Without a format key (the sealer's keys) only opaque tokens are sealed by the worker.
+    opaque_only = _decode_epoch_keys({**pushed, "format_key": None})
+    assert opaque_only is not None and not opaque_only.seals_formats
+    for bad in (b"short", "text"):
+        assert _decode_epoch_keys({**pushed, "format_key": bad}) is None
+    assert "format_key" not in repr(worker_keys) and "4111" not in repr(worker_keys)
 
 
 def test_key_rows_are_checked_field_by_field() -> None:

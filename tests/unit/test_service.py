@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import socket
 import threading
 import time
 from pathlib import Path
@@ -24,8 +25,14 @@ from tokenvault.core import commands
 from tokenvault.crypto.keys import new_epoch_secret
 from tokenvault.errors import (EpochChanged, IdempotencyInFlight, IdempotencyMismatch, InvalidRequest,
                                MembershipChangeRefused, Outcome, Overloaded, ServiceError,
-                               Unavailable)
+                               TokenCollision, Unavailable, UnprocessableValue)
+from tokenvault.api.channel import Channel
+from tokenvault.api.core_calls import CoreCalls
+from tokenvault.api.remote import EPOCH_TOPIC, RemoteService
 from tokenvault.api.service import MAX_EPOCH_RETRIES
+from tokenvault.api.validation import TokenizeOptions
+from tokenvault.crypto import formats
+from tokenvault.crypto.ff1 import digits_to_numerals, numerals_to_digits
 from tokenvault.core.store import Outcome as ApplyOutcome
 
 TOKEN_PATTERN = re.compile(r"tv(\d+)_[a-z2-7]{32}\Z")
@@ -729,6 +736,202 @@ async def test_a_worker_sealed_tokenize_on_a_backup_answers_repeats_and_forwards
     await wait_until(lambda: backup.node.store.lookup([items[0][0]]) != {}, 5, "the backup to apply the token")
     assert body(await backup.service.tokenize_sealed("p", epoch, ["fresh-on-backup"], items)) == first
     assert primary.node.replica.last_index == last_index
+
+
+# --------------------------------------------------------------------------- sealed by a worker: formats and options
+
+CARDS = ["4111 1111 1111 1111", "5500-0000-0000-0004"]
+
+
+def sealed_count(running: RunningNode, where: str) -> float:
+    return running.node.metrics.registry.get_sample_value("tokenvault_sealed_values_total", {"where": where}) or 0
+
+
+async def worker_of(running: RunningNode) -> tuple[RemoteService, CoreCalls, list[Channel]]:
+    """A RemoteService connected to this node's CoreCalls over a real channel, holding the active
+    epoch's keys as the core pushes them (what a worker process has; no later push reaches it)."""
+    calls = CoreCalls(running.service, running.node.metrics, lambda: [], max_backup_streams=1)
+    remote = RemoteService(running.node.node_id)
+    core_socket, worker_socket = socket.socketpair()
+    core_reader, core_writer = await asyncio.open_unix_connection(sock=core_socket)
+    worker_reader, worker_writer = await asyncio.open_unix_connection(sock=worker_socket)
+    core = Channel(core_reader, core_writer, handlers=calls.handlers, max_frame_bytes=1 << 22, name="core").start()
+    worker = Channel(worker_reader, worker_writer, handlers={}, on_push=remote.on_push,
+                     max_frame_bytes=1 << 22, name="worker").start()
+    remote.channel = worker
+    core.push(EPOCH_TOPIC, calls.active_epoch_keys())
+    await wait_until(lambda: remote._epoch_keys is not None, 5, "the epoch keys to reach the worker")
+    return remote, calls, [core, worker]
+
+
+def format_seal(running: RunningNode, token_format: str, values: list[str], metadata_json: str | None = None,
+                epoch: int | None = None) -> tuple[int, list, list | None]:
+    """What a worker sends for a card or digits request: normalized values sealed in the format."""
+    epoch = epoch or running.node.store.active_epoch()
+    keys = running.node.keyring.get(epoch)
+    items = [keys.seal_format(token_format, formats.normalize(token_format, value)) for value in values]
+    metadata = None
+    if metadata_json is not None:
+        metadata = [keys.encrypt_metadata(token, metadata_json.encode()) for token, _ in items]
+    return epoch, items, metadata
+
+
+async def test_a_worker_sealed_card_tokenize_is_the_core_sealed_tokenize_and_its_repeat_is_a_read(
+        single: RunningNode) -> None:
+    service, replica = single.service, single.node.replica
+    remote, _, channels = await worker_of(single)
+    entries, node_sealed = service._coalescer.entries_proposed, sealed_count(single, "node")
+    first = body(await remote.tokenize("p", CARDS, None, "card"))
+    digits = body(await remote.tokenize("p", ["0012345678"], None, "digits"))
+    assert sealed_count(single, "worker") == 3 and sealed_count(single, "node") == node_sealed
+    # Its own entry, not merged with opaque requests.
+    assert service._coalescer.entries_proposed == entries
+    last_index, reads = replica.last_index, tokenize_reads(single)
+    # The core computes the same tokens itself (and answers them as a read: nothing new).
+    assert body(await service.tokenize("p", CARDS, None, "card")) == first
+    assert body(await service.tokenize("p", ["0012345678"], None, "digits")) == digits
+    assert all(len(token) == 16 and token.isdigit() for token in first["tokens"])
+    # The worker's repeat is a read too: no entry, nothing sealed by the core.
+    assert body(await remote.tokenize("q", CARDS[::-1], None, "card")) == {
+        "epoch": first["epoch"], "tokens": first["tokens"][::-1]}
+    assert replica.last_index == last_index and tokenize_reads(single) == reads + 5
+    assert sealed_count(single, "node") == node_sealed
+    assert (await service.reveal(first["tokens"], None, first["epoch"]))["values"] == [
+        "4111111111111111", "5500000000000004"]
+    # A value that does not fit the format is the core's own 422, naming its position.
+    with pytest.raises(UnprocessableValue, match=r"values\[1\]"):
+        await remote.tokenize("p", ["4111111111111111", "4111111111111112"], None, "card")
+    for channel in channels:
+        await channel.close()
+
+
+async def test_a_worker_sealed_tokenize_with_ttl_and_metadata_takes_its_expiry_from_the_core(
+        single: RunningNode) -> None:
+    service = single.service
+    remote, _, channels = await worker_of(single)
+    proposed: list[commands.Command] = []
+    original = service._propose
+
+    async def recording(payload: bytes):
+        proposed.append(commands.decode_command(payload))
+        return await original(payload)
+    service._propose = recording
+    before_ms = int(time.time() * 1000)
+    card = body(await remote.tokenize("p", ["4111111111111111"], None, "card", '{"k":"v"}', 60))
+    opaque = body(await remote.tokenize("p", ["ttl-opaque"], None, "opaque", None, 30))
+    after_ms = int(time.time() * 1000)
+    assert sealed_count(single, "worker") == 2 and sealed_count(single, "node") == 0
+    first, second = proposed
+    assert first.token_format == "card" and first.items[0][0] == card["tokens"][0]
+    assert before_ms + 60_000 <= first.expires_at_ms == first.issued_at_ms + 60_000 <= after_ms + 60_000
+    assert second.token_format == "opaque" and second.expires_at_ms == second.issued_at_ms + 30_000
+    assert second.metadata is None
+    answer = await service.reveal(card["tokens"], None, card["epoch"], True, False)
+    assert answer == {"values": ["4111111111111111"], "metadata_json": ['{"k":"v"}']}
+    assert await service.detokenize(opaque["tokens"]) == ["ttl-opaque"]
+    # A request with a TTL or metadata is never answered as a read: it renews the mapping.
+    proposed.clear()
+    assert body(await remote.tokenize("p", ["4111111111111111"], None, "card", None, 120)) == card
+    assert len(proposed) == 1 and proposed[0].expires_at_ms == proposed[0].issued_at_ms + 120_000
+    for channel in channels:
+        await channel.close()
+
+
+async def test_a_worker_that_sealed_a_card_in_an_old_epoch_falls_back_to_the_core(single: RunningNode) -> None:
+    service = single.service
+    remote, _, channels = await worker_of(single)
+    old_epoch = single.node.store.active_epoch()
+    await service.rotate_epoch("p", None)  # the worker is not told: its keys are the old epoch's
+    last_index = single.node.replica.last_index
+    epoch, items, _ = format_seal(single, "card", CARDS, epoch=old_epoch)
+    with pytest.raises(EpochChanged):
+        await service.tokenize_sealed("p", epoch, CARDS, items, TokenizeOptions("card"))
+    assert single.node.replica.last_index == last_index
+    answer = body(await remote.tokenize("p", CARDS, None, "card"))
+    assert answer["epoch"] == old_epoch + 1 and sealed_count(single, "worker") == 0
+    assert body(await service.tokenize("p", CARDS, None, "card")) == answer
+    for channel in channels:
+        await channel.close()
+
+
+async def test_a_tampered_worker_sealed_card_or_metadata_is_refused_and_nothing_is_stored(
+        single: RunningNode) -> None:
+    service = single.service
+    epoch, items, metadata = format_seal(single, "card", CARDS, '{"k":"v"}')
+    options = TokenizeOptions("card", '{"k":"v"}')
+    other_epoch, other_items, other_metadata = format_seal(single, "card", CARDS, '{"k":"w"}')
+    last_index = single.node.replica.last_index
+    forged_token = [(items[1][0], items[0][1]), items[1]]
+    digits_sealed = format_seal(single, "digits", ["4111111111111111", "5500000000000004"])[1]
+    for forged_items, forged_metadata in ((forged_token, metadata), (other_items[::-1], metadata),
+                                          (items, other_metadata), (items, None), (digits_sealed, metadata)):
+        with pytest.raises(Unavailable, match="sealed inconsistently"):
+            await service.tokenize_sealed("p", epoch, CARDS, forged_items, options, forged_metadata)
+    with pytest.raises(Unavailable, match="sealed inconsistently"):  # card pairs sent as digits
+        await service.tokenize_sealed("p", epoch, ["4111111111111111", "5500000000000004"], items,
+                                      TokenizeOptions("digits"))
+    assert single.node.replica.last_index == last_index
+    assert single.node.store.lookup_format(epoch, [token for token, _ in items + digits_sealed]) == {}
+
+
+async def test_a_worker_sealed_card_whose_token_another_format_holds_answers_as_the_core_does(
+        single: RunningNode) -> None:
+    service = single.service
+    epoch = single.node.store.active_epoch()
+    keys = single.node.keyring.get(epoch)
+    (card_token,) = body(await service.tokenize("p", ["4111111111111111"], None, "card"))["tokens"]
+    # The digits value whose digits token is that card token (FF1 is a permutation).
+    value = numerals_to_digits(keys.formats._ff1.decrypt(digits_to_numerals(card_token), b"digits"))
+    assert keys.formats.digits_token(value) == card_token
+    last_index = single.node.replica.last_index
+    with pytest.raises(TokenCollision) as core_sealed:
+        await service.tokenize("p", ["000000", value], None, "digits")
+    _, items, _ = format_seal(single, "digits", ["000000", value])
+    with pytest.raises(TokenCollision) as worker_sealed:
+        await service.tokenize_sealed("p", epoch, ["000000", value], items, TokenizeOptions("digits"))
+    assert worker_sealed.value.detail == core_sealed.value.detail
+    assert single.node.replica.last_index == last_index + 2  # both entries refused whole at apply
+    assert single.node.store.lookup_format(epoch, [items[0][0]]) == {}
+    assert (await service.reveal([card_token], None, epoch))["values"] == ["4111111111111111"]
+
+
+async def test_a_worker_sealed_card_on_a_backup_answers_repeats_and_forwards_new_values(trio: Cluster) -> None:
+    backup, primary = trio.backups()[0], trio.primaries()[0]
+    epoch, items, _ = format_seal(backup, "card", CARDS)
+    first = body(await backup.service.tokenize_sealed("p", epoch, CARDS, items, TokenizeOptions("card")))
+    assert first == {"epoch": epoch, "tokens": [token for token, _ in items]}
+    await wait_until(lambda: len(backup.node.store.lookup_format(epoch, first["tokens"])) == 2, 5,
+                     "the backup to apply the tokens")
+    last_index = primary.node.replica.last_index
+    assert body(await backup.service.tokenize_sealed("p", epoch, CARDS, items, TokenizeOptions("card"))) == first
+    assert primary.node.replica.last_index == last_index
+
+
+async def test_core_calls_check_every_argument_of_a_sealed_tokenize(single: RunningNode) -> None:
+    calls = CoreCalls(single.service, single.node.metrics, lambda: [], max_backup_streams=1)
+    epoch, items, metadata = format_seal(single, "card", ["4111111111111111"], '{"k":"v"}')
+    good = {"principal": "p", "epoch": epoch, "values": ["4111111111111111"], "items": [list(items[0])],
+            "token_format": "card", "metadata_json": '{"k":"v"}', "ttl_seconds": None, "metadata": metadata}
+    last_index = single.node.replica.last_index
+    bad: list[dict] = [
+        {key: value for key, value in good.items() if key != "metadata"},
+        {**good, "extra": 1},
+        {**good, "token_format": "cards"},
+        {**good, "ttl_seconds": "5"},
+        {**good, "metadata_json": '{"b":1, "a":2}'},
+        {**good, "metadata": None},
+        {**good, "metadata": [metadata[0], metadata[0]]},
+        {**good, "metadata": ["text"]},
+        {**good, "metadata_json": None},
+        {**good, "items": [["tv1_notdigits", items[0][1]]]},
+        {**good, "items": [[items[0][0], "not bytes"]]},
+        {**good, "epoch": 0},
+    ]
+    for arguments in bad:
+        with pytest.raises((InvalidRequest, UnprocessableValue)):
+            await calls.handlers["tokenize_sealed"](arguments)
+    assert single.node.replica.last_index == last_index
+    assert body(await calls.handlers["tokenize_sealed"](good))["tokens"] == [items[0][0]]
 
 
 # ------------------------------------------------------------------ membership

@@ -1,22 +1,27 @@
 """Group commit across requests: the sealed items of concurrent tokenizes become one log entry.
 
-On the primary, every tokenize without an Idempotency-Key whose values an HTTP
-worker sealed and that is not answered as a read adds its (token, ciphertext)
-pairs to the open batch of its epoch; the batch is proposed as ONE tokenize
-entry at the next turn of the event loop, or at once when it reaches
-``max_items`` pairs or ``max_bytes`` bytes. Each request is answered with its
-own tokens when the entry is applied. Under load many requests arrive in one
-turn, so the core's cost per request (encoding, WAL record, replication
-message, apply) falls as load rises; alone, a request waits for one loop turn
-only.
+On the primary, every plain opaque tokenize (no format, TTL or metadata)
+without an Idempotency-Key whose values an HTTP worker sealed and that is not
+answered as a read adds its (token, ciphertext) pairs to the open batch of its
+epoch; the batch is proposed as ONE tokenize entry at the next turn of the
+event loop, or at once when it reaches ``max_items`` pairs or ``max_bytes``
+bytes. Each request is answered with its own tokens when the entry is applied.
+Under load many requests arrive in one turn, so the core's cost per request
+(encoding, WAL record, replication message, apply) falls as load rises; alone,
+a request waits for one loop turn only.
 
 Why only those requests: an idempotent tokenize records its own response under
-its own key, so it stays one entry. Merging changes nothing a client sees: the
-apply step checks insert-once over the whole entry and tokens are
-deterministic, so the same value in two merged requests is one mapping; a
-rotation applied first fails the whole entry with EPOCH_MISMATCH, and every
-request of it is told EpochChanged (its worker lets the core seal again in the
-new epoch) — no request ever mixes epochs.
+its own key, so it stays one entry. A card or digits tokenize, or one with a
+TTL or metadata, is one entry too (NodeService._tokenize_sealed_extended): a
+command has one format, one expiry and one metadata rule, and a card and
+digits token coincidence (TOKEN_COLLISION) refuses a whole entry, so merging
+would fail the other requests of the entry for one request's token.
+
+Merging changes nothing a client sees: the apply step checks insert-once over
+the whole entry and tokens are deterministic, so the same value in two merged
+requests is one mapping; a rotation applied first fails the whole entry with
+EPOCH_MISMATCH, and every request of it is told EpochChanged (its worker lets
+the core seal again in the new epoch) — no request ever mixes epochs.
 """
 
 from __future__ import annotations

@@ -24,10 +24,11 @@ from prometheus_client.samples import Sample
 from tokenvault.api.channel import Channel
 from tokenvault.api.service import (NodeService, _actor, _optional_idempotency_key, _principal, _strings)
 from tokenvault.api.validation import (require_item_list, validate_lookup_epoch, validate_lookup_tokens,
-                                       validate_tokens, validate_values)
+                                       validate_options, validate_tokens, validate_values)
 from tokenvault.core.backup import BackupStream
 from tokenvault.core.commands import Actor, CommandError
 from tokenvault.core.store import MAX_TOKEN_PAGE
+from tokenvault.crypto import formats
 from tokenvault.errors import InvalidRequest, NotFound, Overloaded
 from tokenvault.metrics import Metrics
 
@@ -85,17 +86,20 @@ class CoreCalls:
                 for key in self._service.node.store.api_keys()]
 
     def active_epoch_keys(self) -> dict[str, Any]:
-        """The active epoch and its derived token and data keys, as the workers are sent them: what the
-        sealer gets (never the master key or an epoch secret), for the active epoch only; and under
-        ``"readable"`` every epoch's [epoch, token key, data key] that this node can decrypt (a destroyed
-        epoch is not among them), for the detokenizes a worker answers from its view of the store."""
+        """The active epoch and its derived token, data and format keys, as the workers are sent them:
+        what the sealer gets plus the FF1 key of card and digits tokens (never the master key or an
+        epoch secret), for the active epoch only; and under ``"readable"`` every epoch's [epoch, token
+        key, data key] that this node can decrypt (a destroyed epoch is not among them), for the
+        detokenizes a worker answers from its view of the store (opaque tokens only)."""
         node = self._service.node
         readable = [[epoch, *node.keyring.get(epoch).derived_keys()] for epoch in node.keyring.epochs()]
         epoch = node.store.active_epoch()
         if epoch == 0 or epoch not in node.keyring:
             return {"epoch": 0, "readable": readable}
-        token_key, data_key = node.keyring.get(epoch).derived_keys()
-        return {"epoch": epoch, "token_key": token_key, "data_key": data_key, "readable": readable}
+        keys = node.keyring.get(epoch)
+        token_key, data_key = keys.derived_keys()
+        return {"epoch": epoch, "token_key": token_key, "data_key": data_key,
+                "format_key": keys.derived_format_key(), "readable": readable}
 
     # ------------------------------------------------------------------ the vault
     async def _tokenize(self, arguments: dict[str, Any]) -> Any:
@@ -117,16 +121,29 @@ class CoreCalls:
                                           validate_lookup_epoch(arguments["epoch"]), include_metadata, masked)
 
     async def _tokenize_sealed(self, arguments: dict[str, Any]) -> Any:
-        _members(arguments, ("principal", "epoch", "values", "items"))
+        _members(arguments, ("principal", "epoch", "values", "items", "token_format", "metadata_json",
+                             "ttl_seconds", "metadata"))
         values = validate_values(require_item_list(arguments, "values", self._limits), self._limits)
+        # The version 2 options as a forwarded tokenize's (400 / 422); the values are normalized by the service.
+        options = validate_options(arguments["token_format"], arguments["metadata_json"], arguments["ttl_seconds"])
         items = arguments["items"]
         if (not isinstance(items, list) or len(items) != len(values)
                 or not all(isinstance(item, list) and len(item) == 2 and isinstance(item[0], str)
                            and isinstance(item[1], bytes) for item in items)):
             raise InvalidRequest("items must be one [token, ciphertext] pair per value")
+        if options.token_format != formats.OPAQUE and not all(formats.is_format_token(token) for token, _ in items):
+            raise InvalidRequest("card and digits tokens are strings of digits")
+        metadata = arguments["metadata"]
+        if options.metadata_json is None:
+            if metadata is not None:
+                raise InvalidRequest("metadata ciphertexts come only with metadata_json")
+        elif (not isinstance(metadata, list) or len(metadata) != len(values)
+              or not all(isinstance(ciphertext, bytes) for ciphertext in metadata)):
+            raise InvalidRequest("metadata must be one ciphertext per value")
         epoch = _int(arguments["epoch"], "epoch", 1, 2**32 - 1)
         return await self._service.tokenize_sealed(_principal(arguments), epoch, values,
-                                                   [(token, ciphertext) for token, ciphertext in items])
+                                                   [(token, ciphertext) for token, ciphertext in items],
+                                                   options, metadata)
 
     async def _detokenize(self, arguments: dict[str, Any]) -> Any:
         _members(arguments, ("tokens", "actor"))

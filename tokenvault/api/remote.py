@@ -68,15 +68,17 @@ def _document(result: object) -> dict[str, Any]:
 
 def _decode_epoch_keys(payload: object) -> EpochKeys | None:
     """The active epoch's keys from the core's push; None (the core seals) when there is none or it is
-    malformed."""
+    malformed. Without a format key the worker seals opaque tokens only."""
     if not isinstance(payload, dict) or payload.get("epoch") == 0:
         return None
     epoch, token_key, data_key = payload.get("epoch"), payload.get("token_key"), payload.get("data_key")
-    if type(epoch) is not int or not isinstance(token_key, bytes) or not isinstance(data_key, bytes):
+    format_key = payload.get("format_key")
+    if (type(epoch) is not int or not isinstance(token_key, bytes) or not isinstance(data_key, bytes)
+            or not (format_key is None or isinstance(format_key, bytes))):
         log.error("worker.epoch_keys_refused")
         return None
     try:
-        return EpochKeys.from_derived_keys(epoch, token_key, data_key)
+        return EpochKeys.from_derived_keys(epoch, token_key, data_key, format_key)
     except ValueError:
         log.error("worker.epoch_keys_refused")
         return None
@@ -119,6 +121,30 @@ def decode_key_rows(rows: object) -> dict[str, auth.RuntimeKey]:
         keys[key_id] = auth.RuntimeKey(key_id=key_id, name=name, scopes=frozenset(scopes), salt=salt,
                                        digest=digest, created_at_ms=created_at_ms, created_by=created_by)
     return keys
+
+
+def _seal_request(keys: EpochKeys, values: list[str], token_format: str,
+                  metadata_json: str | None) -> tuple[list[list[Any]], list[bytes] | None] | None:
+    """A tokenize's [token, ciphertext] pairs in ``keys``' epoch, and its metadata sealed per token (None
+    without metadata), as ``NodeService.tokenize_sealed`` takes them; the values of a card or digits
+    request are normalized first, as the core would. None when the core should seal instead: keys
+    without a format key, or a value that does not fit the format (the core answers its 422, naming
+    the position)."""
+    if token_format == formats.OPAQUE:
+        pairs = keys.seal_many(values)
+    else:
+        if not keys.seals_formats:
+            return None
+        try:
+            normalized = [formats.normalize(token_format, value) for value in values]
+        except formats.FormatError:
+            return None
+        pairs = [keys.seal_format(token_format, value) for value in normalized]
+    metadata = None
+    if metadata_json is not None:
+        document = metadata_json.encode("utf-8")
+        metadata = [keys.encrypt_metadata(token, document) for token, _ in pairs]
+    return [[token, ciphertext] for token, ciphertext in pairs], metadata
 
 
 class RemoteService:
@@ -172,14 +198,19 @@ class RemoteService:
                        token_format: str = formats.OPAQUE, metadata_json: str | None = None,
                        ttl_seconds: int | None = None) -> Outcome:
         keys = self._epoch_keys
-        plain = token_format == formats.OPAQUE and metadata_json is None and ttl_seconds is None
-        if idempotency_key is None and plain and keys is not None:
+        sealed = None
+        if idempotency_key is None and keys is not None:
+            sealed = _seal_request(keys, values, token_format, metadata_json)
+        if sealed is not None and keys is not None:
             # Sealed here, on this worker's core; the core checks the epoch and one value, and
-            # answers EpochChanged after a rotation this worker has not heard of yet.
-            items = [[token, ciphertext] for token, ciphertext in keys.seal_many(values)]
+            # answers EpochChanged after a rotation this worker has not heard of yet. The expiry
+            # time is the core's (its clock, carried in the entry): only ttl_seconds goes.
+            items, metadata = sealed
             try:
                 return _outcome(await self._call("tokenize_sealed", {
-                    "principal": principal, "epoch": keys.epoch, "values": values, "items": items}))
+                    "principal": principal, "epoch": keys.epoch, "values": values, "items": items,
+                    "token_format": token_format, "metadata_json": metadata_json, "ttl_seconds": ttl_seconds,
+                    "metadata": metadata}))
             except EpochChanged:
                 pass
         return _outcome(await self._call("tokenize", {

@@ -81,6 +81,13 @@ class ForwardedError(ServiceError):
         super().__init__(detail, headers=headers)
 
 
+def _token_collision() -> TokenCollision:
+    """What a tokenize answers when its entry is refused with TOKEN_COLLISION, sealed here or by a worker."""
+    return TokenCollision("a card or digits token of this request is held by a value of the other "
+                          "format in this epoch; nothing was stored (tokenize these values as "
+                          "opaque, or again after a rotation)")
+
+
 def _json(document: object) -> bytes:
     return json.dumps(document, separators=(",", ":")).encode()
 
@@ -283,29 +290,32 @@ class NodeService(LifecycleOperations, MembershipOperations):
                 if result.outcome == ApplyOutcome.DUPLICATE:
                     return self._replay(principal, idempotency_key, TOKENIZE, fingerprint)
                 if result.outcome == ApplyOutcome.TOKEN_COLLISION:
-                    raise TokenCollision("a card or digits token of this request is held by a value of the other "
-                                         "format in this epoch; nothing was stored (tokenize these values as "
-                                         "opaque, or again after a rotation)")
+                    raise _token_collision()
                 # EPOCH_MISMATCH: a rotation was applied first; recompute in the new epoch.
             raise Unavailable("the active epoch kept changing; retry")
 
     async def tokenize_sealed(self, principal: str, epoch: int, values: list[str],
-                              items: list[tuple[str, bytes]]) -> Outcome:
+                              items: list[tuple[str, bytes]], options: TokenizeOptions | None = None,
+                              metadata: list[bytes] | None = None) -> Outcome:
         """A tokenize an HTTP worker sealed already (no Idempotency-Key): ``items`` are the
-        (token, ciphertext) pairs of ``values`` in ``epoch``, which must be the active epoch.
+        (token, ciphertext) pairs of ``values`` in ``epoch``, which must be the active epoch, in
+        ``options.token_format``; ``metadata`` is ``options.metadata_json`` sealed per token.
 
         The core checks the epoch (EpochChanged if it is not the active one: the worker then sends
         the values to be sealed here) and re-seals the first value, as it does the sealer's answers;
         a difference is refused and logged. Then it is a tokenize as any other, with the tokens and
         ciphertexts computed already: answered as a read when every pair is stored (no HMAC or
         encryption here beyond the first value's check), else proposed as one entry on the primary; a backup that cannot answer it
-        as a read forwards the values, and the primary seals them itself.
+        as a read forwards the values, and the primary seals them itself. A request with a format,
+        a TTL or metadata goes on in ``_tokenize_sealed_extended``.
         """
         keyring = self.node.keyring
         if epoch != self.node.store.active_epoch() or epoch not in keyring:
             raise EpochChanged("the worker sealed in an epoch that is not the active one")
         keys = keyring.get(epoch)
-        if len(items) != len(values) or keys.seal(values[0]) != items[0]:
+        if options is not None and options.extended:
+            return await self._tokenize_sealed_extended(principal, epoch, values, items, options, metadata)
+        if len(items) != len(values) or metadata is not None or keys.seal(values[0]) != items[0]:
             log.error("worker.sealing_mismatch", epoch=epoch, items=len(items))
             raise Unavailable("the request was sealed inconsistently; it had no effect: retry")
         tokens = [token for token, _ in items]
@@ -332,13 +342,70 @@ class NodeService(LifecycleOperations, MembershipOperations):
             return Outcome(200, _json({"epoch": epoch, "tokens": tokens}), False)
         raise EpochChanged("a rotation was applied first")
 
+    async def _tokenize_sealed_extended(self, principal: str, epoch: int, values: list[str],
+                                        items: list[tuple[str, bytes]], options: TokenizeOptions,
+                                        metadata: list[bytes] | None) -> Outcome:
+        """``tokenize_sealed`` for a card or digits request, or one with a TTL or metadata.
+
+        The same checks with the format's own sealing: the values normalized here (a value that
+        does not fit is the same 422 as when the core seals), the first one re-sealed in the format
+        and, with metadata, its metadata ciphertext re-encrypted. Answered as a read exactly as the
+        core-sealed path (``_answer_as_read``, with the worker's pairs), else proposed as ONE entry
+        of its own, not merged (tokenvault.api.coalesce): an entry has one format, one expiry and
+        one metadata rule, and TOKEN_COLLISION refuses a whole entry, so a merged request would
+        fail for another's card token. The expiry is this core's clock, as when it seals itself.
+        """
+        keys = self.node.keyring.get(epoch)
+        normalized = normalize_values(values, options.token_format)
+        if options.token_format == formats.OPAQUE:
+            first = keys.seal(normalized[0])
+        else:
+            first = keys.seal_format(options.token_format, normalized[0])
+        document = None if options.metadata_json is None else options.metadata_json.encode("utf-8")
+        if (len(items) != len(values) or first != items[0] or (metadata is None) != (document is None)
+                or (metadata is not None and document is not None
+                    and (len(metadata) != len(items) or keys.encrypt_metadata(first[0], document) != metadata[0]))):
+            log.error("worker.sealing_mismatch", epoch=epoch, items=len(items))
+            raise Unavailable("the request was sealed inconsistently; it had no effect: retry")
+        tokens = [token for token, _ in items]
+        if options.answerable_as_read:
+            try:
+                answered = await self._answer_as_read(epoch, normalized, options, sealed=items)
+            except (NotPrimary, ServiceError):
+                if self._is_primary():
+                    raise
+                answered = None  # a backup without a read index: the primary answers the forward
+            if answered is not None:
+                self.node.metrics.record_tokenize_answered_as_read(len(answered))
+                return Outcome(200, _json({"epoch": epoch, "tokens": answered}), False)
+        if not self._is_primary():
+            arguments: dict[str, Any] = {"principal": principal, "values": values, "idempotency_key": None}
+            arguments.update(options.forwarded())
+            return await self._route(TOKENIZE_EXTENDED, arguments, self._tokenize_extended_here)
+        self.node.metrics.record_sealed("worker", len(items))
+        command = await self._tokenize_command(
+            epoch, normalized, principal, None, None, options,
+            sealed=(tuple(items), None if metadata is None else tuple(metadata)))
+        result = await self._propose(commands.encode_command(command))
+        if result.outcome == ApplyOutcome.OK:
+            return Outcome(200, _json({"epoch": epoch, "tokens": tokens}), False)
+        if result.outcome == ApplyOutcome.TOKEN_COLLISION:
+            raise _token_collision()
+        raise EpochChanged("a rotation was applied first")
+
     async def _tokenize_command(self, epoch: int, values: list[str], principal: str, idempotency_key: str | None,
                                 fingerprint: bytes | None, options: TokenizeOptions,
-                                format_tokens: list[str] | None = None) -> commands.TokenizeCommand:
+                                format_tokens: list[str] | None = None,
+                                sealed: tuple[tuple[tuple[str, bytes], ...], tuple[bytes, ...] | None] | None = None,
+                                ) -> commands.TokenizeCommand:
         """The log entry of a tokenize: tokens and ciphertexts, and for version 2 options the expiry
-        time (from this node's clock, carried in the entry) and the metadata sealed per token."""
+        time (from this node's clock, carried in the entry) and the metadata sealed per token.
+        ``sealed``: the items and metadata a worker computed (checked by ``tokenize_sealed``)."""
         issued_at_ms = int(time.time() * 1000)
-        if options.token_format == formats.OPAQUE:
+        metadata = None
+        if sealed is not None:
+            items, metadata = sealed
+        elif options.token_format == formats.OPAQUE:
             items = await self._seal(epoch, values)
         else:
             keys = self.node.keyring.get(epoch)
@@ -347,8 +414,7 @@ class NodeService(LifecycleOperations, MembershipOperations):
             else:
                 items = tuple((token, keys.encrypt(token, value)) for token, value in zip(format_tokens, values))
             self.node.metrics.record_sealed("node", len(items))
-        metadata = None
-        if options.metadata_json is not None:
+        if sealed is None and options.metadata_json is not None:
             keys = self.node.keyring.get(epoch)
             document = options.metadata_json.encode("utf-8")
             metadata = tuple(keys.encrypt_metadata(token, document) for token, _ in items)
@@ -359,7 +425,8 @@ class NodeService(LifecycleOperations, MembershipOperations):
             expires_at_ms=expires_at_ms, metadata=metadata)
 
     async def _answer_as_read(self, epoch: int, values: list[str], options: TokenizeOptions | None = None,
-                              format_tokens: list[str] | None = None) -> list[str] | None:
+                              format_tokens: list[str] | None = None,
+                              sealed: Sequence[tuple[str, bytes]] | None = None) -> list[str] | None:
         """The tokens of ``values`` in ``epoch`` when this tokenize can be answered as a read, else None.
 
         A tokenize whose (token, ciphertext) pairs are all stored already
@@ -373,21 +440,29 @@ class NodeService(LifecycleOperations, MembershipOperations):
         request without a TTL leaves a live mapping's expiry as it is). Only the tokens are
         computed first (one HMAC per value), so a tokenize of new values pays
         one lookup; the ciphertexts (deterministic AES-SIV) are compared only
-        when every token exists, and any difference leaves it to the write path.
+        when every token exists, and any difference leaves it to the write path. ``sealed``: the
+        (token, ciphertext) pairs a worker computed (``tokenize_sealed`` checked the first), compared
+        as they are, so nothing is computed here.
         """
         if not values:
             return None  # not a valid tokenize: the command's own checks answer it
         keys = self.node.keyring.get(epoch)
         token_format = formats.OPAQUE if options is None else options.token_format
-        if token_format == formats.OPAQUE:
+        if sealed is not None:
+            tokens = [token for token, _ in sealed]
+        elif token_format == formats.OPAQUE:
             tokens = [keys.token_for(value) for value in values]
-            found = self.node.store.lookup(tokens, _now_ms())
         else:
             tokens = format_tokens or [keys.formats.token_for(token_format, value) for value in values]
+        if token_format == formats.OPAQUE:
+            found = self.node.store.lookup(tokens, _now_ms())
+        else:
             found = self.node.store.lookup_format(epoch, tokens, _now_ms())
         if len(found) != len(set(tokens)):
             return None
-        if any(found[token] != keys.encrypt(token, value) for token, value in zip(tokens, values)):
+        ciphertexts = ((ciphertext for _, ciphertext in sealed) if sealed is not None
+                       else (keys.encrypt(token, value) for token, value in zip(tokens, values)))
+        if any(found[token] != ciphertext for token, ciphertext in zip(tokens, ciphertexts)):
             return None
         await self._read_barrier()
         if self.node.store.active_epoch() != epoch:

@@ -352,31 +352,48 @@ class EpochKeys:
     context and the AES-SIV object built once and reused, since they are used
     for every value."""
 
-    __slots__ = ("epoch", "_token_key", "_data_key", "_token_hmac", "_cipher", "_prefix", "_formats")
+    __slots__ = ("epoch", "_token_key", "_data_key", "_token_hmac", "_cipher", "_prefix", "_formats",
+                 "_format_key")
     _formats: FormatKeys | None
+    _format_key: bytes | None
 
     def __init__(self, epoch: int, secret: bytes) -> None:
         if not isinstance(secret, bytes) or len(secret) != EPOCH_SECRET_BYTES:
             raise ValueError(f"an epoch secret is exactly {EPOCH_SECRET_BYTES} bytes")
         self._set_keys(epoch, _hkdf(secret, TOKEN_KEY_INFO, TOKEN_KEY_BYTES),
                        _hkdf(secret, DATA_KEY_INFO, DATA_KEY_BYTES))
-        self._formats = FormatKeys(_hkdf(secret, FORMAT_KEY_INFO, FORMAT_KEY_BYTES))
+        self._format_key = _hkdf(secret, FORMAT_KEY_INFO, FORMAT_KEY_BYTES)
+        self._formats = FormatKeys(self._format_key)
 
     @classmethod
-    def from_derived_keys(cls, epoch: int, token_key: bytes, data_key: bytes) -> "EpochKeys":
-        """The keys ``derived_keys`` returned: how the sealer process gets an epoch
-        without the master key or the epoch secret."""
+    def from_derived_keys(cls, epoch: int, token_key: bytes, data_key: bytes,
+                          format_key: bytes | None = None) -> "EpochKeys":
+        """The keys ``derived_keys`` (and ``derived_format_key``) returned: how the sealer process and
+        the HTTP workers get an epoch without the master key or the epoch secret. Without
+        ``format_key`` (the sealer's case) the keys seal opaque tokens only."""
         if not (isinstance(token_key, bytes) and len(token_key) == TOKEN_KEY_BYTES
                 and isinstance(data_key, bytes) and len(data_key) == DATA_KEY_BYTES):
             raise ValueError(f"derived keys are {TOKEN_KEY_BYTES} and {DATA_KEY_BYTES} bytes")
         keys = cls.__new__(cls)
         keys._set_keys(epoch, token_key, data_key)
-        keys._formats = None  # the sealer seals opaque tokens only
+        keys._format_key = format_key
+        keys._formats = None if format_key is None else FormatKeys(format_key)  # FormatKeys checks its size
         return keys
 
     def derived_keys(self) -> tuple[bytes, bytes]:
-        """(token key, data key): everything sealing in this epoch needs, and nothing for other epochs."""
+        """(token key, data key): everything sealing opaque tokens in this epoch needs, and nothing for
+        other epochs."""
         return self._token_key, self._data_key
+
+    def derived_format_key(self) -> bytes | None:
+        """The epoch's FF1 key (card and digits tokens), None when these keys carry none: what an HTTP
+        worker needs beside ``derived_keys`` to seal format tokens, and nothing for other epochs."""
+        return self._format_key
+
+    @property
+    def seals_formats(self) -> bool:
+        """Whether these keys compute card and digits tokens (``formats`` would not raise)."""
+        return self._formats is not None
 
     def _set_keys(self, epoch: int, token_key: bytes, data_key: bytes) -> None:
         _wrap_associated_data(epoch)  # validates the epoch

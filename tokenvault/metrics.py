@@ -150,6 +150,12 @@ class Metrics:
         )
         self._worker_read_children = {result: self.worker_store_reads.labels(result=result)
                                       for result in ("view", "core", "failed")}
+        self.tokenize_answered_as_read = Counter(
+            "tokenvault_tokenize_answered_as_read",
+            "Values of tokenize requests answered without a log entry because every token existed already in the"
+            " active epoch (the node that answered records it, after its read barrier or read index).",
+            registry=registry,
+        )
         self.worker_store_view_catch_ups = Gauge(
             "tokenvault_worker_store_view_catch_ups",
             "Times this HTTP worker's view of the store caught up with the core's writes since the worker started"

@@ -120,3 +120,43 @@ async def test_only_adding_commands_leave_the_removal_index_alone(single: Runnin
     tokens = await tokenize(single, ["y"])
     await single.service.delete_tokens(tokens, commands.NO_ACTOR)
     assert node.removal_index == node.store.applied_index > before
+
+
+def answered_as_read(worker: Worker) -> float:
+    return worker.metrics.registry.get_sample_value("tokenvault_tokenize_answered_as_read_total") or 0.0
+
+
+async def test_a_repeat_tokenize_is_answered_from_the_view_with_no_entry(single: RunningNode, worker: Worker) -> None:
+    first = await worker.service.tokenize("p", ["card-1", "card-2"], None)
+    tokens = json.loads(first.body)["tokens"]
+    assert answered_as_read(worker) == 0  # new values: the write path
+    worker.reader.catch_up()
+    applied = single.node.store.applied_index
+    again = await worker.service.tokenize("p", ["card-2", "card-1"], None)
+    assert again.status == 200 and json.loads(again.body) == {"epoch": 1, "tokens": tokens[::-1]}
+    assert answered_as_read(worker) == 2
+    assert single.node.store.applied_index == applied  # no log entry
+
+
+async def test_a_repeat_tokenize_after_a_rotation_the_worker_missed_is_not_answered_in_the_old_epoch(
+        single: RunningNode, worker: Worker) -> None:
+    await worker.service.tokenize("p", ["v"], None)
+    worker.reader.catch_up()
+    single.node.on_keyring_changed = lambda: None  # the worker does not hear of the rotation
+    await single.service.rotate_epoch("admin", None)
+    again = await worker.service.tokenize("p", ["v"], None)
+    assert json.loads(again.body)["epoch"] == 2  # the core refused epoch 1; the worker let the core seal
+    assert answered_as_read(worker) == 0
+
+
+async def test_a_repeat_tokenize_of_a_token_deleted_meanwhile_recreates_it(single: RunningNode,
+                                                                         worker: Worker) -> None:
+    first = await worker.service.tokenize("p", ["gone"], None)
+    token = json.loads(first.body)["tokens"][0]
+    worker.reader.catch_up()
+    await single.service.delete_tokens([token], commands.NO_ACTOR)
+    assert single.node.store.lookup([token]) == {}
+    again = await worker.service.tokenize("p", ["gone"], None)
+    assert json.loads(again.body)["tokens"] == [token]
+    assert answered_as_read(worker) == 0
+    assert token in single.node.store.lookup([token])  # written again, not answered from the stale view

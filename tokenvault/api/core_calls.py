@@ -70,6 +70,7 @@ class CoreCalls:
         return {
             "tokenize": self._tokenize, "tokenize_sealed": self._tokenize_sealed,
             "detokenize": self._detokenize, "detokenize_read_point": self._detokenize_read_point,
+            "tokenize_read_point": self._tokenize_read_point,
             "reveal": self._reveal, "rotate_epoch": self._rotate_epoch,
             "list_epochs": self._list_epochs, "create_key": self._create_key, "revoke_key": self._revoke_key,
             "list_keys": self._list_keys, "audit_page": self._audit_page, "cluster_view": self._cluster_view,
@@ -149,6 +150,12 @@ class CoreCalls:
         _members(arguments, ("tokens", "actor"))
         tokens = validate_tokens(require_item_list(arguments, "tokens", self._limits))
         return await self._service.detokenize(tokens, _checked_actor(arguments["actor"]))
+
+    async def _tokenize_read_point(self, arguments: dict[str, Any]) -> Any:
+        _members(arguments, ("epoch", "items"))
+        epoch = _int(arguments["epoch"], "epoch", 1, 2**32 - 1)
+        _int(arguments["items"], "items", 1, self._limits.max_items)
+        return await self._service.tokenize_read_point(epoch)
 
     async def _detokenize_read_point(self, arguments: dict[str, Any]) -> Any:
         _members(arguments, ("items", "found", "actor"))

@@ -12,6 +12,7 @@ worker as soon as the core applies it.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -23,7 +24,7 @@ from tokenvault.core.backup import BACKUP_CHUNK_BYTES
 from tokenvault.crypto import formats
 from tokenvault.core.store_reader import CatchUp, StoreReadError, StoreReader
 from tokenvault.crypto.keys import DecryptError, EpochKeys
-from tokenvault.errors import EpochChanged, Outcome, Unavailable
+from tokenvault.errors import EpochChanged, Outcome, ServiceError, Unavailable
 from tokenvault.logs import get_logger
 from tokenvault.metrics import Metrics
 from tokenvault.crypto.tokens import parse_token
@@ -206,6 +207,11 @@ class RemoteService:
             # answers EpochChanged after a rotation this worker has not heard of yet. The expiry
             # time is the core's (its clock, carried in the entry): only ttl_seconds goes.
             items, metadata = sealed
+            plain = token_format == formats.OPAQUE and metadata_json is None and ttl_seconds is None
+            if plain and self._catch_up is not None and time.monotonic() >= self._reader_resting_until:
+                answered = await self._tokenize_from_view(keys.epoch, items)
+                if answered is not None:
+                    return answered
             try:
                 return _outcome(await self._call("tokenize_sealed", {
                     "principal": principal, "epoch": keys.epoch, "values": values, "items": items,
@@ -216,6 +222,46 @@ class RemoteService:
         return _outcome(await self._call("tokenize", {
             "principal": principal, "values": values, "idempotency_key": idempotency_key,
             "token_format": token_format, "metadata_json": metadata_json, "ttl_seconds": ttl_seconds}))
+
+    async def _tokenize_from_view(self, epoch: int, items: list[list[Any]]) -> Outcome | None:
+        """A plain tokenize whose every (token, ciphertext) pair this worker's view holds, answered as a read
+        without the core touching the store (None: the request takes the usual path, nothing done yet).
+
+        As the core's own read check (NodeService._answer_as_read): the core confirms it is in step with
+        the primary (its read barrier, or a backup's read index), so a rotation acknowledged before the
+        request started is applied there, checks ``epoch`` is still the active one and returns its last
+        removal index; the view catches up to that index when behind it, and every pair must still be
+        there (a mapping deleted meanwhile sends the request down the write path, which re-creates it).
+        Pairs the view lacks are normal (new values): no catch-up is asked for them."""
+        reader = self._reader
+        assert reader is not None and self._catch_up is not None
+        tokens = [token for token, _ in items]
+        try:
+            found = reader.lookup(tokens, _now_ms())
+        except StoreReadError as error:
+            self._rest_reader(error)
+            return None
+        looked_up_at = reader.applied_index
+        if len(found) != len(set(tokens)) or any(found[token] != ciphertext for token, ciphertext in items):
+            return None
+        try:
+            index = await self._call("tokenize_read_point", {"epoch": epoch, "items": len(items)})
+        except ServiceError:
+            return None  # a rotation, no primary, an overload: the usual path answers as it would
+        if type(index) is not int or index < 0:
+            raise _unexpected()
+        try:
+            await self._catch_up.wait_applied(index, self._timeout_seconds)
+            still = found if reader.applied_index == looked_up_at and not reader.has_life \
+                else reader.lookup(tokens, _now_ms())
+        except StoreReadError as error:
+            self._rest_reader(error)
+            return None
+        if len(still) != len(found):
+            return None
+        if self._metrics is not None:
+            self._metrics.record_tokenize_answered_as_read(len(items))
+        return Outcome(200, json.dumps({"epoch": epoch, "tokens": tokens}, separators=(",", ":")).encode(), False)
 
     async def detokenize(self, tokens: list[str], actor: commands.Actor | None = None) -> list[str | None]:
         """The values of ``tokens``: from this worker's view of the store when it holds every one of them,

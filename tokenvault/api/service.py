@@ -393,6 +393,17 @@ class NodeService(LifecycleOperations, MembershipOperations):
             raise _token_collision()
         raise EpochChanged("a rotation was applied first")
 
+    async def tokenize_read_point(self, epoch: int) -> int:
+        """For a plain tokenize an HTTP worker answers as a read from its own view of the store (every pair
+        stored already): a read barrier (a backup's read index), then ``epoch`` must still be
+        the active one (EpochChanged otherwise: the worker takes the usual path), and the answer is this
+        node's last removal index (Node.removal_index), which the worker's view must have applied
+        before it answers. The store is not read here."""
+        await self._read_barrier_anywhere()
+        if self.node.store.active_epoch() != epoch:
+            raise EpochChanged("the worker's epoch is not the active one")
+        return self.node.removal_index
+
     async def _tokenize_command(self, epoch: int, values: list[str], principal: str, idempotency_key: str | None,
                                 fingerprint: bytes | None, options: TokenizeOptions,
                                 format_tokens: list[str] | None = None,

@@ -728,13 +728,28 @@ async def test_a_worker_sealed_tokenize_whose_first_value_does_not_match_is_refu
 
 async def test_a_worker_sealed_tokenize_on_a_backup_answers_repeats_and_forwards_new_values(trio: Cluster) -> None:
     backup = trio.backups()[0]
-    epoch, items = worker_seal(backup, ["fresh-on-backup"])
-    first = body(await backup.service.tokenize_sealed("p", epoch, ["fresh-on-backup"], items))
-    assert first["tokens"] == [items[0][0]]
     primary = trio.primaries()[0]
+    epoch, items = worker_seal(backup, ["fresh-on-backup", "second"])
+    sealed_before = (sealed_count(primary, "node"), sealed_count(primary, "helper"), sealed_count(primary, "worker"))
+    first = body(await backup.service.tokenize_sealed("p", epoch, ["fresh-on-backup", "second"], items))
+    assert first["tokens"] == [items[0][0], items[1][0]]
+    # Forwarded with its pairs: the primary checked the first value and took the worker's pairs,
+    # sealing none of the values itself.
+    assert (sealed_count(primary, "node"), sealed_count(primary, "helper"), sealed_count(primary, "worker")) == \
+        (sealed_before[0], sealed_before[1], sealed_before[2] + 2)
+    # A forwarded pair that does not match its value is refused by the primary too, and nothing is stored.
+    _, other = worker_seal(backup, ["third"])
+    forged = msgpack.packb({"principal": "p", "epoch": epoch, "values": ["not-third"], "items": [list(other[0])]})
+    answer = await serve_forward(primary, ForwardRequest(request_id=77, kind="tokenize.sealed", body=forged))
+    assert answer.status == 503
+    assert primary.node.store.lookup([other[0][0]]) == {}
+    malformed = msgpack.packb({"principal": "p", "epoch": epoch, "values": ["third"], "items": [[other[0][0]]]})
+    assert (await serve_forward(primary, ForwardRequest(request_id=78, kind="tokenize.sealed", body=malformed))).status == 400
+    items = items[:1]
     last_index = primary.node.replica.last_index
     await wait_until(lambda: backup.node.store.lookup([items[0][0]]) != {}, 5, "the backup to apply the token")
-    assert body(await backup.service.tokenize_sealed("p", epoch, ["fresh-on-backup"], items)) == first
+    assert body(await backup.service.tokenize_sealed("p", epoch, ["fresh-on-backup"], items))["tokens"] == \
+        first["tokens"][:1]
     assert primary.node.replica.last_index == last_index
 
 

@@ -24,7 +24,7 @@ from prometheus_client.samples import Sample
 from tokenvault.api.channel import Channel
 from tokenvault.api.service import (NodeService, _actor, _optional_idempotency_key, _principal, _strings)
 from tokenvault.api.validation import (require_item_list, validate_lookup_epoch, validate_lookup_tokens,
-                                       validate_options, validate_tokens, validate_values)
+                                       validate_options, validate_sealed_items, validate_tokens, validate_values)
 from tokenvault.core.backup import BackupStream
 from tokenvault.core.commands import Actor, CommandError
 from tokenvault.core.store import MAX_TOKEN_PAGE
@@ -127,11 +127,7 @@ class CoreCalls:
         values = validate_values(require_item_list(arguments, "values", self._limits), self._limits)
         # The version 2 options as a forwarded tokenize's (400 / 422); the values are normalized by the service.
         options = validate_options(arguments["token_format"], arguments["metadata_json"], arguments["ttl_seconds"])
-        items = arguments["items"]
-        if (not isinstance(items, list) or len(items) != len(values)
-                or not all(isinstance(item, list) and len(item) == 2 and isinstance(item[0], str)
-                           and isinstance(item[1], bytes) for item in items)):
-            raise InvalidRequest("items must be one [token, ciphertext] pair per value")
+        items = validate_sealed_items(arguments["items"], len(values))
         if options.token_format != formats.OPAQUE and not all(formats.is_format_token(token) for token, _ in items):
             raise InvalidRequest("card and digits tokens are strings of digits")
         metadata = arguments["metadata"]
@@ -142,9 +138,7 @@ class CoreCalls:
               or not all(isinstance(ciphertext, bytes) for ciphertext in metadata)):
             raise InvalidRequest("metadata must be one ciphertext per value")
         epoch = _int(arguments["epoch"], "epoch", 1, 2**32 - 1)
-        return await self._service.tokenize_sealed(_principal(arguments), epoch, values,
-                                                   [(token, ciphertext) for token, ciphertext in items],
-                                                   options, metadata)
+        return await self._service.tokenize_sealed(_principal(arguments), epoch, values, items, options, metadata)
 
     async def _detokenize(self, arguments: dict[str, Any]) -> Any:
         _members(arguments, ("tokens", "actor"))

@@ -232,7 +232,8 @@ class RemoteService:
         request started is applied there, checks ``epoch`` is still the active one and returns its last
         removal index; the view catches up to that index when behind it, and every pair must still be
         there (a mapping deleted meanwhile sends the request down the write path, which re-creates it).
-        Pairs the view lacks are normal (new values): no catch-up is asked for them."""
+        Pairs the view lacks (new values, or values written since the view last moved) nudge the view
+        to catch up, at most every NUDGE_INTERVAL_SECONDS, so it follows what clients tokenize again."""
         reader = self._reader
         assert reader is not None and self._catch_up is not None
         tokens = [token for token, _ in items]
@@ -243,6 +244,7 @@ class RemoteService:
             return None
         looked_up_at = reader.applied_index
         if len(found) != len(set(tokens)) or any(found[token] != ciphertext for token, ciphertext in items):
+            self._catch_up.nudge()  # new values, or values written since the view last moved
             return None
         try:
             index = await self._call("tokenize_read_point", {"epoch": epoch, "items": len(items)})

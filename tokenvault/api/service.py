@@ -40,7 +40,7 @@ from tokenvault.core.store import ApplyResult
 from tokenvault.core.store import Outcome as ApplyOutcome
 from tokenvault.crypto import formats
 from tokenvault.crypto.tokens import MAX_TOKEN_CHARS, is_token, parse_token
-from tokenvault.api.validation import (TokenizeOptions, normalize_values, require_item_list,
+from tokenvault.api.validation import (TokenizeOptions, normalize_values, require_item_list, validate_sealed_items,
                                        validate_idempotency_key, validate_lookup_epoch, validate_lookup_tokens,
                                        validate_options, validate_tokens, validate_values)
 from tokenvault.api.members import CHANGE_MEMBER, LIST_MEMBERS, MembershipOperations
@@ -54,6 +54,11 @@ MAX_FORWARDS_IN_FLIGHT = 4096
 MAX_FORWARDS_SERVED = 2 * MAX_FORWARDS_IN_FLIGHT
 TOKENIZE = "tokenize"
 TOKENIZE_EXTENDED = "tokenize.v2"
+# A plain tokenize a backup's HTTP worker sealed, forwarded with its pairs: the primary checks them as
+# a worker's (NodeService.tokenize_sealed) instead of sealing every value itself, and coalesces them.
+TOKENIZE_SEALED = "tokenize.sealed"
+# A sealed tokenize whose pairs pack larger than this is forwarded as values (the peer frame bound is 16 MiB).
+MAX_FORWARDED_SEALED_BYTES = 8 * 1024 * 1024
 ROTATE = "rotate"
 CREATE_KEY = "key.create"
 REVOKE_KEY = "key.revoke"
@@ -305,8 +310,9 @@ class NodeService(LifecycleOperations, MembershipOperations):
         the values to be sealed here) and re-seals the first value, as it does the sealer's answers;
         a difference is refused and logged. Then it is a tokenize as any other, with the tokens and
         ciphertexts computed already: answered as a read when every pair is stored (no HMAC or
-        encryption here beyond the first value's check), else proposed as one entry on the primary; a backup that cannot answer it
-        as a read forwards the values, and the primary seals them itself. A request with a format,
+        encryption here beyond the first value's check), else proposed on the primary through the
+        coalescer; a backup that cannot answer it as a read forwards the values with their pairs
+        (``tokenize.sealed``), and the primary runs this same method on them. A request with a format,
         a TTL or metadata goes on in ``_tokenize_sealed_extended``.
         """
         keyring = self.node.keyring
@@ -334,13 +340,24 @@ class NodeService(LifecycleOperations, MembershipOperations):
                     self.node.metrics.record_tokenize_answered_as_read(len(tokens))
                     return Outcome(200, _json({"epoch": epoch, "tokens": tokens}), False)
         if not self._is_primary():
-            arguments = {"principal": principal, "values": values, "idempotency_key": None}
-            return await self._route(TOKENIZE, arguments, self._tokenize_here)
+            size = sum(len(value) + len(token) + len(ciphertext) for value, (token, ciphertext) in zip(values, items))
+            if size > MAX_FORWARDED_SEALED_BYTES:
+                arguments: dict[str, Any] = {"principal": principal, "values": values, "idempotency_key": None}
+                return await self._route(TOKENIZE, arguments, self._tokenize_here)
+            arguments = {"principal": principal, "epoch": epoch, "values": values,
+                         "items": [[token, ciphertext] for token, ciphertext in items]}
+            return await self._route(TOKENIZE_SEALED, arguments, self._tokenize_sealed_here)
         self.node.metrics.record_sealed("worker", len(items))
         result = await self._coalescer.submit(epoch, items)
         if result.outcome == ApplyOutcome.OK:
             return Outcome(200, _json({"epoch": epoch, "tokens": tokens}), False)
         raise EpochChanged("a rotation was applied first")
+
+    async def _tokenize_sealed_here(self, principal: str, epoch: int, values: list[str],
+                                    items: list[list[Any]]) -> Outcome:
+        """``tokenize_sealed`` with the pairs as they travel (lists): a forwarded sealed tokenize, or
+        one a backup meant to forward and runs itself because it became the primary meanwhile."""
+        return await self.tokenize_sealed(principal, epoch, values, [(token, ciphertext) for token, ciphertext in items])
 
     async def _tokenize_sealed_extended(self, principal: str, epoch: int, values: list[str],
                                         items: list[tuple[str, bytes]], options: TokenizeOptions,
@@ -991,7 +1008,18 @@ class NodeService(LifecycleOperations, MembershipOperations):
         limits = self.node.config.limits
         if request.kind not in FORWARDED_MEMBERS:
             raise InvalidRequest("a forwarded request of an unknown kind")
-        arguments = _forwarded_arguments(request, FORWARDED_MEMBERS[request.kind], _max_forwarded_bytes(limits))
+        max_bytes = _max_forwarded_bytes(limits)
+        if request.kind == TOKENIZE_SEALED:
+            max_bytes = min(2 * max_bytes, MAX_FORWARDED_SEALED_BYTES + 4096)
+        arguments = _forwarded_arguments(request, FORWARDED_MEMBERS[request.kind], max_bytes)
+        if request.kind == TOKENIZE_SEALED:
+            values = validate_values(require_item_list(arguments, "values", limits), limits)
+            items = validate_sealed_items(arguments["items"], len(values))
+            epoch = arguments["epoch"]
+            if type(epoch) is not int or not 1 <= epoch < 2**32:
+                raise InvalidRequest("epoch must be an integer in [1, 2**32 - 1]")
+            outcome = await self.tokenize_sealed(_principal(arguments), epoch, values, items)
+            return outcome.status, outcome.body, ()
         if request.kind in (TOKENIZE, TOKENIZE_EXTENDED):
             values = validate_values(require_item_list(arguments, "values", limits), limits)
             options = None
@@ -1065,6 +1093,7 @@ def _strings(items: object) -> list[str]:
 FORWARDED_MEMBERS: dict[str, tuple[str, ...]] = {
     TOKENIZE: ("principal", "values", "idempotency_key"),
     TOKENIZE_EXTENDED: ("principal", "values", "idempotency_key", "token_format", "metadata_json", "ttl_seconds"),
+    TOKENIZE_SEALED: ("principal", "epoch", "values", "items"),
     REVEAL: ("tokens", "epoch", "include_metadata"),
     ROTATE: ("principal", "idempotency_key", "actor"),
     DETOKENIZE: ("tokens",),

@@ -239,3 +239,12 @@ def validate_lookup_epoch(epoch: object) -> int | None:
     if isinstance(epoch, bool) or not isinstance(epoch, int) or not 1 <= epoch <= MAX_LOOKUP_EPOCH:
         raise InvalidRequest(f"'epoch' must be an integer in [1, {MAX_LOOKUP_EPOCH}]")
     return epoch
+
+
+def validate_sealed_items(items: object, count: int) -> list[tuple[str, bytes]]:
+    """A worker's (or a backup's worker's) sealed pairs: exactly one [token, ciphertext] per value (400)."""
+    if (not isinstance(items, list) or len(items) != count
+            or not all(isinstance(item, list) and len(item) == 2 and isinstance(item[0], str)
+                       and isinstance(item[1], bytes) for item in items)):
+        raise InvalidRequest("items must be one [token, ciphertext] pair per value")
+    return [(token, ciphertext) for token, ciphertext in items]

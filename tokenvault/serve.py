@@ -78,6 +78,7 @@ async def run_node(config: NodeConfig, config_path: Path | None = None) -> int:
         pool = WorkerPool(config_path, worker_count, calls, max_body_bytes=config.limits.max_body_bytes)
         node.store.on_api_keys_changed = pool.push_keys
         node.on_keyring_changed = pool.push_epoch
+        node.on_store_files_replaced = pool.push_catch_up
         try:
             await pool.start(WORKER_START_SECONDS)
         except WorkerStartError as error:

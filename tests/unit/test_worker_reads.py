@@ -7,16 +7,17 @@ token, a destroyed epoch and an expired mapping are never answered; every answer
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from node_support import RunningNode
+from node_support import RunningNode, wait_until
 from test_channel import pair
 from tokenvault.api.core_calls import CoreCalls
-from tokenvault.api.remote import EPOCH_TOPIC, RemoteService
+from tokenvault.api.remote import CATCH_UP_TOPIC, EPOCH_TOPIC, RemoteService
 from tokenvault.core import commands
 from tokenvault.core.store import STORE_DIRECTORY
 from tokenvault.core.store_reader import StoreReader
@@ -41,6 +42,7 @@ async def worker(single: RunningNode, tmp_path: Path) -> AsyncIterator[Worker]:
     core, channel = await pair(calls.handlers, on_push=service.on_push)
     service.channel = channel
     single.node.on_keyring_changed = lambda: core.push(EPOCH_TOPIC, calls.active_epoch_keys())
+    single.node.on_store_files_replaced = lambda: core.push(CATCH_UP_TOPIC, None)
     core.push(EPOCH_TOPIC, calls.active_epoch_keys())
     await service.read_health()  # a round trip: the push has arrived
     yield Worker(service, reader, metrics)
@@ -160,3 +162,30 @@ async def test_a_repeat_tokenize_of_a_token_deleted_meanwhile_recreates_it(singl
     assert json.loads(again.body)["tokens"] == [token]
     assert answered_as_read(worker) == 0
     assert token in single.node.store.lookup([token])  # written again, not answered from the stale view
+
+
+def deleted_table_files(data_dir: Path) -> list[str]:
+    """Table files of ``data_dir`` this process still holds open after they were deleted."""
+    held = []
+    for descriptor in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{descriptor}")
+        except OSError:
+            continue
+        if target.startswith(str(data_dir)) and target.endswith(".sst (deleted)"):
+            held.append(target)
+    return held
+
+
+async def test_after_a_shred_pass_the_view_lets_go_of_the_files_that_held_the_deleted_rows(
+        single: RunningNode, worker: Worker) -> None:
+    data_dir = Path(single.config.data_dir).resolve()
+    tokens = await tokenize(single, [f"shred-{number}" for number in range(50)])
+    single.node.store._db.flush()  # into a table file, which the view opens
+    worker.reader.catch_up()
+    assert await worker.service.detokenize(tokens[:1]) == ["shred-0"]
+    passes = single.node.shredder.passes
+    assert (await single.service.delete_tokens(tokens[:1], commands.NO_ACTOR)).status == 200
+    await wait_until(lambda: single.node.shredder.passes > passes, 10, "a shred pass")
+    # The pass rewrote the files; the core told the view, which caught up and closed the old ones.
+    await wait_until(lambda: not deleted_table_files(data_dir), 5, "the view to close the deleted table files")

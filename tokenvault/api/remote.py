@@ -36,6 +36,7 @@ READER_REST_SECONDS = 5.0
 
 KEYS_TOPIC = "keys"
 EPOCH_TOPIC = "epoch"
+CATCH_UP_TOPIC = "catch_up"
 
 
 def _now_ms() -> int:
@@ -170,6 +171,10 @@ class RemoteService:
         self._timeout_seconds = timeout_seconds
 
     def on_push(self, topic: str, payload: object) -> None:
+        if topic == CATCH_UP_TOPIC:
+            if self._catch_up is not None:
+                self._catch_up.catch_up_soon()
+            return
         if topic == EPOCH_TOPIC:
             self._epoch_keys = _decode_epoch_keys(payload)
             self._readable = _decode_readable_keys(payload)

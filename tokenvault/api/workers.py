@@ -24,7 +24,7 @@ from pathlib import Path
 
 from tokenvault.api.channel import Channel, max_frame_bytes
 from tokenvault.api.core_calls import CoreCalls
-from tokenvault.api.remote import EPOCH_TOPIC, KEYS_TOPIC
+from tokenvault.api.remote import CATCH_UP_TOPIC, EPOCH_TOPIC, KEYS_TOPIC
 from tokenvault.core.sealer import child_environment
 from tokenvault.logs import get_logger
 
@@ -88,6 +88,10 @@ class WorkerPool:
     def push_epoch(self) -> None:
         """Send every running worker the active epoch's keys (after a rotation or a snapshot install)."""
         self._push(EPOCH_TOPIC, self._calls.active_epoch_keys())
+
+    def push_catch_up(self) -> None:
+        """The store's files were rewritten or replaced: every worker's view catches up, releasing the old ones."""
+        self._push(CATCH_UP_TOPIC, None)
 
     def _push(self, topic: str, payload: object) -> None:
         for _, channel in self.channels():

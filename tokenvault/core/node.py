@@ -106,7 +106,12 @@ class Node:
         # Called after the keyring gained an epoch (an applied rotation, an installed snapshot): the
         # node's HTTP workers seal in the active epoch with keys the core gives them (tokenvault.api.workers).
         self.on_keyring_changed: Callable[[], None] | None = None
-        self.shredder = Shredder(lambda: self.store, self.wal, lambda error: self._fatal(error, task="shred"))
+        # Called after the store's files were rewritten to erase removed rows (a shred pass) or replaced
+        # (an installed snapshot): the HTTP workers' views of the store still hold the old files open
+        # until they catch up (tokenvault.core.store_reader), so they are told to.
+        self.on_store_files_replaced: Callable[[], None] | None = None
+        self.shredder = Shredder(lambda: self.store, self.wal, lambda error: self._fatal(error, task="shred"),
+                                 on_pass=self._store_files_replaced)
         self.restored = self._restored_state(recovered)
         self.recovered_log = recovered
         members = tuple(member.id for member in config.members)
@@ -502,6 +507,7 @@ class Node:
         self.snapshots.close_later(old)
         self.keyring = self._keyring_of_store()
         self._keyring_changed()
+        self._store_files_replaced()
         self.replica.snapshot_installed(index, view, self.store.membership())
         log.info("snapshot.installed", index=index, view=view, tokens=self.store.token_count())
 
@@ -572,6 +578,10 @@ class Node:
         if result.kind != "tokenize":
             return 0, 0  # key changes and audit batches issue no tokens
         return result.items, result.epoch
+
+    def _store_files_replaced(self) -> None:
+        if self.on_store_files_replaced is not None:
+            self.on_store_files_replaced()
 
     def _keyring_changed(self) -> None:
         if self.on_keyring_changed is not None:

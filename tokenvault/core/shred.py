@@ -55,10 +55,11 @@ class Shredder:
     """One node's shredding task (see the module docstring); every method runs on the event loop."""
 
     def __init__(self, store: Callable[[], VaultStore], wal: WriteAheadLog,
-                 on_fatal: Callable[[BaseException], None]) -> None:
+                 on_fatal: Callable[[BaseException], None], on_pass: Callable[[], None] | None = None) -> None:
         self._store = store
         self._wal = wal
         self._on_fatal = on_fatal
+        self._on_pass = on_pass  # after each pass rewrote the store's files
         self._keys: set[bytes] = set()
         self._pending_indexes: list[int] = []  # entries whose keys wait for step 1
         self._running_low: int | None = None  # the lowest entry of the pass in step 1
@@ -107,9 +108,11 @@ class Shredder:
                     # pass that takes their last keys, which then drops the log through all of them.
                     self._pending_indexes = indexes
                     await loop.run_in_executor(self._executor, self._store().shred, keys)
+                    self._passed()
                     continue
                 self._running_low, target = min(indexes), max(indexes)
                 await loop.run_in_executor(self._executor, self._store().shred, keys)
+                self._passed()
                 self._running_low = None
                 if await self._drop_log_through(target):
                     self.passes += 1
@@ -118,6 +121,10 @@ class Shredder:
             raise
         except BaseException as error:  # a storage failure: the node stops, as for its other disk work
             self._on_fatal(error)
+
+    def _passed(self) -> None:
+        if self._on_pass is not None:
+            self._on_pass()
 
     async def _drop_log_through(self, target: int) -> bool:
         """True once no segment holds an entry at or below ``target``; False when a later pass will."""

@@ -165,7 +165,9 @@ class CatchUp:
     ``wait_applied(index)`` returns once the view has applied ``index``; a catch-up
     started after the call is what answers it, so one pass serves every request that
     was waiting when it began. StoreReadError when the view fails or does not get
-    there within ``timeout_seconds`` (the caller then asks the core)."""
+    there within ``timeout_seconds`` (the caller then asks the core). Every catch-up
+    (a waiter's, a nudge's) runs in the one task at a time, on the worker's loop: RocksDB
+    holds the GIL through it, so two at once would only queue."""
 
     def __init__(self, reader: StoreReader, *, retry_seconds: float = 0.001,
                  nudge_interval_seconds: float = NUDGE_INTERVAL_SECONDS) -> None:
@@ -175,30 +177,35 @@ class CatchUp:
         self._task: asyncio.Task[None] | None = None
         self._nudge_interval_seconds = nudge_interval_seconds
         self._last_nudge = -math.inf
+        self._wanted = False  # a nudge asked for one catch-up, waiter or not
 
     def nudge(self) -> None:
         """Catch up soon, for no waiter: a view asked for tokens it lacks may be behind. At most one
         nudge per interval, so a stream of unknown tokens costs a bounded share of the worker's time."""
         now = time.monotonic()
-        if now - self._last_nudge < self._nudge_interval_seconds or (self._task is not None and not self._task.done()):
-            return
-        self._last_nudge = now
-        self._task = asyncio.get_running_loop().create_task(self._nudged())
+        if now - self._last_nudge >= self._nudge_interval_seconds:
+            self._last_nudge = now
+            self._want()
 
-    async def _nudged(self) -> None:
-        try:
-            self._reader.catch_up()
-        except StoreReadError as error:
-            log.warning("worker.store_view_failed", error=str(error)[:200])
-        await self._pump()
+    def catch_up_soon(self) -> None:
+        """Catch up once, now: the core rewrote or replaced the store's files (a shred, a snapshot), and
+        this view holds the old ones open until it moves on (erased rows stay readable in them)."""
+        self._want()
+
+    def _want(self) -> None:
+        self._wanted = True
+        self._start()
+
+    def _start(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._pump())
 
     async def wait_applied(self, index: int, timeout_seconds: float) -> None:
         if self._reader.applied_index >= index:
             return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append((index, future))
-        if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._pump())
+        self._start()
         try:
             await asyncio.wait_for(asyncio.shield(future), timeout_seconds)
         except asyncio.TimeoutError:
@@ -208,11 +215,13 @@ class CatchUp:
                 future.cancel()
 
     async def _pump(self) -> None:
-        while self._waiters:
+        while self._waiters or self._wanted:
             await asyncio.sleep(0)  # let the requests of this loop turn join the pass
+            self._wanted = False
             try:
                 applied = self._reader.catch_up()
             except StoreReadError as error:
+                log.warning("worker.store_view_failed", error=str(error)[:200])
                 waiters, self._waiters = self._waiters, []
                 for _, future in waiters:
                     if not future.done():

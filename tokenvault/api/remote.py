@@ -239,15 +239,12 @@ class RemoteService:
         there (a mapping deleted meanwhile sends the request down the write path, which re-creates it).
         Pairs the view lacks (new values, or values written since the view last moved) nudge the view
         to catch up, at most every NUDGE_INTERVAL_SECONDS, so it follows what clients tokenize again."""
-        reader = self._reader
-        assert reader is not None and self._catch_up is not None
+        assert self._catch_up is not None
         tokens = [token for token, _ in items]
-        try:
-            found = reader.lookup(tokens, _now_ms())
-        except StoreReadError as error:
-            self._rest_reader(error)
+        first = self._look_up(tokens)
+        if first is None:
             return None
-        looked_up_at = reader.applied_index
+        found, looked_up_at = first
         if len(found) != len(set(tokens)) or any(found[token] != ciphertext for token, ciphertext in items):
             self._catch_up.nudge()  # new values, or values written since the view last moved
             return None
@@ -255,12 +252,8 @@ class RemoteService:
             index = await self._call("tokenize_read_point", {"epoch": epoch, "items": len(items)})
         except ServiceError:
             return None  # a rotation, no primary, an overload: the usual path answers as it would
-        if type(index) is not int or index < 0:
-            raise _unexpected()
         try:
-            await self._catch_up.wait_applied(index, self._timeout_seconds)
-            still = found if reader.applied_index == looked_up_at and not reader.has_life \
-                else reader.lookup(tokens, _now_ms())
+            still = await self._look_again_at(index, tokens, found, looked_up_at)
         except StoreReadError as error:
             self._rest_reader(error)
             return None
@@ -301,14 +294,11 @@ class RemoteService:
            pushes precede its answers on the channel: a destroyed epoch's keys are gone).
         A view that fails before step 2 leaves the request to the core; after it, the request is
         answered 503 (its audit record is written: asking the core would write a second one)."""
-        reader = self._reader
-        assert reader is not None and self._catch_up is not None
-        try:
-            found = reader.lookup(tokens, _now_ms())
-        except StoreReadError as error:
-            self._rest_reader(error)
+        assert self._catch_up is not None
+        first = self._look_up(tokens)
+        if first is None:
             return None
-        looked_up_at = reader.applied_index
+        found, looked_up_at = first
         if len(found) != len(set(tokens)):
             self._catch_up.nudge()  # the view may lag the tokens clients are being given: freshen it
             return None
@@ -317,14 +307,8 @@ class RemoteService:
             return None
         index = await self._call("detokenize_read_point", {"items": len(tokens), "found": len(tokens),
                                                            "actor": actor.fields()})
-        if type(index) is not int or index < 0:
-            raise _unexpected()
         try:
-            await self._catch_up.wait_applied(index, self._timeout_seconds)
-            # The same view without expiries answers the same: only a catch-up (or the clock, for a
-            # mapping with a life) can change what the first lookup found.
-            still = found if reader.applied_index == looked_up_at and not reader.has_life \
-                else reader.lookup(tokens, _now_ms())
+            still = await self._look_again_at(index, tokens, found, looked_up_at)
         except StoreReadError as error:
             self._rest_reader(error)
             self._record_read("failed", None)
@@ -343,6 +327,30 @@ class RemoteService:
                 log.error("store.ciphertext_corrupt", epoch=keys.epoch)
                 values.append(None)
         return values
+
+    def _look_up(self, tokens: list[str]) -> tuple[dict[str, bytes], int] | None:
+        """What the view holds of ``tokens`` and the index it shows; None (and the view rests) if it fails."""
+        assert self._reader is not None
+        try:
+            return self._reader.lookup(tokens, _now_ms()), self._reader.applied_index
+        except StoreReadError as error:
+            self._rest_reader(error)
+            return None
+
+    async def _look_again_at(self, index: object, tokens: list[str], found: dict[str, bytes],
+                             looked_up_at: int) -> dict[str, bytes]:
+        """What the view holds of ``tokens`` once it has applied ``index`` (the core's removal index),
+        ``found`` being what it held at ``looked_up_at``: the same when the view did not move and
+        holds no expiry (only a catch-up, or the clock for a mapping with a life, changes a lookup).
+        StoreReadError when the view cannot get there in time."""
+        reader, catch_up = self._reader, self._catch_up
+        assert reader is not None and catch_up is not None
+        if type(index) is not int or index < 0:
+            raise _unexpected()
+        await catch_up.wait_applied(index, self._timeout_seconds)
+        if reader.applied_index == looked_up_at and not reader.has_life:
+            return found
+        return reader.lookup(tokens, _now_ms())
 
     def _rest_reader(self, error: StoreReadError) -> None:
         """After a view failure every detokenize goes to the core for a while; the view reopens on its

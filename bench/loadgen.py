@@ -552,8 +552,9 @@ async def command_workers(arguments: argparse.Namespace) -> int:
 
     counts = [int(text) for text in arguments.counts.split(",") if text.strip()]
     # (workers, store reads): each count with the workers' store reads on, off, or both (W=0 has none).
-    store_reads = {"on": (True,), "off": (False,), "both": (True, False)}[arguments.store_reads]
-    runs = [(count, reads) for count in counts for reads in (store_reads if count else (True,))]
+    store_reads: tuple[bool | None, ...] = {"auto": (None,), "on": (True,), "off": (False,),
+                                            "both": (True, False)}[arguments.store_reads]
+    runs = [(count, reads) for count in counts for reads in (store_reads if count else (None,))]
     print(f"one node, {arguments.mode} of {arguments.batch} value(s), concurrency {arguments.concurrency}, "
           f"{arguments.duration:g} s per run "
           f"after {arguments.warmup:g} s warm-up, {arguments.client} client, {os.cpu_count()} cores visible\n",
@@ -618,8 +619,9 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     workers_parser.add_argument("--mode", choices=("tokenize", "detokenize", "repeat"), default="tokenize")
     workers_parser.add_argument("--pool", type=int, default=DETOKENIZE_POOL_VALUES,
                                 help="values tokenized beforehand for detokenize and repeat")
-    workers_parser.add_argument("--store-reads", choices=("on", "off", "both"), default="on",
-                                help="the workers answer detokenize from their view of the store (http.store_reads)")
+    workers_parser.add_argument("--store-reads", choices=("auto", "on", "off", "both"), default="auto",
+                                help="the workers answer detokenize and repeat tokenize from their view of the store"
+                                     " (http.store_reads; auto: the node's default, on from 2 workers)")
     for sub in (run, compare_parser, workers_parser):
         sub.add_argument("--concurrency", type=int, default=64, help="requests in flight")
         sub.add_argument("--duration", type=float, default=10.0, help="measured seconds")

@@ -133,13 +133,16 @@ class HttpConfig:
     # minus one (at least one); 0 keeps the whole node in one process (for debugging). The limits
     # above are the node's: each worker enforces its even share of them (docs/architecture.md).
     workers: int | None = None
-    # Whether the workers answer detokenizes of tokens they find in their own read-only view of the store
-    # (tokenvault.core.store_reader); false sends every detokenize to the core.
-    store_reads: bool = True
+    # Whether the workers answer detokenizes and repeat tokenizes of tokens they find in their own
+    # read-only view of the store (tokenvault.core.store_reader); false sends them all to the core;
+    # absent, on when the node runs 2 or more workers (with one, the worker is the busier process
+    # and the view's work costs more there than it saves the core: docs/performance.md).
+    store_reads: bool | None = None
 
     def __post_init__(self) -> None:
         _check_host("http.host", self.host)
-        _check_bool("http.store_reads", self.store_reads)
+        if self.store_reads is not None:
+            _check_bool("http.store_reads", self.store_reads)
         if self.workers is not None:
             _check_int("http.workers", self.workers, 0, MAX_HTTP_WORKERS)
         _check_int("http.port", self.port, 1, 65535)

@@ -193,15 +193,22 @@ async def test_workers_answer_detokenize_from_their_view_and_never_a_deleted_or_
     the request started is never answered, however far behind the view was; every answer is audited."""
     reads = "tokenvault_worker_store_reads_total"
     async with single.client("n1") as client:
-        before = _counter(single.metrics_text("n1"), reads, "view")
         audit_before = (await client.audit_page(0, 1000)).last_seq
+        rounds = [[f"view-{round_number}-{number}" for number in range(3)] for round_number in range(20)]
+        tokens_of = [list((await client.tokenize(values)).tokens) for values in rounds]
+        everything = [token for tokens in tokens_of for token in tokens]
+        # A view holds tokens once it caught up after they were written: asking for tokens it lacks
+        # nudges it (at most every 50 ms), and the core answers meanwhile.
+        asked = 0
+        deadline = time.monotonic() + 10
+        before = _counter(single.metrics_text("n1"), reads, "view")
+        while _counter(single.metrics_text("n1"), reads, "view") == before:
+            assert time.monotonic() < deadline, "no worker's view came to hold the tokens"
+            assert len(await client.detokenize(everything)) == len(everything)
+            asked += 1
         answered = 0
-        for round_number in range(20):
-            values = [f"view-{round_number}-{number}" for number in range(3)]
-            tokens = list((await client.tokenize(values)).tokens)
-            # Asked at once: the view may not hold them yet (then the core answers).
-            assert list(await client.detokenize(tokens)) == values
-            for _ in range(2):  # on a later request, the view holds them
+        for values, tokens in zip(rounds, tokens_of):
+            for _ in range(2):
                 assert list(await client.detokenize(tokens)) == values
                 answered += 1
             assert await client.delete_tokens(tokens[:1]) == 1
@@ -209,12 +216,13 @@ async def test_workers_answer_detokenize_from_their_view_and_never_a_deleted_or_
             assert list(await client.detokenize(tokens)) == [None, *values[1:]]
             answered += 1
         after = _counter(single.metrics_text("n1"), reads, "view")
+        # Most requests land on a worker whose view holds the tokens (the client keeps its connection).
         assert after - before >= answered // 2, (before, after, answered)
         assert _counter(single.metrics_text("n1"), reads, "failed") == 0
-        # Every detokenize wrote its audit record (80 requests, plus the deletes' own records).
+        # Every detokenize wrote its audit record, and only one (the deletes write their own).
         page = await client.audit_page(audit_before, 1000)
         detokenizes = [record for record in page.records if record.get("action") == "detokenize"]
-        assert len(detokenizes) == 80
+        assert len(detokenizes) == asked + answered
         # A destroyed epoch's tokens are never answered again, by any worker.
         old = list((await client.tokenize(["before-destroy"])).tokens)
         assert list(await client.detokenize(old)) == ["before-destroy"]

@@ -49,6 +49,8 @@ ORPHAN_GRACE_SECONDS = 0.1
 KEY_TABLE_TIMEOUT_SECONDS = 10.0
 # Beside the store in the data directory: each worker's scratch files for its view of the store.
 STORE_VIEWS_DIRECTORY = "store-views"
+# [http] store_reads absent: the workers read the store themselves from this many workers on.
+STORE_READS_MIN_WORKERS = 2
 
 
 async def run_worker(config: NodeConfig, index: int, workers: int, channel_fd: int) -> int:
@@ -56,7 +58,7 @@ async def run_worker(config: NodeConfig, index: int, workers: int, channel_fd: i
     configure_logging(config.node_id, Path(config.log_file) if config.log_file else None, config.log_level,
                       process=f"worker-{index}")
     metrics = Metrics("worker")
-    reader = _open_store_view(config, index)
+    reader = _open_store_view(config, index, workers)
     service = RemoteService(config.node_id, reader=reader, metrics=metrics,
                             timeout_seconds=config.timing.request_timeout_ms / 1000)
     try:
@@ -66,10 +68,11 @@ async def run_worker(config: NodeConfig, index: int, workers: int, channel_fd: i
             reader.close()
 
 
-def _open_store_view(config: NodeConfig, index: int) -> StoreReader | None:
+def _open_store_view(config: NodeConfig, index: int, workers: int) -> StoreReader | None:
     """This worker's read-only view of the node's store; None (every detokenize goes to the core) when
-    store reads are off or the view cannot be opened."""
-    if not config.http.store_reads:
+    store reads are off (by default, with fewer than 2 workers) or the view cannot be opened."""
+    store_reads = config.http.store_reads
+    if not (workers >= STORE_READS_MIN_WORKERS if store_reads is None else store_reads):
         return None
     scratch = Path(config.data_dir) / STORE_VIEWS_DIRECTORY / f"worker-{index}"
     try:

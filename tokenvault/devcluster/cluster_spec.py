@@ -155,8 +155,9 @@ class NodeSettings:
     tls: bool = True
     # HTTP worker processes per node; None leaves http.workers out (the node's default: cores minus one).
     http_workers: int | None = None
-    # Whether the HTTP workers answer detokenizes from their own view of the store (http.store_reads).
-    http_store_reads: bool = True
+    # Whether the HTTP workers read the store themselves (http.store_reads); None leaves it out (the
+    # node's default: on with 2 or more workers).
+    http_store_reads: bool | None = None
 
 
 # ---------------------------------------------------------------- generation
@@ -232,7 +233,7 @@ def settings_from_environment(environ: Mapping[str, str] | None = None) -> NodeS
     return NodeSettings(log_level=log_level, timing=timing, wal=wal,
                         sealer=SealerConfig(enabled=sealer_text not in ("false", "0")),
                         tls=tls_text not in ("false", "0"), http_workers=http_workers,
-                        http_store_reads=store_reads_text not in ("false", "0"))
+                        http_store_reads=None if not store_reads_text else store_reads_text not in ("false", "0"))
 
 
 def plan_nodes(directory: Path, count: int, ports: Sequence[tuple[int, int]],

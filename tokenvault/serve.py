@@ -25,7 +25,7 @@ from tokenvault.config import ConfigError, NodeConfig, load_config
 from tokenvault.core.loopwatch import LoopWatch
 from tokenvault.core.node import GC_YOUNG_THRESHOLD, SHUTDOWN_GRACE_SECONDS, Node
 from tokenvault.core.sealer import Sealer
-from tokenvault.core.store import StoreError
+from tokenvault.core.store_layout import StoreError
 from tokenvault.core.wal_segments import WalCorruption
 from tokenvault.core.wal import WalFatal
 from tokenvault.crypto.tls import TlsError

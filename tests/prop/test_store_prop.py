@@ -25,7 +25,8 @@ from protocol import Entry, EntryKind
 from tokenvault.core.commands import RotateEpochCommand, TokenizeCommand, encode_command
 import pytest
 
-from tokenvault.core.store import InsertOnceViolation, Outcome, VaultStore
+from tokenvault.core.store import VaultStore
+from tokenvault.core.store_layout import InsertOnceViolation, Outcome
 
 RETENTION_MS = 2_000
 # A small purge limit and a wide key space make the bounded, ordered purge matter.

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from protocol import Entry, EntryKind
-from tokenvault.core import store as store_module
+from tokenvault.core import store_files as store_module
 from tokenvault.core.commands import RotateEpochCommand, TokenizeCommand, encode_command
 from tokenvault.core.store import VaultStore
 

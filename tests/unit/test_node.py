@@ -22,7 +22,7 @@ from tokenvault.config import WalConfig
 from tokenvault.crypto.keys import new_epoch_secret
 from tokenvault.errors import ServiceError, Unavailable
 from tokenvault.logs import configure_logging, reset_logging
-from tokenvault.core.store import Outcome as ApplyOutcome
+from tokenvault.core.store_layout import Outcome as ApplyOutcome
 
 HEALTH_FIELDS = {"status", "node_id", "role", "view", "primary_id", "commit_index", "applied_index",
                  "active_epoch"}
@@ -566,7 +566,7 @@ def test_the_node_freezes_start_up_objects_and_collects_less_often() -> None:
 
 def test_a_version_1_data_directory_is_refused_with_a_clear_message(tmp_path: Path) -> None:
     from tokenvault.core.node import Node
-    from tokenvault.core.store import StoreCorruption
+    from tokenvault.core.store_layout import StoreCorruption
 
     (config,) = make_configs(tmp_path, 1)
     Path(config.data_dir).mkdir(parents=True)

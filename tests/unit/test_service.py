@@ -33,7 +33,7 @@ from tokenvault.api.service import MAX_EPOCH_RETRIES
 from tokenvault.api.validation import TokenizeOptions
 from tokenvault.crypto import formats
 from tokenvault.crypto.ff1 import digits_to_numerals, numerals_to_digits
-from tokenvault.core.store import Outcome as ApplyOutcome
+from tokenvault.core.store_layout import Outcome as ApplyOutcome
 
 TOKEN_PATTERN = re.compile(r"tv(\d+)_[a-z2-7]{32}\Z")
 RFC3339_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z\Z")

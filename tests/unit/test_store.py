@@ -13,9 +13,9 @@ from rocksdict import AccessType, Options, Rdict
 
 from protocol import Entry, EntryKind
 from tokenvault.core.commands import CommandError, RotateEpochCommand, TokenizeCommand, encode_command
-from tokenvault.core.store import (
+from tokenvault.core.store import PURGE_LIMIT_PER_COMMAND, VaultStore
+from tokenvault.core.store_layout import (
     BLOCK_CACHE_BYTES,
-    PURGE_LIMIT_PER_COMMAND,
     SCHEMA_VERSION,
     STORE_MARKER,
     InsertOnceViolation,
@@ -23,7 +23,6 @@ from tokenvault.core.store import (
     SnapshotRejected,
     StoreCorruption,
     StoreError,
-    VaultStore,
 )
 
 HOUR_MS = 3600 * 1000
@@ -947,7 +946,7 @@ def test_a_configuration_entry_that_does_not_decode_changes_nothing(store):
 
 
 def test_a_checkpoint_with_a_malformed_configuration_is_refused(tmp_path):
-    from tokenvault.core.store import SnapshotRejected
+    from tokenvault.core.store_layout import SnapshotRejected
 
     source = VaultStore.open(tmp_path / "source")
     log = Log()

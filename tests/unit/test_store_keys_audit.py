@@ -12,7 +12,8 @@ from tokenvault.core import store as store_module
 from tokenvault.audit_chain import ChainBreak, ChainVerifier
 from tokenvault.core.commands import (Actor, AuditCommand, AuditRecord, CreateApiKeyCommand, RevokeApiKeyCommand,
                                  RotateEpochCommand, encode_command)
-from tokenvault.core.store import Outcome, VaultStore
+from tokenvault.core.store import VaultStore
+from tokenvault.core.store_layout import Outcome
 
 ACTOR = Actor(name="admin", key_id=None, node="n1", request_id="req-1")
 

@@ -12,7 +12,8 @@ import pytest
 
 from tokenvault.core.commands import (CommandError, PurgeExpiredCommand, TokenizeCommand, decode_command,
                                       encode_command)
-from tokenvault.core.store import InsertOnceViolation, Outcome, VaultStore
+from tokenvault.core.store import VaultStore
+from tokenvault.core.store_layout import InsertOnceViolation, Outcome
 
 from test_store import Log, dump, rotate, started, token
 

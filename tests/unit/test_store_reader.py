@@ -8,7 +8,8 @@ import pytest
 
 from tests.unit.test_store import Log, started, token, tokenize
 from tokenvault.core.commands import TokenizeCommand, encode_command
-from tokenvault.core.store import Outcome, VaultStore
+from tokenvault.core.store import VaultStore
+from tokenvault.core.store_layout import Outcome
 from tokenvault.core.store_reader import CatchUp, StoreReadError, StoreReader
 
 

@@ -10,7 +10,8 @@ import pytest
 from protocol import Entry, EntryKind
 from tokenvault.core.commands import (Actor, DeleteTokensCommand, DestroyEpochCommand, RotateEpochCommand,
                                       TokenizeCommand, encode_command)
-from tokenvault.core.store import DESTROYED, MAX_TOKEN_PAGE, Outcome, VaultStore
+from tokenvault.core.store import VaultStore
+from tokenvault.core.store_layout import DESTROYED, MAX_TOKEN_PAGE, Outcome
 
 ACTOR = Actor(name="full", node="n1", request_id="r1")
 

@@ -19,7 +19,7 @@ from test_channel import pair
 from tokenvault.api.core_calls import CoreCalls
 from tokenvault.api.remote import CATCH_UP_TOPIC, EPOCH_TOPIC, RemoteService
 from tokenvault.core import commands
-from tokenvault.core.store import STORE_DIRECTORY
+from tokenvault.core.store_files import STORE_DIRECTORY
 from tokenvault.core.store_reader import StoreReader
 from tokenvault.metrics import Metrics
 

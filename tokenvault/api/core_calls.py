@@ -27,7 +27,7 @@ from tokenvault.api.validation import (require_item_list, validate_lookup_epoch,
                                        validate_options, validate_sealed_items, validate_tokens, validate_values)
 from tokenvault.core.backup import BackupStream
 from tokenvault.core.commands import Actor, CommandError
-from tokenvault.core.store import MAX_TOKEN_PAGE
+from tokenvault.core.store_layout import MAX_TOKEN_PAGE
 from tokenvault.crypto import formats
 from tokenvault.errors import InvalidRequest, NotFound, Overloaded
 from tokenvault.metrics import Metrics

@@ -74,7 +74,7 @@ from aiohttp.web_protocol import RequestHandler
 from tokenvault import auth
 from tokenvault.core import backup
 from tokenvault.core import commands
-from tokenvault.core.store import MAX_AUDIT_PAGE
+from tokenvault.core.store_layout import MAX_AUDIT_PAGE
 from tokenvault.api import ratelimit
 from tokenvault.errors import (
     PROBLEM_CONTENT_TYPE,

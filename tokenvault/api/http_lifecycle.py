@@ -22,7 +22,7 @@ from tokenvault import auth
 from tokenvault.api.http import (EMPTY_BODY, NO_STORE_HEADERS, _Api, json_response, outcome_response,
                                  require_members)
 from tokenvault.api.validation import require_item_list, validate_tokens
-from tokenvault.core.store import MAX_STORED_EPOCH, MAX_TOKEN_PAGE
+from tokenvault.core.store_layout import MAX_STORED_EPOCH, MAX_TOKEN_PAGE
 from tokenvault.crypto.tokens import is_token
 from tokenvault.errors import InvalidRequest, NotFound
 

@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING, Any
 
 from tokenvault.api.audit import AuditUnavailable
 from tokenvault.core import commands
-from tokenvault.core.store import DESTROYED, MAX_TOKEN_PAGE, ApplyResult
-from tokenvault.core.store import Outcome as ApplyOutcome
+from tokenvault.core.store_layout import DESTROYED, MAX_TOKEN_PAGE, ApplyResult
+from tokenvault.core.store_layout import Outcome as ApplyOutcome
 from tokenvault.crypto.tokens import parse_token
 from tokenvault.errors import EpochActive, EpochDestroyed, InvalidRequest, NotFound, Outcome, Unavailable
 

@@ -35,9 +35,9 @@ from tokenvault.logs import get_logger
 from tokenvault.futures import await_future
 from tokenvault.core.node import Node, NodeBusy, ProposalLost, ProposalOutcomeUnknown
 from tokenvault.core.sealer import Sealer, SealerUnavailable
-from tokenvault.core.store import MAX_API_KEYS as MAX_RUNTIME_KEYS
-from tokenvault.core.store import ApplyResult
-from tokenvault.core.store import Outcome as ApplyOutcome
+from tokenvault.core.store_layout import MAX_API_KEYS as MAX_RUNTIME_KEYS
+from tokenvault.core.store_layout import ApplyResult
+from tokenvault.core.store_layout import Outcome as ApplyOutcome
 from tokenvault.crypto import formats
 from tokenvault.crypto.tokens import MAX_TOKEN_CHARS, is_token, parse_token
 from tokenvault.api.validation import (TokenizeOptions, normalize_values, require_item_list, validate_sealed_items,

@@ -34,7 +34,7 @@ from tokenvault.api.channel import Channel, max_frame_bytes
 from tokenvault.api.http import ProblemAppRunner, create_app
 from tokenvault.api.remote import RemoteService
 from tokenvault.config import NodeConfig, load_config
-from tokenvault.core.store import STORE_DIRECTORY
+from tokenvault.core.store_files import STORE_DIRECTORY
 from tokenvault.core.store_reader import StoreReadError, StoreReader
 from tokenvault.core.loopwatch import LoopWatch
 from tokenvault.crypto.tls import TlsError, load_node_tls

@@ -56,7 +56,9 @@ from tokenvault.crypto.keys import CryptoError, KeyRing
 from tokenvault.errors import Unavailable
 from tokenvault.logs import get_logger
 from tokenvault.core.snapshots import SnapshotSource, StagedSnapshot, stage_file
-from tokenvault.core.store import SnapshotRejected, StoreError, VaultStore, fsync_tree
+from tokenvault.core.store import VaultStore
+from tokenvault.core.store_files import fsync_tree
+from tokenvault.core.store_layout import SnapshotRejected, StoreError
 from tokenvault.core.wal import WalFatal, WriteAheadLog, fsync_directory
 
 log = get_logger("tokenvault.core.backup")

@@ -32,9 +32,11 @@ from tokenvault.config import ConfigError, NodeConfig, split_host_port
 from tokenvault.core import commands
 from tokenvault.core.shred import Shredder
 from tokenvault.core.snapshot_transfer import SnapshotTransfers
-from tokenvault.core.store import (AUDIT_KIND, CREATE_KEY_KIND, DELETE_KIND, DESTROY_KIND, DESTROYED, REVOKE_KEY_KIND,
-                                   ROTATE_KIND, STORE_DIRECTORY, TOKENIZE_KIND, ApplyResult, Outcome,
-                                   PreparedInstall, StoreCorruption, VaultStore)
+from tokenvault.core.store import VaultStore
+from tokenvault.core.store_files import STORE_DIRECTORY, PreparedInstall
+from tokenvault.core.store_layout import (AUDIT_KIND, CREATE_KEY_KIND, DELETE_KIND, DESTROY_KIND, DESTROYED,
+                                          REVOKE_KEY_KIND, ROTATE_KIND, TOKENIZE_KIND, ApplyResult, Outcome,
+                                          StoreCorruption)
 from tokenvault.core.transport import PeerAddress, PeerTransport
 from tokenvault.core.wal import RecoveredLog, WriteAheadLog
 from tokenvault.core.wal_segments import WalCorruption

@@ -38,7 +38,7 @@ from protocol import InstallSnapshot, Message, SnapshotChunk, SnapshotRead
 from tokenvault.futures import cancel_and_wait
 from tokenvault.logs import get_logger
 from tokenvault.core.snapshots import SnapshotSource, SnapshotStager, StagedSnapshot
-from tokenvault.core.store import SnapshotRejected
+from tokenvault.core.store_layout import SnapshotRejected
 
 log = get_logger("snapshot")
 

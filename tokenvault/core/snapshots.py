@@ -40,7 +40,7 @@ from typing import Any, BinaryIO
 
 import msgpack
 
-from tokenvault.core.store import SnapshotRejected
+from tokenvault.core.store_layout import SnapshotRejected
 from tokenvault.core.wal import fsync_directory
 
 MAGIC = b"TVSNAP1\n"

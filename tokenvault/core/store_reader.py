@@ -37,9 +37,9 @@ from pathlib import Path
 
 from rocksdict import AccessType, Cache, Rdict
 
-from tokenvault.core.store import (CURRENT_FILE, StoreError, _LIFE, _LIFE_END, _META_KEY,
-                                   _check_rocksdict_config, _decode_meta, _first_key, _options, _read_current,
-                                   _reason, lookup_opaque)
+from tokenvault.core.store_files import CURRENT_FILE, read_current
+from tokenvault.core.store_layout import (LIFE, LIFE_END, META_KEY, StoreError, check_rocksdict_config,
+                                          database_options, decode_meta, first_key, lookup_opaque, reason)
 from tokenvault.logs import get_logger
 
 log = get_logger("store_reader")
@@ -81,31 +81,31 @@ class StoreReader:
     def _reopen(self) -> None:
         self._close_database()
         try:
-            generation = _read_current(self._store_path)
+            generation = read_current(self._store_path)
         except StoreError as error:
             raise StoreReadError(str(error)) from None
         directory = self._store_path / generation
-        _check_rocksdict_config(directory, StoreReadError)
-        options = _options(self._cache)
+        check_rocksdict_config(directory, StoreReadError)
+        options = database_options(self._cache)
         # A secondary keeps every table file it opened open: the core's compactions may delete them.
         options.set_max_open_files(-1)
         try:
             self._db = Rdict(str(directory), options, column_families={"default": options},
                              access_type=AccessType.secondary(str(self._scratch / generation)))
         except Exception as failure:
-            raise StoreReadError(f"the store cannot be opened for reading: {_reason(failure)}") from None
+            raise StoreReadError(f"the store cannot be opened for reading: {reason(failure)}") from None
         self._generation = generation
         self._read_meta()
 
     def _read_meta(self) -> None:
         database = self._database()
         try:
-            self.applied_index = _decode_meta(database.get(_META_KEY), StoreReadError)[0]
-            self._has_life = _first_key(database, _LIFE, _LIFE_END) is not None
+            self.applied_index = decode_meta(database.get(META_KEY), StoreReadError)[0]
+            self._has_life = first_key(database, LIFE, LIFE_END) is not None
         except StoreReadError:
             raise
         except Exception as failure:
-            raise StoreReadError(f"reading the store failed: {_reason(failure)}") from None
+            raise StoreReadError(f"reading the store failed: {reason(failure)}") from None
 
     @property
     def has_life(self) -> bool:
@@ -133,7 +133,7 @@ class StoreReader:
             self._read_meta()
         except Exception as failure:
             # A view that cannot follow (a table file it needed is gone, say) starts again from the live files.
-            log.warning("store_reader.reopening", reason=_reason(failure))
+            log.warning("store_reader.reopening", reason=reason(failure))
             self._reopen()
         return self.applied_index
 
@@ -144,7 +144,7 @@ class StoreReader:
         except StoreReadError:
             raise
         except Exception as failure:
-            raise StoreReadError(f"reading the store failed: {_reason(failure)}") from None
+            raise StoreReadError(f"reading the store failed: {reason(failure)}") from None
 
     def _close_database(self) -> None:
         database, self._db = self._db, None

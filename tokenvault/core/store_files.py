@@ -1,0 +1,208 @@
+"""The store's files: generations, the ``CURRENT`` pointer, fsyncs, and the install of a received checkpoint.
+
+Layout. ``path`` is a directory holding a pointer file ``CURRENT`` (the name of
+the live generation, e.g. ``gen-000001``) and that generation directory, a
+RocksDB database. A snapshot install adds the next generation beside it and
+switches ``CURRENT`` with write-temp + fsync + rename + directory fsync, so a
+crash leaves either the old or the new generation named; open deletes every
+other generation and temporary file. A new store is built in a sibling
+directory ``<path>.creating`` and renamed into place, so ``path`` never exists
+half-made.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rocksdict import Cache, Rdict, WriteBatch, WriteOptions
+
+from tokenvault.core.store_layout import (META_KEY, VERIFY_CACHE_BYTES, SnapshotRejected, StoreCorruption,
+                                          check_epochs, check_token_count, database_options, encode_meta,
+                                          open_database, read_epochs, read_membership)
+from tokenvault.core.wal import fsync_directory
+
+# The store's directory inside a node's data directory (tokenvault.core.node, and its HTTP workers' views).
+STORE_DIRECTORY = "store"
+CURRENT_FILE = "CURRENT"
+CURRENT_TEMP_FILE = "CURRENT.tmp"
+CREATING_SUFFIX = ".creating"
+GENERATION_PREFIX = "gen-"
+_GENERATION_NAME = re.compile(r"gen-(\d{6,})")
+
+# A test hook: called after each step of an install (and of the CURRENT switch)
+# so a test can stop the install there, as a crash would.
+_after_install_step: Callable[[str], None] = lambda step: None
+
+
+def install_step(step: str) -> None:
+    """Tell the test hook that an install finished ``step``."""
+    _after_install_step(step)
+
+
+# ---------------------------------------------------------------- files
+def generation_name(number: int) -> str:
+    return f"{GENERATION_PREFIX}{number:06d}"
+
+
+def _fsync_file(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def fsync_tree(directory: Path) -> None:
+    """fsync every file and directory under ``directory`` (deepest first), and itself."""
+    for root, directories, files in os.walk(directory, topdown=False):
+        for name in files:
+            entry = Path(root) / name
+            if not entry.is_symlink():
+                _fsync_file(entry)
+        fsync_directory(Path(root))
+
+
+def remove_tree(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)
+
+
+def write_current(store_directory: Path, generation: str) -> None:
+    """Point CURRENT at ``generation``: write a temporary file, fsync, rename, fsync the directory."""
+    temporary = store_directory / CURRENT_TEMP_FILE
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        data = memoryview(f"{generation}\n".encode())
+        while data:
+            data = data[os.write(descriptor, data):]
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+    install_step("current_temp_written")
+    os.replace(temporary, store_directory / CURRENT_FILE)
+    install_step("current_renamed")
+    fsync_directory(store_directory)
+
+
+def read_current(store_directory: Path) -> str:
+    current = store_directory / CURRENT_FILE
+    if not current.is_file():
+        raise StoreCorruption(f"{store_directory} holds files but no {CURRENT_FILE} pointer: "
+                              "not a TokenVault store, or a damaged one")
+    try:
+        text = current.read_bytes().decode("ascii")
+    except (OSError, UnicodeDecodeError):
+        raise StoreCorruption(f"{current} is unreadable") from None
+    name = text[:-1] if text.endswith("\n") else ""
+    if _GENERATION_NAME.fullmatch(name) is None:
+        raise StoreCorruption(f"{current} does not name a generation")
+    if not (store_directory / name).is_dir():
+        raise StoreCorruption(f"{current} names {name}, which is missing")
+    return name
+
+
+def remove_leftovers(store_directory: Path, current: str) -> None:
+    """Delete generations other than ``current`` and a temporary CURRENT: leftovers of an interrupted install."""
+    removed = False
+    for entry in store_directory.iterdir():
+        if entry.name == CURRENT_TEMP_FILE or (_GENERATION_NAME.fullmatch(entry.name) and entry.name != current):
+            remove_tree(entry)
+            removed = True
+    if removed:
+        fsync_directory(store_directory)
+
+
+def create_store(path: Path, cache: Cache) -> None:
+    """Build an empty store beside ``path`` and rename it into place, so ``path`` is never half-made."""
+    building = path.with_name(path.name + CREATING_SUFFIX)
+    building.mkdir()
+    generation = generation_name(1)
+    database = Rdict(str(building / generation), database_options(cache, create=True))
+    try:
+        batch = WriteBatch(raw_mode=True)
+        batch.put(META_KEY, encode_meta(0, 0, 0))
+        sync = WriteOptions()
+        sync.sync = True
+        database.write(batch, sync)
+    finally:
+        database.close()
+    fsync_tree(building / generation)
+    write_current(building, generation)
+    os.rename(building, path)
+    fsync_directory(path.parent)
+
+
+def verify_checkpoint(directory: Path, index: int, view: int) -> None:
+    """Check a received checkpoint without a full scan; raises SnapshotRejected, never anything else.
+
+    Checks: a RocksDB database of one column family and our options, the
+    marker and schema version, meta at (index, view), epochs 1..n with at
+    most one (the newest) active, and a token count that fits the token rows
+    and the number of entries. RocksDB verifies the checksum of every block
+    it reads; blocks not read are not checked here.
+    """
+    if type(index) is not int or type(view) is not int or index < 0 or view < 0:
+        raise SnapshotRejected("checkpoint index and view must be non-negative integers")
+    try:
+        options = database_options(Cache(VERIFY_CACHE_BYTES))
+        database, (meta_index, meta_view, token_count) = open_database(
+            Path(directory), options, SnapshotRejected, read_only=True)
+    except SnapshotRejected:
+        raise
+    except Exception:
+        raise SnapshotRejected("checkpoint cannot be opened") from None
+    try:
+        if (meta_index, meta_view) != (index, view):
+            raise SnapshotRejected("checkpoint is not at the announced index and view")
+        check_epochs(read_epochs(database, SnapshotRejected, limit=index), SnapshotRejected)
+        check_token_count(database, token_count, SnapshotRejected)
+        read_membership(database, SnapshotRejected)
+    except SnapshotRejected:
+        raise
+    except Exception:
+        raise SnapshotRejected("checkpoint is damaged") from None
+    finally:
+        database.close()
+
+
+# ---------------------------------------------------------------- installs
+@dataclass(eq=False)
+class PreparedInstall:
+    """A verified checkpoint moved into the store as the next generation, open, not yet live."""
+
+    index: int
+    view: int
+    directory: Path
+    _database: Rdict | None = field(repr=False, default=None)
+
+
+class RetiredGeneration:
+    """The generation an install replaced. ``close()`` (or calling it; from a worker thread: it can
+    take 0.3 s) closes its database and deletes its directory; a crash before that leaves it for the
+    next open to delete."""
+
+    def __init__(self, database: Rdict, directory: Path, lock: threading.Lock) -> None:
+        self._database: Rdict | None = database
+        self.directory = directory
+        self._lock = lock  # held by create_checkpoint while it reads a database
+
+    def close(self) -> None:
+        with self._lock:
+            database, self._database = self._database, None
+            if database is None:
+                return
+            database.close()
+        install_step("old_closed")
+        remove_tree(self.directory)
+        fsync_directory(self.directory.parent)
+
+    __call__ = close
+

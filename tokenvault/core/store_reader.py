@@ -9,12 +9,16 @@ batch, because a batch is one WriteBatch with the meta record in it: the meta's
 applied index says exactly how far this view is.
 
 The view is never trusted to be recent. A caller that needs "everything
-committed before the request started" gets an index from the core (the log
-index of an entry committed after the request started, already applied by the
-core) and calls ``wait_applied(index)``; the reader catches up until its meta
-says it is there. A generation switch (a snapshot install renames CURRENT to a
-new generation and deletes the old one) is noticed on catch-up and the view is
-reopened on the new generation.
+committed before the request started" asks the core, which applies that much
+and answers the last index at which it removed or made unreadable any mapping
+(Node.removal_index: later entries only add); the caller then calls
+``CatchUp.wait_applied(index)``, and the reader catches up until its meta says
+it is there (seldom needed: removals are rare). A generation switch (a
+snapshot install renames CURRENT to a new generation and deletes the old one)
+is noticed on catch-up and the view is reopened on the new generation. A view
+holds the table files it opened until it catches up past them, so the core
+tells its workers to catch up after a shred pass or an install (the rows a
+shred erases are in the old files).
 
 Costs, measured on the 2-vCPU development machine (docs/performance.md): a
 catch-up is 0.5-1 ms whether or not anything was written, and RocksDB keeps

@@ -12,6 +12,7 @@ import asyncio
 import dataclasses
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -21,29 +22,18 @@ from prometheus_client.parser import text_string_to_metric_families
 from harness import HTTP_WORKERS, ClusterHarness, fast_settings, wait_for
 from tokenvault.client.vault import NoNodeAvailable, ProblemError, ResponseError
 
+# The /proc walk lives with the in-process node helpers, beside the unit tests.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
+from node_support import child_pids  # noqa: E402
+
 pytestmark = pytest.mark.integration
 
 CORE_GONE_SECONDS = 1.0  # the issue's bound: the workers exit within 1 s of the core
 
 
-def children(pid: int) -> list[int]:
-    """The direct children of ``pid`` (its sealer and its HTTP workers)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            found.append(int(entry.name))
-    return found
-
-
 def worker_pids(pid: int) -> list[int]:
     pids = []
-    for child in children(pid):
+    for child in child_pids(pid):
         try:
             command = (Path("/proc") / str(child) / "cmdline").read_bytes().split(b"\0")
         except OSError:

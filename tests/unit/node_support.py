@@ -374,3 +374,18 @@ class RawPeer:
 
 def data_files(directory: Path) -> list[Path]:
     return [path for path in directory.rglob("*") if path.is_file()]
+
+
+def child_pids(pid: int) -> list[int]:
+    """The direct children of ``pid`` (a real node's sealer and HTTP workers), from /proc."""
+    children = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            children.append(int(entry.name))
+    return children

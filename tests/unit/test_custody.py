@@ -36,7 +36,7 @@ from pathlib import Path
 import pytest
 
 
-from node_support import make_configs, start_node, wait_until
+from node_support import child_pids, make_configs, start_node, wait_until
 from softhsm_support import MASTER_KEY_LABEL, SoftHsm, create_aes_key, import_aes_key, make_softhsm
 from tokenvault.config import ConfigError, NodeConfig, Pkcs11Config, load_config, parse_config, to_toml, \
     write_node_config
@@ -452,19 +452,6 @@ def test_a_node_with_an_unusable_token_does_not_start_and_says_why(softhsm: Soft
     assert not config.data_dir.exists()  # refused before the data directory was even created
 
 
-def _children(pid: int) -> list[int]:
-    children = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                children.append(int(entry.name))
-    return children
-
-
 @pytest.fixture
 def serving(tmp_path: Path) -> Iterator[list[subprocess.Popen]]:
     processes: list[subprocess.Popen] = []
@@ -502,7 +489,7 @@ def _start_serving(config: NodeConfig, directory: Path, environment: dict[str, s
         time.sleep(0.05)
     workers = config.http.workers
     assert workers is not None and workers >= 1  # node_support.make_configs sets it
-    children = _children(process.pid)
+    children = child_pids(process.pid)
     assert len(children) == 1 + workers, children  # the sealer and the workers
     return process, children
 

@@ -88,6 +88,10 @@ class Channel:
         self._serving: set[asyncio.Task[None]] = set()
         self.closed = asyncio.Event()
         self._run_task: asyncio.Task[None] | None = None
+        # Frames sent in one turn of the event loop go out in one write at its end (_flush): under load
+        # the core answers many calls a turn, and a write is a system call.
+        self._outgoing: list[bytes] = []
+        self._flush_scheduled = False
 
     def start(self) -> Channel:
         self._run_task = asyncio.get_running_loop().create_task(self._run(), name=f"channel-{self.name}")
@@ -101,7 +105,17 @@ class Channel:
                                "bound")
         if self.closed.is_set() or self._writer.is_closing():
             raise ChannelClosed("the node's core process is not reachable; the request had no effect here, retry")
-        self._writer.write(_LENGTH.pack(len(frame)) + frame)
+        self._outgoing.append(_LENGTH.pack(len(frame)) + frame)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """Write every frame sent since the last flush, in order, at once."""
+        self._flush_scheduled = False
+        frames, self._outgoing = self._outgoing, []
+        if frames and not self._writer.is_closing():
+            self._writer.write(b"".join(frames))
 
     async def call(self, method: str, arguments: dict[str, Any]) -> Any:
         """Ask the other side to run ``method``; its result, or the ServiceError it raised."""
@@ -210,6 +224,7 @@ class Channel:
                                                    "with an Idempotency-Key"))
         for task in self._serving:
             task.cancel()
+        self._flush()  # what was answered before the close still goes out
         self._writer.close()
 
     async def close(self) -> None:

@@ -75,7 +75,8 @@ async def run_node(config: NodeConfig, config_path: Path | None = None) -> int:
     if worker_count > 0 and config_path is not None:
         calls = CoreCalls(service, metrics, lambda: pool.channels() if pool is not None else [],
                           max_backup_streams=DEFAULT_MAX_BACKUP_STREAMS)
-        pool = WorkerPool(config_path, worker_count, calls, max_body_bytes=config.limits.max_body_bytes)
+        pool = WorkerPool(config_path, worker_count, calls, max_body_bytes=config.limits.max_body_bytes,
+                          host=config.http.host, port=config.http.port)
         node.store.on_api_keys_changed = pool.push_keys
         node.on_keyring_changed = pool.push_epoch
         node.on_store_files_replaced = pool.push_catch_up

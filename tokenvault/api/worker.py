@@ -1,8 +1,10 @@
-"""One HTTP worker process of a node: ``python -m tokenvault.api.worker --config F --index I --workers W --fd N``.
+"""One HTTP worker process of a node:
+``python -m tokenvault.api.worker --config F --index I --workers W --fd N --listen-fd L``.
 
-The node's core process starts W of these (tokenvault.api.workers). Each binds
-the node's HTTP port with SO_REUSEPORT, so the kernel spreads connections over
-them, and does everything that needs no ordering on its own core: TLS, HTTP
+The node's core process starts W of these (tokenvault.api.workers), each with
+its own listening socket L on the node's HTTP port (SO_REUSEPORT: the kernel
+spreads connections over them; the core makes them all before any worker
+starts). A worker does everything that needs no ordering on its own core: TLS, HTTP
 parsing, authentication, rate limits, validation and JSON. Every operation is
 then one call to the core over the channel on file descriptor N (a Unix socket
 the core made; tokenvault.api.remote), except what it can do alone: sealing
@@ -53,7 +55,7 @@ STORE_VIEWS_DIRECTORY = "store-views"
 STORE_READS_MIN_WORKERS = 2
 
 
-async def run_worker(config: NodeConfig, index: int, workers: int, channel_fd: int) -> int:
+async def run_worker(config: NodeConfig, index: int, workers: int, channel_fd: int, listen_fd: int) -> int:
     os.umask(0o077)
     configure_logging(config.node_id, Path(config.log_file) if config.log_file else None, config.log_level,
                       process=f"worker-{index}")
@@ -62,7 +64,7 @@ async def run_worker(config: NodeConfig, index: int, workers: int, channel_fd: i
     service = RemoteService(config.node_id, reader=reader, metrics=metrics,
                             timeout_seconds=config.timing.request_timeout_ms / 1000)
     try:
-        return await _serve(config, index, workers, channel_fd, service, metrics, reader)
+        return await _serve(config, index, workers, channel_fd, listen_fd, service, metrics, reader)
     finally:
         if reader is not None:
             reader.close()
@@ -82,8 +84,8 @@ def _open_store_view(config: NodeConfig, index: int, workers: int) -> StoreReade
         return None
 
 
-async def _serve(config: NodeConfig, index: int, workers: int, channel_fd: int, service: RemoteService,
-                 metrics: Metrics, view: StoreReader | None) -> int:
+async def _serve(config: NodeConfig, index: int, workers: int, channel_fd: int, listen_fd: int,
+                 service: RemoteService, metrics: Metrics, view: StoreReader | None) -> int:
     reader, writer = await asyncio.open_unix_connection(sock=socket.socket(fileno=channel_fd))
 
     async def render_metrics(arguments: dict[str, object]) -> str:
@@ -112,12 +114,12 @@ async def _serve(config: NodeConfig, index: int, workers: int, channel_fd: int, 
     runner = ProblemAppRunner(app, access_log=None, handle_signals=False,
                               shutdown_timeout=config.timing.request_timeout_ms / 1000)
     await runner.setup()
-    site = web.TCPSite(runner, config.http.host, config.http.port, reuse_port=True, ssl_context=tls_context)
+    # The core made this worker's listening socket on the node's port (tokenvault.api.workers).
+    site = web.SockSite(runner, socket.socket(fileno=listen_fd), ssl_context=tls_context)
     try:
         await site.start()
     except OSError as error:
-        log.critical("worker.refused_to_start", reason=f"cannot listen on {config.http.host}:{config.http.port}: "
-                                                       f"{error.strerror}")
+        log.critical("worker.refused_to_start", reason=f"cannot serve the listening socket: {error.strerror}")
         await runner.cleanup()
         return EXIT_REFUSED
     channel.push("ready", {"pid": os.getpid()})
@@ -148,12 +150,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--index", type=int, required=True)
     parser.add_argument("--workers", type=int, required=True)
     parser.add_argument("--fd", type=int, required=True)
+    parser.add_argument("--listen-fd", type=int, required=True)
     args = parser.parse_args(argv)
     config = load_config(Path(args.config))
     import uvloop
 
     uvloop.install()  # as `tokenvault serve` does for the core
-    return asyncio.run(run_worker(config, args.index, args.workers, args.fd))
+    return asyncio.run(run_worker(config, args.index, args.workers, args.fd, args.listen_fd))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,16 @@ after a back-off (``worker.restarted``); a request it had in flight is lost
 with its connection (the client sees a connection error, and the core finishes
 or drops the operation exactly as for a client that hung up). Workers exit by
 themselves when the core dies: their channel closes.
+
+The core makes each worker's listening socket (the node's HTTP port, with
+SO_REUSEPORT) and hands it over at start: every socket of the group exists
+before any worker runs, so the kernel spreads the first connections over all W
+workers. Were each worker to bind its own, the clients that connect while the
+first workers are up and the last are still starting would all land, and with
+keep-alive stay, on the first ones, and meet those workers' share of the
+node's in-flight bound long before the node's. A dead worker's socket is
+closed with it (the connections it had queued are refused, new ones go to the
+others) and its successor gets a new one.
 """
 
 from __future__ import annotations
@@ -39,6 +49,9 @@ HEALTHY_RUN_SECONDS = 10.0
 class WorkerStartError(Exception):
     """A worker could not start (its port taken, its certificate unreadable): the node refuses to start."""
 
+# Connections one worker's socket queues before its worker accepts them.
+LISTEN_BACKLOG = 1024
+
 
 def default_worker_count() -> int:
     """The machine's cores available to this process, minus one for the core, at least one."""
@@ -57,15 +70,19 @@ class _Slot:
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     started_at: float = 0.0
     failures: int = 0
+    listener: socket.socket | None = None
 
 
 class WorkerPool:
     """W worker processes serving one node's HTTP port."""
 
-    def __init__(self, config_path: Path, count: int, calls: CoreCalls, *, max_body_bytes: int) -> None:
+    def __init__(self, config_path: Path, count: int, calls: CoreCalls, *, max_body_bytes: int,
+                 host: str, port: int) -> None:
         if count < 1:
             raise ValueError("a worker pool has at least one worker")
         self._config_path = config_path
+        self._host = host
+        self._port = port
         self._calls = calls
         self._frame_bytes = max_frame_bytes(max_body_bytes)
         self._slots = [_Slot(index) for index in range(1, count + 1)]
@@ -104,7 +121,13 @@ class WorkerPool:
         return [slot.process.pid for slot in self._slots if slot.process is not None]
 
     async def start(self, timeout_seconds: float) -> None:
-        """Start every worker and wait until each listens; WorkerStartError if one cannot."""
+        """Start every worker and wait until each serves; WorkerStartError if one cannot."""
+        try:
+            for slot in self._slots:
+                slot.listener = self._listen()
+        except WorkerStartError:
+            self._close_listeners()
+            raise
         for slot in self._slots:
             await self._spawn(slot)
         deadline = time.monotonic() + timeout_seconds
@@ -128,13 +151,42 @@ class WorkerPool:
             task.add_done_callback(self._supervisors.discard)
         log.info("workers.started", count=len(self._slots), pids=self.pids())
 
+    def _listen(self) -> socket.socket:
+        """One listening socket on the node's HTTP port, in the port's SO_REUSEPORT group."""
+        try:
+            family, kind, protocol, _, address = socket.getaddrinfo(
+                self._host, self._port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+            listener = socket.socket(family, kind, protocol)
+        except OSError as error:
+            raise WorkerStartError(f"cannot listen on {self._host}:{self._port}: {error.strerror}") from None
+        try:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            listener.bind(address)
+            listener.listen(LISTEN_BACKLOG)
+        except OSError as error:
+            listener.close()
+            raise WorkerStartError(f"cannot listen on {self._host}:{self._port}: {error.strerror}") from None
+        return listener
+
+    def _close_listeners(self) -> None:
+        for slot in self._slots:
+            if slot.listener is not None:
+                slot.listener.close()
+                slot.listener = None
+
     async def _spawn(self, slot: _Slot) -> None:
+        if slot.listener is None:
+            slot.listener = self._listen()
+        listener = slot.listener
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             slot.process = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "tokenvault.api.worker", "--config", str(self._config_path),
                 "--index", str(slot.index), "--workers", str(len(self._slots)), "--fd", str(child.fileno()),
-                pass_fds=(child.fileno(),), env=child_environment(), stdin=asyncio.subprocess.DEVNULL)
+                "--listen-fd", str(listener.fileno()),
+                pass_fds=(child.fileno(), listener.fileno()), env=child_environment(),
+                stdin=asyncio.subprocess.DEVNULL)
         finally:
             child.close()
         slot.ready = asyncio.Event()
@@ -161,6 +213,9 @@ class WorkerPool:
                 slot.process.kill()
             code = await exited
             await slot.channel.close()
+            if slot.listener is not None:  # its queued connections go with it; new ones go to the others
+                slot.listener.close()
+                slot.listener = None
             if self._closing:
                 return
             ran = time.monotonic() - slot.started_at
@@ -168,10 +223,18 @@ class WorkerPool:
             delay = RESTART_BACKOFF_SECONDS[min(slot.failures, len(RESTART_BACKOFF_SECONDS) - 1)]
             log.warning("worker.exited", index=slot.index, pid=slot.process.pid, exit_code=code,
                         ran_seconds=round(ran, 3), restart_in_seconds=delay)
-            await asyncio.sleep(delay)
-            if self._closing:
-                return
-            await self._spawn(slot)
+            while True:
+                await asyncio.sleep(delay)
+                if self._closing:
+                    return
+                try:
+                    await self._spawn(slot)
+                    break
+                except WorkerStartError as error:  # the port taken meanwhile: again, after a longer back-off
+                    slot.failures += 1
+                    delay = RESTART_BACKOFF_SECONDS[min(slot.failures, len(RESTART_BACKOFF_SECONDS) - 1)]
+                    log.error("worker.restart_failed", index=slot.index, reason=str(error),
+                              restart_in_seconds=delay)
             log.info("worker.restarted", index=slot.index, pid=slot.process.pid)
 
     async def close(self, grace_seconds: float) -> None:
@@ -196,4 +259,5 @@ class WorkerPool:
         for slot in self._slots:
             if slot.channel is not None:
                 await slot.channel.close()
+        self._close_listeners()
 

@@ -18,7 +18,7 @@ from tokenvault.api.http import HttpLimits
 from tokenvault.api.remote import RemoteService, _decode_epoch_keys, decode_key_rows
 from tokenvault.crypto.keys import EpochKeys, new_epoch_secret
 from tokenvault.config import HttpConfig, LimitsConfig, RateLimitsConfig
-from tokenvault.errors import IdempotencyMismatch, Outcome, RateLimited, Unavailable
+from tokenvault.errors import IdempotencyMismatch, InvalidRequest, Outcome, RateLimited, Unavailable
 from tokenvault.metrics import Metrics
 
 FRAME_BYTES = 64 * 1024
@@ -177,3 +177,21 @@ def test_the_node_exposition_merges_the_core_and_every_worker() -> None:
     # The core holds no HTTP family and a worker no replication family: nothing is shown twice.
     assert "tokenvault_http_requests" not in core.render()[0].decode()
     assert "tokenvault_commit_index" not in first.render()[0].decode()
+
+
+async def test_a_value_msgpack_cannot_carry_is_a_400_for_a_call_and_a_503_for_an_answer() -> None:
+    async def echo(arguments: dict[str, Any]) -> Any:
+        return arguments["x"]
+
+    async def huge(arguments: dict[str, Any]) -> Any:
+        return 2**70
+
+    core, worker = await pair({"echo": echo, "huge": huge})
+    with pytest.raises(InvalidRequest):
+        await worker.call("echo", {"x": 2**70})  # a client's integer past 64 bits: its own error
+    with pytest.raises(Unavailable) as refused:
+        await asyncio.wait_for(worker.call("huge", {}), 5)  # the core's own answer: never left waiting
+    assert not isinstance(refused.value, InvalidRequest)
+    assert await worker.call("echo", {"x": 7}) == 7  # and the channel goes on
+    await core.close()
+    await worker.close()

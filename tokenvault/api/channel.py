@@ -36,7 +36,7 @@ from typing import Any
 
 import msgpack
 
-from tokenvault.errors import Outcome, ServiceError, Unavailable, error_from_problem
+from tokenvault.errors import InvalidRequest, Outcome, ServiceError, Unavailable, error_from_problem
 from tokenvault.logs import get_logger
 
 log = get_logger("channel")
@@ -60,6 +60,10 @@ PushHandler = Callable[[str, Any], None]
 
 class ChannelClosed(Unavailable):
     """The other process went away with this call unanswered."""
+
+
+class UnencodableMessage(InvalidRequest):
+    """A message msgpack cannot encode: 400 for a call's arguments; for an answer, the caller gets 503."""
 
 
 class ChannelProtocolError(Exception):
@@ -99,7 +103,13 @@ class Channel:
 
     # ------------------------------------------------------------------ sending
     def _send(self, message: list[Any]) -> None:
-        frame = msgpack.packb(message, use_bin_type=True)
+        try:
+            frame = msgpack.packb(message, use_bin_type=True)
+        except (OverflowError, TypeError, ValueError):
+            # A client's request holding what msgpack cannot carry (an integer past 64 bits, say) is
+            # the client's error; everything from the core itself packs.
+            raise UnencodableMessage("the request holds a value the node cannot carry (an integer out of "
+                                     "range?)") from None
         if len(frame) > self._max_frame_bytes:
             raise ServiceError(f"a channel message of {len(frame)} bytes is over the {self._max_frame_bytes}-byte "
                                "bound")
@@ -198,6 +208,9 @@ class Channel:
                 self._send([REPLY, call_id, True, [result.status, result.body, result.replayed]])
             else:
                 self._send([REPLY, call_id, False, result])
+        except UnencodableMessage:
+            log.error("channel.answer_unencodable", channel=self.name)
+            self._reply_failure(call_id, Unavailable("the node could not encode its answer; retry"))
         except ServiceError as error:
             self._reply_failure(call_id, error)
         try:

@@ -76,6 +76,7 @@ from tokenvault.core import backup
 from tokenvault.core import commands
 from tokenvault.core.store_layout import MAX_AUDIT_PAGE
 from tokenvault.api import ratelimit
+from tokenvault.api.members import validate_member_change
 from tokenvault.errors import (
     PROBLEM_CONTENT_TYPE,
     Forbidden,
@@ -729,8 +730,9 @@ class _Api:
         await self.receive_body(request)
         with self.inflight_slot():
             document = require_members(await self.read_json(request, body_required=True), ("node_id", "peer_addr"))
-            return outcome_response(await self.service.change_member("add", document["node_id"],
-                                                                     document["peer_addr"]))
+            # Checked here too, not only by the service: a node of HTTP workers carries the fields to its core.
+            _, node_id, peer_addr = validate_member_change("add", document["node_id"], document["peer_addr"])
+            return outcome_response(await self.service.change_member("add", node_id, peer_addr))
 
     async def change_member(self, request: web.Request) -> web.StreamResponse:
         """Promote a caught-up learner to voter, or remove a member (live or dead, the primary included)."""

@@ -292,7 +292,7 @@ def test_cluster_json_before_the_subcommand(runner: CliRunner, primary: FakeVaul
 def test_ca_file_reaches_the_client_wherever_it_is_given(
         runner: CliRunner, primary: FakeVaultServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         where: str) -> None:
-    import tokenvault.client.cli as cli_module
+    import tokenvault.client.cli_connection as cli_module
 
     seen: list[str | None] = []
     real_client = cli_module.AsyncClient

@@ -76,13 +76,14 @@ from tokenvault.core import backup
 from tokenvault.core import commands
 from tokenvault.core.store_layout import MAX_AUDIT_PAGE
 from tokenvault.api import ratelimit
+from tokenvault.api.http_lifecycle import add_lifecycle_routes
 from tokenvault.api.members import validate_member_change
+from tokenvault.api.responses import EMPTY_BODY, JSON_CONTENT_TYPE, NO_STORE_HEADERS, json_response, outcome_response
 from tokenvault.errors import (
     PROBLEM_CONTENT_TYPE,
     Forbidden,
     InvalidRequest,
     NotFound,
-    Outcome,
     Overloaded,
     PayloadTooLarge,
     RateLimited,
@@ -101,6 +102,7 @@ from tokenvault.api.validation import (
     max_json_values,
     normalize_values,
     require_item_list,
+    require_members,
     validate_idempotency_key,
     validate_lookup_epoch,
     validate_lookup_tokens,
@@ -134,14 +136,10 @@ DEFAULT_AUDIT_PAGE = 100
 _DECIMAL = re.compile(r"(0|[1-9][0-9]{0,18})\Z")
 MAX_AUDIT_SEQ = 2**63 - 2
 
-JSON_CONTENT_TYPE = "application/json"
 IDEMPOTENCY_KEY_HEADER = "Idempotency-Key"
-REPLAYED_HEADER = "Idempotent-Replayed"
 REQUEST_ID_HEADER = "X-Request-Id"
 DEFAULT_MAX_INFLIGHT_REQUESTS = 256
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
-# Responses to API calls may carry plaintext values: no cache may keep them.
-NO_STORE_HEADERS = {"Cache-Control": "no-store"}
 
 SERVICE_KEY: web.AppKey[Any] = web.AppKey("tokenvault_service", object)
 METRICS_KEY: web.AppKey[Metrics] = web.AppKey("tokenvault_metrics", Metrics)
@@ -157,8 +155,6 @@ RATE_LIMIT_KIND_OF_SCOPE = {auth.TOKENIZE: ratelimit.TOKENIZE, auth.DETOKENIZE: 
                             auth.DELETE: ratelimit.TOKENIZE, auth.RETOKENIZE: ratelimit.TOKENIZE}
 
 _log = get_logger("tokenvault.api.http")
-# Marks "no body at all", which differs from a JSON body of `null`.
-EMPTY_BODY = object()
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -249,11 +245,6 @@ def _bucket_limits(rate_limits: Any, share: int = 1) -> tuple[dict[str, ratelimi
 # ---------------------------------------------------------------- responses
 
 
-def json_response(document: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
-    body = json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-    return web.Response(body=body, status=status, content_type=JSON_CONTENT_TYPE, headers=headers)
-
-
 def problem_response(
     status: int, slug: str, title: str, detail: str, headers: dict[str, str] | None = None
 ) -> web.Response:
@@ -263,13 +254,6 @@ def problem_response(
     # Set after construction: aiohttp's content_type argument would append a charset parameter.
     response.headers["Content-Type"] = PROBLEM_CONTENT_TYPE
     return response
-
-
-def outcome_response(outcome: Outcome) -> web.Response:
-    headers = dict(NO_STORE_HEADERS)
-    if outcome.replayed:
-        headers[REPLAYED_HEADER] = "true"
-    return web.Response(body=outcome.body, status=outcome.status, content_type=JSON_CONTENT_TYPE, headers=headers)
 
 
 _HTTP_EXCEPTION_PROBLEMS: dict[int, tuple[str, str]] = {
@@ -383,19 +367,6 @@ def parse_json(body: bytes) -> Any:
     except ValueError:
         # json's messages hold only positions, but ours is fixed text to be sure.
         raise InvalidRequest("the request body is not valid JSON") from None
-
-
-def require_members(document: Any, required: tuple[str, ...], optional: tuple[str, ...] = ()) -> dict[str, Any]:
-    """The body as a JSON object holding the ``required`` members and perhaps some ``optional`` ones."""
-    if not isinstance(document, dict):
-        raise InvalidRequest("the request body must be a JSON object")
-    unknown = len(set(document) - set(required) - set(optional))
-    if unknown:
-        raise InvalidRequest(f"the request body has {unknown} unknown member(s); allowed: {list(required + optional)}")
-    for name in required:
-        if name not in document:
-            raise InvalidRequest(f"the request body must have a '{name}' member")
-    return document
 
 
 def validate_key_request(document: dict[str, Any]) -> tuple[str, list[str]]:
@@ -907,8 +878,6 @@ def build_app(
     app.router.add_post(ROUTE_MEMBER_ACTION, api.change_member)
     # No HEAD: it would take a checkpoint only to throw it away.
     app.router.add_get(ROUTE_BACKUP, api.backup, allow_head=False)
-    # Imported here: the lifecycle routes build on this module's _Api and helpers.
-    from tokenvault.api.http_lifecycle import add_lifecycle_routes
     add_lifecycle_routes(app, api)
     return app
 

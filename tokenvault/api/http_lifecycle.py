@@ -14,17 +14,19 @@ one NodeService call (tokenvault/api/lifecycle.py) with plain values:
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 from tokenvault import auth
-from tokenvault.api.http import (EMPTY_BODY, NO_STORE_HEADERS, _Api, json_response, outcome_response,
-                                 require_members)
-from tokenvault.api.validation import require_item_list, validate_tokens
+from tokenvault.api.responses import EMPTY_BODY, NO_STORE_HEADERS, json_response, outcome_response
+from tokenvault.api.validation import require_item_list, require_members, validate_tokens
 from tokenvault.core.store_layout import MAX_STORED_EPOCH, MAX_TOKEN_PAGE
 from tokenvault.crypto.tokens import is_token
 from tokenvault.errors import InvalidRequest, NotFound
+
+if TYPE_CHECKING:  # tokenvault/api/http.py imports this module to add the routes
+    from tokenvault.api.http import _Api
 
 ROUTE_DELETE = "/v1/tokens/delete"
 ROUTE_RETOKENIZE = "/v1/retokenize"

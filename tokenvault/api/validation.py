@@ -248,3 +248,16 @@ def validate_sealed_items(items: object, count: int) -> list[tuple[str, bytes]]:
                        and isinstance(item[1], bytes) for item in items)):
         raise InvalidRequest("items must be one [token, ciphertext] pair per value")
     return [(token, ciphertext) for token, ciphertext in items]
+
+
+def require_members(document: Any, required: tuple[str, ...], optional: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The body as a JSON object holding the ``required`` members and perhaps some ``optional`` ones."""
+    if not isinstance(document, dict):
+        raise InvalidRequest("the request body must be a JSON object")
+    unknown = len(set(document) - set(required) - set(optional))
+    if unknown:
+        raise InvalidRequest(f"the request body has {unknown} unknown member(s); allowed: {list(required + optional)}")
+    for name in required:
+        if name not in document:
+            raise InvalidRequest(f"the request body must have a '{name}' member")
+    return document

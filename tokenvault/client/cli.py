@@ -24,178 +24,26 @@ error, 3 no node reachable, 4 `admin audit verify` found a broken link.
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import os
 import sys
-from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 from rich.console import Console
 from rich.table import Table
 
-from tokenvault.client.vault import (AsyncClient, ConfigurationError, NoNodeAvailable, ProblemError, ResponseError,
-                               VaultError, normalize_urls)
+from tokenvault.client import cli_lifecycle
+from tokenvault.client.cli_connection import (EXIT_AUDIT_BROKEN, EXIT_SERVICE_ERROR, EXIT_UNREACHABLE, EXIT_USAGE,
+                                              Connection, connection_options, fail, group_connection_options,
+                                              run_client)
+from tokenvault.client.vault import VaultError
 
-EXIT_SERVICE_ERROR = 1
-EXIT_USAGE = 2
-EXIT_UNREACHABLE = 3
-EXIT_AUDIT_BROKEN = 4
 AUDIT_PAGE_RECORDS = 1000
-# Where the admin groups keep the connection options given before the subcommand.
-GROUP_OPTIONS_META_KEY = "tokenvault.group_connection_options"
-CONNECTION_PARAMETERS = ("urls", "api_key", "cluster_json", "ca_file")
 MAX_ITEMS_PER_REQUEST = 1000
 MAX_CELL_CHARS = 80
-
-Result = TypeVar("Result")
-
-
-@dataclass(frozen=True, slots=True)
-class Connection:
-    urls: tuple[str, ...]
-    api_key: str | None
-    timeout_seconds: float
-    retry_seconds: float
-    ca_file: str | None = None
-
-    def client(self) -> AsyncClient:
-        return AsyncClient(self.urls, self.api_key, timeout_seconds=self.timeout_seconds,
-                           deadline_seconds=self.retry_seconds, ca_file=self.ca_file)
-
-
-def _fail(message: str, exit_code: int) -> None:
-    click.echo(f"error: {message}", err=True)
-    sys.exit(exit_code)
-
-
-def _run(coroutine: Coroutine[Any, Any, Result]) -> Result:
-    """Run a client coroutine and turn client errors into messages and exit codes."""
-    try:
-        return asyncio.run(coroutine)
-    except ProblemError as error:
-        _fail(str(error), EXIT_SERVICE_ERROR)
-    except NoNodeAvailable as error:
-        _fail(str(error), EXIT_UNREACHABLE)
-    except ConfigurationError as error:
-        _fail(str(error), EXIT_USAGE)
-    except (ResponseError, VaultError) as error:
-        _fail(str(error), EXIT_SERVICE_ERROR)
-    raise AssertionError("unreachable")
-
-
-def _load_cluster_json(path: str) -> dict[str, Any]:
-    try:
-        with open(path, encoding="utf-8") as handle:
-            document = json.load(handle)
-    except OSError as error:
-        raise click.UsageError(f"cannot read cluster file {path!r}: {error.strerror}") from None
-    except ValueError:
-        raise click.UsageError(f"cluster file {path!r} is not valid JSON") from None
-    if not isinstance(document, dict) or not isinstance(document.get("nodes"), list):
-        raise click.UsageError(f"cluster file {path!r} has no 'nodes' list")
-    return document
-
-
-def _resolve_connection(urls: tuple[str, ...], api_key: str | None, cluster_json: str | None,
-                        key_name: str, timeout_seconds: float, retry_seconds: float,
-                        ca_file: str | None = None) -> Connection:
-    """Pick URLs (--url, TOKENVAULT_URL, then cluster.json), the key (--api-key/env, then cluster.json)
-    and the CA that https:// nodes are verified against (--ca-file/env, then cluster.json's ca_file)."""
-    document = _load_cluster_json(cluster_json) if cluster_json else None
-    candidates: list[str] = list(urls)
-    if not candidates and os.environ.get("TOKENVAULT_URL"):
-        candidates = [os.environ["TOKENVAULT_URL"]]
-    if not candidates and document is not None:
-        candidates = [str(node.get("http_url", "")) for node in document["nodes"] if isinstance(node, dict)]
-    if not candidates:
-        raise click.UsageError("no node URL: pass --url, set TOKENVAULT_URL, or pass --cluster-json")
-    if not api_key and document is not None:
-        entry = document.get("api_keys", {}).get(key_name) or document.get("api_keys", {}).get("full")
-        if isinstance(entry, dict) and isinstance(entry.get("key"), str):
-            api_key = entry["key"]
-    if not ca_file and document is not None and isinstance(document.get("ca_file"), str):
-        ca_file = document["ca_file"]
-    try:
-        return Connection(normalize_urls(candidates), api_key or None, timeout_seconds, retry_seconds,
-                          ca_file or None)
-    except ConfigurationError as error:
-        raise click.UsageError(str(error)) from None
-
-
-def _location_options(*, with_environment: bool) -> list[Callable[[Callable[..., Any]], Callable[..., Any]]]:
-    """--url, --api-key, --cluster-json, --ca-file. Before the subcommand they carry no environment
-    variable: the environment is read once, by the subcommand, so an explicit option always wins."""
-    def environment(name: str) -> dict[str, Any]:
-        return {"envvar": name, "show_envvar": True} if with_environment else {}
-
-    return [
-        click.option("--url", "urls", multiple=True, metavar="URL",
-                     help="Node base URL; repeat or comma-separate for failover (env TOKENVAULT_URL)."),
-        click.option("--api-key", metavar="KEY", help="API key sent as a Bearer token.",
-                     **environment("TOKENVAULT_API_KEY")),
-        click.option("--cluster-json", type=click.Path(dir_okay=False), metavar="FILE",
-                     help="Take node URLs, the key and the CA file from this cluster.json.",
-                     **environment("TOKENVAULT_CLUSTER_JSON")),
-        click.option("--ca-file", type=click.Path(dir_okay=False), metavar="FILE",
-                     help="CA certificate (PEM) to verify https nodes against.",
-                     **environment("TOKENVAULT_CA_FILE")),
-    ]
-
-
-def group_connection_options(group: Callable[..., Any]) -> Callable[..., Any]:
-    """Let an admin group take the connection options before its subcommand and hand them down."""
-
-    @functools.wraps(group)
-    def wrapper(**arguments: Any) -> Any:
-        given = click.get_current_context().meta.setdefault(GROUP_OPTIONS_META_KEY, {})
-        for name in CONNECTION_PARAMETERS:
-            value = arguments.pop(name)
-            if value:  # an inner group's value replaces an outer one's
-                given[name] = value
-        return group(**arguments)
-
-    for decorate in reversed(_location_options(with_environment=False)):
-        wrapper = decorate(wrapper)
-    return wrapper
-
-
-def _merge_group_options(arguments: dict[str, Any]) -> None:
-    """Fill the connection options not given after the subcommand from those given before it."""
-    context = click.get_current_context()
-    given_before = context.meta.get(GROUP_OPTIONS_META_KEY, {})
-    for name in CONNECTION_PARAMETERS:
-        source = context.get_parameter_source(name)
-        if source is click.core.ParameterSource.COMMANDLINE and arguments[name]:
-            continue
-        if name in given_before:
-            arguments[name] = given_before[name]
-
-
-def connection_options(key_name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Decorator adding --url/--api-key/--cluster-json/--ca-file/--timeout and passing a `connection`."""
-
-    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
-        @click.option("--timeout", "timeout_seconds", type=click.FloatRange(0.1, 300), default=5.0,
-                      show_default=True, help="Per-request timeout in seconds.")
-        @click.option("--retry-seconds", type=click.FloatRange(0, 600), default=10.0, show_default=True,
-                      help="Keep retrying unreachable or unavailable (503) nodes for this long.")
-        @functools.wraps(command)
-        def wrapper(timeout_seconds: float, retry_seconds: float, **arguments: Any) -> Any:
-            _merge_group_options(arguments)
-            connection = _resolve_connection(
-                arguments.pop("urls"), arguments.pop("api_key"), arguments.pop("cluster_json"), key_name,
-                timeout_seconds, retry_seconds, arguments.pop("ca_file"))
-            return command(connection=connection, **arguments)
-
-        for option in reversed(_location_options(with_environment=True)):
-            wrapper = option(wrapper)
-        return wrapper
-
-    return decorate
 
 
 def _cell(value: Any) -> str:
@@ -232,7 +80,7 @@ def serve(config_path: str) -> None:
 
         exit_code = run_node(config_path)
     except (ConfigError, CryptoError, TlsError) as error:
-        _fail(str(error), EXIT_USAGE)
+        fail(str(error), EXIT_USAGE)
     sys.exit(exit_code)
 
 
@@ -267,7 +115,7 @@ async def _status(connection: Connection) -> tuple[list[tuple[str, dict[str, Any
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
 def status(connection: Connection, as_json: bool) -> None:
     """Every node's role, view, commit and applied index and active epoch."""
-    rows, cluster = _run(_status(connection))
+    rows, cluster = run_client(_status(connection))
     if as_json:
         document = {"nodes": [{"url": url, "health": health, "error": error or None} for url, health, error in rows],
                     "cluster": cluster if isinstance(cluster, dict) else None}
@@ -332,13 +180,13 @@ def admin_backup(connection: Connection, out_path: str, prefer: str, read_timeou
 
     report = (lambda message: None) if as_json else (lambda message: click.echo(message, err=True))
     try:
-        result = _run(download_backup(connection.urls, connection.api_key, Path(out_path), prefer=prefer,
+        result = run_client(download_backup(connection.urls, connection.api_key, Path(out_path), prefer=prefer,
                                       timeout_seconds=connection.timeout_seconds,
                                       retry_seconds=connection.retry_seconds,
                                       read_timeout_seconds=read_timeout_seconds, overwrite=force, report=report,
                                       ca_file=connection.ca_file))
     except BackupError as error:
-        _fail(str(error), EXIT_SERVICE_ERROR)
+        fail(str(error), EXIT_SERVICE_ERROR)
     document = {"file": str(result.path), "node_id": result.node_id, "role": result.role, "url": result.url,
                 "index": result.index, "view": result.view, "bytes": result.size_bytes,
                 "token_count": result.token_count, "seconds": round(result.seconds, 3)}
@@ -368,11 +216,11 @@ def admin_restore(backup_path: str, config_path: str) -> None:
     try:
         config = load_config(config_path)
     except ConfigError as error:
-        _fail(str(error), EXIT_USAGE)
+        fail(str(error), EXIT_USAGE)
     try:
         restored = restore_data_dir(Path(backup_path), config)
     except BackupError as error:
-        _fail(str(error), EXIT_SERVICE_ERROR)
+        fail(str(error), EXIT_SERVICE_ERROR)
     click.echo(f"restored {restored.node_id} into {restored.data_dir}: index {restored.index}, view "
                f"{restored.view}, {restored.token_count} tokens in {restored.epochs} epoch(s); start it with "
                f"'tokenvault serve --config {config_path}'")
@@ -396,7 +244,7 @@ def epoch_rotate(connection: Connection, idempotency_key: str | None, as_json: b
         async with connection.client() as vault:
             return await vault.rotate_epoch(idempotency_key)
 
-    result = _run(rotate())
+    result = run_client(rotate())
     if as_json:
         click.echo(json.dumps({"epoch": result.epoch, "replayed": result.replayed}))
     elif result.replayed:
@@ -415,7 +263,7 @@ def epoch_list(connection: Connection, as_json: bool) -> None:
         async with connection.client() as vault:
             return await vault.list_epochs()
 
-    result = _run(fetch())
+    result = run_client(fetch())
     if as_json:
         epochs = [{"epoch": entry.epoch, "created_at": entry.created_at, "state": entry.state}
                   for entry in result.epochs]
@@ -448,7 +296,7 @@ def key_create(connection: Connection, name: str, scopes: tuple[str, ...], as_js
         async with connection.client() as vault:
             return await vault.create_key(name, list(dict.fromkeys(scopes)))
 
-    info = _run(create())
+    info = run_client(create())
     if as_json:
         click.echo(json.dumps({"id": info.id, "name": info.name, "scopes": list(info.scopes),
                                "created_at": info.created_at, "key": info.key}))
@@ -468,7 +316,7 @@ def key_list(connection: Connection, as_json: bool) -> None:
         async with connection.client() as vault:
             return await vault.list_keys()
 
-    keys = _run(fetch())
+    keys = run_client(fetch())
     if as_json:
         click.echo(json.dumps({"keys": [{"id": info.id, "name": info.name, "scopes": list(info.scopes),
                                          "created_at": info.created_at} for info in keys]}, indent=2))
@@ -491,7 +339,7 @@ def key_revoke(connection: Connection, key_id: str) -> None:
         async with connection.client() as vault:
             await vault.revoke_key(key_id)
 
-    _run(revoke())
+    run_client(revoke())
     click.echo(f"key {key_id} revoked")
 
 
@@ -511,7 +359,7 @@ def member_list(connection: Connection, as_json: bool) -> None:
         async with connection.client() as vault:
             return await vault.list_members()
 
-    members = _run(fetch())
+    members = run_client(fetch())
     if as_json:
         click.echo(json.dumps(members, indent=2))
         return
@@ -543,7 +391,7 @@ def member_add(connection: Connection, node_id: str, peer_addr: str, learner_onl
                 return await vault.change_member("add", node_id, peer_addr)
             return await vault.add_voter(node_id, peer_addr, wait_seconds)
 
-    _run(add())
+    run_client(add())
     click.echo(f"{node_id} added as a {'learner' if learner_only else 'voter'}")
 
 
@@ -557,7 +405,7 @@ def member_remove(connection: Connection, node_id: str) -> None:
         async with connection.client() as vault:
             return await vault.change_member("remove", node_id)
 
-    _run(remove())
+    run_client(remove())
     click.echo(f"{node_id} removed")
 
 
@@ -612,7 +460,7 @@ def audit_verify(connection: Connection, as_json: bool) -> None:
     from tokenvault.audit_chain import ChainVerifier
 
     verifier = ChainVerifier()
-    last_seq, broken = _run(_walk_audit(connection, verifier, lambda record: None))
+    last_seq, broken = run_client(_walk_audit(connection, verifier, lambda record: None))
     _report_audit(verifier, last_seq, broken, as_json, {})
 
 
@@ -637,7 +485,7 @@ def audit_export(connection: Connection, out_path: str, as_json: bool) -> None:
         def write(record: dict[str, Any]) -> None:
             handle.write(json.dumps(record, separators=(",", ":"), sort_keys=True) + "\n")
 
-        last_seq, broken = _run(_walk_audit(connection, verifier, write))
+        last_seq, broken = run_client(_walk_audit(connection, verifier, write))
     _report_audit(verifier, last_seq, broken, as_json, {"file": out_path})
 
 
@@ -675,7 +523,7 @@ def tokenize(connection: Connection, idempotency_key: str | None, as_json: bool,
             return [await vault.tokenize(batch, idempotency_key, token_format=token_format, ttl_seconds=ttl_seconds)
                     for batch in batches]
 
-    for result in _run(send()):
+    for result in run_client(send()):
         if as_json:
             click.echo(json.dumps({"epoch": result.epoch, "tokens": list(result.tokens)}))
         else:
@@ -705,7 +553,7 @@ def detokenize(connection: Connection, tokens: tuple[str, ...], as_json: bool, e
                 values.extend(await vault.detokenize(batch, epoch=epoch))
             return values
 
-    values = _run(send())
+    values = run_client(send())
     if as_json:
         click.echo(json.dumps(values, ensure_ascii=False))
     else:
@@ -716,8 +564,8 @@ def detokenize(connection: Connection, tokens: tuple[str, ...], as_json: bool, e
         click.echo(f"{unknown} of {len(values)} tokens are unknown", err=True)
 
 
-# Registers `admin epoch destroy` and `admin epoch migrate` on the epoch group above.
-from tokenvault.client import cli_lifecycle  # noqa: E402,F401
+epoch.add_command(cli_lifecycle.epoch_destroy)
+epoch.add_command(cli_lifecycle.epoch_migrate)
 
 
 def main() -> None:

@@ -24,7 +24,7 @@ import click
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from tokenvault.client.cli import EXIT_SERVICE_ERROR, Connection, _fail, _run, connection_options, epoch
+from tokenvault.client.cli_connection import EXIT_SERVICE_ERROR, Connection, connection_options, fail, run_client
 from tokenvault.client.vault import AsyncClient
 
 DEFAULT_BATCH_SIZE = 500
@@ -35,7 +35,7 @@ STATE_FILE_TEMPLATE = ".tokenvault-migrate-{epoch}.json"
 MAX_STATE_FILE_BYTES = 4096
 
 
-@epoch.command("destroy")
+@click.command("destroy")
 @connection_options("admin")
 @click.argument("epoch_number", metavar="EPOCH", type=click.IntRange(1, 2**32 - 1))
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
@@ -52,7 +52,7 @@ def epoch_destroy(connection: Connection, epoch_number: int, yes: bool, as_json:
         async with connection.client() as vault:
             return await vault.destroy_epoch(epoch_number)
 
-    state = _run(destroy())
+    state = run_client(destroy())
     if as_json:
         click.echo(json.dumps({"epoch": epoch_number, "state": state}))
     else:
@@ -98,11 +98,11 @@ async def _migrate(vault: AsyncClient, epoch_number: int, batch_size: int, state
     listing = await vault.list_epochs()
     states = {entry.epoch: entry.state for entry in listing.epochs}
     if epoch_number not in states:
-        _fail(f"epoch {epoch_number} does not exist", EXIT_SERVICE_ERROR)
+        fail(f"epoch {epoch_number} does not exist", EXIT_SERVICE_ERROR)
     if states[epoch_number] == "active":
-        _fail(f"epoch {epoch_number} is the active epoch: rotate first, then migrate it", EXIT_SERVICE_ERROR)
+        fail(f"epoch {epoch_number} is the active epoch: rotate first, then migrate it", EXIT_SERVICE_ERROR)
     if states[epoch_number] == "destroyed":
-        _fail(f"epoch {epoch_number} is destroyed: its values are gone", EXIT_SERVICE_ERROR)
+        fail(f"epoch {epoch_number} is destroyed: its values are gone", EXIT_SERVICE_ERROR)
     task = progress.add_task(f"epoch {epoch_number}", total=None, completed=migrated)
     target = listing.active_epoch
     while True:
@@ -117,7 +117,7 @@ async def _migrate(vault: AsyncClient, epoch_number: int, batch_size: int, state
         progress.update(task, completed=migrated)
 
 
-@epoch.command("migrate")
+@click.command("migrate")
 @connection_options("full")
 @click.argument("epoch_number", metavar="EPOCH", type=click.IntRange(1, 2**32 - 1))
 @click.option("--batch-size", type=click.IntRange(1, MAX_BATCH_SIZE), default=DEFAULT_BATCH_SIZE,
@@ -145,7 +145,7 @@ def epoch_migrate(connection: Connection, epoch_number: int, batch_size: int, st
                 return await _migrate(vault, epoch_number, batch_size, state_path, after, migrated, progress)
 
     try:
-        total, target = _run(run())
+        total, target = run_client(run())
     except KeyboardInterrupt:
         click.echo(f"interrupted; run the same command again to resume (state file {state_path})", err=True)
         sys.exit(EXIT_INTERRUPTED)

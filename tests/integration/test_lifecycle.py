@@ -6,6 +6,7 @@ purged by a replicated entry; neither the card number nor the metadata is writte
 from __future__ import annotations
 
 import asyncio
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,24 +14,16 @@ import pytest
 from harness import ClusterHarness, wait_for, wait_for_async
 from tokenvault.crypto.formats import luhn_valid
 
+# The file scan lives with the in-process node helpers, beside the unit tests.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
+from node_support import files_holding  # noqa: E402
+
 pytestmark = pytest.mark.integration
 
 CARD = "5555-5555-5555-4444"
 CARD_DIGITS = "5555555555554444"
 METADATA_MARKER = "lifecycle-metadata-marker"
 EXPIRY_DEADLINE_SECONDS = 10.0
-
-
-def _files_holding(root: Path, needle: bytes) -> list[Path]:
-    holding = []
-    for path in root.rglob("*"):
-        if path.is_file() and not path.is_symlink():
-            try:
-                if needle in path.read_bytes():
-                    holding.append(path)
-            except OSError:
-                continue
-    return holding
 
 
 def test_card_tokens_masking_and_expiry_on_every_node(make_cluster) -> None:
@@ -65,5 +58,5 @@ def test_card_tokens_masking_and_expiry_on_every_node(make_cluster) -> None:
     assert purged[0]["mappings"] >= 1
     for node in harness.nodes:
         root = node.data_dir.parent
-        assert _files_holding(root, CARD_DIGITS.encode()) == []
-        assert _files_holding(root, METADATA_MARKER.encode()) == []
+        assert files_holding(root, CARD_DIGITS.encode()) == []
+        assert files_holding(root, METADATA_MARKER.encode()) == []

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -22,6 +21,10 @@ from tokenvault.client.cli import tokenvault
 from tokenvault.client.vault import Conflict, NotFound, Unprocessable
 from tokenvault.core.store import VaultStore
 
+# The file scan lives with the in-process node helpers, beside the unit tests.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
+from node_support import files_holding  # noqa: E402
+
 pytestmark = pytest.mark.integration
 
 VALUES = [f"lifecycle-value-{number:04d}" for number in range(120)]
@@ -29,18 +32,10 @@ SHRED_DEADLINE_SECONDS = 15.0
 MIGRATE_DEADLINE_SECONDS = 60.0
 
 
-def files_holding(directory: Path, needles: dict[str, bytes]) -> list[str]:
+def files_holding_any(directory: Path, needles: dict[str, bytes]) -> list[str]:
     """Every file under ``directory`` holding one of ``needles``, as 'name: path'."""
-    found = []
-    for root, _, names in os.walk(directory):
-        for name in names:
-            path = Path(root) / name
-            try:
-                data = path.read_bytes()
-            except (FileNotFoundError, PermissionError):
-                continue  # deleted while the walk ran (compaction)
-            found += [f"{label}: {path.relative_to(directory)}" for label, needle in needles.items() if needle in data]
-    return found
+    return [f"{label}: {path.relative_to(directory)}" for label, needle in needles.items()
+            for path in files_holding(directory, needle)]
 
 
 def secrets_on_disk(harness: ClusterHarness, node_id: str, deleted_token: str) -> dict[str, bytes]:
@@ -93,7 +88,7 @@ def test_delete_migrate_and_destroy_leave_no_trace_on_any_node(make_cluster, tmp
 
     tokens, doomed = asyncio.run(issue())
     needles = secrets_on_disk(harness, harness.node_ids[-1], doomed)
-    before = files_holding(harness.directory, needles)
+    before = files_holding_any(harness.directory, needles)
     assert any(entry.startswith("epoch 1 wrapped secret") for entry in before), "the scan must see it first"
     assert any(entry.startswith("deleted ciphertext") for entry in before), "the scan must see it first"
 
@@ -131,7 +126,7 @@ def test_delete_migrate_and_destroy_leave_no_trace_on_any_node(make_cluster, tmp
     assert (code, output.strip()) == (0, "epoch 1 is destroyed"), output
 
     deadline = time.monotonic() + SHRED_DEADLINE_SECONDS
-    while (left := files_holding(harness.directory, needles)) and time.monotonic() < deadline:
+    while (left := files_holding_any(harness.directory, needles)) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert left == [], left
 

@@ -389,3 +389,20 @@ def child_pids(pid: int) -> list[int]:
         if int(fields[1]) == pid:
             children.append(int(entry.name))
     return children
+
+
+def files_holding(directory: Path, needle: bytes) -> list[Path]:
+    """Every file under ``directory`` whose bytes hold ``needle``: the scans that show a value, a
+    ciphertext or a secret is (or is no longer) on a node's disk. A file deleted while the walk runs
+    (a compaction) is passed over."""
+    found = []
+    for root, _, names in os.walk(directory):
+        for name in names:
+            path = Path(root) / name
+            try:
+                data = path.read_bytes()
+            except (FileNotFoundError, PermissionError):
+                continue
+            if needle in data:
+                found.append(path)
+    return found

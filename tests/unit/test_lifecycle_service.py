@@ -5,13 +5,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 import msgpack
 import pytest
 
-from node_support import Cluster, RunningNode, make_configs, start_node, wait_until
+from node_support import Cluster, RunningNode, files_holding, make_configs, start_node, wait_until
 from protocol import AppendEntries, ForwardRequest, ForwardResponse, Heartbeat
 from tokenvault.config import AuditConfig
 from tokenvault.core import commands
@@ -22,20 +21,6 @@ ACTOR = commands.Actor(name="admin", node="n1", request_id="r")
 
 def body(outcome: Outcome) -> dict:
     return json.loads(outcome.body)
-
-
-def files_holding(directory: Path, needle: bytes) -> list[str]:
-    found = []
-    for root, _, names in os.walk(directory):
-        for name in names:
-            path = Path(root) / name
-            try:
-                data = path.read_bytes()
-            except FileNotFoundError:
-                continue  # deleted while the walk ran
-            if needle in data:
-                found.append(str(path))
-    return found
 
 
 async def test_delete_answers_null_on_every_node_and_counts_only_existing_tokens(trio: Cluster) -> None:

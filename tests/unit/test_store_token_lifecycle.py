@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from protocol import Entry, EntryKind
+from node_support import files_holding
+from test_store import Log, store  # noqa: F401 (store is a fixture)
 from tokenvault.core.commands import (Actor, DeleteTokensCommand, DestroyEpochCommand, RotateEpochCommand,
                                       TokenizeCommand, encode_command)
 from tokenvault.core.store import VaultStore
@@ -38,35 +39,8 @@ def destroy(epoch: int) -> bytes:
     return encode_command(DestroyEpochCommand(epoch, 3_000, ACTOR))
 
 
-class Log:
-    def __init__(self) -> None:
-        self.next_index = 1
-
-    def command(self, payload: bytes) -> Entry:
-        entry = Entry(self.next_index, 1, EntryKind.COMMAND, payload)
-        self.next_index += 1
-        return entry
-
-
-@pytest.fixture
-def store(tmp_path):
-    vault = VaultStore.open(tmp_path / "store")
-    yield vault
-    vault.close()
-
-
 def apply(store: VaultStore, log: Log, *payloads: bytes):
     return store.apply_batch([log.command(payload) for payload in payloads])
-
-
-def files_holding(directory: Path, needle: bytes) -> list[str]:
-    found = []
-    for root, _, names in os.walk(directory):
-        for name in names:
-            path = Path(root) / name
-            if needle in path.read_bytes():
-                found.append(str(path.relative_to(directory)))
-    return found
 
 
 def test_delete_removes_existing_rows_counts_them_and_audits(store):

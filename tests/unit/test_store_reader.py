@@ -60,6 +60,8 @@ def test_a_new_generation_is_noticed_on_catch_up_and_the_view_reopened(tmp_path,
     assert (tmp_path / "store" / "gen-000001").exists() is False
     assert reader.catch_up() == index
     assert reader.lookup([token(1, 40)], 0) == {token(1, 40): b"ct-40"}
+    # The view's own files of the old generation are gone with it.
+    assert sorted(entry.name for entry in (tmp_path / "reader").iterdir()) == ["gen-000002"]
     source.close()
 
 

@@ -88,6 +88,10 @@ class StoreReader:
             generation = read_current(self._store_path)
         except StoreError as error:
             raise StoreReadError(str(error)) from None
+        if self._generation and self._generation != generation:
+            # The old generation's info log goes with it: a worker that lives through many snapshot
+            # installs keeps one scratch directory, not one per install.
+            shutil.rmtree(self._scratch / self._generation, ignore_errors=True)
         directory = self._store_path / generation
         check_rocksdict_config(directory, StoreReadError)
         options = database_options(self._cache)

@@ -24,7 +24,8 @@ from prometheus_client.samples import Sample
 from tokenvault.api.channel import Channel
 from tokenvault.api.service import (NodeService, _actor, _optional_idempotency_key, _principal, _strings)
 from tokenvault.api.validation import (require_item_list, validate_lookup_epoch, validate_lookup_tokens,
-                                       validate_options, validate_sealed_items, validate_tokens, validate_values)
+                                       validate_epoch, validate_options, validate_sealed_items, validate_tokens,
+                                       validate_values)
 from tokenvault.core.backup import BackupStream
 from tokenvault.core.commands import Actor, CommandError
 from tokenvault.core.store_layout import MAX_TOKEN_PAGE
@@ -137,7 +138,7 @@ class CoreCalls:
         elif (not isinstance(metadata, list) or len(metadata) != len(values)
               or not all(isinstance(ciphertext, bytes) for ciphertext in metadata)):
             raise InvalidRequest("metadata must be one ciphertext per value")
-        epoch = _int(arguments["epoch"], "epoch", 1, 2**32 - 1)
+        epoch = validate_epoch(arguments["epoch"])
         return await self._service.tokenize_sealed(_principal(arguments), epoch, values, items, options, metadata)
 
     async def _detokenize(self, arguments: dict[str, Any]) -> Any:
@@ -147,7 +148,7 @@ class CoreCalls:
 
     async def _tokenize_read_point(self, arguments: dict[str, Any]) -> Any:
         _members(arguments, ("epoch", "items"))
-        epoch = _int(arguments["epoch"], "epoch", 1, 2**32 - 1)
+        epoch = validate_epoch(arguments["epoch"])
         _int(arguments["items"], "items", 1, self._limits.max_items)
         return await self._service.tokenize_read_point(epoch)
 
@@ -198,12 +199,12 @@ class CoreCalls:
         after = arguments["after"]
         if after is not None and (not isinstance(after, str) or not validate_tokens([after])):
             raise InvalidRequest("after must be a token or null")
-        return await self._service.epoch_tokens(_int(arguments["epoch"], "epoch", 1, 2**32 - 1), after,
+        return await self._service.epoch_tokens(validate_epoch(arguments["epoch"]), after,
                                                 _int(arguments["limit"], "limit", 1, MAX_TOKEN_PAGE))
 
     async def _destroy_epoch(self, arguments: dict[str, Any]) -> Any:
         _members(arguments, ("epoch", "actor"))
-        return await self._service.destroy_epoch(_int(arguments["epoch"], "epoch", 1, 2**32 - 1),
+        return await self._service.destroy_epoch(validate_epoch(arguments["epoch"]),
                                                  _checked_actor(arguments["actor"]))
 
     async def _list_members(self, arguments: dict[str, Any]) -> Any:

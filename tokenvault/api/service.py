@@ -40,9 +40,9 @@ from tokenvault.core.store_layout import ApplyResult
 from tokenvault.core.store_layout import Outcome as ApplyOutcome
 from tokenvault.crypto import formats
 from tokenvault.crypto.tokens import MAX_TOKEN_CHARS, is_token, parse_token
-from tokenvault.api.validation import (TokenizeOptions, normalize_values, require_item_list, validate_sealed_items,
+from tokenvault.api.validation import (TokenizeOptions, normalize_values, require_item_list, validate_epoch,
                                        validate_idempotency_key, validate_lookup_epoch, validate_lookup_tokens,
-                                       validate_options, validate_tokens, validate_values)
+                                       validate_options, validate_sealed_items, validate_tokens, validate_values)
 from tokenvault.api.members import CHANGE_MEMBER, LIST_MEMBERS, MembershipOperations
 from tokenvault.config import LimitsConfig
 
@@ -1015,10 +1015,8 @@ class NodeService(LifecycleOperations, MembershipOperations):
         if request.kind == TOKENIZE_SEALED:
             values = validate_values(require_item_list(arguments, "values", limits), limits)
             items = validate_sealed_items(arguments["items"], len(values))
-            epoch = arguments["epoch"]
-            if type(epoch) is not int or not 1 <= epoch < 2**32:
-                raise InvalidRequest("epoch must be an integer in [1, 2**32 - 1]")
-            outcome = await self.tokenize_sealed(_principal(arguments), epoch, values, items)
+            outcome = await self.tokenize_sealed(_principal(arguments), validate_epoch(arguments["epoch"]), values,
+                                                 items)
             return outcome.status, outcome.body, ()
         if request.kind in (TOKENIZE, TOKENIZE_EXTENDED):
             values = validate_values(require_item_list(arguments, "values", limits), limits)

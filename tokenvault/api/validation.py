@@ -132,7 +132,7 @@ def validate_tokens(items: list[Any]) -> list[str]:
 MAX_METADATA_BYTES = 1024
 MIN_TTL_SECONDS = 1
 MAX_TTL_SECONDS = 10 * 365 * 24 * 3600  # ten years of 365 days
-MAX_LOOKUP_EPOCH = 2**32 - 1  # the store keeps epochs in 4 bytes (tokenvault/core/store.py MAX_STORED_EPOCH)
+MAX_LOOKUP_EPOCH = 2**32 - 1  # the store keeps epochs in 4 bytes (tokenvault/core/store_layout.py MAX_STORED_EPOCH)
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,8 +234,11 @@ def validate_lookup_tokens(items: list[Any]) -> list[str]:
 
 def validate_lookup_epoch(epoch: object) -> int | None:
     """Detokenize's optional ``epoch`` (for card and digits tokens)."""
-    if epoch is None:
-        return None
+    return None if epoch is None else validate_epoch(epoch)
+
+
+def validate_epoch(epoch: object) -> int:
+    """An epoch number as the store keeps it: an integer in [1, 2**32 - 1] (400 otherwise)."""
     if isinstance(epoch, bool) or not isinstance(epoch, int) or not 1 <= epoch <= MAX_LOOKUP_EPOCH:
         raise InvalidRequest(f"'epoch' must be an integer in [1, {MAX_LOOKUP_EPOCH}]")
     return epoch

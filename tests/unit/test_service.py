@@ -986,3 +986,23 @@ async def test_a_cluster_of_one_refuses_to_add_a_member(single: RunningNode) -> 
         await single.service.change_member("add", "n2", "127.0.0.1:9")
     with pytest.raises(InvalidRequest):
         await single.service.change_member("rename", "n2", None)
+
+
+@pytest.mark.parametrize("value_bytes", [1, 100, 4096])
+def test_a_sealed_forward_a_backup_sends_is_never_over_the_primarys_bound(value_bytes: int) -> None:
+    """The backup's choice (pairs or values) and the primary's bound come from one rule: the largest
+    allowed request, forwarded with its pairs, is taken; whatever the backup sends sealed fits."""
+    from tokenvault.api.service import TOKENIZE_SEALED, _max_forwarded_sealed_bytes, _sealed_forward_bytes
+    from tokenvault.config import LimitsConfig
+    from tokenvault.crypto.keys import EpochKeys
+
+    limits = LimitsConfig()
+    values = [f"{number:06d}" + "v" * (value_bytes - 6) if value_bytes > 6 else str(number)
+              for number in range(limits.max_items)]
+    items = EpochKeys(1, bytes(range(32))).seal_many(values)
+    body = msgpack.packb({"principal": "p", "epoch": 1, "values": values,
+                          "items": [[token, ciphertext] for token, ciphertext in items]}, use_bin_type=True)
+    bound = _max_forwarded_sealed_bytes(limits)
+    assert _sealed_forward_bytes(values, items) >= len(body)
+    assert _sealed_forward_bytes(values, items) <= bound  # the largest allowed request goes with its pairs
+    assert len(body) <= bound and TOKENIZE_SEALED == "tokenize.sealed"

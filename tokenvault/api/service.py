@@ -59,6 +59,8 @@ TOKENIZE_EXTENDED = "tokenize.v2"
 TOKENIZE_SEALED = "tokenize.sealed"
 # A sealed tokenize whose pairs pack larger than this is forwarded as values (the peer frame bound is 16 MiB).
 MAX_FORWARDED_SEALED_BYTES = 8 * 1024 * 1024
+# msgpack's headers for one value and its [token, ciphertext] pair: str, array, str and bin, 5 bytes each at most.
+SEALED_ITEM_OVERHEAD_BYTES = 20
 ROTATE = "rotate"
 CREATE_KEY = "key.create"
 REVOKE_KEY = "key.revoke"
@@ -340,8 +342,7 @@ class NodeService(LifecycleOperations, MembershipOperations):
                     self.node.metrics.record_tokenize_answered_as_read(len(tokens))
                     return Outcome(200, _json({"epoch": epoch, "tokens": tokens}), False)
         if not self._is_primary():
-            size = sum(len(value) + len(token) + len(ciphertext) for value, (token, ciphertext) in zip(values, items))
-            if size > MAX_FORWARDED_SEALED_BYTES:
+            if _sealed_forward_bytes(values, items) > _max_forwarded_sealed_bytes(self.node.config.limits):
                 arguments: dict[str, Any] = {"principal": principal, "values": values, "idempotency_key": None}
                 return await self._route(TOKENIZE, arguments, self._tokenize_here)
             arguments = {"principal": principal, "epoch": epoch, "values": values,
@@ -1008,9 +1009,8 @@ class NodeService(LifecycleOperations, MembershipOperations):
         limits = self.node.config.limits
         if request.kind not in FORWARDED_MEMBERS:
             raise InvalidRequest("a forwarded request of an unknown kind")
-        max_bytes = _max_forwarded_bytes(limits)
-        if request.kind == TOKENIZE_SEALED:
-            max_bytes = min(2 * max_bytes, MAX_FORWARDED_SEALED_BYTES + 4096)
+        max_bytes = (_max_forwarded_sealed_bytes(limits) if request.kind == TOKENIZE_SEALED
+                     else _max_forwarded_bytes(limits))
         arguments = _forwarded_arguments(request, FORWARDED_MEMBERS[request.kind], max_bytes)
         if request.kind == TOKENIZE_SEALED:
             values = validate_values(require_item_list(arguments, "values", limits), limits)
@@ -1110,6 +1110,21 @@ def _max_forwarded_bytes(limits: LimitsConfig) -> int:
     """The largest msgpack body an allowed request packs to: every item at its largest (a value or a
     token), plus headroom for member names, the principal and the Idempotency-Key."""
     return limits.max_items * (max(limits.max_value_bytes, MAX_TOKEN_CHARS) + 8) + 4096
+
+
+def _max_forwarded_sealed_bytes(limits: LimitsConfig) -> int:
+    """The largest ``tokenize.sealed`` body a primary takes: an allowed request's values with their pairs
+    (a token and a ciphertext of the value's length plus its tag), at most MAX_FORWARDED_SEALED_BYTES.
+    A backup forwards a larger one as values (``_sealed_forward_bytes``), so the two always agree."""
+    per_item = 2 * max(limits.max_value_bytes, MAX_TOKEN_CHARS) + MAX_TOKEN_CHARS + SEALED_ITEM_OVERHEAD_BYTES
+    return min(limits.max_items * per_item + 4096, MAX_FORWARDED_SEALED_BYTES)
+
+
+def _sealed_forward_bytes(values: Sequence[str], items: Sequence[tuple[str, bytes]]) -> int:
+    """At least what a ``tokenize.sealed`` body of ``values`` and ``items`` packs to (msgpack adds at most
+    SEALED_ITEM_OVERHEAD_BYTES a value and pair, and the other members stay within 4 KiB)."""
+    return sum(len(value.encode()) + len(token) + len(ciphertext) + SEALED_ITEM_OVERHEAD_BYTES
+               for value, (token, ciphertext) in zip(values, items)) + 4096
 
 
 def _forwarded_arguments(request: ForwardRequest, members: tuple[str, ...], max_bytes: int) -> dict[str, Any]:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import shutil
 import time
 from collections.abc import Sequence
@@ -55,6 +56,19 @@ READER_CACHE_BYTES = 32 * 1024 * 1024
 NUDGE_INTERVAL_SECONDS = 0.05
 
 
+# Opening a view is retried this often when the core switches its WAL file meanwhile.
+REOPEN_ATTEMPTS = 5
+
+
+def _newest_wal(directory: Path) -> str:
+    """The name of the newest of RocksDB's WAL files in a generation ("" when none is listed)."""
+    try:
+        with os.scandir(directory) as entries:
+            return max((entry.name for entry in entries if entry.name.endswith(".log")), default="")
+    except OSError:
+        return ""
+
+
 class StoreReadError(StoreError):
     """This view cannot answer right now; ask the core."""
 
@@ -71,6 +85,7 @@ class StoreReader:
         self._cache = Cache(cache_bytes)
         self._db: Rdict | None = None
         self._generation = ""
+        self._wal = ""  # the newest WAL file when the view was opened (_newest_wal)
         self.applied_index = 0
         self._has_life = True
         self.catch_ups = 0  # for the metrics and the tests
@@ -97,12 +112,20 @@ class StoreReader:
         options = database_options(self._cache)
         # A secondary keeps every table file it opened open: the core's compactions may delete them.
         options.set_max_open_files(-1)
-        try:
-            self._db = Rdict(str(directory), options, column_families={"default": options},
-                             access_type=AccessType.secondary(str(self._scratch / generation)))
-        except Exception as failure:
-            raise StoreReadError(f"the store cannot be opened for reading: {reason(failure)}") from None
+        for _ in range(REOPEN_ATTEMPTS):
+            wal = _newest_wal(directory)
+            try:
+                self._db = Rdict(str(directory), options, column_families={"default": options},
+                                 access_type=AccessType.secondary(str(self._scratch / generation)))
+            except Exception as failure:
+                raise StoreReadError(f"the store cannot be opened for reading: {reason(failure)}") from None
+            if _newest_wal(directory) == wal:
+                break
+            self._close_database()  # the core flushed while this opened: open again on the new files
+        else:
+            raise StoreReadError("the store kept changing its write-ahead log while the view opened")
         self._generation = generation
+        self._wal = wal
         self._read_meta()
 
     def _read_meta(self) -> None:
@@ -136,6 +159,15 @@ class StoreReader:
             log.info("store_reader.new_generation", generation=generation[:32])
             self._reopen()
             return self.applied_index
+        directory = self._store_path / self._generation
+        if _newest_wal(directory) != self._wal:
+            # The core flushed its memtable (a full write buffer, a shred) and started a new WAL file.
+            # A secondary that catches up across that keeps what it had replayed of the old WAL in its
+            # memtable, where it hides newer rows of the same keys in the flushed table (a delete, the
+            # meta record): measured, a deleted token read back and the applied index stuck. A view
+            # opened afresh on the live files holds no such memtable.
+            self._reopen()
+            return self.applied_index
         try:
             self._database().try_catch_up_with_primary()
             self._read_meta()
@@ -143,6 +175,9 @@ class StoreReader:
             # A view that cannot follow (a table file it needed is gone, say) starts again from the live files.
             log.warning("store_reader.reopening", reason=reason(failure))
             self._reopen()
+            return self.applied_index
+        if _newest_wal(directory) != self._wal:
+            self._reopen()  # the switch came while this caught up: what it read may straddle it
         return self.applied_index
 
     def lookup(self, tokens: Sequence[str], now_ms: int) -> dict[str, bytes]:

@@ -256,11 +256,16 @@ async def test_no_secret_is_on_the_sealers_command_line_or_in_its_environment(
     monkeypatch.setenv("TOKENVAULT_PKCS11_PIN", "pin-4711-not-for-children")
     sealer = await start_sealer()
     try:
+        # /proc reads empty while the child is still between fork and exec: wait until it has its own,
+        # so the checks below never pass on an empty read.
+        deadline = time.monotonic() + 5
+        while b"PATH=" not in Path(f"/proc/{sealer.pid}/environ").read_bytes():  # the rest is inherited
+            assert time.monotonic() < deadline, "the sealer's environment never showed"
+            await asyncio.sleep(0.01)
         for name in ("cmdline", "environ"):
             seen = Path(f"/proc/{sealer.pid}/{name}").read_bytes()
-            assert master_key.to_hex().encode() not in seen and b"pin-4711" not in seen
+            assert seen and master_key.to_hex().encode() not in seen and b"pin-4711" not in seen
             assert b"TOKENVAULT_" not in seen
-        assert b"PATH=" in Path(f"/proc/{sealer.pid}/environ").read_bytes()  # the rest is inherited
     finally:
         await sealer.close()
 

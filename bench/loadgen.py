@@ -292,7 +292,8 @@ class VaultTarget:
     def repeat(self, batch: int) -> Operation:
         async def operation(client: Client, worker: int) -> Outcome:
             values = self.generator.sample(self.pool_values, min(batch, len(self.pool_values)))
-            status, body = await self.post(client, worker, self.url_for(worker) + "/v1/tokenize", {"values": values})
+            status, body = await self.post(client, worker, self.url_for(worker) + "/v1/tokenize",
+                                           self._tokenize_document(values))
             if status != 200 or len(body.get("tokens", ())) != len(values):
                 return Outcome(False, 0, f"HTTP {status}")
             return Outcome(True, len(values))
@@ -322,13 +323,22 @@ class VaultTarget:
 
         return operation
 
+    def _tokenize_document(self, values: list[str]) -> dict[str, object]:
+        if self.token_format == "card":
+            return {"values": values, "format": "card"}
+        return {"values": values}
+
     async def fill_pool(self, count: int) -> None:
-        """Tokenize `count` values once so that detokenize has tokens that exist."""
+        """Tokenize `count` values once so that detokenize has tokens that exist (card numbers, whose
+        card tokens a detokenize resolves in the active epoch, with --format card)."""
         async with open_client("aiohttp", 1, self.ca_file) as client:
             deadline = time.monotonic() + PREPARE_RETRY_SECONDS
             while len(self.pool) < count:
-                values = random_values(min(PREPARE_BATCH, count - len(self.pool)), self.generator)
-                status, body = await self.post(client, 0, self.urls[0] + "/v1/tokenize", {"values": values})
+                size = min(PREPARE_BATCH, count - len(self.pool))
+                values = random_cards(size, self.generator) if self.token_format == "card" \
+                    else random_values(size, self.generator)
+                status, body = await self.post(client, 0, self.urls[0] + "/v1/tokenize",
+                                               self._tokenize_document(values))
                 if status == 503 and time.monotonic() < deadline:
                     await asyncio.sleep(0.1)  # a node just started may not know its primary yet
                     continue
@@ -555,7 +565,7 @@ async def command_workers(arguments: argparse.Namespace) -> int:
     store_reads: tuple[bool | None, ...] = {"auto": (None,), "on": (True,), "off": (False,),
                                             "both": (True, False)}[arguments.store_reads]
     runs = [(count, reads) for count in counts for reads in (store_reads if count else (None,))]
-    print(f"one node, {arguments.mode} of {arguments.batch} value(s), concurrency {arguments.concurrency}, "
+    print(f"one node, {arguments.mode} ({arguments.format}) of {arguments.batch} value(s), concurrency {arguments.concurrency}, "
           f"{arguments.duration:g} s per run "
           f"after {arguments.warmup:g} s warm-up, {arguments.client} client, {os.cpu_count()} cores visible\n",
           flush=True)
@@ -572,7 +582,8 @@ async def command_workers(arguments: argparse.Namespace) -> int:
                     spec, _ = await asyncio.to_thread(cluster.start_cluster, directory, 1,
                                                       ports=[(http_port, peer_port)], settings=settings,
                                                       timeout_seconds=60)
-                    target = VaultTarget(list(spec.http_urls), spec.key("full"), arguments.seed, spec.ca_file)
+                    target = VaultTarget(list(spec.http_urls), spec.key("full"), arguments.seed, spec.ca_file,
+                                         arguments.format)
                     if arguments.mode in ("detokenize", "repeat"):
                         await target.fill_pool(max(arguments.pool, arguments.batch))
                     operation = {"tokenize": target.tokenize, "detokenize": target.detokenize,
@@ -617,6 +628,8 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     workers_parser.add_argument("--rounds", type=int, default=1, help="rounds over the counts, order alternating")
     workers_parser.add_argument("--batch", type=int, default=1, help="values (or tokens) per request")
     workers_parser.add_argument("--mode", choices=("tokenize", "detokenize", "repeat"), default="tokenize")
+    workers_parser.add_argument("--format", choices=("opaque", "card"), default="opaque",
+                                help="card: card numbers, so detokenize resolves card tokens (a reveal)")
     workers_parser.add_argument("--pool", type=int, default=DETOKENIZE_POOL_VALUES,
                                 help="values tokenized beforehand for detokenize and repeat")
     workers_parser.add_argument("--store-reads", choices=("auto", "on", "off", "both"), default="auto",

@@ -222,3 +222,26 @@ async def test_workers_answer_detokenize_from_their_view_and_never_a_deleted_or_
         assert await client.destroy_epoch(epoch) == "destroyed"
         for _ in range(4):
             assert list(await client.detokenize(old)) == [None]
+
+
+async def test_workers_reveal_card_tokens_from_their_view_and_never_in_an_epoch_rotated_away(
+        single: ClusterHarness) -> None:
+    """A card token (no epoch in it) is resolved in the active epoch: a worker answers it from its view in
+    the epoch the core last pushed, and the core refuses that epoch once a rotation is applied, so
+    straight after an acknowledged rotation the token is unknown (it exists only in the old epoch) from
+    every worker, however stale its view or its epoch; asked with its epoch, it is answered."""
+    reads = "tokenvault_worker_store_reads_total"
+    card = "4111111111111111"
+    async with single.client("n1") as client:
+        token = (await client.tokenize([card], token_format="card")).tokens[0]
+        old_epoch = (await client.list_epochs()).active_epoch
+        before = _counter(single.metrics_text("n1"), reads, "view")
+        deadline = time.monotonic() + 10
+        while _counter(single.metrics_text("n1"), reads, "view") == before:
+            assert time.monotonic() < deadline, "no worker's view came to answer the card token"
+            assert list(await client.detokenize([token])) == [card]
+        await client.rotate_epoch()
+        for _ in range(6):
+            assert list(await client.detokenize([token])) == [None]
+            assert list(await client.detokenize([token], epoch=old_epoch)) == [card]
+        assert _counter(single.metrics_text("n1"), reads, "failed") == 0

@@ -21,6 +21,7 @@ from tokenvault.api.remote import CATCH_UP_TOPIC, EPOCH_TOPIC, RemoteService
 from tokenvault.core import commands
 from tokenvault.core.store_files import STORE_DIRECTORY
 from tokenvault.core.store_reader import StoreReader
+from tokenvault.crypto import formats
 from tokenvault.metrics import Metrics
 
 
@@ -205,3 +206,65 @@ async def test_a_token_deleted_just_before_is_never_read_from_a_view_while_shred
         assert (await single.service.delete_tokens(tokens[:1], commands.NO_ACTOR)).status == 200
         assert await worker.service.detokenize(tokens) == [None, *values[1:]], round_number
     assert single.node.shredder.passes > 0 and worker.reads("failed") == 0
+
+
+CARD_NUMBER = "4111111111111111"
+
+
+def detokenize_records(single: RunningNode) -> list[dict[str, object]]:
+    return [record for record in single.node.store.audit_page(0, 1000) if record["action"] == "detokenize"]
+
+
+async def test_card_tokens_metadata_and_masked_values_are_revealed_from_the_view_as_the_core_reveals_them(
+        single: RunningNode, worker: Worker) -> None:
+    card = await single.service.tokenize("p", [CARD_NUMBER], None, token_format=formats.CARD,
+                                         metadata_json='{"customer":"c-1"}')
+    opaque = await single.service.tokenize("p", ["with-metadata"], None, metadata_json='{"n":2}')
+    plain = await tokenize(single, ["without"])
+    tokens = json.loads(card.body)["tokens"] + json.loads(opaque.body)["tokens"] + plain
+    worker.reader.catch_up()
+    records = len(detokenize_records(single))
+    revealed = await worker.service.reveal(tokens, include_metadata=True)
+    assert revealed == {"values": [CARD_NUMBER, "with-metadata", "without"],
+                        "metadata_json": ['{"customer":"c-1"}', '{"n":2}', None]}
+    assert revealed == await single.service.reveal(tokens, include_metadata=True)  # the core's own answer
+    masked = await worker.service.reveal(tokens, masked=True)
+    assert masked == await single.service.reveal(tokens, masked=True)
+    assert masked["values"][0] != CARD_NUMBER and masked["values"][0].endswith(CARD_NUMBER[-4:])
+    assert worker.reads("view") == 2 and worker.reads("core") == 0
+    # One audit record per answer, the masked one saying so, exactly as the core writes them.
+    subjects = [record.get("subject") for record in detokenize_records(single)[records:]]
+    assert subjects == [None, None, "masked", "masked"]
+
+
+async def test_a_card_token_is_resolved_in_the_epoch_asked_and_never_answered_once_its_epoch_is_destroyed(
+        single: RunningNode, worker: Worker) -> None:
+    outcome = await single.service.tokenize("p", [CARD_NUMBER], None, token_format=formats.CARD)
+    token = json.loads(outcome.body)["tokens"][0]
+    await single.service.rotate_epoch("admin", None)
+    worker.reader.catch_up()
+    # Epoch 2 is active: without an epoch the card token is not found there (the view lacks it: the core
+    # answers); in epoch 1 the view answers it.
+    assert await worker.service.reveal([token]) == {"values": [None]}
+    assert worker.reads("core") == 1
+    assert await worker.service.reveal([token], epoch=1) == {"values": [CARD_NUMBER]}
+    assert worker.reads("view") == 1
+    assert (await single.service.destroy_epoch(1, commands.NO_ACTOR)).status == 200
+    assert await worker.service.reveal([token], epoch=1) == {"values": [None]}
+
+
+async def test_a_reveal_after_a_rotation_the_worker_missed_is_not_resolved_in_the_old_epoch(
+        single: RunningNode, worker: Worker) -> None:
+    outcome = await single.service.tokenize("p", [CARD_NUMBER], None, token_format=formats.CARD)
+    token = json.loads(outcome.body)["tokens"][0]
+    worker.reader.catch_up()
+    assert await worker.service.reveal([token]) == {"values": [CARD_NUMBER]}
+    single.node.on_keyring_changed = lambda: None  # the worker does not hear of the rotation
+    await single.service.rotate_epoch("admin", None)
+    worker.reader.catch_up()
+    records = len(detokenize_records(single))
+    # The card token is of epoch 1; the active epoch is 2, where it does not exist: the core refuses the
+    # worker's epoch before writing anything, and answers the request itself.
+    assert await worker.service.reveal([token]) == {"values": [None]}
+    assert worker.reads("view") == 1 and worker.reads("core") == 1
+    assert len(detokenize_records(single)) == records + 1

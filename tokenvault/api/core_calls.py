@@ -92,7 +92,7 @@ class CoreCalls:
         what the sealer gets plus the FF1 key of card and digits tokens (never the master key or an
         epoch secret), for the active epoch only; and under ``"readable"`` every epoch's [epoch, token
         key, data key] that this node can decrypt (a destroyed epoch is not among them), for the
-        detokenizes a worker answers from its view of the store (opaque tokens only)."""
+        detokenizes and reveals a worker answers from its view of the store."""
         node = self._service.node
         readable = [[epoch, *node.keyring.get(epoch).derived_keys()] for epoch in node.keyring.epochs()]
         epoch = node.store.active_epoch()
@@ -153,10 +153,15 @@ class CoreCalls:
         return await self._service.tokenize_read_point(epoch)
 
     async def _detokenize_read_point(self, arguments: dict[str, Any]) -> Any:
-        _members(arguments, ("items", "found", "actor"))
+        _members(arguments, ("items", "found", "actor", "masked", "active_epoch"))
         items = _int(arguments["items"], "items", 1, self._limits.max_items)
         found = _int(arguments["found"], "found", 0, items)
-        return await self._service.detokenize_read_point(items, found, _checked_actor(arguments["actor"]))
+        masked, active_epoch = arguments["masked"], arguments["active_epoch"]
+        if not isinstance(masked, bool):
+            raise InvalidRequest("masked must be a boolean")
+        return await self._service.detokenize_read_point(
+            items, found, _checked_actor(arguments["actor"]), masked=masked,
+            active_epoch=None if active_epoch is None else validate_epoch(active_epoch))
 
     async def _rotate_epoch(self, arguments: dict[str, Any]) -> Any:
         _members(arguments, ("principal", "idempotency_key", "actor"))

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from tokenvault import auth
@@ -27,7 +27,7 @@ from tokenvault.crypto.keys import DecryptError, EpochKeys
 from tokenvault.errors import EpochChanged, Outcome, ServiceError, Unavailable
 from tokenvault.logs import get_logger
 from tokenvault.metrics import Metrics
-from tokenvault.crypto.tokens import parse_token
+from tokenvault.crypto.tokens import is_token, parse_token
 
 log = get_logger("worker")
 
@@ -213,7 +213,7 @@ class RemoteService:
             # time is the core's (its clock, carried in the entry): only ttl_seconds goes.
             items, metadata = sealed
             plain = token_format == formats.OPAQUE and metadata_json is None and ttl_seconds is None
-            if plain and self._catch_up is not None and time.monotonic() >= self._reader_resting_until:
+            if plain and self._view_ready():
                 answered = await self._tokenize_from_view(keys.epoch, items)
                 if answered is not None:
                     return answered
@@ -241,7 +241,13 @@ class RemoteService:
         to catch up, at most every NUDGE_INTERVAL_SECONDS, so it follows what clients tokenize again."""
         assert self._catch_up is not None
         tokens = [token for token, _ in items]
-        first = self._look_up(tokens)
+        reader = self._reader
+        assert reader is not None
+
+        def lookup() -> dict[str, bytes]:
+            return reader.lookup(tokens, _now_ms())
+
+        first = self._look_up(lookup)
         if first is None:
             return None
         found, looked_up_at = first
@@ -253,7 +259,7 @@ class RemoteService:
         except ServiceError:
             return None  # a rotation, no primary, an overload: the usual path answers as it would
         try:
-            still = await self._look_again_at(index, tokens, found, looked_up_at)
+            still = await self._look_again_at(index, lookup, found, looked_up_at)
         except StoreReadError as error:
             self._rest_reader(error)
             return None
@@ -263,15 +269,19 @@ class RemoteService:
             self._metrics.record_tokenize_answered_as_read(len(items))
         return Outcome(200, json.dumps({"epoch": epoch, "tokens": tokens}, separators=(",", ":")).encode(), False)
 
+    def _view_ready(self) -> bool:
+        """Whether reads may try this worker's view (it has one, and it is not resting after a failure)."""
+        return self._catch_up is not None and time.monotonic() >= self._reader_resting_until
+
     async def detokenize(self, tokens: list[str], actor: commands.Actor | None = None) -> list[str | None]:
         """The values of ``tokens``: from this worker's view of the store when it holds every one of them,
         else (or when the view cannot answer) by the core, exactly as the single process answers."""
         actor = actor or commands.NO_ACTOR
-        if self._catch_up is not None and tokens and time.monotonic() >= self._reader_resting_until:
-            values = await self._detokenize_from_view(tokens, actor)
-            if values is not None:
-                self._record_read("view", values)
-                return values
+        if tokens and self._view_ready():
+            read = await self._read_from_view(tokens, tokens, [], None, actor)
+            if read is not None:
+                self._record_read("view", read[0])
+                return read[0]
         result = await self._call("detokenize", {"tokens": tokens, "actor": actor.fields()})
         if not isinstance(result, list) or len(result) != len(tokens) \
                 or not all(value is None or isinstance(value, str) for value in result):
@@ -280,13 +290,88 @@ class RemoteService:
             self._record_read("core", None)
         return result
 
-    async def _detokenize_from_view(self, tokens: list[str], actor: commands.Actor) -> list[str | None] | None:
-        """The read guarantee of a detokenize, kept from a view that may lag (docs/guarantees.md):
+    async def reveal(self, tokens: list[str], actor: commands.Actor | None = None, epoch: int | None = None,
+                     include_metadata: bool = False, masked: bool = False) -> dict[str, Any]:
+        """Detokenize with the version 2 options (NodeService.reveal: card and digits tokens, metadata,
+        masked values): from this worker's view when it holds every token, else by the core."""
+        actor = actor or commands.NO_ACTOR
+        if tokens and self._view_ready():
+            document = await self._reveal_from_view(tokens, actor, epoch, include_metadata, masked)
+            if document is not None:
+                self._record_read("view", document["values"])
+                return document
+        document = _document(await self._call("reveal", {
+            "tokens": tokens, "actor": actor.fields(), "epoch": epoch,
+            "include_metadata": include_metadata, "masked": masked}))
+        if self._catch_up is not None:
+            self._record_read("core", None)
+        return document
+
+    async def _reveal_from_view(self, tokens: list[str], actor: commands.Actor, epoch: int | None,
+                                include_metadata: bool, masked: bool) -> dict[str, Any] | None:
+        """NodeService.reveal's answer from this worker's view, with ``_read_from_view``'s guarantee (None:
+        the core answers, nothing written yet). Card and digits tokens carry no epoch: without ``epoch``
+        they are resolved in the active one, which is this worker's last pushed epoch if the core, after
+        its read barrier, still has it active (else the core answers the request)."""
+        opaque = [token for token in tokens if is_token(token)]
+        formatted = [token for token in tokens if not is_token(token)]
+        resolve = epoch is None and bool(formatted)
+        if resolve:
+            keys = self._epoch_keys
+            if keys is None:
+                return None
+            epoch = keys.epoch
+        read = await self._read_from_view(tokens, opaque, formatted, epoch, actor, masked=masked, resolve=resolve)
+        if read is None:
+            return None
+        values = read[0]
+        document: dict[str, Any] = {"values": values}
+        if masked:
+            document["values"] = [None if value is None else formats.mask_value(value) for value in values]
+        if include_metadata:
+            try:
+                metadata = self._view_metadata(opaque, formatted, epoch, values, tokens)
+            except StoreReadError as error:
+                self._rest_reader(error)
+                self._record_read("failed", None)
+                raise Unavailable("this worker's view of the store could not be read; the values were not "
+                                  "returned; retry") from None
+            document["metadata_json"] = metadata
+        return document
+
+    def _view_metadata(self, opaque: list[str], formatted: list[str], epoch: int | None,
+                       values: list[str | None], tokens: list[str]) -> list[str | None]:
+        """The metadata (canonical JSON text, or None) of each of ``tokens`` whose value was answered,
+        read from the view as it stood for those values."""
+        assert self._reader is not None
+        answered = {token for token, value in zip(tokens, values) if value is not None}
+        rows = self._reader.metadata(None, [token for token in opaque if token in answered])
+        if epoch is not None and formatted:
+            rows.update(self._reader.metadata(epoch, [token for token in formatted if token in answered]))
+        texts: dict[str, str | None] = {}
+        for token, ciphertext in rows.items():
+            keys = self._readable.get(_token_epoch(token) if is_token(token) else epoch or 0)
+            if keys is None:
+                continue
+            try:
+                texts[token] = keys.decrypt_metadata(token, ciphertext).decode("utf-8")
+            except (DecryptError, UnicodeDecodeError):
+                log.error("store.metadata_corrupt", epoch=keys.epoch)
+        return [texts.get(token) if token in answered else None for token in tokens]
+
+    async def _read_from_view(self, tokens: list[str], opaque: list[str], formatted: list[str], epoch: int | None,
+                              actor: commands.Actor, *, masked: bool = False, resolve: bool = False
+                              ) -> tuple[list[str | None], dict[str, bytes]] | None:
+        """The values of ``tokens`` (``opaque`` ones and card or digits ones of ``epoch``) and the
+        ciphertexts they came from, with the read guarantee of a detokenize, kept from a view that may
+        lag (docs/guarantees.md):
 
         1. every token must be in the view (an unknown one may be newer than the view: the core asks the
            primary) and of an epoch this worker can decrypt, else None: the core answers it all;
-        2. the core commits the audit record, applies everything committed before the request started,
-           and returns the last index at which it removed or made unreadable any mapping (a delete, a
+        2. the core (``detokenize_read_point``) checks ``epoch`` is still the active one when ``resolve``
+           (after a read barrier; EpochChanged, nothing written: None), commits the audit record (saying
+           "masked" for a masked reveal), applies everything committed before the request started, and
+           returns the last index at which it removed or made unreadable any mapping (a delete, a
            destroy, a purge, a snapshot);
         3. the view catches up to that index if it is not there yet (seldom: only after a removal), the
            tokens are looked up again (a token deleted meanwhile is null, as the core would answer;
@@ -295,20 +380,35 @@ class RemoteService:
         A view that fails before step 2 leaves the request to the core; after it, the request is
         answered 503 (its audit record is written: asking the core would write a second one)."""
         assert self._catch_up is not None
-        first = self._look_up(tokens)
+        reader = self._reader
+        assert reader is not None
+
+        def lookup() -> dict[str, bytes]:
+            found = reader.lookup(opaque, _now_ms()) if opaque else {}
+            if formatted and epoch is not None:
+                found.update(reader.lookup_format(epoch, formatted, _now_ms()))
+            return found
+
+        first = self._look_up(lookup)
         if first is None:
             return None
         found, looked_up_at = first
         if len(found) != len(set(tokens)):
             self._catch_up.nudge()  # the view may lag the tokens clients are being given: freshen it
             return None
-        epochs = {token: _token_epoch(token) for token in found}
-        if any(epoch not in self._readable for epoch in epochs.values()):
+        epochs = {token: _token_epoch(token) for token in opaque}
+        if formatted and epoch is not None:
+            epochs.update((token, epoch) for token in formatted)
+        if any(token_epoch not in self._readable for token_epoch in epochs.values()):
             return None
-        index = await self._call("detokenize_read_point", {"items": len(tokens), "found": len(tokens),
-                                                           "actor": actor.fields()})
         try:
-            still = await self._look_again_at(index, tokens, found, looked_up_at)
+            index = await self._call("detokenize_read_point", {
+                "items": len(tokens), "found": len(tokens), "actor": actor.fields(), "masked": masked,
+                "active_epoch": epoch if resolve else None})
+        except EpochChanged:
+            return None  # a rotation this worker has not heard of yet: nothing was written, the core answers
+        try:
+            still = await self._look_again_at(index, lookup, found, looked_up_at)
         except StoreReadError as error:
             self._rest_reader(error)
             self._record_read("failed", None)
@@ -326,21 +426,22 @@ class RemoteService:
             except DecryptError:
                 log.error("store.ciphertext_corrupt", epoch=keys.epoch)
                 values.append(None)
-        return values
+        return values, still
 
-    def _look_up(self, tokens: list[str]) -> tuple[dict[str, bytes], int] | None:
-        """What the view holds of ``tokens`` and the index it shows; None (and the view rests) if it fails."""
+    def _look_up(self, lookup: Callable[[], dict[str, bytes]]) -> tuple[dict[str, bytes], int] | None:
+        """What ``lookup`` finds in the view and the index the view shows; None (and the view rests) if it
+        fails."""
         assert self._reader is not None
         try:
-            return self._reader.lookup(tokens, _now_ms()), self._reader.applied_index
+            return lookup(), self._reader.applied_index
         except StoreReadError as error:
             self._rest_reader(error)
             return None
 
-    async def _look_again_at(self, index: object, tokens: list[str], found: dict[str, bytes],
+    async def _look_again_at(self, index: object, lookup: Callable[[], dict[str, bytes]], found: dict[str, bytes],
                              looked_up_at: int) -> dict[str, bytes]:
-        """What the view holds of ``tokens`` once it has applied ``index`` (the core's removal index),
-        ``found`` being what it held at ``looked_up_at``: the same when the view did not move and
+        """What ``lookup`` finds in the view once it has applied ``index`` (the core's removal index),
+        ``found`` being what it found at ``looked_up_at``: the same when the view did not move and
         holds no expiry (only a catch-up, or the clock for a mapping with a life, changes a lookup).
         StoreReadError when the view cannot get there in time."""
         reader, catch_up = self._reader, self._catch_up
@@ -350,7 +451,7 @@ class RemoteService:
         await catch_up.wait_applied(index, self._timeout_seconds)
         if reader.applied_index == looked_up_at and not reader.has_life:
             return found
-        return reader.lookup(tokens, _now_ms())
+        return lookup()
 
     def _rest_reader(self, error: StoreReadError) -> None:
         """After a view failure every detokenize goes to the core for a while; the view reopens on its
@@ -365,12 +466,6 @@ class RemoteService:
         if values is not None:
             found = sum(value is not None for value in values)
             self._metrics.record_detokenized(found, len(values) - found)
-
-    async def reveal(self, tokens: list[str], actor: commands.Actor | None = None, epoch: int | None = None,
-                     include_metadata: bool = False, masked: bool = False) -> dict[str, Any]:
-        return _document(await self._call("reveal", {
-            "tokens": tokens, "actor": (actor or commands.NO_ACTOR).fields(), "epoch": epoch,
-            "include_metadata": include_metadata, "masked": masked}))
 
     async def rotate_epoch(self, principal: str, idempotency_key: str | None,
                            actor: commands.Actor | None = None) -> Outcome:

@@ -594,17 +594,25 @@ class NodeService(LifecycleOperations, MembershipOperations):
             document["metadata_json"] = [found[token][1] if token in found else None for token in tokens]
         return document
 
-    async def detokenize_read_point(self, items: int, found: int, actor: commands.Actor) -> int:
-        """For a detokenize an HTTP worker answers from its own view of the store (tokenvault.core.store_reader):
-        commit its audit record (``items`` tokens asked, ``found`` of them in the worker's view), catch up
-        to that record's entry, which commits after the request started (with the audit trail off, a read
-        barrier instead), and return the last index at which this node removed or made unreadable any
-        mapping (Node.removal_index), as of then.
+    async def detokenize_read_point(self, items: int, found: int, actor: commands.Actor, *, masked: bool = False,
+                                    active_epoch: int | None = None) -> int:
+        """For a detokenize (or a reveal) an HTTP worker answers from its own view of the store
+        (tokenvault.core.store_reader): commit its audit record (``items`` tokens asked, ``found`` of them
+        in the worker's view; "masked" for a masked reveal), catch up to that record's entry, which
+        commits after the request started (with the audit trail off, a read barrier instead), and return
+        the last index at which this node removed or made unreadable any mapping (Node.removal_index), as
+        of then. ``active_epoch``: the worker resolved card and digits tokens in that epoch as the active
+        one; it must still be, after a read barrier as ``reveal`` takes (EpochChanged before anything is
+        written otherwise: the worker sends the request to ``reveal``).
 
         The worker's view only needs to have applied that index: entries after it only add mappings (or
         lengthen their lives), so a token live in a view at or past it is live now, and one the view
         lacks is asked of the core. Deletes and destroys are rare, so the view seldom has to catch up."""
-        index = await self._audit_counts(items, found, actor, None)
+        if active_epoch is not None:
+            await self._read_barrier_anywhere()
+            if self.node.store.active_epoch() != active_epoch:
+                raise EpochChanged("the worker's epoch is not the active one")
+        index = await self._audit_counts(items, found, actor, MASKED_SUBJECT if masked else None)
         await self._caught_up_to(index)
         return self.node.removal_index
 

@@ -71,9 +71,10 @@ from tokenvault.core.store_layout import (
     MAX_TOKEN_PAGE, MEMBERSHIP_KEY, META_KEY, NO_RECORDS, RETIRED, REVOKE_KEY_KIND, ROTATE_KIND, SHRED_POINT_RANGES,
     TOKENIZE_KIND, U64, UNKNOWN_NODE, VERIFY_CACHE_BYTES, ApplyResult, EpochRecord, IdempotencyRecord, Outcome,
     SnapshotRejected, StoreCorruption, StoreError, age_created_at, age_key, api_key_value, bounded, check_epochs,
-    database_options, decode_epoch, decode_life, decode_meta, drop_expired, encode_meta, epoch_key, first_key,
-    format_token_key, identity_key, json_bytes, lookup_opaque, multi_get, open_database, pack, range_items, range_keys,
-    read_api_keys, read_audit_head, read_epochs, read_membership, reason, token_key, unpack)
+    database_options, decode_epoch, decode_life, decode_meta, encode_meta, epoch_key, first_key,
+    format_token_key, identity_key, json_bytes, lookup_format_tokens, lookup_opaque, metadata_rows, open_database,
+    pack, range_items, range_keys, read_api_keys, read_audit_head, read_epochs, read_membership, reason, token_key,
+    unpack)
 from tokenvault.core.store_lifecycle import (Batch, add_tokens, append_audit, apply_delete, apply_destroy,
                                              apply_mappings, apply_purge_expired)
 from tokenvault.core.wal import fsync_directory
@@ -414,32 +415,13 @@ class VaultStore:
 
     def lookup_format(self, epoch: int, tokens: Sequence[str], now_ms: int | None = None) -> dict[str, bytes]:
         """Ciphertexts of the live card and digits tokens of ``epoch`` among ``tokens`` (as ``lookup``)."""
-        unique = [token for token in dict.fromkeys(tokens) if token.isascii() and token.isdigit()]
-        if not unique or not 1 <= epoch <= MAX_STORED_EPOCH:
-            return {}
-        keys = [format_token_key(epoch, token) for token in unique]
-        found = {token: value for token, value in zip(unique, multi_get(self._db, keys)) if value is not None}
-        if self._has_life and found:
-            drop_expired(self._db, found, dict(zip(unique, keys)), now_ms)
-        return found
+        return lookup_format_tokens(self._db, epoch, tokens, now_ms, has_life=self._has_life)
 
     def metadata(self, epoch: int | None, tokens: Sequence[str]) -> dict[str, bytes]:
         """The metadata ciphertexts of the mappings among ``tokens`` that have metadata: opaque tokens
         when ``epoch`` is None, else card and digits tokens of ``epoch``. Expiry is not checked here:
         ask only for tokens ``lookup`` or ``lookup_format`` found."""
-        unique = list(dict.fromkeys(tokens))
-        if not unique or not self._has_life:
-            return {}
-        if epoch is None:
-            keys = [LIFE + token_key(token) for token in unique]
-        else:
-            keys = [LIFE + format_token_key(epoch, token) for token in unique]
-        found = {}
-        for token, value in zip(unique, multi_get(self._db, keys)):
-            metadata = decode_life(value)[1]
-            if metadata is not None:
-                found[token] = metadata
-        return found
+        return metadata_rows(self._db, epoch, tokens, has_life=self._has_life)
 
     def next_expiry_ms(self) -> int | None:
         """The earliest expiry time of any stored mapping (a seek on the expiry index), None when none."""

@@ -490,6 +490,39 @@ def lookup_opaque(database: Rdict, tokens: Sequence[str], now_ms: int | None, *,
     return found
 
 
+def lookup_format_tokens(database: Rdict, epoch: int, tokens: Sequence[str], now_ms: int | None, *,
+                         has_life: bool) -> dict[str, bytes]:
+    """Ciphertexts of the live card and digits tokens of ``epoch`` among ``tokens`` in ``database``
+    (VaultStore.lookup_format; also a worker's view's), as ``lookup_opaque``."""
+    unique = [token for token in dict.fromkeys(tokens) if token.isascii() and token.isdigit()]
+    if not unique or not 1 <= epoch <= MAX_STORED_EPOCH:
+        return {}
+    keys = [format_token_key(epoch, token) for token in unique]
+    found = {token: value for token, value in zip(unique, multi_get(database, keys)) if value is not None}
+    if has_life and found:
+        drop_expired(database, found, dict(zip(unique, keys)), now_ms)
+    return found
+
+
+def metadata_rows(database: Rdict, epoch: int | None, tokens: Sequence[str], *, has_life: bool) -> dict[str, bytes]:
+    """The metadata ciphertexts in ``database`` of the mappings among ``tokens`` that have metadata:
+    opaque tokens when ``epoch`` is None, else card and digits tokens of ``epoch`` (VaultStore.metadata).
+    Metadata lives in a mapping's life row, so a store without life rows has none."""
+    unique = list(dict.fromkeys(tokens))
+    if not unique or not has_life:
+        return {}
+    if epoch is None:
+        keys = [LIFE + token_key(token) for token in unique]
+    else:
+        keys = [LIFE + format_token_key(epoch, token) for token in unique]
+    found = {}
+    for token, value in zip(unique, multi_get(database, keys)):
+        metadata = decode_life(value)[1]
+        if metadata is not None:
+            found[token] = metadata
+    return found
+
+
 def drop_expired(database: Rdict, found: dict[str, bytes], row_keys: dict[str, bytes], now_ms: int | None) -> None:
     """Leave out of ``found`` the mappings whose expiry is at or before ``now_ms`` (default: now)."""
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms

@@ -44,7 +44,8 @@ from rocksdict import AccessType, Cache, Rdict
 
 from tokenvault.core.store_files import CURRENT_FILE, read_current
 from tokenvault.core.store_layout import (LIFE, LIFE_END, META_KEY, StoreError, check_rocksdict_config,
-                                          database_options, decode_meta, first_key, lookup_opaque, reason)
+                                          database_options, decode_meta, first_key, lookup_format_tokens, lookup_opaque,
+                                          metadata_rows, reason)
 from tokenvault.logs import get_logger
 
 log = get_logger("store_reader")
@@ -184,6 +185,26 @@ class StoreReader:
         """Ciphertexts of the live opaque tokens among ``tokens`` as of this view (VaultStore.lookup)."""
         try:
             return lookup_opaque(self._database(), tokens, now_ms, has_life=self._has_life)
+        except StoreReadError:
+            raise
+        except Exception as failure:
+            raise StoreReadError(f"reading the store failed: {reason(failure)}") from None
+
+    def lookup_format(self, epoch: int, tokens: Sequence[str], now_ms: int) -> dict[str, bytes]:
+        """Ciphertexts of the live card and digits tokens of ``epoch`` among ``tokens`` as of this view
+        (VaultStore.lookup_format)."""
+        try:
+            return lookup_format_tokens(self._database(), epoch, tokens, now_ms, has_life=self._has_life)
+        except StoreReadError:
+            raise
+        except Exception as failure:
+            raise StoreReadError(f"reading the store failed: {reason(failure)}") from None
+
+    def metadata(self, epoch: int | None, tokens: Sequence[str]) -> dict[str, bytes]:
+        """The metadata ciphertexts of the mappings among ``tokens`` as of this view (VaultStore.metadata:
+        opaque tokens when ``epoch`` is None, else card and digits tokens of ``epoch``)."""
+        try:
+            return metadata_rows(self._database(), epoch, tokens, has_life=self._has_life)
         except StoreReadError:
             raise
         except Exception as failure:

@@ -13,6 +13,9 @@ request data, so the number of series is bounded.
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -37,6 +40,45 @@ BATCH_BYTES_BUCKETS = (256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 
 # milliseconds), so they resolve the range from a timer's own jitter (1 ms) to
 # seconds.
 LOOP_STALL_BUCKETS_SECONDS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+# How old an exposition GET /metrics may answer: scrapers ask every 10-60 s, and the page needs no key,
+# so without a bound each request would cost a rendering (about 6 ms of a node's CPU at W = 2, measured
+# in docs/api.md) and a flood of them would take the node's cores.
+METRICS_MAX_AGE_SECONDS = 1.0
+
+
+class RecentRender:
+    """One rendering of an exposition shared by every caller within ``max_age_seconds`` of it, and by
+    every caller that arrives while it renders: a flood of scrapes costs at most one rendering per
+    period. A rendering that fails fails its waiters; the next call renders again."""
+
+    def __init__(self, render: Callable[[], Awaitable[bytes]], max_age_seconds: float = METRICS_MAX_AGE_SECONDS,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._render = render
+        self._max_age_seconds = max_age_seconds
+        self._clock = clock
+        self._text: bytes | None = None
+        self._rendered_at = 0.0
+        self._pending: asyncio.Future[bytes] | None = None
+        self.renderings = 0  # for the tests
+
+    async def get(self) -> bytes:
+        if self._text is not None and self._clock() - self._rendered_at < self._max_age_seconds:
+            return self._text
+        if self._pending is None:
+            self._pending = asyncio.ensure_future(self._render_once())
+        return await asyncio.shield(self._pending)
+
+    async def _render_once(self) -> bytes:
+        started = self._clock()
+        try:
+            self.renderings += 1
+            text = await self._render()
+            self._text, self._rendered_at = text, started
+            return text
+        finally:
+            self._pending = None
 
 
 class Metrics:

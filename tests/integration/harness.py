@@ -308,6 +308,18 @@ class ClusterHarness:
         with cluster.open_url(self.url(node_id) + "/metrics", timeout_seconds, self.ca_file) as response:
             return response.read().decode("utf-8")
 
+    def metrics_when(self, node_id: str, holds: Callable[[str], bool], timeout_seconds: float = 5.0) -> str:
+        """The node's /metrics page once ``holds`` is true of it: a page may be up to a second old
+        (tokenvault.metrics.METRICS_MAX_AGE_SECONDS), so what a test just did shows within about that."""
+        deadline = time.monotonic() + timeout_seconds
+        while True:
+            text = self.metrics_text(node_id)
+            if holds(text):
+                return text
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the metrics of {node_id} did not come to hold within {timeout_seconds} s")
+            time.sleep(0.05)
+
     async def health_async(self, node_id: str) -> dict[str, Any] | None:
         return await asyncio.to_thread(self.health, node_id)
 

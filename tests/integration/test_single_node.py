@@ -85,7 +85,7 @@ async def test_kill_restart_keeps_tokens_and_no_value_reaches_disk(
         sealed = f'tokenvault_sealed_values_total{{where="worker"}} {float(len(values))}'
     else:
         sealed = f'tokenvault_sealed_values_total{{where="helper"}} {float(BATCH_COUNT * BATCH_ITEMS)}'
-    assert sealed in harness.metrics_text("n1")
+    harness.metrics_when("n1", lambda text: sealed in text)
 
     harness.kill("n1")
     wait_for(lambda: not Path(f"/proc/{sealer_pid}").exists(), 10.0, "the killed node's sealer process to exit")

@@ -6,14 +6,14 @@ import asyncio
 import socket
 import struct
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, cast
 
 import msgpack
 import pytest
 
 from tokenvault import auth
 from tokenvault.api.channel import Channel, ChannelClosed
-from tokenvault.api.core_calls import merge_expositions
+from tokenvault.api.core_calls import CoreCalls, merge_expositions
 from tokenvault.api.http import HttpLimits
 from tokenvault.api.remote import RemoteService, _decode_epoch_keys, decode_key_rows
 from tokenvault.crypto.keys import EpochKeys, new_epoch_secret
@@ -195,3 +195,24 @@ async def test_a_value_msgpack_cannot_carry_is_a_400_for_a_call_and_a_503_for_an
     assert await worker.call("echo", {"x": 7}) == 7  # and the channel goes on
     await core.close()
     await worker.close()
+
+
+async def test_the_core_renders_the_node_exposition_once_a_period_for_all_its_workers() -> None:
+    """Every worker asks its core for each scrape it cannot answer from its own recent copy: with W
+    workers a flood reaches the core W times a period, and the core's fan-out to every worker runs once."""
+    asked: list[str] = []
+
+    class FakeWorkerChannel:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        async def call(self, method: str, arguments: dict[str, Any]) -> Any:
+            asked.append(self.name)
+            return Metrics("worker").render()[0].decode()
+
+    service = SimpleNamespace(node=SimpleNamespace(config=SimpleNamespace(limits=None)))
+    workers = [("1", FakeWorkerChannel("1")), ("2", FakeWorkerChannel("2"))]
+    calls = CoreCalls(cast(Any, service), Metrics("core"), lambda: cast(Any, workers), max_backup_streams=1)
+    texts = await asyncio.gather(*(calls.handlers["metrics"]({}) for _ in range(10)))
+    assert len(set(texts)) == 1 and 'worker="2"' in texts[0]
+    assert sorted(asked) == ["1", "2"]

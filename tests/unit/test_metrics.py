@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any, cast
+
 import prometheus_client
 import pytest
+from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
-from tokenvault.metrics import ROLES, Metrics
+from tokenvault import auth
+from tokenvault.api.http import HttpLimits, build_app
+from tokenvault.metrics import ROLES, Metrics, RecentRender
 
 
 def samples(metrics: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -117,3 +123,60 @@ def test_loop_stall_histogram_and_max_gauge() -> None:
     assert found[("tokenvault_event_loop_stall_seconds_bucket", (("le", "0.25"),))] == 2
     assert found[("tokenvault_event_loop_stall_seconds_bucket", (("le", "0.5"),))] == 3
     assert found[("tokenvault_event_loop_stall_max_seconds", ())] == 0.3
+
+
+async def test_a_flood_of_scrapes_costs_one_rendering_per_period() -> None:
+    now = [100.0]
+    started = asyncio.Event()
+    release = asyncio.Event()
+    count = [0]
+
+    async def render() -> bytes:
+        count[0] += 1
+        started.set()
+        await release.wait()
+        return f"rendering {count[0]}".encode()
+
+    recent = RecentRender(render, max_age_seconds=1.0, clock=lambda: now[0])
+    # Fifty scrapes while the first rendering runs share it.
+    waiting = [asyncio.ensure_future(recent.get()) for _ in range(50)]
+    await started.wait()
+    release.set()
+    assert set(await asyncio.gather(*waiting)) == {b"rendering 1"}
+    now[0] += 0.9
+    assert await recent.get() == b"rendering 1"  # still within the period
+    now[0] += 0.2
+    assert await recent.get() == b"rendering 2"  # older than the period: rendered again
+    assert recent.renderings == count[0] == 2
+
+
+async def test_a_rendering_that_fails_fails_its_waiters_and_the_next_scrape_renders_again() -> None:
+    attempts = [0]
+
+    async def render() -> bytes:
+        attempts[0] += 1
+        if attempts[0] == 1:
+            raise RuntimeError("a worker went away")
+        return b"fine"
+
+    recent = RecentRender(render)
+    with pytest.raises(RuntimeError):
+        await recent.get()
+    assert await recent.get() == b"fine"
+    assert attempts[0] == 2
+
+
+async def test_metrics_page_floods_reach_the_core_once_per_period() -> None:
+    """GET /metrics needs no key: a worker answers a flood of them with one call to its core a period."""
+    calls = [0]
+
+    async def node_metrics() -> str:
+        calls[0] += 1
+        return "tokenvault_example 1.0\n"
+
+    app = build_app(cast(Any, object()), auth.ApiKeyTable({}), HttpLimits(), Metrics("worker"), node_metrics)
+    async with TestClient(TestServer(app, host="127.0.0.1", port=0)) as client:
+        answers = await asyncio.gather(*(client.get("/metrics") for _ in range(40)))
+        assert {answer.status for answer in answers} == {200}
+        assert {await answer.text() for answer in answers} == {"tokenvault_example 1.0\n"}
+    assert calls[0] == 1

@@ -31,7 +31,7 @@ from tokenvault.core.commands import Actor, CommandError
 from tokenvault.core.store_layout import MAX_TOKEN_PAGE
 from tokenvault.crypto import formats
 from tokenvault.errors import InvalidRequest, NotFound, Overloaded
-from tokenvault.metrics import Metrics
+from tokenvault.metrics import Metrics, RecentRender
 
 # How long the core waits for one worker's metrics before it renders the node's without them.
 WORKER_METRICS_TIMEOUT_SECONDS = 1.0
@@ -61,6 +61,7 @@ class CoreCalls:
         self._service = service
         self._metrics = metrics
         self._workers = workers
+        self._exposition = RecentRender(self._render_node_exposition)
         self._limits = service.node.config.limits
         self._max_backup_streams = max_backup_streams
         self._backups: dict[int, BackupStream] = {}
@@ -272,6 +273,11 @@ class CoreCalls:
     # ------------------------------------------------------------------ metrics
     async def _render_metrics(self, arguments: dict[str, Any]) -> Any:
         _members(arguments, ())
+        return (await self._exposition.get()).decode("utf-8")
+
+    async def _render_node_exposition(self) -> bytes:
+        """The core's registry and every worker's, merged: rendered at most once per
+        METRICS_MAX_AGE_SECONDS for all the workers that ask (each asks for its own scrapes)."""
         core_text, _ = self._metrics.render()
         parts: list[tuple[str | None, str]] = [(None, core_text.decode("utf-8"))]
         workers = self._workers()
@@ -285,7 +291,7 @@ class CoreCalls:
 
         answers = await asyncio.gather(*(one(name, channel) for name, channel in workers))
         parts.extend(answer for answer in answers if answer is not None)
-        return merge_expositions(parts).decode("utf-8")
+        return merge_expositions(parts)
 
 
 def _checked_actor(fields: object) -> Actor:

@@ -95,7 +95,7 @@ from tokenvault.errors import (
     problem_body,
 )
 from tokenvault.logs import get_logger
-from tokenvault.metrics import METRICS_CONTENT_TYPE, UNMATCHED_ROUTE, Metrics
+from tokenvault.metrics import METRICS_CONTENT_TYPE, UNMATCHED_ROUTE, Metrics, RecentRender
 from tokenvault.api.validation import (
     canonical_metadata,
     check_json_structure,
@@ -423,6 +423,7 @@ class _Api:
                  node_metrics: Callable[[], Awaitable[str]] | None = None) -> None:
         self.service = service
         self._node_metrics = node_metrics
+        self._exposition = RecentRender(self._render_exposition)
         self.api_keys = api_keys
         self.limits = limits
         self.metrics = metrics
@@ -562,10 +563,15 @@ class _Api:
         return json_response(await self.service.read_health(), headers=NO_STORE_HEADERS)
 
     async def render_metrics(self) -> tuple[bytes, str]:
-        """This process's registry, or (in a worker) the whole node's exposition from the core."""
+        """This process's registry, or (in a worker) the whole node's exposition from the core, at most
+        METRICS_MAX_AGE_SECONDS old: the page needs no key, so a flood of scrapes must not cost a
+        rendering each."""
+        return await self._exposition.get(), METRICS_CONTENT_TYPE
+
+    async def _render_exposition(self) -> bytes:
         if self._node_metrics is None:
-            return self.metrics.render()
-        return (await self._node_metrics()).encode("utf-8"), METRICS_CONTENT_TYPE
+            return self.metrics.render()[0]
+        return (await self._node_metrics()).encode("utf-8")
 
     async def metrics_endpoint(self, request: web.Request) -> web.Response:
         body, content_type = await self.render_metrics()

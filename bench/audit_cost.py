@@ -17,7 +17,7 @@ import dataclasses
 import tempfile
 from pathlib import Path
 
-from loadgen import VaultTarget, drive, free_ports, read_pids, report_line
+from loadgen import VaultTarget, Workload, drive, free_ports, read_pids, report_line
 
 from tokenvault.devcluster import cluster
 from tokenvault.client.vault import AsyncClient
@@ -46,9 +46,11 @@ async def _measure(arguments: argparse.Namespace, audit: bool) -> float:
                 await client.tokenize(["warm-up"])
             target = VaultTarget(list(spec.http_urls), spec.key("full"), arguments.seed)
             await target.fill_pool(max(arguments.pool, arguments.batch))
-            measurement = await drive(target.detokenize(arguments.batch), arguments.concurrency,
-                                      arguments.duration, arguments.warmup, arguments.client,
-                                      read_pids(node.pid_file for node in spec.nodes))
+            workload = Workload("vault", "detokenize", tuple(target.urls), arguments.batch, spec.key("full"),
+                                seed=arguments.seed, pool=tuple(target.pool))
+            measurement = await drive(workload, arguments.concurrency, arguments.duration, arguments.warmup,
+                                      arguments.client, read_pids(node.pid_file for node in spec.nodes),
+                                      processes=arguments.client_processes)
             print(report_line(f"detokenize x{arguments.batch} audit {'on' if audit else 'off'}", measurement),
                   flush=True)
             return measurement.requests / (measurement.window_seconds or 1.0)
@@ -59,7 +61,8 @@ async def _measure(arguments: argparse.Namespace, audit: bool) -> float:
 
 async def main(arguments: argparse.Namespace) -> int:
     print(f"3-node cluster, detokenize {arguments.batch} token(s)/request, concurrency {arguments.concurrency}, "
-          f"{arguments.duration:g} s after {arguments.warmup:g} s warm-up, {arguments.client} client", flush=True)
+          f"{arguments.duration:g} s after {arguments.warmup:g} s warm-up, {arguments.client} client in "
+          f"{arguments.client_processes} process(es)", flush=True)
     ratios = []
     for round_number in range(1, arguments.rounds + 1):
         order = (True, False) if round_number % 2 else (False, True)
@@ -79,6 +82,8 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--client", choices=("aiohttp", "raw"), default="raw")
+    parser.add_argument("--client-processes", type=int, default=1, metavar="N",
+                        help="load generator processes sharing --concurrency (see loadgen.py)")
     return parser.parse_args()
 
 

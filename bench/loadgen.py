@@ -19,6 +19,15 @@ window; compare-etcd does the same for both systems. `--client raw` swaps
 aiohttp's client for a minimal one (bench/httpclients.py) that takes less of
 the cores the target shares with it.
 
+`--client-processes N` (run, compare-etcd, workers) generates the load from N
+processes instead of one, for machines with many cores: at about 40 us of
+client CPU per request, one Python process saturates its core long before a
+16-core target does. The parent spawns this script N times (a hidden `_child`
+command, its Workload as JSON on stdin, its results as JSON on stdout), splits
+--concurrency among them, gives each its own seed (so no two send the same
+fresh values) and a common window on CLOCK_MONOTONIC, and merges their counts
+and latencies into one line; the load generator's CPU is theirs summed.
+
 `compare-etcd` starts its own clusters in a temporary directory, on loopback,
 and runs the same client against: vault single-value tokenize, etcd
 insert-if-absent transactions (compare create_revision = 0, then put) through
@@ -51,6 +60,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypedDict
 
 import aiohttp
 
@@ -183,34 +193,97 @@ def own_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-async def drive(operation: Operation, concurrency: int, duration_seconds: float, warmup_seconds: float,
+@dataclass(frozen=True, slots=True)
+class Window:
+    """The instants of one run on CLOCK_MONOTONIC (time.monotonic), which every process of a Linux
+    machine shares: so load processes started separately still warm up and measure the same seconds."""
+
+    start_at: float
+    measure_from: float
+    stop_at: float
+
+    @classmethod
+    def starting_at(cls, start_at: float, warmup_seconds: float, duration_seconds: float) -> Window:
+        return cls(start_at, start_at + warmup_seconds, start_at + warmup_seconds + duration_seconds)
+
+
+@dataclass(frozen=True, slots=True)
+class CpuSnapshot:
+    """CPU seconds the target's processes had used at one instant, in total and by process kind
+    (None where a process could not be read)."""
+
+    total: float | None
+    by_kind: dict[str, float] | None
+
+
+def server_cpu(pids: Sequence[int]) -> CpuSnapshot:
+    if not pids:
+        return CpuSnapshot(None, None)
+    return CpuSnapshot(process_cpu_seconds(pids), cpu_by_kind(pids))
+
+
+def record_server_cpu(measurement: Measurement, pids: Sequence[int], before: CpuSnapshot) -> None:
+    """Store in ``measurement`` the CPU ``pids`` used since ``before``, where both ends could be read."""
+    after = server_cpu(pids) if before.total is not None else CpuSnapshot(None, None)
+    if before.total is not None and after.total is not None:
+        measurement.server_cpu_seconds = after.total - before.total
+    if before.by_kind is not None and after.by_kind is not None:
+        measurement.server_cpu_by_kind = {kind: after.by_kind[kind] - before.by_kind.get(kind, 0.0)
+                                          for kind in after.by_kind}
+
+
+async def drive(load: Operation | Workload, concurrency: int, duration_seconds: float, warmup_seconds: float,
                 client_kind: str = "aiohttp", server_pids: Sequence[int] = (),
-                ca_file: str | Path | None = None) -> Measurement:
+                ca_file: str | Path | None = None, processes: int = 1) -> Measurement:
     """Run `concurrency` workers for warmup + duration; record requests that start after the warmup.
 
-    With ``server_pids`` it also records the CPU those processes and this one
-    used over warm-up + window, so the report can give CPU per operation.
+    With ``server_pids`` it also records the CPU those processes and the load
+    generator used over warm-up + window, so the report can give CPU per
+    operation. ``processes`` > 1 spreads the workers over that many load
+    processes (see drive_processes), which needs a Workload: a child process
+    cannot receive an Operation, only the description it is built from.
     """
-    measurement = Measurement()
+    if not 1 <= processes <= concurrency:
+        raise ValueError(f"{processes} load processes cannot share {concurrency} worker(s)")
     server_pids = with_children(server_pids) if server_pids else []
-    server_before = process_cpu_seconds(server_pids) if server_pids else None
-    kinds_before = cpu_by_kind(server_pids) if server_pids else None
+    if processes > 1:
+        if not isinstance(load, Workload):
+            raise TypeError("only a Workload can be driven from several processes: an Operation cannot be sent")
+        return await drive_processes(load, concurrency, duration_seconds, warmup_seconds, client_kind,
+                                     server_pids, processes)
+    operation = build_operation(load) if isinstance(load, Workload) else load
+    before = server_cpu(server_pids)
+    window = Window.starting_at(time.monotonic(), warmup_seconds, duration_seconds)
+    measurement = await run_workers(operation, range(concurrency), window, client_kind, ca_file)
+    record_server_cpu(measurement, server_pids, before)
+    return measurement
+
+
+async def run_workers(operation: Operation, numbers: range, window: Window, client_kind: str,
+                      ca_file: str | Path | None) -> Measurement:
+    """The workers ``numbers`` of one process: wait for the window's start, then send until its end.
+
+    The numbers are global across load processes because operations pick a
+    node by ``worker % len(urls)``. The CPU recorded is this process's own,
+    from opening the client to the last response.
+    """
+    measurement = Measurement(window_seconds=window.stop_at - window.measure_from)
     client_before = own_cpu_seconds()
-    async with open_client(client_kind, concurrency, ca_file) as client:
-        # Why perf_counter: uvloop's loop.time() has millisecond resolution, too coarse for latencies.
-        clock = time.perf_counter
-        measure_from = clock() + warmup_seconds
-        stop_at = measure_from + duration_seconds
+    async with open_client(client_kind, len(numbers), ca_file) as client:
+        # Why time.monotonic and not loop.time(): uvloop's loop clock has millisecond resolution, too
+        # coarse for latencies, while CLOCK_MONOTONIC has nanoseconds and is the same in every process.
+        clock = time.monotonic
+        await asyncio.sleep(max(0.0, window.start_at - clock()))
 
         async def worker(number: int) -> None:
-            while (started := clock()) < stop_at:
+            while (started := clock()) < window.stop_at:
                 try:
                     outcome = await operation(client, number)
                 except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as error:
                     outcome = Outcome(False, 0, type(error).__name__)
                 finished = clock()
                 measurement.completed_ok += outcome.ok
-                if started < measure_from or finished > stop_at:
+                if started < window.measure_from or finished > window.stop_at:
                     continue
                 if outcome.ok:
                     measurement.requests += 1
@@ -221,16 +294,8 @@ async def drive(operation: Operation, concurrency: int, duration_seconds: float,
                     # Why: a failing target would otherwise be hammered in a tight loop.
                     await asyncio.sleep(0.01)
 
-        await asyncio.gather(*(worker(number) for number in range(concurrency)))
-    measurement.window_seconds = duration_seconds
+        await asyncio.gather(*(worker(number) for number in numbers))
     measurement.client_cpu_seconds = own_cpu_seconds() - client_before
-    server_after = process_cpu_seconds(server_pids) if server_before is not None else None
-    if server_before is not None and server_after is not None:
-        measurement.server_cpu_seconds = server_after - server_before
-    kinds_after = cpu_by_kind(server_pids) if kinds_before is not None else None
-    if kinds_before is not None and kinds_after is not None:
-        measurement.server_cpu_by_kind = {kind: kinds_after[kind] - kinds_before.get(kind, 0.0)
-                                          for kind in kinds_after}
     return measurement
 
 
@@ -257,7 +322,7 @@ def report_line(label: str, measurement: Measurement) -> str:
 class VaultTarget:
     """Builds tokenize/detokenize operations against a list of vault node URLs (round-robin per worker)."""
 
-    def __init__(self, urls: Sequence[str], api_key: str, seed: int, ca_file: str | Path | None = None,
+    def __init__(self, urls: Sequence[str], api_key: str, seed: int | None, ca_file: str | Path | None = None,
                  token_format: str = "opaque") -> None:
         self.urls = [url.rstrip("/") for url in urls]
         self.token_format = token_format  # tokenize mode: "opaque", or "card" with random Luhn-valid cards
@@ -351,7 +416,7 @@ class VaultTarget:
 # ---------------------------------------------------------------- etcd
 
 
-def etcd_insert_if_absent(client_urls: Sequence[str], seed: int) -> Operation:
+def etcd_insert_if_absent(client_urls: Sequence[str], seed: int | None) -> Operation:
     """One etcd transaction per request: if create_revision(key) == 0 then put(key, value)."""
     generator = random.Random(seed)
 
@@ -442,6 +507,216 @@ def stop_processes(processes: Sequence[subprocess.Popen[bytes]]) -> None:
             process.wait(timeout=10)
 
 
+# ---------------------------------------------------------------- workloads
+
+
+VAULT_MODES = ("tokenize", "detokenize", "repeat", "mixed")
+MODES = {"vault": VAULT_MODES, "etcd": ("insert-if-absent",)}
+
+
+def derive_seed(seed: int | None, label: str) -> int | None:
+    """A seed of its own for one use of ``seed`` (the pool, a load process, a round of compare-etcd),
+    reproducible from ``seed``; None, fresh randomness, stays None."""
+    return None if seed is None else random.Random(f"{seed} {label}").getrandbits(64)
+
+
+@dataclass(frozen=True, slots=True)
+class Workload:
+    """A load described fully enough for a load process to rebuild its Operation (build_operation).
+
+    Why not send the Operation itself: it is a closure over a client-side
+    target, which cannot cross into another process; this travels as JSON.
+    """
+
+    system: str  # "vault" or "etcd"
+    mode: str  # one of MODES[system]
+    urls: tuple[str, ...]
+    batch: int = 1
+    api_key: str = ""
+    ca_file: str | None = None  # the cluster CA for https:// nodes
+    token_format: str = "opaque"  # vault tokenize: "opaque", or "card" with random Luhn-valid cards
+    seed: int | None = None  # None: fresh randomness
+    pool: tuple[str, ...] = ()  # tokens that exist, for detokenize and mixed
+    pool_values: tuple[str, ...] = ()  # the values those tokens stand for, for repeat
+
+    def __post_init__(self) -> None:
+        # Why here: a mistake found in the parent is clearer than the same one in every load process.
+        if self.mode not in MODES.get(self.system, ()):
+            raise ValueError(f"unknown workload {self.system!r} {self.mode!r}")
+
+    def for_process(self, index: int) -> Workload:
+        """The workload of load process ``index``: the same with a seed of its own, so that no two
+        processes send the same fresh values (tokenize) or keys (etcd)."""
+        return dataclasses.replace(self, seed=derive_seed(self.seed, f"process {index}"))
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, document: dict[str, Any]) -> Workload:
+        sequences = {name: tuple(document[name]) for name in ("urls", "pool", "pool_values")}
+        return cls(**{**document, **sequences})
+
+
+def build_operation(workload: Workload) -> Operation:
+    """The Operation a workload describes; every run, in one process or several, gets it from here."""
+    if workload.system == "etcd":
+        return etcd_insert_if_absent(workload.urls, workload.seed)
+    target = VaultTarget(workload.urls, workload.api_key, workload.seed, workload.ca_file, workload.token_format)
+    target.pool, target.pool_values = list(workload.pool), list(workload.pool_values)
+    return {"tokenize": target.tokenize, "detokenize": target.detokenize, "repeat": target.repeat,
+            "mixed": target.mixed}[workload.mode](workload.batch)
+
+
+# ---------------------------------------------------------------- load processes
+
+
+# Why wait this long before the warm-up: every load process must have started Python, imported
+# aiohttp and opened its client before the common window begins (about 0.3 s each on an idle machine).
+CHILD_STARTUP_SECONDS = 1.5
+# How long past its window's end a load process may take to answer before it counts as hung.
+CHILD_EXTRA_SECONDS = 30.0
+# The hidden command that runs one load process (kept out of --help: it is internal).
+CHILD_COMMAND = "_child"
+
+
+class LoadProcessError(RuntimeError):
+    """A load process failed or overran; the message carries its standard error."""
+
+
+class ChildSpec(TypedDict):
+    """What the parent sends a load process on stdin."""
+
+    workload: dict[str, Any]  # Workload.to_json()
+    first_worker: int  # its workers' global numbers start here
+    workers: int
+    client: str
+    window: dict[str, float]  # the fields of Window
+
+
+class ChildResult(TypedDict):
+    """What a load process prints on stdout: a Measurement without what the parent knows itself."""
+
+    requests: int
+    values: int
+    latencies_ms: list[float]
+    errors: dict[str, int]
+    completed_ok: int
+    client_cpu_seconds: float
+
+
+def worker_ranges(concurrency: int, processes: int) -> list[range]:
+    """Split the worker numbers 0..concurrency-1 into `processes` consecutive ranges that differ in
+    size by at most one (the remainder goes to the first ones)."""
+    share, remainder = divmod(concurrency, processes)
+    ranges, first = [], 0
+    for index in range(processes):
+        size = share + (index < remainder)
+        ranges.append(range(first, first + size))
+        first += size
+    return ranges
+
+
+async def drive_processes(workload: Workload, concurrency: int, duration_seconds: float, warmup_seconds: float,
+                          client_kind: str, server_pids: Sequence[int], processes: int) -> Measurement:
+    """drive() from `processes` child processes of this script, all measuring the same window.
+
+    Why child processes and not one process: at about 40 us of client CPU
+    per request, a single Python process saturates one core long before a
+    many-core target does. Why spawned and not forked: this runs inside an
+    asyncio loop, which a forked child would inherit in an unusable state.
+    The server CPU is read here over warm-up and window as in a single
+    process; the load generator's CPU is the sum of what the children report.
+    """
+    window = Window.starting_at(time.monotonic() + CHILD_STARTUP_SECONDS, warmup_seconds, duration_seconds)
+    timeout = CHILD_STARTUP_SECONDS + warmup_seconds + duration_seconds + CHILD_EXTRA_SECONDS
+    specs = [ChildSpec(workload=workload.for_process(index).to_json(), first_worker=numbers.start,
+                       workers=len(numbers), client=client_kind, window=dataclasses.asdict(window))
+             for index, numbers in enumerate(worker_ranges(concurrency, processes))]
+    tasks = [asyncio.create_task(run_child(index, spec, timeout)) for index, spec in enumerate(specs)]
+    try:
+        # Why wait on the tasks rather than sleep: a process that fails during start-up fails the run at once.
+        done, _ = await asyncio.wait(tasks, timeout=max(0.0, window.start_at - time.monotonic()),
+                                     return_when=asyncio.FIRST_EXCEPTION)
+        for task in done:
+            task.result()
+        before = server_cpu(server_pids)
+        results = await asyncio.gather(*tasks)
+    except BaseException:
+        # Why cancel the others: a run whose numbers are incomplete is worthless, and the
+        # remaining children would otherwise keep loading the target until their window ends.
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+    measurement = merge_measurements(results, window)
+    record_server_cpu(measurement, server_pids, before)
+    return measurement
+
+
+async def run_child(index: int, spec: ChildSpec, timeout_seconds: float) -> ChildResult:
+    """Start load process `index` with its spec on stdin and return the result it prints on stdout;
+    raise LoadProcessError, with its stderr, if it fails or takes longer than `timeout_seconds`."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, str(Path(__file__).resolve()), CHILD_COMMAND, stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        stdout, stderr = await asyncio.wait_for(process.communicate(json.dumps(spec).encode()), timeout_seconds)
+    except asyncio.TimeoutError:
+        raise LoadProcessError(f"load process {index} did not finish within {timeout_seconds:g} s") from None
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    if process.returncode != 0:
+        raise LoadProcessError(f"load process {index} exited with status {process.returncode}:\n"
+                               f"{stderr.decode(errors='replace').strip()}")
+    result: ChildResult = json.loads(stdout)
+    return result
+
+
+def merge_measurements(results: Sequence[ChildResult], window: Window) -> Measurement:
+    """One Measurement from the load processes' results."""
+    measurement = Measurement(window_seconds=window.stop_at - window.measure_from)
+    for result in results:
+        measurement.requests += result["requests"]
+        measurement.values += result["values"]
+        measurement.latencies_ms.extend(result["latencies_ms"])
+        measurement.errors.update(result["errors"])
+        measurement.completed_ok += result["completed_ok"]
+        measurement.client_cpu_seconds += result["client_cpu_seconds"]
+    return measurement
+
+
+def child_result(measurement: Measurement) -> ChildResult:
+    """What a load process sends back, latencies rounded to a microsecond (finer than a percentile
+    here needs, and it keeps the JSON of a few hundred thousand requests small)."""
+    return ChildResult(requests=measurement.requests, values=measurement.values,
+                       latencies_ms=[round(latency, 3) for latency in measurement.latencies_ms],
+                       errors=dict(measurement.errors), completed_ok=measurement.completed_ok,
+                       client_cpu_seconds=measurement.client_cpu_seconds)
+
+
+async def child_drive(spec: ChildSpec) -> ChildResult:
+    """The body of a load process: rebuild the operation from the spec and run its workers."""
+    workload = Workload.from_json(spec["workload"])
+    window = Window(**spec["window"])
+    operation = build_operation(workload)
+    if time.monotonic() > window.measure_from:
+        # Why refuse: a process that starts inside the window would silently measure less than the others.
+        raise SystemExit("this load process started after the measured window had begun (a loaded machine?)")
+    numbers = range(spec["first_worker"], spec["first_worker"] + spec["workers"])
+    return child_result(await run_workers(operation, numbers, window, spec["client"], workload.ca_file))
+
+
+def child_main() -> int:
+    """Entry point of a load process (the hidden `_child` command): spec on stdin, result on stdout."""
+    spec: ChildSpec = json.load(sys.stdin)
+    install_uvloop()
+    json.dump(asyncio.run(child_drive(spec)), sys.stdout)
+    return 0
+
+
 # ---------------------------------------------------------------- commands
 
 
@@ -464,6 +739,23 @@ def read_pids(pid_files: Iterable[str | Path | None]) -> list[int]:
     return pids
 
 
+async def vault_workload(urls: Sequence[str], api_key: str, ca_file: str | Path | None,
+                         arguments: argparse.Namespace) -> Workload:
+    """The vault workload that `run` and `workers` describe, with its pool tokenized first where the
+    mode needs one. The pool has a seed of its own, so that tokenize's fresh values do not repeat it."""
+    target = VaultTarget(urls, api_key, derive_seed(arguments.seed, "pool"), ca_file, arguments.format)
+    if arguments.mode in ("detokenize", "mixed", "repeat"):
+        await target.fill_pool(max(arguments.pool, arguments.batch))
+    return Workload("vault", arguments.mode, tuple(target.urls), arguments.batch, api_key,
+                    str(ca_file) if ca_file else None, arguments.format, arguments.seed,
+                    tuple(target.pool), tuple(target.pool_values))
+
+
+def client_label(arguments: argparse.Namespace) -> str:
+    processes = arguments.client_processes
+    return f"{arguments.client} client in {processes} process{'es' if processes > 1 else ''}"
+
+
 async def command_run(arguments: argparse.Namespace) -> int:
     urls = [url for entry in arguments.url for url in entry.split(",") if url]
     api_key = arguments.api_key or os.environ.get("TOKENVAULT_API_KEY")
@@ -476,17 +768,13 @@ async def command_run(arguments: argparse.Namespace) -> int:
         ca_file = ca_file or cluster_ca_file
     if not urls or not api_key:
         raise SystemExit("give --url and --api-key, or --cluster-json")
-    target = VaultTarget(urls, api_key, arguments.seed, ca_file, arguments.format)
-    if arguments.mode in ("detokenize", "mixed", "repeat"):
-        await target.fill_pool(max(arguments.pool, arguments.batch))
-    operation = {"tokenize": target.tokenize, "detokenize": target.detokenize, "repeat": target.repeat,
-                 "mixed": target.mixed}[arguments.mode](arguments.batch)
+    workload = await vault_workload(urls, api_key, ca_file, arguments)
     print(f"{arguments.mode} ({arguments.format}), {arguments.batch} value(s)/request, concurrency {arguments.concurrency}, "
-          f"{arguments.duration:g} s after {arguments.warmup:g} s warm-up, {arguments.client} client, "
+          f"{arguments.duration:g} s after {arguments.warmup:g} s warm-up, {client_label(arguments)}, "
           f"against {', '.join(urls)}", flush=True)
     # CPU per request counts every node of the cluster (all of them work for each write).
-    measurement = await drive(operation, arguments.concurrency, arguments.duration, arguments.warmup,
-                              arguments.client, server_pids, ca_file)
+    measurement = await drive(workload, arguments.concurrency, arguments.duration, arguments.warmup,
+                              arguments.client, server_pids, ca_file, arguments.client_processes)
     print(report_line(f"vault {arguments.mode} x{arguments.batch}", measurement))
     return 0
 
@@ -525,10 +813,14 @@ async def compare(arguments: argparse.Namespace, vault_urls: list[str], api_key:
     concurrency, duration, warmup = arguments.concurrency, arguments.duration, arguments.warmup
     print(f"3-node vault {', '.join(vault_urls)}\n3-member etcd {', '.join(etcd_urls)}\n"
           f"concurrency {concurrency}, {duration:g} s per run after {warmup:g} s warm-up, "
-          f"{arguments.client} client\n", flush=True)
-    target = VaultTarget(vault_urls, api_key, arguments.seed, ca_file)
-    client = arguments.client
-    etcd_operation = etcd_insert_if_absent(etcd_urls, arguments.seed)
+          f"{client_label(arguments)}\n", flush=True)
+    client, processes = arguments.client, arguments.client_processes
+
+    def vault_tokenize(batch: int, run: str) -> Workload:
+        # Why a seed per run: a run that repeated an earlier run's values would measure repeats, not inserts.
+        return Workload("vault", "tokenize", tuple(vault_urls), batch, api_key, str(ca_file) if ca_file else None,
+                        seed=derive_seed(arguments.seed, run))
+
     ratios: list[float] = []
     for round_number in range(1, arguments.rounds + 1):
         # Why alternate the order: the machine's speed drifts; a pair measured back to back in
@@ -537,17 +829,21 @@ async def compare(arguments: argparse.Namespace, vault_urls: list[str], api_key:
         results: dict[str, Measurement] = {}
         for system in order:
             if system == "vault":
-                results[system] = await drive(target.tokenize(1), concurrency, duration, warmup, client, vault_pids,
-                                              ca_file)
+                results[system] = await drive(vault_tokenize(1, f"vault {round_number}"), concurrency, duration,
+                                              warmup, client, vault_pids, ca_file, processes)
                 label = "vault tokenize x1"
             else:
-                results[system] = await drive(etcd_operation, concurrency, duration, warmup, client, etcd_pids)
+                etcd = Workload("etcd", "insert-if-absent", tuple(etcd_urls),
+                                seed=derive_seed(arguments.seed, f"etcd {round_number}"))
+                results[system] = await drive(etcd, concurrency, duration, warmup, client, etcd_pids,
+                                              processes=processes)
                 label = "etcd txn insert-if-absent x1"
             prefix = f"[{round_number}] " if arguments.rounds > 1 else ""
             print(report_line(prefix + label, results[system]), flush=True)
         if results["etcd"].requests:
             ratios.append(results["vault"].requests / results["etcd"].requests)
-    vault_batch = await drive(target.tokenize(100), concurrency, duration, warmup, client, vault_pids, ca_file)
+    vault_batch = await drive(vault_tokenize(100, "vault x100"), concurrency, duration, warmup, client, vault_pids,
+                              ca_file, processes)
     print(report_line("vault tokenize x100", vault_batch), flush=True)
     if ratios:
         listed = ", ".join(f"{ratio:.2f}x" for ratio in ratios)
@@ -567,7 +863,7 @@ async def command_workers(arguments: argparse.Namespace) -> int:
     runs = [(count, reads) for count in counts for reads in (store_reads if count else (None,))]
     print(f"one node, {arguments.mode} ({arguments.format}) of {arguments.batch} value(s), concurrency {arguments.concurrency}, "
           f"{arguments.duration:g} s per run "
-          f"after {arguments.warmup:g} s warm-up, {arguments.client} client, {os.cpu_count()} cores visible\n",
+          f"after {arguments.warmup:g} s warm-up, {client_label(arguments)}, {os.cpu_count()} cores visible\n",
           flush=True)
     for round_number in range(1, arguments.rounds + 1):
         # Alternate the order between rounds, so the machine's drift does not favour one count.
@@ -582,16 +878,10 @@ async def command_workers(arguments: argparse.Namespace) -> int:
                     spec, _ = await asyncio.to_thread(cluster.start_cluster, directory, 1,
                                                       ports=[(http_port, peer_port)], settings=settings,
                                                       timeout_seconds=60)
-                    target = VaultTarget(list(spec.http_urls), spec.key("full"), arguments.seed, spec.ca_file,
-                                         arguments.format)
-                    if arguments.mode in ("detokenize", "repeat"):
-                        await target.fill_pool(max(arguments.pool, arguments.batch))
-                    operation = {"tokenize": target.tokenize, "detokenize": target.detokenize,
-                                 "repeat": target.repeat}[arguments.mode](arguments.batch)
-                    measurement = await drive(operation, arguments.concurrency,
-                                              arguments.duration,
-                                              arguments.warmup, arguments.client,
-                                              read_pids(node.pid_file for node in spec.nodes), spec.ca_file)
+                    workload = await vault_workload(list(spec.http_urls), spec.key("full"), spec.ca_file, arguments)
+                    measurement = await drive(workload, arguments.concurrency, arguments.duration, arguments.warmup,
+                                              arguments.client, read_pids(node.pid_file for node in spec.nodes),
+                                              spec.ca_file, arguments.client_processes)
                     prefix = f"[{round_number}] " if arguments.rounds > 1 else ""
                     reads_label = "" if count == 0 or arguments.store_reads != "both" else \
                         (" store-reads" if reads else " core-reads")
@@ -611,7 +901,7 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     run.add_argument("--api-key", help="API key with the needed scopes (or env TOKENVAULT_API_KEY)")
     run.add_argument("--cluster-json", help="take URLs, the 'full' key and the CA from this cluster.json")
     run.add_argument("--ca-file", help="cluster CA for https:// nodes (or env TOKENVAULT_CA_FILE)")
-    run.add_argument("--mode", choices=("tokenize", "detokenize", "repeat", "mixed"), default="tokenize")
+    run.add_argument("--mode", choices=VAULT_MODES, default="tokenize")
     run.add_argument("--batch", type=int, default=1, help="values (or tokens) per request")
     run.add_argument("--format", choices=("opaque", "card"), default="opaque",
                      help="tokenize mode: opaque tokens of synthetic strings, or card tokens of random card numbers")
@@ -643,23 +933,36 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
         sub.add_argument("--client", choices=CLIENT_KINDS, default="aiohttp",
                          help="HTTP client: aiohttp, or raw (a minimal asyncio HTTP/1.1 client that costs "
                               "the shared cores less; see bench/httpclients.py)")
+        sub.add_argument("--client-processes", type=int, default=1, metavar="N",
+                         help="load generator processes sharing --concurrency, all measuring the same window "
+                              "(for many cores, where one Python process is the bottleneck)")
     arguments = parser.parse_args(argv)
     if arguments.seed is None:
         arguments.seed = random.SystemRandom().getrandbits(32)
     if (getattr(arguments, "batch", 1) < 1 or getattr(arguments, "rounds", 1) < 1 or arguments.concurrency < 1
             or arguments.duration <= 0):
         parser.error("--batch, --rounds and --concurrency must be at least 1 and --duration positive")
+    if not 1 <= arguments.client_processes <= arguments.concurrency:
+        parser.error("--client-processes must be between 1 and --concurrency")
     return arguments
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    arguments = parse_arguments(argv)
+def install_uvloop() -> None:
     try:
         import uvloop
 
         uvloop.install()
     except ImportError:
         pass
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == [CHILD_COMMAND]:
+        # Why before argparse: a load process's command is internal, so it is kept out of --help.
+        return child_main()
+    arguments = parse_arguments(argv)
+    install_uvloop()
     handler = {"run": command_run, "compare-etcd": command_compare_etcd, "workers": command_workers}[arguments.command]
     return asyncio.run(handler(arguments))
 

@@ -1,8 +1,13 @@
-"""The load generator: its minimal HTTP/1.1 client (parsing, a real round trip) and its CPU accounting."""
+"""The load generator: its minimal HTTP/1.1 client (parsing, a real round trip), its CPU accounting and
+its load processes (--client-processes)."""
 
 from __future__ import annotations
 
 import sys
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -107,3 +112,92 @@ def test_the_cpu_accounting_reads_proc_and_reports_per_acknowledged_request(tmp_
     assert "servers 500 us, load generator 100 us" in loadgen.report_line("x", measurement)
     measurement.server_cpu_seconds = None
     assert "CPU per" not in loadgen.report_line("x", measurement)
+
+
+@asynccontextmanager
+async def recording_vault() -> AsyncIterator[tuple[str, dict[str, list[float]], list[str]]]:
+    """A stand-in vault whose tokenize answers under any path prefix; yields its base URL, the arrival
+    times (time.monotonic) of the requests per prefix, and every value it was sent."""
+    arrivals: dict[str, list[float]] = {}
+    values: list[str] = []
+
+    async def tokenize(request: web.Request) -> web.Response:
+        arrivals.setdefault(request.match_info["prefix"], []).append(time.monotonic())
+        sent = (await request.json())["values"]
+        values.extend(sent)
+        return web.json_response({"tokens": [f"token-{value}" for value in sent]})
+
+    app = web.Application()
+    app.router.add_post("/{prefix}/v1/tokenize", tokenize)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}", arrivals, values
+    finally:
+        await runner.cleanup()
+
+
+async def test_two_load_processes_measure_one_window_with_their_own_values_and_workers() -> None:
+    import loadgen
+
+    async with recording_vault() as (base, arrivals, values):
+        # Four URLs for four workers: worker n sends to prefix n (worker % len(urls)), so every prefix
+        # being hit shows that both processes ran and that their worker numbers did not overlap.
+        urls = tuple(f"{base}/w{number}" for number in range(4))
+        workload = loadgen.Workload("vault", "tokenize", urls, batch=3, api_key="k", seed=11)
+        measurement = await loadgen.drive(workload, 4, 0.5, 0.2, "raw", processes=2)
+    assert measurement.errors == Counter()
+    assert sorted(arrivals) == ["w0", "w1", "w2", "w3"]
+    assert 0 < measurement.requests == len(measurement.latencies_ms) < sum(map(len, arrivals.values()))
+    assert measurement.values == 3 * measurement.requests
+    # Every request the server answered was acknowledged to one of the processes, warm-up included.
+    assert measurement.completed_ok == sum(map(len, arrivals.values()))
+    assert len(set(values)) == len(values)  # each process drew its fresh values from a seed of its own
+    assert measurement.window_seconds == 0.5 and measurement.client_cpu_seconds > 0
+    # Both processes started on the common instant rather than when each happened to be ready.
+    first_arrivals = [times[0] for times in arrivals.values()]
+    assert max(first_arrivals) - min(first_arrivals) < 0.25
+
+
+async def test_a_failing_load_process_fails_the_run_with_its_error_at_once() -> None:
+    import loadgen
+
+    # The CA file is only read when a process opens its client, so each load process fails there.
+    workload = loadgen.Workload("vault", "tokenize", ("https://127.0.0.1:1",), api_key="k",
+                                ca_file="/nonexistent/cluster-ca.pem")
+    started = time.monotonic()
+    with pytest.raises(loadgen.LoadProcessError, match=r"load process \d exited") as failure:
+        await loadgen.drive(workload, 2, 60.0, 0.2, "raw", processes=2)
+    assert "cluster-ca.pem" in str(failure.value)  # the child's stderr
+    assert time.monotonic() - started < 15  # long before the 60-second window would have ended
+
+
+def test_the_workers_are_split_evenly_and_only_a_workload_crosses_into_processes() -> None:
+    import asyncio
+
+    import loadgen
+
+    assert loadgen.worker_ranges(7, 3) == [range(0, 3), range(3, 5), range(5, 7)]
+    assert loadgen.worker_ranges(2, 2) == [range(0, 1), range(1, 2)]
+    workload = loadgen.Workload("etcd", "insert-if-absent", ("http://127.0.0.1:1",), seed=5)
+    assert loadgen.Workload.from_json(workload.to_json()) == workload
+    assert len({workload.for_process(index).seed for index in range(3)} | {workload.seed}) == 4
+    assert loadgen.Workload("vault", "tokenize", ("http://x",)).for_process(1).seed is None  # fresh randomness
+    with pytest.raises(ValueError, match="unknown workload"):
+        loadgen.Workload("vault", "insert-if-absent", ("http://x",))
+    with pytest.raises(TypeError, match="only a Workload"):
+        asyncio.run(loadgen.drive(loadgen.build_operation(workload), 2, 0.1, 0.0, processes=2))
+    with pytest.raises(ValueError, match="cannot share"):
+        asyncio.run(loadgen.drive(workload, 2, 0.1, 0.0, processes=3))
+
+
+async def test_a_plain_operation_is_still_driven_in_this_process() -> None:
+    import loadgen
+
+    async with recording_vault() as (base, arrivals, values):
+        target = loadgen.VaultTarget([f"{base}/w0"], "k", seed=3)
+        measurement = await loadgen.drive(target.tokenize(2), 2, 0.3, 0.1, "raw")
+    assert measurement.errors == Counter() and 0 < measurement.requests < len(arrivals["w0"])
+    assert measurement.completed_ok == len(arrivals["w0"]) and measurement.values == 2 * measurement.requests

@@ -43,6 +43,14 @@ class ChainVerifier:
         self.previous_hash = GENESIS_HASH
         self.last_seq = 0
         self.count = 0
+        self.anchor_seq = 0
+
+    def start_at(self, anchor_seq: int, anchor_hash: bytes) -> None:
+        """Begin after an audit trim's anchor: the first record to check is ``anchor_seq + 1`` and links to
+        ``anchor_hash`` (what the trail kept of the records it dropped). Only before the first record."""
+        if self.count:
+            raise ValueError("the anchor is set before any record is checked")
+        self.previous_hash, self.last_seq, self.anchor_seq = anchor_hash, anchor_seq, anchor_seq
 
     def check(self, record: Any) -> None:
         """Raise ChainBreak at the first record that is malformed, out of order or does not hash."""

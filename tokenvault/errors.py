@@ -282,3 +282,12 @@ class MembershipChangeRefused(ServiceError):
     status = 409
     title = "Conflict"
     problem = "membership-change-refused"
+
+
+class AuditTrimRefused(ServiceError):
+    """An audit trim that would drop records nobody can show were exported: the record named does not
+    exist, has another hash, or was trimmed away already; the detail says which. Nothing was dropped."""
+
+    status = 409
+    title = "Conflict"
+    problem = "audit-trim-refused"

@@ -20,7 +20,7 @@ from aiohttp.test_utils import TestServer
 from protocol import Membership, MembershipError
 from tokenvault import auth
 from tokenvault.api.members import validate_member_change
-from tokenvault.errors import (EpochActive, EpochDestroyed, IdempotencyInFlight, IdempotencyMismatch,
+from tokenvault.errors import (AuditTrimRefused, EpochActive, EpochDestroyed, IdempotencyInFlight, IdempotencyMismatch,
                                MembershipChangeRefused, NotFound, Outcome,
                                Unavailable)
 from tokenvault.api.http import ProblemAppRunner
@@ -264,7 +264,12 @@ class FakeService:
 
     async def audit_page(self, after: int, limit: int) -> dict:
         self._check_available()
-        return {"records": [], "last_seq": 0, "next_after": None}
+        return {"records": [], "last_seq": 0, "next_after": None, "anchor": None}
+
+    async def trim_audit(self, through_seq: int, through_hash: bytes, actor: object = None) -> Outcome:
+        """The fake's trail is empty: every trim names a record that does not exist."""
+        self._check_available()
+        raise AuditTrimRefused(f"there is no audit record {through_seq} yet")
 
     async def cluster_view(self) -> dict:
         self._check_available()

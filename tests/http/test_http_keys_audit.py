@@ -82,7 +82,7 @@ async def test_an_audit_page_with_valid_bounds(client: TestClient, key_ring: Key
     for query in ("", "?after=0&limit=1", "?limit=1000", f"?after={2**63 - 2}"):
         response = await client.get(f"/v1/admin/audit{query}", headers=key_ring.bearer("admin"))
         assert response.status == 200, query
-        assert await response.json() == {"records": [], "last_seq": 0, "next_after": None}
+        assert await response.json() == {"records": [], "last_seq": 0, "next_after": None, "anchor": None}
 
 
 async def test_a_runtime_key_authenticates_until_it_is_revoked(key_ring: KeyRing) -> None:

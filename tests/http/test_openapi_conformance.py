@@ -73,7 +73,7 @@ def test_openapi_document_lists_every_route() -> None:
         ("/health", "get"), ("/metrics", "get"), ("/v1/tokenize", "post"), ("/v1/detokenize", "post"),
         ("/v1/admin/epochs", "post"), ("/v1/admin/epochs", "get"), ("/v1/admin/cluster", "get"),
         ("/v1/admin/backup", "get"), ("/v1/admin/keys", "post"), ("/v1/admin/keys", "get"),
-        ("/v1/admin/keys/{key_id}/revoke", "post"), ("/v1/admin/audit", "get"),
+        ("/v1/admin/keys/{key_id}/revoke", "post"), ("/v1/admin/audit", "get"), ("/v1/admin/audit/trim", "post"),
         ("/v1/tokens/delete", "post"), ("/v1/retokenize", "post"),
         ("/v1/admin/epochs/{epoch}/destroy", "post"), ("/v1/admin/epochs/{epoch}/tokens", "get"),
         ("/v1/admin/members", "get"), ("/v1/admin/members", "post"), ("/v1/admin/members/{node_id}/promote", "post"),

@@ -87,8 +87,12 @@ def test_a_revoked_key_gets_401_on_every_node_within_one_second_of_the_ack(make_
 
 
 def _verify(url: str, key: str, ca_file: Path | None) -> tuple[int, str, str]:
+    return _audit_cli(url, key, ca_file, "verify", "--json")
+
+
+def _audit_cli(url: str, key: str, ca_file: Path | None, *arguments: str) -> tuple[int, str, str]:
     connection = ["--url", url, "--api-key", key] + (["--ca-file", str(ca_file)] if ca_file else [])
-    result = CliRunner().invoke(tokenvault, ["admin", *connection, "audit", "verify", "--json"],
+    result = CliRunner().invoke(tokenvault, ["admin", *connection, "audit", *arguments],
                                 env={"TOKENVAULT_URL": "", "TOKENVAULT_API_KEY": "", "TOKENVAULT_CA_FILE": ""})
     return result.exit_code, result.stdout, result.stderr
 
@@ -174,3 +178,65 @@ def test_audit_trail_is_identical_everywhere_and_verify_finds_a_record_tampered_
     assert "does not match its hash" in report["reason"]
     untouched = next(node_id for node_id in harness.node_ids if node_id != victim)
     assert _verify(harness.url(untouched), harness.key("admin"), harness.ca_file)[0] == 0
+
+
+def test_an_exported_trail_is_trimmed_on_every_node_and_verifies_from_its_anchor(make_cluster, tmp_path: Path) -> None:
+    """Export, then trim through the export's head with its hash: every node drops the same records,
+    keeps the same anchor (also across a restart), and `audit verify` checks the rest from it. A trim
+    with another hash is refused with nothing dropped."""
+    harness: ClusterHarness = make_cluster(3)
+    admin, ca_file = harness.key("admin"), harness.ca_file
+
+    async def detokenize_a_few() -> None:
+        async with harness.client() as full:
+            tokens = list((await full.tokenize(["trim-a", "trim-b"])).tokens)
+            for _ in range(4):
+                assert await full.detokenize(tokens) == ("trim-a", "trim-b")
+
+    asyncio.run(detokenize_a_few())
+    primary_url = harness.url(harness.node_ids[0])
+    code, stdout, stderr = _audit_cli(primary_url, admin, ca_file, "export", "--out", str(tmp_path / "a.jsonl"),
+                                      "--json")
+    assert code == 0, stderr
+    exported = json.loads(stdout)
+    through, head_hash = exported["last_seq"], exported["head_hash"]
+    assert through >= 5 and exported["verified"] == through
+    wrong = "0" * 64
+    code, _, stderr = _audit_cli(primary_url, admin, ca_file, "trim", "--through", str(through), "--hash", wrong,
+                                 "--yes")
+    assert code == 1 and "another hash" in stderr
+    code, stdout, stderr = _audit_cli(primary_url, admin, ca_file, "trim", "--through", str(through), "--hash",
+                                      head_hash, "--yes", "--json")
+    assert code == 0, stderr
+    assert json.loads(stdout) == {"trimmed_through": through, "removed": through, "anchor_hash": head_hash}
+
+    async def chains() -> dict[str, tuple[list[dict], object]]:
+        found: dict[str, tuple[list[dict], object]] = {}
+        async with harness.node_clients() as clients:
+            for node_id, client in clients.items():
+                for _ in range(100):
+                    page = await client.audit_page(0, 1000)
+                    if page.anchor is not None and page.records and page.records[-1]["action"] == "audit.trim":
+                        found[node_id] = (list(page.records), page.anchor)
+                        break
+                    await asyncio.sleep(0.05)
+        return found
+
+    def check_every_node() -> None:
+        held = asyncio.run(chains())
+        assert set(held) == set(harness.node_ids), "a node did not apply the trim"
+        for records, anchor in held.values():
+            assert anchor == (through, head_hash)
+            assert [record["seq"] for record in records] == [through + 1]  # only the trim's own record
+            assert (records[0]["items"], records[0]["subject"]) == (through, str(through))
+        for node_id in harness.node_ids:
+            code, stdout, stderr = _verify(harness.url(node_id), admin, ca_file)
+            report = json.loads(stdout)
+            assert code == 0 and (report["anchor_seq"], report["verified"]) == (through, 1), (stdout, stderr)
+
+    check_every_node()
+    restarted = harness.node_ids[2]
+    harness.kill(restarted)
+    harness.restart(restarted)
+    wait_for(lambda: (harness.health(restarted) or {}).get("applied_index", 0) > 0, 10, "the node to serve again")
+    check_every_node()

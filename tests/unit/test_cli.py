@@ -384,7 +384,8 @@ def _audit_records(count: int) -> list[dict]:
     return records
 
 
-def _serve_audit(server: FakeVaultServer, records: list[dict], last_seq: int | None = None) -> None:
+def _serve_audit(server: FakeVaultServer, records: list[dict], last_seq: int | None = None,
+                 anchor: dict | None = None) -> None:
     pages = [records[start:start + 1000] for start in range(0, max(len(records), 1), 1000)]
     served = iter(range(len(pages)))
 
@@ -392,8 +393,9 @@ def _serve_audit(server: FakeVaultServer, records: list[dict], last_seq: int | N
         number = next(served)
         page = pages[number]
         more = number + 1 < len(pages)
-        return Reply(200, {"records": page, "last_seq": len(records) if last_seq is None else last_seq,
-                           "next_after": page[-1]["seq"] if more else None})
+        head = (records[-1]["seq"] if records else 0) if last_seq is None else last_seq
+        return Reply(200, {"records": page, "last_seq": head, "next_after": page[-1]["seq"] if more else None,
+                           "anchor": anchor})
 
     server.responders[("GET", "/v1/admin/audit")] = respond
 
@@ -403,9 +405,38 @@ def test_audit_verify_walks_every_page_of_an_intact_chain(runner: CliRunner, pri
     result = runner.invoke(tokenvault, ["admin", "--url", primary.url, "--api-key", ADMIN_KEY, "audit", "verify",
                                         "--json"])
     assert result.exit_code == 0, result.output
+    records = _audit_records(2500)
     assert json.loads(result.stdout) == {"ok": True, "verified": 2500, "last_seq": 2500, "broken_seq": None,
-                                         "reason": None}
+                                         "reason": None, "anchor_seq": 0, "head_hash": records[-1]["hash"]}
     assert len(primary.calls("/v1/admin/audit")) == 3
+
+
+def test_audit_verify_of_a_trimmed_trail_starts_at_its_anchor_and_finds_a_wrong_one(
+        runner: CliRunner, primary: FakeVaultServer) -> None:
+    records = _audit_records(50)
+    kept = records[30:]
+    _serve_audit(primary, kept, anchor={"seq": 30, "hash": records[29]["hash"]})
+    result = runner.invoke(tokenvault, ["admin", "--url", primary.url, "--api-key", ADMIN_KEY, "audit", "verify"])
+    assert result.exit_code == 0, result.output
+    assert "20 records after the anchor at record 30" in result.stdout
+    _serve_audit(primary, kept, anchor={"seq": 30, "hash": records[28]["hash"]})
+    result = runner.invoke(tokenvault, ["admin", "--url", primary.url, "--api-key", ADMIN_KEY, "audit", "verify"])
+    assert result.exit_code == 4 and "BROKEN at record 31" in result.stderr
+
+
+def test_audit_trim_sends_the_record_and_its_hash_and_asks_before_it_trims(runner: CliRunner, primary: FakeVaultServer) -> None:
+    digest = "ab" * 32
+    primary.responders[("POST", "/v1/admin/audit/trim")] = lambda request: Reply(
+        200, {"trimmed_through": 30, "removed": 30, "anchor_hash": digest})
+    result = runner.invoke(tokenvault, ["admin", "--url", primary.url, "--api-key", ADMIN_KEY, "audit", "trim",
+                                        "--through", "30", "--hash", digest.upper(), "--yes"])
+    assert result.exit_code == 0, result.output
+    assert "trimmed through record 30 (30 records dropped)" in result.stdout
+    (call,) = primary.calls("/v1/admin/audit/trim")
+    assert call.body == {"through_seq": 30, "through_hash": digest}
+    unconfirmed = runner.invoke(tokenvault, ["admin", "--url", primary.url, "--api-key", ADMIN_KEY, "audit", "trim",
+                                             "--through", "30", "--hash", digest], input="n\n")
+    assert unconfirmed.exit_code == 1 and len(primary.calls("/v1/admin/audit/trim")) == 1
 
 
 @pytest.mark.parametrize("damage", ["field", "hash", "link", "gap", "truncated"])

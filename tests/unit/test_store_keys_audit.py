@@ -10,8 +10,9 @@ from protocol import Entry, EntryKind
 from tokenvault import auth
 from tokenvault.core import store as store_module
 from tokenvault.audit_chain import ChainBreak, ChainVerifier
-from tokenvault.core.commands import (Actor, AuditCommand, AuditRecord, CreateApiKeyCommand, RevokeApiKeyCommand,
-                                 RotateEpochCommand, encode_command)
+from tokenvault.core.commands import (Actor, AuditCommand, AuditRecord, AuditTrimCommand, CommandError,
+                                      CreateApiKeyCommand, RevokeApiKeyCommand, RotateEpochCommand, decode_command,
+                                      encode_command)
 from tokenvault.core.store import VaultStore
 from tokenvault.core.store_layout import Outcome
 
@@ -152,3 +153,95 @@ def test_a_record_changed_on_disk_breaks_the_chain_at_that_record(vault, tamper)
         for page_record in vault.audit_page(0, 100):
             verifier.check(page_record)
     assert broken.value.seq == 4 and verifier.count == 3
+
+
+def trim(through: int, digest: bytes) -> bytes:
+    return encode_command(AuditTrimCommand(through, digest, 9_000, ACTOR))
+
+
+def verified_from_anchor(store: VaultStore) -> int:
+    """Check the store's whole remaining chain from its anchor; the number of records checked."""
+    verifier = ChainVerifier()
+    verifier.start_at(*store.audit_anchor)
+    for record in store.audit_page(0, 1000):
+        verifier.check(record)
+    assert verifier.last_seq == store.audit_seq
+    return verifier.count
+
+
+def test_a_trim_drops_the_records_through_the_exported_head_and_the_rest_verifies_from_the_anchor(tmp_path):
+    payloads, _, _ = history()
+    store = VaultStore.open(tmp_path / "store")
+    store.apply_batch(entries(payloads))
+    exported = store.audit_page(0, 1000)
+    head = exported[5]  # an export that ended at record 6
+    (result,) = store.apply_batch(entries([trim(head["seq"], bytes.fromhex(head["hash"]))], len(payloads) + 1))
+    assert result.outcome == Outcome.OK
+    assert result.response == (
+        b'{"trimmed_through":6,"removed":6,"anchor_hash":"' + head["hash"].encode() + b'"}')
+    assert store.audit_anchor == (6, bytes.fromhex(head["hash"]))
+    remaining = store.audit_page(0, 1000)
+    assert remaining[:-1] == exported[6:]  # untouched, and nothing of 1..6 is left in the store
+    assert not any(key[:1] == b"A" and int.from_bytes(key[1:], "big") <= 6 for key in store._db.keys())
+    trimmed = remaining[-1]
+    assert (trimmed["action"], trimmed["items"], trimmed["subject"], trimmed["key_name"]) == (
+        "audit.trim", 6, "6", "admin")
+    assert verified_from_anchor(store) == len(exported) - 6 + 1
+    # The anchor survives a restart and travels in a snapshot.
+    store.close()
+    store = VaultStore.open(tmp_path / "store")
+    assert store.audit_anchor == (6, bytes.fromhex(head["hash"])) and store.audit_page(0, 1000) == remaining
+    index, view = store.create_checkpoint(tmp_path / "checkpoint")
+    target = VaultStore.open(tmp_path / "target")
+    target.commit_install(target.prepare_install(tmp_path / "checkpoint", index, view)).close()
+    assert target.audit_anchor == store.audit_anchor and target.audit_page(0, 1000) == remaining
+    target.close()
+    store.close()
+
+
+def test_a_trim_is_refused_with_nothing_dropped_unless_the_record_exists_with_that_hash(vault):
+    payloads, _, _ = history()
+    vault.apply_batch(entries(payloads))
+    records = vault.audit_page(0, 1000)
+    index = len(payloads) + 1
+    (wrong,) = vault.apply_batch(entries([trim(3, bytes(32))], index))
+    (ahead,) = vault.apply_batch(entries([trim(len(records) + 1, bytes(32))], index + 1))
+    assert (wrong.outcome, ahead.outcome) == (Outcome.AUDIT_HASH_MISMATCH, Outcome.AUDIT_RECORD_NOT_FOUND)
+    assert vault.audit_page(0, 1000) == records and vault.audit_anchor == (0, bytes(32))
+    (done,) = vault.apply_batch(entries([trim(4, bytes.fromhex(records[3]["hash"]))], index + 2))
+    assert done.outcome == Outcome.OK
+    after = vault.audit_page(0, 1000)
+    # Again to the anchor with its hash: a retry, nothing more dropped or recorded. Behind it: refused.
+    (again,) = vault.apply_batch(entries([trim(4, bytes.fromhex(records[3]["hash"]))], index + 3))
+    (behind,) = vault.apply_batch(entries([trim(2, bytes.fromhex(records[1]["hash"]))], index + 4))
+    assert again.outcome == Outcome.OK and b'"removed":0' in again.response
+    assert behind.outcome == Outcome.AUDIT_TRIMMED_ALREADY
+    assert vault.audit_page(0, 1000) == after
+
+
+def test_a_trim_in_the_batch_that_wrote_its_record_keeps_every_record_after_the_anchor(tmp_path):
+    """Records the batch wrote before the trim are in its overlay: the range delete comes after them in
+    the write, and records written after the trim stay. The chain is the same applied one by one."""
+    payloads, _, _ = history()
+    reference = VaultStore.open(tmp_path / "reference")
+    reference.apply_batch(entries(payloads))
+    anchor = reference.audit_page(0, 1000)[-1]  # the newest record, written by the same batch below
+    tail = [trim(anchor["seq"], bytes.fromhex(anchor["hash"])), detokenize_audit(2)]
+    together = VaultStore.open(tmp_path / "together")
+    together.apply_batch(entries(payloads + tail))
+    for offset, payload in enumerate(tail, start=len(payloads) + 1):
+        reference.apply_batch(entries([payload], offset))
+    assert together.audit_page(0, 1000) == reference.audit_page(0, 1000)
+    assert [record["action"] for record in together.audit_page(0, 1000)] == ["audit.trim", "detokenize", "detokenize"]
+    assert verified_from_anchor(together) == 3
+    together.close()
+    reference.close()
+
+
+def test_a_trim_command_round_trips_and_malformed_ones_are_refused():
+    command = AuditTrimCommand(7, b"\x01" * 32, 9_000, ACTOR)
+    assert decode_command(encode_command(command)) == command
+    for bad in (lambda: AuditTrimCommand(0, b"\x01" * 32, 1, ACTOR), lambda: AuditTrimCommand(1, b"\x01" * 31, 1, ACTOR),
+                lambda: AuditTrimCommand(1, "a" * 32, 1, ACTOR)):  # type: ignore[arg-type]
+        with pytest.raises(CommandError):
+            bad()

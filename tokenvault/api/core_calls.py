@@ -27,7 +27,7 @@ from tokenvault.api.validation import (require_item_list, validate_lookup_epoch,
                                        validate_epoch, validate_options, validate_sealed_items, validate_tokens,
                                        validate_values)
 from tokenvault.core.backup import BackupStream
-from tokenvault.core.commands import Actor, CommandError
+from tokenvault.core.commands import AUDIT_HASH_BYTES, Actor, CommandError
 from tokenvault.core.store_layout import MAX_TOKEN_PAGE
 from tokenvault.crypto import formats
 from tokenvault.errors import InvalidRequest, NotFound, Overloaded
@@ -77,7 +77,7 @@ class CoreCalls:
             "list_epochs": self._list_epochs, "create_key": self._create_key, "revoke_key": self._revoke_key,
             "list_keys": self._list_keys, "audit_page": self._audit_page, "cluster_view": self._cluster_view,
             "health": self._health, "delete_tokens": self._delete_tokens, "retokenize": self._retokenize,
-            "epoch_tokens": self._epoch_tokens, "destroy_epoch": self._destroy_epoch,
+            "epoch_tokens": self._epoch_tokens, "destroy_epoch": self._destroy_epoch, "trim_audit": self._trim_audit,
             "list_members": self._list_members, "change_member": self._change_member,
             "metrics": self._render_metrics, "backup.open": self._backup_open,
             "backup.read": self._backup_read, "backup.close": self._backup_close,
@@ -212,6 +212,14 @@ class CoreCalls:
         _members(arguments, ("epoch", "actor"))
         return await self._service.destroy_epoch(validate_epoch(arguments["epoch"]),
                                                  _checked_actor(arguments["actor"]))
+
+    async def _trim_audit(self, arguments: dict[str, Any]) -> Any:
+        _members(arguments, ("through_seq", "through_hash", "actor"))
+        through_hash = arguments["through_hash"]
+        if not isinstance(through_hash, bytes) or len(through_hash) != AUDIT_HASH_BYTES:
+            raise InvalidRequest(f"through_hash must be {AUDIT_HASH_BYTES} bytes")
+        return await self._service.trim_audit(_int(arguments["through_seq"], "through_seq", 1, 2**63 - 1),
+                                              through_hash, _checked_actor(arguments["actor"]))
 
     async def _list_members(self, arguments: dict[str, Any]) -> Any:
         _members(arguments, ())

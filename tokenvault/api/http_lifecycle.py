@@ -32,6 +32,8 @@ ROUTE_DELETE = "/v1/tokens/delete"
 ROUTE_RETOKENIZE = "/v1/retokenize"
 ROUTE_EPOCH_DESTROY = "/v1/admin/epochs/{epoch}/destroy"
 ROUTE_EPOCH_TOKENS = "/v1/admin/epochs/{epoch}/tokens"
+ROUTE_AUDIT_TRIM = "/v1/admin/audit/trim"
+_AUDIT_HASH = re.compile(r"[0-9a-f]{64}")
 DEFAULT_TOKEN_PAGE = 100
 _EPOCH_TEXT = re.compile(r"[1-9][0-9]{0,9}\Z")
 _LIMIT_TEXT = re.compile(r"[1-9][0-9]{0,3}\Z")
@@ -103,6 +105,22 @@ class LifecycleRoutes:
             epoch = path_epoch(request)
             return outcome_response(await self.api.service.destroy_epoch(epoch, self.api.actor(principal)))
 
+    async def trim_audit(self, request: web.Request) -> web.StreamResponse:
+        """``{"through_seq": S, "through_hash": H}``: drop the audit records up to S, whose hash an export
+        gave as H (docs/security.md, "Growth and retention")."""
+        principal = self.api.admit(request, auth.ADMIN)
+        await self.api.receive_body(request)
+        with self.api.inflight_slot():
+            document = require_members(await self.api.read_json(request, body_required=True),
+                                       ("through_seq", "through_hash"))
+            through_seq, through_hash = document["through_seq"], document["through_hash"]
+            if type(through_seq) is not int or not 1 <= through_seq < 2**63:
+                raise InvalidRequest("'through_seq' must be an audit record number (an integer of at least 1)")
+            if not isinstance(through_hash, str) or not _AUDIT_HASH.fullmatch(through_hash):
+                raise InvalidRequest("'through_hash' must be the record's hash: 64 lowercase hex digits")
+            return outcome_response(await self.api.service.trim_audit(through_seq, bytes.fromhex(through_hash),
+                                                                      self.api.actor(principal)))
+
     async def epoch_tokens(self, request: web.Request) -> web.StreamResponse:
         self.api.admit(request, auth.ADMIN)
         epoch = path_epoch(request)
@@ -116,3 +134,4 @@ def add_lifecycle_routes(app: web.Application, api: _Api) -> None:
     app.router.add_post(ROUTE_RETOKENIZE, routes.retokenize)
     app.router.add_post(ROUTE_EPOCH_DESTROY, routes.destroy_epoch)
     app.router.add_get(ROUTE_EPOCH_TOKENS, routes.epoch_tokens)
+    app.router.add_post(ROUTE_AUDIT_TRIM, routes.trim_audit)

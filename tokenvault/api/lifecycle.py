@@ -30,7 +30,8 @@ from tokenvault.core import commands
 from tokenvault.core.store_layout import DESTROYED, MAX_TOKEN_PAGE, ApplyResult
 from tokenvault.core.store_layout import Outcome as ApplyOutcome
 from tokenvault.crypto.tokens import parse_token
-from tokenvault.errors import EpochActive, EpochDestroyed, InvalidRequest, NotFound, Outcome, Unavailable
+from tokenvault.errors import (AuditTrimRefused, EpochActive, EpochDestroyed, InvalidRequest, NotFound, Outcome,
+                               Unavailable)
 
 if TYPE_CHECKING:
     from tokenvault.api.audit import AuditBuffer
@@ -40,6 +41,7 @@ DELETE_TOKENS = "token.delete"
 RETOKENIZE = "token.retokenize"
 DESTROY_EPOCH = "epoch.destroy"
 EPOCH_TOKENS = "epoch.tokens"
+AUDIT_TRIM = "audit.trim"
 MAX_EPOCH_RETRIES = 5
 # The members each kind of forwarded lifecycle request carries, exactly.
 LIFECYCLE_FORWARDED_MEMBERS: dict[str, tuple[str, ...]] = {
@@ -47,6 +49,7 @@ LIFECYCLE_FORWARDED_MEMBERS: dict[str, tuple[str, ...]] = {
     RETOKENIZE: ("tokens",),
     DESTROY_EPOCH: ("epoch", "actor"),
     EPOCH_TOKENS: ("epoch", "after", "limit"),
+    AUDIT_TRIM: ("through_seq", "through_hash", "actor"),
 }
 # Forwarded kinds whose answer is a JSON document rather than an Outcome.
 LIFECYCLE_DOCUMENT_KINDS = frozenset({RETOKENIZE, EPOCH_TOKENS})
@@ -184,6 +187,37 @@ class LifecycleOperations:
             raise Unavailable("the destroy could not be recorded")
         return Outcome(200, result.response, False)
 
+    # ------------------------------------------------------------------ audit trim
+    async def trim_audit(self, through_seq: int, through_hash: bytes, actor: commands.Actor | None = None) -> Outcome:
+        """Drop the audit records up to ``through_seq``, whose hash must be ``through_hash`` (from an
+        export): 200 ``{"trimmed_through", "removed", "anchor_hash"}``, the trim itself recorded; 409
+        audit-trim-refused, nothing dropped, when that record does not exist, has another hash or was
+        trimmed away already. Trimming again to the anchor with its hash answers 200 with 0 removed."""
+        arguments = {"through_seq": through_seq, "through_hash": through_hash.hex(),
+                     "actor": (actor or commands.NO_ACTOR).fields()}
+        result: Outcome = await self._route(AUDIT_TRIM, arguments, self._trim_audit_here)
+        return result
+
+    async def _trim_audit_here(self, through_seq: int, through_hash: str, actor: list[Any] | None = None) -> Outcome:
+        try:
+            digest = bytes.fromhex(through_hash)
+            command = commands.AuditTrimCommand(through_seq=through_seq, through_hash=digest,
+                                                trimmed_at_ms=int(time.time() * 1000), actor=_actor(actor))
+        except (ValueError, TypeError):
+            raise InvalidRequest("through_seq must be a record number and through_hash 64 hex digits") from None
+        result = await self._propose(commands.encode_command(command))
+        if result.outcome == ApplyOutcome.AUDIT_RECORD_NOT_FOUND:
+            raise AuditTrimRefused(f"there is no audit record {through_seq} yet")
+        if result.outcome == ApplyOutcome.AUDIT_HASH_MISMATCH:
+            raise AuditTrimRefused(f"audit record {through_seq} has another hash: export the trail again and "
+                                   "trim through a record of that export")
+        if result.outcome == ApplyOutcome.AUDIT_TRIMMED_ALREADY:
+            anchor = self.node.store.audit_anchor[0]
+            raise AuditTrimRefused(f"the trail was trimmed through record {anchor} already")
+        if result.outcome != ApplyOutcome.OK or result.response is None:
+            raise Unavailable("the trim could not be recorded")
+        return Outcome(200, result.response, False)
+
     # ------------------------------------------------------------------ forwarded
     async def _run_forwarded_lifecycle(self, kind: str, arguments: dict[str, Any],
                                        tokens: Callable[[dict[str, Any]], list[str]]) -> tuple[int, bytes]:
@@ -194,6 +228,12 @@ class LifecycleOperations:
             return outcome.status, outcome.body
         if kind == RETOKENIZE:
             return 200, _json(await self._retokenize_here(tokens(arguments)))
+        if kind == AUDIT_TRIM:
+            if type(arguments["through_seq"]) is not int or not isinstance(arguments["through_hash"], str):
+                raise InvalidRequest("the forwarded trim is malformed")
+            outcome = await self._trim_audit_here(arguments["through_seq"], arguments["through_hash"],
+                                                  arguments["actor"])
+            return outcome.status, outcome.body
         epoch = arguments["epoch"]
         if type(epoch) is not int or not 1 <= epoch <= commands.MAX_EPOCH:
             raise InvalidRequest("the forwarded epoch is not an epoch number")

@@ -506,6 +506,11 @@ class RemoteService:
         return _outcome(await self._call("destroy_epoch", {"epoch": epoch,
                                                            "actor": (actor or commands.NO_ACTOR).fields()}))
 
+    async def trim_audit(self, through_seq: int, through_hash: bytes,
+                         actor: commands.Actor | None = None) -> Outcome:
+        return _outcome(await self._call("trim_audit", {"through_seq": through_seq, "through_hash": through_hash,
+                                                        "actor": (actor or commands.NO_ACTOR).fields()}))
+
     async def list_members(self) -> dict[str, Any]:
         return _document(await self._call("list_members", {}))
 

@@ -893,8 +893,11 @@ class NodeService(LifecycleOperations, MembershipOperations):
         each node's own copy of the chain."""
         records = self.node.store.audit_page(after, limit)
         last = records[-1]["seq"] if records else after
+        anchor_seq, anchor_hash = self.node.store.audit_anchor
         return {"records": records, "last_seq": self.node.store.audit_seq,
-                "next_after": last if last < self.node.store.audit_seq else None}
+                "next_after": last if last < self.node.store.audit_seq else None,
+                # After a trim the first record links to the hash of the last one dropped.
+                "anchor": {"seq": anchor_seq, "hash": anchor_hash.hex()} if anchor_seq else None}
 
     async def cluster_view(self) -> dict[str, Any]:
         """Every member of the configuration in effect here (and this node, if it is not one), as this

@@ -426,6 +426,8 @@ async def _walk_audit(connection: Connection, verifier: Any, on_record: Callable
         while True:
             page = await vault.audit_page(after, AUDIT_PAGE_RECORDS)
             try:
+                if after == 0 and page.anchor is not None:
+                    _start_at_anchor(verifier, page.anchor)
                 for record in page.records:
                     verifier.check(record)
                     on_record(record)
@@ -438,13 +440,28 @@ async def _walk_audit(connection: Connection, verifier: Any, on_record: Callable
             after = page.next_after
 
 
+def _start_at_anchor(verifier: Any, anchor: tuple[int, str]) -> None:
+    """A trimmed trail is checked from its anchor (the last record dropped): what came before it can be
+    checked only in the export it was trimmed after."""
+    from tokenvault.audit_chain import ChainBreak
+
+    seq, digest = anchor
+    try:
+        verifier.start_at(seq, bytes.fromhex(digest))
+    except ValueError:
+        raise ChainBreak(seq + 1, "the trail's anchor hash is malformed") from None
+
+
 def _report_audit(verifier: Any, last_seq: int, broken: Any, as_json: bool, extra: dict[str, Any]) -> None:
     if as_json:
         click.echo(json.dumps({"ok": broken is None, "verified": verifier.count, "last_seq": last_seq,
+                               "head_hash": verifier.previous_hash.hex(), "anchor_seq": verifier.anchor_seq,
                                "broken_seq": broken.seq if broken else None,
                                "reason": broken.reason if broken else None, **extra}))
     elif broken is None:
-        click.echo(f"audit trail intact: {verifier.count} records, head {verifier.previous_hash.hex()}")
+        since = f" after the anchor at record {verifier.anchor_seq}" if verifier.anchor_seq else ""
+        click.echo(f"audit trail intact: {verifier.count} records{since}, head record {verifier.last_seq}, "
+                   f"head {verifier.previous_hash.hex()}")
     else:
         click.echo(f"audit trail BROKEN at record {broken.seq}: {broken.reason} "
                    f"({verifier.count} records before it verified)", err=True)
@@ -487,6 +504,37 @@ def audit_export(connection: Connection, out_path: str, as_json: bool) -> None:
 
         last_seq, broken = run_client(_walk_audit(connection, verifier, write))
     _report_audit(verifier, last_seq, broken, as_json, {"file": out_path})
+
+
+@audit_group.command("trim")
+@connection_options("admin")
+@click.option("--through", "through_seq", required=True, type=click.IntRange(1, 2**63 - 1), metavar="SEQ",
+              help="The last record to drop: the head record of an export you keep.")
+@click.option("--hash", "through_hash", required=True, metavar="HEX",
+              help="That record's hash, as the export printed it (its head).")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def audit_trim(connection: Connection, through_seq: int, through_hash: str, yes: bool, as_json: bool) -> None:
+    """Drop the audit records up to SEQ on every node, keeping their hash as the chain's anchor.
+
+    Export first (`audit export`), keep the file and its head hash, then trim through that head: the
+    trim is refused (exit 1) unless record SEQ has exactly that hash. The trim itself is recorded."""
+    through_hash = through_hash.strip().lower()
+    if not yes:
+        click.confirm(f"Drop audit records 1 to {through_seq} on every node? Only your export will hold them",
+                      abort=True, err=True)
+
+    async def trim() -> Any:
+        async with connection.client() as vault:
+            return await vault.trim_audit(through_seq, through_hash)
+
+    result = run_client(trim())
+    if as_json:
+        click.echo(json.dumps({"trimmed_through": result.trimmed_through, "removed": result.removed,
+                               "anchor_hash": result.anchor_hash}))
+    else:
+        click.echo(f"audit trail trimmed through record {result.trimmed_through} ({result.removed} records "
+                   f"dropped); anchor {result.anchor_hash}")
 
 
 def _read_lines(source: Any) -> list[str]:

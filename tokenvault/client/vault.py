@@ -168,6 +168,18 @@ class AuditPage:
     records: tuple[dict[str, Any], ...]
     last_seq: int
     next_after: int | None
+    # (seq, hash hex) of the last record an audit trim dropped: the first record links to it. None if
+    # the trail was never trimmed.
+    anchor: tuple[int, str] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AuditTrimResult:
+    """What a trim dropped: the records up to ``trimmed_through`` (``removed`` of them this time)."""
+
+    trimmed_through: int
+    removed: int
+    anchor_hash: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -436,7 +448,21 @@ class AsyncClient:
         next_after = answer.body.get("next_after")
         if not isinstance(records, list) or not (next_after is None or type(next_after) is int):
             raise ResponseError("audit response has no 'records' list or a malformed 'next_after'")
-        return AuditPage(tuple(records), _require_int(answer.body, "last_seq"), next_after)
+        anchor = answer.body.get("anchor")
+        if anchor is not None:
+            if (not isinstance(anchor, dict) or type(anchor.get("seq")) is not int
+                    or not isinstance(anchor.get("hash"), str)):
+                raise ResponseError("audit response has a malformed 'anchor'")
+            anchor = (anchor["seq"], anchor["hash"])
+        return AuditPage(tuple(records), _require_int(answer.body, "last_seq"), next_after, anchor)
+
+    async def trim_audit(self, through_seq: int, through_hash: str) -> AuditTrimResult:
+        """Drop the audit records up to ``through_seq`` (admin), whose hash ``through_hash`` an export
+        gave; a trail is only trimmed as far as that matches (409 audit-trim-refused otherwise)."""
+        answer = await self._request("POST", "/v1/admin/audit/trim",
+                                     {"through_seq": through_seq, "through_hash": through_hash}, {})
+        return AuditTrimResult(_require_int(answer.body, "trimmed_through"), _require_int(answer.body, "removed"),
+                               str(answer.body.get("anchor_hash", "")))
 
     async def health(self, url: str | None = None) -> dict[str, Any]:
         """The /health body of the given node, or of the first node that answers."""

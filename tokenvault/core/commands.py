@@ -32,6 +32,9 @@ PURGE_EXPIRED_TAG = 16
 # The token lifecycle (docs/api.md "Lifecycle"): deleting mappings and crypto-shredding an epoch.
 DELETE_TOKENS_TAG = 6
 DESTROY_EPOCH_TAG = 7
+# Dropping the oldest audit records once exported (docs/security.md, "Growth and retention").
+AUDIT_TRIM_TAG = 8
+AUDIT_HASH_BYTES = 32
 
 MAX_ITEMS = 100_000
 MAX_TOKEN_CHARS = 128
@@ -365,8 +368,27 @@ class DestroyEpochCommand:
         _check_actor(self.actor)
 
 
+@dataclass(frozen=True, slots=True)
+class AuditTrimCommand:
+    """Drop every audit record up to ``through_seq``, whose hash must be ``through_hash`` (the operator
+    exported the trail that far and kept that hash): it becomes the anchor the rest of the chain starts
+    from."""
+
+    through_seq: int
+    through_hash: bytes
+    trimmed_at_ms: int
+    actor: Actor
+
+    def __post_init__(self) -> None:
+        _check_int("through_seq", self.through_seq, 1, MAX_TIMESTAMP_MS)
+        if type(self.through_hash) is not bytes or len(self.through_hash) != AUDIT_HASH_BYTES:
+            raise CommandError(f"through_hash must be {AUDIT_HASH_BYTES} bytes")
+        _check_int("trimmed_at_ms", self.trimmed_at_ms, 0, MAX_TIMESTAMP_MS)
+        _check_actor(self.actor)
+
+
 Command = (TokenizeCommand | RotateEpochCommand | CreateApiKeyCommand | RevokeApiKeyCommand | AuditCommand
-           | PurgeExpiredCommand | DeleteTokensCommand | DestroyEpochCommand)
+           | PurgeExpiredCommand | DeleteTokensCommand | DestroyEpochCommand | AuditTrimCommand)
 
 
 def encode_command(command: Command) -> bytes:
@@ -402,6 +424,9 @@ def encode_command(command: Command) -> bytes:
     elif type(command) is DestroyEpochCommand:
         fields = [COMMAND_FORMAT_VERSION, DESTROY_EPOCH_TAG, command.epoch, command.destroyed_at_ms,
                   *command.actor.fields()]
+    elif type(command) is AuditTrimCommand:
+        fields = [COMMAND_FORMAT_VERSION, AUDIT_TRIM_TAG, command.through_seq, command.through_hash,
+                  command.trimmed_at_ms, *command.actor.fields()]
     else:
         raise CommandError("not a vault command")
     encoded: bytes = msgpack.packb(fields, use_bin_type=True)
@@ -507,10 +532,17 @@ def _decode_destroy_epoch(fields: list[Any]) -> DestroyEpochCommand:
     return DestroyEpochCommand(epoch=fields[2], destroyed_at_ms=fields[3], actor=Actor(*fields[4:]))
 
 
+def _decode_audit_trim(fields: list[Any]) -> AuditTrimCommand:
+    if len(fields) != 9:
+        raise CommandError("an audit-trim command has 9 fields")
+    return AuditTrimCommand(through_seq=fields[2], through_hash=fields[3], trimmed_at_ms=fields[4],
+                            actor=Actor(*fields[5:]))
+
+
 _DECODERS: dict[int, Callable[[list[Any]], Command]] = {TOKENIZE_TAG: _decode_tokenize, ROTATE_EPOCH_TAG: _decode_rotate,
              CREATE_API_KEY_TAG: _decode_create_key, REVOKE_API_KEY_TAG: _decode_revoke_key,
              AUDIT_TAG: _decode_audit, PURGE_EXPIRED_TAG: _decode_purge, DELETE_TOKENS_TAG: _decode_delete_tokens,
-             DESTROY_EPOCH_TAG: _decode_destroy_epoch}
+             DESTROY_EPOCH_TAG: _decode_destroy_epoch, AUDIT_TRIM_TAG: _decode_audit_trim}
 
 # Commands whose apply removes secrets or ciphertexts from the store, so the node then also
 # removes the log entries that carried them (tokenvault/core/shred.py).

@@ -34,9 +34,9 @@ from tokenvault.core.shred import Shredder
 from tokenvault.core.snapshot_transfer import SnapshotTransfers
 from tokenvault.core.store import VaultStore
 from tokenvault.core.store_files import STORE_DIRECTORY, PreparedInstall
-from tokenvault.core.store_layout import (AUDIT_KIND, CREATE_KEY_KIND, DELETE_KIND, DESTROY_KIND, DESTROYED,
-                                          REVOKE_KEY_KIND, ROTATE_KIND, TOKENIZE_KIND, ApplyResult, Outcome,
-                                          StoreCorruption)
+from tokenvault.core.store_layout import (AUDIT_KIND, AUDIT_TRIM_KIND, CREATE_KEY_KIND, DELETE_KIND, DESTROY_KIND,
+                                          DESTROYED, REVOKE_KEY_KIND, ROTATE_KIND, TOKENIZE_KIND, ApplyResult,
+                                          Outcome, StoreCorruption)
 from tokenvault.core.transport import PeerAddress, PeerTransport
 from tokenvault.core.wal import RecoveredLog, WriteAheadLog
 from tokenvault.core.wal_segments import WalCorruption
@@ -46,9 +46,10 @@ from tokenvault.futures import await_future, cancel_and_wait
 from tokenvault.logs import get_logger
 from tokenvault.metrics import Metrics
 
-# Command kinds that never remove a mapping nor make one unreadable (see Node.removal_index). A
-# tokenize may give an existing mapping a new life, never a shorter one.
-ONLY_ADDING_KINDS = frozenset({TOKENIZE_KIND, ROTATE_KIND, CREATE_KEY_KIND, REVOKE_KEY_KIND, AUDIT_KIND})
+# Command kinds that never remove a mapping nor make one unreadable (see Node.removal_index; an audit
+# trim removes audit records only). A tokenize may give an existing mapping a new life, never a shorter one.
+ONLY_ADDING_KINDS = frozenset({TOKENIZE_KIND, ROTATE_KIND, CREATE_KEY_KIND, REVOKE_KEY_KIND, AUDIT_KIND,
+                               AUDIT_TRIM_KIND})
 
 log = get_logger("node")
 

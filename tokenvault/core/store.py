@@ -59,24 +59,24 @@ from rocksdict import (
 from protocol import Entry, EntryKind, Membership
 from tokenvault.audit_chain import record_document
 from tokenvault.auth import RuntimeKey
-from tokenvault.core.commands import (AuditCommand, Command, CreateApiKeyCommand, DeleteTokensCommand,
-                                      DestroyEpochCommand, PurgeExpiredCommand, RevokeApiKeyCommand,
-                                      RotateEpochCommand, TokenizeCommand, decode_command)
+from tokenvault.core.commands import (AuditCommand, AuditTrimCommand, Command, CreateApiKeyCommand,
+                                      DeleteTokensCommand, DestroyEpochCommand, PurgeExpiredCommand,
+                                      RevokeApiKeyCommand, RotateEpochCommand, TokenizeCommand, decode_command)
 from tokenvault.core.store_files import (CREATING_SUFFIX, GENERATION_PREFIX, PreparedInstall, RetiredGeneration,
                                          create_store, fsync_tree, generation_name, install_step, read_current,
                                          remove_leftovers, remove_tree, verify_checkpoint, write_current)
 from tokenvault.core.store_layout import (
-    ACTIVE, AGE, AGE_END, AGE_HEADER_BYTES, API_KEY, AUDIT, AUDIT_END, AUDIT_HEAD_KEY, AUDIT_KIND, BLOCK_CACHE_BYTES,
-    CREATE_KEY_KIND, EXPIRY, EXPIRY_END, IDEMPOTENCY, LIFE, LIFE_END, MAX_API_KEYS, MAX_AUDIT_PAGE, MAX_STORED_EPOCH,
-    MAX_TOKEN_PAGE, MEMBERSHIP_KEY, META_KEY, NO_RECORDS, RETIRED, REVOKE_KEY_KIND, ROTATE_KIND, SHRED_POINT_RANGES,
-    TOKENIZE_KIND, U64, UNKNOWN_NODE, VERIFY_CACHE_BYTES, ApplyResult, EpochRecord, IdempotencyRecord, Outcome,
-    SnapshotRejected, StoreCorruption, StoreError, age_created_at, age_key, api_key_value, bounded, check_epochs,
-    database_options, decode_epoch, decode_life, decode_meta, encode_meta, epoch_key, first_key,
-    format_token_key, identity_key, json_bytes, lookup_format_tokens, lookup_opaque, metadata_rows, open_database,
-    pack, range_items, range_keys, read_api_keys, read_audit_head, read_epochs, read_membership, reason, token_key,
-    unpack)
-from tokenvault.core.store_lifecycle import (Batch, add_tokens, append_audit, apply_delete, apply_destroy,
-                                             apply_mappings, apply_purge_expired)
+    ACTIVE, AGE, AGE_END, AGE_HEADER_BYTES, API_KEY, AUDIT, AUDIT_ANCHOR_KEY, AUDIT_END, AUDIT_HEAD_KEY, AUDIT_KIND,
+    BLOCK_CACHE_BYTES, CREATE_KEY_KIND, EXPIRY, EXPIRY_END, IDEMPOTENCY, LIFE, LIFE_END, MAX_API_KEYS, MAX_AUDIT_PAGE,
+    MAX_STORED_EPOCH, MAX_TOKEN_PAGE, MEMBERSHIP_KEY, META_KEY, NO_RECORDS, RETIRED, REVOKE_KEY_KIND, ROTATE_KIND,
+    SHRED_POINT_RANGES, TOKENIZE_KIND, U64, UNKNOWN_NODE, VERIFY_CACHE_BYTES, ApplyResult, EpochRecord,
+    IdempotencyRecord, Outcome, SnapshotRejected, StoreCorruption, StoreError, age_created_at, age_key, api_key_value,
+    bounded, check_epochs, database_options, decode_epoch, decode_life, decode_meta, encode_meta, epoch_key,
+    first_key, format_token_key, identity_key, json_bytes, lookup_format_tokens, lookup_opaque, metadata_rows,
+    open_database, pack, range_items, range_keys, read_api_keys, read_audit_anchor, read_audit_head, read_epochs,
+    read_membership, reason, token_key, unpack)
+from tokenvault.core.store_lifecycle import (Batch, add_tokens, append_audit, apply_audit_trim, apply_delete,
+                                             apply_destroy, apply_mappings, apply_purge_expired)
 from tokenvault.core.wal import fsync_directory
 
 DEFAULT_RETENTION_MS = 48 * 3600 * 1000
@@ -120,6 +120,7 @@ class VaultStore:
         self._api_keys = read_api_keys(self._db, StoreCorruption)
         self._keys_changed()
         self._audit_seq, self._audit_head = read_audit_head(self._db, StoreCorruption)
+        self._audit_anchor = read_audit_anchor(self._db, StoreCorruption)
         self._membership = read_membership(self._db, StoreCorruption)
         first = first_key(self._db, AGE, AGE_END)
         # No idempotency record is older than the floor: a purge with an earlier
@@ -211,6 +212,7 @@ class VaultStore:
         batch = Batch(self._db, self._applied_index, self._applied_view, self._active_epoch,
                       self._token_count, self._idempotency_floor_ms, self._purge_resume_key)
         batch.audit_seq, batch.audit_head = self._audit_seq, self._audit_head
+        batch.audit_anchor = self._audit_anchor
         batch.has_life, batch.expiry_resume = self._has_life, self._expiry_resume_key
         results: list[ApplyResult] = []
         membership = self._membership
@@ -236,9 +238,14 @@ class VaultStore:
                 write.put(key, value)
         if batch.audit_seq != self._audit_seq:
             write.put(AUDIT_HEAD_KEY, pack([batch.audit_seq, batch.audit_head]))
+        if batch.audit_anchor != self._audit_anchor:
+            # After the puts: records of this batch up to the anchor go too.
+            write.delete_range(AUDIT, AUDIT + U64.pack(batch.audit_anchor[0] + 1))
+            write.put(AUDIT_ANCHOR_KEY, pack(list(batch.audit_anchor)))
         write.put(META_KEY, encode_meta(batch.applied_index, batch.applied_view, batch.token_count))
         self._db.write(write, self._write_options)
         self._audit_seq, self._audit_head = batch.audit_seq, batch.audit_head
+        self._audit_anchor = batch.audit_anchor
         self._applied_index, self._applied_view = batch.applied_index, batch.applied_view
         self._membership = membership
         self._active_epoch, self._token_count = batch.active_epoch, batch.token_count
@@ -272,6 +279,8 @@ class VaultStore:
             return apply_delete(index, command, batch)
         if type(command) is DestroyEpochCommand:
             return apply_destroy(index, command, batch)
+        if type(command) is AuditTrimCommand:
+            return apply_audit_trim(index, command, batch)
         assert type(command) is RotateEpochCommand  # the one kind left
         if command.epoch != batch.active_epoch + 1:
             return ApplyResult(index, Outcome.STALE_EPOCH, None, None)
@@ -491,6 +500,12 @@ class VaultStore:
     def audit_seq(self) -> int:
         """The sequence number of the newest audit record (0 when there is none)."""
         return self._audit_seq
+
+    @property
+    def audit_anchor(self) -> tuple[int, bytes]:
+        """(seq, hash) of the last record an audit trim dropped ((0, 32 zero bytes) when none was): the
+        trail's records start after it and the first links to its hash."""
+        return self._audit_anchor
 
     def audit_page(self, after: int, limit: int) -> list[dict[str, Any]]:
         """Up to ``limit`` audit records with seq > ``after``, in order, as JSON-ready documents.

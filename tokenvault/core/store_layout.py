@@ -119,6 +119,7 @@ MAX_TOKEN_PAGE = 1000
 CREATE_KEY_KIND = "key.create"
 REVOKE_KEY_KIND = "key.revoke"
 AUDIT_KIND = "audit"
+AUDIT_TRIM_KIND = "audit.trim"
 # Runtime API keys in the replicated table: bounded so the in-memory copy is.
 MAX_API_KEYS = 1000
 # Audit records one page read returns at most.
@@ -138,6 +139,8 @@ API_KEY_END = b"l"
 AUDIT = b"A"
 AUDIT_END = b"B"
 AUDIT_HEAD_KEY = b"h"
+# [seq, hash] of the last record an audit trim dropped: the chain's records start after it.
+AUDIT_ANCHOR_KEY = b"n"
 FORMAT_TOKEN = b"F"
 FORMAT_TOKEN_END = b"G"
 LIFE = b"L"
@@ -163,6 +166,9 @@ class Outcome(StrEnum):
     TOKEN_COLLISION = "token_collision"
     EPOCH_ACTIVE = "epoch_active"
     EPOCH_NOT_FOUND = "epoch_not_found"
+    AUDIT_RECORD_NOT_FOUND = "audit_record_not_found"
+    AUDIT_HASH_MISMATCH = "audit_hash_mismatch"
+    AUDIT_TRIMMED_ALREADY = "audit_trimmed_already"
 
 
 @dataclass(frozen=True, slots=True)
@@ -345,16 +351,25 @@ def read_api_keys(database: Rdict, error: type[StoreError]) -> dict[str, Runtime
     return keys
 
 
+def read_audit_anchor(database: Rdict, error: type[StoreError]) -> tuple[int, bytes]:
+    """(seq, hash) of the last record an audit trim dropped; (0, the genesis hash) if none was."""
+    return _read_seq_and_hash(database, AUDIT_ANCHOR_KEY, "anchor", error)
+
+
 def read_audit_head(database: Rdict, error: type[StoreError]) -> tuple[int, bytes]:
-    value = database.get(AUDIT_HEAD_KEY)
+    return _read_seq_and_hash(database, AUDIT_HEAD_KEY, "head", error)
+
+
+def _read_seq_and_hash(database: Rdict, key: bytes, name: str, error: type[StoreError]) -> tuple[int, bytes]:
+    value = database.get(key)
     if value is None:
         return 0, GENESIS_HASH
     try:
         seq, digest = unpack(value)
     except Exception:
-        raise error("the audit head record is malformed") from None
+        raise error(f"the audit {name} record is malformed") from None
     if not _is_count(seq) or type(digest) is not bytes or len(digest) != len(GENESIS_HASH):
-        raise error("the audit head record is malformed")
+        raise error(f"the audit {name} record is malformed")
     return seq, digest
 
 

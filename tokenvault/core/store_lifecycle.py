@@ -24,13 +24,14 @@ from rocksdict import Rdict, RdictIter, ReadOptions
 
 from tokenvault.audit_chain import GENESIS_HASH, chain_hash
 from tokenvault.auth import RuntimeKey
-from tokenvault.core.commands import (OPAQUE_FORMAT, DeleteTokensCommand, DestroyEpochCommand, PurgeExpiredCommand,
-                                      TokenizeCommand)
-from tokenvault.core.store_layout import (AGE, AUDIT, DELETE_KIND, DESTROY_KIND, DESTROYED, EXPIRY, EXPIRY_END,
+from tokenvault.core.commands import (OPAQUE_FORMAT, AuditTrimCommand, DeleteTokensCommand, DestroyEpochCommand,
+                                      PurgeExpiredCommand, TokenizeCommand)
+from tokenvault.core.store_layout import (AGE, AUDIT, AUDIT_TRIM_KIND, DELETE_KIND, DESTROY_KIND, DESTROYED, EXPIRY, EXPIRY_END,
                                           EXPIRY_HEADER_BYTES, LIFE, MAX_STORED_EPOCH, NO_RECORDS, PURGE_KIND, TOKEN,
                                           U32, U64, UNKNOWN_NODE, ApplyResult, InsertOnceViolation, Outcome,
                                           StoreCorruption, bounded, decode_epoch, decode_life, epoch_key,
-                                          expiry_index_key, format_token_key, json_bytes, multi_get, pack, token_key)
+                                          expiry_index_key, format_token_key, json_bytes, multi_get, pack, token_key,
+                                          unpack)
 
 _Name = TypeVar("_Name")
 
@@ -45,7 +46,7 @@ class Batch:
 
     __slots__ = ("db", "applied_index", "applied_view", "active_epoch", "token_count", "floor_ms",
                  "resume_key", "writes", "live_age", "tokenized", "api_keys", "audit_seq", "audit_head",
-                 "has_life", "expiry_resume")
+                 "audit_anchor", "has_life", "expiry_resume")
 
     def __init__(self, db: Rdict, applied_index: int, applied_view: int, active_epoch: int, token_count: int,
                  floor_ms: int, resume_key: bytes | None) -> None:
@@ -64,6 +65,8 @@ class Batch:
         self.api_keys: dict[str, RuntimeKey] | None = None
         self.audit_seq = 0
         self.audit_head = GENESIS_HASH
+        # (seq, hash) of the last record trimmed away (apply_audit_trim); the store drops every record up to it.
+        self.audit_anchor: tuple[int, bytes] = (0, GENESIS_HASH)
         self.has_life = False
         self.expiry_resume: bytes | None = None
 
@@ -317,3 +320,35 @@ def apply_destroy(index: int, command: DestroyEpochCommand, batch: Batch) -> App
                   DESTROY_KIND, 0, 0, actor.request_id, str(command.epoch)], batch)
     response = json_bytes({"epoch": command.epoch, "state": DESTROYED})
     return ApplyResult(index, Outcome.OK, 200, response, DESTROY_KIND, command.epoch, 0)
+
+
+def apply_audit_trim(index: int, command: AuditTrimCommand, batch: Batch) -> ApplyResult:
+    """Make record ``through_seq`` the chain's anchor and drop it and every record before it (the store
+    deletes the range when it writes the batch); the trim is itself recorded. Refused, with nothing
+    changed, unless that record exists and has the hash the operator gave: a trail is only trimmed as
+    far as someone exported it. Trimming again to the anchor with its hash is a no-op (a retry)."""
+    anchor_seq, anchor_hash = batch.audit_anchor
+    through = command.through_seq
+    if through <= anchor_seq:
+        if through != anchor_seq or command.through_hash != anchor_hash:
+            return ApplyResult(index, Outcome.AUDIT_TRIMMED_ALREADY, None, None)
+        return ApplyResult(index, Outcome.OK, 200, _trimmed(through, 0, anchor_hash), AUDIT_TRIM_KIND, 0, 0)
+    stored = batch.get(AUDIT + U64.pack(through)) if through <= batch.audit_seq else None
+    if stored is None:
+        return ApplyResult(index, Outcome.AUDIT_RECORD_NOT_FOUND, None, None)
+    try:
+        digest = unpack(stored)[-1]
+    except Exception:
+        raise StoreCorruption(f"audit record {through} is malformed") from None
+    if digest != command.through_hash:
+        return ApplyResult(index, Outcome.AUDIT_HASH_MISMATCH, None, None)
+    removed = through - anchor_seq
+    batch.audit_anchor = (through, digest)
+    actor = command.actor
+    append_audit([command.trimmed_at_ms, actor.node or UNKNOWN_NODE, actor.name, actor.key_id,
+                  AUDIT_TRIM_KIND, removed, removed, actor.request_id, str(through)], batch)
+    return ApplyResult(index, Outcome.OK, 200, _trimmed(through, removed, digest), AUDIT_TRIM_KIND, 0, removed)
+
+
+def _trimmed(through: int, removed: int, anchor_hash: bytes) -> bytes:
+    return json_bytes({"trimmed_through": through, "removed": removed, "anchor_hash": anchor_hash.hex()})

@@ -42,12 +42,14 @@ async def _measure(arguments: argparse.Namespace, audit: bool) -> float:
             await asyncio.to_thread(_create, directory, audit)
             spec, _ = await asyncio.to_thread(cluster.start_cluster, directory, timeout_seconds=60)
             # The first primary creates epoch 1 just after the election: wait for a tokenize to work.
-            async with AsyncClient(list(spec.http_urls), spec.key("full"), deadline_seconds=30) as client:
+            ca_file = str(spec.ca_file) if spec.ca_file else None  # None: plain HTTP (TOKENVAULT_TLS=false)
+            async with AsyncClient(list(spec.http_urls), spec.key("full"), deadline_seconds=30,
+                                   ca_file=ca_file) as client:
                 await client.tokenize(["warm-up"])
-            target = VaultTarget(list(spec.http_urls), spec.key("full"), arguments.seed)
+            target = VaultTarget(list(spec.http_urls), spec.key("full"), arguments.seed, ca_file)
             await target.fill_pool(max(arguments.pool, arguments.batch))
             workload = Workload("vault", "detokenize", tuple(target.urls), arguments.batch, spec.key("full"),
-                                seed=arguments.seed, pool=tuple(target.pool))
+                                ca_file, seed=arguments.seed, pool=tuple(target.pool))
             measurement = await drive(workload, arguments.concurrency, arguments.duration, arguments.warmup,
                                       arguments.client, read_pids(node.pid_file for node in spec.nodes),
                                       processes=arguments.client_processes)

@@ -252,6 +252,8 @@ async def drive(load: Operation | Workload, concurrency: int, duration_seconds: 
         return await drive_processes(load, concurrency, duration_seconds, warmup_seconds, client_kind,
                                      server_pids, processes)
     operation = build_operation(load) if isinstance(load, Workload) else load
+    if isinstance(load, Workload) and ca_file is None:
+        ca_file = load.ca_file  # a workload names the CA its nodes are verified against, as in a load process
     before = server_cpu(server_pids)
     window = Window.starting_at(time.monotonic(), warmup_seconds, duration_seconds)
     measurement = await run_workers(operation, range(concurrency), window, client_kind, ca_file)

@@ -111,3 +111,32 @@ def test_close_removes_the_scratch_directory(tmp_path, store):
     assert not (tmp_path / "reader").exists()
     with pytest.raises(StoreReadError):
         view.lookup([token(1, 1)], 0)
+
+
+def test_a_view_is_opened_again_when_the_wal_files_change_while_it_opens_or_catches_up(
+        tmp_path, store, monkeypatch):
+    """A flush adds a WAL file and later deletes the old one; a view that read the MANIFEST before the
+    flush's table file and the WAL list after the old file went would miss the rows of both (seen as
+    live tokens read back unknown). Any change of the WAL files while the view opens or catches up, a
+    deletion included, opens it again."""
+    from tokenvault.core import store_reader
+
+    real = store_reader._wal_files
+    snapshots: list[tuple[str, ...]] = []
+    scripted = iter([("1.log", "2.log"), ("2.log",)])  # the first open straddles the old WAL's deletion
+
+    def wal_files(directory):
+        listed = next(scripted, None) or real(directory)
+        snapshots.append(listed)
+        return listed
+
+    monkeypatch.setattr(store_reader, "_wal_files", wal_files)
+    view = StoreReader(tmp_path / "store", tmp_path / "reader").open()
+    # Opened twice: the sets before and after the first open differ, the second open's agree.
+    assert snapshots[:2] == [("1.log", "2.log"), ("2.log",)] and len(snapshots) == 4
+    assert snapshots[2] == snapshots[3]
+    opened = len(snapshots)
+    scripted = iter([(*real(tmp_path / "store" / view._generation), "9.log")])  # a WAL file appears
+    view.catch_up()
+    assert len(snapshots) > opened + 1  # the catch-up saw the change and opened the view again
+    view.close()

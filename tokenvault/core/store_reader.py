@@ -61,13 +61,19 @@ NUDGE_INTERVAL_SECONDS = 0.05
 REOPEN_ATTEMPTS = 5
 
 
-def _newest_wal(directory: Path) -> str:
-    """The name of the newest of RocksDB's WAL files in a generation ("" when none is listed)."""
+def _wal_files(directory: Path) -> tuple[str, ...]:
+    """The names of RocksDB's WAL files in a generation, sorted (empty when none is listed).
+
+    A flush starts a new WAL file and, once its table file is in the MANIFEST, deletes the old one;
+    a view opened or caught up while either happened may have read the MANIFEST before the table
+    file was added and then found the old WAL gone: the rows of both are missing from it (measured:
+    tokens never deleted read back as unknown). Any change of this set during an open or a catch-up
+    therefore opens the view again."""
     try:
         with os.scandir(directory) as entries:
-            return max((entry.name for entry in entries if entry.name.endswith(".log")), default="")
+            return tuple(sorted(entry.name for entry in entries if entry.name.endswith(".log")))
     except OSError:
-        return ""
+        return ()
 
 
 class StoreReadError(StoreError):
@@ -86,7 +92,7 @@ class StoreReader:
         self._cache = Cache(cache_bytes)
         self._db: Rdict | None = None
         self._generation = ""
-        self._wal = ""  # the newest WAL file when the view was opened (_newest_wal)
+        self._wals: tuple[str, ...] = ()  # the WAL files when the view was opened (_wal_files)
         self.applied_index = 0
         self._has_life = True
         self.catch_ups = 0  # for the metrics and the tests
@@ -114,19 +120,19 @@ class StoreReader:
         # A secondary keeps every table file it opened open: the core's compactions may delete them.
         options.set_max_open_files(-1)
         for _ in range(REOPEN_ATTEMPTS):
-            wal = _newest_wal(directory)
+            wals = _wal_files(directory)
             try:
                 self._db = Rdict(str(directory), options, column_families={"default": options},
                                  access_type=AccessType.secondary(str(self._scratch / generation)))
             except Exception as failure:
                 raise StoreReadError(f"the store cannot be opened for reading: {reason(failure)}") from None
-            if _newest_wal(directory) == wal:
+            if _wal_files(directory) == wals:
                 break
             self._close_database()  # the core flushed while this opened: open again on the new files
         else:
             raise StoreReadError("the store kept changing its write-ahead log while the view opened")
         self._generation = generation
-        self._wal = wal
+        self._wals = wals
         self._read_meta()
 
     def _read_meta(self) -> None:
@@ -161,12 +167,12 @@ class StoreReader:
             self._reopen()
             return self.applied_index
         directory = self._store_path / self._generation
-        if _newest_wal(directory) != self._wal:
-            # The core flushed its memtable (a full write buffer, a shred) and started a new WAL file.
-            # A secondary that catches up across that keeps what it had replayed of the old WAL in its
-            # memtable, where it hides newer rows of the same keys in the flushed table (a delete, the
-            # meta record): measured, a deleted token read back and the applied index stuck. A view
-            # opened afresh on the live files holds no such memtable.
+        if _wal_files(directory) != self._wals:
+            # The core flushed its memtable (a full write buffer, a shred): a new WAL file, or the old
+            # one deleted. A secondary that catches up across that keeps what it had replayed of the
+            # old WAL in its memtable, where it hides newer rows of the same keys in the flushed table
+            # (a delete, the meta record): measured, a deleted token read back and the applied index
+            # stuck. A view opened afresh on the live files holds no such memtable.
             self._reopen()
             return self.applied_index
         try:
@@ -177,7 +183,7 @@ class StoreReader:
             log.warning("store_reader.reopening", reason=reason(failure))
             self._reopen()
             return self.applied_index
-        if _newest_wal(directory) != self._wal:
+        if _wal_files(directory) != self._wals:
             self._reopen()  # the switch came while this caught up: what it read may straddle it
         return self.applied_index
 

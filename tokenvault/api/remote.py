@@ -19,6 +19,7 @@ from typing import Any
 
 from tokenvault import auth
 from tokenvault.api.channel import Channel
+from tokenvault.api.merge import SealedMerger
 from tokenvault.core import commands
 from tokenvault.core.backup import BACKUP_CHUNK_BYTES
 from tokenvault.crypto import formats
@@ -33,6 +34,9 @@ log = get_logger("worker")
 
 # After its view of the store failed, a worker sends every detokenize to the core for this long.
 READER_REST_SECONDS = 5.0
+
+# The node's per-request bound of values when the caller does not give it (limits.max_items).
+DEFAULT_MAX_ITEMS = 1000
 
 KEYS_TOPIC = "keys"
 EPOCH_TOPIC = "epoch"
@@ -153,9 +157,13 @@ class RemoteService:
     """NodeService's operations, answered by the node's core process over ``channel``."""
 
     def __init__(self, node_id: str, channel: Channel | None = None, *, reader: StoreReader | None = None,
-                 metrics: Metrics | None = None, timeout_seconds: float = 5.0) -> None:
+                 metrics: Metrics | None = None, timeout_seconds: float = 5.0,
+                 max_items: int = DEFAULT_MAX_ITEMS) -> None:
         self.node_id = node_id
         self.channel = channel
+        # The plain sealed tokenizes of one loop turn go to the core as one call (tokenvault.api.merge);
+        # at most the node's per-request bound of values, so a merged call is one allowed request.
+        self.merger = SealedMerger(self._send_sealed, max_items)
         self._keys: dict[str, auth.RuntimeKey] = {}
         self.keys_ready = asyncio.Event()
         # The active epoch's keys as the core last pushed them (None before the first epoch): this
@@ -218,6 +226,8 @@ class RemoteService:
                 if answered is not None:
                     return answered
             try:
+                if plain:
+                    return await self.merger.submit(principal, keys.epoch, values, items)
                 return _outcome(await self._call("tokenize_sealed", {
                     "principal": principal, "epoch": keys.epoch, "values": values, "items": items,
                     "token_format": token_format, "metadata_json": metadata_json, "ttl_seconds": ttl_seconds,
@@ -227,6 +237,12 @@ class RemoteService:
         return _outcome(await self._call("tokenize", {
             "principal": principal, "values": values, "idempotency_key": idempotency_key,
             "token_format": token_format, "metadata_json": metadata_json, "ttl_seconds": ttl_seconds}))
+
+    async def _send_sealed(self, principal: str, epoch: int, values: list[str], items: list[list[Any]]) -> Outcome:
+        """One tokenize_sealed call for the plain requests SealedMerger merged."""
+        return _outcome(await self._call("tokenize_sealed", {
+            "principal": principal, "epoch": epoch, "values": values, "items": items,
+            "token_format": formats.OPAQUE, "metadata_json": None, "ttl_seconds": None, "metadata": None}))
 
     async def _tokenize_from_view(self, epoch: int, items: list[list[Any]]) -> Outcome | None:
         """A plain tokenize whose every (token, ciphertext) pair this worker's view holds, answered as a read

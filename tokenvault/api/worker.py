@@ -62,7 +62,8 @@ async def run_worker(config: NodeConfig, index: int, workers: int, channel_fd: i
     metrics = Metrics("worker")
     reader = _open_store_view(config, index, workers)
     service = RemoteService(config.node_id, reader=reader, metrics=metrics,
-                            timeout_seconds=config.timing.request_timeout_ms / 1000)
+                            timeout_seconds=config.timing.request_timeout_ms / 1000,
+                            max_items=config.limits.max_items)
     try:
         return await _serve(config, index, workers, channel_fd, listen_fd, service, metrics, reader)
     finally:

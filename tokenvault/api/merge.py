@@ -1,0 +1,131 @@
+"""A worker's plain sealed tokenizes of one event-loop turn, sent to its core as one call.
+
+The core merges the sealed items of concurrent requests into one log entry
+(tokenvault/api/coalesce.py), but before that it pays for every request on
+its own: a channel message to decode and validate, the epoch check, the
+re-seal of the first value, the read check's lookup, the coalescer's bookkeeping
+and a reply to encode. Those costs are per call, not per value, and the core is
+the one process of a node that cannot be multiplied. So a worker sends the
+plain tokenizes (opaque, no Idempotency-Key, TTL or metadata) it sealed in one
+turn of its event loop as ONE ``tokenize_sealed`` call, and answers each
+request with its own tokens when that call is answered.
+
+Why this changes nothing a client sees: these are exactly the requests the
+core's coalescer merges into one entry anyway, so they already share one fate
+(committed together, or refused together). The tokens are the worker's own
+(deterministic, sealed here); the core answers the merged call only once its
+items are stored, or as a read when every one of them is stored already (the
+same value in two merged requests is one mapping). A rotation the worker had
+not heard of refuses the merged call with EpochChanged, and each request then
+takes the usual way (the core seals it in the new epoch). A call holds at most
+``max_items`` values, the node's per-request bound, so a merged call is one
+allowed request.
+
+Alone, a request waits for one loop turn only; under load a worker merges
+what its connections delivered in the same turn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from tokenvault.errors import Outcome, Unavailable
+
+# Sends one tokenize_sealed call (principal, epoch, values, items) and returns the core's Outcome.
+Send = Callable[[str, int, list[str], list[list[Any]]], Awaitable[Outcome]]
+
+
+class _Call:
+    __slots__ = ("epoch", "principal", "values", "items", "done", "requests", "started")
+
+    def __init__(self, epoch: int, principal: str) -> None:
+        self.epoch = epoch
+        self.principal = principal  # the first request's: a plain sealed tokenize records no principal
+        self.values: list[str] = []
+        self.items: list[list[Any]] = []
+        self.requests = 0
+        self.started = False
+        self.done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+
+class SealedMerger:
+    """Merges the plain sealed tokenizes of one loop turn into one call to the core; ``submit`` returns
+    when that call is answered (its epoch) or raises its error."""
+
+    def __init__(self, send: Send, max_items: int) -> None:
+        if max_items < 1:
+            raise ValueError("max_items must be at least 1")
+        self._send = send
+        self._max_items = max_items
+        self._open: _Call | None = None
+        self._sending: set[asyncio.Task[None]] = set()
+        # What the calls carried, for the metrics and the tests.
+        self.calls = 0
+        self.requests = 0
+
+    async def submit(self, principal: str, epoch: int, values: list[str], items: list[list[Any]]) -> Outcome:
+        """This request's answer: ``{"epoch", "tokens"}`` with its own tokens, once the merged call is."""
+        call = self._open
+        if call is None or call.epoch != epoch or len(call.values) + len(values) > self._max_items:
+            if call is not None:
+                self._flush(call)
+            call = self._start(epoch, principal)
+        call.values.extend(values)
+        call.items.extend(items)
+        call.requests += 1
+        if len(call.values) >= self._max_items:
+            self._flush(call)
+        answered_epoch = await asyncio.shield(call.done)
+        body = {"epoch": answered_epoch, "tokens": [token for token, _ in items]}
+        return Outcome(200, json.dumps(body, separators=(",", ":")).encode(), False)
+
+    def _start(self, epoch: int, principal: str) -> _Call:
+        call = self._open = _Call(epoch, principal)
+        asyncio.get_running_loop().call_soon(self._flush, call)
+        return call
+
+    def _flush(self, call: _Call) -> None:
+        if self._open is call:
+            self._open = None
+        if call.started:
+            return
+        call.started = True
+        task = asyncio.get_running_loop().create_task(self._run(call))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
+    async def _run(self, call: _Call) -> None:
+        self.calls += 1
+        self.requests += call.requests
+        try:
+            outcome = await self._send(call.principal, call.epoch, call.values, call.items)
+            epoch = _answered_epoch(outcome, call.items)
+        except BaseException as error:  # noqa: BLE001 - handed to every request of the call
+            if not call.done.done():
+                call.done.set_exception(error)
+                call.done.exception()  # marked retrieved: a call whose requests all left is not an error
+            if isinstance(error, (KeyboardInterrupt, SystemExit)):
+                raise
+            return
+        if not call.done.done():
+            call.done.set_result(epoch)
+
+    async def close(self) -> None:
+        for task in list(self._sending):
+            task.cancel()
+        await asyncio.gather(*self._sending, return_exceptions=True)
+
+
+def _answered_epoch(outcome: Outcome, items: list[list[Any]]) -> int:
+    """The epoch of the core's answer to a merged call, which must name exactly the tokens sent."""
+    try:
+        document = json.loads(outcome.body) if outcome.status == 200 else None
+    except ValueError:
+        document = None
+    if (not isinstance(document, dict) or type(document.get("epoch")) is not int
+            or document.get("tokens") != [token for token, _ in items]):
+        raise Unavailable("the node's core answered a merged tokenize out of shape; retry")
+    return int(document["epoch"])

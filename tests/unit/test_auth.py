@@ -145,3 +145,24 @@ def test_a_salted_bootstrap_entry_authenticates_and_its_digest_depends_on_the_sa
     assert table.authenticate(generate_api_key()) is None
     with pytest.raises(ApiKeyTableError):
         ApiKeyEntry("bad-salt", digest, frozenset({ADMIN}), salt="XYZ")
+
+
+def test_a_key_that_matched_is_found_again_without_the_loop_and_only_matches_are_kept(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    keys = [generate_api_key() for _ in range(3)]
+    table = ApiKeyTable([_entry(f"k{index}", key, ADMIN) for index, key in enumerate(keys)])
+    first = table.authenticate(keys[1])
+    calls: list[int] = []
+    real_compare = hmac.compare_digest
+
+    def counting_compare(first: bytes, second: bytes) -> bool:
+        calls.append(1)
+        return real_compare(first, second)
+
+    monkeypatch.setattr(auth.hmac, "compare_digest", counting_compare)
+    assert table.authenticate(keys[1]) == first and first is not None and first.name == "k1"
+    assert calls == []  # found by its SHA-256
+    for _ in range(100):
+        assert table.authenticate(generate_api_key()) is None  # a guess still runs every comparison
+    assert len(calls) == 300
+    assert len(table._matched) == 1  # guesses are never kept

@@ -6,6 +6,7 @@ token, a destroyed epoch and an expired mapping are never answered; every answer
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import time
@@ -22,6 +23,7 @@ from tokenvault.core import commands
 from tokenvault.core.store_files import STORE_DIRECTORY
 from tokenvault.core.store_reader import StoreReader
 from tokenvault.crypto import formats
+from tokenvault.errors import InvalidRequest
 from tokenvault.metrics import Metrics
 
 
@@ -268,3 +270,38 @@ async def test_a_reveal_after_a_rotation_the_worker_missed_is_not_resolved_in_th
     assert await worker.service.reveal([token]) == {"values": [None]}
     assert worker.reads("view") == 1 and worker.reads("core") == 1
     assert len(detokenize_records(single)) == records + 1
+
+
+async def test_the_read_points_of_one_turn_are_one_call_and_each_keeps_its_answer_and_its_audit_record(
+        single: RunningNode, worker: Worker) -> None:
+    card = await single.service.tokenize("p", [CARD_NUMBER], None, token_format=formats.CARD)
+    card_token = json.loads(card.body)["tokens"][0]
+    tokens = await tokenize(single, [f"turn-{number}" for number in range(6)])
+    worker.reader.catch_up()
+    single.node.on_keyring_changed = lambda: None  # the worker does not hear of the rotation below
+    await single.service.rotate_epoch("admin", None)
+    worker.reader.catch_up()
+    records, calls = len(detokenize_records(single)), worker.service.read_points.calls
+    answers = await asyncio.gather(*(worker.service.detokenize([token]) for token in tokens),
+                                   worker.service.reveal([card_token]))
+    # One read_points call for the seven; six answered from the view, each with its own record; the
+    # card token's point was refused for its stale epoch (nothing written) and the core answered it.
+    assert worker.service.read_points.calls == calls + 1
+    assert answers[:6] == [[f"turn-{number}"] for number in range(6)] and answers[6] == {"values": [None]}
+    assert worker.reads("view") == 6 and worker.reads("core") == 1
+    assert len(detokenize_records(single)) == records + 7
+
+
+async def test_a_malformed_read_point_fails_the_call_before_any_point_runs(single: RunningNode) -> None:
+    calls = CoreCalls(single.service, single.node.metrics, lambda: [], max_backup_streams=1)
+    good = {"kind": "detokenize", "items": 1, "found": 1, "actor": commands.NO_ACTOR.fields(), "masked": False,
+            "active_epoch": None}
+    records = len(detokenize_records(single))
+    for bad in ({"kind": "detokenize", "items": 0, "found": 0, "actor": None, "masked": False, "active_epoch": None},
+                {"kind": "write"}, "not a map", {**good, "masked": "no"}, {**good, "extra": 1}):
+        with pytest.raises(InvalidRequest):
+            await calls.handlers["read_points"]({"points": [good, bad]})
+    with pytest.raises(InvalidRequest):
+        await calls.handlers["read_points"]({"points": []})
+    assert len(detokenize_records(single)) == records  # no point ran: no audit record
+    assert await calls.handlers["read_points"]({"points": [good]}) == [[single.node.removal_index]]

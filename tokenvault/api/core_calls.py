@@ -30,11 +30,13 @@ from tokenvault.core.backup import BackupStream
 from tokenvault.core.commands import AUDIT_HASH_BYTES, Actor, CommandError
 from tokenvault.core.store_layout import MAX_TOKEN_PAGE
 from tokenvault.crypto import formats
-from tokenvault.errors import InvalidRequest, NotFound, Overloaded
+from tokenvault.errors import InvalidRequest, NotFound, Overloaded, ServiceError
 from tokenvault.metrics import Metrics, RecentRender
 
 # How long the core waits for one worker's metrics before it renders the node's without them.
 WORKER_METRICS_TIMEOUT_SECONDS = 1.0
+# Read points one read_points call may carry: a worker sends what one loop turn needed.
+MAX_READ_POINTS = 4096
 MAX_AUDIT_LIMIT = 10_000
 MAX_CHUNK_BYTES = 4 * 1024 * 1024
 
@@ -71,8 +73,7 @@ class CoreCalls:
     def handlers(self) -> dict[str, Handler]:
         return {
             "tokenize": self._tokenize, "tokenize_sealed": self._tokenize_sealed,
-            "detokenize": self._detokenize, "detokenize_read_point": self._detokenize_read_point,
-            "tokenize_read_point": self._tokenize_read_point,
+            "detokenize": self._detokenize, "read_points": self._read_points,
             "reveal": self._reveal, "rotate_epoch": self._rotate_epoch,
             "list_epochs": self._list_epochs, "create_key": self._create_key, "revoke_key": self._revoke_key,
             "list_keys": self._list_keys, "audit_page": self._audit_page, "cluster_view": self._cluster_view,
@@ -147,22 +148,45 @@ class CoreCalls:
         tokens = validate_tokens(require_item_list(arguments, "tokens", self._limits))
         return await self._service.detokenize(tokens, _checked_actor(arguments["actor"]))
 
-    async def _tokenize_read_point(self, arguments: dict[str, Any]) -> Any:
-        _members(arguments, ("epoch", "items"))
-        epoch = validate_epoch(arguments["epoch"])
-        _int(arguments["items"], "items", 1, self._limits.max_items)
-        return await self._service.tokenize_read_point(epoch)
+    async def _read_points(self, arguments: dict[str, Any]) -> Any:
+        """The read points one worker needed in one loop turn (tokenvault.api.merge.ReadPointMerger), each
+        run as it would be alone; one result per point: ``[index]`` or ``[status, problem, detail]``."""
+        _members(arguments, ("points",))
+        points = arguments["points"]
+        if not isinstance(points, list) or not 1 <= len(points) <= MAX_READ_POINTS:
+            raise InvalidRequest(f"points must be a list of 1 to {MAX_READ_POINTS} read points")
+        # Every point is checked before any runs: a malformed call changes nothing (no audit record).
+        runs = [self._read_point(point) for point in points]
+        results = await asyncio.gather(*(run() for run in runs), return_exceptions=True)
+        answers: list[list[Any]] = []
+        for result in results:
+            if isinstance(result, ServiceError):
+                answers.append([result.status, result.problem, result.detail])
+            elif isinstance(result, BaseException):
+                raise result  # a bug, not a point's answer: the whole call fails as any call would
+            else:
+                answers.append([result])
+        return answers
 
-    async def _detokenize_read_point(self, arguments: dict[str, Any]) -> Any:
-        _members(arguments, ("items", "found", "actor", "masked", "active_epoch"))
-        items = _int(arguments["items"], "items", 1, self._limits.max_items)
-        found = _int(arguments["found"], "found", 0, items)
-        masked, active_epoch = arguments["masked"], arguments["active_epoch"]
+    def _read_point(self, point: object) -> Callable[[], Awaitable[int]]:
+        """One checked read point, ready to run."""
+        if not isinstance(point, dict) or point.get("kind") not in ("tokenize", "detokenize"):
+            raise InvalidRequest("a read point is a map whose kind is tokenize or detokenize")
+        if point["kind"] == "tokenize":
+            _members(point, ("kind", "epoch", "items"))
+            epoch = validate_epoch(point["epoch"])
+            _int(point["items"], "items", 1, self._limits.max_items)
+            return lambda: self._service.tokenize_read_point(epoch)
+        _members(point, ("kind", "items", "found", "actor", "masked", "active_epoch"))
+        items = _int(point["items"], "items", 1, self._limits.max_items)
+        found = _int(point["found"], "found", 0, items)
+        masked, active_epoch = point["masked"], point["active_epoch"]
         if not isinstance(masked, bool):
             raise InvalidRequest("masked must be a boolean")
-        return await self._service.detokenize_read_point(
-            items, found, _checked_actor(arguments["actor"]), masked=masked,
-            active_epoch=None if active_epoch is None else validate_epoch(active_epoch))
+        actor = _checked_actor(point["actor"])
+        checked_epoch = None if active_epoch is None else validate_epoch(active_epoch)
+        return lambda: self._service.detokenize_read_point(items, found, actor, masked=masked,
+                                                           active_epoch=checked_epoch)
 
     async def _rotate_epoch(self, arguments: dict[str, Any]) -> Any:
         _members(arguments, ("principal", "idempotency_key", "actor"))

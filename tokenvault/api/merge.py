@@ -1,4 +1,5 @@
-"""A worker's plain sealed tokenizes of one event-loop turn, sent to its core as one call.
+"""A worker's plain sealed tokenizes of one event-loop turn, sent to its core as one call; and the
+read points of one turn (ReadPointMerger), likewise.
 
 The core merges the sealed items of concurrent requests into one log entry
 (tokenvault/api/coalesce.py), but before that it pays for every request on
@@ -32,7 +33,7 @@ import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from tokenvault.errors import Outcome, Unavailable
+from tokenvault.errors import Outcome, ServiceError, Unavailable, error_from_problem
 
 # Sends one tokenize_sealed call (principal, epoch, values, items) and returns the core's Outcome.
 Send = Callable[[str, int, list[str], list[list[Any]]], Awaitable[Outcome]]
@@ -129,3 +130,74 @@ def _answered_epoch(outcome: Outcome, items: list[list[Any]]) -> int:
             or document.get("tokens") != [token for token, _ in items]):
         raise Unavailable("the node's core answered a merged tokenize out of shape; retry")
     return int(document["epoch"])
+
+
+# Sends one read_points call with the points of a turn; the core's answer, one result per point.
+SendPoints = Callable[[list[dict[str, Any]]], Awaitable[Any]]
+
+
+class ReadPointMerger:
+    """The read points a worker asks of its core in one loop turn — each detokenize it answers from its
+    view (``detokenize_read_point``: the audit record, the catch-up, the removal index) and each repeat
+    tokenize (``tokenize_read_point``: the read barrier, the epoch check) — sent as ONE ``read_points``
+    call. The core runs every point as it would alone (each detokenize keeps its own audit record) and
+    answers each with its index or its own error, so merging changes no answer: it saves the core one
+    message to decode, dispatch and answer per request."""
+
+    def __init__(self, send: SendPoints) -> None:
+        self._send = send
+        self._open: list[tuple[dict[str, Any], asyncio.Future[int]]] | None = None
+        self._sending: set[asyncio.Task[None]] = set()
+        self.calls = 0  # for the tests
+
+    async def ask(self, point: dict[str, Any]) -> int:
+        """The point's index (the core's removal index), or its error raised as the core raised it."""
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        if self._open is None:
+            self._open = []
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._open.append((point, future))
+        return await asyncio.shield(future)
+
+    def _flush(self) -> None:
+        points, self._open = self._open, None
+        if points:
+            task = asyncio.get_running_loop().create_task(self._run(points))
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
+
+    async def _run(self, points: list[tuple[dict[str, Any], asyncio.Future[int]]]) -> None:
+        self.calls += 1
+        try:
+            results = await self._send([point for point, _ in points])
+            if not isinstance(results, list) or len(results) != len(points):
+                raise Unavailable("the node's core answered read points out of shape; retry")
+        except BaseException as error:  # noqa: BLE001 - handed to every point of the call
+            for _, future in points:
+                if not future.done():
+                    future.set_exception(error)
+                    future.exception()  # marked retrieved: a point whose request left is not an error
+            if isinstance(error, (KeyboardInterrupt, SystemExit)):
+                raise
+            return
+        for (_, future), result in zip(points, results):
+            if not future.done():
+                _settle(future, result)
+
+    async def close(self) -> None:
+        for task in list(self._sending):
+            task.cancel()
+        await asyncio.gather(*self._sending, return_exceptions=True)
+
+
+def _settle(future: asyncio.Future[int], result: object) -> None:
+    """One point's result as the core sends it: ``[index]``, or ``[status, problem, detail]``."""
+    if isinstance(result, list) and len(result) == 1 and type(result[0]) is int and result[0] >= 0:
+        future.set_result(result[0])
+        return
+    error: ServiceError | None = None
+    if (isinstance(result, list) and len(result) == 3 and isinstance(result[0], int)
+            and isinstance(result[1], str) and isinstance(result[2], str)):
+        error = error_from_problem(result[0], result[1], result[2], {})
+    future.set_exception(error or Unavailable("the node's core answered a read point out of shape; retry"))
+    future.exception()

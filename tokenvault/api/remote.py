@@ -19,7 +19,7 @@ from typing import Any
 
 from tokenvault import auth
 from tokenvault.api.channel import Channel
-from tokenvault.api.merge import SealedMerger
+from tokenvault.api.merge import ReadPointMerger, SealedMerger
 from tokenvault.core import commands
 from tokenvault.core.backup import BACKUP_CHUNK_BYTES
 from tokenvault.crypto import formats
@@ -164,6 +164,8 @@ class RemoteService:
         # The plain sealed tokenizes of one loop turn go to the core as one call (tokenvault.api.merge);
         # at most the node's per-request bound of values, so a merged call is one allowed request.
         self.merger = SealedMerger(self._send_sealed, max_items)
+        # Likewise the read points of a turn: one read_points call (tokenvault.api.merge.ReadPointMerger).
+        self.read_points = ReadPointMerger(self._send_read_points)
         self._keys: dict[str, auth.RuntimeKey] = {}
         self.keys_ready = asyncio.Event()
         # The active epoch's keys as the core last pushed them (None before the first epoch): this
@@ -238,6 +240,9 @@ class RemoteService:
             "principal": principal, "values": values, "idempotency_key": idempotency_key,
             "token_format": token_format, "metadata_json": metadata_json, "ttl_seconds": ttl_seconds}))
 
+    async def _send_read_points(self, points: list[dict[str, Any]]) -> Any:
+        return await self._call("read_points", {"points": points})
+
     async def _send_sealed(self, principal: str, epoch: int, values: list[str], items: list[list[Any]]) -> Outcome:
         """One tokenize_sealed call for the plain requests SealedMerger merged."""
         return _outcome(await self._call("tokenize_sealed", {
@@ -271,7 +276,7 @@ class RemoteService:
             self._catch_up.nudge()  # new values, or values written since the view last moved
             return None
         try:
-            index = await self._call("tokenize_read_point", {"epoch": epoch, "items": len(items)})
+            index = await self.read_points.ask({"kind": "tokenize", "epoch": epoch, "items": len(items)})
         except ServiceError:
             return None  # a rotation, no primary, an overload: the usual path answers as it would
         try:
@@ -418,9 +423,9 @@ class RemoteService:
         if any(token_epoch not in self._readable for token_epoch in epochs.values()):
             return None
         try:
-            index = await self._call("detokenize_read_point", {
-                "items": len(tokens), "found": len(tokens), "actor": actor.fields(), "masked": masked,
-                "active_epoch": epoch if resolve else None})
+            index = await self.read_points.ask({
+                "kind": "detokenize", "items": len(tokens), "found": len(tokens), "actor": actor.fields(),
+                "masked": masked, "active_epoch": epoch if resolve else None})
         except EpochChanged:
             return None  # a rotation this worker has not heard of yet: nothing was written, the core answers
         try:

@@ -1,4 +1,4 @@
-"""Storage throughput: command codec, WAL group commit and SQLite apply, measured in-process.
+"""Storage throughput: command codec, WAL group commit and the store's apply (RocksDB), measured in-process.
 
 Usage:
     .venv/bin/python bench/storage_throughput.py [--commands N] [--batch-entries N] [--directory DIR] [--no-fsync]

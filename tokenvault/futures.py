@@ -24,6 +24,18 @@ async def await_future(future: asyncio.Future[T], timeout_seconds: float) -> T:
         timer.cancel()
 
 
+def fail_waiting(futures: Iterable[asyncio.Future[Any]], error: BaseException) -> None:
+    """Hand ``error`` to whoever awaits each of ``futures`` not settled yet (the requests of one batch);
+    marked retrieved, since a batch whose requests all left is not an error. KeyboardInterrupt and
+    SystemExit are raised again after: they stop the process, not a batch."""
+    for future in futures:
+        if not future.done():
+            future.set_exception(error)
+            future.exception()
+    if isinstance(error, (KeyboardInterrupt, SystemExit)):
+        raise error
+
+
 def _expire(future: asyncio.Future[Any]) -> None:
     if not future.done():
         future.set_exception(asyncio.TimeoutError())

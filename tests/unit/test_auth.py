@@ -67,9 +67,8 @@ def test_overlong_key_is_refused_even_if_its_hash_is_stored() -> None:
     assert ApiKeyTable([_entry("edge", at_limit, ADMIN)]).authenticate(at_limit) is not None
 
 
-def test_every_stored_hash_is_compared_without_early_exit(monkeypatch: pytest.MonkeyPatch) -> None:
-    keys = [generate_api_key() for _ in range(5)]
-    table = ApiKeyTable([_entry(f"k{index}", key, ADMIN) for index, key in enumerate(keys)])
+def counted_comparisons(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A list that gets one item per hmac.compare_digest the auth module makes from now on."""
     calls: list[int] = []
     real_compare = hmac.compare_digest
 
@@ -78,6 +77,13 @@ def test_every_stored_hash_is_compared_without_early_exit(monkeypatch: pytest.Mo
         return real_compare(first, second)
 
     monkeypatch.setattr(auth.hmac, "compare_digest", counting_compare)
+    return calls
+
+
+def test_every_stored_hash_is_compared_without_early_exit(monkeypatch: pytest.MonkeyPatch) -> None:
+    keys = [generate_api_key() for _ in range(5)]
+    table = ApiKeyTable([_entry(f"k{index}", key, ADMIN) for index, key in enumerate(keys)])
+    calls = counted_comparisons(monkeypatch)
     for presented in (keys[0], keys[4], "tvk_nobody"):
         calls.clear()
         table.authenticate(presented)
@@ -152,14 +158,7 @@ def test_a_key_that_matched_is_found_again_without_the_loop_and_only_matches_are
     keys = [generate_api_key() for _ in range(3)]
     table = ApiKeyTable([_entry(f"k{index}", key, ADMIN) for index, key in enumerate(keys)])
     first = table.authenticate(keys[1])
-    calls: list[int] = []
-    real_compare = hmac.compare_digest
-
-    def counting_compare(first: bytes, second: bytes) -> bool:
-        calls.append(1)
-        return real_compare(first, second)
-
-    monkeypatch.setattr(auth.hmac, "compare_digest", counting_compare)
+    calls = counted_comparisons(monkeypatch)
     assert table.authenticate(keys[1]) == first and first is not None and first.name == "k1"
     assert calls == []  # found by its SHA-256
     for _ in range(100):

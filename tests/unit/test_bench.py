@@ -65,20 +65,26 @@ async def test_both_clients_post_to_a_real_server_and_reuse_connections() -> Non
 
     app = web.Application()
     app.router.add_post("/echo", echo)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]
-    try:
+    async with local_server(app) as base_url:
         for kind in ("raw", "aiohttp"):
             peers.clear()
             async with open_client(kind, 1) as client:
                 for number in range(3):
-                    status, body = await client.post(0, f"http://127.0.0.1:{port}/echo", b"abc%d" % number,
+                    status, body = await client.post(0, f"{base_url}/echo", b"abc%d" % number,
                                                       {"Authorization": "Bearer k"})
                     assert (status, body) == (201, b"%dcba" % number)
             assert len(peers) == 1, kind  # one keep-alive connection carried all three
+
+
+@asynccontextmanager
+async def local_server(app: web.Application) -> AsyncIterator[str]:
+    """``app`` served on a free loopback port; yields its base URL."""
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
     finally:
         await runner.cleanup()
 
@@ -129,14 +135,8 @@ async def recording_vault() -> AsyncIterator[tuple[str, dict[str, list[float]], 
 
     app = web.Application()
     app.router.add_post("/{prefix}/v1/tokenize", tokenize)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        yield f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}", arrivals, values
-    finally:
-        await runner.cleanup()
+    async with local_server(app) as base_url:
+        yield base_url, arrivals, values
 
 
 async def test_two_load_processes_measure_one_window_with_their_own_values_and_workers() -> None:

@@ -32,6 +32,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from tokenvault.core import commands
+from tokenvault.futures import fail_waiting
 
 DEFAULT_MAX_ITEMS = 4096
 DEFAULT_MAX_BYTES = 1024 * 1024
@@ -110,11 +111,7 @@ class TokenizeCoalescer:
                 fingerprint=None, issued_at_ms=int(time.time() * 1000))
             result = await self._propose(commands.encode_command(command))
         except BaseException as error:  # noqa: BLE001 - handed to every waiting request
-            if not batch.done.done():
-                batch.done.set_exception(error)
-                batch.done.exception()  # marked retrieved: a batch whose requests all left is not an error
-            if isinstance(error, (KeyboardInterrupt, SystemExit)):
-                raise
+            fail_waiting([batch.done], error)
             return
         if not batch.done.done():
             batch.done.set_result(result)

@@ -34,6 +34,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from tokenvault.errors import Outcome, ServiceError, Unavailable, error_from_problem
+from tokenvault.futures import fail_waiting
 
 # Sends one tokenize_sealed call (principal, epoch, values, items) and returns the core's Outcome.
 Send = Callable[[str, int, list[str], list[list[Any]]], Awaitable[Outcome]]
@@ -105,11 +106,7 @@ class SealedMerger:
             outcome = await self._send(call.principal, call.epoch, call.values, call.items)
             epoch = _answered_epoch(outcome, call.items)
         except BaseException as error:  # noqa: BLE001 - handed to every request of the call
-            if not call.done.done():
-                call.done.set_exception(error)
-                call.done.exception()  # marked retrieved: a call whose requests all left is not an error
-            if isinstance(error, (KeyboardInterrupt, SystemExit)):
-                raise
+            fail_waiting([call.done], error)
             return
         if not call.done.done():
             call.done.set_result(epoch)
@@ -173,12 +170,7 @@ class ReadPointMerger:
             if not isinstance(results, list) or len(results) != len(points):
                 raise Unavailable("the node's core answered read points out of shape; retry")
         except BaseException as error:  # noqa: BLE001 - handed to every point of the call
-            for _, future in points:
-                if not future.done():
-                    future.set_exception(error)
-                    future.exception()  # marked retrieved: a point whose request left is not an error
-            if isinstance(error, (KeyboardInterrupt, SystemExit)):
-                raise
+            fail_waiting([future for _, future in points], error)
             return
         for (_, future), result in zip(points, results):
             if not future.done():

@@ -37,7 +37,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from rocksdict import AccessType, Cache, Rdict
@@ -189,28 +189,23 @@ class StoreReader:
 
     def lookup(self, tokens: Sequence[str], now_ms: int) -> dict[str, bytes]:
         """Ciphertexts of the live opaque tokens among ``tokens`` as of this view (VaultStore.lookup)."""
-        try:
-            return lookup_opaque(self._database(), tokens, now_ms, has_life=self._has_life)
-        except StoreReadError:
-            raise
-        except Exception as failure:
-            raise StoreReadError(f"reading the store failed: {reason(failure)}") from None
+        return self._read(lambda database: lookup_opaque(database, tokens, now_ms, has_life=self._has_life))
 
     def lookup_format(self, epoch: int, tokens: Sequence[str], now_ms: int) -> dict[str, bytes]:
         """Ciphertexts of the live card and digits tokens of ``epoch`` among ``tokens`` as of this view
         (VaultStore.lookup_format)."""
-        try:
-            return lookup_format_tokens(self._database(), epoch, tokens, now_ms, has_life=self._has_life)
-        except StoreReadError:
-            raise
-        except Exception as failure:
-            raise StoreReadError(f"reading the store failed: {reason(failure)}") from None
+        return self._read(lambda database: lookup_format_tokens(database, epoch, tokens, now_ms,
+                                                                has_life=self._has_life))
 
     def metadata(self, epoch: int | None, tokens: Sequence[str]) -> dict[str, bytes]:
         """The metadata ciphertexts of the mappings among ``tokens`` as of this view (VaultStore.metadata:
         opaque tokens when ``epoch`` is None, else card and digits tokens of ``epoch``)."""
+        return self._read(lambda database: metadata_rows(database, epoch, tokens, has_life=self._has_life))
+
+    def _read(self, read: Callable[[Rdict], dict[str, bytes]]) -> dict[str, bytes]:
+        """``read`` on this view's database; any failure of it is a StoreReadError (ask the core)."""
         try:
-            return metadata_rows(self._database(), epoch, tokens, has_life=self._has_life)
+            return read(self._database())
         except StoreReadError:
             raise
         except Exception as failure:

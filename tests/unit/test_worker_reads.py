@@ -18,7 +18,7 @@ import pytest
 from node_support import RunningNode, wait_until
 from test_channel import pair
 from tokenvault.api.core_calls import CoreCalls
-from tokenvault.api.remote import CATCH_UP_TOPIC, EPOCH_TOPIC, RemoteService
+from tokenvault.api.remote import CATCH_UP_TOPIC, EPOCH_TOPIC, PROBE_AFTER_MISSES, PROBE_EVERY, RemoteService
 from tokenvault.core import commands
 from tokenvault.core.store_files import STORE_DIRECTORY
 from tokenvault.core.store_reader import StoreReader
@@ -305,3 +305,28 @@ async def test_a_malformed_read_point_fails_the_call_before_any_point_runs(singl
         await calls.handlers["read_points"]({"points": []})
     assert len(detokenize_records(single)) == records  # no point ran: no audit record
     assert await calls.handlers["read_points"]({"points": [good]}) == [[single.node.removal_index]]
+
+
+async def test_under_new_values_only_one_tokenize_in_sixteen_tries_the_view_and_repeats_stay_reads(
+        single: RunningNode, worker: Worker, monkeypatch: pytest.MonkeyPatch) -> None:
+    tries: list[int] = []
+    real_lookup = worker.reader.lookup
+
+    def counted(tokens: list[str], now_ms: int) -> dict[str, bytes]:
+        tries.append(len(tokens))
+        return real_lookup(tokens, now_ms)
+
+    monkeypatch.setattr(worker.reader, "lookup", counted)
+    for number in range(PROBE_AFTER_MISSES + 2 * PROBE_EVERY):
+        assert (await worker.service.tokenize("p", [f"new-{number}"], None)).status == 200
+    assert len(tries) == PROBE_AFTER_MISSES + 2  # every one until 64 misses in a row, then one in 16
+    worker.reader.catch_up()
+    applied = single.node.store.applied_index
+    for _ in range(PROBE_EVERY + 4):
+        again = await worker.service.tokenize("p", ["new-0"], None)
+        assert again.status == 200
+    # Untried repeats were answered as reads by the core; the first tried one hit, so the view is
+    # tried for every request again; and none of them wrote an entry.
+    assert len(tries) >= PROBE_AFTER_MISSES + 2 + 4 and tries[-4:] == [1, 1, 1, 1]
+    assert worker.service._view_misses == 0
+    assert single.node.store.applied_index == applied

@@ -140,3 +140,17 @@ def test_a_view_is_opened_again_when_the_wal_files_change_while_it_opens_or_catc
     view.catch_up()
     assert len(snapshots) > opened + 1  # the catch-up saw the change and opened the view again
     view.close()
+
+
+async def test_a_nudge_catches_up_at_most_once_per_interval_and_the_caller_may_lengthen_it(store, reader):
+    catch_up = CatchUp(reader, nudge_interval_seconds=60)
+    catch_up.nudge()
+    catch_up.nudge()
+    await asyncio.sleep(0.05)
+    assert reader.catch_ups == 1  # the second came within the interval
+    catch_up = CatchUp(reader, nudge_interval_seconds=0)
+    catch_up.nudge()
+    await asyncio.sleep(0.05)
+    catch_up.nudge(interval_seconds=60)  # within a longer interval the caller asks for: nothing
+    await asyncio.sleep(0.05)
+    assert reader.catch_ups == 2

@@ -244,11 +244,13 @@ class CatchUp:
         self._last_nudge = -math.inf
         self._wanted = False  # a nudge asked for one catch-up, waiter or not
 
-    def nudge(self) -> None:
+    def nudge(self, interval_seconds: float | None = None) -> None:
         """Catch up soon, for no waiter: a view asked for tokens it lacks may be behind. At most one
-        nudge per interval, so a stream of unknown tokens costs a bounded share of the worker's time."""
+        nudge per interval (``interval_seconds``, else the one set for this CatchUp), so a stream of
+        unknown tokens costs a bounded share of the worker's time."""
         now = time.monotonic()
-        if now - self._last_nudge >= self._nudge_interval_seconds:
+        interval = self._nudge_interval_seconds if interval_seconds is None else interval_seconds
+        if now - self._last_nudge >= interval:
             self._last_nudge = now
             self._want()
 

@@ -23,7 +23,7 @@ from tokenvault.core import commands
 from tokenvault.core.store_files import STORE_DIRECTORY
 from tokenvault.core.store_reader import StoreReader
 from tokenvault.crypto import formats
-from tokenvault.errors import InvalidRequest
+from tokenvault.errors import InvalidRequest, Overloaded
 from tokenvault.metrics import Metrics
 
 
@@ -330,3 +330,15 @@ async def test_under_new_values_only_one_tokenize_in_sixteen_tries_the_view_and_
     assert len(tries) >= PROBE_AFTER_MISSES + 2 + 4 and tries[-4:] == [1, 1, 1, 1]
     assert worker.service._view_misses == 0
     assert single.node.store.applied_index == applied
+
+
+async def test_read_points_past_the_bound_in_flight_are_refused_as_an_overload(single: RunningNode) -> None:
+    from tokenvault.api import core_calls
+
+    calls = CoreCalls(single.service, single.node.metrics, lambda: [], max_backup_streams=1)
+    point = {"kind": "tokenize", "epoch": 1, "items": 1}
+    calls._read_points_in_flight = core_calls.MAX_READ_POINTS_IN_FLIGHT - 1  # as if other calls were running
+    with pytest.raises(Overloaded):
+        await calls.handlers["read_points"]({"points": [point, point]})
+    assert await calls.handlers["read_points"]({"points": [point]}) == [[single.node.removal_index]]
+    assert calls._read_points_in_flight == core_calls.MAX_READ_POINTS_IN_FLIGHT - 1  # every point returned

@@ -35,8 +35,11 @@ from tokenvault.metrics import Metrics, RecentRender
 
 # How long the core waits for one worker's metrics before it renders the node's without them.
 WORKER_METRICS_TIMEOUT_SECONDS = 1.0
-# Read points one read_points call may carry: a worker sends what one loop turn needed.
+# Read points one read_points call may carry (a worker sends what one loop turn needed), and read points
+# of all workers being run at once: past it a call is refused as an overload, so a core never runs more
+# than one call each could (tokenvault.api.channel.MAX_CONCURRENT_CALLS) before points were merged.
 MAX_READ_POINTS = 4096
+MAX_READ_POINTS_IN_FLIGHT = 4096
 MAX_AUDIT_LIMIT = 10_000
 MAX_CHUNK_BYTES = 4 * 1024 * 1024
 
@@ -64,6 +67,7 @@ class CoreCalls:
         self._metrics = metrics
         self._workers = workers
         self._exposition = RecentRender(self._render_node_exposition)
+        self._read_points_in_flight = 0
         self._limits = service.node.config.limits
         self._max_backup_streams = max_backup_streams
         self._backups: dict[int, BackupStream] = {}
@@ -157,7 +161,13 @@ class CoreCalls:
             raise InvalidRequest(f"points must be a list of 1 to {MAX_READ_POINTS} read points")
         # Every point is checked before any runs: a malformed call changes nothing (no audit record).
         runs = [self._read_point(point) for point in points]
-        results = await asyncio.gather(*(run() for run in runs), return_exceptions=True)
+        if self._read_points_in_flight + len(runs) > MAX_READ_POINTS_IN_FLIGHT:
+            raise Overloaded("the node's core is answering as many read points as it takes; retry")
+        self._read_points_in_flight += len(runs)
+        try:
+            results = await asyncio.gather(*(run() for run in runs), return_exceptions=True)
+        finally:
+            self._read_points_in_flight -= len(runs)
         answers: list[list[Any]] = []
         for result in results:
             if isinstance(result, ServiceError):

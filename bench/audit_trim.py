@@ -12,15 +12,14 @@ compacted the range away. Prints one line per N; asserts nothing.
 
 from __future__ import annotations
 
-import argparse
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from protocol import Entry, EntryKind  # noqa: E402
+from sizes import run_over_sizes  # noqa: E402
 from tokenvault.core.commands import (Actor, AuditCommand, AuditRecord, AuditTrimCommand,  # noqa: E402
                                       encode_command)
 from tokenvault.core.store import VaultStore  # noqa: E402
@@ -86,14 +85,7 @@ def measure(directory: Path, records: int) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--records", default="1000000,5000000", help="record counts, comma-separated")
-    parser.add_argument("--directory", default=None, help="where to build the stores (default: a temporary one)")
-    arguments = parser.parse_args()
-    for records in (int(text) for text in arguments.records.split(",") if text.strip()):
-        with tempfile.TemporaryDirectory(prefix="tokenvault-audit-", dir=arguments.directory) as temporary:
-            print(measure(Path(temporary), records), flush=True)
-    return 0
+    return run_over_sizes(__doc__ or "", "records", "1000000,5000000", "tokenvault-audit-", measure)
 
 
 if __name__ == "__main__":

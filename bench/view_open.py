@@ -13,16 +13,15 @@ new, to open it again after a flush, and one 100-token lookup. Asserts nothing.
 
 from __future__ import annotations
 
-import argparse
 import random
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from protocol import Entry, EntryKind  # noqa: E402
+from sizes import run_over_sizes  # noqa: E402
 from tokenvault.core.commands import Actor, RotateEpochCommand, TokenizeCommand, encode_command  # noqa: E402
 from tokenvault.core.store import VaultStore  # noqa: E402
 from tokenvault.core.store_files import STORE_DIRECTORY  # noqa: E402
@@ -91,14 +90,7 @@ def measure(directory: Path, tokens: int) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokens", default="1000000,10000000", help="token counts, comma-separated")
-    parser.add_argument("--directory", default=None, help="where to build the stores (default: a temporary one)")
-    arguments = parser.parse_args()
-    for tokens in (int(text) for text in arguments.tokens.split(",") if text.strip()):
-        with tempfile.TemporaryDirectory(prefix="tokenvault-view-", dir=arguments.directory) as temporary:
-            print(measure(Path(temporary), tokens), flush=True)
-    return 0
+    return run_over_sizes(__doc__ or "", "tokens", "1000000,10000000", "tokenvault-view-", measure)
 
 
 if __name__ == "__main__":

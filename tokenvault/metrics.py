@@ -44,7 +44,8 @@ LOOP_STALL_BUCKETS_SECONDS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1
 
 # How old an exposition GET /metrics may answer: scrapers ask every 10-60 s, and the page needs no key,
 # so without a bound each request would cost a rendering (about 6 ms of a node's CPU at W = 2, measured
-# in docs/api.md) and a flood of them would take the node's cores.
+# in docs/api.md) and a flood of them would take the node's cores. In a node of HTTP workers the page
+# is kept twice, by the worker and by the core that merges it, each for half of this.
 METRICS_MAX_AGE_SECONDS = 1.0
 
 

@@ -14,9 +14,9 @@ import pytest
 from node_support import RunningNode
 from test_channel import pair
 from tokenvault.api.core_calls import CoreCalls
-from tokenvault.api.merge import SealedMerger
+from tokenvault.api.merge import ReadPointMerger, SealedMerger
 from tokenvault.api.remote import EPOCH_TOPIC, RemoteService
-from tokenvault.errors import Outcome, Overloaded
+from tokenvault.errors import EpochChanged, Outcome, Overloaded, Unavailable
 
 
 class CountingWorker:
@@ -107,5 +107,21 @@ async def test_an_answer_that_does_not_name_the_tokens_sent_fails_the_requests()
         return Outcome(200, json.dumps({"epoch": epoch, "tokens": ["someone-else"]}).encode(), False)
 
     merger = SealedMerger(send, max_items=10)
-    with pytest.raises(Exception, match="out of shape"):
+    with pytest.raises(Unavailable, match="out of shape"):
         await merger.submit("p", 1, ["v"], [["t", b"c"]])
+
+
+async def test_read_points_go_at_most_max_points_a_call_and_each_gets_its_own_answer() -> None:
+    sent: list[int] = []
+
+    async def send(points: list[dict[str, Any]]) -> Any:
+        sent.append(len(points))
+        # The core's answer for each point: its index, or its own error.
+        return [[409, "epoch-changed", "not the active epoch"] if point["n"] == 3 else [point["n"]]
+                for point in points]
+
+    merger = ReadPointMerger(send, max_points=4)
+    answers = await asyncio.gather(*(merger.ask({"n": number}) for number in range(10)), return_exceptions=True)
+    assert sent == [4, 4, 2]  # one turn, never more than four a call
+    assert isinstance(answers[3], EpochChanged)
+    assert [answer for number, answer in enumerate(answers) if number != 3] == [0, 1, 2, 4, 5, 6, 7, 8, 9]

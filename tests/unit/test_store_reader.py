@@ -143,14 +143,21 @@ def test_a_view_is_opened_again_when_the_wal_files_change_while_it_opens_or_catc
 
 
 async def test_a_nudge_catches_up_at_most_once_per_interval_and_the_caller_may_lengthen_it(store, reader):
+    async def settled(catch_up: CatchUp) -> None:
+        if catch_up._task is not None:
+            await catch_up._task  # the pump's pass has run
+
     catch_up = CatchUp(reader, nudge_interval_seconds=60)
     catch_up.nudge()
     catch_up.nudge()
-    await asyncio.sleep(0.05)
+    await settled(catch_up)
     assert reader.catch_ups == 1  # the second came within the interval
     catch_up = CatchUp(reader, nudge_interval_seconds=0)
     catch_up.nudge()
-    await asyncio.sleep(0.05)
+    await settled(catch_up)
     catch_up.nudge(interval_seconds=60)  # within a longer interval the caller asks for: nothing
-    await asyncio.sleep(0.05)
+    await settled(catch_up)
     assert reader.catch_ups == 2
+    catch_up.nudge()  # the CatchUp's own interval (none) again: a catch-up
+    await settled(catch_up)
+    assert reader.catch_ups == 3

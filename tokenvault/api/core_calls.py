@@ -21,7 +21,7 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.samples import Sample
 
-from tokenvault.api.channel import Channel
+from tokenvault.api.channel import MAX_CONCURRENT_CALLS, Channel
 from tokenvault.api.service import (NodeService, _actor, _optional_idempotency_key, _principal, _strings)
 from tokenvault.api.validation import (require_item_list, validate_lookup_epoch, validate_lookup_tokens,
                                        validate_epoch, validate_options, validate_sealed_items, validate_tokens,
@@ -31,15 +31,16 @@ from tokenvault.core.commands import AUDIT_HASH_BYTES, Actor, CommandError
 from tokenvault.core.store_layout import MAX_TOKEN_PAGE
 from tokenvault.crypto import formats
 from tokenvault.errors import InvalidRequest, NotFound, Overloaded, ServiceError
-from tokenvault.metrics import Metrics, RecentRender
+from tokenvault.metrics import METRICS_MAX_AGE_SECONDS, Metrics, RecentRender
 
 # How long the core waits for one worker's metrics before it renders the node's without them.
 WORKER_METRICS_TIMEOUT_SECONDS = 1.0
-# Read points one read_points call may carry (a worker sends what one loop turn needed), and read points
-# of all workers being run at once: past it a call is refused as an overload, so a core never runs more
-# than one call each could (tokenvault.api.channel.MAX_CONCURRENT_CALLS) before points were merged.
-MAX_READ_POINTS = 4096
-MAX_READ_POINTS_IN_FLIGHT = 4096
+# Read points one read_points call may carry (a worker sends at most this many a call), and read points
+# of all workers run at once, past which a call is refused as an overload: the same bound as the channel's
+# on calls served at once (tokenvault.api.channel.MAX_CONCURRENT_CALLS), which bounded points before
+# they were merged.
+MAX_READ_POINTS = MAX_CONCURRENT_CALLS
+MAX_READ_POINTS_IN_FLIGHT = MAX_CONCURRENT_CALLS
 MAX_AUDIT_LIMIT = 10_000
 MAX_CHUNK_BYTES = 4 * 1024 * 1024
 
@@ -66,7 +67,8 @@ class CoreCalls:
         self._service = service
         self._metrics = metrics
         self._workers = workers
-        self._exposition = RecentRender(self._render_node_exposition)
+        # Half the age: each worker keeps the page it relays for the other half (tokenvault.api.http).
+        self._exposition = RecentRender(self._render_node_exposition, METRICS_MAX_AGE_SECONDS / 2)
         self._read_points_in_flight = 0
         self._limits = service.node.config.limits
         self._max_backup_streams = max_backup_streams
@@ -318,7 +320,7 @@ class CoreCalls:
         return (await self._exposition.get()).decode("utf-8")
 
     async def _render_node_exposition(self) -> bytes:
-        """The core's registry and every worker's, merged: rendered at most once per
+        """The core's registry and every worker's, merged: rendered at most once per half of
         METRICS_MAX_AGE_SECONDS for all the workers that ask (each asks for its own scrapes)."""
         core_text, _ = self._metrics.render()
         parts: list[tuple[str | None, str]] = [(None, core_text.decode("utf-8"))]

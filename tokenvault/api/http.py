@@ -95,7 +95,7 @@ from tokenvault.errors import (
     problem_body,
 )
 from tokenvault.logs import get_logger
-from tokenvault.metrics import METRICS_CONTENT_TYPE, UNMATCHED_ROUTE, Metrics, RecentRender
+from tokenvault.metrics import METRICS_CONTENT_TYPE, METRICS_MAX_AGE_SECONDS, UNMATCHED_ROUTE, Metrics, RecentRender
 from tokenvault.api.validation import (
     canonical_metadata,
     check_json_structure,
@@ -423,7 +423,9 @@ class _Api:
                  node_metrics: Callable[[], Awaitable[str]] | None = None) -> None:
         self.service = service
         self._node_metrics = node_metrics
-        self._exposition = RecentRender(self._render_exposition)
+        # A worker relays the core's page, which the core keeps too: each keeps it for half the age.
+        self._exposition = RecentRender(self._render_exposition, METRICS_MAX_AGE_SECONDS if node_metrics is None
+                                        else METRICS_MAX_AGE_SECONDS / 2)
         self.api_keys = api_keys
         self.limits = limits
         self.metrics = metrics

@@ -133,35 +133,52 @@ def _answered_epoch(outcome: Outcome, items: list[list[Any]]) -> int:
 SendPoints = Callable[[list[dict[str, Any]]], Awaitable[Any]]
 
 
+class _Points:
+    __slots__ = ("points", "sent")
+
+    def __init__(self) -> None:
+        self.points: list[tuple[dict[str, Any], asyncio.Future[int]]] = []
+        self.sent = False
+
+
 class ReadPointMerger:
     """The read points a worker asks of its core in one loop turn — each detokenize it answers from its
     view (``detokenize_read_point``: the audit record, the catch-up, the removal index) and each repeat
     tokenize (``tokenize_read_point``: the read barrier, the epoch check) — sent as ONE ``read_points``
-    call. The core runs every point as it would alone (each detokenize keeps its own audit record) and
-    answers each with its index or its own error, so merging changes no answer: it saves the core one
-    message to decode, dispatch and answer per request."""
+    call of at most ``max_points``. The core runs every point as it would alone (each detokenize keeps
+    its own audit record) and answers each with its index or its own error, so merging changes no
+    answer: it saves the core one message to decode, dispatch and answer per request."""
 
-    def __init__(self, send: SendPoints) -> None:
+    def __init__(self, send: SendPoints, max_points: int) -> None:
+        if max_points < 1:
+            raise ValueError("max_points must be at least 1")
         self._send = send
-        self._open: list[tuple[dict[str, Any], asyncio.Future[int]]] | None = None
+        self._max_points = max_points
+        self._open: _Points | None = None
         self._sending: set[asyncio.Task[None]] = set()
         self.calls = 0  # for the tests
 
     async def ask(self, point: dict[str, Any]) -> int:
         """The point's index (the core's removal index), or its error raised as the core raised it."""
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        if self._open is None:
-            self._open = []
-            asyncio.get_running_loop().call_soon(self._flush)
-        self._open.append((point, future))
+        call = self._open
+        if call is None:
+            call = self._open = _Points()
+            asyncio.get_running_loop().call_soon(self._flush, call)
+        call.points.append((point, future))
+        if len(call.points) >= self._max_points:
+            self._flush(call)  # full: sent now; the turn's later points make another call
         return await asyncio.shield(future)
 
-    def _flush(self) -> None:
-        points, self._open = self._open, None
-        if points:
-            task = asyncio.get_running_loop().create_task(self._run(points))
-            self._sending.add(task)
-            task.add_done_callback(self._sending.discard)
+    def _flush(self, call: _Points) -> None:
+        if self._open is call:
+            self._open = None
+        if call.sent:
+            return
+        call.sent = True
+        task = asyncio.get_running_loop().create_task(self._run(call.points))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
 
     async def _run(self, points: list[tuple[dict[str, Any], asyncio.Future[int]]]) -> None:
         self.calls += 1

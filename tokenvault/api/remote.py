@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from tokenvault import auth
-from tokenvault.api.channel import Channel
+from tokenvault.api.channel import MAX_CONCURRENT_CALLS, Channel
 from tokenvault.api.merge import ReadPointMerger, SealedMerger
 from tokenvault.core import commands
 from tokenvault.core.backup import BACKUP_CHUNK_BYTES
@@ -170,7 +170,8 @@ class RemoteService:
         # at most the node's per-request bound of values, so a merged call is one allowed request.
         self.merger = SealedMerger(self._send_sealed, max_items)
         # Likewise the read points of a turn: one read_points call (tokenvault.api.merge.ReadPointMerger).
-        self.read_points = ReadPointMerger(self._send_read_points)
+        # At most the points the core takes in one call (tokenvault.api.core_calls.MAX_READ_POINTS).
+        self.read_points = ReadPointMerger(self._send_read_points, MAX_CONCURRENT_CALLS)
         self._keys: dict[str, auth.RuntimeKey] = {}
         self.keys_ready = asyncio.Event()
         # The active epoch's keys as the core last pushed them (None before the first epoch): this
@@ -357,8 +358,10 @@ class RemoteService:
         the core answers, nothing written yet). Card and digits tokens carry no epoch: without ``epoch``
         they are resolved in the active one, which is this worker's last pushed epoch if the core, after
         its read barrier, still has it active (else the core answers the request)."""
-        opaque = [token for token in tokens if is_token(token)]
-        formatted = [token for token in tokens if not is_token(token)]
+        opaque: list[str] = []
+        formatted: list[str] = []
+        for token in tokens:
+            (opaque if is_token(token) else formatted).append(token)
         resolve = epoch is None and bool(formatted)
         if resolve:
             keys = self._epoch_keys

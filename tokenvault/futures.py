@@ -1,10 +1,11 @@
-"""Waiting on a future with a deadline, cheaply; cancelling a group of tasks."""
+"""Waiting on a future with a deadline, cheaply; cancelling a group of tasks; batching the requests of
+one event-loop turn (TurnBatcher)."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -51,3 +52,52 @@ async def cancel_and_wait(tasks: Iterable[asyncio.Task[Any] | None]) -> None:
             await task
         except (asyncio.CancelledError, Exception):
             pass
+
+
+class TurnBatch:
+    """A batch the requests of one event-loop turn join (TurnBatcher); sent once."""
+
+    __slots__ = ("started",)
+
+    def __init__(self) -> None:
+        self.started = False
+
+
+Batch = TypeVar("Batch", bound=TurnBatch)
+
+
+class TurnBatcher(Generic[Batch]):
+    """The requests of one turn of the event loop join one open batch, which one task sends at the end
+    of the turn (``_send_batch``), or at once when ``_flush`` is called for it (it is full). Subclasses
+    make batches, open them with ``_open_batch`` and say how one is sent; a batch is sent once.
+
+    Used by the core's coalescer (tokenvault/api/coalesce.py) and a worker's mergers
+    (tokenvault/api/merge.py)."""
+
+    def __init__(self) -> None:
+        self._open: Batch | None = None
+        self._sending: set[asyncio.Task[None]] = set()
+
+    def _open_batch(self, batch: Batch) -> Batch:
+        self._open = batch
+        asyncio.get_running_loop().call_soon(self._flush, batch)
+        return batch
+
+    def _flush(self, batch: Batch) -> None:
+        if self._open is batch:
+            self._open = None
+        if batch.started:
+            return
+        batch.started = True
+        task = asyncio.get_running_loop().create_task(self._send_batch(batch))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
+    async def _send_batch(self, batch: Batch) -> None:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        """Cancel the batches being sent (the node is stopping)."""
+        for task in list(self._sending):
+            task.cancel()
+        await asyncio.gather(*self._sending, return_exceptions=True)

@@ -32,7 +32,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from tokenvault.core import commands
-from tokenvault.futures import fail_waiting
+from tokenvault.futures import TurnBatch, TurnBatcher, fail_waiting
 
 DEFAULT_MAX_ITEMS = 4096
 DEFAULT_MAX_BYTES = 1024 * 1024
@@ -40,30 +40,29 @@ DEFAULT_MAX_BYTES = 1024 * 1024
 Propose = Callable[[bytes], Awaitable[Any]]
 
 
-class _Batch:
-    __slots__ = ("epoch", "items", "bytes", "requests", "started", "done")
+class _Batch(TurnBatch):
+    __slots__ = ("epoch", "items", "bytes", "requests", "done")
 
     def __init__(self, epoch: int) -> None:
+        super().__init__()
         self.epoch = epoch
         self.items: list[tuple[str, bytes]] = []
         self.bytes = 0
         self.requests = 0
-        self.started = False
         self.done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
 
 
-class TokenizeCoalescer:
+class TokenizeCoalescer(TurnBatcher[_Batch]):
     """Merges concurrent sealed tokenizes of one epoch into one entry; ``submit`` returns its apply result."""
 
     def __init__(self, propose: Propose, *, max_items: int = DEFAULT_MAX_ITEMS,
                  max_bytes: int = DEFAULT_MAX_BYTES) -> None:
         if max_items < 1 or max_bytes < 1:
             raise ValueError("max_items and max_bytes must be at least 1")
+        super().__init__()
         self._propose = propose
         self._max_items = max_items
         self._max_bytes = max_bytes
-        self._open: _Batch | None = None
-        self._flushing: set[asyncio.Task[None]] = set()
         # What the last entries carried, for the metrics and the tests.
         self.entries_proposed = 0
         self.requests_merged = 0
@@ -79,7 +78,7 @@ class TokenizeCoalescer:
                 or batch.bytes + size > self._max_bytes):
             if batch is not None:
                 self._flush(batch)
-            batch = self._start(epoch)
+            batch = self._open_batch(_Batch(epoch))
         batch.items.extend(items)
         batch.bytes += size
         batch.requests += 1
@@ -87,22 +86,7 @@ class TokenizeCoalescer:
             self._flush(batch)
         return await asyncio.shield(batch.done)
 
-    def _start(self, epoch: int) -> _Batch:
-        batch = self._open = _Batch(epoch)
-        asyncio.get_running_loop().call_soon(self._flush, batch)
-        return batch
-
-    def _flush(self, batch: _Batch) -> None:
-        if self._open is batch:
-            self._open = None
-        if batch.started:
-            return
-        batch.started = True
-        task = asyncio.get_running_loop().create_task(self._run(batch))
-        self._flushing.add(task)
-        task.add_done_callback(self._flushing.discard)
-
-    async def _run(self, batch: _Batch) -> None:
+    async def _send_batch(self, batch: _Batch) -> None:
         self.entries_proposed += 1
         self.requests_merged += batch.requests
         try:
@@ -115,8 +99,3 @@ class TokenizeCoalescer:
             return
         if not batch.done.done():
             batch.done.set_result(result)
-
-    async def close(self) -> None:
-        for task in list(self._flushing):
-            task.cancel()
-        await asyncio.gather(*self._flushing, return_exceptions=True)

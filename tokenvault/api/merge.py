@@ -34,36 +34,35 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from tokenvault.errors import Outcome, ServiceError, Unavailable, error_from_problem
-from tokenvault.futures import fail_waiting
+from tokenvault.futures import TurnBatch, TurnBatcher, fail_waiting
 
 # Sends one tokenize_sealed call (principal, epoch, values, items) and returns the core's Outcome.
 Send = Callable[[str, int, list[str], list[list[Any]]], Awaitable[Outcome]]
 
 
-class _Call:
-    __slots__ = ("epoch", "principal", "values", "items", "done", "requests", "started")
+class _Call(TurnBatch):
+    __slots__ = ("epoch", "principal", "values", "items", "done", "requests")
 
     def __init__(self, epoch: int, principal: str) -> None:
+        super().__init__()
         self.epoch = epoch
         self.principal = principal  # the first request's: a plain sealed tokenize records no principal
         self.values: list[str] = []
         self.items: list[list[Any]] = []
         self.requests = 0
-        self.started = False
         self.done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
 
 
-class SealedMerger:
+class SealedMerger(TurnBatcher[_Call]):
     """Merges the plain sealed tokenizes of one loop turn into one call to the core; ``submit`` returns
     when that call is answered (its epoch) or raises its error."""
 
     def __init__(self, send: Send, max_items: int) -> None:
         if max_items < 1:
             raise ValueError("max_items must be at least 1")
+        super().__init__()
         self._send = send
         self._max_items = max_items
-        self._open: _Call | None = None
-        self._sending: set[asyncio.Task[None]] = set()
         # What the calls carried, for the metrics and the tests.
         self.calls = 0
         self.requests = 0
@@ -74,7 +73,7 @@ class SealedMerger:
         if call is None or call.epoch != epoch or len(call.values) + len(values) > self._max_items:
             if call is not None:
                 self._flush(call)
-            call = self._start(epoch, principal)
+            call = self._open_batch(_Call(epoch, principal))
         call.values.extend(values)
         call.items.extend(items)
         call.requests += 1
@@ -84,22 +83,7 @@ class SealedMerger:
         body = {"epoch": answered_epoch, "tokens": [token for token, _ in items]}
         return Outcome(200, json.dumps(body, separators=(",", ":")).encode(), False)
 
-    def _start(self, epoch: int, principal: str) -> _Call:
-        call = self._open = _Call(epoch, principal)
-        asyncio.get_running_loop().call_soon(self._flush, call)
-        return call
-
-    def _flush(self, call: _Call) -> None:
-        if self._open is call:
-            self._open = None
-        if call.started:
-            return
-        call.started = True
-        task = asyncio.get_running_loop().create_task(self._run(call))
-        self._sending.add(task)
-        task.add_done_callback(self._sending.discard)
-
-    async def _run(self, call: _Call) -> None:
+    async def _send_batch(self, call: _Call) -> None:
         self.calls += 1
         self.requests += call.requests
         try:
@@ -110,11 +94,6 @@ class SealedMerger:
             return
         if not call.done.done():
             call.done.set_result(epoch)
-
-    async def close(self) -> None:
-        for task in list(self._sending):
-            task.cancel()
-        await asyncio.gather(*self._sending, return_exceptions=True)
 
 
 def _answered_epoch(outcome: Outcome, items: list[list[Any]]) -> int:
@@ -133,15 +112,15 @@ def _answered_epoch(outcome: Outcome, items: list[list[Any]]) -> int:
 SendPoints = Callable[[list[dict[str, Any]]], Awaitable[Any]]
 
 
-class _Points:
-    __slots__ = ("points", "sent")
+class _Points(TurnBatch):
+    __slots__ = ("points",)
 
     def __init__(self) -> None:
+        super().__init__()
         self.points: list[tuple[dict[str, Any], asyncio.Future[int]]] = []
-        self.sent = False
 
 
-class ReadPointMerger:
+class ReadPointMerger(TurnBatcher[_Points]):
     """The read points a worker asks of its core in one loop turn — each detokenize it answers from its
     view (``detokenize_read_point``: the audit record, the catch-up, the removal index) and each repeat
     tokenize (``tokenize_read_point``: the read barrier, the epoch check) — sent as ONE ``read_points``
@@ -152,36 +131,23 @@ class ReadPointMerger:
     def __init__(self, send: SendPoints, max_points: int) -> None:
         if max_points < 1:
             raise ValueError("max_points must be at least 1")
+        super().__init__()
         self._send = send
         self._max_points = max_points
-        self._open: _Points | None = None
-        self._sending: set[asyncio.Task[None]] = set()
         self.calls = 0  # for the tests
 
     async def ask(self, point: dict[str, Any]) -> int:
         """The point's index (the core's removal index), or its error raised as the core raised it."""
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        call = self._open
-        if call is None:
-            call = self._open = _Points()
-            asyncio.get_running_loop().call_soon(self._flush, call)
+        call = self._open if self._open is not None else self._open_batch(_Points())
         call.points.append((point, future))
         if len(call.points) >= self._max_points:
             self._flush(call)  # full: sent now; the turn's later points make another call
         return await asyncio.shield(future)
 
-    def _flush(self, call: _Points) -> None:
-        if self._open is call:
-            self._open = None
-        if call.sent:
-            return
-        call.sent = True
-        task = asyncio.get_running_loop().create_task(self._run(call.points))
-        self._sending.add(task)
-        task.add_done_callback(self._sending.discard)
-
-    async def _run(self, points: list[tuple[dict[str, Any], asyncio.Future[int]]]) -> None:
+    async def _send_batch(self, call: _Points) -> None:
         self.calls += 1
+        points = call.points
         try:
             results = await self._send([point for point, _ in points])
             if not isinstance(results, list) or len(results) != len(points):
@@ -192,11 +158,6 @@ class ReadPointMerger:
         for (_, future), result in zip(points, results):
             if not future.done():
                 _settle(future, result)
-
-    async def close(self) -> None:
-        for task in list(self._sending):
-            task.cancel()
-        await asyncio.gather(*self._sending, return_exceptions=True)
 
 
 def _settle(future: asyncio.Future[int], result: object) -> None:

@@ -235,7 +235,9 @@ def test_the_database_runs_with_the_chosen_tuning(tmp_path):
     for expected in ("compression=kLZ4Compression", "bottommost_compression=kZSTD",
                      "write_buffer_size=67108864", "max_write_buffer_number=2",
                      "level_compaction_dynamic_level_bytes=true", "max_background_jobs=2",
-                     "filter_policy=bloomfilter", "wal_recovery_mode=kPointInTimeRecovery", "no_block_cache=false"):
+                     "filter_policy=bloomfilter", "wal_recovery_mode=kPointInTimeRecovery", "no_block_cache=false",
+                     # lookups of keys not in the memtable skip its skip list (bench/memtable_bloom.py)
+                     "memtable_whole_key_filtering=true", "memtable_prefix_bloom_size_ratio=0.020000"):
         assert expected in settings
     vault = VaultStore.open(tmp_path / "store")
     assert vault._db.property_int_value("rocksdb.block-cache-capacity") == BLOCK_CACHE_BYTES

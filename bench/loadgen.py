@@ -97,6 +97,9 @@ class Measurement:
     server_cpu_seconds: float | None = None  # CPU the target's processes used during warm-up + window
     # The same by process kind: "core" (the node process), "worker" (HTTP workers), "sealer", "other".
     server_cpu_by_kind: dict[str, float] = field(default_factory=dict)
+    # The one process that used the most CPU meanwhile: (kind, pid, CPU seconds, elapsed seconds).
+    # On a machine with cores to spare, one at about 1.0 CPUs is what bounds the run.
+    busiest_process: tuple[str, int, float, float] | None = None
     client_cpu_seconds: float = 0.0  # CPU this load generator used meanwhile
 
     def percentile_ms(self, fraction: float) -> float:
@@ -176,13 +179,21 @@ def process_kind(pid: int) -> str:
     return "other"
 
 
-def cpu_by_kind(pids: Sequence[int]) -> dict[str, float] | None:
-    """process_cpu_seconds summed per process_kind, or None if a process is unreadable."""
-    totals: dict[str, float] = {}
+def cpu_by_pid(pids: Sequence[int]) -> dict[int, float] | None:
+    """process_cpu_seconds of each process, or None if a process is unreadable."""
+    seconds: dict[int, float] = {}
     for pid in pids:
-        seconds = process_cpu_seconds([pid])
-        if seconds is None:
+        used = process_cpu_seconds([pid])
+        if used is None:
             return None
+        seconds[pid] = used
+    return seconds
+
+
+def cpu_by_kind(by_pid: dict[int, float]) -> dict[str, float]:
+    """CPU seconds per process (cpu_by_pid) summed per process_kind."""
+    totals: dict[str, float] = {}
+    for pid, seconds in by_pid.items():
         kind = process_kind(pid)
         totals[kind] = totals.get(kind, 0.0) + seconds
     return totals
@@ -209,27 +220,35 @@ class Window:
 
 @dataclass(frozen=True, slots=True)
 class CpuSnapshot:
-    """CPU seconds the target's processes had used at one instant, in total and by process kind
-    (None where a process could not be read)."""
+    """CPU seconds each of the target's processes had used at one instant (time.monotonic ``at``),
+    None where a process could not be read."""
 
-    total: float | None
-    by_kind: dict[str, float] | None
+    by_pid: dict[int, float] | None
+    at: float = 0.0
+
+    @property
+    def total(self) -> float | None:
+        return None if self.by_pid is None else sum(self.by_pid.values())
 
 
 def server_cpu(pids: Sequence[int]) -> CpuSnapshot:
     if not pids:
-        return CpuSnapshot(None, None)
-    return CpuSnapshot(process_cpu_seconds(pids), cpu_by_kind(pids))
+        return CpuSnapshot(None)
+    return CpuSnapshot(cpu_by_pid(pids), time.monotonic())
 
 
 def record_server_cpu(measurement: Measurement, pids: Sequence[int], before: CpuSnapshot) -> None:
-    """Store in ``measurement`` the CPU ``pids`` used since ``before``, where both ends could be read."""
-    after = server_cpu(pids) if before.total is not None else CpuSnapshot(None, None)
-    if before.total is not None and after.total is not None:
-        measurement.server_cpu_seconds = after.total - before.total
-    if before.by_kind is not None and after.by_kind is not None:
-        measurement.server_cpu_by_kind = {kind: after.by_kind[kind] - before.by_kind.get(kind, 0.0)
-                                          for kind in after.by_kind}
+    """Store in ``measurement`` the CPU ``pids`` used since ``before``, where both ends could be read:
+    in total, by process kind, and the busiest process's."""
+    after = server_cpu(pids) if before.by_pid is not None else CpuSnapshot(None)
+    if before.by_pid is None or after.by_pid is None:
+        return
+    used = {pid: seconds - before.by_pid.get(pid, 0.0) for pid, seconds in after.by_pid.items()}
+    measurement.server_cpu_seconds = sum(used.values())
+    measurement.server_cpu_by_kind = cpu_by_kind(used)
+    if used:
+        pid = max(used, key=lambda candidate: used[candidate])
+        measurement.busiest_process = (process_kind(pid), pid, used[pid], after.at - before.at)
 
 
 async def drive(load: Operation | Workload, concurrency: int, duration_seconds: float, warmup_seconds: float,
@@ -315,6 +334,10 @@ def report_line(label: str, measurement: Measurement) -> str:
             kinds = ", ".join(f"{kind} {seconds * per_op:.0f} us"
                               for kind, seconds in sorted(measurement.server_cpu_by_kind.items()))
             line += f"\n{'':<34} servers by process kind: {kinds}"
+        if measurement.busiest_process is not None and measurement.busiest_process[3] > 0:
+            kind, pid, seconds, elapsed = measurement.busiest_process
+            line += (f"\n{'':<34} busiest process: {kind} (pid {pid}) at {seconds / elapsed:.2f} CPUs"
+                     " over warm-up and window")
     return line
 
 

@@ -120,6 +120,38 @@ def test_the_cpu_accounting_reads_proc_and_reports_per_acknowledged_request(tmp_
     assert "CPU per" not in loadgen.report_line("x", measurement)
 
 
+def test_the_busiest_process_is_the_one_that_used_the_most_cpu_over_the_elapsed_time() -> None:
+    import os
+    import subprocess
+    import sys
+
+    import loadgen
+
+    idle = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        pids = [idle.pid, os.getpid()]
+        before = loadgen.server_cpu(pids)
+        deadline = loadgen.own_cpu_seconds() + 0.2
+        while loadgen.own_cpu_seconds() < deadline:  # this process spins; the child sleeps
+            pass
+        measurement = loadgen.Measurement(requests=1, values=1, latencies_ms=[1.0], window_seconds=1.0,
+                                          completed_ok=1)
+        loadgen.record_server_cpu(measurement, pids, before)
+    finally:
+        idle.kill()
+        idle.wait()
+    assert measurement.busiest_process is not None
+    kind, pid, seconds, elapsed = measurement.busiest_process
+    assert (kind, pid) == ("other", os.getpid())
+    assert 0.15 <= seconds <= elapsed + 0.05
+    assert measurement.server_cpu_seconds is not None and measurement.server_cpu_seconds >= seconds
+    line = loadgen.report_line("x", measurement)
+    assert f"busiest process: other (pid {os.getpid()}) at" in line and "CPUs over warm-up and window" in line
+    unreadable = loadgen.Measurement()
+    loadgen.record_server_cpu(unreadable, [2 ** 22 + 12345], loadgen.server_cpu([2 ** 22 + 12345]))
+    assert unreadable.busiest_process is None and unreadable.server_cpu_seconds is None
+
+
 @asynccontextmanager
 async def recording_vault() -> AsyncIterator[tuple[str, dict[str, list[float]], list[str]]]:
     """A stand-in vault whose tokenize answers under any path prefix; yields its base URL, the arrival

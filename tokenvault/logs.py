@@ -13,6 +13,7 @@ frames only, because an exception message could quote its input.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 import traceback
@@ -203,6 +204,52 @@ def get_logger(name: str | None = None, **fields: Any) -> Any:
     if name is not None:
         fields = {"logger": name, **fields}
     return BoundLoggerLazyProxy(None, initial_values=fields)
+
+
+class SummedEvent:
+    """An event that can happen thousands of times a second (``token.issued``), logged at most once
+    per ``interval_seconds`` for each value of its ``key`` field, with ``count`` summed since its last
+    line: a log that grows with the time a node runs, not with its traffic.
+
+    The first count after a quiet interval is logged at once; counts within the interval after a
+    line wait for a timer on the running loop that logs their sum when the interval ends. ``flush``
+    logs what is waiting (a node that stops)."""
+
+    def __init__(self, logger: Any, event: str, key: str, interval_seconds: float = 1.0) -> None:
+        if interval_seconds <= 0:
+            raise ValueError("interval_seconds must be positive")
+        self._logger = logger
+        self._event = event
+        self._key = key
+        self._interval = interval_seconds
+        self._waiting: dict[int, int] = {}
+        self._logged_at = float("-inf")
+        self._timer: asyncio.TimerHandle | None = None
+
+    def add(self, count: int, key_value: int) -> None:
+        self._waiting[key_value] = self._waiting.get(key_value, 0) + count
+        if self._timer is not None:
+            return
+        loop = asyncio.get_running_loop()
+        wait = self._logged_at + self._interval - loop.time()
+        if wait <= 0:
+            self.flush()
+        else:
+            self._timer = loop.call_later(wait, self.flush)
+
+    def flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self._waiting:
+            return
+        try:
+            self._logged_at = asyncio.get_running_loop().time()
+        except RuntimeError:
+            self._logged_at = float("-inf")  # no loop: a node closing outside one
+        waiting, self._waiting = self._waiting, {}
+        for key_value, count in sorted(waiting.items()):
+            self._logger.info(self._event, count=count, **{self._key: key_value})
 
 
 def reset_logging() -> None:

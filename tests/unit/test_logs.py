@@ -172,3 +172,33 @@ def test_drop_sensitive_fields_property(fields: dict) -> None:
             assert not any(is_sensitive_field(inner) for inner in content)
     dropped = {name for name in fields if is_sensitive_field(name)}
     assert dropped <= set(result.get("redacted", []))
+
+
+async def test_a_summed_event_logs_at_once_then_at_most_once_an_interval_per_key_with_the_counts_summed(
+        log_file: Path) -> None:
+    import asyncio
+
+    from tokenvault.logs import SummedEvent
+
+    issued = SummedEvent(get_logger("node"), "token.issued", "epoch", interval_seconds=0.2)
+    issued.add(3, 1)  # after a quiet interval: a line at once
+    assert [(line["count"], line["epoch"]) for line in read_lines(log_file)] == [(3, 1)]
+    for _ in range(100):
+        issued.add(2, 1)
+    issued.add(5, 2)
+    assert len(read_lines(log_file)) == 1  # the rest waits for the interval's end
+    await asyncio.sleep(0.35)
+    lines = read_lines(log_file)
+    assert [(line["event"], line["count"], line["epoch"]) for line in lines[1:]] == [
+        ("token.issued", 200, 1), ("token.issued", 5, 2)]
+    assert all(line["level"] == "info" and line["node"] == "n7" for line in lines)
+    await asyncio.sleep(0.25)
+    issued.add(7, 2)  # the interval since the last line is over: at once again
+    assert [(line["count"], line["epoch"]) for line in read_lines(log_file)[3:]] == [(7, 2)]
+    issued.add(1, 2)
+    issued.flush()  # a node that stops logs what waits, and no timer is left behind
+    assert [(line["count"], line["epoch"]) for line in read_lines(log_file)[4:]] == [(1, 2)]
+    await asyncio.sleep(0.3)
+    assert len(read_lines(log_file)) == 5
+    with pytest.raises(ValueError):
+        SummedEvent(get_logger(), "x", "epoch", interval_seconds=0)

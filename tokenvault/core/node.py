@@ -43,7 +43,7 @@ from tokenvault.core.wal_segments import WalCorruption
 from tokenvault.crypto.keys import KeyRing, new_epoch_secret
 from tokenvault.crypto.tls import PeerTlsContexts, load_node_tls
 from tokenvault.futures import await_future, cancel_and_wait
-from tokenvault.logs import get_logger
+from tokenvault.logs import SummedEvent, get_logger
 from tokenvault.metrics import Metrics
 
 # Command kinds that never remove a mapping nor make one unreadable (see Node.removal_index; an audit
@@ -56,6 +56,8 @@ log = get_logger("node")
 INBOX_MAX_ITEMS = 100_000
 MAX_FRAME_BYTES = 16 * 1024 * 1024
 SHUTDOWN_GRACE_SECONDS = 1.0
+# The primary logs token.issued at most this often per epoch, the counts of the interval summed.
+TOKEN_ISSUED_LOG_INTERVAL_SECONDS = 1.0
 # Allocations minus deallocations before a youngest-generation collection (CPython's default is 700).
 GC_YOUNG_THRESHOLD = 50_000
 
@@ -161,6 +163,8 @@ class Node:
         self._tasks: list[asyncio.Task[None]] = []
         self._disk_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"wal-{self.node_id}")
         self._compaction: asyncio.Task[None] | None = None
+        # token.issued: one line a second at most (per epoch), so the node log grows with time, not traffic.
+        self._issued_log = SummedEvent(log, "token.issued", "epoch", TOKEN_ISSUED_LOG_INTERVAL_SECONDS)
         self.snapshots = SnapshotTransfers(self.data_dir, lambda: self.store, self._run_in_driver,
                                            self.send_to_peer)
         # Set by the service: handles ForwardRequest frames.
@@ -260,6 +264,7 @@ class Node:
 
     async def close(self) -> None:
         await cancel_and_wait(self._tasks)
+        self._issued_log.flush()  # counts of the last interval, before the node goes
         if self.transport is not None:
             await self.transport.close()
         self._fail_pending()  # callers answer 503: this node is going away
@@ -518,8 +523,7 @@ class Node:
     def _apply(self, entries: tuple[Entry, ...]) -> None:
         results = self.store.apply_batch(entries)
         by_index = {result.index: result for result in results}
-        issued_count = 0
-        issued_epoch = 0
+        issued: dict[int, int] = {}  # epoch -> tokens issued in it by this batch
         for entry in entries:
             result = by_index.get(entry.index)
             if entry.kind == EntryKind.CONFIG:
@@ -529,8 +533,8 @@ class Node:
                 if result.kind not in ONLY_ADDING_KINDS:
                     self.removal_index = entry.index
                 count, epoch = self._after_apply(entry, result)
-                issued_count += count
-                issued_epoch = max(issued_epoch, epoch)
+                if count:
+                    issued[epoch] = issued.get(epoch, 0) + count
             pending = self._pending_proposals.pop(entry.index, None)
             if pending is None or pending.future.done():
                 continue
@@ -542,9 +546,10 @@ class Node:
                 pending.future.set_exception(ProposalLost("entry was applied before this process started"))
             else:
                 pending.future.set_result(result)
-        if issued_count and self.replica.role == Role.PRIMARY:
-            log.info("token.issued", count=issued_count, epoch=issued_epoch)
-            self.metrics.record_tokens_issued(issued_count)
+        if issued and self.replica.role == Role.PRIMARY:
+            for epoch, count in issued.items():
+                self._issued_log.add(count, epoch)
+            self.metrics.record_tokens_issued(sum(issued.values()))
         self._applied_since_compact += len(entries)
         sizes = [(entry.index, len(entry.payload)) for entry in entries]
         self._recent_entry_sizes.extend(sizes)

@@ -207,40 +207,51 @@ def get_logger(name: str | None = None, **fields: Any) -> Any:
 
 
 class SummedEvent:
-    """An event that can happen thousands of times a second (``token.issued``), logged at most once
-    per ``interval_seconds`` for each value of its ``key`` field, with ``count`` summed since its last
-    line: a log that grows with the time a node runs, not with its traffic.
+    """An event that can happen thousands of times a second (``token.issued``, a malformed request),
+    logged at most once per ``interval_seconds`` for each combination of its ``keys`` fields, with
+    ``count`` summed since its last line: a log that grows with the time a node runs, not with its
+    traffic or with what a hostile client sends.
 
     The first count after a quiet interval is logged at once; counts within the interval after a
     line wait for a timer on the running loop that logs their sum when the interval ends. ``flush``
     logs what is waiting (a node that stops)."""
 
-    def __init__(self, logger: Any, event: str, key: str, interval_seconds: float = 1.0) -> None:
+    def __init__(self, logger: Any, event: str, keys: tuple[str, ...], interval_seconds: float = 1.0, *,
+                 level: str = "info") -> None:
         if interval_seconds <= 0:
             raise ValueError("interval_seconds must be positive")
+        if level not in LEVELS:
+            raise ValueError(f"unknown log level {level!r}")
         self._logger = logger
+        self._level = level
         self._event = event
-        self._key = key
+        self._keys = keys
         self._interval = interval_seconds
-        self._waiting: dict[int, int] = {}
+        self._waiting: dict[tuple[Any, ...], int] = {}
         self._logged_at = float("-inf")
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_loop: asyncio.AbstractEventLoop | None = None
 
-    def add(self, count: int, key_value: int) -> None:
-        self._waiting[key_value] = self._waiting.get(key_value, 0) + count
-        if self._timer is not None:
-            return
+    def add(self, count: int, *key_values: Any) -> None:
+        if len(key_values) != len(self._keys):
+            raise ValueError(f"{self._event} is summed by {self._keys}")
+        self._waiting[key_values] = self._waiting.get(key_values, 0) + count
         loop = asyncio.get_running_loop()
+        if self._timer is not None:
+            if self._timer_loop is loop:
+                return
+            self.flush()  # a timer of a loop that is gone (a test's) would never fire: log now
+            return
         wait = self._logged_at + self._interval - loop.time()
         if wait <= 0:
             self.flush()
         else:
-            self._timer = loop.call_later(wait, self.flush)
+            self._timer, self._timer_loop = loop.call_later(wait, self.flush), loop
 
     def flush(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
-            self._timer = None
+            self._timer, self._timer_loop = None, None
         if not self._waiting:
             return
         try:
@@ -248,8 +259,8 @@ class SummedEvent:
         except RuntimeError:
             self._logged_at = float("-inf")  # no loop: a node closing outside one
         waiting, self._waiting = self._waiting, {}
-        for key_value, count in sorted(waiting.items()):
-            self._logger.info(self._event, count=count, **{self._key: key_value})
+        for key_values, count in sorted(waiting.items(), key=lambda item: repr(item[0])):
+            getattr(self._logger, self._level)(self._event, count=count, **dict(zip(self._keys, key_values)))
 
 
 def reset_logging() -> None:

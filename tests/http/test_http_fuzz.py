@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 
 from _http_checks import check_problem
 from _http_support import HttpTarget
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -202,3 +203,38 @@ def test_oversized_header_line_is_problem_without_echo(http_target: HttpTarget) 
     status, headers, body = _parse_raw_response(raw_exchange(http_target, request, close_sending_side=False))
     check_problem(status, headers, body, status, [MARK, "ZZZZZZZZ"])
     assert status in (400, 431)
+
+
+def test_a_flood_of_unparsable_requests_is_a_few_log_lines_with_their_count(
+        http_target: HttpTarget, monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    from structlog.testing import capture_logs
+
+    from tokenvault.api import http as http_module
+
+    if not http_target.is_fake:
+        pytest.skip("reads the log of an in-process server")
+    # A fresh one: what earlier tests' malformed requests left waiting is not this test's.
+    monkeypatch.setattr(http_module, "_MALFORMED_REQUESTS", http_module.SummedEvent(
+        http_module._log, "http.malformed_request", ("status", "error_type"), level="warning"))
+    time.sleep(http_module.MALFORMED_REQUEST_LOG_INTERVAL_SECONDS + 0.1)  # the old one's last line is out
+    parts = urlsplit(http_target.base_url)
+    flood = 40
+    with capture_logs() as logs:
+        for _ in range(flood):
+            with socket.create_connection((parts.hostname, parts.port), timeout=SOCKET_TIMEOUT_SECONDS) as sock:
+                sock.sendall(b"NOT HTTP AT ALL\r\n\r\n")
+                answer = b""
+                while chunk := sock.recv(65536):
+                    answer += chunk
+                assert b" 400 " in answer.split(b"\r\n", 1)[0] and UNPARSABLE_REQUEST_DETAIL in answer
+        deadline = time.monotonic() + 5.0
+        while True:  # the first line comes at once, the rest summed when the second is over
+            lines = [entry for entry in logs if entry["event"] == "http.malformed_request"]
+            if sum(line["count"] for line in lines) >= flood or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+    assert sum(line["count"] for line in lines) == flood
+    assert 1 <= len(lines) <= 4, lines  # one a second at most (for each status and error type)
+    assert all(line["status"] == 400 and line["log_level"] == "warning" for line in lines)

@@ -180,7 +180,7 @@ async def test_a_summed_event_logs_at_once_then_at_most_once_an_interval_per_key
 
     from tokenvault.logs import SummedEvent
 
-    issued = SummedEvent(get_logger("node"), "token.issued", "epoch", interval_seconds=0.2)
+    issued = SummedEvent(get_logger("node"), "token.issued", ("epoch",), interval_seconds=0.2)
     issued.add(3, 1)  # after a quiet interval: a line at once
     assert [(line["count"], line["epoch"]) for line in read_lines(log_file)] == [(3, 1)]
     for _ in range(100):
@@ -201,4 +201,6 @@ async def test_a_summed_event_logs_at_once_then_at_most_once_an_interval_per_key
     await asyncio.sleep(0.3)
     assert len(read_lines(log_file)) == 5
     with pytest.raises(ValueError):
-        SummedEvent(get_logger(), "x", "epoch", interval_seconds=0)
+        SummedEvent(get_logger(), "x", ("epoch",), interval_seconds=0)
+    with pytest.raises(ValueError):
+        issued.add(1, 2, "one field too many")

@@ -94,7 +94,7 @@ from tokenvault.errors import (
     default_title,
     problem_body,
 )
-from tokenvault.logs import get_logger
+from tokenvault.logs import SummedEvent, get_logger
 from tokenvault.metrics import METRICS_CONTENT_TYPE, METRICS_MAX_AGE_SECONDS, UNMATCHED_ROUTE, Metrics, RecentRender
 from tokenvault.api.validation import (
     canonical_metadata,
@@ -968,7 +968,7 @@ class _ProblemRequestHandler(RequestHandler):
         exc: BaseException | None = None,
         message: str | None = None,
     ) -> web.StreamResponse:
-        _log.warning("http.malformed_request", status=status, error_type=type(exc).__name__ if exc else None)
+        _MALFORMED_REQUESTS.add(1, status, type(exc).__name__ if exc else None)
         if request.writer.output_size > 0:
             raise ConnectionError("the response was already started; the connection is closed")
         if status >= 500:
@@ -981,8 +981,12 @@ class _ProblemRequestHandler(RequestHandler):
         return response
 
 
-# A flood of refused connections must not become a flood of log lines.
+# A flood of refused connections or malformed requests must not become a flood of log lines.
 REFUSED_CONNECTION_LOG_INTERVAL_SECONDS = 1.0
+MALFORMED_REQUEST_LOG_INTERVAL_SECONDS = 1.0
+# One line a second at most for each (status, error type), with the count of the requests.
+_MALFORMED_REQUESTS = SummedEvent(_log, "http.malformed_request", ("status", "error_type"),
+                                  MALFORMED_REQUEST_LOG_INTERVAL_SECONDS, level="warning")
 
 
 def _note_refused_connection(server: Any, max_connections: int) -> None:

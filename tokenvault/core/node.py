@@ -164,7 +164,7 @@ class Node:
         self._disk_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"wal-{self.node_id}")
         self._compaction: asyncio.Task[None] | None = None
         # token.issued: one line a second at most (per epoch), so the node log grows with time, not traffic.
-        self._issued_log = SummedEvent(log, "token.issued", "epoch", TOKEN_ISSUED_LOG_INTERVAL_SECONDS)
+        self._issued_log = SummedEvent(log, "token.issued", ("epoch",), TOKEN_ISSUED_LOG_INTERVAL_SECONDS)
         self.snapshots = SnapshotTransfers(self.data_dir, lambda: self.store, self._run_in_driver,
                                            self.send_to_peer)
         # Set by the service: handles ForwardRequest frames.

@@ -83,10 +83,12 @@ async def test_unauthenticated_16_mib_frames_cost_a_node_almost_no_memory(
     # The peak, not the RSS afterwards: frames buffered and freed on close must show too.
     peak = memory_bytes(pid, "VmHWM")
     assert peak - before < RSS_GROWTH_BYTES_MAX, f"peak RSS rose from {before} to {peak} bytes"
-    # Each refusal is logged with the attacker's address; the node stays in the cluster and serves.
-    failures = wait_for(lambda: (lambda found: found if len(found) >= ATTACKERS else None)(
-        harness.find_events(target, "peer.handshake_failed", mark)), 5, "the refusals in the log")
-    assert {event["remote"] for event in failures} >= {address for address, _ in results}
+    # Every refusal is counted in the log under the attacker's host (at most a line a second per host and
+    # reason, so a flood is not a flood of lines); the node stays in the cluster and serves.
+    failures = wait_for(lambda: (lambda found: found if sum(event["count"] for event in found) >= ATTACKERS
+                                 else None)(harness.find_events(target, "peer.handshake_failed", mark)),
+                        5, "the refusals in the log")
+    assert {event["remote"] for event in failures} == {address.rsplit(":", 1)[0] for address, _ in results}
     if not tls:
         assert {event["reason"] for event in failures} == {"ProtocolError"}
     async with harness.client(target) as client:
@@ -135,4 +137,4 @@ async def test_a_tls_cluster_uses_https_and_mutual_tls_links(make_cluster: Calla
                     break
             except ConnectionResetError:
                 break
-    harness.wait_for_event(target, "peer.handshake_failed", mark, remote=address)
+    harness.wait_for_event(target, "peer.handshake_failed", mark, remote=address.rsplit(":", 1)[0])

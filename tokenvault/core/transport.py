@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from protocol import FrameDecoder, Hello, HelloProof, Message, Ping, ProtocolError, encode_frame
 from protocol.codec import LENGTH_PREFIX_BYTES
 from tokenvault.futures import cancel_and_wait
-from tokenvault.logs import get_logger
+from tokenvault.logs import SummedEvent, get_logger
 from tokenvault.crypto.tls import PeerTlsContexts, peer_node_ids
 
 HANDSHAKE_TIMEOUT_SECONDS = 3.0
@@ -62,6 +62,9 @@ RECONNECT_DELAY_SECONDS_MAX = 1.0
 READ_CHUNK_BYTES = 256 * 1024
 # A flood of refused connections is logged at most once per this interval, with the count.
 REFUSAL_LOG_INTERVAL_SECONDS = 1.0
+# peer.handshake_failed on the accepting side: at most one line per interval for each remote host and
+# reason, with the count, since a stranger can open and fail thousands of connections a second.
+HANDSHAKE_FAILURE_LOG_INTERVAL_SECONDS = 1.0
 # A link that carries nothing for this long is declared down and closed; each
 # side sends a Ping after a quarter of it of its own silence, so only a peer
 # (or a network) that really went quiet trips it.
@@ -104,6 +107,11 @@ def _remote_address(writer: asyncio.StreamWriter) -> str:
     if isinstance(peername, tuple) and len(peername) >= 2:
         return f"{peername[0]}:{peername[1]}"
     return "unknown"
+
+
+def _host(remote: str) -> str:
+    """The host of a ``_remote_address`` (its port dropped: each new connection has another)."""
+    return remote.rsplit(":", 1)[0] if ":" in remote else remote
 
 
 async def _read_handshake_frame(reader: asyncio.StreamReader, decoder: FrameDecoder) -> object:
@@ -197,6 +205,8 @@ class PeerTransport:
         self._started = False
         self.last_seen_monotonic: dict[str, float] = {}
         self.handshake_failures = 0
+        self._handshake_failure_log = SummedEvent(log, "peer.handshake_failed", ("remote", "reason"),
+                                                  HANDSHAKE_FAILURE_LOG_INTERVAL_SECONDS, level="warning")
         self.frames_rejected = 0
         self.unauthenticated_connections = 0
         self.connections_refused = 0
@@ -239,6 +249,7 @@ class PeerTransport:
         for connection in list(self._connections.values()):
             connection.close()
         await cancel_and_wait(list(self._tasks))
+        self._handshake_failure_log.flush()
 
     def _spawn(self, coroutine: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coroutine)
@@ -340,7 +351,7 @@ class PeerTransport:
             raise
         except Exception as error:  # whatever a hostile or dying peer causes ends only this connection
             self.handshake_failures += 1
-            log.warning("peer.handshake_failed", remote=remote, reason=type(error).__name__)
+            self._handshake_failure_log.add(1, _host(remote), type(error).__name__)
             _abort(writer)
             return
         finally:

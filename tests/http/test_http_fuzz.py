@@ -218,7 +218,7 @@ def test_a_flood_of_unparsable_requests_is_a_few_log_lines_with_their_count(
     # A fresh one: what earlier tests' malformed requests left waiting is not this test's.
     monkeypatch.setattr(http_module, "_MALFORMED_REQUESTS", http_module.SummedEvent(
         http_module._log, "http.malformed_request", ("status", "error_type"), level="warning"))
-    time.sleep(http_module.MALFORMED_REQUEST_LOG_INTERVAL_SECONDS + 0.1)  # the old one's last line is out
+    time.sleep(http_module.FLOOD_LOG_INTERVAL_SECONDS + 0.1)  # the old one's last line is out
     parts = urlsplit(http_target.base_url)
     flood = 40
     with capture_logs() as logs:

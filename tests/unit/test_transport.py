@@ -575,10 +575,16 @@ async def test_unauthenticated_connections_are_capped(
             for peer in refused:
                 assert await peer.read_until_closed(timeout_seconds=2.0) == b""  # closed without a greeting
                 peer.close()
-        assert acceptor.transport.connections_refused == 5
-        assert acceptor.transport.unauthenticated_connections == 3
+            assert acceptor.transport.connections_refused == 5
+            assert acceptor.transport.unauthenticated_connections == 3
+            refusals = [entry for entry in logs if entry["event"] == "peer.connection_refused"]
+            # The first at once; the other four wait for the second's end, summed (not a line each).
+            assert len(refusals) == 1 and refusals[0]["remote"] == "127.0.0.1" and refusals[0]["count"] == 1
+            await wait_until(lambda: sum(entry["count"] for entry in logs
+                                         if entry["event"] == "peer.connection_refused") == 5, 5, "the summed line")
         refusals = [entry for entry in logs if entry["event"] == "peer.connection_refused"]
-        assert len(refusals) == 1 and refusals[0]["remote"].startswith("127.0.0.1:")
+        assert refusals[0]["count"] == 1 and len(refusals) <= 3  # a line each would be five
+        assert {(entry["reason"], entry["limit"]) for entry in refusals} == {("too_many_unauthenticated", 3)}
     finally:
         for squatter in squatters:
             squatter.close()

@@ -982,25 +982,20 @@ class _ProblemRequestHandler(RequestHandler):
 
 
 # A flood of refused connections or malformed requests must not become a flood of log lines.
-REFUSED_CONNECTION_LOG_INTERVAL_SECONDS = 1.0
-MALFORMED_REQUEST_LOG_INTERVAL_SECONDS = 1.0
-# One line a second at most for each (status, error type), with the count of the requests.
+# Each at most one line a second for each value of its fields, with the count (tokenvault.logs.SummedEvent).
+FLOOD_LOG_INTERVAL_SECONDS = 1.0
 _MALFORMED_REQUESTS = SummedEvent(_log, "http.malformed_request", ("status", "error_type"),
-                                  MALFORMED_REQUEST_LOG_INTERVAL_SECONDS, level="warning")
+                                  FLOOD_LOG_INTERVAL_SECONDS, level="warning")
+_REFUSED_CONNECTIONS = SummedEvent(_log, "http.connection_refused", ("reason", "max_connections"),
+                                   FLOOD_LOG_INTERVAL_SECONDS, level="warning")
 
 
 def _note_refused_connection(server: Any, max_connections: int) -> None:
-    """Count a refused connection in the metrics; log at most one line per interval, with the count."""
+    """Count a refused connection in the metrics and the (summed) log."""
     on_refused = getattr(server, "on_connection_refused", None)
     if on_refused is not None:
         on_refused()
-    server.refused_since_log = getattr(server, "refused_since_log", 0) + 1
-    now = time.monotonic()
-    if now - getattr(server, "refused_logged_at", float("-inf")) >= REFUSED_CONNECTION_LOG_INTERVAL_SECONDS:
-        _log.warning("http.connection_refused", reason="max_connections", max_connections=max_connections,
-                     refused=server.refused_since_log)
-        server.refused_logged_at = now
-        server.refused_since_log = 0
+    _REFUSED_CONNECTIONS.add(1, "max_connections", max_connections)
 
 
 class _ProblemServer(web.Server):

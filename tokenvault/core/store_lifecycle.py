@@ -29,8 +29,7 @@ from tokenvault.core.commands import (OPAQUE_FORMAT, AuditTrimCommand, DeleteTok
 from tokenvault.core.store_layout import (AGE, AUDIT, AUDIT_TRIM_KIND, DELETE_KIND, DESTROY_KIND, DESTROYED, EXPIRY,
                                           EXPIRY_END, EXPIRY_HEADER_BYTES, LIFE, MAX_STORED_EPOCH, NO_RECORDS,
                                           PURGE_KIND, TOKEN, U32, U64, UNKNOWN_NODE, ApplyResult, InsertOnceViolation,
-                                          Outcome,
-                                          StoreCorruption, bounded, decode_epoch, decode_life, epoch_key,
+                                          Outcome, StoreCorruption, bounded, decode_epoch, decode_life, epoch_key,
                                           expiry_index_key, format_token_key, json_bytes, multi_get, pack, token_key,
                                           unpack)
 

@@ -60,11 +60,10 @@ SEND_QUEUE_MAX_MESSAGES = 4096
 RECONNECT_DELAY_SECONDS_MIN = 0.05
 RECONNECT_DELAY_SECONDS_MAX = 1.0
 READ_CHUNK_BYTES = 256 * 1024
-# A flood of refused connections is logged at most once per this interval, with the count.
-REFUSAL_LOG_INTERVAL_SECONDS = 1.0
-# peer.handshake_failed on the accepting side: at most one line per interval for each remote host and
-# reason, with the count, since a stranger can open and fail thousands of connections a second.
-HANDSHAKE_FAILURE_LOG_INTERVAL_SECONDS = 1.0
+# peer.connection_refused and peer.handshake_failed (the accepting side): at most one line per interval
+# for each remote host and reason, with the count, since a stranger can open thousands of connections a
+# second (tokenvault.logs.SummedEvent).
+FLOOD_LOG_INTERVAL_SECONDS = 1.0
 # A link that carries nothing for this long is declared down and closed; each
 # side sends a Ping after a quarter of it of its own silence, so only a peer
 # (or a network) that really went quiet trips it.
@@ -206,12 +205,12 @@ class PeerTransport:
         self.last_seen_monotonic: dict[str, float] = {}
         self.handshake_failures = 0
         self._handshake_failure_log = SummedEvent(log, "peer.handshake_failed", ("remote", "reason"),
-                                                  HANDSHAKE_FAILURE_LOG_INTERVAL_SECONDS, level="warning")
+                                                  FLOOD_LOG_INTERVAL_SECONDS, level="warning")
+        self._refusal_log = SummedEvent(log, "peer.connection_refused", ("remote", "reason", "limit"),
+                                        FLOOD_LOG_INTERVAL_SECONDS, level="warning")
         self.frames_rejected = 0
         self.unauthenticated_connections = 0
         self.connections_refused = 0
-        self._refusals_not_logged = 0
-        self._refusal_logged_monotonic = float("-inf")
 
     # ----------------------------------------------------------------- lifecycle
     async def start(self) -> None:
@@ -250,6 +249,7 @@ class PeerTransport:
             connection.close()
         await cancel_and_wait(list(self._tasks))
         self._handshake_failure_log.flush()
+        self._refusal_log.flush()
 
     def _spawn(self, coroutine: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coroutine)
@@ -359,15 +359,9 @@ class PeerTransport:
         await self._serve_connection(_Connection(peer_id, reader, writer, FrameDecoder(self._max_frame_bytes)))
 
     def _refuse(self, remote: str) -> None:
-        """Count a connection closed for the unauthenticated cap; log it, at most once a second."""
+        """Count a connection closed for the unauthenticated cap, and log it (summed, by host)."""
         self.connections_refused += 1
-        self._refusals_not_logged += 1
-        now = time.monotonic()
-        if now - self._refusal_logged_monotonic >= REFUSAL_LOG_INTERVAL_SECONDS:
-            log.warning("peer.connection_refused", remote=remote, reason="too_many_unauthenticated",
-                        limit=self._max_unauthenticated_connections, refused=self._refusals_not_logged)
-            self._refusals_not_logged = 0
-            self._refusal_logged_monotonic = now
+        self._refusal_log.add(1, _host(remote), "too_many_unauthenticated", self._max_unauthenticated_connections)
 
     async def _authenticate_as_acceptor(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> str:
         """The dialer's node id once it has proved itself; raises on anything else."""

@@ -194,7 +194,12 @@ class Ready:
        committed entries, which an earlier Ready already made durable here, so
        their requests may be answered before this batch's fsync;
     4. drop the persisted log from ``truncate_from`` on, append ``entries``,
-       write ``hard_state``; stage ``snapshot_chunks`` in order; fsync;
+       write ``hard_state``; stage ``snapshot_chunks`` in order; fsync if
+       ``must_sync``. It is false when the only change is the hard state's
+       commit index (etcd's ``MustSync``): that record may wait in the WAL's
+       buffer for the next fsync, because a node that restarts with an older
+       commit index learns the newer one again from the primary, while a vote,
+       a view, a truncation and entries are promised by the replies of step 5;
     5. send ``messages_after_persist`` (votes and replies: they promise what
        is on disk, as etcd's ``msgsAfterAppend``);
     6. apply ``committed_after_persist``; answer ``read_results`` once
@@ -221,6 +226,7 @@ class Ready:
     snapshot_transfers_ended: tuple[str, ...] = ()
     messages_after_persist: tuple[tuple[str, Message], ...] = ()
     committed_durable_count: int = 0
+    must_sync: bool = False
 
     @property
     def committed_durable(self) -> tuple[Entry, ...]:

@@ -449,9 +449,15 @@ class Replica:
         self._flush_appends()
         self._flush_reads()
         hard_state = self._hard_state()
-        hard_state_out = hard_state if hard_state != self._handed_hard_state else None
+        handed = self._handed_hard_state
+        hard_state_out = hard_state if hard_state != handed else None
         self._handed_hard_state = hard_state
         entries = tuple(self._log.entries_between(self._unstable_from_index, self._log.last_index))
+        # The commit index alone needs no fsync (etcd's MustSync): a node that restarts with an
+        # older one learns it again from the primary. A vote or a view must be durable before
+        # any reply that depends on it, and entries before they count.
+        must_sync = bool(entries or self._pending_truncate_from is not None or self._pending_snapshot is not None
+                         or hard_state.view != handed.view or hard_state.voted_for != handed.voted_for)
         self._unstable_from_index = self._log.last_index + 1
         committed: tuple[Entry, ...] = ()
         if self._commit_index > self._applied_index:
@@ -472,7 +478,7 @@ class Replica:
             snapshot_chunks=tuple(self._snapshot_chunks),
             snapshot_transfers_ended=tuple(self._snapshot_transfers_ended),
             messages_after_persist=after_persist,
-            committed_durable_count=_durable_prefix(committed, entries))
+            committed_durable_count=_durable_prefix(committed, entries), must_sync=must_sync)
         self._last_ready = ready
         self._pending_truncate_from = None
         self._pending_snapshot = None

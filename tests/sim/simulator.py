@@ -140,6 +140,9 @@ class SimNode:
     replica: Replica | None
     disk: Disk = field(default_factory=Disk)
     pending: Ready | None = None  # written but not yet fsynced: lost (or torn) by a crash
+    # Records of Readies that needed no fsync (a commit index alone): in the WAL's buffer until the
+    # next fsync writes them ahead of its own, lost by a crash before it.
+    unsynced: list = field(default_factory=list)
     pending_primary_view: int | None = None  # the view it led when that Ready was taken, if primary
     read_ids: int = 0
     # Primary: the snapshot image offered to each peer, as (index, view, bytes).
@@ -392,7 +395,10 @@ class Simulation(InvariantChecks, Nemeses, MembershipChanges, ClientHistory):
         """The fsync finished: the other messages go, the rest is applied, then advance(). False if it crashed."""
         replica = node.replica
         assert replica is not None
-        self._persist(node, ready, len(self._records(ready)))
+        if ready.must_sync:
+            self._persist(node, ready, len(node.unsynced) + len(self._records(ready)))
+        else:
+            node.unsynced.extend(self._records(ready))
         self._stage_snapshot_chunks(node, ready)
         if crash_point == "after-fsync":
             self._crash_at(node, crash_point)
@@ -437,10 +443,13 @@ class Simulation(InvariantChecks, Nemeses, MembershipChanges, ClientHistory):
             records.append(("hard_state", ready.hard_state))
         return records
 
-    def _persist(self, node: SimNode, ready: Ready, record_count: int) -> None:
-        """Make the first record_count records of a Ready durable, in the WAL's order."""
+    def _persist(self, node: SimNode, ready: Ready | None, record_count: int) -> None:
+        """Make the first record_count records durable, in the WAL's order: those still buffered by
+        Readies that needed no fsync, then this Ready's."""
         disk = node.disk
-        for kind, value in self._records(ready)[:record_count]:
+        records = node.unsynced + (self._records(ready) if ready is not None else [])
+        node.unsynced = []
+        for kind, value in records[:record_count]:
             if kind == "snapshot":
                 self._reset_log_base(node, value)  # type: ignore[arg-type]
             elif kind == "truncate":
@@ -464,7 +473,7 @@ class Simulation(InvariantChecks, Nemeses, MembershipChanges, ClientHistory):
                     self.fail(f"{node.node_id} durable vote in view {previous.view} changed from "
                               f"{previous.voted_for} to {value.voted_for}")  # type: ignore[union-attr]
                 disk.hard_state = value  # type: ignore[assignment]
-        if ready.truncate_from is not None and record_count:
+        if ready is not None and ready.truncate_from is not None and record_count:
             self._check_acknowledged_durable()
 
     def _install_store(self, node: SimNode, index: int, view: int, image: bytes) -> None:
@@ -664,11 +673,12 @@ class Simulation(InvariantChecks, Nemeses, MembershipChanges, ClientHistory):
 
     def crash(self, node: SimNode) -> None:
         if node.pending is not None:
-            records = self._records(node.pending)
+            records = node.unsynced + self._records(node.pending)
             # The fsync never finished: any prefix of the write may or may not be on disk.
             kept = self.rng.randrange(len(records) + 1)
             self._persist(node, node.pending, kept)
             node.pending = None
+        node.unsynced = []  # still in the WAL's buffer, never written
         disk = node.disk
         if disk.store_synced[0] < disk.applied_index:
             # The store's applied tail was never synced: it is lost; the WAL replays it.

@@ -70,6 +70,20 @@ async def test_propose_resolves_with_the_store_result_of_that_entry(single: Runn
     assert [record.epoch for record in node.store.epochs()] == [1, 2]
 
 
+async def test_each_entry_costs_one_fsync_and_the_commit_index_that_follows_none(single: RunningNode,
+                                                                                monkeypatch) -> None:
+    """The Ready that only moves the commit index (and applies) writes its hard state with the next
+    fsync instead of one of its own (Ready.must_sync); everything is still durable at close."""
+    node = single.node
+    syncs = []
+    sync = node.wal.sync
+    monkeypatch.setattr(node.wal, "sync", lambda: (syncs.append(1), sync())[1])
+    for epoch in range(2, 7):
+        await node.propose(rotate_payload(single, epoch), timeout_seconds=2)
+    assert len(syncs) == 5
+    assert node.store.active_epoch() == 6
+
+
 async def test_read_barrier_on_a_single_node_returns(single: RunningNode) -> None:
     await asyncio.wait_for(single.node.read_barrier(timeout_seconds=2), 3)
 

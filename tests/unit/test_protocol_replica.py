@@ -467,6 +467,31 @@ def test_ready_states_what_may_go_before_the_fsync() -> None:
     assert [type(message) for _, message in ready.messages_after_persist] == [AppendReply]
 
 
+def test_ready_needs_an_fsync_for_entries_votes_and_views_but_not_for_the_commit_index_alone() -> None:
+    """etcd's MustSync: a backup's new entries, a vote and a new view need the fsync before the replies;
+    a heartbeat that only moves the commit index gives a hard state to write with the next fsync."""
+    backup = make_replica("n2", ("n1", "n2", "n3"), RestoredState(HardState(2, "n1", 0), 0, 0, (
+        Entry(1, 1, EntryKind.NOOP, b""), Entry(2, 2, EntryKind.COMMAND, b"old"))))
+    backup.step("n1", AppendEntries(view=2, prev_index=2, prev_view=2, commit_index=1,
+                                    entries=(Entry(3, 2, EntryKind.COMMAND, b"new"),)))
+    ready = backup.ready()
+    assert ready.entries and ready.must_sync
+    backup.advance(ready)
+    backup.step("n1", Heartbeat(2, 3, 0))
+    ready = backup.ready()
+    assert ready.hard_state == HardState(2, "n1", 3) and not ready.entries and not ready.must_sync
+    assert [entry.index for entry in ready.committed] == [2, 3]
+    backup.advance(ready)
+    backup.step("n3", RequestVote(view=3, last_index=3, last_view=2))
+    ready = backup.ready()
+    assert ready.hard_state == HardState(3, "n3", 3) and not ready.entries and ready.must_sync
+    assert [type(message) for _, message in ready.messages_after_persist] == [VoteReply]
+    backup.advance(ready)
+    backup.step("n1", Heartbeat(4, 3, 0))  # a newer view, no vote in it: the view alone must be durable
+    ready = backup.ready()
+    assert ready.hard_state == HardState(4, None, 3) and ready.must_sync
+
+
 def test_the_primary_commits_only_once_its_own_copy_is_durable() -> None:
     """Both backups acknowledge before the primary's own fsync finished: no commit until advance()."""
     cluster = Cluster(3)

@@ -11,7 +11,6 @@ import asyncio
 import json
 import re
 import socket
-import threading
 import time
 from pathlib import Path
 
@@ -618,14 +617,14 @@ async def test_the_largest_allowed_request_is_forwarded_replicated_and_read_back
 
 async def test_a_write_in_the_log_when_the_node_stops_is_answered_outcome_unknown(single: RunningNode) -> None:
     """Stopping answers 503 "may still take effect" for a proposed write: it must not be retried elsewhere."""
-    release = threading.Event()
-    real_sync = single.node.wal.sync
+    release = asyncio.Event()
+    real_handle_ready = single.node._handle_ready
 
-    def held_sync() -> None:  # the entry is in the log, but its fsync does not finish yet
-        release.wait(5)
-        real_sync()
+    async def held_handle_ready(ready) -> None:  # the entry is in the log, but not yet written and synced
+        await release.wait()
+        await real_handle_ready(ready)
 
-    single.node.wal.sync = held_sync
+    single.node._handle_ready = held_handle_ready  # type: ignore[method-assign]
     try:
         task = asyncio.create_task(single.service.tokenize("p", ["stopping-value"], None))
         await wait_until(lambda: bool(single.node._pending_proposals), 5, "the write to be proposed")
@@ -635,7 +634,7 @@ async def test_a_write_in_the_log_when_the_node_stops_is_answered_outcome_unknow
         assert "may still take effect" in raised.value.detail
     finally:
         release.set()
-        single.node.wal.sync = real_sync
+        single.node._handle_ready = real_handle_ready  # type: ignore[method-assign]
 
 
 def _forward_cases(limits) -> dict[str, tuple[str, bytes, int]]:

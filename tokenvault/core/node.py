@@ -5,10 +5,11 @@ the core is never re-entered while a ``Ready`` batch is being carried out. HTTP
 handlers and the peer transport only put work into an inbox and wake the
 driver. For every ``Ready`` the driver follows the order the core states in
 ``protocol.Ready`` (tokenvault/core/snapshot_transfer.py moves snapshot bytes):
-``messages`` leave while the WAL write runs, ``committed_durable`` is applied
+``messages`` leave before the WAL write, ``committed_durable`` is applied
 before the fsync, ``messages_after_persist`` and ``committed_after_persist``
-wait for it, then ``advance()``. Proposals that arrive while an fsync is running wait in
-the inbox and go into the next batch (group commit).
+wait for it, then ``advance()``. The fsync runs on the loop, only when the
+Ready says ``must_sync``; requests and messages that arrive meanwhile wait in
+their sockets and go into the next batch (group commit).
 """
 
 from __future__ import annotations
@@ -161,7 +162,8 @@ class Node:
             maxlen=config.wal.compact_keep_entries + config.wal.compact_every_entries)
         self._bootstrap_in_flight = False
         self._tasks: list[asyncio.Task[None]] = []
-        self._disk_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"wal-{self.node_id}")
+        # The store's checkpoints (WAL compaction) run here, off the loop.
+        self._disk_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"checkpoint-{self.node_id}")
         self._compaction: asyncio.Task[None] | None = None
         # token.issued: one line a second at most (per epoch), so the node log grows with time, not traffic.
         self._issued_log = SummedEvent(log, "token.issued", ("epoch",), TOKEN_ISSUED_LOG_INTERVAL_SECONDS)
@@ -476,10 +478,13 @@ class Node:
         if ready.entries or ready.hard_state is not None or ready.truncate_from is not None:
             self.wal.append(truncate_from=ready.truncate_from, entries=ready.entries,
                             hard_state=ready.hard_state)
+        if ready.must_sync:
             started = time.perf_counter()
-            # In a worker thread, so the loop keeps reading requests and replies
-            # meanwhile; they form the next batch (group commit).
-            await asyncio.get_running_loop().run_in_executor(self._disk_executor, self.wal.sync)
+            # On the loop itself, as etcd's raft loop does: what arrives meanwhile waits in the
+            # sockets and forms the next batch (group commit). In a worker thread the loop ran
+            # smaller batches and the thread's wake-ups and GIL hand-offs cost more than the
+            # overlap gained (docs/performance.md, thirteenth sitting).
+            self.wal.sync()
             self.metrics.observe_wal_sync(time.perf_counter() - started, len(ready.entries),
                                           sum(len(entry.payload) for entry in ready.entries))
         if ready.snapshot_chunks:

@@ -180,8 +180,8 @@ class WriteAheadLog:
     """The durable replication log of one node; see the module docstring for the format.
 
     ``append`` may be called many times before one ``sync``. All methods take an
-    internal lock, so ``sync`` may run in a worker thread while the event loop
-    thread waits for it.
+    internal lock: the node appends and syncs on its event loop, while the
+    shredder may ``release`` segments from a worker thread.
     """
 
     def __init__(self, directory: Path, max_segment_bytes: int, fsync: bool, lock_descriptor: int,

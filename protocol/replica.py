@@ -205,8 +205,9 @@ class Replica:
         if not self.may_campaign:
             return  # a learner, or a member whose removal from the voters is committed
         if self._membership.voters == (self.node_id,):
-            # A cluster of one voter has nobody to wait for: it leads at its first tick.
-            self._become_candidate("single voter: nobody to wait for")
+            # A cluster of one voter has nobody to wait for: it leads once its own vote is durable.
+            if not self._own_vote_pending():
+                self._become_candidate("single voter: nobody to wait for")
         elif self._election_elapsed_ticks >= self._randomized_election_timeout_ticks:
             self._poll_reason = (f"no message from a primary (last: {self._primary_id or 'none'}) for "
                                  f"{self._election_elapsed_ticks} ticks, the election timeout drawn this time")
@@ -456,8 +457,9 @@ class Replica:
         # The commit index alone needs no fsync (etcd's MustSync): a node that restarts with an
         # older one learns it again from the primary. A vote or a view must be durable before
         # any reply that depends on it, and entries before they count.
+        new_view_or_vote = hard_state.view != handed.view or hard_state.voted_for != handed.voted_for
         must_sync = bool(entries or self._pending_truncate_from is not None or self._pending_snapshot is not None
-                         or hard_state.view != handed.view or hard_state.voted_for != handed.voted_for)
+                         or new_view_or_vote)
         self._unstable_from_index = self._log.last_index + 1
         committed: tuple[Entry, ...] = ()
         if self._commit_index > self._applied_index:
@@ -469,7 +471,16 @@ class Replica:
                 self._config.max_committed_bytes_per_ready))
             assert committed and committed[-1].index > self._applied_index, "applied index only grows"
             self._applied_index = committed[-1].index
-        early, after_persist = _split_outbox(self._outbox)
+        early: tuple[tuple[str, Message], ...]
+        after_persist: tuple[tuple[str, Message], ...]
+        if new_view_or_vote:
+            # Nothing leaves before a new view (or vote) is durable: a sole voter elects itself in one
+            # Ready, with no vote request that would have waited for it, and appends of a view its own
+            # disk does not hold yet would let it forget that view in a crash and vote in it again
+            # while a learner keeps its entries (two primaries of one view).
+            early, after_persist = (), tuple(self._outbox)
+        else:
+            early, after_persist = _split_outbox(self._outbox)
         ready = Ready(
             hard_state=hard_state_out, truncate_from=self._pending_truncate_from, entries=entries,
             snapshot=self._pending_snapshot, messages=early, committed=committed,
@@ -506,8 +517,20 @@ class Replica:
         if self._pending_truncate_from is not None:
             persisted = min(persisted, self._pending_truncate_from - 1)
         self._persisted_index = min(persisted, self._log.last_index)
+        hard_state = ready.hard_state
+        if (self._own_vote_pending() and hard_state is not None and hard_state.view == self._view
+                and hard_state.voted_for == self.node_id):
+            # The candidate's vote for itself is durable now, so it counts (etcd's self-vote after the append).
+            self._votes[self.node_id] = True
+            if self._granted_votes() >= self._membership.quorum:
+                self._become_primary()
         if self._role is Role.PRIMARY:
             self._maybe_commit()
+
+    def _own_vote_pending(self) -> bool:
+        """A candidate (past its pre-vote) whose vote for itself is not durable yet."""
+        return (self._role is Role.CANDIDATE and not self._pre_voting and self._voted_for == self.node_id
+                and self.node_id not in self._votes)
 
     # ------------------------------------------------------------------ role changes
 
@@ -534,13 +557,12 @@ class Replica:
         self._role = Role.CANDIDATE
         self._pre_voting = False
         self._set_primary(None)
-        self._votes = {self.node_id: True}
+        # Its own vote counts once the Ready that holds it is persisted (advance): a sole voter would
+        # otherwise lead a view its disk does not hold, and after a crash vote in that view again.
+        self._votes = {}
         self._election_elapsed_ticks = 0
         self._randomize_election_timeout()
         self._events.append(ElectionStarted(self._view, reason))
-        if self._granted_votes() >= self._membership.quorum:
-            self._become_primary()
-            return
         request = RequestVote(self._view, self._log.last_index, self._log.last_view)
         self._outbox.extend((peer, request) for peer in self._voting_peers())
 

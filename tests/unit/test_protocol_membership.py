@@ -192,6 +192,7 @@ def test_a_new_primary_changes_nothing_before_it_commits_in_its_own_view() -> No
             if replica.role is Role.CANDIDATE:
                 break
         replica.step("n2", PreVoteReply(replica.view + 1, True))
+        replica.advance(replica.ready())  # its own vote persisted: now it counts
         replica.step("n2", VoteReply(replica.view, True))
     drain(replica)
     with pytest.raises(ProposalRejected, match="own view"):

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from protocol import (INITIAL_HARD_STATE, AppendEntries, AppendReply, BecamePrimary, Entry, EntryKind, HardState,
+                      Member, Membership,
                       Heartbeat, HeartbeatReply, Hello, InstallSnapshot, NotPrimary, PreVote, PreVoteReply,
                       ProposalRejected, ReadIndex, ReadIndexReply, ReadResult, Ready,
                       ReplicaConfig, Replica, RequestVote, ElectionStarted, RestoredState, Role, SnapshotReply, SteppedDown, VoteReply)
@@ -158,18 +159,38 @@ class Cluster:
 # ---------------------------------------------------------------------------- single member
 
 
-def test_single_member_becomes_primary_at_first_tick_and_commits_noop_after_persisting() -> None:
+def test_single_member_leads_once_its_own_vote_is_durable_and_commits_noop_after_persisting() -> None:
+    """A sole voter campaigns at its first tick, but its vote for itself counts only after the Ready
+    holding it was persisted: it never leads a view its disk does not hold."""
     replica = make_replica()
     replica.tick()
+    assert replica.role is Role.CANDIDATE and replica.view == 1
+    vote = replica.ready()
+    assert vote.hard_state == HardState(1, "n1", 0) and vote.must_sync and vote.entries == ()
+    replica.tick()  # a tick while the vote is being persisted starts no second campaign
+    assert replica.view == 1 and not replica.has_ready()
+    replica.advance(vote)
     assert replica.role is Role.PRIMARY and replica.view == 1
     first = replica.ready()
     assert [entry.kind for entry in first.entries] == [EntryKind.NOOP]
-    assert first.hard_state == HardState(1, "n1", 0)
+    assert first.hard_state is None
     assert first.committed == () and replica.commit_index == 0
     replica.advance(first)
     second = replica.ready()
     assert [entry.index for entry in second.committed] == [1]
     assert second.hard_state == HardState(1, "n1", 1)
+
+
+def test_a_sole_voter_that_crashes_before_its_vote_is_durable_never_led_that_view() -> None:
+    """Restarted from a disk without the vote, it campaigns for the same view again; it must not have
+    led it before (a learner would hold entries of two primaries of one view)."""
+    members = Membership((Member("n1", "", True), Member("n2", "", False)))
+    replica = Replica(ReplicaConfig("n1", ("n1",)), RestoredState(HardState(3, None, 0), 0, 0, (), members),
+                      random.Random(1))
+    replica.tick()
+    ready = replica.ready()
+    assert replica.view == 4 and replica.role is Role.CANDIDATE
+    assert ready.must_sync and ready.messages == () and ready.messages_after_persist == ()
 
 
 def test_single_member_commits_own_entry_only_after_advance() -> None:
@@ -193,8 +214,10 @@ def test_single_member_restart_keeps_log_and_takes_a_new_view() -> None:
     restored = RestoredState(HardState(1, "n1", 2), 0, 0, entries)
     replica = make_replica(restored=restored)
     replica.tick()
+    vote = replica.ready()
+    replica.advance(vote)  # its vote in view 2, persisted
     assert replica.role is Role.PRIMARY and replica.view == 2
-    readies = drain(replica)
+    readies = [vote, *drain(replica)]
     assert [entry.index for entry in committed(readies)] == [1, 2, 3]
 
 
@@ -602,6 +625,7 @@ def test_read_waits_for_the_first_commit_of_the_view() -> None:
     while primary.role is not Role.CANDIDATE:
         primary.tick()
     primary.step("n2", PreVoteReply(primary.view + 1, True))
+    primary.advance(primary.ready())  # its own vote persisted; the vote requests leave
     primary.step("n2", VoteReply(primary.view, True))
     assert primary.role is Role.PRIMARY
     primary.advance(primary.ready())  # the no-op is durable here, but not yet on a majority
@@ -847,6 +871,7 @@ def test_compact_refuses_entries_not_yet_handed_out() -> None:
 def test_became_primary_event_is_reported() -> None:
     replica = make_replica()
     replica.tick()
+    replica.advance(replica.ready())
     assert BecamePrimary(1) in replica.ready().events
 
 

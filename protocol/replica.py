@@ -183,6 +183,11 @@ class Replica:
             return False
         return self._configurations.previous.is_voter(self.node_id)
 
+    def _member_before_uncommitted_change(self, node_id: str) -> bool:
+        index = self._configurations.last_index
+        return (index is not None and index > self._commit_index
+                and node_id in self._configurations.previous.ids)
+
     @property
     def configurations(self) -> ConfigurationLog:
         """The configurations the log holds (for inspection by tests and tools; the replica changes it)."""
@@ -217,12 +222,15 @@ class Replica:
         """Handle one message from a peer; stale, foreign or malformed input is dropped."""
         handler = self._handlers.get(type(message))
         # A primary outside this node's configuration is heard (Raft thesis 4.1: its appends are how a
-        # lagging backup learns the configuration that made it a member); anything else from outside,
-        # a poll or a vote request of a removed member above all, is dropped, so a member that was
-        # removed without learning it cannot disrupt the cluster.
+        # lagging backup learns the configuration that made it a member); so is a member of the
+        # configuration before the one in effect while that change is not committed (as may_campaign:
+        # it may still be needed, and two nodes holding different uncommitted changes would otherwise
+        # each drop the other's polls for good). Anything else from outside, a poll or a vote request
+        # of a member whose removal is committed above all, is dropped, so it cannot disrupt the cluster.
         if handler is None or sender == self.node_id:
             return
-        if sender not in self._peers and not isinstance(message, PRIMARY_SENT_TYPES):
+        if (sender not in self._peers and not isinstance(message, PRIMARY_SENT_TYPES)
+                and not self._member_before_uncommitted_change(sender)):
             return
         if isinstance(message, (PreVote, PreVoteReply)):
             handler(sender, message)  # a poll changes no view: it bypasses the view rules below

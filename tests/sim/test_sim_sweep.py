@@ -62,3 +62,10 @@ def test_seed_2843_a_voter_left_alone_leads_only_once_its_vote_is_durable() -> N
     previous Ready was still being written, crashed before its vote reached the disk, and another
     node then won the same view. Its own vote now counts only once durable (docs/replication.md)."""
     Simulation(2843, SimulationConfig.from_seed(2843, 2000)).run()
+
+
+def test_seed_11245_two_nodes_holding_different_uncommitted_changes_still_elect_a_primary() -> None:
+    """Found by a sweep of 12,000 seeds: n2 held an uncommitted removal of n1, n1 and n3 an uncommitted
+    removal of n3; each dropped the polls of the node its change removed, and after healing no one was
+    ever elected. A member of the configuration before an uncommitted change is now heard."""
+    Simulation(11245, SimulationConfig.from_seed(11245, 2000)).run()

@@ -11,7 +11,7 @@ import random
 import pytest
 
 from protocol import (INITIAL_HARD_STATE, AppendEntries, Entry, EntryKind, HardState, Membership,
-                      MembershipChanged, MembershipError, NotPrimary, PreVoteReply, ProposalRejected, Replica,
+                      MembershipChanged, MembershipError, NotPrimary, PreVote, PreVoteReply, ProposalRejected, Replica,
                       ReplicaConfig, RequestVote, RestoredState, Role, SteppedDown, VoteReply)
 from protocol.membership import ConfigurationLog, Member
 from test_protocol_replica import EMPTY, Cluster, Node, drain
@@ -281,3 +281,21 @@ def test_compaction_keeps_the_configuration_and_a_snapshot_brings_its_own() -> N
     snapshot_membership = Membership(primary.membership.members + (Member("n5", "", False),))
     joined.snapshot_installed(7, 1, snapshot_membership)
     assert joined.membership == snapshot_membership and joined.membership_index == 7
+
+
+def test_a_member_removed_by_an_uncommitted_change_is_still_heard_and_one_whose_removal_committed_is_not() -> None:
+    """Found by a sweep of 12,000 seeds (seed 11245): n2 held an uncommitted removal of n1 and n1 an
+    uncommitted removal of n3, each dropped the other's polls, and no one could ever be elected. While
+    the change in effect is not committed, the members of the configuration before it are heard."""
+    without_n1 = Membership.of(("n2", "n3"), (), {})
+    entries = (Entry(1, 1, EntryKind.NOOP, b""), Entry(2, 1, EntryKind.CONFIG, without_n1.encode()))
+    poll = PreVote(2, 5, 1)
+    uncommitted = Replica(ReplicaConfig("n2", ("n1", "n2", "n3")), RestoredState(HardState(1, None, 1), 0, 0, entries),
+                          random.Random(1))
+    assert uncommitted.membership == without_n1
+    uncommitted.step("n1", poll)
+    assert uncommitted.ready().all_messages == (("n1", PreVoteReply(2, True)),)
+    committed = Replica(ReplicaConfig("n2", ("n1", "n2", "n3")), RestoredState(HardState(1, None, 2), 0, 0, entries),
+                        random.Random(1))
+    committed.step("n1", poll)
+    assert committed.ready().all_messages == ()

@@ -133,6 +133,25 @@ class AlwaysTruncatesAfterPrev(Replica):
         super()._on_append_entries(sender, message)
 
 
+class CountsOwnVoteAtOnce(Replica):
+    """Counts its vote for itself before the Ready holding it is persisted: a sole voter leads a view
+    its disk does not hold, and after a crash votes in that view again (seed 2843)."""
+
+    def _become_candidate(self, reason: str) -> None:
+        super()._become_candidate(reason)
+        self._votes[self.node_id] = True
+        if self._granted_votes() >= self._membership.quorum:
+            self._become_primary()
+
+
+class DropsPollsOfUncommittedRemovals(Replica):
+    """Drops the polls of a member that only an uncommitted change removed: two nodes holding
+    different uncommitted changes then never elect anyone (seed 11245, a liveness failure)."""
+
+    def _member_before_uncommitted_change(self, node_id: str) -> bool:
+        return False
+
+
 # name -> (replica class, driver bugs planted in the simulated node); the mutant table and its CI test use it.
 MUTANTS: dict[str, tuple[type[Replica], frozenset[str]]] = {
     "reads answered without the quorum round": (ReadsWithoutQuorumRound, frozenset()),
@@ -148,4 +167,6 @@ MUTANTS: dict[str, tuple[type[Replica], frozenset[str]]] = {
     "acknowledges without a majority": (AcknowledgesWithoutMajority, frozenset()),
     "votes without the up-to-date check": (VotesWithoutUpToDateCheck, frozenset()),
     "commits an earlier view by counting": (CommitsEarlierViewByCounting, frozenset()),
+    "counts its own vote before it is durable": (CountsOwnVoteAtOnce, frozenset()),
+    "drops the polls of members an uncommitted change removed": (DropsPollsOfUncommittedRemovals, frozenset()),
 }

@@ -33,6 +33,10 @@ SCENARIOS = {
         "test_sim_scenarios.py::test_reads_before_the_views_first_commit_are_caught",
     "commits an earlier view by counting":
         "test_sim_scenarios.py::test_figure_eight_breaks_a_replica_that_commits_by_counting",
+    "counts its own vote before it is durable":
+        "test_sim_scenarios.py::test_a_sole_voter_counting_its_vote_before_it_is_durable_is_caught",
+    "drops the polls of members an uncommitted change removed":
+        "test_sim_scenarios.py::test_dropping_the_polls_of_members_an_uncommitted_change_removed_is_caught",
 }
 
 

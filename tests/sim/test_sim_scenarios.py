@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from broken_replicas import (AcceptsLowerViews, CommitsEarlierViewByCounting, InstallsOlderSnapshot,
-                             ReadsBeforeFirstCommitOfView, ReadsWithoutQuorumRound, UpToDateByIndexOnly)
+from broken_replicas import (AcceptsLowerViews, CommitsEarlierViewByCounting, CountsOwnVoteAtOnce,
+                             DropsPollsOfUncommittedRemovals, InstallsOlderSnapshot, ReadsBeforeFirstCommitOfView,
+                             ReadsWithoutQuorumRound, UpToDateByIndexOnly)
 from protocol import AppendEntries, Replica, RequestVote, Role, VoteReply
 from scenario_cluster import ScenarioCluster
-from simulator import SimulationFailure
+from simulator import Simulation, SimulationConfig, SimulationFailure
 
 ELECTION_TIMEOUT_TICKS = 10
 
@@ -473,3 +474,18 @@ def test_replies_before_the_fsync_are_caught(broken: bool) -> None:
     cluster.run_ticks(2)
     assert b"written" in acknowledged_payloads(cluster)
     cluster.check_liveness()
+
+
+def test_a_sole_voter_counting_its_vote_before_it_is_durable_is_caught() -> None:
+    """Seed 2843 of the sweep: the voter a removal left alone elects itself while its previous Ready is
+    still being written and crashes; counting its vote at once, it led a view another node then won.
+    The real replica passes the same seed (tests/sim/test_sim_sweep.py)."""
+    with pytest.raises(SimulationFailure, match="two primaries in view"):
+        Simulation(2843, SimulationConfig.from_seed(2843, 2000), CountsOwnVoteAtOnce).run()
+
+
+def test_dropping_the_polls_of_members_an_uncommitted_change_removed_is_caught() -> None:
+    """Seed 11245 of the sweep: two uncommitted changes, each node dropping the polls of the member its
+    own change removed, and after healing no one is ever elected. The real replica passes that seed."""
+    with pytest.raises(SimulationFailure, match="no new entry committed"):
+        Simulation(11245, SimulationConfig.from_seed(11245, 2000), DropsPollsOfUncommittedRemovals).run()

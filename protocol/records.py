@@ -189,7 +189,8 @@ class Ready:
        the primary's own appends, heartbeats and snapshot chunks, which need
        not wait for its disk, because the core counts the primary's own copy
        of an entry only after ``advance()`` (Raft thesis 10.2.1; etcd's
-       ``Ready.Messages`` beside ``MsgStorageAppend``);
+       ``Ready.Messages`` beside ``MsgStorageAppend``). Empty when this Ready
+       carries a new view or vote: then every message waits for the fsync;
     3. apply ``committed_durable``: the first ``committed_durable_count``
        committed entries, which an earlier Ready already made durable here, so
        their requests may be answered before this batch's fsync;

@@ -214,12 +214,18 @@ class SummedEvent:
 
     The first count after a quiet interval is logged at once; counts within the interval after a
     line wait for a timer on the running loop that logs their sum when the interval ends. ``flush``
-    logs what is waiting (a node that stops)."""
+    logs what is waiting (a node that stops). At most ``max_keys`` combinations wait at once: the
+    counts of any further ones (a flood from many remote hosts) are summed under ``OTHER_KEYS`` in
+    every field, so the memory and the lines of an interval stay bounded whatever a peer sends."""
+
+    OTHER_KEYS = "(others)"
 
     def __init__(self, logger: Any, event: str, keys: tuple[str, ...], interval_seconds: float = 1.0, *,
-                 level: str = "info") -> None:
+                 level: str = "info", max_keys: int = 32) -> None:
         if interval_seconds <= 0:
             raise ValueError("interval_seconds must be positive")
+        if max_keys < 1:
+            raise ValueError("max_keys must be at least 1")
         if level not in LEVELS:
             raise ValueError(f"unknown log level {level!r}")
         self._logger = logger
@@ -227,6 +233,8 @@ class SummedEvent:
         self._event = event
         self._keys = keys
         self._interval = interval_seconds
+        self._max_keys = max_keys
+        self._others = (self.OTHER_KEYS,) * len(keys)
         self._waiting: dict[tuple[Any, ...], int] = {}
         self._logged_at = float("-inf")
         self._timer: asyncio.TimerHandle | None = None
@@ -235,6 +243,8 @@ class SummedEvent:
     def add(self, count: int, *key_values: Any) -> None:
         if len(key_values) != len(self._keys):
             raise ValueError(f"{self._event} is summed by {self._keys}")
+        if key_values not in self._waiting and len(self._waiting) >= self._max_keys:
+            key_values = self._others
         self._waiting[key_values] = self._waiting.get(key_values, 0) + count
         loop = asyncio.get_running_loop()
         if self._timer is not None:

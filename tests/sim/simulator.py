@@ -443,11 +443,11 @@ class Simulation(InvariantChecks, Nemeses, MembershipChanges, ClientHistory):
             records.append(("hard_state", ready.hard_state))
         return records
 
-    def _persist(self, node: SimNode, ready: Ready | None, record_count: int) -> None:
+    def _persist(self, node: SimNode, ready: Ready, record_count: int) -> None:
         """Make the first record_count records durable, in the WAL's order: those still buffered by
         Readies that needed no fsync, then this Ready's."""
         disk = node.disk
-        records = node.unsynced + (self._records(ready) if ready is not None else [])
+        records = node.unsynced + self._records(ready)
         node.unsynced = []
         for kind, value in records[:record_count]:
             if kind == "snapshot":
@@ -473,7 +473,7 @@ class Simulation(InvariantChecks, Nemeses, MembershipChanges, ClientHistory):
                     self.fail(f"{node.node_id} durable vote in view {previous.view} changed from "
                               f"{previous.voted_for} to {value.voted_for}")  # type: ignore[union-attr]
                 disk.hard_state = value  # type: ignore[assignment]
-        if ready is not None and ready.truncate_from is not None and record_count:
+        if ready.truncate_from is not None and record_count:
             self._check_acknowledged_durable()
 
     def _install_store(self, node: SimNode, index: int, view: int, image: bytes) -> None:

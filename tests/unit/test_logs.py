@@ -204,3 +204,21 @@ async def test_a_summed_event_logs_at_once_then_at_most_once_an_interval_per_key
         SummedEvent(get_logger(), "x", ("epoch",), interval_seconds=0)
     with pytest.raises(ValueError):
         issued.add(1, 2, "one field too many")
+
+
+async def test_a_summed_event_keeps_a_bounded_number_of_keys_however_many_hosts_a_flood_comes_from(
+        log_file: Path) -> None:
+    from tokenvault.logs import SummedEvent
+
+    failed = SummedEvent(get_logger("transport"), "peer.handshake_failed", ("remote", "reason"),
+                         interval_seconds=60, level="warning", max_keys=4)
+    for host in range(1000):
+        failed.add(1, f"10.0.{host // 256}.{host % 256}", "HandshakeError")
+    assert len(failed._waiting) <= 5  # four hosts and the others, not a thousand
+    failed.flush()
+    lines = read_lines(log_file)
+    # The first host at once (a quiet interval before it), then four hosts and the others.
+    assert len(lines) == 6 and sum(line["count"] for line in lines) == 1000
+    assert [line["remote"] for line in lines].count(SummedEvent.OTHER_KEYS) == 1
+    with pytest.raises(ValueError):
+        SummedEvent(get_logger(), "x", ("remote",), max_keys=0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import select
 import socket
 import ssl
 import struct
@@ -165,6 +166,30 @@ async def test_frames_sent_together_with_the_proof_are_delivered(mesh: Mesh) -> 
         await peer.send(encode_frame(forward(42)))
         await wait_until(lambda: 42 in forwards(acceptor), 5, "the frame after the handshake")
         assert forwards(acceptor) == [41, 42]
+    finally:
+        peer.close()
+
+
+async def test_a_message_reaches_the_socket_before_send_returns_when_nothing_waits(mesh: Mesh) -> None:
+    """The driver fsyncs on the loop: a message it sends first must already be in the kernel.
+
+    Were it only queued for the writer task, the primary's appends would leave
+    after its own fsync, and the backups' fsyncs could not overlap it.
+    """
+    acceptor = await mesh.start("n2")
+    peer = await RawPeer.connect(mesh.ports["n2"])
+    try:
+        await peer.handshake("n1", "n2", mesh.secret)
+        await wait_until(lambda: acceptor.transport.is_connected("n1"), 5, "the connection")
+        await asyncio.sleep(0.05)  # whatever the handshake left in flight has arrived
+        peer_socket = peer.writer.get_extra_info("socket")
+        for request_id in (7, 8):
+            assert acceptor.transport.send("n1", forward(request_id))
+            # No await since send: the loop has not run, so no task could have written it.
+            readable, _, _ = select.select([peer_socket.fileno()], [], [], 2.0)
+            assert readable, "the frame was not written to the socket by send itself"
+            (message,) = await peer.receive(1)
+            assert message == forward(request_id)
     finally:
         peer.close()
 

@@ -140,6 +140,25 @@ class _Connection:
         self.silent = False
 
     def enqueue(self, frame: bytes) -> bool:
+        """Send ``frame`` now when nothing waits ahead of it, else queue it; False when it was dropped.
+
+        Written through, the frame reaches the socket before the caller goes on:
+        the driver's fsync runs on the loop, so the primary's appends leave
+        before its own disk write instead of after it, and the backups' disk
+        writes overlap the primary's (docs/replication.md, the order of a
+        Ready). Only an empty queue and an empty transport buffer allow it, so
+        order is kept and what the transport buffers stays bounded as before:
+        once the socket stops taking bytes, frames wait in the bounded queue.
+        """
+        if self.queue.empty() and self.writer.transport.get_write_buffer_size() == 0:
+            try:
+                self.writer.write(frame)
+                return True
+            except (OSError, RuntimeError):
+                # The socket is gone; the read side notices and reports the peer down.
+                _abort(self.writer)
+                self.dropped_messages += 1
+                return False
         try:
             self.queue.put_nowait(frame)
             return True

@@ -89,3 +89,145 @@ async def test_a_cancelled_request_does_not_cancel_the_entry_the_others_wait_for
     with pytest.raises(asyncio.CancelledError):
         await leaving
     assert len(proposals.commands[0].items) == 2
+
+
+# --------------------------------------------------------------------------- entries in flight
+
+class GatedProposals(Proposals):
+    """Each proposal waits for its own release, so a test decides when each entry is answered."""
+
+    def __init__(self, error: Exception | None = None) -> None:
+        super().__init__(error)
+        self.releases: list[asyncio.Event] = []
+
+    async def __call__(self, payload: bytes) -> Any:
+        command = commands.decode_command(payload)
+        assert isinstance(command, commands.TokenizeCommand)
+        self.commands.append(command)
+        release = asyncio.Event()
+        self.releases.append(release)
+        await release.wait()
+        if self.error is not None:
+            raise self.error
+        return ("applied", len(self.commands))
+
+
+async def until(condition: Any, what: str) -> None:
+    for _ in range(200):
+        if condition():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError(f"never happened: {what}")
+
+
+async def test_while_an_entry_is_in_flight_the_next_turns_join_one_held_batch() -> None:
+    proposals = GatedProposals()
+    coalescer = TokenizeCoalescer(proposals)  # one entry in flight by default
+    first = asyncio.create_task(coalescer.submit(1, items("a", 1)))
+    await until(lambda: len(proposals.commands) == 1, "the first entry proposed")
+    # Three later turns: none of them is proposed while the first entry is unanswered.
+    later = []
+    for turn in range(3):
+        later.append(asyncio.create_task(coalescer.submit(1, items(f"t{turn}", 2))))
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+    assert len(proposals.commands) == 1
+    assert coalescer.entries_held == 1
+    proposals.releases[0].set()
+    assert await first == ("applied", 1)
+    await until(lambda: len(proposals.commands) == 2, "the held batch proposed")
+    assert len(proposals.commands[1].items) == 6  # the three turns, as one entry
+    proposals.releases[1].set()
+    assert await asyncio.gather(*later) == [("applied", 2)] * 3
+    assert (coalescer.entries_proposed, coalescer.requests_merged) == (2, 4)
+
+
+async def test_more_entries_in_flight_when_allowed() -> None:
+    proposals = GatedProposals()
+    coalescer = TokenizeCoalescer(proposals, max_in_flight=2)
+    tasks = [asyncio.create_task(coalescer.submit(1, items("a", 1)))]
+    await until(lambda: len(proposals.commands) == 1, "the first entry")
+    tasks.append(asyncio.create_task(coalescer.submit(1, items("b", 1))))
+    await until(lambda: len(proposals.commands) == 2, "the second entry, beside the first")
+    tasks.append(asyncio.create_task(coalescer.submit(1, items("c", 1))))
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert len(proposals.commands) == 2  # the third waits
+    proposals.releases[1].set()
+    await until(lambda: len(proposals.commands) == 3, "the third once one was answered")
+    for release in proposals.releases:
+        release.set()
+    await asyncio.gather(*tasks)
+
+
+async def test_a_full_batch_is_proposed_even_while_an_entry_is_in_flight() -> None:
+    proposals = GatedProposals()
+    coalescer = TokenizeCoalescer(proposals, max_items=4)
+    first = asyncio.create_task(coalescer.submit(1, items("a", 1)))
+    await until(lambda: len(proposals.commands) == 1, "the first entry")
+    full = asyncio.create_task(coalescer.submit(1, items("b", 4)))
+    await until(lambda: len(proposals.commands) == 2, "the full batch, at once")
+    assert len(proposals.commands[1].items) == 4
+    for release in proposals.releases:
+        release.set()
+    await asyncio.gather(first, full)
+
+
+async def test_held_batches_of_two_epochs_stay_apart_and_are_proposed_in_order() -> None:
+    proposals = GatedProposals()
+    coalescer = TokenizeCoalescer(proposals)
+    first = asyncio.create_task(coalescer.submit(1, items("a", 1)))
+    await until(lambda: len(proposals.commands) == 1, "the first entry")
+    old = asyncio.create_task(coalescer.submit(1, items("b", 1)))
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    new = asyncio.create_task(coalescer.submit(2, items("c", 1)))
+    await asyncio.sleep(0)
+    late_old = asyncio.create_task(coalescer.submit(1, items("d", 1)))  # the epoch-1 batch was closed
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert len(proposals.commands) == 1
+    for expected in range(2, 5):
+        proposals.releases[expected - 2].set()
+        await until(lambda: len(proposals.commands) == expected, f"entry {expected}")
+    proposals.releases[-1].set()
+    await asyncio.gather(first, old, new, late_old)
+    assert [(command.epoch, len(command.items)) for command in proposals.commands] == [(1, 1), (1, 1), (2, 1), (1, 1)]
+
+
+async def test_a_failed_entry_in_flight_releases_the_held_batch() -> None:
+    proposals = GatedProposals(error=Unavailable("no quorum"))
+    coalescer = TokenizeCoalescer(proposals)
+    first = asyncio.create_task(coalescer.submit(1, items("a", 1)))
+    await until(lambda: len(proposals.commands) == 1, "the first entry")
+    held = asyncio.create_task(coalescer.submit(1, items("b", 1)))
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    proposals.releases[0].set()
+    with pytest.raises(Unavailable):
+        await first
+    await until(lambda: len(proposals.commands) == 2, "the held batch proposed after the failure")
+    proposals.releases[1].set()
+    with pytest.raises(Unavailable):
+        await held
+
+
+async def test_close_fails_the_requests_of_held_batches() -> None:
+    proposals = GatedProposals()
+    coalescer = TokenizeCoalescer(proposals)
+    first = asyncio.create_task(coalescer.submit(1, items("a", 1)))
+    await until(lambda: len(proposals.commands) == 1, "the first entry")
+    held = asyncio.create_task(coalescer.submit(1, items("b", 1)))
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    await coalescer.close()
+    with pytest.raises(Unavailable):
+        await asyncio.wait_for(held, 2)
+    assert len(proposals.commands) == 1  # the held batch was never proposed
+    first.cancel()
+    await asyncio.gather(first, return_exceptions=True)
+
+
+def test_max_in_flight_must_be_positive() -> None:
+    with pytest.raises(ValueError):
+        TokenizeCoalescer(Proposals(), max_in_flight=0)

@@ -140,6 +140,7 @@ def measure(kind: str, concurrency: int, duration: float) -> None:
     port = _free_port()
     pin = ["taskset", "-c", "0"] if shutil.which("taskset") and (os.cpu_count() or 1) > 1 else []
     server = subprocess.Popen([*pin, sys.executable, __file__, "--serve", kind, "--port", str(port)])
+    affinity = os.sched_getaffinity(0)
     try:
         deadline = time.monotonic() + 10
         while True:
@@ -158,6 +159,7 @@ def measure(kind: str, concurrency: int, duration: float) -> None:
         used = _cpu_seconds(server.pid) - before
         print(f"{kind:18} {done / duration:9,.0f} req/s   server CPU {used * 1e6 / max(done, 1):6.1f} us per request")
     finally:
+        os.sched_setaffinity(0, affinity)
         server.kill()
         server.wait()
 

@@ -3,6 +3,7 @@ its load processes (--client-processes)."""
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections import Counter
@@ -233,3 +234,15 @@ async def test_a_plain_operation_is_still_driven_in_this_process() -> None:
         measurement = await loadgen.drive(target.tokenize(2), 2, 0.3, 0.1, "raw")
     assert measurement.errors == Counter() and 0 < measurement.requests < len(arrivals["w0"])
     assert measurement.completed_ok == len(arrivals["w0"]) and measurement.values == 2 * measurement.requests
+
+
+def test_the_http_floor_bench_runs_each_aiohttp_server_and_prints_its_cost(capsys: pytest.CaptureFixture[str]) -> None:
+    import http_floor
+
+    affinity = os.sched_getaffinity(0)
+    for kind in ("aiohttp-app", "aiohttp-lowlevel"):
+        http_floor.measure(kind, concurrency=2, duration=0.3)
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == ["aiohttp-app", "aiohttp-lowlevel"]
+    assert all("us per request" in line and int(line.split()[1].replace(",", "")) > 0 for line in lines)
+    assert os.sched_getaffinity(0) == affinity  # the client's pinning ends with the run

@@ -173,14 +173,20 @@ async def test_a_full_batch_is_proposed_even_while_an_entry_is_in_flight() -> No
     await asyncio.gather(first, full)
 
 
-async def test_held_batches_of_two_epochs_stay_apart_and_are_proposed_in_order() -> None:
-    proposals = GatedProposals()
+async def one_in_flight_and_one_held(proposals: GatedProposals) -> tuple[TokenizeCoalescer, Any, Any]:
+    """A coalescer with one entry proposed and unanswered (``first``) and a request held behind it."""
     coalescer = TokenizeCoalescer(proposals)
     first = asyncio.create_task(coalescer.submit(1, items("a", 1)))
     await until(lambda: len(proposals.commands) == 1, "the first entry")
-    old = asyncio.create_task(coalescer.submit(1, items("b", 1)))
+    held = asyncio.create_task(coalescer.submit(1, items("b", 1)))
     await asyncio.sleep(0)
     await asyncio.sleep(0)
+    return coalescer, first, held
+
+
+async def test_held_batches_of_two_epochs_stay_apart_and_are_proposed_in_order() -> None:
+    proposals = GatedProposals()
+    coalescer, first, old = await one_in_flight_and_one_held(proposals)
     new = asyncio.create_task(coalescer.submit(2, items("c", 1)))
     await asyncio.sleep(0)
     late_old = asyncio.create_task(coalescer.submit(1, items("d", 1)))  # the epoch-1 batch was closed
@@ -197,12 +203,7 @@ async def test_held_batches_of_two_epochs_stay_apart_and_are_proposed_in_order()
 
 async def test_a_failed_entry_in_flight_releases_the_held_batch() -> None:
     proposals = GatedProposals(error=Unavailable("no quorum"))
-    coalescer = TokenizeCoalescer(proposals)
-    first = asyncio.create_task(coalescer.submit(1, items("a", 1)))
-    await until(lambda: len(proposals.commands) == 1, "the first entry")
-    held = asyncio.create_task(coalescer.submit(1, items("b", 1)))
-    await asyncio.sleep(0)
-    await asyncio.sleep(0)
+    _, first, held = await one_in_flight_and_one_held(proposals)
     proposals.releases[0].set()
     with pytest.raises(Unavailable):
         await first
@@ -214,12 +215,7 @@ async def test_a_failed_entry_in_flight_releases_the_held_batch() -> None:
 
 async def test_close_fails_the_requests_of_held_batches() -> None:
     proposals = GatedProposals()
-    coalescer = TokenizeCoalescer(proposals)
-    first = asyncio.create_task(coalescer.submit(1, items("a", 1)))
-    await until(lambda: len(proposals.commands) == 1, "the first entry")
-    held = asyncio.create_task(coalescer.submit(1, items("b", 1)))
-    await asyncio.sleep(0)
-    await asyncio.sleep(0)
+    coalescer, first, held = await one_in_flight_and_one_held(proposals)
     await coalescer.close()
     with pytest.raises(Unavailable):
         await asyncio.wait_for(held, 2)

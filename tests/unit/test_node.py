@@ -84,6 +84,30 @@ async def test_each_entry_costs_one_fsync_and_the_commit_index_that_follows_none
     assert node.store.active_epoch() == 6
 
 
+async def test_the_primary_s_appends_are_in_the_kernel_before_its_fsync(tmp_path: Path, monkeypatch) -> None:
+    """docs/replication.md, persist then send: the primary's appends leave while its own fsync runs.
+    The fsync holds the loop, so the driver flushes the peer links first."""
+    cluster = await start_cluster(tmp_path, 3)
+    try:
+        primary = await cluster.wait_for_stable_primary()
+        transport = primary.node.transport
+        assert transport is not None
+        queued_at_sync: list[int] = []
+        sync = primary.node.wal.sync
+
+        def checked_sync() -> None:
+            queued_at_sync.append(sum(connection.queue.qsize() for connection in transport._connections.values()))
+            sync()
+
+        monkeypatch.setattr(primary.node.wal, "sync", checked_sync)
+        for epoch in range(2, 6):
+            await primary.node.propose(rotate_payload(primary, epoch), timeout_seconds=2)
+        assert len(queued_at_sync) >= 4
+        assert set(queued_at_sync) == {0}
+    finally:
+        await cluster.close()
+
+
 async def test_read_barrier_on_a_single_node_returns(single: RunningNode) -> None:
     await asyncio.wait_for(single.node.read_barrier(timeout_seconds=2), 3)
 

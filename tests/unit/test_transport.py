@@ -170,8 +170,8 @@ async def test_frames_sent_together_with_the_proof_are_delivered(mesh: Mesh) -> 
         peer.close()
 
 
-async def test_a_message_reaches_the_socket_before_send_returns_when_nothing_waits(mesh: Mesh) -> None:
-    """The driver fsyncs on the loop: a message it sends first must already be in the kernel.
+async def test_flush_puts_queued_messages_in_the_kernel_without_the_writer_task(mesh: Mesh) -> None:
+    """The driver fsyncs on the loop and flushes first: what it sent must then be in the kernel.
 
     Were it only queued for the writer task, the primary's appends would leave
     after its own fsync, and the backups' fsyncs could not overlap it.
@@ -182,14 +182,15 @@ async def test_a_message_reaches_the_socket_before_send_returns_when_nothing_wai
         await peer.handshake("n1", "n2", mesh.secret)
         await wait_until(lambda: acceptor.transport.is_connected("n1"), 5, "the connection")
         await asyncio.sleep(0.05)  # whatever the handshake left in flight has arrived
-        peer_socket = peer.writer.get_extra_info("socket")
-        for request_id in (7, 8):
-            assert acceptor.transport.send("n1", forward(request_id))
-            # No await since send: the loop has not run, so no task could have written it.
-            readable, _, _ = select.select([peer_socket.fileno()], [], [], 2.0)
-            assert readable, "the frame was not written to the socket by send itself"
-            (message,) = await peer.receive(1)
-            assert message == forward(request_id)
+        fd = peer.writer.get_extra_info("socket").fileno()
+        for first in (7, 9):
+            assert acceptor.transport.send("n1", forward(first))
+            assert acceptor.transport.send("n1", forward(first + 1))
+            # No await since: the writer task has not run, so only flush can have written them.
+            assert select.select([fd], [], [], 0.2)[0] == []
+            acceptor.transport.flush()
+            assert select.select([fd], [], [], 2.0)[0] == [fd], "flush did not write the queued frames"
+            assert await peer.receive(2) == [forward(first), forward(first + 1)]
     finally:
         peer.close()
 

@@ -479,6 +479,9 @@ class Node:
             self.wal.append(truncate_from=ready.truncate_from, entries=ready.entries,
                             hard_state=ready.hard_state)
         if ready.must_sync:
+            if self.transport is not None:
+                # The messages above were only queued: out before the fsync holds the loop.
+                self.transport.flush()
             started = time.perf_counter()
             # On the loop itself, as etcd's raft loop does: what arrives meanwhile waits in the
             # sockets and forms the next batch (group commit). In a worker thread the loop ran

@@ -140,31 +140,32 @@ class _Connection:
         self.silent = False
 
     def enqueue(self, frame: bytes) -> bool:
-        """Send ``frame`` now when nothing waits ahead of it, else queue it; False when it was dropped.
-
-        Written through, the frame reaches the socket before the caller goes on:
-        the driver's fsync runs on the loop, so the primary's appends leave
-        before its own disk write instead of after it, and the backups' disk
-        writes overlap the primary's (docs/replication.md, the order of a
-        Ready). Only an empty queue and an empty transport buffer allow it, so
-        order is kept and what the transport buffers stays bounded as before:
-        once the socket stops taking bytes, frames wait in the bounded queue.
-        """
-        if self.queue.empty() and self.writer.transport.get_write_buffer_size() == 0:
-            try:
-                self.writer.write(frame)
-                return True
-            except (OSError, RuntimeError):
-                # The socket is gone; the read side notices and reports the peer down.
-                _abort(self.writer)
-                self.dropped_messages += 1
-                return False
         try:
             self.queue.put_nowait(frame)
             return True
         except asyncio.QueueFull:
             self.dropped_messages += 1
             return False
+
+    def flush(self) -> None:
+        """Write what is queued to the socket now, in one write, unless the socket holds bytes back.
+
+        The writer task does the same at its next turn; the driver calls this (PeerTransport.flush)
+        before an fsync that holds the loop, so that the primary's appends are in the kernel while
+        its own disk write runs. Only an empty transport buffer allows it, so order is kept and
+        what the transport buffers stays bounded as with the writer task: once the socket stops
+        taking bytes, frames wait in the bounded queue.
+        """
+        if self.queue.empty() or self.writer.transport.get_write_buffer_size() > 0:
+            return
+        frames = []
+        while not self.queue.empty() and len(frames) < 512:
+            frames.append(self.queue.get_nowait())
+        try:
+            self.writer.write(b"".join(frames))
+        except (OSError, RuntimeError):
+            # The socket is gone; the read side notices and reports the peer down.
+            _abort(self.writer)
 
     async def write_loop(self) -> None:
         while True:
@@ -283,6 +284,11 @@ class PeerTransport:
         if connection is None:
             return False
         return connection.enqueue(encode_frame(message))
+
+    def flush(self) -> None:
+        """Write every connection's queued frames to its socket now (_Connection.flush)."""
+        for connection in self._connections.values():
+            connection.flush()
 
     def is_connected(self, peer_id: str) -> bool:
         return peer_id in self._connections

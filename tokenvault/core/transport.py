@@ -158,7 +158,7 @@ class _Connection:
         """
         if self.queue.empty() or self.writer.transport.get_write_buffer_size() > 0:
             return
-        frames = []
+        frames: list[bytes] = []
         while not self.queue.empty() and len(frames) < 512:
             frames.append(self.queue.get_nowait())
         try:

@@ -6,11 +6,19 @@ from collections import deque
 from enum import Enum
 
 
+# The most appends a window may ever allow (the replica's configured in-flight limit is lower).
+MAX_WINDOW = 1 << 16
+
+
 class PeerState(Enum):
     """How the primary currently feeds one backup.
 
     PROBE: one append at a time until the backup's log position is found.
-    REPLICATE: appends are pipelined, up to the in-flight limit.
+    REPLICATE: appends are pipelined, up to the in-flight limit; the window
+    opens at one append after a probe and doubles with each acknowledgement
+    that moves the match index, so a link that delivers out of order (or a
+    backup that keeps refusing) costs a few appends per entry instead of a
+    full window per refusal (docs/replication.md, flow control).
     SNAPSHOT: the backup needs entries the primary compacted; a snapshot is
     requested from the driver or being streamed.
     """
@@ -73,7 +81,7 @@ class PeerProgress:
 
     __slots__ = ("match_index", "next_index", "state", "probe_sent", "inflight", "recently_active",
                  "read_round_acknowledged", "match_at_last_heartbeat", "stalled_heartbeats",
-                 "snapshot", "snapshot_wait_ticks")
+                 "snapshot", "snapshot_wait_ticks", "window")
 
     def __init__(self, next_index: int) -> None:
         self.match_index = 0
@@ -88,6 +96,9 @@ class PeerProgress:
         self.stalled_heartbeats = 0
         self.snapshot: OutgoingSnapshot | None = None
         self.snapshot_wait_ticks = 0
+        # Appends allowed in flight now: 1 after each probe, doubled by each acknowledgement that
+        # moves match_index, up to MAX_WINDOW (the replica caps it with its configured limit).
+        self.window = 1
 
     def become_probe(self, next_index: int) -> None:
         self.state = PeerState.PROBE
@@ -102,6 +113,7 @@ class PeerProgress:
         self.next_index = self.match_index + 1
         self.inflight.clear()
         self.stalled_heartbeats = 0
+        self.window = 1
 
     def become_snapshot(self) -> None:
         self.state = PeerState.SNAPSHOT
@@ -115,6 +127,7 @@ class PeerProgress:
             self.inflight.popleft()
         if index <= self.match_index:
             return False
+        self.window = min(2 * self.window, MAX_WINDOW)
         self.match_index = index
         self.next_index = max(self.next_index, index + 1)
         return True

@@ -930,7 +930,7 @@ class Replica:
             if progress.state is PeerState.PROBE and progress.probe_sent:
                 return
             replicating = progress.state is PeerState.REPLICATE
-            if replicating and (len(progress.inflight) >= self._config.max_inflight_appends
+            if replicating and (len(progress.inflight) >= min(progress.window, self._config.max_inflight_appends)
                                 or progress.next_index > self._log.last_index):
                 return
             prev_index = progress.next_index - 1

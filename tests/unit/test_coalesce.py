@@ -18,17 +18,22 @@ class Proposals:
     def __init__(self, error: Exception | None = None) -> None:
         self.commands: list[commands.TokenizeCommand] = []
         self.error = error
+        self.timeouts: list[float] = []
         self.gate: asyncio.Event | None = None
 
-    async def __call__(self, payload: bytes) -> Any:
+    async def __call__(self, payload: bytes, timeout_seconds: float) -> Any:
         command = commands.decode_command(payload)
         assert isinstance(command, commands.TokenizeCommand)
         self.commands.append(command)
+        self.timeouts.append(timeout_seconds)
         if self.gate is not None:
             await self.gate.wait()
         if self.error is not None:
             raise self.error
         return ("applied", len(self.commands))
+
+
+TIMEOUT_SECONDS = 5.0
 
 
 def items(prefix: str, count: int) -> list[tuple[str, bytes]]:
@@ -37,7 +42,7 @@ def items(prefix: str, count: int) -> list[tuple[str, bytes]]:
 
 async def test_requests_of_one_turn_become_one_entry_and_each_gets_its_result() -> None:
     proposals = Proposals()
-    coalescer = TokenizeCoalescer(proposals)
+    coalescer = TokenizeCoalescer(proposals, timeout_seconds=TIMEOUT_SECONDS)
     results = await asyncio.gather(*(coalescer.submit(1, items(f"r{n}", 2)) for n in range(10)))
     assert results == [("applied", 1)] * 10
     assert len(proposals.commands) == 1
@@ -48,7 +53,7 @@ async def test_requests_of_one_turn_become_one_entry_and_each_gets_its_result() 
 
 async def test_a_full_batch_is_proposed_at_once_and_the_rest_goes_to_the_next_entry() -> None:
     proposals = Proposals()
-    coalescer = TokenizeCoalescer(proposals, max_items=5)
+    coalescer = TokenizeCoalescer(proposals, timeout_seconds=TIMEOUT_SECONDS, max_items=5)
     await asyncio.gather(*(coalescer.submit(1, items(f"r{n}", 2)) for n in range(4)))
     assert [len(command.items) for command in proposals.commands] == [4, 4]
     assert all(len(command.items) <= 5 for command in proposals.commands)
@@ -56,21 +61,22 @@ async def test_a_full_batch_is_proposed_at_once_and_the_rest_goes_to_the_next_en
 
 async def test_the_byte_bound_splits_entries_too() -> None:
     proposals = Proposals()
-    coalescer = TokenizeCoalescer(proposals, max_bytes=200)  # each item is 76 bytes
+    # each item is 76 bytes
+    coalescer = TokenizeCoalescer(proposals, timeout_seconds=TIMEOUT_SECONDS, max_bytes=200)
     await asyncio.gather(*(coalescer.submit(1, items(f"r{n}", 1)) for n in range(5)))
     assert [len(command.items) for command in proposals.commands] == [2, 2, 1]
 
 
 async def test_requests_of_two_epochs_never_share_an_entry() -> None:
     proposals = Proposals()
-    coalescer = TokenizeCoalescer(proposals)
+    coalescer = TokenizeCoalescer(proposals, timeout_seconds=TIMEOUT_SECONDS)
     await asyncio.gather(coalescer.submit(1, items("a", 1)), coalescer.submit(2, items("b", 1)),
                          coalescer.submit(2, items("c", 1)))
     assert sorted((command.epoch, len(command.items)) for command in proposals.commands) == [(1, 1), (2, 2)]
 
 
 async def test_a_failed_proposal_fails_every_request_of_the_entry() -> None:
-    coalescer = TokenizeCoalescer(Proposals(error=Unavailable("no quorum")))
+    coalescer = TokenizeCoalescer(Proposals(error=Unavailable("no quorum")), timeout_seconds=TIMEOUT_SECONDS)
     results = await asyncio.gather(*(coalescer.submit(1, items(f"r{n}", 1)) for n in range(3)),
                                    return_exceptions=True)
     assert all(isinstance(result, Unavailable) for result in results)
@@ -79,7 +85,7 @@ async def test_a_failed_proposal_fails_every_request_of_the_entry() -> None:
 async def test_a_cancelled_request_does_not_cancel_the_entry_the_others_wait_for() -> None:
     proposals = Proposals()
     proposals.gate = asyncio.Event()
-    coalescer = TokenizeCoalescer(proposals)
+    coalescer = TokenizeCoalescer(proposals, timeout_seconds=TIMEOUT_SECONDS)
     leaving = asyncio.create_task(coalescer.submit(1, items("a", 1)))
     staying = asyncio.create_task(coalescer.submit(1, items("b", 1)))
     await asyncio.sleep(0.01)
@@ -100,10 +106,11 @@ class GatedProposals(Proposals):
         super().__init__(error)
         self.releases: list[asyncio.Event] = []
 
-    async def __call__(self, payload: bytes) -> Any:
+    async def __call__(self, payload: bytes, timeout_seconds: float) -> Any:
         command = commands.decode_command(payload)
         assert isinstance(command, commands.TokenizeCommand)
         self.commands.append(command)
+        self.timeouts.append(timeout_seconds)
         release = asyncio.Event()
         self.releases.append(release)
         await release.wait()
@@ -122,7 +129,7 @@ async def until(condition: Any, what: str) -> None:
 
 async def test_while_an_entry_is_in_flight_the_next_turns_join_one_held_batch() -> None:
     proposals = GatedProposals()
-    coalescer = TokenizeCoalescer(proposals)  # one entry in flight by default
+    coalescer = TokenizeCoalescer(proposals, timeout_seconds=TIMEOUT_SECONDS)  # one entry in flight by default
     first = asyncio.create_task(coalescer.submit(1, items("a", 1)))
     await until(lambda: len(proposals.commands) == 1, "the first entry proposed")
     # Three later turns: none of them is proposed while the first entry is unanswered.
@@ -144,7 +151,7 @@ async def test_while_an_entry_is_in_flight_the_next_turns_join_one_held_batch() 
 
 async def test_more_entries_in_flight_when_allowed() -> None:
     proposals = GatedProposals()
-    coalescer = TokenizeCoalescer(proposals, max_in_flight=2)
+    coalescer = TokenizeCoalescer(proposals, timeout_seconds=TIMEOUT_SECONDS, max_in_flight=2)
     tasks = [asyncio.create_task(coalescer.submit(1, items("a", 1)))]
     await until(lambda: len(proposals.commands) == 1, "the first entry")
     tasks.append(asyncio.create_task(coalescer.submit(1, items("b", 1))))
@@ -162,7 +169,7 @@ async def test_more_entries_in_flight_when_allowed() -> None:
 
 async def test_a_full_batch_is_proposed_even_while_an_entry_is_in_flight() -> None:
     proposals = GatedProposals()
-    coalescer = TokenizeCoalescer(proposals, max_items=4)
+    coalescer = TokenizeCoalescer(proposals, timeout_seconds=TIMEOUT_SECONDS, max_items=4)
     first = asyncio.create_task(coalescer.submit(1, items("a", 1)))
     await until(lambda: len(proposals.commands) == 1, "the first entry")
     full = asyncio.create_task(coalescer.submit(1, items("b", 4)))
@@ -175,7 +182,7 @@ async def test_a_full_batch_is_proposed_even_while_an_entry_is_in_flight() -> No
 
 async def one_in_flight_and_one_held(proposals: GatedProposals) -> tuple[TokenizeCoalescer, Any, Any]:
     """A coalescer with one entry proposed and unanswered (``first``) and a request held behind it."""
-    coalescer = TokenizeCoalescer(proposals)
+    coalescer = TokenizeCoalescer(proposals, timeout_seconds=TIMEOUT_SECONDS)
     first = asyncio.create_task(coalescer.submit(1, items("a", 1)))
     await until(lambda: len(proposals.commands) == 1, "the first entry")
     held = asyncio.create_task(coalescer.submit(1, items("b", 1)))
@@ -224,6 +231,43 @@ async def test_close_fails_the_requests_of_held_batches() -> None:
     await asyncio.gather(first, return_exceptions=True)
 
 
-def test_max_in_flight_must_be_positive() -> None:
+async def test_a_held_batch_gets_only_what_is_left_of_the_request_timeout() -> None:
+    proposals = GatedProposals()
+    coalescer = TokenizeCoalescer(proposals, timeout_seconds=0.5)
+    first = asyncio.create_task(coalescer.submit(1, items("a", 1)))
+    await until(lambda: len(proposals.commands) == 1, "the first entry")
+    held = asyncio.create_task(coalescer.submit(1, items("b", 1)))
+    await asyncio.sleep(0.2)
+    proposals.releases[0].set()
+    await first
+    await until(lambda: len(proposals.commands) == 2, "the held batch proposed")
+    assert proposals.timeouts[0] == pytest.approx(0.5, abs=0.05)
+    assert 0 < proposals.timeouts[1] <= 0.31  # held about 0.2 s of its 0.5
+    proposals.releases[1].set()
+    await held
+
+
+async def test_a_batch_held_past_the_request_timeout_fails_without_being_proposed() -> None:
+    proposals = GatedProposals()
+    coalescer = TokenizeCoalescer(proposals, timeout_seconds=0.1)
+    first = asyncio.create_task(coalescer.submit(1, items("a", 1)))
+    await until(lambda: len(proposals.commands) == 1, "the first entry")
+    held = asyncio.create_task(coalescer.submit(1, items("b", 1)))
+    await asyncio.sleep(0.15)
+    proposals.releases[0].set()
+    await first
+    with pytest.raises(Unavailable, match="not proposed"):
+        await asyncio.wait_for(held, 2)
+    assert len(proposals.commands) == 1 and coalescer.entries_timed_out == 1
+    # The next request is proposed as usual.
+    later = asyncio.create_task(coalescer.submit(1, items("c", 1)))
+    await until(lambda: len(proposals.commands) == 2, "a later request proposed")
+    proposals.releases[1].set()
+    await later
+
+
+def test_max_in_flight_and_the_timeout_must_be_positive() -> None:
     with pytest.raises(ValueError):
-        TokenizeCoalescer(Proposals(), max_in_flight=0)
+        TokenizeCoalescer(Proposals(), timeout_seconds=TIMEOUT_SECONDS, max_in_flight=0)
+    with pytest.raises(ValueError):
+        TokenizeCoalescer(Proposals(), timeout_seconds=0)

@@ -17,7 +17,10 @@ it, and it is proposed when an entry in flight is answered (or at once when
 it fills up). Under load that makes entries larger and fewer — each entry
 costs every node a WAL record, an fsync, a replication message and an apply
 batch — while a request that finds nothing in flight is proposed at the end
-of its turn as before. One entry in flight (the default) measured best on
+of its turn as before. The request timeout counts from when a batch opens,
+holding included: a batch proposed late gets only what is left of it, and one
+held past it is failed without being proposed (it had no effect), so holding
+never makes a request wait longer than the timeout. One entry in flight (the default) measured best on
 two cores (docs/performance.md, fourteenth sitting).
 
 Why only those requests: an idempotent tokenize records its own response under
@@ -50,14 +53,16 @@ DEFAULT_MAX_ITEMS = 4096
 DEFAULT_MAX_BYTES = 1024 * 1024
 DEFAULT_MAX_IN_FLIGHT = 1
 
-Propose = Callable[[bytes], Awaitable[Any]]
+# Proposes an encoded command, waiting at most the given seconds for its result.
+Propose = Callable[[bytes, float], Awaitable[Any]]
 
 
 class _Batch(TurnBatch):
-    __slots__ = ("epoch", "items", "bytes", "requests", "done")
+    __slots__ = ("epoch", "items", "bytes", "requests", "done", "opened_at")
 
     def __init__(self, epoch: int) -> None:
         super().__init__()
+        self.opened_at = time.monotonic()
         self.epoch = epoch
         self.items: list[tuple[str, bytes]] = []
         self.bytes = 0
@@ -68,12 +73,15 @@ class _Batch(TurnBatch):
 class TokenizeCoalescer(TurnBatcher[_Batch]):
     """Merges concurrent sealed tokenizes of one epoch into one entry; ``submit`` returns its apply result."""
 
-    def __init__(self, propose: Propose, *, max_items: int = DEFAULT_MAX_ITEMS,
+    def __init__(self, propose: Propose, *, timeout_seconds: float, max_items: int = DEFAULT_MAX_ITEMS,
                  max_bytes: int = DEFAULT_MAX_BYTES, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT) -> None:
         if max_items < 1 or max_bytes < 1 or max_in_flight < 1:
             raise ValueError("max_items, max_bytes and max_in_flight must be at least 1")
+        if timeout_seconds <= 0:
+            raise ValueError("timeout_seconds must be positive")
         super().__init__()
         self._propose = propose
+        self._timeout_seconds = timeout_seconds
         self._max_items = max_items
         self._max_bytes = max_bytes
         self._max_in_flight = max_in_flight
@@ -85,6 +93,7 @@ class TokenizeCoalescer(TurnBatcher[_Batch]):
         self.entries_proposed = 0
         self.requests_merged = 0
         self.entries_held = 0
+        self.entries_timed_out = 0  # held past the timeout: failed without being proposed
 
     def _flush(self, batch: _Batch) -> None:
         """Propose ``batch`` now if it is full or fewer than max_in_flight entries are in flight, else hold it."""
@@ -128,13 +137,19 @@ class TokenizeCoalescer(TurnBatcher[_Batch]):
         return await asyncio.shield(batch.done)
 
     async def _send_batch(self, batch: _Batch) -> None:
-        self.entries_proposed += 1
-        self.requests_merged += batch.requests
         try:
+            left = self._timeout_seconds - (time.monotonic() - batch.opened_at)
+            if left <= 0:
+                self.entries_timed_out += 1
+                fail_waiting([batch.done], Unavailable(
+                    "earlier writes did not commit in time, so this one was not proposed; it had no effect: retry"))
+                return
+            self.entries_proposed += 1
+            self.requests_merged += batch.requests
             command = commands.TokenizeCommand(
                 epoch=batch.epoch, items=tuple(batch.items), principal=None, idempotency_key=None,
                 fingerprint=None, issued_at_ms=int(time.time() * 1000))
-            result = await self._propose(commands.encode_command(command))
+            result = await self._propose(commands.encode_command(command), left)
         except BaseException as error:  # noqa: BLE001 - handed to every waiting request
             fail_waiting([batch.done], error)
             return

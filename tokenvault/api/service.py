@@ -127,7 +127,7 @@ class NodeService(LifecycleOperations, MembershipOperations):
         node.forward_response_handler = self._on_forward_response
         node.peer_down_handler = self._on_peer_down
         # Sealed tokenizes of many requests become one entry (tokenvault.api.coalesce).
-        self._coalescer = TokenizeCoalescer(self._propose)
+        self._coalescer = TokenizeCoalescer(self._propose, timeout_seconds=self._timeout_seconds)
         if sealer is not None:
             node.epoch_destroyed_handlers.append(sealer.forget)
         audit_config = node.config.audit
@@ -520,9 +520,11 @@ class NodeService(LifecycleOperations, MembershipOperations):
         self.node.metrics.record_sealed("node", len(items))
         return items
 
-    async def _propose(self, payload: bytes) -> ApplyResult:
+    async def _propose(self, payload: bytes, timeout_seconds: float | None = None) -> ApplyResult:
+        """Propose one command; ``timeout_seconds`` (default: the request timeout) bounds the wait."""
         try:
-            return await self.node.propose(payload, self._timeout_seconds)
+            return await self.node.propose(payload, self._timeout_seconds if timeout_seconds is None
+                                           else timeout_seconds)
         except (asyncio.TimeoutError, ProposalOutcomeUnknown):
             raise Unavailable("the write was not confirmed by a majority in time; it may still take effect "
                               "(once): retry, ideally with an Idempotency-Key") from None

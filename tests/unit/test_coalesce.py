@@ -231,15 +231,22 @@ async def test_close_fails_the_requests_of_held_batches() -> None:
     await asyncio.gather(first, return_exceptions=True)
 
 
-async def test_a_held_batch_gets_only_what_is_left_of_the_request_timeout() -> None:
+async def held_behind_a_slow_entry(timeout_seconds: float, slow_for: float
+                                   ) -> tuple[GatedProposals, TokenizeCoalescer, Any]:
+    """A request held behind an entry that takes ``slow_for`` seconds to be answered (answered now)."""
     proposals = GatedProposals()
-    coalescer = TokenizeCoalescer(proposals, timeout_seconds=0.5)
+    coalescer = TokenizeCoalescer(proposals, timeout_seconds=timeout_seconds)
     first = asyncio.create_task(coalescer.submit(1, items("a", 1)))
     await until(lambda: len(proposals.commands) == 1, "the first entry")
     held = asyncio.create_task(coalescer.submit(1, items("b", 1)))
-    await asyncio.sleep(0.2)
+    await asyncio.sleep(slow_for)
     proposals.releases[0].set()
     await first
+    return proposals, coalescer, held
+
+
+async def test_a_held_batch_gets_only_what_is_left_of_the_request_timeout() -> None:
+    proposals, _, held = await held_behind_a_slow_entry(0.5, slow_for=0.2)
     await until(lambda: len(proposals.commands) == 2, "the held batch proposed")
     assert proposals.timeouts[0] == pytest.approx(0.5, abs=0.05)
     assert 0 < proposals.timeouts[1] <= 0.31  # held about 0.2 s of its 0.5
@@ -248,14 +255,7 @@ async def test_a_held_batch_gets_only_what_is_left_of_the_request_timeout() -> N
 
 
 async def test_a_batch_held_past_the_request_timeout_fails_without_being_proposed() -> None:
-    proposals = GatedProposals()
-    coalescer = TokenizeCoalescer(proposals, timeout_seconds=0.1)
-    first = asyncio.create_task(coalescer.submit(1, items("a", 1)))
-    await until(lambda: len(proposals.commands) == 1, "the first entry")
-    held = asyncio.create_task(coalescer.submit(1, items("b", 1)))
-    await asyncio.sleep(0.15)
-    proposals.releases[0].set()
-    await first
+    proposals, coalescer, held = await held_behind_a_slow_entry(0.1, slow_for=0.15)
     with pytest.raises(Unavailable, match="not proposed"):
         await asyncio.wait_for(held, 2)
     assert len(proposals.commands) == 1 and coalescer.entries_timed_out == 1

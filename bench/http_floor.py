@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import os
 import shutil
@@ -176,10 +177,9 @@ def main() -> None:
         serve(arguments.serve, arguments.port)
         return
     kinds = ["aiohttp-app", "aiohttp-lowlevel"]
-    try:
-        import httptools  # noqa: F401
+    if importlib.util.find_spec("httptools") is not None:
         kinds.append("httptools")
-    except ImportError:
+    else:
         print("httptools is not installed: its server is left out")
     for _ in range(arguments.rounds):
         for kind in kinds:

@@ -20,8 +20,8 @@ batch — while a request that finds nothing in flight is proposed at the end
 of its turn as before. The request timeout counts from when a batch opens,
 holding included: a batch proposed late gets only what is left of it, and one
 held past it is failed without being proposed (it had no effect), so holding
-never makes a request wait longer than the timeout. One entry in flight (the default) measured best on
-two cores (docs/performance.md, fourteenth sitting).
+never makes a request wait longer than the timeout. One entry in flight (the
+default) measured best on two cores (docs/performance.md, fourteenth sitting).
 
 Why only those requests: an idempotent tokenize records its own response under
 its own key, so it stays one entry. A card or digits tokenize, or one with a

@@ -5,7 +5,7 @@ the core is never re-entered while a ``Ready`` batch is being carried out. HTTP
 handlers and the peer transport only put work into an inbox and wake the
 driver. For every ``Ready`` the driver follows the order the core states in
 ``protocol.Ready`` (tokenvault/core/snapshot_transfer.py moves snapshot bytes):
-``messages`` leave before the WAL write, ``committed_durable`` is applied
+``messages`` leave before the fsync, ``committed_durable`` is applied
 before the fsync, ``messages_after_persist`` and ``committed_after_persist``
 wait for it, then ``advance()``. The fsync runs on the loop, only when the
 Ready says ``must_sync``; requests and messages that arrive meanwhile wait in

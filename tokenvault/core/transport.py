@@ -57,6 +57,8 @@ DEFAULT_MAX_UNAUTHENTICATED_CONNECTIONS = 8
 GREETING = b"TVPEER1\n"
 NONCE_BYTES = 32
 SEND_QUEUE_MAX_MESSAGES = 4096
+# Queued frames coalesced into one socket write, to save syscalls.
+FRAMES_PER_WRITE = 512
 RECONNECT_DELAY_SECONDS_MIN = 0.05
 RECONNECT_DELAY_SECONDS_MAX = 1.0
 READ_CHUNK_BYTES = 256 * 1024
@@ -156,29 +158,28 @@ class _Connection:
         what the transport buffers stays bounded as with the writer task: once the socket stops
         taking bytes, frames wait in the bounded queue.
         """
-        if self.queue.empty() or self.writer.transport.get_write_buffer_size() > 0:
-            return
-        frames: list[bytes] = []
-        while not self.queue.empty() and len(frames) < 512:
+        if not self.queue.empty() and self.writer.transport.get_write_buffer_size() == 0:
+            self._write_queued([])
+
+    def _write_queued(self, frames: list[bytes]) -> bool:
+        """Write ``frames`` and whatever else is queued (up to FRAMES_PER_WRITE) in one write; False if
+        the socket is gone (then it is aborted, and the read side reports the peer down)."""
+        while not self.queue.empty() and len(frames) < FRAMES_PER_WRITE:
             frames.append(self.queue.get_nowait())
         try:
             self.writer.write(b"".join(frames))
         except (OSError, RuntimeError):
-            # The socket is gone; the read side notices and reports the peer down.
             _abort(self.writer)
+            return False
+        return True
 
     async def write_loop(self) -> None:
         while True:
-            frame = await self.queue.get()
-            frames = [frame]
-            # Coalesce whatever is already queued into one write to save syscalls.
-            while not self.queue.empty() and len(frames) < 512:
-                frames.append(self.queue.get_nowait())
+            if not self._write_queued([await self.queue.get()]):
+                return
             try:
-                self.writer.write(b"".join(frames))
                 await self.writer.drain()
             except (OSError, RuntimeError):
-                # The socket is gone; the read side notices and reports the peer down.
                 _abort(self.writer)
                 return
 

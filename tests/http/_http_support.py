@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from aiohttp import web
-from aiohttp.test_utils import TestServer
+from aiohttp.test_utils import BaseTestServer
 
 from protocol import Membership, MembershipError
 from tokenvault import auth
@@ -23,7 +23,7 @@ from tokenvault.api.members import validate_member_change
 from tokenvault.errors import (AuditTrimRefused, EpochActive, EpochDestroyed, IdempotencyInFlight, IdempotencyMismatch,
                                MembershipChangeRefused, NotFound, Outcome,
                                Unavailable)
-from tokenvault.api.http import ProblemAppRunner
+from tokenvault.api.http import HttpApp, ProblemAppRunner
 from tokenvault.crypto.tokens import parse_token
 
 FAKE_NODE_ID = "fake-1"
@@ -329,23 +329,29 @@ def make_key_ring() -> KeyRing:
     return KeyRing(keys={name: auth.generate_api_key() for name in scopes}, scopes=scopes)
 
 
-class ProblemTestServer(TestServer):
-    """aiohttp's TestServer, served by the runner the node uses (problem+json for malformed HTTP)."""
+class ProblemTestServer(BaseTestServer):
+    """A test server for aiohttp's TestClient, serving an HttpApp with the runner the node uses
+    (problem+json for malformed HTTP, the connection limits)."""
 
-    async def _make_runner(self, **kwargs):  # type: ignore[override]
-        return ProblemAppRunner(self.app, **kwargs)
+    def __init__(self, app: HttpApp, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        self.http_app = app
+        super().__init__(**kwargs)
+
+    async def _make_runner(self, **kwargs):  # type: ignore[no-untyped-def]
+        kwargs.pop("debug", None)
+        return ProblemAppRunner(self.http_app, **kwargs)
 
 
 # ---------------------------------------------------------------- live server in a thread
 
 
 class LiveServer:
-    """Runs an aiohttp application on 127.0.0.1, port 0, in its own thread and event loop."""
+    """Runs the node's HTTP app on 127.0.0.1, port 0, in its own thread and event loop."""
 
-    def __init__(self, app_factory: Callable[[], web.Application]) -> None:
+    def __init__(self, app_factory: Callable[[], HttpApp]) -> None:
         self._app_factory = app_factory
         self._loop = asyncio.new_event_loop()
-        self._runner: web.AppRunner | None = None
+        self._runner: ProblemAppRunner | None = None
         self._thread = threading.Thread(target=self._run, name="live-http-server", daemon=True)
         self._started = threading.Event()
         self._error: BaseException | None = None

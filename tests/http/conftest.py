@@ -23,10 +23,9 @@ from _http_support import (
     ProblemTestServer,
     make_key_ring,
 )
-from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from tokenvault.api.http import HttpLimits, build_app
+from tokenvault.api.http import HttpApp, HttpLimits, build_app
 from tokenvault.metrics import Metrics
 
 
@@ -51,12 +50,12 @@ def limits() -> HttpLimits:
 
 
 @pytest.fixture
-def app(service: FakeService, key_ring: KeyRing, limits: HttpLimits, metrics: Metrics) -> web.Application:
+def app(service: FakeService, key_ring: KeyRing, limits: HttpLimits, metrics: Metrics) -> HttpApp:
     return build_app(service, key_ring.table(), limits, metrics)
 
 
 @pytest.fixture
-async def client(app: web.Application) -> AsyncIterator[TestClient]:
+async def client(app: HttpApp) -> AsyncIterator[TestClient]:
     async with TestClient(ProblemTestServer(app, host="127.0.0.1", port=0)) as test_client:
         yield test_client
 
@@ -86,13 +85,13 @@ def live_key_ring() -> KeyRing:
 
 
 @pytest.fixture(scope="module")
-def app_factory(live_key_ring: KeyRing) -> Callable[[], web.Application]:
+def app_factory(live_key_ring: KeyRing) -> Callable[[], HttpApp]:
     """Builds the application the live server runs; override to test another app."""
     return lambda: build_app(FakeService(), live_key_ring.table(), HttpLimits(), Metrics())
 
 
 @pytest.fixture(scope="module")
-def http_target(app_factory: Callable[[], web.Application], live_key_ring: KeyRing) -> Iterator[HttpTarget]:
+def http_target(app_factory: Callable[[], HttpApp], live_key_ring: KeyRing) -> Iterator[HttpTarget]:
     external_url = os.environ.get("TOKENVAULT_HTTP_TARGET_URL")
     if external_url:
         key = os.environ.get("TOKENVAULT_HTTP_TARGET_KEY", "")

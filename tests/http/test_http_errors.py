@@ -215,6 +215,57 @@ async def test_wrong_method_is_405_with_allow(client: TestClient, method: str, p
     assert response.headers["Allow"]
 
 
+async def test_the_allow_header_names_every_method_of_the_path(client: TestClient) -> None:
+    response = await client.request("DELETE", "/v1/admin/epochs")
+    await expect_problem(response, 405)
+    assert response.headers["Allow"] == "GET,HEAD,POST"
+    # The backup has no HEAD: it would take a checkpoint only to throw it away.
+    response = await client.post("/v1/admin/backup")
+    await expect_problem(response, 405)
+    assert response.headers["Allow"] == "GET"
+
+
+async def test_head_of_a_get_route_is_its_answer_without_the_body(client: TestClient) -> None:
+    response = await client.head("/health")
+    assert response.status == 200
+    assert response.headers["Content-Type"].startswith("application/json")
+    assert await response.read() == b""
+
+
+@pytest.mark.parametrize("path", ["/v1/admin/keys/" + "a" * 16 + "%2Fx/revoke", "/v1/admin/keys//revoke",
+                                  "/v1/admin/members/n1/demote", "/v1/admin/members/n1%2Fn2/promote/x",
+                                  "/v1/admin/epochs/1%2F2/destroy", "/v1/Tokenize", "/v1//tokenize"])
+async def test_a_path_that_fits_no_route_or_no_parameter_is_404(
+        client: TestClient, key_ring: KeyRing, service: FakeService, path: str) -> None:
+    response = await client.post(path, data=b"{}", headers={**JSON, **key_ring.bearer("admin")})
+    await expect_problem(response, 404)
+    assert service.lifecycle_calls == []
+
+
+async def test_an_expectation_other_than_100_continue_is_417_without_echo(client: TestClient, key_ring: KeyRing) -> None:
+    response = await post(client, "/v1/tokenize", json.dumps({"values": ["v"]}),
+                          {**JSON, **key_ring.bearer("tokenizer"), "Expect": MARKER})
+    await expect_problem(response, 417, (MARKER,))
+
+
+async def test_expect_100_continue_gets_the_interim_answer_before_the_body_is_sent(
+        client: TestClient, key_ring: KeyRing, service: FakeService) -> None:
+    body = json.dumps({"values": ["v"]}).encode()
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    try:
+        head = (f"POST /v1/tokenize HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                f"Authorization: Bearer {key_ring.keys['tokenizer']}\r\nExpect: 100-continue\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n")
+        writer.write(head.encode())
+        assert await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        writer.write(body)
+        status_line = await asyncio.wait_for(reader.readline(), 5)
+        assert status_line.startswith(b"HTTP/1.1 200 ")
+    finally:
+        writer.close()
+    assert service.tokenize_calls and service.tokenize_calls[-1][1] == ["v"]
+
+
 # ---------------------------------------------------------------- 409 / 422
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import RawTestServer, TestClient
 from click.testing import CliRunner
 
 from node_support import make_configs, start_node, wait_until
@@ -31,7 +31,7 @@ from tokenvault.core.backup import (BACKUP_WORK_DIR_NAME, HEADER_BYTES, HEADER_I
 from tokenvault.client.cli import tokenvault
 from tokenvault.core.commands import RotateEpochCommand, encode_command
 from tokenvault.config import write_node_config
-from tokenvault.api.http import HttpLimits, ProblemAppRunner, build_app
+from tokenvault.api.http import HttpApp, HttpLimits, ProblemAppRunner, build_app
 from tokenvault.metrics import Metrics
 from tokenvault.core.snapshots import stage_file
 from tokenvault.core.store import VaultStore
@@ -113,7 +113,7 @@ class BackupService:
         return stream
 
 
-def backup_app(service: BackupService, **limits: int) -> web.Application:
+def backup_app(service: BackupService, **limits: int) -> HttpApp:
     return build_app(service, KEYS, HttpLimits(**limits), Metrics())  # type: ignore[arg-type]
 
 
@@ -141,7 +141,7 @@ def work_dirs(service: BackupService) -> list[Path]:
 
 async def test_backup_streams_a_verifiable_checkpoint_and_deletes_it_afterwards(tmp_path: Path) -> None:
     service = BackupService(CheckpointingStore(CHECKPOINT_FILES), tmp_path / BACKUP_WORK_DIR_NAME)
-    async with TestClient(TestServer(backup_app(service, backup_chunk_bytes=65536))) as client:
+    async with TestClient(RawTestServer(backup_app(service, backup_chunk_bytes=65536))) as client:
         response = await client.get("/v1/admin/backup", headers=bearer(ADMIN_KEY))
         body = await response.read()
         await wait_until(lambda: work_dirs(service) == [], 10.0, "the checkpoint to be deleted")
@@ -160,7 +160,7 @@ async def test_backup_streams_a_verifiable_checkpoint_and_deletes_it_afterwards(
 async def test_backup_needs_the_admin_scope_and_takes_no_checkpoint_otherwise(tmp_path: Path) -> None:
     store = CheckpointingStore(CHECKPOINT_FILES)
     service = BackupService(store, tmp_path / BACKUP_WORK_DIR_NAME)
-    async with TestClient(TestServer(backup_app(service))) as client:
+    async with TestClient(RawTestServer(backup_app(service))) as client:
         anonymous = await client.get("/v1/admin/backup")
         tokenizer = await client.get("/v1/admin/backup", headers=bearer(TOKENIZER_KEY))
         head = await client.head("/v1/admin/backup", headers=bearer(ADMIN_KEY))
@@ -172,7 +172,7 @@ async def test_backup_needs_the_admin_scope_and_takes_no_checkpoint_otherwise(tm
 async def test_a_second_backup_while_one_streams_is_503_with_retry_after(tmp_path: Path) -> None:
     service = BackupService(CheckpointingStore(CHECKPOINT_FILES), tmp_path / BACKUP_WORK_DIR_NAME)
     service.gate = asyncio.Event()
-    async with TestClient(TestServer(backup_app(service))) as client:
+    async with TestClient(RawTestServer(backup_app(service))) as client:
         first = await client.get("/v1/admin/backup", headers=bearer(ADMIN_KEY))
         assert first.status == 200
         second = await client.get("/v1/admin/backup", headers=bearer(ADMIN_KEY))
@@ -189,7 +189,7 @@ async def test_a_second_backup_while_one_streams_is_503_with_retry_after(tmp_pat
 
 async def test_a_client_that_goes_away_midway_releases_the_checkpoint(tmp_path: Path) -> None:
     service = BackupService(CheckpointingStore(BIG_CHECKPOINT_FILES), tmp_path / BACKUP_WORK_DIR_NAME)
-    async with TestClient(TestServer(backup_app(service))) as client:
+    async with TestClient(RawTestServer(backup_app(service))) as client:
         response = await client.get("/v1/admin/backup", headers=bearer(ADMIN_KEY))
         assert response.status == 200
         await response.content.readexactly(1000)
@@ -206,7 +206,7 @@ async def test_a_leftover_checkpoint_of_a_dead_process_is_removed_by_the_next_ba
     leftover = service.work_root / "backup-0123" / "source-1"
     leftover.mkdir(parents=True)
     (leftover / "000001.sst").write_bytes(b"x" * 100)
-    async with TestClient(TestServer(backup_app(service))) as client:
+    async with TestClient(RawTestServer(backup_app(service))) as client:
         response = await client.get("/v1/admin/backup", headers=bearer(ADMIN_KEY))
         await response.read()
         assert response.status == 200
@@ -324,7 +324,7 @@ def test_cli_backup_refuses_a_whole_stream_whose_checkpoint_is_no_store(runner: 
 async def test_a_failure_midway_breaks_the_transfer_instead_of_ending_it(tmp_path: Path) -> None:
     service = BackupService(CheckpointingStore(BIG_CHECKPOINT_FILES), tmp_path / BACKUP_WORK_DIR_NAME)
     service.fail_midway = True
-    async with TestClient(TestServer(backup_app(service))) as client:
+    async with TestClient(RawTestServer(backup_app(service))) as client:
         response = await client.get("/v1/admin/backup", headers=bearer(ADMIN_KEY))
         assert response.status == 200
         with pytest.raises(aiohttp.ClientPayloadError):

@@ -1,4 +1,4 @@
-"""The HTTP API of a node (aiohttp): routing, authentication, validation, problem+json.
+"""The HTTP API of a node (aiohttp's low-level server): routing, authentication, validation, problem+json.
 
 This module is the only place where client bytes become service calls, so it
 validates everything before the service sees it. Before any request, the
@@ -12,7 +12,7 @@ The checks of a request run in this order, and the first failing one answers
 (an endpoint handler calls ``admit``, then ``receive_body`` if it takes a body,
 then holds ``inflight_slot`` around the rest):
 
-1. route and method (404, 405), by aiohttp's router;
+1. route and method (404, 405), by the node's router (tokenvault/api/routing.py);
 2. authentication (401 with ``WWW-Authenticate: Bearer``), then scope (403) —
    before the body is read, so an unauthenticated client makes the node parse
    nothing and buffer no more than aiohttp's reader takes ahead on its own (at
@@ -67,7 +67,7 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 from aiohttp.http_exceptions import DecompressSizeError, HttpProcessingError
 from aiohttp.web_protocol import RequestHandler
 
@@ -78,6 +78,7 @@ from tokenvault.core.store_layout import MAX_AUDIT_PAGE
 from tokenvault.api import ratelimit
 from tokenvault.api.http_lifecycle import add_lifecycle_routes
 from tokenvault.api.members import validate_member_change
+from tokenvault.api.routing import PATH_PARAMETERS, MethodNotAllowed, RouteNotFound, Router, path_parameter
 from tokenvault.api.responses import EMPTY_BODY, JSON_CONTENT_TYPE, NO_STORE_HEADERS, json_response, outcome_response
 from tokenvault.errors import (
     PROBLEM_CONTENT_TYPE,
@@ -141,9 +142,6 @@ REQUEST_ID_HEADER = "X-Request-Id"
 DEFAULT_MAX_INFLIGHT_REQUESTS = 256
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
-SERVICE_KEY: web.AppKey[Any] = web.AppKey("tokenvault_service", object)
-METRICS_KEY: web.AppKey[Metrics] = web.AppKey("tokenvault_metrics", Metrics)
-LIMITS_KEY: web.AppKey[Any] = web.AppKey("tokenvault_http_limits", object)
 # Per request: the admitted principal, its rate-limit kind and the received body.
 _PRINCIPAL: web.RequestKey[Any] = web.RequestKey("tokenvault_principal", object)
 _KIND: web.RequestKey[str] = web.RequestKey("tokenvault_rate_limit_kind", str)
@@ -155,8 +153,6 @@ RATE_LIMIT_KIND_OF_SCOPE = {auth.TOKENIZE: ratelimit.TOKENIZE, auth.DETOKENIZE: 
                             auth.DELETE: ratelimit.TOKENIZE, auth.RETOKENIZE: ratelimit.TOKENIZE}
 
 _log = get_logger("tokenvault.api.http")
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,6 +257,7 @@ _HTTP_EXCEPTION_PROBLEMS: dict[int, tuple[str, str]] = {
     404: ("not-found", "no such endpoint"),
     405: ("method-not-allowed", "this endpoint does not support the request's method"),
     413: ("payload-too-large", "the request body is larger than max_body_bytes"),
+    417: ("expectation-failed", "the only expectation this server meets is 'Expect: 100-continue'"),
 }
 
 
@@ -274,7 +271,7 @@ def http_exception_problem(error: web.HTTPException) -> web.Response:
 # ---------------------------------------------------------------- header checks
 
 
-def authorize(request: web.Request, api_keys: auth.ApiKeyTable, scope: str,
+def authorize(request: web.BaseRequest, api_keys: auth.ApiKeyTable, scope: str,
               alternative: str | None = None) -> auth.Principal:
     """The request's principal if its bearer key is known and has ``scope`` (or ``alternative``); else 401 / 403."""
     headers = request.headers.getall("Authorization", [])
@@ -305,7 +302,7 @@ def _challenge(error: str | None = None) -> dict[str, str]:
     return {"WWW-Authenticate": value}
 
 
-def idempotency_key(request: web.Request) -> str | None:
+def idempotency_key(request: web.BaseRequest) -> str | None:
     """The Idempotency-Key header (1-255 printable ASCII characters), or None when absent."""
     values = request.headers.getall(IDEMPOTENCY_KEY_HEADER, [])
     if not values:
@@ -315,7 +312,7 @@ def idempotency_key(request: web.Request) -> str | None:
     return validate_idempotency_key(values[0])
 
 
-def require_json_content_type(request: web.Request) -> None:
+def require_json_content_type(request: web.BaseRequest) -> None:
     """415 unless the body is declared as JSON (application/json or */*+json) in UTF-8."""
     if "Content-Type" not in request.headers:
         raise UnsupportedMediaType("send the body with 'Content-Type: application/json'")
@@ -386,7 +383,7 @@ def validate_key_request(document: dict[str, Any]) -> tuple[str, list[str]]:
     return name, scopes
 
 
-def audit_query(request: web.Request) -> tuple[int, int]:
+def audit_query(request: web.BaseRequest) -> tuple[int, int]:
     """``after`` (default 0) and ``limit`` (1..MAX_AUDIT_PAGE, default DEFAULT_AUDIT_PAGE) of an audit page."""
     query = request.query
     unknown = len(set(query) - {"after", "limit"})
@@ -437,7 +434,7 @@ class _Api:
         # zero, so its size is bounded by the key table.
         self.body_reads_by_key: dict[str, int] = {}
 
-    def admit(self, request: web.Request, scope: str, alternative: str | None = None) -> auth.Principal:
+    def admit(self, request: web.BaseRequest, scope: str, alternative: str | None = None) -> auth.Principal:
         """Authentication (401), scope (403), then the key's rate limit for the scope's kind (429)."""
         principal = authorize(request, self.api_keys, scope, alternative)
         kind = RATE_LIMIT_KIND_OF_SCOPE.get(scope, ratelimit.ADMIN)
@@ -453,7 +450,7 @@ class _Api:
         request[_KIND] = kind
         return principal
 
-    async def receive_body(self, request: web.Request, *, idempotent: bool = False) -> bytes:
+    async def receive_body(self, request: web.BaseRequest, *, idempotent: bool = False) -> bytes:
         """The request body, received once under the body bounds (order steps 4 and 5); b"" when there is
         none. ``idempotent``: the endpoint takes an Idempotency-Key, checked first."""
         received = request.get(_BODY)
@@ -473,7 +470,7 @@ class _Api:
         request[_BODY] = body
         return body
 
-    async def read_json(self, request: web.Request, *, body_required: bool) -> Any:
+    async def read_json(self, request: web.BaseRequest, *, body_required: bool) -> Any:
         """Content type, size and JSON checks; ``EMPTY_BODY`` when the body is empty and allowed."""
         if not body_required and not request.body_exists:
             return EMPTY_BODY
@@ -486,7 +483,7 @@ class _Api:
         check_json_structure(body, max_json_values(self.limits))
         return parse_json(body)
 
-    async def read_body(self, request: web.Request) -> bytes:
+    async def read_body(self, request: web.BaseRequest) -> bytes:
         """The whole body, each piece within body_timeout_seconds of the last and at most max_body_bytes
         in all; a broken transfer or content encoding is the client's error (400)."""
         chunks: list[bytes] = []
@@ -568,7 +565,7 @@ class _Api:
         finally:
             self.backup_streams -= 1
 
-    async def health(self, request: web.Request) -> web.Response:
+    async def health(self, request: web.BaseRequest) -> web.Response:
         return json_response(await self.service.read_health(), headers=NO_STORE_HEADERS)
 
     async def render_metrics(self) -> tuple[bytes, str]:
@@ -582,19 +579,19 @@ class _Api:
             return self.metrics.render()[0]
         return (await self._node_metrics()).encode("utf-8")
 
-    async def metrics_endpoint(self, request: web.Request) -> web.Response:
+    async def metrics_endpoint(self, request: web.BaseRequest) -> web.Response:
         body, content_type = await self.render_metrics()
         response = web.Response(body=body)
         response.headers["Content-Type"] = content_type
         return response
 
-    async def tokenize(self, request: web.Request) -> web.StreamResponse:
+    async def tokenize(self, request: web.BaseRequest) -> web.StreamResponse:
         principal = self.admit(request, auth.TOKENIZE)
         await self.receive_body(request, idempotent=True)
         with self.inflight_slot():
             return await self._tokenize(request, principal)
 
-    async def _tokenize(self, request: web.Request, principal: auth.Principal) -> web.Response:
+    async def _tokenize(self, request: web.BaseRequest, principal: auth.Principal) -> web.Response:
         key = idempotency_key(request)
         document = require_members(await self.read_json(request, body_required=True), ("values",),
                                    TOKENIZE_OPTIONS)
@@ -616,7 +613,7 @@ class _Api:
             self.metrics.record_replay(ROUTE_TOKENIZE)
         return outcome_response(outcome)
 
-    async def detokenize(self, request: web.Request) -> web.StreamResponse:
+    async def detokenize(self, request: web.BaseRequest) -> web.StreamResponse:
         principal = self.admit(request, auth.DETOKENIZE, auth.DETOKENIZE_MASKED)
         await self.receive_body(request)
         with self.inflight_slot():
@@ -627,7 +624,7 @@ class _Api:
         return commands.Actor(name=principal.name, key_id=principal.key_id, node=self.service.node_id,
                               request_id=new_request_id())
 
-    async def _detokenize(self, request: web.Request, principal: auth.Principal) -> web.Response:
+    async def _detokenize(self, request: web.BaseRequest, principal: auth.Principal) -> web.Response:
         document = require_members(await self.read_json(request, body_required=True), ("tokens",),
                                    ("epoch", "include_metadata"))
         tokens = validate_lookup_tokens(require_item_list(document, "tokens", self.limits))
@@ -655,13 +652,13 @@ class _Api:
         # The id the audit record of this request carries, so a caller can find it there.
         return json_response(answer, headers={**NO_STORE_HEADERS, REQUEST_ID_HEADER: actor.request_id or ""})
 
-    async def rotate_epoch(self, request: web.Request) -> web.StreamResponse:
+    async def rotate_epoch(self, request: web.BaseRequest) -> web.StreamResponse:
         principal = self.admit(request, auth.ADMIN)
         await self.receive_body(request, idempotent=True)
         with self.inflight_slot():
             return await self._rotate_epoch(request, principal)
 
-    async def _rotate_epoch(self, request: web.Request, principal: auth.Principal) -> web.Response:
+    async def _rotate_epoch(self, request: web.BaseRequest, principal: auth.Principal) -> web.Response:
         key = idempotency_key(request)
         # The body is `{}`; an empty body is accepted as the same request.
         document = await self.read_json(request, body_required=False)
@@ -672,11 +669,11 @@ class _Api:
             self.metrics.record_replay(ROUTE_EPOCHS)
         return outcome_response(outcome)
 
-    async def list_epochs(self, request: web.Request) -> web.Response:
+    async def list_epochs(self, request: web.BaseRequest) -> web.Response:
         self.admit(request, auth.ADMIN)
         return json_response(await self.service.list_epochs(), headers=NO_STORE_HEADERS)
 
-    async def create_key(self, request: web.Request) -> web.StreamResponse:
+    async def create_key(self, request: web.BaseRequest) -> web.StreamResponse:
         principal = self.admit(request, auth.ADMIN)
         await self.receive_body(request)
         with self.inflight_slot():
@@ -685,32 +682,32 @@ class _Api:
             outcome = await self.service.create_key(name, scopes, self.actor(principal))
             return outcome_response(outcome)
 
-    async def list_keys(self, request: web.Request) -> web.Response:
+    async def list_keys(self, request: web.BaseRequest) -> web.Response:
         self.admit(request, auth.ADMIN)
         return json_response(await self.service.list_keys(), headers=NO_STORE_HEADERS)
 
-    async def revoke_key(self, request: web.Request) -> web.StreamResponse:
+    async def revoke_key(self, request: web.BaseRequest) -> web.StreamResponse:
         principal = self.admit(request, auth.ADMIN)
         await self.receive_body(request)
         with self.inflight_slot():
             document = await self.read_json(request, body_required=False)
             if document is not EMPTY_BODY:
                 require_members(document, ())
-            key_id = request.match_info["key_id"]
+            key_id = path_parameter(request, "key_id")
             if not auth.RUNTIME_KEY_ID_PATTERN.match(key_id):
                 raise NotFound("no runtime API key has this id (ids are 16 lowercase hex characters)")
             return outcome_response(await self.service.revoke_key(key_id, self.actor(principal)))
 
-    async def audit(self, request: web.Request) -> web.Response:
+    async def audit(self, request: web.BaseRequest) -> web.Response:
         self.admit(request, auth.ADMIN)
         after, limit = audit_query(request)
         return json_response(await self.service.audit_page(after, limit), headers=NO_STORE_HEADERS)
 
-    async def list_members(self, request: web.Request) -> web.Response:
+    async def list_members(self, request: web.BaseRequest) -> web.Response:
         self.admit(request, auth.ADMIN)
         return json_response(await self.service.list_members(), headers=NO_STORE_HEADERS)
 
-    async def add_member(self, request: web.Request) -> web.StreamResponse:
+    async def add_member(self, request: web.BaseRequest) -> web.StreamResponse:
         """Add a node as a learner; it counts in no majority until promoted (docs/api.md, "Membership")."""
         self.admit(request, auth.ADMIN)
         await self.receive_body(request)
@@ -720,7 +717,7 @@ class _Api:
             _, node_id, peer_addr = validate_member_change("add", document["node_id"], document["peer_addr"])
             return outcome_response(await self.service.change_member("add", node_id, peer_addr))
 
-    async def change_member(self, request: web.Request) -> web.StreamResponse:
+    async def change_member(self, request: web.BaseRequest) -> web.StreamResponse:
         """Promote a caught-up learner to voter, or remove a member (live or dead, the primary included)."""
         self.admit(request, auth.ADMIN)
         await self.receive_body(request)
@@ -729,13 +726,13 @@ class _Api:
             if document is not EMPTY_BODY:
                 require_members(document, ())
             return outcome_response(await self.service.change_member(
-                request.match_info["action"], request.match_info["node_id"], None))
+                path_parameter(request, "action"), path_parameter(request, "node_id"), None))
 
-    async def cluster(self, request: web.Request) -> web.Response:
+    async def cluster(self, request: web.BaseRequest) -> web.Response:
         self.admit(request, auth.ADMIN)
         return json_response(await self.service.cluster_view(), headers=NO_STORE_HEADERS)
 
-    async def backup(self, request: web.Request) -> web.StreamResponse:
+    async def backup(self, request: web.BaseRequest) -> web.StreamResponse:
         """Stream a checkpoint of this node's store; the checkpoint is deleted however the stream ends."""
         self.admit(request, auth.ADMIN)
         with self.backup_slot():
@@ -750,7 +747,7 @@ class _Api:
         await stream.close()
         return response
 
-    async def _send_backup(self, request: web.Request, stream: Any) -> web.StreamResponse:
+    async def _send_backup(self, request: web.BaseRequest, stream: Any) -> web.StreamResponse:
         """Once the headers are sent the status cannot change: a failure midway (or a client that
         goes away) closes the connection without the final chunk, so the client sees a broken
         transfer, and the stream's trailing SHA-256 makes any cut-off copy detectable anyway.
@@ -787,56 +784,79 @@ class _Api:
         return response
 
 
-def _route_label(request: web.Request) -> str:
-    resource = request.match_info.route.resource
-    if resource is None:
-        return UNMATCHED_ROUTE
-    return resource.canonical
+class HttpApp:
+    """The node's HTTP API: its routes and the one dispatch every request goes through.
 
+    aiohttp's low-level server (``ProblemAppRunner``) calls the app with each
+    parsed request. The dispatch resolves the route (404, 405 with ``Allow``),
+    answers ``Expect: 100-continue``, runs the handler, turns every error into
+    problem+json (an unexpected exception is logged without its message), and
+    records the request's route, method, status and duration in the metrics
+    (a request cancelled because its client went away has no status and is not
+    counted). ``limits`` and ``metrics`` are read by the runner for the
+    connection bounds.
+    """
 
-def _metrics_middleware(metrics: Metrics) -> Any:
-    @web.middleware
-    async def record_request(request: web.Request, handler: Handler) -> web.StreamResponse:
+    def __init__(self, api: _Api) -> None:
+        self.api = api
+        self.limits = api.limits
+        self.metrics = api.metrics
+        self.router = Router()
+
+    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         started = time.perf_counter()
+        route = UNMATCHED_ROUTE
         status: int | None = None
         try:
-            response = await handler(request)
+            try:
+                try:
+                    match = self.router.resolve(request.method, request.rel_url.path_safe)
+                except RouteNotFound:
+                    raise web.HTTPNotFound() from None
+                except MethodNotAllowed as refused:
+                    raise web.HTTPMethodNotAllowed(request.method, refused.allowed) from None
+                route = match.pattern
+                request[PATH_PARAMETERS] = match.parameters
+                if "Expect" in request.headers:
+                    await _expect(request)
+                response = await match.handler(request)
+            except ServiceError as error:
+                response = problem_response(error.status, error.problem, error.title, error.detail, error.headers)
+                if getattr(error, "close_connection", False) or _body_left_unread(request):
+                    await _send_and_close(request, response)
+            except web.HTTPException as error:
+                if error.status < 400:
+                    raise
+                response = http_exception_problem(error)
+                if _body_left_unread(request):
+                    await _send_and_close(request, response)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                _log.exception("http.unexpected_error", route=route, method=request.method)
+                response = problem_response(500, "internal", "Internal error",
+                                            "an unexpected error occurred; it has been logged")
             status = response.status
             return response
         finally:
-            # A cancelled request (client gone) has no status and is not counted.
             if status is not None:
                 method = request.method if request.method in KNOWN_METHODS else "OTHER"
-                metrics.observe_request(_route_label(request), method, status, time.perf_counter() - started)
-
-    return record_request
+                self.metrics.observe_request(route, method, status, time.perf_counter() - started)
 
 
-@web.middleware
-async def _problem_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Turn every error into problem+json; an unexpected exception is logged without its message."""
-    try:
-        return await handler(request)
-    except ServiceError as error:
-        response = problem_response(error.status, error.problem, error.title, error.detail, error.headers)
-        if getattr(error, "close_connection", False) or _body_left_unread(request):
-            await _send_and_close(request, response)
-        return response
-    except web.HTTPException as error:
-        if error.status < 400:
-            raise
-        response = http_exception_problem(error)
-        if _body_left_unread(request):
-            await _send_and_close(request, response)
-        return response
-    except asyncio.CancelledError:
-        raise
-    except Exception:
-        _log.exception("http.unexpected_error", route=_route_label(request), method=request.method)
-        return problem_response(500, "internal", "Internal error", "an unexpected error occurred; it has been logged")
+async def _expect(request: web.BaseRequest) -> None:
+    """``Expect: 100-continue`` on HTTP/1.1 is answered at once (the client then sends its body); any
+    other expectation is 417."""
+    if request.version != HttpVersion11:
+        return
+    if request.headers.get("Expect", "").lower() != "100-continue":
+        raise web.HTTPExpectationFailed()
+    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    # The interim answer is not the response: the response may still be a problem.
+    request.writer.output_size = 0
 
 
-def _body_left_unread(request: web.Request) -> bool:
+def _body_left_unread(request: web.BaseRequest) -> bool:
     """Whether the request was refused before its body was read (401, 403, 429, 413, 415 ...).
 
     aiohttp would keep such a connection open for up to its lingering time
@@ -846,7 +866,7 @@ def _body_left_unread(request: web.Request) -> bool:
     return request.body_exists and _BODY not in request
 
 
-async def _send_and_close(request: web.Request, response: web.Response) -> None:
+async def _send_and_close(request: web.BaseRequest, response: web.Response) -> None:
     """Send ``response`` now and close the connection behind it.
 
     For a stalled body, or one refused before it was read: the connection is
@@ -865,35 +885,28 @@ async def _send_and_close(request: web.Request, response: web.Response) -> None:
 def build_app(
     service: VaultService, api_keys: auth.ApiKeyTable, limits: HttpLimits, metrics: Metrics,
     node_metrics: Callable[[], Awaitable[str]] | None = None,
-) -> web.Application:
+) -> HttpApp:
     """The application from its parts (create_app reads them from a NodeConfig)."""
-    # aiohttp refuses bodies strictly larger than client_max_size, so the
-    # limit itself is allowed, as the contract says ("at most").
-    app = web.Application(
-        client_max_size=limits.max_body_bytes,
-        middlewares=[_metrics_middleware(metrics), _problem_middleware],
-    )
     api = _Api(service, api_keys, limits, metrics, node_metrics=node_metrics)
-    app[SERVICE_KEY] = service
-    app[METRICS_KEY] = metrics
-    app[LIMITS_KEY] = limits
-    app.router.add_get(ROUTE_HEALTH, api.health)
-    app.router.add_get(ROUTE_METRICS, api.metrics_endpoint)
-    app.router.add_post(ROUTE_TOKENIZE, api.tokenize)
-    app.router.add_post(ROUTE_DETOKENIZE, api.detokenize)
-    app.router.add_post(ROUTE_EPOCHS, api.rotate_epoch)
-    app.router.add_get(ROUTE_EPOCHS, api.list_epochs)
-    app.router.add_get(ROUTE_CLUSTER, api.cluster)
-    app.router.add_post(ROUTE_KEYS, api.create_key)
-    app.router.add_get(ROUTE_KEYS, api.list_keys)
-    app.router.add_post(ROUTE_KEY_REVOKE, api.revoke_key)
-    app.router.add_get(ROUTE_AUDIT, api.audit)
-    app.router.add_get(ROUTE_MEMBERS, api.list_members)
-    app.router.add_post(ROUTE_MEMBERS, api.add_member)
-    app.router.add_post(ROUTE_MEMBER_ACTION, api.change_member)
+    app = HttpApp(api)
+    router = app.router
+    router.add_get(ROUTE_HEALTH, api.health)
+    router.add_get(ROUTE_METRICS, api.metrics_endpoint)
+    router.add_post(ROUTE_TOKENIZE, api.tokenize)
+    router.add_post(ROUTE_DETOKENIZE, api.detokenize)
+    router.add_post(ROUTE_EPOCHS, api.rotate_epoch)
+    router.add_get(ROUTE_EPOCHS, api.list_epochs)
+    router.add_get(ROUTE_CLUSTER, api.cluster)
+    router.add_post(ROUTE_KEYS, api.create_key)
+    router.add_get(ROUTE_KEYS, api.list_keys)
+    router.add_post(ROUTE_KEY_REVOKE, api.revoke_key)
+    router.add_get(ROUTE_AUDIT, api.audit)
+    router.add_get(ROUTE_MEMBERS, api.list_members)
+    router.add_post(ROUTE_MEMBERS, api.add_member)
+    router.add_post(ROUTE_MEMBER_ACTION, api.change_member)
     # No HEAD: it would take a checkpoint only to throw it away.
-    app.router.add_get(ROUTE_BACKUP, api.backup, allow_head=False)
-    add_lifecycle_routes(app, api)
+    router.add_get(ROUTE_BACKUP, api.backup, allow_head=False)
+    add_lifecycle_routes(router, api)
     return app
 
 
@@ -906,7 +919,7 @@ def create_app(
     max_backup_streams: int = backup.DEFAULT_MAX_BACKUP_STREAMS,
     share: int = 1,
     node_metrics: Callable[[], Awaitable[str]] | None = None,
-) -> web.Application:
+) -> HttpApp:
     """The node's HTTP application: API key table and limits from ``config``.
 
     ``share``: how many processes serve the node's port (its limits are split evenly between them);
@@ -1003,28 +1016,28 @@ class _ProblemServer(web.Server):
         return _ProblemRequestHandler(self, loop=self._loop, **self._kwargs)
 
 
-class ProblemAppRunner(web.AppRunner):
-    """An AppRunner whose connections answer malformed HTTP with problem+json (use it to serve create_app).
+class ProblemAppRunner(web.BaseRunner):
+    """Serves an HttpApp on aiohttp's low-level server, whose connections answer malformed HTTP with
+    problem+json, under the app's connection limits: the header timeout and the connection cap.
+    ``kwargs`` go to the server's connection handlers (``access_log=None``, say)."""
 
-    With an application from build_app it also applies the connection limits
-    of its HttpLimits: the header timeout and the connection cap.
-    """
+    def __init__(self, app: HttpApp, *, handle_signals: bool = False, **kwargs: Any) -> None:
+        super().__init__(handle_signals=handle_signals, **kwargs)
+        self.app = app
+
+    async def shutdown(self) -> None:
+        pass
 
     async def _make_server(self) -> web.Server:
-        limits = self.app.get(LIMITS_KEY)
-        if limits is not None:
-            # aiohttp closes a connection whose handler is still waiting for a
-            # request when its keep-alive timer fires. The timer starts when the
-            # connection opens and again after each response, and receiving part
-            # of a request's headers does not stop it: exactly a header timeout.
-            self._kwargs["keepalive_timeout"] = limits.header_timeout_seconds
-        server = await super()._make_server()
-        # aiohttp has no public hook for the connection handler class; the
-        # subclass only overrides __call__, so swapping the class is safe.
-        server.__class__ = _ProblemServer
-        if limits is not None:
-            server.max_connections = limits.max_connections  # type: ignore[attr-defined]
-            metrics = self.app.get(METRICS_KEY)
-            if metrics is not None:
-                server.on_connection_refused = metrics.record_connection_refused  # type: ignore[attr-defined]
+        limits = self.app.limits
+        # aiohttp closes a connection whose handler is still waiting for a
+        # request when its keep-alive timer fires. The timer starts when the
+        # connection opens and again after each response, and receiving part
+        # of a request's headers does not stop it: exactly a header timeout.
+        server = _ProblemServer(self.app, **{**self._kwargs, "keepalive_timeout": limits.header_timeout_seconds})
+        server.max_connections = limits.max_connections  # type: ignore[attr-defined]
+        server.on_connection_refused = self.app.metrics.record_connection_refused  # type: ignore[attr-defined]
         return server
+
+    async def _cleanup_server(self) -> None:
+        pass

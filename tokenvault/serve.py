@@ -14,9 +14,9 @@ import os
 import signal
 from pathlib import Path
 
-from aiohttp import web
 
-from tokenvault.api.http import ProblemAppRunner, create_app
+from tokenvault.api.http import create_app, http_server
+from tokenvault.api.httpserver import HttpServer
 from tokenvault.api.core_calls import CoreCalls
 from tokenvault.api.service import NodeService
 from tokenvault.api.workers import WorkerPool, WorkerStartError, default_worker_count
@@ -69,7 +69,7 @@ async def run_node(config: NodeConfig, config_path: Path | None = None) -> int:
     log.info("node.recovered", wal_entries=replayed, log_base_index=node.restored.snapshot_index,
              store_applied_index=node.store.applied_index, commit_index=node.restored.hard_state.commit_index,
              truncated_tail_bytes=node.recovered_log.truncated_tail_bytes, view=node.restored.hard_state.view)
-    runner: ProblemAppRunner | None = None
+    server: HttpServer | None = None
     pool: WorkerPool | None = None
     calls: CoreCalls | None = None
     if worker_count > 0 and config_path is not None:
@@ -91,12 +91,8 @@ async def run_node(config: NodeConfig, config_path: Path | None = None) -> int:
             await node.close()
             return 3
     else:
-        runner = ProblemAppRunner(create_app(service, config, metrics), access_log=None, handle_signals=False,
-                                  shutdown_timeout=SHUTDOWN_GRACE_SECONDS)
-        await runner.setup()
-        site = web.TCPSite(runner, config.http.host, config.http.port, reuse_address=True,
-                           ssl_context=node.http_tls_context)
-        await site.start()
+        server = http_server(create_app(service, config, metrics))
+        await server.start(config.http.host, config.http.port, ssl_context=node.http_tls_context)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signal_number in (signal.SIGTERM, signal.SIGINT):
@@ -114,8 +110,8 @@ async def run_node(config: NodeConfig, config_path: Path | None = None) -> int:
         await pool.close(SHUTDOWN_GRACE_SECONDS)
     node.abort_requests()
     await service.close()
-    if runner is not None:
-        await runner.cleanup()
+    if server is not None:
+        await server.close(SHUTDOWN_GRACE_SECONDS)
     if calls is not None:
         await calls.close_backups()
     if sealer is not None:

@@ -14,8 +14,8 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from aiohttp import web
 from aiohttp.test_utils import BaseTestServer
+from yarl import URL
 
 from protocol import Membership, MembershipError
 from tokenvault import auth
@@ -23,7 +23,8 @@ from tokenvault.api.members import validate_member_change
 from tokenvault.errors import (AuditTrimRefused, EpochActive, EpochDestroyed, IdempotencyInFlight, IdempotencyMismatch,
                                MembershipChangeRefused, NotFound, Outcome,
                                Unavailable)
-from tokenvault.api.http import HttpApp, ProblemAppRunner
+from tokenvault.api.http import HttpApp, http_server
+from tokenvault.api.httpserver import HttpServer
 from tokenvault.crypto.tokens import parse_token
 
 FAKE_NODE_ID = "fake-1"
@@ -330,16 +331,37 @@ def make_key_ring() -> KeyRing:
 
 
 class ProblemTestServer(BaseTestServer):
-    """A test server for aiohttp's TestClient, serving an HttpApp with the runner the node uses
-    (problem+json for malformed HTTP, the connection limits)."""
+    """A test server for aiohttp's TestClient, serving an HttpApp on the node's own server
+    (tokenvault/api/httpserver.py, as http_server builds it: problem+json for malformed HTTP, the
+    connection limits)."""
 
     def __init__(self, app: HttpApp, **kwargs) -> None:  # type: ignore[no-untyped-def]
         self.http_app = app
+        self.http_server: HttpServer | None = None
         super().__init__(**kwargs)
 
     async def _make_runner(self, **kwargs):  # type: ignore[no-untyped-def]
-        kwargs.pop("debug", None)
-        return ProblemAppRunner(self.http_app, **kwargs)
+        raise NotImplementedError("served by HttpServer, not an aiohttp runner")
+
+    @property
+    def started(self) -> bool:
+        return self.http_server is not None
+
+    async def start_server(self, loop=None, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        if self.http_server is not None:
+            return
+        self._loop = loop
+        self.http_server = http_server(self.http_app)
+        await self.http_server.start(self.host, self.port or 0)
+        self.host, self.port = self.http_server.addresses[0][:2]
+        self.scheme = self.scheme or "http"
+        self._root = URL(f"{self.scheme}://{self.host}:{self.port}")
+
+    async def close(self) -> None:
+        if self.http_server is not None and not self._closed:
+            await self.http_server.close(0)
+            self._root = None
+            self._closed = True
 
 
 # ---------------------------------------------------------------- live server in a thread
@@ -351,7 +373,7 @@ class LiveServer:
     def __init__(self, app_factory: Callable[[], HttpApp]) -> None:
         self._app_factory = app_factory
         self._loop = asyncio.new_event_loop()
-        self._runner: ProblemAppRunner | None = None
+        self._server: HttpServer | None = None
         self._thread = threading.Thread(target=self._run, name="live-http-server", daemon=True)
         self._started = threading.Event()
         self._error: BaseException | None = None
@@ -367,15 +389,13 @@ class LiveServer:
             return
         self._started.set()
         self._loop.run_forever()
-        self._loop.run_until_complete(self._runner.cleanup())
+        self._loop.run_until_complete(self._server.close(0))
         self._loop.close()
 
     async def _start(self) -> None:
-        self._runner = ProblemAppRunner(self._app_factory(), access_log=None, handle_signals=False)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        host, port = self._runner.addresses[0][:2]
+        self._server = http_server(self._app_factory())
+        await self._server.start("127.0.0.1", 0)
+        host, port = self._server.addresses[0][:2]
         self.base_url = f"http://{host}:{port}"
 
     def start(self) -> str:

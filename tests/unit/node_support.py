@@ -8,6 +8,7 @@ port 0). Waiting is always polling against a deadline, never a fixed sleep.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import hmac
@@ -15,10 +16,12 @@ import os
 import socket
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import aiohttp
 
 from protocol import FrameDecoder, Hello, HelloProof, Message, Role, encode_frame
 from tokenvault.core import commands
@@ -27,6 +30,7 @@ from tokenvault.config import (IdempotencyConfig, HttpConfig, MemberConfig, Node
                                TimingConfig, WalConfig)
 from tokenvault.crypto.keys import MasterKey, write_secret_file
 from tokenvault.core.node import Node
+from tokenvault.api.http import HttpApp, http_server
 from tokenvault.api.service import NodeService
 from tokenvault.core.transport import GREETING
 
@@ -406,3 +410,16 @@ def files_holding(directory: Path, needle: bytes) -> list[Path]:
             if needle in data:
                 found.append(path)
     return found
+
+
+@contextlib.asynccontextmanager
+async def http_client(app: HttpApp) -> AsyncIterator[aiohttp.ClientSession]:
+    """``app`` served on 127.0.0.1 (the node's own HTTP server) and a client session on its URL."""
+    server = http_server(app)
+    await server.start("127.0.0.1", 0)
+    host, port = server.addresses[0][:2]
+    try:
+        async with aiohttp.ClientSession(base_url=f"http://{host}:{port}") as session:
+            yield session
+    finally:
+        await server.close(0)

@@ -19,11 +19,9 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import RawTestServer, TestClient
 from click.testing import CliRunner
 
-from node_support import make_configs, start_node, wait_until
+from node_support import http_client, make_configs, start_node, wait_until
 from protocol import Entry, EntryKind
 from tokenvault import auth
 from tokenvault.core.backup import (BACKUP_WORK_DIR_NAME, HEADER_BYTES, HEADER_INDEX, HEADER_NODE, HEADER_VIEW,
@@ -31,7 +29,7 @@ from tokenvault.core.backup import (BACKUP_WORK_DIR_NAME, HEADER_BYTES, HEADER_I
 from tokenvault.client.cli import tokenvault
 from tokenvault.core.commands import RotateEpochCommand, encode_command
 from tokenvault.config import write_node_config
-from tokenvault.api.http import HttpApp, HttpLimits, ProblemAppRunner, build_app
+from tokenvault.api.http import HttpApp, HttpLimits, build_app, http_server
 from tokenvault.metrics import Metrics
 from tokenvault.core.snapshots import stage_file
 from tokenvault.core.store import VaultStore
@@ -121,7 +119,7 @@ def bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
-async def get_when_free(client: TestClient, timeout_seconds: float = 10.0) -> Any:
+async def get_when_free(client: aiohttp.ClientSession, timeout_seconds: float = 10.0) -> Any:
     """GET the backup, repeating while the node answers 503 (the previous stream still cleaning up)."""
     deadline = asyncio.get_running_loop().time() + timeout_seconds
     while True:
@@ -141,7 +139,7 @@ def work_dirs(service: BackupService) -> list[Path]:
 
 async def test_backup_streams_a_verifiable_checkpoint_and_deletes_it_afterwards(tmp_path: Path) -> None:
     service = BackupService(CheckpointingStore(CHECKPOINT_FILES), tmp_path / BACKUP_WORK_DIR_NAME)
-    async with TestClient(RawTestServer(backup_app(service, backup_chunk_bytes=65536))) as client:
+    async with http_client(backup_app(service, backup_chunk_bytes=65536)) as client:
         response = await client.get("/v1/admin/backup", headers=bearer(ADMIN_KEY))
         body = await response.read()
         await wait_until(lambda: work_dirs(service) == [], 10.0, "the checkpoint to be deleted")
@@ -160,7 +158,7 @@ async def test_backup_streams_a_verifiable_checkpoint_and_deletes_it_afterwards(
 async def test_backup_needs_the_admin_scope_and_takes_no_checkpoint_otherwise(tmp_path: Path) -> None:
     store = CheckpointingStore(CHECKPOINT_FILES)
     service = BackupService(store, tmp_path / BACKUP_WORK_DIR_NAME)
-    async with TestClient(RawTestServer(backup_app(service))) as client:
+    async with http_client(backup_app(service)) as client:
         anonymous = await client.get("/v1/admin/backup")
         tokenizer = await client.get("/v1/admin/backup", headers=bearer(TOKENIZER_KEY))
         head = await client.head("/v1/admin/backup", headers=bearer(ADMIN_KEY))
@@ -172,7 +170,7 @@ async def test_backup_needs_the_admin_scope_and_takes_no_checkpoint_otherwise(tm
 async def test_a_second_backup_while_one_streams_is_503_with_retry_after(tmp_path: Path) -> None:
     service = BackupService(CheckpointingStore(CHECKPOINT_FILES), tmp_path / BACKUP_WORK_DIR_NAME)
     service.gate = asyncio.Event()
-    async with TestClient(RawTestServer(backup_app(service))) as client:
+    async with http_client(backup_app(service)) as client:
         first = await client.get("/v1/admin/backup", headers=bearer(ADMIN_KEY))
         assert first.status == 200
         second = await client.get("/v1/admin/backup", headers=bearer(ADMIN_KEY))
@@ -189,7 +187,7 @@ async def test_a_second_backup_while_one_streams_is_503_with_retry_after(tmp_pat
 
 async def test_a_client_that_goes_away_midway_releases_the_checkpoint(tmp_path: Path) -> None:
     service = BackupService(CheckpointingStore(BIG_CHECKPOINT_FILES), tmp_path / BACKUP_WORK_DIR_NAME)
-    async with TestClient(RawTestServer(backup_app(service))) as client:
+    async with http_client(backup_app(service)) as client:
         response = await client.get("/v1/admin/backup", headers=bearer(ADMIN_KEY))
         assert response.status == 200
         await response.content.readexactly(1000)
@@ -206,7 +204,7 @@ async def test_a_leftover_checkpoint_of_a_dead_process_is_removed_by_the_next_ba
     leftover = service.work_root / "backup-0123" / "source-1"
     leftover.mkdir(parents=True)
     (leftover / "000001.sst").write_bytes(b"x" * 100)
-    async with TestClient(RawTestServer(backup_app(service))) as client:
+    async with http_client(backup_app(service)) as client:
         response = await client.get("/v1/admin/backup", headers=bearer(ADMIN_KEY))
         await response.read()
         assert response.status == 200
@@ -228,19 +226,17 @@ class ThreadedServer:
 
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
-        runner = ProblemAppRunner(backup_app(self.service), access_log=None, handle_signals=False)
+        server = http_server(backup_app(self.service))
 
         async def start() -> None:
-            await runner.setup()
-            site = web.TCPSite(runner, "127.0.0.1", 0)
-            await site.start()
-            host, port = runner.addresses[0][:2]
+            await server.start("127.0.0.1", 0)
+            host, port = server.addresses[0][:2]
             self.url = f"http://{host}:{port}"
 
         self.loop.run_until_complete(start())
         self.ready.set()
         self.loop.run_forever()
-        self.loop.run_until_complete(runner.cleanup())
+        self.loop.run_until_complete(server.close(0))
         self.loop.close()
 
     def __enter__(self) -> ThreadedServer:
@@ -324,7 +320,7 @@ def test_cli_backup_refuses_a_whole_stream_whose_checkpoint_is_no_store(runner: 
 async def test_a_failure_midway_breaks_the_transfer_instead_of_ending_it(tmp_path: Path) -> None:
     service = BackupService(CheckpointingStore(BIG_CHECKPOINT_FILES), tmp_path / BACKUP_WORK_DIR_NAME)
     service.fail_midway = True
-    async with TestClient(RawTestServer(backup_app(service))) as client:
+    async with http_client(backup_app(service)) as client:
         response = await client.get("/v1/admin/backup", headers=bearer(ADMIN_KEY))
         assert response.status == 200
         with pytest.raises(aiohttp.ClientPayloadError):

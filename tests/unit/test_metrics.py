@@ -7,12 +7,13 @@ from typing import Any, cast
 
 import prometheus_client
 import pytest
-from aiohttp.test_utils import RawTestServer, TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from tokenvault import auth
 from tokenvault.api.http import HttpLimits, build_app
 from tokenvault.metrics import ROLES, Metrics, RecentRender
+
+from node_support import http_client
 
 
 def samples(metrics: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -175,7 +176,7 @@ async def test_metrics_page_floods_reach_the_core_once_per_period() -> None:
         return "tokenvault_example 1.0\n"
 
     app = build_app(cast(Any, object()), auth.ApiKeyTable({}), HttpLimits(), Metrics("worker"), node_metrics)
-    async with TestClient(RawTestServer(app, host="127.0.0.1", port=0)) as client:
+    async with http_client(app) as client:
         answers = await asyncio.gather(*(client.get("/metrics") for _ in range(40)))
         assert {answer.status for answer in answers} == {200}
         assert {await answer.text() for answer in answers} == {"tokenvault_example 1.0\n"}

@@ -2,7 +2,7 @@
 
 This module is the only place where client bytes become service calls, so it
 validates everything before the service sees it. Before any request, the
-connection itself is bounded (``ProblemAppRunner``): at most
+connection itself is bounded (tokenvault/api/httpserver.py): at most
 ``max_connections`` are open at once (the rest are answered 503 and closed at
 once), and a connection must deliver a request's headers within
 ``header_timeout_seconds`` of opening or of its previous response, or it is
@@ -67,9 +67,10 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from aiohttp import HttpVersion11, web
-from aiohttp.http_exceptions import DecompressSizeError, HttpProcessingError
-from aiohttp.web_protocol import RequestHandler
+from aiohttp import web
+
+from tokenvault.api.httpserver import (HTTP_11, AnyResponse, BodyError, BodyTooLarge, HttpServer, Request, Response,
+                                       StreamResponse)
 
 from tokenvault import auth
 from tokenvault.core import backup
@@ -143,9 +144,9 @@ DEFAULT_MAX_INFLIGHT_REQUESTS = 256
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 # Per request: the admitted principal, its rate-limit kind and the received body.
-_PRINCIPAL: web.RequestKey[Any] = web.RequestKey("tokenvault_principal", object)
-_KIND: web.RequestKey[str] = web.RequestKey("tokenvault_rate_limit_kind", str)
-_BODY: web.RequestKey[bytes] = web.RequestKey("tokenvault_body", bytes)
+_PRINCIPAL = "tokenvault.principal"
+_KIND = "tokenvault.rate_limit_kind"
+_BODY = "tokenvault.body"
 # The endpoint kind a scope's requests are counted under (tokenvault/api/ratelimit.py).
 # Delete and re-tokenize are writes of the token table: they count as tokenize.
 RATE_LIMIT_KIND_OF_SCOPE = {auth.TOKENIZE: ratelimit.TOKENIZE, auth.DETOKENIZE: ratelimit.DETOKENIZE,
@@ -243,13 +244,9 @@ def _bucket_limits(rate_limits: Any, share: int = 1) -> tuple[dict[str, ratelimi
 
 def problem_response(
     status: int, slug: str, title: str, detail: str, headers: dict[str, str] | None = None
-) -> web.Response:
-    response = web.Response(
-        body=problem_body(status, slug, title, detail), status=status, headers=dict(headers or {})
-    )
-    # Set after construction: aiohttp's content_type argument would append a charset parameter.
-    response.headers["Content-Type"] = PROBLEM_CONTENT_TYPE
-    return response
+) -> Response:
+    return Response(body=problem_body(status, slug, title, detail), status=status, headers=headers,
+                    content_type=PROBLEM_CONTENT_TYPE)
 
 
 _HTTP_EXCEPTION_PROBLEMS: dict[int, tuple[str, str]] = {
@@ -261,8 +258,8 @@ _HTTP_EXCEPTION_PROBLEMS: dict[int, tuple[str, str]] = {
 }
 
 
-def http_exception_problem(error: web.HTTPException) -> web.Response:
-    """Re-render one of aiohttp's own errors (404, 405, 413, ...) as problem+json."""
+def http_exception_problem(error: web.HTTPException) -> Response:
+    """Re-render an aiohttp HTTP error (a library used inside a handler may raise one) as problem+json."""
     slug, detail = _HTTP_EXCEPTION_PROBLEMS.get(error.status, (f"http-{error.status}", default_title(error.status)))
     headers = {name: error.headers[name] for name in ("Allow",) if name in error.headers}
     return problem_response(error.status, slug, default_title(error.status), detail, headers)
@@ -271,7 +268,7 @@ def http_exception_problem(error: web.HTTPException) -> web.Response:
 # ---------------------------------------------------------------- header checks
 
 
-def authorize(request: web.BaseRequest, api_keys: auth.ApiKeyTable, scope: str,
+def authorize(request: Request, api_keys: auth.ApiKeyTable, scope: str,
               alternative: str | None = None) -> auth.Principal:
     """The request's principal if its bearer key is known and has ``scope`` (or ``alternative``); else 401 / 403."""
     headers = request.headers.getall("Authorization", [])
@@ -302,7 +299,7 @@ def _challenge(error: str | None = None) -> dict[str, str]:
     return {"WWW-Authenticate": value}
 
 
-def idempotency_key(request: web.BaseRequest) -> str | None:
+def idempotency_key(request: Request) -> str | None:
     """The Idempotency-Key header (1-255 printable ASCII characters), or None when absent."""
     values = request.headers.getall(IDEMPOTENCY_KEY_HEADER, [])
     if not values:
@@ -312,7 +309,7 @@ def idempotency_key(request: web.BaseRequest) -> str | None:
     return validate_idempotency_key(values[0])
 
 
-def require_json_content_type(request: web.BaseRequest) -> None:
+def require_json_content_type(request: Request) -> None:
     """415 unless the body is declared as JSON (application/json or */*+json) in UTF-8."""
     if "Content-Type" not in request.headers:
         raise UnsupportedMediaType("send the body with 'Content-Type: application/json'")
@@ -383,7 +380,7 @@ def validate_key_request(document: dict[str, Any]) -> tuple[str, list[str]]:
     return name, scopes
 
 
-def audit_query(request: web.BaseRequest) -> tuple[int, int]:
+def audit_query(request: Request) -> tuple[int, int]:
     """``after`` (default 0) and ``limit`` (1..MAX_AUDIT_PAGE, default DEFAULT_AUDIT_PAGE) of an audit page."""
     query = request.query
     unknown = len(set(query) - {"after", "limit"})
@@ -434,7 +431,7 @@ class _Api:
         # zero, so its size is bounded by the key table.
         self.body_reads_by_key: dict[str, int] = {}
 
-    def admit(self, request: web.BaseRequest, scope: str, alternative: str | None = None) -> auth.Principal:
+    def admit(self, request: Request, scope: str, alternative: str | None = None) -> auth.Principal:
         """Authentication (401), scope (403), then the key's rate limit for the scope's kind (429)."""
         principal = authorize(request, self.api_keys, scope, alternative)
         kind = RATE_LIMIT_KIND_OF_SCOPE.get(scope, ratelimit.ADMIN)
@@ -450,7 +447,7 @@ class _Api:
         request[_KIND] = kind
         return principal
 
-    async def receive_body(self, request: web.BaseRequest, *, idempotent: bool = False) -> bytes:
+    async def receive_body(self, request: Request, *, idempotent: bool = False) -> bytes:
         """The request body, received once under the body bounds (order steps 4 and 5); b"" when there is
         none. ``idempotent``: the endpoint takes an Idempotency-Key, checked first."""
         received = request.get(_BODY)
@@ -470,7 +467,7 @@ class _Api:
         request[_BODY] = body
         return body
 
-    async def read_json(self, request: web.BaseRequest, *, body_required: bool) -> Any:
+    async def read_json(self, request: Request, *, body_required: bool) -> Any:
         """Content type, size and JSON checks; ``EMPTY_BODY`` when the body is empty and allowed."""
         if not body_required and not request.body_exists:
             return EMPTY_BODY
@@ -483,22 +480,21 @@ class _Api:
         check_json_structure(body, max_json_values(self.limits))
         return parse_json(body)
 
-    async def read_body(self, request: web.BaseRequest) -> bytes:
+    async def read_body(self, request: Request) -> bytes:
         """The whole body, each piece within body_timeout_seconds of the last and at most max_body_bytes
-        in all; a broken transfer or content encoding is the client's error (400)."""
+        in all (decoded); a broken transfer or content encoding is the client's error (400)."""
         chunks: list[bytes] = []
         received_bytes = 0
-        content = request.content
         try:
             while True:
                 # What has arrived already is taken without a timer: most bodies are in the first
                 # packet, and arming and cancelling a timeout cost a tenth of a worker's request.
-                chunk = content.read_nowait()
+                chunk = request.read_nowait()
                 if not chunk:
-                    if content.at_eof():
+                    if request.at_eof():
                         return b"".join(chunks)
                     async with asyncio.timeout(self.limits.body_timeout_seconds):
-                        chunk = await content.readany()
+                        chunk = await request.readany()
                     if not chunk:
                         return b"".join(chunks)
                 received_bytes += len(chunk)
@@ -510,15 +506,11 @@ class _Api:
             raise RequestTimeout(
                 f"no part of the request body arrived for {self.limits.body_timeout_seconds:g} s; "
                 "the connection is closed") from None
-        except (web.RequestPayloadError, HttpProcessingError) as error:
-            # aiohttp wraps the parser's error; a decompressed body over the limit is still 413.
-            if isinstance(error, DecompressSizeError) or isinstance(error.__cause__, DecompressSizeError):
-                raise PayloadTooLarge(
-                    f"the decoded request body is larger than {self.limits.max_body_bytes} bytes"
-                ) from None
+        except BodyTooLarge:
+            raise PayloadTooLarge(
+                f"the decoded request body is larger than {self.limits.max_body_bytes} bytes") from None
+        except BodyError:
             raise InvalidRequest("the request body could not be read (bad transfer or content encoding)") from None
-        except ConnectionError:
-            raise InvalidRequest("the request body ended early") from None
 
     @contextlib.contextmanager
     def body_slot(self, principal: auth.Principal | None, kind: str) -> Iterator[None]:
@@ -565,7 +557,7 @@ class _Api:
         finally:
             self.backup_streams -= 1
 
-    async def health(self, request: web.BaseRequest) -> web.Response:
+    async def health(self, request: Request) -> Response:
         return json_response(await self.service.read_health(), headers=NO_STORE_HEADERS)
 
     async def render_metrics(self) -> tuple[bytes, str]:
@@ -579,19 +571,17 @@ class _Api:
             return self.metrics.render()[0]
         return (await self._node_metrics()).encode("utf-8")
 
-    async def metrics_endpoint(self, request: web.BaseRequest) -> web.Response:
+    async def metrics_endpoint(self, request: Request) -> Response:
         body, content_type = await self.render_metrics()
-        response = web.Response(body=body)
-        response.headers["Content-Type"] = content_type
-        return response
+        return Response(body=body, content_type=content_type)
 
-    async def tokenize(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def tokenize(self, request: Request) -> AnyResponse:
         principal = self.admit(request, auth.TOKENIZE)
         await self.receive_body(request, idempotent=True)
         with self.inflight_slot():
             return await self._tokenize(request, principal)
 
-    async def _tokenize(self, request: web.BaseRequest, principal: auth.Principal) -> web.Response:
+    async def _tokenize(self, request: Request, principal: auth.Principal) -> Response:
         key = idempotency_key(request)
         document = require_members(await self.read_json(request, body_required=True), ("values",),
                                    TOKENIZE_OPTIONS)
@@ -613,7 +603,7 @@ class _Api:
             self.metrics.record_replay(ROUTE_TOKENIZE)
         return outcome_response(outcome)
 
-    async def detokenize(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def detokenize(self, request: Request) -> AnyResponse:
         principal = self.admit(request, auth.DETOKENIZE, auth.DETOKENIZE_MASKED)
         await self.receive_body(request)
         with self.inflight_slot():
@@ -624,7 +614,7 @@ class _Api:
         return commands.Actor(name=principal.name, key_id=principal.key_id, node=self.service.node_id,
                               request_id=new_request_id())
 
-    async def _detokenize(self, request: web.BaseRequest, principal: auth.Principal) -> web.Response:
+    async def _detokenize(self, request: Request, principal: auth.Principal) -> Response:
         document = require_members(await self.read_json(request, body_required=True), ("tokens",),
                                    ("epoch", "include_metadata"))
         tokens = validate_lookup_tokens(require_item_list(document, "tokens", self.limits))
@@ -652,13 +642,13 @@ class _Api:
         # The id the audit record of this request carries, so a caller can find it there.
         return json_response(answer, headers={**NO_STORE_HEADERS, REQUEST_ID_HEADER: actor.request_id or ""})
 
-    async def rotate_epoch(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def rotate_epoch(self, request: Request) -> AnyResponse:
         principal = self.admit(request, auth.ADMIN)
         await self.receive_body(request, idempotent=True)
         with self.inflight_slot():
             return await self._rotate_epoch(request, principal)
 
-    async def _rotate_epoch(self, request: web.BaseRequest, principal: auth.Principal) -> web.Response:
+    async def _rotate_epoch(self, request: Request, principal: auth.Principal) -> Response:
         key = idempotency_key(request)
         # The body is `{}`; an empty body is accepted as the same request.
         document = await self.read_json(request, body_required=False)
@@ -669,11 +659,11 @@ class _Api:
             self.metrics.record_replay(ROUTE_EPOCHS)
         return outcome_response(outcome)
 
-    async def list_epochs(self, request: web.BaseRequest) -> web.Response:
+    async def list_epochs(self, request: Request) -> Response:
         self.admit(request, auth.ADMIN)
         return json_response(await self.service.list_epochs(), headers=NO_STORE_HEADERS)
 
-    async def create_key(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def create_key(self, request: Request) -> AnyResponse:
         principal = self.admit(request, auth.ADMIN)
         await self.receive_body(request)
         with self.inflight_slot():
@@ -682,11 +672,11 @@ class _Api:
             outcome = await self.service.create_key(name, scopes, self.actor(principal))
             return outcome_response(outcome)
 
-    async def list_keys(self, request: web.BaseRequest) -> web.Response:
+    async def list_keys(self, request: Request) -> Response:
         self.admit(request, auth.ADMIN)
         return json_response(await self.service.list_keys(), headers=NO_STORE_HEADERS)
 
-    async def revoke_key(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def revoke_key(self, request: Request) -> AnyResponse:
         principal = self.admit(request, auth.ADMIN)
         await self.receive_body(request)
         with self.inflight_slot():
@@ -698,16 +688,16 @@ class _Api:
                 raise NotFound("no runtime API key has this id (ids are 16 lowercase hex characters)")
             return outcome_response(await self.service.revoke_key(key_id, self.actor(principal)))
 
-    async def audit(self, request: web.BaseRequest) -> web.Response:
+    async def audit(self, request: Request) -> Response:
         self.admit(request, auth.ADMIN)
         after, limit = audit_query(request)
         return json_response(await self.service.audit_page(after, limit), headers=NO_STORE_HEADERS)
 
-    async def list_members(self, request: web.BaseRequest) -> web.Response:
+    async def list_members(self, request: Request) -> Response:
         self.admit(request, auth.ADMIN)
         return json_response(await self.service.list_members(), headers=NO_STORE_HEADERS)
 
-    async def add_member(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def add_member(self, request: Request) -> AnyResponse:
         """Add a node as a learner; it counts in no majority until promoted (docs/api.md, "Membership")."""
         self.admit(request, auth.ADMIN)
         await self.receive_body(request)
@@ -717,7 +707,7 @@ class _Api:
             _, node_id, peer_addr = validate_member_change("add", document["node_id"], document["peer_addr"])
             return outcome_response(await self.service.change_member("add", node_id, peer_addr))
 
-    async def change_member(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def change_member(self, request: Request) -> AnyResponse:
         """Promote a caught-up learner to voter, or remove a member (live or dead, the primary included)."""
         self.admit(request, auth.ADMIN)
         await self.receive_body(request)
@@ -728,11 +718,11 @@ class _Api:
             return outcome_response(await self.service.change_member(
                 path_parameter(request, "action"), path_parameter(request, "node_id"), None))
 
-    async def cluster(self, request: web.BaseRequest) -> web.Response:
+    async def cluster(self, request: Request) -> Response:
         self.admit(request, auth.ADMIN)
         return json_response(await self.service.cluster_view(), headers=NO_STORE_HEADERS)
 
-    async def backup(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def backup(self, request: Request) -> AnyResponse:
         """Stream a checkpoint of this node's store; the checkpoint is deleted however the stream ends."""
         self.admit(request, auth.ADMIN)
         with self.backup_slot():
@@ -747,22 +737,20 @@ class _Api:
         await stream.close()
         return response
 
-    async def _send_backup(self, request: web.BaseRequest, stream: Any) -> web.StreamResponse:
+    async def _send_backup(self, request: Request, stream: Any) -> AnyResponse:
         """Once the headers are sent the status cannot change: a failure midway (or a client that
         goes away) closes the connection without the final chunk, so the client sees a broken
         transfer, and the stream's trailing SHA-256 makes any cut-off copy detectable anyway.
         """
         started = time.perf_counter()
         health = await self.service.read_health()
-        response = web.StreamResponse(status=200, headers={
+        response = StreamResponse(status=200, content_type=backup.BACKUP_CONTENT_TYPE, headers={
             **NO_STORE_HEADERS,
             backup.HEADER_INDEX: str(stream.index), backup.HEADER_VIEW: str(stream.view),
             backup.HEADER_BYTES: str(stream.total_bytes), backup.HEADER_NODE: str(health.get("node_id")),
             backup.HEADER_ROLE: str(health.get("role")),
             "Content-Disposition": f'attachment; filename="tokenvault-{health.get("node_id")}-'
                                    f'{stream.index}.backup"'})
-        response.content_type = backup.BACKUP_CONTENT_TYPE
-        response.enable_chunked_encoding()
         _log.info("backup.started", index=stream.index, view=stream.view, bytes=stream.total_bytes)
         await response.prepare(request)
         try:
@@ -787,14 +775,15 @@ class _Api:
 class HttpApp:
     """The node's HTTP API: its routes and the one dispatch every request goes through.
 
-    aiohttp's low-level server (``ProblemAppRunner``) calls the app with each
-    parsed request. The dispatch resolves the route (404, 405 with ``Allow``),
+    The server (tokenvault/api/httpserver.py, built by ``http_server``) calls the app
+    with each parsed request. The dispatch resolves the route (404, 405 with ``Allow``),
     answers ``Expect: 100-continue``, runs the handler, turns every error into
     problem+json (an unexpected exception is logged without its message), and
     records the request's route, method, status and duration in the metrics
     (a request cancelled because its client went away has no status and is not
-    counted). ``limits`` and ``metrics`` are read by the runner for the
-    connection bounds.
+    counted). The server reads its connection bounds from the app, and asks it
+    for the answers to requests it cannot parse (``malformed``) and to
+    connections over the cap (``refused``).
     """
 
     def __init__(self, api: _Api) -> None:
@@ -802,19 +791,45 @@ class HttpApp:
         self.limits = api.limits
         self.metrics = api.metrics
         self.router = Router()
+        self.max_connections = api.limits.max_connections
+        self.header_timeout_seconds = api.limits.header_timeout_seconds
+        self.max_body_bytes = api.limits.max_body_bytes
 
-    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+    def malformed(self, status: int, error_type: str) -> Response:
+        """Requests the server cannot parse get fixed text (never the offending bytes, which may be an
+        Authorization header); ``error_type`` is only logged."""
+        if status >= 500:
+            response = problem_response(status, "internal", "Internal error", "the request could not be handled")
+        elif status == 431:
+            response = problem_response(status, "invalid-request", default_title(status),
+                                        "the request's headers are too large or too many")
+        elif status == 414:
+            response = problem_response(status, "invalid-request", default_title(status),
+                                        "the request line is too long")
+        elif status == 429:
+            response = problem_response(status, "invalid-request", default_title(status),
+                                        "too many requests were sent ahead on one connection")
+        else:
+            response = problem_response(status, "invalid-request", default_title(status),
+                                        "the request is not valid HTTP/1.1")
+        response.force_close()
+        return response
+
+    def refused(self) -> bytes:
+        return TOO_MANY_CONNECTIONS_RESPONSE
+
+    async def __call__(self, request: Request) -> AnyResponse:
         started = time.perf_counter()
         route = UNMATCHED_ROUTE
         status: int | None = None
         try:
             try:
                 try:
-                    match = self.router.resolve(request.method, request.rel_url.path_safe)
+                    match = self.router.resolve(request.method, request.path_safe)
                 except RouteNotFound:
-                    raise web.HTTPNotFound() from None
+                    raise NotFound("no such endpoint") from None
                 except MethodNotAllowed as refused:
-                    raise web.HTTPMethodNotAllowed(request.method, refused.allowed) from None
+                    raise MethodNotAllowedError(refused.allowed) from None
                 route = match.pattern
                 request[PATH_PARAMETERS] = match.parameters
                 if "Expect" in request.headers:
@@ -844,42 +859,30 @@ class HttpApp:
                 self.metrics.observe_request(route, method, status, time.perf_counter() - started)
 
 
-async def _expect(request: web.BaseRequest) -> None:
+async def _expect(request: Request) -> None:
     """``Expect: 100-continue`` on HTTP/1.1 is answered at once (the client then sends its body); any
     other expectation is 417."""
-    if request.version != HttpVersion11:
+    if request.version != HTTP_11:
         return
     if request.headers.get("Expect", "").lower() != "100-continue":
-        raise web.HTTPExpectationFailed()
-    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-    # The interim answer is not the response: the response may still be a problem.
-    request.writer.output_size = 0
+        raise ExpectationFailed()
+    await request.send_continue()
 
 
-def _body_left_unread(request: web.BaseRequest) -> bool:
+def _body_left_unread(request: Request) -> bool:
     """Whether the request was refused before its body was read (401, 403, 429, 413, 415 ...).
 
-    aiohttp would keep such a connection open for up to its lingering time
-    (10 s) reading and dropping the body, so one client without a valid key
-    could hold a connection slot that long per request; it is closed instead.
+    Such a connection is mid-request: it cannot carry another request, and
+    reading and dropping the rest of the body would let one client without a
+    valid key hold a connection slot as long as it keeps sending; it is closed.
     """
     return request.body_exists and _BODY not in request
 
 
-async def _send_and_close(request: web.BaseRequest, response: web.Response) -> None:
-    """Send ``response`` now and close the connection behind it.
-
-    For a stalled body, or one refused before it was read: the connection is
-    mid-request, so it cannot carry another one, and aiohttp would otherwise
-    linger for the rest of the body (up to its lingering time) before closing.
-    """
-    response.force_close()
-    try:
-        await response.prepare(request)
-        await response.write_eof()
-    except ConnectionError:
-        pass
-    request.protocol.force_close()
+async def _send_and_close(request: Request, response: Response) -> None:
+    """Send ``response`` now and close the connection behind it (a stalled body, or one refused
+    before it was read: the connection is mid-request, so it cannot carry another one)."""
+    request.connection.send_now(request, response)
 
 
 def build_app(
@@ -946,54 +949,6 @@ TOO_MANY_CONNECTIONS_RESPONSE = (
 )
 
 
-class _ProblemRequestHandler(RequestHandler):
-    """aiohttp's connection handler, answering its own errors as problem+json.
-
-    Requests that aiohttp's HTTP parser rejects (a bad request line, a control
-    character in a header, an oversized header line) never reach the
-    application. aiohttp's default answer is plain text quoting the offending
-    bytes, which may be an Authorization header, so this answers with fixed
-    text instead and logs only the error's type.
-
-    It also enforces the connection cap: a connection beyond the server's
-    ``max_connections`` is answered 503 and closed as soon as it is accepted.
-    """
-
-    __slots__ = ()
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        server = self._manager
-        max_connections = getattr(server, "max_connections", None)
-        # Counted before this one registers itself with the server.
-        refuse = (server is not None and isinstance(max_connections, int)
-                  and len(server.connections) >= max_connections)
-        super().connection_made(transport)
-        if refuse:
-            assert isinstance(max_connections, int)
-            _note_refused_connection(server, max_connections)
-            transport.write(TOO_MANY_CONNECTIONS_RESPONSE)  # type: ignore[attr-defined]
-            self.force_close()
-
-    def handle_error(
-        self,
-        request: web.BaseRequest,
-        status: int = 500,
-        exc: BaseException | None = None,
-        message: str | None = None,
-    ) -> web.StreamResponse:
-        _MALFORMED_REQUESTS.add(1, status, type(exc).__name__ if exc else None)
-        if request.writer.output_size > 0:
-            raise ConnectionError("the response was already started; the connection is closed")
-        if status >= 500:
-            response = problem_response(status, "internal", "Internal error", "the request could not be handled")
-        else:
-            response = problem_response(
-                status, "invalid-request", default_title(status), "the request is not valid HTTP/1.1"
-            )
-        response.force_close()
-        return response
-
-
 # A flood of refused connections or malformed requests must not become a flood of log lines.
 # Each at most one line a second for each value of its fields, with the count (tokenvault.logs.SummedEvent).
 FLOOD_LOG_INTERVAL_SECONDS = 1.0
@@ -1003,41 +958,36 @@ _REFUSED_CONNECTIONS = SummedEvent(_log, "http.connection_refused", ("reason", "
                                    FLOOD_LOG_INTERVAL_SECONDS, level="warning")
 
 
-def _note_refused_connection(server: Any, max_connections: int) -> None:
-    """Count a refused connection in the metrics and the (summed) log."""
-    on_refused = getattr(server, "on_connection_refused", None)
-    if on_refused is not None:
-        on_refused()
-    _REFUSED_CONNECTIONS.add(1, "max_connections", max_connections)
+class MethodNotAllowedError(ServiceError):
+    """The path exists, not with this method; ``Allow`` names the methods it has."""
+
+    status = 405
+    title = "Method not allowed"
+    problem = "method-not-allowed"
+
+    def __init__(self, allowed: tuple[str, ...]) -> None:
+        super().__init__("this endpoint does not support the request's method", headers={"Allow": ",".join(allowed)})
 
 
-class _ProblemServer(web.Server):
-    def __call__(self) -> RequestHandler:
-        return _ProblemRequestHandler(self, loop=self._loop, **self._kwargs)
+class ExpectationFailed(ServiceError):
+    """An ``Expect`` header other than ``100-continue``."""
+
+    status = 417
+    title = "Expectation failed"
+    problem = "expectation-failed"
+
+    def __init__(self) -> None:
+        super().__init__("the only expectation this server meets is 'Expect: 100-continue'")
 
 
-class ProblemAppRunner(web.BaseRunner):
-    """Serves an HttpApp on aiohttp's low-level server, whose connections answer malformed HTTP with
-    problem+json, under the app's connection limits: the header timeout and the connection cap.
-    ``kwargs`` go to the server's connection handlers (``access_log=None``, say)."""
+def http_server(app: HttpApp) -> HttpServer:
+    """The server for ``app``: its refused connections and malformed requests counted in the metrics
+    and in the (summed) log."""
+    def refused() -> None:
+        app.metrics.record_connection_refused()
+        _REFUSED_CONNECTIONS.add(1, "max_connections", app.max_connections)
 
-    def __init__(self, app: HttpApp, *, handle_signals: bool = False, **kwargs: Any) -> None:
-        super().__init__(handle_signals=handle_signals, **kwargs)
-        self.app = app
+    def malformed(status: int, error_type: str) -> None:
+        _MALFORMED_REQUESTS.add(1, status, error_type)
 
-    async def shutdown(self) -> None:
-        pass
-
-    async def _make_server(self) -> web.Server:
-        limits = self.app.limits
-        # aiohttp closes a connection whose handler is still waiting for a
-        # request when its keep-alive timer fires. The timer starts when the
-        # connection opens and again after each response, and receiving part
-        # of a request's headers does not stop it: exactly a header timeout.
-        server = _ProblemServer(self.app, **{**self._kwargs, "keepalive_timeout": limits.header_timeout_seconds})
-        server.max_connections = limits.max_connections  # type: ignore[attr-defined]
-        server.on_connection_refused = self.app.metrics.record_connection_refused  # type: ignore[attr-defined]
-        return server
-
-    async def _cleanup_server(self) -> None:
-        pass
+    return HttpServer(app, on_refused=refused, on_malformed=malformed)

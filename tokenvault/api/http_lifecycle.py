@@ -16,9 +16,8 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Any
 
-from aiohttp import web
-
 from tokenvault import auth
+from tokenvault.api.httpserver import AnyResponse, Request
 from tokenvault.api.routing import Router, path_parameter
 from tokenvault.api.responses import EMPTY_BODY, NO_STORE_HEADERS, json_response, outcome_response
 from tokenvault.api.validation import require_item_list, require_members, validate_tokens
@@ -40,7 +39,7 @@ _EPOCH_TEXT = re.compile(r"[1-9][0-9]{0,9}\Z")
 _LIMIT_TEXT = re.compile(r"[1-9][0-9]{0,3}\Z")
 
 
-def path_epoch(request: web.BaseRequest) -> int:
+def path_epoch(request: Request) -> int:
     """The ``{epoch}`` of the path; anything that is not a stored epoch number is a 404, like a key id."""
     text = path_parameter(request, "epoch")
     if not _EPOCH_TEXT.match(text) or int(text) > MAX_STORED_EPOCH:
@@ -48,7 +47,7 @@ def path_epoch(request: web.BaseRequest) -> int:
     return int(text)
 
 
-def token_page_query(request: web.BaseRequest) -> tuple[str | None, int]:
+def token_page_query(request: Request) -> tuple[str | None, int]:
     """``after`` (a token, default none) and ``limit`` (1..MAX_TOKEN_PAGE, default DEFAULT_TOKEN_PAGE)."""
     query = request.query
     unknown = len(set(query) - {"after", "limit"})
@@ -74,11 +73,11 @@ class LifecycleRoutes:
     def __init__(self, api: _Api) -> None:
         self.api = api
 
-    async def _tokens(self, request: web.BaseRequest) -> list[str]:
+    async def _tokens(self, request: Request) -> list[str]:
         document = require_members(await self.api.read_json(request, body_required=True), ("tokens",))
         return validate_tokens(require_item_list(document, "tokens", self.api.limits))
 
-    async def delete(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def delete(self, request: Request) -> AnyResponse:
         principal = self.api.admit(request, auth.DELETE)
         await self.api.receive_body(request)
         with self.api.inflight_slot():
@@ -86,7 +85,7 @@ class LifecycleRoutes:
             outcome = await self.api.service.delete_tokens(tokens, self.api.actor(principal))
             return outcome_response(outcome)
 
-    async def retokenize(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def retokenize(self, request: Request) -> AnyResponse:
         principal = self.api.admit(request, auth.RETOKENIZE)
         await self.api.receive_body(request)
         with self.api.inflight_slot():
@@ -96,7 +95,7 @@ class LifecycleRoutes:
                 raise AssertionError("the service answered a different number of tokens than asked")
             return json_response(document, headers=NO_STORE_HEADERS)
 
-    async def destroy_epoch(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def destroy_epoch(self, request: Request) -> AnyResponse:
         principal = self.api.admit(request, auth.ADMIN)
         await self.api.receive_body(request)
         with self.api.inflight_slot():
@@ -106,7 +105,7 @@ class LifecycleRoutes:
             epoch = path_epoch(request)
             return outcome_response(await self.api.service.destroy_epoch(epoch, self.api.actor(principal)))
 
-    async def trim_audit(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def trim_audit(self, request: Request) -> AnyResponse:
         """``{"through_seq": S, "through_hash": H}``: drop the audit records up to S, whose hash an export
         gave as H (docs/security.md, "Growth and retention")."""
         principal = self.api.admit(request, auth.ADMIN)
@@ -122,7 +121,7 @@ class LifecycleRoutes:
             return outcome_response(await self.api.service.trim_audit(through_seq, bytes.fromhex(through_hash),
                                                                       self.api.actor(principal)))
 
-    async def epoch_tokens(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def epoch_tokens(self, request: Request) -> AnyResponse:
         self.api.admit(request, auth.ADMIN)
         epoch = path_epoch(request)
         after, limit = token_page_query(request)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from aiohttp import web
 
+from tokenvault.api.httpserver import Response
 from tokenvault.errors import Outcome
 
 JSON_CONTENT_TYPE = "application/json"
@@ -17,13 +17,13 @@ NO_STORE_HEADERS = {"Cache-Control": "no-store"}
 EMPTY_BODY = object()
 
 
-def json_response(document: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+def json_response(document: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     body = json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-    return web.Response(body=body, status=status, content_type=JSON_CONTENT_TYPE, headers=headers)
+    return Response(body=body, status=status, content_type=JSON_CONTENT_TYPE, headers=headers)
 
 
-def outcome_response(outcome: Outcome) -> web.Response:
+def outcome_response(outcome: Outcome) -> Response:
     headers = dict(NO_STORE_HEADERS)
     if outcome.replayed:
         headers[REPLAYED_HEADER] = "true"
-    return web.Response(body=outcome.body, status=outcome.status, content_type=JSON_CONTENT_TYPE, headers=headers)
+    return Response(body=outcome.body, status=outcome.status, content_type=JSON_CONTENT_TYPE, headers=headers)

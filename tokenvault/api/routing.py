@@ -1,15 +1,11 @@
 """The HTTP API's routes: a request's method and path to its handler, its path parameters and its label.
 
-The node serves HTTP with aiohttp's low-level server (``web.Server``) and this
-table instead of an aiohttp ``web.Application``: the application's router,
-middleware chain and request objects cost a worker about 9 µs of CPU per
-request (``bench/http_floor.py``), a tenth of what it spends on a single-value
-tokenize, and the node needs none of what they add. tokenvault/api/http.py
-registers the routes and runs every request through one ``dispatch``.
+tokenvault/api/http.py registers the routes and runs every request through
+one dispatch (``HttpApp``), served by tokenvault/api/httpserver.py.
 
 A pattern is a path with ``{name}`` segments (any non-empty text without ``/``)
-or ``{name:a|b}`` segments (one of the listed words). Paths are matched as
-aiohttp matched them: percent-decoded, except that ``%2F`` and ``%25`` stay
+or ``{name:a|b}`` segments (one of the listed words). Paths are matched
+percent-decoded, except that ``%2F`` and ``%25`` stay
 encoded while matching, so a parameter never spans segments; the parameter's
 value is then decoded. No trailing-slash or case folding: another spelling of
 a path is a 404. A GET route also answers HEAD (the response without its body)
@@ -21,20 +17,22 @@ from __future__ import annotations
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from aiohttp import web
 
-Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+from tokenvault.api.httpserver import AnyResponse, Request
+
+Handler = Callable[[Request], Awaitable[AnyResponse]]
 
 _PARAMETER = re.compile(r"\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::(?P<choices>[A-Za-z0-9_|-]+))?\}")
 
 
 # Per request: the parameters of its route's pattern, set by the dispatch (tokenvault/api/http.py).
-PATH_PARAMETERS: web.RequestKey[dict[str, str]] = web.RequestKey("tokenvault_path_parameters", dict)
+PATH_PARAMETERS = "tokenvault.path_parameters"
 
 
-def path_parameter(request: web.BaseRequest, name: str) -> str:
+def path_parameter(request: Request, name: str) -> str:
     """A parameter of the request's route pattern (``{key_id}`` in ``/v1/admin/keys/{key_id}/revoke``)."""
-    return request[PATH_PARAMETERS][name]
+    parameters: dict[str, str] = request[PATH_PARAMETERS]
+    return parameters[name]
 
 
 class RouteNotFound(Exception):
@@ -84,7 +82,7 @@ def _compile(pattern: str) -> re.Pattern[str] | None:
 
 
 def _decoded(value: str) -> str:
-    # What stays encoded while matching (aiohttp's path_safe) is decoded in the parameter's value.
+    # What stays encoded while matching (Request.path_safe) is decoded in the parameter's value.
     return value.replace("%2F", "/").replace("%2f", "/").replace("%25", "%")
 
 
@@ -117,7 +115,7 @@ class Router:
         self.add("POST", pattern, handler)
 
     def resolve(self, method: str, path: str) -> Match:
-        """The match for ``path`` (aiohttp's ``path_safe``: decoded but for %2F and %25);
+        """The match for ``path`` (``Request.path_safe``: decoded but for %2F and %25);
         RouteNotFound or MethodNotAllowed."""
         route = self._plain.get(path)
         parameters: dict[str, str] = {}

@@ -30,10 +30,9 @@ import socket
 import sys
 from pathlib import Path
 
-from aiohttp import web
 
 from tokenvault.api.channel import Channel, max_frame_bytes
-from tokenvault.api.http import ProblemAppRunner, create_app
+from tokenvault.api.http import create_app, http_server
 from tokenvault.api.remote import RemoteService
 from tokenvault.config import NodeConfig, load_config
 from tokenvault.core.store_files import STORE_DIRECTORY
@@ -112,16 +111,13 @@ async def _serve(config: NodeConfig, index: int, workers: int, channel_fd: int, 
         log.critical("worker.refused_to_start", reason="no key table from the core")
         return EXIT_REFUSED
     app = create_app(service, config, metrics, share=workers, node_metrics=service.metrics_text)
-    runner = ProblemAppRunner(app, access_log=None, handle_signals=False,
-                              shutdown_timeout=config.timing.request_timeout_ms / 1000)
-    await runner.setup()
-    # The core made this worker's listening socket on the node's port (tokenvault.api.workers).
-    site = web.SockSite(runner, socket.socket(fileno=listen_fd), ssl_context=tls_context)
+    server = http_server(app)
     try:
-        await site.start()
+        # The core made this worker's listening socket on the node's port (tokenvault.api.workers).
+        await server.start_on_socket(socket.socket(fileno=listen_fd), ssl_context=tls_context)
     except OSError as error:
         log.critical("worker.refused_to_start", reason=f"cannot serve the listening socket: {error.strerror}")
-        await runner.cleanup()
+        await server.close(0)
         return EXIT_REFUSED
     channel.push("ready", {"pid": os.getpid()})
     log.info("worker.started", index=index, pid=os.getpid())
@@ -136,10 +132,10 @@ async def _serve(config: NodeConfig, index: int, workers: int, channel_fd: int, 
     await loop_watch.stop()
     if channel.closed.is_set():
         log.warning("worker.core_gone", index=index)
-        await site.stop()  # no new connection lands here while the process winds down
+        server.stop_listening()  # no new connection lands here while the process winds down
         await asyncio.sleep(ORPHAN_GRACE_SECONDS)
         return 0
-    await runner.cleanup()
+    await server.close(config.timing.request_timeout_ms / 1000)
     await channel.close()
     log.info("worker.stopped", index=index)
     return 0

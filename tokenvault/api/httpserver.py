@@ -1,0 +1,750 @@
+"""The node's HTTP/1.1 server: an asyncio protocol on httptools' parser (llhttp), with the vault's own
+request and response types.
+
+It replaces aiohttp's server (the vault keeps aiohttp's client): aiohttp's
+request and response objects and its connection handler cost a worker about
+29 µs of CPU per request even without its application layer, a bare protocol
+on the same parser about 8 (``bench/http_floor.py``), and a worker spends all
+its time on requests. What the server does, and its bounds:
+
+- **Connections.** At most ``max_connections`` open at once; one more is
+  answered ``503`` (problem+json) and closed as soon as it is accepted. A
+  connection must deliver a request's headers within
+  ``header_timeout_seconds`` of opening or of its previous response, or it is
+  closed (an idle keep-alive connection is one waiting for headers); a request
+  being handled is never cut off by it. Keep-alive follows HTTP/1.1 (and
+  HTTP/1.0's ``Connection: keep-alive``).
+- **Hostile bytes.** A request line over ``MAX_LINE_BYTES``, a header line over
+  ``MAX_LINE_BYTES``, more than ``MAX_HEADERS`` headers or a header block over
+  ``MAX_HEAD_BYTES`` is refused (414 / 431) before more is buffered; anything
+  llhttp rejects (a bad request line, a control character in a header, a
+  bad chunk, both Content-Length and chunked) is ``400``. These answers are
+  built by the application's ``malformed`` callback from fixed texts (never
+  the offending bytes) and close the connection. Requests pipelined behind
+  the one being answered are parsed ahead at most one read at a time (the
+  transport is paused meanwhile) and at most ``MAX_PIPELINED``.
+- **Bodies.** llhttp removes the chunked framing; ``Content-Encoding`` gzip and
+  deflate are decoded as the handler reads, never more than
+  ``max_body_bytes`` decoded (a larger body is ``BodyTooLarge``, a broken one
+  ``BodyError``); any other encoding is ``BodyError``. At most
+  ``READ_AHEAD_BYTES`` of a body wait in memory for the handler: past that the
+  transport stops reading until the handler takes them. A handler that answers
+  before reading the whole body closes the connection behind its response (a
+  connection mid-body cannot carry another request).
+- **Answers.** One handler call per request, in order; a response is one write
+  (``Content-Length``, or chunked for a ``StreamResponse``, which waits for the
+  transport to drain). ``HEAD`` gets the headers of the answer without its body.
+  A client that goes away does not cancel its handler: its response is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import email.utils
+import re
+import socket
+import ssl
+import time
+import zlib
+from collections.abc import Awaitable, Callable, Mapping
+from http import HTTPStatus
+from typing import Any, Protocol, cast
+from urllib.parse import parse_qsl, unquote
+
+import httptools
+from multidict import CIMultiDict, CIMultiDictProxy, MultiDict, MultiDictProxy
+
+from tokenvault.logs import get_logger
+
+_log = get_logger("tokenvault.api.httpserver")
+
+MAX_LINE_BYTES = 8190  # the request line, and each header line (aiohttp's limits, and most servers')
+MAX_HEADERS = 100
+MAX_HEAD_BYTES = 64 * 1024
+READ_AHEAD_BYTES = 256 * 1024
+MAX_PIPELINED = 64
+HttpVersion = tuple[int, int]
+HTTP_11: HttpVersion = (1, 1)
+
+
+class BodyError(Exception):
+    """The request body could not be read: a broken transfer or content encoding (a client error)."""
+
+
+class BodyTooLarge(BodyError):
+    """The decoded request body is larger than the server's ``max_body_bytes``."""
+
+
+class Response:
+    """A whole response: status, headers and body, written in one piece."""
+
+    __slots__ = ("status", "body", "headers", "closing")
+
+    def __init__(self, *, body: bytes = b"", status: int = 200, headers: Mapping[str, str] | None = None,
+                 content_type: str | None = None) -> None:
+        self.status = status
+        self.body = body
+        self.headers: dict[str, str] = dict(headers) if headers else {}
+        if content_type is not None:
+            self.headers["Content-Type"] = content_type
+        self.closing = False
+
+    def force_close(self) -> None:
+        """Close the connection once this response is written."""
+        self.closing = True
+
+
+class StreamResponse:
+    """A response sent in chunks (chunked transfer coding) as the handler produces them:
+    ``await prepare(request)``, ``await write(data)`` ..., ``await write_eof()``; each write waits for
+    the client to take what is buffered. The status cannot change once prepared."""
+
+    __slots__ = ("status", "headers", "closing", "_request", "_done")
+
+    def __init__(self, *, status: int = 200, headers: Mapping[str, str] | None = None,
+                 content_type: str | None = None) -> None:
+        self.status = status
+        self.headers: dict[str, str] = dict(headers) if headers else {}
+        if content_type is not None:
+            self.headers["Content-Type"] = content_type
+        self.closing = False
+        self._request: Request | None = None
+        self._done = False
+
+    def force_close(self) -> None:
+        self.closing = True
+
+    async def prepare(self, request: Request) -> None:
+        if self._request is not None:
+            return
+        self._request = request
+        connection = request.connection
+        connection.start_answer(request, self.status, self.headers, None, self.closing)
+        await connection.drain()
+
+    async def write(self, data: bytes) -> None:
+        if self._request is None or self._done:
+            raise RuntimeError("write before prepare or after write_eof")
+        if data:
+            connection = self._request.connection
+            connection.write(b"%x\r\n%b\r\n" % (len(data), data))
+            await connection.drain()
+
+    async def write_eof(self) -> None:
+        if self._request is None or self._done:
+            return
+        self._done = True
+        connection = self._request.connection
+        connection.write(b"0\r\n\r\n")
+        await connection.drain()
+        connection.finish_answer(self._request, self.closing)
+
+
+AnyResponse = Response | StreamResponse
+
+
+class Request:
+    """One parsed request: method, path, headers, query, and its body as it arrives.
+
+    Also a small mapping (``request[key] = value``) for what the application
+    keeps per request. ``connection`` is the connection it came on."""
+
+    __slots__ = ("method", "raw_path", "query_string", "version", "headers", "keep_alive", "body_exists",
+                 "content_length", "connection", "_values", "_chunks", "_buffered", "_complete", "_failed",
+                 "_waiter", "_decoder", "_decoded", "_query", "answered", "_path_safe")
+
+    def __init__(self, connection: _Connection, method: str, raw_path: str, query_string: str,
+                 version: HttpVersion, headers: CIMultiDictProxy[str], keep_alive: bool,
+                 content_length: int | None, body_exists: bool) -> None:
+        self.connection = connection
+        self.method = method
+        self.raw_path = raw_path
+        self.query_string = query_string
+        self.version = version
+        self.headers = headers
+        self.keep_alive = keep_alive
+        self.content_length = content_length
+        self.body_exists = body_exists
+        self.answered = False
+        self._values: dict[Any, Any] = {}
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._buffered = 0
+        self._complete = not body_exists
+        self._failed: BaseException | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._decoder: Any = None
+        self._decoded = 0
+        self._query: MultiDictProxy[str] | None = None
+        self._path_safe: str | None = None
+
+    # ------------------------------------------------------------ what the application keeps
+    def __getitem__(self, key: Any) -> Any:
+        return self._values[key]
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self._values[key] = value
+
+    def __contains__(self, key: Any) -> bool:
+        return key in self._values
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        return self._values.get(key, default)
+
+    # ------------------------------------------------------------ the request line and headers
+    @property
+    def path_safe(self) -> str:
+        """The path percent-decoded, except ``%2F`` and ``%25`` (so a segment never spans a ``/``)."""
+        if self._path_safe is None:
+            raw = self.raw_path
+            self._path_safe = raw if "%" not in raw else "".join(
+                part if index % 2 else unquote(part) for index, part in enumerate(_PROTECTED.split(raw)))
+        return self._path_safe
+
+    @property
+    def query(self) -> MultiDictProxy[str]:
+        if self._query is None:
+            self._query = MultiDictProxy(MultiDict(parse_qsl(self.query_string, keep_blank_values=True)))
+        return self._query
+
+    @property
+    def content_type(self) -> str:
+        """The media type of Content-Type, lower case ("" when absent)."""
+        return self.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
+
+    @property
+    def charset(self) -> str | None:
+        """The ``charset`` parameter of Content-Type, or None."""
+        for parameter in self.headers.get("Content-Type", "").split(";")[1:]:
+            name, _, value = parameter.partition("=")
+            if name.strip().lower() == "charset":
+                return value.strip().strip('"') or None
+        return None
+
+    @property
+    def transport(self) -> asyncio.Transport | None:
+        return self.connection.transport
+
+    async def send_continue(self) -> None:
+        """``100 Continue``: the client waits for it before sending a body it announced with Expect."""
+        self.connection.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    # ------------------------------------------------------------ the body
+    def feed(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._buffered += len(data)
+        if self._buffered > READ_AHEAD_BYTES:
+            self.connection.pause_reading()
+        self._wake()
+
+    def feed_eof(self) -> None:
+        self._complete = True
+        self._wake()
+
+    def fail(self, error: BaseException) -> None:
+        if not self._complete:
+            self._failed = error
+            self._wake()
+
+    @property
+    def body_complete(self) -> bool:
+        """Whether the whole body has arrived (it may still wait to be read)."""
+        return self._complete
+
+    def at_eof(self) -> bool:
+        return self._complete and not self._chunks
+
+    def read_nowait(self) -> bytes:
+        """What has arrived and not been read, decoded; b"" when nothing has (or at the end)."""
+        if not self._chunks:
+            if self._failed is not None:
+                raise BodyError("the request body ended early") from self._failed
+            return b""
+        data = b"".join(self._chunks)
+        self._chunks.clear()
+        self._buffered = 0
+        self.connection.resume_reading()
+        return self._decode(data)
+
+    async def readany(self) -> bytes:
+        """The next piece of the body, waiting for it; b"" at the end."""
+        while not self._chunks and not self._complete:
+            if self._failed is not None:
+                raise BodyError("the request body ended early") from self._failed
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        chunk = self.read_nowait()
+        if not chunk and self._complete and self._decoder is not None:
+            return self._flush_decoder()
+        return chunk
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _decode(self, data: bytes) -> bytes:
+        decoder = self._decoder
+        if decoder is None:
+            encoding = self.headers.get("Content-Encoding", "identity").strip().lower()
+            if encoding == "identity":
+                return data
+            if encoding not in ("gzip", "x-gzip", "deflate"):
+                raise BodyError("unsupported content encoding")
+            # gzip: the gzip wrapper; deflate: the zlib wrapper, or raw deflate as some clients send.
+            decoder = self._decoder = _Inflater(16 + zlib.MAX_WBITS if encoding != "deflate" else None)
+        limit = self.connection.server.max_body_bytes
+        try:
+            out: bytes = decoder.decompress(data, limit + 1 - self._decoded)
+        except zlib.error:
+            raise BodyError("the request body's content encoding is broken") from None
+        self._decoded += len(out)
+        if self._decoded > limit or decoder.unconsumed:
+            raise BodyTooLarge("the decoded request body is too large")
+        if self._complete and not self._chunks and not decoder.finished:
+            raise BodyError("the request body's content encoding is cut short")
+        return out
+
+    def _flush_decoder(self) -> bytes:
+        if self._decoder is not None and not self._decoder.finished:
+            raise BodyError("the request body's content encoding is cut short")
+        return b""
+
+
+_PROTECTED = re.compile(r"(%2[Ff]|%25)")
+
+
+class _Inflater:
+    """zlib decoding with an output bound; ``wbits`` None: the zlib wrapper, else raw deflate."""
+
+    def __init__(self, wbits: int | None) -> None:
+        self._wbits = wbits
+        self._decompressor = zlib.decompressobj(wbits if wbits is not None else zlib.MAX_WBITS)
+        self._first = wbits is None
+        self.unconsumed = b""
+
+    @property
+    def finished(self) -> bool:
+        return self._decompressor.eof
+
+    def decompress(self, data: bytes, max_length: int) -> bytes:
+        try:
+            out = self._decompressor.decompress(data, max(max_length, 1))
+        except zlib.error:
+            if not self._first:
+                raise
+            # "deflate" without the zlib wrapper, as some clients send it.
+            self._decompressor = zlib.decompressobj(-zlib.MAX_WBITS)
+            out = self._decompressor.decompress(data, max(max_length, 1))
+        self._first = False
+        self.unconsumed = self._decompressor.unconsumed_tail
+        return out
+
+
+class App(Protocol):
+    """What the server serves: a handler for each request, the bounds it reads, and its fixed answers."""
+
+    max_connections: int
+    header_timeout_seconds: float
+    max_body_bytes: int
+
+    def __call__(self, request: Request) -> Awaitable[AnyResponse]: ...
+
+    def malformed(self, status: int, error_type: str) -> Response:
+        """The answer to a request that cannot be parsed (or is over a bound): fixed text, no echo."""
+
+    def refused(self) -> bytes:
+        """The whole answer written to a connection over ``max_connections``."""
+
+
+_REASONS = {status.value: status.phrase for status in HTTPStatus}
+_date_cache: tuple[int, bytes] = (0, b"")
+
+
+def _date() -> bytes:
+    global _date_cache
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache = (now, email.utils.formatdate(now, usegmt=True).encode("ascii"))
+    return _date_cache[1]
+
+
+def _head(status: int, headers: Mapping[str, str], length: int | None, close: bool) -> bytes:
+    lines = [b"HTTP/1.1 %d %s" % (status, _REASONS.get(status, "Unknown").encode("ascii"))]
+    for name, value in headers.items():
+        lines.append(f"{name}: {value}".encode("latin-1"))
+    lines.append(b"Date: " + _date())
+    if length is None:
+        lines.append(b"Transfer-Encoding: chunked")
+    else:
+        lines.append(b"Content-Length: %d" % length)
+    if close:
+        lines.append(b"Connection: close")
+    lines.append(b"\r\n")
+    return b"\r\n".join(lines)
+
+
+class _Malformed:
+    __slots__ = ("status", "error_type")
+
+    def __init__(self, status: int, error_type: str) -> None:
+        self.status = status
+        self.error_type = error_type
+
+
+class _Refused(Exception):
+    """Raised from a parser callback to stop parsing: the request is over a bound."""
+
+    def __init__(self, status: int, error_type: str) -> None:
+        super().__init__(error_type)
+        self.status = status
+        self.error_type = error_type
+
+
+class _Connection(asyncio.Protocol):
+    """One client connection: parses its requests and answers them in order."""
+
+    def __init__(self, server: HttpServer) -> None:
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self._parser = httptools.HttpRequestParser(self)
+        self._queue: collections.deque[Request | _Malformed] = collections.deque()
+        self._parsing: Request | None = None
+        self._current: Request | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._in_head = True
+        self._head_bytes = 0
+        self._url = b""
+        self._header_list: list[tuple[str, str]] = []
+        self._closing = False
+        self._reading_paused = False
+        self._writing_paused: asyncio.Future[None] | None = None
+        self._can_write = True
+        self._eof = False
+
+    # ------------------------------------------------------------ transport events
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not its subclasses
+        server = self.server
+        refuse = len(server.connections) >= server.app.max_connections
+        server.connections.add(self)
+        if refuse:
+            server.note_refused()
+            self.transport.write(server.app.refused())
+            self._close()
+            return
+        self._arm_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closing = True
+        self.server.connections.discard(self)
+        if self._timer is not None:
+            self._timer.cancel()
+        gone = ConnectionResetError("the client closed the connection")
+        for request in (self._parsing, self._current):
+            if request is not None:
+                request.fail(gone)
+        if self._writing_paused is not None and not self._writing_paused.done():
+            self._writing_paused.set_exception(gone)
+        self.transport = None
+
+    def pause_writing(self) -> None:
+        self._can_write = False
+
+    def resume_writing(self) -> None:
+        self._can_write = True
+        if self._writing_paused is not None and not self._writing_paused.done():
+            self._writing_paused.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        if self._closing:
+            return
+        if self._in_head:
+            self._head_bytes += len(data)
+        try:
+            self._parser.feed_data(data)
+        except _Refused as refused:
+            self._refuse(refused.status, refused.error_type)
+            return
+        except httptools.HttpParserCallbackError as error:
+            cause = error.__context__
+            if isinstance(cause, _Refused):
+                self._refuse(cause.status, cause.error_type)
+            else:
+                self._refuse(400, type(cause).__name__ if cause is not None else type(error).__name__)
+            return
+        except httptools.HttpParserUpgrade:
+            self._refuse(400, "HttpParserUpgrade")
+            return
+        except httptools.HttpParserError as error:
+            self._refuse(400, type(error).__name__)
+            return
+        if self._in_head and self._head_bytes > MAX_HEAD_BYTES:
+            self._refuse(431, "HeadersTooLarge")
+
+    def eof_received(self) -> bool | None:
+        self._eof = True
+        if self._parsing is not None:
+            self._parsing.fail(ConnectionResetError("the client stopped sending mid-request"))
+        if self._current is None and not self._queue:
+            self._close()
+            return None
+        # Half-closed: answer what was asked, then close (TLS cannot stay half-open: it closes now).
+        return None if self.transport is None or self.transport.get_extra_info("sslcontext") else True
+
+    # ------------------------------------------------------------ parser callbacks
+    def on_message_begin(self) -> None:
+        self._in_head = True
+        self._url = b""
+        self._header_list = []
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        if len(self._url) > MAX_LINE_BYTES:
+            raise _Refused(414, "RequestLineTooLong")
+
+    def on_header(self, name: bytes, value: bytes | None) -> None:
+        value = value or b""
+        if len(name) + len(value) + 2 > MAX_LINE_BYTES:
+            raise _Refused(431, "HeaderLineTooLong")
+        if len(self._header_list) >= MAX_HEADERS:
+            raise _Refused(431, "TooManyHeaders")
+        self._header_list.append((name.decode("utf-8", "surrogateescape"),
+                                  value.decode("utf-8", "surrogateescape")))
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._head_bytes = 0
+        parser = self._parser
+        try:
+            parsed = httptools.parse_url(self._url)
+        except httptools.HttpParserInvalidURLError:
+            raise _Refused(400, "HttpParserInvalidURLError") from None
+        headers = CIMultiDictProxy(CIMultiDict(self._header_list))
+        length_text = headers.get("Content-Length", "").strip()
+        content_length = int(length_text) if length_text.isdigit() else None
+        chunked = "chunked" in headers.get("Transfer-Encoding", "").lower()
+        version_text = parser.get_http_version()
+        version = (1, 1) if version_text == "1.1" else (1, 0) if version_text == "1.0" else (0, 9)
+        request = Request(self, parser.get_method().decode("ascii"),
+                          (parsed.path or b"/").decode("utf-8", "surrogateescape"),
+                          (parsed.query or b"").decode("utf-8", "surrogateescape"),
+                          version, headers, parser.should_keep_alive(), content_length,
+                          chunked or bool(content_length))
+        self._parsing = request if request.body_exists else None
+        self._enqueue(request)
+
+    def on_body(self, body: bytes) -> None:
+        if self._parsing is not None:
+            self._parsing.feed(body)
+
+    def on_message_complete(self) -> None:
+        if self._parsing is not None:
+            self._parsing.feed_eof()
+            self._parsing = None
+
+    # ------------------------------------------------------------ answering
+    def _enqueue(self, item: Request | _Malformed) -> None:
+        self._queue.append(item)
+        if self._current is not None or len(self._queue) > 1:
+            # A pipelined request waits for the one being answered: read no further meanwhile.
+            self.pause_reading()
+            if len(self._queue) > MAX_PIPELINED:
+                raise _Refused(429, "TooManyPipelinedRequests")
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._answer_queue())
+
+    def _refuse(self, status: int, error_type: str) -> None:
+        """Answer a request that cannot be parsed (after those before it), then close."""
+        self._in_head = False
+        if self._parsing is not None:
+            self._parsing.fail(ConnectionResetError("the rest of the request could not be parsed"))
+            self._parsing = None
+        self._closing = True  # parse nothing more
+        self._queue.append(_Malformed(status, error_type))
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._answer_queue())
+
+    async def _answer_queue(self) -> None:
+        app = self.server.app
+        try:
+            while self._queue:
+                item = self._queue.popleft()
+                if isinstance(item, _Malformed):
+                    self.server.note_malformed(item.status, item.error_type)
+                    refusal = app.malformed(item.status, item.error_type)
+                    if self.transport is not None:
+                        self.transport.write(_head(refusal.status, refusal.headers, len(refusal.body), True)
+                                             + refusal.body)
+                    self._close()
+                    return
+                if self._timer is not None:
+                    self._timer.cancel()
+                    self._timer = None
+                self._current = item
+                if not self._queue:
+                    self.resume_reading()
+                response: AnyResponse
+                try:
+                    response = await app(item)
+                except Exception as error:  # the application answers its own errors; this is a bug
+                    _log.error("http.handler_failed", error_type=type(error).__name__)
+                    response = app.malformed(500, type(error).__name__)
+                if not item.answered:
+                    self._send(item, response)
+                self._current = None
+                if self.transport is None or self.transport.is_closing():
+                    return
+            if self._eof:
+                self._close()  # the client sent all it will: nothing more can come
+            elif not self._closing:
+                self._arm_timer()
+        finally:
+            self._task = None
+
+    def _send(self, request: Request, response: AnyResponse) -> None:
+        if isinstance(response, StreamResponse):  # a stream's handler returned it unprepared
+            response = Response(status=response.status, headers=response.headers)
+        close = response.closing or not request.keep_alive or not request.body_complete or self._closing
+        body = response.body
+        head = _head(response.status, response.headers, len(body), close)
+        request.answered = True
+        if self.transport is not None:
+            self.transport.write(head if request.method == "HEAD" or not body else head + body)
+        if close:
+            self._close()
+
+    def send_now(self, request: Request, response: Response) -> None:
+        """Write ``response`` at once and close the connection behind it (a request refused mid-body)."""
+        response.force_close()
+        if not request.answered:
+            self._send(request, response)
+        self._close()
+
+    # StreamResponse's side
+    def start_answer(self, request: Request, status: int, headers: Mapping[str, str], length: int | None,
+                     close: bool) -> None:
+        request.answered = True
+        self.write(_head(status, headers, length, close or not request.keep_alive))
+
+    def finish_answer(self, request: Request, close: bool) -> None:
+        if close or not request.keep_alive:
+            self._close()
+
+    def write(self, data: bytes) -> None:
+        if self.transport is None or self.transport.is_closing():
+            raise ConnectionResetError("the client closed the connection")
+        self.transport.write(data)
+
+    async def drain(self) -> None:
+        if self.transport is None:
+            raise ConnectionResetError("the client closed the connection")
+        if not self._can_write:
+            self._writing_paused = asyncio.get_running_loop().create_future()
+            await self._writing_paused
+
+    # ------------------------------------------------------------ flow and life
+    def pause_reading(self) -> None:
+        if not self._reading_paused and self.transport is not None:
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        """Read on, unless a pipelined request waits (or the connection is closing)."""
+        if self._reading_paused and self.transport is not None and not self._closing and not self._queue:
+            self._reading_paused = False
+            self.transport.resume_reading()
+
+    def _arm_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = asyncio.get_running_loop().call_later(self.server.app.header_timeout_seconds,
+                                                            self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._current is None and not self._queue:
+            self._close()  # no request's headers in time (or an idle keep-alive connection)
+
+    def _close(self) -> None:
+        self._closing = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    @property
+    def idle(self) -> bool:
+        return self._current is None and not self._queue
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class HttpServer:
+    """Serves ``app`` on one or more listening sockets: ``await start(host, port)`` or
+    ``await start_on_socket(sock)``, then ``await close(timeout)``."""
+
+    def __init__(self, app: App, *, on_refused: Callable[[], None] | None = None,
+                 on_malformed: Callable[[int, str], None] | None = None) -> None:
+        self.app = app
+        self.connections: set[_Connection] = set()
+        self._servers: list[asyncio.AbstractServer] = []
+        self._on_refused = on_refused
+        self._on_malformed = on_malformed
+
+    @property
+    def max_body_bytes(self) -> int:
+        return self.app.max_body_bytes
+
+    def note_refused(self) -> None:
+        if self._on_refused is not None:
+            self._on_refused()
+
+    def note_malformed(self, status: int, error_type: str) -> None:
+        if self._on_malformed is not None:
+            self._on_malformed(status, error_type)
+
+    def _protocol(self) -> _Connection:
+        return _Connection(self)
+
+    async def start(self, host: str, port: int, *, ssl_context: ssl.SSLContext | None = None,
+                    reuse_address: bool = True) -> None:
+        server = await asyncio.get_running_loop().create_server(
+            self._protocol, host, port, ssl=ssl_context, reuse_address=reuse_address)
+        self._servers.append(server)
+
+    async def start_on_socket(self, sock: socket.socket, *, ssl_context: ssl.SSLContext | None = None) -> None:
+        server = await asyncio.get_running_loop().create_server(self._protocol, sock=sock, ssl=ssl_context)
+        self._servers.append(server)
+
+    @property
+    def addresses(self) -> list[Any]:
+        return [sock.getsockname() for server in self._servers
+                for sock in (getattr(server, "sockets", None) or ())]
+
+    def stop_listening(self) -> None:
+        for server in self._servers:
+            server.close()
+        self._servers = []
+
+    async def close(self, timeout_seconds: float) -> None:
+        """Stop listening, close idle connections, give requests being answered ``timeout_seconds`` to
+        finish, then drop every connection."""
+        self.stop_listening()
+        deadline = asyncio.get_running_loop().time() + timeout_seconds
+        while True:
+            for connection in list(self.connections):
+                if connection.idle:
+                    connection._close()
+            if not self.connections or asyncio.get_running_loop().time() >= deadline:
+                break
+            await asyncio.sleep(0.01)
+        for connection in list(self.connections):
+            connection.abort()

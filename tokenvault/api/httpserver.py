@@ -20,7 +20,9 @@ its time on requests. What the server does, and its bounds:
   llhttp rejects (a bad request line, a control character in a header, a
   bad chunk, both Content-Length and chunked) is ``400``. These answers are
   built by the application's ``malformed`` callback from fixed texts (never
-  the offending bytes) and close the connection. Requests pipelined behind
+  the offending bytes) and close the connection: its sending side at once,
+  the rest after what the client still sends has been read and dropped (at
+  most ``LINGER_SECONDS``), so that the answer is not lost to a reset. Requests pipelined behind
   the one being answered are parsed ahead at most one read at a time (the
   transport is paused meanwhile) and at most ``MAX_PIPELINED``.
 - **Bodies.** llhttp removes the chunked framing; ``Content-Encoding`` gzip and
@@ -64,6 +66,7 @@ MAX_HEADERS = 100
 MAX_HEAD_BYTES = 64 * 1024
 READ_AHEAD_BYTES = 256 * 1024
 MAX_PIPELINED = 64
+LINGER_SECONDS = 1.0
 HttpVersion = tuple[int, int]
 HTTP_11: HttpVersion = (1, 1)
 
@@ -425,6 +428,7 @@ class _Connection(asyncio.Protocol):
         self._writing_paused: asyncio.Future[None] | None = None
         self._can_write = True
         self._eof = False
+        self._stopped = False
 
     # ------------------------------------------------------------ transport events
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -461,8 +465,8 @@ class _Connection(asyncio.Protocol):
             self._writing_paused.set_result(None)
 
     def data_received(self, data: bytes) -> None:
-        if self._closing:
-            return
+        if self._closing or self._stopped:
+            return  # a refused or closing connection's bytes are dropped unread
         if self._in_head:
             self._head_bytes += len(data)
         try:
@@ -549,12 +553,12 @@ class _Connection(asyncio.Protocol):
 
     # ------------------------------------------------------------ answering
     def _enqueue(self, item: Request | _Malformed) -> None:
+        if len(self._queue) >= MAX_PIPELINED:
+            raise _Refused(429, "TooManyPipelinedRequests")
         self._queue.append(item)
         if self._current is not None or len(self._queue) > 1:
             # A pipelined request waits for the one being answered: read no further meanwhile.
             self.pause_reading()
-            if len(self._queue) > MAX_PIPELINED:
-                raise _Refused(429, "TooManyPipelinedRequests")
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._answer_queue())
 
@@ -564,7 +568,7 @@ class _Connection(asyncio.Protocol):
         if self._parsing is not None:
             self._parsing.fail(ConnectionResetError("the rest of the request could not be parsed"))
             self._parsing = None
-        self._closing = True  # parse nothing more
+        self._stopped = True  # parse nothing more; answer what came before, then this
         self._queue.append(_Malformed(status, error_type))
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._answer_queue())
@@ -580,7 +584,7 @@ class _Connection(asyncio.Protocol):
                     if self.transport is not None:
                         self.transport.write(_head(refusal.status, refusal.headers, len(refusal.body), True)
                                              + refusal.body)
-                    self._close()
+                    self._close_lingering()
                     return
                 if self._timer is not None:
                     self._timer.cancel()
@@ -601,7 +605,7 @@ class _Connection(asyncio.Protocol):
                     return
             if self._eof:
                 self._close()  # the client sent all it will: nothing more can come
-            elif not self._closing:
+            elif not self._closing and not self._stopped:
                 self._arm_timer()
         finally:
             self._task = None
@@ -655,7 +659,8 @@ class _Connection(asyncio.Protocol):
 
     def resume_reading(self) -> None:
         """Read on, unless a pipelined request waits (or the connection is closing)."""
-        if self._reading_paused and self.transport is not None and not self._closing and not self._queue:
+        if (self._reading_paused and self.transport is not None and not self._closing and not self._stopped
+                and not self._queue):
             self._reading_paused = False
             self.transport.resume_reading()
 
@@ -669,6 +674,25 @@ class _Connection(asyncio.Protocol):
         self._timer = None
         if self._current is None and not self._queue:
             self._close()  # no request's headers in time (or an idle keep-alive connection)
+
+    def _close_lingering(self) -> None:
+        """Close after a refusal without losing the answer: a socket closed with unread bytes sends
+        a reset, which can destroy the answer before the client reads it. So the sending side is
+        shut (the client sees the answer, then the end), what still arrives is read and dropped,
+        and the connection is closed after LINGER_SECONDS at most (at once over TLS, which cannot
+        half-close)."""
+        transport = self.transport
+        if transport is None or transport.is_closing() or not transport.can_write_eof():
+            self._close()
+            return
+        transport.write_eof()
+        self._closing = True  # data_received drops what comes now
+        if self._reading_paused:
+            self._reading_paused = False
+            transport.resume_reading()
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = asyncio.get_running_loop().call_later(LINGER_SECONDS, self._close)
 
     def _close(self) -> None:
         self._closing = True

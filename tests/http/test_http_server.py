@@ -1,0 +1,227 @@
+"""The node's HTTP/1.1 server itself (tokenvault/api/httpserver.py), over raw sockets: the bounds its
+docstring promises, pipelining, content encodings, half-closed connections and a graceful close.
+
+Each test serves a small app of its own (the server's ``App`` protocol), so a
+failure points at the server rather than at the API's handlers; the API's own
+behaviour over this server is what the rest of tests/http checks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import zlib
+from collections.abc import AsyncIterator
+
+import pytest
+from _http_checks import check_problem
+
+from tokenvault.api.http import TOO_MANY_CONNECTIONS_RESPONSE, problem_response
+from tokenvault.api.httpserver import (MAX_HEAD_BYTES, MAX_HEADERS, MAX_LINE_BYTES, MAX_PIPELINED, BodyError,
+                                       BodyTooLarge, HttpServer, Request, Response)
+
+DEADLINE_SECONDS = 10.0
+MARK = "ECHO-mark-5d1f"
+
+
+class EchoApp:
+    """Answers each request with its method, path and body length; ``gate`` holds answers back."""
+
+    max_connections = 8
+    header_timeout_seconds = 5.0
+    max_body_bytes = 64 * 1024
+
+    def __init__(self) -> None:
+        self.gate: asyncio.Event | None = None
+        self.started = 0
+
+    async def __call__(self, request: Request) -> Response:
+        self.started += 1
+        if self.gate is not None:
+            await self.gate.wait()
+        try:
+            body = await read_all(request)
+        except BodyTooLarge:
+            return problem_response(413, "payload-too-large", "Payload too large", "too large")
+        except BodyError:
+            return problem_response(400, "invalid-request", "Bad request", "unreadable body")
+        document = {"method": request.method, "path": request.path_safe, "bytes": len(body)}
+        return Response(body=json.dumps(document).encode(), content_type="application/json")
+
+    def malformed(self, status: int, error_type: str) -> Response:
+        return problem_response(status, "invalid-request", "Bad request", "the request is not valid HTTP/1.1")
+
+    def refused(self) -> bytes:
+        return TOO_MANY_CONNECTIONS_RESPONSE
+
+
+async def read_all(request: Request) -> bytes:
+    chunks = []
+    while True:
+        chunk = request.read_nowait()
+        if not chunk:
+            if request.at_eof():
+                break
+            chunk = await request.readany()
+            if not chunk:
+                break
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@pytest.fixture
+async def served() -> AsyncIterator[tuple[EchoApp, HttpServer, tuple[str, int]]]:
+    app = EchoApp()
+    server = HttpServer(app)
+    await server.start("127.0.0.1", 0)
+    try:
+        yield app, server, server.addresses[0][:2]
+    finally:
+        await server.close(0)
+
+
+async def exchange(address: tuple[str, int], data: bytes, *, half_close: bool = False) -> bytes:
+    """Send ``data`` on a fresh connection and read until the server closes it."""
+    reader, writer = await asyncio.open_connection(*address)
+    try:
+        writer.write(data)
+        if half_close:
+            writer.write_eof()
+        return await asyncio.wait_for(reader.read(), DEADLINE_SECONDS)
+    finally:
+        writer.close()
+
+
+def responses(received: bytes) -> list[tuple[int, dict[str, str], bytes]]:
+    """The responses in ``received`` (each with a Content-Length)."""
+    found = []
+    while received:
+        head, _, rest = received.partition(b"\r\n\r\n")
+        status_line, *lines = head.decode("latin-1").split("\r\n")
+        headers = dict(line.split(": ", 1) for line in lines)
+        length = int(headers["Content-Length"])
+        found.append((int(status_line.split()[1]), headers, rest[:length]))
+        received = rest[length:]
+    return found
+
+
+def get(path: str, *, close: bool = False) -> bytes:
+    return f"GET {path} HTTP/1.1\r\nHost: t\r\n{'Connection: close' + chr(13) + chr(10) if close else ''}\r\n".encode()
+
+
+async def test_pipelined_requests_are_answered_in_order(served) -> None:  # type: ignore[no-untyped-def]
+    _, _, address = served
+    received = await exchange(address, get("/a") + get("/b") + get("/c", close=True))
+    assert [json.loads(body)["path"] for _, _, body in responses(received)] == ["/a", "/b", "/c"]
+
+
+async def test_more_pipelined_requests_than_the_bound_are_refused_after_those_within_it(served) -> None:  # type: ignore[no-untyped-def]
+    _, _, address = served
+    received = await exchange(address, get("/x") * (MAX_PIPELINED + 5))
+    answers = responses(received)
+    assert [status for status, _, _ in answers[:-1]] == [200] * MAX_PIPELINED
+    status, headers, body = answers[-1]
+    check_problem(status, headers, body, 429)
+    assert headers["Connection"] == "close"
+
+
+async def test_a_request_line_over_the_bound_is_414_without_echo(served) -> None:  # type: ignore[no-untyped-def]
+    _, _, address = served
+    received = await exchange(address, f"GET /{MARK}{'z' * MAX_LINE_BYTES} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+    [(status, headers, body)] = responses(received)
+    check_problem(status, headers, body, 414, [MARK])
+
+
+async def test_too_many_headers_are_431(served) -> None:  # type: ignore[no-untyped-def]
+    _, _, address = served
+    headers = "".join(f"X-H{index}: {MARK}\r\n" for index in range(MAX_HEADERS + 1))
+    received = await exchange(address, f"GET / HTTP/1.1\r\nHost: t\r\n{headers}\r\n".encode())
+    [(status, headers_back, body)] = responses(received)
+    check_problem(status, headers_back, body, 431, [MARK])
+
+
+async def test_a_header_block_that_never_ends_is_431_once_past_the_bound(served) -> None:  # type: ignore[no-untyped-def]
+    app, _, address = served
+    reader, writer = await asyncio.open_connection(*address)
+    try:
+        writer.write(b"GET / HTTP/1.1\r\nHost: t\r\nX-Long: ")
+        for _ in range(MAX_HEAD_BYTES // 4096 + 4):
+            writer.write(b"a" * 4096)  # one header line that never ends, in pieces
+            await writer.drain()
+            await asyncio.sleep(0.001)
+        received = await asyncio.wait_for(reader.read(), DEADLINE_SECONDS)
+    finally:
+        writer.close()
+    [(status, headers, body)] = responses(received)
+    check_problem(status, headers, body, 431)
+    assert app.started == 0
+
+
+@pytest.mark.parametrize("encoding,encode", [
+    ("gzip", lambda data: zlib.compress(data, wbits=16 + zlib.MAX_WBITS)),
+    ("deflate", zlib.compress),
+    ("deflate", lambda data: zlib.compress(data, wbits=-zlib.MAX_WBITS)),  # raw deflate, as some clients send
+])
+async def test_encoded_bodies_are_decoded(served, encoding, encode) -> None:  # type: ignore[no-untyped-def]
+    _, _, address = served
+    body = encode(b"x" * 5000)
+    head = (f"POST /e HTTP/1.1\r\nHost: t\r\nContent-Encoding: {encoding}\r\nContent-Length: {len(body)}\r\n"
+            f"Connection: close\r\n\r\n").encode()
+    [(status, _, answer)] = responses(await exchange(address, head + body))
+    assert status == 200 and json.loads(answer)["bytes"] == 5000
+
+
+@pytest.mark.parametrize("encoding,body,status", [
+    ("br", b"anything", 400),
+    ("gzip", zlib.compress(b"y" * 5000, wbits=16 + zlib.MAX_WBITS)[:-8], 400),  # cut short
+    ("gzip", zlib.compress(b"y" * (64 * 1024 + 1), wbits=16 + zlib.MAX_WBITS), 413),  # over max_body_bytes decoded
+])
+async def test_unknown_broken_or_oversized_encodings_are_refused(  # type: ignore[no-untyped-def]
+        served, encoding, body, status) -> None:
+    _, _, address = served
+    head = (f"POST /e HTTP/1.1\r\nHost: t\r\nContent-Encoding: {encoding}\r\nContent-Length: {len(body)}\r\n"
+            f"Connection: close\r\n\r\n").encode()
+    [(answered, headers, answer)] = responses(await exchange(address, head + body))
+    check_problem(answered, headers, answer, status)
+
+
+async def test_a_half_closed_connection_gets_its_answer_then_is_closed(served) -> None:  # type: ignore[no-untyped-def]
+    _, _, address = served
+    received = await exchange(address, get("/half"), half_close=True)
+    [(status, _, body)] = responses(received)
+    assert status == 200 and json.loads(body)["path"] == "/half"
+
+
+async def test_connections_past_the_cap_get_503_at_once(served) -> None:  # type: ignore[no-untyped-def]
+    app, _, address = served
+    opened = [await asyncio.open_connection(*address) for _ in range(app.max_connections)]
+    try:
+        received = await exchange(address, get("/over"))
+        assert received == TOO_MANY_CONNECTIONS_RESPONSE
+    finally:
+        for _, writer in opened:
+            writer.close()
+
+
+async def test_close_lets_a_request_being_answered_finish_and_drops_idle_connections() -> None:
+    app = EchoApp()
+    app.gate = asyncio.Event()
+    server = HttpServer(app)
+    await server.start("127.0.0.1", 0)
+    address = server.addresses[0][:2]
+    idle_reader, idle_writer = await asyncio.open_connection(*address)
+    reader, writer = await asyncio.open_connection(*address)
+    writer.write(get("/slow"))
+    deadline = asyncio.get_running_loop().time() + DEADLINE_SECONDS
+    while app.started == 0:
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.01)
+    closing = asyncio.ensure_future(server.close(DEADLINE_SECONDS))
+    assert await asyncio.wait_for(idle_reader.read(), DEADLINE_SECONDS) == b""  # the idle one is closed
+    assert not closing.done()
+    app.gate.set()
+    [(status, _, body)] = responses(await asyncio.wait_for(reader.read(), DEADLINE_SECONDS))
+    assert status == 200 and json.loads(body)["path"] == "/slow"
+    await asyncio.wait_for(closing, DEADLINE_SECONDS)
+    writer.close()
+    idle_writer.close()

@@ -1,16 +1,17 @@
 """What one HTTP request costs a server process before any vault work: the floor under a worker's CPU.
 
 Each server answers ``POST /v1/tokenize`` by decoding the JSON body and
-returning a small fixed JSON body, nothing else. Three servers:
+returning a small fixed JSON body, nothing else. Four servers:
 
 - ``aiohttp-app``: an aiohttp ``web.Application`` with a route and two
-  pass-through middlewares, as a worker's (tokenvault/api/http.py) has;
+  pass-through middlewares, as a worker's was before its own route table;
 - ``aiohttp-lowlevel``: aiohttp's low-level ``web.Server`` (no router, no
   middlewares), the least aiohttp's request and response objects cost;
+- ``tokenvault``: the node's own server (tokenvault/api/httpserver.py) with a
+  one-route app, what a worker's HTTP costs now;
 - ``httptools``: a bare ``asyncio.Protocol`` with the httptools parser (llhttp,
-  the parser aiohttp itself uses), which builds no request or response
-  objects; run only where httptools is installed (it is not a dependency of
-  the vault: this is a measurement of what such a server would save).
+  which the node's server and aiohttp both use), which builds no request or
+  response objects: the floor under any server on this parser.
 
 The server runs in its own process under uvloop, pinned to CPU 0 where
 ``taskset`` exists, and the raw client of bench/httpclients.py (one
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import json
 import os
 import shutil
@@ -76,6 +76,30 @@ def serve(kind: str, port: int) -> None:
                 runner = web.ServerRunner(web.Server(tokenize, access_log=None))
             await runner.setup()
             await web.TCPSite(runner, "127.0.0.1", port).start()
+            await asyncio.Event().wait()
+    elif kind == "tokenvault":
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+        from tokenvault.api.httpserver import HttpServer, Request, Response
+
+        class App:
+            max_connections = 1024
+            header_timeout_seconds = 60.0
+            max_body_bytes = 1 << 20
+
+            async def __call__(self, request: Request) -> Response:
+                chunks = []
+                while not request.at_eof():
+                    chunks.append(request.read_nowait() or await request.readany())
+                return Response(body=_answer(b"".join(chunks)), content_type="application/json")
+
+            def malformed(self, status: int, error_type: str) -> Response:
+                return Response(status=status)
+
+            def refused(self) -> bytes:
+                return b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n"
+
+        async def main() -> None:
+            await HttpServer(App()).start("127.0.0.1", port)
             await asyncio.Event().wait()
     elif kind == "httptools":
         import httptools
@@ -176,11 +200,7 @@ def main() -> None:
     if arguments.serve:
         serve(arguments.serve, arguments.port)
         return
-    kinds = ["aiohttp-app", "aiohttp-lowlevel"]
-    if importlib.util.find_spec("httptools") is not None:
-        kinds.append("httptools")
-    else:
-        print("httptools is not installed: its server is left out")
+    kinds = ["aiohttp-app", "aiohttp-lowlevel", "tokenvault", "httptools"]
     for _ in range(arguments.rounds):
         for kind in kinds:
             measure(kind, arguments.concurrency, arguments.duration)

@@ -236,13 +236,14 @@ async def test_a_plain_operation_is_still_driven_in_this_process() -> None:
     assert measurement.completed_ok == len(arrivals["w0"]) and measurement.values == 2 * measurement.requests
 
 
-def test_the_http_floor_bench_runs_each_aiohttp_server_and_prints_its_cost(capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_http_floor_bench_runs_each_server_and_prints_its_cost(capsys: pytest.CaptureFixture[str]) -> None:
     import http_floor
 
     affinity = os.sched_getaffinity(0)
-    for kind in ("aiohttp-app", "aiohttp-lowlevel"):
+    kinds = ("aiohttp-app", "aiohttp-lowlevel", "tokenvault", "httptools")
+    for kind in kinds:
         http_floor.measure(kind, concurrency=2, duration=0.3)
     lines = capsys.readouterr().out.splitlines()
-    assert [line.split()[0] for line in lines] == ["aiohttp-app", "aiohttp-lowlevel"]
+    assert [line.split()[0] for line in lines] == list(kinds)
     assert all("us per request" in line and int(line.split()[1].replace(",", "")) > 0 for line in lines)
     assert os.sched_getaffinity(0) == affinity  # the client's pinning ends with the run

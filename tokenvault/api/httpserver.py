@@ -419,6 +419,7 @@ class _Connection(asyncio.Protocol):
         self._current: Request | None = None
         self._task: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._deadline = 0.0
         self._in_head = True
         self._head_bytes = 0
         self._url = b""
@@ -586,10 +587,7 @@ class _Connection(asyncio.Protocol):
                                              + refusal.body)
                     self._close_lingering()
                     return
-                if self._timer is not None:
-                    self._timer.cancel()
-                    self._timer = None
-                self._current = item
+                self._current = item  # the header timer, when it fires, leaves a connection in a request alone
                 if not self._queue:
                     self.resume_reading()
                 response: AnyResponse
@@ -665,15 +663,23 @@ class _Connection(asyncio.Protocol):
             self.transport.resume_reading()
 
     def _arm_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = asyncio.get_running_loop().call_later(self.server.app.header_timeout_seconds,
-                                                            self._on_timer)
+        """The next request's headers are due ``header_timeout_seconds`` from now. One timer at a time:
+        a keep-alive connection answers many requests per timeout, so each response only moves the
+        deadline, and the timer, when it fires early, waits again for the deadline."""
+        loop = asyncio.get_running_loop()
+        self._deadline = loop.time() + self.server.app.header_timeout_seconds
+        if self._timer is None:
+            self._timer = loop.call_at(self._deadline, self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None
-        if self._current is None and not self._queue:
-            self._close()  # no request's headers in time (or an idle keep-alive connection)
+        if self._closing or self._current is not None or self._queue:
+            return  # a request is being answered: its response arms the timer again
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._deadline:
+            self._timer = loop.call_at(self._deadline, self._on_timer)
+            return
+        self._close()  # no request's headers in time (or an idle keep-alive connection)
 
     def _close_lingering(self) -> None:
         """Close after a refusal without losing the answer: a socket closed with unread bytes sends

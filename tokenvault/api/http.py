@@ -1,4 +1,4 @@
-"""The HTTP API of a node (aiohttp's low-level server): routing, authentication, validation, problem+json.
+"""The HTTP API of a node: routing, authentication, validation, problem+json (served by httpserver.py).
 
 This module is the only place where client bytes become service calls, so it
 validates everything before the service sees it. Before any request, the
@@ -15,9 +15,10 @@ then holds ``inflight_slot`` around the rest):
 1. route and method (404, 405), by the node's router (tokenvault/api/routing.py);
 2. authentication (401 with ``WWW-Authenticate: Bearer``), then scope (403) —
    before the body is read, so an unauthenticated client makes the node parse
-   nothing and buffer no more than aiohttp's reader takes ahead on its own (at
-   most twice its 64 KiB read buffer per connection); a request refused before
-   its body is read closes its connection (``_body_left_unread``);
+   nothing and buffer no more than the server reads ahead of a handler
+   (tokenvault/api/httpserver.py, ``READ_AHEAD_BYTES`` plus one read of the
+   socket); a request refused before its body is read closes its connection
+   (``_body_left_unread``);
 3. the key's rate limit for the endpoint's kind (429 with ``Retry-After``,
    tokenvault/api/ratelimit.py), still before the body is read; handlers do 2 and
    3 in one call, ``admit``;

@@ -225,3 +225,19 @@ async def test_close_lets_a_request_being_answered_finish_and_drops_idle_connect
     await asyncio.wait_for(closing, DEADLINE_SECONDS)
     writer.close()
     idle_writer.close()
+
+
+async def test_a_header_value_that_cannot_be_sent_as_is_is_mended_and_the_connection_serves_on() -> None:
+    class OddHeaderApp(EchoApp):
+        async def __call__(self, request: Request) -> Response:
+            return Response(body=b"{}", headers={"X-Odd": "caf\u00e9 \u20ac\r\nX-Injected: 1"})
+
+    server = HttpServer(OddHeaderApp())
+    await server.start("127.0.0.1", 0)
+    try:
+        received = await exchange(server.addresses[0][:2], get("/one") + get("/two", close=True))
+    finally:
+        await server.close(0)
+    answers = responses(received)
+    assert [status for status, _, _ in answers] == [200, 200]
+    assert answers[0][1]["X-Odd"] == "caf\u00e9 ?  X-Injected: 1" and "X-Injected" not in answers[0][1]

@@ -378,7 +378,8 @@ def _date() -> bytes:
 def _head(status: int, headers: Mapping[str, str], length: int | None, close: bool) -> bytes:
     lines = [b"HTTP/1.1 %d %s" % (status, _REASONS.get(status, "Unknown").encode("ascii"))]
     for name, value in headers.items():
-        lines.append(f"{name}: {value}".encode("latin-1"))
+        # The application's own texts; anything outside Latin-1 (or a line break) cannot go in a header.
+        lines.append(f"{name}: {value}".replace("\r", " ").replace("\n", " ").encode("latin-1", "replace"))
     lines.append(b"Date: " + _date())
     if length is None:
         lines.append(b"Transfer-Encoding: chunked")
@@ -605,6 +606,9 @@ class _Connection(asyncio.Protocol):
                 self._close()  # the client sent all it will: nothing more can come
             elif not self._closing and not self._stopped:
                 self._arm_timer()
+        except Exception as error:  # a bug here must cost this connection, not leave it hanging
+            _log.error("http.connection_failed", error_type=type(error).__name__)
+            self._close()
         finally:
             self._task = None
 

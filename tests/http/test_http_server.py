@@ -241,3 +241,57 @@ async def test_a_header_value_that_cannot_be_sent_as_is_is_mended_and_the_connec
     answers = responses(received)
     assert [status for status, _, _ in answers] == [200, 200]
     assert answers[0][1]["X-Odd"] == "caf\u00e9 ?  X-Injected: 1" and "X-Injected" not in answers[0][1]
+
+
+async def test_a_client_that_does_not_read_its_answers_gets_no_more_handled_until_it_reads() -> None:
+    big = b"x" * (1024 * 1024)
+
+    class BigApp(EchoApp):
+        async def __call__(self, request: Request) -> Response:
+            self.started += 1
+            return Response(body=big)
+
+    app = BigApp()
+    server = HttpServer(app)
+    await server.start("127.0.0.1", 0)
+    reader, writer = await asyncio.open_connection(*server.addresses[0][:2])
+    try:
+        count = 24
+        writer.write(get("/big") * count)
+        await asyncio.sleep(0.5)  # the client reads nothing meanwhile
+        [connection] = list(server.connections)
+        assert connection.transport is not None
+        # The kernel's buffers take a few answers; then the server waits for the client.
+        assert app.started < count
+        assert connection.transport.get_write_buffer_size() <= 2 * len(big)
+        received = 0
+        while received < count * len(big):
+            chunk = await asyncio.wait_for(reader.read(1 << 20), DEADLINE_SECONDS)
+            assert chunk
+            received += len(chunk)
+        assert app.started == count
+    finally:
+        writer.close()
+        await server.close(0)
+
+
+async def test_a_client_that_reads_nothing_of_an_answer_for_the_header_timeout_is_disconnected() -> None:
+    class BigApp(EchoApp):
+        header_timeout_seconds = 0.3
+
+        async def __call__(self, request: Request) -> Response:
+            return Response(body=b"x" * (4 * 1024 * 1024))
+
+    server = HttpServer(BigApp())
+    await server.start("127.0.0.1", 0)
+    reader, writer = await asyncio.open_connection(*server.addresses[0][:2])
+    try:
+        writer.write(get("/big") * 4)
+        deadline = asyncio.get_running_loop().time() + DEADLINE_SECONDS
+        await asyncio.sleep(0.05)
+        while server.connections:
+            assert asyncio.get_running_loop().time() < deadline, "the connection was kept"
+            await asyncio.sleep(0.05)
+    finally:
+        writer.close()
+        await server.close(0)

@@ -35,7 +35,10 @@ its time on requests. What the server does, and its bounds:
   connection mid-body cannot carry another request).
 - **Answers.** One handler call per request, in order; a response is one write
   (``Content-Length``, or chunked for a ``StreamResponse``, which waits for the
-  transport to drain). ``HEAD`` gets the headers of the answer without its body.
+  transport to drain). A client that does not read its answers gets no next
+  request handled until it has read enough of this one (the transport's
+  high-water mark), so unread answers never pile up; one that reads nothing of
+  it for ``header_timeout_seconds`` is disconnected. ``HEAD`` gets the headers of the answer without its body.
   A client that goes away does not cancel its handler: its response is dropped.
 """
 
@@ -599,6 +602,14 @@ class _Connection(asyncio.Protocol):
                     response = app.malformed(500, type(error).__name__)
                 if not item.answered:
                     self._send(item, response)
+                if not self._can_write:
+                    # The client is not reading: take its next request only once it has read this answer,
+                    # so what waits for it is at most one answer past the transport's high-water mark.
+                    try:
+                        await asyncio.wait_for(self.drain(), app.header_timeout_seconds)
+                    except (ConnectionError, TimeoutError):
+                        self.abort()  # a client that reads nothing for that long holds no slot longer
+                        return
                 self._current = None
                 if self.transport is None or self.transport.is_closing():
                     return

@@ -295,3 +295,32 @@ async def test_a_client_that_reads_nothing_of_an_answer_for_the_header_timeout_i
     finally:
         writer.close()
         await server.close(0)
+
+
+@pytest.mark.parametrize("request_bytes", [
+    pytest.param(b"POST /a HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+                 id="length-and-chunked"),
+    pytest.param(b"POST /a HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!", id="two-lengths"),
+    pytest.param(b"POST /a HTTP/1.1\r\nHost: t\r\nContent-Length: -1\r\n\r\n", id="negative-length"),
+    pytest.param(b"POST /a HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+                 id="bad-chunk-size"),
+    pytest.param(b"POST /a HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: gzip\r\n\r\nhello", id="coding-not-chunked"),
+    pytest.param(b"POST /a HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: gzip\r\n\r\n",
+                 id="two-codings"),
+    pytest.param(b"GET / HTTP/1.1\r\nHost: t\r\nX: a\r\n b\r\n\r\n", id="folded-header"),
+    pytest.param(b"GET / HTTP/1.1\nHost: t\n\n", id="bare-line-feeds"),
+    pytest.param(b"CONNECT elsewhere:443 HTTP/1.1\r\nHost: elsewhere:443\r\n\r\n", id="connect"),
+])
+async def test_ambiguous_framing_is_400_and_closes(served, request_bytes: bytes) -> None:  # type: ignore[no-untyped-def]
+    """Refused whole, and the connection closed (a bad chunk is found once the handler reads the body)."""
+    _, _, address = served
+    [(status, headers, body)] = responses(await exchange(address, request_bytes))
+    check_problem(status, headers, body, 400)
+
+
+async def test_a_request_to_switch_protocols_is_answered_without_switching_then_closed(served) -> None:  # type: ignore[no-untyped-def]
+    _, _, address = served
+    received = await exchange(address, b"GET /up HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+                                       b"not http at all")
+    [(status, headers, body)] = responses(received)
+    assert status == 200 and json.loads(body)["path"] == "/up" and headers["Connection"] == "close"

@@ -18,7 +18,9 @@ its time on requests. What the server does, and its bounds:
   ``MAX_LINE_BYTES``, more than ``MAX_HEADERS`` headers or a header block over
   ``MAX_HEAD_BYTES`` is refused (414 / 431) before more is buffered; anything
   llhttp rejects (a bad request line, a control character in a header, a
-  bad chunk, both Content-Length and chunked) is ``400``. These answers are
+  bad chunk, both Content-Length and chunked, a transfer coding other than
+  chunked alone) is ``400``; a request to switch protocols is answered
+  without switching, and the connection closes behind it. These answers are
   built by the application's ``malformed`` callback from fixed texts (never
   the offending bytes) and close the connection: its sending side at once,
   the rest after what the client still sends has been read and dropped (at
@@ -434,6 +436,7 @@ class _Connection(asyncio.Protocol):
         self._can_write = True
         self._eof = False
         self._stopped = False
+        self._close_after_answers = False
 
     # ------------------------------------------------------------ transport events
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -487,7 +490,10 @@ class _Connection(asyncio.Protocol):
                 self._refuse(400, type(cause).__name__ if cause is not None else type(error).__name__)
             return
         except httptools.HttpParserUpgrade:
-            self._refuse(400, "HttpParserUpgrade")
+            # The request asked to switch protocols (or was a CONNECT): it is answered as any other,
+            # never switched, and the connection closes behind the answer (what follows is not HTTP).
+            self._stopped = True
+            self._close_after_answers = True
             return
         except httptools.HttpParserError as error:
             self._refuse(400, type(error).__name__)
@@ -536,7 +542,11 @@ class _Connection(asyncio.Protocol):
         headers = CIMultiDictProxy(CIMultiDict(self._header_list))
         length_text = headers.get("Content-Length", "").strip()
         content_length = int(length_text) if length_text.isdigit() else None
-        chunked = "chunked" in headers.get("Transfer-Encoding", "").lower()
+        codings = headers.getall("Transfer-Encoding", [])
+        if codings and (len(codings) > 1 or codings[0].strip().lower() != "chunked"):
+            # Only chunked framing is understood; anything else leaves the body's end unknown (RFC 9112 6.1).
+            raise _Refused(400, "TransferCodingNotChunked")
+        chunked = bool(codings)
         version_text = parser.get_http_version()
         version = (1, 1) if version_text == "1.1" else (1, 0) if version_text == "1.0" else (0, 9)
         request = Request(self, parser.get_method().decode("ascii"),
@@ -626,7 +636,8 @@ class _Connection(asyncio.Protocol):
     def _send(self, request: Request, response: AnyResponse) -> None:
         if isinstance(response, StreamResponse):  # a stream's handler returned it unprepared
             response = Response(status=response.status, headers=response.headers)
-        close = response.closing or not request.keep_alive or not request.body_complete or self._closing
+        close = (response.closing or not request.keep_alive or not request.body_complete or self._closing
+                 or self._close_after_answers)
         body = response.body
         head = _head(response.status, response.headers, len(body), close)
         request.answered = True

@@ -259,6 +259,40 @@ def test_release_deletes_covered_segments_but_never_the_active_one(tmp_path):
     assert recovered.hard_state == HardState(1, None, 40)
 
 
+def test_release_deletes_the_files_without_holding_the_log_so_appends_and_syncs_go_on(tmp_path, monkeypatch):
+    import threading
+    from pathlib import Path
+
+    directory = tmp_path / "wal"
+    log, _ = WriteAheadLog.open(directory, max_segment_bytes=256)
+    for index in range(1, 21):
+        log.append(truncate_from=None, entries=[entry(index)], hard_state=HardState(1, None, index))
+        log.sync()
+    before = len(segment_paths(directory))
+    deleting, go_on = threading.Event(), threading.Event()
+    real_unlink = Path.unlink
+
+    def slow_unlink(path, *args, **kwargs):
+        deleting.set()
+        assert go_on.wait(10), "the append and sync did not finish while a file was being deleted"
+        real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "unlink", slow_unlink)
+    releasing = threading.Thread(target=log.release, args=(10,))
+    releasing.start()
+    assert deleting.wait(10)
+    # The release is inside a file deletion: the log takes and syncs an entry meanwhile.
+    log.append(truncate_from=None, entries=[entry(21)], hard_state=HardState(1, None, 21))
+    log.sync()
+    go_on.set()
+    releasing.join(10)
+    monkeypatch.setattr(Path, "unlink", real_unlink)
+    assert len(segment_paths(directory)) < before
+    log.close()
+    recovered = reopen(directory)
+    assert recovered.entries[-1] == entry(21) and 0 < recovered.base_index <= 10
+
+
 def test_release_keeps_segments_a_later_truncation_reaches_into(tmp_path):
     directory = tmp_path / "wal"
     log, _ = WriteAheadLog.open(directory, max_segment_bytes=200)

@@ -12,6 +12,7 @@ import asyncio
 import json
 import zlib
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 from _http_checks import check_problem
@@ -69,8 +70,11 @@ async def read_all(request: Request) -> bytes:
     return b"".join(chunks)
 
 
+Served = tuple["EchoApp", HttpServer, tuple[str, int]]
+
+
 @pytest.fixture
-async def served() -> AsyncIterator[tuple[EchoApp, HttpServer, tuple[str, int]]]:
+async def served() -> AsyncIterator[Served]:
     app = EchoApp()
     server = HttpServer(app)
     await server.start("127.0.0.1", 0)
@@ -109,13 +113,13 @@ def get(path: str, *, close: bool = False) -> bytes:
     return f"GET {path} HTTP/1.1\r\nHost: t\r\n{'Connection: close' + chr(13) + chr(10) if close else ''}\r\n".encode()
 
 
-async def test_pipelined_requests_are_answered_in_order(served) -> None:  # type: ignore[no-untyped-def]
+async def test_pipelined_requests_are_answered_in_order(served: Served) -> None:
     _, _, address = served
     received = await exchange(address, get("/a") + get("/b") + get("/c", close=True))
     assert [json.loads(body)["path"] for _, _, body in responses(received)] == ["/a", "/b", "/c"]
 
 
-async def test_more_pipelined_requests_than_the_bound_are_refused_after_those_within_it(served) -> None:  # type: ignore[no-untyped-def]
+async def test_more_pipelined_requests_than_the_bound_are_refused_after_those_within_it(served: Served) -> None:
     _, _, address = served
     received = await exchange(address, get("/x") * (MAX_PIPELINED + 5))
     answers = responses(received)
@@ -125,14 +129,14 @@ async def test_more_pipelined_requests_than_the_bound_are_refused_after_those_wi
     assert headers["Connection"] == "close"
 
 
-async def test_a_request_line_over_the_bound_is_414_without_echo(served) -> None:  # type: ignore[no-untyped-def]
+async def test_a_request_line_over_the_bound_is_414_without_echo(served: Served) -> None:
     _, _, address = served
     received = await exchange(address, f"GET /{MARK}{'z' * MAX_LINE_BYTES} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
     [(status, headers, body)] = responses(received)
     check_problem(status, headers, body, 414, [MARK])
 
 
-async def test_too_many_headers_are_431(served) -> None:  # type: ignore[no-untyped-def]
+async def test_too_many_headers_are_431(served: Served) -> None:
     _, _, address = served
     headers = "".join(f"X-H{index}: {MARK}\r\n" for index in range(MAX_HEADERS + 1))
     received = await exchange(address, f"GET / HTTP/1.1\r\nHost: t\r\n{headers}\r\n".encode())
@@ -140,7 +144,7 @@ async def test_too_many_headers_are_431(served) -> None:  # type: ignore[no-unty
     check_problem(status, headers_back, body, 431, [MARK])
 
 
-async def test_a_header_block_that_never_ends_is_431_once_past_the_bound(served) -> None:  # type: ignore[no-untyped-def]
+async def test_a_header_block_that_never_ends_is_431_once_past_the_bound(served: Served) -> None:
     app, _, address = served
     reader, writer = await asyncio.open_connection(*address)
     try:
@@ -162,7 +166,7 @@ async def test_a_header_block_that_never_ends_is_431_once_past_the_bound(served)
     ("deflate", zlib.compress),
     ("deflate", lambda data: zlib.compress(data, wbits=-zlib.MAX_WBITS)),  # raw deflate, as some clients send
 ])
-async def test_encoded_bodies_are_decoded(served, encoding, encode) -> None:  # type: ignore[no-untyped-def]
+async def test_encoded_bodies_are_decoded(served: Served, encoding: str, encode: Any) -> None:
     _, _, address = served
     body = encode(b"x" * 5000)
     head = (f"POST /e HTTP/1.1\r\nHost: t\r\nContent-Encoding: {encoding}\r\nContent-Length: {len(body)}\r\n"
@@ -176,8 +180,8 @@ async def test_encoded_bodies_are_decoded(served, encoding, encode) -> None:  # 
     ("gzip", zlib.compress(b"y" * 5000, wbits=16 + zlib.MAX_WBITS)[:-8], 400),  # cut short
     ("gzip", zlib.compress(b"y" * (64 * 1024 + 1), wbits=16 + zlib.MAX_WBITS), 413),  # over max_body_bytes decoded
 ])
-async def test_unknown_broken_or_oversized_encodings_are_refused(  # type: ignore[no-untyped-def]
-        served, encoding, body, status) -> None:
+async def test_unknown_broken_or_oversized_encodings_are_refused(
+        served: Served, encoding: str, body: bytes, status: int) -> None:
     _, _, address = served
     head = (f"POST /e HTTP/1.1\r\nHost: t\r\nContent-Encoding: {encoding}\r\nContent-Length: {len(body)}\r\n"
             f"Connection: close\r\n\r\n").encode()
@@ -185,14 +189,14 @@ async def test_unknown_broken_or_oversized_encodings_are_refused(  # type: ignor
     check_problem(answered, headers, answer, status)
 
 
-async def test_a_half_closed_connection_gets_its_answer_then_is_closed(served) -> None:  # type: ignore[no-untyped-def]
+async def test_a_half_closed_connection_gets_its_answer_then_is_closed(served: Served) -> None:
     _, _, address = served
     received = await exchange(address, get("/half"), half_close=True)
     [(status, _, body)] = responses(received)
     assert status == 200 and json.loads(body)["path"] == "/half"
 
 
-async def test_connections_past_the_cap_get_503_at_once(served) -> None:  # type: ignore[no-untyped-def]
+async def test_connections_past_the_cap_get_503_at_once(served: Served) -> None:
     app, _, address = served
     opened = [await asyncio.open_connection(*address) for _ in range(app.max_connections)]
     try:
@@ -300,7 +304,8 @@ async def test_a_client_that_reads_nothing_of_an_answer_for_the_header_timeout_i
 @pytest.mark.parametrize("request_bytes", [
     pytest.param(b"POST /a HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
                  id="length-and-chunked"),
-    pytest.param(b"POST /a HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!", id="two-lengths"),
+    pytest.param(b"POST /a HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+                 id="two-lengths"),
     pytest.param(b"POST /a HTTP/1.1\r\nHost: t\r\nContent-Length: -1\r\n\r\n", id="negative-length"),
     pytest.param(b"POST /a HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
                  id="bad-chunk-size"),
@@ -311,16 +316,16 @@ async def test_a_client_that_reads_nothing_of_an_answer_for_the_header_timeout_i
     pytest.param(b"GET / HTTP/1.1\nHost: t\n\n", id="bare-line-feeds"),
     pytest.param(b"CONNECT elsewhere:443 HTTP/1.1\r\nHost: elsewhere:443\r\n\r\n", id="connect"),
 ])
-async def test_ambiguous_framing_is_400_and_closes(served, request_bytes: bytes) -> None:  # type: ignore[no-untyped-def]
+async def test_ambiguous_framing_is_400_and_closes(served: Served, request_bytes: bytes) -> None:
     """Refused whole, and the connection closed (a bad chunk is found once the handler reads the body)."""
     _, _, address = served
     [(status, headers, body)] = responses(await exchange(address, request_bytes))
     check_problem(status, headers, body, 400)
 
 
-async def test_a_request_to_switch_protocols_is_answered_without_switching_then_closed(served) -> None:  # type: ignore[no-untyped-def]
+async def test_a_request_to_switch_protocols_is_answered_without_switching_then_closed(served: Served) -> None:
     _, _, address = served
-    received = await exchange(address, b"GET /up HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
-                                       b"not http at all")
+    upgrade = b"GET /up HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+    received = await exchange(address, upgrade + b"not http at all")
     [(status, headers, body)] = responses(received)
     assert status == 200 and json.loads(body)["path"] == "/up" and headers["Connection"] == "close"

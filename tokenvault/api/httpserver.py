@@ -2,10 +2,10 @@
 request and response types.
 
 It replaces aiohttp's server (the vault keeps aiohttp's client): aiohttp's
-request and response objects and its connection handler cost a worker about
-29 µs of CPU per request even without its application layer, a bare protocol
-on the same parser about 8 (``bench/http_floor.py``), and a worker spends all
-its time on requests. What the server does, and its bounds:
+request and response objects and its connection handler cost a worker 31-37 µs
+of CPU per request even without its application layer, this server 18-22, a
+bare protocol on the same parser 8 (``bench/http_floor.py``), and a worker
+spends all its time on requests. What the server does, and its bounds:
 
 - **Connections.** At most ``max_connections`` open at once; one more is
   answered ``503`` (problem+json) and closed as soon as it is accepted. A
@@ -17,16 +17,16 @@ its time on requests. What the server does, and its bounds:
 - **Hostile bytes.** A request line over ``MAX_LINE_BYTES``, a header line over
   ``MAX_LINE_BYTES``, more than ``MAX_HEADERS`` headers or a header block over
   ``MAX_HEAD_BYTES`` is refused (414 / 431) before more is buffered; anything
-  llhttp rejects (a bad request line, a control character in a header, a
-  bad chunk, both Content-Length and chunked, a transfer coding other than
-  chunked alone) is ``400``; a request to switch protocols is answered
-  without switching, and the connection closes behind it. These answers are
-  built by the application's ``malformed`` callback from fixed texts (never
-  the offending bytes) and close the connection: its sending side at once,
-  the rest after what the client still sends has been read and dropped (at
-  most ``LINGER_SECONDS``), so that the answer is not lost to a reset. Requests pipelined behind
-  the one being answered are parsed ahead at most one read at a time (the
-  transport is paused meanwhile) and at most ``MAX_PIPELINED``.
+  llhttp rejects (a bad request line, a control character in a header, a bad
+  chunk, both Content-Length and chunked) and a transfer coding other than
+  chunked alone are ``400``. These answers are built by the application's
+  ``malformed`` callback from fixed texts (never the offending bytes) and
+  close the connection: its sending side at once, the rest after what the
+  client still sends has been read and dropped (at most ``LINGER_SECONDS``),
+  so that the answer is not lost to a reset. A request to switch protocols is
+  answered without switching, and the connection closes behind it. Requests
+  pipelined behind the one being answered are parsed ahead at most one read
+  at a time (the transport is paused meanwhile) and at most ``MAX_PIPELINED``.
 - **Bodies.** llhttp removes the chunked framing; ``Content-Encoding`` gzip and
   deflate are decoded as the handler reads, never more than
   ``max_body_bytes`` decoded (a larger body is ``BodyTooLarge``, a broken one
@@ -38,10 +38,11 @@ its time on requests. What the server does, and its bounds:
 - **Answers.** One handler call per request, in order; a response is one write
   (``Content-Length``, or chunked for a ``StreamResponse``, which waits for the
   transport to drain). A client that does not read its answers gets no next
-  request handled until it has read enough of this one (the transport's
-  high-water mark), so unread answers never pile up; one that reads nothing of
-  it for ``header_timeout_seconds`` is disconnected. ``HEAD`` gets the headers of the answer without its body.
-  A client that goes away does not cancel its handler: its response is dropped.
+  request handled until it has read enough of this one (down to the
+  transport's high-water mark), so unread answers never pile up; one that
+  reads nothing of it for ``header_timeout_seconds`` is disconnected. ``HEAD``
+  gets the headers of the answer without its body. A client that goes away
+  does not cancel its handler: its response is dropped.
 """
 
 from __future__ import annotations

@@ -14,7 +14,6 @@ import os
 import signal
 from pathlib import Path
 
-
 from tokenvault.api.http import create_app, http_server
 from tokenvault.api.httpserver import HttpServer
 from tokenvault.api.core_calls import CoreCalls

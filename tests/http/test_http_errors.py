@@ -12,7 +12,6 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 from _http_checks import check_problem
-from aiohttp import web
 from aiohttp.test_utils import TestClient
 from _http_support import FakeService, KeyRing
 
@@ -434,14 +433,6 @@ async def test_unexpected_exception_is_500_without_its_message(
     # The node keeps serving.
     service.crash_with = None
     assert (await client.get("/health")).status == 200
-
-
-async def test_aiohttp_http_exception_from_service_becomes_problem(
-    client: TestClient, key_ring: KeyRing, service: FakeService
-) -> None:
-    service.crash_with = web.HTTPRequestEntityTooLarge(max_size=1, actual_size=2)
-    response = await post(client, "/v1/tokenize", json.dumps({"values": ["v"]}), {**JSON, **key_ring.bearer("tokenizer")})
-    await expect_problem(response, 413)
 
 
 # ---------------------------------------------------------------- validation order

@@ -329,3 +329,46 @@ async def test_a_request_to_switch_protocols_is_answered_without_switching_then_
     received = await exchange(address, upgrade + b"not http at all")
     [(status, headers, body)] = responses(received)
     assert status == 200 and json.loads(body)["path"] == "/up" and headers["Connection"] == "close"
+
+
+class _StubConnection:
+    """What a Request needs of its connection, for driving one by hand."""
+
+    def __init__(self, max_body_bytes: int) -> None:
+        self.server = type("Server", (), {"app": type("App", (), {"max_body_bytes": max_body_bytes})()})()
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+def encoded_request(encoding: str) -> Request:
+    from multidict import CIMultiDict, CIMultiDictProxy
+
+    headers = CIMultiDictProxy(CIMultiDict({"Content-Encoding": encoding, "Transfer-Encoding": "chunked"}))
+    return Request(_StubConnection(64 * 1024), "POST", "/", "", (1, 1), headers,  # type: ignore[arg-type]
+                   True, None, True)
+
+
+def test_a_cut_short_encoding_is_an_error_even_when_its_last_piece_was_read_before_the_end_came() -> None:
+    request = encoded_request("gzip")
+    whole = zlib.compress(b"z" * 5000, wbits=16 + zlib.MAX_WBITS)
+    request.feed(whole[:-8])  # the gzip trailer never comes
+    assert request.read_nowait() == b"z" * 5000  # all the data, before the end is known
+    request.feed_eof()
+    assert request.at_eof()
+    with pytest.raises(BodyError):
+        request.read_nowait()
+
+
+def test_a_whole_encoding_read_piece_by_piece_ends_cleanly() -> None:
+    request = encoded_request("deflate")
+    whole = zlib.compress(b"w" * 5000)
+    request.feed(whole[:10])
+    first = request.read_nowait()
+    request.feed(whole[10:])
+    request.feed_eof()
+    assert first + request.read_nowait() == b"w" * 5000
+    assert request.read_nowait() == b"" and request.at_eof()

@@ -68,19 +68,16 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from aiohttp import web
-
-from tokenvault.api.httpserver import (HTTP_11, AnyResponse, BodyError, BodyTooLarge, HttpServer, Request, Response,
-                                       StreamResponse)
-
 from tokenvault import auth
 from tokenvault.core import backup
 from tokenvault.core import commands
 from tokenvault.core.store_layout import MAX_AUDIT_PAGE
 from tokenvault.api import ratelimit
 from tokenvault.api.http_lifecycle import add_lifecycle_routes
+from tokenvault.api.httpserver import (HTTP_11, AnyResponse, BodyError, BodyTooLarge, HttpServer, Request, Response,
+                                       StreamResponse)
 from tokenvault.api.members import validate_member_change
-from tokenvault.api.routing import PATH_PARAMETERS, MethodNotAllowed, RouteNotFound, Router, path_parameter
+from tokenvault.api.routing import PATH_PARAMETERS, Match, MethodNotAllowed, RouteNotFound, Router, path_parameter
 from tokenvault.api.responses import EMPTY_BODY, JSON_CONTENT_TYPE, NO_STORE_HEADERS, json_response, outcome_response
 from tokenvault.errors import (
     PROBLEM_CONTENT_TYPE,
@@ -248,22 +245,6 @@ def problem_response(
 ) -> Response:
     return Response(body=problem_body(status, slug, title, detail), status=status, headers=headers,
                     content_type=PROBLEM_CONTENT_TYPE)
-
-
-_HTTP_EXCEPTION_PROBLEMS: dict[int, tuple[str, str]] = {
-    400: ("invalid-request", "the request could not be parsed"),
-    404: ("not-found", "no such endpoint"),
-    405: ("method-not-allowed", "this endpoint does not support the request's method"),
-    413: ("payload-too-large", "the request body is larger than max_body_bytes"),
-    417: ("expectation-failed", "the only expectation this server meets is 'Expect: 100-continue'"),
-}
-
-
-def http_exception_problem(error: web.HTTPException) -> Response:
-    """Re-render an aiohttp HTTP error (a library used inside a handler may raise one) as problem+json."""
-    slug, detail = _HTTP_EXCEPTION_PROBLEMS.get(error.status, (f"http-{error.status}", default_title(error.status)))
-    headers = {name: error.headers[name] for name in ("Allow",) if name in error.headers}
-    return problem_response(error.status, slug, default_title(error.status), detail, headers)
 
 
 # ---------------------------------------------------------------- header checks
@@ -801,18 +782,9 @@ class HttpApp:
         Authorization header); ``error_type`` is only logged."""
         if status >= 500:
             response = problem_response(status, "internal", "Internal error", "the request could not be handled")
-        elif status == 431:
-            response = problem_response(status, "invalid-request", default_title(status),
-                                        "the request's headers are too large or too many")
-        elif status == 414:
-            response = problem_response(status, "invalid-request", default_title(status),
-                                        "the request line is too long")
-        elif status == 429:
-            response = problem_response(status, "invalid-request", default_title(status),
-                                        "too many requests were sent ahead on one connection")
         else:
             response = problem_response(status, "invalid-request", default_title(status),
-                                        "the request is not valid HTTP/1.1")
+                                        _MALFORMED_DETAILS.get(status, UNPARSABLE_REQUEST_DETAIL))
         response.force_close()
         return response
 
@@ -822,52 +794,43 @@ class HttpApp:
     async def __call__(self, request: Request) -> AnyResponse:
         started = time.perf_counter()
         route = UNMATCHED_ROUTE
-        status: int | None = None
         try:
-            try:
-                try:
-                    match = self.router.resolve(request.method, request.path_safe)
-                except RouteNotFound:
-                    raise NotFound("no such endpoint") from None
-                except MethodNotAllowed as refused:
-                    raise MethodNotAllowedError(refused.allowed) from None
-                route = match.pattern
-                request[PATH_PARAMETERS] = match.parameters
-                if "Expect" in request.headers:
-                    await _expect(request)
-                response = await match.handler(request)
-            except ServiceError as error:
-                response = problem_response(error.status, error.problem, error.title, error.detail, error.headers)
-                if getattr(error, "close_connection", False) or _body_left_unread(request):
-                    await _send_and_close(request, response)
-            except web.HTTPException as error:
-                if error.status < 400:
-                    raise
-                response = http_exception_problem(error)
-                if _body_left_unread(request):
-                    await _send_and_close(request, response)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                _log.exception("http.unexpected_error", route=route, method=request.method)
-                response = problem_response(500, "internal", "Internal error",
-                                            "an unexpected error occurred; it has been logged")
-            status = response.status
-            return response
-        finally:
-            if status is not None:
-                method = request.method if request.method in KNOWN_METHODS else "OTHER"
-                self.metrics.observe_request(route, method, status, time.perf_counter() - started)
+            match = self._resolve(request)
+            route = match.pattern
+            request[PATH_PARAMETERS] = match.parameters
+            if "Expect" in request.headers:
+                _expect(request)
+            response = await match.handler(request)
+        except ServiceError as error:
+            response = problem_response(error.status, error.problem, error.title, error.detail, error.headers)
+            if getattr(error, "close_connection", False) or _body_left_unread(request):
+                request.connection.send_now(request, response)
+        except Exception:
+            _log.exception("http.unexpected_error", route=route, method=request.method)
+            response = problem_response(500, "internal", "Internal error",
+                                        "an unexpected error occurred; it has been logged")
+        # A request cancelled because its client went away (CancelledError) has no status: not counted.
+        method = request.method if request.method in KNOWN_METHODS else "OTHER"
+        self.metrics.observe_request(route, method, response.status, time.perf_counter() - started)
+        return response
+
+    def _resolve(self, request: Request) -> Match:
+        try:
+            return self.router.resolve(request.method, request.path_safe)
+        except RouteNotFound:
+            raise NotFound("no such endpoint") from None
+        except MethodNotAllowed as refused:
+            raise MethodNotAllowedError(refused.allowed) from None
 
 
-async def _expect(request: Request) -> None:
+def _expect(request: Request) -> None:
     """``Expect: 100-continue`` on HTTP/1.1 is answered at once (the client then sends its body); any
     other expectation is 417."""
     if request.version != HTTP_11:
         return
     if request.headers.get("Expect", "").lower() != "100-continue":
         raise ExpectationFailed()
-    await request.send_continue()
+    request.send_continue()
 
 
 def _body_left_unread(request: Request) -> bool:
@@ -878,12 +841,6 @@ def _body_left_unread(request: Request) -> bool:
     valid key hold a connection slot as long as it keeps sending; it is closed.
     """
     return request.body_exists and _BODY not in request
-
-
-async def _send_and_close(request: Request, response: Response) -> None:
-    """Send ``response`` now and close the connection behind it (a stalled body, or one refused
-    before it was read: the connection is mid-request, so it cannot carry another one)."""
-    request.connection.send_now(request, response)
 
 
 def build_app(
@@ -949,6 +906,14 @@ TOO_MANY_CONNECTIONS_RESPONSE = (
     + _TOO_MANY_CONNECTIONS_BODY
 )
 
+
+# The details of the server's own refusals (tokenvault/api/httpserver.py); fixed texts, never the input.
+UNPARSABLE_REQUEST_DETAIL = "the request is not valid HTTP/1.1"
+_MALFORMED_DETAILS = {
+    414: "the request line is too long",
+    429: "too many requests were sent ahead on one connection",
+    431: "the request's headers are too large or too many",
+}
 
 # A flood of refused connections or malformed requests must not become a flood of log lines.
 # Each at most one line a second for each value of its fields, with the count (tokenvault.logs.SummedEvent).

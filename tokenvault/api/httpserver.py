@@ -85,15 +85,14 @@ class BodyTooLarge(BodyError):
     """The decoded request body is larger than the server's ``max_body_bytes``."""
 
 
-class Response:
-    """A whole response: status, headers and body, written in one piece."""
+class _Head:
+    """A response's status and headers (a copy: the caller's mapping is never changed), and whether
+    the connection closes behind it."""
 
-    __slots__ = ("status", "body", "headers", "closing")
+    __slots__ = ("status", "headers", "closing")
 
-    def __init__(self, *, body: bytes = b"", status: int = 200, headers: Mapping[str, str] | None = None,
-                 content_type: str | None = None) -> None:
+    def __init__(self, status: int, headers: Mapping[str, str] | None, content_type: str | None) -> None:
         self.status = status
-        self.body = body
         self.headers: dict[str, str] = dict(headers) if headers else {}
         if content_type is not None:
             self.headers["Content-Type"] = content_type
@@ -104,32 +103,36 @@ class Response:
         self.closing = True
 
 
-class StreamResponse:
+class Response(_Head):
+    """A whole response: status, headers and body, written in one piece."""
+
+    __slots__ = ("body",)
+
+    def __init__(self, *, body: bytes = b"", status: int = 200, headers: Mapping[str, str] | None = None,
+                 content_type: str | None = None) -> None:
+        super().__init__(status, headers, content_type)
+        self.body = body
+
+
+class StreamResponse(_Head):
     """A response sent in chunks (chunked transfer coding) as the handler produces them:
     ``await prepare(request)``, ``await write(data)`` ..., ``await write_eof()``; each write waits for
     the client to take what is buffered. The status cannot change once prepared."""
 
-    __slots__ = ("status", "headers", "closing", "_request", "_done")
+    __slots__ = ("_request", "_done")
 
     def __init__(self, *, status: int = 200, headers: Mapping[str, str] | None = None,
                  content_type: str | None = None) -> None:
-        self.status = status
-        self.headers: dict[str, str] = dict(headers) if headers else {}
-        if content_type is not None:
-            self.headers["Content-Type"] = content_type
-        self.closing = False
+        super().__init__(status, headers, content_type)
         self._request: Request | None = None
         self._done = False
-
-    def force_close(self) -> None:
-        self.closing = True
 
     async def prepare(self, request: Request) -> None:
         if self._request is not None:
             return
         self._request = request
         connection = request.connection
-        connection.start_answer(request, self.status, self.headers, None, self.closing)
+        connection.start_stream(request, self.status, self.headers, self.closing)
         await connection.drain()
 
     async def write(self, data: bytes) -> None:
@@ -182,7 +185,7 @@ class Request:
         self._complete = not body_exists
         self._failed: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
-        self._decoder: Any = None
+        self._decoder: _Inflater | None = None
         self._decoded = 0
         self._query: MultiDictProxy[str] | None = None
         self._path_safe: str | None = None
@@ -234,7 +237,7 @@ class Request:
     def transport(self) -> asyncio.Transport | None:
         return self.connection.transport
 
-    async def send_continue(self) -> None:
+    def send_continue(self) -> None:
         """``100 Continue``: the client waits for it before sending a body it announced with Expect."""
         self.connection.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
@@ -264,10 +267,13 @@ class Request:
         return self._complete and not self._chunks
 
     def read_nowait(self) -> bytes:
-        """What has arrived and not been read, decoded; b"" when nothing has (or at the end)."""
+        """What has arrived and not been read, decoded; b"" when nothing has (or at the end). At the
+        end, a content encoding that did not finish is BodyError, however the body was read."""
         if not self._chunks:
             if self._failed is not None:
                 raise BodyError("the request body ended early") from self._failed
+            if self._complete and self._decoder is not None and not self._decoder.finished:
+                raise BodyError("the request body's content encoding is cut short")
             return b""
         data = b"".join(self._chunks)
         self._chunks.clear()
@@ -285,10 +291,7 @@ class Request:
                 await self._waiter
             finally:
                 self._waiter = None
-        chunk = self.read_nowait()
-        if not chunk and self._complete and self._decoder is not None:
-            return self._flush_decoder()
-        return chunk
+        return self.read_nowait()
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -305,7 +308,7 @@ class Request:
                 raise BodyError("unsupported content encoding")
             # gzip: the gzip wrapper; deflate: the zlib wrapper, or raw deflate as some clients send.
             decoder = self._decoder = _Inflater(16 + zlib.MAX_WBITS if encoding != "deflate" else None)
-        limit = self.connection.server.max_body_bytes
+        limit = self.connection.server.app.max_body_bytes
         try:
             out: bytes = decoder.decompress(data, limit + 1 - self._decoded)
         except zlib.error:
@@ -313,14 +316,7 @@ class Request:
         self._decoded += len(out)
         if self._decoded > limit or decoder.unconsumed:
             raise BodyTooLarge("the decoded request body is too large")
-        if self._complete and not self._chunks and not decoder.finished:
-            raise BodyError("the request body's content encoding is cut short")
         return out
-
-    def _flush_decoder(self) -> bytes:
-        if self._decoder is not None and not self._decoder.finished:
-            raise BodyError("the request body's content encoding is cut short")
-        return b""
 
 
 _PROTECTED = re.compile(r"(%2[Ff]|%25)")
@@ -330,7 +326,6 @@ class _Inflater:
     """zlib decoding with an output bound; ``wbits`` None: the zlib wrapper, else raw deflate."""
 
     def __init__(self, wbits: int | None) -> None:
-        self._wbits = wbits
         self._decompressor = zlib.decompressobj(wbits if wbits is not None else zlib.MAX_WBITS)
         self._first = wbits is None
         self.unconsumed = b""
@@ -397,16 +392,9 @@ def _head(status: int, headers: Mapping[str, str], length: int | None, close: bo
     return b"\r\n".join(lines)
 
 
-class _Malformed:
-    __slots__ = ("status", "error_type")
-
-    def __init__(self, status: int, error_type: str) -> None:
-        self.status = status
-        self.error_type = error_type
-
-
 class _Refused(Exception):
-    """Raised from a parser callback to stop parsing: the request is over a bound."""
+    """A request that cannot be parsed or is over a bound: raised from a parser callback to stop
+    parsing, then queued to be answered after the requests before it."""
 
     def __init__(self, status: int, error_type: str) -> None:
         super().__init__(error_type)
@@ -421,7 +409,7 @@ class _Connection(asyncio.Protocol):
         self.server = server
         self.transport: asyncio.Transport | None = None
         self._parser = httptools.HttpRequestParser(self)
-        self._queue: collections.deque[Request | _Malformed] = collections.deque()
+        self._queue: collections.deque[Request | _Refused] = collections.deque()
         self._parsing: Request | None = None
         self._current: Request | None = None
         self._task: asyncio.Task[None] | None = None
@@ -568,7 +556,7 @@ class _Connection(asyncio.Protocol):
             self._parsing = None
 
     # ------------------------------------------------------------ answering
-    def _enqueue(self, item: Request | _Malformed) -> None:
+    def _enqueue(self, item: Request | _Refused) -> None:
         if len(self._queue) >= MAX_PIPELINED:
             raise _Refused(429, "TooManyPipelinedRequests")
         self._queue.append(item)
@@ -585,7 +573,7 @@ class _Connection(asyncio.Protocol):
             self._parsing.fail(ConnectionResetError("the rest of the request could not be parsed"))
             self._parsing = None
         self._stopped = True  # parse nothing more; answer what came before, then this
-        self._queue.append(_Malformed(status, error_type))
+        self._queue.append(_Refused(status, error_type))
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._answer_queue())
 
@@ -594,7 +582,7 @@ class _Connection(asyncio.Protocol):
         try:
             while self._queue:
                 item = self._queue.popleft()
-                if isinstance(item, _Malformed):
+                if isinstance(item, _Refused):
                     self.server.note_malformed(item.status, item.error_type)
                     refusal = app.malformed(item.status, item.error_type)
                     if self.transport is not None:
@@ -655,10 +643,9 @@ class _Connection(asyncio.Protocol):
         self._close()
 
     # StreamResponse's side
-    def start_answer(self, request: Request, status: int, headers: Mapping[str, str], length: int | None,
-                     close: bool) -> None:
+    def start_stream(self, request: Request, status: int, headers: Mapping[str, str], close: bool) -> None:
         request.answered = True
-        self.write(_head(status, headers, length, close or not request.keep_alive))
+        self.write(_head(status, headers, None, close or not request.keep_alive))
 
     def finish_answer(self, request: Request, close: bool) -> None:
         if close or not request.keep_alive:
@@ -755,10 +742,6 @@ class HttpServer:
         self._servers: list[asyncio.AbstractServer] = []
         self._on_refused = on_refused
         self._on_malformed = on_malformed
-
-    @property
-    def max_body_bytes(self) -> int:
-        return self.app.max_body_bytes
 
     def note_refused(self) -> None:
         if self._on_refused is not None:

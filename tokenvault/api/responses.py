@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from typing import Any
 
-
 from tokenvault.api.httpserver import Response
 from tokenvault.errors import Outcome
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from tokenvault.api.httpserver import AnyResponse, Request
 
@@ -47,9 +48,9 @@ class MethodNotAllowed(Exception):
         self.allowed = allowed
 
 
-@dataclass(frozen=True)
-class Match:
-    """A resolved request: the handler, the path's parameters and the route's pattern (the metrics' label)."""
+class Match(NamedTuple):
+    """A resolved request: the handler, the path's parameters and the route's pattern (the metrics' label).
+    A tuple: one is made per request."""
 
     handler: Handler
     parameters: dict[str, str]
@@ -92,13 +93,12 @@ class Router:
     def __init__(self) -> None:
         self._plain: dict[str, _Route] = {}
         self._patterns: list[_Route] = []
-        self._by_pattern: dict[str, _Route] = {}
 
     def add(self, method: str, pattern: str, handler: Handler, *, allow_head: bool = True) -> None:
-        route = self._by_pattern.get(pattern)
+        route = self._plain.get(pattern) or next((known for known in self._patterns if known.pattern == pattern),
+                                                  None)
         if route is None:
             route = _Route(pattern, _compile(pattern))
-            self._by_pattern[pattern] = route
             if route.regex is None:
                 self._plain[pattern] = route
             else:

@@ -30,7 +30,6 @@ import socket
 import sys
 from pathlib import Path
 
-
 from tokenvault.api.channel import Channel, max_frame_bytes
 from tokenvault.api.http import create_app, http_server
 from tokenvault.api.remote import RemoteService

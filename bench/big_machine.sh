@@ -12,8 +12,8 @@
 # Settings (environment): PYTHON (python3), DURATION (8 s measured), WARMUP (2 s), CLIENT_PROCESSES
 # (load-generator processes, default a quarter of the cores, at least 1), NODE_WORKERS (HTTP workers
 # per node when three nodes share the machine, default a third of the cores minus one, at least 1),
-# TOKENVAULT_TLS (false: plain HTTP on both sides, so that the comparison with etcd's plain HTTP is
-# like for like; set true for the default TLS).
+# TOKENVAULT_TLS (false: plain HTTP on both sides; true: TLS on both, etcd's client and peer links
+# included, so either way the comparison is like for like).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}

@@ -474,35 +474,58 @@ def free_ports(count: int) -> list[int]:
             probe.close()
 
 
-def start_etcd(directory: Path, members: int = 3) -> tuple[list[subprocess.Popen[bytes]], list[str]]:
-    """Start a `members`-member etcd cluster on loopback; returns the processes and the client URLs."""
+def start_etcd(directory: Path, members: int = 3,
+               tls: bool = False) -> tuple[list[subprocess.Popen[bytes]], list[str], Path | None]:
+    """Start a `members`-member etcd cluster on loopback; returns the processes, the client URLs and,
+    with ``tls``, the CA its certificates chain to.
+
+    With ``tls`` every member serves its clients and its peers over TLS, as the vault's nodes do
+    with TLS on (a certificate per member from a CA made here, peers verified by it; clients
+    present none, as the vault's HTTP clients present none), so that a comparison with TLS pays
+    for it on both sides."""
     binary = shutil.which("etcd") or ("/usr/bin/etcd" if Path("/usr/bin/etcd").exists() else None)
     if binary is None:
         raise SystemExit(ETCD_INSTALL_HINT)
     ports = free_ports(2 * members)
-    client_urls = [f"http://127.0.0.1:{ports[2 * number]}" for number in range(members)]
-    peer_urls = [f"http://127.0.0.1:{ports[2 * number + 1]}" for number in range(members)]
+    scheme = "https" if tls else "http"
+    client_urls = [f"{scheme}://127.0.0.1:{ports[2 * number]}" for number in range(members)]
+    peer_urls = [f"{scheme}://127.0.0.1:{ports[2 * number + 1]}" for number in range(members)]
     initial = ",".join(f"e{number + 1}={peer_urls[number]}" for number in range(members))
+    names = [f"e{number + 1}" for number in range(members)]
+    certificates = None
+    if tls:
+        from tokenvault.crypto.tls import create_cluster_tls
+
+        certificates = create_cluster_tls(directory / "tls", {name: ["127.0.0.1"] for name in names})
     processes = []
-    for number in range(members):
-        name = f"e{number + 1}"
+    for number, name in enumerate(names):
         command = [binary, "--name", name, "--data-dir", str(directory / name),
                    "--listen-client-urls", client_urls[number], "--advertise-client-urls", client_urls[number],
                    "--listen-peer-urls", peer_urls[number], "--initial-advertise-peer-urls", peer_urls[number],
                    "--initial-cluster", initial, "--initial-cluster-state", "new",
                    "--initial-cluster-token", "tokenvault-bench", "--log-level", "warn"]
+        if certificates is not None:
+            files = certificates.nodes[name]
+            command += ["--cert-file", str(files.cert_file), "--key-file", str(files.key_file),
+                        "--peer-cert-file", str(files.cert_file), "--peer-key-file", str(files.key_file),
+                        "--peer-trusted-ca-file", str(files.ca_file), "--peer-client-cert-auth"]
         with open(directory / f"{name}.out", "ab") as output:
             processes.append(subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT,
                                               stdin=subprocess.DEVNULL, start_new_session=True))
-    wait_etcd_healthy(client_urls, processes, directory)
-    return processes, client_urls
+    ca_file = certificates.ca_cert_file if certificates is not None else None
+    wait_etcd_healthy(client_urls, processes, directory, ca_file=ca_file)
+    return processes, client_urls, ca_file
 
 
 def wait_etcd_healthy(client_urls: Sequence[str], processes: Sequence[subprocess.Popen[bytes]],
-                      directory: Path, timeout_seconds: float = 30.0) -> None:
+                      directory: Path, timeout_seconds: float = 30.0, ca_file: Path | None = None) -> None:
+    import ssl
     import urllib.request
 
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    handlers: list[urllib.request.BaseHandler] = [urllib.request.ProxyHandler({})]
+    if ca_file is not None:
+        handlers.append(urllib.request.HTTPSHandler(context=ssl.create_default_context(cafile=str(ca_file))))
+    opener = urllib.request.build_opener(*handlers)
     deadline = time.monotonic() + timeout_seconds
     while time.monotonic() < deadline:
         if any(process.poll() is not None for process in processes):
@@ -822,10 +845,14 @@ async def command_compare_etcd(arguments: argparse.Namespace) -> int:
                 settings = dataclasses.replace(settings, http_workers=arguments.workers)
             spec, _ = await asyncio.to_thread(cluster.start_cluster, vault_directory, 3, ports=ports,
                                               settings=settings, timeout_seconds=60)
-            etcd_processes, etcd_urls = await asyncio.to_thread(start_etcd, directory / "etcd")
+            # Why match by default: with TLS on, every vault request and replication message is
+            # encrypted; an etcd in plain HTTP would not pay for the same protection.
+            etcd_tls = settings.tls if arguments.etcd_tls == "match" else arguments.etcd_tls == "on"
+            etcd_processes, etcd_urls, etcd_ca_file = await asyncio.to_thread(start_etcd, directory / "etcd",
+                                                                              tls=etcd_tls)
             return await compare(arguments, list(spec.http_urls), spec.key("full"), etcd_urls,
                                  read_pids(node.pid_file for node in spec.nodes),
-                                 [process.pid for process in etcd_processes], spec.ca_file)
+                                 [process.pid for process in etcd_processes], spec.ca_file, etcd_ca_file)
         finally:
             stop_processes(etcd_processes)
             if (vault_directory / cluster.CLUSTER_FILE_NAME).exists():
@@ -834,7 +861,7 @@ async def command_compare_etcd(arguments: argparse.Namespace) -> int:
 
 async def compare(arguments: argparse.Namespace, vault_urls: list[str], api_key: str,
                   etcd_urls: list[str], vault_pids: list[int], etcd_pids: list[int],
-                  ca_file: str | Path | None = None) -> int:
+                  ca_file: str | Path | None = None, etcd_ca_file: str | Path | None = None) -> int:
     concurrency, duration, warmup = arguments.concurrency, arguments.duration, arguments.warmup
     print(f"3-node vault {', '.join(vault_urls)}\n3-member etcd {', '.join(etcd_urls)}\n"
           f"concurrency {concurrency}, {duration:g} s per run after {warmup:g} s warm-up, "
@@ -859,6 +886,7 @@ async def compare(arguments: argparse.Namespace, vault_urls: list[str], api_key:
                 label = "vault tokenize x1"
             else:
                 etcd = Workload("etcd", "insert-if-absent", tuple(etcd_urls),
+                                ca_file=str(etcd_ca_file) if etcd_ca_file else None,
                                 seed=derive_seed(arguments.seed, f"etcd {round_number}"))
                 results[system] = await drive(etcd, concurrency, duration, warmup, client, etcd_pids,
                                               processes=processes)
@@ -935,6 +963,9 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     compare_parser.add_argument("--rounds", type=int, default=1,
                                 help="single-value pairs to run, alternating which system goes first; "
                                      "prints every ratio and their median")
+    compare_parser.add_argument("--etcd-tls", choices=("match", "on", "off"), default="match",
+                                help="etcd's client and peer links over TLS (match: when the vault's are, "
+                                     "TOKENVAULT_TLS; on; off)")
     compare_parser.add_argument("--workers", type=int, default=None,
                                 help="HTTP worker processes per vault node (default: the node's own default, "
                                      "cores minus one)")

@@ -4,6 +4,7 @@ its load processes (--client-processes)."""
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import time
 from collections import Counter
@@ -247,3 +248,23 @@ def test_the_http_floor_bench_runs_each_server_and_prints_its_cost(capsys: pytes
     assert [line.split()[0] for line in lines] == list(kinds)
     assert all("us per request" in line and int(line.split()[1].replace(",", "")) > 0 for line in lines)
     assert os.sched_getaffinity(0) == affinity  # the client's pinning ends with the run
+
+
+@pytest.mark.skipif(not (shutil.which("etcd") or Path("/usr/bin/etcd").exists()), reason="etcd is not installed")
+async def test_etcd_with_tls_serves_only_over_tls_and_its_transactions_run_through_the_load_generator(
+        tmp_path: Path) -> None:
+    import loadgen
+
+    processes, urls, ca_file = loadgen.start_etcd(tmp_path, members=1, tls=True)
+    try:
+        assert ca_file is not None and all(url.startswith("https://") for url in urls)
+        workload = loadgen.Workload("etcd", "insert-if-absent", tuple(urls), ca_file=str(ca_file), seed=1)
+        measurement = await loadgen.drive(workload, 2, 0.3, 0.1, "raw")
+        assert measurement.errors == Counter() and measurement.completed_ok > 0
+        # Plain HTTP on the same port is not served: the comparison pays for TLS on both sides.
+        plain = loadgen.Workload("etcd", "insert-if-absent", tuple(url.replace("https://", "http://") for url in urls),
+                                 seed=2)
+        refused = await loadgen.drive(plain, 1, 0.3, 0.0, "raw")
+        assert refused.completed_ok == 0 and sum(refused.errors.values()) > 0
+    finally:
+        loadgen.stop_processes(processes)

@@ -205,6 +205,18 @@ class Metrics:
             " (each costs about a millisecond of the worker's CPU).",
             registry=registry,
         )
+        self.worker_store_view_opens = Gauge(
+            "tokenvault_worker_store_view_opens",
+            "Times this HTTP worker opened its view of the store since it started: the first open, then once per"
+            " memtable flush of the core and per snapshot install (the worker's loop waits for each).",
+            registry=registry,
+        )
+        self.worker_store_view_cache_bytes = Gauge(
+            "tokenvault_worker_store_view_cache_bytes",
+            "Capacity of this HTTP worker's block cache for its view of the store: the table files' index and"
+            " filter blocks plus a fixed share for data blocks, so it grows with the store.",
+            registry=registry,
+        )
 
     def record_worker_store_read(self, result: str) -> None:
         self._worker_read_children[result].inc()

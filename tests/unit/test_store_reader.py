@@ -161,3 +161,49 @@ async def test_a_nudge_catches_up_at_most_once_per_interval_and_the_caller_may_l
     catch_up.nudge()  # the CatchUp's own interval (none) again: a catch-up
     await settled(catch_up)
     assert reader.catch_ups == 3
+
+
+def test_the_table_properties_name_the_index_and_filter_bytes_or_nothing_is_assumed():
+    from tokenvault.core.store_layout import parse_table_metadata_bytes
+
+    text = ("# data blocks=178587; # entries=10000014; raw key size=450000358; data block size=569094775; "
+            "index block size (user-key? 17, delta-value? 17)=3928243; filter block size=12501013; "
+            "# entries for filter=10000014; filter policy name=N/A; ")
+    assert parse_table_metadata_bytes(text) == 3928243 + 12501013
+    assert parse_table_metadata_bytes(text.replace("filter block size=12501013", "")) is None
+    assert parse_table_metadata_bytes(text.replace("=3928243", "=-1")) is None
+    assert parse_table_metadata_bytes("") is None
+
+
+def test_the_view_keeps_every_index_and_filter_block_in_a_cache_sized_for_them_and_reopens_after_a_flush(
+        store, tmp_path):
+    """A flush makes a view open again; its index and filter blocks are in its block cache, which
+    outlives the open and is sized to hold them all besides the data blocks' share."""
+    from tokenvault.core.store_layout import table_metadata_bytes
+
+    log = Log()
+    started(store, log)
+    view = StoreReader(tmp_path / "store", tmp_path / "reader", cache_bytes=1 << 20).open()
+    try:
+        tiny = table_metadata_bytes(store._db) or 0  # the store's first entries, if any were flushed
+        assert (view.opens, view.cache_bytes) == (1, (1 << 20) + tiny + tiny // 8) and tiny < 1_000
+        numbers = range(1, 20_001)
+        store.apply_batch([log.command(tokenize(1, numbers))])
+        store._db.flush()
+        view.catch_up()
+        assert view.opens == 2  # the flush changed the WAL files: opened again
+        metadata = table_metadata_bytes(store._db)
+        assert metadata is not None and metadata > 20_000  # a bloom filter of 20,000 keys alone is 25 KB
+        assert view.cache_bytes == (1 << 20) + metadata + metadata // 8
+        assert view._cache.get_usage() > 0
+        assert view.lookup([token(1, 7), token(1, 20_000), token(1, 20_001)], 0) == {
+            token(1, 7): b"ct-7", token(1, 20_000): b"ct-20000"}
+        # Opened again after the next flush, it reads what it read before from the same cache.
+        store.apply_batch([log.command(tokenize(1, [30_000]))])
+        store._db.flush()
+        view.catch_up()
+        assert view.opens == 3
+        assert view.lookup([token(1, 7), token(1, 30_000)], 0) == {token(1, 7): b"ct-7", token(1, 30_000): b"ct-30000"}
+        assert view.cache_bytes == (1 << 20) + (grown := table_metadata_bytes(store._db) or 0) + grown // 8
+    finally:
+        view.close()

@@ -90,6 +90,8 @@ async def _serve(config: NodeConfig, index: int, workers: int, channel_fd: int, 
     async def render_metrics(arguments: dict[str, object]) -> str:
         if view is not None:
             metrics.worker_store_view_catch_ups.set(view.catch_ups)
+            metrics.worker_store_view_opens.set(view.opens)
+            metrics.worker_store_view_cache_bytes.set(view.cache_bytes)
         return metrics.render()[0].decode("utf-8")
 
     channel = Channel(reader, writer, handlers={"metrics": render_metrics}, on_push=service.on_push,

@@ -390,13 +390,21 @@ def json_bytes(document: dict[str, Any]) -> bytes:
 
 
 # ---------------------------------------------------------------- RocksDB
-def database_options(cache: Cache, *, create: bool = False) -> Options:
+def database_options(cache: Cache, *, create: bool = False, metadata_in_cache: bool = False) -> Options:
+    """The options every open of a generation uses. ``metadata_in_cache`` (the workers' views): each
+    table file's index and filter blocks live in ``cache``, loaded when first read, instead of being
+    read into the file's table reader when it is opened, so that a view opened again finds them there
+    (tokenvault.core.store_reader); the files written are the same either way."""
     options = Options(raw_mode=True)
     options.create_if_missing(create)
     options.set_error_if_exists(create)
     table = BlockBasedOptions()
     table.set_bloom_filter(BLOOM_BITS_PER_KEY, False)
     table.set_block_cache(cache)
+    if metadata_in_cache:
+        table.set_cache_index_and_filter_blocks(True)
+        # A new level-0 file is the one most lookups of recent tokens read first.
+        table.set_pin_l0_filter_and_index_blocks_in_cache(True)
     options.set_block_based_table_factory(table)
     # Ciphertexts are random, so compression gains little; lz4 costs little on the
     # upper levels and zstd packs the bottom level (most of the data) a bit tighter.
@@ -414,6 +422,29 @@ def database_options(cache: Cache, *, create: bool = False) -> Options:
     # the applied batches, each whole (the replication log has the rest).
     options.set_wal_recovery_mode(DBRecoveryMode.point_in_time())
     return options
+
+
+# RocksDB's aggregated table properties name these sums over every live table file, as "name=value; ".
+_METADATA_PROPERTY = "rocksdb.aggregated-table-properties"
+_METADATA_FIELDS = ("index block size", "filter block size")
+
+
+def table_metadata_bytes(database: Rdict) -> int | None:
+    """The bytes of every index and filter block of the database's table files; None when RocksDB's
+    properties do not say (then nothing depends on the figure but a cache's size)."""
+    text = database.property_value(_METADATA_PROPERTY)
+    return parse_table_metadata_bytes(text) if isinstance(text, str) else None
+
+
+def parse_table_metadata_bytes(text: str) -> int | None:
+    sizes: dict[str, int] = {}
+    for field in text.split(";"):
+        name, equals, value = field.strip().rpartition("=")
+        # "index block size (user-key? 17, delta-value? 17)=3928243": the name's own words come first.
+        label = next((known for known in _METADATA_FIELDS if name.startswith(known)), None)
+        if equals and label is not None and value.isdigit() and label not in sizes:
+            sizes[label] = int(value)
+    return sum(sizes.values()) if len(sizes) == len(_METADATA_FIELDS) else None
 
 
 def reason(failure: BaseException) -> str:

@@ -2,26 +2,36 @@
 (tokenvault.core.store_reader) over a store of N random tokens, in-process.
 
 Usage:
-    .venv/bin/python bench/view_open.py [--tokens 1000000,10000000] [--directory DIR]
+    .venv/bin/python bench/view_open.py [--tokens 1000000,10000000] [--stores DIR] [--rounds 1]
 
 A view opens again whenever the core's WAL files change (a flush: a full write
 buffer, or a shred), so this is what each flush costs every worker once. For
 each N it fills a store with N tokens (1,000 per entry, as coalesced entries
-carry them), then prints the time to open a view, to catch it up with nothing
-new, to open it again after a flush, and one 100-token lookup. Asserts nothing.
+carry them), flushes and compacts it, then prints, per round: the time to
+open a view, to catch it up with nothing new, to open it again after each of
+three flushes (one more entry each), the first and the median of twenty
+100-token lookups of tokens in the store after the open and after the opens
+again, and the view's block cache capacity. ``--stores DIR`` keeps each
+filled store in DIR/<N> and uses it again on the next run (a 50 M store takes
+some twenty minutes to fill on two cores), so that two trees can be measured
+on the same store, one after the other. Asserts nothing.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import random
+import shutil
+import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from protocol import Entry, EntryKind  # noqa: E402
-from sizes import run_over_sizes  # noqa: E402
 from tokenvault.core.commands import Actor, RotateEpochCommand, TokenizeCommand, encode_command  # noqa: E402
 from tokenvault.core.store import VaultStore  # noqa: E402
 from tokenvault.core.store_files import STORE_DIRECTORY  # noqa: E402
@@ -62,35 +72,72 @@ def timed(action) -> float:  # type: ignore[no-untyped-def]
     return (time.perf_counter() - started) * 1000
 
 
-def measure(directory: Path, tokens: int) -> str:
-    data = directory / "data"
-    data.mkdir()
-    store = VaultStore.open(data / STORE_DIRECTORY)
-    started = time.perf_counter()
-    sample = fill(store, tokens, random.Random(tokens))
-    fill_seconds = time.perf_counter() - started
-    store._db.flush()
-    store._db.compact_range(None, None)
-    reader = StoreReader(data / STORE_DIRECTORY, directory / "view")
-    open_ms = timed(reader.open)
-    catch_up_ms = timed(reader.catch_up)
-    wals = sorted(path.name for path in (data / STORE_DIRECTORY).rglob("*.log"))
-    fill_more = TokenizeCommand(1, ((random_token(random.Random(0)), b"c" * 28),), None, None, None, 3_000)
-    store.apply_batch([Entry(store.applied_index + 1, 1, EntryKind.COMMAND, encode_command(fill_more))])
-    store._db.flush()  # a new WAL file: the view's next catch-up opens it again
-    assert sorted(path.name for path in (data / STORE_DIRECTORY).rglob("*.log")) != wals
-    reopen_ms = timed(reader.catch_up)
-    lookups = sample[:100]
-    lookup_ms = timed(lambda: reader.lookup(lookups, 0))
-    reader.close()
-    store.close()
-    return (f"{tokens:>11,} tokens (filled in {fill_seconds:5.1f} s): open {open_ms:7.1f} ms, catch-up with "
-            f"nothing new {catch_up_ms:6.2f} ms, open again after a flush {reopen_ms:7.1f} ms, "
-            f"100-token lookup {lookup_ms:5.2f} ms")
+def filled_store(directory: Path, tokens: int) -> tuple[VaultStore, list[str]]:
+    """The store of ``tokens`` random tokens under ``directory`` (filled unless it was already), and a
+    sample of 2,000 of its tokens."""
+    data, sample_file = directory / "data", directory / "sample.txt"
+    if not sample_file.exists():
+        shutil.rmtree(data, ignore_errors=True)
+        data.mkdir(parents=True)
+        store = VaultStore.open(data / STORE_DIRECTORY)
+        started = time.perf_counter()
+        sample = fill(store, tokens, random.Random(tokens))
+        store._db.flush()
+        store._db.compact_range(None, None)
+        print(f"{tokens:>11,} tokens filled in {time.perf_counter() - started:.1f} s", flush=True)
+        sample_file.write_text("\n".join(random.Random(1).sample(sample, min(2000, len(sample)))))
+        return store, sample_file.read_text().split()
+    return VaultStore.open(data / STORE_DIRECTORY), sample_file.read_text().split()
+
+
+def lookups(reader: StoreReader, sample: list[str]) -> list[float]:
+    """Milliseconds of each of twenty 100-token lookups (fewer for a small sample)."""
+    return [timed(lambda: reader.lookup(sample[start:start + 100], 0)) for start in range(0, len(sample), 100)]
+
+
+def measure(directory: Path, tokens: int, round_number: int) -> str:
+    store, sample = filled_store(directory, tokens)
+    try:
+        reader = StoreReader(directory / "data" / STORE_DIRECTORY, directory / "view")
+        open_ms = timed(reader.open)
+        first = lookups(reader, sample)
+        catch_up_ms = timed(reader.catch_up)
+        reopen_ms = []
+        for flush in range(3):
+            more = TokenizeCommand(1, ((random_token(random.Random(f"{round_number} {flush}")), b"c" * 28),),
+                                   None, None, None, 3_000)
+            wals = sorted(path.name for path in (directory / "data" / STORE_DIRECTORY).rglob("*.log"))
+            store.apply_batch([Entry(store.applied_index + 1, 1, EntryKind.COMMAND, encode_command(more))])
+            store._db.flush()  # a new WAL file: the view's next catch-up opens it again
+            assert sorted(path.name for path in (directory / "data" / STORE_DIRECTORY).rglob("*.log")) != wals
+            reopen_ms.append(timed(reader.catch_up))
+        again = lookups(reader, sample)
+        cache_mib = getattr(reader, "cache_bytes", 32 << 20) / (1 << 20)
+        reader.close()
+    finally:
+        store.close()
+    return (f"{tokens:>11,} tokens, round {round_number}: open {open_ms:6.1f} ms, catch-up with nothing new "
+            f"{catch_up_ms:5.2f} ms, open again after a flush {' / '.join(f'{ms:.1f}' for ms in reopen_ms)} ms; "
+            f"100-token lookups after the open: first {first[0]:5.2f}, median {statistics.median(first):5.2f} ms, "
+            f"after the opens again: median {statistics.median(again):5.2f} ms; cache {cache_mib:.0f} MiB")
 
 
 def main() -> int:
-    return run_over_sizes(__doc__ or "", "tokens", "1000000,10000000", "tokenvault-view-", measure)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", default="1000000,10000000", help="token counts, comma-separated")
+    parser.add_argument("--stores", default=None, help="keep the filled stores in DIR/<N> and use them again")
+    parser.add_argument("--rounds", type=int, default=1, help="measurements per store")
+    arguments = parser.parse_args()
+    for tokens in (int(text) for text in arguments.tokens.split(",") if text.strip()):
+        with contextlib.ExitStack() as stack:
+            if arguments.stores is None:
+                directory = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tokenvault-view-")))
+            else:
+                directory = Path(arguments.stores) / str(tokens)
+            for round_number in range(1, arguments.rounds + 1):
+                shutil.rmtree(directory / "view", ignore_errors=True)
+                print(measure(directory, tokens, round_number), flush=True)
+    return 0
 
 
 if __name__ == "__main__":

@@ -207,3 +207,25 @@ def test_the_view_keeps_every_index_and_filter_block_in_a_cache_sized_for_them_a
         assert view.cache_bytes == (1 << 20) + (grown := table_metadata_bytes(store._db) or 0) + grown // 8
     finally:
         view.close()
+
+
+def test_a_view_whose_table_sizes_rocksdb_does_not_say_keeps_its_cache_and_says_so_once(
+        store, tmp_path, monkeypatch):
+    from structlog.testing import capture_logs
+
+    from tokenvault.core import store_reader
+
+    monkeypatch.setattr(store_reader, "table_metadata_bytes", lambda database: None)
+    log = Log()
+    started(store, log)
+    with capture_logs() as logs:
+        view = StoreReader(tmp_path / "store", tmp_path / "reader", cache_bytes=1 << 20).open()
+        try:
+            store.apply_batch([log.command(tokenize(1, [1]))])
+            for _ in range(3):
+                view.catch_up()
+            assert view.cache_bytes == 1 << 20
+            assert view.lookup([token(1, 1)], 0) == {token(1, 1): b"ct-1"}  # reads go on
+        finally:
+            view.close()
+    assert [entry["event"] for entry in logs].count("store_reader.cache_not_sized") == 1

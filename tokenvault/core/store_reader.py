@@ -116,6 +116,7 @@ class StoreReader:
         self._has_life = True
         self.catch_ups = 0  # for the metrics and the tests
         self.opens = 0  # likewise: the first open, and every open again (a flush, a generation switch)
+        self._unsized_logged = False
 
     def open(self) -> "StoreReader":
         """Open the live generation; StoreReadError if it cannot be opened."""
@@ -173,8 +174,11 @@ class StoreReader:
         would evict and read again whole filter blocks (about 1.2 MB per million tokens) instead of data
         blocks of 4 KiB. Unknown (RocksDB did not say): the capacity stays as it was."""
         if metadata_bytes is None:
-            log.warning("store_reader.cache_not_sized")
+            if not self._unsized_logged:  # once: a catch-up may come every 50 ms
+                log.warning("store_reader.cache_not_sized", capacity=self.cache_bytes)
+                self._unsized_logged = True
             return
+        self._unsized_logged = False
         capacity = self._data_cache_bytes + metadata_bytes + metadata_bytes // 8
         if capacity != self.cache_bytes:
             self._cache.set_capacity(capacity)

@@ -229,3 +229,76 @@ def test_a_view_whose_table_sizes_rocksdb_does_not_say_keeps_its_cache_and_says_
         finally:
             view.close()
     assert [entry["event"] for entry in logs].count("store_reader.cache_not_sized") == 1
+
+
+async def test_while_the_core_flushes_a_nudge_leaves_the_view_as_it_is_and_a_waiter_or_the_core_opens_it_again(
+        store, tmp_path, monkeypatch):
+    """A new WAL file beside every one the view read is a flush under way. Opening then would replay the
+    whole old file (seconds under a fill), so a nudge leaves the view at its older batch end; a request
+    waiting for an index, or the core's catch_up after it rewrote files, opens it again all the same;
+    once the old file is gone, any catch-up opens it again."""
+    from tokenvault.core import store_reader
+
+    real = store_reader._wal_files
+    flushing: list[str] = []
+    monkeypatch.setattr(store_reader, "_wal_files", lambda directory: tuple(sorted((*real(directory), *flushing))))
+    log = Log()
+    started(store, log)
+    view = StoreReader(tmp_path / "store", tmp_path / "reader").open()
+    try:
+        store.apply_batch([log.command(tokenize(1, [1]))])
+        flushing.append("999999.log")  # a new WAL file; the old ones are all still there
+        before = view.applied_index
+        assert view.catch_up(wait_out_flush=True) == before and view.opens == 1
+        assert view.lookup([token(1, 1)], 0) == {}  # the older batch end, unchanged
+        catch_up = CatchUp(view)
+        catch_up.nudge()
+        await catch_up._task
+        assert view.opens == 1 and view.applied_index == before
+        await catch_up.wait_applied(store.applied_index, 5.0)  # a waiter: opened again
+        assert view.opens == 2 and view.lookup([token(1, 1)], 0) == {token(1, 1): b"ct-1"}
+        store.apply_batch([log.command(tokenize(1, [2]))])
+        flushing.append("9999999.log")
+        catch_up.catch_up_soon()  # the core after a shred or an install: opened again
+        await catch_up._task
+        assert view.opens == 3 and view.lookup([token(1, 2)], 0) == {token(1, 2): b"ct-2"}
+        store.apply_batch([log.command(tokenize(1, [3]))])
+        flushing.remove("999999.log")  # a file the view read is gone: the flush is done
+        catch_up.nudge(interval_seconds=0)
+        await catch_up._task
+        assert view.opens == 4 and view.lookup([token(1, 3)], 0) == {token(1, 3): b"ct-3"}
+    finally:
+        view.close()
+
+
+def test_a_nudge_defers_a_long_replay_while_the_core_writes_fast_and_catches_up_once_it_writes_slowly(
+        store, tmp_path, monkeypatch):
+    """A catch-up replays, on the worker's loop, the WAL written since the view last moved. A nudge leaves
+    the view as it is rather than replay more than its bound while the WAL grows by more than CALM_BYTES
+    between nudges; once it grows slower, the view catches up however far it has to go."""
+    from tokenvault.core import store_reader
+    from tokenvault.core.store_reader import CALM_BYTES, MAX_NUDGE_REPLAY_BYTES
+
+    real = store_reader._wal_bytes
+    written = [0]  # bytes a fast writer added to the WAL, beyond what is really there
+    monkeypatch.setattr(store_reader, "_wal_bytes", lambda directory, names: real(directory, names) + written[0])
+    log = Log()
+    started(store, log)
+    view = StoreReader(tmp_path / "store", tmp_path / "reader").open()
+    try:
+        store.apply_batch([log.command(tokenize(1, [1]))])
+        before = view.applied_index
+        written[0] = MAX_NUDGE_REPLAY_BYTES + 1
+        assert view.catch_up(wait_out_flush=True, max_replay_bytes=MAX_NUDGE_REPLAY_BYTES) == before
+        written[0] += CALM_BYTES + 1  # still written fast: the view stays
+        assert view.catch_up(wait_out_flush=True, max_replay_bytes=MAX_NUDGE_REPLAY_BYTES) == before
+        assert view.deferred == 2 and view.lookup([token(1, 1)], 0) == {}
+        written[0] += CALM_BYTES  # slower now: the long replay is made, once
+        assert view.catch_up(wait_out_flush=True, max_replay_bytes=MAX_NUDGE_REPLAY_BYTES) == store.applied_index
+        assert view.lookup([token(1, 1)], 0) == {token(1, 1): b"ct-1"} and view.deferred == 2
+        # A catch-up a request waits for is never deferred.
+        store.apply_batch([log.command(tokenize(1, [2]))])
+        written[0] += 10 * MAX_NUDGE_REPLAY_BYTES
+        assert view.catch_up() == store.applied_index and view.deferred == 2
+    finally:
+        view.close()

@@ -285,7 +285,8 @@ class RemoteService:
         found, looked_up_at = first
         if len(found) != len(set(tokens)) or any(found[token] != ciphertext for token, ciphertext in items):
             # New values, or values written since the view last moved; while tries are sampled (a
-            # stream of new values) a catch-up is worth less, and each costs about a millisecond.
+            # stream of new values) a catch-up is worth less, and each replays what the core wrote
+            # since the last (a millisecond when nothing was, some 100 ms after 0.5 s of a fill).
             self._catch_up.nudge(SAMPLED_NUDGE_INTERVAL_SECONDS if self._view_misses >= PROBE_AFTER_MISSES
                                  else None)
             return None

@@ -21,9 +21,15 @@ tells its workers to catch up after a shred pass or an install (the rows a
 shred erases are in the old files).
 
 Costs, measured on the 2-vCPU development machine (docs/performance.md): a
-catch-up is 0.5-1 ms whether or not anything was written, and RocksDB keeps
-the GIL while it runs, so ``CatchUp`` runs at most one at a time for all the
-requests of a worker that wait; a multi-get of 100 keys is about 135 µs.
+catch-up is 0.5-1 ms when nothing was written, plus the replay of whatever
+the core wrote since the view last moved into the view's own memtable (some
+20-25 ms per MiB of WAL), and RocksDB keeps the GIL while it runs, so
+``CatchUp`` runs at most one at a time for all the requests of a worker that
+wait; a multi-get of 100 keys is about 135 µs. Each worker replays every
+byte the core writes, so a catch-up no request waits for waits out a flush
+and a write burst (``catch_up``'s ``wait_out_flush`` and
+``max_replay_bytes``): under a fill of 120,000 values/s on two workers that
+took the workers' event-loop stalls over 100 ms from about 130 to none.
 
 Opening again is what every memtable flush of the core costs each view, so the
 view keeps each table file's index and filter blocks in its block cache
@@ -72,6 +78,13 @@ NUDGE_INTERVAL_SECONDS = 0.05
 
 # Opening a view is retried this often when the core switches its WAL file meanwhile.
 REOPEN_ATTEMPTS = 5
+# A catch-up (or an open) replays the store's WAL written since the view last moved into the view's own
+# memtable, on the worker's loop with the GIL held: about 20-25 ms per MiB on the development machine.
+# A nudge, which no request waits for, replays at most this much at once while the store is being
+# written faster than CALM_BYTES per nudge; a view then stays where it is until the writes calm down
+# (the requests it cannot answer go to the core).
+MAX_NUDGE_REPLAY_BYTES = 2 * 1024 * 1024
+CALM_BYTES = 256 * 1024
 
 
 def _wal_files(directory: Path) -> tuple[str, ...]:
@@ -87,6 +100,17 @@ def _wal_files(directory: Path) -> tuple[str, ...]:
             return tuple(sorted(entry.name for entry in entries if entry.name.endswith(".log")))
     except OSError:
         return ()
+
+
+def _wal_bytes(directory: Path, names: Sequence[str]) -> int:
+    """The bytes of the named WAL files now (a file already gone counts nothing)."""
+    total = 0
+    for name in names:
+        try:
+            total += os.stat(directory / name).st_size
+        except OSError:
+            pass
+    return total
 
 
 class StoreReadError(StoreError):
@@ -112,6 +136,9 @@ class StoreReader:
         self._db: Rdict | None = None
         self._generation = ""
         self._wals: tuple[str, ...] = ()  # the WAL files when the view was opened (_wal_files)
+        self._replayed_bytes = 0  # their bytes when the view last moved (it has replayed at least that)
+        self._deferred_at_bytes: int | None = None  # the WAL's bytes when a nudge last found too much to replay
+        self.deferred = 0  # nudges that left the view where it was (for the tests)
         self.applied_index = 0
         self._has_life = True
         self.catch_ups = 0  # for the metrics and the tests
@@ -142,6 +169,7 @@ class StoreReader:
         options.set_max_open_files(-1)
         for _ in range(REOPEN_ATTEMPTS):
             wals = _wal_files(directory)
+            wal_bytes = _wal_bytes(directory, wals)
             try:
                 self._db = Rdict(str(directory), options, column_families={"default": options},
                                  access_type=AccessType.secondary(str(self._scratch / generation)))
@@ -154,6 +182,8 @@ class StoreReader:
             raise StoreReadError("the store kept changing its write-ahead log while the view opened")
         self._generation = generation
         self._wals = wals
+        self._replayed_bytes = wal_bytes
+        self._deferred_at_bytes = None
         self.opens += 1
         self._read_meta()
 
@@ -194,8 +224,20 @@ class StoreReader:
             raise StoreReadError("the store reader is closed")
         return self._db
 
-    def catch_up(self) -> int:
-        """Catch up with the core's writes (reopening on a new generation); the applied index now seen."""
+    def catch_up(self, *, wait_out_flush: bool = False, max_replay_bytes: int | None = None) -> int:
+        """Catch up with the core's writes (reopening on a new generation); the applied index now seen.
+
+        ``wait_out_flush`` (a catch-up no request waits for): while the core flushes a memtable, the
+        view stays as it is and opens again once the flush is done. RocksDB starts a new WAL file
+        when a memtable fills and deletes the old one once its table file is written; opening in
+        between replays the whole old file, up to a write buffer (64 MiB: 1-2 s of the worker's loop
+        under a fill, measured), and catching up across the switch is what returns stale rows. Once
+        the old file is gone an open replays only what the new one holds. A view that stays is an
+        older batch end, which is all a view ever promises.
+
+        ``max_replay_bytes`` (likewise): the view stays as it is rather than replay more than that
+        much WAL at once while the core writes faster than CALM_BYTES between two such calls; once it
+        writes slower, the view catches up however far it has to go."""
         self.catch_ups += 1
         try:
             generation = (self._store_path / CURRENT_FILE).read_bytes().decode("ascii").strip()
@@ -206,7 +248,13 @@ class StoreReader:
             self._reopen()
             return self.applied_index
         directory = self._store_path / self._generation
-        if _wal_files(directory) != self._wals:
+        wals = _wal_files(directory)
+        if wals != self._wals:
+            if wait_out_flush and self._wals and set(self._wals) < set(wals):
+                return self.applied_index  # a flush under way: every WAL file the view read is still there
+            live = _wal_bytes(directory, wals)
+            if self._defer(live, live, max_replay_bytes):  # an open replays every live WAL file
+                return self.applied_index
             # The core flushed its memtable (a full write buffer, a shred): a new WAL file, or the old
             # one deleted. A secondary that catches up across that keeps what it had replayed of the
             # old WAL in its memtable, where it hides newer rows of the same keys in the flushed table
@@ -214,9 +262,13 @@ class StoreReader:
             # stuck. A view opened afresh on the live files holds no such memtable.
             self._reopen()
             return self.applied_index
+        live = _wal_bytes(directory, wals)
+        if self._defer(live - self._replayed_bytes, live, max_replay_bytes):
+            return self.applied_index
         try:
             self._database().try_catch_up_with_primary()
             self._read_meta()
+            self._replayed_bytes, self._deferred_at_bytes = live, None
         except Exception as failure:
             # A view that cannot follow (a table file it needed is gone, say) starts again from the live files.
             log.warning("store_reader.reopening", reason=reason(failure))
@@ -225,6 +277,17 @@ class StoreReader:
         if _wal_files(directory) != self._wals:
             self._reopen()  # the switch came while this caught up: what it read may straddle it
         return self.applied_index
+
+    def _defer(self, pending: int, live: int, max_replay_bytes: int | None) -> bool:
+        """Whether to leave the view as it is rather than replay ``pending`` WAL bytes (``live`` in all)."""
+        if max_replay_bytes is None or pending <= max_replay_bytes:
+            return False
+        calm = self._deferred_at_bytes is not None and 0 <= live - self._deferred_at_bytes <= CALM_BYTES
+        if calm:
+            return False
+        self._deferred_at_bytes = live
+        self.deferred += 1
+        return True
 
     def lookup(self, tokens: Sequence[str], now_ms: int) -> dict[str, bytes]:
         """Ciphertexts of the live opaque tokens among ``tokens`` as of this view (VaultStore.lookup)."""
@@ -282,6 +345,7 @@ class CatchUp:
         self._nudge_interval_seconds = nudge_interval_seconds
         self._last_nudge = -math.inf
         self._wanted = False  # a nudge asked for one catch-up, waiter or not
+        self._must = False  # the core asked for one (catch_up_soon): it may not wait out a flush
 
     def nudge(self, interval_seconds: float | None = None) -> None:
         """Catch up soon, for no waiter: a view asked for tokens it lacks may be behind. At most one
@@ -296,6 +360,7 @@ class CatchUp:
     def catch_up_soon(self) -> None:
         """Catch up once, now: the core rewrote or replaced the store's files (a shred, a snapshot), and
         this view holds the old ones open until it moves on (erased rows stay readable in them)."""
+        self._must = True
         self._want()
 
     def _want(self) -> None:
@@ -323,9 +388,13 @@ class CatchUp:
     async def _pump(self) -> None:
         while self._waiters or self._wanted:
             await asyncio.sleep(0)  # let the requests of this loop turn join the pass
-            self._wanted = False
+            # Only a nudge waits out a flush or a write burst: a request waiting for an index, or the
+            # core after it rewrote files, has the view move whatever that costs.
+            nudged = not (self._waiters or self._must)
+            self._wanted = self._must = False
             try:
-                applied = self._reader.catch_up()
+                applied = self._reader.catch_up(wait_out_flush=nudged,
+                                                max_replay_bytes=MAX_NUDGE_REPLAY_BYTES if nudged else None)
             except StoreReadError as error:
                 log.warning("worker.store_view_failed", error=str(error)[:200])
                 waiters, self._waiters = self._waiters, []

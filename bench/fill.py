@@ -17,7 +17,8 @@ far, values/s in the window, p50/p99/max latency of the requests that finished
 in it and errors; then, read from each node of the cluster.json: the node
 process's RSS (/proc), the data directory's size on disk (allocated blocks),
 the event-loop stall gauge (worst of the last minute) and how many stalls of
-more than 100 ms and 1 s the stall histogram gained in the window
+more than 100 ms and 1 s the stall histograms gained in the window, over the
+node's every event loop, its HTTP workers' included
 (tokenvault/core/loopwatch.py), and the highest view any node reports in /health.
 A view that grows is an election; the line says so. At the end a summary
 compares the first window with the last full one (rate and p99 ratios).
@@ -293,21 +294,26 @@ def disk_usage_bytes(directory: Path) -> int | None:
 
 
 def stall_figures(exposition: str) -> tuple[dict[float, float], float | None] | None:
-    """From a /metrics text: how many stalls exceeded each threshold so far, and the worst-of-a-minute gauge."""
-    buckets: dict[float, float] = {}
-    count = maximum = None
+    """From a /metrics text: how many stalls exceeded each threshold so far, and the worst-of-a-minute gauge,
+    over every event loop of the node (its core and each HTTP worker's, a series each)."""
+    buckets: dict[tuple[tuple[str, str], ...], dict[float, float]] = {}
+    counts: dict[tuple[tuple[str, str], ...], float] = {}
+    maxima: list[float] = []
     for family in text_string_to_metric_families(exposition):
         if family.name == "tokenvault_event_loop_stall_seconds":
             for sample in family.samples:
+                series = tuple(sorted((name, value) for name, value in sample.labels.items() if name != "le"))
                 if sample.name.endswith("_bucket"):
-                    buckets[float(sample.labels["le"])] = sample.value
+                    buckets.setdefault(series, {})[float(sample.labels["le"])] = sample.value
                 elif sample.name.endswith("_count"):
-                    count = sample.value
+                    counts[series] = sample.value
         elif family.name == "tokenvault_event_loop_stall_max_seconds":
-            maximum = family.samples[0].value if family.samples else None
-    if count is None:
+            maxima.extend(sample.value for sample in family.samples)
+    if not counts:
         return None
-    return {threshold: count - buckets.get(threshold, count) for threshold in STALL_THRESHOLDS_SECONDS}, maximum
+    over = {threshold: sum(count - buckets.get(series, {}).get(threshold, count) for series, count in counts.items())
+            for threshold in STALL_THRESHOLDS_SECONDS}
+    return over, max(maxima) if maxima else None
 
 
 def sample_node(node: Any, ca_file: Path | None = None) -> NodeSample:

@@ -101,3 +101,18 @@ def test_disk_usage_counts_allocated_bytes(tmp_path: Path) -> None:
     assert fill.disk_usage_bytes(tmp_path / "missing") is None
     (tmp_path / "link").hardlink_to(tmp_path / "a")  # counted once, as du does
     assert fill.disk_usage_bytes(tmp_path) < 30_000
+
+
+def test_the_stalls_of_every_event_loop_of_a_node_are_counted_its_workers_included() -> None:
+    from tokenvault.api.core_calls import merge_expositions
+
+    core, worker = Metrics(), Metrics("worker")
+    core.observe_loop_stall(0.2)
+    core.set_loop_stall_max(0.2)
+    for stall_seconds in (0.3, 1.2, 2.0):
+        worker.observe_loop_stall(stall_seconds)
+    worker.set_loop_stall_max(2.0)
+    exposition = merge_expositions([(None, core.render()[0].decode()), ("1", worker.render()[0].decode())])
+    over, maximum = fill.stall_figures(exposition.decode())
+    assert over == {0.1: 4, 1.0: 2}
+    assert maximum == 2.0

@@ -36,10 +36,11 @@ view keeps each table file's index and filter blocks in its block cache
 (``database_options(metadata_in_cache=True)``) rather than in the table
 readers an open builds: the cache (a clock cache, see StoreReader) outlives
 the open, a block's cache key is the same across opens of the same file, and
-an open again only reads what the files that are new since need. The cache is sized after every open and
-catch-up to hold all of those blocks (RocksDB's aggregated table properties
-say how large they are) besides ``READER_CACHE_BYTES`` of data blocks, so its
-bound grows with the store exactly as the table readers' memory did.
+an open again only reads what the files that are new since need. The cache
+is sized after every open and catch-up to hold all of those blocks (RocksDB's
+aggregated table properties say how large they are) besides
+``READER_CACHE_BYTES`` of data blocks, so its bound grows with the store
+exactly as the table readers' memory did.
 
 Every failure (a file the core's compaction deleted under a lagging view, a
 generation gone, a malformed meta) raises StoreReadError; the caller then asks
@@ -72,7 +73,8 @@ READER_CACHE_BYTES = 32 * 1024 * 1024
 # RocksDB sizes a clock cache's table by itself when told no typical entry size.
 AUTO_ENTRY_CHARGE = 0
 # A view asked for tokens it lacks catches up at most this often on its own account: a catch-up costs
-# about a millisecond, so at most 2 % of a worker's core, and a token is in the view 50 ms after it is.
+# about a millisecond when little was written (at most MAX_NUDGE_REPLAY_BYTES of replay otherwise), so
+# about 2 % of a worker's core, and a token is in the view 50 ms after it is.
 NUDGE_INTERVAL_SECONDS = 0.05
 
 

@@ -202,7 +202,7 @@ class Metrics:
         self.worker_store_view_catch_ups = Gauge(
             "tokenvault_worker_store_view_catch_ups",
             "Times this HTTP worker's view of the store caught up with the core's writes since the worker started"
-            " (each costs about a millisecond of the worker's CPU).",
+            " (each costs about a millisecond of the worker's CPU, more when it replays much the core wrote).",
             registry=registry,
         )
         self.worker_store_view_opens = Gauge(

@@ -1,4 +1,4 @@
-"""The command line the in-process size benchmarks share (bench/audit_trim.py, bench/view_open.py):
+"""The command line the in-process size benchmarks share (bench/audit_trim.py, bench/memtable_bloom.py):
 one ``measure(directory, count)`` line per count, each in a fresh temporary directory."""
 
 from __future__ import annotations

@@ -74,7 +74,7 @@ READER_CACHE_BYTES = 32 * 1024 * 1024
 AUTO_ENTRY_CHARGE = 0
 # A view asked for tokens it lacks catches up at most this often on its own account: a catch-up costs
 # about a millisecond when little was written (at most MAX_NUDGE_REPLAY_BYTES of replay otherwise), so
-# about 2 % of a worker's core, and a token is in the view 50 ms after it is.
+# about 2 % of a worker's core, and a token is in the view 50 ms after it is (outside a write burst).
 NUDGE_INTERVAL_SECONDS = 0.05
 
 

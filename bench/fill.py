@@ -497,7 +497,8 @@ def _collect(arguments: argparse.Namespace, spec: Any, reports: Any, workers: Se
             continue  # drain every waiting report before sampling or printing
         if time.monotonic() >= boundary:
             samples[len(samples)] = sample_cluster(spec.nodes, spec.ca_file)
-        quiet_seconds = time.monotonic() - last_acknowledged
+        # The load processes report once per window, so an acknowledgement is known up to a window late.
+        quiet_seconds = time.monotonic() - last_acknowledged - width
         if interrupted or (arguments.abort_after > 0 and quiet_seconds > arguments.abort_after):
             print("interrupted: letting the requests in flight finish" if interrupted else
                   f"aborting: no token acknowledged for {arguments.abort_after:g} s", flush=True)

@@ -11,7 +11,8 @@ carry them), flushes and compacts it, then prints, per round: the time to
 open a view, to catch it up with nothing new, to open it again after each of
 three flushes (one more entry each), the first and the median of twenty
 100-token lookups of tokens in the store after the open and after the opens
-again, and the view's block cache capacity. ``--stores DIR`` keeps each
+again, the view's block cache capacity, and a catch-up after the core wrote
+50,000 more tokens (the MiB of WAL it replays, and its milliseconds per MiB). ``--stores DIR`` keeps each
 filled store in DIR/<N> and uses it again on the next run (a 50 M store takes
 some twenty minutes to fill on two cores), so that two trees can be measured
 on the same store, one after the other. Asserts nothing.
@@ -38,6 +39,7 @@ from tokenvault.core.store_files import STORE_DIRECTORY  # noqa: E402
 from tokenvault.core.store_reader import StoreReader  # noqa: E402
 
 ITEMS_PER_ENTRY = 1000
+REPLAY_TOKENS = 50_000  # about 5 MiB of WAL: well inside one write buffer
 ENTRIES_PER_BATCH = 20
 
 
@@ -113,13 +115,35 @@ def measure(directory: Path, tokens: int, round_number: int) -> str:
             reopen_ms.append(timed(reader.catch_up))
         again = lookups(reader, sample)
         cache_mib = getattr(reader, "cache_bytes", 32 << 20) / (1 << 20)
+        replay_mib, replay_ms = replay(store, reader, directory / "data" / STORE_DIRECTORY, round_number)
         reader.close()
     finally:
         store.close()
     return (f"{tokens:>11,} tokens, round {round_number}: open {open_ms:6.1f} ms, catch-up with nothing new "
             f"{catch_up_ms:5.2f} ms, open again after a flush {' / '.join(f'{ms:.1f}' for ms in reopen_ms)} ms; "
             f"100-token lookups after the open: first {first[0]:5.2f}, median {statistics.median(first):5.2f} ms, "
-            f"after the opens again: median {statistics.median(again):5.2f} ms; cache {cache_mib:.0f} MiB")
+            f"after the opens again: median {statistics.median(again):5.2f} ms; cache {cache_mib:.0f} MiB; "
+            f"catch-up over {replay_mib:.1f} MiB of new WAL {replay_ms:.0f} ms "
+            f"({replay_ms / replay_mib:.1f} ms per MiB)")
+
+
+def replay(store: VaultStore, reader: StoreReader, store_directory: Path, round_number: int) -> tuple[float, float]:
+    """What a catch-up costs once the core has written REPLAY_TOKENS new tokens (REPLAY_TOKENS / 1,000
+    entries, no flush between): the MiB of WAL it replays and its milliseconds."""
+    def wal_bytes() -> int:
+        return sum(path.stat().st_size for path in store_directory.rglob("*.log"))
+
+    wals = sorted(path.name for path in store_directory.rglob("*.log"))
+    before = wal_bytes()
+    generator = random.Random(f"replay {round_number}")
+    for _ in range(REPLAY_TOKENS // ITEMS_PER_ENTRY):
+        items = tuple((random_token(generator), generator.randbytes(28)) for _ in range(ITEMS_PER_ENTRY))
+        command = TokenizeCommand(1, items, None, None, None, 4_000)
+        store.apply_batch([Entry(store.applied_index + 1, 1, EntryKind.COMMAND, encode_command(command))])
+    # The same WAL file: a catch-up, not an open (a flush here would make it an open).
+    assert sorted(path.name for path in store_directory.rglob("*.log")) == wals
+    written = (wal_bytes() - before) / (1 << 20)
+    return written, timed(reader.catch_up)
 
 
 def main() -> int:

@@ -23,9 +23,9 @@ shred erases are in the old files).
 Costs, measured on the 2-vCPU development machine (docs/performance.md): a
 catch-up is 0.5-1 ms when nothing was written, plus the replay of whatever
 the core wrote since the view last moved into the view's own memtable (some
-20-25 ms per MiB of WAL), and RocksDB keeps the GIL while it runs, so
-``CatchUp`` runs at most one at a time for all the requests of a worker that
-wait; a multi-get of 100 keys is about 135 µs. Each worker replays every
+11 ms per MiB of WAL on an idle core, bench/view_open.py), and RocksDB keeps
+the GIL while it runs, so ``CatchUp`` runs at most one at a time for all the
+requests of a worker that wait; a multi-get of 100 keys is about 135 µs. Each worker replays every
 byte the core writes, so a catch-up no request waits for waits out a flush
 and a write burst (``catch_up``'s ``wait_out_flush`` and
 ``max_replay_bytes``): under a fill of 120,000 values/s on two workers that
@@ -81,7 +81,8 @@ NUDGE_INTERVAL_SECONDS = 0.05
 # Opening a view is retried this often when the core switches its WAL file meanwhile.
 REOPEN_ATTEMPTS = 5
 # A catch-up (or an open) replays the store's WAL written since the view last moved into the view's own
-# memtable, on the worker's loop with the GIL held: about 20-25 ms per MiB on the development machine.
+# memtable, on the worker's loop with the GIL held: about 11 ms per MiB on an idle core of the development
+# machine, three to four times that while a fill shares its two cores.
 # A nudge, which no request waits for, replays at most this much at once while the store is being
 # written faster than CALM_BYTES per nudge; a view then stays where it is until the writes calm down
 # (the requests it cannot answer go to the core).

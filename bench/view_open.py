@@ -4,7 +4,7 @@
 Usage:
     .venv/bin/python bench/view_open.py [--tokens 1000000,10000000] [--stores DIR] [--rounds 1]
 
-A view opens again whenever the core's WAL files change (a flush: a full write
+A view opens again at its first catch-up after the core's WAL files change (a flush: a full write
 buffer, or a shred), so this is what each flush costs every worker once. For
 each N it fills a store with N tokens (1,000 per entry, as coalesced entries
 carry them), flushes and compacts it, then prints, per round: the time to

@@ -207,8 +207,9 @@ class Metrics:
         )
         self.worker_store_view_opens = Gauge(
             "tokenvault_worker_store_view_opens",
-            "Times this HTTP worker opened its view of the store since it started: the first open, then once per"
-            " memtable flush of the core and per snapshot install (the worker's loop waits for each).",
+            "Times this HTTP worker opened its view of the store since it started: the first open, then at most"
+            " once per memtable flush of the core (none while a write burst lasts) and once per snapshot install"
+            " (the worker's loop waits for each).",
             registry=registry,
         )
         self.worker_store_view_cache_bytes = Gauge(

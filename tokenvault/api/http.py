@@ -770,12 +770,21 @@ class HttpApp:
 
     def __init__(self, api: _Api) -> None:
         self.api = api
-        self.limits = api.limits
         self.metrics = api.metrics
         self.router = Router()
-        self.max_connections = api.limits.max_connections
-        self.header_timeout_seconds = api.limits.header_timeout_seconds
-        self.max_body_bytes = api.limits.max_body_bytes
+
+    # The bounds the server reads (tokenvault/api/httpserver.py, ``App``), from the API's limits.
+    @property
+    def max_connections(self) -> int:
+        return self.api.limits.max_connections
+
+    @property
+    def header_timeout_seconds(self) -> float:
+        return self.api.limits.header_timeout_seconds
+
+    @property
+    def max_body_bytes(self) -> int:
+        return self.api.limits.max_body_bytes
 
     def malformed(self, status: int, error_type: str) -> Response:
         """Requests the server cannot parse get fixed text (never the offending bytes, which may be an

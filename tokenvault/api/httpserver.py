@@ -351,9 +351,14 @@ class _Inflater:
 class App(Protocol):
     """What the server serves: a handler for each request, the bounds it reads, and its fixed answers."""
 
-    max_connections: int
-    header_timeout_seconds: float
-    max_body_bytes: int
+    @property
+    def max_connections(self) -> int: ...
+
+    @property
+    def header_timeout_seconds(self) -> float: ...
+
+    @property
+    def max_body_bytes(self) -> int: ...
 
     def __call__(self, request: Request) -> Awaitable[AnyResponse]: ...
 

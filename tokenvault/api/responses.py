@@ -22,7 +22,6 @@ def json_response(document: Any, status: int = 200, headers: dict[str, str] | No
 
 
 def outcome_response(outcome: Outcome) -> Response:
-    headers = dict(NO_STORE_HEADERS)
-    if outcome.replayed:
-        headers[REPLAYED_HEADER] = "true"
+    # Response copies the headers it is given, so the shared mapping goes as it is.
+    headers = {**NO_STORE_HEADERS, REPLAYED_HEADER: "true"} if outcome.replayed else NO_STORE_HEADERS
     return Response(body=outcome.body, status=outcome.status, content_type=JSON_CONTENT_TYPE, headers=headers)

@@ -121,7 +121,7 @@ def test_a_view_is_opened_again_when_the_wal_files_change_while_it_opens_or_catc
     deletion included, opens it again."""
     from tokenvault.core import store_reader
 
-    real = store_reader._wal_files
+    real = store_reader.wal_file_names
     snapshots: list[tuple[str, ...]] = []
     scripted = iter([("1.log", "2.log"), ("2.log",)])  # the first open straddles the old WAL's deletion
 
@@ -130,7 +130,7 @@ def test_a_view_is_opened_again_when_the_wal_files_change_while_it_opens_or_catc
         snapshots.append(listed)
         return listed
 
-    monkeypatch.setattr(store_reader, "_wal_files", wal_files)
+    monkeypatch.setattr(store_reader, "wal_file_names", wal_files)
     view = StoreReader(tmp_path / "store", tmp_path / "reader").open()
     # Opened twice: the sets before and after the first open differ, the second open's agree.
     assert snapshots[:2] == [("1.log", "2.log"), ("2.log",)] and len(snapshots) == 4
@@ -241,9 +241,9 @@ async def test_while_the_core_flushes_a_nudge_leaves_the_view_as_it_is_and_a_wai
     once the old file is gone, any catch-up opens it again."""
     from tokenvault.core import store_reader
 
-    real = store_reader._wal_files
+    real = store_reader.wal_file_names
     flushing: list[str] = []
-    monkeypatch.setattr(store_reader, "_wal_files", lambda directory: tuple(sorted((*real(directory), *flushing))))
+    monkeypatch.setattr(store_reader, "wal_file_names", lambda directory: tuple(sorted((*real(directory), *flushing))))
     log = Log()
     started(store, log)
     view = StoreReader(tmp_path / "store", tmp_path / "reader").open()
@@ -281,9 +281,9 @@ def test_a_nudge_defers_a_long_replay_while_the_core_writes_fast_and_catches_up_
     from tokenvault.core import store_reader
     from tokenvault.core.store_reader import CALM_BYTES, MAX_NUDGE_REPLAY_BYTES
 
-    real = store_reader._wal_bytes
+    real = store_reader.wal_file_bytes
     written = [0]  # bytes a fast writer added to the WAL, beyond what is really there
-    monkeypatch.setattr(store_reader, "_wal_bytes", lambda directory, names: real(directory, names) + written[0])
+    monkeypatch.setattr(store_reader, "wal_file_bytes", lambda directory, names: real(directory, names) + written[0])
     log = Log()
     started(store, log)
     view = StoreReader(tmp_path / "store", tmp_path / "reader").open()
@@ -304,3 +304,150 @@ def test_a_nudge_defers_a_long_replay_while_the_core_writes_fast_and_catches_up_
         assert view.catch_up() == store.applied_index and view.deferred == 2
     finally:
         view.close()
+
+
+def test_after_a_burst_a_calm_nudge_wants_a_flush_instead_of_the_long_replay(store, tmp_path, monkeypatch):
+    """Once the writes calm down, a view further behind than its bound asks (through its caller) for the
+    core to flush rather than replay the whole WAL on the worker's loop: it stays as it is while the
+    flush begins, replays at once when the core says no flush is under way, and replays after all when
+    none has begun FLUSH_WAIT_SECONDS after the core said one would."""
+    from tokenvault.core import store_reader
+    from tokenvault.core.store_reader import CALM_BYTES, MAX_NUDGE_REPLAY_BYTES
+
+    real = store_reader.wal_file_bytes
+    written = [0]
+    monkeypatch.setattr(store_reader, "wal_file_bytes", lambda directory, names: real(directory, names) + written[0])
+    log = Log()
+    started(store, log)
+    view = StoreReader(tmp_path / "store", tmp_path / "reader").open()
+
+    def nudge() -> int:
+        return view.catch_up(wait_out_flush=True, max_replay_bytes=MAX_NUDGE_REPLAY_BYTES, may_ask_flush=True)
+
+    try:
+        before = view.applied_index
+        store.apply_batch([log.command(tokenize(1, [1]))])
+        written[0] = MAX_NUDGE_REPLAY_BYTES + 1
+        assert nudge() == before and not view.flush_wanted  # the burst: stays, asks nothing yet
+        written[0] += CALM_BYTES  # calm: a flush is wanted, and the view still stays
+        assert nudge() == before and view.flush_wanted
+        view.flush_asked(False)  # the core had nothing to flush: the next nudge replays
+        assert nudge() == store.applied_index and not view.flush_wanted
+        assert view.lookup([token(1, 1)], 0) == {token(1, 1): b"ct-1"}
+
+        store.apply_batch([log.command(tokenize(1, [2]))])
+        written[0] += MAX_NUDGE_REPLAY_BYTES + 1
+        assert nudge() < store.applied_index
+        assert nudge() < store.applied_index and view.flush_wanted
+        view.flush_asked(True)  # a flush is said to be under way: the view waits for it ...
+        assert nudge() < store.applied_index and not view.flush_wanted
+        monkeypatch.setattr(store_reader, "FLUSH_WAIT_SECONDS", 0.0)  # ... but not for ever
+        assert nudge() == store.applied_index
+        assert view.lookup([token(1, 2)], 0) == {token(1, 2): b"ct-2"}
+        # Without a caller that can ask, a calm nudge replays as before.
+        store.apply_batch([log.command(tokenize(1, [3]))])
+        written[0] += MAX_NUDGE_REPLAY_BYTES + 1
+        assert view.catch_up(wait_out_flush=True, max_replay_bytes=MAX_NUDGE_REPLAY_BYTES) < store.applied_index
+        assert view.catch_up(wait_out_flush=True, max_replay_bytes=MAX_NUDGE_REPLAY_BYTES) == store.applied_index
+        assert not view.flush_wanted
+    finally:
+        view.close()
+
+
+async def test_a_view_behind_after_a_burst_opens_again_on_the_wal_file_the_flush_it_asked_for_starts(
+        store, tmp_path, monkeypatch):
+    """CatchUp asks for the flush the view wants; the view then waits the flush out and opens on the new
+    WAL file, replaying only that, instead of the old one (which the fake bytes make long); a core that
+    cannot be asked (or says no) has the view replay at once."""
+    from tokenvault.core import store_reader
+    from tokenvault.core.store_reader import CALM_BYTES, MAX_NUDGE_REPLAY_BYTES
+    from tokenvault.errors import Unavailable
+
+    log = Log()
+    started(store, log)
+    directory = tmp_path / "store" / store._generation
+    old_wals = store_reader.wal_file_names(directory)
+    real = store_reader.wal_file_bytes
+    written = [0]  # fake bytes of the WAL files the view opened on, only while one of them is still there
+    monkeypatch.setattr(store_reader, "wal_file_bytes", lambda directory, names: real(directory, names) + (
+        written[0] if set(names) & set(old_wals) else 0))
+    view = StoreReader(tmp_path / "store", tmp_path / "reader").open()
+    asked: list[bool] = []
+
+    async def ask_flush() -> bool:
+        asked.append(True)
+        return store.flush_memtable(0)
+
+    catch_up = CatchUp(view, nudge_interval_seconds=0, ask_flush=ask_flush)
+    try:
+        store.apply_batch([log.command(tokenize(1, [1]))])
+        written[0] = MAX_NUDGE_REPLAY_BYTES + 1
+        for _ in range(2):  # the burst, then calm: the second nudge asks for the flush
+            catch_up.nudge()
+            await catch_up._task
+        assert asked == [True] and view.opens == 1 and view.lookup([token(1, 1)], 0) == {}
+        written[0] += CALM_BYTES  # still calm, and longer: the view waits for the flush, never replays
+        deadline = asyncio.get_running_loop().time() + 10
+        while view.opens == 1:
+            assert asyncio.get_running_loop().time() < deadline, "the view never opened on the new WAL file"
+            catch_up.nudge()
+            await catch_up._task
+            assert view.opens > 1 or view.lookup([token(1, 1)], 0) == {}
+            await asyncio.sleep(0.01)
+        assert asked == [True] and view.opens == 2 and not set(view._wals) & set(old_wals)
+        assert view.lookup([token(1, 1)], 0) == {token(1, 1): b"ct-1"}
+
+        async def unreachable() -> bool:
+            raise Unavailable("the core is restarting")
+
+        catch_up = CatchUp(view, nudge_interval_seconds=0, ask_flush=unreachable)
+        old_wals = view._wals
+        store.apply_batch([log.command(tokenize(1, [2]))])
+        written[0] = MAX_NUDGE_REPLAY_BYTES + 1
+        for _ in range(2):
+            catch_up.nudge()
+            await catch_up._task
+        assert view.applied_index == store.applied_index and view.opens == 2  # replayed after the failed ask
+    finally:
+        view.close()
+
+
+async def test_a_worker_started_while_the_wal_is_long_opens_its_view_after_the_flush_it_asks_for(
+        store, tmp_path, monkeypatch):
+    """open_view: with a live WAL longer than a nudge may replay, the core is asked to flush first and the
+    view opens once the old WAL files are gone (replaying only the new one); with a short WAL, or a core
+    that says no, it opens at once."""
+    from tokenvault.core import store_reader
+    from tokenvault.core.store_reader import MAX_NUDGE_REPLAY_BYTES, open_view
+
+    log = Log()
+    started(store, log)
+    store.apply_batch([log.command(tokenize(1, [1]))])
+    directory = tmp_path / "store" / store._generation
+    old_wals = store_reader.wal_file_names(directory)
+    real = store_reader.wal_file_bytes
+    long = [False]
+    monkeypatch.setattr(store_reader, "wal_file_bytes", lambda directory, names: real(directory, names) + (
+        MAX_NUDGE_REPLAY_BYTES + 1 if long[0] and set(names) & set(old_wals) else 0))
+    asked: list[str] = []
+
+    async def ask_flush() -> bool:
+        asked.append("flush")
+        return store.flush_memtable(0)
+
+    view = await open_view(tmp_path / "store", tmp_path / "short", ask_flush)
+    assert asked == [] and view.lookup([token(1, 1)], 0) == {token(1, 1): b"ct-1"}
+    view.close()
+
+    async def refuse() -> bool:
+        asked.append("refused")
+        return False
+
+    long[0] = True
+    view = await open_view(tmp_path / "store", tmp_path / "refused", refuse, wait_seconds=30)
+    assert asked == ["refused"] and view._wals == old_wals  # opened at once, on the long WAL
+    view.close()
+    view = await open_view(tmp_path / "store", tmp_path / "long", ask_flush, wait_seconds=30)
+    assert asked == ["refused", "flush"] and not set(view._wals) & set(old_wals)
+    assert view.lookup([token(1, 1)], 0) == {token(1, 1): b"ct-1"}
+    view.close()

@@ -342,3 +342,29 @@ async def test_read_points_past_the_bound_in_flight_are_refused_as_an_overload(s
         await calls.handlers["read_points"]({"points": [point, point]})
     assert await calls.handlers["read_points"]({"points": [point]}) == [[single.node.removal_index]]
     assert calls._read_points_in_flight == core_calls.MAX_READ_POINTS_IN_FLIGHT - 1  # every point returned
+
+
+async def test_the_core_flushes_for_the_views_at_most_once_an_interval_and_only_a_wal_file_worth_it(
+        single: RunningNode, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tokenvault.core import node as node_module
+    from tokenvault.core.store_files import wal_file_names
+
+    calls = CoreCalls(single.service, single.node.metrics, lambda: [], max_backup_streams=1)
+    flush_store = calls.handlers["flush_store"]
+    store = single.node.store
+    directory = Path(single.config.data_dir) / STORE_DIRECTORY / store._generation
+    await tokenize(single, ["a"])
+    wals = wal_file_names(directory)
+    assert await flush_store({}) is False and wal_file_names(directory) == wals  # a few bytes: not worth it
+    with pytest.raises(InvalidRequest):
+        await flush_store({"now": True})
+    monkeypatch.setattr(node_module, "VIEW_FLUSH_MIN_BYTES", 1)
+    assert await flush_store({}) is True
+    await wait_until(lambda: not set(wal_file_names(directory)) & set(wals), 10, "the flush to end")
+    wals = wal_file_names(directory)
+    await tokenize(single, ["b"])
+    # Within the interval no other flush starts (the answer says whether the last one still runs).
+    assert await flush_store({}) is False and wal_file_names(directory) == wals
+    monkeypatch.setattr(node_module, "VIEW_FLUSH_INTERVAL_SECONDS", 0.0)
+    assert await flush_store({}) is True
+    await wait_until(lambda: not set(wal_file_names(directory)) & set(wals), 10, "the second flush to end")

@@ -88,6 +88,7 @@ class CoreCalls:
             "list_members": self._list_members, "change_member": self._change_member,
             "metrics": self._render_metrics, "backup.open": self._backup_open,
             "backup.read": self._backup_read, "backup.close": self._backup_close,
+            "flush_store": self._flush_store,
         }
 
     def api_key_rows(self) -> list[list[Any]]:
@@ -282,6 +283,12 @@ class CoreCalls:
     async def _health(self, arguments: dict[str, Any]) -> Any:
         _members(arguments, ())
         return self._service.health()
+
+    async def _flush_store(self, arguments: dict[str, Any]) -> Any:
+        """A worker's view is far behind after a write burst: flush the memtable rather than have it
+        replay the WAL (Node.flush_store_for_views); whether a flush is under way."""
+        _members(arguments, ())
+        return await self._service.node.flush_store_for_views()
 
     # ------------------------------------------------------------------ backups
     async def _backup_open(self, arguments: dict[str, Any]) -> Any:

@@ -181,7 +181,7 @@ class RemoteService:
         # detokenize of tokens the view holds is answered here (``detokenize``).
         self._readable: dict[int, EpochKeys] = {}
         self._reader = reader
-        self._catch_up = CatchUp(reader) if reader is not None else None
+        self._catch_up = CatchUp(reader, ask_flush=self.ask_flush) if reader is not None else None
         self._reader_resting_until = 0.0
         # Plain tokenizes in a row the view could not answer, and those not tried since (_probe_view).
         self._view_misses = 0
@@ -250,6 +250,20 @@ class RemoteService:
         return _outcome(await self._call("tokenize", {
             "principal": principal, "values": values, "idempotency_key": idempotency_key,
             "token_format": token_format, "metadata_json": metadata_json, "ttl_seconds": ttl_seconds}))
+
+    @property
+    def view(self) -> StoreReader | None:
+        """This worker's view of the store, once it has one (attach_view)."""
+        return self._reader
+
+    def attach_view(self, reader: StoreReader) -> None:
+        """Read from ``reader`` from now on (a worker opens its view once it serves: tokenvault.api.worker)."""
+        self._reader = reader
+        self._catch_up = CatchUp(reader, ask_flush=self.ask_flush)
+
+    async def ask_flush(self) -> bool:
+        """Ask the core to flush the store's memtable, for this worker's view (CatchUp)."""
+        return await self._call("flush_store", {}) is True
 
     async def _send_read_points(self, points: list[dict[str, Any]]) -> Any:
         return await self._call("read_points", {"points": points})

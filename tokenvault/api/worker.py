@@ -28,6 +28,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from pathlib import Path
 
 from tokenvault.api.channel import Channel, max_frame_bytes
@@ -35,9 +36,10 @@ from tokenvault.api.http import create_app, http_server
 from tokenvault.api.remote import RemoteService
 from tokenvault.config import NodeConfig, load_config
 from tokenvault.core.store_files import STORE_DIRECTORY
-from tokenvault.core.store_reader import StoreReadError, StoreReader
+from tokenvault.core.store_reader import StoreReadError, open_view
 from tokenvault.core.loopwatch import LoopWatch
 from tokenvault.crypto.tls import TlsError, load_node_tls
+from tokenvault.futures import cancel_and_wait
 from tokenvault.logs import configure_logging, get_logger
 from tokenvault.metrics import Metrics
 
@@ -58,36 +60,40 @@ async def run_worker(config: NodeConfig, index: int, workers: int, channel_fd: i
     configure_logging(config.node_id, Path(config.log_file) if config.log_file else None, config.log_level,
                       process=f"worker-{index}")
     metrics = Metrics("worker")
-    reader = _open_store_view(config, index, workers)
-    service = RemoteService(config.node_id, reader=reader, metrics=metrics,
+    service = RemoteService(config.node_id, metrics=metrics,
                             timeout_seconds=config.timing.request_timeout_ms / 1000,
                             max_items=config.limits.max_items)
     try:
-        return await _serve(config, index, workers, channel_fd, listen_fd, service, metrics, reader)
+        return await _serve(config, index, workers, channel_fd, listen_fd, service, metrics)
     finally:
-        if reader is not None:
-            reader.close()
+        if service.view is not None:
+            service.view.close()
 
 
-def _open_store_view(config: NodeConfig, index: int, workers: int) -> StoreReader | None:
-    """This worker's read-only view of the node's store; None (every detokenize goes to the core) when
-    store reads are off (by default, with fewer than 2 workers) or the view cannot be opened."""
+async def _open_store_view(config: NodeConfig, index: int, workers: int, service: RemoteService) -> None:
+    """Open this worker's read-only view of the node's store and have ``service`` read from it; none (every
+    detokenize goes to the core) when store reads are off (by default, with fewer than 2 workers) or the
+    view cannot be opened. Runs once the worker serves: a worker started during a write burst first
+    has the core flush its memtable (tokenvault.core.store_reader.open_view), a second or so."""
     store_reads = config.http.store_reads
     if not (workers >= STORE_READS_MIN_WORKERS if store_reads is None else store_reads):
-        return None
+        return
     scratch = Path(config.data_dir) / STORE_VIEWS_DIRECTORY / f"worker-{index}"
+    started = time.monotonic()
     try:
-        return StoreReader(Path(config.data_dir) / STORE_DIRECTORY, scratch).open()
+        service.attach_view(await open_view(Path(config.data_dir) / STORE_DIRECTORY, scratch, service.ask_flush))
     except (StoreReadError, OSError) as error:
         log.warning("worker.store_view_unavailable", error=str(error)[:200])
-        return None
+        return
+    log.info("worker.store_view_opened", index=index, took_ms=round((time.monotonic() - started) * 1000))
 
 
 async def _serve(config: NodeConfig, index: int, workers: int, channel_fd: int, listen_fd: int,
-                 service: RemoteService, metrics: Metrics, view: StoreReader | None) -> int:
+                 service: RemoteService, metrics: Metrics) -> int:
     reader, writer = await asyncio.open_unix_connection(sock=socket.socket(fileno=channel_fd))
 
     async def render_metrics(arguments: dict[str, object]) -> str:
+        view = service.view
         if view is not None:
             metrics.worker_store_view_catch_ups.set(view.catch_ups)
             metrics.worker_store_view_opens.set(view.opens)
@@ -124,12 +130,14 @@ async def _serve(config: NodeConfig, index: int, workers: int, channel_fd: int, 
     log.info("worker.started", index=index, pid=os.getpid())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    opening = loop.create_task(_open_store_view(config, index, workers, service))
     for signal_number in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signal_number, stop.set)
     loop_watch = LoopWatch(metrics).start()
     stop_task = loop.create_task(stop.wait())
     gone_task = loop.create_task(channel.closed.wait())
     await asyncio.wait({stop_task, gone_task}, return_when=asyncio.FIRST_COMPLETED)
+    await cancel_and_wait([opening])
     await loop_watch.stop()
     if channel.closed.is_set():
         log.warning("worker.core_gone", index=index)

@@ -37,7 +37,7 @@ from tokenvault.core.store import VaultStore
 from tokenvault.core.store_files import STORE_DIRECTORY, PreparedInstall
 from tokenvault.core.store_layout import (AUDIT_KIND, AUDIT_TRIM_KIND, CREATE_KEY_KIND, DELETE_KIND, DESTROY_KIND,
                                           DESTROYED, REVOKE_KEY_KIND, ROTATE_KIND, TOKENIZE_KIND, ApplyResult,
-                                          Outcome, StoreCorruption)
+                                          Outcome, StoreCorruption, StoreError)
 from tokenvault.core.transport import PeerAddress, PeerTransport
 from tokenvault.core.wal import RecoveredLog, WriteAheadLog
 from tokenvault.core.wal_segments import WalCorruption
@@ -61,6 +61,13 @@ SHUTDOWN_GRACE_SECONDS = 1.0
 TOKEN_ISSUED_LOG_INTERVAL_SECONDS = 1.0
 # Allocations minus deallocations before a youngest-generation collection (CPython's default is 700).
 GC_YOUNG_THRESHOLD = 50_000
+# The HTTP workers' views ask the core to flush the store's memtable after a write burst
+# (flush_store_for_views): at most one flush started this often for them, and none of a memtable
+# whose WAL file holds less than this (a view replays that much in about 45 ms). Each such flush is
+# one more, smaller, level-0 table file for the compactions to merge into the level below, whatever
+# its size; so at most one in ten seconds (a fill flushes a full write buffer every few seconds).
+VIEW_FLUSH_INTERVAL_SECONDS = 10.0
+VIEW_FLUSH_MIN_BYTES = 4 * 1024 * 1024
 
 
 class NodeBusy(Exception):
@@ -165,6 +172,7 @@ class Node:
         # The store's checkpoints (WAL compaction) run here, off the loop.
         self._disk_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"checkpoint-{self.node_id}")
         self._compaction: asyncio.Task[None] | None = None
+        self._views_flushed_at = -float("inf")  # when flush_store_for_views last started a flush
         # token.issued: one line a second at most (per epoch), so the node log grows with time, not traffic.
         self._issued_log = SummedEvent(log, "token.issued", ("epoch",), TOKEN_ISSUED_LOG_INTERVAL_SECONDS)
         self.snapshots = SnapshotTransfers(self.data_dir, lambda: self.store, self._run_in_driver,
@@ -349,6 +357,29 @@ class Node:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._reads_waiting_apply.append(_PendingRead(index, future))
         await await_future(future, timeout_seconds)
+
+    async def flush_store_for_views(self) -> bool:
+        """Start a flush of the store's memtable for the HTTP workers' views; whether one is under way.
+
+        A worker's view replays the store's live WAL file to catch up, with its GIL held, and after a
+        write burst that file holds up to a whole write buffer (64 MiB: about a second of the worker's
+        loop). A flush starts a new file, and a view that opens again after it replays only that one:
+        RocksDB writes the table file in its own threads. A worker asks only after a burst, once writes
+        have calmed down (tokenvault.core.store_reader), and all of them at about the same time, so at
+        most one flush a VIEW_FLUSH_INTERVAL_SECONDS is started here; between two, the answer only says
+        whether the last one is still running (if not, a view replays)."""
+        now = time.monotonic()
+        may_start = now - self._views_flushed_at >= VIEW_FLUSH_INTERVAL_SECONDS
+        # Too soon for another: a memtable no flush could reach the minimum of, so only whether one runs.
+        min_bytes = VIEW_FLUSH_MIN_BYTES if may_start else 1 << 62
+        try:
+            under_way = await asyncio.get_running_loop().run_in_executor(self._disk_executor,
+                                                                         self.store.flush_memtable, min_bytes)
+        except StoreError:  # closing, or a failed flush: the view replays instead
+            return False
+        if under_way and may_start:
+            self._views_flushed_at = now
+        return under_way
 
     def send_to_peer(self, peer_id: str, message: Message) -> bool:
         return self.transport is not None and self.transport.send(peer_id, message)

@@ -64,7 +64,8 @@ from tokenvault.core.commands import (AuditCommand, AuditTrimCommand, Command, C
                                       RevokeApiKeyCommand, RotateEpochCommand, TokenizeCommand, decode_command)
 from tokenvault.core.store_files import (CREATING_SUFFIX, GENERATION_PREFIX, PreparedInstall, RetiredGeneration,
                                          create_store, fsync_tree, generation_name, install_step, read_current,
-                                         remove_leftovers, remove_tree, verify_checkpoint, write_current)
+                                         remove_leftovers, remove_tree, verify_checkpoint, wal_file_bytes,
+                                         wal_file_names, write_current)
 from tokenvault.core.store_layout import (
     ACTIVE, AGE, AGE_END, AGE_HEADER_BYTES, API_KEY, AUDIT, AUDIT_ANCHOR_KEY, AUDIT_END, AUDIT_HEAD_KEY, AUDIT_KIND,
     BLOCK_CACHE_BYTES, CREATE_KEY_KIND, EXPIRY, EXPIRY_END, IDEMPOTENCY, LIFE, LIFE_END, MAX_API_KEYS, MAX_AUDIT_PAGE,
@@ -546,6 +547,28 @@ class VaultStore:
         self._db.write(write, self._write_options)
         self._membership = None
         self.checkpoint()
+
+    def flush_memtable(self, min_bytes: int) -> bool:
+        """Start a flush of the memtable when its WAL file holds at least ``min_bytes``; whether a flush is
+        now under way (this one, or one RocksDB had started).
+
+        Does not wait for the flush: RocksDB writes the table file in its background threads. For the
+        workers' views (tokenvault.core.store_reader), which replay the live WAL file on every catch-up
+        and open only what a flushed file holds. Safe from a worker thread."""
+        with self._checkpoint_lock:
+            if self._closed:
+                raise StoreError("the store is closed")
+            database = self._db
+            try:
+                if (database.property_int_value("rocksdb.num-immutable-mem-table") or 0) > 0:
+                    return True
+                directory = self._path / self._generation
+                if wal_file_bytes(directory, wal_file_names(directory)) < min_bytes:
+                    return False
+                database.flush(False)
+            except Exception as failure:
+                raise StoreError(f"the memtable could not be flushed: {reason(failure)}") from None
+        return True
 
     def checkpoint(self) -> int:
         """Make the applied state durable (fsync RocksDB's WAL); returns the applied index now on disk for sure.

@@ -16,7 +16,7 @@ import os
 import re
 import shutil
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -206,3 +206,29 @@ class RetiredGeneration:
 
     __call__ = close
 
+
+def wal_file_names(directory: Path) -> tuple[str, ...]:
+    """The names of RocksDB's WAL files in a generation, sorted (empty when none is listed).
+
+    What the workers' views (tokenvault.core.store_reader) follow the store by. A flush starts a new
+    WAL file and, once its table file is in the MANIFEST, deletes the old one; a view opened or caught
+    up while either happened may have read the MANIFEST before the table file was added and then
+    found the old WAL gone: the rows of both are missing from it (measured: tokens never deleted
+    read back as unknown). Any change of this set during a view's open or catch-up therefore opens
+    the view again."""
+    try:
+        with os.scandir(directory) as entries:
+            return tuple(sorted(entry.name for entry in entries if entry.name.endswith(".log")))
+    except OSError:
+        return ()
+
+
+def wal_file_bytes(directory: Path, names: Sequence[str]) -> int:
+    """The bytes of the named WAL files now (a file already gone counts nothing)."""
+    total = 0
+    for name in names:
+        try:
+            total += os.stat(directory / name).st_size
+        except OSError:
+            pass
+    return total

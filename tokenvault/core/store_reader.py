@@ -29,7 +29,12 @@ requests of a worker that wait; a multi-get of 100 keys is about 135 µs. Each w
 byte the core writes, so a catch-up no request waits for waits out a flush
 and a write burst (``catch_up``'s ``wait_out_flush`` and
 ``max_replay_bytes``): under a fill of 120,000 values/s on two workers that
-took the workers' event-loop stalls over 100 ms from about 130 to none.
+took the workers' event-loop stalls over 100 ms from about 130 to none. When
+the burst is over, a view still that far behind has the core flush its
+memtable (``CatchUp``'s ``ask_flush``, Node.flush_store_for_views) and opens
+again on the new WAL file, rather than replay the old one (up to the 64 MiB
+write buffer) in one go; a worker that starts during a burst does the same
+before it opens its view (``open_view``).
 
 Opening again is what every memtable flush of the core costs each view, so the
 view keeps each table file's index and filter blocks in its block cache
@@ -51,18 +56,18 @@ from __future__ import annotations
 
 import asyncio
 import math
-import os
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 from rocksdict import AccessType, Cache, Rdict
 
-from tokenvault.core.store_files import CURRENT_FILE, read_current
+from tokenvault.core.store_files import CURRENT_FILE, read_current, wal_file_bytes, wal_file_names
 from tokenvault.core.store_layout import (LIFE, LIFE_END, META_KEY, StoreError, check_rocksdict_config,
                                           database_options, decode_meta, first_key, lookup_format_tokens, lookup_opaque,
                                           metadata_rows, reason, table_metadata_bytes)
+from tokenvault.errors import ServiceError
 from tokenvault.logs import get_logger
 
 log = get_logger("store_reader")
@@ -88,32 +93,15 @@ REOPEN_ATTEMPTS = 5
 # (the requests it cannot answer go to the core).
 MAX_NUDGE_REPLAY_BYTES = 2 * 1024 * 1024
 CALM_BYTES = 256 * 1024
-
-
-def _wal_files(directory: Path) -> tuple[str, ...]:
-    """The names of RocksDB's WAL files in a generation, sorted (empty when none is listed).
-
-    A flush starts a new WAL file and, once its table file is in the MANIFEST, deletes the old one;
-    a view opened or caught up while either happened may have read the MANIFEST before the table
-    file was added and then found the old WAL gone: the rows of both are missing from it (measured:
-    tokens never deleted read back as unknown). Any change of this set during an open or a catch-up
-    therefore opens the view again."""
-    try:
-        with os.scandir(directory) as entries:
-            return tuple(sorted(entry.name for entry in entries if entry.name.endswith(".log")))
-    except OSError:
-        return ()
-
-
-def _wal_bytes(directory: Path, names: Sequence[str]) -> int:
-    """The bytes of the named WAL files now (a file already gone counts nothing)."""
-    total = 0
-    for name in names:
-        try:
-            total += os.stat(directory / name).st_size
-        except OSError:
-            pass
-    return total
+# Once the writes calm down, a view that fell further behind than that asks the core to flush its
+# memtable (Node.flush_store_for_views) instead of replaying the WAL, and opens again on the new WAL
+# file once the flush is done; if no flush has begun this long after the core said one would, it
+# replays after all.
+FLUSH_WAIT_SECONDS = 2.0
+# A worker that starts while the live WAL is long waits this long at most for the flush it asked for
+# (open_view), looking this often; it serves meanwhile, with every read through the core.
+OPEN_FLUSH_WAIT_SECONDS = 10.0
+FLUSH_POLL_SECONDS = 0.05
 
 
 class StoreReadError(StoreError):
@@ -138,9 +126,13 @@ class StoreReader:
         self.cache_bytes = cache_bytes  # the cache's capacity now (data blocks, index and filter blocks)
         self._db: Rdict | None = None
         self._generation = ""
-        self._wals: tuple[str, ...] = ()  # the WAL files when the view was opened (_wal_files)
+        self._wals: tuple[str, ...] = ()  # the WAL files when the view was opened (wal_file_names)
         self._replayed_bytes = 0  # their bytes when the view last moved (it has replayed at least that)
         self._deferred_at_bytes: int | None = None  # the WAL's bytes when a nudge last found too much to replay
+        # When this view last asked the core for a flush and was told one was under way (-inf: the core
+        # said no, so replay; None: not asked since the view last moved). ``flush_wanted``: ask now.
+        self._flush_asked_at: float | None = None
+        self.flush_wanted = False
         self.deferred = 0  # nudges that left the view where it was (for the tests)
         self.applied_index = 0
         self._has_life = True
@@ -171,14 +163,14 @@ class StoreReader:
         # A secondary keeps every table file it opened open: the core's compactions may delete them.
         options.set_max_open_files(-1)
         for _ in range(REOPEN_ATTEMPTS):
-            wals = _wal_files(directory)
-            wal_bytes = _wal_bytes(directory, wals)
+            wals = wal_file_names(directory)
+            wal_bytes = wal_file_bytes(directory, wals)
             try:
                 self._db = Rdict(str(directory), options, column_families={"default": options},
                                  access_type=AccessType.secondary(str(self._scratch / generation)))
             except Exception as failure:
                 raise StoreReadError(f"the store cannot be opened for reading: {reason(failure)}") from None
-            if _wal_files(directory) == wals:
+            if wal_file_names(directory) == wals:
                 break
             self._close_database()  # the core flushed while this opened: open again on the new files
         else:
@@ -186,7 +178,7 @@ class StoreReader:
         self._generation = generation
         self._wals = wals
         self._replayed_bytes = wal_bytes
-        self._deferred_at_bytes = None
+        self._deferred_at_bytes = self._flush_asked_at = None
         self.opens += 1
         self._read_meta()
 
@@ -227,7 +219,8 @@ class StoreReader:
             raise StoreReadError("the store reader is closed")
         return self._db
 
-    def catch_up(self, *, wait_out_flush: bool = False, max_replay_bytes: int | None = None) -> int:
+    def catch_up(self, *, wait_out_flush: bool = False, max_replay_bytes: int | None = None,
+                 may_ask_flush: bool = False) -> int:
         """Catch up with the core's writes (reopening on a new generation); the applied index now seen.
 
         ``wait_out_flush`` (a catch-up no request waits for): while the core flushes a memtable, the
@@ -240,8 +233,12 @@ class StoreReader:
 
         ``max_replay_bytes`` (likewise): the view stays as it is rather than replay more than that
         much WAL at once while the core writes faster than CALM_BYTES between two such calls; once it
-        writes slower, the view catches up however far it has to go."""
+        writes slower, the view catches up however far it has to go, unless ``may_ask_flush``: then
+        it first sets ``flush_wanted``, for its caller to ask the core for a flush (``flush_asked``),
+        and stays where it is for up to FLUSH_WAIT_SECONDS while the flush begins; the open after the
+        flush replays only the new WAL file."""
         self.catch_ups += 1
+        self.flush_wanted = False
         try:
             generation = (self._store_path / CURRENT_FILE).read_bytes().decode("ascii").strip()
         except (OSError, UnicodeDecodeError):
@@ -251,12 +248,12 @@ class StoreReader:
             self._reopen()
             return self.applied_index
         directory = self._store_path / self._generation
-        wals = _wal_files(directory)
+        wals = wal_file_names(directory)
         if wals != self._wals:
             if wait_out_flush and self._wals and set(self._wals) < set(wals):
                 return self.applied_index  # a flush under way: every WAL file the view read is still there
-            live = _wal_bytes(directory, wals)
-            if self._defer(live, live, max_replay_bytes):  # an open replays every live WAL file
+            live = wal_file_bytes(directory, wals)
+            if self._defer(live, live, max_replay_bytes, may_ask_flush):  # an open replays every live WAL file
                 return self.applied_index
             # The core flushed its memtable (a full write buffer, a shred): a new WAL file, or the old
             # one deleted. A secondary that catches up across that keeps what it had replayed of the
@@ -265,32 +262,44 @@ class StoreReader:
             # stuck. A view opened afresh on the live files holds no such memtable.
             self._reopen()
             return self.applied_index
-        live = _wal_bytes(directory, wals)
-        if self._defer(live - self._replayed_bytes, live, max_replay_bytes):
+        live = wal_file_bytes(directory, wals)
+        if self._defer(live - self._replayed_bytes, live, max_replay_bytes, may_ask_flush):
             return self.applied_index
         try:
             self._database().try_catch_up_with_primary()
             self._read_meta()
-            self._replayed_bytes, self._deferred_at_bytes = live, None
+            self._replayed_bytes = live
+            self._deferred_at_bytes = self._flush_asked_at = None
         except Exception as failure:
             # A view that cannot follow (a table file it needed is gone, say) starts again from the live files.
             log.warning("store_reader.reopening", reason=reason(failure))
             self._reopen()
             return self.applied_index
-        if _wal_files(directory) != self._wals:
+        if wal_file_names(directory) != self._wals:
             self._reopen()  # the switch came while this caught up: what it read may straddle it
         return self.applied_index
 
-    def _defer(self, pending: int, live: int, max_replay_bytes: int | None) -> bool:
+    def _defer(self, pending: int, live: int, max_replay_bytes: int | None, may_ask_flush: bool) -> bool:
         """Whether to leave the view as it is rather than replay ``pending`` WAL bytes (``live`` in all)."""
         if max_replay_bytes is None or pending <= max_replay_bytes:
             return False
         calm = self._deferred_at_bytes is not None and 0 <= live - self._deferred_at_bytes <= CALM_BYTES
         if calm:
-            return False
+            asked_at = self._flush_asked_at
+            if not may_ask_flush or (asked_at is not None and time.monotonic() - asked_at >= FLUSH_WAIT_SECONDS):
+                return False  # replay: no flush to wait for
+            if asked_at is None:
+                self.flush_wanted = True
+            self.deferred += 1
+            return True
         self._deferred_at_bytes = live
         self.deferred += 1
         return True
+
+    def flush_asked(self, under_way: bool) -> None:
+        """What the core answered when asked for a flush (``flush_wanted``): whether one is under way.
+        If so, the view waits for it; if not, the next catch-up replays."""
+        self._flush_asked_at = time.monotonic() if under_way else -math.inf
 
     def lookup(self, tokens: Sequence[str], now_ms: int) -> dict[str, bytes]:
         """Ciphertexts of the live opaque tokens among ``tokens`` as of this view (VaultStore.lookup)."""
@@ -329,6 +338,34 @@ class StoreReader:
         shutil.rmtree(self._scratch, ignore_errors=True)
 
 
+async def open_view(store_path: Path, scratch: Path, ask_flush: Callable[[], Awaitable[bool]] | None, *,
+                    wait_seconds: float = OPEN_FLUSH_WAIT_SECONDS) -> StoreReader:
+    """A worker's view, opened as StoreReader.open does; but when the store's live WAL holds more than
+    MAX_NUDGE_REPLAY_BYTES (a worker started during a fill: up to a write buffer, a second or more of
+    its loop), it first asks the core for a flush and waits, up to ``wait_seconds``, for the old WAL
+    files to go, so that the open replays only the new one. StoreReadError as StoreReader.open."""
+    if ask_flush is not None:
+        try:
+            directory = Path(store_path) / read_current(Path(store_path))
+        except StoreError as error:
+            raise StoreReadError(str(error)) from None
+        names = wal_file_names(directory)
+        if wal_file_bytes(directory, names) > MAX_NUDGE_REPLAY_BYTES:
+            try:
+                under_way = await ask_flush()
+            except ServiceError as error:
+                log.info("store_reader.flush_not_asked", error=str(error)[:200])
+                under_way = False
+            started = time.monotonic()
+            while under_way and set(wal_file_names(directory)) & set(names) and \
+                    time.monotonic() - started < wait_seconds:
+                await asyncio.sleep(FLUSH_POLL_SECONDS)
+            log.info("store_reader.flush_before_open", wal_bytes=wal_file_bytes(directory, names),
+                     flushed=under_way and not set(wal_file_names(directory)) & set(names),
+                     waited_ms=round((time.monotonic() - started) * 1000))
+    return StoreReader(store_path, scratch).open()
+
+
 class CatchUp:
     """Brings one StoreReader up to the indexes requests wait for, one catch-up at a time for all of them.
 
@@ -340,8 +377,11 @@ class CatchUp:
     holds the GIL through it, so two at once would only queue."""
 
     def __init__(self, reader: StoreReader, *, retry_seconds: float = 0.001,
-                 nudge_interval_seconds: float = NUDGE_INTERVAL_SECONDS) -> None:
+                 nudge_interval_seconds: float = NUDGE_INTERVAL_SECONDS,
+                 ask_flush: Callable[[], Awaitable[bool]] | None = None) -> None:
         self._reader = reader
+        # Asks the core to flush its memtable (Node.flush_store_for_views); whether a flush is under way.
+        self._ask_flush = ask_flush
         self._retry_seconds = retry_seconds
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._task: asyncio.Task[None] | None = None
@@ -397,7 +437,8 @@ class CatchUp:
             self._wanted = self._must = False
             try:
                 applied = self._reader.catch_up(wait_out_flush=nudged,
-                                                max_replay_bytes=MAX_NUDGE_REPLAY_BYTES if nudged else None)
+                                                max_replay_bytes=MAX_NUDGE_REPLAY_BYTES if nudged else None,
+                                                may_ask_flush=self._ask_flush is not None)
             except StoreReadError as error:
                 log.warning("worker.store_view_failed", error=str(error)[:200])
                 waiters, self._waiters = self._waiters, []
@@ -405,6 +446,8 @@ class CatchUp:
                     if not future.done():
                         future.set_exception(StoreReadError(str(error)))
                 continue
+            if self._reader.flush_wanted and self._ask_flush is not None:
+                await self._flush_for_view()
             still: list[tuple[int, asyncio.Future[None]]] = []
             for index, future in self._waiters:
                 if future.done():
@@ -416,3 +459,15 @@ class CatchUp:
             self._waiters = still
             if still:
                 await asyncio.sleep(self._retry_seconds)
+
+    async def _flush_for_view(self) -> None:
+        """Ask the core for the flush the view wants; if none is under way, catch up again (a replay)."""
+        assert self._ask_flush is not None
+        try:
+            under_way = await self._ask_flush()
+        except ServiceError as error:  # the core is busy, restarting or gone: the view replays instead
+            log.info("store_reader.flush_not_asked", error=str(error)[:200])
+            under_way = False
+        self._reader.flush_asked(under_way is True)
+        if under_way is not True:
+            self._wanted = True

@@ -350,7 +350,8 @@ async def open_view(store_path: Path, scratch: Path, ask_flush: Callable[[], Awa
         except StoreError as error:
             raise StoreReadError(str(error)) from None
         names = wal_file_names(directory)
-        if wal_file_bytes(directory, names) > MAX_NUDGE_REPLAY_BYTES:
+        live = wal_file_bytes(directory, names)
+        if live > MAX_NUDGE_REPLAY_BYTES:
             try:
                 under_way = await ask_flush()
             except ServiceError as error:
@@ -360,7 +361,7 @@ async def open_view(store_path: Path, scratch: Path, ask_flush: Callable[[], Awa
             while under_way and set(wal_file_names(directory)) & set(names) and \
                     time.monotonic() - started < wait_seconds:
                 await asyncio.sleep(FLUSH_POLL_SECONDS)
-            log.info("store_reader.flush_before_open", wal_bytes=wal_file_bytes(directory, names),
+            log.info("store_reader.flush_before_open", wal_bytes=live,
                      flushed=under_way and not set(wal_file_names(directory)) & set(names),
                      waited_ms=round((time.monotonic() - started) * 1000))
     return StoreReader(store_path, scratch).open()

@@ -212,6 +212,20 @@ class Metrics:
             " (the worker's loop waits for each).",
             registry=registry,
         )
+        self.worker_store_view_deferred = Gauge(
+            "tokenvault_worker_store_view_deferred",
+            "Catch-ups of this HTTP worker's view of the store, no request waiting, that left the view where it"
+            " was: during a memtable flush of the core, a write burst, or while the flush it asked for begins"
+            " (the core answers what the view lacks meanwhile).",
+            registry=registry,
+        )
+        self.worker_store_view_flushes_asked = Gauge(
+            "tokenvault_worker_store_view_flushes_asked",
+            "Times this HTTP worker asked the core to flush the store's memtable since it started, so that its"
+            " view opens on a short WAL file instead of replaying a long one (after a write burst, or at start"
+            " during one).",
+            registry=registry,
+        )
         self.worker_store_view_cache_bytes = Gauge(
             "tokenvault_worker_store_view_cache_bytes",
             "Capacity of this HTTP worker's block cache for its view of the store: the table files' index and"

@@ -213,10 +213,12 @@ async def test_workers_answer_detokenize_from_their_view_and_never_a_deleted_or_
         single.metrics_when("n1", lambda text: _counter(text, reads, "view") - before >= answered // 2)
         assert _counter(single.metrics_text("n1"), reads, "failed") == 0
         # Each view says how often it opened and how large its block cache is (index and filter blocks
-        # plus the data blocks' 32 MiB).
+        # plus the data blocks' 32 MiB), how often it stayed behind and asked for a flush (no burst here).
         text = single.metrics_text("n1")
         for gauge, least in (("tokenvault_worker_store_view_opens", 1), ("tokenvault_worker_store_view_cache_bytes",
-                                                                          32 * 1024 * 1024)):
+                                                                          32 * 1024 * 1024),
+                             ("tokenvault_worker_store_view_deferred", 0),
+                             ("tokenvault_worker_store_view_flushes_asked", 0)):
             values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(gauge)]
             assert values and all(value >= least for value in values), gauge
         # Every detokenize wrote its audit record, and only one (the deletes write their own).

@@ -256,7 +256,7 @@ async def test_while_the_core_flushes_a_nudge_leaves_the_view_as_it_is_and_a_wai
         catch_up = CatchUp(view)
         catch_up.nudge()
         await catch_up._task
-        assert view.opens == 1 and view.applied_index == before
+        assert view.opens == 1 and view.applied_index == before and view.deferred == 2
         await catch_up.wait_applied(store.applied_index, 5.0)  # a waiter: opened again
         assert view.opens == 2 and view.lookup([token(1, 1)], 0) == {token(1, 1): b"ct-1"}
         store.apply_batch([log.command(tokenize(1, [2]))])
@@ -395,6 +395,7 @@ async def test_a_view_behind_after_a_burst_opens_again_on_the_wal_file_the_flush
             assert view.opens > 1 or view.lookup([token(1, 1)], 0) == {}
             await asyncio.sleep(0.01)
         assert asked == [True] and view.opens == 2 and not set(view._wals) & set(old_wals)
+        assert view.flushes_asked == 1 and view.deferred >= 2
         assert view.lookup([token(1, 1)], 0) == {token(1, 1): b"ct-1"}
 
         async def unreachable() -> bool:
@@ -448,6 +449,6 @@ async def test_a_worker_started_while_the_wal_is_long_opens_its_view_after_the_f
     assert asked == ["refused"] and view._wals == old_wals  # opened at once, on the long WAL
     view.close()
     view = await open_view(tmp_path / "store", tmp_path / "long", ask_flush, wait_seconds=30)
-    assert asked == ["refused", "flush"] and not set(view._wals) & set(old_wals)
+    assert asked == ["refused", "flush"] and not set(view._wals) & set(old_wals) and view.flushes_asked == 1
     assert view.lookup([token(1, 1)], 0) == {token(1, 1): b"ct-1"}
     view.close()

@@ -97,6 +97,8 @@ async def _serve(config: NodeConfig, index: int, workers: int, channel_fd: int, 
         if view is not None:
             metrics.worker_store_view_catch_ups.set(view.catch_ups)
             metrics.worker_store_view_opens.set(view.opens)
+            metrics.worker_store_view_deferred.set(view.deferred)
+            metrics.worker_store_view_flushes_asked.set(view.flushes_asked)
             metrics.worker_store_view_cache_bytes.set(view.cache_bytes)
         return metrics.render()[0].decode("utf-8")
 

@@ -133,7 +133,8 @@ class StoreReader:
         # said no, so replay; None: not asked since the view last moved). ``flush_wanted``: ask now.
         self._flush_asked_at: float | None = None
         self.flush_wanted = False
-        self.deferred = 0  # nudges that left the view where it was (for the tests)
+        self.deferred = 0  # nudges that left the view where it was (for the metrics and the tests)
+        self.flushes_asked = 0  # likewise: flushes asked of the core for this view (flush_asked)
         self.applied_index = 0
         self._has_life = True
         self.catch_ups = 0  # for the metrics and the tests
@@ -251,6 +252,7 @@ class StoreReader:
         wals = wal_file_names(directory)
         if wals != self._wals:
             if wait_out_flush and self._wals and set(self._wals) < set(wals):
+                self.deferred += 1
                 return self.applied_index  # a flush under way: every WAL file the view read is still there
             live = wal_file_bytes(directory, wals)
             if self._defer(live, live, max_replay_bytes, may_ask_flush):  # an open replays every live WAL file
@@ -300,6 +302,7 @@ class StoreReader:
         """What the core answered when asked for a flush (``flush_wanted``): whether one is under way.
         If so, the view waits for it; if not, the next catch-up replays."""
         self._flush_asked_at = time.monotonic() if under_way else -math.inf
+        self.flushes_asked += 1
 
     def lookup(self, tokens: Sequence[str], now_ms: int) -> dict[str, bytes]:
         """Ciphertexts of the live opaque tokens among ``tokens`` as of this view (VaultStore.lookup)."""
@@ -344,6 +347,7 @@ async def open_view(store_path: Path, scratch: Path, ask_flush: Callable[[], Awa
     MAX_NUDGE_REPLAY_BYTES (a worker started during a fill: up to a write buffer, a second or more of
     its loop), it first asks the core for a flush and waits, up to ``wait_seconds``, for the old WAL
     files to go, so that the open replays only the new one. StoreReadError as StoreReader.open."""
+    asked = 0
     if ask_flush is not None:
         try:
             directory = Path(store_path) / read_current(Path(store_path))
@@ -352,6 +356,7 @@ async def open_view(store_path: Path, scratch: Path, ask_flush: Callable[[], Awa
         names = wal_file_names(directory)
         live = wal_file_bytes(directory, names)
         if live > MAX_NUDGE_REPLAY_BYTES:
+            asked = 1
             try:
                 under_way = await ask_flush()
             except ServiceError as error:
@@ -364,7 +369,9 @@ async def open_view(store_path: Path, scratch: Path, ask_flush: Callable[[], Awa
             log.info("store_reader.flush_before_open", wal_bytes=live,
                      flushed=under_way and not set(wal_file_names(directory)) & set(names),
                      waited_ms=round((time.monotonic() - started) * 1000))
-    return StoreReader(store_path, scratch).open()
+    reader = StoreReader(store_path, scratch).open()
+    reader.flushes_asked += asked
+    return reader
 
 
 class CatchUp:

@@ -268,3 +268,17 @@ async def test_etcd_with_tls_serves_only_over_tls_and_its_transactions_run_throu
         assert refused.completed_ok == 0 and sum(refused.errors.values()) > 0
     finally:
         loadgen.stop_processes(processes)
+
+
+@pytest.mark.parametrize("tuning", ["default", "universal"])
+def test_the_store_growth_bench_prints_every_window_and_the_settled_cost(tuning: str, tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    import store_growth
+
+    store_growth.main(["--tokens", "45000", "--window", "20000", "--tuning", tuning, "--directory", str(tmp_path)])
+    lines = capsys.readouterr().out.splitlines()
+    windows = [line.split() for line in lines if line.strip()[:1].isdigit()]
+    assert [row[0] for row in windows] == ["20,000", "40,000", "45,000"]  # 20,000 tokens an apply
+    assert all(float(row[2]) > 0 and float(row[3]) > 0 for row in windows)
+    assert lines[-1].startswith("filled at ") and "bytes per value on disk" in lines[-1]
+    assert list(tmp_path.iterdir()) == []  # the store is gone

@@ -1,0 +1,165 @@
+"""What each token costs the store as it grows, split between the thread that applies and RocksDB's own
+threads (flushes and compactions), in-process: no HTTP, no replication, no other process.
+
+Usage:
+    .venv/bin/python bench/store_growth.py [--tokens 20000000] [--window 4000000] [--tuning default]
+
+Fills a fresh store (tokenvault.core.store.VaultStore in a temporary directory) with random tokens,
+20 entries of 1,000 per apply as coalesced entries carry them, each apply after one 1,000-token
+lookup (the read check a node makes before it proposes). Prints for every window of ``--window``
+tokens: values/s, the process's CPU per value (every thread), the applying thread's own CPU per
+value, the level-0 files and RocksDB's estimate of pending compaction bytes; then, once RocksDB's
+compactions have settled, the CPU per value over the whole fill and the bytes on disk per value.
+The difference between the two CPU figures is what RocksDB's background threads spent, which on a
+node shares the machine with everything else.
+
+``--tuning`` changes one RocksDB option from the store's own (tokenvault.core.store_layout), to see
+whether it moves those figures: ``universal`` compaction, ``lz4`` on the bottom level instead of
+zstd, ``level-base-1g`` (a 1 GiB base level instead of 256 MiB), ``write-buffer-128m``. Asserts
+nothing; deletes its store at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from rocksdict import DBCompactionStyle, DBCompressionType, Options  # noqa: E402
+
+from protocol import Entry, EntryKind  # noqa: E402
+from tokenvault.core import store as store_module  # noqa: E402
+from tokenvault.core import store_files, store_layout  # noqa: E402
+from tokenvault.core.commands import Actor, RotateEpochCommand, TokenizeCommand, encode_command  # noqa: E402
+from tokenvault.core.store import VaultStore  # noqa: E402
+
+ITEMS_PER_ENTRY = 1000
+ENTRIES_PER_APPLY = 20
+CIPHERTEXT_BYTES = 40  # about a sealed short value
+TOKEN_ALPHABET = "abcdefghijklmnopqrstuvwxyz234567"
+SETTLE_POLL_SECONDS = 0.2
+
+
+def _universal(options: Options) -> None:
+    options.set_compaction_style(DBCompactionStyle.universal())
+
+
+def _lz4(options: Options) -> None:
+    options.set_bottommost_compression_type(DBCompressionType.lz4())
+
+
+def _level_base_1g(options: Options) -> None:
+    options.set_max_bytes_for_level_base(1024 * 1024 * 1024)
+
+
+def _write_buffer_128m(options: Options) -> None:
+    options.set_write_buffer_size(128 * 1024 * 1024)
+
+
+TUNINGS = {"default": None, "universal": _universal, "lz4": _lz4, "level-base-1g": _level_base_1g,
+           "write-buffer-128m": _write_buffer_128m}
+
+
+def use_tuning(name: str) -> None:
+    """Have every store this process opens use the store's options with ``name``'s change."""
+    change = TUNINGS[name]
+    if change is None:
+        return
+    original = store_layout.database_options
+
+    def tuned(*arguments: Any, **keywords: Any) -> Options:
+        options = original(*arguments, **keywords)
+        change(options)
+        return options
+
+    for module in (store_layout, store_module, store_files):
+        if hasattr(module, "database_options"):
+            setattr(module, "database_options", tuned)
+
+
+def _cpu_seconds() -> float:
+    times = os.times()
+    return times.user + times.system
+
+
+def _property(store: VaultStore, name: str) -> int:
+    return store._db.property_int_value(name) or 0
+
+
+def _settle(store: VaultStore) -> None:
+    """Wait until RocksDB runs and plans no flush or compaction."""
+    while (_property(store, "rocksdb.num-running-compactions") or _property(store, "rocksdb.compaction-pending")
+           or _property(store, "rocksdb.num-running-flushes") or _property(store, "rocksdb.mem-table-flush-pending")):
+        time.sleep(SETTLE_POLL_SECONDS)
+
+
+def run(tokens: int, window: int, tuning: str, directory: Path) -> None:
+    use_tuning(tuning)
+    store = VaultStore.open(directory / "store")
+    generator = random.Random(7)
+    rotate = RotateEpochCommand(1, b"w" * 60, 1_000, None, None, None, Actor(node="n1", request_id="bootstrap"))
+    store.apply_batch([Entry(1, 1, EntryKind.COMMAND, encode_command(rotate))])
+    print(f"store growth to {tokens:,} tokens, tuning {tuning}, {window:,}-token windows", flush=True)
+    print(f"{'tokens':>12} {'values/s':>9} {'cpu us/value':>13} {'applying':>9} {'L0 files':>9} {'pending MiB':>12}",
+          flush=True)
+    index, made = 2, 0
+    started, cpu_started = time.perf_counter(), _cpu_seconds()
+    window_at, window_cpu, window_made, window_thread = started, cpu_started, 0, time.thread_time()
+    while made < tokens:
+        entries = []
+        items: tuple[tuple[str, bytes], ...] = ()
+        for _ in range(ENTRIES_PER_APPLY):
+            count = min(ITEMS_PER_ENTRY, tokens - made)
+            if count <= 0:
+                break
+            items = tuple(("tv1_" + "".join(generator.choices(TOKEN_ALPHABET, k=32)),
+                           generator.randbytes(CIPHERTEXT_BYTES)) for _ in range(count))
+            command = TokenizeCommand(1, items, None, None, None, 2_000)
+            entries.append(Entry(index, 1, EntryKind.COMMAND, encode_command(command)))
+            index += 1
+            made += count
+        store.lookup([token for token, _ in items])
+        store.apply_batch(entries)
+        if made - window_made >= window or made >= tokens:
+            now, cpu, thread = time.perf_counter(), _cpu_seconds(), time.thread_time()
+            values = made - window_made
+            print(f"{made:>12,} {values / (now - window_at):>9,.0f} {1e6 * (cpu - window_cpu) / values:>13.1f}"
+                  f" {1e6 * (thread - window_thread) / values:>9.1f} {_property(store, 'rocksdb.num-files-at-level0'):>9}"
+                  f" {_property(store, 'rocksdb.estimate-pending-compaction-bytes') >> 20:>12}", flush=True)
+            window_at, window_cpu, window_made, window_thread = now, cpu, made, thread
+    filled = time.perf_counter() - started
+    _settle(store)
+    settled, cpu = time.perf_counter() - started, _cpu_seconds() - cpu_started
+    store.close()
+    disk = sum(path.stat().st_size for path in directory.rglob("*") if path.is_file())
+    print(f"filled at {tokens / filled:,.0f} values/s; compactions settled {settled - filled:.0f} s later;"
+          f" {1e6 * cpu / tokens:.1f} us of CPU per value in all; {disk / tokens:.0f} bytes per value on disk",
+          flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=20_000_000)
+    parser.add_argument("--window", type=int, default=4_000_000)
+    parser.add_argument("--tuning", choices=sorted(TUNINGS), default="default")
+    parser.add_argument("--directory", type=Path, default=None, help="where the store goes (default: a temporary one)")
+    arguments = parser.parse_args(argv)
+    if arguments.tokens < 1 or arguments.window < 1:
+        parser.error("--tokens and --window must be at least 1")
+    directory = Path(tempfile.mkdtemp(prefix="store-growth-", dir=arguments.directory))
+    try:
+        run(arguments.tokens, arguments.window, arguments.tuning, directory)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

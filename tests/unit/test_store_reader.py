@@ -452,3 +452,46 @@ async def test_a_worker_started_while_the_wal_is_long_opens_its_view_after_the_f
     assert asked == ["refused", "flush"] and not set(view._wals) & set(old_wals) and view.flushes_asked == 1
     assert view.lookup([token(1, 1)], 0) == {token(1, 1): b"ct-1"}
     view.close()
+
+
+async def test_a_view_that_saw_its_flush_done_asks_again_after_the_next_burst(store, tmp_path, monkeypatch):
+    """The flush a view asked for is done once a WAL file it read is gone; after a later burst the view
+    asks for another rather than replay because its last ask is old."""
+    from tokenvault.core import store_reader
+    from tokenvault.core.store_reader import CALM_BYTES, MAX_NUDGE_REPLAY_BYTES
+
+    real = store_reader.wal_file_bytes
+    written = [0]
+    monkeypatch.setattr(store_reader, "wal_file_bytes", lambda directory, names: real(directory, names) + written[0])
+    monkeypatch.setattr(store_reader, "FLUSH_WAIT_SECONDS", 0.0)  # every ask is already old
+    log = Log()
+    started(store, log)
+    view = StoreReader(tmp_path / "store", tmp_path / "reader").open()
+    directory = tmp_path / "store" / store._generation
+
+    def nudge() -> int:
+        return view.catch_up(wait_out_flush=True, max_replay_bytes=MAX_NUDGE_REPLAY_BYTES, may_ask_flush=True)
+
+    try:
+        store.apply_batch([log.command(tokenize(1, [1]))])
+        written[0] = MAX_NUDGE_REPLAY_BYTES + 1
+        nudge()
+        assert nudge() < store.applied_index and view.flush_wanted
+        old = store_reader.wal_file_names(directory)
+        assert store.flush_memtable(0)
+        view.flush_asked(True)
+        await wait_until_gone(directory, old)
+        written[0] += 4 * CALM_BYTES  # the next burst, after the flush
+        assert nudge() < store.applied_index and not view.flush_wanted
+        assert nudge() < store.applied_index and view.flush_wanted  # calm again: asks, does not replay
+    finally:
+        view.close()
+
+
+async def wait_until_gone(directory, names) -> None:
+    from tokenvault.core.store_reader import wal_file_names
+
+    deadline = asyncio.get_running_loop().time() + 10
+    while set(wal_file_names(directory)) & set(names):
+        assert asyncio.get_running_loop().time() < deadline, "the flush did not end"
+        await asyncio.sleep(0.01)

@@ -254,6 +254,8 @@ class StoreReader:
             if wait_out_flush and self._wals and set(self._wals) < set(wals):
                 self.deferred += 1
                 return self.applied_index  # a flush under way: every WAL file the view read is still there
+            if not set(self._wals) <= set(wals):
+                self._flush_asked_at = None  # a flush is done (one this view asked for, or another)
             live = wal_file_bytes(directory, wals)
             if self._defer(live, live, max_replay_bytes, may_ask_flush):  # an open replays every live WAL file
                 return self.applied_index

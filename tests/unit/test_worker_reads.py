@@ -368,3 +368,12 @@ async def test_the_core_flushes_for_the_views_at_most_once_an_interval_and_only_
     monkeypatch.setattr(node_module, "VIEW_FLUSH_INTERVAL_SECONDS", 0.0)
     assert await flush_store({}) is True
     await wait_until(lambda: not set(wal_file_names(directory)) & set(wals), 10, "the second flush to end")
+    # Workers asking at once: the first claims the flush before it waits for the store, so only one may start.
+    monkeypatch.setattr(node_module, "VIEW_FLUSH_INTERVAL_SECONDS", 10.0)
+    single.node._views_flushed_at = -float("inf")
+    minimums: list[int] = []
+    real = store.flush_memtable
+    monkeypatch.setattr(store, "flush_memtable", lambda min_bytes: minimums.append(min_bytes) or real(min_bytes))
+    await tokenize(single, ["c"])
+    await asyncio.gather(flush_store({}), flush_store({}), flush_store({}))
+    assert minimums.count(1) == 1 and len(minimums) == 3

@@ -368,17 +368,19 @@ class Node:
         have calmed down (tokenvault.core.store_reader), and all of them at about the same time, so at
         most one flush a VIEW_FLUSH_INTERVAL_SECONDS is started here; between two, the answer only says
         whether the last one is still running (if not, a view replays)."""
-        now = time.monotonic()
-        may_start = now - self._views_flushed_at >= VIEW_FLUSH_INTERVAL_SECONDS
+        now, before = time.monotonic(), self._views_flushed_at
+        may_start = now - before >= VIEW_FLUSH_INTERVAL_SECONDS
+        if may_start:
+            self._views_flushed_at = now  # claimed before the wait: the other workers ask meanwhile
         # Too soon for another: a memtable no flush could reach the minimum of, so only whether one runs.
         min_bytes = VIEW_FLUSH_MIN_BYTES if may_start else 1 << 62
         try:
             under_way = await asyncio.get_running_loop().run_in_executor(self._disk_executor,
                                                                          self.store.flush_memtable, min_bytes)
         except StoreError:  # closing, or a failed flush: the view replays instead
-            return False
-        if under_way and may_start:
-            self._views_flushed_at = now
+            under_way = False
+        if may_start and not under_way:
+            self._views_flushed_at = before  # none started: the next ask may start one
         return under_way
 
     def send_to_peer(self, peer_id: str, message: Message) -> bool:

@@ -22,12 +22,14 @@ nothing; deletes its store at the end.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -68,10 +70,12 @@ TUNINGS = {"default": None, "universal": _universal, "lz4": _lz4, "level-base-1g
            "write-buffer-128m": _write_buffer_128m}
 
 
-def use_tuning(name: str) -> None:
-    """Have every store this process opens use the store's options with ``name``'s change."""
+@contextlib.contextmanager
+def tuning(name: str) -> Iterator[None]:
+    """Within it, every store opened uses the store's options with ``name``'s change."""
     change = TUNINGS[name]
     if change is None:
+        yield
         return
     original = store_layout.database_options
 
@@ -80,9 +84,14 @@ def use_tuning(name: str) -> None:
         change(options)
         return options
 
-    for module in (store_layout, store_module, store_files):
-        if hasattr(module, "database_options"):
-            setattr(module, "database_options", tuned)
+    modules = [module for module in (store_layout, store_module, store_files) if hasattr(module, "database_options")]
+    for module in modules:
+        setattr(module, "database_options", tuned)
+    try:
+        yield
+    finally:
+        for module in modules:
+            setattr(module, "database_options", original)
 
 
 def _cpu_seconds() -> float:
@@ -101,13 +110,23 @@ def _settle(store: VaultStore) -> None:
         time.sleep(SETTLE_POLL_SECONDS)
 
 
-def run(tokens: int, window: int, tuning: str, directory: Path) -> None:
-    use_tuning(tuning)
-    store = VaultStore.open(directory / "store")
+def run(tokens: int, window: int, tuning_name: str, directory: Path) -> None:
+    with tuning(tuning_name):
+        store = VaultStore.open(directory / "store")
+        try:
+            summary = _fill(store, tokens, window, tuning_name)
+        finally:
+            store.close()
+    disk = sum(path.stat().st_size for path in directory.rglob("*") if path.is_file())
+    print(f"{summary}; {disk / tokens:.0f} bytes per value on disk", flush=True)
+
+
+def _fill(store: VaultStore, tokens: int, window: int, tuning_name: str) -> str:
+    """Fill ``store`` printing each window's line; the line of the whole fill, less the disk's figure."""
     generator = random.Random(7)
     rotate = RotateEpochCommand(1, b"w" * 60, 1_000, None, None, None, Actor(node="n1", request_id="bootstrap"))
     store.apply_batch([Entry(1, 1, EntryKind.COMMAND, encode_command(rotate))])
-    print(f"store growth to {tokens:,} tokens, tuning {tuning}, {window:,}-token windows", flush=True)
+    print(f"store growth to {tokens:,} tokens, tuning {tuning_name}, {window:,}-token windows", flush=True)
     print(f"{'tokens':>12} {'values/s':>9} {'cpu us/value':>13} {'applying':>9} {'L0 files':>9} {'pending MiB':>12}",
           flush=True)
     index, made = 2, 0
@@ -138,11 +157,8 @@ def run(tokens: int, window: int, tuning: str, directory: Path) -> None:
     filled = time.perf_counter() - started
     _settle(store)
     settled, cpu = time.perf_counter() - started, _cpu_seconds() - cpu_started
-    store.close()
-    disk = sum(path.stat().st_size for path in directory.rglob("*") if path.is_file())
-    print(f"filled at {tokens / filled:,.0f} values/s; compactions settled {settled - filled:.0f} s later;"
-          f" {1e6 * cpu / tokens:.1f} us of CPU per value in all; {disk / tokens:.0f} bytes per value on disk",
-          flush=True)
+    return (f"filled at {tokens / filled:,.0f} values/s; compactions settled {settled - filled:.0f} s later;"
+            f" {1e6 * cpu / tokens:.1f} us of CPU per value in all")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -275,6 +275,10 @@ def test_the_store_growth_bench_prints_every_window_and_the_settled_cost(tuning:
                                                                          capsys: pytest.CaptureFixture[str]) -> None:
     import store_growth
 
+    from tokenvault.core import store as store_module
+    from tokenvault.core import store_layout
+
+    options_before = store_layout.database_options, store_module.database_options
     store_growth.main(["--tokens", "45000", "--window", "20000", "--tuning", tuning, "--directory", str(tmp_path)])
     lines = capsys.readouterr().out.splitlines()
     windows = [line.split() for line in lines if line.strip()[:1].isdigit()]
@@ -282,3 +286,5 @@ def test_the_store_growth_bench_prints_every_window_and_the_settled_cost(tuning:
     assert all(float(row[2]) > 0 and float(row[3]) > 0 for row in windows)
     assert lines[-1].startswith("filled at ") and "bytes per value on disk" in lines[-1]
     assert list(tmp_path.iterdir()) == []  # the store is gone
+    # and the tuning with it: every store opened afterwards has the store's own options
+    assert (store_layout.database_options, store_module.database_options) == options_before

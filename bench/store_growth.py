@@ -7,8 +7,9 @@ Usage:
 Fills a fresh store (tokenvault.core.store.VaultStore in a temporary directory) with random tokens,
 20 entries of 1,000 per apply as coalesced entries carry them, each apply after one 1,000-token
 lookup (the read check a node makes before it proposes). Prints for every window of ``--window``
-tokens: values/s, the process's CPU per value (every thread), the applying thread's own CPU per
-value, the level-0 files and RocksDB's estimate of pending compaction bytes; then, once RocksDB's
+tokens: values/s (making the random tokens included), the process's CPU per value (every thread),
+the applying thread's own CPU per value (both without what making the tokens and entries cost),
+the level-0 files and RocksDB's estimate of pending compaction bytes; then, once RocksDB's
 compactions have settled, the CPU per value over the whole fill and the bytes on disk per value.
 The difference between the two CPU figures is what RocksDB's background threads spent, which on a
 node shares the machine with everything else.
@@ -130,9 +131,12 @@ def _fill(store: VaultStore, tokens: int, window: int, tuning_name: str) -> str:
     print(f"{'tokens':>12} {'values/s':>9} {'cpu us/value':>13} {'applying':>9} {'L0 files':>9} {'pending MiB':>12}",
           flush=True)
     index, made = 2, 0
+    generating = 0.0  # this thread's CPU seconds spent making the tokens and entries, left out of every figure
     started, cpu_started = time.perf_counter(), _cpu_seconds()
     window_at, window_cpu, window_made, window_thread = started, cpu_started, 0, time.thread_time()
+    window_generating = 0.0
     while made < tokens:
+        generation_started = time.thread_time()
         entries = []
         items: tuple[tuple[str, bytes], ...] = ()
         for _ in range(ENTRIES_PER_APPLY):
@@ -145,18 +149,22 @@ def _fill(store: VaultStore, tokens: int, window: int, tuning_name: str) -> str:
             entries.append(Entry(index, 1, EntryKind.COMMAND, encode_command(command)))
             index += 1
             made += count
+        generating += time.thread_time() - generation_started
         store.lookup([token for token, _ in items])
         store.apply_batch(entries)
         if made - window_made >= window or made >= tokens:
             now, cpu, thread = time.perf_counter(), _cpu_seconds(), time.thread_time()
-            values = made - window_made
-            print(f"{made:>12,} {values / (now - window_at):>9,.0f} {1e6 * (cpu - window_cpu) / values:>13.1f}"
-                  f" {1e6 * (thread - window_thread) / values:>9.1f} {_property(store, 'rocksdb.num-files-at-level0'):>9}"
+            values, made_here = made - window_made, generating - window_generating
+            print(f"{made:>12,} {values / (now - window_at):>9,.0f}"
+                  f" {1e6 * (cpu - window_cpu - made_here) / values:>13.1f}"
+                  f" {1e6 * (thread - window_thread - made_here) / values:>9.1f}"
+                  f" {_property(store, 'rocksdb.num-files-at-level0'):>9}"
                   f" {_property(store, 'rocksdb.estimate-pending-compaction-bytes') >> 20:>12}", flush=True)
             window_at, window_cpu, window_made, window_thread = now, cpu, made, thread
+            window_generating = generating
     filled = time.perf_counter() - started
     _settle(store)
-    settled, cpu = time.perf_counter() - started, _cpu_seconds() - cpu_started
+    settled, cpu = time.perf_counter() - started, _cpu_seconds() - cpu_started - generating
     return (f"filled at {tokens / filled:,.0f} values/s; compactions settled {settled - filled:.0f} s later;"
             f" {1e6 * cpu / tokens:.1f} us of CPU per value in all")
 

@@ -265,6 +265,12 @@ class Metrics:
 
     def _define_wal_metrics(self) -> None:
         registry = self.registry
+        self.store_view_flushes = Counter(
+            "tokenvault_store_view_flushes",
+            "Memtable flushes the core started because its HTTP workers' views asked after a write burst (at"
+            " most one in 10 s): each is one more, smaller, level-0 table file for the store's compactions.",
+            registry=registry,
+        )
         self.wal_fsync_duration = Histogram(
             "tokenvault_wal_fsync_duration_seconds",
             "Duration of one WAL group commit (write plus fsync).",

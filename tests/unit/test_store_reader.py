@@ -376,7 +376,7 @@ async def test_a_view_behind_after_a_burst_opens_again_on_the_wal_file_the_flush
 
     async def ask_flush() -> bool:
         asked.append(True)
-        return store.flush_memtable(0)
+        return store.flush_memtable(0) is not None
 
     catch_up = CatchUp(view, nudge_interval_seconds=0, ask_flush=ask_flush)
     try:
@@ -434,7 +434,7 @@ async def test_a_worker_started_while_the_wal_is_long_opens_its_view_after_the_f
 
     async def ask_flush() -> bool:
         asked.append("flush")
-        return store.flush_memtable(0)
+        return store.flush_memtable(0) is not None
 
     view = await open_view(tmp_path / "store", tmp_path / "short", ask_flush)
     assert asked == [] and view.lookup([token(1, 1)], 0) == {token(1, 1): b"ct-1"}
@@ -478,7 +478,7 @@ async def test_a_view_that_saw_its_flush_done_asks_again_after_the_next_burst(st
         nudge()
         assert nudge() < store.applied_index and view.flush_wanted
         old = store_reader.wal_file_names(directory)
-        assert store.flush_memtable(0)
+        assert store.flush_memtable(0) == "started"
         view.flush_asked(True)
         await wait_until_gone(directory, old)
         written[0] += 4 * CALM_BYTES  # the next burst, after the flush

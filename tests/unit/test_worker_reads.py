@@ -355,18 +355,22 @@ async def test_the_core_flushes_for_the_views_at_most_once_an_interval_and_only_
     directory = Path(single.config.data_dir) / STORE_DIRECTORY / store._generation
     await tokenize(single, ["a"])
     wals = wal_file_names(directory)
+
+    def flushes() -> float:
+        return single.node.metrics.registry.get_sample_value("tokenvault_store_view_flushes_total") or 0.0
+
     assert await flush_store({}) is False and wal_file_names(directory) == wals  # a few bytes: not worth it
     with pytest.raises(InvalidRequest):
         await flush_store({"now": True})
     monkeypatch.setattr(node_module, "VIEW_FLUSH_MIN_BYTES", 1)
-    assert await flush_store({}) is True
+    assert await flush_store({}) is True and flushes() == 1
     await wait_until(lambda: not set(wal_file_names(directory)) & set(wals), 10, "the flush to end")
     wals = wal_file_names(directory)
     await tokenize(single, ["b"])
     # Within the interval no other flush starts (the answer says whether the last one still runs).
-    assert await flush_store({}) is False and wal_file_names(directory) == wals
+    assert await flush_store({}) is False and wal_file_names(directory) == wals and flushes() == 1
     monkeypatch.setattr(node_module, "VIEW_FLUSH_INTERVAL_SECONDS", 0.0)
-    assert await flush_store({}) is True
+    assert await flush_store({}) is True and flushes() == 2
     await wait_until(lambda: not set(wal_file_names(directory)) & set(wals), 10, "the second flush to end")
     # Workers asking at once: the first claims the flush before it waits for the store, so only one may start.
     monkeypatch.setattr(node_module, "VIEW_FLUSH_INTERVAL_SECONDS", 10.0)
@@ -376,4 +380,4 @@ async def test_the_core_flushes_for_the_views_at_most_once_an_interval_and_only_
     monkeypatch.setattr(store, "flush_memtable", lambda min_bytes: minimums.append(min_bytes) or real(min_bytes))
     await tokenize(single, ["c"])
     await asyncio.gather(flush_store({}), flush_store({}), flush_store({}))
-    assert minimums.count(1) == 1 and len(minimums) == 3
+    assert minimums.count(1) == 1 and len(minimums) == 3 and flushes() == 3

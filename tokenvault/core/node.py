@@ -375,13 +375,15 @@ class Node:
         # Too soon for another: a memtable no flush could reach the minimum of, so only whether one runs.
         min_bytes = VIEW_FLUSH_MIN_BYTES if may_start else 1 << 62
         try:
-            under_way = await asyncio.get_running_loop().run_in_executor(self._disk_executor,
-                                                                         self.store.flush_memtable, min_bytes)
+            state = await asyncio.get_running_loop().run_in_executor(self._disk_executor,
+                                                                     self.store.flush_memtable, min_bytes)
         except StoreError:  # closing, or a failed flush: the view replays instead
-            under_way = False
-        if may_start and not under_way:
+            state = None
+        if state == "started":
+            self.metrics.store_view_flushes.inc()
+        elif may_start:
             self._views_flushed_at = before  # none started: the next ask may start one
-        return under_way
+        return state is not None
 
     def send_to_peer(self, peer_id: str, message: Message) -> bool:
         return self.transport is not None and self.transport.send(peer_id, message)

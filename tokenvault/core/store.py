@@ -44,7 +44,7 @@ import os
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from rocksdict import (
     BottommostLevelCompaction,
@@ -81,6 +81,8 @@ from tokenvault.core.store_lifecycle import (Batch, add_tokens, append_audit, ap
 from tokenvault.core.wal import fsync_directory
 
 DEFAULT_RETENTION_MS = 48 * 3600 * 1000
+# What VaultStore.flush_memtable found: a flush it started, one already running, or none (None).
+FlushState = Literal["started", "running"] | None
 # Expired idempotency records deleted per applied command at most. Each command
 # adds at most one record, so purging up to 8 per command always keeps up.
 PURGE_LIMIT_PER_COMMAND = 8
@@ -548,9 +550,9 @@ class VaultStore:
         self._membership = None
         self.checkpoint()
 
-    def flush_memtable(self, min_bytes: int) -> bool:
-        """Start a flush of the memtable when its WAL file holds at least ``min_bytes``; whether a flush is
-        now under way (this one, or one RocksDB had started).
+    def flush_memtable(self, min_bytes: int) -> FlushState:
+        """Start a flush of the memtable when its WAL file holds at least ``min_bytes``: whether one is now
+        under way, ``"started"`` here or ``"running"`` already (RocksDB's own), or None.
 
         Does not wait for the flush: RocksDB writes the table file in its background threads. For the
         workers' views (tokenvault.core.store_reader), which replay the live WAL file on every catch-up
@@ -561,14 +563,14 @@ class VaultStore:
             database = self._db
             try:
                 if (database.property_int_value("rocksdb.num-immutable-mem-table") or 0) > 0:
-                    return True
+                    return "running"
                 directory = self._path / self._generation
                 if wal_file_bytes(directory, wal_file_names(directory)) < min_bytes:
-                    return False
+                    return None
                 database.flush(False)
             except Exception as failure:
                 raise StoreError(f"the memtable could not be flushed: {reason(failure)}") from None
-        return True
+        return "started"
 
     def checkpoint(self) -> int:
         """Make the applied state durable (fsync RocksDB's WAL); returns the applied index now on disk for sure.

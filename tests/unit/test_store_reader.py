@@ -495,3 +495,26 @@ async def wait_until_gone(directory, names) -> None:
     while set(wal_file_names(directory)) & set(names):
         assert asyncio.get_running_loop().time() < deadline, "the flush did not end"
         await asyncio.sleep(0.01)
+
+
+def test_a_config_file_being_rewritten_by_another_view_s_open_is_read_again(store, tmp_path, monkeypatch):
+    """Every open of the store, a secondary's included, rewrites rocksdict's config file in place, so a
+    view opening beside another may read it empty: it reads it again; a config that stays bad is refused."""
+    from tokenvault.core import store_reader
+
+    real = store_reader.check_rocksdict_config
+    failures = [2]
+
+    def flaky(directory, error):
+        if failures[0] > 0:
+            failures[0] -= 1
+            raise error("rocksdict-config.json is unreadable")
+        real(directory, error)
+
+    monkeypatch.setattr(store_reader, "check_rocksdict_config", flaky)
+    view = StoreReader(tmp_path / "store", tmp_path / "reader").open()
+    assert failures == [0] and view.opens == 1
+    view.close()
+    failures[0] = 1_000
+    with pytest.raises(StoreReadError):
+        StoreReader(tmp_path / "store", tmp_path / "reader").open()

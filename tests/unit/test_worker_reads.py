@@ -381,3 +381,37 @@ async def test_the_core_flushes_for_the_views_at_most_once_an_interval_and_only_
     await tokenize(single, ["c"])
     await asyncio.gather(flush_store({}), flush_store({}), flush_store({}))
     assert minimums.count(1) == 1 and len(minimums) == 3 and flushes() == 3
+
+
+async def test_a_worker_whose_view_fails_to_open_tries_again_and_reads_from_the_core_meanwhile(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from tokenvault.api import worker as worker_module
+    from tokenvault.core.store_reader import StoreReadError
+
+    opened = object()
+    tries: list[int] = []
+
+    async def open_view(store_path: Path, scratch: Path, ask_flush: object) -> object:
+        tries.append(1)
+        if len(tries) < 3:
+            raise StoreReadError("rocksdict-config.json is unreadable")
+        return opened
+
+    attached: list[object] = []
+    service = SimpleNamespace(ask_flush=None, attach_view=attached.append)
+    config = SimpleNamespace(data_dir=str(tmp_path), http=SimpleNamespace(store_reads=True))
+    monkeypatch.setattr(worker_module, "open_view", open_view)
+    monkeypatch.setattr(worker_module, "VIEW_OPEN_RETRY_SECONDS", 0.0)
+    await worker_module._open_store_view(config, 1, 2, service)  # type: ignore[arg-type]
+    assert len(tries) == 3 and attached == [opened]
+    tries.clear()
+
+    async def never(store_path: Path, scratch: Path, ask_flush: object) -> object:
+        tries.append(1)
+        raise StoreReadError("gone")
+
+    monkeypatch.setattr(worker_module, "open_view", never)
+    await worker_module._open_store_view(config, 1, 2, service)  # type: ignore[arg-type]
+    assert len(tries) == worker_module.VIEW_OPEN_ATTEMPTS and attached == [opened]  # gave up: no view

@@ -53,6 +53,9 @@ KEY_TABLE_TIMEOUT_SECONDS = 10.0
 STORE_VIEWS_DIRECTORY = "store-views"
 # [http] store_reads absent: the workers read the store themselves from this many workers on.
 STORE_READS_MIN_WORKERS = 2
+# A view that cannot be opened at start is tried again this often, after 0.5 s, 1 s, 1.5 s.
+VIEW_OPEN_ATTEMPTS = 4
+VIEW_OPEN_RETRY_SECONDS = 0.5
 
 
 async def run_worker(config: NodeConfig, index: int, workers: int, channel_fd: int, listen_fd: int) -> int:
@@ -80,12 +83,18 @@ async def _open_store_view(config: NodeConfig, index: int, workers: int, service
         return
     scratch = Path(config.data_dir) / STORE_VIEWS_DIRECTORY / f"worker-{index}"
     started = time.monotonic()
-    try:
-        service.attach_view(await open_view(Path(config.data_dir) / STORE_DIRECTORY, scratch, service.ask_flush))
-    except (StoreReadError, OSError) as error:
-        log.warning("worker.store_view_unavailable", error=str(error)[:200])
+    for attempt in range(1, VIEW_OPEN_ATTEMPTS + 1):
+        try:
+            view = await open_view(Path(config.data_dir) / STORE_DIRECTORY, scratch, service.ask_flush)
+        except (StoreReadError, OSError) as error:
+            # Reads go to the core meanwhile; a failure that lasts leaves this worker without a view.
+            log.warning("worker.store_view_unavailable", error=str(error)[:200], attempt=attempt)
+            if attempt < VIEW_OPEN_ATTEMPTS:
+                await asyncio.sleep(VIEW_OPEN_RETRY_SECONDS * attempt)
+            continue
+        service.attach_view(view)
+        log.info("worker.store_view_opened", index=index, took_ms=round((time.monotonic() - started) * 1000))
         return
-    log.info("worker.store_view_opened", index=index, took_ms=round((time.monotonic() - started) * 1000))
 
 
 async def _serve(config: NodeConfig, index: int, workers: int, channel_fd: int, listen_fd: int,

@@ -83,8 +83,10 @@ AUTO_ENTRY_CHARGE = 0
 NUDGE_INTERVAL_SECONDS = 0.05
 
 
-# Opening a view is retried this often when the core switches its WAL file meanwhile.
+# Opening a view is retried this often when the core switches its WAL file meanwhile, or when rocksdict's
+# config file is being rewritten (read again after CONFIG_RETRY_SECONDS).
 REOPEN_ATTEMPTS = 5
+CONFIG_RETRY_SECONDS = 0.005
 # A catch-up (or an open) replays the store's WAL written since the view last moved into the view's own
 # memtable, on the worker's loop with the GIL held: about 11 ms per MiB on an idle core of the development
 # machine, three to four times that while a fill shares its two cores.
@@ -159,7 +161,16 @@ class StoreReader:
             # installs keeps one scratch directory, not one per install.
             shutil.rmtree(self._scratch / self._generation, ignore_errors=True)
         directory = self._store_path / generation
-        check_rocksdict_config(directory, StoreReadError)
+        for attempt in range(REOPEN_ATTEMPTS):
+            try:
+                check_rocksdict_config(directory, StoreReadError)
+                break
+            except StoreReadError:
+                # Every open of the store, a secondary's included, rewrites rocksdict's config file in
+                # place: another worker's view opening at the same moment is read as an empty file.
+                if attempt == REOPEN_ATTEMPTS - 1:
+                    raise
+                time.sleep(CONFIG_RETRY_SECONDS)
         options = database_options(self._cache, metadata_in_cache=True)
         # A secondary keeps every table file it opened open: the core's compactions may delete them.
         options.set_max_open_files(-1)

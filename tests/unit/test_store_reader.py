@@ -497,24 +497,16 @@ async def wait_until_gone(directory, names) -> None:
         await asyncio.sleep(0.01)
 
 
-def test_a_config_file_being_rewritten_by_another_view_s_open_is_read_again(store, tmp_path, monkeypatch):
-    """Every open of the store, a secondary's included, rewrites rocksdict's config file in place, so a
-    view opening beside another may read it empty: it reads it again; a config that stays bad is refused."""
-    from tokenvault.core import store_reader
+def test_a_view_opens_while_another_open_is_rewriting_rocksdict_s_config_file(store, tmp_path):
+    """Every open of the store, a secondary's included, rewrites rocksdict's config file in place, so two
+    views opening together may find it empty. A view does not check it (the core checked it when it
+    opened the generation), and what a view's open writes back is what the core's next open accepts."""
+    from tokenvault.core.store_layout import ROCKSDICT_CONFIG_FILE
 
-    real = store_reader.check_rocksdict_config
-    failures = [2]
-
-    def flaky(directory, error):
-        if failures[0] > 0:
-            failures[0] -= 1
-            raise error("rocksdict-config.json is unreadable")
-        real(directory, error)
-
-    monkeypatch.setattr(store_reader, "check_rocksdict_config", flaky)
+    config = tmp_path / "store" / store._generation / ROCKSDICT_CONFIG_FILE
+    config.write_bytes(b"")  # caught in the middle of another open's rewrite
     view = StoreReader(tmp_path / "store", tmp_path / "reader").open()
-    assert failures == [0] and view.opens == 1
+    assert view.opens == 1
     view.close()
-    failures[0] = 1_000
-    with pytest.raises(StoreReadError):
-        StoreReader(tmp_path / "store", tmp_path / "reader").open()
+    store.close()
+    VaultStore.open(tmp_path / "store").close()

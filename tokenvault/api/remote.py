@@ -180,8 +180,10 @@ class RemoteService:
         # Every epoch's keys the core can decrypt, and this worker's read-only view of the store: a
         # detokenize of tokens the view holds is answered here (``detokenize``).
         self._readable: dict[int, EpochKeys] = {}
-        self._reader = reader
-        self._catch_up = CatchUp(reader, ask_flush=self.ask_flush) if reader is not None else None
+        self._reader: StoreReader | None = None
+        self._catch_up: CatchUp | None = None
+        if reader is not None:
+            self.attach_view(reader)
         self._reader_resting_until = 0.0
         # Plain tokenizes in a row the view could not answer, and those not tried since (_probe_view).
         self._view_misses = 0

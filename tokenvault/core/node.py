@@ -372,11 +372,9 @@ class Node:
         may_start = now - before >= VIEW_FLUSH_INTERVAL_SECONDS
         if may_start:
             self._views_flushed_at = now  # claimed before the wait: the other workers ask meanwhile
-        # Too soon for another: a memtable no flush could reach the minimum of, so only whether one runs.
-        min_bytes = VIEW_FLUSH_MIN_BYTES if may_start else 1 << 62
-        try:
-            state = await asyncio.get_running_loop().run_in_executor(self._disk_executor,
-                                                                     self.store.flush_memtable, min_bytes)
+        try:  # too soon for another: only whether one runs
+            state = await asyncio.get_running_loop().run_in_executor(
+                self._disk_executor, self.store.flush_memtable, VIEW_FLUSH_MIN_BYTES if may_start else None)
         except StoreError:  # closing, or a failed flush: the view replays instead
             state = None
         if state == "started":

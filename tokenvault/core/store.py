@@ -550,9 +550,9 @@ class VaultStore:
         self._membership = None
         self.checkpoint()
 
-    def flush_memtable(self, min_bytes: int) -> FlushState:
-        """Start a flush of the memtable when its WAL file holds at least ``min_bytes``: whether one is now
-        under way, ``"started"`` here or ``"running"`` already (RocksDB's own), or None.
+    def flush_memtable(self, min_bytes: int | None) -> FlushState:
+        """Start a flush of the memtable when its WAL file holds at least ``min_bytes`` (None: start none):
+        whether one is now under way, ``"started"`` here or ``"running"`` already, or None.
 
         Does not wait for the flush: RocksDB writes the table file in its background threads. For the
         workers' views (tokenvault.core.store_reader), which replay the live WAL file on every catch-up
@@ -564,6 +564,8 @@ class VaultStore:
             try:
                 if (database.property_int_value("rocksdb.num-immutable-mem-table") or 0) > 0:
                     return "running"
+                if min_bytes is None:
+                    return None
                 directory = self._path / self._generation
                 if wal_file_bytes(directory, wal_file_names(directory)) < min_bytes:
                     return None

@@ -64,7 +64,7 @@ from pathlib import Path
 from rocksdict import AccessType, Cache, Rdict
 
 from tokenvault.core.store_files import CURRENT_FILE, read_current, wal_file_bytes, wal_file_names
-from tokenvault.core.store_layout import (LIFE, LIFE_END, META_KEY, StoreError, check_rocksdict_config,
+from tokenvault.core.store_layout import (LIFE, LIFE_END, META_KEY, StoreError,
                                           database_options, decode_meta, first_key, lookup_format_tokens, lookup_opaque,
                                           metadata_rows, reason, table_metadata_bytes)
 from tokenvault.errors import ServiceError
@@ -83,10 +83,8 @@ AUTO_ENTRY_CHARGE = 0
 NUDGE_INTERVAL_SECONDS = 0.05
 
 
-# Opening a view is retried this often when the core switches its WAL file meanwhile, or when rocksdict's
-# config file is being rewritten (read again after CONFIG_RETRY_SECONDS).
+# Opening a view is retried this often when the core switches its WAL file meanwhile.
 REOPEN_ATTEMPTS = 5
-CONFIG_RETRY_SECONDS = 0.005
 # A catch-up (or an open) replays the store's WAL written since the view last moved into the view's own
 # memtable, on the worker's loop with the GIL held: about 11 ms per MiB on an idle core of the development
 # machine, three to four times that while a fill shares its two cores.
@@ -161,16 +159,10 @@ class StoreReader:
             # installs keeps one scratch directory, not one per install.
             shutil.rmtree(self._scratch / self._generation, ignore_errors=True)
         directory = self._store_path / generation
-        for attempt in range(REOPEN_ATTEMPTS):
-            try:
-                check_rocksdict_config(directory, StoreReadError)
-                break
-            except StoreReadError:
-                # Every open of the store, a secondary's included, rewrites rocksdict's config file in
-                # place: another worker's view opening at the same moment is read as an empty file.
-                if attempt == REOPEN_ATTEMPTS - 1:
-                    raise
-                time.sleep(CONFIG_RETRY_SECONDS)
+        # rocksdict's config file is not checked here: the core checked it when it opened this generation,
+        # which it does before CURRENT names it (VaultStore.open, prepare_install), and every open of the
+        # store, a secondary's included, rewrites that file in place, so another worker's view opening at
+        # the same moment made it read empty now and then.
         options = database_options(self._cache, metadata_in_cache=True)
         # A secondary keeps every table file it opened open: the core's compactions may delete them.
         options.set_max_open_files(-1)
@@ -354,36 +346,33 @@ class StoreReader:
         shutil.rmtree(self._scratch, ignore_errors=True)
 
 
-async def open_view(store_path: Path, scratch: Path, ask_flush: Callable[[], Awaitable[bool]] | None, *,
+async def open_view(store_path: Path, scratch: Path, ask_flush: Callable[[], Awaitable[bool]], *,
                     wait_seconds: float = OPEN_FLUSH_WAIT_SECONDS) -> StoreReader:
     """A worker's view, opened as StoreReader.open does; but when the store's live WAL holds more than
     MAX_NUDGE_REPLAY_BYTES (a worker started during a fill: up to a write buffer, a second or more of
     its loop), it first asks the core for a flush and waits, up to ``wait_seconds``, for the old WAL
     files to go, so that the open replays only the new one. StoreReadError as StoreReader.open."""
-    asked = 0
-    if ask_flush is not None:
-        try:
-            directory = Path(store_path) / read_current(Path(store_path))
-        except StoreError as error:
-            raise StoreReadError(str(error)) from None
-        names = wal_file_names(directory)
-        live = wal_file_bytes(directory, names)
-        if live > MAX_NUDGE_REPLAY_BYTES:
-            asked = 1
-            try:
-                under_way = await ask_flush()
-            except ServiceError as error:
-                log.info("store_reader.flush_not_asked", error=str(error)[:200])
-                under_way = False
-            started = time.monotonic()
-            while under_way and set(wal_file_names(directory)) & set(names) and \
-                    time.monotonic() - started < wait_seconds:
-                await asyncio.sleep(FLUSH_POLL_SECONDS)
-            log.info("store_reader.flush_before_open", wal_bytes=live,
-                     flushed=under_way and not set(wal_file_names(directory)) & set(names),
-                     waited_ms=round((time.monotonic() - started) * 1000))
+    try:
+        directory = Path(store_path) / read_current(Path(store_path))
+    except StoreError as error:
+        raise StoreReadError(str(error)) from None
+    names = wal_file_names(directory)
+    live = wal_file_bytes(directory, names)
+    if live <= MAX_NUDGE_REPLAY_BYTES:
+        return StoreReader(store_path, scratch).open()
+    try:
+        under_way = await ask_flush()
+    except ServiceError as error:
+        log.info("store_reader.flush_not_asked", error=str(error)[:200])
+        under_way = False
+    started = time.monotonic()
+    while under_way and set(wal_file_names(directory)) & set(names) and time.monotonic() - started < wait_seconds:
+        await asyncio.sleep(FLUSH_POLL_SECONDS)
+    log.info("store_reader.flush_before_open", wal_bytes=live,
+             flushed=under_way and not set(wal_file_names(directory)) & set(names),
+             waited_ms=round((time.monotonic() - started) * 1000))
     reader = StoreReader(store_path, scratch).open()
-    reader.flushes_asked += asked
+    reader.flushes_asked = 1
     return reader
 
 

@@ -270,6 +270,48 @@ async def test_etcd_with_tls_serves_only_over_tls_and_its_transactions_run_throu
         loadgen.stop_processes(processes)
 
 
+@pytest.mark.parametrize("families, buffers", [(1, "split"), (4, "split"), (3, "each")])
+def test_the_lsm_split_bench_fills_every_family_and_prints_what_rocksdb_wrote(
+        families: int, buffers: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import lsm_split
+
+    lsm_split.main(["--tokens", "25000", "--window", "10000", "--families", str(families), "--buffers", buffers,
+                    "--directory", str(tmp_path)])
+    lines = capsys.readouterr().out.splitlines()
+    windows = [line.split() for line in lines if line.strip()[:1].isdigit()]
+    assert [row[0] for row in windows] == ["10,000", "20,000", "25,000"]
+    assert all(float(row[1].replace(",", "")) > 0 for row in windows)  # values/s
+    # The CPU figures are numbers; at this size the process's (clock ticks of 10 ms) may read 0.
+    assert all(len(row) == 5 and [float(field) for field in row[2:4]] for row in windows)
+    assert lines[-1].startswith("filled at ") and "bytes per value on disk" in lines[-1]
+    assert list(tmp_path.iterdir()) == []  # the database is gone
+
+
+def test_the_lsm_split_bench_puts_each_token_in_the_family_of_its_first_character(tmp_path: Path) -> None:
+    import lsm_split
+    from rocksdict import Options, Rdict
+
+    directory = tmp_path / "db"
+    directory.mkdir()
+    lsm_split.fill(3000, 1000, 4, "split", directory)
+    names = [f"t{number}" for number in range(4)]
+    assert sorted(Rdict.list_cf(str(directory), Options(raw_mode=True))) == ["default", *names]
+    families = {name: Options(raw_mode=True) for name in ["default", *names]}
+    database = Rdict(str(directory), Options(raw_mode=True), column_families=families)
+    try:
+        assert list(database.keys()) == []  # nothing in the default family
+        counts = []
+        for number, name in enumerate(names):
+            keys = list(database.get_column_family(name).keys())
+            counts.append(len(keys))
+            assert all(key[:1] == b"t" and lsm_split.TOKEN_ALPHABET.index(chr(key[1])) % 4 == number for key in keys)
+        assert sum(counts) == 3000 and min(counts) > 0
+    finally:
+        database.close()
+    with pytest.raises(SystemExit):
+        lsm_split.main(["--families", "33"])
+
+
 @pytest.mark.parametrize("tuning", ["default", "universal"])
 def test_the_store_growth_bench_prints_every_window_and_the_settled_cost(tuning: str, tmp_path: Path,
                                                                          capsys: pytest.CaptureFixture[str]) -> None:

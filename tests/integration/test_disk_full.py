@@ -1,0 +1,147 @@
+"""A node whose disk fills up: three real node processes, one of them with its data directory on a
+small tmpfs of its own (docs/failure-modes.md, "A node's disk fills up").
+
+The node stops with ``node.fatal`` naming the full device, the other two carry on acknowledging, nothing
+acknowledged is lost, and once its disk has room again the node restarts, catches up and serves
+everything. Mounting a tmpfs needs root (as the network-namespace tests do); skipped with the reason
+otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from harness import ClusterHarness, wait_for
+from tokenvault.client.vault import VaultError
+
+# Small enough to fill in seconds on two cores, large enough for a node to start (RocksDB's files and the
+# first WAL segment take well under 1 MiB).
+FULL_DISK_MIB = 16
+ROOMY_DISK_MIB = 512
+WRITERS = 6
+BATCH_ITEMS = 200
+# The other two keep acknowledging: this many batches after the full node has stopped.
+BATCHES_AFTER = 10
+FILL_TIMEOUT_SECONDS = 90.0
+CATCH_UP_TIMEOUT_SECONDS = 30.0
+READ_ITEMS = 1000  # a request holds at most 1000 items
+
+
+def _mount_tmpfs(directory: Path, size_mib: int) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mib}m,mode=0700", "tmpfs", str(directory)],
+                          capture_output=True, text=True, timeout=10)
+
+
+def _unmount(directory: Path) -> None:
+    subprocess.run(["umount", "-l", str(directory)], capture_output=True, timeout=10)
+
+
+def _unavailable_reason() -> str | None:
+    probe = Path(tempfile.mkdtemp(prefix="tokenvault-tmpfs-probe-"))
+    try:
+        try:
+            mounted = _mount_tmpfs(probe, 1)
+        except (OSError, subprocess.SubprocessError) as error:
+            return f"cannot run mount: {error}"
+        if mounted.returncode != 0:
+            return f"cannot mount a tmpfs here (needs root): {mounted.stderr.strip()[:200]}"
+        _unmount(probe)
+        return None
+    finally:
+        with contextlib.suppress(OSError):
+            probe.rmdir()
+
+
+REASON = _unavailable_reason()
+pytestmark = [pytest.mark.integration, pytest.mark.skipif(REASON is not None, reason=REASON or "")]
+
+
+@pytest.fixture
+def harness(tmp_path: Path) -> Iterator[ClusterHarness]:
+    running = ClusterHarness(tmp_path / "cluster")
+    running._create()
+    data_dir = running.node("n3").data_dir
+    mounted = _mount_tmpfs(data_dir, FULL_DISK_MIB)
+    assert mounted.returncode == 0, mounted.stderr
+    try:
+        running.start_all()
+        yield running
+    finally:
+        running.stop()
+        _unmount(data_dir)
+
+
+async def _fill_until_stopped(harness: ClusterHarness, acknowledged: dict[str, str]) -> int:
+    """Tokenize new values from several writers through every node until n3 has stopped and the others
+    have acknowledged BATCHES_AFTER more batches; the number of batches acknowledged after the stop."""
+    after_stop = 0
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + FILL_TIMEOUT_SECONDS
+
+    async def writer(number: int) -> None:
+        nonlocal after_stop
+        client = harness.client(timeout_seconds=3.0, deadline_seconds=10.0)
+        try:
+            batch = 0
+            while after_stop < BATCHES_AFTER and loop.time() < deadline:
+                values = [f"disk-full-{number}-{batch}-{item}" for item in range(BATCH_ITEMS)]
+                batch += 1
+                stopped_before = harness.pid("n3") is None
+                try:
+                    result = await client.tokenize(values)
+                except VaultError:
+                    continue  # not acknowledged: it may or may not be stored, and it is not checked
+                acknowledged.update(zip(values, result.tokens))
+                if stopped_before:
+                    after_stop += 1
+        finally:
+            await client.close()
+
+    await asyncio.gather(*(writer(number) for number in range(WRITERS)))
+    return after_stop
+
+
+async def _read_back(harness: ClusterHarness, node_ids: list[str], acknowledged: dict[str, str]) -> None:
+    values = list(acknowledged)
+    async with harness.node_clients(node_ids) as clients:
+        for node_id, client in clients.items():
+            for start in range(0, len(values), READ_ITEMS):
+                chunk = values[start:start + READ_ITEMS]
+                found = await client.detokenize([acknowledged[value] for value in chunk])
+                assert list(found) == chunk, f"{node_id} lost or changed acknowledged tokens"
+
+
+async def test_a_node_whose_disk_fills_stops_the_others_carry_on_and_it_recovers_once_given_room(
+        harness: ClusterHarness) -> None:
+    mark = harness.log_mark("n3")
+    acknowledged: dict[str, str] = {}
+    after_stop = await _fill_until_stopped(harness, acknowledged)
+    assert harness.pid("n3") is None, "n3 never stopped: its disk did not fill"
+    fatal = harness.find_events("n3", "node.fatal", since=mark)
+    assert fatal and "No space left on device" in fatal[0]["error"], fatal
+    assert after_stop >= BATCHES_AFTER, f"only {after_stop} batches were acknowledged after n3 stopped"
+    await _read_back(harness, ["n1", "n2"], acknowledged)
+
+    data_dir = harness.node("n3").data_dir
+    grown = subprocess.run(["mount", "-o", f"remount,size={ROOMY_DISK_MIB}m", str(data_dir)],
+                           capture_output=True, text=True, timeout=10)
+    assert grown.returncode == 0, grown.stderr
+    await asyncio.to_thread(harness.restart, "n3")
+    primary = await asyncio.to_thread(harness.wait_for_primary)
+    health = harness.health(primary)
+    assert health is not None
+    commit_index = health["commit_index"]
+
+    def caught_up() -> bool:
+        answer = harness.health("n3")
+        return answer is not None and answer["applied_index"] >= commit_index
+
+    await asyncio.to_thread(wait_for, caught_up, CATCH_UP_TIMEOUT_SECONDS, "n3 to apply what it missed")
+    await _read_back(harness, ["n3"], acknowledged)

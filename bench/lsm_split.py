@@ -12,7 +12,8 @@ Fills a fresh raw RocksDB database, opened with the store's own options
 its keys (the insert-once check of an apply). With ``--families N`` above 1 the rows go to N column
 families by the token's first character, each with the store's options; ``--buffers split`` gives
 each family 1/N of the store's write buffer (the same memory in all), ``each`` the whole buffer
-(N times the memory). Prints per window the values/s, the CPU per value of the whole process and
+(N times the memory); ``--write-buffer-mib`` sets that buffer (default the store's 64 MiB), so that one
+family with a smaller buffer can be set beside the split. Prints per window the values/s, the CPU per value of the whole process and
 of the writing thread (the difference is RocksDB's flushes and compactions), and, once the
 compactions have settled, the same over the whole fill, the bytes RocksDB's flushes and compactions
 wrote per value and the bytes on disk per value. Asserts nothing; deletes its database at the end.
@@ -49,17 +50,20 @@ def _cpu_seconds() -> float:
     return times.user + times.system
 
 
-def _open(directory: Path, families: int, buffers: str) -> tuple[Rdict, list[Rdict]]:
+def _open(directory: Path, families: int, buffers: str,
+          write_buffer_bytes: int = store_layout.WRITE_BUFFER_BYTES) -> tuple[Rdict, list[Rdict]]:
     cache = Cache(store_layout.BLOCK_CACHE_BYTES)
     options = store_layout.database_options(cache, create=True)
-    database = Rdict(str(directory), options)
+    each = write_buffer_bytes // families if buffers == "split" else write_buffer_bytes
     if families == 1:
+        options.set_write_buffer_size(each)
+        database = Rdict(str(directory), options)
         return database, [database]
+    database = Rdict(str(directory), options)
     handles = []
     for number in range(families):
         family_options = store_layout.database_options(cache)
-        if buffers == "split":
-            family_options.set_write_buffer_size(store_layout.WRITE_BUFFER_BYTES // families)
+        family_options.set_write_buffer_size(each)
         handles.append(database.create_column_family(f"t{number}", family_options))
     return database, handles
 
@@ -85,14 +89,15 @@ def _bytes_written(handles: list[Rdict]) -> int:
     return int(total * (1 << 30))
 
 
-def fill(tokens: int, window: int, families: int, buffers: str, directory: Path) -> None:
-    database, handles = _open(directory, families, buffers)
+def fill(tokens: int, window: int, families: int, buffers: str, directory: Path,
+         write_buffer_bytes: int = store_layout.WRITE_BUFFER_BYTES) -> None:
+    database, handles = _open(directory, families, buffers, write_buffer_bytes)
     column_families = ([database.get_column_family_handle(f"t{number}") for number in range(families)]
                        if families > 1 else [None])
     route = {character: position % families for position, character in enumerate(TOKEN_ALPHABET)}
     generator = random.Random(7)
     print(f"lsm split: {tokens:,} tokens, {families} famil{'y' if families == 1 else 'ies'},"
-          f" write buffer {buffers}", flush=True)
+          f" write buffer {write_buffer_bytes >> 20} MiB {'in all' if buffers == 'split' else 'each'}", flush=True)
     print(f"{'tokens':>12} {'values/s':>9} {'cpu us/value':>13} {'writing':>8} {'L0 files':>9}", flush=True)
     made, generating = 0, 0.0
     started, cpu_started = time.perf_counter(), _cpu_seconds()
@@ -145,13 +150,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--window", type=int, default=4_000_000)
     parser.add_argument("--families", type=int, default=1, help="column families for the token rows (1-32)")
     parser.add_argument("--buffers", choices=("split", "each"), default="split")
+    parser.add_argument("--write-buffer-mib", type=int, default=store_layout.WRITE_BUFFER_BYTES >> 20,
+                        help="the write buffer, split over the families or each family's (default: the store's)")
     parser.add_argument("--directory", type=Path, default=None, help="where the database goes (default: a temporary one)")
     arguments = parser.parse_args(argv)
-    if arguments.tokens < 1 or arguments.window < 1 or not 1 <= arguments.families <= len(TOKEN_ALPHABET):
-        parser.error("--tokens and --window must be at least 1, --families 1 to 32")
+    if (arguments.tokens < 1 or arguments.window < 1 or not 1 <= arguments.families <= len(TOKEN_ALPHABET)
+            or not 1 <= arguments.write_buffer_mib <= 1024):
+        parser.error("--tokens and --window must be at least 1, --families 1 to 32, --write-buffer-mib 1 to 1024")
     directory = Path(tempfile.mkdtemp(prefix="lsm-split-", dir=arguments.directory))
     try:
-        fill(arguments.tokens, arguments.window, arguments.families, arguments.buffers, directory)
+        fill(arguments.tokens, arguments.window, arguments.families, arguments.buffers, directory,
+             arguments.write_buffer_mib << 20)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 

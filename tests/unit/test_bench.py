@@ -270,14 +270,15 @@ async def test_etcd_with_tls_serves_only_over_tls_and_its_transactions_run_throu
         loadgen.stop_processes(processes)
 
 
-@pytest.mark.parametrize("families, buffers", [(1, "split"), (4, "split"), (3, "each")])
+@pytest.mark.parametrize("families, buffers, mib", [(1, "split", 64), (4, "split", 64), (3, "each", 8), (1, "split", 16)])
 def test_the_lsm_split_bench_fills_every_family_and_prints_what_rocksdb_wrote(
-        families: int, buffers: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        families: int, buffers: str, mib: int, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import lsm_split
 
     lsm_split.main(["--tokens", "25000", "--window", "10000", "--families", str(families), "--buffers", buffers,
-                    "--directory", str(tmp_path)])
+                    "--write-buffer-mib", str(mib), "--directory", str(tmp_path)])
     lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith(f"write buffer {mib} MiB {'in all' if buffers == 'split' else 'each'}")
     windows = [line.split() for line in lines if line.strip()[:1].isdigit()]
     assert [row[0] for row in windows] == ["10,000", "20,000", "25,000"]
     assert all(float(row[1].replace(",", "")) > 0 for row in windows)  # values/s

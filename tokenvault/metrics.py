@@ -271,6 +271,23 @@ class Metrics:
             " most one in 10 s): each is one more, smaller, level-0 table file for the store's compactions.",
             registry=registry,
         )
+        self.data_disk_free_bytes = Gauge(
+            "tokenvault_data_disk_free_bytes",
+            "Bytes free to the node on the file system of its data directory (read when scraped). A node"
+            " whose disk fills stops with node.fatal (docs/failure-modes.md); a snapshot install needs about"
+            " the store's size free.",
+            registry=registry,
+        )
+        self.store_table_bytes = Gauge(
+            "tokenvault_store_table_bytes",
+            "Bytes of the store's table files (RocksDB's total-sst-files-size, read when scraped).",
+            registry=registry,
+        )
+        self.wal_segment_bytes = Gauge(
+            "tokenvault_wal_segment_bytes",
+            "Bytes of the replication write-ahead log's segment files (read when scraped).",
+            registry=registry,
+        )
         self.wal_fsync_duration = Histogram(
             "tokenvault_wal_fsync_duration_seconds",
             "Duration of one WAL group commit (write plus fsync).",
@@ -366,6 +383,14 @@ class Metrics:
         self.peer_reachable.labels(peer=peer).set(1 if reachable else 0)
         if match_index is not None:
             self.peer_match_index.labels(peer=peer).set(match_index)
+
+    def watch_disk(self, free_bytes: Callable[[], float], store_bytes: Callable[[], float],
+                   wal_bytes: Callable[[], float]) -> None:
+        """Read the three disk gauges from these functions whenever the registry is collected; each
+        returns NaN when it cannot say (a store being closed, say)."""
+        self.data_disk_free_bytes.set_function(free_bytes)
+        self.store_table_bytes.set_function(store_bytes)
+        self.wal_segment_bytes.set_function(wal_bytes)
 
     def observe_wal_sync(self, duration_seconds: float, entries: int, written_bytes: int) -> None:
         """One WAL group commit: its latency, how many entries and bytes it made durable."""

@@ -119,8 +119,17 @@ async def _read_back(harness: ClusterHarness, node_ids: list[str], acknowledged:
                 assert list(found) == chunk, f"{node_id} lost or changed acknowledged tokens"
 
 
+def _gauge(page: str, name: str) -> float:
+    values = [float(line.split()[1]) for line in page.splitlines() if line.startswith(name + " ")]
+    assert len(values) == 1, f"{name} is not on the metrics page once"
+    return values[0]
+
+
 async def test_a_node_whose_disk_fills_stops_the_others_carry_on_and_it_recovers_once_given_room(
         harness: ClusterHarness) -> None:
+    # What is coming shows in /metrics: the free bytes of n3's own (small) file system.
+    free = _gauge(harness.metrics_text("n3"), "tokenvault_data_disk_free_bytes")
+    assert 0 < free <= FULL_DISK_MIB * 1024 * 1024
     mark = harness.log_mark("n3")
     acknowledged: dict[str, str] = {}
     after_stop = await _fill_until_stopped(harness, acknowledged)

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from node_support import (Cluster, Partition, RunningNode, Timing, data_files, make_configs, retry_until_ok, start_cluster,
                           start_node, wait_until)
@@ -22,7 +25,9 @@ from tokenvault.config import WalConfig
 from tokenvault.crypto.keys import new_epoch_secret
 from tokenvault.errors import ServiceError, Unavailable
 from tokenvault.logs import configure_logging, reset_logging
+from tokenvault.core.store_files import read_current
 from tokenvault.core.store_layout import Outcome as ApplyOutcome
+from tokenvault.metrics import Metrics
 
 HEALTH_FIELDS = {"status", "node_id", "role", "view", "primary_id", "commit_index", "applied_index",
                  "active_epoch"}
@@ -82,6 +87,35 @@ async def test_each_entry_costs_one_fsync_and_the_commit_index_that_follows_none
         await node.propose(rotate_payload(single, epoch), timeout_seconds=2)
     assert len(syncs) == 5
     assert node.store.active_epoch() == 6
+
+
+def _gauges(node_metrics: Metrics) -> dict[str, float]:
+    body, _ = node_metrics.render()
+    return {sample.name: sample.value for family in text_string_to_metric_families(body.decode())
+            for sample in family.samples if not sample.labels}
+
+
+async def test_the_disk_gauges_say_what_the_data_directory_holds_and_has_free(single: RunningNode,
+                                                                              monkeypatch) -> None:
+    """docs/api.md: tokenvault_data_disk_free_bytes, tokenvault_store_table_bytes and
+    tokenvault_wal_segment_bytes, each read when the page is rendered."""
+    node = single.node
+    for epoch in range(2, 5):
+        await node.propose(rotate_payload(single, epoch), timeout_seconds=2)
+    node.store._db.flush()  # the rows into a table file
+    gauges = _gauges(node.metrics)
+    generation = node.data_dir / "store" / read_current(node.data_dir / "store")
+    assert gauges["tokenvault_store_table_bytes"] == sum(path.stat().st_size for path in generation.glob("*.sst")) > 0
+    segments = sorted((node.data_dir / "wal").glob("segment-*.wal"))
+    assert gauges["tokenvault_wal_segment_bytes"] == sum(path.stat().st_size for path in segments) > 0
+    stats = os.statvfs(node.data_dir)
+    assert abs(gauges["tokenvault_data_disk_free_bytes"] - stats.f_bavail * stats.f_frsize) < 64 * 1024 * 1024
+    # A store that cannot say (closed, failing) leaves its gauge empty; the page is still rendered.
+    def failing() -> int:
+        raise OSError("the store is gone")
+
+    monkeypatch.setattr(node.store, "table_bytes", failing)
+    assert math.isnan(_gauges(node.metrics)["tokenvault_store_table_bytes"])
 
 
 async def test_the_primary_s_appends_are_in_the_kernel_before_its_fsync(tmp_path: Path, monkeypatch) -> None:

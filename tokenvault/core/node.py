@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
+import os
 import random
 import ssl
 import time
@@ -177,6 +179,7 @@ class Node:
         self._issued_log = SummedEvent(log, "token.issued", ("epoch",), TOKEN_ISSUED_LOG_INTERVAL_SECONDS)
         self.snapshots = SnapshotTransfers(self.data_dir, lambda: self.store, self._run_in_driver,
                                            self.send_to_peer)
+        self.metrics.watch_disk(self._disk_free_bytes, self._store_table_bytes, lambda: float(self.wal.segment_bytes))
         # Set by the service: handles ForwardRequest frames.
         self.forward_handler: Callable[[str, ForwardRequest], None] | None = None
         self.forward_response_handler: Callable[[str, ForwardResponse], None] | None = None
@@ -771,6 +774,20 @@ class Node:
                                      commit_index=self.replica.commit_index,
                                      applied_index=self.store.applied_index,
                                      active_epoch=self.store.active_epoch())
+
+    def _disk_free_bytes(self) -> float:
+        """What the file system of the data directory has free for this node (tokenvault_data_disk_free_bytes)."""
+        try:
+            stats = os.statvfs(self.data_dir)
+        except OSError:
+            return math.nan
+        return float(stats.f_bavail * stats.f_frsize)
+
+    def _store_table_bytes(self) -> float:
+        try:
+            return float(self.store.table_bytes())
+        except Exception:  # noqa: BLE001 - a store closed, or failing: the gauge says nothing this time
+            return math.nan
 
     def role_name(self) -> str:
         role = self.replica.role

@@ -574,6 +574,13 @@ class VaultStore:
                 raise StoreError(f"the memtable could not be flushed: {reason(failure)}") from None
         return "started"
 
+    def table_bytes(self) -> int:
+        """The bytes of the live generation's table files (RocksDB's total-sst-files-size: files a
+        compaction has replaced count until RocksDB deletes them)."""
+        if self._closed:
+            raise StoreError("the store is closed")
+        return self._db.property_int_value("rocksdb.total-sst-files-size") or 0
+
     def checkpoint(self) -> int:
         """Make the applied state durable (fsync RocksDB's WAL); returns the applied index now on disk for sure.
 

@@ -21,12 +21,14 @@ from node_support import (Cluster, Partition, RunningNode, Timing, data_files, m
                           start_node, wait_until)
 from protocol import AppendEntries, NotPrimary, Role
 from tokenvault.core import commands
+from tokenvault.core import store as store_module
 from tokenvault.config import WalConfig
 from tokenvault.crypto.keys import new_epoch_secret
 from tokenvault.errors import ServiceError, Unavailable
 from tokenvault.logs import configure_logging, reset_logging
 from tokenvault.core.store_files import read_current
 from tokenvault.core.store_layout import Outcome as ApplyOutcome
+from tokenvault.core.store_layout import StoreCorruption
 from tokenvault.metrics import Metrics
 
 HEALTH_FIELDS = {"status", "node_id", "role", "view", "primary_id", "commit_index", "applied_index",
@@ -116,6 +118,33 @@ async def test_the_disk_gauges_say_what_the_data_directory_holds_and_has_free(si
 
     monkeypatch.setattr(node.store, "table_bytes", failing)
     assert math.isnan(_gauges(node.metrics)["tokenvault_store_table_bytes"])
+
+
+async def test_a_damaged_store_file_met_by_a_read_stops_the_node_naming_the_file(single: RunningNode,
+                                                                                  monkeypatch) -> None:
+    """docs/failure-modes.md, "A damaged store file": the node stops (node.fatal, task "store") rather
+    than fail every request that meets the damaged block. The damage itself is made real in
+    tests/unit/test_store.py; here RocksDB's report of it is injected into the node's read."""
+    node = single.node
+
+    def damaged_lookup(*arguments: object, **keywords: object) -> dict[str, bytes]:
+        raise Exception("Corruption: block checksum mismatch: stored(context removed) = 1, computed = 2, type = 4"
+                        "  in /data/n1/store/gen-000001/000017.sst offset 998107 size 4065")
+
+    monkeypatch.setattr(store_module, "lookup_opaque", damaged_lookup)
+    with pytest.raises(StoreCorruption, match="the store is damaged"):
+        node.store.lookup(["tv1_" + "a" * 32])
+    assert node.stopped.is_set()
+    assert node.fatal_error == ("StoreCorruption: the store is damaged: Corruption: block checksum mismatch:"
+                                " stored(context removed) = 1, computed = 2, type = 4  in 000017.sst offset 998107"
+                                " size 4065")
+    # Any other failure of a read is the caller's to answer; it does not stop the node.
+    node.stopped.clear()
+    node.fatal_error = None
+    monkeypatch.setattr(store_module, "lookup_opaque", lambda *arguments, **keywords: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        node.store.lookup(["tv1_" + "a" * 32])
+    assert not node.stopped.is_set() and node.fatal_error is None
 
 
 async def test_the_primary_s_appends_are_in_the_kernel_before_its_fsync(tmp_path: Path, monkeypatch) -> None:

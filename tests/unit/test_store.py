@@ -14,6 +14,7 @@ from rocksdict import AccessType, Options, Rdict
 from protocol import Entry, EntryKind
 from tokenvault.core.commands import CommandError, RotateEpochCommand, TokenizeCommand, encode_command
 from tokenvault.core.store import PURGE_LIMIT_PER_COMMAND, VaultStore
+from tokenvault.core.store_files import read_current
 from tokenvault.core.store_layout import (
     BLOCK_CACHE_BYTES,
     SCHEMA_VERSION,
@@ -960,3 +961,49 @@ def test_a_checkpoint_with_a_malformed_configuration_is_refused(tmp_path):
     database.close()
     with pytest.raises(SnapshotRejected, match="membership"):
         VaultStore.verify_checkpoint(tmp_path / "checkpoint", index, view)
+
+
+def test_a_damaged_table_file_is_reported_naming_the_file_by_the_reads_and_the_apply_that_meet_it(tmp_path) -> None:
+    """docs/failure-modes.md, "A damaged store file": RocksDB's block checksums catch bytes changed on
+    disk. A read or an apply that meets the damaged block raises StoreCorruption naming the file and the
+    offset (never a token or a value) and tells ``on_damage`` (the node then stops); reads that do not
+    meet it still answer, and no answer is ever wrong."""
+    path, log = tmp_path / "store", Log()
+    vault = VaultStore.open(path)
+    started(vault, log)
+    vault.apply_batch([log.command(tokenize(1, range(start, start + 1000))) for start in range(0, 20_000, 1000)])
+    vault._db.flush()
+    vault.close()
+    table = max((path / read_current(path)).glob("*.sst"), key=lambda file: file.stat().st_size)
+    data = bytearray(table.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 64] = bytes(byte ^ 0xFF for byte in data[middle:middle + 64])
+    table.write_bytes(bytes(data))
+
+    vault = VaultStore.open(path)
+    heard: list[StoreCorruption] = []
+    vault.on_damage = heard.append
+    try:
+        failures, damaged, answered = [], [], 0
+        for start in range(0, 20_000, 500):
+            numbers = range(start, start + 500)
+            try:
+                found = vault.lookup([token(1, number) for number in numbers])
+            except StoreCorruption as error:
+                failures.append(str(error))
+                damaged = list(numbers)
+                continue
+            assert found == {token(1, number): b"ct-" + str(number).encode() for number in numbers}
+            answered += 1
+        assert failures and answered, (len(failures), answered)
+        assert all(message.startswith("the store is damaged: Corruption") and table.name in message
+                   and "offset" in message for message in failures)
+        assert not any("tv1_" in message or "ct-" in message for message in failures)
+        assert [str(error) for error in heard] == failures
+        # The apply's insert-once check reads the same block: refused the same way, nothing written.
+        applied = vault.applied_index
+        with pytest.raises(StoreCorruption, match="the store is damaged"):
+            vault.apply_batch([log.command(tokenize(1, damaged))])
+        assert vault.applied_index == applied and len(heard) == len(failures) + 1
+    finally:
+        vault.close()

@@ -114,6 +114,8 @@ class Node:
                                   "cannot read; there is no migration from version 1 yet")
         self.store = VaultStore.open(self.data_dir / STORE_DIRECTORY,
                                      retention_ms=config.idempotency.retention_hours * 3600 * 1000)
+        # A damaged store file met by a read or an apply stops the node (docs/failure-modes.md).
+        self.store.on_damage = self._store_damaged
         self.wal, recovered = WriteAheadLog.open(self.data_dir / "wal",
                                                  max_segment_bytes=config.wal.max_segment_bytes,
                                                  fsync=config.wal.fsync)
@@ -432,6 +434,12 @@ class Node:
             error = RuntimeError(f"the {task.get_name()} task ended")
         if self.fatal_error is None:
             self._fatal(error, task=task.get_name())
+
+    def _store_damaged(self, error: StoreCorruption) -> None:
+        """The store met a damaged file: stop rather than fail every request that meets it. The other nodes
+        hold the data; this one comes back by moving its data directory away (docs/failure-modes.md)."""
+        if self.fatal_error is None:
+            self._fatal(error, task="store")
 
     def _fatal(self, error: BaseException, task: str = "driver") -> None:
         self.fatal_error = f"{type(error).__name__}: {str(error)[:300]}"

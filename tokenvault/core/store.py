@@ -44,7 +44,7 @@ import os
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Concatenate, Literal, ParamSpec, TypeVar
 
 from rocksdict import (
     BottommostLevelCompaction,
@@ -72,7 +72,7 @@ from tokenvault.core.store_layout import (
     MAX_STORED_EPOCH, MAX_TOKEN_PAGE, MEMBERSHIP_KEY, META_KEY, NO_RECORDS, RETIRED, REVOKE_KEY_KIND, ROTATE_KIND,
     SHRED_POINT_RANGES, TOKENIZE_KIND, U64, UNKNOWN_NODE, VERIFY_CACHE_BYTES, ApplyResult, EpochRecord,
     IdempotencyRecord, Outcome, SnapshotRejected, StoreCorruption, StoreError, age_created_at, age_key, api_key_value,
-    bounded, check_epochs, database_options, decode_epoch, decode_life, decode_meta, encode_meta, epoch_key,
+    bounded, check_epochs, damage, database_options, decode_epoch, decode_life, decode_meta, encode_meta, epoch_key,
     first_key, format_token_key, identity_key, json_bytes, lookup_format_tokens, lookup_opaque, metadata_rows,
     open_database, pack, range_items, range_keys, read_api_keys, read_audit_anchor, read_audit_head, read_epochs,
     read_membership, reason, token_key, unpack)
@@ -86,6 +86,30 @@ FlushState = Literal["started", "running"] | None
 # Expired idempotency records deleted per applied command at most. Each command
 # adds at most one record, so purging up to 8 per command always keeps up.
 PURGE_LIMIT_PER_COMMAND = 8
+
+
+_Arguments = ParamSpec("_Arguments")
+_Result = TypeVar("_Result")
+
+
+def _stops_when_damaged(method: Callable[Concatenate["VaultStore", _Arguments], _Result]
+                        ) -> Callable[Concatenate["VaultStore", _Arguments], _Result]:
+    """RocksDB's report of a damaged file, met by this apply or read, becomes a StoreCorruption naming the
+    file and the offset, and ``on_damage`` hears of it (the node stops: docs/failure-modes.md). A damaged
+    block is never read as data, so no answer is wrong; but a node that went on would fail every request
+    that meets the block, and a retry there would not help."""
+    def checked(store: "VaultStore", /, *arguments: _Arguments.args, **keywords: _Arguments.kwargs) -> _Result:
+        try:
+            return method(store, *arguments, **keywords)
+        except Exception as failure:
+            damaged = damage(failure)
+            if damaged is None:
+                raise
+            if store.on_damage is not None:
+                store.on_damage(damaged)
+            raise damaged from None
+    checked.__name__, checked.__doc__ = method.__name__, method.__doc__
+    return checked
 
 
 # ---------------------------------------------------------------- the store
@@ -115,6 +139,8 @@ class VaultStore:
         # Called after the runtime key table changed (an applied create or revoke, an installed
         # snapshot): the node's HTTP workers hold a copy of it (tokenvault.api.workers).
         self.on_api_keys_changed: Callable[[], None] | None = None
+        # Called with the StoreCorruption of a damaged file met by an apply or a read (_stops_when_damaged).
+        self.on_damage: Callable[[StoreCorruption], None] | None = None
         self._load_state(meta)
 
     def _load_state(self, meta: tuple[int, int, int]) -> None:
@@ -203,6 +229,7 @@ class VaultStore:
         return self._token_count
 
     # ------------------------------------------------------------ apply
+    @_stops_when_damaged
     def apply_batch(self, entries: Sequence[Entry]) -> list[ApplyResult]:
         """Apply committed entries as one atomic write; returns one result per applied command.
 
@@ -418,6 +445,7 @@ class VaultStore:
         batch.floor_ms = min(batch.floor_ms, created_at_ms)
 
     # ------------------------------------------------------------ reads
+    @_stops_when_damaged
     def lookup(self, tokens: Sequence[str], now_ms: int | None = None) -> dict[str, bytes]:
         """Ciphertexts of the known opaque tokens among ``tokens`` (unknown and expired ones are absent).
 
@@ -425,10 +453,12 @@ class VaultStore:
         expiry is at or before it is left out. One multi-get, two with expiries."""
         return lookup_opaque(self._db, tokens, now_ms, has_life=self._has_life)
 
+    @_stops_when_damaged
     def lookup_format(self, epoch: int, tokens: Sequence[str], now_ms: int | None = None) -> dict[str, bytes]:
         """Ciphertexts of the live card and digits tokens of ``epoch`` among ``tokens`` (as ``lookup``)."""
         return lookup_format_tokens(self._db, epoch, tokens, now_ms, has_life=self._has_life)
 
+    @_stops_when_damaged
     def metadata(self, epoch: int | None, tokens: Sequence[str]) -> dict[str, bytes]:
         """The metadata ciphertexts of the mappings among ``tokens`` that have metadata: opaque tokens
         when ``epoch`` is None, else card and digits tokens of ``epoch``. Expiry is not checked here:
@@ -441,6 +471,7 @@ class VaultStore:
         key = first_key(self._db, start, EXPIRY_END)
         return None if key is None else U64.unpack_from(key, 1)[0]
 
+    @_stops_when_damaged
     def life(self, token: str, epoch: int | None = None) -> tuple[int | None, bytes | None]:
         """(expires_at_ms, metadata ciphertext) of a mapping as stored: an opaque token's when ``epoch``
         is None, else a format token's of ``epoch``; (None, None) without a life row."""
@@ -450,6 +481,7 @@ class VaultStore:
     def epochs(self) -> list[EpochRecord]:
         return read_epochs(self._db, StoreCorruption)
 
+    @_stops_when_damaged
     def epoch_tokens(self, epoch: int, after: str | None, limit: int) -> list[str]:
         """Up to ``limit`` tokens issued in ``epoch``, in key order, after the token ``after`` (or from
         the first): one bounded seek and scan. Opaque tokens only; format tokens, which the token
@@ -510,6 +542,7 @@ class VaultStore:
         trail's records start after it and the first links to its hash."""
         return self._audit_anchor
 
+    @_stops_when_damaged
     def audit_page(self, after: int, limit: int) -> list[dict[str, Any]]:
         """Up to ``limit`` audit records with seq > ``after``, in order, as JSON-ready documents.
 
@@ -533,6 +566,7 @@ class VaultStore:
                 break
         return page
 
+    @_stops_when_damaged
     def idempotency_get(self, principal: str, key: str) -> IdempotencyRecord | None:
         value = self._db.get(IDEMPOTENCY + identity_key(principal, key))
         if value is None:

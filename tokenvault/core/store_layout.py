@@ -48,6 +48,7 @@ byte order is numeric order):
 from __future__ import annotations
 
 import json
+import re
 import struct
 import time
 from collections.abc import Iterable, Sequence
@@ -452,6 +453,21 @@ def reason(failure: BaseException) -> str:
     mismatch ..." naming files and offsets, never keys or values), one line, bounded."""
     text = str(failure).splitlines()[0] if str(failure) else type(failure).__name__
     return text[:REASON_MAX_CHARS]
+
+
+_DIRECTORIES = re.compile(r"(?:/[^/\s]+)+/(?=[^/\s]+)")
+
+
+def damage(failure: BaseException) -> StoreCorruption | None:
+    """A StoreCorruption for RocksDB's report of a damaged file (a block whose checksum does not match, a
+    truncated file: its status starts "Corruption" and names the file and the offset, never a key or a
+    value); None for any other failure."""
+    text = str(failure).splitlines()[0] if str(failure) else ""
+    if not text.startswith("Corruption"):
+        return None
+    # The file's name without its directories, so that the bound keeps the offset that follows it.
+    text = _DIRECTORIES.sub("", text)[:REASON_MAX_CHARS]
+    return StoreCorruption(f"the store is damaged: {text}")
 
 
 def check_rocksdict_config(directory: Path, error: type[StoreError]) -> None:

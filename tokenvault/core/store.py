@@ -465,6 +465,7 @@ class VaultStore:
         ask only for tokens ``lookup`` or ``lookup_format`` found."""
         return metadata_rows(self._db, epoch, tokens, has_life=self._has_life)
 
+    @_stops_when_damaged
     def next_expiry_ms(self) -> int | None:
         """The earliest expiry time of any stored mapping (a seek on the expiry index), None when none."""
         start = EXPIRY if self._expiry_resume_key is None else self._expiry_resume_key + b"\x00"
@@ -478,6 +479,7 @@ class VaultStore:
         row_key = token_key(token) if epoch is None else format_token_key(epoch, token)
         return decode_life(self._db.get(LIFE + row_key))
 
+    @_stops_when_damaged
     def epochs(self) -> list[EpochRecord]:
         return read_epochs(self._db, StoreCorruption)
 

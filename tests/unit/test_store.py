@@ -1007,3 +1007,18 @@ def test_a_damaged_table_file_is_reported_naming_the_file_by_the_reads_and_the_a
         assert vault.applied_index == applied and len(heard) == len(failures) + 1
     finally:
         vault.close()
+
+
+def test_a_rocksdb_status_quoted_in_an_error_names_files_and_offsets_and_never_a_key_in_hex() -> None:
+    from tokenvault.core.store_layout import damage, reason
+
+    key = ("t" + "tv1_" + "a" * 32).encode().hex().upper()
+    quoted = damage(Exception(f"Corruption: corrupted internal key in DBIter: {key} in /var/lib/vault/n1/data/"
+                              "store/gen-000003/000017.sst offset 998107 size 4065"))
+    assert str(quoted) == ("the store is damaged: Corruption: corrupted internal key in DBIter: <hex> in 000017.sst"
+                           " offset 998107 size 4065")
+    assert key not in reason(Exception(f"Corruption: bad entry {key.lower()} in block"))
+    assert reason(Exception("IO error: No space left on device: While appending to file: /d/000012.log")) == (
+        "IO error: No space left on device: While appending to file: /d/000012.log")
+    assert damage(Exception("IO error: No space left on device")) is None
+    assert len(str(damage(Exception("Corruption: " + "x " * 500)))) <= len("the store is damaged: ") + 200

@@ -448,25 +448,29 @@ def parse_table_metadata_bytes(text: str) -> int | None:
     return sum(sizes.values()) if len(sizes) == len(_METADATA_FIELDS) else None
 
 
+# A few RocksDB statuses quote a key in hex (say "corrupted internal key in DBIter: 74..."): any run of
+# hex digits this long is cut out of a quoted status. Checksums, offsets and file numbers are decimal
+# and shorter.
+_HEX_RUN = re.compile(r"(?:0x)?[0-9A-Fa-f]{16,}")
+_DIRECTORIES = re.compile(r"(?:/[^/\s]+)+/(?=[^/\s]+)")
+
+
 def reason(failure: BaseException) -> str:
     """RocksDB's own words (a status such as "IO error: ..." or "Corruption: block checksum
-    mismatch ..." naming files and offsets, never keys or values), one line, bounded."""
+    mismatch ..." naming files and offsets; a key it quotes in hex is cut out), one line, bounded."""
     text = str(failure).splitlines()[0] if str(failure) else type(failure).__name__
-    return text[:REASON_MAX_CHARS]
-
-
-_DIRECTORIES = re.compile(r"(?:/[^/\s]+)+/(?=[^/\s]+)")
+    return _HEX_RUN.sub("<hex>", text)[:REASON_MAX_CHARS]
 
 
 def damage(failure: BaseException) -> StoreCorruption | None:
     """A StoreCorruption for RocksDB's report of a damaged file (a block whose checksum does not match, a
-    truncated file: its status starts "Corruption" and names the file and the offset, never a key or a
-    value); None for any other failure."""
+    truncated file: its status starts "Corruption" and names the file and the offset; a key it quotes in
+    hex is cut out, as in ``reason``); None for any other failure."""
     text = str(failure).splitlines()[0] if str(failure) else ""
     if not text.startswith("Corruption"):
         return None
     # The file's name without its directories, so that the bound keeps the offset that follows it.
-    text = _DIRECTORIES.sub("", text)[:REASON_MAX_CHARS]
+    text = _HEX_RUN.sub("<hex>", _DIRECTORIES.sub("", text))[:REASON_MAX_CHARS]
     return StoreCorruption(f"the store is damaged: {text}")
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import resource
 import signal
 from pathlib import Path
 
@@ -35,6 +36,27 @@ log = get_logger("node")
 
 # How long the HTTP workers may take to start and listen (a Python start-up each, on a busy machine).
 WORKER_START_SECONDS = 30.0
+# Open files a node's process needs besides its HTTP connections (at most [http] max_connections in one
+# process): the store's table files, which RocksDB keeps open (about 50 at 50 M tokens, each worker's
+# view of the store as many), the WAL, the peer links, the workers' channels, the log; with room.
+OPEN_FILES_HEADROOM = 512
+# The soft limit asked for when the hard limit is unlimited (Linux refuses an unlimited soft one).
+OPEN_FILES_WHEN_UNLIMITED = 1 << 20
+
+
+def raise_open_files_limit() -> int:
+    """Raise this process's soft limit on open files to its hard limit; the HTTP workers and the sealer
+    inherit it. Every HTTP connection and every store table file is a descriptor, and many systems
+    start a service with a soft limit of 1,024 under a far higher hard one. Returns the soft limit now."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = OPEN_FILES_WHEN_UNLIMITED if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass  # the limit stays; the caller compares it with what the node needs
+    return soft
 
 
 async def run_node(config: NodeConfig, config_path: Path | None = None) -> int:
@@ -46,6 +68,11 @@ async def run_node(config: NodeConfig, config_path: Path | None = None) -> int:
     # Everything the node writes (log, WAL, store) is for its owner only.
     os.umask(0o077)
     configure_logging(config.node_id, Path(config.log_file) if config.log_file else None, config.log_level)
+    open_files, needed = raise_open_files_limit(), config.http.max_connections + OPEN_FILES_HEADROOM
+    if open_files < needed:
+        log.warning("node.open_files_limit_low", limit=open_files, needed=needed,
+                    detail="past the limit, new connections and store files fail to open; raise the hard limit "
+                    "on open files (ulimit -Hn, systemd LimitNOFILE=) or lower [http] max_connections")
     worker_count = default_worker_count() if config.http.workers is None else config.http.workers
     metrics = Metrics("core" if worker_count > 0 and config_path is not None else "node")
     try:

@@ -1,0 +1,64 @@
+"""tokenvault.serve: the limit on open files a node process raises before it serves, and the warning
+when even the hard limit is too low for the node's configuration."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from node_support import make_configs
+from tokenvault import serve
+from tokenvault.config import write_node_config
+
+REPOSITORY = Path(__file__).resolve().parents[2]
+TOKENVAULT = str(Path(sys.executable).parent / "tokenvault")
+START_SECONDS = 30.0
+LOW_HARD_LIMIT = 600
+
+
+def test_the_soft_limit_on_open_files_is_raised_to_the_hard_one() -> None:
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    script = ("import resource\n"
+              "from tokenvault.serve import raise_open_files_limit\n"
+              "resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))\n"
+              "print(raise_open_files_limit(), *resource.getrlimit(resource.RLIMIT_NOFILE))\n")
+    answer = subprocess.run([sys.executable, "-c", script], cwd=REPOSITORY, capture_output=True, text=True,
+                            timeout=30, check=True)
+    limit, soft, hard_after = (int(field) for field in answer.stdout.split())
+    expected = serve.OPEN_FILES_WHEN_UNLIMITED if hard == resource.RLIM_INFINITY else hard
+    assert limit == soft == expected and hard_after == hard
+
+
+def test_a_node_whose_hard_limit_is_too_low_says_so_and_serves(tmp_path: Path) -> None:
+    log_file = tmp_path / "node.log"
+    (config,) = make_configs(tmp_path, 1, log_file=log_file)
+    path = tmp_path / "node.toml"
+    write_node_config(path, config)
+    environment = {name: value for name, value in os.environ.items() if not name.startswith("TOKENVAULT_")}
+
+    def low_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (LOW_HARD_LIMIT, LOW_HARD_LIMIT))
+
+    process = subprocess.Popen([TOKENVAULT, "serve", "--config", str(path)], cwd=REPOSITORY, env=environment,
+                               preexec_fn=low_limit, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + START_SECONDS
+        events: list[dict[str, object]] = []
+        while not any(event["event"] == "node.started" for event in events):
+            assert process.poll() is None, "the node exited"
+            assert time.monotonic() < deadline, "the node did not start"
+            time.sleep(0.05)
+            if log_file.exists():
+                events = [json.loads(line) for line in log_file.read_text().splitlines() if line.startswith("{")]
+        low = [event for event in events if event["event"] == "node.open_files_limit_low"]
+        assert len(low) == 1
+        assert low[0]["limit"] == LOW_HARD_LIMIT
+        assert low[0]["needed"] == config.http.max_connections + serve.OPEN_FILES_HEADROOM
+    finally:
+        process.terminate()
+        process.wait(10)

@@ -49,8 +49,10 @@ def raise_open_files_limit() -> int:
     inherit it. Every HTTP connection and every store table file is a descriptor, and many systems
     start a service with a soft limit of 1,024 under a far higher hard one. Returns the soft limit now."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:  # not on Linux, which bounds it; enough wherever it is so
+        return OPEN_FILES_WHEN_UNLIMITED
     target = OPEN_FILES_WHEN_UNLIMITED if hard == resource.RLIM_INFINITY else hard
-    if soft != resource.RLIM_INFINITY and soft < target:
+    if soft < target:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
             soft = target

@@ -29,7 +29,7 @@ WRITERS = 6
 BATCH_ITEMS = 200
 # The other two keep acknowledging: this many batches after the full node has stopped.
 BATCHES_AFTER = 10
-FILL_TIMEOUT_SECONDS = 90.0
+FILL_TIMEOUT_SECONDS = 180.0
 CATCH_UP_TIMEOUT_SECONDS = 30.0
 RESTART_ON_FULL_DISK_SECONDS = 20.0
 READ_ITEMS = 1000  # a request holds at most 1000 items

@@ -7,6 +7,7 @@ node_support.py). Waiting is polling against deadlines.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -112,7 +113,7 @@ async def test_the_disk_gauges_say_what_the_data_directory_holds_and_has_free(si
     assert gauges["tokenvault_wal_segment_bytes"] == sum(path.stat().st_size for path in segments) > 0
     stats = os.statvfs(node.data_dir)
     assert abs(gauges["tokenvault_data_disk_free_bytes"] - stats.f_bavail * stats.f_frsize) < 64 * 1024 * 1024
-    # A store that cannot say (closed, failing) leaves its gauge empty; the page is still rendered.
+    # A store that cannot say (closed, failing) makes its gauge read NaN; the page is still rendered.
     def failing() -> int:
         raise OSError("the store is gone")
 
@@ -302,6 +303,30 @@ async def test_a_ticker_that_dies_takes_the_node_down_with_node_fatal(tmp_path: 
         await single.close()
     fatal = [json.loads(line) for line in node_log.read_text().splitlines() if '"node.fatal"' in line]
     assert [(line["task"], line["error"]) for line in fatal] == [("ticker", "OSError: the clock went away")]
+
+
+async def test_a_damaged_store_file_met_by_an_apply_stops_the_node_once_naming_the_file(
+        tmp_path: Path, node_log: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The apply's insert-once read meets the damage: one node.fatal, task "store" (the driver, which the
+    error then ends, does not log a second one)."""
+    single = await start_node(make_configs(tmp_path, 1)[0])
+    try:
+        await wait_until(single.is_primary, 5, "the node to be primary")
+
+        def damaged(batch: object) -> None:
+            raise Exception("Corruption: block checksum mismatch: stored(context removed) = 1, computed = 2,"
+                            " type = 4  in /data/n1/store/gen-000001/000017.sst offset 12 size 4065")
+
+        monkeypatch.setattr(store_module, "add_tokens", damaged)
+        with contextlib.suppress(Exception):
+            await single.service.tokenize("tokenizer", ["a value"], None)
+        await wait_until(lambda: single.node.stopped.is_set(), 5, "the node to stop")
+    finally:
+        await single.close()
+    fatal = [json.loads(line) for line in node_log.read_text().splitlines() if '"node.fatal"' in line]
+    assert [line["task"] for line in fatal] == ["store"]
+    assert fatal[0]["error"].startswith("StoreCorruption: the store is damaged: Corruption: block checksum mismatch")
+    assert "000017.sst offset 12" in fatal[0]["error"] and "/data/" not in fatal[0]["error"]
 
 
 # --------------------------------------------------------------------------- three nodes

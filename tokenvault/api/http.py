@@ -71,7 +71,7 @@ from typing import TYPE_CHECKING, Any
 from tokenvault import auth
 from tokenvault.core import backup
 from tokenvault.core import commands
-from tokenvault.core.store_layout import MAX_AUDIT_PAGE
+from tokenvault.core.store_layout import MAX_AUDIT_PAGE, StoreCorruption
 from tokenvault.api import ratelimit
 from tokenvault.api.http_lifecycle import add_lifecycle_routes
 from tokenvault.api.httpserver import (HTTP_11, AnyResponse, BodyError, BodyTooLarge, HttpServer, Request, Response,
@@ -814,6 +814,11 @@ class HttpApp:
             response = problem_response(error.status, error.problem, error.title, error.detail, error.headers)
             if getattr(error, "close_connection", False) or _body_left_unread(request):
                 request.connection.send_now(request, response)
+        except StoreCorruption:
+            # A damaged store file: the node stops (docs/failure-modes.md), the other nodes serve. As the
+            # workers answer it: 503.
+            response = problem_response(503, "unavailable", "Service unavailable",
+                                        "this node is stopping: its store is damaged; retry on another node")
         except Exception:
             _log.exception("http.unexpected_error", route=route, method=request.method)
             response = problem_response(500, "internal", "Internal error",

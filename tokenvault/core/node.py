@@ -114,8 +114,6 @@ class Node:
                                   "cannot read; there is no migration from version 1 yet")
         self.store = VaultStore.open(self.data_dir / STORE_DIRECTORY,
                                      retention_ms=config.idempotency.retention_hours * 3600 * 1000)
-        # A damaged store file met by a read or an apply stops the node (docs/failure-modes.md).
-        self.store.on_damage = self._store_damaged
         self.wal, recovered = WriteAheadLog.open(self.data_dir / "wal",
                                                  max_segment_bytes=config.wal.max_segment_bytes,
                                                  fsync=config.wal.fsync)
@@ -191,6 +189,8 @@ class Node:
         self.epoch_destroyed_handlers: list[Callable[[int], None]] = []
         self.fatal_error: str | None = None
         self.stopped = asyncio.Event()
+        # A damaged store file met by a read or an apply stops the node (docs/failure-modes.md).
+        self.store.on_damage = self._store_damaged
 
     # ----------------------------------------------------------------- start-up
     def _keyring_of_store(self) -> KeyRing:
@@ -417,7 +417,8 @@ class Node:
         except asyncio.CancelledError:
             raise
         except BaseException as error:  # a storage failure: the node must stop, never go on
-            self._fatal(error)
+            if self.fatal_error is None:  # a damaged store has stopped it already (_store_damaged)
+                self._fatal(error)
             raise
 
     def _on_task_ended(self, task: asyncio.Task[None]) -> None:

@@ -40,8 +40,8 @@ def _mount_tmpfs(directory: Path, size_mib: int) -> subprocess.CompletedProcess[
                           capture_output=True, text=True, timeout=10)
 
 
-def _unmount(directory: Path) -> None:
-    subprocess.run(["umount", "-l", str(directory)], capture_output=True, timeout=10)
+def _unmount(directory: Path) -> bool:
+    return subprocess.run(["umount", "-l", str(directory)], capture_output=True, timeout=10).returncode == 0
 
 
 def _unavailable_reason() -> str | None:
@@ -53,7 +53,8 @@ def _unavailable_reason() -> str | None:
             return f"cannot run mount: {error}"
         if mounted.returncode != 0:
             return f"cannot mount a tmpfs here (needs root): {mounted.stderr.strip()[:200]}"
-        _unmount(probe)
+        if not _unmount(probe):
+            return f"a tmpfs mounted here cannot be unmounted again ({probe} is left mounted)"
         return None
     finally:
         with contextlib.suppress(OSError):
@@ -76,7 +77,7 @@ def harness(tmp_path: Path) -> Iterator[ClusterHarness]:
         yield running
     finally:
         running.stop()
-        _unmount(data_dir)
+        assert _unmount(data_dir), f"{data_dir} is left mounted"
 
 
 async def _fill_until_stopped(harness: ClusterHarness, acknowledged: dict[str, str]) -> int:

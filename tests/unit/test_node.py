@@ -27,6 +27,7 @@ from tokenvault.config import WalConfig
 from tokenvault.crypto.keys import new_epoch_secret
 from tokenvault.errors import ServiceError, Unavailable
 from tokenvault.logs import configure_logging, reset_logging
+from tokenvault.core.node import STORE_DAMAGED_FILE, Node
 from tokenvault.core.store_files import read_current
 from tokenvault.core.store_layout import Outcome as ApplyOutcome
 from tokenvault.core.store_layout import StoreCorruption
@@ -309,7 +310,8 @@ async def test_a_damaged_store_file_met_by_an_apply_stops_the_node_once_naming_t
         tmp_path: Path, node_log: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The apply's insert-once read meets the damage: one node.fatal, task "store" (the driver, which the
     error then ends, does not log a second one)."""
-    single = await start_node(make_configs(tmp_path, 1)[0])
+    config = make_configs(tmp_path, 1)[0]
+    single = await start_node(config)
     try:
         await wait_until(single.is_primary, 5, "the node to be primary")
 
@@ -327,6 +329,18 @@ async def test_a_damaged_store_file_met_by_an_apply_stops_the_node_once_naming_t
     assert [line["task"] for line in fatal] == ["store"]
     assert fatal[0]["error"].startswith("StoreCorruption: the store is damaged: Corruption: block checksum mismatch")
     assert "000017.sst offset 12" in fatal[0]["error"] and "/data/" not in fatal[0]["error"]
+    # Started again, it refuses to serve from those files, saying what was found and what to do.
+    monkeypatch.undo()
+    marker = config.data_dir / STORE_DAMAGED_FILE
+    assert "000017.sst offset 12" in marker.read_text()
+    with pytest.raises(StoreCorruption, match="found damaged .*000017.sst offset 12.*move the data directory away"):
+        Node(config)
+    marker.unlink()  # the operator's choice: start on these files anyway
+    single = await start_node(config)
+    try:
+        await wait_until(single.is_primary, 5, "the node to be primary again")
+    finally:
+        await single.close()
 
 
 # --------------------------------------------------------------------------- three nodes

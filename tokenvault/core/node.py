@@ -41,7 +41,7 @@ from tokenvault.core.store_layout import (AUDIT_KIND, AUDIT_TRIM_KIND, CREATE_KE
                                           DESTROYED, REVOKE_KEY_KIND, ROTATE_KIND, TOKENIZE_KIND, ApplyResult,
                                           Outcome, StoreCorruption, StoreError)
 from tokenvault.core.transport import PeerAddress, PeerTransport
-from tokenvault.core.wal import RecoveredLog, WriteAheadLog
+from tokenvault.core.wal import RecoveredLog, WriteAheadLog, fsync_directory
 from tokenvault.core.wal_segments import WalCorruption
 from tokenvault.crypto.keys import KeyRing, new_epoch_secret
 from tokenvault.crypto.tls import PeerTlsContexts, load_node_tls
@@ -70,6 +70,10 @@ GC_YOUNG_THRESHOLD = 50_000
 # its size; so at most one in ten seconds (a fill flushes a full write buffer every few seconds).
 VIEW_FLUSH_INTERVAL_SECONDS = 10.0
 VIEW_FLUSH_MIN_BYTES = 4 * 1024 * 1024
+# Written in the data directory when the store meets a damaged file: the node does not start on that
+# store again until it is rebuilt or the file is removed (docs/failure-modes.md).
+STORE_DAMAGED_FILE = "STORE-DAMAGED"
+DAMAGE_REASON_MAX_CHARS = 500
 
 
 class NodeBusy(Exception):
@@ -112,6 +116,7 @@ class Node:
         if (self.data_dir / "vault.db").exists() and not (self.data_dir / STORE_DIRECTORY).exists():
             raise StoreCorruption("this data directory holds a version 1 (SQLite) store, which this version "
                                   "cannot read; there is no migration from version 1 yet")
+        _refuse_a_store_found_damaged(self.data_dir)
         self.store = VaultStore.open(self.data_dir / STORE_DIRECTORY,
                                      retention_ms=config.idempotency.retention_hours * 3600 * 1000)
         self.wal, recovered = WriteAheadLog.open(self.data_dir / "wal",
@@ -438,9 +443,15 @@ class Node:
 
     def _store_damaged(self, error: StoreCorruption) -> None:
         """The store met a damaged file: stop rather than fail every request that meets it. The other nodes
-        hold the data; this one comes back by moving its data directory away (docs/failure-modes.md)."""
-        if self.fatal_error is None:
-            self._fatal(error, task="store")
+        hold the data; this one comes back by moving its data directory away (docs/failure-modes.md). The
+        damage is written down first, so that a restart refuses to serve from the same files."""
+        if self.fatal_error is not None:
+            return
+        try:
+            _write_damage_marker(self.data_dir, str(error))
+        except OSError as failure:  # the node stops all the same; the next start may serve until it meets it
+            log.error("node.damage_not_recorded", reason=failure.strerror or type(failure).__name__)
+        self._fatal(error, task="store")
 
     def _fatal(self, error: BaseException, task: str = "driver") -> None:
         self.fatal_error = f"{type(error).__name__}: {str(error)[:300]}"
@@ -806,6 +817,33 @@ class Node:
         return {"status": "ok", "node_id": self.node_id, "role": self.role_name(), "view": self.replica.view,
                 "primary_id": self.replica.primary_id, "commit_index": self.replica.commit_index,
                 "applied_index": self.store.applied_index, "active_epoch": self.store.active_epoch()}
+
+
+def _write_damage_marker(data_dir: Path, reason: str) -> None:
+    """Write down, durably, that the store in ``data_dir`` met a damaged file and why (file names and
+    offsets only: tokenvault.core.store_layout.damage)."""
+    path = data_dir / STORE_DAMAGED_FILE
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "w", encoding="utf-8") as marker:
+        marker.write(f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} {reason[:DAMAGE_REASON_MAX_CHARS]}\n")
+        marker.flush()
+        os.fsync(marker.fileno())
+    os.replace(temporary, path)
+    fsync_directory(data_dir)
+
+
+def _refuse_a_store_found_damaged(data_dir: Path) -> None:
+    """A node whose store met a damaged file does not start on it again (docs/failure-modes.md)."""
+    path = data_dir / STORE_DAMAGED_FILE
+    if not path.exists():
+        return
+    try:
+        recorded = path.read_text(encoding="utf-8", errors="replace")[:DAMAGE_REASON_MAX_CHARS + 32].strip()
+    except OSError:
+        recorded = "(the record cannot be read)"
+    raise StoreCorruption(f"this node's store was found damaged ({recorded}); move the data directory away "
+                          "and start the node again to rebuild it from the other nodes (a node alone: restore "
+                          f"it from a backup), or remove {path} to start on these files anyway")
 
 
 def _settle(result: asyncio.Future[Any], done: asyncio.Future[Any], index: int) -> None:

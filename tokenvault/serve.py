@@ -15,7 +15,7 @@ import resource
 import signal
 from pathlib import Path
 
-from tokenvault.api.http import create_app, http_server
+from tokenvault.api.http import OPEN_FILES_HEADROOM, connections_allowed, create_app, http_server
 from tokenvault.api.httpserver import HttpServer
 from tokenvault.api.core_calls import CoreCalls
 from tokenvault.api.service import NodeService
@@ -36,10 +36,6 @@ log = get_logger("node")
 
 # How long the HTTP workers may take to start and listen (a Python start-up each, on a busy machine).
 WORKER_START_SECONDS = 30.0
-# Open files a node's process needs besides its HTTP connections (at most [http] max_connections in one
-# process): the store's table files, which RocksDB keeps open (about 50 at 50 M tokens, each worker's
-# view of the store as many), the WAL, the peer links, the workers' channels, the log; with room.
-OPEN_FILES_HEADROOM = 512
 # The soft limit asked for when the hard limit is unlimited (Linux refuses an unlimited soft one).
 OPEN_FILES_WHEN_UNLIMITED = 1 << 20
 
@@ -73,8 +69,10 @@ async def run_node(config: NodeConfig, config_path: Path | None = None) -> int:
     open_files, needed = raise_open_files_limit(), config.http.max_connections + OPEN_FILES_HEADROOM
     if open_files < needed:
         log.warning("node.open_files_limit_low", limit=open_files, needed=needed,
-                    detail="past the limit, new connections and store files fail to open; raise the hard limit "
-                    "on open files (ulimit -Hn, systemd LimitNOFILE=) or lower [http] max_connections")
+                    connections_per_process=connections_allowed(),
+                    detail="each process of this node takes fewer HTTP connections than [http] max_connections "
+                    "and answers the rest 503; raise the hard limit on open files (ulimit -Hn, systemd "
+                    "LimitNOFILE=) or lower max_connections")
     worker_count = default_worker_count() if config.http.workers is None else config.http.workers
     metrics = Metrics("core" if worker_count > 0 and config_path is not None else "node")
     try:

@@ -3,9 +3,11 @@ when even the hard limit is too low for the node's configuration."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import resource
+import socket
 import subprocess
 import sys
 import time
@@ -16,12 +18,15 @@ import pytest
 
 from node_support import make_configs
 from tokenvault import serve
+from tokenvault.api.http import OPEN_FILES_HEADROOM
 from tokenvault.config import write_node_config
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 TOKENVAULT = str(Path(sys.executable).parent / "tokenvault")
 START_SECONDS = 30.0
 LOW_HARD_LIMIT = 600
+# Connections opened beyond the ones the node takes under that limit.
+EXTRA_CONNECTIONS = 12
 
 
 def test_the_soft_limit_on_open_files_is_raised_to_the_hard_one() -> None:
@@ -35,6 +40,27 @@ def test_the_soft_limit_on_open_files_is_raised_to_the_hard_one() -> None:
     limit, soft, hard_after = (int(field) for field in answer.stdout.split())
     expected = serve.OPEN_FILES_WHEN_UNLIMITED if hard == resource.RLIM_INFINITY else hard
     assert limit == soft == expected and hard_after == hard
+
+
+def _statuses_of_many_connections(port: int, count: int) -> list[int]:
+    """Open ``count`` connections at once, send /health on each, and read each status line."""
+    connections = []
+    try:
+        for _ in range(count):
+            connection = socket.create_connection(("127.0.0.1", port), timeout=5)
+            connections.append(connection)
+        statuses = []
+        for connection in connections:
+            try:
+                connection.sendall(b"GET /health HTTP/1.1\r\nHost: node\r\n\r\n")
+            except OSError:
+                pass  # closed already: its 503 may still be there to read
+            line = connection.makefile("rb").readline()
+            statuses.append(int(line.split()[1]) if line.startswith(b"HTTP/1.1 ") else 0)
+        return statuses
+    finally:
+        for connection in connections:
+            connection.close()
 
 
 def _events(log_file: Path) -> list[dict[str, object]]:
@@ -54,6 +80,7 @@ def test_a_node_whose_hard_limit_is_too_low_says_so_and_serves(tmp_path: Path) -
         pytest.skip(f"this machine's hard limit on open files ({hard}) is below the test's")
     log_file = tmp_path / "node.log"
     (config,) = make_configs(tmp_path, 1, log_file=log_file)
+    config = dataclasses.replace(config, http=dataclasses.replace(config.http, workers=0))  # one process
     path = tmp_path / "node.toml"
     write_node_config(path, config)
     environment = {name: value for name, value in os.environ.items() if not name.startswith("TOKENVAULT_")}
@@ -74,7 +101,9 @@ def test_a_node_whose_hard_limit_is_too_low_says_so_and_serves(tmp_path: Path) -
         low = [event for event in events if event.get("event") == "node.open_files_limit_low"]
         assert len(low) == 1
         assert low[0]["limit"] == LOW_HARD_LIMIT
-        assert low[0]["needed"] == config.http.max_connections + serve.OPEN_FILES_HEADROOM
+        assert low[0]["needed"] == config.http.max_connections + OPEN_FILES_HEADROOM
+        allowed = LOW_HARD_LIMIT - OPEN_FILES_HEADROOM
+        assert low[0]["connections_per_process"] == allowed
         url = f"http://127.0.0.1:{config.http.port}/health"
         while True:  # and it serves
             try:
@@ -84,6 +113,11 @@ def test_a_node_whose_hard_limit_is_too_low_says_so_and_serves(tmp_path: Path) -
             except OSError:
                 assert time.monotonic() < deadline, "the node never answered /health"
                 time.sleep(0.05)
+        # It takes that many connections and answers the ones past them 503, closing them at once.
+        statuses = _statuses_of_many_connections(config.http.port, allowed + EXTRA_CONNECTIONS)
+        assert statuses.count(503) >= EXTRA_CONNECTIONS and 0 < statuses.count(200) <= allowed, statuses
+        with urllib.request.urlopen(url, timeout=2) as answer:  # and serves on once they are gone
+            assert answer.status == 200
     finally:
         process.terminate()
         try:

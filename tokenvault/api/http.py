@@ -63,6 +63,7 @@ import contextlib
 import json
 import os
 import re
+import resource
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -139,6 +140,11 @@ MAX_AUDIT_SEQ = 2**63 - 2
 IDEMPOTENCY_KEY_HEADER = "Idempotency-Key"
 REQUEST_ID_HEADER = "X-Request-Id"
 DEFAULT_MAX_INFLIGHT_REQUESTS = 256
+# Open files a node's process needs besides its HTTP connections: the store's table files, which
+# RocksDB keeps open (about 50 at 50 M tokens, and each worker's view of the store as many), the WAL,
+# the peer links, the workers' channels, the log; with room. A process whose limit on open files
+# leaves less than max_connections beyond this takes fewer connections (connections_allowed).
+OPEN_FILES_HEADROOM = 512
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 # Per request: the admitted principal, its rate-limit kind and the received body.
@@ -204,12 +210,23 @@ class HttpLimits:
             max_backup_streams=max_backup_streams,
             header_timeout_seconds=http.header_timeout_ms / 1000,
             body_timeout_seconds=http.body_timeout_ms / 1000,
-            max_connections=-(-http.max_connections // share),
+            max_connections=min(-(-http.max_connections // share), connections_allowed()),
             max_body_reads=-(-http.max_body_reads // share),
             max_body_reads_per_key=-(-http.max_body_reads_per_key // share),
             rate_limits=rates,
             key_rate_limits=key_rates,
         )
+
+
+def connections_allowed() -> int:
+    """The HTTP connections a process of a node can hold open besides OPEN_FILES_HEADROOM descriptors, by
+    its hard limit on open files (tokenvault.serve raises the soft limit to it at start, and the workers
+    inherit it): past it a connection is answered 503 and closed at once, where it would otherwise fail
+    to be accepted or take the descriptor a store file needs."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        return 1 << 30
+    return max(1, hard - OPEN_FILES_HEADROOM)
 
 
 def _metric_key_label(principal: auth.Principal | None) -> str:

@@ -251,6 +251,14 @@ class Metrics:
         self.active_epoch = Gauge(
             "tokenvault_active_epoch", "Active token epoch (0 before the first).", registry=registry
         )
+        self.certificate_expiry = Gauge(
+            "tokenvault_tls_certificate_expiry_timestamp_seconds",
+            "When the node's TLS certificate (certificate=node) and the cluster CA's (certificate=ca) stop"
+            " being valid, in seconds since the epoch; absent in a plain cluster. Past it, peer links and"
+            " clients refuse the handshake.",
+            ["certificate"],
+            registry=registry,
+        )
         self.peer_reachable = Gauge(
             "tokenvault_peer_reachable", "1 when the peer link is connected, else 0.", ("peer",), registry=registry
         )

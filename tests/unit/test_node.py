@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -23,7 +24,8 @@ from node_support import (Cluster, Partition, RunningNode, Timing, data_files, m
 from protocol import AppendEntries, NotPrimary, Role
 from tokenvault.core import commands
 from tokenvault.core import store as store_module
-from tokenvault.config import WalConfig
+from tokenvault.config import TlsConfig, WalConfig
+from tokenvault.crypto import tls
 from tokenvault.crypto.keys import new_epoch_secret
 from tokenvault.errors import ServiceError, Unavailable
 from tokenvault.logs import configure_logging, reset_logging
@@ -341,6 +343,33 @@ async def test_a_damaged_store_file_met_by_an_apply_stops_the_node_once_naming_t
         await wait_until(single.is_primary, 5, "the node to be primary again")
     finally:
         await single.close()
+
+
+async def test_when_the_certificates_expire_is_in_metrics_and_a_near_expiry_is_logged_at_start(
+        tmp_path: Path, node_log: Path) -> None:
+    """docs/security.md: a certificate's expiry is a gauge, and one within 30 days is warned about."""
+    cluster_files = tls.create_cluster_tls(tmp_path / "tls", {"n1": ["127.0.0.1"]})
+    files = cluster_files.nodes["n1"]
+    short_cert, short_key = tmp_path / "short.crt", tmp_path / "short.key"
+    tls.create_node_certificate(files.ca_file, cluster_files.ca_key_file, "n1", ["127.0.0.1"], short_cert, short_key,
+                                valid_days=10)
+    short_key.chmod(0o600)
+    config = make_configs(tmp_path, 1)[0]
+    members = tuple(dataclasses.replace(member, http_url=member.http_url.replace("http://", "https://"))
+                    for member in config.members)
+    config = dataclasses.replace(config, members=members, tls=TlsConfig(short_cert, short_key, files.ca_file))
+    node = Node(config)
+    try:
+        expiry = {sample.labels["certificate"]: sample.value
+                  for family in text_string_to_metric_families(node.metrics.render()[0].decode())
+                  for sample in family.samples if sample.name == "tokenvault_tls_certificate_expiry_timestamp_seconds"}
+    finally:
+        await node.close()
+    now = time.time()
+    assert abs(expiry["node"] - (now + 10 * 86400)) < 120
+    assert abs(expiry["ca"] - (now + tls.CA_VALIDITY_DAYS * 86400)) < 120
+    warnings = [json.loads(line) for line in node_log.read_text().splitlines() if '"node.certificate_expiring"' in line]
+    assert [(line["certificate"], round(line["days_left"])) for line in warnings] == [("node", 10)]
 
 
 # --------------------------------------------------------------------------- three nodes

@@ -15,6 +15,7 @@ their sockets and go into the next batch (group commit).
 from __future__ import annotations
 
 import asyncio
+import datetime
 import itertools
 import math
 import os
@@ -44,7 +45,7 @@ from tokenvault.core.transport import PeerAddress, PeerTransport
 from tokenvault.core.wal import RecoveredLog, WriteAheadLog, fsync_directory
 from tokenvault.core.wal_segments import WalCorruption
 from tokenvault.crypto.keys import KeyRing, new_epoch_secret
-from tokenvault.crypto.tls import PeerTlsContexts, load_node_tls
+from tokenvault.crypto.tls import NodeTlsFiles, PeerTlsContexts, expiry_times, load_node_tls
 from tokenvault.futures import await_future, cancel_and_wait
 from tokenvault.logs import SummedEvent, get_logger
 from tokenvault.metrics import Metrics
@@ -73,6 +74,8 @@ VIEW_FLUSH_MIN_BYTES = 4 * 1024 * 1024
 # Written in the data directory when the store meets a damaged file: the node does not start on that
 # store again until it is rebuilt or the file is removed (docs/failure-modes.md).
 STORE_DAMAGED_FILE = "STORE-DAMAGED"
+# A node whose certificate, or the CA's, expires sooner than this logs node.certificate_expiring at start.
+CERTIFICATE_WARNING_DAYS = 30
 DAMAGE_REASON_MAX_CHARS = 500
 
 
@@ -149,6 +152,7 @@ class Node:
         peer_tls: PeerTlsContexts | None = None
         if config.tls is not None:
             self.http_tls_context, peer_tls = load_node_tls(config.tls.files(), self.node_id)
+            self._watch_certificates(config.tls.files())
         self.transport: PeerTransport | None = None
         if len(members) > 1:
             peers = self._peer_addresses(self.replica.membership)
@@ -440,6 +444,17 @@ class Node:
             error = RuntimeError(f"the {task.get_name()} task ended")
         if self.fatal_error is None:
             self._fatal(error, task=task.get_name())
+
+    def _watch_certificates(self, files: NodeTlsFiles) -> None:
+        """Expose when the node's certificate and the CA's expire, and warn at start when that is near:
+        there is no rotation while running (docs/security.md)."""
+        now = datetime.datetime.now(datetime.timezone.utc)
+        for name, expires_at in expiry_times(files).items():
+            self.metrics.certificate_expiry.labels(certificate=name).set(expires_at.timestamp())
+            days_left = (expires_at - now).total_seconds() / 86400
+            if days_left < CERTIFICATE_WARNING_DAYS:
+                log.warning("node.certificate_expiring", certificate=name, expires_at=expires_at.isoformat(),
+                            days_left=round(days_left, 1))
 
     def _store_damaged(self, error: StoreCorruption) -> None:
         """The store met a damaged file: stop rather than fail every request that meets it. The other nodes

@@ -347,6 +347,13 @@ class PeerTlsContexts:
     client: ssl.SSLContext
 
 
+def expiry_times(files: NodeTlsFiles) -> dict[str, datetime.datetime]:
+    """When the node's certificate and the cluster CA's stop being valid, by "node" and "ca" (files that
+    check_node_files has checked)."""
+    return {"node": load_certificate(files.cert_file, "node certificate").not_valid_after_utc,
+            "ca": load_certificate(files.ca_file, "CA certificate").not_valid_after_utc}
+
+
 def load_node_tls(files: NodeTlsFiles, node_id: str) -> tuple[ssl.SSLContext, PeerTlsContexts]:
     """Check a node's files and build its HTTPS server context and its peer-link contexts."""
     check_node_files(files, node_id)

@@ -148,7 +148,9 @@ def test_key_rows_are_checked_field_by_field() -> None:
     assert decode_key_rows([]) == {}
 
 
-def test_each_worker_enforces_its_share_of_the_node_limits() -> None:
+def test_each_worker_enforces_its_share_of_the_node_limits(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Whatever this machine's limit on open files (tests/unit/test_serve.py tests that bound).
+    monkeypatch.setattr("tokenvault.api.http.connections_allowed", lambda: 1 << 30)
     config = SimpleNamespace(limits=LimitsConfig(),
                              http=HttpConfig(max_connections=1000, max_body_reads=256, max_body_reads_per_key=32),
                              rate_limits=RateLimitsConfig(tokenize_per_second=100, tokenize_burst=30))
@@ -158,6 +160,9 @@ def test_each_worker_enforces_its_share_of_the_node_limits() -> None:
     assert (whole.max_body_reads, share.max_body_reads) == (256, 86)
     assert (whole.max_body_reads_per_key, share.max_body_reads_per_key) == (32, 11)
     assert share.rate_limits["tokenize"].rate_per_second == pytest.approx(100 / 3)
+    # Under a low limit on open files each process takes fewer connections than its share.
+    monkeypatch.setattr("tokenvault.api.http.connections_allowed", lambda: 100)
+    assert HttpLimits.from_config(config, share=3).max_connections == 100
     assert share.rate_limits["tokenize"].burst == pytest.approx(10)
     assert share.rate_limits["detokenize"].unlimited
 

@@ -16,7 +16,7 @@ from aiohttp.test_utils import TestClient
 from _http_support import FakeService, KeyRing
 
 from tokenvault.api.http import HttpLimits
-from tokenvault.core.store_layout import StoreCorruption
+from tokenvault.core.store_layout import StoreDamaged
 
 JSON = {"Content-Type": "application/json"}
 MARKER = "SECRET-value-7c1e"  # a submitted value that must never come back
@@ -430,7 +430,7 @@ async def test_a_damaged_store_met_by_a_request_is_503_naming_nothing_of_it(
 ) -> None:
     """docs/failure-modes.md, "A damaged store file": the node is stopping; the request is 503, as a
     node of HTTP workers answers it, not a 500."""
-    service.crash_with = StoreCorruption("the store is damaged: Corruption: block checksum mismatch in 000017.sst")
+    service.crash_with = StoreDamaged("the store is damaged: Corruption: block checksum mismatch in 000017.sst")
     response = await post(client, "/v1/tokenize", json.dumps({"values": [MARKER]}),
                           {**JSON, **key_ring.bearer("tokenizer")})
     body = await expect_problem(response, 503, ("000017.sst", "Corruption", MARKER))

@@ -32,7 +32,7 @@ from tokenvault.logs import configure_logging, reset_logging
 from tokenvault.core.node import STORE_DAMAGED_FILE, Node
 from tokenvault.core.store_files import read_current
 from tokenvault.core.store_layout import Outcome as ApplyOutcome
-from tokenvault.core.store_layout import StoreCorruption
+from tokenvault.core.store_layout import StoreCorruption, StoreDamaged
 from tokenvault.metrics import Metrics
 
 HEALTH_FIELDS = {"status", "node_id", "role", "view", "primary_id", "commit_index", "applied_index",
@@ -136,10 +136,10 @@ async def test_a_damaged_store_file_met_by_a_read_stops_the_node_naming_the_file
                         "  in /data/n1/store/gen-000001/000017.sst offset 998107 size 4065")
 
     monkeypatch.setattr(store_module, "lookup_opaque", damaged_lookup)
-    with pytest.raises(StoreCorruption, match="the store is damaged"):
+    with pytest.raises(StoreDamaged, match="the store is damaged"):
         node.store.lookup(["tv1_" + "a" * 32])
     assert node.stopped.is_set()
-    assert node.fatal_error == ("StoreCorruption: the store is damaged: Corruption: block checksum mismatch:"
+    assert node.fatal_error == ("StoreDamaged: the store is damaged: Corruption: block checksum mismatch:"
                                 " stored(context removed) = 1, computed = 2, type = 4  in 000017.sst offset 998107"
                                 " size 4065")
     # Any other failure of a read is the caller's to answer; it does not stop the node.
@@ -329,7 +329,7 @@ async def test_a_damaged_store_file_met_by_an_apply_stops_the_node_once_naming_t
         await single.close()
     fatal = [json.loads(line) for line in node_log.read_text().splitlines() if '"node.fatal"' in line]
     assert [line["task"] for line in fatal] == ["store"]
-    assert fatal[0]["error"].startswith("StoreCorruption: the store is damaged: Corruption: block checksum mismatch")
+    assert fatal[0]["error"].startswith("StoreDamaged: the store is damaged: Corruption: block checksum mismatch")
     assert "000017.sst offset 12" in fatal[0]["error"] and "/data/" not in fatal[0]["error"]
     # Started again, it refuses to serve from those files, saying what was found and what to do.
     monkeypatch.undo()

@@ -23,6 +23,7 @@ from tokenvault.core.store_layout import (
     Outcome,
     SnapshotRejected,
     StoreCorruption,
+    StoreDamaged,
     StoreError,
 )
 
@@ -989,7 +990,7 @@ def test_a_damaged_table_file_is_reported_naming_the_file_by_the_reads_and_the_a
             numbers = range(start, start + 500)
             try:
                 found = vault.lookup([token(1, number) for number in numbers])
-            except StoreCorruption as error:
+            except StoreDamaged as error:
                 failures.append(str(error))
                 damaged = list(numbers)
                 continue
@@ -1002,7 +1003,7 @@ def test_a_damaged_table_file_is_reported_naming_the_file_by_the_reads_and_the_a
         assert [str(error) for error in heard] == failures
         # The apply's insert-once check reads the same block: refused the same way, nothing written.
         applied = vault.applied_index
-        with pytest.raises(StoreCorruption, match="the store is damaged"):
+        with pytest.raises(StoreDamaged, match="the store is damaged"):
             vault.apply_batch([log.command(tokenize(1, damaged))])
         assert vault.applied_index == applied and len(heard) == len(failures) + 1
     finally:

@@ -72,7 +72,7 @@ from typing import TYPE_CHECKING, Any
 from tokenvault import auth
 from tokenvault.core import backup
 from tokenvault.core import commands
-from tokenvault.core.store_layout import MAX_AUDIT_PAGE, StoreCorruption
+from tokenvault.core.store_layout import MAX_AUDIT_PAGE, StoreDamaged
 from tokenvault.api import ratelimit
 from tokenvault.api.http_lifecycle import add_lifecycle_routes
 from tokenvault.api.httpserver import (HTTP_11, AnyResponse, BodyError, BodyTooLarge, HttpServer, Request, Response,
@@ -831,7 +831,7 @@ class HttpApp:
             response = problem_response(error.status, error.problem, error.title, error.detail, error.headers)
             if getattr(error, "close_connection", False) or _body_left_unread(request):
                 request.connection.send_now(request, response)
-        except StoreCorruption:
+        except StoreDamaged:
             # A damaged store file: the node stops (docs/failure-modes.md), the other nodes serve. As the
             # workers answer it: 503.
             response = problem_response(503, "unavailable", "Service unavailable",

@@ -37,12 +37,12 @@ from tokenvault.core import commands
 from tokenvault.core.shred import Shredder
 from tokenvault.core.snapshot_transfer import SnapshotTransfers
 from tokenvault.core.store import VaultStore
-from tokenvault.core.store_files import STORE_DIRECTORY, PreparedInstall
+from tokenvault.core.store_files import STORE_DIRECTORY, PreparedInstall, replace_file
 from tokenvault.core.store_layout import (AUDIT_KIND, AUDIT_TRIM_KIND, CREATE_KEY_KIND, DELETE_KIND, DESTROY_KIND,
                                           DESTROYED, REVOKE_KEY_KIND, ROTATE_KIND, TOKENIZE_KIND, ApplyResult,
-                                          Outcome, StoreCorruption, StoreError)
+                                          Outcome, StoreCorruption, StoreDamaged, StoreError)
 from tokenvault.core.transport import PeerAddress, PeerTransport
-from tokenvault.core.wal import RecoveredLog, WriteAheadLog, fsync_directory
+from tokenvault.core.wal import RecoveredLog, WriteAheadLog
 from tokenvault.core.wal_segments import WalCorruption
 from tokenvault.crypto.keys import KeyRing, new_epoch_secret
 from tokenvault.crypto.tls import NodeTlsFiles, PeerTlsContexts, expiry_times, load_node_tls
@@ -76,7 +76,8 @@ VIEW_FLUSH_MIN_BYTES = 4 * 1024 * 1024
 STORE_DAMAGED_FILE = "STORE-DAMAGED"
 # A node whose certificate, or the CA's, expires sooner than this logs node.certificate_expiring at start.
 CERTIFICATE_WARNING_DAYS = 30
-DAMAGE_REASON_MAX_CHARS = 500
+# A damage record (STORE_DAMAGED_FILE): a time and the damage's message, itself bounded (store_layout.damage).
+DAMAGE_RECORD_MAX_CHARS = 500
 
 
 class NodeBusy(Exception):
@@ -456,7 +457,7 @@ class Node:
                 log.warning("node.certificate_expiring", certificate=name, expires_at=expires_at.isoformat(),
                             days_left=round(days_left, 1))
 
-    def _store_damaged(self, error: StoreCorruption) -> None:
+    def _store_damaged(self, error: StoreDamaged) -> None:
         """The store met a damaged file: stop rather than fail every request that meets it. The other nodes
         hold the data; this one comes back by moving its data directory away (docs/failure-modes.md). The
         damage is written down first, so that a restart refuses to serve from the same files."""
@@ -837,14 +838,8 @@ class Node:
 def _write_damage_marker(data_dir: Path, reason: str) -> None:
     """Write down, durably, that the store in ``data_dir`` met a damaged file and why (file names and
     offsets only: tokenvault.core.store_layout.damage)."""
-    path = data_dir / STORE_DAMAGED_FILE
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "w", encoding="utf-8") as marker:
-        marker.write(f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} {reason[:DAMAGE_REASON_MAX_CHARS]}\n")
-        marker.flush()
-        os.fsync(marker.fileno())
-    os.replace(temporary, path)
-    fsync_directory(data_dir)
+    record = f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} {reason}"[:DAMAGE_RECORD_MAX_CHARS]
+    replace_file(data_dir / STORE_DAMAGED_FILE, f"{record}\n".encode(), data_dir / (STORE_DAMAGED_FILE + ".tmp"))
 
 
 def _refuse_a_store_found_damaged(data_dir: Path) -> None:
@@ -853,7 +848,8 @@ def _refuse_a_store_found_damaged(data_dir: Path) -> None:
     if not path.exists():
         return
     try:
-        recorded = path.read_text(encoding="utf-8", errors="replace")[:DAMAGE_REASON_MAX_CHARS + 32].strip()
+        with open(path, "rb") as marker:  # the file may have been edited: read what a record holds at most
+            recorded = marker.read(DAMAGE_RECORD_MAX_CHARS).decode("utf-8", errors="replace").strip()
     except OSError:
         recorded = "(the record cannot be read)"
     raise StoreCorruption(f"this node's store was found damaged ({recorded}); move the data directory away "

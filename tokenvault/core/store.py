@@ -71,7 +71,7 @@ from tokenvault.core.store_layout import (
     BLOCK_CACHE_BYTES, CREATE_KEY_KIND, EXPIRY, EXPIRY_END, IDEMPOTENCY, LIFE, LIFE_END, MAX_API_KEYS, MAX_AUDIT_PAGE,
     MAX_STORED_EPOCH, MAX_TOKEN_PAGE, MEMBERSHIP_KEY, META_KEY, NO_RECORDS, RETIRED, REVOKE_KEY_KIND, ROTATE_KIND,
     SHRED_POINT_RANGES, TOKENIZE_KIND, U64, UNKNOWN_NODE, VERIFY_CACHE_BYTES, ApplyResult, EpochRecord,
-    IdempotencyRecord, Outcome, SnapshotRejected, StoreCorruption, StoreError, age_created_at, age_key, api_key_value,
+    IdempotencyRecord, Outcome, SnapshotRejected, StoreCorruption, StoreDamaged, StoreError, age_created_at, age_key, api_key_value,
     bounded, check_epochs, damage, database_options, decode_epoch, decode_life, decode_meta, encode_meta, epoch_key,
     first_key, format_token_key, identity_key, json_bytes, lookup_format_tokens, lookup_opaque, metadata_rows,
     open_database, pack, range_items, range_keys, read_api_keys, read_audit_anchor, read_audit_head, read_epochs,
@@ -94,7 +94,7 @@ _Result = TypeVar("_Result")
 
 def _stops_when_damaged(method: Callable[Concatenate["VaultStore", _Arguments], _Result]
                         ) -> Callable[Concatenate["VaultStore", _Arguments], _Result]:
-    """RocksDB's report of a damaged file, met by this apply or read, becomes a StoreCorruption naming the
+    """RocksDB's report of a damaged file, met by this apply or read, becomes a StoreDamaged naming the
     file and the offset, and ``on_damage`` hears of it (the node stops: docs/failure-modes.md). A damaged
     block is never read as data, so no answer is wrong; but a node that went on would fail every request
     that meets the block, and a retry there would not help."""
@@ -139,8 +139,8 @@ class VaultStore:
         # Called after the runtime key table changed (an applied create or revoke, an installed
         # snapshot): the node's HTTP workers hold a copy of it (tokenvault.api.workers).
         self.on_api_keys_changed: Callable[[], None] | None = None
-        # Called with the StoreCorruption of a damaged file met by an apply or a read (_stops_when_damaged).
-        self.on_damage: Callable[[StoreCorruption], None] | None = None
+        # Called with the StoreDamaged of a damaged file met by an apply or a read (_stops_when_damaged).
+        self.on_damage: Callable[[StoreDamaged], None] | None = None
         self._load_state(meta)
 
     def _load_state(self, meta: tuple[int, int, int]) -> None:

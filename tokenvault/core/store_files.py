@@ -76,20 +76,29 @@ def remove_tree(path: Path) -> None:
 
 
 def write_current(store_directory: Path, generation: str) -> None:
-    """Point CURRENT at ``generation``: write a temporary file, fsync, rename, fsync the directory."""
-    temporary = store_directory / CURRENT_TEMP_FILE
+    """Point CURRENT at ``generation`` (replace_file)."""
+    replace_file(store_directory / CURRENT_FILE, f"{generation}\n".encode(), store_directory / CURRENT_TEMP_FILE,
+                 steps=("current_temp_written", "current_renamed"))
+
+
+def replace_file(path: Path, content: bytes, temporary: Path, steps: tuple[str, str] | None = None) -> None:
+    """Put ``content`` at ``path`` durably and whole: write ``temporary`` (owner only), fsync it, rename it
+    over ``path``, fsync the directory. ``steps``: the install_step names after the write and after the
+    rename, for the crash tests."""
     descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
-        data = memoryview(f"{generation}\n".encode())
+        data = memoryview(content)
         while data:
             data = data[os.write(descriptor, data):]
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
-    install_step("current_temp_written")
-    os.replace(temporary, store_directory / CURRENT_FILE)
-    install_step("current_renamed")
-    fsync_directory(store_directory)
+    if steps is not None:
+        install_step(steps[0])
+    os.replace(temporary, path)
+    if steps is not None:
+        install_step(steps[1])
+    fsync_directory(path.parent)
 
 
 def read_current(store_directory: Path) -> str:

@@ -229,6 +229,11 @@ class StoreCorruption(StoreError):
     """The store directory is not a TokenVault store of the expected schema, or is damaged."""
 
 
+class StoreDamaged(StoreCorruption):
+    """RocksDB met a damaged file (a block whose checksum does not match, a truncated file) in an apply
+    or a read: the node stops (tokenvault.core.store, docs/failure-modes.md)."""
+
+
 class SnapshotRejected(StoreError):
     """A received checkpoint failed validation; the current state is untouched."""
 
@@ -455,23 +460,23 @@ _HEX_RUN = re.compile(r"(?:0x)?[0-9A-Fa-f]{16,}")
 _DIRECTORIES = re.compile(r"(?:/[^/\s]+)+/(?=[^/\s]+)")
 
 
-def reason(failure: BaseException) -> str:
+def reason(failure: BaseException, *, file_names_only: bool = False) -> str:
     """RocksDB's own words (a status such as "IO error: ..." or "Corruption: block checksum
-    mismatch ..." naming files and offsets; a key it quotes in hex is cut out), one line, bounded."""
+    mismatch ..." naming files and offsets; a key it quotes in hex is cut out), one line, bounded.
+    ``file_names_only``: the files' names without their directories, so that the bound keeps what
+    follows them (an offset)."""
     text = str(failure).splitlines()[0] if str(failure) else type(failure).__name__
+    if file_names_only:
+        text = _DIRECTORIES.sub("", text)
     return _HEX_RUN.sub("<hex>", text)[:REASON_MAX_CHARS]
 
 
-def damage(failure: BaseException) -> StoreCorruption | None:
-    """A StoreCorruption for RocksDB's report of a damaged file (a block whose checksum does not match, a
-    truncated file: its status starts "Corruption" and names the file and the offset; a key it quotes in
-    hex is cut out, as in ``reason``); None for any other failure."""
-    text = str(failure).splitlines()[0] if str(failure) else ""
-    if not text.startswith("Corruption"):
-        return None
-    # The file's name without its directories, so that the bound keeps the offset that follows it.
-    text = _HEX_RUN.sub("<hex>", _DIRECTORIES.sub("", text))[:REASON_MAX_CHARS]
-    return StoreCorruption(f"the store is damaged: {text}")
+def damage(failure: BaseException) -> StoreDamaged | None:
+    """A StoreDamaged for RocksDB's report of a damaged file (a block whose checksum does not match, a
+    truncated file: its status starts "Corruption" and names the file and the offset); None for any
+    other failure."""
+    text = reason(failure, file_names_only=True)
+    return StoreDamaged(f"the store is damaged: {text}") if text.startswith("Corruption") else None
 
 
 def check_rocksdict_config(directory: Path, error: type[StoreError]) -> None:

@@ -153,7 +153,12 @@ def test_generation_refuses_an_existing_directory(tmp_path: Path) -> None:
 def test_contexts_require_tls_1_2_for_http_and_1_3_and_client_certificates_for_peers(
         cluster_files: tls.ClusterTlsFiles) -> None:
     files = cluster_files.nodes["n1"]
-    http_server, peers = tls.load_node_tls(files, "n1")
+    loaded = tls.load_node_tls(files, "n1")
+    http_server, peers = loaded.http_server, loaded.peers
+    assert loaded.expires_at == {
+        "node": tls.load_certificate(files.cert_file).not_valid_after_utc,
+        "ca": tls.load_certificate(files.ca_file).not_valid_after_utc}
+    assert loaded.expires_at["node"] != loaded.expires_at["ca"]
     assert http_server.minimum_version == ssl.TLSVersion.TLSv1_2
     assert http_server.verify_mode == ssl.CERT_NONE
     client = tls.http_client_context(files.ca_file)
@@ -192,7 +197,7 @@ async def _handshake(server: ssl.SSLContext, client: ssl.SSLContext,
 async def test_an_https_client_trusts_the_node_only_through_the_cluster_ca(
         cluster_files: tls.ClusterTlsFiles, tmp_path: Path) -> None:
     files = cluster_files.nodes["n1"]
-    server, _ = tls.load_node_tls(files, "n1")
+    server = tls.load_node_tls(files, "n1").http_server
     await _handshake(server, tls.http_client_context(files.ca_file))
     other = tls.create_cluster_tls(tmp_path / "other", {"n1": ["127.0.0.1"]})
     with pytest.raises(ssl.SSLCertVerificationError):
@@ -202,8 +207,8 @@ async def test_an_https_client_trusts_the_node_only_through_the_cluster_ca(
 
 
 async def test_peer_contexts_carry_the_node_identity_both_ways(cluster_files: tls.ClusterTlsFiles) -> None:
-    _, n1 = tls.load_node_tls(cluster_files.nodes["n1"], "n1")
-    _, n2 = tls.load_node_tls(cluster_files.nodes["n2"], "n2")
+    n1 = tls.load_node_tls(cluster_files.nodes["n1"], "n1").peers
+    n2 = tls.load_node_tls(cluster_files.nodes["n2"], "n2").peers
     client_certificate = await _handshake(n2.server, n1.client)
     assert tls.peer_node_ids(client_certificate) == ("n1",)
 

@@ -477,8 +477,8 @@ def cluster_tls(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tls.PeerT
     root = tmp_path_factory.mktemp("peer-tls")
     files = tls.create_cluster_tls(root / "cluster", {node_id: ["127.0.0.1"] for node_id in IDS})
     other = tls.create_cluster_tls(root / "other", {"n1": ["127.0.0.1"]})
-    contexts = {node_id: tls.load_node_tls(files.nodes[node_id], node_id)[1] for node_id in IDS}
-    contexts["stranger-n1"] = tls.load_node_tls(other.nodes["n1"], "n1")[1]
+    contexts = {node_id: tls.load_node_tls(files.nodes[node_id], node_id).peers for node_id in IDS}
+    contexts["stranger-n1"] = tls.load_node_tls(other.nodes["n1"], "n1").peers
     return contexts
 
 

@@ -115,7 +115,7 @@ async def _serve(config: NodeConfig, index: int, workers: int, channel_fd: int, 
                       max_frame_bytes=max_frame_bytes(config.limits.max_body_bytes), name=f"worker-{index}").start()
     service.channel = channel
     try:
-        tls_context = load_node_tls(config.tls.files(), config.node_id)[0] if config.tls is not None else None
+        tls_context = load_node_tls(config.tls.files(), config.node_id).http_server if config.tls is not None else None
     except TlsError as error:
         log.critical("worker.refused_to_start", reason=str(error)[:300])
         return EXIT_REFUSED

@@ -23,7 +23,7 @@ import random
 import ssl
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +45,7 @@ from tokenvault.core.transport import PeerAddress, PeerTransport
 from tokenvault.core.wal import RecoveredLog, WriteAheadLog
 from tokenvault.core.wal_segments import WalCorruption
 from tokenvault.crypto.keys import KeyRing, new_epoch_secret
-from tokenvault.crypto.tls import NodeTlsFiles, PeerTlsContexts, expiry_times, load_node_tls
+from tokenvault.crypto.tls import PeerTlsContexts, load_node_tls
 from tokenvault.futures import await_future, cancel_and_wait
 from tokenvault.logs import SummedEvent, get_logger
 from tokenvault.metrics import Metrics
@@ -152,8 +152,9 @@ class Node:
         self.http_tls_context: ssl.SSLContext | None = None
         peer_tls: PeerTlsContexts | None = None
         if config.tls is not None:
-            self.http_tls_context, peer_tls = load_node_tls(config.tls.files(), self.node_id)
-            self._watch_certificates(config.tls.files())
+            node_tls = load_node_tls(config.tls.files(), self.node_id)
+            self.http_tls_context, peer_tls = node_tls.http_server, node_tls.peers
+            self._watch_certificates(node_tls.expires_at)
         self.transport: PeerTransport | None = None
         if len(members) > 1:
             peers = self._peer_addresses(self.replica.membership)
@@ -446,11 +447,11 @@ class Node:
         if self.fatal_error is None:
             self._fatal(error, task=task.get_name())
 
-    def _watch_certificates(self, files: NodeTlsFiles) -> None:
+    def _watch_certificates(self, expiry_times: Mapping[str, datetime.datetime]) -> None:
         """Expose when the node's certificate and the CA's expire, and warn at start when that is near:
         there is no rotation while running (docs/security.md)."""
         now = datetime.datetime.now(datetime.timezone.utc)
-        for name, expires_at in expiry_times(files).items():
+        for name, expires_at in expiry_times.items():
             self.metrics.certificate_expiry.labels(certificate=name).set(expires_at.timestamp())
             days_left = (expires_at - now).total_seconds() / 86400
             if days_left < CERTIFICATE_WARNING_DAYS:

@@ -256,6 +256,12 @@ def certificate_node_ids(certificate: x509.Certificate) -> tuple[str, ...]:
 def check_node_files(files: NodeTlsFiles, node_id: str | None = None,
                      now: datetime.datetime | None = None) -> x509.Certificate:
     """Raise TlsError unless the three files form a usable identity; returns the node's certificate."""
+    return _checked_certificates(files, node_id, now)[0]
+
+
+def _checked_certificates(files: NodeTlsFiles, node_id: str | None,
+                          now: datetime.datetime | None) -> tuple[x509.Certificate, x509.Certificate]:
+    """check_node_files: the node's certificate and the CA's, once both are checked."""
     now = now or _now()
     ca_certificate = load_certificate(files.ca_file, "CA certificate")
     _check_validity(ca_certificate, files.ca_file, "CA certificate", now)
@@ -273,7 +279,7 @@ def check_node_files(files: NodeTlsFiles, node_id: str | None = None,
     if node_id is not None and node_id not in certificate_node_ids(certificate):
         raise TlsError(f"node certificate {str(files.cert_file)!r} does not name node {node_id!r} "
                        f"(expected the subject alternative name {node_identity_uri(node_id)})")
-    return certificate
+    return certificate, ca_certificate
 
 
 # ---------------------------------------------------------------- SSL contexts
@@ -347,14 +353,17 @@ class PeerTlsContexts:
     client: ssl.SSLContext
 
 
-def expiry_times(files: NodeTlsFiles) -> dict[str, datetime.datetime]:
-    """When the node's certificate and the cluster CA's stop being valid, by "node" and "ca" (files that
-    check_node_files has checked)."""
-    return {"node": load_certificate(files.cert_file, "node certificate").not_valid_after_utc,
-            "ca": load_certificate(files.ca_file, "CA certificate").not_valid_after_utc}
+@dataclass(frozen=True, slots=True)
+class NodeTls:
+    """What a node serves with: its HTTPS server context, its peer-link contexts, and when the
+    certificates those were built from stop being valid, by "node" and "ca"."""
+    http_server: ssl.SSLContext
+    peers: PeerTlsContexts
+    expires_at: Mapping[str, datetime.datetime]
 
 
-def load_node_tls(files: NodeTlsFiles, node_id: str) -> tuple[ssl.SSLContext, PeerTlsContexts]:
+def load_node_tls(files: NodeTlsFiles, node_id: str) -> NodeTls:
     """Check a node's files and build its HTTPS server context and its peer-link contexts."""
-    check_node_files(files, node_id)
-    return http_server_context(files), PeerTlsContexts(peer_server_context(files), peer_client_context(files))
+    certificate, ca_certificate = _checked_certificates(files, node_id, None)
+    return NodeTls(http_server_context(files), PeerTlsContexts(peer_server_context(files), peer_client_context(files)),
+                   {"node": certificate.not_valid_after_utc, "ca": ca_certificate.not_valid_after_utc})

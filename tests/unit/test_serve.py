@@ -45,6 +45,19 @@ def test_the_soft_limit_on_open_files_is_raised_to_the_hard_one() -> None:
     assert limit == soft == expected and hard_after == hard
 
 
+def test_the_connections_a_process_takes_follow_the_limit_in_force_not_the_hard_one() -> None:
+    """Where the soft limit could not be raised (a system that refuses it), the cap follows the soft
+    limit: counting on the hard one would let connections take the descriptors the store needs."""
+    script = ("import resource\n"
+              "from tokenvault.api.http import connections_allowed\n"
+              "hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]\n"
+              "resource.setrlimit(resource.RLIMIT_NOFILE, (700, hard))\n"
+              "print(connections_allowed())\n")
+    answer = subprocess.run([sys.executable, "-c", script], cwd=REPOSITORY, capture_output=True, text=True,
+                            timeout=30, check=True)
+    assert int(answer.stdout) == 700 - OPEN_FILES_HEADROOM
+
+
 def _statuses_of_many_connections(port: int, count: int) -> list[int]:
     """Open ``count`` connections at once; read the 503 of each one the node refused as it accepted it
     (written unasked), then send /health on each of the others and read its status. Nothing is sent on a

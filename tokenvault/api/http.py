@@ -220,13 +220,13 @@ class HttpLimits:
 
 def connections_allowed() -> int:
     """The HTTP connections a process of a node can hold open besides OPEN_FILES_HEADROOM descriptors, by
-    its hard limit on open files (tokenvault.serve raises the soft limit to it at start, and the workers
-    inherit it): past it a connection is answered 503 and closed at once, where it would otherwise fail
-    to be accepted or take the descriptor a store file needs."""
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY:
+    its limit on open files in force, the soft one (tokenvault.serve raises it to the hard limit at start
+    where it may, and the workers inherit it): past it a connection is answered 503 and closed at once,
+    where it would otherwise fail to be accepted or take the descriptor a store file needs."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
         return 1 << 30
-    return max(1, hard - OPEN_FILES_HEADROOM)
+    return max(1, soft - OPEN_FILES_HEADROOM)
 
 
 def _metric_key_label(principal: auth.Principal | None) -> str:

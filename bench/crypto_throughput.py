@@ -19,6 +19,7 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -59,7 +60,7 @@ def hmac_constructions(key: bytes) -> dict[str, object]:
             "hand-assembled SHA-256 states": hand_assembled}
 
 
-def median_seconds(operation, runs: int) -> float:
+def median_seconds(operation: Callable[[], object], runs: int) -> float:
     timings = []
     for _ in range(runs):
         started = time.perf_counter()

@@ -18,14 +18,14 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from crypto_throughput import median_seconds  # noqa: E402  (bench/, beside this file)
 from tokenvault.crypto.ff1 import Ff1, digits_to_numerals  # noqa: E402
 from tokenvault.crypto.formats import FormatKeys, luhn_valid, normalize_card  # noqa: E402
 from tokenvault.crypto.keys import EPOCH_SECRET_BYTES, EpochKeys  # noqa: E402
@@ -37,15 +37,6 @@ def random_cards(count: int, generator: random.Random) -> list[str]:
         partial = f"4{generator.randrange(10**14):014d}"
         cards.append(next(partial + check for check in "0123456789" if luhn_valid(partial + check)))
     return cards
-
-
-def median_seconds(operation: Callable[[], object], runs: int) -> float:
-    timings = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        operation()
-        timings.append(time.perf_counter() - started)
-    return statistics.median(timings)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -45,7 +45,6 @@ optional, /proc/self/status is read without it).
 from __future__ import annotations
 
 import argparse
-import base64
 import hashlib
 import os
 import random

@@ -16,7 +16,6 @@ import socket
 import stat
 import subprocess
 import sys
-import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 

@@ -38,8 +38,7 @@ import pytest
 
 from node_support import child_pids, make_configs, start_node, wait_until
 from softhsm_support import MASTER_KEY_LABEL, SoftHsm, create_aes_key, import_aes_key, make_softhsm
-from tokenvault.config import ConfigError, NodeConfig, Pkcs11Config, load_config, parse_config, to_toml, \
-    write_node_config
+from tokenvault.config import ConfigError, NodeConfig, Pkcs11Config, parse_config, to_toml, write_node_config
 from tokenvault.crypto.keys import (WRAPPED_SECRET_BYTES, KeyCustodyError, KeyRing, MasterKey, UnwrapError,
                                new_epoch_secret)
 from tokenvault.crypto.custody import Pkcs11MasterKey

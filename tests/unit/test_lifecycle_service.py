@@ -184,6 +184,8 @@ async def test_a_restarted_node_detokenizes_null_for_a_destroyed_epoch(trio: Clu
     restarted = await trio.restart(backup)
     assert 1 not in restarted.node.keyring
     assert 2 in restarted.node.keyring
+    await trio.wait_for_stable_primary()  # its detokenize is audited through the primary
+    assert await restarted.service.detokenize([token]) == [None]
 
 
 async def test_forwarded_lifecycle_requests_are_validated_like_the_http_layer(trio: Cluster) -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from tokenvault.client.vault import AsyncClient, VaultError
-from tokenvault.config import HttpConfig, MemberConfig, PeerConfig, TlsConfig, load_config, write_node_config
+from tokenvault.config import MemberConfig, TlsConfig, load_config, write_node_config
 from tokenvault.crypto.tls import CA_CERT_FILE_NAME, CA_KEY_FILE_NAME, create_node_certificate
 from tokenvault.devcluster.cluster import (DEFAULT_START_TIMEOUT_SECONDS, DEFAULT_STOP_TIMEOUT_SECONDS, Report,
                                            _locked, _silent, _wait, _wait_gone, launch_node, running_pid)

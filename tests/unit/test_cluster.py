@@ -328,6 +328,28 @@ def test_environment_knobs_reach_the_node_configs(cluster_directory: Path) -> No
     assert cluster.settings_from_environment({}).sealer.enabled is True
 
 
+def test_every_knob_read_when_a_cluster_is_generated_is_one_start_notes_as_ignored() -> None:
+    """`start` on an existing cluster names the knobs it ignored (ENVIRONMENT_KNOBS): each one that
+    settings_from_environment reads must be there, or it would be ignored without a word."""
+    read: set[str] = set()
+
+    class Recording(dict[str, str]):
+        def get(self, name: str, default: object = None) -> object:  # type: ignore[override]
+            read.add(name)
+            return super().get(name, default)
+
+        def __getitem__(self, name: str) -> str:
+            read.add(name)
+            return super().__getitem__(name)
+
+        def __contains__(self, name: object) -> bool:
+            read.add(str(name))
+            return super().__contains__(name)
+
+    cluster.settings_from_environment(Recording())
+    assert read and read <= set(cluster.ENVIRONMENT_KNOBS), read - set(cluster.ENVIRONMENT_KNOBS)
+
+
 @pytest.mark.parametrize("environment", [{"TOKENVAULT_TICK_MS": "fast"}, {"TOKENVAULT_TICK_MS": "0"},
                                          {"TOKENVAULT_WAL_FSYNC": "maybe"}, {"TOKENVAULT_LOG_LEVEL": "loud"},
                                          {"TOKENVAULT_SEALER": "yes"}, {"TOKENVAULT_TLS": "off"},

@@ -50,6 +50,7 @@ ENVIRONMENT_KNOBS = {
     "TOKENVAULT_WAL_FSYNC": "wal.fsync",
     "TOKENVAULT_COMPACT_EVERY_ENTRIES": "wal.compact_every_entries",
     "TOKENVAULT_COMPACT_KEEP_ENTRIES": "wal.compact_keep_entries",
+    "TOKENVAULT_SNAPSHOT_CHUNK_BYTES": "wal.snapshot_chunk_bytes",
     "TOKENVAULT_LOG_LEVEL": "log_level",
     "TOKENVAULT_SEALER": "sealer.enabled",
     "TOKENVAULT_HTTP_WORKERS": "http.workers",

@@ -16,8 +16,8 @@ node shares the machine with everything else.
 
 ``--tuning`` changes one RocksDB option from the store's own (tokenvault.core.store_layout), to see
 whether it moves those figures: ``universal`` compaction, ``lz4`` on the bottom level instead of
-zstd, ``level-base-1g`` (a 1 GiB base level instead of 256 MiB), ``write-buffer-128m``. Asserts
-nothing; deletes its store at the end.
+zstd, ``no-compression`` (none on any level), ``level-base-1g`` (a 1 GiB base level instead of
+256 MiB), ``write-buffer-128m``. Asserts nothing; deletes its store at the end.
 """
 
 from __future__ import annotations
@@ -59,6 +59,11 @@ def _lz4(options: Options) -> None:
     options.set_bottommost_compression_type(DBCompressionType.lz4())
 
 
+def _no_compression(options: Options) -> None:
+    options.set_compression_type(DBCompressionType.none())
+    options.set_bottommost_compression_type(DBCompressionType.none())
+
+
 def _level_base_1g(options: Options) -> None:
     options.set_max_bytes_for_level_base(1024 * 1024 * 1024)
 
@@ -67,8 +72,8 @@ def _write_buffer_128m(options: Options) -> None:
     options.set_write_buffer_size(128 * 1024 * 1024)
 
 
-TUNINGS = {"default": None, "universal": _universal, "lz4": _lz4, "level-base-1g": _level_base_1g,
-           "write-buffer-128m": _write_buffer_128m}
+TUNINGS = {"default": None, "universal": _universal, "lz4": _lz4, "no-compression": _no_compression,
+           "level-base-1g": _level_base_1g, "write-buffer-128m": _write_buffer_128m}
 
 
 @contextlib.contextmanager

@@ -327,7 +327,7 @@ def test_the_lsm_split_bench_puts_each_token_in_the_family_of_its_first_characte
         lsm_split.main(["--families", "33"])
 
 
-@pytest.mark.parametrize("tuning", ["default", "universal"])
+@pytest.mark.parametrize("tuning", ["default", "universal", "no-compression"])
 def test_the_store_growth_bench_prints_every_window_and_the_settled_cost(tuning: str, tmp_path: Path,
                                                                          capsys: pytest.CaptureFixture[str]) -> None:
     import store_growth

@@ -3,6 +3,7 @@ threads (flushes and compactions), in-process: no HTTP, no replication, no other
 
 Usage:
     .venv/bin/python bench/store_growth.py [--tokens 20000000] [--window 4000000] [--tuning default]
+                                           [--idempotent-items N]
 
 Fills a fresh store (tokenvault.core.store.VaultStore in a temporary directory) with random tokens,
 20 entries of 1,000 per apply as coalesced entries carry them, each apply after one 1,000-token
@@ -13,6 +14,12 @@ the level-0 files and RocksDB's estimate of pending compaction bytes; then, once
 compactions have settled, the CPU per value over the whole fill and the bytes on disk per value.
 The difference between the two CPU figures is what RocksDB's background threads spent, which on a
 node shares the machine with everything else.
+
+``--idempotent-items N`` fills with commands of N values, each with an Idempotency-Key of its own (36
+characters, as a UUID), looked up before the apply as the core does: the store's idempotency records (each
+holding its response) grow with the tokens, one record per N of them. Nothing expires in a fill (every
+command is stamped with one time), so the records are the most a store holds: those of the last
+``retention_hours``.
 
 ``--tuning`` changes one RocksDB option from the store's own (tokenvault.core.store_layout), to see
 whether it moves those figures: ``universal`` compaction, ``lz4`` on the bottom level instead of
@@ -49,6 +56,7 @@ ENTRIES_PER_APPLY = 20
 CIPHERTEXT_BYTES = 40  # about a sealed short value
 TOKEN_ALPHABET = "abcdefghijklmnopqrstuvwxyz234567"
 SETTLE_POLL_SECONDS = 0.2
+IDEMPOTENCY_PRINCIPAL = "bench"
 
 
 def _universal(options: Options) -> None:
@@ -116,23 +124,29 @@ def _settle(store: VaultStore) -> None:
         time.sleep(SETTLE_POLL_SECONDS)
 
 
-def run(tokens: int, window: int, tuning_name: str, directory: Path) -> None:
+def run(tokens: int, window: int, tuning_name: str, directory: Path, idempotent_items: int = 0) -> None:
     with tuning(tuning_name):
         store = VaultStore.open(directory / "store")
         try:
-            summary = _fill(store, tokens, window, tuning_name)
+            summary = _fill(store, tokens, window, tuning_name, idempotent_items)
         finally:
             store.close()
     disk = sum(path.stat().st_size for path in directory.rglob("*") if path.is_file())
     print(f"{summary}; {disk / tokens:.0f} bytes per value on disk", flush=True)
 
 
-def _fill(store: VaultStore, tokens: int, window: int, tuning_name: str) -> str:
-    """Fill ``store`` printing each window's line; the line of the whole fill, less the disk's figure."""
+def _fill(store: VaultStore, tokens: int, window: int, tuning_name: str, idempotent_items: int = 0) -> str:
+    """Fill ``store`` printing each window's line; the line of the whole fill, less the disk's figure.
+    ``idempotent_items``: commands of that many values, each with an Idempotency-Key of its own (looked up
+    first, as the core does), instead of 1,000-value commands without one."""
     generator = random.Random(7)
     rotate = RotateEpochCommand(1, b"w" * 60, 1_000, None, None, None, Actor(node="n1", request_id="bootstrap"))
     store.apply_batch([Entry(1, 1, EntryKind.COMMAND, encode_command(rotate))])
-    print(f"store growth to {tokens:,} tokens, tuning {tuning_name}, {window:,}-token windows", flush=True)
+    shape = (f"commands of {idempotent_items} value(s), each with an Idempotency-Key" if idempotent_items
+             else f"commands of {ITEMS_PER_ENTRY:,} values without one")
+    print(f"store growth to {tokens:,} tokens, tuning {tuning_name}, {window:,}-token windows, {shape}", flush=True)
+    per_entry = idempotent_items or ITEMS_PER_ENTRY
+    entries_per_apply = ENTRIES_PER_APPLY * ITEMS_PER_ENTRY // per_entry  # the same values in every apply
     print(f"{'tokens':>12} {'values/s':>9} {'cpu us/value':>13} {'applying':>9} {'L0 files':>9} {'pending MiB':>12}",
           flush=True)
     index, made = 2, 0
@@ -142,19 +156,26 @@ def _fill(store: VaultStore, tokens: int, window: int, tuning_name: str) -> str:
     window_generating = 0.0
     while made < tokens:
         generation_started = time.thread_time()
-        entries = []
+        entries, keys = [], []
         items: tuple[tuple[str, bytes], ...] = ()
-        for _ in range(ENTRIES_PER_APPLY):
-            count = min(ITEMS_PER_ENTRY, tokens - made)
+        for _ in range(entries_per_apply):
+            count = min(per_entry, tokens - made)
             if count <= 0:
                 break
             items = tuple(("tv1_" + "".join(generator.choices(TOKEN_ALPHABET, k=32)),
                            generator.randbytes(CIPHERTEXT_BYTES)) for _ in range(count))
-            command = TokenizeCommand(1, items, None, None, None, 2_000)
+            if idempotent_items:
+                key = generator.randbytes(18).hex()  # 36 characters, a UUID's length
+                keys.append(key)
+                command = TokenizeCommand(1, items, IDEMPOTENCY_PRINCIPAL, key, generator.randbytes(32), 2_000)
+            else:
+                command = TokenizeCommand(1, items, None, None, None, 2_000)
             entries.append(Entry(index, 1, EntryKind.COMMAND, encode_command(command)))
             index += 1
             made += count
         generating += time.thread_time() - generation_started
+        for key in keys:
+            store.idempotency_get(IDEMPOTENCY_PRINCIPAL, key)
         store.lookup([token for token, _ in items])
         store.apply_batch(entries)
         if made - window_made >= window or made >= tokens:
@@ -179,13 +200,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokens", type=int, default=20_000_000)
     parser.add_argument("--window", type=int, default=4_000_000)
     parser.add_argument("--tuning", choices=sorted(TUNINGS), default="default")
+    parser.add_argument("--idempotent-items", type=int, default=0, metavar="N",
+                        help="commands of N values (1-1000), each with an Idempotency-Key: the store's idempotency"
+                             " records grow with the tokens (default: 1,000-value commands without one)")
     parser.add_argument("--directory", type=Path, default=None, help="where the store goes (default: a temporary one)")
     arguments = parser.parse_args(argv)
     if arguments.tokens < 1 or arguments.window < 1:
         parser.error("--tokens and --window must be at least 1")
+    if not 0 <= arguments.idempotent_items <= ITEMS_PER_ENTRY:
+        parser.error(f"--idempotent-items must be 0 to {ITEMS_PER_ENTRY}")
     directory = Path(tempfile.mkdtemp(prefix="store-growth-", dir=arguments.directory))
     try:
-        run(arguments.tokens, arguments.window, arguments.tuning, directory)
+        run(arguments.tokens, arguments.window, arguments.tuning, directory, arguments.idempotent_items)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 

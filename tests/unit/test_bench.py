@@ -327,6 +327,25 @@ def test_the_lsm_split_bench_puts_each_token_in_the_family_of_its_first_characte
         lsm_split.main(["--families", "33"])
 
 
+def test_the_store_growth_bench_fills_with_idempotent_commands_each_recorded(tmp_path: Path) -> None:
+    import store_growth
+
+    from tokenvault.core.store import VaultStore
+    from tokenvault.core.store_layout import IDEMPOTENCY
+
+    store = VaultStore.open(tmp_path / "store")
+    try:
+        summary = store_growth._fill(store, 2500, 1000, "default", idempotent_items=2)
+        assert summary.startswith("filled at ")
+        # 1,250 commands of two values: every one recorded under its own key, with its two tokens
+        keys = [key for key in store._db.keys() if key[:1] == IDEMPOTENCY]
+        assert len(keys) == 1250 and store.token_count() == 2500
+    finally:
+        store.close()
+    with pytest.raises(SystemExit):
+        store_growth.main(["--idempotent-items", "1001"])
+
+
 @pytest.mark.parametrize("tuning", ["default", "universal", "no-compression"])
 def test_the_store_growth_bench_prints_every_window_and_the_settled_cost(tuning: str, tmp_path: Path,
                                                                          capsys: pytest.CaptureFixture[str]) -> None:

@@ -98,15 +98,23 @@ async def test_primary_killed_under_load_new_primary_serves_within_5_s(
     # The contract's bound holds "with the default timeouts": this cluster runs the shipped defaults.
     harness = make_cluster(settings=default_settings())
     history = History()
-    async with background_load(harness, history, value_pool("kill-primary", 60), workers=LOAD_WORKERS):
+    pool = value_pool("kill-primary", 60)  # the load draws from it at every request
+    async with background_load(harness, history, pool, workers=LOAD_WORKERS):
         await wait_for_acknowledged(history, 20)
         old_primary, old_view, survivors = await primary_now(harness)
         marks = {node_id: harness.log_mark(node_id) for node_id in survivors}
+        # Other values from the kill on: a value tokenized again would write a mapping the kill lost
+        # anew (tokens are deterministic) and hide the loss from the read-back below.
+        pool[:] = value_pool("kill-primary-after", 60)
         killed_at = time.monotonic()
         await asyncio.to_thread(harness.kill, old_primary)
-        recovery_seconds = await time_to_first_write(harness, history, survivors, killed_at)
+        # "through any surviving node": each survivor on its own takes a write within the bound
+        each = await asyncio.gather(*(time_to_first_write(harness, history, [node_id], killed_at)
+                                      for node_id in survivors))
+        recovery_seconds = max(each)
         await wait_for_acknowledged(history, 20, since_monotonic=killed_at + recovery_seconds)
-    assert recovery_seconds <= FAILOVER_BOUND_SECONDS, f"first write acknowledged {recovery_seconds:.2f} s after kill"
+    assert recovery_seconds <= FAILOVER_BOUND_SECONDS, (
+        f"first write through each survivor acknowledged {dict(zip(survivors, each))} s after the kill")
 
     new_primary = await asyncio.to_thread(harness.wait_for_primary, survivors)
     elected = harness.find_events(new_primary, "primary.elected", since=marks[new_primary])
@@ -114,7 +122,8 @@ async def test_primary_killed_under_load_new_primary_serves_within_5_s(
     for node_id in survivors:
         harness.wait_for_event(node_id, "peer.down", since=marks[node_id], peer=old_primary)
     await assert_history_holds(harness, history, survivors)
-    print(f"first write after killing the primary: {recovery_seconds:.2f} s; {history.summary()}")
+    print(f"first write through each survivor after killing the primary: "
+          f"{', '.join(f'{node} {seconds:.2f} s' for node, seconds in zip(survivors, each))}; {history.summary()}")
 
 
 async def test_killed_backup_does_not_interrupt_service(make_cluster: Callable[..., ClusterHarness]) -> None:
@@ -243,8 +252,12 @@ async def test_whole_cluster_killed_under_load_and_restarted_loses_nothing(
     harness = make_cluster()
     history = History()
     values = value_pool("whole", 40)
-    async with background_load(harness, history, values, workers=LOAD_WORKERS, deadline_seconds=10.0):
+    pool = list(values)  # the load draws from it at every request
+    async with background_load(harness, history, pool, workers=LOAD_WORKERS, deadline_seconds=10.0):
         await wait_for_acknowledged(history, 25)
+        # From here the load tokenizes other values: one of the first ones tokenized again after the
+        # restart would write a lost mapping anew (tokens are deterministic) and hide the loss.
+        pool[:] = value_pool("whole-after", 40)
         marks = {node_id: harness.log_mark(node_id) for node_id in harness.node_ids}
         await asyncio.to_thread(harness.kill_all)
         killed_at = time.monotonic()
@@ -254,6 +267,10 @@ async def test_whole_cluster_killed_under_load_and_restarted_loses_nothing(
     for node_id in harness.node_ids:
         recovered = harness.wait_for_event(node_id, "node.recovered", since=marks[node_id])
         assert recovered["wal_entries"] + recovered["store_applied_index"] > 0, (node_id, recovered)
+    # Every token acknowledged before the kill reads back on every node before the first values are
+    # tokenized again.
+    await converged(harness)
+    await assert_history_holds(harness, history, harness.node_ids)
     # Tokenizing the same values again (same epoch) must give the same tokens: the checker's
     # value_epoch_single_token finds any difference.
     again = RecordingClient(history, "again", harness.client(), "all")

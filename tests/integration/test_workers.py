@@ -20,7 +20,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from harness import HTTP_WORKERS, ClusterHarness, fast_settings, wait_for
-from tokenvault.client.vault import NoNodeAvailable, ProblemError, ResponseError
+from tokenvault.client.vault import NoNodeAvailable, ProblemError
 
 # The /proc walk lives with the in-process node helpers, beside the unit tests.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
@@ -108,9 +108,14 @@ async def test_a_killed_worker_is_restarted_and_no_answer_is_wrong_or_lost(singl
                 number += 1
                 try:
                     result = await client.tokenize([value])
-                except (NoNodeAvailable, ResponseError, ProblemError, OSError):
-                    failures += 1  # a connection cut with the worker: allowed, never a wrong answer
+                except (NoNodeAvailable, OSError):
+                    failures += 1  # a connection cut with the worker (the client retried until its deadline)
                     continue
+                except ProblemError as problem:
+                    assert problem.status == 503, problem  # a node unavailable for now, never another error
+                    failures += 1
+                    continue
+                # A ResponseError (an answer the contract does not allow) is not caught: it fails the test.
                 acknowledged[value] = result.tokens[0]
 
     tasks = [asyncio.create_task(load(index)) for index in range(4)]
@@ -126,15 +131,18 @@ async def test_a_killed_worker_is_restarted_and_no_answer_is_wrong_or_lost(singl
     exited = single.find_events("n1", "worker.exited", mark)
     assert exited and exited[0]["pid"] == victim and exited[0]["exit_code"] == -signal.SIGKILL
     assert len(acknowledged) > 10, (len(acknowledged), failures)
-    # Every acknowledged token is stored and stands for its own value: tokenize again gives the same
-    # token (no second one), and detokenize gives the value back.
+    # Every acknowledged token is stored: detokenize gives its value back, read before anything is
+    # tokenized again (a tokenize would write a lost mapping anew: tokens are deterministic). Then it
+    # stands for its own value only: tokenize again gives the same token, no second one.
     async with single.client("n1") as client:
         values = sorted(acknowledged)
         for start in range(0, len(values), 500):
             chunk = values[start:start + 500]
+            assert list(await client.detokenize([acknowledged[value] for value in chunk])) == chunk
+        for start in range(0, len(values), 500):
+            chunk = values[start:start + 500]
             again = await client.tokenize(chunk)
             assert list(again.tokens) == [acknowledged[value] for value in chunk]
-            assert list(await client.detokenize(list(again.tokens))) == chunk
 
 
 def test_the_workers_exit_within_a_second_of_their_core(single: ClusterHarness) -> None:

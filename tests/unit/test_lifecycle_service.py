@@ -37,24 +37,31 @@ async def test_delete_answers_null_on_every_node_and_counts_only_existing_tokens
     assert actions.count("token.delete") == 2
 
 
+@pytest.mark.parametrize("removal", ["delete", "destroy"])
 @pytest.mark.parametrize("audit", [True, False], ids=["audit-entry", "read-barrier"])
 async def test_a_backup_that_has_not_applied_a_delete_never_answers_the_deleted_value(
-        tmp_path: Path, audit: bool) -> None:
+        tmp_path: Path, audit: bool, removal: str) -> None:
+    """docs/guarantees.md: after a delete's (or an epoch destroy's) acknowledgement the value is null on
+    every node, a backup that has not applied it yet included: its answer waits for what was committed
+    before the request."""
     configs = [dataclasses.replace(config, audit=AuditConfig(enabled=audit)) for config in make_configs(tmp_path, 3)]
     trio = Cluster(configs)
     try:
         for config in configs:
             trio.nodes.append(await start_node(config))
-        await _backup_never_answers_a_deleted_value(trio, audit)
+        await _backup_never_answers_a_deleted_value(trio, audit, removal)
     finally:
         await trio.close()
 
 
-async def _backup_never_answers_a_deleted_value(trio: Cluster, audit: bool) -> None:
+async def _backup_never_answers_a_deleted_value(trio: Cluster, audit: bool, removal: str = "delete") -> None:
     primary = await trio.wait_for_stable_primary()
     (token,) = body(await primary.service.tokenize("p", ["stale-read"], None))["tokens"]
     lagging = trio.backups()[0]
     await wait_until(lambda: lagging.node.store.lookup([token]), 5, "the backup to apply the token")
+    if removal == "destroy":
+        await primary.service.rotate_epoch("admin", None)  # the active epoch cannot be destroyed
+        await wait_until(lambda: lagging.node.store.active_epoch() == 2, 5, "the backup to apply the rotation")
     transport = lagging.node.transport
     assert transport is not None
     deliver = transport._on_message
@@ -65,8 +72,12 @@ async def _backup_never_answers_a_deleted_value(trio: Cluster, audit: bool) -> N
 
     transport._on_message = without_appends
     try:
-        await primary.service.delete_tokens([token], ACTOR)
-        assert lagging.node.store.lookup([token]), "the backup has not applied the delete"
+        if removal == "delete":
+            await primary.service.delete_tokens([token], ACTOR)
+        else:
+            await primary.service.destroy_epoch(1, ACTOR)
+            assert 1 in lagging.node.keyring, "the backup has not applied the destroy"
+        assert lagging.node.store.lookup([token]), "the backup has not applied the removal"
         asked = asyncio.create_task(lagging.service.detokenize([token]))
 
         def audited() -> bool:

@@ -556,16 +556,19 @@ class NodeService(LifecycleOperations, MembershipOperations):
         A token found in this node's store is answered only once the node has applied everything
         committed before the request started (mappings can be deleted): with the audit trail on, the
         record's own entry is that point — it commits after the request started, so once this node
-        has applied it, any delete acknowledged before is applied here too, and the tokens are looked
-        up again; with it off (or an index unknown), a read barrier."""
+        has applied it, any delete or epoch destroy acknowledged before is applied here too, and the
+        tokens are looked up again (a deleted one reads null, one of an epoch destroyed meanwhile too:
+        its keys are gone, though its row may still be there); with it off (or an index unknown), a
+        read barrier."""
         found = self.node.store.lookup(tokens, _now_ms())
         values = await self._detokenize(tokens, found, barrier=self._audit is None)
         index = await self._audit_detokenize(values, actor, None)
         if found and self._audit is not None:
             await self._caught_up_to(index)
             still = self.node.store.lookup(list(found), _now_ms())
-            values = [None if token in found and token not in still else value
-                      for token, value in zip(tokens, values)]
+            keyring = self.node.keyring
+            values = [None if token in found and (token not in still or parse_token(token).epoch not in keyring)
+                      else value for token, value in zip(tokens, values)]
         return values
 
     async def reveal(self, tokens: list[str], actor: commands.Actor | None = None, epoch: int | None = None,

@@ -24,6 +24,7 @@ from node_support import (Cluster, Partition, RunningNode, Timing, data_files, m
 from protocol import AppendEntries, NotPrimary, Role
 from tokenvault.core import commands
 from tokenvault.core import store as store_module
+from tokenvault.core import wal as wal_module
 from tokenvault.config import TlsConfig, WalConfig
 from tokenvault.crypto import tls
 from tokenvault.crypto.keys import new_epoch_secret
@@ -343,6 +344,57 @@ async def test_a_damaged_store_file_met_by_an_apply_stops_the_node_once_naming_t
         await wait_until(single.is_primary, 5, "the node to be primary again")
     finally:
         await single.close()
+
+
+async def test_an_fsync_error_stops_the_node_and_the_write_is_never_acknowledged(
+        tmp_path: Path, node_log: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/guarantees.md, durability: an fsync error stops the node; it never retries and goes on, and
+    the write it could not make durable is not acknowledged nor applied."""
+    single = await start_node(make_configs(tmp_path, 1)[0])
+    try:
+        await wait_until(single.is_primary, 5, "the node to be primary")
+        tokens_before = single.node.store.token_count()
+
+        def failing(descriptor: int) -> None:
+            raise OSError(5, "Input/output error")
+
+        monkeypatch.setattr(wal_module.os, "fdatasync", failing)
+        outcome: object = None
+        with contextlib.suppress(ServiceError):
+            outcome = await single.service.tokenize("tokenizer", ["never acknowledged"], None)
+        assert outcome is None, "a write whose fsync failed was answered"
+        await wait_until(lambda: single.node.stopped.is_set(), 5, "the node to stop")
+        monkeypatch.undo()
+        assert single.node.store.token_count() == tokens_before
+        assert single.node.fatal_error is not None and single.node.fatal_error.startswith("WalFatal")
+    finally:
+        await single.close()
+    fatal = [json.loads(line) for line in node_log.read_text().splitlines() if '"node.fatal"' in line]
+    assert len(fatal) == 1 and "fsync failed" in fatal[0]["error"] and "Input/output error" in fatal[0]["error"]
+
+
+async def test_a_committed_entry_that_breaks_insert_once_stops_the_node_unanswered(
+        tmp_path: Path, node_log: Path) -> None:
+    """docs/guarantees.md, insert-once: an entry that would map an existing token to another ciphertext
+    (which the service's own checks never propose) stops the node instead of being skipped."""
+    single = await start_node(make_configs(tmp_path, 1)[0])
+    try:
+        await wait_until(single.is_primary, 5, "the node to be primary")
+        (token,) = json.loads((await single.service.tokenize("tokenizer", ["kept"], None)).body)["tokens"]
+        stored = single.node.store.lookup([token])[token]
+        conflicting = commands.encode_command(commands.TokenizeCommand(
+            single.node.store.active_epoch(), ((token, b"another ciphertext"),), None, None, None,
+            int(time.time() * 1000)))
+        with pytest.raises(Exception):  # noqa: B017 - whatever ends the proposal, it is not a result
+            await single.node.propose(conflicting, 1.0)
+        await wait_until(lambda: single.node.stopped.is_set(), 5, "the node to stop")
+        assert single.node.store.lookup([token]) == {token: stored}
+        assert single.node.fatal_error is not None and single.node.fatal_error.startswith("InsertOnceViolation")
+    finally:
+        await single.close()
+    fatal = [json.loads(line) for line in node_log.read_text().splitlines() if '"node.fatal"' in line]
+    assert len(fatal) == 1 and fatal[0]["error"].startswith("InsertOnceViolation")
+    assert token not in fatal[0]["error"]
 
 
 async def test_when_the_certificates_expire_is_in_metrics_and_a_near_expiry_is_logged_at_start(

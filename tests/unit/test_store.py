@@ -330,9 +330,11 @@ def test_conflicting_pair_inside_one_command_is_refused(store):
     started(store, log)
     items = ((token(1, 1), b"first"), (token(1, 1), b"second"))
     payload = encode_command(TokenizeCommand(1, items, "p", None, None, 1))
+    applied_before, before = store.applied_index, dump(store)
     with pytest.raises(InsertOnceViolation):
         store.apply_batch([log.command(payload)])
     assert store.lookup([token(1, 1)]) == {}
+    assert store.applied_index == applied_before and dump(store) == before
 
 
 def test_the_same_token_in_another_epoch_prefix_is_a_conflict(store):

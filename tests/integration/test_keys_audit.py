@@ -27,6 +27,11 @@ REVOKE_DEADLINE_SECONDS = 1.0
 PROBE_TIMEOUT_SECONDS = 0.5
 
 
+# New connections per node after the revocation: with two HTTP workers, all of them reaching one worker
+# has a chance of 2 in 2**16.
+FRESH_CONNECTION_PROBES = 16
+
+
 async def _status_with_key(session: aiohttp.ClientSession, url: str, key: str) -> int:
     """The status of one cheap authenticated call that never writes: a tokenize-only key gets 403 on
     the admin epoch list while it is valid, 401 once it is unknown."""
@@ -76,6 +81,13 @@ def test_a_revoked_key_gets_401_on_every_node_within_one_second_of_the_ack(make_
             deadline = time.monotonic() + REVOKE_DEADLINE_SECONDS
             answers = await asyncio.gather(*(_seconds_until_401(session, harness.url(node_id), created.key, deadline)
                                              for node_id in harness.node_ids))
+            # The polls above ride one kept-alive connection per node, so one HTTP worker each: a new
+            # connection per request reaches the node's other workers too (the kernel spreads them).
+            fresh = aiohttp.TCPConnector(ssl=client_ssl_context(harness.ca_file), force_close=True)
+            async with aiohttp.ClientSession(connector=fresh) as each_new:
+                statuses = {node_id: {await _status_with_key(each_new, harness.url(node_id), created.key)
+                                      for _ in range(FRESH_CONNECTION_PROBES)} for node_id in harness.node_ids}
+            assert all(found == {401} for found in statuses.values()), statuses
             assert await admin.list_keys() == ()
             return dict(zip(harness.node_ids, answers))
 

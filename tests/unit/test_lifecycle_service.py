@@ -221,20 +221,32 @@ async def test_forwarded_lifecycle_requests_are_validated_like_the_http_layer(tr
         assert sent[-1].status == 400, kind
 
 
-async def test_a_node_that_stopped_before_shredding_shreds_when_it_restarts(tmp_path: Path) -> None:
+@pytest.mark.parametrize("removal", ["delete", "destroy"])
+async def test_a_node_that_stopped_before_shredding_shreds_when_it_restarts(tmp_path: Path, removal: str) -> None:
+    """docs/failure-modes.md: a node down between applying a delete (or an epoch destroy) and shredding
+    it shreds when it starts again: the deleted ciphertext (the destroyed epoch's wrapped secret)
+    leaves every file of its data directory."""
     configs = make_configs(tmp_path, 1)
     cluster = Cluster(configs)
     try:
         cluster.nodes.append(await start_node(configs[0]))
         running = await cluster.wait_for_stable_primary()
         token = body(await running.service.tokenize("p", ["crash-window"], None))["tokens"][0]
-        ciphertext = running.node.store.lookup([token])[token]
+        if removal == "delete":
+            secret = running.node.store.lookup([token])[token]
+        else:
+            secret = running.node.store.epochs()[0].wrapped_secret
+            await running.service.rotate_epoch("admin", None)
         running.node.shredder.note = lambda index, command: None  # type: ignore[method-assign]  # "crashes" first
-        await running.service.delete_tokens([token], ACTOR)
-        assert files_holding(running.config.data_dir, ciphertext), "not shredded before the restart"
+        if removal == "delete":
+            await running.service.delete_tokens([token], ACTOR)
+        else:
+            await running.service.destroy_epoch(1, ACTOR)
+        assert files_holding(running.config.data_dir, secret), "not shredded before the restart"
         restarted = await cluster.restart(running)
-        await wait_until(lambda: not files_holding(restarted.config.data_dir, ciphertext), 10,
-                         "the restarted node to shred the delete it found in its log")
-        assert restarted.node.store.lookup([token]) == {}
+        await wait_until(lambda: not files_holding(restarted.config.data_dir, secret), 10,
+                         f"the restarted node to shred the {removal} it found in its log")
+        await cluster.wait_for_stable_primary()
+        assert await restarted.service.detokenize([token]) == [None]
     finally:
         await cluster.close()

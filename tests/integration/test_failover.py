@@ -21,6 +21,7 @@ import pytest
 from harness import (ClusterHarness, RecordingClient, background_load, default_settings, wait_for,
                      wait_for_acknowledged)
 from history import History, Kind, Status, assert_no_violations, check_history_async
+from tokenvault.client.vault import ProblemError
 
 pytestmark = pytest.mark.integration
 
@@ -154,8 +155,11 @@ async def test_two_of_three_down_no_write_is_acknowledged(make_cluster: Callable
     primary = await asyncio.to_thread(harness.wait_for_primary)
     backups = [node_id for node_id in harness.node_ids if node_id != primary]
     writer = RecordingClient(history, "before", harness.client(), "all")
+    known: list[str] = []
     for batch in range(3):
-        assert await writer.tokenize(value_pool(f"before-{batch}", 20)) is not None
+        result = await writer.tokenize(value_pool(f"before-{batch}", 20))
+        assert result is not None
+        known.extend(result.tokens)
     await writer.close()
 
     for backup in backups:
@@ -175,6 +179,12 @@ async def test_two_of_three_down_no_write_is_acknowledged(make_cluster: Callable
     assert any(operation.status is Status.ERROR and operation.error_status == 503 for operation in during), \
         [operation.describe() for operation in during]
     assert all(operation.error_status in (503, None) for operation in during)
+    # Writes and detokenize alike: 503 with Retry-After (docs/failure-modes.md), at the HTTP level.
+    async with harness.client(primary, deadline_seconds=1.0) as lone_client:
+        for attempt in (lone_client.tokenize(value_pool("lone-direct", 1)), lone_client.detokenize(known[:1])):
+            with pytest.raises(ProblemError) as refused:
+                await attempt
+            assert refused.value.status == 503 and refused.value.retry_after_seconds is not None, refused.value
     wait_for(lambda: (harness.health(primary) or {}).get("role") != "primary", 5.0,
              "the primary without a quorum to step down")
 

@@ -16,7 +16,7 @@ from test_channel import pair
 from tokenvault.api.core_calls import CoreCalls
 from tokenvault.api.merge import ReadPointMerger, SealedMerger
 from tokenvault.api.remote import EPOCH_TOPIC, RemoteService
-from tokenvault.errors import EpochChanged, Outcome, Overloaded, Unavailable
+from tokenvault.errors import EpochChanged, Outcome, Overloaded, Unavailable, error_from_problem
 
 
 class CountingWorker:
@@ -125,3 +125,18 @@ async def test_read_points_go_at_most_max_points_a_call_and_each_gets_its_own_an
     assert sent == [4, 4, 2]  # one turn, never more than four a call
     assert isinstance(answers[3], EpochChanged)
     assert [answer for number, answer in enumerate(answers) if number != 3] == [0, 1, 2, 4, 5, 6, 7, 8, 9]
+
+
+async def test_a_read_point_refused_503_comes_back_with_retry_after() -> None:
+    """The core answers a read point's error as [status, problem, detail], without headers; every 503
+    the node answers carries Retry-After (docs/api.md), so the rebuilt error has the default one."""
+    async def send(points: list[dict[str, Any]]) -> Any:
+        return [[503, "unavailable", "the audit record could not be written"] for _ in points]
+
+    merger = ReadPointMerger(send, max_points=4)
+    with pytest.raises(Unavailable) as refused:
+        await merger.ask({"n": 1})
+    assert refused.value.headers.get("Retry-After") == "1"
+    assert "Retry-After" not in error_from_problem(400, "invalid-request", "no", {}).headers
+    kept = error_from_problem(503, "overloaded", "busy", {"Retry-After": "7"})
+    assert isinstance(kept, Overloaded) and kept.headers["Retry-After"] == "7"

@@ -10,7 +10,7 @@ import time
 import msgpack
 import pytest
 
-from node_support import Cluster, RunningNode
+from node_support import Cluster, RunningNode, wait_until
 from protocol import ForwardRequest
 from tokenvault.core import commands
 from tokenvault.errors import IdempotencyMismatch, UnprocessableValue
@@ -105,3 +105,24 @@ async def test_idempotency_keys_cover_the_options(single: RunningNode) -> None:
         await service.tokenize("p", ["v"], "key-1")
     with pytest.raises(UnprocessableValue):
         await service.tokenize("p", ["123"], None, "digits")
+
+
+async def test_the_purge_deletes_expired_mappings_on_every_node(trio: Cluster) -> None:
+    """docs/guarantees.md, expiry: the purge is replicated entries, so the backups delete the expired
+    rows too (a read answers null from the clock alone; the rows must go as well)."""
+    primary = await trio.wait_for_stable_primary()
+    for running in trio.running():
+        if running.service._purge_task is not None:
+            running.service._purge_task.cancel()  # this test drives the purge itself
+    now_ms = int(time.time() * 1000)
+    items = tuple(primary.node.keyring.get(1).seal(f"expired-everywhere-{number}") for number in range(3))
+    command = commands.TokenizeCommand(1, items, None, None, None, now_ms - 10_000, expires_at_ms=now_ms - 5_000)
+    await primary.node.propose(commands.encode_command(command), 5)
+    tokens = [token for token, _ in items]
+    for running in trio.running():
+        await wait_until(lambda: len(running.node.store.lookup(tokens, now_ms=0)) == 3, 5, "the rows on every node")
+    assert await primary.service.purge_expired_once() == 3
+    for running in trio.running():
+        await wait_until(lambda: running.node.store.lookup(tokens, now_ms=0) == {}, 5,
+                         f"{running.node_id} to delete the expired rows")
+        assert running.node.store.next_expiry_ms() is None

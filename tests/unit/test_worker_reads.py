@@ -415,3 +415,17 @@ async def test_a_worker_whose_view_fails_to_open_tries_again_and_reads_from_the_
     monkeypatch.setattr(worker_module, "open_view", never)
     await worker_module._open_store_view(config, 1, 2, service)  # type: ignore[arg-type]
     assert len(tries) == worker_module.VIEW_OPEN_ATTEMPTS and attached == [opened]  # gave up: no view
+
+
+async def test_a_destroyed_epoch_leaves_the_workers_key_rings(single: RunningNode, worker: Worker) -> None:
+    """docs/guarantees.md: a destroyed epoch is in no key ring, the HTTP workers' included: the core's
+    push after the destroy takes its keys from every worker, which then answers its tokens null."""
+    tokens = await tokenize(single, ["doomed"])
+    await single.service.rotate_epoch("admin", None)
+    await worker.service.read_health()  # a round trip: the rotation's push has arrived
+    assert set(worker.service._readable) == {1, 2}
+    await single.service.destroy_epoch(1, commands.Actor(name="admin", node="n1", request_id="r"))
+    await worker.service.read_health()
+    assert set(worker.service._readable) == {2}
+    worker.reader.catch_up()
+    assert await worker.service.detokenize(tokens) == [None]

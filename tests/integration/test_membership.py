@@ -9,12 +9,19 @@ then restarts with its old static config and catches up. A client load runs
 throughout and its whole history is checked on every node (every acknowledged
 token detokenizes to its value, and the history is linearizable). Last,
 ``remove-node`` removes the primary itself, which steps down once that commits.
+
+A node whose write-ahead log is damaged before its tail refuses to start; it is
+replaced the same way (docs/failure-modes.md), never by starting it again on an
+empty data directory under the same id: a voter that forgot what it acknowledged
+and whom it voted for is outside the replication protocol's failure model.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import struct
 import subprocess
 import sys
 import time
@@ -23,8 +30,9 @@ from collections.abc import Callable
 
 import pytest
 
-from harness import ClusterHarness, background_load, wait_for_acknowledged
+from harness import ClusterHarness, RecordingClient, background_load, wait_for, wait_for_acknowledged
 from history import History, Kind, assert_no_violations, check_history_async
+from tokenvault.core.wal import HEADER_BYTES
 from tokenvault.devcluster import cluster
 
 pytestmark = pytest.mark.integration
@@ -113,3 +121,52 @@ async def test_a_fresh_node_replaces_a_dead_one_and_nothing_acknowledged_is_lost
     assert primary not in harness.node_ids and len(harness.node_ids) == 2
     async with harness.client(key="tokenizer", deadline_seconds=15.0) as tokenizer:
         assert (await tokenizer.tokenize(["after-the-primary-left"])).tokens
+
+
+async def test_a_node_whose_wal_is_damaged_before_its_tail_refuses_to_start_and_is_replaced(
+        make_cluster: Callable[..., ClusterHarness]) -> None:
+    """docs/failure-modes.md, "Corrupted WAL before the tail": the node refuses to start naming the segment
+    and the offset, the others serve, and the documented repair (add a fresh node, remove the damaged
+    one) leaves every acknowledged token readable on every member."""
+    harness = make_cluster()
+    history = History()
+    writer = RecordingClient(history, "early", harness.client(), "all")
+    for batch in range(3):
+        assert await writer.tokenize([f"rot-{uuid.uuid4().hex[:10]}-{batch}-{index}" for index in range(20)])
+    await writer.close()
+    primary = await asyncio.to_thread(harness.wait_for_primary)
+    damaged = next(node_id for node_id in harness.node_ids if node_id != primary)
+    commit_index = (await harness.health_async(primary))["commit_index"]
+    await asyncio.to_thread(harness.wait_for_applied, [damaged], commit_index, 10.0)
+    await asyncio.to_thread(harness.kill, damaged)
+    segment = harness.last_wal_segment(damaged)
+    data = bytearray(segment.read_bytes())
+    second = HEADER_BYTES + struct.unpack_from(">I", data, 0)[0]  # the record after the segment's BASE record
+    length = struct.unpack_from(">I", data, second)[0]
+    assert length > 2 and second + HEADER_BYTES + length < len(data), "records must follow the damaged one"
+    data[second + HEADER_BYTES + 1] ^= 0x40  # one bit of its payload: bit rot, not a torn write
+    segment.write_bytes(bytes(data))
+
+    mark = harness.log_mark(damaged)
+    with contextlib.suppress(AssertionError):  # raised when the node exits before it answers /health
+        await asyncio.to_thread(harness.restart, damaged, 10.0)
+    await asyncio.to_thread(wait_for, lambda: harness.pid(damaged) is None, 10.0, "the damaged node to stop")
+    refused = harness.find_events(damaged, "node.refused_to_start", since=mark)
+    assert refused and f"{segment.name} is corrupt at offset {second}: CRC mismatch" in refused[0]["reason"], refused
+    live = [node_id for node_id in harness.node_ids if node_id != damaged]
+    meanwhile = RecordingClient(history, "meanwhile", harness.client(live), "+".join(live))
+    assert await meanwhile.tokenize([f"rot-meanwhile-{index}" for index in range(20)]) is not None
+    await meanwhile.close()
+
+    before = set(harness.node_ids)
+    await asyncio.to_thread(run_cluster, harness, "add-node")
+    await asyncio.to_thread(run_cluster, harness, "remove-node", damaged)
+    refresh(harness)
+    (added,) = set(harness.node_ids) - before
+    assert damaged not in harness.node_ids
+    primary = await asyncio.to_thread(harness.wait_for_primary)
+    commit_index = (await harness.health_async(primary))["commit_index"]
+    await asyncio.to_thread(harness.wait_for_applied, [added], commit_index, 30.0)
+    async with harness.node_clients(harness.node_ids, deadline_seconds=10.0) as clients:
+        violations = await check_history_async(history, {node: client.detokenize for node, client in clients.items()})
+    assert_no_violations(violations, history)

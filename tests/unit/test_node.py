@@ -336,7 +336,7 @@ async def test_a_damaged_store_file_met_by_an_apply_stops_the_node_once_naming_t
     monkeypatch.undo()
     marker = config.data_dir / STORE_DAMAGED_FILE
     assert "000017.sst offset 12" in marker.read_text()
-    with pytest.raises(StoreCorruption, match="found damaged .*000017.sst offset 12.*move the data directory away"):
+    with pytest.raises(StoreCorruption, match="found damaged .*000017.sst offset 12.*replace the node: add a new one"):
         Node(config)
     marker.unlink()  # the operator's choice: start on these files anyway
     single = await start_node(config)

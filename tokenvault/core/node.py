@@ -460,7 +460,7 @@ class Node:
 
     def _store_damaged(self, error: StoreDamaged) -> None:
         """The store met a damaged file: stop rather than fail every request that meets it. The other nodes
-        hold the data; this one comes back by moving its data directory away (docs/failure-modes.md). The
+        hold the data; this one is replaced by a new node (docs/failure-modes.md). The
         damage is written down first, so that a restart refuses to serve from the same files."""
         if self.fatal_error is not None:
             return
@@ -853,8 +853,8 @@ def _refuse_a_store_found_damaged(data_dir: Path) -> None:
             recorded = marker.read(DAMAGE_RECORD_MAX_CHARS).decode("utf-8", errors="replace").strip()
     except OSError:
         recorded = "(the record cannot be read)"
-    raise StoreCorruption(f"this node's store was found damaged ({recorded}); move the data directory away "
-                          "and start the node again to rebuild it from the other nodes (a node alone: restore "
+    raise StoreCorruption(f"this node's store was found damaged ({recorded}); replace the node: add a new one "
+                          "and remove this one from the cluster (docs/failure-modes.md; a node alone: restore "
                           f"it from a backup), or remove {path} to start on these files anyway")
 
 

@@ -8,6 +8,7 @@ instead of sleeping.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import socket
@@ -19,7 +20,7 @@ import pytest
 from node_support import Cluster, ProposalGate, RunningNode, Timing, retry_until_ok, start_cluster, wait_until
 import msgpack
 
-from protocol import AppendEntries, ForwardRequest, ForwardResponse, ProposalRejected
+from protocol import AppendEntries, AppendReply, ForwardRequest, ForwardResponse, ProposalRejected
 from tokenvault.core import commands
 from tokenvault.crypto.keys import new_epoch_secret
 from tokenvault.errors import (EpochChanged, IdempotencyInFlight, IdempotencyMismatch, InvalidRequest,
@@ -1005,3 +1006,47 @@ def test_a_sealed_forward_a_backup_sends_is_never_over_the_primarys_bound(value_
     assert _sealed_forward_bytes(values, items) >= len(body)
     assert _sealed_forward_bytes(values, items) <= bound  # the largest allowed request goes with its pairs
     assert len(body) <= bound and TOKENIZE_SEALED == "tokenize.sealed"
+
+
+async def test_a_retry_after_a_failover_while_the_first_attempt_was_uncommitted_answers_the_first_once(
+        trio: Cluster) -> None:
+    """docs/guarantees.md, "Idempotency": the first attempt's entry reached one backup but was not
+    committed when its primary died; the retry reaches the new primary, which commits that entry: the
+    key is applied once (the retry's own entry, if any, writes nothing) and both answers are the first."""
+    old = trio.primaries()[0]
+    holder, other = trio.backups()
+    # The old primary never hears that `holder` has the entry (so never commits it); `other` never gets it.
+    old_receive, other_receive = old.node.transport._on_message, other.node.transport._on_message
+
+    def old_deaf_to_holder(sender: str, message: object) -> None:
+        if not (sender == holder.node_id and isinstance(message, AppendReply)):
+            old_receive(sender, message)
+
+    def other_without_appends(sender: str, message: object) -> None:
+        if not (sender == old.node_id and isinstance(message, AppendEntries)):
+            other_receive(sender, message)
+
+    old.node.transport._on_message = old_deaf_to_holder
+    other.node.transport._on_message = other_without_appends
+    commit_before = old.node.replica.commit_index
+    first = asyncio.create_task(holder.service.tokenize("p", ["uncommitted-first"], "failover-key"))
+    await wait_until(lambda: holder.node.replica.last_index > commit_before
+                     and holder.node.replica.last_index == old.node.replica.last_index, 5,
+                     "the first attempt's entry on the old primary and on one backup only")
+    assert old.node.replica.commit_index == commit_before
+    await old.close()
+    other.node.transport._on_message = other_receive
+    with contextlib.suppress(ServiceError):
+        await asyncio.wait_for(first, 10)  # its answer is lost with the primary, or comes from the new one
+    new = await trio.wait_for_stable_primary()
+    assert new.node_id == holder.node_id  # the only node whose log holds the entry can win
+    retried = await retry_until_ok(lambda: other.service.tokenize("p", ["uncommitted-first"], "failover-key"), 5,
+                                   "the retry once the new primary serves", (Unavailable,))
+    # The new primary committed the first attempt's entry before it served: the retry is its replay.
+    assert retried.status == 200 and retried.replayed, retried
+    again = await other.service.tokenize("p", ["uncommitted-first"], "failover-key")
+    assert again.replayed and again.body == retried.body
+    record = new.node.store.idempotency_get("p", "failover-key")
+    assert record is not None and record.response == retried.body
+    (token,) = body(retried)["tokens"]
+    assert await new.service.detokenize([token]) == ["uncommitted-first"]

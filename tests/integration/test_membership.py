@@ -58,6 +58,16 @@ def refresh(harness: ClusterHarness) -> None:
     harness._remember_pids()
 
 
+async def caught_up_and_holding_the_history(harness: ClusterHarness, node_id: str, history: History) -> None:
+    """Once ``node_id`` has applied up to the primary's commit index, every member holds the history."""
+    primary = await asyncio.to_thread(harness.wait_for_primary)
+    commit_index = (await harness.health_async(primary))["commit_index"]
+    await asyncio.to_thread(harness.wait_for_applied, [node_id], commit_index, 30.0)
+    async with harness.node_clients(harness.node_ids, deadline_seconds=10.0) as clients:
+        violations = await check_history_async(history, {node: client.detokenize for node, client in clients.items()})
+    assert_no_violations(violations, history)
+
+
 async def test_a_fresh_node_replaces_a_dead_one_and_nothing_acknowledged_is_lost(
         make_cluster: Callable[..., ClusterHarness]) -> None:
     harness = make_cluster()
@@ -101,12 +111,7 @@ async def test_a_fresh_node_replaces_a_dead_one_and_nothing_acknowledged_is_lost
     # The killed original node restarts: its static config still names the removed node and not the new
     # one, its log and store hold the current configuration; it catches up and serves everything.
     await asyncio.to_thread(harness.restart, victim)
-    primary = await asyncio.to_thread(harness.wait_for_primary)
-    commit_index = (await harness.health_async(primary))["commit_index"]
-    await asyncio.to_thread(harness.wait_for_applied, [victim], commit_index, 30.0)
-    async with harness.node_clients(harness.node_ids, deadline_seconds=10.0) as clients:
-        violations = await check_history_async(history, {node: client.detokenize for node, client in clients.items()})
-    assert_no_violations(violations, history)
+    await caught_up_and_holding_the_history(harness, victim, history)
     print(f"replaced {lost} by {added.node_id} in {change_ended - change_started:.1f} s, then killed {victim}; "
           f"{len(during_change)} operations acknowledged during the change; {history.summary()}")
 
@@ -164,9 +169,4 @@ async def test_a_node_whose_wal_is_damaged_before_its_tail_refuses_to_start_and_
     refresh(harness)
     (added,) = set(harness.node_ids) - before
     assert damaged not in harness.node_ids
-    primary = await asyncio.to_thread(harness.wait_for_primary)
-    commit_index = (await harness.health_async(primary))["commit_index"]
-    await asyncio.to_thread(harness.wait_for_applied, [added], commit_index, 30.0)
-    async with harness.node_clients(harness.node_ids, deadline_seconds=10.0) as clients:
-        violations = await check_history_async(history, {node: client.detokenize for node, client in clients.items()})
-    assert_no_violations(violations, history)
+    await caught_up_and_holding_the_history(harness, added, history)

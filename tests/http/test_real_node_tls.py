@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import socket
 import ssl
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -76,3 +77,25 @@ def test_tls_1_1_is_refused_and_1_2_accepted(tls_node: RealNode) -> None:
                     assert accepted and wrapped.version() == "TLSv1.2"
             except (ssl.SSLError, ConnectionError):
                 assert not accepted
+
+
+# The node's default [http] header_timeout_ms, and how much later than it a close may come.
+HEADER_TIMEOUT_SECONDS = 10.0
+CLOSE_MARGIN_SECONDS = 3.0
+
+
+def test_a_connection_that_never_finishes_its_tls_handshake_is_closed_within_the_header_timeout(
+        tls_node: RealNode) -> None:
+    """docs/failure-modes.md, slow clients: a TLS connection is a connection of the HTTP server (counted,
+    its header timer started) only once its handshake is done; one that opens and sends nothing is
+    closed after the header timeout, not the event loop's own 60 s."""
+    started = time.monotonic()
+    with socket.create_connection(_host_port(tls_node), timeout=HEADER_TIMEOUT_SECONDS * 3) as raw:
+        try:
+            closed = raw.recv(1) == b""
+        except ConnectionError:
+            closed = True
+        except TimeoutError:
+            closed = False
+    waited = time.monotonic() - started
+    assert closed and waited <= HEADER_TIMEOUT_SECONDS + CLOSE_MARGIN_SECONDS, waited

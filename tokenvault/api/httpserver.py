@@ -759,14 +759,23 @@ class HttpServer:
     def _protocol(self) -> _Connection:
         return _Connection(self)
 
+    def _handshake_timeout(self, ssl_context: ssl.SSLContext | None) -> float | None:
+        """A TLS connection becomes a connection of this server (counted against max_connections, its
+        header timer started) only once its handshake is done: until then the event loop's own bound
+        applies, 60 s by default. A client that opens a connection and never finishes the handshake
+        gets the header timeout instead."""
+        return self.app.header_timeout_seconds if ssl_context is not None else None
+
     async def start(self, host: str, port: int, *, ssl_context: ssl.SSLContext | None = None,
                     reuse_address: bool = True) -> None:
         server = await asyncio.get_running_loop().create_server(
-            self._protocol, host, port, ssl=ssl_context, reuse_address=reuse_address)
+            self._protocol, host, port, ssl=ssl_context, reuse_address=reuse_address,
+            ssl_handshake_timeout=self._handshake_timeout(ssl_context))
         self._servers.append(server)
 
     async def start_on_socket(self, sock: socket.socket, *, ssl_context: ssl.SSLContext | None = None) -> None:
-        server = await asyncio.get_running_loop().create_server(self._protocol, sock=sock, ssl=ssl_context)
+        server = await asyncio.get_running_loop().create_server(
+            self._protocol, sock=sock, ssl=ssl_context, ssl_handshake_timeout=self._handshake_timeout(ssl_context))
         self._servers.append(server)
 
     @property

@@ -798,7 +798,7 @@ def test_a_version_1_data_directory_is_refused_with_a_clear_message(tmp_path: Pa
 
 
 async def test_a_damaged_snapshot_stream_is_refused_asked_for_again_and_never_fatal(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, node_log: Path) -> None:
     # The first stream the primary sends has one byte altered after its checksum was
     # taken (as a bad disk would): each chunk passes its CRC, the whole stream fails
     # its digest. The backup drops it, is streamed the snapshot again, and installs it.
@@ -806,9 +806,11 @@ async def test_a_damaged_snapshot_stream_is_refused_asked_for_again_and_never_fa
 
     original_read = snapshots_module.SnapshotSource.read
     damaged_streams: list[int] = []
+    streams: set[int] = set()
 
     def read_damaging_the_first_stream(self, offset: int, length: int) -> bytes:
         data = original_read(self, offset, length)
+        streams.add(id(self))
         if not damaged_streams or damaged_streams[0] == id(self):
             if offset == 0 and not damaged_streams:
                 damaged_streams.append(id(self))
@@ -831,7 +833,11 @@ async def test_a_damaged_snapshot_stream_is_refused_asked_for_again_and_never_fa
         await wait_until(lambda: lagging.node.store.lookup(tokens).keys() == set(tokens), 15,
                          "the lagging backup to install the second stream")
         assert len(damaged_streams) == 1, "the first stream was damaged"
+        assert len(streams) >= 2, "the damaged stream was installed instead of refused and sent again"
         assert lagging.node.fatal_error is None and primary.node.fatal_error is None
         assert await lagging.service.detokenize(tokens) == [f"damaged-snapshot-{number}" for number in range(30)]
     finally:
         await cluster.close()
+    rejected = [json.loads(line) for line in node_log.read_text().splitlines() if '"snapshot.rejected"' in line]
+    assert [event["stage"] for event in rejected] == ["verify"], rejected  # the backup's check, once
+    assert "damaged-snapshot" not in rejected[0]["reason"]

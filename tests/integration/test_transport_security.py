@@ -11,6 +11,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import socket
+import ssl
 import struct
 import time
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from harness import ClusterHarness, fast_settings, wait_for
+from tokenvault.core.transport import GREETING
 
 pytestmark = pytest.mark.integration
 
@@ -137,4 +139,24 @@ async def test_a_tls_cluster_uses_https_and_mutual_tls_links(make_cluster: Calla
                     break
             except ConnectionResetError:
                 break
-    harness.wait_for_event(target, "peer.handshake_failed", mark, remote=address.rsplit(":", 1)[0])
+    refused = harness.wait_for_event(target, "peer.handshake_failed", mark, remote=address.rsplit(":", 1)[0])
+    # The bytes went to the TLS layer, which waited for a handshake that never came; a plain link would
+    # have read them as a frame and refused it as one (ProtocolError, the plain-mode test above).
+    assert refused["reason"] != "ProtocolError", refused
+    # A TLS client that trusts the cluster CA but has no certificate of its own is refused by the TLS
+    # handshake itself (mutual TLS), before any frame.
+    mark = harness.log_mark(target)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.load_verify_locations(harness.ca_file)
+    context.check_hostname = False
+    with socket.create_connection(("127.0.0.1", harness.node(target).peer_port), timeout=5) as raw:
+        assert raw.recv(len(GREETING), socket.MSG_WAITALL) == GREETING
+        try:
+            with context.wrap_socket(raw) as certless:  # TLS 1.3: the refusal arrives with the first read
+                certless.sendall(b"\x00\x00\x00\x10" + b"hello, let me in")
+                answered = certless.recv(1)
+        except (ssl.SSLError, ConnectionError):
+            answered = b""
+        assert answered == b"", "a peer without a certificate was answered"
+    certless_refused = harness.wait_for_event(target, "peer.handshake_failed", mark)
+    assert certless_refused["reason"] in ("SSLError", "SSLCertVerificationError"), certless_refused

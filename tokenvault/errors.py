@@ -123,11 +123,7 @@ def error_from_problem(status: int, slug: str, detail: str, headers: Mapping[str
     A backup that forwarded a request raises the same class the primary
     raised, so callers and the HTTP layer treat a forwarded error exactly as a
     local one. None when no class of this project has that type and status.
-    Every 503 is answered with ``Retry-After`` (docs/api.md): one that came
-    without it (a worker's read point carries no headers) gets the default.
     """
-    if status == HTTPStatus.SERVICE_UNAVAILABLE and "Retry-After" not in headers:
-        headers = {**headers, "Retry-After": str(DEFAULT_RETRY_AFTER_SECONDS)}
     pending: list[type[ServiceError]] = [ServiceError]
     while pending:
         error_class = pending.pop()

@@ -16,7 +16,7 @@ from test_channel import pair
 from tokenvault.api.core_calls import CoreCalls
 from tokenvault.api.merge import ReadPointMerger, SealedMerger
 from tokenvault.api.remote import EPOCH_TOPIC, RemoteService
-from tokenvault.errors import EpochChanged, Outcome, Overloaded, Unavailable, error_from_problem
+from tokenvault.errors import EpochChanged, Outcome, Overloaded, Unavailable
 
 
 class CountingWorker:
@@ -117,7 +117,7 @@ async def test_read_points_go_at_most_max_points_a_call_and_each_gets_its_own_an
     async def send(points: list[dict[str, Any]]) -> Any:
         sent.append(len(points))
         # The core's answer for each point: its index, or its own error.
-        return [[409, "epoch-changed", "not the active epoch"] if point["n"] == 3 else [point["n"]]
+        return [[409, "epoch-changed", "not the active epoch", {}] if point["n"] == 3 else [point["n"]]
                 for point in points]
 
     merger = ReadPointMerger(send, max_points=4)
@@ -127,16 +127,29 @@ async def test_read_points_go_at_most_max_points_a_call_and_each_gets_its_own_an
     assert [answer for number, answer in enumerate(answers) if number != 3] == [0, 1, 2, 4, 5, 6, 7, 8, 9]
 
 
-async def test_a_read_point_refused_503_comes_back_with_retry_after() -> None:
-    """The core answers a read point's error as [status, problem, detail], without headers; every 503
-    the node answers carries Retry-After (docs/api.md), so the rebuilt error has the default one."""
+async def test_a_read_point_refused_503_comes_back_with_its_retry_after() -> None:
+    """The core answers a read point's error with its headers, as a channel failure: a 503's Retry-After
+    (every 503 the node answers carries one, docs/api.md) reaches the worker's answer unchanged."""
     async def send(points: list[dict[str, Any]]) -> Any:
-        return [[503, "unavailable", "the audit record could not be written"] for _ in points]
+        return [[503, "overloaded", "busy", {"Retry-After": "7"}] if point["n"] == 1
+                else [503, "unavailable", "no headers"] for point in points]
 
     merger = ReadPointMerger(send, max_points=4)
-    with pytest.raises(Unavailable) as refused:
-        await merger.ask({"n": 1})
-    assert refused.value.headers.get("Retry-After") == "1"
-    assert "Retry-After" not in error_from_problem(400, "invalid-request", "no", {}).headers
-    kept = error_from_problem(503, "overloaded", "busy", {"Retry-After": "7"})
-    assert isinstance(kept, Overloaded) and kept.headers["Retry-After"] == "7"
+    busy, malformed = await asyncio.gather(merger.ask({"n": 1}), merger.ask({"n": 2}), return_exceptions=True)
+    assert isinstance(busy, Overloaded) and busy.headers["Retry-After"] == "7"
+    assert isinstance(malformed, Unavailable) and "out of shape" in malformed.detail
+
+
+async def test_the_core_answers_a_read_point_error_with_its_headers(single: RunningNode) -> None:
+    calls = CoreCalls(single.service, single.node.metrics, lambda: [], max_backup_streams=1)
+    calls._read_points_in_flight = 10**6  # past the bound: the whole call is refused, not a point
+    with pytest.raises(Overloaded):
+        await calls._read_points({"points": [{"kind": "tokenize", "epoch": 1, "items": 1}]})
+    calls._read_points_in_flight = 0
+
+    async def refused() -> int:
+        raise Unavailable("no quorum")
+
+    calls._read_point = lambda point: refused  # type: ignore[method-assign]
+    (answer,) = await calls._read_points({"points": [{"kind": "tokenize"}]})
+    assert answer[:3] == [503, "unavailable", "no quorum"] and answer[3]["Retry-After"] == "1"

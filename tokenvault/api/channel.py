@@ -176,7 +176,7 @@ class Channel:
         elif kind == FAIL and len(message) == 6 and isinstance(message[1], int):
             future = self._waiting.get(message[1])
             if future is not None and not future.done():
-                future.set_exception(_decode_failure(message[2:]))
+                future.set_exception(decode_failure(message[2:]))
         elif kind == PUSH and len(message) == 3 and isinstance(message[1], str):
             if self._on_push is not None:
                 self._on_push(message[1], message[2])
@@ -256,7 +256,11 @@ def _decode_result(is_outcome: object, result: Any) -> Any:
     return result
 
 
-def _decode_failure(fields: list[Any]) -> ServiceError:
+def decode_failure(fields: list[Any]) -> ServiceError:
+    """The ServiceError of ``[status, problem, detail, headers]`` (a FAIL frame's fields, a read point's
+    error), headers included; Unavailable for anything out of shape."""
+    if len(fields) != 4:
+        return Unavailable("the node's core answered an error out of shape; retry")
     status, problem, detail, headers = fields
     if (isinstance(status, int) and isinstance(problem, str) and isinstance(detail, str)
             and isinstance(headers, dict) and all(isinstance(k, str) and isinstance(v, str)

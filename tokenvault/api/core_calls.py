@@ -157,7 +157,7 @@ class CoreCalls:
 
     async def _read_points(self, arguments: dict[str, Any]) -> Any:
         """The read points one worker needed in one loop turn (tokenvault.api.merge.ReadPointMerger), each
-        run as it would be alone; one result per point: ``[index]`` or ``[status, problem, detail]``."""
+        run as it would be alone; one result per point: ``[index]`` or ``[status, problem, detail, headers]``."""
         _members(arguments, ("points",))
         points = arguments["points"]
         if not isinstance(points, list) or not 1 <= len(points) <= MAX_READ_POINTS:
@@ -174,7 +174,7 @@ class CoreCalls:
         answers: list[list[Any]] = []
         for result in results:
             if isinstance(result, ServiceError):
-                answers.append([result.status, result.problem, result.detail])
+                answers.append([result.status, result.problem, result.detail, dict(result.headers)])
             elif isinstance(result, BaseException):
                 raise result  # a bug, not a point's answer: the whole call fails as any call would
             else:

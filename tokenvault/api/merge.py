@@ -33,7 +33,8 @@ import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from tokenvault.errors import Outcome, ServiceError, Unavailable, error_from_problem
+from tokenvault.api.channel import decode_failure
+from tokenvault.errors import Outcome, Unavailable
 from tokenvault.futures import TurnBatch, TurnBatcher, fail_waiting
 
 # Sends one tokenize_sealed call (principal, epoch, values, items) and returns the core's Outcome.
@@ -161,13 +162,11 @@ class ReadPointMerger(TurnBatcher[_Points]):
 
 
 def _settle(future: asyncio.Future[int], result: object) -> None:
-    """One point's result as the core sends it: ``[index]``, or ``[status, problem, detail]``."""
+    """One point's result as the core sends it: ``[index]``, or ``[status, problem, detail, headers]``
+    (its error, decoded as a channel's failure: its Retry-After kept)."""
     if isinstance(result, list) and len(result) == 1 and type(result[0]) is int and result[0] >= 0:
         future.set_result(result[0])
         return
-    error: ServiceError | None = None
-    if (isinstance(result, list) and len(result) == 3 and isinstance(result[0], int)
-            and isinstance(result[1], str) and isinstance(result[2], str)):
-        error = error_from_problem(result[0], result[1], result[2], {})
-    future.set_exception(error or Unavailable("the node's core answered a read point out of shape; retry"))
+    future.set_exception(decode_failure(result) if isinstance(result, list)
+                         else Unavailable("the node's core answered a read point out of shape; retry"))
     future.exception()

@@ -40,6 +40,7 @@ batch boundaries. ``retention_ms`` must therefore be the same on every node.
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -98,6 +99,7 @@ def _stops_when_damaged(method: Callable[Concatenate["VaultStore", _Arguments], 
     file and the offset, and ``on_damage`` hears of it (the node stops: docs/failure-modes.md). A damaged
     block is never read as data, so no answer is wrong; but a node that went on would fail every request
     that meets the block, and a retry there would not help."""
+    @functools.wraps(method)
     def checked(store: "VaultStore", /, *arguments: _Arguments.args, **keywords: _Arguments.kwargs) -> _Result:
         try:
             return method(store, *arguments, **keywords)
@@ -108,7 +110,6 @@ def _stops_when_damaged(method: Callable[Concatenate["VaultStore", _Arguments], 
             if store.on_damage is not None:
                 store.on_damage(damaged)
             raise damaged from None
-    checked.__name__, checked.__doc__ = method.__name__, method.__doc__
     return checked
 
 

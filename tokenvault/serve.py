@@ -144,7 +144,7 @@ async def run_node(config: NodeConfig, config_path: Path | None = None) -> int:
         await sealer.close()
     await node.close()
     log.info("node.stopped")
-    return 2 if node.fatal_error else 0
+    return 2 if node.fatal_error or node.close_failed else 0
 
 
 def _tune_garbage_collector() -> None:

@@ -236,6 +236,10 @@ class ClusterHarness:
     def pid(self, node_id: str) -> int | None:
         return cluster.running_pid(self.node(node_id))
 
+    def exit_status(self, node_id: str) -> int | None:
+        """How the node's last process ended (negative: by that signal); None while it runs."""
+        return cluster.exit_status(self.node(node_id))
+
     def kill(self, node_id: str) -> None:
         """SIGKILL (kill -9) one node; kill_node waits until it is gone and its ports are free."""
         self.paused.discard(node_id)

@@ -135,6 +135,7 @@ async def test_a_node_whose_disk_fills_stops_the_others_carry_on_and_it_recovers
     acknowledged: dict[str, str] = {}
     after_stop = await _fill_until_stopped(harness, acknowledged)
     assert harness.pid("n3") is None, "n3 never stopped: its disk did not fill"
+    assert harness.exit_status("n3") == 2, f"n3 ended with status {harness.exit_status('n3')}, not 2 (fatal)"
     fatal = harness.find_events("n3", "node.fatal", since=mark)
     assert fatal and "No space left on device" in fatal[0]["error"], fatal
     assert after_stop >= BATCHES_AFTER, f"only {after_stop} batches were acknowledged after n3 stopped"
@@ -150,6 +151,10 @@ async def test_a_node_whose_disk_fills_stops_the_others_carry_on_and_it_recovers
     stopped = (harness.find_events("n3", "node.refused_to_start", since=mark)
                + harness.find_events("n3", "node.fatal", since=mark))
     assert any("No space left on device" in event.get("reason", event.get("error", "")) for event in stopped), stopped
+    # 3 when it refused to start, 2 when it stopped at its first write: never 0, which a supervisor would read
+    # as a stop it was asked for.
+    refused = bool(harness.find_events("n3", "node.refused_to_start", since=mark))
+    assert harness.exit_status("n3") == (3 if refused else 2), (refused, harness.exit_status("n3"))
 
     data_dir = harness.node("n3").data_dir
     grown = subprocess.run(["mount", "-o", f"remount,size={ROOMY_DISK_MIB}m", str(data_dir)],

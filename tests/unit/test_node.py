@@ -373,6 +373,46 @@ async def test_an_fsync_error_stops_the_node_and_the_write_is_never_acknowledged
     assert len(fatal) == 1 and "fsync failed" in fatal[0]["error"] and "Input/output error" in fatal[0]["error"]
 
 
+class _StoreThatMetAWriteError:
+    """A RocksDB handle after a failed write (a full disk): it refuses to flush, and still closes."""
+
+    def __init__(self, database: object) -> None:
+        self.database = database
+
+    def flush_wal(self, sync: bool) -> None:
+        raise Exception("IO error: Writer has previous error.")
+
+    def close(self) -> None:
+        self.database.close()  # type: ignore[attr-defined]
+
+
+async def test_a_store_that_refuses_to_close_is_logged_once_and_the_next_start_recovers(
+        tmp_path: Path, node_log: Path) -> None:
+    """docs/failure-modes.md, a node's disk fills up: after the failed write the store refuses to flush on the
+    way out; the node says so in one node.close_failed line (never a traceback, and serve exits 2, not 1),
+    still releases the store, and the next start recovers every acknowledged token."""
+    config = make_configs(tmp_path, 1)[0]
+    single = await start_node(config)
+    try:
+        await wait_until(single.is_primary, 5, "the node to be primary")
+        values = [f"close-{number}" for number in range(20)]
+        epoch, tokens = await tokens_of(single, values)
+        store = single.node.store
+        store._db = _StoreThatMetAWriteError(store._db)  # type: ignore[assignment]
+    finally:
+        await single.close()
+    assert single.node.close_failed
+    failed = [json.loads(line) for line in node_log.read_text().splitlines() if '"node.close_failed"' in line]
+    assert [(event["part"], "Writer has previous error" in event["error"]) for event in failed] == [("store", True)]
+    again = await start_node(config)  # the database was closed: its lock is free
+    try:
+        await wait_until(again.is_primary, 5, "the node to be primary again")
+        assert await tokens_of(again, values) == (epoch, tokens)
+    finally:
+        await again.close()
+    assert not again.node.close_failed
+
+
 async def test_a_committed_entry_that_breaks_insert_once_stops_the_node_unanswered(
         tmp_path: Path, node_log: Path) -> None:
     """docs/guarantees.md, insert-once: an entry that would map an existing token to another ciphertext

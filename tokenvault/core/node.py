@@ -199,6 +199,7 @@ class Node:
         # Called with an epoch once its destroy is applied here (the service's sealer forgets its keys).
         self.epoch_destroyed_handlers: list[Callable[[int], None]] = []
         self.fatal_error: str | None = None
+        self.close_failed = False  # the WAL or the store refused to close (node.close_failed)
         self.stopped = asyncio.Event()
         # A damaged store file met by a read or an apply stops the node (docs/failure-modes.md).
         self.store.on_damage = self._store_damaged
@@ -298,8 +299,14 @@ class Node:
         await self.shredder.close()
         await self.snapshots.close()
         self._disk_executor.shutdown(wait=True)
-        self.wal.close()
-        self.store.close()
+        for part, close in (("wal", self.wal.close), ("store", self.store.close)):
+            try:
+                close()
+            except (StoreError, OSError) as error:
+                # After a failed write (a full disk, say) the files refuse more; the node stops anyway and the
+                # next start recovers from what they hold, as after a kill. Said once, never a traceback.
+                self.close_failed = True
+                log.error("node.close_failed", part=part, error=str(error)[:300])
         close_key = getattr(self.master_key, "close", None)  # a PKCS#11 session is logged out
         if close_key is not None:
             close_key()

@@ -750,7 +750,16 @@ class VaultStore:
             if self._closed:
                 return
             self._closed = True
+            failure: Exception | None = None
             try:
                 self._db.flush_wal(True)
-            finally:
+            except Exception as error:  # a store that met a write error refuses more ("Writer has previous error")
+                failure = error
+            try:
                 self._db.close()
+            except Exception as error:
+                failure = failure or error
+            if failure is not None:
+                # Its files hold what they held at the failed write: the next start recovers from them as after a
+                # kill, and replays the rest from the replication log.
+                raise StoreError(f"closing the store failed: {reason(failure)}") from None

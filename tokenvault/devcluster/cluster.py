@@ -78,6 +78,8 @@ PORT_RELEASE_TIMEOUT_SECONDS = 10.0
 # Processes started by this Python process, so that they can be reaped (a
 # killed child stays a zombie, and looks alive, until its parent waits for it).
 _children: dict[int, subprocess.Popen[bytes]] = {}
+# The exit status of each such process once it has been reaped (negative: the signal that ended it).
+_exit_statuses: dict[int, int] = {}
 
 
 def _silent(message: str) -> None:
@@ -173,9 +175,11 @@ def _reap(pid: int) -> bool:
     """True when `pid` is a child of ours that has exited (and is now reaped)."""
     child = _children.get(pid)
     if child is not None:
-        if child.poll() is None:
+        returncode = child.poll()
+        if returncode is None:
             return False
         del _children[pid]
+        _exit_statuses[pid] = returncode
         return True
     try:
         reaped_pid, _ = os.waitpid(pid, os.WNOHANG)
@@ -223,6 +227,15 @@ def running_pid(node: NodeSpec) -> int | None:
     if pid is None or not _is_node_process(pid, node):
         return None
     return pid
+
+
+def exit_status(node: NodeSpec) -> int | None:
+    """The exit status of the node's last process, once it has exited, when this Python process started it
+    (negative: the signal that ended it); None while it runs, or when another process started it."""
+    pid = read_pid_file(node)
+    if pid is None or running_pid(node) is not None:
+        return None
+    return _exit_statuses.get(pid)
 
 
 def _clear_stale_pid_file(node: NodeSpec, report: Report) -> None:

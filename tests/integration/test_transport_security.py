@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 
 from harness import ClusterHarness, fast_settings, wait_for
-from tokenvault.core.transport import GREETING
+from tokenvault.config import PeerConfig
+from tokenvault.core.transport import GREETING, HANDSHAKE_TIMEOUT_SECONDS
 
 pytestmark = pytest.mark.integration
 
@@ -28,6 +29,7 @@ FRAME_BYTES = 16 * 1024 * 1024
 ATTACKERS = 3
 RSS_GROWTH_BYTES_MAX = 8 * 1024 * 1024
 CLOSE_TIMEOUT_SECONDS = 5.0
+MAX_UNAUTHENTICATED = PeerConfig().max_unauthenticated_connections  # 8 (docs/failure-modes.md)
 
 
 def memory_bytes(pid: int, field: str) -> int:
@@ -160,3 +162,60 @@ async def test_a_tls_cluster_uses_https_and_mutual_tls_links(make_cluster: Calla
         assert answered == b"", "a peer without a certificate was answered"
     certless_refused = harness.wait_for_event(target, "peer.handshake_failed", mark)
     assert certless_refused["reason"] in ("SSLError", "SSLCertVerificationError"), certless_refused
+
+
+def _wait_closed(connection: socket.socket, timeout_seconds: float) -> float | None:
+    """Read until the node closes the connection; the monotonic time it did, or None if it did not in time."""
+    deadline = time.monotonic() + timeout_seconds
+    while (left := deadline - time.monotonic()) > 0:
+        connection.settimeout(left)
+        try:
+            if not connection.recv(65536):
+                return time.monotonic()
+        except (ConnectionResetError, BrokenPipeError):
+            return time.monotonic()
+        except TimeoutError:
+            return None
+    return None
+
+
+@pytest.mark.parametrize("tls", [True, False], ids=["tls", "plain"])
+async def test_peer_port_squatters_are_capped_and_closed_after_the_handshake_deadline(
+        make_cluster: Callable[..., ClusterHarness], tls: bool) -> None:
+    """docs/failure-modes.md, "many connect and say nothing": on a real node, past
+    `peer.max_unauthenticated_connections` unauthenticated connections a new one is closed at once (it is
+    not even greeted), each squatter is closed once the handshake deadline passes, and the node serves on."""
+    harness = make_cluster(settings=dataclasses.replace(fast_settings(), tls=tls))
+    primary = harness.wait_for_primary()
+    target = next(node_id for node_id in harness.node_ids if node_id != primary)
+    port = harness.node(target).peer_port
+    mark = harness.log_mark(target)
+    squatters: list[tuple[socket.socket, float]] = []
+    try:
+        for _ in range(MAX_UNAUTHENTICATED):
+            squatter = socket.create_connection(("127.0.0.1", port), timeout=CLOSE_TIMEOUT_SECONDS)
+            # The greeting shows the node has taken this connection and counts it as unauthenticated.
+            assert squatter.recv(len(GREETING), socket.MSG_WAITALL) == GREETING
+            squatters.append((squatter, time.monotonic()))
+        with socket.create_connection(("127.0.0.1", port), timeout=CLOSE_TIMEOUT_SECONDS) as one_too_many:
+            opened = time.monotonic()
+            closed = _wait_closed(one_too_many, CLOSE_TIMEOUT_SECONDS)
+            assert closed is not None and closed - opened < 1.0, "the connection past the cap was not closed at once"
+        refused = harness.wait_for_event(target, "peer.connection_refused", mark)
+        assert (refused["reason"], refused["limit"], refused["count"]) == ("too_many_unauthenticated",
+                                                                           MAX_UNAUTHENTICATED, 1), refused
+        for squatter, greeted in squatters:
+            closed = _wait_closed(squatter, HANDSHAKE_TIMEOUT_SECONDS + CLOSE_TIMEOUT_SECONDS)
+            assert closed is not None, "a squatter outlived the handshake deadline"
+            # Closed by the deadline (counted from the accept, just before the greeting), not before it.
+            assert HANDSHAKE_TIMEOUT_SECONDS - 0.5 < closed - greeted < HANDSHAKE_TIMEOUT_SECONDS + 2.0, closed - greeted
+    finally:
+        for squatter, _ in squatters:
+            squatter.close()
+    timed_out = harness.wait_for_event(target, "peer.handshake_failed", mark)
+    assert timed_out["reason"] == "TimeoutError", timed_out
+    # The members' own links were never refused, and the node serves through them.
+    async with harness.client(target) as client:
+        tokens = (await client.tokenize(["after-the-squatters"])).tokens
+    async with harness.client() as client:
+        assert await client.detokenize(tokens) == ("after-the-squatters",)

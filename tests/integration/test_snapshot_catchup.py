@@ -9,16 +9,18 @@ store can bring it back.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import time
 from collections.abc import Callable
 
 import pytest
 
-from harness import ClusterHarness, RecordingClient, fast_settings
+from harness import ClusterHarness, RecordingClient, fast_settings, wait_for
 from history import History, Kind
 from test_failover import assert_history_holds, highest_commit_index, value_pool
 from tokenvault.config import WalConfig
+from tokenvault.core.snapshot_transfer import INCOMING_DIRECTORY
 
 pytestmark = pytest.mark.integration
 
@@ -110,4 +112,71 @@ async def test_a_store_of_over_100_chunks_streams_to_a_backup_while_writes_are_a
     async with harness.node_clients([backup]) as clients:
         answers = await clients[backup].detokenize(list(issued)[:1000])
     assert list(answers) == list(issued.values())[:1000]
+    await assert_history_holds(harness, history, harness.node_ids)
+
+
+@pytest.mark.parametrize("kill_at", ["snapshot.receiving", "snapshot.verified"])
+async def test_a_backup_killed_inside_a_snapshot_install_starts_again_and_catches_up(
+        make_cluster: Callable[..., ClusterHarness], kill_at: str) -> None:
+    """docs/failure-modes.md, "Crash inside a snapshot install", on real processes: a backup killed while the
+    stream is being staged (snapshot.receiving), or once it is verified and the install is under way
+    (snapshot.verified: before or after the store's CURRENT moves), starts again from what its disk holds,
+    clears the staging area, is brought up to date (by another stream where it still needs one) and
+    answers every acknowledged token from its own store."""
+    # Filled while every node is up, so that the snapshot the primary makes once the backup is down and
+    # behind holds it all: a stream of over a thousand 1 KiB chunks (about half a second), so the kill lands
+    # inside it.
+    settings = dataclasses.replace(fast_settings(), wal=WalConfig(fsync=True, compact_every_entries=20,
+                                                                  compact_keep_entries=2, snapshot_chunk_bytes=1024))
+    harness = make_cluster(settings=settings)
+    primary = await asyncio.to_thread(harness.wait_for_primary)
+    backup = next(node_id for node_id in harness.node_ids if node_id != primary)
+    live = [node_id for node_id in harness.node_ids if node_id != backup]
+    history = History()
+    filler = RecordingClient(history, "filler", harness.client(), "+".join(harness.node_ids))
+    for batch in range(150):
+        assert await filler.tokenize(value_pool(f"install-{batch}", 100)) is not None
+    await filler.close()
+    await asyncio.to_thread(harness.kill, backup)
+    missed = RecordingClient(history, "missed", harness.client(live), "+".join(live))
+    for batch in range(40):  # the primary compacts its log past the backup's position
+        assert await missed.tokenize(value_pool(f"missed-{batch}", 3)) is not None
+    await missed.close()
+
+    backup_mark = harness.log_mark(backup)
+    # Not waited for: the stream starts before the node's workers answer /health, and may be over by then.
+    restarting = asyncio.get_running_loop().create_task(asyncio.to_thread(harness.restart, backup))
+    try:
+        await asyncio.to_thread(wait_for, lambda: harness.find_events(backup, kill_at, backup_mark), 30.0,
+                                f"{kill_at} on {backup}", 0.005)
+        await asyncio.to_thread(harness.kill, backup)
+    finally:
+        with contextlib.suppress(AssertionError):  # killed before it answered /health: restart says so
+            await restarting
+    if kill_at == "snapshot.receiving":
+        # The kill landed inside the stream: nothing was verified, so the store still holds its old state.
+        assert not harness.find_events(backup, "snapshot.verified", backup_mark), "the stream ended before the kill"
+        assert (harness.node(backup).data_dir / INCOMING_DIRECTORY).is_dir()
+
+    # More writes while it is down again, then it starts from what the kill left.
+    writer = RecordingClient(history, "writer", harness.client(live), "+".join(live))
+    for batch in range(5):
+        assert await writer.tokenize(value_pool(f"after-kill-{batch}", 10)) is not None
+    await writer.close()
+    restart_mark = harness.log_mark(backup)
+    await asyncio.to_thread(harness.restart, backup)
+    await asyncio.to_thread(harness.wait_for_applied, [backup], highest_commit_index(harness, live), 30.0)
+    assert not harness.find_events(backup, "node.fatal", restart_mark)
+    if kill_at == "snapshot.receiving":
+        harness.wait_for_event(backup, "snapshot.installed", since=restart_mark)
+    incoming = harness.node(backup).data_dir / INCOMING_DIRECTORY
+    assert not incoming.exists() or not any(incoming.iterdir()), "the staging area was not cleared"
+
+    issued = {token: value for operation in history.acknowledged(Kind.TOKENIZE)
+              for value, token in zip(operation.inputs, operation.outputs)}
+    tokens = list(issued)
+    async with harness.node_clients([backup]) as clients:
+        for start in range(0, len(tokens), 1000):
+            answers = await clients[backup].detokenize(tokens[start:start + 1000])
+            assert list(answers) == [issued[token] for token in tokens[start:start + 1000]]
     await assert_history_holds(harness, history, harness.node_ids)

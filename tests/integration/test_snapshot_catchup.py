@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -180,3 +182,75 @@ async def test_a_backup_killed_inside_a_snapshot_install_starts_again_and_catche
             answers = await clients[backup].detokenize(tokens[start:start + 1000])
             assert list(answers) == [issued[token] for token in tokens[start:start + 1000]]
     await assert_history_holds(harness, history, harness.node_ids)
+
+
+def _memory_bytes(pid: int, field: str) -> int:
+    """VmRSS (resident now) or VmHWM (peak resident since the last reset) of a process."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no {field} for pid {pid}")
+
+
+def _reset_peak_memory(pid: int) -> None:
+    Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM back to the current RSS
+
+
+SNAPSHOT_STORE_VALUES = 24_000
+SNAPSHOT_VALUE_BYTES = 1000  # random: RocksDB's compression keeps almost all of it, so the store is ~24 MB
+SNAPSHOT_MEMORY_GROWTH_MAX = 8 * 1024 * 1024
+
+
+async def test_neither_side_holds_a_24_mb_snapshot_in_memory(make_cluster: Callable[..., ClusterHarness]) -> None:
+    """docs/failure-modes.md, a backup far behind: on real processes, with 1 MiB chunks, the primary's core
+    and the backup's core each grow by less than a third of a 24 MB snapshot while it streams (a side that
+    buffered the stream whole would grow by all of it)."""
+    settings = dataclasses.replace(fast_settings(), wal=WalConfig(fsync=True, compact_every_entries=20,
+                                                                  compact_keep_entries=2))
+    harness = make_cluster(settings=settings)
+    primary = await asyncio.to_thread(harness.wait_for_primary)
+    backup = next(node_id for node_id in harness.node_ids if node_id != primary)
+    live = [node_id for node_id in harness.node_ids if node_id != backup]
+    issued: dict[str, str] = {}
+    async with harness.client() as client:
+        for _ in range(SNAPSHOT_STORE_VALUES // 100):
+            values = [os.urandom(SNAPSHOT_VALUE_BYTES // 2).hex() for _ in range(100)]
+            issued.update(zip((await client.tokenize(values)).tokens, values))
+    await asyncio.to_thread(harness.kill, backup)
+    async with harness.client(live) as client:
+        for batch in range(40):  # the primary compacts its log past the backup's position
+            values = value_pool(f"missed-{batch}", 3)
+            issued.update(zip((await client.tokenize(values)).tokens, values))
+    primary_pid = harness.pid(primary)
+    assert primary_pid is not None
+    _reset_peak_memory(primary_pid)
+    primary_before = _memory_bytes(primary_pid, "VmRSS")
+
+    backup_mark, primary_mark = harness.log_mark(backup), harness.log_mark(primary)
+    restarting = asyncio.get_running_loop().create_task(asyncio.to_thread(harness.restart, backup))
+    backup_pid = None
+    try:
+        def receiving() -> int | None:
+            pid = harness.pid(backup)
+            return pid if pid is not None and harness.find_events(backup, "snapshot.receiving", backup_mark) else None
+
+        backup_pid = await asyncio.to_thread(wait_for, receiving, 30.0, f"{backup} to receive a snapshot", 0.005)
+        _reset_peak_memory(backup_pid)
+        backup_before = _memory_bytes(backup_pid, "VmRSS")
+        installed = await asyncio.to_thread(harness.wait_for_event, backup, "snapshot.installed", backup_mark, 60.0)
+        backup_peak = _memory_bytes(backup_pid, "VmHWM")
+    finally:
+        await restarting
+    sending = harness.wait_for_event(primary, "snapshot.sent", primary_mark, peer=backup)
+    primary_peak = _memory_bytes(primary_pid, "VmHWM")
+    assert sending["bytes"] >= 20 * 1024 * 1024, sending  # the stream this bound is about
+    print(f"snapshot of {sending['bytes']} bytes ({installed['tokens']} tokens): primary core +"
+          f"{(primary_peak - primary_before) / 2**20:.1f} MiB, backup core +{(backup_peak - backup_before) / 2**20:.1f} MiB")
+    assert primary_peak - primary_before < SNAPSHOT_MEMORY_GROWTH_MAX, (primary_before, primary_peak)
+    assert backup_peak - backup_before < SNAPSHOT_MEMORY_GROWTH_MAX, (backup_before, backup_peak)
+    await asyncio.to_thread(harness.wait_for_applied, [backup], highest_commit_index(harness, live), 30.0)
+    tokens = list(issued)
+    async with harness.node_clients([backup]) as clients:
+        for start in range(0, len(tokens), 1000):
+            answers = await clients[backup].detokenize(tokens[start:start + 1000])
+            assert list(answers) == [issued[token] for token in tokens[start:start + 1000]]

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime
 import ipaddress
+import json
 import os
 import ssl
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +19,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
+from node_support import make_configs
+from tokenvault.config import TlsConfig, write_node_config
 from tokenvault.crypto import tls
 from tokenvault.crypto.tls import NodeTlsFiles, TlsError
 
@@ -236,3 +242,55 @@ def test_a_ca_key_of_another_kind_is_named_not_used(cluster_files: tls.ClusterTl
         tls.create_node_certificate(cluster_files.ca_cert_file, rsa_key_file, "n3", ["127.0.0.1"],
                                     tmp_path / "n3.crt", tmp_path / "n3.key")
     assert not (tmp_path / "n3.crt").exists()
+
+
+# ------------------------------------------------------------------ a real `tokenvault serve`
+
+TOKENVAULT = str(Path(sys.executable).parent / "tokenvault")
+
+
+def _serve_with(tmp_path: Path, files: NodeTlsFiles) -> tuple[subprocess.CompletedProcess[str], Path]:
+    """`tokenvault serve` of a one-node config with these TLS files; its result, and its data directory."""
+    (config,) = make_configs(tmp_path, 1)
+    members = tuple(dataclasses.replace(member, http_url=member.http_url.replace("http://", "https://"))
+                    for member in config.members)
+    config = dataclasses.replace(config, members=members, log_file=None,
+                                 tls=TlsConfig(files.cert_file, files.key_file, files.ca_file))
+    path = tmp_path / "node.toml"
+    write_node_config(path, config)
+    environment = {name: value for name, value in os.environ.items() if not name.startswith("TOKENVAULT_")}
+    return subprocess.run([TOKENVAULT, "serve", "--config", str(path)], env=environment, capture_output=True,
+                          text=True, timeout=60), config.data_dir
+
+
+def _bad_node_files(cluster_files: tls.ClusterTlsFiles, tmp_path: Path, case: str) -> tuple[NodeTlsFiles, Path]:
+    """n1's files with one thing wrong; the file the refusal must name."""
+    good = cluster_files.nodes["n1"]
+    if case == "certificate missing":
+        return dataclasses.replace(good, cert_file=tmp_path / "absent.crt"), tmp_path / "absent.crt"
+    if case == "key readable by group":
+        key = _copy(good.key_file, tmp_path / "open.key", 0o640)
+        return dataclasses.replace(good, key_file=key), key
+    if case == "certificate of another node":
+        return cluster_files.nodes["n2"], cluster_files.nodes["n2"].cert_file
+    assert case == "certificate from another CA"
+    other = tls.create_cluster_tls(tmp_path / "other-tls", {"n1": ["127.0.0.1"]})
+    return dataclasses.replace(good, cert_file=other.nodes["n1"].cert_file, key_file=other.nodes["n1"].key_file), \
+        other.nodes["n1"].cert_file
+
+
+@pytest.mark.parametrize("case", ["certificate missing", "key readable by group", "certificate of another node",
+                                  "certificate from another CA"])
+def test_a_node_process_with_a_bad_certificate_or_key_refuses_to_start_and_says_why(
+        cluster_files: tls.ClusterTlsFiles, tmp_path: Path, case: str) -> None:
+    """docs/failure-modes.md, a node's certificate or key file is unusable: the `tokenvault serve` process
+    checks the files before anything else and refuses to start with one `error:` line naming the file,
+    exit status 2, no traceback and no key material; it never creates its data directory."""
+    files, named = _bad_node_files(cluster_files, tmp_path, case)
+    result, data_dir = _serve_with(tmp_path, files)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, (result.returncode, output)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and str(named) in lines[0], output
+    assert "Traceback" not in output and "PRIVATE KEY" not in output
+    assert not data_dir.exists(), "the node went on to create its data directory"

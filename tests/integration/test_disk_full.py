@@ -1,4 +1,4 @@
-"""A node whose disk fills up: three real node processes, one of them with its data directory on a
+"""A node whose disk fills up, and one whose disk cannot hold a snapshot: three real node processes, one of them with its data directory on a
 small tmpfs of its own (docs/failure-modes.md, "A node's disk fills up").
 
 The node stops with ``node.fatal`` naming the full device, the other two carry on acknowledging, nothing
@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import os
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -18,7 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from harness import ClusterHarness, wait_for
+from harness import ClusterHarness, fast_settings, wait_for
+from tokenvault.config import WalConfig
+from tokenvault.devcluster import cluster
 from tokenvault.client.vault import VaultError
 
 # Small enough to fill in seconds on two cores, large enough for a node to start (RocksDB's files and the
@@ -65,12 +69,14 @@ REASON = _unavailable_reason()
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(REASON is not None, reason=REASON or "")]
 
 
-@pytest.fixture
-def harness(tmp_path: Path) -> Iterator[ClusterHarness]:
-    running = ClusterHarness(tmp_path / "cluster")
+@contextlib.contextmanager
+def _n3_on_a_small_disk(directory: Path, size_mib: int,
+                        settings: cluster.NodeSettings | None = None) -> Iterator[ClusterHarness]:
+    """Three real nodes, n3's data directory on a tmpfs of its own of `size_mib`."""
+    running = ClusterHarness(directory, settings=settings)
     running._create()
     data_dir = running.node("n3").data_dir
-    mounted = _mount_tmpfs(data_dir, FULL_DISK_MIB)
+    mounted = _mount_tmpfs(data_dir, size_mib)
     assert mounted.returncode == 0, mounted.stderr
     try:
         running.start_all()
@@ -78,6 +84,19 @@ def harness(tmp_path: Path) -> Iterator[ClusterHarness]:
     finally:
         running.stop()
         assert _unmount(data_dir), f"{data_dir} is left mounted"
+
+
+def _grow(harness: ClusterHarness, node_id: str, size_mib: int) -> None:
+    data_dir = harness.node(node_id).data_dir
+    grown = subprocess.run(["mount", "-o", f"remount,size={size_mib}m", str(data_dir)],
+                           capture_output=True, text=True, timeout=10)
+    assert grown.returncode == 0, grown.stderr
+
+
+@pytest.fixture
+def harness(tmp_path: Path) -> Iterator[ClusterHarness]:
+    with _n3_on_a_small_disk(tmp_path / "cluster", FULL_DISK_MIB) as running:
+        yield running
 
 
 async def _fill_until_stopped(harness: ClusterHarness, acknowledged: dict[str, str]) -> int:
@@ -156,10 +175,7 @@ async def test_a_node_whose_disk_fills_stops_the_others_carry_on_and_it_recovers
     refused = bool(harness.find_events("n3", "node.refused_to_start", since=mark))
     assert harness.exit_status("n3") == (3 if refused else 2), (refused, harness.exit_status("n3"))
 
-    data_dir = harness.node("n3").data_dir
-    grown = subprocess.run(["mount", "-o", f"remount,size={ROOMY_DISK_MIB}m", str(data_dir)],
-                           capture_output=True, text=True, timeout=10)
-    assert grown.returncode == 0, grown.stderr
+    _grow(harness, "n3", ROOMY_DISK_MIB)
     await asyncio.to_thread(harness.restart, "n3")
     primary = await asyncio.to_thread(harness.wait_for_primary)
     health = harness.health(primary)
@@ -172,3 +188,47 @@ async def test_a_node_whose_disk_fills_stops_the_others_carry_on_and_it_recovers
 
     await asyncio.to_thread(wait_for, caught_up, CATCH_UP_TIMEOUT_SECONDS, "n3 to apply what it missed")
     await _read_back(harness, ["n3"], acknowledged)
+
+
+STAGING_DISK_MIB = 12
+SNAPSHOT_VALUES = 24_000  # of 1000 random bytes each: a store, and a snapshot, of about 25 MB
+
+
+async def test_a_snapshot_larger_than_the_free_disk_is_refused_the_node_serves_on_and_takes_it_once_given_room(
+        tmp_path: Path) -> None:
+    """docs/failure-modes.md, "Disk full while staging a snapshot", on real processes: n3, behind the primary's
+    compacted log, is offered a 25 MB snapshot with 12 MiB of disk. Its stager refuses it before writing
+    (snapshot.rejected at the staging stage, naming the shortfall), the node stays up and answers, and once
+    its disk has room the snapshot is asked for again, installed, and every acknowledged token is read back
+    from n3's own store."""
+    settings = dataclasses.replace(fast_settings(), wal=WalConfig(fsync=True, compact_every_entries=20,
+                                                                  compact_keep_entries=2))
+    with _n3_on_a_small_disk(tmp_path / "cluster", STAGING_DISK_MIB, settings) as harness:
+        primary = await asyncio.to_thread(harness.wait_for_primary)
+        if primary == "n3":  # n3 must be the one that falls behind
+            await asyncio.to_thread(harness.kill, "n3")
+            await asyncio.to_thread(harness.restart, "n3")
+            primary = await asyncio.to_thread(harness.wait_for_primary)
+        assert primary != "n3"
+        await asyncio.to_thread(harness.kill, "n3")
+        acknowledged: dict[str, str] = {}
+        async with harness.client(timeout_seconds=10.0) as client:
+            for _ in range(SNAPSHOT_VALUES // 100):
+                values = [os.urandom(500).hex() for _ in range(100)]
+                acknowledged.update(zip(values, (await client.tokenize(values)).tokens))
+        mark = harness.log_mark("n3")
+        await asyncio.to_thread(harness.restart, "n3")
+        rejected = await asyncio.to_thread(harness.wait_for_event, "n3", "snapshot.rejected", mark, 30.0)
+        assert rejected["stage"] == "staging" and "not enough disk space" in rejected["reason"], rejected
+        assert not harness.find_events("n3", "snapshot.installed", mark)
+        # It stays up and answers while it cannot take the snapshot.
+        health = harness.health("n3")
+        assert health is not None and health["role"] == "backup", health
+        assert harness.pid("n3") is not None and not harness.find_events("n3", "node.fatal", mark)
+
+        _grow(harness, "n3", ROOMY_DISK_MIB)
+        installed = await asyncio.to_thread(harness.wait_for_event, "n3", "snapshot.installed", mark, 60.0)
+        assert installed["tokens"] >= SNAPSHOT_VALUES, installed
+        commit_index = (harness.health(primary) or {})["commit_index"]
+        await asyncio.to_thread(harness.wait_for_applied, ["n3"], commit_index, 30.0)
+        await _read_back(harness, ["n3"], acknowledged)

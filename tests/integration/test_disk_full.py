@@ -1,5 +1,6 @@
-"""A node whose disk fills up, and one whose disk cannot hold a snapshot: three real node processes, one of them with its data directory on a
-small tmpfs of its own (docs/failure-modes.md, "A node's disk fills up").
+"""A node whose disk fills up, and one whose disk cannot hold a snapshot: three real node processes, one of
+them with its data directory on a small tmpfs of its own (docs/failure-modes.md, "A node's disk fills up"
+and "Disk full while staging a snapshot").
 
 The node stops with ``node.fatal`` naming the full device, the other two carry on acknowledging, nothing
 acknowledged is lost; started again on the full disk it stops again and says why, and once its disk has

@@ -165,6 +165,21 @@ async def test_tokenize_response_with_wrong_token_count_is_a_response_error(node
             await vault.tokenize(["v"])
 
 
+async def test_detokenize_with_metadata_asks_for_it_and_checks_its_shape(node_a: FakeVaultServer) -> None:
+    answers = iter([{"values": ["v", None], "metadata": [{"m": 1}, None]},
+                    {"values": ["v", None], "metadata": [{"m": 1}]},
+                    {"values": ["v", None]}])
+    node_a.responders[("POST", "/v1/detokenize")] = lambda request: Reply(200, next(answers))
+    async with AsyncClient(node_a.url, API_KEY) as vault:
+        found = await vault.detokenize_with_metadata(["tv1_a", "tv1_b"], epoch=3)
+        assert (found.values, found.metadata) == (("v", None), ({"m": 1}, None))
+        for _ in range(2):  # a metadata list one short, and none at all
+            with pytest.raises(ResponseError, match="metadata"):
+                await vault.detokenize_with_metadata(["tv1_a", "tv1_b"])
+    sent = [request.body for request in node_a.calls("/v1/detokenize")]
+    assert sent[0] == {"tokens": ["tv1_a", "tv1_b"], "epoch": 3, "include_metadata": True}
+
+
 async def test_oversized_response_is_refused(node_a: FakeVaultServer, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(client_module, "MAX_RESPONSE_BYTES", 64)
     node_a.responders[("GET", "/v1/admin/cluster")] = lambda request: Reply(200, {"nodes": ["x" * 200]})

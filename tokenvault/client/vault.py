@@ -130,6 +130,15 @@ class TokenizeResult:
 
 
 @dataclass(frozen=True, slots=True)
+class DetokenizeResult:
+    """Each token's value and metadata: None where the token is unknown or expired (and, for metadata, where
+    it has none)."""
+
+    values: tuple[str | None, ...]
+    metadata: tuple[dict[str, Any] | None, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class RotateResult:
     epoch: int
     replayed: bool
@@ -354,15 +363,32 @@ class AsyncClient:
 
     async def detokenize(self, tokens: Sequence[str], *, epoch: int | None = None) -> tuple[str | None, ...]:
         """The values of ``tokens``; ``epoch`` resolves card and digits tokens (default: the active one)."""
+        return (await self._detokenize(tokens, epoch, include_metadata=False)).values
+
+    async def detokenize_with_metadata(self, tokens: Sequence[str], *, epoch: int | None = None) -> DetokenizeResult:
+        """The values of ``tokens`` and the metadata each was tokenized with (``include_metadata``); a key with
+        only the ``detokenize_masked`` scope is refused (Forbidden)."""
+        return await self._detokenize(tokens, epoch, include_metadata=True)
+
+    async def _detokenize(self, tokens: Sequence[str], epoch: int | None, *,
+                          include_metadata: bool) -> DetokenizeResult:
         document: dict[str, Any] = {"tokens": list(tokens)}
         if epoch is not None:
             document["epoch"] = epoch
+        if include_metadata:
+            document["include_metadata"] = True
         answer = await self._request("POST", "/v1/detokenize", document, {})
         values = answer.body.get("values") if isinstance(answer.body, dict) else None
         if not isinstance(values, list) or len(values) != len(tokens) or \
                 not all(value is None or isinstance(value, str) for value in values):
             raise ResponseError("detokenize response does not hold one value or null per token")
-        return tuple(values)
+        if not include_metadata:
+            return DetokenizeResult(tuple(values), (None,) * len(values))
+        metadata = answer.body.get("metadata")
+        if not isinstance(metadata, list) or len(metadata) != len(tokens) or \
+                not all(entry is None or isinstance(entry, dict) for entry in metadata):
+            raise ResponseError("detokenize response does not hold one metadata object or null per token")
+        return DetokenizeResult(tuple(values), tuple(metadata))
 
     async def rotate_epoch(self, idempotency_key: str | None = None) -> RotateResult:
         """Rotate the epoch. Without a key, one is generated so that a retry never rotates twice."""
@@ -688,6 +714,9 @@ class Client:
 
     def detokenize(self, tokens: Sequence[str], *, epoch: int | None = None) -> tuple[str | None, ...]:
         return self._loop.run_until_complete(self._client.detokenize(tokens, epoch=epoch))
+
+    def detokenize_with_metadata(self, tokens: Sequence[str], *, epoch: int | None = None) -> DetokenizeResult:
+        return self._loop.run_until_complete(self._client.detokenize_with_metadata(tokens, epoch=epoch))
 
     def rotate_epoch(self, idempotency_key: str | None = None) -> RotateResult:
         return self._loop.run_until_complete(self._client.rotate_epoch(idempotency_key))

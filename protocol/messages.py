@@ -183,11 +183,13 @@ class ReadIndexReply(Message):
 
 @dataclass(frozen=True, slots=True)
 class Hello(Message):
-    """Opens a peer connection: who is calling, and a fresh challenge nonce."""
+    """Opens a peer connection: who is calling, a fresh challenge nonce, and the incarnation of the caller's
+    data directory (tokenvault/core/incarnations.py), which the caller's proof covers."""
 
     TYPE_TAG: ClassVar[int] = 16
     node_id: str
     nonce: bytes
+    incarnation: bytes
 
 
 @dataclass(frozen=True, slots=True)

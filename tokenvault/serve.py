@@ -22,6 +22,7 @@ from tokenvault.api.service import NodeService
 from tokenvault.api.workers import WorkerPool, WorkerStartError, default_worker_count
 from tokenvault.core.backup import DEFAULT_MAX_BACKUP_STREAMS
 from tokenvault.config import ConfigError, NodeConfig, load_config
+from tokenvault.core.incarnations import IncarnationError
 from tokenvault.core.loopwatch import LoopWatch
 from tokenvault.core.node import GC_YOUNG_THRESHOLD, SHUTDOWN_GRACE_SECONDS, Node
 from tokenvault.core.sealer import Sealer
@@ -77,7 +78,7 @@ async def run_node(config: NodeConfig, config_path: Path | None = None) -> int:
     metrics = Metrics("core" if worker_count > 0 and config_path is not None else "node")
     try:
         node = Node(config, metrics)
-    except (WalCorruption, StoreError, TlsError) as error:
+    except (WalCorruption, StoreError, TlsError, IncarnationError) as error:
         log.critical("node.refused_to_start", reason=str(error)[:500])
         return 3
     except ConfigError as error:  # the master key's source (config.load_master_key): the caller prints it too

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -169,4 +170,54 @@ async def test_a_node_whose_wal_is_damaged_before_its_tail_refuses_to_start_and_
     refresh(harness)
     (added,) = set(harness.node_ids) - before
     assert damaged not in harness.node_ids
+    await caught_up_and_holding_the_history(harness, added, history)
+
+
+async def test_a_member_restarted_on_an_empty_data_directory_never_counts_and_is_replaced(
+        make_cluster: Callable[..., ClusterHarness]) -> None:
+    """docs/failure-modes.md, "A member started on an empty data directory under its old id": the case where
+    counting it would lose acknowledged writes. `lagging` is down while the primary commits a batch with
+    `wiped` alone; `wiped` then loses its data directory, the primary is killed, and `wiped` (under its id)
+    and `lagging` are started again. Were the empty `wiped` counted, it would vote `lagging` (which lacks
+    the batch) primary and the batch would be gone (seen with the check taken out). `lagging` refuses it
+    instead (peer.incarnation_changed): no primary is elected until the old one comes back, which serves
+    everything; `wiped` is then replaced, and every acknowledged token is on every member."""
+    harness = make_cluster()
+    history = History()
+    primary = await asyncio.to_thread(harness.wait_for_primary)
+    wiped, lagging = (node_id for node_id in harness.node_ids if node_id != primary)
+    writer = RecordingClient(history, "all-up", harness.client(), "all")
+    assert await writer.tokenize([f"all-up-{index}" for index in range(20)]) is not None
+    await writer.close()
+    await asyncio.to_thread(harness.wait_for_applied, harness.node_ids,
+                            (await harness.health_async(primary))["commit_index"], 10.0)
+
+    await asyncio.to_thread(harness.kill, lagging)  # it misses the next batch, committed by the primary and `wiped`
+    batch = RecordingClient(history, "without-lagging", harness.client([primary]), primary)
+    assert await batch.tokenize([f"only-two-{uuid.uuid4().hex[:8]}-{index}" for index in range(20)]) is not None
+    await batch.close()
+    commit_index = (await harness.health_async(primary))["commit_index"]
+    await asyncio.to_thread(harness.wait_for_applied, [wiped], commit_index, 10.0)
+    await asyncio.to_thread(harness.kill, wiped)
+    await asyncio.to_thread(harness.kill, primary)
+    shutil.rmtree(harness.node(wiped).data_dir)  # its disk is lost; the operator starts it again anyway
+    mark = harness.log_mark(lagging)
+    await asyncio.to_thread(harness.restart, wiped)
+    await asyncio.to_thread(harness.restart, lagging)
+    # `lagging` and the empty `wiped` are two of three: they must not make a majority.
+    changed = await asyncio.to_thread(harness.wait_for_event, lagging, "peer.incarnation_changed", mark, 10.0,
+                                      peer=wiped)
+    assert "add-node" in changed["detail"]
+    deadline = time.monotonic() + 3.0
+    while time.monotonic() < deadline:
+        assert all((health or {}).get("role") != "primary" for health in harness.healths([wiped, lagging]).values())
+        await asyncio.sleep(0.1)
+
+    await asyncio.to_thread(harness.restart, primary)
+    await asyncio.to_thread(harness.wait_for_primary, [primary, lagging])
+    await asyncio.to_thread(run_cluster, harness, "add-node")
+    await asyncio.to_thread(run_cluster, harness, "remove-node", wiped)
+    refresh(harness)
+    (added,) = set(harness.node_ids) - {primary, lagging}
+    assert added != wiped
     await caught_up_and_holding_the_history(harness, added, history)

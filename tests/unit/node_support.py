@@ -303,9 +303,15 @@ class ProposalGate:
 
 # --------------------------------------------------------------------------- raw peer connections
 
-def handshake_proof(secret: bytes, nonce: bytes, prover_id: str, verifier_id: str) -> bytes:
+# The incarnation a raw test peer presents (tokenvault/core/incarnations.py): any 16 bytes.
+RAW_PEER_INCARNATION = b"\x07" * 16
+
+
+def handshake_proof(secret: bytes, nonce: bytes, prover_id: str, verifier_id: str,
+                    prover_incarnation: bytes = RAW_PEER_INCARNATION) -> bytes:
     """The peer handshake MAC as transport.py documents it, written independently for the tests."""
-    message = HANDSHAKE_CONTEXT + prover_id.encode() + b"\x00" + verifier_id.encode() + b"\x00" + nonce
+    message = (HANDSHAKE_CONTEXT + prover_id.encode() + b"\x00" + verifier_id.encode() + b"\x00" + nonce
+               + b"\x00" + prover_incarnation)
     return hmac.new(secret, message, hashlib.sha256).digest()
 
 
@@ -364,11 +370,11 @@ class RawPeer:
                         trailing: bytes = b"") -> None:
         """Dial side of the handshake; ``trailing`` bytes go out in the same write as the proof."""
         my_nonce = os.urandom(NONCE_BYTES)
-        await self.send(encode_frame(Hello(node_id=my_id, nonce=my_nonce)))
+        await self.send(encode_frame(Hello(node_id=my_id, nonce=my_nonce, incarnation=RAW_PEER_INCARNATION)))
         hello, proof = await self.receive(2)
         assert isinstance(hello, Hello) and hello.node_id == acceptor_id
         assert isinstance(proof, HelloProof)
-        assert hmac.compare_digest(proof.mac, handshake_proof(secret, my_nonce, acceptor_id, my_id))
+        assert hmac.compare_digest(proof.mac, handshake_proof(secret, my_nonce, acceptor_id, my_id, hello.incarnation))
         answer = HelloProof(node_id=my_id, mac=handshake_proof(secret, hello.nonce, my_id, acceptor_id))
         await self.send(encode_frame(answer) + trailing)
 

@@ -25,7 +25,7 @@ EXAMPLES = [
     ReadIndexReply(view=5, request_id=12, read_index=40, ok=True),
     PreVote(view=6, last_index=12, last_view=5),
     PreVoteReply(view=6, granted=False),
-    Hello(node_id="n1", nonce=b"\x01" * 16),
+    Hello(node_id="n1", nonce=b"\x01" * 16, incarnation=b"\x02" * 16),
     HelloProof(node_id="n2", mac=b"\x02" * 32),
     ForwardRequest(request_id=17, kind="tokenize", body=b'{"values":[]}'),
     ForwardResponse(request_id=17, status=201, body=b"{}", headers=(("Retry-After", "1"),)),

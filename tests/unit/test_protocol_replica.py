@@ -389,7 +389,7 @@ def test_stale_messages_are_answered_with_the_current_view() -> None:
 def test_foreign_and_non_core_messages_are_ignored() -> None:
     replica = make_replica("n2", ("n1", "n2", "n3"))
     replica.step("intruder", RequestVote(view=9, last_index=0, last_view=0))
-    replica.step("n1", Hello(node_id="n1", nonce=b"x"))
+    replica.step("n1", Hello(node_id="n1", nonce=b"x", incarnation=b"y"))
     assert replica.view == 0 and not replica.has_ready()
 
 

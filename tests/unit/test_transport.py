@@ -21,11 +21,13 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from node_support import RawPeer, free_ports, handshake_proof, retry_until_ok, start_cluster, wait_until
+from node_support import (RAW_PEER_INCARNATION, RawPeer, free_ports, handshake_proof, retry_until_ok, start_cluster,
+                          wait_until)
 from protocol import ForwardRequest, Hello, HelloProof, RequestVote, encode_frame
 from tokenvault.crypto import tls
 from tokenvault.core import transport as transport_module
 from tokenvault.errors import Unavailable
+from tokenvault.core.incarnations import PeerIncarnations
 from tokenvault.core.transport import PeerAddress, PeerTransport
 
 MAX_FRAME_BYTES = 1024 * 1024
@@ -100,6 +102,46 @@ async def test_peers_with_the_cluster_secret_connect_and_exchange_frames(mesh: M
     assert all(side.transport.handshake_failures == 0 for side in sides)
     # Hello and HelloProof are the transport's own business and never reach the node.
     assert not any(isinstance(message, (Hello, HelloProof)) for side in sides for _, message in side.received)
+
+
+@pytest.mark.parametrize("returning", ["n1", "n2"], ids=["as-dialer", "as-acceptor"])
+async def test_a_member_back_in_another_incarnation_is_refused_both_ways_and_said_once(
+        mesh: Mesh, tmp_path: Path, returning: str) -> None:
+    """tokenvault/core/incarnations.py: n1 and n2 link and remember each other's incarnation; `returning`
+    comes back with the cluster secret but a new data directory (another incarnation). The other refuses
+    its links whichever side dials, logs peer.incarnation_changed once, and links again once the member
+    presents its old incarnation (its own disk back)."""
+    other = "n2" if returning == "n1" else "n1"
+    incarnations = {node_id: os.urandom(16) for node_id in ("n1", "n2")}
+    for node_id in ("n1", "n2", f"{returning}-wiped"):
+        (tmp_path / node_id).mkdir()
+    records = {node_id: PeerIncarnations(tmp_path / node_id) for node_id in ("n1", "n2")}
+    for node_id in ("n1", "n2"):
+        await mesh.start(node_id, incarnation=incarnations[node_id], admit=records[node_id].admit)
+    await wait_until(lambda: mesh.sides["n1"].transport.is_connected("n2"), 5, "n1-n2")
+    assert records[other].known(returning) == incarnations[returning]
+    await mesh.sides[returning].transport.close()
+    await wait_until(lambda: not mesh.sides[other].transport.is_connected(returning), 5, "the link to drop")
+
+    with capture_logs() as logs:
+        fresh = PeerIncarnations(tmp_path / f"{returning}-wiped")
+        wiped = await mesh.start(returning, incarnation=os.urandom(16), admit=fresh.admit)
+        await wait_until(lambda: any(entry["event"] == "peer.handshake_failed" and entry["reason"] == "IncarnationChanged"
+                                     for entry in logs), 10, "a refused link")
+        # The refusing side never serves the link. (The dialer may count its link as made for a moment, as
+        # its proof is the handshake's last message; nothing it sends then is read.)
+        for _ in range(20):
+            wiped.transport.send(other, forward(99))
+            assert not mesh.sides[other].transport.is_connected(returning)
+            await asyncio.sleep(0.025)
+        assert 99 not in forwards(mesh.sides[other])
+    changed = [entry for entry in logs if entry["event"] == "peer.incarnation_changed"]
+    assert len(changed) == 1 and changed[0]["peer"] == returning and "add-node" in changed[0]["detail"], changed
+    assert records[other].known(returning) == incarnations[returning]  # the first life stays the one admitted
+
+    await wiped.transport.close()
+    await mesh.start(returning, incarnation=incarnations[returning], admit=records[returning].admit)
+    await wait_until(lambda: mesh.sides[other].transport.is_connected(returning), 10, "the old life to link again")
 
 
 async def test_set_peers_links_a_new_member_and_drops_a_removed_one(mesh: Mesh) -> None:
@@ -268,7 +310,7 @@ async def test_a_hello_from_an_unknown_id_or_the_wrong_direction_is_refused(mesh
     acceptor = await mesh.start("n2")
     peer = await RawPeer.connect(mesh.ports["n2"])
     try:
-        await peer.send(encode_frame(Hello(node_id=claimed_id, nonce=os.urandom(32))))
+        await peer.send(encode_frame(Hello(node_id=claimed_id, nonce=os.urandom(32), incarnation=RAW_PEER_INCARNATION)))
         # Refused before the acceptor says anything: no Hello, no proof to learn from.
         assert await peer.read_until_closed() == b""
     finally:
@@ -281,7 +323,7 @@ async def test_a_hello_with_a_short_nonce_is_refused(mesh: Mesh) -> None:
     acceptor = await mesh.start("n2")
     peer = await RawPeer.connect(mesh.ports["n2"])
     try:
-        await peer.send(encode_frame(Hello(node_id="n1", nonce=b"\x00" * 4)))
+        await peer.send(encode_frame(Hello(node_id="n1", nonce=b"\x00" * 4, incarnation=RAW_PEER_INCARNATION)))
         assert await peer.read_until_closed() == b""
     finally:
         peer.close()
@@ -325,7 +367,8 @@ async def test_the_dialer_refuses_an_acceptor_that_cannot_prove_itself(mesh: Mes
             me, mac = "n2", handshake_proof(os.urandom(32), hello.nonce, "n2", "n1")
         else:  # a real member's proof, but not the member that was dialed
             me, mac = "n3", handshake_proof(mesh.secret, hello.nonce, "n3", "n1")
-        return (encode_frame(Hello(node_id=me, nonce=os.urandom(32))) + encode_frame(HelloProof(node_id=me, mac=mac))
+        return (encode_frame(Hello(node_id=me, nonce=os.urandom(32), incarnation=RAW_PEER_INCARNATION))
+                + encode_frame(HelloProof(node_id=me, mac=mac))
                 + encode_frame(forward(1)) + encode_frame(RequestVote(view=9, last_index=9, last_view=9)))
     server, hellos = await fake_acceptor(mesh.ports["n2"], answer)
     try:

@@ -45,6 +45,7 @@ from tokenvault.core.transport import PeerAddress, PeerTransport
 from tokenvault.core.wal import RecoveredLog, WriteAheadLog
 from tokenvault.core.wal_segments import WalCorruption
 from tokenvault.crypto.keys import KeyRing, new_epoch_secret
+from tokenvault.core.incarnations import PeerIncarnations, load_or_create_incarnation
 from tokenvault.crypto.tls import PeerTlsContexts, load_node_tls
 from tokenvault.futures import await_future, cancel_and_wait
 from tokenvault.logs import SummedEvent, get_logger
@@ -121,6 +122,10 @@ class Node:
             raise StoreCorruption("this data directory holds a version 1 (SQLite) store, which this version "
                                   "cannot read; there is no migration from version 1 yet")
         _refuse_a_store_found_damaged(self.data_dir)
+        # Made with the data directory, read on every start after: peers refuse a member whose directory
+        # changed under its id (tokenvault/core/incarnations.py).
+        self.incarnation = load_or_create_incarnation(self.data_dir)
+        self.peer_incarnations = PeerIncarnations(self.data_dir)
         self.store = VaultStore.open(self.data_dir / STORE_DIRECTORY,
                                      retention_ms=config.idempotency.retention_hours * 3600 * 1000)
         self.wal, recovered = WriteAheadLog.open(self.data_dir / "wal",
@@ -162,7 +167,8 @@ class Node:
                                            config.load_cluster_secret(), self._on_peer_message,
                                            MAX_FRAME_BYTES, on_peer_down=self._on_peer_down,
                                            idle_timeout_seconds=_link_idle_timeout_seconds(config), tls=peer_tls,
-                                           max_unauthenticated_connections=config.peer.max_unauthenticated_connections)
+                                           max_unauthenticated_connections=config.peer.max_unauthenticated_connections,
+                                           incarnation=self.incarnation, admit=self.peer_incarnations.admit)
             self._follow_membership()  # links to the committed configuration's members too, not only the newest's
         self._inbox: deque[tuple[Any, ...]] = deque()
         self._wakeup = asyncio.Event()
@@ -253,7 +259,10 @@ class Node:
         committed = self.store.membership() or Membership.of(tuple(member.id for member in self.config.members))
         addresses = {peer.node_id: peer for peer in self._peer_addresses(committed)}
         addresses.update((peer.node_id, peer) for peer in self._peer_addresses(self.replica.membership))
+        left = set(self.transport.peers) - set(addresses)
         self.transport.set_peers(list(addresses.values()))
+        for member in left:  # gone from the configuration: a node under its id later is a new member
+            self.peer_incarnations.forget(member)
 
     def _peer_addresses(self, membership: Membership) -> list[PeerAddress]:
         """Where each member of a configuration listens for peers: the address the configuration entry

@@ -47,14 +47,17 @@ from protocol import FrameDecoder, Hello, HelloProof, Message, Ping, ProtocolErr
 from protocol.codec import LENGTH_PREFIX_BYTES
 from tokenvault.futures import cancel_and_wait
 from tokenvault.logs import SummedEvent, get_logger
+from tokenvault.core.incarnations import INCARNATION_BYTES
 from tokenvault.crypto.tls import PeerTlsContexts, peer_node_ids
 
 HANDSHAKE_TIMEOUT_SECONDS = 3.0
+# peer.incarnation_changed is said once per member and incarnation, for at most this many of them.
+MAX_INCARNATIONS_REFUSED_LOGGED = 64
 # Hello and HelloProof are under 100 bytes; nothing larger is read from a peer not yet authenticated.
 HANDSHAKE_MAX_FRAME_BYTES = 1024
 DEFAULT_MAX_UNAUTHENTICATED_CONNECTIONS = 8
 # Sent by the acceptor first; the version lets a future protocol refuse an old dialer cleanly.
-GREETING = b"TVPEER1\n"
+GREETING = b"TVPEER2\n"  # 2: the Hello carries the incarnation
 NONCE_BYTES = 32
 SEND_QUEUE_MAX_MESSAGES = 4096
 # Queued frames coalesced into one socket write, to save syscalls.
@@ -81,14 +84,20 @@ class PeerAddress:
     port: int
 
 
-def _proof(secret: bytes, nonce: bytes, prover_id: str, verifier_id: str) -> bytes:
-    """The MAC that shows the prover holds the cluster secret, bound to both ids and the nonce."""
-    message = b"tokenvault/peer-handshake\x00" + prover_id.encode() + b"\x00" + verifier_id.encode() + b"\x00" + nonce
+def _proof(secret: bytes, nonce: bytes, prover_id: str, verifier_id: str, prover_incarnation: bytes) -> bytes:
+    """The MAC that shows the prover holds the cluster secret, bound to both ids, the nonce and the
+    incarnation the prover's Hello gave."""
+    message = (b"tokenvault/peer-handshake\x00" + prover_id.encode() + b"\x00" + verifier_id.encode() + b"\x00"
+               + nonce + b"\x00" + prover_incarnation)
     return hmac.new(secret, message, hashlib.sha256).digest()
 
 
 class HandshakeError(Exception):
     """The other side did not prove it belongs to this cluster."""
+
+
+class IncarnationChanged(HandshakeError):
+    """A member came back in another life of its data directory (tokenvault/core/incarnations.py)."""
 
 
 def _abort(writer: asyncio.StreamWriter) -> None:
@@ -201,7 +210,10 @@ class PeerTransport:
                  idle_timeout_seconds: float = DEFAULT_IDLE_TIMEOUT_SECONDS, *,
                  tls: PeerTlsContexts | None = None,
                  max_unauthenticated_connections: int = DEFAULT_MAX_UNAUTHENTICATED_CONNECTIONS,
-                 handshake_timeout_seconds: float = HANDSHAKE_TIMEOUT_SECONDS) -> None:
+                 handshake_timeout_seconds: float = HANDSHAKE_TIMEOUT_SECONDS,
+                 incarnation: bytes | None = None, admit: Callable[[str, bytes], bool] | None = None) -> None:
+        """``incarnation``: this node's (random when not given); ``admit(member, incarnation)``: whether a
+        member that proved the cluster secret is in the incarnation this node knows (None: every one is)."""
         if max_unauthenticated_connections < 1:
             raise ValueError("max_unauthenticated_connections must be at least 1")
         if handshake_timeout_seconds <= 0:
@@ -218,6 +230,11 @@ class PeerTransport:
         self._tls = tls
         self._max_unauthenticated_connections = max_unauthenticated_connections
         self._handshake_timeout_seconds = handshake_timeout_seconds
+        self._incarnation = incarnation if incarnation is not None else os.urandom(INCARNATION_BYTES)
+        if len(self._incarnation) != INCARNATION_BYTES:
+            raise ValueError(f"an incarnation is {INCARNATION_BYTES} bytes")
+        self._admit = admit
+        self._incarnations_refused: set[tuple[str, bytes]] = set()
         self._connections: dict[str, _Connection] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._server: asyncio.AbstractServer | None = None
@@ -346,19 +363,20 @@ class PeerTransport:
                 raise HandshakeError("the acceptor's certificate does not name the peer dialled")
         decoder = FrameDecoder(HANDSHAKE_MAX_FRAME_BYTES)
         my_nonce = os.urandom(NONCE_BYTES)
-        writer.write(encode_frame(Hello(node_id=self.node_id, nonce=my_nonce)))
+        writer.write(encode_frame(Hello(node_id=self.node_id, nonce=my_nonce, incarnation=self._incarnation)))
         await writer.drain()
         hello = await _read_handshake_frame(reader, decoder)
         proof = await _read_handshake_frame(reader, decoder)
         if not isinstance(hello, Hello) or not isinstance(proof, HelloProof) or hello.node_id != peer.node_id:
             raise HandshakeError("unexpected handshake frames")
-        if len(hello.nonce) != NONCE_BYTES:
-            raise HandshakeError("bad nonce")  # as the acceptor checks ours: a short nonce weakens our proof
-        expected = _proof(self._secret, my_nonce, peer.node_id, self.node_id)
+        if len(hello.nonce) != NONCE_BYTES or len(hello.incarnation) != INCARNATION_BYTES:
+            raise HandshakeError("bad nonce or incarnation")  # a short nonce would weaken our proof
+        expected = _proof(self._secret, my_nonce, peer.node_id, self.node_id, hello.incarnation)
         if not hmac.compare_digest(expected, proof.mac):
             raise HandshakeError("peer failed to prove the cluster secret")
-        writer.write(encode_frame(HelloProof(node_id=self.node_id,
-                                             mac=_proof(self._secret, hello.nonce, self.node_id, peer.node_id))))
+        self._check_incarnation(peer.node_id, hello.incarnation)
+        writer.write(encode_frame(HelloProof(node_id=self.node_id, mac=_proof(
+            self._secret, hello.nonce, self.node_id, peer.node_id, self._incarnation))))
         await writer.drain()
 
     # ----------------------------------------------------------------- accepting
@@ -403,19 +421,35 @@ class PeerTransport:
             raise HandshakeError("unknown peer or wrong dialing direction")
         if certified is not None and hello.node_id not in certified:
             raise HandshakeError("the dialer's certificate does not name the member it claims to be")
-        if len(hello.nonce) != NONCE_BYTES:
-            raise HandshakeError("bad nonce")
+        if len(hello.nonce) != NONCE_BYTES or len(hello.incarnation) != INCARNATION_BYTES:
+            raise HandshakeError("bad nonce or incarnation")
         my_nonce = os.urandom(NONCE_BYTES)
-        writer.write(encode_frame(Hello(node_id=self.node_id, nonce=my_nonce))
-                     + encode_frame(HelloProof(node_id=self.node_id,
-                                               mac=_proof(self._secret, hello.nonce, self.node_id, hello.node_id))))
+        writer.write(encode_frame(Hello(node_id=self.node_id, nonce=my_nonce, incarnation=self._incarnation))
+                     + encode_frame(HelloProof(node_id=self.node_id, mac=_proof(
+                         self._secret, hello.nonce, self.node_id, hello.node_id, self._incarnation))))
         await writer.drain()
         # The dialer sends nothing after Hello until it has our proof, so the next frame must be its proof.
         proof = await _read_handshake_frame(reader, decoder)
-        expected = _proof(self._secret, my_nonce, hello.node_id, self.node_id)
+        expected = _proof(self._secret, my_nonce, hello.node_id, self.node_id, hello.incarnation)
         if not isinstance(proof, HelloProof) or not hmac.compare_digest(expected, proof.mac):
             raise HandshakeError("peer failed to prove the cluster secret")
+        self._check_incarnation(hello.node_id, hello.incarnation)
         return hello.node_id
+
+    def _check_incarnation(self, peer_id: str, incarnation: bytes) -> None:
+        """Refuse a member that proved the secret but is in another life of its data directory: it forgot
+        what it acknowledged and whom it voted for (tokenvault/core/incarnations.py)."""
+        if self._admit is None or self._admit(peer_id, incarnation):
+            return
+        said = self._incarnations_refused
+        if (peer_id, incarnation) not in said and len(said) < MAX_INCARNATIONS_REFUSED_LOGGED:
+            said.add((peer_id, incarnation))  # said once per member and life; the rest as handshake failures
+            log.error("peer.incarnation_changed", peer=peer_id,
+                      detail="this member's data directory is not the one it had when this node last saw it "
+                      "(started empty, or on another disk): it forgot what it acknowledged, so its links are "
+                      "refused; replace it with a new member (run_cluster.sh add-node, then remove-node of "
+                      "this one; docs/failure-modes.md)")
+        raise IncarnationChanged(f"{peer_id} is in another incarnation")
 
     # ----------------------------------------------------------------- serving
     async def _serve_connection(self, connection: _Connection) -> None:

@@ -1,0 +1,58 @@
+"""tokenvault.core.incarnations: a data directory's incarnation, and the incarnations a node has seen."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tokenvault.core.incarnations import (INCARNATION_BYTES, INCARNATION_FILE, MAX_REMEMBERED_MEMBERS,
+                                          PEER_INCARNATIONS_FILE, IncarnationError, PeerIncarnations,
+                                          load_or_create_incarnation)
+
+
+def test_a_data_directory_keeps_its_incarnation_and_a_new_one_gets_another(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    first = load_or_create_incarnation(tmp_path / "a")
+    assert len(first) == INCARNATION_BYTES
+    assert load_or_create_incarnation(tmp_path / "a") == first  # a restart: the same life
+    assert (tmp_path / "a" / INCARNATION_FILE).stat().st_mode & 0o077 == 0
+    (tmp_path / "b").mkdir()
+    assert load_or_create_incarnation(tmp_path / "b") != first  # an empty directory: a new life
+
+
+@pytest.mark.parametrize("text", ["", "zz" * INCARNATION_BYTES, "ab" * (INCARNATION_BYTES - 1), "ab" * 100])
+def test_an_incarnation_file_this_node_did_not_write_is_refused(tmp_path: Path, text: str) -> None:
+    (tmp_path / INCARNATION_FILE).write_text(text)
+    with pytest.raises(IncarnationError, match="replace the node"):
+        load_or_create_incarnation(tmp_path)
+
+
+def test_the_first_incarnation_of_a_member_is_admitted_remembered_and_another_refused(tmp_path: Path) -> None:
+    one, other = b"\x01" * INCARNATION_BYTES, b"\x02" * INCARNATION_BYTES
+    seen = PeerIncarnations(tmp_path)
+    assert seen.admit("n2", one) and seen.admit("n2", one)
+    assert not seen.admit("n2", other)
+    # Durable: a restarted node still refuses the member's other life.
+    again = PeerIncarnations(tmp_path)
+    assert again.known("n2") == one and not again.admit("n2", other)
+    # A member that left the configuration is forgotten, on disk too: its id may come back as a new member.
+    again.forget("n2")
+    assert PeerIncarnations(tmp_path).known("n2") is None
+    assert PeerIncarnations(tmp_path).admit("n2", other)
+
+
+@pytest.mark.parametrize("content", [b"not json", b"[]", json.dumps({"n2": "abcd"}).encode(),
+                                     json.dumps({"": "ab" * INCARNATION_BYTES}).encode(),
+                                     json.dumps({"n2": 7}).encode(), b"{" + b" " * 200_000 + b"}"])
+def test_a_record_file_this_node_did_not_write_is_refused(tmp_path: Path, content: bytes) -> None:
+    (tmp_path / PEER_INCARNATIONS_FILE).write_bytes(content)
+    with pytest.raises(IncarnationError, match="replace the node"):
+        PeerIncarnations(tmp_path)
+
+
+def test_the_record_is_bounded(tmp_path: Path) -> None:
+    seen = PeerIncarnations(tmp_path)
+    seen._known = {f"m{number}": b"\x01" * INCARNATION_BYTES for number in range(MAX_REMEMBERED_MEMBERS)}
+    assert not seen.admit("one-more", b"\x01" * INCARNATION_BYTES)

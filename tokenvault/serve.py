@@ -124,6 +124,12 @@ async def run_node(config: NodeConfig, config_path: Path | None = None) -> int:
     loop = asyncio.get_running_loop()
     for signal_number in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signal_number, stop.set)
+
+    def reload_tls() -> None:  # SIGHUP: certificate rotation without a restart (docs/security.md)
+        if node.reload_tls() and pool is not None:
+            pool.push_tls_reload()
+
+    loop.add_signal_handler(signal.SIGHUP, reload_tls)
     stop_task = loop.create_task(stop.wait())
     fatal_task = loop.create_task(node.stopped.wait())
     loop_watch = LoopWatch(metrics).start()

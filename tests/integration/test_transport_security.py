@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import os
+import signal
 import socket
 import ssl
 import struct
@@ -18,10 +20,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from cryptography import x509
 
-from harness import ClusterHarness, fast_settings, wait_for
-from tokenvault.config import PeerConfig
+from harness import HTTP_WORKERS, ClusterHarness, fast_settings, wait_for
+from tokenvault.config import PeerConfig, load_config
 from tokenvault.core.transport import GREETING, HANDSHAKE_TIMEOUT_SECONDS
+from tokenvault.crypto.tls import create_node_certificate, http_client_context
 
 pytestmark = pytest.mark.integration
 
@@ -219,3 +223,75 @@ async def test_peer_port_squatters_are_capped_and_closed_after_the_handshake_dea
         tokens = (await client.tokenize(["after-the-squatters"])).tokens
     async with harness.client() as client:
         assert await client.detokenize(tokens) == ("after-the-squatters",)
+
+
+def _served_certificate(port: int, context: ssl.SSLContext, peer_port: bool = False) -> x509.Certificate:
+    """The certificate a node presents on a new TLS connection to `port` (a peer port greets first)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=CLOSE_TIMEOUT_SECONDS) as raw:
+        if peer_port:
+            assert raw.recv(len(GREETING), socket.MSG_WAITALL) == GREETING
+        with context.wrap_socket(raw, server_hostname="127.0.0.1") as wrapped:
+            der = wrapped.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der)
+
+
+async def test_a_node_loads_new_certificate_files_on_sighup_and_keeps_the_old_ones_when_they_are_bad(
+        make_cluster: Callable[..., ClusterHarness]) -> None:
+    """docs/security.md, certificate rotation: new files for n1, signed by the cluster CA, and a SIGHUP to its
+    core. New HTTPS connections (through every HTTP worker) and new peer connections get the new certificate,
+    the expiry gauge follows, and the cluster serves on; files that do not check out are refused
+    (tls.reload_failed) and the node goes on with the ones it had."""
+    harness = make_cluster()
+    node = "n1"
+    files = load_config(harness.node(node).config).tls
+    assert files is not None and harness.ca_file is not None
+    http_port, peer_port = harness.node(node).http_port, harness.node(node).peer_port
+    https = http_client_context(harness.ca_file)
+    # The peer port wants a member's certificate: n3's, as a member dialling n1 would present.
+    peer = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    peer.check_hostname, peer.verify_mode = False, ssl.CERT_NONE
+    member = load_config(harness.node("n3").config).tls
+    assert member is not None
+    peer.load_cert_chain(member.cert_file, member.key_file)
+    old = _served_certificate(http_port, https)
+    assert _served_certificate(peer_port, peer, peer_port=True).serial_number == old.serial_number
+
+    # Written beside the old files and renamed over them, as a rotation should: never half a file.
+    staged_cert, staged_key = files.cert_file.with_suffix(".new.crt"), files.key_file.with_suffix(".new.key")
+    new = create_node_certificate(harness.ca_file, harness.directory / "tls" / "ca.key", node, ["127.0.0.1"],
+                                  staged_cert, staged_key, valid_days=30)
+    os.replace(staged_key, files.key_file)
+    os.replace(staged_cert, files.cert_file)
+    assert new.serial_number != old.serial_number
+    mark = harness.log_mark(node)
+    pid = harness.pid(node)
+    assert pid is not None
+    os.kill(pid, signal.SIGHUP)
+    reloaded = harness.wait_for_event(node, "tls.reloaded", mark)
+    assert reloaded["node_expires_at"] == new.not_valid_after_utc.isoformat()
+    wait_for(lambda: len(harness.find_events(node, "worker.tls_reloaded", mark)) == HTTP_WORKERS, 5,
+             "every HTTP worker to reload")
+    for _ in range(16):  # new connections, spread over the workers by the kernel
+        assert _served_certificate(http_port, https).serial_number == new.serial_number
+    assert _served_certificate(peer_port, peer, peer_port=True).serial_number == new.serial_number
+    gauge = [line for line in harness.metrics_text(node).splitlines()
+             if line.startswith('tokenvault_tls_certificate_expiry_timestamp_seconds{certificate="node"}')]
+    assert [float(line.split()[-1]) for line in gauge] == [new.not_valid_after_utc.timestamp()]
+
+    # Files that do not check out (a certificate for another node) are refused; nothing changes.
+    other = load_config(harness.node("n2").config).tls
+    assert other is not None
+    saved = files.cert_file.read_bytes()
+    files.cert_file.write_bytes(other.cert_file.read_bytes())
+    mark = harness.log_mark(node)
+    os.kill(pid, signal.SIGHUP)
+    failed = harness.wait_for_event(node, "tls.reload_failed", mark)
+    assert "does not name node 'n1'" in failed["reason"] or "does not belong" in failed["reason"], failed
+    assert not harness.find_events(node, "worker.tls_reloaded", mark)
+    assert _served_certificate(http_port, https).serial_number == new.serial_number
+    files.cert_file.write_bytes(saved)
+    async with harness.client("n2") as client:  # forwarded over the peer links
+        tokens = (await client.tokenize(["after-the-rotation"])).tokens
+    async with harness.client(node) as client:
+        assert await client.detokenize(tokens) == ("after-the-rotation",)

@@ -46,6 +46,8 @@ DEFAULT_MAX_ITEMS = 1000
 KEYS_TOPIC = "keys"
 EPOCH_TOPIC = "epoch"
 CATCH_UP_TOPIC = "catch_up"
+# The core reloaded its certificate files (SIGHUP): the worker loads them into its HTTPS context too.
+TLS_TOPIC = "tls"
 
 
 def _now_ms() -> int:

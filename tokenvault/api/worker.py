@@ -27,18 +27,19 @@ import asyncio
 import os
 import signal
 import socket
+import ssl
 import sys
 import time
 from pathlib import Path
 
 from tokenvault.api.channel import Channel, max_frame_bytes
 from tokenvault.api.http import create_app, http_server
-from tokenvault.api.remote import RemoteService
+from tokenvault.api.remote import TLS_TOPIC, RemoteService
 from tokenvault.config import NodeConfig, load_config
 from tokenvault.core.store_files import STORE_DIRECTORY
 from tokenvault.core.store_reader import StoreReadError, open_view
 from tokenvault.core.loopwatch import LoopWatch
-from tokenvault.crypto.tls import TlsError, load_node_tls
+from tokenvault.crypto.tls import TlsError, load_node_tls, reload_http_server_context
 from tokenvault.futures import cancel_and_wait
 from tokenvault.logs import configure_logging, get_logger
 from tokenvault.metrics import Metrics
@@ -97,6 +98,20 @@ async def _open_store_view(config: NodeConfig, index: int, workers: int, service
         return
 
 
+def _reload_tls(config: NodeConfig, context: ssl.SSLContext | None) -> None:
+    """Load the node's certificate and key again into this worker's HTTPS context (the core has checked and
+    loaded them already; a file replaced again meanwhile is checked here too)."""
+    if config.tls is None or context is None:
+        return
+    try:
+        reload_http_server_context(context, config.tls.files(), config.node_id)
+    except TlsError as error:
+        log.error("worker.tls_reload_failed", reason=str(error)[:300],
+                  detail="this worker goes on with the files it had")
+        return
+    log.info("worker.tls_reloaded")
+
+
 async def _serve(config: NodeConfig, index: int, workers: int, channel_fd: int, listen_fd: int,
                  service: RemoteService, metrics: Metrics) -> int:
     reader, writer = await asyncio.open_unix_connection(sock=socket.socket(fileno=channel_fd))
@@ -111,7 +126,15 @@ async def _serve(config: NodeConfig, index: int, workers: int, channel_fd: int, 
             metrics.worker_store_view_cache_bytes.set(view.cache_bytes)
         return metrics.render()[0].decode("utf-8")
 
-    channel = Channel(reader, writer, handlers={"metrics": render_metrics}, on_push=service.on_push,
+    tls_context: ssl.SSLContext | None = None
+
+    def on_push(topic: str, payload: object) -> None:
+        if topic == TLS_TOPIC:
+            _reload_tls(config, tls_context)
+            return
+        service.on_push(topic, payload)
+
+    channel = Channel(reader, writer, handlers={"metrics": render_metrics}, on_push=on_push,
                       max_frame_bytes=max_frame_bytes(config.limits.max_body_bytes), name=f"worker-{index}").start()
     service.channel = channel
     try:

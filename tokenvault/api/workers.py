@@ -34,7 +34,7 @@ from pathlib import Path
 
 from tokenvault.api.channel import Channel, max_frame_bytes
 from tokenvault.api.core_calls import CoreCalls
-from tokenvault.api.remote import CATCH_UP_TOPIC, EPOCH_TOPIC, KEYS_TOPIC
+from tokenvault.api.remote import CATCH_UP_TOPIC, EPOCH_TOPIC, KEYS_TOPIC, TLS_TOPIC
 from tokenvault.core.sealer import child_environment
 from tokenvault.logs import get_logger
 
@@ -109,6 +109,11 @@ class WorkerPool:
     def push_catch_up(self) -> None:
         """The store's files were rewritten or replaced: every worker's view catches up, releasing the old ones."""
         self._push(CATCH_UP_TOPIC, None)
+
+    def push_tls_reload(self) -> None:
+        """The core loaded new certificate files (SIGHUP): every worker loads them into its HTTPS context.
+        A worker started later reads them at its start."""
+        self._push(TLS_TOPIC, None)
 
     def _push(self, topic: str, payload: object) -> None:
         for _, channel in self.channels():

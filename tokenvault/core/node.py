@@ -46,7 +46,7 @@ from tokenvault.core.wal import RecoveredLog, WriteAheadLog
 from tokenvault.core.wal_segments import WalCorruption
 from tokenvault.crypto.keys import KeyRing, new_epoch_secret
 from tokenvault.core.incarnations import PeerIncarnations, load_or_create_incarnation
-from tokenvault.crypto.tls import PeerTlsContexts, load_node_tls
+from tokenvault.crypto.tls import NodeTls, PeerTlsContexts, TlsError, load_node_tls, reload_node_tls
 from tokenvault.futures import await_future, cancel_and_wait
 from tokenvault.logs import SummedEvent, get_logger
 from tokenvault.metrics import Metrics
@@ -156,10 +156,11 @@ class Node:
         # TLS contexts are built before anything listens, so that a bad certificate stops the node at start.
         self.http_tls_context: ssl.SSLContext | None = None
         peer_tls: PeerTlsContexts | None = None
+        self._node_tls: NodeTls | None = None
         if config.tls is not None:
-            node_tls = load_node_tls(config.tls.files(), self.node_id)
-            self.http_tls_context, peer_tls = node_tls.http_server, node_tls.peers
-            self._watch_certificates(node_tls.expires_at)
+            self._node_tls = load_node_tls(config.tls.files(), self.node_id)
+            self.http_tls_context, peer_tls = self._node_tls.http_server, self._node_tls.peers
+            self._watch_certificates(self._node_tls.expires_at)
         self.transport: PeerTransport | None = None
         if len(members) > 1:
             peers = self._peer_addresses(self.replica.membership)
@@ -463,9 +464,24 @@ class Node:
         if self.fatal_error is None:
             self._fatal(error, task=task.get_name())
 
+    def reload_tls(self) -> bool:
+        """SIGHUP: load the node's certificate, key and CA files again (rotation without a restart,
+        docs/security.md); False, and the old ones kept, when they are not usable."""
+        if self.config.tls is None or self._node_tls is None:
+            log.warning("tls.reload_skipped", reason="this node has no [tls] section")
+            return False
+        try:
+            expiry_times = reload_node_tls(self._node_tls, self.config.tls.files(), self.node_id)
+        except TlsError as error:
+            log.error("tls.reload_failed", reason=str(error)[:300], detail="the node goes on with the files it had")
+            return False
+        log.info("tls.reloaded", **{f"{name}_expires_at": when.isoformat() for name, when in expiry_times.items()})
+        self._watch_certificates(expiry_times)
+        return True
+
     def _watch_certificates(self, expiry_times: Mapping[str, datetime.datetime]) -> None:
-        """Expose when the node's certificate and the CA's expire, and warn at start when that is near:
-        there is no rotation while running (docs/security.md)."""
+        """Expose when the node's certificate and the CA's expire, and warn (at start, and at each reload)
+        when that is near: new files are loaded on SIGHUP (docs/security.md)."""
         now = datetime.datetime.now(datetime.timezone.utc)
         for name, expires_at in expiry_times.items():
             self.metrics.certificate_expiry.labels(certificate=name).set(expires_at.timestamp())

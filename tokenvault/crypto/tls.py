@@ -367,3 +367,28 @@ def load_node_tls(files: NodeTlsFiles, node_id: str) -> NodeTls:
     certificate, ca_certificate = _checked_certificates(files, node_id, None)
     return NodeTls(http_server_context(files), PeerTlsContexts(peer_server_context(files), peer_client_context(files)),
                    {"node": certificate.not_valid_after_utc, "ca": ca_certificate.not_valid_after_utc})
+
+
+def reload_http_server_context(context: ssl.SSLContext, files: NodeTlsFiles, node_id: str) -> x509.Certificate:
+    """Load the node's certificate and key again into ``context``, checked as at start; raises TlsError and
+    changes nothing when they are not usable. New handshakes present them; connections made keep theirs."""
+    certificate, _ = _checked_certificates(files, node_id, None)
+    http_server_context(files)  # loads the files once aside, so that a file OpenSSL refuses changes nothing
+    _load_chain(context, files)
+    return certificate
+
+
+def reload_node_tls(node_tls: NodeTls, files: NodeTlsFiles, node_id: str) -> Mapping[str, datetime.datetime]:
+    """Certificate rotation without a restart: the node's files, checked as at start, loaded again into the
+    contexts it serves HTTPS and peer links with; returns when the new certificates expire. The CA file is
+    added to the CAs the peer links trust (one it replaces stays trusted until the node restarts, so that
+    members can move to a new CA one at a time). Raises TlsError and changes nothing when the files are not
+    usable; links and connections already made keep their certificates."""
+    certificate, ca_certificate = _checked_certificates(files, node_id, None)
+    for build in (http_server_context, peer_server_context, peer_client_context):
+        build(files)  # loaded aside first, so that a file OpenSSL refuses changes nothing
+    _load_chain(node_tls.http_server, files)
+    for context in (node_tls.peers.server, node_tls.peers.client):
+        _load_chain(context, files)
+        _load_ca(context, files.ca_file)
+    return {"node": certificate.not_valid_after_utc, "ca": ca_certificate.not_valid_after_utc}

@@ -103,6 +103,19 @@ def free_base_port(node_count: int, rng: random.Random) -> int:
     raise RuntimeError("no free base port found")
 
 
+def memory_bytes(pid: int, field: str) -> int:
+    """VmRSS (resident now) or VmHWM (peak resident since the last reset) of a process."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no {field} for pid {pid}")
+
+
+def reset_peak_memory(pid: int) -> None:
+    """Set the process's VmHWM back to its current RSS (Linux: write 5 to /proc/PID/clear_refs)."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+
+
 def wait_for(predicate: Callable[[], Value], timeout_seconds: float, description: str,
              interval_seconds: float = POLL_INTERVAL_SECONDS) -> Value:
     """Poll `predicate` until it returns something truthy; return that, or fail after the deadline."""

@@ -14,11 +14,10 @@ import dataclasses
 import os
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 
-from harness import ClusterHarness, RecordingClient, fast_settings, wait_for
+from harness import ClusterHarness, RecordingClient, fast_settings, memory_bytes, reset_peak_memory, wait_for
 from history import History, Kind
 from test_failover import assert_history_holds, highest_commit_index, value_pool
 from tokenvault.config import WalConfig
@@ -184,18 +183,6 @@ async def test_a_backup_killed_inside_a_snapshot_install_starts_again_and_catche
     await assert_history_holds(harness, history, harness.node_ids)
 
 
-def _memory_bytes(pid: int, field: str) -> int:
-    """VmRSS (resident now) or VmHWM (peak resident since the last reset) of a process."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError(f"no {field} for pid {pid}")
-
-
-def _reset_peak_memory(pid: int) -> None:
-    Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM back to the current RSS
-
-
 SNAPSHOT_STORE_VALUES = 24_000
 SNAPSHOT_VALUE_BYTES = 1000  # random: RocksDB's compression keeps almost all of it, so the store is ~24 MB
 SNAPSHOT_MEMORY_GROWTH_MAX = 8 * 1024 * 1024
@@ -223,8 +210,8 @@ async def test_neither_side_holds_a_24_mb_snapshot_in_memory(make_cluster: Calla
             issued.update(zip((await client.tokenize(values)).tokens, values))
     primary_pid = harness.pid(primary)
     assert primary_pid is not None
-    _reset_peak_memory(primary_pid)
-    primary_before = _memory_bytes(primary_pid, "VmRSS")
+    reset_peak_memory(primary_pid)
+    primary_before = memory_bytes(primary_pid, "VmRSS")
 
     backup_mark, primary_mark = harness.log_mark(backup), harness.log_mark(primary)
     restarting = asyncio.get_running_loop().create_task(asyncio.to_thread(harness.restart, backup))
@@ -235,14 +222,14 @@ async def test_neither_side_holds_a_24_mb_snapshot_in_memory(make_cluster: Calla
             return pid if pid is not None and harness.find_events(backup, "snapshot.receiving", backup_mark) else None
 
         backup_pid = await asyncio.to_thread(wait_for, receiving, 30.0, f"{backup} to receive a snapshot", 0.005)
-        _reset_peak_memory(backup_pid)
-        backup_before = _memory_bytes(backup_pid, "VmRSS")
+        reset_peak_memory(backup_pid)
+        backup_before = memory_bytes(backup_pid, "VmRSS")
         installed = await asyncio.to_thread(harness.wait_for_event, backup, "snapshot.installed", backup_mark, 60.0)
-        backup_peak = _memory_bytes(backup_pid, "VmHWM")
+        backup_peak = memory_bytes(backup_pid, "VmHWM")
     finally:
         await restarting
     sending = harness.wait_for_event(primary, "snapshot.sent", primary_mark, peer=backup)
-    primary_peak = _memory_bytes(primary_pid, "VmHWM")
+    primary_peak = memory_bytes(primary_pid, "VmHWM")
     assert sending["bytes"] >= 20 * 1024 * 1024, sending  # the stream this bound is about
     print(f"snapshot of {sending['bytes']} bytes ({installed['tokens']} tokens): primary core +"
           f"{(primary_peak - primary_before) / 2**20:.1f} MiB, backup core +{(backup_peak - backup_before) / 2**20:.1f} MiB")

@@ -17,12 +17,11 @@ import ssl
 import struct
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 from cryptography import x509
 
-from harness import HTTP_WORKERS, ClusterHarness, fast_settings, wait_for
+from harness import HTTP_WORKERS, ClusterHarness, fast_settings, memory_bytes, reset_peak_memory, wait_for
 from tokenvault.config import PeerConfig, load_config
 from tokenvault.core.transport import GREETING, HANDSHAKE_TIMEOUT_SECONDS
 from tokenvault.crypto.tls import create_node_certificate, http_client_context
@@ -34,19 +33,6 @@ ATTACKERS = 3
 RSS_GROWTH_BYTES_MAX = 8 * 1024 * 1024
 CLOSE_TIMEOUT_SECONDS = 5.0
 MAX_UNAUTHENTICATED = PeerConfig().max_unauthenticated_connections  # 8 (docs/failure-modes.md)
-
-
-def memory_bytes(pid: int, field: str) -> int:
-    """VmRSS (resident now) or VmHWM (peak resident since the last reset) of a process."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError(f"no {field} for pid {pid}")
-
-
-def reset_peak_memory(pid: int) -> None:
-    """Set the process's VmHWM back to its current RSS (Linux: write 5 to /proc/PID/clear_refs)."""
-    Path(f"/proc/{pid}/clear_refs").write_text("5")
 
 
 def send_unauthenticated_frame(port: int) -> tuple[str, bool]:

@@ -6,7 +6,6 @@ import asyncio
 import dataclasses
 import datetime
 import ipaddress
-import json
 import os
 import ssl
 import stat

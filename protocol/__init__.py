@@ -9,9 +9,9 @@ from protocol.codec import DEFAULT_MAX_FRAME_BYTES, PROTOCOL_VERSION, FrameDecod
 from protocol.errors import NotPrimary, ProposalRejected, ProtocolError
 from protocol.membership import Member, Membership, MembershipError
 from protocol.messages import (MESSAGE_REGISTRY, MESSAGE_TYPES, AppendEntries, AppendReply, ForwardRequest,
-                               ForwardResponse, Heartbeat, HeartbeatReply, Hello, HelloProof, InstallSnapshot,
-                               Message, Ping, PreVote, PreVoteReply, ReadIndex, ReadIndexReply, RequestVote,
-                               SnapshotReply, VoteReply)
+                               ForwardResponse, Heartbeat, HeartbeatReply, Hello, HelloProof, HelloRefused,
+                               InstallSnapshot, Message, Ping, PreVote, PreVoteReply, ReadIndex, ReadIndexReply,
+                               RequestVote, SnapshotReply, VoteReply)
 from protocol.records import (BecamePrimary, ElectionStarted, Event, MembershipChanged, PrimaryChanged, ReadResult,
                               Ready, ReplicaConfig, RestoredState, Role, SnapshotChunk, SnapshotRead, SnapshotToInstall,
                               SteppedDown)
@@ -23,7 +23,8 @@ __all__ = [
     "NotPrimary", "ProposalRejected", "ProtocolError",
     "Member", "Membership", "MembershipError", "MembershipChanged",
     "MESSAGE_REGISTRY", "MESSAGE_TYPES", "AppendEntries", "AppendReply", "ForwardRequest", "ForwardResponse",
-    "Heartbeat", "HeartbeatReply", "Hello", "HelloProof", "InstallSnapshot", "Message", "Ping", "PreVote", "PreVoteReply",
+    "Heartbeat", "HeartbeatReply", "Hello", "HelloProof", "HelloRefused", "InstallSnapshot", "Message", "Ping",
+    "PreVote", "PreVoteReply",
     "ReadIndex", "ReadIndexReply", "RequestVote",
     "SnapshotReply", "VoteReply",
     "BecamePrimary", "ElectionStarted", "Event", "PrimaryChanged", "ReadResult", "Ready", "ReplicaConfig",

@@ -230,10 +230,20 @@ class Ping(Message):
     sequence: int
 
 
+@dataclass(frozen=True, slots=True)
+class HelloRefused(Message):
+    """Ends a handshake in place of the next message: the other side proved the cluster secret but is refused
+    (its data directory changed under its id), and why, so that its own log says so."""
+
+    TYPE_TAG: ClassVar[int] = 21
+    node_id: str
+    reason: str
+
+
 MESSAGE_TYPES: tuple[type[Message], ...] = (
     RequestVote, VoteReply, AppendEntries, AppendReply, Heartbeat, HeartbeatReply,
     InstallSnapshot, SnapshotReply, PreVote, PreVoteReply, ReadIndex, ReadIndexReply, Hello, HelloProof,
-    ForwardRequest, ForwardResponse, Ping,
+    ForwardRequest, ForwardResponse, Ping, HelloRefused,
 )
 
 

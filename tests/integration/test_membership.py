@@ -201,13 +201,16 @@ async def test_a_member_restarted_on_an_empty_data_directory_never_counts_and_is
     await asyncio.to_thread(harness.kill, wiped)
     await asyncio.to_thread(harness.kill, primary)
     shutil.rmtree(harness.node(wiped).data_dir)  # its disk is lost; the operator starts it again anyway
-    mark = harness.log_mark(lagging)
+    mark, wiped_mark = harness.log_mark(lagging), harness.log_mark(wiped)
     await asyncio.to_thread(harness.restart, wiped)
     await asyncio.to_thread(harness.restart, lagging)
     # `lagging` and the empty `wiped` are two of three: they must not make a majority.
     changed = await asyncio.to_thread(harness.wait_for_event, lagging, "peer.incarnation_changed", mark, 10.0,
                                       peer=wiped)
     assert "add-node" in changed["detail"]
+    told = await asyncio.to_thread(harness.wait_for_event, wiped, "peer.refused_this_node", wiped_mark, 10.0,
+                                   peer=lagging)  # the refused member's own log says why, and what to do
+    assert "replace it with a new member" in told["reason"]
     deadline = time.monotonic() + 3.0
     while time.monotonic() < deadline:
         assert all((health or {}).get("role") != "primary" for health in harness.healths([wiped, lagging]).values())

@@ -6,9 +6,9 @@ import msgpack
 import pytest
 
 from protocol import (MESSAGE_REGISTRY, PROTOCOL_VERSION, AppendEntries, AppendReply, Entry, EntryKind,
-                      ForwardRequest, ForwardResponse, FrameDecoder, Heartbeat, HeartbeatReply, Hello, HelloProof, Ping,
-                      InstallSnapshot, PreVote, PreVoteReply, ProtocolError, ReadIndex, ReadIndexReply, RequestVote, SnapshotReply, VoteReply,
-                      encode_frame)
+                      ForwardRequest, ForwardResponse, FrameDecoder, Heartbeat, HeartbeatReply, Hello, HelloProof,
+                      HelloRefused, Ping, InstallSnapshot, PreVote, PreVoteReply, ProtocolError, ReadIndex,
+                      ReadIndexReply, RequestVote, SnapshotReply, VoteReply, encode_frame)
 
 EXAMPLES = [
     RequestVote(view=3, last_index=10, last_view=2),
@@ -27,6 +27,7 @@ EXAMPLES = [
     PreVoteReply(view=6, granted=False),
     Hello(node_id="n1", nonce=b"\x01" * 16, incarnation=b"\x02" * 16),
     HelloProof(node_id="n2", mac=b"\x02" * 32),
+    HelloRefused(node_id="n2", reason="this node's data directory is not the one it had"),
     ForwardRequest(request_id=17, kind="tokenize", body=b'{"values":[]}'),
     ForwardResponse(request_id=17, status=201, body=b"{}", headers=(("Retry-After", "1"),)),
     Ping(sequence=3),

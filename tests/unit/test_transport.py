@@ -110,7 +110,7 @@ async def test_a_member_back_in_another_incarnation_is_refused_both_ways_and_sai
     """tokenvault/core/incarnations.py: n1 and n2 link and remember each other's incarnation; `returning`
     comes back with the cluster secret but a new data directory (another incarnation). The other refuses
     its links whichever side dials, logs peer.incarnation_changed once, and links again once the member
-    presents its old incarnation (its own disk back)."""
+    presents its old incarnation (its own disk back). The returning member is told why, and logs it once."""
     other = "n2" if returning == "n1" else "n1"
     incarnations = {node_id: os.urandom(16) for node_id in ("n1", "n2")}
     for node_id in ("n1", "n2", f"{returning}-wiped"):
@@ -137,6 +137,9 @@ async def test_a_member_back_in_another_incarnation_is_refused_both_ways_and_sai
         assert 99 not in forwards(mesh.sides[other])
     changed = [entry for entry in logs if entry["event"] == "peer.incarnation_changed"]
     assert len(changed) == 1 and changed[0]["peer"] == returning and "add-node" in changed[0]["detail"], changed
+    # The returning member is told why (HelloRefused), whichever side dialled, and says so once.
+    told = [entry for entry in logs if entry["event"] == "peer.refused_this_node"]
+    assert len(told) == 1 and told[0]["peer"] == other and "replace it with a new member" in told[0]["reason"], told
     assert records[other].known(returning) == incarnations[returning]  # the first life stays the one admitted
 
     await wiped.transport.close()

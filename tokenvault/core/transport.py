@@ -35,6 +35,7 @@ so a full send queue drops the newest message instead of blocking the driver.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import os
@@ -43,7 +44,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 from dataclasses import dataclass
 
-from protocol import FrameDecoder, Hello, HelloProof, Message, Ping, ProtocolError, encode_frame
+from protocol import FrameDecoder, Hello, HelloProof, HelloRefused, Message, Ping, ProtocolError, encode_frame
 from protocol.codec import LENGTH_PREFIX_BYTES
 from tokenvault.futures import cancel_and_wait
 from tokenvault.logs import SummedEvent, get_logger
@@ -51,8 +52,10 @@ from tokenvault.core.incarnations import INCARNATION_BYTES
 from tokenvault.crypto.tls import PeerTlsContexts, peer_node_ids
 
 HANDSHAKE_TIMEOUT_SECONDS = 3.0
-# peer.incarnation_changed is said once per member and incarnation, for at most this many of them.
+# peer.incarnation_changed is said once per member and incarnation, peer.refused_this_node once per peer,
+# for at most this many of them.
 MAX_INCARNATIONS_REFUSED_LOGGED = 64
+REFUSAL_REASON_MAX_CHARS = 400
 # Hello and HelloProof are under 100 bytes; nothing larger is read from a peer not yet authenticated.
 HANDSHAKE_MAX_FRAME_BYTES = 1024
 DEFAULT_MAX_UNAUTHENTICATED_CONNECTIONS = 8
@@ -98,6 +101,16 @@ class HandshakeError(Exception):
 
 class IncarnationChanged(HandshakeError):
     """A member came back in another life of its data directory (tokenvault/core/incarnations.py)."""
+
+
+class RefusedByPeer(HandshakeError):
+    """The other side refused this node (HelloRefused), and said why."""
+
+
+# What a member in another incarnation is told (HelloRefused), and logs as peer.refused_this_node.
+INCARNATION_REFUSAL = ("this node's data directory is not the one it had when the peer last saw it (started empty, or "
+                       "on another disk): it forgot what it acknowledged and must not vote; replace it with a new "
+                       "member (run_cluster.sh add-node, then remove-node of this one; docs/failure-modes.md)")
 
 
 def _abort(writer: asyncio.StreamWriter) -> None:
@@ -235,6 +248,7 @@ class PeerTransport:
             raise ValueError(f"an incarnation is {INCARNATION_BYTES} bytes")
         self._admit = admit
         self._incarnations_refused: set[tuple[str, bytes]] = set()
+        self._refused_by: set[str] = set()
         self._connections: dict[str, _Connection] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._server: asyncio.AbstractServer | None = None
@@ -374,7 +388,11 @@ class PeerTransport:
         expected = _proof(self._secret, my_nonce, peer.node_id, self.node_id, hello.incarnation)
         if not hmac.compare_digest(expected, proof.mac):
             raise HandshakeError("peer failed to prove the cluster secret")
-        self._check_incarnation(peer.node_id, hello.incarnation)
+        try:
+            self._check_incarnation(peer.node_id, hello.incarnation)
+        except IncarnationChanged:
+            await self._send_refusal(writer)  # in place of our proof: the acceptor's log says why
+            raise
         writer.write(encode_frame(HelloProof(node_id=self.node_id, mac=_proof(
             self._secret, hello.nonce, self.node_id, peer.node_id, self._incarnation))))
         await writer.drain()
@@ -430,11 +448,34 @@ class PeerTransport:
         await writer.drain()
         # The dialer sends nothing after Hello until it has our proof, so the next frame must be its proof.
         proof = await _read_handshake_frame(reader, decoder)
+        if isinstance(proof, HelloRefused):
+            self._note_refusal(hello.node_id, proof.reason)
+            raise RefusedByPeer(f"{hello.node_id} refused this node")
         expected = _proof(self._secret, my_nonce, hello.node_id, self.node_id, hello.incarnation)
         if not isinstance(proof, HelloProof) or not hmac.compare_digest(expected, proof.mac):
             raise HandshakeError("peer failed to prove the cluster secret")
-        self._check_incarnation(hello.node_id, hello.incarnation)
+        try:
+            self._check_incarnation(hello.node_id, hello.incarnation)
+        except IncarnationChanged:
+            await self._send_refusal(writer)
+            raise
         return hello.node_id
+
+    async def _send_refusal(self, writer: asyncio.StreamWriter) -> None:
+        """Tell a member refused for its incarnation why, and wait until that has left this process (the
+        connection is aborted next, which would drop what is still buffered)."""
+        writer.write(encode_frame(HelloRefused(node_id=self.node_id, reason=INCARNATION_REFUSAL)))
+        writer.transport.set_write_buffer_limits(high=0)
+        with contextlib.suppress(ConnectionError, OSError):
+            await writer.drain()
+
+    def _note_refusal(self, peer_id: str, reason: str) -> None:
+        """A peer refused this node and said why (HelloRefused): said once per peer, as an error, since this
+        node cannot count in the cluster while its peers refuse it."""
+        if peer_id in self._refused_by or len(self._refused_by) >= MAX_INCARNATIONS_REFUSED_LOGGED:
+            return
+        self._refused_by.add(peer_id)
+        log.error("peer.refused_this_node", peer=peer_id, reason=reason[:REFUSAL_REASON_MAX_CHARS])
 
     def _check_incarnation(self, peer_id: str, incarnation: bytes) -> None:
         """Refuse a member that proved the secret but is in another life of its data directory: it forgot
@@ -476,7 +517,12 @@ class PeerTransport:
                     break
                 self.last_seen_monotonic[peer_id] = time.monotonic()
                 for message in connection.decoder.feed(data):
+                    if isinstance(message, HelloRefused):  # in place of a first frame: our proof was refused
+                        self._note_refusal(peer_id, message.reason)
+                        raise RefusedByPeer(f"{peer_id} refused this node")
                     self._deliver(peer_id, message)
+        except RefusedByPeer:
+            reason = "refused"
         except ProtocolError as error:
             self.frames_rejected += 1
             reason = "bad_frame"

@@ -139,6 +139,12 @@ async def test_epoch_pages_list_every_token_of_the_epoch_once(single: RunningNod
     assert sorted(seen) == sorted(tokens) and len(seen) == 23
     with pytest.raises(NotFound):
         await service.epoch_tokens(9, None, 10)
+    # Pages list opaque tokens only, and say when the epoch holds card or digits tokens they leave out.
+    assert not (await service.epoch_tokens(2, None, 10))["format_tokens_unlisted"]
+    card = body(await service.tokenize("p", ["4111 1111 1111 1111"], None, token_format="card"))["tokens"]
+    page = await service.epoch_tokens(2, None, 10)
+    assert page["format_tokens_unlisted"] and card[0] not in page["tokens"] and len(page["tokens"]) == 1
+    assert not (await service.epoch_tokens(1, None, 10))["format_tokens_unlisted"]  # epoch 2's only
 
 
 async def test_destroy_shreds_the_epoch_secret_from_every_file_of_every_node(trio: Cluster) -> None:

@@ -207,6 +207,8 @@ class TokenPage:
     state: str
     tokens: tuple[str, ...]
     next_after: str | None
+    # The epoch also holds card or digits tokens, which pages do not list (and a migration cannot move).
+    format_tokens_unlisted: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -442,10 +444,12 @@ class AsyncClient:
         query = f"limit={int(limit)}" + (f"&after={after}" if after is not None else "")
         answer = await self._request("GET", f"/v1/admin/epochs/{epoch}/tokens?{query}", None, {})
         tokens, next_after, state = (answer.body.get(name) for name in ("tokens", "next_after", "state"))
+        unlisted = answer.body.get("format_tokens_unlisted", False)
         if (not isinstance(tokens, list) or not all(isinstance(token, str) for token in tokens)
-                or not (next_after is None or isinstance(next_after, str)) or not isinstance(state, str)):
+                or not (next_after is None or isinstance(next_after, str)) or not isinstance(state, str)
+                or not isinstance(unlisted, bool)):
             raise ResponseError("epoch token page is malformed")
-        return TokenPage(_require_int(answer.body, "epoch"), state, tuple(tokens), next_after)
+        return TokenPage(_require_int(answer.body, "epoch"), state, tuple(tokens), next_after, unlisted)
 
     async def create_key(self, name: str, scopes: Sequence[str]) -> ApiKeyInfo:
         """Create a runtime API key; the answer holds the key itself, which no node can show again."""

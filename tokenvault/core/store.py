@@ -68,7 +68,7 @@ from tokenvault.core.store_files import (CREATING_SUFFIX, GENERATION_PREFIX, Pre
                                          remove_leftovers, remove_tree, verify_checkpoint, wal_file_bytes,
                                          wal_file_names, write_current)
 from tokenvault.core.store_layout import (
-    ACTIVE, AGE, AGE_END, AGE_HEADER_BYTES, API_KEY, AUDIT, AUDIT_ANCHOR_KEY, AUDIT_END, AUDIT_HEAD_KEY, AUDIT_KIND,
+    ACTIVE, AGE, AGE_END, FORMAT_TOKEN_END, AGE_HEADER_BYTES, API_KEY, AUDIT, AUDIT_ANCHOR_KEY, AUDIT_END, AUDIT_HEAD_KEY, AUDIT_KIND,
     BLOCK_CACHE_BYTES, CREATE_KEY_KIND, EXPIRY, EXPIRY_END, IDEMPOTENCY, LIFE, LIFE_END, MAX_API_KEYS, MAX_AUDIT_PAGE,
     MAX_STORED_EPOCH, MAX_TOKEN_PAGE, MEMBERSHIP_KEY, META_KEY, NO_RECORDS, RETIRED, REVOKE_KEY_KIND, ROTATE_KIND,
     SHRED_POINT_RANGES, TOKENIZE_KIND, U64, UNKNOWN_NODE, VERIFY_CACHE_BYTES, ApplyResult, EpochRecord,
@@ -483,6 +483,14 @@ class VaultStore:
     @_stops_when_damaged
     def epochs(self) -> list[EpochRecord]:
         return read_epochs(self._db, StoreCorruption)
+
+    @_stops_when_damaged
+    def has_format_tokens(self, epoch: int) -> bool:
+        """Whether ``epoch`` holds card or digits tokens (which epoch_tokens does not list): one seek."""
+        if type(epoch) is not int or not 1 <= epoch <= MAX_STORED_EPOCH:
+            raise ValueError("epoch out of range")
+        end = format_token_key(epoch + 1, "") if epoch < MAX_STORED_EPOCH else FORMAT_TOKEN_END
+        return first_key(self._db, format_token_key(epoch, ""), end) is not None
 
     @_stops_when_damaged
     def epoch_tokens(self, epoch: int, after: str | None, limit: int) -> list[str]:

@@ -181,14 +181,15 @@ class FakeService:
         deleted = sum(self.vault.pop(token, None) is not None for token in dict.fromkeys(tokens))
         return Outcome(200, _json_bytes({"deleted": deleted}), False)
 
-    async def retokenize(self, tokens: list[str], actor: object = None) -> dict:
+    async def retokenize(self, tokens: list[str], actor: object = None, epoch: int | None = None) -> dict:
         self._check_available()
         self.lifecycle_calls.append(("retokenize", list(tokens)))
         for position, token in enumerate(tokens):
-            if parse_token(token).epoch in self.destroyed:
+            token_epoch = parse_token(token).epoch if token.startswith("tv") else (epoch or self.active_epoch)
+            if token_epoch in self.destroyed:
                 raise EpochDestroyed(f"tokens[{position}] belongs to a destroyed epoch")
         answer = []
-        for token in tokens:
+        for token in tokens:  # card and digits tokens: the fake holds none, so null
             value = self.vault.get(token)
             new = None if value is None else fake_token(self.active_epoch, value)
             if new is not None:

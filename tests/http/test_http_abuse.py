@@ -250,6 +250,43 @@ async def test_slow_bodies_from_one_key_do_not_starve_another_key(
     assert service.detokenize_calls == [[token]]
 
 
+async def test_past_the_nodes_body_reads_a_request_is_503_overloaded_with_retry_after_1(
+    make_client: ClientFactory, key_ring: KeyRing, service: FakeService, connections: list[RawConnection]
+) -> None:
+    """docs/api.md, [http] max_body_reads: once the node receives that many bodies at once, whatever their
+    keys, another request is 503 `overloaded` with Retry-After: 1, and is served again once they are gone."""
+    client = await make_client(HttpLimits(max_body_reads=4, max_body_reads_per_key=2))
+    # Two keys, each at its own share: the node's four are held.
+    for name, path, start in (("detokenizer", "/v1/detokenize", b'{"tokens": ["'),
+                              ("tokenizer", "/v1/tokenize", b'{"values": ["')):
+        for _ in range(2):
+            connection = await RawConnection.open(client)
+            await connection.send(request_head(path, key_ring.keys[name], 1000) + start)
+            connections.append(connection)
+    body = json.dumps({"tokens": [fake_token(1, "v")]})
+    headers = {**JSON, **key_ring.bearer("full")}
+    refused = None
+    deadline = asyncio.get_running_loop().time() + DEADLINE_SECONDS
+    while asyncio.get_running_loop().time() < deadline:  # until the server has taken all four bodies
+        refused = await client.post("/v1/detokenize", data=body, headers=headers)
+        if refused.status == 503:
+            break
+        await asyncio.sleep(0.01)
+    assert refused is not None
+    problem = await expect_problem(refused, 503, (key_ring.keys["full"],))
+    assert problem["type"].endswith(":overloaded") and refused.headers["Retry-After"] == "1"
+    for connection in connections:
+        connection.close()
+    connections.clear()
+    served = None
+    while asyncio.get_running_loop().time() < deadline + DEADLINE_SECONDS:
+        served = await client.post("/v1/detokenize", data=body, headers=headers)
+        if served.status == 200:
+            break
+        await asyncio.sleep(0.01)
+    assert served is not None and served.status == 200
+
+
 async def test_eight_mib_of_empty_objects_is_refused_before_parsing(
     client: TestClient, key_ring: KeyRing, service: FakeService
 ) -> None:
@@ -299,6 +336,24 @@ async def test_a_key_past_its_rate_limit_gets_429_while_another_key_is_served(
     assert sample(metrics, "tokenvault_rate_limited_requests_total", labels) == 1
     rendered = (await (await client.get("/metrics")).text())
     assert key_ring.keys["tokenizer"] not in rendered
+
+
+async def test_delete_and_retokenize_draw_from_the_keys_tokenize_bucket(
+    make_client: ClientFactory, key_ring: KeyRing, service: FakeService
+) -> None:
+    """docs/api.md, scopes: delete and re-tokenize requests count against a key's `tokenize` rate limit, so a
+    key cannot dodge its write limit through them."""
+    limits = HttpLimits(rate_limits={"tokenize": BucketLimit(rate_per_second=0.001, burst=2)})
+    client = await make_client(limits)
+    full = {**JSON, **key_ring.bearer("full")}
+    tokens = json.dumps({"tokens": [fake_token(1, "v")]})
+    assert (await client.post("/v1/tokens/delete", data=tokens, headers=full)).status == 200
+    assert (await client.post("/v1/retokenize", data=tokens, headers=full)).status == 200
+    for path, body in (("/v1/tokenize", json.dumps({"values": ["v"]})), ("/v1/tokens/delete", tokens),
+                       ("/v1/retokenize", tokens)):
+        limited = await client.post(path, data=body, headers=full)
+        await expect_problem(limited, 429, (key_ring.keys["full"],))
+    assert len(service.lifecycle_calls) == 2 and service.tokenize_calls == []
 
 
 async def test_a_rate_limited_request_is_refused_before_its_body_is_read(

@@ -168,11 +168,18 @@ def _authorization_cases(key_ring: KeyRing) -> list[list[tuple[str, str]]]:
 async def test_missing_or_unknown_key_is_401_with_challenge(
     client: TestClient, key_ring: KeyRing, service: FakeService, method: str, path: str, body: str | None, scope: str
 ) -> None:
+    challenges = []
     for authorization in _authorization_cases(key_ring):
         headers = [("Content-Type", "application/json"), *authorization]
         response = await client.request(method, path, data=body, headers=headers)
         await expect_problem(response, 401, (MARKER, MARKER_TOKEN, *key_ring.keys.values()))
-        assert response.headers["WWW-Authenticate"].startswith("Bearer")
+        challenges.append(response.headers["WWW-Authenticate"])
+    # docs/api.md, 401: the realm always, and RFC 6750's error when a credential was sent.
+    realm = 'Bearer realm="tokenvault"'
+    assert set(challenges) <= {realm, realm + ', error="invalid_request"', realm + ', error="invalid_token"'}
+    assert challenges[0] == realm  # no Authorization header
+    assert challenges[5] == realm + ', error="invalid_token"'  # a well-formed key nobody holds
+    assert challenges[-1] == realm + ', error="invalid_request"'  # two Authorization headers
     assert service.tokenize_calls == [] and service.detokenize_calls == [] and service.active_epoch == 1
     assert service.backups_opened == 0
 
@@ -191,6 +198,8 @@ async def test_key_without_scope_is_403(
     for name in lacking:
         response = await client.request(method, path, data=body, headers={**JSON, **key_ring.bearer(name)})
         await expect_problem(response, 403, (MARKER, MARKER_TOKEN, *key_ring.keys.values()))
+        assert response.headers["WWW-Authenticate"] == \
+            f'Bearer realm="tokenvault", error="insufficient_scope", scope="{scope}"'
     assert service.tokenize_calls == [] and service.detokenize_calls == [] and service.active_epoch == 1
     assert service.backups_opened == 0
 
@@ -405,6 +414,11 @@ async def test_unavailable_is_503_with_retry_after(
     assert int(response.headers["Retry-After"]) >= 1
 
 
+def test_the_in_flight_bound_defaults_to_256_requests_per_node() -> None:
+    """docs/api.md, limits: requests in progress per node (tokenize, detokenize, rotate), 256 by default."""
+    assert HttpLimits().max_inflight_requests == 256
+
+
 async def test_in_flight_bound_is_503(make_client: ClientFactory, key_ring: KeyRing, service: FakeService) -> None:
     bounded = await make_client(HttpLimits(max_inflight_requests=1))
     service.tokenize_gate = asyncio.Event()
@@ -419,6 +433,7 @@ async def test_in_flight_bound_is_503(make_client: ClientFactory, key_ring: KeyR
     assert second.headers["Retry-After"] == "1"
     # Health and metrics are never refused by the bound.
     assert (await bounded.get("/health")).status == 200
+    assert (await bounded.get("/metrics")).status == 200
     service.tokenize_gate.set()
     assert (await first).status == 200
     third = await bounded.post("/v1/detokenize", data=json.dumps({"tokens": [MARKER_TOKEN]}), headers=headers)

@@ -28,6 +28,8 @@ from node_support import files_holding  # noqa: E402
 pytestmark = pytest.mark.integration
 
 VALUES = [f"lifecycle-value-{number:04d}" for number in range(120)]
+CARD, CARD_DIGITS = "5555 5555 5555 4444", "5555555555554444"
+ACCOUNT = "1234567890"
 SHRED_DEADLINE_SECONDS = 15.0
 MIGRATE_DEADLINE_SECONDS = 60.0
 
@@ -80,13 +82,15 @@ def interrupted_migration(harness: ClusterHarness, state_file: Path) -> dict[str
 def test_delete_migrate_and_destroy_leave_no_trace_on_any_node(make_cluster, tmp_path: Path) -> None:
     harness: ClusterHarness = make_cluster(3)
 
-    async def issue() -> tuple[list[str], str]:
+    async def issue() -> tuple[list[str], str, list[str]]:
         async with harness.client() as vault:
             tokens = list((await vault.tokenize(VALUES)).tokens)
             (doomed,) = (await vault.tokenize(["delete-me-please"])).tokens
-            return tokens, doomed
+            card = (await vault.tokenize([CARD], token_format="card", ttl_seconds=3600)).tokens
+            digits = (await vault.tokenize([ACCOUNT], token_format="digits")).tokens
+            return tokens, doomed, list(card + digits)
 
-    tokens, doomed = asyncio.run(issue())
+    tokens, doomed, format_tokens = asyncio.run(issue())
     needles = secrets_on_disk(harness, harness.node_ids[-1], doomed)
     before = files_holding_any(harness.directory, needles)
     assert any(entry.startswith("epoch 1 wrapped secret") for entry in before), "the scan must see it first"
@@ -119,18 +123,24 @@ def test_delete_migrate_and_destroy_leave_no_trace_on_any_node(make_cluster, tmp
     assert saved["epoch"] == 1 and 0 < saved["migrated"] < len(VALUES)
     code, output = cli(harness, "epoch", "migrate", "1", "--batch-size", "50", "--state-file", str(state_file))
     assert code == 0, output
-    assert f"migrated {len(VALUES)} tokens of epoch 1 to epoch 2" in output and not state_file.exists()
+    # The card and digits tokens too: listed after the opaque ones, re-issued in their formats.
+    assert f"migrated {len(VALUES) + 2} tokens of epoch 1 to epoch 2" in output and not state_file.exists()
 
     async def migrated() -> None:
         async with harness.client() as vault:
             # Listed before anything is re-tokenized here (a retokenize writes a missing token itself):
             # the migration created every one.
             page = await vault.epoch_tokens(2, None, 1000)
-            assert len(page.tokens) == len(VALUES)
+            assert len(page.tokens) == len(VALUES) + 2
             new = (await vault.retokenize(tokens)).tokens
             assert all(token is not None and token.startswith("tv2_") for token in new)
-            assert set(new) == set(page.tokens)
+            new_format = (await vault.retokenize(format_tokens, epoch=1)).tokens
+            assert set(new) | set(new_format) == set(page.tokens)
             assert await vault.detokenize(new) == tuple(VALUES)
+            assert await vault.detokenize(new_format, epoch=2) == (CARD_DIGITS, ACCOUNT)
+            format_in_2.extend(new_format)
+
+    format_in_2: list[str] = []
 
     asyncio.run(migrated())
 
@@ -148,6 +158,8 @@ def test_delete_migrate_and_destroy_leave_no_trace_on_any_node(make_cluster, tmp
         async with harness.node_clients() as clients:
             for client in clients.values():
                 assert await client.detokenize(tokens[:3]) == (None, None, None)
+                assert await client.detokenize(format_tokens, epoch=1) == (None, None)
+                assert await client.detokenize(format_in_2, epoch=2) == (CARD_DIGITS, ACCOUNT)
                 listing = await client.list_epochs()
                 assert [(entry.epoch, entry.state) for entry in listing.epochs] == [(1, "destroyed"), (2, "active")]
         async with harness.client() as vault:

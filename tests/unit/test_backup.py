@@ -24,8 +24,9 @@ from click.testing import CliRunner
 from node_support import http_client, make_configs, start_node, wait_until
 from protocol import Entry, EntryKind
 from tokenvault import auth
-from tokenvault.core.backup import (BACKUP_WORK_DIR_NAME, HEADER_BYTES, HEADER_INDEX, HEADER_NODE, HEADER_VIEW,
-                               BackupError, BackupRefused, BackupStream, restore_data_dir, verify_backup_file)
+from tokenvault.core.backup import (BACKUP_WORK_DIR_NAME, HEADER_BYTES, HEADER_INDEX, HEADER_NODE, HEADER_ROLE,
+                                    HEADER_VIEW, BackupError, BackupRefused, BackupStream, restore_data_dir,
+                                    verify_backup_file)
 from tokenvault.client.cli import tokenvault
 from tokenvault.core.commands import RotateEpochCommand, encode_command
 from tokenvault.config import write_node_config
@@ -148,6 +149,7 @@ async def test_backup_streams_a_verifiable_checkpoint_and_deletes_it_afterwards(
     assert response.headers["Transfer-Encoding"] == "chunked"
     assert (response.headers[HEADER_INDEX], response.headers[HEADER_VIEW], response.headers[HEADER_NODE]) == \
         ("41", "3", "n1")
+    assert response.headers[HEADER_ROLE] == "primary"  # what the CLI's --prefer reads
     assert int(response.headers[HEADER_BYTES]) == len(body)
     (tmp_path / "backup.bin").write_bytes(body)
     staged = stage_file(tmp_path / "backup.bin", tmp_path / "staged")

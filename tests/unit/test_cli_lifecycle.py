@@ -79,29 +79,12 @@ def test_migrate_pages_through_the_epoch_and_prints_the_count(
     assert sent == [OLD_TOKENS[0:3], OLD_TOKENS[3:6], OLD_TOKENS[6:7]]
 
 
-def test_migrate_of_an_epoch_holding_card_or_digits_tokens_says_they_are_left_and_exits_5(
-        runner: CliRunner, server: FakeVaultServer, tmp_path: Path) -> None:
-    """docs/api.md, epoch migrate: pages list opaque tokens only; when the epoch holds format tokens too, the
-    migration moves the opaque ones, then says what it left and exits 5, so `migrate && destroy` stops."""
-    def page_with_format_tokens(request: RecordedRequest) -> Reply:
-        reply = _page(request)
-        return Reply(reply.status, {**reply.body, "format_tokens_unlisted": True})
-
-    server.responders[("GET", "/v1/admin/epochs/1/tokens")] = page_with_format_tokens
-    result = invoke(runner, server, "migrate", "1", "--state-file", str(tmp_path / "s.json"), "--json")
-    assert result.exit_code == 5, result.output
-    assert json.loads(result.stdout.strip().splitlines()[-1])["format_tokens_left"] is True
-    assert "destroying it makes their values unrecoverable" in result.stderr
-    assert len([token for request in server.calls("/v1/retokenize") for token in request.body["tokens"]]) == 7
-
-
 def test_migrate_resumes_after_the_saved_cursor(runner: CliRunner, server: FakeVaultServer, tmp_path: Path) -> None:
     state = tmp_path / "state.json"
     state.write_text(json.dumps({"epoch": 1, "after": OLD_TOKENS[2], "migrated": 3}))
     result = invoke(runner, server, "migrate", "1", "--batch-size", "2", "--state-file", str(state), "--json")
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout.strip().splitlines()[-1]) == {"epoch": 1, "to_epoch": 2, "migrated": 6,
-                                                                  "format_tokens_left": False}
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == {"epoch": 1, "to_epoch": 2, "migrated": 6}
     sent = [token for request in server.calls("/v1/retokenize") for token in request.body["tokens"]]
     assert sent == OLD_TOKENS[3:]
 

@@ -139,12 +139,53 @@ async def test_epoch_pages_list_every_token_of_the_epoch_once(single: RunningNod
     assert sorted(seen) == sorted(tokens) and len(seen) == 23
     with pytest.raises(NotFound):
         await service.epoch_tokens(9, None, 10)
-    # Pages list opaque tokens only, and say when the epoch holds card or digits tokens they leave out.
-    assert not (await service.epoch_tokens(2, None, 10))["format_tokens_unlisted"]
-    card = body(await service.tokenize("p", ["4111 1111 1111 1111"], None, token_format="card"))["tokens"]
-    page = await service.epoch_tokens(2, None, 10)
-    assert page["format_tokens_unlisted"] and card[0] not in page["tokens"] and len(page["tokens"]) == 1
-    assert not (await service.epoch_tokens(1, None, 10))["format_tokens_unlisted"]  # epoch 2's only
+
+
+async def test_card_and_digits_tokens_are_paged_and_retokenized_in_their_format_with_their_life(
+        trio: Cluster) -> None:
+    """docs/api.md, re-tokenize and epoch pages: an epoch's pages list its card and digits tokens after its
+    opaque ones; re-tokenizing them (looked up in the epoch named) issues each value in its own format in the
+    active epoch (a Luhn-valid number tokenized as digits stays digits), with its expiry and metadata; this
+    runs on a backup, which routes it to the primary."""
+    primary = await trio.wait_for_stable_primary()
+    service = primary.service
+    opaque = body(await service.tokenize("p", ["plain-1", "plain-2"], None, metadata_json='{"k":"o"}',
+                                         ttl_seconds=3600))["tokens"]
+    card = body(await service.tokenize("p", ["4111 1111 1111 1111"], None, token_format="card",
+                                       metadata_json='{"k":"c"}'))["tokens"]
+    digits = body(await service.tokenize("p", ["4111111111111111", "000123456"], None, token_format="digits",
+                                         ttl_seconds=7200))["tokens"]
+    issued = {token: primary.node.store.life(token, None if token.startswith("tv") else 1)[0]
+              for token in opaque + card + digits}
+    assert body(await service.rotate_epoch("admin", None)) == {"epoch": 2}
+    seen, after = [], None
+    while True:  # pages of two: the cursor crosses from opaque to format tokens
+        page = await service.epoch_tokens(1, after, 2)
+        seen += page["tokens"]
+        if page["next_after"] is None:
+            break
+        after = page["next_after"]
+    assert seen[:2] == sorted(opaque) and sorted(seen[2:]) == sorted(card + digits) and len(seen) == 5
+
+    backup = trio.backups()[0]
+    document = await backup.service.retokenize(opaque + card + digits + ["4111111111111111"], ACTOR, epoch=1)
+    assert document["epoch"] == 2
+    new = dict(zip(opaque + card + digits + ["unknown"], document["tokens"]))
+    assert new["unknown"] is None  # a digit string that is no token of epoch 1
+    # Each is the token a tokenize of the value in its format gives in epoch 2.
+    assert body(await service.tokenize("p", ["plain-1", "plain-2"], None))["tokens"] == [new[t] for t in opaque]
+    assert body(await service.tokenize("p", ["4111111111111111"], None, token_format="card"))["tokens"] == \
+        [new[card[0]]]
+    assert body(await service.tokenize("p", ["4111111111111111", "000123456"], None, token_format="digits")
+                )["tokens"] == [new[t] for t in digits]
+    for old_token, expires_at_ms in issued.items():  # the same expiry, to the millisecond
+        format_epoch = None if old_token.startswith("tv") else 2
+        assert primary.node.store.life(new[old_token], format_epoch)[0] == expires_at_ms, old_token
+    found = await service.reveal([new[opaque[0]], new[card[0]], new[digits[1]]], ACTOR, 2, include_metadata=True)
+    assert found["values"] == ["plain-1", "4111111111111111", "000123456"]
+    assert found["metadata_json"] == ['{"k":"o"}', '{"k":"c"}', None]
+    # A format token is looked up in the active epoch when none is named: not there.
+    assert (await service.retokenize(card, ACTOR))["tokens"] == [None]
 
 
 async def test_destroy_shreds_the_epoch_secret_from_every_file_of_every_node(trio: Cluster) -> None:

@@ -15,6 +15,7 @@ import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -25,7 +26,7 @@ from protocol import AppendEntries, NotPrimary, Role
 from tokenvault.core import commands
 from tokenvault.core import store as store_module
 from tokenvault.core import wal as wal_module
-from tokenvault.config import TlsConfig, WalConfig
+from tokenvault.config import TimingConfig, TlsConfig, WalConfig
 from tokenvault.crypto import tls
 from tokenvault.crypto.keys import new_epoch_secret
 from tokenvault.errors import ServiceError, Unavailable
@@ -411,6 +412,15 @@ async def test_a_store_that_refuses_to_close_is_logged_once_and_the_next_start_r
     finally:
         await again.close()
     assert not again.node.close_failed
+
+
+def test_a_peer_link_is_reported_down_after_twice_the_longest_election_timeout() -> None:
+    """docs/replication.md, Ping: a link silent for twice the longest election timeout is closed, 4 s with
+    the default timing (50 ms ticks, elections after 20 to 40 ticks), never under a second."""
+    from tokenvault.core.node import _link_idle_timeout_seconds
+    assert _link_idle_timeout_seconds(SimpleNamespace(timing=TimingConfig())) == 4.0  # type: ignore[arg-type]
+    quick = SimpleNamespace(timing=TimingConfig(tick_ms=10, election_timeout_ticks=10))
+    assert _link_idle_timeout_seconds(quick) == 1.0  # type: ignore[arg-type]
 
 
 async def test_a_committed_entry_that_breaks_insert_once_stops_the_node_unanswered(

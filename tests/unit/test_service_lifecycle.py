@@ -94,6 +94,12 @@ async def test_the_purge_deletes_expired_mappings_in_bounded_entries(single: Run
     assert node.store.next_expiry_ms() is None
 
 
+async def _second_with(service, key: str, first: tuple, second: tuple, values: list[str]) -> None:
+    """Tokenize ``values`` under ``key`` with the options ``first``, then again with ``second``."""
+    assert (await service.tokenize("p", values, key, *first)).status == 200
+    await service.tokenize("p", values, key, *second)
+
+
 async def test_idempotency_keys_cover_the_options(single: RunningNode) -> None:
     service = single.service
     first = await service.tokenize("p", ["v"], "key-1", "opaque", None, 60)
@@ -103,6 +109,11 @@ async def test_idempotency_keys_cover_the_options(single: RunningNode) -> None:
         await service.tokenize("p", ["v"], "key-1", "opaque", None, 61)
     with pytest.raises(IdempotencyMismatch):
         await service.tokenize("p", ["v"], "key-1")
+    # Another format, and other metadata, under the same key: each a mismatch, and nothing written.
+    with pytest.raises(IdempotencyMismatch):
+        await _second_with(service, "key-2", ("opaque", None, 60), ("digits", None, 60), ["123456"])
+    with pytest.raises(IdempotencyMismatch):
+        await _second_with(service, "key-3", ("opaque", '{"a":1}', None), ("opaque", '{"a":2}', None), ["v"])
     with pytest.raises(UnprocessableValue):
         await service.tokenize("p", ["123"], None, "digits")
 

@@ -63,3 +63,14 @@ async def test_a_start_that_cannot_listen_leaves_no_socket_open() -> None:
         assert all(slot.listener is None and slot.process is None for slot in workers._slots)
     finally:
         squatter.close()
+
+
+def test_the_default_worker_count_is_the_usable_cores_minus_one_and_at_least_one(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/architecture.md: [http] workers defaults to the cores this process may run on, minus one for
+    the core, and at least one."""
+    from tokenvault.api import workers as workers_module
+    for cores, expected in ((16, 15), (2, 1), (1, 1)):
+        monkeypatch.setattr(workers_module.os, "sched_getaffinity", lambda pid, n=cores: set(range(n)))
+        assert workers_module.default_worker_count() == expected
+

@@ -233,14 +233,15 @@ class CoreCalls:
         return await self._service.delete_tokens(tokens, _checked_actor(arguments["actor"]))
 
     async def _retokenize(self, arguments: dict[str, Any]) -> Any:
-        _members(arguments, ("tokens", "actor"))
-        tokens = validate_tokens(require_item_list(arguments, "tokens", self._limits))
-        return await self._service.retokenize(tokens, _checked_actor(arguments["actor"]))
+        _members(arguments, ("tokens", "epoch", "actor"))
+        tokens = validate_lookup_tokens(require_item_list(arguments, "tokens", self._limits))
+        return await self._service.retokenize(tokens, _checked_actor(arguments["actor"]),
+                                              validate_lookup_epoch(arguments["epoch"]))
 
     async def _epoch_tokens(self, arguments: dict[str, Any]) -> Any:
         _members(arguments, ("epoch", "after", "limit"))
         after = arguments["after"]
-        if after is not None and (not isinstance(after, str) or not validate_tokens([after])):
+        if after is not None and (not isinstance(after, str) or not validate_lookup_tokens([after])):
             raise InvalidRequest("after must be a token or null")
         return await self._service.epoch_tokens(validate_epoch(arguments["epoch"]), after,
                                                 _int(arguments["limit"], "limit", 1, MAX_TOKEN_PAGE))

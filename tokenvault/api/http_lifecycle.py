@@ -14,14 +14,16 @@ one NodeService call (tokenvault/api/lifecycle.py) with plain values:
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from tokenvault import auth
 from tokenvault.api.httpserver import AnyResponse, Request
 from tokenvault.api.routing import Router, path_parameter
 from tokenvault.api.responses import EMPTY_BODY, NO_STORE_HEADERS, json_response, outcome_response
-from tokenvault.api.validation import require_item_list, require_members, validate_tokens
+from tokenvault.api.validation import (require_item_list, require_members, validate_lookup_epoch,
+                                       validate_lookup_tokens, validate_tokens)
 from tokenvault.core.store_layout import MAX_STORED_EPOCH, MAX_TOKEN_PAGE
+from tokenvault.crypto import formats
 from tokenvault.crypto.tokens import is_token
 from tokenvault.errors import InvalidRequest, NotFound
 
@@ -57,8 +59,8 @@ def token_page_query(request: Request) -> tuple[str | None, int]:
         if len(query.getall(name, [])) > 1:
             raise InvalidRequest(f"'{name}' is given more than once")
     after = query.get("after")
-    if after is not None and not is_token(after):
-        raise InvalidRequest("'after' must be a token (tv<epoch>_<base32 body>)")
+    if after is not None and not is_token(after) and not formats.is_format_token(after):
+        raise InvalidRequest("'after' must be a token (tv<epoch>_<base32 body>, or a card or digits token)")
     limit_text = query.get("limit")
     if limit_text is None:
         return after, DEFAULT_TOKEN_PAGE
@@ -89,8 +91,14 @@ class LifecycleRoutes:
         principal = self.api.admit(request, auth.RETOKENIZE)
         await self.api.receive_body(request)
         with self.api.inflight_slot():
-            tokens = await self._tokens(request)
-            document: dict[str, Any] = await self.api.service.retokenize(tokens, self.api.actor(principal))
+            # Opaque tokens, and card and digits tokens of "epoch" (default: the active one), as detokenize.
+            document = require_members(await self.api.read_json(request, body_required=True), ("tokens",),
+                                       ("epoch",))
+            tokens = validate_lookup_tokens(require_item_list(document, "tokens", self.api.limits))
+            if "epoch" in document and document["epoch"] is None:
+                raise InvalidRequest("'epoch' must be an integer when given")
+            epoch = validate_lookup_epoch(document.get("epoch"))
+            document = await self.api.service.retokenize(tokens, self.api.actor(principal), epoch)
             if len(document["tokens"]) != len(tokens):
                 raise AssertionError("the service answered a different number of tokens than asked")
             return json_response(document, headers=NO_STORE_HEADERS)

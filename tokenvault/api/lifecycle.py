@@ -14,27 +14,33 @@ re-tokenized token is exactly the token a tokenize of the value gives in the
 active epoch. A token of a destroyed epoch cannot be re-tokenized (422
 epoch-destroyed): its value is gone for good.
 
-Card and digits tokens (which carry no epoch in their text, and whose rows do not
-record which of the two formats they are) are not handled here yet: delete and
-re-tokenize take opaque tokens, and an epoch's pages list opaque tokens only,
-saying (``format_tokens_unlisted``) when the epoch holds format tokens too, so
-that a migration never looks complete while it left some behind.
+Card and digits tokens carry no epoch in their text: re-tokenize looks them up
+in the epoch the request names (default: the active one), as detokenize does,
+and an epoch's pages list them after its opaque tokens. Their rows do not record
+which of the two formats a token is; the epoch's FF1 tells (``_format_of``).
+Re-tokenize carries each mapping's expiry and metadata over to the new token.
+Delete takes opaque tokens only.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from tokenvault.api.audit import AuditUnavailable
+from tokenvault.api.validation import require_item_list, validate_lookup_epoch, validate_lookup_tokens
 from tokenvault.core import commands
 from tokenvault.core.store_layout import DESTROYED, MAX_TOKEN_PAGE, ApplyResult
 from tokenvault.core.store_layout import Outcome as ApplyOutcome
-from tokenvault.crypto.tokens import parse_token
+from tokenvault.crypto import formats
+from tokenvault.crypto.tokens import is_token, parse_token
 from tokenvault.errors import (AuditTrimRefused, EpochActive, EpochDestroyed, InvalidRequest, NotFound, Outcome,
-                               Unavailable)
+                               TokenCollision, Unavailable)
 
 if TYPE_CHECKING:
     from tokenvault.api.audit import AuditBuffer
@@ -49,7 +55,7 @@ MAX_EPOCH_RETRIES = 5
 # The members each kind of forwarded lifecycle request carries, exactly.
 LIFECYCLE_FORWARDED_MEMBERS: dict[str, tuple[str, ...]] = {
     DELETE_TOKENS: ("tokens", "actor"),
-    RETOKENIZE: ("tokens",),
+    RETOKENIZE: ("tokens", "epoch"),
     DESTROY_EPOCH: ("epoch", "actor"),
     EPOCH_TOKENS: ("epoch", "after", "limit"),
     AUDIT_TRIM: ("through_seq", "through_hash", "actor"),
@@ -63,6 +69,16 @@ def _json(document: object) -> bytes:
 
 
 _actor = commands.actor_from_fields
+
+
+@dataclass(frozen=True, slots=True)
+class _Mapping:
+    """A live mapping to issue again in the active epoch: its value, format, expiry and metadata text."""
+
+    value: str
+    token_format: str
+    expires_at_ms: int | None
+    metadata_json: str | None
 
 
 def _epoch_of(token: str) -> int:
@@ -89,6 +105,9 @@ class LifecycleOperations:
 
         def _decrypt(self, token: str, ciphertext: bytes) -> str | None: ...
 
+        def _read_mappings(self, tokens: list[str], epoch: int | None, include_metadata: bool,
+                           now_ms: int) -> dict[str, tuple[str, str | None]]: ...
+
     # ------------------------------------------------------------------ delete
     async def delete_tokens(self, tokens: list[str], actor: commands.Actor | None = None) -> Outcome:
         """Remove the mappings of ``tokens``; answers ``{"deleted": n}``, n counting those that existed."""
@@ -105,10 +124,14 @@ class LifecycleOperations:
         return Outcome(200, result.response, False)
 
     # ------------------------------------------------------------------ re-tokenize
-    async def retokenize(self, tokens: list[str], actor: commands.Actor | None = None) -> dict[str, Any]:
-        """``{"epoch": active, "tokens": [...]}``: each token's value tokenized in the active epoch (None
-        for an unknown or deleted token), computed on the primary; audited like a detokenize."""
-        document: dict[str, Any] = await self._route(RETOKENIZE, {"tokens": tokens}, self._retokenize_here)
+    async def retokenize(self, tokens: list[str], actor: commands.Actor | None = None,
+                         epoch: int | None = None) -> dict[str, Any]:
+        """``{"epoch": active, "tokens": [...]}``: each token's value tokenized in the active epoch, in the
+        token's own format, with its expiry and metadata (None for an unknown, deleted or expired token),
+        computed on the primary; card and digits tokens are looked up in ``epoch`` (default: the active
+        one). Audited like a detokenize."""
+        arguments: dict[str, Any] = {"tokens": tokens, "epoch": epoch}
+        document: dict[str, Any] = await self._route(RETOKENIZE, arguments, self._retokenize_here)
         if self._audit is not None:
             actor = actor or commands.NO_ACTOR
             found = sum(token is not None for token in document["tokens"])
@@ -122,35 +145,94 @@ class LifecycleOperations:
                 raise Unavailable(f"{error}; the new tokens were not returned (every re-tokenize is audited)") from None
         return document
 
-    async def _retokenize_here(self, tokens: list[str]) -> dict[str, Any]:
+    async def _retokenize_here(self, tokens: list[str], epoch: int | None = None) -> dict[str, Any]:
         await self._read_barrier()
-        destroyed = {record.epoch for record in self.node.store.epochs() if record.state == DESTROYED}
+        states = {record.epoch: record.state for record in self.node.store.epochs()}
+        format_epoch = epoch if epoch is not None else self.node.store.active_epoch()
         for position, token in enumerate(tokens):
-            if _epoch_of(token) in destroyed:
+            if states.get(_epoch_of(token) if is_token(token) else format_epoch) == DESTROYED:
                 raise EpochDestroyed(f"tokens[{position}] belongs to a destroyed epoch; its value is gone "
                                      "and cannot be re-tokenized")
-        found = self.node.store.lookup(tokens)
-        plain = {token: self._decrypt(token, ciphertext) for token, ciphertext in found.items()}
-        values = list(dict.fromkeys(value for value in plain.values() if value is not None))
+        mappings = self._mappings_to_reissue(tokens, format_epoch)
         for _ in range(MAX_EPOCH_RETRIES):
-            epoch = self.node.store.active_epoch()
-            if epoch == 0:
+            active = self.node.store.active_epoch()
+            if active == 0:
                 raise Unavailable("the cluster has no active epoch yet; retry shortly")
-            if not values:
-                return {"epoch": epoch, "tokens": [None] * len(tokens)}
-            items = await self._seal(epoch, values)
-            command = commands.TokenizeCommand(epoch=epoch, items=items, principal=None, idempotency_key=None,
-                                               fingerprint=None, issued_at_ms=int(time.time() * 1000))
-            result = await self._propose(commands.encode_command(command))
-            if result.outcome == ApplyOutcome.OK:
-                new_token = dict(zip(values, (token for token, _ in items)))
-                answer: list[str | None] = []
-                for token in tokens:
-                    value = plain.get(token)
-                    answer.append(None if value is None else new_token[value])
-                return {"epoch": epoch, "tokens": answer}
+            reissued = await self._reissue(active, mappings)
+            if reissued is not None:
+                answer = [mappings.get(token) for token in tokens]
+                return {"epoch": active, "tokens": [None if mapping is None else
+                                                    reissued[(mapping.token_format, mapping.value)]
+                                                    for mapping in answer]}
             # EPOCH_MISMATCH: a rotation was applied first; seal again in the new epoch.
         raise Unavailable("the active epoch kept changing; retry")
+
+    def _mappings_to_reissue(self, tokens: list[str], format_epoch: int) -> dict[str, _Mapping]:
+        """The live mappings among ``tokens`` (format tokens of ``format_epoch``), each with its format, its
+        expiry and its metadata, read from this node's store after the read barrier."""
+        found = self._read_mappings(tokens, format_epoch, True, int(time.time() * 1000))
+        mappings: dict[str, _Mapping] = {}
+        for token, (value, metadata_json) in found.items():
+            token_format: str | None = formats.OPAQUE
+            life_epoch: int | None = None
+            if not is_token(token):
+                token_format, life_epoch = self._format_of(format_epoch, token, value), format_epoch
+            if token_format is None:
+                continue
+            expires_at_ms, _ = self.node.store.life(token, life_epoch)
+            mappings[token] = _Mapping(value, token_format, expires_at_ms, metadata_json)
+        return mappings
+
+    def _format_of(self, epoch: int, token: str, value: str) -> str | None:
+        """Which format ``token`` was issued in for ``value``: the rows do not record it, but the epoch's FF1
+        gives each format's token of the value, and only the one it was issued in is ``token``."""
+        if epoch not in self.node.keyring:
+            return None
+        keys = self.node.keyring.get(epoch).formats
+        if (formats.CARD_MIN_DIGITS <= len(value) <= formats.CARD_MAX_DIGITS and formats.luhn_valid(value)
+                and keys.card_token(value) == token):
+            return formats.CARD
+        with contextlib.suppress(formats.FormatError, ValueError):
+            if keys.digits_token(formats.check_digits(value)) == token:
+                return formats.DIGITS
+        return None
+
+    async def _reissue(self, epoch: int, mappings: dict[str, _Mapping]) -> dict[tuple[str, str], str] | None:
+        """Tokenize each mapping's value in ``epoch``, in its format, with its expiry and metadata: one
+        entry per (format, expiry, with or without metadata), proposed together; the new token of each
+        (format, value), or None when a rotation was applied first (EPOCH_MISMATCH: the caller seals
+        again). A value's token depends only on its format and the epoch, whichever entry carries it."""
+        groups: dict[tuple[str, int | None, bool], list[_Mapping]] = {}
+        for mapping in dict.fromkeys(mappings.values()):
+            key = (mapping.token_format, mapping.expires_at_ms, mapping.metadata_json is not None)
+            groups.setdefault(key, []).append(mapping)
+        keys = self.node.keyring.get(epoch)
+        commands_by_group: list[tuple[list[_Mapping], commands.TokenizeCommand]] = []
+        for (token_format, expires_at_ms, with_metadata), members in groups.items():
+            values = list(dict.fromkeys(mapping.value for mapping in members))
+            members = [next(mapping for mapping in members if mapping.value == value) for value in values]
+            if token_format == formats.OPAQUE:
+                items = await self._seal(epoch, values)
+            else:
+                items = tuple(keys.seal_format(token_format, value) for value in values)
+            metadata = None
+            if with_metadata:
+                metadata = tuple(keys.encrypt_metadata(token, (mapping.metadata_json or "").encode("utf-8"))
+                                 for (token, _), mapping in zip(items, members))
+            command = commands.TokenizeCommand(
+                epoch=epoch, items=items, principal=None, idempotency_key=None, fingerprint=None,
+                issued_at_ms=int(time.time() * 1000), token_format=token_format, expires_at_ms=expires_at_ms,
+                metadata=metadata)
+            commands_by_group.append((members, command))
+        results = await asyncio.gather(*(self._propose(commands.encode_command(command))
+                                         for _, command in commands_by_group))
+        if any(result.outcome == ApplyOutcome.TOKEN_COLLISION for result in results):
+            raise TokenCollision("a card or digits token this re-tokenize would issue is held by a value of the "
+                                 "other format in the active epoch; re-tokenize the others, or after a rotation")
+        if any(result.outcome != ApplyOutcome.OK for result in results):
+            return None
+        return {(command.token_format, mapping.value): token
+                for members, command in commands_by_group for mapping, (token, _) in zip(members, command.items)}
 
     # ------------------------------------------------------------------ an epoch's tokens
     async def epoch_tokens(self, epoch: int, after: str | None, limit: int) -> dict[str, Any]:
@@ -167,11 +249,8 @@ class LifecycleOperations:
         if epoch not in records:
             raise NotFound("no epoch has this number")
         tokens = self.node.store.epoch_tokens(epoch, after, limit)
-        # Card and digits tokens are not listed, and so not migrated (their format is not stored with them):
-        # said on every page, so that a migration does not end as if the epoch were emptied.
         return {"epoch": epoch, "state": records[epoch].state, "tokens": tokens,
-                "next_after": tokens[-1] if len(tokens) == limit else None,
-                "format_tokens_unlisted": self.node.store.has_format_tokens(epoch)}
+                "next_after": tokens[-1] if len(tokens) == limit else None}
 
     # ------------------------------------------------------------------ destroy
     async def destroy_epoch(self, epoch: int, actor: commands.Actor | None = None) -> Outcome:
@@ -232,8 +311,9 @@ class LifecycleOperations:
         if kind == DELETE_TOKENS:
             outcome = await self._delete_tokens_here(tokens(arguments), arguments["actor"])
             return outcome.status, outcome.body
-        if kind == RETOKENIZE:
-            return 200, _json(await self._retokenize_here(tokens(arguments)))
+        if kind == RETOKENIZE:  # opaque tokens, and card and digits tokens of the epoch named
+            retokenized = validate_lookup_tokens(require_item_list(arguments, "tokens", self.node.config.limits))
+            return 200, _json(await self._retokenize_here(retokenized, validate_lookup_epoch(arguments["epoch"])))
         if kind == AUDIT_TRIM:
             if type(arguments["through_seq"]) is not int or not isinstance(arguments["through_hash"], str):
                 raise InvalidRequest("the forwarded trim is malformed")
@@ -249,6 +329,6 @@ class LifecycleOperations:
         after = arguments["after"]
         if after is not None and not isinstance(after, str):
             raise InvalidRequest("the forwarded cursor must be a token or null")
-        if after is not None:
-            parse_token(after)
+        if after is not None and not is_token(after) and not formats.is_format_token(after):
+            raise InvalidRequest("the forwarded cursor must be a token or null")
         return 200, _json(await self._epoch_tokens_here(epoch, after, arguments["limit"]))

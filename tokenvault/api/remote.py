@@ -561,8 +561,9 @@ class RemoteService:
         return _outcome(await self._call("delete_tokens", {"tokens": tokens,
                                                            "actor": (actor or commands.NO_ACTOR).fields()}))
 
-    async def retokenize(self, tokens: list[str], actor: commands.Actor | None = None) -> dict[str, Any]:
-        return _document(await self._call("retokenize", {"tokens": tokens,
+    async def retokenize(self, tokens: list[str], actor: commands.Actor | None = None,
+                         epoch: int | None = None) -> dict[str, Any]:
+        return _document(await self._call("retokenize", {"tokens": tokens, "epoch": epoch,
                                                          "actor": (actor or commands.NO_ACTOR).fields()}))
 
     async def epoch_tokens(self, epoch: int, after: str | None, limit: int) -> dict[str, Any]:

@@ -30,8 +30,6 @@ from tokenvault.client.vault import AsyncClient
 DEFAULT_BATCH_SIZE = 500
 MAX_BATCH_SIZE = 1000
 EXIT_INTERRUPTED = 130
-# `epoch migrate` moved every opaque token, but the epoch also holds card or digits tokens it cannot move.
-EXIT_FORMAT_TOKENS_LEFT = 5
 STATE_FILE_TEMPLATE = ".tokenvault-migrate-{epoch}.json"
 # A state file is a small JSON object; anything larger is not ours.
 MAX_STATE_FILE_BYTES = 4096
@@ -95,9 +93,9 @@ def _write_state(path: Path, epoch_number: int, after: str | None, migrated: int
 
 
 async def _migrate(vault: AsyncClient, epoch_number: int, batch_size: int, state_path: Path,
-                   after: str | None, migrated: int, progress: Progress) -> tuple[int, int, bool]:
-    """Re-tokenize page after page from ``after``; returns (tokens re-tokenized, the epoch they went to,
-    whether the epoch holds card or digits tokens that were not listed and so not migrated)."""
+                   after: str | None, migrated: int, progress: Progress) -> tuple[int, int]:
+    """Re-tokenize page after page from ``after``; returns (tokens re-tokenized, the epoch they went to).
+    Card and digits tokens come after the opaque ones, re-tokenized in the epoch they belong to."""
     listing = await vault.list_epochs()
     states = {entry.epoch: entry.state for entry in listing.epochs}
     if epoch_number not in states:
@@ -108,13 +106,11 @@ async def _migrate(vault: AsyncClient, epoch_number: int, batch_size: int, state
         fail(f"epoch {epoch_number} is destroyed: its values are gone", EXIT_SERVICE_ERROR)
     task = progress.add_task(f"epoch {epoch_number}", total=None, completed=migrated)
     target = listing.active_epoch
-    unlisted = False
     while True:
         page = await vault.epoch_tokens(epoch_number, after, batch_size)
-        unlisted = unlisted or page.format_tokens_unlisted
         if not page.tokens:
-            return migrated, target, unlisted
-        result = await vault.retokenize(page.tokens)
+            return migrated, target
+        result = await vault.retokenize(page.tokens, epoch=epoch_number)
         target = result.epoch
         migrated += sum(token is not None for token in result.tokens)
         after = page.tokens[-1]
@@ -142,7 +138,7 @@ def epoch_migrate(connection: Connection, epoch_number: int, batch_size: int, st
     if after is not None and not as_json:
         click.echo(f"resuming after {migrated} tokens (state file {state_path})", err=True)
 
-    async def run() -> tuple[int, int, bool]:
+    async def run() -> tuple[int, int]:
         columns: list[Any] = [SpinnerColumn(), TextColumn("{task.description}: {task.completed} re-tokenized"),
                               TimeElapsedColumn()]
         with Progress(*columns, console=Console(stderr=True), transient=as_json) as progress:
@@ -150,19 +146,12 @@ def epoch_migrate(connection: Connection, epoch_number: int, batch_size: int, st
                 return await _migrate(vault, epoch_number, batch_size, state_path, after, migrated, progress)
 
     try:
-        total, target, unlisted = run_client(run())
+        total, target = run_client(run())
     except KeyboardInterrupt:
         click.echo(f"interrupted; run the same command again to resume (state file {state_path})", err=True)
         sys.exit(EXIT_INTERRUPTED)
     state_path.unlink(missing_ok=True)
     if as_json:
-        click.echo(json.dumps({"epoch": epoch_number, "to_epoch": target, "migrated": total,
-                               "format_tokens_left": unlisted}))
+        click.echo(json.dumps({"epoch": epoch_number, "to_epoch": target, "migrated": total}))
     else:
         click.echo(f"migrated {total} tokens of epoch {epoch_number} to epoch {target}")
-    if unlisted:
-        # A script that runs `migrate && destroy` stops here: destroying would lose these values.
-        click.echo(f"epoch {epoch_number} also holds card or digits tokens, which migrate cannot re-tokenize "
-                   f"yet; they stay in epoch {epoch_number}, and destroying it makes their values unrecoverable",
-                   err=True)
-        sys.exit(EXIT_FORMAT_TOKENS_LEFT)

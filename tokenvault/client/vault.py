@@ -207,8 +207,6 @@ class TokenPage:
     state: str
     tokens: tuple[str, ...]
     next_after: str | None
-    # The epoch also holds card or digits tokens, which pages do not list (and a migration cannot move).
-    format_tokens_unlisted: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -419,9 +417,13 @@ class AsyncClient:
         answer = await self._request("POST", "/v1/tokens/delete", {"tokens": list(tokens)}, {})
         return _require_int(answer.body, "deleted")
 
-    async def retokenize(self, tokens: Sequence[str]) -> RetokenizeResult:
-        """Each token's value tokenized in the active epoch, computed inside the vault (scope retokenize)."""
-        answer = await self._request("POST", "/v1/retokenize", {"tokens": list(tokens)}, {})
+    async def retokenize(self, tokens: Sequence[str], *, epoch: int | None = None) -> RetokenizeResult:
+        """Each token's value tokenized in the active epoch, in its format, computed inside the vault (scope
+        retokenize); ``epoch`` is where card and digits tokens are looked up (default: the active one)."""
+        document: dict[str, Any] = {"tokens": list(tokens)}
+        if epoch is not None:
+            document["epoch"] = epoch
+        answer = await self._request("POST", "/v1/retokenize", document, {})
         new = answer.body.get("tokens")
         if not isinstance(new, list) or len(new) != len(tokens) or \
                 not all(token is None or isinstance(token, str) for token in new):
@@ -444,12 +446,10 @@ class AsyncClient:
         query = f"limit={int(limit)}" + (f"&after={after}" if after is not None else "")
         answer = await self._request("GET", f"/v1/admin/epochs/{epoch}/tokens?{query}", None, {})
         tokens, next_after, state = (answer.body.get(name) for name in ("tokens", "next_after", "state"))
-        unlisted = answer.body.get("format_tokens_unlisted", False)
         if (not isinstance(tokens, list) or not all(isinstance(token, str) for token in tokens)
-                or not (next_after is None or isinstance(next_after, str)) or not isinstance(state, str)
-                or not isinstance(unlisted, bool)):
+                or not (next_after is None or isinstance(next_after, str)) or not isinstance(state, str)):
             raise ResponseError("epoch token page is malformed")
-        return TokenPage(_require_int(answer.body, "epoch"), state, tuple(tokens), next_after, unlisted)
+        return TokenPage(_require_int(answer.body, "epoch"), state, tuple(tokens), next_after)
 
     async def create_key(self, name: str, scopes: Sequence[str]) -> ApiKeyInfo:
         """Create a runtime API key; the answer holds the key itself, which no node can show again."""
@@ -731,8 +731,8 @@ class Client:
     def delete_tokens(self, tokens: Sequence[str]) -> int:
         return self._loop.run_until_complete(self._client.delete_tokens(tokens))
 
-    def retokenize(self, tokens: Sequence[str]) -> RetokenizeResult:
-        return self._loop.run_until_complete(self._client.retokenize(tokens))
+    def retokenize(self, tokens: Sequence[str], *, epoch: int | None = None) -> RetokenizeResult:
+        return self._loop.run_until_complete(self._client.retokenize(tokens, epoch=epoch))
 
     def destroy_epoch(self, epoch: int) -> str:
         return self._loop.run_until_complete(self._client.destroy_epoch(epoch))

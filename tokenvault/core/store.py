@@ -71,7 +71,7 @@ from tokenvault.core.store_layout import (
     ACTIVE, AGE, AGE_END, FORMAT_TOKEN_END, AGE_HEADER_BYTES, API_KEY, AUDIT, AUDIT_ANCHOR_KEY, AUDIT_END, AUDIT_HEAD_KEY, AUDIT_KIND,
     BLOCK_CACHE_BYTES, CREATE_KEY_KIND, EXPIRY, EXPIRY_END, IDEMPOTENCY, LIFE, LIFE_END, MAX_API_KEYS, MAX_AUDIT_PAGE,
     MAX_STORED_EPOCH, MAX_TOKEN_PAGE, MEMBERSHIP_KEY, META_KEY, NO_RECORDS, RETIRED, REVOKE_KEY_KIND, ROTATE_KIND,
-    SHRED_POINT_RANGES, TOKENIZE_KIND, U64, UNKNOWN_NODE, VERIFY_CACHE_BYTES, ApplyResult, EpochRecord,
+    SHRED_POINT_RANGES, TOKEN, TOKENIZE_KIND, U64, UNKNOWN_NODE, VERIFY_CACHE_BYTES, ApplyResult, EpochRecord,
     IdempotencyRecord, Outcome, SnapshotRejected, StoreCorruption, StoreDamaged, StoreError, age_created_at, age_key, api_key_value,
     bounded, check_epochs, damage, database_options, decode_epoch, decode_life, decode_meta, encode_meta, epoch_key,
     first_key, format_token_key, identity_key, json_bytes, lookup_format_tokens, lookup_opaque, metadata_rows,
@@ -485,32 +485,31 @@ class VaultStore:
         return read_epochs(self._db, StoreCorruption)
 
     @_stops_when_damaged
-    def has_format_tokens(self, epoch: int) -> bool:
-        """Whether ``epoch`` holds card or digits tokens (which epoch_tokens does not list): one seek."""
-        if type(epoch) is not int or not 1 <= epoch <= MAX_STORED_EPOCH:
-            raise ValueError("epoch out of range")
-        end = format_token_key(epoch + 1, "") if epoch < MAX_STORED_EPOCH else FORMAT_TOKEN_END
-        return first_key(self._db, format_token_key(epoch, ""), end) is not None
-
-    @_stops_when_damaged
     def epoch_tokens(self, epoch: int, after: str | None, limit: int) -> list[str]:
-        """Up to ``limit`` tokens issued in ``epoch``, in key order, after the token ``after`` (or from
-        the first): one bounded seek and scan. Opaque tokens only; format tokens, which the token
-        text does not place in an epoch, would be a second key range read here."""
+        """Up to ``limit`` tokens issued in ``epoch`` after the token ``after`` (or from the first): its opaque
+        tokens in key order, then its card and digits tokens in key order (a digit string as ``after``
+        continues among those). At most two bounded seeks and scans."""
         if type(epoch) is not int or not 1 <= epoch <= MAX_STORED_EPOCH or not 1 <= limit <= MAX_TOKEN_PAGE:
             raise ValueError("epoch or limit out of range")
         prefix = token_key(f"tv{epoch}_")
-        end = prefix[:-1] + bytes([prefix[-1] + 1])
-        start = prefix if after is None else token_key(after) + b"\x00"
-        if start < prefix:
-            start = prefix
+        opaque_end = prefix[:-1] + bytes([prefix[-1] + 1])
+        format_start = format_token_key(epoch, "")
+        format_end = format_token_key(epoch + 1, "") if epoch < MAX_STORED_EPOCH else FORMAT_TOKEN_END
+        if after is None:
+            ranges = [(prefix, opaque_end), (format_start, format_end)]
+        elif after.isdigit():  # a card or digits token: its group is the second
+            ranges = [(max(format_start, format_token_key(epoch, after) + b"\x00"), format_end)]
+        else:
+            ranges = [(max(prefix, token_key(after) + b"\x00"), opaque_end), (format_start, format_end)]
         tokens: list[str] = []
-        if start >= end:
-            return tokens
-        for key in range_keys(self._db, start, end):
-            tokens.append(key[1:].decode())
-            if len(tokens) >= limit:
-                break
+        for start, end in ranges:
+            if start >= end:
+                continue
+            skip = 1 if start[:1] == TOKEN else len(format_start)
+            for key in range_keys(self._db, start, end):
+                tokens.append(key[skip:].decode("ascii"))
+                if len(tokens) >= limit:
+                    return tokens
         return tokens
 
     def shred(self, keys: Sequence[bytes]) -> None:

@@ -175,7 +175,7 @@ class FakeService:
     def _state(self, epoch: int) -> str:
         return "active" if epoch == self.active_epoch else "destroyed" if epoch in self.destroyed else "retired"
 
-    async def delete_tokens(self, tokens: list[str], actor: object = None) -> Outcome:
+    async def delete_tokens(self, tokens: list[str], actor: object = None, epoch: int | None = None) -> Outcome:
         self._check_available()
         self.lifecycle_calls.append(("delete", list(tokens)))
         deleted = sum(self.vault.pop(token, None) is not None for token in dict.fromkeys(tokens))

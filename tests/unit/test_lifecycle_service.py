@@ -37,6 +37,38 @@ async def test_delete_answers_null_on_every_node_and_counts_only_existing_tokens
     assert actions.count("token.delete") == 2
 
 
+async def test_card_and_digits_tokens_are_deleted_in_their_epoch_on_every_node_and_shredded(trio: Cluster) -> None:
+    """docs/api.md, delete: card and digits tokens are deleted in the epoch named (default: the active one);
+    once answered every node reads null, and each node's shred pass removes the ciphertext and the metadata
+    from its files."""
+    primary = await trio.wait_for_stable_primary()
+    card = body(await primary.service.tokenize("p", ["4111 1111 1111 1111"], None, token_format="card",
+                                               metadata_json='{"k":"card-metadata"}'))["tokens"]
+    digits = body(await primary.service.tokenize("p", ["123456789"], None, token_format="digits"))["tokens"]
+    ciphertext = primary.node.store.lookup_format(1, card)[card[0]]
+    metadata = primary.node.store.life(card[0], 1)[1]
+    assert metadata is not None
+    for running in trio.running():  # in table files, not only in RocksDB's WAL, which any flush deletes
+        await wait_until(lambda r=running: r.node.store.applied_index >= primary.node.store.applied_index, 10,
+                         "every node to apply them")
+        running.node.store.flush_memtable(0)
+        for needle in (ciphertext, metadata):
+            await wait_until(lambda r=running, n=needle: any(path.suffix == ".sst" for path in
+                                                            files_holding(r.config.data_dir, n)),
+                             10, "the rows in a table file")
+    assert body(await primary.service.rotate_epoch("admin", None)) == {"epoch": 2}
+    backup = trio.backups()[0]
+    # Without an epoch: the active one (2), which holds neither.
+    assert body(await backup.service.delete_tokens(card + digits, ACTOR)) == {"deleted": 0}
+    assert body(await backup.service.delete_tokens(card + digits + card, ACTOR, 1)) == {"deleted": 2}
+    for running in trio.running():
+        assert (await running.service.reveal(card + digits, ACTOR, 1))["values"] == [None, None]
+    for running in trio.running():
+        for needle in (ciphertext, metadata):
+            await wait_until(lambda r=running, n=needle: not files_holding(r.config.data_dir, n), 15,
+                             f"{running.node_id} to shred the card token's rows")
+
+
 @pytest.mark.parametrize("removal", ["delete", "destroy"])
 @pytest.mark.parametrize("audit", [True, False], ids=["audit-entry", "read-barrier"])
 async def test_a_backup_that_has_not_applied_a_delete_never_answers_the_deleted_value(

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import os
 
+import msgpack
 import pytest
 
 from node_support import files_holding
 from test_store import Log, store  # noqa: F401 (store is a fixture)
-from tokenvault.core.commands import (Actor, DeleteTokensCommand, DestroyEpochCommand, RotateEpochCommand,
-                                      TokenizeCommand, encode_command)
+from tokenvault.core.commands import (Actor, CommandError, DeleteTokensCommand, DestroyEpochCommand,
+                                      RotateEpochCommand, TokenizeCommand, decode_command, encode_command)
+from tokenvault.core.shred import shred_keys
 from tokenvault.core.store import VaultStore
-from tokenvault.core.store_layout import DESTROYED, MAX_TOKEN_PAGE, Outcome
+from tokenvault.core.store_layout import (DESTROYED, LIFE, MAX_TOKEN_PAGE, Outcome, format_token_key,
+                                          token_key)
 
 ACTOR = Actor(name="full", node="n1", request_id="r1")
 
@@ -53,6 +56,43 @@ def test_delete_removes_existing_rows_counts_them_and_audits(store):
     assert (record["action"], record["items"], record["found"]) == ("token.delete", 3, 2)
     (again,) = apply(store, log, delete(token(1, 0)))
     assert again.response == b'{"deleted":0}' and store.token_count() == 3
+
+
+def test_a_delete_with_an_epoch_removes_card_and_digits_tokens_of_that_epoch_only(store):
+    """Digit strings in a delete are card and digits tokens of the command's epoch; without one, they are
+    left alone. The token count (of opaque mappings) is not touched by them."""
+    log = Log()
+    format_items = (("4111111111111111", b"card-ciphertext"), ("123456", b"digits-ciphertext"))
+    apply(store, log, rotate(1), tokenize(1, range(2)),
+          encode_command(TokenizeCommand(1, format_items, None, None, None, 1_000, token_format="card")),
+          rotate(2))
+    (none,) = apply(store, log, delete("4111111111111111", "123456"))  # no epoch: not looked for
+    assert none.response == b'{"deleted":0}'
+    (in_2,) = apply(store, log, encode_command(DeleteTokensCommand(("4111111111111111",), 2_000, ACTOR, epoch=2)))
+    assert in_2.response == b'{"deleted":0}' and set(store.lookup_format(1, ["4111111111111111"])) == {"4111111111111111"}
+    (in_1,) = apply(store, log, encode_command(DeleteTokensCommand(
+        ("4111111111111111", "123456", token(1, 0), "123456"), 2_000, ACTOR, epoch=1)))
+    assert in_1.response == b'{"deleted":3}'
+    assert store.lookup_format(1, ["4111111111111111", "123456"]) == {}
+    assert store.token_count() == 1 and set(store.lookup([token(1, 0), token(1, 1)])) == {token(1, 1)}
+
+
+def test_a_delete_shreds_each_mapping_row_and_its_life_row() -> None:
+    """tokenvault/core/shred.py: the keys a delete leaves older versions of are the rows it deleted, opaque
+    or of the epoch's card and digits tokens, and their life rows (expiry and metadata ciphertext)."""
+    command = DeleteTokensCommand(("tv1_" + "a" * 32, "4111111111111111"), 2_000, ACTOR, epoch=3)
+    rows = [token_key("tv1_" + "a" * 32), format_token_key(3, "4111111111111111")]
+    assert shred_keys(command) == rows + [LIFE + row for row in rows]
+    assert shred_keys(DeleteTokensCommand(("4111111111111111",), 2_000, ACTOR)) == []
+
+
+def test_a_delete_command_round_trips_and_encodes_as_before_without_an_epoch() -> None:
+    plain = DeleteTokensCommand(("tv1_" + "a" * 32,), 2_000, ACTOR)
+    assert len(msgpack.unpackb(encode_command(plain))) == 8  # what entries written before epochs hold
+    for command in (plain, DeleteTokensCommand(("123456",), 2_000, ACTOR, epoch=7)):
+        assert decode_command(encode_command(command)) == command
+    with pytest.raises(CommandError):
+        DeleteTokensCommand(("123456",), 2_000, ACTOR, epoch=2**32)
 
 
 def test_a_token_added_and_deleted_in_one_batch_is_gone_and_a_later_tokenize_recreates_it(store):

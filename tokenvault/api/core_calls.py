@@ -228,9 +228,10 @@ class CoreCalls:
         return await self._service.revoke_key(arguments["key_id"], _checked_actor(arguments["actor"]))
 
     async def _delete_tokens(self, arguments: dict[str, Any]) -> Any:
-        _members(arguments, ("tokens", "actor"))
-        tokens = validate_tokens(require_item_list(arguments, "tokens", self._limits))
-        return await self._service.delete_tokens(tokens, _checked_actor(arguments["actor"]))
+        _members(arguments, ("tokens", "epoch", "actor"))
+        tokens = validate_lookup_tokens(require_item_list(arguments, "tokens", self._limits))
+        return await self._service.delete_tokens(tokens, _checked_actor(arguments["actor"]),
+                                                 validate_lookup_epoch(arguments["epoch"]))
 
     async def _retokenize(self, arguments: dict[str, Any]) -> Any:
         _members(arguments, ("tokens", "epoch", "actor"))

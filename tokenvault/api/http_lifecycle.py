@@ -21,7 +21,7 @@ from tokenvault.api.httpserver import AnyResponse, Request
 from tokenvault.api.routing import Router, path_parameter
 from tokenvault.api.responses import EMPTY_BODY, NO_STORE_HEADERS, json_response, outcome_response
 from tokenvault.api.validation import (require_item_list, require_members, validate_lookup_epoch,
-                                       validate_lookup_tokens, validate_tokens)
+                                       validate_lookup_tokens)
 from tokenvault.core.store_layout import MAX_STORED_EPOCH, MAX_TOKEN_PAGE
 from tokenvault.crypto import formats
 from tokenvault.crypto.tokens import is_token
@@ -75,29 +75,27 @@ class LifecycleRoutes:
     def __init__(self, api: _Api) -> None:
         self.api = api
 
-    async def _tokens(self, request: Request) -> list[str]:
-        document = require_members(await self.api.read_json(request, body_required=True), ("tokens",))
-        return validate_tokens(require_item_list(document, "tokens", self.api.limits))
+    async def _tokens_and_epoch(self, request: Request) -> tuple[list[str], int | None]:
+        """Opaque tokens, and card and digits tokens of ``"epoch"`` (default: the active one), as detokenize."""
+        document = require_members(await self.api.read_json(request, body_required=True), ("tokens",), ("epoch",))
+        tokens = validate_lookup_tokens(require_item_list(document, "tokens", self.api.limits))
+        if "epoch" in document and document["epoch"] is None:
+            raise InvalidRequest("'epoch' must be an integer when given")
+        return tokens, validate_lookup_epoch(document.get("epoch"))
 
     async def delete(self, request: Request) -> AnyResponse:
         principal = self.api.admit(request, auth.DELETE)
         await self.api.receive_body(request)
         with self.api.inflight_slot():
-            tokens = await self._tokens(request)
-            outcome = await self.api.service.delete_tokens(tokens, self.api.actor(principal))
+            tokens, epoch = await self._tokens_and_epoch(request)
+            outcome = await self.api.service.delete_tokens(tokens, self.api.actor(principal), epoch)
             return outcome_response(outcome)
 
     async def retokenize(self, request: Request) -> AnyResponse:
         principal = self.api.admit(request, auth.RETOKENIZE)
         await self.api.receive_body(request)
         with self.api.inflight_slot():
-            # Opaque tokens, and card and digits tokens of "epoch" (default: the active one), as detokenize.
-            document = require_members(await self.api.read_json(request, body_required=True), ("tokens",),
-                                       ("epoch",))
-            tokens = validate_lookup_tokens(require_item_list(document, "tokens", self.api.limits))
-            if "epoch" in document and document["epoch"] is None:
-                raise InvalidRequest("'epoch' must be an integer when given")
-            epoch = validate_lookup_epoch(document.get("epoch"))
+            tokens, epoch = await self._tokens_and_epoch(request)
             document = await self.api.service.retokenize(tokens, self.api.actor(principal), epoch)
             if len(document["tokens"]) != len(tokens):
                 raise AssertionError("the service answered a different number of tokens than asked")

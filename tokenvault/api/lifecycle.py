@@ -19,7 +19,7 @@ in the epoch the request names (default: the active one), as detokenize does,
 and an epoch's pages list them after its opaque tokens. Their rows do not record
 which of the two formats a token is; the epoch's FF1 tells (``_format_of``).
 Re-tokenize carries each mapping's expiry and metadata over to the new token.
-Delete takes opaque tokens only.
+Delete takes them with an epoch too.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ AUDIT_TRIM = "audit.trim"
 MAX_EPOCH_RETRIES = 5
 # The members each kind of forwarded lifecycle request carries, exactly.
 LIFECYCLE_FORWARDED_MEMBERS: dict[str, tuple[str, ...]] = {
-    DELETE_TOKENS: ("tokens", "actor"),
+    DELETE_TOKENS: ("tokens", "actor", "epoch"),
     RETOKENIZE: ("tokens", "epoch"),
     DESTROY_EPOCH: ("epoch", "actor"),
     EPOCH_TOKENS: ("epoch", "after", "limit"),
@@ -109,15 +109,22 @@ class LifecycleOperations:
                            now_ms: int) -> dict[str, tuple[str, str | None]]: ...
 
     # ------------------------------------------------------------------ delete
-    async def delete_tokens(self, tokens: list[str], actor: commands.Actor | None = None) -> Outcome:
-        """Remove the mappings of ``tokens``; answers ``{"deleted": n}``, n counting those that existed."""
-        arguments = {"tokens": list(dict.fromkeys(tokens)), "actor": (actor or commands.NO_ACTOR).fields()}
+    async def delete_tokens(self, tokens: list[str], actor: commands.Actor | None = None,
+                            epoch: int | None = None) -> Outcome:
+        """Remove the mappings of ``tokens``; answers ``{"deleted": n}``, n counting those that existed. Card
+        and digits tokens are those of ``epoch`` (default: the active epoch, read after a read barrier)."""
+        arguments = {"tokens": list(dict.fromkeys(tokens)), "actor": (actor or commands.NO_ACTOR).fields(),
+                     "epoch": epoch}
         result: Outcome = await self._route(DELETE_TOKENS, arguments, self._delete_tokens_here)
         return result
 
-    async def _delete_tokens_here(self, tokens: list[str], actor: list[Any] | None = None) -> Outcome:
+    async def _delete_tokens_here(self, tokens: list[str], actor: list[Any] | None = None,
+                                  epoch: int | None = None) -> Outcome:
+        if epoch is None and not all(map(is_token, tokens)):
+            await self._read_barrier()  # a rotation acknowledged before the request started counts
+            epoch = self.node.store.active_epoch() or None
         command = commands.DeleteTokensCommand(tokens=tuple(tokens), deleted_at_ms=int(time.time() * 1000),
-                                               actor=_actor(actor))
+                                               actor=_actor(actor), epoch=epoch)
         result = await self._propose(commands.encode_command(command))
         if result.outcome != ApplyOutcome.OK or result.response is None:
             raise Unavailable("the delete could not be recorded")
@@ -308,8 +315,10 @@ class LifecycleOperations:
                                        tokens: Callable[[dict[str, Any]], list[str]]) -> tuple[int, bytes]:
         """A lifecycle request a backup forwarded; ``tokens`` validates a token list as the HTTP layer
         does. Commands re-validate every other field (CommandError, a ValueError: 400)."""
-        if kind == DELETE_TOKENS:
-            outcome = await self._delete_tokens_here(tokens(arguments), arguments["actor"])
+        if kind == DELETE_TOKENS:  # opaque tokens, and card and digits tokens of the epoch named
+            deleted = validate_lookup_tokens(require_item_list(arguments, "tokens", self.node.config.limits))
+            outcome = await self._delete_tokens_here(deleted, arguments["actor"],
+                                                     validate_lookup_epoch(arguments["epoch"]))
             return outcome.status, outcome.body
         if kind == RETOKENIZE:  # opaque tokens, and card and digits tokens of the epoch named
             retokenized = validate_lookup_tokens(require_item_list(arguments, "tokens", self.node.config.limits))

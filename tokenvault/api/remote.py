@@ -557,8 +557,9 @@ class RemoteService:
     async def cluster_view(self) -> dict[str, Any]:
         return _document(await self._call("cluster_view", {}))
 
-    async def delete_tokens(self, tokens: list[str], actor: commands.Actor | None = None) -> Outcome:
-        return _outcome(await self._call("delete_tokens", {"tokens": tokens,
+    async def delete_tokens(self, tokens: list[str], actor: commands.Actor | None = None,
+                            epoch: int | None = None) -> Outcome:
+        return _outcome(await self._call("delete_tokens", {"tokens": tokens, "epoch": epoch,
                                                            "actor": (actor or commands.NO_ACTOR).fields()}))
 
     async def retokenize(self, tokens: list[str], actor: commands.Actor | None = None,

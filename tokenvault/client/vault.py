@@ -412,9 +412,13 @@ class AsyncClient:
             epochs.append(EpochInfo(_require_int(entry, "epoch"), created_at, state))
         return EpochList(active, tuple(epochs))
 
-    async def delete_tokens(self, tokens: Sequence[str]) -> int:
-        """Remove the mappings of ``tokens`` (scope delete); returns how many existed. Deleting again is harmless."""
-        answer = await self._request("POST", "/v1/tokens/delete", {"tokens": list(tokens)}, {})
+    async def delete_tokens(self, tokens: Sequence[str], *, epoch: int | None = None) -> int:
+        """Remove the mappings of ``tokens`` (scope delete); returns how many existed. Deleting again is harmless.
+        ``epoch``: where card and digits tokens are (default: the active epoch)."""
+        document: dict[str, Any] = {"tokens": list(tokens)}
+        if epoch is not None:
+            document["epoch"] = epoch
+        answer = await self._request("POST", "/v1/tokens/delete", document, {})
         return _require_int(answer.body, "deleted")
 
     async def retokenize(self, tokens: Sequence[str], *, epoch: int | None = None) -> RetokenizeResult:
@@ -728,8 +732,8 @@ class Client:
     def list_epochs(self) -> EpochList:
         return self._loop.run_until_complete(self._client.list_epochs())
 
-    def delete_tokens(self, tokens: Sequence[str]) -> int:
-        return self._loop.run_until_complete(self._client.delete_tokens(tokens))
+    def delete_tokens(self, tokens: Sequence[str], *, epoch: int | None = None) -> int:
+        return self._loop.run_until_complete(self._client.delete_tokens(tokens, epoch=epoch))
 
     def retokenize(self, tokens: Sequence[str], *, epoch: int | None = None) -> RetokenizeResult:
         return self._loop.run_until_complete(self._client.retokenize(tokens, epoch=epoch))

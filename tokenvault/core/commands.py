@@ -338,11 +338,14 @@ class AuditCommand:
 
 @dataclass(frozen=True, slots=True)
 class DeleteTokensCommand:
-    """Remove the mappings of ``tokens`` (those that exist); who asked goes to the audit trail."""
+    """Remove the mappings of ``tokens`` (those that exist); who asked goes to the audit trail. Card and
+    digits tokens (digit strings) are those of ``epoch``; without one, only opaque tokens are removed. A
+    command without an epoch encodes exactly as before it could carry one."""
 
     tokens: tuple[str, ...]
     deleted_at_ms: int
     actor: Actor
+    epoch: int | None = None
 
     def __post_init__(self) -> None:
         if type(self.tokens) is not tuple or not 0 < len(self.tokens) <= MAX_ITEMS:
@@ -352,6 +355,8 @@ class DeleteTokensCommand:
                 raise CommandError(f"each token must be a string of 1 to {MAX_TOKEN_CHARS} characters")
         _check_int("deleted_at_ms", self.deleted_at_ms, 0, MAX_TIMESTAMP_MS)
         _check_actor(self.actor)
+        if self.epoch is not None:  # the store keeps a format token's epoch in 4 bytes
+            _check_int("epoch", self.epoch, 1, 2**32 - 1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -421,6 +426,8 @@ def encode_command(command: Command) -> bytes:
     elif type(command) is DeleteTokensCommand:
         fields = [COMMAND_FORMAT_VERSION, DELETE_TOKENS_TAG, list(command.tokens), command.deleted_at_ms,
                   *command.actor.fields()]
+        if command.epoch is not None:
+            fields.append(command.epoch)
     elif type(command) is DestroyEpochCommand:
         fields = [COMMAND_FORMAT_VERSION, DESTROY_EPOCH_TAG, command.epoch, command.destroyed_at_ms,
                   *command.actor.fields()]
@@ -521,9 +528,11 @@ def _decode_audit(fields: list[Any]) -> AuditCommand:
 
 
 def _decode_delete_tokens(fields: list[Any]) -> DeleteTokensCommand:
-    if len(fields) != 8 or type(fields[2]) is not list:
-        raise CommandError("a delete-tokens command has 8 fields, the first an array of tokens")
-    return DeleteTokensCommand(tokens=tuple(fields[2]), deleted_at_ms=fields[3], actor=Actor(*fields[4:]))
+    if len(fields) not in (8, 9) or type(fields[2]) is not list:
+        raise CommandError("a delete-tokens command has 8 or 9 fields, the first an array of tokens")
+    epoch = fields[8] if len(fields) == 9 else None
+    return DeleteTokensCommand(tokens=tuple(fields[2]), deleted_at_ms=fields[3], actor=Actor(*fields[4:8]),
+                               epoch=epoch)
 
 
 def _decode_destroy_epoch(fields: list[Any]) -> DestroyEpochCommand:

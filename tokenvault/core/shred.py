@@ -32,6 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from protocol import Entry, EntryKind
 from tokenvault.core import commands
 from tokenvault.core.store import VaultStore
+from tokenvault.core.store_layout import LIFE, mapping_key
 from tokenvault.core.wal import WriteAheadLog
 from tokenvault.logs import get_logger
 
@@ -45,7 +46,9 @@ POLL_SECONDS = 0.05
 def shred_keys(command: commands.Command) -> list[bytes]:
     """The store keys whose older versions a shredding command leaves behind."""
     if type(command) is commands.DeleteTokensCommand:
-        return [b"t" + token.encode() for token in command.tokens]
+        # Each mapping's row and its life row (expiry and metadata ciphertext).
+        rows = [key for key in (mapping_key(token, command.epoch) for token in command.tokens) if key is not None]
+        return rows + [LIFE + key for key in rows]
     if type(command) is commands.DestroyEpochCommand:
         return [b"e" + command.epoch.to_bytes(8, "big")]
     return []

@@ -252,6 +252,14 @@ def format_token_key(epoch: int, token: str) -> bytes:
     return FORMAT_TOKEN + U32.pack(epoch) + token.encode("ascii")
 
 
+def mapping_key(token: str, format_epoch: int | None) -> bytes | None:
+    """The row of a token named in a delete: an opaque token's, or (a digit string) a card or digits token's
+    of ``format_epoch``; None for a digit string when no epoch is given."""
+    if not token.isdigit():
+        return token_key(token)
+    return None if format_epoch is None else format_token_key(format_epoch, token)
+
+
 def expiry_index_key(expires_at_ms: int, row_key: bytes) -> bytes:
     return EXPIRY + U64.pack(expires_at_ms) + row_key
 

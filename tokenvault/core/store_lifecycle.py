@@ -30,7 +30,8 @@ from tokenvault.core.store_layout import (AGE, AUDIT, AUDIT_TRIM_KIND, DELETE_KI
                                           EXPIRY_END, EXPIRY_HEADER_BYTES, LIFE, MAX_STORED_EPOCH, NO_RECORDS,
                                           PURGE_KIND, TOKEN, U32, U64, UNKNOWN_NODE, ApplyResult, InsertOnceViolation,
                                           Outcome, StoreCorruption, bounded, decode_epoch, decode_life, epoch_key,
-                                          expiry_index_key, format_token_key, json_bytes, multi_get, pack, token_key,
+                                          expiry_index_key, format_token_key, json_bytes, mapping_key, multi_get, pack,
+                                          token_key,
                                           unpack)
 
 _Name = TypeVar("_Name")
@@ -287,7 +288,8 @@ def apply_delete(index: int, command: DeleteTokensCommand, batch: Batch) -> Appl
     one batch is gone. Tokenizing the same value again later re-creates the same token, with a
     new life (docs/api.md)."""
     add_tokens(batch)
-    keys = list(dict.fromkeys(token_key(token) for token in command.tokens))
+    keys = list(dict.fromkeys(key for key in (mapping_key(token, command.epoch) for token in command.tokens)
+                              if key is not None))
     existing = batch.get_many({key: key for key in keys})
     lives = batch.get_many({key: LIFE + key for key in keys})
     deleted = 0
@@ -296,7 +298,8 @@ def apply_delete(index: int, command: DeleteTokensCommand, batch: Batch) -> Appl
             batch.delete(key)
             _set_life(key, decode_life(lives.get(key)), (None, None), batch)
             deleted += 1
-    batch.token_count -= deleted
+            if key[:1] == TOKEN:  # the count is of opaque mappings (format rows are not counted)
+                batch.token_count -= 1
     actor = command.actor
     append_audit([command.deleted_at_ms, actor.node or UNKNOWN_NODE, actor.name, actor.key_id,
                   DELETE_KIND, len(keys), deleted, actor.request_id, None], batch)

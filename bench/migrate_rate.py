@@ -1,0 +1,106 @@
+"""How fast `tokenvault admin epoch migrate` moves an epoch: a fresh 3-node cluster, an epoch filled with
+opaque tokens (some with a TTL and metadata) and card tokens, a rotation, then the migration timed.
+
+    .venv/bin/python bench/migrate_rate.py --values 20000 --cards 2000 --batch-size 500
+
+Prints one line: tokens migrated, seconds, tokens per second, and how the epoch was filled. Run it from
+two checkouts (PYTHONPATH=<checkout>) to compare versions on one machine. It measures and prints;
+nothing asserts on its numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from loadgen import free_ports
+
+from tokenvault.client.vault import AsyncClient
+from tokenvault.devcluster import cluster
+
+NODES = 3
+REQUEST_ITEMS = 500
+
+
+def _luhn_complete(partial: str) -> str:
+    """``partial`` with the check digit that makes it Luhn-valid (a card number to tokenize)."""
+    for check in "0123456789":
+        digits = [int(digit) for digit in partial + check][::-1]
+        total = sum(digit if position % 2 == 0 else (digit * 2 - 9 if digit * 2 > 9 else digit * 2)
+                    for position, digit in enumerate(digits))
+        if total % 10 == 0:
+            return partial + check
+    raise AssertionError("unreachable")
+
+
+async def _fill(client: AsyncClient, values: int, cards: int, seed: str) -> None:
+    plain = [f"migrate-{seed}-{number}" for number in range(values)]
+    for start in range(0, len(plain), REQUEST_ITEMS):
+        chunk = plain[start:start + REQUEST_ITEMS]
+        if (start // REQUEST_ITEMS) % 2:  # every other request with a TTL and metadata, to carry over
+            await client.tokenize(chunk, ttl_seconds=86400, metadata={"batch": start})
+        else:
+            await client.tokenize(chunk)
+    numbers = [_luhn_complete(f"4{number:014d}") for number in range(cards)]
+    for start in range(0, len(numbers), REQUEST_ITEMS):
+        await client.tokenize(numbers[start:start + REQUEST_ITEMS], token_format="card")
+
+
+async def _prepare(directory: Path, arguments: argparse.Namespace) -> cluster.ClusterSpec:
+    port_list = free_ports(2 * NODES)
+    ports = [(port_list[2 * number], port_list[2 * number + 1]) for number in range(NODES)]
+    await asyncio.to_thread(cluster.init_cluster, directory, NODES, ports=ports)
+    spec, _ = await asyncio.to_thread(cluster.start_cluster, directory, timeout_seconds=60)
+    ca_file = str(spec.ca_file) if spec.ca_file else None
+    async with AsyncClient(list(spec.http_urls), spec.key("full"), deadline_seconds=30, ca_file=ca_file) as client:
+        await client.tokenize(["warm-up"])
+        await _fill(client, arguments.values, arguments.cards, os.urandom(4).hex())
+        await client.rotate_epoch()
+    return spec
+
+
+def _migrate(directory: Path, batch_size: int) -> tuple[float, str]:
+    command = [sys.executable, "-c", "from tokenvault.client.cli import main; main()", "admin", "epoch", "migrate",
+               "1", "--batch-size", str(batch_size), "--json", "--state-file", str(directory / "migrate.json"),
+               "--cluster-json", str(directory / cluster.CLUSTER_FILE_NAME)]
+    started = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, timeout=3600)
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        raise SystemExit(f"migrate failed ({done.returncode}): {done.stderr[-2000:]}")
+    return seconds, done.stdout.strip().splitlines()[-1]
+
+
+async def main(arguments: argparse.Namespace) -> int:
+    with tempfile.TemporaryDirectory(prefix="tokenvault-migrate-bench-") as temporary:
+        directory = Path(temporary) / "cluster"
+        try:
+            await _prepare(directory, arguments)
+            seconds, answer = await asyncio.to_thread(_migrate, directory, arguments.batch_size)
+        finally:
+            if (directory / cluster.CLUSTER_FILE_NAME).exists():
+                await asyncio.to_thread(cluster.stop_cluster, directory, 10)
+    migrated = json.loads(answer)["migrated"]
+    print(f"3 nodes, epoch of {arguments.values} opaque (half with TTL and metadata) + {arguments.cards} card "
+          f"tokens, batch {arguments.batch_size}: {migrated} migrated in {seconds:.1f} s = "
+          f"{migrated / seconds:,.0f} tokens/s", flush=True)
+    return 0
+
+
+def parse_arguments() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--values", type=int, default=20_000)
+    parser.add_argument("--cards", type=int, default=2_000)
+    parser.add_argument("--batch-size", type=int, default=500)
+    return parser.parse_args()
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main(parse_arguments())))

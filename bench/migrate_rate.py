@@ -40,11 +40,11 @@ def _luhn_complete(partial: str) -> str:
     raise AssertionError("unreachable")
 
 
-async def _fill(client: AsyncClient, values: int, cards: int, seed: str) -> None:
+async def _fill(client: AsyncClient, values: int, cards: int, seed: str, with_life: bool) -> None:
     plain = [f"migrate-{seed}-{number}" for number in range(values)]
     for start in range(0, len(plain), REQUEST_ITEMS):
         chunk = plain[start:start + REQUEST_ITEMS]
-        if (start // REQUEST_ITEMS) % 2:  # every other request with a TTL and metadata, to carry over
+        if with_life and (start // REQUEST_ITEMS) % 2:  # every other request with a TTL and metadata
             await client.tokenize(chunk, ttl_seconds=86400, metadata={"batch": start})
         else:
             await client.tokenize(chunk)
@@ -61,7 +61,7 @@ async def _prepare(directory: Path, arguments: argparse.Namespace) -> cluster.Cl
     ca_file = str(spec.ca_file) if spec.ca_file else None
     async with AsyncClient(list(spec.http_urls), spec.key("full"), deadline_seconds=30, ca_file=ca_file) as client:
         await client.tokenize(["warm-up"])
-        await _fill(client, arguments.values, arguments.cards, os.urandom(4).hex())
+        await _fill(client, arguments.values, arguments.cards, os.urandom(4).hex(), not arguments.no_ttl)
         await client.rotate_epoch()
     return spec
 
@@ -71,7 +71,7 @@ def _migrate(directory: Path, batch_size: int) -> tuple[float, str]:
                "1", "--batch-size", str(batch_size), "--json", "--state-file", str(directory / "migrate.json"),
                "--cluster-json", str(directory / cluster.CLUSTER_FILE_NAME)]
     started = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, timeout=3600)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=3600, cwd=directory)
     seconds = time.perf_counter() - started
     if done.returncode != 0:
         raise SystemExit(f"migrate failed ({done.returncode}): {done.stderr[-2000:]}")
@@ -88,7 +88,8 @@ async def main(arguments: argparse.Namespace) -> int:
             if (directory / cluster.CLUSTER_FILE_NAME).exists():
                 await asyncio.to_thread(cluster.stop_cluster, directory, 10)
     migrated = json.loads(answer)["migrated"]
-    print(f"3 nodes, epoch of {arguments.values} opaque (half with TTL and metadata) + {arguments.cards} card "
+    life = "none" if arguments.no_ttl else "half"
+    print(f"3 nodes, epoch of {arguments.values} opaque ({life} with TTL and metadata) + {arguments.cards} card "
           f"tokens, batch {arguments.batch_size}: {migrated} migrated in {seconds:.1f} s = "
           f"{migrated / seconds:,.0f} tokens/s", flush=True)
     return 0
@@ -99,6 +100,7 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--values", type=int, default=20_000)
     parser.add_argument("--cards", type=int, default=2_000)
     parser.add_argument("--batch-size", type=int, default=500)
+    parser.add_argument("--no-ttl", action="store_true", help="No mapping with a TTL or metadata.")
     return parser.parse_args()
 
 

@@ -108,6 +108,8 @@ class LifecycleOperations:
         def _read_mappings(self, tokens: list[str], epoch: int | None, include_metadata: bool,
                            now_ms: int) -> dict[str, tuple[str, str | None]]: ...
 
+        def _decrypt_metadata(self, epoch: int, token: str, ciphertext: bytes) -> str | None: ...
+
     # ------------------------------------------------------------------ delete
     async def delete_tokens(self, tokens: list[str], actor: commands.Actor | None = None,
                             epoch: int | None = None) -> Outcome:
@@ -177,16 +179,20 @@ class LifecycleOperations:
     def _mappings_to_reissue(self, tokens: list[str], format_epoch: int) -> dict[str, _Mapping]:
         """The live mappings among ``tokens`` (format tokens of ``format_epoch``), each with its format, its
         expiry and its metadata, read from this node's store after the read barrier."""
-        found = self._read_mappings(tokens, format_epoch, True, int(time.time() * 1000))
+        found = self._read_mappings(tokens, format_epoch, False, int(time.time() * 1000))
+        lives = self.node.store.lives(None, [token for token in found if is_token(token)])
+        lives.update(self.node.store.lives(format_epoch, [token for token in found if not is_token(token)]))
         mappings: dict[str, _Mapping] = {}
-        for token, (value, metadata_json) in found.items():
-            token_format: str | None = formats.OPAQUE
-            life_epoch: int | None = None
-            if not is_token(token):
-                token_format, life_epoch = self._format_of(format_epoch, token, value), format_epoch
+        for token, (value, _) in found.items():
+            opaque = is_token(token)
+            token_format = formats.OPAQUE if opaque else self._format_of(format_epoch, token, value)
             if token_format is None:
                 continue
-            expires_at_ms, _ = self.node.store.life(token, life_epoch)
+            expires_at_ms, sealed_metadata = lives.get(token, (None, None))
+            metadata_json = None
+            if sealed_metadata is not None:
+                token_epoch = _epoch_of(token) if opaque else format_epoch
+                metadata_json = self._decrypt_metadata(token_epoch, token, sealed_metadata)
             mappings[token] = _Mapping(value, token_format, expires_at_ms, metadata_json)
         return mappings
 
@@ -216,8 +222,10 @@ class LifecycleOperations:
         keys = self.node.keyring.get(epoch)
         commands_by_group: list[tuple[list[_Mapping], commands.TokenizeCommand]] = []
         for (token_format, expires_at_ms, with_metadata), members in groups.items():
-            values = list(dict.fromkeys(mapping.value for mapping in members))
-            members = [next(mapping for mapping in members if mapping.value == value) for value in values]
+            first_of_value: dict[str, _Mapping] = {}
+            for mapping in members:
+                first_of_value.setdefault(mapping.value, mapping)
+            values, members = list(first_of_value), list(first_of_value.values())
             if token_format == formats.OPAQUE:
                 items = await self._seal(epoch, values)
             else:

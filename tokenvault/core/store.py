@@ -76,7 +76,7 @@ from tokenvault.core.store_layout import (
     bounded, check_epochs, damage, database_options, decode_epoch, decode_life, decode_meta, encode_meta, epoch_key,
     first_key, format_token_key, identity_key, json_bytes, lookup_format_tokens, lookup_opaque, metadata_rows,
     open_database, pack, range_items, range_keys, read_api_keys, read_audit_anchor, read_audit_head, read_epochs,
-    read_membership, reason, token_key, unpack)
+    read_membership, reason, token_key, unpack, life_rows)
 from tokenvault.core.store_lifecycle import (Batch, add_tokens, append_audit, apply_audit_trim, apply_delete,
                                              apply_destroy, apply_mappings, apply_purge_expired)
 from tokenvault.core.wal import fsync_directory
@@ -465,6 +465,11 @@ class VaultStore:
         when ``epoch`` is None, else card and digits tokens of ``epoch``. Expiry is not checked here:
         ask only for tokens ``lookup`` or ``lookup_format`` found."""
         return metadata_rows(self._db, epoch, tokens, has_life=self._has_life)
+
+    @_stops_when_damaged
+    def lives(self, epoch: int | None, tokens: Sequence[str]) -> dict[str, tuple[int | None, bytes | None]]:
+        """``life`` of many mappings in one multi-get; those without a life row are left out."""
+        return life_rows(self._db, epoch, tokens, has_life=self._has_life)
 
     @_stops_when_damaged
     def next_expiry_ms(self) -> int | None:

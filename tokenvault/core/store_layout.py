@@ -610,6 +610,17 @@ def metadata_rows(database: Rdict, epoch: int | None, tokens: Sequence[str], *, 
     return found
 
 
+def life_rows(database: Rdict, epoch: int | None, tokens: Sequence[str], *,
+              has_life: bool) -> dict[str, tuple[int | None, bytes | None]]:
+    """(expires_at_ms, metadata ciphertext) of each mapping among ``tokens`` that has a life row, in one
+    multi-get: opaque tokens when ``epoch`` is None, else card and digits tokens of ``epoch``."""
+    unique = list(dict.fromkeys(tokens))
+    if not unique or not has_life:
+        return {}
+    keys = [LIFE + (token_key(token) if epoch is None else format_token_key(epoch, token)) for token in unique]
+    return {token: decode_life(value) for token, value in zip(unique, multi_get(database, keys)) if value is not None}
+
+
 def drop_expired(database: Rdict, found: dict[str, bytes], row_keys: dict[str, bytes], now_ms: int | None) -> None:
     """Leave out of ``found`` the mappings whose expiry is at or before ``now_ms`` (default: now)."""
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms

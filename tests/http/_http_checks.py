@@ -2,12 +2,33 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import re
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 PROBLEM_CONTENT_TYPE = "application/problem+json"
 PROBLEM_MEMBERS = {"type", "title", "status", "detail"}
+PROBLEM_TYPE_PREFIX = "urn:tokenvault:problem:"
+API_DOC = Path(__file__).resolve().parents[2] / "docs" / "api.md"
+
+
+@functools.cache
+def documented_problem_types() -> dict[int, frozenset[str]]:
+    """Each status's problem types as docs/api.md's "Errors" table lists them (the table is the contract
+    every problem answered in these tests is held to)."""
+    text = API_DOC.read_text(encoding="utf-8")
+    start = text.index("\n## Errors")
+    end = text.find("\n## ", start + 1)
+    section = text[start:] if end < 0 else text[start:end]
+    types: dict[int, set[str]] = {}
+    for line in section.splitlines():
+        match = re.match(r"^\| (\d{3}) \| ([^|]+) \|", line)
+        if match:
+            types.setdefault(int(match.group(1)), set()).update(re.findall(r"`([a-z-]+)`", match.group(2)))
+    return {status: frozenset(names) for status, names in types.items()}
 
 
 def check_problem(
@@ -24,7 +45,10 @@ def check_problem(
     document = json.loads(body)
     assert set(document) == PROBLEM_MEMBERS, document
     assert document["status"] == expected_status
-    assert isinstance(document["type"], str) and document["type"].startswith("urn:tokenvault:problem:")
+    assert isinstance(document["type"], str) and document["type"].startswith(PROBLEM_TYPE_PREFIX)
+    problem_type = document["type"][len(PROBLEM_TYPE_PREFIX):]
+    assert problem_type in documented_problem_types().get(expected_status, ()), \
+        f"{expected_status} {problem_type!r} is not in docs/api.md's Errors table"
     assert isinstance(document["title"], str) and document["title"]
     assert isinstance(document["detail"], str) and document["detail"]
     assert_not_echoed(body, headers, submitted)

@@ -232,8 +232,9 @@ class Ping(Message):
 
 @dataclass(frozen=True, slots=True)
 class HelloRefused(Message):
-    """Ends a handshake in place of the next message: the other side proved the cluster secret but is refused
-    (its data directory changed under its id), and why, so that its own log says so."""
+    """The first frame after a handshake, from a side that has proved itself: the other side proved the
+    cluster secret too but is refused (its data directory changed under its id), and why, so that its own
+    log says so. The connection is closed right after."""
 
     TYPE_TAG: ClassVar[int] = 21
     node_id: str

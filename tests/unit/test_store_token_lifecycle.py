@@ -77,6 +77,17 @@ def test_a_delete_with_an_epoch_removes_card_and_digits_tokens_of_that_epoch_onl
     assert store.token_count() == 1 and set(store.lookup([token(1, 0), token(1, 1)])) == {token(1, 1)}
 
 
+def test_digits_of_other_scripts_are_not_read_as_a_card_or_digits_token(store):
+    """``str.isdigit`` takes "٤١١١" and "²³"; the store tells format tokens by ASCII digits, so such a
+    string in a delete from the log, or as a page cursor, is an opaque key, not an apply that cannot encode
+    its key (which would stop the node)."""
+    log = Log()
+    apply(store, log, rotate(1), tokenize(1, range(2)))
+    (result,) = apply(store, log, encode_command(DeleteTokensCommand(("٤١١١١١", "²³⁴⁵⁶⁷"), 2_000, ACTOR, epoch=1)))
+    assert result.outcome == Outcome.OK and result.response == b'{"deleted":0}'
+    assert store.epoch_tokens(1, "٤١١١١١", 10) == []  # after it in key order: nothing of epoch 1
+
+
 def test_a_delete_shreds_each_mapping_row_and_its_life_row() -> None:
     """tokenvault/core/shred.py: the keys a delete leaves older versions of are the rows it deleted, opaque
     or of the epoch's card and digits tokens, and their life rows (expiry and metadata ciphertext)."""

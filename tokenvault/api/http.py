@@ -100,13 +100,12 @@ from tokenvault.metrics import METRICS_CONTENT_TYPE, METRICS_MAX_AGE_SECONDS, UN
 from tokenvault.api.validation import (
     canonical_metadata,
     check_json_structure,
+    lookup_tokens_and_epoch,
     max_json_values,
     normalize_values,
     require_item_list,
     require_members,
     validate_idempotency_key,
-    validate_lookup_epoch,
-    validate_lookup_tokens,
     validate_options,
     validate_ttl,
     validate_values,
@@ -616,10 +615,7 @@ class _Api:
     async def _detokenize(self, request: Request, principal: auth.Principal) -> Response:
         document = require_members(await self.read_json(request, body_required=True), ("tokens",),
                                    ("epoch", "include_metadata"))
-        tokens = validate_lookup_tokens(require_item_list(document, "tokens", self.limits))
-        if "epoch" in document and document["epoch"] is None:
-            raise InvalidRequest("'epoch' must be an integer when given")
-        epoch = validate_lookup_epoch(document.get("epoch"))
+        tokens, epoch = lookup_tokens_and_epoch(document, self.limits)
         include_metadata = document.get("include_metadata", False)
         if not isinstance(include_metadata, bool):
             raise InvalidRequest("'include_metadata' must be true or false")

@@ -20,8 +20,7 @@ from tokenvault import auth
 from tokenvault.api.httpserver import AnyResponse, Request
 from tokenvault.api.routing import Router, path_parameter
 from tokenvault.api.responses import EMPTY_BODY, NO_STORE_HEADERS, json_response, outcome_response
-from tokenvault.api.validation import (require_item_list, require_members, validate_lookup_epoch,
-                                       validate_lookup_tokens)
+from tokenvault.api.validation import lookup_tokens_and_epoch, require_members
 from tokenvault.core.store_layout import MAX_STORED_EPOCH, MAX_TOKEN_PAGE
 from tokenvault.crypto import formats
 from tokenvault.crypto.tokens import is_token
@@ -78,10 +77,7 @@ class LifecycleRoutes:
     async def _tokens_and_epoch(self, request: Request) -> tuple[list[str], int | None]:
         """Opaque tokens, and card and digits tokens of ``"epoch"`` (default: the active one), as detokenize."""
         document = require_members(await self.api.read_json(request, body_required=True), ("tokens",), ("epoch",))
-        tokens = validate_lookup_tokens(require_item_list(document, "tokens", self.api.limits))
-        if "epoch" in document and document["epoch"] is None:
-            raise InvalidRequest("'epoch' must be an integer when given")
-        return tokens, validate_lookup_epoch(document.get("epoch"))
+        return lookup_tokens_and_epoch(document, self.api.limits)
 
     async def delete(self, request: Request) -> AnyResponse:
         principal = self.api.admit(request, auth.DELETE)

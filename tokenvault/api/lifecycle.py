@@ -319,18 +319,17 @@ class LifecycleOperations:
         return Outcome(200, result.response, False)
 
     # ------------------------------------------------------------------ forwarded
-    async def _run_forwarded_lifecycle(self, kind: str, arguments: dict[str, Any],
-                                       tokens: Callable[[dict[str, Any]], list[str]]) -> tuple[int, bytes]:
-        """A lifecycle request a backup forwarded; ``tokens`` validates a token list as the HTTP layer
-        does. Commands re-validate every other field (CommandError, a ValueError: 400)."""
-        if kind == DELETE_TOKENS:  # opaque tokens, and card and digits tokens of the epoch named
-            deleted = validate_lookup_tokens(require_item_list(arguments, "tokens", self.node.config.limits))
-            outcome = await self._delete_tokens_here(deleted, arguments["actor"],
-                                                     validate_lookup_epoch(arguments["epoch"]))
+    async def _run_forwarded_lifecycle(self, kind: str, arguments: dict[str, Any]) -> tuple[int, bytes]:
+        """A lifecycle request a backup forwarded: its tokens and epoch checked as the HTTP layer checks
+        them; commands re-validate every other field (CommandError, a ValueError: 400)."""
+        if kind in (DELETE_TOKENS, RETOKENIZE):  # opaque tokens, and card and digits tokens of the epoch named
+            # Forwarded requests always carry "epoch", null when the client named none.
+            tokens = validate_lookup_tokens(require_item_list(arguments, "tokens", self.node.config.limits))
+            epoch = validate_lookup_epoch(arguments["epoch"])
+            if kind == RETOKENIZE:
+                return 200, _json(await self._retokenize_here(tokens, epoch))
+            outcome = await self._delete_tokens_here(tokens, arguments["actor"], epoch)
             return outcome.status, outcome.body
-        if kind == RETOKENIZE:  # opaque tokens, and card and digits tokens of the epoch named
-            retokenized = validate_lookup_tokens(require_item_list(arguments, "tokens", self.node.config.limits))
-            return 200, _json(await self._retokenize_here(retokenized, validate_lookup_epoch(arguments["epoch"])))
         if kind == AUDIT_TRIM:
             if type(arguments["through_seq"]) is not int or not isinstance(arguments["through_hash"], str):
                 raise InvalidRequest("the forwarded trim is malformed")

@@ -1053,9 +1053,7 @@ class NodeService(LifecycleOperations, MembershipOperations):
         if request.kind == LIST_KEYS:
             return 200, _json(await self._list_keys_here()), ()
         if request.kind in LIFECYCLE_FORWARDED_MEMBERS:
-            status, body = await self._run_forwarded_lifecycle(
-                request.kind, arguments,
-                lambda document: validate_tokens(require_item_list(document, "tokens", limits)))
+            status, body = await self._run_forwarded_lifecycle(request.kind, arguments)
             return status, body, ()
         if request.kind in (LIST_MEMBERS, CHANGE_MEMBER):
             status, body = await self.run_forwarded_member_request(request.kind, arguments)

@@ -232,6 +232,15 @@ def validate_lookup_tokens(items: list[Any]) -> list[str]:
     return items
 
 
+def lookup_tokens_and_epoch(document: dict[str, Any], limits: ItemLimits) -> tuple[list[str], int | None]:
+    """A request body's ``tokens`` (opaque, card or digits) and its optional ``epoch``, where card and digits
+    tokens are (detokenize, delete, re-tokenize); ``"epoch": null`` is refused rather than read as absent."""
+    tokens = validate_lookup_tokens(require_item_list(document, "tokens", limits))
+    if "epoch" in document and document["epoch"] is None:
+        raise InvalidRequest("'epoch' must be an integer when given")
+    return tokens, validate_lookup_epoch(document.get("epoch"))
+
+
 def validate_lookup_epoch(epoch: object) -> int | None:
     """Detokenize's optional ``epoch`` (for card and digits tokens)."""
     return None if epoch is None else validate_epoch(epoch)

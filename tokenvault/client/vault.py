@@ -122,6 +122,14 @@ _ERROR_CLASSES: dict[int, type[ProblemError]] = {
 }
 
 
+def _tokens_document(tokens: Sequence[str], epoch: int | None) -> dict[str, Any]:
+    """The body of a request about tokens: ``epoch`` (where card and digits tokens are) only when given."""
+    document: dict[str, Any] = {"tokens": list(tokens)}
+    if epoch is not None:
+        document["epoch"] = epoch
+    return document
+
+
 @dataclass(frozen=True, slots=True)
 class TokenizeResult:
     epoch: int
@@ -372,9 +380,7 @@ class AsyncClient:
 
     async def _detokenize(self, tokens: Sequence[str], epoch: int | None, *,
                           include_metadata: bool) -> DetokenizeResult:
-        document: dict[str, Any] = {"tokens": list(tokens)}
-        if epoch is not None:
-            document["epoch"] = epoch
+        document = _tokens_document(tokens, epoch)
         if include_metadata:
             document["include_metadata"] = True
         answer = await self._request("POST", "/v1/detokenize", document, {})
@@ -415,18 +421,14 @@ class AsyncClient:
     async def delete_tokens(self, tokens: Sequence[str], *, epoch: int | None = None) -> int:
         """Remove the mappings of ``tokens`` (scope delete); returns how many existed. Deleting again is harmless.
         ``epoch``: where card and digits tokens are (default: the active epoch)."""
-        document: dict[str, Any] = {"tokens": list(tokens)}
-        if epoch is not None:
-            document["epoch"] = epoch
+        document = _tokens_document(tokens, epoch)
         answer = await self._request("POST", "/v1/tokens/delete", document, {})
         return _require_int(answer.body, "deleted")
 
     async def retokenize(self, tokens: Sequence[str], *, epoch: int | None = None) -> RetokenizeResult:
         """Each token's value tokenized in the active epoch, in its format, computed inside the vault (scope
         retokenize); ``epoch`` is where card and digits tokens are looked up (default: the active one)."""
-        document: dict[str, Any] = {"tokens": list(tokens)}
-        if epoch is not None:
-            document["epoch"] = epoch
+        document = _tokens_document(tokens, epoch)
         answer = await self._request("POST", "/v1/retokenize", document, {})
         new = answer.body.get("tokens")
         if not isinstance(new, list) or len(new) != len(tokens) or \

@@ -68,15 +68,16 @@ from tokenvault.core.store_files import (CREATING_SUFFIX, GENERATION_PREFIX, Pre
                                          remove_leftovers, remove_tree, verify_checkpoint, wal_file_bytes,
                                          wal_file_names, write_current)
 from tokenvault.core.store_layout import (
-    ACTIVE, AGE, AGE_END, FORMAT_TOKEN_END, AGE_HEADER_BYTES, API_KEY, AUDIT, AUDIT_ANCHOR_KEY, AUDIT_END, AUDIT_HEAD_KEY, AUDIT_KIND,
-    BLOCK_CACHE_BYTES, CREATE_KEY_KIND, EXPIRY, EXPIRY_END, IDEMPOTENCY, LIFE, LIFE_END, MAX_API_KEYS, MAX_AUDIT_PAGE,
-    MAX_STORED_EPOCH, MAX_TOKEN_PAGE, MEMBERSHIP_KEY, META_KEY, NO_RECORDS, RETIRED, REVOKE_KEY_KIND, ROTATE_KIND,
-    SHRED_POINT_RANGES, TOKEN, TOKENIZE_KIND, U64, UNKNOWN_NODE, VERIFY_CACHE_BYTES, ApplyResult, EpochRecord,
-    IdempotencyRecord, Outcome, SnapshotRejected, StoreCorruption, StoreDamaged, StoreError, age_created_at, age_key, api_key_value,
-    bounded, check_epochs, damage, database_options, decode_epoch, decode_life, decode_meta, encode_meta, epoch_key,
-    first_key, format_token_key, identity_key, json_bytes, lookup_format_tokens, lookup_opaque, metadata_rows,
-    open_database, pack, range_items, range_keys, read_api_keys, read_audit_anchor, read_audit_head, read_epochs,
-    read_membership, reason, token_key, unpack, life_rows)
+    ACTIVE, AGE, AGE_END, AGE_HEADER_BYTES, API_KEY, AUDIT, AUDIT_ANCHOR_KEY, AUDIT_END, AUDIT_HEAD_KEY, AUDIT_KIND,
+    BLOCK_CACHE_BYTES, CREATE_KEY_KIND, EXPIRY, EXPIRY_END, FORMAT_TOKEN_END, IDEMPOTENCY, LIFE, LIFE_END,
+    MAX_API_KEYS, MAX_AUDIT_PAGE, MAX_STORED_EPOCH, MAX_TOKEN_PAGE, MEMBERSHIP_KEY, META_KEY, NO_RECORDS, RETIRED,
+    REVOKE_KEY_KIND, ROTATE_KIND, SHRED_POINT_RANGES, TOKEN, TOKENIZE_KIND, U64, UNKNOWN_NODE, VERIFY_CACHE_BYTES,
+    ApplyResult, EpochRecord, IdempotencyRecord, Outcome, SnapshotRejected, StoreCorruption, StoreDamaged, StoreError,
+    age_created_at, age_key, api_key_value, bounded, check_epochs, damage, database_options, decode_epoch,
+    decode_life, decode_meta, encode_meta, epoch_key, first_key, format_token_key, identity_key, is_digit_string,
+    json_bytes, life_rows, lookup_format_tokens, lookup_opaque, metadata_rows, open_database, pack, range_items,
+    range_keys, read_api_keys, read_audit_anchor, read_audit_head, read_epochs, read_membership, reason, token_key,
+    unpack)
 from tokenvault.core.store_lifecycle import (Batch, add_tokens, append_audit, apply_audit_trim, apply_delete,
                                              apply_destroy, apply_mappings, apply_purge_expired)
 from tokenvault.core.wal import fsync_directory
@@ -502,7 +503,7 @@ class VaultStore:
         format_end = format_token_key(epoch + 1, "") if epoch < MAX_STORED_EPOCH else FORMAT_TOKEN_END
         if after is None:
             ranges = [(prefix, opaque_end), (format_start, format_end)]
-        elif after.isdigit():  # a card or digits token: its group is the second
+        elif is_digit_string(after):  # a card or digits token: its group is the second
             ranges = [(max(format_start, format_token_key(epoch, after) + b"\x00"), format_end)]
         else:
             ranges = [(max(prefix, token_key(after) + b"\x00"), opaque_end), (format_start, format_end)]

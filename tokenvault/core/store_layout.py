@@ -252,10 +252,16 @@ def format_token_key(epoch: int, token: str) -> bytes:
     return FORMAT_TOKEN + U32.pack(epoch) + token.encode("ascii")
 
 
+def is_digit_string(text: str) -> bool:
+    """ASCII digits only: how a card or digits token is told from an opaque one in the store (``str.isdigit``
+    alone also takes other scripts' digits, which a format token's key cannot hold)."""
+    return text.isascii() and text.isdigit()
+
+
 def mapping_key(token: str, format_epoch: int | None) -> bytes | None:
     """The row of a token named in a delete: an opaque token's, or (a digit string) a card or digits token's
     of ``format_epoch``; None for a digit string when no epoch is given."""
-    if not token.isdigit():
+    if not is_digit_string(token):
         return token_key(token)
     return None if format_epoch is None else format_token_key(format_epoch, token)
 
@@ -595,19 +601,8 @@ def metadata_rows(database: Rdict, epoch: int | None, tokens: Sequence[str], *, 
     """The metadata ciphertexts in ``database`` of the mappings among ``tokens`` that have metadata:
     opaque tokens when ``epoch`` is None, else card and digits tokens of ``epoch`` (VaultStore.metadata).
     Metadata lives in a mapping's life row, so a store without life rows has none."""
-    unique = list(dict.fromkeys(tokens))
-    if not unique or not has_life:
-        return {}
-    if epoch is None:
-        keys = [LIFE + token_key(token) for token in unique]
-    else:
-        keys = [LIFE + format_token_key(epoch, token) for token in unique]
-    found = {}
-    for token, value in zip(unique, multi_get(database, keys)):
-        metadata = decode_life(value)[1]
-        if metadata is not None:
-            found[token] = metadata
-    return found
+    return {token: metadata for token, (_, metadata) in life_rows(database, epoch, tokens, has_life=has_life).items()
+            if metadata is not None}
 
 
 def life_rows(database: Rdict, epoch: int | None, tokens: Sequence[str], *,

@@ -103,7 +103,7 @@ class IncarnationChanged(HandshakeError):
     """A member came back in another life of its data directory (tokenvault/core/incarnations.py)."""
 
 
-class RefusedByPeer(HandshakeError):
+class RefusedByPeer(Exception):
     """The other side refused this node (HelloRefused), and said why."""
 
 
@@ -388,13 +388,15 @@ class PeerTransport:
         expected = _proof(self._secret, my_nonce, peer.node_id, self.node_id, hello.incarnation)
         if not hmac.compare_digest(expected, proof.mac):
             raise HandshakeError("peer failed to prove the cluster secret")
+        our_proof = encode_frame(HelloProof(node_id=self.node_id, mac=_proof(
+            self._secret, hello.nonce, self.node_id, peer.node_id, self._incarnation)))
         try:
             self._check_incarnation(peer.node_id, hello.incarnation)
         except IncarnationChanged:
-            await self._send_refusal(writer)  # in place of our proof: the acceptor's log says why
+            # Our proof first, so that the acceptor takes the refusal from a member, not from anyone.
+            await self._send_refusal(writer, our_proof)
             raise
-        writer.write(encode_frame(HelloProof(node_id=self.node_id, mac=_proof(
-            self._secret, hello.nonce, self.node_id, peer.node_id, self._incarnation))))
+        writer.write(our_proof)
         await writer.drain()
 
     # ----------------------------------------------------------------- accepting
@@ -448,9 +450,6 @@ class PeerTransport:
         await writer.drain()
         # The dialer sends nothing after Hello until it has our proof, so the next frame must be its proof.
         proof = await _read_handshake_frame(reader, decoder)
-        if isinstance(proof, HelloRefused):
-            self._note_refusal(hello.node_id, proof.reason)
-            raise RefusedByPeer(f"{hello.node_id} refused this node")
         expected = _proof(self._secret, my_nonce, hello.node_id, self.node_id, hello.incarnation)
         if not isinstance(proof, HelloProof) or not hmac.compare_digest(expected, proof.mac):
             raise HandshakeError("peer failed to prove the cluster secret")
@@ -461,10 +460,12 @@ class PeerTransport:
             raise
         return hello.node_id
 
-    async def _send_refusal(self, writer: asyncio.StreamWriter) -> None:
-        """Tell a member refused for its incarnation why, and wait until that has left this process (the
-        connection is aborted next, which would drop what is still buffered)."""
-        writer.write(encode_frame(HelloRefused(node_id=self.node_id, reason=INCARNATION_REFUSAL)))
+    async def _send_refusal(self, writer: asyncio.StreamWriter, before: bytes = b"") -> None:
+        """Tell a member refused for its incarnation why, once this side has proved itself (``before``: a
+        dialer's proof), and wait until that has left this process (the connection is aborted next, which
+        would drop what is still buffered). The other side reads it as its first frame after the handshake,
+        from an authenticated peer."""
+        writer.write(before + encode_frame(HelloRefused(node_id=self.node_id, reason=INCARNATION_REFUSAL)))
         writer.transport.set_write_buffer_limits(high=0)
         with contextlib.suppress(ConnectionError, OSError):
             await writer.drain()
@@ -517,7 +518,7 @@ class PeerTransport:
                     break
                 self.last_seen_monotonic[peer_id] = time.monotonic()
                 for message in connection.decoder.feed(data):
-                    if isinstance(message, HelloRefused):  # in place of a first frame: our proof was refused
+                    if isinstance(message, HelloRefused):  # the first frame: the peer refuses this node
                         self._note_refusal(peer_id, message.reason)
                         raise RefusedByPeer(f"{peer_id} refused this node")
                     self._deliver(peer_id, message)

@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
+import uvloop
 from _http_checks import check_problem
 
 from tokenvault.api.http import TOO_MANY_CONNECTIONS_RESPONSE, problem_response
 from tokenvault.api.httpserver import (MAX_HEAD_BYTES, MAX_HEADERS, MAX_LINE_BYTES, MAX_PIPELINED, BodyError,
                                        BodyTooLarge, HttpServer, Request, Response)
+from tokenvault.crypto.tls import ClusterTlsFiles, create_cluster_tls, http_client_context, http_server_context
 
 DEADLINE_SECONDS = 10.0
 MARK = "ECHO-mark-5d1f"
@@ -372,3 +375,103 @@ def test_a_whole_encoding_read_piece_by_piece_ends_cleanly() -> None:
     request.feed_eof()
     assert first + request.read_nowait() == b"w" * 5000
     assert request.read_nowait() == b"" and request.at_eof()
+
+
+# ---------------------------------------------------------------- TLS connections and the cap
+# Run on both event loops the node may run on: the server runs its TLS handshakes itself, and the two
+# loops differ in when an accepted socket starts reading.
+LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> ClusterTlsFiles:
+    return create_cluster_tls(tmp_path_factory.mktemp("http-tls") / "tls", {"n1": ["127.0.0.1"]})
+
+
+async def _until(condition: Callable[[], bool], what: str) -> None:
+    deadline = asyncio.get_running_loop().time() + DEADLINE_SECONDS
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, what
+        await asyncio.sleep(0.01)
+
+
+async def _tls_get(address: tuple[str, int], tls_files: ClusterTlsFiles, path: str) -> bytes:
+    """One request over TLS on a fresh connection: the bytes answered, or the error that ended it."""
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(
+            *address, ssl=http_client_context(tls_files.ca_cert_file)), DEADLINE_SECONDS)
+    except (ssl.SSLError, ConnectionError) as error:
+        return f"error: {type(error).__name__}".encode()
+    try:
+        writer.write(get(path, close=True))
+        return await asyncio.wait_for(reader.read(), DEADLINE_SECONDS)
+    finally:
+        writer.close()
+
+
+def _tls_server(tls_files: ClusterTlsFiles) -> tuple[EchoApp, HttpServer, list[int], ssl.SSLContext]:
+    app = EchoApp()
+    refused: list[int] = []
+    server = HttpServer(app, on_refused=lambda: refused.append(1))
+    return app, server, refused, http_server_context(tls_files.nodes["n1"])
+
+
+@pytest.mark.parametrize("loop_name", sorted(LOOPS))
+def test_tls_connections_in_their_handshake_count_against_the_cap(tls_files: ClusterTlsFiles,
+                                                                  loop_name: str) -> None:
+    """The module docstring: over TLS a connection counts from its accept, so sockets that never finish
+    a handshake hold at most ``max_connections`` slots; one more is closed with no handshake, and a
+    handshake that fails (plain HTTP on the TLS port) or ends stops counting."""
+    async def scenario() -> None:
+        app, server, refused, context = _tls_server(tls_files)
+        await server.start("127.0.0.1", 0, ssl_context=context)
+        address = server.addresses[0][:2]
+        try:
+            assert b"HTTP/1.1 200" in await _tls_get(address, tls_files, "/first")
+            await _until(lambda: not server.connections, "the first connection's close was never seen")
+            silent = [await asyncio.open_connection(*address) for _ in range(app.max_connections)]
+            await _until(lambda: len(server.connections) == app.max_connections,
+                         f"{len(server.connections)} of {app.max_connections} handshaking sockets counted")
+            over = await _tls_get(address, tls_files, "/over")
+            assert over.startswith(b"error: ") or over == b"", over  # closed before any handshake
+            assert refused and len(server.connections) == app.max_connections
+            plain_reader, plain_writer = silent[0]
+            plain_writer.write(get("/plain"))  # not a ClientHello: that handshake fails
+            assert await asyncio.wait_for(plain_reader.read(), DEADLINE_SECONDS) == b""
+            await _until(lambda: len(server.connections) == app.max_connections - 1,
+                         "a failed handshake still counts")
+            assert b"HTTP/1.1 200" in await _tls_get(address, tls_files, "/again")
+            for _, writer in silent[1:]:
+                writer.close()
+            await _until(lambda: not server.connections, "closed handshakes still count")
+        finally:
+            await server.close(0)
+
+    with asyncio.Runner(loop_factory=LOOPS[loop_name]) as runner:
+        runner.run(scenario())
+
+
+@pytest.mark.parametrize("loop_name", sorted(LOOPS))
+def test_a_tls_handshake_is_bounded_by_the_header_timeout_and_cut_by_close(tls_files: ClusterTlsFiles,
+                                                                          loop_name: str) -> None:
+    async def scenario() -> None:
+        app, server, _, context = _tls_server(tls_files)
+        app.header_timeout_seconds = 0.3
+        await server.start("127.0.0.1", 0, ssl_context=context)
+        address = server.addresses[0][:2]
+        reader, writer = await asyncio.open_connection(*address)
+        started = asyncio.get_running_loop().time()
+        assert await asyncio.wait_for(reader.read(), DEADLINE_SECONDS) == b""
+        assert asyncio.get_running_loop().time() - started >= app.header_timeout_seconds
+        await _until(lambda: not server.connections, "a timed-out handshake still counts")
+        writer.close()
+        app.header_timeout_seconds = DEADLINE_SECONDS
+        reader, writer = await asyncio.open_connection(*address)
+        await _until(lambda: len(server.connections) == 1, "the handshaking socket was not counted")
+        await asyncio.wait_for(server.close(0), DEADLINE_SECONDS)
+        assert await asyncio.wait_for(reader.read(), DEADLINE_SECONDS) == b""  # close cut the handshake
+        assert not server.connections and not server.addresses
+        writer.close()
+
+    with asyncio.Runner(loop_factory=LOOPS[loop_name]) as runner:
+        runner.run(scenario())

@@ -943,3 +943,120 @@ def test_the_replicate_window_opens_at_one_and_doubles_with_each_acknowledgement
         progress.acknowledge(index)
     assert progress.window == MAX_WINDOW
 
+
+
+# ---------------------------------------------------------------------------- flow control: stalls, commit batches
+
+
+def _primary_with_open_window(cluster: Cluster) -> tuple[Replica, int]:
+    """n1 primary, n2 in REPLICATE with a window of several appends; ticked up to a heartbeat just sent."""
+    cluster.elect("n1")
+    primary = cluster.primary()
+    for number in range(4):  # each acknowledgement doubles the window: 16 appends after these
+        primary.propose(b"w%d" % number)
+        cluster.settle()
+    for _ in range(primary.config.heartbeat_interval_ticks):
+        if any(isinstance(message, Heartbeat) for _, message in _tick_primary_only(cluster, primary)):
+            return primary, primary.progress()["n2"][0]
+    raise AssertionError("no heartbeat within one heartbeat interval")
+
+
+def _tick_primary_only(cluster: Cluster, primary: Replica) -> list[tuple[str, object]]:
+    """One tick of the primary; what it sends to n2 in that tick (before delivery), then everything settles."""
+    primary.tick()
+    cluster.process("n1")
+    sent = [(source, message) for source, destination, message in cluster.queue if destination == "n2"]
+    cluster.settle()
+    return sent
+
+
+def test_a_pipelined_stream_with_no_progress_for_two_heartbeat_intervals_falls_back_to_probe() -> None:
+    """docs/replication.md, flow control: three pipelined appends to n2 are lost. The primary resends
+    nothing at the first heartbeat after them, and at the second it probes: one append from n2's match
+    index, although three entries wait and the window had let three go at once."""
+    cluster = Cluster(3, max_entries_per_message=1)
+    primary, match = _primary_with_open_window(cluster)
+    interval = primary.config.heartbeat_interval_ticks
+    backup = cluster.nodes["n2"].replica
+    deliver, losing = backup.step, [True]
+
+    def lossy_step(sender: str, message) -> None:
+        if not (losing[0] and isinstance(message, AppendEntries)):
+            deliver(sender, message)
+
+    backup.step = lossy_step
+    for payload in (b"a", b"b", b"c"):
+        primary.propose(payload)
+    cluster.process("n1")
+    lost = [message for _, destination, message in cluster.queue
+            if destination == "n2" and isinstance(message, AppendEntries)]
+    assert [message.prev_index for message in lost] == [match, match + 1, match + 2], "pipelined: all in flight"
+    cluster.settle()
+    assert backup.last_index == match and primary.commit_index == match + 3, "n3 acknowledged them"
+    losing[0] = False
+    for tick in range(1, 2 * interval):
+        appends = [message for _, message in _tick_primary_only(cluster, primary)
+                   if isinstance(message, AppendEntries)]
+        assert appends == [], f"resent after {tick} ticks, before two heartbeat intervals"
+    primary.tick()  # the second heartbeat since the appends were lost
+    cluster.process("n1")
+    appends = [message for _, destination, message in cluster.queue
+               if destination == "n2" and isinstance(message, AppendEntries)]
+    assert len(appends) == 1, "PROBE: one append at a time"
+    assert appends[0].prev_index == match and appends[0].entries[0].index == match + 1
+    # A probe leaves next_index where it is until it is answered (a pipelined append would move it on).
+    assert primary.progress()["n2"] == (match, match + 1)
+    cluster.settle()
+    assert backup.last_index == primary.last_index, "the probe succeeded and the stream resumed"
+
+
+def test_a_stalled_stream_counts_only_consecutive_heartbeat_intervals_without_progress() -> None:
+    """Appends to n2 are held, not lost: a quiet interval, then one acknowledgement, then a quiet interval
+    is not two intervals without progress; the stream is restarted only after the next quiet one."""
+    cluster = Cluster(3, max_entries_per_message=1)
+    primary, match = _primary_with_open_window(cluster)
+    interval = primary.config.heartbeat_interval_ticks
+    backup = cluster.nodes["n2"].replica
+    deliver, held = backup.step, []
+
+    def holding_step(sender: str, message) -> None:
+        if isinstance(message, AppendEntries):
+            held.append((sender, message))
+        else:
+            deliver(sender, message)
+
+    backup.step = holding_step
+    for payload in (b"a", b"b", b"c"):
+        primary.propose(payload)
+    cluster.settle()
+    assert len(held) == 3 and backup.last_index == match
+
+    def heartbeat_interval() -> list[AppendEntries]:
+        sent = []
+        for _ in range(interval):
+            sent += [message for _, message in _tick_primary_only(cluster, primary)
+                     if isinstance(message, AppendEntries)]
+        return sent
+
+    assert heartbeat_interval() == []  # quiet
+    deliver(*held.pop(0))  # one append arrives late: progress
+    cluster.settle()
+    assert primary.progress()["n2"][0] == match + 1
+    assert heartbeat_interval() == []  # progress made in this interval
+    assert heartbeat_interval() == [], "one quiet interval after progress is not a stall"
+    resent = heartbeat_interval()  # the second quiet interval in a row
+    assert [(message.prev_index, len(message.entries)) for message in resent] == [(match + 1, 1)]
+
+
+def test_committed_entries_reach_the_driver_in_order_in_batches_of_at_most_the_configured_count() -> None:
+    """docs/replication.md: Ready.committed hands committed entries over in order, at most
+    max_committed_entries_per_ready per Ready, however far the commit index jumps at once."""
+    backup = make_replica("n2", ("n1", "n2", "n3"), max_committed_entries_per_ready=3)
+    entries = tuple([Entry(1, 1, EntryKind.NOOP, b"")] + [Entry(i, 1, EntryKind.COMMAND, b"c%d" % i)
+                                                           for i in range(2, 11)])
+    backup.step("n1", AppendEntries(view=1, prev_index=0, prev_view=0, commit_index=10, entries=entries))
+    assert backup.commit_index == 10
+    readies = drain(backup)
+    assert [[entry.index for entry in ready.committed] for ready in readies if ready.committed] == [
+        [1, 2, 3], [4, 5, 6], [7, 8, 9], [10]]
+    assert [entry.payload for entry in committed(readies)] == [entry.payload for entry in entries]

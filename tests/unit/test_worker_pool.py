@@ -1,7 +1,9 @@
-"""The core's worker pool (tokenvault.api.workers): the listening sockets it makes for its workers."""
+"""The core's worker pool (tokenvault.api.workers): the listening sockets it makes for its workers,
+and the back-off before it starts a dead worker again."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from pathlib import Path
 from types import SimpleNamespace
@@ -9,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from node_support import free_ports
+from node_support import free_ports, wait_until
+from tokenvault.api import workers as workers_module
 from tokenvault.api.workers import WorkerPool, WorkerStartError
 
 
@@ -74,3 +77,131 @@ def test_the_default_worker_count_is_the_usable_cores_minus_one_and_at_least_one
         monkeypatch.setattr(workers_module.os, "sched_getaffinity", lambda pid, n=cores: set(range(n)))
         assert workers_module.default_worker_count() == expected
 
+
+
+# ---------------------------------------------------------------- restarts: the back-off, on a fake clock
+
+
+class _FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class _FakeProcess:
+    """A worker process that dies when the test says so."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+        self._exited = asyncio.Event()
+
+    async def wait(self) -> int:
+        await self._exited.wait()
+        assert self.returncode is not None
+        return self.returncode
+
+    def exit(self, code: int) -> None:
+        self.returncode = code
+        self._exited.set()
+
+    def kill(self) -> None:
+        self.exit(-9)
+
+    def send_signal(self, signal_number: int) -> None:
+        self.exit(-signal_number)
+
+
+class _FakeChannel:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.closed = asyncio.Event()
+
+    def start(self) -> "_FakeChannel":
+        return self
+
+    def push(self, topic: str, payload: object) -> None:
+        pass
+
+    async def close(self) -> None:
+        self.closed.set()
+
+
+class _PoolAsyncio:
+    """asyncio as tokenvault.api.workers sees it: a sleep only advances the fake clock (and is
+    recorded), and a worker process is a _FakeProcess; everything else is the real module."""
+
+    def __init__(self, clock: _FakeClock) -> None:
+        self.clock = clock
+        self.sleeps: list[float] = []
+        self.processes: list[_FakeProcess] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(asyncio, name)
+
+    async def sleep(self, delay: float) -> None:
+        self.sleeps.append(delay)
+        self.clock.now += delay
+        await asyncio.sleep(0)
+
+    async def create_subprocess_exec(self, *args: Any, **kwargs: Any) -> _FakeProcess:
+        process = _FakeProcess(pid=10_000 + len(self.processes))
+        self.processes.append(process)
+        return process
+
+    async def open_unix_connection(self, sock: socket.socket) -> tuple[None, None]:
+        sock.close()
+        return None, None
+
+
+async def test_a_dead_worker_is_started_again_after_0_1_0_5_1_2_then_5_s_and_afresh_once_one_ran_10_s(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/architecture.md, "Failure": the back-off before a dead worker's successor starts is 0.1, 0.5,
+    1, 2, then 5 s for each death in a row, and starts afresh once a worker has run 10 s. The pool's own
+    _spawn and _supervise run; only the process, its channel, the clock and the sleeps are fakes."""
+    clock = _FakeClock()
+    fake_asyncio = _PoolAsyncio(clock)
+    monkeypatch.setattr(workers_module, "asyncio", fake_asyncio)
+    monkeypatch.setattr(workers_module, "time", SimpleNamespace(monotonic=clock))
+    monkeypatch.setattr(workers_module, "Channel", _FakeChannel)
+    calls: Any = SimpleNamespace(handlers={}, api_key_rows=lambda: [], active_epoch_keys=lambda: [])
+    workers = WorkerPool(Path("node.toml"), 1, calls, max_body_bytes=1024, host="127.0.0.1", port=0)
+    monkeypatch.setattr(workers, "_listen", socket.socket)  # an unbound socket: nothing listens
+    slot = workers._slots[0]
+    await workers._spawn(slot)
+    supervisor = asyncio.get_running_loop().create_task(workers._supervise(slot))
+
+    async def back_off_after_a_death(ran_seconds: float) -> list[float]:
+        """The running worker dies after ``ran_seconds``; the sleeps before its successor started."""
+        clock.now += ran_seconds
+        spawned, slept = len(fake_asyncio.processes), len(fake_asyncio.sleeps)
+        fake_asyncio.processes[-1].exit(1)
+        await wait_until(lambda: len(fake_asyncio.processes) > spawned, 5.0, "the worker to be started again")
+        assert slot.process is fake_asyncio.processes[-1] and slot.process.returncode is None
+        return fake_asyncio.sleeps[slept:]
+
+    try:
+        # The first death since the node started, within the worker's first 10 s: the first step.
+        assert await back_off_after_a_death(1.0) == [0.1]
+        assert [await back_off_after_a_death(1.0) for _ in range(6)] == [[0.5], [1.0], [2.0], [5.0], [5.0], [5.0]]
+        assert await back_off_after_a_death(12.0) == [0.1]  # it had run 10 s: the first death in a row
+        assert await back_off_after_a_death(10.0) == [0.1]  # a worker that ran 10 s: afresh
+        assert await back_off_after_a_death(9.9) == [0.5]   # 9.9 s is not 10: still in a row
+        assert await back_off_after_a_death(0.0) == [1.0]
+        assert await back_off_after_a_death(60.0) == [0.1]
+        # A start that fails (the port taken meanwhile) counts as one more in the row.
+        listen = workers._listen
+        refusals = [WorkerStartError("cannot listen: taken")]
+
+        def listen_once_refused() -> socket.socket:
+            if refusals:
+                raise refusals.pop()
+            return listen()
+
+        monkeypatch.setattr(workers, "_listen", listen_once_refused)
+        assert await back_off_after_a_death(60.0) == [0.1, 0.5]
+        assert await back_off_after_a_death(1.0) == [1.0]
+    finally:
+        await workers.close(grace_seconds=1.0)
+        await asyncio.gather(supervisor, return_exceptions=True)  # cancelled by close()

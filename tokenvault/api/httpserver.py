@@ -7,12 +7,19 @@ of CPU per request even without its application layer, this server 18-22, a
 bare protocol on the same parser 8 (``bench/http_floor.py``), and a worker
 spends all its time on requests. What the server does, and its bounds:
 
-- **Connections.** At most ``max_connections`` open at once; one more is
-  answered ``503`` (problem+json) and closed as soon as it is accepted. A
+- **Connections.** At most ``max_connections`` open at once, each counted
+  from its accept: over TLS the server accepts the socket itself and only
+  then runs the handshake, so connections still in their handshake count
+  too (the event loop's own TLS server would hold any number of them,
+  uncounted). One more is answered ``503`` (problem+json) and closed as soon
+  as it is accepted; over TLS it is closed at once with no handshake (an
+  answer would cost the handshake that the bound is there to refuse). A TLS
+  handshake must be done within ``header_timeout_seconds`` of the accept. A
   connection must deliver a request's headers within
-  ``header_timeout_seconds`` of opening or of its previous response, or it is
-  closed (an idle keep-alive connection is one waiting for headers); a request
-  being handled is never cut off by it. Keep-alive follows HTTP/1.1 (and
+  ``header_timeout_seconds`` of opening (of its handshake's end, over TLS) or
+  of its previous response, or it is closed (an idle keep-alive connection
+  is one waiting for headers); a request being handled is never cut off by
+  it. Keep-alive follows HTTP/1.1 (and
   HTTP/1.0's ``Connection: keep-alive``).
 - **Hostile bytes.** A request line over ``MAX_LINE_BYTES``, a header line over
   ``MAX_LINE_BYTES``, more than ``MAX_HEADERS`` headers or a header block over
@@ -50,6 +57,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import email.utils
+import errno
 import re
 import socket
 import ssl
@@ -73,6 +81,11 @@ MAX_HEAD_BYTES = 64 * 1024
 READ_AHEAD_BYTES = 64 * 1024
 MAX_PIPELINED = 64
 LINGER_SECONDS = 1.0
+LISTEN_BACKLOG = 1024  # connections a listening socket queues before they are accepted
+# accept() failing for want of descriptors or memory: wait this long before the next, as asyncio's
+# own servers do, rather than spin (the connections already open go on being served).
+ACCEPT_RETRY_SECONDS = 1.0
+_ACCEPT_RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 HttpVersion = tuple[int, int]
 HTTP_11: HttpVersion = (1, 1)
 
@@ -410,9 +423,10 @@ class _Refused(Exception):
 class _Connection(asyncio.Protocol):
     """One client connection: parses its requests and answers them in order."""
 
-    def __init__(self, server: HttpServer) -> None:
+    def __init__(self, server: HttpServer, *, admitted: bool = False) -> None:
         self.server = server
         self.transport: asyncio.Transport | None = None
+        self._admitted = admitted  # counted at accept, before its TLS handshake (HttpServer._admit_tls)
         self._parser = httptools.HttpRequestParser(self)
         self._queue: collections.deque[Request | _Refused] = collections.deque()
         self._parsing: Request | None = None
@@ -436,7 +450,7 @@ class _Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not its subclasses
         server = self.server
-        refuse = len(server.connections) >= server.app.max_connections
+        refuse = not self._admitted and len(server.connections) >= server.app.max_connections
         server.connections.add(self)
         if refuse:
             server.note_refused()
@@ -745,6 +759,8 @@ class HttpServer:
         self.app = app
         self.connections: set[_Connection] = set()
         self._servers: list[asyncio.AbstractServer] = []
+        self._tls_listeners: list[tuple[socket.socket, asyncio.Task[None]]] = []
+        self._handshakes: set[asyncio.Task[None]] = set()
         self._on_refused = on_refused
         self._on_malformed = on_malformed
 
@@ -759,34 +775,81 @@ class HttpServer:
     def _protocol(self) -> _Connection:
         return _Connection(self)
 
-    def _handshake_timeout(self, ssl_context: ssl.SSLContext | None) -> float | None:
-        """A TLS connection becomes a connection of this server (counted against max_connections, its
-        header timer started) only once its handshake is done: until then the event loop's own bound
-        applies, 60 s by default. A client that opens a connection and never finishes the handshake
-        gets the header timeout instead."""
-        return self.app.header_timeout_seconds if ssl_context is not None else None
-
     async def start(self, host: str, port: int, *, ssl_context: ssl.SSLContext | None = None,
                     reuse_address: bool = True) -> None:
+        if ssl_context is not None:
+            await self.start_on_socket(listening_socket(host, port), ssl_context=ssl_context)
+            return
         server = await asyncio.get_running_loop().create_server(
-            self._protocol, host, port, ssl=ssl_context, reuse_address=reuse_address,
-            ssl_handshake_timeout=self._handshake_timeout(ssl_context))
+            self._protocol, host, port, reuse_address=reuse_address)
         self._servers.append(server)
 
     async def start_on_socket(self, sock: socket.socket, *, ssl_context: ssl.SSLContext | None = None) -> None:
-        server = await asyncio.get_running_loop().create_server(
-            self._protocol, sock=sock, ssl=ssl_context, ssl_handshake_timeout=self._handshake_timeout(ssl_context))
-        self._servers.append(server)
+        if ssl_context is None:
+            self._servers.append(await asyncio.get_running_loop().create_server(self._protocol, sock=sock))
+            return
+        sock.setblocking(False)
+        self._tls_listeners.append((sock, asyncio.ensure_future(self._accept_tls(sock, ssl_context))))
+
+    async def _accept_tls(self, listener: socket.socket, context: ssl.SSLContext) -> None:
+        """Accept TLS connections on ``listener`` one by one, each counted before its handshake."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                client, _ = await loop.sock_accept(listener)
+            except OSError as error:
+                if listener.fileno() < 0:
+                    return  # closed by stop_listening
+                if error.errno in _ACCEPT_RESOURCE_ERRORS:
+                    _log.error("http.accept_failed", reason=error.strerror, retry_seconds=ACCEPT_RETRY_SECONDS)
+                    await asyncio.sleep(ACCEPT_RETRY_SECONDS)
+                continue  # a connection reset before it was accepted, and the like: that client's alone
+            self._admit_tls(client, context)
+
+    def _admit_tls(self, client: socket.socket, context: ssl.SSLContext) -> None:
+        if len(self.connections) >= self.app.max_connections:
+            self.note_refused()
+            client.close()
+            return
+        connection = _Connection(self, admitted=True)
+        self.connections.add(connection)
+        task = asyncio.ensure_future(self._handshake(connection, client, context))
+        self._handshakes.add(task)
+        task.add_done_callback(self._handshakes.discard)
+
+    async def _handshake(self, connection: _Connection, client: socket.socket, context: ssl.SSLContext) -> None:
+        """The server side of one TLS handshake, bounded by the header timeout. Done, the connection
+        is made (``connection_made``, with the decrypted stream); failed, timed out or cancelled, the
+        event loop closes the socket and the connection stops counting."""
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(
+                lambda: connection, client, ssl=context, ssl_handshake_timeout=self.app.header_timeout_seconds)
+        except asyncio.CancelledError:  # stop_listening
+            self._drop_unmade(connection)
+            raise
+        except Exception:  # a client's failed or timed-out handshake (any error): that client's alone
+            self._drop_unmade(connection)
+
+    def _drop_unmade(self, connection: _Connection) -> None:
+        if connection.transport is None:
+            self.connections.discard(connection)
 
     @property
     def addresses(self) -> list[Any]:
         return [sock.getsockname() for server in self._servers
-                for sock in (getattr(server, "sockets", None) or ())]
+                for sock in (getattr(server, "sockets", None) or ())] + [
+                    sock.getsockname() for sock, _ in self._tls_listeners if sock.fileno() >= 0]
 
     def stop_listening(self) -> None:
         for server in self._servers:
             server.close()
         self._servers = []
+        for sock, task in self._tls_listeners:
+            task.cancel()
+            sock.close()
+        self._tls_listeners = []
+        for handshake in list(self._handshakes):
+            handshake.cancel()
 
     async def close(self, timeout_seconds: float) -> None:
         """Stop listening, close idle connections, give requests being answered ``timeout_seconds`` to
@@ -802,3 +865,22 @@ class HttpServer:
             await asyncio.sleep(0.01)
         for connection in list(self.connections):
             connection.abort()
+
+
+def listening_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
+    """A listening TCP socket on ``host:port`` (its first address), ``SO_REUSEADDR`` set, and
+    ``SO_REUSEPORT`` where ``reuse_port`` (the node's HTTP workers share one port that way). Raises
+    ``OSError``."""
+    family, kind, protocol, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    listener = socket.socket(family, kind, protocol)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        listener.bind(address)
+        listener.listen(LISTEN_BACKLOG)
+    except OSError:
+        listener.close()
+        raise
+    return listener

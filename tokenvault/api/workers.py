@@ -34,6 +34,7 @@ from pathlib import Path
 
 from tokenvault.api.channel import Channel, max_frame_bytes
 from tokenvault.api.core_calls import CoreCalls
+from tokenvault.api.httpserver import listening_socket
 from tokenvault.api.remote import CATCH_UP_TOPIC, EPOCH_TOPIC, KEYS_TOPIC, TLS_TOPIC
 from tokenvault.core.sealer import child_environment
 from tokenvault.logs import get_logger
@@ -48,9 +49,6 @@ HEALTHY_RUN_SECONDS = 10.0
 
 class WorkerStartError(Exception):
     """A worker could not start (its port taken, its certificate unreadable): the node refuses to start."""
-
-# Connections one worker's socket queues before its worker accepts them.
-LISTEN_BACKLOG = 1024
 
 
 def default_worker_count() -> int:
@@ -69,7 +67,7 @@ class _Slot:
     channel: Channel | None = None
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     started_at: float = 0.0
-    failures: int = 0
+    failures: int = 0  # deaths and failed starts in a row (reset by a run of HEALTHY_RUN_SECONDS)
     listener: socket.socket | None = None
 
 
@@ -159,20 +157,9 @@ class WorkerPool:
     def _listen(self) -> socket.socket:
         """One listening socket on the node's HTTP port, in the port's SO_REUSEPORT group."""
         try:
-            family, kind, protocol, _, address = socket.getaddrinfo(
-                self._host, self._port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-            listener = socket.socket(family, kind, protocol)
+            return listening_socket(self._host, self._port, reuse_port=True)
         except OSError as error:
             raise WorkerStartError(f"cannot listen on {self._host}:{self._port}: {error.strerror}") from None
-        try:
-            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            listener.bind(address)
-            listener.listen(LISTEN_BACKLOG)
-        except OSError as error:
-            listener.close()
-            raise WorkerStartError(f"cannot listen on {self._host}:{self._port}: {error.strerror}") from None
-        return listener
 
     def _close_listeners(self) -> None:
         for slot in self._slots:
@@ -224,8 +211,9 @@ class WorkerPool:
             if self._closing:
                 return
             ran = time.monotonic() - slot.started_at
-            slot.failures = 0 if ran >= HEALTHY_RUN_SECONDS else slot.failures + 1
-            delay = RESTART_BACKOFF_SECONDS[min(slot.failures, len(RESTART_BACKOFF_SECONDS) - 1)]
+            if ran >= HEALTHY_RUN_SECONDS:
+                slot.failures = 0
+            delay = self._next_backoff(slot)
             log.warning("worker.exited", index=slot.index, pid=slot.process.pid, exit_code=code,
                         ran_seconds=round(ran, 3), restart_in_seconds=delay)
             while True:
@@ -236,11 +224,18 @@ class WorkerPool:
                     await self._spawn(slot)
                     break
                 except WorkerStartError as error:  # the port taken meanwhile: again, after a longer back-off
-                    slot.failures += 1
-                    delay = RESTART_BACKOFF_SECONDS[min(slot.failures, len(RESTART_BACKOFF_SECONDS) - 1)]
+                    delay = self._next_backoff(slot)
                     log.error("worker.restart_failed", index=slot.index, reason=str(error),
                               restart_in_seconds=delay)
             log.info("worker.restarted", index=slot.index, pid=slot.process.pid)
+
+    @staticmethod
+    def _next_backoff(slot: _Slot) -> float:
+        """The wait before the next start: the schedule's step for the deaths (and failed starts) in a
+        row so far, the first one included, so a first death waits its first step."""
+        delay = RESTART_BACKOFF_SECONDS[min(slot.failures, len(RESTART_BACKOFF_SECONDS) - 1)]
+        slot.failures += 1
+        return delay
 
     async def close(self, grace_seconds: float) -> None:
         """SIGTERM every worker (each answers what it has in flight), SIGKILL what is left after the grace."""

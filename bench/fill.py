@@ -293,9 +293,11 @@ def disk_usage_bytes(directory: Path) -> int | None:
     return total
 
 
-def stall_figures(exposition: str) -> tuple[dict[float, float], float | None] | None:
-    """From a /metrics text: how many stalls exceeded each threshold so far, and the worst-of-a-minute gauge,
-    over every event loop of the node (its core and each HTTP worker's, a series each)."""
+def stall_figures(exposition: str, thresholds: Sequence[float] = STALL_THRESHOLDS_SECONDS,
+                  ) -> tuple[dict[float, float], float | None] | None:
+    """From a /metrics text: how many stalls exceeded each threshold (a bucket bound of the histogram) so
+    far, and the worst-of-a-minute gauge, over every event loop of the node (its core and each HTTP
+    worker's, a series each)."""
     buckets: dict[tuple[tuple[str, str], ...], dict[float, float]] = {}
     counts: dict[tuple[tuple[str, str], ...], float] = {}
     maxima: list[float] = []
@@ -312,7 +314,7 @@ def stall_figures(exposition: str) -> tuple[dict[float, float], float | None] | 
     if not counts:
         return None
     over = {threshold: sum(count - buckets.get(series, {}).get(threshold, count) for series, count in counts.items())
-            for threshold in STALL_THRESHOLDS_SECONDS}
+            for threshold in thresholds}
     return over, max(maxima) if maxima else None
 
 

@@ -3,7 +3,9 @@ opaque tokens (some with a TTL and metadata) and card tokens, a rotation, then t
 
     .venv/bin/python bench/migrate_rate.py --values 20000 --cards 2000 --batch-size 500
 
-Prints one line: tokens migrated, seconds, tokens per second, and how the epoch was filled. Run it from
+Prints one line: tokens migrated, seconds, tokens per second, and how the epoch was filled; then how many
+times an event loop of the cluster (a node's core or one of its HTTP workers) was held past 10, 25 and
+50 ms during the migration (tokenvault_event_loop_stall_seconds, read before and after). Run it from
 two checkouts (PYTHONPATH=<checkout>) to compare versions on one machine. It measures and prints;
 nothing asserts on its numbers.
 """
@@ -20,13 +22,17 @@ import tempfile
 import time
 from pathlib import Path
 
+from fill import SCRAPE_TIMEOUT_SECONDS, stall_figures
 from loadgen import free_ports
 
 from tokenvault.client.vault import AsyncClient
 from tokenvault.devcluster import cluster
+from tokenvault.devcluster.cluster import open_url
 
 NODES = 3
 REQUEST_ITEMS = 500
+STALL_THRESHOLDS_SECONDS = (0.01, 0.025, 0.05)  # bucket bounds of tokenvault_event_loop_stall_seconds
+METRICS_MAX_AGE_SECONDS = 1.0  # a node's /metrics page may be this old
 
 
 def _luhn_complete(partial: str) -> str:
@@ -51,6 +57,18 @@ async def _fill(client: AsyncClient, values: int, cards: int, seed: str, with_li
     numbers = [_luhn_complete(f"4{number:014d}") for number in range(cards)]
     for start in range(0, len(numbers), REQUEST_ITEMS):
         await client.tokenize(numbers[start:start + REQUEST_ITEMS], token_format="card")
+
+
+def _stalls_over(spec: cluster.ClusterSpec) -> dict[float, float]:
+    """Event-loop stalls past each threshold so far, summed over every loop of every node."""
+    total = dict.fromkeys(STALL_THRESHOLDS_SECONDS, 0.0)
+    for node in spec.nodes:
+        with open_url(node.http_url.rstrip("/") + "/metrics", SCRAPE_TIMEOUT_SECONDS, spec.ca_file) as response:
+            figures = stall_figures(response.read(16 * 1024 * 1024).decode("utf-8", "replace"),
+                                    STALL_THRESHOLDS_SECONDS)
+        for threshold, count in (figures[0] if figures is not None else {}).items():
+            total[threshold] += count
+    return total
 
 
 async def _prepare(directory: Path, arguments: argparse.Namespace) -> cluster.ClusterSpec:
@@ -82,8 +100,12 @@ async def main(arguments: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="tokenvault-migrate-bench-") as temporary:
         directory = Path(temporary) / "cluster"
         try:
-            await _prepare(directory, arguments)
+            spec = await _prepare(directory, arguments)
+            time.sleep(METRICS_MAX_AGE_SECONDS)
+            before = _stalls_over(spec)
             seconds, answer = await asyncio.to_thread(_migrate, directory, arguments.batch_size)
+            time.sleep(METRICS_MAX_AGE_SECONDS)
+            after = _stalls_over(spec)
         finally:
             if (directory / cluster.CLUSTER_FILE_NAME).exists():
                 await asyncio.to_thread(cluster.stop_cluster, directory, 10)
@@ -92,6 +114,9 @@ async def main(arguments: argparse.Namespace) -> int:
     print(f"3 nodes, epoch of {arguments.values} opaque ({life} with TTL and metadata) + {arguments.cards} card "
           f"tokens, batch {arguments.batch_size}: {migrated} migrated in {seconds:.1f} s = "
           f"{migrated / seconds:,.0f} tokens/s", flush=True)
+    print("event-loop stalls during the migration, all nodes and processes: " + ", ".join(
+        f"over {threshold * 1000:.0f} ms: {after[threshold] - before[threshold]:.0f}"
+        for threshold in STALL_THRESHOLDS_SECONDS), flush=True)
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import json
 from pathlib import Path
@@ -14,6 +15,9 @@ from node_support import Cluster, RunningNode, files_holding, make_configs, star
 from protocol import AppendEntries, ForwardRequest, ForwardResponse, Heartbeat
 from tokenvault.config import AuditConfig
 from tokenvault.core import commands
+from test_ff1 import luhn_complete
+from tokenvault.api.lifecycle import FORMAT_SLICE
+from tokenvault.crypto.formats import FormatKeys
 from tokenvault.errors import EpochActive, EpochDestroyed, NotFound, Outcome
 
 ACTOR = commands.Actor(name="admin", node="n1", request_id="r")
@@ -329,3 +333,43 @@ async def test_a_node_that_stopped_before_shredding_shreds_when_it_restarts(tmp_
         assert await restarted.service.detokenize([token]) == [None]
     finally:
         await cluster.close()
+
+
+async def test_ff1_work_leaves_the_event_loop_at_least_every_slice_in_tokenize_and_retokenize(
+        single: RunningNode, monkeypatch: pytest.MonkeyPatch) -> None:
+    """tokenvault/api/lifecycle.py: FF1 (about 15 µs a token) is computed at most FORMAT_SLICE tokens
+    between two turns of the event loop, in a card tokenize and in a re-tokenize (which classifies each
+    token, then seals its value in the new epoch), so a batch never holds the loop for all its tokens.
+    A ticker task counts the loop's turns; every FF1 token computed is stamped with the count."""
+    service = single.service
+    count = 3 * FORMAT_SLICE + 5
+    cards = [luhn_complete(f"4{index:014d}") for index in range(count)]
+    stamps: list[int] = []
+    turns = 0
+    card_token = FormatKeys.card_token
+
+    def stamped(self: FormatKeys, digits: str) -> str:
+        stamps.append(turns)
+        return card_token(self, digits)
+
+    async def ticker() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await asyncio.sleep(0)
+
+    monkeypatch.setattr(FormatKeys, "card_token", stamped)
+    ticking = asyncio.ensure_future(ticker())
+    try:
+        tokens = body(await service.tokenize("p", cards, None, token_format="card"))["tokens"]
+        assert len(stamps) == count
+        assert max(collections.Counter(stamps).values()) <= FORMAT_SLICE
+        assert body(await service.rotate_epoch("admin", None)) == {"epoch": 2}
+        stamps.clear()
+        document = await service.retokenize(tokens, ACTOR, epoch=1)
+        assert len(stamps) == 2 * count  # each classified (a card: one FF1), then sealed in epoch 2
+        assert max(collections.Counter(stamps).values()) <= FORMAT_SLICE
+    finally:
+        ticking.cancel()
+    monkeypatch.undo()
+    assert document["tokens"] == body(await service.tokenize("p", cards, None, token_format="card"))["tokens"]

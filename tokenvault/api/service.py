@@ -11,6 +11,7 @@ applied, to the primary over the authenticated peer link.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import json
 import time
@@ -24,7 +25,8 @@ from tokenvault import auth
 from tokenvault.core import commands
 from tokenvault.api.audit import AuditBuffer, AuditUnavailable
 from tokenvault.api.coalesce import TokenizeCoalescer
-from tokenvault.api.lifecycle import (LIFECYCLE_DOCUMENT_KINDS, LIFECYCLE_FORWARDED_MEMBERS, LifecycleOperations)
+from tokenvault.api.lifecycle import (LIFECYCLE_DOCUMENT_KINDS, LIFECYCLE_FORWARDED_MEMBERS, LifecycleOperations,
+                                      computed_in_slices)
 from tokenvault.core.backup import BACKUP_WORK_DIR_NAME, BackupStream
 from tokenvault.crypto.keys import DecryptError, KeyCustodyError, new_epoch_secret
 from tokenvault.auth import PRINCIPAL_NAME_PATTERN
@@ -276,11 +278,13 @@ class NodeService(LifecycleOperations, MembershipOperations):
                 epoch = self.node.store.active_epoch()
                 if epoch == 0:
                     raise Unavailable("the cluster has no active epoch yet; retry shortly")
-                # FF1 tokens cost tens of microseconds each: computed once, for the read and the write.
+                # FF1 tokens cost tens of microseconds each: computed once, for the read and the write,
+                # a slice at a time (the loop serves other requests between).
                 format_tokens = None
                 if options.token_format != formats.OPAQUE:
                     format_keys = self.node.keyring.get(epoch).formats
-                    format_tokens = [format_keys.token_for(options.token_format, value) for value in values]
+                    format_tokens = await computed_in_slices(
+                        functools.partial(format_keys.token_for, options.token_format), values)
                 if idempotency_key is None and options.answerable_as_read:
                     tokens = await self._answer_as_read(epoch, values, options, format_tokens)
                     if tokens is not None:

@@ -7,6 +7,7 @@ import collections
 import dataclasses
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import msgpack
 import pytest
@@ -16,6 +17,7 @@ from protocol import AppendEntries, ForwardRequest, ForwardResponse, Heartbeat
 from tokenvault.config import AuditConfig
 from tokenvault.core import commands
 from test_ff1 import luhn_complete
+from tokenvault.api import lifecycle as lifecycle_module
 from tokenvault.api.lifecycle import FORMAT_SLICE
 from tokenvault.crypto.formats import FormatKeys
 from tokenvault.errors import EpochActive, EpochDestroyed, NotFound, Outcome
@@ -373,3 +375,35 @@ async def test_ff1_work_leaves_the_event_loop_at_least_every_slice_in_tokenize_a
         ticking.cancel()
     monkeypatch.undo()
     assert document["tokens"] == body(await service.tokenize("p", cards, None, token_format="card"))["tokens"]
+
+
+async def test_a_mapping_that_expires_while_it_is_retokenized_answers_null_and_the_others_are_reissued(
+        single: RunningNode, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A mapping read live whose expiry passes before the new entry is issued: re-tokenize answers null
+    for it, as for any expired token, and re-issues the rest (an entry cannot be issued with an expiry
+    already past). The clock the re-tokenize reads is moved past the expiry once the mappings are read."""
+    service = single.service
+    short = body(await service.tokenize("p", ["short-lived"], None, ttl_seconds=60))["tokens"][0]
+    longer = body(await service.tokenize("p", ["long-lived"], None, ttl_seconds=3600))["tokens"][0]
+    plain = body(await service.tokenize("p", ["no-expiry"], None))["tokens"][0]
+    card = body(await service.tokenize("p", ["4111111111111111"], None, token_format="card",
+                                       ttl_seconds=60))["tokens"][0]
+    expiry = max(single.node.store.life(short, None)[0], single.node.store.life(card, 1)[0])
+    assert single.node.store.life(longer, None)[0] > expiry + 5
+    assert body(await service.rotate_epoch("admin", None)) == {"epoch": 2}
+    real_time = lifecycle_module.time.time
+    calls = 0
+
+    def later_after_the_read() -> float:
+        nonlocal calls
+        calls += 1
+        return real_time() if calls == 1 else (expiry + 5) / 1000  # the first call dates the read
+
+    monkeypatch.setattr(lifecycle_module, "time", SimpleNamespace(time=later_after_the_read))
+    document = await service.retokenize([short, longer, plain, card], ACTOR, epoch=1)
+    monkeypatch.undo()
+    assert document["epoch"] == 2
+    new_short, new_longer, new_plain, new_card = document["tokens"]
+    assert new_short is None and new_card is None
+    assert new_longer is not None and new_plain is not None
+    assert (await service.reveal([new_longer, new_plain], ACTOR, 2))["values"] == ["long-lived", "no-expiry"]

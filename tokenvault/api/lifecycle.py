@@ -189,9 +189,14 @@ class LifecycleOperations:
             active = self.node.store.active_epoch()
             if active == 0:
                 raise Unavailable("the cluster has no active epoch yet; retry shortly")
-            reissued = await self._reissue(active, mappings)
+            # A mapping read live may expire before its new entry is issued: it answers null, as any
+            # expired token, and the entry never carries an expiry already past.
+            issued_at_ms = int(time.time() * 1000)
+            live = {token: mapping for token, mapping in mappings.items()
+                    if mapping.expires_at_ms is None or mapping.expires_at_ms > issued_at_ms}
+            reissued = await self._reissue(active, live, issued_at_ms)
             if reissued is not None:
-                answer = [mappings.get(token) for token in tokens]
+                answer = [live.get(token) for token in tokens]
                 return {"epoch": active, "tokens": [None if mapping is None else
                                                     reissued[(mapping.token_format, mapping.value)]
                                                     for mapping in answer]}
@@ -235,7 +240,8 @@ class LifecycleOperations:
                 return formats.DIGITS
         return None
 
-    async def _reissue(self, epoch: int, mappings: dict[str, _Mapping]) -> dict[tuple[str, str], str] | None:
+    async def _reissue(self, epoch: int, mappings: dict[str, _Mapping],
+                       issued_at_ms: int) -> dict[tuple[str, str], str] | None:
         """Tokenize each mapping's value in ``epoch``, in its format, with its expiry and metadata: one
         entry per (format, expiry, with or without metadata), proposed together; the new token of each
         (format, value), or None when a rotation was applied first (EPOCH_MISMATCH: the caller seals
@@ -261,7 +267,7 @@ class LifecycleOperations:
                                  for (token, _), mapping in zip(items, members))
             command = commands.TokenizeCommand(
                 epoch=epoch, items=items, principal=None, idempotency_key=None, fingerprint=None,
-                issued_at_ms=int(time.time() * 1000), token_format=token_format, expires_at_ms=expires_at_ms,
+                issued_at_ms=issued_at_ms, token_format=token_format, expires_at_ms=expires_at_ms,
                 metadata=metadata)
             commands_by_group.append((members, command))
         results = await asyncio.gather(*(self._propose(commands.encode_command(command))

@@ -1,4 +1,5 @@
-"""Property test for the store's version 2 rows: random tokenizes with and without TTL and metadata,
+"""Property test for the store's version 2 rows: random tokenizes with and without TTL (one for the
+entry, or one per item as a re-tokenize writes them) and metadata,
 plain version 1 tokenizes, card tokens and purges, applied one entry at a time, in random batches
 (with a reopen in between) and in one batch, end byte-identical and agree with a reference model of
 the rules in docs/tokens.md ("Metadata and expiry"): a life is never shortened while it lasts, an
@@ -31,7 +32,8 @@ def card_token(number: int) -> str:
 operations = st.lists(st.one_of(
     # Few tokens, so that the same mapping is tokenized again often.
     st.tuples(st.just("tokenize"), st.booleans(), st.lists(st.integers(0, 2), min_size=1, max_size=3),
-              st.sampled_from([None, 1, 3, 8]), st.sampled_from([None, b"m1", b"m2"]), st.integers(0, 2)),
+              st.sampled_from([None, 1, 3, 8]), st.sampled_from([None, b"m1", b"m2"]), st.integers(0, 2),
+              st.one_of(st.none(), st.lists(st.sampled_from([None, 1, 3, 8]), min_size=3, max_size=3))),
     st.tuples(st.just("purge"), st.integers(0, 3), st.integers(1, 3)),
 ), min_size=1, max_size=25)
 
@@ -45,15 +47,21 @@ def build(ops: list) -> tuple[list[bytes], dict]:
         now_s += 1
         now_ms = now_s * 1000
         if op[0] == "tokenize":
-            _, card, numbers, ttl_s, metadata, plain_bit = op
-            plain = plain_bit == 0 and not card and ttl_s is None and metadata is None
+            _, card, numbers, ttl_s, metadata, plain_bit, item_ttls_s = op
+            plain = plain_bit == 0 and not card and ttl_s is None and metadata is None and item_ttls_s is None
             expires = None if ttl_s is None else now_ms + ttl_s * 1000
+            item_expires = None if item_ttls_s is None else tuple(
+                None if ttl is None else now_ms + ttl * 1000 for ttl in item_ttls_s[:len(numbers)])
             items = tuple(((card_token if card else opaque_token)(number), b"ct%d" % number) for number in numbers)
             command = TokenizeCommand(1, items, None, None, None, now_ms) if plain else TokenizeCommand(
-                1, items, None, None, None, now_ms, token_format="card" if card else "opaque", expires_at_ms=expires,
-                metadata=None if metadata is None else tuple(metadata for _ in items))
+                1, items, None, None, None, now_ms, token_format="card" if card else "opaque",
+                expires_at_ms=expires if item_expires is None else None,
+                metadata=None if metadata is None else tuple(metadata for _ in items), item_expires_at_ms=item_expires)
             payloads.append(encode_command(command))
+            first_position = {number: position for position, number in reversed(list(enumerate(numbers)))}
             for number in dict.fromkeys(numbers):
+                if item_expires is not None:  # an item repeated in one entry takes its first place's
+                    expires = item_expires[first_position[number]]
                 key = (card, number)
                 if key not in model or (model[key][0] is not None and model[key][0] <= now_ms):
                     model[key] = (expires, metadata)

@@ -407,3 +407,42 @@ async def test_a_mapping_that_expires_while_it_is_retokenized_answers_null_and_t
     assert new_short is None and new_card is None
     assert new_longer is not None and new_plain is not None
     assert (await service.reveal([new_longer, new_plain], ACTOR, 2))["values"] == ["long-lived", "no-expiry"]
+
+
+async def test_a_retokenize_of_many_expiries_is_one_entry_with_an_expiry_per_item(
+        single: RunningNode, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each mapping keeps its expiry to the millisecond, and mappings with as many expiries as items
+    still make one tokenize entry (an expiry per item), not one per expiry. A value two re-tokenized
+    tokens share (tokenized in two epochs) is issued once with the later expiry, or none if one has none."""
+    service = single.service
+    timed = [body(await service.tokenize("p", [f"timed-{number}"], None, ttl_seconds=100 + number))["tokens"][0]
+             for number in range(10)]
+    forever = body(await service.tokenize("p", ["forever-1", "forever-2"], None))["tokens"]
+    shared_early = body(await service.tokenize("p", ["shared"], None, ttl_seconds=100))["tokens"][0]
+    kept = body(await service.tokenize("p", ["kept"], None))["tokens"][0]
+    assert body(await service.rotate_epoch("admin", None)) == {"epoch": 2}
+    shared_late = body(await service.tokenize("p", ["shared"], None, ttl_seconds=900))["tokens"][0]
+    kept_timed = body(await service.tokenize("p", ["kept"], None, ttl_seconds=100))["tokens"][0]
+    assert body(await service.rotate_epoch("admin", None)) == {"epoch": 3}
+    old = timed + forever + [shared_early, shared_late, kept, kept_timed]
+    expiries = {token: single.node.store.life(token, None)[0] for token in old}
+    assert len({expiries[token] for token in timed}) == 10
+    proposed: list[commands.TokenizeCommand] = []
+    propose = service._propose
+
+    async def recording(payload: bytes):
+        command = commands.decode_command(payload)
+        if isinstance(command, commands.TokenizeCommand):
+            proposed.append(command)
+        return await propose(payload)
+
+    monkeypatch.setattr(service, "_propose", recording)
+    document = await service.retokenize(old, ACTOR)
+    new = dict(zip(old, document["tokens"]))
+    assert document["epoch"] == 3 and len(proposed) == 1
+    assert proposed[0].expires_at_ms is None and len(proposed[0].item_expires_at_ms) == len(proposed[0].items) == 14
+    for token in timed + forever:
+        assert single.node.store.life(new[token], None)[0] == expiries[token], token
+    assert new[shared_early] == new[shared_late] and new[kept] == new[kept_timed]
+    assert single.node.store.life(new[shared_late], None)[0] == expiries[shared_late]
+    assert single.node.store.life(new[kept], None)[0] is None

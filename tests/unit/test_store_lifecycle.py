@@ -65,6 +65,44 @@ def test_commands_refuse_malformed_version_2_fields() -> None:
         PurgeExpiredCommand(5, 0)
 
 
+def test_an_expiry_per_item_is_a_13th_field_only_when_set_and_is_checked() -> None:
+    items = ((token(1, 1), b"a"), (token(1, 2), b"b"), (token(1, 3), b"c"))
+    command = TokenizeCommand(1, items, None, None, None, 5, item_expires_at_ms=(10, None, 7))
+    encoded = encode_command(command)
+    fields = msgpack.unpackb(encoded)
+    assert len(fields) == 13 and fields[10] is None and fields[12] == [10, None, 7]
+    assert decode_command(encoded) == command
+    assert [command.expiry_of(position) for position in range(3)] == [10, None, 7]
+    assert TokenizeCommand(1, items, None, None, None, 5, expires_at_ms=9).expiry_of(2) == 9
+    for changes in ({"item_expires_at_ms": (10, None)},                        # not one per item
+                    {"item_expires_at_ms": (10, None, 5)},                     # not after issued_at_ms
+                    {"item_expires_at_ms": (10, None, True)},                  # not an integer
+                    {"item_expires_at_ms": [10, None, 7]},                     # not a tuple
+                    {"item_expires_at_ms": (10, None, 7), "expires_at_ms": 9}):  # both kinds of expiry
+        with pytest.raises(CommandError):
+            TokenizeCommand(1, items, None, None, None, 5, **changes)
+    plain = msgpack.unpackb(encode_command(TokenizeCommand(1, items, None, None, None, 5, expires_at_ms=9)))
+    for thirteenth in (None, 7, "x"):  # a 13th field must be the array
+        with pytest.raises(CommandError):
+            decode_command(msgpack.packb(plain + [thirteenth]))
+
+
+def test_one_entry_gives_each_item_its_own_expiry_and_the_purge_takes_each_on_time(store: VaultStore) -> None:
+    log = Log()
+    started(store, log)
+    items = [(token(1, number), b"v%d" % number) for number in range(3)]
+    (result,) = apply(store, log, encode_command(TokenizeCommand(
+        1, tuple(items), None, None, None, 1_000, item_expires_at_ms=(3_000, None, 2_000), metadata=(b"m",) * 3)))
+    assert result.outcome == Outcome.OK
+    assert [store.life(token(1, number), None)[0] for number in range(3)] == [3_000, None, 2_000]
+    assert store.next_expiry_ms() == 2_000
+    (first,) = apply(store, log, purge(2_000))
+    assert first.items == 1 and set(store.lookup([t for t, _ in items], now_ms=0)) == {token(1, 0), token(1, 1)}
+    (second,) = apply(store, log, purge(3_000))
+    assert second.items == 1 and set(store.lookup([t for t, _ in items], now_ms=0)) == {token(1, 1)}
+    assert store.next_expiry_ms() is None
+
+
 def test_format_tokens_are_kept_per_epoch(store: VaultStore) -> None:
     log = Log()
     started(store, log)

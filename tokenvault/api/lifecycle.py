@@ -243,20 +243,30 @@ class LifecycleOperations:
     async def _reissue(self, epoch: int, mappings: dict[str, _Mapping],
                        issued_at_ms: int) -> dict[tuple[str, str], str] | None:
         """Tokenize each mapping's value in ``epoch``, in its format, with its expiry and metadata: one
-        entry per (format, expiry, with or without metadata), proposed together; the new token of each
-        (format, value), or None when a rotation was applied first (EPOCH_MISMATCH: the caller seals
-        again). A value's token depends only on its format and the epoch, whichever entry carries it."""
-        groups: dict[tuple[str, int | None, bool], list[_Mapping]] = {}
+        entry per (format, with or without metadata), each item with its own expiry, proposed together;
+        the new token of each (format, value), or None when a rotation was applied first (EPOCH_MISMATCH:
+        the caller seals again). A value's token depends only on its format and the epoch, whichever entry
+        carries it. A value that several mappings of one entry share is issued once, with the latest of
+        their expiries (none, if one has none: as a tokenize of a live mapping renews it) and the first
+        one's metadata."""
+        groups: dict[tuple[str, bool], list[_Mapping]] = {}
         for mapping in dict.fromkeys(mappings.values()):
-            key = (mapping.token_format, mapping.expires_at_ms, mapping.metadata_json is not None)
-            groups.setdefault(key, []).append(mapping)
+            groups.setdefault((mapping.token_format, mapping.metadata_json is not None), []).append(mapping)
         keys = self.node.keyring.get(epoch)
         commands_by_group: list[tuple[list[_Mapping], commands.TokenizeCommand]] = []
-        for (token_format, expires_at_ms, with_metadata), members in groups.items():
+        for (token_format, with_metadata), members in groups.items():
             first_of_value: dict[str, _Mapping] = {}
+            expiry_of_value: dict[str, int | None] = {}
             for mapping in members:
-                first_of_value.setdefault(mapping.value, mapping)
+                if first_of_value.setdefault(mapping.value, mapping) is mapping:
+                    expiry_of_value[mapping.value] = mapping.expires_at_ms
+                    continue
+                current = expiry_of_value[mapping.value]
+                expiry_of_value[mapping.value] = (None if current is None or mapping.expires_at_ms is None
+                                                  else max(current, mapping.expires_at_ms))
             values, members = list(first_of_value), list(first_of_value.values())
+            expiries = tuple(expiry_of_value[value] for value in values)
+            one_expiry = len(set(expiries)) == 1
             if token_format == formats.OPAQUE:
                 items = await self._seal(epoch, values)
             else:
@@ -267,8 +277,9 @@ class LifecycleOperations:
                                  for (token, _), mapping in zip(items, members))
             command = commands.TokenizeCommand(
                 epoch=epoch, items=items, principal=None, idempotency_key=None, fingerprint=None,
-                issued_at_ms=issued_at_ms, token_format=token_format, expires_at_ms=expires_at_ms,
-                metadata=metadata)
+                issued_at_ms=issued_at_ms, token_format=token_format,
+                expires_at_ms=expiries[0] if one_expiry else None, metadata=metadata,
+                item_expires_at_ms=None if one_expiry else expiries)
             commands_by_group.append((members, command))
         results = await asyncio.gather(*(self._propose(commands.encode_command(command))
                                          for _, command in commands_by_group))

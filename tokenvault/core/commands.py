@@ -132,7 +132,11 @@ class TokenizeCommand:
 
     Version 2 adds the token format (``card`` and ``digits`` tokens are digit
     strings, stored per epoch), an expiry time and per-item encrypted metadata;
-    a command that uses none of them encodes exactly as before.
+    a command that uses none of them encodes exactly as before. A re-tokenize
+    carries each mapping's own expiry over: ``item_expires_at_ms``, one expiry
+    (or None, no expiry) per item, in place of the one ``expires_at_ms``, so a
+    batch of mappings with many expiries is still one entry; it is encoded as a
+    13th field, only when set, so entries without it decode as before.
     """
 
     epoch: int
@@ -144,6 +148,7 @@ class TokenizeCommand:
     token_format: str = OPAQUE_FORMAT
     expires_at_ms: int | None = None
     metadata: tuple[bytes, ...] | None = None
+    item_expires_at_ms: tuple[int | None, ...] | None = None
 
     def __post_init__(self) -> None:
         _check_int("epoch", self.epoch, 1, MAX_EPOCH)
@@ -157,6 +162,14 @@ class TokenizeCommand:
             raise CommandError("card and digits tokens are strings of digits")
         if self.expires_at_ms is not None:
             _check_int("expires_at_ms", self.expires_at_ms, self.issued_at_ms + 1, MAX_TIMESTAMP_MS)
+        if self.item_expires_at_ms is not None:
+            if self.expires_at_ms is not None:
+                raise CommandError("a tokenize command has one expiry or one per item, not both")
+            if type(self.item_expires_at_ms) is not tuple or len(self.item_expires_at_ms) != len(self.items):
+                raise CommandError("item_expires_at_ms must be null or one expiry (or null) per item")
+            for expiry in self.item_expires_at_ms:
+                if expiry is not None:
+                    _check_int("item_expires_at_ms[]", expiry, self.issued_at_ms + 1, MAX_TIMESTAMP_MS)
         if self.metadata is not None:
             if (type(self.metadata) is not tuple or len(self.metadata) != len(self.items)
                     or any(type(item) is not bytes or not 0 < len(item) <= MAX_METADATA_CIPHERTEXT_BYTES
@@ -167,7 +180,14 @@ class TokenizeCommand:
     @property
     def extended(self) -> bool:
         """Whether the command uses a version 2 field (a format, an expiry or metadata)."""
-        return self.token_format != OPAQUE_FORMAT or self.expires_at_ms is not None or self.metadata is not None
+        return (self.token_format != OPAQUE_FORMAT or self.expires_at_ms is not None or self.metadata is not None
+                or self.item_expires_at_ms is not None)
+
+    def expiry_of(self, position: int) -> int | None:
+        """The expiry the item at ``position`` is issued with (None: none)."""
+        if self.item_expires_at_ms is not None:
+            return self.item_expires_at_ms[position]
+        return self.expires_at_ms
 
 
 @dataclass(frozen=True, slots=True)
@@ -408,6 +428,8 @@ def encode_command(command: Command) -> bytes:
         if command.extended:
             fields.extend([command.token_format, command.expires_at_ms,
                            None if command.metadata is None else list(command.metadata)])
+        if command.item_expires_at_ms is not None:
+            fields.append(list(command.item_expires_at_ms))
     elif type(command) is RotateEpochCommand:
         fields = [COMMAND_FORMAT_VERSION, ROTATE_EPOCH_TAG, command.epoch, command.wrapped_secret,
                   command.created_at_ms, command.principal, command.idempotency_key, command.fingerprint]
@@ -464,20 +486,26 @@ def _unpack(data: object) -> list[Any]:
 
 
 def _decode_tokenize(fields: list[Any]) -> TokenizeCommand:
-    if len(fields) not in (9, 12):
-        raise CommandError("a tokenize command has 9 fields, or 12 with format, expiry and metadata")
+    if len(fields) not in (9, 12, 13):
+        raise CommandError("a tokenize command has 9 fields, 12 with format, expiry and metadata, or 13 with "
+                           "an expiry per item")
     _, _, epoch, tokens, ciphertexts, principal, idempotency_key, fingerprint, issued_at_ms = fields[:9]
     if type(tokens) is not list or type(ciphertexts) is not list or len(tokens) != len(ciphertexts):
         raise CommandError("tokens and ciphertexts must be arrays of equal length")
-    token_format, expires_at_ms, metadata = fields[9:] if len(fields) == 12 else (OPAQUE_FORMAT, None, None)
+    token_format, expires_at_ms, metadata = fields[9:12] if len(fields) >= 12 else (OPAQUE_FORMAT, None, None)
     if metadata is not None:
         if type(metadata) is not list:
             raise CommandError("metadata must be null or an array")
         metadata = tuple(metadata)
+    item_expires_at_ms = None
+    if len(fields) == 13:
+        if type(fields[12]) is not list:
+            raise CommandError("item_expires_at_ms must be an array in a 13-field tokenize command")
+        item_expires_at_ms = tuple(fields[12])
     command = TokenizeCommand(epoch=epoch, items=tuple(zip(tokens, ciphertexts)), principal=principal,
                               idempotency_key=idempotency_key, fingerprint=fingerprint,
                               issued_at_ms=issued_at_ms, token_format=token_format,
-                              expires_at_ms=expires_at_ms, metadata=metadata)
+                              expires_at_ms=expires_at_ms, metadata=metadata, item_expires_at_ms=item_expires_at_ms)
     if len(fields) == 12 and not command.extended:
         raise CommandError("a tokenize command without format, expiry or metadata has 9 fields")
     return command

@@ -223,19 +223,20 @@ def apply_mappings(index: int, command: TokenizeCommand, batch: Batch) -> ApplyR
     now_ms = command.issued_at_ms
     for key, (value, _, position) in rows.items():
         metadata = None if command.metadata is None else command.metadata[position]
+        expiry = command.expiry_of(position)
         old = decode_life(lives.get(key))
         if existing.get(key) is None:
             batch.put(key, value)
             if not format_rows:
                 batch.token_count += 1
-            new = (command.expires_at_ms, metadata)
+            new = (expiry, metadata)
         elif old[0] is not None and old[0] <= now_ms:
-            new = (command.expires_at_ms, metadata)  # expired: a new life
+            new = (expiry, metadata)  # expired: a new life
         else:
             # Live: no expiry is the latest of all, and the later of two expiries wins.
             expires_at_ms = old[0]
-            if old[0] is not None and command.expires_at_ms is not None:
-                expires_at_ms = max(old[0], command.expires_at_ms)
+            if old[0] is not None and expiry is not None:
+                expires_at_ms = max(old[0], expiry)
             new = (expires_at_ms, metadata if metadata is not None else old[1])
         _set_life(key, old, new, batch)
     return None

@@ -736,3 +736,31 @@ async def test_a_16_mib_frame_before_authentication_allocates_almost_nothing(
         tracemalloc.stop()
     assert closed and acceptor.transport.handshake_failures == 1
     assert peak - baseline < 4 * 1024 * 1024, f"{peak - baseline} bytes allocated during the attack"
+
+
+async def test_a_dialer_refuses_an_acceptor_of_another_peer_protocol_version_and_says_so(mesh: Mesh) -> None:
+    """Nodes of different versions do not link (docs/replication.md, "Messages"): the acceptor's greeting
+    names its version, and a dialer greeted by another version logs the handshake failure as
+    PeerVersionMismatch and sends nothing, not even a Hello."""
+    received: list[bytes] = []
+
+    async def older(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(transport_module.GREETING_PREFIX + b"%d\n" % (transport_module.PEER_PROTOCOL_VERSION - 1))
+        try:
+            received.append(await reader.read(4096))
+        except (OSError, EOFError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(older, "127.0.0.1", mesh.ports["n2"])
+    try:
+        with capture_logs() as logs:
+            dialer = await mesh.start("n1")
+            await wait_until(lambda: dialer.transport.handshake_failures >= 2, 5, "the dialer to refuse twice")
+        assert not dialer.transport.is_connected("n2")
+        assert received and all(data == b"" for data in received)
+        reasons = {entry["reason"] for entry in logs if entry["event"] == "peer.handshake_failed"}
+        assert reasons == {"PeerVersionMismatch"}
+    finally:
+        server.close()

@@ -59,8 +59,12 @@ REFUSAL_REASON_MAX_CHARS = 400
 # Hello and HelloProof are under 100 bytes; nothing larger is read from a peer not yet authenticated.
 HANDSHAKE_MAX_FRAME_BYTES = 1024
 DEFAULT_MAX_UNAUTHENTICATED_CONNECTIONS = 8
-# Sent by the acceptor first; the version lets a future protocol refuse an old dialer cleanly.
-GREETING = b"TVPEER2\n"  # 2: the Hello carries the incarnation
+# Sent by the acceptor first; the version lets nodes of different versions refuse each other cleanly
+# rather than link and fail on a frame or a log entry one of them cannot decode. 2: the Hello carries
+# the incarnation. 3: a tokenize entry may carry an expiry per item.
+PEER_PROTOCOL_VERSION = 3
+GREETING_PREFIX = b"TVPEER"
+GREETING = GREETING_PREFIX + b"%d\n" % PEER_PROTOCOL_VERSION
 NONCE_BYTES = 32
 SEND_QUEUE_MAX_MESSAGES = 4096
 # Queued frames coalesced into one socket write, to save syscalls.
@@ -97,6 +101,11 @@ def _proof(secret: bytes, nonce: bytes, prover_id: str, verifier_id: str, prover
 
 class HandshakeError(Exception):
     """The other side did not prove it belongs to this cluster."""
+
+
+class PeerVersionMismatch(HandshakeError):
+    """The acceptor greets as a vault peer of another protocol version: the two nodes run different
+    versions of TokenVault, which do not link (every node of a cluster runs one version)."""
 
 
 class IncarnationChanged(HandshakeError):
@@ -368,7 +377,10 @@ class PeerTransport:
 
     async def _authenticate_as_dialer(self, peer: PeerAddress, reader: asyncio.StreamReader,
                                       writer: asyncio.StreamWriter) -> None:
-        if await reader.readexactly(len(GREETING)) != GREETING:
+        greeting = await reader.readexactly(len(GREETING))
+        if greeting != GREETING:
+            if greeting.startswith(GREETING_PREFIX):
+                raise PeerVersionMismatch("the acceptor runs another peer protocol version")
             raise HandshakeError("the acceptor did not greet as a vault peer")
         if self._tls is not None:
             # Verifies the chain up to the cluster CA and the address dialled (an IP or DNS name in the SANs).

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -97,6 +97,7 @@ class Metrics:
         # routes, methods and status codes are finite sets.
         self._request_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
         self._current_role: str | None = None
+        self._peers: Callable[[], Mapping[str, tuple[bool, int | None]]] | None = None
         if process != "core":
             self._define_http_metrics()
         if process == "worker":
@@ -392,6 +393,23 @@ class Metrics:
         if match_index is not None:
             self.peer_match_index.labels(peer=peer).set(match_index)
 
+    def watch_peers(self, peers: Callable[[], Mapping[str, tuple[bool, int | None]]]) -> None:
+        """Set the peer gauges from ``peers`` (each peer's link state and, on the primary, its match
+        index) whenever the exposition is rendered: a peer gone from it loses its series, and one
+        without a match index (this node is not the primary) has no match_index series."""
+        self._peers = peers
+
+    def _refresh_peers(self) -> None:
+        if self._peers is None:
+            return
+        states = self._peers()
+        for gauge in (self.peer_reachable, self.peer_match_index):
+            for (peer,) in list(gauge._metrics):  # noqa: SLF001 - the label values set so far
+                if peer not in states or (gauge is self.peer_match_index and states[peer][1] is None):
+                    gauge.remove(peer)
+        for peer, (reachable, match_index) in states.items():
+            self.set_peer(peer, reachable=reachable, match_index=match_index)
+
     def watch_disk(self, free_bytes: Callable[[], float], store_bytes: Callable[[], float],
                    wal_bytes: Callable[[], float]) -> None:
         """Read the three disk gauges from these functions whenever the registry is collected; each
@@ -419,4 +437,5 @@ class Metrics:
 
     def render(self) -> tuple[bytes, str]:
         """The Prometheus text exposition of this registry and its content type."""
+        self._refresh_peers()
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -213,11 +213,18 @@ async def test_a_member_restarted_on_an_empty_data_directory_never_counts_and_is
     assert "replace it with a new member" in told["reason"]
     deadline = time.monotonic() + 3.0
     while time.monotonic() < deadline:
-        assert all((health or {}).get("role") != "primary" for health in harness.healths([wiped, lagging]).values())
+        healths = harness.healths([wiped, lagging])
+        assert all((health or {}).get("role") != "primary" for health in healths.values())
+        assert "refused_by" not in (healths[lagging] or {})
         await asyncio.sleep(0.1)
+    assert (harness.healths([wiped])[wiped] or {}).get("refused_by") == [lagging]  # its /health says so too
 
     await asyncio.to_thread(harness.restart, primary)
     await asyncio.to_thread(harness.wait_for_primary, [primary, lagging])
+    deadline = time.monotonic() + 10.0
+    while (harness.healths([wiped])[wiped] or {}).get("refused_by") != sorted([primary, lagging]):
+        assert time.monotonic() < deadline, harness.healths([wiped])
+        await asyncio.sleep(0.1)
     await asyncio.to_thread(run_cluster, harness, "add-node")
     await asyncio.to_thread(run_cluster, harness, "remove-node", wiped)
     refresh(harness)

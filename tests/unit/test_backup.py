@@ -20,6 +20,7 @@ from typing import Any
 import aiohttp
 import pytest
 from click.testing import CliRunner
+from structlog.testing import capture_logs
 
 from node_support import http_client, make_configs, start_node, wait_until
 from protocol import Entry, EntryKind
@@ -32,7 +33,7 @@ from tokenvault.core.commands import RotateEpochCommand, encode_command
 from tokenvault.config import write_node_config
 from tokenvault.api.http import HttpApp, HttpLimits, build_app, http_server
 from tokenvault.metrics import Metrics
-from tokenvault.core.snapshots import stage_file
+from tokenvault.core.snapshots import SnapshotSource, stage_file
 from tokenvault.core.store import VaultStore
 from tokenvault.core.wal import WriteAheadLog
 
@@ -489,3 +490,75 @@ async def test_a_backup_under_another_master_key_is_refused(tmp_path: Path) -> N
     with pytest.raises(BackupError, match="master key does not open"):
         restore_data_dir(path, other)
     assert not other.data_dir.exists()
+
+
+# ---------------------------------------------------------------- the log events docs/api.md names
+
+
+def backup_events(logs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [entry for entry in logs if entry["event"].startswith("backup.")]
+
+
+async def test_each_end_of_a_backup_stream_is_logged_as_docs_api_md_names_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/api.md, backup: `backup.started`, then `backup.finished` for a whole stream, `backup.aborted`
+    (client gone) when the client leaves before the end, `backup.failed` when the stream fails midway;
+    `backup.close_failed` when the checkpoint cannot be closed afterwards. Errors by their type only."""
+    service = BackupService(CheckpointingStore(BIG_CHECKPOINT_FILES), tmp_path / BACKUP_WORK_DIR_NAME)
+
+    def refusing_close(self: SnapshotSource) -> None:
+        raise PermissionError(13, "Permission denied", "/secret/checkpoint/path")
+
+    async def stream_ended(count: int) -> list[dict[str, Any]]:
+        """The events of the last stream once it logged ``count`` of them and its checkpoint is gone."""
+        await wait_until(lambda: len(backup_events(logs)) == seen + count, 10.0, "the stream's events")
+        await wait_until(lambda: work_dirs(service) == [], 10.0, "the checkpoint to be deleted")
+        return backup_events(logs)[seen:]
+
+    with capture_logs() as logs:
+        async with http_client(backup_app(service)) as client:
+            seen = 0
+            response = await client.get("/v1/admin/backup", headers=bearer(ADMIN_KEY))
+            total = len(await response.read())
+            assert response.status == 200 and total == int(response.headers[HEADER_BYTES])
+            whole = await stream_ended(2)
+            assert [(entry["event"], entry["log_level"]) for entry in whole] == [
+                ("backup.started", "info"), ("backup.finished", "info")]
+            assert (whole[0]["index"], whole[0]["view"], whole[0]["bytes"]) == (41, 3, total)
+            assert (whole[1]["index"], whole[1]["bytes"]) == (41, total) and whole[1]["seconds"] >= 0
+
+            seen += len(whole)
+            service.gate = asyncio.Event()  # the stream waits before its first chunk
+            leaving = await client.get("/v1/admin/backup", headers=bearer(ADMIN_KEY))
+            assert leaving.status == 200
+            leaving.close()  # the client goes away before any of the body was sent
+            service.gate.set()
+            gone = await stream_ended(2)
+            service.gate = None
+            assert [(entry["event"], entry["log_level"]) for entry in gone] == [
+                ("backup.started", "info"), ("backup.aborted", "warning")]
+            assert (gone[1]["reason"], gone[1]["bytes"]) == ("client gone", total)
+            assert 0 <= gone[1]["sent_bytes"] < total
+
+            seen += len(gone)
+            service.fail_midway = True
+            response = await client.get("/v1/admin/backup", headers=bearer(ADMIN_KEY))
+            assert response.status == 200
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await response.read()
+            failing = await stream_ended(2)
+            service.fail_midway = False
+            assert [(entry["event"], entry["log_level"]) for entry in failing] == [
+                ("backup.started", "info"), ("backup.failed", "error")]
+            assert failing[1]["error_type"] == "OSError" and 0 < failing[1]["sent_bytes"] < total
+
+            seen += len(failing)
+            monkeypatch.setattr(SnapshotSource, "close", refusing_close)
+            response = await client.get("/v1/admin/backup", headers=bearer(ADMIN_KEY))
+            assert response.status == 200 and len(await response.read()) == total
+            unclosed = await stream_ended(3)
+            assert [(entry["event"], entry["log_level"]) for entry in unclosed] == [
+                ("backup.started", "info"), ("backup.finished", "info"), ("backup.close_failed", "warning")]
+            assert unclosed[2]["error_type"] == "PermissionError"
+    said = repr(backup_events(logs))
+    assert not any(message in said for message in ("the disk went away", "Permission denied", "/secret/"))

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import msgpack
 import pytest
+from structlog.testing import capture_logs
 
 from node_support import Cluster, RunningNode, files_holding, make_configs, start_node, wait_until
 from protocol import AppendEntries, ForwardRequest, ForwardResponse, Heartbeat
@@ -19,6 +20,7 @@ from tokenvault.core import commands
 from test_ff1 import luhn_complete
 from tokenvault.api import lifecycle as lifecycle_module
 from tokenvault.api.lifecycle import FORMAT_SLICE
+from tokenvault.core import shred as shred_module
 from tokenvault.crypto.formats import FormatKeys
 from tokenvault.errors import EpochActive, EpochDestroyed, NotFound, Outcome
 
@@ -446,3 +448,51 @@ async def test_a_retokenize_of_many_expiries_is_one_entry_with_an_expiry_per_ite
     assert new[shared_early] == new[shared_late] and new[kept] == new[kept_timed]
     assert single.node.store.life(new[shared_late], None)[0] == expiries[shared_late]
     assert single.node.store.life(new[kept], None)[0] is None
+
+
+async def test_a_restarted_node_logs_shred_done_once_the_delete_it_found_in_its_log_is_shredded(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/failure-modes.md: a node that stopped between applying a delete and shredding it shreds when it
+    starts again, and says `shred.done` once finished: through the delete's entry, its two rows (the
+    mapping's and its life row), and when it says so the ciphertext is in none of its files. Before it
+    shredded, nothing was said."""
+    configs = make_configs(tmp_path, 1)
+    cluster = Cluster(configs)
+    still_on_disk_when_said: list[bool] = []
+    ciphertext = b""
+
+    class WatchedLog:
+        """The shredder's logger, looking at the node's files at the moment shred.done is said."""
+
+        def __init__(self, logger: object) -> None:
+            self._logger = logger
+
+        def info(self, event: str, **fields: object) -> None:
+            if event == "shred.done":
+                still_on_disk_when_said.append(bool(files_holding(configs[0].data_dir, ciphertext)))
+            self._logger.info(event, **fields)  # type: ignore[attr-defined]
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self._logger, name)
+
+    monkeypatch.setattr(shred_module, "log", WatchedLog(shred_module.log))
+    with capture_logs() as logs:
+        try:
+            cluster.nodes.append(await start_node(configs[0]))
+            running = await cluster.wait_for_stable_primary()
+            token = body(await running.service.tokenize("p", ["shred-me"], None))["tokens"][0]
+            ciphertext = running.node.store.lookup([token])[token]
+            noted: list[int] = []
+            # The node "crashes" after applying the delete and before shredding it.
+            running.node.shredder.note = lambda index, command: noted.append(index)  # type: ignore[method-assign]
+            await running.service.delete_tokens([token], ACTOR)
+            assert len(noted) == 1, "the delete's entry"
+            assert files_holding(running.config.data_dir, ciphertext), "not shredded before the restart"
+            assert [entry for entry in logs if entry["event"] == "shred.done"] == []
+            await cluster.restart(running)
+            done = await wait_until(lambda: [entry for entry in logs if entry["event"] == "shred.done"], 10,
+                                    "the restarted node to log shred.done")
+        finally:
+            await cluster.close()
+    assert [(entry["log_level"], entry["through_index"], entry["rows"]) for entry in done] == [("info", noted[0], 2)]
+    assert still_on_disk_when_said == [False], "shred.done was said while a file still held the ciphertext"

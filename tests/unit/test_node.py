@@ -490,6 +490,39 @@ async def test_three_nodes_elect_one_primary_that_everyone_follows(trio: Cluster
     assert len({health["view"] for health in healths}) == 1
 
 
+def peer_samples(running: RunningNode) -> dict[tuple[str, str], float]:
+    """(metric, peer) -> value of the peer gauges in the node's /metrics exposition."""
+    body, _ = running.node.metrics.render()
+    return {(sample.name, sample.labels["peer"]): sample.value
+            for family in text_string_to_metric_families(body.decode())
+            if family.name in ("tokenvault_peer_reachable", "tokenvault_peer_match_index")
+            for sample in family.samples}
+
+
+async def test_the_peer_gauges_show_each_link_and_on_the_primary_each_backup_s_match_index(trio: Cluster) -> None:
+    """docs/api.md, metrics: tokenvault_peer_reachable (1 while the link is up) and, on the primary,
+    tokenvault_peer_match_index. Before 2026-12-06 the node never set them."""
+    primary = await trio.wait_for_stable_primary()
+    await tokens_of(primary, ["peers-a", "peers-b"])
+    commit_index = primary.node.replica.commit_index
+    backups = trio.backups()
+    await wait_until(lambda: all(peer_samples(primary).get(("tokenvault_peer_match_index", backup.node_id), 0)
+                                 >= commit_index for backup in backups), 5, "the backups' match indexes")
+    found = peer_samples(primary)
+    assert {found[("tokenvault_peer_reachable", backup.node_id)] for backup in backups} == {1.0}
+    assert {peer for _, peer in found} == {backup.node_id for backup in backups}
+    for backup in backups:  # a backup shows its links, and no match index (it replicates to no one)
+        shown = peer_samples(backup)
+        others = {running.node_id for running in trio.running()} - {backup.node_id}
+        assert {peer for metric, peer in shown if metric == "tokenvault_peer_reachable"} == others
+        assert not any(metric == "tokenvault_peer_match_index" for metric, _ in shown)
+    stopped = backups[0]
+    await stopped.close()
+    await wait_until(lambda: peer_samples(primary)[("tokenvault_peer_reachable", stopped.node_id)] == 0, 10,
+                     "the stopped backup's link to read 0")
+    assert peer_samples(primary)[("tokenvault_peer_reachable", backups[1].node_id)] == 1
+
+
 async def test_health_and_cluster_view_converge_after_writes(trio: Cluster) -> None:
     primary = await trio.wait_for_stable_primary()
     await tokens_of(primary, ["converge-a", "converge-b"])
@@ -891,3 +924,75 @@ async def test_a_damaged_snapshot_stream_is_refused_asked_for_again_and_never_fa
     rejected = [json.loads(line) for line in node_log.read_text().splitlines() if '"snapshot.rejected"' in line]
     assert [event["stage"] for event in rejected] == ["verify"], rejected  # the backup's check, once
     assert "damaged-snapshot" not in rejected[0]["reason"]
+
+
+async def test_a_log_reset_to_the_store_is_logged_once_with_both_positions(tmp_path: Path, node_log: Path) -> None:
+    """docs/failure-modes.md, "Crash inside a snapshot install": a node stopped between the store's switch and
+    the WAL reset resets its log to the store on start and says so (`node.log_reset_to_store`, naming the
+    store's index, the log's base and how many entries it dropped); a log that extends its store is kept and
+    nothing is said, as on the start after the reset."""
+    from protocol import HardState
+
+    def resets() -> list[dict]:
+        return [json.loads(line) for line in node_log.read_text().splitlines() if '"node.log_reset_to_store"' in line]
+
+    extends = _data_dir_with(tmp_path / "extends", [1] * 5, [1] * 9, HardState(1, None, 9))
+    running = await start_node(extends)
+    try:
+        await wait_until(lambda: running.node.store.active_epoch() == 1, 5, "the node to serve")
+    finally:
+        await running.close()
+    assert resets() == []
+    stopped_inside = _data_dir_with(tmp_path / "stopped-inside", [1] * 7 + [2], [1] * 12, HardState(2, None, 7))
+    for _ in range(2):
+        running = await start_node(stopped_inside)
+        try:
+            await wait_until(lambda: running.node.store.active_epoch() == 1, 5, "the node to serve")
+        finally:
+            await running.close()
+        (reset,) = resets()  # the second start finds a log that extends its store
+        assert (reset["level"], reset["node"]) == ("warning", "n1")
+        assert (reset["store_index"], reset["log_base_index"], reset["log_entries"]) == (8, 0, 12)
+
+
+async def test_each_wal_group_commit_is_one_observation_of_the_fsync_and_batch_metrics(
+        single: RunningNode, monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/api.md ("group commits") and docs/failure-modes.md ("A slow or stalled disk"): each fsync of the
+    running node's WAL is one observation of tokenvault_wal_fsync_duration_seconds (at least the time the
+    sync took), tokenvault_wal_batch_entries (the entries it made durable) and tokenvault_wal_batch_bytes
+    (their payload bytes); a Ready that needs no fsync adds none."""
+    node = single.node
+    names = ("tokenvault_wal_fsync_duration_seconds_count", "tokenvault_wal_fsync_duration_seconds_sum",
+             "tokenvault_wal_batch_entries_count", "tokenvault_wal_batch_entries_sum",
+             "tokenvault_wal_batch_bytes_count", "tokenvault_wal_batch_bytes_sum")
+
+    def observed() -> dict[str, float]:
+        return {name: node.metrics.registry.get_sample_value(name) or 0.0 for name in names}
+
+    before = observed()
+    sync_seconds: list[float] = []
+    appended: list[int] = []  # payload bytes of each entry appended
+    sync, append = node.wal.sync, node.wal.append
+
+    def timed_sync() -> None:
+        started = time.perf_counter()
+        sync()
+        sync_seconds.append(time.perf_counter() - started)
+
+    def recording_append(**arguments: object) -> None:
+        appended.extend(len(entry.payload) for entry in arguments["entries"])  # type: ignore[attr-defined]
+        append(**arguments)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(node.wal, "sync", timed_sync)
+    monkeypatch.setattr(node.wal, "append", recording_append)
+    for epoch in range(2, 6):
+        await node.propose(rotate_payload(single, epoch), timeout_seconds=2)
+    after = observed()
+    delta = {name: after[name] - before[name] for name in names}
+    assert len(sync_seconds) == 4 and len(appended) == 4  # one entry, one fsync each (test above)
+    assert delta["tokenvault_wal_fsync_duration_seconds_count"] == len(sync_seconds)
+    assert delta["tokenvault_wal_fsync_duration_seconds_sum"] >= sum(sync_seconds) > 0
+    assert delta["tokenvault_wal_batch_entries_count"] == len(sync_seconds)
+    assert delta["tokenvault_wal_batch_entries_sum"] == len(appended)
+    assert delta["tokenvault_wal_batch_bytes_count"] == len(sync_seconds)
+    assert delta["tokenvault_wal_batch_bytes_sum"] == sum(appended) > 0

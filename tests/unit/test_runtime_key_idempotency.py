@@ -10,20 +10,17 @@ the runtime key table pushed as the core pushes it to its workers.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import socket
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
 
 from node_support import RunningNode, http_client, wait_until
+from test_service import worker_of
 from tokenvault import auth
-from tokenvault.api.channel import Channel
-from tokenvault.api.core_calls import CoreCalls
 from tokenvault.api.http import HttpLimits, build_app
-from tokenvault.api.remote import EPOCH_TOPIC, KEYS_TOPIC, RemoteService
+from tokenvault.api.remote import KEYS_TOPIC, RemoteService
 from tokenvault.errors import problem_type
 from tokenvault.metrics import Metrics
 
@@ -37,22 +34,13 @@ def bearer(key: str) -> dict[str, str]:
 
 @contextlib.asynccontextmanager
 async def in_a_worker(running: RunningNode) -> AsyncIterator[tuple[RemoteService, Callable[[], None]]]:
-    """A worker's RemoteService on a real channel to this node's CoreCalls, and how the core pushes
-    the runtime key table to it (as WorkerPool.push_keys does after an applied create)."""
-    calls = CoreCalls(running.service, running.node.metrics, lambda: [], max_backup_streams=1)
-    remote = RemoteService(running.node.node_id)
-    core_socket, worker_socket = socket.socketpair()
-    core_reader, core_writer = await asyncio.open_unix_connection(sock=core_socket)
-    worker_reader, worker_writer = await asyncio.open_unix_connection(sock=worker_socket)
-    core = Channel(core_reader, core_writer, handlers=calls.handlers, max_frame_bytes=1 << 22, name="core").start()
-    worker = Channel(worker_reader, worker_writer, handlers={}, on_push=remote.on_push,
-                     max_frame_bytes=1 << 22, name="worker").start()
-    remote.channel = worker
-    core.push(EPOCH_TOPIC, calls.active_epoch_keys())
+    """A worker's RemoteService on a real channel to this node's CoreCalls (test_service.worker_of), and
+    how the core pushes the runtime key table to it (as WorkerPool.push_keys does after an applied create)."""
+    remote, calls, channels = await worker_of(running)
     try:
-        yield remote, lambda: core.push(KEYS_TOPIC, calls.api_key_rows())
+        yield remote, lambda: channels[0].push(KEYS_TOPIC, calls.api_key_rows())
     finally:
-        for channel in (worker, core):
+        for channel in reversed(channels):
             await channel.close()
 
 

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from node_support import Cluster, ProposalGate, RunningNode, Timing, retry_until_ok, start_cluster, wait_until
 import msgpack
@@ -1050,3 +1051,28 @@ async def test_a_retry_after_a_failover_while_the_first_attempt_was_uncommitted_
     assert record is not None and record.response == retried.body
     (token,) = body(retried)["tokens"]
     assert await new.service.detokenize([token]) == ["uncommitted-first"]
+
+
+async def test_a_worker_sealed_tokenize_that_does_not_match_is_logged_as_worker_sealing_mismatch(
+        single: RunningNode) -> None:
+    """docs/architecture.md: the core re-seals the first value of a worker-sealed tokenize; a difference is
+    refused and logged as `worker.sealing_mismatch` (the epoch and the item count, never a value or a
+    token), for a plain request and for a card one. A request sealed right logs nothing."""
+    service = single.service
+    epoch, items = worker_seal(single, ["sealed-right-1", "sealed-right-2"])
+    _, forged = worker_seal(single, ["forged-1", "forged-2"])
+    _, card_items, _ = format_seal(single, "card", CARDS)
+    forged_cards = [(card_items[1][0], card_items[0][1]), card_items[1]]  # the first token is not the first card's
+    with capture_logs() as logs:
+        await service.tokenize_sealed("p", epoch, ["sealed-right-1", "sealed-right-2"], items)
+        await service.tokenize_sealed("p", epoch, CARDS, card_items, TokenizeOptions("card"))
+        assert [entry for entry in logs if entry["event"] == "worker.sealing_mismatch"] == []
+        with pytest.raises(Unavailable, match="sealed inconsistently"):
+            await service.tokenize_sealed("p", epoch, ["forged-1", "forged-2"], [forged[1], forged[1]])
+        with pytest.raises(Unavailable, match="sealed inconsistently"):
+            await service.tokenize_sealed("p", epoch, CARDS, forged_cards, TokenizeOptions("card"))
+    mismatches = [entry for entry in logs if entry["event"] == "worker.sealing_mismatch"]
+    assert [(entry["log_level"], entry["epoch"], entry["items"]) for entry in mismatches] == [("error", epoch, 2)] * 2
+    said = repr(mismatches)
+    assert not any(secret in said for secret in ["forged-", *CARDS, *(formats.normalize("card", card) for card in CARDS),
+                                         *(token for token, _ in forged + card_items)])

@@ -140,11 +140,30 @@ async def test_a_member_back_in_another_incarnation_is_refused_both_ways_and_sai
     # The returning member is told why (HelloRefused), whichever side dialled, and says so once.
     told = [entry for entry in logs if entry["event"] == "peer.refused_this_node"]
     assert len(told) == 1 and told[0]["peer"] == other and "replace it with a new member" in told[0]["reason"], told
+    assert wiped.transport.refused_by() == [other]  # shown in its /health as refused_by
+    assert mesh.sides[other].transport.refused_by() == []
     assert records[other].known(returning) == incarnations[returning]  # the first life stays the one admitted
 
     await wiped.transport.close()
     await mesh.start(returning, incarnation=incarnations[returning], admit=records[returning].admit)
     await wait_until(lambda: mesh.sides[other].transport.is_connected(returning), 10, "the old life to link again")
+
+
+async def test_a_peer_that_stops_refusing_this_node_leaves_its_refused_by(mesh: Mesh) -> None:
+    """refused_by (the node's /health field) lists the peers refusing this node now: n2 refuses n1 until
+    its record of n1 is dropped (as when n1 leaves the configuration), then n1's next link is accepted
+    and n2 leaves the list."""
+    refusing = [True]
+    await mesh.start("n2", incarnation=os.urandom(16), admit=lambda peer_id, incarnation: not refusing[0])
+    n1 = await mesh.start("n1", incarnation=os.urandom(16), admit=lambda peer_id, incarnation: True)
+    await wait_until(lambda: n1.transport.refused_by() == ["n2"], 10, "n1 to be told it is refused")
+    assert not mesh.sides["n2"].transport.is_connected("n1")
+    refusing[0] = False
+    await wait_until(lambda: mesh.sides["n2"].transport.is_connected("n1"), 10, "the link once admitted")
+    n1.transport.send("n2", forward(7))
+    await wait_until(lambda: 7 in forwards(mesh.sides["n2"]), 5, "a frame over the accepted link")
+    mesh.sides["n2"].transport.send("n1", forward(8))
+    await wait_until(lambda: n1.transport.refused_by() == [], 5, "n2 to leave refused_by")
 
 
 async def test_set_peers_links_a_new_member_and_drops_a_removed_one(mesh: Mesh) -> None:
@@ -392,21 +411,30 @@ GARBAGE = {
 
 @pytest.mark.parametrize("garbage", GARBAGE.values(), ids=GARBAGE.keys())
 async def test_garbage_after_the_handshake_closes_only_that_connection(mesh: Mesh, garbage: bytes) -> None:
+    """docs/failure-modes.md, "A peer sends garbage or an oversized frame": that link alone is closed,
+    logged as `peer.bad_frame` naming the peer and why, then `peer.down` (reason bad_frame); valid
+    frames log neither."""
     acceptor = await mesh.start("n2")
     await mesh.start("n3")  # n2 dials n3: the link that must survive
     await wait_until(lambda: acceptor.transport.is_connected("n3"), 5, "n2 to reach n3")
-    peer = await RawPeer.connect(mesh.ports["n2"])
-    try:
-        await peer.handshake("n1", "n2", mesh.secret)
-        await wait_until(lambda: acceptor.transport.is_connected("n1"), 5, "the raw n1 to be accepted")
-        await peer.send(encode_frame(forward(1)))
-        await wait_until(lambda: forwards(acceptor) == [1], 5, "a valid frame first")
-        await peer.send(garbage + encode_frame(forward(2)))
-        await peer.read_until_closed()
-    finally:
-        peer.close()
-    await wait_until(lambda: not acceptor.transport.is_connected("n1"), 5, "the bad connection to be dropped")
+    with capture_logs() as logs:
+        peer = await RawPeer.connect(mesh.ports["n2"])
+        try:
+            await peer.handshake("n1", "n2", mesh.secret)
+            await wait_until(lambda: acceptor.transport.is_connected("n1"), 5, "the raw n1 to be accepted")
+            await peer.send(encode_frame(forward(1)))
+            await wait_until(lambda: forwards(acceptor) == [1], 5, "a valid frame first")
+            assert [entry for entry in logs if entry["event"] in ("peer.bad_frame", "peer.down")] == []
+            await peer.send(garbage + encode_frame(forward(2)))
+            await peer.read_until_closed()
+        finally:
+            peer.close()
+        await wait_until(lambda: not acceptor.transport.is_connected("n1"), 5, "the bad connection to be dropped")
+        await wait_until(lambda: acceptor.peers_down == ["n1"], 5, "the bad link to be reported down")
     assert acceptor.transport.frames_rejected == 1 and acceptor.peers_down == ["n1"]
+    bad = [entry for entry in logs if entry["event"] == "peer.bad_frame"]
+    assert [(entry["log_level"], entry["peer"]) for entry in bad] == [("warning", "n1")] and bad[0]["reason"]
+    assert [(entry["peer"], entry["reason"]) for entry in logs if entry["event"] == "peer.down"] == [("n1", "bad_frame")]
     assert forwards(acceptor) == [1]
     # The other link still carries frames, and a new honest connection from n1 works.
     assert acceptor.transport.is_connected("n3") and mesh.sides["n3"].transport.send("n2", forward(3))
@@ -574,29 +602,38 @@ async def test_a_dialer_whose_certificate_names_another_member_is_refused(
     assert failures and failures[0]["reason"] == "HandshakeError"
 
 
-async def test_the_dialer_refuses_an_acceptor_whose_certificate_names_another_member(
-        mesh: Mesh, cluster_tls: dict[str, tls.PeerTlsContexts]) -> None:
-    # An acceptor on n2's address presenting n3's genuine certificate: n1 sends it nothing, not even a Hello.
-    hellos: list[bytes] = []
+async def dialed_by_n1(mesh: Mesh, greeting: bytes, server_tls: ssl.SSLContext | None = None,
+                       dialer_tls: tls.PeerTlsContexts | None = None) -> tuple[Side, list[bytes]]:
+    """n1 started against a fake acceptor on n2's port that greets with ``greeting`` (then runs TLS with
+    ``server_tls``) and keeps what n1 sends it; returns once n1 has failed its handshake twice."""
+    received: list[bytes] = []
 
-    async def impostor(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(transport_module.GREETING)
+    async def acceptor(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(greeting)
         try:
-            await writer.start_tls(cluster_tls["n3"].server)
-            hellos.append(await reader.read(4096))
+            if server_tls is not None:
+                await writer.start_tls(server_tls)
+            received.append(await reader.read(4096))
         except (OSError, EOFError):
             pass
         finally:
             writer.close()
 
-    server = await asyncio.start_server(impostor, "127.0.0.1", mesh.ports["n2"])
+    server = await asyncio.start_server(acceptor, "127.0.0.1", mesh.ports["n2"])
     try:
-        dialer = await mesh.start("n1", tls=cluster_tls["n1"])
+        dialer = await mesh.start("n1", **({"tls": dialer_tls} if dialer_tls is not None else {}))
         await wait_until(lambda: dialer.transport.handshake_failures >= 2, 5, "the dialer to refuse twice")
-        assert not dialer.transport.is_connected("n2")
-        assert all(data == b"" for data in hellos)
     finally:
         server.close()
+    return dialer, received
+
+
+async def test_the_dialer_refuses_an_acceptor_whose_certificate_names_another_member(
+        mesh: Mesh, cluster_tls: dict[str, tls.PeerTlsContexts]) -> None:
+    # An acceptor on n2's address presenting n3's genuine certificate: n1 sends it nothing, not even a Hello.
+    dialer, hellos = await dialed_by_n1(mesh, transport_module.GREETING, cluster_tls["n3"].server, cluster_tls["n1"])
+    assert not dialer.transport.is_connected("n2")
+    assert all(data == b"" for data in hellos)
 
 
 @pytest.mark.parametrize("with_tls", [False, True], ids=["plain", "mutual-tls"])
@@ -742,25 +779,33 @@ async def test_a_dialer_refuses_an_acceptor_of_another_peer_protocol_version_and
     """Nodes of different versions do not link (docs/replication.md, "Messages"): the acceptor's greeting
     names its version, and a dialer greeted by another version logs the handshake failure as
     PeerVersionMismatch and sends nothing, not even a Hello."""
-    received: list[bytes] = []
+    older = transport_module.GREETING_PREFIX + b"%d\n" % (transport_module.PEER_PROTOCOL_VERSION - 1)
+    with capture_logs() as logs:
+        dialer, received = await dialed_by_n1(mesh, older)
+    assert not dialer.transport.is_connected("n2")
+    assert received and all(data == b"" for data in received)
+    assert {entry["reason"] for entry in logs if entry["event"] == "peer.handshake_failed"} == {"PeerVersionMismatch"}
 
-    async def older(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(transport_module.GREETING_PREFIX + b"%d\n" % (transport_module.PEER_PROTOCOL_VERSION - 1))
+
+async def test_a_peer_that_goes_silent_is_logged_down_with_reason_silent(mesh: Mesh) -> None:
+    """docs/failure-modes.md, "Black-holed link": a link silent past the idle timeout is closed and logged as
+    `peer.down` with reason `silent`; a peer that closes its link is logged down with another reason."""
+    acceptor = await mesh.start("n2", idle_timeout_seconds=0.4)
+    with capture_logs() as logs:
+        closing = await RawPeer.connect(mesh.ports["n2"])
         try:
-            received.append(await reader.read(4096))
-        except (OSError, EOFError):
-            pass
+            await closing.handshake("n1", "n2", mesh.secret)
+            await wait_until(lambda: acceptor.transport.is_connected("n1"), 5, "the first connection to be up")
+            closing.writer.write_eof()  # an orderly end of the link (a close could race a ping into a reset)
+            await wait_until(lambda: acceptor.peers_down == ["n1"], 5, "the closed link to be reported down")
         finally:
-            writer.close()
-
-    server = await asyncio.start_server(older, "127.0.0.1", mesh.ports["n2"])
-    try:
-        with capture_logs() as logs:
-            dialer = await mesh.start("n1")
-            await wait_until(lambda: dialer.transport.handshake_failures >= 2, 5, "the dialer to refuse twice")
-        assert not dialer.transport.is_connected("n2")
-        assert received and all(data == b"" for data in received)
-        reasons = {entry["reason"] for entry in logs if entry["event"] == "peer.handshake_failed"}
-        assert reasons == {"PeerVersionMismatch"}
-    finally:
-        server.close()
+            closing.close()
+        silent = await RawPeer.connect(mesh.ports["n2"])
+        try:
+            await silent.handshake("n1", "n2", mesh.secret)
+            await wait_until(lambda: acceptor.transport.is_connected("n1"), 5, "the second connection to be up")
+            await wait_until(lambda: acceptor.peers_down == ["n1", "n1"], 5, "the silent peer to be reported down")
+        finally:
+            silent.close()
+    down = [(entry["log_level"], entry["peer"], entry["reason"]) for entry in logs if entry["event"] == "peer.down"]
+    assert down == [("warning", "n1", "closed"), ("warning", "n1", "silent")]

@@ -198,6 +198,7 @@ class Node:
         self.snapshots = SnapshotTransfers(self.data_dir, lambda: self.store, self._run_in_driver,
                                            self.send_to_peer)
         self.metrics.watch_disk(self._disk_free_bytes, self._store_table_bytes, lambda: float(self.wal.segment_bytes))
+        self.metrics.watch_peers(self._peer_states)
         # Set by the service: handles ForwardRequest frames.
         self.forward_handler: Callable[[str, ForwardRequest], None] | None = None
         self.forward_response_handler: Callable[[str, ForwardResponse], None] | None = None
@@ -844,6 +845,15 @@ class Node:
                                      applied_index=self.store.applied_index,
                                      active_epoch=self.store.active_epoch())
 
+    def _peer_states(self) -> dict[str, tuple[bool, int | None]]:
+        """Each peer's link state and, on the primary, its match index (tokenvault_peer_reachable and
+        tokenvault_peer_match_index, read when /metrics is rendered)."""
+        if self.transport is None:
+            return {}
+        progress = self.replica.progress()
+        return {peer: (self.transport.is_connected(peer), progress[peer][0] if peer in progress else None)
+                for peer in self.transport.peers}
+
     def _disk_free_bytes(self) -> float:
         """What the file system of the data directory has free for this node (tokenvault_data_disk_free_bytes)."""
         try:
@@ -863,9 +873,13 @@ class Node:
         return "primary" if role == Role.PRIMARY else ("candidate" if role == Role.CANDIDATE else "backup")
 
     def health(self) -> dict[str, Any]:
-        return {"status": "ok", "node_id": self.node_id, "role": self.role_name(), "view": self.replica.view,
-                "primary_id": self.replica.primary_id, "commit_index": self.replica.commit_index,
-                "applied_index": self.store.applied_index, "active_epoch": self.store.active_epoch()}
+        document = {"status": "ok", "node_id": self.node_id, "role": self.role_name(), "view": self.replica.view,
+                    "primary_id": self.replica.primary_id, "commit_index": self.replica.commit_index,
+                    "applied_index": self.store.applied_index, "active_epoch": self.store.active_epoch()}
+        refused_by = self.transport.refused_by() if self.transport is not None else []
+        if refused_by:  # peers refuse this member (its incarnation changed): it counts in no majority
+            document["refused_by"] = refused_by
+        return document
 
 
 def _write_damage_marker(data_dir: Path, reason: str) -> None:

@@ -490,6 +490,11 @@ class PeerTransport:
         self._refused_by.add(peer_id)
         log.error("peer.refused_this_node", peer=peer_id, reason=reason[:REFUSAL_REASON_MAX_CHARS])
 
+    def refused_by(self) -> list[str]:
+        """The peers that refuse this node now (HelloRefused on their last link), sorted; a peer leaves
+        the list once a link with it carries anything else (its /health field ``refused_by``)."""
+        return sorted(self._refused_by)
+
     def _check_incarnation(self, peer_id: str, incarnation: bytes) -> None:
         """Refuse a member that proved the secret but is in another life of its data directory: it forgot
         what it acknowledged and whom it voted for (tokenvault/core/incarnations.py)."""
@@ -523,6 +528,7 @@ class PeerTransport:
         writer_task = self._spawn(connection.write_loop())
         keepalive_task = self._spawn(self._keep_alive(connection))
         reason = "closed"
+        accepted = False  # the first frame tells: HelloRefused, or anything else (the link is accepted)
         try:
             while True:
                 data = await connection.reader.read(READ_CHUNK_BYTES)
@@ -530,9 +536,12 @@ class PeerTransport:
                     break
                 self.last_seen_monotonic[peer_id] = time.monotonic()
                 for message in connection.decoder.feed(data):
-                    if isinstance(message, HelloRefused):  # the first frame: the peer refuses this node
-                        self._note_refusal(peer_id, message.reason)
-                        raise RefusedByPeer(f"{peer_id} refused this node")
+                    if not accepted:
+                        if isinstance(message, HelloRefused):  # the peer refuses this node
+                            self._note_refusal(peer_id, message.reason)
+                            raise RefusedByPeer(f"{peer_id} refused this node")
+                        accepted = True
+                        self._refused_by.discard(peer_id)
                     self._deliver(peer_id, message)
         except RefusedByPeer:
             reason = "refused"

@@ -30,6 +30,7 @@ from tokenvault.errors import (EpochChanged, IdempotencyInFlight, IdempotencyMis
 from tokenvault.api.channel import Channel
 from tokenvault.api.core_calls import CoreCalls
 from tokenvault.api.remote import EPOCH_TOPIC, RemoteService
+from tokenvault.api import service as service_module
 from tokenvault.api.service import MAX_EPOCH_RETRIES
 from tokenvault.api.validation import TokenizeOptions
 from tokenvault.crypto import formats
@@ -1076,3 +1077,26 @@ async def test_a_worker_sealed_tokenize_that_does_not_match_is_logged_as_worker_
     said = repr(mismatches)
     assert not any(secret in said for secret in ["forged-", *CARDS, *(formats.normalize("card", card) for card in CARDS),
                                          *(token for token, _ in forged + card_items)])
+
+
+async def test_ciphertexts_that_do_not_decrypt_read_as_unknown_and_are_logged_summed_per_epoch(
+        single: RunningNode) -> None:
+    """docs/logs.md, store.ciphertext_corrupt: damaged stored bytes read as unknown (null) and are said at
+    error level, summed (a line a second per epoch with its count), never one line per token; no token
+    or byte of the row is logged."""
+    service = single.service
+    keys = single.node.keyring.get(1)
+    tokens = [keys.token_for(f"damaged-{number}") for number in range(40)]
+    damaged = commands.TokenizeCommand(1, tuple((token, b"\x00" * 48) for token in tokens), None, None, None,
+                                       int(time.time() * 1000))
+    assert (await service._propose(commands.encode_command(damaged))).outcome == ApplyOutcome.OK
+    with capture_logs() as logs:
+        for _ in range(3):  # asked again and again: still summed
+            assert (await service.reveal(tokens, commands.NO_ACTOR))["values"] == [None] * len(tokens)
+        service_module.CIPHERTEXT_CORRUPT.flush()
+    lines = [entry for entry in logs if entry["event"] == "store.ciphertext_corrupt"]
+    # Every failed decryption is counted (a reveal with the audit trail on reads its tokens twice), in at
+    # most two lines: the first at once, the rest summed at the end of the second.
+    assert sum(line["count"] for line in lines) >= 3 * len(tokens) and len(lines) <= 2
+    assert all(line["log_level"] == "error" and line["epoch"] == 1 for line in lines)
+    assert not any(token in json.dumps(entry, default=str) for entry in logs for token in tokens)

@@ -26,11 +26,15 @@ from tokenvault.crypto import formats
 from tokenvault.core.store_reader import CatchUp, StoreReadError, StoreReader
 from tokenvault.crypto.keys import DecryptError, EpochKeys
 from tokenvault.errors import EpochChanged, Outcome, ServiceError, Unavailable
-from tokenvault.logs import get_logger
+from tokenvault.logs import SummedEvent, get_logger
 from tokenvault.metrics import Metrics
 from tokenvault.crypto.tokens import is_token, parse_token
 
 log = get_logger("worker")
+# Damaged stored bytes read as unknown and are said loudly, but summed: one detokenize of many damaged
+# tokens, or a client asking for them again and again, makes a line a second per epoch, not one per token.
+CIPHERTEXT_CORRUPT = SummedEvent(log, "store.ciphertext_corrupt", ("epoch",), level="error")
+METADATA_CORRUPT = SummedEvent(log, "store.metadata_corrupt", ("epoch",), level="error")
 
 # After its view of the store failed, a worker sends every detokenize to the core for this long.
 READER_REST_SECONDS = 5.0
@@ -422,7 +426,7 @@ class RemoteService:
             try:
                 texts[token] = keys.decrypt_metadata(token, ciphertext).decode("utf-8")
             except (DecryptError, UnicodeDecodeError):
-                log.error("store.metadata_corrupt", epoch=keys.epoch)
+                METADATA_CORRUPT.add(1, keys.epoch)
         return [texts.get(token) if token in answered else None for token in tokens]
 
     async def _read_from_view(self, tokens: list[str], opaque: list[str], formatted: list[str], epoch: int | None,
@@ -490,7 +494,7 @@ class RemoteService:
             try:
                 values.append(keys.decrypt(token, ciphertext))
             except DecryptError:
-                log.error("store.ciphertext_corrupt", epoch=keys.epoch)
+                CIPHERTEXT_CORRUPT.add(1, keys.epoch)
                 values.append(None)
         return values, still
 

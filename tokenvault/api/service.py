@@ -33,7 +33,7 @@ from tokenvault.auth import PRINCIPAL_NAME_PATTERN
 from tokenvault.errors import (EpochChanged, IdempotencyInFlight, IdempotencyMismatch, InvalidRequest,
                                KeyLimitReached, NotFound, Outcome, Overloaded, PayloadTooLarge, ServiceError,
                                TokenCollision, Unavailable, error_from_problem, problem_body)
-from tokenvault.logs import get_logger
+from tokenvault.logs import SummedEvent, get_logger
 from tokenvault.futures import await_future
 from tokenvault.core.node import Node, NodeBusy, ProposalLost, ProposalOutcomeUnknown
 from tokenvault.core.sealer import Sealer, SealerUnavailable
@@ -49,6 +49,10 @@ from tokenvault.api.members import CHANGE_MEMBER, LIST_MEMBERS, MembershipOperat
 from tokenvault.config import LimitsConfig
 
 log = get_logger("service")
+# Damaged stored bytes read as unknown and are said loudly, but summed: one detokenize of many damaged
+# tokens, or a client asking for them again and again, makes a line a second per epoch, not one per token.
+CIPHERTEXT_CORRUPT = SummedEvent(log, "store.ciphertext_corrupt", ("epoch",), level="error")
+METADATA_CORRUPT = SummedEvent(log, "store.metadata_corrupt", ("epoch",), level="error")
 
 MAX_EPOCH_RETRIES = 5
 MAX_FORWARDS_IN_FLIGHT = 4096
@@ -712,7 +716,7 @@ class NodeService(LifecycleOperations, MembershipOperations):
         try:
             return self.node.keyring.get(epoch).decrypt_metadata(token, ciphertext).decode("utf-8")
         except (DecryptError, UnicodeDecodeError):
-            log.error("store.metadata_corrupt", epoch=epoch)
+            METADATA_CORRUPT.add(1, epoch)
             return None
 
     async def _read_barrier_anywhere(self) -> None:
@@ -798,7 +802,7 @@ class NodeService(LifecycleOperations, MembershipOperations):
         except DecryptError:
             # Only corrupt storage gets here; the mapping is unusable, so it reads as unknown
             # and the operator is told loudly (without the token or any data).
-            log.error("store.ciphertext_corrupt", epoch=epoch)
+            CIPHERTEXT_CORRUPT.add(1, epoch)
             return None
 
     # ------------------------------------------------------------------ epochs

@@ -189,5 +189,5 @@ def main(config_path: str) -> int:
     try:
         return asyncio.run(run_node(config, Path(config_path)))
     except WalFatal as error:
-        log.critical("node.fatal", error=str(error)[:300])
+        log.critical("node.fatal", error=f"{type(error).__name__}: {str(error)[:300]}", task="start")
         return 2

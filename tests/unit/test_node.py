@@ -310,6 +310,17 @@ async def test_a_ticker_that_dies_takes_the_node_down_with_node_fatal(tmp_path: 
     assert [(line["task"], line["error"]) for line in fatal] == [("ticker", "OSError: the clock went away")]
 
 
+async def test_a_second_failure_on_the_way_down_keeps_the_first_cause_and_says_node_fatal_once(
+        single: RunningNode, node_log: Path) -> None:
+    """docs/logs.md, node.fatal: once per node, with the first cause; a later failure from another task
+    (a compaction, the shredder) changes neither the line nor fatal_error."""
+    single.node._fatal(OSError("the disk went away"), task="compaction")
+    single.node._fatal(RuntimeError("a consequence"), task="shred")
+    assert single.node.stopped.is_set() and single.node.fatal_error == "OSError: the disk went away"
+    fatal = [json.loads(line) for line in node_log.read_text().splitlines() if '"node.fatal"' in line]
+    assert [(line["task"], line["error"]) for line in fatal] == [("compaction", "OSError: the disk went away")]
+
+
 async def test_a_damaged_store_file_met_by_an_apply_stops_the_node_once_naming_the_file(
         tmp_path: Path, node_log: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The apply's insert-once read meets the damage: one node.fatal, task "store" (the driver, which the

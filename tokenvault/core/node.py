@@ -446,8 +446,7 @@ class Node:
         except asyncio.CancelledError:
             raise
         except BaseException as error:  # a storage failure: the node must stop, never go on
-            if self.fatal_error is None:  # a damaged store has stopped it already (_store_damaged)
-                self._fatal(error)
+            self._fatal(error)  # once: a damaged store may have stopped it already (_store_damaged)
             raise
 
     def _on_task_ended(self, task: asyncio.Task[None]) -> None:
@@ -462,8 +461,7 @@ class Node:
         error = task.exception()
         if error is None:
             error = RuntimeError(f"the {task.get_name()} task ended")
-        if self.fatal_error is None:
-            self._fatal(error, task=task.get_name())
+        self._fatal(error, task=task.get_name())
 
     def reload_tls(self) -> bool:
         """SIGHUP: load the node's certificate, key and CA files again (rotation without a restart,
@@ -504,6 +502,10 @@ class Node:
         self._fatal(error, task="store")
 
     def _fatal(self, error: BaseException, task: str = "driver") -> None:
+        """Stop the node for ``error``: said once, the first cause kept (a second failure on the way
+        down, from another task, is a consequence and changes neither)."""
+        if self.fatal_error is not None:
+            return
         self.fatal_error = f"{type(error).__name__}: {str(error)[:300]}"
         log.critical("node.fatal", error=self.fatal_error, task=task)
         self.stopped.set()

@@ -14,7 +14,7 @@ from protocol.messages import (MESSAGE_REGISTRY, MESSAGE_TYPES, AppendEntries, A
                                RequestVote, SnapshotReply, VoteReply)
 from protocol.records import (BecamePrimary, ElectionStarted, Event, MembershipChanged, PrimaryChanged, ReadResult,
                               Ready, ReplicaConfig, RestoredState, Role, SnapshotChunk, SnapshotRead, SnapshotToInstall,
-                              SteppedDown)
+                              SteppedDown, TransferEnd)
 from protocol.replica import Replica
 from protocol.types import INITIAL_HARD_STATE, Entry, EntryKind, HardState
 
@@ -28,7 +28,7 @@ __all__ = [
     "ReadIndex", "ReadIndexReply", "RequestVote",
     "SnapshotReply", "VoteReply",
     "BecamePrimary", "ElectionStarted", "Event", "PrimaryChanged", "ReadResult", "Ready", "ReplicaConfig",
-    "RestoredState", "Role", "SnapshotChunk", "SnapshotRead", "SnapshotToInstall", "SteppedDown",
+    "RestoredState", "Role", "SnapshotChunk", "SnapshotRead", "SnapshotToInstall", "SteppedDown", "TransferEnd",
     "Replica",
     "INITIAL_HARD_STATE", "Entry", "EntryKind", "HardState",
 ]

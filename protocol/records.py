@@ -12,6 +12,15 @@ from protocol.types import Entry, HardState
 MEBIBYTE = 1024 * 1024
 
 
+class TransferEnd(StrEnum):
+    """Why the primary ended a snapshot transfer (``Ready.snapshot_transfers_ended``)."""
+
+    INSTALLED = "installed"        # the backup installed it
+    DROPPED = "dropped"            # silent too long, or refused with every byte sent: a fresh one is asked for
+    CAUGHT_UP = "caught_up"        # the backup reached the log through appends
+    PEER_REMOVED = "peer_removed"  # the backup left the configuration
+
+
 class Role(StrEnum):
     PRIMARY = "primary"
     BACKUP = "backup"
@@ -205,7 +214,7 @@ class Ready:
        is on disk, as etcd's ``msgsAfterAppend``);
     6. apply ``committed_after_persist``; answer ``read_results`` once
        applied >= read_index; offer snapshots for ``snapshot_requests``; drop
-       the sources of ``snapshot_transfers_ended``; log ``events``;
+       the sources of ``snapshot_transfers_ended`` (each with its TransferEnd); log ``events``;
     7. call ``advance(ready)`` with this Ready, before asking for the next.
 
     A driver may also do everything after the fsync; the split only says what
@@ -224,7 +233,7 @@ class Ready:
     events: tuple[Event, ...]
     snapshot_reads: tuple[SnapshotRead, ...] = ()
     snapshot_chunks: tuple[SnapshotChunk, ...] = ()
-    snapshot_transfers_ended: tuple[str, ...] = ()
+    snapshot_transfers_ended: tuple[tuple[str, TransferEnd], ...] = ()
     messages_after_persist: tuple[tuple[str, Message], ...] = ()
     committed_durable_count: int = 0
     must_sync: bool = False

@@ -20,7 +20,7 @@ from protocol.messages import (AppendEntries, AppendReply, Heartbeat, HeartbeatR
 from protocol.progress import IncomingSnapshot, OutgoingSnapshot, PeerProgress, PeerState
 from protocol.records import (BecamePrimary, ElectionStarted, Event, MembershipChanged, PrimaryChanged, ReadResult,
                               Ready, ReplicaConfig, RestoredState, Role, SnapshotChunk, SnapshotRead,
-                              SnapshotToInstall, SteppedDown)
+                              SnapshotToInstall, SteppedDown, TransferEnd)
 from protocol.replicated_log import ReplicatedLog, entries_follow
 from protocol.types import Entry, EntryKind, HardState
 
@@ -92,7 +92,7 @@ class Replica:
         self._snapshot_requests: list[str] = []
         self._snapshot_reads: list[SnapshotRead] = []
         self._snapshot_chunks: list[SnapshotChunk] = []
-        self._snapshot_transfers_ended: list[str] = []
+        self._snapshot_transfers_ended: list[tuple[str, TransferEnd]] = []
         self._events: list[Event] = []
         # New entries wait for the next ready() so that proposals between two Readies share messages.
         self._appends_pending = False
@@ -702,7 +702,7 @@ class Replica:
         for peer in list(self._progress):
             if peer not in self._peers:
                 if self._progress.pop(peer).snapshot is not None:
-                    self._snapshot_transfers_ended.append(peer)
+                    self._snapshot_transfers_ended.append((peer, TransferEnd.PEER_REMOVED))
         for peer in self._peers:
             if peer not in self._progress:
                 self._progress[peer] = PeerProgress(self._log.last_index + 1)
@@ -907,7 +907,7 @@ class Replica:
         """End a transfer that will not complete; the peer stays in SNAPSHOT state and a new one is asked for."""
         progress.snapshot = None
         progress.snapshot_wait_ticks = 0
-        self._snapshot_transfers_ended.append(peer)
+        self._snapshot_transfers_ended.append((peer, TransferEnd.DROPPED))
 
     def _request_snapshot(self, peer: str) -> None:
         if peer not in self._snapshot_requests:
@@ -963,7 +963,7 @@ class Replica:
                 progress.become_replicate()
             elif progress.state is PeerState.SNAPSHOT and progress.match_index >= self._log.base_index:
                 if progress.snapshot is not None:
-                    self._snapshot_transfers_ended.append(sender)
+                    self._snapshot_transfers_ended.append((sender, TransferEnd.CAUGHT_UP))
                 progress.become_probe(progress.match_index + 1)
             self._send_appends(sender)
             return
@@ -1006,7 +1006,7 @@ class Replica:
             if progress.acknowledge(transfer.index):
                 self._maybe_commit()
             progress.become_probe(transfer.index + 1)
-            self._snapshot_transfers_ended.append(sender)
+            self._snapshot_transfers_ended.append((sender, TransferEnd.INSTALLED))
             self._send_appends(sender)
             return
         if message.received_bytes == 0 and transfer.acknowledged_bytes >= transfer.total_bytes:

@@ -53,7 +53,7 @@ async def test_backup_behind_the_compacted_log_installs_a_snapshot_and_serves(
     backup_mark = harness.log_mark(backup)
     primary_mark = harness.log_mark(primary)
     await asyncio.to_thread(harness.restart, backup)
-    harness.wait_for_event(primary, "snapshot.sent", since=primary_mark, peer=backup)
+    harness.wait_for_event(primary, "snapshot.sent", since=primary_mark, peer=backup, outcome="installed")
     harness.wait_for_event(backup, "snapshot.installed", since=backup_mark)
     await asyncio.to_thread(harness.wait_for_applied, [backup], commit_index, 10.0)
 
@@ -99,7 +99,8 @@ async def test_a_store_of_over_100_chunks_streams_to_a_backup_while_writes_are_a
     primary_mark = harness.log_mark(primary)
     await asyncio.to_thread(harness.restart, backup)
     await asyncio.to_thread(harness.wait_for_event, backup, "snapshot.installed", backup_mark, 30.0)
-    await asyncio.to_thread(harness.wait_for_event, primary, "snapshot.sent", primary_mark, 10.0, peer=backup)
+    await asyncio.to_thread(harness.wait_for_event, primary, "snapshot.sent", primary_mark, 10.0, peer=backup,
+                            outcome="installed")
     # The transfer that completed (it may have been offered while the backup was still down).
     sending = harness.find_events(primary, "snapshot.sending", peer=backup)[-1]
     stop.set()
@@ -228,7 +229,7 @@ async def test_neither_side_holds_a_24_mb_snapshot_in_memory(make_cluster: Calla
         backup_peak = memory_bytes(backup_pid, "VmHWM")
     finally:
         await restarting
-    sending = harness.wait_for_event(primary, "snapshot.sent", primary_mark, peer=backup)
+    sending = harness.wait_for_event(primary, "snapshot.sent", primary_mark, peer=backup, outcome="installed")
     primary_peak = memory_bytes(primary_pid, "VmHWM")
     assert sending["bytes"] >= 20 * 1024 * 1024, sending  # the stream this bound is about
     print(f"snapshot of {sending['bytes']} bytes ({installed['tokens']} tokens): primary core +"

@@ -415,7 +415,7 @@ class Simulation(InvariantChecks, Nemeses, MembershipChanges, ClientHistory):
             return False
         for result in ready.read_results:
             self._check_read(node, result)
-        for peer in ready.snapshot_transfers_ended:
+        for peer, _ in ready.snapshot_transfers_ended:
             node.sources.pop(peer, None)
         for peer in ready.snapshot_requests:
             disk = node.disk

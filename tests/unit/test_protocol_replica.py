@@ -13,7 +13,8 @@ from protocol import (INITIAL_HARD_STATE, AppendEntries, AppendReply, BecamePrim
                       Member, Membership,
                       Heartbeat, HeartbeatReply, Hello, InstallSnapshot, NotPrimary, PreVote, PreVoteReply,
                       ProposalRejected, ReadIndex, ReadIndexReply, ReadResult, Ready,
-                      ReplicaConfig, Replica, RequestVote, ElectionStarted, RestoredState, Role, SnapshotReply, SteppedDown, VoteReply)
+                      ReplicaConfig, Replica, RequestVote, ElectionStarted, RestoredState, Role, SnapshotReply, SteppedDown, TransferEnd,
+                      VoteReply)
 
 EMPTY = RestoredState(INITIAL_HARD_STATE, 0, 0, ())
 
@@ -61,6 +62,7 @@ class Cluster:
         self.snapshot_requests: list[tuple[str, str]] = []
         self.refuse_installs = 0  # how many completed stagings the "driver" refuses next
         self.chunks_staged: dict[str, int] = {}
+        self.transfers_ended: list[tuple[str, str, TransferEnd]] = []  # (primary, backup, why)
 
     def _new_replica(self, node_id: str, restored: RestoredState, seed: int) -> Replica:
         return Replica(ReplicaConfig(node_id, self.ids, **self.overrides), restored, random.Random(seed))
@@ -84,8 +86,9 @@ class Cluster:
                 self.queue.append((node_id, read.peer, InstallSnapshot(
                     read.view, read.index, read.snapshot_view, read.offset, read.total_bytes, data, zlib.crc32(data),
                     read.offer)))
-            for peer in ready.snapshot_transfers_ended:
+            for peer, outcome in ready.snapshot_transfers_ended:
                 del node.sources[peer]
+                self.transfers_ended.append((node_id, peer, outcome))
             node.applied.extend(ready.committed)
             node.events.extend(ready.events)
             self.snapshot_requests.extend((node_id, peer) for peer in ready.snapshot_requests)
@@ -765,6 +768,7 @@ def test_backup_behind_the_compacted_log_catches_up_through_a_chunked_snapshot()
     assert backup.replica.commit_index == primary.commit_index
     assert primary.progress()["n3"][0] == primary.last_index
     assert cluster.nodes["n1"].sources == {}, "the primary's driver is told to drop its copy"
+    assert cluster.transfers_ended == [("n1", "n3", TransferEnd.INSTALLED)]
 
 
 def test_a_refused_snapshot_is_dropped_and_a_fresh_one_is_streamed_and_installed() -> None:
@@ -785,6 +789,7 @@ def test_a_refused_snapshot_is_dropped_and_a_fresh_one_is_streamed_and_installed
     backup = cluster.nodes["n3"]
     assert backup.base == (applied, primary.view) and backup.applied[0].payload == data
     assert primary.progress()["n3"][0] == primary.last_index
+    assert cluster.transfers_ended == [("n1", "n3", TransferEnd.DROPPED), ("n1", "n3", TransferEnd.INSTALLED)]
 
 
 def test_a_chunk_whose_checksum_does_not_match_is_not_staged() -> None:
@@ -888,6 +893,7 @@ def test_no_snapshot_is_asked_for_a_silent_backup_and_a_silent_transfer_is_dropp
     timeout = primary.config.election_timeout_ticks
     cluster.tick(("n1", "n2"), times=4 * timeout)
     assert cluster.nodes["n1"].sources == {}, "the silent transfer ended: the driver dropped its checkpoint"
+    assert cluster.transfers_ended == [("n1", "n3", TransferEnd.DROPPED)]
     assert cluster.snapshot_requests == [], "no new checkpoint for a backup that does not answer"
     cluster.isolated = set()
     cluster.tick(times=3 * timeout)

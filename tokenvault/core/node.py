@@ -608,8 +608,8 @@ class Node:
             self._apply(ready.committed_after_persist)
         for result in ready.read_results:
             self._on_read_result(result)
-        for peer_id in ready.snapshot_transfers_ended:
-            self.snapshots.ended(peer_id)
+        for peer_id, outcome in ready.snapshot_transfers_ended:
+            self.snapshots.ended(peer_id, outcome)
         for peer_id in ready.snapshot_requests:
             self.snapshots.request(peer_id, self.replica.offer_snapshot)
         for event in ready.events:

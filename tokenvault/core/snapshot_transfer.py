@@ -123,10 +123,11 @@ class SnapshotTransfers:
         self._send(read.peer, InstallSnapshot(read.view, read.index, read.snapshot_view, read.offset,
                                               read.total_bytes, data, zlib.crc32(data), read.offer))
 
-    def ended(self, peer: str) -> None:
+    def ended(self, peer: str, outcome: str) -> None:
+        """The core ended ``peer``'s transfer (``outcome``: protocol.TransferEnd): its source is dropped."""
         source = self._sources.pop(peer, None)
         if source is not None:
-            log.info("snapshot.sent", peer=peer, index=source.index, bytes=source.total_bytes)
+            log.info("snapshot.sent", peer=peer, index=source.index, bytes=source.total_bytes, outcome=outcome)
             self._close_source(source)
 
     def drop_sources(self) -> None:

@@ -257,6 +257,21 @@ async def test_an_expectation_other_than_100_continue_is_417_without_echo(client
     await expect_problem(response, 417, (MARKER,))
 
 
+async def test_an_expectation_is_judged_only_once_the_body_would_be_read(
+        client: TestClient, key_ring: KeyRing, service: FakeService) -> None:
+    """docs/api.md, "Validation order": a request without a key is 401 whatever its Expect says (an
+    unauthenticated client learns nothing more), a key without the scope 403; an empty Expect names no
+    expectation and is ignored. (A fuzzed request with a stray Expect once got 417 before its 401.)"""
+    body = json.dumps({"values": ["v"]})
+    await expect_problem(await post(client, "/v1/tokenize", body, {**JSON, "Expect": MARKER}), 401, (MARKER,))
+    await expect_problem(await post(client, "/v1/tokenize", body,
+                                    {**JSON, **key_ring.bearer("detokenizer"), "Expect": MARKER}), 403, (MARKER,))
+    for empty in ("", " "):
+        response = await post(client, "/v1/tokenize", body, {**JSON, **key_ring.bearer("tokenizer"), "Expect": empty})
+        assert response.status == 200, empty
+    assert len(service.tokenize_calls) == 2
+
+
 async def test_expect_100_continue_gets_the_interim_answer_before_the_body_is_sent(
         client: TestClient, key_ring: KeyRing, service: FakeService) -> None:
     body = json.dumps({"values": ["v"]}).encode()

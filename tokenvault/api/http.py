@@ -461,6 +461,7 @@ class _Api:
                 raise PayloadTooLarge(f"the request body is larger than {self.limits.max_body_bytes} bytes")
             principal = request.get(_PRINCIPAL)
             with self.body_slot(principal, request.get(_KIND, "")):
+                _expect(request)  # only now, when the body will be read: 417, or 100 Continue
                 body = await self.read_body(request)
         request[_BODY] = body
         return body
@@ -772,7 +773,7 @@ class HttpApp:
 
     The server (tokenvault/api/httpserver.py, built by ``http_server``) calls the app
     with each parsed request. The dispatch resolves the route (404, 405 with ``Allow``),
-    answers ``Expect: 100-continue``, runs the handler, turns every error into
+    runs the handler (which answers ``Expect: 100-continue`` once it reads the body), turns every error into
     problem+json (an unexpected exception is logged without its message), and
     records the request's route, method, status and duration in the metrics
     (a request cancelled because its client went away has no status and is not
@@ -820,8 +821,6 @@ class HttpApp:
             match = self._resolve(request)
             route = match.pattern
             request[PATH_PARAMETERS] = match.parameters
-            if "Expect" in request.headers:
-                _expect(request)
             response = await match.handler(request)
         except ServiceError as error:
             response = problem_response(error.status, error.problem, error.title, error.detail, error.headers)
@@ -851,11 +850,17 @@ class HttpApp:
 
 
 def _expect(request: Request) -> None:
-    """``Expect: 100-continue`` on HTTP/1.1 is answered at once (the client then sends its body); any
-    other expectation is 417."""
+    """Right before the body is read (every check that needs no body has passed: the route, the key,
+    its scope and rate, the Idempotency-Key, the content type, the declared size, a body slot):
+    ``Expect: 100-continue`` on HTTP/1.1 is answered ``100 Continue`` (the client then sends its body);
+    any other expectation is 417. An empty ``Expect`` names no expectation and is ignored, as is the
+    header on a request whose body is never read."""
     if request.version != HTTP_11:
         return
-    if request.headers.get("Expect", "").lower() != "100-continue":
+    expectation = request.headers.get("Expect", "").strip()
+    if not expectation:
+        return
+    if expectation.lower() != "100-continue":
         raise ExpectationFailed()
     request.send_continue()
 

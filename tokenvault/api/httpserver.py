@@ -82,10 +82,12 @@ READ_AHEAD_BYTES = 64 * 1024
 MAX_PIPELINED = 64
 LINGER_SECONDS = 1.0
 LISTEN_BACKLOG = 1024  # connections a listening socket queues before they are accepted
-# accept() failing for want of descriptors or memory: wait this long before the next, as asyncio's
-# own servers do, rather than spin (the connections already open go on being served).
+# accept() failing for want of descriptors or memory (or any error that is not one client's): wait this
+# long before the next, as asyncio's own servers do, rather than spin (open connections are served on).
 ACCEPT_RETRY_SECONDS = 1.0
-_ACCEPT_RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+# accept() errors that concern one connection only (reset or aborted before it was taken): go on at once.
+_ACCEPT_CLIENT_ERRORS = frozenset({errno.ECONNABORTED, errno.ECONNRESET, errno.EAGAIN, errno.EWOULDBLOCK,
+                                   errno.EINTR, errno.EPROTO, errno.EPERM})
 HttpVersion = tuple[int, int]
 HTTP_11: HttpVersion = (1, 1)
 
@@ -800,10 +802,11 @@ class HttpServer:
             except OSError as error:
                 if listener.fileno() < 0:
                     return  # closed by stop_listening
-                if error.errno in _ACCEPT_RESOURCE_ERRORS:
-                    _log.error("http.accept_failed", reason=error.strerror, retry_seconds=ACCEPT_RETRY_SECONDS)
+                if error.errno not in _ACCEPT_CLIENT_ERRORS:  # out of descriptors or memory, and the like
+                    _log.error("http.accept_failed", reason=error.strerror or type(error).__name__,
+                               retry_seconds=ACCEPT_RETRY_SECONDS)
                     await asyncio.sleep(ACCEPT_RETRY_SECONDS)
-                continue  # a connection reset before it was accepted, and the like: that client's alone
+                continue
             self._admit_tls(client, context)
 
     def _admit_tls(self, client: socket.socket, context: ssl.SSLContext) -> None:

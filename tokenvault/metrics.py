@@ -151,7 +151,8 @@ class Metrics:
         registry = self.registry
         self.tokens_issued = Counter(
             "tokenvault_tokens_issued",
-            "Tokens written by tokenize entries this node applied while primary (the node records it).",
+            "Items of the tokenize entries this node applied while primary: every value a written tokenize"
+            " carried, new or not (a value repeated counts each time); a tokenize answered as a read counts none.",
             registry=registry,
         )
         self.tokenize_answered_as_read = Counter(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import pytest
 from _http_checks import check_problem
@@ -384,3 +385,60 @@ async def test_admin_endpoints_share_the_admin_bucket(
     await expect_problem(limited, 429)
     # Unauthenticated endpoints are never rate limited by key.
     assert (await client.get("/health")).status == 200
+
+
+# ---------------------------------------------------------------- the log of refused connections
+
+
+async def test_connections_past_the_cap_are_logged_summed_at_most_a_line_a_second_with_their_count(
+    make_client: ClientFactory, metrics: Metrics, connections: list[RawConnection], tmp_path: Path
+) -> None:
+    """docs/logs.md, `http.connection_refused` (docs/failure-modes.md, Slowloris): a connection past the cap
+    is logged at warning with `reason` "max_connections", `max_connections` (the bound in force) and `count`;
+    refusals within the second after a line are summed into the next line, a second later. Connections
+    within the cap log nothing."""
+    from datetime import datetime
+
+    from tokenvault.api import http as http_module
+    from tokenvault.logs import configure_logging, reset_logging
+
+    summed = http_module._REFUSED_CONNECTIONS  # the emitter's own (module-level) summed event
+    summed.flush()  # what an earlier test may have left waiting is logged now, before this test's log
+    log_path = tmp_path / "node.log"
+    configure_logging("test", log_path, "debug")
+    try:
+        client = await make_client(HttpLimits(max_connections=8))
+        server = client.server.http_server
+        for _ in range(8):
+            connection = await RawConnection.open(client)
+            await connection.send(b"GET /health HTTP/1.1\r\n")  # held open, headers unfinished
+            connections.append(connection)
+        await poll(lambda: len(server.connections) == 8, "the eight held connections to be counted")
+
+        def refused_lines() -> list[dict]:
+            return [line for line in map(json.loads, log_path.read_text().splitlines())
+                    if line["event"] == "http.connection_refused"]
+
+        assert refused_lines() == [] and sample(metrics, "tokenvault_http_connections_refused_total") == 0
+
+        async def refused_once() -> None:
+            extra = await RawConnection.open(client)
+            connections.append(extra)
+            assert status_of(await extra.read_all()) == 503
+
+        await refused_once()
+        await poll(lambda: len(refused_lines()) == 1, "the first refusal's line")
+        # Two more, within the second after that line: summed into one line, written when the second ends.
+        await asyncio.gather(refused_once(), refused_once())
+        assert len(refused_lines()) == 1, "a refusal within the second after a line was written at once"
+        await poll(lambda: len(refused_lines()) == 2, "the summed line of the next two refusals")
+    finally:
+        reset_logging()
+    lines = refused_lines()
+    assert [(line["level"], line["reason"], line["max_connections"], line["count"]) for line in lines] == [
+        ("warning", "max_connections", 8, 1), ("warning", "max_connections", 8, 2)]
+    assert sample(metrics, "tokenvault_http_connections_refused_total") == 3
+    # At most one line a second: the second line was written an interval after the first. (The interval is
+    # kept on the loop's clock, a line's `ts` read from the wall clock just after: 10 ms allows for that.)
+    first, second = (datetime.fromisoformat(line["ts"]) for line in lines)
+    assert (second - first).total_seconds() >= http_module.FLOOD_LOG_INTERVAL_SECONDS - 0.01

@@ -9,7 +9,10 @@ behaviour over this server is what the rest of tests/http checks.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
+import os
+import socket
 import ssl
 import zlib
 from collections.abc import AsyncIterator, Callable
@@ -18,7 +21,9 @@ from typing import Any
 import pytest
 import uvloop
 from _http_checks import check_problem
+from structlog.testing import capture_logs
 
+from tokenvault.api import httpserver
 from tokenvault.api.http import TOO_MANY_CONNECTIONS_RESPONSE, problem_response
 from tokenvault.api.httpserver import (MAX_HEAD_BYTES, MAX_HEADERS, MAX_LINE_BYTES, MAX_PIPELINED, BodyError,
                                        BodyTooLarge, HttpServer, Request, Response)
@@ -475,3 +480,133 @@ def test_a_tls_handshake_is_bounded_by_the_header_timeout_and_cut_by_close(tls_f
 
     with asyncio.Runner(loop_factory=LOOPS[loop_name]) as runner:
         runner.run(scenario())
+
+
+# ---------------------------------------------------------------- TLS accept failures
+
+
+class _ListenerFailingOnce(socket.socket):
+    """A listening socket whose next ``accept()`` raises ``fail_with`` once it is set, as the kernel's fails
+    when the process is out of descriptors or memory: the connection waiting stays in the backlog, for the
+    next accept. Records the loop time of that failure and of every accept that succeeds."""
+
+    def __init__(self) -> None:
+        super().__init__(socket.AF_INET, socket.SOCK_STREAM)
+        self.fail_with: OSError | None = None
+        self.failed_at: float | None = None
+        self.accepted_at: list[float] = []
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        if self.fail_with is not None:
+            error, self.fail_with = self.fail_with, None
+            self.failed_at = asyncio.get_running_loop().time()
+            raise error
+        accepted = super().accept()
+        self.accepted_at.append(asyncio.get_running_loop().time())
+        return accepted
+
+
+def _listener_failing_once() -> _ListenerFailingOnce:
+    listener = _ListenerFailingOnce()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    return listener
+
+
+def _os_error(code: int) -> OSError:
+    return OSError(code, os.strerror(code))
+
+
+async def _keep_alive_get(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str) -> int:
+    """One request on an open connection, which stays open: the status answered."""
+    writer.write(get(path))
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), DEADLINE_SECONDS)
+    ((status, headers, _),) = responses(head)
+    await asyncio.wait_for(reader.readexactly(int(headers["Content-Length"])), DEADLINE_SECONDS)
+    return status
+
+
+# (loop, the error accept() raises, the `reason` logged): out of descriptors or memory (docs/failure-modes.md),
+# another error that is not one client's, and an OSError with no errno (its type is the reason).
+ACCEPT_FAILURES = {
+    "asyncio-EMFILE": ("asyncio", lambda: _os_error(errno.EMFILE), os.strerror(errno.EMFILE)),
+    "uvloop-EMFILE": ("uvloop", lambda: _os_error(errno.EMFILE), os.strerror(errno.EMFILE)),
+    "asyncio-ENOMEM": ("asyncio", lambda: _os_error(errno.ENOMEM), os.strerror(errno.ENOMEM)),
+    "asyncio-EINVAL": ("asyncio", lambda: _os_error(errno.EINVAL), os.strerror(errno.EINVAL)),
+    "asyncio-no-errno": ("asyncio", lambda: OSError("no errno"), "OSError"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ACCEPT_FAILURES))
+def test_a_tls_accept_failing_not_for_one_client_is_logged_and_retried_a_second_later(
+        tls_files: ClusterTlsFiles, case: str) -> None:
+    """docs/logs.md, `http.accept_failed` (docs/failure-modes.md, "Too few open files"): accepting a TLS
+    connection fails for a reason that is not one client's (EMFILE, ENFILE, ENOBUFS, ENOMEM, say): one line
+    at error with `reason` (the strerror, or the error's type) and `retry_seconds`; the listener accepts
+    again 1 s later and serves the connections it has open meanwhile. The connection that waited is then
+    accepted and answered."""
+    loop_name, make_error, reason = ACCEPT_FAILURES[case]
+
+    async def scenario() -> None:
+        _, server, _, context = _tls_server(tls_files)
+        listener = _listener_failing_once()
+        await server.start_on_socket(listener, ssl_context=context)
+        address = listener.getsockname()[:2]
+        client_context = http_client_context(tls_files.ca_cert_file)
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(*address, ssl=client_context),
+                                                    DEADLINE_SECONDS)
+            assert await _keep_alive_get(reader, writer, "/before") == 200
+            listener.fail_with = make_error()
+            waiting = asyncio.ensure_future(_tls_get(address, tls_files, "/waited"))
+            await _until(lambda: listener.failed_at is not None, "the accept never failed")
+            assert await _keep_alive_get(reader, writer, "/meanwhile") == 200  # the open connection is served
+            assert not waiting.done() and len(listener.accepted_at) == 1, "accepted again without waiting"
+            assert b"HTTP/1.1 200" in await waiting
+            assert len(listener.accepted_at) == 2
+            # The back-off, on the loop's clock (1 ms allows for uvloop's, kept in whole milliseconds).
+            assert listener.accepted_at[1] - listener.failed_at >= httpserver.ACCEPT_RETRY_SECONDS - 0.001
+            writer.close()
+        finally:
+            await server.close(0)
+
+    with capture_logs() as logs:
+        with asyncio.Runner(loop_factory=LOOPS[loop_name]) as runner:
+            runner.run(scenario())
+    failed = [entry for entry in logs if entry["event"] == "http.accept_failed"]
+    assert failed == [{"event": "http.accept_failed", "log_level": "error", "logger": "tokenvault.api.httpserver",
+                       "reason": reason, "retry_seconds": 1.0}]
+    assert httpserver.ACCEPT_RETRY_SECONDS == 1.0  # docs/logs.md: "the listener retries after 1 s"
+
+
+# One client's errors (reset or aborted before it was taken, a firewall's refusal, a protocol error):
+# skipped silently. (EAGAIN and EINTR never reach the server: the event loop retries them itself.)
+CLIENT_ACCEPT_ERRORS = [("asyncio", errno.ECONNABORTED), ("uvloop", errno.ECONNABORTED),
+                        ("asyncio", errno.ECONNRESET), ("asyncio", errno.EPROTO), ("asyncio", errno.EPERM)]
+
+
+@pytest.mark.parametrize(("loop_name", "code"), CLIENT_ACCEPT_ERRORS,
+                         ids=[f"{name}-{errno.errorcode[code]}" for name, code in CLIENT_ACCEPT_ERRORS])
+def test_a_tls_accept_failing_for_one_client_is_not_logged_and_the_next_is_accepted_at_once(
+        tls_files: ClusterTlsFiles, loop_name: str, code: int) -> None:
+    """docs/logs.md, `http.accept_failed`: a connection reset or aborted before it was taken is that client's
+    alone: no line, no back-off; the listener accepts the next connection straight away."""
+    async def scenario() -> None:
+        _, server, _, context = _tls_server(tls_files)
+        listener = _listener_failing_once()
+        await server.start_on_socket(listener, ssl_context=context)
+        address = listener.getsockname()[:2]
+        try:
+            assert b"HTTP/1.1 200" in await _tls_get(address, tls_files, "/first")  # the listener waits again
+            listener.fail_with = _os_error(code)
+            assert b"HTTP/1.1 200" in await _tls_get(address, tls_files, "/next")
+            assert listener.failed_at is not None and len(listener.accepted_at) == 2
+            assert listener.accepted_at[1] - listener.failed_at < httpserver.ACCEPT_RETRY_SECONDS
+        finally:
+            await server.close(0)
+
+    with capture_logs() as logs:
+        with asyncio.Runner(loop_factory=LOOPS[loop_name]) as runner:
+            runner.run(scenario())
+    assert [entry for entry in logs if entry["event"] == "http.accept_failed"] == []

@@ -141,3 +141,19 @@ def test_a_connection_that_never_finishes_its_tls_handshake_is_closed_within_the
             closed = False
     waited = time.monotonic() - started
     assert closed and waited <= HEADER_TIMEOUT_SECONDS + CLOSE_MARGIN_SECONDS, waited
+
+
+def test_its_http_worker_logs_worker_started_and_with_one_worker_opens_no_view_of_the_store(
+        tls_node: RealNode) -> None:
+    """docs/logs.md, `worker.started` (`index`, `pid`): the node's one HTTP worker serves its listening
+    socket. The workers read the store themselves only from 2 workers on ([http] store_reads absent), so
+    this node logs no `worker.store_view_opened`."""
+    lines = [json.loads(line) for line in tls_node.node.log_file.read_text().splitlines() if line.strip()]
+    started = [line for line in lines if line["event"] == "worker.started"]
+    assert [(line["level"], line["index"], line["process"]) for line in started] == [("info", 1, "worker-1")]
+    worker = started[0]["pid"]
+    command = Path(f"/proc/{worker}/cmdline").read_bytes().split(b"\0")
+    parent = int(Path(f"/proc/{worker}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    assert b"tokenvault.api.worker" in command and parent == tls_node.pid
+    assert command[command.index(b"--index") + 1] == b"1"
+    assert [line for line in lines if line["event"] == "worker.store_view_opened"] == []

@@ -265,3 +265,61 @@ async def test_workers_reveal_card_tokens_from_their_view_and_never_in_an_epoch_
             assert list(await client.detokenize([token])) == [None]
             assert list(await client.detokenize([token], epoch=old_epoch)) == [card]
         assert _counter(single.metrics_text("n1"), reads, "failed") == 0
+
+
+def _argument(pid: int, name: str) -> str:
+    """The value given to option ``name`` on the command line of process ``pid``."""
+    command = (Path("/proc") / str(pid) / "cmdline").read_bytes().decode().split("\0")
+    return command[command.index(name) + 1]
+
+
+def _by_worker(metrics: str, name: str, **labels: str) -> dict[str, float]:
+    """worker -> value of the series ``name`` (with ``labels``) each worker shows in a node's exposition."""
+    return {sample.labels["worker"]: sample.value
+            for family in text_string_to_metric_families(metrics) for sample in family.samples
+            if sample.name == name and "worker" in sample.labels
+            and all(sample.labels.get(label) == value for label, value in labels.items())}
+
+
+async def test_each_worker_logs_it_serves_and_its_view_opened_and_shows_its_view_s_catch_ups(
+        single: ClusterHarness) -> None:
+    """docs/logs.md: `worker.started` (`index`, `pid`) from each worker once it serves its socket, and
+    `worker.store_view_opened` (`index`, `took_ms`) once its read-only view of the store is open (the
+    workers read the store themselves from 2 workers on). docs/api.md: tokenvault_worker_store_view_catch_ups,
+    labelled `worker`, counts the times that worker's view caught up with the core's writes: none before any
+    request asked a view for anything, and at least one in a worker whose view answered tokens written after
+    it opened."""
+    from tokenvault.api.worker import STORE_READS_MIN_WORKERS
+
+    assert HTTP_WORKERS >= STORE_READS_MIN_WORKERS, "run with TOKENVAULT_IT_HTTP_WORKERS of at least 2"
+    pid = single.pid("n1")
+    assert pid is not None
+    workers = {int(_argument(worker, "--index")): worker for worker in worker_pids(pid)}
+    indexes = list(range(1, HTTP_WORKERS + 1))
+    assert sorted(workers) == indexes
+    for event in ("worker.started", "worker.store_view_opened"):
+        wait_for(lambda event=event: len(single.find_events("n1", event)) >= HTTP_WORKERS, 10,
+                 f"{event} from every worker")
+    started = sorted((line["index"], line["pid"], line["level"], line["process"])
+                     for line in single.find_events("n1", "worker.started"))
+    assert started == [(index, workers[index], "info", f"worker-{index}") for index in indexes]
+    opened = sorted(single.find_events("n1", "worker.store_view_opened"), key=lambda line: line["index"])
+    assert [(line["index"], line["level"], line["process"]) for line in opened] == [
+        (index, "info", f"worker-{index}") for index in indexes]
+    assert all(type(line["took_ms"]) is int and line["took_ms"] >= 0 for line in opened), opened
+
+    catch_ups, reads = "tokenvault_worker_store_view_catch_ups", "tokenvault_worker_store_reads_total"
+    assert _by_worker(single.metrics_text("n1"), catch_ups) == {str(index): 0.0 for index in indexes}
+    async with single.client("n1") as client:
+        values = [f"caught-up-{number}" for number in range(3)]
+        tokens = list((await client.tokenize(values)).tokens)
+        deadline = time.monotonic() + 10
+        while not any(_by_worker(text := single.metrics_text("n1"), reads, result="view").values()):
+            assert time.monotonic() < deadline, "no worker's view came to hold the tokens"
+            assert list(await client.detokenize(tokens)) == values
+    # One page holds both figures of each worker, read at once: a view that answered tokens written after
+    # it opened had caught up at least once.
+    from_view = {worker for worker, count in _by_worker(text, reads, result="view").items() if count > 0}
+    shown = _by_worker(text, catch_ups)
+    assert set(shown) == {str(index) for index in indexes}
+    assert all(shown[worker] >= 1 for worker in from_view), (from_view, shown)

@@ -569,3 +569,34 @@ async def test_a_copy_of_a_data_directory_holds_no_value_and_no_key(tmp_path: Pa
         assert [ring.decrypt(token, ciphertexts[token]) for token in epoch1] == values
     finally:
         store.close()
+
+
+async def test_a_token_that_cannot_wrap_logs_epoch_wrap_failed_with_its_reason_cut_to_300_characters(
+        tmp_path: Path) -> None:
+    """docs/logs.md, `epoch.wrap_failed`: the master key could not wrap a new epoch secret; one line at
+    error with `reason` (300 characters at most). A rotation whose wrap works logs none."""
+    from structlog.testing import capture_logs
+
+    from tokenvault.errors import Unavailable
+
+    reason = "PKCS#11 error DeviceRemoved while wrapping an epoch secret (token 't'); " + "r" * 400
+
+    class _FailingAtLength(_FailingToken):
+        def wrap_epoch_secret(self, epoch: int, secret: bytes) -> bytes:
+            raise KeyCustodyError(reason)
+
+    running = await start_node(_config(tmp_path))
+    try:
+        await wait_until(lambda: running.node.store.active_epoch() == 1, 5.0, "epoch 1")
+        with capture_logs() as working:
+            assert (await running.service.rotate_epoch("p", None)).status == 201
+        running.node.master_key = _FailingAtLength(running.node.master_key)  # type: ignore[assignment]
+        with capture_logs() as failing:
+            with pytest.raises(Unavailable):
+                await running.service.rotate_epoch("p", None)
+        assert running.node.store.active_epoch() == 2
+    finally:
+        await running.close()
+    assert [entry for entry in working if entry["event"] == "epoch.wrap_failed"] == []
+    assert [entry for entry in failing if entry["event"] == "epoch.wrap_failed"] == [
+        {"event": "epoch.wrap_failed", "log_level": "error", "logger": "service", "reason": reason[:300]}]

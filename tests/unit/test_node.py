@@ -1007,3 +1007,121 @@ async def test_each_wal_group_commit_is_one_observation_of_the_fsync_and_batch_m
     assert delta["tokenvault_wal_batch_entries_sum"] == len(appended)
     assert delta["tokenvault_wal_batch_bytes_count"] == len(sync_seconds)
     assert delta["tokenvault_wal_batch_bytes_sum"] == sum(appended) > 0
+
+
+# --------------------------------------------------------------------------- counters and gauges in /metrics
+
+Series = tuple[str, tuple[tuple[str, str], ...]]
+TOKENS_ISSUED: Series = ("tokenvault_tokens_issued_total", ())
+DETOKENIZED_FOUND: Series = ("tokenvault_values_detokenized_total", (("result", "found"),))
+DETOKENIZED_UNKNOWN: Series = ("tokenvault_values_detokenized_total", (("result", "unknown"),))
+TOKEN_COUNTERS = (TOKENS_ISSUED, DETOKENIZED_FOUND, DETOKENIZED_UNKNOWN)
+# The health fields each replication gauge shows (docs/api.md, GET /metrics).
+REPLICATION_GAUGES = {"view": "tokenvault_view", "commit_index": "tokenvault_commit_index",
+                      "applied_index": "tokenvault_applied_index", "active_epoch": "tokenvault_active_epoch"}
+
+
+def exposition(running: RunningNode) -> dict[Series, float]:
+    """(sample name, sorted labels) -> value in the node's /metrics exposition."""
+    body, _ = running.node.metrics.render()
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(body.decode()) for sample in family.samples}
+
+
+def token_counters(running: RunningNode) -> dict[Series, float]:
+    shown = exposition(running)
+    return {series: shown.get(series, 0.0) for series in TOKEN_COUNTERS}  # a labelled child shows once counted
+
+
+def moved(before: dict[Series, float], after: dict[Series, float]) -> dict[Series, float]:
+    return {series: after[series] - before[series] for series in TOKEN_COUNTERS}
+
+
+async def test_the_token_counters_move_by_what_each_node_s_tokenizes_and_detokenizes_did(trio: Cluster) -> None:
+    """docs/api.md, GET /metrics: tokenvault_tokens_issued_total counts the tokens written by entries applied
+    while primary (a backup applying them counts none, a repeat answered as a read none);
+    tokenvault_values_detokenized_total counts the tokens a detokenize answered by this node looked up, by
+    result, on that node only."""
+    primary = await trio.wait_for_stable_primary()
+    backup = trio.backups()[0]
+    nodes = trio.running()
+    before = {running.node_id: token_counters(running) for running in nodes}
+    values = [f"counted-{number}" for number in range(5)]
+    epoch, tokens = await tokens_of(primary, values)
+    commit_index = primary.node.replica.commit_index
+    await wait_until(lambda: all(running.node.store.applied_index >= commit_index for running in nodes), 5,
+                     "every node to apply the tokenize")
+    issued = {running.node_id: token_counters(running) for running in nodes}
+    nothing = dict.fromkeys(TOKEN_COUNTERS, 0.0)
+    assert {node_id: moved(before[node_id], issued[node_id]) for node_id in issued} == {
+        running.node_id: {**nothing, TOKENS_ISSUED: float(len(values)) if running is primary else 0.0}
+        for running in nodes}
+    assert (await tokens_of(primary, values[:3]))[1] == tokens[:3]  # every token stored: answered as a read
+    assert token_counters(primary) == issued[primary.node_id]
+    keys = primary.node.keyring.get(epoch)
+    unknown = [keys.token_for("never-tokenized-1"), keys.token_for("never-tokenized-2")]
+    asked = tokens[:3] + unknown
+    assert await backup.service.detokenize(asked) == values[:3] + [None, None]
+    after_backup = {running.node_id: token_counters(running) for running in nodes}
+    assert {node_id: moved(issued[node_id], after_backup[node_id]) for node_id in issued} == {
+        running.node_id: {**nothing, DETOKENIZED_FOUND: 3.0, DETOKENIZED_UNKNOWN: 2.0} if running is backup
+        else nothing for running in nodes}
+    assert await primary.service.detokenize(tokens[3:] + unknown[:1]) == values[3:] + [None]
+    assert moved(after_backup[primary.node_id], token_counters(primary)) == {
+        **nothing, DETOKENIZED_FOUND: 2.0, DETOKENIZED_UNKNOWN: 1.0}
+
+
+def replication_shown(running: RunningNode) -> tuple[dict[str, float], dict[str, float]]:
+    """tokenvault_role by role, and the replication gauges by the health field each shows."""
+    shown = exposition(running)
+    roles = {labels[0][1]: value for (name, labels), value in shown.items() if name == "tokenvault_role"}
+    return roles, {field: shown[(metric, ())] for field, metric in REPLICATION_GAUGES.items()}
+
+
+async def test_each_node_s_role_and_replication_gauges_show_its_health(trio: Cluster,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/api.md, GET /metrics: tokenvault_role is 1 for the node's role and 0 for the others;
+    tokenvault_view, _commit_index, _applied_index and _active_epoch are the node's replication state, as
+    its health document gives it."""
+    from tokenvault.metrics import ROLES
+
+    primary = await trio.wait_for_stable_primary()
+    await tokens_of(primary, ["gauged-a", "gauged-b"])
+    rotated = await primary.service.rotate_epoch("p", None)
+    assert rotated.status == 201
+    epoch = json.loads(rotated.body)["epoch"]
+    commit_index = primary.node.replica.commit_index
+    nodes = trio.running()
+    await wait_until(lambda: all(running.node.store.applied_index >= commit_index for running in nodes), 5,
+                     "every node to apply the rotation")
+
+    def shows_health(running: RunningNode) -> bool:
+        health = running.service.health()
+        return replication_shown(running) == ({role: float(role == health["role"]) for role in ROLES},
+                                              {field: health[field] for field in REPLICATION_GAUGES})
+
+    for running in nodes:  # a gauge is set after each step of the driver: read both until they agree
+        await wait_until(lambda running=running: shows_health(running), 5,
+                         f"{running.node_id}'s gauges to show its health")
+    for running in nodes:
+        roles, gauges = replication_shown(running)
+        role = "primary" if running is primary else "backup"
+        assert roles == {name: float(name == role) for name in ROLES}
+        assert gauges["active_epoch"] == epoch and gauges["applied_index"] >= commit_index
+        assert gauges["commit_index"] >= commit_index and gauges["view"] == primary.node.replica.view
+    # A backup that knows of more committed entries than it applied shows each index apart: its committed
+    # entries are held back (then applied, in order) while the primary commits one more.
+    backup = trio.backups()[0]
+    held: list[object] = []
+    applied_index = backup.node.store.applied_index
+    monkeypatch.setattr(backup.node, "_apply", held.append)
+    await tokens_of(primary, ["gauged-c"])
+    await wait_until(lambda: backup.node.replica.commit_index > backup.node.store.applied_index and held, 5,
+                     "the backup to learn of the commit it does not apply")
+    await wait_until(lambda: shows_health(backup), 5, "the lagging backup's gauges to show its health")
+    _, gauges = replication_shown(backup)
+    assert gauges["commit_index"] > gauges["applied_index"] == applied_index
+    monkeypatch.undo()
+    for entries in held:
+        backup.node._apply(entries)  # type: ignore[arg-type]
+    await wait_until(lambda: shows_health(backup), 5, "the backup's gauges to show its health once it applied")

@@ -348,9 +348,10 @@ class VaultTarget:
     """Builds tokenize/detokenize operations against a list of vault node URLs (round-robin per worker)."""
 
     def __init__(self, urls: Sequence[str], api_key: str, seed: int | None, ca_file: str | Path | None = None,
-                 token_format: str = "opaque") -> None:
+                 token_format: str = "opaque", ttl_seconds: int | None = None) -> None:
         self.urls = [url.rstrip("/") for url in urls]
         self.token_format = token_format  # tokenize mode: "opaque", or "card" with random Luhn-valid cards
+        self.ttl_seconds = ttl_seconds  # tokenize mode: each request asks for this TTL
         self.ca_file = ca_file  # the cluster CA for https:// nodes
         self.headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
         self.generator = random.Random(seed)
@@ -372,6 +373,8 @@ class VaultTarget:
                 document: dict[str, object] = {"values": random_cards(batch, self.generator), "format": "card"}
             else:
                 document = {"values": random_values(batch, self.generator)}
+            if self.ttl_seconds is not None:
+                document["ttl_seconds"] = self.ttl_seconds
             status, body = await self.post(client, worker, self.url_for(worker) + "/v1/tokenize", document)
             if status != 200 or len(body.get("tokens", ())) != batch:
                 return Outcome(False, 0, f"HTTP {status}")
@@ -586,6 +589,7 @@ class Workload:
     seed: int | None = None  # None: fresh randomness
     pool: tuple[str, ...] = ()  # tokens that exist, for detokenize and mixed
     pool_values: tuple[str, ...] = ()  # the values those tokens stand for, for repeat
+    ttl_seconds: int | None = None  # vault tokenize: the TTL each request asks for
 
     def __post_init__(self) -> None:
         # Why here: a mistake found in the parent is clearer than the same one in every load process.
@@ -610,7 +614,8 @@ def build_operation(workload: Workload) -> Operation:
     """The Operation a workload describes; every run, in one process or several, gets it from here."""
     if workload.system == "etcd":
         return etcd_insert_if_absent(workload.urls, workload.seed)
-    target = VaultTarget(workload.urls, workload.api_key, workload.seed, workload.ca_file, workload.token_format)
+    target = VaultTarget(workload.urls, workload.api_key, workload.seed, workload.ca_file, workload.token_format,
+                         workload.ttl_seconds)
     target.pool, target.pool_values = list(workload.pool), list(workload.pool_values)
     return {"tokenize": target.tokenize, "detokenize": target.detokenize, "repeat": target.repeat,
             "mixed": target.mixed}[workload.mode](workload.batch)
@@ -796,7 +801,7 @@ async def vault_workload(urls: Sequence[str], api_key: str, ca_file: str | Path 
         await target.fill_pool(max(arguments.pool, arguments.batch))
     return Workload("vault", arguments.mode, tuple(target.urls), arguments.batch, api_key,
                     str(ca_file) if ca_file else None, arguments.format, arguments.seed,
-                    tuple(target.pool), tuple(target.pool_values))
+                    tuple(target.pool), tuple(target.pool_values), getattr(arguments, "ttl_seconds", None))
 
 
 def client_label(arguments: argparse.Namespace) -> str:
@@ -817,7 +822,8 @@ async def command_run(arguments: argparse.Namespace) -> int:
     if not urls or not api_key:
         raise SystemExit("give --url and --api-key, or --cluster-json")
     workload = await vault_workload(urls, api_key, ca_file, arguments)
-    print(f"{arguments.mode} ({arguments.format}), {arguments.batch} value(s)/request, concurrency {arguments.concurrency}, "
+    ttl = f", TTL {arguments.ttl_seconds} s" if arguments.ttl_seconds is not None else ""
+    print(f"{arguments.mode} ({arguments.format}{ttl}), {arguments.batch} value(s)/request, concurrency {arguments.concurrency}, "
           f"{arguments.duration:g} s after {arguments.warmup:g} s warm-up, {client_label(arguments)}, "
           f"against {', '.join(urls)}", flush=True)
     # CPU per request counts every node of the cluster (all of them work for each write).
@@ -959,6 +965,8 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     run.add_argument("--format", choices=("opaque", "card"), default="opaque",
                      help="tokenize mode: opaque tokens of synthetic strings, or card tokens of random card numbers")
     run.add_argument("--pool", type=int, default=DETOKENIZE_POOL_VALUES, help="values tokenized beforehand for detokenize and repeat")
+    run.add_argument("--ttl-seconds", type=int, default=None,
+                     help="tokenize mode: every request asks for this TTL (docs/api.md, ttl_seconds)")
     compare_parser = commands.add_parser("compare-etcd", help="start a 3-node vault and a 3-member etcd, drive both")
     compare_parser.add_argument("--rounds", type=int, default=1,
                                 help="single-value pairs to run, alternating which system goes first; "

@@ -364,3 +364,25 @@ def test_the_store_growth_bench_prints_every_window_and_the_settled_cost(tuning:
     assert list(tmp_path.iterdir()) == []  # the store is gone
     # and the tuning with it: every store opened afterwards has the store's own options
     assert (store_layout.database_options, store_module.database_options) == options_before
+
+
+async def test_a_tokenize_load_with_a_ttl_asks_it_in_every_request_of_every_process() -> None:
+    """bench/README.md, `--ttl-seconds`: each tokenize body carries the TTL, in the load processes too
+    (the TTL travels in the Workload)."""
+    import loadgen
+
+    bodies: list[dict] = []
+
+    async def tokenize(request: web.Request) -> web.Response:
+        document = await request.json()
+        bodies.append(document)
+        return web.json_response({"tokens": [f"token-{value}" for value in document["values"]]})
+
+    app = web.Application()
+    app.router.add_post("/{prefix}/v1/tokenize", tokenize)
+    async with local_server(app) as base_url:
+        workload = loadgen.Workload("vault", "tokenize", (f"{base_url}/w0",), batch=2, api_key="k", ttl_seconds=60)
+        assert loadgen.Workload.from_json(workload.to_json()) == workload
+        measurement = await loadgen.drive(workload, 2, 0.3, 0.1, "raw", processes=2)
+    assert measurement.errors == Counter() and measurement.requests > 0
+    assert bodies and all(body["ttl_seconds"] == 60 and len(body["values"]) == 2 for body in bodies)

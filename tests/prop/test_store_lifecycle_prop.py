@@ -58,10 +58,9 @@ def build(ops: list) -> tuple[list[bytes], dict]:
                 expires_at_ms=expires if item_expires is None else None,
                 metadata=None if metadata is None else tuple(metadata for _ in items), item_expires_at_ms=item_expires)
             payloads.append(encode_command(command))
-            first_position = {number: position for position, number in reversed(list(enumerate(numbers)))}
-            for number in dict.fromkeys(numbers):
-                if item_expires is not None:  # an item repeated in one entry takes its first place's
-                    expires = item_expires[first_position[number]]
+            for position, number in enumerate(numbers):  # each item in order, as an entry of its own
+                if item_expires is not None:
+                    expires = item_expires[position]
                 key = (card, number)
                 if key not in model or (model[key][0] is not None and model[key][0] <= now_ms):
                     model[key] = (expires, metadata)

@@ -256,3 +256,22 @@ def test_life_rows_survive_a_reopen(tmp_path: Path) -> None:
         assert store.next_expiry_ms() == 2_000
     finally:
         store.close()
+
+
+def test_a_token_twice_in_one_entry_ends_as_two_entries_one_after_the_other_would_leave_it(store: VaultStore) -> None:
+    """An entry that merges requests (tokenvault/api/coalesce.py) may hold one token twice, each with its
+    own expiry: its items are applied in order, so the later expiry wins, no expiry beats any, and an
+    item without a TTL leaves a live expiry as it is."""
+    log = Log()
+    started(store, log)
+    cases = {1: (3_000, 9_000), 2: (None, 5_000), 3: (5_000, None), 4: (9_000, 3_000)}
+    items, expiries = [], []
+    for number, pair in cases.items():
+        for expiry in pair:
+            items.append((token(1, number), b"v%d" % number))
+            expiries.append(expiry)
+    (result,) = apply(store, log, encode_command(TokenizeCommand(
+        1, tuple(items), None, None, None, 1_000, item_expires_at_ms=tuple(expiries))))
+    assert result.outcome == Outcome.OK and store.token_count() == 4
+    assert {number: store.life(token(1, number), None)[0] for number in cases} == {
+        1: 9_000, 2: None, 3: 5_000, 4: 9_000}

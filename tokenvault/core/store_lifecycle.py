@@ -205,12 +205,13 @@ def apply_mappings(index: int, command: TokenizeCommand, batch: Batch) -> ApplyR
     add_tokens(batch)
     format_rows = command.token_format != OPAQUE_FORMAT
     prefix = b"" if format_rows else U32.pack(command.epoch)
-    rows: dict[bytes, tuple[bytes, str, int]] = {}
+    rows: dict[bytes, tuple[bytes, str, list[int]]] = {}  # row key -> (row value, token, its items' positions)
     for position, (token, ciphertext) in enumerate(command.items):
         key = format_token_key(command.epoch, token) if format_rows else token_key(token)
-        first = rows.setdefault(key, (prefix + ciphertext, token, position))
+        first = rows.setdefault(key, (prefix + ciphertext, token, []))
         if first[0] != prefix + ciphertext:
             raise InsertOnceViolation(f"entry {index} maps one token to two values; refusing it")
+        first[2].append(position)
     existing = batch.get_many({key: key for key in rows})
     for key, (value, _, _) in rows.items():
         found = existing.get(key)
@@ -221,23 +222,29 @@ def apply_mappings(index: int, command: TokenizeCommand, batch: Batch) -> ApplyR
                 f"entry {index} maps an existing token to a different value; refusing to overwrite")
     lives = batch.get_many({key: LIFE + key for key in rows})
     now_ms = command.issued_at_ms
-    for key, (value, _, position) in rows.items():
-        metadata = None if command.metadata is None else command.metadata[position]
-        expiry = command.expiry_of(position)
+    for key, (value, _, positions) in rows.items():
         old = decode_life(lives.get(key))
-        if existing.get(key) is None:
-            batch.put(key, value)
-            if not format_rows:
-                batch.token_count += 1
-            new = (expiry, metadata)
-        elif old[0] is not None and old[0] <= now_ms:
-            new = (expiry, metadata)  # expired: a new life
-        else:
-            # Live: no expiry is the latest of all, and the later of two expiries wins.
-            expires_at_ms = old[0]
-            if old[0] is not None and expiry is not None:
-                expires_at_ms = max(old[0], expiry)
-            new = (expires_at_ms, metadata if metadata is not None else old[1])
+        new = old
+        stored = existing.get(key) is not None
+        # The items of one token in order, each as an entry of its own would be applied: an entry that
+        # merges requests (tokenvault/api/coalesce.py) leaves each mapping as separate entries would.
+        for position in positions:
+            metadata = None if command.metadata is None else command.metadata[position]
+            expiry = command.expiry_of(position)
+            if not stored:
+                batch.put(key, value)
+                if not format_rows:
+                    batch.token_count += 1
+                stored = True
+                new = (expiry, metadata)
+            elif new[0] is not None and new[0] <= now_ms:
+                new = (expiry, metadata)  # expired: a new life
+            else:
+                # Live: no expiry is the latest of all, and the later of two expiries wins.
+                expires_at_ms = new[0]
+                if new[0] is not None and expiry is not None:
+                    expires_at_ms = max(new[0], expiry)
+                new = (expires_at_ms, metadata if metadata is not None else new[1])
         _set_life(key, old, new, batch)
     return None
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import msgpack
 import pytest
 
 from tokenvault.api.coalesce import TokenizeCoalescer
@@ -271,3 +272,23 @@ def test_max_in_flight_and_the_timeout_must_be_positive() -> None:
         TokenizeCoalescer(Proposals(), timeout_seconds=TIMEOUT_SECONDS, max_in_flight=0)
     with pytest.raises(ValueError):
         TokenizeCoalescer(Proposals(), timeout_seconds=0)
+
+
+async def test_requests_with_ttls_join_the_entry_each_item_with_its_own_expiry_from_the_proposal_s_clock() -> None:
+    """Opaque requests with a TTL (and no metadata) merge with the others: one entry, each item with the
+    expiry its request asked for, counted from the entry's issued_at_ms; one expiry for the entry when
+    every item has the same, and a batch without TTLs encodes exactly as before."""
+    proposals = Proposals()
+    coalescer = TokenizeCoalescer(proposals, timeout_seconds=TIMEOUT_SECONDS)
+    await asyncio.gather(coalescer.submit(1, items("plain", 2)), coalescer.submit(1, items("sixty", 3), 60),
+                         coalescer.submit(1, items("thirty", 1), 30))
+    (entry,) = proposals.commands
+    issued = entry.issued_at_ms
+    assert entry.expires_at_ms is None and entry.metadata is None
+    assert entry.item_expires_at_ms == (None, None) + (issued + 60_000,) * 3 + (issued + 30_000,)
+    await asyncio.gather(*(coalescer.submit(1, items(f"same{n}", 2), 45) for n in range(3)))
+    same = proposals.commands[1]
+    assert same.item_expires_at_ms is None and same.expires_at_ms == same.issued_at_ms + 45_000
+    await asyncio.gather(*(coalescer.submit(1, items(f"none{n}", 2)) for n in range(3)))
+    plain = proposals.commands[2]
+    assert not plain.extended and len(msgpack.unpackb(commands.encode_command(plain))) == 9

@@ -827,12 +827,12 @@ async def test_a_worker_sealed_tokenize_with_ttl_and_metadata_takes_its_expiry_f
     service = single.service
     remote, _, channels = await worker_of(single)
     proposed: list[commands.Command] = []
-    original = service._propose
+    original = single.node.propose
 
-    async def recording(payload: bytes):
+    async def recording(payload: bytes, timeout_seconds: float):  # what the service and its group commit propose
         proposed.append(commands.decode_command(payload))
-        return await original(payload)
-    service._propose = recording
+        return await original(payload, timeout_seconds)
+    single.node.propose = recording
     before_ms = int(time.time() * 1000)
     card = body(await remote.tokenize("p", ["4111111111111111"], None, "card", '{"k":"v"}', 60))
     opaque = body(await remote.tokenize("p", ["ttl-opaque"], None, "opaque", None, 30))
@@ -1100,3 +1100,42 @@ async def test_ciphertexts_that_do_not_decrypt_read_as_unknown_and_are_logged_su
     assert sum(line["count"] for line in lines) >= 3 * len(tokens) and len(lines) <= 2
     assert all(line["log_level"] == "error" and line["epoch"] == 1 for line in lines)
     assert not any(token in json.dumps(entry, default=str) for entry in logs for token in tokens)
+
+
+def recording_proposals(running: RunningNode) -> list[commands.Command]:
+    """Every command this node proposes from now on (its service's and its group commit's), decoded."""
+    proposed: list[commands.Command] = []
+    original = running.node.propose
+
+    async def recording(payload: bytes, timeout_seconds: float):
+        proposed.append(commands.decode_command(payload))
+        return await original(payload, timeout_seconds)
+    running.node.propose = recording
+    return proposed
+
+
+async def test_concurrent_ttl_tokenizes_share_entries_and_each_value_keeps_its_own_expiry(trio: Cluster) -> None:
+    """tokenvault/api/coalesce.py: opaque requests with a TTL join the group commit, sealed by a worker on
+    the primary or forwarded by a backup (the primary's core seals them): fewer entries than requests, and
+    each mapping lives exactly as long as its own request asked, from its entry's clock."""
+    primary = await trio.wait_for_stable_primary()
+    backup = trio.backups()[0]
+    remote, _, channels = await worker_of(primary)
+    proposed = recording_proposals(primary)
+    asked = {f"ttl-{number}": 30 + number for number in range(8)} | {"no-ttl-1": None, "no-ttl-2": None}
+    try:
+        outcomes = await asyncio.gather(*(
+            (remote if number % 2 else backup.service).tokenize("p", [value], None, "opaque", None, ttl)
+            for number, (value, ttl) in enumerate(asked.items())))
+    finally:
+        for channel in channels:
+            await channel.close()
+    tokens = {value: body(outcome)["tokens"][0] for value, outcome in zip(asked, outcomes)}
+    entries = [command for command in proposed if isinstance(command, commands.TokenizeCommand)]
+    assert 1 <= len(entries) < len(asked), [len(entry.items) for entry in entries]
+    entry_of = {token: entry for entry in entries for token, _ in entry.items}
+    for value, ttl in asked.items():
+        entry = entry_of[tokens[value]]
+        expected = None if ttl is None else entry.issued_at_ms + ttl * 1000
+        assert primary.node.store.life(tokens[value], None)[0] == expected, value
+    assert await primary.service.detokenize(list(tokens.values())) == list(asked)

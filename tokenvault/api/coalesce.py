@@ -1,9 +1,14 @@
 """Group commit across requests: the sealed items of concurrent tokenizes become one log entry.
 
-On the primary, every plain opaque tokenize (no format, TTL or metadata)
-without an Idempotency-Key whose values an HTTP worker sealed and that is not
-answered as a read adds its (token, ciphertext) pairs to the open batch of its
-epoch; the batch is proposed as ONE tokenize entry at the next turn of the
+On the primary, every opaque tokenize without metadata and without an
+Idempotency-Key whose values an HTTP worker sealed and that is not answered as
+a read adds its (token, ciphertext) pairs to the open batch of its epoch, and
+so does an opaque one with a TTL (no metadata) that a backup forwarded or a
+node without workers took, once the core sealed it. A request's TTL travels
+with its items: the entry carries one expiry when all its items have the same
+(or none), else one per item (``item_expires_at_ms``), each counted from the
+clock of the moment the entry is proposed, so a request held for a turn or
+more gets its whole TTL from then; the batch is proposed as ONE tokenize entry at the next turn of the
 event loop, or at once when it reaches ``max_items`` pairs or ``max_bytes``
 bytes. Each request is answered with its own tokens when the entry is applied.
 Under load many requests arrive in one turn, so the core's cost per request
@@ -24,11 +29,14 @@ never makes a request wait longer than the timeout. One entry in flight (the
 default) measured best on two cores (docs/performance.md, fourteenth sitting).
 
 Why only those requests: an idempotent tokenize records its own response under
-its own key, so it stays one entry. A card or digits tokenize, or one with a
-TTL or metadata, is one entry too (NodeService._tokenize_sealed_extended): a
-command has one format, one expiry and one metadata rule, and a card and
-digits token coincidence (TOKEN_COLLISION) refuses a whole entry, so merging
-would fail the other requests of the entry for one request's token.
+its own key, so it stays one entry. A card or digits tokenize, or one with
+metadata, is one entry too (NodeService._tokenize_sealed_extended): a command
+has one format and one metadata rule, and a card and digits token coincidence
+(TOKEN_COLLISION) refuses a whole entry, so merging would fail the other
+requests of the entry for one request's token. Two requests of one entry may
+carry the same value with different TTLs: the store applies the items of one
+token in order, as two entries (tokenvault/core/store_lifecycle.py), so
+merging leaves each mapping as separate entries would.
 
 Merging changes nothing a client sees: the apply step checks insert-once over
 the whole entry and tokens are deterministic, so the same value in two merged
@@ -58,13 +66,15 @@ Propose = Callable[[bytes, float], Awaitable[Any]]
 
 
 class _Batch(TurnBatch):
-    __slots__ = ("epoch", "items", "bytes", "requests", "done", "opened_at")
+    __slots__ = ("epoch", "items", "ttls", "bytes", "requests", "done", "opened_at")
 
     def __init__(self, epoch: int) -> None:
         super().__init__()
         self.opened_at = time.monotonic()
         self.epoch = epoch
         self.items: list[tuple[str, bytes]] = []
+        # Each item's TTL in seconds (None: none), once a request with a TTL joined; None while none has.
+        self.ttls: list[int | None] | None = None
         self.bytes = 0
         self.requests = 0
         self.done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -116,8 +126,9 @@ class TokenizeCoalescer(TurnBatcher[_Batch]):
         if self._held:
             self._flush(self._held[0])
 
-    async def submit(self, epoch: int, items: list[tuple[str, bytes]]) -> Any:
-        """Propose ``items`` (with those of other requests of this turn); the entry's ApplyResult.
+    async def submit(self, epoch: int, items: list[tuple[str, bytes]], ttl_seconds: int | None = None) -> Any:
+        """Propose ``items`` (with those of other requests of this turn), each with ``ttl_seconds`` when
+        given; the entry's ApplyResult.
 
         The proposal's exceptions (Unavailable, Overloaded, ...) reach every request of the entry.
         Cancelling one request does not cancel the entry the others wait for."""
@@ -129,6 +140,10 @@ class TokenizeCoalescer(TurnBatcher[_Batch]):
                 self._open = None  # closed: a held batch of an earlier epoch takes no more requests
                 self._flush(batch)
             batch = self._open_batch(_Batch(epoch))
+        if ttl_seconds is not None and batch.ttls is None:
+            batch.ttls = [None] * len(batch.items)
+        if batch.ttls is not None:
+            batch.ttls.extend([ttl_seconds] * len(items))
         batch.items.extend(items)
         batch.bytes += size
         batch.requests += 1
@@ -146,9 +161,7 @@ class TokenizeCoalescer(TurnBatcher[_Batch]):
                 return
             self.entries_proposed += 1
             self.requests_merged += batch.requests
-            command = commands.TokenizeCommand(
-                epoch=batch.epoch, items=tuple(batch.items), principal=None, idempotency_key=None,
-                fingerprint=None, issued_at_ms=int(time.time() * 1000))
+            command = _command(batch, int(time.time() * 1000))
             result = await self._propose(commands.encode_command(command), left)
         except BaseException as error:  # noqa: BLE001 - handed to every waiting request
             fail_waiting([batch.done], error)
@@ -166,3 +179,19 @@ class TokenizeCoalescer(TurnBatcher[_Batch]):
             batch.started = True
         fail_waiting([batch.done for batch in held], Unavailable("the node is stopping; the write had no effect"))
         await super().close()
+
+
+def _command(batch: _Batch, issued_at_ms: int) -> commands.TokenizeCommand:
+    """The batch's entry. Expiries come from this clock as the entry is proposed (a request held for a
+    turn or more gets its TTL from then, never less); one expiry for the entry where every item has the
+    same, else one per item."""
+    expires_at_ms, item_expires_at_ms = None, None
+    if batch.ttls is not None:
+        expiries = tuple(None if ttl is None else issued_at_ms + ttl * 1000 for ttl in batch.ttls)
+        if len(set(expiries)) == 1:
+            expires_at_ms = expiries[0]
+        else:
+            item_expires_at_ms = expiries
+    return commands.TokenizeCommand(
+        epoch=batch.epoch, items=tuple(batch.items), principal=None, idempotency_key=None, fingerprint=None,
+        issued_at_ms=issued_at_ms, expires_at_ms=expires_at_ms, item_expires_at_ms=item_expires_at_ms)

@@ -296,11 +296,18 @@ class NodeService(LifecycleOperations, MembershipOperations):
                         return Outcome(200, _json({"epoch": epoch, "tokens": tokens}), False)
                     if self.node.store.active_epoch() != epoch:
                         continue  # a rotation was applied meanwhile: recompute in the new epoch
-                command = await self._tokenize_command(epoch, values, principal, idempotency_key, fingerprint,
-                                                       options, format_tokens)
-                result = await self._propose(commands.encode_command(command))
+                if idempotency_key is None and options.merges_with_ttl:
+                    # A TTL request forwarded by a backup (or on a node without workers): sealed here, it
+                    # joins the group commit as the requests a worker sealed do (tokenvault/api/coalesce.py).
+                    items = await self._seal(epoch, values)
+                    result = await self._coalescer.submit(epoch, list(items), options.ttl_seconds)
+                else:
+                    command = await self._tokenize_command(epoch, values, principal, idempotency_key,
+                                                           fingerprint, options, format_tokens)
+                    items = command.items
+                    result = await self._propose(commands.encode_command(command))
                 if result.outcome == ApplyOutcome.OK:
-                    body = _json({"epoch": epoch, "tokens": [token for token, _ in command.items]})
+                    body = _json({"epoch": epoch, "tokens": [token for token, _ in items]})
                     return Outcome(200, body, False)
                 if result.outcome == ApplyOutcome.DUPLICATE:
                     return self._replay(principal, idempotency_key, TOKENIZE, fingerprint)
@@ -409,10 +416,13 @@ class NodeService(LifecycleOperations, MembershipOperations):
             arguments.update(options.forwarded())
             return await self._route(TOKENIZE_EXTENDED, arguments, self._tokenize_extended_here)
         self.node.metrics.record_sealed("worker", len(items))
-        command = await self._tokenize_command(
-            epoch, normalized, principal, None, None, options,
-            sealed=(tuple(items), None if metadata is None else tuple(metadata)))
-        result = await self._propose(commands.encode_command(command))
+        if options.merges_with_ttl:  # opaque, a TTL, no metadata: merged with others (coalesce.py)
+            result = await self._coalescer.submit(epoch, items, options.ttl_seconds)
+        else:
+            command = await self._tokenize_command(
+                epoch, normalized, principal, None, None, options,
+                sealed=(tuple(items), None if metadata is None else tuple(metadata)))
+            result = await self._propose(commands.encode_command(command))
         if result.outcome == ApplyOutcome.OK:
             return Outcome(200, _json({"epoch": epoch, "tokens": tokens}), False)
         if result.outcome == ApplyOutcome.TOKEN_COLLISION:

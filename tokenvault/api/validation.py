@@ -152,6 +152,12 @@ class TokenizeOptions:
         """A request without TTL or metadata changes nothing when every mapping exists and lives."""
         return self.metadata_json is None and self.ttl_seconds is None
 
+    @property
+    def merges_with_ttl(self) -> bool:
+        """An opaque request with a TTL and no metadata: group commit merges it with others, each item
+        with its own expiry (tokenvault/api/coalesce.py)."""
+        return self.token_format == formats.OPAQUE and self.metadata_json is None and self.ttl_seconds is not None
+
     def forwarded(self) -> dict[str, Any]:
         return {"token_format": self.token_format, "metadata_json": self.metadata_json,
                 "ttl_seconds": self.ttl_seconds}

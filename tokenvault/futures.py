@@ -1,13 +1,28 @@
 """Waiting on a future with a deadline, cheaply; cancelling a group of tasks; batching the requests of
-one event-loop turn (TurnBatcher)."""
+one event-loop turn (TurnBatcher); computing a batch a slice at a time between turns of the loop."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
+R = TypeVar("R")
+# Items computed between two turns of the event loop by computed_in_slices: FF1 tokens cost about 15 µs
+# each, so a slice is about 2 ms of the loop's time.
+SLICE_ITEMS = 128
+
+
+async def computed_in_slices(function: Callable[[T], R], inputs: Sequence[T]) -> list[R]:
+    """``[function(x) for x in inputs]``, ``SLICE_ITEMS`` at a time with a turn of the event loop before
+    each slice (the first too, so that two batches computed one after the other are apart as well): a
+    large batch of CPU work leaves the loop to the other requests every few milliseconds."""
+    results: list[R] = []
+    for start in range(0, len(inputs), SLICE_ITEMS):
+        await asyncio.sleep(0)
+        results.extend(map(function, inputs[start:start + SLICE_ITEMS]))
+    return results
 
 
 async def await_future(future: asyncio.Future[T], timeout_seconds: float) -> T:

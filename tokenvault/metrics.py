@@ -404,10 +404,8 @@ class Metrics:
         if self._peers is None:
             return
         states = self._peers()
-        for gauge in (self.peer_reachable, self.peer_match_index):
-            for (peer,) in list(gauge._metrics):  # noqa: SLF001 - the label values set so far
-                if peer not in states or (gauge is self.peer_match_index and states[peer][1] is None):
-                    gauge.remove(peer)
+        self.peer_reachable.clear()  # set afresh: a peer gone, or a match index no longer known, has no series
+        self.peer_match_index.clear()
         for peer, (reachable, match_index) in states.items():
             self.set_peer(peer, reachable=reachable, match_index=match_index)
 

@@ -19,7 +19,7 @@ from tokenvault.config import AuditConfig
 from tokenvault.core import commands
 from test_ff1 import luhn_complete
 from tokenvault.api import lifecycle as lifecycle_module
-from tokenvault.api.lifecycle import FORMAT_SLICE
+from tokenvault.futures import SLICE_ITEMS
 from tokenvault.core import shred as shred_module
 from tokenvault.crypto.formats import FormatKeys
 from tokenvault.errors import EpochActive, EpochDestroyed, NotFound, Outcome
@@ -341,12 +341,12 @@ async def test_a_node_that_stopped_before_shredding_shreds_when_it_restarts(tmp_
 
 async def test_ff1_work_leaves_the_event_loop_at_least_every_slice_in_tokenize_and_retokenize(
         single: RunningNode, monkeypatch: pytest.MonkeyPatch) -> None:
-    """tokenvault/api/lifecycle.py: FF1 (about 15 µs a token) is computed at most FORMAT_SLICE tokens
+    """tokenvault/api/lifecycle.py and tokenvault.futures.computed_in_slices: FF1 (about 15 µs a token) is computed at most SLICE_ITEMS tokens
     between two turns of the event loop, in a card tokenize and in a re-tokenize (which classifies each
     token, then seals its value in the new epoch), so a batch never holds the loop for all its tokens.
     A ticker task counts the loop's turns; every FF1 token computed is stamped with the count."""
     service = single.service
-    count = 3 * FORMAT_SLICE + 5
+    count = 3 * SLICE_ITEMS + 5
     cards = [luhn_complete(f"4{index:014d}") for index in range(count)]
     stamps: list[int] = []
     turns = 0
@@ -367,12 +367,12 @@ async def test_ff1_work_leaves_the_event_loop_at_least_every_slice_in_tokenize_a
     try:
         tokens = body(await service.tokenize("p", cards, None, token_format="card"))["tokens"]
         assert len(stamps) == count
-        assert max(collections.Counter(stamps).values()) <= FORMAT_SLICE
+        assert max(collections.Counter(stamps).values()) <= SLICE_ITEMS
         assert body(await service.rotate_epoch("admin", None)) == {"epoch": 2}
         stamps.clear()
         document = await service.retokenize(tokens, ACTOR, epoch=1)
         assert len(stamps) == 2 * count  # each classified (a card: one FF1), then sealed in epoch 2
-        assert max(collections.Counter(stamps).values()) <= FORMAT_SLICE
+        assert max(collections.Counter(stamps).values()) <= SLICE_ITEMS
     finally:
         ticking.cancel()
     monkeypatch.undo()

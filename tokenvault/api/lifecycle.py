@@ -19,9 +19,9 @@ in the epoch the request names (default: the active one), as detokenize does,
 and an epoch's pages list them after its opaque tokens. Their rows do not record
 which of the two formats a token is; the epoch's FF1 tells (``_format_of``).
 FF1 costs about 15 µs a token, and a re-tokenize of a thousand card tokens
-needs two or three each, so they are computed ``FORMAT_SLICE`` at a time with a
-turn of the event loop between (``computed_in_slices``): the primary's loop is
-never held for the whole batch.
+needs two or three each, so they are computed ``tokenvault.futures.SLICE_ITEMS``
+at a time with a turn of the event loop between (``computed_in_slices``): the
+primary's loop is never held for the whole batch.
 Re-tokenize carries each mapping's expiry and metadata over to the new token.
 Delete takes them with an epoch too.
 """
@@ -35,8 +35,7 @@ import json
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from tokenvault.api.audit import AuditUnavailable
 from tokenvault.api.validation import require_item_list, validate_lookup_epoch, validate_lookup_tokens
@@ -45,6 +44,7 @@ from tokenvault.core.store_layout import DESTROYED, MAX_TOKEN_PAGE, ApplyResult
 from tokenvault.core.store_layout import Outcome as ApplyOutcome
 from tokenvault.crypto import formats
 from tokenvault.crypto.tokens import is_token, parse_token
+from tokenvault.futures import computed_in_slices
 from tokenvault.errors import (AuditTrimRefused, EpochActive, EpochDestroyed, InvalidRequest, NotFound, Outcome,
                                TokenCollision, Unavailable)
 
@@ -68,24 +68,6 @@ LIFECYCLE_FORWARDED_MEMBERS: dict[str, tuple[str, ...]] = {
 }
 # Forwarded kinds whose answer is a JSON document rather than an Outcome.
 LIFECYCLE_DOCUMENT_KINDS = frozenset({RETOKENIZE, EPOCH_TOKENS})
-# FF1 tokens computed between two turns of the event loop: about 2 ms of work at ~15 µs each.
-FORMAT_SLICE = 128
-
-_In = TypeVar("_In")
-_Result = TypeVar("_Result")
-
-
-async def computed_in_slices(function: Callable[[_In], _Result], inputs: Sequence[_In]) -> list[_Result]:
-    """``[function(x) for x in inputs]``, ``FORMAT_SLICE`` at a time with a turn of the event loop before
-    each slice (the first too, so that two batches computed one after the other are apart as well): a
-    large batch of FF1 work leaves the loop to the other requests every few milliseconds."""
-    results: list[_Result] = []
-    for start in range(0, len(inputs), FORMAT_SLICE):
-        await asyncio.sleep(0)
-        results.extend(map(function, inputs[start:start + FORMAT_SLICE]))
-    return results
-
-
 def _json(document: object) -> bytes:
     return json.dumps(document, separators=(",", ":")).encode()
 

@@ -25,8 +25,7 @@ from tokenvault import auth
 from tokenvault.core import commands
 from tokenvault.api.audit import AuditBuffer, AuditUnavailable
 from tokenvault.api.coalesce import TokenizeCoalescer
-from tokenvault.api.lifecycle import (LIFECYCLE_DOCUMENT_KINDS, LIFECYCLE_FORWARDED_MEMBERS, LifecycleOperations,
-                                      computed_in_slices)
+from tokenvault.api.lifecycle import LIFECYCLE_DOCUMENT_KINDS, LIFECYCLE_FORWARDED_MEMBERS, LifecycleOperations
 from tokenvault.core.backup import BACKUP_WORK_DIR_NAME, BackupStream
 from tokenvault.crypto.keys import DecryptError, KeyCustodyError, new_epoch_secret
 from tokenvault.auth import PRINCIPAL_NAME_PATTERN
@@ -34,7 +33,7 @@ from tokenvault.errors import (EpochChanged, IdempotencyInFlight, IdempotencyMis
                                KeyLimitReached, NotFound, Outcome, Overloaded, PayloadTooLarge, ServiceError,
                                TokenCollision, Unavailable, error_from_problem, problem_body)
 from tokenvault.logs import SummedEvent, get_logger
-from tokenvault.futures import await_future
+from tokenvault.futures import await_future, computed_in_slices
 from tokenvault.core.node import Node, NodeBusy, ProposalLost, ProposalOutcomeUnknown
 from tokenvault.core.sealer import Sealer, SealerUnavailable
 from tokenvault.core.store_layout import MAX_API_KEYS as MAX_RUNTIME_KEYS

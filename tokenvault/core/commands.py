@@ -81,6 +81,12 @@ class CommandError(ValueError):
     """A command is malformed. The message names the field, never its content."""
 
 
+def is_digit_string(text: str) -> bool:
+    """ASCII digits only: a card or digits token, told from an opaque one (``str.isdigit`` alone also
+    takes other scripts' digits, which a format token's store key cannot hold)."""
+    return text.isascii() and text.isdigit()
+
+
 def _check_int(name: str, value: object, minimum: int, maximum: int) -> None:
     # bool is a subclass of int; an exact type check keeps True out of integer fields.
     if type(value) is not int or not minimum <= value <= maximum:
@@ -158,7 +164,7 @@ class TokenizeCommand:
         if type(self.token_format) is not str or self.token_format not in TOKEN_FORMATS:
             raise CommandError(f"token_format must be one of {sorted(TOKEN_FORMATS)}")
         if self.token_format != OPAQUE_FORMAT and any(
-                not (token.isascii() and token.isdigit()) for token, _ in self.items):
+                not is_digit_string(token) for token, _ in self.items):
             raise CommandError("card and digits tokens are strings of digits")
         if self.expires_at_ms is not None:
             _check_int("expires_at_ms", self.expires_at_ms, self.issued_at_ms + 1, MAX_TIMESTAMP_MS)

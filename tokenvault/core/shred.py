@@ -32,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from protocol import Entry, EntryKind
 from tokenvault.core import commands
 from tokenvault.core.store import VaultStore
-from tokenvault.core.store_layout import LIFE, mapping_key
+from tokenvault.core.store_layout import LIFE, delete_row_keys
 from tokenvault.core.wal import WriteAheadLog
 from tokenvault.logs import get_logger
 
@@ -47,7 +47,7 @@ def shred_keys(command: commands.Command) -> list[bytes]:
     """The store keys whose older versions a shredding command leaves behind."""
     if type(command) is commands.DeleteTokensCommand:
         # Each mapping's row and its life row (expiry and metadata ciphertext).
-        rows = [key for key in (mapping_key(token, command.epoch) for token in command.tokens) if key is not None]
+        rows = delete_row_keys(command.tokens, command.epoch)
         return rows + [LIFE + key for key in rows]
     if type(command) is commands.DestroyEpochCommand:
         return [b"e" + command.epoch.to_bytes(8, "big")]

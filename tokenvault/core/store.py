@@ -62,7 +62,8 @@ from tokenvault.audit_chain import record_document
 from tokenvault.auth import RuntimeKey
 from tokenvault.core.commands import (AuditCommand, AuditTrimCommand, Command, CreateApiKeyCommand,
                                       DeleteTokensCommand, DestroyEpochCommand, PurgeExpiredCommand,
-                                      RevokeApiKeyCommand, RotateEpochCommand, TokenizeCommand, decode_command)
+                                      RevokeApiKeyCommand, RotateEpochCommand, TokenizeCommand, decode_command,
+                                      is_digit_string)
 from tokenvault.core.store_files import (CREATING_SUFFIX, GENERATION_PREFIX, PreparedInstall, RetiredGeneration,
                                          create_store, fsync_tree, generation_name, install_step, read_current,
                                          remove_leftovers, remove_tree, verify_checkpoint, wal_file_bytes,
@@ -74,7 +75,7 @@ from tokenvault.core.store_layout import (
     REVOKE_KEY_KIND, ROTATE_KIND, SHRED_POINT_RANGES, TOKEN, TOKENIZE_KIND, U64, UNKNOWN_NODE, VERIFY_CACHE_BYTES,
     ApplyResult, EpochRecord, IdempotencyRecord, Outcome, SnapshotRejected, StoreCorruption, StoreDamaged, StoreError,
     age_created_at, age_key, api_key_value, bounded, check_epochs, damage, database_options, decode_epoch,
-    decode_life, decode_meta, encode_meta, epoch_key, first_key, format_token_key, identity_key, is_digit_string,
+    decode_life, decode_meta, encode_meta, epoch_key, first_key, format_token_key, identity_key,
     json_bytes, life_rows, lookup_format_tokens, lookup_opaque, metadata_rows, open_database, pack, range_items,
     range_keys, read_api_keys, read_audit_anchor, read_audit_head, read_epochs, read_membership, reason, token_key,
     unpack)

@@ -72,6 +72,7 @@ from rocksdict import (
 from protocol import Membership, MembershipError
 from tokenvault.audit_chain import GENESIS_HASH
 from tokenvault.auth import RuntimeKey
+from tokenvault.core.commands import is_digit_string
 
 SCHEMA_VERSION = 2  # version 1 was the SQLite store
 STORE_MARKER = "tokenvault-store"  # first field of the meta record: marks a database as ours
@@ -252,18 +253,12 @@ def format_token_key(epoch: int, token: str) -> bytes:
     return FORMAT_TOKEN + U32.pack(epoch) + token.encode("ascii")
 
 
-def is_digit_string(text: str) -> bool:
-    """ASCII digits only: how a card or digits token is told from an opaque one in the store (``str.isdigit``
-    alone also takes other scripts' digits, which a format token's key cannot hold)."""
-    return text.isascii() and text.isdigit()
-
-
-def mapping_key(token: str, format_epoch: int | None) -> bytes | None:
-    """The row of a token named in a delete: an opaque token's, or (a digit string) a card or digits token's
-    of ``format_epoch``; None for a digit string when no epoch is given."""
-    if not is_digit_string(token):
-        return token_key(token)
-    return None if format_epoch is None else format_token_key(format_epoch, token)
+def delete_row_keys(tokens: Iterable[str], format_epoch: int | None) -> list[bytes]:
+    """The mapping rows a delete names, each once: an opaque token's, and a card or digits token's (a digit
+    string) of ``format_epoch``; a digit string names none when no epoch is given."""
+    keys = (token_key(token) if not is_digit_string(token)
+            else None if format_epoch is None else format_token_key(format_epoch, token) for token in tokens)
+    return list(dict.fromkeys(key for key in keys if key is not None))
 
 
 def expiry_index_key(expires_at_ms: int, row_key: bytes) -> bytes:

@@ -29,10 +29,9 @@ from tokenvault.core.commands import (OPAQUE_FORMAT, AuditTrimCommand, DeleteTok
 from tokenvault.core.store_layout import (AGE, AUDIT, AUDIT_TRIM_KIND, DELETE_KIND, DESTROY_KIND, DESTROYED, EXPIRY,
                                           EXPIRY_END, EXPIRY_HEADER_BYTES, LIFE, MAX_STORED_EPOCH, NO_RECORDS,
                                           PURGE_KIND, TOKEN, U32, U64, UNKNOWN_NODE, ApplyResult, InsertOnceViolation,
-                                          Outcome, StoreCorruption, bounded, decode_epoch, decode_life, epoch_key,
-                                          expiry_index_key, format_token_key, json_bytes, mapping_key, multi_get, pack,
-                                          token_key,
-                                          unpack)
+                                          Outcome, StoreCorruption, bounded, decode_epoch, decode_life,
+                                          delete_row_keys, epoch_key, expiry_index_key, format_token_key, json_bytes,
+                                          multi_get, pack, token_key, unpack)
 
 _Name = TypeVar("_Name")
 
@@ -296,8 +295,7 @@ def apply_delete(index: int, command: DeleteTokensCommand, batch: Batch) -> Appl
     one batch is gone. Tokenizing the same value again later re-creates the same token, with a
     new life (docs/api.md)."""
     add_tokens(batch)
-    keys = list(dict.fromkeys(key for key in (mapping_key(token, command.epoch) for token in command.tokens)
-                              if key is not None))
+    keys = delete_row_keys(command.tokens, command.epoch)
     existing = batch.get_many({key: key for key in keys})
     lives = batch.get_many({key: LIFE + key for key in keys})
     deleted = 0

@@ -580,6 +580,6 @@ class PeerTransport:
                 connection.enqueue(encode_frame(Ping(sequence=sequence)))
 
     def _deliver(self, peer_id: str, message: object) -> None:
-        if isinstance(message, (Hello, HelloProof, Ping)):
+        if isinstance(message, (Hello, HelloProof, HelloRefused, Ping)):  # the transport's own frames
             return
         self._on_message(peer_id, message)

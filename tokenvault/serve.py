@@ -76,6 +76,24 @@ async def run_node(config: NodeConfig, config_path: Path | None = None) -> int:
                     "LimitNOFILE=) or lower max_connections")
     worker_count = default_worker_count() if config.http.workers is None else config.http.workers
     metrics = Metrics("core" if worker_count > 0 and config_path is not None else "node")
+    # The signals are taken before anything starts: a SIGHUP (certificate rotation) or a SIGTERM sent while
+    # the node recovers or its workers start would otherwise end it unlogged, by the default action. They
+    # are handled on the loop, so at the first wait after the node is built (a stop then waits for the
+    # start to finish, and shuts the node down as at any time).
+    node: Node | None = None
+    server: HttpServer | None = None
+    pool: WorkerPool | None = None
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signal_number in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signal_number, stop.set)
+
+    def reload_tls() -> None:  # SIGHUP: certificate rotation without a restart (docs/security.md)
+        # Workers not started yet read the files at their start; those running are told.
+        if node is not None and node.reload_tls() and pool is not None:
+            pool.push_tls_reload()
+
+    loop.add_signal_handler(signal.SIGHUP, reload_tls)
     try:
         node = Node(config, metrics)
     except (WalCorruption, StoreError, TlsError, IncarnationError) as error:
@@ -96,8 +114,6 @@ async def run_node(config: NodeConfig, config_path: Path | None = None) -> int:
     log.info("node.recovered", wal_entries=replayed, log_base_index=node.restored.snapshot_index,
              store_applied_index=node.store.applied_index, commit_index=node.restored.hard_state.commit_index,
              truncated_tail_bytes=node.recovered_log.truncated_tail_bytes, view=node.restored.hard_state.view)
-    server: HttpServer | None = None
-    pool: WorkerPool | None = None
     calls: CoreCalls | None = None
     if worker_count > 0 and config_path is not None:
         calls = CoreCalls(service, metrics, lambda: pool.channels() if pool is not None else [],
@@ -120,16 +136,6 @@ async def run_node(config: NodeConfig, config_path: Path | None = None) -> int:
     else:
         server = http_server(create_app(service, config, metrics))
         await server.start(config.http.host, config.http.port, ssl_context=node.http_tls_context)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signal_number in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signal_number, stop.set)
-
-    def reload_tls() -> None:  # SIGHUP: certificate rotation without a restart (docs/security.md)
-        if node.reload_tls() and pool is not None:
-            pool.push_tls_reload()
-
-    loop.add_signal_handler(signal.SIGHUP, reload_tls)
     stop_task = loop.create_task(stop.wait())
     fatal_task = loop.create_task(node.stopped.wait())
     loop_watch = LoopWatch(metrics).start()

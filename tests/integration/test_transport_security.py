@@ -23,6 +23,7 @@ from cryptography import x509
 
 from harness import HTTP_WORKERS, ClusterHarness, fast_settings, memory_bytes, reset_peak_memory, wait_for
 from tokenvault.config import PeerConfig, load_config
+from tokenvault.devcluster import cluster
 from tokenvault.core.transport import GREETING, HANDSHAKE_TIMEOUT_SECONDS
 from tokenvault.crypto.tls import create_node_certificate, http_client_context
 
@@ -281,3 +282,22 @@ async def test_a_node_loads_new_certificate_files_on_sighup_and_keeps_the_old_on
         tokens = (await client.tokenize(["after-the-rotation"])).tokens
     async with harness.client(node) as client:
         assert await client.detokenize(tokens) == ("after-the-rotation",)
+
+
+def test_a_sighup_while_the_node_starts_is_a_reload_and_never_ends_it(
+        make_cluster: Callable[..., ClusterHarness]) -> None:
+    """docs/security.md, certificate rotation: the SIGHUP may come at any time, the node's start included. One
+    sent as soon as the node says it started, while its HTTP workers are still starting, reloads the files
+    and the node serves on (it used to end the node, unlogged: the handler was set once the workers served)."""
+    harness = make_cluster(nodes=1)
+    harness.kill("n1")
+    mark = harness.log_mark("n1")
+    pid = cluster.launch_node(harness.node("n1"))
+    harness.known_pids[pid] = "n1"
+    wait_for(lambda: harness.find_events("n1", "node.started", mark), 30, "n1 to begin its start", 0.005)
+    assert not harness.find_events("n1", "workers.started", mark)  # its workers are not serving yet
+    os.kill(pid, signal.SIGHUP)
+    harness.wait_for_event("n1", "tls.reloaded", mark)
+    harness.wait_for_event("n1", "workers.started", mark, timeout_seconds=30)
+    health = wait_for(lambda: harness.health("n1"), 10, "n1 to answer /health")
+    assert health["role"] == "primary" and harness.exit_status("n1") is None and harness.pid("n1") == pid

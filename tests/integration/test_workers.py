@@ -160,6 +160,19 @@ def test_the_workers_exit_within_a_second_of_their_core(single: ClusterHarness) 
     assert len(worker_pids(single.pid("n1") or 0)) == len(workers)
 
 
+def test_a_killed_node_is_reported_gone_only_once_its_workers_and_sealer_are(single: ClusterHarness) -> None:
+    """README, `./run_cluster.sh kill`: it returns once the node is gone, its workers and sealer included
+    (they exit by themselves, a worker removing its store view from the data directory). A test that then
+    deletes or copies the data directory once raced a worker still removing its view."""
+    pid = single.pid("n1")
+    assert pid is not None
+    children = child_pids(pid)
+    assert len(worker_pids(pid)) == HTTP_WORKERS and len(children) == HTTP_WORKERS + 1  # and the sealer
+    single.kill("n1")
+    assert [child for child in children if alive(child)] == []
+    assert not list((single.node("n1").data_dir / "store-views").glob("worker-*"))
+
+
 def test_with_no_workers_the_node_is_one_process_serving_http_itself(tmp_path: Path) -> None:
     settings = dataclasses.replace(fast_settings(), http_workers=0)
     harness = ClusterHarness(tmp_path / "cluster", node_count=1, settings=settings).create_and_start()

@@ -74,6 +74,9 @@ MAX_HEALTH_BYTES = 65536
 
 Report = Callable[[str], None]
 PORT_RELEASE_TIMEOUT_SECONDS = 10.0
+# A killed node's workers and sealer exit by themselves within a second of it (docs/architecture.md);
+# this is the bound `kill` waits for them before it says they outlived it.
+CHILDREN_EXIT_TIMEOUT_SECONDS = 5.0
 
 # Processes started by this Python process, so that they can be reaped (a
 # killed child stays a zombie, and looks alive, until its parent waits for it).
@@ -262,6 +265,38 @@ def _check_ports_free(node: NodeSpec) -> None:
                 raise ClusterError(
                     f"{node.node_id}: {label} port {port} is already in use by another process; stop it or "
                     f"use another cluster directory with a different TOKENVAULT_BASE_PORT") from None
+
+
+def _group_members(group: int) -> list[int]:
+    """The live processes (not zombies) of process group `group`."""
+    if not Path("/proc/self").exists():
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return []
+        except PermissionError:
+            pass
+        return [group]
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if len(fields) > 2 and fields[2] == str(group) and fields[0] not in ("Z", "X"):
+            members.append(int(entry.name))
+    return members
+
+
+def _wait_group_gone(group: int, deadline: float) -> list[int]:
+    """Wait until process group `group` has no live process; what is left at the deadline."""
+    while True:
+        left = _group_members(group)
+        if not left or time.monotonic() >= deadline:
+            return left
+        time.sleep(0.02)
 
 
 def _wait_ports_free(node: NodeSpec, deadline: float) -> None:
@@ -535,7 +570,8 @@ def stop_cluster(directory: Path | str, timeout_seconds: float = DEFAULT_STOP_TI
 
 
 def kill_node(directory: Path | str, node_id: str, report: Report = _silent) -> int:
-    """SIGKILL one node (no graceful shutdown) and wait until it is gone and its ports are free.
+    """SIGKILL one node (no graceful shutdown) and wait until it is gone, its workers and sealer
+    too, and its ports are free.
 
     Returns its pid. The process can look dead (its main thread a zombie) while
     other threads still hold its sockets; a restart right after must find the
@@ -553,6 +589,13 @@ def kill_node(directory: Path | str, node_id: str, report: Report = _silent) -> 
         if _wait_gone([(node, pid)], deadline):
             raise ClusterError(f"{node_id} (pid {pid}) is still alive after SIGKILL")
         node.pid_file.unlink(missing_ok=True)
+        # Its HTTP workers and sealer (its process group: it leads its own session) see their core gone
+        # and exit by themselves, a worker removing its store view; until they have, the node's data
+        # directory is still being written.
+        left = _wait_group_gone(pid, time.monotonic() + CHILDREN_EXIT_TIMEOUT_SECONDS)
+        if left:
+            raise ClusterError(f"{node_id}'s processes {', '.join(map(str, left))} outlived it by "
+                               f"{CHILDREN_EXIT_TIMEOUT_SECONDS:g} s")
         _wait_ports_free(node, time.monotonic() + PORT_RELEASE_TIMEOUT_SECONDS)
     report(f"killed {node_id} (pid {pid}) with SIGKILL")
     return pid

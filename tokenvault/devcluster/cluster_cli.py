@@ -124,7 +124,7 @@ def status() -> None:
 @click.argument("node_id")
 @_handle_errors
 def kill(node_id: str) -> None:
-    """SIGKILL one node (no graceful shutdown)."""
+    """SIGKILL one node (no graceful shutdown); returns once its workers and sealer are gone too."""
     cluster.kill_node(cluster.default_cluster_directory(), node_id, _echo)
 
 

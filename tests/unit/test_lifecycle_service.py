@@ -82,8 +82,8 @@ async def test_card_and_digits_tokens_are_deleted_in_their_epoch_on_every_node_a
 async def test_a_backup_that_has_not_applied_a_delete_never_answers_the_deleted_value(
         tmp_path: Path, audit: bool, removal: str) -> None:
     """docs/guarantees.md: after a delete's (or an epoch destroy's) acknowledgement the value is null on
-    every node, a backup that has not applied it yet included: its answer waits for what was committed
-    before the request."""
+    every node, a backup that has not applied it yet included: its answer (a detokenize's, a reveal's)
+    waits for what was committed before the request."""
     configs = [dataclasses.replace(config, audit=AuditConfig(enabled=audit)) for config in make_configs(tmp_path, 3)]
     trio = Cluster(configs)
     try:
@@ -119,6 +119,7 @@ async def _backup_never_answers_a_deleted_value(trio: Cluster, audit: bool, remo
             assert 1 in lagging.node.keyring, "the backup has not applied the destroy"
         assert lagging.node.store.lookup([token]), "the backup has not applied the removal"
         asked = asyncio.create_task(lagging.service.detokenize([token]))
+        revealed = asyncio.create_task(lagging.service.reveal([token], ACTOR))  # the same rule, its own path
 
         def audited() -> bool:
             return any(record.get("action") == "detokenize" and record.get("node") == lagging.node_id
@@ -129,9 +130,11 @@ async def _backup_never_answers_a_deleted_value(trio: Cluster, audit: bool, remo
 
         await wait_until(waiting, 5, "the backup to learn the index it must apply first")
         assert not asked.done(), "answered before applying what was committed before the request"
+        assert not revealed.done(), "revealed before applying what was committed before the request"
     finally:
         transport._on_message = deliver
     assert await asked == [None]
+    assert await revealed == {"values": [None]}
 
 
 async def test_a_deleted_value_tokenized_again_gets_the_same_token_and_a_replay_resurrects_nothing(

@@ -23,7 +23,7 @@ import msgpack
 
 from protocol import AppendEntries, AppendReply, ForwardRequest, ForwardResponse, ProposalRejected
 from tokenvault.core import commands
-from tokenvault.crypto.keys import new_epoch_secret
+from tokenvault.crypto.keys import EpochKeys, new_epoch_secret
 from tokenvault.errors import (EpochChanged, IdempotencyInFlight, IdempotencyMismatch, InvalidRequest,
                                MembershipChangeRefused, Outcome, Overloaded, ServiceError,
                                TokenCollision, Unavailable, UnprocessableValue)
@@ -1138,3 +1138,30 @@ async def test_concurrent_ttl_tokenizes_share_entries_and_each_value_keeps_its_o
         expected = None if ttl is None else entry.issued_at_ms + ttl * 1000
         assert primary.node.store.life(tokens[value], None)[0] == expected, value
     assert await primary.service.detokenize(list(tokens.values())) == list(asked)
+
+
+async def test_with_the_audit_trail_on_a_detokenize_or_reveal_served_here_decrypts_each_token_once(
+        single: RunningNode, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A detokenize or reveal that the node serves itself with the audit trail on looks its tokens up again
+    once the audit entry is applied (a delete acknowledged before the request must read null): that second
+    look asks the store whether each mapping is still there and its epoch's keys still held, and decrypts
+    nothing again (a reveal used to decrypt every value twice)."""
+    service = single.service
+    assert service._audit is not None
+    opaque = body(await service.tokenize("p", ["once-1", "once-2", "once-3"], None))
+    card = body(await service.tokenize("p", ["4111111111111111"], None, "card", '{"k":"v"}'))
+    decrypted: list[str] = []
+    original = EpochKeys.decrypt
+
+    def counting(self: EpochKeys, token: str, ciphertext: bytes) -> str:
+        decrypted.append(token)
+        return original(self, token, ciphertext)
+
+    monkeypatch.setattr(EpochKeys, "decrypt", counting)
+    tokens = opaque["tokens"] + card["tokens"]
+    answer = await service.reveal(tokens, None, card["epoch"], True, False)
+    assert answer["values"] == ["once-1", "once-2", "once-3", "4111111111111111"]
+    assert sorted(decrypted) == sorted(tokens)
+    decrypted.clear()
+    assert await service.detokenize(opaque["tokens"]) == ["once-1", "once-2", "once-3"]
+    assert sorted(decrypted) == sorted(opaque["tokens"])

@@ -582,10 +582,8 @@ class NodeService(LifecycleOperations, MembershipOperations):
         index = await self._audit_detokenize(values, actor, None)
         if found and self._audit is not None:
             await self._caught_up_to(index)
-            still = self.node.store.lookup(list(found), _now_ms())
-            keyring = self.node.keyring
-            values = [None if token in found and (token not in still or parse_token(token).epoch not in keyring)
-                      else value for token, value in zip(tokens, values)]
+            still = self._still_live(list(found), None, _now_ms())
+            values = [None if token in found and token not in still else value for token, value in zip(tokens, values)]
         return values
 
     async def reveal(self, tokens: list[str], actor: commands.Actor | None = None, epoch: int | None = None,
@@ -605,7 +603,7 @@ class NodeService(LifecycleOperations, MembershipOperations):
             # As in detokenize: what this node found itself is answered once it applied the record's own
             # entry, and looked up again (the primary answered the rest after its own read barrier).
             await self._caught_up_to(index)
-            still = self._read_mappings(sorted(local), epoch, False, _now_ms())
+            still = self._still_live(sorted(local), epoch, _now_ms())
             found = {token: pair for token, pair in found.items() if token not in local or token in still}
             values = [found[token][0] if token in found else None for token in tokens]
         if masked:
@@ -692,6 +690,19 @@ class NodeService(LifecycleOperations, MembershipOperations):
             epoch = self.node.store.active_epoch() or None
         found = self._read_mappings(tokens, epoch, include_metadata, _now_ms())
         return {token: list(found[token]) if token in found else None for token in tokens}
+
+    def _still_live(self, tokens: list[str], epoch: int | None, now_ms: int) -> set[str]:
+        """Which of ``tokens``, found and decrypted here before, are still live mappings here whose
+        epoch's keys this node still holds (a destroyed epoch's rows may outlive its keys a while):
+        the second look of a detokenize or reveal after its audit entry, without decrypting again.
+        ``epoch``: the one card and digits tokens were resolved in."""
+        store, keyring = self.node.store, self.node.keyring
+        opaque = [token for token in tokens if is_token(token)]
+        live = {token for token in store.lookup(opaque, now_ms) if parse_token(token).epoch in keyring}
+        formatted = [token for token in tokens if not is_token(token)]
+        if formatted and epoch is not None and epoch in keyring:
+            live.update(store.lookup_format(epoch, formatted, now_ms))
+        return live
 
     def _read_mappings(self, tokens: list[str], epoch: int | None, include_metadata: bool,
                        now_ms: int) -> dict[str, tuple[str, str | None]]:

@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from harness import HTTP_WORKERS, ClusterHarness, fast_settings, wait_for
 from tokenvault.client.vault import NoNodeAvailable, ProblemError
+from tokenvault.devcluster import cluster
 
 # The /proc walk lives with the in-process node helpers, beside the unit tests.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
@@ -161,7 +162,7 @@ def test_the_workers_exit_within_a_second_of_their_core(single: ClusterHarness) 
 
 
 def test_a_killed_node_is_reported_gone_only_once_its_workers_and_sealer_are(single: ClusterHarness) -> None:
-    """README, `./run_cluster.sh kill`: it returns once the node is gone, its workers and sealer included
+    """README, `./run_cluster.sh kill` (and `stop`): it returns once the node is gone, its workers and sealer included
     (they exit by themselves, a worker removing its store view from the data directory). A test that then
     deletes or copies the data directory once raced a worker still removing its view."""
     pid = single.pid("n1")
@@ -171,6 +172,14 @@ def test_a_killed_node_is_reported_gone_only_once_its_workers_and_sealer_are(sin
     single.kill("n1")
     assert [child for child in children if alive(child)] == []
     assert not list((single.node("n1").data_dir / "store-views").glob("worker-*"))
+    # And `./run_cluster.sh stop` likewise: the node stops its workers and sealer before it exits.
+    single.restart("n1")
+    pid = single.pid("n1")
+    assert pid is not None
+    children = child_pids(pid)
+    assert len(children) == HTTP_WORKERS + 1
+    assert cluster.stop_cluster(single.directory) == ["n1"]
+    assert [child for child in children if alive(child)] == []
 
 
 def test_with_no_workers_the_node_is_one_process_serving_http_itself(tmp_path: Path) -> None:

@@ -559,13 +559,21 @@ def stop_cluster(directory: Path | str, timeout_seconds: float = DEFAULT_STOP_TI
             report(f"{node.node_id} (pid {pid}) did not stop within {timeout_seconds:g} s: sending SIGKILL")
             os.kill(pid, signal.SIGKILL)
         still_alive = _wait_gone(survivors, time.monotonic() + 5.0)
+        outlived = []
         for node, pid in running:
             if (node, pid) not in still_alive:
                 node.pid_file.unlink(missing_ok=True)
                 report(f"stopped {node.node_id} (pid {pid})")
+                # A node stopped gracefully stops its workers and sealer first; one killed after the
+                # timeout leaves them to exit by themselves, as `kill_node` waits for.
+                left = _wait_group_gone(pid, time.monotonic() + CHILDREN_EXIT_TIMEOUT_SECONDS)
+                if left:
+                    outlived.append(f"{node.node_id}'s processes {', '.join(map(str, left))}")
         if still_alive:
             names = ", ".join(node.node_id for node, _ in still_alive)
             raise ClusterError(f"could not stop {names} even with SIGKILL")
+        if outlived:
+            raise ClusterError(f"{'; '.join(outlived)} outlived their node by {CHILDREN_EXIT_TIMEOUT_SECONDS:g} s")
     return [node.node_id for node, _ in running]
 
 

@@ -5,7 +5,8 @@ opaque tokens (some with a TTL and metadata) and card tokens, a rotation, then t
 
 Prints one line: tokens migrated, seconds, tokens per second, and how the epoch was filled; then how many
 times an event loop of the cluster (a node's core or one of its HTTP workers) was held past 10, 25 and
-50 ms during the migration (tokenvault_event_loop_stall_seconds, read before and after). Run it from
+50 ms during the migration (tokenvault_event_loop_stall_seconds, read before and after); then each node
+core's peak and current memory and its data directory's size, for runs of growing epochs. Run it from
 two checkouts (PYTHONPATH=<checkout>) to compare versions on one machine. It measures and prints;
 nothing asserts on its numbers.
 """
@@ -31,6 +32,7 @@ from tokenvault.devcluster.cluster import open_url
 
 NODES = 3
 REQUEST_ITEMS = 500
+FILL_CONCURRENCY = 8
 STALL_THRESHOLDS_SECONDS = (0.01, 0.025, 0.05)  # bucket bounds of tokenvault_event_loop_stall_seconds
 METRICS_MAX_AGE_SECONDS = 1.0  # a node's /metrics page may be this old
 
@@ -47,16 +49,24 @@ def _luhn_complete(partial: str) -> str:
 
 
 async def _fill(client: AsyncClient, values: int, cards: int, seed: str, with_life: bool) -> None:
+    """The epoch's tokens, FILL_CONCURRENCY requests of REQUEST_ITEMS values in flight (large epochs fill
+    in minutes, not hours); every other plain request with a TTL and metadata when ``with_life``."""
+    requests: list[tuple[list[str], dict[str, object]]] = []
     plain = [f"migrate-{seed}-{number}" for number in range(values)]
     for start in range(0, len(plain), REQUEST_ITEMS):
-        chunk = plain[start:start + REQUEST_ITEMS]
-        if with_life and (start // REQUEST_ITEMS) % 2:  # every other request with a TTL and metadata
-            await client.tokenize(chunk, ttl_seconds=86400, metadata={"batch": start})
-        else:
-            await client.tokenize(chunk)
+        with_ttl = with_life and (start // REQUEST_ITEMS) % 2 == 1
+        life = {"ttl_seconds": 86400, "metadata": {"batch": start}} if with_ttl else {}
+        requests.append((plain[start:start + REQUEST_ITEMS], life))
     numbers = [_luhn_complete(f"4{number:014d}") for number in range(cards)]
     for start in range(0, len(numbers), REQUEST_ITEMS):
-        await client.tokenize(numbers[start:start + REQUEST_ITEMS], token_format="card")
+        requests.append((numbers[start:start + REQUEST_ITEMS], {"token_format": "card"}))
+    pending = iter(requests)
+
+    async def sender() -> None:
+        for chunk, options in pending:
+            await client.tokenize(chunk, **options)  # type: ignore[arg-type]
+
+    await asyncio.gather(*(sender() for _ in range(FILL_CONCURRENCY)))
 
 
 def _stalls_over(spec: cluster.ClusterSpec) -> dict[float, float]:
@@ -84,6 +94,31 @@ async def _prepare(directory: Path, arguments: argparse.Namespace) -> cluster.Cl
     return spec
 
 
+def _memory_and_disk(spec: cluster.ClusterSpec) -> str:
+    """Each node's core: its peak and current resident memory (VmHWM, VmRSS) and its data directory's
+    size, so that runs of growing epochs show what grows with them."""
+    parts = []
+    for node in spec.nodes:
+        figures = {}
+        try:
+            pid = int(node.pid_file.read_text().strip())
+            for line in (Path("/proc") / str(pid) / "status").read_text().splitlines():
+                name, _, value = line.partition(":")
+                if name in ("VmHWM", "VmRSS"):
+                    figures[name] = int(value.split()[0]) // 1024
+        except (OSError, ValueError, IndexError):
+            pass
+        disk = 0
+        for path in node.data_dir.rglob("*"):
+            try:
+                disk += path.stat().st_size if path.is_file() else 0
+            except OSError:  # a file a compaction removed meanwhile
+                pass
+        parts.append(f"{node.node_id} core peak {figures.get('VmHWM', '?')} MB, now {figures.get('VmRSS', '?')} MB, "
+                     f"data {disk / 2**20:,.0f} MB")
+    return "; ".join(parts)
+
+
 def _migrate(directory: Path, batch_size: int) -> tuple[float, str]:
     command = [sys.executable, "-c", "from tokenvault.client.cli import main; main()", "admin", "epoch", "migrate",
                "1", "--batch-size", str(batch_size), "--json", "--state-file", str(directory / "migrate.json"),
@@ -100,12 +135,15 @@ async def main(arguments: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="tokenvault-migrate-bench-") as temporary:
         directory = Path(temporary) / "cluster"
         try:
+            filled_at = time.perf_counter()
             spec = await _prepare(directory, arguments)
+            fill_seconds = time.perf_counter() - filled_at
             time.sleep(METRICS_MAX_AGE_SECONDS)
             before = _stalls_over(spec)
             seconds, answer = await asyncio.to_thread(_migrate, directory, arguments.batch_size)
             time.sleep(METRICS_MAX_AGE_SECONDS)
             after = _stalls_over(spec)
+            resources = _memory_and_disk(spec)
         finally:
             if (directory / cluster.CLUSTER_FILE_NAME).exists():
                 await asyncio.to_thread(cluster.stop_cluster, directory, 10)
@@ -117,6 +155,7 @@ async def main(arguments: argparse.Namespace) -> int:
     print("event-loop stalls during the migration, all nodes and processes: " + ", ".join(
         f"over {threshold * 1000:.0f} ms: {after[threshold] - before[threshold]:.0f}"
         for threshold in STALL_THRESHOLDS_SECONDS), flush=True)
+    print(f"cluster started and epoch filled in {fill_seconds:.0f} s; after the migration: {resources}", flush=True)
     return 0
 
 

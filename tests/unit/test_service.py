@@ -924,13 +924,10 @@ async def test_a_worker_sealed_card_on_a_backup_answers_repeats_and_forwards_new
     assert primary.node.replica.last_index == last_index
 
 
-async def test_core_calls_check_every_argument_of_a_sealed_tokenize(single: RunningNode) -> None:
-    calls = CoreCalls(single.service, single.node.metrics, lambda: [], max_backup_streams=1)
-    epoch, items, metadata = format_seal(single, "card", ["4111111111111111"], '{"k":"v"}')
-    good = {"principal": "p", "epoch": epoch, "values": ["4111111111111111"], "items": [list(items[0])],
-            "token_format": "card", "metadata_json": '{"k":"v"}', "ttl_seconds": None, "metadata": metadata}
-    last_index = single.node.replica.last_index
-    bad: list[dict] = [
+def bad_sealed_tokenizes(good: dict) -> list[dict]:
+    """A good sealed card tokenize with metadata (``good``), each member made wrong in turn."""
+    metadata, items = good["metadata"], good["items"]
+    return [
         {key: value for key, value in good.items() if key != "metadata"},
         {**good, "extra": 1},
         {**good, "token_format": "cards"},
@@ -944,6 +941,55 @@ async def test_core_calls_check_every_argument_of_a_sealed_tokenize(single: Runn
         {**good, "items": [[items[0][0], "not bytes"]]},
         {**good, "epoch": 0},
     ]
+
+
+async def test_a_backup_forwards_a_worker_sealed_card_ttl_and_metadata_tokenize_with_its_pairs(
+        trio: Cluster) -> None:
+    """A tokenize with a format, a TTL or metadata that a backup's worker sealed goes to the primary with
+    its pairs and metadata ciphertexts (``tokenize.sealed.v2``): the primary checks the first value as a
+    worker's and seals none itself; the mapping has the request's metadata and expiry. A forged or
+    malformed forward is refused (503 / 400 or 422) and stores nothing."""
+    backup, primary = trio.backups()[0], trio.primaries()[0]
+    epoch, items, metadata = format_seal(backup, "card", CARDS, '{"k":"v"}')
+    sealed_before = (sealed_count(primary, "node"), sealed_count(primary, "worker"))
+    before_ms = int(time.time() * 1000)
+    options = TokenizeOptions("card", '{"k":"v"}', 60)
+    first = body(await backup.service.tokenize_sealed("p", epoch, CARDS, items, options, metadata))
+    assert first == {"epoch": epoch, "tokens": [token for token, _ in items]}
+    assert (sealed_count(primary, "node"), sealed_count(primary, "worker")) == (sealed_before[0], sealed_before[1] + 2)
+    revealed = await primary.service.reveal(first["tokens"], None, epoch, True, False)
+    assert revealed == {"values": ["4111111111111111", "5500000000000004"], "metadata_json": ['{"k":"v"}'] * 2}
+    (expires_at_ms,) = {expiry for expiry, _ in primary.node.store.lives(epoch, first["tokens"]).values()}
+    assert before_ms + 60_000 <= expires_at_ms <= int(time.time() * 1000) + 60_000
+    # An opaque TTL request likewise (it joins the primary's group commit).
+    opaque_items = worker_seal(backup, ["ttl-on-backup"])[1]
+    worker_before = sealed_count(primary, "worker")
+    answer = await backup.service.tokenize_sealed("p", epoch, ["ttl-on-backup"], opaque_items,
+                                                  TokenizeOptions("opaque", None, 30))
+    assert body(answer)["tokens"] == [opaque_items[0][0]]
+    assert sealed_count(primary, "worker") == worker_before + 1
+    # Forged (the first pair is not its value's) or malformed: refused by the primary, nothing stored.
+    _, other, other_metadata = format_seal(backup, "card", ["4000000000000002"], '{"k":"v"}')
+    good = {"principal": "p", "epoch": epoch, "values": ["4000000000000002"], "items": [list(other[0])],
+            "token_format": "card", "metadata_json": '{"k":"v"}', "ttl_seconds": None, "metadata": other_metadata}
+    forged = msgpack.packb({**good, "values": ["4000000000000010"]}, use_bin_type=True)
+    answer = await serve_forward(primary, ForwardRequest(request_id=79, kind="tokenize.sealed.v2", body=forged))
+    assert answer.status == 503
+    assert primary.node.store.lookup_format(epoch, [other[0][0]]) == {}
+    for number, arguments in enumerate(bad_sealed_tokenizes(good)):
+        request = ForwardRequest(request_id=80 + number, kind="tokenize.sealed.v2",
+                                 body=msgpack.packb(arguments, use_bin_type=True))
+        assert (await serve_forward(primary, request)).status in (400, 422), arguments
+    assert primary.node.store.lookup_format(epoch, [other[0][0]]) == {}
+
+
+async def test_core_calls_check_every_argument_of_a_sealed_tokenize(single: RunningNode) -> None:
+    calls = CoreCalls(single.service, single.node.metrics, lambda: [], max_backup_streams=1)
+    epoch, items, metadata = format_seal(single, "card", ["4111111111111111"], '{"k":"v"}')
+    good = {"principal": "p", "epoch": epoch, "values": ["4111111111111111"], "items": [list(items[0])],
+            "token_format": "card", "metadata_json": '{"k":"v"}', "ttl_seconds": None, "metadata": metadata}
+    last_index = single.node.replica.last_index
+    bad = bad_sealed_tokenizes(good)
     for arguments in bad:
         with pytest.raises((InvalidRequest, UnprocessableValue)):
             await calls.handlers["tokenize_sealed"](arguments)
@@ -995,8 +1041,8 @@ def test_a_sealed_forward_a_backup_sends_is_never_over_the_primarys_bound(value_
     """The backup's choice (pairs or values) and the primary's bound come from one rule: the largest
     allowed request, forwarded with its pairs, is taken; whatever the backup sends sealed fits."""
     from tokenvault.api.service import TOKENIZE_SEALED, _max_forwarded_sealed_bytes, _sealed_forward_bytes
+    from tokenvault.api.validation import MAX_METADATA_BYTES
     from tokenvault.config import LimitsConfig
-    from tokenvault.crypto.keys import EpochKeys
 
     limits = LimitsConfig()
     values = [f"{number:06d}" + "v" * (value_bytes - 6) if value_bytes > 6 else str(number)
@@ -1008,6 +1054,21 @@ def test_a_sealed_forward_a_backup_sends_is_never_over_the_primarys_bound(value_
     assert _sealed_forward_bytes(values, items) >= len(body)
     assert _sealed_forward_bytes(values, items) <= bound  # the largest allowed request goes with its pairs
     assert len(body) <= bound and TOKENIZE_SEALED == "tokenize.sealed"
+    # With metadata at its largest (a ciphertext per value, the document once): tokenize.sealed.v2.
+    keys = EpochKeys(1, bytes(range(32)))
+    document = '{"m":"' + "x" * (MAX_METADATA_BYTES - 8) + '"}'
+    assert len(document) == MAX_METADATA_BYTES
+    metadata = [keys.encrypt_metadata(token, document.encode()) for token, _ in items]
+    extended = msgpack.packb({"principal": "p", "epoch": 1, "values": values,
+                              "items": [[token, ciphertext] for token, ciphertext in items],
+                              "token_format": "opaque", "metadata_json": document, "ttl_seconds": 2**31,
+                              "metadata": metadata}, use_bin_type=True)
+    bound = _max_forwarded_sealed_bytes(limits, with_metadata=True)
+    assert len(extended) <= _sealed_forward_bytes(values, items, document, metadata)
+    if value_bytes <= 100:  # the largest such request goes with its pairs, and the primary takes it
+        assert _sealed_forward_bytes(values, items, document, metadata) <= bound and len(extended) <= bound
+    else:  # over the bound: the backup forwards the values instead
+        assert _sealed_forward_bytes(values, items, document, metadata) > bound
 
 
 async def test_a_retry_after_a_failover_while_the_first_attempt_was_uncommitted_answers_the_first_once(

@@ -23,13 +23,12 @@ from prometheus_client.samples import Sample
 
 from tokenvault.api.channel import MAX_CONCURRENT_CALLS, Channel
 from tokenvault.api.service import (NodeService, _actor, _optional_idempotency_key, _principal, _strings)
-from tokenvault.api.validation import (require_item_list, validate_lookup_epoch, validate_lookup_tokens,
-                                       validate_epoch, validate_options, validate_sealed_items, validate_tokens,
-                                       validate_values)
+from tokenvault.api.validation import (SEALED_TOKENIZE_MEMBERS, require_item_list, validate_epoch,
+                                       validate_lookup_epoch, validate_lookup_tokens,
+                                       validate_sealed_tokenize, validate_tokens, validate_values)
 from tokenvault.core.backup import BackupStream
 from tokenvault.core.commands import AUDIT_HASH_BYTES, Actor, CommandError
 from tokenvault.core.store_layout import MAX_TOKEN_PAGE
-from tokenvault.crypto import formats
 from tokenvault.errors import InvalidRequest, NotFound, Overloaded, ServiceError
 from tokenvault.metrics import METRICS_MAX_AGE_SECONDS, Metrics, RecentRender
 
@@ -132,23 +131,10 @@ class CoreCalls:
                                           validate_lookup_epoch(arguments["epoch"]), include_metadata, masked)
 
     async def _tokenize_sealed(self, arguments: dict[str, Any]) -> Any:
-        _members(arguments, ("principal", "epoch", "values", "items", "token_format", "metadata_json",
-                             "ttl_seconds", "metadata"))
-        values = validate_values(require_item_list(arguments, "values", self._limits), self._limits)
-        # The version 2 options as a forwarded tokenize's (400 / 422); the values are normalized by the service.
-        options = validate_options(arguments["token_format"], arguments["metadata_json"], arguments["ttl_seconds"])
-        items = validate_sealed_items(arguments["items"], len(values))
-        if options.token_format != formats.OPAQUE and not all(formats.is_format_token(token) for token, _ in items):
-            raise InvalidRequest("card and digits tokens are strings of digits")
-        metadata = arguments["metadata"]
-        if options.metadata_json is None:
-            if metadata is not None:
-                raise InvalidRequest("metadata ciphertexts come only with metadata_json")
-        elif (not isinstance(metadata, list) or len(metadata) != len(values)
-              or not all(isinstance(ciphertext, bytes) for ciphertext in metadata)):
-            raise InvalidRequest("metadata must be one ciphertext per value")
-        epoch = validate_epoch(arguments["epoch"])
-        return await self._service.tokenize_sealed(_principal(arguments), epoch, values, items, options, metadata)
+        _members(arguments, SEALED_TOKENIZE_MEMBERS)
+        sealed = validate_sealed_tokenize(arguments, self._limits)
+        return await self._service.tokenize_sealed(_principal(arguments), sealed.epoch, sealed.values, sealed.items,
+                                                   sealed.options, sealed.metadata)
 
     async def _detokenize(self, arguments: dict[str, Any]) -> Any:
         _members(arguments, ("tokens", "actor"))

@@ -41,9 +41,11 @@ from tokenvault.core.store_layout import ApplyResult
 from tokenvault.core.store_layout import Outcome as ApplyOutcome
 from tokenvault.crypto import formats
 from tokenvault.crypto.tokens import MAX_TOKEN_CHARS, is_token, parse_token
-from tokenvault.api.validation import (TokenizeOptions, normalize_values, require_item_list, validate_epoch,
+from tokenvault.api.validation import (MAX_METADATA_BYTES, SEALED_TOKENIZE_MEMBERS, TokenizeOptions,
+                                       normalize_values, require_item_list, validate_epoch,
                                        validate_idempotency_key, validate_lookup_epoch, validate_lookup_tokens,
-                                       validate_options, validate_sealed_items, validate_tokens, validate_values)
+                                       validate_options, validate_sealed_items, validate_sealed_tokenize,
+                                       validate_tokens, validate_values)
 from tokenvault.api.members import CHANGE_MEMBER, LIST_MEMBERS, MembershipOperations
 from tokenvault.config import LimitsConfig
 
@@ -62,10 +64,15 @@ TOKENIZE_EXTENDED = "tokenize.v2"
 # A plain tokenize a backup's HTTP worker sealed, forwarded with its pairs: the primary checks them as
 # a worker's (NodeService.tokenize_sealed) instead of sealing every value itself, and coalesces them.
 TOKENIZE_SEALED = "tokenize.sealed"
+# The same for a tokenize with a format, a TTL or metadata (validation.SEALED_TOKENIZE_MEMBERS): the primary
+# checks it as a worker's extended request and proposes the pairs (and metadata ciphertexts) it was given.
+TOKENIZE_SEALED_EXTENDED = "tokenize.sealed.v2"
 # A sealed tokenize whose pairs pack larger than this is forwarded as values (the peer frame bound is 16 MiB).
 MAX_FORWARDED_SEALED_BYTES = 8 * 1024 * 1024
 # msgpack's headers for one value and its [token, ciphertext] pair: str, array, str and bin, 5 bytes each at most.
 SEALED_ITEM_OVERHEAD_BYTES = 20
+# A metadata ciphertext is the document's bytes plus AES-SIV's 16-byte tag; msgpack's bin header is 5 bytes at most.
+METADATA_CIPHERTEXT_OVERHEAD_BYTES = 16 + 5
 ROTATE = "rotate"
 CREATE_KEY = "key.create"
 REVOKE_KEY = "key.revoke"
@@ -411,8 +418,13 @@ class NodeService(LifecycleOperations, MembershipOperations):
                 self.node.metrics.record_tokenize_answered_as_read(len(answered))
                 return Outcome(200, _json({"epoch": epoch, "tokens": answered}), False)
         if not self._is_primary():
-            arguments: dict[str, Any] = {"principal": principal, "values": values, "idempotency_key": None}
-            arguments.update(options.forwarded())
+            if (_sealed_forward_bytes(values, items, options.metadata_json, metadata)
+                    <= _max_forwarded_sealed_bytes(self.node.config.limits, with_metadata=True)):
+                arguments = {"principal": principal, "epoch": epoch, "values": values,
+                             "items": [[token, ciphertext] for token, ciphertext in items], "metadata": metadata,
+                             **options.forwarded()}
+                return await self._route(TOKENIZE_SEALED_EXTENDED, arguments, self._tokenize_sealed_extended_here)
+            arguments = {"principal": principal, "values": values, "idempotency_key": None, **options.forwarded()}
             return await self._route(TOKENIZE_EXTENDED, arguments, self._tokenize_extended_here)
         self.node.metrics.record_sealed("worker", len(items))
         if options.merges_with_ttl:  # opaque, a TTL, no metadata: merged with others (coalesce.py)
@@ -427,6 +439,16 @@ class NodeService(LifecycleOperations, MembershipOperations):
         if result.outcome == ApplyOutcome.TOKEN_COLLISION:
             raise _token_collision()
         raise EpochChanged("a rotation was applied first")
+
+    async def _tokenize_sealed_extended_here(self, principal: str, epoch: int, values: list[str],
+                                             items: list[list[Any]], token_format: str, metadata_json: str | None,
+                                             ttl_seconds: int | None, metadata: list[bytes] | None) -> Outcome:
+        """``tokenize_sealed`` of a request with a format, a TTL or metadata, as it travels: run by a
+        backup that meant to forward it and became the primary meanwhile (the primary runs a forwarded
+        one through ``_run_forwarded``)."""
+        pairs = [(token, ciphertext) for token, ciphertext in items]
+        return await self.tokenize_sealed(principal, epoch, values, pairs,
+                                          validate_options(token_format, metadata_json, ttl_seconds), metadata)
 
     async def tokenize_read_point(self, epoch: int) -> int:
         """For a plain tokenize an HTTP worker answers as a read from its own view of the store (every pair
@@ -1053,9 +1075,18 @@ class NodeService(LifecycleOperations, MembershipOperations):
         limits = self.node.config.limits
         if request.kind not in FORWARDED_MEMBERS:
             raise InvalidRequest("a forwarded request of an unknown kind")
-        max_bytes = (_max_forwarded_sealed_bytes(limits) if request.kind == TOKENIZE_SEALED
-                     else _max_forwarded_bytes(limits))
+        if request.kind == TOKENIZE_SEALED:
+            max_bytes = _max_forwarded_sealed_bytes(limits)
+        elif request.kind == TOKENIZE_SEALED_EXTENDED:
+            max_bytes = _max_forwarded_sealed_bytes(limits, with_metadata=True)
+        else:
+            max_bytes = _max_forwarded_bytes(limits)
         arguments = _forwarded_arguments(request, FORWARDED_MEMBERS[request.kind], max_bytes)
+        if request.kind == TOKENIZE_SEALED_EXTENDED:
+            sealed = validate_sealed_tokenize(arguments, limits)
+            outcome = await self.tokenize_sealed(_principal(arguments), sealed.epoch, sealed.values, sealed.items,
+                                                 sealed.options, sealed.metadata)
+            return outcome.status, outcome.body, ()
         if request.kind == TOKENIZE_SEALED:
             values = validate_values(require_item_list(arguments, "values", limits), limits)
             items = validate_sealed_items(arguments["items"], len(values))
@@ -1134,6 +1165,7 @@ FORWARDED_MEMBERS: dict[str, tuple[str, ...]] = {
     TOKENIZE: ("principal", "values", "idempotency_key"),
     TOKENIZE_EXTENDED: ("principal", "values", "idempotency_key", "token_format", "metadata_json", "ttl_seconds"),
     TOKENIZE_SEALED: ("principal", "epoch", "values", "items"),
+    TOKENIZE_SEALED_EXTENDED: SEALED_TOKENIZE_MEMBERS,
     REVEAL: ("tokens", "epoch", "include_metadata"),
     ROTATE: ("principal", "idempotency_key", "actor"),
     DETOKENIZE: ("tokens",),
@@ -1154,19 +1186,30 @@ def _max_forwarded_bytes(limits: LimitsConfig) -> int:
     return limits.max_items * (max(limits.max_value_bytes, MAX_TOKEN_CHARS) + 8) + 4096
 
 
-def _max_forwarded_sealed_bytes(limits: LimitsConfig) -> int:
+def _max_forwarded_sealed_bytes(limits: LimitsConfig, with_metadata: bool = False) -> int:
     """The largest ``tokenize.sealed`` body a primary takes: an allowed request's values with their pairs
-    (a token and a ciphertext of the value's length plus its tag), at most MAX_FORWARDED_SEALED_BYTES.
-    A backup forwards a larger one as values (``_sealed_forward_bytes``), so the two always agree."""
+    (a token and a ciphertext of the value's length plus its tag), at most MAX_FORWARDED_SEALED_BYTES;
+    ``with_metadata``: a ``tokenize.sealed.v2`` body's, with a metadata ciphertext per value and the
+    metadata document once. A backup forwards a larger one as values (``_sealed_forward_bytes``), so the
+    two always agree."""
     per_item = 2 * max(limits.max_value_bytes, MAX_TOKEN_CHARS) + MAX_TOKEN_CHARS + SEALED_ITEM_OVERHEAD_BYTES
-    return min(limits.max_items * per_item + 4096, MAX_FORWARDED_SEALED_BYTES)
+    document = 0
+    if with_metadata:
+        per_item += MAX_METADATA_BYTES + METADATA_CIPHERTEXT_OVERHEAD_BYTES
+        document = MAX_METADATA_BYTES + 5
+    return min(limits.max_items * per_item + document + 4096, MAX_FORWARDED_SEALED_BYTES)
 
 
-def _sealed_forward_bytes(values: Sequence[str], items: Sequence[tuple[str, bytes]]) -> int:
-    """At least what a ``tokenize.sealed`` body of ``values`` and ``items`` packs to (msgpack adds at most
-    SEALED_ITEM_OVERHEAD_BYTES a value and pair, and the other members stay within 4 KiB)."""
-    return sum(len(value.encode()) + len(token) + len(ciphertext) + SEALED_ITEM_OVERHEAD_BYTES
+def _sealed_forward_bytes(values: Sequence[str], items: Sequence[tuple[str, bytes]], metadata_json: str | None = None,
+                          metadata: Sequence[bytes] | None = None) -> int:
+    """At least what a ``tokenize.sealed`` (or ``.v2``) body of ``values`` and ``items`` (and a metadata
+    document with its ciphertexts) packs to: msgpack adds at most SEALED_ITEM_OVERHEAD_BYTES a value and pair
+    and 5 bytes a string or bin, and the other members stay within 4 KiB."""
+    size = sum(len(value.encode()) + len(token) + len(ciphertext) + SEALED_ITEM_OVERHEAD_BYTES
                for value, (token, ciphertext) in zip(values, items)) + 4096
+    if metadata_json is not None:
+        size += len(metadata_json.encode()) + 5
+    return size + sum(len(ciphertext) + 5 for ciphertext in metadata or ())
 
 
 def _forwarded_arguments(request: ForwardRequest, members: tuple[str, ...], max_bytes: int) -> dict[str, Any]:

@@ -268,6 +268,41 @@ def validate_sealed_items(items: object, count: int) -> list[tuple[str, bytes]]:
     return [(token, ciphertext) for token, ciphertext in items]
 
 
+# A tokenize sealed already, as an HTTP worker hands it to its core and a backup forwards one with a format,
+# a TTL or metadata to the primary: exactly these members.
+SEALED_TOKENIZE_MEMBERS = ("principal", "epoch", "values", "items", "token_format", "metadata_json", "ttl_seconds",
+                           "metadata")
+
+
+@dataclass(frozen=True, slots=True)
+class SealedTokenize:
+    epoch: int
+    values: list[str]
+    items: list[tuple[str, bytes]]
+    options: TokenizeOptions
+    metadata: list[bytes] | None
+
+
+def validate_sealed_tokenize(arguments: dict[str, Any], limits: ItemLimits) -> SealedTokenize:
+    """A sealed tokenize's members (SEALED_TOKENIZE_MEMBERS; the principal is the caller's to check):
+    the values and the version 2 options as any tokenize's (400 / 422; the values are normalized by the
+    service), one [token, ciphertext] pair per value, digit-string tokens for card and digits, and one
+    metadata ciphertext per value exactly when the request has metadata."""
+    values = validate_values(require_item_list(arguments, "values", limits), limits)
+    options = validate_options(arguments["token_format"], arguments["metadata_json"], arguments["ttl_seconds"])
+    items = validate_sealed_items(arguments["items"], len(values))
+    if options.token_format != formats.OPAQUE and not all(formats.is_format_token(token) for token, _ in items):
+        raise InvalidRequest("card and digits tokens are strings of digits")
+    metadata = arguments["metadata"]
+    if options.metadata_json is None:
+        if metadata is not None:
+            raise InvalidRequest("metadata ciphertexts come only with metadata_json")
+    elif (not isinstance(metadata, list) or len(metadata) != len(values)
+          or not all(isinstance(ciphertext, bytes) for ciphertext in metadata)):
+        raise InvalidRequest("metadata must be one ciphertext per value")
+    return SealedTokenize(validate_epoch(arguments["epoch"]), values, items, options, metadata)
+
+
 def require_members(document: Any, required: tuple[str, ...], optional: tuple[str, ...] = ()) -> dict[str, Any]:
     """The body as a JSON object holding the ``required`` members and perhaps some ``optional`` ones."""
     if not isinstance(document, dict):

@@ -33,6 +33,7 @@ from tokenvault.core.node import Node
 from tokenvault.api.http import HttpApp, http_server
 from tokenvault.api.service import NodeService
 from tokenvault.core.transport import GREETING
+from tokenvault.devcluster.cluster import process_stats
 
 POLL_INTERVAL_SECONDS = 0.01
 NONCE_BYTES = 32
@@ -388,17 +389,7 @@ def data_files(directory: Path) -> list[Path]:
 
 def child_pids(pid: int) -> list[int]:
     """The direct children of ``pid`` (a real node's sealer and HTTP workers), from /proc."""
-    children = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            children.append(int(entry.name))
-    return children
+    return [child for child, fields in process_stats() if len(fields) > 1 and int(fields[1]) == pid]
 
 
 def files_holding(directory: Path, needle: bytes) -> list[Path]:

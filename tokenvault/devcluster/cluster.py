@@ -277,17 +277,20 @@ def _group_members(group: int) -> list[int]:
         except PermissionError:
             pass
         return [group]
-    members = []
+    return [pid for pid, fields in process_stats()
+            if len(fields) > 2 and fields[2] == str(group) and fields[0] not in ("Z", "X")]
+
+
+def process_stats() -> Iterator[tuple[int, list[str]]]:
+    """Each process's pid and the fields of its /proc/<pid>/stat after its name (state, ppid, pgrp, ...);
+    one that exits meanwhile is passed over. Linux only."""
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            yield int(entry.name), (entry / "stat").read_text().rsplit(")", 1)[1].split()
         except (OSError, IndexError):
             continue
-        if len(fields) > 2 and fields[2] == str(group) and fields[0] not in ("Z", "X"):
-            members.append(int(entry.name))
-    return members
 
 
 def _wait_group_gone(group: int, deadline: float) -> list[int]:

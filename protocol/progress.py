@@ -81,7 +81,7 @@ class PeerProgress:
 
     __slots__ = ("match_index", "next_index", "state", "probe_sent", "inflight", "recently_active",
                  "read_round_acknowledged", "match_at_last_heartbeat", "stalled_heartbeats",
-                 "snapshot", "snapshot_wait_ticks", "window")
+                 "snapshot", "snapshot_wait_ticks", "window", "loss_reported")
 
     def __init__(self, next_index: int) -> None:
         self.match_index = 0
@@ -99,6 +99,8 @@ class PeerProgress:
         # Appends allowed in flight now: 1 after each probe, doubled by each acknowledgement that
         # moves match_index, up to MAX_WINDOW (the replica caps it with its configured limit).
         self.window = 1
+        # The backup refused a position it had acknowledged (records.BackupLostEntries), said already.
+        self.loss_reported = False
 
     def become_probe(self, next_index: int) -> None:
         self.state = PeerState.PROBE

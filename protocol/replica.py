@@ -18,9 +18,9 @@ from protocol.messages import (AppendEntries, AppendReply, Heartbeat, HeartbeatR
                                PreVote, PreVoteReply, ReadIndex, ReadIndexReply, RequestVote, SnapshotReply,
                                VoteReply)
 from protocol.progress import IncomingSnapshot, OutgoingSnapshot, PeerProgress, PeerState
-from protocol.records import (BecamePrimary, ElectionStarted, Event, MembershipChanged, PrimaryChanged, ReadResult,
-                              Ready, ReplicaConfig, RestoredState, Role, SnapshotChunk, SnapshotRead,
-                              SnapshotToInstall, SteppedDown, TransferEnd)
+from protocol.records import (BackupLostEntries, BecamePrimary, ElectionStarted, Event, MembershipChanged,
+                              PrimaryChanged, ReadResult, Ready, ReplicaConfig, RestoredState, Role, SnapshotChunk,
+                              SnapshotRead, SnapshotToInstall, SteppedDown, TransferEnd)
 from protocol.replicated_log import ReplicatedLog, entries_follow
 from protocol.types import Entry, EntryKind, HardState
 
@@ -977,7 +977,11 @@ class Replica:
         progress.become_probe(min(message.index, candidate + 1))
         if message.index <= progress.match_index:
             # The backup refuses a position it acknowledged before: its disk lost data, which is
-            # outside the failure model. Retry at heartbeat pace rather than ping-pong at full speed.
+            # outside the failure model. Say so once, and retry at heartbeat pace rather than ping-pong
+            # at full speed (never below what it acknowledged: the probe stays at match_index + 1).
+            if not progress.loss_reported:
+                progress.loss_reported = True
+                self._events.append(BackupLostEntries(sender, progress.match_index, message.index))
             progress.probe_sent = True
             return
         self._send_appends(sender)

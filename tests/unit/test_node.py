@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +20,7 @@ from types import SimpleNamespace
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from structlog.testing import capture_logs
 
 from node_support import (Cluster, Partition, RunningNode, Timing, data_files, make_configs, retry_until_ok, start_cluster,
                           start_node, wait_until)
@@ -508,6 +510,46 @@ def peer_samples(running: RunningNode) -> dict[tuple[str, str], float]:
             for family in text_string_to_metric_families(body.decode())
             if family.name in ("tokenvault_peer_reachable", "tokenvault_peer_match_index")
             for sample in family.samples}
+
+
+async def test_a_backup_restored_from_an_older_copy_of_its_data_directory_is_reported_by_the_primary(
+        trio: Cluster, tmp_path: Path) -> None:
+    """docs/failure-modes.md, "Not detected: one member's data directory restored from an older copy": while
+    the primary that had its acknowledgements leads, the member that comes back without entries it
+    acknowledged is named in the primary's log (replica.backup_lost_entries, once, at error level)."""
+    primary = await trio.wait_for_stable_primary()
+    backup = trio.backups()[0]
+
+    async def tokenized_everywhere(value: str) -> None:
+        assert (await primary.service.tokenize("p", [value], None)).status == 200
+        await wait_until(lambda: backup.node.store.applied_index >= primary.node.store.applied_index, 5,
+                         "the backup to apply it")
+
+    await tokenized_everywhere("before-the-copy")
+    await backup.close()
+    copy = tmp_path / "older-copy"
+    shutil.copytree(backup.config.data_dir, copy)
+    backup = await trio.restart(backup)
+    for number in range(5):
+        await tokenized_everywhere(f"after-the-copy-{number}")
+    acknowledged = primary.node.replica.progress()[backup.node_id][0]
+    await backup.close()
+    shutil.rmtree(backup.config.data_dir)
+    shutil.copytree(copy, backup.config.data_dir)  # the operator restores the older copy
+    with capture_logs() as logs:
+        backup = await trio.restart(backup)
+        assert backup.node.replica.last_index < acknowledged
+        assert (await primary.service.tokenize("p", ["after-the-restore"], None)).status == 200
+
+        def reported() -> list[dict]:
+            return [entry for entry in logs if entry["event"] == "replica.backup_lost_entries"]
+
+        await wait_until(reported, 5, "the primary to report the lost entries")
+        await asyncio.sleep(0.3)  # more probes meanwhile: still one line
+    (line,) = reported()
+    assert line["log_level"] == "error" and line["peer"] == backup.node_id
+    assert line["acknowledged_index"] == acknowledged and line["refused_index"] <= acknowledged
+    assert primary.is_primary()
 
 
 async def test_the_peer_gauges_show_each_link_and_on_the_primary_each_backup_s_match_index(trio: Cluster) -> None:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from protocol.progress import MAX_WINDOW, PeerProgress
-from protocol import (INITIAL_HARD_STATE, AppendEntries, AppendReply, BecamePrimary, Entry, EntryKind, HardState,
+from protocol import (INITIAL_HARD_STATE, AppendEntries, AppendReply, BackupLostEntries, BecamePrimary, Entry, EntryKind, HardState,
                       Member, Membership,
                       Heartbeat, HeartbeatReply, Hello, InstallSnapshot, NotPrimary, PreVote, PreVoteReply,
                       ProposalRejected, ReadIndex, ReadIndexReply, ReadResult, Ready,
@@ -577,6 +577,35 @@ def test_lagging_backup_catches_up_in_few_round_trips() -> None:
     cluster.tick(times=3 * primary.config.heartbeat_interval_ticks)
     assert cluster.nodes["n3"].replica.last_index == primary.last_index
     assert appends_to_backup <= 3
+
+
+def test_a_backup_that_lost_entries_it_acknowledged_is_reported_once_and_never_probed_below_them() -> None:
+    """docs/failure-modes.md, a member restored from an older copy: the primary sees the backup refuse a
+    position at or below what it acknowledged, says so once (BackupLostEntries), and keeps probing it at
+    heartbeat pace at that position; nothing else changes (the other backup still commits with it)."""
+    cluster = Cluster(3)
+    cluster.elect("n1")
+    primary = cluster.primary()
+    for number in range(5):
+        primary.propose(b"early-%d" % number)
+    cluster.settle()
+    old = cluster.nodes["n3"]
+    copy = (old.hard_state, old.base, list(old.log))  # a copy of n3's disk, taken now
+    for number in range(20):
+        primary.propose(b"late-%d" % number)
+    cluster.settle()
+    acknowledged = primary.progress()["n3"][0]
+    assert acknowledged == primary.last_index
+    assert not [event for event in cluster.nodes["n1"].events if isinstance(event, BackupLostEntries)]
+    old.hard_state, old.base, old.log = copy  # n3's data directory put back from the copy
+    cluster.restart("n3")
+    primary.propose(b"after-the-restore")
+    cluster.tick(times=6 * primary.config.heartbeat_interval_ticks)
+    lost = [event for event in cluster.nodes["n1"].events if isinstance(event, BackupLostEntries)]
+    assert lost == [BackupLostEntries("n3", acknowledged, acknowledged)]
+    assert primary.progress()["n3"][0] == acknowledged  # never lowered: it counts for nothing new
+    assert cluster.nodes["n3"].replica.last_index < acknowledged
+    assert cluster.nodes["n2"].replica.commit_index == primary.last_index  # n2 and n1 commit on
 
 
 def test_appends_respect_entry_byte_and_inflight_bounds() -> None:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from protocol import (BecamePrimary, ElectionStarted, Entry, EntryKind, Event, ForwardRequest, ForwardResponse,
+from protocol import (BackupLostEntries, BecamePrimary, ElectionStarted, Entry, EntryKind, Event, ForwardRequest, ForwardResponse,
                       HardState, INITIAL_HARD_STATE, Membership, MembershipChanged, MembershipError, Message, NotPrimary, PrimaryChanged, ProposalRejected,
                       ReadResult, Ready, Replica, ReplicaConfig, RestoredState, Role, SteppedDown)
 from tokenvault.config import ConfigError, NodeConfig, split_host_port
@@ -794,6 +794,13 @@ class Node:
             log.info("membership.changed", index=event.index, voters=list(membership.voters),
                      learners=list(membership.learners))
             self._follow_membership()
+        elif isinstance(event, BackupLostEntries):
+            log.error("replica.backup_lost_entries", peer=event.peer, acknowledged_index=event.acknowledged_index,
+                      refused_index=event.refused_index,
+                      detail="the backup no longer holds log entries it acknowledged as written to its disk "
+                      "(its data directory restored from an older copy, or a disk that lost fsynced writes); "
+                      "it counts for nothing new here, and may stay behind until a snapshot or another "
+                      "primary catches it up; replace it (docs/failure-modes.md)")
         else:
             log.info("replica.event", kind=type(event).__name__)
 

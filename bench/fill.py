@@ -294,23 +294,26 @@ def disk_usage_bytes(directory: Path) -> int | None:
 
 
 def stall_figures(exposition: str, thresholds: Sequence[float] = STALL_THRESHOLDS_SECONDS,
-                  ) -> tuple[dict[float, float], float | None] | None:
+                  workers: bool | None = None) -> tuple[dict[float, float], float | None] | None:
     """From a /metrics text: how many stalls exceeded each threshold (a bucket bound of the histogram) so
     far, and the worst-of-a-minute gauge, over every event loop of the node (its core and each HTTP
-    worker's, a series each)."""
+    worker's, a series each); ``workers`` True or False: the HTTP workers' series only, or the core's."""
     buckets: dict[tuple[tuple[str, str], ...], dict[float, float]] = {}
     counts: dict[tuple[tuple[str, str], ...], float] = {}
     maxima: list[float] = []
     for family in text_string_to_metric_families(exposition):
         if family.name == "tokenvault_event_loop_stall_seconds":
             for sample in family.samples:
+                if workers is not None and ("worker" in sample.labels) != workers:
+                    continue
                 series = tuple(sorted((name, value) for name, value in sample.labels.items() if name != "le"))
                 if sample.name.endswith("_bucket"):
                     buckets.setdefault(series, {})[float(sample.labels["le"])] = sample.value
                 elif sample.name.endswith("_count"):
                     counts[series] = sample.value
         elif family.name == "tokenvault_event_loop_stall_max_seconds":
-            maxima.extend(sample.value for sample in family.samples)
+            maxima.extend(sample.value for sample in family.samples
+                          if workers is None or ("worker" in sample.labels) == workers)
     if not counts:
         return None
     over = {threshold: sum(count - buckets.get(series, {}).get(threshold, count) for series, count in counts.items())

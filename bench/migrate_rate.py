@@ -69,16 +69,17 @@ async def _fill(client: AsyncClient, values: int, cards: int, seed: str, with_li
     await asyncio.gather(*(sender() for _ in range(FILL_CONCURRENCY)))
 
 
-def _stalls_over(spec: cluster.ClusterSpec) -> dict[float, float]:
-    """Event-loop stalls past each threshold so far, summed over every loop of every node."""
-    total = dict.fromkeys(STALL_THRESHOLDS_SECONDS, 0.0)
+def _stalls_over(spec: cluster.ClusterSpec) -> dict[str, dict[float, float]]:
+    """Event-loop stalls past each threshold so far, per node and process kind ("n1 core", "n1 workers")."""
+    totals: dict[str, dict[float, float]] = {}
     for node in spec.nodes:
         with open_url(node.http_url.rstrip("/") + "/metrics", SCRAPE_TIMEOUT_SECONDS, spec.ca_file) as response:
-            figures = stall_figures(response.read(16 * 1024 * 1024).decode("utf-8", "replace"),
-                                    STALL_THRESHOLDS_SECONDS)
-        for threshold, count in (figures[0] if figures is not None else {}).items():
-            total[threshold] += count
-    return total
+            exposition = response.read(16 * 1024 * 1024).decode("utf-8", "replace")
+        for kind, workers in (("core", False), ("workers", True)):
+            figures = stall_figures(exposition, STALL_THRESHOLDS_SECONDS, workers)
+            totals[f"{node.node_id} {kind}"] = dict.fromkeys(STALL_THRESHOLDS_SECONDS, 0.0) | (
+                figures[0] if figures is not None else {})
+    return totals
 
 
 async def _prepare(directory: Path, arguments: argparse.Namespace) -> cluster.ClusterSpec:
@@ -144,6 +145,7 @@ async def main(arguments: argparse.Namespace) -> int:
             time.sleep(METRICS_MAX_AGE_SECONDS)
             after = _stalls_over(spec)
             resources = _memory_and_disk(spec)
+            primaries = [status.node_id for status in cluster.cluster_status(spec) if status.field("role") == "primary"]
         finally:
             if (directory / cluster.CLUSTER_FILE_NAME).exists():
                 await asyncio.to_thread(cluster.stop_cluster, directory, 10)
@@ -152,9 +154,17 @@ async def main(arguments: argparse.Namespace) -> int:
     print(f"3 nodes, epoch of {arguments.values} opaque ({life} with TTL and metadata) + {arguments.cards} card "
           f"tokens, batch {arguments.batch_size}: {migrated} migrated in {seconds:.1f} s = "
           f"{migrated / seconds:,.0f} tokens/s", flush=True)
+    grew = {part: {threshold: after[part][threshold] - before[part][threshold]
+                   for threshold in STALL_THRESHOLDS_SECONDS}
+            for part in after}
+    bounds = " / ".join(f"{threshold * 1000:.0f}" for threshold in STALL_THRESHOLDS_SECONDS)
     print("event-loop stalls during the migration, all nodes and processes: " + ", ".join(
-        f"over {threshold * 1000:.0f} ms: {after[threshold] - before[threshold]:.0f}"
+        f"over {threshold * 1000:.0f} ms: {sum(counts[threshold] for counts in grew.values()):.0f}"
         for threshold in STALL_THRESHOLDS_SECONDS), flush=True)
+    print(f"  by node and process kind, over {bounds} ms (primary after the migration: "
+          f"{', '.join(primaries) or 'none'}): " + "; ".join(
+              f"{part} " + " / ".join(f"{counts[threshold]:.0f}" for threshold in STALL_THRESHOLDS_SECONDS)
+              for part, counts in grew.items()), flush=True)
     print(f"cluster started and epoch filled in {fill_seconds:.0f} s; after the migration: {resources}", flush=True)
     return 0
 

@@ -81,7 +81,8 @@ class PeerProgress:
 
     __slots__ = ("match_index", "next_index", "state", "probe_sent", "inflight", "recently_active",
                  "read_round_acknowledged", "match_at_last_heartbeat", "stalled_heartbeats",
-                 "snapshot", "snapshot_wait_ticks", "window", "loss_reported")
+                 "snapshot", "snapshot_wait_ticks", "window", "loss_refusals", "loss_refused_at_tick",
+                 "loss_reported")
 
     def __init__(self, next_index: int) -> None:
         self.match_index = 0
@@ -99,7 +100,11 @@ class PeerProgress:
         # Appends allowed in flight now: 1 after each probe, doubled by each acknowledgement that
         # moves match_index, up to MAX_WINDOW (the replica caps it with its configured limit).
         self.window = 1
-        # The backup refused a position it had acknowledged (records.BackupLostEntries), said already.
+        # Refusals of a position at or below match_index, in distinct heartbeat intervals, with no success
+        # between them (one alone may be a stale refusal overtaken by the acknowledgement); the tick of
+        # the last one counted; and whether records.BackupLostEntries was said for this backup.
+        self.loss_refusals = 0
+        self.loss_refused_at_tick = 0
         self.loss_reported = False
 
     def become_probe(self, next_index: int) -> None:

@@ -31,6 +31,10 @@ STALLED_HEARTBEATS_LIMIT = 2
 # timeouts is dropped (the driver frees its checkpoint and the log it holds);
 # a new one is asked for once the backup answers again.
 SNAPSHOT_SILENT_ELECTION_TIMEOUTS = 3
+# A backup that refuses a position it acknowledged, in this many heartbeat intervals in a row with no
+# success between them, has lost entries from its disk (records.BackupLostEntries); fewer may be stale
+# refusals overtaken by the acknowledgement.
+LOSS_REFUSAL_INTERVALS = 3
 PRIMARY_SENT_TYPES = (AppendEntries, Heartbeat, InstallSnapshot)
 
 
@@ -957,6 +961,7 @@ class Replica:
         if progress is None or message.index > self._log.last_index:
             return
         if message.success:
+            progress.loss_refusals = 0
             if progress.acknowledge(message.index):
                 self._maybe_commit()
             if progress.state is PeerState.PROBE:
@@ -976,15 +981,28 @@ class Replica:
         candidate = self._log.find_conflict_by_view(min(message.hint_index, message.index), message.hint_view)
         progress.become_probe(min(message.index, candidate + 1))
         if message.index <= progress.match_index:
-            # The backup refuses a position it acknowledged before: its disk lost data, which is
-            # outside the failure model. Say so once, and retry at heartbeat pace rather than ping-pong
-            # at full speed (never below what it acknowledged: the probe stays at match_index + 1).
-            if not progress.loss_reported:
-                progress.loss_reported = True
-                self._events.append(BackupLostEntries(sender, progress.match_index, message.index))
+            # The backup refuses a position it acknowledged before. One such refusal may be a stale one,
+            # sent before the acknowledgement and delivered after it (a duplicated or reordered message);
+            # refusals in LOSS_REFUSAL_INTERVALS heartbeat intervals in a row, with no success between
+            # them, mean its disk lost data, which is outside the failure model: said once. Either way,
+            # retry at heartbeat pace rather than ping-pong at full speed (never below what it
+            # acknowledged: the probe stays at match_index + 1).
+            self._count_loss_refusal(sender, progress, message.index)
             progress.probe_sent = True
             return
         self._send_appends(sender)
+
+    def _count_loss_refusal(self, sender: str, progress: PeerProgress, refused_index: int) -> None:
+        """A refusal at or below the backup's match index: counted once per heartbeat interval; the
+        LOSS_REFUSAL_INTERVALS-th in a row reports BackupLostEntries, once per backup and term."""
+        interval = self._config.heartbeat_interval_ticks
+        if progress.loss_refusals and self._ticks - progress.loss_refused_at_tick < interval:
+            return
+        progress.loss_refusals += 1
+        progress.loss_refused_at_tick = self._ticks
+        if progress.loss_refusals >= LOSS_REFUSAL_INTERVALS and not progress.loss_reported:
+            progress.loss_reported = True
+            self._events.append(BackupLostEntries(sender, progress.match_index, refused_index))
 
     def _on_heartbeat_reply(self, sender: str, message: HeartbeatReply) -> None:
         progress = self._progress.get(sender) if self._role is Role.PRIMARY else None

@@ -608,6 +608,29 @@ def test_a_backup_that_lost_entries_it_acknowledged_is_reported_once_and_never_p
     assert cluster.nodes["n2"].replica.commit_index == primary.last_index  # n2 and n1 commit on
 
 
+def test_a_stale_refusal_delivered_after_the_acknowledgement_is_not_taken_for_lost_entries() -> None:
+    """A refusal sent before the backup acknowledged a position, and delivered after it (a duplicated or
+    reordered message, as the simulator's links do), is not a loss: the next probe succeeds and nothing
+    is reported. Only refusals in three heartbeat intervals in a row, with no success between, are."""
+    cluster = Cluster(3)
+    cluster.elect("n1")
+    primary = cluster.primary()
+    for number in range(5):
+        primary.propose(b"entry-%d" % number)
+    cluster.settle()
+    acknowledged = primary.progress()["n3"][0]
+    primary.propose(b"one-more")  # not yet delivered
+    # A refusal of the newest append sends the primary to PROBE just past what n3 acknowledged ...
+    primary.step("n3", AppendReply(primary.view, False, acknowledged + 1, acknowledged, primary.view))
+    assert primary.progress()["n3"] == (acknowledged, acknowledged + 1)
+    for _ in range(3):  # ... and a burst of stale refusals of that very position arrives, in one interval
+        primary.step("n3", AppendReply(primary.view, False, acknowledged, acknowledged - 1, primary.view))
+    cluster.settle()
+    cluster.tick(times=6 * primary.config.heartbeat_interval_ticks)
+    assert not [event for event in cluster.nodes["n1"].events if isinstance(event, BackupLostEntries)]
+    assert primary.progress()["n3"][0] == primary.last_index == acknowledged + 1
+
+
 def test_appends_respect_entry_byte_and_inflight_bounds() -> None:
     cluster = Cluster(3, max_entries_per_message=3, max_bytes_per_message=200, max_inflight_appends=2)
     cluster.elect("n1")

@@ -579,16 +579,26 @@ def test_lagging_backup_catches_up_in_few_round_trips() -> None:
     assert appends_to_backup <= 3
 
 
+def three_with_entries(count: int, prefix: bytes) -> tuple[Cluster, Replica]:
+    """Three replicas, n1 primary, ``count`` entries committed everywhere."""
+    cluster = Cluster(3)
+    cluster.elect("n1")
+    primary = cluster.primary()
+    for number in range(count):
+        primary.propose(prefix + b"-%d" % number)
+    cluster.settle()
+    return cluster, primary
+
+
+def loss_reports(cluster: Cluster) -> list[BackupLostEntries]:
+    return [event for event in cluster.nodes["n1"].events if isinstance(event, BackupLostEntries)]
+
+
 def test_a_backup_that_lost_entries_it_acknowledged_is_reported_once_and_never_probed_below_them() -> None:
     """docs/failure-modes.md, a member restored from an older copy: the primary sees the backup refuse a
     position at or below what it acknowledged, says so once (BackupLostEntries), and keeps probing it at
     heartbeat pace at that position; nothing else changes (the other backup still commits with it)."""
-    cluster = Cluster(3)
-    cluster.elect("n1")
-    primary = cluster.primary()
-    for number in range(5):
-        primary.propose(b"early-%d" % number)
-    cluster.settle()
+    cluster, primary = three_with_entries(5, b"early")
     old = cluster.nodes["n3"]
     copy = (old.hard_state, old.base, list(old.log))  # a copy of n3's disk, taken now
     for number in range(20):
@@ -596,13 +606,12 @@ def test_a_backup_that_lost_entries_it_acknowledged_is_reported_once_and_never_p
     cluster.settle()
     acknowledged = primary.progress()["n3"][0]
     assert acknowledged == primary.last_index
-    assert not [event for event in cluster.nodes["n1"].events if isinstance(event, BackupLostEntries)]
+    assert not loss_reports(cluster)
     old.hard_state, old.base, old.log = copy  # n3's data directory put back from the copy
     cluster.restart("n3")
     primary.propose(b"after-the-restore")
     cluster.tick(times=6 * primary.config.heartbeat_interval_ticks)
-    lost = [event for event in cluster.nodes["n1"].events if isinstance(event, BackupLostEntries)]
-    assert lost == [BackupLostEntries("n3", acknowledged, acknowledged)]
+    assert loss_reports(cluster) == [BackupLostEntries("n3", acknowledged, acknowledged)]
     assert primary.progress()["n3"][0] == acknowledged  # never lowered: it counts for nothing new
     assert cluster.nodes["n3"].replica.last_index < acknowledged
     assert cluster.nodes["n2"].replica.commit_index == primary.last_index  # n2 and n1 commit on
@@ -612,12 +621,7 @@ def test_a_stale_refusal_delivered_after_the_acknowledgement_is_not_taken_for_lo
     """A refusal sent before the backup acknowledged a position, and delivered after it (a duplicated or
     reordered message, as the simulator's links do), is not a loss: the next probe succeeds and nothing
     is reported. Only refusals in three heartbeat intervals in a row, with no success between, are."""
-    cluster = Cluster(3)
-    cluster.elect("n1")
-    primary = cluster.primary()
-    for number in range(5):
-        primary.propose(b"entry-%d" % number)
-    cluster.settle()
+    cluster, primary = three_with_entries(5, b"entry")
     acknowledged = primary.progress()["n3"][0]
     primary.propose(b"one-more")  # not yet delivered
     # A refusal of the newest append sends the primary to PROBE just past what n3 acknowledged ...
@@ -627,7 +631,7 @@ def test_a_stale_refusal_delivered_after_the_acknowledgement_is_not_taken_for_lo
         primary.step("n3", AppendReply(primary.view, False, acknowledged, acknowledged - 1, primary.view))
     cluster.settle()
     cluster.tick(times=6 * primary.config.heartbeat_interval_ticks)
-    assert not [event for event in cluster.nodes["n1"].events if isinstance(event, BackupLostEntries)]
+    assert not loss_reports(cluster)
     assert primary.progress()["n3"][0] == primary.last_index == acknowledged + 1
 
 

@@ -270,6 +270,13 @@ class Metrics:
             ("peer",),
             registry=registry,
         )
+        self.backup_lost_entries = Counter(
+            "tokenvault_backup_lost_entries",
+            "Backups this node, as primary, found refusing log positions they had acknowledged: entries lost"
+            " from their disk (replica.backup_lost_entries), by peer.",
+            ("peer",),
+            registry=registry,
+        )
         for role in ROLES:
             self.role.labels(role=role).set(0)
 
@@ -388,6 +395,9 @@ class Metrics:
         self.commit_index.set(commit_index)
         self.applied_index.set(applied_index)
         self.active_epoch.set(active_epoch)
+
+    def record_backup_lost_entries(self, peer: str) -> None:
+        self.backup_lost_entries.labels(peer=peer).inc()
 
     def set_peer(self, peer: str, *, reachable: bool, match_index: int | None = None) -> None:
         self.peer_reachable.labels(peer=peer).set(1 if reachable else 0)

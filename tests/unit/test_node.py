@@ -549,6 +549,8 @@ async def test_a_backup_restored_from_an_older_copy_of_its_data_directory_is_rep
     (line,) = reported()
     assert line["log_level"] == "error" and line["peer"] == backup.node_id
     assert line["acknowledged_index"] == acknowledged and line["refused_index"] <= acknowledged
+    assert primary.node.metrics.registry.get_sample_value("tokenvault_backup_lost_entries_total",
+                                                          {"peer": backup.node_id}) == 1
     assert primary.is_primary()
 
 

@@ -795,6 +795,7 @@ class Node:
                      learners=list(membership.learners))
             self._follow_membership()
         elif isinstance(event, BackupLostEntries):
+            self.metrics.record_backup_lost_entries(event.peer)
             log.error("replica.backup_lost_entries", peer=event.peer, acknowledged_index=event.acknowledged_index,
                       refused_index=event.refused_index,
                       detail="the backup no longer holds log entries it acknowledged as written to its disk "

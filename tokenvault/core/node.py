@@ -29,9 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from protocol import (BackupLostEntries, BecamePrimary, ElectionStarted, Entry, EntryKind, Event, ForwardRequest, ForwardResponse,
-                      HardState, INITIAL_HARD_STATE, Membership, MembershipChanged, MembershipError, Message, NotPrimary, PrimaryChanged, ProposalRejected,
-                      ReadResult, Ready, Replica, ReplicaConfig, RestoredState, Role, SteppedDown)
+from protocol import (INITIAL_HARD_STATE, BackupLostEntries, BecamePrimary, ElectionStarted, Entry, EntryKind, Event,
+                      ForwardRequest, ForwardResponse, HardState, Membership, MembershipChanged, MembershipError,
+                      Message, NotPrimary, PrimaryChanged, ProposalRejected, ReadResult, Ready, Replica,
+                      ReplicaConfig, RestoredState, Role, SteppedDown)
 from tokenvault.config import ConfigError, NodeConfig, split_host_port
 from tokenvault.core import commands
 from tokenvault.core.shred import Shredder

@@ -582,7 +582,7 @@ def lookup_format_tokens(database: Rdict, epoch: int, tokens: Sequence[str], now
                          has_life: bool) -> dict[str, bytes]:
     """Ciphertexts of the live card and digits tokens of ``epoch`` among ``tokens`` in ``database``
     (VaultStore.lookup_format; also a worker's view's), as ``lookup_opaque``."""
-    unique = [token for token in dict.fromkeys(tokens) if token.isascii() and token.isdigit()]
+    unique = [token for token in dict.fromkeys(tokens) if is_digit_string(token)]
     if not unique or not 1 <= epoch <= MAX_STORED_EPOCH:
         return {}
     keys = [format_token_key(epoch, token) for token in unique]

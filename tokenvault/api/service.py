@@ -42,10 +42,9 @@ from tokenvault.core.store_layout import Outcome as ApplyOutcome
 from tokenvault.crypto import formats
 from tokenvault.crypto.tokens import MAX_TOKEN_CHARS, is_token, parse_token
 from tokenvault.api.validation import (MAX_METADATA_BYTES, SEALED_TOKENIZE_MEMBERS, TokenizeOptions,
-                                       normalize_values, require_item_list, validate_epoch,
-                                       validate_idempotency_key, validate_lookup_epoch, validate_lookup_tokens,
-                                       validate_options, validate_sealed_items, validate_sealed_tokenize,
-                                       validate_tokens, validate_values)
+                                       normalize_values, require_item_list, validate_idempotency_key,
+                                       validate_lookup_epoch, validate_lookup_tokens, validate_options,
+                                       validate_sealed_tokenize, validate_tokens, validate_values)
 from tokenvault.api.members import CHANGE_MEMBER, LIST_MEMBERS, MembershipOperations
 from tokenvault.config import LimitsConfig
 
@@ -67,6 +66,9 @@ TOKENIZE_SEALED = "tokenize.sealed"
 # The same for a tokenize with a format, a TTL or metadata (validation.SEALED_TOKENIZE_MEMBERS): the primary
 # checks it as a worker's extended request and proposes the pairs (and metadata ciphertexts) it was given.
 TOKENIZE_SEALED_EXTENDED = "tokenize.sealed.v2"
+# The members a plain ``tokenize.sealed`` leaves out, as an extended one would carry them.
+PLAIN_SEALED_OPTIONS: dict[str, Any] = {"token_format": formats.OPAQUE, "metadata_json": None, "ttl_seconds": None,
+                                        "metadata": None}
 # A sealed tokenize whose pairs pack larger than this is forwarded as values (the peer frame bound is 16 MiB).
 MAX_FORWARDED_SEALED_BYTES = 8 * 1024 * 1024
 # msgpack's headers for one value and its [token, ciphertext] pair: str, array, str and bin, 5 bytes each at most.
@@ -1082,16 +1084,12 @@ class NodeService(LifecycleOperations, MembershipOperations):
         else:
             max_bytes = _max_forwarded_bytes(limits)
         arguments = _forwarded_arguments(request, FORWARDED_MEMBERS[request.kind], max_bytes)
-        if request.kind == TOKENIZE_SEALED_EXTENDED:
+        if request.kind in (TOKENIZE_SEALED, TOKENIZE_SEALED_EXTENDED):
+            if request.kind == TOKENIZE_SEALED:  # the same checks, with a plain request's options
+                arguments = {**arguments, **PLAIN_SEALED_OPTIONS}
             sealed = validate_sealed_tokenize(arguments, limits)
             outcome = await self.tokenize_sealed(_principal(arguments), sealed.epoch, sealed.values, sealed.items,
                                                  sealed.options, sealed.metadata)
-            return outcome.status, outcome.body, ()
-        if request.kind == TOKENIZE_SEALED:
-            values = validate_values(require_item_list(arguments, "values", limits), limits)
-            items = validate_sealed_items(arguments["items"], len(values))
-            outcome = await self.tokenize_sealed(_principal(arguments), validate_epoch(arguments["epoch"]), values,
-                                                 items)
             return outcome.status, outcome.body, ()
         if request.kind in (TOKENIZE, TOKENIZE_EXTENDED):
             values = validate_values(require_item_list(arguments, "values", limits), limits)

@@ -3,7 +3,7 @@ threads (flushes and compactions), in-process: no HTTP, no replication, no other
 
 Usage:
     .venv/bin/python bench/store_growth.py [--tokens 20000000] [--window 4000000] [--tuning default]
-                                           [--idempotent-items N]
+                                           [--idempotent-items N] [--entry-applies K]
 
 Fills a fresh store (tokenvault.core.store.VaultStore in a temporary directory) with random tokens,
 20 entries of 1,000 per apply as coalesced entries carry them, each apply after one 1,000-token
@@ -20,6 +20,12 @@ characters, as a UUID), looked up before the apply as the core does: the store's
 holding its response) grow with the tokens, one record per N of them. Nothing expires in a fill (every
 command is stamped with one time), so the records are the most a store holds: those of the last
 ``retention_hours``.
+
+``--entry-applies K`` then times K applies of ONE 1,000-token entry in a new epoch, for each of three
+shapes: plain (while the store holds no expiring mapping: the quicker path), every other mapping with an expiry (as a re-tokenize of a TTL epoch carries them), and
+that with a metadata ciphertext per mapping; it prints the median, 90th percentile and worst. That is
+how long one such entry holds a node's event loop, since every node applies every entry there
+(docs/performance.md, "Migration as the epoch grows").
 
 ``--tuning`` changes one RocksDB option from the store's own (tokenvault.core.store_layout), to see
 whether it moves those figures: ``universal`` compaction, ``lz4`` on the bottom level instead of
@@ -124,11 +130,14 @@ def _settle(store: VaultStore) -> None:
         time.sleep(SETTLE_POLL_SECONDS)
 
 
-def run(tokens: int, window: int, tuning_name: str, directory: Path, idempotent_items: int = 0) -> None:
+def run(tokens: int, window: int, tuning_name: str, directory: Path, idempotent_items: int = 0,
+        entry_applies: int = 0) -> None:
     with tuning(tuning_name):
         store = VaultStore.open(directory / "store")
         try:
             summary = _fill(store, tokens, window, tuning_name, idempotent_items)
+            if entry_applies:
+                _time_entry_applies(store, entry_applies)
         finally:
             store.close()
     disk = sum(path.stat().st_size for path in directory.rglob("*") if path.is_file())
@@ -195,6 +204,41 @@ def _fill(store: VaultStore, tokens: int, window: int, tuning_name: str, idempot
             f" {1e6 * cpu / tokens:.1f} us of CPU per value in all")
 
 
+ENTRY_SHAPES = ("plain", "expiry", "expiry+metadata")
+METADATA_CIPHERTEXT_BYTES = 60  # a small metadata document, sealed
+
+
+def _time_entry_applies(store: VaultStore, count: int) -> None:
+    """Apply ``count`` single 1,000-token entries of each shape in epoch 2 (rotated to here) and print
+    the times."""
+    generator = random.Random(11)
+    index = store.applied_index + 1
+    rotate = RotateEpochCommand(2, b"x" * 60, 3_000, None, None, None, Actor(node="n1", request_id="entries"))
+    store.apply_batch([Entry(index, 1, EntryKind.COMMAND, encode_command(rotate))])
+    far = 10**13  # an expiry nothing reaches during the run
+    for shape in ENTRY_SHAPES:
+        times = []
+        for _ in range(count):
+            index += 1
+            items = tuple(("tv2_" + "".join(generator.choices(TOKEN_ALPHABET, k=32)),
+                           generator.randbytes(CIPHERTEXT_BYTES)) for _ in range(ITEMS_PER_ENTRY))
+            options: dict[str, Any] = {}
+            if shape != "plain":
+                options["item_expires_at_ms"] = tuple(far if position % 2 else None
+                                                      for position in range(ITEMS_PER_ENTRY))
+            if shape == "expiry+metadata":
+                options["metadata"] = tuple(generator.randbytes(METADATA_CIPHERTEXT_BYTES)
+                                            for _ in range(ITEMS_PER_ENTRY))
+            entry = Entry(index, 1, EntryKind.COMMAND,
+                          encode_command(TokenizeCommand(2, items, None, None, None, 4_000, **options)))
+            started = time.perf_counter()
+            store.apply_batch([entry])
+            times.append(1000 * (time.perf_counter() - started))
+        times.sort()
+        print(f"one {ITEMS_PER_ENTRY:,}-token entry, {shape}: median {times[len(times) // 2]:.1f} ms,"
+              f" p90 {times[len(times) * 9 // 10]:.1f} ms, worst {times[-1]:.1f} ms ({count} applies)", flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=20_000_000)
@@ -203,15 +247,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--idempotent-items", type=int, default=0, metavar="N",
                         help="commands of N values (1-1000), each with an Idempotency-Key: the store's idempotency"
                              " records grow with the tokens (default: 1,000-value commands without one)")
+    parser.add_argument("--entry-applies", type=int, default=0, metavar="K",
+                        help="after the fill, time K applies of one 1,000-token entry of each shape")
     parser.add_argument("--directory", type=Path, default=None, help="where the store goes (default: a temporary one)")
     arguments = parser.parse_args(argv)
-    if arguments.tokens < 1 or arguments.window < 1:
-        parser.error("--tokens and --window must be at least 1")
+    if arguments.tokens < 1 or arguments.window < 1 or arguments.entry_applies < 0:
+        parser.error("--tokens and --window must be at least 1, --entry-applies at least 0")
     if not 0 <= arguments.idempotent_items <= ITEMS_PER_ENTRY:
         parser.error(f"--idempotent-items must be 0 to {ITEMS_PER_ENTRY}")
     directory = Path(tempfile.mkdtemp(prefix="store-growth-", dir=arguments.directory))
     try:
-        run(arguments.tokens, arguments.window, arguments.tuning, directory, arguments.idempotent_items)
+        run(arguments.tokens, arguments.window, arguments.tuning, directory, arguments.idempotent_items,
+            arguments.entry_applies)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 

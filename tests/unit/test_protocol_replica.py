@@ -1122,3 +1122,18 @@ def test_committed_entries_reach_the_driver_in_order_in_batches_of_at_most_the_c
     assert [[entry.index for entry in ready.committed] for ready in readies if ready.committed] == [
         [1, 2, 3], [4, 5, 6], [7, 8, 9], [10]]
     assert [entry.payload for entry in committed(readies)] == [entry.payload for entry in entries]
+
+
+def test_committed_entries_reach_the_driver_in_batches_of_about_the_configured_bytes_and_at_least_one_entry() -> None:
+    """docs/replication.md: a Ready's committed entries also stop at max_committed_bytes_per_ready (each
+    apply batch holds the node's loop for a bounded time), but an entry larger than that still comes,
+    alone."""
+    backup = make_replica("n2", ("n1", "n2", "n3"), max_committed_bytes_per_ready=1000)
+    sizes = [400, 400, 400, 2500, 100, 100]
+    entries = tuple([Entry(1, 1, EntryKind.NOOP, b"")] + [Entry(i + 2, 1, EntryKind.COMMAND, b"x" * size)
+                                                           for i, size in enumerate(sizes)])
+    backup.step("n1", AppendEntries(view=1, prev_index=0, prev_view=0, commit_index=7, entries=entries))
+    readies = drain(backup)
+    batches = [[entry.index for entry in ready.committed] for ready in readies if ready.committed]
+    assert batches == [[1, 2, 3], [4], [5], [6, 7]]
+    assert [entry.payload for entry in committed(readies)] == [entry.payload for entry in entries]

@@ -8,7 +8,10 @@ replays, 429s, refused connections and body timeouts; the node driver records re
 service records detokenize results; the loop watcher (tokenvault/core/loopwatch.py)
 records how late the event loop woke it. Label values come from fixed sets (route
 templates, roles, peer ids and API key names from the config), never from
-request data, so the number of series is bounded.
+request data, so the number of series is bounded. The ``*_created`` series
+prometheus_client adds to every counter and histogram (when each was made) are
+turned off: they double the page for nothing an operator reads, and the page is
+exactly the series docs/api.md lists (tests/unit/test_metrics.py).
 """
 
 from __future__ import annotations
@@ -18,7 +21,10 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram,
+                               disable_created_metrics, generate_latest)
+
+disable_created_metrics()  # process-wide, before any metric below is made
 
 ROLES = ("primary", "backup", "candidate")
 PROCESS_KINDS = ("node", "core", "worker")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import re
+from pathlib import Path
 from typing import Any, cast
 
 import prometheus_client
@@ -181,3 +183,30 @@ async def test_metrics_page_floods_reach_the_core_once_per_period() -> None:
         assert {answer.status for answer in answers} == {200}
         assert {await answer.text() for answer in answers} == {"tokenvault_example 1.0\n"}
     assert calls[0] == 1
+
+
+def _exposed_series(metrics: Metrics) -> set[str]:
+    """The series names a page of ``metrics`` declares (``# TYPE`` lines), children or not."""
+    body, _ = metrics.render()
+    return {line.split()[2] for line in body.decode().splitlines() if line.startswith("# TYPE ")}
+
+
+def _documented_series() -> set[str]:
+    """The names in the first column of docs/api.md's table of series."""
+    names: set[str] = set()
+    api = Path(__file__).resolve().parents[2] / "docs" / "api.md"
+    for line in api.read_text(encoding="utf-8").splitlines():
+        if line.startswith("| `tokenvault_"):
+            names.update(re.findall(r"`(tokenvault_\w+)`", line.split("|")[1]))
+    return names
+
+
+def test_the_page_is_exactly_the_series_docs_api_md_lists_and_no_created_series() -> None:
+    """A node's page (a node in one process; a worker's adds its view's series) declares every series
+    docs/api.md lists and no other: no undocumented series, and no ``*_created`` twin of each counter
+    and histogram, which prometheus_client adds unless told not to."""
+    metrics = Metrics("node")
+    metrics.observe_request("/v1/tokenize", "POST", 200, 0.002)  # a labelled child, which has a twin too
+    exposed = _exposed_series(metrics) | _exposed_series(Metrics("worker"))
+    assert not {name for name in exposed if name.endswith("_created")}
+    assert exposed == _documented_series()

@@ -24,7 +24,7 @@ from typing import Any
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram,
                                disable_created_metrics, generate_latest)
 
-disable_created_metrics()  # process-wide, before any metric below is made
+disable_created_metrics()  # type: ignore[no-untyped-call]  # process-wide, before any metric below is made
 
 ROLES = ("primary", "backup", "candidate")
 PROCESS_KINDS = ("node", "core", "worker")

@@ -17,11 +17,14 @@ import click
 
 from tokenvault.client.vault import (AsyncClient, ConfigurationError, NoNodeAvailable, ProblemError, ResponseError,
                                      VaultError, normalize_urls)
+from tokenvault.smallfiles import FileTooLarge, read_small_file
 
 EXIT_SERVICE_ERROR = 1
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
 EXIT_AUDIT_BROKEN = 4
+# cluster.json names a few nodes and keys (a few KB); a file larger than this is refused before it is parsed.
+MAX_CLUSTER_FILE_BYTES = 1 << 20
 # Where the admin groups keep the connection options given before the subcommand.
 GROUP_OPTIONS_META_KEY = "tokenvault.group_connection_options"
 CONNECTION_PARAMETERS = ("urls", "api_key", "cluster_json", "ca_file")
@@ -64,10 +67,11 @@ def run_client(coroutine: Coroutine[Any, Any, Result]) -> Result:
 
 def _load_cluster_json(path: str) -> dict[str, Any]:
     try:
-        with open(path, encoding="utf-8") as handle:
-            document = json.load(handle)
+        document = json.loads(read_small_file(path, MAX_CLUSTER_FILE_BYTES))
     except OSError as error:
         raise click.UsageError(f"cannot read cluster file {path!r}: {error.strerror}") from None
+    except FileTooLarge:
+        raise click.UsageError(f"cluster file {path!r} is larger than {MAX_CLUSTER_FILE_BYTES} bytes") from None
     except ValueError:
         raise click.UsageError(f"cluster file {path!r} is not valid JSON") from None
     if not isinstance(document, dict) or not isinstance(document.get("nodes"), list):

@@ -26,6 +26,7 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from tokenvault.client.cli_connection import EXIT_SERVICE_ERROR, Connection, connection_options, fail, run_client
 from tokenvault.client.vault import AsyncClient
+from tokenvault.smallfiles import FileTooLarge, read_small_file
 
 DEFAULT_BATCH_SIZE = 500
 MAX_BATCH_SIZE = 1000
@@ -62,15 +63,12 @@ def epoch_destroy(connection: Connection, epoch_number: int, yes: bool, as_json:
 def _read_state(path: Path, epoch_number: int) -> tuple[str | None, int]:
     """(cursor, tokens done) from a state file of this epoch, or (None, 0) when there is none."""
     try:
-        with open(path, "rb") as handle:
-            raw = handle.read(MAX_STATE_FILE_BYTES + 1)
+        document = json.loads(read_small_file(path, MAX_STATE_FILE_BYTES))
     except FileNotFoundError:
         return None, 0
     except OSError as error:
         raise click.UsageError(f"cannot read state file {str(path)!r}: {error.strerror}") from None
-    try:
-        document = json.loads(raw) if len(raw) <= MAX_STATE_FILE_BYTES else None
-    except ValueError:
+    except (FileTooLarge, ValueError):
         document = None
     if (not isinstance(document, dict) or document.get("epoch") != epoch_number
             or not (document.get("after") is None or isinstance(document.get("after"), str))

@@ -19,6 +19,7 @@ import threading
 from pathlib import Path
 
 from tokenvault.core.wal import fsync_directory
+from tokenvault.smallfiles import FileTooLarge, read_small_file
 
 INCARNATION_FILE = "incarnation"
 PEER_INCARNATIONS_FILE = "peer-incarnations.json"
@@ -49,12 +50,13 @@ def load_or_create_incarnation(data_dir: Path) -> bytes:
     """This data directory's incarnation: read, or made (and made durable) when the directory has none."""
     path = data_dir / INCARNATION_FILE
     try:
-        with open(path, "rb") as handle:
-            text = handle.read(2 * INCARNATION_BYTES + 2).decode("ascii", "replace").strip()
+        text = read_small_file(path, 2 * INCARNATION_BYTES + 2).decode("ascii", "replace").strip()
     except FileNotFoundError:
         incarnation = os.urandom(INCARNATION_BYTES)
         _write_durably(path, incarnation.hex() + "\n")
         return incarnation
+    except FileTooLarge:
+        text = ""  # not the file this node wrote: refused below
     try:
         incarnation = bytes.fromhex(text)
     except ValueError:
@@ -77,17 +79,12 @@ class PeerIncarnations:
         self._known = self._load()
 
     def _load(self) -> dict[str, bytes]:
+        problem = f"{self._path} is not a record this node wrote (replace the node: docs/failure-modes.md)"
         try:
-            with open(self._path, "rb") as handle:
-                raw = handle.read(MAX_RECORD_FILE_BYTES + 1)
+            document = json.loads(read_small_file(self._path, MAX_RECORD_FILE_BYTES))
         except FileNotFoundError:
             return {}
-        problem = f"{self._path} is not a record this node wrote (replace the node: docs/failure-modes.md)"
-        if len(raw) > MAX_RECORD_FILE_BYTES:
-            raise IncarnationError(problem)
-        try:
-            document = json.loads(raw)
-        except ValueError:
+        except (FileTooLarge, ValueError):
             raise IncarnationError(problem) from None
         if not isinstance(document, dict) or len(document) > MAX_REMEMBERED_MEMBERS:
             raise IncarnationError(problem)

@@ -26,11 +26,14 @@ from tokenvault.core.store_layout import (META_KEY, VERIFY_CACHE_BYTES, Snapshot
                                           check_epochs, check_token_count, database_options, encode_meta,
                                           open_database, read_epochs, read_membership)
 from tokenvault.core.wal import fsync_directory
+from tokenvault.smallfiles import FileTooLarge, read_small_file
 
 # The store's directory inside a node's data directory (tokenvault.core.node, and its HTTP workers' views).
 STORE_DIRECTORY = "store"
 CURRENT_FILE = "CURRENT"
 CURRENT_TEMP_FILE = "CURRENT.tmp"
+# CURRENT holds one generation name and a newline (about 11 bytes); more is not a file the store wrote.
+MAX_CURRENT_BYTES = 256
 CREATING_SUFFIX = ".creating"
 GENERATION_PREFIX = "gen-"
 _GENERATION_NAME = re.compile(r"gen-(\d{6,})")
@@ -107,9 +110,9 @@ def read_current(store_directory: Path) -> str:
         raise StoreCorruption(f"{store_directory} holds files but no {CURRENT_FILE} pointer: "
                               "not a TokenVault store, or a damaged one")
     try:
-        text = current.read_bytes().decode("ascii")
-    except (OSError, UnicodeDecodeError):
-        raise StoreCorruption(f"{current} is unreadable") from None
+        text = read_small_file(current, MAX_CURRENT_BYTES).decode("ascii")
+    except (OSError, UnicodeDecodeError, FileTooLarge):
+        raise StoreCorruption(f"{current} is unreadable, or too large to be a generation pointer") from None
     name = text[:-1] if text.endswith("\n") else ""
     if _GENERATION_NAME.fullmatch(name) is None:
         raise StoreCorruption(f"{current} does not name a generation")

@@ -73,6 +73,7 @@ from protocol import Membership, MembershipError
 from tokenvault.audit_chain import GENESIS_HASH
 from tokenvault.auth import RuntimeKey
 from tokenvault.core.commands import is_digit_string
+from tokenvault.smallfiles import FileTooLarge, read_small_file
 
 SCHEMA_VERSION = 2  # version 1 was the SQLite store
 STORE_MARKER = "tokenvault-store"  # first field of the meta record: marks a database as ours
@@ -80,6 +81,8 @@ STORE_MARKER = "tokenvault-store"  # first field of the meta record: marks a dat
 # it could switch the comparator or add prefix extractors, so anything else is refused.
 ROCKSDICT_CONFIG_FILE = "rocksdict-config.json"
 _ROCKSDICT_CONFIG = {"raw_mode": True, "prefix_extractors": {}}
+# rocksdict writes that record as a few dozen bytes of JSON.
+MAX_ROCKSDICT_CONFIG_BYTES = 4096
 
 # --- RocksDB tuning -----------------------------------------------------------
 # Block cache shared by the live and a prepared generation: bounds read memory
@@ -493,9 +496,9 @@ def check_rocksdict_config(directory: Path, error: type[StoreError]) -> None:
     if not config.exists():
         return
     try:
-        document = json.loads(config.read_bytes())
-    except (OSError, ValueError):
-        raise error(f"{ROCKSDICT_CONFIG_FILE} is unreadable") from None
+        document = json.loads(read_small_file(config, MAX_ROCKSDICT_CONFIG_BYTES))
+    except (OSError, ValueError, FileTooLarge):
+        raise error(f"{ROCKSDICT_CONFIG_FILE} is unreadable, or too large to be the one the store wrote") from None
     if document != _ROCKSDICT_CONFIG:
         raise error(f"{ROCKSDICT_CONFIG_FILE} holds options this store does not use")
 

@@ -63,12 +63,14 @@ from pathlib import Path
 
 from rocksdict import AccessType, Cache, Rdict
 
-from tokenvault.core.store_files import CURRENT_FILE, read_current, wal_file_bytes, wal_file_names
+from tokenvault.core.store_files import (CURRENT_FILE, MAX_CURRENT_BYTES, read_current, wal_file_bytes,
+                                         wal_file_names)
 from tokenvault.core.store_layout import (LIFE, LIFE_END, META_KEY, StoreError,
                                           database_options, decode_meta, first_key, lookup_format_tokens, lookup_opaque,
                                           metadata_rows, reason, table_metadata_bytes)
 from tokenvault.errors import ServiceError
 from tokenvault.logs import get_logger
+from tokenvault.smallfiles import FileTooLarge, read_small_file
 
 log = get_logger("store_reader")
 
@@ -244,8 +246,8 @@ class StoreReader:
         self.catch_ups += 1
         self.flush_wanted = False
         try:
-            generation = (self._store_path / CURRENT_FILE).read_bytes().decode("ascii").strip()
-        except (OSError, UnicodeDecodeError):
+            generation = read_small_file(self._store_path / CURRENT_FILE, MAX_CURRENT_BYTES).decode("ascii").strip()
+        except (OSError, UnicodeDecodeError, FileTooLarge):
             generation = ""
         if generation != self._generation:
             log.info("store_reader.new_generation", generation=generation[:32])

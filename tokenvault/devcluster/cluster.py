@@ -64,6 +64,7 @@ from tokenvault.devcluster.cluster_spec import (
     base_port_from_environment as base_port_from_environment, contract_ports as contract_ports,
     default_cluster_directory as default_cluster_directory, key_directory as key_directory,
     load_cluster as load_cluster, plan_nodes as plan_nodes, settings_from_environment as settings_from_environment)
+from tokenvault.smallfiles import FileTooLarge, read_small_file
 
 DEFAULT_START_TIMEOUT_SECONDS = 30.0
 DEFAULT_STOP_TIMEOUT_SECONDS = 10.0
@@ -71,6 +72,7 @@ HEALTH_TIMEOUT_SECONDS = 1.0
 POLL_INTERVAL_SECONDS = 0.1
 LOCK_FILE_NAME = ".lock"
 MAX_HEALTH_BYTES = 65536
+MAX_PID_FILE_BYTES = 64  # a pid and a newline
 
 Report = Callable[[str], None]
 PORT_RELEASE_TIMEOUT_SECONDS = 10.0
@@ -215,9 +217,12 @@ def _is_node_process(pid: int, node: NodeSpec) -> bool:
 
 
 def read_pid_file(node: NodeSpec) -> int | None:
+    """The pid in the node's pid file; None when there is none, or it holds no pid (a stale or foreign file)."""
     try:
-        text = node.pid_file.read_text().strip()
+        text = read_small_file(node.pid_file, MAX_PID_FILE_BYTES).decode("ascii", "replace").strip()
     except FileNotFoundError:
+        return None
+    except FileTooLarge:
         return None
     except OSError as error:
         raise ClusterError(f"cannot read {node.pid_file}: {error.strerror}") from None

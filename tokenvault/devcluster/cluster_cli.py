@@ -182,7 +182,7 @@ def logs(node_id: str, follow: bool) -> None:
         output.flush()
         try:
             while follow:
-                chunk = handle.read()
+                chunk = handle.read(1 << 20)  # what was appended, a MiB at a time
                 if chunk:
                     output.write(chunk)
                     output.flush()

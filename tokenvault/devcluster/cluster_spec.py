@@ -20,10 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from tokenvault.auth import ApiKeyEntry, generate_api_key, salted_api_key_hash
+from tokenvault.client.cli_connection import MAX_CLUSTER_FILE_BYTES
 from tokenvault.config import (ConfigError, HttpConfig, MemberConfig, NodeConfig, PeerConfig, SealerConfig,
                                TimingConfig, TlsConfig, WalConfig, write_node_config)
 from tokenvault.crypto.keys import CryptoError, MasterKey, write_secret_file
 from tokenvault.crypto.tls import ClusterTlsFiles, create_cluster_tls
+from tokenvault.smallfiles import FileTooLarge, read_small_file
 
 ALLOWED_NODE_COUNTS = (1, 3, 5)
 DEFAULT_NODE_COUNT = 3
@@ -359,7 +361,7 @@ def load_cluster(directory: Path | str) -> ClusterSpec:
     directory = Path(directory).expanduser().absolute()
     path = directory / CLUSTER_FILE_NAME
     try:
-        document = json.loads(path.read_text(encoding="utf-8"))
+        document = json.loads(read_small_file(path, MAX_CLUSTER_FILE_BYTES))
         nodes = tuple(NodeSpec(node_id=str(node["id"]), http_url=str(node["http_url"]),
                                peer_addr=str(node["peer_addr"]), data_dir=Path(node["data_dir"]),
                                log_file=Path(node["log_file"]), pid_file=Path(node["pid_file"]),
@@ -373,6 +375,8 @@ def load_cluster(directory: Path | str) -> ClusterSpec:
         ca_file = Path(ca_text) if ca_text else None
     except FileNotFoundError:
         raise ClusterError(f"no cluster in {directory} (no {CLUSTER_FILE_NAME}); run './run_cluster.sh start'")
+    except FileTooLarge:
+        raise ClusterError(f"{path} is larger than {MAX_CLUSTER_FILE_BYTES} bytes: not a cluster file") from None
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         raise ClusterError(f"{path} is unreadable or not in the expected shape") from None
     if not nodes:

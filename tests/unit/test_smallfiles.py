@@ -1,0 +1,132 @@
+"""tokenvault.smallfiles: the small files a node, the CLI and the dev cluster read whole are read to a
+bound, so a huge one (damaged, or made so) costs at most that bound in memory and is refused with an
+error naming the file."""
+
+from __future__ import annotations
+
+import os
+import tracemalloc
+from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import click
+import pytest
+
+from tokenvault.client import cli_connection, cli_lifecycle
+from tokenvault.core import incarnations
+from tokenvault.core.store import VaultStore
+from tokenvault.core.store_layout import ROCKSDICT_CONFIG_FILE, StoreCorruption, check_rocksdict_config
+from tokenvault.devcluster import cluster, cluster_spec
+from tokenvault.smallfiles import FileTooLarge, read_small_file
+
+HUGE_BYTES = 256 << 20  # sparse: nothing is written, but a whole read would buffer all of it
+# What reading a small file to its bound may allocate at the most (the largest bound is cluster.json's 1 MiB).
+PEAK_BOUND_BYTES = 2 << 20
+
+
+def make_huge(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as handle:
+        handle.truncate(HUGE_BYTES)
+    return path
+
+
+def peak_bytes_of(call: Callable[[], Any]) -> int:
+    """Python's peak allocation while ``call`` runs (it may raise)."""
+    tracemalloc.start()
+    try:
+        call()
+    except Exception:
+        pass
+    finally:
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+    return peak
+
+
+def test_a_file_is_read_whole_up_to_the_bound_and_refused_one_byte_past_it(tmp_path: Path) -> None:
+    path = tmp_path / "small"
+    path.write_bytes(b"x" * 100)
+    assert read_small_file(path, 100) == b"x" * 100
+    with pytest.raises(FileTooLarge, match=r"small'? is larger than 99 bytes"):
+        read_small_file(path, 99)
+    with pytest.raises(FileNotFoundError):
+        read_small_file(tmp_path / "absent", 100)
+
+
+def test_a_huge_file_is_refused_after_reading_only_the_bound(tmp_path: Path) -> None:
+    path = make_huge(tmp_path / "huge")
+    with pytest.raises(FileTooLarge):
+        read_small_file(path, 4096)
+    assert peak_bytes_of(lambda: read_small_file(path, 4096)) < 64 * 1024
+
+
+def _store_with_huge_current(tmp_path: Path) -> Callable[[], Any]:
+    path = tmp_path / "store"
+    VaultStore.open(path).close()
+    make_huge(path / "CURRENT")
+    return lambda: VaultStore.open(path)
+
+
+def _store_with_huge_rocksdict_config(tmp_path: Path) -> Callable[[], Any]:
+    make_huge(tmp_path / ROCKSDICT_CONFIG_FILE)
+    return lambda: check_rocksdict_config(tmp_path, StoreCorruption)
+
+
+def _huge_incarnation(tmp_path: Path) -> Callable[[], Any]:
+    make_huge(tmp_path / incarnations.INCARNATION_FILE)
+    return lambda: incarnations.load_or_create_incarnation(tmp_path)
+
+
+def _huge_peer_incarnations(tmp_path: Path) -> Callable[[], Any]:
+    make_huge(tmp_path / incarnations.PEER_INCARNATIONS_FILE)
+    return lambda: incarnations.PeerIncarnations(tmp_path)
+
+
+def _huge_migration_state(tmp_path: Path) -> Callable[[], Any]:
+    path = make_huge(tmp_path / "state.json")
+    return lambda: cli_lifecycle._read_state(path, 3)
+
+
+def _huge_cluster_file_for_the_cli(tmp_path: Path) -> Callable[[], Any]:
+    path = make_huge(tmp_path / "cluster.json")
+    return lambda: cli_connection._load_cluster_json(str(path))
+
+
+def _huge_cluster_file_for_the_dev_cluster(tmp_path: Path) -> Callable[[], Any]:
+    make_huge(tmp_path / cluster_spec.CLUSTER_FILE_NAME)
+    return lambda: cluster_spec.load_cluster(tmp_path)
+
+
+# Each reader, with what it must raise (or return) for a huge file.
+READERS: dict[str, tuple[Callable[[Path], Callable[[], Any]], type[Exception] | None, str]] = {
+    "store CURRENT": (_store_with_huge_current, StoreCorruption, "too large to be a generation pointer"),
+    "rocksdict config": (_store_with_huge_rocksdict_config, StoreCorruption, "too large"),
+    "incarnation": (_huge_incarnation, incarnations.IncarnationError, "not a file this node wrote"),
+    "peer incarnations": (_huge_peer_incarnations, incarnations.IncarnationError, "not a record this node wrote"),
+    "migration state": (_huge_migration_state, click.UsageError, "is not a migration state of epoch 3"),
+    "cluster.json (CLI)": (_huge_cluster_file_for_the_cli, click.UsageError, "larger than 1048576 bytes"),
+    "cluster.json (dev cluster)": (_huge_cluster_file_for_the_dev_cluster, cluster_spec.ClusterError,
+                                   "larger than 1048576 bytes"),
+}
+
+
+@pytest.mark.parametrize("reader", sorted(READERS))
+def test_each_reader_refuses_a_huge_file_clearly_without_buffering_it(tmp_path: Path, reader: str) -> None:
+    make_call, error, message = READERS[reader]
+    call = make_call(tmp_path)
+    assert error is not None
+    with pytest.raises(error) as raised:
+        call()
+    assert message in str(raised.value.message if isinstance(raised.value, click.UsageError) else raised.value)
+    assert peak_bytes_of(call) < PEAK_BOUND_BYTES
+
+
+def test_a_huge_pid_file_is_no_pid(tmp_path: Path) -> None:
+    node: Any = SimpleNamespace(pid_file=make_huge(tmp_path / "node.pid"))
+    assert cluster.read_pid_file(node) is None
+    assert peak_bytes_of(lambda: cluster.read_pid_file(node)) < 64 * 1024
+    (tmp_path / "other.pid").write_text(f"{os.getpid()}\n")
+    assert cluster.read_pid_file(SimpleNamespace(pid_file=tmp_path / "other.pid")) == os.getpid()  # type: ignore[arg-type]

@@ -409,6 +409,17 @@ class ClusterHarness:
                          f"{event} {fields or ''} in {node_id}'s log")
         return found[0]
 
+    def relaunch_in_its_start(self, node_id: str) -> tuple[int, int]:
+        """The node killed and launched again, returned as soon as it logs node.started, while its HTTP
+        workers are still starting (asserted): its pid, and the log mark before the launch."""
+        self.kill(node_id)
+        mark = self.log_mark(node_id)
+        pid = cluster.launch_node(self.node(node_id))
+        self.known_pids[pid] = node_id
+        wait_for(lambda: self.find_events(node_id, "node.started", mark), 30, f"{node_id} to begin its start", 0.005)
+        assert not self.find_events(node_id, "workers.started", mark)  # its workers are not serving yet
+        return pid, mark
+
     def log_tails(self, lines: int = LOG_TAIL_LINES) -> str:
         if self.spec is None:
             return "(no cluster was created)"

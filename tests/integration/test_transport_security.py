@@ -284,25 +284,13 @@ async def test_a_node_loads_new_certificate_files_on_sighup_and_keeps_the_old_on
         assert await client.detokenize(tokens) == ("after-the-rotation",)
 
 
-def _relaunched_in_its_start(harness: ClusterHarness) -> tuple[int, int]:
-    """n1 killed and started again, returned as soon as it logs node.started, while its HTTP workers are
-    still starting: its pid, and the log mark before the start."""
-    harness.kill("n1")
-    mark = harness.log_mark("n1")
-    pid = cluster.launch_node(harness.node("n1"))
-    harness.known_pids[pid] = "n1"
-    wait_for(lambda: harness.find_events("n1", "node.started", mark), 30, "n1 to begin its start", 0.005)
-    assert not harness.find_events("n1", "workers.started", mark)  # its workers are not serving yet
-    return pid, mark
-
-
 def test_a_sighup_while_the_node_starts_is_a_reload_and_never_ends_it(
         make_cluster: Callable[..., ClusterHarness]) -> None:
     """docs/security.md, certificate rotation: the SIGHUP may come at any time, the node's start included. One
     sent as soon as the node says it started, while its HTTP workers are still starting, reloads the files
     and the node serves on (it used to end the node, unlogged: the handler was set once the workers served)."""
     harness = make_cluster(nodes=1)
-    pid, mark = _relaunched_in_its_start(harness)
+    pid, mark = harness.relaunch_in_its_start("n1")
     os.kill(pid, signal.SIGHUP)
     harness.wait_for_event("n1", "tls.reloaded", mark)
     harness.wait_for_event("n1", "workers.started", mark, timeout_seconds=30)
@@ -316,7 +304,7 @@ def test_a_sigterm_while_the_node_starts_is_a_graceful_stop_once_the_start_is_do
     start is a stop like any other: the start finishes, then node.stopping and node.stopped, exit 0 (it
     used to end the process by the default action, exit -15, nothing logged)."""
     harness = make_cluster(nodes=1)
-    pid, mark = _relaunched_in_its_start(harness)
+    pid, mark = harness.relaunch_in_its_start("n1")
     os.kill(pid, signal.SIGTERM)
     wait_for(lambda: harness.exit_status("n1") is not None, 30, "n1 to exit")
     assert harness.exit_status("n1") == 0

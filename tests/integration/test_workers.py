@@ -182,6 +182,31 @@ def test_a_killed_node_is_reported_gone_only_once_its_workers_and_sealer_are(sin
     assert [child for child in children if alive(child)] == []
 
 
+def test_a_worker_killed_while_the_node_starts_is_restarted_and_the_node_serves(single: ClusterHarness) -> None:
+    """issue 10: a worker killed with SIGKILL is restarted by the core, in the node's start too (the OOM
+    killer or an operator may strike then). It used to make the whole node refuse to start ("HTTP worker
+    2 did not start (it exited with -9)"), after its /health had already answered through the other
+    worker: found by tests/integration/test_soak.py. A worker that exits by itself as it starts (its
+    certificate unreadable, say) still makes the node refuse to start."""
+    pid, mark = single.relaunch_in_its_start("n1")
+    workers = wait_for(lambda: worker_pids(pid), 10, "n1's workers to be spawned", 0.005)
+    victim = workers[-1]
+    os.kill(victim, signal.SIGKILL)
+    assert not single.find_events("n1", "worker.started", mark, pid=victim)  # killed before it served
+    single.wait_for_event("n1", "workers.started", mark, timeout_seconds=30)
+    exited = single.find_events("n1", "worker.exited", mark, pid=victim)
+    assert [event["exit_code"] for event in exited] == [-signal.SIGKILL]
+    assert single.find_events("n1", "worker.restarted", mark, index=exited[0]["index"])
+    assert single.exit_status("n1") is None and single.pid("n1") == pid
+    assert victim not in worker_pids(pid) and len(worker_pids(pid)) == HTTP_WORKERS
+
+    async def round_trip() -> None:
+        async with single.client("n1") as client:
+            result = await client.tokenize(["after-a-worker-died-in-the-start"])
+            assert await client.detokenize(list(result.tokens)) == ("after-a-worker-died-in-the-start",)
+    asyncio.run(round_trip())
+
+
 def test_with_no_workers_the_node_is_one_process_serving_http_itself(tmp_path: Path) -> None:
     settings = dataclasses.replace(fast_settings(), http_workers=0)
     harness = ClusterHarness(tmp_path / "cluster", node_count=1, settings=settings).create_and_start()

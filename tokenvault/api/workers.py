@@ -135,16 +135,26 @@ class WorkerPool:
             await self._spawn(slot)
         deadline = time.monotonic() + timeout_seconds
         for slot in self._slots:
-            assert slot.process is not None
-            ready = asyncio.ensure_future(slot.ready.wait())
-            exited = asyncio.ensure_future(slot.process.wait())
-            await asyncio.wait({ready, exited}, timeout=max(0.0, deadline - time.monotonic()),
-                               return_when=asyncio.FIRST_COMPLETED)
-            ready.cancel()
-            exited.cancel()
-            if not slot.ready.is_set():
-                await self.close(grace_seconds=1.0)
+            while True:
+                assert slot.process is not None
+                ready = asyncio.ensure_future(slot.ready.wait())
+                exited = asyncio.ensure_future(slot.process.wait())
+                await asyncio.wait({ready, exited}, timeout=max(0.0, deadline - time.monotonic()),
+                                   return_when=asyncio.FIRST_COMPLETED)
+                ready.cancel()
+                exited.cancel()
+                if slot.ready.is_set():
+                    break
                 code = slot.process.returncode
+                if code is not None and code < 0 and time.monotonic() < deadline:
+                    # Killed by a signal as it started (the OOM killer, an operator): not a worker that
+                    # refused to start, so started again as one that dies later is, within the deadline.
+                    try:
+                        if await self._restart(slot, code, retry=False):
+                            continue
+                    except WorkerStartError:
+                        pass  # its port taken meanwhile: refused below
+                await self.close(grace_seconds=1.0)
                 raise WorkerStartError(f"HTTP worker {slot.index} did not start "
                                        + (f"(it exited with {code}; its log says why)" if code is not None
                                           else f"within {timeout_seconds:g} s"))
@@ -204,30 +214,47 @@ class WorkerPool:
             if slot.process.returncode is None:  # its channel broke: a worker that cannot talk is no use
                 slot.process.kill()
             code = await exited
-            await slot.channel.close()
-            if slot.listener is not None:  # its queued connections go with it; new ones go to the others
-                slot.listener.close()
-                slot.listener = None
             if self._closing:
+                await self._reap(slot)
                 return
-            ran = time.monotonic() - slot.started_at
-            if ran >= HEALTHY_RUN_SECONDS:
-                slot.failures = 0
-            delay = self._next_backoff(slot)
-            log.warning("worker.exited", index=slot.index, pid=slot.process.pid, exit_code=code,
-                        ran_seconds=round(ran, 3), restart_in_seconds=delay)
-            while True:
-                await asyncio.sleep(delay)
-                if self._closing:
-                    return
-                try:
-                    await self._spawn(slot)
-                    break
-                except WorkerStartError as error:  # the port taken meanwhile: again, after a longer back-off
-                    delay = self._next_backoff(slot)
-                    log.error("worker.restart_failed", index=slot.index, reason=str(error),
-                              restart_in_seconds=delay)
-            log.info("worker.restarted", index=slot.index, pid=slot.process.pid)
+            if not await self._restart(slot, code, retry=True):
+                return
+
+    async def _reap(self, slot: _Slot) -> None:
+        """A dead worker's channel and listening socket closed: the connections it had queued are refused,
+        new ones go to the others."""
+        assert slot.channel is not None
+        await slot.channel.close()
+        if slot.listener is not None:
+            slot.listener.close()
+            slot.listener = None
+
+    async def _restart(self, slot: _Slot, code: int, *, retry: bool) -> bool:
+        """Start a dead worker's successor after its back-off (``code``: how the worker ended); False when
+        the pool closed meanwhile. A start that fails (the port taken meanwhile) is tried again after a
+        longer back-off with ``retry``, else raises WorkerStartError."""
+        assert slot.process is not None
+        await self._reap(slot)
+        ran = time.monotonic() - slot.started_at
+        if ran >= HEALTHY_RUN_SECONDS:
+            slot.failures = 0
+        delay = self._next_backoff(slot)
+        log.warning("worker.exited", index=slot.index, pid=slot.process.pid, exit_code=code,
+                    ran_seconds=round(ran, 3), restart_in_seconds=delay)
+        while True:
+            await asyncio.sleep(delay)
+            if self._closing:
+                return False
+            try:
+                await self._spawn(slot)
+                break
+            except WorkerStartError as error:
+                if not retry:
+                    raise
+                delay = self._next_backoff(slot)
+                log.error("worker.restart_failed", index=slot.index, reason=str(error), restart_in_seconds=delay)
+        log.info("worker.restarted", index=slot.index, pid=slot.process.pid)
+        return True
 
     @staticmethod
     def _next_backoff(slot: _Slot) -> float:

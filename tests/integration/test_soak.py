@@ -3,9 +3,13 @@ mix of them, not only through the one fault each other test makes.
 
 While eight clients tokenize overlapping batches through every node and read back what they got, a
 nemesis picks, every 0.3-1.5 s, one of: SIGKILL a whole node (restarted 0.5-3 s later), SIGKILL one
-HTTP worker of a node (its core starts another), SIGSTOP a node for 0.2-1.5 s, or rotate the epoch
+HTTP worker of a node (its core starts another), SIGKILL a node's sealer helper (the node seals in its
+own process from then on), SIGSTOP a node for 0.2-1.5 s, or rotate the epoch
 through a node. At most one node is down or stopped at a time, so a majority is always there to
-serve. At the end every node is back and the recorded history is checked on every node (tests/
+serve. Beside them, a ninth client tokenizes fresh values with an Idempotency-Key and sends each request
+again, with the same key, until it has three answers: every answer to one key must be the first one
+(same epoch, same tokens), the later ones marked replayed, across the failovers and rotations between
+them (docs/guarantees.md, idempotency). At the end every node is back and the recorded history is checked on every node (tests/
 integration/history.py: nothing acknowledged lost, no token on two values, no value with two tokens in
 one epoch, no read that missed a write acknowledged before it began), writes are acknowledged again,
 and no node logged `node.fatal`.
@@ -22,6 +26,7 @@ import random
 import signal
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,6 +34,7 @@ import pytest
 
 from harness import ClusterHarness, RecordingClient, background_load, wait_for_acknowledged
 from history import History, Kind
+from tokenvault.client.vault import NoNodeAvailable, ProblemError, TokenizeResult
 from test_failover import assert_history_holds, value_pool
 
 # The /proc walk lives with the in-process node helpers, beside the unit tests.
@@ -41,21 +47,24 @@ SOAK_SECONDS = float(os.environ.get("TOKENVAULT_SOAK_SECONDS", "20"))
 FAULT_GAP_SECONDS = (0.3, 1.5)
 DOWN_SECONDS = (0.5, 3.0)
 PAUSE_SECONDS = (0.2, 1.5)
-ACTIONS = ("kill_node", "kill_worker", "pause_node", "rotate")
+ACTIONS = ("kill_node", "kill_worker", "kill_sealer", "pause_node", "rotate")
 # After the faults: writes acknowledged again within this long of every node being back.
 RECOVERY_SECONDS = 15.0
+# Answers the idempotent client collects per key (the first, then replays).
+ANSWERS_PER_KEY = 3
 
 
-def _worker_pids(core_pid: int) -> list[int]:
-    workers = []
+def _children_running(core_pid: int, module: bytes) -> list[int]:
+    """The core's children that run ``python -m module`` (its HTTP workers, its sealer)."""
+    found = []
     for child in child_pids(core_pid):
         try:
             command = (Path("/proc") / str(child) / "cmdline").read_bytes()
         except OSError:
             continue
-        if b"tokenvault.api.worker" in command:
-            workers.append(child)
-    return workers
+        if module in command.split(b"\0"):
+            found.append(child)
+    return found
 
 
 class Nemesis:
@@ -89,14 +98,15 @@ class Nemesis:
                 await asyncio.sleep(pause)
             finally:
                 self.harness.resume(node)
-        elif action == "kill_worker":
+        elif action in ("kill_worker", "kill_sealer"):
             pid = self.harness.pid(node)
-            workers = _worker_pids(pid) if pid is not None else []
-            if workers:
-                victim = self.rng.choice(workers)
+            module = b"tokenvault.api.worker" if action == "kill_worker" else b"tokenvault.core.sealer"
+            children = _children_running(pid, module) if pid is not None else []
+            if children:
+                victim = self.rng.choice(children)
                 try:
                     os.kill(victim, signal.SIGKILL)
-                    self.note(f"SIGKILL worker {victim} of {node}")
+                    self.note(f"SIGKILL {module.decode().rsplit('.', 1)[1]} {victim} of {node}")
                 except ProcessLookupError:
                     pass
         elif action == "rotate":
@@ -121,6 +131,44 @@ class Nemesis:
         await self.restart_due(all_of_them=True)
 
 
+async def idempotent_requests(harness: ClusterHarness, stop: asyncio.Event, rng: random.Random,
+                              answers: dict[str, tuple[list[str], list[TokenizeResult]]]) -> None:
+    """Fresh values under a fresh key, sent again and again with that key until ANSWERS_PER_KEY
+    answers came back; ``answers``: key -> (values, answers in order)."""
+    marker = uuid.uuid4().hex[:10]
+    client = harness.client(None, timeout_seconds=2.0, deadline_seconds=4.0)
+    number = 0
+    try:
+        while not stop.is_set():
+            number += 1
+            key = f"soak-{marker}-{number}"
+            values = [f"idempotent-{marker}-{number}-{item}" for item in range(2)]
+            answers[key] = (values, [])
+            while len(answers[key][1]) < ANSWERS_PER_KEY and not stop.is_set():
+                try:
+                    answers[key][1].append(await client.tokenize(values, idempotency_key=key))
+                except (ProblemError, NoNodeAvailable):
+                    pass  # no answer (or 409 while the first is in flight, 503): the same key again
+                await asyncio.sleep(rng.uniform(0.0, 0.5))
+    finally:
+        await client.close()
+
+
+def check_idempotent_answers(answers: dict[str, tuple[list[str], list[TokenizeResult]]]) -> int:
+    """Every answer to a key is its first, the later ones replayed; how many keys had two or more."""
+    repeated = 0
+    for key, (values, results) in answers.items():
+        if not results:
+            continue
+        first = results[0]
+        assert len(first.tokens) == len(values), key
+        for later in results[1:]:
+            assert (later.epoch, later.tokens) == (first.epoch, first.tokens), (key, first, later)
+            assert later.replayed, (key, later)
+        repeated += len(results) > 1
+    return repeated
+
+
 async def test_random_kills_pauses_worker_kills_and_rotations_under_load_lose_nothing(
         make_cluster: Callable[..., ClusterHarness]) -> None:
     seed = int(os.environ.get("TOKENVAULT_SOAK_SEED", str(random.randrange(2**32))))
@@ -129,6 +177,10 @@ async def test_random_kills_pauses_worker_kills_and_rotations_under_load_lose_no
     harness = make_cluster()
     history = History()
     nemesis = Nemesis(harness, history, rng)
+    answers: dict[str, tuple[list[str], list[TokenizeResult]]] = {}
+    stop_idempotent = asyncio.Event()
+    idempotent = asyncio.create_task(idempotent_requests(harness, stop_idempotent, random.Random(seed + 1),
+                                                         answers))
     try:
         async with background_load(harness, history, value_pool("soak", 64), workers=8, batch_items=4,
                                    seed=seed % 1000, timeout_seconds=2.0, deadline_seconds=6.0):
@@ -144,9 +196,20 @@ async def test_random_kills_pauses_worker_kills_and_rotations_under_load_lose_no
     except BaseException:
         print("faults made:\n" + "\n".join(nemesis.done))
         raise
+    finally:
+        stop_idempotent.set()
+        await idempotent
     print("faults made:\n" + "\n".join(nemesis.done))
     assert any(line.split("  ", 1)[1].startswith("SIGKILL node") for line in nemesis.done) or SOAK_SECONDS < 10
     assert history.acknowledged(Kind.TOKENIZE), history.summary()
     await assert_history_holds(harness, history, harness.node_ids)
+    repeated = check_idempotent_answers(answers)
+    print(f"idempotent keys: {len(answers)}, answered more than once: {repeated}")
+    assert repeated >= 3, answers
+    async with harness.node_clients(harness.node_ids, deadline_seconds=10.0) as clients:
+        for key, (values, results) in answers.items():
+            if results:
+                for node, client in clients.items():
+                    assert await client.detokenize(results[0].tokens) == tuple(values), (key, node)
     for node in harness.node_ids:
         assert harness.find_events(node, "node.fatal") == [], node

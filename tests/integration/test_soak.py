@@ -9,7 +9,9 @@ through a node. At most one node is down or stopped at a time, so a majority is 
 serve. Beside them, a ninth client tokenizes fresh values with an Idempotency-Key and sends each request
 again, with the same key, until it has three answers: every answer to one key must be the first one
 (same epoch, same tokens), the later ones marked replayed, across the failovers and rotations between
-them (docs/guarantees.md, idempotency). At the end every node is back and the recorded history is checked on every node (tests/
+them (docs/guarantees.md, idempotency). A tenth tokenizes fresh pairs of values (one of them with a
+TTL of an hour) and deletes the first token of each pair, again until the delete is acknowledged: at the
+end every node answers null for every deleted token and the value for every other. At the end every node is back and the recorded history is checked on every node (tests/
 integration/history.py: nothing acknowledged lost, no token on two values, no value with two tokens in
 one epoch, no read that missed a write acknowledged before it began), writes are acknowledged again,
 and no node logged `node.fatal`.
@@ -52,6 +54,7 @@ ACTIONS = ("kill_node", "kill_worker", "kill_sealer", "pause_node", "rotate")
 RECOVERY_SECONDS = 15.0
 # Answers the idempotent client collects per key (the first, then replays).
 ANSWERS_PER_KEY = 3
+DETOKENIZE_ITEMS = 500  # tokens per detokenize of the final checks (under the node's max_items)
 
 
 def _children_running(core_pid: int, module: bytes) -> list[int]:
@@ -154,6 +157,33 @@ async def idempotent_requests(harness: ClusterHarness, stop: asyncio.Event, rng:
         await client.close()
 
 
+async def deletes(harness: ClusterHarness, stop: asyncio.Event, rng: random.Random,
+                  deleted: list[str], kept: dict[str, str]) -> None:
+    """Fresh pairs tokenized, the first of each deleted (retried until acknowledged); ``deleted``: the
+    tokens whose delete was acknowledged, ``kept``: token -> value of the others."""
+    marker = uuid.uuid4().hex[:10]
+    client = harness.client(None, timeout_seconds=2.0, deadline_seconds=4.0)
+    number = 0
+    try:
+        while not stop.is_set():
+            number += 1
+            values = [f"deleted-{marker}-{number}", f"kept-{marker}-{number}"]
+            try:
+                result = await client.tokenize(values, ttl_seconds=3600 if number % 2 else None)
+            except (ProblemError, NoNodeAvailable):
+                continue  # it may have taken effect: its tokens are left out of both lists
+            kept[result.tokens[1]] = values[1]
+            while not stop.is_set():
+                try:
+                    await client.delete_tokens([result.tokens[0]])
+                    deleted.append(result.tokens[0])
+                    break
+                except (ProblemError, NoNodeAvailable):
+                    await asyncio.sleep(rng.uniform(0.0, 0.3))
+    finally:
+        await client.close()
+
+
 def check_idempotent_answers(answers: dict[str, tuple[list[str], list[TokenizeResult]]]) -> int:
     """Every answer to a key is its first, the later ones replayed; how many keys had two or more."""
     repeated = 0
@@ -178,9 +208,11 @@ async def test_random_kills_pauses_worker_kills_and_rotations_under_load_lose_no
     history = History()
     nemesis = Nemesis(harness, history, rng)
     answers: dict[str, tuple[list[str], list[TokenizeResult]]] = {}
+    deleted: list[str] = []
+    kept: dict[str, str] = {}
     stop_idempotent = asyncio.Event()
-    idempotent = asyncio.create_task(idempotent_requests(harness, stop_idempotent, random.Random(seed + 1),
-                                                         answers))
+    idempotent = asyncio.gather(idempotent_requests(harness, stop_idempotent, random.Random(seed + 1), answers),
+                                deletes(harness, stop_idempotent, random.Random(seed + 2), deleted, kept))
     try:
         async with background_load(harness, history, value_pool("soak", 64), workers=8, batch_items=4,
                                    seed=seed % 1000, timeout_seconds=2.0, deadline_seconds=6.0):
@@ -211,5 +243,16 @@ async def test_random_kills_pauses_worker_kills_and_rotations_under_load_lose_no
             if results:
                 for node, client in clients.items():
                     assert await client.detokenize(results[0].tokens) == tuple(values), (key, node)
+        print(f"deleted tokens: {len(deleted)}, kept: {len(kept)}")
+        assert deleted and kept
+        kept_tokens = list(kept)
+        for node, client in clients.items():
+            for start in range(0, max(len(deleted), len(kept_tokens)), DETOKENIZE_ITEMS):
+                some_deleted = deleted[start:start + DETOKENIZE_ITEMS]
+                some_kept = kept_tokens[start:start + DETOKENIZE_ITEMS]
+                if some_deleted:
+                    assert await client.detokenize(some_deleted) == (None,) * len(some_deleted), node
+                if some_kept:
+                    assert await client.detokenize(some_kept) == tuple(kept[token] for token in some_kept), node
     for node in harness.node_ids:
         assert harness.find_events(node, "node.fatal") == [], node

@@ -87,7 +87,8 @@ class Nemesis:
     async def step(self) -> None:
         await self.restart_due()
         healthy = [node for node in self.harness.node_ids if node not in self.down]
-        action = self.rng.choice(ACTIONS)
+        # The first fault kills a node, so that even a short run has one; the rest are drawn.
+        action = self.rng.choice(ACTIONS) if self.done else "kill_node"
         node = self.rng.choice(healthy)
         if action == "kill_node" and not self.down:
             await asyncio.to_thread(self.harness.kill, node)
@@ -232,7 +233,7 @@ async def test_random_kills_pauses_worker_kills_and_rotations_under_load_lose_no
         stop_idempotent.set()
         await idempotent
     print("faults made:\n" + "\n".join(nemesis.done))
-    assert any(line.split("  ", 1)[1].startswith("SIGKILL node") for line in nemesis.done) or SOAK_SECONDS < 10
+    assert any("SIGKILL node" in line for line in nemesis.done), nemesis.done
     assert history.acknowledged(Kind.TOKENIZE), history.summary()
     await assert_history_holds(harness, history, harness.node_ids)
     repeated = check_idempotent_answers(answers)

@@ -17,7 +17,8 @@ one epoch, no read that missed a write acknowledged before it began), writes are
 and no node logged `node.fatal`.
 
 ``TOKENVAULT_SOAK_SECONDS`` sets how long the faults go on (default 20 s in the test run; a longer run
-is the same test), ``TOKENVAULT_SOAK_SEED`` replays one sequence of faults (the seed is printed).
+is the same test), ``TOKENVAULT_SOAK_SEED`` replays one sequence of faults (the seed is printed),
+``TOKENVAULT_SOAK_NODES`` the cluster's size (3; or 5).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from node_support import child_pids  # noqa: E402
 pytestmark = pytest.mark.integration
 
 SOAK_SECONDS = float(os.environ.get("TOKENVAULT_SOAK_SECONDS", "20"))
+SOAK_NODES = int(os.environ.get("TOKENVAULT_SOAK_NODES", "3"))
 FAULT_GAP_SECONDS = (0.3, 1.5)
 DOWN_SECONDS = (0.5, 3.0)
 PAUSE_SECONDS = (0.2, 1.5)
@@ -205,7 +207,7 @@ async def test_random_kills_pauses_worker_kills_and_rotations_under_load_lose_no
     seed = int(os.environ.get("TOKENVAULT_SOAK_SEED", str(random.randrange(2**32))))
     print(f"soak seed {seed} ({SOAK_SECONDS:.0f} s of faults); replay with TOKENVAULT_SOAK_SEED={seed}")
     rng = random.Random(seed)
-    harness = make_cluster()
+    harness = make_cluster(nodes=SOAK_NODES)
     history = History()
     nemesis = Nemesis(harness, history, rng)
     answers: dict[str, tuple[list[str], list[TokenizeResult]]] = {}

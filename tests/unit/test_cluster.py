@@ -450,6 +450,12 @@ def test_command_line_status_logs_and_errors(fake_serve: None, cluster_directory
     assert status.stdout.startswith("n1") and "primary" in status.stdout
     logs = runner.invoke(run_cluster, ["logs", "n1"], env=environment)
     assert logs.exit_code == 0 and '"node.started"' in logs.stdout
+    # The process's captured stdout/stderr comes first, on stderr, after a line that names it.
+    spec.nodes[0].output_file.write_bytes(b"a traceback, say\n")
+    logs = runner.invoke(run_cluster, ["logs", "n1"], env=environment)
+    assert logs.exit_code == 0 and '"node.started"' in logs.stdout
+    assert logs.stderr.index("stdout/stderr of the process") < logs.stderr.index("a traceback, say") \
+        < logs.stderr.index("--- node log")
     wrong_count = runner.invoke(run_cluster, ["start", "--nodes", "3"], env=environment)
     assert wrong_count.exit_code == 1 and "has 1 node(s), not 3" in wrong_count.stderr
     unknown = runner.invoke(run_cluster, ["kill", "n9"], env=environment)

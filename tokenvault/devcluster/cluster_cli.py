@@ -171,7 +171,10 @@ def logs(node_id: str, follow: bool) -> None:
         raise ClusterError(f"{node_id} has no log yet ({node.log_file})")
     if node.output_file.exists() and node.output_file.stat().st_size:
         click.echo(f"--- stdout/stderr of the process ({node.output_file}) ---", err=True)
-        click.echo(node.output_file.read_text(encoding="utf-8", errors="replace"), err=True, nl=False)
+        sys.stderr.flush()  # the line above first
+        with open(node.output_file, "rb") as captured:  # streamed, never read whole
+            shutil.copyfileobj(captured, sys.stderr.buffer)
+        sys.stderr.buffer.flush()
         if node.log_file.exists():
             click.echo(f"--- node log ({node.log_file}) ---", err=True)
     if not node.log_file.exists():

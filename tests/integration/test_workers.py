@@ -207,6 +207,23 @@ def test_a_worker_killed_while_the_node_starts_is_restarted_and_the_node_serves(
     asyncio.run(round_trip())
 
 
+def test_workers_whose_core_dies_while_they_start_exit_quietly(single: ClusterHarness) -> None:
+    """A worker still starting when its core dies exits by itself, logging worker.core_gone, as one that
+    serves does. It used to print a traceback (ChannelClosed, as it told the dead core it was ready)
+    into the node's captured output: seen in tests/integration/test_soak.py's runs."""
+    node = single.node("n1")
+    pid, mark = single.relaunch_in_its_start("n1")
+    workers = wait_for(lambda: worker_pids(pid), 10, "n1's workers to be spawned", 0.005)
+    output_before = node.output_file.stat().st_size if node.output_file.exists() else 0
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: not any(alive(worker) for worker in workers), 10, "n1's workers to exit")
+    with open(node.output_file, "rb") as output:
+        output.seek(output_before)
+        assert b"Traceback" not in output.read()
+    assert not single.find_events("n1", "worker.refused_to_start", mark)
+    assert not single.find_events("n1", "workers.started", mark)  # the core died in its start, as meant
+
+
 def test_with_no_workers_the_node_is_one_process_serving_http_itself(tmp_path: Path) -> None:
     settings = dataclasses.replace(fast_settings(), http_workers=0)
     harness = ClusterHarness(tmp_path / "cluster", node_count=1, settings=settings).create_and_start()

@@ -32,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-from tokenvault.api.channel import Channel, max_frame_bytes
+from tokenvault.api.channel import Channel, ChannelClosed, max_frame_bytes
 from tokenvault.api.http import create_app, http_server
 from tokenvault.api.remote import TLS_TOPIC, RemoteService
 from tokenvault.config import NodeConfig, load_config
@@ -148,6 +148,9 @@ async def _serve(config: NodeConfig, index: int, workers: int, channel_fd: int, 
     await asyncio.wait({waited, closed}, timeout=KEY_TABLE_TIMEOUT_SECONDS, return_when=asyncio.FIRST_COMPLETED)
     waited.cancel()
     closed.cancel()
+    if channel.closed.is_set():  # the core died while this worker started: nothing to serve for
+        log.warning("worker.core_gone", index=index)
+        return 0
     if not service.keys_ready.is_set():
         log.critical("worker.refused_to_start", reason="no key table from the core")
         return EXIT_REFUSED
@@ -160,7 +163,12 @@ async def _serve(config: NodeConfig, index: int, workers: int, channel_fd: int, 
         log.critical("worker.refused_to_start", reason=f"cannot serve the listening socket: {error.strerror}")
         await server.close(0)
         return EXIT_REFUSED
-    channel.push("ready", {"pid": os.getpid()})
+    try:
+        channel.push("ready", {"pid": os.getpid()})
+    except ChannelClosed:  # the core died meanwhile
+        log.warning("worker.core_gone", index=index)
+        await server.close(0)
+        return 0
     log.info("worker.started", index=index, pid=os.getpid())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

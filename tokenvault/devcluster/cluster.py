@@ -441,8 +441,8 @@ def _wait(spec: ClusterSpec, node_ids: Sequence[str], timeout_seconds: float,
         for status in statuses:
             if status.pid is None and status.health is None:
                 node = spec.node(status.node_id)
-                status = exit_status(node)
-                how = "" if status is None else f" (exit status {status})"
+                code = exit_status(node)
+                how = "" if code is None else f" (exit status {code})"
                 raise ClusterError(f"{node.node_id} exited{how} while waiting for {what}.\n{output_tail(node)}")
         if time.monotonic() >= deadline:
             lines = "\n".join(status.describe() for status in statuses)

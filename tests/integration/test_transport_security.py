@@ -23,7 +23,6 @@ from cryptography import x509
 
 from harness import HTTP_WORKERS, ClusterHarness, fast_settings, memory_bytes, reset_peak_memory, wait_for
 from tokenvault.config import PeerConfig, load_config
-from tokenvault.devcluster import cluster
 from tokenvault.core.transport import GREETING, HANDSHAKE_TIMEOUT_SECONDS
 from tokenvault.crypto.tls import create_node_certificate, http_client_context
 

@@ -145,7 +145,7 @@ async def main(arguments: argparse.Namespace) -> int:
             time.sleep(METRICS_MAX_AGE_SECONDS)
             after = _stalls_over(spec)
             resources = _memory_and_disk(spec)
-            primaries = [status.node_id for status in cluster.cluster_status(spec) if status.field("role") == "primary"]
+            primary = cluster.primary_of(cluster.cluster_status(spec))
         finally:
             if (directory / cluster.CLUSTER_FILE_NAME).exists():
                 await asyncio.to_thread(cluster.stop_cluster, directory, 10)
@@ -162,7 +162,7 @@ async def main(arguments: argparse.Namespace) -> int:
         f"over {threshold * 1000:.0f} ms: {sum(counts[threshold] for counts in grew.values()):.0f}"
         for threshold in STALL_THRESHOLDS_SECONDS), flush=True)
     print(f"  by node and process kind, over {bounds} ms (primary after the migration: "
-          f"{', '.join(primaries) or 'none'}): " + "; ".join(
+          f"{primary or 'none agreed'}): " + "; ".join(
               f"{part} " + " / ".join(f"{counts[threshold]:.0f}" for threshold in STALL_THRESHOLDS_SECONDS)
               for part, counts in grew.items()), flush=True)
     print(f"cluster started and epoch filled in {fill_seconds:.0f} s; after the migration: {resources}", flush=True)

@@ -31,9 +31,9 @@ STALLED_HEARTBEATS_LIMIT = 2
 # timeouts is dropped (the driver frees its checkpoint and the log it holds);
 # a new one is asked for once the backup answers again.
 SNAPSHOT_SILENT_ELECTION_TIMEOUTS = 3
-# A backup that refuses a position it acknowledged, in this many heartbeat intervals in a row with no
-# success between them, has lost entries from its disk (records.BackupLostEntries); fewer may be stale
-# refusals overtaken by the acknowledgement.
+# A backup that refuses a position it acknowledged, in this many heartbeat intervals (each at least one
+# after the last counted) with no success between them, has lost entries from its disk
+# (records.BackupLostEntries); fewer may be stale refusals overtaken by the acknowledgement.
 LOSS_REFUSAL_INTERVALS = 3
 PRIMARY_SENT_TYPES = (AppendEntries, Heartbeat, InstallSnapshot)
 
@@ -983,7 +983,7 @@ class Replica:
         if message.index <= progress.match_index:
             # The backup refuses a position it acknowledged before. One such refusal may be a stale one,
             # sent before the acknowledgement and delivered after it (a duplicated or reordered message);
-            # refusals in LOSS_REFUSAL_INTERVALS heartbeat intervals in a row, with no success between
+            # refusals in LOSS_REFUSAL_INTERVALS distinct heartbeat intervals, with no success between
             # them, mean its disk lost data, which is outside the failure model: said once. Either way,
             # retry at heartbeat pace rather than ping-pong at full speed (never below what it
             # acknowledged: the probe stays at match_index + 1).
@@ -994,7 +994,7 @@ class Replica:
 
     def _count_loss_refusal(self, sender: str, progress: PeerProgress, refused_index: int) -> None:
         """A refusal at or below the backup's match index: counted once per heartbeat interval; the
-        LOSS_REFUSAL_INTERVALS-th in a row reports BackupLostEntries, once per backup and term."""
+        LOSS_REFUSAL_INTERVALS-th with no success since the first reports BackupLostEntries, once per backup and term."""
         interval = self._config.heartbeat_interval_ticks
         if progress.loss_refusals and self._ticks - progress.loss_refused_at_tick < interval:
             return

@@ -25,6 +25,7 @@ from tokenvault.auth import ALL_SCOPES, PRINCIPAL_NAME_PATTERN, ApiKeyEntry, Api
 from tokenvault.crypto.keys import (MASTER_KEY_ENVIRONMENT_VARIABLE, CryptoError, KeyWrapper, MasterKey, read_secret_file,
                                take_from_environment)
 from tokenvault.crypto.tls import NodeTlsFiles
+from tokenvault.smallfiles import FileTooLarge, read_small_file
 
 CLUSTER_SECRET_BYTES = 32
 ALLOWED_MEMBER_COUNTS = (1, 3, 5)
@@ -807,12 +808,11 @@ def load_config(path: Path | str) -> NodeConfig:
     """Read, parse and validate a node config file. Raises ConfigError."""
     path = Path(path)
     try:
-        with open(path, "rb") as handle:
-            content = handle.read(_MAX_CONFIG_FILE_BYTES + 1)
+        content = read_small_file(path, _MAX_CONFIG_FILE_BYTES)
     except OSError as error:
         raise ConfigError(f"cannot read config file {str(path)!r} ({error.strerror})") from None
-    if len(content) > _MAX_CONFIG_FILE_BYTES:
-        raise ConfigError(f"config file {str(path)!r} is larger than {_MAX_CONFIG_FILE_BYTES} bytes")
+    except FileTooLarge:
+        raise ConfigError(f"config file {str(path)!r} is larger than {_MAX_CONFIG_FILE_BYTES} bytes") from None
     try:
         text = content.decode("utf-8")
     except UnicodeDecodeError:

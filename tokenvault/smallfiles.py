@@ -1,18 +1,23 @@
 """Reading a small file whose size nothing vouches for: at most a bound, never the whole of a file that
 grew, or was made, huge.
 
-A node reads a few small files whole: its store's ``CURRENT`` pointer, the store's options record,
-its incarnation and peer records, a migration's state file, cluster.json. Each is read through
-``read_small_file`` with a bound far above what the file ever holds, so a damaged or hostile file
-costs at most that bound in memory and is refused with an error naming the file, instead of being
-buffered whole. (The config file, TLS PEM files and key files have their own bounded readers, with
-the checks their callers make.)
+A node reads a few small files whole: its config, its store's ``CURRENT`` pointer, the store's
+options record, its incarnation and peer records, a migration's state file, cluster.json. Each is
+read through ``read_small_file`` with a bound far above what the file ever holds, so a damaged or
+hostile file costs at most that bound in memory and is refused with an error naming the file,
+instead of being buffered whole. (TLS PEM files and key files have bounded readers of their own,
+which check the file's owner and mode on the open descriptor first.)
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+
+
+# cluster.json (tokenvault.devcluster.cluster_spec writes it, the admin CLI and run_cluster.sh read it) names
+# a few nodes and keys, a few KB; it is kept here so that neither reader imports the other's package.
+MAX_CLUSTER_FILE_BYTES = 1 << 20
 
 
 class FileTooLarge(Exception):

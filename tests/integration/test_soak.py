@@ -4,17 +4,22 @@ mix of them, not only through the one fault each other test makes.
 While eight clients tokenize overlapping batches through every node and read back what they got, a
 nemesis picks, every 0.3-1.5 s, one of: SIGKILL a whole node (restarted 0.5-3 s later), SIGKILL one
 HTTP worker of a node (its core starts another), SIGKILL a node's sealer helper (the node seals in its
-own process from then on), SIGSTOP a node for 0.2-1.5 s, or rotate the epoch
-through a node. At most one node is down or stopped at a time, so a majority is always there to
-serve. Beside them, a ninth client tokenizes fresh values with an Idempotency-Key and sends each request
+own process from then on), SIGSTOP a node for 0.2-1.5 s, or rotate the epoch through a node. Its first
+fault always kills a node. At most one node is down or stopped at a time, so a majority is always
+there to serve.
+
+Beside them, a ninth client tokenizes fresh values with an Idempotency-Key and sends each request
 again, with the same key, until it has three answers: every answer to one key must be the first one
 (same epoch, same tokens), the later ones marked replayed, across the failovers and rotations between
-them (docs/guarantees.md, idempotency). A tenth tokenizes fresh pairs of values (one of them with a
-TTL of an hour) and deletes the first token of each pair, again until the delete is acknowledged: at the
-end every node answers null for every deleted token and the value for every other. At the end every node is back and the recorded history is checked on every node (tests/
-integration/history.py: nothing acknowledged lost, no token on two values, no value with two tokens in
-one epoch, no read that missed a write acknowledged before it began), writes are acknowledged again,
-and no node logged `node.fatal`.
+them (docs/guarantees.md, idempotency). A tenth tokenizes fresh pairs of values (every other pair
+with a TTL of an hour) and deletes the first token of each pair, again until the delete is
+acknowledged.
+
+At the end every node is back, and: the recorded history holds on every node
+(tests/integration/history.py: nothing acknowledged lost, no token on two values, no value with two
+tokens in one epoch, no read that missed a write acknowledged before it began); every node answers
+null for every deleted token and the value for every other; writes are acknowledged again; and no
+node logged `node.fatal`.
 
 ``TOKENVAULT_SOAK_SECONDS`` sets how long the faults go on (default 20 s in the test run; a longer run
 is the same test), ``TOKENVAULT_SOAK_SEED`` replays one sequence of faults (the seed is printed),
@@ -24,25 +29,27 @@ is the same test), ``TOKENVAULT_SOAK_SEED`` replays one sequence of faults (the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import os
 import random
 import signal
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
 
 from harness import ClusterHarness, RecordingClient, background_load, wait_for_acknowledged
 from history import History, Kind
-from tokenvault.client.vault import NoNodeAvailable, ProblemError, TokenizeResult
+from tokenvault.client.vault import AsyncClient, NoNodeAvailable, ProblemError, TokenizeResult
 from test_failover import assert_history_holds, value_pool
 
 # The /proc walk lives with the in-process node helpers, beside the unit tests.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
-from node_support import child_pids  # noqa: E402
+from node_support import children_running  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -57,19 +64,6 @@ RECOVERY_SECONDS = 15.0
 # Answers the idempotent client collects per key (the first, then replays).
 ANSWERS_PER_KEY = 3
 DETOKENIZE_ITEMS = 500  # tokens per detokenize of the final checks (under the node's max_items)
-
-
-def _children_running(core_pid: int, module: bytes) -> list[int]:
-    """The core's children that run ``python -m module`` (its HTTP workers, its sealer)."""
-    found = []
-    for child in child_pids(core_pid):
-        try:
-            command = (Path("/proc") / str(child) / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if module in command.split(b"\0"):
-            found.append(child)
-    return found
 
 
 class Nemesis:
@@ -107,7 +101,7 @@ class Nemesis:
         elif action in ("kill_worker", "kill_sealer"):
             pid = self.harness.pid(node)
             module = b"tokenvault.api.worker" if action == "kill_worker" else b"tokenvault.core.sealer"
-            children = _children_running(pid, module) if pid is not None else []
+            children = children_running(pid, module) if pid is not None else []
             if children:
                 victim = self.rng.choice(children)
                 try:
@@ -137,16 +131,24 @@ class Nemesis:
         await self.restart_due(all_of_them=True)
 
 
+@contextlib.asynccontextmanager
+async def client_with_marker(harness: ClusterHarness) -> AsyncIterator[tuple[AsyncClient, str]]:
+    """A client over every node and a marker that keeps its values apart from every other client's."""
+    client = harness.client(None, timeout_seconds=2.0, deadline_seconds=4.0)
+    try:
+        yield client, uuid.uuid4().hex[:10]
+    finally:
+        await client.close()
+
+
 async def idempotent_requests(harness: ClusterHarness, stop: asyncio.Event, rng: random.Random,
                               answers: dict[str, tuple[list[str], list[TokenizeResult]]]) -> None:
     """Fresh values under a fresh key, sent again and again with that key until ANSWERS_PER_KEY
     answers came back; ``answers``: key -> (values, answers in order)."""
-    marker = uuid.uuid4().hex[:10]
-    client = harness.client(None, timeout_seconds=2.0, deadline_seconds=4.0)
-    number = 0
-    try:
-        while not stop.is_set():
-            number += 1
+    async with client_with_marker(harness) as (client, marker):
+        for number in itertools.count(1):
+            if stop.is_set():
+                return
             key = f"soak-{marker}-{number}"
             values = [f"idempotent-{marker}-{number}-{item}" for item in range(2)]
             answers[key] = (values, [])
@@ -156,20 +158,16 @@ async def idempotent_requests(harness: ClusterHarness, stop: asyncio.Event, rng:
                 except (ProblemError, NoNodeAvailable):
                     pass  # no answer (or 409 while the first is in flight, 503): the same key again
                 await asyncio.sleep(rng.uniform(0.0, 0.5))
-    finally:
-        await client.close()
 
 
 async def deletes(harness: ClusterHarness, stop: asyncio.Event, rng: random.Random,
                   deleted: list[str], kept: dict[str, str]) -> None:
     """Fresh pairs tokenized, the first of each deleted (retried until acknowledged); ``deleted``: the
     tokens whose delete was acknowledged, ``kept``: token -> value of the others."""
-    marker = uuid.uuid4().hex[:10]
-    client = harness.client(None, timeout_seconds=2.0, deadline_seconds=4.0)
-    number = 0
-    try:
-        while not stop.is_set():
-            number += 1
+    async with client_with_marker(harness) as (client, marker):
+        for number in itertools.count(1):
+            if stop.is_set():
+                return
             values = [f"deleted-{marker}-{number}", f"kept-{marker}-{number}"]
             try:
                 result = await client.tokenize(values, ttl_seconds=3600 if number % 2 else None)
@@ -183,8 +181,6 @@ async def deletes(harness: ClusterHarness, stop: asyncio.Event, rng: random.Rand
                     break
                 except (ProblemError, NoNodeAvailable):
                     await asyncio.sleep(rng.uniform(0.0, 0.3))
-    finally:
-        await client.close()
 
 
 def check_idempotent_answers(answers: dict[str, tuple[list[str], list[TokenizeResult]]]) -> int:

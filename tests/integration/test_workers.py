@@ -25,7 +25,7 @@ from tokenvault.devcluster import cluster
 
 # The /proc walk lives with the in-process node helpers, beside the unit tests.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
-from node_support import child_pids  # noqa: E402
+from node_support import child_pids, children_running  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -33,15 +33,7 @@ CORE_GONE_SECONDS = 1.0  # the issue's bound: the workers exit within 1 s of the
 
 
 def worker_pids(pid: int) -> list[int]:
-    pids = []
-    for child in child_pids(pid):
-        try:
-            command = (Path("/proc") / str(child) / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"tokenvault.api.worker" in command:
-            pids.append(child)
-    return sorted(pids)
+    return children_running(pid, b"tokenvault.api.worker")
 
 
 def alive(pid: int) -> bool:

@@ -392,6 +392,20 @@ def child_pids(pid: int) -> list[int]:
     return [child for child, fields in process_stats() if len(fields) > 1 and int(fields[1]) == pid]
 
 
+def children_running(pid: int, module: bytes) -> list[int]:
+    """The direct children of ``pid`` that run ``python -m module`` (b"tokenvault.api.worker": a real
+    node's HTTP workers; b"tokenvault.core.sealer": its sealer), in pid order."""
+    found = []
+    for child in child_pids(pid):
+        try:
+            command = (Path("/proc") / str(child) / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if module in command.split(b"\0"):
+            found.append(child)
+    return sorted(found)
+
+
 def files_holding(directory: Path, needle: bytes) -> list[Path]:
     """Every file under ``directory`` whose bytes hold ``needle``: the scans that show a value, a
     ciphertext or a secret is (or is no longer) on a node's disk. A file deleted while the walk runs

@@ -514,7 +514,7 @@ def peer_samples(running: RunningNode) -> dict[tuple[str, str], float]:
 
 async def test_a_backup_restored_from_an_older_copy_of_its_data_directory_is_reported_by_the_primary(
         trio: Cluster, tmp_path: Path) -> None:
-    """docs/failure-modes.md, "Not detected: one member's data directory restored from an older copy": while
+    """docs/failure-modes.md, "Detected only in part: one member's data directory restored from an older copy": while
     the primary that had its acknowledgements leads, the member that comes back without entries it
     acknowledged is named in the primary's log (replica.backup_lost_entries, once, at error level)."""
     primary = await trio.wait_for_stable_primary()

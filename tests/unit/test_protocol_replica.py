@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 import pytest
 
 from protocol.progress import MAX_WINDOW, PeerProgress
-from protocol import (INITIAL_HARD_STATE, AppendEntries, AppendReply, BackupLostEntries, BecamePrimary, Entry, EntryKind, HardState,
-                      Member, Membership,
+from protocol import (INITIAL_HARD_STATE, AppendEntries, AppendReply, BackupLostEntries, BecamePrimary, Entry,
+                      EntryKind, HardState, Member, Membership,
                       Heartbeat, HeartbeatReply, Hello, InstallSnapshot, NotPrimary, PreVote, PreVoteReply,
                       ProposalRejected, ReadIndex, ReadIndexReply, ReadResult, Ready,
                       ReplicaConfig, Replica, RequestVote, ElectionStarted, RestoredState, Role, SnapshotReply, SteppedDown, TransferEnd,
@@ -620,7 +620,7 @@ def test_a_backup_that_lost_entries_it_acknowledged_is_reported_once_and_never_p
 def test_a_stale_refusal_delivered_after_the_acknowledgement_is_not_taken_for_lost_entries() -> None:
     """A refusal sent before the backup acknowledged a position, and delivered after it (a duplicated or
     reordered message, as the simulator's links do), is not a loss: the next probe succeeds and nothing
-    is reported. Only refusals in three heartbeat intervals in a row, with no success between, are."""
+    is reported. Only refusals in three distinct heartbeat intervals, with no success between, are."""
     cluster, primary = three_with_entries(5, b"entry")
     acknowledged = primary.progress()["n3"][0]
     primary.propose(b"one-more")  # not yet delivered

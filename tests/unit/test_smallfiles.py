@@ -15,6 +15,7 @@ import click
 import pytest
 
 from tokenvault.client import cli_connection, cli_lifecycle
+from tokenvault.config import ConfigError, load_config
 from tokenvault.core import incarnations
 from tokenvault.core.store import VaultStore
 from tokenvault.core.store_layout import ROCKSDICT_CONFIG_FILE, StoreCorruption, check_rocksdict_config
@@ -63,6 +64,11 @@ def test_a_huge_file_is_refused_after_reading_only_the_bound(tmp_path: Path) -> 
     assert peak_bytes_of(lambda: read_small_file(path, 4096)) < 64 * 1024
 
 
+def _huge_node_config(tmp_path: Path) -> Callable[[], Any]:
+    path = make_huge(tmp_path / "node.toml")
+    return lambda: load_config(path)
+
+
 def _store_with_huge_current(tmp_path: Path) -> Callable[[], Any]:
     path = tmp_path / "store"
     VaultStore.open(path).close()
@@ -100,8 +106,9 @@ def _huge_cluster_file_for_the_dev_cluster(tmp_path: Path) -> Callable[[], Any]:
     return lambda: cluster_spec.load_cluster(tmp_path)
 
 
-# Each reader, with what it must raise (or return) for a huge file.
-READERS: dict[str, tuple[Callable[[Path], Callable[[], Any]], type[Exception] | None, str]] = {
+# Each reader, with what it must raise for a huge file.
+READERS: dict[str, tuple[Callable[[Path], Callable[[], Any]], type[Exception], str]] = {
+    "node config": (_huge_node_config, ConfigError, "is larger than 1048576 bytes"),
     "store CURRENT": (_store_with_huge_current, StoreCorruption, "too large to be a generation pointer"),
     "rocksdict config": (_store_with_huge_rocksdict_config, StoreCorruption, "too large"),
     "incarnation": (_huge_incarnation, incarnations.IncarnationError, "not a file this node wrote"),
@@ -117,7 +124,6 @@ READERS: dict[str, tuple[Callable[[Path], Callable[[], Any]], type[Exception] | 
 def test_each_reader_refuses_a_huge_file_clearly_without_buffering_it(tmp_path: Path, reader: str) -> None:
     make_call, error, message = READERS[reader]
     call = make_call(tmp_path)
-    assert error is not None
     with pytest.raises(error) as raised:
         call()
     assert message in str(raised.value.message if isinstance(raised.value, click.UsageError) else raised.value)

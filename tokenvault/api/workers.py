@@ -152,8 +152,9 @@ class WorkerPool:
                     try:
                         if await self._restart(slot, code, retry=False):
                             continue
-                    except WorkerStartError:
-                        pass  # its port taken meanwhile: refused below
+                    except WorkerStartError:  # its port taken meanwhile: the node refuses, saying so
+                        await self.close(grace_seconds=1.0)
+                        raise
                 await self.close(grace_seconds=1.0)
                 raise WorkerStartError(f"HTTP worker {slot.index} did not start "
                                        + (f"(it exited with {code}; its log says why)" if code is not None

@@ -17,14 +17,12 @@ import click
 
 from tokenvault.client.vault import (AsyncClient, ConfigurationError, NoNodeAvailable, ProblemError, ResponseError,
                                      VaultError, normalize_urls)
-from tokenvault.smallfiles import FileTooLarge, read_small_file
+from tokenvault.smallfiles import MAX_CLUSTER_FILE_BYTES, FileTooLarge, read_small_file
 
 EXIT_SERVICE_ERROR = 1
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
 EXIT_AUDIT_BROKEN = 4
-# cluster.json names a few nodes and keys (a few KB); a file larger than this is refused before it is parsed.
-MAX_CLUSTER_FILE_BYTES = 1 << 20
 # Where the admin groups keep the connection options given before the subcommand.
 GROUP_OPTIONS_META_KEY = "tokenvault.group_connection_options"
 CONNECTION_PARAMETERS = ("urls", "api_key", "cluster_json", "ca_file")

@@ -63,14 +63,12 @@ from pathlib import Path
 
 from rocksdict import AccessType, Cache, Rdict
 
-from tokenvault.core.store_files import (CURRENT_FILE, MAX_CURRENT_BYTES, read_current, wal_file_bytes,
-                                         wal_file_names)
+from tokenvault.core.store_files import read_current, wal_file_bytes, wal_file_names
 from tokenvault.core.store_layout import (LIFE, LIFE_END, META_KEY, StoreError,
                                           database_options, decode_meta, first_key, lookup_format_tokens, lookup_opaque,
                                           metadata_rows, reason, table_metadata_bytes)
 from tokenvault.errors import ServiceError
 from tokenvault.logs import get_logger
-from tokenvault.smallfiles import FileTooLarge, read_small_file
 
 log = get_logger("store_reader")
 
@@ -246,8 +244,8 @@ class StoreReader:
         self.catch_ups += 1
         self.flush_wanted = False
         try:
-            generation = read_small_file(self._store_path / CURRENT_FILE, MAX_CURRENT_BYTES).decode("ascii").strip()
-        except (OSError, UnicodeDecodeError, FileTooLarge):
+            generation = read_current(self._store_path)
+        except StoreError:  # unreadable or damaged: the reopen below says why
             generation = ""
         if generation != self._generation:
             log.info("store_reader.new_generation", generation=generation[:32])

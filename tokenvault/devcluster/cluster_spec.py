@@ -20,12 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from tokenvault.auth import ApiKeyEntry, generate_api_key, salted_api_key_hash
-from tokenvault.client.cli_connection import MAX_CLUSTER_FILE_BYTES
 from tokenvault.config import (ConfigError, HttpConfig, MemberConfig, NodeConfig, PeerConfig, SealerConfig,
                                TimingConfig, TlsConfig, WalConfig, write_node_config)
 from tokenvault.crypto.keys import CryptoError, MasterKey, write_secret_file
 from tokenvault.crypto.tls import ClusterTlsFiles, create_cluster_tls
-from tokenvault.smallfiles import FileTooLarge, read_small_file
+from tokenvault.smallfiles import MAX_CLUSTER_FILE_BYTES, FileTooLarge, read_small_file
 
 ALLOWED_NODE_COUNTS = (1, 3, 5)
 DEFAULT_NODE_COUNT = 3

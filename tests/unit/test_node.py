@@ -545,7 +545,10 @@ async def test_a_backup_restored_from_an_older_copy_of_its_data_directory_is_rep
             return [entry for entry in logs if entry["event"] == "replica.backup_lost_entries"]
 
         await wait_until(reported, 5, "the primary to report the lost entries")
-        await asyncio.sleep(0.3)  # more probes meanwhile: still one line
+        # Two more refusals counted after the report (each a heartbeat interval apart): still one line.
+        refusals = primary.node.replica._progress[backup.node_id].loss_refusals
+        await wait_until(lambda: primary.node.replica._progress[backup.node_id].loss_refusals >= refusals + 2, 5,
+                         "two more refusals from the restored backup")
     (line,) = reported()
     assert line["log_level"] == "error" and line["peer"] == backup.node_id
     assert line["acknowledged_index"] == acknowledged and line["refused_index"] <= acknowledged

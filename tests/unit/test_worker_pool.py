@@ -155,18 +155,24 @@ class _PoolAsyncio:
         return None, None
 
 
-async def test_a_dead_worker_is_started_again_after_0_1_0_5_1_2_then_5_s_and_afresh_once_one_ran_10_s(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """docs/architecture.md, "Failure": the back-off before a dead worker's successor starts is 0.1, 0.5,
-    1, 2, then 5 s for each death in a row, and starts afresh once a worker has run 10 s. The pool's own
-    _spawn and _supervise run; only the process, its channel, the clock and the sleeps are fakes."""
+def faked_pool(monkeypatch: pytest.MonkeyPatch, count: int) -> tuple[WorkerPool, _PoolAsyncio]:
+    """A pool of ``count`` workers whose own code runs over fake processes, channels, clock and sleeps."""
     clock = _FakeClock()
     fake_asyncio = _PoolAsyncio(clock)
     monkeypatch.setattr(workers_module, "asyncio", fake_asyncio)
     monkeypatch.setattr(workers_module, "time", SimpleNamespace(monotonic=clock))
     monkeypatch.setattr(workers_module, "Channel", _FakeChannel)
     calls: Any = SimpleNamespace(handlers={}, api_key_rows=lambda: [], active_epoch_keys=lambda: [])
-    workers = WorkerPool(Path("node.toml"), 1, calls, max_body_bytes=1024, host="127.0.0.1", port=0)
+    return WorkerPool(Path("node.toml"), count, calls, max_body_bytes=1024, host="127.0.0.1", port=0), fake_asyncio
+
+
+async def test_a_dead_worker_is_started_again_after_0_1_0_5_1_2_then_5_s_and_afresh_once_one_ran_10_s(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/architecture.md, "Failure": the back-off before a dead worker's successor starts is 0.1, 0.5,
+    1, 2, then 5 s for each death in a row, and starts afresh once a worker has run 10 s. The pool's own
+    _spawn and _supervise run; only the process, its channel, the clock and the sleeps are fakes."""
+    workers, fake_asyncio = faked_pool(monkeypatch, 1)
+    clock = fake_asyncio.clock
     monkeypatch.setattr(workers, "_listen", socket.socket)  # an unbound socket: nothing listens
     slot = workers._slots[0]
     await workers._spawn(slot)
@@ -205,3 +211,49 @@ async def test_a_dead_worker_is_started_again_after_0_1_0_5_1_2_then_5_s_and_afr
     finally:
         await workers.close(grace_seconds=1.0)
         await asyncio.gather(supervisor, return_exceptions=True)  # cancelled by close()
+
+
+async def test_a_worker_killed_during_the_start_whose_successor_cannot_listen_fails_the_start_saying_so(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker killed by a signal while the node starts is started again within the start's deadline
+    (docs/architecture.md, "Failure"); when its successor cannot listen (the port taken meanwhile), the
+    start fails with that reason, not with the earlier death, and leaves no worker or socket behind."""
+    workers, fake_asyncio = faked_pool(monkeypatch, 2)
+    listens: list[socket.socket] = []
+
+    def listen() -> socket.socket:
+        if len(listens) == 2:  # both first sockets made: every later one finds the port taken
+            raise WorkerStartError("cannot listen on 127.0.0.1:1: Address already in use")
+        listens.append(socket.socket())  # unbound: nothing listens
+        return listens[-1]
+
+    monkeypatch.setattr(workers, "_listen", listen)
+    start = asyncio.get_running_loop().create_task(workers.start(30.0))
+    await wait_until(lambda: len(fake_asyncio.processes) == 2, 5.0, "both workers to be spawned")
+    fake_asyncio.processes[0].kill()  # before it said it serves
+    with pytest.raises(WorkerStartError, match="cannot listen on 127.0.0.1:1"):
+        await start
+    assert len(fake_asyncio.processes) == 2  # no successor ran
+    assert fake_asyncio.sleeps == [0.1]  # it waited the first back-off step, then tried once
+    assert all(process.returncode is not None for process in fake_asyncio.processes)
+    assert all(slot.listener is None for slot in workers._slots) and all(sock.fileno() == -1 for sock in listens)
+
+
+async def test_a_worker_killed_during_the_start_is_started_again_and_the_start_completes(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same death with the port free: its successor is spawned after the first back-off step and the
+    start completes once both workers serve."""
+    workers, fake_asyncio = faked_pool(monkeypatch, 2)
+    monkeypatch.setattr(workers, "_listen", socket.socket)
+    start = asyncio.get_running_loop().create_task(workers.start(30.0))
+    await wait_until(lambda: len(fake_asyncio.processes) == 2, 5.0, "both workers to be spawned")
+    fake_asyncio.processes[0].kill()
+    await wait_until(lambda: len(fake_asyncio.processes) == 3, 5.0, "the killed worker's successor")
+    assert workers._slots[0].process is fake_asyncio.processes[2] and fake_asyncio.sleeps == [0.1]
+    for slot in workers._slots:
+        slot.ready.set()  # each says it serves
+    try:
+        await asyncio.wait_for(start, 5.0)
+        assert workers.pids() == [fake_asyncio.processes[2].pid, fake_asyncio.processes[1].pid]
+    finally:
+        await workers.close(grace_seconds=1.0)

@@ -20,6 +20,7 @@ from test_channel import pair
 from tokenvault.api.core_calls import CoreCalls
 from tokenvault.api.remote import CATCH_UP_TOPIC, EPOCH_TOPIC, PROBE_AFTER_MISSES, PROBE_EVERY, RemoteService
 from tokenvault.core import commands
+from tokenvault.core.backup import BackupBusy
 from tokenvault.core.store_files import STORE_DIRECTORY
 from tokenvault.core.store_reader import StoreReader
 from tokenvault.crypto import formats
@@ -429,3 +430,19 @@ async def test_a_destroyed_epoch_leaves_the_workers_key_rings(single: RunningNod
     assert set(worker.service._readable) == {2}
     worker.reader.catch_up()
     assert await worker.service.detokenize(tokens) == [None]
+
+
+async def test_a_second_backup_through_another_worker_is_backup_busy_with_retry_after_5(worker: Worker) -> None:
+    """docs/api.md, GET /v1/admin/backup: one backup stream per node at a time; another is 503
+    backup-busy with Retry-After 5. The node-wide bound is the core's (each worker allows one), so a
+    second backup arriving through another worker is refused there, and comes back as the same error."""
+    first = await worker.service.open_backup()
+    try:
+        with pytest.raises(BackupBusy) as busy:
+            await worker.service.open_backup()
+        assert busy.value.status == 503 and busy.value.problem == "backup-busy"
+        assert busy.value.headers["Retry-After"] == "5"
+    finally:
+        await first.close()
+    again = await worker.service.open_backup()  # the slot is free once the first is closed
+    await again.close()

@@ -26,7 +26,7 @@ from tokenvault.api.service import (NodeService, _actor, _optional_idempotency_k
 from tokenvault.api.validation import (SEALED_TOKENIZE_MEMBERS, require_item_list, validate_epoch,
                                        validate_lookup_epoch, validate_lookup_tokens,
                                        validate_sealed_tokenize, validate_tokens, validate_values)
-from tokenvault.core.backup import BackupStream
+from tokenvault.core.backup import BackupBusy, BackupStream
 from tokenvault.core.commands import AUDIT_HASH_BYTES, Actor, CommandError
 from tokenvault.core.store_layout import MAX_TOKEN_PAGE
 from tokenvault.errors import InvalidRequest, NotFound, Overloaded, ServiceError
@@ -282,7 +282,7 @@ class CoreCalls:
     async def _backup_open(self, arguments: dict[str, Any]) -> Any:
         _members(arguments, ())
         if len(self._backups) >= self._max_backup_streams:
-            raise Overloaded(f"this node already streams {self._max_backup_streams} backups; retry when one is done")
+            raise BackupBusy(self._max_backup_streams)  # 503 backup-busy, Retry-After 5, as on a one-process node
         stream = await self._service.open_backup()
         stream_id = next(self._backup_ids)
         self._backups[stream_id] = stream

@@ -302,7 +302,8 @@ async def test_in_flight_repeat_is_409(client: TestClient, key_ring: KeyRing, se
     while not service.in_flight:
         assert asyncio.get_running_loop().time() < deadline
         await asyncio.sleep(0.001)
-    await expect_problem(await post(client, "/v1/tokenize", body, headers), 409, (MARKER,))
+    conflict = await expect_problem(await post(client, "/v1/tokenize", body, headers), 409, (MARKER,))
+    assert conflict["type"] == "urn:tokenvault:problem:idempotency-in-flight"
     service.tokenize_gate.set()
     assert (await first).status == 200
 
@@ -311,7 +312,8 @@ async def test_same_key_different_body_is_422(client: TestClient, key_ring: KeyR
     headers = {**JSON, **key_ring.bearer("tokenizer"), "Idempotency-Key": "k-422"}
     assert (await post(client, "/v1/tokenize", json.dumps({"values": ["first"]}), headers)).status == 200
     response = await post(client, "/v1/tokenize", json.dumps({"values": [MARKER]}), headers)
-    await expect_problem(response, 422, (MARKER,))
+    mismatch = await expect_problem(response, 422, (MARKER,))
+    assert mismatch["type"] == "urn:tokenvault:problem:idempotency-mismatch"
 
 
 # ---------------------------------------------------------------- 413
@@ -434,6 +436,12 @@ def test_the_in_flight_bound_defaults_to_256_requests_per_node() -> None:
     assert HttpLimits().max_inflight_requests == 256
 
 
+# Every route with a body but tokenize and detokenize (above), each of which takes an in-flight slot.
+BOUNDED_PATHS = ("/v1/admin/epochs", "/v1/admin/keys", "/v1/admin/keys/0123456789abcdef/revoke",
+                 "/v1/admin/members", "/v1/admin/members/n2/promote", "/v1/admin/members/n2/remove",
+                 "/v1/tokens/delete", "/v1/retokenize", "/v1/admin/epochs/1/destroy", "/v1/admin/audit/trim")
+
+
 async def test_in_flight_bound_is_503(make_client: ClientFactory, key_ring: KeyRing, service: FakeService) -> None:
     bounded = await make_client(HttpLimits(max_inflight_requests=1))
     service.tokenize_gate = asyncio.Event()
@@ -446,6 +454,11 @@ async def test_in_flight_bound_is_503(make_client: ClientFactory, key_ring: KeyR
     second = await bounded.post("/v1/detokenize", data=json.dumps({"tokens": [MARKER_TOKEN]}), headers=headers)
     await expect_problem(second, 503, (MARKER_TOKEN,))
     assert second.headers["Retry-After"] == "1"
+    # docs/api.md, "Limits": every request with a body takes a slot, the admin and lifecycle ones too.
+    for path in BOUNDED_PATHS:
+        refused = await bounded.post(path, data="{}", headers=headers)
+        body = await expect_problem(refused, 503, ())
+        assert body["type"].endswith(":overloaded") and refused.headers["Retry-After"] == "1", path
     # Health and metrics are never refused by the bound.
     assert (await bounded.get("/health")).status == 200
     assert (await bounded.get("/metrics")).status == 200
@@ -464,7 +477,7 @@ async def test_a_damaged_store_met_by_a_request_is_503_naming_nothing_of_it(
     response = await post(client, "/v1/tokenize", json.dumps({"values": [MARKER]}),
                           {**JSON, **key_ring.bearer("tokenizer")})
     body = await expect_problem(response, 503, ("000017.sst", "Corruption", MARKER))
-    assert body["type"].endswith(":unavailable")
+    assert body["type"].endswith(":unavailable") and response.headers["Retry-After"] == "1"
 
 
 async def test_unexpected_exception_is_500_without_its_message(

@@ -19,6 +19,7 @@ from tokenvault.config import AuditConfig
 from tokenvault.core import commands
 from test_ff1 import luhn_complete
 from tokenvault.api import lifecycle as lifecycle_module
+from tokenvault.api.service import NodeService
 from tokenvault.futures import SLICE_ITEMS
 from tokenvault.core import shred as shred_module
 from tokenvault.crypto.formats import FormatKeys
@@ -167,19 +168,27 @@ async def test_retokenize_reissues_in_the_active_epoch_without_the_value_leaving
     assert "token.retokenize" in [record["action"] for record in primary.node.store.audit_page(0, 100)]
 
 
+async def epoch_pages(service: NodeService, epoch: int, limit: int) -> list[list[str]]:
+    """The pages of ``epoch``'s tokens, walked by next_after until it is null."""
+    pages, after = [], None
+    while True:
+        page = await service.epoch_tokens(epoch, after, limit)
+        pages.append(page["tokens"])
+        if page["next_after"] is None:
+            return pages
+        after = page["next_after"]
+
+
 async def test_epoch_pages_list_every_token_of_the_epoch_once(single: RunningNode) -> None:
     service = single.service
     tokens = body(await service.tokenize("p", [f"v{n}" for n in range(23)], None))["tokens"]
     await service.rotate_epoch("admin", None)
     body(await service.tokenize("p", ["in-epoch-2"], None))
-    seen, after = [], None
-    while True:
-        page = await service.epoch_tokens(1, after, 10)
-        seen += page["tokens"]
-        if page["next_after"] is None:
-            break
-        after = page["next_after"]
-    assert sorted(seen) == sorted(tokens) and len(seen) == 23
+    pages = await epoch_pages(service, 1, 10)
+    assert [len(page) for page in pages] == [10, 10, 3]
+    assert sorted(sum(pages, [])) == sorted(tokens)
+    # docs/api.md: next_after is null on the last page, a full one too (no empty page after it).
+    assert [len(page) for page in await epoch_pages(service, 1, 23)] == [23]
     with pytest.raises(NotFound):
         await service.epoch_tokens(9, None, 10)
 
@@ -201,13 +210,9 @@ async def test_card_and_digits_tokens_are_paged_and_retokenized_in_their_format_
     issued = {token: primary.node.store.life(token, None if token.startswith("tv") else 1)[0]
               for token in opaque + card + digits}
     assert body(await service.rotate_epoch("admin", None)) == {"epoch": 2}
-    seen, after = [], None
-    while True:  # pages of two: the cursor crosses from opaque to format tokens
-        page = await service.epoch_tokens(1, after, 2)
-        seen += page["tokens"]
-        if page["next_after"] is None:
-            break
-        after = page["next_after"]
+    pages = await epoch_pages(service, 1, 2)  # pages of two: the cursor crosses from opaque to format tokens
+    assert [len(page) for page in pages] == [2, 2, 1]
+    seen = sum(pages, [])
     assert seen[:2] == sorted(opaque) and sorted(seen[2:]) == sorted(card + digits) and len(seen) == 5
 
     backup = trio.backups()[0]

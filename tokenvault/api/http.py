@@ -27,7 +27,9 @@ then holds ``inflight_slot`` around the rest):
    content type (415), the declared Content-Length (413), then the body itself
    under two bounds on bodies being received at once, ``max_body_reads_per_key``
    for the key (429 with ``Retry-After``) and ``max_body_reads`` for the node
-   (503 with ``Retry-After``). Each piece of the body must arrive within
+   (503 with ``Retry-After``); then the ``Expect`` header, only now that the
+   body will be read (417 for anything but ``100-continue``, which is answered
+   ``100 Continue``). Each piece of the body must arrive within
    ``body_timeout_seconds`` of the previous one (else 408 and the connection is
    closed), and the bytes received count against ``max_body_bytes`` as they
    arrive (413, also for chunked and compressed bodies);
@@ -91,6 +93,7 @@ from tokenvault.errors import (
     RequestTimeout,
     ServiceError,
     Unauthenticated,
+    Unavailable,
     UnsupportedMediaType,
     default_title,
     problem_body,
@@ -829,8 +832,9 @@ class HttpApp:
         except StoreDamaged:
             # A damaged store file: the node stops (docs/failure-modes.md), the other nodes serve. As the
             # workers answer it: 503.
-            response = problem_response(503, "unavailable", "Service unavailable",
-                                        "this node is stopping: its store is damaged; retry on another node")
+            stopping = Unavailable("this node is stopping: its store is damaged; retry on another node")
+            response = problem_response(stopping.status, stopping.problem, stopping.title, stopping.detail,
+                                        stopping.headers)
         except Exception:
             _log.exception("http.unexpected_error", route=route, method=request.method)
             response = problem_response(500, "internal", "Internal error",

@@ -288,8 +288,11 @@ class LifecycleOperations:
         if epoch not in records:
             raise NotFound("no epoch has this number")
         tokens = self.node.store.epoch_tokens(epoch, after, limit)
+        # A full page is the last one when nothing follows it: one more seek says so, so that a walk
+        # never ends on an empty page (docs/api.md: next_after is null on the last page).
+        more = len(tokens) == limit and bool(self.node.store.epoch_tokens(epoch, tokens[-1], 1))
         return {"epoch": epoch, "state": records[epoch].state, "tokens": tokens,
-                "next_after": tokens[-1] if len(tokens) == limit else None}
+                "next_after": tokens[-1] if more else None}
 
     # ------------------------------------------------------------------ destroy
     async def destroy_epoch(self, epoch: int, actor: commands.Actor | None = None) -> Outcome:

@@ -70,7 +70,13 @@ class ChainVerifier:
             raise ChainBreak(seq, "lacks a field or has a malformed hash") from None
         if previous != self.previous_hash:
             raise ChainBreak(seq, "does not link to the previous record's hash")
-        if chain_hash(previous, seq, fields) != stored:
+        try:
+            digest = chain_hash(previous, seq, fields)
+        except (OverflowError, ValueError, TypeError, RecursionError):
+            # What no applied record holds: an integer past 64 bits, nesting deeper than msgpack packs, a
+            # lone surrogate in a string. The record cannot be hashed, so it cannot be the stored one.
+            raise ChainBreak(seq, "holds a value out of range") from None
+        if digest != stored:
             raise ChainBreak(seq, "its content does not match its hash")
         self.previous_hash, self.last_seq = stored, seq
         self.count += 1

@@ -99,6 +99,11 @@ async def run_node(config: NodeConfig, config_path: Path | None = None) -> int:
     except (WalCorruption, StoreError, TlsError, IncarnationError) as error:
         log.critical("node.refused_to_start", reason=str(error)[:500])
         return 3
+    except OSError as error:  # a data directory the node cannot make, read or write: said in one line
+        where = f" ({error.filename})" if error.filename else ""
+        log.critical("node.refused_to_start",
+                     reason=f"{type(error).__name__}: {error.strerror or 'I/O error'}{where}"[:500])
+        return 3
     except ConfigError as error:  # the master key's source (config.load_master_key): the caller prints it too
         log.critical("node.refused_to_start", reason=str(error)[:500])
         raise

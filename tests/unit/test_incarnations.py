@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -56,3 +57,38 @@ def test_the_record_is_bounded(tmp_path: Path) -> None:
     seen = PeerIncarnations(tmp_path)
     seen._known = {f"m{number}": b"\x01" * INCARNATION_BYTES for number in range(MAX_REMEMBERED_MEMBERS)}
     assert not seen.admit("one-more", b"\x01" * INCARNATION_BYTES)
+
+
+# Deeper than json's parser goes (it raises RecursionError, which is not a ValueError), within the file's bound.
+DEEPLY_NESTED = b"[" * 100_000
+
+
+def test_a_record_file_nested_past_the_parser_s_depth_is_refused_clearly(tmp_path: Path) -> None:
+    (tmp_path / PEER_INCARNATIONS_FILE).write_bytes(DEEPLY_NESTED)
+    with pytest.raises(IncarnationError, match="is not a record this node wrote"):
+        PeerIncarnations(tmp_path)
+
+
+@pytest.mark.parametrize("name", [INCARNATION_FILE, PEER_INCARNATIONS_FILE])
+def test_a_file_that_is_a_directory_is_refused_naming_it_and_the_os_reason(tmp_path: Path, name: str) -> None:
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "inside").write_text("ab" * INCARNATION_BYTES)
+    with pytest.raises(IncarnationError) as raised:
+        load_or_create_incarnation(tmp_path) if name == INCARNATION_FILE else PeerIncarnations(tmp_path)
+    assert str(raised.value).startswith(f"{tmp_path / name} cannot be read (Is a directory)")
+    assert (tmp_path / name / "inside").read_text() == "ab" * INCARNATION_BYTES  # nothing replaced or removed
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads a file whatever its mode")
+@pytest.mark.parametrize("name", [INCARNATION_FILE, PEER_INCARNATIONS_FILE])
+def test_a_file_the_node_may_not_read_is_refused_naming_it_and_the_os_reason(tmp_path: Path, name: str) -> None:
+    path = tmp_path / name
+    path.write_text("ab" * INCARNATION_BYTES if name == INCARNATION_FILE else "{}")
+    path.chmod(0)
+    try:
+        with pytest.raises(IncarnationError) as raised:
+            load_or_create_incarnation(tmp_path) if name == INCARNATION_FILE else PeerIncarnations(tmp_path)
+    finally:
+        path.chmod(0o600)
+    assert str(raised.value).startswith(f"{path} cannot be read (Permission denied)")
+    assert path.read_text() == ("ab" * INCARNATION_BYTES if name == INCARNATION_FILE else "{}")  # not replaced

@@ -149,3 +149,55 @@ def test_a_node_whose_hard_limit_is_too_low_says_so_and_serves(tmp_path: Path) -
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(10)
+
+
+def _nested_peer_record(data_dir: Path) -> str:
+    data_dir.mkdir(parents=True)
+    (data_dir / "peer-incarnations.json").write_bytes(b"[" * 100_000)  # deeper than json's parser goes
+    return f"{data_dir / 'peer-incarnations.json'} is not a record this node wrote"
+
+
+def _incarnation_directory(data_dir: Path) -> str:
+    (data_dir / "incarnation").mkdir(parents=True)
+    return f"{data_dir / 'incarnation'} cannot be read (Is a directory)"
+
+
+def _nested_rocksdict_config(data_dir: Path) -> str:
+    from tokenvault.core.store import VaultStore
+
+    data_dir.mkdir(parents=True)
+    VaultStore.open(data_dir / "store").close()
+    config = data_dir / "store" / "gen-000001" / "rocksdict-config.json"
+    config.write_bytes(b"[" * 4000)
+    return f"{config} is not JSON"
+
+
+def _data_directory_a_file(data_dir: Path) -> str:
+    data_dir.parent.mkdir(parents=True)
+    data_dir.write_bytes(b"not a directory")
+    return f"FileExistsError: File exists ({data_dir})"
+
+
+UNREADABLE_DATA = {"peer record nested": _nested_peer_record, "incarnation a directory": _incarnation_directory,
+                   "rocksdict config nested": _nested_rocksdict_config, "data directory a file": _data_directory_a_file}
+
+
+@pytest.mark.parametrize("case", sorted(UNREADABLE_DATA))
+def test_a_node_whose_data_directory_cannot_be_read_refuses_to_start_saying_why(tmp_path: Path, case: str) -> None:
+    """A file of the data directory nested deeper than json's parser goes (RecursionError), a directory in a
+    file's place, a data directory that is a file: `tokenvault serve` logs node.refused_to_start naming the
+    file and exits 3, never a traceback (docs/logs.md)."""
+    log_file = tmp_path / "node.log"
+    (config,) = make_configs(tmp_path, 1, log_file=log_file)
+    config = dataclasses.replace(config, http=dataclasses.replace(config.http, workers=0))
+    expected = UNREADABLE_DATA[case](Path(config.data_dir))
+    path = tmp_path / "node.toml"
+    write_node_config(path, config)
+    environment = {name: value for name, value in os.environ.items() if not name.startswith("TOKENVAULT_")}
+    result = subprocess.run([TOKENVAULT, "serve", "--config", str(path)], cwd=REPOSITORY, env=environment,
+                            capture_output=True, text=True, timeout=60)
+    refused = [event for event in _events(log_file) if event.get("event") == "node.refused_to_start"]
+    assert result.returncode == 3, result.stderr[-2000:]
+    assert len(refused) == 1 and str(refused[0]["reason"]).startswith(expected), refused
+    assert "Traceback" not in result.stdout + result.stderr
+    assert not any(event.get("event") == "node.started" for event in _events(log_file))

@@ -166,6 +166,27 @@ def test_a_file_in_place_of_the_store_directory_is_refused(tmp_path):
     assert path.read_bytes().startswith(b"SQLite format 3")
 
 
+@pytest.mark.parametrize("damage", ["nested", "directory"])
+def test_a_rocksdict_config_file_that_cannot_be_read_is_refused_at_open_naming_it(tmp_path, damage):
+    """rocksdict-config.json is read by every open: a JSON document nested deeper than the parser goes
+    (RecursionError, not a ValueError) or a directory in its place is a StoreCorruption naming the file
+    (node.refused_to_start), never an exception that escapes the start."""
+    path = tmp_path / "store"
+    VaultStore.open(path).close()
+    config = path / "gen-000001" / "rocksdict-config.json"
+    config.unlink()
+    if damage == "nested":
+        config.write_bytes(b"[" * 4000)  # within the file's 4 KiB bound
+        expected = f"{config} is not JSON, or too large to be the one the store wrote"
+    else:
+        config.mkdir()
+        expected = f"{config} cannot be read (Is a directory)"
+    with pytest.raises(StoreCorruption) as raised:
+        VaultStore.open(path)
+    assert str(raised.value) == expected
+    assert listing(path) == ["CURRENT", "gen-000001"]  # nothing was deleted
+
+
 def _replace_generation_with(path: Path, build) -> None:
     VaultStore.open(path).close()
     generation = path / "gen-000001"
@@ -842,6 +863,13 @@ def _truncate_table_files(directory: Path) -> None:
         table.write_bytes(data[: len(data) // 2])
 
 
+def _api_key_row(**fields) -> bytes:
+    """A ``k`` row as api_key_value writes it, with ``fields`` changed."""
+    row = {"name": "ops", "scopes": ["admin"], "salt": b"s" * 16, "digest": b"d" * 32, "created_at_ms": 1,
+           "created_by": "bootstrap"}
+    return msgpack.packb(list({**row, **fields}.values()), use_bin_type=True)
+
+
 def _damaged_checkpoints(tmp_path: Path):
     """(name, directory, index, view) of checkpoints that must be refused."""
 
@@ -862,6 +890,14 @@ def _damaged_checkpoints(tmp_path: Path):
     yield made("epoch-gap", lambda d: _put(d, b"e" + (7).to_bytes(8, "big"), msgpack.packb([b"w", 1, "retired"])))
     yield made("epoch-garbage", lambda d: _put(d, b"e" + (3).to_bytes(8, "big"), b"\xc1"))
     yield made("meta-garbage", lambda d: _put(d, b"m", b"\xc1\xc1"))
+    # Rows the install loads into memory (store_files.read_state): a checkpoint whose rows the store cannot
+    # load is refused here, not after the store switched to it.
+    yield made("api-key-garbage", lambda d: _put(d, b"k0123456789abcdef", b"\xc1"))
+    yield made("api-key-field-types", lambda d: _put(d, b"k0123456789abcdef", _api_key_row(salt="not bytes")))
+    yield made("api-key-id", lambda d: _put(d, b"kNOT-A-KEY-ID", _api_key_row()))
+    yield made("audit-head-garbage", lambda d: _put(d, b"h", b"\xc1"))
+    yield made("audit-anchor-short-hash", lambda d: _put(d, b"n", msgpack.packb([1, b"short"])))
+    yield made("age-key-short", lambda d: _put(d, b"a", b""))
     yield made("config", lambda d: (d / "rocksdict-config.json").write_text('{"raw_mode": false}'))
     yield made("extra-family", lambda d: raw_database(d).create_column_family("x", Options(raw_mode=True)).close())
     yield made("damaged-tables", _damage_table_files)
@@ -902,13 +938,49 @@ def test_verify_and_prepare_install_reject_damaged_and_foreign_checkpoints_and_c
         assert dump(vault) == before, name
         assert listing(store_path) == ["CURRENT", "gen-000001"], name
         rejected.append(name)
-    assert len(rejected) == 21
+    assert len(rejected) == 27
     assert vault.lookup([token(1, 1)]) == {token(1, 1): b"ct-1"}
     # The store still installs a good checkpoint afterwards.
     directory, index, view = _checkpoint_of(tmp_path, "good")
     vault.commit_install(vault.prepare_install(directory, index, view)).close()
     assert vault.applied_index == index
     vault.close()
+
+
+# Rows verify_checkpoint refuses (above) that the install reads into memory; each is put into a checkpoint that
+# escaped verification, as one verification missed would.
+_MALFORMED_STATE_ROWS = {"api-key": (b"k0123456789abcdef", b"\xc1"), "audit-head": (b"h", b"\xc1")}
+
+
+@pytest.mark.parametrize("row", sorted(_MALFORMED_STATE_ROWS))
+def test_commit_install_reads_the_new_state_before_current_moves_and_a_failure_keeps_the_old_one(
+        tmp_path, monkeypatch, row):
+    """A generation the store cannot load is never made current: CURRENT would name it on every restart after,
+    and the node could never start again."""
+    directory, index, view = _checkpoint_of(tmp_path, row)
+    _put(directory, *_MALFORMED_STATE_ROWS[row])
+    with pytest.raises(SnapshotRejected, match="malformed"):
+        VaultStore.verify_checkpoint(directory, index, view)
+    target = VaultStore.open(tmp_path / "target")
+    log = Log()
+    started(target, log)
+    target.apply_batch([log.command(tokenize(1, [7]))])
+    before = dump(target)
+    monkeypatch.setattr(VaultStore, "verify_checkpoint", staticmethod(lambda directory, index, view: None))
+    prepared = target.prepare_install(directory, index, view)
+    with pytest.raises(SnapshotRejected, match="malformed"):
+        target.commit_install(prepared)
+    assert (tmp_path / "target" / "CURRENT").read_text() == "gen-000001\n"
+    assert dump(target) == before and (target.applied_index, target.active_epoch()) == (3, 1)
+    assert target.lookup([token(1, 7)]) == {token(1, 7): b"ct-7"}
+    (result,) = target.apply_batch([log.command(tokenize(1, [8]))])  # the store goes on with its old generation
+    assert result.outcome == Outcome.OK
+    target.abort_install(prepared)  # the install stayed prepared: the caller drops it
+    assert listing(tmp_path / "target") == ["CURRENT", "gen-000001"]
+    target.close()
+    reopened = VaultStore.open(tmp_path / "target")  # and a restart opens the old generation
+    assert reopened.applied_index == 4 and reopened.lookup([token(1, 8)]) == {token(1, 8): b"ct-8"}
+    reopened.close()
 
 
 def test_verify_rejects_index_and_view_that_are_not_integers(tmp_path):

@@ -70,10 +70,13 @@ def _load_cluster_json(path: str) -> dict[str, Any]:
         raise click.UsageError(f"cannot read cluster file {path!r}: {error.strerror}") from None
     except FileTooLarge:
         raise click.UsageError(f"cluster file {path!r} is larger than {MAX_CLUSTER_FILE_BYTES} bytes") from None
-    except ValueError:
+    except (ValueError, RecursionError):
+        # RecursionError: nesting deeper than the parser's stack, which 1 MiB of '[' is.
         raise click.UsageError(f"cluster file {path!r} is not valid JSON") from None
     if not isinstance(document, dict) or not isinstance(document.get("nodes"), list):
         raise click.UsageError(f"cluster file {path!r} has no 'nodes' list")
+    if not isinstance(document.get("api_keys", {}), dict):
+        raise click.UsageError(f"cluster file {path!r} has an 'api_keys' that is not an object")
     return document
 
 
@@ -91,7 +94,8 @@ def _resolve_connection(urls: tuple[str, ...], api_key: str | None, cluster_json
     if not candidates:
         raise click.UsageError("no node URL: pass --url, set TOKENVAULT_URL, or pass --cluster-json")
     if not api_key and document is not None:
-        entry = document.get("api_keys", {}).get(key_name) or document.get("api_keys", {}).get("full")
+        keys = document.get("api_keys", {})  # a dict: _load_cluster_json checked it
+        entry = keys.get(key_name) or keys.get("full")
         if isinstance(entry, dict) and isinstance(entry.get("key"), str):
             api_key = entry["key"]
     if not ca_file and document is not None and isinstance(document.get("ca_file"), str):

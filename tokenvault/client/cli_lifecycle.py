@@ -68,7 +68,7 @@ def _read_state(path: Path, epoch_number: int) -> tuple[str | None, int]:
         return None, 0
     except OSError as error:
         raise click.UsageError(f"cannot read state file {str(path)!r}: {error.strerror}") from None
-    except (FileTooLarge, ValueError):
+    except (FileTooLarge, ValueError, RecursionError):  # RecursionError: nesting deeper than the parser's stack
         document = None
     if (not isinstance(document, dict) or document.get("epoch") != epoch_number
             or not (document.get("after") is None or isinstance(document.get("after"), str))

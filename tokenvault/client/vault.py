@@ -257,10 +257,14 @@ def _validate_api_key(api_key: str | None) -> str | None:
 
 
 def _parse_retry_after(value: str | None, cap_seconds: float) -> float | None:
+    """Whole seconds from a Retry-After header, capped; None when it is absent or not a short ASCII number.
+
+    Why ASCII: str.isdigit() also accepts digits such as '²', which float() refuses (a ValueError that
+    would escape the failover loop)."""
     if value is None:
         return None
     value = value.strip()
-    if not value.isdigit() or len(value) > 6:
+    if not (value.isascii() and value.isdigit()) or len(value) > 6:
         return None
     return min(float(value), cap_seconds)
 
@@ -679,7 +683,8 @@ def _decode_json(raw: bytes) -> Any:
         return None
     try:
         return json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        # RecursionError: nesting deeper than the parser's stack (e.g. 5000 '['), as bounded bytes allow.
         return None
 
 

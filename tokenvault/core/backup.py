@@ -17,9 +17,10 @@ Three parts:
   node, further requests get 503 with ``Retry-After``. The checkpoint is
   deleted when the response ends, fails, or the client goes away.
 - **Downloading** (``download_backup``, used by ``tokenvault admin backup``):
-  prefers the primary (from ``/health``), writes ``FILE.partial``, fsyncs it,
-  stages the whole stream once more to verify it, and only then renames it to
-  ``FILE``.
+  prefers the primary (from ``/health``), writes ``FILE.partial`` (never a
+  byte past the count the node announced in ``X-TokenVault-Backup-Bytes``, and
+  exactly that many), fsyncs it, stages the whole stream once more to verify
+  it, and only then renames it to ``FILE``.
 - **Restoring** (``restore_data_dir``, used by ``tokenvault admin restore`` and
   ``./run_cluster.sh restore``): refuses a data directory that is not empty,
   stages and verifies the backup, checks that the master key opens every epoch
@@ -51,7 +52,7 @@ from typing import Any
 import aiohttp
 
 from protocol import HardState
-from tokenvault.client.vault import AsyncClient, NoNodeAvailable, ProblemError, ResponseError, client_ssl_context
+from tokenvault.client.vault import AsyncClient, NoNodeAvailable, ProblemError, client_ssl_context
 from tokenvault.crypto.keys import CryptoError, KeyRing
 from tokenvault.errors import Unavailable
 from tokenvault.logs import get_logger
@@ -79,6 +80,8 @@ HEADER_BYTES = "X-TokenVault-Backup-Bytes"
 HEADER_NODE = "X-TokenVault-Backup-Node"
 HEADER_ROLE = "X-TokenVault-Backup-Role"
 ROUTE_BACKUP = "/v1/admin/backup"
+# The longest index, view or byte count header the download accepts: 2**64 - 1 has 20 digits.
+MAX_HEADER_DIGITS = 20
 
 Report = Callable[[str], None]
 
@@ -357,9 +360,11 @@ def _install_store(store_dir: Path, staged: StagedSnapshot, config: Any, master_
     try:
         try:
             prepared = store.prepare_install(checkpoint, staged.index, staged.view)
+            # commit_install loads the new generation's state (API keys, audit head and anchor, ...): a row it
+            # cannot read raises the store's own error, a refusal like any other damage, not a traceback.
+            store.commit_install(prepared).close()
         except StoreError as error:
             raise BackupRefused(f"the backup's checkpoint is refused: {error}") from None
-        store.commit_install(prepared).close()
         store.forget_membership()  # the new cluster starts with its own members, not the old cluster's
         if (store.applied_index, store.applied_view) != (staged.index, staged.view):
             raise BackupError(f"the installed store is at index {store.applied_index}, view "
@@ -502,6 +507,7 @@ async def _download_from(session: Any, url: str, headers: dict[str, str], partia
             raise ProblemError(response.status, title, str(problem.get("detail") or "")[:1000],
                                str(problem.get("type") or "about:blank"), url)
         index, view = _header_int(response, HEADER_INDEX), _header_int(response, HEADER_VIEW)
+        announced_bytes = _header_int(response, HEADER_BYTES)
         node_id, role = response.headers.get(HEADER_NODE), response.headers.get(HEADER_ROLE)
         report(f"streaming the backup of {node_id or url} ({role or 'unknown role'}) at index {index}, "
                f"view {view}")
@@ -511,12 +517,20 @@ async def _download_from(session: Any, url: str, headers: dict[str, str], partia
             with os.fdopen(descriptor, "wb") as handle:
                 try:
                     async for chunk in response.content.iter_chunked(BACKUP_CHUNK_BYTES):
+                        # The node announced the stream's size: a byte past it is never written.
+                        if size_bytes + len(chunk) > announced_bytes:
+                            raise BackupError(f"the backup stream from {url} goes on past the {announced_bytes} "
+                                              f"bytes its {HEADER_BYTES} header announced; nothing was kept")
                         handle.write(chunk)
                         size_bytes += len(chunk)
                 except (aiohttp.ClientError, asyncio.TimeoutError) as error:
                     raise BackupError(f"the backup stream from {url} broke off after {size_bytes} bytes "
                                       f"({type(error).__name__}); nothing was kept, run the command again") \
                         from None
+                if size_bytes != announced_bytes:
+                    raise BackupError(f"the backup stream from {url} ended after {size_bytes} of the "
+                                      f"{announced_bytes} bytes its {HEADER_BYTES} header announced; nothing "
+                                      f"was kept, run the command again")
                 handle.flush()
                 os.fsync(handle.fileno())
         except BaseException as error:
@@ -548,18 +562,26 @@ async def _finish_download(received: _Received, partial: Path, destination: Path
 async def _problem_document(response: Any) -> dict[str, Any]:
     try:
         document = json.loads(await response.content.read(65536))
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        # RecursionError: nesting deeper than the parser's stack (e.g. 5000 '[') fits in 64 KiB.
         return {}
     return document if isinstance(document, dict) else {}
 
 
+def _is_ascii_number(text: str, max_digits: int) -> bool:
+    # Why ASCII: str.isdigit() also accepts digits such as '²', which int() and float() refuse.
+    return text.isascii() and text.isdigit() and len(text) <= max_digits
+
+
 def _retry_after(value: str | None) -> float:
     text = (value or "").strip()
-    return min(float(text), 2.0) if text.isdigit() and len(text) <= 6 else 1.0
+    return min(float(text), 2.0) if _is_ascii_number(text, 6) else 1.0
 
 
 def _header_int(response: Any, name: str) -> int:
-    text = response.headers.get(name, "")
-    if not text.isdigit():
-        raise ResponseError(f"the backup response lacks a valid {name} header")
+    """A non-negative integer header of the backup response (at most 20 digits: a 64-bit count)."""
+    text = response.headers.get(name, "").strip()
+    if not _is_ascii_number(text, MAX_HEADER_DIGITS):
+        raise BackupError(f"the backup response lacks a valid {name} header (a decimal number of at most "
+                          f"{MAX_HEADER_DIGITS} digits); nothing was kept")
     return int(text)

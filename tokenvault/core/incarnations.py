@@ -46,6 +46,13 @@ def _write_durably(path: Path, text: str) -> None:
     fsync_directory(path.parent)
 
 
+def _unreadable(path: Path, error: OSError) -> IncarnationError:
+    """The refusal of a file that exists but cannot be read; the OS's reason, never the file's bytes."""
+    return IncarnationError(f"{path} cannot be read ({error.strerror or type(error).__name__}); give the node back "
+                            "read access to it, or replace the node if its data directory is damaged "
+                            "(docs/failure-modes.md)")
+
+
 def load_or_create_incarnation(data_dir: Path) -> bytes:
     """This data directory's incarnation: read, or made (and made durable) when the directory has none."""
     path = data_dir / INCARNATION_FILE
@@ -57,6 +64,8 @@ def load_or_create_incarnation(data_dir: Path) -> bytes:
         return incarnation
     except FileTooLarge:
         text = ""  # not the file this node wrote: refused below
+    except OSError as error:  # a directory, a file the node may not read: EISDIR, EACCES
+        raise _unreadable(path, error) from None
     try:
         incarnation = bytes.fromhex(text)
     except ValueError:
@@ -84,7 +93,9 @@ class PeerIncarnations:
             document = json.loads(read_small_file(self._path, MAX_RECORD_FILE_BYTES))
         except FileNotFoundError:
             return {}
-        except (FileTooLarge, ValueError):
+        except OSError as error:  # a directory, a file the node may not read: EISDIR, EACCES
+            raise _unreadable(self._path, error) from None
+        except (FileTooLarge, ValueError, RecursionError):  # RecursionError: JSON nested past the parser's depth
             raise IncarnationError(problem) from None
         if not isinstance(document, dict) or len(document) > MAX_REMEMBERED_MEMBERS:
             raise IncarnationError(problem)

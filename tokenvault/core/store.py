@@ -64,21 +64,20 @@ from tokenvault.core.commands import (AuditCommand, AuditTrimCommand, Command, C
                                       DeleteTokensCommand, DestroyEpochCommand, PurgeExpiredCommand,
                                       RevokeApiKeyCommand, RotateEpochCommand, TokenizeCommand, decode_command,
                                       is_digit_string)
-from tokenvault.core.store_files import (CREATING_SUFFIX, GENERATION_PREFIX, PreparedInstall, RetiredGeneration,
-                                         create_store, fsync_tree, generation_name, install_step, read_current,
-                                         remove_leftovers, remove_tree, verify_checkpoint, wal_file_bytes,
-                                         wal_file_names, write_current)
+from tokenvault.core.store_files import (CREATING_SUFFIX, GENERATION_PREFIX, LoadedState, PreparedInstall,
+                                         RetiredGeneration, create_store, fsync_tree, generation_name, install_step,
+                                         read_current, read_state, remove_leftovers, remove_tree, verify_checkpoint,
+                                         wal_file_bytes, wal_file_names, write_current)
 from tokenvault.core.store_layout import (
     ACTIVE, AGE, AGE_END, AGE_HEADER_BYTES, API_KEY, AUDIT, AUDIT_ANCHOR_KEY, AUDIT_END, AUDIT_HEAD_KEY, AUDIT_KIND,
-    BLOCK_CACHE_BYTES, CREATE_KEY_KIND, EXPIRY, EXPIRY_END, FORMAT_TOKEN_END, IDEMPOTENCY, LIFE, LIFE_END,
+    BLOCK_CACHE_BYTES, CREATE_KEY_KIND, EXPIRY, EXPIRY_END, FORMAT_TOKEN_END, IDEMPOTENCY, LIFE,
     MAX_API_KEYS, MAX_AUDIT_PAGE, MAX_STORED_EPOCH, MAX_TOKEN_PAGE, MEMBERSHIP_KEY, META_KEY, NO_RECORDS, RETIRED,
     REVOKE_KEY_KIND, ROTATE_KIND, SHRED_POINT_RANGES, TOKEN, TOKENIZE_KIND, U64, UNKNOWN_NODE, VERIFY_CACHE_BYTES,
     ApplyResult, EpochRecord, IdempotencyRecord, Outcome, SnapshotRejected, StoreCorruption, StoreDamaged, StoreError,
-    age_created_at, age_key, api_key_value, bounded, check_epochs, damage, database_options, decode_epoch,
+    age_created_at, age_key, api_key_value, bounded, damage, database_options, decode_epoch,
     decode_life, decode_meta, encode_meta, epoch_key, first_key, format_token_key, identity_key,
     json_bytes, life_rows, lookup_format_tokens, lookup_opaque, metadata_rows, open_database, pack, range_items,
-    range_keys, read_api_keys, read_audit_anchor, read_audit_head, read_epochs, read_membership, reason, token_key,
-    unpack)
+    range_keys, read_epochs, reason, token_key, unpack)
 from tokenvault.core.store_lifecycle import (Batch, add_tokens, append_audit, apply_audit_trim, apply_delete,
                                              apply_destroy, apply_mappings, apply_purge_expired)
 from tokenvault.core.wal import fsync_directory
@@ -144,27 +143,26 @@ class VaultStore:
         self.on_api_keys_changed: Callable[[], None] | None = None
         # Called with the StoreDamaged of a damaged file met by an apply or a read (_stops_when_damaged).
         self.on_damage: Callable[[StoreDamaged], None] | None = None
-        self._load_state(meta)
+        self._set_state(read_state(database, meta, StoreCorruption))
 
-    def _load_state(self, meta: tuple[int, int, int]) -> None:
-        self._applied_index, self._applied_view, self._token_count = meta
-        self._active_epoch = check_epochs(read_epochs(self._db, StoreCorruption), StoreCorruption)
-        self._api_keys = read_api_keys(self._db, StoreCorruption)
-        self._keys_changed()
-        self._audit_seq, self._audit_head = read_audit_head(self._db, StoreCorruption)
-        self._audit_anchor = read_audit_anchor(self._db, StoreCorruption)
-        self._membership = read_membership(self._db, StoreCorruption)
-        first = first_key(self._db, AGE, AGE_END)
-        # No idempotency record is older than the floor: a purge with an earlier
-        # cut-off would delete nothing, so it is skipped (the same on every node).
-        self._idempotency_floor_ms = NO_RECORDS if first is None else age_created_at(first)
+    def _set_state(self, state: LoadedState) -> None:
+        """Take ``state`` (read_state of the live generation) as the in-memory state: assignments only, then
+        on_api_keys_changed; every read that can fail was made by read_state."""
+        self._applied_index, self._applied_view, self._token_count = state.meta
+        self._active_epoch = state.active_epoch
+        self._api_keys = state.api_keys
+        self._audit_seq, self._audit_head = state.audit_head
+        self._audit_anchor = state.audit_anchor
+        self._membership = state.membership
+        self._idempotency_floor_ms = state.idempotency_floor_ms
         # Every age key at or below this one is deleted: the purge seeks past it
         # instead of stepping over the tombstones of earlier purges. Not persisted.
         self._purge_resume_key: bytes | None = None
         # Whether any mapping may have a life row: reads skip the expiry check while none can.
-        self._has_life = first_key(self._db, LIFE, LIFE_END) is not None
+        self._has_life = state.has_life
         # The expiry index's counterpart of _purge_resume_key.
         self._expiry_resume_key: bytes | None = None
+        self._keys_changed()
 
     @classmethod
     def open(cls, path: Path, *, retention_ms: int = DEFAULT_RETENTION_MS,
@@ -722,8 +720,13 @@ class VaultStore:
     def commit_install(self, prepared: PreparedInstall) -> RetiredGeneration:
         """Make a prepared generation the live state (on the apply thread; a small, bounded amount of work).
 
-        Switches CURRENT, swaps the database handle and reloads the in-memory
-        meta. Returns the replaced generation: close it from a worker thread.
+        Reads the new generation's in-memory state (read_state), then switches
+        CURRENT, swaps the database handle and takes that state. Returns the
+        replaced generation: close it from a worker thread. A generation whose
+        state cannot be read (prepare_install verified it, so only a checkpoint
+        that escaped verification) raises SnapshotRejected before CURRENT
+        moves: the store stays on its old generation, and the install stays
+        prepared for abort_install.
         """
         with self._install_lock:
             if prepared is not self._pending or prepared._database is None:
@@ -731,6 +734,13 @@ class VaultStore:
             if self._closed:
                 raise StoreError("the store is closed")
             new_database = prepared._database
+            try:
+                state = read_state(new_database, decode_meta(new_database.get(META_KEY), SnapshotRejected),
+                                   SnapshotRejected)
+            except SnapshotRejected:
+                raise
+            except Exception as failure:  # RocksDB's own error (a damaged block of the new generation)
+                raise SnapshotRejected(f"{prepared.directory.name} cannot be read: {reason(failure)}") from None
             write_current(self._path, prepared.directory.name)
             old_database, old_directory = self._db, self._path / self._generation
             self._db, self._generation = new_database, prepared.directory.name
@@ -739,7 +749,7 @@ class VaultStore:
         install_step("handle_swapped")
         # Every file of the new generation was fsynced before the switch, so
         # the installed state is durable from here on.
-        self._load_state(decode_meta(new_database.get(META_KEY), StoreCorruption))
+        self._set_state(state)
         return RetiredGeneration(old_database, old_directory, self._checkpoint_lock)
 
     def abort_install(self, prepared: PreparedInstall) -> None:

@@ -22,9 +22,13 @@ from pathlib import Path
 
 from rocksdict import Cache, Rdict, WriteBatch, WriteOptions
 
-from tokenvault.core.store_layout import (META_KEY, VERIFY_CACHE_BYTES, SnapshotRejected, StoreCorruption,
-                                          check_epochs, check_token_count, database_options, encode_meta,
-                                          open_database, read_epochs, read_membership)
+from protocol import Membership
+from tokenvault.auth import RuntimeKey
+from tokenvault.core.store_layout import (AGE, AGE_END, AGE_HEADER_BYTES, LIFE, LIFE_END, META_KEY, NO_RECORDS,
+                                          VERIFY_CACHE_BYTES, SnapshotRejected, StoreCorruption, StoreError,
+                                          age_created_at, check_epochs, check_token_count, database_options,
+                                          encode_meta, first_key, open_database, read_api_keys, read_audit_anchor,
+                                          read_audit_head, read_epochs, read_membership)
 from tokenvault.core.wal import fsync_directory
 from tokenvault.smallfiles import FileTooLarge, read_small_file
 
@@ -152,14 +156,53 @@ def create_store(path: Path, cache: Cache) -> None:
     fsync_directory(path.parent)
 
 
+@dataclass(frozen=True, slots=True)
+class LoadedState:
+    """What the store keeps in memory of a generation (VaultStore._set_state), read by ``read_state``."""
+
+    meta: tuple[int, int, int]  # applied_index, applied_view, token_count
+    active_epoch: int
+    api_keys: dict[str, RuntimeKey]
+    audit_head: tuple[int, bytes]  # seq, hash
+    audit_anchor: tuple[int, bytes]
+    membership: Membership | None
+    idempotency_floor_ms: int  # the oldest idempotency record's time, NO_RECORDS when there is none
+    has_life: bool  # whether any mapping may have a life row
+
+
+def read_state(database: Rdict, meta: tuple[int, int, int], error: type[StoreError],
+               epoch_limit: int | None = None) -> LoadedState:
+    """Read and check every row a generation's in-memory state is made of: the epochs, the API keys (at most
+    MAX_API_KEYS), the audit head and anchor, the configuration, and the first key of the age and life
+    indexes. Bounded work, never a scan; any malformed row raises ``error``. ``verify_checkpoint`` runs it on
+    a received checkpoint and ``VaultStore.commit_install`` before it switches CURRENT, so an install never
+    makes live a generation the store then cannot load."""
+    active_epoch = check_epochs(read_epochs(database, error, limit=epoch_limit), error)
+    api_keys = read_api_keys(database, error)
+    audit_head = read_audit_head(database, error)
+    audit_anchor = read_audit_anchor(database, error)
+    membership = read_membership(database, error)
+    first = first_key(database, AGE, AGE_END)
+    if first is not None and len(first) < AGE_HEADER_BYTES:
+        raise error("an idempotency age key is malformed")
+    # No idempotency record is older than the floor: a purge with an earlier
+    # cut-off would delete nothing, so it is skipped (the same on every node).
+    floor_ms = NO_RECORDS if first is None else age_created_at(first)
+    has_life = first_key(database, LIFE, LIFE_END) is not None
+    return LoadedState(meta, active_epoch, api_keys, audit_head, audit_anchor, membership, floor_ms, has_life)
+
+
 def verify_checkpoint(directory: Path, index: int, view: int) -> None:
     """Check a received checkpoint without a full scan; raises SnapshotRejected, never anything else.
 
     Checks: a RocksDB database of one column family and our options, the
     marker and schema version, meta at (index, view), epochs 1..n with at
-    most one (the newest) active, and a token count that fits the token rows
-    and the number of entries. RocksDB verifies the checksum of every block
-    it reads; blocks not read are not checked here.
+    most one (the newest) active, a token count that fits the token rows
+    and the number of entries, and every other row the install loads into
+    memory (``read_state``: the API keys, the audit head and anchor, the
+    configuration), so that a checkpoint that passes is one the store can
+    switch to. RocksDB verifies the checksum of every block it reads; blocks
+    not read are not checked here.
     """
     if type(index) is not int or type(view) is not int or index < 0 or view < 0:
         raise SnapshotRejected("checkpoint index and view must be non-negative integers")
@@ -174,9 +217,8 @@ def verify_checkpoint(directory: Path, index: int, view: int) -> None:
     try:
         if (meta_index, meta_view) != (index, view):
             raise SnapshotRejected("checkpoint is not at the announced index and view")
-        check_epochs(read_epochs(database, SnapshotRejected, limit=index), SnapshotRejected)
+        read_state(database, (meta_index, meta_view, token_count), SnapshotRejected, epoch_limit=index)
         check_token_count(database, token_count, SnapshotRejected)
-        read_membership(database, SnapshotRejected)
     except SnapshotRejected:
         raise
     except Exception:

@@ -72,7 +72,7 @@ from rocksdict import (
 from protocol import Membership, MembershipError
 from tokenvault.audit_chain import GENESIS_HASH
 from tokenvault.auth import RuntimeKey
-from tokenvault.core.commands import is_digit_string
+from tokenvault.core.commands import KEY_ID_PATTERN, is_digit_string
 from tokenvault.smallfiles import FileTooLarge, read_small_file
 
 SCHEMA_VERSION = 2  # version 1 was the SQLite store
@@ -357,12 +357,18 @@ def api_key_value(entry: RuntimeKey) -> bytes:
 
 
 def _decode_api_key(key: bytes, value: bytes, error: type[StoreError]) -> RuntimeKey:
+    """One ``k`` row, each field of the type api_key_value wrote (a key table is pushed to the HTTP workers
+    and used by every authentication: a field of another type would fail there, not here)."""
     try:
         name, scopes, salt, digest, created_at_ms, created_by = unpack(value)
-        return RuntimeKey(key[1:].decode("ascii"), name, frozenset(scopes), salt, digest, created_at_ms,
-                          created_by)
+        key_id = key[1:].decode("ascii")
     except Exception:
         raise error("an API key record is malformed") from None
+    if (KEY_ID_PATTERN.match(key_id) is None or type(name) is not str or type(scopes) is not list
+            or not all(type(scope) is str for scope in scopes) or type(salt) is not bytes
+            or type(digest) is not bytes or not _is_count(created_at_ms) or type(created_by) is not str):
+        raise error("an API key record is malformed")
+    return RuntimeKey(key_id, name, frozenset(scopes), salt, digest, created_at_ms, created_by)
 
 
 def read_api_keys(database: Rdict, error: type[StoreError]) -> dict[str, RuntimeKey]:
@@ -497,8 +503,10 @@ def check_rocksdict_config(directory: Path, error: type[StoreError]) -> None:
         return
     try:
         document = json.loads(read_small_file(config, MAX_ROCKSDICT_CONFIG_BYTES))
-    except (OSError, ValueError, FileTooLarge):
-        raise error(f"{ROCKSDICT_CONFIG_FILE} is unreadable, or too large to be the one the store wrote") from None
+    except OSError as failure:  # a directory, a file the node may not read: EISDIR, EACCES
+        raise error(f"{config} cannot be read ({failure.strerror or type(failure).__name__})") from None
+    except (ValueError, RecursionError, FileTooLarge):  # RecursionError: JSON nested past the parser's depth
+        raise error(f"{config} is not JSON, or too large to be the one the store wrote") from None
     if document != _ROCKSDICT_CONFIG:
         raise error(f"{ROCKSDICT_CONFIG_FILE} holds options this store does not use")
 

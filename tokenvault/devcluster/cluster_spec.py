@@ -376,7 +376,8 @@ def load_cluster(directory: Path | str) -> ClusterSpec:
         raise ClusterError(f"no cluster in {directory} (no {CLUSTER_FILE_NAME}); run './run_cluster.sh start'")
     except FileTooLarge:
         raise ClusterError(f"{path} is larger than {MAX_CLUSTER_FILE_BYTES} bytes: not a cluster file") from None
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
+        # RecursionError: nesting deeper than the parser's stack, which 1 MiB of '[' is.
         raise ClusterError(f"{path} is unreadable or not in the expected shape") from None
     if not nodes:
         raise ClusterError(f"{path} lists no nodes")

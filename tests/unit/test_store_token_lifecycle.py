@@ -12,7 +12,9 @@ from test_store import Log, store  # noqa: F401 (store is a fixture)
 from tokenvault.core.commands import (Actor, CommandError, DeleteTokensCommand, DestroyEpochCommand,
                                       RotateEpochCommand, TokenizeCommand, decode_command, encode_command)
 from tokenvault.core.shred import shred_keys
+from tokenvault.core import store_layout
 from tokenvault.core.store import VaultStore
+from tokenvault.core.store_files import read_current
 from tokenvault.core.store_layout import (DESTROYED, LIFE, MAX_TOKEN_PAGE, Outcome, format_token_key,
                                           token_key)
 
@@ -192,5 +194,31 @@ def test_shred_removes_the_old_bytes_from_every_file_of_the_store(tmp_path):
         assert files_holding(tmp_path / "store", secret) == []
         assert files_holding(tmp_path / "store", ciphertext_marker) == []
         assert len(vault.lookup([token(2, n) for n in range(10)])) == 9
+    finally:
+        vault.close()
+
+
+def test_many_shreds_leave_a_bounded_manifest(tmp_path, monkeypatch):
+    """Each shred flushes and compacts, and each adds records to RocksDB's MANIFEST, which every open
+    replays (a worker's view opens again after each flush): the store bounds it (MAX_MANIFEST_BYTES;
+    unbounded, 10,000 shreds made it 1.4 MiB and a view open 2.9 s, bench/manifest_growth.py). Here with
+    a bound of 4 KiB, so that a few hundred shreds cross it many times."""
+    bound = 4 * 1024
+    monkeypatch.setattr(store_layout, "MAX_MANIFEST_BYTES", bound)
+    log = Log()
+    vault = VaultStore.open(tmp_path / "store")
+    generation = tmp_path / "store" / read_current(tmp_path / "store")
+
+    def manifest_bytes() -> int:
+        return sum(entry.stat().st_size for entry in os.scandir(generation) if entry.name.startswith("MANIFEST-"))
+
+    try:
+        apply(vault, log, rotate(1), tokenize(1, range(300)))
+        largest = 0
+        for number in range(300):
+            vault.shred([b"t" + token(1, number).encode()])
+            largest = max(largest, manifest_bytes())
+        # RocksDB starts a new file once one is past the bound: at most the bound and one flush's records.
+        assert largest <= 2 * bound, largest
     finally:
         vault.close()

@@ -104,6 +104,12 @@ MAX_WRITE_BUFFERS = 2
 MEMTABLE_BLOOM_RATIO = 0.02
 # One flush and one compaction at a time: the node's other work keeps the other cores.
 MAX_BACKGROUND_JOBS = 2
+# RocksDB's MANIFEST gains a record with every flush and compaction, and every shred makes both
+# (tokenvault/core/shred.py); past this size RocksDB starts a new one holding only the live files.
+# Every open replays it, a worker's view after each flush included, on its event loop: unbounded (RocksDB's
+# default is 1 GiB) it grew to 347 KiB in five minutes of one delete every 0.2 s, and a view open took
+# 200 ms, five in a row held a worker 9 s; bounded so, an open stays under 10 ms (bench/manifest_growth.py).
+MAX_MANIFEST_BYTES = 64 * 1024
 # RocksDB's info log: a few small files, never an ever-growing directory.
 INFO_LOG_KEEP_FILES = 2
 INFO_LOG_MAX_BYTES = 4 * 1024 * 1024
@@ -440,6 +446,7 @@ def database_options(cache: Cache, *, create: bool = False, metadata_in_cache: b
     options.set_memtable_whole_key_filtering(True)
     options.set_level_compaction_dynamic_level_bytes(True)
     options.set_max_background_jobs(MAX_BACKGROUND_JOBS)
+    options.set_max_manifest_file_size(MAX_MANIFEST_BYTES)
     options.set_keep_log_file_num(INFO_LOG_KEEP_FILES)
     options.set_max_log_file_size(INFO_LOG_MAX_BYTES)
     # After a power cut, recover up to the first damaged WAL record: a prefix of

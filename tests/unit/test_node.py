@@ -33,7 +33,7 @@ from tokenvault.crypto import tls
 from tokenvault.crypto.keys import new_epoch_secret
 from tokenvault.errors import ServiceError, Unavailable
 from tokenvault.logs import configure_logging, reset_logging
-from tokenvault.core.node import STORE_DAMAGED_FILE, Node
+from tokenvault.core.node import STORE_DAMAGED_FILE, Node, TaskEnded, fatal_text
 from tokenvault.core.store_files import read_current
 from tokenvault.core.store_layout import Outcome as ApplyOutcome
 from tokenvault.core.store_layout import StoreCorruption, StoreDamaged
@@ -310,6 +310,30 @@ async def test_a_ticker_that_dies_takes_the_node_down_with_node_fatal(tmp_path: 
         await single.close()
     fatal = [json.loads(line) for line in node_log.read_text().splitlines() if '"node.fatal"' in line]
     assert [(line["task"], line["error"]) for line in fatal] == [("ticker", "OSError: the clock went away")]
+
+
+def test_node_fatal_quotes_os_rocksdb_and_own_errors_and_withholds_the_text_of_any_other() -> None:
+    """docs/logs.md, node.fatal: an unexpected exception (a bug) may quote the data it was handling, a
+    value among it, so its text is never logged; the operator still gets the OS's reason and file,
+    RocksDB's status without the keys it quotes, and this project's own messages."""
+    value = "4111111111111111"
+    assert fatal_text(KeyError(value)) == fatal_text(ValueError(f"bad {value}")) == \
+        "(its text is not logged: it may quote the data it was handling)"
+    assert fatal_text(OSError(28, "No space left on device", "/data/wal/segment-1.wal")) == \
+        "No space left on device (/data/wal/segment-1.wal)"
+    assert fatal_text(OSError("the disk went away")) == "the disk went away"
+    rocksdb = Exception("Corruption: block checksum mismatch in 000017.sst key 7476315f6162636465666768696a")
+    assert value not in fatal_text(rocksdb) and fatal_text(rocksdb).startswith("Corruption: block checksum mismatch")
+    assert "7476315f" not in fatal_text(rocksdb)
+    assert fatal_text(StoreDamaged("the store is damaged: Corruption in 000017.sst")) == \
+        "the store is damaged: Corruption in 000017.sst"
+    assert fatal_text(TaskEnded("the driver task ended")) == "the driver task ended"
+
+
+async def test_a_bug_that_stops_the_driver_logs_its_type_never_its_text(single: RunningNode, node_log: Path) -> None:
+    single.node._fatal(ValueError("could not handle 4111111111111111"), task="driver")
+    assert single.node.fatal_error == "ValueError: (its text is not logged: it may quote the data it was handling)"
+    assert "4111111111111111" not in node_log.read_text()
 
 
 async def test_a_second_failure_on_the_way_down_keeps_the_first_cause_and_says_node_fatal_once(

@@ -41,7 +41,7 @@ from tokenvault.core.store import VaultStore
 from tokenvault.core.store_files import STORE_DIRECTORY, PreparedInstall, replace_file
 from tokenvault.core.store_layout import (AUDIT_KIND, AUDIT_TRIM_KIND, CREATE_KEY_KIND, DELETE_KIND, DESTROY_KIND,
                                           DESTROYED, REVOKE_KEY_KIND, ROTATE_KIND, TOKENIZE_KIND, ApplyResult,
-                                          Outcome, StoreCorruption, StoreDamaged, StoreError)
+                                          Outcome, StoreCorruption, StoreDamaged, StoreError, reason)
 from tokenvault.core.transport import PeerAddress, PeerTransport
 from tokenvault.core.wal import RecoveredLog, WriteAheadLog
 from tokenvault.core.wal_segments import WalCorruption
@@ -80,6 +80,26 @@ STORE_DAMAGED_FILE = "STORE-DAMAGED"
 CERTIFICATE_WARNING_DAYS = 30
 # A damage record (STORE_DAMAGED_FILE): a time and the damage's message, itself bounded (store_layout.damage).
 DAMAGE_RECORD_MAX_CHARS = 500
+
+
+class TaskEnded(Exception):
+    """The driver or the ticker returned, which they never do while the node runs."""
+
+
+def fatal_text(error: BaseException) -> str:
+    """What node.fatal says of ``error`` besides its type, 300 characters at most: an OSError's strerror
+    and file; RocksDB's status (rocksdict raises it as a bare Exception; store_layout.reason cuts out the
+    keys it quotes); the texts of this project's exceptions. Any other exception is a bug (a KeyError, a
+    ValueError, ...) whose text may quote the data it was handling: only its type is logged."""
+    if isinstance(error, OSError):
+        if error.strerror:
+            return (error.strerror + (f" ({error.filename})" if error.filename else ""))[:300]
+        return str(error)[:300]
+    if type(error) is Exception:
+        return reason(error)[:300]
+    if type(error).__module__.startswith(("tokenvault.", "protocol")):
+        return str(error)[:300]
+    return "(its text is not logged: it may quote the data it was handling)"
 
 
 class NodeBusy(Exception):
@@ -461,7 +481,7 @@ class Node:
             return
         error = task.exception()
         if error is None:
-            error = RuntimeError(f"the {task.get_name()} task ended")
+            error = TaskEnded(f"the {task.get_name()} task ended")
         self._fatal(error, task=task.get_name())
 
     def reload_tls(self) -> bool:
@@ -507,7 +527,7 @@ class Node:
         down, from another task, is a consequence and changes neither)."""
         if self.fatal_error is not None:
             return
-        self.fatal_error = f"{type(error).__name__}: {str(error)[:300]}"
+        self.fatal_error = f"{type(error).__name__}: {fatal_text(error)}"
         log.critical("node.fatal", error=self.fatal_error, task=task)
         self.stopped.set()
 

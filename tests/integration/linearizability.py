@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Callable, Hashable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from history import Kind, Operation, Status, Violation, token_epoch, value_label
 
@@ -51,6 +51,8 @@ class Call:
     end: float | None
     operation: Hashable
     output: Hashable = None
+    # Where the call came from, for a failure message (a client operation's id and node); not compared.
+    source: str = field(default="", compare=False)
 
     @property
     def unknown(self) -> bool:
@@ -144,7 +146,7 @@ def token_histories(operations: Sequence[Operation]) -> dict[str, list[Call]]:
             for value, token in zip(operation.inputs, operation.outputs):
                 if token is not None:
                     calls[token].append(Call(len(calls[token]), operation.start_monotonic, operation.end_monotonic,
-                                             ("insert", value)))
+                                             ("insert", value), source=_source(operation)))
         elif operation.kind is Kind.TOKENIZE:
             try:
                 if _end(operation) is None:
@@ -154,15 +156,40 @@ def token_histories(operations: Sequence[Operation]) -> dict[str, list[Call]]:
         elif operation.kind is Kind.DETOKENIZE and operation.status is Status.OK:
             for token, value in zip(operation.inputs, operation.outputs):
                 calls[token].append(Call(len(calls[token]), operation.start_monotonic, operation.end_monotonic,
-                                         ("read",), value))
+                                         ("read",), value, source=_source(operation)))
                 if value is not None:
                     values_read[token].add(value)
     # A tokenize whose answer never came may have written any of its values' tokens.
     for token, values in values_read.items():
         for operation in unknown_tokenizes:
             for value in values.intersection(operation.inputs):
-                calls[token].append(Call(len(calls[token]), operation.start_monotonic, None, ("insert", value)))
+                calls[token].append(Call(len(calls[token]), operation.start_monotonic, None, ("insert", value),
+                                         source=_source(operation)))
     return dict(calls)
+
+
+def _source(operation: Operation) -> str:
+    return f"op {operation.operation_id} via {operation.node}"
+
+
+MAX_DESCRIBED_CALLS = 40
+
+
+def describe_calls(calls: Sequence[Call]) -> str:
+    """The calls of one object in order of start, times relative to the first, values by label only."""
+    ordered = sorted(calls, key=lambda call: call.start)
+    origin = ordered[0].start if ordered else 0.0
+    lines = []
+    for call in ordered[:MAX_DESCRIBED_CALLS]:
+        end = "?" if call.end is None else f"{call.end - origin:.3f}"
+        if call.operation == ("read",):
+            what = f"read -> {'null' if call.output is None else value_label(str(call.output))}"
+        else:
+            what = f"{call.operation[0]} {value_label(str(call.operation[1]))}"  # type: ignore[index]
+        lines.append(f"    [{call.start - origin:.3f}..{end}] {what} ({call.source})")
+    if len(ordered) > MAX_DESCRIBED_CALLS:
+        lines.append(f"    ... and {len(ordered) - MAX_DESCRIBED_CALLS} more")
+    return "\n".join(lines)
 
 
 def epoch_history(operations: Sequence[Operation]) -> list[Call]:
@@ -210,7 +237,8 @@ def check_linearizable(operations: Sequence[Operation]) -> list[Violation]:
                 epoch = token_epoch(token)
                 values = sorted({value_label(call.operation[1]) for call in calls if call.operation[0] == "insert"})
                 violations.append(Violation("linearizable", f"the calls on one token of epoch {epoch} (values "
-                                            f"{values}, {len(calls)} calls) have no linearization"))
+                                            f"{values}, {len(calls)} calls) have no linearization:\n"
+                                            + describe_calls(calls)))
         except SearchTooLarge:
             violations.append(Violation("linearizable-undecided", f"the search over one token's {len(calls)} calls "
                                         f"outgrew {MAX_SEARCH_STATES} states"))

@@ -6,7 +6,7 @@ over the histories they record (history.check_operations).
 
 from __future__ import annotations
 
-from history import History, Kind
+from history import History, Kind, value_label
 from linearizability import Call, SearchTooLarge, check_linearizable, is_linearizable, register_step
 
 T1 = "tv1_" + "a" * 32
@@ -57,6 +57,11 @@ def test_a_read_that_starts_after_the_acknowledgement_and_misses_it_is_found() -
     violations = check_linearizable(history.operations())
     assert [violation.check for violation in violations] == ["linearizable"]
     assert "SECRET-VALUE-42" not in str(violations[0]), "a violation never shows a value"
+    # It shows the token's calls in order, each with its operation and node, values by label only.
+    lines = str(violations[0]).splitlines()[1:]
+    assert [line.split("] ", 1)[1] for line in lines] == [
+        f"insert {value_label('SECRET-VALUE-42')} (op {write} via n1)", f"read -> null (op {stale} via n2)"]
+    assert lines[0].strip().startswith("[0.000..1.000]") and lines[1].strip().startswith("[2.000..3.000]")
 
 
 def test_a_value_read_then_lost_is_found_even_when_its_write_had_no_answer() -> None:

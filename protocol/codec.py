@@ -5,7 +5,9 @@ fields in the dataclass's declaration order. Entries travel as
 ``[index, view, kind, payload]`` and headers as ``[name, value]`` pairs. Every
 decoded value is checked against the field's declared type and bounds, and
 any defect surfaces as ``ProtocolError`` and nothing else: a peer sending
-garbage costs one connection, never the node.
+garbage costs one connection, never the node. The msgpack decode itself is
+bounded (``unpack_bounded``): no container, string or total past what the
+largest legitimate message holds is built.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import msgpack
 
 from protocol.errors import ProtocolError
 from protocol.messages import MESSAGE_REGISTRY, MESSAGE_TYPES, Message
-from protocol.types import Entry, EntryKind
+from protocol.types import MAX_ENTRIES_PER_MESSAGE, Entry, EntryKind
 
 PROTOCOL_VERSION = 1
 LENGTH_PREFIX_BYTES = 4
@@ -26,6 +28,49 @@ DEFAULT_MAX_FRAME_BYTES = 16 * 1024 * 1024
 MAX_INTEGER = 2**63 - 1
 MAX_TEXT_CHARS = 65_536
 MAX_HEADER_PAIRS = 256
+# Entries one AppendEntries may carry: 4x the 256 a replica batches by default; ReplicaConfig refuses a
+# max_entries_per_message above it, since every receiver refuses a larger batch.
+MAX_ENTRIES_PER_FRAME = MAX_ENTRIES_PER_MESSAGE
+
+
+# --------------------------------------------------------------------------- bounded msgpack
+
+
+def unpack_bounded(data: bytes, *, max_elements: int, max_array_len: int, max_map_len: int, max_str_len: int,
+                   max_bin_len: int) -> Any:
+    """``msgpack.unpackb`` for hostile bytes: each container, each string and the whole are bounded.
+
+    msgpack's own limits refuse an array, map, string or byte string whose
+    header is over its bound before anything is allocated for it, but they bound
+    each container alone: a frame of nested empty arrays (``[[[], ...], ...]``)
+    passes them and costs about 64 bytes of memory a byte of frame. So every
+    container, as msgpack completes it, also counts itself and its members (a
+    map's keys and values) against ``max_elements``, and the decode stops at
+    the first one past it. What this leaves unbounded is what msgpack holds in
+    containers it has not completed yet: at most 1,023 nested ones (its stack)
+    of ``max_array_len`` (or ``max_map_len``) members each. Extension types are
+    refused. Raises what msgpack raises: ValueError (and its subclasses) or
+    msgpack.UnpackException.
+    """
+    left = max_elements
+
+    def counted_list(items: list[Any]) -> list[Any]:
+        nonlocal left
+        left -= 1 + len(items)
+        if left < 0:
+            raise ValueError(f"more than {max_elements} msgpack elements")
+        return items
+
+    def counted_map(pairs: dict[Any, Any]) -> dict[Any, Any]:
+        nonlocal left
+        left -= 1 + 2 * len(pairs)
+        if left < 0:
+            raise ValueError(f"more than {max_elements} msgpack elements")
+        return pairs
+
+    return msgpack.unpackb(data, raw=False, use_list=True, strict_map_key=True, list_hook=counted_list,
+                           object_hook=counted_map, max_array_len=max_array_len, max_map_len=max_map_len,
+                           max_str_len=max_str_len, max_bin_len=max_bin_len, max_ext_len=0)
 
 
 # --------------------------------------------------------------------------- per-field codecs
@@ -138,6 +183,19 @@ def _layout(message_type: type[Message]) -> _MessageLayout:
 _LAYOUTS: dict[type[Message], _MessageLayout] = {message_type: _layout(message_type) for message_type in MESSAGE_TYPES}
 _LAYOUTS_BY_TAG: dict[int, _MessageLayout] = {tag: _LAYOUTS[message_type] for tag, message_type in MESSAGE_REGISTRY.items()}
 
+# The msgpack bounds of a frame body, from what the largest legitimate message holds. Arrays: the
+# longest is an AppendEntries' entries (a body's fields and header pairs are fewer). Elements (each
+# array counts itself and its members): an AppendEntries counts 6 an entry (its array, its 4 fields
+# and its place in the list) and 9 for the rest, 6,153 at the bound; headers at theirs count 1,032;
+# 8,192 leaves slack. Strings: a text field of MAX_TEXT_CHARS characters, 4 UTF-8 bytes each at
+# most. Byte strings (an entry's payload, a snapshot chunk) are bounded by the frame alone; no
+# message holds a map. So a hostile body costs at most some 8,000 completed arrays and what msgpack
+# holds open, 1,023 nested arrays of up to 1,024 members: about 40 MiB, whatever the frame's size.
+_MAX_BODY_ARRAY_LEN = max(MAX_ENTRIES_PER_FRAME, MAX_HEADER_PAIRS,
+                          2 + max(len(layout.names) for layout in _LAYOUTS.values()))
+_MAX_BODY_ELEMENTS = 8 * MAX_ENTRIES_PER_FRAME
+_MAX_BODY_STR_BYTES = 4 * MAX_TEXT_CHARS
+
 
 # --------------------------------------------------------------------------- frames
 
@@ -163,7 +221,8 @@ def encode_frame(message: Message) -> bytes:
 def decode_body(body: bytes) -> Message:
     """Decode and validate one frame body; raises ProtocolError on any defect."""
     try:
-        decoded = msgpack.unpackb(body, raw=False, use_list=True, strict_map_key=True)
+        decoded = unpack_bounded(body, max_elements=_MAX_BODY_ELEMENTS, max_array_len=_MAX_BODY_ARRAY_LEN,
+                                 max_map_len=0, max_str_len=_MAX_BODY_STR_BYTES, max_bin_len=len(body))
     except Exception as error:  # msgpack raises many types; the caller must see exactly one.
         raise ProtocolError(f"undecodable frame body ({type(error).__name__})") from None
     if type(decoded) is not list or len(decoded) < 2:

@@ -7,7 +7,7 @@ from enum import StrEnum
 
 from protocol.membership import MAX_MEMBERS, Membership
 from protocol.messages import Message
-from protocol.types import Entry, HardState
+from protocol.types import MAX_ENTRIES_PER_MESSAGE, Entry, HardState
 
 MEBIBYTE = 1024 * 1024
 
@@ -75,6 +75,8 @@ class ReplicaConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive")
+        if self.max_entries_per_message > MAX_ENTRIES_PER_MESSAGE:
+            raise ValueError(f"max_entries_per_message must be at most {MAX_ENTRIES_PER_MESSAGE} (what a peer decodes)")
 
 
 @dataclass(frozen=True, slots=True)

@@ -40,3 +40,7 @@ class HardState:
 
 
 INITIAL_HARD_STATE = HardState(view=0, voted_for=None, commit_index=0)
+
+# Entries one AppendEntries may carry: every receiver refuses a frame with more (protocol.codec bounds
+# the decode by it), so ReplicaConfig.max_entries_per_message may not exceed it.
+MAX_ENTRIES_PER_MESSAGE = 1024

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from protocol import (MESSAGE_TYPES, Entry, EntryKind, FrameDecoder, Message, ProtocolError, decode_body,
                       encode_frame)
+from protocol.codec import unpack_bounded
 
 MAX_FRAME_BYTES = 64 * 1024
 
@@ -118,3 +119,29 @@ def test_well_formed_msgpack_with_wrong_shapes_raises_only_protocol_error(tag: i
     except ProtocolError:
         return
     assert isinstance(message, MESSAGE_TYPES)
+
+
+def elements(value: object) -> int:
+    """What unpack_bounded counts for ``value``: each container, itself and its members (a map's keys and values)."""
+    if isinstance(value, list):
+        return 1 + len(value) + sum(elements(item) for item in value)
+    if isinstance(value, dict):
+        return 1 + 2 * len(value) + sum(elements(key) + elements(item) for key, item in value.items())
+    return 0
+
+
+@settings(max_examples=300)
+@given(value=msgpack_values)
+def test_unpack_bounded_decodes_exactly_up_to_its_element_bound(value) -> None:
+    packed = msgpack.packb(value, use_bin_type=True)
+    count = elements(value)
+    bounds = {"max_array_len": 6, "max_map_len": 4, "max_str_len": 40, "max_bin_len": 10}
+    decoded = unpack_bounded(packed, max_elements=count, **bounds)
+    assert msgpack.packb(decoded, use_bin_type=True) == packed
+    if count:
+        try:
+            unpack_bounded(packed, max_elements=count - 1, **bounds)
+        except ValueError:
+            pass
+        else:
+            raise AssertionError("decoded past its element bound")

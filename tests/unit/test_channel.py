@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
+import tracemalloc
 from types import SimpleNamespace
 from typing import Any, cast
 
@@ -12,7 +13,8 @@ import msgpack
 import pytest
 
 from tokenvault import auth
-from tokenvault.api.channel import Channel, ChannelClosed
+from tokenvault.api.channel import (MAX_CONTAINER_ITEMS, MAX_FRAME_ELEMENTS, Channel, ChannelClosed, decode_message,
+                                    max_frame_bytes)
 from tokenvault.api.core_calls import CoreCalls, merge_expositions
 from tokenvault.api.http import HttpLimits
 from tokenvault.api.remote import RemoteService, _decode_epoch_keys, decode_key_rows
@@ -221,3 +223,80 @@ async def test_the_core_renders_the_node_exposition_once_a_period_for_all_its_wo
     texts = await asyncio.gather(*(calls.handlers["metrics"]({}) for _ in range(10)))
     assert len(set(texts)) == 1 and 'worker="2"' in texts[0]
     assert sorted(asked) == ["1", "2"]
+
+
+# --------------------------------------------------------------------------- msgpack bounds
+
+NODE_FRAME_BYTES = max_frame_bytes(LimitsConfig().max_body_bytes)  # a node's channel bound, default limits
+
+
+def array_header(length: int) -> bytes:
+    return b"\xdd" + length.to_bytes(4, "big")
+
+
+def nested_empty_containers(size: int, empty: bytes) -> bytes:
+    """Arrays of 1,024 arrays of 1,024 empty containers (each under every per-container bound), ``size`` bytes."""
+    inner = array_header(1024) + empty * 1024
+    middle = array_header(1024) + inner * 1024
+    count = (size - 5) // len(middle)
+    rest = size - 5 - count * len(middle) - 5
+    return array_header(count + 1) + middle * count + array_header(rest) + empty * rest
+
+
+@pytest.mark.parametrize("frame", [
+    lambda: array_header(NODE_FRAME_BYTES - 5) + b"\x90" * (NODE_FRAME_BYTES - 5),
+    lambda: nested_empty_containers(NODE_FRAME_BYTES, b"\x90"),
+    lambda: nested_empty_containers(NODE_FRAME_BYTES, b"\x80"),
+], ids=["flat-arrays", "nested-arrays", "nested-maps"])
+def test_a_frame_of_the_largest_size_made_of_containers_is_refused_with_bounded_memory(frame: Any) -> None:
+    """Without a bound on the whole, 16 MiB of nested empty arrays took about 1 GiB before any check."""
+    data = frame()
+    assert len(data) == NODE_FRAME_BYTES
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError):
+            decode_message(data)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 3 * NODE_FRAME_BYTES, f"{peak / 2**20:.1f} MiB allocated"
+
+
+async def test_a_call_of_too_many_nested_arrays_closes_the_channel_before_a_handler_sees_it() -> None:
+    calls: list[Any] = []
+
+    async def echo(arguments: dict[str, Any]) -> Any:
+        calls.append(arguments)
+        return len(arguments["x"])
+
+    core_socket, worker_socket = socket.socketpair()
+    reader, writer = await asyncio.open_unix_connection(sock=core_socket)
+    core = Channel(reader, writer, handlers={"echo": echo}, max_frame_bytes=NODE_FRAME_BYTES, name="core").start()
+    # Every array is well under MAX_CONTAINER_ITEMS; together they are past MAX_FRAME_ELEMENTS (about 40 MiB).
+    arrays = MAX_FRAME_ELEMENTS // 2048 + 1
+    frame = msgpack.packb([0, 1, "echo", {"x": [[[]] * 1024] * arrays}])
+    assert len(frame) < NODE_FRAME_BYTES
+    await asyncio.to_thread(worker_socket.sendall, struct.pack(">I", len(frame)) + frame)
+    await asyncio.wait_for(core.closed.wait(), 5)
+    assert calls == []
+    worker_socket.close()
+
+
+def test_the_largest_legitimate_frames_decode_and_a_container_past_the_bound_is_refused() -> None:
+    items = MAX_CONTAINER_ITEMS
+    sealed_call = [0, 2**63 - 1, "tokenize_sealed", {
+        "principal": "p" * 255, "epoch": 2**63 - 1, "values": ["v"] * items,
+        "items": [["tv1_" + "t" * 32, b"c" * 17]] * items, "token_format": "opaque", "metadata_json": None,
+        "ttl_seconds": None, "metadata": [b"m" * 17] * items}]
+    epochs = [1, 2**63 - 1, False, {"active_epoch": items, "epochs": [
+        {"epoch": epoch, "created_at": "2026-12-06T10:00:00.000Z", "state": "active"} for epoch in range(items)]}]
+    record = {"seq": 1, "at_ms": 2**40, "node": "n1", "key_name": "k", "key_id": None, "action": "detokenize",
+              "items": 1, "found": 1, "request_id": "r", "subject": None, "prev_hash": "0" * 64, "hash": "1" * 64}
+    audit_page = [1, 3, False, {"records": [record] * 10_000, "last_seq": 10_000, "next_after": None, "anchor": None}]
+    for message in (sealed_call, epochs, audit_page):
+        frame = msgpack.packb(message, use_bin_type=True)
+        assert len(frame) <= NODE_FRAME_BYTES
+        assert decode_message(frame) == message
+    for past in ([0] * (items + 1), {str(number): 0 for number in range(items + 1)}):
+        with pytest.raises(ValueError):
+            decode_message(msgpack.packb([1, 1, False, past]))

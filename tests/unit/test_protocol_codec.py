@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import tracemalloc
+
 import msgpack
 import pytest
 
@@ -9,6 +12,8 @@ from protocol import (MESSAGE_REGISTRY, PROTOCOL_VERSION, AppendEntries, AppendR
                       ForwardRequest, ForwardResponse, FrameDecoder, Heartbeat, HeartbeatReply, Hello, HelloProof,
                       HelloRefused, Ping, InstallSnapshot, PreVote, PreVoteReply, ProtocolError, ReadIndex,
                       ReadIndexReply, RequestVote, SnapshotReply, VoteReply, encode_frame)
+from protocol.codec import (DEFAULT_MAX_FRAME_BYTES, MAX_ENTRIES_PER_FRAME, MAX_HEADER_PAIRS, MAX_TEXT_CHARS,
+                            decode_body)
 
 EXAMPLES = [
     RequestVote(view=3, last_index=10, last_view=2),
@@ -101,3 +106,87 @@ def test_undecodable_msgpack_raises_protocol_error() -> None:
 def test_encoding_an_unregistered_object_is_a_type_error() -> None:
     with pytest.raises(TypeError):
         encode_frame(object())  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- msgpack bounds
+
+
+def peak_bytes_of(function, *arguments) -> tuple[BaseException | None, int]:
+    """What ``function(*arguments)`` raised (None if nothing), and the peak of what it allocated meanwhile."""
+    tracemalloc.start()
+    try:
+        function(*arguments)
+        raised = None
+    except Exception as error:
+        raised = error
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return raised, peak
+
+
+def array_header(length: int) -> bytes:
+    return b"\xdd" + length.to_bytes(4, "big")
+
+
+def flat_empty_arrays(size: int) -> bytes:
+    """One array holding as many empty arrays as ``size`` bytes allow."""
+    return array_header(size - 5) + b"\x90" * (size - 5)
+
+
+def nested_empty_containers(size: int, empty: bytes = b"\x90") -> bytes:
+    """Arrays of 1,024 arrays of 1,024 empty containers (each under every per-container bound), ``size`` bytes."""
+    inner = array_header(1024) + empty * 1024
+    middle = array_header(1024) + inner * 1024
+    count = (size - 5) // len(middle)
+    rest = size - 5 - count * len(middle) - 5
+    return array_header(count + 1) + middle * count + array_header(rest) + empty * rest
+
+
+def deep_open_arrays(size: int) -> bytes:
+    """Chains of 1,020 nested arrays, each holding 1,023 fresh integers before its child: what msgpack builds
+    before any of those arrays is complete. ``size`` bytes."""
+    level = array_header(1024) + b"\xf0" * 1023  # -16: an int object of its own for each byte
+    chain = level * 1020 + b"\x90"
+    count = (size - 5) // len(chain)
+    rest = size - 5 - count * len(chain) - 5
+    return array_header(count + 1) + chain * count + array_header(rest) + b"\xf0" * rest
+
+
+@pytest.mark.parametrize("shape", [flat_empty_arrays, nested_empty_containers,
+                                   lambda size: nested_empty_containers(size, b"\x80"), deep_open_arrays],
+                         ids=["flat-arrays", "nested-arrays", "nested-maps", "deep-open-arrays"])
+def test_a_frame_of_the_largest_size_made_of_containers_is_refused_with_bounded_memory(shape) -> None:
+    """msgpack's own bounds are per container: without a bound on the whole, 16 MiB of nested empty
+    arrays took about 1 GiB before any field was checked. What is left is what msgpack holds in arrays
+    not yet complete (about 40 MiB at most, deep-open-arrays)."""
+    body = shape(DEFAULT_MAX_FRAME_BYTES)
+    assert len(body) == DEFAULT_MAX_FRAME_BYTES
+    raised, peak = peak_bytes_of(decode_body, body)
+    assert isinstance(raised, ProtocolError)
+    assert peak < 3 * DEFAULT_MAX_FRAME_BYTES, f"{peak / 2**20:.1f} MiB allocated"
+    with pytest.raises(ProtocolError):  # through the stream decoder too
+        FrameDecoder().feed(len(body).to_bytes(4, "big") + body)
+
+
+def test_the_largest_legitimate_frames_decode_and_one_past_a_bound_is_refused() -> None:
+    most = 2**63 - 1
+    entries = tuple(Entry(most - number, most, EntryKind.COMMAND, b"p") for number in range(MAX_ENTRIES_PER_FRAME))
+    largest_batch = AppendEntries(view=most, prev_index=most, prev_view=most, commit_index=most, entries=entries)
+    # One entry whose payload fills the largest frame.
+    header = len(encode_frame(AppendEntries(1, 0, 0, 0, (Entry(1, 1, EntryKind.COMMAND, b"x" * 70_000),))))
+    full_frame = AppendEntries(1, 0, 0, 0, (Entry(1, 1, EntryKind.COMMAND,
+                                                  b"x" * (DEFAULT_MAX_FRAME_BYTES + 70_000 + 4 - header)),))
+    widest_text = "\U0001F600" * MAX_TEXT_CHARS  # 4 bytes of UTF-8 a character
+    headers = ForwardResponse(request_id=most, status=599, body=b"b" * 1024,
+                              headers=tuple((widest_text[:100], widest_text[:1000]) for _ in range(MAX_HEADER_PAIRS)))
+    for message in (largest_batch, full_frame, headers, HelloRefused(node_id="n1", reason=widest_text)):
+        frame = encode_frame(message)
+        assert len(frame) <= DEFAULT_MAX_FRAME_BYTES + 4
+        assert FrameDecoder().feed(frame) == [message]
+    assert len(encode_frame(full_frame)) == DEFAULT_MAX_FRAME_BYTES + 4
+    too_many = dataclasses.replace(largest_batch, entries=entries + (Entry(1, 1, EntryKind.NOOP, b""),))
+    with pytest.raises(ProtocolError):
+        FrameDecoder().feed(encode_frame(too_many))
+    with pytest.raises(ProtocolError):
+        FrameDecoder().feed(encode_frame(HelloRefused(node_id="n1", reason=widest_text + "x")))

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from protocol.progress import MAX_WINDOW, PeerProgress
+from protocol.types import MAX_ENTRIES_PER_MESSAGE
 from protocol import (INITIAL_HARD_STATE, AppendEntries, AppendReply, BackupLostEntries, BecamePrimary, Entry,
                       EntryKind, HardState, Member, Membership,
                       Heartbeat, HeartbeatReply, Hello, InstallSnapshot, NotPrimary, PreVote, PreVoteReply,
@@ -276,6 +277,10 @@ def test_config_validation() -> None:
         ReplicaConfig("n1", ("n1",), election_timeout_ticks=2, heartbeat_interval_ticks=2)
     with pytest.raises(ValueError):
         ReplicaConfig("n1", ("n1",), max_inflight_appends=0)
+    # An AppendEntries of more entries than a peer decodes (protocol.codec) would be refused by every peer.
+    ReplicaConfig("n1", ("n1",), max_entries_per_message=MAX_ENTRIES_PER_MESSAGE)
+    with pytest.raises(ValueError, match="max_entries_per_message"):
+        ReplicaConfig("n1", ("n1",), max_entries_per_message=MAX_ENTRIES_PER_MESSAGE + 1)
 
 
 # ---------------------------------------------------------------------------- elections

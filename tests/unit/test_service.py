@@ -1226,3 +1226,78 @@ async def test_with_the_audit_trail_on_a_detokenize_or_reveal_served_here_decryp
     decrypted.clear()
     assert await service.detokenize(opaque["tokens"]) == ["once-1", "once-2", "once-3"]
     assert sorted(decrypted) == sorted(opaque["tokens"])
+
+
+# --------------------------------------------------------------------------- msgpack bounds of a forwarded body
+
+def _packed_map_around(member: str, filler: bytes, others: dict[str, object]) -> bytes:
+    """A map of ``others`` and ``member`` whose value is the raw msgpack ``filler``."""
+    head = bytes([0x80 | (len(others) + 1)]) + b"".join(msgpack.packb(key) + msgpack.packb(value)
+                                                         for key, value in others.items())
+    return head + msgpack.packb(member) + filler
+
+
+def _nested_empty_containers(size: int, empty: bytes) -> bytes:
+    """Arrays of 1,024 arrays of 1,024 empty containers (each under every per-container bound), ``size`` bytes."""
+    def header(length: int) -> bytes:
+        return b"\xdd" + length.to_bytes(4, "big")
+    inner = header(1024) + empty * 1024
+    middle = header(1024) + inner * 1024
+    count = (size - 5) // len(middle)
+    rest = size - 5 - count * len(middle) - 5
+    return header(count + 1) + middle * count + header(rest) + empty * rest
+
+
+@pytest.mark.parametrize("sealed", [False, True], ids=["tokenize", "tokenize.sealed.v2"])
+@pytest.mark.parametrize("empty", [b"\x90", b"\x80"], ids=["arrays", "maps"])
+def test_a_forwarded_body_of_nested_empty_containers_is_refused_with_bounded_memory(sealed: bool,
+                                                                                    empty: bytes) -> None:
+    """A body of the largest allowed size whose values are nested empty containers: each under msgpack's
+    per-container bounds, about 64 bytes of memory a byte together without a bound on the whole."""
+    import tracemalloc
+    from tokenvault.api.service import (TOKENIZE, TOKENIZE_SEALED_EXTENDED, FORWARDED_MEMBERS, _forwarded_arguments,
+                                        _max_forwarded_bytes, _max_forwarded_sealed_bytes)
+    from tokenvault.config import LimitsConfig
+
+    limits = LimitsConfig()
+    kind = TOKENIZE_SEALED_EXTENDED if sealed else TOKENIZE
+    max_bytes = _max_forwarded_sealed_bytes(limits, with_metadata=True) if sealed else _max_forwarded_bytes(limits)
+    others = {member: None for member in FORWARDED_MEMBERS[kind] if member != "values"}
+    head = _packed_map_around("values", b"", others)
+    payload = _packed_map_around("values", _nested_empty_containers(max_bytes - len(head), empty), others)
+    assert len(payload) == max_bytes
+    request = ForwardRequest(request_id=1, kind=kind, body=payload)
+    tracemalloc.start()
+    try:
+        with pytest.raises(InvalidRequest):
+            _forwarded_arguments(request, FORWARDED_MEMBERS[kind], max_bytes)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 3 * max_bytes, f"{peak / 2**20:.1f} MiB allocated for a {max_bytes / 2**20:.1f} MiB body"
+
+
+def test_the_largest_allowed_forwarded_bodies_decode_and_a_list_past_the_bound_is_refused() -> None:
+    from tokenvault.api.service import (AUDIT, TOKENIZE, TOKENIZE_SEALED_EXTENDED, FORWARDED_MEMBERS,
+                                        _forwarded_arguments, _max_forwarded_bytes, _max_forwarded_sealed_bytes)
+    from tokenvault.config import LimitsConfig
+
+    limits = LimitsConfig(max_items=commands.MAX_ITEMS)  # the ceiling of max_items
+    items = commands.MAX_ITEMS
+    sealed = {"principal": "p" * 255, "epoch": 2**63 - 1, "values": ["v"] * items,
+              "items": [["tv1_" + "t" * 32, b"c" * 17]] * items, "token_format": "opaque", "metadata_json": None,
+              "ttl_seconds": None, "metadata": [b"m" * 17] * items}
+    record = [2**40, "n1", "k", None, "detokenize", 1, 1, "r", None]
+    cases = [(TOKENIZE_SEALED_EXTENDED, sealed, _max_forwarded_sealed_bytes(limits, with_metadata=True)),
+             (TOKENIZE, {"principal": "p", "values": ["v"] * items, "idempotency_key": "k" * 255},
+              _max_forwarded_bytes(limits)),
+             (AUDIT, {"records": [record] * 4096}, _max_forwarded_bytes(limits))]
+    for kind, document, max_bytes in cases:
+        payload = msgpack.packb(document, use_bin_type=True)
+        assert len(payload) <= max_bytes, kind
+        request = ForwardRequest(request_id=1, kind=kind, body=payload)
+        assert _forwarded_arguments(request, FORWARDED_MEMBERS[kind], max_bytes) == document, kind
+    past = msgpack.packb({"principal": "p", "values": ["v"] * (items + 1), "idempotency_key": None})
+    with pytest.raises(InvalidRequest):
+        _forwarded_arguments(ForwardRequest(request_id=1, kind=TOKENIZE, body=past), FORWARDED_MEMBERS[TOKENIZE],
+                             _max_forwarded_bytes(limits))

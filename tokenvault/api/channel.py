@@ -7,7 +7,8 @@ hostile: each frame is bounded before it is buffered and every call's
 arguments are checked before the service sees them (tokenvault.api.core_calls).
 
 Frames: a 4-byte big-endian length, then one msgpack array, at most
-``max_frame_bytes`` (the node's body limit twice over, plus room for headers).
+``max_frame_bytes`` (the node's body limit twice over, plus room for headers),
+decoded with bounds on every container and on the whole (``decode_message``).
 Four kinds of message:
 
 - ``[CALL, id, method, arguments]``: either side asks (a worker calls the
@@ -36,6 +37,8 @@ from typing import Any
 
 import msgpack
 
+from protocol.codec import unpack_bounded
+from tokenvault.core.commands import MAX_ITEMS
 from tokenvault.errors import InvalidRequest, Outcome, ServiceError, Unavailable, error_from_problem
 from tokenvault.logs import get_logger
 
@@ -53,6 +56,17 @@ FRAME_OVERHEAD_BYTES = 64 * 1024
 MAX_CONCURRENT_CALLS = 4096
 # The problem type of a failure that is no ServiceError of this project (a bug): answered as 503.
 _INTERNAL_TITLE = "Service unavailable"
+# The msgpack bounds of a frame (decode_message), from the largest legitimate ones. An array or map
+# holds at most MAX_ITEMS members: the ceiling of limits.max_items (a call's values or tokens, a
+# reveal's answer) and of the epochs a node keeps keys for (tokenvault.core.sealer.MAX_EPOCHS); an audit
+# page, read points, a token page and the key table are shorter. In elements (each container counts
+# itself and its members, a map's keys and values), the largest are the epoch list at that ceiling
+# (8 an epoch: its map of 3 and its place in the list) and a sealed tokenize with metadata (6 an item:
+# the value, the [token, ciphertext] pair, the metadata ciphertext): 800,000 at most; 10x MAX_ITEMS
+# leaves slack, and a frame of nested empty containers is refused past about 35 MiB of them. Strings
+# and byte strings (a value, a body, a backup chunk, the metrics page) are bounded by the frame alone.
+MAX_CONTAINER_ITEMS = MAX_ITEMS
+MAX_FRAME_ELEMENTS = 10 * MAX_ITEMS
 
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
 PushHandler = Callable[[str, Any], None]
@@ -152,8 +166,7 @@ class Channel:
                 (length,) = _LENGTH.unpack(header)
                 if length > self._max_frame_bytes:
                     raise ChannelProtocolError(f"a frame of {length} bytes is over the bound")
-                message = msgpack.unpackb(await self._reader.readexactly(length), raw=False,
-                                          strict_map_key=True, use_list=True)
+                message = decode_message(await self._reader.readexactly(length))
                 self._dispatch(message)
         except (asyncio.IncompleteReadError, ConnectionError):
             pass  # the other process is gone
@@ -245,6 +258,13 @@ class Channel:
         if self._run_task is not None:
             self._run_task.cancel()
             await asyncio.gather(self._run_task, return_exceptions=True)
+
+
+def decode_message(frame: bytes) -> Any:
+    """The msgpack document of one frame's body, bounded (MAX_CONTAINER_ITEMS, MAX_FRAME_ELEMENTS); raises
+    ValueError or msgpack.UnpackException, on which the channel is closed."""
+    return unpack_bounded(frame, max_elements=MAX_FRAME_ELEMENTS, max_array_len=MAX_CONTAINER_ITEMS,
+                          max_map_len=MAX_CONTAINER_ITEMS, max_str_len=len(frame), max_bin_len=len(frame))
 
 
 def _decode_result(is_outcome: object, result: Any) -> Any:

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import msgpack
 
 from protocol import ForwardRequest, ForwardResponse, NotPrimary, ProposalRejected, Role
+from protocol.codec import unpack_bounded
 from tokenvault import auth
 from tokenvault.core import commands
 from tokenvault.api.audit import AuditBuffer, AuditUnavailable
@@ -1215,7 +1216,17 @@ def _forwarded_arguments(request: ForwardRequest, members: tuple[str, ...], max_
     if len(request.body) > max_bytes:
         raise PayloadTooLarge(f"the forwarded request is larger than {max_bytes} bytes")
     try:
-        arguments = msgpack.unpackb(request.body, raw=False)
+        # Bounded (protocol.codec.unpack_bounded) by what an allowed request holds: one map of ``members``;
+        # lists of at most commands.MAX_ITEMS (the ceiling of limits.max_items; an audit batch is at most
+        # 4,096 records of 9 fields). In elements (a container counts itself and its members): a sealed
+        # tokenize counts 6 an item (the value, the [token, ciphertext] pair, the metadata ciphertext) and
+        # 20 more, any other request at most 1 an item and 13 more, or 11 an audit record; 1,024 more and,
+        # for the others, twice their item count leave slack. Strings and byte strings are bounded by
+        # ``max_bytes``, already checked.
+        per_item = 6 if "items" in members else 2
+        arguments = unpack_bounded(request.body, max_elements=per_item * commands.MAX_ITEMS + 1024,
+                                   max_array_len=commands.MAX_ITEMS, max_map_len=len(members),
+                                   max_str_len=max_bytes, max_bin_len=max_bytes)
     except (ValueError, msgpack.UnpackException):
         raise InvalidRequest("the forwarded request is not valid msgpack") from None
     if not isinstance(arguments, dict) or set(arguments) != set(members):

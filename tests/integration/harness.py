@@ -571,12 +571,14 @@ class RecordingClient:
     async def tokenize(self, values: Sequence[str]) -> TokenizeResult | None:
         return await self._record(
             Kind.TOKENIZE, values, lambda: self.client.tokenize(values),
-            lambda operation_id, result: self.history.ok(operation_id, epoch=result.epoch, outputs=result.tokens))
+            lambda operation_id, result: self.history.ok(operation_id, epoch=result.epoch, outputs=result.tokens,
+                                                         answered_by=self.client.current_url))
 
     async def detokenize(self, tokens: Sequence[str]) -> tuple[str | None, ...] | None:
         return await self._record(
             Kind.DETOKENIZE, tokens, lambda: self.client.detokenize(tokens),
-            lambda operation_id, result: self.history.ok(operation_id, outputs=result))
+            lambda operation_id, result: self.history.ok(operation_id, outputs=result,
+                                                         answered_by=self.client.current_url))
 
     async def rotate(self) -> RotateResult | None:
         return await self._record(

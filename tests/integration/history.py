@@ -76,6 +76,7 @@ class Operation:
     outputs: tuple[str | None, ...] = ()
     error_status: int | None = None
     error: str = ""
+    answered_by: str = ""  # the node (its URL) that gave an acknowledged answer, when the client said
 
     @property
     def acknowledged(self) -> bool:
@@ -91,7 +92,8 @@ class Operation:
             outcome += f" status {self.error_status}"
         if self.error:
             outcome += f" ({self.error})"
-        return f"op {self.operation_id} {self.kind} by {self.client_id} via {self.node} [{timing}] {outcome}"
+        answered = f" answered by {self.answered_by}" if self.answered_by else ""
+        return f"op {self.operation_id} {self.kind} by {self.client_id} via {self.node}{answered} [{timing}] {outcome}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,9 +144,11 @@ class History:
             self._operations[operation_id] = finished
         return finished
 
-    def ok(self, operation_id: int, *, epoch: int | None = None, outputs: Iterable[str | None] = ()) -> Operation:
-        """The operation was acknowledged with this response."""
-        return self._finish(operation_id, status=Status.OK, epoch=epoch, outputs=tuple(outputs))
+    def ok(self, operation_id: int, *, epoch: int | None = None, outputs: Iterable[str | None] = (),
+           answered_by: str = "") -> Operation:
+        """The operation was acknowledged with this response (by ``answered_by``, when known)."""
+        return self._finish(operation_id, status=Status.OK, epoch=epoch, outputs=tuple(outputs),
+                            answered_by=answered_by)
 
     def error(self, operation_id: int, status: int | None, description: str = "") -> Operation:
         """The node answered with an error status (e.g. 503): not acknowledged."""

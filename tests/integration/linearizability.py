@@ -30,7 +30,9 @@ the keys, not of concurrency; history.py checks what it can of it.
 
 from __future__ import annotations
 
+import datetime
 import math
+import time
 from collections import defaultdict
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -169,7 +171,8 @@ def token_histories(operations: Sequence[Operation]) -> dict[str, list[Call]]:
 
 
 def _source(operation: Operation) -> str:
-    return f"op {operation.operation_id} via {operation.node}"
+    answered = f", answered by {operation.answered_by}" if operation.answered_by else ""
+    return f"op {operation.operation_id} via {operation.node}{answered}"
 
 
 MAX_DESCRIBED_CALLS = 40
@@ -179,7 +182,9 @@ def describe_calls(calls: Sequence[Call]) -> str:
     """The calls of one object in order of start, times relative to the first, values by label only."""
     ordered = sorted(calls, key=lambda call: call.start)
     origin = ordered[0].start if ordered else 0.0
-    lines = []
+    # The first call's wall-clock time, to find it in the nodes' logs (the calls' times are monotonic).
+    started = datetime.datetime.fromtimestamp(time.time() - (time.monotonic() - origin), datetime.timezone.utc)
+    lines = [f"    (times from {started:%H:%M:%S.%f} UTC, when the check runs in the process that recorded them)"]
     for call in ordered[:MAX_DESCRIBED_CALLS]:
         end = "?" if call.end is None else f"{call.end - origin:.3f}"
         if call.operation == ("read",):

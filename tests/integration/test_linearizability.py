@@ -58,7 +58,7 @@ def test_a_read_that_starts_after_the_acknowledgement_and_misses_it_is_found() -
     assert [violation.check for violation in violations] == ["linearizable"]
     assert "SECRET-VALUE-42" not in str(violations[0]), "a violation never shows a value"
     # It shows the token's calls in order, each with its operation and node, values by label only.
-    lines = str(violations[0]).splitlines()[1:]
+    lines = str(violations[0]).splitlines()[2:]
     assert [line.split("] ", 1)[1] for line in lines] == [
         f"insert {value_label('SECRET-VALUE-42')} (op {write} via n1)", f"read -> null (op {stale} via n2)"]
     assert lines[0].strip().startswith("[0.000..1.000]") and lines[1].strip().startswith("[2.000..3.000]")

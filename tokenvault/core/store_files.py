@@ -277,6 +277,25 @@ def wal_file_names(directory: Path) -> tuple[str, ...]:
         return ()
 
 
+# RocksDB's own CURRENT names the live MANIFEST in a line of some 16 bytes.
+MAX_MANIFEST_POINTER_BYTES = 256
+
+
+def manifest_name(directory: Path) -> str:
+    """The MANIFEST a generation's RocksDB CURRENT file names now ("" when it cannot be read).
+
+    A view follows the store by this too: RocksDB starts a new MANIFEST once one is past
+    MAX_MANIFEST_BYTES (tokenvault.core.store_layout), and a secondary instance that caught up across
+    that switch was measured to lose rows it had (a five-node soak: four tokens read back null by a view
+    whose applied index had moved past them). Any change of it during a view's open or since, like a
+    change of the WAL files, opens the view again."""
+    try:
+        with open(directory / "CURRENT", "rb") as file:
+            return file.read(MAX_MANIFEST_POINTER_BYTES).decode("ascii", "replace").strip()
+    except OSError:
+        return ""
+
+
 def wal_file_bytes(directory: Path, names: Sequence[str]) -> int:
     """The bytes of the named WAL files now (a file already gone counts nothing)."""
     total = 0

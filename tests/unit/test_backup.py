@@ -61,16 +61,22 @@ class CheckpointingStore:
         return self.index, self.view
 
 
+def store_at_41_3(path: Path) -> VaultStore:
+    """A real store at (41, 3): forty no-op entries, then epoch 1's rotation."""
+    store = VaultStore.open(path)
+    entries = [Entry(index, 3, EntryKind.NOOP, b"") for index in range(1, 41)]
+    rotate = RotateEpochCommand(1, b"w" * 60, 1_000, None, None, None)
+    entries.append(Entry(41, 3, EntryKind.COMMAND, encode_command(rotate)))
+    store.apply_batch(entries)
+    return store
+
+
 @pytest.fixture(scope="module")
 def real_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> CheckpointingStore:
     """The files of a real store's checkpoint at (41, 3): what the CLI's verification opens with RocksDB."""
     directory = tmp_path_factory.mktemp("real-checkpoint")
-    store = VaultStore.open(directory / "store")
+    store = store_at_41_3(directory / "store")
     try:
-        entries = [Entry(index, 3, EntryKind.NOOP, b"") for index in range(1, 41)]
-        rotate = RotateEpochCommand(1, b"w" * 60, 1_000, None, None, None)
-        entries.append(Entry(41, 3, EntryKind.COMMAND, encode_command(rotate)))
-        store.apply_batch(entries)
         assert store.create_checkpoint(directory / "checkpoint") == (41, 3)
     finally:
         store.close()

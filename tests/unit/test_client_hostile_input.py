@@ -9,7 +9,7 @@ the CLI's exit code), never a Python traceback, and nothing is kept.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,21 +18,20 @@ from aiohttp import test_utils, web
 from click.testing import CliRunner
 
 from fake_vault_server import FakeVaultServer, Reply, problem
+from test_backup import store_at_41_3
+from test_client import API_KEY as CLIENT_KEY, node_a, node_b  # noqa: F401 (node_a and node_b are fixtures)
 from node_support import make_configs
-from protocol import Entry, EntryKind
 from tokenvault.audit_chain import GENESIS_HASH, ChainBreak, ChainVerifier, chain_hash, record_document
 from tokenvault.client.cli import tokenvault
 from tokenvault.client.vault import AsyncClient, ProblemError, ResponseError, ServiceUnavailable
 from tokenvault.config import write_node_config
 from tokenvault.core.backup import (HEADER_BYTES, HEADER_INDEX, HEADER_NODE, HEADER_ROLE, HEADER_VIEW, BackupError,
                                     BackupRefused, download_backup, restore_data_dir, verify_backup_file)
-from tokenvault.core.commands import RotateEpochCommand, encode_command
 from tokenvault.core.snapshots import SnapshotSource
 from tokenvault.core.store import VaultStore
-from tokenvault.core.store_layout import API_KEY, StoreCorruption
+from tokenvault.core.store_layout import API_KEY as API_KEY_ROW, StoreCorruption
 from tokenvault.devcluster.cluster_spec import CLUSTER_FILE_NAME, ClusterError, load_cluster
 
-API_KEY_TEXT = "tvk_" + "h" * 43
 # Digits str.isdigit() accepts and float()/int() refuse (superscripts are digits, not decimals).
 NON_ASCII_DIGITS = ["²", "³⁴"]
 # Deeper than json.loads can nest at the default recursion limit: RecursionError, not ValueError.
@@ -46,16 +45,6 @@ def runner(monkeypatch: pytest.MonkeyPatch) -> CliRunner:
     return CliRunner()
 
 
-@pytest.fixture
-def node_a() -> Iterator[FakeVaultServer]:
-    with FakeVaultServer("n1", api_key=API_KEY_TEXT) as server:
-        yield server
-
-
-@pytest.fixture
-def node_b() -> Iterator[FakeVaultServer]:
-    with FakeVaultServer("n2", role="backup", api_key=API_KEY_TEXT) as server:
-        yield server
 
 
 Handler = Callable[[web.Request], Any]
@@ -94,7 +83,7 @@ async def test_a_retry_after_of_non_ascii_digits_is_ignored_and_the_client_fails
         node_a: FakeVaultServer, node_b: FakeVaultServer, retry_after: str) -> None:
     node_a.responders[("POST", "/v1/tokenize")] = lambda request: problem(
         503, "Service Unavailable", "no primary", {"Retry-After": retry_after})
-    async with AsyncClient([node_a.url, node_b.url], API_KEY_TEXT) as vault:
+    async with AsyncClient([node_a.url, node_b.url], CLIENT_KEY) as vault:
         result = await vault.tokenize(["v"])
     assert result.tokens == (node_b.token_for("v", 1),)
     assert len(node_a.calls("/v1/tokenize")) == 1
@@ -105,7 +94,7 @@ async def test_a_persistent_503_with_non_ascii_retry_after_is_service_unavailabl
         node_a: FakeVaultServer, retry_after: str) -> None:
     node_a.responders[("POST", "/v1/tokenize")] = lambda request: problem(
         503, "Service Unavailable", "no quorum", {"Retry-After": retry_after})
-    async with AsyncClient(node_a.url, API_KEY_TEXT, retry_after_cap_seconds=0.05, deadline_seconds=0.2) as vault:
+    async with AsyncClient(node_a.url, CLIENT_KEY, retry_after_cap_seconds=0.05, deadline_seconds=0.2) as vault:
         with pytest.raises(ServiceUnavailable) as caught:
             await vault.tokenize(["v"])
     assert caught.value.detail == "no quorum" and caught.value.retry_after_seconds is None
@@ -116,11 +105,11 @@ def test_admin_backup_from_a_busy_node_with_non_ascii_retry_after_exits_3(
     node_a.responders[("GET", "/v1/admin/backup")] = lambda request: problem(
         503, "Service Unavailable", "busy", {"Retry-After": "²"})
     out = tmp_path / "vault.backup"
-    result = runner.invoke(tokenvault, ["admin", "backup", "--url", node_a.url, "--api-key", API_KEY_TEXT,
+    result = runner.invoke(tokenvault, ["admin", "backup", "--url", node_a.url, "--api-key", CLIENT_KEY,
                                         "--out", str(out), "--prefer", "any", "--retry-seconds", "0"])
     assert result.exit_code == 3, result.output
     assert "no node available" in result.output and "503 Service Unavailable" in result.output
-    assert "Traceback" not in result.output and API_KEY_TEXT not in result.output
+    assert "Traceback" not in result.output and CLIENT_KEY not in result.output
     assert list(tmp_path.iterdir()) == []
 
 
@@ -129,7 +118,7 @@ def test_admin_backup_from_a_busy_node_with_non_ascii_retry_after_exits_3(
 
 async def test_a_response_nested_past_the_parsers_stack_is_a_response_error(raw_server: Any) -> None:
     url = await raw_server(raw_answer(200, DEEP_JSON))
-    async with AsyncClient(url, API_KEY_TEXT) as vault:
+    async with AsyncClient(url, CLIENT_KEY) as vault:
         with pytest.raises(ResponseError, match="not a JSON object"):
             await vault.cluster()
 
@@ -138,7 +127,7 @@ async def test_a_backup_refusal_nested_past_the_parsers_stack_is_the_status_alon
         raw_server: Any, tmp_path: Path) -> None:
     url = await raw_server(raw_answer(403, DEEP_JSON))
     with pytest.raises(ProblemError) as caught:
-        await download_backup([url], API_KEY_TEXT, tmp_path / "vault.backup", prefer="any", retry_seconds=0)
+        await download_backup([url], CLIENT_KEY, tmp_path / "vault.backup", prefer="any", retry_seconds=0)
     assert caught.value.status == 403 and caught.value.title == "HTTP 403"
     assert list(tmp_path.iterdir()) == []
 
@@ -156,7 +145,7 @@ def test_a_migration_state_file_nested_past_the_parsers_stack_is_refused(
     state = tmp_path / "state.json"
     state.write_text("[" * 4000)  # within the state file's 4 KiB bound
     result = runner.invoke(tokenvault, ["admin", "epoch", "migrate", "1", "--state-file", str(state),
-                                        "--url", node_a.url, "--api-key", API_KEY_TEXT])
+                                        "--url", node_a.url, "--api-key", CLIENT_KEY])
     assert result.exit_code == 2, result.output
     assert "is not a migration state of epoch 1" in result.output and "Traceback" not in result.output
     assert node_a.calls("/v1/retokenize") == []
@@ -227,7 +216,7 @@ def test_audit_verify_and_export_report_a_record_out_of_range_as_broken_with_exi
     out = tmp_path / "audit.jsonl"
     extra = ["--out", str(out)] if command == "export" else []
     result = runner.invoke(tokenvault, ["admin", "audit", command, *extra, "--url", node_a.url,
-                                        "--api-key", API_KEY_TEXT])
+                                        "--api-key", CLIENT_KEY])
     assert result.exit_code == 4, result.output
     assert "audit trail BROKEN at record 12: holds a value out of range (11 records before it verified)" \
         in result.stderr
@@ -242,14 +231,10 @@ def test_audit_verify_and_export_report_a_record_out_of_range_as_broken_with_exi
 def write_store_backup(directory: Path, bad_api_key_row: bytes | None = None) -> bytes:
     """The bytes of a backup of a real store at (41, 3), taken as a node takes one; with ``bad_api_key_row``,
     its checkpoint also holds one API-key row of that (malformed) value."""
-    store = VaultStore.open(directory / "store")
+    store = store_at_41_3(directory / "store")
     try:
-        entries = [Entry(index, 3, EntryKind.NOOP, b"") for index in range(1, 41)]
-        rotate = RotateEpochCommand(1, b"w" * 60, 1_000, None, None, None)
-        entries.append(Entry(41, 3, EntryKind.COMMAND, encode_command(rotate)))
-        store.apply_batch(entries)
         if bad_api_key_row is not None:
-            store._db[API_KEY + b"k_bad"] = bad_api_key_row
+            store._db[API_KEY_ROW + b"k_bad"] = bad_api_key_row
         source = SnapshotSource.create(store, directory / "work")
         path = directory / "store.backup"
         try:
@@ -289,7 +274,7 @@ async def test_a_valid_stream_that_matches_its_announced_size_is_kept(
         raw_server: Any, good_backup: bytes, tmp_path: Path) -> None:
     url = await raw_server(backup_handler(good_backup, backup_headers(len(good_backup))))
     out = tmp_path / "vault.backup"
-    result = await download_backup([url], API_KEY_TEXT, out, prefer="any", retry_seconds=0)
+    result = await download_backup([url], CLIENT_KEY, out, prefer="any", retry_seconds=0)
     assert (result.index, result.view, result.size_bytes) == (41, 3, len(good_backup))
     assert out.read_bytes() == good_backup and verify_backup_file(out).index == 41
 
@@ -304,7 +289,7 @@ async def test_a_stream_longer_or_shorter_than_it_announced_is_refused_and_nothi
     url = await raw_server(backup_handler(good_backup, backup_headers(announced)))
     out = tmp_path / "vault.backup"
     with pytest.raises(BackupError) as caught:
-        await download_backup([url], API_KEY_TEXT, out, prefer="any", retry_seconds=0)
+        await download_backup([url], CLIENT_KEY, out, prefer="any", retry_seconds=0)
     assert reason in str(caught.value) and f"{announced} bytes its {HEADER_BYTES} header announced" \
         in str(caught.value)
     assert list(tmp_path.iterdir()) == []
@@ -318,7 +303,7 @@ async def test_a_backup_header_that_is_not_a_short_ascii_number_is_a_backup_erro
     headers[header] = value
     url = await raw_server(backup_handler(good_backup, headers))
     with pytest.raises(BackupError, match=f"lacks a valid {header} header"):
-        await download_backup([url], API_KEY_TEXT, tmp_path / "vault.backup", prefer="any", retry_seconds=0)
+        await download_backup([url], CLIENT_KEY, tmp_path / "vault.backup", prefer="any", retry_seconds=0)
     assert list(tmp_path.iterdir()) == []
 
 

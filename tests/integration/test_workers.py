@@ -153,6 +153,22 @@ def test_the_workers_exit_within_a_second_of_their_core(single: ClusterHarness) 
     assert len(worker_pids(single.pid("n1") or 0)) == len(workers)
 
 
+def test_a_core_that_crashes_prints_its_python_stack_and_its_exit_status_is_reported(single: ClusterHarness) -> None:
+    """A crash in a C extension (RocksDB, say) ends a node with SIGSEGV. `tokenvault serve` prints the Python
+    stack of every thread to its captured output (file, line and function names, never a value), and the dev
+    cluster reports the exit status of a node it finds gone: before, a restarted node that exited that way in
+    a soak run left no line anywhere and "exited" with no status."""
+    node = single.node("n1")
+    pid = single.pid("n1")
+    assert pid is not None
+    os.kill(pid, signal.SIGSEGV)  # as a crash in native code raises it
+    wait_for(lambda: cluster.exit_status(node) is not None, 10, "the node's exit status")
+    assert cluster.exit_status(node) == -signal.SIGSEGV
+    output = node.output_file.read_text(errors="replace")
+    assert "Fatal Python error: Segmentation fault" in output and 'File "' in output
+    single.restart("n1")  # and it recovers as after any crash
+
+
 def test_a_killed_node_is_reported_gone_only_once_its_workers_and_sealer_are(single: ClusterHarness) -> None:
     """README, `./run_cluster.sh kill` (and `stop`): it returns once the node is gone, its workers and sealer included
     (they exit by themselves, a worker removing its store view from the data directory). A test that then

@@ -79,6 +79,8 @@ PORT_RELEASE_TIMEOUT_SECONDS = 10.0
 # A killed node's workers and sealer exit by themselves within a second of it (docs/architecture.md);
 # this is the bound `kill` waits for them before it says they outlived it.
 CHILDREN_EXIT_TIMEOUT_SECONDS = 5.0
+# How long a node seen gone is waited for, to read its exit status (exit_status).
+EXIT_STATUS_WAIT_SECONDS = 1.0
 
 # Processes started by this Python process, so that they can be reaped (a
 # killed child stays a zombie, and looks alive, until its parent waits for it).
@@ -243,6 +245,12 @@ def exit_status(node: NodeSpec) -> int | None:
     pid = read_pid_file(node)
     if pid is None or running_pid(node) is not None:
         return None
+    child = _children.get(pid)
+    if child is not None and pid not in _exit_statuses:
+        # Seen gone while another thread was reaping it (Popen.poll then says nothing): wait for it.
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            _exit_statuses[pid] = child.wait(timeout=EXIT_STATUS_WAIT_SECONDS)
+            _children.pop(pid, None)
     return _exit_statuses.get(pid)
 
 

@@ -161,12 +161,15 @@ def test_a_core_that_crashes_prints_its_python_stack_and_its_exit_status_is_repo
     node = single.node("n1")
     pid = single.pid("n1")
     assert pid is not None
+    workers = worker_pids(pid)
     os.kill(pid, signal.SIGSEGV)  # as a crash in native code raises it
     wait_for(lambda: cluster.exit_status(node) is not None, 10, "the node's exit status")
     assert cluster.exit_status(node) == -signal.SIGSEGV
     output = node.output_file.read_text(errors="replace")
     assert "Fatal Python error: Segmentation fault" in output and 'File "' in output
-    single.restart("n1")  # and it recovers as after any crash
+    # And it recovers as after any crash, once its workers have seen their core gone and left the port.
+    wait_for(lambda: not any(alive(worker) for worker in workers), CORE_GONE_SECONDS + 4, "the workers to exit")
+    single.restart("n1")
 
 
 def test_a_killed_node_is_reported_gone_only_once_its_workers_and_sealer_are(single: ClusterHarness) -> None:

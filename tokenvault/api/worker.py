@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import faulthandler
 import os
 import signal
@@ -201,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fd", type=int, required=True)
     parser.add_argument("--listen-fd", type=int, required=True)
     args = parser.parse_args(argv)
-    faulthandler.enable()  # as `tokenvault serve` does: a crash in RocksDB prints the Python stack, no value
+    with contextlib.suppress(OSError, ValueError, AttributeError):  # a stderr with no file behind it
+        faulthandler.enable()  # as `tokenvault serve` does: a crash in RocksDB prints the Python stack, no value
     config = load_config(Path(args.config))
     import uvloop
 

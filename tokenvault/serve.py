@@ -24,7 +24,7 @@ from tokenvault.core.backup import DEFAULT_MAX_BACKUP_STREAMS
 from tokenvault.config import ConfigError, NodeConfig, load_config
 from tokenvault.core.incarnations import IncarnationError
 from tokenvault.core.loopwatch import LoopWatch
-from tokenvault.core.node import GC_YOUNG_THRESHOLD, SHUTDOWN_GRACE_SECONDS, Node
+from tokenvault.core.node import GC_YOUNG_THRESHOLD, SHUTDOWN_GRACE_SECONDS, Node, fatal_text
 from tokenvault.core.sealer import Sealer
 from tokenvault.core.store_layout import StoreError
 from tokenvault.core.wal_segments import WalCorruption
@@ -100,9 +100,7 @@ async def run_node(config: NodeConfig, config_path: Path | None = None) -> int:
         log.critical("node.refused_to_start", reason=str(error)[:500])
         return 3
     except OSError as error:  # a data directory the node cannot make, read or write: said in one line
-        where = f" ({error.filename})" if error.filename else ""
-        log.critical("node.refused_to_start",
-                     reason=f"{type(error).__name__}: {error.strerror or 'I/O error'}{where}"[:500])
+        log.critical("node.refused_to_start", reason=f"{type(error).__name__}: {fatal_text(error)}")
         return 3
     except ConfigError as error:  # the master key's source (config.load_master_key): the caller prints it too
         log.critical("node.refused_to_start", reason=str(error)[:500])

@@ -121,22 +121,23 @@ def test_a_view_is_opened_again_when_the_wal_files_change_while_it_opens_or_catc
     deletion included, opens it again."""
     from tokenvault.core import store_reader
 
-    real = store_reader.wal_file_names
+    real = store_reader.followed_files
     snapshots: list[tuple[str, ...]] = []
     scripted = iter([("1.log", "2.log"), ("2.log",)])  # the first open straddles the old WAL's deletion
 
     def wal_files(directory):
-        listed = next(scripted, None) or real(directory)
+        real_wals, manifests = real(directory)
+        listed = next(scripted, None) or real_wals
         snapshots.append(listed)
-        return listed
+        return listed, manifests
 
-    monkeypatch.setattr(store_reader, "wal_file_names", wal_files)
+    monkeypatch.setattr(store_reader, "followed_files", wal_files)
     view = StoreReader(tmp_path / "store", tmp_path / "reader").open()
     # Opened twice: the sets before and after the first open differ, the second open's agree.
     assert snapshots[:2] == [("1.log", "2.log"), ("2.log",)] and len(snapshots) == 4
     assert snapshots[2] == snapshots[3]
     opened = len(snapshots)
-    scripted = iter([(*real(tmp_path / "store" / view._generation), "9.log")])  # a WAL file appears
+    scripted = iter([(*real(tmp_path / "store" / view._generation)[0], "9.log")])  # a WAL file appears
     view.catch_up()
     assert len(snapshots) > opened + 1  # the catch-up saw the change and opened the view again
     view.close()
@@ -144,12 +145,12 @@ def test_a_view_is_opened_again_when_the_wal_files_change_while_it_opens_or_catc
 
 def test_a_view_is_opened_again_when_rocksdb_starts_a_new_manifest_never_caught_up_across_it(
         tmp_path, monkeypatch):
-    """store_files.manifest_name: RocksDB starts a new MANIFEST once one is past MAX_MANIFEST_BYTES, and
+    """store_files.followed_files: RocksDB starts a new MANIFEST once one is past MAX_MANIFEST_BYTES, and
     a view that caught up across the switch was measured to lose rows it had (a five-node soak read
     four live tokens back null). A compaction alone (no flush: the WAL files stay) switches it here, with
     a bound of one byte; the view's next catch-up opens it anew, and it still finds every token."""
     from tokenvault.core import store_layout
-    from tokenvault.core.store_files import manifest_name, read_current, wal_file_names
+    from tokenvault.core.store_files import followed_files, read_current
 
     monkeypatch.setattr(store_layout, "MAX_MANIFEST_BYTES", 1)
     log = Log()
@@ -162,9 +163,9 @@ def test_a_view_is_opened_again_when_rocksdb_starts_a_new_manifest_never_caught_
         vault._db.flush()
         view = StoreReader(tmp_path / "store", tmp_path / "reader").open()
         generation = tmp_path / "store" / read_current(tmp_path / "store")
-        manifest, wals, opens = manifest_name(generation), wal_file_names(generation), view.opens
+        (wals, manifests), opens = followed_files(generation), view.opens
         vault._db.compact_range(None, None)  # two table files into one: a MANIFEST edit, and a new MANIFEST
-        assert manifest_name(generation) != manifest and wal_file_names(generation) == wals
+        assert followed_files(generation)[1] != manifests and followed_files(generation)[0] == wals
         view.catch_up()
         assert view.opens == opens + 1
         tokens = [token(1, number) for number in range(40)]
@@ -275,9 +276,14 @@ async def test_while_the_core_flushes_a_nudge_leaves_the_view_as_it_is_and_a_wai
     once the old file is gone, any catch-up opens it again."""
     from tokenvault.core import store_reader
 
-    real = store_reader.wal_file_names
+    real = store_reader.followed_files
     flushing: list[str] = []
-    monkeypatch.setattr(store_reader, "wal_file_names", lambda directory: tuple(sorted((*real(directory), *flushing))))
+
+    def with_flushing(directory):
+        wals, manifests = real(directory)
+        return tuple(sorted((*wals, *flushing))), manifests
+
+    monkeypatch.setattr(store_reader, "followed_files", with_flushing)
     log = Log()
     started(store, log)
     view = StoreReader(tmp_path / "store", tmp_path / "reader").open()

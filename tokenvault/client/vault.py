@@ -256,7 +256,7 @@ def _validate_api_key(api_key: str | None) -> str | None:
     return api_key
 
 
-def _parse_retry_after(value: str | None, cap_seconds: float) -> float | None:
+def parse_retry_after(value: str | None, cap_seconds: float) -> float | None:
     """Whole seconds from a Retry-After header, capped; None when it is absent or not a short ASCII number.
 
     Why ASCII: str.isdigit() also accepts digits such as '²', which float() refuses (a ValueError that
@@ -283,7 +283,7 @@ def _problem_from(answer: _Answer, retry_after_cap_seconds: float) -> ProblemErr
         detail=text("detail", ""),
         problem_type=text("type", "about:blank"),
         url=answer.url,
-        retry_after_seconds=_parse_retry_after(answer.headers.get("Retry-After"), retry_after_cap_seconds),
+        retry_after_seconds=parse_retry_after(answer.headers.get("Retry-After"), retry_after_cap_seconds),
     )
 
 

@@ -52,7 +52,7 @@ from typing import Any
 import aiohttp
 
 from protocol import HardState
-from tokenvault.client.vault import AsyncClient, NoNodeAvailable, ProblemError, client_ssl_context
+from tokenvault.client.vault import AsyncClient, NoNodeAvailable, ProblemError, client_ssl_context, parse_retry_after
 from tokenvault.crypto.keys import CryptoError, KeyRing
 from tokenvault.errors import Unavailable
 from tokenvault.logs import get_logger
@@ -568,20 +568,18 @@ async def _problem_document(response: Any) -> dict[str, Any]:
     return document if isinstance(document, dict) else {}
 
 
-def _is_ascii_number(text: str, max_digits: int) -> bool:
-    # Why ASCII: str.isdigit() also accepts digits such as '²', which int() and float() refuse.
-    return text.isascii() and text.isdigit() and len(text) <= max_digits
-
-
 def _retry_after(value: str | None) -> float:
-    text = (value or "").strip()
-    return min(float(text), 2.0) if _is_ascii_number(text, 6) else 1.0
+    """The wait before asking a busy node again: its Retry-After (client.vault's reading of it), at most
+    2 s; 1 s when it gave none that reads as a number."""
+    seconds = parse_retry_after(value, 2.0)
+    return 1.0 if seconds is None else seconds
 
 
 def _header_int(response: Any, name: str) -> int:
     """A non-negative integer header of the backup response (at most 20 digits: a 64-bit count)."""
     text = response.headers.get(name, "").strip()
-    if not _is_ascii_number(text, MAX_HEADER_DIGITS):
+    # Why ASCII: str.isdigit() also accepts digits such as '²', which int() refuses.
+    if not (text.isascii() and text.isdigit() and len(text) <= MAX_HEADER_DIGITS):
         raise BackupError(f"the backup response lacks a valid {name} header (a decimal number of at most "
                           f"{MAX_HEADER_DIGITS} digits); nothing was kept")
     return int(text)

@@ -97,7 +97,7 @@ def fatal_text(error: BaseException) -> str:
         return str(error)[:300]
     if type(error) is Exception:
         return reason(error)[:300]
-    if type(error).__module__.startswith(("tokenvault.", "protocol")):
+    if type(error).__module__.startswith(("tokenvault.", "protocol.")):
         return str(error)[:300]
     return "(its text is not logged: it may quote the data it was handling)"
 

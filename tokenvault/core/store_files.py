@@ -270,30 +270,31 @@ def wal_file_names(directory: Path) -> tuple[str, ...]:
     found the old WAL gone: the rows of both are missing from it (measured: tokens never deleted
     read back as unknown). Any change of this set during a view's open or catch-up therefore opens
     the view again."""
+    return followed_files(directory)[0]
+
+
+def followed_files(directory: Path) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The names of a generation's WAL files and of its MANIFEST files, each sorted, from one listing
+    (empty when none is listed).
+
+    A view follows the MANIFEST files too: RocksDB starts a new MANIFEST once one is past
+    MAX_MANIFEST_BYTES (tokenvault.core.store_layout), writing the new file before it deletes the old,
+    and a secondary instance that caught up across that switch was measured to lose rows it had (a
+    five-node soak: four tokens read back null by a view whose applied index had moved past them).
+    Any change of them during a view's open or since, like a change of the WAL files, opens the view
+    again."""
+    wals: list[str] = []
+    manifests: list[str] = []
     try:
         with os.scandir(directory) as entries:
-            return tuple(sorted(entry.name for entry in entries if entry.name.endswith(".log")))
+            for entry in entries:
+                if entry.name.endswith(".log"):
+                    wals.append(entry.name)
+                elif entry.name.startswith("MANIFEST-"):
+                    manifests.append(entry.name)
     except OSError:
-        return ()
-
-
-# RocksDB's own CURRENT names the live MANIFEST in a line of some 16 bytes.
-MAX_MANIFEST_POINTER_BYTES = 256
-
-
-def manifest_name(directory: Path) -> str:
-    """The MANIFEST a generation's RocksDB CURRENT file names now ("" when it cannot be read).
-
-    A view follows the store by this too: RocksDB starts a new MANIFEST once one is past
-    MAX_MANIFEST_BYTES (tokenvault.core.store_layout), and a secondary instance that caught up across
-    that switch was measured to lose rows it had (a five-node soak: four tokens read back null by a view
-    whose applied index had moved past them). Any change of it during a view's open or since, like a
-    change of the WAL files, opens the view again."""
-    try:
-        with open(directory / "CURRENT", "rb") as file:
-            return file.read(MAX_MANIFEST_POINTER_BYTES).decode("ascii", "replace").strip()
-    except OSError:
-        return ""
+        return (), ()
+    return tuple(sorted(wals)), tuple(sorted(manifests))
 
 
 def wal_file_bytes(directory: Path, names: Sequence[str]) -> int:

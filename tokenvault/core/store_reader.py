@@ -63,7 +63,7 @@ from pathlib import Path
 
 from rocksdict import AccessType, Cache, Rdict
 
-from tokenvault.core.store_files import manifest_name, read_current, wal_file_bytes, wal_file_names
+from tokenvault.core.store_files import followed_files, read_current, wal_file_bytes, wal_file_names
 from tokenvault.core.store_layout import (LIFE, LIFE_END, META_KEY, StoreError,
                                           database_options, decode_meta, first_key, lookup_format_tokens, lookup_opaque,
                                           metadata_rows, reason, table_metadata_bytes)
@@ -127,7 +127,7 @@ class StoreReader:
         self._db: Rdict | None = None
         self._generation = ""
         self._wals: tuple[str, ...] = ()  # the WAL files when the view was opened (wal_file_names)
-        self._manifest = ""  # the MANIFEST RocksDB's CURRENT named then (store_files.manifest_name)
+        self._manifests: tuple[str, ...] = ()  # the MANIFEST files then (store_files.followed_files)
         self._replayed_bytes = 0  # their bytes when the view last moved (it has replayed at least that)
         self._deferred_at_bytes: int | None = None  # the WAL's bytes when a nudge last found too much to replay
         # When this view last asked the core for a flush and was told one was under way (-inf: the core
@@ -168,21 +168,21 @@ class StoreReader:
         # A secondary keeps every table file it opened open: the core's compactions may delete them.
         options.set_max_open_files(-1)
         for _ in range(REOPEN_ATTEMPTS):
-            wals, manifest = wal_file_names(directory), manifest_name(directory)
-            wal_bytes = wal_file_bytes(directory, wals)
+            files = followed_files(directory)
+            wal_bytes = wal_file_bytes(directory, files[0])
             try:
                 self._db = Rdict(str(directory), options, column_families={"default": options},
                                  access_type=AccessType.secondary(str(self._scratch / generation)))
             except Exception as failure:
                 raise StoreReadError(f"the store cannot be opened for reading: {reason(failure)}") from None
-            if wal_file_names(directory) == wals and manifest_name(directory) == manifest:
+            if followed_files(directory) == files:
                 break
             # The core flushed or started a new MANIFEST while this opened: open again on the new files.
             self._close_database()
         else:
             raise StoreReadError("the store kept changing its write-ahead log while the view opened")
         self._generation = generation
-        self._wals, self._manifest = wals, manifest
+        self._wals, self._manifests = files
         self._replayed_bytes = wal_bytes
         self._deferred_at_bytes = self._flush_asked_at = None
         self.opens += 1
@@ -254,11 +254,11 @@ class StoreReader:
             self._reopen()
             return self.applied_index
         directory = self._store_path / self._generation
-        if manifest_name(directory) != self._manifest:
-            # RocksDB started a new MANIFEST (store_files.manifest_name): never caught up across, opened anew.
+        wals, manifests = followed_files(directory)
+        if manifests != self._manifests:
+            # RocksDB started a new MANIFEST (store_files.followed_files): never caught up across, opened anew.
             self._reopen()
             return self.applied_index
-        wals = wal_file_names(directory)
         if wals != self._wals:
             if wait_out_flush and self._wals and set(self._wals) < set(wals):
                 self.deferred += 1
@@ -288,7 +288,7 @@ class StoreReader:
             log.warning("store_reader.reopening", reason=reason(failure))
             self._reopen()
             return self.applied_index
-        if wal_file_names(directory) != self._wals or manifest_name(directory) != self._manifest:
+        if followed_files(directory) != (self._wals, self._manifests):
             self._reopen()  # the switch came while this caught up: what it read may straddle it
         return self.applied_index
 

@@ -173,10 +173,11 @@ def test_epoch_tokens_pages_through_one_epoch_in_key_order(store):
         after = page[-1]
     assert [len(page) for page in pages] == [10, 10, 5]
     assert sum(pages, []) == sorted(token(1, n) for n in range(25))
-    assert store.epoch_tokens(2, None, MAX_TOKEN_PAGE) == [token(2, n) for n in range(3)]
+    assert store.epoch_tokens(2, None, MAX_TOKEN_PAGE + 1) == [token(2, n) for n in range(3)]
     assert store.epoch_tokens(3, None, 5) == []
-    with pytest.raises(ValueError):
-        store.epoch_tokens(1, None, MAX_TOKEN_PAGE + 1)
+    for limit in (0, MAX_TOKEN_PAGE + 2):  # a page, and one token more to tell whether it is the last
+        with pytest.raises(ValueError):
+            store.epoch_tokens(1, None, limit)
 
 
 def test_shred_removes_the_old_bytes_from_every_file_of_the_store(tmp_path):

@@ -287,10 +287,11 @@ class LifecycleOperations:
         records = {record.epoch: record for record in self.node.store.epochs()}
         if epoch not in records:
             raise NotFound("no epoch has this number")
-        tokens = self.node.store.epoch_tokens(epoch, after, limit)
-        # A full page is the last one when nothing follows it: one more seek says so, so that a walk
-        # never ends on an empty page (docs/api.md: next_after is null on the last page).
-        more = len(tokens) == limit and bool(self.node.store.epoch_tokens(epoch, tokens[-1], 1))
+        # One token past the page says whether anything follows it, so that a walk never ends on an
+        # empty page (docs/api.md: next_after is null on the last page).
+        tokens = self.node.store.epoch_tokens(epoch, after, limit + 1)
+        more = len(tokens) > limit
+        del tokens[limit:]
         return {"epoch": epoch, "state": records[epoch].state, "tokens": tokens,
                 "next_after": tokens[-1] if more else None}
 

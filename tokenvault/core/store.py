@@ -493,8 +493,9 @@ class VaultStore:
     def epoch_tokens(self, epoch: int, after: str | None, limit: int) -> list[str]:
         """Up to ``limit`` tokens issued in ``epoch`` after the token ``after`` (or from the first): its opaque
         tokens in key order, then its card and digits tokens in key order (a digit string as ``after``
-        continues among those). At most two bounded seeks and scans."""
-        if type(epoch) is not int or not 1 <= epoch <= MAX_STORED_EPOCH or not 1 <= limit <= MAX_TOKEN_PAGE:
+        continues among those). At most two bounded seeks and scans. ``limit`` may be one past a page
+        (MAX_TOKEN_PAGE + 1): a caller that asks for one token more learns whether its page is the last."""
+        if type(epoch) is not int or not 1 <= epoch <= MAX_STORED_EPOCH or not 1 <= limit <= MAX_TOKEN_PAGE + 1:
             raise ValueError("epoch or limit out of range")
         prefix = token_key(f"tv{epoch}_")
         opaque_end = prefix[:-1] + bytes([prefix[-1] + 1])

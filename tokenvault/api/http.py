@@ -266,6 +266,11 @@ def problem_response(
                     content_type=PROBLEM_CONTENT_TYPE)
 
 
+def error_response(error: ServiceError) -> Response:
+    """The problem response of a service error: its status, type, title, detail and headers."""
+    return problem_response(error.status, error.problem, error.title, error.detail, error.headers)
+
+
 # ---------------------------------------------------------------- header checks
 
 
@@ -826,15 +831,13 @@ class HttpApp:
             request[PATH_PARAMETERS] = match.parameters
             response = await match.handler(request)
         except ServiceError as error:
-            response = problem_response(error.status, error.problem, error.title, error.detail, error.headers)
+            response = error_response(error)
             if getattr(error, "close_connection", False) or _body_left_unread(request):
                 request.connection.send_now(request, response)
         except StoreDamaged:
             # A damaged store file: the node stops (docs/failure-modes.md), the other nodes serve. As the
             # workers answer it: 503.
-            stopping = Unavailable("this node is stopping: its store is damaged; retry on another node")
-            response = problem_response(stopping.status, stopping.problem, stopping.title, stopping.detail,
-                                        stopping.headers)
+            response = error_response(Unavailable("this node is stopping: its store is damaged; retry on another node"))
         except Exception:
             _log.exception("http.unexpected_error", route=route, method=request.method)
             response = problem_response(500, "internal", "Internal error",

@@ -110,6 +110,12 @@ def _token_collision() -> TokenCollision:
                           "opaque, or again after a rotation)")
 
 
+def _forward_answer(error: ServiceError) -> tuple[int, bytes, tuple[tuple[str, str], ...]]:
+    """A forwarded request's answer for ``error``: its status, problem body and headers."""
+    body = problem_body(error.status, error.problem, error.title, error.detail)
+    return error.status, body, tuple(error.headers.items())
+
+
 def _json(document: object) -> bytes:
     return json.dumps(document, separators=(",", ":")).encode()
 
@@ -1034,11 +1040,10 @@ class NodeService(LifecycleOperations, MembershipOperations):
     def _on_forward_request(self, sender: str, request: ForwardRequest) -> None:
         if len(self._forward_tasks) >= MAX_FORWARDS_SERVED:
             # Bounded like the sender's side: a peer cannot make this node hold unbounded work.
-            error = Overloaded("the primary is serving too many forwarded requests; retry later")
-            self.node.send_to_peer(sender, ForwardResponse(
-                request_id=request.request_id, status=error.status,
-                body=problem_body(error.status, error.problem, error.title, error.detail),
-                headers=tuple(error.headers.items())))
+            status, body, headers = _forward_answer(
+                Overloaded("the primary is serving too many forwarded requests; retry later"))
+            self.node.send_to_peer(sender, ForwardResponse(request_id=request.request_id, status=status,
+                                                           body=body, headers=headers))
             return
         task = asyncio.get_running_loop().create_task(self._serve_forward(sender, request))
         self._forward_tasks.add(task)
@@ -1051,21 +1056,15 @@ class NodeService(LifecycleOperations, MembershipOperations):
         try:
             status, body, headers = await self._run_forwarded(request, sender)
         except ServiceError as error:
-            status = error.status
-            body = problem_body(error.status, error.problem, error.title, error.detail)
-            headers = tuple(error.headers.items())
+            status, body, headers = _forward_answer(error)
         except NotPrimary:
-            unavailable = Unavailable("the node asked is no longer the primary; retry")
-            status, body = 503, problem_body(503, unavailable.problem, unavailable.title, unavailable.detail)
-            headers = tuple(unavailable.headers.items())
+            status, body, headers = _forward_answer(Unavailable("the node asked is no longer the primary; retry"))
         except (ValueError, TypeError, KeyError, msgpack.UnpackException):
             status, body = 400, problem_body(400, "invalid-request", "Bad Request", "malformed forwarded request")
         except Exception:
             # Answered at once rather than leaving the backup to time out (logged as the HTTP layer does).
             log.exception("forward.unexpected_error", kind=request.kind[:32])
-            unavailable = Unavailable("the primary could not serve this request; retry")
-            status, body = 503, problem_body(503, unavailable.problem, unavailable.title, unavailable.detail)
-            headers = tuple(unavailable.headers.items())
+            status, body, headers = _forward_answer(Unavailable("the primary could not serve this request; retry"))
         self.node.send_to_peer(sender, ForwardResponse(request_id=request.request_id, status=status,
                                                        body=body, headers=headers))
 

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -61,6 +65,7 @@ def test_the_record_is_bounded(tmp_path: Path) -> None:
 
 # Deeper than json's parser goes (it raises RecursionError, which is not a ValueError), within the file's bound.
 DEEPLY_NESTED = b"[" * 100_000
+NOBODY = 65534
 
 
 def test_a_record_file_nested_past_the_parser_s_depth_is_refused_clearly(tmp_path: Path) -> None:
@@ -79,16 +84,33 @@ def test_a_file_that_is_a_directory_is_refused_naming_it_and_the_os_reason(tmp_p
     assert (tmp_path / name / "inside").read_text() == "ab" * INCARNATION_BYTES  # nothing replaced or removed
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads a file whatever its mode")
-@pytest.mark.parametrize("name", [INCARNATION_FILE, PEER_INCARNATIONS_FILE])
-def test_a_file_the_node_may_not_read_is_refused_naming_it_and_the_os_reason(tmp_path: Path, name: str) -> None:
-    path = tmp_path / name
-    path.write_text("ab" * INCARNATION_BYTES if name == INCARNATION_FILE else "{}")
-    path.chmod(0)
+@contextlib.contextmanager
+def without_root_s_privilege() -> Iterator[None]:
+    """The file checks of the block made as user nobody when the tests run as root (as CI does): root
+    reads a file whatever its mode. Only the effective uid changes, and it is restored after."""
+    if os.geteuid() != 0:
+        yield
+        return
+    os.seteuid(NOBODY)
     try:
-        with pytest.raises(IncarnationError) as raised:
-            load_or_create_incarnation(tmp_path) if name == INCARNATION_FILE else PeerIncarnations(tmp_path)
+        yield
     finally:
+        os.seteuid(0)
+
+
+@pytest.mark.parametrize("name", [INCARNATION_FILE, PEER_INCARNATIONS_FILE])
+def test_a_file_the_node_may_not_read_is_refused_naming_it_and_the_os_reason(name: str) -> None:
+    # A directory anyone may pass through (pytest's base is its user's alone), holding a file of mode 0.
+    directory = Path(tempfile.mkdtemp())
+    try:
+        directory.chmod(0o711)
+        path = directory / name
+        path.write_text("ab" * INCARNATION_BYTES if name == INCARNATION_FILE else "{}")
+        path.chmod(0)
+        with pytest.raises(IncarnationError) as raised, without_root_s_privilege():
+            load_or_create_incarnation(directory) if name == INCARNATION_FILE else PeerIncarnations(directory)
+        assert str(raised.value).startswith(f"{path} cannot be read (Permission denied)")
         path.chmod(0o600)
-    assert str(raised.value).startswith(f"{path} cannot be read (Permission denied)")
-    assert path.read_text() == ("ab" * INCARNATION_BYTES if name == INCARNATION_FILE else "{}")  # not replaced
+        assert path.read_text() == ("ab" * INCARNATION_BYTES if name == INCARNATION_FILE else "{}")  # not replaced
+    finally:
+        shutil.rmtree(directory)

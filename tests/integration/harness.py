@@ -51,6 +51,9 @@ HEARTBEAT_INTERVAL_TICKS = 2
 # (issue 10: "every existing integration and fault test passes with W = 2"); 0 runs one process per node.
 HTTP_WORKERS = int(os.environ.get("TOKENVAULT_IT_HTTP_WORKERS", "2"))
 REQUEST_TIMEOUT_MS = 2000
+# A client's timeout for tests that count exactly what each request did (values sealed, audit records):
+# long enough that a slow machine never makes the client send a request twice.
+NO_RETRY_SECONDS = 30.0
 START_TIMEOUT_SECONDS = 30.0
 STOP_TIMEOUT_SECONDS = 2.0
 HEALTH_TIMEOUT_SECONDS = 1.0

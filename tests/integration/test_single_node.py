@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import HTTP_WORKERS, ClusterHarness, RecordingClient, wait_for
+from harness import HTTP_WORKERS, NO_RETRY_SECONDS, ClusterHarness, RecordingClient, wait_for
 from history import History, assert_no_violations, check_history_async
 
 pytestmark = pytest.mark.integration
@@ -31,8 +31,11 @@ async def tokenize_all(harness: ClusterHarness, history: History, values: list[s
     """Tokenize in a few concurrent batches plus concurrent single-value requests; value -> token."""
     batches = [values[start:start + BATCH_ITEMS] for start in range(0, BATCH_COUNT * BATCH_ITEMS, BATCH_ITEMS)]
     singles = values[BATCH_COUNT * BATCH_ITEMS:]
-    recorders = [RecordingClient(history, f"{client_id}-{index}", harness.client("n1"), "n1")
-                 for index in range(len(batches) + len(singles))]
+    # Each request sent once, so the sealed-values count below is exact.
+    clients = (harness.client("n1", timeout_seconds=NO_RETRY_SECONDS, deadline_seconds=NO_RETRY_SECONDS)
+               for _ in range(len(batches) + len(singles)))
+    recorders = [RecordingClient(history, f"{client_id}-{index}", client, "n1")
+                 for index, client in enumerate(clients)]
     try:
         requests = [recorder.tokenize(batch) for recorder, batch in zip(recorders, batches)]
         requests += [recorder.tokenize([value]) for recorder, value in zip(recorders[len(batches):], singles)]

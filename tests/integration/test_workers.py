@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from harness import HTTP_WORKERS, ClusterHarness, fast_settings, wait_for
+from harness import HTTP_WORKERS, NO_RETRY_SECONDS, ClusterHarness, fast_settings, wait_for
 from tokenvault.client.vault import NoNodeAvailable, ProblemError
 from tokenvault.devcluster import cluster
 
@@ -269,7 +269,7 @@ async def test_workers_answer_detokenize_from_their_view_and_never_a_deleted_or_
     (tokenvault_worker_store_reads{result="view"}), yet a token deleted, or of an epoch destroyed, before
     the request started is never answered, however far behind the view was; every answer is audited."""
     reads = "tokenvault_worker_store_reads_total"
-    async with single.client("n1") as client:
+    async with single.client("n1", timeout_seconds=NO_RETRY_SECONDS, deadline_seconds=NO_RETRY_SECONDS) as client:
         audit_before = (await client.audit_page(0, 1000)).last_seq
         rounds = [[f"view-{round_number}-{number}" for number in range(3)] for round_number in range(20)]
         tokens_of = [list((await client.tokenize(values)).tokens) for values in rounds]

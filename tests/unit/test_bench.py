@@ -174,8 +174,11 @@ async def recording_vault() -> AsyncIterator[tuple[str, dict[str, list[float]], 
         yield base_url, arrivals, values
 
 
-async def test_two_load_processes_measure_one_window_with_their_own_values_and_workers() -> None:
+async def test_two_load_processes_measure_one_window_with_their_own_values_and_workers(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     import loadgen
+    # Time enough for both children to start on a loaded machine, so that the common instant is common.
+    monkeypatch.setattr(loadgen, "CHILD_STARTUP_SECONDS", 6.0)
 
     async with recording_vault() as (base, arrivals, values):
         # Four URLs for four workers: worker n sends to prefix n (worker % len(urls)), so every prefix

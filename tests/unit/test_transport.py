@@ -32,6 +32,9 @@ from tokenvault.core.transport import PeerAddress, PeerTransport
 
 MAX_FRAME_BYTES = 1024 * 1024
 IDS = ("n1", "n2", "n3")
+# An idle timeout for tests that read exact frames from a raw peer that sends nothing itself: no Ping
+# (every timeout / 4) comes between them, and the link is not closed as silent, however slow the machine.
+QUIET_SECONDS = 60.0
 
 
 @dataclass
@@ -240,7 +243,7 @@ async def test_flush_puts_queued_messages_in_the_kernel_without_the_writer_task(
     Were it only queued for the writer task, the primary's appends would leave
     after its own fsync, and the backups' fsyncs could not overlap it.
     """
-    acceptor = await mesh.start("n2")
+    acceptor = await mesh.start("n2", idle_timeout_seconds=QUIET_SECONDS)
     peer = await RawPeer.connect(mesh.ports["n2"])
     try:
         await peer.handshake("n1", "n2", mesh.secret)
@@ -260,7 +263,7 @@ async def test_flush_puts_queued_messages_in_the_kernel_without_the_writer_task(
 
 
 async def test_the_send_queue_is_bounded_and_keeps_order_when_the_peer_does_not_read(mesh: Mesh) -> None:
-    acceptor = await mesh.start("n2")
+    acceptor = await mesh.start("n2", idle_timeout_seconds=QUIET_SECONDS)
     peer = await RawPeer.connect(mesh.ports["n2"])
     try:
         await peer.handshake("n1", "n2", mesh.secret)
@@ -414,7 +417,7 @@ async def test_garbage_after_the_handshake_closes_only_that_connection(mesh: Mes
     """docs/failure-modes.md, "A peer sends garbage or an oversized frame": that link alone is closed,
     logged as `peer.bad_frame` naming the peer and why, then `peer.down` (reason bad_frame); valid
     frames log neither."""
-    acceptor = await mesh.start("n2")
+    acceptor = await mesh.start("n2", idle_timeout_seconds=QUIET_SECONDS)
     await mesh.start("n3")  # n2 dials n3: the link that must survive
     await wait_until(lambda: acceptor.transport.is_connected("n3"), 5, "n2 to reach n3")
     with capture_logs() as logs:

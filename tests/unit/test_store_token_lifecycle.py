@@ -15,8 +15,8 @@ from tokenvault.core.shred import shred_keys
 from tokenvault.core import store_layout
 from tokenvault.core.store import VaultStore
 from tokenvault.core.store_files import read_current
-from tokenvault.core.store_layout import (DESTROYED, LIFE, MAX_TOKEN_PAGE, Outcome, format_token_key,
-                                          token_key)
+from tokenvault.core.store_layout import (DESTROYED, IDEMPOTENCY, LIFE, MAX_TOKEN_PAGE, SHRED_POINT_RANGES, Outcome,
+                                          format_token_key, shred_ranges, token_key)
 
 ACTOR = Actor(name="full", node="n1", request_id="r1")
 
@@ -180,20 +180,32 @@ def test_epoch_tokens_pages_through_one_epoch_in_key_order(store):
             store.epoch_tokens(1, None, limit)
 
 
+def random_tokenize(epoch: int, count: int) -> tuple[dict[str, bytes], bytes]:
+    """``count`` tokens of ``epoch`` with random 512-byte ciphertexts (token -> ciphertext), and the
+    command. Random, as real ciphertexts are, and long beside the numbered (so compressible) tokens:
+    RocksDB then stores their blocks as they are, where a compressed block would hide them from a
+    scan of the files."""
+    ciphertexts = {token(epoch, number): os.urandom(512) for number in range(count)}
+    return ciphertexts, encode_command(TokenizeCommand(epoch, tuple(ciphertexts.items()), None, None, None, 1_000))
+
+
 def test_shred_removes_the_old_bytes_from_every_file_of_the_store(tmp_path):
     secret = os.urandom(48)
-    ciphertext_marker = b"ciphertext-2-5"
+    ciphertexts, command = random_tokenize(2, 10)
     log = Log()
     vault = VaultStore.open(tmp_path / "store")
     try:
-        apply(vault, log, rotate(1, secret), rotate(2), tokenize(2, range(10)))
+        apply(vault, log, rotate(1, secret), rotate(2), command)
         vault.checkpoint()
         vault._db.flush()  # the old versions sit in a table file as well as in RocksDB's WAL
         assert files_holding(tmp_path / "store", secret)
+        assert all(files_holding(tmp_path / "store", ciphertext) for ciphertext in ciphertexts.values())
         apply(vault, log, destroy(1), delete(token(2, 5)))
         vault.shred([b"e" + (1).to_bytes(8, "big"), b"t" + token(2, 5).encode()])
         assert files_holding(tmp_path / "store", secret) == []
-        assert files_holding(tmp_path / "store", ciphertext_marker) == []
+        assert files_holding(tmp_path / "store", ciphertexts[token(2, 5)]) == []
+        assert all(files_holding(tmp_path / "store", ciphertext) for minted, ciphertext in ciphertexts.items()
+                   if minted != token(2, 5))
         assert len(vault.lookup([token(2, n) for n in range(10)])) == 9
     finally:
         vault.close()
@@ -221,5 +233,48 @@ def test_many_shreds_leave_a_bounded_manifest(tmp_path, monkeypatch):
             largest = max(largest, manifest_bytes())
         # RocksDB starts a new file once one is past the bound: at most the bound and one flush's records.
         assert largest <= 2 * bound, largest
+    finally:
+        vault.close()
+
+
+def test_shred_ranges_compact_each_key_alone_up_to_the_bound_then_group_neighbours() -> None:
+    rows = [token_key(token(1, number)) for number in (7, 3, 5)]
+    assert shred_ranges(rows + rows[:1], most=4) == [(key, key + b"\x00") for key in sorted(rows)]
+    # Past the bound: two kinds of row far apart in key order (life rows, token rows) and, between them,
+    # an idempotency record that is no key of the shred.
+    lives = [LIFE + token_key(token(1, number)) for number in range(0, 40, 4)]
+    tokens = [token_key(token(1, number)) for number in range(0, 40, 4)]
+    between = IDEMPOTENCY + b"some-request"
+    assert lives[-1] < between < tokens[0]
+    for most in (2, 3, 7):
+        ranges = shred_ranges(tokens + lives, most=most)
+        assert len(ranges) == most
+        assert all(begin < end <= following for (begin, end), (following, _) in zip(ranges, ranges[1:]))
+        assert all(sum(begin <= key < end for begin, end in ranges) == 1 for key in tokens + lives)
+        assert not any(begin <= between < end for begin, end in ranges)
+    # Within one kind, the widest gaps split: here the one after token 8 (numbers 0-8, then 30-36).
+    near = [token_key(token(1, number)) for number in (*range(9), *range(30, 37))]
+    assert shred_ranges(near, most=2) == [(near[0], near[8] + b"\x00"), (near[9], near[-1] + b"\x00")]
+
+
+def test_a_shred_of_more_keys_than_point_ranges_removes_every_old_byte(tmp_path):
+    """A delete of many tokens: more keys than SHRED_POINT_RANGES, so the shred compacts grouped ranges;
+    each deleted ciphertext leaves every file, and each other one stays, in the files and readable."""
+    ciphertexts, tokenize_command = random_tokenize(1, 200)
+    deleted = tuple(list(ciphertexts)[::3])
+    command = encode_command(DeleteTokensCommand(deleted, 2_000, ACTOR))
+    assert len(set(shred_keys(decode_command(command)))) > SHRED_POINT_RANGES
+    log = Log()
+    vault = VaultStore.open(tmp_path / "store")
+    try:
+        apply(vault, log, rotate(1), tokenize_command)
+        vault._db.flush()  # the old versions sit in a table file as well as in RocksDB's WAL
+        assert all(files_holding(tmp_path / "store", ciphertext) for ciphertext in ciphertexts.values())
+        apply(vault, log, command)
+        vault.shred(shred_keys(decode_command(command)))
+        for minted, ciphertext in ciphertexts.items():
+            assert (files_holding(tmp_path / "store", ciphertext) == []) == (minted in deleted), minted
+        assert vault.lookup(list(ciphertexts)) == {minted: ciphertext for minted, ciphertext in ciphertexts.items()
+                                                    if minted not in deleted}
     finally:
         vault.close()

@@ -72,12 +72,12 @@ from tokenvault.core.store_layout import (
     ACTIVE, AGE, AGE_END, AGE_HEADER_BYTES, API_KEY, AUDIT, AUDIT_ANCHOR_KEY, AUDIT_END, AUDIT_HEAD_KEY, AUDIT_KIND,
     BLOCK_CACHE_BYTES, CREATE_KEY_KIND, EXPIRY, EXPIRY_END, FORMAT_TOKEN_END, IDEMPOTENCY, LIFE,
     MAX_API_KEYS, MAX_AUDIT_PAGE, MAX_STORED_EPOCH, MAX_TOKEN_PAGE, MEMBERSHIP_KEY, META_KEY, NO_RECORDS, RETIRED,
-    REVOKE_KEY_KIND, ROTATE_KIND, SHRED_POINT_RANGES, TOKEN, TOKENIZE_KIND, U64, UNKNOWN_NODE, VERIFY_CACHE_BYTES,
+    REVOKE_KEY_KIND, ROTATE_KIND, TOKEN, TOKENIZE_KIND, U64, UNKNOWN_NODE, VERIFY_CACHE_BYTES,
     ApplyResult, EpochRecord, IdempotencyRecord, Outcome, SnapshotRejected, StoreCorruption, StoreDamaged, StoreError,
     age_created_at, age_key, api_key_value, bounded, damage, database_options, decode_epoch,
     decode_life, decode_meta, encode_meta, epoch_key, first_key, format_token_key, identity_key,
     json_bytes, life_rows, lookup_format_tokens, lookup_opaque, metadata_rows, open_database, pack, range_items,
-    range_keys, read_epochs, reason, token_key, unpack)
+    range_keys, read_epochs, reason, shred_ranges, token_key, unpack)
 from tokenvault.core.store_lifecycle import (Batch, add_tokens, append_audit, apply_audit_trim, apply_delete,
                                              apply_destroy, apply_mappings, apply_purge_expired)
 from tokenvault.core.wal import fsync_directory
@@ -524,18 +524,15 @@ class VaultStore:
         Flushes the memtable (RocksDB then deletes the WAL files that held the old versions) and
         compacts the key ranges down to the bottom level, where a tombstone and what it covers
         are dropped together. May run in a worker thread; costs the table files that overlap the
-        keys, so many scattered keys become one range from the lowest to the highest."""
+        keys, in at most SHRED_POINT_RANGES ranges (``shred_ranges``)."""
         with self._checkpoint_lock:
             if self._closed:
                 raise StoreError("the store is closed")
             database = self._db
             database.flush()
-            ordered = sorted(set(keys))
-            ranges = ([(key, key + b"\x00") for key in ordered] if len(ordered) <= SHRED_POINT_RANGES
-                      else [(ordered[0], ordered[-1] + b"\x00")])
             options = CompactOptions()
             options.set_bottommost_level_compaction(BottommostLevelCompaction.force())
-            for begin, end in ranges:
+            for begin, end in shred_ranges(keys):
                 database.compact_range(begin, end, options)
             database.flush_wal(True)
 

@@ -47,7 +47,9 @@ byte order is numeric order):
 
 from __future__ import annotations
 
+import heapq
 import json
+import os
 import re
 import struct
 import time
@@ -120,8 +122,11 @@ REASON_MAX_CHARS = 200
 # Epochs are stored in 4 bytes per token row; each rotation adds exactly one,
 # so reaching this would take four billion rotations.
 MAX_STORED_EPOCH = 2**32 - 1
-# Keys a shred compacts one by one; more become one range from the lowest to the highest.
+# Ranges one shred compacts at most: up to this many keys each get their own; more are grouped
+# (shred_ranges).
 SHRED_POINT_RANGES = 64
+# Bytes of two keys, from the first where they differ, that measure the gap between them (shred_ranges).
+_GAP_BYTES = 8
 
 TOKENIZE_KIND = "tokenize"
 ROTATE_KIND = "rotate"
@@ -417,6 +422,34 @@ _JSON_ENCODER = json.JSONEncoder(separators=(",", ":"))
 
 def json_bytes(document: dict[str, Any]) -> bytes:
     return _JSON_ENCODER.encode(document).encode()
+
+
+def _gap(lower: bytes, higher: bytes) -> tuple[int, int]:
+    """How far apart two keys are, for ordering gaps: keys that part at an earlier byte are further
+    apart; at the same byte, by the next _GAP_BYTES bytes from there as numbers."""
+    common = len(os.path.commonprefix([lower, higher]))
+
+    def number(key: bytes) -> int:
+        return int.from_bytes(key[common:common + _GAP_BYTES].ljust(_GAP_BYTES, b"\x00"), "big")
+
+    return -common, number(higher) - number(lower)
+
+
+def shred_ranges(keys: Iterable[bytes], most: int = SHRED_POINT_RANGES) -> list[tuple[bytes, bytes]]:
+    """The key ranges, [begin, end), a shred compacts to drop the older versions of ``keys``: one a key
+    up to ``most`` keys; past that, ``most`` ranges of neighbouring keys, split at the ``most`` - 1
+    widest gaps between them (``_gap``: keys that part at an earlier byte are further apart), so the gap
+    between two kinds of row (a token's row and its life row, with the idempotency records and other
+    rows between them) is always among the widest: a shred of many tokens compacts each kind's keys,
+    never what lies between (one range from the lowest key to the highest did). Every key is in a range,
+    the ranges are disjoint and in key order."""
+    ordered = sorted(set(keys))
+    if len(ordered) <= most:
+        return [(key, key + b"\x00") for key in ordered]
+
+    widest = heapq.nlargest(most - 1, range(1, len(ordered)), key=lambda at: _gap(ordered[at - 1], ordered[at]))
+    starts = [0, *sorted(widest), len(ordered)]
+    return [(ordered[first], ordered[following - 1] + b"\x00") for first, following in zip(starts, starts[1:])]
 
 
 # ---------------------------------------------------------------- RocksDB

@@ -510,4 +510,5 @@ async def test_a_restarted_node_logs_shred_done_once_the_delete_it_found_in_its_
         finally:
             await cluster.close()
     assert [(entry["log_level"], entry["through_index"], entry["rows"]) for entry in done] == [("info", noted[0], 2)]
+    assert type(done[0]["store_seconds"]) is float and 0 <= done[0]["store_seconds"] < 10
     assert still_on_disk_when_said == [False], "shred.done was said while a file still held the ciphertext"

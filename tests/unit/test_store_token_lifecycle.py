@@ -15,8 +15,8 @@ from tokenvault.core.shred import shred_keys
 from tokenvault.core import store_layout
 from tokenvault.core.store import VaultStore
 from tokenvault.core.store_files import read_current
-from tokenvault.core.store_layout import (DESTROYED, IDEMPOTENCY, LIFE, MAX_TOKEN_PAGE, SHRED_POINT_RANGES, Outcome,
-                                          format_token_key, shred_ranges, token_key)
+from tokenvault.core.store_layout import (DESTROYED, LIFE, MAX_TOKEN_PAGE, Outcome, bottom_files, format_token_key,
+                                          shred_ranges, token_key)
 
 ACTOR = Actor(name="full", node="n1", request_id="r1")
 
@@ -237,41 +237,67 @@ def test_many_shreds_leave_a_bounded_manifest(tmp_path, monkeypatch):
         vault.close()
 
 
-def test_shred_ranges_compact_each_key_alone_up_to_the_bound_then_group_neighbours() -> None:
-    rows = [token_key(token(1, number)) for number in (7, 3, 5)]
-    assert shred_ranges(rows + rows[:1], most=4) == [(key, key + b"\x00") for key in sorted(rows)]
-    # Past the bound: two kinds of row far apart in key order (life rows, token rows) and, between them,
-    # an idempotency record that is no key of the shred.
-    lives = [LIFE + token_key(token(1, number)) for number in range(0, 40, 4)]
-    tokens = [token_key(token(1, number)) for number in range(0, 40, 4)]
-    between = IDEMPOTENCY + b"some-request"
-    assert lives[-1] < between < tokens[0]
-    for most in (2, 3, 7):
-        ranges = shred_ranges(tokens + lives, most=most)
-        assert len(ranges) == most
-        assert all(begin < end <= following for (begin, end), (following, _) in zip(ranges, ranges[1:]))
-        assert all(sum(begin <= key < end for begin, end in ranges) == 1 for key in tokens + lives)
-        assert not any(begin <= between < end for begin, end in ranges)
-    # Within one kind, the widest gaps split: here the one after token 8 (numbers 0-8, then 30-36).
-    near = [token_key(token(1, number)) for number in (*range(9), *range(30, 37))]
-    assert shred_ranges(near, most=2) == [(near[0], near[8] + b"\x00"), (near[9], near[-1] + b"\x00")]
+def test_shred_ranges_are_one_a_bottom_file_or_gap_that_holds_keys() -> None:
+    def key(number: int) -> bytes:
+        return token_key(token(1, number))
+
+    keys = [key(number) for number in (5, 1, 12, 3, 40, 25, 27, 99, 12)]
+    # No level below the first: one range, lowest to highest.
+    assert shred_ranges(keys, []) == [(key(1), key(99) + b"\x00")]
+    # Bottom files [0, 10], [20, 30] and [50, 60]: keys 1, 3, 5 in the first, 12 in the gap after it,
+    # 25 and 27 in the second, 40 between the second and the third (which holds none), 99 after all.
+    files = [(key(0), key(10)), (key(20), key(30)), (key(50), key(60))]
+    assert shred_ranges(keys, files) == [(key(1), key(5) + b"\x00"), (key(12), key(12) + b"\x00"),
+                                         (key(25), key(27) + b"\x00"), (key(40), key(40) + b"\x00"),
+                                         (key(99), key(99) + b"\x00")]
+    # A file's first and last keys are in it; a key before every file is in the gap before the first.
+    assert shred_ranges([key(0), key(10), key(20)], files[1:]) == [(key(0), key(10) + b"\x00"),
+                                                                   (key(20), key(20) + b"\x00")]
+    assert shred_ranges([], files) == []
 
 
-def test_a_shred_of_more_keys_than_point_ranges_removes_every_old_byte(tmp_path):
-    """A delete of many tokens: more keys than SHRED_POINT_RANGES, so the shred compacts grouped ranges;
-    each deleted ciphertext leaves every file, and each other one stays, in the files and readable."""
-    ciphertexts, tokenize_command = random_tokenize(1, 200)
-    deleted = tuple(list(ciphertexts)[::3])
-    command = encode_command(DeleteTokensCommand(deleted, 2_000, ACTOR))
-    assert len(set(shred_keys(decode_command(command)))) > SHRED_POINT_RANGES
+class RecordingDatabase:
+    """A store's RocksDB handle that records the ranges it is asked to compact."""
+
+    def __init__(self, database) -> None:
+        self.database = database
+        self.compacted: list[tuple[bytes, bytes]] = []
+
+    def compact_range(self, begin, end, options=None):
+        self.compacted.append((begin, end))
+        return self.database.compact_range(begin, end, options)
+
+    def __getattr__(self, name):
+        return getattr(self.database, name)
+
+
+def test_a_shred_compacts_each_bottom_file_that_holds_its_keys_once_and_no_other(tmp_path):
+    """A forced compaction rewrites every bottom-level file its range overlaps: each range of a shred
+    overlaps one bottom file at most. Here a store of 2,000 tokens in bottom files of about 64 KiB, and
+    a delete of the first 20 tokens and the last 20 in key order (80 keys): one range from the lowest
+    key to the highest, as before, overlapped every file."""
+    ciphertexts, command = random_tokenize(1, 2000)
     log = Log()
     vault = VaultStore.open(tmp_path / "store")
     try:
-        apply(vault, log, rotate(1), tokenize_command)
-        vault._db.flush()  # the old versions sit in a table file as well as in RocksDB's WAL
-        assert all(files_holding(tmp_path / "store", ciphertext) for ciphertext in ciphertexts.values())
-        apply(vault, log, command)
-        vault.shred(shred_keys(decode_command(command)))
+        apply(vault, log, rotate(1), command)
+        vault._db.set_options({"target_file_size_base": str(64 * 1024)})
+        vault._db.flush()
+        vault._db.compact_range(None, None)
+        files = bottom_files(vault._db)
+        assert len(files) >= 10
+        deleted = tuple(token(1, number) for number in (*range(20), *range(1980, 2000)))
+        removal = encode_command(DeleteTokensCommand(deleted, 2_000, ACTOR))
+        apply(vault, log, removal)
+        recording = vault._db = RecordingDatabase(vault._db)
+        try:
+            vault.shred(shred_keys(decode_command(removal)))
+        finally:
+            vault._db = recording.database
+        assert recording.compacted
+        for begin, end in recording.compacted:
+            assert sum(first < end and begin <= last for first, last in files) <= 1, (begin, end)
+        # Each deleted ciphertext left every file; each other one stays, in the files and readable.
         for minted, ciphertext in ciphertexts.items():
             assert (files_holding(tmp_path / "store", ciphertext) == []) == (minted in deleted), minted
         assert vault.lookup(list(ciphertexts)) == {minted: ciphertext for minted, ciphertext in ciphertexts.items()

@@ -26,6 +26,7 @@ of the processes (Python cannot wipe freed memory).
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -114,12 +115,15 @@ class Shredder:
                     self._passed()
                     continue
                 self._running_low, target = min(indexes), max(indexes)
+                started = time.monotonic()
                 await loop.run_in_executor(self._executor, self._store().shred, keys)
+                store_seconds = time.monotonic() - started
                 self._passed()
                 self._running_low = None
                 if await self._drop_log_through(target):
                     self.passes += 1
-                    log.info("shred.done", through_index=target, rows=len(keys))
+                    # store_seconds: the flush and compactions; it grows with the store (docs/performance.md).
+                    log.info("shred.done", through_index=target, rows=len(keys), store_seconds=round(store_seconds, 3))
         except asyncio.CancelledError:
             raise
         except BaseException as error:  # a storage failure: the node stops, as for its other disk work

@@ -74,7 +74,7 @@ from tokenvault.core.store_layout import (
     MAX_API_KEYS, MAX_AUDIT_PAGE, MAX_STORED_EPOCH, MAX_TOKEN_PAGE, MEMBERSHIP_KEY, META_KEY, NO_RECORDS, RETIRED,
     REVOKE_KEY_KIND, ROTATE_KIND, TOKEN, TOKENIZE_KIND, U64, UNKNOWN_NODE, VERIFY_CACHE_BYTES,
     ApplyResult, EpochRecord, IdempotencyRecord, Outcome, SnapshotRejected, StoreCorruption, StoreDamaged, StoreError,
-    age_created_at, age_key, api_key_value, bounded, damage, database_options, decode_epoch,
+    age_created_at, age_key, api_key_value, bottom_files, bounded, damage, database_options, decode_epoch,
     decode_life, decode_meta, encode_meta, epoch_key, first_key, format_token_key, identity_key,
     json_bytes, life_rows, lookup_format_tokens, lookup_opaque, metadata_rows, open_database, pack, range_items,
     range_keys, read_epochs, reason, shred_ranges, token_key, unpack)
@@ -523,8 +523,8 @@ class VaultStore:
 
         Flushes the memtable (RocksDB then deletes the WAL files that held the old versions) and
         compacts the key ranges down to the bottom level, where a tombstone and what it covers
-        are dropped together. May run in a worker thread; costs the table files that overlap the
-        keys, in at most SHRED_POINT_RANGES ranges (``shred_ranges``)."""
+        are dropped together. May run in a worker thread; costs the bottom-level table files that
+        hold the keys, each rewritten once (``shred_ranges``), and the upper levels above them."""
         with self._checkpoint_lock:
             if self._closed:
                 raise StoreError("the store is closed")
@@ -532,7 +532,7 @@ class VaultStore:
             database.flush()
             options = CompactOptions()
             options.set_bottommost_level_compaction(BottommostLevelCompaction.force())
-            for begin, end in shred_ranges(keys):
+            for begin, end in shred_ranges(keys, bottom_files(database)):
                 database.compact_range(begin, end, options)
             database.flush_wal(True)
 

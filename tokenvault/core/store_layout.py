@@ -47,9 +47,8 @@ byte order is numeric order):
 
 from __future__ import annotations
 
-import heapq
+import bisect
 import json
-import os
 import re
 import struct
 import time
@@ -122,11 +121,6 @@ REASON_MAX_CHARS = 200
 # Epochs are stored in 4 bytes per token row; each rotation adds exactly one,
 # so reaching this would take four billion rotations.
 MAX_STORED_EPOCH = 2**32 - 1
-# Ranges one shred compacts at most: up to this many keys each get their own; more are grouped
-# (shred_ranges).
-SHRED_POINT_RANGES = 64
-# Bytes of two keys, from the first where they differ, that measure the gap between them (shred_ranges).
-_GAP_BYTES = 8
 
 TOKENIZE_KIND = "tokenize"
 ROTATE_KIND = "rotate"
@@ -424,32 +418,30 @@ def json_bytes(document: dict[str, Any]) -> bytes:
     return _JSON_ENCODER.encode(document).encode()
 
 
-def _gap(lower: bytes, higher: bytes) -> tuple[int, int]:
-    """How far apart two keys are, for ordering gaps: keys that part at an earlier byte are further
-    apart; at the same byte, by the next _GAP_BYTES bytes from there as numbers."""
-    common = len(os.path.commonprefix([lower, higher]))
-
-    def number(key: bytes) -> int:
-        return int.from_bytes(key[common:common + _GAP_BYTES].ljust(_GAP_BYTES, b"\x00"), "big")
-
-    return -common, number(higher) - number(lower)
-
-
-def shred_ranges(keys: Iterable[bytes], most: int = SHRED_POINT_RANGES) -> list[tuple[bytes, bytes]]:
-    """The key ranges, [begin, end), a shred compacts to drop the older versions of ``keys``: one a key
-    up to ``most`` keys; past that, ``most`` ranges of neighbouring keys, split at the ``most`` - 1
-    widest gaps between them (``_gap``: keys that part at an earlier byte are further apart), so the gap
-    between two kinds of row (a token's row and its life row, with the idempotency records and other
-    rows between them) is always among the widest: a shred of many tokens compacts each kind's keys,
-    never what lies between (one range from the lowest key to the highest did). Every key is in a range,
-    the ranges are disjoint and in key order."""
+def shred_ranges(keys: Iterable[bytes], bottom_files: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """The key ranges, [begin, end), a shred compacts to drop the older versions of ``keys``, given the
+    (first key, last key) of each table file of RocksDB's bottom level, in key order (none: the store
+    has no level below its first). A forced compaction of a range rewrites every bottom file the range
+    overlaps, so the keys are grouped by the bottom file that holds their place in key order (or the
+    gap between two files): one range a group, from its lowest key to its highest. Each bottom file
+    that holds a key is rewritten once, and no other: the pass costs the files its keys are in, however
+    many keys it has. (Before, up to 64 keys were compacted each alone and more as one range from the
+    lowest to the highest: a file compacted once for each of its keys, or every file between, those
+    with no key included; docs/performance.md, "What a shred pass costs".) Every key is in a range, the
+    ranges are disjoint and in key order."""
     ordered = sorted(set(keys))
-    if len(ordered) <= most:
-        return [(key, key + b"\x00") for key in ordered]
-
-    widest = heapq.nlargest(most - 1, range(1, len(ordered)), key=lambda at: _gap(ordered[at - 1], ordered[at]))
-    starts = [0, *sorted(widest), len(ordered)]
-    return [(ordered[first], ordered[following - 1] + b"\x00") for first, following in zip(starts, starts[1:])]
+    starts = [first for first, _ in bottom_files]
+    groups: list[list[bytes]] = []
+    slot = -1
+    for key in ordered:
+        # 2i + 1: within the i-th file; 2i: in the gap before it (2n: after the last).
+        at = bisect.bisect_right(starts, key) - 1
+        here = 2 * at + 1 if at >= 0 and key <= bottom_files[at][1] else 2 * (at + 1)
+        if here != slot:
+            groups.append([])
+            slot = here
+        groups[-1].append(key)
+    return [(group[0], group[-1] + b"\x00") for group in groups]
 
 
 # ---------------------------------------------------------------- RocksDB
@@ -601,6 +593,16 @@ def range_items(database: Rdict, lower: bytes, upper: bytes) -> Iterable[tuple[b
     """The rows in [lower, upper) in key order. The start is explicit: RocksDB applies
     iterate_lower_bound to backward moves only."""
     return cast("Iterable[tuple[bytes, bytes]]", database.items(from_key=lower, read_opt=bounded(lower, upper)))
+
+
+def bottom_files(database: Rdict) -> list[tuple[bytes, bytes]]:
+    """(first key, last key) of each table file of the database's bottom level, in key order; none when
+    every file is in level 0 (whose files overlap: a shred then compacts one range, all of it small)."""
+    files = [(entry["level"], entry["start_key"], entry["end_key"]) for entry in database.live_files()]
+    bottom = max((level for level, _, _ in files), default=0)
+    if bottom == 0:
+        return []
+    return sorted((first, last) for level, first, last in files if level == bottom)
 
 
 def range_keys(database: Rdict, lower: bytes, upper: bytes) -> Iterable[bytes]:

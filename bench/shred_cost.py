@@ -2,14 +2,14 @@
 
 Usage:
     .venv/bin/python bench/shred_cost.py [--tokens 1000000,10000000] [--deletes 1,32,33,500]
-                                         [--ranges files,before] [--directory DIR]
+                                         [--ranges store,before] [--directory DIR]
 
 Every delete is shredded (tokenvault/core/shred.py): one pass flushes the memtable and compacts the
 deleted rows down to RocksDB's bottom level, in the shredder's thread. Each deleted token leaves two
-keys (its row and its life row). The pass compacts one range for each bottom-level table file that
-holds keys (``store_layout.shred_ranges``). ``--ranges before`` runs the same passes the way the store
-ran them before (up to 64 keys each alone, more as one range from the lowest key to the highest), for
-comparison in the same run, each on tokens of its own. For each store size this fills (or reuses,
+keys (its row and its life row). The pass compacts up to SHRED_POINT_RANGES keys each alone, and more
+in one range for each bottom-level table file that holds keys (``store_layout.shred_ranges``).
+``--ranges before`` runs the same passes the way the store ran them before (more keys as one range
+from the lowest to the highest), for comparison in the same run, each on tokens of its own. For each store size this fills (or reuses,
 under ``--directory``) a store of random tokens, then for each count of deletes applies one delete
 command of that many random tokens of the store and times the shred pass of its keys, as the shredder
 would run it. Prints each pass's seconds, its ranges, and the bytes of the store's table files before
@@ -39,15 +39,15 @@ POINT_RANGES_BEFORE = 64
 
 
 def ranges_before(keys: list[bytes], files: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    """The store's ranges before they followed the bottom files: up to 64 keys each alone (a file
-    compacted once for each of its keys), more as one range from the lowest key to the highest."""
+    """The store's ranges before they followed the bottom files: up to 64 keys each alone, more as one
+    range from the lowest key to the highest."""
     ordered = sorted(set(keys))
     if len(ordered) <= POINT_RANGES_BEFORE:
         return [(key, key + b"\x00") for key in ordered]
     return [(ordered[0], ordered[-1] + b"\x00")]
 
 
-RANGES = {"files": shred_ranges, "before": ranges_before}
+RANGES = {"store": shred_ranges, "before": ranges_before}
 
 
 def measure(directory: Path, tokens: int, deletes: list[int], modes: list[str]) -> None:
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", default="1000000,10000000", help="comma-separated store sizes")
     parser.add_argument("--deletes", default="1,32,33,500", help="comma-separated tokens per delete")
-    parser.add_argument("--ranges", default="files", help="comma-separated: files (the store's), before")
+    parser.add_argument("--ranges", default="store", help="comma-separated: store (the store's), before")
     parser.add_argument("--directory", type=Path, default=None,
                         help="where the filled stores are kept (and reused); default: a new temporary one")
     arguments = parser.parse_args(argv)

@@ -237,16 +237,19 @@ def test_many_shreds_leave_a_bounded_manifest(tmp_path, monkeypatch):
         vault.close()
 
 
-def test_shred_ranges_are_one_a_bottom_file_or_gap_that_holds_keys() -> None:
+def test_shred_ranges_are_one_a_key_up_to_the_bound_then_one_a_bottom_file_or_gap_that_holds_keys(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     def key(number: int) -> bytes:
         return token_key(token(1, number))
 
     keys = [key(number) for number in (5, 1, 12, 3, 40, 25, 27, 99, 12)]
+    files = [(key(0), key(10)), (key(20), key(30)), (key(50), key(60))]
+    assert shred_ranges(keys, files) == [(one, one + b"\x00") for one in sorted(set(keys))]
+    monkeypatch.setattr(store_layout, "SHRED_POINT_RANGES", 2)  # past it from here on
     # No level below the first: one range, lowest to highest.
     assert shred_ranges(keys, []) == [(key(1), key(99) + b"\x00")]
     # Bottom files [0, 10], [20, 30] and [50, 60]: keys 1, 3, 5 in the first, 12 in the gap after it,
     # 25 and 27 in the second, 40 between the second and the third (which holds none), 99 after all.
-    files = [(key(0), key(10)), (key(20), key(30)), (key(50), key(60))]
     assert shred_ranges(keys, files) == [(key(1), key(5) + b"\x00"), (key(12), key(12) + b"\x00"),
                                          (key(25), key(27) + b"\x00"), (key(40), key(40) + b"\x00"),
                                          (key(99), key(99) + b"\x00")]

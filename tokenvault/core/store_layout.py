@@ -121,6 +121,10 @@ REASON_MAX_CHARS = 200
 # Epochs are stored in 4 bytes per token row; each rotation adds exactly one,
 # so reaching this would take four billion rotations.
 MAX_STORED_EPOCH = 2**32 - 1
+# Keys a shred compacts each as a range of its own; more are grouped by bottom-level file
+# (shred_ranges). Measured cheaper than grouping at 16 and 32 deletes (32 and 64 keys), and dearer at
+# 33 and more (bench/shred_cost.py).
+SHRED_POINT_RANGES = 64
 
 TOKENIZE_KIND = "tokenize"
 ROTATE_KIND = "rotate"
@@ -421,15 +425,16 @@ def json_bytes(document: dict[str, Any]) -> bytes:
 def shred_ranges(keys: Iterable[bytes], bottom_files: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     """The key ranges, [begin, end), a shred compacts to drop the older versions of ``keys``, given the
     (first key, last key) of each table file of RocksDB's bottom level, in key order (none: the store
-    has no level below its first). A forced compaction of a range rewrites every bottom file the range
-    overlaps, so the keys are grouped by the bottom file that holds their place in key order (or the
-    gap between two files): one range a group, from its lowest key to its highest. Each bottom file
-    that holds a key is rewritten once, and no other: the pass costs the files its keys are in, however
-    many keys it has. (Before, up to 64 keys were compacted each alone and more as one range from the
-    lowest to the highest: a file compacted once for each of its keys, or every file between, those
-    with no key included; docs/performance.md, "What a shred pass costs".) Every key is in a range, the
-    ranges are disjoint and in key order."""
+    has no level below its first). Up to SHRED_POINT_RANGES keys, a range each. More are grouped by the
+    bottom file that holds their place in key order (or the gap between two files), a range a group
+    from its lowest key to its highest: a forced compaction rewrites every bottom file its range
+    overlaps, so each file that holds a key is rewritten once and no other. (One range from the lowest
+    key to the highest, as before, rewrote every file between: at 50 M tokens a pass of 33 deletes took
+    60 s, 27 s grouped; docs/performance.md, "What a shred pass costs as the store grows".) Every key is
+    in a range, the ranges are disjoint and in key order."""
     ordered = sorted(set(keys))
+    if len(ordered) <= SHRED_POINT_RANGES:
+        return [(key, key + b"\x00") for key in ordered]
     starts = [first for first, _ in bottom_files]
     groups: list[list[bytes]] = []
     slot = -1

@@ -523,8 +523,9 @@ class VaultStore:
 
         Flushes the memtable (RocksDB then deletes the WAL files that held the old versions) and
         compacts the key ranges down to the bottom level, where a tombstone and what it covers
-        are dropped together. May run in a worker thread; costs the bottom-level table files that
-        hold the keys, each rewritten once (``shred_ranges``), and the upper levels above them."""
+        are dropped together. May run in a worker thread. Costs the bottom-level table files that
+        hold the keys (``shred_ranges``) and what the flushed level-0 file overlaps in the levels
+        between: it grows with the store (docs/performance.md, "What a shred pass costs")."""
         with self._checkpoint_lock:
             if self._closed:
                 raise StoreError("the store is closed")

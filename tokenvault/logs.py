@@ -14,6 +14,8 @@ frames only, because an exception message could quote its input.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import faulthandler
 import logging
 import sys
 import traceback
@@ -147,6 +149,14 @@ def parse_level(level: str | int) -> int:
         return LEVELS[level.strip().lower()]
     except KeyError:
         raise ValueError(f"unknown log level {level!r}; use one of {', '.join(LEVELS)}") from None
+
+
+def enable_crash_stacks() -> None:
+    """A crash in a C extension (RocksDB, say) prints the Python stack of every thread (file, line and
+    function names, never a value) to stderr, a node's captured output, instead of ending the process
+    without a word. Nothing happens where stderr has no file behind it (a test's runner)."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        faulthandler.enable()
 
 
 def configure_logging(node_id: str, log_file: Path | None, level: str | int = "info", *,

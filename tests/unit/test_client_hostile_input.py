@@ -45,8 +45,6 @@ def runner(monkeypatch: pytest.MonkeyPatch) -> CliRunner:
     return CliRunner()
 
 
-
-
 Handler = Callable[[web.Request], Any]
 
 

@@ -26,7 +26,7 @@ from tokenvault.core import commands
 from tokenvault.crypto.keys import EpochKeys, new_epoch_secret
 from tokenvault.errors import (EpochChanged, IdempotencyInFlight, IdempotencyMismatch, InvalidRequest,
                                MembershipChangeRefused, Outcome, Overloaded, ServiceError,
-                               TokenCollision, Unavailable, UnprocessableValue)
+                               TokenCollision, Unavailable, UnprocessableValue, problem_type)
 from tokenvault.api.channel import Channel
 from tokenvault.api.core_calls import CoreCalls
 from tokenvault.api.remote import EPOCH_TOPIC, RemoteService
@@ -564,6 +564,8 @@ async def test_a_malformed_forwarded_request_is_answered_400_and_changes_nothing
         assert response.status == 400, name
         problem = json.loads(response.body)
         assert problem["status"] == 400 and set(problem) == {"type", "title", "status", "detail"}, name
+        # The same problem as a client's invalid request over HTTP, however the body failed.
+        assert (problem["type"], problem["title"]) == (problem_type(InvalidRequest.problem), InvalidRequest.title), name
         assert primary.node.store.token_count() == tokens and primary.node.store.applied_index == applied, name
     # The node goes on serving.
     assert body(await primary.service.tokenize("p", ["after-garbage"], None))["epoch"] == 1

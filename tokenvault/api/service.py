@@ -1060,7 +1060,7 @@ class NodeService(LifecycleOperations, MembershipOperations):
         except NotPrimary:
             status, body, headers = _forward_answer(Unavailable("the node asked is no longer the primary; retry"))
         except (ValueError, TypeError, KeyError, msgpack.UnpackException):
-            status, body = 400, problem_body(400, "invalid-request", "Bad Request", "malformed forwarded request")
+            status, body, headers = _forward_answer(InvalidRequest("malformed forwarded request"))
         except Exception:
             # Answered at once rather than leaving the backup to time out (logged as the HTTP layer does).
             log.exception("forward.unexpected_error", kind=request.kind[:32])

@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import faulthandler
 import os
 import signal
 import socket
@@ -43,7 +41,7 @@ from tokenvault.core.store_reader import StoreReadError, open_view
 from tokenvault.core.loopwatch import LoopWatch
 from tokenvault.crypto.tls import TlsError, load_node_tls, reload_http_server_context
 from tokenvault.futures import cancel_and_wait
-from tokenvault.logs import configure_logging, get_logger
+from tokenvault.logs import configure_logging, enable_crash_stacks, get_logger
 from tokenvault.metrics import Metrics
 
 log = get_logger("worker")
@@ -202,8 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fd", type=int, required=True)
     parser.add_argument("--listen-fd", type=int, required=True)
     args = parser.parse_args(argv)
-    with contextlib.suppress(OSError, ValueError, AttributeError):  # a stderr with no file behind it
-        faulthandler.enable()  # as `tokenvault serve` does: a crash in RocksDB prints the Python stack, no value
+    enable_crash_stacks()  # as `tokenvault serve` does
     config = load_config(Path(args.config))
     import uvloop
 

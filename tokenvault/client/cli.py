@@ -24,8 +24,6 @@ error, 3 no node reachable, 4 `admin audit verify` found a broken link.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import faulthandler
 import json
 import os
 import sys
@@ -65,10 +63,9 @@ def tokenvault() -> None:
               help="The node's TOML config file.")
 def serve(config_path: str) -> None:
     """Run one node until SIGTERM or SIGINT."""
-    # A crash in a C extension (RocksDB, say) prints the Python stack (file, line and function names,
-    # never a value) to stderr, the node's captured output, instead of ending the process without a word.
-    with contextlib.suppress(OSError, ValueError, AttributeError):  # a stderr with no file behind it
-        faulthandler.enable()
+    from tokenvault.logs import enable_crash_stacks
+
+    enable_crash_stacks()
     from tokenvault.config import ConfigError, load_config
     from tokenvault.crypto.keys import CryptoError
     from tokenvault.crypto.tls import TlsError, check_node_files

@@ -122,8 +122,9 @@ REASON_MAX_CHARS = 200
 # so reaching this would take four billion rotations.
 MAX_STORED_EPOCH = 2**32 - 1
 # Keys a shred compacts each as a range of its own; more are grouped by bottom-level file
-# (shred_ranges). Measured cheaper than grouping at 16 and 32 deletes (32 and 64 keys), and dearer at
-# 33 and more (bench/shred_cost.py).
+# (shred_ranges). A range a key measured cheaper than grouping at 16 and 32 deletes (32 and 64 keys);
+# past it grouping beat the one range used before (bench/shred_cost.py, docs/performance.md). A range
+# a key past 64 keys was not measured.
 SHRED_POINT_RANGES = 64
 
 TOKENIZE_KIND = "tokenize"

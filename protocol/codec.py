@@ -46,10 +46,12 @@ def unpack_bounded(data: bytes, *, max_elements: int, max_array_len: int, max_ma
     passes them and costs about 64 bytes of memory a byte of frame. So every
     container, as msgpack completes it, also counts itself and its members (a
     map's keys and values) against ``max_elements``, and the decode stops at
-    the first one past it. What this leaves unbounded is what msgpack holds in
-    containers it has not completed yet: at most 1,023 nested ones (its stack)
-    of ``max_array_len`` (or ``max_map_len``) members each. Extension types are
-    refused. Raises what msgpack raises: ValueError (and its subclasses) or
+    the first one past it. What this leaves to msgpack is what it holds in
+    containers it has not completed yet: at most 1,023 nested ones (its stack),
+    each an array of at most ``max_array_len`` members, of which msgpack 1.2
+    preallocates at most 10,000 whatever the header claims (8 bytes each: under
+    80 MiB for the whole stack, one decode at a time on a loop), or a map.
+    Extension types are refused. Raises what msgpack raises: ValueError (and its subclasses) or
     msgpack.UnpackException.
     """
     left = max_elements

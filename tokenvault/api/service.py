@@ -1217,7 +1217,9 @@ def _forwarded_arguments(request: ForwardRequest, members: tuple[str, ...], max_
     try:
         # Bounded (protocol.codec.unpack_bounded) by what an allowed request holds: one map of ``members``;
         # lists of at most commands.MAX_ITEMS (the ceiling of limits.max_items; an audit batch is at most
-        # 4,096 records of 9 fields). In elements (a container counts itself and its members): a sealed
+        # 4,096 records of 9 fields). The ceiling, not this node's max_items: a list over max_items is
+        # then refused by validation with the 413 a direct request gets, not as malformed msgpack; the
+        # body's bytes are bounded by max_items already. In elements (a container counts itself and its members): a sealed
         # tokenize counts 6 an item (the value, the [token, ciphertext] pair, the metadata ciphertext) and
         # 20 more, any other request at most 1 an item and 13 more, or 11 an audit record; 1,024 more and,
         # for the others, twice their item count leave slack. Strings and byte strings are bounded by

@@ -6,6 +6,7 @@ import asyncio
 import collections
 import dataclasses
 import json
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,7 +24,7 @@ from tokenvault.api.service import NodeService
 from tokenvault.futures import SLICE_ITEMS
 from tokenvault.core import shred as shred_module
 from tokenvault.crypto.formats import FormatKeys
-from tokenvault.errors import EpochActive, EpochDestroyed, NotFound, Outcome
+from tokenvault.errors import EpochActive, EpochDestroyed, NotFound, Outcome, Overloaded
 
 ACTOR = commands.Actor(name="admin", node="n1", request_id="r")
 
@@ -44,6 +45,41 @@ async def test_delete_answers_null_on_every_node_and_counts_only_existing_tokens
     assert body(await primary.service.delete_tokens([tokens[1]], ACTOR)) == {"deleted": 0}
     actions = [record["action"] for record in primary.node.store.audit_page(0, 100)]
     assert actions.count("token.delete") == 2
+
+
+async def test_the_primary_refuses_deletes_while_its_shredder_has_too_many_rows_waiting(
+        trio: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/api.md, delete: the rows a delete leaves to shred wait in the shredder's memory until their
+    pass; at MAX_BACKLOG_KEYS waiting the primary refuses deletes (Overloaded, with no effect), directly
+    and forwarded, and takes them again once the shredder has caught up."""
+    monkeypatch.setattr(lifecycle_module, "MAX_BACKLOG_KEYS", 4)
+    primary = await trio.wait_for_stable_primary()
+    backup = trio.backups()[0]
+    tokens = body(await primary.service.tokenize("p", ["a", "b", "c", "d"], None))["tokens"]
+    gate = threading.Event()
+    shred = primary.node.store.shred
+
+    def held_shred(keys):
+        assert gate.wait(30), "the test never released the shredder"
+        shred(keys)
+
+    monkeypatch.setattr(primary.node.store, "shred", held_shred)
+    try:
+        await primary.service.delete_tokens([tokens[0]], ACTOR)  # its pass starts and waits on the gate
+        await wait_until(lambda: primary.node.shredder.busy and primary.node.shredder.backlog_keys == 0,
+                         timeout_seconds=10, what="the first pass to take its rows")
+        await primary.service.delete_tokens([tokens[1], tokens[2]], ACTOR)  # a row and a life row each
+        assert primary.node.shredder.backlog_keys == 4
+        for service in (primary.service, backup.service):
+            with pytest.raises(Overloaded, match="still shredding earlier deletes"):
+                await service.delete_tokens([tokens[3]], ACTOR)
+        assert await primary.service.detokenize([tokens[3]]) == ["d"]  # the refused delete had no effect
+    finally:
+        gate.set()
+    await wait_until(lambda: primary.node.shredder.backlog_keys == 0, timeout_seconds=30, what="the backlog to be shredded")
+    assert body(await backup.service.delete_tokens([tokens[3]], ACTOR)) == {"deleted": 1}
+    for running in trio.running():
+        assert await running.service.detokenize(tokens) == [None] * 4
 
 
 def in_a_table_file(running: RunningNode, needle: bytes) -> bool:

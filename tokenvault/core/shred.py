@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -41,6 +42,9 @@ log = get_logger("shred")
 
 # Keys one shred pass compacts at most; more wait for the next pass.
 MAX_KEYS_PER_PASS = 100_000
+# Keys waiting for a pass at which the primary refuses deletes (Overloaded, 503): two a deleted token,
+# about 80 bytes each in memory, measured (docs/api.md, "POST /v1/tokens/delete").
+MAX_BACKLOG_KEYS = 1_000_000
 POLL_SECONDS = 0.05
 
 
@@ -56,7 +60,13 @@ def shred_keys(command: commands.Command) -> list[bytes]:
 
 
 class Shredder:
-    """One node's shredding task (see the module docstring); every method runs on the event loop."""
+    """One node's shredding task (see the module docstring); every method runs on the event loop.
+
+    Entries are shredded in log order, a pass taking the oldest entries' keys up to MAX_KEYS_PER_PASS
+    (an entry with more is split over passes), so the entry the log must keep (``hold_index``) moves on
+    with every pass, also while deletes keep arriving faster than passes finish. The keys waiting
+    (``backlog_keys``) are in memory until their pass: the primary refuses deletes while there are
+    MAX_BACKLOG_KEYS or more (api/lifecycle.py)."""
 
     def __init__(self, store: Callable[[], VaultStore], wal: WriteAheadLog,
                  on_fatal: Callable[[BaseException], None], on_pass: Callable[[], None] | None = None) -> None:
@@ -64,8 +74,9 @@ class Shredder:
         self._wal = wal
         self._on_fatal = on_fatal
         self._on_pass = on_pass  # after each pass rewrote the store's files
-        self._keys: set[bytes] = set()
-        self._pending_indexes: list[int] = []  # entries whose keys wait for step 1
+        # (entry index, its keys not yet taken by a pass), in log order.
+        self._queue: deque[tuple[int, list[bytes]]] = deque()
+        self._backlog_keys = 0
         self._running_low: int | None = None  # the lowest entry of the pass in step 1
         self._task: asyncio.Task[None] | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shred")
@@ -76,8 +87,8 @@ class Shredder:
         keys = shred_keys(command)
         if not keys:
             return
-        self._keys.update(keys)
-        self._pending_indexes.append(index)
+        self._queue.append((index, keys))
+        self._backlog_keys += len(keys)
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._run())
 
@@ -91,39 +102,60 @@ class Shredder:
 
     def hold_index(self) -> int | None:
         """The log must keep this entry (and what follows) for now; None when nothing waits."""
-        candidates = list(self._pending_indexes)
+        candidates = [self._queue[0][0]] if self._queue else []
         if self._running_low is not None:
             candidates.append(self._running_low)
         return min(candidates) if candidates else None
 
     @property
+    def backlog_keys(self) -> int:
+        """Keys noted and not yet taken by a pass."""
+        return self._backlog_keys
+
+    @property
     def busy(self) -> bool:
         return self._task is not None and not self._task.done()
+
+    def _take_pass(self) -> tuple[list[bytes], int, int | None]:
+        """The oldest waiting keys, at most MAX_KEYS_PER_PASS; the lowest entry they come from; the
+        highest entry whose last keys they are (None: they are the first part of one entry's)."""
+        keys: list[bytes] = []
+        low = self._queue[0][0]
+        finished: int | None = None
+        while self._queue and len(keys) < MAX_KEYS_PER_PASS:
+            index, entry_keys = self._queue[0]
+            room = MAX_KEYS_PER_PASS - len(keys)
+            if len(entry_keys) > room:
+                if keys:
+                    break  # the next pass starts with this entry
+                self._queue[0] = (index, entry_keys[room:])
+                keys = entry_keys[:room]
+                break
+            keys.extend(entry_keys)
+            finished = index
+            self._queue.popleft()
+        self._backlog_keys -= len(keys)
+        return keys, low, finished
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         try:
-            while self._keys:
-                keys = sorted(self._keys)[:MAX_KEYS_PER_PASS]
-                self._keys.difference_update(keys)
-                indexes, self._pending_indexes = self._pending_indexes, []
-                if self._keys:
-                    # More keys than one pass takes: the entries stay pending (and held) until the
-                    # pass that takes their last keys, which then drops the log through all of them.
-                    self._pending_indexes = indexes
-                    await loop.run_in_executor(self._executor, self._store().shred, keys)
-                    self._passed()
-                    continue
-                self._running_low, target = min(indexes), max(indexes)
+            while self._queue:
+                keys, self._running_low, finished = self._take_pass()
                 started = time.monotonic()
                 await loop.run_in_executor(self._executor, self._store().shred, keys)
                 store_seconds = time.monotonic() - started
                 self._passed()
                 self._running_low = None
-                if await self._drop_log_through(target):
+                if finished is None or self._queue:
+                    # Later entries wait: their pass drops the log through these too. Meanwhile the
+                    # node's own log compaction may drop these, no longer held.
+                    continue
+                if await self._drop_log_through(finished):
                     self.passes += 1
                     # store_seconds: the flush and compactions; it grows with the store (docs/performance.md).
-                    log.info("shred.done", through_index=target, rows=len(keys), store_seconds=round(store_seconds, 3))
+                    log.info("shred.done", through_index=finished, rows=len(keys),
+                             store_seconds=round(store_seconds, 3))
         except asyncio.CancelledError:
             raise
         except BaseException as error:  # a storage failure: the node stops, as for its other disk work
@@ -138,7 +170,7 @@ class Shredder:
         loop = asyncio.get_running_loop()
         durable = -1
         while self._wal.first_held_index <= target:
-            if self._pending_indexes:
+            if self._queue:
                 return False  # a later entry waits for its own pass, which drops the log through this one too
             if self._store().applied_index != durable:  # checkpoint (an fsync) only when there is more
                 durable = await loop.run_in_executor(self._executor, self._store().checkpoint)

@@ -71,8 +71,9 @@ async def test_the_primary_refuses_deletes_while_its_shredder_has_too_many_rows_
         await primary.service.delete_tokens([tokens[1], tokens[2]], ACTOR)  # a row and a life row each
         assert primary.node.shredder.backlog_keys == 4
         for service in (primary.service, backup.service):
-            with pytest.raises(Overloaded, match="still shredding earlier deletes"):
+            with pytest.raises(Overloaded, match="still shredding earlier deletes") as refused:
                 await service.delete_tokens([tokens[3]], ACTOR)
+            assert refused.value.headers["Retry-After"] == "10"
         assert await primary.service.detokenize([tokens[3]]) == ["d"]  # the refused delete had no effect
     finally:
         gate.set()

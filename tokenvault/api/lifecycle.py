@@ -54,6 +54,8 @@ if TYPE_CHECKING:
     from tokenvault.core.node import Node
 
 DELETE_TOKENS = "token.delete"
+# A delete refused while the shredder catches up: a pass takes seconds to a minute (docs/performance.md).
+SHRED_RETRY_AFTER_SECONDS = 10
 RETOKENIZE = "token.retokenize"
 DESTROY_EPOCH = "epoch.destroy"
 EPOCH_TOKENS = "epoch.tokens"
@@ -131,7 +133,7 @@ class LifecycleOperations:
         if backlog >= MAX_BACKLOG_KEYS:
             # The shredder holds the keys it has still to shred in memory: bounded here, on the primary.
             raise Overloaded(f"the primary is still shredding earlier deletes ({backlog} rows wait); the delete "
-                             "had no effect: retry later")
+                             "had no effect: retry later", retry_after_seconds=SHRED_RETRY_AFTER_SECONDS)
         if epoch is None and not all(map(is_token, tokens)):
             await self._read_barrier()  # a rotation acknowledged before the request started counts
             epoch = self.node.store.active_epoch() or None

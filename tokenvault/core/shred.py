@@ -101,7 +101,9 @@ class Shredder:
                 self.note(entry.index, commands.decode_command(entry.payload))
 
     def hold_index(self) -> int | None:
-        """The log must keep this entry (and what follows) for now; None when nothing waits."""
+        """The log must keep this entry (and what follows) for now; None when nothing waits. Entries are
+        noted in log order (those found at start-up before the first applied), so the queue's head is
+        its lowest."""
         candidates = [self._queue[0][0]] if self._queue else []
         if self._running_low is not None:
             candidates.append(self._running_low)

@@ -312,6 +312,12 @@ class Metrics:
             "Bytes of the replication write-ahead log's segment files (read when scraped).",
             registry=registry,
         )
+        self.shred_backlog_rows = Gauge(
+            "tokenvault_shred_backlog_rows",
+            "Rows deletes left to shred that no shred pass has taken yet (read when scraped); the primary"
+            " refuses deletes from 1,000,000.",
+            registry=registry,
+        )
         self.wal_fsync_duration = Histogram(
             "tokenvault_wal_fsync_duration_seconds",
             "Duration of one WAL group commit (write plus fsync).",
@@ -433,6 +439,10 @@ class Metrics:
         self.data_disk_free_bytes.set_function(free_bytes)
         self.store_table_bytes.set_function(store_bytes)
         self.wal_segment_bytes.set_function(wal_bytes)
+
+    def watch_shred_backlog(self, rows: Callable[[], float]) -> None:
+        """Read the shred backlog gauge from ``rows`` whenever the registry is collected."""
+        self.shred_backlog_rows.set_function(rows)
 
     def observe_wal_sync(self, duration_seconds: float, entries: int, written_bytes: int) -> None:
         """One WAL group commit: its latency, how many entries and bytes it made durable."""

@@ -70,6 +70,7 @@ async def test_the_primary_refuses_deletes_while_its_shredder_has_too_many_rows_
                          timeout_seconds=10, what="the first pass to take its rows")
         await primary.service.delete_tokens([tokens[1], tokens[2]], ACTOR)  # a row and a life row each
         assert primary.node.shredder.backlog_keys == 4
+        assert primary.node.metrics.registry.get_sample_value("tokenvault_shred_backlog_rows") == 4
         for service in (primary.service, backup.service):
             with pytest.raises(Overloaded, match="still shredding earlier deletes") as refused:
                 await service.delete_tokens([tokens[3]], ACTOR)

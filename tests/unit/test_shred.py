@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import threading
 
+from structlog.testing import capture_logs
+
 from tokenvault.core import shred
 from tokenvault.core.commands import Actor, DeleteTokensCommand
 from tokenvault.core.shred import Shredder, shred_keys
@@ -78,10 +80,15 @@ async def test_a_backlog_is_shredded_oldest_entry_first_and_the_held_entry_moves
     monkeypatch.setattr(shred, "MAX_KEYS_PER_PASS", 4)
     shredder, store, wal = make_shredder(last_index=12)
     commands = {10: delete("c", "d"), 11: delete("a", "b"), 12: delete("e", "f")}
-    for index, command in commands.items():
-        shredder.note(index, command)
-    assert shredder.backlog_keys == 12
-    await until(lambda: shredder.passes == 1, "the log to be dropped through the last entry")
+    with capture_logs() as logged:
+        for index, command in commands.items():
+            shredder.note(index, command)
+        assert shredder.backlog_keys == 12
+        await until(lambda: shredder.passes == 1, "the log to be dropped through the last entry")
+    # docs/logs.md: a pass with more waiting says so; the last one, which drops the log, says shred.done.
+    assert [(line["event"], line["rows"], line.get("rows_waiting")) for line in logged
+            if line["event"].startswith("shred.")] == [("shred.pass", 4, 8), ("shred.pass", 4, 4),
+                                                        ("shred.done", 4, None)]
     assert store.passes == [(shred_keys(commands[10]), 10), (shred_keys(commands[11]), 11),
                             (shred_keys(commands[12]), 12)]
     assert shredder.backlog_keys == 0 and shredder.hold_index() is None

@@ -219,6 +219,7 @@ class Node:
         self.snapshots = SnapshotTransfers(self.data_dir, lambda: self.store, self._run_in_driver,
                                            self.send_to_peer)
         self.metrics.watch_disk(self._disk_free_bytes, self._store_table_bytes, lambda: float(self.wal.segment_bytes))
+        self.metrics.watch_shred_backlog(lambda: float(self.shredder.backlog_keys))
         self.metrics.watch_peers(self._peer_states)
         # Set by the service: handles ForwardRequest frames.
         self.forward_handler: Callable[[str, ForwardRequest], None] | None = None

@@ -46,6 +46,7 @@ MAX_KEYS_PER_PASS = 100_000
 # about 80 bytes each in memory, measured (docs/api.md, "POST /v1/tokens/delete").
 MAX_BACKLOG_KEYS = 1_000_000
 POLL_SECONDS = 0.05
+PASS_LOG_SECONDS = 10.0  # shred.pass: one line at most this often
 
 
 def shred_keys(command: commands.Command) -> list[bytes]:
@@ -81,6 +82,8 @@ class Shredder:
         self._task: asyncio.Task[None] | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shred")
         self.passes = 0  # finished passes, for tests and the log
+        self._pass_logged_at = float("-inf")
+        self._unlogged_passes = self._unlogged_rows = 0  # passes behind a backlog since the last shred.pass
 
     def note(self, index: int, command: commands.Command) -> None:
         """A shredding command was applied (or was found applied at start-up) at ``index``."""
@@ -152,11 +155,11 @@ class Shredder:
                 if finished is None or self._queue:
                     # Later entries wait: their pass drops the log through these too. Meanwhile the
                     # node's own log compaction may drop these, no longer held.
-                    log.info("shred.pass", rows=len(keys), store_seconds=round(store_seconds, 3),
-                             rows_waiting=self._backlog_keys)
+                    self._note_pass(len(keys), store_seconds)
                     continue
                 if await self._drop_log_through(finished):
                     self.passes += 1
+                    self._unlogged_passes = self._unlogged_rows = 0
                     # store_seconds: the flush and compactions; it grows with the store (docs/performance.md).
                     log.info("shred.done", through_index=finished, rows=len(keys),
                              store_seconds=round(store_seconds, 3))
@@ -164,6 +167,18 @@ class Shredder:
             raise
         except BaseException as error:  # a storage failure: the node stops, as for its other disk work
             self._on_fatal(error)
+
+    def _note_pass(self, rows: int, store_seconds: float) -> None:
+        """A pass that left deletes waiting: a ``shred.pass`` line, at most one in PASS_LOG_SECONDS (passes
+        of small stores take milliseconds), summing the passes since the last."""
+        self._unlogged_passes += 1
+        self._unlogged_rows += rows
+        now = time.monotonic()
+        if now - self._pass_logged_at >= PASS_LOG_SECONDS:
+            log.info("shred.pass", passes=self._unlogged_passes, rows=self._unlogged_rows,
+                     store_seconds=round(store_seconds, 3), rows_waiting=self._backlog_keys)
+            self._pass_logged_at = now
+            self._unlogged_passes = self._unlogged_rows = 0
 
     def _passed(self) -> None:
         if self._on_pass is not None:

@@ -314,8 +314,8 @@ class Metrics:
         )
         self.shred_backlog_rows = Gauge(
             "tokenvault_shred_backlog_rows",
-            "Rows deletes left to shred that no shred pass has taken yet (read when scraped); the primary"
-            " refuses deletes from 1,000,000.",
+            "Rows deletes left to shred that no shred pass has taken yet (read when scraped); past 100,000"
+            " the next pass compacts the whole key space.",
             registry=registry,
         )
         self.wal_fsync_duration = Histogram(

@@ -24,7 +24,7 @@ from tokenvault.api.service import NodeService
 from tokenvault.futures import SLICE_ITEMS
 from tokenvault.core import shred as shred_module
 from tokenvault.crypto.formats import FormatKeys
-from tokenvault.errors import EpochActive, EpochDestroyed, NotFound, Outcome, Overloaded
+from tokenvault.errors import EpochActive, EpochDestroyed, NotFound, Outcome
 
 ACTOR = commands.Actor(name="admin", node="n1", request_id="r")
 
@@ -47,41 +47,39 @@ async def test_delete_answers_null_on_every_node_and_counts_only_existing_tokens
     assert actions.count("token.delete") == 2
 
 
-async def test_the_primary_refuses_deletes_while_its_shredder_has_too_many_rows_waiting(
-        trio: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
-    """docs/api.md, delete: the rows a delete leaves to shred wait in the shredder's memory until their
-    pass; at MAX_BACKLOG_KEYS waiting the primary refuses deletes (Overloaded, with no effect), directly
-    and forwarded, and takes them again once the shredder has caught up."""
-    monkeypatch.setattr(lifecycle_module, "MAX_BACKLOG_KEYS", 4)
-    primary = await trio.wait_for_stable_primary()
-    backup = trio.backups()[0]
-    tokens = body(await primary.service.tokenize("p", ["a", "b", "c", "d"], None))["tokens"]
+async def test_a_backlog_past_one_pass_is_shredded_whole_from_the_files_and_the_log(
+        single: RunningNode, monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/api.md, delete: past MAX_KEYS_PER_PASS rows waiting, the next pass keeps no keys and compacts
+    the whole key space; the ciphertexts leave every file and the log. (Here a pass of 4 rows: two
+    tokens; the first pass is held on a gate while three more deletes arrive.)"""
+    monkeypatch.setattr(shred_module, "MAX_KEYS_PER_PASS", 4)
+    service, node = single.service, single.node
+    tokens = body(await service.tokenize("p", ["a", "b", "c", "d"], None))["tokens"]
+    ciphertexts = node.store.lookup(tokens)
     gate = threading.Event()
-    shred = primary.node.store.shred
+    shred = node.store.shred
+    asked: list[list[bytes] | None] = []
 
     def held_shred(keys):
+        asked.append(keys)
         assert gate.wait(30), "the test never released the shredder"
         shred(keys)
 
-    monkeypatch.setattr(primary.node.store, "shred", held_shred)
+    monkeypatch.setattr(node.store, "shred", held_shred)
     try:
-        await primary.service.delete_tokens([tokens[0]], ACTOR)  # its pass starts and waits on the gate
-        await wait_until(lambda: primary.node.shredder.busy and primary.node.shredder.backlog_keys == 0,
-                         timeout_seconds=10, what="the first pass to take its rows")
-        await primary.service.delete_tokens([tokens[1], tokens[2]], ACTOR)  # a row and a life row each
-        assert primary.node.shredder.backlog_keys == 4
-        assert primary.node.metrics.registry.get_sample_value("tokenvault_shred_backlog_rows") == 4
-        for service in (primary.service, backup.service):
-            with pytest.raises(Overloaded, match="still shredding earlier deletes") as refused:
-                await service.delete_tokens([tokens[3]], ACTOR)
-            assert refused.value.headers["Retry-After"] == "10"
-        assert await primary.service.detokenize([tokens[3]]) == ["d"]  # the refused delete had no effect
+        await service.delete_tokens([tokens[0]], ACTOR)
+        await wait_until(lambda: asked and node.shredder.backlog_keys == 0, 10, "the first pass to take its rows")
+        for token in tokens[1:]:
+            await service.delete_tokens([token], ACTOR)  # a row and a life row each: six rows, past four
+        assert node.shredder.backlog_keys == 6
+        assert node.metrics.registry.get_sample_value("tokenvault_shred_backlog_rows") == 6
     finally:
         gate.set()
-    await wait_until(lambda: primary.node.shredder.backlog_keys == 0, timeout_seconds=30, what="the backlog to be shredded")
-    assert body(await backup.service.delete_tokens([tokens[3]], ACTOR)) == {"deleted": 1}
-    for running in trio.running():
-        assert await running.service.detokenize(tokens) == [None] * 4
+    await wait_until(lambda: not any(files_holding(single.config.data_dir, ciphertext)
+                                     for ciphertext in ciphertexts.values()), 30, "every ciphertext shredded")
+    assert len(asked) == 2 and asked[0] is not None and asked[1] is None  # the second pass: the whole key space
+    await wait_until(lambda: node.wal.first_held_index > node.store.applied_index - 1, 10, "the log dropped")
+    assert await service.detokenize(tokens) == [None] * 4
 
 
 def in_a_table_file(running: RunningNode, needle: bytes) -> bool:

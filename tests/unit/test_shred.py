@@ -1,6 +1,6 @@
 """The shredder's passes over a backlog (tokenvault/core/shred.py), with a store and a log that record
-what they are asked: passes take the oldest entries first, the entry the log must keep moves on with
-each pass, and the keys waiting are counted for the primary's bound on deletes."""
+what they are asked: a pass takes every entry waiting, the entry the log must keep moves on with each
+pass, and past MAX_KEYS_PER_PASS keys a pass keeps none and compacts the whole key space."""
 
 from __future__ import annotations
 
@@ -23,13 +23,13 @@ class RecordingStore:
     def __init__(self) -> None:
         self.applied_index = 0
         self.shredder: Shredder | None = None
-        self.passes: list[tuple[list[bytes], int | None]] = []
+        self.passes: list[tuple[list[bytes] | None, int | None]] = []
         self.gate = threading.Event()
         self.gate.set()
 
-    def shred(self, keys: list[bytes]) -> None:
+    def shred(self, keys: list[bytes] | None) -> None:
         assert self.shredder is not None
-        self.passes.append((list(keys), self.shredder.hold_index()))
+        self.passes.append((None if keys is None else list(keys), self.shredder.hold_index()))
         assert self.gate.wait(DEADLINE_SECONDS)
 
     def checkpoint(self) -> int:
@@ -72,68 +72,72 @@ async def until(condition, what: str) -> None:
         await asyncio.sleep(0.01)
 
 
-async def test_a_backlog_is_shredded_oldest_entry_first_and_the_held_entry_moves_on_with_each_pass(
-        monkeypatch) -> None:
-    """Three deletes of two tokens each (four keys: each row and its life row), a pass of four keys: each
-    pass is one entry's keys, in log order, and while it runs the log holds that entry and no earlier one.
-    (Passes that took the lowest keys of the whole backlog held the first entry until all were done.)"""
-    monkeypatch.setattr(shred, "MAX_KEYS_PER_PASS", 4)
+async def test_the_entries_waiting_go_in_one_pass_and_the_held_entry_moves_on_with_each_pass() -> None:
+    """While a pass runs, deletes wait; the next pass takes them all, in log order, and while it runs
+    the log holds its first entry and no earlier one."""
     shredder, store, wal = make_shredder(last_index=12)
-    commands = {10: delete("c", "d"), 11: delete("a", "b"), 12: delete("e", "f")}
+    store.gate.clear()
+    commands = {10: delete("c", "d"), 11: delete("a", "b"), 12: delete("e")}
+    shredder.note(10, commands[10])
+    await until(lambda: len(store.passes) == 1, "the first pass to start")
+    shredder.note(11, commands[11])
+    shredder.note(12, commands[12])
+    assert shredder.backlog_keys == 6 and shredder.hold_index() == 10
     with capture_logs() as logged:
-        for index, command in commands.items():
-            shredder.note(index, command)
-        assert shredder.backlog_keys == 12
+        store.gate.set()
         await until(lambda: shredder.passes == 1, "the log to be dropped through the last entry")
-    # docs/logs.md: a pass with more waiting says so, at most once in 10 s (the second pass is summed into
-    # the next line, which does not come); the last pass, which drops the log, says shred.done.
-    assert [(line["event"], line.get("passes"), line["rows"], line.get("rows_waiting")) for line in logged
-            if line["event"].startswith("shred.")] == [("shred.pass", 1, 4, 8), ("shred.done", None, 4, None)]
-    assert store.passes == [(shred_keys(commands[10]), 10), (shred_keys(commands[11]), 11),
-                            (shred_keys(commands[12]), 12)]
+    assert store.passes == [(shred_keys(commands[10]), 10), (shred_keys(commands[11]) + shred_keys(commands[12]), 11)]
     assert shredder.backlog_keys == 0 and shredder.hold_index() is None
     assert wal.first_held_index > 12
+    # docs/logs.md: a pass that left deletes waiting says so; the last, which drops the log, says shred.done.
+    assert [(line["event"], line.get("passes"), line["rows"], line.get("rows_waiting"), line.get("whole_store"))
+            for line in logged if line["event"].startswith("shred.")] == [
+        ("shred.pass", 1, 4, 6, None), ("shred.done", None, 6, None, False)]
+    await shredder.close()
+
+
+async def test_past_max_keys_a_pass_keeps_no_keys_and_shreds_the_whole_key_space(monkeypatch) -> None:
+    """What the shredder holds stays bounded however fast deletes come: past MAX_KEYS_PER_PASS keys
+    waiting it keeps only the first entry waiting, and the next pass compacts every key (None)."""
+    monkeypatch.setattr(shred, "MAX_KEYS_PER_PASS", 4)
+    shredder, store, wal = make_shredder(last_index=23)
+    store.gate.clear()
+    shredder.note(20, delete("a"))
+    await until(lambda: len(store.passes) == 1, "the first pass to start")
+    shredder.note(21, delete("b", "c"))  # four keys: still by their ranges
+    assert shredder.hold_index() == 20
+    shredder.note(22, delete("d"))  # six: the whole key space
+    shredder.note(23, delete("e"))
+    assert shredder.backlog_keys == 8 and shredder.hold_index() == 20
+    with capture_logs() as logged:
+        store.gate.set()
+        await until(lambda: shredder.passes == 1, "the log to be dropped through the last entry")
+    assert store.passes == [(shred_keys(delete("a")), 20), (None, 21)]
+    assert [(line["through_index"], line["rows"], line["whole_store"]) for line in logged
+            if line["event"] == "shred.done"] == [(23, 8, True)]
+    assert wal.first_held_index > 23
     await shredder.close()
 
 
 async def test_passes_behind_a_backlog_are_logged_summed_at_most_once_an_interval(monkeypatch) -> None:
-    monkeypatch.setattr(shred, "MAX_KEYS_PER_PASS", 2)
-    monkeypatch.setattr(shred, "PASS_LOG_SECONDS", 0.0)
-    shredder, store, wal = make_shredder(last_index=42)
-    with capture_logs() as logged:
-        for index, name in zip(range(40, 43), "abc"):
-            shredder.note(index, delete(name))
-        await until(lambda: shredder.passes == 1, "the log to be dropped through the last entry")
-    assert [(line["event"], line.get("passes"), line["rows"], line.get("rows_waiting")) for line in logged
-            if line["event"].startswith("shred.")] == [("shred.pass", 1, 2, 4), ("shred.pass", 1, 2, 2),
-                                                        ("shred.done", None, 2, None)]
+    shredder, store, wal = make_shredder(last_index=50)
     monkeypatch.setattr(shred, "PASS_LOG_SECONDS", 3600.0)
     with capture_logs() as logged:
-        for index, name in zip(range(43, 47), "defg"):
-            shredder.note(index, delete(name))
-        wal.last_index = store.applied_index = 46
-        await until(lambda: shredder.passes == 2, "the log to be dropped through the last entry")
-    # The last line was logged less than an hour ago: these three passes are summed into a line not yet due.
-    assert [line["event"] for line in logged if line["event"].startswith("shred.")] == ["shred.done"]
+        for index in range(40, 51):
+            store.gate.clear()
+            shredder.note(index, delete("abcdefghijk"[index - 40]))
+            await until(lambda: len(store.passes) == index - 39, "the pass to start")
+            store.gate.set()
+        await until(lambda: shredder.passes == 1, "the log to be dropped through the last entry")
+    lines = [(line["event"], line.get("passes"), line["rows"]) for line in logged
+             if line["event"].startswith("shred.")]
+    # Ten passes left a delete waiting: the first says so at once, the nine after it are summed into a
+    # line not due for an hour and dropped by shred.done, which says the backlog is gone.
+    assert lines == [("shred.pass", 1, 2), ("shred.done", None, 2)]
     await shredder.close()
 
 
-async def test_an_entry_with_more_keys_than_a_pass_is_split_and_held_until_its_last_keys_pass(monkeypatch) -> None:
-    monkeypatch.setattr(shred, "MAX_KEYS_PER_PASS", 4)
-    shredder, store, wal = make_shredder(last_index=21)
-    big, small = delete("a", "b", "c"), delete("d")  # six keys, then two
-    shredder.note(20, big)
-    shredder.note(21, small)
-    await until(lambda: shredder.passes == 1, "the log to be dropped through the last entry")
-    keys = shred_keys(big)
-    # The first pass takes four of the big entry's six keys; the second its last two and the small
-    # entry's two. The big entry is held until then.
-    assert store.passes == [(keys[:4], 20), (keys[4:] + shred_keys(small), 20)]
-    assert wal.first_held_index > 21
-    await shredder.close()
-
-
-async def test_keys_noted_while_a_pass_runs_wait_for_the_next_and_are_counted(monkeypatch) -> None:
+async def test_keys_noted_while_a_pass_runs_wait_for_the_next_and_are_counted() -> None:
     shredder, store, wal = make_shredder(last_index=31)
     store.gate.clear()
     shredder.note(30, delete("a"))

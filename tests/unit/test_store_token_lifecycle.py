@@ -189,7 +189,10 @@ def random_tokenize(epoch: int, count: int) -> tuple[dict[str, bytes], bytes]:
     return ciphertexts, encode_command(TokenizeCommand(epoch, tuple(ciphertexts.items()), None, None, None, 1_000))
 
 
-def test_shred_removes_the_old_bytes_from_every_file_of_the_store(tmp_path):
+@pytest.mark.parametrize("whole", [False, True], ids=["the-keys", "the-whole-key-space"])
+def test_shred_removes_the_old_bytes_from_every_file_of_the_store(tmp_path, whole):
+    """Shredding the keys, or (``None``: what a pass behind a backlog of more than MAX_KEYS_PER_PASS does)
+    the whole key space."""
     secret = os.urandom(48)
     ciphertexts, command = random_tokenize(2, 10)
     log = Log()
@@ -201,7 +204,7 @@ def test_shred_removes_the_old_bytes_from_every_file_of_the_store(tmp_path):
         assert files_holding(tmp_path / "store", secret)
         assert all(files_holding(tmp_path / "store", ciphertext) for ciphertext in ciphertexts.values())
         apply(vault, log, destroy(1), delete(token(2, 5)))
-        vault.shred([b"e" + (1).to_bytes(8, "big"), b"t" + token(2, 5).encode()])
+        vault.shred(None if whole else [b"e" + (1).to_bytes(8, "big"), b"t" + token(2, 5).encode()])
         assert files_holding(tmp_path / "store", secret) == []
         assert files_holding(tmp_path / "store", ciphertexts[token(2, 5)]) == []
         assert all(files_holding(tmp_path / "store", ciphertext) for minted, ciphertext in ciphertexts.items()

@@ -40,22 +40,19 @@ from typing import TYPE_CHECKING, Any
 from tokenvault.api.audit import AuditUnavailable
 from tokenvault.api.validation import require_item_list, validate_lookup_epoch, validate_lookup_tokens
 from tokenvault.core import commands
-from tokenvault.core.shred import MAX_BACKLOG_KEYS
 from tokenvault.core.store_layout import DESTROYED, MAX_TOKEN_PAGE, ApplyResult
 from tokenvault.core.store_layout import Outcome as ApplyOutcome
 from tokenvault.crypto import formats
 from tokenvault.crypto.tokens import is_token, parse_token
 from tokenvault.futures import computed_in_slices
 from tokenvault.errors import (AuditTrimRefused, EpochActive, EpochDestroyed, InvalidRequest, NotFound, Outcome,
-                               Overloaded, TokenCollision, Unavailable)
+                               TokenCollision, Unavailable)
 
 if TYPE_CHECKING:
     from tokenvault.api.audit import AuditBuffer
     from tokenvault.core.node import Node
 
 DELETE_TOKENS = "token.delete"
-# A delete refused while the shredder catches up: a pass takes seconds to a minute (docs/performance.md).
-SHRED_RETRY_AFTER_SECONDS = 10
 RETOKENIZE = "token.retokenize"
 DESTROY_EPOCH = "epoch.destroy"
 EPOCH_TOKENS = "epoch.tokens"
@@ -129,11 +126,6 @@ class LifecycleOperations:
 
     async def _delete_tokens_here(self, tokens: list[str], actor: list[Any] | None = None,
                                   epoch: int | None = None) -> Outcome:
-        backlog = self.node.shredder.backlog_keys
-        if backlog >= MAX_BACKLOG_KEYS:
-            # The shredder holds the keys it has still to shred in memory: bounded here, on the primary.
-            raise Overloaded(f"the primary is still shredding earlier deletes ({backlog} rows wait); the delete "
-                             "had no effect: retry later", retry_after_seconds=SHRED_RETRY_AFTER_SECONDS)
         if epoch is None and not all(map(is_token, tokens)):
             await self._read_barrier()  # a rotation acknowledged before the request started counts
             epoch = self.node.store.active_epoch() or None

@@ -7,8 +7,9 @@ tokenize and rotate entries carried the ciphertexts and the wrapped secret.
 The ``Shredder`` of a node removes them, in this order, in a worker thread:
 
 1. ``VaultStore.shred``: flush the memtable (RocksDB deletes its WAL files up to
-   there) and compact the affected keys down to the bottom level, which drops
-   the old versions with their tombstones;
+   there) and compact the affected keys (past MAX_KEYS_PER_PASS, the whole key
+   space) down to the bottom level, which drops the old versions with their
+   tombstones;
 2. ``VaultStore.checkpoint``, then ``WriteAheadLog.roll`` past the shredding
    entry and ``WriteAheadLog.release`` up to the checkpoint: every segment
    holding an entry at or below it is deleted. Entries after it may not be
@@ -40,11 +41,9 @@ from tokenvault.logs import get_logger
 
 log = get_logger("shred")
 
-# Keys one shred pass compacts at most; more wait for the next pass.
+# Keys one shred pass compacts by their ranges at most (two a deleted token, about 80 bytes each in
+# memory, measured); past it a pass compacts the whole key space and keeps no keys.
 MAX_KEYS_PER_PASS = 100_000
-# Keys waiting for a pass at which the primary refuses deletes (Overloaded, 503): two a deleted token,
-# about 80 bytes each in memory, measured (docs/api.md, "POST /v1/tokens/delete").
-MAX_BACKLOG_KEYS = 1_000_000
 POLL_SECONDS = 0.05
 PASS_LOG_SECONDS = 10.0  # shred.pass: one line at most this often
 
@@ -63,11 +62,12 @@ def shred_keys(command: commands.Command) -> list[bytes]:
 class Shredder:
     """One node's shredding task (see the module docstring); every method runs on the event loop.
 
-    Entries are shredded in log order, a pass taking the oldest entries' keys up to MAX_KEYS_PER_PASS
-    (an entry with more is split over passes), so the entry the log must keep (``hold_index``) moves on
-    with every pass, also while deletes keep arriving faster than passes finish. The keys waiting
-    (``backlog_keys``) are in memory until their pass: the primary refuses deletes while there are
-    MAX_BACKLOG_KEYS or more (api/lifecycle.py)."""
+    A pass takes every entry waiting, in log order, so the entry the log must keep (``hold_index``)
+    moves on with every pass. Up to MAX_KEYS_PER_PASS keys it compacts their ranges; past that it
+    keeps no keys and compacts the whole key space instead, which costs what ranges spread over every
+    bottom-level file cost (a rewrite of the store) and covers any number of deletes: what the
+    shredder holds in memory stays bounded however fast deletes come, and a backlog drains in one
+    pass (docs/performance.md, "What a shred pass costs as the store grows")."""
 
     def __init__(self, store: Callable[[], VaultStore], wal: WriteAheadLog,
                  on_fatal: Callable[[BaseException], None], on_pass: Callable[[], None] | None = None) -> None:
@@ -75,8 +75,11 @@ class Shredder:
         self._wal = wal
         self._on_fatal = on_fatal
         self._on_pass = on_pass  # after each pass rewrote the store's files
-        # (entry index, its keys not yet taken by a pass), in log order.
-        self._queue: deque[tuple[int, list[bytes]]] = deque()
+        # The entries waiting for a pass, in log order, with their keys; or, past MAX_KEYS_PER_PASS keys,
+        # only the first of them (``_whole_from``): the next pass compacts the whole key space.
+        self._entries: deque[tuple[int, list[bytes]]] = deque()
+        self._whole_from: int | None = None
+        self._last_waiting = 0  # the highest entry waiting
         self._backlog_keys = 0
         self._running_low: int | None = None  # the lowest entry of the pass in step 1
         self._task: asyncio.Task[None] | None = None
@@ -90,8 +93,14 @@ class Shredder:
         keys = shred_keys(command)
         if not keys:
             return
-        self._queue.append((index, keys))
         self._backlog_keys += len(keys)
+        self._last_waiting = index
+        if self._whole_from is None:
+            if self._backlog_keys > MAX_KEYS_PER_PASS:
+                self._whole_from = self._entries[0][0] if self._entries else index
+                self._entries.clear()
+            else:
+                self._entries.append((index, keys))
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._run())
 
@@ -105,9 +114,11 @@ class Shredder:
 
     def hold_index(self) -> int | None:
         """The log must keep this entry (and what follows) for now; None when nothing waits. Entries are
-        noted in log order (those found at start-up before the first applied), so the queue's head is
-        its lowest."""
-        candidates = [self._queue[0][0]] if self._queue else []
+        noted in log order (those found at start-up before the first applied), so the first waiting is
+        the lowest."""
+        candidates = [self._whole_from] if self._whole_from is not None else []
+        if self._entries:
+            candidates.append(self._entries[0][0])
         if self._running_low is not None:
             candidates.append(self._running_low)
         return min(candidates) if candidates else None
@@ -121,47 +132,42 @@ class Shredder:
     def busy(self) -> bool:
         return self._task is not None and not self._task.done()
 
-    def _take_pass(self) -> tuple[list[bytes], int, int | None]:
-        """The oldest waiting keys, at most MAX_KEYS_PER_PASS; the lowest entry they come from; the
-        highest entry whose last keys they are (None: they are the first part of one entry's)."""
-        keys: list[bytes] = []
-        low = self._queue[0][0]
-        finished: int | None = None
-        while self._queue and len(keys) < MAX_KEYS_PER_PASS:
-            index, entry_keys = self._queue[0]
-            room = MAX_KEYS_PER_PASS - len(keys)
-            if len(entry_keys) > room:
-                if keys:
-                    break  # the next pass starts with this entry
-                self._queue[0] = (index, entry_keys[room:])
-                keys = entry_keys[:room]
-                break
-            keys.extend(entry_keys)
-            finished = index
-            self._queue.popleft()
-        self._backlog_keys -= len(keys)
-        return keys, low, finished
+    def _waiting(self) -> bool:
+        return self._whole_from is not None or bool(self._entries)
+
+    def _take_pass(self) -> tuple[list[bytes] | None, int, int, int]:
+        """Every entry waiting: their keys (None: the whole key space), the lowest and highest entry, and
+        how many keys they left."""
+        if self._whole_from is not None:
+            keys, low = None, self._whole_from
+        else:
+            keys, low = [key for _, entry_keys in self._entries for key in entry_keys], self._entries[0][0]
+        taken = (keys, low, self._last_waiting, self._backlog_keys)
+        self._entries.clear()
+        self._whole_from = None
+        self._backlog_keys = 0
+        return taken
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         try:
-            while self._queue:
-                keys, self._running_low, finished = self._take_pass()
+            while self._waiting():
+                keys, self._running_low, finished, rows = self._take_pass()
                 started = time.monotonic()
                 await loop.run_in_executor(self._executor, self._store().shred, keys)
                 store_seconds = time.monotonic() - started
                 self._passed()
                 self._running_low = None
-                if finished is None or self._queue:
+                if self._waiting():
                     # Later entries wait: their pass drops the log through these too. Meanwhile the
                     # node's own log compaction may drop these, no longer held.
-                    self._note_pass(len(keys), store_seconds)
+                    self._note_pass(rows, store_seconds)
                     continue
                 if await self._drop_log_through(finished):
                     self.passes += 1
                     self._unlogged_passes = self._unlogged_rows = 0
                     # store_seconds: the flush and compactions; it grows with the store (docs/performance.md).
-                    log.info("shred.done", through_index=finished, rows=len(keys),
+                    log.info("shred.done", through_index=finished, rows=rows, whole_store=keys is None,
                              store_seconds=round(store_seconds, 3))
         except asyncio.CancelledError:
             raise
@@ -189,7 +195,7 @@ class Shredder:
         loop = asyncio.get_running_loop()
         durable = -1
         while self._wal.first_held_index <= target:
-            if self._queue:
+            if self._waiting():
                 return False  # a later entry waits for its own pass, which drops the log through this one too
             if self._store().applied_index != durable:  # checkpoint (an fsync) only when there is more
                 durable = await loop.run_in_executor(self._executor, self._store().checkpoint)

@@ -518,8 +518,9 @@ class VaultStore:
                     return tokens
         return tokens
 
-    def shred(self, keys: Sequence[bytes]) -> None:
-        """Drop every older version of ``keys`` (rows deleted or rewritten) from RocksDB's files.
+    def shred(self, keys: Sequence[bytes] | None) -> None:
+        """Drop every older version of ``keys`` (rows deleted or rewritten) from RocksDB's files; None:
+        of every key (the whole store is rewritten).
 
         Flushes the memtable (RocksDB then deletes the WAL files that held the old versions) and
         compacts the key ranges down to the bottom level, where a tombstone and what it covers
@@ -533,7 +534,8 @@ class VaultStore:
             database.flush()
             options = CompactOptions()
             options.set_bottommost_level_compaction(BottommostLevelCompaction.force())
-            for begin, end in shred_ranges(keys, bottom_files(database)):
+            ranges = [(None, None)] if keys is None else shred_ranges(keys, bottom_files(database))
+            for begin, end in ranges:
                 database.compact_range(begin, end, options)
             database.flush_wal(True)
 

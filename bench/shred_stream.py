@@ -49,38 +49,47 @@ class NoLog:
 
 
 class TimedStore:
-    """The store, with each shred pass's keys and seconds kept for the loop to read after the pass."""
+    """The store, with each shred pass's seconds kept for the loop to read after the pass."""
 
     def __init__(self, store: VaultStore) -> None:
         self.store = store
-        self.last_pass: tuple[int, float] = (0, 0.0)
+        self.last_seconds = 0.0
 
-    def shred(self, keys: list[bytes]) -> None:
+    def shred(self, keys: list[bytes] | None) -> None:
         started = time.perf_counter()
         self.store.shred(keys)
-        self.last_pass = (len(keys), time.perf_counter() - started)
+        self.last_seconds = time.perf_counter() - started
+
+
+class WatchedShredder(Shredder):
+    """The node's shredder, telling what each pass took: (highest entry, rows, whole key space)."""
+
+    taken: list[tuple[int, int, bool]]
+
+    def _take_pass(self) -> tuple[list[bytes] | None, int, int, int]:
+        keys, low, finished, rows = super()._take_pass()
+        self.taken.append((finished, rows, keys is None))
+        return keys, low, finished, rows
 
 
 async def stream(store: VaultStore, rate: int, seconds: float, batch: int, seed: int) -> None:
     timed = TimedStore(store)
-    waiting: collections.deque[list[float]] = collections.deque()  # [applied at, keys left] in log order
+    waiting: collections.deque[tuple[float, int]] = collections.deque()  # (applied at, entry) in log order
     waits: list[float] = []
     passes: list[tuple[int, float]] = []
 
     def on_pass() -> None:
-        keys, pass_seconds = timed.last_pass
-        passes.append(timed.last_pass)
+        finished, rows, whole = shredder.taken[-1]
+        passes.append((rows, timed.last_seconds))
         now = time.perf_counter()
-        while keys and waiting:
-            taken = min(keys, int(waiting[0][1]))
-            waiting[0][1] -= taken
-            keys -= taken
-            if waiting[0][1] == 0:
-                waits.append(now - waiting.popleft()[0])
-        print(f"    pass of {passes[-1][0]:>7,} keys: {pass_seconds:6.2f} s", flush=True)
+        while waiting and waiting[0][1] <= finished:
+            waits.append(now - waiting.popleft()[0])
+        print(f"    pass of {rows:>9,} keys{' (the whole key space)' if whole else ''}: "
+              f"{timed.last_seconds:6.2f} s", flush=True)
 
-    shredder = Shredder(lambda: timed, NoLog(), lambda error: print(f"shred failed: {error!r}"),  # type: ignore[arg-type,return-value]
-                        on_pass=on_pass)
+    shredder = WatchedShredder(lambda: timed, NoLog(), lambda error: print(f"shred failed: {error!r}"),  # type: ignore[arg-type,return-value]
+                               on_pass=on_pass)
+    shredder.taken = []
     generator = random.Random(seed)
     actor = Actor(node="n1", request_id="bench")
     largest_backlog = deleted = 0
@@ -92,7 +101,7 @@ async def stream(store: VaultStore, rate: int, seconds: float, batch: int, seed:
             index = store.applied_index + 1
             store.apply_batch([Entry(index, 1, EntryKind.COMMAND, encode_command(command))])
             shredder.note(index, command)
-            waiting.append([time.perf_counter(), 2.0 * batch])
+            waiting.append((time.perf_counter(), index))
             deleted += batch
         largest_backlog = max(largest_backlog, shredder.backlog_keys)
         await asyncio.sleep(TICK_SECONDS)

@@ -14,7 +14,7 @@ to shred, and their pass compacts the same bottom-level files, as those of rando
 would. Then it waits for the backlog to drain. Prints each pass (its keys and seconds) and, per
 run: tokens deleted, rows shredded a second over the stream, the largest backlog of rows, the
 longest a delete waited from its apply to the end of the pass that took its last rows, and the time
-to drain. Asserts nothing.
+to drain; first, the memory the keys of one full pass take. Asserts nothing.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ import random
 import sys
 import tempfile
 import time
+import tracemalloc
+from collections.abc import Iterable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -34,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from view_open import filled_store, random_token  # noqa: E402
 from protocol import Entry, EntryKind  # noqa: E402
 from tokenvault.core.commands import Actor, DeleteTokensCommand, encode_command  # noqa: E402
-from tokenvault.core.shred import Shredder  # noqa: E402
+from tokenvault.core.shred import MAX_KEYS_PER_PASS, Shredder, shred_keys  # noqa: E402
 from tokenvault.core.store import VaultStore  # noqa: E402
 
 TICK_SECONDS = 0.05
@@ -55,7 +57,7 @@ class TimedStore:
         self.store = store
         self.last_seconds = 0.0
 
-    def shred(self, keys: list[bytes] | None) -> None:
+    def shred(self, keys: Iterable[bytes] | None) -> None:
         started = time.perf_counter()
         self.store.shred(keys)
         self.last_seconds = time.perf_counter() - started
@@ -66,7 +68,7 @@ class WatchedShredder(Shredder):
 
     taken: list[tuple[int, int, bool]]
 
-    def _take_pass(self) -> tuple[list[bytes] | None, int, int, int]:
+    def _take_pass(self) -> tuple[Iterable[bytes] | None, int, int, int]:
         keys, low, finished, rows = super()._take_pass()
         self.taken.append((finished, rows, keys is None))
         return keys, low, finished, rows
@@ -122,6 +124,21 @@ async def stream(store: VaultStore, rate: int, seconds: float, batch: int, seed:
              else f"not drained {DRAIN_SECONDS} s after the stream"), flush=True)
 
 
+def key_memory(batch: int) -> None:
+    """What the shredder holds for a pass of MAX_KEYS_PER_PASS rows noted in deletes of ``batch``
+    tokens: the keys' lists, as ``note`` keeps them (tracemalloc)."""
+    generator = random.Random(0)
+    commands = [DeleteTokensCommand(tuple(random_token(generator) for _ in range(batch)), 0, Actor())
+                for _ in range(MAX_KEYS_PER_PASS // (2 * batch))]
+    tracemalloc.start()
+    held = [shred_keys(command) for command in commands]
+    held_bytes = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    rows = sum(map(len, held))
+    print(f"keys a pass holds: {rows:,} rows in deletes of {batch} tokens, {held_bytes / 1e6:.1f} MB "
+          f"({held_bytes / rows:.0f} bytes a row)", flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", default="10000000", help="comma-separated store sizes")
@@ -136,6 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     if min(sizes) < 1 or min(rates) < 1 or not 1 <= arguments.batch <= 1000 or arguments.seconds <= 0:
         parser.error("sizes and rates must be at least 1, the batch 1 to 1,000, the seconds positive")
     base = arguments.directory or Path(tempfile.mkdtemp(prefix="shred-stream-"))
+    key_memory(arguments.batch)
     for tokens in sizes:
         store, _ = filled_store(base / f"tokens-{tokens}", tokens)
         try:

@@ -31,6 +31,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from itertools import chain
 
 from protocol import Entry, EntryKind
 from tokenvault.core import commands
@@ -135,13 +136,15 @@ class Shredder:
     def _waiting(self) -> bool:
         return self._whole_from is not None or bool(self._entries)
 
-    def _take_pass(self) -> tuple[list[bytes] | None, int, int, int]:
-        """Every entry waiting: their keys (None: the whole key space), the lowest and highest entry, and
-        how many keys they left."""
+    def _take_pass(self) -> tuple[Iterable[bytes] | None, int, int, int]:
+        """Every entry waiting: their keys (None: the whole key space; else read in the shredder's thread,
+        which sorts them), the lowest and highest entry, and how many keys they left."""
         if self._whole_from is not None:
-            keys, low = None, self._whole_from
+            keys: Iterable[bytes] | None = None
+            low = self._whole_from
         else:
-            keys, low = [key for _, entry_keys in self._entries for key in entry_keys], self._entries[0][0]
+            keys = chain.from_iterable([entry_keys for _, entry_keys in self._entries])
+            low = self._entries[0][0]
         taken = (keys, low, self._last_waiting, self._backlog_keys)
         self._entries.clear()
         self._whole_from = None

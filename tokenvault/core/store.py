@@ -43,7 +43,7 @@ from __future__ import annotations
 import functools
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Concatenate, Literal, ParamSpec, TypeVar
 
@@ -518,7 +518,7 @@ class VaultStore:
                     return tokens
         return tokens
 
-    def shred(self, keys: Sequence[bytes] | None) -> None:
+    def shred(self, keys: Iterable[bytes] | None) -> None:
         """Drop every older version of ``keys`` (rows deleted or rewritten) from RocksDB's files; None:
         of every key (the whole store is rewritten).
 

@@ -27,7 +27,6 @@ import sys
 import tempfile
 import time
 import tracemalloc
-from collections.abc import Iterable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -36,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from view_open import filled_store, random_token  # noqa: E402
 from protocol import Entry, EntryKind  # noqa: E402
 from tokenvault.core.commands import Actor, DeleteTokensCommand, encode_command  # noqa: E402
-from tokenvault.core.shred import MAX_KEYS_PER_PASS, Shredder, shred_keys  # noqa: E402
+from tokenvault.core.shred import MAX_KEYS_PER_PASS, Shredder, ShredPass, shred_keys  # noqa: E402
 from tokenvault.core.store import VaultStore  # noqa: E402
 
 TICK_SECONDS = 0.05
@@ -50,48 +49,21 @@ class NoLog:
     last_index = 0
 
 
-class TimedStore:
-    """The store, with each shred pass's seconds kept for the loop to read after the pass."""
-
-    def __init__(self, store: VaultStore) -> None:
-        self.store = store
-        self.last_seconds = 0.0
-
-    def shred(self, keys: Iterable[bytes] | None) -> None:
-        started = time.perf_counter()
-        self.store.shred(keys)
-        self.last_seconds = time.perf_counter() - started
-
-
-class WatchedShredder(Shredder):
-    """The node's shredder, telling what each pass took: (highest entry, rows, whole key space)."""
-
-    taken: list[tuple[int, int, bool]]
-
-    def _take_pass(self) -> tuple[Iterable[bytes] | None, int, int, int]:
-        keys, low, finished, rows = super()._take_pass()
-        self.taken.append((finished, rows, keys is None))
-        return keys, low, finished, rows
-
-
 async def stream(store: VaultStore, rate: int, seconds: float, batch: int, seed: int) -> None:
-    timed = TimedStore(store)
     waiting: collections.deque[tuple[float, int]] = collections.deque()  # (applied at, entry) in log order
     waits: list[float] = []
     passes: list[tuple[int, float]] = []
 
-    def on_pass() -> None:
-        finished, rows, whole = shredder.taken[-1]
-        passes.append((rows, timed.last_seconds))
+    def on_pass(done: ShredPass) -> None:
+        passes.append((done.rows, done.store_seconds))
         now = time.perf_counter()
-        while waiting and waiting[0][1] <= finished:
+        while waiting and waiting[0][1] <= done.through_index:
             waits.append(now - waiting.popleft()[0])
-        print(f"    pass of {rows:>9,} keys{' (the whole key space)' if whole else ''}: "
-              f"{timed.last_seconds:6.2f} s", flush=True)
+        print(f"    pass of {done.rows:>9,} keys{' (the whole key space)' if done.whole_store else ''}: "
+              f"{done.store_seconds:6.2f} s", flush=True)
 
-    shredder = WatchedShredder(lambda: timed, NoLog(), lambda error: print(f"shred failed: {error!r}"),  # type: ignore[arg-type,return-value]
-                               on_pass=on_pass)
-    shredder.taken = []
+    shredder = Shredder(lambda: store, NoLog(), lambda error: print(f"shred failed: {error!r}"),  # type: ignore[arg-type]
+                        on_pass=on_pass)
     generator = random.Random(seed)
     actor = Actor(node="n1", request_id="bench")
     largest_backlog = deleted = 0

@@ -318,6 +318,12 @@ class Metrics:
             " the next pass compacts the whole key space.",
             registry=registry,
         )
+        self.shred_oldest_wait_seconds = Gauge(
+            "tokenvault_shred_oldest_wait_seconds",
+            "Seconds the oldest delete or epoch destroy applied here has waited for a shred pass to erase"
+            " it from the store's files (read when scraped); 0 when none waits.",
+            registry=registry,
+        )
         self.wal_fsync_duration = Histogram(
             "tokenvault_wal_fsync_duration_seconds",
             "Duration of one WAL group commit (write plus fsync).",
@@ -440,9 +446,11 @@ class Metrics:
         self.store_table_bytes.set_function(store_bytes)
         self.wal_segment_bytes.set_function(wal_bytes)
 
-    def watch_shred_backlog(self, rows: Callable[[], float]) -> None:
-        """Read the shred backlog gauge from ``rows`` whenever the registry is collected."""
+    def watch_shred_backlog(self, rows: Callable[[], float], oldest_wait_seconds: Callable[[], float]) -> None:
+        """Read the shred backlog gauges from ``rows`` and ``oldest_wait_seconds`` whenever the registry is
+        collected."""
         self.shred_backlog_rows.set_function(rows)
+        self.shred_oldest_wait_seconds.set_function(oldest_wait_seconds)
 
     def observe_wal_sync(self, duration_seconds: float, entries: int, written_bytes: int) -> None:
         """One WAL group commit: its latency, how many entries and bytes it made durable."""

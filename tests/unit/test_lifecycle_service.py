@@ -7,6 +7,7 @@ import collections
 import dataclasses
 import json
 import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -67,12 +68,17 @@ async def test_a_backlog_past_one_pass_is_shredded_whole_from_the_files_and_the_
 
     monkeypatch.setattr(node.store, "shred", held_shred)
     try:
+        first_applied = time.monotonic()
         await service.delete_tokens([tokens[0]], ACTOR)
         await wait_until(lambda: asked and node.shredder.backlog_keys == 0, 10, "the first pass to take its rows")
         for token in tokens[1:]:
             await service.delete_tokens([token], ACTOR)  # a row and a life row each: six rows, past four
         assert node.shredder.backlog_keys == 6
         assert node.metrics.registry.get_sample_value("tokenvault_shred_backlog_rows") == 6
+        # The first delete, held in its pass, is the oldest waiting (docs/api.md, metrics).
+        await asyncio.sleep(0.2)
+        waited = node.metrics.registry.get_sample_value("tokenvault_shred_oldest_wait_seconds")
+        assert 0.2 <= waited <= time.monotonic() - first_applied
     finally:
         gate.set()
     await wait_until(lambda: not any(files_holding(single.config.data_dir, ciphertext)
@@ -80,6 +86,7 @@ async def test_a_backlog_past_one_pass_is_shredded_whole_from_the_files_and_the_
     assert len(asked) == 2 and asked[0] is not None and asked[1] is None  # the second pass: the whole key space
     await wait_until(lambda: node.wal.first_held_index > node.store.applied_index - 1, 10, "the log dropped")
     assert await service.detokenize(tokens) == [None] * 4
+    assert node.metrics.registry.get_sample_value("tokenvault_shred_oldest_wait_seconds") == 0
 
 
 def in_a_table_file(running: RunningNode, needle: bytes) -> bool:

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 from structlog.testing import capture_logs
 
 from tokenvault.core import shred
 from tokenvault.core.commands import Actor, DeleteTokensCommand
-from tokenvault.core.shred import Shredder, shred_keys
+from tokenvault.core.shred import Shredder, ShredPass, shred_keys
 
 ACTOR = Actor(name="ops", node="n1", request_id="r1")
 DEADLINE_SECONDS = 10
@@ -56,10 +57,10 @@ def delete(*names: str) -> DeleteTokensCommand:
     return DeleteTokensCommand(tuple("tv1_" + name * 32 for name in names), 2_000, ACTOR)
 
 
-def make_shredder(last_index: int) -> tuple[Shredder, RecordingStore, RecordingLog]:
+def make_shredder(last_index: int, on_pass=None) -> tuple[Shredder, RecordingStore, RecordingLog]:
     store, wal = RecordingStore(), RecordingLog(last_index)
     failures: list[BaseException] = []
-    shredder = Shredder(lambda: store, wal, failures.append)  # type: ignore[arg-type]
+    shredder = Shredder(lambda: store, wal, failures.append, on_pass=on_pass)  # type: ignore[arg-type]
     store.shredder = shredder
     store.applied_index = last_index
     return shredder, store, wal
@@ -100,7 +101,8 @@ async def test_past_max_keys_a_pass_keeps_no_keys_and_shreds_the_whole_key_space
     """What the shredder holds stays bounded however fast deletes come: past MAX_KEYS_PER_PASS keys
     waiting it keeps only the first entry waiting, and the next pass compacts every key (None)."""
     monkeypatch.setattr(shred, "MAX_KEYS_PER_PASS", 4)
-    shredder, store, wal = make_shredder(last_index=23)
+    reports: list[ShredPass] = []
+    shredder, store, wal = make_shredder(last_index=23, on_pass=reports.append)
     store.gate.clear()
     shredder.note(20, delete("a"))
     await until(lambda: len(store.passes) == 1, "the first pass to start")
@@ -115,6 +117,10 @@ async def test_past_max_keys_a_pass_keeps_no_keys_and_shreds_the_whole_key_space
     assert store.passes == [(shred_keys(delete("a")), 20), (None, 21)]
     assert [(line["through_index"], line["rows"], line["whole_store"]) for line in logged
             if line["event"] == "shred.done"] == [(23, 8, True)]
+    # What each pass took, as the node (its workers' views) and bench/shred_stream.py are told of it.
+    assert [(report.through_index, report.rows, report.whole_store) for report in reports] == [
+        (20, 2, False), (23, 8, True)]
+    assert all(report.store_seconds >= 0 for report in reports)
     assert wal.first_held_index > 23
     await shredder.close()
 
@@ -150,4 +156,41 @@ async def test_keys_noted_while_a_pass_runs_wait_for_the_next_and_are_counted() 
     await until(lambda: shredder.passes == 1, "both passes")
     assert [hold for _, hold in store.passes] == [30, 31]
     assert shredder.backlog_keys == 0
+    await shredder.close()
+
+
+class PermitStore(RecordingStore):
+    """A store whose every shred waits for a permit of its own, so that one pass can end while the next waits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.permits = threading.Semaphore(0)
+
+    def shred(self, keys: list[bytes] | None) -> None:
+        assert self.shredder is not None
+        self.passes.append((None if keys is None else list(keys), self.shredder.hold_index()))
+        assert self.permits.acquire(timeout=DEADLINE_SECONDS)
+
+
+async def test_the_oldest_wait_runs_from_the_first_delete_not_yet_shredded_and_is_zero_once_none_waits() -> None:
+    """tokenvault_shred_oldest_wait_seconds: from the apply of the oldest delete no finished pass covers;
+    it moves to the next delete waiting when a pass ends, and is 0 once nothing waits."""
+    store, wal = PermitStore(), RecordingLog(last_index=61)
+    shredder = Shredder(lambda: store, wal, lambda error: None)  # type: ignore[arg-type]
+    store.shredder, store.applied_index = shredder, 61
+    assert shredder.oldest_wait_seconds() == 0.0
+    first_noted = time.monotonic()
+    shredder.note(60, delete("a"))
+    await until(lambda: len(store.passes) == 1, "the first pass to start")
+    await asyncio.sleep(0.3)
+    second_noted = time.monotonic()
+    shredder.note(61, delete("b"))
+    # The pass under way holds the oldest delete: its wait goes on while the second one waits behind it.
+    assert 0.3 <= shredder.oldest_wait_seconds() <= time.monotonic() - first_noted
+    store.permits.release()
+    await until(lambda: len(store.passes) == 2, "the second pass to start")
+    assert shredder.oldest_wait_seconds() <= time.monotonic() - second_noted
+    store.permits.release()
+    await until(lambda: shredder.passes == 1, "the log to be dropped through the last entry")
+    assert shredder.oldest_wait_seconds() == 0.0
     await shredder.close()

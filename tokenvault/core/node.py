@@ -161,7 +161,7 @@ class Node:
         # until they catch up (tokenvault.core.store_reader), so they are told to.
         self.on_store_files_replaced: Callable[[], None] | None = None
         self.shredder = Shredder(lambda: self.store, self.wal, lambda error: self._fatal(error, task="shred"),
-                                 on_pass=self._store_files_replaced)
+                                 on_pass=lambda _: self._store_files_replaced())
         self.restored = self._restored_state(recovered)
         self.recovered_log = recovered
         members = tuple(member.id for member in config.members)
@@ -219,7 +219,7 @@ class Node:
         self.snapshots = SnapshotTransfers(self.data_dir, lambda: self.store, self._run_in_driver,
                                            self.send_to_peer)
         self.metrics.watch_disk(self._disk_free_bytes, self._store_table_bytes, lambda: float(self.wal.segment_bytes))
-        self.metrics.watch_shred_backlog(lambda: float(self.shredder.backlog_keys))
+        self.metrics.watch_shred_backlog(lambda: float(self.shredder.backlog_keys), self.shredder.oldest_wait_seconds)
         self.metrics.watch_peers(self._peer_states)
         # Set by the service: handles ForwardRequest frames.
         self.forward_handler: Callable[[str, ForwardRequest], None] | None = None

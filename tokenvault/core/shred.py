@@ -31,6 +31,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from itertools import chain
 
 from protocol import Entry, EntryKind
@@ -47,6 +48,16 @@ log = get_logger("shred")
 MAX_KEYS_PER_PASS = 100_000
 POLL_SECONDS = 0.05
 PASS_LOG_SECONDS = 10.0  # shred.pass: one line at most this often
+
+
+@dataclass(frozen=True, slots=True)
+class ShredPass:
+    """What one pass took and cost, given to ``on_pass`` once it rewrote the store's files."""
+
+    through_index: int  # the highest entry the pass covered
+    rows: int  # the keys its entries left (two a deleted token)
+    whole_store: bool  # it compacted the whole key space (past MAX_KEYS_PER_PASS keys)
+    store_seconds: float  # the flush and compactions
 
 
 def shred_keys(command: commands.Command) -> list[bytes]:
@@ -71,7 +82,8 @@ class Shredder:
     pass (docs/performance.md, "What a shred pass costs as the store grows")."""
 
     def __init__(self, store: Callable[[], VaultStore], wal: WriteAheadLog,
-                 on_fatal: Callable[[BaseException], None], on_pass: Callable[[], None] | None = None) -> None:
+                 on_fatal: Callable[[BaseException], None],
+                 on_pass: Callable[[ShredPass], None] | None = None) -> None:
         self._store = store
         self._wal = wal
         self._on_fatal = on_fatal
@@ -83,6 +95,9 @@ class Shredder:
         self._last_waiting = 0  # the highest entry waiting
         self._backlog_keys = 0
         self._running_low: int | None = None  # the lowest entry of the pass in step 1
+        # When the oldest entry waiting, and the oldest of the pass in step 1, were noted (time.monotonic).
+        self._waiting_since: float | None = None
+        self._running_since: float | None = None
         self._task: asyncio.Task[None] | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shred")
         self.passes = 0  # finished passes, for tests and the log
@@ -96,6 +111,8 @@ class Shredder:
             return
         self._backlog_keys += len(keys)
         self._last_waiting = index
+        if self._waiting_since is None:
+            self._waiting_since = time.monotonic()
         if self._whole_from is None:
             if self._backlog_keys > MAX_KEYS_PER_PASS:
                 self._whole_from = self._entries[0][0] if self._entries else index
@@ -129,6 +146,12 @@ class Shredder:
         """Keys noted and not yet taken by a pass."""
         return self._backlog_keys
 
+    def oldest_wait_seconds(self) -> float:
+        """How long the oldest delete or destroy noted and not yet through a pass (step 1) has waited: from
+        its apply (at start-up, from the start) to now; 0 when none waits."""
+        noted = [since for since in (self._waiting_since, self._running_since) if since is not None]
+        return time.monotonic() - min(noted) if noted else 0.0
+
     @property
     def busy(self) -> bool:
         return self._task is not None and not self._task.done()
@@ -149,6 +172,7 @@ class Shredder:
         self._entries.clear()
         self._whole_from = None
         self._backlog_keys = 0
+        self._running_since, self._waiting_since = self._waiting_since, None
         return taken
 
     async def _run(self) -> None:
@@ -159,8 +183,9 @@ class Shredder:
                 started = time.monotonic()
                 await loop.run_in_executor(self._executor, self._store().shred, keys)
                 store_seconds = time.monotonic() - started
-                self._passed()
-                self._running_low = None
+                if self._on_pass is not None:
+                    self._on_pass(ShredPass(finished, rows, keys is None, store_seconds))
+                self._running_low = self._running_since = None
                 if self._waiting():
                     # Later entries wait: their pass drops the log through these too. Meanwhile the
                     # node's own log compaction may drop these, no longer held.
@@ -188,10 +213,6 @@ class Shredder:
                      store_seconds=round(store_seconds, 3), rows_waiting=self._backlog_keys)
             self._pass_logged_at = now
             self._unlogged_passes = self._unlogged_rows = 0
-
-    def _passed(self) -> None:
-        if self._on_pass is not None:
-            self._on_pass()
 
     async def _drop_log_through(self, target: int) -> bool:
         """True once no segment holds an entry at or below ``target``; False when a later pass will."""

@@ -47,6 +47,8 @@ BATCH_BYTES_BUCKETS = (256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 
 # milliseconds), so they resolve the range from a timer's own jitter (1 ms) to
 # seconds.
 LOOP_STALL_BUCKETS_SECONDS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+# A shred pass rewrites up to the whole store: a second at a million tokens, about a minute at 50 M on two cores.
+SHRED_PASS_BUCKETS_SECONDS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 
 
 # How old an exposition GET /metrics may answer: scrapers ask every 10-60 s, and the page needs no key,
@@ -324,6 +326,14 @@ class Metrics:
             " it from the store's files (read when scraped); 0 when none waits.",
             registry=registry,
         )
+        self.shred_pass_seconds = Histogram(
+            "tokenvault_shred_pass_seconds",
+            "Duration of one shred pass in the store (its flush and compactions), by what it compacted: the"
+            " key ranges of the rows it took (keys) or the whole key space (whole).",
+            ("scope",),
+            buckets=SHRED_PASS_BUCKETS_SECONDS,
+            registry=registry,
+        )
         self.wal_fsync_duration = Histogram(
             "tokenvault_wal_fsync_duration_seconds",
             "Duration of one WAL group commit (write plus fsync).",
@@ -451,6 +461,10 @@ class Metrics:
         collected."""
         self.shred_backlog_rows.set_function(rows)
         self.shred_oldest_wait_seconds.set_function(oldest_wait_seconds)
+
+    def observe_shred_pass(self, store_seconds: float, whole_store: bool) -> None:
+        """One shred pass through the store (tokenvault/core/shred.py)."""
+        self.shred_pass_seconds.labels(scope="whole" if whole_store else "keys").observe(store_seconds)
 
     def observe_wal_sync(self, duration_seconds: float, entries: int, written_bytes: int) -> None:
         """One WAL group commit: its latency, how many entries and bytes it made durable."""

@@ -87,6 +87,9 @@ async def test_a_backlog_past_one_pass_is_shredded_whole_from_the_files_and_the_
     await wait_until(lambda: node.wal.first_held_index > node.store.applied_index - 1, 10, "the log dropped")
     assert await service.detokenize(tokens) == [None] * 4
     assert node.metrics.registry.get_sample_value("tokenvault_shred_oldest_wait_seconds") == 0
+    # tokenvault_shred_pass_seconds: one pass by key ranges, then one of the whole key space.
+    assert [node.metrics.registry.get_sample_value("tokenvault_shred_pass_seconds_count", {"scope": scope})
+            for scope in ("keys", "whole")] == [1, 1]
 
 
 def in_a_table_file(running: RunningNode, needle: bytes) -> bool:

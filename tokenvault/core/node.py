@@ -35,7 +35,7 @@ from protocol import (INITIAL_HARD_STATE, BackupLostEntries, BecamePrimary, Elec
                       ReplicaConfig, RestoredState, Role, SteppedDown)
 from tokenvault.config import ConfigError, NodeConfig, split_host_port
 from tokenvault.core import commands
-from tokenvault.core.shred import Shredder
+from tokenvault.core.shred import ShredPass, Shredder
 from tokenvault.core.snapshot_transfer import SnapshotTransfers
 from tokenvault.core.store import VaultStore
 from tokenvault.core.store_files import STORE_DIRECTORY, PreparedInstall, replace_file
@@ -161,7 +161,7 @@ class Node:
         # until they catch up (tokenvault.core.store_reader), so they are told to.
         self.on_store_files_replaced: Callable[[], None] | None = None
         self.shredder = Shredder(lambda: self.store, self.wal, lambda error: self._fatal(error, task="shred"),
-                                 on_pass=lambda _: self._store_files_replaced())
+                                 on_pass=self._shred_passed)
         self.restored = self._restored_state(recovered)
         self.recovered_log = recovered
         members = tuple(member.id for member in config.members)
@@ -656,6 +656,10 @@ class Node:
         self._store_files_replaced()
         self.replica.snapshot_installed(index, view, self.store.membership())
         log.info("snapshot.installed", index=index, view=view, tokens=self.store.token_count())
+
+    def _shred_passed(self, done: ShredPass) -> None:
+        self.metrics.observe_shred_pass(done.store_seconds, done.whole_store)
+        self._store_files_replaced()
 
     # ----------------------------------------------------------------- apply
     def _apply(self, entries: tuple[Entry, ...]) -> None:

@@ -53,6 +53,13 @@ def _check_int(name: str, value: object, minimum: int, maximum: int) -> None:
         raise ConfigError(f"{name} must be between {minimum} and {maximum}, got {value}")
 
 
+def _check_fraction(name: str, value: object, minimum: float, maximum: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{name} must be a number")
+    if not minimum <= value <= maximum:
+        raise ConfigError(f"{name} must be between {minimum:g} and {maximum:g}, got {value}")
+
+
 def _check_bool(name: str, value: object) -> None:
     if not isinstance(value, bool):
         raise ConfigError(f"{name} must be true or false")
@@ -396,6 +403,18 @@ class WalConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ShredConfig:
+    # The shredder (tokenvault/core/shred.py) erases deleted rows by rewriting the store's files, up to
+    # all of them, on every node. Under a steady stream of deletes it compacts at most this fraction of
+    # the time: after a pass of P seconds it rests P * (1 / max_busy_fraction - 1) before the next, which
+    # then takes every delete that arrived meanwhile. 1.0 runs the passes back to back.
+    max_busy_fraction: float = 0.25
+
+    def __post_init__(self) -> None:
+        _check_fraction("shred.max_busy_fraction", self.max_busy_fraction, 0.01, 1.0)
+
+
+@dataclass(frozen=True, slots=True)
 class SealerConfig:
     # A helper process seals tokenize batches of at least min_values values on
     # another core (tokenvault/core/sealer.py); smaller batches, and batches that would
@@ -500,6 +519,7 @@ class NodeConfig:
     timing: TimingConfig = field(default_factory=TimingConfig)
     idempotency: IdempotencyConfig = field(default_factory=IdempotencyConfig)
     wal: WalConfig = field(default_factory=WalConfig)
+    shred: ShredConfig = field(default_factory=ShredConfig)
     sealer: SealerConfig = field(default_factory=SealerConfig)
     pkcs11: Pkcs11Config | None = None
     # None is a plain cluster: HTTP without TLS and peer links authenticated by the cluster secret only.
@@ -539,7 +559,7 @@ class NodeConfig:
         expected = {
             "http": HttpConfig, "peer": PeerConfig, "limits": LimitsConfig,
             "rate_limits": RateLimitsConfig, "timing": TimingConfig, "idempotency": IdempotencyConfig,
-            "wal": WalConfig, "sealer": SealerConfig, "audit": AuditConfig,
+            "wal": WalConfig, "shred": ShredConfig, "sealer": SealerConfig, "audit": AuditConfig,
         }
         for name, section_type in expected.items():
             if not isinstance(getattr(self, name), section_type):
@@ -672,7 +692,7 @@ _TOP_LEVEL_KEYS = {
 _SECTIONS: dict[str, type] = {
     "http": HttpConfig, "peer": PeerConfig, "limits": LimitsConfig,
     "rate_limits": RateLimitsConfig, "timing": TimingConfig, "idempotency": IdempotencyConfig,
-    "wal": WalConfig, "sealer": SealerConfig, "audit": AuditConfig,
+    "wal": WalConfig, "shred": ShredConfig, "sealer": SealerConfig, "audit": AuditConfig,
 }
 _REQUIRED_KEYS = ("node_id", "data_dir", "members", "api_keys")
 _TLS_KEYS = ("cert_file", "key_file", "ca_file")
@@ -845,6 +865,8 @@ def _toml_value(value: object) -> str:
         return "true" if value else "false"
     if isinstance(value, int):
         return str(value)
+    if isinstance(value, float):
+        return repr(value)  # the shortest text that reads back to the same float
     if isinstance(value, (str, Path)):
         return _toml_string(str(value))
     if isinstance(value, (list, tuple)):

@@ -15,6 +15,7 @@ from tokenvault.config import (
     MemberConfig,
     NodeConfig,
     PeerConfig,
+    ShredConfig,
     TimingConfig,
     TlsConfig,
     WalConfig,
@@ -131,6 +132,7 @@ def test_minimal_config_gets_the_documented_defaults() -> None:
     assert config.timing == TimingConfig(50, 20, 2, 5000)
     assert config.idempotency == IdempotencyConfig(48)
     assert config.wal == WalConfig(64 * 1024 * 1024, True)
+    assert config.shred == ShredConfig(0.25)  # docs/api.md, delete
 
 
 @pytest.mark.parametrize(
@@ -190,6 +192,10 @@ def test_invalid_values_are_refused_with_a_clear_message(replacement: tuple[str,
         ("[sealer]\nmin_values = 0", "sealer.min_values"),
         ("[sealer]\nmax_pending_values = 0", "sealer.max_pending_values"),
         ("[sealer]\nworkers = 2", "unknown key"),
+        ("[shred]\nmax_busy_fraction = 0", "shred.max_busy_fraction must be between 0.01 and 1, got 0"),
+        ("[shred]\nmax_busy_fraction = 1.5", "shred.max_busy_fraction must be between"),
+        ("[shred]\nmax_busy_fraction = true", "shred.max_busy_fraction must be a number"),
+        ("[shred]\nmax_busy_fraction = 'half'", "shred.max_busy_fraction must be a number"),
     ],
 )
 def test_invalid_sections_are_refused(section: str, message: str) -> None:
@@ -274,6 +280,9 @@ def test_load_config_reads_files_and_prefixes_errors(tmp_path: Path) -> None:
 def test_round_trip_of_the_full_example(tmp_path: Path) -> None:
     config = parse_config(FULL_EXAMPLE)
     assert parse_config(to_toml(config)) == config
+    for fraction in (0.1, 1 / 3, 1.0, 1):  # floats read back exactly; an integer 1 is taken too
+        shredding = replace(config, shred=ShredConfig(fraction))
+        assert parse_config(to_toml(shredding)).shred.max_busy_fraction == fraction
     path = tmp_path / "node.toml"
     write_node_config(path, config)
     assert (path.stat().st_mode & 0o777) == 0o600

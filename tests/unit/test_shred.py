@@ -8,6 +8,7 @@ import asyncio
 import threading
 import time
 
+import pytest
 from structlog.testing import capture_logs
 
 from tokenvault.core import shred
@@ -193,4 +194,38 @@ async def test_the_oldest_wait_runs_from_the_first_delete_not_yet_shredded_and_i
     store.permits.release()
     await until(lambda: shredder.passes == 1, "the log to be dropped through the last entry")
     assert shredder.oldest_wait_seconds() == 0.0
+    await shredder.close()
+
+
+class SlowStore(RecordingStore):
+    """A store whose every shred takes ``seconds``; records when each began and ended."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds = seconds
+        self.spans: list[tuple[float, float]] = []
+
+    def shred(self, keys: list[bytes] | None) -> None:
+        began = time.monotonic()
+        super().shred(keys)
+        time.sleep(self.seconds)
+        self.spans.append((began, time.monotonic()))
+
+
+@pytest.mark.parametrize("fraction", [0.5, 0.25])
+async def test_under_a_stream_the_shredder_rests_so_that_it_compacts_at_most_its_busy_fraction(fraction: float) -> None:
+    """[shred] max_busy_fraction: after a pass of P seconds the next starts no sooner than
+    P * (1 / fraction - 1) after it, and takes every delete that arrived meanwhile."""
+    store, wal = SlowStore(0.2), RecordingLog(last_index=72)
+    shredder = Shredder(lambda: store, wal, lambda error: None, max_busy_fraction=fraction)  # type: ignore[arg-type]
+    store.shredder, store.applied_index = shredder, 72
+    shredder.note(70, delete("a"))
+    await until(lambda: len(store.passes) == 1, "the first pass to start")
+    shredder.note(71, delete("b"))
+    shredder.note(72, delete("c"))
+    await until(lambda: shredder.passes == 1, "both passes and the log dropped")
+    assert [keys for keys, _ in store.passes] == [shred_keys(delete("a")), shred_keys(delete("b")) + shred_keys(delete("c"))]
+    (first_began, first_ended), (second_began, _) = store.spans
+    first_seconds = first_ended - first_began
+    assert second_began - first_ended >= first_seconds * (1 / fraction - 1) * 0.99
     await shredder.close()

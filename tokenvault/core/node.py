@@ -161,7 +161,7 @@ class Node:
         # until they catch up (tokenvault.core.store_reader), so they are told to.
         self.on_store_files_replaced: Callable[[], None] | None = None
         self.shredder = Shredder(lambda: self.store, self.wal, lambda error: self._fatal(error, task="shred"),
-                                 on_pass=self._shred_passed)
+                                 on_pass=self._shred_passed, max_busy_fraction=config.shred.max_busy_fraction)
         self.restored = self._restored_state(recovered)
         self.recovered_log = recovered
         members = tuple(member.id for member in config.members)

@@ -83,8 +83,13 @@ class Shredder:
 
     def __init__(self, store: Callable[[], VaultStore], wal: WriteAheadLog,
                  on_fatal: Callable[[BaseException], None],
-                 on_pass: Callable[[ShredPass], None] | None = None) -> None:
+                 on_pass: Callable[[ShredPass], None] | None = None, max_busy_fraction: float = 1.0) -> None:
         self._store = store
+        # After a pass of P seconds, the next starts no sooner than P * (1 / max_busy_fraction - 1) after it
+        # ([shred] max_busy_fraction): under a steady stream of deletes the shredder's compactions take at
+        # most that fraction of the time, and each pass takes every delete that arrived meanwhile.
+        self._rest_factor = 1.0 / max_busy_fraction - 1.0
+        self._next_pass_at = float("-inf")
         self._wal = wal
         self._on_fatal = on_fatal
         self._on_pass = on_pass  # after each pass rewrote the store's files
@@ -179,10 +184,13 @@ class Shredder:
         loop = asyncio.get_running_loop()
         try:
             while self._waiting():
+                if (rest := self._next_pass_at - time.monotonic()) > 0:
+                    await asyncio.sleep(rest)
                 keys, self._running_low, finished, rows = self._take_pass()
                 started = time.monotonic()
                 await loop.run_in_executor(self._executor, self._store().shred, keys)
                 store_seconds = time.monotonic() - started
+                self._next_pass_at = time.monotonic() + store_seconds * self._rest_factor
                 if self._on_pass is not None:
                     self._on_pass(ShredPass(finished, rows, keys is None, store_seconds))
                 self._running_low = self._running_since = None

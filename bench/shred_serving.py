@@ -87,6 +87,9 @@ def node_figures(node: NodeSpec, ca_file: Path | None) -> dict[str, float]:
                     figures[sample.name] = sample.value
                 elif sample.name in PASS_METRICS and "scope" in sample.labels:
                     figures[f"{PASS_METRICS[sample.name]} {sample.labels['scope']}"] = sample.value
+        for name in PASS_METRICS.values():  # a series not shown yet has counted nothing
+            for scope in ("keys", "whole"):
+                figures.setdefault(f"{name} {scope}", 0.0)
     except OSError:
         pass
     pid = cluster.read_pid_file(node)

@@ -334,6 +334,8 @@ class Metrics:
             buckets=SHRED_PASS_BUCKETS_SECONDS,
             registry=registry,
         )
+        for scope in ("keys", "whole"):  # both series from the start, at 0, so a rate over them is defined
+            self.shred_pass_seconds.labels(scope=scope)
         self.wal_fsync_duration = Histogram(
             "tokenvault_wal_fsync_duration_seconds",
             "Duration of one WAL group commit (write plus fsync).",

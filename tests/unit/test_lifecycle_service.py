@@ -67,6 +67,8 @@ async def test_a_backlog_past_one_pass_is_shredded_whole_from_the_files_and_the_
         shred(keys)
 
     monkeypatch.setattr(node.store, "shred", held_shred)
+    assert [node.metrics.registry.get_sample_value("tokenvault_shred_pass_seconds_count", {"scope": scope})
+            for scope in ("keys", "whole")] == [0, 0]
     try:
         first_applied = time.monotonic()
         await service.delete_tokens([tokens[0]], ACTOR)

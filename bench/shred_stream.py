@@ -2,13 +2,15 @@
 
 Usage:
     .venv/bin/python bench/shred_stream.py [--tokens 10000000] [--rates 500,4000] [--seconds 120]
-                                           [--batch 100] [--directory DIR]
+                                           [--batch 100] [--directory DIR] [--max-busy-fraction 1]
 
 For each store size and rate of deletes: a store of random tokens (bench/view_open.py's, filled once
 and reused under ``--directory``), the node's own ``Shredder`` (tokenvault/core/shred.py) with a
 stand-in for the write-ahead log (the bench times the store's passes, not the log's release), and
 delete commands of ``--batch`` random tokens applied to the store and noted to the shredder at
-``--rates`` tokens a second for ``--seconds``, on one event loop as a node's core runs them. The
+``--rates`` tokens a second for ``--seconds``, on one event loop as a node's core runs them (its passes
+back to back by default, what the store can shred; a node rests between them, ``[shred]
+max_busy_fraction``, and bench/shred_serving.py measures that on a serving cluster). The
 tokens deleted are fresh random ones: a delete of a token the store lacks leaves the same two keys
 to shred, and their pass compacts the same bottom-level files, as those of random stored tokens
 would. Then it waits for the backlog to drain. Prints each pass (its keys and seconds) and, per
@@ -49,7 +51,8 @@ class NoLog:
     last_index = 0
 
 
-async def stream(store: VaultStore, rate: int, seconds: float, batch: int, seed: int) -> None:
+async def stream(store: VaultStore, rate: int, seconds: float, batch: int, seed: int,
+                 max_busy_fraction: float) -> None:
     waiting: collections.deque[tuple[float, int]] = collections.deque()  # (applied at, entry) in log order
     waits: list[float] = []
     passes: list[tuple[int, float]] = []
@@ -63,7 +66,7 @@ async def stream(store: VaultStore, rate: int, seconds: float, batch: int, seed:
               f"{done.store_seconds:6.2f} s", flush=True)
 
     shredder = Shredder(lambda: store, NoLog(), lambda error: print(f"shred failed: {error!r}"),  # type: ignore[arg-type]
-                        on_pass=on_pass)
+                        on_pass=on_pass, max_busy_fraction=max_busy_fraction)
     generator = random.Random(seed)
     actor = Actor(node="n1", request_id="bench")
     largest_backlog = deleted = 0
@@ -117,13 +120,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rates", default="500,4000", help="comma-separated deleted tokens a second")
     parser.add_argument("--seconds", type=float, default=120.0, help="how long each stream runs")
     parser.add_argument("--batch", type=int, default=100, help="tokens a delete command")
+    parser.add_argument("--max-busy-fraction", type=float, default=1.0,
+                        help="the shredder's [shred] max_busy_fraction (default 1: passes back to back, what the "
+                             "store can shred; a node's default is 0.25)")
     parser.add_argument("--directory", type=Path, default=None,
                         help="where the filled stores are kept (and reused); default: a new temporary one")
     arguments = parser.parse_args(argv)
     sizes = [int(part) for part in arguments.tokens.split(",")]
     rates = [int(part) for part in arguments.rates.split(",")]
-    if min(sizes) < 1 or min(rates) < 1 or not 1 <= arguments.batch <= 1000 or arguments.seconds <= 0:
-        parser.error("sizes and rates must be at least 1, the batch 1 to 1,000, the seconds positive")
+    if min(sizes) < 1 or min(rates) < 1 or not 1 <= arguments.batch <= 1000 or arguments.seconds <= 0 \
+            or not 0.01 <= arguments.max_busy_fraction <= 1:
+        parser.error("sizes and rates must be at least 1, the batch 1 to 1,000, the seconds positive, "
+                     "the busy fraction 0.01 to 1")
     base = arguments.directory or Path(tempfile.mkdtemp(prefix="shred-stream-"))
     key_memory(arguments.batch)
     for tokens in sizes:
@@ -131,7 +139,8 @@ def main(argv: list[str] | None = None) -> None:
         try:
             print(f"{tokens:>11,} tokens, deletes of {arguments.batch} tokens:", flush=True)
             for rate in rates:
-                asyncio.run(stream(store, rate, arguments.seconds, arguments.batch, seed=rate))
+                asyncio.run(stream(store, rate, arguments.seconds, arguments.batch, seed=rate,
+                                   max_busy_fraction=arguments.max_busy_fraction))
         finally:
             store.close()
 

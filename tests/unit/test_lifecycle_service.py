@@ -58,15 +58,15 @@ async def test_a_backlog_past_one_pass_is_shredded_whole_from_the_files_and_the_
     tokens = body(await service.tokenize("p", ["a", "b", "c", "d"], None))["tokens"]
     ciphertexts = node.store.lookup(tokens)
     gate = threading.Event()
-    shred = node.store.shred
+    prepare = node.store.prepare_shred
     asked: list[list[bytes] | None] = []
 
     def held_shred(keys):
         asked.append(keys)
         assert gate.wait(30), "the test never released the shredder"
-        shred(keys)
+        return prepare(keys)
 
-    monkeypatch.setattr(node.store, "shred", held_shred)
+    monkeypatch.setattr(node.store, "prepare_shred", held_shred)
     assert [node.metrics.registry.get_sample_value("tokenvault_shred_pass_seconds_count", {"scope": scope})
             for scope in ("keys", "whole")] == [0, 0]
     try:

@@ -29,10 +29,17 @@ class RecordingStore:
         self.gate = threading.Event()
         self.gate.set()
 
-    def shred(self, keys: list[bytes] | None) -> None:
+    def prepare_shred(self, keys: list[bytes] | None) -> list[tuple[bytes | None, bytes | None]]:
         assert self.shredder is not None
         self.passes.append((None if keys is None else list(keys), self.shredder.hold_index()))
         assert self.gate.wait(DEADLINE_SECONDS)
+        return [(None, None)]
+
+    def compact_for_shred(self, begin: bytes | None, end: bytes | None) -> None:
+        pass
+
+    def finish_shred(self) -> None:
+        pass
 
     def checkpoint(self) -> int:
         return self.applied_index
@@ -167,10 +174,11 @@ class PermitStore(RecordingStore):
         super().__init__()
         self.permits = threading.Semaphore(0)
 
-    def shred(self, keys: list[bytes] | None) -> None:
+    def prepare_shred(self, keys: list[bytes] | None) -> list[tuple[bytes | None, bytes | None]]:
         assert self.shredder is not None
         self.passes.append((None if keys is None else list(keys), self.shredder.hold_index()))
         assert self.permits.acquire(timeout=DEADLINE_SECONDS)
+        return [(None, None)]
 
 
 async def test_the_oldest_wait_runs_from_the_first_delete_not_yet_shredded_and_is_zero_once_none_waits() -> None:
@@ -198,34 +206,46 @@ async def test_the_oldest_wait_runs_from_the_first_delete_not_yet_shredded_and_i
 
 
 class SlowStore(RecordingStore):
-    """A store whose every shred takes ``seconds``; records when each began and ended."""
+    """A store whose passes have ``ranges`` ranges, each compacted in ``seconds``; records when each
+    compaction began and ended."""
 
-    def __init__(self, seconds: float) -> None:
+    def __init__(self, seconds: float, ranges: int) -> None:
         super().__init__()
         self.seconds = seconds
+        self.ranges = ranges
         self.spans: list[tuple[float, float]] = []
 
-    def shred(self, keys: list[bytes] | None) -> None:
+    def prepare_shred(self, keys: list[bytes] | None) -> list[tuple[bytes | None, bytes | None]]:
+        super().prepare_shred(keys)
+        return [(bytes([number]), bytes([number + 1])) for number in range(self.ranges)]
+
+    def compact_for_shred(self, begin: bytes | None, end: bytes | None) -> None:
         began = time.monotonic()
-        super().shred(keys)
         time.sleep(self.seconds)
         self.spans.append((began, time.monotonic()))
 
 
 @pytest.mark.parametrize("fraction", [0.5, 0.25])
-async def test_under_a_stream_the_shredder_rests_so_that_it_compacts_at_most_its_busy_fraction(fraction: float) -> None:
-    """[shred] max_busy_fraction: after a pass of P seconds the next starts no sooner than
-    P * (1 / fraction - 1) after it, and takes every delete that arrived meanwhile."""
-    store, wal = SlowStore(0.2), RecordingLog(last_index=72)
-    shredder = Shredder(lambda: store, wal, lambda error: None, max_busy_fraction=fraction)  # type: ignore[arg-type]
+async def test_the_shredder_rests_after_each_range_and_pass_so_that_it_compacts_at_most_its_busy_fraction(
+        fraction: float) -> None:
+    """[shred] max_busy_fraction: a pass compacts its ranges one at a time, and after a compaction of C
+    seconds the next range, or the next pass, starts no sooner than C * (1 / fraction - 1) after it; the
+    next pass takes every delete that arrived meanwhile."""
+    store, wal = SlowStore(0.1, ranges=2), RecordingLog(last_index=72)
+    reports: list[ShredPass] = []
+    shredder = Shredder(lambda: store, wal, lambda error: None, on_pass=reports.append,  # type: ignore[arg-type]
+                        max_busy_fraction=fraction)
     store.shredder, store.applied_index = shredder, 72
     shredder.note(70, delete("a"))
     await until(lambda: len(store.passes) == 1, "the first pass to start")
     shredder.note(71, delete("b"))
     shredder.note(72, delete("c"))
     await until(lambda: shredder.passes == 1, "both passes and the log dropped")
-    assert [keys for keys, _ in store.passes] == [shred_keys(delete("a")), shred_keys(delete("b")) + shred_keys(delete("c"))]
-    (first_began, first_ended), (second_began, _) = store.spans
-    first_seconds = first_ended - first_began
-    assert second_began - first_ended >= first_seconds * (1 / fraction - 1) * 0.99
+    assert [keys for keys, _ in store.passes] == [shred_keys(delete("a")),
+                                                  shred_keys(delete("b")) + shred_keys(delete("c"))]
+    assert len(store.spans) == 4  # two passes of two ranges
+    for (began, ended), (next_began, _) in zip(store.spans, store.spans[1:]):
+        assert next_began - ended >= (ended - began) * (1 / fraction - 1) * 0.99
+    assert [report.rested_seconds >= 0.1 * (1 / fraction - 1) * 0.99 for report in reports] == [True, True]
+    assert all(report.store_seconds >= 0.2 for report in reports)
     await shredder.close()

@@ -16,7 +16,7 @@ from tokenvault.core import store_layout
 from tokenvault.core.store import VaultStore
 from tokenvault.core.store_files import read_current
 from tokenvault.core.store_layout import (DESTROYED, LIFE, MAX_TOKEN_PAGE, Outcome, bottom_files, format_token_key,
-                                          shred_ranges, token_key)
+                                          shred_ranges, token_key, whole_key_space_ranges)
 
 ACTOR = Actor(name="full", node="n1", request_id="r1")
 
@@ -260,6 +260,18 @@ def test_shred_ranges_are_one_a_key_up_to_the_bound_then_one_a_bottom_file_or_ga
     assert shred_ranges([key(0), key(10), key(20)], files[1:]) == [(key(0), key(10) + b"\x00"),
                                                                    (key(20), key(20) + b"\x00")]
     assert shred_ranges([], files) == []
+
+
+def test_the_whole_key_space_is_cut_at_each_bottom_file_so_the_shredder_can_rest_between_ranges() -> None:
+    """whole_key_space_ranges: a range a bottom-level file, cut at each file's first key but the first's,
+    from before every key to after every key; one range when there is no level below the first."""
+    def key(number: int) -> bytes:
+        return token_key(token(1, number))
+
+    files = [(key(0), key(10)), (key(20), key(30)), (key(50), key(60))]
+    assert whole_key_space_ranges(files) == [(None, key(20)), (key(20), key(50)), (key(50), None)]
+    assert whole_key_space_ranges(files[:1]) == [(None, None)]
+    assert whole_key_space_ranges([]) == [(None, None)]
 
 
 class RecordingDatabase:

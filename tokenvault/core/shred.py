@@ -6,10 +6,11 @@ memtable, WAL and table files, and in the replication write-ahead log, whose
 tokenize and rotate entries carried the ciphertexts and the wrapped secret.
 The ``Shredder`` of a node removes them, in this order, in a worker thread:
 
-1. ``VaultStore.shred``: flush the memtable (RocksDB deletes its WAL files up to
-   there) and compact the affected keys (past MAX_KEYS_PER_PASS, the whole key
-   space) down to the bottom level, which drops the old versions with their
-   tombstones;
+1. ``VaultStore.prepare_shred``: flush the memtable (RocksDB deletes its WAL files
+   up to there); then ``compact_for_shred`` of each key range that holds the
+   affected keys (past MAX_KEYS_PER_PASS, of the whole key space a bottom-level
+   file at a time) down to the bottom level, which drops the old versions with
+   their tombstones, resting between two ranges ([shred] max_busy_fraction);
 2. ``VaultStore.checkpoint``, then ``WriteAheadLog.roll`` past the shredding
    entry and ``WriteAheadLog.release`` up to the checkpoint: every segment
    holding an entry at or below it is deleted. Entries after it may not be
@@ -58,6 +59,7 @@ class ShredPass:
     rows: int  # the keys its entries left (two a deleted token)
     whole_store: bool  # it compacted the whole key space (past MAX_KEYS_PER_PASS keys)
     store_seconds: float  # the flush and compactions
+    rested_seconds: float  # the rests between its ranges ([shred] max_busy_fraction)
 
 
 def shred_keys(command: commands.Command) -> list[bytes]:
@@ -85,9 +87,11 @@ class Shredder:
                  on_fatal: Callable[[BaseException], None],
                  on_pass: Callable[[ShredPass], None] | None = None, max_busy_fraction: float = 1.0) -> None:
         self._store = store
-        # After a pass of P seconds, the next starts no sooner than P * (1 / max_busy_fraction - 1) after it
-        # ([shred] max_busy_fraction): under a steady stream of deletes the shredder's compactions take at
-        # most that fraction of the time, and each pass takes every delete that arrived meanwhile.
+        # A pass compacts its ranges one after another (about a bottom-level file each), and after one that
+        # took C seconds the next range, or the next pass, starts no sooner than C * (1 / max_busy_fraction
+        # - 1) after it ([shred] max_busy_fraction): the shredder's compactions take at most that fraction
+        # of the time, spread over the pass instead of one burst as long as a rewrite of the store, and
+        # each pass takes every delete that arrived meanwhile.
         self._rest_factor = 1.0 / max_busy_fraction - 1.0
         self._next_pass_at = float("-inf")
         self._wal = wal
@@ -187,12 +191,9 @@ class Shredder:
                 if (rest := self._next_pass_at - time.monotonic()) > 0:
                     await asyncio.sleep(rest)
                 keys, self._running_low, finished, rows = self._take_pass()
-                started = time.monotonic()
-                await loop.run_in_executor(self._executor, self._store().shred, keys)
-                store_seconds = time.monotonic() - started
-                self._next_pass_at = time.monotonic() + store_seconds * self._rest_factor
+                store_seconds, rested_seconds = await self._pass(keys)
                 if self._on_pass is not None:
-                    self._on_pass(ShredPass(finished, rows, keys is None, store_seconds))
+                    self._on_pass(ShredPass(finished, rows, keys is None, store_seconds, rested_seconds))
                 self._running_low = self._running_since = None
                 if self._waiting():
                     # Later entries wait: their pass drops the log through these too. Meanwhile the
@@ -204,11 +205,33 @@ class Shredder:
                     self._unlogged_passes = self._unlogged_rows = 0
                     # store_seconds: the flush and compactions; it grows with the store (docs/performance.md).
                     log.info("shred.done", through_index=finished, rows=rows, whole_store=keys is None,
-                             store_seconds=round(store_seconds, 3))
+                             store_seconds=round(store_seconds, 3), rested_seconds=round(rested_seconds, 3))
         except asyncio.CancelledError:
             raise
         except BaseException as error:  # a storage failure: the node stops, as for its other disk work
             self._on_fatal(error)
+
+    async def _pass(self, keys: Iterable[bytes] | None) -> tuple[float, float]:
+        """One pass through the store: its flush, then its ranges one at a time with a rest after each
+        (none after the last: the next pass waits for it instead). Returns the seconds the store worked
+        and the seconds it rested between ranges."""
+        loop = asyncio.get_running_loop()
+        started = time.monotonic()
+        ranges = await loop.run_in_executor(self._executor, self._store().prepare_shred, keys)
+        busy = time.monotonic() - started
+        rested = 0.0
+        for number, (begin, end) in enumerate(ranges):
+            if number and (rest := self._next_pass_at - time.monotonic()) > 0:
+                await asyncio.sleep(rest)
+                rested += rest
+            began = time.monotonic()
+            await loop.run_in_executor(self._executor, self._store().compact_for_shred, begin, end)
+            compacted = time.monotonic() - began
+            busy += compacted
+            self._next_pass_at = time.monotonic() + compacted * self._rest_factor
+        began = time.monotonic()
+        await loop.run_in_executor(self._executor, self._store().finish_shred)
+        return busy + time.monotonic() - began, rested
 
     def _note_pass(self, rows: int, store_seconds: float) -> None:
         """A pass that left deletes waiting: a ``shred.pass`` line, at most one in PASS_LOG_SECONDS (passes

@@ -77,7 +77,7 @@ from tokenvault.core.store_layout import (
     age_created_at, age_key, api_key_value, bottom_files, bounded, damage, database_options, decode_epoch,
     decode_life, decode_meta, encode_meta, epoch_key, first_key, format_token_key, identity_key,
     json_bytes, life_rows, lookup_format_tokens, lookup_opaque, metadata_rows, open_database, pack, range_items,
-    range_keys, read_epochs, reason, shred_ranges, token_key, unpack)
+    range_keys, read_epochs, reason, shred_ranges, token_key, unpack, whole_key_space_ranges)
 from tokenvault.core.store_lifecycle import (Batch, add_tokens, append_audit, apply_audit_trim, apply_delete,
                                              apply_destroy, apply_mappings, apply_purge_expired)
 from tokenvault.core.wal import fsync_directory
@@ -520,24 +520,45 @@ class VaultStore:
 
     def shred(self, keys: Iterable[bytes] | None) -> None:
         """Drop every older version of ``keys`` (rows deleted or rewritten) from RocksDB's files; None:
-        of every key (the whole store is rewritten).
+        of every key (the whole store is rewritten). ``prepare_shred``, then ``compact_for_shred`` of each
+        range, then ``finish_shred``, at once; the node's shredder rests between the ranges instead."""
+        for begin, end in self.prepare_shred(keys):
+            self.compact_for_shred(begin, end)
+        self.finish_shred()
 
-        Flushes the memtable (RocksDB then deletes the WAL files that held the old versions) and
-        compacts the key ranges down to the bottom level, where a tombstone and what it covers
-        are dropped together. May run in a worker thread. Costs the bottom-level table files that
-        hold the keys (``shred_ranges``) and what the flushed level-0 file overlaps in the levels
-        between: it grows with the store (docs/performance.md, "What a shred pass costs")."""
+    def prepare_shred(self, keys: Iterable[bytes] | None) -> list[tuple[bytes | None, bytes | None]]:
+        """The first step of a shred: flush the memtable (RocksDB then deletes the WAL files that held
+        the old versions) and return the key ranges to compact down to the bottom level, where a
+        tombstone and what it covers are dropped together: those that hold ``keys`` (``shred_ranges``),
+        or, for None, the whole key space a bottom file at a time (``whole_key_space_ranges``). May run
+        in a worker thread."""
         with self._checkpoint_lock:
             if self._closed:
                 raise StoreError("the store is closed")
             database = self._db
             database.flush()
+            files = bottom_files(database)
+        return whole_key_space_ranges(files) if keys is None else list(shred_ranges(keys, files))
+
+    def compact_for_shred(self, begin: bytes | None, end: bytes | None) -> None:
+        """Compact one range of ``prepare_shred`` down to the bottom level. Costs the bottom-level table
+        files the range overlaps and what the flushed level-0 file overlaps in the levels between: it
+        grows with the store (docs/performance.md, "What a shred pass costs"). May run in a worker
+        thread; between two calls the store serves and checkpoints as usual (the ranges are keys, so they
+        hold for a generation installed meanwhile too)."""
+        with self._checkpoint_lock:
+            if self._closed:
+                raise StoreError("the store is closed")
             options = CompactOptions()
             options.set_bottommost_level_compaction(BottommostLevelCompaction.force())
-            ranges = [(None, None)] if keys is None else shred_ranges(keys, bottom_files(database))
-            for begin, end in ranges:
-                database.compact_range(begin, end, options)
-            database.flush_wal(True)
+            self._db.compact_range(begin, end, options)
+
+    def finish_shred(self) -> None:
+        """The last step of a shred: RocksDB's WAL synced, so that what the compactions wrote is durable."""
+        with self._checkpoint_lock:
+            if self._closed:
+                raise StoreError("the store is closed")
+            self._db.flush_wal(True)
 
     def api_key(self, key_id: str) -> RuntimeKey | None:
         """The runtime API key with this public id, from memory (authentication calls this per request)."""

@@ -450,6 +450,16 @@ def shred_ranges(keys: Iterable[bytes], bottom_files: Sequence[tuple[bytes, byte
     return [(group[0], group[-1] + b"\x00") for group in groups]
 
 
+def whole_key_space_ranges(bottom_files: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes | None, bytes | None]]:
+    """The whole key space as ranges a shred compacts one after another, given the (first key, last key)
+    of each table file of RocksDB's bottom level, in key order: cut at the first key of every file but
+    the first, so that each range rewrites about one bottom file (and the gaps beside it) and the
+    shredder can rest between two. Disjoint but for their bounds, in key order, covering every key (None:
+    before the first key or after the last); one range when the store has no level below its first."""
+    bounds: list[bytes | None] = [None, *(first for first, _ in bottom_files[1:]), None]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
 # ---------------------------------------------------------------- RocksDB
 def database_options(cache: Cache, *, create: bool = False, metadata_in_cache: bool = False) -> Options:
     """The options every open of a generation uses. ``metadata_in_cache`` (the workers' views): each

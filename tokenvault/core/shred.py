@@ -185,7 +185,6 @@ class Shredder:
         return taken
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         try:
             while self._waiting():
                 if (rest := self._next_pass_at - time.monotonic()) > 0:

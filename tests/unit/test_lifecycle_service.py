@@ -15,9 +15,9 @@ import msgpack
 import pytest
 from structlog.testing import capture_logs
 
-from node_support import Cluster, RunningNode, files_holding, make_configs, start_node, wait_until
+from node_support import Cluster, RunningNode, files_holding, make_configs, start_cluster, start_node, wait_until
 from protocol import AppendEntries, ForwardRequest, ForwardResponse, Heartbeat
-from tokenvault.config import AuditConfig
+from tokenvault.config import AuditConfig, WalConfig
 from tokenvault.core import commands
 from test_ff1 import luhn_complete
 from tokenvault.api import lifecycle as lifecycle_module
@@ -102,6 +102,67 @@ def in_a_table_file(running: RunningNode, needle: bytes) -> bool:
         return True
     running.node.store.flush_memtable(0)
     return False
+
+
+async def test_a_backup_that_installs_a_snapshot_holding_a_delete_not_yet_shredded_shreds_its_whole_store(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/guarantees.md, delete: a primary's checkpoint is taken whatever its shredder still has to do, so a
+    snapshot can hold the old bytes of a row deleted below its index, a delete the installing node never
+    applies. That node compacts its whole key space after the install (SHRED-WHOLE records it until done)."""
+    wal = WalConfig(max_segment_bytes=4096, fsync=True, compact_every_entries=10, compact_keep_entries=1)
+    cluster = await start_cluster(tmp_path, 3, wal=wal)
+    gate = threading.Event()
+    try:
+        primary = await cluster.wait_for_stable_primary()
+        lagging = cluster.backups()[0]
+        await lagging.close()
+        token = body(await primary.service.tokenize("p", ["snapshot-shred-" + "v" * 64], None))["tokens"][0]
+        ciphertext = primary.node.store.lookup([token])[token]
+        await wait_until(lambda: in_a_table_file(primary, ciphertext), 10, "the row in a table file")
+        prepare = primary.node.store.prepare_shred
+
+        def held_shred(keys):  # the primary's pass waits, so its checkpoints hold the deleted row's bytes
+            assert gate.wait(60), "the test never released the shredder"
+            return prepare(keys)
+
+        monkeypatch.setattr(primary.node.store, "prepare_shred", held_shred)
+        assert body(await primary.service.delete_tokens([token], ACTOR)) == {"deleted": 1}
+        for number in range(12):  # enough further entries for the primary to compact past the outage
+            await primary.service.tokenize("p", [f"filler-{number}"], None)
+        with capture_logs() as logged:
+            lagging = await cluster.restart(lagging)
+            await wait_until(lambda: any(line["event"] == "snapshot.installed" for line in logged), 20,
+                             "the lagging backup to install a snapshot")
+            await wait_until(lambda: not files_holding(lagging.config.data_dir, ciphertext), 30,
+                             "the installed store shredded")
+            # (The other backup's own pass of the delete logs shred.done too, by its key ranges.)
+            whole = await wait_until(lambda: [line["through_index"] for line in logged
+                                              if line["event"] == "shred.done" and line["whole_store"]], 10,
+                                     "the whole-key-space pass to be logged")
+        assert whole == [next(line["index"] for line in logged if line["event"] == "snapshot.installed")]
+        await wait_until(lambda: not (lagging.config.data_dir / "SHRED-WHOLE").exists(), 10, "the record removed")
+        assert files_holding(primary.config.data_dir, ciphertext), "the primary's own pass was to be still held"
+        assert await lagging.service.detokenize([token]) == [None]
+    finally:
+        gate.set()
+        await cluster.close()
+
+
+@pytest.mark.parametrize("record", [b"7\n", b"not an index" * 100])
+async def test_a_whole_store_pass_recorded_before_a_restart_is_done_after_it(tmp_path: Path, record: bytes) -> None:
+    """SHRED-WHOLE left by an install whose pass a crash interrupted: the node's first pass after its start
+    compacts the whole key space and removes the record; a record that is not an index counts as one at
+    the store's applied index (the file is read bounded, as hostile)."""
+    config = make_configs(tmp_path, 1)[0]
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    (config.data_dir / "SHRED-WHOLE").write_bytes(record)
+    with capture_logs() as logged:
+        running = await start_node(config)
+        try:
+            await wait_until(lambda: not (config.data_dir / "SHRED-WHOLE").exists(), 10, "the record removed")
+        finally:
+            await running.close()
+    assert [line["whole_store"] for line in logged if line["event"] == "shred.done"] == [True]
 
 
 async def test_card_and_digits_tokens_are_deleted_in_their_epoch_on_every_node_and_shredded(trio: Cluster) -> None:

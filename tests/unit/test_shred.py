@@ -249,3 +249,21 @@ async def test_the_shredder_rests_after_each_range_and_pass_so_that_it_compacts_
     assert [report.rested_seconds >= 0.1 * (1 / fraction - 1) * 0.99 for report in reports] == [True, True]
     assert all(report.store_seconds >= 0.2 for report in reports)
     await shredder.close()
+
+
+async def test_after_a_snapshot_install_the_next_pass_compacts_the_whole_key_space_through_its_index() -> None:
+    """note_whole_store: a pass running at the install does not count (it was planned on the store
+    before); the next compacts the whole key space and covers the snapshot's index."""
+    reports: list[ShredPass] = []
+    shredder, store, wal = make_shredder(last_index=90, on_pass=reports.append)
+    store.gate.clear()
+    shredder.note(80, delete("a"))
+    await until(lambda: len(store.passes) == 1, "a pass to start")
+    shredder.note_whole_store(90)  # installed while that pass runs
+    assert shredder.hold_index() == 80 and shredder.oldest_wait_seconds() > 0
+    store.gate.set()
+    await until(lambda: shredder.passes == 1, "the log to be dropped through the snapshot's index")
+    assert [keys for keys, _ in store.passes] == [shred_keys(delete("a")), None]
+    assert [(report.through_index, report.whole_store) for report in reports] == [(80, False), (90, True)]
+    assert shredder.oldest_wait_seconds() == 0.0 and shredder.hold_index() is None
+    await shredder.close()

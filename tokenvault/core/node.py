@@ -76,6 +76,10 @@ VIEW_FLUSH_MIN_BYTES = 4 * 1024 * 1024
 # Written in the data directory when the store meets a damaged file: the node does not start on that
 # store again until it is rebuilt or the file is removed (docs/failure-modes.md).
 STORE_DAMAGED_FILE = "STORE-DAMAGED"
+# Written before a snapshot install switches the store, removed once a whole-key-space shred pass planned
+# after it is done: the index of the snapshot, so that a restart meanwhile shreds the installed store too.
+SHRED_WHOLE_FILE = "SHRED-WHOLE"
+SHRED_WHOLE_RECORD_MAX_BYTES = 32
 # A node whose certificate, or the CA's, expires sooner than this logs node.certificate_expiring at start.
 CERTIFICATE_WARNING_DAYS = 30
 # A damage record (STORE_DAMAGED_FILE): a time and the damage's message, itself bounded (store_layout.damage).
@@ -160,6 +164,8 @@ class Node:
         # (an installed snapshot): the HTTP workers' views of the store still hold the old files open
         # until they catch up (tokenvault.core.store_reader), so they are told to.
         self.on_store_files_replaced: Callable[[], None] | None = None
+        # The index through which a whole-key-space shred pass is due after a snapshot install (SHRED_WHOLE_FILE).
+        self._whole_shred_due: int | None = None
         self.shredder = Shredder(lambda: self.store, self.wal, lambda error: self._fatal(error, task="shred"),
                                  on_pass=self._shred_passed, max_busy_fraction=config.shred.max_busy_fraction)
         self.restored = self._restored_state(recovered)
@@ -317,6 +323,10 @@ class Node:
             task.add_done_callback(self._on_task_ended)
             self._tasks.append(task)
         self.shredder.note_recovered(self.recovered_log.entries, self.store.applied_index)
+        if (pending := self._whole_shred_pending()) is not None:
+            # An install that a stop interrupted before its switch left the store below the record's index.
+            self._whole_shred_due = min(pending, self.store.applied_index)
+            self.shredder.note_whole_store(self._whole_shred_due)
         log.info("node.started", members=[member.id for member in self.config.members],
                  http_port=self.config.http.port, peer_port=self.config.peer.port,
                  applied_index=self.store.applied_index, view=self.restored.hard_state.view)
@@ -648,7 +658,13 @@ class Node:
             self.snapshots.close_later(lambda: self.store.abort_install(prepared))
             self.replica.snapshot_failed(index, view)
             return
+        # The snapshot's files may hold rows its source had deleted and not yet shredded, whose deletes this
+        # node will never apply: a whole-key-space pass follows, recorded first so that a restart does it too.
+        replace_file(self.data_dir / SHRED_WHOLE_FILE, f"{index}\n".encode(),
+                     self.data_dir / (SHRED_WHOLE_FILE + ".tmp"))
         old = self.store.commit_install(prepared)
+        self._whole_shred_due = index
+        self.shredder.note_whole_store(index)
         self.removal_index = max(self.removal_index, index)
         self.snapshots.close_later(old)
         self.keyring = self._keyring_of_store()
@@ -660,6 +676,20 @@ class Node:
     def _shred_passed(self, done: ShredPass) -> None:
         self.metrics.observe_shred_pass(done.store_seconds, done.whole_store)
         self._store_files_replaced()
+        if done.whole_store and self._whole_shred_due is not None and done.through_index >= self._whole_shred_due:
+            (self.data_dir / SHRED_WHOLE_FILE).unlink(missing_ok=True)
+            self._whole_shred_due = None
+
+    def _whole_shred_pending(self) -> int | None:
+        """The index of an installed snapshot whose whole-key-space shred pass is not done yet (SHRED_WHOLE_FILE),
+        else None. The file is read as hostile: bounded, and a record that is not an index counts as one
+        at the store's applied index."""
+        try:
+            with open(self.data_dir / SHRED_WHOLE_FILE, "rb") as record:
+                text = record.read(SHRED_WHOLE_RECORD_MAX_BYTES).strip()
+        except FileNotFoundError:
+            return None
+        return int(text) if text.isdigit() and len(text) <= 19 else self.store.applied_index
 
     # ----------------------------------------------------------------- apply
     def _apply(self, entries: tuple[Entry, ...]) -> None:

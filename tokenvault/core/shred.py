@@ -131,6 +131,20 @@ class Shredder:
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._run())
 
+    def note_whole_store(self, index: int) -> None:
+        """A snapshot was installed at ``index`` (or such an install's pass was found pending at start-up):
+        its files may hold rows its source had deleted and not yet shredded (a checkpoint is taken whatever
+        waits), and this node will never apply those deletes, so the next pass compacts the whole key
+        space. A pass running now was planned on the store before and does not count."""
+        self._last_waiting = max(self._last_waiting, index)
+        if self._whole_from is None:
+            self._whole_from = self._entries[0][0] if self._entries else index
+            self._entries.clear()
+        if self._waiting_since is None:
+            self._waiting_since = time.monotonic()
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
     def note_recovered(self, entries: Iterable[Entry], applied_index: int) -> None:
         """At start-up: shredding entries the store applied before a restart may not have been shredded
         (the log still holds them, so they are shredded again; doing it twice is harmless)."""

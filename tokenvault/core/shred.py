@@ -57,7 +57,7 @@ class ShredPass:
 
     through_index: int  # the highest entry the pass covered
     rows: int  # the keys its entries left (two a deleted token)
-    whole_store: bool  # it compacted the whole key space (past MAX_KEYS_PER_PASS keys)
+    whole_store: bool  # it compacted the whole key space (past MAX_KEYS_PER_PASS keys, or after an install)
     store_seconds: float  # the flush and compactions
     rested_seconds: float  # the rests between its ranges ([shred] max_busy_fraction)
 

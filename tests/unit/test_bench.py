@@ -389,3 +389,36 @@ async def test_a_tokenize_load_with_a_ttl_asks_it_in_every_request_of_every_proc
         measurement = await loadgen.drive(workload, 2, 0.3, 0.1, "raw", processes=2)
     assert measurement.errors == Counter() and measurement.requests > 0
     assert bodies and all(body["ttl_seconds"] == 60 and len(body["values"]) == 2 for body in bodies)
+
+
+async def test_the_shred_serving_bench_streams_deletes_beside_a_load_and_reports_each_nodes_passes(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """bench/shred_serving.py against a real one-node cluster, a few seconds: every delete acknowledged,
+    the node's passes counted from tokenvault_shred_pass_seconds, and the drain seen through
+    tokenvault_shred_oldest_wait_seconds."""
+    import asyncio
+
+    import shred_serving
+    from loadgen import free_ports
+
+    from tokenvault.devcluster import cluster
+
+    directory = tmp_path / "cluster"
+    http_port, peer_port = free_ports(2)
+    await asyncio.to_thread(cluster.init_cluster, directory, 1, ports=[(http_port, peer_port)])
+    await asyncio.to_thread(cluster.start_cluster, directory, timeout_seconds=60)
+    try:
+        assert await shred_serving.main(["--cluster-json", str(directory / cluster.CLUSTER_FILE_NAME),
+                                         "--rates", "200", "--seconds", "4", "--no-baseline",
+                                         "--concurrency", "2"]) == 0
+    finally:
+        await asyncio.to_thread(cluster.stop_cluster, directory, 10)
+    printed = capsys.readouterr().out
+    assert "200 deletes a second of 100 tokens for 4 s (800 tokens to delete" in printed
+    acknowledged = re.search(r"deletes: (\d+) requests acknowledged \(([\d,]+) tokens", printed)
+    assert acknowledged is not None and int(acknowledged.group(2).replace(",", "")) >= 400, printed
+    assert "errors none" in printed.split("deletes:")[1].splitlines()[0]
+    passes = re.search(r"n1 \(primary\): backlog at most [\d,]+ rows, oldest delete waited at most [\d.]+ s; "
+                       r"(\d+) shred passes", printed)
+    assert passes is not None and int(passes.group(1)) >= 1, printed
+    assert "every node's deletes shredded" in printed

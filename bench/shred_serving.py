@@ -40,7 +40,10 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from fill import process_rss_bytes  # noqa: E402
+from loadgen import Measurement  # noqa: E402
 from tokenvault.client.vault import AsyncClient  # noqa: E402
 from tokenvault.devcluster import cluster  # noqa: E402
 from tokenvault.devcluster.cluster import open_url  # noqa: E402
@@ -90,15 +93,10 @@ def node_figures(node: NodeSpec, ca_file: Path | None) -> dict[str, float]:
         for name in PASS_METRICS.values():  # a series not shown yet has counted nothing
             for scope in ("keys", "whole"):
                 figures.setdefault(f"{name} {scope}", 0.0)
-    except OSError:
+    except (OSError, ValueError):  # no answer, or a page cut short
         pass
-    pid = cluster.read_pid_file(node)
-    try:
-        for line in (Path("/proc") / str(pid) / "status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                figures["core_rss_bytes"] = int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
+    if (rss := process_rss_bytes(cluster.running_pid(node))) is not None:
+        figures["core_rss_bytes"] = rss
     return figures
 
 
@@ -263,11 +261,6 @@ async def drain(spec: ClusterSpec, traces: dict[str, NodeTrace]) -> float | None
     return None
 
 
-def percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))] if ordered else 0.0
-
-
 async def one_rate(spec: ClusterSpec, cluster_json: Path, arguments: argparse.Namespace, rate: int) -> None:
     ca_file = str(spec.ca_file) if spec.ca_file else None
     async with AsyncClient(list(spec.http_urls), spec.key("full"), deadline_seconds=60, ca_file=ca_file) as client:
@@ -293,10 +286,11 @@ async def one_rate(spec: ClusterSpec, cluster_json: Path, arguments: argparse.Na
     await sampler
     drained = await drain(spec, traces)
     print("  with deletes: " + load, flush=True)
+    latency = Measurement(latencies_ms=deletes.latencies_ms)
     errors = ", ".join(f"{kind}: {count}" for kind, count in sorted(deletes.errors.items())) or "none"
     print(f"  deletes: {deletes.acknowledged:,} requests acknowledged ({deletes.tokens:,} tokens, "
           f"{deletes.tokens / max(deletes.seconds, 1e-9):,.0f} a second), latency p50 "
-          f"{percentile(deletes.latencies_ms, 0.5):.1f} ms, p99 {percentile(deletes.latencies_ms, 0.99):.1f} ms, "
+          f"{latency.percentile_ms(0.5):.1f} ms, p99 {latency.percentile_ms(0.99):.1f} ms, "
           f"max {max(deletes.latencies_ms, default=0):.1f} ms; errors {errors}", flush=True)
     statuses = await asyncio.to_thread(cluster.cluster_status, spec)
     primary = cluster.primary_of(statuses)

@@ -405,9 +405,10 @@ class WalConfig:
 @dataclass(frozen=True, slots=True)
 class ShredConfig:
     # The shredder (tokenvault/core/shred.py) erases deleted rows by rewriting the store's files, up to
-    # all of them, on every node. Under a steady stream of deletes it compacts at most this fraction of
-    # the time: after a pass of P seconds it rests P * (1 / max_busy_fraction - 1) before the next, which
-    # then takes every delete that arrived meanwhile. 1.0 runs the passes back to back.
+    # all of them, on every node, a key range (about a bottom-level file) at a time. It compacts at most
+    # this fraction of the time: after a compaction of C seconds it rests C * (1 / max_busy_fraction - 1)
+    # before the next range or pass, and a pass takes every delete that arrived meanwhile. 1.0 runs
+    # them back to back.
     max_busy_fraction: float = 0.25
 
     def __post_init__(self) -> None:

@@ -17,9 +17,9 @@ def _no_master_key_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-async def single(tmp_path: Path) -> AsyncIterator[RunningNode]:
-    """A cluster of one, already primary."""
-    cluster = await start_cluster(tmp_path, 1)
+async def single(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[RunningNode]:
+    """A cluster of one, already primary; a test may give it a ShredConfig (indirect parametrization)."""
+    cluster = await start_cluster(tmp_path, 1, shred=getattr(request, "param", None))
     try:
         await cluster.wait_for_stable_primary()
         yield cluster.nodes[0]

@@ -27,7 +27,7 @@ from protocol import FrameDecoder, Hello, HelloProof, Message, Role, encode_fram
 from tokenvault.core import commands
 from tokenvault.auth import ApiKeyEntry
 from tokenvault.config import (IdempotencyConfig, HttpConfig, MemberConfig, NodeConfig, PeerConfig,
-                               TimingConfig, WalConfig)
+                               ShredConfig, TimingConfig, WalConfig)
 from tokenvault.crypto.keys import MasterKey, write_secret_file
 from tokenvault.core.node import Node
 from tokenvault.api.http import HttpApp, http_server
@@ -124,7 +124,8 @@ def Timing(**overrides: int) -> TimingConfig:  # noqa: N802 - reads like the con
 
 
 def make_configs(root: Path, node_count: int, timing: TimingConfig = _FAST_TIMING, log_file: Path | None = None,
-                 wal_max_segment_bytes: int = 64 * 1024 * 1024, wal: WalConfig | None = None) -> list[NodeConfig]:
+                 wal_max_segment_bytes: int = 64 * 1024 * 1024, wal: WalConfig | None = None,
+                 shred: ShredConfig | None = None) -> list[NodeConfig]:
     """One NodeConfig per member (ids n1..nN), data under ``root``/<id>/data."""
     files = write_cluster_files(root / "secrets")
     ids = [f"n{number}" for number in range(1, node_count + 1)]
@@ -139,7 +140,8 @@ def make_configs(root: Path, node_count: int, timing: TimingConfig = _FAST_TIMIN
                        log_file=log_file, http=HttpConfig(port=http_ports[node_id], workers=TEST_HTTP_WORKERS),
                        peer=PeerConfig(port=peer_ports[node_id]), timing=timing,
                        idempotency=IdempotencyConfig(),
-                       wal=wal or WalConfig(max_segment_bytes=wal_max_segment_bytes, fsync=True))
+                       wal=wal or WalConfig(max_segment_bytes=wal_max_segment_bytes, fsync=True),
+                       shred=shred or ShredConfig())
             for node_id in ids]
 
 
@@ -220,8 +222,10 @@ class Cluster:
 
 
 async def start_cluster(root: Path, node_count: int, timing: TimingConfig = _FAST_TIMING,
-                        wal_max_segment_bytes: int = 64 * 1024 * 1024, wal: WalConfig | None = None) -> Cluster:
-    cluster = Cluster(make_configs(root, node_count, timing, wal_max_segment_bytes=wal_max_segment_bytes, wal=wal))
+                        wal_max_segment_bytes: int = 64 * 1024 * 1024, wal: WalConfig | None = None,
+                        shred: ShredConfig | None = None) -> Cluster:
+    cluster = Cluster(make_configs(root, node_count, timing, wal_max_segment_bytes=wal_max_segment_bytes, wal=wal,
+                                   shred=shred))
     try:
         for config in cluster.configs:
             cluster.nodes.append(await start_node(config))

@@ -19,6 +19,7 @@ from test_channel import pair
 from tokenvault.api import remote as remote_module
 from tokenvault.api.core_calls import CoreCalls
 from tokenvault.api.remote import CATCH_UP_TOPIC, EPOCH_TOPIC, PROBE_AFTER_MISSES, PROBE_EVERY, RemoteService
+from tokenvault.config import ShredConfig
 from tokenvault.core import commands
 from tokenvault.core.backup import BackupBusy
 from tokenvault.core.store_files import STORE_DIRECTORY
@@ -216,14 +217,15 @@ async def test_after_a_shred_pass_the_view_lets_go_of_the_files_that_held_the_de
     await wait_until(lambda: not deleted_table_files(data_dir), 5, "the view to close the deleted table files")
 
 
+@pytest.mark.parametrize("single", [ShredConfig(max_busy_fraction=1.0)], indirect=True, ids=["passes-back-to-back"])
 async def test_a_token_deleted_just_before_is_never_read_from_a_view_while_shreds_flush_the_store(
         single: RunningNode, worker: Worker) -> None:
-    """Deletes start shred passes, each of which flushes the store to a new WAL file while the view may be
-    in the middle of the old one. A secondary that caught up across that kept the old WAL's rows in its
+    """Each delete starts a shred, which flushes the store to a new WAL file while the view may be in the
+    middle of the old one. A secondary that caught up across that kept the old WAL's rows in its
     memtable, hiding the delete in the flushed table (found by CI: a deleted token answered, and
-    here the view never reaching the index). The view now reopens on every WAL switch. (The shredder
-    rests between its compactions, [shred] max_busy_fraction, so the deletes of several rounds may
-    share a pass; the passes here still number some dozens.)"""
+    here the view never reaching the index). The view now reopens on every WAL switch. (The node's
+    shredder runs its passes back to back here, as many flushes as it can make: by default it rests
+    between its compactions, [shred] max_busy_fraction.)"""
     for round_number in range(150):
         values = [f"flush-{round_number}-{number}" for number in range(3)]
         tokens = await tokenize(single, values)
@@ -231,9 +233,7 @@ async def test_a_token_deleted_just_before_is_never_read_from_a_view_while_shred
         assert await worker.service.detokenize(tokens) == values
         assert (await single.service.delete_tokens(tokens[:1], commands.NO_ACTOR)).status == 200
         assert await worker.service.detokenize(tokens) == [None, *values[1:]], round_number
-    passes = single.node.metrics.registry.get_sample_value("tokenvault_shred_pass_seconds_count", {"scope": "keys"})
-    assert passes >= 5 and worker.reads("failed") == 0  # 27 in a run on two cores
-    await wait_until(lambda: single.node.shredder.passes > 0, 10, "the shredder to drain")
+    assert single.node.shredder.passes > 0 and worker.reads("failed") == 0
 
 
 CARD_NUMBER = "4111111111111111"

@@ -93,7 +93,7 @@ class Shredder:
         # of the time, spread over the pass instead of one burst as long as a rewrite of the store, and
         # each pass takes every delete that arrived meanwhile.
         self._rest_factor = 1.0 / max_busy_fraction - 1.0
-        self._next_pass_at = float("-inf")
+        self._next_compaction_at = float("-inf")
         self._wal = wal
         self._on_fatal = on_fatal
         self._on_pass = on_pass  # after each pass rewrote the store's files
@@ -120,16 +120,12 @@ class Shredder:
             return
         self._backlog_keys += len(keys)
         self._last_waiting = index
-        if self._waiting_since is None:
-            self._waiting_since = time.monotonic()
         if self._whole_from is None:
             if self._backlog_keys > MAX_KEYS_PER_PASS:
-                self._whole_from = self._entries[0][0] if self._entries else index
-                self._entries.clear()
+                self._go_whole(index)
             else:
                 self._entries.append((index, keys))
-        if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._run())
+        self._wake()
 
     def note_whole_store(self, index: int) -> None:
         """A snapshot was installed at ``index`` (or such an install's pass was found pending at start-up):
@@ -138,8 +134,16 @@ class Shredder:
         space. A pass running now was planned on the store before and does not count."""
         self._last_waiting = max(self._last_waiting, index)
         if self._whole_from is None:
-            self._whole_from = self._entries[0][0] if self._entries else index
-            self._entries.clear()
+            self._go_whole(index)
+        self._wake()
+
+    def _go_whole(self, index: int) -> None:
+        """The next pass compacts the whole key space: keep only the first entry waiting (or ``index``)."""
+        self._whole_from = self._entries[0][0] if self._entries else index
+        self._entries.clear()
+
+    def _wake(self) -> None:
+        """Something waits from now (if nothing did): its wait starts, and the task runs."""
         if self._waiting_since is None:
             self._waiting_since = time.monotonic()
         if self._task is None or self._task.done():
@@ -201,7 +205,7 @@ class Shredder:
     async def _run(self) -> None:
         try:
             while self._waiting():
-                if (rest := self._next_pass_at - time.monotonic()) > 0:
+                if (rest := self._next_compaction_at - time.monotonic()) > 0:
                     await asyncio.sleep(rest)
                 keys, self._running_low, finished, rows = self._take_pass()
                 store_seconds, rested_seconds = await self._pass(keys)
@@ -234,14 +238,14 @@ class Shredder:
         busy = time.monotonic() - started
         rested = 0.0
         for number, (begin, end) in enumerate(ranges):
-            if number and (rest := self._next_pass_at - time.monotonic()) > 0:
+            if number and (rest := self._next_compaction_at - time.monotonic()) > 0:
                 await asyncio.sleep(rest)
                 rested += rest
             began = time.monotonic()
             await loop.run_in_executor(self._executor, self._store().compact_for_shred, begin, end)
             compacted = time.monotonic() - began
             busy += compacted
-            self._next_pass_at = time.monotonic() + compacted * self._rest_factor
+            self._next_compaction_at = time.monotonic() + compacted * self._rest_factor
         began = time.monotonic()
         await loop.run_in_executor(self._executor, self._store().finish_shred)
         return busy + time.monotonic() - began, rested

@@ -83,11 +83,33 @@ def real_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> CheckpointingSt
     return CheckpointingStore({path.name: path.read_bytes() for path in (directory / "checkpoint").iterdir()})
 
 
+class NothingToShred:
+    """A node's shredder with nothing waiting (tokenvault.core.snapshots.ShredState)."""
+
+    def clean_mark(self) -> int | None:
+        return 0
+
+    def clean_through(self, mark: int | None, index: int) -> bool:
+        return True
+
+
+class DeletesWaiting(NothingToShred):
+    """A node's shredder with a delete waiting for its pass."""
+
+    def clean_mark(self) -> int | None:
+        return None
+
+    def clean_through(self, mark: int | None, index: int) -> bool:
+        return False
+
+
 class BackupService:
     """The two service methods the backup endpoint uses."""
 
-    def __init__(self, store: Any, work_root: Path, role: str = "primary", node_id: str = "n1") -> None:
+    def __init__(self, store: Any, work_root: Path, role: str = "primary", node_id: str = "n1",
+                 shreds: NothingToShred | None = None) -> None:
         self.store, self.work_root, self.role, self.node_id = store, work_root, role, node_id
+        self.shreds = shreds or NothingToShred()
         self.gate: asyncio.Event | None = None
         self.fail_midway = False
 
@@ -96,7 +118,7 @@ class BackupService:
                 "commit_index": 41, "applied_index": 41, "active_epoch": 1}
 
     async def open_backup(self) -> BackupStream:
-        stream = await BackupStream.open(self.store, self.work_root)
+        stream = await BackupStream.open(self.store, self.work_root, self.shreds)
         if self.fail_midway:
             whole = stream.chunks
 
@@ -291,6 +313,24 @@ def test_cli_backup_prefers_the_primary_verifies_and_renames(
     assert again.exit_code == 1 and "exists already" in again.output
 
 
+@pytest.mark.parametrize("pending", [False, True], ids=["shredded", "deletes-waiting"])
+def test_cli_backup_says_whether_the_backup_may_hold_rows_deleted_and_not_yet_shredded(
+        runner: CliRunner, real_checkpoint: CheckpointingStore, tmp_path: Path, pending: bool) -> None:
+    """docs/api.md, backup: the manifest's shred_pending, from the node's shredder, in the summary and --json."""
+    service = BackupService(real_checkpoint, tmp_path / "n1" / BACKUP_WORK_DIR_NAME,
+                            shreds=DeletesWaiting() if pending else NothingToShred())
+    with ThreadedServer(service) as server:
+        for number, extra in enumerate(([], ["--json"])):
+            result = runner.invoke(tokenvault, ["admin", "backup", "--url", server.url, "--api-key", ADMIN_KEY,
+                                                "--out", str(tmp_path / f"{number}.backup"), *extra])
+            assert result.exit_code == 0, result.output
+            if extra:
+                assert json.loads(result.stdout.splitlines()[-1])["shred_pending"] is pending
+            else:
+                assert ("not shredded yet" in result.stdout) is pending
+    assert verify_backup_file(tmp_path / "0.backup").shred_pending is pending
+
+
 def test_cli_backup_from_a_backup_node_when_asked(
         runner: CliRunner, two_nodes: tuple[ThreadedServer, ThreadedServer], tmp_path: Path) -> None:
     backup_server, primary_server = two_nodes
@@ -353,9 +393,10 @@ def test_cli_backup_of_a_stream_that_breaks_off_keeps_nothing(runner: CliRunner,
 
 @pytest.fixture
 def backup_file(tmp_path: Path) -> Path:
-    from tokenvault.core.snapshots import SnapshotSource
+    from tokenvault.core.snapshots import take_checkpoint
 
-    source = SnapshotSource.create(CheckpointingStore(CHECKPOINT_FILES), tmp_path / "work")
+    source = SnapshotSource.from_checkpoint(*take_checkpoint(CheckpointingStore(CHECKPOINT_FILES), tmp_path / "work"),
+                                            shred_pending=False)
     path = tmp_path / "good.backup"
     with open(path, "wb") as handle:
         source.write_to(handle)
@@ -416,6 +457,33 @@ def test_a_non_empty_data_dir_is_refused_untouched(runner: CliRunner, backup_fil
     assert result.exit_code == 1
     assert "is not empty" in result.output and "Traceback" not in result.output
     assert [path.name for path in data_dir.iterdir()] == ["precious"]
+
+
+@pytest.mark.parametrize("pending", [False, True], ids=["shredded", "deletes-waiting"])
+def test_cli_restore_of_a_backup_holding_rows_not_yet_shredded_records_a_whole_store_pass(
+        runner: CliRunner, tmp_path: Path, pending: bool) -> None:
+    """docs/api.md, backup: a restore from a backup whose manifest says shred_pending writes SHRED-WHOLE (the
+    node's first shred pass compacts its whole store) and says so; from one that does not, neither."""
+    from tokenvault.core.snapshots import take_checkpoint
+    from tokenvault.crypto.keys import new_epoch_secret
+
+    config = make_configs(tmp_path / "restored", 1)[0]
+    store = VaultStore.open(tmp_path / "source")
+    wrapped = config.load_master_key().wrap_epoch_secret(1, new_epoch_secret())
+    store.apply_batch([Entry(1, 1, EntryKind.COMMAND,
+                             encode_command(RotateEpochCommand(1, wrapped, 1_000, None, None, None)))])
+    backup = tmp_path / "taken.backup"
+    source = SnapshotSource.from_checkpoint(*take_checkpoint(store, tmp_path / "work"), shred_pending=pending)
+    with open(backup, "wb") as handle:
+        source.write_to(handle)
+    source.close()
+    store.close()
+    node_toml = tmp_path / "node.toml"
+    write_node_config(node_toml, config)
+    result = runner.invoke(tokenvault, ["admin", "restore", "--backup", str(backup), "--config", str(node_toml)])
+    assert result.exit_code == 0, result.output
+    assert ("compacts its whole store" in result.output) is pending
+    assert (config.data_dir / "SHRED-WHOLE").exists() is pending
 
 
 def test_a_missing_backup_file_is_a_clear_error(runner: CliRunner, node_config: Path, tmp_path: Path) -> None:

@@ -27,7 +27,7 @@ from tokenvault.client.vault import AsyncClient, ProblemError, ResponseError, Se
 from tokenvault.config import write_node_config
 from tokenvault.core.backup import (HEADER_BYTES, HEADER_INDEX, HEADER_NODE, HEADER_ROLE, HEADER_VIEW, BackupError,
                                     BackupRefused, download_backup, restore_data_dir, verify_backup_file)
-from tokenvault.core.snapshots import SnapshotSource
+from tokenvault.core.snapshots import SnapshotSource, take_checkpoint
 from tokenvault.core.store import VaultStore
 from tokenvault.core.store_layout import API_KEY as API_KEY_ROW, StoreCorruption
 from tokenvault.devcluster.cluster_spec import CLUSTER_FILE_NAME, ClusterError, load_cluster
@@ -233,7 +233,7 @@ def write_store_backup(directory: Path, bad_api_key_row: bytes | None = None) ->
     try:
         if bad_api_key_row is not None:
             store._db[API_KEY_ROW + b"k_bad"] = bad_api_key_row
-        source = SnapshotSource.create(store, directory / "work")
+        source = SnapshotSource.from_checkpoint(*take_checkpoint(store, directory / "work"), shred_pending=False)
         path = directory / "store.backup"
         try:
             with open(path, "wb") as handle:

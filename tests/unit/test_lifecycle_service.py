@@ -139,13 +139,104 @@ async def test_a_backup_that_installs_a_snapshot_holding_a_delete_not_yet_shredd
             whole = await wait_until(lambda: [line["through_index"] for line in logged
                                               if line["event"] == "shred.done" and line["whole_store"]], 10,
                                      "the whole-key-space pass to be logged")
-        assert whole == [next(line["index"] for line in logged if line["event"] == "snapshot.installed")]
+        installed = next(line for line in logged if line["event"] == "snapshot.installed")
+        assert installed["shred_pending"] is True  # the primary's checkpoint was taken with its pass held
+        assert whole == [installed["index"]]
         await wait_until(lambda: not (lagging.config.data_dir / "SHRED-WHOLE").exists(), 10, "the record removed")
         assert files_holding(primary.config.data_dir, ciphertext), "the primary's own pass was to be still held"
         assert await lagging.service.detokenize([token]) == [None]
     finally:
         gate.set()
         await cluster.close()
+
+
+async def test_a_backup_that_installs_a_snapshot_whose_source_had_shredded_every_delete_keeps_its_store(
+        tmp_path: Path) -> None:
+    """The other side of the test above: the primary's deletes were all shredded when it took the checkpoint,
+    its manifest says so (shred_pending false), and the installing backup plans no whole-key-space pass; the
+    deleted row's bytes are in none of its files all the same."""
+    wal = WalConfig(max_segment_bytes=4096, fsync=True, compact_every_entries=10, compact_keep_entries=1)
+    cluster = await start_cluster(tmp_path, 3, wal=wal)
+    try:
+        primary = await cluster.wait_for_stable_primary()
+        lagging = cluster.backups()[0]
+        await lagging.close()
+        token = body(await primary.service.tokenize("p", ["snapshot-clean-" + "v" * 64], None))["tokens"][0]
+        ciphertext = primary.node.store.lookup([token])[token]
+        await wait_until(lambda: in_a_table_file(primary, ciphertext), 10, "the row in a table file")
+        assert body(await primary.service.delete_tokens([token], ACTOR)) == {"deleted": 1}
+        await wait_until(lambda: primary.node.shredder.hold_index() is None
+                         and not files_holding(primary.config.data_dir, ciphertext), 30, "the primary's pass")
+        for number in range(12):  # enough further entries for the primary to compact past the outage
+            await primary.service.tokenize("p", [f"filler-{number}"], None)
+        with capture_logs() as logged:
+            lagging = await cluster.restart(lagging)
+            await wait_until(lambda: any(line["event"] == "snapshot.installed" for line in logged), 20,
+                             "the lagging backup to install a snapshot")
+        installed = next(line for line in logged if line["event"] == "snapshot.installed")
+        assert installed["shred_pending"] is False
+        assert lagging.node.shredder.hold_index() is None and not lagging.node.shredder.busy
+        assert not (lagging.config.data_dir / "SHRED-WHOLE").exists()
+        assert not files_holding(lagging.config.data_dir, ciphertext)
+        assert await lagging.service.detokenize([token]) == [None]
+    finally:
+        await cluster.close()
+
+
+@pytest.mark.parametrize("held", [True, False], ids=["pass-held", "pass-done"])
+async def test_a_node_restored_from_a_backup_taken_before_a_delete_was_shredded_shreds_its_whole_store(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, held: bool) -> None:
+    """docs/architecture.md, backup and restore: a backup taken while a delete waited for its shred pass holds
+    the deleted row's bytes and says so (shred_pending); the node restored from it never applies that
+    delete, so the restore records a whole-key-space pass (SHRED-WHOLE) that the node does at its start.
+    A backup taken after the pass holds no such bytes, says so, and records nothing."""
+    from tokenvault.core.backup import restore_data_dir
+
+    config = make_configs(tmp_path / "source", 1)[0]
+    running = await start_node(config)
+    gate = threading.Event()
+    try:
+        await wait_until(lambda: running.node.store.active_epoch() >= 1, 10, "epoch 1")
+        token = body(await running.service.tokenize("p", ["restore-shred-" + "v" * 64], None))["tokens"][0]
+        ciphertext = running.node.store.lookup([token])[token]
+        await wait_until(lambda: in_a_table_file(running, ciphertext), 10, "the row in a table file")
+        if held:
+            prepare = running.node.store.prepare_shred
+
+            def held_shred(keys):
+                assert gate.wait(60), "the test never released the shredder"
+                return prepare(keys)
+
+            monkeypatch.setattr(running.node.store, "prepare_shred", held_shred)
+        assert body(await running.service.delete_tokens([token], ACTOR)) == {"deleted": 1}
+        if not held:
+            await wait_until(lambda: running.node.shredder.hold_index() is None, 30, "the pass")
+        stream = await running.service.open_backup()
+        path = tmp_path / "taken.backup"
+        with open(path, "wb") as handle:
+            async for chunk in stream.chunks(65536):
+                handle.write(chunk)
+        await stream.close()
+    finally:
+        gate.set()
+        await running.close()
+
+    target = dataclasses.replace(config, data_dir=tmp_path / "target" / "data")
+    restored = restore_data_dir(path, target)
+    assert restored.shred_pending is held
+    assert (target.data_dir / "SHRED-WHOLE").exists() is held
+    if not held:  # what the flag claims is true: the backup holds none of the deleted row's bytes
+        assert ciphertext not in path.read_bytes() and not files_holding(target.data_dir, ciphertext)
+    with capture_logs() as logged:
+        running = await start_node(target)
+        try:
+            await wait_until(lambda: not files_holding(target.data_dir, ciphertext)
+                             and not (target.data_dir / "SHRED-WHOLE").exists(), 30, "the restored store shredded")
+            await wait_until(running.is_primary, 10, "the restored node to lead")
+            assert await running.service.detokenize([token]) == [None]
+        finally:
+            await running.close()
+    assert [line["whole_store"] for line in logged if line["event"] == "shred.done"] == ([True] if held else [])
 
 
 @pytest.mark.parametrize("record", [b"7\n", b"not an index" * 100])

@@ -267,3 +267,26 @@ async def test_after_a_snapshot_install_the_next_pass_compacts_the_whole_key_spa
     assert [(report.through_index, report.whole_store) for report in reports] == [(80, False), (90, True)]
     assert shredder.oldest_wait_seconds() == 0.0 and shredder.hold_index() is None
     await shredder.close()
+
+
+async def test_a_checkpoint_is_clean_only_if_no_delete_at_or_below_its_index_waited_ran_or_ended_a_pass_since_the_mark(
+        ) -> None:
+    """clean_mark before a checkpoint, clean_through after it (a snapshot manifest's shred_pending): a delete
+    applied meanwhile at or below the checkpoint's index makes it not clean while it waits or runs, and
+    still after its pass ended (the pass may have ended after the checkpoint was taken); one above the
+    index does not count."""
+    shredder, store, wal = make_shredder(last_index=50)
+    mark = shredder.clean_mark()
+    assert mark is not None and shredder.clean_through(mark, 50)
+    store.gate.clear()
+    shredder.note(40, delete("a"))
+    assert shredder.clean_mark() is None  # a checkpoint taken now may hold the row
+    assert not shredder.clean_through(mark, 50) and shredder.clean_through(mark, 39)
+    await until(lambda: len(store.passes) == 1, "its pass to start")
+    assert not shredder.clean_through(mark, 40) and shredder.clean_through(mark, 39)
+    store.gate.set()
+    await until(lambda: shredder.passes == 1, "its pass to end")
+    assert not shredder.clean_through(mark, 50) and not shredder.clean_through(mark, 39)  # ended since the mark
+    after = shredder.clean_mark()
+    assert after is not None and shredder.clean_through(after, 50)
+    await shredder.close()

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tokenvault.core.snapshots import (MAGIC, SnapshotSource, SnapshotStager, SnapshotStreamError, stage_file)
+from tokenvault.core.snapshots import (MAGIC, Manifest, SnapshotSource, SnapshotStager, SnapshotStreamError, stage_file,
+                                      take_checkpoint)
 
 
 class FakeStore:
@@ -27,7 +28,7 @@ class FakeStore:
 
 
 def make_source(tmp_path: Path, sizes: list[int]) -> SnapshotSource:
-    return SnapshotSource.create(FakeStore(sizes), tmp_path / "work")
+    return SnapshotSource.from_checkpoint(*take_checkpoint(FakeStore(sizes), tmp_path / "work"), shred_pending=True)
 
 
 def stream_of(source: SnapshotSource) -> bytes:
@@ -115,6 +116,26 @@ def test_hostile_headers_are_refused_before_anything_large_is_buffered(tmp_path:
         stager = SnapshotStager(tmp_path / f"stage-{number}")
         with pytest.raises(SnapshotStreamError, match=message):
             stager.write(0, data)
+
+
+@pytest.mark.parametrize("shred_pending", [True, False])
+def test_the_manifest_says_whether_the_checkpoint_may_hold_rows_not_yet_shredded(tmp_path: Path,
+                                                                                  shred_pending: bool) -> None:
+    source = SnapshotSource.from_checkpoint(*take_checkpoint(FakeStore([10, 20]), tmp_path / "work"),
+                                            shred_pending=shred_pending)
+    stager = SnapshotStager(tmp_path / "stage", expected_total=source.total_bytes)
+    stager.write(0, stream_of(source))
+    assert stager.finish().manifest.shred_pending is shred_pending
+
+
+def test_a_manifest_without_shred_pending_counts_as_pending_and_a_non_boolean_one_is_refused() -> None:
+    """A node from before the field sends none: its checkpoint may hold anything, as that node assumed."""
+    import msgpack
+    manifest = {"format": 1, "index": 1, "view": 1, "created_at_ms": 0, "files": [["a", 1, bytes(32)]]}
+    assert Manifest.decode(msgpack.packb(manifest)).shred_pending is True
+    for value in (0, 1, "false", None):
+        with pytest.raises(SnapshotStreamError, match="shred_pending"):
+            Manifest.decode(msgpack.packb({**manifest, "shred_pending": value}))
 
 
 def test_a_file_name_with_a_path_in_it_is_refused(tmp_path: Path) -> None:

@@ -1004,7 +1004,8 @@ class NodeService(LifecycleOperations, MembershipOperations):
     async def open_backup(self) -> BackupStream:
         """A consistent checkpoint of this node's own store, never forwarded: on a backup node it holds a
         committed prefix of the log that may lag the primary's a little."""
-        return await BackupStream.open(self.node.store, self.node.data_dir / BACKUP_WORK_DIR_NAME)
+        return await BackupStream.open(self.node.store, self.node.data_dir / BACKUP_WORK_DIR_NAME,
+                                       self.node.shredder)
 
     # ------------------------------------------------------------------ forwarding
     async def _forward(self, primary_id: str, kind: str, arguments: dict[str, Any]) -> Any:

@@ -192,13 +192,17 @@ def admin_backup(connection: Connection, out_path: str, prefer: str, read_timeou
         fail(str(error), EXIT_SERVICE_ERROR)
     document = {"file": str(result.path), "node_id": result.node_id, "role": result.role, "url": result.url,
                 "index": result.index, "view": result.view, "bytes": result.size_bytes,
-                "token_count": result.token_count, "seconds": round(result.seconds, 3)}
+                "token_count": result.token_count, "seconds": round(result.seconds, 3),
+                "shred_pending": result.shred_pending}
     if as_json:
         click.echo(json.dumps(document))
         return
     tokens = "" if result.token_count is None else f", {result.token_count} tokens"
     click.echo(f"backup of {result.node_id} ({result.role}) at index {result.index}, view {result.view}: "
                f"{result.size_bytes} bytes{tokens} in {result.seconds:.1f} s, verified -> {result.path}")
+    if result.shred_pending:
+        click.echo("it may hold the bytes of tokens deleted (or epochs destroyed) that the node had not shredded "
+                   "yet: keep it as you keep the values themselves")
 
 
 @admin.command("restore")
@@ -227,6 +231,9 @@ def admin_restore(backup_path: str, config_path: str) -> None:
     click.echo(f"restored {restored.node_id} into {restored.data_dir}: index {restored.index}, view "
                f"{restored.view}, {restored.token_count} tokens in {restored.epochs} epoch(s); start it with "
                f"'tokenvault serve --config {config_path}'")
+    if restored.shred_pending:
+        click.echo("the backup may hold rows deleted and not yet shredded: the node's first shred pass compacts "
+                   "its whole store")
 
 
 @admin.group()

@@ -56,7 +56,8 @@ from tokenvault.client.vault import AsyncClient, NoNodeAvailable, ProblemError, 
 from tokenvault.crypto.keys import CryptoError, KeyRing
 from tokenvault.errors import Unavailable
 from tokenvault.logs import get_logger
-from tokenvault.core.snapshots import SnapshotSource, StagedSnapshot, stage_file
+from tokenvault.core.shred import record_whole_shred
+from tokenvault.core.snapshots import ShredState, SnapshotSource, StagedSnapshot, create_source, stage_file
 from tokenvault.core.store import VaultStore
 from tokenvault.core.store_files import fsync_tree
 from tokenvault.core.store_layout import SnapshotRejected, StoreError
@@ -130,13 +131,13 @@ class BackupStream:
         self._closed = False
 
     @classmethod
-    async def open(cls, store: Any, work_root: Path) -> BackupStream:
-        """Take a checkpoint of ``store`` (in a worker thread) under a fresh directory in ``work_root``."""
+    async def open(cls, store: Any, work_root: Path, shreds: ShredState) -> BackupStream:
+        """Take a checkpoint of ``store`` (in a worker thread) under a fresh directory in ``work_root``; its
+        manifest says whether it may hold rows deleted and not yet shredded (``shreds``: the node's shredder)."""
         work_dir = work_root / f"backup-{uuid.uuid4().hex}"
         cls._active_work_dirs.add(work_dir)
-        loop = asyncio.get_running_loop()
-        created = loop.run_in_executor(None, _create_source, store, work_root, work_dir,
-                                       frozenset(cls._active_work_dirs))
+        created = asyncio.ensure_future(_create_source(store, work_root, work_dir, frozenset(cls._active_work_dirs),
+                                                       shreds))
         try:
             source = await asyncio.shield(created)
         except asyncio.CancelledError:
@@ -213,12 +214,17 @@ def _discard_files(source: SnapshotSource | None, work_dir: Path) -> None:
         shutil.rmtree(work_dir, ignore_errors=True)
 
 
-def _create_source(store: Any, work_root: Path, work_dir: Path, active: frozenset[Path]) -> SnapshotSource:
+async def _create_source(store: Any, work_root: Path, work_dir: Path, active: frozenset[Path],
+                         shreds: ShredState) -> SnapshotSource:
+    await asyncio.to_thread(_remove_leftovers, work_root, active)
+    return await create_source(store, work_dir, shreds, asyncio.to_thread)
+
+
+def _remove_leftovers(work_root: Path, active: frozenset[Path]) -> None:
     work_root.mkdir(mode=0o700, parents=True, exist_ok=True)
     for leftover in work_root.iterdir():
         if leftover not in active:
             shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
-    return SnapshotSource.create(store, work_dir)
 
 
 # ---------------------------------------------------------------- verifying
@@ -233,6 +239,7 @@ class VerifiedBackup:
     size_bytes: int
     file_count: int
     token_count: int | None
+    shred_pending: bool  # it may hold rows deleted and not yet shredded when it was taken (its manifest)
 
 
 def _staged_summary(staged: StagedSnapshot, size_bytes: int) -> VerifiedBackup:
@@ -240,7 +247,8 @@ def _staged_summary(staged: StagedSnapshot, size_bytes: int) -> VerifiedBackup:
     token_count = getattr(staged.manifest, "token_count", None)
     return VerifiedBackup(index=staged.index, view=staged.view, size_bytes=size_bytes,
                           file_count=len(staged.manifest.files),
-                          token_count=token_count if isinstance(token_count, int) else None)
+                          token_count=token_count if isinstance(token_count, int) else None,
+                          shred_pending=staged.manifest.shred_pending)
 
 
 @contextlib.contextmanager
@@ -289,6 +297,7 @@ class RestoredNode:
     view: int
     epochs: int
     token_count: int
+    shred_pending: bool  # the backup's manifest said so: the node's first shred pass compacts its whole store
 
 
 def _check_empty_data_dir(data_dir: Path) -> None:
@@ -327,6 +336,10 @@ def install_staged(staged: StagedSnapshot, config: Any, master_key: Any = None, 
         building = Path(tempfile.mkdtemp(prefix=f".{data_dir.name}.restoring-", dir=data_dir.parent))
         epochs, token_count = _install_store(building / STORE_DIR_NAME, staged, config, key, consume)
         _start_log_after(building / WAL_DIR_NAME, staged.index, staged.view, config)
+        if staged.manifest.shred_pending:
+            # The backup may hold rows deleted and not yet shredded when it was taken; the restored node never
+            # applies those deletes, so its first shred pass compacts the whole key space.
+            record_whole_shred(building, staged.index)
         fsync_tree(building)
         if data_dir.exists():
             data_dir.rmdir()  # empty, checked above; rename() cannot replace it on every file system
@@ -340,7 +353,8 @@ def install_staged(staged: StagedSnapshot, config: Any, master_key: Any = None, 
             raise BackupError(f"cannot build the data directory of {config.node_id} in {data_dir.parent}: "
                               f"{reason}") from None
         raise
-    return RestoredNode(config.node_id, data_dir, staged.index, staged.view, epochs, token_count)
+    return RestoredNode(config.node_id, data_dir, staged.index, staged.view, epochs, token_count,
+                        staged.manifest.shred_pending)
 
 
 def _install_store(store_dir: Path, staged: StagedSnapshot, config: Any, master_key: Any, consume: bool) -> tuple[int, int]:
@@ -406,6 +420,7 @@ class DownloadedBackup:
     size_bytes: int
     seconds: float
     token_count: int | None
+    shred_pending: bool
 
 
 async def order_by_role(urls: Sequence[str], prefer: str, health: Callable[[str], Any]) -> list[str]:
@@ -556,7 +571,7 @@ async def _finish_download(received: _Received, partial: Path, destination: Path
     fsync_directory(destination.parent)
     return DownloadedBackup(destination, received.url, received.node_id, received.role, received.index,
                             received.view, received.size_bytes, time.monotonic() - started,
-                            verified.token_count)
+                            verified.token_count, verified.shred_pending)
 
 
 async def _problem_document(response: Any) -> dict[str, Any]:

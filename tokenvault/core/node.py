@@ -35,7 +35,7 @@ from protocol import (INITIAL_HARD_STATE, BackupLostEntries, BecamePrimary, Elec
                       ReplicaConfig, RestoredState, Role, SteppedDown)
 from tokenvault.config import ConfigError, NodeConfig, split_host_port
 from tokenvault.core import commands
-from tokenvault.core.shred import ShredPass, Shredder
+from tokenvault.core.shred import SHRED_WHOLE_FILE, ShredPass, Shredder, read_whole_shred, record_whole_shred
 from tokenvault.core.snapshot_transfer import SnapshotTransfers
 from tokenvault.core.store import VaultStore
 from tokenvault.core.store_files import STORE_DIRECTORY, PreparedInstall, replace_file
@@ -76,10 +76,6 @@ VIEW_FLUSH_MIN_BYTES = 4 * 1024 * 1024
 # Written in the data directory when the store meets a damaged file: the node does not start on that
 # store again until it is rebuilt or the file is removed (docs/failure-modes.md).
 STORE_DAMAGED_FILE = "STORE-DAMAGED"
-# Written before a snapshot install switches the store, removed once a whole-key-space shred pass planned
-# after it is done: the index of the snapshot, so that a restart meanwhile shreds the installed store too.
-SHRED_WHOLE_FILE = "SHRED-WHOLE"
-SHRED_WHOLE_RECORD_MAX_BYTES = 32
 # A node whose certificate, or the CA's, expires sooner than this logs node.certificate_expiring at start.
 CERTIFICATE_WARNING_DAYS = 30
 # A damage record (STORE_DAMAGED_FILE): a time and the damage's message, itself bounded (store_layout.damage).
@@ -164,7 +160,7 @@ class Node:
         # (an installed snapshot): the HTTP workers' views of the store still hold the old files open
         # until they catch up (tokenvault.core.store_reader), so they are told to.
         self.on_store_files_replaced: Callable[[], None] | None = None
-        # The index through which a whole-key-space shred pass is due after a snapshot install (SHRED_WHOLE_FILE).
+        # The index through which a whole-key-space shred pass is due after a snapshot install (shred.SHRED_WHOLE_FILE).
         self._whole_shred_due: int | None = None
         self.shredder = Shredder(lambda: self.store, self.wal, lambda error: self._fatal(error, task="shred"),
                                  on_pass=self._shred_passed, max_busy_fraction=config.shred.max_busy_fraction)
@@ -223,7 +219,7 @@ class Node:
         # token.issued: one line a second at most (per epoch), so the node log grows with time, not traffic.
         self._issued_log = SummedEvent(log, "token.issued", ("epoch",), TOKEN_ISSUED_LOG_INTERVAL_SECONDS)
         self.snapshots = SnapshotTransfers(self.data_dir, lambda: self.store, self._run_in_driver,
-                                           self.send_to_peer)
+                                           self.send_to_peer, self.shredder)
         self.metrics.watch_disk(self._disk_free_bytes, self._store_table_bytes, lambda: float(self.wal.segment_bytes))
         self.metrics.watch_shred_backlog(lambda: float(self.shredder.backlog_keys), self.shredder.oldest_wait_seconds)
         self.metrics.watch_peers(self._peer_states)
@@ -323,7 +319,7 @@ class Node:
             task.add_done_callback(self._on_task_ended)
             self._tasks.append(task)
         self.shredder.note_recovered(self.recovered_log.entries, self.store.applied_index)
-        if (pending := self._whole_shred_pending()) is not None:
+        if (pending := read_whole_shred(self.data_dir, self.store.applied_index)) is not None:
             # An install that a stop interrupted before its switch left the store below the record's index.
             self._whole_shred_due = min(pending, self.store.applied_index)
             self.shredder.note_whole_store(self._whole_shred_due)
@@ -651,27 +647,30 @@ class Node:
         self._release_reads()
         self._update_gauges()
 
-    def _switch_to_snapshot(self, prepared: PreparedInstall, index: int, view: int) -> None:
+    def _switch_to_snapshot(self, prepared: PreparedInstall, index: int, view: int, shred_pending: bool) -> None:
         """In the driver: the verified, opened snapshot becomes the store, then the core follows it."""
         if self.store.applied_index >= index:
             # The log caught up meanwhile (a new primary's appends): the snapshot is not needed.
             self.snapshots.close_later(lambda: self.store.abort_install(prepared))
             self.replica.snapshot_failed(index, view)
             return
-        # The snapshot's files may hold rows its source had deleted and not yet shredded, whose deletes this
-        # node will never apply: a whole-key-space pass follows, recorded first so that a restart does it too.
-        replace_file(self.data_dir / SHRED_WHOLE_FILE, f"{index}\n".encode(),
-                     self.data_dir / (SHRED_WHOLE_FILE + ".tmp"))
+        if shred_pending:
+            # The snapshot's files may hold rows its source had deleted and not yet shredded (its manifest says
+            # so), whose deletes this node will never apply: a whole-key-space pass follows, recorded first so
+            # that a restart does it too.
+            record_whole_shred(self.data_dir, index)
         old = self.store.commit_install(prepared)
-        self._whole_shred_due = index
-        self.shredder.note_whole_store(index)
+        if shred_pending:
+            self._whole_shred_due = index
+            self.shredder.note_whole_store(index)
         self.removal_index = max(self.removal_index, index)
         self.snapshots.close_later(old)
         self.keyring = self._keyring_of_store()
         self._keyring_changed()
         self._store_files_replaced()
         self.replica.snapshot_installed(index, view, self.store.membership())
-        log.info("snapshot.installed", index=index, view=view, tokens=self.store.token_count())
+        log.info("snapshot.installed", index=index, view=view, tokens=self.store.token_count(),
+                 shred_pending=shred_pending)
 
     def _shred_passed(self, done: ShredPass) -> None:
         self.metrics.observe_shred_pass(done.store_seconds, done.whole_store)
@@ -679,17 +678,6 @@ class Node:
         if done.whole_store and self._whole_shred_due is not None and done.through_index >= self._whole_shred_due:
             (self.data_dir / SHRED_WHOLE_FILE).unlink(missing_ok=True)
             self._whole_shred_due = None
-
-    def _whole_shred_pending(self) -> int | None:
-        """The index of an installed snapshot whose whole-key-space shred pass is not done yet (SHRED_WHOLE_FILE),
-        else None. The file is read as hostile: bounded, and a record that is not an index counts as one
-        at the store's applied index."""
-        try:
-            with open(self.data_dir / SHRED_WHOLE_FILE, "rb") as record:
-                text = record.read(SHRED_WHOLE_RECORD_MAX_BYTES).strip()
-        except FileNotFoundError:
-            return None
-        return int(text) if text.isdigit() and len(text) <= 19 else self.store.applied_index
 
     # ----------------------------------------------------------------- apply
     def _apply(self, entries: tuple[Entry, ...]) -> None:

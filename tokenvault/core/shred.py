@@ -34,10 +34,12 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import chain
+from pathlib import Path
 
 from protocol import Entry, EntryKind
 from tokenvault.core import commands
 from tokenvault.core.store import VaultStore
+from tokenvault.core.store_files import replace_file
 from tokenvault.core.store_layout import LIFE, delete_row_keys
 from tokenvault.core.wal import WriteAheadLog
 from tokenvault.logs import get_logger
@@ -49,6 +51,12 @@ log = get_logger("shred")
 MAX_KEYS_PER_PASS = 100_000
 POLL_SECONDS = 0.05
 PASS_LOG_SECONDS = 10.0  # shred.pass: one line at most this often
+# In a data directory whose store came from a snapshot that may hold rows deleted and not yet shredded (an
+# install, or a restore from a backup, whose manifest says shred_pending): the snapshot's index, written
+# before the store switches to it, removed once a whole-key-space pass through that index is done, so that
+# a restart meanwhile shreds the store too.
+SHRED_WHOLE_FILE = "SHRED-WHOLE"
+SHRED_WHOLE_RECORD_MAX_BYTES = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +68,22 @@ class ShredPass:
     whole_store: bool  # it compacted the whole key space (past MAX_KEYS_PER_PASS keys, or after an install)
     store_seconds: float  # the flush and compactions
     rested_seconds: float  # the rests between its ranges ([shred] max_busy_fraction)
+
+
+def record_whole_shred(data_dir: Path, index: int) -> None:
+    """Durably record that a whole-key-space pass through ``index`` is due (SHRED_WHOLE_FILE)."""
+    replace_file(data_dir / SHRED_WHOLE_FILE, f"{index}\n".encode(), data_dir / (SHRED_WHOLE_FILE + ".tmp"))
+
+
+def read_whole_shred(data_dir: Path, applied_index: int) -> int | None:
+    """The index recorded by ``record_whole_shred`` and not yet done, else None. The file is read as hostile:
+    bounded, and a record that is not an index counts as one at ``applied_index``."""
+    try:
+        with open(data_dir / SHRED_WHOLE_FILE, "rb") as record:
+            text = record.read(SHRED_WHOLE_RECORD_MAX_BYTES).strip()
+    except FileNotFoundError:
+        return None
+    return int(text) if text.isdigit() and len(text) <= 19 else applied_index
 
 
 def shred_keys(command: commands.Command) -> list[bytes]:
@@ -110,6 +134,7 @@ class Shredder:
         self._task: asyncio.Task[None] | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shred")
         self.passes = 0  # finished passes, for tests and the log
+        self._store_passes = 0  # passes whose step 1 ended (for clean_mark / clean_through)
         self._pass_logged_at = float("-inf")
         self._unlogged_passes = self._unlogged_rows = 0  # passes behind a backlog since the last shred.pass
 
@@ -168,6 +193,23 @@ class Shredder:
             candidates.append(self._running_low)
         return min(candidates) if candidates else None
 
+    def clean_mark(self) -> int | None:
+        """Before a checkpoint is taken: None when a delete or destroy waits or is being shredded (the
+        checkpoint may hold its rows), else a mark for ``clean_through``."""
+        return None if self.hold_index() is not None else self._store_passes
+
+    def clean_through(self, mark: int | None, index: int) -> bool:
+        """After a checkpoint at ``index`` was taken, ``mark`` from ``clean_mark`` before it: True only if every
+        delete and destroy at or below ``index`` had been shredded when it was taken. Nothing waited at the
+        mark; one applied since at or below ``index`` either waits or runs now (the hold is at or below it)
+        or went through a pass that ended after the mark, perhaps after the checkpoint (counted as not
+        clean). Apply and ``note`` run in one step on the loop, so by now every entry at or below ``index``
+        was noted."""
+        if mark is None or mark != self._store_passes:
+            return False
+        hold = self.hold_index()
+        return hold is None or hold > index
+
     @property
     def backlog_keys(self) -> int:
         """Keys noted and not yet taken by a pass."""
@@ -209,6 +251,7 @@ class Shredder:
                     await asyncio.sleep(rest)
                 keys, self._running_low, finished, rows = self._take_pass()
                 store_seconds, rested_seconds = await self._pass(keys)
+                self._store_passes += 1
                 if self._on_pass is not None:
                     self._on_pass(ShredPass(finished, rows, keys is None, store_seconds, rested_seconds))
                 self._running_low = self._running_since = None

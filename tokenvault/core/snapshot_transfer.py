@@ -37,7 +37,7 @@ from typing import Any
 from protocol import InstallSnapshot, Message, SnapshotChunk, SnapshotRead
 from tokenvault.futures import cancel_and_wait
 from tokenvault.logs import get_logger
-from tokenvault.core.snapshots import SnapshotSource, SnapshotStager, StagedSnapshot
+from tokenvault.core.snapshots import ShredState, SnapshotSource, SnapshotStager, StagedSnapshot, create_source
 from tokenvault.core.store_layout import SnapshotRejected
 
 log = get_logger("snapshot")
@@ -50,7 +50,7 @@ class SnapshotTransfers:
     """Owns the node's snapshot sources and its one staging area. Used from the event-loop thread only."""
 
     def __init__(self, data_dir: Path, store_of: Callable[[], Any], run_in_driver: Callable[[Callable[[], None]], None],
-                 send: Callable[[str, Message], bool]) -> None:
+                 send: Callable[[str, Message], bool], shreds: ShredState) -> None:
         self._outgoing_dir = data_dir / OUTGOING_DIRECTORY
         self._incoming_dir = data_dir / INCOMING_DIRECTORY
         # Leftovers of a previous run: a source or a staging area is never resumed.
@@ -59,6 +59,7 @@ class SnapshotTransfers:
         self._store_of = store_of
         self._run_in_driver = run_in_driver
         self._send = send
+        self._shreds = shreds  # whether a checkpoint may hold rows not yet shredded (manifest shred_pending)
         # One thread: checkpoints, chunk reads and staging writes never run at the same time,
         # and a chunk is always staged before the next one.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="snapshot")
@@ -86,7 +87,7 @@ class SnapshotTransfers:
     async def _create_and_offer(self, peer: str, offer: Callable[[str, int, int, int], bool]) -> None:
         started = time.monotonic()
         try:
-            source = await self._in_thread(SnapshotSource.create, self._store_of(), self._outgoing_dir)
+            source = await create_source(self._store_of(), self._outgoing_dir, self._shreds, self._in_thread)
         except (OSError, ValueError, SnapshotRejected) as error:
             log.error("snapshot.source_failed", peer=peer, reason=_reason(error))
             self._creating.discard(peer)
@@ -101,6 +102,7 @@ class SnapshotTransfers:
                 self._sources[peer] = source
                 log.info("snapshot.sending", peer=peer, index=source.index, view=source.view,
                          bytes=source.total_bytes, files=len(source.manifest.files),
+                         shred_pending=source.manifest.shred_pending,
                          prepare_seconds=round(time.monotonic() - started, 3))
             else:
                 self._close_source(source)
@@ -139,7 +141,7 @@ class SnapshotTransfers:
         self._executor.submit(source.close)
 
     # ------------------------------------------------------------ backup side
-    async def stage(self, chunks: tuple[SnapshotChunk, ...], installed: Callable[[Any, int, int], None],
+    async def stage(self, chunks: tuple[SnapshotChunk, ...], installed: Callable[[Any, int, int, bool], None],
                     failed: Callable[[int, int], None]) -> None:
         """Write chunks to the staging area in order; a complete stream starts its install."""
         for chunk in chunks:
@@ -171,7 +173,7 @@ class SnapshotTransfers:
         self._run_in_driver(lambda: failed(chunk.index, chunk.view))
 
     async def _install(self, stager: SnapshotStager, chunk: SnapshotChunk,
-                       installed: Callable[[Any, int, int], None], failed: Callable[[int, int], None]) -> None:
+                       installed: Callable[[Any, int, int, bool], None], failed: Callable[[int, int], None]) -> None:
         started = time.monotonic()
         try:
             staged: StagedSnapshot = await self._in_thread(stager.finish)
@@ -187,7 +189,8 @@ class SnapshotTransfers:
         log.info("snapshot.verified", index=chunk.index, bytes=chunk.total_bytes,
                  seconds=round(time.monotonic() - started, 3),
                  transfer_seconds=round(time.monotonic() - self._staging_started, 3))
-        self._run_in_driver(lambda: installed(prepared, chunk.index, chunk.view))
+        shred_pending = staged.manifest.shred_pending
+        self._run_in_driver(lambda: installed(prepared, chunk.index, chunk.view, shred_pending))
         self._executor.submit(stager.discard)
 
     def close_later(self, closer: Callable[[], None]) -> None:

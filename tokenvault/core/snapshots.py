@@ -7,7 +7,9 @@ compacted log, and is the file ``tokenvault admin backup`` writes. Layout::
     length of the manifest, big-endian                    4 bytes
     manifest (msgpack map)                                ``length`` bytes
         format: 1, index, view, created_at_ms,
-        files: [[name, size, sha256 digest], ...]
+        files: [[name, size, sha256 digest], ...],
+        shred_pending: whether the checkpoint may hold rows deleted (or an epoch secret destroyed) at
+            or below ``index`` and not yet shredded by its source (absent, as from a node before it: true)
     the files' bytes, whole and in manifest order
     trailer: sha256(every file's bytes in order, then the manifest bytes)   32 bytes
 
@@ -24,7 +26,8 @@ what was announced, and a stream that ends early, runs long or differs from
 its digests raises SnapshotRejected with a message that names the problem,
 never a value.
 
-Blocking methods (create, read, write, finish) are meant for a worker thread.
+Blocking functions and methods (take_checkpoint, from_checkpoint, read, write, finish) are meant for a
+worker thread; ``create_source`` runs them there and reads the node's shredder on the loop around them.
 """
 
 from __future__ import annotations
@@ -34,9 +37,10 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 import msgpack
 
@@ -74,11 +78,15 @@ class Manifest:
     view: int
     created_at_ms: int
     files: tuple[FileEntry, ...]
+    # The checkpoint may hold the old bytes of rows deleted at or below ``index`` that its source had not
+    # shredded yet: the node that installs it compacts its whole key space (docs/guarantees.md, delete).
+    shred_pending: bool = True
 
     def encode(self) -> bytes:
         encoded: bytes = msgpack.packb({"format": FORMAT_VERSION, "index": self.index, "view": self.view,
                                         "created_at_ms": self.created_at_ms,
-                                        "files": [[entry.name, entry.size, entry.sha256] for entry in self.files]})
+                                        "files": [[entry.name, entry.size, entry.sha256] for entry in self.files],
+                                        "shred_pending": self.shred_pending})
         return encoded
 
     @classmethod
@@ -113,7 +121,10 @@ class Manifest:
             entries.append(FileEntry(name, size, digest))
         if len({entry.name for entry in entries}) != len(entries):
             raise SnapshotStreamError("snapshot manifest names a file twice")
-        return cls(numbers[0], numbers[1], numbers[2], tuple(entries))
+        shred_pending = document.get("shred_pending", True)  # a source before the field: assume rows wait
+        if type(shred_pending) is not bool:
+            raise SnapshotStreamError("snapshot manifest shred_pending is not a boolean")
+        return cls(numbers[0], numbers[1], numbers[2], tuple(entries), shred_pending)
 
     def total_bytes(self, encoded_length: int) -> int:
         return len(MAGIC) + LENGTH_BYTES + encoded_length + sum(entry.size for entry in self.files) + DIGEST_BYTES
@@ -145,19 +156,16 @@ class SnapshotSource:
         return self.manifest.view
 
     @classmethod
-    def create(cls, store: Any, work_directory: Path) -> "SnapshotSource":
-        """Checkpoint ``store`` under ``work_directory`` and describe it; the store keeps applying meanwhile."""
-        work_directory.mkdir(parents=True, exist_ok=True)
-        directory = work_directory / f"source-{time.monotonic_ns()}"
-        index, view = store.create_checkpoint(directory)
+    def from_checkpoint(cls, directory: Path, index: int, view: int, shred_pending: bool) -> "SnapshotSource":
+        """Describe the checkpoint in ``directory`` (hashing every file); on failure the directory is removed."""
         try:
-            return cls.from_checkpoint(directory, index, view)
+            return cls._describe(directory, index, view, shred_pending)
         except BaseException:
             shutil.rmtree(directory, ignore_errors=True)
             raise
 
     @classmethod
-    def from_checkpoint(cls, directory: Path, index: int, view: int) -> "SnapshotSource":
+    def _describe(cls, directory: Path, index: int, view: int, shred_pending: bool) -> "SnapshotSource":
         paths = sorted(path for path in directory.iterdir())
         if any(not path.is_file() or not _FILE_NAME.fullmatch(path.name) for path in paths):
             raise ValueError("a checkpoint holds plain files only")
@@ -172,7 +180,7 @@ class SnapshotSource:
                     whole.update(block)
                     size += len(block)
             entries.append(FileEntry(path.name, size, hasher.digest()))
-        manifest = Manifest(index, view, int(time.time() * 1000), tuple(entries))
+        manifest = Manifest(index, view, int(time.time() * 1000), tuple(entries), shred_pending)
         encoded = manifest.encode()
         if len(encoded) > MAX_MANIFEST_BYTES:
             raise ValueError("checkpoint has too many files for one snapshot manifest")
@@ -224,6 +232,35 @@ class StagedSnapshot:
     view: int
     manifest: Manifest
     total_bytes: int
+
+
+class ShredState(Protocol):
+    """What a snapshot's source asks of its node's shredder (tokenvault/core/shred.py, Shredder)."""
+
+    def clean_mark(self) -> int | None: ...
+
+    def clean_through(self, mark: int | None, index: int) -> bool: ...
+
+
+def take_checkpoint(store: Any, work_directory: Path) -> tuple[Path, int, int]:
+    """Checkpoint ``store`` in a new directory under ``work_directory``; the store keeps applying meanwhile.
+    Returns the directory and the checkpoint's index and view."""
+    work_directory.mkdir(parents=True, exist_ok=True)
+    directory = work_directory / f"source-{time.monotonic_ns()}"
+    index, view = store.create_checkpoint(directory)
+    return directory, index, view
+
+
+async def create_source(store: Any, work_directory: Path, shreds: ShredState,
+                        in_thread: Callable[..., Awaitable[Any]]) -> SnapshotSource:
+    """A checkpoint of ``store`` as a snapshot source, its blocking steps run by ``in_thread``; called on the
+    event loop, which reads ``shreds`` just before and just after the checkpoint is taken, so that the
+    manifest says whether its files may hold rows deleted and not yet shredded (``shred_pending``)."""
+    mark = shreds.clean_mark()
+    directory, index, view = await in_thread(take_checkpoint, store, work_directory)
+    pending = not shreds.clean_through(mark, index)
+    source: SnapshotSource = await in_thread(SnapshotSource.from_checkpoint, directory, index, view, pending)
+    return source
 
 
 class SnapshotStager:

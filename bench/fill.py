@@ -77,6 +77,7 @@ CARD_SPACE = 10 ** CARD_DIGITS
 ERROR_PAUSE_SECONDS = 0.05  # a failing target is not hammered in a tight loop
 FLUSH_DELAY_SECONDS = 0.05  # a load process reports a window this long after it ends
 SCRAPE_TIMEOUT_SECONDS = 5.0
+METRICS_PAGE_MAX_BYTES = 16 * 1024 * 1024
 STALL_THRESHOLDS_SECONDS = (0.1, 1.0)
 LOG_TAIL_BYTES = 8 * 1024 * 1024
 PRIMARY_EVENTS = ("primary.elected", "primary.changed")
@@ -321,6 +322,13 @@ def stall_figures(exposition: str, thresholds: Sequence[float] = STALL_THRESHOLD
     return over, max(maxima) if maxima else None
 
 
+def scrape_metrics(http_url: str, ca_file: Path | str | None = None) -> str:
+    """A node's /metrics page, read bounded (16 MiB); raises OSError when it does not answer."""
+    with open_url(http_url.rstrip("/") + "/metrics", SCRAPE_TIMEOUT_SECONDS, ca_file) as response:
+        page: bytes = response.read(METRICS_PAGE_MAX_BYTES)
+    return page.decode("utf-8", "replace")
+
+
 def sample_node(node: Any, ca_file: Path | None = None) -> NodeSample:
     sample = NodeSample(node.node_id)
     try:
@@ -328,8 +336,7 @@ def sample_node(node: Any, ca_file: Path | None = None) -> NodeSample:
     except (OSError, ValueError):
         pass
     try:
-        with open_url(node.http_url.rstrip("/") + "/metrics", SCRAPE_TIMEOUT_SECONDS, ca_file) as response:
-            stalls = stall_figures(response.read(16 * 1024 * 1024).decode("utf-8", "replace"))
+        stalls = stall_figures(scrape_metrics(node.http_url, ca_file))
         if stalls is not None:
             sample.stall_over, sample.stall_max_seconds = stalls
     except (OSError, ValueError):

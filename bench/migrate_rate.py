@@ -23,12 +23,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from fill import SCRAPE_TIMEOUT_SECONDS, stall_figures
+from fill import scrape_metrics, stall_figures
 from loadgen import free_ports
 
 from tokenvault.client.vault import AsyncClient
 from tokenvault.devcluster import cluster
-from tokenvault.devcluster.cluster import open_url
 
 NODES = 3
 REQUEST_ITEMS = 500
@@ -73,8 +72,7 @@ def _stalls_over(spec: cluster.ClusterSpec) -> dict[str, dict[float, float]]:
     """Event-loop stalls past each threshold so far, per node and process kind ("n1 core", "n1 workers")."""
     totals: dict[str, dict[float, float]] = {}
     for node in spec.nodes:
-        with open_url(node.http_url.rstrip("/") + "/metrics", SCRAPE_TIMEOUT_SECONDS, spec.ca_file) as response:
-            exposition = response.read(16 * 1024 * 1024).decode("utf-8", "replace")
+        exposition = scrape_metrics(node.http_url, spec.ca_file)
         for kind, workers in (("core", False), ("workers", True)):
             figures = stall_figures(exposition, STALL_THRESHOLDS_SECONDS, workers)
             totals[f"{node.node_id} {kind}"] = dict.fromkeys(STALL_THRESHOLDS_SECONDS, 0.0) | (

@@ -42,11 +42,10 @@ from prometheus_client.parser import text_string_to_metric_families
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fill import process_rss_bytes  # noqa: E402
+from fill import process_rss_bytes, scrape_metrics  # noqa: E402
 from loadgen import Measurement  # noqa: E402
 from tokenvault.client.vault import AsyncClient  # noqa: E402
 from tokenvault.devcluster import cluster  # noqa: E402
-from tokenvault.devcluster.cluster import open_url  # noqa: E402
 from tokenvault.devcluster.cluster_spec import ClusterSpec, NodeSpec  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
@@ -54,7 +53,6 @@ POOL_REQUEST_VALUES = 1000
 POOL_CONCURRENCY = 8
 DELETES_IN_FLIGHT = 8
 SAMPLE_SECONDS = 1.0
-SCRAPE_TIMEOUT_SECONDS = 5.0
 DRAIN_SECONDS = 1800.0  # the longest the bench waits for every node's deletes to be shredded
 LOAD_WARMUP_SECONDS = 2.0
 METRICS = ("tokenvault_shred_backlog_rows", "tokenvault_shred_oldest_wait_seconds",
@@ -82,8 +80,7 @@ def node_figures(node: NodeSpec, ca_file: Path | None) -> dict[str, float]:
     read is left out."""
     figures: dict[str, float] = {}
     try:
-        with open_url(node.http_url.rstrip("/") + "/metrics", SCRAPE_TIMEOUT_SECONDS, ca_file) as response:
-            exposition = response.read(16 * 1024 * 1024).decode("utf-8", "replace")
+        exposition = scrape_metrics(node.http_url, ca_file)
         for family in text_string_to_metric_families(exposition):
             for sample in family.samples:
                 if sample.name in METRICS and not sample.labels:

@@ -53,7 +53,7 @@ POOL_REQUEST_VALUES = 1000
 POOL_CONCURRENCY = 8
 DELETES_IN_FLIGHT = 8
 SAMPLE_SECONDS = 1.0
-DRAIN_SECONDS = 1800.0  # the longest the bench waits for every node's deletes to be shredded
+DRAIN_SECONDS = 1800.0  # the longest the bench waits for every node's deletes to be shredded (--drain-seconds)
 LOAD_WARMUP_SECONDS = 2.0
 METRICS = ("tokenvault_shred_backlog_rows", "tokenvault_shred_oldest_wait_seconds",
            "tokenvault_wal_segment_bytes", "tokenvault_store_table_bytes")
@@ -241,11 +241,11 @@ def describe_node(node_id: str, role: str, trace: NodeTrace, lines: list[dict[st
             f"{megabytes(trace.largest, 'core_rss_bytes')} at most")
 
 
-async def drain(spec: ClusterSpec, traces: dict[str, NodeTrace]) -> float | None:
-    """Seconds until no node has a delete waiting (twice in a row), or None past DRAIN_SECONDS."""
+async def drain(spec: ClusterSpec, traces: dict[str, NodeTrace], limit_seconds: float) -> float | None:
+    """Seconds until no node has a delete waiting (twice in a row), or None past ``limit_seconds``."""
     started = time.perf_counter()
     clear_in_a_row = 0
-    while time.perf_counter() - started < DRAIN_SECONDS:
+    while time.perf_counter() - started < limit_seconds:
         waiting = False
         for node in spec.nodes:
             figures = await asyncio.to_thread(node_figures, node, spec.ca_file)
@@ -281,7 +281,7 @@ async def one_rate(spec: ClusterSpec, cluster_json: Path, arguments: argparse.Na
     deletes = await deleter
     stop_sampling.set()
     await sampler
-    drained = await drain(spec, traces)
+    drained = await drain(spec, traces, arguments.drain_seconds)
     print("  with deletes: " + load, flush=True)
     latency = Measurement(latencies_ms=deletes.latencies_ms)
     errors = ", ".join(f"{kind}: {count}" for kind, count in sorted(deletes.errors.items())) or "none"
@@ -296,7 +296,7 @@ async def one_rate(spec: ClusterSpec, cluster_json: Path, arguments: argparse.Na
         print(describe_node(node.node_id, role, traces[node.node_id], shred_lines(node, offsets[node.node_id])),
               flush=True)
     print("  " + (f"every node's deletes shredded {drained:.0f} s after the stream" if drained is not None
-                  else f"deletes still waiting {DRAIN_SECONDS:.0f} s after the stream"), flush=True)
+                  else f"deletes still waiting {arguments.drain_seconds:.0f} s after the stream"), flush=True)
 
 
 async def main(argv: list[str] | None = None) -> int:
@@ -308,6 +308,8 @@ async def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--load-batch", type=int, default=1, help="values a tokenize request of the load")
     parser.add_argument("--concurrency", type=int, default=16, help="tokenize requests of the load in flight")
     parser.add_argument("--no-baseline", action="store_true", help="skip the load run without deletes")
+    parser.add_argument("--drain-seconds", type=float, default=DRAIN_SECONDS,
+                        help="the longest to wait after the stream for every node's deletes to be shredded")
     arguments = parser.parse_args(argv)
     rates = [int(part) for part in arguments.rates.split(",")]
     if min(rates) < 1 or arguments.seconds <= LOAD_WARMUP_SECONDS + 1 or not 1 <= arguments.delete_batch <= 1000:

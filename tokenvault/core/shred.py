@@ -153,10 +153,11 @@ class Shredder:
         self._wake()
 
     def note_whole_store(self, index: int) -> None:
-        """A snapshot was installed at ``index`` (or such an install's pass was found pending at start-up):
-        its files may hold rows its source had deleted and not yet shredded (a checkpoint is taken whatever
-        waits), and this node will never apply those deletes, so the next pass compacts the whole key
-        space. A pass running now was planned on the store before and does not count."""
+        """A snapshot whose manifest says shred_pending was installed at ``index``, or SHRED_WHOLE_FILE was
+        found at start-up (such an install's pass not done yet, or a restore from such a backup): its files
+        may hold rows its source had deleted and not yet shredded, and this node will never apply those
+        deletes, so the next pass compacts the whole key space. A pass running now was planned on the store
+        before and does not count."""
         self._last_waiting = max(self._last_waiting, index)
         if self._whole_from is None:
             self._go_whole(index)

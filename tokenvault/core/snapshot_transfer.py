@@ -38,7 +38,7 @@ from protocol import InstallSnapshot, Message, SnapshotChunk, SnapshotRead
 from tokenvault.futures import cancel_and_wait
 from tokenvault.logs import get_logger
 from tokenvault.core.snapshots import ShredState, SnapshotSource, SnapshotStager, StagedSnapshot, create_source
-from tokenvault.core.store_layout import SnapshotRejected
+from tokenvault.core.store_layout import SnapshotRejected, StoreError
 
 log = get_logger("snapshot")
 
@@ -88,7 +88,7 @@ class SnapshotTransfers:
         started = time.monotonic()
         try:
             source = await create_source(self._store_of(), self._outgoing_dir, self._shreds, self._in_thread)
-        except (OSError, ValueError, SnapshotRejected) as error:
+        except (OSError, ValueError, StoreError) as error:  # StoreError: a closed store, or SnapshotRejected
             log.error("snapshot.source_failed", peer=peer, reason=_reason(error))
             self._creating.discard(peer)
             return  # the core asks again after an election timeout

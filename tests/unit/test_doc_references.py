@@ -1,8 +1,9 @@
 """The docs name the tests that show each guarantee; a test renamed or removed must not leave a name
 behind that no longer runs. Every file of the project a document names (``tests/...py``,
 ``bench/...``, ``tokenvault/...``, ``protocol/...``) exists, and every test it names exists in its
-file: ``tests/unit/test_x.py::test_name``, or ``::test_name`` alone for one more test of the file the
-document named last before it."""
+file: ``tests/unit/test_x.py::test_name``, ``test_x.py::test_name`` without its folder (the one file of
+that name under tests/), or ``::test_name`` alone for one more test of the file the document named last
+before it."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-DOCUMENTS = sorted((ROOT / "docs").glob("*.md")) + [ROOT / "README.md"]
+DOCUMENTS = sorted((ROOT / "docs").glob("*.md")) + [ROOT / "README.md", ROOT / "bench" / "README.md"]
 
-# A project file, perhaps with a test or class after "::", or "::name" on its own.
-_REFERENCE = re.compile(r"\b((?:tests|bench|tokenvault|protocol)/[\w/]+\.(?:py|sh))(?:::(\w+))?|(?<![\w/])::(\w+)")
+# A project file, perhaps with a test or class after "::"; a test file without its folder, with a test after
+# "::"; or "::name" on its own.
+_REFERENCE = re.compile(r"\b((?:tests|bench|tokenvault|protocol)/[\w/]+\.(?:py|sh))(?:::(\w+))?"
+                        r"|(?<![\w/.])(test_\w+\.py)::(\w+)|(?<![\w/])::(\w+)")
 
 
 def stale_references(text: str, root: Path) -> list[str]:
@@ -21,6 +24,7 @@ def stale_references(text: str, root: Path) -> list[str]:
     stale: list[str] = []
     current: Path | None = None
     definitions: dict[Path, str] = {}
+    test_files: dict[str, list[Path]] | None = None  # file name -> its paths under tests/, read once
 
     def defines(path: Path, name: str) -> bool:
         if path not in definitions:
@@ -29,7 +33,18 @@ def stale_references(text: str, root: Path) -> list[str]:
                          re.MULTILINE) is not None
 
     for match in _REFERENCE.finditer(text):
-        named, name, short = match.groups()
+        named, name, bare, bare_name, short = match.groups()
+        if bare is not None:
+            if test_files is None:
+                test_files = {}
+                for path in (root / "tests").rglob("test_*.py"):
+                    test_files.setdefault(path.name, []).append(path)
+            found = test_files.get(bare, [])
+            if len(found) != 1:
+                stale.append(f"{bare}: {len(found)} files of that name under tests/, not one")
+                current = None
+                continue
+            named, name = str(found[0].relative_to(root)), bare_name
         if named is not None:
             path = root / named
             if not path.is_file():
@@ -60,11 +75,15 @@ def test_the_check_sees_a_renamed_test_a_missing_file_and_a_short_name_of_the_wr
                                                             "        pass\n")
     text = ("`tests/unit/test_a.py::test_here`, `::test_async_here`, `::test_gone`; "
             "`tests/unit/test_b.py::TestGroup`, `::test_inner`, `::test_here`; "
-            "`tests/unit/test_c.py`; `bench/nothing.py`; `::test_after_a_missing_file`")
+            "`tests/unit/test_c.py`; `bench/nothing.py`; `::test_after_a_missing_file`; "
+            "`test_a.py::test_here`, `::test_gone_too`; `test_b.py::test_missing`; `test_d.py::test_x`")
     assert stale_references(text, tmp_path) == [
         "tests/unit/test_a.py::test_gone: not defined there",
         "tests/unit/test_b.py::test_here: not defined there",
         "tests/unit/test_c.py: no such file",
         "bench/nothing.py: no such file",
         "::test_after_a_missing_file: no test file named before it",
+        "tests/unit/test_a.py::test_gone_too: not defined there",
+        "tests/unit/test_b.py::test_missing: not defined there",
+        "test_d.py: 0 files of that name under tests/, not one",
     ]

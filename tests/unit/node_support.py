@@ -235,6 +235,37 @@ async def start_cluster(root: Path, node_count: int, timing: TimingConfig = _FAS
     return cluster
 
 
+# Logs compacted after every 10 applied entries, keeping one, in small segments: a backup stopped for a dozen
+# entries is behind the primary's log base and catches up by snapshot.
+SNAPSHOT_SOON = WalConfig(max_segment_bytes=4096, fsync=True, compact_every_entries=10, compact_keep_entries=1)
+
+
+async def cluster_with_a_stopped_backup(root: Path) -> tuple[Cluster, RunningNode, RunningNode]:
+    """Three nodes with SNAPSHOT_SOON logs, a stable primary and one backup stopped: (cluster, primary,
+    the stopped backup, for ``cluster.restart``). The caller closes the cluster."""
+    cluster = await start_cluster(root, 3, wal=SNAPSHOT_SOON)
+    try:
+        primary = await cluster.wait_for_stable_primary()
+        stopped = cluster.backups()[0]
+        await stopped.close()
+    except BaseException:
+        await cluster.close()
+        raise
+    return cluster, primary, stopped
+
+
+async def save_backup(running: RunningNode, path: Path) -> tuple[int, int]:
+    """Take a backup of ``running`` through its service into ``path``; returns its (index, view)."""
+    stream = await running.service.open_backup()
+    try:
+        with open(path, "wb") as handle:
+            async for chunk in stream.chunks(65536):
+                handle.write(chunk)
+    finally:
+        await stream.close()
+    return stream.index, stream.view
+
+
 # --------------------------------------------------------------------------- partitions
 
 class Partition:

@@ -22,7 +22,7 @@ import pytest
 from click.testing import CliRunner
 from structlog.testing import capture_logs
 
-from node_support import http_client, make_configs, start_node, wait_until
+from node_support import http_client, make_configs, save_backup, start_node, wait_until
 from protocol import Entry, EntryKind
 from tokenvault import auth
 from tokenvault.core.backup import (BACKUP_WORK_DIR_NAME, HEADER_BYTES, HEADER_INDEX, HEADER_NODE, HEADER_ROLE,
@@ -513,13 +513,8 @@ async def test_a_data_dir_restored_from_a_real_store_serves_every_token(tmp_path
         # the backup into the restored cluster, whose members are its own node configs'.
         await running.node.change_membership(lambda current: current.with_learner("n9", "127.0.0.1:9"), 5.0)
         assert running.node.store.membership().learners == ("n9",)
-        stream = await running.service.open_backup()
         path = tmp_path / "real.backup"
-        with open(path, "wb") as handle:
-            async for chunk in stream.chunks(65536):
-                handle.write(chunk)
-        await stream.close()
-        index, view = stream.index, stream.view
+        index, view = await save_backup(running, path)
         assert index >= 5 and list((source_config.data_dir / BACKUP_WORK_DIR_NAME).iterdir()) == []
     finally:
         await running.close()
@@ -552,12 +547,8 @@ async def test_a_backup_under_another_master_key_is_refused(tmp_path: Path) -> N
     running = await start_node(source_config)
     try:
         await wait_until(lambda: running.node.store.active_epoch() >= 1, 10.0, "epoch 1")
-        stream = await running.service.open_backup()
         path = tmp_path / "real.backup"
-        with open(path, "wb") as handle:
-            async for chunk in stream.chunks(65536):
-                handle.write(chunk)
-        await stream.close()
+        await save_backup(running, path)
     finally:
         await running.close()
     other, = make_configs(tmp_path / "other", 1)

@@ -15,9 +15,10 @@ import msgpack
 import pytest
 from structlog.testing import capture_logs
 
-from node_support import Cluster, RunningNode, files_holding, make_configs, start_cluster, start_node, wait_until
+from node_support import (Cluster, RunningNode, cluster_with_a_stopped_backup, files_holding, make_configs, save_backup,
+                          start_node, wait_until)
 from protocol import AppendEntries, ForwardRequest, ForwardResponse, Heartbeat
-from tokenvault.config import AuditConfig, WalConfig
+from tokenvault.config import AuditConfig
 from tokenvault.core import commands
 from test_ff1 import luhn_complete
 from tokenvault.api import lifecycle as lifecycle_module
@@ -104,18 +105,26 @@ def in_a_table_file(running: RunningNode, needle: bytes) -> bool:
     return False
 
 
+async def restart_behind_the_log(cluster: Cluster, primary: RunningNode, stopped: RunningNode,
+                                 logged: list[dict]) -> RunningNode:
+    """Enough further entries for the primary to compact its log past ``stopped``, which is then restarted
+    and catches up by a snapshot, awaited in ``logged`` (snapshot.installed)."""
+    for number in range(12):
+        await primary.service.tokenize("p", [f"filler-{number}"], None)
+    restarted = await cluster.restart(stopped)
+    await wait_until(lambda: any(line["event"] == "snapshot.installed" for line in logged), 20,
+                     "the lagging backup to install a snapshot")
+    return restarted
+
+
 async def test_a_backup_that_installs_a_snapshot_holding_a_delete_not_yet_shredded_shreds_its_whole_store(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """docs/guarantees.md, delete: a primary's checkpoint is taken whatever its shredder still has to do, so a
     snapshot can hold the old bytes of a row deleted below its index, a delete the installing node never
     applies. That node compacts its whole key space after the install (SHRED-WHOLE records it until done)."""
-    wal = WalConfig(max_segment_bytes=4096, fsync=True, compact_every_entries=10, compact_keep_entries=1)
-    cluster = await start_cluster(tmp_path, 3, wal=wal)
+    cluster, primary, lagging = await cluster_with_a_stopped_backup(tmp_path)
     gate = threading.Event()
     try:
-        primary = await cluster.wait_for_stable_primary()
-        lagging = cluster.backups()[0]
-        await lagging.close()
         token = body(await primary.service.tokenize("p", ["snapshot-shred-" + "v" * 64], None))["tokens"][0]
         ciphertext = primary.node.store.lookup([token])[token]
         await wait_until(lambda: in_a_table_file(primary, ciphertext), 10, "the row in a table file")
@@ -127,12 +136,8 @@ async def test_a_backup_that_installs_a_snapshot_holding_a_delete_not_yet_shredd
 
         monkeypatch.setattr(primary.node.store, "prepare_shred", held_shred)
         assert body(await primary.service.delete_tokens([token], ACTOR)) == {"deleted": 1}
-        for number in range(12):  # enough further entries for the primary to compact past the outage
-            await primary.service.tokenize("p", [f"filler-{number}"], None)
         with capture_logs() as logged:
-            lagging = await cluster.restart(lagging)
-            await wait_until(lambda: any(line["event"] == "snapshot.installed" for line in logged), 20,
-                             "the lagging backup to install a snapshot")
+            lagging = await restart_behind_the_log(cluster, primary, lagging, logged)
             await wait_until(lambda: not files_holding(lagging.config.data_dir, ciphertext), 30,
                              "the installed store shredded")
             # (The other backup's own pass of the delete logs shred.done too, by its key ranges.)
@@ -155,24 +160,16 @@ async def test_a_backup_that_installs_a_snapshot_whose_source_had_shredded_every
     """The other side of the test above: the primary's deletes were all shredded when it took the checkpoint,
     its manifest says so (shred_pending false), and the installing backup plans no whole-key-space pass; the
     deleted row's bytes are in none of its files all the same."""
-    wal = WalConfig(max_segment_bytes=4096, fsync=True, compact_every_entries=10, compact_keep_entries=1)
-    cluster = await start_cluster(tmp_path, 3, wal=wal)
+    cluster, primary, lagging = await cluster_with_a_stopped_backup(tmp_path)
     try:
-        primary = await cluster.wait_for_stable_primary()
-        lagging = cluster.backups()[0]
-        await lagging.close()
         token = body(await primary.service.tokenize("p", ["snapshot-clean-" + "v" * 64], None))["tokens"][0]
         ciphertext = primary.node.store.lookup([token])[token]
         await wait_until(lambda: in_a_table_file(primary, ciphertext), 10, "the row in a table file")
         assert body(await primary.service.delete_tokens([token], ACTOR)) == {"deleted": 1}
         await wait_until(lambda: primary.node.shredder.hold_index() is None
                          and not files_holding(primary.config.data_dir, ciphertext), 30, "the primary's pass")
-        for number in range(12):  # enough further entries for the primary to compact past the outage
-            await primary.service.tokenize("p", [f"filler-{number}"], None)
         with capture_logs() as logged:
-            lagging = await cluster.restart(lagging)
-            await wait_until(lambda: any(line["event"] == "snapshot.installed" for line in logged), 20,
-                             "the lagging backup to install a snapshot")
+            lagging = await restart_behind_the_log(cluster, primary, lagging, logged)
         installed = next(line for line in logged if line["event"] == "snapshot.installed")
         assert installed["shred_pending"] is False
         assert lagging.node.shredder.hold_index() is None and not lagging.node.shredder.busy
@@ -211,12 +208,8 @@ async def test_a_node_restored_from_a_backup_taken_before_a_delete_was_shredded_
         assert body(await running.service.delete_tokens([token], ACTOR)) == {"deleted": 1}
         if not held:
             await wait_until(lambda: running.node.shredder.hold_index() is None, 30, "the pass")
-        stream = await running.service.open_backup()
         path = tmp_path / "taken.backup"
-        with open(path, "wb") as handle:
-            async for chunk in stream.chunks(65536):
-                handle.write(chunk)
-        await stream.close()
+        await save_backup(running, path)
     finally:
         gate.set()
         await running.close()

@@ -22,8 +22,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
-from node_support import (Cluster, Partition, RunningNode, Timing, data_files, make_configs, retry_until_ok, start_cluster,
-                          start_node, wait_until)
+from node_support import (SNAPSHOT_SOON, Cluster, Partition, RunningNode, Timing, cluster_with_a_stopped_backup, data_files,
+                          make_configs, retry_until_ok, start_cluster, start_node, wait_until)
 from protocol import AppendEntries, NotPrimary, Role
 from tokenvault.core import commands
 from tokenvault.core import store as store_module
@@ -742,8 +742,7 @@ async def test_a_whole_cluster_restart_keeps_every_acknowledged_token(trio: Clus
 async def test_a_backup_behind_the_compacted_log_catches_up_from_a_snapshot(tmp_path: Path) -> None:
     # Compact after every few applied entries and keep almost none, with small WAL segments, so a
     # short outage already leaves the backup behind the primary's log base.
-    wal = WalConfig(max_segment_bytes=4096, fsync=True, compact_every_entries=10, compact_keep_entries=1)
-    cluster = await start_cluster(tmp_path, 3, wal=wal)
+    cluster = await start_cluster(tmp_path, 3, wal=SNAPSHOT_SOON)
     try:
         primary = await cluster.wait_for_stable_primary()
         lagging = cluster.backups()[0]
@@ -983,12 +982,8 @@ async def test_a_damaged_snapshot_stream_is_refused_asked_for_again_and_never_fa
         return data
 
     monkeypatch.setattr(snapshots_module.SnapshotSource, "read", read_damaging_the_first_stream)
-    wal = WalConfig(max_segment_bytes=4096, fsync=True, compact_every_entries=10, compact_keep_entries=1)
-    cluster = await start_cluster(tmp_path, 3, wal=wal)
+    cluster, primary, lagging = await cluster_with_a_stopped_backup(tmp_path)
     try:
-        primary = await cluster.wait_for_stable_primary()
-        lagging = cluster.backups()[0]
-        await lagging.close()
         tokens = []
         for number in range(30):
             tokens += (await tokens_of(primary, [f"damaged-snapshot-{number}"]))[1]

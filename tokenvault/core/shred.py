@@ -43,6 +43,7 @@ from tokenvault.core.store_files import replace_file
 from tokenvault.core.store_layout import LIFE, delete_row_keys
 from tokenvault.core.wal import WriteAheadLog
 from tokenvault.logs import get_logger
+from tokenvault.smallfiles import FileTooLarge, read_small_file
 
 log = get_logger("shred")
 
@@ -79,10 +80,11 @@ def read_whole_shred(data_dir: Path, applied_index: int) -> int | None:
     """The index recorded by ``record_whole_shred`` and not yet done, else None. The file is read as hostile:
     bounded, and a record that is not an index counts as one at ``applied_index``."""
     try:
-        with open(data_dir / SHRED_WHOLE_FILE, "rb") as record:
-            text = record.read(SHRED_WHOLE_RECORD_MAX_BYTES).strip()
+        text = read_small_file(data_dir / SHRED_WHOLE_FILE, SHRED_WHOLE_RECORD_MAX_BYTES).strip()
     except FileNotFoundError:
         return None
+    except FileTooLarge:
+        return applied_index
     return int(text) if text.isdigit() and len(text) <= 19 else applied_index
 
 

@@ -216,6 +216,10 @@ class SnapshotTransfers:
         self.drop_sources()
         self._discard_stager()
         self._executor.shutdown(wait=True)
+        # A checkpoint whose creation was cancelled above was still written by its thread: remove it now
+        # rather than at the next start (nothing is left to send or install).
+        shutil.rmtree(self._outgoing_dir, ignore_errors=True)
+        shutil.rmtree(self._incoming_dir, ignore_errors=True)
 
 
 def _reason(error: BaseException) -> str:

@@ -290,3 +290,26 @@ async def test_a_checkpoint_is_clean_only_if_no_delete_at_or_below_its_index_wai
     after = shredder.clean_mark()
     assert after is not None and shredder.clean_through(after, 50)
     await shredder.close()
+
+
+def test_the_whole_store_record_lasts_from_before_the_switch_until_a_whole_pass_through_its_index(tmp_path) -> None:
+    record = shred.WholeShredRecord(tmp_path)
+    assert record.recover(applied_index=10) is None
+    record.record(40)
+    assert (tmp_path / shred.SHRED_WHOLE_FILE).read_text() == "40\n"
+    # A pass through a lower index, or one that was not of the whole store, does not end it.
+    record.passed(ShredPass(through_index=39, rows=0, whole_store=True, store_seconds=0.0, rested_seconds=0.0))
+    record.passed(ShredPass(through_index=45, rows=2, whole_store=False, store_seconds=0.0, rested_seconds=0.0))
+    assert record.due == 40 and (tmp_path / shred.SHRED_WHOLE_FILE).exists()
+    # A restart finds it; a store left below it (the switch never happened) is shredded through its own index.
+    assert shred.WholeShredRecord(tmp_path).recover(applied_index=55) == 40
+    assert shred.WholeShredRecord(tmp_path).recover(applied_index=30) == 30
+    record.passed(ShredPass(through_index=40, rows=0, whole_store=True, store_seconds=0.0, rested_seconds=0.0))
+    assert record.due is None and not (tmp_path / shred.SHRED_WHOLE_FILE).exists()
+    assert shred.WholeShredRecord(tmp_path).recover(applied_index=55) is None
+
+
+@pytest.mark.parametrize("content", [b"not an index\n", b"-4\n", b"9" * 40])
+def test_a_damaged_whole_store_record_is_due_through_the_applied_index(tmp_path, content: bytes) -> None:
+    (tmp_path / shred.SHRED_WHOLE_FILE).write_bytes(content)
+    assert shred.WholeShredRecord(tmp_path).recover(applied_index=77) == 77

@@ -35,7 +35,7 @@ from protocol import (INITIAL_HARD_STATE, BackupLostEntries, BecamePrimary, Elec
                       ReplicaConfig, RestoredState, Role, SteppedDown)
 from tokenvault.config import ConfigError, NodeConfig, split_host_port
 from tokenvault.core import commands
-from tokenvault.core.shred import SHRED_WHOLE_FILE, ShredPass, Shredder, read_whole_shred, record_whole_shred
+from tokenvault.core.shred import ShredPass, Shredder, WholeShredRecord
 from tokenvault.core.snapshot_transfer import SnapshotTransfers
 from tokenvault.core.store import VaultStore
 from tokenvault.core.store_files import STORE_DIRECTORY, PreparedInstall, replace_file
@@ -160,8 +160,8 @@ class Node:
         # (an installed snapshot): the HTTP workers' views of the store still hold the old files open
         # until they catch up (tokenvault.core.store_reader), so they are told to.
         self.on_store_files_replaced: Callable[[], None] | None = None
-        # The index through which a whole-key-space shred pass is due after a snapshot install (shred.SHRED_WHOLE_FILE).
-        self._whole_shred_due: int | None = None
+        # The index through which a whole-key-space shred pass is due after a snapshot install (SHRED-WHOLE).
+        self.whole_shred = WholeShredRecord(self.data_dir)
         self.shredder = Shredder(lambda: self.store, self.wal, lambda error: self._fatal(error, task="shred"),
                                  on_pass=self._shred_passed, max_busy_fraction=config.shred.max_busy_fraction)
         self.restored = self._restored_state(recovered)
@@ -319,10 +319,8 @@ class Node:
             task.add_done_callback(self._on_task_ended)
             self._tasks.append(task)
         self.shredder.note_recovered(self.recovered_log.entries, self.store.applied_index)
-        if (pending := read_whole_shred(self.data_dir, self.store.applied_index)) is not None:
-            # An install that a stop interrupted before its switch left the store below the record's index.
-            self._whole_shred_due = min(pending, self.store.applied_index)
-            self.shredder.note_whole_store(self._whole_shred_due)
+        if (due := self.whole_shred.recover(self.store.applied_index)) is not None:
+            self.shredder.note_whole_store(due)
         log.info("node.started", members=[member.id for member in self.config.members],
                  http_port=self.config.http.port, peer_port=self.config.peer.port,
                  applied_index=self.store.applied_index, view=self.restored.hard_state.view)
@@ -658,10 +656,9 @@ class Node:
             # The snapshot's files may hold rows its source had deleted and not yet shredded (its manifest says
             # so), whose deletes this node will never apply: a whole-key-space pass follows, recorded first so
             # that a restart does it too.
-            record_whole_shred(self.data_dir, index)
+            self.whole_shred.record(index)
         old = self.store.commit_install(prepared)
         if shred_pending:
-            self._whole_shred_due = index
             self.shredder.note_whole_store(index)
         self.removal_index = max(self.removal_index, index)
         self.snapshots.close_later(old)
@@ -675,9 +672,7 @@ class Node:
     def _shred_passed(self, done: ShredPass) -> None:
         self.metrics.observe_shred_pass(done.store_seconds, done.whole_store)
         self._store_files_replaced()
-        if done.whole_store and self._whole_shred_due is not None and done.through_index >= self._whole_shred_due:
-            (self.data_dir / SHRED_WHOLE_FILE).unlink(missing_ok=True)
-            self._whole_shred_due = None
+        self.whole_shred.passed(done)
 
     # ----------------------------------------------------------------- apply
     def _apply(self, entries: tuple[Entry, ...]) -> None:

@@ -88,6 +88,33 @@ def read_whole_shred(data_dir: Path, applied_index: int) -> int | None:
     return int(text) if text.isdigit() and len(text) <= 19 else applied_index
 
 
+class WholeShredRecord:
+    """A node's SHRED_WHOLE_FILE: the index through which a whole-key-space pass is due, kept on disk from
+    before the store switches to such a snapshot until a whole pass through it is done."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self._data_dir = data_dir
+        self.due: int | None = None
+
+    def recover(self, applied_index: int) -> int | None:
+        """At start-up: the index a pass is still due through, else None. An install that a stop interrupted
+        before its switch left the store below the record's index: the pass is due through the store's."""
+        recorded = read_whole_shred(self._data_dir, applied_index)
+        self.due = None if recorded is None else min(recorded, applied_index)
+        return self.due
+
+    def record(self, index: int) -> None:
+        """Before the store switches to a snapshot at ``index`` that may hold rows not yet shredded."""
+        record_whole_shred(self._data_dir, index)
+        self.due = index
+
+    def passed(self, done: ShredPass) -> None:
+        """A pass ended: a whole-key-space one through the due index ends the record."""
+        if done.whole_store and self.due is not None and done.through_index >= self.due:
+            (self._data_dir / SHRED_WHOLE_FILE).unlink(missing_ok=True)
+            self.due = None
+
+
 def shred_keys(command: commands.Command) -> list[bytes]:
     """The store keys whose older versions a shredding command leaves behind."""
     if type(command) is commands.DeleteTokensCommand:

@@ -1,6 +1,7 @@
 """The shredder's passes over a backlog (tokenvault/core/shred.py), with a store and a log that record
 what they are asked: a pass takes every entry waiting, the entry the log must keep moves on with each
-pass, and past MAX_KEYS_PER_PASS keys a pass keeps none and compacts the whole key space."""
+pass, and past MAX_KEYS_PER_PASS keys the shredder keeps none and sweeps the whole key space, wrapping
+round, so that an entry is erased one round after it was flushed."""
 
 from __future__ import annotations
 
@@ -36,6 +37,9 @@ class RecordingStore:
         return [(None, None)]
 
     def compact_for_shred(self, begin: bytes | None, end: bytes | None) -> None:
+        pass
+
+    def flush_for_shred(self) -> None:
         pass
 
     def finish_shred(self) -> None:
@@ -313,3 +317,109 @@ def test_the_whole_store_record_lasts_from_before_the_switch_until_a_whole_pass_
 def test_a_damaged_whole_store_record_is_due_through_the_applied_index(tmp_path, content: bytes) -> None:
     (tmp_path / shred.SHRED_WHOLE_FILE).write_bytes(content)
     assert shred.WholeShredRecord(tmp_path).recover(applied_index=77) == 77
+
+
+# The whole key space of SweepStore, in three ranges (token rows start with "t", life rows with "Lt").
+WHOLE = [(None, b"M"), (b"M", b"p"), (b"p", None)]
+
+
+class SweepStore(RecordingStore):
+    """Records every flush and compaction in order; each compaction waits for a permit of its own, so that
+    a test can note entries between two ranges."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.steps: list[tuple] = []
+        self.permits = threading.Semaphore(0)
+        self.started = 0  # compactions begun (the last may be waiting for its permit)
+
+    def prepare_shred(self, keys: list[bytes] | None) -> list[tuple[bytes | None, bytes | None]]:
+        assert self.shredder is not None
+        keys = None if keys is None else sorted(set(keys))
+        self.steps.append(("prepare", "whole" if keys is None else "keys", self.shredder.hold_index()))
+        return list(WHOLE) if keys is None else [(key, key + b"\x00") for key in keys]
+
+    def flush_for_shred(self) -> None:
+        self.steps.append(("flush",))
+
+    def compact_for_shred(self, begin: bytes | None, end: bytes | None) -> None:
+        self.started += 1
+        assert self.permits.acquire(timeout=DEADLINE_SECONDS)
+        self.steps.append(("compact", begin, end))
+
+    def compactions(self) -> list[tuple]:
+        return [step[1:] for step in self.steps if step[0] == "compact"]
+
+
+def make_sweep(monkeypatch, last_index: int) -> tuple[Shredder, SweepStore, list[ShredPass]]:
+    monkeypatch.setattr(shred, "MAX_KEYS_PER_PASS", 4)
+    store, wal, reports = SweepStore(), RecordingLog(last_index), []
+    shredder = Shredder(lambda: store, wal, lambda error: None, on_pass=reports.append)  # type: ignore[arg-type]
+    store.shredder, store.applied_index = shredder, last_index
+    return shredder, store, reports
+
+
+async def step(store: SweepStore, compactions: int) -> None:
+    """Let the sweep compact ranges until ``compactions`` were done in all."""
+    while len(store.compactions()) < compactions:
+        before = len(store.compactions())
+        store.permits.release()
+        await until(lambda: len(store.compactions()) > before, "the next compaction")
+
+
+async def test_deletes_noted_during_a_sweep_are_erased_one_round_after_their_flush_not_after_another_whole_lap(
+        monkeypatch) -> None:
+    """Past MAX_KEYS_PER_PASS keys the shredder sweeps the whole key space a range at a time. Entries noted
+    while it runs get a flush before its next range and are done once it comes back round to that range:
+    here two ranges into the second lap, not after the whole of it. The log holds their entry until then."""
+    shredder, store, reports = make_sweep(monkeypatch, last_index=11)
+    shredder.note(10, delete("a", "b", "c"))  # six keys: the sweep
+    await step(store, 1)  # the first lap compacted (None, M)
+    await until(lambda: store.started == 2, "the compaction of (M, p) to begin")
+    shredder.note(11, delete("d", "e", "f"))  # while it runs
+    await step(store, 2)
+    assert shredder.hold_index() == 10
+    await step(store, 3)  # the first lap's last range, after a flush for entry 11
+    await until(lambda: len(reports) == 1, "entry 10's report")
+    assert (reports[0].through_index, reports[0].rows, reports[0].whole_store) == (10, 6, True)
+    assert shredder.hold_index() == 11
+    await step(store, 5)  # the second lap round to where entry 11 was flushed
+    await until(lambda: shredder.passes == 1, "the log to be dropped through entry 11")
+    assert [(report.through_index, report.rows, report.whole_store) for report in reports] == [
+        (10, 6, True), (11, 6, True)]
+    assert store.steps == [("prepare", "whole", 10), ("compact", None, b"M"), ("compact", b"M", b"p"),
+                           ("flush",), ("compact", b"p", None),
+                           ("prepare", "whole", 11), ("compact", None, b"M"), ("compact", b"M", b"p")]
+    assert shredder.hold_index() is None and shredder.oldest_wait_seconds() == 0.0
+    await shredder.close()
+
+
+async def test_a_targeted_pass_gives_way_to_the_sweep_which_goes_on_from_where_the_pass_stopped(monkeypatch) -> None:
+    """A pass by key ranges under way when the backlog goes past MAX_KEYS_PER_PASS stops before its next
+    range; the sweep starts there. The pass's entry is done once the sweep reaches the end of the key space
+    (the pass compacted its keys below that start), the backlog's once the sweep has come round to it."""
+    shredder, store, reports = make_sweep(monkeypatch, last_index=22)
+    low, high = sorted(shred_keys(delete("a")))  # "Lttv1_a...", "ttv1_a...": two ranges
+    shredder.note(20, delete("a"))
+    await until(lambda: len(store.steps) == 1, "the pass to start")
+    shredder.note(21, delete("b", "c"))  # four keys: still by ranges
+    shredder.note(22, delete("d"))  # six: the sweep
+    await step(store, 2)  # the pass's first range, then the sweep's first, from the pass's second range on
+    await until(lambda: len(reports) == 1, "entry 20's report")
+    assert (reports[0].through_index, reports[0].rows, reports[0].whole_store) == (20, 2, False)
+    await step(store, 5)  # round to the range that holds where the sweep began, the last
+    await until(lambda: shredder.passes == 1, "the log to be dropped through entry 22")
+    assert [(report.through_index, report.rows, report.whole_store) for report in reports] == [
+        (20, 2, False), (22, 6, True)]
+    assert store.steps == [("prepare", "keys", 20), ("compact", low, low + b"\x00"),
+                           ("prepare", "whole", 20), ("compact", high, None),
+                           ("prepare", "whole", 21), ("compact", None, b"M"), ("compact", b"M", b"p"),
+                           ("compact", b"p", None)]
+    await shredder.close()
+
+
+def test_a_sweep_from_a_key_starts_with_the_range_that_holds_it_cut_there() -> None:
+    assert shred._ranges_from(WHOLE, None) == WHOLE
+    assert shred._ranges_from(WHOLE, b"N") == [(b"N", b"p"), (b"p", None)]
+    assert shred._ranges_from(WHOLE, b"p") == [(b"p", None)]
+    assert shred._ranges_from([(None, None)], b"x") == [(b"x", None)]

@@ -1047,6 +1047,7 @@ _NOT_CHECKED_FOR_DAMAGE = {
     "api_keys": "memory", "audit_seq": "memory", "audit_anchor": "memory",
     "shred": "a compaction in the shredder's thread: any failure there stops the node already (node.fatal)",
     "prepare_shred": "a flush in the shredder's thread (node.fatal on failure)",
+    "flush_for_shred": "a flush in the shredder's thread (node.fatal on failure)",
     "compact_for_shred": "a compaction in the shredder's thread (node.fatal on failure)",
     "finish_shred": "a WAL sync in the shredder's thread (node.fatal on failure)",
     "forget_membership": "a write of one key, no read",

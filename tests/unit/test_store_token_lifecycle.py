@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import threading
 
 import msgpack
 import pytest
@@ -11,7 +13,8 @@ from node_support import files_holding
 from test_store import Log, store  # noqa: F401 (store is a fixture)
 from tokenvault.core.commands import (Actor, CommandError, DeleteTokensCommand, DestroyEpochCommand,
                                       RotateEpochCommand, TokenizeCommand, decode_command, encode_command)
-from tokenvault.core.shred import shred_keys
+from tokenvault.core import shred as shred_module
+from tokenvault.core.shred import Shredder, ShredPass, shred_keys
 from tokenvault.core import store_layout
 from tokenvault.core.store import VaultStore
 from tokenvault.core.store_files import read_current
@@ -321,4 +324,66 @@ def test_a_shred_compacts_each_bottom_file_that_holds_its_keys_once_and_no_other
         assert vault.lookup(list(ciphertexts)) == {minted: ciphertext for minted, ciphertext in ciphertexts.items()
                                                     if minted not in deleted}
     finally:
+        vault.close()
+
+
+async def test_a_sweep_erases_a_delete_applied_mid_lap_once_it_comes_round_and_stops_there(tmp_path, monkeypatch):
+    """tokenvault/core/shred.py, the sweep, on a real store of 2,000 tokens in bottom files of about 64 KiB:
+    a delete applied while the sweep is halfway through its first lap (flushed before the sweep's next
+    range) has left every file once the sweep has come round to that range in its second lap, and the
+    sweep stops there, short of a second whole lap."""
+    from test_shred import RecordingLog, until
+
+    monkeypatch.setattr(shred_module, "MAX_KEYS_PER_PASS", 0)  # every delete goes to the sweep
+    ciphertexts, command = random_tokenize(1, 2000)
+    log = Log()
+    vault = VaultStore.open(tmp_path / "store")
+    shredder: Shredder | None = None
+    try:
+        apply(vault, log, rotate(1), command)
+        vault._db.set_options({"target_file_size_base": str(64 * 1024)})
+        vault._db.flush()
+        vault._db.compact_range(None, None)
+        lap = whole_key_space_ranges(bottom_files(vault._db))
+        assert len(lap) >= 10
+        halfway = len(lap) // 2
+        compacted: list[tuple[bytes | None, bytes | None]] = []
+        reached, resume = threading.Event(), threading.Event()
+        compact = vault.compact_for_shred
+
+        def compact_and_pause_halfway(begin, end):
+            compact(begin, end)
+            compacted.append((begin, end))
+            if len(compacted) == halfway:
+                reached.set()
+                assert resume.wait(30), "the test never resumed the sweep"
+
+        monkeypatch.setattr(vault, "compact_for_shred", compact_and_pause_halfway)
+        reports: list[ShredPass] = []
+        shredder = Shredder(lambda: vault, RecordingLog(last_index=log.next_index + 1), lambda error: None,
+                            on_pass=reports.append)  # type: ignore[arg-type]
+        deletes = {}
+        for numbers in ((0, 1999), (3, 1000, 1996)):  # the second: on both sides of where the sweep stands
+            tokens = tuple(token(1, number) for number in numbers)
+            apply(vault, log, delete(*tokens))
+            deletes[log.next_index - 1] = tokens
+            shredder.note(log.next_index - 1, DeleteTokensCommand(tokens, 2_000, ACTOR))
+            if len(deletes) == 1:
+                assert await asyncio.to_thread(reached.wait, 30)
+        resume.set()
+        await until(lambda: len(reports) == 2, "both deletes shredded")
+        assert [(report.through_index, report.whole_store) for report in reports] == [
+            (index, True) for index in deletes]
+        gone = {minted for tokens in deletes.values() for minted in tokens}
+        for minted, ciphertext in ciphertexts.items():
+            assert (files_holding(tmp_path / "store", ciphertext) == []) == (minted in gone), minted
+        # The first lap whole, then the second round to the range where the second delete was flushed.
+        started_at = lap[halfway][0]
+        assert compacted[:len(lap)] == lap
+        assert len(lap) < len(compacted) < 2 * len(lap)
+        assert compacted[-1][1] is None or compacted[-1][1] >= started_at
+        assert all(end is not None and end < started_at for _, end in compacted[len(lap):-1])
+    finally:
+        if shredder is not None:
+            await shredder.close()
         vault.close()

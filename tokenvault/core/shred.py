@@ -8,9 +8,12 @@ The ``Shredder`` of a node removes them, in this order, in a worker thread:
 
 1. ``VaultStore.prepare_shred``: flush the memtable (RocksDB deletes its WAL files
    up to there); then ``compact_for_shred`` of each key range that holds the
-   affected keys (past MAX_KEYS_PER_PASS, of the whole key space a bottom-level
-   file at a time) down to the bottom level, which drops the old versions with
-   their tombstones, resting between two ranges ([shred] max_busy_fraction);
+   affected keys down to the bottom level, which drops the old versions with
+   their tombstones, resting between two ranges ([shred] max_busy_fraction).
+   Past MAX_KEYS_PER_PASS keys waiting, a sweep instead: the whole key space a
+   bottom-level file at a time, wrapping round, with a flush
+   (``flush_for_shred``) before a range whenever entries came since the last,
+   each entry done once the sweep has come round to where it was flushed;
 2. ``VaultStore.checkpoint``, then ``WriteAheadLog.roll`` past the shredding
    entry and ``WriteAheadLog.release`` up to the checkpoint: every segment
    holding an entry at or below it is deleted. Entries after it may not be
@@ -35,6 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
+from typing import TypeVar
 
 from protocol import Entry, EntryKind
 from tokenvault.core import commands
@@ -46,6 +50,7 @@ from tokenvault.logs import get_logger
 from tokenvault.smallfiles import FileTooLarge, read_small_file
 
 log = get_logger("shred")
+_T = TypeVar("_T")
 
 # Keys one shred pass compacts by their ranges at most (two a deleted token, about 80 bytes each in
 # memory, measured); past it a pass compacts the whole key space and keeps no keys.
@@ -126,15 +131,50 @@ def shred_keys(command: commands.Command) -> list[bytes]:
     return []
 
 
+@dataclass(slots=True)
+class _SweepMark:
+    """Entries a sweep erases: those noted before the flush at the sweep step where the mark was made. It
+    is done once the sweep has compacted every key after that flush: from ``until`` (the key the step began
+    at) to the end of the key space, then (``wraps``) from its start round to ``until`` again; for the
+    entries left by a targeted pass that gave way to the sweep (``wraps`` false, ``until`` None), only to
+    the end of the key space, since that pass compacted their keys below the sweep's start already."""
+
+    low: int  # the lowest and highest entry it covers
+    high: int
+    rows: int  # the keys those entries left
+    since: float | None  # when the oldest of them was noted (time.monotonic)
+    until: bytes | None
+    wraps: bool
+    whole_store: bool  # false: a targeted pass's entries
+    busy: float = 0.0  # the store's seconds, and the rests, while it was under way
+    rested: float = 0.0
+    done: bool = False
+
+    def step_done(self, end: bytes | None, busy: float, rested: float) -> None:
+        """The sweep compacted a range ending at ``end`` (None: the end of the key space)."""
+        self.busy += busy
+        self.rested += rested
+        if self.wraps:
+            self.wraps = end is not None
+        elif end is None or (self.until is not None and end >= self.until):
+            self.done = True
+
+
 class Shredder:
     """One node's shredding task (see the module docstring); every method runs on the event loop.
 
-    A pass takes every entry waiting, in log order, so the entry the log must keep (``hold_index``)
-    moves on with every pass. Up to MAX_KEYS_PER_PASS keys it compacts their ranges; past that it
-    keeps no keys and compacts the whole key space instead, which costs what ranges spread over every
-    bottom-level file cost (a rewrite of the store) and covers any number of deletes: what the
-    shredder holds in memory stays bounded however fast deletes come, and a backlog drains in one
-    pass (docs/performance.md, "What a shred pass costs as the store grows")."""
+    Up to MAX_KEYS_PER_PASS keys waiting, a pass takes every entry waiting, in log order, and compacts
+    the ranges that hold their keys, so the entry the log must keep (``hold_index``) moves on with every
+    pass. Past that it keeps no keys: the entries go to a sweep, which compacts the whole key space a
+    bottom-level file at a time and wraps round while anything waits, flushing the memtable before a
+    range whenever entries came since the last flush (a ``_SweepMark`` each). An entry is erased once
+    the sweep has come round to where it stood when the entry was flushed: one rewrite of the store,
+    however long the stream of deletes, where passes that each took the entries waiting at their start
+    made an entry that came during a pass wait for the rest of it and all of the next. A targeted pass
+    under way when the backlog goes past the bound stops after its current range and the sweep goes on
+    from there. What the shredder holds stays bounded however fast deletes come: the keys of one pass,
+    or a mark per range of the sweep (docs/performance.md, "A serving cluster under a stream of
+    deletes")."""
 
     def __init__(self, store: Callable[[], VaultStore], wal: WriteAheadLog,
                  on_fatal: Callable[[BaseException], None],
@@ -149,21 +189,23 @@ class Shredder:
         self._next_compaction_at = float("-inf")
         self._wal = wal
         self._on_fatal = on_fatal
-        self._on_pass = on_pass  # after each pass rewrote the store's files
-        # The entries waiting for a pass, in log order, with their keys; or, past MAX_KEYS_PER_PASS keys,
-        # only the first of them (``_whole_from``): the next pass compacts the whole key space.
+        self._on_pass = on_pass  # after each pass, or sweep mark, is done
+        # The entries waiting for a targeted pass, in log order, with their keys; or, past MAX_KEYS_PER_PASS
+        # keys, only the first of them (``_whole_from``): they wait for the sweep's next mark.
         self._entries: deque[tuple[int, list[bytes]]] = deque()
         self._whole_from: int | None = None
         self._last_waiting = 0  # the highest entry waiting
         self._backlog_keys = 0
-        self._running_low: int | None = None  # the lowest entry of the pass in step 1
-        # When the oldest entry waiting, and the oldest of the pass in step 1, were noted (time.monotonic).
+        self._running_low: int | None = None  # the lowest entry of the targeted pass under way
+        # The sweep's marks not yet done, in log order (and in the order they get done).
+        self._marks: deque[_SweepMark] = deque()
+        # When the oldest entry waiting, and the oldest of the pass under way, were noted (time.monotonic).
         self._waiting_since: float | None = None
         self._running_since: float | None = None
         self._task: asyncio.Task[None] | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shred")
-        self.passes = 0  # finished passes, for tests and the log
-        self._store_passes = 0  # passes whose step 1 ended (for clean_mark / clean_through)
+        self.passes = 0  # times the log was dropped through every entry shredded, for tests and the log
+        self._store_passes = 0  # passes and sweep marks done (for clean_mark / clean_through)
         self._pass_logged_at = float("-inf")
         self._unlogged_passes = self._unlogged_rows = 0  # passes behind a backlog since the last shred.pass
 
@@ -185,15 +227,15 @@ class Shredder:
         """A snapshot whose manifest says shred_pending was installed at ``index``, or SHRED_WHOLE_FILE was
         found at start-up (such an install's pass not done yet, or a restore from such a backup): its files
         may hold rows its source had deleted and not yet shredded, and this node will never apply those
-        deletes, so the next pass compacts the whole key space. A pass running now was planned on the store
-        before and does not count."""
+        deletes, so the sweep compacts the whole key space from its next mark on. A pass or mark under way
+        was planned on the store before and does not count."""
         self._last_waiting = max(self._last_waiting, index)
         if self._whole_from is None:
             self._go_whole(index)
         self._wake()
 
     def _go_whole(self, index: int) -> None:
-        """The next pass compacts the whole key space: keep only the first entry waiting (or ``index``)."""
+        """The entries waiting go to the sweep: keep only the first of them (or ``index``)."""
         self._whole_from = self._entries[0][0] if self._entries else index
         self._entries.clear()
 
@@ -214,13 +256,15 @@ class Shredder:
 
     def hold_index(self) -> int | None:
         """The log must keep this entry (and what follows) for now; None when nothing waits. Entries are
-        noted in log order (those found at start-up before the first applied), so the first waiting is
-        the lowest."""
+        noted in log order (those found at start-up before the first applied), and the marks, the pass
+        under way and the entries waiting hold them in that order, so the lowest is the first of them."""
         candidates = [self._whole_from] if self._whole_from is not None else []
         if self._entries:
             candidates.append(self._entries[0][0])
         if self._running_low is not None:
             candidates.append(self._running_low)
+        if self._marks:
+            candidates.append(self._marks[0].low)
         return min(candidates) if candidates else None
 
     def clean_mark(self) -> int | None:
@@ -231,10 +275,10 @@ class Shredder:
     def clean_through(self, mark: int | None, index: int) -> bool:
         """After a checkpoint at ``index`` was taken, ``mark`` from ``clean_mark`` before it: True only if every
         delete and destroy at or below ``index`` had been shredded when it was taken. Nothing waited at the
-        mark; one applied since at or below ``index`` either waits or runs now (the hold is at or below it)
-        or went through a pass that ended after the mark, perhaps after the checkpoint (counted as not
-        clean). Apply and ``note`` run in one step on the loop, so by now every entry at or below ``index``
-        was noted."""
+        mark; one applied since at or below ``index`` either waits or is being shredded (the hold is at or
+        below it) or went through a pass or mark that ended after the mark, perhaps after the checkpoint
+        (counted as not clean). Apply and ``note`` run in one step on the loop, so by now every entry at or
+        below ``index`` was noted."""
         if mark is None or mark != self._store_passes:
             return False
         hold = self.hold_index()
@@ -242,13 +286,14 @@ class Shredder:
 
     @property
     def backlog_keys(self) -> int:
-        """Keys noted and not yet taken by a pass."""
+        """Keys noted and not yet taken by a pass or a sweep mark."""
         return self._backlog_keys
 
     def oldest_wait_seconds(self) -> float:
-        """How long the oldest delete or destroy noted and not yet through a pass (step 1) has waited: from
+        """How long the oldest delete or destroy noted and not yet through a pass or sweep has waited: from
         its apply (at start-up, from the start) to now; 0 when none waits."""
         noted = [since for since in (self._waiting_since, self._running_since) if since is not None]
+        noted.extend(mark.since for mark in self._marks if mark.since is not None)
         return time.monotonic() - min(noted) if noted else 0.0
 
     @property
@@ -256,72 +301,144 @@ class Shredder:
         return self._task is not None and not self._task.done()
 
     def _waiting(self) -> bool:
-        return self._whole_from is not None or bool(self._entries)
+        return self._whole_from is not None or bool(self._entries) or bool(self._marks)
 
-    def _take_pass(self) -> tuple[Iterable[bytes] | None, int, int, int]:
-        """Every entry waiting: their keys (None: the whole key space; else read in the shredder's thread,
-        which sorts them), the lowest and highest entry, and how many keys they left."""
-        if self._whole_from is not None:
-            keys: Iterable[bytes] | None = None
-            low = self._whole_from
-        else:
-            keys = chain.from_iterable([entry_keys for _, entry_keys in self._entries])
-            low = self._entries[0][0]
-        taken = (keys, low, self._last_waiting, self._backlog_keys)
+    def _sweeping(self) -> bool:
+        return self._whole_from is not None or bool(self._marks)
+
+    def _take_pass(self) -> tuple[Iterable[bytes], int, int, int]:
+        """Every entry waiting: their keys (read in the shredder's thread, which sorts them), the lowest and
+        highest entry, and how many keys they left."""
+        keys = chain.from_iterable([entry_keys for _, entry_keys in self._entries])
+        taken = (keys, self._entries[0][0], self._last_waiting, self._backlog_keys)
         self._entries.clear()
-        self._whole_from = None
         self._backlog_keys = 0
         self._running_since, self._waiting_since = self._waiting_since, None
         return taken
 
+    def _take_mark(self, until: bytes | None) -> None:
+        """Just before a sweep's flush: the entries waiting become a mark done one round after ``until``."""
+        if self._whole_from is None:
+            return
+        self._marks.append(_SweepMark(self._whole_from, self._last_waiting, self._backlog_keys, self._waiting_since,
+                                      until, wraps=until is not None, whole_store=True))
+        self._whole_from = None
+        self._backlog_keys = 0
+        self._waiting_since = None
+
     async def _run(self) -> None:
         try:
             while self._waiting():
-                if (rest := self._next_compaction_at - time.monotonic()) > 0:
-                    await asyncio.sleep(rest)
-                keys, self._running_low, finished, rows = self._take_pass()
-                store_seconds, rested_seconds = await self._pass(keys)
-                self._store_passes += 1
-                if self._on_pass is not None:
-                    self._on_pass(ShredPass(finished, rows, keys is None, store_seconds, rested_seconds))
-                self._running_low = self._running_since = None
-                if self._waiting():
-                    # Later entries wait: their pass drops the log through these too. Meanwhile the
-                    # node's own log compaction may drop these, no longer held.
-                    self._note_pass(rows, store_seconds)
-                    continue
-                if await self._drop_log_through(finished):
-                    self.passes += 1
-                    self._unlogged_passes = self._unlogged_rows = 0
-                    # store_seconds: the flush and compactions; it grows with the store (docs/performance.md).
-                    log.info("shred.done", through_index=finished, rows=rows, whole_store=keys is None,
-                             store_seconds=round(store_seconds, 3), rested_seconds=round(rested_seconds, 3))
+                sweep_from: bytes | None = None
+                if not self._sweeping():
+                    sweep_from = await self._targeted_pass()
+                if self._sweeping():
+                    await self._sweep(sweep_from)
         except asyncio.CancelledError:
             raise
         except BaseException as error:  # a storage failure: the node stops, as for its other disk work
             self._on_fatal(error)
 
-    async def _pass(self, keys: Iterable[bytes] | None) -> tuple[float, float]:
-        """One pass through the store: its flush, then its ranges one at a time with a rest after each
-        (none after the last: the next pass waits for it instead). Returns the seconds the store worked
-        and the seconds it rested between ranges."""
-        loop = asyncio.get_running_loop()
-        started = time.monotonic()
-        ranges = await loop.run_in_executor(self._executor, self._store().prepare_shred, keys)
-        busy = time.monotonic() - started
-        rested = 0.0
-        for number, (begin, end) in enumerate(ranges):
-            if number and (rest := self._next_compaction_at - time.monotonic()) > 0:
-                await asyncio.sleep(rest)
-                rested += rest
-            began = time.monotonic()
-            await loop.run_in_executor(self._executor, self._store().compact_for_shred, begin, end)
-            compacted = time.monotonic() - began
-            busy += compacted
-            self._next_compaction_at = time.monotonic() + compacted * self._rest_factor
+    async def _rest(self) -> float:
+        """Wait until the next compaction may start ([shred] max_busy_fraction); the seconds waited."""
+        rest = self._next_compaction_at - time.monotonic()
+        if rest <= 0:
+            return 0.0
+        await asyncio.sleep(rest)
+        return rest
+
+    async def _compact(self, begin: bytes | None, end: bytes | None) -> float:
         began = time.monotonic()
-        await loop.run_in_executor(self._executor, self._store().finish_shred)
-        return busy + time.monotonic() - began, rested
+        await self._in_thread(self._store().compact_for_shred, begin, end)
+        compacted = time.monotonic() - began
+        self._next_compaction_at = time.monotonic() + compacted * self._rest_factor
+        return compacted
+
+    async def _targeted_pass(self) -> bytes | None:
+        """A pass over the ranges that hold the keys of every entry waiting: its flush, then its ranges one
+        at a time with a rest before each. If the backlog goes past MAX_KEYS_PER_PASS meanwhile, it stops
+        before its next range, whose first key it returns: its entries become a mark and the sweep goes
+        on from that key. Else it returns None once done."""
+        rested = await self._rest()
+        if self._sweeping():
+            return None  # the backlog went past the bound during the rest: the sweep takes it
+        keys, self._running_low, finished, rows = self._take_pass()
+        started = time.monotonic()
+        ranges = await self._in_thread(self._store().prepare_shred, keys)
+        busy = time.monotonic() - started
+        for number, (begin, end) in enumerate(ranges):
+            if number:
+                rested += await self._rest()
+                if self._whole_from is not None and begin is not None:
+                    # Its keys below ``begin`` are compacted since its flush; the sweep takes the rest.
+                    self._marks.appendleft(_SweepMark(self._running_low, finished, rows, self._running_since,
+                                                      None, wraps=False, whole_store=False, busy=busy, rested=rested))
+                    self._running_low = self._running_since = None
+                    return begin
+            busy += await self._compact(begin, end)
+        began = time.monotonic()
+        await self._in_thread(self._store().finish_shred)
+        busy += time.monotonic() - began
+        self._running_low = self._running_since = None
+        await self._passed(ShredPass(finished, rows, False, busy, rested))
+        return None
+
+    async def _sweep(self, start: bytes | None) -> None:
+        """Compact the whole key space a range at a time from ``start`` (None: its first key), wrapping
+        round, until every mark is done and nothing waits for the sweep. A lap's ranges are read after
+        the flush that starts it; every other range is flushed before only when entries came since."""
+        while self._sweeping():
+            rested = await self._rest()
+            self._take_mark(start)
+            began = time.monotonic()
+            ranges = _ranges_from(await self._in_thread(self._store().prepare_shred, None), start)
+            busy = time.monotonic() - began
+            for number, (begin, end) in enumerate(ranges):
+                if number:
+                    if not self._sweeping():
+                        return
+                    rested = await self._rest()
+                    if self._whole_from is not None:
+                        self._take_mark(begin)
+                        began = time.monotonic()
+                        await self._in_thread(self._store().flush_for_shred)
+                        busy = time.monotonic() - began
+                busy += await self._compact(begin, end)
+                for mark in self._marks:
+                    mark.step_done(end, busy, rested)
+                busy = rested = 0.0
+                await self._marks_done()
+            start = None
+
+    async def _marks_done(self) -> None:
+        """The marks at the head that are done, each reported as a pass."""
+        if not (self._marks and self._marks[0].done):
+            return
+        await self._in_thread(self._store().finish_shred)
+        while self._marks and self._marks[0].done:
+            mark = self._marks.popleft()
+            await self._passed(ShredPass(mark.high, mark.rows, mark.whole_store, mark.busy, mark.rested))
+
+    async def _passed(self, done: ShredPass) -> None:
+        """A pass, or a sweep mark, erased its entries from the store's files: tell the node; once nothing
+        waits, drop the log through them."""
+        self._store_passes += 1
+        if self._on_pass is not None:
+            self._on_pass(done)
+        if self._waiting():
+            # Later entries wait: their pass drops the log through these too. Meanwhile the node's own
+            # log compaction may drop these, no longer held.
+            self._note_pass(done.rows, done.store_seconds)
+            return
+        if await self._drop_log_through(done.through_index):
+            self.passes += 1
+            self._unlogged_passes = self._unlogged_rows = 0
+            # store_seconds: the flush and compactions; it grows with the store (docs/performance.md).
+            log.info("shred.done", through_index=done.through_index, rows=done.rows, whole_store=done.whole_store,
+                     store_seconds=round(done.store_seconds, 3), rested_seconds=round(done.rested_seconds, 3))
+
+    async def _in_thread(self, function: Callable[..., _T], *arguments: object) -> _T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, function, *arguments)
 
     def _note_pass(self, rows: int, store_seconds: float) -> None:
         """A pass that left deletes waiting: a ``shred.pass`` line, at most one in PASS_LOG_SECONDS (passes
@@ -364,3 +481,13 @@ class Shredder:
             except (asyncio.CancelledError, Exception):
                 pass
         self._executor.shutdown(wait=True)
+
+
+def _ranges_from(ranges: list[tuple[bytes | None, bytes | None]],
+                 start: bytes | None) -> list[tuple[bytes | None, bytes | None]]:
+    """The ranges of ``ranges`` (in key order, covering the key space) from ``start`` on, the first cut
+    to begin there."""
+    if start is None:
+        return ranges
+    kept = [(begin, end) for begin, end in ranges if end is None or end > start]
+    return [(start, kept[0][1]), *kept[1:]] if kept else [(start, None)]

@@ -540,6 +540,15 @@ class VaultStore:
             files = bottom_files(database)
         return whole_key_space_ranges(files) if keys is None else list(shred_ranges(keys, files))
 
+    def flush_for_shred(self) -> None:
+        """A sweep's flush before one of its ranges (``prepare_shred`` flushes before the first): the
+        tombstones of every delete applied so far reach the table files, where the compactions after it
+        drop them with what they cover. May run in a worker thread."""
+        with self._checkpoint_lock:
+            if self._closed:
+                raise StoreError("the store is closed")
+            self._db.flush()
+
     def compact_for_shred(self, begin: bytes | None, end: bytes | None) -> None:
         """Compact one range of ``prepare_shred`` down to the bottom level. Costs the bottom-level table
         files the range overlaps and what the flushed level-0 file overlaps in the levels between: it

@@ -359,10 +359,11 @@ class Shredder:
         at a time with a rest before each. If the backlog goes past MAX_KEYS_PER_PASS meanwhile, it stops
         before its next range, whose first key it returns: its entries become a mark and the sweep goes
         on from that key. Else it returns None once done."""
-        rested = await self._rest()
+        await self._rest()  # after the last pass's compaction (not one of this pass's rests)
         if self._sweeping():
             return None  # the backlog went past the bound during the rest: the sweep takes it
         keys, self._running_low, finished, rows = self._take_pass()
+        rested = 0.0
         started = time.monotonic()
         ranges = await self._in_thread(self._store().prepare_shred, keys)
         busy = time.monotonic() - started

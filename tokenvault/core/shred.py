@@ -55,6 +55,9 @@ _T = TypeVar("_T")
 # Keys one shred pass compacts by their ranges at most (two a deleted token, about 80 bytes each in
 # memory, measured); past it a pass compacts the whole key space and keeps no keys.
 MAX_KEYS_PER_PASS = 100_000
+# A pass by key ranges that would compact at least half the bottom-level files (of a store that has at
+# least this many) costs about what a round of the sweep costs: the shredder sweeps instead.
+SWEEP_MIN_FILES = 4
 POLL_SECONDS = 0.05
 PASS_LOG_SECONDS = 10.0  # shred.pass: one line at most this often
 # In a data directory whose store came from a snapshot that may hold rows deleted and not yet shredded (an
@@ -199,6 +202,7 @@ class Shredder:
         self._running_low: int | None = None  # the lowest entry of the targeted pass under way
         # The sweep's marks not yet done, in log order (and in the order they get done).
         self._marks: deque[_SweepMark] = deque()
+        self._lap_ranges: int | None = None  # how many ranges the sweep's last lap had
         # When the oldest entry waiting, and the oldest of the pass under way, were noted (time.monotonic).
         self._waiting_since: float | None = None
         self._running_since: float | None = None
@@ -366,7 +370,16 @@ class Shredder:
         rested = 0.0
         started = time.monotonic()
         ranges = await self._in_thread(self._store().prepare_shred, keys)
+        files = await self._in_thread(self._store().bottom_file_count)
         busy = time.monotonic() - started
+        if files >= SWEEP_MIN_FILES and 2 * len(ranges) >= files:
+            # Its ranges would rewrite most of the store anyway: a sweep instead, from the start of the key
+            # space (its entries are flushed), so that deletes that come meanwhile wait a round of it, not
+            # the rest of this pass and all of the next.
+            self._marks.appendleft(_SweepMark(self._running_low, finished, rows, self._running_since, None,
+                                              wraps=False, whole_store=True, busy=busy))
+            self._running_low = self._running_since = None
+            return None
         for number, (begin, end) in enumerate(ranges):
             if number:
                 rested += await self._rest()
@@ -390,15 +403,18 @@ class Shredder:
         the flush that starts it; every other range is flushed before only when entries came since."""
         while self._sweeping():
             rested = await self._rest()
+            self._join_sweep()
             self._take_mark(start)
             began = time.monotonic()
-            ranges = _ranges_from(await self._in_thread(self._store().prepare_shred, None), start)
+            lap = await self._in_thread(self._store().prepare_shred, None)
             busy = time.monotonic() - began
-            for number, (begin, end) in enumerate(ranges):
+            self._lap_ranges = len(lap)
+            for number, (begin, end) in enumerate(_ranges_from(lap, start)):
                 if number:
                     if not self._sweeping():
                         return
                     rested = await self._rest()
+                    self._join_sweep()
                     if self._whole_from is not None:
                         self._take_mark(begin)
                         began = time.monotonic()
@@ -410,6 +426,15 @@ class Shredder:
                 busy = rested = 0.0
                 await self._marks_done()
             start = None
+
+    def _join_sweep(self) -> None:
+        """Entries waiting for a pass by key ranges join the sweep once they have as many keys as its lap has
+        ranges: spread over the key space (a token's row is keyed by the token), their own pass would
+        rewrite most of the store after the sweep, a second round for them. Fewer wait for the sweep to
+        end, then take a pass of their own, which costs a few files."""
+        if (self._whole_from is None and self._entries and self._lap_ranges is not None
+                and self._backlog_keys >= self._lap_ranges):
+            self._go_whole(self._entries[0][0])
 
     async def _marks_done(self) -> None:
         """The marks at the head that are done, each reported as a pass."""

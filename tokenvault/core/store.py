@@ -540,6 +540,14 @@ class VaultStore:
             files = bottom_files(database)
         return whole_key_space_ranges(files) if keys is None else list(shred_ranges(keys, files))
 
+    def bottom_file_count(self) -> int:
+        """How many table files RocksDB's bottom level has (0: every file is in level 0): the shredder
+        sweeps the whole key space instead of a pass whose ranges would rewrite most of them anyway."""
+        with self._checkpoint_lock:
+            if self._closed:
+                raise StoreError("the store is closed")
+            return len(bottom_files(self._db))
+
     def flush_for_shred(self) -> None:
         """A sweep's flush before one of its ranges (``prepare_shred`` flushes before the first): the
         tombstones of every delete applied so far reach the table files, where the compactions after it

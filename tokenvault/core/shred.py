@@ -10,7 +10,8 @@ The ``Shredder`` of a node removes them, in this order, in a worker thread:
    up to there); then ``compact_for_shred`` of each key range that holds the
    affected keys down to the bottom level, which drops the old versions with
    their tombstones, resting between two ranges ([shred] max_busy_fraction).
-   Past MAX_KEYS_PER_PASS keys waiting, a sweep instead: the whole key space a
+   Past MAX_KEYS_PER_PASS keys waiting, or when the ranges would rewrite half
+   the bottom-level files or more, a sweep instead: the whole key space a
    bottom-level file at a time, wrapping round, with a flush
    (``flush_for_shred``) before a range whenever entries came since the last,
    each entry done once the sweep has come round to where it was flushed;
@@ -170,7 +171,9 @@ class Shredder:
     the ranges that hold their keys, so the entry the log must keep (``hold_index``) moves on with every
     pass. Past that it keeps no keys: the entries go to a sweep, which compacts the whole key space a
     bottom-level file at a time and wraps round while anything waits, flushing the memtable before a
-    range whenever entries came since the last flush (a ``_SweepMark`` each). An entry is erased once
+    range whenever entries came since the last flush (a ``_SweepMark`` each). A pass whose ranges would
+    rewrite half the bottom files or more is a sweep too, and entries that wait during a sweep join it
+    once they have as many keys as a lap has ranges (SWEEP_MIN_FILES, ``_join_sweep``). An entry is erased once
     the sweep has come round to where it stood when the entry was flushed: one rewrite of the store,
     however long the stream of deletes, where passes that each took the entries waiting at their start
     made an entry that came during a pass wait for the rest of it and all of the next. A targeted pass

@@ -42,8 +42,8 @@ class RecordingStore:
     def flush_for_shred(self) -> None:
         pass
 
-    def bottom_file_count(self) -> int:
-        return 0  # a store in level 0 only: passes by key ranges
+    def bottom_files_overlapped(self, ranges) -> tuple[int, int]:
+        return 0, 0  # a store in level 0 only: passes by key ranges
 
     def finish_shred(self) -> None:
         pass
@@ -335,7 +335,7 @@ class SweepStore(RecordingStore):
         self.steps: list[tuple] = []
         self.permits = threading.Semaphore(0)
         self.started = 0  # compactions begun (the last may be waiting for its permit)
-        self.files = 0  # bottom_file_count
+        self.files = 0  # bottom files: each range of a pass by keys overlaps one of its own
 
     def prepare_shred(self, keys: list[bytes] | None) -> list[tuple[bytes | None, bytes | None]]:
         assert self.shredder is not None
@@ -346,8 +346,8 @@ class SweepStore(RecordingStore):
     def flush_for_shred(self) -> None:
         self.steps.append(("flush",))
 
-    def bottom_file_count(self) -> int:
-        return self.files
+    def bottom_files_overlapped(self, ranges) -> tuple[int, int]:
+        return min(len(ranges), self.files), self.files
 
     def compact_for_shred(self, begin: bytes | None, end: bytes | None) -> None:
         self.started += 1
@@ -432,43 +432,44 @@ def test_a_sweep_from_a_key_starts_with_the_range_that_holds_it_cut_there() -> N
     assert shred._ranges_from([(None, None)], b"x") == [(b"x", None)]
 
 
-async def test_deletes_noted_during_a_sweep_join_it_once_they_have_as_many_keys_as_a_lap_has_ranges(
+async def test_deletes_noted_during_a_sweep_join_it_once_they_have_enough_keys_to_hit_most_of_its_ranges(
         monkeypatch) -> None:
-    """Spread over the key space, that many keys would make a pass of their own rewrite most of the store
-    after the sweep: they join it at its next range instead. Fewer wait for the sweep to end."""
+    """Spread over the key space, 1.4 keys a range of the lap would make a pass of their own rewrite most of
+    the store after the sweep: they join it at its next range instead. Fewer wait for the sweep to end."""
     shredder, store, reports = make_sweep(monkeypatch, last_index=13)
     shredder.note(10, delete("a", "b", "c"))  # six keys: the sweep, three ranges a lap
     await until(lambda: store.started == 1, "the first compaction to begin")
+    monkeypatch.setattr(shred, "MAX_KEYS_PER_PASS", 10)  # from here on below the bound
     shredder.note(11, delete("d"))  # two keys: they wait
     await step(store, 1)
     await until(lambda: store.started == 2, "the compaction of (M, p) to begin")
     assert shredder.backlog_keys == 2
-    shredder.note(12, delete("e"))  # four, past the lap's three ranges: they join at the next range
+    shredder.note(12, delete("e", "f"))  # six: past 1.4 a range of the lap's three, they join at the next
     await step(store, 5)
     await until(lambda: shredder.passes == 1, "the log to be dropped through entry 12")
     assert [(report.through_index, report.rows, report.whole_store) for report in reports] == [
-        (10, 6, True), (12, 4, True)]
+        (10, 6, True), (12, 6, True)]
     assert store.steps == [("prepare", "whole", 10), ("compact", None, b"M"), ("compact", b"M", b"p"),
                            ("flush",), ("compact", b"p", None),
                            ("prepare", "whole", 11), ("compact", None, b"M"), ("compact", b"M", b"p")]
     await shredder.close()
 
 
-async def test_a_pass_whose_ranges_would_rewrite_half_the_bottom_files_or_more_is_a_sweep_instead(
+async def test_a_pass_whose_ranges_would_rewrite_three_quarters_of_the_bottom_files_is_a_sweep_instead(
         monkeypatch) -> None:
     """Its entries are done after one lap either way; the sweep lets those that come meanwhile wait one
     round of it instead of the rest of the pass and all of the next."""
     shredder, store, reports = make_sweep(monkeypatch, last_index=31)
-    store.files = 4
-    store.permits.release(10)
-    shredder.note(30, delete("a"))  # two keys, two ranges: half the four bottom files
+    store.files = 5
+    store.permits.release(20)
+    shredder.note(30, delete("a", "b"))  # four keys, four ranges: four of the five bottom files
     await until(lambda: shredder.passes == 1, "the log to be dropped through entry 30")
     assert store.steps == [("prepare", "keys", 30), ("prepare", "whole", 30), ("compact", None, b"M"),
                            ("compact", b"M", b"p"), ("compact", b"p", None)]
-    assert [(report.through_index, report.rows, report.whole_store) for report in reports] == [(30, 2, True)]
-    store.files = 5  # two ranges are fewer than half of five: a pass by key ranges
-    shredder.note(31, delete("b"))
+    assert [(report.through_index, report.rows, report.whole_store) for report in reports] == [(30, 4, True)]
+    store.files = 6  # four of six is less than three quarters: a pass by key ranges
+    shredder.note(31, delete("c", "d"))
     await until(lambda: shredder.passes == 2, "the log to be dropped through entry 31")
-    assert [step[:2] for step in store.steps[5:]] == [("prepare", "keys"), ("compact", min(shred_keys(delete("b")))),
-                                                      ("compact", max(shred_keys(delete("b"))))]
+    assert store.steps[5:] == [("prepare", "keys", 31), *(("compact", key, key + b"\x00")
+                                                         for key in sorted(shred_keys(delete("c", "d"))))]
     await shredder.close()

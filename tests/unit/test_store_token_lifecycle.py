@@ -18,7 +18,8 @@ from tokenvault.core.shred import Shredder, ShredPass, shred_keys
 from tokenvault.core import store_layout
 from tokenvault.core.store import VaultStore
 from tokenvault.core.store_files import read_current
-from tokenvault.core.store_layout import (DESTROYED, LIFE, MAX_TOKEN_PAGE, Outcome, bottom_files, format_token_key,
+from tokenvault.core.store_layout import (DESTROYED, LIFE, MAX_TOKEN_PAGE, Outcome, bottom_files, files_overlapped,
+                                          format_token_key,
                                           shred_ranges, token_key, whole_key_space_ranges)
 
 ACTOR = Actor(name="full", node="n1", request_id="r1")
@@ -265,6 +266,20 @@ def test_shred_ranges_are_one_a_key_up_to_the_bound_then_one_a_bottom_file_or_ga
     assert shred_ranges([], files) == []
 
 
+def test_the_bottom_files_a_shred_rewrites_are_those_its_ranges_overlap() -> None:
+    """files_overlapped: a range [begin, end) overlaps a file [first, last] when first < end and begin <= last;
+    the shredder sweeps instead of a pass that would rewrite three quarters of them."""
+    def key(number: int) -> bytes:
+        return token_key(token(1, number))
+
+    files = [(key(0), key(10)), (key(20), key(30)), (key(50), key(60))]
+    cases = {((1, 2),): 1, ((12, 13),): 0, ((5, 25),): 2, ((0, 61),): 3, ((30, 31),): 1, ((10, 11),): 1,
+             ((11, 20),): 0, ((60, 70),): 1, ((61, 70),): 0, ((1, 2), (3, 4), (55, 56)): 2}
+    for ranges, expected in cases.items():
+        assert files_overlapped([(key(begin), key(end)) for begin, end in ranges], files) == expected, ranges
+    assert files_overlapped([(key(1), key(2))], []) == 0
+
+
 def test_the_whole_key_space_is_cut_at_each_bottom_file_so_the_shredder_can_rest_between_ranges() -> None:
     """whole_key_space_ranges: a range a bottom-level file, cut at each file's first key but the first's,
     from before every key to after every key; one range when there is no level below the first."""
@@ -310,6 +325,8 @@ def test_a_shred_compacts_each_bottom_file_that_holds_its_keys_once_and_no_other
         deleted = tuple(token(1, number) for number in (*range(20), *range(1980, 2000)))
         removal = encode_command(DeleteTokensCommand(deleted, 2_000, ACTOR))
         apply(vault, log, removal)
+        # What the shredder is told such a pass costs, before it: the files its ranges overlap, of all of them.
+        told = vault.bottom_files_overlapped(shred_ranges(shred_keys(decode_command(removal)), files))
         recording = vault._db = RecordingDatabase(vault._db)
         try:
             vault.shred(shred_keys(decode_command(removal)))
@@ -318,6 +335,9 @@ def test_a_shred_compacts_each_bottom_file_that_holds_its_keys_once_and_no_other
         assert recording.compacted
         for begin, end in recording.compacted:
             assert sum(first < end and begin <= last for first, last in files) <= 1, (begin, end)
+        overlapped = sum(any(first < end and begin <= last for begin, end in recording.compacted)
+                         for first, last in files)
+        assert told == (overlapped, len(files)) and 0 < overlapped < len(files)
         # Each deleted ciphertext left every file; each other one stays, in the files and readable.
         for minted, ciphertext in ciphertexts.items():
             assert (files_holding(tmp_path / "store", ciphertext) == []) == (minted in deleted), minted

@@ -10,8 +10,8 @@ The ``Shredder`` of a node removes them, in this order, in a worker thread:
    up to there); then ``compact_for_shred`` of each key range that holds the
    affected keys down to the bottom level, which drops the old versions with
    their tombstones, resting between two ranges ([shred] max_busy_fraction).
-   Past MAX_KEYS_PER_PASS keys waiting, or when the ranges would rewrite half
-   the bottom-level files or more, a sweep instead: the whole key space a
+   Past MAX_KEYS_PER_PASS keys waiting, or when the ranges would rewrite three
+   quarters of the bottom-level files or more, a sweep instead: the whole key space a
    bottom-level file at a time, wrapping round, with a flush
    (``flush_for_shred``) before a range whenever entries came since the last,
    each entry done once the sweep has come round to where it was flushed;
@@ -56,9 +56,14 @@ _T = TypeVar("_T")
 # Keys one shred pass compacts by their ranges at most (two a deleted token, about 80 bytes each in
 # memory, measured); past it a pass compacts the whole key space and keeps no keys.
 MAX_KEYS_PER_PASS = 100_000
-# A pass by key ranges that would compact at least half the bottom-level files (of a store that has at
-# least this many) costs about what a round of the sweep costs: the shredder sweeps instead.
+# A pass by key ranges that would rewrite at least SWEEP_FRACTION of the bottom-level files (of a store
+# that has at least SWEEP_MIN_FILES) costs about what a round of the sweep costs: the shredder sweeps
+# instead. Entries waiting during a sweep join it from SWEEP_JOIN_KEYS_PER_RANGE keys a range of its lap:
+# spread evenly (a token's rows are keyed by the token), k keys over f files hit 1 - e^(-k/f) of them,
+# three quarters at 1.4 a file.
 SWEEP_MIN_FILES = 4
+SWEEP_FRACTION = 0.75
+SWEEP_JOIN_KEYS_PER_RANGE = 1.4
 POLL_SECONDS = 0.05
 PASS_LOG_SECONDS = 10.0  # shred.pass: one line at most this often
 # In a data directory whose store came from a snapshot that may hold rows deleted and not yet shredded (an
@@ -172,8 +177,8 @@ class Shredder:
     pass. Past that it keeps no keys: the entries go to a sweep, which compacts the whole key space a
     bottom-level file at a time and wraps round while anything waits, flushing the memtable before a
     range whenever entries came since the last flush (a ``_SweepMark`` each). A pass whose ranges would
-    rewrite half the bottom files or more is a sweep too, and entries that wait during a sweep join it
-    once they have as many keys as a lap has ranges (SWEEP_MIN_FILES, ``_join_sweep``). An entry is erased once
+    rewrite three quarters of the bottom files or more is a sweep too, and entries that wait during a
+    sweep join it once they have enough keys to hit as many (SWEEP_FRACTION, ``_join_sweep``). An entry is erased once
     the sweep has come round to where it stood when the entry was flushed: one rewrite of the store,
     however long the stream of deletes, where passes that each took the entries waiting at their start
     made an entry that came during a pass wait for the rest of it and all of the next. A targeted pass
@@ -373,9 +378,9 @@ class Shredder:
         rested = 0.0
         started = time.monotonic()
         ranges = await self._in_thread(self._store().prepare_shred, keys)
-        files = await self._in_thread(self._store().bottom_file_count)
+        overlapped, files = await self._in_thread(self._store().bottom_files_overlapped, ranges)
         busy = time.monotonic() - started
-        if files >= SWEEP_MIN_FILES and 2 * len(ranges) >= files:
+        if files >= SWEEP_MIN_FILES and overlapped >= SWEEP_FRACTION * files:
             # Its ranges would rewrite most of the store anyway: a sweep instead, from the start of the key
             # space (its entries are flushed), so that deletes that come meanwhile wait a round of it, not
             # the rest of this pass and all of the next.
@@ -431,12 +436,12 @@ class Shredder:
             start = None
 
     def _join_sweep(self) -> None:
-        """Entries waiting for a pass by key ranges join the sweep once they have as many keys as its lap has
-        ranges: spread over the key space (a token's row is keyed by the token), their own pass would
-        rewrite most of the store after the sweep, a second round for them. Fewer wait for the sweep to
-        end, then take a pass of their own, which costs a few files."""
+        """Entries waiting for a pass by key ranges join the sweep once they have SWEEP_JOIN_KEYS_PER_RANGE
+        keys a range of its lap: spread over the key space, their own pass would rewrite most of the store
+        after the sweep, a second round for them. Fewer wait for the sweep to end, then take a pass of
+        their own, which costs part of a rewrite."""
         if (self._whole_from is None and self._entries and self._lap_ranges is not None
-                and self._backlog_keys >= self._lap_ranges):
+                and self._backlog_keys >= SWEEP_JOIN_KEYS_PER_RANGE * self._lap_ranges):
             self._go_whole(self._entries[0][0])
 
     async def _marks_done(self) -> None:

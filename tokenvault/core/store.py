@@ -77,7 +77,7 @@ from tokenvault.core.store_layout import (
     age_created_at, age_key, api_key_value, bottom_files, bounded, damage, database_options, decode_epoch,
     decode_life, decode_meta, encode_meta, epoch_key, first_key, format_token_key, identity_key,
     json_bytes, life_rows, lookup_format_tokens, lookup_opaque, metadata_rows, open_database, pack, range_items,
-    range_keys, read_epochs, reason, shred_ranges, token_key, unpack, whole_key_space_ranges)
+    range_keys, read_epochs, reason, shred_ranges, files_overlapped, token_key, unpack, whole_key_space_ranges)
 from tokenvault.core.store_lifecycle import (Batch, add_tokens, append_audit, apply_audit_trim, apply_delete,
                                              apply_destroy, apply_mappings, apply_purge_expired)
 from tokenvault.core.wal import fsync_directory
@@ -540,13 +540,16 @@ class VaultStore:
             files = bottom_files(database)
         return whole_key_space_ranges(files) if keys is None else list(shred_ranges(keys, files))
 
-    def bottom_file_count(self) -> int:
-        """How many table files RocksDB's bottom level has (0: every file is in level 0): the shredder
-        sweeps the whole key space instead of a pass whose ranges would rewrite most of them anyway."""
+    def bottom_files_overlapped(self, ranges: list[tuple[bytes, bytes]]) -> tuple[int, int]:
+        """How many of the table files of RocksDB's bottom level the ranges of ``prepare_shred`` overlap
+        (each is rewritten by their compactions), and how many there are (0: every file is in level 0):
+        the shredder sweeps the whole key space instead of a pass that would rewrite most of them anyway.
+        May run in a worker thread."""
         with self._checkpoint_lock:
             if self._closed:
                 raise StoreError("the store is closed")
-            return len(bottom_files(self._db))
+            files = bottom_files(self._db)
+        return files_overlapped(ranges, files), len(files)
 
     def flush_for_shred(self) -> None:
         """A sweep's flush before one of its ranges (``prepare_shred`` flushes before the first): the

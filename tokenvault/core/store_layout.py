@@ -450,6 +450,19 @@ def shred_ranges(keys: Iterable[bytes], bottom_files: Sequence[tuple[bytes, byte
     return [(group[0], group[-1] + b"\x00") for group in groups]
 
 
+def files_overlapped(ranges: Sequence[tuple[bytes, bytes]], bottom_files: Sequence[tuple[bytes, bytes]]) -> int:
+    """How many of ``bottom_files`` ((first key, last key), in key order) at least one of ``ranges`` ([begin,
+    end)) overlaps: the bottom files a shred of those ranges rewrites."""
+    starts = [first for first, _ in bottom_files]
+    touched: set[int] = set()
+    for begin, end in ranges:
+        # The files from the last that starts at or before ``begin`` to the last that starts before ``end``.
+        low = max(bisect.bisect_right(starts, begin) - 1, 0)
+        high = bisect.bisect_left(starts, end)
+        touched.update(number for number in range(low, high) if bottom_files[number][1] >= begin)
+    return len(touched)
+
+
 def whole_key_space_ranges(bottom_files: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes | None, bytes | None]]:
     """The whole key space as ranges a shred compacts one after another, given the (first key, last key)
     of each table file of RocksDB's bottom level, in key order: cut at the first key of every file but

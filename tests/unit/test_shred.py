@@ -15,6 +15,7 @@ from structlog.testing import capture_logs
 from tokenvault.core import shred
 from tokenvault.core.commands import Actor, DeleteTokensCommand
 from tokenvault.core.shred import Shredder, ShredPass, shred_keys
+from tokenvault.core.store import ShredPlan
 
 ACTOR = Actor(name="ops", node="n1", request_id="r1")
 DEADLINE_SECONDS = 10
@@ -30,20 +31,17 @@ class RecordingStore:
         self.gate = threading.Event()
         self.gate.set()
 
-    def prepare_shred(self, keys: list[bytes] | None) -> list[tuple[bytes | None, bytes | None]]:
+    def prepare_shred(self, keys: list[bytes] | None) -> ShredPlan:
         assert self.shredder is not None
         self.passes.append((None if keys is None else list(keys), self.shredder.hold_index()))
         assert self.gate.wait(DEADLINE_SECONDS)
-        return [(None, None)]
+        return ShredPlan([(None, None)], 0, 0)  # a store in level 0 only: passes by key ranges
 
     def compact_for_shred(self, begin: bytes | None, end: bytes | None) -> None:
         pass
 
     def flush_for_shred(self) -> None:
         pass
-
-    def bottom_files_overlapped(self, ranges) -> tuple[int, int]:
-        return 0, 0  # a store in level 0 only: passes by key ranges
 
     def finish_shred(self) -> None:
         pass
@@ -181,11 +179,11 @@ class PermitStore(RecordingStore):
         super().__init__()
         self.permits = threading.Semaphore(0)
 
-    def prepare_shred(self, keys: list[bytes] | None) -> list[tuple[bytes | None, bytes | None]]:
+    def prepare_shred(self, keys: list[bytes] | None) -> ShredPlan:
         assert self.shredder is not None
         self.passes.append((None if keys is None else list(keys), self.shredder.hold_index()))
         assert self.permits.acquire(timeout=DEADLINE_SECONDS)
-        return [(None, None)]
+        return ShredPlan([(None, None)], 0, 0)
 
 
 async def test_the_oldest_wait_runs_from_the_first_delete_not_yet_shredded_and_is_zero_once_none_waits() -> None:
@@ -222,9 +220,9 @@ class SlowStore(RecordingStore):
         self.ranges = ranges
         self.spans: list[tuple[float, float]] = []
 
-    def prepare_shred(self, keys: list[bytes] | None) -> list[tuple[bytes | None, bytes | None]]:
+    def prepare_shred(self, keys: list[bytes] | None) -> ShredPlan:
         super().prepare_shred(keys)
-        return [(bytes([number]), bytes([number + 1])) for number in range(self.ranges)]
+        return ShredPlan([(bytes([number]), bytes([number + 1])) for number in range(self.ranges)], 0, 0)
 
     def compact_for_shred(self, begin: bytes | None, end: bytes | None) -> None:
         began = time.monotonic()
@@ -337,17 +335,17 @@ class SweepStore(RecordingStore):
         self.started = 0  # compactions begun (the last may be waiting for its permit)
         self.files = 0  # bottom files: each range of a pass by keys overlaps one of its own
 
-    def prepare_shred(self, keys: list[bytes] | None) -> list[tuple[bytes | None, bytes | None]]:
+    def prepare_shred(self, keys: list[bytes] | None) -> ShredPlan:
         assert self.shredder is not None
         keys = None if keys is None else sorted(set(keys))
         self.steps.append(("prepare", "whole" if keys is None else "keys", self.shredder.hold_index()))
-        return list(WHOLE) if keys is None else [(key, key + b"\x00") for key in keys]
+        if keys is None:
+            return ShredPlan(list(WHOLE), self.files, self.files)
+        return ShredPlan([(key, key + b"\x00") for key in keys], min(len(keys), self.files), self.files)
 
     def flush_for_shred(self) -> None:
         self.steps.append(("flush",))
 
-    def bottom_files_overlapped(self, ranges) -> tuple[int, int]:
-        return min(len(ranges), self.files), self.files
 
     def compact_for_shred(self, begin: bytes | None, end: bytes | None) -> None:
         self.started += 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +41,15 @@ async def test_closing_while_a_checkpoint_is_being_taken_leaves_no_checkpoint_be
                                   NothingToShred())
     transfers.request("n2", lambda *offer: offered.append(offer) or True)
     assert await asyncio.to_thread(store.started.wait, 10.0)
-    # The checkpoint's thread finishes after the transfer was cancelled: its files are written anyway.
-    threading.Timer(0.2, store.release.set).start()
+    # The checkpoint's thread finishes once close() has cancelled the transfer (its task is gone): its
+    # files are written anyway.
+    def release_once_cancelled() -> None:
+        deadline = time.monotonic() + 10.0
+        while transfers._tasks and time.monotonic() < deadline:
+            time.sleep(0.01)
+        store.release.set()
+
+    threading.Thread(target=release_once_cancelled).start()
     await transfers.close()
     assert offered == []
     assert not (tmp_path / OUTGOING_DIRECTORY).exists()

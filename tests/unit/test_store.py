@@ -1048,7 +1048,6 @@ _NOT_CHECKED_FOR_DAMAGE = {
     "shred": "a compaction in the shredder's thread: any failure there stops the node already (node.fatal)",
     "prepare_shred": "a flush in the shredder's thread (node.fatal on failure)",
     "flush_for_shred": "a flush in the shredder's thread (node.fatal on failure)",
-    "bottom_files_overlapped": "RocksDB's list of live files, no block read",
     "compact_for_shred": "a compaction in the shredder's thread (node.fatal on failure)",
     "finish_shred": "a WAL sync in the shredder's thread (node.fatal on failure)",
     "forget_membership": "a write of one key, no read",

@@ -278,6 +278,10 @@ def test_the_bottom_files_a_shred_rewrites_are_those_its_ranges_overlap() -> Non
     for ranges, expected in cases.items():
         assert files_overlapped([(key(begin), key(end)) for begin, end in ranges], files) == expected, ranges
     assert files_overlapped([(key(1), key(2))], []) == 0
+    # None: before every key, after every key (the whole key space's first and last ranges).
+    assert files_overlapped([(None, key(5))], files) == 1
+    assert files_overlapped([(key(25), None)], files) == 2
+    assert files_overlapped([(None, None)], files) == 3
 
 
 def test_the_whole_key_space_is_cut_at_each_bottom_file_so_the_shredder_can_rest_between_ranges() -> None:
@@ -326,7 +330,7 @@ def test_a_shred_compacts_each_bottom_file_that_holds_its_keys_once_and_no_other
         removal = encode_command(DeleteTokensCommand(deleted, 2_000, ACTOR))
         apply(vault, log, removal)
         # What the shredder is told such a pass costs, before it: the files its ranges overlap, of all of them.
-        told = vault.bottom_files_overlapped(shred_ranges(shred_keys(decode_command(removal)), files))
+        told = vault.prepare_shred(shred_keys(decode_command(removal)))
         recording = vault._db = RecordingDatabase(vault._db)
         try:
             vault.shred(shred_keys(decode_command(removal)))
@@ -337,7 +341,8 @@ def test_a_shred_compacts_each_bottom_file_that_holds_its_keys_once_and_no_other
             assert sum(first < end and begin <= last for first, last in files) <= 1, (begin, end)
         overlapped = sum(any(first < end and begin <= last for begin, end in recording.compacted)
                          for first, last in files)
-        assert told == (overlapped, len(files)) and 0 < overlapped < len(files)
+        assert told.ranges == recording.compacted
+        assert (told.overlapped, told.bottom_files) == (overlapped, len(files)) and 0 < overlapped < len(files)
         # Each deleted ciphertext left every file; each other one stays, in the files and readable.
         for minted, ciphertext in ciphertexts.items():
             assert (files_holding(tmp_path / "store", ciphertext) == []) == (minted in deleted), minted

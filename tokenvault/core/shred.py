@@ -32,6 +32,7 @@ of the processes (Python cannot wipe freed memory).
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -60,10 +61,10 @@ MAX_KEYS_PER_PASS = 100_000
 # that has at least SWEEP_MIN_FILES) costs about what a round of the sweep costs: the shredder sweeps
 # instead. Entries waiting during a sweep join it from SWEEP_JOIN_KEYS_PER_RANGE keys a range of its lap:
 # spread evenly (a token's rows are keyed by the token), k keys over f files hit 1 - e^(-k/f) of them,
-# three quarters at 1.4 a file.
+# SWEEP_FRACTION of them at -ln(1 - SWEEP_FRACTION) keys a file (about 1.4).
 SWEEP_MIN_FILES = 4
 SWEEP_FRACTION = 0.75
-SWEEP_JOIN_KEYS_PER_RANGE = 1.4
+SWEEP_JOIN_KEYS_PER_RANGE = -math.log(1.0 - SWEEP_FRACTION)
 POLL_SECONDS = 0.05
 PASS_LOG_SECONDS = 10.0  # shred.pass: one line at most this often
 # In a data directory whose store came from a snapshot that may hold rows deleted and not yet shredded (an
@@ -80,7 +81,7 @@ class ShredPass:
 
     through_index: int  # the highest entry the pass covered
     rows: int  # the keys its entries left (two a deleted token)
-    whole_store: bool  # it compacted the whole key space (past MAX_KEYS_PER_PASS keys, or after an install)
+    whole_store: bool  # a round of the sweep of the whole key space erased its entries
     store_seconds: float  # the flush and compactions
     rested_seconds: float  # the rests between its ranges ([shred] max_busy_fraction)
 
@@ -377,25 +378,20 @@ class Shredder:
         keys, self._running_low, finished, rows = self._take_pass()
         rested = 0.0
         started = time.monotonic()
-        ranges = await self._in_thread(self._store().prepare_shred, keys)
-        overlapped, files = await self._in_thread(self._store().bottom_files_overlapped, ranges)
+        plan = await self._in_thread(self._store().prepare_shred, keys)
         busy = time.monotonic() - started
-        if files >= SWEEP_MIN_FILES and overlapped >= SWEEP_FRACTION * files:
+        if plan.bottom_files >= SWEEP_MIN_FILES and plan.overlapped >= SWEEP_FRACTION * plan.bottom_files:
             # Its ranges would rewrite most of the store anyway: a sweep instead, from the start of the key
             # space (its entries are flushed), so that deletes that come meanwhile wait a round of it, not
             # the rest of this pass and all of the next.
-            self._marks.appendleft(_SweepMark(self._running_low, finished, rows, self._running_since, None,
-                                              wraps=False, whole_store=True, busy=busy))
-            self._running_low = self._running_since = None
+            self._give_way(finished, rows, True, busy, rested)
             return None
-        for number, (begin, end) in enumerate(ranges):
+        for number, (begin, end) in enumerate(plan.ranges):
             if number:
                 rested += await self._rest()
                 if self._whole_from is not None and begin is not None:
                     # Its keys below ``begin`` are compacted since its flush; the sweep takes the rest.
-                    self._marks.appendleft(_SweepMark(self._running_low, finished, rows, self._running_since,
-                                                      None, wraps=False, whole_store=False, busy=busy, rested=rested))
-                    self._running_low = self._running_since = None
+                    self._give_way(finished, rows, False, busy, rested)
                     return begin
             busy += await self._compact(begin, end)
         began = time.monotonic()
@@ -404,6 +400,14 @@ class Shredder:
         self._running_low = self._running_since = None
         await self._passed(ShredPass(finished, rows, False, busy, rested))
         return None
+
+    def _give_way(self, finished: int, rows: int, whole_store: bool, busy: float, rested: float) -> None:
+        """The targeted pass under way stops: its entries become the sweep's first mark, done once the sweep
+        (which starts at the pass's next range, or at the start of the key space) reaches the end of it."""
+        assert self._running_low is not None
+        self._marks.appendleft(_SweepMark(self._running_low, finished, rows, self._running_since, None,
+                                          wraps=False, whole_store=whole_store, busy=busy, rested=rested))
+        self._running_low = self._running_since = None
 
     async def _sweep(self, start: bytes | None) -> None:
         """Compact the whole key space a range at a time from ``start`` (None: its first key), wrapping
@@ -414,7 +418,7 @@ class Shredder:
             self._join_sweep()
             self._take_mark(start)
             began = time.monotonic()
-            lap = await self._in_thread(self._store().prepare_shred, None)
+            lap = (await self._in_thread(self._store().prepare_shred, None)).ranges
             busy = time.monotonic() - began
             self._lap_ranges = len(lap)
             for number, (begin, end) in enumerate(_ranges_from(lap, start)):

@@ -45,7 +45,7 @@ import os
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Concatenate, Literal, ParamSpec, TypeVar
+from typing import Any, Concatenate, Literal, NamedTuple, ParamSpec, TypeVar
 
 from rocksdict import (
     BottommostLevelCompaction,
@@ -77,7 +77,7 @@ from tokenvault.core.store_layout import (
     age_created_at, age_key, api_key_value, bottom_files, bounded, damage, database_options, decode_epoch,
     decode_life, decode_meta, encode_meta, epoch_key, first_key, format_token_key, identity_key,
     json_bytes, life_rows, lookup_format_tokens, lookup_opaque, metadata_rows, open_database, pack, range_items,
-    range_keys, read_epochs, reason, shred_ranges, files_overlapped, token_key, unpack, whole_key_space_ranges)
+    files_overlapped, range_keys, read_epochs, reason, shred_ranges, token_key, unpack, whole_key_space_ranges)
 from tokenvault.core.store_lifecycle import (Batch, add_tokens, append_audit, apply_audit_trim, apply_delete,
                                              apply_destroy, apply_mappings, apply_purge_expired)
 from tokenvault.core.wal import fsync_directory
@@ -115,6 +115,16 @@ def _stops_when_damaged(method: Callable[Concatenate["VaultStore", _Arguments], 
 
 
 # ---------------------------------------------------------------- the store
+class ShredPlan(NamedTuple):
+    """What ``VaultStore.prepare_shred`` planned: the ranges to compact, in key order, how many of the
+    bottom level's table files they overlap (each one is rewritten), and how many there are (0: every
+    file is in level 0)."""
+
+    ranges: list[tuple[bytes | None, bytes | None]]
+    overlapped: int
+    bottom_files: int
+
+
 class VaultStore:
     """The applied state of one node.
 
@@ -522,34 +532,27 @@ class VaultStore:
         """Drop every older version of ``keys`` (rows deleted or rewritten) from RocksDB's files; None:
         of every key (the whole store is rewritten). ``prepare_shred``, then ``compact_for_shred`` of each
         range, then ``finish_shred``, at once; the node's shredder rests between the ranges instead."""
-        for begin, end in self.prepare_shred(keys):
+        for begin, end in self.prepare_shred(keys).ranges:
             self.compact_for_shred(begin, end)
         self.finish_shred()
 
-    def prepare_shred(self, keys: Iterable[bytes] | None) -> list[tuple[bytes | None, bytes | None]]:
+    def prepare_shred(self, keys: Iterable[bytes] | None) -> ShredPlan:
         """The first step of a shred: flush the memtable (RocksDB then deletes the WAL files that held
-        the old versions) and return the key ranges to compact down to the bottom level, where a
+        the old versions) and plan the key ranges to compact down to the bottom level, where a
         tombstone and what it covers are dropped together: those that hold ``keys`` (``shred_ranges``),
-        or, for None, the whole key space a bottom file at a time (``whole_key_space_ranges``). May run
-        in a worker thread."""
+        or, for None, the whole key space a bottom file at a time (``whole_key_space_ranges``), with how
+        many bottom files they overlap (the shredder sweeps instead of a pass that would rewrite most of
+        them). May run in a worker thread."""
         with self._checkpoint_lock:
             if self._closed:
                 raise StoreError("the store is closed")
             database = self._db
             database.flush()
             files = bottom_files(database)
-        return whole_key_space_ranges(files) if keys is None else list(shred_ranges(keys, files))
-
-    def bottom_files_overlapped(self, ranges: list[tuple[bytes, bytes]]) -> tuple[int, int]:
-        """How many of the table files of RocksDB's bottom level the ranges of ``prepare_shred`` overlap
-        (each is rewritten by their compactions), and how many there are (0: every file is in level 0):
-        the shredder sweeps the whole key space instead of a pass that would rewrite most of them anyway.
-        May run in a worker thread."""
-        with self._checkpoint_lock:
-            if self._closed:
-                raise StoreError("the store is closed")
-            files = bottom_files(self._db)
-        return files_overlapped(ranges, files), len(files)
+        if keys is None:
+            return ShredPlan(whole_key_space_ranges(files), len(files), len(files))
+        ranges: list[tuple[bytes | None, bytes | None]] = list(shred_ranges(keys, files))
+        return ShredPlan(ranges, files_overlapped(ranges, files), len(files))
 
     def flush_for_shred(self) -> None:
         """A sweep's flush before one of its ranges (``prepare_shred`` flushes before the first): the

@@ -450,16 +450,18 @@ def shred_ranges(keys: Iterable[bytes], bottom_files: Sequence[tuple[bytes, byte
     return [(group[0], group[-1] + b"\x00") for group in groups]
 
 
-def files_overlapped(ranges: Sequence[tuple[bytes, bytes]], bottom_files: Sequence[tuple[bytes, bytes]]) -> int:
+def files_overlapped(ranges: Sequence[tuple[bytes | None, bytes | None]],
+                     bottom_files: Sequence[tuple[bytes, bytes]]) -> int:
     """How many of ``bottom_files`` ((first key, last key), in key order) at least one of ``ranges`` ([begin,
     end)) overlaps: the bottom files a shred of those ranges rewrites."""
     starts = [first for first, _ in bottom_files]
     touched: set[int] = set()
     for begin, end in ranges:
-        # The files from the last that starts at or before ``begin`` to the last that starts before ``end``.
-        low = max(bisect.bisect_right(starts, begin) - 1, 0)
-        high = bisect.bisect_left(starts, end)
-        touched.update(number for number in range(low, high) if bottom_files[number][1] >= begin)
+        # The files from the last that starts at or before ``begin`` to the last that starts before ``end``
+        # (None: before every key, after every key).
+        low = 0 if begin is None else max(bisect.bisect_right(starts, begin) - 1, 0)
+        high = len(starts) if end is None else bisect.bisect_left(starts, end)
+        touched.update(number for number in range(low, high) if begin is None or bottom_files[number][1] >= begin)
     return len(touched)
 
 

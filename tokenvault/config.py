@@ -120,6 +120,8 @@ def split_host_port(name: str, address: str) -> tuple[str, int]:
 
 
 MAX_HTTP_WORKERS = 256
+# Each backup stream pins a checkpoint of the whole store on disk until it ends.
+MAX_BACKUP_STREAMS = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +139,12 @@ class HttpConfig:
     # (docs/security.md, "Unauthenticated and abusive traffic").
     max_body_reads: int = 256
     max_body_reads_per_key: int = 32
+    # Requests being worked on at once on the node, once their bodies are in memory (every request with
+    # a body; not /health, /metrics or a backup stream): past it 503 overloaded, Retry-After 1.
+    max_inflight_requests: int = 256
+    # Backup streams (GET /v1/admin/backup) at once on the node: each holds a checkpoint of the store
+    # (hard links) and a thread reading it; past it 503 backup-busy, Retry-After 5.
+    max_backup_streams: int = 1
     # HTTP worker processes sharing the port (tokenvault.api.workers): absent, the machine's cores
     # minus one (at least one); 0 keeps the whole node in one process (for debugging). The limits
     # above are the node's: each worker enforces its even share of them (docs/architecture.md).
@@ -159,6 +167,8 @@ class HttpConfig:
         _check_int("http.max_connections", self.max_connections, 1, 1_000_000)
         _check_int("http.max_body_reads", self.max_body_reads, 1, 1_000_000)
         _check_int("http.max_body_reads_per_key", self.max_body_reads_per_key, 1, self.max_body_reads)
+        _check_int("http.max_inflight_requests", self.max_inflight_requests, 1, 1_000_000)
+        _check_int("http.max_backup_streams", self.max_backup_streams, 1, MAX_BACKUP_STREAMS)
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,7 +20,6 @@ from tokenvault.api.httpserver import HttpServer
 from tokenvault.api.core_calls import CoreCalls
 from tokenvault.api.service import NodeService
 from tokenvault.api.workers import WorkerPool, WorkerStartError, default_worker_count
-from tokenvault.core.backup import DEFAULT_MAX_BACKUP_STREAMS
 from tokenvault.config import ConfigError, NodeConfig, load_config
 from tokenvault.core.incarnations import IncarnationError
 from tokenvault.core.loopwatch import LoopWatch
@@ -120,7 +119,7 @@ async def run_node(config: NodeConfig, config_path: Path | None = None) -> int:
     calls: CoreCalls | None = None
     if worker_count > 0 and config_path is not None:
         calls = CoreCalls(service, metrics, lambda: pool.channels() if pool is not None else [],
-                          max_backup_streams=DEFAULT_MAX_BACKUP_STREAMS)
+                          max_backup_streams=config.http.max_backup_streams)
         pool = WorkerPool(config_path, worker_count, calls, max_body_bytes=config.limits.max_body_bytes,
                           host=config.http.host, port=config.http.port)
         node.store.on_api_keys_changed = pool.push_keys

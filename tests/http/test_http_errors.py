@@ -431,9 +431,19 @@ async def test_unavailable_is_503_with_retry_after(
     assert int(response.headers["Retry-After"]) >= 1
 
 
-def test_the_in_flight_bound_defaults_to_256_requests_per_node() -> None:
-    """docs/api.md, limits: requests in progress per node (tokenize, detokenize, rotate), 256 by default."""
-    assert HttpLimits().max_inflight_requests == 256
+def test_the_in_flight_bound_defaults_to_256_requests_per_node_and_is_the_configs() -> None:
+    """docs/api.md, limits: requests in progress per node (every request with a body), 256 by default,
+    ``[http] max_inflight_requests``."""
+    from types import SimpleNamespace
+
+    from tokenvault.config import HttpConfig, LimitsConfig, RateLimitsConfig
+
+    def limits(http: HttpConfig) -> HttpLimits:
+        return HttpLimits.from_config(SimpleNamespace(limits=LimitsConfig(), http=http,
+                                                      rate_limits=RateLimitsConfig()))
+
+    assert HttpLimits().max_inflight_requests == 256 == limits(HttpConfig()).max_inflight_requests
+    assert limits(HttpConfig(max_inflight_requests=3)).max_inflight_requests == 3
 
 
 # Every route with a body but tokenize and detokenize (above), each of which takes an in-flight slot.

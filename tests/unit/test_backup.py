@@ -216,6 +216,28 @@ async def test_a_second_backup_while_one_streams_is_503_with_retry_after(tmp_pat
     await wait_until(lambda: work_dirs(service) == [], 10.0, "the checkpoints to be deleted")
 
 
+async def test_max_backup_streams_from_the_config_lets_that_many_stream_at_once(tmp_path: Path) -> None:
+    """docs/api.md, [http] max_backup_streams: that many backups stream at once, one more is backup-busy."""
+    from types import SimpleNamespace
+
+    from tokenvault.config import HttpConfig, LimitsConfig, RateLimitsConfig
+
+    config = SimpleNamespace(limits=LimitsConfig(), http=HttpConfig(max_backup_streams=2),
+                             rate_limits=RateLimitsConfig())
+    service = BackupService(CheckpointingStore(CHECKPOINT_FILES), tmp_path / BACKUP_WORK_DIR_NAME)
+    service.gate = asyncio.Event()
+    app = build_app(service, KEYS, HttpLimits.from_config(config), Metrics())  # type: ignore[arg-type]
+    async with http_client(app) as client:
+        first = await client.get("/v1/admin/backup", headers=bearer(ADMIN_KEY))
+        second = await client.get("/v1/admin/backup", headers=bearer(ADMIN_KEY))
+        assert (first.status, second.status) == (200, 200)
+        third = await client.get("/v1/admin/backup", headers=bearer(ADMIN_KEY))
+        assert third.status == 503 and third.headers["Retry-After"] == "5"
+        service.gate.set()
+        assert len(await first.read()) == len(await second.read()) == int(first.headers[HEADER_BYTES])
+    await wait_until(lambda: work_dirs(service) == [], 10.0, "the checkpoints to be deleted")
+
+
 async def test_a_client_that_goes_away_midway_releases_the_checkpoint(tmp_path: Path) -> None:
     service = BackupService(CheckpointingStore(BIG_CHECKPOINT_FILES), tmp_path / BACKUP_WORK_DIR_NAME)
     async with http_client(backup_app(service)) as client:

@@ -154,13 +154,17 @@ def test_each_worker_enforces_its_share_of_the_node_limits(monkeypatch: pytest.M
     # Whatever this machine's limit on open files (tests/unit/test_serve.py tests that bound).
     monkeypatch.setattr("tokenvault.api.http.connections_allowed", lambda: 1 << 30)
     config = SimpleNamespace(limits=LimitsConfig(),
-                             http=HttpConfig(max_connections=1000, max_body_reads=256, max_body_reads_per_key=32),
+                             http=HttpConfig(max_connections=1000, max_body_reads=256, max_body_reads_per_key=32,
+                                             max_inflight_requests=300, max_backup_streams=2),
                              rate_limits=RateLimitsConfig(tokenize_per_second=100, tokenize_burst=30))
     whole = HttpLimits.from_config(config)
     share = HttpLimits.from_config(config, share=3)
     assert (whole.max_connections, share.max_connections) == (1000, 334)
     assert (whole.max_body_reads, share.max_body_reads) == (256, 86)
     assert (whole.max_body_reads_per_key, share.max_body_reads_per_key) == (32, 11)
+    assert (whole.max_inflight_requests, share.max_inflight_requests) == (300, 100)
+    # Not shared: on a node of workers the core holds the backup bound for the whole node (CoreCalls).
+    assert (whole.max_backup_streams, share.max_backup_streams) == (2, 2)
     assert share.rate_limits["tokenize"].rate_per_second == pytest.approx(100 / 3)
     # Under a low limit on open files each process takes fewer connections than its share.
     monkeypatch.setattr("tokenvault.api.http.connections_allowed", lambda: 100)

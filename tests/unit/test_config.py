@@ -432,14 +432,17 @@ def test_connection_limits_and_rate_limits_have_documented_defaults_and_load() -
     assert (config.http.header_timeout_ms, config.http.body_timeout_ms) == (10_000, 10_000)
     assert (config.http.max_connections, config.http.max_body_reads, config.http.max_body_reads_per_key) == (
         1024, 256, 32)
+    assert (config.http.max_inflight_requests, config.http.max_backup_streams) == (256, 1)
     assert config.rate_limits == RateLimitsConfig()
     assert all(config.rate_limits.rate_and_burst(kind) == (0, 0) for kind in ("tokenize", "detokenize", "admin"))
     tuned = parse_config(MINIMAL + "\n[http]\nheader_timeout_ms = 500\nbody_timeout_ms = 750\nmax_connections = 64\n"
                          "max_body_reads = 8\nmax_body_reads_per_key = 2\n"
+                         "max_inflight_requests = 40\nmax_backup_streams = 3\n"
                          "[rate_limits]\ntokenize_per_second = 100\ntokenize_burst = 300\n"
                          "admin_per_second = 5\n")
     assert (tuned.http.header_timeout_ms, tuned.http.body_timeout_ms, tuned.http.max_connections) == (500, 750, 64)
     assert (tuned.http.max_body_reads, tuned.http.max_body_reads_per_key) == (8, 2)
+    assert (tuned.http.max_inflight_requests, tuned.http.max_backup_streams) == (40, 3)
     assert tuned.rate_limits.rate_and_burst("tokenize") == (100, 300)
     assert tuned.rate_limits.rate_and_burst("admin") == (5, 5)  # burst 0: one second's worth
     assert tuned.rate_limits.rate_and_burst("detokenize") == (0, 0)
@@ -456,6 +459,8 @@ def test_connection_limits_and_rate_limits_have_documented_defaults_and_load() -
         ("[http]\nmax_body_reads = 0", "http.max_body_reads must be between 1"),
         ("[http]\nmax_body_reads = 4\nmax_body_reads_per_key = 5",
          "http.max_body_reads_per_key must be between 1 and 4"),
+        ("[http]\nmax_inflight_requests = 0", "http.max_inflight_requests must be between 1 and 1000000"),
+        ("[http]\nmax_backup_streams = 17", "http.max_backup_streams must be between 1 and 16"),
         ("[rate_limits]\ntokenize_per_second = -1", "rate_limits.tokenize_per_second must be between 0"),
         ("[rate_limits]\nadmin_burst = true", "rate_limits.admin_burst must be an integer"),
         ("[rate_limits]\ndetokenize_per_second = 0.5", "rate_limits.detokenize_per_second must be an integer"),

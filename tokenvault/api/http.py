@@ -141,7 +141,6 @@ MAX_AUDIT_SEQ = 2**63 - 2
 
 IDEMPOTENCY_KEY_HEADER = "Idempotency-Key"
 REQUEST_ID_HEADER = "X-Request-Id"
-DEFAULT_MAX_INFLIGHT_REQUESTS = 256
 # Open files a node's process needs besides its HTTP connections: the store's table files, which
 # RocksDB keeps open (about 50 at 50 M tokens, and each worker's view of the store as many), the WAL,
 # the peer links, the workers' channels, the log; with room. A process whose limit on open files
@@ -173,8 +172,8 @@ class HttpLimits:
     max_items: int = 1000
     max_value_bytes: int = 4096
     max_body_bytes: int = 8 * 1024 * 1024
-    max_inflight_requests: int = DEFAULT_MAX_INFLIGHT_REQUESTS
-    max_backup_streams: int = backup.DEFAULT_MAX_BACKUP_STREAMS
+    max_inflight_requests: int = 256
+    max_backup_streams: int = 1
     backup_chunk_bytes: int = backup.BACKUP_CHUNK_BYTES
     header_timeout_seconds: float = 10.0
     body_timeout_seconds: float = 10.0
@@ -195,11 +194,11 @@ class HttpLimits:
                 raise ValueError(f"{name} must be positive")
 
     @classmethod
-    def from_config(cls, config: Any, *, max_inflight_requests: int = DEFAULT_MAX_INFLIGHT_REQUESTS,
-                    max_backup_streams: int = backup.DEFAULT_MAX_BACKUP_STREAMS, share: int = 1) -> HttpLimits:
+    def from_config(cls, config: Any, *, share: int = 1) -> HttpLimits:
         """The limits of one process serving ``1/share`` of the node: a node of W HTTP workers gives
         each worker an even share (rounded up) of every per-node bound and rate limit, so the node as a
-        whole holds them (tokenvault.api.workers; docs/architecture.md)."""
+        whole holds them (tokenvault.api.workers; docs/architecture.md). The backup-stream bound is
+        not shared: on a node of workers the core holds it for the whole node (CoreCalls)."""
         if share < 1:
             raise ValueError("share must be at least 1")
         limits, http = config.limits, config.http
@@ -208,8 +207,8 @@ class HttpLimits:
             max_items=limits.max_items,
             max_value_bytes=limits.max_value_bytes,
             max_body_bytes=limits.max_body_bytes,
-            max_inflight_requests=-(-max_inflight_requests // share),
-            max_backup_streams=max_backup_streams,
+            max_inflight_requests=-(-http.max_inflight_requests // share),
+            max_backup_streams=http.max_backup_streams,
             header_timeout_seconds=http.header_timeout_ms / 1000,
             body_timeout_seconds=http.body_timeout_ms / 1000,
             max_connections=min(-(-http.max_connections // share), connections_allowed()),
@@ -915,8 +914,6 @@ def create_app(
     config: NodeConfig,
     metrics: Metrics,
     *,
-    max_inflight_requests: int = DEFAULT_MAX_INFLIGHT_REQUESTS,
-    max_backup_streams: int = backup.DEFAULT_MAX_BACKUP_STREAMS,
     share: int = 1,
     node_metrics: Callable[[], Awaitable[str]] | None = None,
 ) -> HttpApp:
@@ -926,8 +923,7 @@ def create_app(
     ``node_metrics``: where a worker gets the node's whole exposition for ``GET /metrics``."""
     # Bootstrap keys from the config, plus the replicated runtime keys the node has applied.
     api_keys = auth.ApiKeyTable(config.api_keys, getattr(service, "api_key", None))
-    limits = HttpLimits.from_config(config, max_inflight_requests=max_inflight_requests,
-                                    max_backup_streams=max_backup_streams, share=share)
+    limits = HttpLimits.from_config(config, share=share)
     return build_app(service, api_keys, limits, metrics, node_metrics)
 
 

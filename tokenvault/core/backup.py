@@ -13,8 +13,8 @@ Three parts:
   of the store of the node the request reached and streams it. Every blocking
   step (the checkpoint, each 1 MiB read, the clean-up) runs in a worker
   thread, so the event loop never waits on the disk and writes go on while a
-  backup streams; at most ``max_backup_streams`` (default 1) run at a time per
-  node, further requests get 503 with ``Retry-After``. The checkpoint is
+  backup streams; at most ``[http] max_backup_streams`` (default 1) run at a
+  time per node, further requests get 503 with ``Retry-After``. The checkpoint is
   deleted when the response ends, fails, or the client goes away.
 - **Downloading** (``download_backup``, used by ``tokenvault admin backup``):
   prefers the primary (from ``/health``), writes ``FILE.partial`` (never a
@@ -66,7 +66,6 @@ from tokenvault.core.wal import WalFatal, WriteAheadLog, fsync_directory
 log = get_logger("tokenvault.core.backup")
 
 BACKUP_CHUNK_BYTES = 1024 * 1024
-DEFAULT_MAX_BACKUP_STREAMS = 1
 BACKUP_RETRY_AFTER_SECONDS = 5
 # Under the node's data directory: checkpoints being streamed (hard links into the store where the
 # file system allows, so they cost little space); removed when each stream ends.

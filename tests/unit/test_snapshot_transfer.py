@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -34,22 +33,23 @@ class NothingToShred:
         return True
 
 
-async def test_closing_while_a_checkpoint_is_being_taken_leaves_no_checkpoint_behind(tmp_path: Path) -> None:
+async def test_closing_while_a_checkpoint_is_being_taken_waits_off_the_loop_and_leaves_no_checkpoint_behind(tmp_path: Path) -> None:
     store = SlowCheckpointStore()
     offered: list[Any] = []
     transfers = SnapshotTransfers(tmp_path, lambda: store, lambda call: call(), lambda peer, message: True,
                                   NothingToShred())
     transfers.request("n2", lambda *offer: offered.append(offer) or True)
     assert await asyncio.to_thread(store.started.wait, 10.0)
-    # The checkpoint's thread finishes once close() has cancelled the transfer (its task is gone): its
-    # files are written anyway.
-    def release_once_cancelled() -> None:
-        deadline = time.monotonic() + 10.0
-        while transfers._tasks and time.monotonic() < deadline:
-            time.sleep(0.01)
-        store.release.set()
-
-    threading.Thread(target=release_once_cancelled).start()
-    await transfers.close()
+    closing = asyncio.create_task(transfers.close())
+    deadline = asyncio.get_running_loop().time() + 10.0
+    while transfers._tasks:  # close() cancels the transfer's task first
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.01)
+    # It then waits for the checkpoint's thread off the event loop: the loop goes on meanwhile.
+    for _ in range(5):
+        await asyncio.sleep(0.01)
+    assert not closing.done()
+    store.release.set()  # the thread finishes: its checkpoint's files are written anyway
+    await asyncio.wait_for(closing, 10.0)
     assert offered == []
     assert not (tmp_path / OUTGOING_DIRECTORY).exists()

@@ -215,6 +215,10 @@ class SnapshotTransfers:
         await cancel_and_wait(list(self._tasks))
         self.drop_sources()
         self._discard_stager()
+        # Off the loop: a checkpoint or a discard still running in the executor may take seconds.
+        await asyncio.to_thread(self._finish_closing)
+
+    def _finish_closing(self) -> None:
         self._executor.shutdown(wait=True)
         # A checkpoint whose creation was cancelled above was still written by its thread: remove it now
         # rather than at the next start (nothing is left to send or install).

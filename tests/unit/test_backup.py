@@ -33,7 +33,7 @@ from tokenvault.core.commands import RotateEpochCommand, encode_command
 from tokenvault.config import write_node_config
 from tokenvault.api.http import HttpApp, HttpLimits, build_app, http_server
 from tokenvault.metrics import Metrics
-from tokenvault.core.snapshots import SnapshotSource, stage_file
+from tokenvault.core.snapshots import PendingShred, SnapshotSource, stage_file
 from tokenvault.core.store import VaultStore
 from tokenvault.core.wal import WriteAheadLog
 
@@ -86,21 +86,19 @@ def real_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> CheckpointingSt
 class NothingToShred:
     """A node's shredder with nothing waiting (tokenvault.core.snapshots.ShredState)."""
 
-    def clean_mark(self) -> int | None:
-        return 0
+    pending: PendingShred | None = None
 
-    def clean_through(self, mark: int | None, index: int) -> bool:
-        return True
+    def shred_mark(self) -> None:
+        return None
+
+    def pending_through(self, mark: None, index: int) -> PendingShred | None:
+        return self.pending
 
 
 class DeletesWaiting(NothingToShred):
-    """A node's shredder with a delete waiting for its pass."""
+    """A node's shredder with a delete waiting for its pass, under a sweep (no keys known)."""
 
-    def clean_mark(self) -> int | None:
-        return None
-
-    def clean_through(self, mark: int | None, index: int) -> bool:
-        return False
+    pending = PendingShred(None)
 
 
 class BackupService:
@@ -418,7 +416,7 @@ def backup_file(tmp_path: Path) -> Path:
     from tokenvault.core.snapshots import take_checkpoint
 
     source = SnapshotSource.from_checkpoint(*take_checkpoint(CheckpointingStore(CHECKPOINT_FILES), tmp_path / "work"),
-                                            shred_pending=False)
+                                            None)
     path = tmp_path / "good.backup"
     with open(path, "wb") as handle:
         source.write_to(handle)
@@ -481,11 +479,14 @@ def test_a_non_empty_data_dir_is_refused_untouched(runner: CliRunner, backup_fil
     assert [path.name for path in data_dir.iterdir()] == ["precious"]
 
 
-@pytest.mark.parametrize("pending", [False, True], ids=["shredded", "deletes-waiting"])
-def test_cli_restore_of_a_backup_holding_rows_not_yet_shredded_records_a_whole_store_pass(
-        runner: CliRunner, tmp_path: Path, pending: bool) -> None:
+@pytest.mark.parametrize("pending", [None, PendingShred(None), PendingShred((b"Ttv1_a", b"Ttv1_b"))],
+                         ids=["shredded", "deletes-waiting", "keys-listed"])
+def test_cli_restore_of_a_backup_holding_rows_not_yet_shredded_records_the_pass_it_needs(
+        runner: CliRunner, tmp_path: Path, pending: PendingShred | None) -> None:
     """docs/api.md, backup: a restore from a backup whose manifest says shred_pending writes SHRED-WHOLE (the
-    node's first shred pass compacts its whole store) and says so; from one that does not, neither."""
+    node's first shred pass compacts its whole store), or SHRED-KEYS where the manifest lists the keys (a
+    pass of their ranges), and says so; from one that does not, neither."""
+    from tokenvault.core.shred import read_shred_keys
     from tokenvault.core.snapshots import take_checkpoint
     from tokenvault.crypto.keys import new_epoch_secret
 
@@ -495,7 +496,7 @@ def test_cli_restore_of_a_backup_holding_rows_not_yet_shredded_records_a_whole_s
     store.apply_batch([Entry(1, 1, EntryKind.COMMAND,
                              encode_command(RotateEpochCommand(1, wrapped, 1_000, None, None, None)))])
     backup = tmp_path / "taken.backup"
-    source = SnapshotSource.from_checkpoint(*take_checkpoint(store, tmp_path / "work"), shred_pending=pending)
+    source = SnapshotSource.from_checkpoint(*take_checkpoint(store, tmp_path / "work"), pending)
     with open(backup, "wb") as handle:
         source.write_to(handle)
     source.close()
@@ -504,8 +505,14 @@ def test_cli_restore_of_a_backup_holding_rows_not_yet_shredded_records_a_whole_s
     write_node_config(node_toml, config)
     result = runner.invoke(tokenvault, ["admin", "restore", "--backup", str(backup), "--config", str(node_toml)])
     assert result.exit_code == 0, result.output
-    assert ("compacts its whole store" in result.output) is pending
-    assert (config.data_dir / "SHRED-WHOLE").exists() is pending
+    whole = pending is not None and pending.keys is None
+    assert ("compacts its whole store" in result.output) is whole
+    assert (config.data_dir / "SHRED-WHOLE").exists() is whole
+    if pending is not None and pending.keys is not None:
+        assert "compacts the ranges of the 2 keys the backup lists" in result.output
+        assert read_shred_keys(config.data_dir) == (1, pending.keys)
+    else:
+        assert read_shred_keys(config.data_dir) is None
 
 
 def test_a_missing_backup_file_is_a_clear_error(runner: CliRunner, node_config: Path, tmp_path: Path) -> None:

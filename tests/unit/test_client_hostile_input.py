@@ -233,7 +233,7 @@ def write_store_backup(directory: Path, bad_api_key_row: bytes | None = None) ->
     try:
         if bad_api_key_row is not None:
             store._db[API_KEY_ROW + b"k_bad"] = bad_api_key_row
-        source = SnapshotSource.from_checkpoint(*take_checkpoint(store, directory / "work"), shred_pending=False)
+        source = SnapshotSource.from_checkpoint(*take_checkpoint(store, directory / "work"), None)
         path = directory / "store.backup"
         try:
             with open(path, "wb") as handle:

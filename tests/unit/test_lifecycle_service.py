@@ -119,11 +119,17 @@ async def restart_behind_the_log(cluster: Cluster, primary: RunningNode, stopped
     return restarted
 
 
-async def test_a_backup_that_installs_a_snapshot_holding_a_delete_not_yet_shredded_shreds_its_whole_store(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("listed", [True, False], ids=["keys-listed", "keys-past-the-bound"])
+async def test_a_backup_that_installs_a_snapshot_holding_a_delete_not_yet_shredded_shreds_those_rows(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, listed: bool) -> None:
     """docs/guarantees.md, delete: a primary's checkpoint is taken whatever its shredder still has to do, so a
     snapshot can hold the old bytes of a row deleted below its index, a delete the installing node never
-    applies. That node compacts its whole key space after the install (SHRED-WHOLE records it until done)."""
+    applies. The manifest lists the keys of such rows (its pass's two here), and the installing node
+    compacts their ranges after the install (SHRED-KEYS records it until done); past MAX_SHRED_KEYS it lists
+    none, and that node compacts its whole key space (SHRED-WHOLE)."""
+    if not listed:
+        monkeypatch.setattr(shred_module, "MAX_SHRED_KEYS", 1)
+    record = "SHRED-KEYS" if listed else "SHRED-WHOLE"
     cluster, primary, lagging = await cluster_with_a_stopped_backup(tmp_path)
     gate = threading.Event()
     try:
@@ -142,14 +148,17 @@ async def test_a_backup_that_installs_a_snapshot_holding_a_delete_not_yet_shredd
             lagging = await restart_behind_the_log(cluster, primary, lagging, logged)
             await wait_until(lambda: not files_holding(lagging.config.data_dir, ciphertext), 30,
                              "the installed store shredded")
-            # (The other backup's own pass of the delete logs shred.done too, by its key ranges.)
-            whole = await wait_until(lambda: [line["through_index"] for line in logged
-                                              if line["event"] == "shred.done" and line["whole_store"]], 10,
-                                     "the whole-key-space pass to be logged")
-        installed = next(line for line in logged if line["event"] == "snapshot.installed")
+            installed = next(line for line in logged if line["event"] == "snapshot.installed")
+            # (The other backup's own pass of the delete logs shred.done too, by its key ranges, below the
+            # snapshot's index.)
+            passes = await wait_until(lambda: [line["whole_store"] for line in logged if line["event"] == "shred.done"
+                                               and line["through_index"] == installed["index"]], 10,
+                                      "the installed snapshot's pass to be logged")
         assert installed["shred_pending"] is True  # the primary's checkpoint was taken with its pass held
-        assert whole == [installed["index"]]
-        await wait_until(lambda: not (lagging.config.data_dir / "SHRED-WHOLE").exists(), 10, "the record removed")
+        assert installed["shred_keys"] == (2 if listed else None)  # the token's row and its life row
+        assert passes == [not listed]
+        assert not (lagging.config.data_dir / ("SHRED-WHOLE" if listed else "SHRED-KEYS")).exists()
+        await wait_until(lambda: not (lagging.config.data_dir / record).exists(), 10, "the record removed")
         assert files_holding(primary.config.data_dir, ciphertext), "the primary's own pass was to be still held"
         assert await lagging.service.detokenize([token]) == [None]
     finally:
@@ -176,6 +185,7 @@ async def test_a_backup_that_installs_a_snapshot_whose_source_had_shredded_every
         assert installed["shred_pending"] is False
         assert lagging.node.shredder.hold_index() is None and not lagging.node.shredder.busy
         assert not (lagging.config.data_dir / "SHRED-WHOLE").exists()
+        assert not (lagging.config.data_dir / "SHRED-KEYS").exists() and installed["shred_keys"] is None
         assert not files_holding(lagging.config.data_dir, ciphertext)
         assert await lagging.service.detokenize([token]) == [None]
     finally:
@@ -183,11 +193,12 @@ async def test_a_backup_that_installs_a_snapshot_whose_source_had_shredded_every
 
 
 @pytest.mark.parametrize("held", [True, False], ids=["pass-held", "pass-done"])
-async def test_a_node_restored_from_a_backup_taken_before_a_delete_was_shredded_shreds_its_whole_store(
+async def test_a_node_restored_from_a_backup_taken_before_a_delete_was_shredded_shreds_those_rows(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, held: bool) -> None:
     """docs/architecture.md, backup and restore: a backup taken while a delete waited for its shred pass holds
-    the deleted row's bytes and says so (shred_pending); the node restored from it never applies that
-    delete, so the restore records a whole-key-space pass (SHRED-WHOLE) that the node does at its start.
+    the deleted row's bytes and says so (shred_pending), with the keys of the pass held (shred_keys); the
+    node restored from it never applies that delete, so the restore records a pass of those keys
+    (SHRED-KEYS) that the node does at its start.
     A backup taken after the pass holds no such bytes, says so, and records nothing."""
     from tokenvault.core.backup import restore_data_dir
 
@@ -219,36 +230,46 @@ async def test_a_node_restored_from_a_backup_taken_before_a_delete_was_shredded_
     target = dataclasses.replace(config, data_dir=tmp_path / "target" / "data")
     restored = restore_data_dir(path, target)
     assert restored.shred_pending is held
-    assert (target.data_dir / "SHRED-WHOLE").exists() is held
+    assert restored.shred_keys == (2 if held else None)  # the held pass's keys: the token's two rows
+    assert (target.data_dir / "SHRED-KEYS").exists() is held and not (target.data_dir / "SHRED-WHOLE").exists()
     if not held:  # what the flag claims is true: the backup holds none of the deleted row's bytes
         assert ciphertext not in path.read_bytes() and not files_holding(target.data_dir, ciphertext)
     with capture_logs() as logged:
         running = await start_node(target)
         try:
             await wait_until(lambda: not files_holding(target.data_dir, ciphertext)
-                             and not (target.data_dir / "SHRED-WHOLE").exists(), 30, "the restored store shredded")
+                             and not (target.data_dir / "SHRED-KEYS").exists(), 30, "the restored store shredded")
             await wait_until(running.is_primary, 10, "the restored node to lead")
             assert await running.service.detokenize([token]) == [None]
         finally:
             await running.close()
-    assert [line["whole_store"] for line in logged if line["event"] == "shred.done"] == ([True] if held else [])
+    assert [line["whole_store"] for line in logged if line["event"] == "shred.done"] == ([False] if held else [])
 
 
-@pytest.mark.parametrize("record", [b"7\n", b"not an index" * 100])
-async def test_a_whole_store_pass_recorded_before_a_restart_is_done_after_it(tmp_path: Path, record: bytes) -> None:
-    """SHRED-WHOLE left by an install whose pass a crash interrupted: the node's first pass after its start
-    compacts the whole key space and removes the record; a record that is not an index counts as one at
-    the store's applied index (the file is read bounded, as hostile)."""
+@pytest.mark.parametrize(("name", "record", "whole"), [
+    ("SHRED-WHOLE", b"7\n", True),
+    ("SHRED-WHOLE", b"not an index" * 100, True),
+    ("SHRED-KEYS", msgpack.packb([7, [b"Ttv1_x", b"LTtv1_x"]]), False),
+    ("SHRED-KEYS", b"\xc1 not msgpack", True),
+], ids=["whole", "whole-damaged", "keys", "keys-damaged"])
+async def test_a_pass_recorded_before_a_restart_is_done_after_it(tmp_path: Path, name: str, record: bytes,
+                                                                  whole: bool) -> None:
+    """SHRED-WHOLE or SHRED-KEYS left by an install whose pass a crash interrupted: the node's first pass after
+    its start compacts the whole key space, or the ranges of the recorded keys, and removes the record. Each
+    file is read bounded, as hostile: a SHRED-WHOLE that is not an index counts as one at the store's applied
+    index, and a SHRED-KEYS that does not decode makes that pass one of the whole key space."""
     config = make_configs(tmp_path, 1)[0]
     config.data_dir.mkdir(parents=True, exist_ok=True)
-    (config.data_dir / "SHRED-WHOLE").write_bytes(record)
+    (config.data_dir / name).write_bytes(record)
     with capture_logs() as logged:
         running = await start_node(config)
         try:
-            await wait_until(lambda: not (config.data_dir / "SHRED-WHOLE").exists(), 10, "the record removed")
+            records = [config.data_dir / "SHRED-WHOLE", config.data_dir / "SHRED-KEYS"]
+            await wait_until(lambda: not any(path.exists() for path in records)
+                             and running.node.shredder.hold_index() is None, 10, "the record removed")
         finally:
             await running.close()
-    assert [line["whole_store"] for line in logged if line["event"] == "shred.done"] == [True]
+    assert [line["whole_store"] for line in logged if line["event"] == "shred.done"] == [whole]
 
 
 async def test_card_and_digits_tokens_are_deleted_in_their_epoch_on_every_node_and_shredded(trio: Cluster) -> None:

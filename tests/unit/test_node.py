@@ -51,6 +51,8 @@ def rotate_payload(running: RunningNode, epoch: int) -> bytes:
 
 
 async def tokens_of(running: RunningNode, values: list[str], principal: str = "p") -> tuple[int, list[str]]:
+    # A node just elected proposes epoch 1 first: until it is applied a tokenize is 503 (no active epoch yet).
+    await wait_until(lambda: running.node.store.active_epoch() >= 1, 10, "an active epoch")
     outcome = await running.service.tokenize(principal, values, None)
     assert outcome.status == 200 and not outcome.replayed
     document = json.loads(outcome.body)

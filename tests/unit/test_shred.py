@@ -9,12 +9,14 @@ import asyncio
 import threading
 import time
 
+import msgpack
 import pytest
 from structlog.testing import capture_logs
 
 from tokenvault.core import shred
 from tokenvault.core.commands import Actor, DeleteTokensCommand
 from tokenvault.core.shred import Shredder, ShredPass, shred_keys
+from tokenvault.core.snapshots import PendingShred
 from tokenvault.core.store import ShredPlan
 
 ACTOR = Actor(name="ops", node="n1", request_id="r1")
@@ -274,50 +276,125 @@ async def test_after_a_snapshot_install_the_next_pass_compacts_the_whole_key_spa
     await shredder.close()
 
 
+def keys_of(*names: str) -> PendingShred:
+    return PendingShred(tuple(sorted(set(shred_keys(delete(*names))))))
+
+
 async def test_a_checkpoint_is_clean_only_if_no_delete_at_or_below_its_index_waited_ran_or_ended_a_pass_since_the_mark(
         ) -> None:
-    """clean_mark before a checkpoint, clean_through after it (a snapshot manifest's shred_pending): a delete
-    applied meanwhile at or below the checkpoint's index makes it not clean while it waits or runs, and
-    still after its pass ended (the pass may have ended after the checkpoint was taken); one above the
-    index does not count."""
+    """shred_mark before a checkpoint, pending_through after it (a snapshot manifest's shred_pending and
+    shred_keys): a delete applied meanwhile at or below the checkpoint's index makes it pending, with its
+    keys, while it waits or runs; once its pass ended (perhaps after the checkpoint was taken) its keys are
+    kept by no one, so rows may be anywhere; one above the index does not count."""
     shredder, store, wal = make_shredder(last_index=50)
-    mark = shredder.clean_mark()
-    assert mark is not None and shredder.clean_through(mark, 50)
+    mark = shredder.shred_mark()
+    assert shredder.pending_through(mark, 50) is None
     store.gate.clear()
     shredder.note(40, delete("a"))
-    assert shredder.clean_mark() is None  # a checkpoint taken now may hold the row
-    assert not shredder.clean_through(mark, 50) and shredder.clean_through(mark, 39)
+    assert shredder.shred_mark().keys == frozenset(keys_of("a").keys or ())  # a checkpoint now may hold them
+    assert shredder.pending_through(mark, 50) == keys_of("a") and shredder.pending_through(mark, 39) is None
     await until(lambda: len(store.passes) == 1, "its pass to start")
-    assert not shredder.clean_through(mark, 40) and shredder.clean_through(mark, 39)
+    running = shredder.shred_mark()
+    assert shredder.pending_through(mark, 40) == keys_of("a") and shredder.pending_through(mark, 39) is None
     store.gate.set()
     await until(lambda: shredder.passes == 1, "its pass to end")
-    assert not shredder.clean_through(mark, 50) and not shredder.clean_through(mark, 39)  # ended since the mark
-    after = shredder.clean_mark()
-    assert after is not None and shredder.clean_through(after, 50)
+    assert shredder.pending_through(mark, 50) == PendingShred(None)  # ended since the mark: keys unknown
+    assert shredder.pending_through(mark, 39) == PendingShred(None)
+    assert shredder.pending_through(running, 50) == keys_of("a")  # the mark kept them: those rows at most
+    after = shredder.shred_mark()
+    assert shredder.pending_through(after, 50) is None
+    await shredder.close()
+
+
+async def test_a_checkpoint_lists_the_keys_of_entries_waiting_and_running_up_to_the_bound_and_none_under_a_sweep(
+        monkeypatch) -> None:
+    """The keys of the pass under way and of the entries waiting at or below the checkpoint's index; more
+    than MAX_SHRED_KEYS, or entries the sweep holds (it keeps no keys), and rows may be anywhere."""
+    shredder, store, wal = make_shredder(last_index=60)
+    store.gate.clear()
+    shredder.note(40, delete("a"))
+    await until(lambda: len(store.passes) == 1, "a pass to start")
+    shredder.note(45, delete("b"))
+    shredder.note(55, delete("c"))
+    mark = shredder.shred_mark()
+    assert shredder.pending_through(mark, 50) == keys_of("a", "b", "c")  # the mark's, then those at or below
+    assert shredder._held_keys(50) == set(keys_of("a", "b").keys or ())
+    monkeypatch.setattr(shred, "MAX_SHRED_KEYS", 5)  # six keys held
+    assert shredder.shred_mark().keys is None and shredder.pending_through(mark, 50) == PendingShred(None)
+    monkeypatch.undo()
+    shredder.note_whole_store(60)
+    assert shredder.shred_mark().keys is None and shredder.pending_through(mark, 50) == PendingShred(None)
+    store.gate.set()
+    await shredder.close()
+
+
+async def test_keys_an_installed_snapshot_listed_wait_for_a_pass_by_their_ranges_through_its_index() -> None:
+    """note_keys: an install whose manifest listed its pending rows' keys gets a pass of those keys (not of
+    the whole key space), which covers the snapshot's index."""
+    reports: list[ShredPass] = []
+    shredder, store, wal = make_shredder(last_index=90, on_pass=reports.append)
+    shredder.note_keys(90, [b"Ttv1_x", b"LTtv1_x"])
+    await until(lambda: shredder.passes == 1, "the pass of the listed keys")
+    assert [sorted(keys or []) for keys, _ in store.passes] == [[b"LTtv1_x", b"Ttv1_x"]]
+    assert [(report.through_index, report.whole_store) for report in reports] == [(90, False)]
     await shredder.close()
 
 
 def test_the_whole_store_record_lasts_from_before_the_switch_until_a_whole_pass_through_its_index(tmp_path) -> None:
-    record = shred.WholeShredRecord(tmp_path)
-    assert record.recover(applied_index=10) is None
-    record.record(40)
+    record = shred.ShredRecord(tmp_path)
+    assert record.recover(applied_index=10) == (None, None)
+    record.record(40, PendingShred(None))
     assert (tmp_path / shred.SHRED_WHOLE_FILE).read_text() == "40\n"
     # A pass through a lower index, or one that was not of the whole store, does not end it.
     record.passed(ShredPass(through_index=39, rows=0, whole_store=True, store_seconds=0.0, rested_seconds=0.0))
     record.passed(ShredPass(through_index=45, rows=2, whole_store=False, store_seconds=0.0, rested_seconds=0.0))
     assert record.due == 40 and (tmp_path / shred.SHRED_WHOLE_FILE).exists()
     # A restart finds it; a store left below it (the switch never happened) is shredded through its own index.
-    assert shred.WholeShredRecord(tmp_path).recover(applied_index=55) == 40
-    assert shred.WholeShredRecord(tmp_path).recover(applied_index=30) == 30
+    assert shred.ShredRecord(tmp_path).recover(applied_index=55) == (40, None)
+    assert shred.ShredRecord(tmp_path).recover(applied_index=30) == (30, None)
     record.passed(ShredPass(through_index=40, rows=0, whole_store=True, store_seconds=0.0, rested_seconds=0.0))
     assert record.due is None and not (tmp_path / shred.SHRED_WHOLE_FILE).exists()
-    assert shred.WholeShredRecord(tmp_path).recover(applied_index=55) is None
+    assert shred.ShredRecord(tmp_path).recover(applied_index=55) == (None, None)
+
+
+def test_the_keys_record_lasts_until_a_pass_through_its_index_and_gathers_the_keys_still_due(
+        tmp_path, monkeypatch) -> None:
+    """SHRED-KEYS: written before the switch, found by a restart, ended by any pass through its index. A
+    second install before that pass keeps the first one's keys (a stop before its switch leaves the store
+    that needs them); past MAX_SHRED_KEYS in all, a whole-key-space pass is recorded instead."""
+    record = shred.ShredRecord(tmp_path)
+    record.record(40, PendingShred((b"Ta", b"Tb")))
+    assert not (tmp_path / shred.SHRED_WHOLE_FILE).exists()
+    assert shred.ShredRecord(tmp_path).recover(applied_index=55) == (None, (40, (b"Ta", b"Tb")))
+    assert shred.ShredRecord(tmp_path).recover(applied_index=30) == (None, (30, (b"Ta", b"Tb")))
+    record.passed(ShredPass(through_index=39, rows=2, whole_store=False, store_seconds=0.0, rested_seconds=0.0))
+    record.record(50, PendingShred((b"Tc", b"Ta")))
+    assert shred.ShredRecord(tmp_path).recover(applied_index=55) == (None, (50, (b"Ta", b"Tb", b"Tc")))
+    record.passed(ShredPass(through_index=49, rows=2, whole_store=True, store_seconds=0.0, rested_seconds=0.0))
+    assert (tmp_path / shred.SHRED_KEYS_FILE).exists()
+    record.passed(ShredPass(through_index=50, rows=2, whole_store=False, store_seconds=0.0, rested_seconds=0.0))
+    assert record.keys_due is None and not (tmp_path / shred.SHRED_KEYS_FILE).exists()
+    monkeypatch.setattr(shred, "MAX_SHRED_KEYS", 3)
+    record.record(60, PendingShred((b"Ta", b"Tb")))
+    record.record(70, PendingShred((b"Tc", b"Td")))
+    assert shred.ShredRecord(tmp_path).recover(applied_index=75) == (70, (60, (b"Ta", b"Tb")))
 
 
 @pytest.mark.parametrize("content", [b"not an index\n", b"-4\n", b"9" * 40])
 def test_a_damaged_whole_store_record_is_due_through_the_applied_index(tmp_path, content: bytes) -> None:
     (tmp_path / shred.SHRED_WHOLE_FILE).write_bytes(content)
-    assert shred.WholeShredRecord(tmp_path).recover(applied_index=77) == 77
+    assert shred.ShredRecord(tmp_path).recover(applied_index=77) == (77, None)
+
+
+@pytest.mark.parametrize("content", [b"\xc1", msgpack.packb([-1, [b"Ta"]]), msgpack.packb([4, [b"Ta", "Tb"]]),
+                                     msgpack.packb([4, [b""]]), msgpack.packb({"index": 4}),
+                                     b"\x00" * (shred.SHRED_KEYS_RECORD_MAX_BYTES + 1)])
+def test_a_damaged_keys_record_makes_a_whole_store_pass_due_through_the_applied_index(tmp_path, content) -> None:
+    (tmp_path / shred.SHRED_KEYS_FILE).write_bytes(content)
+    assert shred.ShredRecord(tmp_path).recover(applied_index=77) == (77, None)
+    # Recorded as a whole-key-space pass, so that the damaged record is not read again.
+    assert not (tmp_path / shred.SHRED_KEYS_FILE).exists()
+    assert shred.ShredRecord(tmp_path).recover(applied_index=80) == (77, None)
 
 
 # The whole key space of SweepStore, in three ranges (token rows start with "t", life rows with "Lt").

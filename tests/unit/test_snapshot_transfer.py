@@ -26,11 +26,11 @@ class SlowCheckpointStore:
 
 
 class NothingToShred:
-    def clean_mark(self) -> int | None:
+    def shred_mark(self) -> None:
         return None
 
-    def clean_through(self, mark: int | None, index: int) -> bool:
-        return True
+    def pending_through(self, mark: None, index: int) -> None:
+        return None
 
 
 async def test_closing_while_a_checkpoint_is_being_taken_waits_off_the_loop_and_leaves_no_checkpoint_behind(tmp_path: Path) -> None:

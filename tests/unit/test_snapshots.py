@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tokenvault.core.snapshots import (MAGIC, Manifest, SnapshotSource, SnapshotStager, SnapshotStreamError, stage_file,
+from tokenvault.core.snapshots import (MAGIC, MAX_SHRED_KEY_BYTES, MAX_SHRED_KEYS, Manifest, PendingShred,
+                                      SnapshotSource, SnapshotStager, SnapshotStreamError, stage_file,
                                       take_checkpoint)
 
 
@@ -28,7 +29,7 @@ class FakeStore:
 
 
 def make_source(tmp_path: Path, sizes: list[int]) -> SnapshotSource:
-    return SnapshotSource.from_checkpoint(*take_checkpoint(FakeStore(sizes), tmp_path / "work"), shred_pending=True)
+    return SnapshotSource.from_checkpoint(*take_checkpoint(FakeStore(sizes), tmp_path / "work"), PendingShred(None))
 
 
 def stream_of(source: SnapshotSource) -> bytes:
@@ -118,14 +119,29 @@ def test_hostile_headers_are_refused_before_anything_large_is_buffered(tmp_path:
             stager.write(0, data)
 
 
-@pytest.mark.parametrize("shred_pending", [True, False])
-def test_the_manifest_says_whether_the_checkpoint_may_hold_rows_not_yet_shredded(tmp_path: Path,
-                                                                                  shred_pending: bool) -> None:
-    source = SnapshotSource.from_checkpoint(*take_checkpoint(FakeStore([10, 20]), tmp_path / "work"),
-                                            shred_pending=shred_pending)
+@pytest.mark.parametrize("pending", [None, PendingShred(None), PendingShred((b"L1tv1_x", b"Ttv1_x"))],
+                         ids=["shredded", "anywhere", "keys"])
+def test_the_manifest_says_whether_the_checkpoint_may_hold_rows_not_yet_shredded_and_whose(
+        tmp_path: Path, pending: PendingShred | None) -> None:
+    source = SnapshotSource.from_checkpoint(*take_checkpoint(FakeStore([10, 20]), tmp_path / "work"), pending)
     stager = SnapshotStager(tmp_path / "stage", expected_total=source.total_bytes)
     stager.write(0, stream_of(source))
-    assert stager.finish().manifest.shred_pending is shred_pending
+    manifest = stager.finish().manifest
+    assert manifest.shred_pending is (pending is not None) and manifest.pending == pending
+
+
+def test_a_manifest_whose_keys_do_not_fit_its_bound_says_rows_may_wait_anywhere(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The files come first: keys that would take the manifest past MAX_MANIFEST_BYTES are left out, and the
+    manifest then says only that rows may wait (the installing node compacts its whole store)."""
+    from tokenvault.core import snapshots
+
+    keys = tuple(sorted(b"T" + bytes([number]) * 200 for number in range(1, 11)))
+    fits = SnapshotSource.from_checkpoint(*take_checkpoint(FakeStore([10]), tmp_path / "a"), PendingShred(keys))
+    assert fits.manifest.pending == PendingShred(keys)
+    monkeypatch.setattr(snapshots, "MAX_MANIFEST_BYTES", len(fits.manifest.encode()) - 1)
+    cut = SnapshotSource.from_checkpoint(*take_checkpoint(FakeStore([10]), tmp_path / "b"), PendingShred(keys))
+    assert cut.manifest.pending == PendingShred(None)
 
 
 def test_a_manifest_without_shred_pending_counts_as_pending_and_a_non_boolean_one_is_refused() -> None:
@@ -136,6 +152,30 @@ def test_a_manifest_without_shred_pending_counts_as_pending_and_a_non_boolean_on
     for value in (0, 1, "false", None):
         with pytest.raises(SnapshotStreamError, match="shred_pending"):
             Manifest.decode(msgpack.packb({**manifest, "shred_pending": value}))
+
+
+
+@pytest.mark.parametrize(("keys", "pending", "message"), [
+    ([b"Ta"] * 2, False, "nothing is pending"),
+    ("Ta", True, "not a list"),
+    ([b"Ta"] * (MAX_SHRED_KEYS + 1), True, "not a list of at most"),
+    ([b"Ta", "Tb"], True, "malformed shred key"),
+    ([b""], True, "malformed shred key"),
+    ([b"T" * (MAX_SHRED_KEY_BYTES + 1)], True, "not valid msgpack"),  # past the decoder's own bound
+])
+def test_a_manifest_with_malformed_shred_keys_is_refused(keys: object, pending: bool, message: str) -> None:
+    import msgpack
+    manifest = {"format": 1, "index": 1, "view": 1, "created_at_ms": 0, "files": [["a", 1, bytes(32)]],
+                "shred_pending": pending, "shred_keys": keys}
+    with pytest.raises(SnapshotStreamError, match=message):
+        Manifest.decode(msgpack.packb(manifest))
+
+
+def test_a_manifests_shred_keys_are_kept_sorted_and_once_each() -> None:
+    import msgpack
+    manifest = {"format": 1, "index": 1, "view": 1, "created_at_ms": 0, "files": [["a", 1, bytes(32)]],
+                "shred_pending": True, "shred_keys": [b"Tb", b"Ta", b"Tb"]}
+    assert Manifest.decode(msgpack.packb(manifest)).pending == PendingShred((b"Ta", b"Tb"))
 
 
 def test_a_file_name_with_a_path_in_it_is_refused(tmp_path: Path) -> None:

@@ -232,8 +232,10 @@ def admin_restore(backup_path: str, config_path: str) -> None:
                f"{restored.view}, {restored.token_count} tokens in {restored.epochs} epoch(s); start it with "
                f"'tokenvault serve --config {config_path}'")
     if restored.shred_pending:
-        click.echo("the backup may hold rows deleted and not yet shredded: the node's first shred pass compacts "
-                   "its whole store")
+        scope = ("its whole store" if restored.shred_keys is None
+                 else f"the ranges of the {restored.shred_keys} keys the backup lists")
+        click.echo(f"the backup may hold rows deleted and not yet shredded: the node's first shred pass compacts "
+                   f"{scope}")
 
 
 @admin.group()

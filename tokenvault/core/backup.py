@@ -56,7 +56,7 @@ from tokenvault.client.vault import AsyncClient, NoNodeAvailable, ProblemError, 
 from tokenvault.crypto.keys import CryptoError, KeyRing
 from tokenvault.errors import Unavailable
 from tokenvault.logs import get_logger
-from tokenvault.core.shred import record_whole_shred
+from tokenvault.core.shred import ShredRecord
 from tokenvault.core.snapshots import ShredState, SnapshotSource, StagedSnapshot, create_source, stage_file
 from tokenvault.core.store import VaultStore
 from tokenvault.core.store_files import fsync_tree
@@ -296,7 +296,8 @@ class RestoredNode:
     view: int
     epochs: int
     token_count: int
-    shred_pending: bool  # the backup's manifest said so: the node's first shred pass compacts its whole store
+    shred_pending: bool  # the backup's manifest said so: the node's first shred pass takes those rows
+    shred_keys: int | None  # how many keys the manifest listed for them; None: the node's whole store
 
 
 def _check_empty_data_dir(data_dir: Path) -> None:
@@ -335,10 +336,11 @@ def install_staged(staged: StagedSnapshot, config: Any, master_key: Any = None, 
         building = Path(tempfile.mkdtemp(prefix=f".{data_dir.name}.restoring-", dir=data_dir.parent))
         epochs, token_count = _install_store(building / STORE_DIR_NAME, staged, config, key, consume)
         _start_log_after(building / WAL_DIR_NAME, staged.index, staged.view, config)
-        if staged.manifest.shred_pending:
+        if (pending := staged.manifest.pending) is not None:
             # The backup may hold rows deleted and not yet shredded when it was taken; the restored node never
-            # applies those deletes, so its first shred pass compacts the whole key space.
-            record_whole_shred(building, staged.index)
+            # applies those deletes, so its first shred pass compacts their keys' ranges, or its whole key
+            # space when the manifest does not list them.
+            ShredRecord(building).record(staged.index, pending)
         fsync_tree(building)
         if data_dir.exists():
             data_dir.rmdir()  # empty, checked above; rename() cannot replace it on every file system
@@ -352,8 +354,9 @@ def install_staged(staged: StagedSnapshot, config: Any, master_key: Any = None, 
             raise BackupError(f"cannot build the data directory of {config.node_id} in {data_dir.parent}: "
                               f"{reason}") from None
         raise
+    keys = staged.manifest.shred_keys
     return RestoredNode(config.node_id, data_dir, staged.index, staged.view, epochs, token_count,
-                        staged.manifest.shred_pending)
+                        staged.manifest.shred_pending, None if keys is None else len(keys))
 
 
 def _install_store(store_dir: Path, staged: StagedSnapshot, config: Any, master_key: Any, consume: bool) -> tuple[int, int]:

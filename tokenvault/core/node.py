@@ -35,8 +35,9 @@ from protocol import (INITIAL_HARD_STATE, BackupLostEntries, BecamePrimary, Elec
                       ReplicaConfig, RestoredState, Role, SteppedDown)
 from tokenvault.config import ConfigError, NodeConfig, split_host_port
 from tokenvault.core import commands
-from tokenvault.core.shred import ShredPass, Shredder, WholeShredRecord
+from tokenvault.core.shred import ShredPass, ShredRecord, Shredder
 from tokenvault.core.snapshot_transfer import SnapshotTransfers
+from tokenvault.core.snapshots import PendingShred
 from tokenvault.core.store import VaultStore
 from tokenvault.core.store_files import STORE_DIRECTORY, PreparedInstall, replace_file
 from tokenvault.core.store_layout import (AUDIT_KIND, AUDIT_TRIM_KIND, CREATE_KEY_KIND, DELETE_KIND, DESTROY_KIND,
@@ -161,7 +162,7 @@ class Node:
         # until they catch up (tokenvault.core.store_reader), so they are told to.
         self.on_store_files_replaced: Callable[[], None] | None = None
         # The index through which a whole-key-space shred pass is due after a snapshot install (SHRED-WHOLE).
-        self.whole_shred = WholeShredRecord(self.data_dir)
+        self.shred_record = ShredRecord(self.data_dir)
         self.shredder = Shredder(lambda: self.store, self.wal, lambda error: self._fatal(error, task="shred"),
                                  on_pass=self._shred_passed, max_busy_fraction=config.shred.max_busy_fraction)
         self.restored = self._restored_state(recovered)
@@ -318,9 +319,13 @@ class Node:
             task = loop.create_task(coroutine, name=name)
             task.add_done_callback(self._on_task_ended)
             self._tasks.append(task)
-        self.shredder.note_recovered(self.recovered_log.entries, self.store.applied_index)
-        if (due := self.whole_shred.recover(self.store.applied_index)) is not None:
+        # The records first: they are at or below the store's index, and the shredder takes entries in log order.
+        due, keys_due = self.shred_record.recover(self.store.applied_index)
+        if keys_due is not None:
+            self.shredder.note_keys(keys_due[0], list(keys_due[1]))
+        if due is not None:
             self.shredder.note_whole_store(due)
+        self.shredder.note_recovered(self.recovered_log.entries, self.store.applied_index)
         log.info("node.started", members=[member.id for member in self.config.members],
                  http_port=self.config.http.port, peer_port=self.config.peer.port,
                  applied_index=self.store.applied_index, view=self.restored.hard_state.view)
@@ -645,20 +650,23 @@ class Node:
         self._release_reads()
         self._update_gauges()
 
-    def _switch_to_snapshot(self, prepared: PreparedInstall, index: int, view: int, shred_pending: bool) -> None:
+    def _switch_to_snapshot(self, prepared: PreparedInstall, index: int, view: int,
+                            pending: PendingShred | None) -> None:
         """In the driver: the verified, opened snapshot becomes the store, then the core follows it."""
         if self.store.applied_index >= index:
             # The log caught up meanwhile (a new primary's appends): the snapshot is not needed.
             self.snapshots.close_later(lambda: self.store.abort_install(prepared))
             self.replica.snapshot_failed(index, view)
             return
-        if shred_pending:
+        if pending is not None:
             # The snapshot's files may hold rows its source had deleted and not yet shredded (its manifest says
-            # so), whose deletes this node will never apply: a whole-key-space pass follows, recorded first so
-            # that a restart does it too.
-            self.whole_shred.record(index)
+            # so), whose deletes this node will never apply: a pass of their keys, or of the whole key space
+            # when the manifest does not list them, follows, recorded first so that a restart does it too.
+            self.shred_record.record(index, pending)
         old = self.store.commit_install(prepared)
-        if shred_pending:
+        if pending is not None and pending.keys is not None:
+            self.shredder.note_keys(index, list(pending.keys))
+        elif pending is not None:
             self.shredder.note_whole_store(index)
         self.removal_index = max(self.removal_index, index)
         self.snapshots.close_later(old)
@@ -667,12 +675,13 @@ class Node:
         self._store_files_replaced()
         self.replica.snapshot_installed(index, view, self.store.membership())
         log.info("snapshot.installed", index=index, view=view, tokens=self.store.token_count(),
-                 shred_pending=shred_pending)
+                 shred_pending=pending is not None,
+                 shred_keys=None if pending is None or pending.keys is None else len(pending.keys))
 
     def _shred_passed(self, done: ShredPass) -> None:
         self.metrics.observe_shred_pass(done.store_seconds, done.whole_store)
         self._store_files_replaced()
-        self.whole_shred.passed(done)
+        self.shred_record.passed(done)
 
     # ----------------------------------------------------------------- apply
     def _apply(self, entries: tuple[Entry, ...]) -> None:

@@ -43,7 +43,10 @@ from pathlib import Path
 from typing import TypeVar
 
 from protocol import Entry, EntryKind
+import msgpack
+
 from tokenvault.core import commands
+from tokenvault.core.snapshots import MAX_SHRED_KEY_BYTES, MAX_SHRED_KEYS, PendingShred
 from tokenvault.core.store import VaultStore
 from tokenvault.core.store_files import replace_file
 from tokenvault.core.store_layout import LIFE, delete_row_keys
@@ -70,9 +73,12 @@ PASS_LOG_SECONDS = 10.0  # shred.pass: one line at most this often
 # In a data directory whose store came from a snapshot that may hold rows deleted and not yet shredded (an
 # install, or a restore from a backup, whose manifest says shred_pending): the snapshot's index, written
 # before the store switches to it, removed once a whole-key-space pass through that index is done, so that
-# a restart meanwhile shreds the store too.
+# a restart meanwhile shreds the store too. When the manifest lists the keys of those rows (shred_keys),
+# SHRED_KEYS_FILE instead holds the index and the keys (msgpack), removed once a pass through it is done.
 SHRED_WHOLE_FILE = "SHRED-WHOLE"
 SHRED_WHOLE_RECORD_MAX_BYTES = 32
+SHRED_KEYS_FILE = "SHRED-KEYS"
+SHRED_KEYS_RECORD_MAX_BYTES = 64 + MAX_SHRED_KEYS * (MAX_SHRED_KEY_BYTES + 3)
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,31 +109,81 @@ def read_whole_shred(data_dir: Path, applied_index: int) -> int | None:
     return int(text) if text.isdigit() and len(text) <= 19 else applied_index
 
 
-class WholeShredRecord:
-    """A node's SHRED_WHOLE_FILE: the index through which a whole-key-space pass is due, kept on disk from
-    before the store switches to such a snapshot until a whole pass through it is done."""
+def record_shred_keys(data_dir: Path, index: int, keys: tuple[bytes, ...]) -> None:
+    """Durably record that a pass of ``keys`` through ``index`` is due (SHRED_KEYS_FILE)."""
+    replace_file(data_dir / SHRED_KEYS_FILE, msgpack.packb([index, list(keys)]), data_dir / (SHRED_KEYS_FILE + ".tmp"))
+
+
+def read_shred_keys(data_dir: Path) -> tuple[int, tuple[bytes, ...]] | None:
+    """The index and keys recorded by ``record_shred_keys``, else None. Read as hostile: bounded and checked;
+    a record that is not what it should be raises ValueError (the caller shreds the whole store instead)."""
+    try:
+        data = read_small_file(data_dir / SHRED_KEYS_FILE, SHRED_KEYS_RECORD_MAX_BYTES)
+    except FileNotFoundError:
+        return None
+    except FileTooLarge:
+        raise ValueError("the shred-keys record is too large") from None
+    try:
+        index, keys = msgpack.unpackb(data, raw=False, max_bin_len=MAX_SHRED_KEY_BYTES, max_array_len=MAX_SHRED_KEYS)
+    except Exception:
+        raise ValueError("the shred-keys record does not decode") from None
+    if (type(index) is not int or not 0 <= index < 2**63 or not isinstance(keys, list)
+            or any(type(key) is not bytes or not key for key in keys)):
+        raise ValueError("the shred-keys record is malformed")
+    return index, tuple(keys)
+
+
+class ShredRecord:
+    """A node's records of what the snapshot it installed (or the backup it was restored from) may hold
+    deleted and not yet shredded, each kept on disk from before the store switches to it until a pass
+    through its index is done: SHRED_WHOLE_FILE, a whole-key-space pass (``due``), and SHRED_KEYS_FILE, a
+    pass of the keys its manifest listed (``keys_due``)."""
 
     def __init__(self, data_dir: Path) -> None:
         self._data_dir = data_dir
         self.due: int | None = None
+        self.keys_due: tuple[int, tuple[bytes, ...]] | None = None
 
-    def recover(self, applied_index: int) -> int | None:
-        """At start-up: the index a pass is still due through, else None. An install that a stop interrupted
-        before its switch left the store below the record's index: the pass is due through the store's."""
+    def recover(self, applied_index: int) -> tuple[int | None, tuple[int, tuple[bytes, ...]] | None]:
+        """At start-up: the index a whole-key-space pass is still due through, and the index and keys of a
+        pass of keys still due (None each when none is). An install that a stop interrupted before its switch
+        left the store below a record's index: the pass is due through the store's. A damaged keys record
+        counts as a whole-key-space pass due."""
         recorded = read_whole_shred(self._data_dir, applied_index)
+        try:
+            keyed = read_shred_keys(self._data_dir)
+        except ValueError:  # the whole key space instead, recorded before the damaged record goes
+            keyed = None
+            recorded = applied_index if recorded is None else min(recorded, applied_index)
+            record_whole_shred(self._data_dir, recorded)
+            (self._data_dir / SHRED_KEYS_FILE).unlink()
         self.due = None if recorded is None else min(recorded, applied_index)
-        return self.due
+        self.keys_due = None if keyed is None else (min(keyed[0], applied_index), keyed[1])
+        return self.due, self.keys_due
 
-    def record(self, index: int) -> None:
-        """Before the store switches to a snapshot at ``index`` that may hold rows not yet shredded."""
-        record_whole_shred(self._data_dir, index)
-        self.due = index
+    def record(self, index: int, pending: PendingShred) -> None:
+        """Before the store switches to a snapshot at ``index`` that may hold ``pending``. Keys still due from
+        an earlier install join the new record (a stop before this switch leaves the old store, which may
+        still need them); more than MAX_SHRED_KEYS in all make it a whole-key-space pass."""
+        keys = pending.keys
+        if keys is not None and self.keys_due is not None:
+            keys = tuple(sorted(set(keys).union(self.keys_due[1])))
+        if keys is None or len(keys) > MAX_SHRED_KEYS:
+            record_whole_shred(self._data_dir, index)
+            self.due = index
+        else:
+            record_shred_keys(self._data_dir, index, keys)
+            self.keys_due = (index, keys)
 
     def passed(self, done: ShredPass) -> None:
-        """A pass ended: a whole-key-space one through the due index ends the record."""
+        """A pass ended: a whole-key-space one through the due index ends the whole record, any pass through
+        the keys record's index ends that one (passes take every entry waiting, the keys' among them)."""
         if done.whole_store and self.due is not None and done.through_index >= self.due:
             (self._data_dir / SHRED_WHOLE_FILE).unlink(missing_ok=True)
             self.due = None
+        if self.keys_due is not None and done.through_index >= self.keys_due[0]:
+            (self._data_dir / SHRED_KEYS_FILE).unlink(missing_ok=True)
+            self.keys_due = None
 
 
 def shred_keys(command: commands.Command) -> list[bytes]:
@@ -139,6 +195,15 @@ def shred_keys(command: commands.Command) -> list[bytes]:
     if type(command) is commands.DestroyEpochCommand:
         return [b"e" + command.epoch.to_bytes(8, "big")]
     return []
+
+
+@dataclass(frozen=True, slots=True)
+class ShredMark:
+    """The shredder as a checkpoint is about to be taken (``Shredder.shred_mark``)."""
+
+    passes: int  # passes and sweep marks done so far
+    noted: int  # the highest entry noted so far
+    keys: frozenset[bytes] | None  # the keys of every entry waiting or under a pass; None: not all known
 
 
 @dataclass(slots=True)
@@ -209,6 +274,7 @@ class Shredder:
         self._last_waiting = 0  # the highest entry waiting
         self._backlog_keys = 0
         self._running_low: int | None = None  # the lowest entry of the targeted pass under way
+        self._running_keys: list[list[bytes]] = []  # and its entries' keys (for a snapshot's manifest)
         # The sweep's marks not yet done, in log order (and in the order they get done).
         self._marks: deque[_SweepMark] = deque()
         self._lap_ranges: int | None = None  # how many ranges the sweep's last lap had
@@ -225,8 +291,12 @@ class Shredder:
     def note(self, index: int, command: commands.Command) -> None:
         """A shredding command was applied (or was found applied at start-up) at ``index``."""
         keys = shred_keys(command)
-        if not keys:
-            return
+        if keys:
+            self.note_keys(index, keys)
+
+    def note_keys(self, index: int, keys: list[bytes]) -> None:
+        """Rows of ``keys`` may hold deleted bytes from ``index`` on: a shredding command applied there, or a
+        snapshot installed there whose manifest listed them (or its record found at start-up)."""
         self._backlog_keys += len(keys)
         self._last_waiting = index
         if self._whole_from is None:
@@ -280,22 +350,45 @@ class Shredder:
             candidates.append(self._marks[0].low)
         return min(candidates) if candidates else None
 
-    def clean_mark(self) -> int | None:
-        """Before a checkpoint is taken: None when a delete or destroy waits or is being shredded (the
-        checkpoint may hold its rows), else a mark for ``clean_through``."""
-        return None if self.hold_index() is not None else self._store_passes
+    def shred_mark(self) -> ShredMark:
+        """Just before a checkpoint is taken; ``pending_through`` reads it after."""
+        keys = self._held_keys(None)
+        return ShredMark(self._store_passes, self._last_waiting, None if keys is None else frozenset(keys))
 
-    def clean_through(self, mark: int | None, index: int) -> bool:
-        """After a checkpoint at ``index`` was taken, ``mark`` from ``clean_mark`` before it: True only if every
-        delete and destroy at or below ``index`` had been shredded when it was taken. Nothing waited at the
-        mark; one applied since at or below ``index`` either waits or is being shredded (the hold is at or
-        below it) or went through a pass or mark that ended after the mark, perhaps after the checkpoint
-        (counted as not clean). Apply and ``note`` run in one step on the loop, so by now every entry at or
-        below ``index`` was noted."""
-        if mark is None or mark != self._store_passes:
-            return False
+    def pending_through(self, mark: ShredMark, index: int) -> PendingShred | None:
+        """After a checkpoint at ``index`` was taken, ``mark`` from ``shred_mark`` before it: None only if every
+        delete and destroy at or below ``index`` had been shredded when it was taken; else the keys of the
+        rows it may hold (those held at the mark, and those of entries at or below ``index`` held now), or,
+        when some are not known, PendingShred(None): anywhere.
+
+        Nothing held at the mark: one applied since at or below ``index`` either waits or is being shredded
+        (the hold is at or below it) or went through a pass or mark that ended after the mark, perhaps after
+        the checkpoint. Such a pass's keys are kept by no one once it ended, so when one ended and entries
+        were noted since the mark, the rows may be anywhere. Apply and ``note`` run in one step on the loop,
+        so by now every entry at or below ``index`` was noted."""
         hold = self.hold_index()
-        return hold is None or hold > index
+        if mark.keys == frozenset() and mark.passes == self._store_passes and (hold is None or hold > index):
+            return None
+        if mark.keys is None or (mark.passes != self._store_passes and self._last_waiting > mark.noted):
+            return PendingShred(None)
+        now = self._held_keys(index)
+        keys = None if now is None else mark.keys.union(now)
+        if not keys or len(keys) > MAX_SHRED_KEYS:
+            return PendingShred(None)
+        return PendingShred(tuple(sorted(keys)))
+
+    def _held_keys(self, through: int | None) -> set[bytes] | None:
+        """The keys of every entry waiting (at or below ``through``, when given) or under a targeted pass;
+        None when the sweep holds entries (it keeps no keys) or they are more than MAX_SHRED_KEYS."""
+        if self._sweeping():
+            return None
+        keys: set[bytes] = set()
+        waiting = (entry_keys for index, entry_keys in self._entries if through is None or index <= through)
+        for entry_keys in chain(self._running_keys, waiting):
+            keys.update(entry_keys)
+            if len(keys) > MAX_SHRED_KEYS:
+                return None
+        return keys
 
     @property
     def backlog_keys(self) -> int:
@@ -322,7 +415,8 @@ class Shredder:
     def _take_pass(self) -> tuple[Iterable[bytes], int, int, int]:
         """Every entry waiting: their keys (read in the shredder's thread, which sorts them), the lowest and
         highest entry, and how many keys they left."""
-        keys = chain.from_iterable([entry_keys for _, entry_keys in self._entries])
+        self._running_keys = [entry_keys for _, entry_keys in self._entries]
+        keys = chain.from_iterable(self._running_keys)
         taken = (keys, self._entries[0][0], self._last_waiting, self._backlog_keys)
         self._entries.clear()
         self._backlog_keys = 0
@@ -398,6 +492,7 @@ class Shredder:
         await self._in_thread(self._store().finish_shred)
         busy += time.monotonic() - began
         self._running_low = self._running_since = None
+        self._running_keys = []
         await self._passed(ShredPass(finished, rows, False, busy, rested))
         return None
 
@@ -408,6 +503,7 @@ class Shredder:
         self._marks.appendleft(_SweepMark(self._running_low, finished, rows, self._running_since, None,
                                           wraps=False, whole_store=whole_store, busy=busy, rested=rested))
         self._running_low = self._running_since = None
+        self._running_keys = []
 
     async def _sweep(self, start: bytes | None) -> None:
         """Compact the whole key space a range at a time from ``start`` (None: its first key), wrapping

@@ -37,10 +37,15 @@ from typing import Any
 from protocol import InstallSnapshot, Message, SnapshotChunk, SnapshotRead
 from tokenvault.futures import cancel_and_wait
 from tokenvault.logs import get_logger
-from tokenvault.core.snapshots import ShredState, SnapshotSource, SnapshotStager, StagedSnapshot, create_source
+from tokenvault.core.snapshots import (PendingShred, ShredState, SnapshotSource, SnapshotStager, StagedSnapshot,
+                                       create_source)
 from tokenvault.core.store_layout import SnapshotRejected, StoreError
 
 log = get_logger("snapshot")
+
+# Called in the driver once a verified snapshot is opened: (prepared install, index, view, what it may
+# hold deleted and not yet shredded by its source).
+Installed = Callable[[Any, int, int, PendingShred | None], None]
 
 OUTGOING_DIRECTORY = "snapshots-outgoing"
 INCOMING_DIRECTORY = "snapshot-incoming"
@@ -103,6 +108,7 @@ class SnapshotTransfers:
                 log.info("snapshot.sending", peer=peer, index=source.index, view=source.view,
                          bytes=source.total_bytes, files=len(source.manifest.files),
                          shred_pending=source.manifest.shred_pending,
+                         shred_keys=None if source.manifest.shred_keys is None else len(source.manifest.shred_keys),
                          prepare_seconds=round(time.monotonic() - started, 3))
             else:
                 self._close_source(source)
@@ -141,7 +147,7 @@ class SnapshotTransfers:
         self._executor.submit(source.close)
 
     # ------------------------------------------------------------ backup side
-    async def stage(self, chunks: tuple[SnapshotChunk, ...], installed: Callable[[Any, int, int, bool], None],
+    async def stage(self, chunks: tuple[SnapshotChunk, ...], installed: Installed,
                     failed: Callable[[int, int], None]) -> None:
         """Write chunks to the staging area in order; a complete stream starts its install."""
         for chunk in chunks:
@@ -173,7 +179,7 @@ class SnapshotTransfers:
         self._run_in_driver(lambda: failed(chunk.index, chunk.view))
 
     async def _install(self, stager: SnapshotStager, chunk: SnapshotChunk,
-                       installed: Callable[[Any, int, int, bool], None], failed: Callable[[int, int], None]) -> None:
+                       installed: Installed, failed: Callable[[int, int], None]) -> None:
         started = time.monotonic()
         try:
             staged: StagedSnapshot = await self._in_thread(stager.finish)
@@ -189,8 +195,8 @@ class SnapshotTransfers:
         log.info("snapshot.verified", index=chunk.index, bytes=chunk.total_bytes,
                  seconds=round(time.monotonic() - started, 3),
                  transfer_seconds=round(time.monotonic() - self._staging_started, 3))
-        shred_pending = staged.manifest.shred_pending
-        self._run_in_driver(lambda: installed(prepared, chunk.index, chunk.view, shred_pending))
+        pending = staged.manifest.pending
+        self._run_in_driver(lambda: installed(prepared, chunk.index, chunk.view, pending))
         self._executor.submit(stager.discard)
 
     def close_later(self, closer: Callable[[], None]) -> None:

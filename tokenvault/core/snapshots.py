@@ -10,6 +10,8 @@ compacted log, and is the file ``tokenvault admin backup`` writes. Layout::
         files: [[name, size, sha256 digest], ...],
         shred_pending: whether the checkpoint may hold rows deleted (or an epoch secret destroyed) at
             or below ``index`` and not yet shredded by its source (absent, as from a node before it: true)
+        shred_keys: with shred_pending, the store keys of those rows when its source knew them all and
+            they are at most MAX_SHRED_KEYS (absent: they may be anywhere in its key space)
     the files' bytes, whole and in manifest order
     trailer: sha256(every file's bytes in order, then the manifest bytes)   32 bytes
 
@@ -55,6 +57,12 @@ DIGEST_BYTES = 32
 # files at 50 M tokens, so 1 MiB leaves room for about 10,000 files.
 MAX_MANIFEST_BYTES = 1024 * 1024
 MAX_FILES = 10_000
+# A manifest lists the keys of the rows its checkpoint may hold deleted and not yet shredded, up to this
+# many (a deleted token leaves two, about 47 bytes each): the installing node then compacts only the
+# ranges that hold them, not its whole key space. More keys than this rewrite most of a large store
+# anyway (tokenvault/core/shred.py, SWEEP_FRACTION).
+MAX_SHRED_KEYS = 1024
+MAX_SHRED_KEY_BYTES = 256  # a store key is at most 134 bytes (a digits token's life row)
 MAX_FILE_BYTES = 1 << 40
 _FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 CHECKPOINT_DIRECTORY = "checkpoint"
@@ -73,26 +81,50 @@ class FileEntry:
 
 
 @dataclass(frozen=True, slots=True)
+class PendingShred:
+    """What a checkpoint may hold that its source had deleted (or destroyed) and not yet shredded: the rows
+    of ``keys`` (sorted, at most MAX_SHRED_KEYS), or rows anywhere in its key space when ``keys`` is None."""
+
+    keys: tuple[bytes, ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Manifest:
     index: int
     view: int
     created_at_ms: int
     files: tuple[FileEntry, ...]
     # The checkpoint may hold the old bytes of rows deleted at or below ``index`` that its source had not
-    # shredded yet: the node that installs it compacts its whole key space (docs/guarantees.md, delete).
+    # shredded yet: the node that installs it compacts the ranges of ``shred_keys`` or, when they are not
+    # listed, its whole key space (docs/guarantees.md, delete).
     shred_pending: bool = True
+    shred_keys: tuple[bytes, ...] | None = None
+
+    @classmethod
+    def of(cls, index: int, view: int, created_at_ms: int, files: tuple[FileEntry, ...],
+           pending: PendingShred | None) -> "Manifest":
+        """A manifest saying ``pending`` (None: its source had shredded every delete at or below ``index``)."""
+        return cls(index, view, created_at_ms, files, pending is not None, None if pending is None else pending.keys)
+
+    @property
+    def pending(self) -> PendingShred | None:
+        """What the checkpoint may hold deleted and not yet shredded; None when nothing."""
+        return PendingShred(self.shred_keys) if self.shred_pending else None
 
     def encode(self) -> bytes:
-        encoded: bytes = msgpack.packb({"format": FORMAT_VERSION, "index": self.index, "view": self.view,
-                                        "created_at_ms": self.created_at_ms,
-                                        "files": [[entry.name, entry.size, entry.sha256] for entry in self.files],
-                                        "shred_pending": self.shred_pending})
+        document = {"format": FORMAT_VERSION, "index": self.index, "view": self.view,
+                    "created_at_ms": self.created_at_ms,
+                    "files": [[entry.name, entry.size, entry.sha256] for entry in self.files],
+                    "shred_pending": self.shred_pending}
+        if self.shred_keys is not None:
+            document["shred_keys"] = list(self.shred_keys)
+        encoded: bytes = msgpack.packb(document)
         return encoded
 
     @classmethod
     def decode(cls, data: bytes) -> "Manifest":
         try:
-            document = msgpack.unpackb(data, raw=False, strict_map_key=True, max_bin_len=DIGEST_BYTES,
+            document = msgpack.unpackb(data, raw=False, strict_map_key=True, max_bin_len=MAX_SHRED_KEY_BYTES,
                                        max_str_len=256, max_array_len=MAX_FILES, max_map_len=16)
         except Exception:
             raise SnapshotStreamError("snapshot manifest is not valid msgpack") from None
@@ -124,10 +156,25 @@ class Manifest:
         shred_pending = document.get("shred_pending", True)  # a source before the field: assume rows wait
         if type(shred_pending) is not bool:
             raise SnapshotStreamError("snapshot manifest shred_pending is not a boolean")
-        return cls(numbers[0], numbers[1], numbers[2], tuple(entries), shred_pending)
+        return cls(numbers[0], numbers[1], numbers[2], tuple(entries), shred_pending,
+                   _decode_shred_keys(document.get("shred_keys"), shred_pending))
 
     def total_bytes(self, encoded_length: int) -> int:
         return len(MAGIC) + LENGTH_BYTES + encoded_length + sum(entry.size for entry in self.files) + DIGEST_BYTES
+
+
+def _decode_shred_keys(value: object, shred_pending: bool) -> tuple[bytes, ...] | None:
+    """A manifest's ``shred_keys``: absent, or with shred_pending a list of at most MAX_SHRED_KEYS store
+    keys of 1 to MAX_SHRED_KEY_BYTES bytes each (kept sorted and once each)."""
+    if value is None:
+        return None
+    if not shred_pending:
+        raise SnapshotStreamError("snapshot manifest lists shred_keys but says nothing is pending")
+    if not isinstance(value, list) or len(value) > MAX_SHRED_KEYS:
+        raise SnapshotStreamError(f"snapshot manifest shred_keys is not a list of at most {MAX_SHRED_KEYS} keys")
+    if any(type(key) is not bytes or not 0 < len(key) <= MAX_SHRED_KEY_BYTES for key in value):
+        raise SnapshotStreamError("snapshot manifest has a malformed shred key")
+    return tuple(sorted(set(value)))
 
 
 class SnapshotSource:
@@ -156,16 +203,18 @@ class SnapshotSource:
         return self.manifest.view
 
     @classmethod
-    def from_checkpoint(cls, directory: Path, index: int, view: int, shred_pending: bool) -> "SnapshotSource":
-        """Describe the checkpoint in ``directory`` (hashing every file); on failure the directory is removed."""
+    def from_checkpoint(cls, directory: Path, index: int, view: int,
+                        pending: PendingShred | None) -> "SnapshotSource":
+        """Describe the checkpoint in ``directory`` (hashing every file), saying ``pending`` (None: every
+        delete at or below ``index`` was shredded when it was taken); on failure the directory is removed."""
         try:
-            return cls._describe(directory, index, view, shred_pending)
+            return cls._describe(directory, index, view, pending)
         except BaseException:
             shutil.rmtree(directory, ignore_errors=True)
             raise
 
     @classmethod
-    def _describe(cls, directory: Path, index: int, view: int, shred_pending: bool) -> "SnapshotSource":
+    def _describe(cls, directory: Path, index: int, view: int, pending: PendingShred | None) -> "SnapshotSource":
         paths = sorted(path for path in directory.iterdir())
         if any(not path.is_file() or not _FILE_NAME.fullmatch(path.name) for path in paths):
             raise ValueError("a checkpoint holds plain files only")
@@ -180,8 +229,12 @@ class SnapshotSource:
                     whole.update(block)
                     size += len(block)
             entries.append(FileEntry(path.name, size, hasher.digest()))
-        manifest = Manifest(index, view, int(time.time() * 1000), tuple(entries), shred_pending)
+        manifest = Manifest.of(index, view, int(time.time() * 1000), tuple(entries), pending)
         encoded = manifest.encode()
+        if len(encoded) > MAX_MANIFEST_BYTES and manifest.shred_keys is not None:
+            # Room for the files first: without its keys the manifest says rows may wait anywhere.
+            manifest = Manifest.of(index, view, manifest.created_at_ms, tuple(entries), PendingShred(None))
+            encoded = manifest.encode()
         if len(encoded) > MAX_MANIFEST_BYTES:
             raise ValueError("checkpoint has too many files for one snapshot manifest")
         whole.update(encoded)
@@ -237,9 +290,9 @@ class StagedSnapshot:
 class ShredState(Protocol):
     """What a snapshot's source asks of its node's shredder (tokenvault/core/shred.py, Shredder)."""
 
-    def clean_mark(self) -> int | None: ...
+    def shred_mark(self) -> Any: ...
 
-    def clean_through(self, mark: int | None, index: int) -> bool: ...
+    def pending_through(self, mark: Any, index: int) -> PendingShred | None: ...
 
 
 def take_checkpoint(store: Any, work_directory: Path) -> tuple[Path, int, int]:
@@ -255,10 +308,11 @@ async def create_source(store: Any, work_directory: Path, shreds: ShredState,
                         in_thread: Callable[..., Awaitable[Any]]) -> SnapshotSource:
     """A checkpoint of ``store`` as a snapshot source, its blocking steps run by ``in_thread``; called on the
     event loop, which reads ``shreds`` just before and just after the checkpoint is taken, so that the
-    manifest says whether its files may hold rows deleted and not yet shredded (``shred_pending``)."""
-    mark = shreds.clean_mark()
+    manifest says whether its files may hold rows deleted and not yet shredded (``shred_pending``), and
+    whose (``shred_keys``) where the shredder knows."""
+    mark = shreds.shred_mark()
     directory, index, view = await in_thread(take_checkpoint, store, work_directory)
-    pending = not shreds.clean_through(mark, index)
+    pending = shreds.pending_through(mark, index)
     source: SnapshotSource = await in_thread(SnapshotSource.from_checkpoint, directory, index, view, pending)
     return source
 

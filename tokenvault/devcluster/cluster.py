@@ -692,8 +692,9 @@ def restore_cluster(directory: Path | str, backup_file: Path | str, master_key_f
         with staged_backup(Path(backup_file), directory.parent) as staged:
             report(f"backup {backup_file} verified: index {staged.index}, view {staged.view}")
             if staged.manifest.shred_pending:
-                report("it may hold rows deleted and not yet shredded: each node compacts its whole store when "
-                       "it starts")
+                keys = staged.manifest.shred_keys
+                scope = "its whole store" if keys is None else f"the ranges of the {len(keys)} keys it lists"
+                report(f"it may hold rows deleted and not yet shredded: each node compacts {scope} when it starts")
             spec, _ = init_cluster(directory, nodes, base_port, ports=ports, settings=settings,
                                    master_key=master_key)
             try:

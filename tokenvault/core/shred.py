@@ -42,9 +42,9 @@ from itertools import chain
 from pathlib import Path
 from typing import TypeVar
 
-from protocol import Entry, EntryKind
 import msgpack
 
+from protocol import Entry, EntryKind
 from tokenvault.core import commands
 from tokenvault.core.snapshots import MAX_SHRED_KEY_BYTES, MAX_SHRED_KEYS, PendingShred
 from tokenvault.core.store import VaultStore

@@ -333,22 +333,35 @@ def test_cli_backup_prefers_the_primary_verifies_and_renames(
     assert again.exit_code == 1 and "exists already" in again.output
 
 
-@pytest.mark.parametrize("pending", [False, True], ids=["shredded", "deletes-waiting"])
+class KeysWaiting(NothingToShred):
+    """A node's shredder with a delete's two rows waiting for a pass by key ranges (their keys known)."""
+
+    pending = PendingShred((b"LTtv1_a", b"Ttv1_a"))
+
+
+@pytest.mark.parametrize(("shreds", "pending", "keys"), [(NothingToShred(), False, None),
+                                                         (DeletesWaiting(), True, None),
+                                                         (KeysWaiting(), True, 2)],
+                         ids=["shredded", "deletes-waiting", "keys-waiting"])
 def test_cli_backup_says_whether_the_backup_may_hold_rows_deleted_and_not_yet_shredded(
-        runner: CliRunner, real_checkpoint: CheckpointingStore, tmp_path: Path, pending: bool) -> None:
-    """docs/api.md, backup: the manifest's shred_pending, from the node's shredder, in the summary and --json."""
-    service = BackupService(real_checkpoint, tmp_path / "n1" / BACKUP_WORK_DIR_NAME,
-                            shreds=DeletesWaiting() if pending else NothingToShred())
+        runner: CliRunner, real_checkpoint: CheckpointingStore, tmp_path: Path, shreds: NothingToShred,
+        pending: bool, keys: int | None) -> None:
+    """docs/api.md, backup: the manifest's shred_pending, from the node's shredder, and how many keys of
+    those rows it lists (shred_keys), in the summary and --json."""
+    service = BackupService(real_checkpoint, tmp_path / "n1" / BACKUP_WORK_DIR_NAME, shreds=shreds)
     with ThreadedServer(service) as server:
         for number, extra in enumerate(([], ["--json"])):
             result = runner.invoke(tokenvault, ["admin", "backup", "--url", server.url, "--api-key", ADMIN_KEY,
                                                 "--out", str(tmp_path / f"{number}.backup"), *extra])
             assert result.exit_code == 0, result.output
             if extra:
-                assert json.loads(result.stdout.splitlines()[-1])["shred_pending"] is pending
+                summary = json.loads(result.stdout.splitlines()[-1])
+                assert (summary["shred_pending"], summary["shred_keys"]) == (pending, keys)
             else:
                 assert ("not shredded yet" in result.stdout) is pending
-    assert verify_backup_file(tmp_path / "0.backup").shred_pending is pending
+                assert ("the rows of 2 keys it lists" in result.stdout) is (keys is not None)
+    verified = verify_backup_file(tmp_path / "0.backup")
+    assert (verified.shred_pending, verified.shred_keys) == (pending, keys)
 
 
 def test_cli_backup_from_a_backup_node_when_asked(

@@ -193,7 +193,7 @@ def admin_backup(connection: Connection, out_path: str, prefer: str, read_timeou
     document = {"file": str(result.path), "node_id": result.node_id, "role": result.role, "url": result.url,
                 "index": result.index, "view": result.view, "bytes": result.size_bytes,
                 "token_count": result.token_count, "seconds": round(result.seconds, 3),
-                "shred_pending": result.shred_pending}
+                "shred_pending": result.shred_pending, "shred_keys": result.shred_keys}
     if as_json:
         click.echo(json.dumps(document))
         return
@@ -201,8 +201,10 @@ def admin_backup(connection: Connection, out_path: str, prefer: str, read_timeou
     click.echo(f"backup of {result.node_id} ({result.role}) at index {result.index}, view {result.view}: "
                f"{result.size_bytes} bytes{tokens} in {result.seconds:.1f} s, verified -> {result.path}")
     if result.shred_pending:
-        click.echo("it may hold the bytes of tokens deleted (or epochs destroyed) that the node had not shredded "
-                   "yet: keep it as you keep the values themselves")
+        rows = ("" if result.shred_keys is None
+                else f" (the rows of {result.shred_keys} keys it lists, which a node restored from it shreds first)")
+        click.echo(f"it may hold the bytes of tokens deleted (or epochs destroyed) that the node had not shredded "
+                   f"yet{rows}: keep it as you keep the values themselves")
 
 
 @admin.command("restore")

@@ -239,6 +239,11 @@ class VerifiedBackup:
     file_count: int
     token_count: int | None
     shred_pending: bool  # it may hold rows deleted and not yet shredded when it was taken (its manifest)
+    shred_keys: int | None  # how many keys of those rows the manifest lists; None: none listed
+
+
+def _count(keys: tuple[bytes, ...] | None) -> int | None:
+    return None if keys is None else len(keys)
 
 
 def _staged_summary(staged: StagedSnapshot, size_bytes: int) -> VerifiedBackup:
@@ -247,7 +252,8 @@ def _staged_summary(staged: StagedSnapshot, size_bytes: int) -> VerifiedBackup:
     return VerifiedBackup(index=staged.index, view=staged.view, size_bytes=size_bytes,
                           file_count=len(staged.manifest.files),
                           token_count=token_count if isinstance(token_count, int) else None,
-                          shred_pending=staged.manifest.shred_pending)
+                          shred_pending=staged.manifest.shred_pending,
+                          shred_keys=_count(staged.manifest.shred_keys))
 
 
 @contextlib.contextmanager
@@ -354,9 +360,8 @@ def install_staged(staged: StagedSnapshot, config: Any, master_key: Any = None, 
             raise BackupError(f"cannot build the data directory of {config.node_id} in {data_dir.parent}: "
                               f"{reason}") from None
         raise
-    keys = staged.manifest.shred_keys
     return RestoredNode(config.node_id, data_dir, staged.index, staged.view, epochs, token_count,
-                        staged.manifest.shred_pending, None if keys is None else len(keys))
+                        staged.manifest.shred_pending, _count(staged.manifest.shred_keys))
 
 
 def _install_store(store_dir: Path, staged: StagedSnapshot, config: Any, master_key: Any, consume: bool) -> tuple[int, int]:
@@ -423,6 +428,7 @@ class DownloadedBackup:
     seconds: float
     token_count: int | None
     shred_pending: bool
+    shred_keys: int | None
 
 
 async def order_by_role(urls: Sequence[str], prefer: str, health: Callable[[str], Any]) -> list[str]:
@@ -573,7 +579,7 @@ async def _finish_download(received: _Received, partial: Path, destination: Path
     fsync_directory(destination.parent)
     return DownloadedBackup(destination, received.url, received.node_id, received.role, received.index,
                             received.view, received.size_bytes, time.monotonic() - started,
-                            verified.token_count, verified.shred_pending)
+                            verified.token_count, verified.shred_pending, verified.shred_keys)
 
 
 async def _problem_document(response: Any) -> dict[str, Any]:

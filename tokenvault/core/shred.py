@@ -284,7 +284,7 @@ class Shredder:
         self._task: asyncio.Task[None] | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shred")
         self.passes = 0  # times the log was dropped through every entry shredded, for tests and the log
-        self._store_passes = 0  # passes and sweep marks done (for clean_mark / clean_through)
+        self._store_passes = 0  # passes and sweep marks done (for shred_mark / pending_through)
         self._pass_logged_at = float("-inf")
         self._unlogged_passes = self._unlogged_rows = 0  # passes behind a backlog since the last shred.pass
 

@@ -177,6 +177,21 @@ def test_tokenvault_key_dir_names_the_key_directory_but_not_one_inside_the_clust
     assert cluster.default_master_key_file() == Path.cwd() / ".cluster.keys" / "master.key"
 
 
+def test_the_default_cluster_and_key_directories_are_ignored_by_git(monkeypatch: pytest.MonkeyPatch) -> None:
+    """./run_cluster.sh start in a checkout writes the nodes' data to ./.cluster and the master key to
+    ./.cluster.keys: a `git add -A` must pick up neither (a 2026-12-07 commit once took the key in)."""
+    from tokenvault.devcluster.cluster_spec import default_cluster_directory, key_directory
+
+    monkeypatch.delenv("TOKENVAULT_CLUSTER_DIR", raising=False)
+    monkeypatch.delenv("TOKENVAULT_KEY_DIR", raising=False)
+    root = Path(__file__).resolve().parents[2]
+    monkeypatch.chdir(root)
+    ignored = (root / ".gitignore").read_text().splitlines()
+    cluster_directory = default_cluster_directory({})
+    for directory in (cluster_directory, key_directory(cluster_directory, {})):
+        assert directory.parent == root and f"{directory.name}/" in ignored, directory
+
+
 def test_a_key_directory_outlives_its_cluster_and_refuses_another_key(cluster_directory: Path) -> None:
     cluster.init_cluster(cluster_directory, 1, 9300)
     key_hex = key_file(cluster_directory).read_text()

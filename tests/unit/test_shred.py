@@ -342,7 +342,7 @@ async def test_keys_an_installed_snapshot_listed_wait_for_a_pass_by_their_ranges
 
 def test_the_whole_store_record_lasts_from_before_the_switch_until_a_whole_pass_through_its_index(tmp_path) -> None:
     record = shred.ShredRecord(tmp_path)
-    assert record.recover(applied_index=10) == (None, None)
+    assert record.recover(applied_index=10) == []
     record.record(40, PendingShred(None))
     assert (tmp_path / shred.SHRED_WHOLE_FILE).read_text() == "40\n"
     # A pass through a lower index, or one that was not of the whole store, does not end it.
@@ -350,11 +350,11 @@ def test_the_whole_store_record_lasts_from_before_the_switch_until_a_whole_pass_
     record.passed(ShredPass(through_index=45, rows=2, whole_store=False, store_seconds=0.0, rested_seconds=0.0))
     assert record.due == 40 and (tmp_path / shred.SHRED_WHOLE_FILE).exists()
     # A restart finds it; a store left below it (the switch never happened) is shredded through its own index.
-    assert shred.ShredRecord(tmp_path).recover(applied_index=55) == (40, None)
-    assert shred.ShredRecord(tmp_path).recover(applied_index=30) == (30, None)
+    assert shred.ShredRecord(tmp_path).recover(applied_index=55) == [(40, PendingShred(None))]
+    assert shred.ShredRecord(tmp_path).recover(applied_index=30) == [(30, PendingShred(None))]
     record.passed(ShredPass(through_index=40, rows=0, whole_store=True, store_seconds=0.0, rested_seconds=0.0))
     assert record.due is None and not (tmp_path / shred.SHRED_WHOLE_FILE).exists()
-    assert shred.ShredRecord(tmp_path).recover(applied_index=55) == (None, None)
+    assert shred.ShredRecord(tmp_path).recover(applied_index=55) == []
 
 
 def test_the_keys_record_lasts_until_a_pass_through_its_index_and_gathers_the_keys_still_due(
@@ -365,11 +365,11 @@ def test_the_keys_record_lasts_until_a_pass_through_its_index_and_gathers_the_ke
     record = shred.ShredRecord(tmp_path)
     record.record(40, PendingShred((b"Ta", b"Tb")))
     assert not (tmp_path / shred.SHRED_WHOLE_FILE).exists()
-    assert shred.ShredRecord(tmp_path).recover(applied_index=55) == (None, (40, (b"Ta", b"Tb")))
-    assert shred.ShredRecord(tmp_path).recover(applied_index=30) == (None, (30, (b"Ta", b"Tb")))
+    assert shred.ShredRecord(tmp_path).recover(applied_index=55) == [(40, PendingShred((b"Ta", b"Tb")))]
+    assert shred.ShredRecord(tmp_path).recover(applied_index=30) == [(30, PendingShred((b"Ta", b"Tb")))]
     record.passed(ShredPass(through_index=39, rows=2, whole_store=False, store_seconds=0.0, rested_seconds=0.0))
     record.record(50, PendingShred((b"Tc", b"Ta")))
-    assert shred.ShredRecord(tmp_path).recover(applied_index=55) == (None, (50, (b"Ta", b"Tb", b"Tc")))
+    assert shred.ShredRecord(tmp_path).recover(applied_index=55) == [(50, PendingShred((b"Ta", b"Tb", b"Tc")))]
     record.passed(ShredPass(through_index=49, rows=2, whole_store=True, store_seconds=0.0, rested_seconds=0.0))
     assert (tmp_path / shred.SHRED_KEYS_FILE).exists()
     record.passed(ShredPass(through_index=50, rows=2, whole_store=False, store_seconds=0.0, rested_seconds=0.0))
@@ -377,13 +377,13 @@ def test_the_keys_record_lasts_until_a_pass_through_its_index_and_gathers_the_ke
     monkeypatch.setattr(shred, "MAX_SHRED_KEYS", 3)
     record.record(60, PendingShred((b"Ta", b"Tb")))
     record.record(70, PendingShred((b"Tc", b"Td")))
-    assert shred.ShredRecord(tmp_path).recover(applied_index=75) == (70, (60, (b"Ta", b"Tb")))
+    assert shred.ShredRecord(tmp_path).recover(applied_index=75) == [(60, PendingShred((b"Ta", b"Tb"))), (70, PendingShred(None))]
 
 
 @pytest.mark.parametrize("content", [b"not an index\n", b"-4\n", b"9" * 40])
 def test_a_damaged_whole_store_record_is_due_through_the_applied_index(tmp_path, content: bytes) -> None:
     (tmp_path / shred.SHRED_WHOLE_FILE).write_bytes(content)
-    assert shred.ShredRecord(tmp_path).recover(applied_index=77) == (77, None)
+    assert shred.ShredRecord(tmp_path).recover(applied_index=77) == [(77, PendingShred(None))]
 
 
 @pytest.mark.parametrize("content", [b"\xc1", msgpack.packb([-1, [b"Ta"]]), msgpack.packb([4, [b"Ta", "Tb"]]),
@@ -391,10 +391,10 @@ def test_a_damaged_whole_store_record_is_due_through_the_applied_index(tmp_path,
                                      b"\x00" * (shred.SHRED_KEYS_RECORD_MAX_BYTES + 1)])
 def test_a_damaged_keys_record_makes_a_whole_store_pass_due_through_the_applied_index(tmp_path, content) -> None:
     (tmp_path / shred.SHRED_KEYS_FILE).write_bytes(content)
-    assert shred.ShredRecord(tmp_path).recover(applied_index=77) == (77, None)
+    assert shred.ShredRecord(tmp_path).recover(applied_index=77) == [(77, PendingShred(None))]
     # Recorded as a whole-key-space pass, so that the damaged record is not read again.
     assert not (tmp_path / shred.SHRED_KEYS_FILE).exists()
-    assert shred.ShredRecord(tmp_path).recover(applied_index=80) == (77, None)
+    assert shred.ShredRecord(tmp_path).recover(applied_index=80) == [(77, PendingShred(None))]
 
 
 # The whole key space of SweepStore, in three ranges (token rows start with "t", life rows with "Lt").

@@ -219,7 +219,7 @@ def admin_restore(backup_path: str, config_path: str) -> None:
     the replication log after the backup's index. Restore every node of a new cluster this way (or use
     './run_cluster.sh restore FILE'), then start them.
     """
-    from tokenvault.core.backup import BackupError, restore_data_dir
+    from tokenvault.core.backup import BackupError, restore_data_dir, shred_scope
     from tokenvault.config import ConfigError, load_config
 
     try:
@@ -234,10 +234,8 @@ def admin_restore(backup_path: str, config_path: str) -> None:
                f"{restored.view}, {restored.token_count} tokens in {restored.epochs} epoch(s); start it with "
                f"'tokenvault serve --config {config_path}'")
     if restored.shred_pending:
-        scope = ("its whole store" if restored.shred_keys is None
-                 else f"the ranges of the {restored.shred_keys} keys the backup lists")
         click.echo(f"the backup may hold rows deleted and not yet shredded: the node's first shred pass compacts "
-                   f"{scope}")
+                   f"{shred_scope(restored.shred_keys)}")
 
 
 @admin.group()

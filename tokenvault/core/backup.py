@@ -242,8 +242,10 @@ class VerifiedBackup:
     shred_keys: int | None  # how many keys of those rows the manifest lists; None: none listed
 
 
-def _count(keys: tuple[bytes, ...] | None) -> int | None:
-    return None if keys is None else len(keys)
+def shred_scope(key_count: int | None) -> str:
+    """What a node restored from a backup listing ``key_count`` pending keys (None: none listed) compacts
+    at its start, for the operator."""
+    return "its whole store" if key_count is None else f"the ranges of the {key_count} keys the backup lists"
 
 
 def _staged_summary(staged: StagedSnapshot, size_bytes: int) -> VerifiedBackup:
@@ -253,7 +255,7 @@ def _staged_summary(staged: StagedSnapshot, size_bytes: int) -> VerifiedBackup:
                           file_count=len(staged.manifest.files),
                           token_count=token_count if isinstance(token_count, int) else None,
                           shred_pending=staged.manifest.shred_pending,
-                          shred_keys=_count(staged.manifest.shred_keys))
+                          shred_keys=staged.manifest.shred_key_count)
 
 
 @contextlib.contextmanager
@@ -361,7 +363,7 @@ def install_staged(staged: StagedSnapshot, config: Any, master_key: Any = None, 
                               f"{reason}") from None
         raise
     return RestoredNode(config.node_id, data_dir, staged.index, staged.view, epochs, token_count,
-                        staged.manifest.shred_pending, _count(staged.manifest.shred_keys))
+                        staged.manifest.shred_pending, staged.manifest.shred_key_count)
 
 
 def _install_store(store_dir: Path, staged: StagedSnapshot, config: Any, master_key: Any, consume: bool) -> tuple[int, int]:

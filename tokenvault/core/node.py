@@ -161,7 +161,7 @@ class Node:
         # (an installed snapshot): the HTTP workers' views of the store still hold the old files open
         # until they catch up (tokenvault.core.store_reader), so they are told to.
         self.on_store_files_replaced: Callable[[], None] | None = None
-        # The index through which a whole-key-space shred pass is due after a snapshot install (SHRED-WHOLE).
+        # The shred passes due after a snapshot install until they are done (SHRED-WHOLE, SHRED-KEYS).
         self.shred_record = ShredRecord(self.data_dir)
         self.shredder = Shredder(lambda: self.store, self.wal, lambda error: self._fatal(error, task="shred"),
                                  on_pass=self._shred_passed, max_busy_fraction=config.shred.max_busy_fraction)
@@ -320,11 +320,8 @@ class Node:
             task.add_done_callback(self._on_task_ended)
             self._tasks.append(task)
         # The records first: they are at or below the store's index, and the shredder takes entries in log order.
-        due, keys_due = self.shred_record.recover(self.store.applied_index)
-        if keys_due is not None:
-            self.shredder.note_keys(keys_due[0], list(keys_due[1]))
-        if due is not None:
-            self.shredder.note_whole_store(due)
+        for index, pending in self.shred_record.recover(self.store.applied_index):
+            self.shredder.note_pending(index, pending)
         self.shredder.note_recovered(self.recovered_log.entries, self.store.applied_index)
         log.info("node.started", members=[member.id for member in self.config.members],
                  http_port=self.config.http.port, peer_port=self.config.peer.port,
@@ -664,10 +661,8 @@ class Node:
             # when the manifest does not list them, follows, recorded first so that a restart does it too.
             self.shred_record.record(index, pending)
         old = self.store.commit_install(prepared)
-        if pending is not None and pending.keys is not None:
-            self.shredder.note_keys(index, list(pending.keys))
-        elif pending is not None:
-            self.shredder.note_whole_store(index)
+        if pending is not None:
+            self.shredder.note_pending(index, pending)
         self.removal_index = max(self.removal_index, index)
         self.snapshots.close_later(old)
         self.keyring = self._keyring_of_store()
@@ -676,7 +671,7 @@ class Node:
         self.replica.snapshot_installed(index, view, self.store.membership())
         log.info("snapshot.installed", index=index, view=view, tokens=self.store.token_count(),
                  shred_pending=pending is not None,
-                 shred_keys=None if pending is None or pending.keys is None else len(pending.keys))
+                 shred_keys=None if pending is None else pending.key_count)
 
     def _shred_passed(self, done: ShredPass) -> None:
         self.metrics.observe_shred_pass(done.store_seconds, done.whole_store)

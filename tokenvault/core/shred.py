@@ -144,9 +144,9 @@ class ShredRecord:
         self.due: int | None = None
         self.keys_due: tuple[int, tuple[bytes, ...]] | None = None
 
-    def recover(self, applied_index: int) -> tuple[int | None, tuple[int, tuple[bytes, ...]] | None]:
-        """At start-up: the index a whole-key-space pass is still due through, and the index and keys of a
-        pass of keys still due (None each when none is). An install that a stop interrupted before its switch
+    def recover(self, applied_index: int) -> list[tuple[int, PendingShred]]:
+        """At start-up: the passes still due, each with the index it is due through (for
+        ``Shredder.note_pending``), in index order. An install that a stop interrupted before its switch
         left the store below a record's index: the pass is due through the store's. A damaged keys record
         counts as a whole-key-space pass due."""
         recorded = read_whole_shred(self._data_dir, applied_index)
@@ -159,7 +159,10 @@ class ShredRecord:
             (self._data_dir / SHRED_KEYS_FILE).unlink()
         self.due = None if recorded is None else min(recorded, applied_index)
         self.keys_due = None if keyed is None else (min(keyed[0], applied_index), keyed[1])
-        return self.due, self.keys_due
+        due = [] if self.due is None else [(self.due, PendingShred(None))]
+        if self.keys_due is not None:
+            due.append((self.keys_due[0], PendingShred(self.keys_due[1])))
+        return sorted(due, key=lambda item: item[0])
 
     def record(self, index: int, pending: PendingShred) -> None:
         """Before the store switches to a snapshot at ``index`` that may hold ``pending``. Keys still due from
@@ -293,6 +296,14 @@ class Shredder:
         keys = shred_keys(command)
         if keys:
             self.note_keys(index, keys)
+
+    def note_pending(self, index: int, pending: PendingShred) -> None:
+        """A snapshot whose manifest says ``pending`` was installed at ``index``, or its record was found at
+        start-up: a pass of the keys it lists, or of the whole key space when it lists none."""
+        if pending.keys is None:
+            self.note_whole_store(index)
+        else:
+            self.note_keys(index, list(pending.keys))
 
     def note_keys(self, index: int, keys: list[bytes]) -> None:
         """Rows of ``keys`` may hold deleted bytes from ``index`` on: a shredding command applied there, or a

@@ -108,7 +108,7 @@ class SnapshotTransfers:
                 log.info("snapshot.sending", peer=peer, index=source.index, view=source.view,
                          bytes=source.total_bytes, files=len(source.manifest.files),
                          shred_pending=source.manifest.shred_pending,
-                         shred_keys=None if source.manifest.shred_keys is None else len(source.manifest.shred_keys),
+                         shred_keys=source.manifest.shred_key_count,
                          prepare_seconds=round(time.monotonic() - started, 3))
             else:
                 self._close_source(source)

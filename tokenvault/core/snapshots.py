@@ -34,6 +34,7 @@ worker thread; ``create_source`` runs them there and reads the node's shredder o
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import re
@@ -87,6 +88,11 @@ class PendingShred:
 
     keys: tuple[bytes, ...] | None = None
 
+    @property
+    def key_count(self) -> int | None:
+        """How many keys are listed; None: none (the rows may be anywhere)."""
+        return None if self.keys is None else len(self.keys)
+
 
 @dataclass(frozen=True, slots=True)
 class Manifest:
@@ -94,30 +100,27 @@ class Manifest:
     view: int
     created_at_ms: int
     files: tuple[FileEntry, ...]
-    # The checkpoint may hold the old bytes of rows deleted at or below ``index`` that its source had not
-    # shredded yet: the node that installs it compacts the ranges of ``shred_keys`` or, when they are not
-    # listed, its whole key space (docs/guarantees.md, delete).
-    shred_pending: bool = True
-    shred_keys: tuple[bytes, ...] | None = None
-
-    @classmethod
-    def of(cls, index: int, view: int, created_at_ms: int, files: tuple[FileEntry, ...],
-           pending: PendingShred | None) -> "Manifest":
-        """A manifest saying ``pending`` (None: its source had shredded every delete at or below ``index``)."""
-        return cls(index, view, created_at_ms, files, pending is not None, None if pending is None else pending.keys)
+    # What the checkpoint may hold of rows deleted at or below ``index`` that its source had not shredded
+    # yet (None: nothing): the node that installs it compacts the ranges of its keys or, when they are not
+    # listed, its whole key space (docs/guarantees.md, delete). On the wire: shred_pending, shred_keys.
+    pending: PendingShred | None = PendingShred(None)
 
     @property
-    def pending(self) -> PendingShred | None:
-        """What the checkpoint may hold deleted and not yet shredded; None when nothing."""
-        return PendingShred(self.shred_keys) if self.shred_pending else None
+    def shred_pending(self) -> bool:
+        return self.pending is not None
+
+    @property
+    def shred_key_count(self) -> int | None:
+        """How many keys of those rows it lists; None: nothing pending, or none listed."""
+        return None if self.pending is None else self.pending.key_count
 
     def encode(self) -> bytes:
         document = {"format": FORMAT_VERSION, "index": self.index, "view": self.view,
                     "created_at_ms": self.created_at_ms,
                     "files": [[entry.name, entry.size, entry.sha256] for entry in self.files],
                     "shred_pending": self.shred_pending}
-        if self.shred_keys is not None:
-            document["shred_keys"] = list(self.shred_keys)
+        if self.pending is not None and self.pending.keys is not None:
+            document["shred_keys"] = list(self.pending.keys)
         encoded: bytes = msgpack.packb(document)
         return encoded
 
@@ -156,8 +159,8 @@ class Manifest:
         shred_pending = document.get("shred_pending", True)  # a source before the field: assume rows wait
         if type(shred_pending) is not bool:
             raise SnapshotStreamError("snapshot manifest shred_pending is not a boolean")
-        return cls(numbers[0], numbers[1], numbers[2], tuple(entries), shred_pending,
-                   _decode_shred_keys(document.get("shred_keys"), shred_pending))
+        keys = _decode_shred_keys(document.get("shred_keys"), shred_pending)
+        return cls(numbers[0], numbers[1], numbers[2], tuple(entries), PendingShred(keys) if shred_pending else None)
 
     def total_bytes(self, encoded_length: int) -> int:
         return len(MAGIC) + LENGTH_BYTES + encoded_length + sum(entry.size for entry in self.files) + DIGEST_BYTES
@@ -229,11 +232,11 @@ class SnapshotSource:
                     whole.update(block)
                     size += len(block)
             entries.append(FileEntry(path.name, size, hasher.digest()))
-        manifest = Manifest.of(index, view, int(time.time() * 1000), tuple(entries), pending)
+        manifest = Manifest(index, view, int(time.time() * 1000), tuple(entries), pending)
         encoded = manifest.encode()
-        if len(encoded) > MAX_MANIFEST_BYTES and manifest.shred_keys is not None:
+        if len(encoded) > MAX_MANIFEST_BYTES and manifest.shred_key_count is not None:
             # Room for the files first: without its keys the manifest says rows may wait anywhere.
-            manifest = Manifest.of(index, view, manifest.created_at_ms, tuple(entries), PendingShred(None))
+            manifest = dataclasses.replace(manifest, pending=PendingShred(None))
             encoded = manifest.encode()
         if len(encoded) > MAX_MANIFEST_BYTES:
             raise ValueError("checkpoint has too many files for one snapshot manifest")

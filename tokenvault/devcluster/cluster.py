@@ -668,7 +668,7 @@ def restore_cluster(directory: Path | str, backup_file: Path | str, master_key_f
     and every node's data directory filled from the backup. If anything fails
     before the nodes start, the directory is removed again.
     """
-    from tokenvault.core.backup import BackupError, install_staged, staged_backup
+    from tokenvault.core.backup import BackupError, install_staged, shred_scope, staged_backup
     from tokenvault.config import ConfigError, load_config
 
     directory = Path(directory).expanduser().absolute()
@@ -692,9 +692,8 @@ def restore_cluster(directory: Path | str, backup_file: Path | str, master_key_f
         with staged_backup(Path(backup_file), directory.parent) as staged:
             report(f"backup {backup_file} verified: index {staged.index}, view {staged.view}")
             if staged.manifest.shred_pending:
-                keys = staged.manifest.shred_keys
-                scope = "its whole store" if keys is None else f"the ranges of the {len(keys)} keys it lists"
-                report(f"it may hold rows deleted and not yet shredded: each node compacts {scope} when it starts")
+                report(f"it may hold rows deleted and not yet shredded: each node compacts "
+                       f"{shred_scope(staged.manifest.shred_key_count)} when it starts")
             spec, _ = init_cluster(directory, nodes, base_port, ports=ports, settings=settings,
                                    master_key=master_key)
             try:

@@ -446,6 +446,26 @@ def test_the_in_flight_bound_defaults_to_256_requests_per_node_and_is_the_config
     assert limits(HttpConfig(max_inflight_requests=3)).max_inflight_requests == 3
 
 
+def test_limits_built_without_a_config_are_those_of_a_config_that_leaves_them_out() -> None:
+    """An app built in-process (tests, tools) and a node started from a node.toml without [http] or
+    [limits] hold the same limits: HttpLimits takes its defaults from the config's."""
+    from dataclasses import asdict, replace
+    from types import SimpleNamespace
+
+    from tokenvault.api.http import connections_allowed
+    from tokenvault.config import HttpConfig, LimitsConfig, RateLimitsConfig
+
+    configured = HttpLimits.from_config(SimpleNamespace(limits=LimitsConfig(), http=HttpConfig(),
+                                                        rate_limits=RateLimitsConfig()))
+    built = HttpLimits()
+    # No rate limits: the config says so with a rate of 0 per kind, the bare limits by no bucket.
+    assert all(bucket.unlimited for bucket in configured.rate_limits.values())
+    assert built.rate_limits == {} and configured.key_rate_limits == {} == built.key_rate_limits
+    expected = asdict(replace(built, max_connections=min(built.max_connections, connections_allowed()),
+                              rate_limits=configured.rate_limits))
+    assert asdict(configured) == expected
+
+
 # Every route with a body but tokenize and detokenize (above), each of which takes an in-flight slot.
 BOUNDED_PATHS = ("/v1/admin/epochs", "/v1/admin/keys", "/v1/admin/keys/0123456789abcdef/revoke",
                  "/v1/admin/members", "/v1/admin/members/n2/promote", "/v1/admin/members/n2/remove",

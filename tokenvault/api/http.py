@@ -72,6 +72,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from tokenvault import auth
+from tokenvault.config import HttpConfig, LimitsConfig, NodeConfig
 from tokenvault.core import backup
 from tokenvault.core import commands
 from tokenvault.core.store_layout import MAX_AUDIT_PAGE, StoreDamaged
@@ -117,7 +118,6 @@ from tokenvault.crypto import formats
 from tokenvault.crypto.tokens import is_token
 
 if TYPE_CHECKING:
-    from tokenvault.config import NodeConfig
     from tokenvault.api.interface import VaultService
 
 ROUTE_HEALTH = "/health"
@@ -160,6 +160,9 @@ RATE_LIMIT_KIND_OF_SCOPE = {auth.TOKENIZE: ratelimit.TOKENIZE, auth.DETOKENIZE: 
 
 _log = get_logger("tokenvault.api.http")
 
+# A node built without a config file gets the limits of one whose file leaves them out.
+_DEFAULT_HTTP, _DEFAULT_LIMITS = HttpConfig(), LimitsConfig()
+
 
 @dataclass(frozen=True, slots=True)
 class HttpLimits:
@@ -169,17 +172,17 @@ class HttpLimits:
     ``key_rate_limits`` maps a key name to its own buckets by kind (absent: the default).
     """
 
-    max_items: int = 1000
-    max_value_bytes: int = 4096
-    max_body_bytes: int = 8 * 1024 * 1024
-    max_inflight_requests: int = 256
-    max_backup_streams: int = 1
+    max_items: int = _DEFAULT_LIMITS.max_items
+    max_value_bytes: int = _DEFAULT_LIMITS.max_value_bytes
+    max_body_bytes: int = _DEFAULT_LIMITS.max_body_bytes
+    max_inflight_requests: int = _DEFAULT_HTTP.max_inflight_requests
+    max_backup_streams: int = _DEFAULT_HTTP.max_backup_streams
     backup_chunk_bytes: int = backup.BACKUP_CHUNK_BYTES
-    header_timeout_seconds: float = 10.0
-    body_timeout_seconds: float = 10.0
-    max_connections: int = 1024
-    max_body_reads: int = 256
-    max_body_reads_per_key: int = 32
+    header_timeout_seconds: float = _DEFAULT_HTTP.header_timeout_ms / 1000
+    body_timeout_seconds: float = _DEFAULT_HTTP.body_timeout_ms / 1000
+    max_connections: int = _DEFAULT_HTTP.max_connections
+    max_body_reads: int = _DEFAULT_HTTP.max_body_reads
+    max_body_reads_per_key: int = _DEFAULT_HTTP.max_body_reads_per_key
     rate_limits: Mapping[str, ratelimit.BucketLimit] = field(default_factory=dict)
     key_rate_limits: Mapping[str, Mapping[str, ratelimit.BucketLimit]] = field(default_factory=dict)
 

@@ -25,6 +25,8 @@ from protocol import (INITIAL_HARD_STATE, ReplicaConfig, Replica, RestoredState,
 from protocol.codec import encode_body
 
 MEMBERS = ("n1", "n2", "n3")
+# A run that commits nothing for this many driver cycles is stuck (a message the loop never delivers).
+MAX_IDLE_CYCLES = 10_000
 
 
 def build_cluster() -> dict[str, Replica]:
@@ -35,10 +37,12 @@ def build_cluster() -> dict[str, Replica]:
 
 def elect(replicas: dict[str, Replica], inboxes: dict[str, deque], applied: dict[str, int], codec: bool) -> Replica:
     primary = replicas["n1"]
-    while primary.role is not Role.PRIMARY or primary.commit_index < 1:
+    for _ in range(MAX_IDLE_CYCLES):
+        if primary.role is Role.PRIMARY and primary.commit_index >= 1:
+            return primary
         primary.tick()
         run_cycle(replicas, inboxes, applied, codec)
-    return primary
+    raise RuntimeError(f"no primary with a committed entry after {MAX_IDLE_CYCLES} ticks: the driver loop is wrong")
 
 
 def run_cycle(replicas: dict[str, Replica], inboxes: dict[str, deque], applied: dict[str, int], codec: bool) -> None:
@@ -51,7 +55,8 @@ def run_cycle(replicas: dict[str, Replica], inboxes: dict[str, deque], applied: 
         if not replica.has_ready():
             continue
         ready = replica.ready()
-        for destination, message in ready.messages:
+        # Persisting is a no-op here, so the messages that wait for the fsync leave with the others.
+        for destination, message in ready.all_messages:
             if codec:
                 message = decode_body(encode_body(message))
             inboxes[destination].append((member, message))
@@ -69,10 +74,15 @@ def measure(entry_count: int, batch: int, payload_bytes: int, codec: bool) -> tu
     first_index = primary.last_index + 1
     target_index = primary.last_index + entry_count
     started = time.perf_counter()
+    idle_cycles = 0
     while applied["n1"] < target_index:
+        before = applied["n1"]
         for _ in range(min(batch, target_index - primary.last_index)):
             primary.propose(payload)
         run_cycle(replicas, inboxes, applied, codec)
+        idle_cycles = 0 if applied["n1"] > before else idle_cycles + 1
+        if idle_cycles >= MAX_IDLE_CYCLES:
+            raise RuntimeError(f"nothing committed in {MAX_IDLE_CYCLES} cycles: the driver loop is wrong")
     elapsed = time.perf_counter() - started
     return elapsed, target_index - first_index + 1
 

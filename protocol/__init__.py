@@ -12,8 +12,8 @@ from protocol.messages import (MESSAGE_REGISTRY, MESSAGE_TYPES, AppendEntries, A
                                ForwardResponse, Heartbeat, HeartbeatReply, Hello, HelloProof, HelloRefused,
                                InstallSnapshot, Message, Ping, PreVote, PreVoteReply, ReadIndex, ReadIndexReply,
                                RequestVote, SnapshotReply, VoteReply)
-from protocol.records import (BackupLostEntries, BecamePrimary, ElectionStarted, Event, MembershipChanged,
-                              PrimaryChanged, ReadResult, Ready, ReplicaConfig, RestoredState, Role, SnapshotChunk,
+from protocol.records import (BackupLostEntries, BecamePrimary, ElectionStarted, Event, MemberBelowFloor,
+                              MembershipChanged, PrimaryChanged, ReadResult, Ready, ReplicaConfig, RestoredState, Role, SnapshotChunk,
                               SnapshotRead, SnapshotToInstall, SteppedDown, TransferEnd)
 from protocol.replica import Replica
 from protocol.types import INITIAL_HARD_STATE, Entry, EntryKind, HardState
@@ -27,7 +27,7 @@ __all__ = [
     "PreVote", "PreVoteReply",
     "ReadIndex", "ReadIndexReply", "RequestVote",
     "SnapshotReply", "VoteReply",
-    "BackupLostEntries", "BecamePrimary", "ElectionStarted", "Event", "PrimaryChanged", "ReadResult", "Ready",
+    "BackupLostEntries", "BecamePrimary", "ElectionStarted", "Event", "MemberBelowFloor", "PrimaryChanged", "ReadResult", "Ready",
     "ReplicaConfig",
     "RestoredState", "Role", "SnapshotChunk", "SnapshotRead", "SnapshotToInstall", "SteppedDown", "TransferEnd",
     "Replica",

@@ -19,6 +19,7 @@ from typing import Any
 import msgpack
 
 from protocol.errors import ProtocolError
+from protocol.membership import MAX_MEMBERS, MAX_NODE_ID_BYTES
 from protocol.messages import MESSAGE_REGISTRY, MESSAGE_TYPES, Message
 from protocol.types import MAX_ENTRIES_PER_MESSAGE, Entry, EntryKind
 
@@ -28,6 +29,8 @@ DEFAULT_MAX_FRAME_BYTES = 16 * 1024 * 1024
 MAX_INTEGER = 2**63 - 1
 MAX_TEXT_CHARS = 65_536
 MAX_HEADER_PAIRS = 256
+# A heartbeat's floors: one per member of a configuration (a primary keeps none for former members).
+MAX_FLOOR_PAIRS = MAX_MEMBERS
 # Entries one AppendEntries may carry: 4x the 256 a replica batches by default; ReplicaConfig refuses a
 # max_entries_per_message above it, since every receiver refuses a larger batch.
 MAX_ENTRIES_PER_FRAME = MAX_ENTRIES_PER_MESSAGE
@@ -131,19 +134,36 @@ def _encode_entries(entries: tuple[Entry, ...]) -> list[list[Any]]:
     return [[entry.index, entry.view, int(entry.kind), entry.payload] for entry in entries]
 
 
-def _decode_headers(value: Any) -> tuple[tuple[str, str], ...]:
-    if type(value) is not list or len(value) > MAX_HEADER_PAIRS:
-        raise ProtocolError("expected a bounded list of header pairs")
+def _decode_pairs(value: Any, bound: int, what: str, first: Callable[[Any], Any],
+                  second: Callable[[Any], Any]) -> tuple[tuple[Any, Any], ...]:
+    """A list of at most ``bound`` two-item lists, each item checked by its decoder."""
+    if type(value) is not list or len(value) > bound:
+        raise ProtocolError(f"expected a bounded list of {what}s")
     pairs = []
     for item in value:
         if type(item) is not list or len(item) != 2:
-            raise ProtocolError("a header must be a [name, value] pair")
-        pairs.append((_check_text(item[0]), _check_text(item[1])))
+            raise ProtocolError(f"a {what} must be a pair")
+        pairs.append((first(item[0]), second(item[1])))
     return tuple(pairs)
 
 
-def _encode_headers(headers: tuple[tuple[str, str], ...]) -> list[list[str]]:
-    return [[name, value] for name, value in headers]
+def _encode_pairs(pairs: tuple[tuple[Any, Any], ...]) -> list[list[Any]]:
+    return [[first, second] for first, second in pairs]
+
+
+def _decode_headers(value: Any) -> tuple[tuple[str, str], ...]:
+    return _decode_pairs(value, MAX_HEADER_PAIRS, "header", _check_text, _check_text)
+
+
+def _check_member_id(value: Any) -> str:
+    member = _check_text(value)
+    if not 0 < len(member.encode()) <= MAX_NODE_ID_BYTES:
+        raise ProtocolError("expected a member id")
+    return member
+
+
+def _decode_floors(value: Any) -> tuple[tuple[str, int], ...]:
+    return _decode_pairs(value, MAX_FLOOR_PAIRS, "member floor", _check_member_id, _check_integer)
 
 
 def _identity(value: Any) -> Any:
@@ -157,7 +177,8 @@ _FIELD_CODECS: dict[str, tuple[Callable[[Any], Any], Callable[[Any], Any]]] = {
     "str": (_identity, _check_text),
     "bytes": (_identity, _check_bytes),
     "tuple[Entry, ...]": (_encode_entries, _decode_entries),
-    "tuple[tuple[str, str], ...]": (_encode_headers, _decode_headers),
+    "tuple[tuple[str, str], ...]": (_encode_pairs, _decode_headers),
+    "tuple[tuple[str, int], ...]": (_encode_pairs, _decode_floors),
 }
 
 

@@ -37,11 +37,15 @@ class RequestVote(Message):
 
 @dataclass(frozen=True, slots=True)
 class VoteReply(Message):
-    """The answer to RequestVote; sent only after the voter's view and vote are durable."""
+    """The answer to RequestVote; sent only after the voter's view and vote are durable.
+
+    ``last_index`` is the voter's last log index: a candidate does not count the vote of a member whose
+    log ends below that member's floor (Heartbeat.floors)."""
 
     TYPE_TAG: ClassVar[int] = 2
     view: int
     granted: bool
+    last_index: int
 
 
 # --------------------------------------------------------------------------- replication
@@ -79,12 +83,18 @@ class AppendReply(Message):
 
 @dataclass(frozen=True, slots=True)
 class Heartbeat(Message):
-    """Keeps backups from starting elections and carries a read-index confirmation round."""
+    """Keeps backups from starting elections and carries a read-index confirmation round.
+
+    ``floors`` holds, for each member (this primary included), the highest index it is known to have
+    acknowledged that is also committed: every node keeps them, so that a member whose log later ends
+    below its floor (its data directory put back from an older copy) counts in no election, whoever
+    leads by then (docs/failure-modes.md)."""
 
     TYPE_TAG: ClassVar[int] = 5
     view: int
     commit_index: int
     read_round: int
+    floors: tuple[tuple[str, int], ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,15 +151,19 @@ class PreVote(Message):
     view: int
     last_index: int
     last_view: int
+    poll: int  # numbers the poller's polls; the reply echoes it
 
 
 @dataclass(frozen=True, slots=True)
 class PreVoteReply(Message):
-    """Answer to PreVote: ``view`` is the asked view if granted, else the voter's own view."""
+    """Answer to PreVote: ``view`` is the asked view if granted, else the voter's own view;
+    ``last_index`` the voter's last log index (as in VoteReply); ``poll`` the PreVote's."""
 
     TYPE_TAG: ClassVar[int] = 10
     view: int
     granted: bool
+    last_index: int
+    poll: int
 
 
 @dataclass(frozen=True, slots=True)

@@ -89,6 +89,8 @@ class RestoredState:
     entries: tuple[Entry, ...]
     # The configuration in effect at snapshot_index (the store's); None: the bootstrap one of ReplicaConfig.
     membership: Membership | None = None
+    # The members' floors this node last made durable (Replica.floors); those of non-members are dropped.
+    floors: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,7 +202,21 @@ class BackupLostEntries:
     refused_index: int
 
 
-Event = BecamePrimary | SteppedDown | PrimaryChanged | ElectionStarted | MembershipChanged | BackupLostEntries
+@dataclass(frozen=True, slots=True)
+class MemberBelowFloor:
+    """A member's log ends (``last_index``) below its floor, the highest index it once acknowledged that
+    was also committed (Heartbeat.floors): it lost entries it promised were on its disk. Its vote is not
+    counted, and it is not voted for, while it stays there (``as_what``: "voter" or "candidate", the part
+    it asked to play). Said once per member and floor, for a log reader."""
+
+    member: str
+    floor: int
+    last_index: int
+    as_what: str
+
+
+Event = (BecamePrimary | SteppedDown | PrimaryChanged | ElectionStarted | MembershipChanged | BackupLostEntries
+         | MemberBelowFloor)
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,8 +18,8 @@ from protocol.messages import (AppendEntries, AppendReply, Heartbeat, HeartbeatR
                                PreVote, PreVoteReply, ReadIndex, ReadIndexReply, RequestVote, SnapshotReply,
                                VoteReply)
 from protocol.progress import IncomingSnapshot, OutgoingSnapshot, PeerProgress, PeerState
-from protocol.records import (BackupLostEntries, BecamePrimary, ElectionStarted, Event, MembershipChanged,
-                              PrimaryChanged, ReadResult, Ready, ReplicaConfig, RestoredState, Role, SnapshotChunk,
+from protocol.records import (BackupLostEntries, BecamePrimary, ElectionStarted, Event, MemberBelowFloor,
+                              MembershipChanged, PrimaryChanged, ReadResult, Ready, ReplicaConfig, RestoredState, Role, SnapshotChunk,
                               SnapshotRead, SnapshotToInstall, SteppedDown, TransferEnd)
 from protocol.replicated_log import ReplicatedLog, entries_follow
 from protocol.types import Entry, EntryKind, HardState
@@ -62,6 +62,22 @@ class Replica:
             raise ValueError(f"a configuration entry in the restored log is not valid: {error}") from None
         self._membership = self._configurations.current
         self._peers = self._peers_of(self._membership)
+        # Per member, the highest index it acknowledged that is also committed, as this node last heard
+        # (the primary computes them, its heartbeats carry them): a member whose log ends below its floor
+        # lost entries from its disk, and counts in no election (_below_floor; docs/failure-modes.md).
+        self._floors: dict[str, int] = {member: floor for member, floor in restored.floors
+                                        if member in self._membership.ids}
+        # When each floor was last raised: the view of the heartbeat (or of this primary) that raised it,
+        # and this node's poll number then. A vote message sent after that is fresh: a member below its
+        # floor in one lost entries; in an older one it may be a message overtaken by its
+        # acknowledgement, refused all the same but not reported.
+        # Restored floors were raised in views up to the restored one (the driver keeps floors it took
+        # with a Ready once that Ready's hard state is durable).
+        self._floor_views: dict[str, int] = dict.fromkeys(self._floors, restored.hard_state.view)
+        self._floor_polls: dict[str, int] = dict.fromkeys(self._floors, 0)
+        self._polls = 0  # numbers this node's pre-votes (PreVote.poll)
+        self._floors_reported: set[tuple[str, int]] = set()
+        self._heartbeat_floors: tuple[tuple[str, int], ...] = ()
         hard_state = restored.hard_state
         # A crash between writing entries and writing the hard state of the same batch can
         # leave entries of a view the hard state never reached. No vote was sent from that
@@ -191,6 +207,11 @@ class Replica:
         index = self._configurations.last_index
         return (index is not None and index > self._commit_index
                 and node_id in self._configurations.previous.ids)
+
+    @property
+    def floors(self) -> tuple[tuple[str, int], ...]:
+        """The members' floors this node holds, in id order (for the driver to keep across restarts)."""
+        return tuple(sorted(self._floors.items()))
 
     @property
     def configurations(self) -> ConfigurationLog:
@@ -623,19 +644,23 @@ class Replica:
         may_vote = self._role is Role.BACKUP or (self._role is Role.CANDIDATE and self._pre_voting)
         granted = (may_vote
                    and self._voted_for in (None, sender)
-                   and self._candidate_is_up_to_date(message.last_index, message.last_view))
+                   and self._candidate_is_up_to_date(message.last_index, message.last_view)
+                   and not self._below_floor(sender, message.last_index, "candidate",
+                                             fresh=message.view > self._floor_views.get(sender, 0)))
         if granted:
             if self._role is Role.CANDIDATE:
                 self._become_backup(self._view, None)  # stop polling: it would only disrupt the candidate
             self._voted_for = sender
             self._election_elapsed_ticks = 0
         # The reply leaves only after the Ready carrying the new vote was persisted.
-        self._outbox.append((sender, VoteReply(self._view, granted)))
+        self._outbox.append((sender, VoteReply(self._view, granted, self._log.last_index)))
 
     def _on_vote_reply(self, sender: str, message: VoteReply) -> None:
         if self._role is not Role.CANDIDATE or self._pre_voting:
             return
-        self._votes[sender] = message.granted
+        # This candidate asked in a view above the one that raised the floor: the answer is fresh.
+        self._votes[sender] = message.granted and not self._below_floor(
+            sender, message.last_index, "voter", fresh=message.view > self._floor_views.get(sender, 0))
         if self._granted_votes() >= self._membership.quorum:
             self._become_primary()
 
@@ -647,7 +672,8 @@ class Replica:
         self._votes = {self.node_id: True}
         self._election_elapsed_ticks = 0
         self._randomize_election_timeout()
-        poll = PreVote(self._view + 1, self._log.last_index, self._log.last_view)
+        self._polls += 1
+        poll = PreVote(self._view + 1, self._log.last_index, self._log.last_view, self._polls)
         self._outbox.extend((peer, poll) for peer in self._voting_peers())
 
     def _on_pre_vote(self, sender: str, message: PreVote) -> None:
@@ -659,8 +685,11 @@ class Replica:
         could_vote = message.view > self._view or (
             message.view == self._view and self._voted_for in (None, sender) and self._primary_id is None)
         granted = (could_vote and not in_lease
-                   and self._candidate_is_up_to_date(message.last_index, message.last_view))
-        self._outbox.append((sender, PreVoteReply(message.view if granted else self._view, granted)))
+                   and self._candidate_is_up_to_date(message.last_index, message.last_view)
+                   and not self._below_floor(sender, message.last_index, "candidate",
+                                             fresh=message.view - 1 > self._floor_views.get(sender, 0)))
+        self._outbox.append((sender, PreVoteReply(message.view if granted else self._view, granted,
+                                                  self._log.last_index, message.poll)))
 
     def _on_pre_vote_reply(self, sender: str, message: PreVoteReply) -> None:
         if not message.granted:
@@ -669,9 +698,31 @@ class Replica:
             return
         if self._role is not Role.CANDIDATE or not self._pre_voting or message.view != self._view + 1:
             return
+        # An answer to a poll started after the floor was raised is fresh (an earlier poll of the same
+        # view may be answered late).
+        if self._below_floor(sender, message.last_index, "voter",
+                             fresh=message.poll == self._polls > self._floor_polls.get(sender, 0)):
+            return
         self._votes[sender] = True
         if self._granted_votes() >= self._membership.quorum:
             self._become_candidate(f"a majority granted the pre-vote after {self._poll_reason}")
+
+    def _below_floor(self, member: str, last_index: int, as_what: str, *, fresh: bool) -> bool:
+        """Whether ``member``'s log, ending at ``last_index``, lacks entries it acknowledged that were committed.
+
+        Such a member forgot what it promised was on its disk (its data directory put back from an older
+        copy): counting its vote, or electing it, could leave a committed entry on no majority. A healthy
+        member never is, in a message it sent after the acknowledgement (``fresh``): a floor is at most
+        what it acknowledged after its fsync, and committed entries are never truncated. An older message
+        is refused too, at no cost (its sender has sent, or will send, a newer one). Said once per member
+        and floor, for fresh messages only (MemberBelowFloor)."""
+        floor = self._floors.get(member, 0)
+        if last_index >= floor:
+            return False
+        if fresh and (member, floor) not in self._floors_reported:
+            self._floors_reported.add((member, floor))
+            self._events.append(MemberBelowFloor(member, floor, last_index, as_what))
+        return True
 
     def _granted_votes(self) -> int:
         """Granted votes of this configuration's voters: a learner's or a former member's do not count."""
@@ -699,6 +750,9 @@ class Replica:
         self._membership = membership
         self._peers = self._peers_of(membership)
         self._events.append(MembershipChanged(self.membership_index, membership))
+        # A former member's floor goes with it, so that its id can be used again by a new member.
+        for member in [member for member in self._floors if member not in membership.ids]:
+            del self._floors[member], self._floor_views[member], self._floor_polls[member]
         if self._role is Role.CANDIDATE and not self.may_campaign:
             self._become_backup(self._view, None, "no longer a voter")
         if self._role is not Role.PRIMARY:
@@ -725,7 +779,7 @@ class Replica:
         if isinstance(message, PRIMARY_SENT_TYPES):
             self._outbox.append((sender, AppendReply(self._view, False, 0, 0, 0)))
         elif isinstance(message, RequestVote):
-            self._outbox.append((sender, VoteReply(self._view, False)))
+            self._outbox.append((sender, VoteReply(self._view, False, self._log.last_index)))
 
     # ------------------------------------------------------------------ backup side
 
@@ -795,6 +849,10 @@ class Replica:
             return
         # The primary sends min(commit, our match index), which our log is known to agree with.
         self._commit_to(min(message.commit_index, self._log.last_index))
+        members = self._membership.ids
+        for member, floor in message.floors:
+            if member in members and floor > self._floors.get(member, 0):
+                self._raise_floor(member, floor, message.view)
         self._outbox.append((sender, HeartbeatReply(self._view, message.read_round)))
 
     def _on_install_snapshot(self, sender: str, message: InstallSnapshot) -> None:
@@ -861,6 +919,7 @@ class Replica:
         if self._heartbeat_elapsed_ticks >= self._config.heartbeat_interval_ticks:
             self._heartbeat_elapsed_ticks = 0
             self._catch_up_floor = self._commit_index
+            self._raise_floors()
             for peer, progress in self._progress.items():
                 self._send_heartbeat(peer, progress)
                 self._retry_stalled(peer, progress)
@@ -871,9 +930,29 @@ class Replica:
             voter in self._progress and self._progress[voter].recently_active))
         return active >= self._membership.quorum
 
+    def _raise_floors(self) -> None:
+        """The primary's floors, before a round of heartbeats: each member's match index (its own: its
+        commit index) capped by the commit index, never lowered. Capped because an acknowledged entry
+        that never committed may be cut from a member's log by a later primary, which is no loss."""
+        commit_index = self._commit_index
+        for member in self._membership.ids:
+            if member == self.node_id:
+                floor = commit_index
+            else:
+                progress = self._progress.get(member)
+                floor = 0 if progress is None else min(progress.match_index, commit_index)
+            if floor > self._floors.get(member, 0):
+                self._raise_floor(member, floor, self._view)
+        self._heartbeat_floors = self.floors
+
+    def _raise_floor(self, member: str, floor: int, view: int) -> None:
+        self._floors[member] = floor
+        self._floor_views[member] = view
+        self._floor_polls[member] = self._polls
+
     def _send_heartbeat(self, peer: str, progress: PeerProgress) -> None:
         commit_index = min(self._commit_index, progress.match_index)
-        self._outbox.append((peer, Heartbeat(self._view, commit_index, self._read_round)))
+        self._outbox.append((peer, Heartbeat(self._view, commit_index, self._read_round, self._heartbeat_floors)))
 
     def _retry_stalled(self, peer: str, progress: PeerProgress) -> None:
         """Recover from lost messages: restart a stream that made no progress for a while."""
@@ -1096,6 +1175,7 @@ class Replica:
         for origin, request_id in self._unsent_reads:
             self._pending_reads.append((origin, request_id, self._commit_index, self._read_round))
         self._unsent_reads.clear()
+        self._raise_floors()
         for peer, progress in self._progress.items():
             self._send_heartbeat(peer, progress)
         self._confirm_reads()

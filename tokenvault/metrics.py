@@ -286,6 +286,13 @@ class Metrics:
             ("peer",),
             registry=registry,
         )
+        self.member_below_floor = Counter(
+            "tokenvault_member_below_floor",
+            "Members whose log this node found ending below their floor (what they acknowledged of the"
+            " committed log), so their votes did not count (replica.member_below_floor), by peer.",
+            ("peer",),
+            registry=registry,
+        )
         for role in ROLES:
             self.role.labels(role=role).set(0)
 
@@ -429,6 +436,9 @@ class Metrics:
 
     def record_backup_lost_entries(self, peer: str) -> None:
         self.backup_lost_entries.labels(peer=peer).inc()
+
+    def record_member_below_floor(self, peer: str) -> None:
+        self.member_below_floor.labels(peer=peer).inc()
 
     def set_peer(self, peer: str, *, reachable: bool, match_index: int | None = None) -> None:
         self.peer_reachable.labels(peer=peer).set(1 if reachable else 0)

@@ -18,9 +18,11 @@ integers = st.integers(min_value=0, max_value=2**63 - 1)
 entries = st.lists(st.builds(Entry, index=integers, view=integers, kind=st.sampled_from(EntryKind),
                              payload=st.binary(max_size=64)), max_size=8).map(tuple)
 headers = st.lists(st.tuples(st.text(max_size=20), st.text(max_size=40)), max_size=6).map(tuple)
+floors = st.lists(st.tuples(st.text(min_size=1, max_size=16), integers), max_size=9).map(tuple)
 FIELD_STRATEGIES = {
     "int": integers, "bool": st.booleans(), "str": st.text(max_size=40), "bytes": st.binary(max_size=128),
     "tuple[Entry, ...]": entries, "tuple[tuple[str, str], ...]": headers,
+    "tuple[tuple[str, int], ...]": floors,
 }
 
 

@@ -108,7 +108,7 @@ class HeartbeatCarriesRawCommit(Replica):
     """The heartbeat carries the primary's commit index, not min(commit, the backup's match index)."""
 
     def _send_heartbeat(self, peer: str, progress: PeerProgress) -> None:
-        self._outbox.append((peer, Heartbeat(self._view, self._commit_index, self._read_round)))
+        self._outbox.append((peer, Heartbeat(self._view, self._commit_index, self._read_round, self._heartbeat_floors)))
 
 
 class VotesTwiceInAView(Replica):
@@ -152,6 +152,28 @@ class DropsPollsOfUncommittedRemovals(Replica):
         return False
 
 
+class FloorsAtTheMatchIndex(Replica):
+    """Takes a member's floor at its match index, not capped by the commit index: an acknowledged entry
+    that never committed, later cut from the member's log by another primary, makes a healthy member look
+    as if it lost entries (a false report, and votes refused)."""
+
+    def _raise_floors(self) -> None:
+        for member in self._membership.ids:
+            progress = self._progress.get(member)
+            floor = self._commit_index if member == self.node_id else (0 if progress is None else progress.match_index)
+            if floor > self._floors.get(member, 0):
+                self._raise_floor(member, floor, self._view)
+        self._heartbeat_floors = self.floors
+
+
+class ReportsEveryVoteBelowAFloor(Replica):
+    """Reports a member below its floor from any vote message, however old: a message overtaken by the
+    acknowledgement that raised the floor (a reordering link, a paused node) is taken for lost entries."""
+
+    def _below_floor(self, member: str, last_index: int, as_what: str, *, fresh: bool) -> bool:
+        return super()._below_floor(member, last_index, as_what, fresh=True)
+
+
 # name -> (replica class, driver bugs planted in the simulated node); the mutant table and its CI test use it.
 MUTANTS: dict[str, tuple[type[Replica], frozenset[str]]] = {
     "reads answered without the quorum round": (ReadsWithoutQuorumRound, frozenset()),
@@ -169,4 +191,6 @@ MUTANTS: dict[str, tuple[type[Replica], frozenset[str]]] = {
     "commits an earlier view by counting": (CommitsEarlierViewByCounting, frozenset()),
     "counts its own vote before it is durable": (CountsOwnVoteAtOnce, frozenset()),
     "drops the polls of members an uncommitted change removed": (DropsPollsOfUncommittedRemovals, frozenset()),
+    "floors at the match index": (FloorsAtTheMatchIndex, frozenset()),
+    "reports every vote below a floor": (ReportsEveryVoteBelowAFloor, frozenset()),
 }

@@ -37,6 +37,9 @@ SCENARIOS = {
         "test_sim_scenarios.py::test_a_sole_voter_counting_its_vote_before_it_is_durable_is_caught",
     "drops the polls of members an uncommitted change removed":
         "test_sim_scenarios.py::test_dropping_the_polls_of_members_an_uncommitted_change_removed_is_caught",
+    "floors at the match index": "test_sim_scenarios.py::test_an_acknowledged_entry_that_never_committed_raises_no_floor",
+    "reports every vote below a floor":
+        "test_sim_scenarios.py::test_a_pre_vote_overtaken_by_the_acknowledgement_is_refused_but_not_reported",
 }
 
 

@@ -25,7 +25,7 @@ import zlib
 from collections import deque
 from dataclasses import dataclass, field, replace
 
-from protocol import (INITIAL_HARD_STATE, BackupLostEntries, BecamePrimary, Entry, EntryKind, HardState,
+from protocol import (INITIAL_HARD_STATE, BackupLostEntries, BecamePrimary, MemberBelowFloor, Entry, EntryKind, HardState,
                       InstallSnapshot, Membership, Message, NotPrimary, ProposalRejected, Ready, ReplicaConfig,
                       Replica, RestoredState, Role, decode_body)
 from protocol.codec import encode_body
@@ -128,6 +128,8 @@ class Disk:
     # The configuration the store recorded (the last CONFIG entry it applied; None: none yet), and as synced.
     applied_membership: Membership | None = None
     synced_membership: Membership | None = None
+    # The members' floors (Replica.floors) as of the last fsync: the node keeps them durably too.
+    floors: tuple[tuple[str, int], ...] = ()
 
     @property
     def last_index(self) -> int:
@@ -144,6 +146,9 @@ class SimNode:
     # next fsync writes them ahead of its own, lost by a crash before it.
     unsynced: list = field(default_factory=list)
     pending_primary_view: int | None = None  # the view it led when that Ready was taken, if primary
+    # Replica.floors as taken just before each Ready still to complete (by id of the Ready): kept on
+    # disk once that Ready is durable, as the node does (so a restored floor's view is one on disk).
+    ready_floors: dict = field(default_factory=dict)
     read_ids: int = 0
     # Primary: the snapshot image offered to each peer, as (index, view, bytes).
     sources: dict = field(default_factory=dict)
@@ -279,7 +284,7 @@ class Simulation(InvariantChecks, Nemeses, MembershipChanges, ClientHistory):
             hard_state = replace(hard_state, voted_for=None)
         if hard_state.commit_index < base_index:
             hard_state = replace(hard_state, commit_index=base_index)
-        restored = RestoredState(hard_state, base_index, base_view, entries, disk.applied_membership)
+        restored = RestoredState(hard_state, base_index, base_view, entries, disk.applied_membership, disk.floors)
         return self.replica_class(self._replica_config(node.node_id), restored, random.Random(self.rng.random()))
 
     def fail(self, message: str) -> None:
@@ -299,7 +304,9 @@ class Simulation(InvariantChecks, Nemeses, MembershipChanges, ClientHistory):
         replica = node.replica
         while replica is not None and node.pending is None and replica.has_ready():
             primary_view = replica.view if replica.role is Role.PRIMARY else None
+            floors = replica.floors
             ready = replica.ready()
+            node.ready_floors[id(ready)] = floors
             crash_point = self._draw_crash_point(node)
             if not self._before_fsync(node, ready, primary_view, crash_point):
                 return
@@ -395,8 +402,10 @@ class Simulation(InvariantChecks, Nemeses, MembershipChanges, ClientHistory):
         """The fsync finished: the other messages go, the rest is applied, then advance(). False if it crashed."""
         replica = node.replica
         assert replica is not None
+        floors = node.ready_floors.pop(id(ready), node.disk.floors)
         if ready.must_sync:
             self._persist(node, ready, len(node.unsynced) + len(self._records(ready)))
+            node.disk.floors = floors
         else:
             node.unsynced.extend(self._records(ready))
         self._stage_snapshot_chunks(node, ready)
@@ -432,6 +441,9 @@ class Simulation(InvariantChecks, Nemeses, MembershipChanges, ClientHistory):
                 # Disks here lose only what was never fsynced, and nothing is acknowledged before its
                 # fsync: a backup refusing what it acknowledged is a false alarm of the detection.
                 self.fail(f"{node.node_id} says {event.peer} lost entries it acknowledged: {event}")
+            elif isinstance(event, MemberBelowFloor):
+                # Likewise: no member's log can end below what it acknowledged of the committed log.
+                self.fail(f"{node.node_id} says {event.member}'s log ends below its floor: {event}")
         replica.advance(ready)
         return True
 
@@ -683,6 +695,7 @@ class Simulation(InvariantChecks, Nemeses, MembershipChanges, ClientHistory):
             self._persist(node, node.pending, kept)
             node.pending = None
         node.unsynced = []  # still in the WAL's buffer, never written
+        node.ready_floors.clear()
         disk = node.disk
         if disk.store_synced[0] < disk.applied_index:
             # The store's applied tail was never synced: it is lost; the WAL replays it.

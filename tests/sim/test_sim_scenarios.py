@@ -7,10 +7,11 @@ import random
 import pytest
 
 from broken_replicas import (AcceptsLowerViews, CommitsEarlierViewByCounting, CountsOwnVoteAtOnce,
-                             DropsPollsOfUncommittedRemovals, InstallsOlderSnapshot, ReadsBeforeFirstCommitOfView,
-                             ReadsWithoutQuorumRound, UpToDateByIndexOnly)
-from protocol import (AppendEntries, HardState, Member, Membership, Replica, ReplicaConfig, RequestVote,
-                      RestoredState, Role, VoteReply)
+                             DropsPollsOfUncommittedRemovals, FloorsAtTheMatchIndex, InstallsOlderSnapshot,
+                             ReadsBeforeFirstCommitOfView, ReadsWithoutQuorumRound, ReportsEveryVoteBelowAFloor,
+                             UpToDateByIndexOnly)
+from protocol import (AppendEntries, HardState, Member, Membership, PreVote, PreVoteReply, Replica, ReplicaConfig,
+                      RequestVote, RestoredState, Role, VoteReply)
 from scenario_cluster import ScenarioCluster
 from simulator import Simulation, SimulationConfig, SimulationFailure
 
@@ -227,7 +228,7 @@ def test_restarted_replica_never_votes_twice_in_one_view() -> None:
 
     tick_alone(cluster, "n1", record_votes, lambda: any(source == "n2" for source, _, _ in replies))
     vote_view = cluster.replica("n1").view
-    assert replies[-1] == ("n2", "n1", VoteReply(vote_view, True))
+    assert replies[-1] == ("n2", "n1", VoteReply(vote_view, True, cluster.replica("n2").last_index))
     cluster.crash(cluster.node("n2"))
     cluster.restart(cluster.node("n2"))
     cluster.deliverable.clear()
@@ -235,7 +236,7 @@ def test_restarted_replica_never_votes_twice_in_one_view() -> None:
     cluster.replica("n2").step("n3", RequestVote(view=vote_view, last_index=5, last_view=0))
     cluster.drive(cluster.node("n2"))
     answers = [message for source, destination, message in cluster.deliverable if source == "n2"]
-    assert answers == [VoteReply(vote_view, False)]
+    assert answers == [VoteReply(vote_view, False, cluster.replica("n2").last_index)]
     cluster.check_liveness()
 
 
@@ -388,7 +389,7 @@ def test_message_of_a_lower_view_is_refused(broken: bool) -> None:
         return True
 
     tick_alone(cluster, "n1", hold_back_votes, lambda: bool(held_back))
-    assert held_back[0] == VoteReply(1, True)
+    assert held_back[0] == VoteReply(1, True, 0)
     tick_alone(cluster, "n1", lambda source, destination, message: not isinstance(message, RequestVote),
                lambda: cluster.replica("n1").view == 2 and cluster.replica("n1").role is Role.CANDIDATE)
     tick_alone(cluster, "n3", lambda source, destination, message: destination != "n1",
@@ -515,3 +516,77 @@ def test_dropping_the_polls_of_members_an_uncommitted_change_removed_is_caught()
     where the variant fails so; the real replica passes both seeds."""
     with pytest.raises(SimulationFailure, match="no new entry committed"):
         Simulation(1572, SimulationConfig.from_seed(1572, 2000), DropsPollsOfUncommittedRemovals).run()
+
+
+@pytest.mark.parametrize("broken", [False, True], ids=["real", "mutant"])
+def test_a_pre_vote_overtaken_by_the_acknowledgement_is_refused_but_not_reported(broken: bool) -> None:
+    """n3 polls for view 2 from view 1 before n1's appends reach it; its poll to n2 is held back. n3 then
+    acknowledges n1's entries, n1 commits them, and its heartbeats carry n3's floor to n2, which lags (its
+    appends are lost). The held poll, showing n3's log before those entries, reaches n2 last: it is below
+    n3's floor, so refused, but it may be (and is) older than the acknowledgement, so nothing is reported;
+    a replica that reports it anyway takes a healthy member for one that lost entries."""
+    cluster = ScenarioCluster(3, check_quorum=False,
+                              replica_class=ReportsEveryVoteBelowAFloor if broken else Replica)
+    no_appends = lambda source, destination, message: not isinstance(message, AppendEntries)  # noqa: E731
+    tick_alone(cluster, "n1", no_appends, lambda: cluster.replica("n1").role is Role.PRIMARY)
+    assert cluster.replica("n3").view == 1 and cluster.replica("n3").last_index == 0
+    held: list[PreVote] = []
+
+    def hold_the_poll(source: str, destination: str, message) -> bool:
+        if isinstance(message, PreVote):
+            held.extend([message] if destination == "n2" else [])
+            return False
+        return no_appends(source, destination, message)
+
+    tick_alone(cluster, "n3", hold_the_poll, lambda: bool(held))
+    assert (held[0].view, held[0].last_index) == (2, 0)
+    for number in range(3):
+        cluster.propose_at("n1", b"entry-%d" % number)
+    tick_alone(cluster, "n1", lambda source, destination, message: destination != "n2" or no_appends(
+        source, destination, message), lambda: dict(cluster.replica("n2").floors).get("n3", 0) >= 4)
+    assert cluster.replica("n2").last_index == 0 < cluster.replica("n1").commit_index
+    cluster.replica("n2").step("n3", held[0])
+    if broken:
+        with pytest.raises(SimulationFailure, match="below its floor"):
+            cluster.drive(cluster.node("n2"))
+        return
+    cluster.drive(cluster.node("n2"))
+    answers = [message for source, destination, message in cluster.deliverable if source == "n2"]
+    assert [(answer.granted, answer.last_index) for answer in answers if isinstance(answer, PreVoteReply)] == [(False, 0)]
+    cluster.check_liveness()
+
+
+@pytest.mark.parametrize("broken", [False, True], ids=["real", "mutant"])
+def test_an_acknowledged_entry_that_never_committed_raises_no_floor(broken: bool) -> None:
+    """Five nodes: n2 alone acknowledges three entries of n1, which never commit; n1's heartbeats reach
+    everyone. n1 then stops, n3 is elected without those entries and its no-op cuts them from n2's log.
+    n2, healthy, ends below what it acknowledged, but not below its floor, which is capped by the commit
+    index: when it polls, n4 grants. A floor taken at the match index would refuse it and report it."""
+    cluster = ScenarioCluster(5, check_quorum=False, max_entries_per_message=1,
+                              replica_class=FloorsAtTheMatchIndex if broken else Replica)
+    cluster.elect("n1")
+    cluster.run_ticks(2)
+    committed = cluster.replica("n1").commit_index
+    only_to_n2 = lambda source, destination, message: not (  # noqa: E731
+        isinstance(message, AppendEntries) and message.entries and destination != "n2")
+    for number in range(3):
+        cluster.propose_at("n1", b"uncommitted-%d" % number)
+    tick_alone(cluster, "n1", only_to_n2, lambda: cluster.replica("n2").last_index == committed + 3
+               and dict(cluster.replica("n4").floors).get("n2", 0) >= committed, max_ticks=40)
+    tick_alone(cluster, "n1", only_to_n2, lambda: False, max_ticks=4, must_reach=False)  # more heartbeats
+    assert cluster.replica("n1").commit_index == committed
+    assert cluster.replica("n1").progress()["n2"][0] == committed + 3  # acknowledged, never committed
+    cluster.crash(cluster.node("n1"))
+    tick_alone(cluster, "n3", lambda source, destination, message: True,
+               lambda: cluster.replica("n3").role is Role.PRIMARY and cluster.replica("n2").last_index == committed + 1)
+    assert cluster.replica("n2").last_view == cluster.replica("n3").view  # the no-op replaced the three
+    assert dict(cluster.replica("n4").floors)["n2"] == (committed + 3 if broken else committed)
+    cluster.isolate(("n3",), ("n1", "n2", "n4", "n5"))
+    if broken:
+        with pytest.raises(SimulationFailure, match="below its floor"):
+            tick_alone(cluster, "n2", lambda source, destination, message: True,
+                       lambda: cluster.replica("n2").role is Role.PRIMARY)
+        return
+    tick_alone(cluster, "n2", lambda source, destination, message: True,
+               lambda: cluster.replica("n2").role is Role.PRIMARY)
+    cluster.check_liveness()

@@ -12,8 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from tokenvault.core.incarnations import (INCARNATION_BYTES, INCARNATION_FILE, MAX_REMEMBERED_MEMBERS,
-                                          PEER_INCARNATIONS_FILE, IncarnationError, PeerIncarnations,
+from structlog.testing import capture_logs
+
+from tokenvault.core.incarnations import (FLOORS_SAVE_INTERVAL_SECONDS, INCARNATION_BYTES, INCARNATION_FILE,
+                                          MAX_REMEMBERED_MEMBERS, MEMBER_FLOORS_FILE, PEER_INCARNATIONS_FILE,
+                                          IncarnationError, MemberFloors, PeerIncarnations,
                                           load_or_create_incarnation)
 
 
@@ -114,3 +117,44 @@ def test_a_file_the_node_may_not_read_is_refused_naming_it_and_the_os_reason(nam
         assert path.read_text() == ("ab" * INCARNATION_BYTES if name == INCARNATION_FILE else "{}")  # not replaced
     finally:
         shutil.rmtree(directory)
+
+
+# --------------------------------------------------------------------------- members' floors
+
+
+def test_member_floors_are_written_when_they_change_at_most_once_an_interval_and_read_back(tmp_path: Path) -> None:
+    floors = MemberFloors(tmp_path)
+    assert floors.loaded == ()
+    first = (("n1", 7), ("n2", 5))
+    assert floors.offer(first, now=100.0)
+    floors.save()
+    assert json.loads((tmp_path / MEMBER_FLOORS_FILE).read_text()) == {"n1": 7, "n2": 5}
+    assert (tmp_path / MEMBER_FLOORS_FILE).stat().st_mode & 0o077 == 0
+    assert not floors.offer(first, now=200.0), "unchanged: nothing to write"
+    second = (("n1", 9), ("n2", 9))
+    assert not floors.offer(second, now=100.0 + FLOORS_SAVE_INTERVAL_SECONDS / 2), "too soon after the last"
+    floors.save()  # at close: the latest offered is written whatever the interval
+    assert MemberFloors(tmp_path).loaded == second
+
+
+@pytest.mark.parametrize("text", ['{"n1": "7"}', '{"n1": -1}', '{"n1": 1.5}', '{"": 3}', '[["n1", 3]]',
+                                  '{"' + "x" * 65 + '": 3}', json.dumps({f"n{i}": 1 for i in range(10)}),
+                                  "[" * 10_000, "[" * 100_000, "{" + " " * 20_000 + "}", "not json"])
+def test_a_member_floors_record_the_node_did_not_write_is_set_aside_with_a_warning(tmp_path: Path, text: str) -> None:
+    """Floors only ever refuse a vote: a record that cannot be used is set aside (logged), never a reason
+    not to start."""
+    (tmp_path / MEMBER_FLOORS_FILE).write_text(text)
+    with capture_logs() as logs:
+        assert MemberFloors(tmp_path).loaded == ()
+    assert [entry["log_level"] for entry in logs if entry["event"] == "node.member_floors_unreadable"] == ["warning"]
+
+
+def test_a_member_floors_record_that_is_a_directory_is_set_aside_and_a_failed_write_is_logged(tmp_path: Path) -> None:
+    (tmp_path / MEMBER_FLOORS_FILE).mkdir()
+    with capture_logs() as logs:
+        floors = MemberFloors(tmp_path)
+        assert floors.loaded == ()
+        assert floors.offer((("n1", 3),), now=1.0)
+        floors.save()  # a directory is in the way: the write fails, said, not raised
+        assert floors.offer((("n1", 4),), now=1.0 + FLOORS_SAVE_INTERVAL_SECONDS), "tried again at the next change"
+    assert [entry["event"] for entry in logs] == ["node.member_floors_unreadable", "node.member_floors_not_saved"]

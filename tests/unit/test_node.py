@@ -582,6 +582,87 @@ async def test_a_backup_restored_from_an_older_copy_of_its_data_directory_is_rep
     assert primary.is_primary()
 
 
+async def test_a_member_restored_from_an_older_copy_counts_in_no_election_once_its_primary_is_gone(
+        trio: Cluster, tmp_path: Path) -> None:
+    """docs/failure-modes.md, one member's data directory restored from an older copy, after the primary that
+    had its acknowledgements died: the primary commits tokens with backup B while backup C, reachable but
+    lagging (its appends lost), holds none of them. B's directory is put back from a copy taken before them,
+    and the primary dies. Had C counted B's vote it would lead without those tokens. C knows B's floor from
+    the primary's heartbeats: it logs replica.member_below_floor, counts it in
+    tokenvault_member_below_floor_total, and nobody leads until the old primary is back, with every token."""
+    primary = await trio.wait_for_stable_primary()
+    restored, lagging = trio.backups()
+    await tokens_of(primary, ["before-the-copy"])
+    await wait_until(lambda: restored.node.store.applied_index >= primary.node.store.applied_index, 5,
+                     "the backup to apply it")
+    await restored.close()
+    copy = tmp_path / "older-copy"
+    shutil.copytree(restored.config.data_dir, copy)
+    restored = await trio.restart(restored)
+    transport = lagging.node.transport
+    assert transport is not None
+    deliver = transport._on_message
+    transport._on_message = lambda sender, message: None if isinstance(message, AppendEntries) else deliver(
+        sender, message)
+    values = [f"after-the-copy-{number}" for number in range(5)]
+    _, tokens = await tokens_of(primary, values)
+    floor = min(primary.node.replica.progress()[restored.node_id][0], primary.node.replica.commit_index)
+    await wait_until(lambda: dict(lagging.node.replica.floors).get(restored.node_id, 0) >= floor, 5,
+                     "the lagging backup to hear the restored one's floor")
+    assert lagging.node.replica.last_index < floor
+    await restored.close()
+    await primary.close()  # the primary that saw the acknowledgements dies
+    shutil.rmtree(restored.config.data_dir)
+    shutil.copytree(copy, restored.config.data_dir)  # the operator restores the older copy
+    transport._on_message = deliver
+    with capture_logs() as logs:
+        restored = await trio.restart(restored)
+        assert restored.node.replica.last_index < floor
+
+        def reported() -> list[dict]:
+            return [entry for entry in logs if entry["event"] == "replica.member_below_floor"]
+
+        await wait_until(reported, 10, "the lagging backup to refuse the restored one's vote")
+        await asyncio.sleep(0.5)  # two election timeouts more
+        assert trio.primaries() == []
+    line = reported()[0]
+    assert line["log_level"] == "error" and line["peer"] == restored.node_id and line["as_what"] == "voter"
+    assert line["floor"] >= floor and line["last_index"] == restored.node.replica.last_index
+    assert lagging.node.metrics.registry.get_sample_value("tokenvault_member_below_floor_total",
+                                                          {"peer": restored.node_id}) == 1
+    primary = await trio.restart(primary)  # the old primary is back: it holds every token
+    leader = await trio.wait_for_stable_primary(10)
+    assert await leader.service.detokenize(tokens) == values
+    await wait_until(lambda: lagging.node.store.applied_index >= leader.node.store.applied_index, 5,
+                     "the lagging backup to catch up")
+    assert await lagging.service.detokenize(tokens) == values
+
+
+async def test_a_node_keeps_the_members_floors_across_a_restart_and_starts_without_a_damaged_record(
+        trio: Cluster) -> None:
+    """member-floors.json: written once the floors changed (at most once a second, and at close); a restarted
+    node holds them before it hears a heartbeat; a record it cannot read is set aside with a warning."""
+    primary = await trio.wait_for_stable_primary()
+    await tokens_of(primary, ["floors"])
+    backup = trio.backups()[0]
+    commit_index = primary.node.replica.commit_index
+    await wait_until(lambda: dict(backup.node.replica.floors).get(primary.node_id, 0) >= commit_index, 5,
+                     "the backup to hear the floors")
+    path = Path(backup.config.data_dir) / "member-floors.json"
+    await backup.close()
+    kept = {member: floor for member, floor in json.loads(path.read_text()).items()}
+    assert kept[primary.node_id] >= commit_index and set(kept) == {running.node_id for running in trio.nodes}
+    await primary.close()  # no heartbeat reaches the restarted backup
+    backup = await trio.restart(backup)
+    assert dict(backup.node.replica.floors) == kept
+    await backup.close()
+    path.write_text('{"n1": "not an index"}')
+    with capture_logs() as logs:
+        backup = await trio.restart(backup)
+    assert backup.node.replica.floors == ()
+    assert [entry["log_level"] for entry in logs if entry["event"] == "node.member_floors_unreadable"] == ["warning"]
+
+
 async def test_the_peer_gauges_show_each_link_and_on_the_primary_each_backup_s_match_index(trio: Cluster) -> None:
     """docs/api.md, metrics: tokenvault_peer_reachable (1 while the link is up) and, on the primary,
     tokenvault_peer_match_index. Before 2026-12-06 the node never set them."""

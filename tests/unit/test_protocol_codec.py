@@ -17,19 +17,20 @@ from protocol.codec import (DEFAULT_MAX_FRAME_BYTES, MAX_ENTRIES_PER_FRAME, MAX_
 
 EXAMPLES = [
     RequestVote(view=3, last_index=10, last_view=2),
-    VoteReply(view=3, granted=True),
+    VoteReply(view=3, granted=True, last_index=9),
     AppendEntries(view=4, prev_index=9, prev_view=3, commit_index=8,
                   entries=(Entry(10, 4, EntryKind.NOOP, b""), Entry(11, 4, EntryKind.COMMAND, b"\x00\xff"))),
     AppendReply(view=4, success=False, index=9, hint_index=7, hint_view=2),
-    Heartbeat(view=4, commit_index=11, read_round=6),
+    Heartbeat(view=4, commit_index=11, read_round=6, floors=(("n1", 11), ("n2", 9))),
+    Heartbeat(view=4, commit_index=11, read_round=6, floors=()),
     HeartbeatReply(view=4, read_round=6),
     InstallSnapshot(view=5, snapshot_index=100, snapshot_view=4, offset=64, total_bytes=1000, data=b"chunk",
                     checksum=0x1234ABCD, offer=3),
     SnapshotReply(view=5, snapshot_index=100, received_bytes=69, installed=False, offer=3),
     ReadIndex(view=5, request_id=12),
     ReadIndexReply(view=5, request_id=12, read_index=40, ok=True),
-    PreVote(view=6, last_index=12, last_view=5),
-    PreVoteReply(view=6, granted=False),
+    PreVote(view=6, last_index=12, last_view=5, poll=4),
+    PreVoteReply(view=6, granted=False, last_index=12, poll=4),
     Hello(node_id="n1", nonce=b"\x01" * 16, incarnation=b"\x02" * 16),
     HelloProof(node_id="n2", mac=b"\x02" * 32),
     HelloRefused(node_id="n2", reason="this node's data directory is not the one it had"),
@@ -68,7 +69,7 @@ def test_oversize_is_refused_from_the_prefix_alone() -> None:
     with pytest.raises(ProtocolError):
         decoder.feed((101).to_bytes(4, "big"))
     with pytest.raises(ProtocolError):
-        decoder.feed(encode_frame(VoteReply(1, True)))  # stays failed
+        decoder.feed(encode_frame(VoteReply(1, True, 0)))  # stays failed
 
 
 def test_zero_length_frame_is_refused() -> None:
@@ -77,13 +78,19 @@ def test_zero_length_frame_is_refused() -> None:
 
 
 @pytest.mark.parametrize("body", [
-    [PROTOCOL_VERSION + 1, 2, 3, True],          # unknown version
-    [PROTOCOL_VERSION, 99, 3, True],              # unknown tag
-    [PROTOCOL_VERSION, 2, 3],                     # missing field
-    [PROTOCOL_VERSION, 2, 3, True, 4],            # extra field
-    [PROTOCOL_VERSION, 2, True, True],            # bool where an int belongs
-    [PROTOCOL_VERSION, 2, -1, True],              # negative int
-    [PROTOCOL_VERSION, 2, 3, 1],                  # int where a bool belongs
+    [PROTOCOL_VERSION + 1, 2, 3, True, 4],       # unknown version
+    [PROTOCOL_VERSION, 99, 3, True, 4],           # unknown tag
+    [PROTOCOL_VERSION, 2, 3, True],               # missing field
+    [PROTOCOL_VERSION, 2, 3, True, 4, 5],         # extra field
+    [PROTOCOL_VERSION, 2, True, True, 4],         # bool where an int belongs
+    [PROTOCOL_VERSION, 2, -1, True, 4],           # negative int
+    [PROTOCOL_VERSION, 2, 3, 1, 4],               # int where a bool belongs
+    [PROTOCOL_VERSION, 5, 1, 1, 1, [["n1"]]],                            # short floor pair
+    [PROTOCOL_VERSION, 5, 1, 1, 1, [["n1", -1]]],                        # negative floor
+    [PROTOCOL_VERSION, 5, 1, 1, 1, [["", 1]]],                           # empty member id
+    [PROTOCOL_VERSION, 5, 1, 1, 1, [["x" * 65, 1]]],                     # member id too long
+    [PROTOCOL_VERSION, 5, 1, 1, 1, [[f"n{i}", 1] for i in range(10)]],   # more floors than members
+    [PROTOCOL_VERSION, 5, 1, 1, 1, {"n1": 1}],                           # floors as a map
     [PROTOCOL_VERSION, 16, b"n1", b"x"],          # bytes where text belongs
     [PROTOCOL_VERSION, 16, "n1", "x"],            # text where bytes belong
     [PROTOCOL_VERSION, 3, 1, 0, 0, 0, [[1, 1, 7, b""]]],   # unknown entry kind

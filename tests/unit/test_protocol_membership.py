@@ -191,9 +191,9 @@ def test_a_new_primary_changes_nothing_before_it_commits_in_its_own_view() -> No
             replica.tick()
             if replica.role is Role.CANDIDATE:
                 break
-        replica.step("n2", PreVoteReply(replica.view + 1, True))
+        replica.step("n2", PreVoteReply(replica.view + 1, True, replica.last_index, 1))
         replica.advance(replica.ready())  # its own vote persisted: now it counts
-        replica.step("n2", VoteReply(replica.view, True))
+        replica.step("n2", VoteReply(replica.view, True, replica.last_index))
     drain(replica)
     with pytest.raises(ProposalRejected, match="own view"):
         replica.propose_membership(replica.membership.with_learner("n4", ""))
@@ -289,12 +289,12 @@ def test_a_member_removed_by_an_uncommitted_change_is_still_heard_and_one_whose_
     the change in effect is not committed, the members of the configuration before it are heard."""
     without_n1 = Membership.of(("n2", "n3"), (), {})
     entries = (Entry(1, 1, EntryKind.NOOP, b""), Entry(2, 1, EntryKind.CONFIG, without_n1.encode()))
-    poll = PreVote(2, 5, 1)
+    poll = PreVote(2, 5, 1, 1)
     uncommitted = Replica(ReplicaConfig("n2", ("n1", "n2", "n3")), RestoredState(HardState(1, None, 1), 0, 0, entries),
                           random.Random(1))
     assert uncommitted.membership == without_n1
     uncommitted.step("n1", poll)
-    assert uncommitted.ready().all_messages == (("n1", PreVoteReply(2, True)),)
+    assert uncommitted.ready().all_messages == (("n1", PreVoteReply(2, True, uncommitted.last_index, 1)),)
     committed = Replica(ReplicaConfig("n2", ("n1", "n2", "n3")), RestoredState(HardState(1, None, 2), 0, 0, entries),
                         random.Random(1))
     committed.step("n1", poll)

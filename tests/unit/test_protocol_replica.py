@@ -13,7 +13,7 @@ from protocol.types import MAX_ENTRIES_PER_MESSAGE
 from protocol import (INITIAL_HARD_STATE, AppendEntries, AppendReply, BackupLostEntries, BecamePrimary, Entry,
                       EntryKind, HardState, Member, Membership,
                       Heartbeat, HeartbeatReply, Hello, InstallSnapshot, NotPrimary, PreVote, PreVoteReply,
-                      ProposalRejected, ReadIndex, ReadIndexReply, ReadResult, Ready,
+                      MemberBelowFloor, ProposalRejected, ReadIndex, ReadIndexReply, ReadResult, Ready,
                       ReplicaConfig, Replica, RequestVote, ElectionStarted, RestoredState, Role, SnapshotReply, SteppedDown, TransferEnd,
                       VoteReply)
 
@@ -48,6 +48,7 @@ class Node:
     sources: dict = field(default_factory=dict)  # primary: peer -> snapshot bytes offered
     staging: bytearray = field(default_factory=bytearray)  # backup: chunks staged so far
     events: list = field(default_factory=list)
+    floors: tuple = ()  # Replica.floors as of the last Ready persisted (the node's member-floors file)
 
 
 class Cluster:
@@ -64,6 +65,7 @@ class Cluster:
         self.refuse_installs = 0  # how many completed stagings the "driver" refuses next
         self.chunks_staged: dict[str, int] = {}
         self.transfers_ended: list[tuple[str, str, TransferEnd]] = []  # (primary, backup, why)
+        self.drop = lambda source, destination, message: False  # a message lost on the way
 
     def _new_replica(self, node_id: str, restored: RestoredState, seed: int) -> Replica:
         return Replica(ReplicaConfig(node_id, self.ids, **self.overrides), restored, random.Random(seed))
@@ -71,6 +73,7 @@ class Cluster:
     def process(self, node_id: str) -> None:
         node = self.nodes[node_id]
         while node.replica.has_ready():
+            floors = node.replica.floors  # taken with the Ready, kept once its hard state is durable
             ready = node.replica.ready()
             if ready.snapshot is not None:
                 node.base, node.log = (ready.snapshot.index, ready.snapshot.view), []
@@ -79,6 +82,7 @@ class Cluster:
             node.log.extend(ready.entries)
             if ready.hard_state is not None:
                 node.hard_state = ready.hard_state
+            node.floors = floors
             completed = self._stage(node, ready)
             self.chunks_staged[node_id] = self.chunks_staged.get(node_id, 0) + len(ready.snapshot_chunks)
             self.queue.extend((node_id, destination, message) for destination, message in ready.all_messages)
@@ -129,7 +133,7 @@ class Cluster:
         while self.queue and delivered < max_messages:
             source, destination, message = self.queue.pop(0)
             delivered += 1
-            if source in self.isolated or destination in self.isolated:
+            if source in self.isolated or destination in self.isolated or self.drop(source, destination, message):
                 continue
             self.nodes[destination].replica.step(source, message)
             self.process(destination)
@@ -152,7 +156,7 @@ class Cluster:
 
     def restart(self, node_id: str, seed: int = 99) -> None:
         node = self.nodes[node_id]
-        restored = RestoredState(node.hard_state, node.base[0], node.base[1], tuple(node.log))
+        restored = RestoredState(node.hard_state, node.base[0], node.base[1], tuple(node.log), floors=node.floors)
         node.replica = self._new_replica(node_id, restored, seed)
 
     def primary(self) -> Replica:
@@ -305,7 +309,7 @@ def test_vote_is_in_hard_state_of_the_same_ready_as_the_reply() -> None:
     assert ready.hard_state == HardState(1, "n1", 0)
     # The vote promises what is on disk: it waits for the fsync.
     assert ready.messages == ()
-    assert ready.messages_after_persist == (("n1", VoteReply(1, True)),)
+    assert ready.messages_after_persist == (("n1", VoteReply(1, True, 0)),)
 
 
 def test_restarted_replica_never_votes_twice_in_one_view() -> None:
@@ -314,20 +318,20 @@ def test_restarted_replica_never_votes_twice_in_one_view() -> None:
     hard_state = voter.ready().hard_state
     restarted = make_replica("n2", ("n1", "n2", "n3"), RestoredState(hard_state, 0, 0, ()))
     restarted.step("n3", RequestVote(view=3, last_index=5, last_view=2))
-    assert restarted.ready().all_messages == (("n3", VoteReply(3, False)),)
+    assert restarted.ready().all_messages == (("n3", VoteReply(3, False, 0)),)
     restarted.step("n1", RequestVote(view=3, last_index=0, last_view=0))
-    assert restarted.ready().all_messages == (("n1", VoteReply(3, True)),)
+    assert restarted.ready().all_messages == (("n1", VoteReply(3, True, 0)),)
 
 
 def test_vote_refused_to_a_candidate_with_an_older_log() -> None:
     entries = (Entry(1, 2, EntryKind.NOOP, b""), Entry(2, 2, EntryKind.COMMAND, b"x"))
     voter = make_replica("n2", ("n1", "n2", "n3"), RestoredState(HardState(2, None, 0), 0, 0, entries))
     voter.step("n1", RequestVote(view=3, last_index=5, last_view=1))  # longer, but older view
-    assert voter.ready().all_messages == (("n1", VoteReply(3, False)),)
+    assert voter.ready().all_messages == (("n1", VoteReply(3, False, 2)),)
     voter.step("n3", RequestVote(view=4, last_index=1, last_view=2))  # same view, shorter
-    assert voter.ready().all_messages == (("n3", VoteReply(4, False)),)
+    assert voter.ready().all_messages == (("n3", VoteReply(4, False, 2)),)
     voter.step("n3", RequestVote(view=5, last_index=2, last_view=2))
-    assert voter.ready().all_messages == (("n3", VoteReply(5, True)),)
+    assert voter.ready().all_messages == (("n3", VoteReply(5, True, 2)),)
 
 
 def test_a_node_polling_in_a_pre_vote_still_grants_a_real_vote_in_its_view() -> None:
@@ -339,11 +343,11 @@ def test_a_node_polling_in_a_pre_vote_still_grants_a_real_vote_in_its_view() -> 
     assert voter.view == 3, "still polling: no view was raised"
     voter.step("n3", RequestVote(view=3, last_index=0, last_view=0))
     ready = voter.ready()
-    assert ready.messages_after_persist == (("n3", VoteReply(3, True)),)
+    assert ready.messages_after_persist == (("n3", VoteReply(3, True, 0)),)
     assert ready.hard_state == HardState(3, "n3", 0)
     voter.advance(ready)
     voter.step("n1", RequestVote(view=3, last_index=0, last_view=0))
-    assert voter.ready().messages_after_persist == (("n1", VoteReply(3, False)),), "one vote per view"
+    assert voter.ready().messages_after_persist == (("n1", VoteReply(3, False, 0)),), "one vote per view"
 
 
 def test_election_starts_with_a_pre_vote_that_changes_no_state() -> None:
@@ -352,13 +356,13 @@ def test_election_starts_with_a_pre_vote_that_changes_no_state() -> None:
         candidate.tick()
     ready = candidate.ready()
     assert candidate.view == 0 and ready.hard_state is None, "polling raises no view and casts no vote"
-    assert {message for _, message in ready.all_messages} == {PreVote(view=1, last_index=0, last_view=0)}
+    assert {message for _, message in ready.all_messages} == {PreVote(view=1, last_index=0, last_view=0, poll=1)}
     voter = make_replica("n2", ("n1", "n2", "n3"))
-    voter.step("n1", PreVote(view=1, last_index=0, last_view=0))
+    voter.step("n1", PreVote(view=1, last_index=0, last_view=0, poll=1))
     voter_ready = voter.ready()
-    assert voter_ready.all_messages == (("n1", PreVoteReply(1, True)),)
+    assert voter_ready.all_messages == (("n1", PreVoteReply(1, True, 0, 1)),)
     assert voter.view == 0 and voter_ready.hard_state is None
-    candidate.step("n2", PreVoteReply(1, True))
+    candidate.step("n2", PreVoteReply(1, True, 0, 1))
     ready = candidate.ready()
     assert candidate.view == 1 and ready.hard_state == HardState(1, "n1", 0)
     assert {message for _, message in ready.all_messages} == {RequestVote(view=1, last_index=0, last_view=0)}
@@ -368,11 +372,11 @@ def test_pre_vote_refused_while_a_primary_is_heard_from() -> None:
     cluster = Cluster(3)
     cluster.elect("n1")
     backup = cluster.nodes["n2"].replica
-    backup.step("n3", PreVote(view=backup.view + 1, last_index=backup.last_index, last_view=backup.last_view))
-    assert backup.ready().all_messages == (("n3", PreVoteReply(backup.view, False)),)
+    backup.step("n3", PreVote(view=backup.view + 1, last_index=backup.last_index, last_view=backup.last_view, poll=1))
+    assert backup.ready().all_messages == (("n3", PreVoteReply(backup.view, False, backup.last_index, 1)),)
     primary = cluster.nodes["n1"].replica
-    primary.step("n3", PreVote(view=primary.view + 1, last_index=primary.last_index, last_view=primary.last_view))
-    assert primary.ready().all_messages == (("n3", PreVoteReply(primary.view, False)),)
+    primary.step("n3", PreVote(view=primary.view + 1, last_index=primary.last_index, last_view=primary.last_view, poll=1))
+    assert primary.ready().all_messages == (("n3", PreVoteReply(primary.view, False, primary.last_index, 1)),)
 
 
 def test_a_cut_off_replica_does_not_raise_its_view_or_disturb_the_primary_on_return() -> None:
@@ -391,7 +395,7 @@ def test_stale_messages_are_answered_with_the_current_view() -> None:
     replica = make_replica("n2", ("n1", "n2", "n3"), RestoredState(HardState(4, None, 0), 0, 0, ()))
     replica.step("n1", AppendEntries(view=2, prev_index=0, prev_view=0, commit_index=0, entries=()))
     replica.step("n3", RequestVote(view=3, last_index=0, last_view=0))
-    assert replica.ready().all_messages == (("n1", AppendReply(4, False, 0, 0, 0)), ("n3", VoteReply(4, False)))
+    assert replica.ready().all_messages == (("n1", AppendReply(4, False, 0, 0, 0)), ("n3", VoteReply(4, False, 0)))
 
 
 def test_foreign_and_non_core_messages_are_ignored() -> None:
@@ -509,7 +513,7 @@ def test_ready_needs_an_fsync_for_entries_votes_and_views_but_not_for_the_commit
     ready = backup.ready()
     assert ready.entries and ready.must_sync
     backup.advance(ready)
-    backup.step("n1", Heartbeat(2, 3, 0))
+    backup.step("n1", Heartbeat(2, 3, 0, ()))
     ready = backup.ready()
     assert ready.hard_state == HardState(2, "n1", 3) and not ready.entries and not ready.must_sync
     assert [entry.index for entry in ready.committed] == [2, 3]
@@ -519,7 +523,7 @@ def test_ready_needs_an_fsync_for_entries_votes_and_views_but_not_for_the_commit
     assert ready.hard_state == HardState(3, "n3", 3) and not ready.entries and ready.must_sync
     assert [type(message) for _, message in ready.messages_after_persist] == [VoteReply]
     backup.advance(ready)
-    backup.step("n1", Heartbeat(4, 3, 0))  # a newer view, no vote in it: the view alone must be durable
+    backup.step("n1", Heartbeat(4, 3, 0, ()))  # a newer view, no vote in it: the view alone must be durable
     ready = backup.ready()
     assert ready.hard_state == HardState(4, None, 3) and ready.must_sync
 
@@ -640,6 +644,115 @@ def test_a_stale_refusal_delivered_after_the_acknowledgement_is_not_taken_for_lo
     assert primary.progress()["n3"][0] == primary.last_index == acknowledged + 1
 
 
+def test_heartbeats_carry_each_members_floor_to_every_node_and_a_restart_keeps_them() -> None:
+    """A floor is the highest index a member acknowledged that is also committed (the primary's own: its
+    commit index); the primary's heartbeats carry them, so every node holds them, and a node restarted
+    from what it made durable holds them again."""
+    cluster, primary = three_with_entries(5, b"entry")
+    cluster.tick(times=primary.config.heartbeat_interval_ticks)
+    expected = tuple((member, primary.commit_index) for member in ("n1", "n2", "n3"))
+    assert primary.commit_index == primary.last_index > 5
+    for node in cluster.nodes.values():
+        assert node.replica.floors == expected
+    cluster.restart("n2")
+    assert cluster.nodes["n2"].replica.floors == expected
+    # A floor of a member the configuration does not hold is not kept.
+    stranger = make_replica("n2", ("n1", "n2", "n3"), RestoredState(INITIAL_HARD_STATE, 0, 0, (),
+                                                                     floors=(("n1", 4), ("n9", 7))))
+    assert stranger.floors == (("n1", 4),)
+
+
+def test_a_floor_is_capped_by_the_commit_index_so_an_uncommitted_acknowledgement_raises_none() -> None:
+    """n2 acknowledges an entry that never commits (n3 is cut off and n1's own write counts only with a
+    majority): its floor stays at the commit index, since a later primary may cut that entry from its log."""
+    cluster, primary = three_with_entries(2, b"entry")
+    committed_index = primary.commit_index
+    cluster.isolated = {"n3"}
+    cluster.drop = lambda source, destination, message: source == "n2" and isinstance(message, AppendReply)
+    primary.propose(b"never-committed")
+    cluster.tick(times=primary.config.heartbeat_interval_ticks)
+    assert primary.commit_index == committed_index < primary.last_index
+    assert dict(primary.floors) == {"n1": committed_index, "n2": committed_index, "n3": committed_index}
+
+
+def below_floor_reports(cluster: Cluster, node_id: str) -> list[MemberBelowFloor]:
+    return [event for event in cluster.nodes[node_id].events if isinstance(event, MemberBelowFloor)]
+
+
+def test_a_member_restored_from_an_older_copy_counts_in_no_election_after_the_primary_that_knew_dies() -> None:
+    """docs/failure-modes.md, a member's data directory restored from an older copy, once another primary
+    would lead: n1 commits entries with n2 while n3, reachable but lagging, holds none of them; n2's
+    directory is then put back from a copy taken before them, and n1 dies. Counting n2 would elect n3 and
+    lose every one of those entries. n3 knows n2's floor from n1's heartbeats: it does not count n2's
+    vote, and says so; nobody leads until n1 is back, and then every entry is on every node."""
+    cluster, primary = three_with_entries(3, b"early")
+    cluster.tick(times=primary.config.heartbeat_interval_ticks)
+    n2 = cluster.nodes["n2"]
+    copy = (n2.hard_state, n2.base, list(n2.log), n2.floors)  # a copy of n2's data directory, taken now
+    cluster.drop = lambda source, destination, message: destination == "n3" and isinstance(message, AppendEntries)
+    for number in range(10):
+        primary.propose(b"late-%d" % number)
+    cluster.settle()
+    cluster.tick(times=2 * primary.config.heartbeat_interval_ticks)  # heartbeats still reach n3
+    floor = primary.commit_index
+    lagging = cluster.nodes["n3"].replica
+    assert floor == primary.last_index and dict(lagging.floors)["n2"] == floor and lagging.last_index < floor
+    n2.hard_state, n2.base, n2.log, n2.floors = copy  # put back from the copy
+    cluster.restart("n2")
+    restored_last = cluster.nodes["n2"].replica.last_index
+    assert restored_last < floor
+    cluster.isolated = {"n1"}
+    cluster.drop = lambda source, destination, message: False
+    cluster.tick(("n2", "n3"), times=10 * primary.config.election_timeout_ticks)
+    assert all(cluster.nodes[node_id].replica.role is not Role.PRIMARY for node_id in ("n2", "n3"))
+    assert below_floor_reports(cluster, "n3") == [MemberBelowFloor("n2", floor, restored_last, "voter")]
+    cluster.isolated = set()  # n1 is back
+    cluster.tick(times=10 * primary.config.election_timeout_ticks)
+    leader = cluster.primary()
+    assert leader.node_id == "n1"
+    # n3 catches up: every entry is on a majority again. (n2 stays below what it acknowledged to n1, which
+    # never probes it below that: test_a_backup_that_lost_entries_it_acknowledged_is_reported_once...)
+    n3 = cluster.nodes["n3"]
+    assert n3.replica.last_index >= floor
+    assert [entry.payload for entry in n3.applied if entry.payload.startswith(b"late-")] == [
+        b"late-%d" % number for number in range(10)]
+
+
+def test_a_vote_message_older_than_a_floor_is_refused_and_not_reported_a_fresh_one_is_reported() -> None:
+    """A message a member sent before it acknowledged what raised its floor (delivered late) may show a log
+    below the floor: it is refused, at no cost, but not reported. One sent in a view above the one that
+    raised the floor, or answering a poll started after it, is fresh: reported, once."""
+    floors = (("n2", 5),)
+    voter = make_replica("n3", ("n1", "n2", "n3"), RestoredState(HardState(1, None, 0), 0, 0, (), floors=floors))
+    voter.step("n2", PreVote(view=2, last_index=3, last_view=1, poll=1))  # sent from view 1: maybe stale
+    ready = voter.ready()
+    assert ready.all_messages == (("n2", PreVoteReply(1, False, 0, 1)),) and ready.events == ()
+    voter.advance(ready)
+    voter.step("n2", RequestVote(view=2, last_index=3, last_view=1))  # sent from view 2: after the floor
+    ready = voter.ready()
+    assert ready.messages_after_persist == (("n2", VoteReply(2, False, 0)),)
+    assert ready.events == (MemberBelowFloor("n2", 5, 3, "candidate"),)
+    voter.advance(ready)
+    voter.step("n2", RequestVote(view=3, last_index=3, last_view=1))
+    assert all(not isinstance(event, MemberBelowFloor) for event in drain_events(voter)), "said once"
+
+    candidate = make_replica("n1", ("n1", "n2", "n3"), RestoredState(HardState(1, None, 0), 0, 0, (), floors=floors))
+    while candidate.role is not Role.CANDIDATE:
+        candidate.tick()
+    drain(candidate)
+    candidate.step("n2", PreVoteReply(2, True, 3, 0))  # the answer to a poll before this one
+    assert drain_events(candidate) == []
+    candidate.step("n2", PreVoteReply(2, True, 3, 1))  # the answer to this poll
+    assert drain_events(candidate) == [MemberBelowFloor("n2", 5, 3, "voter")]
+    assert candidate.view == 1, "neither vote counted: the poll goes on"
+    candidate.step("n3", PreVoteReply(2, True, 5, 1))  # a member at its floor counts
+    assert candidate.view == 2
+
+
+def drain_events(replica: Replica) -> list:
+    return [event for ready in drain(replica) for event in ready.events]
+
+
 def test_appends_respect_entry_byte_and_inflight_bounds() -> None:
     cluster = Cluster(3, max_entries_per_message=3, max_bytes_per_message=200, max_inflight_appends=2)
     cluster.elect("n1")
@@ -692,9 +805,9 @@ def test_read_waits_for_the_first_commit_of_the_view() -> None:
     primary = make_replica("n1", ("n1", "n2", "n3"))
     while primary.role is not Role.CANDIDATE:
         primary.tick()
-    primary.step("n2", PreVoteReply(primary.view + 1, True))
+    primary.step("n2", PreVoteReply(primary.view + 1, True, primary.last_index, 1))
     primary.advance(primary.ready())  # its own vote persisted; the vote requests leave
-    primary.step("n2", VoteReply(primary.view, True))
+    primary.step("n2", VoteReply(primary.view, True, primary.last_index))
     assert primary.role is Role.PRIMARY
     primary.advance(primary.ready())  # the no-op is durable here, but not yet on a majority
     primary.request_read(5)
@@ -714,7 +827,7 @@ def test_pending_reads_fail_when_the_primary_steps_down() -> None:
     primary = cluster.primary()
     primary.request_read(9)
     primary.ready()
-    primary.step("n2", VoteReply(view=7, granted=False))
+    primary.step("n2", VoteReply(view=7, granted=False, last_index=0))
     results = primary.ready().read_results
     assert [(result.request_id, result.ok) for result in results] == [(9, False)]
 
@@ -774,7 +887,7 @@ def test_a_backup_read_whose_request_or_answer_was_lost_expires_after_the_longes
     backup.advance(backup.ready())  # the ReadIndex is lost: never delivered
     waited = []
     for _ in range(2 * backup.config.election_timeout_ticks):
-        backup.step("n1", Heartbeat(backup.view, backup.commit_index, 0))  # the primary is still heard
+        backup.step("n1", Heartbeat(backup.view, backup.commit_index, 0, ()))  # the primary is still heard
         backup.tick()
         waited.extend(result for ready in drain(backup) for result in ready.read_results)
     assert waited == [], "within the longest election timeout the read still waits"

@@ -9,6 +9,12 @@ links are refused (``peer.incarnation_changed``) until it is removed from the cl
 replace it with a new member (docs/failure-modes.md).
 
 A member's record is dropped when it leaves the configuration, so that its id can be used again.
+
+A member whose data directory was put back from an older copy keeps its incarnation. What gives it away is
+its *floor*, the highest index it once acknowledged that was also committed: the primary computes the
+floors and its heartbeats carry them, so every node holds them (protocol/replica.py), and a member whose
+log ends below its floor counts in no election. ``MemberFloors`` keeps them in the data directory (taken
+with a Ready, written once that Ready is durable, at most once a second), so that a restart keeps them.
 """
 
 from __future__ import annotations
@@ -16,10 +22,15 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from pathlib import Path
 
+from protocol.membership import MAX_MEMBERS, MAX_NODE_ID_BYTES
 from tokenvault.core.wal import fsync_directory
+from tokenvault.logs import get_logger
 from tokenvault.smallfiles import FileTooLarge, read_small_file
+
+log = get_logger("tokenvault.core.incarnations")
 
 INCARNATION_FILE = "incarnation"
 PEER_INCARNATIONS_FILE = "peer-incarnations.json"
@@ -27,6 +38,11 @@ INCARNATION_BYTES = 16
 # A cluster has at most a few dozen members; a record file beyond this is not one this node wrote.
 MAX_REMEMBERED_MEMBERS = 1024
 MAX_RECORD_FILE_BYTES = 128 * 1024
+MEMBER_FLOORS_FILE = "member-floors.json"
+MAX_FLOORS_FILE_BYTES = 16 * 1024
+# Floors change with every commit under load; they are written at most this often.
+FLOORS_SAVE_INTERVAL_SECONDS = 1.0
+MAX_INDEX = 2**63 - 1
 
 
 class IncarnationError(Exception):
@@ -136,3 +152,73 @@ class PeerIncarnations:
         with self._lock:
             if self._known.pop(member, None) is not None:
                 self._save()
+
+
+Floors = tuple[tuple[str, int], ...]
+
+
+class MemberFloors:
+    """The members' floors (protocol Replica.floors) as this node last made them durable.
+
+    ``offer`` is called with the floors taken just before a Ready, once that Ready is durable (so the
+    restored view is at least the one of any heartbeat that raised them, as the core assumes); it
+    writes them off the loop when they changed, at most every FLOORS_SAVE_INTERVAL_SECONDS. A record
+    that cannot be read is set aside with a warning: floors only ever refuse a vote, so starting
+    without them loses detection, never safety."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self._path = data_dir / MEMBER_FLOORS_FILE
+        self._lock = threading.Lock()  # one writer at a time: a flush at close may meet a save under way
+        self.loaded: Floors = self._load()
+        self._saved = self.loaded
+        self._latest = self.loaded
+        self._saving = False
+        self._saved_at = -float("inf")
+
+    def _load(self) -> Floors:
+        try:
+            document = json.loads(read_small_file(self._path, MAX_FLOORS_FILE_BYTES))
+        except FileNotFoundError:
+            return ()
+        except (OSError, FileTooLarge, ValueError, RecursionError) as error:
+            log.warning("node.member_floors_unreadable", path=str(self._path), error=type(error).__name__,
+                        detail="the node starts without the members' floors and learns them again from the "
+                               "primary's heartbeats")
+            return ()
+        floors: list[tuple[str, int]] = []
+        if isinstance(document, dict) and len(document) <= MAX_MEMBERS:
+            for member, floor in document.items():
+                if not (0 < len(member.encode()) <= MAX_NODE_ID_BYTES and type(floor) is int
+                        and 0 <= floor <= MAX_INDEX):
+                    break
+                floors.append((member, floor))
+            else:
+                return tuple(sorted(floors))
+        log.warning("node.member_floors_unreadable", path=str(self._path), error="not a record this node wrote",
+                    detail="the node starts without the members' floors and learns them again from the "
+                           "primary's heartbeats")
+        return ()
+
+    def offer(self, floors: Floors, now: float | None = None) -> bool:
+        """Note ``floors`` (durable as far as the core is concerned); True when a write should start now
+        (the caller runs ``save`` off the loop)."""
+        self._latest = floors
+        now = time.monotonic() if now is None else now
+        if floors == self._saved or self._saving or now - self._saved_at < FLOORS_SAVE_INTERVAL_SECONDS:
+            return False
+        self._saving = True
+        self._saved_at = now
+        return True
+
+    def save(self) -> None:
+        """Write the latest floors offered (from a thread); a failure is logged, never raised."""
+        try:
+            with self._lock:
+                floors = self._latest
+                if floors != self._saved:
+                    _write_durably(self._path, json.dumps(dict(floors)) + "\n")
+                    self._saved = floors
+        except OSError as error:
+            log.warning("node.member_floors_not_saved", error=error.strerror or type(error).__name__)
+        finally:
+            self._saving = False

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from protocol import (INITIAL_HARD_STATE, BackupLostEntries, BecamePrimary, ElectionStarted, Entry, EntryKind, Event,
-                      ForwardRequest, ForwardResponse, HardState, Membership, MembershipChanged, MembershipError,
+                      ForwardRequest, ForwardResponse, HardState, MemberBelowFloor, Membership, MembershipChanged, MembershipError,
                       Message, NotPrimary, PrimaryChanged, ProposalRejected, ReadResult, Ready, Replica,
                       ReplicaConfig, RestoredState, Role, SteppedDown)
 from tokenvault.config import ConfigError, NodeConfig, split_host_port
@@ -47,7 +47,7 @@ from tokenvault.core.transport import PeerAddress, PeerTransport
 from tokenvault.core.wal import RecoveredLog, WriteAheadLog
 from tokenvault.core.wal_segments import WalCorruption
 from tokenvault.crypto.keys import KeyRing, new_epoch_secret
-from tokenvault.core.incarnations import PeerIncarnations, load_or_create_incarnation
+from tokenvault.core.incarnations import MemberFloors, PeerIncarnations, load_or_create_incarnation
 from tokenvault.crypto.tls import NodeTls, PeerTlsContexts, TlsError, load_node_tls, reload_node_tls
 from tokenvault.futures import await_future, cancel_and_wait
 from tokenvault.logs import SummedEvent, get_logger
@@ -148,6 +148,9 @@ class Node:
         # changed under its id (tokenvault/core/incarnations.py).
         self.incarnation = load_or_create_incarnation(self.data_dir)
         self.peer_incarnations = PeerIncarnations(self.data_dir)
+        # What each member acknowledged of the committed log, as last made durable here (a member below it
+        # counts in no election: docs/failure-modes.md).
+        self.member_floors = MemberFloors(self.data_dir)
         self.store = VaultStore.open(self.data_dir / STORE_DIRECTORY,
                                      retention_ms=config.idempotency.retention_hours * 3600 * 1000)
         self.wal, recovered = WriteAheadLog.open(self.data_dir / "wal",
@@ -275,7 +278,7 @@ class Node:
         if hard_state.commit_index < base_index:
             hard_state = HardState(hard_state.view, hard_state.voted_for, base_index)
         return RestoredState(hard_state=hard_state, snapshot_index=base_index, snapshot_view=base_view,
-                             entries=entries, membership=self.store.membership())
+                             entries=entries, membership=self.store.membership(), floors=self.member_floors.loaded)
 
     def _follow_membership(self) -> None:
         """Peer links to the members of the configuration in effect and of the last committed one: while a
@@ -331,6 +334,7 @@ class Node:
     async def close(self) -> None:
         await cancel_and_wait(self._tasks)
         self._issued_log.flush()  # counts of the last interval, before the node goes
+        await asyncio.to_thread(self.member_floors.save)  # the latest floors offered, if not written yet
         if self.transport is not None:
             await self.transport.close()
         self._fail_pending()  # callers answer 503: this node is going away
@@ -463,9 +467,12 @@ class Node:
                 self._wakeup.clear()
                 self._drain_inbox()
                 while self.replica.has_ready():
+                    floors = self.replica.floors  # kept once this Ready's hard state is durable
                     ready = self.replica.ready()
                     await self._handle_ready(ready)
                     self.replica.advance(ready)
+                    if self.member_floors.offer(floors):
+                        asyncio.get_running_loop().run_in_executor(None, self.member_floors.save)
                     # Let the ticker, the transport and HTTP handlers run between two
                     # Readies: a run of apply-only Readies would otherwise hold the loop.
                     await asyncio.sleep(0)
@@ -845,6 +852,15 @@ class Node:
                       "(its data directory restored from an older copy, or a disk that lost fsynced writes); "
                       "it counts for nothing new here, and may stay behind until a snapshot or another "
                       "primary catches it up; replace it (docs/failure-modes.md)")
+        elif isinstance(event, MemberBelowFloor):
+            self.metrics.record_member_below_floor(event.member)
+            log.error("replica.member_below_floor", peer=event.member, floor=event.floor,
+                      last_index=event.last_index, as_what=event.as_what,
+                      detail="the member's log ends below what it once acknowledged of the committed log (its "
+                      "data directory restored from an older copy, or a disk that lost fsynced writes); its "
+                      "votes do not count and it is not voted for while it stays there, so with too few other "
+                      "members no primary is elected until one that holds those entries is back; replace it "
+                      "(docs/failure-modes.md)")
         else:
             log.info("replica.event", kind=type(event).__name__)
 

@@ -63,8 +63,12 @@ def cli(harness: ClusterHarness, *arguments: str, input_text: str | None = None)
 
 
 def interrupted_migration(harness: ClusterHarness, state_file: Path) -> dict[str, object]:
-    """Start `admin epoch migrate 1` in a process, Ctrl-C it once its first batch is saved; its saved state."""
-    command = [sys.executable, "-c", "from tokenvault.client.cli import main; main()", "admin", "epoch", "migrate", "1", "--batch-size", "2",
+    """Start `admin epoch migrate 1` in a process, Ctrl-C it once its first batch is saved; its saved state.
+    The process handles SIGINT as one started from a terminal does, even when this suite runs as a
+    background job (which a shell starts with SIGINT ignored, and its children inherit that)."""
+    as_from_a_terminal = ("import signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                          "from tokenvault.client.cli import main; main()")
+    command = [sys.executable, "-c", as_from_a_terminal, "admin", "epoch", "migrate", "1", "--batch-size", "2",
                "--state-file", str(state_file), "--cluster-json", str(harness.directory / "cluster.json")]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -106,3 +108,55 @@ def test_migrating_the_active_epoch_is_refused(runner: CliRunner, server: FakeVa
     result = invoke(runner, server, "migrate", "2", "--state-file", str(tmp_path / "s.json"))
     assert result.exit_code == 1 and "active epoch" in result.output
     assert server.calls("/v1/retokenize") == []
+
+
+@pytest.fixture
+def sigint_as(request: pytest.FixtureRequest) -> Iterator[None]:
+    """SIGINT handled as the parameter says for the test (a suite run as a background job starts with it
+    ignored), then as before."""
+    original = signal.signal(signal.SIGINT, request.param)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, original)
+
+
+def interrupt_during_the_first_batch(server: FakeVaultServer) -> None:
+    def retokenize_then_interrupt(request: RecordedRequest) -> Reply:
+        if len(server.calls("/v1/retokenize")) == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return _retokenize(request)
+
+    server.responders[("POST", "/v1/retokenize")] = retokenize_then_interrupt
+
+
+@pytest.mark.parametrize("sigint_as", [signal.default_int_handler], indirect=True)
+def test_ctrl_c_stops_migrate_after_the_batch_in_flight_with_its_cursor_saved(
+        runner: CliRunner, server: FakeVaultServer, tmp_path: Path, sigint_as: None) -> None:
+    """The first Ctrl-C lets the batch in flight finish and saves its cursor, then exits 130; running the
+    command again resumes after it. (The Ctrl-C arrives while the node re-tokenizes the first batch; the
+    loop may hear of it only once the next batch has started, so it stops after the first or the second
+    of the three, never in the middle of one. Before 2026-12-07 the batch in flight was cancelled: the
+    node had done it, the cursor did not show it, and the state file was not even written.)"""
+    interrupt_during_the_first_batch(server)
+    state = tmp_path / "state.json"
+    result = invoke(runner, server, "migrate", "1", "--batch-size", "3", "--state-file", str(state))
+    assert result.exit_code == 130, result.output
+    assert "interrupted; run the same command again to resume" in result.output
+    sent = [request.body["tokens"] for request in server.calls("/v1/retokenize")]
+    assert sent in ([OLD_TOKENS[0:3]], [OLD_TOKENS[0:3], OLD_TOKENS[3:6]])
+    saved = json.loads(state.read_text())
+    assert (saved["after"], saved["migrated"]) == (sent[-1][-1], sum(token != UNKNOWN for batch in sent for token in batch))
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, "the default handling is back"
+    resumed = invoke(runner, server, "migrate", "1", "--batch-size", "3", "--state-file", str(state))
+    assert resumed.exit_code == 0 and "migrated 6 tokens of epoch 1 to epoch 2" in resumed.output
+
+
+@pytest.mark.parametrize("sigint_as", [signal.SIG_IGN], indirect=True)
+def test_migrate_started_with_sigint_ignored_keeps_ignoring_it(
+        runner: CliRunner, server: FakeVaultServer, tmp_path: Path, sigint_as: None) -> None:
+    """As a shell starts a background job, and as Python itself does: the migration runs to its end."""
+    interrupt_during_the_first_batch(server)
+    result = invoke(runner, server, "migrate", "1", "--batch-size", "3", "--state-file", str(tmp_path / "s.json"))
+    assert result.exit_code == 0 and "migrated 6 tokens of epoch 1 to epoch 2" in result.output
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN

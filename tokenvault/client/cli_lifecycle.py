@@ -6,17 +6,23 @@ epoch: it reads the epoch's tokens page by page (`GET
 /v1/admin/epochs/E/tokens`, at most `--batch-size` per page, 1-1000) and sends
 each page to `POST /v1/retokenize`, so the values never leave the vault. After
 every batch it writes its cursor (the last token done) to a state file, with
-write-temp + fsync + rename, so a crash or Ctrl-C loses at most the batch in
-flight, and running the same command again resumes after the cursor.
+write-temp + fsync + rename, so a crash loses at most the batch in flight, and
+running the same command again resumes after the cursor. Ctrl-C stops it once
+the batch in flight is done and its cursor saved (exit 130); a second Ctrl-C
+stops it at once.
 Re-tokenizing is deterministic, so a batch done twice changes nothing. At the
 end it prints how many tokens it re-tokenized and removes the state file.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
+import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -91,9 +97,10 @@ def _write_state(path: Path, epoch_number: int, after: str | None, migrated: int
 
 
 async def _migrate(vault: AsyncClient, epoch_number: int, batch_size: int, state_path: Path,
-                   after: str | None, migrated: int, progress: Progress) -> tuple[int, int]:
+                   after: str | None, migrated: int, progress: Progress, stop: asyncio.Event) -> tuple[int, int]:
     """Re-tokenize page after page from ``after``; returns (tokens re-tokenized, the epoch they went to).
-    Card and digits tokens come after the opaque ones, re-tokenized in the epoch they belong to."""
+    Card and digits tokens come after the opaque ones, re-tokenized in the epoch they belong to. Once
+    ``stop`` is set it returns after the batch in flight, whose cursor is saved (the caller checks it)."""
     listing = await vault.list_epochs()
     states = {entry.epoch: entry.state for entry in listing.epochs}
     if epoch_number not in states:
@@ -104,7 +111,7 @@ async def _migrate(vault: AsyncClient, epoch_number: int, batch_size: int, state
         fail(f"epoch {epoch_number} is destroyed: its values are gone", EXIT_SERVICE_ERROR)
     task = progress.add_task(f"epoch {epoch_number}", total=None, completed=migrated)
     target = listing.active_epoch
-    while True:
+    while not stop.is_set():
         page = await vault.epoch_tokens(epoch_number, after, batch_size)
         if not page.tokens:
             return migrated, target
@@ -114,6 +121,30 @@ async def _migrate(vault: AsyncClient, epoch_number: int, batch_size: int, state
         after = page.tokens[-1]
         _write_state(state_path, epoch_number, after, migrated)
         progress.update(task, completed=migrated)
+    return migrated, target
+
+
+@contextlib.contextmanager
+def _stop_on_interrupt(stop: asyncio.Event) -> Iterator[None]:
+    """While the migration runs, the first SIGINT sets ``stop`` (the batch in flight finishes and its
+    cursor is saved) and puts the default handling back, so that a second one interrupts at once.
+    (asyncio.run's own handling would cancel the request in flight, whose batch the node may have done
+    without the cursor showing it.) A process started with SIGINT ignored, as a shell starts a
+    background job, keeps ignoring it, as Python does."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        yield
+        return
+    loop = asyncio.get_running_loop()
+
+    def on_interrupt() -> None:
+        stop.set()
+        loop.remove_signal_handler(signal.SIGINT)
+
+    loop.add_signal_handler(signal.SIGINT, on_interrupt)
+    try:
+        yield
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
 
 
 @click.command("migrate")
@@ -136,16 +167,21 @@ def epoch_migrate(connection: Connection, epoch_number: int, batch_size: int, st
     if after is not None and not as_json:
         click.echo(f"resuming after {migrated} tokens (state file {state_path})", err=True)
 
+    stop = asyncio.Event()
+
     async def run() -> tuple[int, int]:
         columns: list[Any] = [SpinnerColumn(), TextColumn("{task.description}: {task.completed} re-tokenized"),
                               TimeElapsedColumn()]
-        with Progress(*columns, console=Console(stderr=True), transient=as_json) as progress:
+        with Progress(*columns, console=Console(stderr=True), transient=as_json) as progress, \
+                _stop_on_interrupt(stop):
             async with connection.client() as vault:
-                return await _migrate(vault, epoch_number, batch_size, state_path, after, migrated, progress)
+                return await _migrate(vault, epoch_number, batch_size, state_path, after, migrated, progress, stop)
 
     try:
         total, target = run_client(run())
     except KeyboardInterrupt:
+        stop.set()
+    if stop.is_set():
         click.echo(f"interrupted; run the same command again to resume (state file {state_path})", err=True)
         sys.exit(EXIT_INTERRUPTED)
     state_path.unlink(missing_ok=True)

@@ -53,3 +53,45 @@ async def test_closing_while_a_checkpoint_is_being_taken_waits_off_the_loop_and_
     await asyncio.wait_for(closing, 10.0)
     assert offered == []
     assert not (tmp_path / OUTGOING_DIRECTORY).exists()
+
+
+class FakeSource:
+    index, view, total_bytes = 7, 1, 3 * 1024
+
+    def __init__(self) -> None:
+        self.reads: list[tuple[int, int]] = []
+
+    def read(self, offset: int, length: int) -> bytes:
+        self.reads.append((offset, length))
+        return b"x" * length
+
+
+async def test_a_chunk_is_not_sent_again_while_a_chunk_s_worth_for_that_peer_has_not_left() -> None:
+    """A slow backup makes the core find its transfer stalled and ask for the same chunk again; while a
+    chunk's worth of bytes for that peer is still being read or waits in its link's queue, another copy
+    would only add to memory (a 24 MB stream once grew a loaded primary by 8.25 MiB this way)."""
+    from protocol import SnapshotRead
+
+    sent: list[Any] = []
+    backlog = {"n2": 0}
+    transfers = SnapshotTransfers(Path("/nonexistent"), lambda: None, lambda call: call(),
+                                  lambda peer, message: sent.append(message) or True, NothingToShred(),
+                                  lambda peer: backlog[peer])
+    source = FakeSource()
+    transfers._sources["n2"] = source  # type: ignore[assignment]
+    chunk = SnapshotRead("n2", 3, 7, 1, 0, 1024, source.total_bytes, 1)
+    transfers.send_chunk(chunk)
+    transfers.send_chunk(chunk)  # asked again while the first copy is still being read
+    await asyncio.gather(*transfers._tasks)
+    assert len(sent) == 1 and source.reads == [(0, 1024)]
+    backlog["n2"] = 1024 + 40  # that copy waits in the link's queue
+    transfers.send_chunk(chunk)
+    transfers.send_chunk(SnapshotRead("n2", 3, 7, 1, 1024, 0, source.total_bytes, 1))  # an empty probe goes
+    await asyncio.gather(*transfers._tasks)
+    assert [len(message.data) for message in sent] == [1024, 0]
+    backlog["n2"] = 0  # it left: the next ask sends again
+    transfers.send_chunk(chunk)
+    await asyncio.gather(*transfers._tasks)
+    assert [len(message.data) for message in sent] == [1024, 0, 1024]
+    transfers._sources.clear()
+    await transfers.close()

@@ -812,3 +812,32 @@ async def test_a_peer_that_goes_silent_is_logged_down_with_reason_silent(mesh: M
             silent.close()
     down = [(entry["log_level"], entry["peer"], entry["reason"]) for entry in logs if entry["event"] == "peer.down"]
     assert down == [("warning", "n1", "closed"), ("warning", "n1", "silent")]
+
+
+def test_a_link_counts_the_bytes_given_to_it_until_they_reach_the_kernel() -> None:
+    """_Connection.backlog_bytes (what a snapshot source reads before sending a chunk again): queued frames
+    count until written, then the transport's own buffer counts until the socket takes them."""
+    class FakeTransport:
+        buffered = 0
+
+        def get_write_buffer_size(self) -> int:
+            return self.buffered
+
+    class FakeWriter:
+        def __init__(self) -> None:
+            self.transport = FakeTransport()
+            self.written: list[bytes] = []
+
+        def write(self, data: bytes) -> None:
+            self.written.append(data)
+            self.transport.buffered += len(data)  # the socket takes nothing yet
+
+    writer = FakeWriter()
+    connection = transport_module._Connection("n2", None, writer, None)  # type: ignore[arg-type]
+    frames = [encode_frame(RequestVote(1, 2, 3)), b"x" * 5000]
+    assert all(connection.enqueue(frame) for frame in frames)
+    assert connection.backlog_bytes() == sum(map(len, frames)) == connection.queued_bytes
+    connection.flush()
+    assert connection.queued_bytes == 0 and connection.backlog_bytes() == sum(map(len, frames))
+    writer.transport.buffered = 0  # the kernel took them
+    assert connection.backlog_bytes() == 0

@@ -223,7 +223,7 @@ class Node:
         # token.issued: one line a second at most (per epoch), so the node log grows with time, not traffic.
         self._issued_log = SummedEvent(log, "token.issued", ("epoch",), TOKEN_ISSUED_LOG_INTERVAL_SECONDS)
         self.snapshots = SnapshotTransfers(self.data_dir, lambda: self.store, self._run_in_driver,
-                                           self.send_to_peer, self.shredder)
+                                           self.send_to_peer, self.shredder, self._peer_backlog_bytes)
         self.metrics.watch_disk(self._disk_free_bytes, self._store_table_bytes, lambda: float(self.wal.segment_bytes))
         self.metrics.watch_shred_backlog(lambda: float(self.shredder.backlog_keys), self.shredder.oldest_wait_seconds)
         self.metrics.watch_peers(self._peer_states)
@@ -451,6 +451,9 @@ class Node:
 
     def send_to_peer(self, peer_id: str, message: Message) -> bool:
         return self.transport is not None and self.transport.send(peer_id, message)
+
+    def _peer_backlog_bytes(self, peer_id: str) -> int:
+        return 0 if self.transport is None else self.transport.backlog_bytes(peer_id)
 
     # ----------------------------------------------------------------- driver
     async def _tick_forever(self) -> None:

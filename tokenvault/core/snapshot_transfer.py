@@ -55,7 +55,9 @@ class SnapshotTransfers:
     """Owns the node's snapshot sources and its one staging area. Used from the event-loop thread only."""
 
     def __init__(self, data_dir: Path, store_of: Callable[[], Any], run_in_driver: Callable[[Callable[[], None]], None],
-                 send: Callable[[str, Message], bool], shreds: ShredState) -> None:
+                 send: Callable[[str, Message], bool], shreds: ShredState,
+                 backlog: Callable[[str], int] = lambda peer: 0) -> None:
+        """``backlog(peer)``: bytes sent to ``peer`` that have not left this process yet (the peer link's)."""
         self._outgoing_dir = data_dir / OUTGOING_DIRECTORY
         self._incoming_dir = data_dir / INCOMING_DIRECTORY
         # Leftovers of a previous run: a source or a staging area is never resumed.
@@ -64,6 +66,8 @@ class SnapshotTransfers:
         self._store_of = store_of
         self._run_in_driver = run_in_driver
         self._send = send
+        self._backlog = backlog
+        self._reading: dict[str, int] = {}  # bytes of chunks being read for each peer, not yet sent
         self._shreds = shreds  # whether a checkpoint may hold rows not yet shredded (manifest shred_pending)
         # One thread: checkpoints, chunk reads and staging writes never run at the same time,
         # and a chunk is always staged before the next one.
@@ -120,6 +124,12 @@ class SnapshotTransfers:
         if source is None or (source.index, source.view, source.total_bytes) != (
                 read.index, read.snapshot_view, read.total_bytes):
             return  # dropped meanwhile: the transfer stalls and the core asks again
+        if read.length and self._reading.get(read.peer, 0) + self._backlog(read.peer) >= read.length:
+            # A chunk's worth for this peer is still being read or waits to leave (a slow peer, whose
+            # transfer the core finds stalled and resends): another copy would only add to memory. The
+            # core asks again at its next stall.
+            return
+        self._reading[read.peer] = self._reading.get(read.peer, 0) + read.length
         self._spawn(self._read_and_send(source, read))
 
     async def _read_and_send(self, source: SnapshotSource, read: SnapshotRead) -> None:
@@ -128,6 +138,8 @@ class SnapshotTransfers:
         except (OSError, ValueError) as error:
             log.error("snapshot.read_failed", peer=read.peer, reason=_reason(error))
             return
+        finally:
+            self._reading[read.peer] -= read.length
         self._send(read.peer, InstallSnapshot(read.view, read.index, read.snapshot_view, read.offset,
                                               read.total_bytes, data, zlib.crc32(data), read.offer))
 

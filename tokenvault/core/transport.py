@@ -171,16 +171,22 @@ class _Connection:
         self.writer = writer
         self.decoder = decoder
         self.queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=SEND_QUEUE_MAX_MESSAGES)
+        self.queued_bytes = 0  # of the frames in ``queue``
         self.dropped_messages = 0
         self.silent = False
 
     def enqueue(self, frame: bytes) -> bool:
         try:
             self.queue.put_nowait(frame)
-            return True
         except asyncio.QueueFull:
             self.dropped_messages += 1
             return False
+        self.queued_bytes += len(frame)
+        return True
+
+    def backlog_bytes(self) -> int:
+        """Bytes given to this link that have not reached the kernel: queued frames and the transport's buffer."""
+        return self.queued_bytes + self.writer.transport.get_write_buffer_size()
 
     def flush(self) -> None:
         """Write what is queued to the socket now, in one write, unless the socket holds bytes back.
@@ -199,6 +205,7 @@ class _Connection:
         the socket is gone (then it is aborted, and the read side reports the peer down)."""
         while not self.queue.empty() and len(frames) < FRAMES_PER_WRITE:
             frames.append(self.queue.get_nowait())
+        self.queued_bytes -= sum(len(frame) for frame in frames)  # every one of them came from the queue
         try:
             self.writer.write(b"".join(frames))
         except (OSError, RuntimeError):
@@ -335,6 +342,11 @@ class PeerTransport:
 
     def is_connected(self, peer_id: str) -> bool:
         return peer_id in self._connections
+
+    def backlog_bytes(self, peer_id: str) -> int:
+        """Bytes queued for ``peer_id`` that have not reached the kernel yet (0 without a connection)."""
+        connection = self._connections.get(peer_id)
+        return 0 if connection is None else connection.backlog_bytes()
 
     # ----------------------------------------------------------------- dialing
     async def _dial_forever(self, peer: PeerAddress) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 import msgpack
 
 from protocol.errors import ProtocolError
-from protocol.membership import MAX_MEMBERS, MAX_NODE_ID_BYTES
+from protocol.membership import MAX_MEMBERS, is_member_id
 from protocol.messages import MESSAGE_REGISTRY, MESSAGE_TYPES, Message
 from protocol.types import MAX_ENTRIES_PER_MESSAGE, Entry, EntryKind
 
@@ -156,9 +156,9 @@ def _decode_headers(value: Any) -> tuple[tuple[str, str], ...]:
 
 
 def _check_member_id(value: Any) -> str:
-    member = _check_text(value)
-    if not 0 < len(member.encode()) <= MAX_NODE_ID_BYTES:
+    if not is_member_id(value):
         raise ProtocolError("expected a member id")
+    member: str = value
     return member
 
 

@@ -23,6 +23,16 @@ MAX_ADDRESS_BYTES = 260
 MAX_ENCODED_BYTES = 4096
 
 
+def is_member_id(value: object) -> bool:
+    """Whether ``value`` can be a member's id: a string of 1 to MAX_NODE_ID_BYTES bytes."""
+    if type(value) is not str:
+        return False
+    try:
+        return 0 < len(value.encode()) <= MAX_NODE_ID_BYTES
+    except UnicodeEncodeError:  # a lone surrogate, as JSON may carry
+        return False
+
+
 class MembershipError(ValueError):
     """A membership that breaks a rule, or a payload that is not one; the message names the rule."""
 
@@ -48,7 +58,7 @@ class Membership:
         if type(self.members) is not tuple or not 1 <= len(self.members) <= MAX_MEMBERS:
             raise MembershipError(f"a configuration has 1 to {MAX_MEMBERS} members")
         for member in self.members:
-            if not (type(member.node_id) is str and 0 < len(member.node_id.encode()) <= MAX_NODE_ID_BYTES):
+            if not is_member_id(member.node_id):
                 raise MembershipError(f"a member id is a string of 1 to {MAX_NODE_ID_BYTES} bytes")
             if not (type(member.address) is str and len(member.address.encode()) <= MAX_ADDRESS_BYTES):
                 raise MembershipError(f"a member address is a string of at most {MAX_ADDRESS_BYTES} bytes")

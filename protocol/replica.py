@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from protocol.errors import NotPrimary, ProposalRejected
 from protocol.membership import ConfigurationLog, Membership, MembershipError
@@ -36,6 +36,15 @@ SNAPSHOT_SILENT_ELECTION_TIMEOUTS = 3
 # (records.BackupLostEntries); fewer may be stale refusals overtaken by the acknowledgement.
 LOSS_REFUSAL_INTERVALS = 3
 PRIMARY_SENT_TYPES = (AppendEntries, Heartbeat, InstallSnapshot)
+
+
+class _Floor(NamedTuple):
+    """A member's floor as this node holds it: its value (a log index), and when it was last raised (the view of the
+    heartbeat, or of this primary, that raised it, and this node's poll number then)."""
+
+    value: int
+    view: int
+    poll: int
 
 
 class RandomSource(Protocol):
@@ -65,19 +74,13 @@ class Replica:
         # Per member, the highest index it acknowledged that is also committed, as this node last heard
         # (the primary computes them, its heartbeats carry them): a member whose log ends below its floor
         # lost entries from its disk, and counts in no election (_below_floor; docs/failure-modes.md).
-        self._floors: dict[str, int] = {member: floor for member, floor in restored.floors
-                                        if member in self._membership.ids}
-        # When each floor was last raised: the view of the heartbeat (or of this primary) that raised it,
-        # and this node's poll number then. A vote message sent after that is fresh: a member below its
-        # floor in one lost entries; in an older one it may be a message overtaken by its
-        # acknowledgement, refused all the same but not reported.
         # Restored floors were raised in views up to the restored one (the driver keeps floors it took
-        # with a Ready once that Ready's hard state is durable).
-        self._floor_views: dict[str, int] = dict.fromkeys(self._floors, restored.hard_state.view)
-        self._floor_polls: dict[str, int] = dict.fromkeys(self._floors, 0)
+        # with a Ready once that Ready's hard state is durable), before any poll of this run.
+        self._floors: dict[str, _Floor] = {member: _Floor(floor, restored.hard_state.view, 0)
+                                           for member, floor in restored.floors if member in self._membership.ids}
+        self._floors_held: tuple[tuple[str, int], ...] | None = None  # ``floors``, until one changes
         self._polls = 0  # numbers this node's pre-votes (PreVote.poll)
         self._floors_reported: set[tuple[str, int]] = set()
-        self._heartbeat_floors: tuple[tuple[str, int], ...] = ()
         hard_state = restored.hard_state
         # A crash between writing entries and writing the hard state of the same batch can
         # leave entries of a view the hard state never reached. No vote was sent from that
@@ -210,8 +213,11 @@ class Replica:
 
     @property
     def floors(self) -> tuple[tuple[str, int], ...]:
-        """The members' floors this node holds, in id order (for the driver to keep across restarts)."""
-        return tuple(sorted(self._floors.items()))
+        """The members' floors this node holds, in id order (for the driver to keep across restarts; the
+        same tuple until one changes, so the driver's look at every Ready costs nothing)."""
+        if self._floors_held is None:
+            self._floors_held = tuple(sorted((member, floor.value) for member, floor in self._floors.items()))
+        return self._floors_held
 
     @property
     def configurations(self) -> ConfigurationLog:
@@ -645,8 +651,7 @@ class Replica:
         granted = (may_vote
                    and self._voted_for in (None, sender)
                    and self._candidate_is_up_to_date(message.last_index, message.last_view)
-                   and not self._below_floor(sender, message.last_index, "candidate",
-                                             fresh=message.view > self._floor_views.get(sender, 0)))
+                   and not self._below_floor(sender, message.last_index, "candidate", sent_in_view=message.view))
         if granted:
             if self._role is Role.CANDIDATE:
                 self._become_backup(self._view, None)  # stop polling: it would only disrupt the candidate
@@ -658,9 +663,8 @@ class Replica:
     def _on_vote_reply(self, sender: str, message: VoteReply) -> None:
         if self._role is not Role.CANDIDATE or self._pre_voting:
             return
-        # This candidate asked in a view above the one that raised the floor: the answer is fresh.
         self._votes[sender] = message.granted and not self._below_floor(
-            sender, message.last_index, "voter", fresh=message.view > self._floor_views.get(sender, 0))
+            sender, message.last_index, "voter", sent_in_view=message.view)
         if self._granted_votes() >= self._membership.quorum:
             self._become_primary()
 
@@ -687,7 +691,7 @@ class Replica:
         granted = (could_vote and not in_lease
                    and self._candidate_is_up_to_date(message.last_index, message.last_view)
                    and not self._below_floor(sender, message.last_index, "candidate",
-                                             fresh=message.view - 1 > self._floor_views.get(sender, 0)))
+                                             sent_in_view=message.view - 1))  # a poll is sent from the view before
         self._outbox.append((sender, PreVoteReply(message.view if granted else self._view, granted,
                                                   self._log.last_index, message.poll)))
 
@@ -698,31 +702,39 @@ class Replica:
             return
         if self._role is not Role.CANDIDATE or not self._pre_voting or message.view != self._view + 1:
             return
-        # An answer to a poll started after the floor was raised is fresh (an earlier poll of the same
-        # view may be answered late).
-        if self._below_floor(sender, message.last_index, "voter",
-                             fresh=message.poll == self._polls > self._floor_polls.get(sender, 0)):
+        if self._below_floor(sender, message.last_index, "voter", answered_poll=message.poll):
             return
         self._votes[sender] = True
         if self._granted_votes() >= self._membership.quorum:
             self._become_candidate(f"a majority granted the pre-vote after {self._poll_reason}")
 
-    def _below_floor(self, member: str, last_index: int, as_what: str, *, fresh: bool) -> bool:
+    def _below_floor(self, member: str, last_index: int, as_what: str, *, sent_in_view: int | None = None,
+                     answered_poll: int | None = None) -> bool:
         """Whether ``member``'s log, ending at ``last_index``, lacks entries it acknowledged that were committed.
 
         Such a member forgot what it promised was on its disk (its data directory put back from an older
         copy): counting its vote, or electing it, could leave a committed entry on no majority. A healthy
-        member never is, in a message it sent after the acknowledgement (``fresh``): a floor is at most
-        what it acknowledged after its fsync, and committed entries are never truncated. An older message
-        is refused too, at no cost (its sender has sent, or will send, a newer one). Said once per member
-        and floor, for fresh messages only (MemberBelowFloor)."""
-        floor = self._floors.get(member, 0)
-        if last_index >= floor:
+        member never is, in a message it sent after the acknowledgement: a floor is at most what it
+        acknowledged after its fsync, and committed entries are never truncated. An older message is
+        refused too, at no cost (its sender has sent, or will send, a newer one). Said once per member
+        and floor, for messages known to be newer only (``_sent_after``; MemberBelowFloor)."""
+        floor = self._floors.get(member)
+        if floor is None or last_index >= floor.value:
             return False
-        if fresh and (member, floor) not in self._floors_reported:
-            self._floors_reported.add((member, floor))
-            self._events.append(MemberBelowFloor(member, floor, last_index, as_what))
+        if (self._sent_after(floor, sent_in_view, answered_poll)
+                and (member, floor.value) not in self._floors_reported):
+            self._floors_reported.add((member, floor.value))
+            self._events.append(MemberBelowFloor(member, floor.value, last_index, as_what))
         return True
+
+    def _sent_after(self, floor: _Floor, sent_in_view: int | None, answered_poll: int | None) -> bool:
+        """Whether a vote message was sent after the acknowledgement that raised ``floor``: from a view above
+        the one that raised it (the member acknowledged in that view or an earlier one, and a healthy
+        member's view only grows), or in answer to this node's current poll, started after it was raised
+        (an earlier poll of the same view may be answered late)."""
+        if sent_in_view is not None:
+            return sent_in_view > floor.view
+        return answered_poll == self._polls > floor.poll
 
     def _granted_votes(self) -> int:
         """Granted votes of this configuration's voters: a learner's or a former member's do not count."""
@@ -752,7 +764,8 @@ class Replica:
         self._events.append(MembershipChanged(self.membership_index, membership))
         # A former member's floor goes with it, so that its id can be used again by a new member.
         for member in [member for member in self._floors if member not in membership.ids]:
-            del self._floors[member], self._floor_views[member], self._floor_polls[member]
+            del self._floors[member]
+            self._floors_held = None
         if self._role is Role.CANDIDATE and not self.may_campaign:
             self._become_backup(self._view, None, "no longer a voter")
         if self._role is not Role.PRIMARY:
@@ -851,7 +864,7 @@ class Replica:
         self._commit_to(min(message.commit_index, self._log.last_index))
         members = self._membership.ids
         for member, floor in message.floors:
-            if member in members and floor > self._floors.get(member, 0):
+            if member in members:
                 self._raise_floor(member, floor, message.view)
         self._outbox.append((sender, HeartbeatReply(self._view, message.read_round)))
 
@@ -941,18 +954,18 @@ class Replica:
             else:
                 progress = self._progress.get(member)
                 floor = 0 if progress is None else min(progress.match_index, commit_index)
-            if floor > self._floors.get(member, 0):
-                self._raise_floor(member, floor, self._view)
-        self._heartbeat_floors = self.floors
+            self._raise_floor(member, floor, self._view)
 
     def _raise_floor(self, member: str, floor: int, view: int) -> None:
-        self._floors[member] = floor
-        self._floor_views[member] = view
-        self._floor_polls[member] = self._polls
+        """``member``'s floor is ``floor`` if that is higher, raised in ``view`` (and this node's current poll)."""
+        held = self._floors.get(member)
+        if floor > (0 if held is None else held.value):
+            self._floors[member] = _Floor(floor, view, self._polls)
+            self._floors_held = None
 
     def _send_heartbeat(self, peer: str, progress: PeerProgress) -> None:
         commit_index = min(self._commit_index, progress.match_index)
-        self._outbox.append((peer, Heartbeat(self._view, commit_index, self._read_round, self._heartbeat_floors)))
+        self._outbox.append((peer, Heartbeat(self._view, commit_index, self._read_round, self.floors)))
 
     def _retry_stalled(self, peer: str, progress: PeerProgress) -> None:
         """Recover from lost messages: restart a stream that made no progress for a while."""

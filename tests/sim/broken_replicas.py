@@ -108,7 +108,7 @@ class HeartbeatCarriesRawCommit(Replica):
     """The heartbeat carries the primary's commit index, not min(commit, the backup's match index)."""
 
     def _send_heartbeat(self, peer: str, progress: PeerProgress) -> None:
-        self._outbox.append((peer, Heartbeat(self._view, self._commit_index, self._read_round, self._heartbeat_floors)))
+        self._outbox.append((peer, Heartbeat(self._view, self._commit_index, self._read_round, self.floors)))
 
 
 class VotesTwiceInAView(Replica):
@@ -161,17 +161,15 @@ class FloorsAtTheMatchIndex(Replica):
         for member in self._membership.ids:
             progress = self._progress.get(member)
             floor = self._commit_index if member == self.node_id else (0 if progress is None else progress.match_index)
-            if floor > self._floors.get(member, 0):
-                self._raise_floor(member, floor, self._view)
-        self._heartbeat_floors = self.floors
+            self._raise_floor(member, floor, self._view)
 
 
 class ReportsEveryVoteBelowAFloor(Replica):
     """Reports a member below its floor from any vote message, however old: a message overtaken by the
     acknowledgement that raised the floor (a reordering link, a paused node) is taken for lost entries."""
 
-    def _below_floor(self, member: str, last_index: int, as_what: str, *, fresh: bool) -> bool:
-        return super()._below_floor(member, last_index, as_what, fresh=True)
+    def _sent_after(self, floor, sent_in_view: int | None, answered_poll: int | None) -> bool:
+        return True
 
 
 # name -> (replica class, driver bugs planted in the simulated node); the mutant table and its CI test use it.

@@ -146,9 +146,9 @@ class SimNode:
     # next fsync writes them ahead of its own, lost by a crash before it.
     unsynced: list = field(default_factory=list)
     pending_primary_view: int | None = None  # the view it led when that Ready was taken, if primary
-    # Replica.floors as taken just before each Ready still to complete (by id of the Ready): kept on
-    # disk once that Ready is durable, as the node does (so a restored floor's view is one on disk).
-    ready_floors: dict = field(default_factory=dict)
+    # Replica.floors as taken just before the pending Ready: kept on disk once it is durable, as the node
+    # does (so a restored floor's view is one on disk).
+    pending_floors: tuple = ()
     read_ids: int = 0
     # Primary: the snapshot image offered to each peer, as (index, view, bytes).
     sources: dict = field(default_factory=dict)
@@ -306,14 +306,13 @@ class Simulation(InvariantChecks, Nemeses, MembershipChanges, ClientHistory):
             primary_view = replica.view if replica.role is Role.PRIMARY else None
             floors = replica.floors
             ready = replica.ready()
-            node.ready_floors[id(ready)] = floors
             crash_point = self._draw_crash_point(node)
             if not self._before_fsync(node, ready, primary_view, crash_point):
                 return
             if self.config.split_ready_probability and self.rng.random() < self.config.split_ready_probability:
-                node.pending, node.pending_primary_view = ready, primary_view
+                node.pending, node.pending_primary_view, node.pending_floors = ready, primary_view, floors
                 return
-            if not self.complete(node, ready, primary_view, crash_point):
+            if not self.complete(node, ready, primary_view, floors, crash_point):
                 return
             replica = node.replica
 
@@ -397,12 +396,11 @@ class Simulation(InvariantChecks, Nemeses, MembershipChanges, ClientHistory):
         node.replica.snapshot_installed(index, view, node.disk.applied_membership)
         self.drive(node)
 
-    def complete(self, node: SimNode, ready: Ready, primary_view: int | None,
+    def complete(self, node: SimNode, ready: Ready, primary_view: int | None, floors: tuple,
                  crash_point: str | None = None) -> bool:
         """The fsync finished: the other messages go, the rest is applied, then advance(). False if it crashed."""
         replica = node.replica
         assert replica is not None
-        floors = node.ready_floors.pop(id(ready), node.disk.floors)
         if ready.must_sync:
             self._persist(node, ready, len(node.unsynced) + len(self._records(ready)))
             node.disk.floors = floors
@@ -695,7 +693,6 @@ class Simulation(InvariantChecks, Nemeses, MembershipChanges, ClientHistory):
             self._persist(node, node.pending, kept)
             node.pending = None
         node.unsynced = []  # still in the WAL's buffer, never written
-        node.ready_floors.clear()
         disk = node.disk
         if disk.store_synced[0] < disk.applied_index:
             # The store's applied tail was never synced: it is lost; the WAL replays it.
@@ -719,7 +716,7 @@ class Simulation(InvariantChecks, Nemeses, MembershipChanges, ClientHistory):
         if node.pending is not None and node.replica is not None and not self.is_paused(node):
             ready, primary_view = node.pending, node.pending_primary_view
             node.pending = node.pending_primary_view = None
-            self.complete(node, ready, primary_view)
+            self.complete(node, ready, primary_view, node.pending_floors)
             self.drive(node)
 
     def partition(self) -> None:

@@ -137,7 +137,8 @@ def test_member_floors_are_written_when_they_change_at_most_once_an_interval_and
     assert MemberFloors(tmp_path).loaded == second
 
 
-@pytest.mark.parametrize("text", ['{"n1": "7"}', '{"n1": -1}', '{"n1": 1.5}', '{"": 3}', '[["n1", 3]]',
+@pytest.mark.parametrize("text", ['{"n1": "7"}', '{"n1": -1}', '{"n1": 1.5}', '{"": 3}', '{"\\ud800": 3}',
+                                  '{"n1": true}', '[["n1", 3]]',
                                   '{"' + "x" * 65 + '": 3}', json.dumps({f"n{i}": 1 for i in range(10)}),
                                   "[" * 10_000, "[" * 100_000, "{" + " " * 20_000 + "}", "not json"])
 def test_a_member_floors_record_the_node_did_not_write_is_set_aside_with_a_warning(tmp_path: Path, text: str) -> None:

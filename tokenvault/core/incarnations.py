@@ -25,7 +25,8 @@ import threading
 import time
 from pathlib import Path
 
-from protocol.membership import MAX_MEMBERS, MAX_NODE_ID_BYTES
+from protocol.codec import MAX_INTEGER
+from protocol.membership import MAX_MEMBERS, is_member_id
 from tokenvault.core.wal import fsync_directory
 from tokenvault.logs import get_logger
 from tokenvault.smallfiles import FileTooLarge, read_small_file
@@ -42,7 +43,6 @@ MEMBER_FLOORS_FILE = "member-floors.json"
 MAX_FLOORS_FILE_BYTES = 16 * 1024
 # Floors change with every commit under load; they are written at most this often.
 FLOORS_SAVE_INTERVAL_SECONDS = 1.0
-MAX_INDEX = 2**63 - 1
 
 
 class IncarnationError(Exception):
@@ -185,15 +185,10 @@ class MemberFloors:
                         detail="the node starts without the members' floors and learns them again from the "
                                "primary's heartbeats")
             return ()
-        floors: list[tuple[str, int]] = []
-        if isinstance(document, dict) and len(document) <= MAX_MEMBERS:
-            for member, floor in document.items():
-                if not (0 < len(member.encode()) <= MAX_NODE_ID_BYTES and type(floor) is int
-                        and 0 <= floor <= MAX_INDEX):
-                    break
-                floors.append((member, floor))
-            else:
-                return tuple(sorted(floors))
+        if (isinstance(document, dict) and len(document) <= MAX_MEMBERS
+                and all(is_member_id(member) and type(floor) is int and 0 <= floor <= MAX_INTEGER
+                        for member, floor in document.items())):
+            return tuple(sorted(document.items()))
         log.warning("node.member_floors_unreadable", path=str(self._path), error="not a record this node wrote",
                     detail="the node starts without the members' floors and learns them again from the "
                            "primary's heartbeats")
@@ -203,8 +198,10 @@ class MemberFloors:
         """Note ``floors`` (durable as far as the core is concerned); True when a write should start now
         (the caller runs ``save`` off the loop)."""
         self._latest = floors
+        if floors == self._saved or self._saving:  # the first test is one of identity at almost every Ready
+            return False
         now = time.monotonic() if now is None else now
-        if floors == self._saved or self._saving or now - self._saved_at < FLOORS_SAVE_INTERVAL_SECONDS:
+        if now - self._saved_at < FLOORS_SAVE_INTERVAL_SECONDS:
             return False
         self._saving = True
         self._saved_at = now

@@ -205,9 +205,10 @@ class _Connection:
         the socket is gone (then it is aborted, and the read side reports the peer down)."""
         while not self.queue.empty() and len(frames) < FRAMES_PER_WRITE:
             frames.append(self.queue.get_nowait())
-        self.queued_bytes -= sum(len(frame) for frame in frames)  # every one of them came from the queue
+        data = b"".join(frames)
+        self.queued_bytes -= len(data)  # every frame came from the queue
         try:
-            self.writer.write(b"".join(frames))
+            self.writer.write(data)
         except (OSError, RuntimeError):
             _abort(self.writer)
             return False

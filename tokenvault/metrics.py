@@ -293,6 +293,12 @@ class Metrics:
             ("peer",),
             registry=registry,
         )
+        self.peer_messages_dropped = Counter(
+            "tokenvault_peer_messages_dropped",
+            "Messages to a peer dropped because its link's send queue was full (peer.send_queue_full), by peer.",
+            ("peer",),
+            registry=registry,
+        )
         for role in ROLES:
             self.role.labels(role=role).set(0)
 
@@ -439,6 +445,9 @@ class Metrics:
 
     def record_member_below_floor(self, peer: str) -> None:
         self.member_below_floor.labels(peer=peer).inc()
+
+    def record_peer_message_dropped(self, peer: str) -> None:
+        self.peer_messages_dropped.labels(peer=peer).inc()
 
     def set_peer(self, peer: str, *, reachable: bool, match_index: int | None = None) -> None:
         self.peer_reachable.labels(peer=peer).set(1 if reachable else 0)

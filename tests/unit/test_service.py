@@ -21,7 +21,7 @@ from structlog.testing import capture_logs
 from node_support import Cluster, ProposalGate, RunningNode, Timing, retry_until_ok, start_cluster, wait_until
 import msgpack
 
-from protocol import AppendEntries, AppendReply, ForwardRequest, ForwardResponse, ProposalRejected
+from protocol import AppendEntries, AppendReply, ForwardRequest, ForwardResponse, FrameDecoder, ProposalRejected
 from tokenvault.core import commands
 from tokenvault.crypto.keys import EpochKeys, new_epoch_secret
 from tokenvault.errors import (EpochChanged, IdempotencyInFlight, IdempotencyMismatch, InvalidRequest,
@@ -506,6 +506,33 @@ async def test_a_forward_in_flight_fails_fast_when_the_link_to_the_primary_drops
         assert time.monotonic() - dropped_at < 1.5, "the 503 waited for the forward timeout"
     finally:
         await cluster.close()
+
+
+async def test_a_forward_the_full_link_to_the_primary_refuses_is_overloaded_and_counted(
+        trio: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A backup whose link to the primary is full (the primary reads nothing: the link's queue is at its
+    bound, tests/unit/test_transport.py) answers 503 overloaded with Retry-After at once, rather than
+    "not reachable" for a primary it is linked to, and counts the dropped message by peer."""
+    primary, backup = trio.primaries()[0], trio.backups()[0]
+    connection = backup.node.transport._connections[primary.node_id]
+    refused: list[bytes] = []
+
+    def full(frame: bytes) -> str:
+        refused.append(frame)
+        return "bytes"
+    monkeypatch.setattr(connection, "enqueue", full)
+    with pytest.raises(Overloaded) as raised:
+        await backup.service.tokenize("p", ["refused-by-a-full-link"], None)
+    assert raised.value.status == 503 and raised.value.problem == "overloaded"
+    assert "Retry-After" in raised.value.headers and "link to the primary is full" in str(raised.value.detail)
+    # Its replication replies were refused too while the stub held (the core takes such losses).
+    assert ForwardRequest in {type(message) for message in FrameDecoder().feed(b"".join(refused))}
+    metrics = backup.node.metrics.registry
+    assert metrics.get_sample_value("tokenvault_peer_messages_dropped_total",
+                                    {"peer": primary.node_id}) == len(refused)
+    monkeypatch.undo()  # the link takes frames again: the same request goes through
+    outcome = await backup.service.tokenize("p", ["refused-by-a-full-link"], None)
+    assert outcome.status == 200 and not outcome.replayed
 
 
 HOSTILE_FORWARDS = {

@@ -288,6 +288,57 @@ async def test_the_send_queue_is_bounded_and_keeps_order_when_the_peer_does_not_
         peer.close()
 
 
+async def test_the_send_queue_is_bounded_in_bytes_and_says_what_it_dropped(
+        mesh: Mesh, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Large frames (forwarded bodies, appends) fill the byte bound long before the frame bound: a peer
+    that stops reading costs the link at most SEND_QUEUE_MAX_BYTES of queue, each refusal is counted,
+    reported to on_dropped and logged summed, and what was queued still arrives in order."""
+    bound = 1024 * 1024
+    monkeypatch.setattr(transport_module, "SEND_QUEUE_MAX_BYTES", bound)
+    dropped: list[str] = []
+    acceptor = await mesh.start("n2", idle_timeout_seconds=QUIET_SECONDS, on_dropped=dropped.append)
+    peer = await RawPeer.connect(mesh.ports["n2"])
+    try:
+        await peer.handshake("n1", "n2", mesh.secret)
+        await wait_until(lambda: acceptor.transport.is_connected("n1"), 5, "the connection")
+        body = b"\x00" * (64 * 1024)
+        accepted = 0
+        with capture_logs() as logs:
+            for request_id in range(transport_module.SEND_QUEUE_MAX_MESSAGES):
+                if not acceptor.transport.send("n1", ForwardRequest(request_id=request_id, kind="x", body=body)):
+                    break
+                accepted += 1
+                if request_id % 4 == 0:
+                    await asyncio.sleep(0)  # let the writer push what the kernel still takes
+            connection = acceptor.transport._connections["n1"]
+            assert 0 < connection.queued_bytes <= bound
+            # Refused by bytes: far fewer frames than the frame bound were taken.
+            assert accepted < transport_module.SEND_QUEUE_MAX_MESSAGES
+            for request_id in range(accepted, accepted + 3):
+                assert not acceptor.transport.send("n1", ForwardRequest(request_id=request_id, kind="x", body=body))
+            # A small message still fits beside the large ones: a heartbeat is not starved by a body.
+            assert acceptor.transport.send("n1", forward(10**6))
+            await acceptor.transport.close()  # logs what the summed event still holds
+        assert dropped == ["n1"] * 4 and acceptor.transport.messages_dropped == {"n1": 4}
+        lines = [line for line in logs if line["event"] == "peer.send_queue_full"]
+        assert lines and {(line["peer"], line["limit"]) for line in lines} == {("n1", "bytes")}
+        assert sum(line["count"] for line in lines) == 4 and all(line["log_level"] == "warning" for line in lines)
+    finally:
+        peer.close()
+
+
+async def test_a_frame_larger_than_the_byte_bound_goes_alone_into_an_empty_queue(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(transport_module, "SEND_QUEUE_MAX_BYTES", 10_000)
+    connection = transport_module._Connection("n2", None, None, None)  # type: ignore[arg-type]
+    assert connection.enqueue(b"x" * 20_000) is None  # alone: it is not held back for ever
+    assert connection.enqueue(b"y") == "bytes"
+    connection.queue.get_nowait()
+    connection.queued_bytes = 0
+    assert connection.enqueue(b"x" * 6_000) is None and connection.enqueue(b"x" * 4_000) is None
+    assert connection.enqueue(b"z") == "bytes" and connection.queued_bytes == 10_000
+
+
 # --------------------------------------------------------------------------- hostile peers
 
 async def test_transports_with_different_secrets_never_connect(mesh: Mesh) -> None:
@@ -835,7 +886,7 @@ def test_a_link_counts_the_bytes_given_to_it_until_they_reach_the_kernel() -> No
     writer = FakeWriter()
     connection = transport_module._Connection("n2", None, writer, None)  # type: ignore[arg-type]
     frames = [encode_frame(RequestVote(1, 2, 3)), b"x" * 5000]
-    assert all(connection.enqueue(frame) for frame in frames)
+    assert all(connection.enqueue(frame) is None for frame in frames)
     assert connection.backlog_bytes() == sum(map(len, frames)) == connection.queued_bytes
     connection.flush()
     assert connection.queued_bytes == 0 and connection.backlog_bytes() == sum(map(len, frames))

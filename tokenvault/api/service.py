@@ -1018,6 +1018,8 @@ class NodeService(LifecycleOperations, MembershipOperations):
         body = msgpack.packb(arguments, use_bin_type=True)
         try:
             if not self.node.send_to_peer(primary_id, ForwardRequest(request_id=request_id, kind=kind, body=body)):
+                if self.node.is_linked(primary_id):  # linked, but the link's send queue is full
+                    raise Overloaded("the link to the primary is full; the request had no effect: retry later")
                 raise Unavailable("the primary is not reachable from this node right now")
             response: ForwardResponse = await await_future(future, self._timeout_seconds + 1)
         except asyncio.TimeoutError:

@@ -196,7 +196,8 @@ class Node:
                                            MAX_FRAME_BYTES, on_peer_down=self._on_peer_down,
                                            idle_timeout_seconds=_link_idle_timeout_seconds(config), tls=peer_tls,
                                            max_unauthenticated_connections=config.peer.max_unauthenticated_connections,
-                                           incarnation=self.incarnation, admit=self.peer_incarnations.admit)
+                                           incarnation=self.incarnation, admit=self.peer_incarnations.admit,
+                                           on_dropped=self.metrics.record_peer_message_dropped)
             self._follow_membership()  # links to the committed configuration's members too, not only the newest's
         self._inbox: deque[tuple[Any, ...]] = deque()
         self._wakeup = asyncio.Event()
@@ -450,7 +451,11 @@ class Node:
         return state is not None
 
     def send_to_peer(self, peer_id: str, message: Message) -> bool:
+        """Queue ``message`` on the link to ``peer_id``; False without a link or when its queue is full."""
         return self.transport is not None and self.transport.send(peer_id, message)
+
+    def is_linked(self, peer_id: str) -> bool:
+        return self.transport is not None and self.transport.is_connected(peer_id)
 
     def _peer_backlog_bytes(self, peer_id: str) -> int:
         return 0 if self.transport is None else self.transport.backlog_bytes(peer_id)

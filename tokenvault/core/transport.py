@@ -30,6 +30,11 @@ connection; a frame that fails to decode later closes that one connection too.
 
 Replication messages are fire-and-forget: the replication core tolerates loss,
 so a full send queue drops the newest message instead of blocking the driver.
+A link's queue is full at SEND_QUEUE_MAX_MESSAGES frames or SEND_QUEUE_MAX_BYTES
+bytes (a frame larger than the byte bound still goes alone into an empty queue):
+a peer that stops reading costs its link at most that much memory, whatever the
+frames hold. Each drop is counted (``messages_dropped``, ``on_dropped``) and
+logged as ``peer.send_queue_full``, summed over a second per peer and limit.
 """
 
 from __future__ import annotations
@@ -69,6 +74,9 @@ GREETING_PREFIX = b"TVPEER"
 GREETING = GREETING_PREFIX + b"%d\n" % PEER_PROTOCOL_VERSION
 NONCE_BYTES = 32
 SEND_QUEUE_MAX_MESSAGES = 4096
+# A forwarded request's body may be 8 MiB and an append 4 MiB and more: frames alone would let a peer
+# that does not read hold gigabytes here. 64 MiB is half a second of a 1 Gbit/s link.
+SEND_QUEUE_MAX_BYTES = 64 * 1024 * 1024
 # Queued frames coalesced into one socket write, to save syscalls.
 FRAMES_PER_WRITE = 512
 RECONNECT_DELAY_SECONDS_MIN = 0.05
@@ -172,17 +180,17 @@ class _Connection:
         self.decoder = decoder
         self.queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=SEND_QUEUE_MAX_MESSAGES)
         self.queued_bytes = 0  # of the frames in ``queue``
-        self.dropped_messages = 0
         self.silent = False
 
-    def enqueue(self, frame: bytes) -> bool:
-        try:
-            self.queue.put_nowait(frame)
-        except asyncio.QueueFull:
-            self.dropped_messages += 1
-            return False
+    def enqueue(self, frame: bytes) -> str | None:
+        """Queue ``frame``: None, or the bound that refused it (``messages`` or ``bytes``)."""
+        if self.queue.full():
+            return "messages"
+        if self.queued_bytes and self.queued_bytes + len(frame) > SEND_QUEUE_MAX_BYTES:
+            return "bytes"
+        self.queue.put_nowait(frame)
         self.queued_bytes += len(frame)
-        return True
+        return None
 
     def backlog_bytes(self) -> int:
         """Bytes given to this link that have not reached the kernel: queued frames and the transport's buffer."""
@@ -243,9 +251,11 @@ class PeerTransport:
                  tls: PeerTlsContexts | None = None,
                  max_unauthenticated_connections: int = DEFAULT_MAX_UNAUTHENTICATED_CONNECTIONS,
                  handshake_timeout_seconds: float = HANDSHAKE_TIMEOUT_SECONDS,
-                 incarnation: bytes | None = None, admit: Callable[[str, bytes], bool] | None = None) -> None:
+                 incarnation: bytes | None = None, admit: Callable[[str, bytes], bool] | None = None,
+                 on_dropped: Callable[[str], None] | None = None) -> None:
         """``incarnation``: this node's (random when not given); ``admit(member, incarnation)``: whether a
-        member that proved the cluster secret is in the incarnation this node knows (None: every one is)."""
+        member that proved the cluster secret is in the incarnation this node knows (None: every one is);
+        ``on_dropped(peer)``: called for each message a full link refused."""
         if max_unauthenticated_connections < 1:
             raise ValueError("max_unauthenticated_connections must be at least 1")
         if handshake_timeout_seconds <= 0:
@@ -279,6 +289,11 @@ class PeerTransport:
                                                   FLOOD_LOG_INTERVAL_SECONDS, level="warning")
         self._refusal_log = SummedEvent(log, "peer.connection_refused", ("remote", "reason", "limit"),
                                         FLOOD_LOG_INTERVAL_SECONDS, level="warning")
+        self._on_dropped = on_dropped
+        # Keyed by peers this node linked to (a full link is an established one): bounded by the membership.
+        self.messages_dropped: dict[str, int] = {}
+        self._drop_log = SummedEvent(log, "peer.send_queue_full", ("peer", "limit"), FLOOD_LOG_INTERVAL_SECONDS,
+                                     level="warning")
         self.frames_rejected = 0
         self.unauthenticated_connections = 0
         self.connections_refused = 0
@@ -321,6 +336,7 @@ class PeerTransport:
         await cancel_and_wait(list(self._tasks))
         self._handshake_failure_log.flush()
         self._refusal_log.flush()
+        self._drop_log.flush()
 
     def _spawn(self, coroutine: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coroutine)
@@ -330,11 +346,19 @@ class PeerTransport:
 
     # ----------------------------------------------------------------- sending
     def send(self, peer_id: str, message: Message) -> bool:
-        """Queue a message for a peer; False when there is no connection or the queue is full."""
+        """Queue a message for a peer; False when there is no connection or its queue is full (a drop,
+        counted and logged)."""
         connection = self._connections.get(peer_id)
         if connection is None:
             return False
-        return connection.enqueue(encode_frame(message))
+        refused_by = connection.enqueue(encode_frame(message))
+        if refused_by is None:
+            return True
+        self.messages_dropped[peer_id] = self.messages_dropped.get(peer_id, 0) + 1
+        self._drop_log.add(1, peer_id, refused_by)
+        if self._on_dropped is not None:
+            self._on_dropped(peer_id)
+        return False
 
     def flush(self) -> None:
         """Write every connection's queued frames to its socket now (_Connection.flush)."""

@@ -229,8 +229,9 @@ async def test_a_node_restored_from_a_backup_taken_before_a_delete_was_shredded_
 
     target = dataclasses.replace(config, data_dir=tmp_path / "target" / "data")
     restored = restore_data_dir(path, target)
-    assert restored.shred_pending is held
-    assert restored.shred_keys == (2 if held else None)  # the held pass's keys: the token's two rows
+    assert (restored.pending_shred is not None) is held
+    # The held pass's keys: the token's two rows.
+    assert (restored.pending_shred and restored.pending_shred.key_count) == (2 if held else None)
     assert (target.data_dir / "SHRED-KEYS").exists() is held and not (target.data_dir / "SHRED-WHOLE").exists()
     if not held:  # what the flag claims is true: the backup holds none of the deleted row's bytes
         assert ciphertext not in path.read_bytes() and not files_holding(target.data_dir, ciphertext)

@@ -193,16 +193,17 @@ def admin_backup(connection: Connection, out_path: str, prefer: str, read_timeou
     document = {"file": str(result.path), "node_id": result.node_id, "role": result.role, "url": result.url,
                 "index": result.index, "view": result.view, "bytes": result.size_bytes,
                 "token_count": result.token_count, "seconds": round(result.seconds, 3),
-                "shred_pending": result.shred_pending, "shred_keys": result.shred_keys}
+                "shred_pending": result.pending_shred is not None,
+                "shred_keys": None if result.pending_shred is None else result.pending_shred.key_count}
     if as_json:
         click.echo(json.dumps(document))
         return
     tokens = "" if result.token_count is None else f", {result.token_count} tokens"
     click.echo(f"backup of {result.node_id} ({result.role}) at index {result.index}, view {result.view}: "
                f"{result.size_bytes} bytes{tokens} in {result.seconds:.1f} s, verified -> {result.path}")
-    if result.shred_pending:
-        rows = ("" if result.shred_keys is None
-                else f" (the rows of {result.shred_keys} keys it lists, which a node restored from it shreds first)")
+    if result.pending_shred is not None:
+        count = result.pending_shred.key_count
+        rows = "" if count is None else f" (the rows of {count} keys it lists, which a node restored from it shreds first)"
         click.echo(f"it may hold the bytes of tokens deleted (or epochs destroyed) that the node had not shredded "
                    f"yet{rows}: keep it as you keep the values themselves")
 
@@ -233,9 +234,9 @@ def admin_restore(backup_path: str, config_path: str) -> None:
     click.echo(f"restored {restored.node_id} into {restored.data_dir}: index {restored.index}, view "
                f"{restored.view}, {restored.token_count} tokens in {restored.epochs} epoch(s); start it with "
                f"'tokenvault serve --config {config_path}'")
-    if restored.shred_pending:
+    if restored.pending_shred is not None:
         click.echo(f"the backup may hold rows deleted and not yet shredded: the node's first shred pass compacts "
-                   f"{shred_scope(restored.shred_keys)}")
+                   f"{shred_scope(restored.pending_shred)}")
 
 
 @admin.group()

@@ -57,7 +57,8 @@ from tokenvault.crypto.keys import CryptoError, KeyRing
 from tokenvault.errors import Unavailable
 from tokenvault.logs import get_logger
 from tokenvault.core.shred import ShredRecord
-from tokenvault.core.snapshots import ShredState, SnapshotSource, StagedSnapshot, create_source, stage_file
+from tokenvault.core.snapshots import (PendingShred, ShredState, SnapshotSource, StagedSnapshot, create_source,
+                                      stage_file)
 from tokenvault.core.store import VaultStore
 from tokenvault.core.store_files import fsync_tree
 from tokenvault.core.store_layout import SnapshotRejected, StoreError
@@ -238,14 +239,14 @@ class VerifiedBackup:
     size_bytes: int
     file_count: int
     token_count: int | None
-    shred_pending: bool  # it may hold rows deleted and not yet shredded when it was taken (its manifest)
-    shred_keys: int | None  # how many keys of those rows the manifest lists; None: none listed
+    # Rows it may hold that were deleted and not yet shredded when it was taken (its manifest; None: none).
+    pending_shred: PendingShred | None
 
 
-def shred_scope(key_count: int | None) -> str:
-    """What a node restored from a backup listing ``key_count`` pending keys (None: none listed) compacts
-    at its start, for the operator."""
-    return "its whole store" if key_count is None else f"the ranges of the {key_count} keys the backup lists"
+def shred_scope(pending: PendingShred) -> str:
+    """What a node restored from a backup holding ``pending`` compacts at its start, for the operator."""
+    count = pending.key_count
+    return "its whole store" if count is None else f"the ranges of the {count} keys the backup lists"
 
 
 def _staged_summary(staged: StagedSnapshot, size_bytes: int) -> VerifiedBackup:
@@ -254,8 +255,7 @@ def _staged_summary(staged: StagedSnapshot, size_bytes: int) -> VerifiedBackup:
     return VerifiedBackup(index=staged.index, view=staged.view, size_bytes=size_bytes,
                           file_count=len(staged.manifest.files),
                           token_count=token_count if isinstance(token_count, int) else None,
-                          shred_pending=staged.manifest.shred_pending,
-                          shred_keys=staged.manifest.shred_key_count)
+                          pending_shred=staged.manifest.pending)
 
 
 @contextlib.contextmanager
@@ -304,8 +304,8 @@ class RestoredNode:
     view: int
     epochs: int
     token_count: int
-    shred_pending: bool  # the backup's manifest said so: the node's first shred pass takes those rows
-    shred_keys: int | None  # how many keys the manifest listed for them; None: the node's whole store
+    # The backup's (its manifest's): the node's first shred pass takes those rows (None: nothing pending).
+    pending_shred: PendingShred | None
 
 
 def _check_empty_data_dir(data_dir: Path) -> None:
@@ -363,7 +363,7 @@ def install_staged(staged: StagedSnapshot, config: Any, master_key: Any = None, 
                               f"{reason}") from None
         raise
     return RestoredNode(config.node_id, data_dir, staged.index, staged.view, epochs, token_count,
-                        staged.manifest.shred_pending, staged.manifest.shred_key_count)
+                        staged.manifest.pending)
 
 
 def _install_store(store_dir: Path, staged: StagedSnapshot, config: Any, master_key: Any, consume: bool) -> tuple[int, int]:
@@ -429,8 +429,7 @@ class DownloadedBackup:
     size_bytes: int
     seconds: float
     token_count: int | None
-    shred_pending: bool
-    shred_keys: int | None
+    pending_shred: PendingShred | None
 
 
 async def order_by_role(urls: Sequence[str], prefer: str, health: Callable[[str], Any]) -> list[str]:
@@ -581,7 +580,7 @@ async def _finish_download(received: _Received, partial: Path, destination: Path
     fsync_directory(destination.parent)
     return DownloadedBackup(destination, received.url, received.node_id, received.role, received.index,
                             received.view, received.size_bytes, time.monotonic() - started,
-                            verified.token_count, verified.shred_pending, verified.shred_keys)
+                            verified.token_count, verified.pending_shred)
 
 
 async def _problem_document(response: Any) -> dict[str, Any]:

@@ -691,9 +691,9 @@ def restore_cluster(directory: Path | str, backup_file: Path | str, master_key_f
     try:
         with staged_backup(Path(backup_file), directory.parent) as staged:
             report(f"backup {backup_file} verified: index {staged.index}, view {staged.view}")
-            if staged.manifest.shred_pending:
+            if staged.manifest.pending is not None:
                 report(f"it may hold rows deleted and not yet shredded: each node compacts "
-                       f"{shred_scope(staged.manifest.shred_key_count)} when it starts")
+                       f"{shred_scope(staged.manifest.pending)} when it starts")
             spec, _ = init_cluster(directory, nodes, base_port, ports=ports, settings=settings,
                                    master_key=master_key)
             try:

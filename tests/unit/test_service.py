@@ -582,6 +582,53 @@ async def serve_forward(running: RunningNode, request: ForwardRequest) -> Forwar
     return response
 
 
+@pytest.mark.parametrize("bound", ["requests", "bytes"])
+async def test_the_primary_serves_forwarded_requests_within_a_count_and_a_byte_bound(
+        trio: Cluster, monkeypatch: pytest.MonkeyPatch, bound: str) -> None:
+    """docs/security.md, forwarded requests: past MAX_FORWARDS_SERVED requests, or past the bytes of
+    max_inflight_requests bodies of max_body_bytes, a forwarded request is answered 503 overloaded at
+    once with no effect; once those served are done, the same request is served."""
+    primary = trio.primaries()[0]
+    answers: dict[int, ForwardResponse] = {}
+    original = primary.node.send_to_peer
+
+    def capture(peer_id: str, message: object) -> bool:
+        if isinstance(message, ForwardResponse):
+            answers[message.request_id] = message
+            return True
+        return original(peer_id, message)
+    monkeypatch.setattr(primary.node, "send_to_peer", capture)
+    gate = ProposalGate(primary.node, lambda command: isinstance(command, commands.TokenizeCommand)
+                        and (command.idempotency_key or "").startswith("held"))
+
+    def request(request_id: int, key: str) -> ForwardRequest:
+        arguments = msgpack.packb({"principal": "p", "values": [f"bounded-{key}"], "idempotency_key": key})
+        return ForwardRequest(request_id=request_id, kind="tokenize", body=arguments)
+    first, second, third = request(1, "held-1"), request(2, "held-2"), request(3, "late-3")
+    if bound == "requests":
+        monkeypatch.setattr(service_module, "MAX_FORWARDS_SERVED", 2)
+    else:  # room for the first two bodies and not one byte more
+        monkeypatch.setattr(primary.service, "_max_forward_bytes_served", len(first.body) + len(second.body))
+    try:
+        primary.node.forward_handler("n2", first)
+        primary.node.forward_handler("n2", second)
+        await wait_until(lambda: len(gate.proposed) >= 2, 5, "both held requests to reach the proposal")
+        applied = primary.node.store.applied_index
+        primary.node.forward_handler("n2", third)
+        await wait_until(lambda: 3 in answers, 5, "the refused request's answer")
+        refused = answers.pop(3)
+        assert refused.status == 503 and json.loads(refused.body)["type"] == problem_type(Overloaded.problem)
+        assert dict(refused.headers).get("Retry-After")
+        assert primary.node.store.applied_index == applied and 1 not in answers and 2 not in answers
+    finally:
+        gate.remove()
+    await wait_until(lambda: {1, 2} <= set(answers), 10, "the held requests' answers")
+    assert answers[1].status == answers[2].status == 200
+    primary.node.forward_handler("n2", third)  # nothing is being served now: the same request goes through
+    await wait_until(lambda: 3 in answers, 10, "the late request's answer")
+    assert answers[3].status == 200 and primary.service._forward_bytes_served == 0
+
+
 async def test_a_malformed_forwarded_request_is_answered_400_and_changes_nothing(trio: Cluster) -> None:
     # One cluster for every case: each case is independent and a cluster start costs more than all of them.
     primary = trio.primaries()[0]

@@ -144,6 +144,10 @@ class NodeService(LifecycleOperations, MembershipOperations):
         self._forward_ids = itertools.count(1)
         self._forwards_waiting: dict[int, tuple[str, asyncio.Future[ForwardResponse]]] = {}
         self._forward_tasks: set[asyncio.Task[None]] = set()
+        # Bytes of the forwarded bodies being served: at most what this node's HTTP layer takes of its own
+        # clients at once (max_inflight_requests bodies of max_body_bytes), whatever a peer sends.
+        self._forward_bytes_served = 0
+        self._max_forward_bytes_served = node.config.http.max_inflight_requests * node.config.limits.max_body_bytes
         node.forward_handler = self._on_forward_request
         node.forward_response_handler = self._on_forward_response
         node.peer_down_handler = self._on_peer_down
@@ -1041,8 +1045,11 @@ class NodeService(LifecycleOperations, MembershipOperations):
                                                  "request; it took effect at most once: retry"))
 
     def _on_forward_request(self, sender: str, request: ForwardRequest) -> None:
-        if len(self._forward_tasks) >= MAX_FORWARDS_SERVED:
-            # Bounded like the sender's side: a peer cannot make this node hold unbounded work.
+        size = len(request.body)
+        if len(self._forward_tasks) >= MAX_FORWARDS_SERVED or (
+                self._forward_tasks and self._forward_bytes_served + size > self._max_forward_bytes_served):
+            # Bounded like the sender's side, in requests and in bytes: a peer cannot make this node hold
+            # unbounded work (one body alone is always taken: the frame bound caps it).
             status, body, headers = _forward_answer(
                 Overloaded("the primary is serving too many forwarded requests; retry later"))
             self.node.send_to_peer(sender, ForwardResponse(request_id=request.request_id, status=status,
@@ -1050,7 +1057,12 @@ class NodeService(LifecycleOperations, MembershipOperations):
             return
         task = asyncio.get_running_loop().create_task(self._serve_forward(sender, request))
         self._forward_tasks.add(task)
-        task.add_done_callback(self._forward_tasks.discard)
+        self._forward_bytes_served += size
+        task.add_done_callback(functools.partial(self._forward_served, size))
+
+    def _forward_served(self, size: int, task: asyncio.Task[None]) -> None:
+        self._forward_tasks.discard(task)
+        self._forward_bytes_served -= size
 
     async def _serve_forward(self, sender: str, request: ForwardRequest) -> None:
         """Answer a backup's forwarded request here; never forward again (no loops)."""

@@ -14,20 +14,41 @@ one NodeService call (tokenvault/api/lifecycle.py) with plain values:
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
+from contextlib import AbstractContextManager
+from typing import Any, Protocol
 
 from tokenvault import auth
 from tokenvault.api.httpserver import AnyResponse, Request
+from tokenvault.api.interface import VaultService
 from tokenvault.api.routing import Router, path_parameter
 from tokenvault.api.responses import EMPTY_BODY, NO_STORE_HEADERS, json_response, outcome_response
-from tokenvault.api.validation import lookup_tokens_and_epoch, require_members
+from tokenvault.api.validation import ItemLimits, lookup_tokens_and_epoch, require_members
+from tokenvault.core import commands
 from tokenvault.core.store_layout import MAX_STORED_EPOCH, MAX_TOKEN_PAGE
 from tokenvault.crypto import formats
 from tokenvault.crypto.tokens import is_token
 from tokenvault.errors import InvalidRequest, NotFound
 
-if TYPE_CHECKING:  # tokenvault/api/http.py imports this module to add the routes
-    from tokenvault.api.http import _Api
+
+class Application(Protocol):
+    """What the lifecycle routes take from the application that adds them (tokenvault/api/http.py's): its
+    checks and slots, in the order that module's docstring gives, and the service behind it."""
+
+    @property
+    def service(self) -> VaultService: ...
+
+    @property
+    def limits(self) -> ItemLimits: ...
+
+    def admit(self, request: Request, scope: str, alternative: str | None = None) -> auth.Principal: ...
+
+    def actor(self, principal: auth.Principal) -> commands.Actor: ...
+
+    def inflight_slot(self) -> AbstractContextManager[None]: ...
+
+    async def receive_body(self, request: Request, *, idempotent: bool = False) -> bytes: ...
+
+    async def read_json(self, request: Request, *, body_required: bool) -> Any: ...
 
 ROUTE_DELETE = "/v1/tokens/delete"
 ROUTE_RETOKENIZE = "/v1/retokenize"
@@ -69,9 +90,9 @@ def token_page_query(request: Request) -> tuple[str | None, int]:
 
 
 class LifecycleRoutes:
-    """The lifecycle handlers over the application's ``_Api`` (its checks, slots and service)."""
+    """The lifecycle handlers over the application (its checks, slots and service)."""
 
-    def __init__(self, api: _Api) -> None:
+    def __init__(self, api: Application) -> None:
         self.api = api
 
     async def _tokens_and_epoch(self, request: Request) -> tuple[list[str], int | None]:
@@ -130,7 +151,7 @@ class LifecycleRoutes:
         return json_response(await self.api.service.epoch_tokens(epoch, after, limit), headers=NO_STORE_HEADERS)
 
 
-def add_lifecycle_routes(router: Router, api: _Api) -> None:
+def add_lifecycle_routes(router: Router, api: Application) -> None:
     routes = LifecycleRoutes(api)
     router.add_post(ROUTE_DELETE, routes.delete)
     router.add_post(ROUTE_RETOKENIZE, routes.retokenize)

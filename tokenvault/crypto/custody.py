@@ -40,14 +40,32 @@ import hmac
 import os
 import threading
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Mapping, NoReturn
+from pathlib import Path
+from typing import Any, Mapping, NoReturn, Protocol
 
 from tokenvault.crypto.keys import (EPOCH_SECRET_BYTES, GCM_NONCE_BYTES, GCM_TAG_BYTES, WRAPPED_SECRET_BYTES,
                                CryptoError, KeyCustodyError, UnwrapError, epoch_wrap_associated_data,
                                read_private_text_file, take_from_environment)
 
-if TYPE_CHECKING:
-    from tokenvault.config import Pkcs11Config
+
+class Pkcs11Source(Protocol):
+    """Where the master key is and how to log in (tokenvault.config.Pkcs11Config, the ``[pkcs11]`` table,
+    which validated it)."""
+
+    @property
+    def module(self) -> Path: ...
+
+    @property
+    def token_label(self) -> str: ...
+
+    @property
+    def key_label(self) -> str: ...
+
+    @property
+    def pin_env(self) -> str: ...
+
+    @property
+    def pin_file(self) -> Path | None: ...
 
 MAX_PIN_BYTES = 256
 FINGERPRINT_KEY_LABEL = b"tokenvault idempotency"
@@ -55,7 +73,7 @@ FINGERPRINT_KEY_BITS = 256
 _CMAC_BYTES = 16
 
 
-def read_pin(source: Pkcs11Config, environ: Mapping[str, str] | None = None) -> str:
+def read_pin(source: Pkcs11Source, environ: Mapping[str, str] | None = None) -> str:
     """The PIN from ``pin_file`` when set, else from the ``pin_env`` variable, which is
     removed from the environment as it is read (so no child process inherits it)."""
     from_environment = take_from_environment(source.pin_env, environ)
@@ -124,7 +142,7 @@ class Pkcs11MasterKey:
         raise TypeError("a Pkcs11MasterKey cannot be pickled")
 
     @classmethod
-    def open(cls, source: Pkcs11Config, environ: Mapping[str, str] | None = None) -> "Pkcs11MasterKey":
+    def open(cls, source: Pkcs11Source, environ: Mapping[str, str] | None = None) -> "Pkcs11MasterKey":
         """Log in to the token and find the key; checks that it can do what is needed.
         Raises KeyCustodyError naming what is wrong."""
         pin = read_pin(source, environ)
@@ -248,7 +266,7 @@ class Pkcs11MasterKey:
                                   f"(AES-GCM round trip failed)")
 
 
-def _log_in(pkcs11: Any, library: Any, module: str, source: Pkcs11Config, pin: str) -> Any:
+def _log_in(pkcs11: Any, library: Any, module: str, source: Pkcs11Source, pin: str) -> Any:
     label = source.token_label
     try:
         token = library.get_token(token_label=label)
@@ -270,7 +288,7 @@ def _log_in(pkcs11: Any, library: Any, module: str, source: Pkcs11Config, pin: s
         raise _custody_error(f"token {label!r}", "logging in", error) from None
 
 
-def _find_key(pkcs11: Any, session: Any, source: Pkcs11Config) -> Any:
+def _find_key(pkcs11: Any, session: Any, source: Pkcs11Source) -> Any:
     where = f"on PKCS#11 token {source.token_label!r}"
     attribute = pkcs11.Attribute
     try:
@@ -303,7 +321,7 @@ def _find_key(pkcs11: Any, session: Any, source: Pkcs11Config) -> Any:
     return key
 
 
-def _check_mechanisms(pkcs11: Any, session: Any, source: Pkcs11Config) -> None:
+def _check_mechanisms(pkcs11: Any, session: Any, source: Pkcs11Source) -> None:
     try:
         mechanisms = set(session.token.slot.get_mechanisms())
     except pkcs11.PKCS11Error as error:

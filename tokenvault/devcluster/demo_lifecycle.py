@@ -15,13 +15,33 @@ token. Values appear only as the result of a detokenize (Demo.show_detokenize).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from typing import Protocol
 
 from tokenvault.client.vault import AsyncClient, Unprocessable
 from tokenvault.crypto.formats import luhn_valid, mask_value, normalize_card
+from tokenvault.devcluster.cluster_spec import ClusterSpec
 
-if TYPE_CHECKING:
-    from tokenvault.devcluster.demo import Demo
+
+class Demo(Protocol):
+    """What this act takes from the demo that runs it (tokenvault/devcluster/demo.py): the cluster, the
+    values and their tokens so far, how to speak and check, and the reads it shares with other acts."""
+
+    spec: ClusterSpec
+    values: list[str]
+    tokens: dict[str, str]
+
+    def say(self, text: str) -> None: ...
+
+    def check(self, holds: bool, claim: str) -> None: ...
+
+    def client(self, urls: Sequence[str], deadline_seconds: float = ...) -> AsyncClient: ...
+
+    async def show_detokenize(self, tokens: list[str]) -> None: ...
+
+    async def detokenize_all(self, urls: Sequence[str], tokens: dict[str, str]) -> bool: ...
+
+    async def list_epochs(self) -> str: ...
 
 DELETED_VALUES = 3
 MIGRATE_PAGE_TOKENS = 500

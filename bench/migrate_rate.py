@@ -119,7 +119,7 @@ def _memory_and_disk(spec: cluster.ClusterSpec) -> str:
 
 
 def _migrate(directory: Path, batch_size: int) -> tuple[float, str]:
-    command = [sys.executable, "-c", "from tokenvault.client.cli import main; main()", "admin", "epoch", "migrate",
+    command = [sys.executable, "-c", "from tokenvault.cli.main import main; main()", "admin", "epoch", "migrate",
                "1", "--batch-size", str(batch_size), "--json", "--state-file", str(directory / "migrate.json"),
                "--cluster-json", str(directory / cluster.CLUSTER_FILE_NAME)]
     started = time.perf_counter()

@@ -169,7 +169,7 @@ class NetnsCluster:
             write_node_config(node.config_path, config)
 
     def start_node(self, node: NetnsNode) -> None:
-        command = ["ip", "netns", "exec", node.namespace, sys.executable, "-m", "tokenvault.client.cli", "serve",
+        command = ["ip", "netns", "exec", node.namespace, sys.executable, "-m", "tokenvault.cli", "serve",
                    "--config", str(node.config_path)]
         with open(node.output_path, "ab") as output:
             node.process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT,

@@ -17,7 +17,7 @@ import pytest
 from click.testing import CliRunner
 
 from harness import ClusterHarness, default_settings, wait_for
-from tokenvault.client.cli import tokenvault
+from tokenvault.cli.main import tokenvault
 from tokenvault.client.vault import AsyncClient, client_ssl_context
 from tokenvault.core.store import VaultStore
 

@@ -17,7 +17,7 @@ import pytest
 from click.testing import CliRunner
 
 from harness import ClusterHarness, wait_for
-from tokenvault.client.cli import tokenvault
+from tokenvault.cli.main import tokenvault
 from tokenvault.client.vault import Conflict, NotFound, Unprocessable
 from tokenvault.core.store import VaultStore
 
@@ -67,7 +67,7 @@ def interrupted_migration(harness: ClusterHarness, state_file: Path) -> dict[str
     The process handles SIGINT as one started from a terminal does, even when this suite runs as a
     background job (which a shell starts with SIGINT ignored, and its children inherit that)."""
     as_from_a_terminal = ("import signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
-                          "from tokenvault.client.cli import main; main()")
+                          "from tokenvault.cli.main import main; main()")
     command = [sys.executable, "-c", as_from_a_terminal, "admin", "epoch", "migrate", "1", "--batch-size", "2",
                "--state-file", str(state_file), "--cluster-json", str(harness.directory / "cluster.json")]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)

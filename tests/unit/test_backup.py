@@ -28,7 +28,7 @@ from tokenvault import auth
 from tokenvault.core.backup import (BACKUP_WORK_DIR_NAME, HEADER_BYTES, HEADER_INDEX, HEADER_NODE, HEADER_ROLE,
                                     HEADER_VIEW, BackupError, BackupRefused, BackupStream, restore_data_dir,
                                     verify_backup_file)
-from tokenvault.client.cli import tokenvault
+from tokenvault.cli.main import tokenvault
 from tokenvault.core.commands import RotateEpochCommand, encode_command
 from tokenvault.config import write_node_config
 from tokenvault.api.http import HttpApp, HttpLimits, build_app, http_server

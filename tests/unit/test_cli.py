@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from fake_vault_server import FakeVaultServer, Reply, closed_port_url, node_tls_files, problem
-from tokenvault.client.cli import tokenvault
+from tokenvault.cli.main import tokenvault
 from tokenvault.config import load_config
 
 ADMIN_KEY = "tvk_" + "a" * 43
@@ -292,7 +292,7 @@ def test_cluster_json_before_the_subcommand(runner: CliRunner, primary: FakeVaul
 def test_ca_file_reaches_the_client_wherever_it_is_given(
         runner: CliRunner, primary: FakeVaultServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         where: str) -> None:
-    import tokenvault.client.cli_connection as cli_module
+    import tokenvault.cli.connection as cli_module
 
     seen: list[str | None] = []
     real_client = cli_module.AsyncClient

@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from fake_vault_server import FakeVaultServer, RecordedRequest, Reply, problem
-from tokenvault.client.cli import tokenvault
+from tokenvault.cli.main import tokenvault
 
 KEY = "tvk_" + "f" * 43
 OLD_TOKENS = sorted(f"tv1_{letter * 32}" for letter in "abcdefg")

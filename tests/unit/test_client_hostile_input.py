@@ -22,11 +22,12 @@ from test_backup import store_at_41_3
 from test_client import API_KEY as CLIENT_KEY, node_a, node_b  # noqa: F401 (node_a and node_b are fixtures)
 from node_support import make_configs
 from tokenvault.audit_chain import GENESIS_HASH, ChainBreak, ChainVerifier, chain_hash, record_document
-from tokenvault.client.cli import tokenvault
+from tokenvault.cli.main import tokenvault
 from tokenvault.client.vault import AsyncClient, ProblemError, ResponseError, ServiceUnavailable
 from tokenvault.config import write_node_config
+from tokenvault.cli.backup import download_backup
 from tokenvault.core.backup import (HEADER_BYTES, HEADER_INDEX, HEADER_NODE, HEADER_ROLE, HEADER_VIEW, BackupError,
-                                    BackupRefused, download_backup, restore_data_dir, verify_backup_file)
+                                    BackupRefused, restore_data_dir, verify_backup_file)
 from tokenvault.core.snapshots import SnapshotSource, take_checkpoint
 from tokenvault.core.store import VaultStore
 from tokenvault.core.store_layout import API_KEY as API_KEY_ROW, StoreCorruption

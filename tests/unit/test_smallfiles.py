@@ -14,7 +14,7 @@ from typing import Any
 import click
 import pytest
 
-from tokenvault.client import cli_connection, cli_lifecycle
+from tokenvault.cli import connection as cli_connection, lifecycle as cli_lifecycle
 from tokenvault.config import ConfigError, load_config
 from tokenvault.core import incarnations
 from tokenvault.core.store import VaultStore

@@ -265,7 +265,7 @@ def _serve_command(node: NodeSpec) -> list[str]:
     script = Path(sys.executable).parent / "tokenvault"
     if script.exists():
         return [str(script), "serve", "--config", str(node.config)]
-    return [sys.executable, "-m", "tokenvault.client.cli", "serve", "--config", str(node.config)]
+    return [sys.executable, "-m", "tokenvault.cli", "serve", "--config", str(node.config)]
 
 
 def _check_ports_free(node: NodeSpec) -> None:

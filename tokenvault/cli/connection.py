@@ -1,5 +1,5 @@
 """The admin CLI's connection options (``--url``, ``--api-key``, ``--cluster-json``, ``--ca-file``,
-given before or after the subcommand; tokenvault/client/cli.py tells the rules), its exit codes, and
+given before or after the subcommand; tokenvault/cli/main.py tells the rules), its exit codes, and
 how it runs a client call and turns client errors into messages and exit codes."""
 
 from __future__ import annotations

@@ -35,8 +35,8 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from tokenvault.client import cli_lifecycle
-from tokenvault.client.cli_connection import (EXIT_AUDIT_BROKEN, EXIT_SERVICE_ERROR, EXIT_UNREACHABLE, EXIT_USAGE,
+from tokenvault.cli import lifecycle
+from tokenvault.cli.connection import (EXIT_AUDIT_BROKEN, EXIT_SERVICE_ERROR, EXIT_UNREACHABLE, EXIT_USAGE,
                                               Connection, connection_options, fail, group_connection_options,
                                               run_client)
 from tokenvault.client.vault import VaultError
@@ -179,7 +179,8 @@ def admin_backup(connection: Connection, out_path: str, prefer: str, read_timeou
 
     The stream is checked whole (manifest, every file's SHA-256, trailer) before FILE appears.
     """
-    from tokenvault.core.backup import BackupError, download_backup
+    from tokenvault.cli.backup import download_backup
+    from tokenvault.core.backup import BackupError
 
     report = (lambda message: None) if as_json else (lambda message: click.echo(message, err=True))
     try:
@@ -625,8 +626,8 @@ def detokenize(connection: Connection, tokens: tuple[str, ...], as_json: bool, e
         click.echo(f"{unknown} of {len(values)} tokens are unknown", err=True)
 
 
-epoch.add_command(cli_lifecycle.epoch_destroy)
-epoch.add_command(cli_lifecycle.epoch_migrate)
+epoch.add_command(lifecycle.epoch_destroy)
+epoch.add_command(lifecycle.epoch_migrate)
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""`tokenvault admin epoch destroy` and `tokenvault admin epoch migrate` (tokenvault/client/cli.py adds them).
+"""`tokenvault admin epoch destroy` and `tokenvault admin epoch migrate` (tokenvault/cli/main.py adds them).
 
 `destroy E` crypto-shreds epoch E on every node after a confirmation (`--yes`
 skips it). `migrate E` re-tokenizes every token of epoch E into the active
@@ -30,7 +30,7 @@ import click
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from tokenvault.client.cli_connection import EXIT_SERVICE_ERROR, Connection, connection_options, fail, run_client
+from tokenvault.cli.connection import EXIT_SERVICE_ERROR, Connection, connection_options, fail, run_client
 from tokenvault.client.vault import AsyncClient
 from tokenvault.smallfiles import FileTooLarge, read_small_file
 

@@ -1,1 +1,2 @@
-"""What users import and run: the client library (sync and async) and the command line."""
+"""The client library users import, sync and async (vault.py): HTTP and TLS only, nothing of a node. The
+`tokenvault` command is tokenvault/cli/."""

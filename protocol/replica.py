@@ -80,7 +80,7 @@ class Replica:
                                            for member, floor in restored.floors if member in self._membership.ids}
         self._floors_held: tuple[tuple[str, int], ...] | None = None  # ``floors``, until one changes
         self._polls = 0  # numbers this node's pre-votes (PreVote.poll)
-        self._floors_reported: set[tuple[str, int]] = set()
+        self._floors_reported: dict[str, int] = {}  # per member, the floor it was last reported below
         hard_state = restored.hard_state
         # A crash between writing entries and writing the hard state of the same batch can
         # leave entries of a view the hard state never reached. No vote was sent from that
@@ -722,8 +722,8 @@ class Replica:
         if floor is None or last_index >= floor.value:
             return False
         if (self._sent_after(floor, sent_in_view, answered_poll)
-                and (member, floor.value) not in self._floors_reported):
-            self._floors_reported.add((member, floor.value))
+                and self._floors_reported.get(member) != floor.value):
+            self._floors_reported[member] = floor.value  # floors only rise: once per member and floor
             self._events.append(MemberBelowFloor(member, floor.value, last_index, as_what))
         return True
 
@@ -765,6 +765,7 @@ class Replica:
         # A former member's floor goes with it, so that its id can be used again by a new member.
         for member in [member for member in self._floors if member not in membership.ids]:
             del self._floors[member]
+            self._floors_reported.pop(member, None)
             self._floors_held = None
         if self._role is Role.CANDIDATE and not self.may_campaign:
             self._become_backup(self._view, None, "no longer a voter")

@@ -749,6 +749,26 @@ def test_a_vote_message_older_than_a_floor_is_refused_and_not_reported_a_fresh_o
     assert candidate.view == 2
 
 
+def test_a_member_long_below_a_rising_floor_is_said_once_per_floor_and_remembered_once() -> None:
+    """Reports are once per member and floor; the record of them holds one floor per member, however
+    long the member stays below floors that keep rising (a restored member cut off from a primary that
+    goes on committing), so it does not grow with the log."""
+    voter = make_replica("n3", ("n1", "n2", "n3"), RestoredState(HardState(1, None, 0), 0, 0, ()))
+    reports = []
+    for round_number in range(1, 51):
+        view = 2 * round_number
+        voter.step("n1", Heartbeat(view=view, commit_index=0, read_round=0, floors=(("n2", 5 * round_number),)))
+        drain(voter)
+        for _ in range(40):  # past the primary's lease (elections time out in 10-19 ticks), so a vote is heard
+            voter.tick()
+        drain(voter)
+        for _ in range(2):  # the same floor twice: said once
+            voter.step("n2", RequestVote(view=view + 1, last_index=3, last_view=1))
+            reports += [event for event in drain_events(voter) if isinstance(event, MemberBelowFloor)]
+    assert reports == [MemberBelowFloor("n2", 5 * number, 3, "candidate") for number in range(1, 51)]
+    assert voter._floors_reported == {"n2": 250}
+
+
 def drain_events(replica: Replica) -> list:
     return [event for ready in drain(replica) for event in ready.events]
 

@@ -93,5 +93,6 @@ async def test_a_chunk_is_not_sent_again_while_a_chunk_s_worth_for_that_peer_has
     transfers.send_chunk(chunk)
     await asyncio.gather(*transfers._tasks)
     assert [len(message.data) for message in sent] == [1024, 0, 1024]
+    assert transfers._reading == {}, "a peer is keyed only while a read for it runs"
     transfers._sources.clear()
     await transfers.close()

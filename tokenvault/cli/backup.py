@@ -15,7 +15,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -36,14 +36,22 @@ def _silent(message: str) -> None:
 
 
 @dataclass(frozen=True, slots=True)
-class DownloadedBackup:
-    path: Path
+class AnnouncedBackup:
+    """The backup a node streamed, as its response headers announced it, and the URL it came from."""
+
     url: str
     node_id: str | None
     role: str | None
     index: int
     view: int
     size_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class DownloadedBackup(AnnouncedBackup):
+    """A backup received, verified and renamed into place: what was announced, and what verifying it found."""
+
+    path: Path
     seconds: float
     token_count: int | None
     pending_shred: PendingShred | None
@@ -127,18 +135,8 @@ class _Busy(Exception):
         self.retry_after_seconds = retry_after_seconds
 
 
-@dataclass(frozen=True, slots=True)
-class _Received:
-    url: str
-    node_id: str | None
-    role: str | None
-    index: int
-    view: int
-    size_bytes: int
-
-
 async def _download_from(session: Any, url: str, headers: dict[str, str], partial: Path,
-                         report: Report) -> _Received:
+                         report: Report) -> AnnouncedBackup:
     async with session.get(url + ROUTE_BACKUP, headers=headers, allow_redirects=False) as response:
         if response.status != 200:
             problem = await _problem_document(response)
@@ -179,10 +177,10 @@ async def _download_from(session: Any, url: str, headers: dict[str, str], partia
             if isinstance(error, OSError):
                 raise BackupError(f"cannot write {partial}: {error.strerror or error}") from None
             raise
-        return _Received(url, node_id, role, index, view, size_bytes)
+        return AnnouncedBackup(url, node_id, role, index, view, size_bytes)
 
 
-async def _finish_download(received: _Received, partial: Path, destination: Path,
+async def _finish_download(received: AnnouncedBackup, partial: Path, destination: Path,
                            started: float) -> DownloadedBackup:
     try:
         verified = await asyncio.to_thread(verify_backup_file, partial, destination.parent)
@@ -195,9 +193,9 @@ async def _finish_download(received: _Received, partial: Path, destination: Path
                             f"node announced {received.index}, {received.view}")
     os.replace(partial, destination)
     fsync_directory(destination.parent)
-    return DownloadedBackup(destination, received.url, received.node_id, received.role, received.index,
-                            received.view, received.size_bytes, time.monotonic() - started,
-                            verified.token_count, verified.pending_shred)
+    announced = {field.name: getattr(received, field.name) for field in fields(AnnouncedBackup)}
+    return DownloadedBackup(**announced, path=destination, seconds=time.monotonic() - started,
+                            token_count=verified.token_count, pending_shred=verified.pending_shred)
 
 
 async def _problem_document(response: Any) -> dict[str, Any]:

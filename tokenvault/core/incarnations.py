@@ -181,15 +181,15 @@ class MemberFloors:
         except FileNotFoundError:
             return ()
         except (OSError, FileTooLarge, ValueError, RecursionError) as error:
-            log.warning("node.member_floors_unreadable", path=str(self._path), error=type(error).__name__,
-                        detail="the node starts without the members' floors and learns them again from the "
-                               "primary's heartbeats")
-            return ()
+            return self._set_aside(type(error).__name__)
         if (isinstance(document, dict) and len(document) <= MAX_MEMBERS
                 and all(is_member_id(member) and type(floor) is int and 0 <= floor <= MAX_INTEGER
                         for member, floor in document.items())):
             return tuple(sorted(document.items()))
-        log.warning("node.member_floors_unreadable", path=str(self._path), error="not a record this node wrote",
+        return self._set_aside("not a record this node wrote")
+
+    def _set_aside(self, error: str) -> Floors:
+        log.warning("node.member_floors_unreadable", path=str(self._path), error=error,
                     detail="the node starts without the members' floors and learns them again from the "
                            "primary's heartbeats")
         return ()

@@ -139,7 +139,11 @@ class SnapshotTransfers:
             log.error("snapshot.read_failed", peer=read.peer, reason=_reason(error))
             return
         finally:
-            self._reading[read.peer] -= read.length
+            left = self._reading[read.peer] - read.length
+            if left:
+                self._reading[read.peer] = left
+            else:  # keyed only while a read runs: a peer that left the cluster leaves no key
+                del self._reading[read.peer]
         self._send(read.peer, InstallSnapshot(read.view, read.index, read.snapshot_view, read.offset,
                                               read.total_bytes, data, zlib.crc32(data), read.offer))
 

@@ -33,8 +33,8 @@ so a full send queue drops the newest message instead of blocking the driver.
 A link's queue is full at SEND_QUEUE_MAX_MESSAGES frames or SEND_QUEUE_MAX_BYTES
 bytes (a frame larger than the byte bound still goes alone into an empty queue):
 a peer that stops reading costs its link at most that much memory, whatever the
-frames hold. Each drop is counted (``messages_dropped``, ``on_dropped``) and
-logged as ``peer.send_queue_full``, summed over a second per peer and limit.
+frames hold. Each drop is reported (``on_dropped``: the node counts it in a metric)
+and logged as ``peer.send_queue_full``, summed over a second per peer and limit.
 """
 
 from __future__ import annotations
@@ -290,8 +290,6 @@ class PeerTransport:
         self._refusal_log = SummedEvent(log, "peer.connection_refused", ("remote", "reason", "limit"),
                                         FLOOD_LOG_INTERVAL_SECONDS, level="warning")
         self._on_dropped = on_dropped
-        # Keyed by peers this node linked to (a full link is an established one): bounded by the membership.
-        self.messages_dropped: dict[str, int] = {}
         self._drop_log = SummedEvent(log, "peer.send_queue_full", ("peer", "limit"), FLOOD_LOG_INTERVAL_SECONDS,
                                      level="warning")
         self.frames_rejected = 0
@@ -347,14 +345,13 @@ class PeerTransport:
     # ----------------------------------------------------------------- sending
     def send(self, peer_id: str, message: Message) -> bool:
         """Queue a message for a peer; False when there is no connection or its queue is full (a drop,
-        counted and logged)."""
+        reported and logged)."""
         connection = self._connections.get(peer_id)
         if connection is None:
             return False
         refused_by = connection.enqueue(encode_frame(message))
         if refused_by is None:
             return True
-        self.messages_dropped[peer_id] = self.messages_dropped.get(peer_id, 0) + 1
         self._drop_log.add(1, peer_id, refused_by)
         if self._on_dropped is not None:
             self._on_dropped(peer_id)

@@ -182,13 +182,15 @@ class ReadIndex(Message):
 
 @dataclass(frozen=True, slots=True)
 class ReadIndexReply(Message):
-    """The primary's answer to ReadIndex: ``read_index`` when ``ok``, else refused (retry or forward)."""
+    """The primary's answer to ReadIndex: ``read_index`` when ``ok``, else refused (retry or forward);
+    ``overloaded``: refused because the primary's read queue is full, not for want of a primary."""
 
     TYPE_TAG: ClassVar[int] = 12
     view: int
     request_id: int
     read_index: int
     ok: bool
+    overloaded: bool = False
 
 
 # --------------------------------------------------------------------------- transport frames

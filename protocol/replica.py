@@ -360,7 +360,7 @@ class Replica:
         if origin is None:
             self._read_results.append(ReadResult(request_id, read_index, ok, overloaded))
         else:
-            self._outbox.append((origin, ReadIndexReply(self._view, request_id, read_index, ok)))
+            self._outbox.append((origin, ReadIndexReply(self._view, request_id, read_index, ok, overloaded)))
 
     def _on_read_index(self, sender: str, message: ReadIndex) -> None:
         if self._role is not Role.PRIMARY:
@@ -373,7 +373,8 @@ class Replica:
         if asked is None or asked[0] != sender:
             return  # not asked of this sender, or already failed (a change of primary, or expired)
         del self._remote_reads[message.request_id]
-        self._read_results.append(ReadResult(message.request_id, message.read_index, message.ok))
+        self._read_results.append(ReadResult(message.request_id, message.read_index, message.ok,
+                                                  overloaded=message.overloaded and not message.ok))
 
     def _expire_remote_reads(self) -> None:
         """Fail the reads whose answer has not come within the longest election timeout (a message was

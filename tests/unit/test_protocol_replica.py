@@ -863,6 +863,27 @@ def test_read_queue_is_bounded() -> None:
     assert results == {3: (False, True), 1: (True, False), 2: (True, False)}
 
 
+def test_a_backup_read_the_primary_refuses_for_a_full_queue_reaches_the_backup_as_overload() -> None:
+    """The primary's bound on pending reads refuses a backup's read as overload, not as a missing
+    primary: the backup's service then answers 503 overloaded, not "no primary is known"."""
+    cluster = Cluster(3, max_pending_reads=1)
+    cluster.elect("n1")
+    primary, backup = cluster.primary(), cluster.nodes["n2"].replica
+    primary.request_read(1)  # fills the primary's queue until its next round
+    primary.step("n2", ReadIndex(primary.view, 7))
+    ready = primary.ready()
+    assert ("n2", ReadIndexReply(primary.view, 7, 0, False, overloaded=True)) in ready.all_messages
+    backup.request_read(7)
+    backup.advance(backup.ready())
+    backup.step("n1", ReadIndexReply(primary.view, 7, 0, False, overloaded=True))
+    assert [result for ready in drain(backup) for result in ready.read_results] == [
+        ReadResult(7, 0, False, overloaded=True)]
+    backup.request_read(8)
+    backup.advance(backup.ready())
+    backup.step("n1", ReadIndexReply(primary.view, 8, 0, False))  # refused for another reason
+    assert [result for ready in drain(backup) for result in ready.read_results] == [ReadResult(8, 0, False)]
+
+
 def test_a_backup_gets_a_read_index_from_the_primary_after_its_quorum_round() -> None:
     cluster = Cluster(3)
     cluster.elect("n1")

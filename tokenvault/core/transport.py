@@ -68,8 +68,9 @@ DEFAULT_MAX_UNAUTHENTICATED_CONNECTIONS = 8
 # rather than link and fail on a frame or a log entry one of them cannot decode. 2: the Hello carries
 # the incarnation. 3: a tokenize entry may carry an expiry per item. 4: a backup forwards a worker-sealed
 # tokenize with a format, a TTL or metadata as ``tokenize.sealed.v2``. 5: a heartbeat carries the members'
-# floors, a vote reply the voter's last index (protocol/messages.py).
-PEER_PROTOCOL_VERSION = 5
+# floors, a vote reply the voter's last index (protocol/messages.py). 6: a read-index reply says whether
+# the primary refused the read for a full queue (``overloaded``).
+PEER_PROTOCOL_VERSION = 6
 GREETING_PREFIX = b"TVPEER"
 GREETING = GREETING_PREFIX + b"%d\n" % PEER_PROTOCOL_VERSION
 NONCE_BYTES = 32

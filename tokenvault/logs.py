@@ -207,6 +207,21 @@ def _bridge_standard_logging(stream: TextIO, processors: list[structlog.types.Pr
     root.setLevel(max(level, logging.WARNING))
 
 
+def log_loop_exceptions(loop: asyncio.AbstractEventLoop) -> None:
+    """Report the exceptions asyncio reports itself (a task's nobody awaited, a callback's, a
+    transport's) as ``loop.exception``: the exception's type and frames and the kinds of object
+    involved. asyncio's own report (its default handler, through the bridge above) quotes the
+    exception's message and the repr of the task, the callback with its arguments or the transport,
+    any of which can hold a value."""
+    loop.set_exception_handler(_log_loop_exception)
+
+
+def _log_loop_exception(_loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    exception = context.get("exception")
+    _loop_log.error("loop.exception", involved=sorted(name for name in context if name not in ("message", "exception")),
+                    exc_info=exception if isinstance(exception, BaseException) else None)
+
+
 def get_logger(name: str | None = None, **fields: Any) -> Any:
     """A structlog logger bound to ``logger=name`` (when given) and ``fields``."""
     # Initial values keep the proxy lazy: module-level loggers created at import
@@ -214,6 +229,9 @@ def get_logger(name: str | None = None, **fields: Any) -> Any:
     if name is not None:
         fields = {"logger": name, **fields}
     return BoundLoggerLazyProxy(None, initial_values=fields)
+
+
+_loop_log = get_logger("loop")
 
 
 class SummedEvent:

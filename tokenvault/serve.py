@@ -29,7 +29,7 @@ from tokenvault.core.store_layout import StoreError
 from tokenvault.core.wal_segments import WalCorruption
 from tokenvault.core.wal import WalFatal
 from tokenvault.crypto.tls import TlsError
-from tokenvault.logs import configure_logging, get_logger
+from tokenvault.logs import configure_logging, get_logger, log_loop_exceptions
 from tokenvault.metrics import Metrics
 
 log = get_logger("node")
@@ -66,6 +66,7 @@ async def run_node(config: NodeConfig, config_path: Path | None = None) -> int:
     # Everything the node writes (log, WAL, store) is for its owner only.
     os.umask(0o077)
     configure_logging(config.node_id, Path(config.log_file) if config.log_file else None, config.log_level)
+    log_loop_exceptions(asyncio.get_running_loop())
     open_files, needed = raise_open_files_limit(), config.http.max_connections + OPEN_FILES_HEADROOM
     if open_files < needed:
         log.warning("node.open_files_limit_low", limit=open_files, needed=needed,

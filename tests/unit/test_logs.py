@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import json
 import logging
 from collections.abc import Iterator
@@ -18,6 +20,7 @@ from tokenvault.logs import (
     drop_sensitive_fields,
     get_logger,
     is_sensitive_field,
+    log_loop_exceptions,
     parse_level,
     reset_logging,
 )
@@ -119,6 +122,37 @@ def test_standard_library_records_are_bridged(log_file: Path) -> None:
     assert all(line["node"] == "n7" and line["logger"] == "aiohttp.server" for line in lines)
     assert lines[1]["exception_type"] == "builtins.RuntimeError"
     assert SECRET not in log_file.read_text()
+
+
+def test_what_asyncio_reports_itself_is_logged_without_the_message_or_the_objects_involved(log_file: Path) -> None:
+    """asyncio's own report of a task's exception nobody awaited quotes the exception and the task,
+    and of a failing callback the callback's arguments: through the bridge both reached the log
+    (checked on the code before). With log_loop_exceptions only the type, the frames and the kinds
+    of object involved do."""
+    async def fails(value: str) -> None:
+        raise ValueError(f"could not handle {value}")
+
+    def callback(value: str) -> None:
+        raise KeyError(value)
+
+    async def main() -> None:
+        log_loop_exceptions(asyncio.get_running_loop())
+        task = asyncio.get_running_loop().create_task(fails(SECRET))
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert task.done()
+        del task
+        gc.collect()  # the never-retrieved exception is reported when the task is freed
+        asyncio.get_running_loop().call_soon(callback, SECRET)
+        await asyncio.sleep(0.01)
+
+    asyncio.run(main())
+    assert SECRET not in log_file.read_text()
+    lines = [line for line in read_lines(log_file) if line["event"] == "loop.exception"]
+    assert [(line["level"], line["exception_type"]) for line in lines] == [
+        ("error", "builtins.ValueError"), ("error", "builtins.KeyError")]
+    assert "future" in lines[0]["involved"] and "handle" in lines[1]["involved"]
+    assert "in fails" in lines[0]["traceback"] and "in callback" in lines[1]["traceback"]
 
 
 def test_reconfiguring_replaces_the_bridge_and_file(tmp_path: Path) -> None:

@@ -41,7 +41,7 @@ from tokenvault.core.store_reader import StoreReadError, open_view
 from tokenvault.core.loopwatch import LoopWatch
 from tokenvault.crypto.tls import TlsError, load_node_tls, reload_http_server_context
 from tokenvault.futures import cancel_and_wait
-from tokenvault.logs import configure_logging, enable_crash_stacks, get_logger
+from tokenvault.logs import configure_logging, enable_crash_stacks, get_logger, log_loop_exceptions
 from tokenvault.metrics import Metrics
 
 log = get_logger("worker")
@@ -63,6 +63,7 @@ async def run_worker(config: NodeConfig, index: int, workers: int, channel_fd: i
     os.umask(0o077)
     configure_logging(config.node_id, Path(config.log_file) if config.log_file else None, config.log_level,
                       process=f"worker-{index}")
+    log_loop_exceptions(asyncio.get_running_loop())
     metrics = Metrics("worker")
     service = RemoteService(config.node_id, metrics=metrics,
                             timeout_seconds=config.timing.request_timeout_ms / 1000,

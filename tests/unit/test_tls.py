@@ -218,6 +218,57 @@ async def test_peer_contexts_carry_the_node_identity_both_ways(cluster_files: tl
     assert tls.peer_node_ids(client_certificate) == ("n1",)
 
 
+async def test_members_move_to_a_new_ca_by_reloads_with_no_link_refused_on_the_way(
+        cluster_files: tls.ClusterTlsFiles, tmp_path: Path) -> None:
+    """The procedure of docs/security.md: a CA file of both CAs to every member, then new certificates,
+    then the new CA alone. Every step's files pass the reload's checks (the second was refused before:
+    the node's certificate was checked against the file's first CA only) and, at each step, the two
+    members still link both ways."""
+    old = cluster_files
+    new = tls.create_cluster_tls(tmp_path / "new", {"n1": ["127.0.0.1"], "n2": ["127.0.0.1"]})
+    both = tmp_path / "both-cas.crt"
+    both.write_bytes(old.ca_cert_file.read_bytes() + new.ca_cert_file.read_bytes())
+    nodes = {node_id: tls.load_node_tls(old.nodes[node_id], node_id) for node_id in ("n1", "n2")}
+
+    async def linked() -> None:
+        for dialer, acceptor in (("n1", "n2"), ("n2", "n1")):
+            seen = await _handshake(nodes[acceptor].peers.server, nodes[dialer].peers.client)
+            assert tls.peer_node_ids(seen) == (dialer,)
+
+    def files(node_id: str, certificate_from: tls.ClusterTlsFiles, ca_file: Path) -> NodeTlsFiles:
+        return NodeTlsFiles(certificate_from.nodes[node_id].cert_file, certificate_from.nodes[node_id].key_file,
+                            ca_file)
+
+    steps = [
+        {"n1": files("n1", old, both), "n2": files("n2", old, both)},  # both CAs trusted everywhere
+        {"n1": files("n1", new, both)},  # new certificates, one member at a time
+        {"n2": files("n2", new, both)},
+        {"n1": files("n1", new, new.ca_cert_file), "n2": files("n2", new, new.ca_cert_file)},
+    ]
+    for step in steps:
+        for node_id, node_files in step.items():
+            expiry = tls.reload_node_tls(nodes[node_id], node_files, node_id)
+            cas = tls.load_ca_certificates(node_files.ca_file)
+            assert expiry["ca"] == min(ca.not_valid_after_utc for ca in cas)  # the one to renew first
+        await linked()
+    # The old CA's certificates are refused against the new CA alone, whatever else the file holds.
+    _expect_error(NodeTlsFiles(old.nodes["n1"].cert_file, old.nodes["n1"].key_file, new.ca_cert_file),
+                  "not signed by the CA", str(new.ca_cert_file))
+    _expect_error(NodeTlsFiles(old.nodes["n1"].cert_file, old.nodes["n1"].key_file, new.nodes["n1"].cert_file),
+                  "not signed by the CA")
+
+
+def test_a_ca_file_of_too_many_certificates_or_none_is_refused(cluster_files: tls.ClusterTlsFiles,
+                                                              tmp_path: Path) -> None:
+    many = tmp_path / "many.crt"
+    many.write_bytes(cluster_files.ca_cert_file.read_bytes() * (tls.MAX_CA_CERTIFICATES + 1))
+    files = cluster_files.nodes["n1"]
+    _expect_error(NodeTlsFiles(files.cert_file, files.key_file, many), "more than 8 certificates")
+    empty = tmp_path / "empty.crt"
+    empty.write_bytes(b"no certificate here\n")
+    _expect_error(NodeTlsFiles(files.cert_file, files.key_file, empty), "does not hold PEM certificates")
+
+
 def test_peer_node_ids_ignores_other_names() -> None:
     assert tls.peer_node_ids(None) == ()
     assert tls.peer_node_ids({"subjectAltName": (("DNS", "urn:tokenvault:node:n9"), ("URI", "https://x"),

@@ -41,6 +41,8 @@ NODE_IDENTITY_URI_PREFIX = "urn:tokenvault:node:"
 CA_VALIDITY_DAYS = 3650
 NODE_VALIDITY_DAYS = 825
 MAX_PEM_FILE_BYTES = 256 * 1024
+# A CA file holds one CA, or a few while the members move to a new one.
+MAX_CA_CERTIFICATES = 8
 # Certificates become valid a little in the past so that a node whose clock is
 # slightly behind the generating machine's still accepts them.
 CLOCK_SKEW_ALLOWANCE = datetime.timedelta(minutes=5)
@@ -220,6 +222,18 @@ def load_certificate(path: Path, what: str = "certificate") -> x509.Certificate:
         raise TlsError(f"{what} file {str(path)!r} does not hold a PEM certificate") from None
 
 
+def load_ca_certificates(path: Path, what: str = "CA certificate") -> list[x509.Certificate]:
+    """Every certificate of a CA file: one CA, or several while members move to a new one."""
+    data = _read_pem(path, what, private=False)
+    try:
+        certificates = x509.load_pem_x509_certificates(data)
+    except ValueError:
+        raise TlsError(f"{what} file {str(path)!r} does not hold PEM certificates") from None
+    if len(certificates) > MAX_CA_CERTIFICATES:
+        raise TlsError(f"{what} file {str(path)!r} holds more than {MAX_CA_CERTIFICATES} certificates")
+    return certificates
+
+
 def load_private_key(path: Path, what: str = "private key") -> PrivateKeyTypes:
     data = _read_pem(path, what, private=True)
     try:
@@ -261,25 +275,34 @@ def check_node_files(files: NodeTlsFiles, node_id: str | None = None,
 
 def _checked_certificates(files: NodeTlsFiles, node_id: str | None,
                           now: datetime.datetime | None) -> tuple[x509.Certificate, x509.Certificate]:
-    """check_node_files: the node's certificate and the CA's, once both are checked."""
+    """check_node_files: the node's certificate, and of the CA file's certificates the one that expires
+    first (each must be within its validity), once all are checked. The node's certificate must be
+    signed by one of them: a file of two CAs lets members move to a new CA without a link refused."""
     now = now or _now()
-    ca_certificate = load_certificate(files.ca_file, "CA certificate")
-    _check_validity(ca_certificate, files.ca_file, "CA certificate", now)
+    ca_certificates = load_ca_certificates(files.ca_file)
+    for ca_certificate in ca_certificates:
+        _check_validity(ca_certificate, files.ca_file, "CA certificate", now)
     certificate = load_certificate(files.cert_file, "node certificate")
     _check_validity(certificate, files.cert_file, "node certificate", now)
     key = load_private_key(files.key_file, "node private key")
     if _public_bytes(key.public_key()) != _public_bytes(certificate.public_key()):
         raise TlsError(f"node private key file {str(files.key_file)!r} does not belong to the certificate "
                        f"{str(files.cert_file)!r}")
-    try:
-        certificate.verify_directly_issued_by(ca_certificate)
-    except (ValueError, TypeError, InvalidSignature):
-        raise TlsError(f"node certificate {str(files.cert_file)!r} is not signed by the CA in "
-                       f"{str(files.ca_file)!r}") from None
+    if not any(_issued_by(certificate, ca_certificate) for ca_certificate in ca_certificates):
+        raise TlsError(f"node certificate {str(files.cert_file)!r} is not signed by "
+                       f"{'the CA' if len(ca_certificates) == 1 else 'any CA'} in {str(files.ca_file)!r}")
     if node_id is not None and node_id not in certificate_node_ids(certificate):
         raise TlsError(f"node certificate {str(files.cert_file)!r} does not name node {node_id!r} "
                        f"(expected the subject alternative name {node_identity_uri(node_id)})")
-    return certificate, ca_certificate
+    return certificate, min(ca_certificates, key=lambda ca_certificate: ca_certificate.not_valid_after_utc)
+
+
+def _issued_by(certificate: x509.Certificate, ca_certificate: x509.Certificate) -> bool:
+    try:
+        certificate.verify_directly_issued_by(ca_certificate)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
 
 
 # ---------------------------------------------------------------- SSL contexts
@@ -316,7 +339,7 @@ def http_server_context(files: NodeTlsFiles) -> ssl.SSLContext:
 def http_client_context(ca_file: Path | str) -> ssl.SSLContext:
     """For clients of the API: verify the node's certificate against the cluster CA and the host name."""
     context = _base_context(ssl.PROTOCOL_TLS_CLIENT, ssl.TLSVersion.TLSv1_2)
-    load_certificate(Path(ca_file), "CA certificate")
+    load_ca_certificates(Path(ca_file))
     _load_ca(context, Path(ca_file))
     return context
 

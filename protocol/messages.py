@@ -171,7 +171,7 @@ class ReadIndex(Message):
     """A backup asks the primary of ``view`` for a read index (etcd's MsgReadIndex).
 
     The primary confirms it still leads with a heartbeat round, as for its own
-    reads, and answers with its commit index as of the request; the backup then
+    reads, and answers with its commit index at the start of that round; the backup then
     answers the read once it has applied that far.
     """
 

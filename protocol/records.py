@@ -225,12 +225,15 @@ class Ready:
 
     1. reset the log base to ``snapshot`` (the store already holds it: the
        driver installed it before calling ``snapshot_installed``);
-    2. send ``messages`` and read and send ``snapshot_reads`` at once: they are
-       the primary's own appends, heartbeats and snapshot chunks, which need
-       not wait for its disk, because the core counts the primary's own copy
-       of an entry only after ``advance()`` (Raft thesis 10.2.1; etcd's
-       ``Ready.Messages`` beside ``MsgStorageAppend``). Empty when this Ready
-       carries a new view or vote: then every message waits for the fsync;
+    2. send ``messages`` and read and send ``snapshot_reads`` at once: they
+       promise nothing about this node's disk. They are the primary's own
+       appends, heartbeats and snapshot chunks, which need not wait for its
+       disk, because the core counts the primary's own copy of an entry only
+       after ``advance()`` (Raft thesis 10.2.1; etcd's ``Ready.Messages``
+       beside ``MsgStorageAppend``), and the read-index requests and answers
+       (``ReadIndex``, ``ReadIndexReply``: a read index is a commit index,
+       durable on a majority already). Empty when this Ready carries a new
+       view or vote: then every message waits for the fsync;
     3. apply ``committed_durable``: the first ``committed_durable_count``
        committed entries, which an earlier Ready already made durable here, so
        their requests may be answered before this batch's fsync;
@@ -240,12 +243,15 @@ class Ready:
        commit index (etcd's ``MustSync``): that record may wait in the WAL's
        buffer for the next fsync, because a node that restarts with an older
        commit index learns the newer one again from the primary, while a vote,
-       a view, a truncation and entries are promised by the replies of step 5;
-    5. send ``messages_after_persist`` (votes and replies: they promise what
+       a view, a truncation, an installed snapshot and entries are promised by
+       the replies of step 5;
+    5. send ``messages_after_persist`` (votes, polls and replies, the
+       ``HeartbeatReply`` that echoes a read round included: they promise what
        is on disk, as etcd's ``msgsAfterAppend``);
     6. apply ``committed_after_persist``; answer ``read_results`` once
-       applied >= read_index; offer snapshots for ``snapshot_requests``; drop
-       the sources of ``snapshot_transfers_ended`` (each with its TransferEnd); log ``events``;
+       applied >= read_index; drop the sources of ``snapshot_transfers_ended``
+       (each with its TransferEnd); offer snapshots for ``snapshot_requests``;
+       log ``events``;
     7. call ``advance(ready)`` with this Ready, before asking for the next.
 
     A driver may also do everything after the fsync; the split only says what

@@ -53,6 +53,8 @@ API_KEY_CHARS = len(API_KEY_PREFIX) + 43
 # hashing so a hostile header cannot make every request hash megabytes.
 MAX_PRESENTED_KEY_CHARS = 256
 PRINCIPAL_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
+# A runtime key's identity (Principal.identity); no bootstrap key may be named so.
+RUNTIME_IDENTITY_PATTERN = re.compile(r"key-[0-9a-f]{16}\Z")
 _SHA256_HEX_PATTERN = re.compile(r"[0-9a-f]{64}\Z")
 _SALT_HEX_PATTERN = re.compile(r"[0-9a-f]{32}\Z")
 
@@ -77,7 +79,9 @@ class Principal:
         """What scopes idempotency keys: the bootstrap key's name, or ``key-<id>`` for a runtime key.
 
         Runtime key names are labels chosen by an admin and may repeat or equal
-        a bootstrap name; the id is unique, and ``-`` never starts a bootstrap name."""
+        a bootstrap name; the id is unique, and no bootstrap key may be named ``key-<16 hex digits>``
+        (ApiKeyEntry), so the two kinds never share an identity: idempotency keys, rate buckets,
+        body slots."""
         return self.name if self.key_id is None else f"key-{self.key_id}"
 
 
@@ -138,6 +142,11 @@ class ApiKeyEntry:
             raise ApiKeyTableError(
                 "an API key name is 1-64 characters of [A-Za-z0-9_.-] starting with a letter "
                 "or digit"
+            )
+        if RUNTIME_IDENTITY_PATTERN.match(self.name):
+            raise ApiKeyTableError(
+                f"API key name {self.name!r} has the form key-<16 hex digits>, which is how the vault names "
+                "a runtime key (admin key create); choose another name"
             )
         if not isinstance(self.sha256, str) or not _SHA256_HEX_PATTERN.match(self.sha256):
             raise ApiKeyTableError(

@@ -105,6 +105,17 @@ def test_entries_are_validated() -> None:
     assert good_hash not in str(caught.value)
 
 
+def test_no_bootstrap_key_takes_the_identity_of_a_runtime_key() -> None:
+    """A runtime key's identity is key-<its id>; a bootstrap key so named would share its idempotency
+    keys, rate buckets and body slots. Such a name is refused; a name that only starts alike is not."""
+    runtime = Principal("anything", frozenset({TOKENIZE}), key_id="0123456789abcdef")
+    assert runtime.identity == "key-0123456789abcdef"
+    with pytest.raises(ApiKeyTableError, match="how the vault names a runtime key"):
+        _entry(runtime.identity, generate_api_key(), TOKENIZE)
+    for name in ("key-rotation-bot", "key-0123456789ABCDEF", "key-0123456789abcdef0", "mykey-0123456789abcdef"):
+        assert _entry(name, generate_api_key(), TOKENIZE).name == name
+
+
 def test_table_refuses_duplicate_names_and_duplicate_keys() -> None:
     key = generate_api_key()
     with pytest.raises(ApiKeyTableError, match="twice"):

@@ -10,6 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from fake_vault_server import FakeVaultServer, Reply, closed_port_url, node_tls_files, problem
+from tokenvault.auth import ALL_SCOPES
 from tokenvault.cli.main import tokenvault
 from tokenvault.config import load_config
 
@@ -545,3 +546,9 @@ def test_member_add_adds_a_learner_retries_the_promotion_until_caught_up_and_rem
     removed = runner.invoke(tokenvault, ["admin", "member", "remove", "n4", *options])
     assert removed.exit_code == 0, removed.output
     assert "n4" not in roles
+
+
+def test_key_create_help_names_every_scope_the_vault_knows(runner: CliRunner) -> None:
+    result = runner.invoke(tokenvault, ["admin", "key", "create", "--help"])
+    assert result.exit_code == 0
+    assert all(scope in result.output for scope in ALL_SCOPES), result.output

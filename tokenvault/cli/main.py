@@ -35,6 +35,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from tokenvault.auth import ALL_SCOPES
 from tokenvault.cli import lifecycle
 from tokenvault.cli.connection import (EXIT_AUDIT_BROKEN, EXIT_SERVICE_ERROR, EXIT_UNREACHABLE, EXIT_USAGE,
                                               Connection, connection_options, fail, group_connection_options,
@@ -299,9 +300,9 @@ def key_group() -> None:
 
 @key_group.command("create")
 @connection_options("admin")
-@click.option("--name", required=True, metavar="NAME", help="A label: 1-64 characters of [A-Za-z0-9_.-].")
+@click.option("--name", required=True, metavar="NAME", help="A label: 1-64 characters of [A-Za-z0-9_.-], starting with a letter or digit.")
 @click.option("--scope", "scopes", required=True, multiple=True, metavar="SCOPE",
-              help="A scope the key holds (admin, tokenize, detokenize, delete, retokenize); repeat for several.")
+              help=f"A scope the key holds ({', '.join(sorted(ALL_SCOPES))}); repeat for several.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (with the key).")
 def key_create(connection: Connection, name: str, scopes: tuple[str, ...], as_json: bool) -> None:
     """Create a key and print it once: no node stores it, only its salted hash."""

@@ -2,8 +2,8 @@
 behind that no longer runs. Every file of the project a document names (``tests/...py``,
 ``bench/...``, ``tokenvault/...``, ``protocol/...``) exists, and every test it names exists in its
 file: ``tests/unit/test_x.py::test_name``, ``test_x.py::test_name`` without its folder (the one file of
-that name under tests/), or ``::test_name`` alone for one more test of the file the document named last
-before it."""
+that name under tests/), ``::test_name`` alone for one more test of the file the document named last
+before it, or a test's name alone in backquotes (```test_name```), defined in some test file under tests/."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ DOCUMENTS = sorted((ROOT / "docs").glob("*.md")) + [ROOT / "README.md", ROOT / "
 # A project file, perhaps with a test or class after "::"; a test file without its folder, with a test after
 # "::"; or "::name" on its own.
 _REFERENCE = re.compile(r"\b((?:tests|bench|tokenvault|protocol)/[\w/]+\.(?:py|sh))(?:::(\w+))?"
-                        r"|(?<![\w/.])(test_\w+\.py)::(\w+)|(?<![\w/])::(\w+)")
+                        r"|(?<![\w/.])(test_\w+\.py)::(\w+)|(?<![\w/])::(\w+)|`(test_\w+)`")
 
 
 def stale_references(text: str, root: Path) -> list[str]:
@@ -32,8 +32,18 @@ def stale_references(text: str, root: Path) -> list[str]:
         return re.search(rf"^\s*(?:async\s+def|def|class)\s+{re.escape(name)}\b", definitions[path],
                          re.MULTILINE) is not None
 
+    defined_anywhere: set[str] | None = None  # every test name under tests/, read once
+
     for match in _REFERENCE.finditer(text):
-        named, name, bare, bare_name, short = match.groups()
+        named, name, bare, bare_name, short, alone = match.groups()
+        if alone is not None:
+            if defined_anywhere is None:
+                defined_anywhere = {found for path in (root / "tests").rglob("*.py")
+                                    for found in re.findall(r"^\s*(?:async\s+def|def)\s+(test_\w+)",
+                                                            path.read_text(encoding="utf-8"), re.MULTILINE)}
+            if alone not in defined_anywhere:
+                stale.append(f"{alone}: no test of that name under tests/")
+            continue
         if bare is not None:
             if test_files is None:
                 test_files = {}
@@ -76,7 +86,8 @@ def test_the_check_sees_a_renamed_test_a_missing_file_and_a_short_name_of_the_wr
     text = ("`tests/unit/test_a.py::test_here`, `::test_async_here`, `::test_gone`; "
             "`tests/unit/test_b.py::TestGroup`, `::test_inner`, `::test_here`; "
             "`tests/unit/test_c.py`; `bench/nothing.py`; `::test_after_a_missing_file`; "
-            "`test_a.py::test_here`, `::test_gone_too`; `test_b.py::test_missing`; `test_d.py::test_x`")
+            "`test_a.py::test_here`, `::test_gone_too`; `test_b.py::test_missing`; `test_d.py::test_x`; "
+            "`test_async_here` and `test_nowhere` alone")
     assert stale_references(text, tmp_path) == [
         "tests/unit/test_a.py::test_gone: not defined there",
         "tests/unit/test_b.py::test_here: not defined there",
@@ -86,4 +97,5 @@ def test_the_check_sees_a_renamed_test_a_missing_file_and_a_short_name_of_the_wr
         "tests/unit/test_a.py::test_gone_too: not defined there",
         "tests/unit/test_b.py::test_missing: not defined there",
         "test_d.py: 0 files of that name under tests/, not one",
+        "test_nowhere: no test of that name under tests/",
     ]

@@ -7,6 +7,7 @@ instead of sleeping.
 
 from __future__ import annotations
 
+import dataclasses
 import asyncio
 import contextlib
 import json
@@ -190,6 +191,24 @@ async def test_an_overloaded_primary_is_overloaded_through_a_backup_too(trio: Cl
     with pytest.raises(Overloaded) as raised:
         await backup.service.tokenize("p", ["forwarded-while-overloaded"], None)
     assert raised.value.problem == "overloaded" and raised.value.headers.get("Retry-After")
+
+
+async def test_a_read_the_primary_refuses_for_a_full_read_queue_is_overloaded_through_a_backup_too(
+        trio: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A backup's read index asked of a primary whose pending reads are at their bound: 503 overloaded
+    on the backup, not "no primary is known" (it was, before ReadIndexReply said why)."""
+    primary, backup = trio.primaries()[0], trio.backups()[0]
+    full = dataclasses.replace(primary.node.replica.config)
+    object.__setattr__(full, "max_pending_reads", 0)  # every read finds the queue full (no config may say so)
+    monkeypatch.setattr(primary.node.replica, "_config", full)
+    epoch = backup.node.store.active_epoch()
+    # The read point a worker asks for a tokenize whose tokens all exist (a read on this backup).
+    with pytest.raises(Overloaded) as raised:
+        await backup.service.tokenize_read_point(epoch)
+    assert raised.value.problem == "overloaded" and raised.value.headers.get("Retry-After")
+    assert "no primary" not in raised.value.detail
+    monkeypatch.undo()
+    assert await backup.service.tokenize_read_point(epoch) == backup.node.removal_index  # once it has room
 
 
 async def test_idempotency_keys_are_scoped_per_principal(single: RunningNode) -> None:

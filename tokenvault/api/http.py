@@ -51,7 +51,9 @@ then holds ``inflight_slot`` around the rest):
    422 for metadata over 1 KiB, a TTL out of range or a value that does not
    fit its format) and of detokenize (``epoch``, ``include_metadata``: 400; a
    ``detokenize_masked``-only key asking for metadata: 403); for ``GET /v1/admin/audit``
-   the query parameters ``after`` and ``limit`` (400);
+   the query parameters ``after`` and ``limit`` (400); path parameters (an
+   epoch or a key id: 404; a node id: 400) are checked here too, by their
+   handlers, after the body: the router matches only the path's shape;
 8. the service's own answers: 409 / 422 for idempotency conflicts, 503.
 
 Error bodies are ``application/problem+json`` built from fixed texts, counts

@@ -21,7 +21,7 @@ spends all its time on requests. What the server does, and its bounds:
   is one waiting for headers); a request being handled is never cut off by
   it. Keep-alive follows HTTP/1.1 (and
   HTTP/1.0's ``Connection: keep-alive``).
-- **Hostile bytes.** A request line over ``MAX_LINE_BYTES``, a header line over
+- **Hostile bytes.** A request target (path and query) over ``MAX_LINE_BYTES``, a header line over
   ``MAX_LINE_BYTES``, more than ``MAX_HEADERS`` headers or a header block over
   ``MAX_HEAD_BYTES`` is refused (414 / 431) before more is buffered; anything
   llhttp rejects (a bad request line, a control character in a header, a bad
@@ -75,7 +75,7 @@ from tokenvault.logs import get_logger
 
 _log = get_logger("tokenvault.api.httpserver")
 
-MAX_LINE_BYTES = 8190  # the request line, and each header line (aiohttp's limits, and most servers')
+MAX_LINE_BYTES = 8190  # the request target, and each header line (aiohttp's limits, and most servers')
 MAX_HEADERS = 100
 MAX_HEAD_BYTES = 64 * 1024
 READ_AHEAD_BYTES = 64 * 1024

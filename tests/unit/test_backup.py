@@ -29,7 +29,7 @@ from tokenvault.core.backup import (BACKUP_WORK_DIR_NAME, HEADER_BYTES, HEADER_I
                                     HEADER_VIEW, BackupError, BackupRefused, BackupStream, restore_data_dir,
                                     verify_backup_file)
 from tokenvault.cli.main import tokenvault
-from tokenvault.core.commands import RotateEpochCommand, encode_command
+from tokenvault.core.commands import Actor, RotateEpochCommand, encode_command
 from tokenvault.config import write_node_config
 from tokenvault.api.http import HttpApp, HttpLimits, build_app, http_server
 from tokenvault.metrics import Metrics
@@ -581,6 +581,32 @@ async def test_a_data_dir_restored_from_a_real_store_serves_every_token(tmp_path
         assert running.node.store.active_epoch() == 2
         assert running.node.store.membership() is None
         assert running.node.replica.membership.voters == ("n1",) and running.node.replica.membership.learners == ()
+    finally:
+        await running.close()
+
+
+async def test_a_backup_of_a_cluster_that_destroyed_an_epoch_restores_and_serves_the_live_ones(
+        tmp_path: Path) -> None:
+    """A destroyed epoch keeps its record with no secret: the restore's key check tried to open it and
+    refused every backup taken after a destroy, blaming the master key (checked on the code before)."""
+    source_config, = make_configs(tmp_path / "source", 1)
+    running = await start_node(source_config)
+    try:
+        await wait_until(lambda: running.node.store.active_epoch() >= 1, 10.0, "epoch 1")
+        (old,) = json.loads((await running.service.tokenize("admin", ["old-epoch"], None)).body)["tokens"]
+        await running.service.rotate_epoch("admin", None)
+        (kept,) = json.loads((await running.service.tokenize("admin", ["kept"], None)).body)["tokens"]
+        await running.service.destroy_epoch(1, Actor(name="admin", node="n1", request_id="r"))
+        path = tmp_path / "after-destroy.backup"
+        await save_backup(running, path)
+    finally:
+        await running.close()
+    target = dataclasses.replace(source_config, data_dir=tmp_path / "target" / "data")
+    assert restore_data_dir(path, target).epochs == 2
+    running = await start_node(target)
+    try:
+        await wait_until(running.is_primary, 10.0, "the restored node to lead")
+        assert await running.service.detokenize([old, kept]) == [None, "kept"]
     finally:
         await running.close()
 

@@ -379,7 +379,7 @@ def _install_store(store_dir: Path, staged: StagedSnapshot, config: Any, master_
                               f"{store.applied_view}, not the backup's {staged.index}, {staged.view}")
         records = store.epochs()
         try:
-            KeyRing.from_wrapped(master_key, ((record.epoch, record.wrapped_secret) for record in records))
+            KeyRing.from_wrapped(master_key, store.wrapped_secrets())  # a destroyed epoch has nothing to open
         except CryptoError:
             raise BackupError("the master key does not open the epoch secrets of this backup: it was taken "
                               "from a cluster with another master key (pass that cluster's master.key)") from None

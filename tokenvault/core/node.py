@@ -41,7 +41,7 @@ from tokenvault.core.snapshots import PendingShred
 from tokenvault.core.store import VaultStore
 from tokenvault.core.store_files import STORE_DIRECTORY, PreparedInstall, replace_file
 from tokenvault.core.store_layout import (AUDIT_KIND, AUDIT_TRIM_KIND, CREATE_KEY_KIND, DELETE_KIND, DESTROY_KIND,
-                                          DESTROYED, REVOKE_KEY_KIND, ROTATE_KIND, TOKENIZE_KIND, ApplyResult,
+                                          REVOKE_KEY_KIND, ROTATE_KIND, TOKENIZE_KIND, ApplyResult,
                                           Outcome, StoreCorruption, StoreDamaged, StoreError, reason)
 from tokenvault.core.transport import PeerAddress, PeerTransport
 from tokenvault.core.wal import RecoveredLog, WriteAheadLog
@@ -244,8 +244,7 @@ class Node:
     # ----------------------------------------------------------------- start-up
     def _keyring_of_store(self) -> KeyRing:
         """Every epoch the store holds, unwrapped with the master key; a destroyed one has no secret left."""
-        return KeyRing.from_wrapped(self.master_key, ((record.epoch, record.wrapped_secret)
-                                                      for record in self.store.epochs() if record.state != DESTROYED))
+        return KeyRing.from_wrapped(self.master_key, self.store.wrapped_secrets())
 
     def _restored_state(self, recovered: RecoveredLog) -> RestoredState:
         """Combine the store's checkpoint and the WAL into the core's starting point.

@@ -70,7 +70,7 @@ from tokenvault.core.store_files import (CREATING_SUFFIX, GENERATION_PREFIX, Loa
                                          wal_file_bytes, wal_file_names, write_current)
 from tokenvault.core.store_layout import (
     ACTIVE, AGE, AGE_END, AGE_HEADER_BYTES, API_KEY, AUDIT, AUDIT_ANCHOR_KEY, AUDIT_END, AUDIT_HEAD_KEY, AUDIT_KIND,
-    BLOCK_CACHE_BYTES, CREATE_KEY_KIND, EXPIRY, EXPIRY_END, FORMAT_TOKEN_END, IDEMPOTENCY, LIFE,
+    BLOCK_CACHE_BYTES, CREATE_KEY_KIND, DESTROYED, EXPIRY, EXPIRY_END, FORMAT_TOKEN_END, IDEMPOTENCY, LIFE,
     MAX_API_KEYS, MAX_AUDIT_PAGE, MAX_STORED_EPOCH, MAX_TOKEN_PAGE, MEMBERSHIP_KEY, META_KEY, NO_RECORDS, RETIRED,
     REVOKE_KEY_KIND, ROTATE_KIND, TOKEN, TOKENIZE_KIND, U64, UNKNOWN_NODE, VERIFY_CACHE_BYTES,
     ApplyResult, EpochRecord, IdempotencyRecord, Outcome, SnapshotRejected, StoreCorruption, StoreDamaged, StoreError,
@@ -498,6 +498,11 @@ class VaultStore:
     @_stops_when_damaged
     def epochs(self) -> list[EpochRecord]:
         return read_epochs(self._db, StoreCorruption)
+
+    def wrapped_secrets(self) -> list[tuple[int, bytes]]:
+        """(epoch, wrapped secret) of every epoch not destroyed: what a key ring is built from (a
+        destroyed epoch keeps its record, with no secret left to unwrap)."""
+        return [(record.epoch, record.wrapped_secret) for record in self.epochs() if record.state != DESTROYED]
 
     @_stops_when_damaged
     def epoch_tokens(self, epoch: int, after: str | None, limit: int) -> list[str]:

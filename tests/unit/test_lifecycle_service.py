@@ -291,9 +291,10 @@ async def test_card_and_digits_tokens_are_deleted_in_their_epoch_on_every_node_a
             await wait_until(lambda r=running, n=needle: in_a_table_file(r, n), 10, "the rows in a table file")
     assert body(await primary.service.rotate_epoch("admin", None)) == {"epoch": 2}
     backup = trio.backups()[0]
+    taken_there = dataclasses.replace(ACTOR, node=backup.node_id)  # as the HTTP layer names it
     # Without an epoch: the active one (2), which holds neither.
-    assert body(await backup.service.delete_tokens(card + digits, ACTOR)) == {"deleted": 0}
-    assert body(await backup.service.delete_tokens(card + digits + card, ACTOR, 1)) == {"deleted": 2}
+    assert body(await backup.service.delete_tokens(card + digits, taken_there)) == {"deleted": 0}
+    assert body(await backup.service.delete_tokens(card + digits + card, taken_there, 1)) == {"deleted": 2}
     for running in trio.running():
         assert (await running.service.reveal(card + digits, ACTOR, 1))["values"] == [None, None]
     for running in trio.running():
@@ -538,6 +539,38 @@ async def test_forwarded_lifecycle_requests_are_validated_like_the_http_layer(tr
         await primary.service._serve_forward(backup_id, ForwardRequest(
             request_id=1, kind=kind, body=msgpack.packb(arguments)))
         assert sent[-1].status == 400, kind
+
+
+async def test_a_forwarded_change_writes_its_audit_record_in_the_forwarding_peer_s_name_only(trio: Cluster) -> None:
+    """docs/security.md: a peer may write audit records only in its own node's name. That held for
+    forwarded audit batches only; a forwarded delete (and rotate, key change, destroy, trim) was
+    recorded under whatever node its actor named (checked on the code before: 200, node n3 from n2)."""
+    primary = await trio.wait_for_stable_primary()
+    (token,) = body(await primary.service.tokenize("p", ["forged"], None))["tokens"]
+    sender, other = [backup.node_id for backup in trio.backups()]
+    sent = []
+    send = primary.node.send_to_peer
+
+    def recording_send(peer: str, message: object) -> bool:
+        if isinstance(message, ForwardResponse):
+            sent.append(message)
+            return True
+        return send(peer, message)
+
+    primary.node.send_to_peer = recording_send  # type: ignore[method-assign]
+
+    def delete_as(node: str | None) -> ForwardRequest:
+        actor = commands.Actor(name="admin", node=node, request_id="r").fields()
+        return ForwardRequest(request_id=1, kind="token.delete",
+                              body=msgpack.packb({"tokens": [token], "actor": actor, "epoch": None}))
+
+    await primary.service._serve_forward(sender, delete_as(other))
+    assert sent[-1].status == 400
+    assert [record for record in primary.node.store.audit_page(0, 100) if record["action"] == "token.delete"] == []
+    await primary.service._serve_forward(sender, delete_as(None))  # none named: the sender took it
+    assert sent[-1].status == 200
+    (record,) = [record for record in primary.node.store.audit_page(0, 100) if record["action"] == "token.delete"]
+    assert record["node"] == sender
 
 
 @pytest.mark.parametrize("removal", ["delete", "destroy"])

@@ -1099,6 +1099,8 @@ class NodeService(LifecycleOperations, MembershipOperations):
         else:
             max_bytes = _max_forwarded_bytes(limits)
         arguments = _forwarded_arguments(request, FORWARDED_MEMBERS[request.kind], max_bytes)
+        if "actor" in arguments:
+            arguments["actor"] = _actor_of_peer(arguments["actor"], sender)
         if request.kind in (TOKENIZE_SEALED, TOKENIZE_SEALED_EXTENDED):
             if request.kind == TOKENIZE_SEALED:  # the same checks, with a plain request's options
                 arguments = {**arguments, **PLAIN_SEALED_OPTIONS}
@@ -1165,6 +1167,21 @@ class NodeService(LifecycleOperations, MembershipOperations):
 
 
 _actor = commands.actor_from_fields
+
+
+def _actor_of_peer(fields: object, sender: str) -> list[Any]:
+    """The actor of a request forwarded by ``sender``, whose audit record names the node that took the
+    request: the sender itself (a peer may write audit records only in its own name; none named: the
+    sender), else 400."""
+    try:
+        actor = _actor(fields)
+    except commands.CommandError:
+        raise InvalidRequest("the actor is malformed") from None
+    if actor.node is None:
+        return [actor.name, actor.key_id, sender, actor.request_id]
+    if actor.node != sender:
+        raise InvalidRequest("the actor names another node than the peer that forwarded the request")
+    return actor.fields()
 
 
 def _strings(items: object) -> list[str]:

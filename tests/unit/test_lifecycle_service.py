@@ -320,6 +320,35 @@ async def test_a_backup_that_has_not_applied_a_delete_never_answers_the_deleted_
         await trio.close()
 
 
+async def test_a_lagging_backup_answers_the_metadata_a_tokenize_acknowledged_before_the_request_gave(
+        trio: Cluster) -> None:
+    """docs/tokens.md: a tokenize with metadata replaces the mapping's metadata. A backup that had not
+    applied that replacement when a reveal came in answered the old metadata once it caught up (it
+    checked only that the mapping was still live; checked on the code before: {"v":1})."""
+    primary = await trio.wait_for_stable_primary()
+    (token,) = body(await primary.service.tokenize("p", ["meta-value"], None, metadata_json='{"v":1}'))["tokens"]
+    lagging = trio.backups()[0]
+    await wait_until(lambda: lagging.node.store.lookup([token]), 5, "the backup to apply the token")
+    transport = lagging.node.transport
+    assert transport is not None
+    deliver = transport._on_message
+
+    def without_appends(sender: str, message: object) -> None:
+        if not isinstance(message, (AppendEntries, Heartbeat)):  # it still forwards and hears answers
+            deliver(sender, message)
+
+    transport._on_message = without_appends
+    try:
+        again = await primary.service.tokenize("p", ["meta-value"], None, metadata_json='{"v":2}')
+        assert body(again)["tokens"] == [token]
+        revealed = asyncio.create_task(lagging.service.reveal([token], ACTOR, include_metadata=True))
+        await asyncio.sleep(0.3)
+        assert not revealed.done(), "answered before its audit entry was applied here"
+    finally:
+        transport._on_message = deliver
+    assert await revealed == {"values": ["meta-value"], "metadata_json": ['{"v":2}']}
+
+
 async def _backup_never_answers_a_deleted_value(trio: Cluster, audit: bool, removal: str = "delete") -> None:
     primary = await trio.wait_for_stable_primary()
     (token,) = body(await primary.service.tokenize("p", ["stale-read"], None))["tokens"]

@@ -638,8 +638,15 @@ class NodeService(LifecycleOperations, MembershipOperations):
             # As in detokenize: what this node found itself is answered once it applied the record's own
             # entry, and looked up again (the primary answered the rest after its own read barrier).
             await self._caught_up_to(index)
-            still = self._still_live(sorted(local), epoch, _now_ms())
-            found = {token: pair for token, pair in found.items() if token not in local or token in still}
+            if include_metadata:
+                # Read again, not only checked: a tokenize acknowledged before the request started may
+                # have replaced a mapping's metadata since the first read.
+                again = self._read_mappings(sorted(local), epoch, True, _now_ms())
+                found = {token: again[token] if token in local else pair for token, pair in found.items()
+                         if token not in local or token in again}
+            else:
+                still = self._still_live(sorted(local), epoch, _now_ms())
+                found = {token: pair for token, pair in found.items() if token not in local or token in still}
             values = [found[token][0] if token in found else None for token in tokens]
         if masked:
             values = [None if value is None else formats.mask_value(value) for value in values]

@@ -535,6 +535,112 @@ def test_a_missing_backup_file_is_a_clear_error(runner: CliRunner, node_config: 
     assert result.exit_code == 1 and "does not exist" in result.output
 
 
+def real_backup(tmp_path: Path, path: Path) -> Path:
+    """A backup file of an empty real store at ``path``."""
+    from tokenvault.core.snapshots import take_checkpoint
+
+    store = VaultStore.open(tmp_path / "source")
+    source = SnapshotSource.from_checkpoint(*take_checkpoint(store, tmp_path / "work"), None)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as handle:
+        source.write_to(handle)
+    source.close()
+    store.close()
+    return path
+
+
+def test_a_staged_copy_left_by_a_killed_verification_is_removed_by_the_next_run_and_a_live_one_is_kept(
+        tmp_path: Path) -> None:
+    """`tokenvault admin backup` stages a whole copy of the backup in a hidden directory beside FILE to verify
+    it. A run killed meanwhile (cron's timeout sends SIGTERM, which runs no finally; kill -9; a crash) leaves
+    that copy; the next run removes it (its lock died with its process), or each killed run would add a
+    store-sized hidden directory for good. The copy of a verification still running is left alone."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    backup = real_backup(tmp_path, tmp_path / "backups" / "vault.backup.partial")
+    script = ("import sys, time\n"
+              "from pathlib import Path\n"
+              "from tokenvault.core import backup\n"
+              "backup.VaultStore.verify_checkpoint = staticmethod(lambda *a: time.sleep(60))\n"
+              "backup.verify_backup_file(Path(sys.argv[1]))\n")
+    staged = ".tokenvault-restore-*/staged/checkpoint/CURRENT"
+    children: list[subprocess.Popen[bytes]] = []
+    copies: list[set[Path]] = []
+    try:
+        for count in (1, 2):  # the first is killed, the second still runs
+            children.append(subprocess.Popen([sys.executable, "-c", script, str(backup)],
+                                             cwd=Path(__file__).parents[2]))
+            deadline = time.monotonic() + 30
+            while len(list(backup.parent.glob(staged))) < count:
+                assert time.monotonic() < deadline and children[-1].poll() is None
+                time.sleep(0.05)
+            copies.append({path.parents[2] for path in backup.parent.glob(staged)} - set().union(*copies))
+        children[0].send_signal(signal.SIGTERM)
+        children[0].wait()
+        verify_backup_file(backup)  # the next run
+        assert set(backup.parent.glob(".tokenvault-restore-*")) == copies[1], \
+            "the killed run's copy is gone, the running one's is kept"
+        assert all((copy / "staged" / "checkpoint" / "CURRENT").exists() for copy in copies[1])
+    finally:
+        for child in children:
+            child.kill()
+            child.wait()
+    verify_backup_file(backup)
+    assert list(backup.parent.glob(".tokenvault-restore-*")) == []
+
+
+def test_a_data_directory_left_half_built_by_a_killed_restore_is_removed_by_the_next_restore(
+        tmp_path: Path) -> None:
+    """A restore builds the data directory beside it (`.<name>.restoring-*`, as large as the store) and renames
+    it into place; one killed meanwhile leaves it, and the next restore into that parent removes it."""
+    config = make_configs(tmp_path / "restored", 1)[0]
+    backup = real_backup(tmp_path, tmp_path / "taken.backup")
+    data_dir = Path(config.data_dir).absolute()
+    data_dir.parent.mkdir(parents=True, exist_ok=True)
+    leftovers = [data_dir.parent / f".{data_dir.name}.restoring-dead", data_dir.parent / ".tokenvault-restore-dead"]
+    for leftover in leftovers:
+        (leftover / "store").mkdir(parents=True)
+        (leftover / "store" / "000007.sst").write_bytes(b"rows of a killed restore")
+    other_node = data_dir.parent / ".other.restoring-dead"  # another data directory's: not this restore's
+    other_node.mkdir()
+    restore_data_dir(backup, config)
+    assert not any(leftover.exists() for leftover in leftovers)
+    assert other_node.exists()
+    assert [path.name for path in data_dir.parent.glob(".*")] == [other_node.name]
+
+
+def test_a_backup_whose_checkpoint_holds_a_rocksdb_wal_over_the_bound_is_refused_unopened(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A backup file is hostile until verified: opening its checkpoint would replay every RocksDB WAL file
+    (`*.log`) into memory (a multi-GB one would run `tokenvault admin backup`'s verification, or `admin
+    restore`, out of memory). One whose WAL files hold more than a checkpoint may (the store's memtables; 1 MiB
+    here) is refused as a damaged backup is, and nothing is written."""
+    from tokenvault.core import store_files
+    from tokenvault.core.snapshots import take_checkpoint
+
+    monkeypatch.setattr(store_files, "MAX_CHECKPOINT_WAL_BYTES", 1 << 20, raising=False)
+    store = VaultStore.open(tmp_path / "source")
+    directory, index, view = take_checkpoint(store, tmp_path / "work")
+    store.close()
+    (directory / "999999.log").write_bytes(os.urandom((1 << 20) + 1))
+    source = SnapshotSource.from_checkpoint(directory, index, view, None)
+    backup = tmp_path / "hostile.backup"
+    with open(backup, "wb") as handle:
+        source.write_to(handle)
+    source.close()
+    with pytest.raises(BackupRefused, match=r"is refused: .*WAL files .* more than the 1048576 bytes"):
+        verify_backup_file(backup)
+    config = make_configs(tmp_path / "restored", 1)[0]
+    with pytest.raises(BackupRefused, match="WAL files"):
+        restore_data_dir(backup, config)
+    assert not config.data_dir.exists()
+    assert [path.name for path in tmp_path.glob(".*")] == []
+    assert [path.name for path in config.data_dir.parent.glob(".*")] == []
+
+
 # ---------------------------------------------------------------- restoring a real store
 
 

@@ -96,3 +96,74 @@ async def test_a_chunk_is_not_sent_again_while_a_chunk_s_worth_for_that_peer_has
     assert transfers._reading == {}, "a peer is keyed only while a read for it runs"
     transfers._sources.clear()
     await transfers.close()
+
+
+async def test_a_checkpoint_rocksdb_fails_to_take_is_logged_and_the_peer_s_next_request_makes_one(
+        tmp_path: Path, monkeypatch: Any) -> None:
+    """RocksDB's errors reach Python as a plain Exception ("IO error: ..."; ENOSPC, EMFILE): a checkpoint
+    that fails once is logged, as an OSError is, and the core's next request for that peer (after an election
+    timeout) makes one; the peer is not left waiting on a creation that died, until the primary restarts."""
+    from rocksdict import Checkpoint
+    from structlog.testing import capture_logs
+
+    from tokenvault.core import store as store_module
+    from tokenvault.core.store import VaultStore
+
+    failures = [Exception("IO error: While appending to file: MANIFEST-000005: No space left on device")]
+
+    class FailingOnce:
+        def __init__(self, database: Any) -> None:
+            self._checkpoint = Checkpoint(database)
+
+        def create_checkpoint(self, path: str) -> None:
+            if failures:
+                raise failures.pop()
+            self._checkpoint.create_checkpoint(path)
+
+    monkeypatch.setattr(store_module, "Checkpoint", FailingOnce)
+    store = VaultStore.open(tmp_path / "store")
+    offered: list[Any] = []
+    transfers = SnapshotTransfers(tmp_path / "data", lambda: store, lambda call: call(), lambda peer, message: True,
+                                  NothingToShred())
+    try:
+        with capture_logs() as logs:
+            transfers.request("n2", lambda *offer: offered.append(offer) or True)
+            await asyncio.wait_for(asyncio.gather(*transfers._tasks), 10.0)
+        assert [(entry["event"], entry["peer"]) for entry in logs] == [("snapshot.source_failed", "n2")]
+        assert "No space left on device" in logs[0]["reason"]
+        assert offered == []
+        transfers.request("n2", lambda *offer: offered.append(offer) or True)  # the core asks again
+        await asyncio.wait_for(asyncio.gather(*transfers._tasks), 10.0)
+        assert [peer for peer, *_ in offered] == ["n2"]
+    finally:
+        await transfers.close()
+        store.close()
+
+
+async def test_a_checkpoint_that_fails_unexpectedly_does_not_keep_the_peer_from_its_next_request(
+        tmp_path: Path) -> None:
+    """An error nobody foresaw ends the task that made the checkpoint: the core's next request for that peer
+    still makes one."""
+
+    class FailingOnce:
+        calls = 0
+
+        def create_checkpoint(self, directory: Path) -> tuple[int, int]:
+            self.calls += 1
+            if self.calls == 1:
+                raise RuntimeError("unforeseen")
+            directory.mkdir()
+            (directory / "000001.sst").write_bytes(b"rows")
+            return 7, 1
+
+    offered: list[Any] = []
+    store = FailingOnce()
+    transfers = SnapshotTransfers(tmp_path, lambda: store, lambda call: call(), lambda peer, message: True,
+                                  NothingToShred())
+    transfers.request("n2", lambda *offer: offered.append(offer) or True)
+    failed = await asyncio.gather(*transfers._tasks, return_exceptions=True)
+    assert [type(error) for error in failed] == [RuntimeError]
+    transfers.request("n2", lambda *offer: offered.append(offer) or True)
+    await asyncio.wait_for(asyncio.gather(*transfers._tasks), 10.0)
+    assert [peer for peer, *_ in offered] == ["n2"] and store.calls == 2
+    await transfers.close()

@@ -947,6 +947,32 @@ def test_verify_and_prepare_install_reject_damaged_and_foreign_checkpoints_and_c
     vault.close()
 
 
+def test_a_checkpoint_whose_rocksdb_wal_exceeds_the_store_s_memtables_is_refused_before_anything_opens_it(
+        tmp_path, monkeypatch):
+    """Opening a database, read-only too, replays every WAL file (`*.log`) into memtables, in memory: a
+    hostile snapshot or backup holding a multi-GB one would run the verifier out of memory (docs/security.md).
+    The store's own checkpoints are flushed first, so their WAL holds next to nothing; one whose WAL files
+    add up to more than the store's memtables (write buffer times write buffers) is refused unopened."""
+    from tokenvault.core import store_files
+    from tokenvault.core.store_layout import MAX_WRITE_BUFFERS, WRITE_BUFFER_BYTES
+
+    directory, index, view = _checkpoint_of(tmp_path, "wal")
+    assert sum(path.stat().st_size for path in directory.glob("*.log")) < 1 << 20, "a real checkpoint's WAL"
+    with open(directory / "999999.log", "wb") as handle:  # sparse: its size is what a replay would read
+        handle.truncate(WRITE_BUFFER_BYTES * MAX_WRITE_BUFFERS + 1)
+    opened = []
+    monkeypatch.setattr(store_files, "open_database", lambda *arguments, **options: opened.append(arguments))
+    vault = VaultStore.open(tmp_path / "store")
+    before = dump(vault)
+    with pytest.raises(SnapshotRejected, match=r"WAL files \(\*\.log\) hold \d+ bytes, more than the 134217728 bytes"):
+        VaultStore.verify_checkpoint(directory, index, view)
+    with pytest.raises(SnapshotRejected, match="WAL files"):
+        vault.prepare_install(directory, index, view)
+    assert opened == [] and dump(vault) == before
+    assert listing(tmp_path / "store") == ["CURRENT", "gen-000001"]
+    vault.close()
+
+
 # Rows verify_checkpoint refuses (above) that the install reads into memory; each is put into a checkpoint that
 # escaped verification, as one verification missed would.
 _MALFORMED_STATE_ROWS = {"api-key": (b"k0123456789abcdef", b"\xc1"), "audit-head": (b"h", b"\xc1")}
@@ -1057,6 +1083,7 @@ _NOT_CHECKED_FOR_DAMAGE = {
     "verify_checkpoint": "a received snapshot, not this store: damage there rejects the snapshot",
     "prepare_install": "a received snapshot", "commit_install": "a received snapshot",
     "abort_install": "a received snapshot", "close": "no read",
+    "wrapped_secrets": "reads through epochs, which is checked",
 }
 
 

@@ -23,7 +23,9 @@ Three parts, the second of them in the client:
   stages and verifies the backup, checks that the master key opens every epoch
   in it, installs the checkpoint as the store's first generation and starts the
   replication log after (index, view). The directory is built next to the
-  target and renamed into place, so a failed restore leaves nothing behind.
+  target and renamed into place, so a failed restore leaves nothing behind;
+  what a killed one (or a killed verification) leaves, the next run in that
+  directory removes (ScratchDirectory).
 
 A backup holds what the node had applied when it was taken: on the primary,
 everything acknowledged before the request started; on a backup node, a
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
 import shutil
 import tempfile
@@ -243,6 +246,97 @@ def _staged_summary(staged: StagedSnapshot, size_bytes: int) -> VerifiedBackup:
                           pending_shred=staged.manifest.pending)
 
 
+SCRATCH_PREFIX = ".tokenvault-restore-"
+BUILDING_INFIX = ".restoring-"
+
+
+class ScratchDirectory:
+    """A new hidden directory under ``parent`` (named ``prefix`` and a random part: a staged backup, a data
+    directory being built), held under an exclusive flock on the directory itself for as long as it is in
+    use.
+
+    A run killed meanwhile (cron's timeout sends SIGTERM, which runs no ``finally``; kill -9; a crash) leaves
+    its directory, which may be as large as the store; the kernel drops the lock with the process. So each
+    ``create`` first removes every directory under ``parent`` named ``prefix``... whose lock it can take:
+    its owner is dead. One in use is never touched. Where the file system has no flock (some network file
+    systems), leftovers stay, as before, and nothing in use is removed.
+    """
+
+    def __init__(self, path: Path, descriptor: int) -> None:
+        self.path = path
+        self._descriptor: int | None = descriptor
+
+    @classmethod
+    def create(cls, parent: Path, prefix: str) -> ScratchDirectory:
+        """Remove the dead leftovers, then make and lock a new directory. Raises OSError."""
+        remove_dead_scratch(parent, prefix)
+        while True:
+            path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+            try:
+                descriptor = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+            except FileNotFoundError:
+                continue  # another run took it for a leftover before it was locked, and removed it
+            try:
+                # Blocks only while another run that took it for a leftover removes it (it is empty).
+                fcntl.flock(descriptor, fcntl.LOCK_EX)
+            except OSError:
+                pass  # no flock on this file system: used unlocked, and no run removes anything as dead here
+            try:
+                if os.path.samestat(os.fstat(descriptor), os.stat(path, follow_symlinks=False)):
+                    return cls(path, descriptor)
+            except FileNotFoundError:
+                pass
+            except BaseException:
+                os.close(descriptor)
+                raise
+            os.close(descriptor)  # removed meanwhile as above: make another
+
+    def remove(self) -> None:
+        """Delete the directory, then release its lock."""
+        if self._descriptor is not None:
+            shutil.rmtree(self.path, ignore_errors=True)
+        self.release()
+
+    def release(self) -> None:
+        """Release the lock, leaving the directory (moved away from its scratch name meanwhile)."""
+        if self._descriptor is not None:
+            os.close(self._descriptor)
+            self._descriptor = None
+
+
+def remove_dead_scratch(parent: Path, prefix: str) -> None:
+    """Delete each directory under ``parent`` named ``prefix``... that no live process holds (ScratchDirectory)."""
+    try:
+        candidates = [entry for entry in parent.iterdir() if entry.name.startswith(prefix)]
+    except OSError:
+        return  # creating the new one then says what is wrong with ``parent``
+    for candidate in candidates:
+        descriptor = _lock_directory(candidate)
+        if descriptor is not None:
+            try:
+                shutil.rmtree(candidate, ignore_errors=True)
+            finally:
+                os.close(descriptor)
+
+
+def _lock_directory(path: Path) -> int | None:
+    """A descriptor of the directory ``path`` holding an exclusive flock on it, taken without waiting, once
+    ``path`` still names that directory; None where another process holds the lock, where ``path`` is no
+    directory, a link, or gone, or where the file system has no flock (then nothing is taken for dead)."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if os.path.samestat(os.fstat(descriptor), os.stat(path, follow_symlinks=False)):
+            return descriptor
+    except OSError:
+        pass
+    os.close(descriptor)
+    return None
+
+
 @contextlib.contextmanager
 def staged_backup(path: Path, scratch_parent: Path) -> Any:
     """Stage and verify the backup file in a temporary directory under ``scratch_parent``; yields the
@@ -251,19 +345,19 @@ def staged_backup(path: Path, scratch_parent: Path) -> Any:
     if not path.is_file():
         raise BackupError(f"backup file {path} does not exist or is not a file")
     try:
-        scratch = Path(tempfile.mkdtemp(prefix=".tokenvault-restore-", dir=scratch_parent))
+        scratch = ScratchDirectory.create(Path(scratch_parent), SCRATCH_PREFIX)
     except OSError as error:
         raise BackupError(f"cannot create a staging directory in {scratch_parent}: {error.strerror}") from None
     try:
         try:
-            staged = stage_file(path, scratch / "staged")
+            staged = stage_file(path, scratch.path / "staged")
         except SnapshotRejected as error:
             raise BackupRefused(f"backup file {path} is refused: {error}") from None
         except OSError as error:
             raise BackupError(f"cannot read backup file {path}: {error.strerror}") from None
         yield staged
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        scratch.remove()
 
 
 def verify_backup_file(path: Path, scratch_parent: Path | None = None) -> VerifiedBackup:
@@ -324,9 +418,10 @@ def install_staged(staged: StagedSnapshot, config: Any, master_key: Any = None, 
         key = master_key if master_key is not None else config.load_master_key()
     except CryptoError as error:
         raise BackupError(f"cannot load the master key of {config.node_id}: {error}") from None
-    building: Path | None = None
+    scratch: ScratchDirectory | None = None
     try:
-        building = Path(tempfile.mkdtemp(prefix=f".{data_dir.name}.restoring-", dir=data_dir.parent))
+        scratch = ScratchDirectory.create(data_dir.parent, f".{data_dir.name}{BUILDING_INFIX}")
+        building = scratch.path
         epochs, token_count = _install_store(building / STORE_DIR_NAME, staged, config, key, consume)
         _start_log_after(building / WAL_DIR_NAME, staged.index, staged.view, config)
         if (pending := staged.manifest.pending) is not None:
@@ -337,11 +432,12 @@ def install_staged(staged: StagedSnapshot, config: Any, master_key: Any = None, 
         fsync_tree(building)
         if data_dir.exists():
             data_dir.rmdir()  # empty, checked above; rename() cannot replace it on every file system
-        os.replace(building, data_dir)
+        os.replace(building, data_dir)  # the lock goes with the directory, which no longer has a scratch name
         fsync_directory(data_dir.parent)
+        scratch.release()
     except BaseException as error:
-        if building is not None:
-            shutil.rmtree(building, ignore_errors=True)
+        if scratch is not None:
+            scratch.remove()
         if isinstance(error, (OSError, WalFatal)):
             reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
             raise BackupError(f"cannot build the data directory of {config.node_id} in {data_dir.parent}: "

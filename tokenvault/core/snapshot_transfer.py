@@ -95,12 +95,18 @@ class SnapshotTransfers:
 
     async def _create_and_offer(self, peer: str, offer: Callable[[str, int, int, int], bool]) -> None:
         started = time.monotonic()
+        offered = False
         try:
-            source = await create_source(self._store_of(), self._outgoing_dir, self._shreds, self._in_thread)
-        except (OSError, ValueError, StoreError) as error:  # StoreError: a closed store, or SnapshotRejected
-            log.error("snapshot.source_failed", peer=peer, reason=_reason(error))
-            self._creating.discard(peer)
-            return  # the core asks again after an election timeout
+            try:
+                source = await create_source(self._store_of(), self._outgoing_dir, self._shreds, self._in_thread)
+            except (OSError, ValueError, StoreError) as error:
+                # StoreError: a closed store, RocksDB's own failure (ENOSPC, EMFILE), or SnapshotRejected
+                log.error("snapshot.source_failed", peer=peer, reason=_reason(error))
+                return  # the core asks again after an election timeout
+            offered = True
+        finally:
+            if not offered:  # failed (even unexpectedly) or cancelled: the next request makes one
+                self._creating.discard(peer)
 
         def offer_in_driver() -> None:
             self._creating.discard(peer)
@@ -249,8 +255,9 @@ class SnapshotTransfers:
 
 
 def _reason(error: BaseException) -> str:
-    """Our own errors carry messages written to be logged; others only by type and errno text."""
-    if isinstance(error, SnapshotRejected):
+    """Our own errors carry messages written to be logged (the store's: RocksDB's status, bounded, no key in
+    it); others only by type and errno text."""
+    if isinstance(error, StoreError):  # SnapshotRejected is one
         return str(error)[:300]
     if isinstance(error, OSError):
         return f"{type(error).__name__}: {error.strerror or 'I/O error'}"

@@ -700,6 +700,7 @@ class VaultStore:
         Returns (applied_index, applied_view) read from the copy itself: applies
         may go on meanwhile. Safe from a worker thread; the memtable is flushed
         first with the GIL released, so the checkpoint's own flush is short.
+        RocksDB's own failures raise StoreError.
         """
         directory = Path(directory)
         if directory.exists() or directory.is_symlink():
@@ -708,8 +709,11 @@ class VaultStore:
             if self._closed:
                 raise StoreError("the store is closed")
             database = self._db
-            database.flush()
-            Checkpoint(database).create_checkpoint(str(directory))
+            try:  # RocksDB's errors (ENOSPC, EMFILE: "IO error: ...") come as a plain Exception
+                database.flush()
+                Checkpoint(database).create_checkpoint(str(directory))
+            except Exception as failure:
+                raise StoreError(f"the checkpoint could not be taken: {reason(failure)}") from None
         options = database_options(Cache(VERIFY_CACHE_BYTES))
         copy, (index, view, _) = open_database(directory, options, StoreError, read_only=True)
         copy.close()

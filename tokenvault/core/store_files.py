@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import stat
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -24,8 +25,8 @@ from rocksdict import Cache, Rdict, WriteBatch, WriteOptions
 
 from protocol import Membership
 from tokenvault.auth import RuntimeKey
-from tokenvault.core.store_layout import (AGE, AGE_END, AGE_HEADER_BYTES, LIFE, LIFE_END, META_KEY, NO_RECORDS,
-                                          VERIFY_CACHE_BYTES, SnapshotRejected, StoreCorruption, StoreError,
+from tokenvault.core.store_layout import (AGE, AGE_END, AGE_HEADER_BYTES, LIFE, LIFE_END, MAX_WRITE_BUFFERS,
+                                          META_KEY, NO_RECORDS, VERIFY_CACHE_BYTES, WRITE_BUFFER_BYTES, SnapshotRejected, StoreCorruption, StoreError,
                                           age_created_at, check_epochs, check_token_count, database_options,
                                           encode_meta, first_key, open_database, read_api_keys, read_audit_anchor,
                                           read_audit_head, read_epochs, read_membership)
@@ -41,6 +42,13 @@ MAX_CURRENT_BYTES = 256
 CREATING_SUFFIX = ".creating"
 GENERATION_PREFIX = "gen-"
 _GENERATION_NAME = re.compile(r"gen-(\d{6,})")
+# The most bytes a checkpoint's RocksDB WAL files (``*.log``) may hold, together. Opening a database, even
+# read-only, replays every WAL file into memtables, in memory; a received checkpoint (a snapshot, a backup
+# file) is refused above this before anything opens it. The store's own checkpoints hold far less: the
+# memtable is flushed first (VaultStore.create_checkpoint, then RocksDB's Checkpoint again just before it
+# copies the live WAL file), so their WAL holds only what was applied in between, never more than the
+# memtables the store itself keeps (its write buffer times its write buffers).
+MAX_CHECKPOINT_WAL_BYTES = WRITE_BUFFER_BYTES * MAX_WRITE_BUFFERS
 
 # A test hook: called after each step of an install (and of the CURRENT switch)
 # so a test can stop the install there, as a crash would.
@@ -206,6 +214,7 @@ def verify_checkpoint(directory: Path, index: int, view: int) -> None:
     """
     if type(index) is not int or type(view) is not int or index < 0 or view < 0:
         raise SnapshotRejected("checkpoint index and view must be non-negative integers")
+    check_checkpoint_wal(Path(directory))
     try:
         options = database_options(Cache(VERIFY_CACHE_BYTES))
         database, (meta_index, meta_view, token_count) = open_database(
@@ -225,6 +234,25 @@ def verify_checkpoint(directory: Path, index: int, view: int) -> None:
         raise SnapshotRejected("checkpoint is damaged") from None
     finally:
         database.close()
+
+
+def check_checkpoint_wal(directory: Path) -> None:
+    """Refuse (SnapshotRejected) a checkpoint whose WAL files hold more than MAX_CHECKPOINT_WAL_BYTES
+    together, or one that is no regular file: an open would replay them all into memory. Opens nothing."""
+    total = 0
+    for name in wal_file_names(directory):
+        try:
+            status = os.lstat(directory / name)
+        except OSError:
+            continue  # the open says what is wrong
+        if not stat.S_ISREG(status.st_mode):
+            raise SnapshotRejected(f"checkpoint WAL file {name[:64]} is not a regular file")
+        total += status.st_size
+    if total > MAX_CHECKPOINT_WAL_BYTES:
+        raise SnapshotRejected(
+            f"checkpoint's RocksDB WAL files (*.log) hold {total} bytes, more than the {MAX_CHECKPOINT_WAL_BYTES} "
+            f"bytes ({MAX_CHECKPOINT_WAL_BYTES >> 20} MiB: the store's write buffer times its write buffers) "
+            f"a checkpoint may hold; not opened, as an open would replay them into memory")
 
 
 # ---------------------------------------------------------------- installs

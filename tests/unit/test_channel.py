@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import struct
 import tracemalloc
@@ -13,14 +14,15 @@ import msgpack
 import pytest
 
 from tokenvault import auth
-from tokenvault.api.channel import (MAX_CONTAINER_ITEMS, MAX_FRAME_ELEMENTS, Channel, ChannelClosed, decode_message,
-                                    max_frame_bytes)
+from node_support import RunningNode, wait_until
+from tokenvault.api.channel import (MAX_CONTAINER_ITEMS, MAX_FRAME_ELEMENTS, Channel, ChannelClosed, current_call,
+                                    decode_message, max_frame_bytes)
 from tokenvault.api.core_calls import CoreCalls, merge_expositions
 from tokenvault.api.http import HttpLimits
-from tokenvault.api.remote import RemoteService, _decode_epoch_keys, decode_key_rows
+from tokenvault.api.remote import EPOCH_TOPIC, RemoteService, _decode_epoch_keys, decode_key_rows
 from tokenvault.crypto.keys import EpochKeys, new_epoch_secret
 from tokenvault.config import HttpConfig, LimitsConfig, RateLimitsConfig
-from tokenvault.errors import IdempotencyMismatch, InvalidRequest, Outcome, RateLimited, Unavailable
+from tokenvault.errors import IdempotencyMismatch, InvalidRequest, Outcome, PayloadTooLarge, RateLimited, Unavailable
 from tokenvault.metrics import Metrics
 
 FRAME_BYTES = 64 * 1024
@@ -304,3 +306,138 @@ def test_the_largest_legitimate_frames_decode_and_a_container_past_the_bound_is_
     for past in ([0] * (items + 1), {str(number): 0 for number in range(items + 1)}):
         with pytest.raises(ValueError):
             decode_message(msgpack.packb([1, 1, False, past]))
+
+
+# --------------------------------------------------------------------------- frame bound, pushes
+
+
+async def test_plain_tokenizes_merged_in_one_turn_keep_within_the_channel_frame_bound() -> None:
+    """Each request fits a channel frame; the worker's merger starts a new call when the next request would
+    take its call past the frame bound (not only past max_items), so none of them fails for being merged."""
+    frame = 2 * 16 * 1024 + 64 * 1024  # a small bound: 10 requests of 12 KB sealed take about 240 KB
+    keys = EpochKeys(1, new_epoch_secret())
+    token_key, data_key = keys.derived_keys()
+    sizes: list[int] = []
+
+    async def tokenize_sealed(arguments: dict[str, Any]) -> Any:
+        sizes.append(len(msgpack.packb(arguments, use_bin_type=True)))
+        return Outcome(200, json.dumps({"epoch": 1, "tokens": [t for t, _ in arguments["items"]]}).encode(), False)
+
+    core_socket, worker_socket = socket.socketpair()
+    core_reader, core_writer = await asyncio.open_unix_connection(sock=core_socket)
+    worker_reader, worker_writer = await asyncio.open_unix_connection(sock=worker_socket)
+    service = RemoteService("n1", max_items=1000)
+    core = Channel(core_reader, core_writer, handlers={"tokenize_sealed": tokenize_sealed}, max_frame_bytes=frame,
+                   name="core").start()
+    worker = Channel(worker_reader, worker_writer, handlers={}, on_push=service.on_push, max_frame_bytes=frame,
+                     name="worker").start()
+    service.channel = worker
+    core.push(EPOCH_TOPIC, {"epoch": 1, "token_key": token_key, "data_key": data_key, "format_key": None,
+                            "readable": []})
+    await asyncio.sleep(0.05)
+    requests = [[f"{i}{j}".ljust(4000, "x") for j in range(3)] for i in range(10)]
+    try:
+        results = await asyncio.gather(*(service.tokenize("p", values, None) for values in requests),
+                                       return_exceptions=True)
+        assert not [result for result in results if isinstance(result, BaseException)], results
+        assert 1 < service.merger.calls < 10 and max(sizes) <= frame
+    finally:
+        await core.close()
+        await worker.close()
+
+
+async def test_a_detokenize_answer_larger_than_the_old_frame_bound_is_answered_through_a_worker(
+        single: RunningNode) -> None:
+    """The frame bound covers the largest answer of the limits, not only twice the body: with [limits]
+    max_body_bytes = 16 KiB, 30 values of 4,000 bytes written by small requests are read back in one
+    detokenize through a worker, as the core alone answers them."""
+    frame = max_frame_bytes(16 * 1024, max_items=1000, max_value_bytes=4096)
+    values = [f"{i}".ljust(4000, "v") for i in range(30)]
+    tokens: list[str] = []
+    for start in range(0, 30, 3):  # requests of 12 KB each: within a 16 KiB body
+        outcome = await single.service.tokenize("p", values[start:start + 3], None)
+        tokens += json.loads(outcome.body)["tokens"]
+    calls = CoreCalls(single.service, single.node.metrics, lambda: [], max_backup_streams=1)
+    core_socket, worker_socket = socket.socketpair()
+    core_reader, core_writer = await asyncio.open_unix_connection(sock=core_socket)
+    worker_reader, worker_writer = await asyncio.open_unix_connection(sock=worker_socket)
+    core = Channel(core_reader, core_writer, handlers=calls.handlers, max_frame_bytes=frame, name="core").start()
+    worker = Channel(worker_reader, worker_writer, handlers={}, max_frame_bytes=frame, name="worker").start()
+    try:
+        assert await RemoteService(single.node_id, worker).detokenize(tokens) == values
+    finally:
+        await core.close()
+        await worker.close()
+
+
+async def test_an_answer_over_the_frame_bound_is_a_503_and_a_call_over_it_a_413() -> None:
+    async def big(arguments: dict[str, Any]) -> Any:
+        return b"x" * FRAME_BYTES
+
+    core, worker = await pair({"big": big})
+    try:
+        with pytest.raises(Unavailable) as answered:
+            await asyncio.wait_for(worker.call("big", {}), 5)
+        assert answered.value.status == 503
+        with pytest.raises(PayloadTooLarge):
+            await worker.call("big", {"x": b"x" * FRAME_BYTES})
+    finally:
+        await core.close()
+        await worker.close()
+
+
+async def test_pushes_to_a_worker_that_stopped_reading_are_bounded_and_the_newest_arrives_in_order() -> None:
+    """A stuck worker (SIGSTOP, a loop held by a long catch-up) gets 200 key-table pushes of 200 KB: the
+    core buffers about HOLD_BACK_BYTES and one held push a topic, not 40 MB; once the worker reads again
+    it gets the newest table, and an answer sent after a push never arrives before it."""
+    core_socket, worker_socket = socket.socketpair()
+    core_reader, core_writer = await asyncio.open_unix_connection(sock=core_socket)
+
+    async def answer(arguments: dict[str, Any]) -> Any:
+        return "answered"
+
+    core = Channel(core_reader, core_writer, handlers={"answer": answer}, max_frame_bytes=max_frame_bytes(8 << 20),
+                   name="core").start()
+    row = ["k" * 16, "name", ["tokenize"], b"s" * 16, b"d" * 32, 0, "admin"]
+    for number in range(200):  # 200 key changes while the worker is stuck
+        core.push("keys", [row] * 2000 + [[str(number)]])
+        await asyncio.sleep(0)
+    buffered = core_writer.transport.get_write_buffer_size() + sum(map(len, core._outgoing))
+    assert buffered < 4 * 1024 * 1024, f"{buffered} bytes buffered for one stuck worker"
+    seen: list[Any] = []
+    worker_reader, worker_writer = await asyncio.open_unix_connection(sock=worker_socket)
+    worker = Channel(worker_reader, worker_writer, handlers={}, on_push=lambda topic, table: seen.append(table[-1]),
+                     max_frame_bytes=max_frame_bytes(8 << 20), name="worker").start()
+    try:
+        assert await asyncio.wait_for(worker.call("answer", {}), 5) == "answered"
+        assert seen[-1] == ["199"] and len(seen) < 20  # the newest, before the answer; the held ones merged
+    finally:
+        await core.close()
+        await worker.close()
+
+
+async def test_a_handler_knows_its_call_and_learns_when_its_caller_gave_it_up() -> None:
+    gate = asyncio.Event()
+    served: list[Any] = []
+
+    async def slow(arguments: dict[str, Any]) -> Any:
+        call = current_call()
+        served.append(call)
+        await gate.wait()
+        return None
+
+    core, worker = await pair({"slow": slow})
+    try:
+        asking = asyncio.create_task(worker.call("slow", {}))
+        await wait_until(lambda: served, 5.0, "the call to be served")
+        assert served[0].channel is core and not served[0].caller_gone
+        asking.cancel()
+        await asyncio.gather(asking, return_exceptions=True)
+        await wait_until(lambda: served[0].abandoned, 5.0, "the core to hear the call was given up")
+        gate.set()
+        closed: list[bool] = []
+        core.on_close(lambda: closed.append(True))
+    finally:
+        await worker.close()
+        await core.close()
+    assert closed == [True]

@@ -14,10 +14,11 @@ import pytest
 from node_support import free_ports, wait_until
 from tokenvault.api import workers as workers_module
 from tokenvault.api.workers import WorkerPool, WorkerStartError
+from tokenvault.config import LimitsConfig
 
 
 def pool(port: int, count: int = 3) -> WorkerPool:
-    calls: Any = SimpleNamespace(handlers={})
+    calls: Any = SimpleNamespace(handlers={}, limits=LimitsConfig())
     return WorkerPool(Path("node.toml"), count, calls, max_body_bytes=1024, host="127.0.0.1", port=port)
 
 
@@ -162,7 +163,8 @@ def faked_pool(monkeypatch: pytest.MonkeyPatch, count: int) -> tuple[WorkerPool,
     monkeypatch.setattr(workers_module, "asyncio", fake_asyncio)
     monkeypatch.setattr(workers_module, "time", SimpleNamespace(monotonic=clock))
     monkeypatch.setattr(workers_module, "Channel", _FakeChannel)
-    calls: Any = SimpleNamespace(handlers={}, api_key_rows=lambda: [], active_epoch_keys=lambda: [])
+    calls: Any = SimpleNamespace(handlers={}, api_key_rows=lambda: [], active_epoch_keys=lambda: [],
+                                 limits=LimitsConfig())
     return WorkerPool(Path("node.toml"), count, calls, max_body_bytes=1024, host="127.0.0.1", port=0), fake_asyncio
 
 
@@ -257,3 +259,61 @@ async def test_a_worker_killed_during_the_start_is_started_again_and_the_start_c
         assert workers.pids() == [fake_asyncio.processes[2].pid, fake_asyncio.processes[1].pid]
     finally:
         await workers.close(grace_seconds=1.0)
+
+
+@pytest.mark.parametrize("failure", [
+    ("create_subprocess_exec", BlockingIOError(11, "Resource temporarily unavailable")),  # EAGAIN: no process
+    ("create_subprocess_exec", OSError(12, "Cannot allocate memory")),  # ENOMEM
+    ("socketpair", OSError(24, "Too many open files")),  # EMFILE: no channel
+], ids=["fork-eagain", "fork-enomem", "socketpair-emfile"])
+async def test_a_restart_whose_fork_fails_once_is_tried_again_and_the_slot_is_not_lost(
+        monkeypatch: pytest.MonkeyPatch, failure: tuple[str, OSError]) -> None:
+    """A worker dies and its successor's start fails once for want of a process, memory or a descriptor:
+    the start is tried again after the back-off (worker.restart_failed) and the slot gets its worker;
+    the supervisor does not end, leaving the node one worker short (none, with W = 1)."""
+    workers, fake_asyncio = faked_pool(monkeypatch, 1)
+    monkeypatch.setattr(workers, "_listen", socket.socket)
+    slot = workers._slots[0]
+    await workers._spawn(slot)
+    supervisor = asyncio.get_running_loop().create_task(workers._supervise(slot))
+    where, error = failure
+    failures = [error]
+    opened: list[socket.socket] = []
+    if where == "socketpair":
+        real_socketpair = socket.socketpair
+
+        def socketpair_failing_once(*args: Any) -> tuple[socket.socket, socket.socket]:
+            if failures:
+                raise failures.pop()
+            pair = real_socketpair(*args)
+            opened.extend(pair)
+            return pair
+
+        monkeypatch.setattr(workers_module.socket, "socketpair", socketpair_failing_once)
+    else:
+        real_exec = fake_asyncio.create_subprocess_exec
+        real_socketpair = socket.socketpair
+
+        def socketpair_recorded(*args: Any) -> tuple[socket.socket, socket.socket]:
+            pair = real_socketpair(*args)
+            opened.extend(pair)
+            return pair
+
+        async def exec_failing_once(*args: Any, **kwargs: Any) -> Any:
+            if failures:
+                raise failures.pop()
+            return await real_exec(*args, **kwargs)
+
+        monkeypatch.setattr(workers_module.socket, "socketpair", socketpair_recorded)
+        monkeypatch.setattr(fake_asyncio, "create_subprocess_exec", exec_failing_once, raising=False)
+    try:
+        fake_asyncio.processes[-1].exit(1)
+        await wait_until(lambda: len(fake_asyncio.processes) == 2 or supervisor.done(), 5.0,
+                         "a successor, or the supervisor's end")
+        assert not supervisor.done(), f"the supervisor ended: {supervisor.exception()!r}"
+        assert slot.process is fake_asyncio.processes[-1] and slot.process.returncode is None
+        assert fake_asyncio.sleeps == [0.1, 0.5]  # the failed start counts as one more in the row
+        assert all(sock.fileno() == -1 for sock in opened)  # the failed try's channel ends are closed too
+    finally:
+        await workers.close(grace_seconds=1.0)
+        await asyncio.gather(supervisor, return_exceptions=True)

@@ -7,8 +7,11 @@ hostile: each frame is bounded before it is buffered and every call's
 arguments are checked before the service sees them (tokenvault.api.core_calls).
 
 Frames: a 4-byte big-endian length, then one msgpack array, at most
-``max_frame_bytes`` (the node's body limit twice over, plus room for headers),
-decoded with bounds on every container and on the whole (``decode_message``).
+``max_frame_bytes``: the largest legitimate message of the node's limits (a
+request of ``max_body_bytes`` sealed, with a token and a metadata ciphertext an
+item; an answer of ``max_items`` values with their metadata; never less than
+the default limits give, which covers the pages and tables that do not grow
+with them), decoded with bounds on every container and on the whole (``decode_message``).
 Four kinds of message:
 
 - ``[CALL, id, method, arguments]``: either side asks (a worker calls the
@@ -20,16 +23,33 @@ Four kinds of message:
   so a worker answers exactly what the single process would have answered.
 - ``[PUSH, topic, payload]``: one-way news, core to worker (the runtime key
   table after every change, so a revoked key is refused by every worker).
+- ``[CANCEL, id]``: the caller gave up on call ``id`` (its request was
+  cancelled: the client hung up, a timeout). The handler is not interrupted
+  (the core finishes or drops the operation as for a client that hung up);
+  it can see that its caller is gone (``current_call().abandoned``) and undo
+  what nobody will use, as a backup stream opened for a gone request.
+
+A handler runs knowing which channel and call it serves (``current_call``),
+and a side can ask to be told when a channel closes (``on_close``): the core
+ties what a worker holds open (its backup streams) to the worker's channel.
 
 A channel that closes fails every call waiting on it with ``ChannelClosed``. Calls
 wait for the socket to drain before they finish, and at most MAX_CONCURRENT_CALLS
 are served at once, so a side that stops reading makes the other one wait, never
-buffer without bound.
+buffer without bound. Pushes do not wait: once more than HOLD_BACK_BYTES wait in
+the socket's buffer, every frame is held back, in order, until it drains, and a
+push of a topic whose previous push is still held takes that push's place. Each
+push carries the whole state of its topic (the key table, the active epoch's
+keys) or a signal that is the same twice (catch up, reload TLS), so a worker
+that stopped reading gets at most one push a topic, newest, and still never
+reads an answer before a push that preceded it (a worker decrypts with the keys
+of the last push before an answer: tokenvault.api.remote).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import itertools
 import struct
 from collections.abc import Awaitable, Callable, Mapping
@@ -38,8 +58,9 @@ from typing import Any
 import msgpack
 
 from protocol.codec import unpack_bounded
-from tokenvault.core.commands import MAX_ITEMS
-from tokenvault.errors import InvalidRequest, Outcome, ServiceError, Unavailable, error_from_problem
+from tokenvault.core.commands import MAX_ITEMS, MAX_METADATA_CIPHERTEXT_BYTES, MAX_TOKEN_CHARS
+from tokenvault.errors import (InvalidRequest, Outcome, PayloadTooLarge, ServiceError, Unavailable,
+                               error_from_problem)
 from tokenvault.logs import get_logger
 
 log = get_logger("channel")
@@ -48,10 +69,23 @@ CALL = 0
 REPLY = 1
 FAIL = 2
 PUSH = 3
+CANCEL = 4
 
 _LENGTH = struct.Struct(">I")
 # What a frame may hold beyond a request body: headers of the call and the answer's JSON framing.
 FRAME_OVERHEAD_BYTES = 64 * 1024
+# What one item adds to a message beyond its value: its token (twice in a retokenize's answer), a metadata
+# ciphertext or document, and msgpack's headers.
+ITEM_OVERHEAD_BYTES = 2 * MAX_TOKEN_CHARS + MAX_METADATA_CIPHERTEXT_BYTES + 32
+# The bound is never below what the default limits (8 MiB bodies) give: the messages that do not grow with
+# the limits fit in it (a read_points call of MAX_CONCURRENT_CALLS points of at most about 1 KiB, an audit
+# page, the key table of at most 1,000 keys, the epoch list, the metrics exposition).
+MIN_FRAME_BYTES = 2 * 8 * 1024 * 1024
+# The limits' defaults (tokenvault.config.LimitsConfig), for a caller that gives only the body bound.
+DEFAULT_MAX_ITEMS = 1000
+DEFAULT_MAX_VALUE_BYTES = 4096
+# Past this many bytes in the socket's write buffer, frames are held back (and pushes coalesced) until it drains.
+HOLD_BACK_BYTES = 1024 * 1024
 # Calls one side runs at once for the other; beyond it a call is refused with 503 at once.
 MAX_CONCURRENT_CALLS = 4096
 # The problem type of a failure that is no ServiceError of this project (a bug): answered as 503.
@@ -80,13 +114,58 @@ class UnencodableMessage(InvalidRequest):
     """A message msgpack cannot encode: 400 for a call's arguments; for an answer, the caller gets 503."""
 
 
+class MessageTooLarge(PayloadTooLarge):
+    """A message over the channel's frame bound: 413 for a call's arguments (the request is too large for
+    the node to carry to its core); an answer over it is answered 503 instead."""
+
+
 class ChannelProtocolError(Exception):
     """The other side sent a frame out of shape or over the bound; the channel is closed."""
 
 
-def max_frame_bytes(max_body_bytes: int) -> int:
-    """The frame bound for a node whose requests carry at most ``max_body_bytes``."""
-    return 2 * max_body_bytes + FRAME_OVERHEAD_BYTES
+def max_frame_bytes(max_body_bytes: int, max_items: int = DEFAULT_MAX_ITEMS,
+                    max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES) -> int:
+    """The frame bound of a node with these limits (``[limits]``): its largest request, a body of
+    ``max_body_bytes`` with its values sealed (twice the body) and a token and metadata ciphertext an item;
+    its largest answer, ``max_items`` values of ``max_value_bytes`` with their tokens and metadata; and at
+    least MIN_FRAME_BYTES. Both ends of a channel must use the same limits. A worker's merged calls keep
+    within it (tokenvault.api.merge); a message still over it is refused with 413 (a call) or 503 (an
+    answer), never sent."""
+    request = 2 * max_body_bytes + max_items * ITEM_OVERHEAD_BYTES
+    answer = max_items * (max_value_bytes + ITEM_OVERHEAD_BYTES)
+    return max(request, answer, MIN_FRAME_BYTES) + FRAME_OVERHEAD_BYTES
+
+
+class ServedCall:
+    """A call this side is answering: the channel it came on, and whether its caller gave up on it."""
+
+    __slots__ = ("channel", "call_id", "abandoned")
+
+    def __init__(self, channel: Channel, call_id: int) -> None:
+        self.channel = channel
+        self.call_id = call_id
+        self.abandoned = False
+
+    @property
+    def caller_gone(self) -> bool:
+        """The caller will never use the answer: it cancelled the call, or its channel closed."""
+        return self.abandoned or self.channel.closed.is_set()
+
+    def on_abandon(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` if the caller gives this call up, even after it was answered (its CANCEL may
+        cross the answer); kept until ``forget_abandon`` or the channel closes."""
+        self.channel._abandon_callbacks[self.call_id] = callback
+
+    def forget_abandon(self) -> None:
+        self.channel._abandon_callbacks.pop(self.call_id, None)
+
+
+_CURRENT_CALL: contextvars.ContextVar[ServedCall | None] = contextvars.ContextVar("channel_call", default=None)
+
+
+def current_call() -> ServedCall | None:
+    """The channel call the running handler serves (None outside a channel's handler)."""
+    return _CURRENT_CALL.get()
 
 
 class Channel:
@@ -104,19 +183,29 @@ class Channel:
         self._ids = itertools.count(1)
         self._waiting: dict[int, asyncio.Future[Any]] = {}
         self._serving: set[asyncio.Task[None]] = set()
+        self._served: dict[int, ServedCall] = {}
+        self._abandon_callbacks: dict[int, Callable[[], None]] = {}  # ServedCall.on_abandon
+        self._close_callbacks: list[Callable[[], None]] = []
         self.closed = asyncio.Event()
         self._run_task: asyncio.Task[None] | None = None
         # Frames sent in one turn of the event loop go out in one write at its end (_flush): under load
         # the core answers many calls a turn, and a write is a system call.
         self._outgoing: list[bytes] = []
         self._flush_scheduled = False
+        # Where in _outgoing the unwritten push of each topic is: a newer push of the topic replaces it.
+        self._held_pushes: dict[str, int] = {}
+        self._drainer: asyncio.Task[None] | None = None
+
+    @property
+    def max_frame_bytes(self) -> int:
+        return self._max_frame_bytes
 
     def start(self) -> Channel:
         self._run_task = asyncio.get_running_loop().create_task(self._run(), name=f"channel-{self.name}")
         return self
 
     # ------------------------------------------------------------------ sending
-    def _send(self, message: list[Any]) -> None:
+    def _send(self, message: list[Any], push_topic: str | None = None) -> None:
         try:
             frame = msgpack.packb(message, use_bin_type=True)
         except (OverflowError, TypeError, ValueError):
@@ -125,38 +214,81 @@ class Channel:
             raise UnencodableMessage("the request holds a value the node cannot carry (an integer out of "
                                      "range?)") from None
         if len(frame) > self._max_frame_bytes:
-            raise ServiceError(f"a channel message of {len(frame)} bytes is over the {self._max_frame_bytes}-byte "
-                               "bound")
+            raise MessageTooLarge(f"the request needs a message of {len(frame)} bytes between the node's "
+                                  f"processes, over their {self._max_frame_bytes}-byte bound; send fewer or "
+                                  "smaller items")
         if self.closed.is_set() or self._writer.is_closing():
             raise ChannelClosed("the node's core process is not reachable; the request had no effect here, retry")
-        self._outgoing.append(_LENGTH.pack(len(frame)) + frame)
+        framed = _LENGTH.pack(len(frame)) + frame
+        if push_topic is not None:
+            held = self._held_pushes.get(push_topic)
+            if held is not None:
+                # The newest state takes the older push's place: every frame after that place still reads
+                # at least the state that preceded it.
+                self._outgoing[held] = framed
+                return
+            self._held_pushes[push_topic] = len(self._outgoing)
+        self._outgoing.append(framed)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
 
-    def _flush(self) -> None:
-        """Write every frame sent since the last flush, in order, at once."""
+    def _flush(self, force: bool = False) -> None:
+        """Write every frame sent since the last flush, in order, at once; hold them all while more than
+        HOLD_BACK_BYTES wait in the socket's buffer (the other side is not reading), until it drains."""
         self._flush_scheduled = False
+        if not self._outgoing or self._writer.is_closing():
+            return
+        if not force and self._writer.transport.get_write_buffer_size() > HOLD_BACK_BYTES:
+            if self._drainer is None and not self.closed.is_set():
+                self._drainer = asyncio.get_running_loop().create_task(self._flush_when_drained())
+            return
         frames, self._outgoing = self._outgoing, []
-        if frames and not self._writer.is_closing():
-            self._writer.write(b"".join(frames))
+        self._held_pushes.clear()
+        self._writer.write(b"".join(frames))
+
+    async def _flush_when_drained(self) -> None:
+        try:
+            await self._writer.drain()
+            if self._writer.transport.get_write_buffer_size() > HOLD_BACK_BYTES:
+                await asyncio.sleep(0.01)  # a transport that does not pause: look again shortly
+        except (ConnectionError, RuntimeError):
+            self._close_now()
+            return
+        finally:
+            self._drainer = None
+        self._flush()
 
     async def call(self, method: str, arguments: dict[str, Any]) -> Any:
         """Ask the other side to run ``method``; its result, or the ServiceError it raised."""
         call_id = next(self._ids)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._waiting[call_id] = future
+        sent = False
         try:
             self._send([CALL, call_id, method, arguments])
+            sent = True
             await self._writer.drain()
             return await future
         except (ConnectionError, RuntimeError):
             raise ChannelClosed("the node's core process is not reachable; retry") from None
+        except asyncio.CancelledError:
+            if sent:  # its answer, come or to come, is lost: the other side may undo what it did for it
+                self._tell_cancelled(call_id)
+            raise
         finally:
             self._waiting.pop(call_id, None)
 
+    def _tell_cancelled(self, call_id: int) -> None:
+        """Tell the other side this side no longer waits for call ``call_id``'s answer."""
+        try:
+            self._send([CANCEL, call_id])
+        except ServiceError:
+            pass  # closed: the other side sees the channel close instead
+
     def push(self, topic: str, payload: Any) -> None:
-        self._send([PUSH, topic, payload])
+        """Send the whole state of ``topic`` (or a signal); never waits: see the module's docstring."""
+        self._send([PUSH, topic, payload], push_topic=topic)
 
     # ------------------------------------------------------------------ receiving
     async def _run(self) -> None:
@@ -193,6 +325,13 @@ class Channel:
         elif kind == PUSH and len(message) == 3 and isinstance(message[1], str):
             if self._on_push is not None:
                 self._on_push(message[1], message[2])
+        elif kind == CANCEL and len(message) == 2 and isinstance(message[1], int):
+            served = self._served.get(message[1])
+            if served is not None:
+                served.abandoned = True
+            abandon = self._abandon_callbacks.pop(message[1], None)
+            if abandon is not None:
+                abandon()
         else:
             raise ChannelProtocolError("a message of unknown kind or shape")
 
@@ -202,9 +341,18 @@ class Channel:
             reason = "unknown call" if handler is None else "too many calls at once"
             self._reply_failure(call_id, Unavailable(f"the core refused a channel call ({reason})"))
             return
-        task = asyncio.get_running_loop().create_task(self._answer(call_id, handler, arguments))
+        served = ServedCall(self, call_id)
+        self._served[call_id] = served
+        context = contextvars.copy_context()
+        context.run(_CURRENT_CALL.set, served)
+        task = asyncio.get_running_loop().create_task(self._answer(call_id, handler, arguments), context=context)
         self._serving.add(task)
-        task.add_done_callback(self._serving.discard)
+
+        def done(finished: asyncio.Task[None]) -> None:
+            self._serving.discard(finished)
+            self._served.pop(call_id, None)
+
+        task.add_done_callback(done)
 
     async def _answer(self, call_id: int, handler: Handler, arguments: dict[str, Any]) -> None:
         try:
@@ -224,6 +372,10 @@ class Channel:
         except UnencodableMessage:
             log.error("channel.answer_unencodable", channel=self.name)
             self._reply_failure(call_id, Unavailable("the node could not encode its answer; retry"))
+        except MessageTooLarge:
+            log.error("channel.answer_too_large", channel=self.name)
+            self._reply_failure(call_id, Unavailable("the answer is larger than the node's processes carry "
+                                                     "between them; ask for fewer items at a time"))
         except ServiceError as error:
             self._reply_failure(call_id, error)
         try:
@@ -239,6 +391,13 @@ class Channel:
             pass  # the channel is closed: the caller's side fails the call itself
 
     # ------------------------------------------------------------------ closing
+    def on_close(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once when this channel closes (at once if it is closed already)."""
+        if self.closed.is_set():
+            callback()
+        else:
+            self._close_callbacks.append(callback)
+
     def _close_now(self) -> None:
         if self.closed.is_set():
             return
@@ -250,8 +409,17 @@ class Channel:
                                                    "with an Idempotency-Key"))
         for task in self._serving:
             task.cancel()
-        self._flush()  # what was answered before the close still goes out
+        if self._drainer is not None:
+            self._drainer.cancel()
+        self._flush(force=True)  # what was answered before the close still goes out
         self._writer.close()
+        self._abandon_callbacks.clear()
+        callbacks, self._close_callbacks = self._close_callbacks, []
+        for callback in callbacks:
+            try:
+                callback()
+            except Exception as error:  # a bug in a callback must not stop the others
+                log.error("channel.close_callback_failed", channel=self.name, error_type=type(error).__name__)
 
     async def close(self) -> None:
         self._close_now()

@@ -6,6 +6,13 @@ is the node's own process, but what it passes on is still a client's request),
 then the service runs as it would for the single process. Backups stream
 through ``backup.open`` / ``backup.read`` / ``backup.close``; ``metrics`` answers
 the whole node's exposition, the core's registry and every worker's together.
+
+A backup stream belongs to the channel that opened it: only that channel reads
+or closes it, and it is closed when that channel closes (its worker died or was
+restarted) or, when the open finishes after its caller gave up (the client hung
+up while the checkpoint was taken), at once. The node's bound on streams
+(``max_backup_streams``) counts the streams being opened as well as those open,
+so two workers opening at once cannot both pass it.
 """
 
 from __future__ import annotations
@@ -21,15 +28,16 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.samples import Sample
 
-from tokenvault.api.channel import MAX_CONCURRENT_CALLS, Channel
+from tokenvault.api.channel import MAX_CONCURRENT_CALLS, Channel, ServedCall, current_call
 from tokenvault.api.service import (NodeService, _actor, _optional_idempotency_key, _principal, _strings)
 from tokenvault.api.validation import (SEALED_TOKENIZE_MEMBERS, require_item_list, validate_epoch,
                                        validate_lookup_epoch, validate_lookup_tokens,
                                        validate_sealed_tokenize, validate_tokens, validate_values)
+from tokenvault.config import LimitsConfig
 from tokenvault.core.backup import BackupBusy, BackupStream
 from tokenvault.core.commands import AUDIT_HASH_BYTES, Actor, CommandError
 from tokenvault.core.store_layout import MAX_TOKEN_PAGE
-from tokenvault.errors import InvalidRequest, NotFound, Overloaded, ServiceError
+from tokenvault.errors import InvalidRequest, NotFound, Overloaded, ServiceError, Unavailable
 from tokenvault.metrics import METRICS_MAX_AGE_SECONDS, Metrics, RecentRender
 
 # How long the core waits for one worker's metrics before it renders the node's without them.
@@ -71,8 +79,17 @@ class CoreCalls:
         self._read_points_in_flight = 0
         self._limits = service.node.config.limits
         self._max_backup_streams = max_backup_streams
-        self._backups: dict[int, BackupStream] = {}
+        # Each open stream with the call that opened it (its channel; None: a handler called outside one).
+        self._backups: dict[int, tuple[BackupStream, ServedCall | None]] = {}
+        self._backups_opening = 0  # opens under way: they hold a place under max_backup_streams
         self._backup_ids = itertools.count(1)
+        self._watched_channels: set[Channel] = set()  # channels whose close closes their streams
+        self._closing_streams: set[asyncio.Task[None]] = set()
+
+    @property
+    def limits(self) -> LimitsConfig:
+        """The node's [limits], which bound the channel's frames (tokenvault.api.channel.max_frame_bytes)."""
+        return self._limits
 
     @property
     def handlers(self) -> dict[str, Handler]:
@@ -281,33 +298,85 @@ class CoreCalls:
     # ------------------------------------------------------------------ backups
     async def _backup_open(self, arguments: dict[str, Any]) -> Any:
         _members(arguments, ())
-        if len(self._backups) >= self._max_backup_streams:
+        if len(self._backups) + self._backups_opening >= self._max_backup_streams:
             raise BackupBusy(self._max_backup_streams)  # 503 backup-busy, Retry-After 5, as on a one-process node
-        stream = await self._service.open_backup()
+        call = current_call()
+        # The place is held from before the checkpoint is taken to the stream's registration (or failure).
+        self._backups_opening += 1
+        try:
+            # Cancelled (the channel closed while the checkpoint was taken), BackupStream.open removes it.
+            stream = await self._service.open_backup()
+        finally:
+            self._backups_opening -= 1
+        if call is not None and call.caller_gone:
+            # Nobody will read or close it: the request was cancelled or the worker went away meanwhile.
+            self._close_stream_later(stream)
+            raise Unavailable("the backup request went away while its checkpoint was taken")
         stream_id = next(self._backup_ids)
-        self._backups[stream_id] = stream
+        self._backups[stream_id] = (stream, call)
+        if call is not None:
+            # A cancel that crosses this answer: the worker never learns the stream's id, so never closes it.
+            call.on_abandon(lambda: self._drop_stream(stream_id))
+            channel = call.channel
+            if channel not in self._watched_channels:
+                self._watched_channels.add(channel)
+                channel.on_close(lambda: self._close_backups_of(channel))
         return {"id": stream_id, "index": stream.index, "view": stream.view, "total_bytes": stream.total_bytes}
+
+    def _own_stream(self, stream_id: object) -> BackupStream:
+        """The open stream ``stream_id`` of the calling channel; NotFound for another channel's."""
+        entry = self._backups.get(stream_id) if type(stream_id) is int else None
+        call = current_call()
+        if entry is None or (call is not None and (entry[1] is None or entry[1].channel is not call.channel)):
+            raise NotFound("no such backup stream")
+        return entry[0]
 
     async def _backup_read(self, arguments: dict[str, Any]) -> Any:
         _members(arguments, ("id", "offset", "length"))
-        stream = self._backups.get(arguments["id"])
-        if stream is None:
-            raise NotFound("no such backup stream")
+        stream = self._own_stream(arguments["id"])
         offset = _int(arguments["offset"], "offset", 0, stream.total_bytes)
         length = _int(arguments["length"], "length", 1, MAX_CHUNK_BYTES)
         return await stream.read(offset, min(length, stream.total_bytes - offset))
 
     async def _backup_close(self, arguments: dict[str, Any]) -> Any:
         _members(arguments, ("id",))
-        stream = self._backups.pop(arguments["id"], None)
-        if stream is not None:
-            await stream.close()
+        try:
+            stream = self._own_stream(arguments["id"])
+        except NotFound:
+            return None
+        _, opened_by = self._backups.pop(arguments["id"])
+        if opened_by is not None:
+            opened_by.forget_abandon()
+        await stream.close()
         return None
 
+    def _drop_stream(self, stream_id: int) -> None:
+        entry = self._backups.pop(stream_id, None)
+        if entry is not None:
+            self._close_stream_later(entry[0])
+
+    def _close_backups_of(self, channel: Channel) -> None:
+        """``channel`` closed (its worker died or is being replaced): its streams free their places now."""
+        self._watched_channels.discard(channel)
+        for stream_id, (_, opened_by) in list(self._backups.items()):
+            if opened_by is not None and opened_by.channel is channel:
+                self._drop_stream(stream_id)
+
+    def _close_stream_later(self, stream: BackupStream) -> None:
+        task = asyncio.get_running_loop().create_task(stream.close())
+        self._closing_streams.add(task)
+        task.add_done_callback(self._closing_streams.discard)
+
+    @property
+    def backup_streams_open(self) -> int:
+        """The streams open or being opened (for the tests)."""
+        return len(self._backups) + self._backups_opening
+
     async def close_backups(self) -> None:
-        streams, self._backups = list(self._backups.values()), {}
+        streams, self._backups = [stream for stream, _ in self._backups.values()], {}
         for stream in streams:
             await stream.close()
+        await asyncio.gather(*self._closing_streams, return_exceptions=True)
 
     # ------------------------------------------------------------------ metrics
     async def _render_metrics(self, arguments: dict[str, Any]) -> Any:

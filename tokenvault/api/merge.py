@@ -20,7 +20,9 @@ same value in two merged requests is one mapping). A rotation the worker had
 not heard of refuses the merged call with EpochChanged, and each request then
 takes the usual way (the core seals it in the new epoch). A call holds at most
 ``max_items`` values, the node's per-request bound, so a merged call is one
-allowed request.
+allowed request; and at most ``max_bytes`` of values and pairs (the channel's
+frame bound less its overhead), so a turn of requests that each fit a channel
+message never makes one that does not: the next request starts a new call.
 
 Alone, a request waits for one loop turn only; under load a worker merges
 what its connections delivered in the same turn.
@@ -41,8 +43,20 @@ from tokenvault.futures import TurnBatch, TurnBatcher, fail_waiting
 Send = Callable[[str, int, list[str], list[list[Any]]], Awaitable[Outcome]]
 
 
+# What a merged call's members other than its values and pairs take, at most (principal, epoch, names).
+CALL_OVERHEAD_BYTES = 4096
+# msgpack's headers of one value and its [token, ciphertext] pair, at most.
+ITEM_OVERHEAD_BYTES = 20
+
+
+def sealed_request_bytes(items: list[list[Any]]) -> int:
+    """At least what a request's values and [token, ciphertext] pairs take in a call: a value's UTF-8
+    bytes are fewer than its ciphertext's, so each item is counted as its ciphertext twice and its token."""
+    return sum(2 * len(ciphertext) + len(token) + ITEM_OVERHEAD_BYTES for token, ciphertext in items)
+
+
 class _Call(TurnBatch):
-    __slots__ = ("epoch", "principal", "values", "items", "done", "requests")
+    __slots__ = ("epoch", "principal", "values", "items", "done", "requests", "bytes")
 
     def __init__(self, epoch: int, principal: str) -> None:
         super().__init__()
@@ -51,6 +65,7 @@ class _Call(TurnBatch):
         self.values: list[str] = []
         self.items: list[list[Any]] = []
         self.requests = 0
+        self.bytes = CALL_OVERHEAD_BYTES
         self.done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
 
 
@@ -58,12 +73,14 @@ class SealedMerger(TurnBatcher[_Call]):
     """Merges the plain sealed tokenizes of one loop turn into one call to the core; ``submit`` returns
     when that call is answered (its epoch) or raises its error."""
 
-    def __init__(self, send: Send, max_items: int) -> None:
+    def __init__(self, send: Send, max_items: int, max_bytes: Callable[[], int | None] = lambda: None) -> None:
         if max_items < 1:
             raise ValueError("max_items must be at least 1")
         super().__init__()
         self._send = send
         self._max_items = max_items
+        # The bytes a call may take now (the channel's frame bound); None: no bound.
+        self._max_bytes = max_bytes
         # What the calls carried, for the metrics and the tests.
         self.calls = 0
         self.requests = 0
@@ -71,13 +88,17 @@ class SealedMerger(TurnBatcher[_Call]):
     async def submit(self, principal: str, epoch: int, values: list[str], items: list[list[Any]]) -> Outcome:
         """This request's answer: ``{"epoch", "tokens"}`` with its own tokens, once the merged call is."""
         call = self._open
-        if call is None or call.epoch != epoch or len(call.values) + len(values) > self._max_items:
+        size = sealed_request_bytes(items)
+        max_bytes = self._max_bytes()
+        if (call is None or call.epoch != epoch or len(call.values) + len(values) > self._max_items
+                or (max_bytes is not None and call.requests and call.bytes + size > max_bytes)):
             if call is not None:
                 self._flush(call)
             call = self._open_batch(_Call(epoch, principal))
         call.values.extend(values)
         call.items.extend(items)
         call.requests += 1
+        call.bytes += size
         if len(call.values) >= self._max_items:
             self._flush(call)
         answered_epoch = await asyncio.shield(call.done)

@@ -173,8 +173,9 @@ class RemoteService:
         self.node_id = node_id
         self.channel = channel
         # The plain sealed tokenizes of one loop turn go to the core as one call (tokenvault.api.merge);
-        # at most the node's per-request bound of values, so a merged call is one allowed request.
-        self.merger = SealedMerger(self._send_sealed, max_items)
+        # at most the node's per-request bound of values, so a merged call is one allowed request, and at
+        # most what the channel's frame bound carries (_merged_call_bytes).
+        self.merger = SealedMerger(self._send_sealed, max_items, self._merged_call_bytes)
         # Likewise the read points of a turn: one read_points call (tokenvault.api.merge.ReadPointMerger).
         # At most the points the core takes in one call (tokenvault.api.core_calls.MAX_READ_POINTS).
         self.read_points = ReadPointMerger(self._send_read_points, MAX_CONCURRENT_CALLS)
@@ -272,6 +273,11 @@ class RemoteService:
     async def ask_flush(self) -> bool:
         """Ask the core to flush the store's memtable, for this worker's view (CatchUp)."""
         return await self._call("flush_store", {}) is True
+
+    def _merged_call_bytes(self) -> int | None:
+        """The bytes a merged tokenize_sealed call may take: the channel's frame bound (SealedMerger counts
+        its other members and headers too)."""
+        return None if self.channel is None else self.channel.max_frame_bytes
 
     async def _send_read_points(self, points: list[dict[str, Any]]) -> Any:
         return await self._call("read_points", {"points": points})

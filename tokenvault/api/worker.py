@@ -136,7 +136,9 @@ async def _serve(config: NodeConfig, index: int, workers: int, channel_fd: int, 
         service.on_push(topic, payload)
 
     channel = Channel(reader, writer, handlers={"metrics": render_metrics}, on_push=on_push,
-                      max_frame_bytes=max_frame_bytes(config.limits.max_body_bytes), name=f"worker-{index}").start()
+                      max_frame_bytes=max_frame_bytes(config.limits.max_body_bytes, config.limits.max_items,
+                                                      config.limits.max_value_bytes),
+                      name=f"worker-{index}").start()
     service.channel = channel
     try:
         tls_context = load_node_tls(config.tls.files(), config.node_id).http_server if config.tls is not None else None

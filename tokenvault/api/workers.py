@@ -82,7 +82,9 @@ class WorkerPool:
         self._host = host
         self._port = port
         self._calls = calls
-        self._frame_bytes = max_frame_bytes(max_body_bytes)
+        # The same bound as the workers' own (tokenvault.api.worker), from the same [limits].
+        limits = calls.limits
+        self._frame_bytes = max_frame_bytes(max_body_bytes, limits.max_items, limits.max_value_bytes)
         self._slots = [_Slot(index) for index in range(1, count + 1)]
         self._supervisors: set[asyncio.Task[None]] = set()
         self._closing = False
@@ -179,22 +181,39 @@ class WorkerPool:
                 slot.listener = None
 
     async def _spawn(self, slot: _Slot) -> None:
+        """Start ``slot``'s worker; WorkerStartError (with nothing of this try left open) when it cannot: its
+        port taken, or the system out of processes, memory or file descriptors (EAGAIN, ENOMEM, EMFILE)."""
         if slot.listener is None:
             slot.listener = self._listen()
         listener = slot.listener
-        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            slot.process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "tokenvault.api.worker", "--config", str(self._config_path),
-                "--index", str(slot.index), "--workers", str(len(self._slots)), "--fd", str(child.fileno()),
-                "--listen-fd", str(listener.fileno()),
-                pass_fds=(child.fileno(), listener.fileno()), env=child_environment(),
-                stdin=asyncio.subprocess.DEVNULL)
-        finally:
-            child.close()
+            parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        except OSError as error:
+            raise WorkerStartError(f"cannot make a worker's channel: {error.strerror or error}") from None
+        process: asyncio.subprocess.Process | None = None
+        try:
+            try:
+                process = await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "tokenvault.api.worker", "--config", str(self._config_path),
+                    "--index", str(slot.index), "--workers", str(len(self._slots)), "--fd", str(child.fileno()),
+                    "--listen-fd", str(listener.fileno()),
+                    pass_fds=(child.fileno(), listener.fileno()), env=child_environment(),
+                    stdin=asyncio.subprocess.DEVNULL)
+            finally:
+                child.close()
+            reader, writer = await asyncio.open_unix_connection(sock=parent)
+        except BaseException as error:
+            parent.close()
+            if process is not None and process.returncode is None:  # started, but cannot be talked to
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+                await process.wait()
+            if isinstance(error, OSError):
+                raise WorkerStartError(f"cannot start a worker: {error.strerror or error}") from None
+            raise
+        slot.process = process
         slot.ready = asyncio.Event()
         slot.started_at = time.monotonic()
-        reader, writer = await asyncio.open_unix_connection(sock=parent)
 
         def on_push(topic: str, payload: object) -> None:
             if topic == READY_TOPIC:
@@ -206,20 +225,33 @@ class WorkerPool:
         slot.channel.push(EPOCH_TOPIC, self._calls.active_epoch_keys())
 
     async def _supervise(self, slot: _Slot) -> None:
+        """Restart ``slot``'s worker whenever it dies, until the pool closes. Nothing ends it but the pool's
+        close: a failure of its own (a bug) is logged and the restart tried again after the back-off."""
         while not self._closing:
-            assert slot.process is not None and slot.channel is not None
-            exited = asyncio.ensure_future(slot.process.wait())
-            closed = asyncio.ensure_future(slot.channel.closed.wait())
-            await asyncio.wait({exited, closed}, return_when=asyncio.FIRST_COMPLETED)
-            closed.cancel()
-            if slot.process.returncode is None:  # its channel broke: a worker that cannot talk is no use
-                slot.process.kill()
-            code = await exited
-            if self._closing:
-                await self._reap(slot)
-                return
-            if not await self._restart(slot, code, retry=True):
-                return
+            try:
+                if not await self._supervise_once(slot):
+                    return
+            except Exception as error:  # never leave the slot without a worker for good
+                delay = self._next_backoff(slot)
+                log.error("worker.restart_failed", index=slot.index, reason=f"{type(error).__name__}: {error}",
+                          restart_in_seconds=delay)
+                # Then round again: a worker that is dead (or was never started) is restarted at once.
+                await asyncio.sleep(delay)
+
+    async def _supervise_once(self, slot: _Slot) -> bool:
+        """Wait for the worker to die and start its successor; False once the pool is closing."""
+        assert slot.process is not None and slot.channel is not None
+        exited = asyncio.ensure_future(slot.process.wait())
+        closed = asyncio.ensure_future(slot.channel.closed.wait())
+        await asyncio.wait({exited, closed}, return_when=asyncio.FIRST_COMPLETED)
+        closed.cancel()
+        if slot.process.returncode is None:  # its channel broke: a worker that cannot talk is no use
+            slot.process.kill()
+        code = await exited
+        if self._closing:
+            await self._reap(slot)
+            return False
+        return await self._restart(slot, code, retry=True)
 
     async def _reap(self, slot: _Slot) -> None:
         """A dead worker's channel and listening socket closed: the connections it had queued are refused,

@@ -1,0 +1,113 @@
+"""The core's answers to its workers (tokenvault.api.core_calls): what a worker holds open in the core
+(its backup streams) belongs to its channel."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from node_support import RunningNode, wait_until
+from test_channel import pair
+from tokenvault.api.core_calls import CoreCalls
+from tokenvault.api.remote import RemoteService
+from tokenvault.core.backup import BackupBusy
+from tokenvault.errors import NotFound
+
+
+def core_calls(node: RunningNode) -> CoreCalls:
+    return CoreCalls(node.service, node.node.metrics, lambda: [], max_backup_streams=1)
+
+
+async def test_a_backup_stream_is_closed_with_the_channel_of_the_worker_that_opened_it(single: RunningNode) -> None:
+    """A worker killed mid-backup: its channel closes, and so does its stream in the core, else every later
+    backup of the node (one stream at a time by default) is 503 backup-busy until the core restarts."""
+    calls = core_calls(single)
+    core, channel = await pair(calls.handlers)
+    await RemoteService(single.node_id, channel).open_backup()
+    await channel.close()  # the worker is SIGKILLed mid-stream
+    await asyncio.wait_for(core.closed.wait(), 5)
+    assert calls.backup_streams_open == 0
+    successor_core, successor_channel = await pair(calls.handlers)  # its successor's channel
+    try:
+        stream = await RemoteService(single.node_id, successor_channel).open_backup()
+        await stream.close()
+    finally:
+        await successor_core.close()
+        await successor_channel.close()
+        await calls.close_backups()
+
+
+async def test_a_backup_request_cancelled_while_the_core_opens_it_does_not_keep_its_stream(
+        single: RunningNode, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The client hangs up while the core takes the checkpoint: the worker tells the core it gave the call
+    up, and the core closes the stream once it is open rather than keep one nobody will read or close."""
+    calls = core_calls(single)
+    started, release, opened = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    open_backup = single.service.open_backup
+
+    async def open_backup_held_until_released() -> Any:
+        started.set()
+        await release.wait()  # the checkpoint is being taken
+        try:
+            return await open_backup()
+        finally:
+            opened.set()
+
+    monkeypatch.setattr(single.service, "open_backup", open_backup_held_until_released)
+    core, channel = await pair(calls.handlers)
+    service = RemoteService(single.node_id, channel)
+    opening = asyncio.create_task(service.open_backup())
+    await asyncio.wait_for(started.wait(), 5)
+    opening.cancel()  # the client hangs up
+    await asyncio.gather(opening, return_exceptions=True)
+    await asyncio.sleep(0.05)  # the worker's CANCEL reaches the core
+    release.set()
+    try:
+        await asyncio.wait_for(opened.wait(), 5)  # the core's open finished after its caller was gone
+        await wait_until(lambda: calls.backup_streams_open == 0, 5.0, "the abandoned stream to be closed")
+        stream = await service.open_backup()
+        await stream.close()
+    finally:
+        await core.close()
+        await channel.close()
+        await calls.close_backups()
+
+
+async def test_two_backups_opened_at_once_through_two_workers_are_not_both_let_through(
+        single: RunningNode) -> None:
+    """docs/api.md: at most [http] max_backup_streams (default 1) backup streams per node at a time. The
+    place is held from before the checkpoint is taken, so two opens arriving together do not both pass."""
+    calls = core_calls(single)
+    core1, channel1 = await pair(calls.handlers)
+    core2, channel2 = await pair(calls.handlers)
+    first, second = RemoteService(single.node_id, channel1), RemoteService(single.node_id, channel2)
+    results = await asyncio.gather(first.open_backup(), second.open_backup(), return_exceptions=True)
+    opened = [result for result in results if not isinstance(result, BaseException)]
+    refused = [result for result in results if isinstance(result, BaseException)]
+    for stream in opened:
+        await stream.close()
+    for channel in (core1, channel1, core2, channel2):
+        await channel.close()
+    await calls.close_backups()
+    assert len(opened) == 1 and len(refused) == 1 and isinstance(refused[0], BackupBusy), results
+
+
+async def test_a_worker_cannot_read_or_close_another_worker_s_backup_stream(single: RunningNode) -> None:
+    calls = core_calls(single)
+    core1, channel1 = await pair(calls.handlers)
+    core2, channel2 = await pair(calls.handlers)
+    try:
+        opened = await channel1.call("backup.open", {})
+        with pytest.raises(NotFound):
+            await channel2.call("backup.read", {"id": opened["id"], "offset": 0, "length": 1})
+        await channel2.call("backup.close", {"id": opened["id"]})  # not its own: nothing happens
+        assert calls.backup_streams_open == 1
+        assert len(await channel1.call("backup.read", {"id": opened["id"], "offset": 0, "length": 1})) == 1
+        await channel1.call("backup.close", {"id": opened["id"]})
+        assert calls.backup_streams_open == 0
+    finally:
+        for channel in (core1, channel1, core2, channel2):
+            await channel.close()
+        await calls.close_backups()

@@ -8,16 +8,19 @@ little; every wait polls with a deadline.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
 from _http_checks import check_problem
-from _http_support import FakeService, KeyRing, fake_token
+from _http_support import FakeBackupStream, FakeService, KeyRing, fake_token
 from aiohttp.test_utils import TestClient
+from structlog.testing import capture_logs
 
-from tokenvault.api.http import HttpLimits
+from tokenvault.api.http import HttpLimits, build_app, http_server
+from tokenvault.crypto.tls import ClusterTlsFiles, create_cluster_tls, http_client_context, http_server_context
 from tokenvault.metrics import Metrics
 from tokenvault.api.ratelimit import BucketLimit
 
@@ -442,3 +445,81 @@ async def test_connections_past_the_cap_are_logged_summed_at_most_a_line_a_secon
     # kept on the loop's clock, a line's `ts` read from the wall clock just after: 10 ms allows for that.)
     first, second = (datetime.fromisoformat(line["ts"]) for line in lines)
     assert (second - first).total_seconds() >= http_module.FLOOD_LOG_INTERVAL_SECONDS - 0.01
+
+
+# ---------------------------------------------------------------- clients that stop reading or go away
+
+
+async def test_a_backup_client_that_reads_nothing_is_cut_off_and_its_backup_slot_freed(
+    make_client: ClientFactory, key_ring: KeyRing, service: FakeService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that stops reading GET /v1/admin/backup is disconnected after the header timeout, as for
+    any answer: the backup ends as `backup.aborted` (client gone), its checkpoint is closed, and the
+    node's backup slot is free for the next."""
+    closed: list[FakeBackupStream] = []
+
+    class EndlessBackup(FakeBackupStream):
+        total_bytes = 1 << 40
+
+        async def chunks(self, chunk_bytes: int) -> AsyncIterator[bytes]:
+            piece = b"\0" * chunk_bytes
+            while True:
+                self.sent_bytes += len(piece)
+                yield piece
+
+        async def close(self) -> None:
+            closed.append(self)
+
+    streams: list[FakeBackupStream] = [EndlessBackup(), FakeBackupStream()]
+
+    async def open_backup() -> FakeBackupStream:
+        return streams.pop(0)
+
+    monkeypatch.setattr(service, "open_backup", open_backup)
+    client = await make_client(HttpLimits(header_timeout_seconds=SHORT_SECONDS, max_backup_streams=1))
+    admin = key_ring.bearer("admin")
+    reader, writer = await asyncio.open_connection(client.host, client.port, limit=1024)
+    try:
+        with capture_logs() as logs:
+            writer.write(f"GET /v1/admin/backup HTTP/1.1\r\nHost: test\r\nAuthorization: {admin['Authorization']}"
+                         f"\r\n\r\n".encode())  # and nothing of the answer is read
+            await poll(lambda: closed != [], "the backup of a client that reads nothing to end")
+        assert [entry["reason"] for entry in logs if entry["event"] == "backup.aborted"] == ["client gone"]
+        assert (await client.get("/v1/admin/backup", headers=admin)).status == 200  # the slot is free
+    finally:
+        writer.close()
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> ClusterTlsFiles:
+    return create_cluster_tls(tmp_path_factory.mktemp("abuse-tls") / "tls", {"n1": ["127.0.0.1"]})
+
+
+async def test_a_tls_client_gone_right_after_expect_100_continue_is_not_a_500(
+    tls_files: ClusterTlsFiles, key_ring: KeyRing, service: FakeService, metrics: Metrics
+) -> None:
+    """A client that sends `Expect: 100-continue` and closes at once (over TLS the server's side closes
+    with it) is gone before its 100 Continue: its body read fails as a client gone mid-body does (400,
+    which no one reads), never logged as `http.unexpected_error` nor counted as a 500."""
+    server = http_server(build_app(service, key_ring.table(), HttpLimits(), metrics))
+    await server.start("127.0.0.1", 0, ssl_context=http_server_context(tls_files.nodes["n1"]))
+    address = server.addresses[0][:2]
+    labels = {"route": "/v1/tokenize", "method": "POST"}
+    try:
+        with capture_logs() as logs:
+            for _ in range(5):
+                reader, writer = await asyncio.open_connection(
+                    *address, ssl=http_client_context(tls_files.ca_cert_file))
+                writer.write(request_head("/v1/tokenize", key_ring.keys["tokenizer"], 20)[:-2]
+                             + b"Expect: 100-continue\r\n\r\n")
+                writer.close()  # close_notify right behind the head
+                with contextlib.suppress(Exception):
+                    await writer.wait_closed()
+            await poll(lambda: sample(metrics, "tokenvault_http_requests_total", {**labels, "status": "400"})
+                       + sample(metrics, "tokenvault_http_requests_total", {**labels, "status": "500"}) == 5,
+                       "the five requests to be answered")
+        failures = [entry for entry in logs if entry["event"] == "http.unexpected_error"]
+        assert not failures, f"{len(failures)} clients gone before 100 Continue were logged as errors"
+        assert sample(metrics, "tokenvault_http_requests_total", {**labels, "status": "500"}) == 0
+    finally:
+        await server.close(0)

@@ -26,7 +26,7 @@ from structlog.testing import capture_logs
 from tokenvault.api import httpserver
 from tokenvault.api.http import TOO_MANY_CONNECTIONS_RESPONSE, problem_response
 from tokenvault.api.httpserver import (MAX_HEAD_BYTES, MAX_HEADERS, MAX_LINE_BYTES, MAX_PIPELINED, BodyError,
-                                       BodyTooLarge, HttpServer, Request, Response)
+                                       BodyTooLarge, HttpServer, Request, Response, StreamResponse)
 from tokenvault.crypto.tls import ClusterTlsFiles, create_cluster_tls, http_client_context, http_server_context
 
 DEADLINE_SECONDS = 10.0
@@ -169,6 +169,50 @@ async def test_a_header_block_that_never_ends_is_431_once_past_the_bound(served:
     assert app.started == 0
 
 
+async def test_a_trailer_section_that_never_ends_is_431_once_past_the_head_bound(served: Served) -> None:
+    """A chunked body's trailer section is a header block too, which llhttp buffers as it does a head's
+    unfinished line: past MAX_HEAD_BYTES it is refused as a head is (the request's handler had begun:
+    the refusal is its answer), not buffered without bound."""
+    _, _, address = served
+    reader, writer = await asyncio.open_connection(*address)
+    try:
+        writer.write(b"POST /t HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     b"5\r\nhello\r\n0\r\nX-Trailer: ")
+        for _ in range(MAX_HEAD_BYTES // 4096 + 4):
+            writer.write(b"a" * 4096)  # one trailer line that never ends, in pieces
+            await writer.drain()
+            await asyncio.sleep(0.001)
+        try:
+            received = await asyncio.wait_for(reader.read(), 2.0)
+        except TimeoutError:
+            raise AssertionError("a trailer line past MAX_HEAD_BYTES was taken without a refusal") from None
+    finally:
+        writer.close()
+    [(status, headers, body)] = responses(received)
+    check_problem(status, headers, body, 431)
+
+
+async def test_a_body_of_many_small_chunks_and_trailers_is_read_whole(served: Served) -> None:
+    """The trailer bound counts a chunk's framing from that chunk on, never a whole body's framing."""
+    _, _, address = served
+    count = 30_000
+    chunks = b"1\r\nx\r\n" * count
+    assert len(chunks) - count > 2 * MAX_HEAD_BYTES  # framing alone, well past the bound in all
+    reader, writer = await asyncio.open_connection(*address)
+    try:
+        writer.write(b"POST /c HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n")
+        for start in range(0, len(chunks), 6 * 1024):
+            writer.write(chunks[start:start + 6 * 1024])  # in pieces, so that the server reads them so
+            await writer.drain()
+            await asyncio.sleep(0.001)
+        writer.write(b"0\r\nX-Checksum: abc\r\nX-Other: 1\r\n\r\n")
+        received = await asyncio.wait_for(reader.read(), DEADLINE_SECONDS)
+    finally:
+        writer.close()
+    [(status, _, body)] = responses(received)
+    assert status == 200 and json.loads(body)["bytes"] == count
+
+
 @pytest.mark.parametrize("encoding,encode", [
     ("gzip", lambda data: zlib.compress(data, wbits=16 + zlib.MAX_WBITS)),
     ("deflate", zlib.compress),
@@ -309,6 +353,38 @@ async def test_a_client_that_reads_nothing_of_an_answer_for_the_header_timeout_i
         await server.close(0)
 
 
+async def test_a_client_that_reads_nothing_of_a_streamed_answer_for_the_header_timeout_is_disconnected() -> None:
+    """As for a whole answer: a stream's write waits for the client at most the header timeout, then the
+    connection is dropped and the write raises ConnectionResetError (a client gone), so a client that
+    stops reading a stream (GET /v1/admin/backup) holds neither its connection nor the handler."""
+    class EndlessStreamApp(EchoApp):
+        header_timeout_seconds = 0.3
+        ended: BaseException | None = None
+
+        async def __call__(self, request: Request) -> StreamResponse:
+            response = StreamResponse(content_type="application/octet-stream")
+            await response.prepare(request)
+            try:
+                while True:
+                    await response.write(b"x" * (1024 * 1024))
+            except ConnectionError as error:
+                self.ended = error
+                return response
+
+    app = EndlessStreamApp()
+    server = HttpServer(app)
+    await server.start("127.0.0.1", 0)
+    reader, writer = await asyncio.open_connection(*server.addresses[0][:2], limit=1024)
+    try:
+        writer.write(get("/stream"))
+        await _until(lambda: not server.connections and app.ended is not None,
+                     "a client that reads nothing of a streamed answer is kept, with its handler")
+        assert isinstance(app.ended, ConnectionResetError)
+    finally:
+        writer.close()
+        await server.close(0)
+
+
 @pytest.mark.parametrize("request_bytes", [
     pytest.param(b"POST /a HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
                  id="length-and-chunked"),
@@ -337,6 +413,38 @@ async def test_a_request_to_switch_protocols_is_answered_without_switching_then_
     received = await exchange(address, upgrade + b"not http at all")
     [(status, headers, body)] = responses(received)
     assert status == 200 and json.loads(body)["path"] == "/up" and headers["Connection"] == "close"
+
+
+async def test_a_streamed_answer_to_a_request_to_switch_protocols_closes_the_connection_behind_it() -> None:
+    """After a request to switch protocols nothing more is read and no header timer runs: the connection
+    closes behind its answer, a streamed one (GET /v1/admin/backup's) too, or it would be held for ever."""
+    class StreamApp(EchoApp):
+        header_timeout_seconds = 0.3
+
+        async def __call__(self, request: Request) -> StreamResponse:
+            response = StreamResponse(content_type="application/octet-stream")
+            await response.prepare(request)
+            await response.write(b"part")
+            await asyncio.sleep(2 * self.header_timeout_seconds)  # streamed for longer than that
+            await response.write_eof()
+            return response
+
+    server = HttpServer(StreamApp())
+    await server.start("127.0.0.1", 0)
+    reader, writer = await asyncio.open_connection(*server.addresses[0][:2])
+    try:
+        writer.write(b"GET /up HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+        try:
+            received = await asyncio.wait_for(reader.read(), 3.0)  # the stream, then several header timeouts
+        except TimeoutError:
+            raise AssertionError("the connection is still open after its streamed answer") from None
+        head, _, body = received.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200") and b"\r\nConnection: close" in head
+        assert body == b"4\r\npart\r\n0\r\n\r\n"
+        await _until(lambda: not server.connections, "the closed connection still counts")
+    finally:
+        writer.close()
+        await server.close(0)
 
 
 class _StubConnection:

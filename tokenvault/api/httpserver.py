@@ -23,7 +23,10 @@ spends all its time on requests. What the server does, and its bounds:
   HTTP/1.0's ``Connection: keep-alive``).
 - **Hostile bytes.** A request target (path and query) over ``MAX_LINE_BYTES``, a header line over
   ``MAX_LINE_BYTES``, more than ``MAX_HEADERS`` headers or a header block over
-  ``MAX_HEAD_BYTES`` is refused (414 / 431) before more is buffered; anything
+  ``MAX_HEAD_BYTES`` is refused (414 / 431) before more is buffered (a chunked
+  body's trailer section is a header block too, and a chunk's framing is
+  counted with it: the bytes that are not body, as exactly as one read allows;
+  the refusal answers the request even once its handler has begun); anything
   llhttp rejects (a bad request line, a control character in a header, a bad
   chunk, both Content-Length and chunked) and a transfer coding other than
   chunked alone are ``400``. These answers are built by the application's
@@ -31,7 +34,8 @@ spends all its time on requests. What the server does, and its bounds:
   close the connection: its sending side at once, the rest after what the
   client still sends has been read and dropped (at most ``LINGER_SECONDS``),
   so that the answer is not lost to a reset. A request to switch protocols is
-  answered without switching, and the connection closes behind it. Requests
+  answered without switching, and the connection closes behind it (a streamed
+  answer too: nothing more is read, so no timer would ever close it). Requests
   pipelined behind the one being answered are parsed ahead at most one read
   at a time (the transport is paused meanwhile) and at most ``MAX_PIPELINED``.
 - **Bodies.** llhttp removes the chunked framing; ``Content-Encoding`` gzip and
@@ -47,9 +51,11 @@ spends all its time on requests. What the server does, and its bounds:
   transport to drain). A client that does not read its answers gets no next
   request handled until it has read enough of this one (down to the
   transport's high-water mark), so unread answers never pile up; one that
-  reads nothing of it for ``header_timeout_seconds`` is disconnected. ``HEAD``
-  gets the headers of the answer without its body. A client that goes away
-  does not cancel its handler: its response is dropped.
+  reads nothing of it for ``header_timeout_seconds`` is disconnected, of a
+  streamed answer too (the stream's write then raises ``ConnectionResetError``,
+  as for a client gone). ``HEAD`` gets the headers of the answer without its
+  body. A client that goes away does not cancel its handler: its response is
+  dropped (and a ``100 Continue`` to it is not sent: its body read fails).
 """
 
 from __future__ import annotations
@@ -147,7 +153,7 @@ class StreamResponse(_Head):
             return
         self._request = request
         connection = request.connection
-        connection.start_stream(request, self.status, self.headers, self.closing)
+        self.closing = connection.start_stream(request, self.status, self.headers, self.closing)
         await connection.drain()
 
     async def write(self, data: bytes) -> None:
@@ -253,8 +259,12 @@ class Request:
         return self.connection.transport
 
     def send_continue(self) -> None:
-        """``100 Continue``: the client waits for it before sending a body it announced with Expect."""
-        self.connection.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        """``100 Continue``: the client waits for it before sending a body it announced with Expect. To a
+        client already gone nothing is sent: reading the body then fails as for any client gone mid-body."""
+        try:
+            self.connection.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        except ConnectionError:
+            pass
 
     # ------------------------------------------------------------ the body
     def feed(self, data: bytes) -> None:
@@ -436,7 +446,8 @@ class _Connection(asyncio.Protocol):
         self._task: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._deadline = 0.0
-        self._in_head = True
+        # Bytes read of what is not body: the head being parsed, or a chunked body's framing since its
+        # last chunk began and its trailer section (which llhttp buffers whole, as it does a head's line).
         self._head_bytes = 0
         self._url = b""
         self._header_list: list[tuple[str, str]] = []
@@ -485,8 +496,7 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._closing or self._stopped:
             return  # a refused or closing connection's bytes are dropped unread
-        if self._in_head:
-            self._head_bytes += len(data)
+        self._head_bytes += len(data)  # less what reaches on_body; reset where a head or chunk begins
         try:
             self._parser.feed_data(data)
         except _Refused as refused:
@@ -508,7 +518,7 @@ class _Connection(asyncio.Protocol):
         except httptools.HttpParserError as error:
             self._refuse(400, type(error).__name__)
             return
-        if self._in_head and self._head_bytes > MAX_HEAD_BYTES:
+        if self._head_bytes > MAX_HEAD_BYTES:
             self._refuse(431, "HeadersTooLarge")
 
     def eof_received(self) -> bool | None:
@@ -523,7 +533,6 @@ class _Connection(asyncio.Protocol):
 
     # ------------------------------------------------------------ parser callbacks
     def on_message_begin(self) -> None:
-        self._in_head = True
         self._url = b""
         self._header_list = []
 
@@ -542,7 +551,6 @@ class _Connection(asyncio.Protocol):
                                   value.decode("utf-8", "surrogateescape")))
 
     def on_headers_complete(self) -> None:
-        self._in_head = False
         self._head_bytes = 0
         parser = self._parser
         try:
@@ -568,10 +576,20 @@ class _Connection(asyncio.Protocol):
         self._enqueue(request)
 
     def on_body(self, body: bytes) -> None:
+        # A body's bytes are bounded by the handler's reads (READ_AHEAD_BYTES), not as a head's are. The
+        # counts of one read are not split where a head or chunk begins in it: what follows such a point
+        # in the same read goes uncounted (a bound looser by at most one read, never a false 431).
+        self._head_bytes = max(self._head_bytes - len(body), 0)
         if self._parsing is not None:
             self._parsing.feed(body)
 
+    def on_chunk_header(self) -> None:
+        # A chunk's framing is counted from here (so many small chunks never add up to a bound), and
+        # after the last chunk's, the trailer section: a header block as the head is (MAX_HEAD_BYTES).
+        self._head_bytes = 0
+
     def on_message_complete(self) -> None:
+        self._head_bytes = 0
         if self._parsing is not None:
             self._parsing.feed_eof()
             self._parsing = None
@@ -588,15 +606,31 @@ class _Connection(asyncio.Protocol):
             self._task = asyncio.get_running_loop().create_task(self._answer_queue())
 
     def _refuse(self, status: int, error_type: str) -> None:
-        """Answer a request that cannot be parsed (after those before it), then close."""
-        self._in_head = False
-        if self._parsing is not None:
-            self._parsing.fail(ConnectionResetError("the rest of the request could not be parsed"))
-            self._parsing = None
+        """Answer a request that cannot be parsed (after those before it), then close. A request refused
+        mid-body (a bad chunk, a trailer section over the bound) gets the refusal as its answer: in its
+        place in the queue, or at once when its handler has begun and not answered yet (whose body read
+        then fails, and whose own answer is dropped)."""
         self._stopped = True  # parse nothing more; answer what came before, then this
-        self._queue.append(_Refused(status, error_type))
+        refused = _Refused(status, error_type)
+        parsing, self._parsing = self._parsing, None
+        if parsing is not None:
+            parsing.fail(ConnectionResetError("the rest of the request could not be parsed"))
+            if parsing in self._queue:
+                self._queue.remove(parsing)
+            elif parsing is self._current and not parsing.answered:
+                parsing.answered = True
+                self._answer_refused(refused)
+                return
+        self._queue.append(refused)
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._answer_queue())
+
+    def _answer_refused(self, refused: _Refused) -> None:
+        self.server.note_malformed(refused.status, refused.error_type)
+        answer = self.server.app.malformed(refused.status, refused.error_type)
+        if self.transport is not None:
+            self.transport.write(_head(answer.status, answer.headers, len(answer.body), True) + answer.body)
+        self._close_lingering()
 
     async def _answer_queue(self) -> None:
         app = self.server.app
@@ -604,12 +638,7 @@ class _Connection(asyncio.Protocol):
             while self._queue:
                 item = self._queue.popleft()
                 if isinstance(item, _Refused):
-                    self.server.note_malformed(item.status, item.error_type)
-                    refusal = app.malformed(item.status, item.error_type)
-                    if self.transport is not None:
-                        self.transport.write(_head(refusal.status, refusal.headers, len(refusal.body), True)
-                                             + refusal.body)
-                    self._close_lingering()
+                    self._answer_refused(item)
                     return
                 self._current = item  # the header timer, when it fires, leaves a connection in a request alone
                 if not self._queue:
@@ -626,16 +655,18 @@ class _Connection(asyncio.Protocol):
                     # The client is not reading: take its next request only once it has read this answer,
                     # so what waits for it is at most one answer past the transport's high-water mark.
                     try:
-                        await asyncio.wait_for(self.drain(), app.header_timeout_seconds)
-                    except (ConnectionError, TimeoutError):
-                        self.abort()  # a client that reads nothing for that long holds no slot longer
+                        await self.drain()  # a client that reads nothing for the header timeout is cut off
+                    except ConnectionError:
+                        self.abort()
                         return
                 self._current = None
                 if self.transport is None or self.transport.is_closing():
                     return
             if self._eof:
                 self._close()  # the client sent all it will: nothing more can come
-            elif not self._closing and not self._stopped:
+            elif self._stopped and not self._closing:
+                self._close()  # nothing more is read (a request to switch protocols), and no timer would close it
+            elif not self._closing:
                 self._arm_timer()
         except Exception as error:  # a bug here must cost this connection, not leave it hanging
             _log.error("http.connection_failed", error_type=type(error).__name__)
@@ -646,8 +677,7 @@ class _Connection(asyncio.Protocol):
     def _send(self, request: Request, response: AnyResponse) -> None:
         if isinstance(response, StreamResponse):  # a stream's handler returned it unprepared
             response = Response(status=response.status, headers=response.headers)
-        close = (response.closing or not request.keep_alive or not request.body_complete or self._closing
-                 or self._close_after_answers)
+        close = self._closes_behind(request, response.closing)
         body = response.body
         head = _head(response.status, response.headers, len(body), close)
         request.answered = True
@@ -656,20 +686,31 @@ class _Connection(asyncio.Protocol):
         if close:
             self._close()
 
+    def _closes_behind(self, request: Request, closing: bool) -> bool:
+        """Whether the connection closes behind the answer to ``request``: asked to, no keep-alive, a body
+        not all read (a connection mid-body cannot carry another request), or nothing more to be read
+        (closing, or a request to switch protocols)."""
+        return (closing or not request.keep_alive or not request.body_complete or self._closing
+                or self._close_after_answers)
+
     def send_now(self, request: Request, response: Response) -> None:
         """Write ``response`` at once and close the connection behind it (a request refused mid-body)."""
         response.force_close()
         if not request.answered:
             self._send(request, response)
-        self._close()
+        elif not self._closing:  # else it closes already (lingering behind a refusal: left to finish)
+            self._close()
 
     # StreamResponse's side
-    def start_stream(self, request: Request, status: int, headers: Mapping[str, str], close: bool) -> None:
+    def start_stream(self, request: Request, status: int, headers: Mapping[str, str], close: bool) -> bool:
+        """Write a stream's head; whether the connection closes behind the stream (its head says so)."""
         request.answered = True
-        self.write(_head(status, headers, None, close or not request.keep_alive))
+        close = self._closes_behind(request, close)
+        self.write(_head(status, headers, None, close))
+        return close
 
     def finish_answer(self, request: Request, close: bool) -> None:
-        if close or not request.keep_alive:
+        if self._closes_behind(request, close):
             self._close()
 
     def write(self, data: bytes) -> None:
@@ -678,11 +719,18 @@ class _Connection(asyncio.Protocol):
         self.transport.write(data)
 
     async def drain(self) -> None:
+        """Wait until the client has taken what is buffered (down to the transport's low-water mark). A
+        client that takes nothing for ``header_timeout_seconds`` is disconnected (ConnectionResetError):
+        it holds its connection, and a stream's handler, no longer."""
         if self.transport is None:
             raise ConnectionResetError("the client closed the connection")
         if not self._can_write:
             self._writing_paused = asyncio.get_running_loop().create_future()
-            await self._writing_paused
+            try:
+                await asyncio.wait_for(self._writing_paused, self.server.app.header_timeout_seconds)
+            except TimeoutError:
+                self.abort()
+                raise ConnectionResetError("the client read nothing of the answer for the header timeout") from None
 
     # ------------------------------------------------------------ flow and life
     def pause_reading(self) -> None:

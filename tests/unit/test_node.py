@@ -822,6 +822,33 @@ async def test_a_whole_cluster_restart_keeps_every_acknowledged_token(trio: Clus
         assert await tokens_of(running, values) == (2, second)
 
 
+async def test_proposals_of_a_deposed_primary_that_a_snapshot_covers_are_answered_and_forgotten(
+        tmp_path: Path) -> None:
+    """A primary cut off with proposals it can never commit, caught up later by a snapshot past them:
+    those indexes are never applied here, so their proposals stayed held for the life of the process
+    (each future pinning its command through its timeout's traceback; checked on the code before)."""
+    cluster = await start_cluster(tmp_path, 3, wal=SNAPSHOT_SOON)
+    try:
+        old = await cluster.wait_for_stable_primary()
+        partition = Partition(cluster, old.node_id)
+        attempts = [asyncio.ensure_future(old.node.propose(rotate_payload(old, 90 + number), timeout_seconds=0.3))
+                    for number in range(20)]
+        results = await asyncio.gather(*attempts, return_exceptions=True)
+        assert all(isinstance(result, asyncio.TimeoutError) for result in results), results
+        assert len(old.node._pending_proposals) == 20
+        others = [running for running in cluster.running() if running is not old]
+        new = await wait_until(lambda: next((r for r in others if r.is_primary()), None), 10, "a new primary")
+        for number in range(40):  # the majority moves on and compacts its log past the old primary's
+            await retry_until_ok(lambda n=number: tokens_of(new, [f"after-{n}"]), 10, "a write", (ServiceError,))
+        assert new.node.replica.log_base_index > old.node.store.applied_index + 20
+        partition.heal()
+        await wait_until(lambda: old.node.store.applied_index >= new.node.store.applied_index, 10,
+                         "the old primary to catch up by a snapshot")
+        await wait_until(lambda: old.node._pending_proposals == {}, 5, "the covered proposals to be forgotten")
+    finally:
+        await cluster.close()
+
+
 async def test_a_backup_behind_the_compacted_log_catches_up_from_a_snapshot(tmp_path: Path) -> None:
     # Compact after every few applied entries and keep almost none, with small WAL segments, so a
     # short outage already leaves the backup behind the primary's log base.

@@ -675,6 +675,14 @@ class Node:
             # when the manifest does not list them, follows, recorded first so that a restart does it too.
             self.shred_record.record(index, pending)
         old = self.store.commit_install(prepared)
+        # Proposals this node made as a primary at indexes the snapshot covers are never applied here: each
+        # may be in the snapshot or not. Answered now, as the service answers any write it stopped waiting
+        # for ("may still take effect, once"); kept, they stayed for the life of the process, each future
+        # holding its command through its timeout's traceback.
+        for covered in [at for at in self._pending_proposals if at <= index]:
+            waiting = self._pending_proposals.pop(covered).future
+            if not waiting.done():
+                waiting.set_exception(ProposalOutcomeUnknown("a snapshot replaced the log where this write stood"))
         if pending is not None:
             self.shredder.note_pending(index, pending)
         self.removal_index = max(self.removal_index, index)

@@ -849,6 +849,33 @@ async def test_proposals_of_a_deposed_primary_that_a_snapshot_covers_are_answere
         await cluster.close()
 
 
+async def test_a_member_removed_and_added_again_while_a_node_lagged_is_a_new_member_there(tmp_path: Path) -> None:
+    """A node that saw member n9 (its incarnation recorded), then lagged while n9 was removed and added
+    again under its id: it forgets the old incarnation when it applies the removal, so the new n9 may
+    link. It did not when the return was in its log by then (the id never left the members it links to),
+    and refused the new n9's links for good (checked on the code before)."""
+    cluster = await start_cluster(tmp_path, 3)
+    try:
+        primary = await cluster.wait_for_stable_primary()
+        lagging = next(running for running in cluster.running() if running is not primary)
+        await primary.node.change_membership(lambda current: current.with_learner("n9", "127.0.0.1:9"), 5.0)
+        def applied_with_n9() -> bool:
+            membership = lagging.node.store.membership()
+            return membership is not None and "n9" in membership.ids
+
+        await wait_until(applied_with_n9, 5, "the lagging node to apply the add")
+        assert lagging.node.peer_incarnations.admit("n9", b"o" * 16)  # the first n9 linked to it
+        partition = Partition(cluster, lagging.node_id)
+        await primary.node.change_membership(lambda current: current.without("n9"), 5.0)
+        await primary.node.change_membership(lambda current: current.with_learner("n9", "127.0.0.1:9"), 5.0)
+        partition.heal()
+        await wait_until(lambda: lagging.node.store.applied_index >= primary.node.store.applied_index, 10,
+                         "the lagging node to catch up")
+        assert lagging.node.peer_incarnations.admit("n9", b"n" * 16), "the new n9 is refused"
+    finally:
+        await cluster.close()
+
+
 async def test_a_backup_behind_the_compacted_log_catches_up_from_a_snapshot(tmp_path: Path) -> None:
     # Compact after every few applied entries and keep almost none, with small WAL segments, so a
     # short outage already leaves the backup behind the primary's log base.

@@ -280,13 +280,25 @@ class Node:
         return RestoredState(hard_state=hard_state, snapshot_index=base_index, snapshot_view=base_view,
                              entries=entries, membership=self.store.membership(), floors=self.member_floors.loaded)
 
+    def _committed_membership(self) -> Membership:
+        return self.store.membership() or Membership.of(tuple(member.id for member in self.config.members))
+
+    def _forget_members_removed(self, before: Membership, after: Membership) -> Membership:
+        """A committed configuration entry that drops a member: the next node under its id is a new member,
+        even where this node applies the removal and the id's return in one batch, or applies the removal
+        once the return is already in its log (then the id never leaves the sets _follow_membership links
+        to, and the new member's links would be refused for good)."""
+        for member in set(before.ids) - set(after.ids):
+            self.peer_incarnations.forget(member)
+        return after
+
     def _follow_membership(self) -> None:
         """Peer links to the members of the configuration in effect and of the last committed one: while a
         change is not committed both sets may be needed (a removed primary commits its own removal;
         a member the change adds catches up)."""
         if self.transport is None:
             return
-        committed = self.store.membership() or Membership.of(tuple(member.id for member in self.config.members))
+        committed = self._committed_membership()
         addresses = {peer.node_id: peer for peer in self._peer_addresses(committed)}
         addresses.update((peer.node_id, peer) for peer in self._peer_addresses(self.replica.membership))
         left = set(self.transport.peers) - set(addresses)
@@ -702,6 +714,7 @@ class Node:
 
     # ----------------------------------------------------------------- apply
     def _apply(self, entries: tuple[Entry, ...]) -> None:
+        members_before, applied_before = self._committed_membership(), self.store.applied_index
         results = self.store.apply_batch(entries)
         by_index = {result.index: result for result in results}
         issued: dict[int, int] = {}  # epoch -> tokens issued in it by this batch
@@ -709,6 +722,8 @@ class Node:
             result = by_index.get(entry.index)
             if entry.kind == EntryKind.CONFIG:
                 log.info("membership.committed", index=entry.index)
+                if entry.index > applied_before:  # applied by this batch, not before
+                    members_before = self._forget_members_removed(members_before, Membership.decode(entry.payload))
                 self._follow_membership()
             if result is not None and entry.kind == EntryKind.COMMAND:
                 if result.kind not in ONLY_ADDING_KINDS:

@@ -265,6 +265,24 @@ async def test_card_tokens_metadata_and_masked_values_are_revealed_from_the_view
     assert subjects == [None, None, "masked", "masked"]
 
 
+async def test_a_reveal_from_a_lagging_view_answers_the_metadata_a_tokenize_acknowledged_before_it_gave(
+        single: RunningNode, worker: Worker) -> None:
+    """A tokenize with metadata replaces the mapping's metadata. The view caught up only to the core's
+    last removal, so a view that had not applied the replacement answered the old metadata (checked on
+    the code before: {"v":1}); the read point of a reveal with metadata also covers the last entry that
+    set metadata."""
+    (token,) = json.loads((await single.service.tokenize("p", ["meta-value"], None,
+                                                         metadata_json='{"v":1}')).body)["tokens"]
+    worker.reader.catch_up()
+    assert (await single.service.tokenize("p", ["meta-value"], None, metadata_json='{"v":2}')).status == 200
+    assert worker.reader.applied_index < single.node.store.applied_index  # the view has not applied it
+    assert await worker.service.reveal([token], include_metadata=True) == {
+        "values": ["meta-value"], "metadata_json": ['{"v":2}']}
+    assert worker.reads("view") == 1
+    # Without metadata asked, the read point is the removal index alone: no catch-up for a replacement.
+    assert single.node.metadata_index > single.node.removal_index
+
+
 async def test_a_card_token_is_resolved_in_the_epoch_asked_and_never_answered_once_its_epoch_is_destroyed(
         single: RunningNode, worker: Worker) -> None:
     outcome = await single.service.tokenize("p", [CARD_NUMBER], None, token_format=formats.CARD)
@@ -321,10 +339,10 @@ async def test_the_read_points_of_one_turn_are_one_call_and_each_keeps_its_answe
 async def test_a_malformed_read_point_fails_the_call_before_any_point_runs(single: RunningNode) -> None:
     calls = CoreCalls(single.service, single.node.metrics, lambda: [], max_backup_streams=1)
     good = {"kind": "detokenize", "items": 1, "found": 1, "actor": commands.NO_ACTOR.fields(), "masked": False,
-            "active_epoch": None}
+            "active_epoch": None, "metadata": False}
     records = len(detokenize_records(single))
-    for bad in ({"kind": "detokenize", "items": 0, "found": 0, "actor": None, "masked": False, "active_epoch": None},
-                {"kind": "write"}, "not a map", {**good, "masked": "no"}, {**good, "extra": 1}):
+    for bad in ({**good, "items": 0, "found": 0, "actor": None}, {"kind": "write"}, "not a map",
+                {**good, "masked": "no"}, {**good, "metadata": 1}, {**good, "extra": 1}):
         with pytest.raises(InvalidRequest):
             await calls.handlers["read_points"]({"points": [good, bad]})
     with pytest.raises(InvalidRequest):

@@ -193,16 +193,16 @@ class CoreCalls:
             epoch = validate_epoch(point["epoch"])
             _int(point["items"], "items", 1, self._limits.max_items)
             return lambda: self._service.tokenize_read_point(epoch)
-        _members(point, ("kind", "items", "found", "actor", "masked", "active_epoch"))
+        _members(point, ("kind", "items", "found", "actor", "masked", "active_epoch", "metadata"))
         items = _int(point["items"], "items", 1, self._limits.max_items)
         found = _int(point["found"], "found", 0, items)
-        masked, active_epoch = point["masked"], point["active_epoch"]
-        if not isinstance(masked, bool):
-            raise InvalidRequest("masked must be a boolean")
+        masked, active_epoch, metadata = point["masked"], point["active_epoch"], point["metadata"]
+        if not isinstance(masked, bool) or not isinstance(metadata, bool):
+            raise InvalidRequest("masked and metadata must be booleans")
         actor = _checked_actor(point["actor"])
         checked_epoch = None if active_epoch is None else validate_epoch(active_epoch)
         return lambda: self._service.detokenize_read_point(items, found, actor, masked=masked,
-                                                           active_epoch=checked_epoch)
+                                                           active_epoch=checked_epoch, metadata=metadata)
 
     async def _rotate_epoch(self, arguments: dict[str, Any]) -> Any:
         _members(arguments, ("principal", "idempotency_key", "actor"))

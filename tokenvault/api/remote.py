@@ -397,7 +397,8 @@ class RemoteService:
             if keys is None:
                 return None
             epoch = keys.epoch
-        read = await self._read_from_view(tokens, opaque, formatted, epoch, actor, masked=masked, resolve=resolve)
+        read = await self._read_from_view(tokens, opaque, formatted, epoch, actor, masked=masked, resolve=resolve,
+                                          metadata=include_metadata)
         if read is None:
             return None
         values = read[0]
@@ -436,8 +437,8 @@ class RemoteService:
         return [texts.get(token) if token in answered else None for token in tokens]
 
     async def _read_from_view(self, tokens: list[str], opaque: list[str], formatted: list[str], epoch: int | None,
-                              actor: commands.Actor, *, masked: bool = False, resolve: bool = False
-                              ) -> tuple[list[str | None], dict[str, bytes]] | None:
+                              actor: commands.Actor, *, masked: bool = False, resolve: bool = False,
+                              metadata: bool = False) -> tuple[list[str | None], dict[str, bytes]] | None:
         """The values of ``tokens`` (``opaque`` ones and card or digits ones of ``epoch``) and the
         ciphertexts they came from, with the read guarantee of a detokenize, kept from a view that may
         lag (docs/guarantees.md):
@@ -448,7 +449,7 @@ class RemoteService:
            (after a read barrier; EpochChanged, nothing written: None), commits the audit record (saying
            "masked" for a masked reveal), applies everything committed before the request started, and
            returns the last index at which it removed or made unreadable any mapping (a delete, a
-           destroy, a purge, a snapshot);
+           destroy, a purge, a snapshot), or with ``metadata`` also set or replaced any metadata;
         3. the view catches up to that index if it is not there yet (seldom: only after a removal), the
            tokens are looked up again (a token deleted meanwhile is null, as the core would answer;
            later entries only add) and decrypted with the epoch keys as of the core's answer (its key
@@ -480,7 +481,7 @@ class RemoteService:
         try:
             index = await self.read_points.ask({
                 "kind": "detokenize", "items": len(tokens), "found": len(tokens), "actor": actor.fields(),
-                "masked": masked, "active_epoch": epoch if resolve else None})
+                "masked": masked, "active_epoch": epoch if resolve else None, "metadata": metadata})
         except EpochChanged:
             return None  # a rotation this worker has not heard of yet: nothing was written, the core answers
         try:

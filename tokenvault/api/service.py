@@ -638,15 +638,13 @@ class NodeService(LifecycleOperations, MembershipOperations):
             # As in detokenize: what this node found itself is answered once it applied the record's own
             # entry, and looked up again (the primary answered the rest after its own read barrier).
             await self._caught_up_to(index)
+            still = self._still_live(sorted(local), epoch, _now_ms())
+            found = {token: pair for token, pair in found.items() if token not in local or token in still}
             if include_metadata:
-                # Read again, not only checked: a tokenize acknowledged before the request started may
-                # have replaced a mapping's metadata since the first read.
-                again = self._read_mappings(sorted(local), epoch, True, _now_ms())
-                found = {token: again[token] if token in local else pair for token, pair in found.items()
-                         if token not in local or token in again}
-            else:
-                still = self._still_live(sorted(local), epoch, _now_ms())
-                found = {token: pair for token, pair in found.items() if token not in local or token in still}
+                # Read again: a tokenize acknowledged before the request started may have replaced a
+                # mapping's metadata since the first read.
+                now = self._read_metadata(sorted(local & still), epoch)
+                found = {token: (pair[0], now.get(token)) if token in local else pair for token, pair in found.items()}
             values = [found[token][0] if token in found else None for token in tokens]
         if masked:
             values = [None if value is None else formats.mask_value(value) for value in values]
@@ -657,7 +655,7 @@ class NodeService(LifecycleOperations, MembershipOperations):
         return document
 
     async def detokenize_read_point(self, items: int, found: int, actor: commands.Actor, *, masked: bool = False,
-                                    active_epoch: int | None = None) -> int:
+                                    active_epoch: int | None = None, metadata: bool = False) -> int:
         """For a detokenize (or a reveal) an HTTP worker answers from its own view of the store
         (tokenvault.core.store_reader): commit its audit record (``items`` tokens asked, ``found`` of them
         in the worker's view; "masked" for a masked reveal), catch up to that record's entry, which
@@ -669,14 +667,16 @@ class NodeService(LifecycleOperations, MembershipOperations):
 
         The worker's view only needs to have applied that index: entries after it only add mappings (or
         lengthen their lives), so a token live in a view at or past it is live now, and one the view
-        lacks is asked of the core. Deletes and destroys are rare, so the view seldom has to catch up."""
+        lacks is asked of the core. Deletes and destroys are rare, so the view seldom has to catch up.
+        ``metadata``: the worker answers metadata too, which a later tokenize may have replaced: the index
+        returned is then also at or past the last that did (Node.metadata_index)."""
         if active_epoch is not None:
             await self._read_barrier_anywhere()
             if self.node.store.active_epoch() != active_epoch:
                 raise EpochChanged("the worker's epoch is not the active one")
         index = await self._audit_counts(items, found, actor, MASKED_SUBJECT if masked else None)
         await self._caught_up_to(index)
-        return self.node.removal_index
+        return max(self.node.removal_index, self.node.metadata_index) if metadata else self.node.removal_index
 
     async def _audit_detokenize(self, values: list[str | None], actor: commands.Actor | None,
                                 subject: str | None) -> int | None:
@@ -763,14 +763,23 @@ class NodeService(LifecycleOperations, MembershipOperations):
                 if value is not None:
                     found[token] = (value, None)
         if include_metadata and found:
-            known_opaque = [token for token in opaque if token in found]
-            for token, ciphertext in store.metadata(None, known_opaque).items():
-                found[token] = (found[token][0], self._decrypt_metadata(parse_token(token).epoch, token, ciphertext))
-            if epoch is not None:
-                known_formatted = [token for token in formatted if token in found]
-                for token, ciphertext in store.metadata(epoch, known_formatted).items():
-                    found[token] = (found[token][0], self._decrypt_metadata(epoch, token, ciphertext))
+            for token, metadata in self._read_metadata(list(found), epoch).items():
+                found[token] = (found[token][0], metadata)
         return found
+
+    def _read_metadata(self, tokens: list[str], epoch: int | None) -> dict[str, str | None]:
+        """The metadata of those of ``tokens`` that have any here, decrypted (None where it does not
+        decrypt); card and digits tokens of ``epoch``."""
+        store = self.node.store
+        metadata: dict[str, str | None] = {}
+        opaque = [token for token in tokens if is_token(token)]
+        for token, ciphertext in store.metadata(None, opaque).items():
+            metadata[token] = self._decrypt_metadata(parse_token(token).epoch, token, ciphertext)
+        formatted = [token for token in tokens if not is_token(token)]
+        if epoch is not None and formatted:
+            for token, ciphertext in store.metadata(epoch, formatted).items():
+                metadata[token] = self._decrypt_metadata(epoch, token, ciphertext)
+        return metadata
 
     def _decrypt_metadata(self, epoch: int, token: str, ciphertext: bytes) -> str | None:
         if epoch not in self.node.keyring:

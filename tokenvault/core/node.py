@@ -210,6 +210,9 @@ class Node:
         # an HTTP worker's view of the store at or past it answers detokenize as this store would
         # (NodeService.detokenize_read_point). Everything before the store's state at open counts.
         self.removal_index = self.store.applied_index
+        # The last applied index at which a tokenize set or replaced a mapping's metadata (or a snapshot
+        # was installed): a worker's view at or past it answers a reveal's metadata as this store would.
+        self.metadata_index = self.store.applied_index
         self._applied_since_compact = 0
         self._applied_bytes_since_compact = 0
         # (index, payload bytes) of the newest applied entries: how far back the kept log reaches.
@@ -698,6 +701,7 @@ class Node:
         if pending is not None:
             self.shredder.note_pending(index, pending)
         self.removal_index = max(self.removal_index, index)
+        self.metadata_index = max(self.metadata_index, index)
         self.snapshots.close_later(old)
         self.keyring = self._keyring_of_store()
         self._keyring_changed()
@@ -728,6 +732,8 @@ class Node:
             if result is not None and entry.kind == EntryKind.COMMAND:
                 if result.kind not in ONLY_ADDING_KINDS:
                     self.removal_index = entry.index
+                if result.sets_metadata:
+                    self.metadata_index = entry.index
                 count, epoch = self._after_apply(entry, result)
                 if count:
                     issued[epoch] = issued.get(epoch, 0) + count

@@ -347,7 +347,8 @@ class VaultStore:
             response = json_bytes({"epoch": command.epoch, "tokens": [token for token, _ in command.items]})
             self._record_idempotency(command.principal, command.idempotency_key, TOKENIZE_KIND,
                                      command.fingerprint, 200, response, command.issued_at_ms, batch)
-        return ApplyResult(index, Outcome.OK, 200, response, TOKENIZE_KIND, command.epoch, len(command.items))
+        return ApplyResult(index, Outcome.OK, 200, response, TOKENIZE_KIND, command.epoch, len(command.items),
+                           sets_metadata=command.metadata is not None)
 
     def _apply_rotate(self, index: int, command: RotateEpochCommand, batch: Batch) -> ApplyResult:
         duplicate = self._existing_response(index, command.principal, command.idempotency_key,

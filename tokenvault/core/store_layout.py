@@ -206,6 +206,8 @@ class ApplyResult:
     kind: str = ""
     epoch: int = 0
     items: int = 0
+    # A tokenize that carried metadata: it set, or replaced, what its mappings' metadata reads as.
+    sets_metadata: bool = False
 
 
 @dataclass(frozen=True, slots=True)

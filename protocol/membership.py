@@ -33,6 +33,17 @@ def is_member_id(value: object) -> bool:
         return False
 
 
+def is_member_address(value: object) -> bool:
+    """Whether ``value`` can be a member's address: a string of at most MAX_ADDRESS_BYTES bytes in UTF-8
+    ("" when the static config has it)."""
+    if type(value) is not str:
+        return False
+    try:
+        return len(value.encode()) <= MAX_ADDRESS_BYTES
+    except UnicodeEncodeError:  # a lone surrogate, as JSON may carry
+        return False
+
+
 class MembershipError(ValueError):
     """A membership that breaks a rule, or a payload that is not one; the message names the rule."""
 
@@ -60,8 +71,8 @@ class Membership:
         for member in self.members:
             if not is_member_id(member.node_id):
                 raise MembershipError(f"a member id is a string of 1 to {MAX_NODE_ID_BYTES} bytes")
-            if not (type(member.address) is str and len(member.address.encode()) <= MAX_ADDRESS_BYTES):
-                raise MembershipError(f"a member address is a string of at most {MAX_ADDRESS_BYTES} bytes")
+            if not is_member_address(member.address):
+                raise MembershipError(f"a member address is a string of at most {MAX_ADDRESS_BYTES} bytes in UTF-8")
             if type(member.voter) is not bool:
                 raise MembershipError("a member's voter flag is a boolean")
         ids = [member.node_id for member in self.members]

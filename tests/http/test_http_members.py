@@ -68,3 +68,14 @@ async def test_member_endpoints_need_the_admin_scope(client: TestClient, key_rin
     await expect_problem(await client.get("/v1/admin/members"), 401)
     await expect_problem(await client.get("/v1/admin/members", headers=key_ring.bearer("tokenizer")), 403)
     await expect_problem(await client.post("/v1/admin/members/n1/remove", headers=key_ring.bearer("tokenizer")), 403)
+
+
+async def test_a_peer_addr_with_a_lone_surrogate_is_400_and_changes_nothing(
+        client: TestClient, key_ring: KeyRing, service: FakeService) -> None:
+    before = service.membership
+    body = b'{"node_id": "n4", "peer_addr": "h\\ud800:1"}'  # valid JSON, no valid UTF-8 string
+    response = await client.post("/v1/admin/members", data=body,
+                                 headers={**key_ring.bearer("admin"), "Content-Type": "application/json"})
+    problem = await expect_problem(response, 400)
+    assert problem["detail"] == "peer_addr must be host:port"
+    assert service.membership == before

@@ -501,15 +501,16 @@ def test_audit_export_stops_at_a_broken_link_and_exits_4(
 def test_member_add_adds_a_learner_retries_the_promotion_until_caught_up_and_remove_removes(
         runner: CliRunner, primary: FakeVaultServer) -> None:
     roles = {"n1": "voter"}
+    addresses = {"n1": None}  # as the service lists them: None for a member the static config has
     refusals = [1]
 
     def members(request: object) -> Reply:
         return Reply(200, {"primary_id": "n1", "configuration_index": 3, "committed": True, "commit_index": 9,
-                           "members": [{"id": node_id, "peer_addr": None, "role": role, "match_index": 9}
-                                       for node_id, role in roles.items()]})
+                           "members": [{"id": node_id, "peer_addr": addresses[node_id], "role": role,
+                                        "match_index": 9} for node_id, role in roles.items()]})
 
     def add(request: object) -> Reply:
-        roles["n4"] = "learner"
+        roles["n4"], addresses["n4"] = "learner", "127.0.0.1:8204"
         return Reply(201, {"action": "add", "node_id": "n4", "configuration_index": 4, "voters": ["n1"],
                            "learners": ["n4"]})
 
@@ -552,3 +553,116 @@ def test_key_create_help_names_every_scope_the_vault_knows(runner: CliRunner) ->
     result = runner.invoke(tokenvault, ["admin", "key", "create", "--help"])
     assert result.exit_code == 0
     assert all(scope in result.output for scope in ALL_SCOPES), result.output
+
+
+def _member_list(members: list[dict[str, object]], committed: bool) -> Reply:
+    return Reply(200, {"primary_id": "n1", "configuration_index": 7, "committed": committed,
+                       "commit_index": 7 if committed else 6, "members": members})
+
+
+_REFUSED = "urn:tokenvault:problem:membership-change-refused"
+
+
+def test_member_add_fails_when_the_promotion_it_finds_is_still_uncommitted_at_the_end_of_its_wait(
+        runner: CliRunner, primary: FakeVaultServer) -> None:
+    # The primary holds the promotion of n4 at index 7, not committed (commit index 6): a leader change may
+    # still truncate it, so the CLI must not say n4 is a voter.
+    members = [{"id": "n1", "peer_addr": None, "role": "voter", "match_index": 6},
+               {"id": "n4", "peer_addr": "127.0.0.1:8204", "role": "voter", "match_index": 6}]
+    primary.responders[("GET", "/v1/admin/members")] = lambda request: _member_list(members, committed=False)
+    result = runner.invoke(tokenvault, ["admin", "member", "add", "n4", "127.0.0.1:8204", "--wait", "2",
+                                        "--url", primary.url, "--api-key", ADMIN_KEY])
+    assert result.exit_code == 1, result.output
+    assert "not committed" in result.output
+    assert len(primary.calls("/v1/admin/members")) >= 2, "it polls the member list while it waits"
+
+
+def test_member_add_that_finds_its_change_being_committed_waits_for_the_commit_then_reports_it(
+        runner: CliRunner, primary: FakeVaultServer) -> None:
+    members = [{"id": "n1", "peer_addr": None, "role": "voter", "match_index": 6},
+               {"id": "n4", "peer_addr": "127.0.0.1:8204", "role": "voter", "match_index": 6}]
+    polls: list[int] = []
+
+    def listed(request: object) -> Reply:
+        polls.append(1)
+        return _member_list(members, committed=len(polls) > 3)
+
+    primary.responders[("GET", "/v1/admin/members")] = listed
+    result = runner.invoke(tokenvault, ["admin", "member", "add", "n4", "127.0.0.1:8204", "--wait", "10",
+                                        "--url", primary.url, "--api-key", ADMIN_KEY])
+    assert result.exit_code == 0, result.output
+    assert "n4 added as a voter" in result.output
+    assert len(polls) > 4, "it polled until the list said committed, then went on to the promotion"
+    assert not primary.calls("/v1/admin/members/n4/promote"), "a change found made is not proposed again"
+
+
+def test_member_add_of_an_id_taken_at_another_address_fails_and_says_to_remove_it_first(
+        runner: CliRunner, primary: FakeVaultServer) -> None:
+    # n3 is a member at 10.0.0.3 (say, dead); the operator adds a new node under the id n3 at 10.0.0.9.
+    members = [{"id": "n1", "peer_addr": None, "role": "voter", "match_index": 6},
+               {"id": "n3", "peer_addr": "10.0.0.3:8103", "role": "voter", "match_index": 0}]
+    primary.responders[("GET", "/v1/admin/members")] = lambda request: _member_list(members, committed=True)
+    for learner_only in ([], ["--learner-only"]):
+        result = runner.invoke(tokenvault, ["admin", "member", "add", "n3", "10.0.0.9:8103", "--wait", "2",
+                                            *learner_only, "--url", primary.url, "--api-key", ADMIN_KEY])
+        assert result.exit_code == 1, result.output  # nothing was added: n3 is still the old node
+        assert "10.0.0.3:8103" in result.output and "member remove n3" in result.output
+    assert [call.method for call in primary.calls("/v1/admin/members")] == ["GET", "GET"]
+    assert not primary.calls("/v1/admin/members/n3/promote")
+
+
+def test_member_remove_whose_first_try_timed_out_but_committed_exits_0(
+        runner: CliRunner, primary: FakeVaultServer) -> None:
+    roles = {"n1": "voter", "n4": "voter"}
+    tries = []
+
+    def members(request: object) -> Reply:
+        return _member_list([{"id": node_id, "peer_addr": None, "role": role, "match_index": 7}
+                             for node_id, role in roles.items()], committed=True)
+
+    def remove(request: object) -> Reply:
+        tries.append(1)
+        if len(tries) == 1:  # the change was proposed, and commits just after the node's own timeout
+            roles.pop("n4")
+            return Reply(503, {"type": "urn:tokenvault:problem:unavailable", "title": "Service Unavailable",
+                               "status": 503, "detail": "the change was not committed in time; it may still "
+                                                        "take effect: list the members to see"})
+        return Reply(409, {"type": _REFUSED, "title": "Conflict", "status": 409, "detail": "n4 is not a member"})
+
+    primary.responders[("GET", "/v1/admin/members")] = members
+    primary.responders[("POST", "/v1/admin/members/n4/remove")] = remove
+    result = runner.invoke(tokenvault, ["admin", "member", "remove", "n4", "--url", primary.url,
+                                        "--api-key", ADMIN_KEY])
+    assert "n4" not in roles and len(tries) == 2
+    assert result.exit_code == 0, result.output
+    assert "n4 removed" in result.output
+
+
+def test_member_remove_retries_while_another_change_is_pending_until_its_wait_ends(
+        runner: CliRunner, primary: FakeVaultServer) -> None:
+    roles = {"n1": "voter", "n4": "voter"}
+    refusals = [1]
+
+    def members(request: object) -> Reply:
+        return _member_list([{"id": node_id, "peer_addr": None, "role": role, "match_index": 7}
+                             for node_id, role in roles.items()], committed=True)
+
+    def remove(request: object) -> Reply:
+        if refusals:
+            refusals.pop()
+            return Reply(409, {"type": _REFUSED, "title": "Conflict", "status": 409,
+                               "detail": "a membership change is still being committed"},
+                         headers={"Retry-After": "1"})
+        roles.pop("n4")
+        return Reply(200, {"action": "remove", "node_id": "n4", "configuration_index": 8, "voters": ["n1"],
+                           "learners": []})
+
+    primary.responders[("GET", "/v1/admin/members")] = members
+    primary.responders[("POST", "/v1/admin/members/n4/remove")] = remove
+    options = ["--url", primary.url, "--api-key", ADMIN_KEY]
+    result = runner.invoke(tokenvault, ["admin", "member", "remove", "n4", "--wait", "10", *options])
+    assert result.exit_code == 0, result.output
+    assert "n4" not in roles and len(primary.calls("/v1/admin/members/n4/remove")) == 2
+    again = runner.invoke(tokenvault, ["admin", "member", "remove", "n4", *options])
+    assert again.exit_code == 0, again.output  # done already: nothing is sent again
+    assert len(primary.calls("/v1/admin/members/n4/remove")) == 2

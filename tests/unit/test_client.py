@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -9,8 +10,9 @@ import pytest
 
 from fake_vault_server import DROP, FakeVaultServer, Reply, closed_port_url, node_tls_files, problem
 from tokenvault.client import vault as client_module
-from tokenvault.client.vault import (AsyncClient, Client, ConfigurationError, Conflict, Forbidden, NoNodeAvailable,
-                               ResponseError, ServiceUnavailable, Unauthorized, normalize_urls)
+from tokenvault.client.vault import (AsyncClient, Client, ConfigurationError, Conflict, Forbidden,
+                                     MembershipChangeFailed, NoNodeAvailable, ResponseError, ServiceUnavailable,
+                                     Unauthorized, normalize_urls)
 
 API_KEY = "tvk_" + "A" * 43
 
@@ -237,5 +239,47 @@ def test_an_unusable_ca_file_is_a_configuration_error(tmp_path: Path) -> None:
         AsyncClient("https://127.0.0.1:1", API_KEY, ca_file=tmp_path / "missing.crt")
     garbage = tmp_path / "garbage.crt"
     garbage.write_text("not a certificate")
-    with pytest.raises(ConfigurationError, match="does not hold a PEM certificate"):
+    with pytest.raises(ConfigurationError, match="does not hold PEM certificates"):
         AsyncClient("https://127.0.0.1:1", API_KEY, ca_file=garbage)
+
+
+# ---------------------------------------------------------------- membership changes
+
+
+def _members_answer(node_ids: list[str], committed: bool) -> Reply:
+    return Reply(200, {"primary_id": "n1", "configuration_index": 7, "committed": committed,
+                       "commit_index": 7 if committed else 6,
+                       "members": [{"id": node_id, "peer_addr": None, "role": "voter", "match_index": 6}
+                                   for node_id in node_ids]})
+
+
+async def test_a_removal_the_list_shows_uncommitted_is_never_taken_as_done(node_a: FakeVaultServer) -> None:
+    # What run_cluster.sh remove-node calls before it stops the node and drops it from cluster.json: the
+    # removal of n4 is in effect at index 7, not committed, so it may still be undone by a leader change.
+    node_a.responders[("GET", "/v1/admin/members")] = lambda request: _members_answer(["n1", "n2"], False)
+    async with AsyncClient(node_a.url, API_KEY) as vault:
+        loop = asyncio.get_running_loop()
+        with pytest.raises(MembershipChangeFailed, match="not committed"):
+            await vault.change_member_once("remove", "n4", None, loop.time() + 1.2)
+    assert len(node_a.calls("/v1/admin/members")) >= 2, "it read the list again while it waited"
+    assert not node_a.calls("/v1/admin/members/n4/remove"), "a change found in effect is not proposed again"
+
+
+async def test_a_refused_retry_waits_until_the_list_says_its_change_committed(node_a: FakeVaultServer) -> None:
+    # The first try timed out (its outcome unknown) and the retry is refused: n4 is no member any more.
+    # That removal is done only once the list also says it is committed.
+    polls: list[int] = []
+
+    def members(request: object) -> Reply:
+        polls.append(1)
+        if len(polls) == 1:
+            return _members_answer(["n1", "n2", "n4"], True)
+        return _members_answer(["n1", "n2"], committed=len(polls) > 3)
+
+    node_a.responders[("GET", "/v1/admin/members")] = members
+    node_a.responders[("POST", "/v1/admin/members/n4/remove")] = lambda request: problem(
+        409, "Conflict", "n4 is not a member")
+    async with AsyncClient(node_a.url, API_KEY) as vault:
+        loop = asyncio.get_running_loop()
+        await vault.change_member_once("remove", "n4", None, loop.time() + 10)
+    assert len(polls) == 4 and len(node_a.calls("/v1/admin/members/n4/remove")) == 1

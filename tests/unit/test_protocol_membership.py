@@ -86,6 +86,15 @@ def test_a_payload_that_is_not_a_membership_is_refused(payload: bytes) -> None:
         Membership.decode(payload)
 
 
+@pytest.mark.parametrize("address", ["h\ud800:1", "h" * 261, b"h:1"])
+def test_a_member_address_that_is_not_a_short_utf8_string_is_a_membership_error(address: object) -> None:
+    # A lone surrogate (as JSON may carry) has no UTF-8 form: refused as the other bad addresses are.
+    with pytest.raises(MembershipError):
+        Membership.of(("n1",)).with_learner("n4", address)  # type: ignore[arg-type]
+    with pytest.raises(MembershipError):
+        Membership((Member("n1", address, True),))  # type: ignore[arg-type]
+
+
 def test_the_configuration_log_follows_truncation_compaction_and_snapshots() -> None:
     bootstrap = Membership.of(("n1", "n2", "n3"))
     with_learner = bootstrap.with_learner("n4", "h:4")

@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from protocol import Membership, MembershipError, NotPrimary, ProposalRejected, Role
-from protocol.membership import MAX_ADDRESS_BYTES
+from protocol.membership import is_member_address
 from tokenvault.config import NODE_ID_PATTERN, ConfigError, split_host_port
 from tokenvault.core.node import NodeBusy, ProposalLost, ProposalOutcomeUnknown
 from tokenvault.errors import InvalidRequest, MembershipChangeRefused, Outcome, Overloaded, Unavailable
@@ -41,7 +41,8 @@ def validate_member_change(action: object, node_id: object, peer_addr: object) -
         if peer_addr is not None:
             raise InvalidRequest("peer_addr is given only to add a member")
         return str(action), node_id, None
-    if not isinstance(peer_addr, str) or not 0 < len(peer_addr.encode()) <= MAX_ADDRESS_BYTES:
+    # is_member_address: at most MAX_ADDRESS_BYTES in UTF-8, which a lone surrogate (valid JSON) has no form in.
+    if not isinstance(peer_addr, str) or not peer_addr or not is_member_address(peer_addr):
         raise InvalidRequest("peer_addr must be host:port")
     try:
         split_host_port("peer_addr", peer_addr)

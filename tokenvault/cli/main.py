@@ -389,21 +389,31 @@ def member_list(connection: Connection, as_json: bool) -> None:
     Console().print(table)
 
 
+def _member_wait_option(command: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--wait", "wait_seconds", type=click.FloatRange(1, 86400), default=300.0, show_default=True,
+        help="Seconds to wait for the change to commit, retrying the refusals the cluster lifts by itself "
+             "(another change still committing, the learner still catching up); past them it fails.")(command)
+
+
 @member_group.command("add")
 @connection_options("admin")
 @click.argument("node_id")
 @click.argument("peer_addr")
 @click.option("--learner-only", is_flag=True, help="Add it as a learner and do not promote it.")
-@click.option("--wait", "wait_seconds", type=click.FloatRange(1, 86400), default=300.0, show_default=True,
-              help="Seconds to wait for the learner to catch up before its promotion.")
+@_member_wait_option
 def member_add(connection: Connection, node_id: str, peer_addr: str, learner_only: bool, wait_seconds: float) -> None:
     """Add NODE_ID (its peer listener at PEER_ADDR, host:port) as a learner, then promote it to voter once
-    it has caught up. The node must be running (tokenvault serve with join = true in its config)."""
+    it has caught up. The node must be running (tokenvault serve with join = true in its config).
+
+    A step the member list shows done and committed is skipped, so running it again is safe; an id that is
+    a member at another address is refused (remove it first)."""
 
     async def add() -> Any:
         async with connection.client() as vault:
             if learner_only:
-                return await vault.change_member("add", node_id, peer_addr)
+                deadline = asyncio.get_running_loop().time() + wait_seconds
+                return await vault.change_member_once("add", node_id, peer_addr, deadline)
             return await vault.add_voter(node_id, peer_addr, wait_seconds)
 
     run_client(add())
@@ -413,12 +423,17 @@ def member_add(connection: Connection, node_id: str, peer_addr: str, learner_onl
 @member_group.command("remove")
 @connection_options("admin")
 @click.argument("node_id")
-def member_remove(connection: Connection, node_id: str) -> None:
-    """Remove NODE_ID (live or dead; the primary steps down once its own removal commits)."""
+@_member_wait_option
+def member_remove(connection: Connection, node_id: str, wait_seconds: float) -> None:
+    """Remove NODE_ID (live or dead; the primary steps down once its own removal commits).
+
+    It returns once the removal is committed; one the member list shows done and committed is not
+    proposed again, so running it again is safe."""
 
     async def remove() -> Any:
         async with connection.client() as vault:
-            return await vault.change_member("remove", node_id)
+            deadline = asyncio.get_running_loop().time() + wait_seconds
+            return await vault.change_member_once("remove", node_id, None, deadline)
 
     run_client(remove())
     click.echo(f"{node_id} removed")

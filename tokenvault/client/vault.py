@@ -35,6 +35,8 @@ DEFAULT_RETRY_AFTER_CAP_SECONDS = 2.0
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 MAX_REMEMBERED_FAILURES = 12
 INITIAL_BACKOFF_SECONDS = 0.1
+# How often the member list is read again while it shows a change that is not committed yet.
+MEMBER_POLL_SECONDS = 0.5
 
 
 class VaultError(Exception):
@@ -56,6 +58,11 @@ class NoNodeAvailable(VaultError):
         self.failures = tuple(failures)
         summary = "; ".join(self.failures) if self.failures else "no attempt made"
         super().__init__(f"no node available: {summary}")
+
+
+class MembershipChangeFailed(VaultError):
+    """A membership change that cannot be reported made: the member list shows it but not committed when
+    the wait ended, or an id asked to be added is a member already at another peer address."""
 
 
 class ProblemError(VaultError):
@@ -547,33 +554,64 @@ class AsyncClient:
         return changed
 
     async def add_voter(self, node_id: str, peer_addr: str, wait_seconds: float = 300.0) -> dict[str, Any]:
-        """Add a node as a learner, wait until it has caught up and promote it. A step already done is
-        skipped, and a refusal that the step is done (after a retry whose first try's outcome was
-        unknown) counts as done, so a retry is safe. Refusals the cluster lifts by itself (a change
-        still committing, the learner still catching up: 409 with Retry-After) are retried until
-        ``wait_seconds`` pass."""
+        """Add a node as a learner, wait until it has caught up and promote it. A step already done (shown
+        committed by the member list) is skipped, and a refusal that the step is done (after a retry
+        whose first try's outcome was unknown) counts as done, so a retry is safe. A step the list shows
+        but not committed is waited for; refusals the cluster lifts by itself (a change still
+        committing, the learner still catching up: 409 with Retry-After) are retried; both until
+        ``wait_seconds`` pass (then MembershipChangeFailed or the refusal)."""
         deadline = asyncio.get_running_loop().time() + wait_seconds
         for action in ("add", "promote"):
             await self.change_member_once(action, node_id, peer_addr if action == "add" else None, deadline)
         return await self.list_members()
 
     async def change_member_once(self, action: str, node_id: str, peer_addr: str | None, deadline: float) -> None:
-        """Make one change unless it is made already (as the member list shows, before and after a refusal)."""
-        if await self._change_is_made(action, node_id):
+        """Make one change unless it is made already, as the member list shows it before and after a
+        409 refusal: made and committed. A change the list shows uncommitted (a leader change may still
+        undo it) is waited for until ``deadline`` (the loop's clock), then MembershipChangeFailed; an
+        "add" of an id that is a member at another peer address is MembershipChangeFailed at once."""
+        if await self._change_is_made(action, node_id, peer_addr, deadline):
             return
         try:
             await self.change_member_when_possible(action, node_id, peer_addr, deadline)
         except ProblemError as refused:
-            if refused.status != 409 or not await self._change_is_made(action, node_id):
+            if refused.status != 409 or not await self._change_is_made(action, node_id, peer_addr, deadline):
                 raise
 
-    async def _change_is_made(self, action: str, node_id: str) -> bool:
-        roles = {member.get("id"): member.get("role") for member in (await self.list_members())["members"]}
-        if action == "add":
-            return node_id in roles
-        if action == "promote":
-            return roles.get(node_id) == "voter"
-        return node_id not in roles
+    async def _change_is_made(self, action: str, node_id: str, peer_addr: str | None, deadline: float) -> bool:
+        """Whether the member list shows the change made and says the configuration is committed; while
+        it shows the change but not committed, it is read again until ``deadline``."""
+        loop = asyncio.get_running_loop()
+        while True:
+            listed = await self.list_members()
+            members = {member.get("id"): member for member in listed["members"] if isinstance(member, dict)}
+            member = members.get(node_id)
+            if action == "add":
+                if member is not None and member.get("peer_addr") != peer_addr:
+                    listed_addr = member.get("peer_addr")
+                    where = (f"at {listed_addr}" if isinstance(listed_addr, str)
+                             else "at the address the nodes' static config gives it")
+                    raise MembershipChangeFailed(
+                        f"{node_id} is already a member {where}, not at {peer_addr}; nothing was changed. To "
+                        f"add a node at {peer_addr} under this id, remove it first (tokenvault admin member "
+                        f"remove {node_id}), then add it again")
+                shown = member is not None
+            elif action == "promote":
+                shown = member is not None and member.get("role") == "voter"
+            else:
+                shown = member is None
+            if not shown:
+                return False
+            if listed.get("committed") is True:
+                return True
+            remaining_seconds = deadline - loop.time()
+            if remaining_seconds <= 0:
+                raise MembershipChangeFailed(
+                    f"the {action} of {node_id} is in the configuration at index "
+                    f"{listed.get('configuration_index')}, which is not committed (commit index "
+                    f"{listed.get('commit_index')}) at the end of the wait: a leader change may still undo it. "
+                    f"List the members to see, and run the change again (it is skipped once committed)")
+            await asyncio.sleep(min(MEMBER_POLL_SECONDS, remaining_seconds))
 
     async def change_member_when_possible(self, action: str, node_id: str, peer_addr: str | None,
                                           deadline: float) -> None:

@@ -6,7 +6,8 @@ for it), issues its certificate from the cluster CA, writes its config with
 asks the cluster (the admin API, as ``tokenvault admin member add`` does) to add
 it as a learner and to promote it once it has caught up. remove-node asks the
 cluster to remove a node, live or dead, then stops it if it runs. Both return
-once the change is committed, and keep cluster.json in step.
+once the change is committed (a change the member list shows but not committed
+is waited for, never taken as done), and keep cluster.json in step.
 """
 
 from __future__ import annotations
@@ -130,7 +131,9 @@ def remove_node(directory: Path | str, node_id: str, timeout_seconds: float = DE
     try:
         asyncio.run(remove())
     except VaultError as error:
-        raise ClusterError(f"{node_id} was not removed: {error}") from None
+        # Not stopped nor dropped from cluster.json: a removal not committed yet may still be undone.
+        raise ClusterError(f"{node_id} was not removed, or its removal is not committed yet: {error}; it is "
+                           f"kept in cluster.json and not stopped: run remove-node {node_id} again") from None
     report(f"{node_id} removed from the configuration (committed)")
     with _locked(spec.directory):
         pid = running_pid(node)

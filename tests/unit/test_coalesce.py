@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import msgpack
 import pytest
 
+from tokenvault.api import coalesce
 from tokenvault.api.coalesce import TokenizeCoalescer
 from tokenvault.core import commands
 from tokenvault.errors import Unavailable
@@ -232,31 +234,53 @@ async def test_close_fails_the_requests_of_held_batches() -> None:
     await asyncio.gather(first, return_exceptions=True)
 
 
-async def held_behind_a_slow_entry(timeout_seconds: float, slow_for: float
+class StoppedClock:
+    """The coalescer's monotonic clock, moved by the test alone: what a batch is left of its timeout
+    does not depend on how busy the machine running the test is."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    @staticmethod
+    def time() -> float:
+        return time.time()
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> StoppedClock:
+    stopped = StoppedClock()
+    monkeypatch.setattr(coalesce, "time", stopped)
+    return stopped
+
+
+async def held_behind_a_slow_entry(clock: StoppedClock, timeout_seconds: float, slow_for: float
                                    ) -> tuple[GatedProposals, TokenizeCoalescer, Any]:
-    """A request held behind an entry that takes ``slow_for`` seconds to be answered (answered now)."""
+    """A request held behind an entry that takes ``slow_for`` seconds (of ``clock``) to be answered."""
     proposals = GatedProposals()
     coalescer = TokenizeCoalescer(proposals, timeout_seconds=timeout_seconds)
     first = asyncio.create_task(coalescer.submit(1, items("a", 1)))
     await until(lambda: len(proposals.commands) == 1, "the first entry")
     held = asyncio.create_task(coalescer.submit(1, items("b", 1)))
-    await asyncio.sleep(slow_for)
+    await asyncio.sleep(0)
+    clock.now += slow_for
     proposals.releases[0].set()
     await first
     return proposals, coalescer, held
 
 
-async def test_a_held_batch_gets_only_what_is_left_of_the_request_timeout() -> None:
-    proposals, _, held = await held_behind_a_slow_entry(0.5, slow_for=0.2)
+async def test_a_held_batch_gets_only_what_is_left_of_the_request_timeout(clock: StoppedClock) -> None:
+    proposals, _, held = await held_behind_a_slow_entry(clock, 0.5, slow_for=0.2)
     await until(lambda: len(proposals.commands) == 2, "the held batch proposed")
-    assert proposals.timeouts[0] == pytest.approx(0.5, abs=0.05)
-    assert 0 < proposals.timeouts[1] <= 0.31  # held about 0.2 s of its 0.5
+    assert proposals.timeouts == [pytest.approx(0.5), pytest.approx(0.3)]  # held 0.2 s of its 0.5
     proposals.releases[1].set()
     await held
 
 
-async def test_a_batch_held_past_the_request_timeout_fails_without_being_proposed() -> None:
-    proposals, coalescer, held = await held_behind_a_slow_entry(0.1, slow_for=0.15)
+async def test_a_batch_held_past_the_request_timeout_fails_without_being_proposed(clock: StoppedClock) -> None:
+    proposals, coalescer, held = await held_behind_a_slow_entry(clock, 0.1, slow_for=0.15)
     with pytest.raises(Unavailable, match="not proposed"):
         await asyncio.wait_for(held, 2)
     assert len(proposals.commands) == 1 and coalescer.entries_timed_out == 1

@@ -6,7 +6,7 @@ carries out the ``Ready`` batches it returns.
 """
 
 from protocol.codec import DEFAULT_MAX_FRAME_BYTES, PROTOCOL_VERSION, FrameDecoder, decode_body, encode_frame
-from protocol.errors import NotPrimary, ProposalRejected, ProtocolError
+from protocol.errors import EntryTooLarge, NotPrimary, ProposalRejected, ProtocolError
 from protocol.membership import Member, Membership, MembershipError
 from protocol.messages import (MESSAGE_REGISTRY, MESSAGE_TYPES, AppendEntries, AppendReply, ForwardRequest,
                                ForwardResponse, Heartbeat, HeartbeatReply, Hello, HelloProof, HelloRefused,
@@ -20,7 +20,7 @@ from protocol.types import INITIAL_HARD_STATE, Entry, EntryKind, HardState
 
 __all__ = [
     "DEFAULT_MAX_FRAME_BYTES", "PROTOCOL_VERSION", "FrameDecoder", "decode_body", "encode_frame",
-    "NotPrimary", "ProposalRejected", "ProtocolError",
+    "EntryTooLarge", "NotPrimary", "ProposalRejected", "ProtocolError",
     "Member", "Membership", "MembershipError", "MembershipChanged",
     "MESSAGE_REGISTRY", "MESSAGE_TYPES", "AppendEntries", "AppendReply", "ForwardRequest", "ForwardResponse",
     "Heartbeat", "HeartbeatReply", "Hello", "HelloProof", "HelloRefused", "InstallSnapshot", "Message", "Ping",

@@ -34,3 +34,12 @@ class ProposalRejected(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(f"proposal rejected: {reason}")
         self.reason = reason
+
+
+class EntryTooLarge(ProposalRejected):
+    """A proposal larger than any entry may be (``max_entry_bytes``): no retry can succeed."""
+
+    def __init__(self, size: int, bound: int) -> None:
+        super().__init__("payload larger than max_entry_bytes")
+        self.size = size
+        self.bound = bound

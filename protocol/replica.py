@@ -12,7 +12,7 @@ import zlib
 from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol
 
-from protocol.errors import NotPrimary, ProposalRejected
+from protocol.errors import EntryTooLarge, NotPrimary, ProposalRejected
 from protocol.membership import ConfigurationLog, Membership, MembershipError
 from protocol.messages import (AppendEntries, AppendReply, Heartbeat, HeartbeatReply, InstallSnapshot, Message,
                                PreVote, PreVoteReply, ReadIndex, ReadIndexReply, RequestVote, SnapshotReply,
@@ -283,7 +283,7 @@ class Replica:
         if self._role is not Role.PRIMARY:
             raise NotPrimary(self._primary_id)
         if len(payload) > self._config.max_entry_bytes:
-            raise ProposalRejected("payload larger than max_entry_bytes")
+            raise EntryTooLarge(len(payload), self._config.max_entry_bytes)
         if self._log.last_index - self._commit_index >= self._config.max_uncommitted_entries:
             raise ProposalRejected("too many uncommitted entries")
         entry = Entry(self._log.last_index + 1, self._view, EntryKind.COMMAND, payload)

@@ -22,8 +22,8 @@ from typing import Any, Mapping
 from urllib.parse import urlsplit
 
 from tokenvault.auth import ALL_SCOPES, PRINCIPAL_NAME_PATTERN, ApiKeyEntry, ApiKeyTable, ApiKeyTableError
-from tokenvault.crypto.keys import (MASTER_KEY_ENVIRONMENT_VARIABLE, CryptoError, KeyWrapper, MasterKey, read_secret_file,
-                               take_from_environment)
+from tokenvault.crypto.keys import (MASTER_KEY_ENVIRONMENT_VARIABLE, MAX_VALUE_BYTES, CryptoError, KeyWrapper, MasterKey,
+                                   read_secret_file, take_from_environment)
 from tokenvault.crypto.tls import NodeTlsFiles
 from tokenvault.smallfiles import FileTooLarge, read_small_file
 
@@ -247,7 +247,7 @@ class LimitsConfig:
 
     def __post_init__(self) -> None:
         _check_int("limits.max_items", self.max_items, 1, 100_000)
-        _check_int("limits.max_value_bytes", self.max_value_bytes, 1, 1024 * 1024)
+        _check_int("limits.max_value_bytes", self.max_value_bytes, 1, MAX_VALUE_BYTES)
         _check_int("limits.max_body_bytes", self.max_body_bytes, 1024, 1024 * 1024 * 1024)
 
 
@@ -832,6 +832,8 @@ def parse_config(text: str) -> NodeConfig:
     except tomllib.TOMLDecodeError as error:
         # The decoder's message names a line and column, never the content.
         raise ConfigError(f"not valid TOML: {error}") from None
+    except RecursionError:  # the decoder recurses into nested arrays and tables
+        raise ConfigError("not valid TOML for a node config: nested too deeply") from None
     return config_from_mapping(document)
 
 

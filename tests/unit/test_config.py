@@ -263,6 +263,13 @@ def test_broken_toml_is_a_config_error() -> None:
         parse_config('node_id = "n1\n')
 
 
+def test_toml_nested_too_deeply_is_a_config_error_not_a_traceback() -> None:
+    """The TOML decoder recurses into nested arrays: a file well under the 1 MiB bound raised RecursionError,
+    which `tokenvault serve` printed as a traceback (checked on the code before)."""
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        parse_config("x = " + "[" * 100_000 + "]" * 100_000 + "\n")
+
+
 def test_load_config_reads_files_and_prefixes_errors(tmp_path: Path) -> None:
     path = tmp_path / "node.toml"
     path.write_text(FULL_EXAMPLE)

@@ -25,6 +25,9 @@ from tokenvault.crypto.keys import (
     read_secret_file,
     write_secret_file,
 )
+from tokenvault.config import ConfigError, LimitsConfig
+from tokenvault.core import commands
+from tokenvault.crypto import keys as keys_module
 from tokenvault.crypto.tokens import TokenFormatError, encode_token_body, is_token, parse_token
 
 FIXED_MASTER = bytes(range(32))
@@ -292,3 +295,30 @@ def test_master_key_must_be_32_bytes() -> None:
             MasterKey(bad)
     with pytest.raises(MasterKeyError):
         MasterKey.from_hex("00" * 16)
+
+
+def test_a_value_of_the_largest_configurable_size_is_accepted_everywhere_and_decrypts() -> None:
+    """[limits] max_value_bytes may be 1 MiB, and the log takes its ciphertext; decryption refused any
+    ciphertext over 1 MiB, so such a value was acknowledged and read back as null for ever (checked on
+    the code before). One bound now serves all three."""
+    keys = EpochKeys(1, new_epoch_secret())
+    value = "a" * keys_module.MAX_VALUE_BYTES
+    assert LimitsConfig(max_value_bytes=keys_module.MAX_VALUE_BYTES).max_value_bytes == len(value)
+    with pytest.raises(ConfigError):
+        LimitsConfig(max_value_bytes=keys_module.MAX_VALUE_BYTES + 1)
+    token, ciphertext = keys.seal(value)
+    assert len(ciphertext) == keys_module.MAX_CIPHERTEXT_BYTES == commands.MAX_CIPHERTEXT_BYTES
+    commands.TokenizeCommand(1, ((token, ciphertext),), None, None, None, 0)  # the log takes it
+    assert keys.decrypt(token, ciphertext) == value
+
+
+def test_a_key_file_with_whitespace_between_its_hex_digits_is_refused(tmp_path: Path) -> None:
+    """bytes.fromhex skips whitespace inside the text: 62 digits and two spaces passed the length check and
+    gave a 31-byte cluster secret (checked on the code before)."""
+    path = tmp_path / "cluster.secret"
+    path.write_text("ab" * 15 + "  " + "cd" * 16 + "\n")
+    os.chmod(path, 0o600)
+    with pytest.raises(SecretFileError, match="exactly 64 hex characters"):
+        read_secret_file(path, "cluster secret", 32)
+    path.write_text("ab" * 32 + "\n")
+    assert read_secret_file(path, "cluster secret", 32) == bytes.fromhex("ab" * 32)

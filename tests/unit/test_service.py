@@ -1396,3 +1396,28 @@ def test_the_largest_allowed_forwarded_bodies_decode_and_a_list_past_the_bound_i
     with pytest.raises(InvalidRequest):
         _forwarded_arguments(ForwardRequest(request_id=1, kind=TOKENIZE, body=past), FORWARDED_MEMBERS[TOKENIZE],
                              _max_forwarded_bytes(limits))
+
+
+async def test_a_tokenize_whose_entry_no_log_entry_can_hold_is_413_not_retry_later(tmp_path: Path) -> None:
+    """[limits] may allow a request (here 12,000 values with 1 KiB of metadata each) whose log entry is over
+    the log's entry bound. That was answered 503 overloaded, "retry later", which no retry could ever get
+    past (checked on the code before); it is 413, nothing stored, and a smaller request still passes."""
+    import dataclasses
+
+    from node_support import make_configs, start_node
+    from tokenvault.config import LimitsConfig
+    from tokenvault.errors import PayloadTooLarge
+
+    config = make_configs(tmp_path, 1)[0]
+    running = await start_node(dataclasses.replace(config, limits=LimitsConfig(max_items=20_000)))
+    try:
+        await wait_until(lambda: running.node.store.active_epoch() >= 1, 10, "epoch 1")
+        metadata = json.dumps({"note": "m" * 990}, separators=(",", ":"))
+        values = [f"value-{number}" for number in range(12_000)]
+        with pytest.raises(PayloadTooLarge) as raised:
+            await running.service.tokenize("p", values, None, metadata_json=metadata)
+        assert raised.value.status == 413 and "log entry" in raised.value.detail
+        assert running.node.store.token_count() == 0
+        assert (await running.service.tokenize("p", values[:1000], None, metadata_json=metadata)).status == 200
+    finally:
+        await running.close()

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 import msgpack
 
-from protocol import ForwardRequest, ForwardResponse, NotPrimary, ProposalRejected, Role
+from protocol import EntryTooLarge, ForwardRequest, ForwardResponse, NotPrimary, ProposalRejected, Role
 from protocol.codec import unpack_bounded
 from tokenvault import auth
 from tokenvault.core import commands
@@ -584,6 +584,10 @@ class NodeService(LifecycleOperations, MembershipOperations):
             raise Unavailable("the primary changed before the write committed; it had no effect") from None
         except NodeBusy:
             raise Overloaded("the primary's work queue is full; the write had no effect: retry later") from None
+        except EntryTooLarge as too_large:
+            raise PayloadTooLarge(f"the request needs a log entry of {too_large.size} bytes, over the log's "
+                                  f"{too_large.bound}-byte bound; it had no effect: send fewer or smaller values, "
+                                  "or less metadata") from None
         except ProposalRejected as rejected:
             raise Overloaded(f"the primary refused the write ({rejected.reason}); it had no effect: "
                              "retry later") from None
@@ -974,12 +978,18 @@ class NodeService(LifecycleOperations, MembershipOperations):
     # ------------------------------------------------------------------ audit trail
     async def audit_page(self, after: int, limit: int) -> dict[str, Any]:
         """This node's applied audit records after ``after``: never forwarded, so a verifier can read
-        each node's own copy of the chain."""
+        each node's own copy of the chain.
+
+        ``next_after`` is null on the last page: one with fewer than ``limit`` records (none included) or
+        one that reaches the head. A page is never continued past a short one, even when the head names a
+        later record: those records are missing (cut off on disk), and the verifier, at the end of its
+        walk, compares the last record it checked with ``last_seq`` and reports them."""
         records = self.node.store.audit_page(after, limit)
         last = records[-1]["seq"] if records else after
         anchor_seq, anchor_hash = self.node.store.audit_anchor
-        return {"records": records, "last_seq": self.node.store.audit_seq,
-                "next_after": last if last < self.node.store.audit_seq else None,
+        head = self.node.store.audit_seq
+        return {"records": records, "last_seq": head,
+                "next_after": last if len(records) == limit and last < head else None,
                 # After a trim the first record links to the hash of the last one dropped.
                 "anchor": {"seq": anchor_seq, "hash": anchor_hash.hex()} if anchor_seq else None}
 

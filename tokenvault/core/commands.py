@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import msgpack
 
+from tokenvault.crypto import keys
+
 COMMAND_FORMAT_VERSION = 1
 TOKENIZE_TAG = 1
 ROTATE_EPOCH_TAG = 2
@@ -38,8 +40,7 @@ AUDIT_HASH_BYTES = 32
 
 MAX_ITEMS = 100_000
 MAX_TOKEN_CHARS = 128
-# The largest configurable value is 1 MiB; AES-SIV adds a 16-byte tag.
-MAX_CIPHERTEXT_BYTES = (1 << 20) + 16
+MAX_CIPHERTEXT_BYTES = keys.MAX_CIPHERTEXT_BYTES  # the largest configurable value, sealed
 MAX_PRINCIPAL_CHARS = 255
 MAX_IDEMPOTENCY_KEY_CHARS = 255
 MAX_FINGERPRINT_BYTES = 64

@@ -57,8 +57,13 @@ METADATA_CONTEXT = b"tokenvault metadata"
 # A key file holds 64 hex characters and perhaps a newline; anything far
 # larger is not a key file and is refused before it is read.
 _MAX_SECRET_FILE_BYTES = 1024
-# A 4096-byte value with AES-SIV's 16-byte tag, with generous headroom.
-_MAX_CIPHERTEXT_BYTES = 1 << 20
+_HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
+# The largest value the vault seals ([limits] max_value_bytes may be at most this), and its ciphertext:
+# AES-SIV adds a 16-byte tag. Every bound on a stored ciphertext (the log's, this module's) is this one,
+# so a value accepted is a value that decrypts.
+MAX_VALUE_BYTES = 1 << 20
+SIV_TAG_BYTES = 16
+MAX_CIPHERTEXT_BYTES = MAX_VALUE_BYTES + SIV_TAG_BYTES
 
 
 class CryptoError(Exception):
@@ -106,6 +111,9 @@ def _parse_hex_key(text: str, description: str, expected_bytes: int) -> bytes:
         raise MasterKeyError(
             f"{description} must be {2 * expected_bytes} hex characters, got {len(stripped)}"
         )
+    if not all(character in _HEX_DIGITS for character in stripped):
+        # bytes.fromhex would skip whitespace inside and hand back a shorter key.
+        raise MasterKeyError(f"{description} must be {2 * expected_bytes} hex characters, with nothing between them")
     try:
         return bytes.fromhex(stripped)
     except ValueError:
@@ -443,7 +451,7 @@ class EpochKeys:
         return self._cipher.encrypt(_encode_value(value), [token.encode("ascii")])
 
     def decrypt(self, token: str, ciphertext: bytes) -> str:
-        if not isinstance(ciphertext, (bytes, bytearray)) or len(ciphertext) > _MAX_CIPHERTEXT_BYTES:
+        if not isinstance(ciphertext, (bytes, bytearray)) or len(ciphertext) > MAX_CIPHERTEXT_BYTES:
             raise DecryptError("ciphertext has an invalid type or size")
         try:
             associated_data = token.encode("ascii")
@@ -457,7 +465,7 @@ class EpochKeys:
         return self._cipher.encrypt(document, [METADATA_CONTEXT, token.encode("ascii")])
 
     def decrypt_metadata(self, token: str, ciphertext: bytes) -> bytes:
-        if not isinstance(ciphertext, (bytes, bytearray)) or len(ciphertext) > _MAX_CIPHERTEXT_BYTES:
+        if not isinstance(ciphertext, (bytes, bytearray)) or len(ciphertext) > MAX_CIPHERTEXT_BYTES:
             raise DecryptError("metadata ciphertext has an invalid type or size")
         try:
             return self._cipher.decrypt(bytes(ciphertext), [METADATA_CONTEXT, token.encode("ascii")])

@@ -40,6 +40,15 @@ WORKER_START_SECONDS = 30.0
 OPEN_FILES_WHEN_UNLIMITED = 1 << 20
 
 
+def forbid_core_dumps() -> None:
+    """No core file from this process or those it starts (the HTTP workers and the sealer inherit the
+    limit): a crash's core would hold the master key and the epoch keys in the core's memory, the derived
+    keys in a worker's, on disk, readable by whoever reads the dump directory. A crash still says where
+    it happened (enable_crash_stacks)."""
+    _, hard = resource.getrlimit(resource.RLIMIT_CORE)
+    resource.setrlimit(resource.RLIMIT_CORE, (0, hard))
+
+
 def raise_open_files_limit() -> int:
     """Raise this process's soft limit on open files to its hard limit; the HTTP workers and the sealer
     inherit it. Every HTTP connection and every store table file is a descriptor, and many systems
@@ -63,8 +72,9 @@ async def run_node(config: NodeConfig, config_path: Path | None = None) -> int:
     With ``http.workers`` W > 0 (the default: the machine's cores minus one) the HTTP port is served by
     W worker processes (tokenvault.api.worker), started from ``config_path``; this process is the
     node's core. With W = 0, or without a config file to give the workers, it serves HTTP itself."""
-    # Everything the node writes (log, WAL, store) is for its owner only.
+    # Everything the node writes (log, WAL, store) is for its owner only, and no core dump holds its keys.
     os.umask(0o077)
+    forbid_core_dumps()
     configure_logging(config.node_id, Path(config.log_file) if config.log_file else None, config.log_level)
     log_loop_exceptions(asyncio.get_running_loop())
     open_files, needed = raise_open_files_limit(), config.http.max_connections + OPEN_FILES_HEADROOM

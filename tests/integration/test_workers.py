@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import re
+import resource
 import signal
 import sys
 import time
@@ -51,11 +53,22 @@ def single(tmp_path: Path) -> ClusterHarness:
     harness.stop()
 
 
+# The nodes this module starts inherit a core-file limit above 0 where the hard limit allows one, so that
+# the check that a node forbids core files can fail.
+_, _CORE_HARD = resource.getrlimit(resource.RLIMIT_CORE)
+resource.setrlimit(resource.RLIMIT_CORE, (1 << 20 if _CORE_HARD == resource.RLIM_INFINITY else min(1 << 20, _CORE_HARD),
+                                          _CORE_HARD))
+
+
 def test_the_node_runs_its_configured_workers_on_one_port(single: ClusterHarness) -> None:
     assert HTTP_WORKERS >= 1, "run with TOKENVAULT_IT_HTTP_WORKERS of at least 1"
     pid = single.pid("n1")
     assert pid is not None
     assert len(worker_pids(pid)) == HTTP_WORKERS
+    # No process of the node may write a core file: one would hold its keys (docs/security.md).
+    for process in (pid, *worker_pids(pid)):
+        limits = Path(f"/proc/{process}/limits").read_text()
+        assert re.search(r"^Max core file size\s+0\s", limits, re.MULTILINE), (process, limits)
     metrics = single.metrics_text("n1")
     # The core's replication state and every worker's HTTP layer, in one exposition.
     assert "tokenvault_commit_index" in metrics

@@ -255,7 +255,7 @@ async def test_members_move_to_a_new_ca_by_reloads_with_no_link_refused_on_the_w
     _expect_error(NodeTlsFiles(old.nodes["n1"].cert_file, old.nodes["n1"].key_file, new.ca_cert_file),
                   "not signed by the CA", str(new.ca_cert_file))
     _expect_error(NodeTlsFiles(old.nodes["n1"].cert_file, old.nodes["n1"].key_file, new.nodes["n1"].cert_file),
-                  "not signed by the CA")
+                  "is not a CA")
 
 
 def test_a_ca_file_of_too_many_certificates_or_none_is_refused(cluster_files: tls.ClusterTlsFiles,
@@ -267,6 +267,43 @@ def test_a_ca_file_of_too_many_certificates_or_none_is_refused(cluster_files: tl
     empty = tmp_path / "empty.crt"
     empty.write_bytes(b"no certificate here\n")
     _expect_error(NodeTlsFiles(files.cert_file, files.key_file, empty), "does not hold PEM certificates")
+
+
+def test_a_node_certificate_the_peer_links_cannot_use_is_refused_when_loaded(
+        cluster_files: tls.ClusterTlsFiles, tmp_path: Path) -> None:
+    """A certificate brought through [tls] whose extended key usage leaves out client (or server)
+    authentication passed the checks, and every link the node dialed was refused by the other member
+    (checked on the code before): the same certificate serves both ends of a peer link."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    ca = tls.load_certificate(cluster_files.ca_cert_file)
+    ca_key = tls.load_private_key(cluster_files.ca_key_file)
+    for usages, missing in (([ExtendedKeyUsageOID.SERVER_AUTH], "client"),
+                            ([ExtendedKeyUsageOID.CLIENT_AUTH], "server")):
+        key = ec.generate_private_key(ec.SECP256R1())
+        now = datetime.datetime.now(datetime.timezone.utc)
+        certificate = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "n1")]))
+            .issuer_name(ca.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                                                        x509.UniformResourceIdentifier(tls.node_identity_uri("n1"))]),
+                           critical=False)
+            .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+            .sign(ca_key, hashes.SHA256()))  # type: ignore[arg-type]
+        cert_file, key_file = tmp_path / f"{missing}.crt", tmp_path / f"{missing}.key"
+        cert_file.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+        key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                               serialization.NoEncryption()))
+        os.chmod(key_file, 0o600)
+        message = _expect_error(NodeTlsFiles(cert_file, key_file, cluster_files.ca_cert_file), str(cert_file),
+                                f"may not be used for {missing} authentication", node_id="n1")
+        with pytest.raises(TlsError):
+            tls.load_node_tls(NodeTlsFiles(cert_file, key_file, cluster_files.ca_cert_file), "n1")
+        assert "BEGIN" not in message
 
 
 def test_peer_node_ids_ignores_other_names() -> None:

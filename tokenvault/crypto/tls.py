@@ -282,6 +282,9 @@ def _checked_certificates(files: NodeTlsFiles, node_id: str | None,
     ca_certificates = load_ca_certificates(files.ca_file)
     for ca_certificate in ca_certificates:
         _check_validity(ca_certificate, files.ca_file, "CA certificate", now)
+        if not _is_ca(ca_certificate):
+            raise TlsError(f"CA certificate file {str(files.ca_file)!r} holds a certificate that is not a CA "
+                           "(its basic constraints do not say CA)")
     certificate = load_certificate(files.cert_file, "node certificate")
     _check_validity(certificate, files.cert_file, "node certificate", now)
     key = load_private_key(files.key_file, "node private key")
@@ -291,10 +294,33 @@ def _checked_certificates(files: NodeTlsFiles, node_id: str | None,
     if not any(_issued_by(certificate, ca_certificate) for ca_certificate in ca_certificates):
         raise TlsError(f"node certificate {str(files.cert_file)!r} is not signed by "
                        f"{'the CA' if len(ca_certificates) == 1 else 'any CA'} in {str(files.ca_file)!r}")
+    missing = _missing_key_usages(certificate)
+    if missing:
+        # The peer links use one certificate at both ends: the dialer's as a client's, the acceptor's as a
+        # server's; the other member would refuse every link it makes or takes.
+        raise TlsError(f"node certificate {str(files.cert_file)!r} may not be used for {' and '.join(missing)} "
+                       "authentication, which the peer links need (extended key usage)")
     if node_id is not None and node_id not in certificate_node_ids(certificate):
         raise TlsError(f"node certificate {str(files.cert_file)!r} does not name node {node_id!r} "
                        f"(expected the subject alternative name {node_identity_uri(node_id)})")
     return certificate, min(ca_certificates, key=lambda ca_certificate: ca_certificate.not_valid_after_utc)
+
+
+def _is_ca(certificate: x509.Certificate) -> bool:
+    try:
+        return bool(certificate.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
+    except x509.ExtensionNotFound:
+        return False
+
+
+def _missing_key_usages(certificate: x509.Certificate) -> list[str]:
+    """Of server and client, the uses a certificate's extended key usage leaves out (none without one)."""
+    try:
+        usages = certificate.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        return []
+    return [name for name, usage in (("server", ExtendedKeyUsageOID.SERVER_AUTH),
+                                     ("client", ExtendedKeyUsageOID.CLIENT_AUTH)) if usage not in usages]
 
 
 def _issued_by(certificate: x509.Certificate, ca_certificate: x509.Certificate) -> bool:

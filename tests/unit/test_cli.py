@@ -387,16 +387,17 @@ def _audit_records(count: int) -> list[dict]:
 
 def _serve_audit(server: FakeVaultServer, records: list[dict], last_seq: int | None = None,
                  anchor: dict | None = None) -> None:
-    pages = [records[start:start + 1000] for start in range(0, max(len(records), 1), 1000)]
-    served = iter(range(len(pages)))
+    """Answer GET /v1/admin/audit as a node does (NodeService.audit_page): up to ``limit`` of ``records``
+    after ``after``, ``last_seq`` the head (default: the last record's seq), ``next_after`` null on a page
+    shorter than ``limit`` (none included) or one reaching the head."""
+    head = (records[-1]["seq"] if records else 0) if last_seq is None else last_seq
 
     def respond(request):
-        number = next(served)
-        page = pages[number]
-        more = number + 1 < len(pages)
-        head = (records[-1]["seq"] if records else 0) if last_seq is None else last_seq
-        return Reply(200, {"records": page, "last_seq": head, "next_after": page[-1]["seq"] if more else None,
-                           "anchor": anchor})
+        after, limit = int(request.query["after"]), int(request.query["limit"])
+        page = [record for record in records if record["seq"] > after][:limit]
+        last = page[-1]["seq"] if page else after
+        return Reply(200, {"records": page, "last_seq": head,
+                           "next_after": last if len(page) == limit and last < head else None, "anchor": anchor})
 
     server.responders[("GET", "/v1/admin/audit")] = respond
 
@@ -666,3 +667,55 @@ def test_member_remove_retries_while_another_change_is_pending_until_its_wait_en
     again = runner.invoke(tokenvault, ["admin", "member", "remove", "n4", *options])
     assert again.exit_code == 0, again.output  # done already: nothing is sent again
     assert len(primary.calls("/v1/admin/members/n4/remove")) == 2
+
+
+def test_key_create_whose_answer_is_lost_is_not_sent_again_to_the_next_node(
+        runner: CliRunner, primary: FakeVaultServer, backup: FakeVaultServer) -> None:
+    """The first node creates the key (the cluster commits it) and the connection drops before the answer;
+    the CLI must not create a second key through the next node (no Idempotency-Key protects it)."""
+    from fake_vault_server import DROP
+
+    created: list[str] = []
+
+    def create_then_drop(request: object) -> str:
+        created.append("via n1")
+        return DROP
+
+    def create(request: object) -> Reply:
+        created.append("via n2")
+        return Reply(201, {**_key_entry(), "key": RUNTIME_KEY})
+
+    primary.responders[("POST", "/v1/admin/keys")] = create_then_drop
+    backup.responders[("POST", "/v1/admin/keys")] = create
+    result = runner.invoke(tokenvault, ["admin", "key", "create", "--name", "ci", "--scope", "admin",
+                                        "--url", f"{primary.url},{backup.url}", "--api-key", ADMIN_KEY])
+    assert created == ["via n1"], f"one create command made {len(created)} keys: {created}"
+    assert result.exit_code != 0 and "unknown" in result.stderr and "tokenvault admin key list" in result.stderr
+    assert RUNTIME_KEY not in result.output and ADMIN_KEY not in result.output
+
+
+def test_key_revoke_whose_answer_is_lost_does_not_report_failure(
+        runner: CliRunner, primary: FakeVaultServer, backup: FakeVaultServer) -> None:
+    """The revoke is applied, its answer lost; the retry on the next node then finds no such key (404)."""
+    from fake_vault_server import DROP
+
+    key_id = "0123456789abcdef"
+    revoked: set[str] = set()
+    path = f"/v1/admin/keys/{key_id}/revoke"
+
+    def revoke_then_drop(request: object) -> str:
+        revoked.add(key_id)
+        return DROP
+
+    def revoke(request: object) -> Reply:
+        if key_id in revoked:
+            return problem(404, "Not Found", "no runtime API key has this id (it may have been revoked already)")
+        revoked.add(key_id)
+        return Reply(200, {"id": key_id, "revoked": True})
+
+    primary.responders[("POST", path)] = revoke_then_drop
+    backup.responders[("POST", path)] = revoke
+    result = runner.invoke(tokenvault, ["admin", "key", "revoke", key_id, "--url", f"{primary.url},{backup.url}",
+                                        "--api-key", ADMIN_KEY])
+    assert key_id in revoked
+    assert result.exit_code == 0, f"the key is revoked, yet: exit {result.exit_code}: {result.output}"

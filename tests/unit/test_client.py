@@ -11,8 +11,8 @@ import pytest
 from fake_vault_server import DROP, FakeVaultServer, Reply, closed_port_url, node_tls_files, problem
 from tokenvault.client import vault as client_module
 from tokenvault.client.vault import (AsyncClient, Client, ConfigurationError, Conflict, Forbidden,
-                                     MembershipChangeFailed, NoNodeAvailable, ResponseError, ServiceUnavailable,
-                                     Unauthorized, normalize_urls)
+                                     MembershipChangeFailed, NoNodeAvailable, NotFound, OutcomeUnknown,
+                                     ResponseError, ServiceUnavailable, Unauthorized, normalize_urls)
 
 API_KEY = "tvk_" + "A" * 43
 
@@ -283,3 +283,83 @@ async def test_a_refused_retry_waits_until_the_list_says_its_change_committed(no
         loop = asyncio.get_running_loop()
         await vault.change_member_once("remove", "n4", None, loop.time() + 10)
     assert len(polls) == 4 and len(node_a.calls("/v1/admin/members/n4/remove")) == 1
+
+
+async def test_an_in_flight_409_after_a_503_that_may_still_take_effect_is_retried() -> None:
+    """The rotate's first try is answered 503 "it may still take effect"; the keyed retry then finds it still
+    in flight (409), and a moment later its replay: the 503 left the outcome as unknown as a dropped
+    connection does."""
+    answers = iter([
+        problem(503, "Service Unavailable", "the write was not confirmed by a majority in time; it may still "
+                                            "take effect", {"Retry-After": "1"}),
+        problem(409, "Conflict", "a request with this Idempotency-Key is still in progress"),
+        Reply(201, {"epoch": 2}, {"Idempotent-Replayed": "true"}),
+    ])
+    with FakeVaultServer("n1", api_key=API_KEY) as node:
+        node.responders[("POST", "/v1/admin/epochs")] = lambda request: next(answers)
+        async with AsyncClient(node.url, API_KEY, retry_after_cap_seconds=0.05) as vault:
+            result = await vault.rotate_epoch()
+    assert result.epoch == 2 and result.replayed
+
+
+_CREATED = {"id": "0123456789abcdef", "name": "ci", "scopes": ["admin"], "created_at": "2026-01-01T00:00:00Z",
+            "key": "tvk1_0123456789abcdef_" + "x" * 43}
+
+
+async def test_a_key_create_whose_connection_drops_is_not_resent_and_says_the_outcome_is_unknown(
+        node_a: FakeVaultServer, node_b: FakeVaultServer) -> None:
+    node_a.responders[("POST", "/v1/admin/keys")] = lambda request: DROP
+    node_b.responders[("POST", "/v1/admin/keys")] = lambda request: Reply(201, _CREATED)
+    async with AsyncClient([node_a.url, node_b.url], API_KEY) as vault:
+        with pytest.raises(OutcomeUnknown) as caught:
+            await vault.create_key("ci", ["admin"])
+    assert node_b.calls("/v1/admin/keys") == [] and len(node_a.calls("/v1/admin/keys")) == 1
+    assert "unknown" in str(caught.value) and "tokenvault admin key list" in str(caught.value)
+    assert API_KEY not in str(caught.value)
+
+
+async def test_a_key_create_answered_503_may_still_take_effect_is_not_resent(
+        node_a: FakeVaultServer, node_b: FakeVaultServer) -> None:
+    node_a.responders[("POST", "/v1/admin/keys")] = lambda request: problem(
+        503, "Service unavailable", "the write was not confirmed by a majority in time; it may still take effect "
+                                    "(once): retry, ideally with an Idempotency-Key", {"Retry-After": "1"})
+    node_b.responders[("POST", "/v1/admin/keys")] = lambda request: Reply(201, _CREATED)
+    async with AsyncClient([node_a.url, node_b.url], API_KEY) as vault:
+        with pytest.raises(OutcomeUnknown, match="may still take effect"):
+            await vault.create_key("ci", ["admin"])
+    assert node_b.calls("/v1/admin/keys") == []
+
+
+async def test_a_key_create_moves_on_past_a_refused_connection_and_a_503_that_had_no_effect(
+        node_b: FakeVaultServer) -> None:
+    with FakeVaultServer("n3", api_key=API_KEY) as busy:
+        busy.responders[("POST", "/v1/admin/keys")] = lambda request: Reply(
+            503, {"type": "urn:tokenvault:problem:overloaded", "title": "Service unavailable", "status": 503,
+                  "detail": "the primary's work queue is full"}, {"Retry-After": "1"})
+        node_b.responders[("POST", "/v1/admin/keys")] = lambda request: Reply(201, _CREATED)
+        async with AsyncClient([closed_port_url(), busy.url, node_b.url], API_KEY) as vault:
+            info = await vault.create_key("ci", ["admin"])
+    assert info.id == "0123456789abcdef" and info.key == _CREATED["key"]
+    assert len(node_b.calls("/v1/admin/keys")) == 1
+
+
+async def test_a_revoke_retried_after_a_lost_answer_that_finds_no_key_is_done(
+        node_a: FakeVaultServer, node_b: FakeVaultServer) -> None:
+    path = "/v1/admin/keys/0123456789abcdef/revoke"
+    node_a.responders[("POST", path)] = lambda request: DROP
+    node_b.responders[("POST", path)] = lambda request: problem(404, "Not Found", "no runtime API key has this id")
+    async with AsyncClient([node_a.url, node_b.url], API_KEY) as vault:
+        result = await vault.revoke_key("0123456789abcdef")
+    assert result.id == "0123456789abcdef" and result.already_gone
+    assert len(node_b.calls(path)) == 1
+
+
+async def test_a_revoke_of_a_missing_key_at_the_first_try_is_still_not_found(node_a: FakeVaultServer) -> None:
+    path = "/v1/admin/keys/0123456789abcdef/revoke"
+    node_a.responders[("POST", path)] = lambda request: problem(404, "Not Found", "no runtime API key has this id")
+    async with AsyncClient(node_a.url, API_KEY) as vault:
+        with pytest.raises(NotFound):
+            await vault.revoke_key("0123456789abcdef")
+    node_a.responders[("POST", path)] = lambda request: Reply(200, {"id": "0123456789abcdef", "revoked": True})
+    async with AsyncClient(node_a.url, API_KEY) as vault:
+        assert not (await vault.revoke_key("0123456789abcdef")).already_gone

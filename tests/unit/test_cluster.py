@@ -518,3 +518,131 @@ def test_demo_story_reads_only_recent_story_events_and_shows_only_safe_fields(tm
     assert [record["event"] for record in records] == ["primary.elected", "peer.down"]
     assert demo.describe_fields(records[0]) == "view=7 primary=n2"
     assert demo.describe_fields(records[1]) == "peer=n1"
+
+
+# ---------------------------------------------------------------- restore with the wrong key; wedged workers
+
+
+def _backup_under(master_key: MasterKey, directory: Path) -> Path:
+    """A backup file of a real store at (41, 3) whose epoch 1 secret is wrapped by ``master_key``."""
+    from protocol import Entry, EntryKind
+    from tokenvault.core.commands import RotateEpochCommand, encode_command
+    from tokenvault.core.snapshots import SnapshotSource, take_checkpoint
+    from tokenvault.core.store import VaultStore
+    from tokenvault.crypto.keys import new_epoch_secret
+
+    store = VaultStore.open(directory / "source")
+    entries = [Entry(index, 3, EntryKind.NOOP, b"") for index in range(1, 41)]
+    rotate = RotateEpochCommand(1, master_key.wrap_epoch_secret(1, new_epoch_secret()), 1_000, None, None, None)
+    entries.append(Entry(41, 3, EntryKind.COMMAND, encode_command(rotate)))
+    store.apply_batch(entries)
+    source = SnapshotSource.from_checkpoint(*take_checkpoint(store, directory / "work"), None)
+    path = directory / "vault.backup"
+    with open(path, "wb") as handle:
+        source.write_to(handle)
+    source.close()
+    store.close()
+    return path
+
+
+def _key_files(directory: Path, **keys: MasterKey) -> dict[str, Path]:
+    paths = {}
+    for name, key in keys.items():
+        paths[name] = directory / f"{name}.key"
+        paths[name].write_text(key.to_hex())
+        paths[name].chmod(0o600)
+    return paths
+
+
+def test_a_restore_refused_for_the_wrong_master_key_leaves_no_key_behind_and_can_be_retried(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """README: a restore that fails leaves nothing behind; one given the wrong master.key must leave nothing
+    that stops the same restore with the right key."""
+    monkeypatch.delenv("TOKENVAULT_KEY_DIR", raising=False)
+    right, wrong = MasterKey.generate(), MasterKey.generate()
+    backup = _backup_under(right, tmp_path)
+    keys = _key_files(tmp_path, right=right, wrong=wrong)
+    restored = tmp_path / "restored"
+    with pytest.raises(ClusterError, match="master key does not open"):
+        cluster.restore_cluster(restored, backup, keys["wrong"], 1, ports=free_port_pairs(1),
+                                settings=NodeSettings(tls=False))
+    assert not restored.exists()
+    assert not cluster.key_directory(restored).exists()
+    # The same restore with the right key (the nodes are not started here).
+    monkeypatch.setattr(cluster, "start_cluster", lambda directory, **options: (cluster.load_cluster(directory), []))
+    cluster.restore_cluster(restored, backup, keys["right"], 1, ports=free_port_pairs(1),
+                            settings=NodeSettings(tls=False))
+    assert (restored / "cluster.json").exists()
+    assert MasterKey.from_file(cluster.key_directory(restored) / "master.key").to_hex() == right.to_hex()
+
+
+def test_a_failed_restore_keeps_a_key_directory_that_was_there_before(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A key directory shared through TOKENVAULT_KEY_DIR: a failed restore removes only what it created."""
+    right, wrong = MasterKey.generate(), MasterKey.generate()
+    backup = _backup_under(right, tmp_path)
+    keys = _key_files(tmp_path, right=right, wrong=wrong)
+    shared = tmp_path / "shared-keys"
+    shared.mkdir(mode=0o700)
+    (shared / "notes.txt").write_text("kept")
+    monkeypatch.setenv("TOKENVAULT_KEY_DIR", str(shared))
+    with pytest.raises(ClusterError, match="master key does not open"):
+        cluster.restore_cluster(tmp_path / "restored", backup, keys["wrong"], 1, ports=free_port_pairs(1),
+                                settings=NodeSettings(tls=False))
+    assert sorted(entry.name for entry in shared.iterdir()) == ["notes.txt"]
+    # A key directory that holds another key refuses the restore before anything is written.
+    right.write_file(shared / "master.key")
+    with pytest.raises(ClusterError, match="already holds another master key"):
+        cluster.restore_cluster(tmp_path / "restored", backup, keys["wrong"], 1, ports=free_port_pairs(1),
+                                settings=NodeSettings(tls=False))
+    assert not (tmp_path / "restored").exists()
+    assert MasterKey.from_file(shared / "master.key").to_hex() == right.to_hex()
+
+
+STUCK_WORKER = ("import subprocess, sys\n"
+                "subprocess.Popen([sys.executable, '-c', 'import signal, time; "
+                "signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(120)'])\n")
+
+
+@pytest.mark.parametrize("command", ["kill", "stop"])
+def test_kill_and_stop_sigkill_a_node_process_that_outlives_its_core(
+        fake_serve: None, cluster_directory: Path, monkeypatch: pytest.MonkeyPatch, command: str) -> None:
+    """A node whose worker does not exit by itself (wedged) after its core is SIGKILLed: `kill` and `stop`
+    SIGKILL it with the node's process group, say so, and leave the node's ports free for a restart."""
+    monkeypatch.setenv("FAKE_NODE_IGNORE_SIGTERM", "1")
+    monkeypatch.setattr(cluster, "_serve_command", lambda node: [
+        sys.executable, "-c", STUCK_WORKER + FAKE_NODE_SOURCE, "serve", "--config", str(node.config)])
+    monkeypatch.setattr(cluster, "CHILDREN_EXIT_TIMEOUT_SECONDS", 0.5)
+    spec, _ = cluster.init_cluster(cluster_directory, 1, ports=free_port_pairs(1), settings=NodeSettings(tls=False))
+    cluster.start_cluster(cluster_directory, timeout_seconds=20)
+    pid = cluster.running_pid(spec.nodes[0])
+    assert pid is not None
+    deadline = cluster.time.monotonic() + 10
+    while len(cluster._group_members(pid)) < 2 and cluster.time.monotonic() < deadline:
+        cluster.time.sleep(0.05)
+    messages: list[str] = []
+    try:
+        if command == "kill":
+            cluster.kill_node(cluster_directory, "n1", messages.append)
+        else:
+            cluster.stop_cluster(cluster_directory, 0.3, messages.append)
+        assert cluster._group_members(pid) == []
+        assert any("outlived it by 0.5 s: killed them with SIGKILL" in message for message in messages), messages
+        cluster._check_ports_free(spec.nodes[0])
+    finally:
+        for process in cluster._group_members(pid):
+            os.kill(process, 9)
+
+
+def test_a_group_whose_id_is_a_live_process_again_is_not_signalled(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The group id is the dead core's pid: when a live process holds that pid (it was reused, which Linux
+    does only once the node's group was empty), nothing is signalled."""
+    monkeypatch.setattr(cluster, "CHILDREN_EXIT_TIMEOUT_SECONDS", 0.2)
+    stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    try:
+        messages: list[str] = []
+        assert cluster._end_group_of_dead_core("n1", stranger.pid, messages.append) is None
+        assert stranger.poll() is None and messages == []
+    finally:
+        stranger.kill()
+        stranger.wait()

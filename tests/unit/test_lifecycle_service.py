@@ -392,6 +392,44 @@ async def _backup_never_answers_a_deleted_value(trio: Cluster, audit: bool, remo
     assert await revealed == {"values": [None]}
 
 
+async def test_a_detokenize_answered_null_by_a_backup_that_applied_the_delete_late_is_audited_as_found(
+        trio: Cluster) -> None:
+    """docs/security.md, "Audit trail": a detokenize's (or reveal's) ``found`` counts the tokens that had a
+    value when first looked up. A backup that had not applied an acknowledged delete looks the token up,
+    commits the record (found 1), applies the delete while catching up to the record's entry and answers
+    null: the record keeps found 1 (counting the final answer would take a read barrier before every
+    record, a round trip per detokenize)."""
+    primary = await trio.wait_for_stable_primary()
+    (token,) = body(await primary.service.tokenize("p", ["counted"], None))["tokens"]
+    lagging = trio.backups()[0]
+    await wait_until(lambda: lagging.node.store.lookup([token]), 5, "the backup to apply the token")
+    transport = lagging.node.transport
+    assert transport is not None
+    deliver = transport._on_message
+
+    def without_appends(sender: str, message: object) -> None:
+        if not isinstance(message, (AppendEntries, Heartbeat)):  # it still forwards and hears answers
+            deliver(sender, message)
+
+    def records() -> dict[str, dict]:
+        return {record["request_id"]: record for record in primary.node.store.audit_page(0, 1000)
+                if record["action"] == "detokenize" and record["node"] == lagging.node_id}
+
+    transport._on_message = without_appends
+    try:
+        await primary.service.delete_tokens([token], ACTOR)
+        assert lagging.node.store.lookup([token]), "the backup has not applied the delete"
+        asked = asyncio.create_task(lagging.service.detokenize([token], commands.Actor(name="r", request_id="d")))
+        revealed = asyncio.create_task(lagging.service.reveal([token], commands.Actor(name="r", request_id="v")))
+        await wait_until(lambda: {"d", "v"} <= set(records()), 5, "the backup's audit records to commit")
+        assert not asked.done() and not revealed.done()
+    finally:
+        transport._on_message = deliver
+    assert await asked == [None]
+    assert await revealed == {"values": [None]}
+    assert [(records()[request]["items"], records()[request]["found"]) for request in "dv"] == [(1, 1), (1, 1)]
+
+
 async def test_a_deleted_value_tokenized_again_gets_the_same_token_and_a_replay_resurrects_nothing(
         single: RunningNode) -> None:
     service = single.service

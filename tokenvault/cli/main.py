@@ -29,7 +29,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import click
 from rich.console import Console
@@ -350,12 +350,13 @@ def key_list(connection: Connection, as_json: bool) -> None:
 def key_revoke(connection: Connection, key_id: str) -> None:
     """Revoke the key KEY_ID: every node refuses it within a second of this command's success."""
 
-    async def revoke() -> None:
+    async def revoke() -> Any:
         async with connection.client() as vault:
-            await vault.revoke_key(key_id)
+            return await vault.revoke_key(key_id)
 
-    run_client(revoke())
-    click.echo(f"key {key_id} revoked")
+    result = run_client(revoke())
+    click.echo(f"key {key_id} revoked" + (" (it was already gone: an earlier try, whose answer was lost, "
+                                          "revoked it)" if result.already_gone else ""))
 
 
 @admin.group("member")
@@ -445,29 +446,73 @@ def audit_group() -> None:
     """Check the hash-chained audit trail."""
 
 
-async def _walk_audit(connection: Connection, verifier: Any, on_record: Callable[[dict[str, Any]], None]) -> tuple[int, Any]:
-    """Page through the whole trail, checking each record in order; (head seq, first ChainBreak or None).
+# `audit verify` and `audit export`: the trail was trimmed (its anchor moved past the last record verified)
+# while the walk ran, or its anchor changed otherwise (pages from nodes at different points). Nothing was
+# found broken; the walk cannot go on: run it again (README, "Exit codes").
+EXIT_AUDIT_TRIMMED = 5
 
-    ``on_record`` sees every record that verified, in order, before the first broken one."""
+
+class _AuditWalk(NamedTuple):
+    last_seq: int  # the trail's head as the last page named it
+    broken: Any  # the first ChainBreak, or None
+    # Set when the trail changed under the walk (a trim past what was verified): why, and the anchor now.
+    changed: str | None = None
+    anchor_now: int | None = None
+
+
+async def _walk_audit(connection: Connection, verifier: Any, on_record: Callable[[dict[str, Any]], None]) -> _AuditWalk:
+    """Page through the whole trail, checking each record in order, and, wherever the walk ends, that the
+    last record checked is the head the node names (records cut off at the end are missing).
+
+    ``on_record`` sees every record that verified, in order, before the first broken one. The anchor is
+    read on every page: a trim that commits during the walk moves it, and once it has moved past the
+    last record verified the records between are gone (trimmed, not tampered with) and the walk stops."""
     from tokenvault.audit_chain import ChainBreak
 
     after = 0
+    anchor: tuple[int, str] | None = None
     async with connection.client() as vault:
         while True:
             page = await vault.audit_page(after, AUDIT_PAGE_RECORDS)
             try:
-                if after == 0 and page.anchor is not None:
-                    _start_at_anchor(verifier, page.anchor)
+                if after == 0:
+                    anchor = page.anchor
+                    if anchor is not None:
+                        _start_at_anchor(verifier, anchor)
+                elif page.anchor != anchor:
+                    changed = _anchor_change(verifier, anchor, page.anchor)
+                    if changed is not None:
+                        return _AuditWalk(page.last_seq, None, changed, page.anchor[0] if page.anchor else None)
+                    anchor = page.anchor  # a trim of records already verified: the rest still follows them
                 for record in page.records:
                     verifier.check(record)
                     on_record(record)
-                if page.next_after is None and verifier.last_seq != page.last_seq:
-                    raise ChainBreak(verifier.last_seq + 1, f"is missing: the trail's head is record {page.last_seq}")
+                # A page with no next one ends the walk, and so does a next_after that does not move on
+                # (older nodes answered a full last page with next_after set, then an empty page with
+                # next_after = after): either way the last record checked must be the head.
+                next_after = page.next_after
+                if next_after is None or next_after <= after:
+                    if verifier.last_seq != page.last_seq:
+                        raise ChainBreak(verifier.last_seq + 1,
+                                         f"is missing: the trail's head is record {page.last_seq}")
+                    return _AuditWalk(page.last_seq, None)
             except ChainBreak as broken:
-                return page.last_seq, broken
-            if page.next_after is None or page.next_after <= after:
-                return page.last_seq, None
-            after = page.next_after
+                return _AuditWalk(page.last_seq, broken)
+            after = next_after
+
+
+def _anchor_change(verifier: Any, before: tuple[int, str] | None, now: tuple[int, str] | None) -> str | None:
+    """Why the walk cannot go on now that the anchor is ``now`` (it was ``before``), or None when it can:
+    a trim through a record already verified leaves the records after it linked as they were."""
+    if now is not None and now[0] > (before[0] if before else 0):
+        if now[0] <= verifier.last_seq:
+            return None
+        return (f"audit trail trimmed through record {now[0]} during the walk, past the last record verified "
+                f"({verifier.last_seq}); nothing was found broken: run again")
+    # No trim does this (the anchor only moves forward): the pages came from nodes at different points,
+    # or the node changed under the walk.
+    return (f"audit trail's anchor changed during the walk (record {before[0] if before else 0} to "
+            f"{now[0] if now else 0}); nothing was found broken: run again against one node")
 
 
 def _start_at_anchor(verifier: Any, anchor: tuple[int, str]) -> None:
@@ -482,12 +527,20 @@ def _start_at_anchor(verifier: Any, anchor: tuple[int, str]) -> None:
         raise ChainBreak(seq + 1, "the trail's anchor hash is malformed") from None
 
 
-def _report_audit(verifier: Any, last_seq: int, broken: Any, as_json: bool, extra: dict[str, Any]) -> None:
+def _report_audit(verifier: Any, walk: _AuditWalk, as_json: bool, extra: dict[str, Any],
+                  partial_note: str = "") -> None:
+    """The summary, and the exit: 4 at a broken link, 5 when the trail was trimmed under the walk."""
+    broken = walk.broken
     if as_json:
-        click.echo(json.dumps({"ok": broken is None, "verified": verifier.count, "last_seq": last_seq,
-                               "head_hash": verifier.previous_hash.hex(), "anchor_seq": verifier.anchor_seq,
-                               "broken_seq": broken.seq if broken else None,
-                               "reason": broken.reason if broken else None, **extra}))
+        summary = {"ok": broken is None and walk.changed is None, "verified": verifier.count,
+                   "last_seq": walk.last_seq, "head_hash": verifier.previous_hash.hex(),
+                   "anchor_seq": verifier.anchor_seq, "broken_seq": broken.seq if broken else None,
+                   "reason": broken.reason if broken else walk.changed, **extra}
+        if walk.changed is not None:
+            summary["trimmed_through"] = walk.anchor_now
+        click.echo(json.dumps(summary))
+    elif walk.changed is not None:
+        click.echo(f"{walk.changed} ({verifier.count} records verified){partial_note}", err=True)
     elif broken is None:
         since = f" after the anchor at record {verifier.anchor_seq}" if verifier.anchor_seq else ""
         click.echo(f"audit trail intact: {verifier.count} records{since}, head record {verifier.last_seq}, "
@@ -497,18 +550,22 @@ def _report_audit(verifier: Any, last_seq: int, broken: Any, as_json: bool, extr
                    f"({verifier.count} records before it verified)", err=True)
     if broken is not None:
         sys.exit(EXIT_AUDIT_BROKEN)
+    if walk.changed is not None:
+        sys.exit(EXIT_AUDIT_TRIMMED)
 
 
 @audit_group.command("verify")
 @connection_options("admin")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def audit_verify(connection: Connection, as_json: bool) -> None:
-    """Walk every page of the audit trail and check its hash chain; exit 4 at the first broken link."""
+    """Walk every page of the audit trail and check its hash chain, up to the head the node names; exit 4
+    at the first broken link (records missing at the end included), 5 if a trim during the walk dropped
+    records it had not reached yet (run it again)."""
     from tokenvault.audit_chain import ChainVerifier
 
     verifier = ChainVerifier()
-    last_seq, broken = run_client(_walk_audit(connection, verifier, lambda record: None))
-    _report_audit(verifier, last_seq, broken, as_json, {})
+    walk = run_client(_walk_audit(connection, verifier, lambda record: None))
+    _report_audit(verifier, walk, as_json, {})
 
 
 @audit_group.command("export")
@@ -520,7 +577,9 @@ def audit_export(connection: Connection, out_path: str, as_json: bool) -> None:
     """Write the whole audit trail to FILE as JSON lines, verifying the chain on the way.
 
     Every line keeps its hashes, so the copy can be checked again later. Records after a broken
-    link are not written and the command exits 4."""
+    link are not written and the command exits 4; a trim during the export that dropped records it
+    had not reached yet stops it with exit 5 (FILE then holds only the records before: export again
+    to another file)."""
     from tokenvault.audit_chain import ChainVerifier
 
     try:
@@ -532,8 +591,9 @@ def audit_export(connection: Connection, out_path: str, as_json: bool) -> None:
         def write(record: dict[str, Any]) -> None:
             handle.write(json.dumps(record, separators=(",", ":"), sort_keys=True) + "\n")
 
-        last_seq, broken = run_client(_walk_audit(connection, verifier, write))
-    _report_audit(verifier, last_seq, broken, as_json, {"file": out_path})
+        walk = run_client(_walk_audit(connection, verifier, write))
+    _report_audit(verifier, walk, as_json, {"file": out_path},
+                  f"; {out_path} holds only those: export again to another file")
 
 
 @audit_group.command("trim")
@@ -567,8 +627,17 @@ def audit_trim(connection: Connection, through_seq: int, through_hash: str, yes:
                    f"dropped); anchor {result.anchor_hash}")
 
 
-def _read_lines(source: Any) -> list[str]:
-    return [line.rstrip("\r\n") for line in source if line.strip()]
+def _read_lines(source: Any, what: str) -> list[str]:
+    """One item a line, each line whole (a value of spaces is a value): empty lines at the end are
+    dropped, one between two items is refused, since skipping it would pair every later output line
+    with the wrong input line."""
+    lines = [line.rstrip("\r\n") for line in source]
+    while lines and not lines[-1]:
+        lines.pop()
+    empty = next((number for number, line in enumerate(lines, 1) if not line), None)
+    if empty is not None:
+        raise click.UsageError(f"line {empty} is empty: give one {what} a line, with no empty line between")
+    return lines
 
 
 def _batches(items: list[str]) -> list[list[str]]:
@@ -589,7 +658,7 @@ def tokenize(connection: Connection, idempotency_key: str | None, as_json: bool,
 
     Values are read from stdin only, so they never appear in a command line or shell history.
     """
-    values = _read_lines(sys.stdin)
+    values = _read_lines(sys.stdin, "value")
     if not values:
         raise click.UsageError("no values on stdin (one value per line)")
     batches = _batches(values)
@@ -620,7 +689,7 @@ def detokenize(connection: Connection, tokens: tuple[str, ...], as_json: bool, e
 
     An unknown token prints an empty line (null with --json) and a note on stderr.
     """
-    token_list = list(tokens) or _read_lines(sys.stdin)
+    token_list = list(tokens) or _read_lines(sys.stdin, "token")
     if not token_list:
         raise click.UsageError("no tokens given (arguments or stdin, one per line)")
 
@@ -635,6 +704,10 @@ def detokenize(connection: Connection, tokens: tuple[str, ...], as_json: bool, e
     if as_json:
         click.echo(json.dumps(values, ensure_ascii=False))
     else:
+        if any(value is not None and ("\n" in value or "\r" in value) for value in values):
+            # One value a line cannot show it: every later line would be paired with the wrong token.
+            raise click.ClickException("a value holds a line break, which one value a line cannot show; "
+                                       "nothing was printed: run again with --json")
         for value in values:
             click.echo("" if value is None else value)
     unknown = sum(value is None for value in values)

@@ -5,7 +5,10 @@
 API, so the client keeps the node that answered last and moves on to the next
 URL when a node cannot be reached or answers 503; after a full round of
 failures it waits (honouring Retry-After, capped) and tries again until its
-deadline. `Client` is a small synchronous wrapper for scripts and the CLI.
+deadline. A request that is not safe to repeat (a key create) is never sent
+again once its outcome is unknown (the connection dropped after it was sent, it
+timed out, or a 503 did not say it had no effect): that is `OutcomeUnknown`.
+`Client` is a small synchronous wrapper for scripts and the CLI.
 
 Errors are typed: a problem+json answer becomes a `ProblemError` subclass that
 carries the server's fields; no node reachable is `NoNodeAvailable`. No error
@@ -60,6 +63,20 @@ class NoNodeAvailable(VaultError):
         super().__init__(f"no node available: {summary}")
 
 
+class OutcomeUnknown(VaultError):
+    """A request that is not safe to repeat was sent, and whether it took effect is unknown: the connection
+    dropped after it was sent, it timed out, or a node answered 503 without saying it had no effect. It was
+    not sent again (a repeat could take effect twice); ``check`` says how to find out what happened."""
+
+    def __init__(self, action: str, url: str, reason: str, check: str) -> None:
+        self.action = action
+        self.url = url
+        self.reason = reason
+        self.check = check
+        super().__init__(f"the outcome of the {action} sent to {url} is unknown ({reason}); it was not sent "
+                         f"again, since a repeat could take effect twice. {check}")
+
+
 class MembershipChangeFailed(VaultError):
     """A membership change that cannot be reported made: the member list shows it but not committed when
     the wait ended, or an id asked to be added is a member already at another peer address."""
@@ -70,6 +87,9 @@ class ProblemError(VaultError):
 
     def __init__(self, status: int, title: str, detail: str, problem_type: str, url: str,
                  retry_after_seconds: float | None = None) -> None:
+        # Set by the client when an earlier try of this same request had an unknown outcome (it may have
+        # taken effect), so that this answer may describe the state that try left.
+        self.after_unknown_outcome = False
         self.status = status
         self.title = title
         self.detail = detail
@@ -188,6 +208,15 @@ class ApiKeyInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class RevokeResult:
+    """A revoke that is done: ``already_gone`` when a retry, after a try whose outcome was unknown, found no
+    key with this id (that try, or someone else, had revoked it already)."""
+
+    id: str
+    already_gone: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class AuditPage:
     records: tuple[dict[str, Any], ...]
     last_seq: int
@@ -302,6 +331,22 @@ def client_ssl_context(ca_file: str | Path | None) -> ssl.SSLContext | None:
         return http_client_context(Path(ca_file))
     except TlsError as error:
         raise ConfigurationError(str(error)) from None
+
+
+# Connection failures before anything was sent: the request cannot have taken effect, so the next URL may
+# be tried even for a request that is not safe to repeat. ConnectionTimeoutError: aiohttp 3.10 and later.
+_NOT_SENT_ERRORS: tuple[type[BaseException], ...] = (aiohttp.ClientConnectorError,) + tuple(
+    error for error in (getattr(aiohttp, "ConnectionTimeoutError", None),) if isinstance(error, type))
+# 503 problem types that say the request had no effect (docs/api.md, Errors).
+_NO_EFFECT_PROBLEMS = frozenset({"overloaded", "backup-busy"})
+# Words of a 503 detail that say the request had no effect (tokenvault/api/service.py's answers).
+_NO_EFFECT_DETAILS = ("had no effect", "no key was created", "no primary is known")
+
+
+def _had_no_effect(problem: ProblemError) -> bool:
+    """Whether a 503 says the request took no effect; any other 503 may be followed by its effect."""
+    slug = problem.problem_type.rsplit(":", 1)[-1].rsplit("/", 1)[-1]
+    return slug in _NO_EFFECT_PROBLEMS or any(words in problem.detail for words in _NO_EFFECT_DETAILS)
 
 
 def _describe_failure(error: BaseException) -> str:
@@ -469,8 +514,17 @@ class AsyncClient:
         return TokenPage(_require_int(answer.body, "epoch"), state, tuple(tokens), next_after)
 
     async def create_key(self, name: str, scopes: Sequence[str]) -> ApiKeyInfo:
-        """Create a runtime API key; the answer holds the key itself, which no node can show again."""
-        answer = await self._request("POST", "/v1/admin/keys", {"name": name, "scopes": list(scopes)}, {})
+        """Create a runtime API key; the answer holds the key itself, which no node can show again.
+
+        No Idempotency-Key protects it, so it is sent to another node only when the first could not be
+        reached at all (or answered 503 saying it had no effect): once its outcome is unknown (dropped
+        connection after sending, timeout, a 503 that may still take effect) it raises OutcomeUnknown
+        rather than risk a second key."""
+        check = (f"Run `tokenvault admin key list` (GET /v1/admin/keys): a key named {name!r} created at "
+                 f"about this time is the one this request made, and nobody has its key: revoke it "
+                 f"(`tokenvault admin key revoke ID`), then create the key again")
+        answer = await self._request("POST", "/v1/admin/keys", {"name": name, "scopes": list(scopes)}, {},
+                                     single_shot=("key create", check))
         info = _key_info(answer.body)
         key = answer.body.get("key")
         if not isinstance(key, str):
@@ -484,10 +538,18 @@ class AsyncClient:
             raise ResponseError("key list response has no 'keys' list")
         return tuple(_key_info(entry) for entry in entries)
 
-    async def revoke_key(self, key_id: str) -> None:
+    async def revoke_key(self, key_id: str) -> RevokeResult:
+        """Revoke the key ``key_id``. A revoke is idempotent in effect: a retry after a try whose outcome was
+        unknown (it may have revoked the key) that finds no such key (404) is done, ``already_gone``."""
         if not isinstance(key_id, str) or not key_id.isalnum() or len(key_id) > 64:
             raise ConfigurationError("a key id is 16 lowercase hex characters")
-        await self._request("POST", f"/v1/admin/keys/{key_id}/revoke", {}, {})
+        try:
+            await self._request("POST", f"/v1/admin/keys/{key_id}/revoke", {}, {})
+        except NotFound as missing:
+            if missing.status == 404 and missing.after_unknown_outcome:
+                return RevokeResult(key_id, already_gone=True)
+            raise
+        return RevokeResult(key_id)
 
     async def audit_page(self, after: int = 0, limit: int = 1000) -> AuditPage:
         answer = await self._request("GET", f"/v1/admin/audit?after={int(after)}&limit={int(limit)}", None, {})
@@ -628,8 +690,13 @@ class AsyncClient:
                 await asyncio.sleep(min(refused.retry_after_seconds, max(0.0, deadline - loop.time())))
 
     async def _request(self, method: str, path: str, body: Any, headers: dict[str, str], *,
-                       idempotent: bool = False) -> _Answer:
-        """Send to the preferred node, failing over on connection errors and 503 until the deadline."""
+                       idempotent: bool = False, single_shot: tuple[str, str] | None = None) -> _Answer:
+        """Send to the preferred node, failing over on connection errors and 503 until the deadline.
+
+        ``idempotent``: the request carries an Idempotency-Key, so a 409 (still in flight) after a try whose
+        outcome is unknown (a dropped connection, a timeout, a 503) is retried too. ``single_shot``: (what
+        the request does, how to check its outcome) for a request that is not safe to repeat: it is sent
+        again only after a failure that proves it had no effect, else OutcomeUnknown."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._deadline_seconds
         failures: list[str] = []
@@ -645,19 +712,34 @@ class AsyncClient:
                     answer = await self._send_once(url, method, path, body, headers)
                 except (aiohttp.ClientError, asyncio.TimeoutError) as error:
                     # Why: after a timeout or a dropped connection the request may still take effect.
-                    outcome_unknown = outcome_unknown or not isinstance(error, aiohttp.ClientConnectorError)
+                    if not isinstance(error, _NOT_SENT_ERRORS):
+                        outcome_unknown = True
+                        if single_shot is not None:
+                            raise OutcomeUnknown(single_shot[0], url, _describe_failure(error),
+                                                 single_shot[1]) from None
                     failures.append(f"{url}: {_describe_failure(error)}")
                     continue
                 retry_conflict = answer.status == 409 and idempotent and outcome_unknown
                 if answer.status == 503 or retry_conflict:
                     last_problem = _problem_from(answer, self._retry_after_cap_seconds)
+                    if answer.status == 503 and not _had_no_effect(last_problem):
+                        # Why: "not confirmed in time; it may still take effect" leaves the outcome as
+                        # unknown as a dropped connection does (a keyed retry may then meet a 409).
+                        outcome_unknown = True
+                        if single_shot is not None:
+                            raise OutcomeUnknown(single_shot[0], url, f"503 {last_problem.title}"
+                                                 + (f": {last_problem.detail}" if last_problem.detail else ""),
+                                                 single_shot[1])
+                    last_problem.after_unknown_outcome = outcome_unknown
                     failures.append(f"{url}: {answer.status} {last_problem.title}")
                     if last_problem.retry_after_seconds is not None:
                         wait_seconds = max(wait_seconds, last_problem.retry_after_seconds)
                     continue
                 self._preferred_index = index
                 if answer.status >= 300:
-                    raise _problem_from(answer, self._retry_after_cap_seconds)
+                    refused = _problem_from(answer, self._retry_after_cap_seconds)
+                    refused.after_unknown_outcome = outcome_unknown
+                    raise refused
                 if not isinstance(answer.body, dict):
                     raise ResponseError(f"{method} {path} answered with a body that is not a JSON object")
                 return answer

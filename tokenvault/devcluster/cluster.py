@@ -35,6 +35,7 @@ import concurrent.futures
 import contextlib
 import fcntl
 import functools
+import hmac
 import json
 import os
 import shutil
@@ -77,8 +78,10 @@ MAX_PID_FILE_BYTES = 64  # a pid and a newline
 Report = Callable[[str], None]
 PORT_RELEASE_TIMEOUT_SECONDS = 10.0
 # A killed node's workers and sealer exit by themselves within a second of it (docs/architecture.md);
-# this is the bound `kill` waits for them before it says they outlived it.
+# this is the bound `kill` and `stop` wait for them before they SIGKILL what is left of the node's group.
 CHILDREN_EXIT_TIMEOUT_SECONDS = 5.0
+# How long the processes of a node's group may take to be gone once SIGKILLed.
+GROUP_KILL_TIMEOUT_SECONDS = 5.0
 # How long a node seen gone is waited for, to read its exit status (exit_status).
 EXIT_STATUS_WAIT_SECONDS = 1.0
 
@@ -313,6 +316,57 @@ def _wait_group_gone(group: int, deadline: float) -> list[int]:
         if not left or time.monotonic() >= deadline:
             return left
         time.sleep(0.02)
+
+
+def _held_by_a_live_process(pid: int) -> bool:
+    """Whether a process that is not a zombie has the pid ``pid``."""
+    if not Path("/proc/self").exists():
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    try:
+        state = (Path(f"/proc/{pid}") / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def _end_group_of_dead_core(node_id: str, group: int, report: Report) -> str | None:
+    """Once the node's core, whose pid is ``group`` (it leads its own session and process group), is dead:
+    wait up to CHILDREN_EXIT_TIMEOUT_SECONDS for the rest of its group (HTTP workers, sealer) to exit by
+    themselves, as they do when they see the core gone (a worker removing its store view); SIGKILL the
+    group's processes still there (a wedged worker keeps the node's HTTP port and its store view) and wait
+    up to GROUP_KILL_TIMEOUT_SECONDS. Returns what is still wrong afterwards, or None when all are gone.
+
+    Why signalling the group by the dead core's pid is safe: Linux reuses no pid that is still the id of a
+    process group (or session) with a member. So while any of the node's processes is alive, no new
+    process can get the pid ``group``, nor found a group of that id (only a process whose own pid it is
+    can). Hence: the pid held by no live process (the core gone, or a zombie not reaped yet) means every
+    member of group ``group`` is one of the node's; the pid held by a live process means it was reused,
+    which only happens once the node's group was empty: nothing of the node is left and nothing is
+    signalled. (The one window left: every member exits, the pid is reused and its new owner founds its
+    own group, all between the check and the signal, microseconds apart.)"""
+    left = _wait_group_gone(group, time.monotonic() + CHILDREN_EXIT_TIMEOUT_SECONDS)
+    if not left or _held_by_a_live_process(group):
+        return None
+    listed = ", ".join(map(str, left))
+    try:
+        os.killpg(group, signal.SIGKILL)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        return f"{node_id}'s processes {listed} outlived it and cannot be signalled (they are another user's)"
+    still = _wait_group_gone(group, time.monotonic() + GROUP_KILL_TIMEOUT_SECONDS)
+    if still:
+        return (f"{node_id}'s processes {', '.join(map(str, still))} are still alive "
+                f"{GROUP_KILL_TIMEOUT_SECONDS:g} s after SIGKILL")
+    report(f"{node_id}'s processes {listed} outlived it by {CHILDREN_EXIT_TIMEOUT_SECONDS:g} s: killed them "
+           f"with SIGKILL (its node.log may say why they did not exit)")
+    return None
 
 
 def _wait_ports_free(node: NodeSpec, deadline: float) -> None:
@@ -583,15 +637,15 @@ def stop_cluster(directory: Path | str, timeout_seconds: float = DEFAULT_STOP_TI
                 node.pid_file.unlink(missing_ok=True)
                 report(f"stopped {node.node_id} (pid {pid})")
                 # A node stopped gracefully stops its workers and sealer first; one killed after the
-                # timeout leaves them to exit by themselves, as `kill_node` waits for.
-                left = _wait_group_gone(pid, time.monotonic() + CHILDREN_EXIT_TIMEOUT_SECONDS)
-                if left:
-                    outlived.append(f"{node.node_id}'s processes {', '.join(map(str, left))}")
+                # timeout leaves them to exit by themselves, and what does not is SIGKILLed, as in `kill`.
+                problem = _end_group_of_dead_core(node.node_id, pid, report)
+                if problem is not None:
+                    outlived.append(problem)
         if still_alive:
             names = ", ".join(node.node_id for node, _ in still_alive)
             raise ClusterError(f"could not stop {names} even with SIGKILL")
         if outlived:
-            raise ClusterError(f"{'; '.join(outlived)} outlived their node by {CHILDREN_EXIT_TIMEOUT_SECONDS:g} s")
+            raise ClusterError("; ".join(outlived))
     return [node.node_id for node, _ in running]
 
 
@@ -617,11 +671,10 @@ def kill_node(directory: Path | str, node_id: str, report: Report = _silent) -> 
         node.pid_file.unlink(missing_ok=True)
         # Its HTTP workers and sealer (its process group: it leads its own session) see their core gone
         # and exit by themselves, a worker removing its store view; until they have, the node's data
-        # directory is still being written.
-        left = _wait_group_gone(pid, time.monotonic() + CHILDREN_EXIT_TIMEOUT_SECONDS)
-        if left:
-            raise ClusterError(f"{node_id}'s processes {', '.join(map(str, left))} outlived it by "
-                               f"{CHILDREN_EXIT_TIMEOUT_SECONDS:g} s")
+        # directory is still being written. One that does not (wedged) is SIGKILLed with the group.
+        problem = _end_group_of_dead_core(node_id, pid, report)
+        if problem is not None:
+            raise ClusterError(problem)
         _wait_ports_free(node, time.monotonic() + PORT_RELEASE_TIMEOUT_SECONDS)
     report(f"killed {node_id} (pid {pid}) with SIGKILL")
     return pid
@@ -655,6 +708,38 @@ def default_master_key_file() -> Path:
     return key_directory(default_cluster_directory({}), environment) / MASTER_KEY_FILE_NAME
 
 
+def _check_key_file_takes(key_file: Path, master_key: MasterKey) -> None:
+    """Refuse, before anything is written, a restore whose key directory holds another master key."""
+    if not (key_file.exists() or key_file.is_symlink()):
+        return
+    try:
+        existing = MasterKey.from_file(key_file)
+    except CryptoError as error:
+        raise ClusterError(f"cannot use the existing master key {key_file}: {error}") from None
+    if not hmac.compare_digest(existing.to_hex(), master_key.to_hex()):
+        raise ClusterError(f"{key_file} already holds another master key than the one given; set "
+                           f"{KEY_DIRECTORY_ENVIRONMENT_VARIABLE} to another directory for this cluster, or "
+                           f"remove that file if it is left from a failed restore")
+
+
+def _undo_for_new_key_file(key_file: Path) -> Callable[[], None]:
+    """What removes the master key file (and its key directory) that a restore about to run creates: only
+    what does not exist yet, so that a key directory kept from before is never touched."""
+    directory = key_file.parent
+    file_existed = key_file.exists() or key_file.is_symlink()
+    directory_existed = directory.exists() or directory.is_symlink()
+
+    def undo() -> None:
+        if not file_existed:
+            with contextlib.suppress(OSError):
+                key_file.unlink()
+        if not directory_existed:
+            with contextlib.suppress(OSError):
+                directory.rmdir()  # only when empty
+
+    return undo
+
+
 def restore_cluster(directory: Path | str, backup_file: Path | str, master_key_file: Path | str,
                     nodes: int = DEFAULT_NODE_COUNT, base_port: int = DEFAULT_BASE_PORT, *,
                     ports: Sequence[tuple[int, int]] | None = None, settings: NodeSettings | None = None,
@@ -662,11 +747,14 @@ def restore_cluster(directory: Path | str, backup_file: Path | str, master_key_f
                     report: Report = _silent) -> tuple[ClusterSpec, list[NodeStatus]]:
     """Build a new cluster in `directory` (which must not exist) from a backup, and start it.
 
-    The backup is verified whole first, and the master key (the one of the
-    cluster the backup came from) must open every epoch in it; only then is the
-    directory generated, with new API keys and cluster secret, as `start` does,
-    and every node's data directory filled from the backup. If anything fails
-    before the nodes start, the directory is removed again.
+    The backup is verified whole first; then the directory is generated, with
+    new API keys and cluster secret, as `start` does, and every node's data
+    directory filled from the backup, which checks that the master key (the one
+    of the cluster the backup came from) opens every epoch in it. If anything
+    fails before the nodes start (a master key that does not open the backup
+    included), everything the restore wrote is removed again: the directory, and
+    the master key file and key directory when it created them, so that the same
+    restore with the right key can follow.
     """
     from tokenvault.core.backup import BackupError, install_staged, shred_scope, staged_backup
     from tokenvault.config import ConfigError, load_config
@@ -688,22 +776,28 @@ def restore_cluster(directory: Path | str, backup_file: Path | str, master_key_f
         raise ClusterError(f"cannot use {master_key_path} as the master key: {error}") from None
     if not directory.parent.is_dir():
         raise ClusterError(f"directory {directory.parent} does not exist")
+    key_file = key_directory(directory) / MASTER_KEY_FILE_NAME
+    _check_key_file_takes(key_file, master_key)
+    undo_key = _undo_for_new_key_file(key_file)
     try:
         with staged_backup(Path(backup_file), directory.parent) as staged:
             report(f"backup {backup_file} verified: index {staged.index}, view {staged.view}")
             if staged.manifest.pending is not None:
                 report(f"it may hold rows deleted and not yet shredded: each node compacts "
                        f"{shred_scope(staged.manifest.pending)} when it starts")
-            spec, _ = init_cluster(directory, nodes, base_port, ports=ports, settings=settings,
-                                   master_key=master_key)
             try:
+                spec, _ = init_cluster(directory, nodes, base_port, ports=ports, settings=settings,
+                                       master_key=master_key)
                 for position, node in enumerate(spec.nodes):
                     restored = install_staged(staged, load_config(node.config), master_key,
                                               consume=position == len(spec.nodes) - 1)
                     report(f"{node.node_id}: data directory restored ({restored.token_count} tokens in "
                            f"{restored.epochs} epoch(s))")
             except BaseException:
+                # Why: the key file init_cluster wrote for a key that turns out not to open the backup
+                # would refuse the retry with the right key ("already holds another master key").
                 shutil.rmtree(directory, ignore_errors=True)
+                undo_key()
                 raise
     except (BackupError, ConfigError) as error:
         raise ClusterError(str(error)) from None

@@ -50,3 +50,17 @@ def test_a_value_holding_a_line_break_is_not_printed_one_a_line(runner: CliRunne
     assert result.exit_code == 1 and result.stdout == "" and "--json" in result.output
     as_json = runner.invoke(tokenvault, ["detokenize", *options, "--json"])
     assert as_json.exit_code == 0 and as_json.stdout.strip() == '["line1\\nline2", "v2"]'
+
+
+def test_member_remove_of_an_id_that_is_no_member_says_nothing_was_removed(
+        runner: CliRunner, node: FakeVaultServer) -> None:
+    """`member remove n33` (a typo for n3) printed "n33 removed" and left n3 a voter (checked on the code
+    before); it now says nothing was removed, and proposes nothing."""
+    node.responders[("GET", "/v1/admin/members")] = lambda request: Reply(200, {
+        "primary_id": "n1", "configuration_index": 3, "committed": True, "commit_index": 9,
+        "members": [{"id": member, "peer_addr": None, "role": "voter", "match_index": 9}
+                    for member in ("n1", "n2", "n3")]})
+    result = runner.invoke(tokenvault, ["admin", "member", "remove", "n33", "--url", node.url, "--api-key", ADMIN_KEY])
+    assert result.exit_code == 0, result.output
+    assert "n33 removed" not in result.output and "nothing was removed" in result.output
+    assert node.calls("/v1/admin/members/n33/remove") == []

@@ -417,8 +417,10 @@ def member_add(connection: Connection, node_id: str, peer_addr: str, learner_onl
                 return await vault.change_member_once("add", node_id, peer_addr, deadline)
             return await vault.add_voter(node_id, peer_addr, wait_seconds)
 
-    run_client(add())
-    click.echo(f"{node_id} added as a {'learner' if learner_only else 'voter'}")
+    if run_client(add()) is False:  # --learner-only, and the list showed it a member already
+        click.echo(f"{node_id} is a member at {peer_addr} already (committed): nothing was added")
+    else:
+        click.echo(f"{node_id} added as a {'learner' if learner_only else 'voter'}")
 
 
 @member_group.command("remove")
@@ -436,8 +438,10 @@ def member_remove(connection: Connection, node_id: str, wait_seconds: float) -> 
             deadline = asyncio.get_running_loop().time() + wait_seconds
             return await vault.change_member_once("remove", node_id, None, deadline)
 
-    run_client(remove())
-    click.echo(f"{node_id} removed")
+    if run_client(remove()):
+        click.echo(f"{node_id} removed")
+    else:  # a typo, or a removal an earlier run made: say which it cannot be, never "removed"
+        click.echo(f"{node_id} is not a member (committed): nothing was removed")
 
 
 @admin.group("audit")

@@ -627,18 +627,21 @@ class AsyncClient:
             await self.change_member_once(action, node_id, peer_addr if action == "add" else None, deadline)
         return await self.list_members()
 
-    async def change_member_once(self, action: str, node_id: str, peer_addr: str | None, deadline: float) -> None:
+    async def change_member_once(self, action: str, node_id: str, peer_addr: str | None, deadline: float) -> bool:
         """Make one change unless it is made already, as the member list shows it before and after a
         409 refusal: made and committed. A change the list shows uncommitted (a leader change may still
         undo it) is waited for until ``deadline`` (the loop's clock), then MembershipChangeFailed; an
-        "add" of an id that is a member at another peer address is MembershipChangeFailed at once."""
+        "add" of an id that is a member at another peer address is MembershipChangeFailed at once.
+        False when the list showed it made before this call asked for anything (a removal of an id that
+        is no member, an add of one that is: nothing to do), True when this call made it."""
         if await self._change_is_made(action, node_id, peer_addr, deadline):
-            return
+            return False
         try:
             await self.change_member_when_possible(action, node_id, peer_addr, deadline)
         except ProblemError as refused:
             if refused.status != 409 or not await self._change_is_made(action, node_id, peer_addr, deadline):
                 raise
+        return True
 
     async def _change_is_made(self, action: str, node_id: str, peer_addr: str | None, deadline: float) -> bool:
         """Whether the member list shows the change made and says the configuration is committed; while

@@ -12,11 +12,12 @@ is an interrupted write and must never be refused.
 from __future__ import annotations
 
 import os
+import struct
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from protocol import Entry, EntryKind, HardState
@@ -183,3 +184,61 @@ def test_undamaged_log_recovers_the_final_state_exactly(data):
         model = write_history(data, directory, data.draw(st.sampled_from([96, 1 << 20])), True)
         recovered = recover(directory, 1 << 20)
         assert recovered == model.states[-1]
+
+
+def record_offsets(content: bytes) -> list[int]:
+    offsets, offset = [], 0
+    while offset + HEADER_BYTES <= len(content):
+        offsets.append(offset)
+        offset += HEADER_BYTES + struct.unpack_from(">I", content, offset)[0]
+    return offsets
+
+
+@PROPERTY_SETTINGS
+@given(data=st.data(), max_segment_bytes=st.sampled_from([256, 1 << 20]), allow_reset=st.booleans())
+def test_a_damaged_length_field_followed_by_whole_records_is_refused(data, max_segment_bytes, allow_reset):
+    """Any damage to the length field of a record of the last segment with whole records after it
+    (whatever length it then claims, even one past the end of the file) is refused, never cut as a
+    torn tail: the records after it were synced."""
+    with tempfile.TemporaryDirectory() as temporary:
+        directory = Path(temporary) / "wal"
+        write_history(data, directory, max_segment_bytes, allow_reset)
+        path = sorted(directory.glob("segment-*.wal"))[-1]
+        content = bytearray(path.read_bytes())
+        offsets = record_offsets(bytes(content))
+        assume(len(offsets) >= 2)
+        offset = data.draw(st.sampled_from(offsets[:-1]))
+        mask = data.draw(st.integers(1, 2**32 - 1))
+        length = struct.unpack_from(">I", content, offset)[0]
+        struct.pack_into(">I", content, offset, length ^ mask)
+        path.write_bytes(bytes(content))
+        assert recover(directory, max_segment_bytes) is None
+
+
+@PROPERTY_SETTINGS
+@given(data=st.data(), synced=st.lists(st.integers(0, 1500), min_size=1, max_size=4),
+       last=st.lists(st.integers(0, 1500), min_size=1, max_size=6))
+def test_a_last_write_whose_sectors_from_any_boundary_on_stayed_zeros_is_cut(data, synced, last):
+    """A crash inside the last write: its sectors up to some boundary reached the disk, the later ones
+    stayed zeros (and the file size may stop anywhere after the boundary). Whatever record or header
+    the boundary cuts, the log opens with everything synced before that write and a prefix of it."""
+    with tempfile.TemporaryDirectory() as temporary:
+        directory = Path(temporary) / "wal"
+        log, _ = WriteAheadLog.open(directory, fsync=False)
+        entries = [Entry(index, 1, EntryKind.COMMAND, bytes([index % 251 + 1]) * size)
+                   for index, size in enumerate(synced + last + [600], start=1)]
+        log.append(truncate_from=None, entries=entries[:len(synced)], hard_state=HardState(1, "n1", 0))
+        log.sync()
+        path = sorted(directory.glob("segment-*.wal"))[-1]
+        before = path.stat().st_size
+        log.append(truncate_from=None, entries=entries[len(synced):], hard_state=HardState(1, "n1", len(synced)))
+        log.close()
+        content = path.read_bytes()
+        boundary = data.draw(st.sampled_from(range(-(-(before + 1) // 512) * 512, len(content), 512)))
+        torn_size = data.draw(st.integers(boundary, len(content)))
+        path.write_bytes(content[:boundary] + b"\0" * (torn_size - boundary))
+        recovered = recover(directory, 1 << 20)
+        assert recovered is not None, "a torn last write must be cut, not refused"
+        base_index, _, recovered_entries, _ = recovered
+        assert base_index == 0 and recovered_entries == tuple(entries[:len(recovered_entries)])
+        assert len(recovered_entries) >= len(synced)

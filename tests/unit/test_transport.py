@@ -456,6 +456,62 @@ async def test_the_dialer_refuses_an_acceptor_that_cannot_prove_itself(mesh: Mes
         server.close()
 
 
+async def test_a_dialer_refused_after_the_handshake_backs_off_instead_of_redialling_at_once(mesh: Mesh) -> None:
+    """n2 refuses n1's incarnation (HelloRefused after n1's proof). n1's link was made, but it carried no
+    accepted frame and ended at once: n1 backs off (0.05 s doubling to 1 s) as after a failed dial,
+    rather than redialling in a tight loop (1,533 handshakes a second were measured)."""
+    acceptor = await mesh.start("n2", admit=lambda peer_id, incarnation: False)
+    await mesh.start("n1")
+    await wait_until(lambda: acceptor.transport.handshake_failures >= 1, 5, "a first refusal")
+    before = acceptor.transport.handshake_failures
+    await asyncio.sleep(1.0)
+    attempts = acceptor.transport.handshake_failures - before
+    # The back-off allows about 5 attempts in a second; a tight loop makes hundreds.
+    assert attempts <= 6, f"{attempts} refused handshakes in one second"
+
+
+async def test_a_dialer_whose_link_dies_at_once_on_a_bad_frame_backs_off(mesh: Mesh) -> None:
+    """An acceptor that completes the handshake and then sends a frame that does not decode: each link
+    dies at once (peer.down, reason bad_frame), and the dialer backs off before the next one."""
+    def answer(hello: Hello) -> bytes:
+        return (encode_frame(Hello(node_id="n2", nonce=os.urandom(32), incarnation=RAW_PEER_INCARNATION))
+                + encode_frame(HelloProof(node_id="n2", mac=handshake_proof(mesh.secret, hello.nonce, "n2", "n1")))
+                + GARBAGE["bad-msgpack"])
+    server, hellos = await fake_acceptor(mesh.ports["n2"], answer)
+    try:
+        dialer = await mesh.start("n1")
+        await wait_until(lambda: dialer.transport.frames_rejected >= 1, 5, "a first link to die on its frame")
+        before = len(hellos)
+        await asyncio.sleep(1.0)
+        attempts = len(hellos) - before
+        assert attempts <= 6, f"{attempts} links in one second"
+    finally:
+        server.close()
+
+
+async def test_the_dial_back_off_resets_only_after_a_link_that_carried_a_frame_or_lived(
+        mesh: Mesh, monkeypatch: pytest.MonkeyPatch) -> None:
+    """_dial_once says whether its link was healthy (it carried an accepted frame or lived at least
+    RECONNECT_DELAY_SECONDS_MAX). After failed dials (or links that ended unhealthy) the delay has grown;
+    a healthy link is followed by the shortest delay, never by an immediate redial."""
+    transport = PeerTransport("n1", "127.0.0.1", mesh.ports["n1"], mesh.addresses(), mesh.secret,
+                              lambda *_: None, MAX_FRAME_BYTES)  # never started: only its dial loop runs
+    outcomes = [False, False, False, False, False, True, False]  # sleeps 0.05, 0.1, 0.2, 0.4, [0.8], [0.05]
+    calls: list[float] = []
+
+    async def dial_once(peer: PeerAddress) -> bool:
+        calls.append(asyncio.get_running_loop().time())
+        if len(calls) == len(outcomes):
+            transport._closing = True  # ends the loop
+        return outcomes[len(calls) - 1]
+
+    monkeypatch.setattr(transport, "_dial_once", dial_once)
+    await asyncio.wait_for(transport._dial_forever(transport.peers["n2"]), 10)
+    gaps = [later - earlier for earlier, later in zip(calls, calls[1:])]
+    assert len(calls) == len(outcomes) and gaps[4] >= 0.75, gaps  # after the fifth failure: 0.8 s
+    assert 0.04 <= gaps[5] < 0.5, gaps  # after a healthy link: back to 0.05 s, and never no sleep at all
+
+
 GARBAGE = {
     "oversize-length": struct.pack(">I", MAX_FRAME_BYTES + 1) + b"\x00" * 16,
     "bad-msgpack": struct.pack(">I", 6) + b"\xc1" * 6,

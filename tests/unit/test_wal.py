@@ -508,3 +508,168 @@ def test_roll_starts_a_segment_so_that_release_can_delete_an_entry_the_active_on
     log.close()
     recovered = reopen(directory)
     assert (recovered.base_index, [e.index for e in recovered.entries]) == (5, [6])
+
+
+def test_a_torn_record_whose_header_straddles_a_sector_boundary_is_cut(tmp_path):
+    """A crash mid-write left only the first 4 bytes of a record's header (the end of a sector) on disk;
+    the sectors after stayed zeros, so its type byte reads 0. That is a torn tail, not corruption."""
+    directory = tmp_path / "wal"
+    write_entries(directory, 1)
+    path = segment_paths(directory)[-1]
+    before = path.read_bytes()
+    # A synced record 2, sized so that the next record's header starts 4 bytes before a sector boundary.
+    for size in range(1, 2000):
+        record2 = encode_record(RecordType.ENTRY, msgpack.packb((2, 1, 1, b"p" * size)))
+        if (len(before) + len(record2)) % 512 == 508:
+            break
+    record3 = encode_record(RecordType.ENTRY, msgpack.packb((3, 1, 1, b"q" * 2000)))
+    path.write_bytes(before + record2 + record3[:4] + b"\0" * (len(record3) - 4))
+    recovered = reopen(directory)
+    assert [e.index for e in recovered.entries] == [1, 2]
+    assert recovered.truncated_tail_bytes == len(record3)
+
+
+def _blocking_unlink(monkeypatch, blocked_thread_name: str):
+    """Make Path.unlink on the thread named ``blocked_thread_name`` wait until the returned event is set;
+    the other event is set once it started waiting. Returns (started, go_on)."""
+    import threading
+
+    started, go_on = threading.Event(), threading.Event()
+    real_unlink = Path.unlink
+
+    def unlink(path, *args, **kwargs):
+        if threading.current_thread().name == blocked_thread_name:
+            started.set()
+            assert go_on.wait(10)
+        return real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "unlink", unlink)
+    return started, go_on
+
+
+def _copy_segments(directory: Path, into: Path) -> Path:
+    """The directory as a crash at this moment leaves it."""
+    import shutil
+
+    into.mkdir()
+    for path in segment_paths(directory):
+        shutil.copy(path, into / path.name)
+    return into
+
+
+def test_a_crash_while_release_and_reset_base_both_delete_segments_opens_at_the_reset(tmp_path, monkeypatch):
+    """release() unlinks its segments after letting go of the log's lock (the node's disk thread);
+    reset_base() (a snapshot install, on the driver) deletes the segments the log still lists meanwhile.
+    A crash then leaves the oldest segments, a gap, and the reset segment: the log opens at the reset
+    (whose base supersedes every older segment) and deletes what lies before it."""
+    import threading
+
+    directory = tmp_path / "wal"
+    log, _ = WriteAheadLog.open(directory, max_segment_bytes=256)
+    for index in range(1, 31):
+        log.append(truncate_from=None, entries=[entry(index)], hard_state=HardState(1, "n1", index - 1))
+        log.sync()
+    assert log.segment_count >= 5
+    started, go_on = _blocking_unlink(monkeypatch, "compaction")
+    releaser = threading.Thread(target=log.release, args=(10,), name="compaction")
+    releaser.start()
+    assert started.wait(10)
+    log.reset_base(40, 2)
+    crashed = _copy_segments(directory, tmp_path / "crashed")
+    go_on.set()
+    releaser.join(10)
+    log.close()
+    names = [path.name for path in segment_paths(crashed)]
+    # Segment 1 (release's file, not deleted yet), a gap, the reset segment.
+    assert names[0] == segment_name(1) and names[1] != segment_name(2), names
+    recovered = reopen(crashed)
+    assert (recovered.base_index, recovered.base_view, recovered.entries) == (40, 2, ())
+    assert recovered.hard_state == HardState(1, "n1", 29)
+    assert [path.name for path in segment_paths(crashed)] == [names[-1]]
+    assert (reopen(directory).base_index, reopen(crashed).base_index) == (40, 40)
+
+
+def test_a_gap_after_the_newest_reset_segment_is_still_refused(tmp_path):
+    directory = tmp_path / "wal"
+    log, _ = WriteAheadLog.open(directory, max_segment_bytes=256)
+    log.reset_base(50, 2)
+    for index in range(51, 81):
+        log.append(truncate_from=None, entries=[entry(index, 2)], hard_state=HardState(2, "n1", index - 1))
+        log.sync()
+    log.close()
+    paths = segment_paths(directory)
+    assert len(paths) >= 3
+    paths[1].unlink()
+    with pytest.raises(WalCorruption, match="missing"):
+        WriteAheadLog.open(directory)
+
+
+def test_segments_before_a_reset_segment_are_ignored_even_when_damaged(tmp_path):
+    """Everything before a reset segment is superseded: damage there does not stop the node."""
+    directory = tmp_path / "wal"
+    write_entries(directory, 30, max_segment_bytes=256)
+    paths = segment_paths(directory)
+    with open(paths[0], "r+b") as file:
+        file.seek(20)
+        file.write(b"\xff\xff")
+    paths[2].unlink()
+    reset = encode_record(RecordType.BASE, msgpack.packb((70, 3, True, (3, "n2", 70))))
+    (directory / segment_name(len(paths) + 1)).write_bytes(reset)
+    recovered = reopen(directory)
+    assert (recovered.base_index, recovered.base_view, recovered.entries) == (70, 3, ())
+    assert recovered.hard_state == HardState(3, "n2", 70)
+    assert [path.name for path in segment_paths(directory)] == [segment_name(len(paths) + 1)]
+
+
+def test_a_crash_while_two_releases_delete_segments_leaves_an_oldest_first_prefix_deleted(tmp_path, monkeypatch):
+    """The node's compaction (disk thread) and the shredder (its own thread) both call release(). The
+    later call waits for the earlier one's deletions, so files always go oldest first: a crash at any
+    moment leaves a log that opens with every entry above both released indexes. Appends and syncs
+    never wait for the deletions."""
+    import threading
+
+    directory = tmp_path / "wal"
+    log, _ = WriteAheadLog.open(directory, max_segment_bytes=256)
+    for index in range(1, 31):
+        log.append(truncate_from=None, entries=[entry(index)], hard_state=HardState(1, "n1", index - 1))
+        log.sync()
+    assert log.segment_count >= 6
+    started, go_on = _blocking_unlink(monkeypatch, "compaction")
+    compaction = threading.Thread(target=log.release, args=(6,), name="compaction")  # segment 1
+    compaction.start()
+    assert started.wait(10)
+    shredder = threading.Thread(target=log.release, args=(22,), name="shredder")  # the segments after it
+    shredder.start()
+    shredder.join(0.3)
+    log.append(truncate_from=None, entries=[entry(31)], hard_state=HardState(1, "n1", 30))
+    log.sync()
+    crashed = _copy_segments(directory, tmp_path / "crashed")
+    go_on.set()
+    compaction.join(10)
+    shredder.join(10)
+    log.close()
+    recovered = reopen(crashed)
+    assert [e.index for e in recovered.entries if e.index > 22] == list(range(23, 32))
+    after = reopen(directory)
+    assert after.base_index >= 6 and [e.index for e in after.entries if e.index > 22] == list(range(23, 32))
+
+
+def test_a_length_field_damaged_in_the_middle_of_the_last_segment_is_refused_not_cut(tmp_path):
+    """Two flipped bits make a synced record's length run past the end of the file. Whole valid records
+    follow it, and a torn write is always the last thing in the file: damage, refused with file and
+    offset, never silently cut with the records after it."""
+    directory = tmp_path / "wal"
+    write_entries(directory, 5)
+    path = segment_paths(directory)[-1]
+    data = bytearray(path.read_bytes())
+    offset, entry_offsets = 0, []
+    while offset < len(data):
+        length, _, record_type = struct.unpack_from(">IIB", data, offset)
+        if record_type == RecordType.ENTRY:
+            entry_offsets.append(offset)
+        offset += HEADER_BYTES + length
+    data[entry_offsets[1] + 1] ^= 0x30  # entry 2's length grows by 3 MiB: past the end of the file
+    path.write_bytes(bytes(data))
+    with pytest.raises(WalCorruption) as raised:
+        WriteAheadLog.open(directory)
+    assert path.name in str(raised.value) and f"offset {entry_offsets[1]}" in str(raised.value)

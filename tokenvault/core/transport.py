@@ -376,27 +376,38 @@ class PeerTransport:
         """Keep one connection to ``peer`` up for as long as the transport runs.
 
         Nothing a peer or the network does may end this task: every failure of
-        one attempt is logged by type and followed by a capped backoff.
+        one attempt is logged by type and followed by a capped backoff. The
+        backoff also follows every link that ends: it starts again from the
+        shortest delay only after a healthy link (see ``_dial_once``), so a
+        peer that refuses this node after the handshake (HelloRefused) or
+        whose links die at once on a bad frame is not redialled in a tight
+        loop (before 2026-12-07 such a link was followed by no sleep at all:
+        1,533 full handshakes a second, each logging peer.up and peer.down).
         """
         delay = RECONNECT_DELAY_SECONDS_MIN
         while not self._closing and self.peers.get(peer.node_id) is peer:
             try:
-                connected = await self._dial_once(peer)
+                healthy = await self._dial_once(peer)
             except asyncio.CancelledError:
                 raise
             except Exception as error:  # a reset mid-handshake raises RuntimeError, OSError, ssl.SSLError, ...
                 self.handshake_failures += 1
                 log.warning("peer.handshake_failed", peer=peer.node_id, remote=f"{peer.host}:{peer.port}",
                             reason=type(error).__name__)
-                connected = False
-            if connected:
+                healthy = False
+            if healthy:
                 delay = RECONNECT_DELAY_SECONDS_MIN
-                continue
             await asyncio.sleep(delay)
             delay = min(delay * 2, RECONNECT_DELAY_SECONDS_MAX)
 
     async def _dial_once(self, peer: PeerAddress) -> bool:
-        """One connection attempt; True once a connection was established and has ended."""
+        """One connection attempt; returns once it failed or its link ended.
+
+        True when the link was healthy: it carried a frame the peer sent as an
+        accepted link (not HelloRefused), or it lived at least
+        RECONNECT_DELAY_SECONDS_MAX. False when no link was made, or the link
+        was refused or died at once (a bad frame, a reset).
+        """
         try:
             reader, writer = await asyncio.wait_for(
                 asyncio.open_connection(peer.host, peer.port, limit=READ_CHUNK_BYTES),
@@ -409,8 +420,10 @@ class PeerTransport:
         except BaseException:
             _abort(writer)
             raise
-        await self._serve_connection(_Connection(peer.node_id, reader, writer, FrameDecoder(self._max_frame_bytes)))
-        return True
+        established = time.monotonic()
+        accepted = await self._serve_connection(
+            _Connection(peer.node_id, reader, writer, FrameDecoder(self._max_frame_bytes)))
+        return accepted or time.monotonic() - established >= RECONNECT_DELAY_SECONDS_MAX
 
     async def _authenticate_as_dialer(self, peer: PeerAddress, reader: asyncio.StreamReader,
                                       writer: asyncio.StreamWriter) -> None:
@@ -548,13 +561,15 @@ class PeerTransport:
         raise IncarnationChanged(f"{peer_id} is in another incarnation")
 
     # ----------------------------------------------------------------- serving
-    async def _serve_connection(self, connection: _Connection) -> None:
+    async def _serve_connection(self, connection: _Connection) -> bool:
+        """Serve a link until it ends; True when the peer sent a frame as an accepted link (the dial loop's
+        back-off starts again after such a link)."""
         if self._closing:
             # Python 3.11's wait_for can swallow a cancellation that arrives as the connection or the
             # handshake completes (gh-86296): a link made while the transport closes is dropped here,
             # or close() would wait for it forever.
             connection.close()
-            return
+            return False
         peer_id = connection.peer_id
         previous = self._connections.get(peer_id)
         if previous is not None:
@@ -600,6 +615,7 @@ class PeerTransport:
                     log.warning("peer.down", peer=peer_id, reason=reason)
                     if self._on_peer_down is not None:
                         self._on_peer_down(peer_id)
+        return accepted
 
     async def _keep_alive(self, connection: _Connection) -> None:
         """Ping an idle link, and close it when the peer has been silent past the idle timeout."""

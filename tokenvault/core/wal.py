@@ -22,11 +22,14 @@ damaged header is detected like a damaged payload. Record types:
 
 Writes are group commits: ``append`` only encodes records into a buffer, and
 ``sync`` writes the whole buffer with one ``write`` and makes it durable with
-one ``fdatasync``. Recovery (``open``) replays every segment in order. Damage at
-the very end of the last segment that looks like an interrupted write (a cut
-record, or a record running into never-written zero bytes) is cut off: it was
-never synced, so never acknowledged. Any other damage raises WalCorruption
-naming the file and offset, and the node refuses to start. A failed write or
+one ``fdatasync``. Recovery (``open``) replays every segment in order from the
+newest one that starts with a valid reset BASE record (everything before it is
+superseded, gaps included, and deleted), or from the first. Damage at the very
+end of the last segment that looks like an interrupted write (a cut record with
+nothing valid after it, or a record or header running into never-written zero
+sectors) is cut off: it was never synced, so never acknowledged. Any other
+damage raises WalCorruption naming the file and offset, and the node refuses
+to start. A failed write or
 fsync raises WalFatal and poisons the log: the page cache state after a failed
 fsync is unknown, so the node must exit rather than retry.
 """
@@ -48,8 +51,9 @@ from protocol import Entry, EntryKind, HardState
 # names are re-exported here so callers keep importing them from tokenvault.core.wal.
 from tokenvault.core.wal_segments import (HEADER_BYTES, MAX_LOG_INTEGER, MAX_RECORD_PAYLOAD_BYTES, MAX_VOTED_FOR_CHARS,
                                      SECTOR_BYTES, SEGMENT_PATTERN, RecordType, WalCorruption, _base_record,
-                                     _hard_state_record, _HEADER, _LENGTH_AND_TYPE, _list_segments, _replay_file,
-                                     _ReplayState, _SegmentInfo, _valid_integer, encode_record, segment_name)
+                                     _check_contiguous, _hard_state_record, _HEADER, _LENGTH_AND_TYPE, _list_segments,
+                                     _newest_reset_position, _replay_file, _ReplayState, _SegmentInfo, _valid_integer,
+                                     encode_record, segment_name)
 
 DEFAULT_MAX_SEGMENT_BYTES = 64 * 1024 * 1024
 LOCK_FILE_NAME = "wal.lock"
@@ -141,7 +145,10 @@ def _lock_directory(directory: Path) -> int:
 
 def _recover(directory: Path, fsync: bool) -> tuple[_ReplayState, list[_SegmentInfo], int]:
     """Replay all segments, cut a torn tail and drop leftovers; returns state, segments, cut bytes."""
-    found = _list_segments(directory)
+    listed = _list_segments(directory)
+    start = _newest_reset_position(listed)
+    superseded, found = listed[:start], listed[start:]
+    _check_contiguous(found)
     state = _ReplayState()
     segments: list[_SegmentInfo] = []
     cut_bytes = 0
@@ -164,12 +171,11 @@ def _recover(directory: Path, fsync: bool) -> tuple[_ReplayState, list[_SegmentI
                                 "no earlier segment is left")
         segments.pop().path.unlink()
         removed = True
-    resets = [position for position, segment in enumerate(segments) if segment.is_reset]
-    if resets and resets[-1] > 0:
-        # An interrupted reset_base: everything before the reset segment is superseded.
-        for segment in segments[:resets[-1]]:
-            segment.path.unlink()
-        segments = segments[resets[-1]:]
+    if superseded:
+        # An interrupted reset_base (perhaps while release deleted older files):
+        # the reset segment supersedes everything before it.
+        for _, path in superseded:
+            path.unlink()
         removed = True
     if removed and fsync:
         fsync_directory(directory)
@@ -201,6 +207,10 @@ class WriteAheadLog:
         self._failed = False
         self._closed = False
         self._lock = threading.Lock()
+        # Held by release from choosing its segments until their files are deleted and the
+        # directory synced, so that two releases (compaction's, the shredder's) always delete
+        # an oldest-first run of files; appends and syncs never take it.
+        self._deletion_lock = threading.Lock()
         self._active_descriptor = os.open(segments[-1].path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
 
     # ------------------------------------------------------------ opening
@@ -393,30 +403,40 @@ class WriteAheadLog:
         waits for them (deleting a 64 MiB segment takes about 17 ms on ext4).
         Call it off the event loop. A crash between the two leaves files that
         recovery reads again, as if nothing had been released.
+
+        Two releases on different threads (the node's compaction, the
+        shredder) take turns under a deletion lock, held from choosing the
+        segments until their files are deleted and the directory synced: the
+        later one cannot delete newer files while the earlier one still
+        deletes older ones, so a crash always leaves the files from some
+        segment on, never a gap. (reset_base may delete newer files meanwhile;
+        it does so only once its reset segment, which recovery starts from, is
+        durable.)
         """
-        with self._lock:
-            self._check_usable()
-            segments = self._segments
-            count = 0
-            while count < len(segments) - 1 and segments[count].high_water_index <= upto_index:
-                count += 1
-            while count > 0 and not self._can_start_log(count):
-                count -= 1
-            if count == 0:
-                return
-            released = segments[:count]
-            del segments[:count]
-            first = segments[0]
-            self._tail.rebase(first.start_index, first.start_view)
-        try:
-            for segment in released:
-                segment.path.unlink()
-            if self._fsync:
-                fsync_directory(self._directory)
-        except OSError as error:
+        with self._deletion_lock:
             with self._lock:
-                self._failed = True
-            raise WalFatal(f"write-ahead log segment deletion failed: {error.strerror}") from None
+                self._check_usable()
+                segments = self._segments
+                count = 0
+                while count < len(segments) - 1 and segments[count].high_water_index <= upto_index:
+                    count += 1
+                while count > 0 and not self._can_start_log(count):
+                    count -= 1
+                if count == 0:
+                    return
+                released = segments[:count]
+                del segments[:count]
+                first = segments[0]
+                self._tail.rebase(first.start_index, first.start_view)
+            try:
+                for segment in released:
+                    segment.path.unlink()
+                if self._fsync:
+                    fsync_directory(self._directory)
+            except OSError as error:
+                with self._lock:
+                    self._failed = True
+                raise WalFatal(f"write-ahead log segment deletion failed: {error.strerror}") from None
 
     def roll(self, through_index: int) -> bool:
         """Start a new segment if the active one may hold an entry at or below ``through_index``, so

@@ -222,6 +222,52 @@ def _length_bit_flip_verifies(data: SegmentData, offset: int, size: int, length:
     return False
 
 
+# What a record after a damaged one must start with: its type byte, then the msgpack
+# array marker its payload always begins with (a fixarray of 3 or 4 fields, or 1 for
+# a TRUNCATE). BASE is left out: it is only ever a segment's first record.
+_LATER_RECORD_STARTS = ((RecordType.ENTRY, 0x94), (RecordType.HARD_STATE, 0x93), (RecordType.TRUNCATE, 0x91))
+# The CRC work one search may do (a torn 64 MiB record of random bytes needs well under
+# 1 GiB on average); past it the record is not called torn, so the node refuses to start
+# rather than risk cutting synced records.
+LATER_RECORD_SEARCH_MAX_BYTES = 4 << 30
+
+
+def _later_record_verifies(data: SegmentData, start: int, size: int) -> bool:
+    """True when a whole record whose CRC matches starts anywhere in ``data[start:size]``.
+
+    A torn write is the last thing in a file: nothing after the record it cut
+    short was written (segments are new files, never preallocated or reused,
+    and a cut tail is truncated away before anything is appended). So a valid
+    record after a record that claims to run past the end of the file means
+    that record's length field is damaged, and the records after it are synced
+    ones that must not be cut. A regular expression finds the few offsets whose
+    header could start a record that fits (type byte, array marker, a length
+    no longer than the bytes left); only those are checked with their CRC.
+    """
+    room = min(size - start - HEADER_BYTES, MAX_RECORD_PAYLOAD_BYTES)
+    if room <= 0:
+        return False
+    starts = b"|".join(b"\\x%02x\\x%02x" % pair for pair in _LATER_RECORD_STARTS)
+    pattern = re.compile(b"(?=[\\x00-\\x%02x].{7}(?:%s))" % (room >> 24, starts), re.DOTALL)
+    view = memoryview(data)
+    budget = LATER_RECORD_SEARCH_MAX_BYTES
+    try:
+        for match in pattern.finditer(data, start, size):
+            position = match.start()
+            length, crc, record_type = _HEADER.unpack_from(data, position)
+            end = position + HEADER_BYTES + length
+            if length > MAX_RECORD_PAYLOAD_BYTES or end > size:
+                continue
+            budget -= length
+            if budget < 0:
+                return True  # too much to search: refuse rather than risk cutting synced records
+            if _record_crc(length, record_type, view[position + HEADER_BYTES:end]) == crc:
+                return True
+        return False
+    finally:
+        view.release()
+
+
 def _is_torn_tail(data: SegmentData, offset: int, size: int, end: int, header: RecordHeader | None) -> bool:
     """Whether the damaged record at ``offset`` of the last segment is an interrupted write."""
     zero_start = _trailing_zero_start(data, size)
@@ -229,15 +275,23 @@ def _is_torn_tail(data: SegmentData, offset: int, size: int, end: int, header: R
         return True  # the file was extended but the data never reached the disk
     if header is None:
         return True  # fewer bytes than a header: a cut record
+    first_zero_sector = -(-zero_start // SECTOR_BYTES) * SECTOR_BYTES
+    if first_zero_sector < offset + HEADER_BYTES:
+        # The header itself runs into whole sectors of zeros a crash left unwritten:
+        # its type and CRC never reached the disk (a type read as 0 is no damage).
+        return True
     length, crc, record_type = header
     if record_type not in _RECORD_TYPE_VALUES:
         return False
     if end > size:
-        return length <= MAX_RECORD_PAYLOAD_BYTES and not _length_bit_flip_verifies(
-            data, offset, size, length, crc, record_type)
+        # Cut short by the end of the file, unless its length field is what is
+        # damaged: one flipped bit that a corrected length verifies, or any
+        # damage with whole valid records after it.
+        return (length <= MAX_RECORD_PAYLOAD_BYTES
+                and not _length_bit_flip_verifies(data, offset, size, length, crc, record_type)
+                and not _later_record_verifies(data, offset + HEADER_BYTES, size))
     # A complete record that fails its CRC is torn only when its end lies in
     # whole sectors of zeros that a crash left unwritten.
-    first_zero_sector = -(-zero_start // SECTOR_BYTES) * SECTOR_BYTES
     return first_zero_sector < end
 
 
@@ -287,18 +341,64 @@ def _record_problem(data: SegmentData, header: RecordHeader | None, offset: int,
     return None
 
 
+# A BASE record's payload is four small fields (a voted-for id of at most 255 characters).
+_BASE_PAYLOAD_MAX_BYTES = 4096
+
+
+def _starts_with_reset(path: Path) -> bool:
+    """Whether the segment's first record is a whole, valid BASE record marked ``reset``."""
+    try:
+        with open(path, "rb") as file:
+            head = file.read(HEADER_BYTES)
+            if len(head) < HEADER_BYTES:
+                return False
+            length, crc, record_type = _HEADER.unpack(head)
+            if record_type != RecordType.BASE or length > _BASE_PAYLOAD_MAX_BYTES:
+                return False
+            payload = file.read(length)
+    except OSError:
+        return False
+    if len(payload) != length or _record_crc(length, record_type, payload) != crc:
+        return False
+    try:
+        fields = _decode_fields(record_type, payload)
+    except Exception:  # msgpack raises many types; all of them mean a bad record here.
+        return False
+    return fields[2] is True
+
+
+def _newest_reset_position(segments: list[tuple[int, Path]]) -> int:
+    """Position of the newest segment that starts with a valid reset BASE record (0 if none).
+
+    reset_base writes and syncs a reset segment, with the hard state in its
+    BASE record, only once the store durably holds the snapshot it starts
+    from, and deletes older segments only after that. So a reset segment whose
+    BASE record is whole supersedes every segment before it: replay starts
+    there, and whatever lies before it (gaps left by deletions a crash
+    interrupted, even damage) is never read, then deleted.
+    """
+    for position in range(len(segments) - 1, 0, -1):
+        if _starts_with_reset(segments[position][1]):
+            return position
+    return 0
+
+
 def _list_segments(directory: Path) -> list[tuple[int, Path]]:
+    """The segment files, oldest first."""
     segments = []
     for path in directory.iterdir():
         match = SEGMENT_PATTERN.match(path.name)
         if match:
             segments.append((int(match.group(1)), path))
     segments.sort()
+    return segments
+
+
+def _check_contiguous(segments: list[tuple[int, Path]]) -> None:
     for (previous, _), (sequence, path) in zip(segments, segments[1:]):
         if sequence != previous + 1:
             raise WalCorruption(f"write-ahead log segment {segment_name(previous + 1)} is missing "
                                 f"(found {path.name} after {segment_name(previous)})")
-    return segments
 
 
 def _replay_file(path: Path, sequence: int, is_last: bool, state: _ReplayState,

@@ -256,12 +256,17 @@ class Replica:
         # lagging backup learns the configuration that made it a member); so is a member of the
         # configuration before the one in effect while that change is not committed (as may_campaign:
         # it may still be needed, and two nodes holding different uncommitted changes would otherwise
-        # each drop the other's polls for good). Anything else from outside, a poll or a vote request
-        # of a member whose removal is committed above all, is dropped, so it cannot disrupt the cluster.
+        # each drop the other's polls for good); so is a poll or vote request whose log is ahead of this
+        # one: its sender knows a configuration this node has not seen (one that added it), and a voter
+        # that lags must still be able to vote for it, or a majority up could never elect anyone. A
+        # member whose removal is committed is never ahead (it is fed nothing from its removal on), so
+        # anything else from outside is dropped and cannot disrupt the cluster.
         if handler is None or sender == self.node_id:
             return
         if (sender not in self._peers and not isinstance(message, PRIMARY_SENT_TYPES)
-                and not self._member_before_uncommitted_change(sender)):
+                and not self._member_before_uncommitted_change(sender)
+                and not (isinstance(message, (PreVote, RequestVote))
+                         and (message.last_view, message.last_index) > (self._log.last_view, self._log.last_index))):
             return
         if isinstance(message, (PreVote, PreVoteReply)):
             handler(sender, message)  # a poll changes no view: it bypasses the view rules below

@@ -903,9 +903,16 @@ class Simulation(InvariantChecks, Nemeses, MembershipChanges, ClientHistory):
             primaries = self.live_primaries()
             if len(primaries) == 1 and (marker is None or primaries[0].replica.view != marker_view):
                 # A new primary (or the first one after healing) gets a fresh entry to commit.
+                try:
+                    proposed = primaries[0].replica.propose(b"marker-%d" % (self.payload_counter + 1))  # type: ignore[union-attr]
+                except ProposalRejected:
+                    # Its uncommitted entries are at their bound (a primary that could not commit while
+                    # the network was cut): they commit first, and the marker is asked for next tick.
+                    self.drive(primaries[0])
+                    continue
                 self.payload_counter += 1
                 marker = b"marker-%d" % self.payload_counter
-                marker_index, marker_view = primaries[0].replica.propose(marker)  # type: ignore[union-attr]
+                marker_index, marker_view = proposed
                 self.drive(primaries[0])
             if (marker is not None and self.committed.get(marker_index) == (marker_view, marker)
                     and all(node.disk.applied_index >= marker_index for node in self.final_members()

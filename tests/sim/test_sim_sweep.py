@@ -77,3 +77,10 @@ def test_seed_22144_a_backup_catching_up_over_a_reordering_link_causes_no_messag
     primary back to probing and a full window, and one tick carried over 20,000 messages. The window
     now opens at one append after a probe and doubles with each acknowledgement (docs/replication.md)."""
     Simulation(22144, SimulationConfig.from_seed(22144, 2000)).run()
+
+
+def test_seed_71480_a_primary_full_of_uncommitted_entries_gets_its_marker_once_they_commit() -> None:
+    """After healing, the primary's uncommitted entries (a primary that could not commit while cut off, with
+    check-quorum off) were at their bound, the liveness check's marker proposal was refused, and the
+    harness crashed on ProposalRejected instead of waiting for them to commit (checked before)."""
+    Simulation(71480, SimulationConfig.from_seed(71480, 8000)).run()

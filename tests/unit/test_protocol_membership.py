@@ -237,10 +237,12 @@ def test_a_dead_member_is_removed_by_the_others() -> None:
     assert cluster.primary().membership.voters == ("n1", "n2")
     cluster.write(b"two voters")
     assert applied_payloads(cluster, "n2") == [b"two voters"]
-    # n3 comes back unaware: its polls are dropped by members that no longer count it.
+    # n3 comes back unaware: its polls are dropped by members that no longer count it (its log, fed
+    # nothing from its removal on, is never ahead of theirs).
     cluster.isolated = set()
+    removed = cluster.nodes["n3"].replica
     for node_id in ("n1", "n2"):
-        cluster.nodes[node_id].replica.step("n3", RequestVote(99, 100, 99))
+        cluster.nodes[node_id].replica.step("n3", RequestVote(99, removed.last_index, removed.last_view))
         assert cluster.nodes[node_id].replica.view < 99
 
 
@@ -298,7 +300,7 @@ def test_a_member_removed_by_an_uncommitted_change_is_still_heard_and_one_whose_
     the change in effect is not committed, the members of the configuration before it are heard."""
     without_n1 = Membership.of(("n2", "n3"), (), {})
     entries = (Entry(1, 1, EntryKind.NOOP, b""), Entry(2, 1, EntryKind.CONFIG, without_n1.encode()))
-    poll = PreVote(2, 5, 1, 1)
+    poll = PreVote(2, 2, 1, 1)  # n1's log as far as n2's: not ahead
     uncommitted = Replica(ReplicaConfig("n2", ("n1", "n2", "n3")), RestoredState(HardState(1, None, 1), 0, 0, entries),
                           random.Random(1))
     assert uncommitted.membership == without_n1
@@ -308,3 +310,34 @@ def test_a_member_removed_by_an_uncommitted_change_is_still_heard_and_one_whose_
                         random.Random(1))
     committed.step("n1", poll)
     assert committed.ready().all_messages == ()
+
+
+def test_a_new_voter_a_lagging_voter_never_heard_of_is_elected_with_a_majority_up() -> None:
+    """n3 lags through n4's addition and promotion; n1, the primary, goes down after an entry only n4
+    got. n2, n3 and n4 are 3 of the 4 voters, but n3 dropped n4's polls unread (n4 is no member in its
+    configuration) and n4 refused n2's (an older log): nobody was ever elected (checked on the code
+    before). A poll from outside whose log is ahead of the receiver's is heard."""
+    cluster = started_cluster(3)
+    cluster.isolated = {"n3"}
+    cluster.join("n4")
+    cluster.change(cluster.primary().membership.with_learner("n4", "h:4"))
+    cluster.tick(times=4)
+    cluster.change(cluster.primary().membership.promoted("n4"))
+    cluster.tick(times=4)
+    primary = cluster.primary()
+    assert primary.node_id == "n1" and primary.membership.voters == ("n1", "n2", "n3", "n4")
+    assert primary.membership_index <= primary.commit_index
+    assert "n4" not in cluster.nodes["n3"].replica.membership.ids
+    cluster.isolated = {"n3", "n2"}
+    primary.propose(b"only n4 has it")
+    cluster.settle()
+    assert cluster.nodes["n4"].replica.last_index == primary.last_index > cluster.nodes["n2"].replica.last_index
+    cluster.isolated = {"n1"}
+    live = ("n2", "n3", "n4")
+    for _ in range(30 * primary.config.election_timeout_ticks):
+        cluster.tick(node_ids=live)
+        if any(cluster.nodes[node_id].replica.role is Role.PRIMARY for node_id in live):
+            break
+    roles = {node_id: (cluster.nodes[node_id].replica.role.value, cluster.nodes[node_id].replica.view)
+             for node_id in live}
+    assert cluster.nodes["n4"].replica.role is Role.PRIMARY, roles  # the only log with every entry

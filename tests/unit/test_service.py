@@ -14,6 +14,7 @@ import json
 import re
 import socket
 import time
+from types import SimpleNamespace
 from pathlib import Path
 
 import pytest
@@ -1421,3 +1422,40 @@ async def test_a_tokenize_whose_entry_no_log_entry_can_hold_is_413_not_retry_lat
         assert (await running.service.tokenize("p", values[:1000], None, metadata_json=metadata)).status == 200
     finally:
         await running.close()
+
+
+async def test_a_request_or_answer_too_large_for_the_peer_link_is_413_and_the_link_stays_up(
+        trio: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With [limits] above the defaults a forwarded body could pass the peer links' frame bound: the
+    primary refused the frame as garbage and closed the link, replication with it. The backup now answers
+    413 before sending; an answer too large comes back as 413; the transport never sends such a frame."""
+    from tokenvault.api import service as service_module
+    from tokenvault.errors import PayloadTooLarge
+
+    primary, backup = trio.primaries()[0], trio.backups()[0]
+    monkeypatch.setattr(service_module, "MAX_FORWARDED_FRAME_BODY_BYTES", 4096)
+    links_before = backup.node.transport.is_connected(primary.node_id)
+    with pytest.raises(PayloadTooLarge, match="too large to forward"):
+        await backup.service.tokenize("p", [f"value-{number:04d}-" + "x" * 60 for number in range(100)], None)
+    assert links_before and backup.node.transport.is_connected(primary.node_id)
+    tokens = json.loads((await primary.service.tokenize("p", [f"big-{number}-" + "y" * 400 for number in range(20)],
+                                                        None)).body)["tokens"]
+    with pytest.raises(PayloadTooLarge, match="answer"):  # the backup lacks them: asked of the primary
+        await backup.service._forward(primary.node_id, "reveal", {"tokens": tokens, "epoch": None,
+                                                                  "include_metadata": False})
+    assert (await backup.service.tokenize("p", ["small"], None)).status == 200  # the link still carries
+
+
+async def test_the_transport_never_sends_a_frame_its_peer_would_refuse() -> None:
+    """The last guard: a frame over the bound is refused by send (False), reported, never queued."""
+    from protocol import ForwardRequest
+    from tokenvault.core.transport import PeerTransport
+
+    dropped: list[str] = []
+    transport = PeerTransport("n1", "127.0.0.1", 1, [], b"s" * 32, lambda *_: None, 1024, on_dropped=dropped.append)
+    queued: list[bytes] = []
+    transport._connections["n2"] = SimpleNamespace(enqueue=lambda frame: queued.append(frame))  # type: ignore[assignment]
+    assert transport.send("n2", ForwardRequest(request_id=1, kind="x", body=b"b" * 2048)) is False
+    assert dropped == ["n2"] and queued == []
+    assert transport.send("n2", ForwardRequest(request_id=2, kind="x", body=b"b" * 100)) is True
+    assert len(queued) == 1

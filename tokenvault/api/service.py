@@ -35,7 +35,7 @@ from tokenvault.errors import (EpochChanged, IdempotencyInFlight, IdempotencyMis
                                TokenCollision, Unavailable, error_from_problem, problem_body)
 from tokenvault.logs import SummedEvent, get_logger
 from tokenvault.futures import await_future, computed_in_slices
-from tokenvault.core.node import Node, NodeBusy, ProposalLost, ProposalOutcomeUnknown
+from tokenvault.core.node import MAX_FRAME_BYTES, Node, NodeBusy, ProposalLost, ProposalOutcomeUnknown
 from tokenvault.core.sealer import Sealer, SealerUnavailable
 from tokenvault.core.store_layout import MAX_API_KEYS as MAX_RUNTIME_KEYS
 from tokenvault.core.store_layout import ApplyResult
@@ -57,6 +57,9 @@ METADATA_CORRUPT = SummedEvent(log, "store.metadata_corrupt", ("epoch",), level=
 
 MAX_EPOCH_RETRIES = 5
 MAX_FORWARDS_IN_FLIGHT = 4096
+# The largest forwarded request or answer body a peer link carries: its frame bound less room for the
+# frame's other fields. Only limits above the defaults reach it ([limits] max_body_bytes up to 1 GiB).
+MAX_FORWARDED_FRAME_BODY_BYTES = MAX_FRAME_BYTES - 64 * 1024
 # Forwarded requests the primary serves at once, from all backups together.
 MAX_FORWARDS_SERVED = 2 * MAX_FORWARDS_IN_FLIGHT
 TOKENIZE = "tokenize"
@@ -1046,6 +1049,11 @@ class NodeService(LifecycleOperations, MembershipOperations):
         future: asyncio.Future[ForwardResponse] = asyncio.get_running_loop().create_future()
         self._forwards_waiting[request_id] = (primary_id, future)
         body = msgpack.packb(arguments, use_bin_type=True)
+        if len(body) > MAX_FORWARDED_FRAME_BODY_BYTES:
+            self._forwards_waiting.pop(request_id, None)
+            raise PayloadTooLarge(f"the request is too large to forward to the primary ({len(body)} bytes, over "
+                                  f"the peer links' {MAX_FORWARDED_FRAME_BODY_BYTES}-byte bound); it had no effect: "
+                                  "send fewer values, or send it to the primary")
         try:
             if not self.node.send_to_peer(primary_id, ForwardRequest(request_id=request_id, kind=kind, body=body)):
                 if self.node.is_linked(primary_id):  # linked, but the link's send queue is full
@@ -1106,6 +1114,11 @@ class NodeService(LifecycleOperations, MembershipOperations):
             # Answered at once rather than leaving the backup to time out (logged as the HTTP layer does).
             log.exception("forward.unexpected_error", kind=request.kind[:32])
             status, body, headers = _forward_answer(Unavailable("the primary could not serve this request; retry"))
+        if len(body) > MAX_FORWARDED_FRAME_BODY_BYTES:
+            # Over the peer link it would close the link; the request was served (a read), the answer cannot go.
+            status, body, headers = _forward_answer(PayloadTooLarge(
+                f"the answer ({len(body)} bytes) is too large to carry back over the peer links; ask for fewer "
+                "items at a time, or ask the primary"))
         self.node.send_to_peer(sender, ForwardResponse(request_id=request.request_id, status=status,
                                                        body=body, headers=headers))
 

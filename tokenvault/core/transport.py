@@ -293,6 +293,8 @@ class PeerTransport:
         self._on_dropped = on_dropped
         self._drop_log = SummedEvent(log, "peer.send_queue_full", ("peer", "limit"), FLOOD_LOG_INTERVAL_SECONDS,
                                      level="warning")
+        self._oversize_log = SummedEvent(log, "peer.frame_too_large", ("peer",), FLOOD_LOG_INTERVAL_SECONDS,
+                                         level="error")
         self.frames_rejected = 0
         self.unauthenticated_connections = 0
         self.connections_refused = 0
@@ -350,7 +352,15 @@ class PeerTransport:
         connection = self._connections.get(peer_id)
         if connection is None:
             return False
-        refused_by = connection.enqueue(encode_frame(message))
+        frame = encode_frame(message)
+        if len(frame) > self._max_frame_bytes:
+            # The peer would refuse it as a bad frame and close the link, taking replication down with it:
+            # never sent (the callers check sizes first; this is the last guard), reported and counted.
+            self._oversize_log.add(1, peer_id)
+            if self._on_dropped is not None:
+                self._on_dropped(peer_id)
+            return False
+        refused_by = connection.enqueue(frame)
         if refused_by is None:
             return True
         self._drop_log.add(1, peer_id, refused_by)

@@ -258,9 +258,12 @@ class Replica:
         # it may still be needed, and two nodes holding different uncommitted changes would otherwise
         # each drop the other's polls for good); so is a poll or vote request whose log is ahead of this
         # one: its sender knows a configuration this node has not seen (one that added it), and a voter
-        # that lags must still be able to vote for it, or a majority up could never elect anyone. A
-        # member whose removal is committed is never ahead (it is fed nothing from its removal on), so
-        # anything else from outside is dropped and cannot disrupt the cluster.
+        # that lags must still be able to vote for it, or a majority up could never elect anyone.
+        # Anything else from outside is dropped. A member whose removal is committed is seldom ahead (it
+        # is fed nothing from its removal on); one can be: a removed primary that appended after its
+        # removal, restarted with an older commit index (which it persists lazily) before the others
+        # wrote in a new view. It may then win one election and step down again once its removal
+        # commits: a hiccup, not a lost entry (docs/replication.md, "Messages from outside").
         if handler is None or sender == self.node_id:
             return
         if (sender not in self._peers and not isinstance(message, PRIMARY_SENT_TYPES)

@@ -1162,3 +1162,28 @@ def test_a_rocksdb_status_quoted_in_an_error_names_files_and_offsets_and_never_a
         "IO error: No space left on device: While appending to file: /d/000012.log")
     assert damage(Exception("IO error: No space left on device")) is None
     assert len(str(damage(Exception("Corruption: " + "x " * 500)))) <= len("the store is damaged: ") + 200
+
+
+def test_a_checkpoint_that_cannot_be_read_back_leaves_nothing_behind(tmp_path, monkeypatch) -> None:
+    """A checkpoint RocksDB wrote but that could not be opened again (EMFILE, ENOMEM) stayed on disk, hard
+    links to every table file; once a failed snapshot is asked for again, one more a retry."""
+    from tokenvault.core import store as store_module
+    from tokenvault.core.store_layout import StoreError
+
+    source = VaultStore.open(tmp_path / "store")
+    real_open = store_module.open_database
+
+    def failing_read_back(directory, options, error, read_only=False):
+        if read_only:
+            raise StoreError("Too many open files")
+        return real_open(directory, options, error, read_only=read_only)
+
+    monkeypatch.setattr(store_module, "open_database", failing_read_back)
+    try:
+        with pytest.raises(StoreError, match="open files"):
+            source.create_checkpoint(tmp_path / "checkpoint")
+        assert not (tmp_path / "checkpoint").exists()
+        monkeypatch.undo()
+        assert source.create_checkpoint(tmp_path / "checkpoint") == (0, 0)
+    finally:
+        source.close()

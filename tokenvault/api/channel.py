@@ -252,7 +252,7 @@ class Channel:
             await self._writer.drain()
             if self._writer.transport.get_write_buffer_size() > HOLD_BACK_BYTES:
                 await asyncio.sleep(0.01)  # a transport that does not pause: look again shortly
-        except (ConnectionError, RuntimeError):
+        except (OSError, RuntimeError):  # ConnectionError and the rest the socket may raise (ETIMEDOUT)
             self._close_now()
             return
         finally:

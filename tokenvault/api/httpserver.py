@@ -720,8 +720,10 @@ class _Connection(asyncio.Protocol):
 
     async def drain(self) -> None:
         """Wait until the client has taken what is buffered (down to the transport's low-water mark). A
-        client that takes nothing for ``header_timeout_seconds`` is disconnected (ConnectionResetError):
-        it holds its connection, and a stream's handler, no longer."""
+        client that has not taken it down that far within ``header_timeout_seconds`` is disconnected
+        (ConnectionResetError): it holds its connection, and a stream's handler, no longer. One that reads
+        nothing is cut off so; so is one that reads less than the buffer's high-water mark (64 KiB) in
+        that time, a few KiB a second at the default 10 s."""
         if self.transport is None:
             raise ConnectionResetError("the client closed the connection")
         if not self._can_write:

@@ -718,7 +718,10 @@ class Node:
 
     # ----------------------------------------------------------------- apply
     def _apply(self, entries: tuple[Entry, ...]) -> None:
-        members_before, applied_before = self._committed_membership(), self.store.applied_index
+        applied_before = self.store.applied_index
+        # Only a batch that changes the configuration needs the one before it (most never do).
+        members_before = (self._committed_membership() if any(entry.kind == EntryKind.CONFIG for entry in entries)
+                          else None)
         results = self.store.apply_batch(entries)
         by_index = {result.index: result for result in results}
         issued: dict[int, int] = {}  # epoch -> tokens issued in it by this batch
@@ -726,7 +729,7 @@ class Node:
             result = by_index.get(entry.index)
             if entry.kind == EntryKind.CONFIG:
                 log.info("membership.committed", index=entry.index)
-                if entry.index > applied_before:  # applied by this batch, not before
+                if entry.index > applied_before and members_before is not None:  # applied by this batch
                     members_before = self._forget_members_removed(members_before, Membership.decode(entry.payload))
                 self._follow_membership()
             if result is not None and entry.kind == EntryKind.COMMAND:

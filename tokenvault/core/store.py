@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -714,10 +715,17 @@ class VaultStore:
                 database.flush()
                 Checkpoint(database).create_checkpoint(str(directory))
             except Exception as failure:
+                shutil.rmtree(directory, ignore_errors=True)  # what RocksDB wrote of it before failing
                 raise StoreError(f"the checkpoint could not be taken: {reason(failure)}") from None
-        options = database_options(Cache(VERIFY_CACHE_BYTES))
-        copy, (index, view, _) = open_database(directory, options, StoreError, read_only=True)
-        copy.close()
+        try:
+            options = database_options(Cache(VERIFY_CACHE_BYTES))
+            copy, (index, view, _) = open_database(directory, options, StoreError, read_only=True)
+            copy.close()
+        except BaseException:
+            # Each failed attempt would otherwise leave a checkpoint (hard links to every table file)
+            # for each retry of the snapshot it was for.
+            shutil.rmtree(directory, ignore_errors=True)
+            raise
         return index, view
 
     @staticmethod

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import json
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -320,6 +322,25 @@ async def test_a_backup_that_has_not_applied_a_delete_never_answers_the_deleted_
         await trio.close()
 
 
+@contextlib.contextmanager
+def appends_withheld(lagging: RunningNode) -> Iterator[None]:
+    """Inside, ``lagging`` hears no appends or heartbeats: it still forwards and hears answers (and a read
+    index), so what it applies stays behind what the primary commits."""
+    transport = lagging.node.transport
+    assert transport is not None
+    deliver = transport._on_message
+
+    def without_appends(sender: str, message: object) -> None:
+        if not isinstance(message, (AppendEntries, Heartbeat)):
+            deliver(sender, message)
+
+    transport._on_message = without_appends  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        transport._on_message = deliver  # type: ignore[method-assign]
+
+
 async def test_a_lagging_backup_answers_the_metadata_a_tokenize_acknowledged_before_the_request_gave(
         trio: Cluster) -> None:
     """docs/tokens.md: a tokenize with metadata replaces the mapping's metadata. A backup that had not
@@ -329,23 +350,12 @@ async def test_a_lagging_backup_answers_the_metadata_a_tokenize_acknowledged_bef
     (token,) = body(await primary.service.tokenize("p", ["meta-value"], None, metadata_json='{"v":1}'))["tokens"]
     lagging = trio.backups()[0]
     await wait_until(lambda: lagging.node.store.lookup([token]), 5, "the backup to apply the token")
-    transport = lagging.node.transport
-    assert transport is not None
-    deliver = transport._on_message
-
-    def without_appends(sender: str, message: object) -> None:
-        if not isinstance(message, (AppendEntries, Heartbeat)):  # it still forwards and hears answers
-            deliver(sender, message)
-
-    transport._on_message = without_appends
-    try:
+    with appends_withheld(lagging):
         again = await primary.service.tokenize("p", ["meta-value"], None, metadata_json='{"v":2}')
         assert body(again)["tokens"] == [token]
         revealed = asyncio.create_task(lagging.service.reveal([token], ACTOR, include_metadata=True))
         await asyncio.sleep(0.3)
         assert not revealed.done(), "answered before its audit entry was applied here"
-    finally:
-        transport._on_message = deliver
     assert await revealed == {"values": ["meta-value"], "metadata_json": ['{"v":2}']}
 
 
@@ -357,16 +367,7 @@ async def _backup_never_answers_a_deleted_value(trio: Cluster, audit: bool, remo
     if removal == "destroy":
         await primary.service.rotate_epoch("admin", None)  # the active epoch cannot be destroyed
         await wait_until(lambda: lagging.node.store.active_epoch() == 2, 5, "the backup to apply the rotation")
-    transport = lagging.node.transport
-    assert transport is not None
-    deliver = transport._on_message
-
-    def without_appends(sender: str, message: object) -> None:
-        if not isinstance(message, (AppendEntries, Heartbeat)):  # it still forwards and hears answers
-            deliver(sender, message)
-
-    transport._on_message = without_appends
-    try:
+    with appends_withheld(lagging):
         if removal == "delete":
             await primary.service.delete_tokens([token], ACTOR)
         else:
@@ -386,8 +387,6 @@ async def _backup_never_answers_a_deleted_value(trio: Cluster, audit: bool, remo
         await wait_until(waiting, 5, "the backup to learn the index it must apply first")
         assert not asked.done(), "answered before applying what was committed before the request"
         assert not revealed.done(), "revealed before applying what was committed before the request"
-    finally:
-        transport._on_message = deliver
     assert await asked == [None]
     assert await revealed == {"values": [None]}
 
@@ -403,28 +402,17 @@ async def test_a_detokenize_answered_null_by_a_backup_that_applied_the_delete_la
     (token,) = body(await primary.service.tokenize("p", ["counted"], None))["tokens"]
     lagging = trio.backups()[0]
     await wait_until(lambda: lagging.node.store.lookup([token]), 5, "the backup to apply the token")
-    transport = lagging.node.transport
-    assert transport is not None
-    deliver = transport._on_message
-
-    def without_appends(sender: str, message: object) -> None:
-        if not isinstance(message, (AppendEntries, Heartbeat)):  # it still forwards and hears answers
-            deliver(sender, message)
-
     def records() -> dict[str, dict]:
         return {record["request_id"]: record for record in primary.node.store.audit_page(0, 1000)
                 if record["action"] == "detokenize" and record["node"] == lagging.node_id}
 
-    transport._on_message = without_appends
-    try:
+    with appends_withheld(lagging):
         await primary.service.delete_tokens([token], ACTOR)
         assert lagging.node.store.lookup([token]), "the backup has not applied the delete"
         asked = asyncio.create_task(lagging.service.detokenize([token], commands.Actor(name="r", request_id="d")))
         revealed = asyncio.create_task(lagging.service.reveal([token], commands.Actor(name="r", request_id="v")))
         await wait_until(lambda: {"d", "v"} <= set(records()), 5, "the backup's audit records to commit")
         assert not asked.done() and not revealed.done()
-    finally:
-        transport._on_message = deliver
     assert await asked == [None]
     assert await revealed == {"values": [None]}
     assert [(records()[request]["items"], records()[request]["found"]) for request in "dv"] == [(1, 1), (1, 1)]

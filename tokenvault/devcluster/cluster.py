@@ -200,23 +200,13 @@ def _reap(pid: int) -> bool:
 
 def _is_node_process(pid: int, node: NodeSpec) -> bool:
     """True when `pid` is alive and is this node's `serve` process (not a recycled pid)."""
-    if _reap(pid):
+    if _reap(pid) or not _held_by_a_live_process(pid):
         return False
-    process = Path(f"/proc/{pid}")
     if not Path("/proc/self").exists():
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
+        return True  # no command line to read: a live process under that pid is taken for the node
     try:
-        state = (process / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        arguments = (process / "cmdline").read_bytes().split(b"\0")
-    except (OSError, IndexError):
-        return False
-    if state in ("Z", "X"):
+        arguments = (Path(f"/proc/{pid}") / "cmdline").read_bytes().split(b"\0")
+    except OSError:
         return False
     return str(node.config).encode() in arguments
 

@@ -574,19 +574,26 @@ async def test_a_restarted_node_detokenizes_null_for_a_destroyed_epoch(trio: Clu
     assert await restarted.service.detokenize([token]) == [None]
 
 
-async def test_forwarded_lifecycle_requests_are_validated_like_the_http_layer(trio: Cluster) -> None:
-    primary = await trio.wait_for_stable_primary()
-    backup_id = trio.backups()[0].node_id
-    sent = []
+def forward_answers_of(primary: RunningNode) -> list[ForwardResponse]:
+    """The forward answers ``primary`` sends from now on, kept here instead of sent (heartbeats and appends
+    still flow)."""
+    sent: list[ForwardResponse] = []
     send = primary.node.send_to_peer
 
     def recording_send(peer: str, message: object) -> bool:
         if isinstance(message, ForwardResponse):
             sent.append(message)
             return True
-        return send(peer, message)  # heartbeats and appends still flow
+        return send(peer, message)
 
     primary.node.send_to_peer = recording_send  # type: ignore[method-assign]
+    return sent
+
+
+async def test_forwarded_lifecycle_requests_are_validated_like_the_http_layer(trio: Cluster) -> None:
+    primary = await trio.wait_for_stable_primary()
+    backup_id = trio.backups()[0].node_id
+    sent = forward_answers_of(primary)
     for kind, arguments in (("token.delete", {"tokens": ["not a token"], "actor": None}),
                             ("epoch.destroy", {"epoch": "1", "actor": None}),
                             ("epoch.tokens", {"epoch": 1, "after": "nope", "limit": 5}),
@@ -603,16 +610,7 @@ async def test_a_forwarded_change_writes_its_audit_record_in_the_forwarding_peer
     primary = await trio.wait_for_stable_primary()
     (token,) = body(await primary.service.tokenize("p", ["forged"], None))["tokens"]
     sender, other = [backup.node_id for backup in trio.backups()]
-    sent = []
-    send = primary.node.send_to_peer
-
-    def recording_send(peer: str, message: object) -> bool:
-        if isinstance(message, ForwardResponse):
-            sent.append(message)
-            return True
-        return send(peer, message)
-
-    primary.node.send_to_peer = recording_send  # type: ignore[method-assign]
+    sent = forward_answers_of(primary)
 
     def delete_as(node: str | None) -> ForwardRequest:
         actor = commands.Actor(name="admin", node=node, request_id="r").fields()

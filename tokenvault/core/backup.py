@@ -277,16 +277,16 @@ class ScratchDirectory:
             except FileNotFoundError:
                 continue  # another run took it for a leftover before it was locked, and removed it
             try:
-                # Blocks only while another run that took it for a leftover removes it (it is empty).
-                fcntl.flock(descriptor, fcntl.LOCK_EX)
-            except OSError:
-                pass  # no flock on this file system: used unlocked, and no run removes anything as dead here
-            try:
+                try:
+                    # Blocks only while another run that took it for a leftover removes it (it is empty).
+                    fcntl.flock(descriptor, fcntl.LOCK_EX)
+                except OSError:
+                    pass  # no flock on this file system: used unlocked, and no run removes anything as dead
                 if os.path.samestat(os.fstat(descriptor), os.stat(path, follow_symlinks=False)):
                     return cls(path, descriptor)
             except FileNotFoundError:
                 pass
-            except BaseException:
+            except BaseException:  # interrupted while it waited for the lock, say: the descriptor goes too
                 os.close(descriptor)
                 raise
             os.close(descriptor)  # removed meanwhile as above: make another

@@ -286,14 +286,13 @@ class Node:
     def _committed_membership(self) -> Membership:
         return self.store.membership() or Membership.of(tuple(member.id for member in self.config.members))
 
-    def _forget_members_removed(self, before: Membership, after: Membership) -> Membership:
+    def _forget_members_removed(self, before: Membership, after: Membership) -> None:
         """A committed configuration entry that drops a member: the next node under its id is a new member,
         even where this node applies the removal and the id's return in one batch, or applies the removal
         once the return is already in its log (then the id never leaves the sets _follow_membership links
         to, and the new member's links would be refused for good)."""
         for member in set(before.ids) - set(after.ids):
             self.peer_incarnations.forget(member)
-        return after
 
     def _follow_membership(self) -> None:
         """Peer links to the members of the configuration in effect and of the last committed one: while a
@@ -730,7 +729,9 @@ class Node:
             if entry.kind == EntryKind.CONFIG:
                 log.info("membership.committed", index=entry.index)
                 if entry.index > applied_before and members_before is not None:  # applied by this batch
-                    members_before = self._forget_members_removed(members_before, Membership.decode(entry.payload))
+                    members_after = Membership.decode(entry.payload)
+                    self._forget_members_removed(members_before, members_after)
+                    members_before = members_after
                 self._follow_membership()
             if result is not None and entry.kind == EntryKind.COMMAND:
                 if result.kind not in ONLY_ADDING_KINDS:

@@ -95,18 +95,16 @@ class SnapshotTransfers:
 
     async def _create_and_offer(self, peer: str, offer: Callable[[str, int, int, int], bool]) -> None:
         started = time.monotonic()
-        offered = False
         try:
-            try:
-                source = await create_source(self._store_of(), self._outgoing_dir, self._shreds, self._in_thread)
-            except (OSError, ValueError, StoreError) as error:
-                # StoreError: a closed store, RocksDB's own failure (ENOSPC, EMFILE), or SnapshotRejected
-                log.error("snapshot.source_failed", peer=peer, reason=_reason(error))
-                return  # the core asks again after an election timeout
-            offered = True
-        finally:
-            if not offered:  # failed (even unexpectedly) or cancelled: the next request makes one
-                self._creating.discard(peer)
+            source = await create_source(self._store_of(), self._outgoing_dir, self._shreds, self._in_thread)
+        except (OSError, ValueError, StoreError) as error:
+            # StoreError: a closed store, RocksDB's own failure (ENOSPC, EMFILE), or SnapshotRejected
+            log.error("snapshot.source_failed", peer=peer, reason=_reason(error))
+            self._creating.discard(peer)  # the core asks again after an election timeout
+            return
+        except BaseException:  # failed unexpectedly, or cancelled: the next request makes one
+            self._creating.discard(peer)
+            raise
 
         def offer_in_driver() -> None:
             self._creating.discard(peer)

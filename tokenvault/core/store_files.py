@@ -239,15 +239,15 @@ def verify_checkpoint(directory: Path, index: int, view: int) -> None:
 def check_checkpoint_wal(directory: Path) -> None:
     """Refuse (SnapshotRejected) a checkpoint whose WAL files hold more than MAX_CHECKPOINT_WAL_BYTES
     together, or one that is no regular file: an open would replay them all into memory. Opens nothing."""
-    total = 0
-    for name in wal_file_names(directory):
+    names = wal_file_names(directory)
+    for name in names:
         try:
             status = os.lstat(directory / name)
         except OSError:
             continue  # the open says what is wrong
         if not stat.S_ISREG(status.st_mode):
             raise SnapshotRejected(f"checkpoint WAL file {name[:64]} is not a regular file")
-        total += status.st_size
+    total = wal_file_bytes(directory, names)
     if total > MAX_CHECKPOINT_WAL_BYTES:
         raise SnapshotRejected(
             f"checkpoint's RocksDB WAL files (*.log) hold {total} bytes, more than the {MAX_CHECKPOINT_WAL_BYTES} "

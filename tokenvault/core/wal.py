@@ -362,7 +362,7 @@ class WriteAheadLog:
         self._active_descriptor = descriptor
         header = _base_record(base_index, base_view, reset, self._durable_hard_state)
         self._segments.append(_SegmentInfo(sequence, path, 0, len(header), base_index, base_view,
-                                           base_index, None, reset))
+                                           base_index, None))
         return header
 
     def reset_base(self, index: int, view: int) -> None:
@@ -527,4 +527,4 @@ def _create_first_segment(directory: Path, fsync: bool) -> _SegmentInfo:
         os.close(descriptor)
     if fsync:
         fsync_directory(directory)
-    return _SegmentInfo(1, path, len(header), len(header), 0, 0, 0, None, False)
+    return _SegmentInfo(1, path, len(header), len(header), 0, 0, 0, None)

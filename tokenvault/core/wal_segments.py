@@ -104,7 +104,6 @@ class _SegmentInfo:
     start_view: int
     high_water_index: int          # the largest index the segment holds or starts from
     lowest_truncate_from: int | None
-    is_reset: bool
 
 
 class _ReplayState:
@@ -155,7 +154,6 @@ class _ReplayState:
             raise ValueError("segment does not continue the previous one")
         segment.start_index = segment.high_water_index = index
         segment.start_view = view
-        segment.is_reset = reset
 
 
 def _valid_integer(value: object) -> bool:
@@ -404,7 +402,7 @@ def _check_contiguous(segments: list[tuple[int, Path]]) -> None:
 def _replay_file(path: Path, sequence: int, is_last: bool, state: _ReplayState,
                  first_segment: bool) -> tuple[_SegmentInfo, int]:
     """Replay one file; returns its info (size = valid bytes) and the bytes past the valid end."""
-    segment = _SegmentInfo(sequence, path, 0, 0, state.last_index, state.last_view, state.last_index, None, False)
+    segment = _SegmentInfo(sequence, path, 0, 0, state.last_index, state.last_view, state.last_index, None)
     with open(path, "rb") as file:
         size = os.fstat(file.fileno()).st_size
         valid_end = 0

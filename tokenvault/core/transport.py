@@ -413,10 +413,11 @@ class PeerTransport:
     async def _dial_once(self, peer: PeerAddress) -> bool:
         """One connection attempt; returns once it failed or its link ended.
 
-        True when the link was healthy: it carried a frame the peer sent as an
-        accepted link (not HelloRefused), or it lived at least
+        True when the link was healthy: it lived at least
         RECONNECT_DELAY_SECONDS_MAX. False when no link was made, or the link
-        was refused or died at once (a bad frame, a reset).
+        was refused or died sooner (a bad frame, even after good ones, a reset):
+        a link that dies on its first large frame is redialled with a growing
+        delay too, not every 50 ms.
         """
         try:
             reader, writer = await asyncio.wait_for(
@@ -431,9 +432,8 @@ class PeerTransport:
             _abort(writer)
             raise
         established = time.monotonic()
-        accepted = await self._serve_connection(
-            _Connection(peer.node_id, reader, writer, FrameDecoder(self._max_frame_bytes)))
-        return accepted or time.monotonic() - established >= RECONNECT_DELAY_SECONDS_MAX
+        await self._serve_connection(_Connection(peer.node_id, reader, writer, FrameDecoder(self._max_frame_bytes)))
+        return time.monotonic() - established >= RECONNECT_DELAY_SECONDS_MAX
 
     async def _authenticate_as_dialer(self, peer: PeerAddress, reader: asyncio.StreamReader,
                                       writer: asyncio.StreamWriter) -> None:
@@ -571,15 +571,14 @@ class PeerTransport:
         raise IncarnationChanged(f"{peer_id} is in another incarnation")
 
     # ----------------------------------------------------------------- serving
-    async def _serve_connection(self, connection: _Connection) -> bool:
-        """Serve a link until it ends; True when the peer sent a frame as an accepted link (the dial loop's
-        back-off starts again after such a link)."""
+    async def _serve_connection(self, connection: _Connection) -> None:
+        """Serve a link until it ends."""
         if self._closing:
             # Python 3.11's wait_for can swallow a cancellation that arrives as the connection or the
             # handshake completes (gh-86296): a link made while the transport closes is dropped here,
             # or close() would wait for it forever.
             connection.close()
-            return False
+            return
         peer_id = connection.peer_id
         previous = self._connections.get(peer_id)
         if previous is not None:
@@ -625,7 +624,6 @@ class PeerTransport:
                     log.warning("peer.down", peer=peer_id, reason=reason)
                     if self._on_peer_down is not None:
                         self._on_peer_down(peer_id)
-        return accepted
 
     async def _keep_alive(self, connection: _Connection) -> None:
         """Ping an idle link, and close it when the peer has been silent past the idle timeout."""

@@ -44,6 +44,10 @@ class ServiceError(Exception):
     status: int = 500
     title: str = "Internal error"
     problem: str = "internal"
+    # For a 503: true when the request certainly had no effect (never proposed, or refused before it was),
+    # so a client may send it again even where a repeat could act twice; false: it may still take effect
+    # once. A 503's problem body says which in its ``effect`` member (problem_body_of).
+    no_effect: bool = False
 
     def __init__(self, detail: str | None = None, *, headers: Mapping[str, str] | None = None) -> None:
         self.detail = detail if detail is not None else self.title
@@ -64,10 +68,13 @@ class Unavailable(ServiceError):
         *,
         retry_after_seconds: int = DEFAULT_RETRY_AFTER_SECONDS,
         headers: Mapping[str, str] | None = None,
+        no_effect: bool = False,
     ) -> None:
         merged = {"Retry-After": str(max(0, int(retry_after_seconds)))}
         merged.update(headers or {})
         super().__init__(detail or "no primary or no quorum right now; retry later", headers=merged)
+        if no_effect:
+            self.no_effect = True
 
 
 class IdempotencyInFlight(ServiceError):
@@ -103,10 +110,23 @@ def problem_type(slug: str) -> str:
     return PROBLEM_TYPE_PREFIX + slug
 
 
-def problem_body(status: int, slug: str, title: str, detail: str) -> bytes:
-    """Serialise a problem+json document; ASCII-only output so it is always valid UTF-8."""
-    document = {"type": problem_type(slug), "title": title, "status": status, "detail": detail}
+# The ``effect`` member of every 503 problem body: whether the request certainly had no effect.
+EFFECT_NONE = "none"
+EFFECT_UNKNOWN = "unknown"
+
+
+def problem_body(status: int, slug: str, title: str, detail: str, *, no_effect: bool = False) -> bytes:
+    """Serialise a problem+json document; ASCII-only output so it is always valid UTF-8. A 503's also says
+    whether the request had no effect (``"effect": "none"``) or may still take effect once (``"unknown"``)."""
+    document: dict[str, object] = {"type": problem_type(slug), "title": title, "status": status, "detail": detail}
+    if status == 503:
+        document["effect"] = EFFECT_NONE if no_effect else EFFECT_UNKNOWN
     return json.dumps(document, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+
+
+def problem_body_of(error: ServiceError) -> bytes:
+    """The problem body of ``error``, as a node answers it."""
+    return problem_body(error.status, error.problem, error.title, error.detail, no_effect=error.no_effect)
 
 
 def default_title(status: int) -> str:
@@ -117,8 +137,10 @@ def default_title(status: int) -> str:
         return "Error"
 
 
-def error_from_problem(status: int, slug: str, detail: str, headers: Mapping[str, str]) -> ServiceError | None:
-    """The error class a peer raised, rebuilt from its problem type and status (forwarded requests).
+def error_from_problem(status: int, slug: str, detail: str, headers: Mapping[str, str], *,
+                       no_effect: bool = False) -> ServiceError | None:
+    """The error class a peer raised, rebuilt from its problem type and status (forwarded requests),
+    with ``no_effect`` as the peer said (a class whose errors always had none keeps saying so).
 
     A backup that forwarded a request raises the same class the primary
     raised, so callers and the HTTP layer treat a forwarded error exactly as a
@@ -131,6 +153,8 @@ def error_from_problem(status: int, slug: str, detail: str, headers: Mapping[str
         if error_class.problem == slug and error_class.status == status:
             error = error_class.__new__(error_class)
             ServiceError.__init__(error, detail, headers=headers)
+            if no_effect:
+                error.no_effect = True
             return error
     return None
 
@@ -189,6 +213,7 @@ class Overloaded(Unavailable):
     """Too many requests are in progress on this node; the rejected one had no effect."""
 
     problem = "overloaded"
+    no_effect = True
 
     def __init__(self, detail: str | None = None, *, retry_after_seconds: int = DEFAULT_RETRY_AFTER_SECONDS) -> None:
         super().__init__(

@@ -11,6 +11,9 @@ from typing import Any
 
 PROBLEM_CONTENT_TYPE = "application/problem+json"
 PROBLEM_MEMBERS = {"type", "title", "status", "detail"}
+# docs/api.md, Errors: every 503 also says whether the request certainly had no effect; overload always did.
+EFFECTS = ("none", "unknown")
+NO_EFFECT_PROBLEM_TYPES = ("overloaded", "backup-busy")
 PROBLEM_TYPE_PREFIX = "urn:tokenvault:problem:"
 API_DOC = Path(__file__).resolve().parents[2] / "docs" / "api.md"
 
@@ -43,10 +46,13 @@ def check_problem(
     content_type = headers.get("Content-Type", "")
     assert content_type.split(";")[0].strip() == PROBLEM_CONTENT_TYPE, content_type
     document = json.loads(body)
-    assert set(document) == PROBLEM_MEMBERS, document
+    assert set(document) == (PROBLEM_MEMBERS | {"effect"} if expected_status == 503 else PROBLEM_MEMBERS), document
     assert document["status"] == expected_status
     assert isinstance(document["type"], str) and document["type"].startswith(PROBLEM_TYPE_PREFIX)
     problem_type = document["type"][len(PROBLEM_TYPE_PREFIX):]
+    if expected_status == 503:
+        assert document["effect"] in EFFECTS, document
+        assert problem_type not in NO_EFFECT_PROBLEM_TYPES or document["effect"] == "none", document
     assert problem_type in documented_problem_types().get(expected_status, ()), \
         f"{expected_status} {problem_type!r} is not in docs/api.md's Errors table"
     assert isinstance(document["title"], str) and document["title"]

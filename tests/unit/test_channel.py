@@ -22,7 +22,8 @@ from tokenvault.api.http import HttpLimits
 from tokenvault.api.remote import EPOCH_TOPIC, RemoteService, _decode_epoch_keys, decode_key_rows
 from tokenvault.crypto.keys import EpochKeys, new_epoch_secret
 from tokenvault.config import HttpConfig, LimitsConfig, RateLimitsConfig
-from tokenvault.errors import IdempotencyMismatch, InvalidRequest, Outcome, PayloadTooLarge, RateLimited, Unavailable
+from tokenvault.errors import (IdempotencyMismatch, InvalidRequest, Outcome, PayloadTooLarge, RateLimited, Unavailable,
+                               problem_body_of)
 from tokenvault.metrics import Metrics
 
 FRAME_BYTES = 64 * 1024
@@ -64,6 +65,27 @@ async def test_calls_return_results_and_outcomes_and_errors_come_back_as_their_c
         await worker.call("no-such-call", {})
     await core.close()
     await worker.close()
+
+
+async def test_a_503_comes_back_saying_whether_the_request_had_no_effect() -> None:
+    """docs/api.md, Errors: a 503 says whether the request certainly had no effect ("effect": "none");
+    the worker answers what the core said (before, the channel carried no such field)."""
+    async def lost(arguments: dict[str, Any]) -> Any:
+        raise Unavailable("the primary changed before the write committed", no_effect=True)
+
+    async def unknown(arguments: dict[str, Any]) -> Any:
+        raise Unavailable("not confirmed in time; it may still take effect")
+
+    core, worker = await pair({"lost": lost, "unknown": unknown})
+    try:
+        for method, no_effect in (("lost", True), ("unknown", False)):
+            with pytest.raises(Unavailable) as raised:
+                await worker.call(method, {})
+            assert raised.value.no_effect is no_effect
+            assert json.loads(problem_body_of(raised.value))["effect"] == ("none" if no_effect else "unknown")
+    finally:
+        await core.close()
+        await worker.close()
 
 
 async def test_a_bug_in_a_handler_is_answered_503_never_left_waiting() -> None:

@@ -539,8 +539,11 @@ def test_member_add_adds_a_learner_retries_the_promotion_until_caught_up_and_rem
     assert added.exit_code == 0, added.output
     assert roles["n4"] == "voter" and len(primary.calls("/v1/admin/members/n4/promote")) == 2
     assert primary.calls("/v1/admin/members")[1].body == {"node_id": "n4", "peer_addr": "127.0.0.1:8204"}
+    assert "n4 added as a voter" in added.output
     again = runner.invoke(tokenvault, ["admin", "member", "add", "n4", "127.0.0.1:8204", *options])
-    assert again.exit_code == 0, again.output  # done already: nothing is sent again
+    assert again.exit_code == 0, again.output  # done already: nothing is sent again, and it says so
+    assert "n4 is a voter at 127.0.0.1:8204 already (committed): nothing was changed" in again.output
+    assert "added" not in again.output
     assert len(primary.calls("/v1/admin/members/n4/promote")) == 2
     listed = runner.invoke(tokenvault, ["admin", "member", "list", "--json", *options])
     assert {member["id"]: member["role"] for member in json.loads(listed.stdout)["members"]} == {
@@ -592,7 +595,8 @@ def test_member_add_that_finds_its_change_being_committed_waits_for_the_commit_t
     result = runner.invoke(tokenvault, ["admin", "member", "add", "n4", "127.0.0.1:8204", "--wait", "10",
                                         "--url", primary.url, "--api-key", ADMIN_KEY])
     assert result.exit_code == 0, result.output
-    assert "n4 added as a voter" in result.output
+    # The change was made before (an earlier run's): this one waited for its commit and made nothing.
+    assert "n4 is a voter at 127.0.0.1:8204 already (committed): nothing was changed" in result.output
     assert len(polls) > 4, "it polled until the list said committed, then went on to the promotion"
     assert not primary.calls("/v1/admin/members/n4/promote"), "a change found made is not proposed again"
 

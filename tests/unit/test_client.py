@@ -335,11 +335,37 @@ async def test_a_key_create_moves_on_past_a_refused_connection_and_a_503_that_ha
     with FakeVaultServer("n3", api_key=API_KEY) as busy:
         busy.responders[("POST", "/v1/admin/keys")] = lambda request: Reply(
             503, {"type": "urn:tokenvault:problem:overloaded", "title": "Service unavailable", "status": 503,
-                  "detail": "the primary's work queue is full"}, {"Retry-After": "1"})
+                  "detail": "the primary's work queue is full", "effect": "none"}, {"Retry-After": "1"})
         node_b.responders[("POST", "/v1/admin/keys")] = lambda request: Reply(201, _CREATED)
         async with AsyncClient([closed_port_url(), busy.url, node_b.url], API_KEY) as vault:
             info = await vault.create_key("ci", ["admin"])
     assert info.id == "0123456789abcdef" and info.key == _CREATED["key"]
+    assert len(node_b.calls("/v1/admin/keys")) == 1
+
+
+async def test_a_503_is_judged_by_its_effect_member_never_by_the_words_of_its_detail(
+        node_a: FakeVaultServer, node_b: FakeVaultServer) -> None:
+    """docs/api.md, Errors: "effect": "none" says the request had no effect, whatever the detail says;
+    without it (or "unknown"), a key create is not sent again. The client matched detail phrases before
+    (a detail that said "had no effect" made it send again)."""
+    def unavailable(detail: str, effect: str | None) -> Reply:
+        body = {"type": "urn:tokenvault:problem:unavailable", "title": "Service unavailable", "status": 503,
+                "detail": detail}
+        if effect is not None:
+            body["effect"] = effect
+        return Reply(503, body, {"Retry-After": "1"})
+
+    node_b.responders[("POST", "/v1/admin/keys")] = lambda request: Reply(201, _CREATED)
+    for detail, effect in (("it had no effect", "unknown"), ("no primary is known right now", None),
+                           ("it had no effect", "maybe")):
+        node_a.responders[("POST", "/v1/admin/keys")] = lambda request: unavailable(detail, effect)
+        async with AsyncClient([node_a.url, node_b.url], API_KEY, retry_after_cap_seconds=0.05) as vault:
+            with pytest.raises(OutcomeUnknown):
+                await vault.create_key("ci", ["admin"])
+        assert node_b.calls("/v1/admin/keys") == [], (detail, effect)
+    node_a.responders[("POST", "/v1/admin/keys")] = lambda request: unavailable("in a few words", "none")
+    async with AsyncClient([node_a.url, node_b.url], API_KEY, retry_after_cap_seconds=0.05) as vault:
+        assert (await vault.create_key("ci", ["admin"])).id == _CREATED["id"]
     assert len(node_b.calls("/v1/admin/keys")) == 1
 
 

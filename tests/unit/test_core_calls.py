@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from typing import Any
 
 import pytest
@@ -12,6 +13,7 @@ from node_support import RunningNode, wait_until
 from test_channel import pair
 from tokenvault.api.core_calls import CoreCalls
 from tokenvault.api.remote import RemoteService
+from tokenvault.core import backup
 from tokenvault.core.backup import BackupBusy
 from tokenvault.errors import NotFound
 
@@ -28,7 +30,7 @@ async def test_a_backup_stream_is_closed_with_the_channel_of_the_worker_that_ope
     await RemoteService(single.node_id, channel).open_backup()
     await channel.close()  # the worker is SIGKILLed mid-stream
     await asyncio.wait_for(core.closed.wait(), 5)
-    assert calls.backup_streams_open == 0
+    await wait_until(lambda: calls.backup_streams_open == 0, 5.0, "the stream's checkpoint to be removed")
     successor_core, successor_channel = await pair(calls.handlers)  # its successor's channel
     try:
         stream = await RemoteService(single.node_id, successor_channel).open_backup()
@@ -36,6 +38,43 @@ async def test_a_backup_stream_is_closed_with_the_channel_of_the_worker_that_ope
     finally:
         await successor_core.close()
         await successor_channel.close()
+        await calls.close_backups()
+
+
+async def test_a_stream_closed_behind_its_gone_worker_holds_its_place_until_its_checkpoint_is_removed(
+        single: RunningNode, monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/api.md, max_backup_streams: each stream holds a checkpoint of the store on disk, so one whose
+    worker died keeps its place until its checkpoint is gone; before, the place was free at once and a
+    second checkpoint could be taken beside the first one still being removed."""
+    calls = core_calls(single)
+    removing, finish = threading.Event(), threading.Event()
+    discard_files = backup._discard_files
+
+    def held_discard(source: Any, work_dir: Any) -> None:
+        removing.set()
+        finish.wait(10)
+        discard_files(source, work_dir)
+
+    monkeypatch.setattr(backup, "_discard_files", held_discard)
+    core, channel = await pair(calls.handlers)
+    successor_core, successor_channel = await pair(calls.handlers)
+    try:
+        await RemoteService(single.node_id, channel).open_backup()
+        await channel.close()  # the worker is SIGKILLed mid-stream
+        await asyncio.wait_for(core.closed.wait(), 5)
+        await asyncio.wait_for(asyncio.to_thread(removing.wait, 5), 6)
+        successor = RemoteService(single.node_id, successor_channel)
+        with pytest.raises(BackupBusy):
+            await successor.open_backup()
+        assert calls.backup_streams_open == 1
+        finish.set()
+        await wait_until(lambda: calls.backup_streams_open == 0, 5.0, "the checkpoint to be removed")
+        stream = await successor.open_backup()
+        await stream.close()
+    finally:
+        finish.set()
+        for side in (core, channel, successor_core, successor_channel):
+            await side.close()
         await calls.close_backups()
 
 

@@ -117,7 +117,7 @@ async def test_read_points_go_at_most_max_points_a_call_and_each_gets_its_own_an
     async def send(points: list[dict[str, Any]]) -> Any:
         sent.append(len(points))
         # The core's answer for each point: its index, or its own error.
-        return [[409, "epoch-changed", "not the active epoch", {}] if point["n"] == 3 else [point["n"]]
+        return [[409, "epoch-changed", "not the active epoch", {}, False] if point["n"] == 3 else [point["n"]]
                 for point in points]
 
     merger = ReadPointMerger(send, max_points=4)
@@ -131,7 +131,7 @@ async def test_a_read_point_refused_503_comes_back_with_its_retry_after() -> Non
     """The core answers a read point's error with its headers, as a channel failure: a 503's Retry-After
     (every 503 the node answers carries one, docs/api.md) reaches the worker's answer unchanged."""
     async def send(points: list[dict[str, Any]]) -> Any:
-        return [[503, "overloaded", "busy", {"Retry-After": "7"}] if point["n"] == 1
+        return [[503, "overloaded", "busy", {"Retry-After": "7"}, True] if point["n"] == 1
                 else [503, "unavailable", "no headers"] for point in points]
 
     merger = ReadPointMerger(send, max_points=4)
@@ -153,3 +153,4 @@ async def test_the_core_answers_a_read_point_error_with_its_headers(single: Runn
     calls._read_point = lambda point: refused  # type: ignore[method-assign]
     (answer,) = await calls._read_points({"points": [{"kind": "tokenize"}]})
     assert answer[:3] == [503, "unavailable", "no quorum"] and answer[3]["Retry-After"] == "1"
+    assert answer[4] is False  # may still take effect (a read point has none, but the field says so)

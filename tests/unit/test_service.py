@@ -25,10 +25,12 @@ import msgpack
 
 from protocol import AppendEntries, AppendReply, ForwardRequest, ForwardResponse, FrameDecoder, ProposalRejected
 from tokenvault.core import commands
+from tokenvault.core.node import ProposalLost
 from tokenvault.crypto.keys import EpochKeys, new_epoch_secret
 from tokenvault.errors import (EpochChanged, IdempotencyInFlight, IdempotencyMismatch, InvalidRequest,
                                MembershipChangeRefused, Outcome, Overloaded, ServiceError,
-                               TokenCollision, Unavailable, UnprocessableValue, problem_type)
+                               TokenCollision, Unavailable, UnprocessableValue, problem_body_of,
+                               problem_type)
 from tokenvault.api.channel import Channel
 from tokenvault.api.core_calls import CoreCalls
 from tokenvault.api.remote import EPOCH_TOPIC, RemoteService
@@ -192,6 +194,23 @@ async def test_an_overloaded_primary_is_overloaded_through_a_backup_too(trio: Cl
     with pytest.raises(Overloaded) as raised:
         await backup.service.tokenize("p", ["forwarded-while-overloaded"], None)
     assert raised.value.problem == "overloaded" and raised.value.headers.get("Retry-After")
+
+
+async def test_a_503_says_whether_the_write_had_no_effect_and_a_backup_passes_that_on(
+        trio: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/api.md, Errors: a 503's body says "effect": "none" when the request certainly had no effect
+    (another entry took its place: a client may send it again, anywhere), "unknown" when it may still
+    take effect once (not confirmed in time). A backup that forwarded it answers what the primary said."""
+    primary, backup = trio.primaries()[0], trio.backups()[0]
+    for failure, effect in ((ProposalLost(), "none"), (asyncio.TimeoutError(), "unknown")):
+        async def fail(payload: bytes, timeout_seconds: float, failure: Exception = failure) -> None:
+            raise failure
+        monkeypatch.setattr(primary.node, "propose", fail)
+        for node in (primary, backup):
+            with pytest.raises(Unavailable) as raised:
+                await node.service.tokenize("p", [f"effect-{effect}"], None)
+            assert raised.value.status == 503 and raised.value.problem == "unavailable"
+            assert json.loads(problem_body_of(raised.value))["effect"] == effect, (node.config.node_id, effect)
 
 
 async def test_a_read_the_primary_refuses_for_a_full_read_queue_is_overloaded_through_a_backup_too(

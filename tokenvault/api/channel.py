@@ -18,8 +18,8 @@ Four kinds of message:
   core's service; the core asks a worker for its metrics); ``arguments`` is a map.
 - ``[REPLY, id, is_outcome, result]``: the answer; an ``Outcome`` travels as
   ``[status, body, replayed]`` with ``is_outcome`` true.
-- ``[FAIL, id, status, problem, detail, headers]``: a ServiceError, rebuilt on
-  the caller's side as the same class (tokenvault.errors.error_from_problem),
+- ``[FAIL, id, status, problem, detail, headers, no_effect]``: a ServiceError,
+  rebuilt on the caller's side as the same class (tokenvault.errors.error_from_problem),
   so a worker answers exactly what the single process would have answered.
 - ``[PUSH, topic, payload]``: one-way news, core to worker (the runtime key
   table after every change, so a revoked key is refused by every worker).
@@ -218,7 +218,8 @@ class Channel:
                                   f"processes, over their {self._max_frame_bytes}-byte bound; send fewer or "
                                   "smaller items")
         if self.closed.is_set() or self._writer.is_closing():
-            raise ChannelClosed("the node's core process is not reachable; the request had no effect here, retry")
+            raise ChannelClosed("the node's core process is not reachable; the request had no effect here, retry",
+                                no_effect=True)
         framed = _LENGTH.pack(len(frame)) + frame
         if push_topic is not None:
             held = self._held_pushes.get(push_topic)
@@ -318,7 +319,7 @@ class Channel:
             future = self._waiting.get(message[1])
             if future is not None and not future.done():
                 future.set_result(_decode_result(message[2], message[3]))
-        elif kind == FAIL and len(message) == 6 and isinstance(message[1], int):
+        elif kind == FAIL and len(message) == 7 and isinstance(message[1], int):
             future = self._waiting.get(message[1])
             if future is not None and not future.done():
                 future.set_exception(decode_failure(message[2:]))
@@ -386,7 +387,7 @@ class Channel:
 
     def _reply_failure(self, call_id: int, error: ServiceError) -> None:
         try:
-            self._send([FAIL, call_id, error.status, error.problem, error.detail, dict(error.headers)])
+            self._send([FAIL, call_id, *encode_failure(error)])
         except ServiceError:
             pass  # the channel is closed: the caller's side fails the call itself
 
@@ -444,16 +445,21 @@ def _decode_result(is_outcome: object, result: Any) -> Any:
     return result
 
 
+def encode_failure(error: ServiceError) -> list[Any]:
+    """``[status, problem, detail, headers, no_effect]``: ``error`` as the channel carries it (decode_failure)."""
+    return [error.status, error.problem, error.detail, dict(error.headers), error.no_effect]
+
+
 def decode_failure(fields: list[Any]) -> ServiceError:
-    """The ServiceError of ``[status, problem, detail, headers]`` (a FAIL frame's fields, a read point's
-    error), headers included; Unavailable for anything out of shape."""
-    if len(fields) != 4:
+    """The ServiceError of ``[status, problem, detail, headers, no_effect]`` (a FAIL frame's fields, a read
+    point's error), headers and effect included; Unavailable for anything out of shape."""
+    if len(fields) != 5:
         return Unavailable("the node's core answered an error out of shape; retry")
-    status, problem, detail, headers = fields
+    status, problem, detail, headers, no_effect = fields
     if (isinstance(status, int) and isinstance(problem, str) and isinstance(detail, str)
             and isinstance(headers, dict) and all(isinstance(k, str) and isinstance(v, str)
-                                                   for k, v in headers.items())):
-        error = error_from_problem(status, problem, detail, headers)
+                                                   for k, v in headers.items()) and isinstance(no_effect, bool)):
+        error = error_from_problem(status, problem, detail, headers, no_effect=no_effect)
         if error is not None:
             return error
     return Unavailable("the node's core answered an error this worker does not know; retry")

@@ -157,7 +157,8 @@ class TokenizeCoalescer(TurnBatcher[_Batch]):
             if left <= 0:
                 self.entries_timed_out += 1
                 fail_waiting([batch.done], Unavailable(
-                    "earlier writes did not commit in time, so this one was not proposed; it had no effect: retry"))
+                    "earlier writes did not commit in time, so this one was not proposed; it had no effect: retry",
+                    no_effect=True))
                 return
             self.entries_proposed += 1
             self.requests_merged += batch.requests
@@ -177,7 +178,8 @@ class TokenizeCoalescer(TurnBatcher[_Batch]):
         self._open = None
         for batch in held:
             batch.started = True
-        fail_waiting([batch.done for batch in held], Unavailable("the node is stopping; the write had no effect"))
+        stopping = Unavailable("the node is stopping; the write had no effect", no_effect=True)
+        fail_waiting([batch.done for batch in held], stopping)
         await super().close()
 
 

@@ -28,7 +28,7 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.samples import Sample
 
-from tokenvault.api.channel import MAX_CONCURRENT_CALLS, Channel, ServedCall, current_call
+from tokenvault.api.channel import MAX_CONCURRENT_CALLS, Channel, ServedCall, current_call, encode_failure
 from tokenvault.api.service import (NodeService, _actor, _optional_idempotency_key, _principal, _strings)
 from tokenvault.api.validation import (SEALED_TOKENIZE_MEMBERS, require_item_list, validate_epoch,
                                        validate_lookup_epoch, validate_lookup_tokens,
@@ -177,7 +177,7 @@ class CoreCalls:
         answers: list[list[Any]] = []
         for result in results:
             if isinstance(result, ServiceError):
-                answers.append([result.status, result.problem, result.detail, dict(result.headers)])
+                answers.append(encode_failure(result))
             elif isinstance(result, BaseException):
                 raise result  # a bug, not a point's answer: the whole call fails as any call would
             else:
@@ -298,7 +298,7 @@ class CoreCalls:
     # ------------------------------------------------------------------ backups
     async def _backup_open(self, arguments: dict[str, Any]) -> Any:
         _members(arguments, ())
-        if len(self._backups) + self._backups_opening >= self._max_backup_streams:
+        if self.backup_streams_open >= self._max_backup_streams:
             raise BackupBusy(self._max_backup_streams)  # 503 backup-busy, Retry-After 5, as on a one-process node
         call = current_call()
         # The place is held from before the checkpoint is taken to the stream's registration (or failure).
@@ -369,8 +369,10 @@ class CoreCalls:
 
     @property
     def backup_streams_open(self) -> int:
-        """The streams open or being opened (for the tests)."""
-        return len(self._backups) + self._backups_opening
+        """The streams open, being opened, or being closed behind their callers (a worker gone, a request
+        cancelled): each holds a checkpoint of the store on disk until its close ends, so each holds its
+        place among max_backup_streams until then."""
+        return len(self._backups) + self._backups_opening + len(self._closing_streams)
 
     async def close_backups(self) -> None:
         streams, self._backups = [stream for stream, _ in self._backups.values()], {}

@@ -100,6 +100,7 @@ from tokenvault.errors import (
     UnsupportedMediaType,
     default_title,
     problem_body,
+    problem_body_of,
 )
 from tokenvault.logs import SummedEvent, get_logger
 from tokenvault.metrics import METRICS_CONTENT_TYPE, METRICS_MAX_AGE_SECONDS, UNMATCHED_ROUTE, Metrics, RecentRender
@@ -272,7 +273,8 @@ def problem_response(
 
 def error_response(error: ServiceError) -> Response:
     """The problem response of a service error: its status, type, title, detail and headers."""
-    return problem_response(error.status, error.problem, error.title, error.detail, error.headers)
+    return Response(body=problem_body_of(error), status=error.status, headers=error.headers,
+                    content_type=PROBLEM_CONTENT_TYPE)
 
 
 # ---------------------------------------------------------------- header checks
@@ -935,8 +937,7 @@ def create_app(
 # ---------------------------------------------------------------- errors before the application
 
 
-_TOO_MANY_CONNECTIONS_BODY = problem_body(
-    503, "overloaded", "Service unavailable", "too many connections are open to this node; retry later")
+_TOO_MANY_CONNECTIONS_BODY = problem_body_of(Overloaded("too many connections are open to this node; retry later"))
 # Written straight to a connection refused at accept time, before any request of it is read.
 TOO_MANY_CONNECTIONS_RESPONSE = (
     b"HTTP/1.1 503 Service Unavailable\r\n"

@@ -114,7 +114,8 @@ class MembershipOperations:
             raise Unavailable("the change was not committed in time; it may still take effect: list the "
                               "members to see") from None
         except ProposalLost:
-            raise Unavailable("the primary changed before the change committed; it had no effect") from None
+            raise Unavailable("the primary changed before the change committed; it had no effect",
+                              no_effect=True) from None
         except NodeBusy:
             raise Overloaded("the primary's work queue is full; the change had no effect: retry later") from None
         except NotPrimary:

@@ -183,7 +183,7 @@ class ReadPointMerger(TurnBatcher[_Points]):
 
 
 def _settle(future: asyncio.Future[int], result: object) -> None:
-    """One point's result as the core sends it: ``[index]``, or ``[status, problem, detail, headers]``
+    """One point's result as the core sends it: ``[index]``, or ``[status, problem, detail, headers, no_effect]``
     (its error, decoded as a channel's failure: its Retry-After kept)."""
     if isinstance(result, list) and len(result) == 1 and type(result[0]) is int and result[0] >= 0:
         future.set_result(result[0])

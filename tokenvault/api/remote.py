@@ -222,7 +222,7 @@ class RemoteService:
 
     async def _call(self, method: str, arguments: dict[str, Any]) -> Any:
         if self.channel is None:
-            raise Unavailable("this worker is not connected to its node's core yet; retry")
+            raise Unavailable("this worker is not connected to its node's core yet; retry", no_effect=True)
         return await self.channel.call(method, arguments)
 
     async def read_health(self) -> dict[str, Any]:

@@ -32,7 +32,8 @@ from tokenvault.crypto.keys import DecryptError, KeyCustodyError, new_epoch_secr
 from tokenvault.auth import PRINCIPAL_NAME_PATTERN
 from tokenvault.errors import (EpochChanged, IdempotencyInFlight, IdempotencyMismatch, InvalidRequest,
                                KeyLimitReached, NotFound, Outcome, Overloaded, PayloadTooLarge, ServiceError,
-                               TokenCollision, Unavailable, error_from_problem, problem_body)
+                               TokenCollision, Unavailable, EFFECT_NONE, error_from_problem,
+                               problem_body_of)
 from tokenvault.logs import SummedEvent, get_logger
 from tokenvault.futures import await_future, computed_in_slices
 from tokenvault.core.node import MAX_FRAME_BYTES, Node, NodeBusy, ProposalLost, ProposalOutcomeUnknown
@@ -99,10 +100,12 @@ _Result = TypeVar("_Result")
 class ForwardedError(ServiceError):
     """An error the primary answered to a forwarded request whose type this node does not know, passed on."""
 
-    def __init__(self, status: int, title: str, detail: str, problem: str, headers: dict[str, str]) -> None:
+    def __init__(self, status: int, title: str, detail: str, problem: str, headers: dict[str, str], *,
+                 no_effect: bool = False) -> None:
         self.status = status
         self.title = title
         self.problem = problem
+        self.no_effect = no_effect
         super().__init__(detail, headers=headers)
 
 
@@ -115,8 +118,7 @@ def _token_collision() -> TokenCollision:
 
 def _forward_answer(error: ServiceError) -> tuple[int, bytes, tuple[tuple[str, str], ...]]:
     """A forwarded request's answer for ``error``: its status, problem body and headers."""
-    body = problem_body(error.status, error.problem, error.title, error.detail)
-    return error.status, body, tuple(error.headers.items())
+    return error.status, problem_body_of(error), tuple(error.headers.items())
 
 
 def _json(document: object) -> bytes:
@@ -241,7 +243,7 @@ class NodeService(LifecycleOperations, MembershipOperations):
                 pass
         primary_id = self.node.replica.primary_id
         if primary_id is None or primary_id == self.node_id:
-            raise Unavailable("no primary is known right now; retry shortly")
+            raise Unavailable("no primary is known right now; retry shortly", no_effect=True)
         forwarded: _Result = await self._forward(primary_id, kind, arguments)
         return forwarded
 
@@ -362,7 +364,7 @@ class NodeService(LifecycleOperations, MembershipOperations):
             return await self._tokenize_sealed_extended(principal, epoch, values, items, options, metadata)
         if len(items) != len(values) or metadata is not None or keys.seal(values[0]) != items[0]:
             log.error("worker.sealing_mismatch", epoch=epoch, items=len(items))
-            raise Unavailable("the request was sealed inconsistently; it had no effect: retry")
+            raise Unavailable("the request was sealed inconsistently; it had no effect: retry", no_effect=True)
         tokens = [token for token, _ in items]
         found = self.node.store.lookup(tokens, _now_ms())
         if len(found) == len(set(tokens)) and all(found[token] == ciphertext for token, ciphertext in items):
@@ -421,7 +423,7 @@ class NodeService(LifecycleOperations, MembershipOperations):
                 or (metadata is not None and document is not None
                     and (len(metadata) != len(items) or keys.encrypt_metadata(first[0], document) != metadata[0]))):
             log.error("worker.sealing_mismatch", epoch=epoch, items=len(items))
-            raise Unavailable("the request was sealed inconsistently; it had no effect: retry")
+            raise Unavailable("the request was sealed inconsistently; it had no effect: retry", no_effect=True)
         tokens = [token for token, _ in items]
         if options.answerable_as_read:
             try:
@@ -584,7 +586,8 @@ class NodeService(LifecycleOperations, MembershipOperations):
             raise Unavailable("the write was not confirmed by a majority in time; it may still take effect "
                               "(once): retry, ideally with an Idempotency-Key") from None
         except ProposalLost:
-            raise Unavailable("the primary changed before the write committed; it had no effect") from None
+            raise Unavailable("the primary changed before the write committed; it had no effect",
+                              no_effect=True) from None
         except NodeBusy:
             raise Overloaded("the primary's work queue is full; the write had no effect: retry later") from None
         except EntryTooLarge as too_large:
@@ -802,7 +805,7 @@ class NodeService(LifecycleOperations, MembershipOperations):
         try:
             await self._read_barrier()
         except NotPrimary:
-            raise Unavailable("no primary is known right now; retry shortly") from None
+            raise Unavailable("no primary is known right now; retry shortly", no_effect=True) from None
 
     async def _caught_up_to(self, index: int | None) -> None:
         """This node has applied ``index`` (an entry committed after the request started), else a read barrier."""
@@ -812,7 +815,7 @@ class NodeService(LifecycleOperations, MembershipOperations):
             else:
                 await self.node.wait_applied(index, self._timeout_seconds)
         except NotPrimary:
-            raise Unavailable("no primary is known right now; retry shortly") from None
+            raise Unavailable("no primary is known right now; retry shortly", no_effect=True) from None
         except asyncio.TimeoutError:
             raise Unavailable("this node did not catch up with the primary in time") from None
 
@@ -949,7 +952,7 @@ class NodeService(LifecycleOperations, MembershipOperations):
         if result.outcome == ApplyOutcome.KEY_LIMIT:
             raise KeyLimitReached(f"the cluster holds {MAX_RUNTIME_KEYS} runtime API keys; revoke one first")
         if result.outcome != ApplyOutcome.OK:
-            raise Unavailable("the new key could not be recorded; no key was created")
+            raise Unavailable("the new key could not be recorded; no key was created", no_effect=True)
         body = {"id": key_id, "name": name, "scopes": list(command.scopes),
                 "created_at": _rfc3339(created_at_ms), "key": key}
         log.info("api_key.created", key_id=key_id, scopes=list(command.scopes))
@@ -1044,7 +1047,7 @@ class NodeService(LifecycleOperations, MembershipOperations):
     async def _forward(self, primary_id: str, kind: str, arguments: dict[str, Any]) -> Any:
         """The primary's answer to a forwarded call, decoded by kind (_decode_forward_response)."""
         if len(self._forwards_waiting) >= MAX_FORWARDS_IN_FLIGHT:
-            raise Unavailable("too many requests are being forwarded to the primary")
+            raise Unavailable("too many requests are being forwarded to the primary", no_effect=True)
         request_id = next(self._forward_ids)
         future: asyncio.Future[ForwardResponse] = asyncio.get_running_loop().create_future()
         self._forwards_waiting[request_id] = (primary_id, future)
@@ -1058,7 +1061,7 @@ class NodeService(LifecycleOperations, MembershipOperations):
             if not self.node.send_to_peer(primary_id, ForwardRequest(request_id=request_id, kind=kind, body=body)):
                 if self.node.is_linked(primary_id):  # linked, but the link's send queue is full
                     raise Overloaded("the link to the primary is full; the request had no effect: retry later")
-                raise Unavailable("the primary is not reachable from this node right now")
+                raise Unavailable("the primary is not reachable from this node right now", no_effect=True)
             response: ForwardResponse = await await_future(future, self._timeout_seconds + 1)
         except asyncio.TimeoutError:
             raise Unavailable("the primary did not answer in time; the request takes effect at most once") from None
@@ -1107,7 +1110,8 @@ class NodeService(LifecycleOperations, MembershipOperations):
         except ServiceError as error:
             status, body, headers = _forward_answer(error)
         except NotPrimary:
-            status, body, headers = _forward_answer(Unavailable("the node asked is no longer the primary; retry"))
+            status, body, headers = _forward_answer(Unavailable("the node asked is no longer the primary; retry",
+                                                                no_effect=True))
         except (ValueError, TypeError, KeyError, msgpack.UnpackException):
             status, body, headers = _forward_answer(InvalidRequest("malformed forwarded request"))
         except Exception:
@@ -1331,11 +1335,12 @@ def _decode_forward_response(kind: str, response: ForwardResponse) -> Any:
             problem = json.loads(response.body)
             title, detail = str(problem["title"]), str(problem["detail"])
             slug = str(problem["type"]).rsplit(":", 1)[-1]
-        except (ValueError, KeyError, TypeError):
-            title, detail, slug = "Error", "the primary refused the request", "forwarded"
+            no_effect = problem.get("effect") == EFFECT_NONE
+        except (ValueError, KeyError, TypeError, AttributeError):
+            title, detail, slug, no_effect = "Error", "the primary refused the request", "forwarded", False
         headers.pop("Content-Type", None)
-        raise (error_from_problem(response.status, slug, detail, headers)
-               or ForwardedError(response.status, title, detail, slug, headers))
+        raise (error_from_problem(response.status, slug, detail, headers, no_effect=no_effect)
+               or ForwardedError(response.status, title, detail, slug, headers, no_effect=no_effect))
     if kind in (DETOKENIZE, REVEAL):
         return msgpack.unpackb(response.body, raw=False)
     if kind in (EPOCHS, LIST_KEYS, LIST_MEMBERS) or kind in LIFECYCLE_DOCUMENT_KINDS:

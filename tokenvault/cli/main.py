@@ -410,17 +410,23 @@ def member_add(connection: Connection, node_id: str, peer_addr: str, learner_onl
     A step the member list shows done and committed is skipped, so running it again is safe; an id that is
     a member at another address is refused (remove it first)."""
 
-    async def add() -> Any:
+    async def add() -> bool:
+        """Whether this call made a change: False when the member list showed every step done already."""
         async with connection.client() as vault:
+            deadline = asyncio.get_running_loop().time() + wait_seconds
+            added = await vault.change_member_once("add", node_id, peer_addr, deadline)
             if learner_only:
-                deadline = asyncio.get_running_loop().time() + wait_seconds
-                return await vault.change_member_once("add", node_id, peer_addr, deadline)
-            return await vault.add_voter(node_id, peer_addr, wait_seconds)
+                return added
+            # As AsyncClient.add_voter does, step by step, to say whether anything was done.
+            return await vault.change_member_once("promote", node_id, None, deadline) or added
 
-    if run_client(add()) is False:  # --learner-only, and the list showed it a member already
+    role = "learner" if learner_only else "voter"
+    if run_client(add()):
+        click.echo(f"{node_id} added as a {role}")
+    elif learner_only:
         click.echo(f"{node_id} is a member at {peer_addr} already (committed): nothing was added")
     else:
-        click.echo(f"{node_id} added as a {'learner' if learner_only else 'voter'}")
+        click.echo(f"{node_id} is a voter at {peer_addr} already (committed): nothing was changed")
 
 
 @member_group.command("remove")

@@ -31,6 +31,7 @@ import aiohttp
 from multidict import CIMultiDict
 
 from tokenvault.crypto.tls import TlsError, http_client_context
+from tokenvault.errors import EFFECT_NONE, EFFECT_UNKNOWN
 
 DEFAULT_TIMEOUT_SECONDS = 5.0
 DEFAULT_DEADLINE_SECONDS = 15.0
@@ -86,10 +87,13 @@ class ProblemError(VaultError):
     """A node answered with an HTTP error (application/problem+json)."""
 
     def __init__(self, status: int, title: str, detail: str, problem_type: str, url: str,
-                 retry_after_seconds: float | None = None) -> None:
+                 retry_after_seconds: float | None = None, effect: str | None = None) -> None:
         # Set by the client when an earlier try of this same request had an unknown outcome (it may have
         # taken effect), so that this answer may describe the state that try left.
         self.after_unknown_outcome = False
+        # A 503's ``effect`` member: "none" (the request certainly had no effect) or "unknown" (it may
+        # still take effect, once); None when the answer had none.
+        self.effect = effect
         self.status = status
         self.title = title
         self.detail = detail
@@ -320,6 +324,7 @@ def _problem_from(answer: _Answer, retry_after_cap_seconds: float) -> ProblemErr
         problem_type=text("type", "about:blank"),
         url=answer.url,
         retry_after_seconds=parse_retry_after(answer.headers.get("Retry-After"), retry_after_cap_seconds),
+        effect=body.get("effect") if body.get("effect") in (EFFECT_NONE, EFFECT_UNKNOWN) else None,
     )
 
 
@@ -337,16 +342,10 @@ def client_ssl_context(ca_file: str | Path | None) -> ssl.SSLContext | None:
 # be tried even for a request that is not safe to repeat. ConnectionTimeoutError: aiohttp 3.10 and later.
 _NOT_SENT_ERRORS: tuple[type[BaseException], ...] = (aiohttp.ClientConnectorError,) + tuple(
     error for error in (getattr(aiohttp, "ConnectionTimeoutError", None),) if isinstance(error, type))
-# 503 problem types that say the request had no effect (docs/api.md, Errors).
-_NO_EFFECT_PROBLEMS = frozenset({"overloaded", "backup-busy"})
-# Words of a 503 detail that say the request had no effect (tokenvault/api/service.py's answers).
-_NO_EFFECT_DETAILS = ("had no effect", "no key was created", "no primary is known")
-
-
 def _had_no_effect(problem: ProblemError) -> bool:
-    """Whether a 503 says the request took no effect; any other 503 may be followed by its effect."""
-    slug = problem.problem_type.rsplit(":", 1)[-1].rsplit("/", 1)[-1]
-    return slug in _NO_EFFECT_PROBLEMS or any(words in problem.detail for words in _NO_EFFECT_DETAILS)
+    """Whether a 503 says the request took no effect (``"effect": "none"``, docs/api.md, Errors); any
+    other 503 may be followed by its effect."""
+    return problem.effect == EFFECT_NONE
 
 
 def _describe_failure(error: BaseException) -> str:

@@ -83,6 +83,7 @@ class BackupBusy(Unavailable):
     """This node already streams as many backups as it allows; the request had no effect."""
 
     problem = "backup-busy"
+    no_effect = True
 
     def __init__(self, limit: int) -> None:
         super().__init__(f"this node is already streaming {limit} backup(s), its limit; retry later or take "

@@ -35,7 +35,6 @@ import concurrent.futures
 import contextlib
 import fcntl
 import functools
-import hmac
 import json
 import os
 import shutil
@@ -53,7 +52,7 @@ from typing import Any
 
 from tokenvault.crypto.keys import CryptoError, MasterKey
 from tokenvault.crypto.tls import TlsError, http_client_context
-from tokenvault.devcluster.cluster_spec import _generate, _write_private_file
+from tokenvault.devcluster.cluster_spec import _generate, _write_private_file, check_existing_master_key
 # Re-exported (the "name as name" form marks them so for mypy): the cluster's public names live here too.
 from tokenvault.devcluster.cluster_spec import (
     ALLOWED_NODE_COUNTS as ALLOWED_NODE_COUNTS, API_KEY_SCOPES as API_KEY_SCOPES,
@@ -291,12 +290,18 @@ def process_stats() -> Iterator[tuple[int, list[str]]]:
     """Each process's pid and the fields of its /proc/<pid>/stat after its name (state, ppid, pgrp, ...);
     one that exits meanwhile is passed over. Linux only."""
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            yield int(entry.name), (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
+        if entry.name.isdigit():
+            fields = _stat_fields(entry)
+            if fields:
+                yield int(entry.name), fields
+
+
+def _stat_fields(process: Path) -> list[str]:
+    """The fields of ``process``/stat (a /proc/<pid> directory) after its name; [] when it is gone."""
+    try:
+        return (process / "stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return []
 
 
 def _wait_group_gone(group: int, deadline: float) -> list[int]:
@@ -318,11 +323,8 @@ def _held_by_a_live_process(pid: int) -> bool:
         except PermissionError:
             return True
         return True
-    try:
-        state = (Path(f"/proc/{pid}") / "stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
+    fields = _stat_fields(Path(f"/proc/{pid}"))
+    return bool(fields) and fields[0] not in ("Z", "X")
 
 
 def _end_group_of_dead_core(node_id: str, group: int, report: Report) -> str | None:
@@ -700,16 +702,8 @@ def default_master_key_file() -> Path:
 
 def _check_key_file_takes(key_file: Path, master_key: MasterKey) -> None:
     """Refuse, before anything is written, a restore whose key directory holds another master key."""
-    if not (key_file.exists() or key_file.is_symlink()):
-        return
-    try:
-        existing = MasterKey.from_file(key_file)
-    except CryptoError as error:
-        raise ClusterError(f"cannot use the existing master key {key_file}: {error}") from None
-    if not hmac.compare_digest(existing.to_hex(), master_key.to_hex()):
-        raise ClusterError(f"{key_file} already holds another master key than the one given; set "
-                           f"{KEY_DIRECTORY_ENVIRONMENT_VARIABLE} to another directory for this cluster, or "
-                           f"remove that file if it is left from a failed restore")
+    if key_file.exists() or key_file.is_symlink():
+        check_existing_master_key(key_file, master_key, ", or remove that file if it is left from a failed restore")
 
 
 def _undo_for_new_key_file(key_file: Path) -> Callable[[], None]:

@@ -298,14 +298,20 @@ def _place_master_key(cluster_directory: Path, master_key: MasterKey | None) -> 
     if not (path.exists() or path.is_symlink()):
         (master_key or MasterKey.generate()).write_file(path)
         return path
+    check_existing_master_key(path, master_key)
+    return path
+
+
+def check_existing_master_key(path: Path, master_key: MasterKey | None, remedy: str = "") -> None:
+    """Refuse the key file at ``path`` (which exists) if it cannot be read or holds another key than
+    ``master_key`` (any readable key when None); ``remedy`` ends the message of the second."""
     try:
         existing = MasterKey.from_file(path)
     except CryptoError as error:
         raise ClusterError(f"cannot use the existing master key {path}: {error}") from None
     if master_key is not None and not hmac.compare_digest(existing.to_hex(), master_key.to_hex()):
         raise ClusterError(f"{path} already holds another master key than the one given; set "
-                           f"{KEY_DIRECTORY_ENVIRONMENT_VARIABLE} to another directory for this cluster")
-    return path
+                           f"{KEY_DIRECTORY_ENVIRONMENT_VARIABLE} to another directory for this cluster{remedy}")
 
 
 def _salted_entry(name: str, key: str, scopes: Iterable[str]) -> ApiKeyEntry:

@@ -16,7 +16,11 @@ from dataclasses import dataclass, field
 
 import msgpack
 
-MEMBERSHIP_FORMAT = 1
+# Format 2 (peer protocol version 7) adds each member's ``since``; format 1 payloads (older logs and stores)
+# are still read, every member's ``since`` 0.
+MEMBERSHIP_FORMAT = 2
+MEMBERSHIP_FORMATS_READ = (1, 2)
+MAX_SINCE = 2**63 - 1
 MAX_MEMBERS = 9
 MAX_NODE_ID_BYTES = 64
 MAX_ADDRESS_BYTES = 260
@@ -50,11 +54,15 @@ class MembershipError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Member:
-    """One member: its id, the ``host:port`` of its peer listener ("" when the static config has it), its role."""
+    """One member: its id, the ``host:port`` of its peer listener ("" when the static config has it), its role,
+    and ``since``: the index of the configuration entry that added it (0: a member of the bootstrap
+    configuration, or one added before format 2). An id removed and added again is a new member with a
+    higher ``since``; its peers tell its two lives apart by it (tokenvault/core/incarnations.py)."""
 
     node_id: str
     address: str
     voter: bool
+    since: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +83,8 @@ class Membership:
                 raise MembershipError(f"a member address is a string of at most {MAX_ADDRESS_BYTES} bytes in UTF-8")
             if type(member.voter) is not bool:
                 raise MembershipError("a member's voter flag is a boolean")
+            if type(member.since) is not int or not 0 <= member.since <= MAX_SINCE:
+                raise MembershipError(f"a member's since is an integer from 0 to {MAX_SINCE}")
         ids = [member.node_id for member in self.members]
         if len(set(ids)) != len(ids):
             raise MembershipError("member ids must be distinct")
@@ -130,13 +140,25 @@ class Membership:
         member = self.member(node_id)
         if member is None or member.voter:
             raise MembershipError(f"{node_id} is not a learner")
-        return Membership(tuple(Member(m.node_id, m.address, True) if m.node_id == node_id else m
+        return Membership(tuple(Member(m.node_id, m.address, True, m.since) if m.node_id == node_id else m
                                 for m in self.members))
 
     def without(self, node_id: str) -> Membership:
         if self.member(node_id) is None:
             raise MembershipError(f"{node_id} is not a member")
         return Membership(tuple(member for member in self.members if member.node_id != node_id))
+
+    def added_at(self, before: Membership, index: int) -> Membership:
+        """This configuration as the entry at ``index`` carries it, following ``before``: each member
+        ``before`` does not have gets ``since`` = ``index``; the others keep the ``since`` they have there."""
+        known = {member.node_id: member.since for member in before.members}
+        return Membership(tuple(Member(m.node_id, m.address, m.voter, known.get(m.node_id, index))
+                                for m in self.members))
+
+    def since(self, node_id: str) -> int | None:
+        """The ``since`` of member ``node_id``; None when it is no member."""
+        member = self.member(node_id)
+        return None if member is None else member.since
 
     def differs_by_one_member(self, other: Membership) -> bool:
         """True when exactly one member is added, removed, or changes its role (one server at a time)."""
@@ -147,7 +169,7 @@ class Membership:
     # ------------------------------------------------------------------ encoding
 
     def encode(self) -> bytes:
-        body = [MEMBERSHIP_FORMAT, [[m.node_id, m.address, m.voter] for m in self.members]]
+        body = [MEMBERSHIP_FORMAT, [[m.node_id, m.address, m.voter, m.since] for m in self.members]]
         packed: bytes = msgpack.packb(body, use_bin_type=True)
         return packed
 
@@ -162,13 +184,16 @@ class Membership:
                                    max_str_len=MAX_ADDRESS_BYTES, max_bin_len=0)
         except (ValueError, TypeError):
             raise MembershipError("a configuration payload is not msgpack") from None
-        if type(body) is not list or len(body) != 2 or body[0] != MEMBERSHIP_FORMAT or type(body[1]) is not list:
+        if (type(body) is not list or len(body) != 2 or type(body[0]) is not int
+                or body[0] not in MEMBERSHIP_FORMATS_READ or type(body[1]) is not list):
             raise MembershipError("a configuration payload is not [format, members]")
+        fields = 3 if body[0] == 1 else 4
         members = []
         for item in body[1]:
-            if type(item) is not list or len(item) != 3:
-                raise MembershipError("a member is [id, address, voter]")
-            members.append(Member(item[0], item[1], item[2]))
+            if type(item) is not list or len(item) != fields:
+                raise MembershipError("a member is [id, address, voter]" if fields == 3
+                                      else "a member is [id, address, voter, since]")
+            members.append(Member(*item))
         return cls(tuple(members))
 
 

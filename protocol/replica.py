@@ -331,7 +331,10 @@ class Replica:
                                            f"of {self._catch_up_floor} entries committed by the last heartbeat)")
         if self._log.last_index - self._commit_index >= self._config.max_uncommitted_entries:
             raise ProposalRejected("too many uncommitted entries")
-        entry = Entry(self._log.last_index + 1, self._view, EntryKind.CONFIG, membership.encode())
+        index = self._log.last_index + 1
+        # A member this change adds is stamped with the entry's index (Member.since): an id removed and added
+        # again is then a new member to everyone, on every path its configuration reaches them.
+        entry = Entry(index, self._view, EntryKind.CONFIG, membership.added_at(current, index).encode())
         self._log.append([entry])
         self._note_configs((entry,))
         self._refresh_membership()

@@ -161,6 +161,11 @@ class RunningNode:
     def is_primary(self) -> bool:
         return not self.closed and self.node.replica.role == Role.PRIMARY
 
+    def is_serving(self) -> bool:
+        """Primary, with its first epoch applied: a fresh node elects itself before the bootstrap
+        rotation commits, and a tokenize between the two is 503 "no active epoch yet"."""
+        return self.is_primary() and self.node.store.active_epoch() >= 1
+
     async def close(self) -> None:
         if not self.closed:
             self.closed = True

@@ -51,9 +51,43 @@ def test_the_first_incarnation_of_a_member_is_admitted_remembered_and_another_re
     assert PeerIncarnations(tmp_path).admit("n2", other)
 
 
+def test_a_member_added_again_under_its_id_is_a_new_member_and_one_that_lost_its_disk_is_not(
+        tmp_path: Path) -> None:
+    """``since``: the index of the configuration entry that added the member, as this node's configuration
+    says. A higher one than recorded is a later member under the id (removed, added again: the record of
+    the earlier one is replaced, and said); the same one in another incarnation lost its disk (refused)."""
+    first, wiped, later = (bytes([number]) * INCARNATION_BYTES for number in (1, 2, 3))
+    seen = PeerIncarnations(tmp_path)
+    assert seen.admit("n4", first, since=12)
+    assert not seen.admit("n4", wiped, since=12), "the same member in another life"
+    assert not seen.admit("n4", wiped, since=5), "a configuration behind the record says nothing newer"
+    with capture_logs() as logs:
+        assert seen.admit("n4", later, since=40), "added again at 40: a new member"
+    assert [(line["event"], line["peer"], line["since"], line["recorded_since"]) for line in logs] == [
+        ("peer.incarnation_renewed", "n4", 40, 12)]
+    restarted = PeerIncarnations(tmp_path)
+    assert restarted.known("n4") == later and not restarted.admit("n4", first, since=40)
+    assert not restarted.admit("n4", wiped, since=40)
+    assert restarted.admit("n4", later, since=40)
+
+
+def test_a_record_written_before_since_reads_as_since_0(tmp_path: Path) -> None:
+    one, other = b"\x01" * INCARNATION_BYTES, b"\x02" * INCARNATION_BYTES
+    (tmp_path / PEER_INCARNATIONS_FILE).write_text(json.dumps({"n2": one.hex()}))
+    seen = PeerIncarnations(tmp_path)
+    assert seen.known("n2") == one and not seen.admit("n2", other, since=0)
+    assert seen.admit("n2", other, since=3)
+    assert json.loads((tmp_path / PEER_INCARNATIONS_FILE).read_text()) == {"n2": [other.hex(), 3]}
+
+
 @pytest.mark.parametrize("content", [b"not json", b"[]", json.dumps({"n2": "abcd"}).encode(),
                                      json.dumps({"": "ab" * INCARNATION_BYTES}).encode(),
-                                     json.dumps({"n2": 7}).encode(), b"{" + b" " * 200_000 + b"}"])
+                                     json.dumps({"n2": 7}).encode(), b"{" + b" " * 200_000 + b"}",
+                                     json.dumps({"n2": ["ab" * INCARNATION_BYTES]}).encode(),
+                                     json.dumps({"n2": ["ab" * INCARNATION_BYTES, -1]}).encode(),
+                                     json.dumps({"n2": ["ab" * INCARNATION_BYTES, True]}).encode(),
+                                     json.dumps({"n2": ["ab" * INCARNATION_BYTES, 2**63]}).encode(),
+                                     json.dumps({"n2": [7, 1]}).encode()])
 def test_a_record_file_this_node_did_not_write_is_refused(tmp_path: Path, content: bytes) -> None:
     (tmp_path / PEER_INCARNATIONS_FILE).write_bytes(content)
     with pytest.raises(IncarnationError, match="replace the node"):
@@ -62,7 +96,7 @@ def test_a_record_file_this_node_did_not_write_is_refused(tmp_path: Path, conten
 
 def test_the_record_is_bounded(tmp_path: Path) -> None:
     seen = PeerIncarnations(tmp_path)
-    seen._known = {f"m{number}": b"\x01" * INCARNATION_BYTES for number in range(MAX_REMEMBERED_MEMBERS)}
+    seen._known = {f"m{number}": (b"\x01" * INCARNATION_BYTES, 0) for number in range(MAX_REMEMBERED_MEMBERS)}
     assert not seen.admit("one-more", b"\x01" * INCARNATION_BYTES)
 
 

@@ -356,7 +356,7 @@ async def test_a_damaged_store_file_met_by_an_apply_stops_the_node_once_naming_t
     config = make_configs(tmp_path, 1)[0]
     single = await start_node(config)
     try:
-        await wait_until(single.is_primary, 5, "the node to be primary")
+        await wait_until(single.is_serving, 5, "the node to be primary with its first epoch")
 
         def damaged(batch: object) -> None:
             raise Exception("Corruption: block checksum mismatch: stored(context removed) = 1, computed = 2,"
@@ -392,7 +392,7 @@ async def test_an_fsync_error_stops_the_node_and_the_write_is_never_acknowledged
     the write it could not make durable is never acknowledged (its client gets a 503) nor applied."""
     single = await start_node(make_configs(tmp_path, 1)[0])
     try:
-        await wait_until(single.is_primary, 5, "the node to be primary")
+        await wait_until(single.is_serving, 5, "the node to be primary with its first epoch")
         tokens_before = single.node.store.token_count()
 
         def failing(descriptor: int) -> None:
@@ -433,7 +433,7 @@ async def test_a_store_that_refuses_to_close_is_logged_once_and_the_next_start_r
     config = make_configs(tmp_path, 1)[0]
     single = await start_node(config)
     try:
-        await wait_until(single.is_primary, 5, "the node to be primary")
+        await wait_until(single.is_serving, 5, "the node to be primary with its first epoch")
         values = [f"close-{number}" for number in range(20)]
         epoch, tokens = await tokens_of(single, values)
         store = single.node.store
@@ -467,7 +467,7 @@ async def test_a_committed_entry_that_breaks_insert_once_stops_the_node_unanswer
     (which the service's own checks never propose) stops the node instead of being skipped."""
     single = await start_node(make_configs(tmp_path, 1)[0])
     try:
-        await wait_until(single.is_primary, 5, "the node to be primary")
+        await wait_until(single.is_serving, 5, "the node to be primary with its first epoch")
         (token,) = json.loads((await single.service.tokenize("tokenizer", ["kept"], None)).body)["tokens"]
         stored = single.node.store.lookup([token])[token]
         conflicting = commands.encode_command(commands.TokenizeCommand(
@@ -864,14 +864,47 @@ async def test_a_member_removed_and_added_again_while_a_node_lagged_is_a_new_mem
             return membership is not None and "n9" in membership.ids
 
         await wait_until(applied_with_n9, 5, "the lagging node to apply the add")
-        assert lagging.node.peer_incarnations.admit("n9", b"o" * 16)  # the first n9 linked to it
+        assert lagging.node.admit_peer("n9", b"o" * 16)  # the first n9 linked to it
         partition = Partition(cluster, lagging.node_id)
         await primary.node.change_membership(lambda current: current.without("n9"), 5.0)
         await primary.node.change_membership(lambda current: current.with_learner("n9", "127.0.0.1:9"), 5.0)
         partition.heal()
         await wait_until(lambda: lagging.node.store.applied_index >= primary.node.store.applied_index, 10,
                          "the lagging node to catch up")
-        assert lagging.node.peer_incarnations.admit("n9", b"n" * 16), "the new n9 is refused"
+        assert lagging.node.admit_peer("n9", b"n" * 16), "the new n9 is refused"
+    finally:
+        await cluster.close()
+
+
+async def test_a_member_removed_and_added_again_is_a_new_member_to_a_node_that_caught_up_by_a_snapshot(
+        tmp_path: Path) -> None:
+    """docs/failure-modes.md, a member started on an empty data directory: a node that lagged while n9 was
+    removed and added again, and caught up by a snapshot taken after both, never applies the removal; it
+    kept the first n9's incarnation and refused the new n9's links for good (checked with the configuration's
+    ``since`` ignored). The snapshot's configuration says n9 was added at a later entry than the one the
+    record was made under: the new n9 links, and one that lost its disk after that is still refused."""
+    cluster = await start_cluster(tmp_path, 3, wal=SNAPSHOT_SOON)
+    try:
+        primary = await cluster.wait_for_stable_primary()
+        lagging = next(running for running in cluster.running() if running is not primary)
+        first = await primary.node.change_membership(lambda current: current.with_learner("n9", "127.0.0.1:9"), 5.0)
+        await wait_until(lambda: lagging.node.store.applied_index >= first, 5, "the lagging node to apply the add")
+        assert lagging.node.admit_peer("n9", b"o" * 16)  # the first n9 linked to it
+        partition = Partition(cluster, lagging.node_id)
+        removal = await primary.node.change_membership(lambda current: current.without("n9"), 5.0)
+        again = await primary.node.change_membership(
+            lambda current: current.with_learner("n9", "127.0.0.1:9"), 5.0)
+        for number in range(30):  # the majority compacts its log past both changes
+            await retry_until_ok(lambda n=number: tokens_of(primary, [f"after-{n}"]), 10, "a write",
+                                 (ServiceError,))
+        assert primary.node.replica.log_base_index > again and lagging.node.store.applied_index < removal
+        partition.heal()
+        await wait_until(lambda: lagging.node.store.applied_index >= primary.node.store.applied_index, 10,
+                         "the lagging node to catch up by a snapshot")
+        assert lagging.node.replica.membership.since("n9") == again
+        assert lagging.node.admit_peer("n9", b"n" * 16), "the new n9 is refused"
+        assert not lagging.node.admit_peer("n9", b"w" * 16), "the new n9 in another life is admitted"
+        assert not lagging.node.admit_peer("n9", b"o" * 16), "the first n9 is admitted again"
     finally:
         await cluster.close()
 

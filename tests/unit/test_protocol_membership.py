@@ -77,10 +77,29 @@ def test_membership_round_trips_and_each_change_is_one_member() -> None:
         Membership.of(("n1",)).without("n1")  # no voter left
 
 
+def test_a_member_s_since_travels_in_the_payload_and_an_older_payload_reads_as_since_0() -> None:
+    """Format 2 gives each member the index of the entry that added it (peer protocol version 7); a format 1
+    payload, as logs and stores written before hold, reads with every ``since`` 0."""
+    membership = Membership((Member("n1", "", True), Member("n4", "h:4", False, 17)))
+    assert Membership.decode(membership.encode()) == membership and membership.since("n4") == 17
+    assert membership.since("n9") is None
+    older = b"\x92\x01\x92\x93\xa2n1\xa0\xc3\x93\xa2n4\xa3h:4\xc2"  # [1, [["n1", "", true], ["n4", "h:4", false]]]
+    assert Membership.decode(older) == Membership((Member("n1", "", True), Member("n4", "h:4", False, 0)))
+    assert membership.promoted("n4").since("n4") == 17, "a promotion keeps the member's since"
+    stamped = Membership.of(("n1",)).with_learner("n4", "h:4").added_at(membership.without("n4"), 30)
+    assert stamped.since("n4") == 30 and stamped.since("n1") == 0, "only the member added is stamped"
+    assert membership.promoted("n4").added_at(membership, 40).since("n4") == 17, "a member kept keeps its since"
+
+
 @pytest.mark.parametrize("payload", [b"", b"\xc1", b"\x92\x01\x90", b"\x92\x02\x91\x93\xa2n1\xa0\xc3",
                                      b"\x92\x01\x91\x93\x01\xa0\xc3", b"\x92\x01\x91\x93\xa2n1\xa0\x01",
                                      b"\x92\x01\x92\x93\xa2n2\xa0\xc3\x93\xa2n1\xa0\xc3", b"\x00" * 5000,
-                                     b"\x92\x01\x91\x93\xa2n1\xa0\xc2"])
+                                     b"\x92\x01\x91\x93\xa2n1\xa0\xc2",
+                                     b"\x92\x03\x91\x94\xa2n1\xa0\xc3\x00",  # an unknown format
+                                     b"\x92\xc3\x91\x93\xa2n1\xa0\xc3",  # a format that is a boolean
+                                     b"\x92\x02\x91\x94\xa2n1\xa0\xc3\xff",  # a negative since
+                                     b"\x92\x02\x91\x94\xa2n1\xa0\xc3\xc3",  # a since that is a boolean
+                                     b"\x92\x01\x91\x94\xa2n1\xa0\xc3\x00"])  # format 1 with a since
 def test_a_payload_that_is_not_a_membership_is_refused(payload: bytes) -> None:
     with pytest.raises(MembershipError):
         Membership.decode(payload)
@@ -244,6 +263,24 @@ def test_a_dead_member_is_removed_by_the_others() -> None:
     for node_id in ("n1", "n2"):
         cluster.nodes[node_id].replica.step("n3", RequestVote(99, removed.last_index, removed.last_view))
         assert cluster.nodes[node_id].replica.view < 99
+
+
+def test_a_member_added_is_stamped_with_its_entry_s_index_and_added_again_with_a_later_one() -> None:
+    """The primary stamps the member a change adds with the index of the change's entry (Member.since), and
+    every replica holds that stamp; removed and added again, the id is a later member."""
+    cluster = started_cluster()
+    cluster.join("n4")
+    first = cluster.change(cluster.primary().membership.with_learner("n4", "h:4"))
+    for node_id in ("n1", "n2", "n3", "n4"):
+        assert cluster.nodes[node_id].replica.membership.since("n4") == first, node_id
+    assert cluster.primary().membership.since("n1") == 0  # a bootstrap member
+    promoted = cluster.change(cluster.primary().membership.promoted("n4"))
+    assert promoted > first and cluster.primary().membership.since("n4") == first
+    cluster.change(cluster.primary().membership.without("n4"))
+    cluster.write(b"without n4")
+    again = cluster.change(cluster.primary().membership.with_learner("n4", "h:4"))
+    assert again > promoted
+    assert [cluster.nodes[node_id].replica.membership.since("n4") for node_id in ("n1", "n2", "n3")] == [again] * 3
 
 
 # ---------------------------------------------------------------------------- truncation, restart, snapshot

@@ -15,6 +15,7 @@ import re
 import socket
 import time
 from types import SimpleNamespace
+from typing import Any
 from pathlib import Path
 
 import pytest
@@ -1131,6 +1132,21 @@ async def test_a_member_removed_through_a_backup_is_gone_everywhere_and_the_rest
     with pytest.raises(MembershipChangeRefused) as refused:
         await primary.service.change_member("remove", removed.node.node_id, None)
     assert "Retry-After" not in refused.value.headers
+
+
+async def test_the_member_list_says_at_which_entry_each_member_was_added(trio: Cluster) -> None:
+    """docs/api.md, GET /v1/admin/members: ``added_at_index``, the log index of the configuration entry that
+    added the member (0 for the bootstrap members); an id removed and added again has a later one."""
+    primary, backup = trio.primaries()[0], trio.backups()[0]
+
+    def added_at(listed: dict[str, Any]) -> dict[str, int]:
+        return {member["id"]: member["added_at_index"] for member in listed["members"]}
+
+    first = body(await primary.service.change_member("add", "n9", "127.0.0.1:9"))["configuration_index"]
+    assert added_at(await backup.service.list_members()) == {"n1": 0, "n2": 0, "n3": 0, "n9": first}
+    await primary.service.change_member("remove", "n9", None)
+    again = body(await primary.service.change_member("add", "n9", "127.0.0.1:9"))["configuration_index"]
+    assert again > first and added_at(await backup.service.list_members())["n9"] == again
 
 
 async def test_promoting_a_learner_that_is_not_running_is_refused_with_retry_after(trio: Cluster) -> None:

@@ -94,7 +94,8 @@ class MembershipOperations:
             match_index = replica.commit_index if member.node_id == self.node.node_id else (
                 progress[member.node_id][0] if member.node_id in progress else None)
             members.append({"id": member.node_id, "peer_addr": member.address or None,
-                            "role": "voter" if member.voter else "learner", "match_index": match_index})
+                            "role": "voter" if member.voter else "learner", "match_index": match_index,
+                            "added_at_index": member.since})
         return {"primary_id": replica.primary_id, "configuration_index": replica.membership_index,
                 "committed": replica.membership_index <= replica.commit_index,
                 "commit_index": replica.commit_index, "members": members}

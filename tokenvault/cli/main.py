@@ -381,12 +381,12 @@ def member_list(connection: Connection, as_json: bool) -> None:
         return
     state = "committed" if members.get("committed") else "being committed"
     table = Table(title=f"Members (configuration at index {members.get('configuration_index')}, {state})")
-    for column in ("id", "role", "peer_addr", "match_index"):
+    for column in ("id", "role", "peer_addr", "match_index", "added_at_index"):
         table.add_column(column)
     for member in members["members"]:
         primary = " (primary)" if member.get("id") == members.get("primary_id") else ""
         table.add_row(_cell(member.get("id")) + primary, _cell(member.get("role")), _cell(member.get("peer_addr")),
-                      _cell(member.get("match_index")))
+                      _cell(member.get("match_index")), _cell(member.get("added_at_index")))
     Console().print(table)
 
 

@@ -8,7 +8,13 @@ it acknowledged and whom it voted for, and counting it in a majority could lose 
 links are refused (``peer.incarnation_changed``) until it is removed from the cluster; the way back is to
 replace it with a new member (docs/failure-modes.md).
 
-A member's record is dropped when it leaves the configuration, so that its id can be used again.
+Each record also holds the member's ``since`` (protocol/membership.py: the index of the configuration
+entry that added it) as this node knew it when it recorded the incarnation. A member whose configuration
+says a higher ``since`` is a later member under the same id (removed, then added again): its incarnation
+replaces the record. So a node that never saw the removal (it caught up by a snapshot taken after both the
+removal and the return) still links to the new member, while a member that lost its disk, whose ``since``
+did not change, is still refused. A member's record is also dropped when this node applies its removal
+(which keeps the file to the members there are).
 
 A member whose data directory was put back from an older copy keeps its incarnation. What gives it away is
 its *floor*, the highest index it once acknowledged that was also committed: the primary computes the
@@ -26,7 +32,7 @@ import time
 from pathlib import Path
 
 from protocol.codec import MAX_INTEGER
-from protocol.membership import MAX_MEMBERS, is_member_id
+from protocol.membership import MAX_MEMBERS, MAX_SINCE, is_member_id
 from tokenvault.core.wal import fsync_directory
 from tokenvault.logs import get_logger
 from tokenvault.smallfiles import FileTooLarge, read_small_file
@@ -103,7 +109,7 @@ class PeerIncarnations:
         self._lock = threading.Lock()
         self._known = self._load()
 
-    def _load(self) -> dict[str, bytes]:
+    def _load(self) -> dict[str, tuple[bytes, int]]:
         problem = f"{self._path} is not a record this node wrote (replace the node: docs/failure-modes.md)"
         try:
             document = json.loads(read_small_file(self._path, MAX_RECORD_FILE_BYTES))
@@ -115,35 +121,51 @@ class PeerIncarnations:
             raise IncarnationError(problem) from None
         if not isinstance(document, dict) or len(document) > MAX_REMEMBERED_MEMBERS:
             raise IncarnationError(problem)
-        known: dict[str, bytes] = {}
-        for member, text in document.items():
+        known: dict[str, tuple[bytes, int]] = {}
+        for member, record in document.items():
+            # [incarnation hex, since]; a file written before ``since`` holds the hex alone (since 0).
+            text, since = (record, 0) if isinstance(record, str) else (
+                record if isinstance(record, list) and len(record) == 2 else (None, None))
             try:
                 incarnation = bytes.fromhex(text) if isinstance(text, str) else b""
             except ValueError:
                 incarnation = b""
-            if not member or len(member) > 64 or len(incarnation) != INCARNATION_BYTES:
+            if (not member or len(member) > 64 or len(incarnation) != INCARNATION_BYTES
+                    or type(since) is not int or not 0 <= since <= MAX_SINCE):
                 raise IncarnationError(problem)
-            known[member] = incarnation
+            known[member] = (incarnation, since)
         return known
 
     def _save(self) -> None:
-        text = json.dumps({member: incarnation.hex() for member, incarnation in sorted(self._known.items())})
+        text = json.dumps({member: [incarnation.hex(), since]
+                           for member, (incarnation, since) in sorted(self._known.items())})
         _write_durably(self._path, text + "\n")
 
     def known(self, member: str) -> bytes | None:
         with self._lock:
-            return self._known.get(member)
+            record = self._known.get(member)
+            return None if record is None else record[0]
 
-    def admit(self, member: str, incarnation: bytes) -> bool:
-        """True when ``incarnation`` is the one this node knows for ``member``, or the first it sees (then
-        recorded); False when ``member`` was seen in another incarnation."""
+    def admit(self, member: str, incarnation: bytes, since: int = 0) -> bool:
+        """True when ``incarnation`` is the one this node knows for ``member``, or the first it sees, or
+        ``since`` (the member's, as this node's configuration says) is higher than the one recorded with
+        it: a later member under the same id (then recorded); False when ``member`` was seen in another
+        incarnation since the same addition."""
         with self._lock:
             known = self._known.get(member)
             if known is not None:
-                return known == incarnation
-            if len(self._known) >= MAX_REMEMBERED_MEMBERS:
+                recorded, recorded_since = known
+                if recorded == incarnation:
+                    if since > recorded_since:  # the same life, known now to have been added at ``since``
+                        self._known[member] = (incarnation, since)
+                        self._save()
+                    return True
+                if since <= recorded_since:
+                    return False
+                log.info("peer.incarnation_renewed", peer=member, since=since, recorded_since=recorded_since)
+            elif len(self._known) >= MAX_REMEMBERED_MEMBERS:
                 return False
-            self._known[member] = incarnation
+            self._known[member] = (incarnation, since)
             self._save()
             return True
 

@@ -196,7 +196,7 @@ class Node:
                                            MAX_FRAME_BYTES, on_peer_down=self._on_peer_down,
                                            idle_timeout_seconds=_link_idle_timeout_seconds(config), tls=peer_tls,
                                            max_unauthenticated_connections=config.peer.max_unauthenticated_connections,
-                                           incarnation=self.incarnation, admit=self.peer_incarnations.admit,
+                                           incarnation=self.incarnation, admit=self.admit_peer,
                                            on_dropped=self.metrics.record_peer_message_dropped)
             self._follow_membership()  # links to the committed configuration's members too, not only the newest's
         self._inbox: deque[tuple[Any, ...]] = deque()
@@ -282,6 +282,16 @@ class Node:
             hard_state = HardState(hard_state.view, hard_state.voted_for, base_index)
         return RestoredState(hard_state=hard_state, snapshot_index=base_index, snapshot_view=base_view,
                              entries=entries, membership=self.store.membership(), floors=self.member_floors.loaded)
+
+    def admit_peer(self, member: str, incarnation: bytes) -> bool:
+        """Whether ``member``, which proved the cluster secret in ``incarnation``, may link
+        (PeerIncarnations.admit), with its ``since`` as this node's configurations say: the higher of the
+        one in effect's and the last committed one's (0 where neither has it). A configuration in effect
+        that adds an id again follows the committed removal of its earlier member (a change is proposed
+        only once the one before it is committed), so its higher ``since`` is safe to go by."""
+        since = max(membership.since(member) or 0
+                    for membership in (self.replica.membership, self._committed_membership()))
+        return self.peer_incarnations.admit(member, incarnation, since)
 
     def _committed_membership(self) -> Membership:
         return self.store.membership() or Membership.of(tuple(member.id for member in self.config.members))

@@ -69,8 +69,9 @@ DEFAULT_MAX_UNAUTHENTICATED_CONNECTIONS = 8
 # the incarnation. 3: a tokenize entry may carry an expiry per item. 4: a backup forwards a worker-sealed
 # tokenize with a format, a TTL or metadata as ``tokenize.sealed.v2``. 5: a heartbeat carries the members'
 # floors, a vote reply the voter's last index (protocol/messages.py). 6: a read-index reply says whether
-# the primary refused the read for a full queue (``overloaded``).
-PEER_PROTOCOL_VERSION = 6
+# the primary refused the read for a full queue (``overloaded``). 7: a configuration entry (and a snapshot's
+# configuration) gives each member its ``since`` (protocol/membership.py, format 2).
+PEER_PROTOCOL_VERSION = 7
 GREETING_PREFIX = b"TVPEER"
 GREETING = GREETING_PREFIX + b"%d\n" % PEER_PROTOCOL_VERSION
 NONCE_BYTES = 32

@@ -244,7 +244,8 @@ class FakeService:
         self._check_available()
         return {"primary_id": self.node_id, "configuration_index": 1, "committed": True, "commit_index": 1,
                 "members": [{"id": member.node_id, "peer_addr": member.address or None,
-                             "role": "voter" if member.voter else "learner", "match_index": 1}
+                             "role": "voter" if member.voter else "learner", "match_index": 1,
+                             "added_at_index": member.since}
                             for member in self.membership.members]}
 
     async def change_member(self, action: str, node_id: str, peer_addr: str | None) -> Outcome:

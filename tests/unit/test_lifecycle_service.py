@@ -116,6 +116,9 @@ async def restart_behind_the_log(cluster: Cluster, primary: RunningNode, stopped
     and catches up by a snapshot, awaited in ``logged`` (snapshot.installed)."""
     for number in range(12):
         await primary.service.tokenize("p", [f"filler-{number}"], None)
+    # The compaction runs in the background: on a slow disk it may not have passed ``stopped`` yet.
+    await wait_until(lambda: primary.node.replica.log_base_index > stopped.node.store.applied_index, 20,
+                     "the primary to compact its log past the stopped backup")
     restarted = await cluster.restart(stopped)
     await wait_until(lambda: any(line["event"] == "snapshot.installed" for line in logged), 20,
                      "the lagging backup to install a snapshot")

@@ -160,7 +160,8 @@ class CoreCalls:
 
     async def _read_points(self, arguments: dict[str, Any]) -> Any:
         """The read points one worker needed in one loop turn (tokenvault.api.merge.ReadPointMerger), each
-        run as it would be alone; one result per point: ``[index]`` or ``[status, problem, detail, headers]``."""
+        run as it would be alone; one result per point: ``[index]`` or its error as the channel carries
+        one (``encode_failure``)."""
         _members(arguments, ("points",))
         points = arguments["points"]
         if not isinstance(points, list) or not 1 <= len(points) <= MAX_READ_POINTS:

@@ -342,6 +342,8 @@ def client_ssl_context(ca_file: str | Path | None) -> ssl.SSLContext | None:
 # be tried even for a request that is not safe to repeat. ConnectionTimeoutError: aiohttp 3.10 and later.
 _NOT_SENT_ERRORS: tuple[type[BaseException], ...] = (aiohttp.ClientConnectorError,) + tuple(
     error for error in (getattr(aiohttp, "ConnectionTimeoutError", None),) if isinstance(error, type))
+
+
 def _had_no_effect(problem: ProblemError) -> bool:
     """Whether a 503 says the request took no effect (``"effect": "none"``, docs/api.md, Errors); any
     other 503 may be followed by its effect."""

@@ -491,8 +491,9 @@ async def test_a_dialer_whose_link_dies_at_once_on_a_bad_frame_backs_off(mesh: M
 
 async def test_the_dial_back_off_resets_only_after_a_link_that_lived(
         mesh: Mesh, monkeypatch: pytest.MonkeyPatch) -> None:
-    """_dial_once says whether its link was healthy (it lived at least RECONNECT_DELAY_SECONDS_MAX). After failed dials (or links that ended unhealthy) the delay has grown;
-    a healthy link is followed by the shortest delay, never by an immediate redial."""
+    """_dial_once says whether its link was healthy (it lived at least RECONNECT_DELAY_SECONDS_MAX). After
+    failed dials (or links that ended unhealthy) the delay has grown; a healthy link is followed by the
+    shortest delay, never by an immediate redial."""
     transport = PeerTransport("n1", "127.0.0.1", mesh.ports["n1"], mesh.addresses(), mesh.secret,
                               lambda *_: None, MAX_FRAME_BYTES)  # never started: only its dial loop runs
     outcomes = [False, False, False, False, False, True, False]  # sleeps 0.05, 0.1, 0.2, 0.4, [0.8], [0.05]

@@ -732,7 +732,8 @@ class _Connection(asyncio.Protocol):
                 await asyncio.wait_for(self._writing_paused, self.server.app.header_timeout_seconds)
             except TimeoutError:
                 self.abort()
-                raise ConnectionResetError("the client did not take the buffered answer within the header timeout") from None
+                raise ConnectionResetError(
+                    "the client did not take the buffered answer within the header timeout") from None
 
     # ------------------------------------------------------------ flow and life
     def pause_reading(self) -> None:

@@ -1048,15 +1048,14 @@ class NodeService(LifecycleOperations, MembershipOperations):
         """The primary's answer to a forwarded call, decoded by kind (_decode_forward_response)."""
         if len(self._forwards_waiting) >= MAX_FORWARDS_IN_FLIGHT:
             raise Unavailable("too many requests are being forwarded to the primary", no_effect=True)
-        request_id = next(self._forward_ids)
-        future: asyncio.Future[ForwardResponse] = asyncio.get_running_loop().create_future()
-        self._forwards_waiting[request_id] = (primary_id, future)
         body = msgpack.packb(arguments, use_bin_type=True)
         if len(body) > MAX_FORWARDED_FRAME_BODY_BYTES:
-            self._forwards_waiting.pop(request_id, None)
             raise PayloadTooLarge(f"the request is too large to forward to the primary ({len(body)} bytes, over "
                                   f"the peer links' {MAX_FORWARDED_FRAME_BODY_BYTES}-byte bound); it had no effect: "
                                   "send fewer values, or send it to the primary")
+        request_id = next(self._forward_ids)
+        future: asyncio.Future[ForwardResponse] = asyncio.get_running_loop().create_future()
+        self._forwards_waiting[request_id] = (primary_id, future)
         try:
             if not self.node.send_to_peer(primary_id, ForwardRequest(request_id=request_id, kind=kind, body=body)):
                 if self.node.is_linked(primary_id):  # linked, but the link's send queue is full
@@ -1336,7 +1335,7 @@ def _decode_forward_response(kind: str, response: ForwardResponse) -> Any:
             title, detail = str(problem["title"]), str(problem["detail"])
             slug = str(problem["type"]).rsplit(":", 1)[-1]
             no_effect = problem.get("effect") == EFFECT_NONE
-        except (ValueError, KeyError, TypeError, AttributeError):
+        except (ValueError, KeyError, TypeError):
             title, detail, slug, no_effect = "Error", "the primary refused the request", "forwarded", False
         headers.pop("Content-Type", None)
         raise (error_from_problem(response.status, slug, detail, headers, no_effect=no_effect)

@@ -12,9 +12,10 @@ Each record also holds the member's ``since`` (protocol/membership.py: the index
 entry that added it) as this node knew it when it recorded the incarnation. A member whose configuration
 says a higher ``since`` is a later member under the same id (removed, then added again): its incarnation
 replaces the record. So a node that never saw the removal (it caught up by a snapshot taken after both the
-removal and the return) still links to the new member, while a member that lost its disk, whose ``since``
-did not change, is still refused. A member's record is also dropped when this node applies its removal
-(which keeps the file to the members there are).
+removal and the return, or whose log held the return when it applied the removal) still links to the
+new member, while a member that lost its disk, whose ``since`` did not change, is still refused. A
+member's record is dropped when it leaves the members this node links to, so the file holds the members
+there are.
 
 A member whose data directory was put back from an older copy keeps its incarnation. What gives it away is
 its *floor*, the highest index it once acknowledged that was also committed: the primary computes the

@@ -296,14 +296,6 @@ class Node:
     def _committed_membership(self) -> Membership:
         return self.store.membership() or Membership.of(tuple(member.id for member in self.config.members))
 
-    def _forget_members_removed(self, before: Membership, after: Membership) -> None:
-        """A committed configuration entry that drops a member: the next node under its id is a new member,
-        even where this node applies the removal and the id's return in one batch, or applies the removal
-        once the return is already in its log (then the id never leaves the sets _follow_membership links
-        to, and the new member's links would be refused for good)."""
-        for member in set(before.ids) - set(after.ids):
-            self.peer_incarnations.forget(member)
-
     def _follow_membership(self) -> None:
         """Peer links to the members of the configuration in effect and of the last committed one: while a
         change is not committed both sets may be needed (a removed primary commits its own removal;
@@ -315,7 +307,7 @@ class Node:
         addresses.update((peer.node_id, peer) for peer in self._peer_addresses(self.replica.membership))
         left = set(self.transport.peers) - set(addresses)
         self.transport.set_peers(list(addresses.values()))
-        for member in left:  # gone from the configuration: a node under its id later is a new member
+        for member in left:  # gone from the configuration: its record goes, so the file holds the members there are
             self.peer_incarnations.forget(member)
 
     def _peer_addresses(self, membership: Membership) -> list[PeerAddress]:
@@ -727,10 +719,6 @@ class Node:
 
     # ----------------------------------------------------------------- apply
     def _apply(self, entries: tuple[Entry, ...]) -> None:
-        applied_before = self.store.applied_index
-        # Only a batch that changes the configuration needs the one before it (most never do).
-        members_before = (self._committed_membership() if any(entry.kind == EntryKind.CONFIG for entry in entries)
-                          else None)
         results = self.store.apply_batch(entries)
         by_index = {result.index: result for result in results}
         issued: dict[int, int] = {}  # epoch -> tokens issued in it by this batch
@@ -738,10 +726,6 @@ class Node:
             result = by_index.get(entry.index)
             if entry.kind == EntryKind.CONFIG:
                 log.info("membership.committed", index=entry.index)
-                if entry.index > applied_before and members_before is not None:  # applied by this batch
-                    members_after = Membership.decode(entry.payload)
-                    self._forget_members_removed(members_before, members_after)
-                    members_before = members_after
                 self._follow_membership()
             if result is not None and entry.kind == EntryKind.COMMAND:
                 if result.kind not in ONLY_ADDING_KINDS:

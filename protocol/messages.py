@@ -27,12 +27,16 @@ class Message:
 
 @dataclass(frozen=True, slots=True)
 class RequestVote(Message):
-    """A candidate asks for a vote in ``view``; its log ends at (last_index, last_view)."""
+    """A candidate asks for a vote in ``view``; its log ends at (last_index, last_view); ``since`` is the
+    index of the configuration entry that added it, as its own log says (Member.since: 0 for a member of
+    the bootstrap configuration), which tells a voter that does not count it whether it may have been
+    added by a configuration the voter has not seen."""
 
     TYPE_TAG: ClassVar[int] = 1
     view: int
     last_index: int
     last_view: int
+    since: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +156,7 @@ class PreVote(Message):
     last_index: int
     last_view: int
     poll: int  # numbers the poller's polls; the reply echoes it
+    since: int = 0  # as RequestVote's
 
 
 @dataclass(frozen=True, slots=True)

@@ -211,6 +211,27 @@ class Replica:
         return (index is not None and index > self._commit_index
                 and node_id in self._configurations.previous.ids)
 
+    def _may_be_added_unseen(self, message: PreVote | RequestVote) -> bool:
+        """Whether the candidate of ``message``, no member here, may have been added by a configuration
+        this node has not seen: its log is ahead of this one, and either the configuration in effect here
+        is not committed, or the candidate was added after it (its ``since``). A member whose removal
+        this node knows committed was added before that removal: a removed primary that appended after
+        its removal entry and restarted with an older commit index (persisted lazily) is ahead, and
+        would otherwise be heard, win an election and lead until its removal commits again in its view.
+        An id added again after its removal has a later ``since``."""
+        if (message.last_view, message.last_index) <= (self._log.last_view, self._log.last_index):
+            return False
+        index = self.membership_index
+        return index > self._commit_index or message.since > index
+
+    def _own_since(self) -> int:
+        """This node's ``since`` in the configuration it campaigns under (may_campaign: the one in effect,
+        else the one before an uncommitted change that removed it)."""
+        since = self._membership.since(self.node_id)
+        if since is None:
+            since = self._configurations.previous.since(self.node_id)
+        return since or 0
+
     @property
     def floors(self) -> tuple[tuple[str, int], ...]:
         """The members' floors this node holds, in id order (for the driver to keep across restarts; the
@@ -256,20 +277,15 @@ class Replica:
         # lagging backup learns the configuration that made it a member); so is a member of the
         # configuration before the one in effect while that change is not committed (as may_campaign:
         # it may still be needed, and two nodes holding different uncommitted changes would otherwise
-        # each drop the other's polls for good); so is a poll or vote request whose log is ahead of this
-        # one: its sender knows a configuration this node has not seen (one that added it), and a voter
-        # that lags must still be able to vote for it, or a majority up could never elect anyone.
-        # Anything else from outside is dropped. A member whose removal is committed is seldom ahead (it
-        # is fed nothing from its removal on); one can be: a removed primary that appended after its
-        # removal, restarted with an older commit index (which it persists lazily) before the others
-        # wrote in a new view. It may then win one election and step down again once its removal
-        # commits: a hiccup, not a lost entry (docs/replication.md, "Messages from outside").
+        # each drop the other's polls for good); so is a poll or vote request from a sender that may
+        # have been added by a configuration this node has not seen (_may_be_added_unseen), since a
+        # voter that lags must still be able to vote for it, or a majority up could never elect anyone.
+        # Anything else from outside is dropped (docs/replication.md, "Messages from outside").
         if handler is None or sender == self.node_id:
             return
         if (sender not in self._peers and not isinstance(message, PRIMARY_SENT_TYPES)
                 and not self._member_before_uncommitted_change(sender)
-                and not (isinstance(message, (PreVote, RequestVote))
-                         and (message.last_view, message.last_index) > (self._log.last_view, self._log.last_index))):
+                and not (isinstance(message, (PreVote, RequestVote)) and self._may_be_added_unseen(message))):
             return
         if isinstance(message, (PreVote, PreVoteReply)):
             handler(sender, message)  # a poll changes no view: it bypasses the view rules below
@@ -614,7 +630,7 @@ class Replica:
         self._election_elapsed_ticks = 0
         self._randomize_election_timeout()
         self._events.append(ElectionStarted(self._view, reason))
-        request = RequestVote(self._view, self._log.last_index, self._log.last_view)
+        request = RequestVote(self._view, self._log.last_index, self._log.last_view, self._own_since())
         self._outbox.extend((peer, request) for peer in self._voting_peers())
 
     def _become_primary(self) -> None:
@@ -689,7 +705,7 @@ class Replica:
         self._election_elapsed_ticks = 0
         self._randomize_election_timeout()
         self._polls += 1
-        poll = PreVote(self._view + 1, self._log.last_index, self._log.last_view, self._polls)
+        poll = PreVote(self._view + 1, self._log.last_index, self._log.last_view, self._polls, self._own_since())
         self._outbox.extend((peer, poll) for peer in self._voting_peers())
 
     def _on_pre_vote(self, sender: str, message: PreVote) -> None:

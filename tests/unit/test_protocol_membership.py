@@ -10,7 +10,7 @@ import random
 
 import pytest
 
-from protocol import (INITIAL_HARD_STATE, AppendEntries, Entry, EntryKind, HardState, Membership,
+from protocol import (INITIAL_HARD_STATE, AppendEntries, BecamePrimary, Entry, EntryKind, HardState, Membership,
                       MembershipChanged, MembershipError, NotPrimary, PreVote, PreVoteReply, ProposalRejected, Replica,
                       ReplicaConfig, RequestVote, RestoredState, Role, SteppedDown, VoteReply)
 from protocol.membership import ConfigurationLog, Member
@@ -347,6 +347,42 @@ def test_a_member_removed_by_an_uncommitted_change_is_still_heard_and_one_whose_
                         random.Random(1))
     committed.step("n1", poll)
     assert committed.ready().all_messages == ()
+
+
+def test_a_removed_primary_ahead_of_the_others_is_not_heard_once_they_know_its_removal_committed() -> None:
+    """n1, the primary, committed its removal at index 2, appended an entry the others never got, and
+    restarted with its commit index at 1 (it persists it lazily): its log holds the removal uncommitted,
+    so it campaigns as a member of the configuration before, with a log ahead of n2's and n3's. They know
+    the removal committed and n1 was added before it (its since, 0): they drop its polls, and one of
+    them leads. On the code before, n1 won the election and led until its removal committed again."""
+    without_n1 = Membership.of(("n2", "n3"), (), {})
+    removal = (Entry(1, 1, EntryKind.NOOP, b""), Entry(2, 1, EntryKind.CONFIG, without_n1.encode()))
+    cluster = GrowingCluster(3)
+    restored = {"n1": RestoredState(HardState(1, "n1", 1), 0, 0, removal + (Entry(3, 1, EntryKind.COMMAND, b"x"),)),
+                "n2": RestoredState(HardState(1, "n1", 2), 0, 0, removal),
+                "n3": RestoredState(HardState(1, "n1", 2), 0, 0, removal)}
+    for position, (node_id, state) in enumerate(restored.items()):
+        cluster.nodes[node_id] = Node(Replica(ReplicaConfig(node_id, cluster.ids), state, random.Random(60 + position)),
+                                      hard_state=state.hard_state, log=list(state.entries))
+    removed = cluster.nodes["n1"].replica
+    assert removed.may_campaign and removed.membership == without_n1
+    cluster.tick(("n1",), times=4 * removed.config.election_timeout_ticks)  # n1 polls first, alone
+    assert not any(isinstance(event, BecamePrimary) for event in cluster.nodes["n1"].events)
+    assert removed.view == 1, "n1's polls are dropped"
+    assert cluster.nodes["n2"].replica.view == cluster.nodes["n3"].replica.view == 1
+    for _ in range(10 * removed.config.election_timeout_ticks):
+        cluster.tick()
+        if any(cluster.nodes[node_id].replica.role is Role.PRIMARY for node_id in ("n2", "n3")):
+            break
+    primary = cluster.primary()
+    assert primary.node_id in ("n2", "n3") and primary.membership.voters == ("n2", "n3")
+    assert removed.role is not Role.PRIMARY and removed.last_index == 3
+    # An id removed and added again has a later since: a lagging voter hears it (as the test below).
+    voter = Replica(ReplicaConfig("n2", cluster.ids), restored["n2"], random.Random(1))
+    voter.step("n1", RequestVote(5, 3, 1, since=2))
+    assert voter.view == 1, "added at or before the removal this node knows committed: dropped"
+    voter.step("n1", RequestVote(5, 3, 1, since=3))
+    assert voter.view == 5, "added after it: heard"
 
 
 def test_a_new_voter_a_lagging_voter_never_heard_of_is_elected_with_a_majority_up() -> None:

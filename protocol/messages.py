@@ -57,7 +57,9 @@ class VoteReply(Message):
 
 @dataclass(frozen=True, slots=True)
 class AppendEntries(Message):
-    """The primary's entries following (prev_index, prev_view), and its commit index."""
+    """The primary's entries following (prev_index, prev_view), and its commit index. ``sequence`` numbers
+    the primary's appends (the reply echoes it): a refusal of an append sent before an acknowledgement
+    reached the primary is stale, one of an append sent after it is not."""
 
     TYPE_TAG: ClassVar[int] = 3
     view: int
@@ -65,6 +67,7 @@ class AppendEntries(Message):
     prev_view: int
     commit_index: int
     entries: tuple[Entry, ...]
+    sequence: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +77,8 @@ class AppendReply(Message):
     On success ``index`` is the last index the backup now holds in agreement
     with the primary. On refusal ``index`` is the refused ``prev_index`` and
     (hint_index, hint_view) is the backup's last entry that may still agree,
-    so the primary can skip back a whole view at a time.
+    so the primary can skip back a whole view at a time. ``sequence`` is the
+    AppendEntries's, echoed (0 in the answer to a message of an older view).
     """
 
     TYPE_TAG: ClassVar[int] = 4
@@ -83,6 +87,7 @@ class AppendReply(Message):
     index: int
     hint_index: int
     hint_view: int
+    sequence: int = 0
 
 
 @dataclass(frozen=True, slots=True)

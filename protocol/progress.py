@@ -81,7 +81,7 @@ class PeerProgress:
 
     __slots__ = ("match_index", "next_index", "state", "probe_sent", "inflight", "recently_active",
                  "read_round_acknowledged", "match_at_last_heartbeat", "stalled_heartbeats",
-                 "snapshot", "snapshot_wait_ticks", "window", "loss_refusals", "loss_refused_at_tick",
+                 "snapshot", "snapshot_wait_ticks", "window", "match_known_after", "loss_refusals",
                  "loss_reported")
 
     def __init__(self, next_index: int) -> None:
@@ -100,11 +100,12 @@ class PeerProgress:
         # Appends allowed in flight now: 1 after each probe, doubled by each acknowledgement that
         # moves match_index, up to MAX_WINDOW (the replica caps it with its configured limit).
         self.window = 1
-        # Refusals of a position at or below match_index, in distinct heartbeat intervals, with no success
-        # between them (one alone may be a stale refusal overtaken by the acknowledgement); the tick of
-        # the last one counted; and whether records.BackupLostEntries was said for this backup.
+        # The primary's append sequence when match_index was last raised: a refusal of a position at or
+        # below match_index that answers a later append is a loss (the backup acknowledged that position
+        # before the append left); one that answers an earlier append is stale. Such losses counted, and
+        # whether records.BackupLostEntries was said for this backup.
+        self.match_known_after = 0
         self.loss_refusals = 0
-        self.loss_refused_at_tick = 0
         self.loss_reported = False
 
     def become_probe(self, next_index: int) -> None:
@@ -128,13 +129,15 @@ class PeerProgress:
         self.snapshot = None
         self.snapshot_wait_ticks = 0
 
-    def acknowledge(self, index: int) -> bool:
-        """Record that the backup durably holds everything up to index; True if that is news."""
+    def acknowledge(self, index: int, appends_sent: int) -> bool:
+        """Record that the backup durably holds everything up to index, learnt when the primary had sent
+        ``appends_sent`` appends; True if that is news."""
         while self.inflight and self.inflight[0] <= index:
             self.inflight.popleft()
         if index <= self.match_index:
             return False
         self.window = min(2 * self.window, MAX_WINDOW)
         self.match_index = index
+        self.match_known_after = appends_sent
         self.next_index = max(self.next_index, index + 1)
         return True

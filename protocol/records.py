@@ -191,8 +191,8 @@ class MembershipChanged:
 
 @dataclass(frozen=True, slots=True)
 class BackupLostEntries:
-    """A backup refused a log position at or below what it had acknowledged to this primary, in
-    replica.LOSS_REFUSAL_INTERVALS heartbeat intervals, each at least one after the last counted, with no success between: entries it
+    """A backup refused a log position at or below what it had acknowledged to this primary, in answer
+    to an append sent after that acknowledgement arrived (AppendEntries.sequence): entries it
     promised were on its disk are gone (its data directory restored from an older copy, or a disk that
     lied about an fsync). Said once per backup and term of this primary, for a log reader; the primary
     goes on probing it at heartbeat pace and never counts it for anything past what it acknowledged."""

@@ -31,10 +31,6 @@ STALLED_HEARTBEATS_LIMIT = 2
 # timeouts is dropped (the driver frees its checkpoint and the log it holds);
 # a new one is asked for once the backup answers again.
 SNAPSHOT_SILENT_ELECTION_TIMEOUTS = 3
-# A backup that refuses a position it acknowledged, in this many heartbeat intervals (each at least one
-# after the last counted) with no success between them, has lost entries from its disk
-# (records.BackupLostEntries); fewer may be stale refusals overtaken by the acknowledgement.
-LOSS_REFUSAL_INTERVALS = 3
 PRIMARY_SENT_TYPES = (AppendEntries, Heartbeat, InstallSnapshot)
 
 
@@ -80,6 +76,7 @@ class Replica:
                                            for member, floor in restored.floors if member in self._membership.ids}
         self._floors_held: tuple[tuple[str, int], ...] | None = None  # ``floors``, until one changes
         self._polls = 0  # numbers this node's pre-votes (PreVote.poll)
+        self._appends_sent = 0  # numbers this node's appends (AppendEntries.sequence)
         self._floors_reported: dict[str, int] = {}  # per member, the floor it was last reported below
         hard_state = restored.hard_state
         # A crash between writing entries and writing the hard state of the same batch can
@@ -842,7 +839,7 @@ class Replica:
             # Our committed prefix is settled and equal to the primary's: skip what it covers.
             skip = self._commit_index - prev_index
             if skip >= len(entries):
-                self._reply_append(sender, True, self._commit_index)
+                self._reply_append(sender, True, self._commit_index, message.sequence)
                 return
             if entries[skip - 1].view != self._log.view_at(self._commit_index):
                 return  # contradicts our committed prefix: not from a correct primary
@@ -851,7 +848,8 @@ class Replica:
         if self._log.view_at(prev_index) != prev_view:
             hint_index = self._log.find_conflict_by_view(min(prev_index, self._log.last_index), message.prev_view)
             hint_view = self._log.view_at(hint_index) or 0
-            self._outbox.append((sender, AppendReply(self._view, False, message.prev_index, hint_index, hint_view)))
+            self._outbox.append((sender, AppendReply(self._view, False, message.prev_index, hint_index, hint_view,
+                                                     message.sequence)))
             return
         for position, entry in enumerate(entries):
             held_view = self._log.view_at(entry.index)
@@ -868,10 +866,10 @@ class Replica:
             break
         last_new_index = prev_index + len(entries)
         self._commit_to(min(message.commit_index, last_new_index))
-        self._reply_append(sender, True, last_new_index)
+        self._reply_append(sender, True, last_new_index, message.sequence)
 
-    def _reply_append(self, sender: str, success: bool, index: int) -> None:
-        self._outbox.append((sender, AppendReply(self._view, success, index, 0, 0)))
+    def _reply_append(self, sender: str, success: bool, index: int, sequence: int) -> None:
+        self._outbox.append((sender, AppendReply(self._view, success, index, 0, 0, sequence)))
 
     def _truncate_from(self, index: int) -> None:
         assert index > self._commit_index, "committed entries are never truncated"
@@ -1069,7 +1067,9 @@ class Replica:
             if progress.next_index <= self._log.last_index:
                 entries = self._log.batch_from(progress.next_index, self._config.max_entries_per_message,
                                                self._config.max_bytes_per_message)
-            message = AppendEntries(self._view, prev_index, prev_view, self._commit_index, tuple(entries))
+            self._appends_sent += 1
+            message = AppendEntries(self._view, prev_index, prev_view, self._commit_index, tuple(entries),
+                                    self._appends_sent)
             self._outbox.append((peer, message))
             if not replicating:
                 progress.probe_sent = True
@@ -1082,8 +1082,7 @@ class Replica:
         if progress is None or message.index > self._log.last_index:
             return
         if message.success:
-            progress.loss_refusals = 0
-            if progress.acknowledge(message.index):
+            if progress.acknowledge(message.index, self._appends_sent):
                 self._maybe_commit()
             if progress.state is PeerState.PROBE:
                 progress.become_replicate()
@@ -1099,31 +1098,23 @@ class Replica:
             return  # a refusal of an append older than what the backup since acknowledged
         if progress.state is PeerState.PROBE and message.index != progress.next_index - 1:
             return  # a refusal of an earlier probe
+        lost = message.index <= progress.match_index
+        if lost and message.sequence <= progress.match_known_after:
+            return  # of an append sent before the acknowledgement of that position arrived: stale
         candidate = self._log.find_conflict_by_view(min(message.hint_index, message.index), message.hint_view)
         progress.become_probe(min(message.index, candidate + 1))
-        if message.index <= progress.match_index:
-            # The backup refuses a position it acknowledged before. One such refusal may be a stale one,
-            # sent before the acknowledgement and delivered after it (a duplicated or reordered message);
-            # refusals in LOSS_REFUSAL_INTERVALS distinct heartbeat intervals, with no success between
-            # them, mean its disk lost data, which is outside the failure model: said once. Either way,
-            # retry at heartbeat pace rather than ping-pong at full speed (never below what it
-            # acknowledged: the probe stays at match_index + 1).
-            self._count_loss_refusal(sender, progress, message.index)
+        if lost:
+            # The backup refuses a position it had acknowledged before this append left (a refusal
+            # overtaken by the acknowledgement, duplicated or reordered, answers an earlier append):
+            # entries it promised were on its disk are gone, which is outside the failure model. Said
+            # once; the probe stays at match_index + 1, retried at heartbeat pace, not at full speed.
+            progress.loss_refusals += 1
+            if not progress.loss_reported:
+                progress.loss_reported = True
+                self._events.append(BackupLostEntries(sender, progress.match_index, message.index))
             progress.probe_sent = True
             return
         self._send_appends(sender)
-
-    def _count_loss_refusal(self, sender: str, progress: PeerProgress, refused_index: int) -> None:
-        """A refusal at or below the backup's match index: counted once per heartbeat interval; the
-        LOSS_REFUSAL_INTERVALS-th with no success since the first reports BackupLostEntries, once per backup and term."""
-        interval = self._config.heartbeat_interval_ticks
-        if progress.loss_refusals and self._ticks - progress.loss_refused_at_tick < interval:
-            return
-        progress.loss_refusals += 1
-        progress.loss_refused_at_tick = self._ticks
-        if progress.loss_refusals >= LOSS_REFUSAL_INTERVALS and not progress.loss_reported:
-            progress.loss_reported = True
-            self._events.append(BackupLostEntries(sender, progress.match_index, refused_index))
 
     def _on_heartbeat_reply(self, sender: str, message: HeartbeatReply) -> None:
         progress = self._progress.get(sender) if self._role is Role.PRIMARY else None
@@ -1146,7 +1137,7 @@ class Replica:
             return  # about another transfer, or an earlier offer of this one
         transfer.silent_ticks = 0
         if message.installed:
-            if progress.acknowledge(transfer.index):
+            if progress.acknowledge(transfer.index, self._appends_sent):
                 self._maybe_commit()
             progress.become_probe(transfer.index + 1)
             self._snapshot_transfers_ended.append((sender, TransferEnd.INSTALLED))

@@ -64,6 +64,15 @@ def test_seed_2843_a_voter_left_alone_leads_only_once_its_vote_is_durable() -> N
     Simulation(2843, SimulationConfig.from_seed(2843, 2000)).run()
 
 
+def test_seed_521091_stale_refusals_after_a_snapshot_install_are_no_loss() -> None:
+    """Found by a sweep of 3,000 seeds at 3,000 steps: n1 refused three probes of the primary (its log
+    diverged below the primary's base), installed a snapshot, and the refusals, held back by the links,
+    arrived after the install's acknowledgement in three heartbeat intervals: the primary took them for
+    lost entries (BackupLostEntries). A refusal now echoes its append's sequence number, and one that
+    answers an append sent before the acknowledgement arrived is stale (docs/replication.md)."""
+    Simulation(521091, SimulationConfig.from_seed(521091, 3000)).run()
+
+
 def test_seed_11245_two_nodes_holding_different_uncommitted_changes_still_elect_a_primary() -> None:
     """Found by a sweep of 12,000 seeds: n2 held an uncommitted removal of n1, n1 and n3 an uncommitted
     removal of n3; each dropped the polls of the node its change removed, and after healing no one was

@@ -11,8 +11,9 @@ import pytest
 from fake_vault_server import DROP, FakeVaultServer, Reply, closed_port_url, node_tls_files, problem
 from tokenvault.client import vault as client_module
 from tokenvault.client.vault import (AsyncClient, Client, ConfigurationError, Conflict, Forbidden,
-                                     MembershipChangeFailed, NoNodeAvailable, NotFound, OutcomeUnknown,
-                                     ResponseError, ServiceUnavailable, Unauthorized, normalize_urls)
+                                     MembershipChangeFailed, NoNodeAvailable, NotFound, OutcomeUnknown, ProblemError,
+                                     RateLimited, RequestTimeout, ResponseError, ServerError, ServiceUnavailable,
+                                     Unauthorized, normalize_urls)
 
 API_KEY = "tvk_" + "A" * 43
 
@@ -124,6 +125,19 @@ async def test_client_errors_are_typed_and_not_retried(node_a: FakeVaultServer, 
     assert caught.value.title == "Forbidden"
     assert node_b.calls("/v1/admin/epochs") == []
     assert API_KEY not in str(caught.value)
+
+
+@pytest.mark.parametrize(("status", "error_class"), [(429, RateLimited), (408, RequestTimeout), (418, ServerError)])
+async def test_a_rate_limit_and_a_request_timeout_have_their_own_class_and_are_not_retried(
+        node_a: FakeVaultServer, node_b: FakeVaultServer, status: int, error_class: type[ProblemError]) -> None:
+    node_a.responders[("POST", "/v1/tokenize")] = lambda request: problem(
+        status, "Refused", "try again later", {"Retry-After": "1"})
+    async with AsyncClient([node_a.url, node_b.url], API_KEY) as vault:
+        with pytest.raises(ProblemError) as caught:
+            await vault.tokenize(["a value"])
+    assert type(caught.value) is error_class and caught.value.status == status
+    assert caught.value.retry_after_seconds == 1
+    assert node_b.calls("/v1/tokenize") == []
 
 
 async def test_wrong_key_gives_unauthorized(node_a: FakeVaultServer) -> None:

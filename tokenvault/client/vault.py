@@ -138,6 +138,15 @@ class Unprocessable(ProblemError):
     """422: the idempotency key was reused with a different body."""
 
 
+class RequestTimeout(ProblemError):
+    """408: the request's body stopped arriving for longer than the node waits for it."""
+
+
+class RateLimited(ProblemError):
+    """429: the API key is past its rate limit on that node (``retry_after_seconds`` says when to try again),
+    or too many requests were pipelined on one connection."""
+
+
 class ServiceUnavailable(ProblemError):
     """503: no primary or no quorum right now."""
 
@@ -148,8 +157,8 @@ class ServerError(ProblemError):
 
 _ERROR_CLASSES: dict[int, type[ProblemError]] = {
     400: BadRequest, 401: Unauthorized, 403: Forbidden, 404: NotFound, 405: NotFound,
-    409: Conflict, 413: PayloadTooLarge, 415: UnsupportedMediaType, 422: Unprocessable,
-    503: ServiceUnavailable,
+    408: RequestTimeout, 409: Conflict, 413: PayloadTooLarge, 415: UnsupportedMediaType, 422: Unprocessable,
+    429: RateLimited, 503: ServiceUnavailable,
 }
 
 

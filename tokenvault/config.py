@@ -28,8 +28,8 @@ from tokenvault.crypto.tls import NodeTlsFiles
 from tokenvault.smallfiles import FileTooLarge, read_small_file
 
 CLUSTER_SECRET_BYTES = 32
-ALLOWED_MEMBER_COUNTS = (1, 3, 5)
 MAX_JOIN_MEMBERS = 9  # protocol.membership.MAX_MEMBERS
+ALLOWED_MEMBER_COUNTS = tuple(range(1, MAX_JOIN_MEMBERS + 1, 2))
 LOG_LEVELS = ("debug", "info", "warning", "error")
 NODE_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}\Z")
 _HOSTNAME_PATTERN = re.compile(
@@ -589,7 +589,8 @@ class NodeConfig:
             raise ConfigError(f"a joining node's members list it and 1 to {MAX_JOIN_MEMBERS - 1} voters")
         if not self.join and len(self.members) not in ALLOWED_MEMBER_COUNTS:
             raise ConfigError(
-                f"members must list 1, 3 or 5 nodes (got {len(self.members)}): a majority of an "
+                f"members must list an odd count of nodes from 1 to {MAX_JOIN_MEMBERS} (got {len(self.members)}): "
+                f"a majority of an "
                 f"even-sized cluster tolerates no more failures than one node fewer"
             )
         for attribute in ("id", "peer_addr", "http_url"):

@@ -316,10 +316,19 @@ def test_second_init_keeps_keys_and_refuses_another_node_count(cluster_directory
         cluster.init_cluster(cluster_directory, 5, 9300)
 
 
-@pytest.mark.parametrize("count", [0, 2, 4, 7])
-def test_only_1_3_or_5_nodes(cluster_directory: Path, count: int) -> None:
-    with pytest.raises(ClusterError, match="1, 3 or 5"):
+@pytest.mark.parametrize("count", [0, 2, 4, 8, 10, 11])
+def test_only_an_odd_count_of_nodes_up_to_9(cluster_directory: Path, count: int) -> None:
+    with pytest.raises(ClusterError, match="odd, from 1 to 9"):
         cluster.init_cluster(cluster_directory, count, 9300)
+
+
+def test_seven_and_nine_node_clusters_are_made_with_a_port_pair_each(tmp_path: Path) -> None:
+    for count in (7, 9):
+        spec, created = cluster.init_cluster(tmp_path / f"c{count}", count, 9300)
+        assert created and [node.node_id for node in spec.nodes] == [f"n{number}" for number in range(1, count + 1)]
+        assert len({node.http_port for node in spec.nodes} | {node.peer_port for node in spec.nodes}) == 2 * count
+    result = CliRunner().invoke(run_cluster, ["start", "--nodes", "8"])
+    assert result.exit_code == 2 and "'8' is not one of '1', '3', '5', '7', '9'" in result.output
 
 
 def test_non_empty_directory_without_cluster_json_is_refused(cluster_directory: Path) -> None:

@@ -267,7 +267,7 @@ def test_propose_limits() -> None:
 
 def test_config_validation() -> None:
     # Any count of voters is a configuration (two or four exist halfway through a replacement); the
-    # node's static config still asks for 1, 3 or 5 to start a cluster (tokenvault/config.py).
+    # node's static config still asks for an odd count to start a cluster (tokenvault/config.py).
     ReplicaConfig("n1", ("n1", "n2"))
     with pytest.raises(ValueError):
         ReplicaConfig("n1", tuple(f"n{number}" for number in range(1, 11)))

@@ -55,7 +55,7 @@ from tokenvault.crypto.tls import TlsError, http_client_context
 from tokenvault.devcluster.cluster_spec import _generate, _write_private_file, check_existing_master_key
 # Re-exported (the "name as name" form marks them so for mypy): the cluster's public names live here too.
 from tokenvault.devcluster.cluster_spec import (
-    ALLOWED_NODE_COUNTS as ALLOWED_NODE_COUNTS, API_KEY_SCOPES as API_KEY_SCOPES,
+    ALLOWED_NODE_COUNTS as ALLOWED_NODE_COUNTS, NODE_COUNT_RULE as NODE_COUNT_RULE, API_KEY_SCOPES as API_KEY_SCOPES,
     CLUSTER_FILE_NAME as CLUSTER_FILE_NAME, DEFAULT_BASE_PORT as DEFAULT_BASE_PORT,
     DEFAULT_NODE_COUNT as DEFAULT_NODE_COUNT, ENVIRONMENT_KNOBS as ENVIRONMENT_KNOBS, HOST as HOST,
     KEY_DIRECTORY_ENVIRONMENT_VARIABLE as KEY_DIRECTORY_ENVIRONMENT_VARIABLE,
@@ -133,7 +133,8 @@ def init_cluster(directory: Path | str, nodes: int = DEFAULT_NODE_COUNT, base_po
     """
     directory = Path(directory).expanduser().absolute()
     if nodes not in ALLOWED_NODE_COUNTS:
-        raise ClusterError("--nodes must be 1, 3 or 5 (a majority of an even count tolerates no more failures)")
+        raise ClusterError(f"{NODE_COUNT_RULE} (a majority of an even count tolerates no more failures than "
+                           f"the odd count below it)")
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     with _locked(directory):
         if (directory / CLUSTER_FILE_NAME).exists():
@@ -748,7 +749,7 @@ def restore_cluster(directory: Path | str, backup_file: Path | str, master_key_f
         raise ClusterError(f"{directory} exists already: a restore builds a new cluster directory; set "
                            f"TOKENVAULT_CLUSTER_DIR to a path that does not exist yet")
     if nodes not in ALLOWED_NODE_COUNTS:
-        raise ClusterError("--nodes must be 1, 3 or 5")
+        raise ClusterError(NODE_COUNT_RULE)
     master_key_path = Path(master_key_file).expanduser().absolute()
     if not master_key_path.exists():
         raise ClusterError(f"no master key file at {master_key_path}: pass --master-key-file PATH, the "

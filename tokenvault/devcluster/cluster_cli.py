@@ -20,6 +20,8 @@ import click
 from tokenvault.devcluster import cluster, membership
 from tokenvault.devcluster.cluster import ClusterError, ClusterSpec, NodeSpec, NodeStatus
 
+NODE_COUNT_CHOICES = [str(count) for count in cluster.ALLOWED_NODE_COUNTS]
+
 EXIT_FAILED = 1
 
 
@@ -84,7 +86,7 @@ def run_cluster() -> None:
 
 
 @run_cluster.command()
-@click.option("--nodes", type=click.Choice(["1", "3", "5"]), default=None,
+@click.option("--nodes", type=click.Choice(NODE_COUNT_CHOICES), default=None,
               help="Number of nodes (default 3 for a new cluster; an existing cluster keeps its count).")
 @click.option("--timeout-seconds", type=click.FloatRange(1, 3600), envvar="TOKENVAULT_START_TIMEOUT_S",
               default=cluster.DEFAULT_START_TIMEOUT_SECONDS, show_default=True, show_envvar=True,
@@ -200,7 +202,7 @@ def logs(node_id: str, follow: bool) -> None:
 @click.option("--master-key-file", type=click.Path(dir_okay=False), default=None, metavar="PATH",
               help="The master.key of the cluster the backup was taken from (default: "
                    "$TOKENVAULT_KEY_DIR/master.key, else ./.cluster.keys/master.key).")
-@click.option("--nodes", type=click.Choice(["1", "3", "5"]), default="3", show_default=True,
+@click.option("--nodes", type=click.Choice(NODE_COUNT_CHOICES), default="3", show_default=True,
               help="Number of nodes of the new cluster.")
 @click.option("--timeout-seconds", type=click.FloatRange(1, 3600), envvar="TOKENVAULT_START_TIMEOUT_S",
               default=cluster.DEFAULT_START_TIMEOUT_SECONDS, show_default=True, show_envvar=True,

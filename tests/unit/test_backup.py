@@ -641,6 +641,67 @@ def test_a_backup_whose_checkpoint_holds_a_rocksdb_wal_over_the_bound_is_refused
     assert [path.name for path in config.data_dir.parent.glob(".*")] == []
 
 
+@pytest.mark.parametrize("index", [2**63, 2**64 - 1], ids=["2**63", "2**64-1"])
+def test_a_backup_at_an_index_past_what_the_log_holds_is_refused_at_verification_with_a_clear_error(
+        runner: CliRunner, tmp_path: Path, index: int) -> None:
+    """A backup whose manifest and store meta agree on an index of 2**63 or more (msgpack holds up to 2**64 - 1)
+    passed verification, and `admin restore` then died on a traceback from the replication log, which holds
+    indexes up to 2**63 - 1 (checked on the code before). Both records are bounded where they are decoded."""
+    from rocksdict import Options, Rdict
+
+    from tokenvault.core.snapshots import take_checkpoint
+    from tokenvault.core.store_layout import META_KEY, StoreError, decode_meta, encode_meta
+
+    store = VaultStore.open(tmp_path / "source")
+    directory, _, view = take_checkpoint(store, tmp_path / "work")
+    store.close()
+    database = Rdict(str(directory), Options(raw_mode=True))
+    _, _, token_count = decode_meta(database[META_KEY], StoreError)
+    database[META_KEY] = encode_meta(index, view, token_count)
+    database.close()
+    source = SnapshotSource.from_checkpoint(directory, index, view, None)
+    backup = tmp_path / "past.backup"
+    with open(backup, "wb") as handle:
+        source.write_to(handle)
+    source.close()
+    with pytest.raises(BackupRefused, match="manifest index, view or time is not an integer from 0 to "
+                                            "9223372036854775807"):
+        verify_backup_file(backup)
+    config = make_configs(tmp_path / "restored", 1)[0]
+    node_toml = tmp_path / "node.toml"
+    write_node_config(node_toml, config)
+    result = runner.invoke(tokenvault, ["admin", "restore", "--backup", str(backup), "--config", str(node_toml)])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert "is refused" in result.output and "9223372036854775807" in result.output
+    assert not config.data_dir.exists()
+    assert [path.name for path in config.data_dir.parent.glob(".*")] == []
+
+
+def test_a_value_error_while_building_the_data_directory_is_a_backup_error_and_leaves_nothing(
+        runner: CliRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What verification lets through and the store or the log still refuses with a ValueError (the log's
+    "hard state fields are out of range" was one) is a BackupError, which the CLI prints as one line with exit 1,
+    not a traceback (checked on the code before)."""
+    from tokenvault.core import backup as backup_module
+
+    def refuse(*arguments: Any) -> None:
+        raise ValueError("hard state fields are out of range")
+
+    monkeypatch.setattr(backup_module, "_start_log_after", refuse)
+    backup = real_backup(tmp_path, tmp_path / "taken.backup")
+    config = make_configs(tmp_path / "restored", 1)[0]
+    with pytest.raises(BackupError, match="cannot build the data directory of n1 from this backup: hard state"):
+        restore_data_dir(backup, config)
+    node_toml = tmp_path / "node.toml"
+    write_node_config(node_toml, config)
+    result = runner.invoke(tokenvault, ["admin", "restore", "--backup", str(backup), "--config", str(node_toml)])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert "error: cannot build the data directory of n1 from this backup" in result.output
+    assert "Traceback" not in result.output
+    assert not config.data_dir.exists()
+    assert [path.name for path in config.data_dir.parent.glob(".*")] == []
+
+
 # ---------------------------------------------------------------- restoring a real store
 
 

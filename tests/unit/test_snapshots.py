@@ -155,6 +155,20 @@ def test_a_manifest_without_shred_pending_counts_as_pending_and_a_non_boolean_on
 
 
 
+@pytest.mark.parametrize("field", ["index", "view", "created_at_ms"])
+def test_a_manifest_index_view_or_time_outside_0_to_2_63_minus_1_is_refused(field: str) -> None:
+    """msgpack holds integers up to 2**64 - 1; the replication log holds indexes and views up to 2**63 - 1. A
+    manifest past that passed, and a restore from it failed in the log with a traceback (checked on the code
+    before)."""
+    import msgpack
+    manifest = {"format": 1, "index": 1, "view": 1, "created_at_ms": 0, "files": [["a", 1, bytes(32)]]}
+    assert getattr(Manifest.decode(msgpack.packb({**manifest, field: 2**63 - 1})), field) == 2**63 - 1
+    for number in (2**63, 2**64 - 1, -1):
+        with pytest.raises(SnapshotStreamError, match="index, view or time is not an integer from 0 to "
+                                                      "9223372036854775807"):
+            Manifest.decode(msgpack.packb({**manifest, field: number}))
+
+
 @pytest.mark.parametrize(("keys", "pending", "message"), [
     ([b"Ta"] * 2, False, "nothing is pending"),
     ("Ta", True, "not a list"),

@@ -229,6 +229,11 @@ def test_a_generation_that_is_not_a_tokenvault_store_is_refused(tmp_path, build)
     ([STORE_MARKER, 1, 0, 0, 0], "schema version"),
     ([STORE_MARKER, SCHEMA_VERSION, -1, 0, 0], "malformed"),
     ([STORE_MARKER, SCHEMA_VERSION, 0, 0], "malformed"),
+    ([STORE_MARKER, SCHEMA_VERSION, 0, 0, "0"], "malformed"),
+    # Past what the replication log holds (2**63 - 1), up to what msgpack does: a restore failed on it in the log.
+    ([STORE_MARKER, SCHEMA_VERSION, 2**63, 0, 0], "malformed: .* not an integer from 0 to 9223372036854775807"),
+    ([STORE_MARKER, SCHEMA_VERSION, 0, 2**64 - 1, 0], "malformed: .* not an integer from 0 to 9223372036854775807"),
+    ([STORE_MARKER, SCHEMA_VERSION, 0, 0, 2**63], "malformed: .* not an integer from 0 to 9223372036854775807"),
 ])
 def test_the_marker_and_schema_version_are_checked_on_open(tmp_path, meta, message):
     path = tmp_path / "store"
@@ -890,6 +895,11 @@ def _damaged_checkpoints(tmp_path: Path):
     yield made("epoch-gap", lambda d: _put(d, b"e" + (7).to_bytes(8, "big"), msgpack.packb([b"w", 1, "retired"])))
     yield made("epoch-garbage", lambda d: _put(d, b"e" + (3).to_bytes(8, "big"), b"\xc1"))
     yield made("meta-garbage", lambda d: _put(d, b"m", b"\xc1\xc1"))
+    # Meta and announcement agree on an index or view the replication log cannot hold (past 2**63 - 1).
+    for field, past in (("index", 2**63), ("view", 2**64 - 1)):
+        name, directory, index, view = made(f"{field}-past-the-log")
+        _rewrite_meta(directory, lambda m: [*m[:2], past, *m[3:]] if field == "index" else [*m[:3], past, m[4]])
+        yield name, directory, *((past, view) if field == "index" else (index, past))
     # Rows the install loads into memory (store_files.read_state): a checkpoint whose rows the store cannot
     # load is refused here, not after the store switched to it.
     yield made("api-key-garbage", lambda d: _put(d, b"k0123456789abcdef", b"\xc1"))
@@ -938,7 +948,7 @@ def test_verify_and_prepare_install_reject_damaged_and_foreign_checkpoints_and_c
         assert dump(vault) == before, name
         assert listing(store_path) == ["CURRENT", "gen-000001"], name
         rejected.append(name)
-    assert len(rejected) == 27
+    assert len(rejected) == 29
     assert vault.lookup([token(1, 1)]) == {token(1, 1): b"ct-1"}
     # The store still installs a good checkpoint afterwards.
     directory, index, view = _checkpoint_of(tmp_path, "good")

@@ -443,6 +443,11 @@ def install_staged(staged: StagedSnapshot, config: Any, master_key: Any = None, 
             reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
             raise BackupError(f"cannot build the data directory of {config.node_id} in {data_dir.parent}: "
                               f"{reason}") from None
+        if isinstance(error, ValueError):
+            # A backup that verification passed and the store or the log still cannot take (the log refused
+            # an index past 2**63 - 1 this way): a clear refusal, never a traceback. These messages name no value.
+            raise BackupError(f"cannot build the data directory of {config.node_id} from this backup: "
+                              f"{error}") from None
         raise
     return RestoredNode(config.node_id, data_dir, staged.index, staged.view, epochs, token_count,
                         staged.manifest.pending)

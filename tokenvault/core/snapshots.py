@@ -6,7 +6,7 @@ compacted log, and is the file ``tokenvault admin backup`` writes. Layout::
     magic  b"TVSNAP1\\n"                                   8 bytes
     length of the manifest, big-endian                    4 bytes
     manifest (msgpack map)                                ``length`` bytes
-        format: 1, index, view, created_at_ms,
+        format: 1, index, view, created_at_ms (each 0..2**63 - 1, as the replication log allows),
         files: [[name, size, sha256 digest], ...],
         shred_pending: whether the checkpoint may hold rows deleted (or an epoch secret destroyed) at
             or below ``index`` and not yet shredded by its source (absent, as from a node before it: true)
@@ -47,6 +47,7 @@ from typing import Any, BinaryIO, Protocol
 
 import msgpack
 
+from protocol.codec import MAX_INTEGER
 from tokenvault.core.store_layout import SnapshotRejected
 from tokenvault.core.wal import fsync_directory
 
@@ -136,8 +137,9 @@ class Manifest:
         numbers: list[int] = []
         for name in ("index", "view", "created_at_ms"):
             number = document.get(name)
-            if type(number) is not int or number < 0:
-                raise SnapshotStreamError("snapshot manifest index, view or time is not a non-negative integer")
+            if type(number) is not int or not 0 <= number <= MAX_INTEGER:
+                raise SnapshotStreamError(f"snapshot manifest index, view or time is not an integer from 0 to "
+                                          f"{MAX_INTEGER}")
             numbers.append(number)
         files = document.get("files")
         if not isinstance(files, list) or not files:

@@ -24,6 +24,7 @@ from pathlib import Path
 from rocksdict import Cache, Rdict, WriteBatch, WriteOptions
 
 from protocol import Membership
+from protocol.codec import MAX_INTEGER
 from tokenvault.auth import RuntimeKey
 from tokenvault.core.store_layout import (AGE, AGE_END, AGE_HEADER_BYTES, LIFE, LIFE_END, MAX_WRITE_BUFFERS,
                                           META_KEY, NO_RECORDS, VERIFY_CACHE_BYTES, WRITE_BUFFER_BYTES, SnapshotRejected, StoreCorruption, StoreError,
@@ -212,8 +213,8 @@ def verify_checkpoint(directory: Path, index: int, view: int) -> None:
     switch to. RocksDB verifies the checksum of every block it reads; blocks
     not read are not checked here.
     """
-    if type(index) is not int or type(view) is not int or index < 0 or view < 0:
-        raise SnapshotRejected("checkpoint index and view must be non-negative integers")
+    if not all(type(number) is int and 0 <= number <= MAX_INTEGER for number in (index, view)):
+        raise SnapshotRejected(f"checkpoint index and view must be integers from 0 to {MAX_INTEGER}")
     check_checkpoint_wal(Path(directory))
     try:
         options = database_options(Cache(VERIFY_CACHE_BYTES))

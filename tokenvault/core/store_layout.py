@@ -71,6 +71,7 @@ from rocksdict import (
 )
 
 from protocol import Membership, MembershipError
+from protocol.codec import MAX_INTEGER
 from tokenvault.audit_chain import GENESIS_HASH
 from tokenvault.auth import RuntimeKey
 from tokenvault.core.commands import KEY_ID_PATTERN, is_digit_string
@@ -322,7 +323,9 @@ def unpack(value: bytes) -> Any:
 
 
 def _is_count(value: object) -> bool:
-    return type(value) is int and value >= 0
+    """An int of 0..MAX_INTEGER (2**63 - 1): no index, view, count or time the vault writes is larger, and the
+    replication log refuses a larger one (a restore from a meta record past it failed in the log, not here)."""
+    return type(value) is int and 0 <= value <= MAX_INTEGER
 
 
 def decode_meta(value: bytes | None, error: type[StoreError]) -> tuple[int, int, int]:
@@ -337,8 +340,11 @@ def decode_meta(value: bytes | None, error: type[StoreError]) -> tuple[int, int,
         raise error("not a TokenVault store (marker differs)")
     if meta[1] != SCHEMA_VERSION:
         raise error("unsupported store schema version")
-    if len(meta) != 5 or not all(_is_count(field_value) for field_value in meta[2:]):
+    if len(meta) != 5 or not all(type(field_value) is int for field_value in meta[2:]):
         raise error("store meta record is malformed")
+    if not all(_is_count(field_value) for field_value in meta[2:]):
+        raise error(f"store meta record is malformed: its applied index, view or token count is not an integer "
+                    f"from 0 to {MAX_INTEGER}")
     return meta[2], meta[3], meta[4]
 
 

@@ -766,3 +766,77 @@ def test_member_remove_of_an_id_that_is_no_member_says_nothing_was_removed(
     assert result.exit_code == 0, result.output
     assert "n33 removed" not in result.output and "nothing was removed" in result.output
     assert primary.calls("/v1/admin/members/n33/remove") == []
+
+
+# Input that is not UTF-8: Python reads such bytes as lone surrogates (a command line; stdin in the C or a UTF-8
+# locale) or fails on them mid-read (stdin in some locales, and CliRunner's). Either way the command ended in a
+# traceback (checked on the code before). It is a usage error naming the line or the parameter, never the text:
+# it may be a card number.
+
+NOT_UTF8 = "secret-value-\udcff\udcfe1234"
+
+
+@pytest.mark.parametrize("command", ["tokenize", "detokenize"])
+def test_a_line_on_stdin_that_is_not_utf8_is_refused_by_its_number_never_shown_and_nothing_is_sent(
+        runner: CliRunner, primary: FakeVaultServer, command: str) -> None:
+    options = ["--url", primary.url, "--api-key", ADMIN_KEY]
+    result = runner.invoke(tokenvault, [command, *options], input=b"4111 1111 1111 1111\nsecret-value-\xff\xfe1234\n")
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+    what = "value" if command == "tokenize" else "token"
+    assert f"line 2 is not valid UTF-8 (it is not shown): give one {what} a line, in UTF-8" in result.output
+    assert "secret" not in result.output and "1234" not in result.output and "4111" not in result.output
+    assert primary.requests == []
+
+
+def test_a_token_argument_that_is_not_utf8_is_refused_by_its_position_never_shown(
+        runner: CliRunner, primary: FakeVaultServer) -> None:
+    result = runner.invoke(tokenvault, ["detokenize", "--url", primary.url, "--api-key", ADMIN_KEY,
+                                        "tv1_" + "a" * 32, "tv1_" + NOT_UTF8])
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+    assert "token argument 2 is not valid UTF-8 (it is not shown)" in result.output
+    assert "secret" not in result.output and "1234" not in result.output
+    assert primary.requests == []
+
+
+@pytest.mark.parametrize(("arguments", "parameter"), [
+    (["tokenize", "--idempotency-key", NOT_UTF8], "'--idempotency-key'"),
+    (["admin", "epoch", "rotate", "--idempotency-key", NOT_UTF8], "'--idempotency-key'"),
+    (["admin", "key", "create", "--name", NOT_UTF8, "--scope", "admin"], "'--name'"),
+    (["admin", "key", "create", "--name", "ops", "--scope", NOT_UTF8], "'--scope'"),
+    (["admin", "key", "revoke", NOT_UTF8], "'KEY_ID'"),
+    (["admin", "member", "add", NOT_UTF8, "127.0.0.1:7001"], "'NODE_ID'"),
+    (["admin", "member", "add", "n4", NOT_UTF8], "'PEER_ADDR'"),
+    (["admin", "member", "remove", NOT_UTF8], "'NODE_ID'"),
+    (["admin", "audit", "trim", "--through", "3", "--hash", NOT_UTF8, "--yes"], "'--hash'"),
+], ids=["tokenize-key", "rotate-key", "key-name", "key-scope", "key-id", "member-id", "member-addr",
+        "remove-id", "trim-hash"])
+def test_every_other_text_argument_sent_to_the_vault_that_is_not_utf8_is_a_usage_error_naming_it(
+        runner: CliRunner, primary: FakeVaultServer, arguments: list[str], parameter: str) -> None:
+    result = runner.invoke(tokenvault, [*arguments, "--url", primary.url, "--api-key", ADMIN_KEY], input="v\n")
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+    assert f"Invalid value for {parameter}: is not valid UTF-8 (it is not shown)" in result.output
+    assert "secret" not in result.output and "1234" not in result.output
+    assert primary.requests == []
+
+
+def test_the_command_line_of_a_real_process_given_bytes_that_are_not_utf8_is_a_usage_error(
+        primary: FakeVaultServer) -> None:
+    """The reviewer's commands, as a shell runs them: stdin and argv decoded by Python itself (surrogateescape,
+    not CliRunner's strict stdin)."""
+    import os
+    import subprocess
+    import sys
+
+    environment = {**os.environ, "LC_ALL": "C.UTF-8"}
+    for name in ("TOKENVAULT_URL", "TOKENVAULT_API_KEY", "TOKENVAULT_CLUSTER_JSON", "TOKENVAULT_CA_FILE"):
+        environment.pop(name, None)
+    options = [os.fsencode(option) for option in ("--url", primary.url, "--api-key", ADMIN_KEY, "--retry-seconds", "0")]
+    runs = [([b"tokenize", *options], b"secret-value-\xff\xfe1234\n", "line 1 is not valid UTF-8"),
+            ([b"detokenize", *options, b"tv1_secret\xff"], b"", "token argument 1 is not valid UTF-8")]
+    for arguments, stdin, message in runs:
+        done = subprocess.run([sys.executable.encode(), b"-m", b"tokenvault.cli", *arguments], input=stdin,
+                              capture_output=True, env=environment, cwd=Path(__file__).parents[2], timeout=60)
+        output = (done.stdout + done.stderr).decode("utf-8", "replace")
+        assert done.returncode == 2, output
+        assert message in output and "Traceback" not in output and "secret" not in output
+    assert primary.requests == []

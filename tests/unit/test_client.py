@@ -47,6 +47,20 @@ def test_api_key_with_header_breaking_characters_is_refused_without_echo() -> No
     assert "secret" not in str(caught.value)
 
 
+async def test_text_that_is_not_utf8_is_a_configuration_error_naming_nothing_and_nothing_is_sent(
+        node_a: FakeVaultServer) -> None:
+    """Python reads bytes that are not UTF-8 as lone surrogates: encoding the body raised UnicodeEncodeError,
+    whose object is the whole body, values included (checked on the code before)."""
+    async with AsyncClient(node_a.url, API_KEY) as vault:
+        with pytest.raises(ConfigurationError, match="not valid UTF-8") as caught:
+            await vault.tokenize(["4111 1111 1111 1111", "secret-\udcff\udcfe"])
+        with pytest.raises(ConfigurationError, match="not valid UTF-8"):
+            await vault.detokenize(["tv1_\udcff"])
+    assert "4111" not in str(caught.value) and "secret" not in str(caught.value)
+    assert caught.value.__cause__ is None and caught.value.__suppress_context__
+    assert node_a.calls("/v1/tokenize") == [] and node_a.calls("/v1/detokenize") == []
+
+
 async def test_tokenize_sends_bearer_key_and_json_and_parses_result(node_a: FakeVaultServer) -> None:
     async with AsyncClient(node_a.url, API_KEY) as vault:
         result = await vault.tokenize(["4111", "5500"], idempotency_key="k-1")

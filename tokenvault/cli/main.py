@@ -24,6 +24,7 @@ error, 3 no node reachable, 4 `admin audit verify` found a broken link.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import json
 import os
 import sys
@@ -45,6 +46,32 @@ from tokenvault.client.vault import VaultError
 AUDIT_PAGE_RECORDS = 1000
 MAX_ITEMS_PER_REQUEST = 1000
 MAX_CELL_CHARS = 80
+
+
+def _is_utf8(text: str) -> bool:
+    """Whether ``text`` is valid UTF-8 as read: Python reads the bytes of a command line (and of stdin, as
+    _read_lines reads it) that are not UTF-8 as lone surrogates, which no request can carry."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+class Utf8Text(click.ParamType[str]):
+    """An argument or option sent to the vault as text: one that is not valid UTF-8 is a usage error (exit 2)
+    that names the parameter and never shows the text (it may be a value, a token or a key)."""
+
+    name = "text"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        text = str(value)
+        if not _is_utf8(text):
+            self.fail("is not valid UTF-8 (it is not shown)", param, ctx)
+        return text
+
+
+UTF8_TEXT = Utf8Text()
 
 
 def _cell(value: Any) -> str:
@@ -249,7 +276,7 @@ def epoch() -> None:
 
 @epoch.command("rotate")
 @connection_options("admin")
-@click.option("--idempotency-key", default=None, metavar="KEY",
+@click.option("--idempotency-key", default=None, metavar="KEY", type=UTF8_TEXT,
               help="Makes a retried rotation return the first answer instead of rotating twice.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def epoch_rotate(connection: Connection, idempotency_key: str | None, as_json: bool) -> None:
@@ -300,8 +327,9 @@ def key_group() -> None:
 
 @key_group.command("create")
 @connection_options("admin")
-@click.option("--name", required=True, metavar="NAME", help="A label: 1-64 characters of [A-Za-z0-9_.-], starting with a letter or digit.")
-@click.option("--scope", "scopes", required=True, multiple=True, metavar="SCOPE",
+@click.option("--name", required=True, metavar="NAME", type=UTF8_TEXT,
+              help="A label: 1-64 characters of [A-Za-z0-9_.-], starting with a letter or digit.")
+@click.option("--scope", "scopes", required=True, multiple=True, metavar="SCOPE", type=UTF8_TEXT,
               help=f"A scope the key holds ({', '.join(sorted(ALL_SCOPES))}); repeat for several.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (with the key).")
 def key_create(connection: Connection, name: str, scopes: tuple[str, ...], as_json: bool) -> None:
@@ -346,7 +374,7 @@ def key_list(connection: Connection, as_json: bool) -> None:
 
 @key_group.command("revoke")
 @connection_options("admin")
-@click.argument("key_id")
+@click.argument("key_id", type=UTF8_TEXT)
 def key_revoke(connection: Connection, key_id: str) -> None:
     """Revoke the key KEY_ID: every node refuses it within a second of this command's success."""
 
@@ -399,8 +427,8 @@ def _member_wait_option(command: Callable[..., Any]) -> Callable[..., Any]:
 
 @member_group.command("add")
 @connection_options("admin")
-@click.argument("node_id")
-@click.argument("peer_addr")
+@click.argument("node_id", type=UTF8_TEXT)
+@click.argument("peer_addr", type=UTF8_TEXT)
 @click.option("--learner-only", is_flag=True, help="Add it as a learner and do not promote it.")
 @_member_wait_option
 def member_add(connection: Connection, node_id: str, peer_addr: str, learner_only: bool, wait_seconds: float) -> None:
@@ -431,7 +459,7 @@ def member_add(connection: Connection, node_id: str, peer_addr: str, learner_onl
 
 @member_group.command("remove")
 @connection_options("admin")
-@click.argument("node_id")
+@click.argument("node_id", type=UTF8_TEXT)
 @_member_wait_option
 def member_remove(connection: Connection, node_id: str, wait_seconds: float) -> None:
     """Remove NODE_ID (live or dead; the primary steps down once its own removal commits).
@@ -610,7 +638,7 @@ def audit_export(connection: Connection, out_path: str, as_json: bool) -> None:
 @connection_options("admin")
 @click.option("--through", "through_seq", required=True, type=click.IntRange(1, 2**63 - 1), metavar="SEQ",
               help="The last record to drop: the head record of an export you keep.")
-@click.option("--hash", "through_hash", required=True, metavar="HEX",
+@click.option("--hash", "through_hash", required=True, metavar="HEX", type=UTF8_TEXT,
               help="That record's hash, as the export printed it (its head).")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
@@ -640,8 +668,23 @@ def audit_trim(connection: Connection, through_seq: int, through_hash: str, yes:
 def _read_lines(source: Any, what: str) -> list[str]:
     """One item a line, each line whole (a value of spaces is a value): empty lines at the end are
     dropped, one between two items is refused, since skipping it would pair every later output line
-    with the wrong input line."""
-    lines = [line.rstrip("\r\n") for line in source]
+    with the wrong input line. A line that is not valid in the stream's encoding (UTF-8, unless the
+    locale says otherwise) is refused by its number, never shown: it may be a card number. (Read as it
+    was, it stopped the command with a traceback, UnicodeDecodeError while reading or UnicodeEncodeError
+    when sent, depending on how Python had opened stdin.)"""
+    reconfigure = getattr(source, "reconfigure", None)
+    if reconfigure is not None:
+        # Why: bytes that do not decode become lone surrogates, found below with the number of their line;
+        # a strict stream raises mid-read, in a block of lines, before the ones ahead of them are seen.
+        reconfigure(errors="surrogateescape")
+    lines: list[str] = []
+    for number, line in enumerate(source, 1):
+        if not _is_utf8(line):
+            encoding = str(getattr(source, "encoding", None) or "utf-8")
+            named = "UTF-8" if codecs.lookup(encoding).name == "utf-8" else encoding
+            raise click.UsageError(f"line {number} is not valid {named} (it is not shown): give one {what} a "
+                                   f"line, in {named}")
+        lines.append(line.rstrip("\r\n"))
     while lines and not lines[-1]:
         lines.pop()
     empty = next((number for number, line in enumerate(lines, 1) if not line), None)
@@ -656,7 +699,8 @@ def _batches(items: list[str]) -> list[list[str]]:
 
 @tokenvault.command()
 @connection_options("tokenizer")
-@click.option("--idempotency-key", default=None, metavar="KEY", help="Idempotency key (single batch only).")
+@click.option("--idempotency-key", default=None, metavar="KEY", type=UTF8_TEXT,
+              help="Idempotency key (single batch only).")
 @click.option("--json", "as_json", is_flag=True, help="Print {epoch, tokens} JSON per batch.")
 @click.option("--format", "token_format", type=click.Choice(["opaque", "card", "digits"]), default=None,
               help="Token format (default opaque); card and digits tokens carry no epoch: keep it (--json).")
@@ -699,6 +743,9 @@ def detokenize(connection: Connection, tokens: tuple[str, ...], as_json: bool, e
 
     An unknown token prints an empty line (null with --json) and a note on stderr.
     """
+    position = next((number for number, token in enumerate(tokens, 1) if not _is_utf8(token)), None)
+    if position is not None:
+        raise click.UsageError(f"token argument {position} is not valid UTF-8 (it is not shown)")
     token_list = list(tokens) or _read_lines(sys.stdin, "token")
     if not token_list:
         raise click.UsageError("no tokens given (arguments or stdin, one per line)")

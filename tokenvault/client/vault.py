@@ -772,7 +772,13 @@ class AsyncClient:
             request_headers["Authorization"] = f"Bearer {self._api_key}"
         data = None
         if body is not None:
-            data = json.dumps(body, ensure_ascii=False).encode("utf-8")
+            try:
+                data = json.dumps(body, ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError:
+                # Why: Python reads bytes that are not UTF-8 (from a file, a pipe, a command line) as lone
+                # surrogates, which no JSON body can carry. The error held the whole body, values too.
+                raise ConfigurationError("the request holds text that is not valid UTF-8 (a lone surrogate, as "
+                                         "Python reads bytes that are not UTF-8); nothing was sent") from None
             request_headers["Content-Type"] = "application/json"
         timeout = aiohttp.ClientTimeout(total=self._timeout_seconds)
         async with session.request(method, url + path, data=data, headers=request_headers,

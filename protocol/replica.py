@@ -77,6 +77,7 @@ class Replica:
         self._floors_held: tuple[tuple[str, int], ...] | None = None  # ``floors``, until one changes
         self._polls = 0  # numbers this node's pre-votes (PreVote.poll)
         self._appends_sent = 0  # numbers this node's appends (AppendEntries.sequence)
+        self._announced_commit_index: int | None = None  # the highest AppendEntries.commit_index heard
         self._floors_reported: dict[str, int] = {}  # per member, the floor it was last reported below
         hard_state = restored.hard_state
         # A crash between writing entries and writing the hard state of the same batch can
@@ -189,6 +190,15 @@ class Replica:
         """Where the configuration in effect stands in the log (the log base when no entry above it has one)."""
         index = self._configurations.last_index
         return self._log.base_index if index is None else index
+
+    @property
+    def primary_commit_index(self) -> int | None:
+        """How far the cluster has committed, as far as this node has been told: on a primary that has
+        committed an entry of its view, its commit index; otherwise the highest commit index a primary
+        announced to it in an append (AppendEntries.commit_index). None until either is known."""
+        if self._committed_in_current_view():
+            return self._commit_index
+        return self._announced_commit_index
 
     @property
     def may_campaign(self) -> bool:
@@ -835,6 +845,7 @@ class Replica:
         if not self._hear_from_primary(sender) or not entries_follow(message.prev_index, message.prev_view, message.entries, message.view):
             return
         entries, prev_index, prev_view = message.entries, message.prev_index, message.prev_view
+        self._announced_commit_index = max(self._announced_commit_index or 0, message.commit_index)
         if prev_index < self._commit_index:
             # Our committed prefix is settled and equal to the primary's: skip what it covers.
             skip = self._commit_index - prev_index

@@ -123,10 +123,6 @@ async def run_node(config: NodeConfig, config_path: Path | None = None) -> int:
     service = NodeService(node, sealer)
     await node.start()
     _tune_garbage_collector()
-    replayed = len(node.restored.entries)
-    log.info("node.recovered", wal_entries=replayed, log_base_index=node.restored.snapshot_index,
-             store_applied_index=node.store.applied_index, commit_index=node.restored.hard_state.commit_index,
-             truncated_tail_bytes=node.recovered_log.truncated_tail_bytes, view=node.restored.hard_state.view)
     calls: CoreCalls | None = None
     if worker_count > 0 and config_path is not None:
         calls = CoreCalls(service, metrics, lambda: pool.channels() if pool is not None else [],

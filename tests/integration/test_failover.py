@@ -216,8 +216,15 @@ async def test_restarted_backup_recovers_catches_up_and_serves_what_it_missed(
 
     backup_mark, primary_mark = harness.log_mark(backup), harness.log_mark(primary)
     await asyncio.to_thread(harness.restart, backup)
+    replayed = harness.wait_for_event(backup, "node.replayed", since=backup_mark)
+    assert replayed["wal_entries"] + replayed["store_applied_index"] > 0, replayed
+    assert replayed["store_applied_index"] < commit_index, replayed  # it missed the 8 batches
+    # node.recovered: how far it replayed and how far it caught up (CONTRACT.md section 4).
     recovered = harness.wait_for_event(backup, "node.recovered", since=backup_mark)
-    assert recovered["wal_entries"] + recovered["store_applied_index"] > 0, recovered
+    replay_fields = ("wal_entries", "log_base_index", "store_applied_index", "commit_index", "truncated_tail_bytes",
+                     "view")
+    assert [recovered[key] for key in replay_fields] == [replayed[key] for key in replay_fields], recovered
+    assert recovered["caught_up_index"] >= commit_index and recovered["primary"] == primary, recovered
     harness.wait_for_event(primary, "peer.up", since=primary_mark, peer=backup)
     harness.wait_for_event(backup, "peer.up", since=backup_mark, peer=primary)
     await asyncio.to_thread(harness.wait_for_applied, [backup], commit_index, 10.0)

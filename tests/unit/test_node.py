@@ -793,15 +793,25 @@ async def test_without_a_majority_writes_are_503_and_service_returns_with_it(tmp
 
 
 async def test_a_restarted_backup_catches_up(trio: Cluster) -> None:
+    """It applies what it missed, and says so: node.replayed at its start, node.recovered once its store
+    has applied what the primary had committed (CONTRACT.md section 4: how far it replayed and caught up)."""
     primary = await trio.wait_for_stable_primary()
     backup = trio.backups()[0]
     await backup.close()
     _, tokens = await tokens_of(primary, [f"while-down-{number}" for number in range(10)])
     await primary.service.rotate_epoch("p", None)
-    restarted = await trio.restart(backup)
-    await wait_until(lambda: restarted.node.store.lookup(tokens).keys() == set(tokens), 5,
-                     "the restarted backup to apply what it missed")
-    await wait_until(lambda: restarted.node.store.active_epoch() == 2, 5, "the rotation on the restarted node")
+    committed = primary.node.replica.commit_index
+    with capture_logs() as logs:
+        restarted = await trio.restart(backup)
+        await wait_until(lambda: restarted.node.store.lookup(tokens).keys() == set(tokens), 5,
+                         "the restarted backup to apply what it missed")
+        await wait_until(lambda: restarted.node.store.active_epoch() == 2, 5, "the rotation on the restarted node")
+        await wait_until(lambda: any(entry["event"] == "node.recovered" for entry in logs), 5, "node.recovered")
+    (replayed,) = [entry for entry in logs if entry["event"] == "node.replayed"]
+    (recovered,) = [entry for entry in logs if entry["event"] == "node.recovered"]
+    assert replayed["store_applied_index"] + replayed["wal_entries"] < committed, replayed
+    assert recovered["caught_up_index"] >= committed and recovered["primary"] == primary.node_id, recovered
+    assert recovered["store_applied_index"] == replayed["store_applied_index"] and recovered["seconds"] >= 0
     assert await restarted.service.detokenize(tokens) == [f"while-down-{number}" for number in range(10)]
     assert restarted.node.replica.role == Role.BACKUP
 

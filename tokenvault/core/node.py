@@ -219,6 +219,11 @@ class Node:
         self._recent_entry_sizes: deque[tuple[int, int]] = deque(
             maxlen=config.wal.compact_keep_entries + config.wal.compact_every_entries)
         self._bootstrap_in_flight = False
+        # What this start replayed (node.replayed), until the node has caught up with what a primary
+        # committed (node.recovered, which says both); None from then on.
+        self._recovery: dict[str, Any] | None = None
+        self._recovery_started = 0.0
+        self._snapshots_installed_since_start = 0
         self._tasks: list[asyncio.Task[None]] = []
         # The store's checkpoints (WAL compaction) run here, off the loop.
         self._disk_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"checkpoint-{self.node_id}")
@@ -345,6 +350,13 @@ class Node:
         log.info("node.started", members=[member.id for member in self.config.members],
                  http_port=self.config.http.port, peer_port=self.config.peer.port,
                  applied_index=self.store.applied_index, view=self.restored.hard_state.view)
+        self._recovery = {"wal_entries": len(self.restored.entries), "log_base_index": self.restored.snapshot_index,
+                          "store_applied_index": self.store.applied_index,
+                          "commit_index": self.restored.hard_state.commit_index,
+                          "truncated_tail_bytes": self.recovered_log.truncated_tail_bytes,
+                          "view": self.restored.hard_state.view}
+        self._recovery_started = time.monotonic()
+        log.info("node.replayed", **self._recovery)
         self._wake()
 
     async def close(self) -> None:
@@ -672,10 +684,24 @@ class Node:
             self.snapshots.request(peer_id, self.replica.offer_snapshot)
         for event in ready.events:
             self._log_event(event)
+        if self._recovery is not None:
+            self._check_recovered()
         if self.replica.role != Role.PRIMARY:
             self.snapshots.drop_sources()
         self._release_reads()
         self._update_gauges()
+
+    def _check_recovered(self) -> None:
+        """node.recovered, once: this node's store has applied what a primary had committed when this node
+        first heard of it (or, as the primary, what it committed in its view): it has caught up since its
+        start, by its log or by a snapshot."""
+        target = self.replica.primary_commit_index
+        if target is None or self.store.applied_index < target or self._recovery is None:
+            return
+        log.info("node.recovered", **self._recovery, caught_up_index=self.store.applied_index,
+                 primary=self.replica.primary_id, snapshots_installed=self._snapshots_installed_since_start,
+                 seconds=round(time.monotonic() - self._recovery_started, 3))
+        self._recovery = None
 
     def _switch_to_snapshot(self, prepared: PreparedInstall, index: int, view: int,
                             pending: PendingShred | None) -> None:
@@ -708,6 +734,7 @@ class Node:
         self._keyring_changed()
         self._store_files_replaced()
         self.replica.snapshot_installed(index, view, self.store.membership())
+        self._snapshots_installed_since_start += 1
         log.info("snapshot.installed", index=index, view=view, tokens=self.store.token_count(),
                  shred_pending=pending is not None,
                  shred_keys=None if pending is None else pending.key_count)

@@ -7,7 +7,9 @@ submitted values, tokens or keys (check_problem).
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
+import zlib
 from collections.abc import Awaitable, Callable
 
 import pytest
@@ -21,6 +23,7 @@ from tokenvault.core.store_layout import StoreDamaged
 JSON = {"Content-Type": "application/json"}
 MARKER = "SECRET-value-7c1e"  # a submitted value that must never come back
 MARKER_TOKEN = "tv1_" + "q" * 32
+TOKENIZE_BODY = json.dumps({"values": [f"alpha-{index}" for index in range(20)]}).encode()
 
 ClientFactory = Callable[[HttpLimits], Awaitable[TestClient]]
 
@@ -355,6 +358,28 @@ async def test_oversized_chunked_body_is_413_problem(make_client: ClientFactory,
     await expect_problem(response, 413, (MARKER,))
 
 
+async def test_compressed_chunked_body_over_the_limit_as_sent_is_413(
+        make_client: ClientFactory, key_ring: KeyRing, service: FakeService) -> None:
+    """A chunked body has no declared length to check: its bytes as sent are held to max_body_bytes as they
+    arrive, as its decoded bytes are (this one decodes to a small document, through empty deflate blocks)."""
+    small = await make_client(HttpLimits(max_body_bytes=2048))
+    compressor = zlib.compressobj(wbits=16 + zlib.MAX_WBITS)
+    start = compressor.compress(json.dumps({"values": [MARKER]}).encode()) + compressor.flush(zlib.Z_SYNC_FLUSH)
+    empty_block = b"\x00\x00\x00\xff\xff"  # a stored block of no bytes, not the last
+
+    async def chunks():
+        yield start
+        for _ in range(10):
+            yield empty_block * 200
+        yield compressor.flush()
+
+    headers = {**JSON, **key_ring.bearer("tokenizer"), "Content-Encoding": "gzip"}
+    response = await small.post("/v1/tokenize", data=chunks(), headers=headers)
+    assert "Content-Length" not in response.request_info.headers
+    await expect_problem(response, 413, (MARKER,))
+    assert service.tokenize_calls == []
+
+
 async def test_declared_length_over_limit_is_413_before_reading(make_client: ClientFactory, key_ring: KeyRing) -> None:
     small = await make_client(HttpLimits(max_body_bytes=2048))
     body = json.dumps({"values": [MARKER + "x" * 3000]})
@@ -369,8 +394,6 @@ async def test_rotate_body_over_limit_is_413(make_client: ClientFactory, key_rin
 
 
 async def test_gzip_bomb_is_refused(make_client: ClientFactory, key_ring: KeyRing) -> None:
-    import gzip
-
     small = await make_client(HttpLimits(max_body_bytes=4096))
     document = b'{"values": ["' + b"a" * 1_000_000 + b'"]}'
     compressed = gzip.compress(document)
@@ -384,6 +407,62 @@ async def test_broken_gzip_is_400(client: TestClient, key_ring: KeyRing) -> None
     headers = {**JSON, **key_ring.bearer("tokenizer"), "Content-Encoding": "gzip"}
     response = await client.post("/v1/tokenize", data=b"\x1f\x8b\x08\x00garbage" + MARKER.encode(), headers=headers)
     await expect_problem(response, 400, (MARKER,))
+
+
+@pytest.mark.parametrize("encoding,body", [
+    pytest.param("gzip", gzip.compress(TOKENIZE_BODY) + MARKER.encode(), id="gzip-then-junk"),
+    pytest.param("gzip", gzip.compress(TOKENIZE_BODY) + gzip.compress(MARKER.encode()), id="two-gzip-members"),
+    pytest.param("deflate", zlib.compress(TOKENIZE_BODY) + MARKER.encode(), id="deflate-then-junk"),
+])
+async def test_data_after_the_end_of_a_compressed_body_is_400(
+        client: TestClient, key_ring: KeyRing, service: FakeService, encoding: str, body: bytes) -> None:
+    """Before, it was dropped unread and the request served on what came before it."""
+    headers = {**JSON, **key_ring.bearer("tokenizer"), "Content-Encoding": encoding}
+    response = await client.post("/v1/tokenize", data=body, headers=headers)
+    await expect_problem(response, 400, (MARKER,))
+    assert service.tokenize_calls == []
+
+
+async def send_in_pieces(client: TestClient, pieces: list[bytes]) -> bytes:
+    """Each piece read by the server (its handler too) before the next is sent: the server runs on this
+    event loop, and the pause lets it (asyncio sends each piece at once, with TCP_NODELAY)."""
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    try:
+        for piece in pieces:
+            writer.write(piece)
+            await writer.drain()
+            await asyncio.sleep(0.01)
+        return await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+
+
+def gzip_head(key: str, length: int) -> bytes:
+    return (f"POST /v1/tokenize HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+            f"Content-Type: application/json\r\nContent-Encoding: gzip\r\nContent-Length: {length}\r\n"
+            "Connection: close\r\n\r\n").encode()
+
+
+async def test_a_gzip_body_sent_byte_by_byte_is_read_whole(
+        client: TestClient, key_ring: KeyRing, service: FakeService) -> None:
+    """Most of its bytes decode to nothing alone (the header, the trailer, many of the data's): before,
+    the first such piece read as the end of the body, and the request was 400 "the body is empty"."""
+    body = gzip.compress(TOKENIZE_BODY)
+    received = await send_in_pieces(
+        client, [gzip_head(key_ring.keys["tokenizer"], len(body))] + [body[i:i + 1] for i in range(len(body))])
+    assert received.startswith(b"HTTP/1.1 200 "), received[:300]
+    assert service.tokenize_calls[-1][1] == json.loads(TOKENIZE_BODY)["values"]
+
+
+async def test_a_gzip_body_cut_short_is_400_when_its_last_piece_decodes_to_nothing(
+        client: TestClient, key_ring: KeyRing, service: FakeService) -> None:
+    """Its size field never comes and its CRC comes alone: before, it was served (200)."""
+    cut = gzip.compress(TOKENIZE_BODY)[:-4]
+    received = await send_in_pieces(client, [gzip_head(key_ring.keys["tokenizer"], len(cut)) + cut[:-4], cut[-4:]])
+    head, _, body = received.partition(b"\r\n\r\n")
+    headers = dict(line.split(": ", 1) for line in head.decode("latin-1").split("\r\n")[1:])
+    check_problem(int(head.split(b" ", 2)[1]), headers, body, 400)
+    assert service.tokenize_calls == []
 
 
 # ---------------------------------------------------------------- 415

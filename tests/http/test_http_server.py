@@ -231,6 +231,11 @@ async def test_encoded_bodies_are_decoded(served: Served, encoding: str, encode:
     ("br", b"anything", 400),
     ("gzip", zlib.compress(b"y" * 5000, wbits=16 + zlib.MAX_WBITS)[:-8], 400),  # cut short
     ("gzip", zlib.compress(b"y" * (64 * 1024 + 1), wbits=16 + zlib.MAX_WBITS), 413),  # over max_body_bytes decoded
+    # data after the end of the stream: never decoded, so never silently dropped either
+    ("gzip", zlib.compress(b"y" * 5000, wbits=16 + zlib.MAX_WBITS) + b"junk", 400),
+    ("gzip", zlib.compress(b"y", wbits=16 + zlib.MAX_WBITS) * 2, 400),  # a second gzip member
+    ("deflate", zlib.compress(b"y" * 5000) + b"junk", 400),
+    ("deflate", zlib.compress(b"y" * 5000, wbits=-zlib.MAX_WBITS) + b"junk", 400),
 ])
 async def test_unknown_broken_or_oversized_encodings_are_refused(
         served: Served, encoding: str, body: bytes, status: int) -> None:
@@ -239,6 +244,62 @@ async def test_unknown_broken_or_oversized_encodings_are_refused(
             f"Connection: close\r\n\r\n").encode()
     [(answered, headers, answer)] = responses(await exchange(address, head + body))
     check_problem(answered, headers, answer, status)
+
+
+async def exchange_in_pieces(address: tuple[str, int], pieces: list[bytes]) -> bytes:
+    """Send ``pieces`` one by one on a fresh connection, each read by the server before the next is sent,
+    and read until the server closes it. The server runs on this event loop: the pause after each piece
+    lets it read the piece and its handler take it (asyncio sends each at once, with TCP_NODELAY)."""
+    reader, writer = await asyncio.open_connection(*address)
+    try:
+        for piece in pieces:
+            writer.write(piece)
+            await writer.drain()
+            await asyncio.sleep(PIECE_PAUSE_SECONDS)
+        return await asyncio.wait_for(reader.read(), DEADLINE_SECONDS)
+    finally:
+        writer.close()
+
+
+PIECE_PAUSE_SECONDS = 0.01
+ENCODERS = {
+    "gzip": lambda data: zlib.compress(data, wbits=16 + zlib.MAX_WBITS),
+    "deflate": zlib.compress,
+    "raw-deflate": lambda data: zlib.compress(data, wbits=-zlib.MAX_WBITS),  # sent as "deflate"
+}
+
+
+@pytest.mark.parametrize("split", ["byte-by-byte", "in-the-header"])
+@pytest.mark.parametrize("encoder", list(ENCODERS))
+async def test_encoded_bodies_sent_in_pieces_that_decode_to_nothing_are_decoded_whole(
+        served: Served, encoder: str, split: str) -> None:
+    """A piece of a compressed body can decode to nothing (a header, a trailer, a byte of either): the
+    body goes on past it. Before, such a piece read as the end of the body (gzip: 0 bytes of 5000, or a
+    few; "deflate" whose first piece was one byte was broken)."""
+    _, _, address = served
+    body = ENCODERS[encoder](b"x" * 5000)
+    pieces = ([body[index:index + 1] for index in range(len(body))] if split == "byte-by-byte"
+              else [body[:3], body[3:5], body[5:]])
+    encoding = "gzip" if encoder == "gzip" else "deflate"
+    head = (f"POST /e HTTP/1.1\r\nHost: t\r\nContent-Encoding: {encoding}\r\nContent-Length: {len(body)}\r\n"
+            f"Connection: close\r\n\r\n").encode()
+    [(status, _, answer)] = responses(await exchange_in_pieces(address, [head, *pieces]))
+    assert status == 200 and json.loads(answer)["bytes"] == 5000
+
+
+@pytest.mark.parametrize("encoding,cut,last", [
+    ("gzip", zlib.compress(b"y" * 5000, wbits=16 + zlib.MAX_WBITS)[:-4], 4),  # its size never comes; the CRC last
+    ("deflate", zlib.compress(b"y" * 5000)[:-1], 2),  # the checksum's last byte never comes
+])
+async def test_an_encoding_cut_short_is_refused_when_its_last_piece_decodes_to_nothing(
+        served: Served, encoding: str, cut: bytes, last: int) -> None:
+    """Before, the end of such a body was taken for the end of the stream: its data was all decoded with
+    the piece before, and the body was answered 200 without its checksum checked."""
+    _, _, address = served
+    head = (f"POST /e HTTP/1.1\r\nHost: t\r\nContent-Encoding: {encoding}\r\nContent-Length: {len(cut)}\r\n"
+            f"Connection: close\r\n\r\n").encode()
+    [(status, headers, answer)] = responses(await exchange_in_pieces(address, [head + cut[:-last], cut[-last:]]))
+    check_problem(status, headers, answer, 400)
 
 
 async def test_a_half_closed_connection_gets_its_answer_then_is_closed(served: Served) -> None:
@@ -488,6 +549,70 @@ def test_a_whole_encoding_read_piece_by_piece_ends_cleanly() -> None:
     request.feed_eof()
     assert first + request.read_nowait() == b"w" * 5000
     assert request.read_nowait() == b"" and request.at_eof()
+
+
+async def test_a_cut_short_encoding_is_an_error_when_its_last_piece_decodes_to_nothing() -> None:
+    """Read with read_nowait and with readany alike: the end comes after a piece that adds no data."""
+    cut = zlib.compress(b"z" * 5000, wbits=16 + zlib.MAX_WBITS)[:-4]  # the gzip size field never comes
+    by_nowait = encoded_request("gzip")
+    by_nowait.feed(cut[:-4])
+    assert by_nowait.read_nowait() == b"z" * 5000
+    by_nowait.feed(cut[-4:])  # the CRC: decodes to nothing
+    by_nowait.feed_eof()
+    with pytest.raises(BodyError):
+        by_nowait.read_nowait()
+
+    by_readany = encoded_request("gzip")
+    by_readany.feed(cut[:-4])
+    assert await by_readany.readany() == b"z" * 5000
+    by_readany.feed(cut[-4:])
+    by_readany.feed_eof()
+    with pytest.raises(BodyError):
+        await by_readany.readany()
+
+
+async def test_readany_waits_past_pieces_that_decode_to_nothing() -> None:
+    """It returns b"" only at the end of the body: a piece that decodes to nothing is not the end."""
+    request = encoded_request("gzip")
+    whole = zlib.compress(b"v" * 5000, wbits=16 + zlib.MAX_WBITS)
+    request.feed(whole[:3])  # part of the gzip header
+    reading = asyncio.ensure_future(request.readany())
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert not reading.done(), reading.result()
+    request.feed(whole[3:-4])
+    assert await reading == b"v" * 5000
+    request.feed(whole[-4:])  # the size field
+    reading = asyncio.ensure_future(request.readany())
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert not reading.done(), reading.result()
+    request.feed_eof()
+    assert await reading == b"" and request.at_eof()
+
+
+def test_deflate_whose_first_piece_is_one_byte_is_decoded_in_either_wrapper() -> None:
+    """One byte cannot tell the zlib wrapper from raw deflate: it waits for the second. Before, zlib took
+    the byte for the start of its header, and raw deflate sent so was broken."""
+    for whole in (zlib.compress(b"u" * 5000), zlib.compress(b"u" * 5000, wbits=-zlib.MAX_WBITS)):
+        request = encoded_request("deflate")
+        request.feed(whole[:1])
+        assert request.read_nowait() == b""
+        request.feed(whole[1:])
+        request.feed_eof()
+        assert request.read_nowait() == b"u" * 5000 and request.at_eof()
+
+
+def test_data_after_the_end_of_an_encoding_is_an_error_when_it_comes_in_a_later_piece() -> None:
+    """zlib keeps bytes after the end of its stream aside, whenever they come: they are never dropped."""
+    for encoding, whole in (("gzip", zlib.compress(b"t" * 5000, wbits=16 + zlib.MAX_WBITS)),
+                            ("deflate", zlib.compress(b"t" * 5000))):
+        request = encoded_request(encoding)
+        request.feed(whole)
+        assert request.read_nowait() == b"t" * 5000
+        request.feed(b"\x00")
+        with pytest.raises(BodyError):
+            request.read_nowait()
 
 
 # ---------------------------------------------------------------- TLS connections and the cap

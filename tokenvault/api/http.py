@@ -494,8 +494,9 @@ class _Api:
         return parse_json(body)
 
     async def read_body(self, request: Request) -> bytes:
-        """The whole body, each piece within body_timeout_seconds of the last and at most max_body_bytes
-        in all (decoded); a broken transfer or content encoding is the client's error (400)."""
+        """The whole body, each piece within body_timeout_seconds of the last (of a compressed body, each
+        piece that decodes to something) and at most max_body_bytes in all, as sent and decoded; a broken
+        transfer or content encoding is the client's error (400)."""
         chunks: list[bytes] = []
         received_bytes = 0
         try:
@@ -520,8 +521,8 @@ class _Api:
                 f"no part of the request body arrived for {self.limits.body_timeout_seconds:g} s; "
                 "the connection is closed") from None
         except BodyTooLarge:
-            raise PayloadTooLarge(
-                f"the decoded request body is larger than {self.limits.max_body_bytes} bytes") from None
+            raise PayloadTooLarge(f"the request body is larger than {self.limits.max_body_bytes} bytes, "
+                                  "as sent or once decoded") from None
         except BodyError:
             raise InvalidRequest("the request body could not be read (bad transfer or content encoding)") from None
 

@@ -39,11 +39,16 @@ spends all its time on requests. What the server does, and its bounds:
   pipelined behind the one being answered are parsed ahead at most one read
   at a time (the transport is paused meanwhile) and at most ``MAX_PIPELINED``.
 - **Bodies.** llhttp removes the chunked framing; ``Content-Encoding`` gzip and
-  deflate are decoded as the handler reads, never more than
-  ``max_body_bytes`` decoded (a larger body is ``BodyTooLarge``, a broken one
-  ``BodyError``); any other encoding is ``BodyError``. At most
-  ``READ_AHEAD_BYTES`` of a body wait in memory for the handler: past that the
-  transport stops reading until the handler takes them. A handler that answers
+  deflate (the zlib wrapper or raw deflate) are decoded as the handler reads,
+  never more than ``max_body_bytes`` decoded nor taken as sent (a larger body
+  is ``BodyTooLarge``). Such a body is one whole stream: a broken one, one cut
+  short (checked at the end of the body, however its last piece was read) and
+  one with bytes after the stream's end (a second gzip member too) are
+  ``BodyError``, as is any other encoding. A piece that decodes to nothing (a
+  gzip header, a checksum) is not the end: ``readany`` returns ``b""`` only at
+  the end of the body. At most ``READ_AHEAD_BYTES`` of a body wait in memory
+  for the handler: past that the transport stops reading until the handler
+  takes them. A handler that answers
   before reading the whole body closes the connection behind its response (a
   connection mid-body cannot carry another request).
 - **Answers.** One handler call per request, in order; a response is one write
@@ -185,7 +190,7 @@ class Request:
 
     __slots__ = ("method", "raw_path", "query_string", "version", "headers", "keep_alive", "body_exists",
                  "content_length", "connection", "_values", "_chunks", "_buffered", "_complete", "_failed",
-                 "_waiter", "_decoder", "_decoded", "_query", "answered", "_path_safe")
+                 "_waiter", "_decoder", "_encoded", "_decoded", "_query", "answered", "_path_safe")
 
     def __init__(self, connection: _Connection, method: str, raw_path: str, query_string: str,
                  version: HttpVersion, headers: CIMultiDictProxy[str], keep_alive: bool,
@@ -207,6 +212,7 @@ class Request:
         self._failed: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._decoder: _Inflater | None = None
+        self._encoded = 0
         self._decoded = 0
         self._query: MultiDictProxy[str] | None = None
         self._path_safe: str | None = None
@@ -292,31 +298,38 @@ class Request:
         return self._complete and not self._chunks
 
     def read_nowait(self) -> bytes:
-        """What has arrived and not been read, decoded; b"" when nothing has (or at the end). At the
-        end, a content encoding that did not finish is BodyError, however the body was read."""
-        if not self._chunks:
-            if self._failed is not None:
-                raise BodyError("the request body ended early") from self._failed
-            if self._complete and self._decoder is not None and not self._decoder.finished:
-                raise BodyError("the request body's content encoding is cut short")
-            return b""
-        data = b"".join(self._chunks)
-        self._chunks.clear()
-        self._buffered = 0
-        self.connection.resume_reading()
-        return self._decode(data)
+        """What has arrived and not been read, decoded; b"" when nothing has, when what has decodes to
+        nothing yet (a piece of a compressed body can), or at the end (``at_eof()`` tells which). Once
+        the end has come and all is read, a content encoding that did not finish is BodyError, whether
+        its last piece was read with the end or before it."""
+        data = b""
+        if self._chunks:
+            received = b"".join(self._chunks)
+            self._chunks.clear()
+            self._buffered = 0
+            self.connection.resume_reading()
+            data = self._decode(received)
+        elif self._failed is not None:
+            raise BodyError("the request body ended early") from self._failed
+        if self._complete and not self._chunks and self._decoder is not None and not self._decoder.finished:
+            raise BodyError("the request body's content encoding is cut short")
+        return data
 
     async def readany(self) -> bytes:
-        """The next piece of the body, waiting for it; b"" at the end."""
-        while not self._chunks and not self._complete:
-            if self._failed is not None:
-                raise BodyError("the request body ended early") from self._failed
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-        return self.read_nowait()
+        """The next piece of the body, decoded, waiting for it; b"" only at the end (pieces of a
+        compressed body that decode to nothing are waited past)."""
+        while True:
+            while not self._chunks and not self._complete:
+                if self._failed is not None:
+                    raise BodyError("the request body ended early") from self._failed
+                self._waiter = asyncio.get_running_loop().create_future()
+                try:
+                    await self._waiter
+                finally:
+                    self._waiter = None
+            data = self.read_nowait()
+            if data or self.at_eof():
+                return data
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -334,6 +347,11 @@ class Request:
             # gzip: the gzip wrapper; deflate: the zlib wrapper, or raw deflate as some clients send.
             decoder = self._decoder = _Inflater(16 + zlib.MAX_WBITS if encoding != "deflate" else None)
         limit = self.connection.server.app.max_body_bytes
+        # The bytes as sent are held to the bound too (a declared Content-Length is, before any is read): a
+        # chunked body's stream could go on without end and decode to nothing (empty blocks, a gzip name).
+        self._encoded += len(data)
+        if self._encoded > limit:
+            raise BodyTooLarge("the request body as sent is too large")
         try:
             out: bytes = decoder.decompress(data, limit + 1 - self._decoded)
         except zlib.error:
@@ -341,6 +359,8 @@ class Request:
         self._decoded += len(out)
         if self._decoded > limit or decoder.unconsumed:
             raise BodyTooLarge("the decoded request body is too large")
+        if decoder.data_after_end:  # a second gzip member too: one stream is what is decoded
+            raise BodyError("the request body's content encoding is broken: data after its end")
         return out
 
 
@@ -348,27 +368,41 @@ _PROTECTED = re.compile(r"(%2[Ff]|%25)")
 
 
 class _Inflater:
-    """zlib decoding with an output bound; ``wbits`` None: the zlib wrapper, else raw deflate."""
+    """zlib decoding with an output bound, of one whole stream; ``wbits`` None: "deflate", the zlib
+    wrapper or raw deflate (told apart by the wrapper's two-byte header), else as zlib takes it."""
 
     def __init__(self, wbits: int | None) -> None:
         self._decompressor = zlib.decompressobj(wbits if wbits is not None else zlib.MAX_WBITS)
-        self._first = wbits is None
+        # "deflate": its first bytes until there are two, the zlib wrapper's header (a first piece of one
+        # byte cannot tell the two apart, and zlib would take it for a header yet to finish).
+        self._undecided: bytes | None = b"" if wbits is None else None
         self.unconsumed = b""
 
     @property
     def finished(self) -> bool:
         return self._decompressor.eof
 
+    @property
+    def data_after_end(self) -> bool:
+        """Whether bytes came after the end of the stream (zlib keeps them, never decoded)."""
+        return bool(self._decompressor.unused_data)
+
     def decompress(self, data: bytes, max_length: int) -> bytes:
-        try:
-            out = self._decompressor.decompress(data, max(max_length, 1))
-        except zlib.error:
-            if not self._first:
-                raise
-            # "deflate" without the zlib wrapper, as some clients send it.
-            self._decompressor = zlib.decompressobj(-zlib.MAX_WBITS)
-            out = self._decompressor.decompress(data, max(max_length, 1))
-        self._first = False
+        bound = max(max_length, 1)
+        if self._undecided is None:
+            out = self._decompressor.decompress(data, bound)
+        else:
+            data = self._undecided + data
+            if len(data) < 2:
+                self._undecided = data
+                return b""
+            self._undecided = None
+            try:
+                out = self._decompressor.decompress(data, bound)
+            except zlib.error:
+                # "deflate" without the zlib wrapper, as some clients send it.
+                self._decompressor = zlib.decompressobj(-zlib.MAX_WBITS)
+                out = self._decompressor.decompress(data, bound)
         self.unconsumed = self._decompressor.unconsumed_tail
         return out
 

@@ -457,6 +457,9 @@ async def test_a_client_that_reads_nothing_of_a_streamed_answer_for_the_header_t
     pytest.param(b"POST /a HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: gzip\r\n\r\nhello", id="coding-not-chunked"),
     pytest.param(b"POST /a HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: gzip\r\n\r\n",
                  id="two-codings"),
+    # RFC 9112 6.1: Transfer-Encoding in an HTTP/1.0 message is faulty framing, kept-alive or not
+    pytest.param(b"POST /a HTTP/1.0\r\nHost: t\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n"
+                 b"5\r\nhello\r\n0\r\n\r\n", id="chunked-in-http-1.0"),
     pytest.param(b"GET / HTTP/1.1\r\nHost: t\r\nX: a\r\n b\r\n\r\n", id="folded-header"),
     pytest.param(b"GET / HTTP/1.1\nHost: t\n\n", id="bare-line-feeds"),
     pytest.param(b"CONNECT elsewhere:443 HTTP/1.1\r\nHost: elsewhere:443\r\n\r\n", id="connect"),

@@ -28,14 +28,16 @@ spends all its time on requests. What the server does, and its bounds:
   counted with it: the bytes that are not body, as exactly as one read allows;
   the refusal answers the request even once its handler has begun); anything
   llhttp rejects (a bad request line, a control character in a header, a bad
-  chunk, both Content-Length and chunked) and a transfer coding other than
-  chunked alone are ``400``. These answers are built by the application's
-  ``malformed`` callback from fixed texts (never the offending bytes) and
-  close the connection: its sending side at once, the rest after what the
-  client still sends has been read and dropped (at most ``LINGER_SECONDS``),
-  so that the answer is not lost to a reset. A request to switch protocols is
-  answered without switching, and the connection closes behind it (a streamed
-  answer too: nothing more is read, so no timer would ever close it). Requests
+  chunk, both Content-Length and chunked), a transfer coding other than
+  chunked alone and any ``Transfer-Encoding`` in a request that is not
+  HTTP/1.1 (faulty framing in HTTP/1.0, RFC 9112 6.1) are ``400``. These
+  answers are built by the application's ``malformed`` callback from fixed
+  texts (never the offending bytes) and close the connection: its sending side
+  at once, the rest after what the client still sends has been read and
+  dropped (at most ``LINGER_SECONDS``), so that the answer is not lost to a
+  reset. A request to switch protocols is answered without switching, and the
+  connection closes behind it (a streamed answer too: nothing more is read, so
+  no timer would ever close it). Requests
   pipelined behind the one being answered are parsed ahead at most one read
   at a time (the transport is paused meanwhile) and at most ``MAX_PIPELINED``.
 - **Bodies.** llhttp removes the chunked framing; ``Content-Encoding`` gzip and
@@ -595,12 +597,16 @@ class _Connection(asyncio.Protocol):
         length_text = headers.get("Content-Length", "").strip()
         content_length = int(length_text) if length_text.isdigit() else None
         codings = headers.getall("Transfer-Encoding", [])
+        version_text = parser.get_http_version()
+        version = (1, 1) if version_text == "1.1" else (1, 0) if version_text == "1.0" else (0, 9)
+        if codings and version != HTTP_11:
+            # Transfer codings are HTTP/1.1's: in an HTTP/1.0 message the framing is faulty, and the
+            # connection closes behind the answer (RFC 9112 6.1), whatever llhttp would make of it.
+            raise _Refused(400, "TransferEncodingNotHttp11")
         if codings and (len(codings) > 1 or codings[0].strip().lower() != "chunked"):
             # Only chunked framing is understood; anything else leaves the body's end unknown (RFC 9112 6.1).
             raise _Refused(400, "TransferCodingNotChunked")
         chunked = bool(codings)
-        version_text = parser.get_http_version()
-        version = (1, 1) if version_text == "1.1" else (1, 0) if version_text == "1.0" else (0, 9)
         request = Request(self, parser.get_method().decode("ascii"),
                           (parsed.path or b"/").decode("utf-8", "surrogateescape"),
                           (parsed.query or b"").decode("utf-8", "surrogateescape"),

@@ -700,6 +700,33 @@ async def test_forwarded_requests_answered_by_the_primary_and_refused_by_a_backu
     assert response.status == 503 and dict(response.headers).get("Retry-After")
 
 
+@pytest.mark.parametrize(("kind", "answer"), [
+    ("detokenize", msgpack.packb([[]] * 60_000)),  # nested empty lists: ~64 bytes of memory a byte, unbounded
+    ("detokenize", msgpack.packb({"tv1_a": 7})),
+    ("detokenize", msgpack.packb(["tv1_a", "value"])),
+    ("detokenize", b"\xc1"),
+    ("reveal", msgpack.packb({"tv1_a": ["value"]})),
+    ("reveal", msgpack.packb({"tv1_a": "value"})),
+    ("epochs", b"{not json"),
+])
+def test_a_forwarded_answer_that_does_not_decode_to_its_shape_is_a_503_with_no_effect(kind: str, answer: bytes) -> None:
+    """The primary's answer to a forwarded read is decoded with bounds and checked in shape: anything else is
+    a 503 whose request had no effect (a read), never a 500 from deep in the caller."""
+    with pytest.raises(Unavailable, match="could not be read") as raised:
+        service_module._decode_forward_response(kind, ForwardResponse(request_id=1, status=200, body=answer,
+                                                                      headers=()))
+    assert raised.value.no_effect
+
+
+def test_the_largest_forwarded_lookup_answers_decode() -> None:
+    tokens = [f"tv1_{number:032d}" for number in range(service_module.commands.MAX_ITEMS)]
+    detokenized = {token: "v" * 8 for token in tokens} | {tokens[0]: None}
+    revealed = {token: ["v" * 8, '{"a":1}'] for token in tokens} | {tokens[0]: None, tokens[1]: ["v", None]}
+    for kind, document in (("detokenize", detokenized), ("reveal", revealed)):
+        answer = ForwardResponse(request_id=1, status=200, body=msgpack.packb(document), headers=())
+        assert service_module._decode_forward_response(kind, answer) == document
+
+
 async def test_a_forward_takes_its_answer_only_from_the_primary_it_asked(trio: Cluster) -> None:
     primary = trio.primaries()[0]
     asking, other = trio.backups()

@@ -1341,10 +1341,35 @@ def _decode_forward_response(kind: str, response: ForwardResponse) -> Any:
         raise (error_from_problem(response.status, slug, detail, headers, no_effect=no_effect)
                or ForwardedError(response.status, title, detail, slug, headers, no_effect=no_effect))
     if kind in (DETOKENIZE, REVEAL):
-        return msgpack.unpackb(response.body, raw=False)
+        return _forwarded_lookup(kind, response.body)
     if kind in (EPOCHS, LIST_KEYS, LIST_MEMBERS) or kind in LIFECYCLE_DOCUMENT_KINDS:
-        return json.loads(response.body)
+        try:
+            return json.loads(response.body)
+        except ValueError:
+            raise Unavailable("the primary's answer could not be read", no_effect=True) from None
     return Outcome(response.status, response.body, headers.get("Idempotent-Replayed") == "true")
+
+
+def _forwarded_lookup(kind: str, body: bytes) -> dict[str, Any]:
+    """The primary's answer to a forwarded detokenize ({token: value or None}) or reveal ({token: [value,
+    metadata JSON or None] or None}), decoded with bounds (a frame of nested empty arrays would cost about
+    64 bytes of memory a byte) and checked in shape; anything else is a 503 with no effect, never a 500."""
+    try:
+        # A map of at most MAX_ITEMS tokens (it counts 1 and 2 an item), each answered by a value or a pair
+        # (3 more): 5 elements an item, 1 more.
+        document = unpack_bounded(body, max_elements=5 * commands.MAX_ITEMS + 1, max_array_len=2,
+                                  max_map_len=commands.MAX_ITEMS, max_str_len=len(body), max_bin_len=0)
+    except (ValueError, msgpack.UnpackException):
+        document = None
+    if isinstance(document, dict) and all(type(token) is str for token in document):
+        answers = document.values()
+        if kind == DETOKENIZE and all(value is None or type(value) is str for value in answers):
+            return document
+        if kind == REVEAL and all(pair is None or (type(pair) is list and len(pair) == 2
+                                                   and all(part is None or type(part) is str for part in pair))
+                                  for pair in answers):
+            return document
+    raise Unavailable("the primary's answer could not be read", no_effect=True)
 
 
 class _IdempotencySlot:

@@ -1,0 +1,315 @@
+"""docs/configuration.md has a row for every key of the node config that tokenvault/config.py reads, and for no
+other, with the code's type, default and range; no document names a ``[table] key`` the code does not read.
+
+What the code reads is taken from the loader itself: a document holding every table is parsed while
+``config._check_known_keys``, the check that refuses any other key, records the keys it allows in each table.
+The ranges are the bounds ``config._check_int`` and ``config._check_fraction`` are given while the parsed
+records are checked, again with each key that is absent by default set. The defaults are the records' own.
+
+The page's rows are those of its tables whose header begins ``| key |``: the first column names the key
+(`` `node_id` ``, `` `[http] port` ``, `` `[[members]] id` ``), then its type, its default (``required``,
+``absent``, or its TOML value in backquotes, perhaps followed by words), what is allowed (for a number, beginning
+"`low` to `high`", where ``high`` may name a key of the same table, or that key ``- 1``) and what it does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, NamedTuple
+from unittest import mock
+
+from tokenvault import config
+
+ROOT = Path(__file__).resolve().parents[2]
+REFERENCE = ROOT / "docs" / "configuration.md"
+DOCUMENTS = sorted((ROOT / "docs").glob("*.md")) + [ROOT / "README.md"]
+
+# A document that holds every table the loader reads: each section of config._SECTIONS, and the tables it
+# reads apart from them. Values are the least each table needs.
+PROBE = "\n".join([
+    'node_id = "n1"',
+    'data_dir = "/probe/data"',
+    *(f"[{name}]" for name in config._SECTIONS),
+    "[[rate_limits.keys]]", 'name = "probe"',
+    "[pkcs11]", 'module = "/probe/module.so"', 'token_label = "probe"', 'key_label = "probe"',
+    "[tls]", 'cert_file = "/probe/n1.crt"', 'key_file = "/probe/n1.key"', 'ca_file = "/probe/ca.crt"',
+    "[[members]]", 'id = "n1"', 'peer_addr = "127.0.0.1:8201"', 'http_url = "https://127.0.0.1:8101"',
+    "[[api_keys]]", 'name = "probe"', f'sha256 = "{"0" * 64}"', 'scopes = ["admin"]',
+])
+# The word of the type column for each annotation of a record's field (``X | None``: that of X).
+TYPE_WORDS = {"str": "string", "int": "integer", "bool": "boolean", "float": "number", "Path": "path",
+              "frozenset[str]": "array of strings"}
+# `` `[table] key` `` or `` `[[table]] key` `` in a document's text, the line breaks of prose allowed.
+TABLE_KEY = re.compile(r"`(\[\[?)([a-z][a-z0-9_.]*)(\]\]?)\s+([a-z][a-z0-9_]*)`")
+ROW_KEY = re.compile(r"`(?:(\[\[?)([a-z][a-z0-9_.]*)(\]\]?) )?([a-z][a-z0-9_]*)`")
+RANGE = re.compile(r"`([^`]+)` to `([^`]+)`")
+
+
+class Table(NamedTuple):
+    keys: frozenset[str]  # its own keys, not the tables below it
+    array: bool  # an array of tables ([[members]]) rather than one table ([http])
+    record: Any  # the record the loader made of it in the probe
+
+
+class Row(NamedTuple):
+    key: tuple[str, str]  # (table, key); the table is "" for the top level, "rate_limits.keys" for [[rate_limits.keys]]
+    array: bool
+    type: str
+    default: str
+    allowed: str
+
+
+def _label(table: str, key: str, array: bool) -> str:
+    if not table:
+        return f"`{key}`"
+    return f"`[[{table}]] {key}`" if array else f"`[{table}] {key}`"
+
+
+def code_tables() -> dict[str, Table]:
+    """Every table the loader reads, by name ("" the top level), with the keys it allows there."""
+    allowed: dict[str, tuple[frozenset[str], bool]] = {}
+
+    def record(name: str, table: Any, known: set[str]) -> None:
+        match = re.fullmatch(r"config|\[([\w.]+)\]|([\w.]+)\[0\]", name)
+        assert match, f"config._check_known_keys was called for a table this test cannot name: {name!r}"
+        allowed[match[1] or match[2] or ""] = (frozenset(known), match[2] is not None)
+
+    with mock.patch.object(config, "_check_known_keys", record):
+        node = config.parse_config(PROBE)
+    tables = {}
+    for name, (known, array) in allowed.items():
+        record_of_table: Any = node
+        for part in name.split(".") if name else ():
+            record_of_table = getattr(record_of_table, part)
+            if isinstance(record_of_table, tuple):
+                record_of_table = record_of_table[0]
+        own = frozenset(key for key in known if (f"{name}.{key}" if name else key) not in allowed)
+        tables[name] = Table(own, array, record_of_table)
+    return tables
+
+
+def _annotation(field: dataclasses.Field[Any]) -> str:
+    annotation = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", str(field.type))
+    return annotation.removesuffix(" | None")
+
+
+def code_bounds(tables: dict[str, Table]) -> dict[tuple[str, str], tuple[Any, Any]]:
+    """(table, key) -> the (least, greatest) value the validation allows, as it is given them with every other
+    key at its default: each parsed record is made again, with each integer that is absent by default set."""
+    bounds: dict[tuple[str, str], tuple[Any, Any]] = {}
+    check_int, check_fraction = config._check_int, config._check_fraction
+
+    def recording(check: Any) -> Any:
+        def record(name: str, value: object, minimum: Any, maximum: Any) -> None:
+            # "http.port", "rate_limits.keys[probe].admin_burst"; not "members[n1].peer_addr port", a part.
+            match = re.fullmatch(r"([a-z][a-z0-9_.]*?)(?:\[[^\]]*\])?\.([a-z][a-z0-9_]*)", name)
+            if match:
+                bounds[(match[1], match[2])] = (minimum, maximum)
+            check(name, value, minimum, maximum)
+        return record
+
+    with mock.patch.object(config, "_check_int", recording(check_int)), \
+            mock.patch.object(config, "_check_fraction", recording(check_fraction)):
+        config.parse_config(PROBE)
+        for table in tables.values():
+            absent = {field.name: 0 for field in dataclasses.fields(table.record)
+                      if field.default is None and _annotation(field) == "int"}
+            if absent:
+                dataclasses.replace(table.record, **absent)
+    return bounds
+
+
+def documented_rows(text: str) -> tuple[list[Row], list[str]]:
+    """The rows of the page's key tables, and what is malformed in them."""
+    rows: list[Row] = []
+    problems: list[str] = []
+    in_key_table = False
+    for line in text.splitlines():
+        if not line.startswith("|"):
+            in_key_table = False
+            continue
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if cells[0] == "key":
+            in_key_table = True
+            continue
+        if not in_key_table or set(cells[0]) <= set("-: "):
+            continue
+        match = ROW_KEY.fullmatch(cells[0])
+        if len(cells) != 5 or not match or (match[1] or "").replace("[", "]") != (match[3] or ""):
+            problems.append(f"a row that is not | `[table] key` | type | default | allowed | what |: {line[:100]}")
+            continue
+        rows.append(Row((match[2] or "", match[4]), match[1] == "[[", cells[1], cells[2], cells[3]))
+    return rows, problems
+
+
+def _toml_value(literal: str) -> Any:
+    return tomllib.loads(f"value = {literal}")["value"]
+
+
+def _code_default(field: dataclasses.Field[Any]) -> tuple[str, Any]:
+    """("required" or "absent", None) or ("value", the default as TOML reads it: a path as its text)."""
+    if field.default is not dataclasses.MISSING:
+        default = field.default
+    elif field.default_factory is not dataclasses.MISSING:
+        default = field.default_factory()
+    else:
+        return "required", None
+    if default is None:
+        return "absent", None
+    return "value", str(default) if isinstance(default, Path) else default
+
+
+def _documented_default(cell: str) -> tuple[str, Any]:
+    """("required" or "absent", None) or ("value", the value), or ("unreadable", the cell)."""
+    for word in ("required", "absent"):
+        if cell == word or cell.startswith(word + " "):
+            return word, None
+    match = re.match(r"`([^`]+)`", cell)
+    try:
+        return ("value", _toml_value(match[1])) if match else ("unreadable", cell)
+    except tomllib.TOMLDecodeError:
+        return "unreadable", cell
+
+
+def _bound(token: str, defaults: dict[str, Any]) -> Any:
+    """A TOML number, or a key of the same table (its default), perhaps ``- n``."""
+    match = re.fullmatch(r"([a-z][a-z0-9_]*)(?: - (\d+))?", token)
+    if match and match[1] in defaults:
+        return defaults[match[1]] - int(match[2] or 0)
+    try:
+        return _toml_value(token)
+    except tomllib.TOMLDecodeError:
+        return token
+
+
+def references(text: str) -> set[tuple[str, str, bool]]:
+    """Each (table, key, array) a text names as `` `[table] key` `` or `` `[[table]] key` ``."""
+    return {(table, key, opening == "[[") for opening, table, closing, key in TABLE_KEY.findall(text)
+            if opening.replace("[", "]") == closing}
+
+
+def stale_references(text: str, tables: dict[str, Table]) -> list[str]:
+    """The `` `[table] key` `` a text names that config.py does not read, or names with the wrong brackets."""
+    stale = []
+    for table, key, array in references(text):
+        if table not in tables or key not in tables[table].keys:
+            stale.append(f"{_label(table, key, array)}: config.py reads no such key")
+        elif tables[table].array != array:
+            stale.append(f"{_label(table, key, array)}: it is {_label(table, key, not array)}")
+    return sorted(stale)
+
+
+def reference_problems(text: str) -> list[str]:
+    """Everything on which the page ``text`` and tokenvault/config.py disagree, one line each."""
+    tables = code_tables()
+    bounds = code_bounds(tables)
+    rows, problems = documented_rows(text)
+    by_key: dict[tuple[str, str], Row] = {}
+    for row in rows:
+        if row.key in by_key:
+            problems.append(f"{_label(*row.key, row.array)}: two rows")
+        by_key[row.key] = row
+    for name, table in sorted(tables.items()):
+        problems.extend(f"{_label(name, key, table.array)}: read by config.py, no row"
+                        for key in sorted(table.keys) if (name, key) not in by_key)
+    for (name, key), row in by_key.items():
+        label = _label(name, key, row.array)
+        code_table = tables.get(name)
+        if code_table is None or key not in code_table.keys:
+            if not name:  # a row of a table names `[table] key`: stale_references below says what is wrong
+                problems.append(f"{label}: a row, but config.py reads no such key")
+            continue
+        record_fields = {field.name: field for field in dataclasses.fields(code_table.record)}
+        field = record_fields[key]
+        expected_type = TYPE_WORDS.get(_annotation(field), _annotation(field))
+        if row.type != expected_type:
+            problems.append(f"{label}: type {row.type!r}, the code's is {expected_type!r}")
+        expected = _code_default(field)
+        documented = _documented_default(row.default)
+        if documented[0] != expected[0] or (expected[0] == "value" and (
+                type(documented[1]) is not type(expected[1]) or documented[1] != expected[1])):
+            code_default = repr(expected[1]) if expected[0] == "value" else expected[0]
+            problems.append(f"{label}: default {row.default!r}, the code's is {code_default}")
+        defaults = {item.name: _code_default(item)[1] for item in record_fields.values()}
+        span = RANGE.match(row.allowed)
+        if (name, key) in bounds:
+            documented_range = (_bound(span[1], defaults), _bound(span[2], defaults)) if span else None
+            if documented_range != bounds[(name, key)]:
+                low, high = bounds[(name, key)]
+                problems.append(f"{label}: allowed {row.allowed[:40]!r}..., the code's range is {low!r} to {high!r}")
+        elif span:
+            problems.append(f"{label}: a range, but config.py checks none")
+    problems.extend(stale_references(text, tables))
+    return problems
+
+
+def test_the_probe_reads_every_kind_of_table_its_keys_and_their_ranges() -> None:
+    """Not vacuous: the tables, arrays of tables, sub-tables and ranges the checks below compare."""
+    tables = code_tables()
+    assert set(config._SECTIONS) | {"", "rate_limits.keys", "members", "api_keys", "pkcs11", "tls"} <= set(tables)
+    assert {"node_id", "cluster_secret_file", "join"} <= tables[""].keys and "http" not in tables[""].keys
+    assert "keys" not in tables["rate_limits"].keys and "admin_burst" in tables["rate_limits.keys"].keys
+    assert tables["members"].array and not tables["wal"].array and "max_segment_bytes" in tables["wal"].keys
+    bounds = code_bounds(tables)
+    assert bounds[("http", "port")] == (1, 65535)
+    assert bounds[("http", "workers")] == (0, config.MAX_HTTP_WORKERS)  # absent by default: set to be checked
+    assert bounds[("rate_limits.keys", "admin_burst")] == (0, 10_000_000)
+    assert bounds[("shred", "max_busy_fraction")] == (0.01, 1.0)
+
+
+def test_docs_configuration_md_has_a_row_for_every_key_and_only_those_with_the_codes_type_default_and_range() -> None:
+    assert reference_problems(REFERENCE.read_text(encoding="utf-8")) == []
+
+
+def test_every_table_key_a_document_names_is_one_config_py_reads() -> None:
+    tables = code_tables()
+    stale = [f"{document.relative_to(ROOT)}: {line}" for document in DOCUMENTS
+             for line in stale_references(document.read_text(encoding="utf-8"), tables)]
+    assert stale == []
+
+
+def test_the_example_in_docs_configuration_md_is_a_valid_config() -> None:
+    example = re.search(r"```toml\n(.*?)```", REFERENCE.read_text(encoding="utf-8"), re.DOTALL)
+    assert example, "docs/configuration.md has no ```toml example"
+    node = config.parse_config(example[1])
+    assert node.tls is not None and len(node.members) == 3
+
+
+def test_the_check_sees_a_missing_row_a_wrong_default_type_or_range_and_a_key_the_code_does_not_read() -> None:
+    text = REFERENCE.read_text(encoding="utf-8")
+    edits = [
+        (r"^\| `\[wal\] max_segment_bytes` \|.*\n", ""),
+        (r"(\| `\[http\] port` \| integer \| )`8101`", r"\1`8102`"),
+        (r"(\| `log_level` \| string \| )`\"info\"`", r"\1`info`"),
+        (r"(\| `\[audit\] flush_ms` \| )integer", r"\1number"),
+        (r"(\| `\[timing\] tick_ms` \|[^|]*\|[^|]*\| )`1` to `10_000`", r"\1`1` to `1000`"),
+        (r"(\| `\[http\] max_body_reads_per_key` \|[^|]*\|[^|]*\| )`1` to `max_body_reads`",
+         r"\1`1` to `max_connections`"),
+        (r"(\| `\[\[members\]\] id` \| string \| )required", r"\1absent"),
+        (r"\| `\[\[members\]\] peer_addr` \|", "| `[members] peer_addr` |"),
+        (r"(\| `\[sealer\] enabled` \|[^|]*\|[^|]*\| )`true` or `false`", r"\1`0` to `1`"),
+        (r"^## `\[peer\]`\n", "## `[peer]`\n\nSee also `[peer] max_links`.\n"),
+    ]
+    for pattern, replacement in edits:
+        text, count = re.subn(pattern, replacement, text, flags=re.MULTILINE)
+        assert count == 1, pattern
+    text += ("\n| key | type | default | allowed | what it does |\n|---|---|---|---|---|\n"
+             "| `[wal] fsync` | boolean | `true` | `true` or `false` | again |\n"
+             "| `log_format` | string | `\"json\"` | `\"json\"` | none such |\n")
+    assert reference_problems(text) == [
+        "`[wal] fsync`: two rows",
+        "`[wal] max_segment_bytes`: read by config.py, no row",
+        "`log_level`: default '`info`', the code's is 'info'",
+        "`[[members]] id`: default 'absent', the code's is required",
+        "`[http] port`: default '`8102`', the code's is 8101",
+        "`[http] max_body_reads_per_key`: allowed '`1` to `max_connections`'..., the code's range is 1 to 256",
+        "`[timing] tick_ms`: allowed '`1` to `1000`'..., the code's range is 1 to 10000",
+        "`[sealer] enabled`: a range, but config.py checks none",
+        "`[audit] flush_ms`: type 'number', the code's is 'integer'",
+        "`log_format`: a row, but config.py reads no such key",
+        "`[members] peer_addr`: it is `[[members]] peer_addr`",
+        "`[peer] max_links`: config.py reads no such key",
+    ]

@@ -6,8 +6,8 @@ module has a small emitter for exactly this schema). Every record validates
 itself on construction, so a NodeConfig built in code (as the cluster tool
 does) is held to the same rules as one read from disk.
 
-Error messages name the offending key and never contain secret material; string
-values are not echoed at all, integers are.
+Error messages name the offending key and never contain secret material: of the
+values, only integers and paths (a key file's, the data directory's) are echoed.
 """
 
 from __future__ import annotations
@@ -359,8 +359,8 @@ class TimingConfig:
     def __post_init__(self) -> None:
         _check_int("timing.tick_ms", self.tick_ms, 1, 10_000)
         _check_int("timing.election_timeout_ticks", self.election_timeout_ticks, 2, 100_000)
-        # A primary must send heartbeats well within a backup's election
-        # timeout, or backups would keep electing new primaries.
+        # A primary must send heartbeats within a backup's election timeout (a few
+        # times within it in practice), or backups would keep electing new primaries.
         _check_int(
             "timing.heartbeat_interval_ticks",
             self.heartbeat_interval_ticks,
@@ -398,8 +398,8 @@ class WalConfig:
     # many bytes of the newest entries kept for lagging backups.
     compact_every_bytes: int = 32 * 1024 * 1024
     compact_keep_bytes: int = 16 * 1024 * 1024
-    # A snapshot streams in chunks of this size, one per round trip; the peer
-    # frame limit (16 MiB) bounds it from above.
+    # A snapshot streams in chunks of this size, one per round trip; at most
+    # 8 MiB, half the peer frame limit (16 MiB), so a chunk and its frame fit.
     snapshot_chunk_bytes: int = 1024 * 1024
 
     def __post_init__(self) -> None:
@@ -567,12 +567,7 @@ class NodeConfig:
         self._check_key_custody()
 
     def _check_sections(self) -> None:
-        expected = {
-            "http": HttpConfig, "peer": PeerConfig, "limits": LimitsConfig,
-            "rate_limits": RateLimitsConfig, "timing": TimingConfig, "idempotency": IdempotencyConfig,
-            "wal": WalConfig, "shred": ShredConfig, "sealer": SealerConfig, "audit": AuditConfig,
-        }
-        for name, section_type in expected.items():
+        for name, section_type in _SECTIONS.items():
             if not isinstance(getattr(self, name), section_type):
                 raise ConfigError(f"[{name}] must be a {section_type.__name__}")
         if self.http.host == self.peer.host and self.http.port == self.peer.port:
@@ -620,13 +615,16 @@ class NodeConfig:
             raise ConfigError(f"api_keys: {error}") from None
 
     def _check_key_custody(self) -> None:
-        """One key source, and no key file or PIN file beside the data it protects."""
+        """One key source, and no key file, PIN file or cluster secret beside the data it protects (a copy of
+        the data directory would carry it: the cluster secret lets its holder pass for a peer, which is sent
+        replicated entries and forwarded requests, values in them, where the links have no TLS)."""
         if self.pkcs11 is not None and not isinstance(self.pkcs11, Pkcs11Config):
             raise ConfigError("[pkcs11] must be a Pkcs11Config")
         if self.pkcs11 is not None and self.master_key_file is not None:
             raise ConfigError("set either master_key_file or [pkcs11], not both: the master key has one source")
         for name, path in (("master_key_file", self.master_key_file),
-                           ("pkcs11.pin_file", self.pkcs11.pin_file if self.pkcs11 else None)):
+                           ("pkcs11.pin_file", self.pkcs11.pin_file if self.pkcs11 else None),
+                           ("cluster_secret_file", self.cluster_secret_file)):
             if path is not None and _inside(path, self.data_dir):
                 raise ConfigError(_beside_the_data(name, path, self.data_dir))
 
@@ -684,6 +682,7 @@ class NodeConfig:
         """The 32-byte peer handshake secret from cluster_secret_file (mode 0600)."""
         if self.cluster_secret_file is None:
             raise ConfigError("cluster_secret_file is not set in the config")
+        self._check_not_beside_the_data("cluster_secret_file", self.cluster_secret_file)
         try:
             return read_secret_file(self.cluster_secret_file, "cluster secret", CLUSTER_SECRET_BYTES)
         except CryptoError as error:
@@ -692,7 +691,8 @@ class NodeConfig:
 
 def _beside_the_data(name: str, path: Path, data_dir: Path) -> str:
     return (f"{name} {path} is inside the data directory {data_dir}: a copy of the data directory would "
-            f"carry the key that opens it; keep the file outside it (and outside any directory copied with it)")
+            f"carry it along with what it protects; keep the file outside it (and outside any directory copied "
+            f"with it)")
 
 
 # ---------------------------------------------------------------- reading TOML

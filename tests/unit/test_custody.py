@@ -252,7 +252,7 @@ def test_one_source_only(softhsm: SoftHsm, tmp_path: Path) -> None:
     assert "TOKENVAULT_MASTER_KEY" not in environment  # removed all the same
 
 
-def test_a_key_or_pin_file_inside_the_data_directory_is_refused(softhsm: SoftHsm, tmp_path: Path) -> None:
+def test_a_key_pin_or_cluster_secret_file_inside_the_data_directory_is_refused(softhsm: SoftHsm, tmp_path: Path) -> None:
     config = _config(tmp_path)
     inside = config.data_dir / "keys" / "master.key"
     with pytest.raises(ConfigError, match=f"master_key_file {inside} is inside the data directory "
@@ -263,6 +263,8 @@ def test_a_key_or_pin_file_inside_the_data_directory_is_refused(softhsm: SoftHsm
     with pytest.raises(ConfigError, match="pkcs11.pin_file .* is inside the data directory"):
         dataclasses.replace(config, master_key_file=None,
                             pkcs11=pkcs11_config(softhsm, pin_file=config.data_dir / "pin"))
+    with pytest.raises(ConfigError, match="cluster_secret_file .* is inside the data directory"):
+        dataclasses.replace(config, cluster_secret_file=config.data_dir / "cluster.secret")
     # Through a symlink: the real path is checked when the key is loaded.
     config.data_dir.mkdir(parents=True)
     MasterKey.generate().write_file(config.data_dir / "master.key")
@@ -270,6 +272,9 @@ def test_a_key_or_pin_file_inside_the_data_directory_is_refused(softhsm: SoftHsm
     linked = dataclasses.replace(config, master_key_file=tmp_path / "link" / "master.key")
     with pytest.raises(ConfigError, match="is inside the data directory"):
         linked.load_master_key({})
+    linked_secret = dataclasses.replace(config, cluster_secret_file=tmp_path / "link" / "cluster.secret")
+    with pytest.raises(ConfigError, match="cluster_secret_file .* is inside the data directory"):
+        linked_secret.load_cluster_secret()
 
 
 def test_the_master_key_variable_is_removed_from_the_environment_as_it_is_read(tmp_path: Path) -> None:

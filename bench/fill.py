@@ -618,7 +618,8 @@ def process_start_time(pid: int) -> float | None:
 
 
 def log_event_times(log_file: Path, since: float) -> dict[str, float]:
-    """Unix times of the first node.recovered and primary event after `since`, from the node log's tail."""
+    """Unix times of the first node.replayed (the start's replay done; node.recovered was that before
+    2026-12-07) and primary event after `since`, from the node log's tail."""
     found: dict[str, float] = {}
     try:
         with open(log_file, "rb") as handle:
@@ -627,7 +628,7 @@ def log_event_times(log_file: Path, since: float) -> dict[str, float]:
     except OSError:
         return found
     for raw in lines:
-        if b"node.recovered" not in raw and b"primary." not in raw:
+        if b"node.replayed" not in raw and b"primary." not in raw:
             continue
         try:
             record = json.loads(raw)
@@ -636,7 +637,7 @@ def log_event_times(log_file: Path, since: float) -> dict[str, float]:
             continue
         event = record.get("event")
         kind = "primary" if event in PRIMARY_EVENTS else event
-        if when >= since and kind in ("node.recovered", "primary") and kind not in found:
+        if when >= since and kind in ("node.replayed", "primary") and kind not in found:
             found[kind] = when
     return found
 
@@ -690,7 +691,7 @@ def measure_start(spec: Any, timeout_seconds: float) -> None:
         if "serving_at_first_poll" in marks:
             logged = log_event_times(node.log_file, since[node.node_id] - 1.0)
             print(f"{prefix}; already serving at the first poll, {marks['health']:.2f} s after start (upper bound);"
-                  f" from its log: recovered at {_after(logged.get('node.recovered'), since[node.node_id])},"
+                  f" from its log: replayed at {_after(logged.get('node.replayed'), since[node.node_id])},"
                   f" primary known at {_after(logged.get('primary'), since[node.node_id])}")
         else:
             print(f"{prefix}; {_serving_report(node, marks)}")

@@ -97,13 +97,19 @@ class Heartbeat(Message):
     ``floors`` holds, for each member (this primary included), the highest index it is known to have
     acknowledged that is also committed: every node keeps them, so that a member whose log later ends
     below its floor (its data directory put back from an older copy) counts in no election, whoever
-    leads by then (docs/failure-modes.md)."""
+    leads by then (docs/failure-modes.md).
+
+    ``commit_index`` is the primary's, capped at what this backup acknowledged (what its log is known
+    to agree with); ``cluster_commit_index`` the primary's own once it has committed an entry of its
+    view (before that, its commit index may be one it restored, older than the cluster's), else 0: how
+    far a restarted node must apply to have caught up (node.recovered)."""
 
     TYPE_TAG: ClassVar[int] = 5
     view: int
     commit_index: int
     read_round: int
     floors: tuple[tuple[str, int], ...]
+    cluster_commit_index: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -77,7 +77,7 @@ class Replica:
         self._floors_held: tuple[tuple[str, int], ...] | None = None  # ``floors``, until one changes
         self._polls = 0  # numbers this node's pre-votes (PreVote.poll)
         self._appends_sent = 0  # numbers this node's appends (AppendEntries.sequence)
-        self._announced_commit_index: int | None = None  # the highest AppendEntries.commit_index heard
+        self._announced_commit_index: int | None = None  # the highest Heartbeat.cluster_commit_index heard
         self._floors_reported: dict[str, int] = {}  # per member, the floor it was last reported below
         hard_state = restored.hard_state
         # A crash between writing entries and writing the hard state of the same batch can
@@ -194,8 +194,8 @@ class Replica:
     @property
     def primary_commit_index(self) -> int | None:
         """How far the cluster has committed, as far as this node has been told: on a primary that has
-        committed an entry of its view, its commit index; otherwise the highest commit index a primary
-        announced to it in an append (AppendEntries.commit_index). None until either is known."""
+        committed an entry of its view, its commit index; otherwise the highest such commit index a primary
+        announced to it in a heartbeat (Heartbeat.cluster_commit_index). None until either is known."""
         if self._committed_in_current_view():
             return self._commit_index
         return self._announced_commit_index
@@ -218,18 +218,22 @@ class Replica:
         return (index is not None and index > self._commit_index
                 and node_id in self._configurations.previous.ids)
 
-    def _may_be_added_unseen(self, message: PreVote | RequestVote) -> bool:
+    def _may_be_added_unseen(self, sender: str, message: PreVote | RequestVote) -> bool:
         """Whether the candidate of ``message``, no member here, may have been added by a configuration
         this node has not seen: its log is ahead of this one, and either the configuration in effect here
         is not committed, or the candidate was added after it (its ``since``). A member whose removal
         this node knows committed was added before that removal: a removed primary that appended after
         its removal entry and restarted with an older commit index (persisted lazily) is ahead, and
         would otherwise be heard, win an election and lead until its removal commits again in its view.
-        An id added again after its removal has a later ``since``."""
+        An id added again after its removal has a later ``since``. A ``since`` of 0 from a node outside the
+        bootstrap configuration tells nothing: a member added before peer protocol version 7 (configuration
+        format 1) has 0 in every configuration since, so it is heard as before."""
         if (message.last_view, message.last_index) <= (self._log.last_view, self._log.last_index):
             return False
         index = self.membership_index
-        return index > self._commit_index or message.since > index
+        if index > self._commit_index or message.since > index:
+            return True
+        return message.since == 0 and sender not in self._config.members and sender not in self._config.learners
 
     def _own_since(self) -> int:
         """This node's ``since`` in the configuration it campaigns under (may_campaign: the one in effect,
@@ -292,7 +296,7 @@ class Replica:
             return
         if (sender not in self._peers and not isinstance(message, PRIMARY_SENT_TYPES)
                 and not self._member_before_uncommitted_change(sender)
-                and not (isinstance(message, (PreVote, RequestVote)) and self._may_be_added_unseen(message))):
+                and not (isinstance(message, (PreVote, RequestVote)) and self._may_be_added_unseen(sender, message))):
             return
         if isinstance(message, (PreVote, PreVoteReply)):
             handler(sender, message)  # a poll changes no view: it bypasses the view rules below
@@ -845,7 +849,6 @@ class Replica:
         if not self._hear_from_primary(sender) or not entries_follow(message.prev_index, message.prev_view, message.entries, message.view):
             return
         entries, prev_index, prev_view = message.entries, message.prev_index, message.prev_view
-        self._announced_commit_index = max(self._announced_commit_index or 0, message.commit_index)
         if prev_index < self._commit_index:
             # Our committed prefix is settled and equal to the primary's: skip what it covers.
             skip = self._commit_index - prev_index
@@ -900,6 +903,8 @@ class Replica:
             return
         # The primary sends min(commit, our match index), which our log is known to agree with.
         self._commit_to(min(message.commit_index, self._log.last_index))
+        if message.cluster_commit_index:
+            self._announced_commit_index = max(self._announced_commit_index or 0, message.cluster_commit_index)
         members = self._membership.ids
         for member, floor in message.floors:
             if member in members:
@@ -1003,7 +1008,9 @@ class Replica:
 
     def _send_heartbeat(self, peer: str, progress: PeerProgress) -> None:
         commit_index = min(self._commit_index, progress.match_index)
-        self._outbox.append((peer, Heartbeat(self._view, commit_index, self._read_round, self.floors)))
+        cluster_commit_index = self._commit_index if self._committed_in_current_view() else 0
+        self._outbox.append((peer, Heartbeat(self._view, commit_index, self._read_round, self.floors,
+                                             cluster_commit_index)))
 
     def _retry_stalled(self, peer: str, progress: PeerProgress) -> None:
         """Recover from lost messages: restart a stream that made no progress for a while."""

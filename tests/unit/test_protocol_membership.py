@@ -383,6 +383,9 @@ def test_a_removed_primary_ahead_of_the_others_is_not_heard_once_they_know_its_r
     assert voter.view == 1, "added at or before the removal this node knows committed: dropped"
     voter.step("n1", RequestVote(5, 3, 1, since=3))
     assert voter.view == 5, "added after it: heard"
+    # A since of 0 from outside the bootstrap configuration: a member added before peer protocol version 7.
+    voter.step("n4", RequestVote(6, 3, 1, since=0))
+    assert voter.view == 6, "its since tells nothing: heard, as before"
 
 
 def test_a_new_voter_a_lagging_voter_never_heard_of_is_elected_with_a_majority_up() -> None:

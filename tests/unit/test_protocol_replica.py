@@ -661,6 +661,38 @@ def test_a_stale_refusal_delivered_after_the_acknowledgement_is_not_taken_for_lo
     assert primary.progress()["n3"][0] == primary.last_index == acknowledged + 1
 
 
+def test_a_restarted_node_learns_how_far_the_cluster_committed_from_heartbeats_once_its_primary_committed() -> None:
+    """Replica.primary_commit_index (node.recovered waits for the store to reach it): a backup restarted in a
+    quiet cluster, where no append is due, learns it from the next heartbeat; a new primary announces
+    nothing until it has committed an entry of its view, since its commit index may be one it restored,
+    older than what the cluster had committed (a backup would take itself for caught up too early)."""
+    cluster, primary = three_with_entries(5, b"entry")
+    interval = primary.config.heartbeat_interval_ticks
+    cluster.tick(times=interval)
+    cluster.restart("n3")
+    assert cluster.nodes["n3"].replica.primary_commit_index is None
+    cluster.tick(times=interval)
+    assert cluster.nodes["n3"].replica.primary_commit_index == primary.commit_index == primary.last_index
+    assert primary.primary_commit_index == primary.commit_index
+    # n2 leads a new view; the acknowledgements of its no-op are lost, so it has committed nothing in it.
+    cluster.isolated = {"n1"}
+    cluster.drop = lambda source, destination, message: isinstance(message, AppendReply)
+    for _ in range(20 * primary.config.election_timeout_ticks):
+        cluster.tick(("n2", "n3"))
+        if any(cluster.nodes[node_id].replica.role is Role.PRIMARY for node_id in ("n2", "n3")):
+            break
+    (leader,) = [cluster.nodes[node_id].replica for node_id in ("n2", "n3")
+                 if cluster.nodes[node_id].replica.role is Role.PRIMARY]
+    other = "n3" if leader.node_id == "n2" else "n2"
+    cluster.restart(other)
+    cluster.tick(("n2", "n3"), times=2 * interval)
+    assert leader.commit_index == primary.last_index < leader.last_index  # its no-op is not committed
+    assert cluster.nodes[other].replica.primary_commit_index is None
+    cluster.drop = lambda source, destination, message: False
+    cluster.tick(("n2", "n3"), times=2 * interval)
+    assert cluster.nodes[other].replica.primary_commit_index == leader.commit_index == leader.last_index
+
+
 def test_heartbeats_carry_each_members_floor_to_every_node_and_a_restart_keeps_them() -> None:
     """A floor is the highest index a member acknowledged that is also committed (the primary's own: its
     commit index); the primary's heartbeats carry them, so every node holds them, and a node restarted

@@ -692,9 +692,9 @@ class Node:
         self._update_gauges()
 
     def _check_recovered(self) -> None:
-        """node.recovered, once: this node's store has applied what a primary had committed when this node
-        first heard of it (or, as the primary, what it committed in its view): it has caught up since its
-        start, by its log or by a snapshot."""
+        """node.recovered, once: this node's store has applied what a primary had committed when its first
+        heartbeat after this start said so (Heartbeat.cluster_commit_index; as the primary, what it committed
+        in its view): it has caught up since its start, by its log or by a snapshot."""
         target = self.replica.primary_commit_index
         if target is None or self.store.applied_index < target or self._recovery is None:
             return

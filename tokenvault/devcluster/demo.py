@@ -108,7 +108,7 @@ class Demo:
         if len(self.spec.nodes) >= 3:
             killed = await self.failover(primary)
         else:
-            self.say("\n4. Failover needs 3 or 5 nodes (start with --nodes 3); this 1-node cluster shows "
+            self.say("\n4. Failover needs 3 nodes or more (start with --nodes 3); this 1-node cluster shows "
                      "crash recovery instead.")
             killed = primary
             await asyncio.to_thread(cluster.kill_node, self.spec.directory, killed, self.narrate)

@@ -114,11 +114,14 @@ class Heartbeat(Message):
 
 @dataclass(frozen=True, slots=True)
 class HeartbeatReply(Message):
-    """Echoes the read round: proof that this backup still follows the primary in ``view``."""
+    """Echoes the read round: proof that this backup still follows the primary in ``view``. ``last_index``
+    is the backup's last log index: one below what it acknowledged makes the primary probe it, so a backup
+    that lost entries is found when nothing is being written too."""
 
     TYPE_TAG: ClassVar[int] = 6
     view: int
     read_round: int
+    last_index: int
 
 
 @dataclass(frozen=True, slots=True)

@@ -909,7 +909,7 @@ class Replica:
         for member, floor in message.floors:
             if member in members:
                 self._raise_floor(member, floor, message.view)
-        self._outbox.append((sender, HeartbeatReply(self._view, message.read_round)))
+        self._outbox.append((sender, HeartbeatReply(self._view, message.read_round, self._log.last_index)))
 
     def _on_install_snapshot(self, sender: str, message: InstallSnapshot) -> None:
         if not self._hear_from_primary(sender):
@@ -1142,8 +1142,15 @@ class Replica:
         if round_seen > progress.read_round_acknowledged:
             progress.read_round_acknowledged = round_seen
             self._confirm_reads()
-        if progress.state is PeerState.PROBE and progress.match_index < self._log.last_index:
+        below = message.last_index < progress.match_index
+        if progress.state is PeerState.PROBE and (progress.match_index < self._log.last_index or below):
             progress.probe_sent = False  # the backup is reachable: probe again
+            self._send_appends(sender)
+        elif progress.state is PeerState.REPLICATE and below and not progress.inflight:
+            # Its log ends below what it acknowledged, with nothing in flight to show it: a probe at that
+            # position finds out whether entries are lost (_on_append_reply) or the reply was stale (one
+            # sent before the acknowledgement and delivered after it: the probe then succeeds).
+            progress.become_probe(progress.match_index + 1)
             self._send_appends(sender)
 
     def _on_snapshot_reply(self, sender: str, message: SnapshotReply) -> None:

@@ -23,7 +23,7 @@ EXAMPLES = [
     AppendReply(view=4, success=False, index=9, hint_index=7, hint_view=2),
     Heartbeat(view=4, commit_index=11, read_round=6, floors=(("n1", 11), ("n2", 9))),
     Heartbeat(view=4, commit_index=11, read_round=6, floors=()),
-    HeartbeatReply(view=4, read_round=6),
+    HeartbeatReply(view=4, read_round=6, last_index=11),
     InstallSnapshot(view=5, snapshot_index=100, snapshot_view=4, offset=64, total_bytes=1000, data=b"chunk",
                     checksum=0x1234ABCD, offer=3),
     SnapshotReply(view=5, snapshot_index=100, received_bytes=69, installed=False, offer=3),

@@ -626,6 +626,28 @@ def test_a_backup_that_lost_entries_it_acknowledged_is_reported_once_and_never_p
     assert cluster.nodes["n2"].replica.commit_index == primary.last_index  # n2 and n1 commit on
 
 
+def test_a_backup_that_lost_entries_is_reported_in_a_quiet_cluster_too() -> None:
+    """Nothing is written after the restore, so no append is due: the backup's heartbeat replies carry its
+    last index, below what it acknowledged, and the primary probes it (before peer protocol version 8 it
+    was found only at the next write). A heartbeat reply that is merely stale (sent before an
+    acknowledgement, delivered after it) costs one probe, which succeeds, and reports nothing."""
+    cluster, primary = three_with_entries(5, b"early")
+    old = cluster.nodes["n3"]
+    copy = (old.hard_state, old.base, list(old.log))
+    for number in range(20):
+        primary.propose(b"late-%d" % number)
+    cluster.settle()
+    acknowledged = primary.progress()["n3"][0]
+    primary.step("n2", HeartbeatReply(primary.view, 0, 3))  # stale: n2 holds every entry
+    cluster.settle()
+    assert primary.progress()["n2"][0] == primary.last_index and not loss_reports(cluster)
+    old.hard_state, old.base, old.log = copy
+    cluster.restart("n3")
+    cluster.tick(times=4 * primary.config.heartbeat_interval_ticks)
+    assert loss_reports(cluster) == [BackupLostEntries("n3", acknowledged, acknowledged)]
+    assert primary.progress()["n3"][0] == acknowledged
+
+
 def test_a_stale_refusal_delivered_after_the_acknowledgement_is_not_taken_for_lost_entries() -> None:
     """A refusal sent before the backup acknowledged a position, and delivered after it (a duplicated or
     reordered message, or one held back by a slow link, as the simulator's links do), answers an append
@@ -864,7 +886,7 @@ def test_read_index_needs_a_quorum_round_and_batches_requests() -> None:
     heartbeats = [message for _, message in ready.all_messages if isinstance(message, Heartbeat)]
     assert len(heartbeats) == 2 and {message.read_round for message in heartbeats} == {1}
     primary.advance(ready)
-    primary.step("n2", HeartbeatReply(primary.view, 1))
+    primary.step("n2", HeartbeatReply(primary.view, 1, primary.last_index))
     results = primary.ready().read_results
     assert [(result.request_id, result.ok) for result in results] == [(1, True), (2, True)]
     assert results[0].read_index == primary.commit_index
@@ -886,7 +908,7 @@ def test_read_waits_for_the_first_commit_of_the_view() -> None:
     assert primary.commit_index == 1 and ready.read_results == ()
     rounds = {message.read_round for _, message in ready.all_messages if isinstance(message, Heartbeat)}
     assert rounds == {1}
-    primary.step("n3", HeartbeatReply(primary.view, 1))
+    primary.step("n3", HeartbeatReply(primary.view, 1, primary.last_index))
     assert primary.ready().read_results[0].request_id == 5
 
 
@@ -948,7 +970,7 @@ def test_a_backup_gets_a_read_index_from_the_primary_after_its_quorum_round() ->
     assert not any(isinstance(message, ReadIndexReply) for _, message in ready.all_messages), "no answer before the round"
     read_round = {message.read_round for _, message in ready.all_messages if isinstance(message, Heartbeat)}
     primary.advance(ready)
-    primary.step("n3", HeartbeatReply(primary.view, read_round.pop()))
+    primary.step("n3", HeartbeatReply(primary.view, read_round.pop(), primary.last_index))
     ready = primary.ready()
     assert ready.messages == (("n2", ReadIndexReply(primary.view, 7, primary.commit_index, True)),)
     primary.advance(ready)

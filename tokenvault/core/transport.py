@@ -72,7 +72,7 @@ DEFAULT_MAX_UNAUTHENTICATED_CONNECTIONS = 8
 # the primary refused the read for a full queue (``overloaded``). 7: a configuration entry (and a snapshot's
 # configuration) gives each member its ``since`` (protocol/membership.py, format 2). 8: a poll and a vote
 # request carry the candidate's ``since``, an append a sequence number its reply echoes, a heartbeat the
-# primary's own commit index (protocol/messages.py).
+# primary's own commit index and its reply the backup's last index (protocol/messages.py).
 PEER_PROTOCOL_VERSION = 8
 GREETING_PREFIX = b"TVPEER"
 GREETING = GREETING_PREFIX + b"%d\n" % PEER_PROTOCOL_VERSION

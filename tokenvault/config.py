@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Mapping
 from urllib.parse import urlsplit
 
+from protocol.membership import MAX_MEMBERS
 from tokenvault.auth import ALL_SCOPES, PRINCIPAL_NAME_PATTERN, ApiKeyEntry, ApiKeyTable, ApiKeyTableError
 from tokenvault.crypto.keys import (MASTER_KEY_ENVIRONMENT_VARIABLE, MAX_VALUE_BYTES, CryptoError, KeyWrapper, MasterKey,
                                    read_secret_file, take_from_environment)
@@ -28,8 +29,9 @@ from tokenvault.crypto.tls import NodeTlsFiles
 from tokenvault.smallfiles import FileTooLarge, read_small_file
 
 CLUSTER_SECRET_BYTES = 32
-MAX_JOIN_MEMBERS = 9  # protocol.membership.MAX_MEMBERS
-ALLOWED_MEMBER_COUNTS = tuple(range(1, MAX_JOIN_MEMBERS + 1, 2))
+# A cluster starts with an odd count of members (a majority of an even one tolerates no more failures than
+# the odd count below it), at most what a configuration holds.
+ALLOWED_MEMBER_COUNTS = tuple(range(1, MAX_MEMBERS + 1, 2))
 LOG_LEVELS = ("debug", "info", "warning", "error")
 NODE_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}\Z")
 _HOSTNAME_PATTERN = re.compile(
@@ -580,11 +582,11 @@ class NodeConfig:
             raise ConfigError("members must be MemberConfig records")
         if type(self.join) is not bool:
             raise ConfigError("join must be true or false")
-        if self.join and not 2 <= len(self.members) <= MAX_JOIN_MEMBERS:
-            raise ConfigError(f"a joining node's members list it and 1 to {MAX_JOIN_MEMBERS - 1} voters")
+        if self.join and not 2 <= len(self.members) <= MAX_MEMBERS:
+            raise ConfigError(f"a joining node's members list it and 1 to {MAX_MEMBERS - 1} voters")
         if not self.join and len(self.members) not in ALLOWED_MEMBER_COUNTS:
             raise ConfigError(
-                f"members must list an odd count of nodes from 1 to {MAX_JOIN_MEMBERS} (got {len(self.members)}): "
+                f"members must list an odd count of nodes from 1 to {MAX_MEMBERS} (got {len(self.members)}): "
                 f"a majority of an "
                 f"even-sized cluster tolerates no more failures than one node fewer"
             )

@@ -515,9 +515,7 @@ def test_cli_restore_of_a_backup_holding_rows_not_yet_shredded_records_the_pass_
         source.write_to(handle)
     source.close()
     store.close()
-    node_toml = tmp_path / "node.toml"
-    write_node_config(node_toml, config)
-    result = runner.invoke(tokenvault, ["admin", "restore", "--backup", str(backup), "--config", str(node_toml)])
+    result = restore_with_cli(runner, backup, config, tmp_path)
     assert result.exit_code == 0, result.output
     whole = pending is not None and pending.keys is None
     assert ("compacts its whole store" in result.output) is whole
@@ -533,6 +531,13 @@ def test_a_missing_backup_file_is_a_clear_error(runner: CliRunner, node_config: 
     result = runner.invoke(tokenvault, ["admin", "restore", "--backup", str(tmp_path / "nope"),
                                         "--config", str(node_config)])
     assert result.exit_code == 1 and "does not exist" in result.output
+
+
+def restore_with_cli(runner: CliRunner, backup: Path, config: Any, tmp_path: Path) -> Any:
+    """``tokenvault admin restore`` of ``backup`` into the node ``config`` describes (written to tmp_path)."""
+    node_toml = tmp_path / "node.toml"
+    write_node_config(node_toml, config)
+    return runner.invoke(tokenvault, ["admin", "restore", "--backup", str(backup), "--config", str(node_toml)])
 
 
 def real_backup(tmp_path: Path, path: Path) -> Path:
@@ -668,9 +673,7 @@ def test_a_backup_at_an_index_past_what_the_log_holds_is_refused_at_verification
                                             "9223372036854775807"):
         verify_backup_file(backup)
     config = make_configs(tmp_path / "restored", 1)[0]
-    node_toml = tmp_path / "node.toml"
-    write_node_config(node_toml, config)
-    result = runner.invoke(tokenvault, ["admin", "restore", "--backup", str(backup), "--config", str(node_toml)])
+    result = restore_with_cli(runner, backup, config, tmp_path)
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
     assert "is refused" in result.output and "9223372036854775807" in result.output
     assert not config.data_dir.exists()
@@ -692,9 +695,7 @@ def test_a_value_error_while_building_the_data_directory_is_a_backup_error_and_l
     config = make_configs(tmp_path / "restored", 1)[0]
     with pytest.raises(BackupError, match="cannot build the data directory of n1 from this backup: hard state"):
         restore_data_dir(backup, config)
-    node_toml = tmp_path / "node.toml"
-    write_node_config(node_toml, config)
-    result = runner.invoke(tokenvault, ["admin", "restore", "--backup", str(backup), "--config", str(node_toml)])
+    result = restore_with_cli(runner, backup, config, tmp_path)
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
     assert "error: cannot build the data directory of n1 from this backup" in result.output
     assert "Traceback" not in result.output

@@ -18,13 +18,12 @@ from aiohttp import test_utils, web
 from click.testing import CliRunner
 
 from fake_vault_server import FakeVaultServer, Reply, problem
-from test_backup import store_at_41_3
+from test_backup import restore_with_cli, store_at_41_3
 from test_client import API_KEY as CLIENT_KEY, node_a, node_b  # noqa: F401 (node_a and node_b are fixtures)
 from node_support import make_configs
 from tokenvault.audit_chain import GENESIS_HASH, ChainBreak, ChainVerifier, chain_hash, record_document
 from tokenvault.cli.main import tokenvault
 from tokenvault.client.vault import AsyncClient, ProblemError, ResponseError, ServiceUnavailable
-from tokenvault.config import write_node_config
 from tokenvault.cli.backup import download_backup
 from tokenvault.core.backup import (HEADER_BYTES, HEADER_INDEX, HEADER_NODE, HEADER_ROLE, HEADER_VIEW, BackupError,
                                     BackupRefused, restore_data_dir, verify_backup_file)
@@ -317,9 +316,7 @@ def test_a_backup_whose_checkpoint_holds_a_malformed_api_key_row_is_refused_by_r
     config = make_configs(tmp_path / "restored", 1)[0]
     with pytest.raises(BackupRefused, match="an API key record is malformed"):
         restore_data_dir(backup, config)
-    node_toml = tmp_path / "node.toml"
-    write_node_config(node_toml, config)
-    result = runner.invoke(tokenvault, ["admin", "restore", "--backup", str(backup), "--config", str(node_toml)])
+    result = restore_with_cli(runner, backup, config, tmp_path)
     assert result.exit_code == 1, result.output
     assert "an API key record is malformed" in result.output and "Traceback" not in result.output
     assert not config.data_dir.exists()

@@ -1335,7 +1335,7 @@ def _decode_forward_response(kind: str, response: ForwardResponse) -> Any:
             title, detail = str(problem["title"]), str(problem["detail"])
             slug = str(problem["type"]).rsplit(":", 1)[-1]
             no_effect = problem.get("effect") == EFFECT_NONE
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):  # RecursionError: JSON nested too deeply
             title, detail, slug, no_effect = "Error", "the primary refused the request", "forwarded", False
         headers.pop("Content-Type", None)
         raise (error_from_problem(response.status, slug, detail, headers, no_effect=no_effect)
@@ -1345,7 +1345,7 @@ def _decode_forward_response(kind: str, response: ForwardResponse) -> Any:
     if kind in (EPOCHS, LIST_KEYS, LIST_MEMBERS) or kind in LIFECYCLE_DOCUMENT_KINDS:
         try:
             return json.loads(response.body)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: JSON nested too deeply
             raise Unavailable("the primary's answer could not be read", no_effect=True) from None
     return Outcome(response.status, response.body, headers.get("Idempotent-Replayed") == "true")
 

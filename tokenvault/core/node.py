@@ -684,8 +684,7 @@ class Node:
             self.snapshots.request(peer_id, self.replica.offer_snapshot)
         for event in ready.events:
             self._log_event(event)
-        if self._recovery is not None:
-            self._check_recovered()
+        self._check_recovered()
         if self.replica.role != Role.PRIMARY:
             self.snapshots.drop_sources()
         self._release_reads()
@@ -696,7 +695,7 @@ class Node:
         heartbeat after this start said so (Heartbeat.cluster_commit_index; as the primary, what it committed
         in its view): it has caught up since its start, by its log or by a snapshot."""
         target = self.replica.primary_commit_index
-        if target is None or self.store.applied_index < target or self._recovery is None:
+        if self._recovery is None or target is None or self.store.applied_index < target:
             return
         log.info("node.recovered", **self._recovery, caught_up_index=self.store.applied_index,
                  primary=self.replica.primary_id, snapshots_installed=self._snapshots_installed_since_start,

@@ -340,11 +340,9 @@ def decode_meta(value: bytes | None, error: type[StoreError]) -> tuple[int, int,
         raise error("not a TokenVault store (marker differs)")
     if meta[1] != SCHEMA_VERSION:
         raise error("unsupported store schema version")
-    if len(meta) != 5 or not all(type(field_value) is int for field_value in meta[2:]):
-        raise error("store meta record is malformed")
-    if not all(_is_count(field_value) for field_value in meta[2:]):
-        raise error(f"store meta record is malformed: its applied index, view or token count is not an integer "
-                    f"from 0 to {MAX_INTEGER}")
+    if len(meta) != 5 or not all(_is_count(field_value) for field_value in meta[2:]):
+        raise error(f"store meta record is malformed: it is not [marker, version, applied index, view, token "
+                    f"count], each count an integer from 0 to {MAX_INTEGER}")
     return meta[2], meta[3], meta[4]
 
 

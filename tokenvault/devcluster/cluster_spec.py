@@ -21,15 +21,13 @@ from typing import Any
 
 from protocol.membership import MAX_MEMBERS
 from tokenvault.auth import ApiKeyEntry, generate_api_key, salted_api_key_hash
-from tokenvault.config import (ConfigError, HttpConfig, MemberConfig, NodeConfig, PeerConfig, SealerConfig,
+from tokenvault.config import (ALLOWED_MEMBER_COUNTS, ConfigError, HttpConfig, MemberConfig, NodeConfig, PeerConfig, SealerConfig,
                                TimingConfig, TlsConfig, WalConfig, write_node_config)
 from tokenvault.crypto.keys import CryptoError, MasterKey, write_secret_file
 from tokenvault.crypto.tls import ClusterTlsFiles, create_cluster_tls
 from tokenvault.smallfiles import MAX_CLUSTER_FILE_BYTES, FileTooLarge, read_small_file
 
-# An odd count: a majority of an even one tolerates no more failures than the odd count below it. A
-# configuration holds at most MAX_MEMBERS members.
-ALLOWED_NODE_COUNTS = tuple(range(1, MAX_MEMBERS + 1, 2))
+ALLOWED_NODE_COUNTS = ALLOWED_MEMBER_COUNTS  # what a node config allows its static members
 NODE_COUNT_RULE = f"--nodes must be odd, from 1 to {MAX_MEMBERS}"
 DEFAULT_NODE_COUNT = 3
 DEFAULT_BASE_PORT = 8100

@@ -21,6 +21,7 @@ from typing import Any
 
 from aiohttp import web
 
+from tokenvault.config import LimitsConfig
 from tokenvault.crypto.tls import NodeTlsFiles, create_cluster_tls, http_server_context
 
 DROP = "drop"
@@ -91,7 +92,8 @@ class FakeVaultServer:
         return [request for request in self.requests if request.path == path]
 
     async def _start(self) -> str:
-        app = web.Application()
+        # Why: a node's default body bound (8 MiB), not aiohttp's 1 MiB.
+        app = web.Application(client_max_size=LimitsConfig().max_body_bytes)
         app.router.add_route("*", "/{tail:.*}", self._handle)
         self._runner = web.AppRunner(app)
         await self._runner.setup()

@@ -200,6 +200,106 @@ def test_tokenize_refuses_an_idempotency_key_for_several_batches(
     assert primary.calls("/v1/tokenize") == []
 
 
+# Input is read a batch at a time, each sent and printed before the next is read: memory holds one batch
+# (at most 1,000 lines and 4 MiB), whatever the size of the input (it was read whole first, unbounded).
+
+
+def test_a_batch_is_sent_and_printed_before_the_rest_of_the_input_is_read(primary: FakeVaultServer) -> None:
+    """A real process on a pipe: its first 1,000 tokens come out while stdin is still open (checked on the
+    code before: nothing was sent until stdin closed)."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    environment = {name: value for name, value in os.environ.items() if not name.startswith("TOKENVAULT_")}
+    process = subprocess.Popen([sys.executable, "-m", "tokenvault.cli", "tokenize", "--url", primary.url,
+                                "--api-key", ADMIN_KEY], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, env=environment, cwd=Path(__file__).parents[2])
+    assert process.stdin is not None and process.stdout is not None
+    try:
+        process.stdin.write("".join(f"value-{number}\n" for number in range(1001)).encode())
+        process.stdin.flush()
+        deadline = time.monotonic() + 30
+        while not primary.calls("/v1/tokenize") and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert [len(call.body["values"]) for call in primary.calls("/v1/tokenize")] == [1000]
+        first = process.stdout.readline().decode().strip()
+        assert first == primary.token_for("value-0", 1)
+        process.stdin.write(b"value-1001\n")
+        process.stdin.close()
+        assert process.wait(timeout=60) == 0, process.stderr.read() if process.stderr else ""
+        assert len(process.stdout.read().split()) == 1001
+    finally:
+        process.kill()
+        process.wait()
+    assert [len(call.body["values"]) for call in primary.calls("/v1/tokenize")] == [1000, 2]
+
+
+def test_a_line_refused_after_a_batch_was_sent_names_the_lines_answered(
+        runner: CliRunner, primary: FakeVaultServer) -> None:
+    """An empty line between items, found in the second batch: the first 1,000 lines were answered and
+    printed, the error says so, and nothing of the second batch is sent, so output line N still answers
+    input line N."""
+    lines = [f"value-{number}" for number in range(1500)]
+    lines[1200] = ""
+    result = runner.invoke(tokenvault, ["tokenize", "--url", primary.url, "--api-key", ADMIN_KEY],
+                           input="\n".join(lines) + "\n")
+    assert result.exit_code == 2, result.output
+    assert "line 1201 is empty" in result.output and "(lines 1 to 1000 were answered above)" in result.output
+    assert [len(call.body["values"]) for call in primary.calls("/v1/tokenize")] == [1000]
+    assert result.stdout.split() == [primary.token_for(value, 1) for value in lines[:1000]]
+
+
+@pytest.mark.parametrize("command", ["tokenize", "detokenize"])
+def test_a_line_longer_than_any_value_is_refused_by_its_number_never_shown_and_nothing_is_sent(
+        runner: CliRunner, primary: FakeVaultServer, command: str) -> None:
+    """A line is read at most 1 MiB and 2 characters at a time (the longest value a node takes, and its line
+    end); a longer one is refused, not held whole."""
+    from tokenvault.cli.main import MAX_LINE_CHARS
+
+    longest = "7" * MAX_LINE_CHARS
+    result = runner.invoke(tokenvault, [command, "--url", primary.url, "--api-key", ADMIN_KEY],
+                           input=f"{longest}\r\n{longest}7\n")
+    assert result.exit_code == 2, result.output[:300]
+    assert f"line 2 is longer than {MAX_LINE_CHARS} characters (it is not shown)" in result.output
+    assert "7777" not in result.output
+    assert primary.requests == []
+
+
+def test_a_batch_closes_at_4_mib_of_values(runner: CliRunner, primary: FakeVaultServer) -> None:
+    """1,000 values of 8 KiB (for a node with max_value_bytes = 8192) would make one body of 8 MiB and
+    more, past a node's default max_body_bytes; a batch closes before its values pass 4 MiB."""
+    from tokenvault.cli.main import MAX_BATCH_CHARS
+
+    values = [f"{number:04d}" + "x" * 8188 for number in range(1100)]
+    result = runner.invoke(tokenvault, ["tokenize", "--url", primary.url, "--api-key", ADMIN_KEY],
+                           input="\n".join(values) + "\n")
+    assert result.exit_code == 0, result.output[:300]
+    sizes = [len(call.body["values"]) for call in primary.calls("/v1/tokenize")]
+    assert sizes == [MAX_BATCH_CHARS // 8192, MAX_BATCH_CHARS // 8192, 1100 - 2 * (MAX_BATCH_CHARS // 8192)]
+    assert result.stdout.split() == [primary.token_for(value, 1) for value in values]
+    keyed = runner.invoke(tokenvault, ["tokenize", "--url", primary.url, "--api-key", ADMIN_KEY,
+                                       "--idempotency-key", "k"], input="\n".join(values[:513]) + "\n")
+    assert keyed.exit_code == 2 and "needs the values to fit one request" in keyed.output
+    assert len(primary.calls("/v1/tokenize")) == 3
+
+
+def test_detokenize_json_is_one_list_across_batches(runner: CliRunner, primary: FakeVaultServer) -> None:
+    values = [f"value-{number}" for number in range(1500)]
+    tokens = [primary.token_for(value, 1) for value in values]
+    tokenized = runner.invoke(tokenvault, ["tokenize", "--url", primary.url, "--api-key", ADMIN_KEY],
+                              input="\n".join(values) + "\n")
+    assert tokenized.exit_code == 0, tokenized.output[:300]
+    unknown = "tv1_" + "c" * 32
+    result = runner.invoke(tokenvault, ["detokenize", "--json", "--url", primary.url, "--api-key", ADMIN_KEY],
+                           input="\n".join([*tokens, unknown]) + "\n")
+    assert result.exit_code == 0, result.output[:300]
+    assert [len(call.body["tokens"]) for call in primary.calls("/v1/detokenize")] == [1000, 501]
+    assert json.loads(result.stdout) == [*values, None]
+    assert "1 of 1501 tokens are unknown" in result.stderr
+
+
 def test_serve_with_an_invalid_config_is_one_clear_line_and_exit_2(runner: CliRunner, tmp_path: Path) -> None:
     config = tmp_path / "node.toml"
     config.write_text('node_id = "n1"\nthis is not toml\n')

@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import itertools
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -42,15 +43,18 @@ from tokenvault.cli.connection import (EXIT_AUDIT_BROKEN, EXIT_SERVICE_ERROR, EX
                                               Connection, connection_options, fail, group_connection_options,
                                               run_client)
 from tokenvault.client.vault import VaultError
+from tokenvault.crypto.keys import MAX_VALUE_BYTES
 
 AUDIT_PAGE_RECORDS = 1000
 MAX_ITEMS_PER_REQUEST = 1000
+MAX_LINE_CHARS = MAX_VALUE_BYTES  # no node takes a longer value
+MAX_BATCH_CHARS = 4 << 20  # a request's items, half a node's default max_body_bytes
 MAX_CELL_CHARS = 80
 
 
 def _is_utf8(text: str) -> bool:
     """Whether ``text`` is valid UTF-8 as read: Python reads the bytes of a command line (and of stdin, as
-    _read_lines reads it) that are not UTF-8 as lone surrogates, which no request can carry."""
+    _LineBatches reads it) that are not UTF-8 as lone surrogates, which no request can carry."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
@@ -665,36 +669,64 @@ def audit_trim(connection: Connection, through_seq: int, through_hash: str, yes:
                    f"dropped); anchor {result.anchor_hash}")
 
 
-def _read_lines(source: Any, what: str) -> list[str]:
-    """One item a line, each line whole (a value of spaces is a value): empty lines at the end are
-    dropped, one between two items is refused, since skipping it would pair every later output line
-    with the wrong input line. A line that is not valid in the stream's encoding (UTF-8, unless the
-    locale says otherwise) is refused by its number, never shown: it may be a card number. (Read as it
-    was, it stopped the command with a traceback, UnicodeDecodeError while reading or UnicodeEncodeError
-    when sent, depending on how Python had opened stdin.)"""
-    reconfigure = getattr(source, "reconfigure", None)
-    if reconfigure is not None:
-        # Why: bytes that do not decode become lone surrogates, found below with the number of their line;
-        # a strict stream raises mid-read, in a block of lines, before the ones ahead of them are seen.
-        reconfigure(errors="surrogateescape")
-    lines: list[str] = []
-    for number, line in enumerate(source, 1):
-        if not _is_utf8(line):
-            encoding = str(getattr(source, "encoding", None) or "utf-8")
-            named = "UTF-8" if codecs.lookup(encoding).name == "utf-8" else encoding
-            raise click.UsageError(f"line {number} is not valid {named} (it is not shown): give one {what} a "
-                                   f"line, in {named}")
-        lines.append(line.rstrip("\r\n"))
-    while lines and not lines[-1]:
-        lines.pop()
-    empty = next((number for number, line in enumerate(lines, 1) if not line), None)
-    if empty is not None:
-        raise click.UsageError(f"line {empty} is empty: give one {what} a line, with no empty line between")
-    return lines
+class _LineBatches:
+    """The items of a stream, one a line, in the batches they are sent in, each read only when asked for:
+    at most MAX_ITEMS_PER_REQUEST items and MAX_BATCH_CHARS characters, so memory holds one batch whatever
+    the size of the input (it read the whole input first, unbounded). Each line is taken whole (a value of
+    spaces is a value); empty lines at the end are dropped, one between two items is refused, since
+    skipping it would pair every later output line with the wrong input line. A line longer than
+    MAX_LINE_CHARS (no node takes a value longer than 1 MiB) or not valid in the stream's encoding (UTF-8,
+    unless the locale says otherwise) is refused by its number, never shown: it may be a card number.
 
+    A refused line stops the command before the batch holding it is sent. The caller sets ``answered`` to
+    the last line of each batch it has answered and printed, and the error names them, so output line N
+    still answers input line N."""
 
-def _batches(items: list[str]) -> list[list[str]]:
-    return [items[start:start + MAX_ITEMS_PER_REQUEST] for start in range(0, len(items), MAX_ITEMS_PER_REQUEST)]
+    def __init__(self, source: Any, what: str) -> None:
+        reconfigure = getattr(source, "reconfigure", None)
+        if reconfigure is not None:
+            # Why: bytes that do not decode become lone surrogates, found below with the number of their
+            # line; a strict stream raises mid-read, in a block of lines, before the ones ahead are seen.
+            reconfigure(errors="surrogateescape")
+        self._source = source
+        self._what = what
+        self.answered = 0
+
+    def __iter__(self) -> Iterator[tuple[list[str], int]]:
+        """Each batch with the number of its last line."""
+        batch: list[str] = []
+        batch_chars = 0
+        first_empty: int | None = None  # the first of the empty lines read since the last item
+        number = 0
+        while line := self._source.readline(MAX_LINE_CHARS + 2):
+            number += 1
+            item = line.rstrip("\r\n")
+            if not _is_utf8(item):
+                encoding = str(getattr(self._source, "encoding", None) or "utf-8")
+                named = "UTF-8" if codecs.lookup(encoding).name == "utf-8" else encoding
+                raise self._refuse(f"line {number} is not valid {named} (it is not shown): give one {self._what} "
+                                   f"a line, in {named}")
+            if len(item) > MAX_LINE_CHARS:
+                raise self._refuse(f"line {number} is longer than {MAX_LINE_CHARS} characters (it is not shown): "
+                                   f"give one {self._what} a line")
+            if not item:
+                first_empty = first_empty or number
+                continue
+            if first_empty is not None:
+                raise self._refuse(f"line {first_empty} is empty: give one {self._what} a line, with no empty "
+                                   "line between")
+            if batch and (len(batch) == MAX_ITEMS_PER_REQUEST or batch_chars + len(item) > MAX_BATCH_CHARS):
+                yield batch, number - 1
+                batch, batch_chars = [], 0
+            batch.append(item)
+            batch_chars += len(item)
+        if batch:
+            yield batch, number if first_empty is None else first_empty - 1
+
+    def _refuse(self, message: str) -> click.UsageError:
+        if self.answered:
+            message += f" (lines 1 to {self.answered} were answered above)"
+        return click.UsageError(message)
 
 
 @tokenvault.command()
@@ -712,24 +744,28 @@ def tokenize(connection: Connection, idempotency_key: str | None, as_json: bool,
 
     Values are read from stdin only, so they never appear in a command line or shell history.
     """
-    values = _read_lines(sys.stdin, "value")
-    if not values:
+    lines = _LineBatches(sys.stdin, "value")
+    batches = iter(lines)
+    first = next(batches, None)
+    if first is None:
         raise click.UsageError("no values on stdin (one value per line)")
-    batches = _batches(values)
-    if idempotency_key and len(batches) > 1:
-        raise click.UsageError(f"--idempotency-key needs at most {MAX_ITEMS_PER_REQUEST} values")
+    if idempotency_key and next(batches, None) is not None:
+        raise click.UsageError(f"--idempotency-key needs the values to fit one request: at most "
+                               f"{MAX_ITEMS_PER_REQUEST} values and {MAX_BATCH_CHARS} characters")
 
-    async def send() -> list[Any]:
+    async def send() -> None:
         async with connection.client() as vault:
-            return [await vault.tokenize(batch, idempotency_key, token_format=token_format, ttl_seconds=ttl_seconds)
-                    for batch in batches]
+            for batch, last_line in itertools.chain([first], batches):
+                result = await vault.tokenize(batch, idempotency_key, token_format=token_format,
+                                              ttl_seconds=ttl_seconds)
+                if as_json:
+                    click.echo(json.dumps({"epoch": result.epoch, "tokens": list(result.tokens)}))
+                else:
+                    for token in result.tokens:
+                        click.echo(token)
+                lines.answered = last_line
 
-    for result in run_client(send()):
-        if as_json:
-            click.echo(json.dumps({"epoch": result.epoch, "tokens": list(result.tokens)}))
-        else:
-            for token in result.tokens:
-                click.echo(token)
+    run_client(send())
 
 
 @tokenvault.command()
@@ -746,30 +782,44 @@ def detokenize(connection: Connection, tokens: tuple[str, ...], as_json: bool, e
     position = next((number for number, token in enumerate(tokens, 1) if not _is_utf8(token)), None)
     if position is not None:
         raise click.UsageError(f"token argument {position} is not valid UTF-8 (it is not shown)")
-    token_list = list(tokens) or _read_lines(sys.stdin, "token")
-    if not token_list:
+    lines = _LineBatches(sys.stdin, "token")
+    batches: Iterable[tuple[list[str], int]] = lines
+    if tokens:
+        batches = ((list(tokens[start:start + MAX_ITEMS_PER_REQUEST]), min(start + MAX_ITEMS_PER_REQUEST, len(tokens)))
+                   for start in range(0, len(tokens), MAX_ITEMS_PER_REQUEST))
+    batches = iter(batches)
+    first = next(batches, None)
+    if first is None:
         raise click.UsageError("no tokens given (arguments or stdin, one per line)")
 
-    async def send() -> list[str | None]:
+    async def send() -> tuple[int, int]:
+        """Each batch printed once answered; the number of tokens and of unknown ones."""
+        count = unknown = 0
         async with connection.client() as vault:
-            values: list[str | None] = []
-            for batch in _batches(token_list):
-                values.extend(await vault.detokenize(batch, epoch=epoch))
-            return values
+            for batch, last_line in itertools.chain([first], batches):
+                values = await vault.detokenize(batch, epoch=epoch)
+                if as_json:
+                    # One JSON list, written a batch at a time.
+                    items = ", ".join(json.dumps(value, ensure_ascii=False) for value in values)
+                    click.echo(("[" if not count else ", ") + items, nl=False)
+                elif any(value is not None and ("\n" in value or "\r" in value) for value in values):
+                    # One value a line cannot show it: every later line would be paired with the wrong token.
+                    raise click.ClickException(f"a value holds a line break, which one value a line cannot show; "
+                                               f"nothing from token {count + 1} on was printed: run again with "
+                                               "--json")
+                else:
+                    for value in values:
+                        click.echo("" if value is None else value)
+                count += len(values)
+                unknown += sum(value is None for value in values)
+                lines.answered = last_line
+        if as_json:
+            click.echo("]")
+        return count, unknown
 
-    values = run_client(send())
-    if as_json:
-        click.echo(json.dumps(values, ensure_ascii=False))
-    else:
-        if any(value is not None and ("\n" in value or "\r" in value) for value in values):
-            # One value a line cannot show it: every later line would be paired with the wrong token.
-            raise click.ClickException("a value holds a line break, which one value a line cannot show; "
-                                       "nothing was printed: run again with --json")
-        for value in values:
-            click.echo("" if value is None else value)
-    unknown = sum(value is None for value in values)
+    count, unknown = run_client(send())
     if unknown:
-        click.echo(f"{unknown} of {len(values)} tokens are unknown", err=True)
+        click.echo(f"{unknown} of {count} tokens are unknown", err=True)
 
 
 epoch.add_command(lifecycle.epoch_destroy)

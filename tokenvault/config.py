@@ -615,6 +615,13 @@ class NodeConfig:
             ApiKeyTable(self.api_keys)
         except ApiKeyTableError as error:
             raise ConfigError(f"api_keys: {error}") from None
+        # Per-key limits apply by name to these keys only: a name that is none of theirs (a typo, a key
+        # removed) limited nobody, silently.
+        names = {entry.name for entry in self.api_keys}
+        unknown = next((limits.name for limits in self.rate_limits.keys if limits.name not in names), None)
+        if unknown is not None:
+            raise ConfigError(f"rate_limits.keys: {unknown!r} is no [[api_keys]] name (per-key limits apply to "
+                              "the configured keys, by name)")
 
     def _check_key_custody(self) -> None:
         """One key source, and no key file, PIN file or cluster secret beside the data it protects (a copy of

@@ -481,7 +481,11 @@ def test_invalid_connection_and_rate_limits_are_refused(section: str, message: s
 
 
 def test_single_keys_may_have_their_own_rate_limits() -> None:
-    config = parse_config(MINIMAL + """
+    config = parse_config(MINIMAL + f"""
+[[api_keys]]
+name = "bulk-loader"
+sha256 = "{"0" * 64}"
+scopes = ["tokenize"]
 [rate_limits]
 tokenize_per_second = 10
 detokenize_per_second = 20
@@ -510,6 +514,8 @@ detokenize_per_second = 0
     ('[[rate_limits.keys]]\nname = "k"\nquota = 1', "unknown key"),
     ('[[rate_limits.keys]]\nname = "k"\n[[rate_limits.keys]]\nname = "k"', "every name must be unique"),
     ('[rate_limits]\nkeys = 5', "array of tables"),
+    # Per-key limits apply to the configured keys by name; a typo limited nobody (checked on the code before).
+    ('[[rate_limits.keys]]\nname = "admln"\ntokenize_per_second = 5', "'admln' is no [[api_keys]] name"),
 ])
 def test_invalid_key_rate_limits_are_refused(tables: str, message: str) -> None:
     with pytest.raises(ConfigError) as caught:

@@ -257,9 +257,20 @@ def test_a_dead_member_is_removed_by_the_others() -> None:
     cluster.write(b"two voters")
     assert applied_payloads(cluster, "n2") == [b"two voters"]
     # n3 comes back unaware: its polls are dropped by members that no longer count it (its log, fed
-    # nothing from its removal on, is never ahead of theirs).
+    # nothing from its removal on, is never ahead of theirs), and the primary sends it nothing
+    # (docs/failure-modes.md, "A removed node comes back").
     cluster.isolated = set()
     removed = cluster.nodes["n3"].replica
+    primary, view = cluster.primary(), cluster.primary().view
+    sent: list[tuple[str, str, object]] = []
+    cluster.drop = lambda source, destination, message: bool(sent.append((source, destination, message)))
+    cluster.tick(times=4 * removed.config.election_timeout_ticks)
+    assert any(source == "n3" and isinstance(message, PreVote) for source, _, message in sent), "n3 polled"
+    assert [(source, type(message).__name__) for source, destination, message in sent if destination == "n3"] == []
+    assert cluster.primary() is primary and primary.view == view
+    cluster.write(b"still two voters")
+    assert applied_payloads(cluster, "n2") == [b"two voters", b"still two voters"]
+    assert applied_payloads(cluster, "n3") == []
     for node_id in ("n1", "n2"):
         cluster.nodes[node_id].replica.step("n3", RequestVote(99, removed.last_index, removed.last_view))
         assert cluster.nodes[node_id].replica.view < 99

@@ -83,6 +83,21 @@ def test_bucket_state_is_bounded_and_the_least_recently_used_goes_first() -> Non
     assert limiter.check("b", DETOKENIZE) == 0.0  # dropped, so it came back full
 
 
+@pytest.mark.parametrize(("keys", "first_key_kept"), [(10_000 // 3, True), (10_000 // 3 + 1, False)])
+def test_a_process_keeps_10_000_buckets_so_a_third_as_many_keys_never_lose_one(keys: int, first_key_kept: bool) -> None:
+    """docs/security.md, "Bounded state": at most 10,000 buckets in each process that serves HTTP (the
+    default bound), so a key table of fewer than a third as many keys, three kinds each, loses none."""
+    clock = Clock()
+    limit = BucketLimit(rate_per_second=1, burst=1)
+    limiter = RateLimiter({TOKENIZE: limit, DETOKENIZE: limit, ADMIN: limit}, clock=clock)
+    for number in range(keys):
+        for kind in (TOKENIZE, DETOKENIZE, ADMIN):
+            assert limiter.check(f"key-{number}", kind) == 0.0
+    assert len(limiter) == min(3 * keys, 10_000)
+    # A bucket kept is still empty; one dropped comes back full.
+    assert (limiter.check("key-0", TOKENIZE) > 0) is first_key_kept
+
+
 @pytest.mark.parametrize(("wait_seconds", "header"), [(0.001, 1), (0.5, 1), (1.0, 1), (1.01, 2), (59.2, 60)])
 def test_retry_after_is_whole_seconds_rounded_up_and_at_least_one(wait_seconds: float, header: int) -> None:
     assert retry_after_seconds(wait_seconds) == header

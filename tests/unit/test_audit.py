@@ -39,6 +39,30 @@ async def test_concurrent_records_share_few_log_entries_and_each_waits_for_its_o
     await buffer.close()
 
 
+async def test_at_most_four_batches_are_being_committed_at_once():
+    """docs/security.md, "Group commit and fail closed": at most 4 batches of a node are being committed at
+    once; records arriving meanwhile wait for a slot and go in the next batches."""
+    gate = asyncio.Event()
+    in_flight, most = 0, 0
+
+    async def propose(records: tuple[AuditRecord, ...]) -> None:
+        nonlocal in_flight, most
+        in_flight += 1
+        most = max(most, in_flight)
+        await gate.wait()
+        in_flight -= 1
+
+    buffer = AuditBuffer(propose, flush_ms=0, max_batch_records=1, max_pending_records=100)
+    appended = [asyncio.create_task(buffer.append(record(number))) for number in range(10)]
+    for _ in range(50):  # loop turns enough for every batch a free slot lets through to start
+        await asyncio.sleep(0)
+    assert in_flight == 4 and not any(task.done() for task in appended)
+    gate.set()
+    await asyncio.gather(*appended)
+    assert most == 4
+    await buffer.close()
+
+
 async def test_a_record_that_cannot_be_written_fails_its_request_closed():
     buffer = AuditBuffer(Proposer(fail=True), flush_ms=0, max_batch_records=8, max_pending_records=8)
     with pytest.raises(AuditUnavailable):

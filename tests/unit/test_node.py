@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
 from node_support import (SNAPSHOT_SOON, Cluster, Partition, RunningNode, Timing, cluster_with_a_stopped_backup, data_files,
-                          make_configs, retry_until_ok, start_cluster, start_node, wait_until)
+                          make_configs, retry_until_ok, save_backup, start_cluster, start_node, wait_until)
 from protocol import AppendEntries, NotPrimary, Role
 from tokenvault.core import commands
 from tokenvault.core import store as store_module
@@ -788,6 +788,57 @@ async def test_without_a_majority_writes_are_503_and_service_returns_with_it(tmp
         assert outcome.status == 200
         for running in cluster.running():
             assert await running.service.detokenize(tokens) == ["kept-through-outage"]
+    finally:
+        await cluster.close()
+
+
+async def test_a_node_cut_off_from_the_primary_serves_a_key_revoked_meanwhile_only_its_local_admin_reads(
+        tmp_path: Path) -> None:
+    """docs/security.md, "Revocation": a node cut off from the primary still authenticates a key revoked
+    meanwhile, but everything the key could do there needs the primary (tokenize, rotate and key changes are
+    forwarded, a detokenize waits for its audit record, key and epoch listings take a read-index round); what
+    it serves alone is the cluster view, the audit trail and a backup of its own store."""
+    from tokenvault import auth
+
+    cluster = await start_cluster(tmp_path, 3, Timing(request_timeout_ms=600))
+    try:
+        primary = await cluster.wait_for_stable_primary()
+        cut_off = cluster.backups()[0]
+        actor = commands.Actor(name="admin", request_id="r")
+        created = json.loads((await primary.service.create_key("leaked", ["admin", "detokenize"], actor)).body)
+        key = created.pop("key")  # only through the closure below, so no failure message shows it
+
+        def principal_on(running: RunningNode) -> auth.Principal | None:
+            return auth.ApiKeyTable([], running.service.api_key).authenticate(key)
+
+        _, tokens = await tokens_of(primary, ["held-by-the-cut-off-node"])
+        await wait_until(lambda: cut_off.node.store.applied_index >= primary.node.store.applied_index, 5,
+                         "the backup to apply the key and the token")
+        partition = Partition(cluster, cut_off.node_id)
+        assert (await primary.service.revoke_key(created["id"], actor)).status == 200
+        assert principal_on(primary) is None
+        principal = principal_on(cut_off)
+        assert principal is not None and principal.key_id == created["id"], "the cut-off node knows no revocation"
+        needs_the_primary = {
+            "tokenize": lambda: cut_off.service.tokenize("p", ["while-cut-off"], None),
+            "detokenize": lambda: cut_off.service.detokenize(tokens),
+            "rotate": lambda: cut_off.service.rotate_epoch("p", None),
+            "list epochs": cut_off.service.list_epochs,
+            "list keys": cut_off.service.list_keys,
+            "create a key": lambda: cut_off.service.create_key("another", ["admin"], actor),
+            "revoke a key": lambda: cut_off.service.revoke_key(created["id"], actor)}
+        for name, call in needs_the_primary.items():
+            with pytest.raises(ServiceError) as raised:
+                await asyncio.wait_for(call(), 10)
+            assert raised.value.status == 503, name
+        assert {member["id"] for member in (await cut_off.service.cluster_view())["nodes"]} == {
+            running.node_id for running in cluster.running()}
+        assert (await cut_off.service.audit_page(0, 100))["records"]
+        assert (await save_backup(cut_off, tmp_path / "cut-off.backup"))[0] > 0
+        partition.heal()
+        await wait_until(lambda: cut_off.node.store.api_key(created["id"]) is None, 10,
+                         "the healed node to apply the revocation")
+        assert principal_on(cut_off) is None
     finally:
         await cluster.close()
 

@@ -222,6 +222,28 @@ async def test_a_hung_sealer_times_out_is_killed_and_not_used_again() -> None:
         await wait_process_gone(sealer._process)
 
 
+@pytest.mark.parametrize(("request_timeout_ms", "timeout_seconds"), [(5000, 2.0), (4000, 2.0), (3000, 1.5), (600, 0.3)])
+async def test_a_node_waits_for_its_sealer_at_most_two_seconds_or_half_its_request_timeout(
+        monkeypatch: pytest.MonkeyPatch, request_timeout_ms: int, timeout_seconds: float) -> None:
+    """docs/failure-modes.md, "Sealer helper killed, hung or answering wrongly": a hung helper delays the
+    batches waiting on it by at most min(2 s, request timeout / 2), the timeout the node starts it with."""
+    from types import SimpleNamespace
+
+    from tokenvault import serve
+    from tokenvault.config import LimitsConfig, SealerConfig, TimingConfig
+
+    asked: list[float] = []
+
+    async def start(**arguments: object) -> None:
+        asked.append(arguments["timeout_seconds"])  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Sealer, "start", start)
+    config = SimpleNamespace(sealer=SealerConfig(), limits=LimitsConfig(),
+                             timing=TimingConfig(request_timeout_ms=request_timeout_ms))
+    await serve._start_sealer(SimpleNamespace(config=config))  # type: ignore[arg-type]
+    assert asked == [timeout_seconds]
+
+
 async def test_the_sealer_exits_when_its_node_is_killed(tmp_path: Path) -> None:
     script = (
         "import asyncio, sys\n"

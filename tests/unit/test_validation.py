@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from typing import Any
 
 import pytest
@@ -81,20 +80,20 @@ def test_bodies_no_allowed_request_looks_like_are_refused(body: bytes, error: ty
         check_json_structure(body, max_json_values(LimitsConfig()))
 
 
-@pytest.mark.parametrize("body", [
-    b'"' + b'\\"' * (4 * 1024 * 1024),  # one string that never closes: a backtracking scan is quadratic here
-    b'"' * (8 * 1024 * 1024),
-    b'"' + b"\\" * (8 * 1024 * 1024) + b'"',
-    b"[" + b'"a",' * (2 * 1024 * 1024) + b"]",
+@pytest.mark.parametrize(("body", "outcome"), [
+    (b'"' + b'\\"' * (4 * 1024 * 1024), InvalidRequest),  # one string that never closes: a backtracking scan is quadratic here
+    (b'"' * (8 * 1024 * 1024), PayloadTooLarge),
+    (b'"' + b"\\" * (8 * 1024 * 1024) + b'"', None),
+    (b"[" + b'"a",' * (2 * 1024 * 1024) + b"]", PayloadTooLarge),
 ])
-def test_hostile_bodies_of_8_mib_are_scanned_in_linear_time(body: bytes) -> None:
-    started = time.perf_counter()
-    try:
+def test_hostile_bodies_of_8_mib_are_refused_or_passed_from_their_bytes(body: bytes, outcome: type | None) -> None:
+    """Each is judged from its bytes alone, in a few passes at C speed; the time per MiB, flat from 1 to 8 MiB,
+    is bench/body_scan.py's (docs/performance.md, "The body scan"), not asserted here."""
+    if outcome is None:
         check_json_structure(body, max_json_values(LimitsConfig()))
-    except (InvalidRequest, PayloadTooLarge):
-        pass
-    # About 50 ms on the development machine; a quadratic scan takes minutes.
-    assert time.perf_counter() - started < 2.0
+    else:
+        with pytest.raises(outcome):
+            check_json_structure(body, max_json_values(LimitsConfig()))
 
 
 def test_the_slack_leaves_room_for_small_optional_members() -> None:

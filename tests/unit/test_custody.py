@@ -572,6 +572,10 @@ async def test_a_copy_of_a_data_directory_holds_no_value_and_no_key(tmp_path: Pa
         # With the master key as well: every value.
         ring = KeyRing.from_wrapped(master_key, [(record.epoch, record.wrapped_secret) for record in records])
         assert [ring.decrypt(token, ciphertexts[token]) for token in epoch1] == values
+        # The equality that leaks, as said above: a value sealed again in its epoch gives the same token and
+        # ciphertext as the stored ones (deterministic encryption); in the next epoch, others.
+        assert ring.get(1).seal_many(values[:3]) == [(token, ciphertexts[token]) for token in epoch1[:3]]
+        assert ring.get(2).seal_many(values[:1]) == [(epoch2[0], ciphertexts[epoch2[0]])]
     finally:
         store.close()
 

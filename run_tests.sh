@@ -14,4 +14,5 @@ if [ ! -f "$stamp" ]; then
     rm -f "$VENV"/.installed-*
     touch "$stamp"
 fi
-exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@"
+# -rs: each skipped test says why (a missing system package, no root).
+exec "$VENV/bin/python" -m pytest -q -rs -p no:cacheprovider "$@"

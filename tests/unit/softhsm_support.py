@@ -15,6 +15,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -25,6 +26,7 @@ TOKEN_LABEL = "tokenvault-test"
 USER_PIN = "4711-user-pin"
 SECURITY_OFFICER_PIN = "8642-so-pin"
 MASTER_KEY_LABEL = "tokenvault-master"
+REQUIRE_SOFTHSM_VARIABLE = "TOKENVAULT_REQUIRE_SOFTHSM"
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,12 +44,21 @@ class SoftHsm:
         return {"SOFTHSM2_CONF": str(self.conf)}
 
 
+def softhsm_missing(reason: str) -> NoReturn:
+    """Without SoftHSM2 the PKCS#11 custody tests cannot run: skipped, saying why, on a machine that lacks
+    it (a newcomer's ./run_tests.sh passes there); a failure where TOKENVAULT_REQUIRE_SOFTHSM is set, as
+    .ci/run sets it after installing the package, so CI never skips them unseen."""
+    message = f"{reason} (apt-get install softhsm2; .ci/run installs it): the PKCS#11 key custody tests need it"
+    if os.environ.get(REQUIRE_SOFTHSM_VARIABLE):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
 def softhsm_module() -> Path:
     for candidate in MODULE_CANDIDATES:
         if candidate.is_file():
             return candidate
-    pytest.fail("SoftHSM2 is not installed (apt-get install softhsm2; .ci/run installs it): the PKCS#11 key "
-                "custody tests need it")
+    softhsm_missing("SoftHSM2 is not installed")
 
 
 def make_softhsm(directory: Path) -> SoftHsm:
@@ -55,7 +66,7 @@ def make_softhsm(directory: Path) -> SoftHsm:
     utility = shutil.which("softhsm2-util")
     module = softhsm_module()
     if utility is None:
-        pytest.fail("softhsm2-util is not on PATH (apt-get install softhsm2)")
+        softhsm_missing("softhsm2-util is not on PATH")
     tokens = directory / "tokens"
     tokens.mkdir(parents=True)
     softhsm = SoftHsm(directory, module)

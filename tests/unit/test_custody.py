@@ -37,7 +37,8 @@ import pytest
 
 
 from node_support import child_pids, make_configs, start_node, wait_until
-from softhsm_support import MASTER_KEY_LABEL, SoftHsm, create_aes_key, import_aes_key, make_softhsm
+from softhsm_support import (MASTER_KEY_LABEL, REQUIRE_SOFTHSM_VARIABLE, SoftHsm, create_aes_key, import_aes_key,
+                             make_softhsm, softhsm_missing)
 from tokenvault.config import ConfigError, NodeConfig, Pkcs11Config, parse_config, to_toml, write_node_config
 from tokenvault.crypto.keys import (WRAPPED_SECRET_BYTES, KeyCustodyError, KeyRing, MasterKey, UnwrapError,
                                new_epoch_secret)
@@ -609,3 +610,16 @@ async def test_a_token_that_cannot_wrap_logs_epoch_wrap_failed_with_its_reason_c
     assert [entry for entry in working if entry["event"] == "epoch.wrap_failed"] == []
     assert [entry for entry in failing if entry["event"] == "epoch.wrap_failed"] == [
         {"event": "epoch.wrap_failed", "log_level": "error", "logger": "service", "reason": reason[:300]}]
+
+
+def test_without_softhsm_the_custody_tests_skip_saying_why_and_fail_where_ci_requires_them(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A newcomer's ./run_tests.sh on a machine without SoftHSM2 skips them with the reason (they failed);
+    .ci/run, which installs it, sets TOKENVAULT_REQUIRE_SOFTHSM so that they can never be skipped there."""
+    monkeypatch.delenv(REQUIRE_SOFTHSM_VARIABLE, raising=False)
+    with pytest.raises(pytest.skip.Exception, match="SoftHSM2 is not installed .apt-get install softhsm2"):
+        softhsm_missing("SoftHSM2 is not installed")
+    monkeypatch.setenv(REQUIRE_SOFTHSM_VARIABLE, "1")
+    with pytest.raises(pytest.fail.Exception, match="SoftHSM2 is not installed"):
+        softhsm_missing("SoftHSM2 is not installed")
+    assert f"export {REQUIRE_SOFTHSM_VARIABLE}=1" in (Path(__file__).parents[2] / ".ci" / "run").read_text()

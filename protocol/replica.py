@@ -77,7 +77,8 @@ class Replica:
         self._floors_held: tuple[tuple[str, int], ...] | None = None  # ``floors``, until one changes
         self._polls = 0  # numbers this node's pre-votes (PreVote.poll)
         self._appends_sent = 0  # numbers this node's appends (AppendEntries.sequence)
-        self._announced_commit_index: int | None = None  # the highest Heartbeat.cluster_commit_index heard
+        # primary_commit_index: the first commit index this node learnt the cluster had reached since its start.
+        self._first_known_commit_index: int | None = None
         self._floors_reported: dict[str, int] = {}  # per member, the floor it was last reported below
         hard_state = restored.hard_state
         # A crash between writing entries and writing the hard state of the same batch can
@@ -193,12 +194,13 @@ class Replica:
 
     @property
     def primary_commit_index(self) -> int | None:
-        """How far the cluster has committed, as far as this node has been told: on a primary that has
-        committed an entry of its view, its commit index; otherwise the highest such commit index a primary
-        announced to it in a heartbeat (Heartbeat.cluster_commit_index). None until either is known."""
-        if self._committed_in_current_view():
-            return self._commit_index
-        return self._announced_commit_index
+        """How far the cluster had committed when this node first learnt it after its start: the first
+        commit index a primary announced to it in a heartbeat (Heartbeat.cluster_commit_index), or, as a
+        primary, its own first commit in its view, whichever came first. None until then. It does not move
+        after: the driver logs node.recovered once its store has applied it, and a target that rose with
+        every heartbeat (or every commit) would never be reached by a node that keeps pace with the writes
+        from behind, as a restarted backup catching up under a steady load does."""
+        return self._first_known_commit_index
 
     @property
     def may_campaign(self) -> bool:
@@ -903,8 +905,8 @@ class Replica:
             return
         # The primary sends min(commit, our match index), which our log is known to agree with.
         self._commit_to(min(message.commit_index, self._log.last_index))
-        if message.cluster_commit_index:
-            self._announced_commit_index = max(self._announced_commit_index or 0, message.cluster_commit_index)
+        if message.cluster_commit_index and self._first_known_commit_index is None:
+            self._first_known_commit_index = message.cluster_commit_index
         members = self._membership.ids
         for member, floor in message.floors:
             if member in members:
@@ -1202,6 +1204,8 @@ class Replica:
         candidate = min(durable[self._commit_quorum_size() - 1], self._persisted_index)
         if candidate > self._commit_index and self._may_commit_entry_of_view(self._log.view_at(candidate)):
             self._commit_index = candidate
+            if self._first_known_commit_index is None:
+                self._first_known_commit_index = candidate
             self._step_down_if_removed()
 
     def _commit_quorum_size(self) -> int:

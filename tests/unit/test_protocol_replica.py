@@ -695,7 +695,7 @@ def test_a_restarted_node_learns_how_far_the_cluster_committed_from_heartbeats_o
     assert cluster.nodes["n3"].replica.primary_commit_index is None
     cluster.tick(times=interval)
     assert cluster.nodes["n3"].replica.primary_commit_index == primary.commit_index == primary.last_index
-    assert primary.primary_commit_index == primary.commit_index
+    assert primary.primary_commit_index == 1 < primary.commit_index  # its first commit in its view: its no-op
     # n2 leads a new view; the acknowledgements of its no-op are lost, so it has committed nothing in it.
     cluster.isolated = {"n1"}
     cluster.drop = lambda source, destination, message: isinstance(message, AppendReply)
@@ -713,6 +713,33 @@ def test_a_restarted_node_learns_how_far_the_cluster_committed_from_heartbeats_o
     cluster.drop = lambda source, destination, message: False
     cluster.tick(("n2", "n3"), times=2 * interval)
     assert cluster.nodes[other].replica.primary_commit_index == leader.commit_index == leader.last_index
+
+
+def test_a_backup_kept_behind_by_a_steady_write_load_reaches_the_commit_index_it_was_first_told_of() -> None:
+    """node.recovered waits until the store has applied Replica.primary_commit_index: what the cluster had
+    committed when this node first heard of it after its start (docs/logs.md). A restarted backup that
+    catches up at the pace of the writes stays the same distance behind the primary's commit index; it
+    has applied everything it missed once it passes the first one announced. Before, the target was the
+    highest commit index announced, which rose with every heartbeat: such a backup never reached it, and
+    node.recovered never came while the writes went on."""
+    entries = tuple(Entry(index, 1, EntryKind.NOOP if index == 1 else EntryKind.COMMAND, b"e%d" % index)
+                    for index in range(1, 6))
+    backup = make_replica("n3", ("n1", "n2", "n3"), RestoredState(HardState(1, "n1", 5), 0, 0, entries))
+    drain(backup)
+    applied = 5
+    reached = []
+    cluster_commit = 10  # the cluster went on while n3 was down
+    for _ in range(6):
+        last = backup.last_index
+        backup.step("n1", Heartbeat(1, min(cluster_commit, last), 0, (), cluster_commit))
+        applied = max([applied] + [entry.index for entry in committed(drain(backup))])
+        new = tuple(Entry(index, 1, EntryKind.COMMAND, b"e%d" % index) for index in range(last + 1, last + 3))
+        backup.step("n1", AppendEntries(1, last, 1, cluster_commit, new, 1))
+        applied = max([applied] + [entry.index for entry in committed(drain(backup))])
+        reached.append(applied >= (backup.primary_commit_index or 0) > 0)
+        cluster_commit += 2  # two more writes committed by n1 and n2 while n3 took in two
+    assert reached == [False, False, True, True, True, True]
+    assert backup.primary_commit_index == 10, "the first commit index announced after the start"
 
 
 def test_heartbeats_carry_each_members_floor_to_every_node_and_a_restart_keeps_them() -> None:

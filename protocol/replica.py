@@ -1099,8 +1099,8 @@ class Replica:
 
     def _on_append_reply(self, sender: str, message: AppendReply) -> None:
         progress = self._progress.get(sender) if self._role is Role.PRIMARY else None
-        if progress is None or message.index > self._log.last_index:
-            return
+        if progress is None or message.index > self._log.last_index or message.sequence > self._appends_sent:
+            return  # of no position or no append of this primary's
         if message.success:
             if progress.acknowledge(message.index, self._appends_sent):
                 self._maybe_commit()

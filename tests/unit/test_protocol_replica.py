@@ -683,6 +683,27 @@ def test_a_stale_refusal_delivered_after_the_acknowledgement_is_not_taken_for_lo
     assert primary.progress()["n3"][0] == primary.last_index == acknowledged + 1
 
 
+def test_a_reply_echoing_a_sequence_the_primary_never_sent_is_dropped() -> None:
+    """AppendReply.sequence echoes an append of this primary: its counter bounds it (a peer frame is
+    hostile input). A refusal at what the backup acknowledged, echoing a sequence past every append
+    sent, answers nothing this primary sent: dropped, not taken for lost entries (before, anything past
+    the counter noted at the acknowledgement was taken for an answer to a later append)."""
+    cluster, primary = three_with_entries(3, b"entry")
+    acknowledged = primary.progress()["n3"][0]
+    cluster.isolated = {"n3"}
+    primary.propose(b"one-more")
+    cluster.settle()
+    primary.step("n3", AppendReply(primary.view, False, acknowledged + 1, acknowledged, primary.view, 0))
+    assert primary.progress()["n3"] == (acknowledged, acknowledged + 1)  # probing just past it
+    for sequence in (2**63 - 1, 10**6):
+        primary.step("n3", AppendReply(primary.view, False, acknowledged, acknowledged - 1, primary.view, sequence))
+        cluster.process("n1")
+    assert not loss_reports(cluster)
+    cluster.isolated = set()
+    cluster.tick(times=4 * primary.config.heartbeat_interval_ticks)
+    assert not loss_reports(cluster) and primary.progress()["n3"][0] == primary.last_index
+
+
 def test_a_restarted_node_learns_how_far_the_cluster_committed_from_heartbeats_once_its_primary_committed() -> None:
     """Replica.primary_commit_index (node.recovered waits for the store to reach it): a backup restarted in a
     quiet cluster, where no append is due, learns it from the next heartbeat; a new primary announces

@@ -77,7 +77,6 @@ class Replica:
         self._floors_held: tuple[tuple[str, int], ...] | None = None  # ``floors``, until one changes
         self._polls = 0  # numbers this node's pre-votes (PreVote.poll)
         self._appends_sent = 0  # numbers this node's appends (AppendEntries.sequence)
-        # primary_commit_index: the first commit index this node learnt the cluster had reached since its start.
         self._first_known_commit_index: int | None = None
         self._floors_reported: dict[str, int] = {}  # per member, the floor it was last reported below
         hard_state = restored.hard_state
@@ -193,7 +192,7 @@ class Replica:
         return self._log.base_index if index is None else index
 
     @property
-    def primary_commit_index(self) -> int | None:
+    def first_known_commit_index(self) -> int | None:
         """How far the cluster had committed when this node first learnt it after its start: the first
         commit index a primary announced to it in a heartbeat (Heartbeat.cluster_commit_index), or, as a
         primary, its own first commit in its view, whichever came first. None until then. It does not move

@@ -705,7 +705,7 @@ def test_a_reply_echoing_a_sequence_the_primary_never_sent_is_dropped() -> None:
 
 
 def test_a_restarted_node_learns_how_far_the_cluster_committed_from_heartbeats_once_its_primary_committed() -> None:
-    """Replica.primary_commit_index (node.recovered waits for the store to reach it): a backup restarted in a
+    """Replica.first_known_commit_index (node.recovered waits for the store to reach it): a backup restarted in a
     quiet cluster, where no append is due, learns it from the next heartbeat; a new primary announces
     nothing until it has committed an entry of its view, since its commit index may be one it restored,
     older than what the cluster had committed (a backup would take itself for caught up too early)."""
@@ -713,10 +713,10 @@ def test_a_restarted_node_learns_how_far_the_cluster_committed_from_heartbeats_o
     interval = primary.config.heartbeat_interval_ticks
     cluster.tick(times=interval)
     cluster.restart("n3")
-    assert cluster.nodes["n3"].replica.primary_commit_index is None
+    assert cluster.nodes["n3"].replica.first_known_commit_index is None
     cluster.tick(times=interval)
-    assert cluster.nodes["n3"].replica.primary_commit_index == primary.commit_index == primary.last_index
-    assert primary.primary_commit_index == 1 < primary.commit_index  # its first commit in its view: its no-op
+    assert cluster.nodes["n3"].replica.first_known_commit_index == primary.commit_index == primary.last_index
+    assert primary.first_known_commit_index == 1 < primary.commit_index  # its first commit in its view: its no-op
     # n2 leads a new view; the acknowledgements of its no-op are lost, so it has committed nothing in it.
     cluster.isolated = {"n1"}
     cluster.drop = lambda source, destination, message: isinstance(message, AppendReply)
@@ -730,14 +730,14 @@ def test_a_restarted_node_learns_how_far_the_cluster_committed_from_heartbeats_o
     cluster.restart(other)
     cluster.tick(("n2", "n3"), times=2 * interval)
     assert leader.commit_index == primary.last_index < leader.last_index  # its no-op is not committed
-    assert cluster.nodes[other].replica.primary_commit_index is None
+    assert cluster.nodes[other].replica.first_known_commit_index is None
     cluster.drop = lambda source, destination, message: False
     cluster.tick(("n2", "n3"), times=2 * interval)
-    assert cluster.nodes[other].replica.primary_commit_index == leader.commit_index == leader.last_index
+    assert cluster.nodes[other].replica.first_known_commit_index == leader.commit_index == leader.last_index
 
 
 def test_a_backup_kept_behind_by_a_steady_write_load_reaches_the_commit_index_it_was_first_told_of() -> None:
-    """node.recovered waits until the store has applied Replica.primary_commit_index: what the cluster had
+    """node.recovered waits until the store has applied Replica.first_known_commit_index: what the cluster had
     committed when this node first heard of it after its start (docs/logs.md). A restarted backup that
     catches up at the pace of the writes stays the same distance behind the primary's commit index; it
     has applied everything it missed once it passes the first one announced. Before, the target was the
@@ -757,10 +757,10 @@ def test_a_backup_kept_behind_by_a_steady_write_load_reaches_the_commit_index_it
         new = tuple(Entry(index, 1, EntryKind.COMMAND, b"e%d" % index) for index in range(last + 1, last + 3))
         backup.step("n1", AppendEntries(1, last, 1, cluster_commit, new, 1))
         applied = max([applied] + [entry.index for entry in committed(drain(backup))])
-        reached.append(applied >= (backup.primary_commit_index or 0) > 0)
+        reached.append(applied >= (backup.first_known_commit_index or 0) > 0)
         cluster_commit += 2  # two more writes committed by n1 and n2 while n3 took in two
     assert reached == [False, False, True, True, True, True]
-    assert backup.primary_commit_index == 10, "the first commit index announced after the start"
+    assert backup.first_known_commit_index == 10, "the first commit index announced after the start"
 
 
 def test_heartbeats_carry_each_members_floor_to_every_node_and_a_restart_keeps_them() -> None:

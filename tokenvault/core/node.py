@@ -694,8 +694,8 @@ class Node:
         """node.recovered, once: this node's store has applied what a primary had committed when its first
         heartbeat after this start said so (Heartbeat.cluster_commit_index; as the primary, what it first committed
         in its view): it has caught up since its start, by its log or by a snapshot. The target does not move
-        (Replica.primary_commit_index), so a node that keeps pace with the writes from behind reaches it."""
-        target = self.replica.primary_commit_index
+        (Replica.first_known_commit_index), so a node that keeps pace with the writes from behind reaches it."""
+        target = self.replica.first_known_commit_index
         if self._recovery is None or target is None or self.store.applied_index < target:
             return
         log.info("node.recovered", **self._recovery, caught_up_index=self.store.applied_index,

@@ -126,7 +126,9 @@ async def test_a_frame_over_the_bound_closes_the_channel_before_it_is_buffered()
     worker_socket.close()
 
 
-@pytest.mark.parametrize("message", [[], [9, 1], [0, "id", "m", {}], [1], "not an array", [3, 5, None]])
+# msgpack's true is an integer to Python: as a kind it read as REPLY, as an id as call 1.
+@pytest.mark.parametrize("message", [[], [9, 1], [0, "id", "m", {}], [1], "not an array", [3, 5, None],
+                                     [0, True, "m", {}], [True, 1, False, None], [4, False]])
 async def test_messages_out_of_shape_close_the_channel(message: object) -> None:
     core_socket, worker_socket = socket.socketpair()
     reader, writer = await asyncio.open_unix_connection(sock=core_socket)
@@ -135,6 +137,42 @@ async def test_messages_out_of_shape_close_the_channel(message: object) -> None:
     worker_socket.sendall(struct.pack(">I", len(frame)) + frame)
     await asyncio.wait_for(core.closed.wait(), 5)
     worker_socket.close()
+
+
+async def test_a_call_that_reuses_the_id_of_a_call_still_served_closes_the_channel() -> None:
+    """Call ids are the caller's own, and a hostile or buggy worker may send one twice while the first
+    is served: the two could no longer be told apart (a CANCEL marked only the later one given up, and
+    the first one's end forgot the later one, whose CANCEL then reached nothing). Such a call closes the
+    channel, as a frame out of shape does; the calls it was serving see their caller gone."""
+    gate = asyncio.Event()
+    served: list[Any] = []
+
+    async def slow(arguments: dict[str, Any]) -> Any:
+        served.append(current_call())
+        await gate.wait()
+        return None
+
+    core_socket, worker_socket = socket.socketpair()
+    reader, writer = await asyncio.open_unix_connection(sock=core_socket)
+    core = Channel(reader, writer, handlers={"slow": slow}, max_frame_bytes=FRAME_BYTES, name="core").start()
+
+    def send(message: list[Any]) -> None:
+        frame = msgpack.packb(message)
+        worker_socket.sendall(struct.pack(">I", len(frame)) + frame)
+
+    try:
+        send([0, 7, "slow", {}])
+        await wait_until(lambda: served, 5.0, "the first call to be served")
+        send([0, 8, "slow", {}])  # another id: served beside it
+        await wait_until(lambda: len(served) == 2, 5.0, "the second call to be served")
+        assert not core.closed.is_set()
+        send([0, 7, "slow", {}])
+        await wait_until(core.closed.is_set, 5.0, "the channel to close on an id in use")
+        assert len(served) == 2 and all(call.caller_gone for call in served)
+    finally:
+        gate.set()
+        worker_socket.close()
+        await core.close()
 
 
 async def test_the_key_table_push_reaches_the_worker_and_a_malformed_one_refuses_every_runtime_key() -> None:

@@ -15,7 +15,9 @@ with them), decoded with bounds on every container and on the whole (``decode_me
 Four kinds of message:
 
 - ``[CALL, id, method, arguments]``: either side asks (a worker calls the
-  core's service; the core asks a worker for its metrics); ``arguments`` is a map.
+  core's service; the core asks a worker for its metrics); ``arguments`` is a map. ``id`` is
+  the caller's (an integer, never reused): a call whose id is still in use on the receiving side
+  closes the channel, as any frame out of shape does.
 - ``[REPLY, id, is_outcome, result]``: the answer; an ``Outcome`` travels as
   ``[status, body, replayed]`` with ``is_outcome`` true.
 - ``[FAIL, id, status, problem, detail, headers, no_effect]``: a ServiceError,
@@ -311,26 +313,32 @@ class Channel:
     def _dispatch(self, message: object) -> None:
         if not isinstance(message, list) or not message:
             raise ChannelProtocolError("a message is not a non-empty array")
-        kind = message[0]
-        if kind == CALL and len(message) == 4 and isinstance(message[1], int) and isinstance(message[2], str) \
+        # The kind and a call's id are plain integers: msgpack's true is no REPLY, nor call 1's id.
+        kind = message[0] if type(message[0]) is int else None
+        call_id = message[1] if len(message) > 1 and type(message[1]) is int else None
+        if kind == CALL and len(message) == 4 and call_id is not None and isinstance(message[2], str) \
                 and isinstance(message[3], dict):
-            self._serve(message[1], message[2], message[3])
-        elif kind == REPLY and len(message) == 4 and isinstance(message[1], int):
-            future = self._waiting.get(message[1])
+            if call_id in self._served or call_id in self._abandon_callbacks:
+                # An id still in use here (served, or its abandon still awaited): its CANCEL, its
+                # answer and its served call could no longer be told from the other's.
+                raise ChannelProtocolError("a call whose id is in use")
+            self._serve(call_id, message[2], message[3])
+        elif kind == REPLY and len(message) == 4 and call_id is not None:
+            future = self._waiting.get(call_id)
             if future is not None and not future.done():
                 future.set_result(_decode_result(message[2], message[3]))
-        elif kind == FAIL and len(message) == 7 and isinstance(message[1], int):
-            future = self._waiting.get(message[1])
+        elif kind == FAIL and len(message) == 7 and call_id is not None:
+            future = self._waiting.get(call_id)
             if future is not None and not future.done():
                 future.set_exception(decode_failure(message[2:]))
         elif kind == PUSH and len(message) == 3 and isinstance(message[1], str):
             if self._on_push is not None:
                 self._on_push(message[1], message[2])
-        elif kind == CANCEL and len(message) == 2 and isinstance(message[1], int):
-            served = self._served.get(message[1])
+        elif kind == CANCEL and len(message) == 2 and call_id is not None:
+            served = self._served.get(call_id)
             if served is not None:
                 served.abandoned = True
-            abandon = self._abandon_callbacks.pop(message[1], None)
+            abandon = self._abandon_callbacks.pop(call_id, None)
             if abandon is not None:
                 abandon()
         else:

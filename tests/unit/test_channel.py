@@ -22,8 +22,8 @@ from tokenvault.api.http import HttpLimits
 from tokenvault.api.remote import EPOCH_TOPIC, RemoteService, _decode_epoch_keys, decode_key_rows
 from tokenvault.crypto.keys import EpochKeys, new_epoch_secret
 from tokenvault.config import HttpConfig, LimitsConfig, RateLimitsConfig
-from tokenvault.errors import (IdempotencyMismatch, InvalidRequest, Outcome, PayloadTooLarge, RateLimited, Unavailable,
-                               problem_body_of)
+from tokenvault.errors import (IdempotencyMismatch, InvalidRequest, Outcome, PayloadTooLarge, RateLimited,
+                               ServiceError, Unauthenticated, Unavailable, problem_body_of)
 from tokenvault.metrics import Metrics
 
 FRAME_BYTES = 64 * 1024
@@ -250,6 +250,65 @@ def test_the_node_exposition_merges_the_core_and_every_worker() -> None:
     # The core holds no HTTP family and a worker no replication family: nothing is shown twice.
     assert "tokenvault_http_requests" not in core.render()[0].decode()
     assert "tokenvault_commit_index" not in first.render()[0].decode()
+
+
+@pytest.mark.parametrize("status", [101, 204, 205, 304, 600, -1, True])
+async def test_an_outcome_whose_status_cannot_carry_its_body_is_refused_by_the_worker(status: int) -> None:
+    """A worker writes its core's Outcome to its client as status and JSON body: a 1xx, 204, 205 or 304
+    with a body, or a status no HTTP answer has, would desynchronise the client's connection (the body
+    read as the next answer). The worker refuses such an answer as out of shape (its channel closes: the
+    call fails 503) instead of passing it on."""
+    async def corrupt(arguments: dict[str, Any]) -> Outcome:
+        return Outcome(status, b'{"epoch":1,"tokens":[]}', False)
+
+    async def fine(arguments: dict[str, Any]) -> Outcome:
+        return Outcome(201, b'{"epoch":2}', False)
+
+    core, worker = await pair({"corrupt": corrupt, "fine": fine})
+    try:
+        assert await worker.call("fine", {}) == Outcome(201, b'{"epoch":2}', False)
+        with pytest.raises(Unavailable):
+            await asyncio.wait_for(worker.call("corrupt", {}), 5)
+    finally:
+        await core.close()
+        await worker.close()
+
+
+@pytest.mark.parametrize("headers", [{"Content-Length": "0"}, {"transfer-encoding": "chunked"},
+                                     {"Connection": "keep-alive"}, {"Content-Type": "text/html"},
+                                     {"X-Split\r\nContent-Length": "0"}, {"Retry-After": "1\r\nContent-Length: 0"},
+                                     {"": "1"}, {"Retry-After": "1" * 2000}])
+async def test_a_failure_whose_headers_would_frame_the_http_answer_is_a_plain_503(headers: dict[str, str]) -> None:
+    """A worker writes a failure's headers into its HTTP answer, before its own Content-Length: a core's
+    failure that names a header the server frames the answer with (a second Content-Length, a
+    Transfer-Encoding, ...) or one no header may be would split or desynchronise the client's
+    connection. Such a failure is out of shape: the worker answers a plain 503 without its headers, and
+    the headers the project's errors carry still pass."""
+    async def corrupt(arguments: dict[str, Any]) -> Any:
+        raise _with_headers(RateLimited("slow down", retry_after_seconds=2), headers)
+
+    async def challenged(arguments: dict[str, Any]) -> Any:
+        raise Unauthenticated("unknown API key", headers={"WWW-Authenticate": 'Bearer realm="tokenvault"'})
+
+    core, worker = await pair({"corrupt": corrupt, "challenged": challenged})
+    try:
+        with pytest.raises(Unavailable) as refused:
+            await asyncio.wait_for(worker.call("corrupt", {}), 5)
+        assert not isinstance(refused.value, RateLimited) and refused.value.status == 503
+        assert all(refused.value.headers.get(name) != value for name, value in headers.items())
+        assert not {name.lower() for name in refused.value.headers} & {"content-length", "transfer-encoding",
+                                                                       "connection", "content-type"}
+        with pytest.raises(Unauthenticated) as passed:
+            await worker.call("challenged", {})
+        assert passed.value.headers == {"WWW-Authenticate": 'Bearer realm="tokenvault"'}
+    finally:
+        await core.close()
+        await worker.close()
+
+
+def _with_headers(error: ServiceError, headers: dict[str, str]) -> ServiceError:
+    error.headers.update(headers)
+    return error
 
 
 async def test_a_value_msgpack_cannot_carry_is_a_400_for_a_call_and_a_503_for_an_answer() -> None:

@@ -19,10 +19,13 @@ Four kinds of message:
   the caller's (an integer, never reused): a call whose id is still in use on the receiving side
   closes the channel, as any frame out of shape does.
 - ``[REPLY, id, is_outcome, result]``: the answer; an ``Outcome`` travels as
-  ``[status, body, replayed]`` with ``is_outcome`` true.
+  ``[status, body, replayed]`` with ``is_outcome`` true (a status that cannot carry a body, 1xx, 204,
+  205, 304 or past 599, is out of shape and closes the channel: the worker writes it to its client).
 - ``[FAIL, id, status, problem, detail, headers, no_effect]``: a ServiceError,
   rebuilt on the caller's side as the same class (tokenvault.errors.error_from_problem),
-  so a worker answers exactly what the single process would have answered.
+  so a worker answers exactly what the single process would have answered. A header that frames the
+  HTTP answer (Content-Length, Transfer-Encoding, Connection, ...) or is no header name or value makes
+  the failure out of shape: the worker answers 503.
 - ``[PUSH, topic, payload]``: one-way news, core to worker (the runtime key
   table after every change, so a revoked key is refused by every worker).
 - ``[CANCEL, id]``: the caller gave up on call ``id`` (its request was
@@ -53,6 +56,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import itertools
+import re
 import struct
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -103,6 +107,14 @@ _INTERNAL_TITLE = "Service unavailable"
 # and byte strings (a value, a body, a backup chunk, the metrics page) are bounded by the frame alone.
 MAX_CONTAINER_ITEMS = MAX_ITEMS
 MAX_FRAME_ELEMENTS = 10 * MAX_ITEMS
+
+# What a worker takes from its core's answers to write into an HTTP answer (_decode_result,
+# decode_failure): a status that carries a body, and headers that do not frame the answer.
+_BODILESS_STATUSES = frozenset({204, 205, 304})
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}")
+_HEADER_VALUE = re.compile(r"[\t\x20-\x7e]{0,1024}")
+_SERVER_HEADERS = frozenset({"content-length", "transfer-encoding", "content-type", "content-encoding", "connection",
+                             "keep-alive", "upgrade", "te", "trailer", "date"})
 
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
 PushHandler = Callable[[str, Any], None]
@@ -446,11 +458,26 @@ def decode_message(frame: bytes) -> Any:
 
 def _decode_result(is_outcome: object, result: Any) -> Any:
     if is_outcome is True:
-        if (not isinstance(result, list) or len(result) != 3 or not isinstance(result[0], int)
+        if (not isinstance(result, list) or len(result) != 3 or not _is_outcome_status(result[0])
                 or not isinstance(result[1], bytes) or not isinstance(result[2], bool)):
             raise ChannelProtocolError("an outcome out of shape")
         return Outcome(result[0], result[1], result[2])
     return result
+
+
+def _is_outcome_status(status: object) -> bool:
+    """Whether an Outcome may carry ``status``: the worker answers it with its body as JSON, which 1xx,
+    204, 205 and 304 answers cannot carry (a client or proxy would read the body as the next answer)."""
+    return type(status) is int and 200 <= status <= 599 and status not in _BODILESS_STATUSES
+
+
+def _is_failure_header(name: object, value: object) -> bool:
+    """Whether a failure may carry the header ``name: value`` to the client: a header name (an RFC 9110
+    token) that is not one the HTTP server writes itself or that frames the answer, and a value of
+    visible ASCII, spaces and tabs. Every header an error of this project carries passes (Retry-After,
+    WWW-Authenticate, Allow)."""
+    return (isinstance(name, str) and isinstance(value, str) and _HEADER_NAME.fullmatch(name) is not None
+            and name.lower() not in _SERVER_HEADERS and _HEADER_VALUE.fullmatch(value) is not None)
 
 
 def encode_failure(error: ServiceError) -> list[Any]:
@@ -460,13 +487,14 @@ def encode_failure(error: ServiceError) -> list[Any]:
 
 def decode_failure(fields: list[Any]) -> ServiceError:
     """The ServiceError of ``[status, problem, detail, headers, no_effect]`` (a FAIL frame's fields, a read
-    point's error), headers and effect included; Unavailable for anything out of shape."""
+    point's error), headers and effect included; Unavailable for anything out of shape, a header the
+    worker may not pass on to its client included (_is_failure_header)."""
     if len(fields) != 5:
         return Unavailable("the node's core answered an error out of shape; retry")
     status, problem, detail, headers, no_effect = fields
     if (isinstance(status, int) and isinstance(problem, str) and isinstance(detail, str)
-            and isinstance(headers, dict) and all(isinstance(k, str) and isinstance(v, str)
-                                                   for k, v in headers.items()) and isinstance(no_effect, bool)):
+            and isinstance(headers, dict) and all(_is_failure_header(k, v) for k, v in headers.items())
+            and isinstance(no_effect, bool)):
         error = error_from_problem(status, problem, detail, headers, no_effect=no_effect)
         if error is not None:
             return error

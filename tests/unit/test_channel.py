@@ -12,6 +12,7 @@ from typing import Any, cast
 
 import msgpack
 import pytest
+from structlog.testing import capture_logs
 
 from tokenvault import auth
 from node_support import RunningNode, wait_until
@@ -348,6 +349,38 @@ async def test_the_core_renders_the_node_exposition_once_a_period_for_all_its_wo
     texts = await asyncio.gather(*(calls.handlers["metrics"]({}) for _ in range(10)))
     assert len(set(texts)) == 1 and 'worker="2"' in texts[0]
     assert sorted(asked) == ["1", "2"]
+
+
+@pytest.mark.parametrize("garbage", ["not a metric {", 'tokenvault_x{a="1"} not-a-number', 'x{a="1} 1',
+                                     "# TYPE x nonsense\nx 1"])
+async def test_a_worker_whose_metrics_do_not_parse_is_left_out_of_the_node_exposition(garbage: str) -> None:
+    """The core merges every worker's exposition into the node's, which every worker relays: a worker
+    (buggy, or compromised) whose text does not parse is left out of it, as a worker that does not answer
+    is, and logged by its name and the error's type, never its text; the core's samples and the other
+    workers' still come back. On the code before, the parse failed the whole rendering: every worker's
+    /metrics answered 503 for as long as that one worker sent it."""
+    class FakeWorkerChannel:
+        def __init__(self, text: str) -> None:
+            self.text = text
+
+        async def call(self, method: str, arguments: dict[str, Any]) -> Any:
+            return self.text
+
+    good = Metrics("worker")
+    good.observe_request("/v1/tokenize", "POST", 200, 0.002)
+    core_metrics = Metrics("core")
+    core_metrics.set_role("primary")
+    service = SimpleNamespace(node=SimpleNamespace(config=SimpleNamespace(limits=None)))
+    workers = [("1", FakeWorkerChannel(garbage)), ("2", FakeWorkerChannel(good.render()[0].decode()))]
+    calls = CoreCalls(cast(Any, service), core_metrics, lambda: cast(Any, workers), max_backup_streams=1)
+    with capture_logs() as logs:
+        text = await calls.handlers["metrics"]({})
+    assert 'tokenvault_role{role="primary"} 1.0' in text
+    assert 'tokenvault_http_requests_total{method="POST",route="/v1/tokenize",status="200",worker="2"} 1.0' in text
+    assert 'worker="1"' not in text
+    refused = [entry for entry in logs if entry["event"] == "metrics.worker_exposition_refused"]
+    assert [(entry["worker"], entry["log_level"]) for entry in refused] == [("1", "error")]
+    assert garbage not in repr(logs)
 
 
 # --------------------------------------------------------------------------- msgpack bounds

@@ -38,7 +38,10 @@ from tokenvault.core.backup import BackupBusy, BackupStream
 from tokenvault.core.commands import AUDIT_HASH_BYTES, Actor, CommandError
 from tokenvault.core.store_layout import MAX_TOKEN_PAGE
 from tokenvault.errors import InvalidRequest, NotFound, Overloaded, ServiceError, Unavailable
+from tokenvault.logs import get_logger
 from tokenvault.metrics import METRICS_MAX_AGE_SECONDS, Metrics, RecentRender
+
+log = get_logger("core_calls")
 
 # How long the core waits for one worker's metrics before it renders the node's without them.
 WORKER_METRICS_TIMEOUT_SECONDS = 1.0
@@ -421,10 +424,19 @@ class _Families(Collector):
 
 
 def merge_expositions(parts: Sequence[tuple[str | None, str]]) -> bytes:
-    """One Prometheus exposition from several: each worker's samples gain the label ``worker``."""
+    """One Prometheus exposition from several: each worker's samples gain the label ``worker``. A worker's
+    text that does not parse is left out (logged, by worker and error type), as a worker that does not
+    answer is: what one worker sends never fails the node's exposition for every other."""
     families: dict[str, Metric] = {}
     for worker, text in parts:
-        for family in text_string_to_metric_families(text):
+        try:
+            parsed = list(text_string_to_metric_families(text))
+        except Exception as error:  # the core's own text always parses: only a worker's is refused
+            if worker is None:
+                raise
+            log.error("metrics.worker_exposition_refused", worker=worker, error_type=type(error).__name__)
+            continue
+        for family in parsed:
             merged = families.get(family.name)
             if merged is None:
                 merged = families[family.name] = Metric(family.name, family.documentation, family.type, family.unit)

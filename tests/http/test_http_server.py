@@ -137,6 +137,32 @@ async def test_more_pipelined_requests_than_the_bound_are_refused_after_those_wi
     assert headers["Connection"] == "close"
 
 
+async def test_the_server_alone_frames_an_answer_whatever_headers_its_handler_gave() -> None:
+    """A handler's Content-Length, Transfer-Encoding, Connection or Date (a forwarded error's headers, say)
+    went out beside the server's own: two lengths, or a length and chunking, and a client or proxy reads the
+    next answer from the wrong byte (checked on the code before: two Content-Length lines). Only the server's
+    are written, and the connection goes on serving."""
+    class FramingApp(EchoApp):
+        async def __call__(self, request: Request) -> Response:
+            await read_all(request)
+            return Response(body=b'{"ok":true}', content_type="application/json", headers={
+                "Content-Length": "0", "Transfer-Encoding": "chunked", "Connection": "close",
+                "Keep-Alive": "timeout=1", "Date": "yesterday", "Retry-After": "1"})
+
+    server = HttpServer(FramingApp())
+    await server.start("127.0.0.1", 0)
+    try:
+        received = await exchange(server.addresses[0][:2], get("/a") + get("/b", close=True))
+    finally:
+        await server.close(0)
+    answers = responses(received)
+    assert [body for _, _, body in answers] == [b'{"ok":true}'] * 2
+    first_head = received.partition(b"\r\n\r\n")[0].decode("latin-1").lower()
+    assert first_head.count("content-length:") == 1 and "transfer-encoding" not in first_head
+    assert "connection" not in first_head and "keep-alive" not in first_head and "yesterday" not in first_head
+    assert first_head.count("date:") == 1 and "retry-after: 1" in first_head
+
+
 async def test_a_request_line_over_the_bound_is_414_without_echo(served: Served) -> None:
     _, _, address = served
     received = await exchange(address, f"GET /{MARK}{'z' * MAX_LINE_BYTES} HTTP/1.1\r\nHost: t\r\n\r\n".encode())

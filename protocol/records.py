@@ -91,6 +91,10 @@ class RestoredState:
     membership: Membership | None = None
     # The members' floors this node last made durable (Replica.floors); those of non-members are dropped.
     floors: tuple[tuple[str, int], ...] = ()
+    # Where this start numbers its polls from (PreVote.poll): above every number an earlier start of this
+    # node used, so that a reply to an earlier start's poll, delivered late, is never taken for a reply to
+    # one of this start's (Replica._sent_after). The node takes its wall clock in nanoseconds.
+    first_poll: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -72,10 +72,10 @@ class Replica:
         # lost entries from its disk, and counts in no election (_below_floor; docs/failure-modes.md).
         # Restored floors were raised in views up to the restored one (the driver keeps floors it took
         # with a Ready once that Ready's hard state is durable), before any poll of this run.
-        self._floors: dict[str, _Floor] = {member: _Floor(floor, restored.hard_state.view, 0)
+        self._floors: dict[str, _Floor] = {member: _Floor(floor, restored.hard_state.view, restored.first_poll)
                                            for member, floor in restored.floors if member in self._membership.ids}
         self._floors_held: tuple[tuple[str, int], ...] | None = None  # ``floors``, until one changes
-        self._polls = 0  # numbers this node's pre-votes (PreVote.poll)
+        self._polls = restored.first_poll  # numbers this node's pre-votes (PreVote.poll), from this start's base
         self._appends_sent = 0  # numbers this node's appends (AppendEntries.sequence)
         self._first_known_commit_index: int | None = None
         self._floors_reported: dict[str, int] = {}  # per member, the floor it was last reported below

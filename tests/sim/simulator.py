@@ -166,6 +166,8 @@ class SimNode:
     held: list = field(default_factory=list)
     # A node that joined: the (voters, learners) its static config names; None: the first cluster's members.
     bootstrap: tuple | None = None
+    # Replicas started on this node so far: each numbers its polls from its own base (RestoredState.first_poll).
+    starts: int = 0
 
 
 def digest_after(digest: bytes, entry: Entry) -> bytes:
@@ -287,7 +289,9 @@ class Simulation(InvariantChecks, Nemeses, MembershipChanges, ClientHistory):
             hard_state = replace(hard_state, voted_for=None)
         if hard_state.commit_index < base_index:
             hard_state = replace(hard_state, commit_index=base_index)
-        restored = RestoredState(hard_state, base_index, base_view, entries, disk.applied_membership, disk.floors)
+        node.starts += 1
+        restored = RestoredState(hard_state, base_index, base_view, entries, disk.applied_membership, disk.floors,
+                                 first_poll=node.starts << 32)
         return self.replica_class(self._replica_config(node.node_id), restored, random.Random(self.rng.random()))
 
     def fail(self, message: str) -> None:

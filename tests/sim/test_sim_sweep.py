@@ -93,3 +93,13 @@ def test_seed_71480_a_primary_full_of_uncommitted_entries_gets_its_marker_once_t
     check-quorum off) were at their bound, the liveness check's marker proposal was refused, and the
     harness crashed on ProposalRejected instead of waiting for them to commit (checked before)."""
     Simulation(71480, SimulationConfig.from_seed(71480, 8000)).run()
+
+
+def test_seed_612042_a_reply_to_an_earlier_starts_poll_is_not_taken_for_this_ones() -> None:
+    """Found by a sweep of 3,000 seeds (610,000-612,999): n3 polled, crashed and started again, and its
+    poll count, started at 0 again, reached the number of a poll of its earlier start, whose reply, from n1
+    when n1's log was still empty, arrived only then. Taken for an answer to the new poll, sent after n1's
+    floor was raised, it reported n1 below its floor: a healthy member named as one that lost entries.
+    Each start now numbers its polls from its own base (RestoredState.first_poll: the node's wall clock
+    in nanoseconds; the simulator's count of starts)."""
+    Simulation(612042, SimulationConfig.from_seed(612042, 3000)).run()

@@ -285,8 +285,11 @@ class Node:
         hard_state = recovered.hard_state or INITIAL_HARD_STATE
         if hard_state.commit_index < base_index:
             hard_state = HardState(hard_state.view, hard_state.voted_for, base_index)
+        # first_poll: the wall clock, in nanoseconds, is past every poll number an earlier start used (one
+        # a poll, every election timeout at most), unless it was set back across the restart.
         return RestoredState(hard_state=hard_state, snapshot_index=base_index, snapshot_view=base_view,
-                             entries=entries, membership=self.store.membership(), floors=self.member_floors.loaded)
+                             entries=entries, membership=self.store.membership(), floors=self.member_floors.loaded,
+                             first_poll=time.time_ns())
 
     def admit_peer(self, member: str, incarnation: bytes) -> bool:
         """Whether ``member``, which proved the cluster secret in ``incarnation``, may link

@@ -129,6 +129,23 @@ async def test_no_reachable_node_raises_no_node_available() -> None:
     assert API_KEY not in str(caught.value)
 
 
+async def test_no_node_available_names_each_failure_once_with_how_often_it_came() -> None:
+    """Retried until the deadline, one unreachable URL fails the same way on every round: the message
+    says so once, with the count, where it repeated the same text for every round."""
+    url = closed_port_url()
+    async with AsyncClient([url], API_KEY, deadline_seconds=0.5, retry_after_cap_seconds=0.05) as vault:
+        with pytest.raises(NoNodeAvailable) as caught:
+            await vault.health()
+    rounds = len(caught.value.failures)
+    assert rounds >= 3
+    message = str(caught.value)
+    assert message.count(url) == 1, message
+    assert message.endswith(f" ({rounds} times)"), message
+    assert str(NoNodeAvailable(["a: refused", "b: timed out", "a: refused"])) == \
+        "no node available: a: refused (2 times); b: timed out"
+    assert str(NoNodeAvailable([])) == "no node available: no attempt made"
+
+
 async def test_client_errors_are_typed_and_not_retried(node_a: FakeVaultServer, node_b: FakeVaultServer) -> None:
     node_a.responders[("POST", "/v1/admin/epochs")] = lambda request: problem(
         403, "Forbidden", "this key lacks the admin scope")

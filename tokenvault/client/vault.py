@@ -60,8 +60,19 @@ class NoNodeAvailable(VaultError):
 
     def __init__(self, failures: Sequence[str]) -> None:
         self.failures = tuple(failures)
-        summary = "; ".join(self.failures) if self.failures else "no attempt made"
-        super().__init__(f"no node available: {summary}")
+        super().__init__(f"no node available: {_summarize_failures(self.failures)}")
+
+
+def _summarize_failures(failures: Sequence[str]) -> str:
+    """Each distinct failure once, in the order first seen, with how often it came among those remembered
+    when more than once: a client retrying one unreachable URL until its deadline meets the same failure
+    on every round, and the message named it once per round (ten times over for the CLI's 10 s)."""
+    if not failures:
+        return "no attempt made"
+    counts: dict[str, int] = {}
+    for failure in failures:
+        counts[failure] = counts.get(failure, 0) + 1
+    return "; ".join(failure if count == 1 else f"{failure} ({count} times)" for failure, count in counts.items())
 
 
 class OutcomeUnknown(VaultError):

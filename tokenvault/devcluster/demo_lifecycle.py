@@ -71,7 +71,9 @@ async def lifecycle_act(demo: Demo) -> None:
             page = await vault.epoch_tokens(old_epoch, after, MIGRATE_PAGE_TOKENS)
             if not page.tokens:
                 break
-            result = await vault.retokenize(page.tokens)
+            # Why: card and digits tokens carry no epoch; without it they are looked up in the active
+            # epoch, answer null, and the destroy below would take their values with it.
+            result = await vault.retokenize(page.tokens, epoch=old_epoch)
             migrated.update((old, new) for old, new in zip(page.tokens, result.tokens) if new is not None)
             after = page.tokens[-1]
         active = (await vault.list_epochs()).active_epoch

@@ -464,6 +464,26 @@ def test_port_in_use_is_reported_before_launching(fake_serve: None, cluster_dire
     assert not (cluster_directory / "n1" / "node.pid").exists()
 
 
+def test_a_new_cluster_whose_ports_are_in_use_is_not_generated(fake_serve: None, cluster_directory: Path) -> None:
+    """A cluster keeps the ports it was generated with: one generated on a busy port could never start, and
+    TOKENVAULT_BASE_PORT (read only when a cluster is generated) could not move it. The first start
+    refuses before it writes anything, so the same start with free ports follows."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        busy_port = holder.getsockname()[1]
+        with pytest.raises(ClusterError, match=f"port {busy_port} is already in use") as refused:
+            cluster.start_cluster(cluster_directory, 1, ports=[(free_port_pairs(1)[0][0], busy_port)],
+                                  timeout_seconds=5)
+    assert not (cluster_directory / cluster.CLUSTER_FILE_NAME).exists()
+    assert not cluster.key_directory(cluster_directory).exists()
+    assert "no cluster was generated" in str(refused.value) and "TOKENVAULT_BASE_PORT" in str(refused.value)
+    free = free_port_pairs(1)
+    spec, statuses = cluster.start_cluster(cluster_directory, 1, ports=free, timeout_seconds=20)
+    assert (spec.nodes[0].http_port, spec.nodes[0].peer_port) == free[0]
+    assert cluster.primary_of(statuses) == "n1"
+
+
 def test_command_line_status_logs_and_errors(fake_serve: None, cluster_directory: Path) -> None:
     spec, _ = cluster.start_cluster(cluster_directory, 1, ports=free_port_pairs(1), timeout_seconds=20)
     spec.nodes[0].log_file.write_text('{"event": "node.started"}\n')

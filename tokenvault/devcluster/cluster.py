@@ -263,14 +263,32 @@ def _serve_command(node: NodeSpec) -> list[str]:
 
 def _check_ports_free(node: NodeSpec) -> None:
     for label, port in (("HTTP", node.http_port), ("peer", node.peer_port)):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                probe.bind((HOST, port))
-            except OSError:
+        if not _port_free(port):
+            raise ClusterError(
+                f"{node.node_id}: {label} port {port} is already in use by another process; stop it or "
+                f"use another cluster directory with a different TOKENVAULT_BASE_PORT")
+
+
+def _check_new_ports_free(ports: Sequence[tuple[int, int]]) -> None:
+    """Before a cluster is generated: a cluster keeps the ports it was made with, so one generated on a
+    port in use could never start, and TOKENVAULT_BASE_PORT, read only at generation, could not move it."""
+    for number, (http_port, peer_port) in enumerate(ports, start=1):
+        for label, port in (("HTTP", http_port), ("peer", peer_port)):
+            if not _port_free(port):
                 raise ClusterError(
-                    f"{node.node_id}: {label} port {port} is already in use by another process; stop it or "
-                    f"use another cluster directory with a different TOKENVAULT_BASE_PORT") from None
+                    f"n{number}: {label} port {port} is already in use by another process, so no cluster was "
+                    f"generated; stop that process, or choose other ports with TOKENVAULT_BASE_PORT (node i "
+                    f"serves HTTP on base+i and the peer protocol on base+100+i; default {DEFAULT_BASE_PORT})")
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((HOST, port))
+        except OSError:
+            return False
+    return True
 
 
 def _group_members(group: int) -> list[int]:
@@ -530,8 +548,9 @@ def start_cluster(directory: Path | str, nodes: int | None = None, base_port: in
         spec = load_cluster(directory)
         _check_node_count(spec, nodes)
     else:
-        spec, _ = init_cluster(directory, nodes or DEFAULT_NODE_COUNT, base_port or DEFAULT_BASE_PORT,
-                               ports=ports, settings=settings)
+        count, base = nodes or DEFAULT_NODE_COUNT, base_port or DEFAULT_BASE_PORT
+        _check_new_ports_free(ports if ports is not None else contract_ports(count, base))
+        spec, _ = init_cluster(directory, count, base, ports=ports, settings=settings)
         report(f"generated a {len(spec.nodes)}-node cluster in {directory} (master key: "
                f"{master_key_file_of(spec)}, kept outside it)")
     _check_master_key_file(spec, report)

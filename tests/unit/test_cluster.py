@@ -525,6 +525,15 @@ def luhn_valid(number: str) -> bool:
     return total % 10 == 0
 
 
+def test_demo_help_says_that_it_destroys_the_epoch_active_when_it_starts() -> None:
+    """The demo's lifecycle act destroys the epoch it began in, every token of it (a user's too): its help,
+    which named only concurrency, failover, recovery and rotation, says so before anyone runs it."""
+    shown = " ".join(CliRunner().invoke(run_cluster, ["demo", "--help"]).output.split())
+    assert "Every node must be up" in shown, shown
+    assert "migrates the epoch that was active when it started into the new one and destroys it" in shown, shown
+    assert "(yours too) detokenizes to null" in shown, shown
+
+
 def test_demo_card_numbers_are_distinct_luhn_valid_test_numbers() -> None:
     numbers = demo.fake_card_numbers(300, seed=11)
     assert len(set(numbers)) == 300

@@ -225,7 +225,13 @@ def restore(backup_file: str, master_key_file: str | None, nodes: str, timeout_s
 @run_cluster.command()
 @_handle_errors
 def demo() -> None:
-    """Narrated live demo against the running cluster: concurrency, failover, recovery, epoch rotation."""
+    """Narrated, self-checking demo on the running cluster: concurrency, failover, recovery, epoch rotation,
+    token lifecycle.
+
+    Every node must be up. It changes the cluster: it rotates the epoch, then migrates the epoch that was
+    active when it started into the new one and destroys it, so every token of that epoch (yours too)
+    detokenizes to null afterwards; their values have new tokens in the new epoch.
+    """
     from tokenvault.devcluster.demo import run_demo
 
     sys.exit(run_demo(cluster.load_cluster(cluster.default_cluster_directory()), _echo))

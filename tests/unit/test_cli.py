@@ -270,14 +270,14 @@ def test_a_line_longer_than_any_value_is_refused_by_its_number_never_shown_and_n
 def test_a_batch_closes_at_4_mib_of_values(runner: CliRunner, primary: FakeVaultServer) -> None:
     """1,000 values of 8 KiB (for a node with max_value_bytes = 8192) would make one body of 8 MiB and
     more, past a node's default max_body_bytes; a batch closes before its values pass 4 MiB."""
-    from tokenvault.cli.main import MAX_BATCH_CHARS
+    from tokenvault.cli.main import MAX_BATCH_BYTES
 
     values = [f"{number:04d}" + "x" * 8188 for number in range(1100)]
     result = runner.invoke(tokenvault, ["tokenize", "--url", primary.url, "--api-key", ADMIN_KEY],
                            input="\n".join(values) + "\n")
     assert result.exit_code == 0, result.output[:300]
     sizes = [len(call.body["values"]) for call in primary.calls("/v1/tokenize")]
-    assert sizes == [MAX_BATCH_CHARS // 8192, MAX_BATCH_CHARS // 8192, 1100 - 2 * (MAX_BATCH_CHARS // 8192)]
+    assert sizes == [MAX_BATCH_BYTES // 8192, MAX_BATCH_BYTES // 8192, 1100 - 2 * (MAX_BATCH_BYTES // 8192)]
     assert result.stdout.split() == [primary.token_for(value, 1) for value in values]
     keyed = runner.invoke(tokenvault, ["tokenize", "--url", primary.url, "--api-key", ADMIN_KEY,
                                        "--idempotency-key", "k"], input="\n".join(values[:513]) + "\n")
@@ -298,6 +298,28 @@ def test_detokenize_json_is_one_list_across_batches(runner: CliRunner, primary: 
     assert [len(call.body["tokens"]) for call in primary.calls("/v1/detokenize")] == [1000, 501]
     assert json.loads(result.stdout) == [*values, None]
     assert "1 of 1501 tokens are unknown" in result.stderr
+
+
+@pytest.mark.parametrize("character", ["\u20ac", "\x01"], ids=["three-byte-character", "control-character"])
+def test_a_batch_closes_at_4_mib_of_values_as_sent_not_of_characters(
+        runner: CliRunner, primary: FakeVaultServer, character: str) -> None:
+    """A batch was bounded in characters, and a request carries its values as UTF-8 JSON: a euro sign is 3
+    bytes, a control character 6 (\\u0001). 1,000 values of 4,096 of them (a node with max_value_bytes =
+    16384 takes the euro signs, the default 4,096 the control characters) are under 4 Mi characters, one
+    batch: a body of 12 MiB or 24 MiB, past a node's default max_body_bytes (checked on the code before: the
+    fake node answers 413, exit 1). A batch closes before its values pass 4 MiB as they are sent."""
+    from tokenvault.cli.main import MAX_BATCH_BYTES
+
+    values = [f"{number:04d}" + character * 4092 for number in range(1000)]
+    result = runner.invoke(tokenvault, ["tokenize", "--url", primary.url, "--api-key", ADMIN_KEY],
+                           input="\n".join(values) + "\n")
+    assert result.exit_code == 0, result.output[:300]
+    calls = primary.calls("/v1/tokenize")
+    assert sum(len(call.body["values"]) for call in calls) == 1000 and len(calls) > 1
+    for call in calls:
+        sent = sum(len(json.dumps(value, ensure_ascii=False).encode()) - 2 for value in call.body["values"])
+        assert sent <= MAX_BATCH_BYTES
+    assert result.stdout.split() == [primary.token_for(value, 1) for value in values]
 
 
 def test_serve_with_an_invalid_config_is_one_clear_line_and_exit_2(runner: CliRunner, tmp_path: Path) -> None:

@@ -48,7 +48,9 @@ from tokenvault.crypto.keys import MAX_VALUE_BYTES
 AUDIT_PAGE_RECORDS = 1000
 MAX_ITEMS_PER_REQUEST = 1000
 MAX_LINE_CHARS = MAX_VALUE_BYTES  # no node takes a longer value
-MAX_BATCH_CHARS = 4 << 20  # a request's items, half a node's default max_body_bytes
+# A request's items as they are sent (UTF-8 JSON strings, escapes included): half a node's default
+# max_body_bytes.
+MAX_BATCH_BYTES = 4 << 20
 MAX_CELL_CHARS = 80
 
 
@@ -671,9 +673,10 @@ def audit_trim(connection: Connection, through_seq: int, through_hash: str, yes:
 
 class _LineBatches:
     """The items of a stream, one a line, in the batches they are sent in, each read only when asked for:
-    at most MAX_ITEMS_PER_REQUEST items and MAX_BATCH_CHARS characters, so memory holds one batch whatever
-    the size of the input (it read the whole input first, unbounded). Each line is taken whole (a value of
-    spaces is a value); empty lines at the end are dropped, one between two items is refused, since
+    at most MAX_ITEMS_PER_REQUEST items and MAX_BATCH_BYTES of them as the request carries them (UTF-8 JSON
+    strings: a character is up to 4 bytes, a control character 6), so memory holds one batch whatever the
+    size of the input and a request's body stays under a node's default bound. Each line is taken whole
+    (a value of spaces is a value); empty lines at the end are dropped, one between two items is refused, since
     skipping it would pair every later output line with the wrong input line. A line longer than
     MAX_LINE_CHARS (no node takes a value longer than 1 MiB) or not valid in the stream's encoding (UTF-8,
     unless the locale says otherwise) is refused by its number, never shown: it may be a card number.
@@ -695,7 +698,7 @@ class _LineBatches:
     def __iter__(self) -> Iterator[tuple[list[str], int]]:
         """Each batch with the number of its last line."""
         batch: list[str] = []
-        batch_chars = 0
+        batch_bytes = 0
         first_empty: int | None = None  # the first of the empty lines read since the last item
         number = 0
         while line := self._source.readline(MAX_LINE_CHARS + 2):
@@ -715,11 +718,12 @@ class _LineBatches:
             if first_empty is not None:
                 raise self._refuse(f"line {first_empty} is empty: give one {self._what} a line, with no empty "
                                    "line between")
-            if batch and (len(batch) == MAX_ITEMS_PER_REQUEST or batch_chars + len(item) > MAX_BATCH_CHARS):
+            item_bytes = len(json.dumps(item, ensure_ascii=False).encode("utf-8")) - 2  # as sent, quotes aside
+            if batch and (len(batch) == MAX_ITEMS_PER_REQUEST or batch_bytes + item_bytes > MAX_BATCH_BYTES):
                 yield batch, number - 1
-                batch, batch_chars = [], 0
+                batch, batch_bytes = [], 0
             batch.append(item)
-            batch_chars += len(item)
+            batch_bytes += item_bytes
         if batch:
             yield batch, number if first_empty is None else first_empty - 1
 
@@ -751,7 +755,8 @@ def tokenize(connection: Connection, idempotency_key: str | None, as_json: bool,
         raise click.UsageError("no values on stdin (one value per line)")
     if idempotency_key and next(batches, None) is not None:
         raise click.UsageError(f"--idempotency-key needs the values to fit one request: at most "
-                               f"{MAX_ITEMS_PER_REQUEST} values and {MAX_BATCH_CHARS} characters")
+                               f"{MAX_ITEMS_PER_REQUEST} values and {MAX_BATCH_BYTES} bytes of them as sent "
+                               "(UTF-8 JSON)")
 
     async def send() -> None:
         async with connection.client() as vault:

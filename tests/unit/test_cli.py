@@ -322,6 +322,31 @@ def test_a_batch_closes_at_4_mib_of_values_as_sent_not_of_characters(
     assert result.stdout.split() == [primary.token_for(value, 1) for value in values]
 
 
+def test_a_line_cut_at_the_read_bound_is_refused_even_where_the_cut_falls_in_carriage_returns() -> None:
+    """A line is read at most MAX_LINE_CHARS + 2 characters at a time. One cut there, whose part read ended
+    in carriage returns, lost them to the line-end strip and was taken as a value; the rest of it, its \\n,
+    was then read as an empty line of its own, and every later line was numbered one too far (checked on
+    the code before: "line 2 is empty", of an input whose line 2 is a value). A cut line is longer than
+    any value and its line end: it is refused by its number. The stream is opened as Python opens stdin on
+    a POSIX system (newline="\\n": a carriage return is a character; CliRunner's stdin would translate it)."""
+    import io
+
+    import click
+
+    from tokenvault.cli.main import MAX_LINE_CHARS, _LineBatches
+
+    line = "7" * (MAX_LINE_CHARS - 1) + "\r\r\r"
+    stream = io.TextIOWrapper(io.BytesIO(f"{line}\nvalue-2\n".encode()), encoding="utf-8", newline="\n")
+    with pytest.raises(click.UsageError) as refused:
+        list(_LineBatches(stream, "value"))
+    assert refused.value.message.startswith(f"line 1 is longer than {MAX_LINE_CHARS} characters (it is not shown)")
+    assert "7777" not in refused.value.message
+    # The same line with its line end where it belongs is a value, and the line after it line 2.
+    stream = io.TextIOWrapper(io.BytesIO(("7" * MAX_LINE_CHARS + "\r\nvalue-2\n").encode()), encoding="utf-8",
+                              newline="\n")
+    assert [(len(batch), last) for batch, last in _LineBatches(stream, "value")] == [(2, 2)]
+
+
 def test_serve_with_an_invalid_config_is_one_clear_line_and_exit_2(runner: CliRunner, tmp_path: Path) -> None:
     config = tmp_path / "node.toml"
     config.write_text('node_id = "n1"\nthis is not toml\n')

@@ -678,7 +678,8 @@ class _LineBatches:
     size of the input and a request's body stays under a node's default bound. Each line is taken whole
     (a value of spaces is a value); empty lines at the end are dropped, one between two items is refused, since
     skipping it would pair every later output line with the wrong input line. A line longer than
-    MAX_LINE_CHARS (no node takes a value longer than 1 MiB) or not valid in the stream's encoding (UTF-8,
+    MAX_LINE_CHARS and its line end (no node takes a value longer than 1 MiB; the read stops there and such
+    a cut line is refused, never taken for a line, and the rest for another) or not valid in the stream's encoding (UTF-8,
     unless the locale says otherwise) is refused by its number, never shown: it may be a card number.
 
     A refused line stops the command before the batch holding it is sent. The caller sets ``answered`` to
@@ -703,13 +704,16 @@ class _LineBatches:
         number = 0
         while line := self._source.readline(MAX_LINE_CHARS + 2):
             number += 1
+            # Why: a line the read bound cut has more to come, even when what was read ends in carriage
+            # returns, which the strip below would take for its line end.
+            cut = len(line) == MAX_LINE_CHARS + 2 and not line.endswith("\n")
             item = line.rstrip("\r\n")
             if not _is_utf8(item):
                 encoding = str(getattr(self._source, "encoding", None) or "utf-8")
                 named = "UTF-8" if codecs.lookup(encoding).name == "utf-8" else encoding
                 raise self._refuse(f"line {number} is not valid {named} (it is not shown): give one {self._what} "
                                    f"a line, in {named}")
-            if len(item) > MAX_LINE_CHARS:
+            if cut or len(item) > MAX_LINE_CHARS:
                 raise self._refuse(f"line {number} is longer than {MAX_LINE_CHARS} characters (it is not shown): "
                                    f"give one {self._what} a line")
             if not item:

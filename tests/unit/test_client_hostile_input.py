@@ -23,7 +23,7 @@ from test_client import API_KEY as CLIENT_KEY, node_a, node_b  # noqa: F401 (nod
 from node_support import make_configs
 from tokenvault.audit_chain import GENESIS_HASH, ChainBreak, ChainVerifier, chain_hash, record_document
 from tokenvault.cli.main import tokenvault
-from tokenvault.client.vault import AsyncClient, ProblemError, ResponseError, ServiceUnavailable
+from tokenvault.client.vault import AsyncClient, NoNodeAvailable, ProblemError, ResponseError, ServiceUnavailable
 from tokenvault.cli.backup import download_backup
 from tokenvault.core.backup import (HEADER_BYTES, HEADER_INDEX, HEADER_NODE, HEADER_ROLE, HEADER_VIEW, BackupError,
                                     BackupRefused, restore_data_dir, verify_backup_file)
@@ -108,6 +108,50 @@ def test_admin_backup_from_a_busy_node_with_non_ascii_retry_after_exits_3(
     assert result.exit_code == 3, result.output
     assert "no node available" in result.output and "503 Service Unavailable" in result.output
     assert "Traceback" not in result.output and CLIENT_KEY not in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- problem text that would drive a terminal
+
+# An escape sequence that clears the screen, a bell, a line break that forges a line of the CLI's own, a
+# carriage return that overwrites one, and a right-to-left override that reorders what follows.
+HOSTILE_TEXT = "\x1b[2J\x07fine\nerror: none\rok\u202egnorw"
+
+
+async def test_a_problems_title_and_detail_keep_no_character_that_drives_a_terminal(raw_server: Any) -> None:
+    """A node's problem+json title and detail went into the error's fields and message as they came, and
+    the CLI prints that message: escape sequences, bells, line breaks and bidirectional overrides reached
+    the operator's terminal and logs (checked on the code before). Each such character is a '?' now."""
+    body = json.dumps({"type": "about:blank", "title": HOSTILE_TEXT, "status": 400, "detail": HOSTILE_TEXT})
+    url = await raw_server(raw_answer(400, body))
+    async with AsyncClient(url, CLIENT_KEY, deadline_seconds=0.5) as vault:
+        with pytest.raises(ProblemError) as refused:
+            await vault.tokenize(["v"])
+    for text in (refused.value.title, refused.value.detail, str(refused.value)):
+        assert text.isprintable(), repr(text)
+    assert refused.value.detail == "?[2J?fine?error: none?ok?gnorw"
+    # A 503's title, which the failures of NoNodeAvailable quote, is the same text.
+    url = await raw_server(raw_answer(503, json.dumps({"title": HOSTILE_TEXT, "effect": "none"})))
+    async with AsyncClient(url, CLIENT_KEY, deadline_seconds=0) as vault:
+        with pytest.raises(ServiceUnavailable) as unavailable:
+            await vault.tokenize(["v"])
+    assert str(unavailable.value).isprintable() and unavailable.value.title.startswith("?[2J?fine")
+
+
+async def test_a_backup_refusals_title_and_detail_keep_no_character_that_drives_a_terminal(
+        raw_server: Any, tmp_path: Path) -> None:
+    """The backup download reads a refusal itself, and kept its title and detail as they came (checked on
+    the code before)."""
+    body = json.dumps({"type": HOSTILE_TEXT, "title": HOSTILE_TEXT, "status": 403, "detail": HOSTILE_TEXT})
+    url = await raw_server(raw_answer(403, body))
+    with pytest.raises(ProblemError) as refused:
+        await download_backup([url], CLIENT_KEY, tmp_path / "vault.backup", prefer="any", retry_seconds=0)
+    for text in (refused.value.title, refused.value.detail, refused.value.problem_type, str(refused.value)):
+        assert text.isprintable(), repr(text)
+    busy = await raw_server(raw_answer(503, json.dumps({"title": HOSTILE_TEXT}), {"Retry-After": "1"}))
+    with pytest.raises(NoNodeAvailable) as unavailable:
+        await download_backup([busy], CLIENT_KEY, tmp_path / "vault.backup", prefer="any", retry_seconds=0)
+    assert str(unavailable.value).isprintable(), repr(str(unavailable.value))
     assert list(tmp_path.iterdir()) == []
 
 

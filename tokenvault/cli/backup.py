@@ -21,7 +21,8 @@ from typing import Any
 
 import aiohttp
 
-from tokenvault.client.vault import AsyncClient, NoNodeAvailable, ProblemError, client_ssl_context, parse_retry_after
+from tokenvault.client.vault import (AsyncClient, NoNodeAvailable, ProblemError, client_ssl_context, parse_retry_after,
+                                     printable_text)
 from tokenvault.core.backup import (BACKUP_CHUNK_BYTES, BACKUP_CONTENT_TYPE, HEADER_BYTES, HEADER_INDEX, HEADER_NODE,
                                     HEADER_ROLE, HEADER_VIEW, MAX_HEADER_DIGITS, PARTIAL_SUFFIX, ROUTE_BACKUP,
                                     BackupError, BackupRefused, verify_backup_file)
@@ -140,11 +141,11 @@ async def _download_from(session: Any, url: str, headers: dict[str, str], partia
     async with session.get(url + ROUTE_BACKUP, headers=headers, allow_redirects=False) as response:
         if response.status != 200:
             problem = await _problem_document(response)
-            title = str(problem.get("title") or f"HTTP {response.status}")[:200]
+            title = printable_text(str(problem.get("title") or f"HTTP {response.status}"), 200)
             if response.status == 503:
                 raise _Busy(title, _retry_after(response.headers.get("Retry-After")))
-            raise ProblemError(response.status, title, str(problem.get("detail") or "")[:1000],
-                               str(problem.get("type") or "about:blank"), url)
+            raise ProblemError(response.status, title, printable_text(str(problem.get("detail") or ""), 1000),
+                               printable_text(str(problem.get("type") or "about:blank"), 1000), url)
         index, view = _header_int(response, HEADER_INDEX), _header_int(response, HEADER_VIEW)
         announced_bytes = _header_int(response, HEADER_BYTES)
         node_id, role = response.headers.get(HEADER_NODE), response.headers.get(HEADER_ROLE)

@@ -329,12 +329,19 @@ def parse_retry_after(value: str | None, cap_seconds: float) -> float | None:
     return min(float(value), cap_seconds)
 
 
+def printable_text(text: str, limit: int) -> str:
+    """A node's text (a problem's title, detail or type) cut to ``limit`` characters, each one that is not
+    printable a '?'. Why: it reaches a terminal and logs (the CLI prints the error), where a hostile node's
+    escape sequences, line breaks or bidirectional overrides would drive the one and forge lines in the other."""
+    return "".join(character if character.isprintable() else "?" for character in text[:limit])
+
+
 def _problem_from(answer: _Answer, retry_after_cap_seconds: float) -> ProblemError:
     body = answer.body if isinstance(answer.body, dict) else {}
 
     def text(field: str, default: str) -> str:
         value = body.get(field)
-        return value[:1000] if isinstance(value, str) else default
+        return printable_text(value, 1000) if isinstance(value, str) else default
 
     error_class = _ERROR_CLASSES.get(answer.status, ServerError)
     return error_class(

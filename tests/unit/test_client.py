@@ -279,6 +279,27 @@ def test_https_nodes_are_verified_against_the_given_ca(tmp_path: Path) -> None:
         assert len(node.calls("/v1/tokenize")) == 1
 
 
+async def test_a_session_given_by_the_caller_still_verifies_nodes_against_the_given_ca(tmp_path: Path) -> None:
+    """ca_file was used only by the session the client makes itself: with a caller's session it was dropped,
+    so a node was verified as that session's connector does, against the system's CAs (the cluster CA's node
+    refused), or not at all (a connector with ssl=False: a node no CA given trusts was sent the key and the
+    values; both checked on the code before). Every request now carries the context of ca_file."""
+    import aiohttp
+
+    files = node_tls_files(tmp_path / "tls")
+    other = node_tls_files(tmp_path / "other")
+    with FakeVaultServer("n1", tls_files=files, api_key=API_KEY) as node:
+        async with aiohttp.ClientSession() as session:
+            async with AsyncClient(node.url, API_KEY, ca_file=files.ca_file, session=session) as vault:
+                assert (await vault.tokenize(["v"])).epoch == 1
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=False)) as session:
+            async with AsyncClient(node.url, API_KEY, ca_file=other.ca_file, session=session,
+                                   deadline_seconds=0.2) as vault:
+                with pytest.raises(NoNodeAvailable, match="certificate verify failed|SSL"):
+                    await vault.tokenize(["v"])
+        assert len(node.calls("/v1/tokenize")) == 1
+
+
 def test_an_unusable_ca_file_is_a_configuration_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigurationError, match="missing.crt.*does not exist"):
         AsyncClient("https://127.0.0.1:1", API_KEY, ca_file=tmp_path / "missing.crt")

@@ -406,7 +406,8 @@ class AsyncClient:
         # The CA certificate to verify https nodes against; kept for the TLS transport to use.
         self.ca_file = ca_file
         self._api_key = _validate_api_key(api_key)
-        # https:// nodes are verified against the cluster CA when one is given (else the system's CAs).
+        # https:// nodes are verified against the cluster CA when one is given, on every request, through
+        # a session the caller gave too (else as the session's connector does: the system's CAs by default).
         self._ssl_context = client_ssl_context(ca_file)
         self._timeout_seconds = timeout_seconds
         self._deadline_seconds = deadline_seconds
@@ -799,8 +800,11 @@ class AsyncClient:
                                          "Python reads bytes that are not UTF-8); nothing was sent") from None
             request_headers["Content-Type"] = "application/json"
         timeout = aiohttp.ClientTimeout(total=self._timeout_seconds)
+        # Why per request: a session the caller gave has its own connector, whose TLS settings (the system's
+        # CAs, or none at all) would otherwise replace the cluster CA this client was given.
+        tls: dict[str, Any] = {"ssl": self._ssl_context} if self._ssl_context is not None else {}
         async with session.request(method, url + path, data=data, headers=request_headers,
-                                   timeout=timeout, allow_redirects=False) as response:
+                                   timeout=timeout, allow_redirects=False, **tls) as response:
             raw = await _read_bounded(response)
             return _Answer(url, response.status, CIMultiDict(response.headers), _decode_json(raw))
 

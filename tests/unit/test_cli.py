@@ -901,6 +901,19 @@ def test_a_value_holding_a_line_break_is_not_printed_one_a_line(runner: CliRunne
     assert as_json.exit_code == 0 and as_json.stdout.strip() == '["line1\\nline2", "v2"]'
 
 
+@pytest.mark.parametrize("token", ["tv1_a\ntv1_b", "", "tv1_\x1b[2J"], ids=["line-break", "empty", "escape"])
+def test_a_token_no_line_can_show_is_a_response_error_and_nothing_of_its_batch_is_printed(
+        runner: CliRunner, primary: FakeVaultServer, token: str) -> None:
+    """A node's token was printed as it came: one holding a line break took two output lines, so every later
+    token answered the wrong value, and an escape sequence drove the terminal (checked on the code before:
+    exit 0). No token is empty or holds a character that is not printable: the answer is out of contract."""
+    primary.responders[("POST", "/v1/tokenize")] = lambda request: Reply(
+        200, {"epoch": 1, "tokens": [token, primary.token_for("v2", 1)]})
+    result = runner.invoke(tokenvault, ["tokenize", "--url", primary.url, "--api-key", ADMIN_KEY], input="v1\nv2\n")
+    assert result.exit_code == 1, result.output
+    assert result.stdout == "" and "tokenize response does not hold one token per value" in result.output
+
+
 def test_member_remove_of_an_id_that_is_no_member_says_nothing_was_removed(
         runner: CliRunner, primary: FakeVaultServer) -> None:
     """`member remove n33` (a typo for n3) printed "n33 removed" and left n3 a voter (checked on the code

@@ -449,8 +449,10 @@ class AsyncClient:
                                      idempotent=idempotency_key is not None)
         epoch = _require_int(answer.body, "epoch")
         tokens = answer.body.get("tokens")
+        # Why printable and not empty: no token is otherwise, and the CLI prints one a line (a line break
+        # would pair every later token with the wrong value; an escape sequence would drive the terminal).
         if not isinstance(tokens, list) or len(tokens) != len(values) or \
-                not all(isinstance(token, str) for token in tokens):
+                not all(isinstance(token, str) and token and token.isprintable() for token in tokens):
             raise ResponseError("tokenize response does not hold one token per value")
         return TokenizeResult(epoch, tuple(tokens), _replayed(answer))
 

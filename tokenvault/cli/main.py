@@ -18,7 +18,11 @@ fills an empty node data directory from one (tokenvault.core.backup).
 
 Exit codes: 0 success, 1 the service answered with an error (its problem+json
 title and detail are shown) or a backup was refused, 2 usage or configuration
-error, 3 no node reachable, 4 `admin audit verify` found a broken link.
+error, 3 no node reachable, 4 `admin audit verify` (or `audit export`) found a
+broken link, 5 `audit verify` or `audit export` stopped because a trim during
+the walk dropped records it had not reached yet (nothing was found broken: run
+it again), 130 `admin epoch migrate` stopped by Ctrl-C once the batch in flight
+was done and its cursor saved (README, "Admin CLI and client library").
 """
 
 from __future__ import annotations

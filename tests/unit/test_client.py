@@ -41,6 +41,54 @@ def test_normalize_urls_rejects_unusable_urls(bad: str) -> None:
         normalize_urls(bad)
 
 
+def test_a_url_with_a_user_name_or_password_is_refused_without_showing_it() -> None:
+    """Accepted before, it was repeated in every message naming the URL, password and all."""
+    for url in ("http://ops:s3cret-pw@127.0.0.1:8101", "https://ops@127.0.0.1:8101"):
+        with pytest.raises(ConfigurationError) as caught:
+            normalize_urls(url)
+        assert "user name or password" in str(caught.value) and "s3cret" not in str(caught.value)
+        assert "ops" not in str(caught.value)
+
+
+async def test_no_try_starts_past_the_deadline_but_the_first() -> None:
+    """Three nodes that take a connection and never answer: a round of URLs waited each out to its timeout,
+    so a call with a deadline of 0.1 s and a timeout of 0.5 s tried all three (checked on the code before:
+    three connections). It now tries one, and ends within the deadline and that try's timeout."""
+    connections = 0
+    silent: list[asyncio.StreamWriter] = []
+
+    async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        silent.append(writer)
+
+    servers = [await asyncio.start_server(never_answer, "127.0.0.1", 0) for _ in range(3)]
+    urls = [f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}" for server in servers]
+    try:
+        async with AsyncClient(urls, API_KEY, deadline_seconds=0.1, timeout_seconds=0.5) as vault:
+            with pytest.raises(NoNodeAvailable):
+                await vault.tokenize(["v"])
+        assert connections == 1
+    finally:
+        for writer in silent:
+            writer.close()
+        for server in servers:
+            server.close()
+            await server.wait_closed()
+
+
+async def test_the_page_cursor_is_sent_as_one_query_value(node_a: FakeVaultServer) -> None:
+    """The cursor went into the query as it was: one holding '&' or '#' would have split it (checked on
+    the code before: the node saw the cursor cut at the '&' and a second limit)."""
+    node_a.responders[("GET", "/v1/admin/epochs/1/tokens")] = lambda request: Reply(
+        200, {"epoch": 1, "state": "retired", "tokens": [], "next_after": None})
+    cursor = "tv1_a&limit=5#x"
+    async with AsyncClient(node_a.url, API_KEY) as vault:
+        await vault.epoch_tokens(1, after=cursor, limit=10)
+    (call,) = node_a.calls("/v1/admin/epochs/1/tokens")
+    assert call.query == {"limit": "10", "after": cursor}
+
+
 def test_api_key_with_header_breaking_characters_is_refused_without_echo() -> None:
     with pytest.raises(ConfigurationError) as caught:
         AsyncClient("http://127.0.0.1:1", "secret\r\nInjected: 1")

@@ -5,7 +5,8 @@
 API, so the client keeps the node that answered last and moves on to the next
 URL when a node cannot be reached or answers 503; after a full round of
 failures it waits (honouring Retry-After, capped) and tries again until its
-deadline. A request that is not safe to repeat (a key create) is never sent
+deadline. No try starts past the deadline but the first, so a call ends within
+the deadline and one try's timeout. A request that is not safe to repeat (a key create) is never sent
 again once its outcome is unknown (the connection dropped after it was sent, it
 timed out, or a 503 did not say it had no effect): that is `OutcomeUnknown`.
 `Client` is a small synchronous wrapper for scripts and the CLI.
@@ -25,7 +26,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import aiohttp
 from multidict import CIMultiDict
@@ -296,6 +297,10 @@ def normalize_urls(urls: str | Iterable[str]) -> tuple[str, ...]:
             if not candidate:
                 continue
             parsed = urlsplit(candidate)
+            if "@" in parsed.netloc:
+                # Not shown: it may hold a password, which every later message naming the URL would repeat.
+                raise ConfigurationError("a base URL takes no user name or password (the API key authenticates; "
+                                         "the URL is not shown)")
             if parsed.scheme not in ("http", "https") or not parsed.hostname:
                 raise ConfigurationError(f"not an http(s) base URL: {candidate!r}")
             if parsed.query or parsed.fragment:
@@ -536,7 +541,7 @@ class AsyncClient:
         """One page of the tokens issued in ``epoch`` after the token ``after`` (admin)."""
         if type(epoch) is not int or epoch < 1:
             raise ConfigurationError("an epoch is an integer from 1")
-        query = f"limit={int(limit)}" + (f"&after={after}" if after is not None else "")
+        query = f"limit={int(limit)}" + (f"&after={quote(after, safe='')}" if after is not None else "")
         answer = await self._request("GET", f"/v1/admin/epochs/{epoch}/tokens?{query}", None, {})
         tokens, next_after, state = (answer.body.get(name) for name in ("tokens", "next_after", "state"))
         if (not isinstance(tokens, list) or not all(isinstance(token, str) for token in tokens)
@@ -737,9 +742,13 @@ class AsyncClient:
         last_problem: ProblemError | None = None
         backoff_seconds = INITIAL_BACKOFF_SECONDS
         outcome_unknown = False
+        tried = False
         while True:
             wait_seconds = backoff_seconds
             for offset in range(len(self.urls)):
+                if tried and loop.time() >= deadline:
+                    break  # Why: a round of URLs each waited out to its timeout ran deadline + N timeouts
+                tried = True
                 index = (self._preferred_index + offset) % len(self.urls)
                 url = self.urls[index]
                 try:

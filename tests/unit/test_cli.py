@@ -52,6 +52,19 @@ def test_status_table_shows_every_node_and_marks_the_down_one(
     assert ADMIN_KEY not in result.output
 
 
+def test_a_nodes_text_in_a_table_is_shown_as_it_is_never_as_markup_or_terminal_control(
+        runner: CliRunner, primary: FakeVaultServer) -> None:
+    """A node's values went into rich tables as markup: "[red]...[/red]" or "[/]" restyled or hid the text,
+    and an escape sequence reached the terminal (checked on the code before: the brackets were gone). Each
+    cell is plain text now, and a character that is not printable a '?'."""
+    primary.responders[("GET", "/v1/admin/cluster")] = lambda request: Reply(200, {"nodes": [
+        {"id": "[red]n1[/red]", "role": "backup\x1b[2Jcleared", "[bold]note": "[/]"}]})
+    result = runner.invoke(tokenvault, ["admin", "status", "--url", primary.url, "--api-key", ADMIN_KEY])
+    assert result.exit_code == 0, result.output
+    assert "[red]n1[/red]" in result.stdout and "[/]" in result.stdout and "[bold]note" in result.stdout
+    assert "\x1b" not in result.stdout and "backup?[2Jcleared" in result.stdout
+
+
 def test_status_json_carries_health_and_cluster(runner: CliRunner, primary: FakeVaultServer) -> None:
     result = runner.invoke(tokenvault, ["admin", "status", "--json", "--url", primary.url, "--api-key", ADMIN_KEY])
     assert result.exit_code == 0, result.output

@@ -40,13 +40,14 @@ from typing import Any, NamedTuple
 import click
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from tokenvault.auth import ALL_SCOPES
 from tokenvault.cli import lifecycle
 from tokenvault.cli.connection import (EXIT_AUDIT_BROKEN, EXIT_SERVICE_ERROR, EXIT_UNREACHABLE, EXIT_USAGE,
                                               Connection, connection_options, fail, group_connection_options,
                                               run_client)
-from tokenvault.client.vault import VaultError
+from tokenvault.client.vault import VaultError, printable_text
 from tokenvault.crypto.keys import MAX_VALUE_BYTES
 
 AUDIT_PAGE_RECORDS = 1000
@@ -84,11 +85,15 @@ class Utf8Text(click.ParamType[str]):
 UTF8_TEXT = Utf8Text()
 
 
-def _cell(value: Any) -> str:
+def _cell(value: Any) -> Text:
+    """A node's value as a table cell: plain text (a str cell is read as rich markup, so a node's "[...]"
+    restyled or hid the table's text), each character that is not printable a '?' (an escape sequence
+    drove the terminal), cut to MAX_CELL_CHARS."""
     if value is None:
-        return "-"
+        return Text("-")
     text = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
-    return text if len(text) <= MAX_CELL_CHARS else text[: MAX_CELL_CHARS - 1] + "…"
+    text = printable_text(text, MAX_CELL_CHARS + 1)
+    return Text(text if len(text) <= MAX_CELL_CHARS else text[: MAX_CELL_CHARS - 1] + "…")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -194,7 +199,7 @@ def _print_cluster_view(console: Console, cluster: Any) -> None:
         columns.extend(key for key in node if key not in columns)
     table = Table(title="Cluster view (GET /v1/admin/cluster)")
     for column in columns:
-        table.add_column(column)
+        table.add_column(_cell(column))
     for node in nodes:
         table.add_row(*(_cell(node.get(column)) for column in columns))
     console.print(table)
@@ -378,7 +383,7 @@ def key_list(connection: Connection, as_json: bool) -> None:
     for column in ("id", "name", "scopes", "created_at"):
         table.add_column(column)
     for info in keys:
-        table.add_row(info.id, _cell(info.name), ",".join(info.scopes), _cell(info.created_at))
+        table.add_row(_cell(info.id), _cell(info.name), _cell(",".join(info.scopes)), _cell(info.created_at))
     Console().print(table)
 
 

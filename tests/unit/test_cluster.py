@@ -684,3 +684,21 @@ def test_a_group_whose_id_is_a_live_process_again_is_not_signalled(monkeypatch: 
     finally:
         stranger.kill()
         stranger.wait()
+
+
+@pytest.mark.parametrize("script", ["run_cluster.sh", "run_tests.sh"])
+def test_an_interpreter_older_than_3_11_is_refused_before_a_venv_is_made(tmp_path: Path, script: str) -> None:
+    """The README's two commands on a machine whose python3 is older than 3.11: they made .venv with it,
+    pip then refused the project, and the broken .venv stayed (every later run used it until it was removed
+    by hand; checked on the scripts before). They now stop first, saying which Python and how to pick another."""
+    repository = Path(__file__).resolve().parents[2]
+    for name in (script, "pyproject.toml"):
+        shutil.copy(repository / name, tmp_path / name)
+    old = tmp_path / "python3.10"
+    old.write_text('#!/bin/sh\n[ "$1" = "-V" ] && { echo "Python 3.10.12"; exit 0; }\nexit 1\n')
+    old.chmod(0o755)
+    done = subprocess.run([str(tmp_path / script), "start"] if script == "run_cluster.sh" else [str(tmp_path / script)],
+                          capture_output=True, text=True, env={**os.environ, "PYTHON": str(old)}, timeout=60)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "needs Python 3.11 or later" in done.stderr and "Python 3.10.12" in done.stderr
+    assert "PYTHON=" in done.stderr and not (tmp_path / ".venv").exists()

@@ -388,7 +388,11 @@ def _describe_failure(error: BaseException) -> str:
     name = type(error).__name__
     # Why: aiohttp connection errors describe the address, never request content.
     message = str(error).splitlines()[0][:200] if str(error) else ""
-    return f"{name}: {message}" if message else name
+    described = f"{name}: {message}" if message else name
+    if isinstance(error, aiohttp.ClientConnectorCertificateError):
+        described += ("; its certificate is not one this client trusts: give the cluster CA (ca_file; the CLI's "
+                      "--ca-file, or --cluster-json, whose ca_file it is)")
+    return described
 
 
 def _require_int(body: Any, field: str) -> int:
@@ -745,6 +749,7 @@ class AsyncClient:
         tried = False
         while True:
             wait_seconds = backoff_seconds
+            untrusted = 0  # nodes of this round whose certificate this client does not trust
             for offset in range(len(self.urls)):
                 if tried and loop.time() >= deadline:
                     break  # Why: a round of URLs each waited out to its timeout ran deadline + N timeouts
@@ -761,6 +766,7 @@ class AsyncClient:
                             raise OutcomeUnknown(single_shot[0], url, _describe_failure(error),
                                                  single_shot[1]) from None
                     failures.append(f"{url}: {_describe_failure(error)}")
+                    untrusted += isinstance(error, aiohttp.ClientConnectorCertificateError)
                     continue
                 retry_conflict = answer.status == 409 and idempotent and outcome_unknown
                 if answer.status == 503 or retry_conflict:
@@ -787,7 +793,8 @@ class AsyncClient:
                     raise ResponseError(f"{method} {path} answered with a body that is not a JSON object")
                 return answer
             remaining_seconds = deadline - loop.time()
-            if remaining_seconds <= 0:
+            # Why: a certificate is not trusted the next second either; waiting out the deadline only hid why.
+            if remaining_seconds <= 0 or untrusted == len(self.urls):
                 if last_problem is not None:
                     raise last_problem
                 raise NoNodeAvailable(failures[-MAX_REMEMBERED_FAILURES:])

@@ -65,6 +65,19 @@ def test_a_nodes_text_in_a_table_is_shown_as_it_is_never_as_markup_or_terminal_c
     assert "\x1b" not in result.stdout and "backup?[2Jcleared" in result.stdout
 
 
+def test_the_member_tables_title_shows_the_nodes_configuration_index_as_it_is(
+        runner: CliRunner, primary: FakeVaultServer) -> None:
+    """The member list's title held the node's configuration_index as rich markup: a "[/]" or "[red]" in it
+    restyled or hid the title, an escape sequence reached the terminal (checked on the code before)."""
+    primary.responders[("GET", "/v1/admin/members")] = lambda request: Reply(200, {
+        "primary_id": "n1", "configuration_index": "[red]7[/red]\x1b[2J", "committed": True, "commit_index": 7,
+        "members": [{"id": "n1", "peer_addr": None, "role": "voter", "match_index": 7}]})
+    result = runner.invoke(tokenvault, ["admin", "member", "list", "--url", primary.url, "--api-key", ADMIN_KEY])
+    assert result.exit_code == 0, result.output
+    assert "configuration at index [red]7[/red]?[2J, committed" in result.stdout
+    assert "\x1b" not in result.stdout
+
+
 def test_status_json_carries_health_and_cluster(runner: CliRunner, primary: FakeVaultServer) -> None:
     result = runner.invoke(tokenvault, ["admin", "status", "--json", "--url", primary.url, "--api-key", ADMIN_KEY])
     assert result.exit_code == 0, result.output

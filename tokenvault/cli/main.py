@@ -424,7 +424,9 @@ def member_list(connection: Connection, as_json: bool) -> None:
         click.echo(json.dumps(members, indent=2))
         return
     state = "committed" if members.get("committed") else "being committed"
-    table = Table(title=f"Members (configuration at index {members.get('configuration_index')}, {state})")
+    # Why a Text: the index is the node's, and a str title is read as rich markup.
+    table = Table(title=Text("Members (configuration at index ") + _cell(members.get("configuration_index"))
+                  + f", {state})")
     for column in ("id", "role", "peer_addr", "match_index", "added_at_index"):
         table.add_column(column)
     for member in members["members"]:

@@ -262,8 +262,8 @@ class RequestTimeout(ServiceError):
     close_connection = True
 
     def __init__(self, detail: str | None = None) -> None:
-        super().__init__(detail or "the request body stopped arriving; the connection is closed",
-                         headers={"Connection": "close"})
+        # Why no Connection header: the HTTP server writes it for close_connection (it drops a handler's).
+        super().__init__(detail or "the request body stopped arriving; the connection is closed")
 
 
 class UnprocessableValue(ServiceError):

@@ -64,6 +64,7 @@ from typing import Any
 import msgpack
 
 from protocol.codec import unpack_bounded
+from tokenvault.api.httpserver import FRAMING_HEADERS
 from tokenvault.core.commands import MAX_ITEMS, MAX_METADATA_CIPHERTEXT_BYTES, MAX_TOKEN_CHARS
 from tokenvault.errors import (InvalidRequest, Outcome, PayloadTooLarge, ServiceError, Unavailable,
                                error_from_problem)
@@ -113,8 +114,8 @@ MAX_FRAME_ELEMENTS = 10 * MAX_ITEMS
 _BODILESS_STATUSES = frozenset({204, 205, 304})
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}")
 _HEADER_VALUE = re.compile(r"[\t\x20-\x7e]{0,1024}")
-_SERVER_HEADERS = frozenset({"content-length", "transfer-encoding", "content-type", "content-encoding", "connection",
-                             "keep-alive", "upgrade", "te", "trailer", "date"})
+# The headers the HTTP server writes itself, and those of the problem body the worker writes.
+_SERVER_HEADERS = FRAMING_HEADERS | {"content-type", "content-encoding"}
 
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
 PushHandler = Callable[[str, Any], None]

@@ -444,14 +444,14 @@ def _date() -> bytes:
 
 # Written by _head alone, from the body's length and whether the connection closes behind the answer: a
 # handler's (or a forwarded error's) header of these names would frame the answer a second, other way.
-_FRAMING_HEADERS = frozenset({"content-length", "transfer-encoding", "connection", "keep-alive", "date", "te",
+FRAMING_HEADERS = frozenset({"content-length", "transfer-encoding", "connection", "keep-alive", "date", "te",
                               "trailer", "upgrade"})
 
 
 def _head(status: int, headers: Mapping[str, str], length: int | None, close: bool) -> bytes:
     lines = [b"HTTP/1.1 %d %s" % (status, _REASONS.get(status, "Unknown").encode("ascii"))]
     for name, value in headers.items():
-        if name.lower() in _FRAMING_HEADERS:
+        if name.lower() in FRAMING_HEADERS:
             continue
         # The application's own texts; anything outside Latin-1 (or a line break) cannot go in a header.
         lines.append(f"{name}: {value}".replace("\r", " ").replace("\n", " ").encode("latin-1", "replace"))

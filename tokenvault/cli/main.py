@@ -53,7 +53,9 @@ from tokenvault.crypto.keys import MAX_VALUE_BYTES
 
 AUDIT_PAGE_RECORDS = 1000
 MAX_ITEMS_PER_REQUEST = 1000
-MAX_LINE_CHARS = MAX_VALUE_BYTES  # no node takes a longer value
+# A stdin line is read at most this many characters and its line end at a time: a value of MAX_VALUE_BYTES of
+# UTF-8 (no node takes a longer one) has at most as many characters.
+MAX_LINE_CHARS = MAX_VALUE_BYTES
 # A request's items as they are sent (UTF-8 JSON strings, escapes included): half a node's default
 # max_body_bytes.
 MAX_BATCH_BYTES = 4 << 20
@@ -683,16 +685,35 @@ def audit_trim(connection: Connection, through_seq: int, through_hash: str, yes:
                    f"dropped); anchor {result.anchor_hash}")
 
 
+def _batched(items: Iterable[tuple[int, str]]) -> Iterator[tuple[list[str], int]]:
+    """``items`` (each with its line or argument number) in the batches they are sent in, each with the number
+    of its last item: at most MAX_ITEMS_PER_REQUEST items and MAX_BATCH_BYTES of them as the request carries
+    them (UTF-8 JSON strings: a character is up to 4 bytes, a control character 6; one longer item goes
+    alone), so a request's body stays under a node's default bound. Each batch is taken from ``items`` only
+    when asked for."""
+    batch: list[str] = []
+    batch_bytes = last = 0
+    for number, item in items:
+        item_bytes = len(json.dumps(item, ensure_ascii=False).encode("utf-8")) - 2  # as sent, quotes aside
+        if batch and (len(batch) == MAX_ITEMS_PER_REQUEST or batch_bytes + item_bytes > MAX_BATCH_BYTES):
+            yield batch, last
+            batch, batch_bytes = [], 0
+        batch.append(item)
+        batch_bytes += item_bytes
+        last = number
+    if batch:
+        yield batch, last
+
+
 class _LineBatches:
-    """The items of a stream, one a line, in the batches they are sent in, each read only when asked for:
-    at most MAX_ITEMS_PER_REQUEST items and MAX_BATCH_BYTES of them as the request carries them (UTF-8 JSON
-    strings: a character is up to 4 bytes, a control character 6), so memory holds one batch whatever the
-    size of the input and a request's body stays under a node's default bound. Each line is taken whole
-    (a value of spaces is a value); empty lines at the end are dropped, one between two items is refused, since
+    """The items of a stream, one a line, in the batches they are sent in (_batched), each read only when
+    asked for, so memory holds one batch whatever the size of the input. Each line is taken whole (a value
+    of spaces is a value); empty lines at the end are dropped, one between two items is refused, since
     skipping it would pair every later output line with the wrong input line. A line longer than
-    MAX_LINE_CHARS and its line end (no node takes a value longer than 1 MiB; the read stops there and such
-    a cut line is refused, never taken for a line, and the rest for another) or not valid in the stream's encoding (UTF-8,
-    unless the locale says otherwise) is refused by its number, never shown: it may be a card number.
+    MAX_VALUE_BYTES of UTF-8 (no node takes a longer value; it is read at most MAX_LINE_CHARS and its line
+    end at a time, and a line that read cuts is refused, never taken for a line and the rest for another) or
+    not valid in the stream's encoding (UTF-8, unless the locale says otherwise) is refused by its number,
+    never shown: it may be a card number.
 
     A refused line stops the command before the batch holding it is sent. The caller sets ``answered`` to
     the last line of each batch it has answered and printed, and the error names them, so output line N
@@ -710,8 +731,9 @@ class _LineBatches:
 
     def __iter__(self) -> Iterator[tuple[list[str], int]]:
         """Each batch with the number of its last line."""
-        batch: list[str] = []
-        batch_bytes = 0
+        return _batched(self._items())
+
+    def _items(self) -> Iterator[tuple[int, str]]:
         first_empty: int | None = None  # the first of the empty lines read since the last item
         number = 0
         while line := self._source.readline(MAX_LINE_CHARS + 2):
@@ -725,23 +747,16 @@ class _LineBatches:
                 named = "UTF-8" if codecs.lookup(encoding).name == "utf-8" else encoding
                 raise self._refuse(f"line {number} is not valid {named} (it is not shown): give one {self._what} "
                                    f"a line, in {named}")
-            if cut or len(item) > MAX_LINE_CHARS:
-                raise self._refuse(f"line {number} is longer than {MAX_LINE_CHARS} characters (it is not shown): "
-                                   f"give one {self._what} a line")
+            if cut or len(item.encode("utf-8")) > MAX_VALUE_BYTES:
+                raise self._refuse(f"line {number} is longer than {MAX_VALUE_BYTES} bytes of UTF-8, more than any "
+                                   f"value (it is not shown): give one {self._what} a line")
             if not item:
                 first_empty = first_empty or number
                 continue
             if first_empty is not None:
                 raise self._refuse(f"line {first_empty} is empty: give one {self._what} a line, with no empty "
                                    "line between")
-            item_bytes = len(json.dumps(item, ensure_ascii=False).encode("utf-8")) - 2  # as sent, quotes aside
-            if batch and (len(batch) == MAX_ITEMS_PER_REQUEST or batch_bytes + item_bytes > MAX_BATCH_BYTES):
-                yield batch, number - 1
-                batch, batch_bytes = [], 0
-            batch.append(item)
-            batch_bytes += item_bytes
-        if batch:
-            yield batch, number if first_empty is None else first_empty - 1
+            yield number, item
 
     def _refuse(self, message: str) -> click.UsageError:
         if self.answered:
@@ -803,12 +818,8 @@ def detokenize(connection: Connection, tokens: tuple[str, ...], as_json: bool, e
     position = next((number for number, token in enumerate(tokens, 1) if not _is_utf8(token)), None)
     if position is not None:
         raise click.UsageError(f"token argument {position} is not valid UTF-8 (it is not shown)")
-    lines = _LineBatches(sys.stdin, "token")
-    batches: Iterable[tuple[list[str], int]] = lines
-    if tokens:
-        batches = ((list(tokens[start:start + MAX_ITEMS_PER_REQUEST]), min(start + MAX_ITEMS_PER_REQUEST, len(tokens)))
-                   for start in range(0, len(tokens), MAX_ITEMS_PER_REQUEST))
-    batches = iter(batches)
+    lines = None if tokens else _LineBatches(sys.stdin, "token")
+    batches = iter(_batched(enumerate(tokens, 1)) if lines is None else lines)
     first = next(batches, None)
     if first is None:
         raise click.UsageError("no tokens given (arguments or stdin, one per line)")
@@ -833,7 +844,8 @@ def detokenize(connection: Connection, tokens: tuple[str, ...], as_json: bool, e
                         click.echo("" if value is None else value)
                 count += len(values)
                 unknown += sum(value is None for value in values)
-                lines.answered = last_line
+                if lines is not None:
+                    lines.answered = last_line
         if as_json:
             click.echo("]")
         return count, unknown

@@ -11,15 +11,8 @@ cd "$(dirname "$0")"
 VENV=.venv
 hash="$(sha256sum pyproject.toml | cut -c1-16)"
 runtime_stamp="$VENV/.installed-runtime-$hash"
-PYTHON="${PYTHON:-python3}"
 if [ ! -x "$VENV/bin/python" ]; then
-    # Why first: a venv of an older Python installs nothing (pip refuses the project) and stays behind.
-    if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
-        echo "TokenVault needs Python 3.11 or later; $PYTHON is $("$PYTHON" -V 2>&1 || echo missing): set PYTHON to one (PYTHON=python3.11 $0 ...)" >&2
-        exit 2
-    fi
-    echo "creating $VENV (first use)" >&2
-    "$PYTHON" -m venv "$VENV"
+    . ./make_venv.sh
 fi
 if [ ! -f "$runtime_stamp" ] && [ ! -f "$VENV/.installed-$hash" ]; then
     echo "installing tokenvault into $VENV (first use)" >&2

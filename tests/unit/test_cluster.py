@@ -692,13 +692,22 @@ def test_an_interpreter_older_than_3_11_is_refused_before_a_venv_is_made(tmp_pat
     pip then refused the project, and the broken .venv stayed (every later run used it until it was removed
     by hand; checked on the scripts before). They now stop first, saying which Python and how to pick another."""
     repository = Path(__file__).resolve().parents[2]
-    for name in (script, "pyproject.toml"):
+    for name in (script, "make_venv.sh", "pyproject.toml"):
         shutil.copy(repository / name, tmp_path / name)
     old = tmp_path / "python3.10"
     old.write_text('#!/bin/sh\n[ "$1" = "-V" ] && { echo "Python 3.10.12"; exit 0; }\nexit 1\n')
     old.chmod(0o755)
-    done = subprocess.run([str(tmp_path / script), "start"] if script == "run_cluster.sh" else [str(tmp_path / script)],
-                          capture_output=True, text=True, env={**os.environ, "PYTHON": str(old)}, timeout=60)
+    command = [str(tmp_path / script), "start"] if script == "run_cluster.sh" else [str(tmp_path / script)]
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHON": str(old)}, timeout=60)
     assert done.returncode == 2, done.stdout + done.stderr
     assert "needs Python 3.11 or later" in done.stderr and "Python 3.10.12" in done.stderr
     assert "PYTHON=" in done.stderr and not (tmp_path / ".venv").exists()
+    # One that is not there is said to be so, in the one line (it was the shell's own error and "missing",
+    # over two lines).
+    absent = tmp_path / "no-such-python"
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHON": str(absent)},
+                          timeout=60)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr == (f"TokenVault needs Python 3.11 or later; {absent} is not found: set PYTHON to one "
+                           f"(PYTHON=python3.11 {tmp_path / script} ...)\n")
+    assert not (tmp_path / ".venv").exists()

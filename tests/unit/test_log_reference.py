@@ -15,6 +15,7 @@ import ast
 import os
 import re
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -82,14 +83,14 @@ def _string(expression: ast.expr | None) -> str | None:
     return None
 
 
-def scan(root: Path) -> tuple[dict[str, list[str]], list[str]]:
-    """(event name -> its call sites, call sites whose event name is not a literal) in ``root``'s code.
+def _log_calls(root: Path) -> Iterator[tuple[ast.Module, str, str, ast.Call]]:
+    """Each call in ``root``'s code that logs an event, as (its module, its site, the name it calls, the call):
+    a SummedEvent's construction, or a logger method called with arguments on no name of ``logging`` or
+    ``argparse``.
 
     A call of a bare name (``error("...")`` in store_layout.py, where ``error`` is an exception class passed
     in) is no logger method and is not read; nor is a method call without arguments (``future.exception()``).
     SummedEvent's own line (``getattr(self._logger, self._level)(self._event, ...)``) is its constructions'."""
-    events: dict[str, list[str]] = {}
-    dynamic: list[str] = []
     for directory in SOURCE_DIRECTORIES:
         for path in sorted((root / directory).rglob("*.py")):
             tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
@@ -97,22 +98,27 @@ def scan(root: Path) -> tuple[dict[str, list[str]], list[str]]:
             for node in ast.walk(tree):
                 if not isinstance(node, ast.Call):
                     continue
-                site = f"{path.relative_to(root)}:{node.lineno}"
                 name = _called_name(node)
-                if name == SUMMED_EVENT:
-                    argument = (node.args[SUMMED_EVENT_NAME_POSITION] if len(node.args) > SUMMED_EVENT_NAME_POSITION
-                                else next((keyword.value for keyword in node.keywords if keyword.arg == "event"),
-                                          None))
-                elif (name in LOG_METHODS and isinstance(node.func, ast.Attribute) and node.args
-                      and _root_name(node.func.value) not in other_loggers):
-                    argument = node.args[0]
-                else:
-                    continue
-                event = _string(argument)
-                if event is None:
-                    dynamic.append(site)
-                else:
-                    events.setdefault(event, []).append(site)
+                if name == SUMMED_EVENT or (name in LOG_METHODS and isinstance(node.func, ast.Attribute) and node.args
+                                            and _root_name(node.func.value) not in other_loggers):
+                    yield tree, f"{path.relative_to(root)}:{node.lineno}", name, node
+
+
+def scan(root: Path) -> tuple[dict[str, list[str]], list[str]]:
+    """(event name -> its call sites, call sites whose event name is not a literal) in ``root``'s code."""
+    events: dict[str, list[str]] = {}
+    dynamic: list[str] = []
+    for _, site, name, node in _log_calls(root):
+        if name == SUMMED_EVENT:
+            argument = (node.args[SUMMED_EVENT_NAME_POSITION] if len(node.args) > SUMMED_EVENT_NAME_POSITION
+                        else next((keyword.value for keyword in node.keywords if keyword.arg == "event"), None))
+        else:
+            argument = node.args[0]
+        event = _string(argument)
+        if event is None:
+            dynamic.append(site)
+        else:
+            events.setdefault(event, []).append(site)
     return events, dynamic
 
 
@@ -204,37 +210,27 @@ def _keyword_fields(tree: ast.Module, call: ast.Call) -> frozenset[str] | None:
 def scan_calls(root: Path) -> dict[str, list[Call]]:
     """Each event's call sites with the level and fields each logs (the events of ``scan``)."""
     calls: dict[str, list[Call]] = {}
-    for directory in SOURCE_DIRECTORIES:
-        for path in sorted((root / directory).rglob("*.py")):
-            tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
-            other_loggers = _names_from_other_loggers(tree)
-            for node in ast.walk(tree):
-                if not isinstance(node, ast.Call):
-                    continue
-                site = f"{path.relative_to(root)}:{node.lineno}"
-                name = _called_name(node)
-                if name == SUMMED_EVENT and len(node.args) > SUMMED_EVENT_KEYS_POSITION:
-                    level = next((_string(keyword.value) for keyword in node.keywords if keyword.arg == "level"),
-                                 "info")
-                    keys = node.args[SUMMED_EVENT_KEYS_POSITION]
-                    assert isinstance(keys, ast.Tuple), f"{site}: a SummedEvent's keys are a literal tuple"
-                    fields = frozenset(_string(key) or "" for key in keys.elts) | {SUMMED_COUNT_FIELD}
-                    event = _string(node.args[SUMMED_EVENT_NAME_POSITION])
-                    call = Call(site, level or "?", fields, True)
-                elif (name in LOG_METHODS and isinstance(node.func, ast.Attribute) and node.args
-                      and _root_name(node.func.value) not in other_loggers):
-                    fields_or_none = _keyword_fields(tree, node)
-                    if name == "exception":
-                        level = EXCEPTION_LEVEL
-                        fields_or_none = None if fields_or_none is None else fields_or_none | EXCEPTION_FIELDS
-                    else:
-                        level = "info" if name == "msg" else name
-                    event = _string(node.args[0])
-                    call = Call(site, level, fields_or_none, False)
-                else:
-                    continue
-                if event is not None:
-                    calls.setdefault(event, []).append(call)
+    for tree, site, name, node in _log_calls(root):
+        if name == SUMMED_EVENT:
+            if len(node.args) <= SUMMED_EVENT_KEYS_POSITION:
+                continue
+            level = next((_string(keyword.value) for keyword in node.keywords if keyword.arg == "level"), "info")
+            keys = node.args[SUMMED_EVENT_KEYS_POSITION]
+            assert isinstance(keys, ast.Tuple), f"{site}: a SummedEvent's keys are a literal tuple"
+            fields = frozenset(_string(key) or "" for key in keys.elts) | {SUMMED_COUNT_FIELD}
+            event = _string(node.args[SUMMED_EVENT_NAME_POSITION])
+            call = Call(site, level or "?", fields, True)
+        else:
+            fields_or_none = _keyword_fields(tree, node)
+            if name == "exception":
+                level = EXCEPTION_LEVEL
+                fields_or_none = None if fields_or_none is None else fields_or_none | EXCEPTION_FIELDS
+            else:
+                level = "info" if name == "msg" else name
+            event = _string(node.args[0])
+            call = Call(site, level, fields_or_none, False)
+        if event is not None:
+            calls.setdefault(event, []).append(call)
     return calls
 
 

@@ -12,4 +12,9 @@ if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null
     exit 2
 fi
 echo "creating $VENV with $PYTHON (first use)" >&2
-"$PYTHON" -m venv "$VENV"
+if ! "$PYTHON" -m venv "$VENV"; then
+    # Why: a half-made .venv (a python and no pip) was taken as made by every later run, which failed at pip.
+    rm -rf "$VENV"
+    echo "could not create $VENV with $PYTHON (on Debian or Ubuntu: apt-get install python3-venv)" >&2
+    exit 2
+fi

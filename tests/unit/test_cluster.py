@@ -711,3 +711,21 @@ def test_an_interpreter_older_than_3_11_is_refused_before_a_venv_is_made(tmp_pat
     assert done.stderr == (f"TokenVault needs Python 3.11 or later; {absent} is not found: set PYTHON to one "
                            f"(PYTHON=python3.11 {tmp_path / script} ...)\n")
     assert not (tmp_path / ".venv").exists()
+
+
+def test_a_venv_that_fails_halfway_is_removed_saying_what_to_install(tmp_path: Path) -> None:
+    """`python3 -m venv` on a Debian machine without python3-venv fails after making .venv/bin/python: the
+    half-made .venv was then taken as made, and every later run failed at pip (checked on the script before:
+    .venv stayed). It is removed, and the message names the package."""
+    repository = Path(__file__).resolve().parents[2]
+    for name in ("run_tests.sh", "make_venv.sh", "pyproject.toml"):
+        shutil.copy(repository / name, tmp_path / name)
+    halfway = tmp_path / "python3.12"
+    halfway.write_text('#!/bin/sh\n[ "$1" = "-c" ] && exit 0\n[ "$1" = "-m" ] && { mkdir -p "$3/bin"; '
+                       'cp "$0" "$3/bin/python"; echo "ensurepip is not available" >&2; exit 1; }\nexit 1\n')
+    halfway.chmod(0o755)
+    done = subprocess.run([str(tmp_path / "run_tests.sh")], capture_output=True, text=True,
+                          env={**os.environ, "PYTHON": str(halfway)}, timeout=60)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "could not create .venv" in done.stderr and "apt-get install python3-venv" in done.stderr
+    assert not (tmp_path / ".venv").exists()

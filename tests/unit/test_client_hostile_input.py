@@ -8,6 +8,8 @@ the CLI's exit code), never a Python traceback, and nothing is kept.
 
 from __future__ import annotations
 
+import asyncio
+
 import json
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -319,6 +321,35 @@ async def test_a_valid_stream_that_matches_its_announced_size_is_kept(
     result = await download_backup([url], CLIENT_KEY, out, prefer="any", retry_seconds=0)
     assert (result.index, result.view, result.size_bytes) == (41, 3, len(good_backup))
     assert out.read_bytes() == good_backup and verify_backup_file(out).index == 41
+
+
+async def test_the_nodes_name_and_role_are_reported_with_no_character_that_drives_a_terminal(
+        good_backup: bytes, tmp_path: Path) -> None:
+    """The progress line showed the node's own X- headers as they came, and an HTTP client takes an escape
+    sequence in a header value: it reached the terminal (checked on the code before). A raw server, since
+    aiohttp's own refuses to send such a header."""
+    headers = backup_headers(len(good_backup))
+    headers[HEADER_NODE], headers[HEADER_ROLE] = "n1\x1b[2J", "primary\x07\x1b]0;title\x07"
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        head = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+        writer.write(f"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n{head}Content-Length: "
+                     f"{len(good_backup)}\r\nConnection: close\r\n\r\n".encode("latin-1") + good_backup)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    lines: list[str] = []
+    try:
+        await download_backup([f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"], CLIENT_KEY,
+                              tmp_path / "vault.backup", prefer="any", retry_seconds=0, report=lines.append)
+    finally:
+        server.close()
+        await server.wait_closed()
+    streaming = next(line for line in lines if line.startswith("streaming the backup of"))
+    assert "\x1b" not in streaming and "\x07" not in streaming
+    assert "n1?[2J (primary??]0;title?)" in streaming
 
 
 @pytest.mark.parametrize("difference, reason", [(-1, "goes on past the"), (-1000, "goes on past the"),

@@ -148,7 +148,9 @@ async def _download_from(session: Any, url: str, headers: dict[str, str], partia
                                printable_text(str(problem.get("type") or "about:blank"), 1000), url)
         index, view = _header_int(response, HEADER_INDEX), _header_int(response, HEADER_VIEW)
         announced_bytes = _header_int(response, HEADER_BYTES)
-        node_id, role = response.headers.get(HEADER_NODE), response.headers.get(HEADER_ROLE)
+        # The node's words for itself reach the terminal: each character that is not printable a '?'.
+        node_id, role = (printable_text(value, 64) if value is not None else None
+                         for value in (response.headers.get(HEADER_NODE), response.headers.get(HEADER_ROLE)))
         report(f"streaming the backup of {node_id or url} ({role or 'unknown role'}) at index {index}, "
                f"view {view}")
         size_bytes = 0

@@ -104,6 +104,16 @@ async def exchange(address: tuple[str, int], data: bytes, *, half_close: bool = 
         writer.close()
 
 
+async def exchange_with(app: EchoApp, data: bytes) -> bytes:
+    """``exchange`` with a server of its own serving ``app``, closed after."""
+    server = HttpServer(app)
+    await server.start("127.0.0.1", 0)
+    try:
+        return await exchange(server.addresses[0][:2], data)
+    finally:
+        await server.close(0)
+
+
 def responses(received: bytes) -> list[tuple[int, dict[str, str], bytes]]:
     """The responses in ``received`` (each with a Content-Length)."""
     found = []
@@ -149,12 +159,7 @@ async def test_the_server_alone_frames_an_answer_whatever_headers_its_handler_ga
                 "Content-Length": "0", "Transfer-Encoding": "chunked", "Connection": "close",
                 "Keep-Alive": "timeout=1", "Date": "yesterday", "Retry-After": "1"})
 
-    server = HttpServer(FramingApp())
-    await server.start("127.0.0.1", 0)
-    try:
-        received = await exchange(server.addresses[0][:2], get("/a") + get("/b", close=True))
-    finally:
-        await server.close(0)
+    received = await exchange_with(FramingApp(), get("/a") + get("/b", close=True))
     answers = responses(received)
     assert [body for _, _, body in answers] == [b'{"ok":true}'] * 2
     first_head = received.partition(b"\r\n\r\n")[0].decode("latin-1").lower()
@@ -375,12 +380,7 @@ async def test_a_header_value_that_cannot_be_sent_as_is_is_mended_and_the_connec
         async def __call__(self, request: Request) -> Response:
             return Response(body=b"{}", headers={"X-Odd": "caf\u00e9 \u20ac\r\nX-Injected: 1"})
 
-    server = HttpServer(OddHeaderApp())
-    await server.start("127.0.0.1", 0)
-    try:
-        received = await exchange(server.addresses[0][:2], get("/one") + get("/two", close=True))
-    finally:
-        await server.close(0)
+    received = await exchange_with(OddHeaderApp(), get("/one") + get("/two", close=True))
     answers = responses(received)
     assert [status for status, _, _ in answers] == [200, 200]
     assert answers[0][1]["X-Odd"] == "caf\u00e9 ?  X-Injected: 1" and "X-Injected" not in answers[0][1]

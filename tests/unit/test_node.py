@@ -1124,6 +1124,41 @@ async def test_a_log_that_extends_the_store_is_kept_after_a_restart(tmp_path: Pa
         await running.close()
 
 
+def test_a_store_behind_the_start_of_its_log_refuses_to_start_naming_both_and_deletes_nothing(tmp_path: Path) -> None:
+    """The log is released only up to what the store made durable, so a store whose applied index is below
+    the log's first position lost durable writes (RocksDB recovering its WAL up to a damaged record, a store
+    directory put back from an older copy): the entries between are in neither. The node refuses to start,
+    saying so, and changes nothing; before, it started and its driver died on the first apply with a
+    ValueError whose text is not logged, on every start."""
+    from protocol import HardState
+    from tokenvault.core.store import VaultStore
+    from tokenvault.core.wal import WriteAheadLog
+
+    (config,) = make_configs(tmp_path, 1)
+    data_dir = Path(config.data_dir)
+    data_dir.mkdir(parents=True)
+    store = VaultStore.open(data_dir / "store")
+    store.apply_batch([_noop(index, 1) for index in range(1, 4)])
+    store.checkpoint()
+    store.close()
+    wal, _ = WriteAheadLog.open(data_dir / "wal")
+    wal.reset_base(6, 1)
+    wal.append(truncate_from=None, entries=[_noop(index, 1) for index in range(7, 10)],
+               hard_state=HardState(1, None, 9))
+    wal.sync()
+    wal.close()
+    before = {path: path.read_bytes() for path in data_files(data_dir / "wal")}
+    for _ in range(2):  # the same refusal each time: the files and the directory's locks are let go
+        with pytest.raises(StoreCorruption) as refused:
+            Node(config)
+        message = str(refused.value)
+        assert "applied through index 3" in message and "index 6" in message and "wal" in message
+        assert {path: path.read_bytes() for path in data_files(data_dir / "wal")} == before
+    store = VaultStore.open(data_dir / "store")
+    assert store.applied_index == 3
+    store.close()
+
+
 async def test_the_log_kept_in_memory_is_bounded_in_bytes_as_well_as_in_entries(tmp_path: Path) -> None:
     # Entry counts alone would keep every entry here; the byte bounds compact anyway.
     wal = WalConfig(fsync=True, compact_every_entries=1_000_000, compact_keep_entries=1_000_000,

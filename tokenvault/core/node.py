@@ -156,6 +156,7 @@ class Node:
         self.wal, recovered = WriteAheadLog.open(self.data_dir / "wal",
                                                  max_segment_bytes=config.wal.max_segment_bytes,
                                                  fsync=config.wal.fsync)
+        _refuse_a_store_behind_its_log(self.data_dir, self.store, self.wal, recovered)
         self.keyring = self._keyring_of_store()
         # Called after the keyring gained an epoch (an applied rotation, an installed snapshot): the
         # node's HTTP workers seal in the active epoch with keys the core gives them (tokenvault.api.workers).
@@ -1035,6 +1036,25 @@ def _refuse_a_store_found_damaged(data_dir: Path) -> None:
     raise StoreCorruption(f"this node's store was found damaged ({recorded}); replace the node: add a new one "
                           "and remove this one from the cluster (docs/failure-modes.md; a node alone: restore "
                           f"it from a backup), or remove {path} to start on these files anyway")
+
+
+def _refuse_a_store_behind_its_log(data_dir: Path, store: VaultStore, wal: WriteAheadLog,
+                                   recovered: RecoveredLog) -> None:
+    """The log is released only up to an index the store made durable (VaultStore.checkpoint) and reset
+    only once the store holds the snapshot it starts from, so a store applied below the log's base lost
+    writes it had made durable (RocksDB recovered its own WAL only up to a damaged record; the store
+    directory was put back from an older copy): the entries between are in neither. Nothing is changed
+    and both are closed; the node does not start (docs/failure-modes.md)."""
+    if store.applied_index >= recovered.base_index:
+        return
+    wal.close()
+    store.close()
+    raise StoreCorruption(
+        f"the store in {data_dir / STORE_DIRECTORY} is applied through index {store.applied_index}, but the "
+        f"write-ahead log in {data_dir / 'wal'} starts after index {recovered.base_index}: the entries between "
+        "are in neither, so the store lost writes it had made durable (a damaged RocksDB WAL, or a store put "
+        "back from an older copy); replace the node: add a new one and remove this one from the cluster "
+        "(docs/failure-modes.md; a node alone: restore it from a backup)")
 
 
 def _settle(result: asyncio.Future[Any], done: asyncio.Future[Any], index: int) -> None:

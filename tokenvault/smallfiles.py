@@ -7,6 +7,11 @@ read through ``read_small_file`` with a bound far above what the file ever holds
 hostile file costs at most that bound in memory and is refused with an error naming the file,
 instead of being buffered whole. (TLS PEM files and key files have bounded readers of their own,
 which check the file's owner and mode on the open descriptor first.)
+
+``replace_small_file`` writes one of them (a node's peer incarnations and members' floors, a migration's state
+file) durably and whole: a write may take fewer bytes than it was given (a disk all but full), so it is
+repeated until every byte is in, and the rename that publishes the file is made durable by an fsync of its
+directory.
 """
 
 from __future__ import annotations
@@ -32,3 +37,23 @@ def read_small_file(path: Path | str, max_bytes: int) -> bytes:
     if len(data) > max_bytes:
         raise FileTooLarge(f"{os.fspath(path)!r} is larger than {max_bytes} bytes")
     return data
+
+
+def replace_small_file(path: Path, content: bytes) -> None:
+    """Put ``content`` at ``path`` durably and whole: ``path`` + ".tmp" (owner only) is written to its last
+    byte, fsynced, renamed over ``path``, and the directory fsynced; OSError as the calls raise it."""
+    temporary = path.with_name(path.name + ".tmp")
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        data = memoryview(content)
+        while data:
+            data = data[os.write(descriptor, data):]
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+    os.replace(temporary, path)
+    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)

@@ -136,3 +136,64 @@ def test_a_huge_pid_file_is_no_pid(tmp_path: Path) -> None:
     assert peak_bytes_of(lambda: cluster.read_pid_file(node)) < 64 * 1024
     (tmp_path / "other.pid").write_text(f"{os.getpid()}\n")
     assert cluster.read_pid_file(SimpleNamespace(pid_file=tmp_path / "other.pid")) == os.getpid()  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- writing them
+def _peer_incarnations_written_and_read(tmp_path: Path) -> None:
+    record = incarnations.PeerIncarnations(tmp_path)
+    for number in range(20):
+        assert record.admit(f"n{number}", bytes([number]) * incarnations.INCARNATION_BYTES, since=number)
+    again = incarnations.PeerIncarnations(tmp_path)
+    assert again.known("n19") == bytes([19]) * incarnations.INCARNATION_BYTES
+
+
+def _member_floors_written_and_read(tmp_path: Path) -> None:
+    floors = tuple((f"member-{number}", 1_000_000 + number) for number in range(9))
+    record = incarnations.MemberFloors(tmp_path)
+    record.offer(floors, now=0.0)
+    record.save()
+    assert incarnations.MemberFloors(tmp_path).loaded == tuple(sorted(floors))
+
+
+def _migration_state_written_and_read(tmp_path: Path) -> None:
+    path = tmp_path / "state.json"
+    cli_lifecycle._write_state(path, 3, "c" * 200, 12345)
+    assert cli_lifecycle._read_state(path, 3) == ("c" * 200, 12345)
+
+
+WRITERS: dict[str, tuple[Callable[[Path], None], str]] = {
+    "peer incarnations": (_peer_incarnations_written_and_read, incarnations.PEER_INCARNATIONS_FILE),
+    "member floors": (_member_floors_written_and_read, incarnations.MEMBER_FLOORS_FILE),
+    "migration state": (_migration_state_written_and_read, "state.json"),
+}
+
+
+@pytest.mark.parametrize("writer", sorted(WRITERS))
+def test_each_small_file_is_written_whole_through_short_writes_and_its_rename_made_durable(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, writer: str) -> None:
+    """A write may take fewer bytes than it was given (a disk all but full): the writer writes on until every
+    byte is in. Before, one short write left a cut record, fsynced and renamed over the good one: the peer
+    incarnations then stopped every later start ("not a record this node wrote"), the members' floors were set
+    aside, a migration's state was refused. And the directory is fsynced after the rename that publishes the
+    file (the migration state's was not)."""
+    write_and_read, name = WRITERS[writer]
+    real_write, real_fsync, real_replace = os.write, os.fsync, os.replace
+    steps: list[str] = []
+
+    def short_write(descriptor: int, data: Any) -> int:
+        return real_write(descriptor, bytes(data)[:7])
+
+    def noted_fsync(descriptor: int) -> None:
+        steps.append("fsync directory" if os.path.isdir(f"/proc/self/fd/{descriptor}") else "fsync file")
+        real_fsync(descriptor)
+
+    def noted_replace(source: Any, destination: Any) -> None:
+        steps.append(f"rename to {Path(destination).name}")
+        real_replace(source, destination)
+
+    monkeypatch.setattr(os, "write", short_write)
+    monkeypatch.setattr(os, "fsync", noted_fsync)
+    monkeypatch.setattr(os, "replace", noted_replace)
+    write_and_read(tmp_path)
+    published = steps.index(f"rename to {name}")
+    assert steps[published - 1] == "fsync file" and steps[published + 1] == "fsync directory"

@@ -32,7 +32,7 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from tokenvault.cli.connection import EXIT_SERVICE_ERROR, Connection, connection_options, fail, run_client
 from tokenvault.client.vault import AsyncClient
-from tokenvault.smallfiles import FileTooLarge, read_small_file
+from tokenvault.smallfiles import FileTooLarge, read_small_file, replace_small_file
 
 DEFAULT_BATCH_SIZE = 500
 MAX_BATCH_SIZE = 1000
@@ -85,15 +85,7 @@ def _read_state(path: Path, epoch_number: int) -> tuple[str | None, int]:
 
 
 def _write_state(path: Path, epoch_number: int, after: str | None, migrated: int) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    data = json.dumps({"epoch": epoch_number, "after": after, "migrated": migrated}).encode()
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(descriptor, data)
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-    os.replace(temporary, path)
+    replace_small_file(path, json.dumps({"epoch": epoch_number, "after": after, "migrated": migrated}).encode())
 
 
 async def _migrate(vault: AsyncClient, epoch_number: int, batch_size: int, state_path: Path,

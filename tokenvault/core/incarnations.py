@@ -34,9 +34,8 @@ from pathlib import Path
 
 from protocol.codec import MAX_INTEGER
 from protocol.membership import MAX_MEMBERS, MAX_SINCE, is_member_id
-from tokenvault.core.wal import fsync_directory
 from tokenvault.logs import get_logger
-from tokenvault.smallfiles import FileTooLarge, read_small_file
+from tokenvault.smallfiles import FileTooLarge, read_small_file, replace_small_file
 
 log = get_logger("tokenvault.core.incarnations")
 
@@ -57,16 +56,9 @@ class IncarnationError(Exception):
 
 
 def _write_durably(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text``: a temporary file, fsynced, renamed over it, the directory fsynced."""
-    temporary = path.with_name(path.name + ".tmp")
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(descriptor, text.encode("ascii"))
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-    os.replace(temporary, path)
-    fsync_directory(path.parent)
+    """Replace ``path`` with ``text``: a temporary file written whole, fsynced, renamed over it, the directory
+    fsynced (replace_small_file)."""
+    replace_small_file(path, text.encode("ascii"))
 
 
 def _unreadable(path: Path, error: OSError) -> IncarnationError:

@@ -26,7 +26,7 @@ from tokenvault.auth import ALL_SCOPES, PRINCIPAL_NAME_PATTERN, ApiKeyEntry, Api
 from tokenvault.crypto.keys import (MASTER_KEY_ENVIRONMENT_VARIABLE, MAX_VALUE_BYTES, CryptoError, KeyWrapper, MasterKey,
                                    read_secret_file, take_from_environment)
 from tokenvault.crypto.tls import NodeTlsFiles
-from tokenvault.smallfiles import FileTooLarge, read_small_file
+from tokenvault.smallfiles import FileTooLarge, fsync_directory, read_small_file, write_whole
 
 CLUSTER_SECRET_BYTES = 32
 # A cluster starts with an odd count of members (a majority of an even one tolerates no more failures than
@@ -962,10 +962,7 @@ def write_node_config(path: Path | str, config: NodeConfig) -> None:
     descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         os.fchmod(descriptor, 0o600)
-        view = memoryview(data)
-        while view:
-            written = os.write(descriptor, view)
-            view = view[written:]
+        write_whole(descriptor, data)
         os.fsync(descriptor)
     except BaseException:
         os.close(descriptor)
@@ -973,8 +970,4 @@ def write_node_config(path: Path | str, config: NodeConfig) -> None:
         raise
     os.close(descriptor)
     os.replace(temporary, path)
-    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+    fsync_directory(path.parent)

@@ -45,15 +45,25 @@ def replace_small_file(path: Path, content: bytes) -> None:
     temporary = path.with_name(path.name + ".tmp")
     descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
-        data = memoryview(content)
-        while data:
-            data = data[os.write(descriptor, data):]
+        write_whole(descriptor, content)
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
     os.replace(temporary, path)
-    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    fsync_directory(path.parent)
+
+
+def write_whole(descriptor: int, content: bytes) -> None:
+    """Write ``content`` to its last byte: one os.write may write only part of it (a disk nearly full)."""
+    data = memoryview(content)
+    while data:
+        data = data[os.write(descriptor, data):]
+
+
+def fsync_directory(directory: Path) -> None:
+    """Make a rename or a creation in ``directory`` durable."""
+    descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        os.fsync(directory)
+        os.fsync(descriptor)
     finally:
-        os.close(directory)
+        os.close(descriptor)

@@ -27,7 +27,7 @@ from tokenvault.core.backup import (BACKUP_CHUNK_BYTES, BACKUP_CONTENT_TYPE, HEA
                                     HEADER_ROLE, HEADER_VIEW, MAX_HEADER_DIGITS, PARTIAL_SUFFIX, ROUTE_BACKUP,
                                     BackupError, BackupRefused, verify_backup_file)
 from tokenvault.core.snapshots import PendingShred
-from tokenvault.core.wal import fsync_directory
+from tokenvault.smallfiles import fsync_directory
 
 Report = Callable[[str], None]
 

@@ -57,7 +57,8 @@ from tokenvault.core.snapshots import (PendingShred, ShredState, SnapshotSource,
 from tokenvault.core.store import VaultStore
 from tokenvault.core.store_files import fsync_tree
 from tokenvault.core.store_layout import SnapshotRejected, StoreError
-from tokenvault.core.wal import WalFatal, WriteAheadLog, fsync_directory
+from tokenvault.core.wal import WalFatal, WriteAheadLog
+from tokenvault.smallfiles import fsync_directory
 
 log = get_logger("tokenvault.core.backup")
 

@@ -49,7 +49,7 @@ import msgpack
 
 from protocol.codec import MAX_INTEGER
 from tokenvault.core.store_layout import SnapshotRejected
-from tokenvault.core.wal import fsync_directory
+from tokenvault.smallfiles import fsync_directory
 
 MAGIC = b"TVSNAP1\n"
 FORMAT_VERSION = 1

@@ -81,7 +81,7 @@ from tokenvault.core.store_layout import (
     files_overlapped, range_keys, read_epochs, reason, shred_ranges, token_key, unpack, whole_key_space_ranges)
 from tokenvault.core.store_lifecycle import (Batch, add_tokens, append_audit, apply_audit_trim, apply_delete,
                                              apply_destroy, apply_mappings, apply_purge_expired)
-from tokenvault.core.wal import fsync_directory
+from tokenvault.smallfiles import fsync_directory
 
 DEFAULT_RETENTION_MS = 48 * 3600 * 1000
 # What VaultStore.flush_memtable found: a flush it started, one already running, or none (None).

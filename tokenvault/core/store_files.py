@@ -31,7 +31,7 @@ from tokenvault.core.store_layout import (AGE, AGE_END, AGE_HEADER_BYTES, LIFE, 
                                           age_created_at, check_epochs, check_token_count, database_options,
                                           encode_meta, first_key, open_database, read_api_keys, read_audit_anchor,
                                           read_audit_head, read_epochs, read_membership)
-from tokenvault.core.wal import fsync_directory
+from tokenvault.smallfiles import fsync_directory
 from tokenvault.smallfiles import FileTooLarge, read_small_file
 
 # The store's directory inside a node's data directory (tokenvault.core.node, and its HTTP workers' views).

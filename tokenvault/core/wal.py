@@ -54,6 +54,7 @@ from tokenvault.core.wal_segments import (HEADER_BYTES, MAX_LOG_INTEGER, MAX_REC
                                      _check_contiguous, _hard_state_record, _HEADER, _LENGTH_AND_TYPE, _list_segments,
                                      _newest_reset_position, _replay_file, _ReplayState, _SegmentInfo, _valid_integer,
                                      encode_record, segment_name)
+from tokenvault.smallfiles import fsync_directory, write_whole
 
 DEFAULT_MAX_SEGMENT_BYTES = 64 * 1024 * 1024
 LOCK_FILE_NAME = "wal.lock"
@@ -73,22 +74,6 @@ class RecoveredLog:
     entries: tuple[Entry, ...]
     truncated_tail_bytes: int
     records_replayed: int
-
-
-# ---------------------------------------------------------------- file helpers
-def fsync_directory(directory: Path) -> None:
-    descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def _write_all(descriptor: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.write(descriptor, view)
-        view = view[written:]
 
 
 class _Tail:
@@ -333,7 +318,7 @@ class WriteAheadLog:
                 header = self._start_segment(*self._durable_last, reset=False)
                 data = header + data
                 active, created = self._segments[-1], True
-            _write_all(self._active_descriptor, data)
+            write_whole(self._active_descriptor, data)
             if self._fsync:
                 os.fdatasync(self._active_descriptor)
                 if created:
@@ -379,7 +364,7 @@ class WriteAheadLog:
             self._sync_locked()
             try:
                 header = self._start_segment(index, view, reset=True)
-                _write_all(self._active_descriptor, header)
+                write_whole(self._active_descriptor, header)
                 if self._fsync:
                     os.fdatasync(self._active_descriptor)
                     fsync_directory(self._directory)
@@ -450,7 +435,7 @@ class WriteAheadLog:
                 return False
             try:
                 header = self._start_segment(*self._durable_last, reset=False)
-                _write_all(self._active_descriptor, header)
+                write_whole(self._active_descriptor, header)
                 if self._fsync:
                     os.fdatasync(self._active_descriptor)
                     fsync_directory(self._directory)
@@ -520,7 +505,7 @@ def _create_first_segment(directory: Path, fsync: bool) -> _SegmentInfo:
     header = _base_record(0, 0, False, None)
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
-        _write_all(descriptor, header)
+        write_whole(descriptor, header)
         if fsync:
             os.fdatasync(descriptor)
     finally:

@@ -36,6 +36,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from tokenvault.crypto.formats import FORMAT_KEY_BYTES, FormatKeys
 from tokenvault.crypto.tokens import MAX_EPOCH, TOKEN_BODY_BYTES, TOKEN_PREFIX, encode_token_body, parse_token
+from tokenvault.smallfiles import fsync_directory, write_whole
 
 MASTER_KEY_BYTES = 32
 EPOCH_SECRET_BYTES = 32
@@ -211,15 +212,11 @@ def write_secret_file(path: Path | str, secret: bytes) -> None:
     descriptor = os.open(path, flags, 0o600)
     try:
         os.fchmod(descriptor, 0o600)
-        os.write(descriptor, (secret.hex() + "\n").encode("ascii"))
+        write_whole(descriptor, (secret.hex() + "\n").encode("ascii"))
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
-    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+    fsync_directory(path.parent)
 
 
 def _hkdf(secret: bytes, info: bytes, length_bytes: int) -> bytes:

@@ -37,6 +37,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from tokenvault.smallfiles import write_whole
+
 NODE_IDENTITY_URI_PREFIX = "urn:tokenvault:node:"
 CA_VALIDITY_DAYS = 3650
 NODE_VALIDITY_DAYS = 825
@@ -78,9 +80,7 @@ def _write_file(path: Path, data: bytes, mode: int) -> None:
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
     try:
         os.fchmod(descriptor, mode)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(descriptor, view):]
+        write_whole(descriptor, data)
         os.fsync(descriptor)
     finally:
         os.close(descriptor)

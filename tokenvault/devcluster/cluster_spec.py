@@ -25,7 +25,7 @@ from tokenvault.config import (ALLOWED_MEMBER_COUNTS, ConfigError, HttpConfig, M
                                TimingConfig, TlsConfig, WalConfig, write_node_config)
 from tokenvault.crypto.keys import CryptoError, MasterKey, write_secret_file
 from tokenvault.crypto.tls import ClusterTlsFiles, create_cluster_tls
-from tokenvault.smallfiles import MAX_CLUSTER_FILE_BYTES, FileTooLarge, read_small_file
+from tokenvault.smallfiles import MAX_CLUSTER_FILE_BYTES, FileTooLarge, fsync_directory, read_small_file, write_whole
 
 ALLOWED_NODE_COUNTS = ALLOWED_MEMBER_COUNTS  # what a node config allows its static members
 NODE_COUNT_RULE = f"--nodes must be odd, from 1 to {MAX_MEMBERS}"
@@ -260,16 +260,18 @@ def contract_ports(count: int, base_port: int) -> list[tuple[int, int]]:
 
 
 def _write_private_file(path: Path, text: str) -> None:
-    """Create `path` with mode 0600 atomically (temporary file, fsync, rename)."""
+    """Create `path` with mode 0600 atomically and whole (temporary file written to its last byte, fsync,
+    rename, directory fsync)."""
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         os.fchmod(descriptor, 0o600)
-        os.write(descriptor, text.encode("utf-8"))
+        write_whole(descriptor, text.encode("utf-8"))
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
     os.replace(temporary, path)
+    fsync_directory(path.parent)
 
 
 def key_directory(cluster_directory: Path | str, environ: Mapping[str, str] | None = None) -> Path:

@@ -771,6 +771,36 @@ async def test_a_retokenize_of_many_expiries_is_one_entry_with_an_expiry_per_ite
     assert single.node.store.life(new[kept], None)[0] is None
 
 
+async def test_a_mapping_that_never_expires_stays_so_when_the_active_epoch_holds_its_value_with_a_ttl(
+        single: RunningNode) -> None:
+    """docs/api.md, re-tokenize: the new mapping keeps the old one's expiry. A mapping that never expires,
+    re-tokenized into an epoch where another client tokenized the same value with a TTL, never expires
+    either: the migration that destroys its old epoch must not leave its value with only that TTL (a
+    tokenize without a TTL leaves a live expiry as it is, docs/tokens.md, but a re-tokenize carries a
+    life over). A mapping with the later expiry keeps it; one with the earlier gets the later."""
+    service = single.service
+    forever = body(await service.tokenize("p", ["kept-forever"], None))["tokens"][0]
+    card = body(await service.tokenize("p", ["4111111111111111"], None, token_format="card"))["tokens"][0]
+    early = body(await service.tokenize("p", ["early"], None, ttl_seconds=100))["tokens"][0]
+    assert body(await service.rotate_epoch("admin", None)) == {"epoch": 2}
+    timed = body(await service.tokenize("p", ["kept-forever"], None, ttl_seconds=100))["tokens"][0]
+    timed_card = body(await service.tokenize("p", ["4111111111111111"], None, token_format="card",
+                                             ttl_seconds=100))["tokens"][0]
+    late = body(await service.tokenize("p", ["early"], None, ttl_seconds=900))["tokens"][0]
+    assert single.node.store.life(timed, None)[0] is not None and single.node.store.life(timed_card, 2)[0] is not None
+    late_expiry = single.node.store.life(late, None)[0]
+    document = await service.retokenize([forever, early], ACTOR)
+    assert document == {"epoch": 2, "tokens": [timed, late]}
+    assert (await service.retokenize([card], ACTOR, epoch=1))["tokens"] == [timed_card]
+    assert single.node.store.life(timed, None)[0] is None
+    assert single.node.store.life(timed_card, 2)[0] is None
+    assert single.node.store.life(late, None)[0] == late_expiry
+    # A plain tokenize without a TTL still leaves a live expiry as it is (docs/tokens.md's table).
+    again = body(await service.tokenize("p", ["other"], None, ttl_seconds=100))["tokens"][0]
+    assert body(await service.tokenize("p", ["other"], None))["tokens"] == [again]
+    assert single.node.store.life(again, None)[0] is not None
+
+
 async def test_a_restarted_node_logs_shred_done_once_the_delete_it_found_in_its_log_is_shredded(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """docs/failure-modes.md: a node that stopped between applying a delete and shredding it shreds when it

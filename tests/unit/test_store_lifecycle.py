@@ -87,6 +87,44 @@ def test_an_expiry_per_item_is_a_13th_field_only_when_set_and_is_checked() -> No
             decode_command(msgpack.packb(plain + [thirteenth]))
 
 
+def test_an_entry_that_carries_lives_is_a_14th_field_only_when_set_and_is_checked() -> None:
+    items = ((token(1, 1), b"a"), (token(1, 2), b"b"))
+    for expiries in (None, (10, None)):
+        command = TokenizeCommand(1, items, None, None, None, 5, item_expires_at_ms=expiries, carries_lives=True)
+        encoded = encode_command(command)
+        fields = msgpack.unpackb(encoded)
+        assert len(fields) == 14 and fields[12] == (None if expiries is None else list(expiries)) and fields[13] is True
+        assert decode_command(encoded) == command and command.extended
+    assert len(msgpack.unpackb(encode_command(TokenizeCommand(1, items, None, None, None, 5)))) == 9
+    with pytest.raises(CommandError):
+        TokenizeCommand(1, items, None, None, None, 5, carries_lives=1)  # type: ignore[arg-type]
+    plain = msgpack.unpackb(encode_command(TokenizeCommand(1, items, None, None, None, 5, expires_at_ms=9)))
+    for thirteenth, fourteenth in ((None, False), (None, 1), ([10, None], None), (7, True)):
+        with pytest.raises(CommandError):
+            decode_command(msgpack.packb(plain + [thirteenth, fourteenth]))
+
+
+def test_an_item_without_an_expiry_makes_a_live_mapping_permanent_only_in_an_entry_that_carries_lives(
+        store: VaultStore) -> None:
+    """docs/tokens.md: a tokenize without a TTL leaves a live expiry as it is; a re-tokenize's entry carries
+    a life that never ends over, so there it makes the mapping permanent. An expiry it carries lengthens
+    a live one, never shortens it, and an expired mapping takes the carried life."""
+    log = Log()
+    started(store, log)
+    live, expired = (token(1, 1), b"a"), (token(1, 2), b"b")
+    apply(store, log, tokenize_v2(1, [live], at_ms=1_000, expires_at_ms=10_000),
+          tokenize_v2(1, [expired], at_ms=1_000, expires_at_ms=2_000))
+    apply(store, log, tokenize_v2(1, [live], at_ms=3_000))
+    assert store.life(live[0], None)[0] == 10_000
+    (result,) = apply(store, log, encode_command(TokenizeCommand(
+        1, (live, expired), None, None, None, 4_000, item_expires_at_ms=(None, 9_000), carries_lives=True)))
+    assert result.outcome == Outcome.OK
+    assert store.life(live[0], None)[0] is None and store.life(expired[0], None)[0] == 9_000
+    apply(store, log, encode_command(TokenizeCommand(1, (expired,), None, None, None, 5_000, expires_at_ms=6_000,
+                                                     carries_lives=True)))
+    assert store.life(expired[0], None)[0] == 9_000
+
+
 def test_one_entry_gives_each_item_its_own_expiry_and_the_purge_takes_each_on_time(store: VaultStore) -> None:
     log = Log()
     started(store, log)

@@ -229,8 +229,9 @@ class LifecycleOperations:
         the new token of each (format, value), or None when a rotation was applied first (EPOCH_MISMATCH:
         the caller seals again). A value's token depends only on its format and the epoch, whichever entry
         carries it. A value that several mappings of one entry share is issued once, with the latest of
-        their expiries (none, if one has none: as a tokenize of a live mapping renews it) and the first
-        one's metadata."""
+        their expiries (none, if one has none) and the first one's metadata. The entries carry lives over
+        (``carries_lives``): a mapping without an expiry makes the value's live mapping in ``epoch``, if it
+        has one with an expiry, permanent, so the new mapping lives at least as long as the old one did."""
         groups: dict[tuple[str, bool], list[_Mapping]] = {}
         for mapping in dict.fromkeys(mappings.values()):
             groups.setdefault((mapping.token_format, mapping.metadata_json is not None), []).append(mapping)
@@ -261,7 +262,7 @@ class LifecycleOperations:
                 epoch=epoch, items=items, principal=None, idempotency_key=None, fingerprint=None,
                 issued_at_ms=issued_at_ms, token_format=token_format,
                 expires_at_ms=expiries[0] if one_expiry else None, metadata=metadata,
-                item_expires_at_ms=None if one_expiry else expiries)
+                item_expires_at_ms=None if one_expiry else expiries, carries_lives=True)
             commands_by_group.append((members, command))
         results = await asyncio.gather(*(self._propose(commands.encode_command(command))
                                          for _, command in commands_by_group))

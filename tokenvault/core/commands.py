@@ -144,6 +144,11 @@ class TokenizeCommand:
     (or None, no expiry) per item, in place of the one ``expires_at_ms``, so a
     batch of mappings with many expiries is still one entry; it is encoded as a
     13th field, only when set, so entries without it decode as before.
+    ``carries_lives`` (a re-tokenize's entry): an item without an expiry makes a
+    live mapping that expires never expire, since the mapping it was carried
+    over from never does; in any other entry an item without an expiry leaves
+    a live expiry as it is (docs/tokens.md). Encoded as a 14th field (true),
+    after the 13th (null when there is no expiry per item), only when set.
     """
 
     epoch: int
@@ -156,10 +161,13 @@ class TokenizeCommand:
     expires_at_ms: int | None = None
     metadata: tuple[bytes, ...] | None = None
     item_expires_at_ms: tuple[int | None, ...] | None = None
+    carries_lives: bool = False
 
     def __post_init__(self) -> None:
         _check_int("epoch", self.epoch, 1, MAX_EPOCH)
         _check_items(self.items)
+        if type(self.carries_lives) is not bool:
+            raise CommandError("carries_lives must be a boolean")
         _check_idempotency(self.principal, self.idempotency_key, self.fingerprint)
         _check_int("issued_at_ms", self.issued_at_ms, 0, MAX_TIMESTAMP_MS)
         if type(self.token_format) is not str or self.token_format not in TOKEN_FORMATS:
@@ -188,7 +196,7 @@ class TokenizeCommand:
     def extended(self) -> bool:
         """Whether the command uses a version 2 field (a format, an expiry or metadata)."""
         return (self.token_format != OPAQUE_FORMAT or self.expires_at_ms is not None or self.metadata is not None
-                or self.item_expires_at_ms is not None)
+                or self.item_expires_at_ms is not None or self.carries_lives)
 
     def expiry_of(self, position: int) -> int | None:
         """The expiry the item at ``position`` is issued with (None: none)."""
@@ -435,8 +443,10 @@ def encode_command(command: Command) -> bytes:
         if command.extended:
             fields.extend([command.token_format, command.expires_at_ms,
                            None if command.metadata is None else list(command.metadata)])
-        if command.item_expires_at_ms is not None:
-            fields.append(list(command.item_expires_at_ms))
+        if command.item_expires_at_ms is not None or command.carries_lives:
+            fields.append(None if command.item_expires_at_ms is None else list(command.item_expires_at_ms))
+        if command.carries_lives:
+            fields.append(True)
     elif type(command) is RotateEpochCommand:
         fields = [COMMAND_FORMAT_VERSION, ROTATE_EPOCH_TAG, command.epoch, command.wrapped_secret,
                   command.created_at_ms, command.principal, command.idempotency_key, command.fingerprint]
@@ -493,9 +503,9 @@ def _unpack(data: object) -> list[Any]:
 
 
 def _decode_tokenize(fields: list[Any]) -> TokenizeCommand:
-    if len(fields) not in (9, 12, 13):
-        raise CommandError("a tokenize command has 9 fields, 12 with format, expiry and metadata, or 13 with "
-                           "an expiry per item")
+    if len(fields) not in (9, 12, 13, 14):
+        raise CommandError("a tokenize command has 9 fields, 12 with format, expiry and metadata, 13 with "
+                           "an expiry per item, or 14 when it carries lives over")
     _, _, epoch, tokens, ciphertexts, principal, idempotency_key, fingerprint, issued_at_ms = fields[:9]
     if type(tokens) is not list or type(ciphertexts) is not list or len(tokens) != len(ciphertexts):
         raise CommandError("tokens and ciphertexts must be arrays of equal length")
@@ -509,10 +519,17 @@ def _decode_tokenize(fields: list[Any]) -> TokenizeCommand:
         if type(fields[12]) is not list:
             raise CommandError("item_expires_at_ms must be an array in a 13-field tokenize command")
         item_expires_at_ms = tuple(fields[12])
+    if len(fields) == 14:
+        if fields[13] is not True:
+            raise CommandError("the 14th field of a tokenize command is true (it carries lives over)")
+        if fields[12] is not None and type(fields[12]) is not list:
+            raise CommandError("item_expires_at_ms must be null or an array in a 14-field tokenize command")
+        item_expires_at_ms = None if fields[12] is None else tuple(fields[12])
     command = TokenizeCommand(epoch=epoch, items=tuple(zip(tokens, ciphertexts)), principal=principal,
                               idempotency_key=idempotency_key, fingerprint=fingerprint,
                               issued_at_ms=issued_at_ms, token_format=token_format,
-                              expires_at_ms=expires_at_ms, metadata=metadata, item_expires_at_ms=item_expires_at_ms)
+                              expires_at_ms=expires_at_ms, metadata=metadata, item_expires_at_ms=item_expires_at_ms,
+                              carries_lives=len(fields) == 14)
     if len(fields) == 12 and not command.extended:
         raise CommandError("a tokenize command without format, expiry or metadata has 9 fields")
     return command

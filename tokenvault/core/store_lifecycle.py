@@ -13,6 +13,9 @@ has expired by the command's issued_at_ms it starts a new life with the
 command's expiry and metadata; otherwise it keeps the later of the two
 expiries (no expiry counts as the latest), and the command's metadata, if it
 has any, replaces the stored one. So tokenizing again never shortens a life.
+An item without an expiry leaves a live expiry as it is, except in a
+re-tokenize's entry (``carries_lives``), where it makes the mapping permanent:
+it carries over a mapping that never expires.
 """
 
 from __future__ import annotations
@@ -239,10 +242,13 @@ def apply_mappings(index: int, command: TokenizeCommand, batch: Batch) -> ApplyR
             elif new[0] is not None and new[0] <= now_ms:
                 new = (expiry, metadata)  # expired: a new life
             else:
-                # Live: no expiry is the latest of all, and the later of two expiries wins.
+                # Live: no expiry is the latest of all, and the later of two expiries wins; an item without
+                # one leaves a live expiry as it is, unless it carries over a life that never ends.
                 expires_at_ms = new[0]
                 if new[0] is not None and expiry is not None:
                     expires_at_ms = max(new[0], expiry)
+                elif expiry is None and command.carries_lives:
+                    expires_at_ms = None
                 new = (expires_at_ms, metadata if metadata is not None else new[1])
         _set_life(key, old, new, batch)
     return None

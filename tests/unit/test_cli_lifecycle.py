@@ -86,9 +86,37 @@ def test_migrate_resumes_after_the_saved_cursor(runner: CliRunner, server: FakeV
     state.write_text(json.dumps({"epoch": 1, "after": OLD_TOKENS[2], "migrated": 3}))
     result = invoke(runner, server, "migrate", "1", "--batch-size", "2", "--state-file", str(state), "--json")
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout.strip().splitlines()[-1]) == {"epoch": 1, "to_epoch": 2, "migrated": 6}
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == {"epoch": 1, "to_epoch": 2, "to_epochs": [2],
+                                                                       "migrated": 6}
     sent = [token for request in server.calls("/v1/retokenize") for token in request.body["tokens"]]
     assert sent == OLD_TOKENS[3:]
+
+
+def test_migrate_names_every_epoch_its_tokens_went_to_when_the_active_epoch_changes_midway(
+        runner: CliRunner, server: FakeVaultServer, tmp_path: Path) -> None:
+    """A rotation during a migration sends the later batches to the new active epoch and leaves the earlier
+    ones' tokens in the epoch before it: the CLI says both (it named only the last, so an operator could take
+    the one before for empty of migrated values and destroy it), across a resume too."""
+    batches = 0
+
+    def rotated_after_two_batches(request: RecordedRequest) -> Reply:
+        nonlocal batches
+        batches += 1
+        tokens = request.body["tokens"]
+        epoch = 2 if batches <= 2 else 3
+        return Reply(200, {"epoch": epoch, "tokens": [f"tv{epoch}_" + token[4:] for token in tokens]})
+
+    server.responders[("POST", "/v1/retokenize")] = rotated_after_two_batches
+    state = tmp_path / "state.json"
+    state.write_text(json.dumps({"epoch": 1, "after": OLD_TOKENS[0], "migrated": 1, "to_epochs": [2]}))
+    result = invoke(runner, server, "migrate", "1", "--batch-size", "2", "--state-file", str(state))
+    assert result.exit_code == 0, result.output
+    assert "migrated 7 tokens of epoch 1 to epochs 2, 3" in result.output
+    state.write_text(json.dumps({"epoch": 1, "after": OLD_TOKENS[0], "migrated": 1, "to_epochs": [2]}))
+    batches = 0
+    as_json = invoke(runner, server, "migrate", "1", "--batch-size", "2", "--state-file", str(state), "--json")
+    assert json.loads(as_json.stdout.strip().splitlines()[-1]) == {"epoch": 1, "to_epoch": 3, "to_epochs": [2, 3],
+                                                                  "migrated": 7}
 
 
 @pytest.mark.parametrize("content", ["not json", json.dumps({"epoch": 7, "after": None, "migrated": 0}),

@@ -7,7 +7,9 @@ epoch: it reads the epoch's tokens page by page (`GET
 each page to `POST /v1/retokenize`, so the values never leave the vault. After
 every batch it writes its cursor (the last token done) to a state file, with
 write-temp + fsync + rename, so a crash loses at most the batch in flight, and
-running the same command again resumes after the cursor. Ctrl-C stops it once
+running the same command again resumes after the cursor. It names every epoch
+the tokens went to: a rotation during the migration sends the later batches to
+the new active epoch, and the earlier ones stay in the epoch before it. Ctrl-C stops it once
 the batch in flight is done and its cursor saved (exit 130); a second Ctrl-C
 stops it at once.
 Re-tokenizing is deterministic, so a batch done twice changes nothing. At the
@@ -66,31 +68,37 @@ def epoch_destroy(connection: Connection, epoch_number: int, yes: bool, as_json:
         click.echo(f"epoch {epoch_number} is {state}")
 
 
-def _read_state(path: Path, epoch_number: int) -> tuple[str | None, int]:
-    """(cursor, tokens done) from a state file of this epoch, or (None, 0) when there is none."""
+def _read_state(path: Path, epoch_number: int) -> tuple[str | None, int, list[int]]:
+    """(cursor, tokens done, epochs they went to) from a state file of this epoch, or (None, 0, []) when
+    there is none (a state file written before the epochs were kept says none)."""
     try:
         document = json.loads(read_small_file(path, MAX_STATE_FILE_BYTES))
     except FileNotFoundError:
-        return None, 0
+        return None, 0, []
     except OSError as error:
         raise click.UsageError(f"cannot read state file {str(path)!r}: {error.strerror}") from None
     except (FileTooLarge, ValueError, RecursionError):  # RecursionError: nesting deeper than the parser's stack
         document = None
     if (not isinstance(document, dict) or document.get("epoch") != epoch_number
             or not (document.get("after") is None or isinstance(document.get("after"), str))
-            or type(document.get("migrated")) is not int):
+            or type(document.get("migrated")) is not int
+            or not isinstance(document.get("to_epochs", []), list)
+            or not all(type(epoch) is int for epoch in document.get("to_epochs", []))):
         raise click.UsageError(f"state file {str(path)!r} is not a migration state of epoch {epoch_number}; "
                                "remove it or pass --restart")
-    return document["after"], document["migrated"]
+    return document["after"], document["migrated"], document.get("to_epochs", [])
 
 
-def _write_state(path: Path, epoch_number: int, after: str | None, migrated: int) -> None:
-    replace_small_file(path, json.dumps({"epoch": epoch_number, "after": after, "migrated": migrated}).encode())
+def _write_state(path: Path, epoch_number: int, after: str | None, migrated: int, targets: list[int]) -> None:
+    replace_small_file(path, json.dumps({"epoch": epoch_number, "after": after, "migrated": migrated,
+                                         "to_epochs": targets}).encode())
 
 
 async def _migrate(vault: AsyncClient, epoch_number: int, batch_size: int, state_path: Path,
-                   after: str | None, migrated: int, progress: Progress, stop: asyncio.Event) -> tuple[int, int]:
-    """Re-tokenize page after page from ``after``; returns (tokens re-tokenized, the epoch they went to).
+                   after: str | None, migrated: int, targets: list[int], progress: Progress,
+                   stop: asyncio.Event) -> tuple[int, list[int]]:
+    """Re-tokenize page after page from ``after``; returns (tokens re-tokenized, the epochs they went to, in
+    order: more than one when the active epoch changed during the migration).
     Card and digits tokens come after the opaque ones, re-tokenized in the epoch they belong to. Once
     ``stop`` is set it returns after the batch in flight, whose cursor is saved (the caller checks it)."""
     listing = await vault.list_epochs()
@@ -102,18 +110,19 @@ async def _migrate(vault: AsyncClient, epoch_number: int, batch_size: int, state
     if states[epoch_number] == "destroyed":
         fail(f"epoch {epoch_number} is destroyed: its values are gone", EXIT_SERVICE_ERROR)
     task = progress.add_task(f"epoch {epoch_number}", total=None, completed=migrated)
-    target = listing.active_epoch
+    targets = list(targets)
     while not stop.is_set():
         page = await vault.epoch_tokens(epoch_number, after, batch_size)
         if not page.tokens:
-            return migrated, target
+            return migrated, targets or [listing.active_epoch]
         result = await vault.retokenize(page.tokens, epoch=epoch_number)
-        target = result.epoch
+        if result.epoch not in targets:
+            targets.append(result.epoch)
         migrated += sum(token is not None for token in result.tokens)
         after = page.tokens[-1]
-        _write_state(state_path, epoch_number, after, migrated)
+        _write_state(state_path, epoch_number, after, migrated, targets)
         progress.update(task, completed=migrated)
-    return migrated, target
+    return migrated, targets
 
 
 @contextlib.contextmanager
@@ -155,22 +164,23 @@ def epoch_migrate(connection: Connection, epoch_number: int, batch_size: int, st
     Needs a key with the admin and retokenize scopes (cluster.json's `full`). The old tokens stay
     valid; each old token's new one is what `POST /v1/retokenize` answers for it."""
     state_path = Path(state_file or STATE_FILE_TEMPLATE.format(epoch=epoch_number))
-    after, migrated = (None, 0) if restart else _read_state(state_path, epoch_number)
+    after, migrated, targets = (None, 0, []) if restart else _read_state(state_path, epoch_number)
     if after is not None and not as_json:
         click.echo(f"resuming after {migrated} tokens (state file {state_path})", err=True)
 
     stop = asyncio.Event()
 
-    async def run() -> tuple[int, int]:
+    async def run() -> tuple[int, list[int]]:
         columns: list[Any] = [SpinnerColumn(), TextColumn("{task.description}: {task.completed} re-tokenized"),
                               TimeElapsedColumn()]
         with Progress(*columns, console=Console(stderr=True), transient=as_json) as progress, \
                 _stop_on_interrupt(stop):
             async with connection.client() as vault:
-                return await _migrate(vault, epoch_number, batch_size, state_path, after, migrated, progress, stop)
+                return await _migrate(vault, epoch_number, batch_size, state_path, after, migrated, targets,
+                                      progress, stop)
 
     try:
-        total, target = run_client(run())
+        total, targets = run_client(run())
     except KeyboardInterrupt:
         stop.set()
     if stop.is_set():
@@ -178,6 +188,11 @@ def epoch_migrate(connection: Connection, epoch_number: int, batch_size: int, st
         sys.exit(EXIT_INTERRUPTED)
     state_path.unlink(missing_ok=True)
     if as_json:
-        click.echo(json.dumps({"epoch": epoch_number, "to_epoch": target, "migrated": total}))
+        click.echo(json.dumps({"epoch": epoch_number, "to_epoch": targets[-1], "to_epochs": targets,
+                               "migrated": total}))
+    elif len(targets) == 1:
+        click.echo(f"migrated {total} tokens of epoch {epoch_number} to epoch {targets[0]}")
     else:
-        click.echo(f"migrated {total} tokens of epoch {epoch_number} to epoch {target}")
+        names = ", ".join(map(str, targets))
+        click.echo(f"migrated {total} tokens of epoch {epoch_number} to epochs {names} (the active epoch changed "
+                   f"during the migration; migrate each but the last before destroying it)")

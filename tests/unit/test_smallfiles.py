@@ -157,8 +157,8 @@ def _member_floors_written_and_read(tmp_path: Path) -> None:
 
 def _migration_state_written_and_read(tmp_path: Path) -> None:
     path = tmp_path / "state.json"
-    cli_lifecycle._write_state(path, 3, "c" * 200, 12345)
-    assert cli_lifecycle._read_state(path, 3) == ("c" * 200, 12345)
+    cli_lifecycle._write_state(path, 3, "c" * 200, 12345, [4, 5])
+    assert cli_lifecycle._read_state(path, 3) == ("c" * 200, 12345, [4, 5])
 
 
 WRITERS: dict[str, tuple[Callable[[Path], None], str]] = {

@@ -72,8 +72,10 @@ DEFAULT_MAX_UNAUTHENTICATED_CONNECTIONS = 8
 # the primary refused the read for a full queue (``overloaded``). 7: a configuration entry (and a snapshot's
 # configuration) gives each member its ``since`` (protocol/membership.py, format 2). 8: a poll and a vote
 # request carry the candidate's ``since``, an append a sequence number its reply echoes, a heartbeat the
-# primary's own commit index and its reply the backup's last index (protocol/messages.py).
-PEER_PROTOCOL_VERSION = 8
+# primary's own commit index and its reply the backup's last index (protocol/messages.py). 9: a re-tokenize's
+# tokenize entry may say that it carries each mapping's life (``carries_lives``, a 14th field;
+# tokenvault/core/commands.py), which a node of version 8 refuses to decode.
+PEER_PROTOCOL_VERSION = 9
 GREETING_PREFIX = b"TVPEER"
 GREETING = GREETING_PREFIX + b"%d\n" % PEER_PROTOCOL_VERSION
 NONCE_BYTES = 32

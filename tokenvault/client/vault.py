@@ -22,6 +22,7 @@ import asyncio
 import json
 import ssl
 import uuid
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,9 +71,7 @@ def _summarize_failures(failures: Sequence[str]) -> str:
     on every round, and the message named it once per round (ten times over for the CLI's 10 s)."""
     if not failures:
         return "no attempt made"
-    counts: dict[str, int] = {}
-    for failure in failures:
-        counts[failure] = counts.get(failure, 0) + 1
+    counts = Counter(failures)  # in the order first seen
     return "; ".join(failure if count == 1 else f"{failure} ({count} times)" for failure, count in counts.items())
 
 

@@ -78,6 +78,7 @@ class Replica:
         self._polls = restored.first_poll  # numbers this node's pre-votes (PreVote.poll), from this start's base
         self._appends_sent = 0  # numbers this node's appends (AppendEntries.sequence)
         self._first_known_commit_index: int | None = None
+        self._first_known_commit_view = 0  # the view whose primary said it (or in which this node committed it)
         self._floors_reported: dict[str, int] = {}  # per member, the floor it was last reported below
         hard_state = restored.hard_state
         # A crash between writing entries and writing the hard state of the same batch can
@@ -195,10 +196,12 @@ class Replica:
     def first_known_commit_index(self) -> int | None:
         """How far the cluster had committed when this node first learnt it after its start: the first
         commit index a primary announced to it in a heartbeat (Heartbeat.cluster_commit_index), or, as a
-        primary, its own first commit in its view, whichever came first. None until then. It does not move
-        after: the driver logs node.recovered once its store has applied it, and a target that rose with
-        every heartbeat (or every commit) would never be reached by a node that keeps pace with the writes
-        from behind, as a restarted backup catching up under a steady load does."""
+        primary, its own first commit in its view, whichever came first. None until then. Within a view it
+        does not move after: the driver logs node.recovered once its store has applied it, and a target that
+        rose with every heartbeat (or every commit) would never be reached by a node that keeps pace with the
+        writes from behind, as a restarted backup catching up under a steady load does. The first word of a
+        later view replaces it once: a primary deposed before this node heard of its successor may have
+        announced less than the cluster had committed since (it moves at most once per view change)."""
         return self._first_known_commit_index
 
     @property
@@ -904,8 +907,8 @@ class Replica:
             return
         # The primary sends min(commit, our match index), which our log is known to agree with.
         self._commit_to(min(message.commit_index, self._log.last_index))
-        if message.cluster_commit_index and self._first_known_commit_index is None:
-            self._first_known_commit_index = message.cluster_commit_index
+        if message.cluster_commit_index:
+            self._learn_first_known_commit(message.cluster_commit_index)
         members = self._membership.ids
         for member, floor in message.floors:
             if member in members:
@@ -1203,9 +1206,14 @@ class Replica:
         candidate = min(durable[self._commit_quorum_size() - 1], self._persisted_index)
         if candidate > self._commit_index and self._may_commit_entry_of_view(self._log.view_at(candidate)):
             self._commit_index = candidate
-            if self._first_known_commit_index is None:
-                self._first_known_commit_index = candidate
+            self._learn_first_known_commit(candidate)
             self._step_down_if_removed()
+
+    def _learn_first_known_commit(self, index: int) -> None:
+        """Keeps the first commit index heard in the latest view heard from (first_known_commit_index)."""
+        if self._first_known_commit_index is None or self._view > self._first_known_commit_view:
+            self._first_known_commit_index = index
+            self._first_known_commit_view = self._view
 
     def _commit_quorum_size(self) -> int:
         """Majorities are counted among the voters of the configuration in effect (learners never count)."""

@@ -763,6 +763,26 @@ def test_a_backup_kept_behind_by_a_steady_write_load_reaches_the_commit_index_it
     assert backup.first_known_commit_index == 10, "the first commit index announced after the start"
 
 
+def test_a_restarted_node_told_a_commit_index_by_a_deposed_primary_takes_the_next_views_once() -> None:
+    """A restarted backup may first hear from a primary already deposed (its heartbeat crossed the election of
+    its successor): that primary announces less than the new view has committed since, and node.recovered
+    would come before the node held what it missed. The first word of a later view replaces the target
+    once; within that view it stays put (a node keeping pace from behind still reaches it)."""
+    entries = tuple(Entry(index, 1, EntryKind.NOOP if index == 1 else EntryKind.COMMAND, b"e%d" % index)
+                    for index in range(1, 6))
+    backup = make_replica("n3", ("n1", "n2", "n3"), RestoredState(HardState(1, "n1", 5), 0, 0, entries))
+    drain(backup)
+    backup.step("n1", Heartbeat(1, 5, 0, (), 5))  # the old primary, still in view 1
+    drain(backup)
+    assert backup.first_known_commit_index == 5
+    backup.step("n2", Heartbeat(3, 5, 0, (), 12))  # the primary of view 3 has committed up to 12
+    drain(backup)
+    assert backup.first_known_commit_index == 12
+    backup.step("n2", Heartbeat(3, 5, 0, (), 20))
+    drain(backup)
+    assert backup.first_known_commit_index == 12, "within a view the first announcement stands"
+
+
 def test_heartbeats_carry_each_members_floor_to_every_node_and_a_restart_keeps_them() -> None:
     """A floor is the highest index a member acknowledged that is also committed (the primary's own: its
     commit index); the primary's heartbeats carry them, so every node holds them, and a node restarted

@@ -16,8 +16,8 @@ from structlog.testing import capture_logs
 
 from tokenvault.core.incarnations import (FLOORS_SAVE_INTERVAL_SECONDS, INCARNATION_BYTES, INCARNATION_FILE,
                                           MAX_REMEMBERED_MEMBERS, MEMBER_FLOORS_FILE, PEER_INCARNATIONS_FILE,
-                                          IncarnationError, MemberFloors, PeerIncarnations,
-                                          load_or_create_incarnation)
+                                          POLL_BASE_FILE, POLL_SPAN, IncarnationError, MemberFloors,
+                                          PeerIncarnations, load_or_create_incarnation, take_poll_base)
 
 
 def test_a_data_directory_keeps_its_incarnation_and_a_new_one_gets_another(tmp_path: Path) -> None:
@@ -193,3 +193,38 @@ def test_a_member_floors_record_that_is_a_directory_is_set_aside_and_a_failed_wr
         floors.save()  # a directory is in the way: the write fails, said, not raised
         assert floors.offer((("n1", 4),), now=1.0 + FLOORS_SAVE_INTERVAL_SECONDS), "tried again at the next change"
     assert [entry["event"] for entry in logs] == ["node.member_floors_unreadable", "node.member_floors_not_saved"]
+
+
+# --------------------------------------------------------------------------- the base of a start's poll numbers
+
+
+def test_each_start_numbers_its_polls_above_the_last_starts_even_with_the_clock_set_back(tmp_path: Path) -> None:
+    """RestoredState.first_poll: a late reply to a poll of an earlier start must never match one of this
+    start's (docs/replication.md). The wall clock alone gave a lower base after a clock set back across a
+    restart; the last base, kept durably, keeps each start's numbers above the one before."""
+    now = 1_800_000_000 * 10**9
+    first = take_poll_base(tmp_path, now_ns=now)
+    assert first == now
+    assert (tmp_path / POLL_BASE_FILE).stat().st_mode & 0o077 == 0
+    second = take_poll_base(tmp_path, now_ns=now - 3600 * 10**9)  # the clock went back an hour
+    assert second >= first + POLL_SPAN
+    third = take_poll_base(tmp_path, now_ns=now + 3600 * 10**9)  # and forward again: the clock, as before
+    assert third == now + 3600 * 10**9 > second
+
+
+@pytest.mark.parametrize("text", ["", "-5", "1.5", "12x", "9" * 19, "9" * 40, "\u0661\u0662"])
+def test_a_poll_base_record_the_node_did_not_write_is_set_aside_with_a_warning(tmp_path: Path, text: str) -> None:
+    """Polls only decide whether a refused vote is reported: a record that cannot be used is logged and the
+    clock is used, never a reason not to start; the record is written again."""
+    (tmp_path / POLL_BASE_FILE).write_text(text)
+    with capture_logs() as logs:
+        assert take_poll_base(tmp_path, now_ns=10**18) == 10**18
+    assert [entry["event"] for entry in logs] == ["node.poll_base_unreadable"]
+    assert take_poll_base(tmp_path, now_ns=10**18) == 10**18 + POLL_SPAN
+
+
+def test_a_poll_base_record_that_is_a_directory_is_set_aside_and_the_failed_write_is_logged(tmp_path: Path) -> None:
+    (tmp_path / POLL_BASE_FILE).mkdir()
+    with capture_logs() as logs:
+        assert take_poll_base(tmp_path, now_ns=10**18) == 10**18
+    assert [entry["event"] for entry in logs] == ["node.poll_base_unreadable", "node.poll_base_not_saved"]

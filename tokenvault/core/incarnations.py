@@ -49,6 +49,10 @@ MEMBER_FLOORS_FILE = "member-floors.json"
 MAX_FLOORS_FILE_BYTES = 16 * 1024
 # Floors change with every commit under load; they are written at most this often.
 FLOORS_SAVE_INTERVAL_SECONDS = 1.0
+POLL_BASE_FILE = "poll-base"
+# Each start numbers its pre-vote polls from a base at least this far above the last start's (one poll per
+# election timeout at most: no start uses 2**32 of them).
+POLL_SPAN = 2**32
 
 
 class IncarnationError(Exception):
@@ -89,6 +93,42 @@ def load_or_create_incarnation(data_dir: Path) -> bytes:
         raise IncarnationError(f"{path} does not hold {2 * INCARNATION_BYTES} hex characters; it is not a file "
                                "this node wrote (replace the node: docs/failure-modes.md)")
     return incarnation
+
+
+def take_poll_base(data_dir: Path, now_ns: int | None = None) -> int:
+    """The number this start's pre-vote polls count from (RestoredState.first_poll), made durable before it
+    is used: above every number an earlier start of this data directory used, whatever the wall clock
+    says. It is the clock in nanoseconds, or the last start's base plus POLL_SPAN where that is higher (a
+    clock set back across a restart). A reply to a poll of an earlier start then never matches one of this
+    start's (docs/replication.md, floors). A record that cannot be read, or that cannot be written, is
+    logged and the clock alone is used: polls only decide whether a refused vote is reported, never
+    whether it is refused."""
+    now_ns = time.time_ns() if now_ns is None else now_ns
+    path = data_dir / POLL_BASE_FILE
+    previous = 0
+    try:
+        text = read_small_file(path, 32).decode("ascii", "replace").strip()
+    except FileNotFoundError:
+        text = None
+    except (OSError, FileTooLarge) as error:
+        text = None
+        _poll_base_unreadable(path, getattr(error, "strerror", None) or type(error).__name__)
+    if text is not None:
+        if text.isdigit() and len(text) <= 19 and int(text) <= MAX_INTEGER - 2 * POLL_SPAN:
+            previous = int(text)
+        else:
+            _poll_base_unreadable(path, "not a record this node wrote")
+    base = max(now_ns, previous + POLL_SPAN) if previous else now_ns
+    try:
+        _write_durably(path, f"{base}\n")
+    except OSError as error:
+        log.warning("node.poll_base_not_saved", error=error.strerror or type(error).__name__)
+    return base
+
+
+def _poll_base_unreadable(path: Path, error: str) -> None:
+    log.warning("node.poll_base_unreadable", path=str(path), error=error,
+                detail="this start numbers its polls from the wall clock alone")
 
 
 class PeerIncarnations:

@@ -47,7 +47,7 @@ from tokenvault.core.transport import PeerAddress, PeerTransport
 from tokenvault.core.wal import RecoveredLog, WriteAheadLog
 from tokenvault.core.wal_segments import WalCorruption
 from tokenvault.crypto.keys import KeyRing, new_epoch_secret
-from tokenvault.core.incarnations import MemberFloors, PeerIncarnations, load_or_create_incarnation
+from tokenvault.core.incarnations import MemberFloors, PeerIncarnations, load_or_create_incarnation, take_poll_base
 from tokenvault.crypto.tls import NodeTls, PeerTlsContexts, TlsError, load_node_tls, reload_node_tls
 from tokenvault.futures import await_future, cancel_and_wait
 from tokenvault.logs import SummedEvent, get_logger
@@ -286,11 +286,10 @@ class Node:
         hard_state = recovered.hard_state or INITIAL_HARD_STATE
         if hard_state.commit_index < base_index:
             hard_state = HardState(hard_state.view, hard_state.voted_for, base_index)
-        # first_poll: the wall clock, in nanoseconds, is past every poll number an earlier start used (one
-        # a poll, every election timeout at most), unless it was set back across the restart.
+        # first_poll: above every poll number an earlier start used, clock set back or not (take_poll_base).
         return RestoredState(hard_state=hard_state, snapshot_index=base_index, snapshot_view=base_view,
                              entries=entries, membership=self.store.membership(), floors=self.member_floors.loaded,
-                             first_poll=time.time_ns())
+                             first_poll=take_poll_base(self.data_dir))
 
     def admit_peer(self, member: str, incarnation: bytes) -> bool:
         """Whether ``member``, which proved the cluster secret in ``incarnation``, may link

@@ -1177,8 +1177,12 @@ async def test_the_log_kept_in_memory_is_bounded_in_bytes_as_well_as_in_entries(
             return sum(len(entry.payload) for entry in replica._log.entries_between(replica.log_base_index + 1,
                                                                                     replica.last_index))
         await wait_until(lambda: replica.log_base_index > 0, 5, "a compaction by bytes")
-        # At most what is kept plus what accumulates before the next compaction (and one entry).
-        assert kept_bytes() <= 32 * 1024 + 64 * 1024 + 8 * 1024, kept_bytes()
+        # At most what is kept plus what accumulates before the next compaction (and one entry), once the
+        # compaction the last writes made due has run: it runs on the disk thread, which a loaded machine
+        # may not have scheduled yet when the writes end (seen once with the suite beside other work).
+        # Without the byte bounds nothing is ever compacted here (some 1.8 MB stays).
+        bound = 32 * 1024 + 64 * 1024 + 8 * 1024
+        await wait_until(lambda: kept_bytes() <= bound, 5, f"the log kept in memory within {bound} bytes")
     finally:
         await running.close()
 

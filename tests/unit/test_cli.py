@@ -363,6 +363,67 @@ def test_detokenize_json_is_one_list_across_batches(runner: CliRunner, primary: 
     assert "1 of 1501 tokens are unknown" in result.stderr
 
 
+def _failing_from_the_second_call(server: FakeVaultServer, path: str) -> None:
+    """The node answers its first request on ``path`` as usual and refuses every later one."""
+    def answer(request: object) -> Reply | None:
+        return None if len(server.calls(path)) == 1 else problem(403, "Forbidden", "this API key was revoked")
+
+    server.responders[("POST", path)] = answer
+
+
+@pytest.mark.parametrize("from_stdin", [True, False], ids=["stdin", "arguments"])
+def test_detokenize_json_that_fails_at_a_later_batch_prints_a_closed_list_of_the_values_answered(
+        runner: CliRunner, primary: FakeVaultServer, from_stdin: bool) -> None:
+    """The list was written a batch at a time and closed only at the end: a batch refused after the first
+    left "[v1, ..., v1000" on stdout, which no JSON parser reads (checked on the code before). It is closed
+    now, so stdout holds the values of the tokens answered, in order; the exit code says the command failed
+    and stderr which tokens the list answers."""
+    values = [f"value-{number}" for number in range(1500)]
+    primary.mapping.update({primary.token_for(value, 1): value for value in values})
+    tokens = [primary.token_for(value, 1) for value in values]
+    _failing_from_the_second_call(primary, "/v1/detokenize")
+    options = ["detokenize", "--json", "--url", primary.url, "--api-key", ADMIN_KEY]
+    result = (runner.invoke(tokenvault, options, input="\n".join(tokens) + "\n") if from_stdin
+              else runner.invoke(tokenvault, [*options, *tokens]))
+    assert result.exit_code == 1, result.output[:300]
+    assert json.loads(result.stdout) == values[:1000]
+    what = "lines" if from_stdin else "token arguments"
+    assert "this API key was revoked" in result.stderr and f"({what} 1 to 1000 were answered above)" in result.stderr
+    assert [len(call.body["tokens"]) for call in primary.calls("/v1/detokenize")] == [1000, 500]
+
+
+def test_detokenize_json_stopped_by_a_refused_line_prints_a_closed_list(
+        runner: CliRunner, primary: FakeVaultServer) -> None:
+    """A line refused in the second batch (here an empty one between tokens) stops the command the same way:
+    the list of the first batch's values is closed (checked on the code before: left open)."""
+    tokens = ["tv1_" + "c" * 32] * 1500
+    tokens[1200] = ""
+    result = runner.invoke(tokenvault, ["detokenize", "--json", "--url", primary.url, "--api-key", ADMIN_KEY],
+                           input="\n".join(tokens) + "\n")
+    assert result.exit_code == 2, result.output[:300]
+    assert json.loads(result.stdout) == [None] * 1000
+    assert "line 1201 is empty" in result.stderr and "(lines 1 to 1000 were answered above)" in result.stderr
+
+
+@pytest.mark.parametrize("as_json", [True, False], ids=["json", "lines"])
+def test_tokenize_that_fails_at_a_later_batch_says_which_lines_were_answered(
+        runner: CliRunner, primary: FakeVaultServer, as_json: bool) -> None:
+    """A node's error at the second batch said only the error: which of the lines printed answered which
+    input was left to guess (checked on the code before). The error names them; with --json each batch is a
+    JSON object of its own line, so what was printed is whole."""
+    values = [f"value-{number}" for number in range(1500)]
+    _failing_from_the_second_call(primary, "/v1/tokenize")
+    result = runner.invoke(tokenvault, ["tokenize", "--url", primary.url, "--api-key", ADMIN_KEY,
+                                        *(["--json"] if as_json else [])], input="\n".join(values) + "\n")
+    assert result.exit_code == 1, result.output[:300]
+    assert "this API key was revoked" in result.stderr and "(lines 1 to 1000 were answered above)" in result.stderr
+    expected = [primary.token_for(value, 1) for value in values[:1000]]
+    if as_json:
+        assert [json.loads(line) for line in result.stdout.splitlines()] == [{"epoch": 1, "tokens": expected}]
+    else:
+        assert result.stdout.split() == expected
+
+
 @pytest.mark.parametrize("character", ["\u20ac", "\x01"], ids=["three-byte-character", "control-character"])
 def test_a_batch_closes_at_4_mib_of_values_as_sent_not_of_characters(
         runner: CliRunner, primary: FakeVaultServer, character: str) -> None:

@@ -48,18 +48,20 @@ def fail(message: str, exit_code: int) -> None:
     sys.exit(exit_code)
 
 
-def run_client(coroutine: Coroutine[Any, Any, Result]) -> Result:
-    """Run a client coroutine and turn client errors into messages and exit codes."""
+def run_client(coroutine: Coroutine[Any, Any, Result], done_before: Callable[[], str] = lambda: "") -> Result:
+    """Run a client coroutine and turn client errors into messages and exit codes. ``done_before`` gives
+    what to add to the message of an error: what the command had done and printed before it (a command
+    that answers its input a batch at a time stops partway)."""
     try:
         return asyncio.run(coroutine)
     except ProblemError as error:
-        fail(str(error), EXIT_SERVICE_ERROR)
+        fail(str(error) + done_before(), EXIT_SERVICE_ERROR)
     except NoNodeAvailable as error:
-        fail(str(error), EXIT_UNREACHABLE)
+        fail(str(error) + done_before(), EXIT_UNREACHABLE)
     except ConfigurationError as error:
-        fail(str(error), EXIT_USAGE)
+        fail(str(error) + done_before(), EXIT_USAGE)
     except (ResponseError, VaultError) as error:
-        fail(str(error), EXIT_SERVICE_ERROR)
+        fail(str(error) + done_before(), EXIT_SERVICE_ERROR)
     raise AssertionError("unreachable")
 
 

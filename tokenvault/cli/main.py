@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import contextlib
 import itertools
 import json
 import os
@@ -685,6 +686,12 @@ def audit_trim(connection: Connection, through_seq: int, through_hash: str, yes:
                    f"dropped); anchor {result.anchor_hash}")
 
 
+def _answered_note(what: str, answered: int) -> str:
+    """What a command that stopped partway adds to its error: which of its inputs (``what``: lines, token
+    arguments) were answered and printed, 1 to ``answered``; output line (or list item) N answers input N."""
+    return f" ({what} 1 to {answered} were answered above)" if answered else ""
+
+
 def _batched(items: Iterable[tuple[int, str]]) -> Iterator[tuple[list[str], int]]:
     """``items`` (each with its line or argument number) in the batches they are sent in, each with the number
     of its last item: at most MAX_ITEMS_PER_REQUEST items and MAX_BATCH_BYTES of them as the request carries
@@ -759,9 +766,7 @@ class _LineBatches:
             yield number, item
 
     def _refuse(self, message: str) -> click.UsageError:
-        if self.answered:
-            message += f" (lines 1 to {self.answered} were answered above)"
-        return click.UsageError(message)
+        return click.UsageError(message + _answered_note("lines", self.answered))
 
 
 @tokenvault.command()
@@ -801,7 +806,7 @@ def tokenize(connection: Connection, idempotency_key: str | None, as_json: bool,
                         click.echo(token)
                 lines.answered = last_line
 
-    run_client(send())
+    run_client(send(), lambda: _answered_note("lines", lines.answered))
 
 
 @tokenvault.command()
@@ -813,7 +818,8 @@ def tokenize(connection: Connection, idempotency_key: str | None, as_json: bool,
 def detokenize(connection: Connection, tokens: tuple[str, ...], as_json: bool, epoch: int | None) -> None:
     """Detokenize TOKENS (or tokens read from stdin, one per line); prints one value per line.
 
-    An unknown token prints an empty line (null with --json) and a note on stderr.
+    An unknown token prints an empty line (null with --json) and a note on stderr. A failure partway
+    names the tokens answered above; with --json their list is closed, so what was printed stays JSON.
     """
     position = next((number for number, token in enumerate(tokens, 1) if not _is_utf8(token)), None)
     if position is not None:
@@ -824,33 +830,46 @@ def detokenize(connection: Connection, tokens: tuple[str, ...], as_json: bool, e
     if first is None:
         raise click.UsageError("no tokens given (arguments or stdin, one per line)")
 
+    answered = 0  # the number of the last line or argument answered and printed
+
     async def send() -> tuple[int, int]:
-        """Each batch printed once answered; the number of tokens and of unknown ones."""
+        """Each batch printed once answered; the number of tokens and of unknown ones. With --json a failure
+        after the list was opened closes it, so that what was printed stays valid JSON: the values of the
+        tokens answered, in order (the error says which they are)."""
+        nonlocal answered
         count = unknown = 0
         async with connection.client() as vault:
-            for batch, last_line in itertools.chain([first], batches):
-                values = await vault.detokenize(batch, epoch=epoch)
-                if as_json:
-                    # One JSON list, written a batch at a time.
-                    items = ", ".join(json.dumps(value, ensure_ascii=False) for value in values)
-                    click.echo(("[" if not count else ", ") + items, nl=False)
-                elif any(value is not None and ("\n" in value or "\r" in value) for value in values):
-                    # One value a line cannot show it: every later line would be paired with the wrong token.
-                    raise click.ClickException(f"a value holds a line break, which one value a line cannot show; "
-                                               f"nothing from token {count + 1} on was printed: run again with "
-                                               "--json")
-                else:
-                    for value in values:
-                        click.echo("" if value is None else value)
-                count += len(values)
-                unknown += sum(value is None for value in values)
-                if lines is not None:
-                    lines.answered = last_line
+            try:
+                for batch, last_number in itertools.chain([first], batches):
+                    values = await vault.detokenize(batch, epoch=epoch)
+                    if as_json:
+                        # One JSON list, written a batch at a time.
+                        items = ", ".join(json.dumps(value, ensure_ascii=False) for value in values)
+                        click.echo(("[" if not count else ", ") + items, nl=False)
+                    elif any(value is not None and ("\n" in value or "\r" in value) for value in values):
+                        # One value a line cannot show it: every later line would be paired with the wrong token.
+                        raise click.ClickException(f"a value holds a line break, which one value a line cannot "
+                                                   f"show; nothing from token {count + 1} on was printed: run "
+                                                   "again with --json")
+                    else:
+                        for value in values:
+                            click.echo("" if value is None else value)
+                    count += len(values)
+                    unknown += sum(value is None for value in values)
+                    answered = last_number
+                    if lines is not None:
+                        lines.answered = last_number
+            except BaseException:
+                if as_json and count:
+                    with contextlib.suppress(OSError):  # stdout itself may be what failed
+                        click.echo("]")
+                raise
         if as_json:
             click.echo("]")
         return count, unknown
 
-    count, unknown = run_client(send())
+    what = "token arguments" if lines is None else "lines"
+    count, unknown = run_client(send(), lambda: _answered_note(what, answered))
     if unknown:
         click.echo(f"{unknown} of {count} tokens are unknown", err=True)
 

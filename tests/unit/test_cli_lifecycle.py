@@ -29,7 +29,9 @@ def server() -> Iterator[FakeVaultServer]:
 
 
 @pytest.fixture
-def runner(monkeypatch: pytest.MonkeyPatch) -> CliRunner:
+def runner(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> CliRunner:
+    # Why a directory of its own: `destroy` looks for a migration's state file in the current directory.
+    monkeypatch.chdir(tmp_path)
     for name in ("TOKENVAULT_URL", "TOKENVAULT_API_KEY", "TOKENVAULT_CLUSTER_JSON", "TOKENVAULT_CA_FILE"):
         monkeypatch.delenv(name, raising=False)
     return CliRunner()
@@ -62,6 +64,51 @@ def test_destroy_asks_first_and_sends_nothing_when_refused(runner: CliRunner, se
     assert invoke(runner, server, "destroy", "1", "--yes", "--json").output.strip() == \
         json.dumps({"epoch": 1, "state": "destroyed"})
     assert len(server.calls("/v1/admin/epochs/1/destroy")) == 2
+
+
+def test_destroy_warns_of_a_migration_of_the_epoch_left_unfinished_and_with_yes_refuses_unless_told(
+        runner: CliRunner, server: FakeVaultServer, tmp_path: Path) -> None:
+    """A migration interrupted (Ctrl-C, a crash, a node's error) leaves its state file; destroying the epoch
+    then lost the values of the tokens it had not reached, with no word of it (checked on the code before:
+    --yes destroyed it at once). The warning comes before the question; --yes alone refuses, nothing sent."""
+    server.responders[("POST", "/v1/admin/epochs/1/destroy")] = lambda request: Reply(
+        200, {"epoch": 1, "state": "destroyed"})
+    (tmp_path / ".tokenvault-migrate-1.json").write_text(json.dumps(
+        {"epoch": 1, "after": OLD_TOKENS[2], "migrated": 3, "to_epochs": [2]}))
+    refused = invoke(runner, server, "destroy", "1", input_text="n\n")
+    assert refused.exit_code == 1
+    warning = ("warning: .tokenvault-migrate-1.json is the state file of a migration of epoch 1 that was not "
+               "finished (3 of its tokens re-tokenized, the rest not)")
+    assert warning in refused.stderr and "'tokenvault admin epoch migrate 1' run again here" in refused.stderr
+    assert refused.stderr.index(warning) < refused.stderr.index("Destroy epoch 1?")
+    scripted = invoke(runner, server, "destroy", "1", "--yes")
+    assert scripted.exit_code == 1 and warning in scripted.stderr
+    assert "nothing was sent" in scripted.stderr and "--ignore-unfinished-migration" in scripted.stderr
+    assert server.calls("/v1/admin/epochs/1/destroy") == []
+    # A state file of another epoch's migration says nothing of this one.
+    other = invoke(runner, server, "destroy", "2", "--yes")
+    assert "warning" not in other.stderr
+    told = invoke(runner, server, "destroy", "1", "--yes", "--ignore-unfinished-migration", "--json")
+    assert told.exit_code == 0 and warning in told.stderr
+    assert json.loads(told.stdout) == {"epoch": 1, "state": "destroyed"}
+    answered = invoke(runner, server, "destroy", "1", input_text="y\n")
+    assert answered.exit_code == 0 and warning in answered.stderr
+    assert len(server.calls("/v1/admin/epochs/1/destroy")) == 2
+
+
+@pytest.mark.parametrize("content", [None, "not a state"], ids=["state", "unreadable"])
+def test_destroy_finds_the_state_file_given_with_state_file_and_one_it_cannot_read(
+        runner: CliRunner, server: FakeVaultServer, tmp_path: Path, content: str | None) -> None:
+    """`epoch migrate --state-file F` keeps it elsewhere: `destroy --state-file F` looks there. A file there
+    that is not a state it can read is warned of all the same: it is where the state would be."""
+    state = tmp_path / "elsewhere" / "migrate-1.json"
+    state.parent.mkdir()
+    state.write_text(content or json.dumps({"epoch": 1, "after": OLD_TOKENS[0], "migrated": 1}))
+    result = invoke(runner, server, "destroy", "1", "--yes", "--state-file", str(state))
+    assert result.exit_code == 1 and f"warning: {state} is the state file of a migration of epoch 1" in result.stderr
+    done = "the file is not readable as its state" if content else "1 of its tokens re-tokenized, the rest not"
+    assert done in result.stderr and "with the same --state-file" in result.stderr
+    assert server.calls("/v1/admin/epochs/1/destroy") == []
 
 
 def test_destroying_the_active_epoch_shows_the_problem_and_exits_1(runner: CliRunner, server: FakeVaultServer) -> None:

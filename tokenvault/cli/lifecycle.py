@@ -1,7 +1,11 @@
 """`tokenvault admin epoch destroy` and `tokenvault admin epoch migrate` (tokenvault/cli/main.py adds them).
 
 `destroy E` crypto-shreds epoch E on every node after a confirmation (`--yes`
-skips it). `migrate E` re-tokenizes every token of epoch E into the active
+skips it). A migration of E that was not finished leaves its state file; when
+`destroy E` finds it (at its default name in the current directory, or at
+`--state-file`) it warns before the confirmation, and with `--yes` refuses
+(exit 1, nothing sent) unless `--ignore-unfinished-migration` is given: once E
+is destroyed, the values of its tokens the migration had not reached are gone. `migrate E` re-tokenizes every token of epoch E into the active
 epoch: it reads the epoch's tokens page by page (`GET
 /v1/admin/epochs/E/tokens`, at most `--batch-size` per page, 1-1000) and sends
 each page to `POST /v1/retokenize`, so the values never leave the vault. After
@@ -44,15 +48,48 @@ STATE_FILE_TEMPLATE = ".tokenvault-migrate-{epoch}.json"
 MAX_STATE_FILE_BYTES = 4096
 
 
+def _unfinished_migration(state_path: Path, epoch_number: int) -> str | None:
+    """The warning to give before EPOCH is destroyed when ``state_path`` holds the state file of a migration
+    of it that was not finished (`epoch migrate` removes it once done), or None when there is none. The
+    node keeps no record of migrations: the state file is all there is to go by."""
+    if not os.path.lexists(state_path):
+        return None
+    try:
+        _, migrated, _ = _read_state(state_path, epoch_number)
+        done = f"{migrated} of its tokens re-tokenized, the rest not"
+    except click.UsageError:
+        done = "the file is not readable as its state"
+    return (f"warning: {state_path} is the state file of a migration of epoch {epoch_number} that was not "
+            f"finished ({done}). Once the epoch is destroyed, the values of the tokens it did not reach are "
+            f"gone. Finish it first: 'tokenvault admin epoch migrate {epoch_number}' run again here (with the "
+            f"same --state-file, if it was given one) resumes it.")
+
+
 @click.command("destroy")
 @connection_options("admin")
 @click.argument("epoch_number", metavar="EPOCH", type=click.IntRange(1, 2**32 - 1))
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--state-file", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+              help="Where 'epoch migrate EPOCH' keeps its state file, if it was given one [default: "
+                   f"./{STATE_FILE_TEMPLATE.format(epoch='EPOCH')}]; one found there is warned of.")
+@click.option("--ignore-unfinished-migration", is_flag=True,
+              help="With --yes: destroy EPOCH even when the state file of an unfinished migration of it is there.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def epoch_destroy(connection: Connection, epoch_number: int, yes: bool, as_json: bool) -> None:
+def epoch_destroy(connection: Connection, epoch_number: int, yes: bool, state_file: str | None,
+                  ignore_unfinished_migration: bool, as_json: bool) -> None:
     """Crypto-shred EPOCH on every node: its tokens can never be detokenized again.
 
-    The active epoch is refused (rotate first). Backups taken before keep the epoch's secret."""
+    The active epoch is refused (rotate first). Backups taken before keep the epoch's secret. The state
+    file of a migration of EPOCH that was not finished is warned of before the confirmation; with --yes it
+    refuses (exit 1, nothing sent) unless --ignore-unfinished-migration is given."""
+    state_path = Path(state_file or STATE_FILE_TEMPLATE.format(epoch=epoch_number))
+    warning = _unfinished_migration(state_path, epoch_number)
+    if warning is not None:
+        click.echo(warning, err=True)
+        if yes and not ignore_unfinished_migration:
+            fail(f"not destroying epoch {epoch_number} with --yes while a migration of it is unfinished; nothing "
+                 "was sent. Finish the migration, or add --ignore-unfinished-migration to destroy it anyway",
+                 EXIT_SERVICE_ERROR)
     if not yes:
         click.confirm(f"Destroy epoch {epoch_number}? Its tokens can never be detokenized or re-tokenized "
                       "again, on any node", abort=True, err=True)

@@ -179,6 +179,41 @@ def test_a_state_file_that_is_not_this_epochs_is_refused(
     assert restarted.exit_code == 0 and "migrated 6 tokens" in restarted.output
 
 
+def test_a_state_file_that_cannot_be_written_stops_migrate_before_any_batch_with_a_clear_error(
+        runner: CliRunner, server: FakeVaultServer, tmp_path: Path) -> None:
+    """The state file was first written after the first batch, whose write then failed with a traceback
+    (checked on the code before: FileNotFoundError, a batch re-tokenized). It is written before the first
+    batch; one that cannot be is a usage error naming it, and nothing is re-tokenized."""
+    state = tmp_path / "no-such-directory" / "state.json"
+    result = invoke(runner, server, "migrate", "1", "--state-file", str(state))
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+    assert f"cannot write state file {str(state)!r}: No such file or directory; nothing was re-tokenized" in \
+        result.output
+    assert server.calls("/v1/retokenize") == []
+
+
+def test_a_state_file_that_cannot_be_written_after_a_batch_stops_migrate_saying_how_to_resume(
+        runner: CliRunner, server: FakeVaultServer, tmp_path: Path) -> None:
+    """Its directory gone during the migration: exit 1 and a message, not a traceback (checked on the code
+    before); the batch done is re-tokenized again when the command is run again."""
+    import shutil
+
+    state = tmp_path / "states" / "state.json"
+    state.parent.mkdir()
+
+    def retokenize_then_remove_the_directory(request: RecordedRequest) -> Reply:
+        if len(server.calls("/v1/retokenize")) == 2:
+            shutil.rmtree(state.parent)
+        return _retokenize(request)
+
+    server.responders[("POST", "/v1/retokenize")] = retokenize_then_remove_the_directory
+    result = invoke(runner, server, "migrate", "1", "--batch-size", "3", "--state-file", str(state))
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert f"cannot write state file {str(state)!r}: No such file or directory" in result.output
+    assert "run the same command again to resume" in result.output
+    assert len(server.calls("/v1/retokenize")) == 2
+
+
 def test_migrating_the_active_epoch_is_refused(runner: CliRunner, server: FakeVaultServer, tmp_path: Path) -> None:
     result = invoke(runner, server, "migrate", "2", "--state-file", str(tmp_path / "s.json"))
     assert result.exit_code == 1 and "active epoch" in result.output

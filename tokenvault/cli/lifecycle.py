@@ -8,8 +8,9 @@ skips it). A migration of E that was not finished leaves its state file; when
 is destroyed, the values of its tokens the migration had not reached are gone. `migrate E` re-tokenizes every token of epoch E into the active
 epoch: it reads the epoch's tokens page by page (`GET
 /v1/admin/epochs/E/tokens`, at most `--batch-size` per page, 1-1000) and sends
-each page to `POST /v1/retokenize`, so the values never leave the vault. After
-every batch it writes its cursor (the last token done) to a state file, with
+each page to `POST /v1/retokenize`, so the values never leave the vault. Before
+the first batch (a state file it cannot write stops it there) and after every
+batch it writes its cursor (the last token done) to a state file, with
 write-temp + fsync + rename, so a crash loses at most the batch in flight, and
 running the same command again resumes after the cursor. It names every epoch
 the tokens went to: a rotation during the migration sends the later batches to
@@ -148,6 +149,13 @@ async def _migrate(vault: AsyncClient, epoch_number: int, batch_size: int, state
         fail(f"epoch {epoch_number} is destroyed: its values are gone", EXIT_SERVICE_ERROR)
     task = progress.add_task(f"epoch {epoch_number}", total=None, completed=migrated)
     targets = list(targets)
+    try:
+        # Why before the first batch: a state file that cannot be written (no such directory, no right to
+        # write there) is found while nothing is re-tokenized yet.
+        _write_state(state_path, epoch_number, after, migrated, targets)
+    except OSError as error:
+        raise click.UsageError(f"cannot write state file {str(state_path)!r}: {error.strerror}; nothing was "
+                               "re-tokenized") from None
     while not stop.is_set():
         page = await vault.epoch_tokens(epoch_number, after, batch_size)
         if not page.tokens:
@@ -156,8 +164,14 @@ async def _migrate(vault: AsyncClient, epoch_number: int, batch_size: int, state
         if result.epoch not in targets:
             targets.append(result.epoch)
         migrated += sum(token is not None for token in result.tokens)
+        try:
+            _write_state(state_path, epoch_number, page.tokens[-1], migrated, targets)
+        except OSError as error:
+            raise click.ClickException(
+                f"cannot write state file {str(state_path)!r}: {error.strerror}; it still holds the cursor "
+                f"before the last batch: run the same command again to resume (that batch is re-tokenized "
+                f"again, which changes nothing)") from None
         after = page.tokens[-1]
-        _write_state(state_path, epoch_number, after, migrated, targets)
         progress.update(task, completed=migrated)
     return migrated, targets
 

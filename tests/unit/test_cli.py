@@ -618,6 +618,32 @@ def test_key_create_prints_the_key_once_and_sends_name_and_scopes(
     assert primary.calls("/v1/admin/keys")[0].body == {"name": "ci", "scopes": ["tokenize", "detokenize"]}
 
 
+def test_the_nodes_text_in_key_create_and_audit_trim_reaches_the_terminal_as_printable_text(
+        runner: CliRunner, primary: FakeVaultServer) -> None:
+    """key create's line of the key's id, name and scopes, and audit trim's anchor hash, were the node's text
+    as it came: a line break forged a line, an escape sequence drove the terminal (checked on the code
+    before). Each character that is not printable is a '?'; a key that is not printable text is not shown."""
+    options = ["--url", primary.url, "--api-key", ADMIN_KEY]
+    primary.responders[("POST", "/v1/admin/keys")] = lambda request: Reply(201, {
+        **_key_entry(), "name": "ci\x1b]0;owned\x07", "scopes": ["tokenize\nforged line"], "key": RUNTIME_KEY})
+    created = runner.invoke(tokenvault, ["admin", "key", "create", "--name", "ci", "--scope", "tokenize", *options])
+    assert created.exit_code == 0, created.output
+    assert "created key 0123456789abcdef (ci?]0;owned?; scopes: tokenize?forged line)" in created.stderr
+    assert created.stdout.strip() == RUNTIME_KEY and "\x07" not in created.output
+    primary.responders[("POST", "/v1/admin/keys")] = lambda request: Reply(201, {
+        **_key_entry(), "key": RUNTIME_KEY + "\nforged\x1b]0;owned\x07"})
+    refused = runner.invoke(tokenvault, ["admin", "key", "create", "--name", "ci", "--scope", "tokenize", *options])
+    assert refused.exit_code == 1 and refused.stdout == ""
+    assert "the node answered a key that is not printable text (it is not shown): revoke key 0123456789abcdef" in \
+        refused.stderr
+    assert RUNTIME_KEY not in refused.output and "forged" not in refused.output
+    primary.responders[("POST", "/v1/admin/audit/trim")] = lambda request: Reply(
+        200, {"trimmed_through": 3, "removed": 3, "anchor_hash": "ab\nforged line\x1b]0;owned\x07"})
+    trimmed = runner.invoke(tokenvault, ["admin", "audit", "trim", "--through", "3", "--hash", "ab", "--yes", *options])
+    assert trimmed.exit_code == 0, trimmed.output
+    assert trimmed.stdout == "audit trail trimmed through record 3 (3 records dropped); anchor ab?forged line?]0;owned?\n"
+
+
 def test_key_list_shows_ids_names_scopes_and_never_a_key(runner: CliRunner, primary: FakeVaultServer) -> None:
     primary.responders[("GET", "/v1/admin/keys")] = lambda request: Reply(200, {"keys": [_key_entry()]})
     table = runner.invoke(tokenvault, ["admin", "key", "list", "--url", primary.url, "--api-key", ADMIN_KEY])

@@ -359,12 +359,17 @@ def key_create(connection: Connection, name: str, scopes: tuple[str, ...], as_js
             return await vault.create_key(name, list(dict.fromkeys(scopes)))
 
     info = run_client(create())
+    if not info.key or not info.key.isprintable():
+        # Out of contract (a key is tvk_ and base64url): shown, it would drive the terminal or split its line.
+        fail(f"the node answered a key that is not printable text (it is not shown): revoke key "
+             f"{printable_text(info.id, 64)} ('tokenvault admin key revoke') and create one again", EXIT_SERVICE_ERROR)
     if as_json:
         click.echo(json.dumps({"id": info.id, "name": info.name, "scopes": list(info.scopes),
                                "created_at": info.created_at, "key": info.key}))
         return
-    click.echo(f"created key {info.id} ({info.name}; scopes: {', '.join(info.scopes)}). "
-               f"It is shown only now; store it safely:", err=True)
+    # The node's text reaches the terminal: each character that is not printable a '?'.
+    described = printable_text(f"{info.id} ({info.name}; scopes: {', '.join(info.scopes)})", 1000)
+    click.echo(f"created key {described}. It is shown only now; store it safely:", err=True)
     click.echo(info.key)
 
 
@@ -683,7 +688,7 @@ def audit_trim(connection: Connection, through_seq: int, through_hash: str, yes:
                                "anchor_hash": result.anchor_hash}))
     else:
         click.echo(f"audit trail trimmed through record {result.trimmed_through} ({result.removed} records "
-                   f"dropped); anchor {result.anchor_hash}")
+                   f"dropped); anchor {printable_text(result.anchor_hash, 200)}")
 
 
 def _answered_note(what: str, answered: int) -> str:

@@ -17,8 +17,9 @@ subcommand wins over one given before it; either wins over the environment.
 fills an empty node data directory from one (tokenvault.core.backup).
 
 Exit codes: 0 success, 1 the service answered with an error (its problem+json
-title and detail are shown), a backup was refused, or a confirmation was
-answered no (nothing was sent), 2 usage or configuration
+title and detail are shown), a backup was refused, a confirmation was
+answered no, or `admin epoch destroy --yes` found an unfinished migration of the
+epoch (nothing was sent), 2 usage or configuration
 error, 3 no node reachable, 4 `admin audit verify` (or `audit export`) found a
 broken link, 5 `audit verify` or `audit export` stopped because a trim during
 the walk dropped records it had not reached yet (nothing was found broken: run

@@ -208,6 +208,16 @@ def test_a_wrong_or_missing_pin_names_the_token_and_never_the_pin(softhsm: SoftH
     Pkcs11MasterKey.open(pkcs11_config(softhsm, pin_file=loose), {}).close()
 
 
+def test_a_pin_variable_that_is_not_utf8_is_refused_without_any_of_the_pin(softhsm: SoftHsm) -> None:
+    """os.environ holds a variable's bytes that are not UTF-8 as lone surrogates (0xff is "\\udcff"). The
+    module's PIN encoding raised UnicodeEncodeError, no KeyCustodyError, quoting that character and its
+    position in the PIN."""
+    environment = {PIN_VARIABLE: softhsm.pin + "\udcff"}
+    with pytest.raises(KeyCustodyError, match=f"^{PIN_VARIABLE} is not UTF-8 text$"):
+        Pkcs11MasterKey.open(pkcs11_config(softhsm), environment)
+    assert environment == {}  # removed all the same
+
+
 def test_the_pin_variable_is_removed_from_the_environment_as_it_is_read(softhsm: SoftHsm) -> None:
     environment = {PIN_VARIABLE: softhsm.pin, "OTHER": "kept"}
     Pkcs11MasterKey.open(pkcs11_config(softhsm), environment).close()

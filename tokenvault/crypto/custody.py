@@ -85,7 +85,13 @@ def read_pin(source: Pkcs11Source, environ: Mapping[str, str] | None = None) -> 
     if not from_environment:
         raise KeyCustodyError(f"no PIN for PKCS#11 token {source.token_label!r}: set {source.pin_env} "
                               f"or [pkcs11].pin_file")
-    if len(from_environment.encode("utf-8", "replace")) > MAX_PIN_BYTES:
+    try:
+        # os.environ holds a variable's bytes that are not UTF-8 as lone surrogates, which the token's
+        # module cannot encode: its UnicodeEncodeError would quote a character of the PIN.
+        encoded = from_environment.encode("utf-8")
+    except UnicodeEncodeError:
+        raise KeyCustodyError(f"{source.pin_env} is not UTF-8 text") from None
+    if len(encoded) > MAX_PIN_BYTES:
         raise KeyCustodyError(f"{source.pin_env} is longer than {MAX_PIN_BYTES} bytes")
     return from_environment
 

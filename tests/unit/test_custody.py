@@ -42,7 +42,7 @@ from softhsm_support import (MASTER_KEY_LABEL, REQUIRE_SOFTHSM_VARIABLE, SoftHsm
 from tokenvault.config import ConfigError, NodeConfig, Pkcs11Config, parse_config, to_toml, write_node_config
 from tokenvault.crypto.keys import (WRAPPED_SECRET_BYTES, KeyCustodyError, KeyRing, MasterKey, UnwrapError,
                                new_epoch_secret)
-from tokenvault.crypto.custody import Pkcs11MasterKey
+from tokenvault.crypto.custody import Pkcs11MasterKey, _Login, _pin_digest
 from tokenvault.core.store import VaultStore
 
 REPOSITORY = Path(__file__).resolve().parents[2]
@@ -216,6 +216,14 @@ def test_a_pin_variable_that_is_not_utf8_is_refused_without_any_of_the_pin(softh
     with pytest.raises(KeyCustodyError, match=f"^{PIN_VARIABLE} is not UTF-8 text$"):
         Pkcs11MasterKey.open(pkcs11_config(softhsm), environment)
     assert environment == {}  # removed all the same
+
+
+def test_the_shared_login_does_not_show_the_digest_of_its_pin() -> None:
+    """The process's login keeps a SHA-256 of the PIN to check a second open's PIN; a PIN of a few digits
+    is found from it by trying every one, so its repr (a log line, a traceback's locals) leaves it out."""
+    digest = _pin_digest("4711")
+    shown = repr(_Login(session=None, pin_digest=digest))
+    assert digest.hex() not in shown and repr(digest) not in shown and "pin_digest" not in shown
 
 
 def test_the_pin_variable_is_removed_from_the_environment_as_it_is_read(softhsm: SoftHsm) -> None:

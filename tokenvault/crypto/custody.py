@@ -101,7 +101,8 @@ class _Login:
     """The process's one logged-in session with a token, shared by its users."""
 
     session: Any
-    pin_digest: bytes
+    # A digest of a short PIN gives the PIN back by trying them all: never in a repr.
+    pin_digest: bytes = field(repr=False)
     users: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 

@@ -269,6 +269,66 @@ def test_a_ca_file_of_too_many_certificates_or_none_is_refused(cluster_files: tl
     _expect_error(NodeTlsFiles(files.cert_file, files.key_file, empty), "does not hold PEM certificates")
 
 
+def _malformed_certificate(cluster_files: tls.ClusterTlsFiles, tmp_path: Path, case: str) -> NodeTlsFiles:
+    """n1's files with a certificate that x509 loads but cannot parse in full: "node certificate with a
+    malformed subject alternative name" or "... with a public key of an unknown type" (signed by the
+    cluster CA, with their key), or "CA certificate with malformed basic constraints" (self-signed)."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtensionOID
+
+    good = cluster_files.nodes["n1"]
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "n1")])
+    builder = (x509.CertificateBuilder().subject_name(name).public_key(key.public_key())
+               .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+               .not_valid_after(now + datetime.timedelta(days=1)))
+    if case.startswith("CA certificate"):
+        broken = x509.UnrecognizedExtension(ExtensionOID.BASIC_CONSTRAINTS, b"\x30\x03\x01\x01")
+        certificate = builder.issuer_name(name).add_extension(broken, critical=True).sign(key, hashes.SHA256())
+        ca_file = tmp_path / "malformed-ca.crt"
+        ca_file.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+        return dataclasses.replace(good, ca_file=ca_file)
+    ca = tls.load_certificate(cluster_files.ca_cert_file)
+    ca_key = tls.load_private_key(cluster_files.ca_key_file)
+    builder = builder.issuer_name(ca.subject)
+    if "alternative name" in case:
+        builder = builder.add_extension(
+            x509.UnrecognizedExtension(ExtensionOID.SUBJECT_ALTERNATIVE_NAME, b"\x30\x03\x01\x01"), critical=False)
+    der = builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.DER)  # type: ignore[arg-type]
+    if "unknown type" in case:
+        ec_public_key = bytes.fromhex("06072a8648ce3d0201")  # the OID id-ecPublicKey, in DER
+        der = der.replace(ec_public_key, bytes.fromhex("06072a8648ce3d0209"))  # an OID no library knows
+    cert_file, key_file = tmp_path / "malformed.crt", tmp_path / "malformed.key"
+    cert_file.write_bytes(x509.load_der_x509_certificate(der).public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    key_file.chmod(0o600)
+    return dataclasses.replace(good, cert_file=cert_file, key_file=key_file)
+
+
+MALFORMED_CERTIFICATES = ["node certificate with a malformed subject alternative name",
+                          "node certificate with a public key of an unknown type",
+                          "CA certificate with malformed basic constraints"]
+
+
+@pytest.mark.parametrize("case", MALFORMED_CERTIFICATES)
+def test_a_certificate_whose_extensions_or_key_do_not_parse_is_refused_naming_the_file(
+        cluster_files: tls.ClusterTlsFiles, tmp_path: Path, case: str) -> None:
+    """x509 parses a certificate's extensions and public key only when they are first read: such a
+    certificate loaded, and the checks that read them raised ValueError or UnsupportedAlgorithm, not a
+    TlsError (a traceback at `tokenvault serve`, no tls.reload_failed on SIGHUP)."""
+    files = _malformed_certificate(cluster_files, tmp_path, case)
+    named = files.ca_file if case.startswith("CA") else files.cert_file
+    _expect_error(files, str(named), "whose extensions or public key cannot be parsed", node_id="n1")
+    with pytest.raises(TlsError):
+        tls.load_node_tls(files, "n1")
+    if case.startswith("CA"):
+        with pytest.raises(TlsError, match="cannot be parsed"):
+            tls.http_client_context(files.ca_file)
+
+
 def test_a_node_certificate_the_peer_links_cannot_use_is_refused_when_loaded(
         cluster_files: tls.ClusterTlsFiles, tmp_path: Path) -> None:
     """A certificate brought through [tls] whose extended key usage leaves out client (or server)
@@ -360,6 +420,9 @@ def _bad_node_files(cluster_files: tls.ClusterTlsFiles, tmp_path: Path, case: st
         return dataclasses.replace(good, key_file=key), key
     if case == "certificate of another node":
         return cluster_files.nodes["n2"], cluster_files.nodes["n2"].cert_file
+    if case in MALFORMED_CERTIFICATES:
+        files = _malformed_certificate(cluster_files, tmp_path, case)
+        return files, files.ca_file if case.startswith("CA") else files.cert_file
     assert case == "certificate from another CA"
     other = tls.create_cluster_tls(tmp_path / "other-tls", {"n1": ["127.0.0.1"]})
     return dataclasses.replace(good, cert_file=other.nodes["n1"].cert_file, key_file=other.nodes["n1"].key_file), \
@@ -367,7 +430,7 @@ def _bad_node_files(cluster_files: tls.ClusterTlsFiles, tmp_path: Path, case: st
 
 
 @pytest.mark.parametrize("case", ["certificate missing", "key readable by group", "certificate of another node",
-                                  "certificate from another CA"])
+                                  "certificate from another CA", *MALFORMED_CERTIFICATES])
 def test_a_node_process_with_a_bad_certificate_or_key_refuses_to_start_and_says_why(
         cluster_files: tls.ClusterTlsFiles, tmp_path: Path, case: str) -> None:
     """docs/failure-modes.md, a node's certificate or key file is unusable: the `tokenvault serve` process

@@ -216,10 +216,24 @@ def _read_pem(path: Path, what: str, private: bool) -> bytes:
 def load_certificate(path: Path, what: str = "certificate") -> x509.Certificate:
     data = _read_pem(path, what, private=False)
     try:
-        return x509.load_pem_x509_certificate(data)
+        certificate = x509.load_pem_x509_certificate(data)
     except ValueError:
         # The parser's message may quote the file's bytes; say only what kind of thing is wrong.
         raise TlsError(f"{what} file {str(path)!r} does not hold a PEM certificate") from None
+    return _fully_parsed(certificate, path, what)
+
+
+def _fully_parsed(certificate: x509.Certificate, path: Path, what: str) -> x509.Certificate:
+    """``certificate`` once its extensions and public key parse. x509 parses them only when first read, so a
+    malformed one raised ValueError or UnsupportedAlgorithm from the checks that read them, not a TlsError
+    naming the file."""
+    try:
+        certificate.extensions  # read to be parsed: x509 keeps what it parsed
+        certificate.public_key()
+    except (ValueError, UnsupportedAlgorithm):
+        raise TlsError(f"{what} file {str(path)!r} holds a certificate whose extensions or public key cannot "
+                       f"be parsed") from None
+    return certificate
 
 
 def load_ca_certificates(path: Path, what: str = "CA certificate") -> list[x509.Certificate]:
@@ -231,7 +245,7 @@ def load_ca_certificates(path: Path, what: str = "CA certificate") -> list[x509.
         raise TlsError(f"{what} file {str(path)!r} does not hold PEM certificates") from None
     if len(certificates) > MAX_CA_CERTIFICATES:
         raise TlsError(f"{what} file {str(path)!r} holds more than {MAX_CA_CERTIFICATES} certificates")
-    return certificates
+    return [_fully_parsed(certificate, path, what) for certificate in certificates]
 
 
 def load_private_key(path: Path, what: str = "private key") -> PrivateKeyTypes:

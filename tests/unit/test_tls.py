@@ -175,6 +175,9 @@ def test_contexts_require_tls_1_2_for_http_and_1_3_and_client_certificates_for_p
 def test_http_client_context_with_a_bad_ca_file(tmp_path: Path) -> None:
     with pytest.raises(TlsError, match="does not exist"):
         tls.http_client_context(tmp_path / "missing-ca.crt")
+    # A path with a NUL (JSON can write one in cluster.json's ca_file) raised ValueError from os.open.
+    with pytest.raises(TlsError, match="its path holds a NUL character"):
+        tls.http_client_context(tmp_path / "ca\x00.crt")
 
 
 async def _handshake(server: ssl.SSLContext, client: ssl.SSLContext,

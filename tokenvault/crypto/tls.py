@@ -193,6 +193,8 @@ def _read_pem(path: Path, what: str, private: bool) -> bytes:
         raise TlsError(f"{what} file {str(path)!r} does not exist") from None
     except OSError as error:
         raise TlsError(f"{what} file {str(path)!r} cannot be opened ({error.strerror})") from None
+    except ValueError:  # a path with a NUL in it, which no file has (a ca_file from cluster.json, say)
+        raise TlsError(f"{what} file {str(path)!r} cannot be opened (its path holds a NUL character)") from None
     try:
         status = os.fstat(descriptor)
         if not stat.S_ISREG(status.st_mode):

@@ -262,6 +262,21 @@ async def test_a_leftover_checkpoint_of_a_dead_process_is_removed_by_the_next_ba
         await wait_until(lambda: work_dirs(service) == [], 10.0, "every checkpoint to be deleted")
 
 
+async def test_a_checkpoint_left_by_a_node_killed_mid_backup_is_removed_when_it_starts_again(tmp_path: Path) -> None:
+    """A stream's checkpoint hard-links the store's table files, so one left by a node killed mid-stream kept
+    the bytes of every row deleted (or epoch secret destroyed) and shredded since, in the data directory,
+    until some later backup happened to open a stream: on the code before it outlived the node's restart."""
+    config, = make_configs(tmp_path, 1)
+    leftover = config.data_dir / BACKUP_WORK_DIR_NAME / "backup-0123" / "source-1"
+    leftover.mkdir(parents=True)
+    (leftover / "000001.sst").write_bytes(b"rows deleted since this checkpoint was taken")
+    running = await start_node(config)
+    try:
+        assert not (config.data_dir / BACKUP_WORK_DIR_NAME).exists()
+    finally:
+        await running.close()
+
+
 # ---------------------------------------------------------------- the CLI download
 
 

@@ -106,7 +106,8 @@ class BackupStream:
     """One backup being served: a SnapshotSource whose blocking methods run in worker threads."""
 
     # Work directories of the streams open in this process; any other entry of a work root is a
-    # leftover of a process that died mid-stream and is removed when the next stream opens.
+    # leftover of a process that died mid-stream and is removed when the next stream opens (and when the
+    # node starts: tokenvault.core.node).
     _active_work_dirs: set[Path] = set()
     _closing_tasks: set[asyncio.Task[None]] = set()
 

@@ -20,6 +20,7 @@ import itertools
 import math
 import os
 import random
+import shutil
 import ssl
 import time
 from collections import deque
@@ -35,6 +36,7 @@ from protocol import (INITIAL_HARD_STATE, BackupLostEntries, BecamePrimary, Elec
                       ReplicaConfig, RestoredState, Role, SteppedDown)
 from tokenvault.config import ConfigError, NodeConfig, split_host_port
 from tokenvault.core import commands
+from tokenvault.core.backup import BACKUP_WORK_DIR_NAME
 from tokenvault.core.shred import ShredPass, ShredRecord, Shredder
 from tokenvault.core.snapshot_transfer import SnapshotTransfers
 from tokenvault.core.snapshots import PendingShred
@@ -232,6 +234,10 @@ class Node:
         self._views_flushed_at = -float("inf")  # when flush_store_for_views last started a flush
         # token.issued: one line a second at most (per epoch), so the node log grows with time, not traffic.
         self._issued_log = SummedEvent(log, "token.issued", ("epoch",), TOKEN_ISSUED_LOG_INTERVAL_SECONDS)
+        # A backup stream's checkpoint left by a process that died mid-stream: hard links to the store's
+        # table files, it would keep the bytes of rows deleted (and epoch secrets destroyed) and shredded since.
+        # No stream is open before the node starts; the store's lock, taken above, keeps a second process here.
+        shutil.rmtree(self.data_dir / BACKUP_WORK_DIR_NAME, ignore_errors=True)
         self.snapshots = SnapshotTransfers(self.data_dir, lambda: self.store, self._run_in_driver,
                                            self.send_to_peer, self.shredder, self._peer_backlog_bytes)
         self.metrics.watch_disk(self._disk_free_bytes, self._store_table_bytes, lambda: float(self.wal.segment_bytes))

@@ -25,8 +25,9 @@ compaction below that entry: the entry in the log is what makes a node that
 crashes meanwhile shred again when it restarts (``note_recovered``).
 
 Not covered: copies outside the data directory (backups, and checkpoints being
-streamed to a peer or a backup client until that stream ends), and the memory
-of the processes (Python cannot wipe freed memory).
+streamed to a peer or a backup client until that stream ends, or until a node
+killed mid-stream starts again), and the memory of the processes (Python cannot
+wipe freed memory).
 """
 
 from __future__ import annotations

@@ -983,6 +983,33 @@ def test_a_checkpoint_whose_rocksdb_wal_exceeds_the_store_s_memtables_is_refused
     vault.close()
 
 
+@pytest.mark.parametrize("name", ["CURRENT", "IDENTITY", "OPTIONS"])
+def test_a_checkpoint_whose_files_an_open_reads_whole_are_too_large_is_refused_before_anything_opens_it(
+        tmp_path, monkeypatch, name):
+    """An open, read-only too, reads RocksDB's CURRENT, IDENTITY and OPTIONS files whole into memory: one of
+    400 MB in a hostile snapshot or backup took the verifier from 36 MB to 550-590 MB (docs/security.md), and
+    an IDENTITY file that large passed verification. On the code before, each was opened whatever its size."""
+    from tokenvault.core import store_files
+
+    directory, index, view = _checkpoint_of(tmp_path, name)
+    target = directory / name if name != "OPTIONS" else next(directory.glob("OPTIONS-*"))
+    assert not target.exists() or target.stat().st_size < 64 * 1024, "a real checkpoint's file"
+    with open(target, "ab") as handle:  # sparse: its size is what an open would read
+        handle.truncate((1 << 20) + 1)
+    opened = []
+    monkeypatch.setattr(store_files, "open_database", lambda *arguments, **options: opened.append(arguments))
+    vault = VaultStore.open(tmp_path / "store")
+    before = dump(vault)
+    with pytest.raises(SnapshotRejected, match=r"CURRENT, IDENTITY and OPTIONS files hold \d+ bytes, more than the "
+                                               r"1048576 bytes"):
+        VaultStore.verify_checkpoint(directory, index, view)
+    with pytest.raises(SnapshotRejected, match="OPTIONS files hold"):
+        vault.prepare_install(directory, index, view)
+    assert opened == [] and dump(vault) == before
+    assert listing(tmp_path / "store") == ["CURRENT", "gen-000001"]
+    vault.close()
+
+
 # Rows verify_checkpoint refuses (above) that the install reads into memory; each is put into a checkpoint that
 # escaped verification, as one verification missed would.
 _MALFORMED_STATE_ROWS = {"api-key": (b"k0123456789abcdef", b"\xc1"), "audit-head": (b"h", b"\xc1")}

@@ -50,6 +50,13 @@ _GENERATION_NAME = re.compile(r"gen-(\d{6,})")
 # copies the live WAL file), so their WAL holds only what was applied in between, never more than the
 # memtables the store itself keeps (its write buffer times its write buffers).
 MAX_CHECKPOINT_WAL_BYTES = WRITE_BUFFER_BYTES * MAX_WRITE_BUFFERS
+# The most bytes a checkpoint's CURRENT, IDENTITY and OPTIONS-* files may hold, together. An open, read-only
+# too, reads each of them whole into memory (measured: one of 400 MB in a checkpoint took the verifier from
+# 36 MB to 550-590 MB, and an IDENTITY file that large passed verification). RocksDB writes one manifest
+# name into CURRENT, a UUID into IDENTITY and about 8 KiB into an OPTIONS file.
+MAX_CHECKPOINT_WHOLE_READ_BYTES = 1024 * 1024
+_WHOLE_READ_FILES = ("CURRENT", "IDENTITY")
+_WHOLE_READ_PREFIX = "OPTIONS-"
 
 # A test hook: called after each step of an install (and of the CURRENT switch)
 # so a test can stop the install there, as a crash would.
@@ -204,9 +211,11 @@ def read_state(database: Rdict, meta: tuple[int, int, int], error: type[StoreErr
 def verify_checkpoint(directory: Path, index: int, view: int) -> None:
     """Check a received checkpoint without a full scan; raises SnapshotRejected, never anything else.
 
-    Checks: a RocksDB database of one column family and our options, the
-    marker and schema version, meta at (index, view), epochs 1..n with at
-    most one (the newest) active, a token count that fits the token rows
+    Checks, before anything opens it: RocksDB's WAL files within
+    MAX_CHECKPOINT_WAL_BYTES, and the files an open reads whole within
+    MAX_CHECKPOINT_WHOLE_READ_BYTES. Then: a RocksDB database of one column
+    family and our options, the marker and schema version, meta at (index,
+    view), epochs 1..n with at most one (the newest) active, a token count that fits the token rows
     and the number of entries, and every other row the install loads into
     memory (``read_state``: the API keys, the audit head and anchor, the
     configuration), so that a checkpoint that passes is one the store can
@@ -216,6 +225,7 @@ def verify_checkpoint(directory: Path, index: int, view: int) -> None:
     if not all(type(number) is int and 0 <= number <= MAX_INTEGER for number in (index, view)):
         raise SnapshotRejected(f"checkpoint index and view must be integers from 0 to {MAX_INTEGER}")
     check_checkpoint_wal(Path(directory))
+    check_checkpoint_whole_reads(Path(directory))
     try:
         options = database_options(Cache(VERIFY_CACHE_BYTES))
         database, (meta_index, meta_view, token_count) = open_database(
@@ -254,6 +264,28 @@ def check_checkpoint_wal(directory: Path) -> None:
             f"checkpoint's RocksDB WAL files (*.log) hold {total} bytes, more than the {MAX_CHECKPOINT_WAL_BYTES} "
             f"bytes ({MAX_CHECKPOINT_WAL_BYTES >> 20} MiB: the store's write buffer times its write buffers) "
             f"a checkpoint may hold; not opened, as an open would replay them into memory")
+
+
+def check_checkpoint_whole_reads(directory: Path) -> None:
+    """Refuse (SnapshotRejected) a checkpoint whose CURRENT, IDENTITY and OPTIONS-* files hold more than
+    MAX_CHECKPOINT_WHOLE_READ_BYTES together, or one of them that is no regular file: an open reads each of
+    them whole into memory. Opens nothing."""
+    total = 0
+    try:
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                if entry.name in _WHOLE_READ_FILES or entry.name.startswith(_WHOLE_READ_PREFIX):
+                    status = entry.stat(follow_symlinks=False)
+                    if not stat.S_ISREG(status.st_mode):
+                        raise SnapshotRejected(f"checkpoint file {entry.name[:64]} is not a regular file")
+                    total += status.st_size
+    except OSError:
+        return  # the open says what is wrong
+    if total > MAX_CHECKPOINT_WHOLE_READ_BYTES:
+        raise SnapshotRejected(
+            f"checkpoint's CURRENT, IDENTITY and OPTIONS files hold {total} bytes, more than the "
+            f"{MAX_CHECKPOINT_WHOLE_READ_BYTES} bytes they may hold; not opened, as an open reads each whole "
+            f"into memory")
 
 
 # ---------------------------------------------------------------- installs

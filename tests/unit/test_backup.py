@@ -548,6 +548,19 @@ def test_a_missing_backup_file_is_a_clear_error(runner: CliRunner, node_config: 
     assert result.exit_code == 1 and "does not exist" in result.output
 
 
+def test_a_data_directory_whose_parent_cannot_be_made_is_a_clear_error(
+        runner: CliRunner, backup_file: Path, tmp_path: Path) -> None:
+    """The parent of the data directory is made when missing; one that cannot be (a file stands where a directory
+    of the path should) ended the restore with a traceback on the code before."""
+    (tmp_path / "blocked").write_text("a file, not a directory")
+    config = dataclasses.replace(make_configs(tmp_path / "restored", 1)[0],
+                                 data_dir=tmp_path / "blocked" / "n1" / "data")
+    result = restore_with_cli(runner, backup_file, config, tmp_path)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"cannot create {tmp_path / 'blocked' / 'n1'}, the data directory's parent" in result.output
+    assert (tmp_path / "blocked").read_text() == "a file, not a directory"
+
+
 def restore_with_cli(runner: CliRunner, backup: Path, config: Any, tmp_path: Path) -> Any:
     """``tokenvault admin restore`` of ``backup`` into the node ``config`` describes (written to tmp_path)."""
     node_toml = tmp_path / "node.toml"

@@ -406,7 +406,11 @@ def restore_data_dir(backup_file: Path, config: Any, master_key: Any = None) -> 
     """
     data_dir = Path(config.data_dir).absolute()
     _check_empty_data_dir(data_dir)
-    data_dir.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        data_dir.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as error:  # a file where a directory of the path should be, a read-only file system
+        raise BackupError(f"cannot create {data_dir.parent}, the data directory's parent: "
+                          f"{error.strerror or type(error).__name__}") from None
     with staged_backup(Path(backup_file), data_dir.parent) as staged:
         return install_staged(staged, config, master_key, consume=True)
 

@@ -144,6 +144,22 @@ def test_a_manifest_whose_keys_do_not_fit_its_bound_says_rows_may_wait_anywhere(
     assert cut.manifest.pending == PendingShred(None)
 
 
+def test_a_checkpoint_of_more_files_than_a_receiver_decodes_is_refused_at_its_source(tmp_path: Path) -> None:
+    """A receiver decodes a manifest of at most MAX_FILES files; the source bounded only the manifest's bytes
+    (1 MiB, about 20,000 files), so on the code before a checkpoint of 10,001 files streamed a manifest every
+    receiver refused as "not valid msgpack": a backup node that could never catch up by snapshot, and a backup
+    file the CLI downloaded, refused and deleted."""
+    from tokenvault.core.snapshots import MAX_FILES
+
+    most = SnapshotSource.from_checkpoint(*take_checkpoint(FakeStore([0] * (MAX_FILES - 1)), tmp_path / "a"), None)
+    assert len(Manifest.decode(most.manifest.encode()).files) == MAX_FILES  # CURRENT too
+    most.close()
+    work = tmp_path / "b"
+    with pytest.raises(ValueError, match=f"checkpoint has {MAX_FILES + 1} files, more than the {MAX_FILES}"):
+        SnapshotSource.from_checkpoint(*take_checkpoint(FakeStore([0] * MAX_FILES), work), None)
+    assert list(work.iterdir()) == []  # the checkpoint is removed
+
+
 def test_a_manifest_without_shred_pending_counts_as_pending_and_a_non_boolean_one_is_refused() -> None:
     """A node from before the field sends none: its checkpoint may hold anything, as that node assumed."""
     import msgpack

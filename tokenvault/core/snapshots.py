@@ -223,6 +223,9 @@ class SnapshotSource:
         paths = sorted(path for path in directory.iterdir())
         if any(not path.is_file() or not _FILE_NAME.fullmatch(path.name) for path in paths):
             raise ValueError("a checkpoint holds plain files only")
+        if len(paths) > MAX_FILES:  # a receiver refuses a manifest of more (Manifest.decode)
+            raise ValueError(f"checkpoint has {len(paths)} files, more than the {MAX_FILES} one snapshot manifest "
+                             f"may list")
         whole = hashlib.sha256()
         entries = []
         for path in paths:

@@ -247,7 +247,7 @@ def admin_backup(connection: Connection, out_path: str, prefer: str, read_timeou
     if as_json:
         click.echo(json.dumps(document))
         return
-    tokens = "" if result.token_count is None else f", {result.token_count} tokens"
+    tokens = "" if result.token_count is None else f", {result.token_count} opaque tokens"
     click.echo(f"backup of {result.node_id} ({result.role}) at index {result.index}, view {result.view}: "
                f"{result.size_bytes} bytes{tokens} in {result.seconds:.1f} s, verified -> {result.path}")
     if result.pending_shred is not None:
@@ -281,7 +281,7 @@ def admin_restore(backup_path: str, config_path: str) -> None:
     except BackupError as error:
         fail(str(error), EXIT_SERVICE_ERROR)
     click.echo(f"restored {restored.node_id} into {restored.data_dir}: index {restored.index}, view "
-               f"{restored.view}, {restored.token_count} tokens in {restored.epochs} epoch(s); start it with "
+               f"{restored.view}, {restored.token_count} opaque tokens in {restored.epochs} epoch(s); start it with "
                f"'tokenvault serve --config {config_path}'")
     if restored.pending_shred is not None:
         click.echo(f"the backup may hold rows deleted and not yet shredded: the node's first shred pass compacts "

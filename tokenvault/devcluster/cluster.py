@@ -795,7 +795,7 @@ def restore_cluster(directory: Path | str, backup_file: Path | str, master_key_f
                 for position, node in enumerate(spec.nodes):
                     restored = install_staged(staged, load_config(node.config), master_key,
                                               consume=position == len(spec.nodes) - 1)
-                    report(f"{node.node_id}: data directory restored ({restored.token_count} tokens in "
+                    report(f"{node.node_id}: data directory restored ({restored.token_count} opaque tokens in "
                            f"{restored.epochs} epoch(s))")
             except BaseException:
                 # Why: the key file init_cluster wrote for a key that turns out not to open the backup

@@ -794,6 +794,37 @@ def test_audit_export_stops_at_a_broken_link_and_exits_4(
     assert [json.loads(line)["seq"] for line in out.read_text().splitlines()] == list(range(1, 10))
 
 
+@pytest.mark.parametrize("count", [1200, 3], ids=["during-the-walk", "at-close"])
+def test_an_export_that_cannot_be_written_is_removed_and_exits_1_naming_the_file_and_why(
+        runner: CliRunner, primary: FakeVaultServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        count: int) -> None:
+    """The file's descriptor is pointed at /dev/full, which answers every write ENOSPC, as a full disk does:
+    1,200 records fill the file's buffer during the walk, 3 only as it is closed. A write failing during the
+    walk ended in a traceback and left the partial file (checked on the code before)."""
+    import os
+
+    if not os.path.exists("/dev/full"):
+        pytest.skip("needs /dev/full")
+    _serve_audit(primary, _audit_records(count))
+    out = tmp_path / "audit.jsonl"
+    fdopen = os.fdopen
+
+    def onto_a_full_disk(descriptor, *arguments, **options):
+        if os.path.samestat(os.fstat(descriptor), os.stat(out)):
+            full = os.open("/dev/full", os.O_WRONLY | os.O_CLOEXEC)
+            os.dup2(full, descriptor)
+            os.close(full)
+        return fdopen(descriptor, *arguments, **options)
+
+    monkeypatch.setattr(os, "fdopen", onto_a_full_disk)
+    result = runner.invoke(tokenvault, ["admin", "audit", "export", "--out", str(out), "--url", primary.url,
+                                        "--api-key", ADMIN_KEY])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert (f"error: cannot write {str(out)!r}: No space left on device; the partial file was removed: "
+            f"export again") in result.stderr
+    assert not out.exists() and result.stdout == ""
+
+
 # ---------------------------------------------------------------- members
 
 

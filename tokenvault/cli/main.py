@@ -17,9 +17,10 @@ subcommand wins over one given before it; either wins over the environment.
 fills an empty node data directory from one (tokenvault.core.backup).
 
 Exit codes: 0 success, 1 the service answered with an error (its problem+json
-title and detail are shown), a backup was refused, a confirmation was
-answered no, or `admin epoch destroy --yes` found an unfinished migration of the
-epoch (nothing was sent), 2 usage or configuration
+title and detail are shown), a backup was refused, `admin backup` or `audit
+export` could not write its file (the partial file is removed), a confirmation
+was answered no, or `admin epoch destroy --yes` found an unfinished migration of
+or into the epoch (nothing was sent), 2 usage or configuration
 error, 3 no node reachable, 4 `admin audit verify` (or `audit export`) found a
 broken link, 5 `audit verify` or `audit export` stopped because a trim during
 the walk dropped records it had not reached yet (nothing was found broken: run
@@ -644,7 +645,8 @@ def audit_export(connection: Connection, out_path: str, as_json: bool) -> None:
     Every line keeps its hashes, so the copy can be checked again later. Records after a broken
     link are not written and the command exits 4; a trim during the export that dropped records it
     had not reached yet stops it with exit 5 (FILE then holds only the records before: export again
-    to another file)."""
+    to another file). A FILE that cannot be written to its end (a full disk, an I/O error) is removed and
+    the command exits 1, naming it and the system's reason."""
     from tokenvault.audit_chain import ChainVerifier
 
     try:
@@ -652,13 +654,32 @@ def audit_export(connection: Connection, out_path: str, as_json: bool) -> None:
     except OSError as error:
         raise click.UsageError(f"cannot create {out_path!r}: {error.strerror}") from None
     verifier = ChainVerifier()
-    with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-        def write(record: dict[str, Any]) -> None:
-            handle.write(json.dumps(record, separators=(",", ":"), sort_keys=True) + "\n")
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+            def write(record: dict[str, Any]) -> None:
+                handle.write(json.dumps(record, separators=(",", ":"), sort_keys=True) + "\n")
 
-        walk = run_client(_walk_audit(connection, verifier, write))
+            walk = run_client(_walk_audit(connection, verifier, write))
+    except OSError as error:
+        # A full disk or an I/O error, from a write during the walk or from the flush as the file closes
+        # (run_client leaves OSError alone): the file holds part of the trail at most, so it goes, as a
+        # backup's partial file does (tokenvault/cli/backup.py).
+        _remove_unfinished_export(out_path, error)
     _report_audit(verifier, walk, as_json, {"file": out_path},
                   f"; {out_path} holds only those: export again to another file")
+
+
+def _remove_unfinished_export(out_path: str, error: OSError) -> None:
+    """Remove an export that could not be written and exit 1 naming the file and the system's reason."""
+    reason = error.strerror or str(error)
+    try:
+        os.unlink(out_path)
+    except FileNotFoundError:
+        pass
+    except OSError as removing:
+        fail(f"cannot write {out_path!r}: {reason}; it holds only part of the trail and could not be removed "
+             f"({removing.strerror or removing}): delete it, then export again", EXIT_SERVICE_ERROR)
+    fail(f"cannot write {out_path!r}: {reason}; the partial file was removed: export again", EXIT_SERVICE_ERROR)
 
 
 @audit_group.command("trim")

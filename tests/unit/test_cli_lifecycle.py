@@ -214,6 +214,41 @@ def test_a_state_file_that_cannot_be_written_after_a_batch_stops_migrate_saying_
     assert len(server.calls("/v1/retokenize")) == 2
 
 
+@pytest.mark.parametrize("inclusive", [False, True], ids=["ignores-after", "includes-after"])
+def test_migrate_stops_at_a_page_holding_its_cursor_keeping_the_state_file(
+        runner: CliRunner, server: FakeVaultServer, tmp_path: Path, inclusive: bool) -> None:
+    """A node that ignores `after` answers the first page again and again, and one that pages from `after`
+    itself ends on a page of the cursor alone: the migration re-tokenized that page and wrote its cursor
+    without end (checked on the code before, which the fake stops after 10 pages by answering an empty
+    one: it exited 0). A page holding the cursor is a malformed answer: exit 1, nothing of it
+    re-tokenized, the state file keeping the cursor of the last batch done."""
+    pages = 0
+
+    def out_of_contract(request: RecordedRequest) -> Reply:
+        nonlocal pages
+        pages += 1
+        after, limit = request.query.get("after"), int(request.query["limit"])
+        if pages > 10:
+            tokens = []
+        elif inclusive:
+            tokens = [token for token in OLD_TOKENS if after is None or token >= after][:limit]
+        else:
+            tokens = OLD_TOKENS[:limit]
+        return Reply(200, {"epoch": 1, "state": "retired", "tokens": tokens,
+                           "next_after": tokens[-1] if tokens else None})
+
+    server.responders[("GET", "/v1/admin/epochs/1/tokens")] = out_of_contract
+    state = tmp_path / "state.json"
+    result = invoke(runner, server, "migrate", "1", "--batch-size", "3", "--state-file", str(state))
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert ("error: the node answered a page of epoch 1's tokens that holds the token it was asked to start "
+            "after") in result.stderr
+    assert f"the state file {str(state)!r} keeps its cursor" in result.stderr
+    assert [request.body["tokens"] for request in server.calls("/v1/retokenize")] == [OLD_TOKENS[0:3]]
+    assert json.loads(state.read_text()) == {"epoch": 1, "after": OLD_TOKENS[2], "migrated": 3, "to_epochs": [2]}
+    assert OLD_TOKENS[2] not in result.output
+
+
 def test_migrating_the_active_epoch_is_refused(runner: CliRunner, server: FakeVaultServer, tmp_path: Path) -> None:
     result = invoke(runner, server, "migrate", "2", "--state-file", str(tmp_path / "s.json"))
     assert result.exit_code == 1 and "active epoch" in result.output

@@ -12,7 +12,9 @@ each page to `POST /v1/retokenize`, so the values never leave the vault. Before
 the first batch (a state file it cannot write stops it there) and after every
 batch it writes its cursor (the last token done) to a state file, with
 write-temp + fsync + rename, so a crash loses at most the batch in flight, and
-running the same command again resumes after the cursor. It names every epoch
+running the same command again resumes after the cursor. A page that holds the
+cursor itself (a node that ignores `after` would answer the same page without
+end) stops it as a malformed answer (exit 1, the cursor kept). It names every epoch
 the tokens went to: a rotation during the migration sends the later batches to
 the new active epoch, and the earlier ones stay in the epoch before it. Ctrl-C stops it once
 the batch in flight is done and its cursor saved (exit 130); a second Ctrl-C
@@ -38,7 +40,7 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from tokenvault.cli.connection import EXIT_SERVICE_ERROR, Connection, connection_options, fail, run_client
-from tokenvault.client.vault import AsyncClient
+from tokenvault.client.vault import AsyncClient, ResponseError
 from tokenvault.smallfiles import FileTooLarge, read_small_file, replace_small_file
 
 DEFAULT_BATCH_SIZE = 500
@@ -160,6 +162,13 @@ async def _migrate(vault: AsyncClient, epoch_number: int, batch_size: int, state
         page = await vault.epoch_tokens(epoch_number, after, batch_size)
         if not page.tokens:
             return migrated, targets or [listing.active_epoch]
+        if after is not None and after in page.tokens:
+            # Why: a page holds only tokens after the cursor. A node that ignores `after` answers the same
+            # page again and again, which would be re-tokenized and its cursor written without end.
+            raise ResponseError(f"the node answered a page of epoch {epoch_number}'s tokens that holds the "
+                                f"token it was asked to start after, so it does not page as the contract says; "
+                                f"nothing of that page was re-tokenized and the state file "
+                                f"{str(state_path)!r} keeps its cursor, which the same command resumes from")
         result = await vault.retokenize(page.tokens, epoch=epoch_number)
         if result.epoch not in targets:
             targets.append(result.epoch)

@@ -85,8 +85,8 @@ def test_destroy_warns_of_a_migration_of_the_epoch_left_unfinished_and_with_yes_
     assert scripted.exit_code == 1 and warning in scripted.stderr
     assert "nothing was sent" in scripted.stderr and "--ignore-unfinished-migration" in scripted.stderr
     assert server.calls("/v1/admin/epochs/1/destroy") == []
-    # A state file of another epoch's migration says nothing of this one.
-    other = invoke(runner, server, "destroy", "2", "--yes")
+    # A state file of another epoch's migration says nothing of this one, unless its tokens went there (below).
+    other = invoke(runner, server, "destroy", "3", "--yes")
     assert "warning" not in other.stderr
     told = invoke(runner, server, "destroy", "1", "--yes", "--ignore-unfinished-migration", "--json")
     assert told.exit_code == 0 and warning in told.stderr
@@ -94,6 +94,54 @@ def test_destroy_warns_of_a_migration_of_the_epoch_left_unfinished_and_with_yes_
     answered = invoke(runner, server, "destroy", "1", input_text="y\n")
     assert answered.exit_code == 0 and warning in answered.stderr
     assert len(server.calls("/v1/admin/epochs/1/destroy")) == 2
+
+
+def test_destroy_warns_of_an_unfinished_migration_that_put_tokens_into_the_epoch_and_with_yes_refuses_unless_told(
+        runner: CliRunner, server: FakeVaultServer, tmp_path: Path) -> None:
+    """Destroying epoch 2 while a migration out of epoch 1 that re-tokenized tokens into it is unfinished
+    takes their new tokens, and resuming that migration would skip them: it went without a word (checked
+    on the code before: --yes destroyed it at once). Their old tokens keep their values, so the warning
+    says to run that migration again with --restart. State files of migrations whose tokens went elsewhere,
+    or that are not readable as a state, say nothing."""
+    server.responders[("POST", "/v1/admin/epochs/2/destroy")] = lambda request: Reply(
+        200, {"epoch": 2, "state": "destroyed"})
+    (tmp_path / ".tokenvault-migrate-1.json").write_text(json.dumps(
+        {"epoch": 1, "after": OLD_TOKENS[2], "migrated": 3, "to_epochs": [2, 3]}))
+    (tmp_path / ".tokenvault-migrate-4.json").write_text(json.dumps(
+        {"epoch": 4, "after": OLD_TOKENS[0], "migrated": 1, "to_epochs": [3]}))
+    (tmp_path / ".tokenvault-migrate-5.json").write_text("not a state naming 2")
+    (tmp_path / ".tokenvault-migrate-6.json").mkdir()
+    warning = ("warning: .tokenvault-migrate-1.json is the state file of a migration of epoch 1 that was not "
+               "finished and re-tokenized tokens into epoch 2 (3 of its tokens re-tokenized so far). Once epoch "
+               "2 is destroyed, the new tokens it gave them there are gone, and resuming that migration would "
+               "skip them. Their old tokens in epoch 1 keep their values: 'tokenvault admin epoch migrate 1 "
+               "--restart' run here (before or after the destroy) re-tokenizes every token of epoch 1 into the "
+               "active epoch.")
+    refused = invoke(runner, server, "destroy", "2", input_text="n\n")
+    assert refused.exit_code == 1 and warning in refused.stderr
+    assert refused.stderr.index(warning) < refused.stderr.index("Destroy epoch 2?")
+    assert refused.stderr.count("warning:") == 1
+    scripted = invoke(runner, server, "destroy", "2", "--yes")
+    assert scripted.exit_code == 1 and warning in scripted.stderr and "nothing was sent" in scripted.stderr
+    assert server.calls("/v1/admin/epochs/2/destroy") == []
+    told = invoke(runner, server, "destroy", "2", "--yes", "--ignore-unfinished-migration", "--json")
+    assert told.exit_code == 0 and warning in told.stderr
+    assert json.loads(told.stdout) == {"epoch": 2, "state": "destroyed"}
+    # Epoch 3 is named too; epoch 5's file says nothing of where its tokens went.
+    assert "into epoch 3" in invoke(runner, server, "destroy", "3", "--yes").stderr
+    assert "warning" not in invoke(runner, server, "destroy", "7", "--yes").stderr
+
+
+def test_destroy_reads_at_most_64_state_files_of_other_epochs_and_says_so(
+        runner: CliRunner, server: FakeVaultServer, tmp_path: Path) -> None:
+    for source in range(10, 80):
+        (tmp_path / f".tokenvault-migrate-{source}.json").write_text(json.dumps(
+            {"epoch": source, "after": OLD_TOKENS[0], "migrated": 1, "to_epochs": [2]}))
+    result = invoke(runner, server, "destroy", "2", "--yes")
+    assert result.exit_code == 1 and server.calls("/v1/admin/epochs/2/destroy") == []
+    assert result.stderr.count("warning:") == 64
+    assert ("note: more than 64 migration state files are in the current directory; only 64 were read for a "
+            "migration into epoch 2") in result.stderr
 
 
 @pytest.mark.parametrize("content", [None, "not a state"], ids=["state", "unreadable"])
@@ -167,7 +215,8 @@ def test_migrate_names_every_epoch_its_tokens_went_to_when_the_active_epoch_chan
 
 
 @pytest.mark.parametrize("content", ["not json", json.dumps({"epoch": 7, "after": None, "migrated": 0}),
-                                     json.dumps({"epoch": 1, "after": 5, "migrated": 0}), "x" * 10_000])
+                                     json.dumps({"epoch": 1, "after": 5, "migrated": 0}), "x" * 10_000,
+                                     json.dumps({"epoch": True, "after": None, "migrated": 0})])
 def test_a_state_file_that_is_not_this_epochs_is_refused(
         runner: CliRunner, server: FakeVaultServer, tmp_path: Path, content: str) -> None:
     state = tmp_path / "state.json"

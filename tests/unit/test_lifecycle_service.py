@@ -451,6 +451,24 @@ async def test_retokenize_reissues_in_the_active_epoch_without_the_value_leaving
     assert "token.retokenize" in [record["action"] for record in primary.node.store.audit_page(0, 100)]
 
 
+async def test_tokens_re_tokenized_into_an_epoch_destroyed_since_are_re_tokenized_again_from_their_old_ones(
+        single: RunningNode) -> None:
+    """What `tokenvault admin epoch destroy 2` tells of a migration out of epoch 1 that put tokens into
+    epoch 2 (tests/unit/test_cli_lifecycle.py): their new tokens go with epoch 2, their old ones keep their
+    values, and re-tokenizing those (`epoch migrate 1 --restart`) puts them into the active epoch."""
+    service = single.service
+    old = body(await service.tokenize("p", ["alpha", "beta"], None))["tokens"]
+    await service.rotate_epoch("admin", None)
+    into_two = (await service.retokenize(old, ACTOR))["tokens"]
+    assert [token[:4] for token in into_two] == ["tv2_", "tv2_"]
+    await service.rotate_epoch("admin", None)
+    await service.destroy_epoch(2, ACTOR)
+    assert await service.detokenize(into_two) == [None, None]
+    again = await service.retokenize(old, ACTOR)
+    assert again["epoch"] == 3 and await service.detokenize(again["tokens"]) == ["alpha", "beta"]
+    assert await service.detokenize(old) == ["alpha", "beta"]
+
+
 async def epoch_pages(service: NodeService, epoch: int, limit: int) -> list[list[str]]:
     """The pages of ``epoch``'s tokens, walked by next_after until it is null."""
     pages, after = [], None

@@ -5,7 +5,13 @@ skips it). A migration of E that was not finished leaves its state file; when
 `destroy E` finds it (at its default name in the current directory, or at
 `--state-file`) it warns before the confirmation, and with `--yes` refuses
 (exit 1, nothing sent) unless `--ignore-unfinished-migration` is given: once E
-is destroyed, the values of its tokens the migration had not reached are gone. `migrate E` re-tokenizes every token of epoch E into the active
+is destroyed, the values of its tokens the migration had not reached are gone.
+It does the same for an unfinished migration out of another epoch S that
+re-tokenized tokens into E (a state file at its default name in the current
+directory, at most 64 of them read, whose `to_epochs` names E): their new tokens
+in E go with it, resuming that migration would skip them, and `migrate S
+--restart` re-tokenizes them again from their old tokens, which keep their
+values. `migrate E` re-tokenizes every token of epoch E into the active
 epoch: it reads the epoch's tokens page by page (`GET
 /v1/admin/epochs/E/tokens`, at most `--batch-size` per page, 1-1000) and sends
 each page to `POST /v1/retokenize`, so the values never leave the vault. Before
@@ -29,6 +35,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 import sys
 from collections.abc import Iterator
@@ -49,6 +56,10 @@ EXIT_INTERRUPTED = 130
 STATE_FILE_TEMPLATE = ".tokenvault-migrate-{epoch}.json"
 # A state file is a small JSON object; anything larger is not ours.
 MAX_STATE_FILE_BYTES = 4096
+# The name STATE_FILE_TEMPLATE gives a migration's state file, its epoch the group.
+STATE_FILE_NAME = re.compile(r"\.tokenvault-migrate-([1-9][0-9]{0,9})\.json")
+# `destroy E` reads at most this many state files of other epochs' migrations in the current directory.
+MAX_STATE_FILES_READ = 64
 
 
 def _unfinished_migration(state_path: Path, epoch_number: int) -> str | None:
@@ -68,6 +79,57 @@ def _unfinished_migration(state_path: Path, epoch_number: int) -> str | None:
             f"same --state-file, if it was given one) resumes it.")
 
 
+def _migrations_into(epoch_number: int) -> tuple[list[str], str | None]:
+    """The warnings to give before EPOCH is destroyed for the state files in the current directory (at their
+    default names) of unfinished migrations out of other epochs that re-tokenized tokens into EPOCH (their
+    ``to_epochs`` names it), and a note when not every state file there was read (past
+    MAX_STATE_FILES_READ, or the directory could not be listed). A file that is not readable as a state
+    says nothing of where its tokens went, nor does one written before ``to_epochs`` was kept: it is
+    passed over."""
+    found: list[tuple[int, str]] = []
+    read = 0
+    note = None
+    try:
+        with os.scandir(".") as entries:
+            for entry in entries:
+                match = STATE_FILE_NAME.fullmatch(entry.name)
+                if match is None or int(match[1]) == epoch_number:
+                    continue
+                if read == MAX_STATE_FILES_READ:
+                    note = (f"note: more than {MAX_STATE_FILES_READ} migration state files are in the current "
+                            f"directory; only {MAX_STATE_FILES_READ} were read for a migration into epoch "
+                            f"{epoch_number}")
+                    break
+                read += 1
+                source = int(match[1])
+                try:
+                    # Why is_file: opening a FIFO put there would wait for a writer.
+                    if not entry.is_file():
+                        continue
+                    _, migrated, targets = _read_state(Path(entry.name), source)
+                except (OSError, click.UsageError):
+                    continue
+                if epoch_number in targets:
+                    found.append((source, _migration_into_warning(entry.name, source, epoch_number, migrated)))
+    except OSError as error:
+        note = (f"note: the current directory could not be listed ({error.strerror}), so no migration into "
+                f"epoch {epoch_number} was looked for")
+    return [warning for _, warning in sorted(found)], note
+
+
+def _migration_into_warning(name: str, source: int, epoch_number: int, migrated: int) -> str:
+    """The tokens such a migration re-tokenized into EPOCH got new tokens there, which the destroy takes with
+    it, and resuming the migration would skip them (they are behind its cursor). Their old tokens in the
+    source epoch keep their values (re-tokenizing leaves them valid), so the migration started again from
+    its first token puts them into the active epoch."""
+    return (f"warning: {name} is the state file of a migration of epoch {source} that was not finished and "
+            f"re-tokenized tokens into epoch {epoch_number} ({migrated} of its tokens re-tokenized so far). "
+            f"Once epoch {epoch_number} is destroyed, the new tokens it gave them there are gone, and resuming "
+            f"that migration would skip them. Their old tokens in epoch {source} keep their values: "
+            f"'tokenvault admin epoch migrate {source} --restart' run here (before or after the destroy) "
+            f"re-tokenizes every token of epoch {source} into the active epoch.")
+
+
 @click.command("destroy")
 @connection_options("admin")
 @click.argument("epoch_number", metavar="EPOCH", type=click.IntRange(1, 2**32 - 1))
@@ -76,23 +138,30 @@ def _unfinished_migration(state_path: Path, epoch_number: int) -> str | None:
               help="Where 'epoch migrate EPOCH' keeps its state file, if it was given one [default: "
                    f"./{STATE_FILE_TEMPLATE.format(epoch='EPOCH')}]; one found there is warned of.")
 @click.option("--ignore-unfinished-migration", is_flag=True,
-              help="With --yes: destroy EPOCH even when the state file of an unfinished migration of it is there.")
+              help="With --yes: destroy EPOCH even when the state file of an unfinished migration of it, or "
+                   "of one that re-tokenized tokens into it, is there.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def epoch_destroy(connection: Connection, epoch_number: int, yes: bool, state_file: str | None,
                   ignore_unfinished_migration: bool, as_json: bool) -> None:
     """Crypto-shred EPOCH on every node: its tokens can never be detokenized again.
 
     The active epoch is refused (rotate first). Backups taken before keep the epoch's secret. The state
-    file of a migration of EPOCH that was not finished is warned of before the confirmation; with --yes it
+    file of a migration of EPOCH that was not finished, and those in the current directory of unfinished
+    migrations that re-tokenized tokens into EPOCH, are warned of before the confirmation; with --yes it
     refuses (exit 1, nothing sent) unless --ignore-unfinished-migration is given."""
     state_path = Path(state_file or STATE_FILE_TEMPLATE.format(epoch=epoch_number))
-    warning = _unfinished_migration(state_path, epoch_number)
-    if warning is not None:
+    own = _unfinished_migration(state_path, epoch_number)
+    warnings, note = _migrations_into(epoch_number)
+    if own is not None:
+        warnings.insert(0, own)
+    if note is not None:
+        click.echo(note, err=True)
+    for warning in warnings:
         click.echo(warning, err=True)
-        if yes and not ignore_unfinished_migration:
-            fail(f"not destroying epoch {epoch_number} with --yes while a migration of it is unfinished; nothing "
-                 "was sent. Finish the migration, or add --ignore-unfinished-migration to destroy it anyway",
-                 EXIT_SERVICE_ERROR)
+    if warnings and yes and not ignore_unfinished_migration:
+        fail(f"not destroying epoch {epoch_number} with --yes while a migration of it, or one that "
+             "re-tokenized tokens into it, is unfinished; nothing was sent. Do as the warning says, or add "
+             "--ignore-unfinished-migration to destroy it anyway", EXIT_SERVICE_ERROR)
     if not yes:
         click.confirm(f"Destroy epoch {epoch_number}? Its tokens can never be detokenized or re-tokenized "
                       "again, on any node", abort=True, err=True)
@@ -119,7 +188,9 @@ def _read_state(path: Path, epoch_number: int) -> tuple[str | None, int, list[in
         raise click.UsageError(f"cannot read state file {str(path)!r}: {error.strerror}") from None
     except (FileTooLarge, ValueError, RecursionError):  # RecursionError: nesting deeper than the parser's stack
         document = None
-    if (not isinstance(document, dict) or document.get("epoch") != epoch_number
+    # Why type() is int: True == 1, and a bool is no epoch.
+    if (not isinstance(document, dict) or type(document.get("epoch")) is not int
+            or document["epoch"] != epoch_number
             or not (document.get("after") is None or isinstance(document.get("after"), str))
             or type(document.get("migrated")) is not int
             or not isinstance(document.get("to_epochs", []), list)

@@ -9,6 +9,7 @@ starts a node there.
 from __future__ import annotations
 
 import asyncio
+import errno
 import dataclasses
 import json
 import os
@@ -352,6 +353,32 @@ class KeysWaiting(NothingToShred):
     """A node's shredder with a delete's two rows waiting for a pass by key ranges (their keys known)."""
 
     pending = PendingShred((b"LTtv1_a", b"Ttv1_a"))
+
+
+@pytest.mark.parametrize("failing", ["replace", "fsync_directory"])
+def test_cli_backup_whose_rename_or_directory_sync_fails_says_so_without_a_traceback(
+        runner: CliRunner, two_nodes: tuple[ThreadedServer, ThreadedServer], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, failing: str) -> None:
+    """The last two steps of a download, the rename of FILE.partial and the sync of its directory, failing
+    (a full or read-only file system): a clear error and exit 1, never a traceback, and no FILE.partial
+    left behind. Before, both ended in an OSError's traceback."""
+    from tokenvault.cli import backup as cli_backup
+
+    def refuse(*args: object) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+    if failing == "replace":
+        monkeypatch.setattr(cli_backup.os, "replace", refuse)
+    else:
+        monkeypatch.setattr(cli_backup, "fsync_directory", refuse)
+    _, primary_server = two_nodes
+    out = tmp_path / "vault.backup"
+    result = runner.invoke(tokenvault, ["admin", "backup", "--url", primary_server.url, "--api-key", ADMIN_KEY,
+                                        "--out", str(out)])
+    assert result.exit_code == 1, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    assert "Input/output error" in result.output
+    assert not out.with_name(out.name + ".partial").exists()
+    assert out.exists() is (failing == "fsync_directory"), "kept once renamed, and said so"
 
 
 @pytest.mark.parametrize(("shreds", "pending", "keys"), [(NothingToShred(), False, None),

@@ -194,8 +194,18 @@ async def _finish_download(received: AnnouncedBackup, partial: Path, destination
         partial.unlink(missing_ok=True)
         raise BackupRefused(f"the backup's manifest says index {verified.index}, view {verified.view}, but the "
                             f"node announced {received.index}, {received.view}")
-    os.replace(partial, destination)
-    fsync_directory(destination.parent)
+    try:
+        os.replace(partial, destination)
+    except OSError as error:
+        partial.unlink(missing_ok=True)
+        raise BackupError(f"cannot rename {partial} to {destination}: {error.strerror or error}; nothing was "
+                          "kept, run the command again") from None
+    try:
+        fsync_directory(destination.parent)
+    except OSError as error:
+        raise BackupError(f"{destination} is written and verified, but its directory could not be synced "
+                          f"({error.strerror or error}): a crash now could lose the name; run 'sync' or take "
+                          "the backup again") from None
     announced = {field.name: getattr(received, field.name) for field in fields(AnnouncedBackup)}
     return DownloadedBackup(**announced, path=destination, seconds=time.monotonic() - started,
                             token_count=verified.token_count, pending_shred=verified.pending_shred)

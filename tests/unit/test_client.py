@@ -194,6 +194,23 @@ async def test_no_node_available_names_each_failure_once_with_how_often_it_came(
     assert str(NoNodeAvailable([])) == "no node available: no attempt made"
 
 
+async def test_an_https_node_not_listening_is_named_by_its_address_not_by_the_clients_tls_context(
+        tmp_path: Path) -> None:
+    """With a ca_file every request carries the client's TLS context, and aiohttp's words for a refused
+    connection named it as Python shows an object ('ssl:<ssl.SSLContext object at 0x7f...>'): what the CLI
+    printed for the commonest mistake, a cluster not started. The message names the host and port and why."""
+    url = closed_port_url().replace("http://", "https://")
+    address = url.removeprefix("https://")
+    files = node_tls_files(tmp_path / "tls")
+    async with AsyncClient([url], API_KEY, deadline_seconds=0.3, retry_after_cap_seconds=0.05,
+                           ca_file=files.ca_file) as vault:
+        with pytest.raises(NoNodeAvailable) as caught:
+            await vault.health()
+    message = str(caught.value)
+    assert "object at 0x" not in message and "SSLContext" not in message, message
+    assert f"ClientConnectorError: Cannot connect to host {address} [Connect call failed" in message, message
+
+
 async def test_client_errors_are_typed_and_not_retried(node_a: FakeVaultServer, node_b: FakeVaultServer) -> None:
     node_a.responders[("POST", "/v1/admin/epochs")] = lambda request: problem(
         403, "Forbidden", "this key lacks the admin scope")

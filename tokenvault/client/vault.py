@@ -387,6 +387,11 @@ def _describe_failure(error: BaseException) -> str:
     name = type(error).__name__
     # Why: aiohttp connection errors describe the address, never request content.
     message = str(error).splitlines()[0][:200] if str(error) else ""
+    if (isinstance(error, aiohttp.ClientConnectorError)
+            and not isinstance(error, aiohttp.ClientConnectorCertificateError)):
+        # Why: aiohttp's own words name the TLS context each request carries as Python shows an object
+        # ("ssl:<ssl.SSLContext object at 0x...>"); the address and the reason are what helps.
+        message = f"Cannot connect to host {error.host}:{error.port} [{error.strerror}]"[:200]
     described = f"{name}: {message}" if message else name
     if isinstance(error, aiohttp.ClientConnectorCertificateError):
         described += ("; its certificate is not one this client trusts: give the cluster CA (ca_file; the CLI's "

@@ -484,6 +484,23 @@ def test_a_new_cluster_whose_ports_are_in_use_is_not_generated(fake_serve: None,
     assert cluster.primary_of(statuses) == "n1"
 
 
+def test_a_port_in_use_on_an_existing_cluster_is_refused_before_any_node_starts(
+        fake_serve: None, cluster_directory: Path) -> None:
+    """Each node's ports were checked only as it was launched: with n2's peer port taken, start launched n1,
+    then stopped with exit 1 at n2, leaving n1 running, n3 not started and nothing said of either. Every
+    port of the nodes to start is now checked first, so a refused start starts nothing."""
+    ports = free_port_pairs(3)
+    spec, _ = cluster.init_cluster(cluster_directory, 3, ports=ports)
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", ports[1][1]))
+        holder.listen()
+        with pytest.raises(ClusterError, match=f"n2: peer port {ports[1][1]} is already in use"):
+            cluster.start_cluster(cluster_directory, timeout_seconds=5)
+    assert [cluster.running_pid(node) for node in spec.nodes] == [None, None, None]
+    spec, statuses = cluster.start_cluster(cluster_directory, timeout_seconds=20)
+    assert cluster.primary_of(statuses) == "n1"
+
+
 def test_command_line_status_logs_and_errors(fake_serve: None, cluster_directory: Path) -> None:
     spec, _ = cluster.start_cluster(cluster_directory, 1, ports=free_port_pairs(1), timeout_seconds=20)
     spec.nodes[0].log_file.write_text('{"event": "node.started"}\n')

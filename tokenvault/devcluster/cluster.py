@@ -557,6 +557,12 @@ def start_cluster(directory: Path | str, nodes: int | None = None, base_port: in
     with _locked(directory):
         for node in spec.nodes:
             _clear_stale_pid_file(node, report)
+        # Why: checked node by node as each was launched, a port in use at n2 left n1 running and n3 not
+        # started; every port of the nodes to start is checked first, so a refused start starts nothing.
+        for node in spec.nodes:
+            if running_pid(node) is None:
+                _check_ports_free(node)
+        for node in spec.nodes:
             pid = running_pid(node)
             if pid is not None:
                 report(f"{node.node_id} is already running (pid {pid})")

@@ -305,6 +305,33 @@ def test_a_plain_cluster_is_warned_about_at_start(fake_serve: None, cluster_dire
     cluster.stop_cluster(cluster_directory, 5)
 
 
+def test_the_demo_start_suggests_names_the_cluster_it_started(
+        fake_serve: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """start (and restore) end with 'Try: ... or ./run_cluster.sh demo'. For a cluster outside ./.cluster,
+    as README's restore makes (TOKENVAULT_CLUSTER_DIR=.cluster-restored for that one command), the demo as
+    suggested ran on ./.cluster instead, another cluster, whose active epoch it migrates and destroys. The
+    suggestion now names a directory other than the default."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("TOKENVAULT_KEY_DIR", raising=False)
+    elsewhere = tmp_path / "restored dir"
+    cluster.init_cluster(elsewhere, 1, ports=free_port_pairs(1))
+    monkeypatch.setenv("TOKENVAULT_CLUSTER_DIR", str(elsewhere))
+    try:
+        result = CliRunner().invoke(run_cluster, ["start", "--timeout-seconds", "20"])
+    finally:
+        cluster.stop_cluster(elsewhere, 5)
+    assert result.exit_code == 0, result.output
+    assert f"or   TOKENVAULT_CLUSTER_DIR='{elsewhere}' ./run_cluster.sh demo\n" in result.output, result.output
+    cluster.init_cluster(tmp_path / ".cluster", 1, ports=free_port_pairs(1))
+    monkeypatch.delenv("TOKENVAULT_CLUSTER_DIR")
+    try:
+        result = CliRunner().invoke(run_cluster, ["start", "--timeout-seconds", "20"])
+    finally:
+        cluster.stop_cluster(tmp_path / ".cluster", 5)
+    assert result.exit_code == 0, result.output
+    assert "/health   or   ./run_cluster.sh demo\n" in result.output, result.output
+
+
 def test_second_init_keeps_keys_and_refuses_another_node_count(cluster_directory: Path) -> None:
     first, _ = cluster.init_cluster(cluster_directory, 3, 9300)
     master_key = key_file(cluster_directory).read_text()

@@ -9,6 +9,7 @@ detection, SIGTERM then SIGKILL, status) independently of the real node.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import json
 import os
 import shutil
@@ -190,6 +191,18 @@ def test_the_default_cluster_and_key_directories_are_ignored_by_git(monkeypatch:
     cluster_directory = default_cluster_directory({})
     for directory in (cluster_directory, key_directory(cluster_directory, {})):
         assert directory.parent == root and f"{directory.name}/" in ignored, directory
+
+
+def test_what_readmes_backup_and_restore_write_in_the_checkout_is_ignored_by_git() -> None:
+    """README's 'Backup and restore' writes vault.backup (and vault.backup.partial while it streams) and a
+    restored cluster in .cluster-restored, with a copy of the master key in .cluster-restored.keys, all in
+    the checkout: git showed them as files to add, the master key and a backup of every value among them."""
+    root = Path(__file__).resolve().parents[2]
+    readme = (root / "README.md").read_text()
+    assert "--out vault.backup" in readme and "TOKENVAULT_CLUSTER_DIR=.cluster-restored " in readme
+    ignored = (root / ".gitignore").read_text().splitlines()
+    for written in ("vault.backup", "vault.backup.partial", ".cluster-restored/", ".cluster-restored.keys/"):
+        assert any(fnmatch.fnmatch(written, pattern) for pattern in ignored), written
 
 
 def test_a_key_directory_outlives_its_cluster_and_refuses_another_key(cluster_directory: Path) -> None:

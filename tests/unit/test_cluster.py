@@ -345,6 +345,21 @@ def test_the_demo_start_suggests_names_the_cluster_it_started(
     assert "/health   or   ./run_cluster.sh demo\n" in result.output, result.output
 
 
+def test_knobs_an_existing_cluster_ignores_are_named_in_a_sentence_that_agrees_with_their_number(
+        cluster_directory: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from tokenvault.devcluster import cluster_cli
+
+    spec, _ = cluster.init_cluster(cluster_directory, 1, 9300)
+    for name in cluster.ENVIRONMENT_KNOBS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("TOKENVAULT_TICK_MS", "20")
+    cluster_cli._note_ignored_environment(spec)
+    assert "note: TOKENVAULT_TICK_MS only takes effect when a cluster is generated" in capsys.readouterr().out
+    monkeypatch.setenv("TOKENVAULT_LOG_LEVEL", "debug")
+    cluster_cli._note_ignored_environment(spec)
+    assert " only take effect when a cluster is generated" in capsys.readouterr().out
+
+
 def test_second_init_keeps_keys_and_refuses_another_node_count(cluster_directory: Path) -> None:
     first, _ = cluster.init_cluster(cluster_directory, 3, 9300)
     master_key = key_file(cluster_directory).read_text()

@@ -79,7 +79,8 @@ def _note_ignored_environment(spec: ClusterSpec) -> None:
               f"{existing_base_port}")
     knobs = [name for name in cluster.ENVIRONMENT_KNOBS if os.environ.get(name)]
     if knobs:
-        _echo(f"note: {', '.join(knobs)} only take effect when a cluster is generated; this cluster keeps "
+        take = "takes" if len(knobs) == 1 else "take"
+        _echo(f"note: {', '.join(knobs)} only {take} effect when a cluster is generated; this cluster keeps "
               f"its node.toml files")
 
 

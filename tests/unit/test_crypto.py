@@ -1,3 +1,4 @@
+import errno
 import hashlib
 import hmac
 import os
@@ -287,6 +288,26 @@ def test_write_secret_file_creates_0600_and_never_overwrites(tmp_path: Path) -> 
     master = MasterKey.generate()
     master.write_file(tmp_path / "master.key")
     assert MasterKey.from_file(tmp_path / "master.key").to_hex() == master.to_hex()
+
+
+def test_a_secret_file_whose_write_fails_is_not_left_half_written(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write that fails half-way (a full disk) leaves no file under the key's name, which every later try
+    would refuse to replace; and nothing else in the directory. The next try, once it can write, succeeds."""
+    import tokenvault.crypto.keys as keys_module
+
+    def half(descriptor: int, data: bytes) -> None:
+        os.write(descriptor, data[:10])
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(keys_module, "write_whole", half)
+    path = tmp_path / "master.key"
+    with pytest.raises(OSError):
+        write_secret_file(path, FIXED_SECRET)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    write_secret_file(path, FIXED_SECRET)
+    assert read_secret_file(path, "master key") == FIXED_SECRET
+    assert [entry.name for entry in tmp_path.iterdir()] == ["master.key"]
 
 
 def test_master_key_must_be_32_bytes() -> None:

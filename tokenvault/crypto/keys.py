@@ -206,16 +206,25 @@ def write_secret_file(path: Path | str, secret: bytes) -> None:
     """Write ``secret`` as hex to a new file created with mode 0600.
 
     Refuses to overwrite an existing file, so a cluster's keys are never
-    replaced by accident."""
+    replaced by accident. The secret is written and fsynced under a
+    temporary name first and then linked to ``path`` (which fails if ``path``
+    exists), so ``path`` appears whole or not at all: a write that fails
+    half-way (a full disk) leaves no partial key file behind that every later
+    try would refuse to replace."""
     path = Path(path)
+    temporary = path.with_name(f".{path.name}.{os.urandom(6).hex()}.tmp")
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    descriptor = os.open(path, flags, 0o600)
+    descriptor = os.open(temporary, flags, 0o600)
     try:
-        os.fchmod(descriptor, 0o600)
-        write_whole(descriptor, (secret.hex() + "\n").encode("ascii"))
-        os.fsync(descriptor)
+        try:
+            os.fchmod(descriptor, 0o600)
+            write_whole(descriptor, (secret.hex() + "\n").encode("ascii"))
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+        os.link(temporary, path, follow_symlinks=False)
     finally:
-        os.close(descriptor)
+        temporary.unlink(missing_ok=True)
     fsync_directory(path.parent)
 
 

@@ -588,6 +588,28 @@ def test_a_data_directory_whose_parent_cannot_be_made_is_a_clear_error(
     assert (tmp_path / "blocked").read_text() == "a file, not a directory"
 
 
+def test_a_restore_whose_last_directory_sync_fails_says_the_data_directory_is_in_place(
+        runner: CliRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The data directory renamed into place, the sync of its parent failing (a failing disk): the error says
+    the data directory is restored and to sync before starting. It said it could not be built, and a retry
+    then found the directory not empty."""
+    from tokenvault.core import backup as core_backup
+    config = make_configs(tmp_path / "restored", 1)[0]
+    data_dir = Path(config.data_dir).absolute()
+    synced = core_backup.fsync_directory
+
+    def failing_once_in_place(path: Path) -> None:
+        if Path(path) == data_dir.parent and (data_dir / "store").exists():
+            raise OSError(errno.EIO, "Input/output error")
+        synced(path)
+    backup = real_backup(tmp_path, tmp_path / "taken.backup")
+    monkeypatch.setattr(core_backup, "fsync_directory", failing_once_in_place)
+    result = restore_with_cli(runner, backup, config, tmp_path)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"is restored in {data_dir}" in result.output and "Input/output error" in result.output
+    assert (data_dir / "store").is_dir() and (data_dir / "wal").is_dir()
+
+
 def restore_with_cli(runner: CliRunner, backup: Path, config: Any, tmp_path: Path) -> Any:
     """``tokenvault admin restore`` of ``backup`` into the node ``config`` describes (written to tmp_path)."""
     node_toml = tmp_path / "node.toml"

@@ -426,6 +426,7 @@ def install_staged(staged: StagedSnapshot, config: Any, master_key: Any = None, 
     except CryptoError as error:
         raise BackupError(f"cannot load the master key of {config.node_id}: {error}") from None
     scratch: ScratchDirectory | None = None
+    in_place = False
     try:
         scratch = ScratchDirectory.create(data_dir.parent, f".{data_dir.name}{BUILDING_INFIX}")
         building = scratch.path
@@ -440,11 +441,17 @@ def install_staged(staged: StagedSnapshot, config: Any, master_key: Any = None, 
         if data_dir.exists():
             data_dir.rmdir()  # empty, checked above; rename() cannot replace it on every file system
         os.replace(building, data_dir)  # the lock goes with the directory, which no longer has a scratch name
+        in_place = True
         fsync_directory(data_dir.parent)
         scratch.release()
     except BaseException as error:
         if scratch is not None:
             scratch.remove()
+        if in_place and isinstance(error, OSError):
+            # The data directory is whole and in place; only the sync of its name failed (a failing disk).
+            raise BackupError(f"the data directory of {config.node_id} is restored in {data_dir}, but syncing "
+                              f"{data_dir.parent} failed ({error.strerror or error}): a crash before the next "
+                              "sync could lose its name; run 'sync' before starting the node") from None
         if isinstance(error, (OSError, WalFatal)):
             reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
             raise BackupError(f"cannot build the data directory of {config.node_id} in {data_dir.parent}: "

@@ -843,6 +843,51 @@ async def test_a_node_cut_off_from_the_primary_serves_a_key_revoked_meanwhile_on
         await cluster.close()
 
 
+async def test_a_key_revoked_before_a_node_acts_on_it_is_refused_there_and_by_the_primary(trio: Cluster) -> None:
+    """docs/security.md, "Revocation": a node authenticates a request against the key table it has applied,
+    which may not hold a revocation yet (a node catching up after a restart, a slow one). The request is
+    still refused 401: the primary refuses a forwarded request of a runtime key it no longer holds, and a
+    detokenize, a reveal or a re-tokenize answers nothing once the node has applied its audit record's
+    entry, which comes after the revocation. Here the backup has applied the revocation; the requests
+    carry the key as its HTTP layer, having authenticated it a moment before, would."""
+    primary = await trio.wait_for_stable_primary()
+    backup = trio.backups()[0]
+    admin = commands.Actor(name="admin", request_id="r")
+    created = json.loads((await primary.service.create_key("leaked", ["admin", "tokenize", "detokenize",
+                                                                     "retokenize", "delete"], admin)).body)
+    key_id = created["id"]
+    _, tokens = await tokens_of(primary, ["seen-before-the-revocation"])
+    assert (await primary.service.revoke_key(key_id, admin)).status == 200
+    await wait_until(lambda: backup.node.store.api_key(key_id) is None, 5, "the backup to apply the revocation")
+    revoked = commands.Actor(name="leaked", key_id=key_id, node=backup.node_id, request_id="q")
+    refused = {
+        "tokenize of a stored value (a read)": lambda: backup.service.tokenize(
+            f"key-{key_id}", ["seen-before-the-revocation"], None),
+        "an HTTP worker's tokenize of a stored value (a read)": lambda: backup.service.tokenize_sealed(
+            f"key-{key_id}", 1, ["seen-before-the-revocation"],
+            [backup.node.keyring.get(1).seal("seen-before-the-revocation")]),
+        "create a key (forwarded)": lambda: backup.service.create_key("successor", ["admin"], revoked),
+        "rotate (forwarded)": lambda: backup.service.rotate_epoch(f"key-{key_id}", None, revoked),
+        "tokenize (forwarded)": lambda: backup.service.tokenize(f"key-{key_id}", ["after-the-revocation"], None),
+        "delete (forwarded)": lambda: backup.service.delete_tokens(tokens, revoked),
+        "detokenize": lambda: backup.service.detokenize(tokens, revoked),
+        "reveal": lambda: backup.service.reveal(tokens, revoked, masked=True),
+        "re-tokenize": lambda: backup.service.retokenize(tokens, revoked),
+        "detokenize on the primary": lambda: primary.service.detokenize(tokens, revoked),
+        "an HTTP worker's detokenize": lambda: backup.service.detokenize_read_point(1, 1, revoked),
+    }
+    for name, call in refused.items():
+        with pytest.raises(ServiceError) as raised:
+            await asyncio.wait_for(call(), 10)
+        assert raised.value.status == 401, name
+    assert [entry.name for entry in primary.node.store.api_keys()] == []
+    assert primary.node.store.active_epoch() == 1
+    assert await primary.service.detokenize(tokens) == ["seen-before-the-revocation"]
+    # A key created a moment ago, which the primary may not have applied yet, is not refused.
+    fresh = json.loads((await backup.service.create_key("fresh", ["tokenize"], admin)).body)
+    assert (await backup.service.tokenize(f"key-{fresh['id']}", ["by-a-fresh-key"], None)).status == 200
+
+
 async def test_a_restarted_backup_catches_up(trio: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
     """It applies what it missed, and says so: node.replayed at its start, node.recovered once its store
     has applied what the primary had committed (CONTRACT.md section 4: how far it replayed and caught up)."""

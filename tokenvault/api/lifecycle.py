@@ -105,6 +105,8 @@ class LifecycleOperations:
 
         async def _read_barrier(self) -> None: ...
 
+        async def _refuse_revoked_key(self, actor: commands.Actor | None, index: int | None) -> None: ...
+
         async def _seal(self, epoch: int, values: list[str]) -> tuple[tuple[str, bytes], ...]: ...
 
         def _decrypt(self, token: str, ciphertext: bytes) -> str | None: ...
@@ -153,9 +155,12 @@ class LifecycleOperations:
                 action=RETOKENIZE, items=len(tokens), found=found, request_id=actor.request_id,
                 subject=str(document["epoch"]))
             try:
-                await self._audit.append(record)
+                index = await self._audit.append(record)
             except AuditUnavailable as error:
                 raise Unavailable(f"{error}; the new tokens were not returned (every re-tokenize is audited)") from None
+            await self._refuse_revoked_key(actor, index)
+        else:
+            await self._refuse_revoked_key(actor, None)
         return document
 
     async def _retokenize_here(self, tokens: list[str], epoch: int | None = None) -> dict[str, Any]:

@@ -32,7 +32,7 @@ from tokenvault.crypto.keys import DecryptError, KeyCustodyError, new_epoch_secr
 from tokenvault.auth import PRINCIPAL_NAME_PATTERN
 from tokenvault.errors import (EpochChanged, IdempotencyInFlight, IdempotencyMismatch, InvalidRequest,
                                KeyLimitReached, NotFound, Outcome, Overloaded, PayloadTooLarge, ServiceError,
-                               TokenCollision, Unavailable, EFFECT_NONE, error_from_problem,
+                               TokenCollision, Unauthenticated, Unavailable, EFFECT_NONE, error_from_problem,
                                problem_body_of)
 from tokenvault.logs import SummedEvent, get_logger
 from tokenvault.futures import await_future, computed_in_slices
@@ -258,6 +258,7 @@ class NodeService(LifecycleOperations, MembershipOperations):
         if idempotency_key is None and not self._is_primary() and options.answerable_as_read:
             repeat = await self._repeat_on_backup(normalize_values(values, options.token_format), options)
             if repeat is not None:
+                self._refuse_revoked_principal(principal)
                 return repeat
         arguments = {"principal": principal, "values": values, "idempotency_key": idempotency_key}
         if options.extended:
@@ -378,6 +379,7 @@ class NodeService(LifecycleOperations, MembershipOperations):
                     raise EpochChanged("a rotation was applied meanwhile")
                 # Mappings can be deleted: what was found before the barrier must still be there after it.
                 if len(self.node.store.lookup(tokens, _now_ms())) == len(found):
+                    self._refuse_revoked_principal(principal)
                     self.node.metrics.record_tokenize_answered_as_read(len(tokens))
                     return Outcome(200, _json({"epoch": epoch, "tokens": tokens}), False)
         if not self._is_primary():
@@ -625,6 +627,7 @@ class NodeService(LifecycleOperations, MembershipOperations):
         found = self.node.store.lookup(tokens, _now_ms())
         values = await self._detokenize(tokens, found, barrier=self._audit is None)
         index = await self._audit_detokenize(values, actor, None)
+        await self._refuse_revoked_key(actor, index)
         if found and self._audit is not None:
             await self._caught_up_to(index)
             still = self._still_live(list(found), None, _now_ms())
@@ -644,6 +647,7 @@ class NodeService(LifecycleOperations, MembershipOperations):
         found_count = sum(value is not None for value in values)
         self.node.metrics.record_detokenized(found_count, len(values) - found_count)
         index = await self._audit_detokenize(values, actor, MASKED_SUBJECT if masked else None)
+        await self._refuse_revoked_key(actor, index)
         if local and self._audit is not None:
             # As in detokenize: what this node found itself is answered once it applied the record's own
             # entry, and looked up again (the primary answered the rest after its own read barrier).
@@ -686,6 +690,7 @@ class NodeService(LifecycleOperations, MembershipOperations):
                 raise EpochChanged("the worker's epoch is not the active one")
         index = await self._audit_counts(items, found, actor, MASKED_SUBJECT if masked else None)
         await self._caught_up_to(index)
+        await self._refuse_revoked_key(actor, index)
         return max(self.node.removal_index, self.node.metadata_index) if metadata else self.node.removal_index
 
     async def _audit_detokenize(self, values: list[str | None], actor: commands.Actor | None,
@@ -706,6 +711,36 @@ class NodeService(LifecycleOperations, MembershipOperations):
             return await self._audit.append(record)
         except AuditUnavailable as error:
             raise Unavailable(f"{error}; the values were not returned (every detokenize is audited)") from None
+
+    async def _refuse_revoked_key(self, actor: commands.Actor | None, index: int | None) -> None:
+        """401 when the runtime key that sent a detokenize, reveal or re-tokenize is no longer in this
+        node's table once it has applied ``index``, the entry of the request's audit record: the HTTP layer
+        authenticated the key against the table as it was, which may not hold a revocation acknowledged
+        before the request started yet (a node catching up, a slow one); that entry comes after it. With
+        the audit trail off (no index) the table as of the read barrier the lookup took is checked."""
+        if actor is None or actor.key_id is None:
+            return
+        if index is not None:
+            await self._caught_up_to(index)
+        if self.node.store.api_key(actor.key_id) is None:
+            raise _revoked_key()
+
+    def _refuse_revoked_principal(self, principal: str) -> None:
+        """401 when a tokenize answered as a read here, after its read barrier (so with every revocation
+        acknowledged before the request started applied), comes from a runtime key no longer in the table."""
+        key_id = _runtime_key_of({"principal": principal})
+        if key_id is not None and self.node.store.api_key(key_id) is None:
+            raise _revoked_key()
+
+    async def _refuse_forwarded_revoked_key(self, key_id: str | None) -> None:
+        """On the primary: 401 for a forwarded request of a runtime key it no longer holds. The backup
+        authenticated the key against the table it has applied, which may lag a revocation; a key created
+        a moment ago that this node has not applied yet is not refused (checked again after a read barrier)."""
+        if key_id is None or self.node.store.api_key(key_id) is not None:
+            return
+        await self._read_barrier()
+        if self.node.store.api_key(key_id) is None:
+            raise _revoked_key()
 
     async def _lookup_mappings(self, tokens: list[str], epoch: int | None, include_metadata: bool, *,
                                barrier: bool = False
@@ -1143,6 +1178,7 @@ class NodeService(LifecycleOperations, MembershipOperations):
         arguments = _forwarded_arguments(request, FORWARDED_MEMBERS[request.kind], max_bytes)
         if "actor" in arguments:
             arguments["actor"] = _actor_of_peer(arguments["actor"], sender)
+        await self._refuse_forwarded_revoked_key(_runtime_key_of(arguments))
         if request.kind in (TOKENIZE_SEALED, TOKENIZE_SEALED_EXTENDED):
             if request.kind == TOKENIZE_SEALED:  # the same checks, with a plain request's options
                 arguments = {**arguments, **PLAIN_SEALED_OPTIONS}
@@ -1224,6 +1260,24 @@ def _actor_of_peer(fields: object, sender: str) -> list[Any]:
     if actor.node != sender:
         raise InvalidRequest("the actor names another node than the peer that forwarded the request")
     return actor.fields()
+
+
+def _runtime_key_of(arguments: dict[str, Any]) -> str | None:
+    """The id of the runtime key a forwarded request acts for: its actor's key id, or the id in a
+    principal of the form ``key-<id>`` (auth.Principal.identity; no bootstrap key is named so); None for
+    a bootstrap key or a request that names no key."""
+    actor = arguments.get("actor")
+    if isinstance(actor, list) and len(actor) == 4 and isinstance(actor[1], str):
+        return actor[1]
+    principal = arguments.get("principal")
+    if isinstance(principal, str) and auth.RUNTIME_IDENTITY_PATTERN.match(principal):
+        return principal[len("key-"):]
+    return None
+
+
+def _revoked_key() -> Unauthenticated:
+    return Unauthenticated("unknown API key (it was revoked)",
+                           headers={"WWW-Authenticate": 'Bearer realm="tokenvault", error="invalid_token"'})
 
 
 def _strings(items: object) -> list[str]:

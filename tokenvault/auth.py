@@ -85,6 +85,14 @@ class Principal:
         return self.name if self.key_id is None else f"key-{self.key_id}"
 
 
+def runtime_key_id_of_identity(identity: object) -> str | None:
+    """The runtime key id in a principal's identity ``key-<id>`` (Principal.identity), or None: a
+    bootstrap key's name, which never has that form (ApiKeyEntry), or anything else."""
+    if isinstance(identity, str) and RUNTIME_IDENTITY_PATTERN.match(identity):
+        return identity[len("key-"):]
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class RuntimeKey:
     """One replicated API key as the store holds it: never the key, only its salted digest."""

@@ -175,6 +175,13 @@ class Unauthenticated(ServiceError):
     problem = "unauthenticated"
 
 
+def revoked_key() -> Unauthenticated:
+    """The answer to a request of a runtime key that was authenticated before its revocation reached the
+    node, and that the node finds gone before it answers (docs/security.md, "Revocation")."""
+    return Unauthenticated("unknown API key (it was revoked)",
+                           headers={"WWW-Authenticate": 'Bearer realm="tokenvault", error="invalid_token"'})
+
+
 class Forbidden(ServiceError):
     """The API key is valid but lacks the scope the endpoint needs."""
 

@@ -18,14 +18,15 @@ from node_support import RunningNode, wait_until
 from test_channel import pair
 from tokenvault.api import remote as remote_module
 from tokenvault.api.core_calls import CoreCalls
-from tokenvault.api.remote import CATCH_UP_TOPIC, EPOCH_TOPIC, PROBE_AFTER_MISSES, PROBE_EVERY, RemoteService
+from tokenvault.api.remote import (CATCH_UP_TOPIC, EPOCH_TOPIC, KEYS_TOPIC, PROBE_AFTER_MISSES, PROBE_EVERY,
+                                   RemoteService)
 from tokenvault.config import ShredConfig
 from tokenvault.core import commands
 from tokenvault.core.backup import BackupBusy
 from tokenvault.core.store_files import STORE_DIRECTORY
 from tokenvault.core.store_reader import StoreReader
 from tokenvault.crypto import formats
-from tokenvault.errors import InvalidRequest, Overloaded
+from tokenvault.errors import InvalidRequest, Overloaded, Unauthenticated
 from tokenvault.metrics import Metrics
 
 
@@ -164,6 +165,26 @@ async def test_a_repeat_tokenize_is_answered_from_the_view_with_no_entry(single:
     assert again.status == 200 and json.loads(again.body) == {"epoch": 1, "tokens": tokens[::-1]}
     assert answered_as_read(worker) == 2
     assert single.node.store.applied_index == applied  # no log entry
+
+
+async def test_a_repeat_tokenize_from_the_view_of_a_key_revoked_meanwhile_is_refused(single: RunningNode,
+                                                                                     worker: Worker) -> None:
+    """docs/security.md, "Revocation": the worker authenticated the key before the core's push of the
+    revocation arrived; once the read point is answered (pushes come first), the key is gone from the
+    worker's table and the tokens the view found are not answered. A key still held is answered."""
+    admin = commands.Actor(name="admin", request_id="r")
+    revoked = json.loads((await single.service.create_key("leaked", ["tokenize"], admin)).body)["id"]
+    kept = json.loads((await single.service.create_key("kept", ["tokenize"], admin)).body)["id"]
+    await worker.service.tokenize(f"key-{revoked}", ["seen-before"], None)
+    worker.reader.catch_up()
+    assert (await single.service.revoke_key(revoked, admin)).status == 200
+    calls = CoreCalls(single.service, single.node.metrics, lambda: [], max_backup_streams=1)
+    worker.service.on_push(KEYS_TOPIC, calls.api_key_rows())
+    with pytest.raises(Unauthenticated):
+        await worker.service.tokenize(f"key-{revoked}", ["seen-before"], None)
+    assert answered_as_read(worker) == 1  # the view found it; the answer was refused
+    again = await worker.service.tokenize(f"key-{kept}", ["seen-before"], None)
+    assert again.status == 200 and answered_as_read(worker) == 2
 
 
 async def test_a_repeat_tokenize_after_a_rotation_the_worker_missed_is_not_answered_in_the_old_epoch(

@@ -25,7 +25,7 @@ from tokenvault.core.backup import BACKUP_CHUNK_BYTES
 from tokenvault.crypto import formats
 from tokenvault.core.store_reader import CatchUp, StoreReadError, StoreReader
 from tokenvault.crypto.keys import DecryptError, EpochKeys
-from tokenvault.errors import EpochChanged, Outcome, ServiceError, Unavailable
+from tokenvault.errors import EpochChanged, Outcome, ServiceError, Unavailable, revoked_key
 from tokenvault.logs import SummedEvent, get_logger
 from tokenvault.metrics import Metrics
 from tokenvault.crypto.tokens import is_token, parse_token
@@ -220,6 +220,15 @@ class RemoteService:
     def api_key(self, key_id: str) -> auth.RuntimeKey | None:
         return self._keys.get(key_id)
 
+    def _refuse_revoked_principal(self, principal: str) -> None:
+        """401 when a tokenize this worker answered from its view comes from a runtime key its table no
+        longer holds. The core pushes every change of the table before it answers the read point (pushes
+        precede answers on the channel), so by then the table holds every revocation acknowledged before
+        the request started, as the core's own check does (NodeService._refuse_revoked_principal)."""
+        key_id = auth.runtime_key_id_of_identity(principal)
+        if key_id is not None and key_id not in self._keys:
+            raise revoked_key()
+
     async def _call(self, method: str, arguments: dict[str, Any]) -> Any:
         if self.channel is None:
             raise Unavailable("this worker is not connected to its node's core yet; retry", no_effect=True)
@@ -245,6 +254,7 @@ class RemoteService:
                 answered = await self._tokenize_from_view(keys.epoch, items)
                 if answered is not None:
                     self._view_misses = 0
+                    self._refuse_revoked_principal(principal)
                     return answered
                 self._view_misses += 1
             try:

@@ -32,8 +32,8 @@ from tokenvault.crypto.keys import DecryptError, KeyCustodyError, new_epoch_secr
 from tokenvault.auth import PRINCIPAL_NAME_PATTERN
 from tokenvault.errors import (EpochChanged, IdempotencyInFlight, IdempotencyMismatch, InvalidRequest,
                                KeyLimitReached, NotFound, Outcome, Overloaded, PayloadTooLarge, ServiceError,
-                               TokenCollision, Unauthenticated, Unavailable, EFFECT_NONE, error_from_problem,
-                               problem_body_of)
+                               TokenCollision, Unavailable, EFFECT_NONE, error_from_problem,
+                               problem_body_of, revoked_key)
 from tokenvault.logs import SummedEvent, get_logger
 from tokenvault.futures import await_future, computed_in_slices
 from tokenvault.core.node import MAX_FRAME_BYTES, Node, NodeBusy, ProposalLost, ProposalOutcomeUnknown
@@ -723,14 +723,14 @@ class NodeService(LifecycleOperations, MembershipOperations):
         if index is not None:
             await self._caught_up_to(index)
         if self.node.store.api_key(actor.key_id) is None:
-            raise _revoked_key()
+            raise revoked_key()
 
     def _refuse_revoked_principal(self, principal: str) -> None:
         """401 when a tokenize answered as a read here, after its read barrier (so with every revocation
         acknowledged before the request started applied), comes from a runtime key no longer in the table."""
-        key_id = _runtime_key_of({"principal": principal})
+        key_id = auth.runtime_key_id_of_identity(principal)
         if key_id is not None and self.node.store.api_key(key_id) is None:
-            raise _revoked_key()
+            raise revoked_key()
 
     async def _refuse_forwarded_revoked_key(self, key_id: str | None) -> None:
         """On the primary: 401 for a forwarded request of a runtime key it no longer holds. The backup
@@ -740,7 +740,7 @@ class NodeService(LifecycleOperations, MembershipOperations):
             return
         await self._read_barrier()
         if self.node.store.api_key(key_id) is None:
-            raise _revoked_key()
+            raise revoked_key()
 
     async def _lookup_mappings(self, tokens: list[str], epoch: int | None, include_metadata: bool, *,
                                barrier: bool = False
@@ -1264,20 +1264,12 @@ def _actor_of_peer(fields: object, sender: str) -> list[Any]:
 
 def _runtime_key_of(arguments: dict[str, Any]) -> str | None:
     """The id of the runtime key a forwarded request acts for: its actor's key id, or the id in a
-    principal of the form ``key-<id>`` (auth.Principal.identity; no bootstrap key is named so); None for
-    a bootstrap key or a request that names no key."""
+    principal of the form ``key-<id>`` (auth.Principal.identity); None for a bootstrap key or a request
+    that names no key."""
     actor = arguments.get("actor")
     if isinstance(actor, list) and len(actor) == 4 and isinstance(actor[1], str):
         return actor[1]
-    principal = arguments.get("principal")
-    if isinstance(principal, str) and auth.RUNTIME_IDENTITY_PATTERN.match(principal):
-        return principal[len("key-"):]
-    return None
-
-
-def _revoked_key() -> Unauthenticated:
-    return Unauthenticated("unknown API key (it was revoked)",
-                           headers={"WWW-Authenticate": 'Bearer realm="tokenvault", error="invalid_token"'})
+    return auth.runtime_key_id_of_identity(arguments.get("principal"))
 
 
 def _strings(items: object) -> list[str]:

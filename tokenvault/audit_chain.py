@@ -20,6 +20,8 @@ import msgpack
 GENESIS_HASH = bytes(32)
 # The fields of one record as the API pages them out, in canonical order.
 RECORD_FIELDS = ("at_ms", "node", "key_name", "key_id", "action", "items", "found", "request_id", "subject")
+# The action of a trim's own record, whose subject is the record it trimmed through: the anchor.
+TRIM_ACTION = "audit.trim"
 
 def chain_hash(previous: bytes, seq: int, fields: Sequence[Any]) -> bytes:
     """The hash of record ``seq``: SHA-256 over the previous hash and the canonical encoding."""
@@ -44,6 +46,8 @@ class ChainVerifier:
         self.last_seq = 0
         self.count = 0
         self.anchor_seq = 0
+        # The anchors the trim records checked so far name (their subjects).
+        self.trimmed_through: set[int] = set()
 
     def start_at(self, anchor_seq: int, anchor_hash: bytes) -> None:
         """Begin after an audit trim's anchor: the first record to check is ``anchor_seq + 1`` and links to
@@ -80,6 +84,20 @@ class ChainVerifier:
             raise ChainBreak(seq, "its content does not match its hash")
         self.previous_hash, self.last_seq = stored, seq
         self.count += 1
+        subject = record["subject"]
+        if record["action"] == TRIM_ACTION and isinstance(subject, str) and subject.isdigit():
+            self.trimmed_through.add(int(subject))
+
+    def check_anchor(self, anchor_seq: int) -> None:
+        """Once every record is checked: the trail's anchor (0: none) is named by a trim record among them.
+
+        A trim writes its own record (subject: the record it trimmed through) in the entry that sets the
+        anchor, always after it, and a later trim that drops it sets an anchor of its own; so a trail whose
+        anchor no checked record names had its oldest records removed and an anchor made up for the rest,
+        which needs no hash recomputed. Raise ChainBreak at the anchor then."""
+        if anchor_seq and anchor_seq not in self.trimmed_through:
+            raise ChainBreak(anchor_seq, "the trail's anchor is named by no audit.trim record: the records "
+                                         "before it were removed, not trimmed")
 
 
 def record_document(seq: int, fields: Sequence[Any], previous: bytes, digest: bytes) -> dict[str, Any]:

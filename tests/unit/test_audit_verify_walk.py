@@ -20,6 +20,7 @@ from tokenvault.audit_chain import ChainVerifier
 from tokenvault.cli.main import tokenvault
 from tokenvault.core.commands import Actor, AuditCommand, AuditRecord, AuditTrimCommand, encode_command
 from tokenvault.core.store import VaultStore
+from tokenvault.core.store_layout import AUDIT, AUDIT_ANCHOR_KEY, pack
 
 ADMIN_KEY = "tvk_" + "a" * 43
 
@@ -151,6 +152,45 @@ def test_an_intact_trail_verifies_whatever_the_page_boundaries(
     summary = json.loads(result.stdout)
     assert (summary["ok"], summary["verified"], summary["last_seq"], summary["head_hash"]) == (True, 2000, 2000, head)
     assert [call.query["after"] for call in server.calls("/v1/admin/audit")] == ["0", "1000"]
+
+
+# ---------------------------------------------------------------- an anchor no trim made
+
+
+def test_a_trail_whose_oldest_records_were_removed_behind_a_made_up_anchor_is_broken(
+        runner: CliRunner, server: FakeVaultServer, tmp_path: Path) -> None:
+    """docs/security.md, "audit verify": a trimmed trail verifies from its anchor, which its trim's own
+    record names; records 1-5 deleted on disk with an anchor set to record 5's hash (no hash recomputed)
+    are a broken link at the anchor, exit 4."""
+    trimmed = _store_with_records(tmp_path / "trimmed", 10)
+    through = trimmed.audit_page(4, 1)[0]
+    trim = AuditTrimCommand(5, bytes.fromhex(through["hash"]), 9_000, Actor(name="admin", node="n1"))
+    trimmed.apply_batch([Entry(2, 1, EntryKind.COMMAND, encode_command(trim))])
+    _serve(server, lambda after, limit: _page(trimmed, after, limit))
+    try:
+        result = _invoke(runner, server, "verify", "--json")
+    finally:
+        trimmed.close()
+    assert result.exit_code == 0, result.output
+    assert (json.loads(result.stdout)["anchor_seq"], json.loads(result.stdout)["verified"]) == (5, 6)
+
+    store = _store_with_records(tmp_path / "store", 10)
+    anchor = store.audit_page(4, 1)[0]
+    for seq in range(1, 6):
+        del store._db[AUDIT + seq.to_bytes(8, "big")]
+    store._db[AUDIT_ANCHOR_KEY] = pack([5, bytes.fromhex(anchor["hash"])])
+    store.close()
+    store = VaultStore.open(tmp_path / "store")
+    assert store.audit_anchor[0] == 5
+    _serve(server, lambda after, limit: _page(store, after, limit))
+    try:
+        result = _invoke(runner, server, "verify", "--json")
+    finally:
+        store.close()
+    assert result.exit_code == 4, result.output
+    summary = json.loads(result.stdout)
+    assert (summary["ok"], summary["verified"], summary["broken_seq"]) == (False, 5, 5)
+    assert "named by no audit.trim record" in summary["reason"]
 
 
 # ---------------------------------------------------------------- a trim during the walk

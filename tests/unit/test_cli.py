@@ -670,13 +670,17 @@ def test_key_revoke_posts_to_the_key_and_a_missing_key_is_exit_1(
 # ---------------------------------------------------------------- audit verify
 
 
-def _audit_records(count: int) -> list[dict]:
+def _audit_records(count: int, trims: dict[int, int] | None = None) -> list[dict]:
+    """``count`` chained records; ``trims`` maps a seq to the record the trim recorded there trimmed through."""
     from tokenvault.audit_chain import GENESIS_HASH, chain_hash, record_document
 
     records, previous = [], GENESIS_HASH
     for seq in range(1, count + 1):
         fields = [1_000 + seq, "n1", "detokenizer", None, "detokenize", 3, seq % 4 if seq % 4 <= 3 else 3,
                   f"req{seq}", None]
+        if seq in (trims or {}):
+            through = (trims or {})[seq]
+            fields = [1_000 + seq, "n1", "admin", None, "audit.trim", through, through, f"req{seq}", str(through)]
         digest = chain_hash(previous, seq, fields)
         records.append(record_document(seq, fields, previous, digest))
         previous = digest
@@ -713,7 +717,7 @@ def test_audit_verify_walks_every_page_of_an_intact_chain(runner: CliRunner, pri
 
 def test_audit_verify_of_a_trimmed_trail_starts_at_its_anchor_and_finds_a_wrong_one(
         runner: CliRunner, primary: FakeVaultServer) -> None:
-    records = _audit_records(50)
+    records = _audit_records(50, trims={40: 30})  # the trim's own record names its anchor, as a node writes it
     kept = records[30:]
     _serve_audit(primary, kept, anchor={"seq": 30, "hash": records[29]["hash"]})
     result = runner.invoke(tokenvault, ["admin", "--url", primary.url, "--api-key", ADMIN_KEY, "audit", "verify"])

@@ -528,7 +528,8 @@ class _AuditWalk(NamedTuple):
 
 async def _walk_audit(connection: Connection, verifier: Any, on_record: Callable[[dict[str, Any]], None]) -> _AuditWalk:
     """Page through the whole trail, checking each record in order, and, wherever the walk ends, that the
-    last record checked is the head the node names (records cut off at the end are missing).
+    last record checked is the head the node names (records cut off at the end are missing) and that a
+    trim record among those checked names the anchor, if there is one (ChainVerifier.check_anchor).
 
     ``on_record`` sees every record that verified, in order, before the first broken one. The anchor is
     read on every page: a trim that commits during the walk moves it, and once it has moved past the
@@ -561,6 +562,7 @@ async def _walk_audit(connection: Connection, verifier: Any, on_record: Callable
                     if verifier.last_seq != page.last_seq:
                         raise ChainBreak(verifier.last_seq + 1,
                                          f"is missing: the trail's head is record {page.last_seq}")
+                    verifier.check_anchor(anchor[0] if anchor else 0)
                     return _AuditWalk(page.last_seq, None)
             except ChainBreak as broken:
                 return _AuditWalk(page.last_seq, broken)

@@ -65,6 +65,8 @@ class FakeService:
         self.detokenize_calls: list[list[str]] = []
         self.backups_opened = 0
         self.runtime_keys: dict[str, auth.RuntimeKey] = {}
+        # The runtime key id each membership change named (None: a bootstrap key), in order.
+        self.member_change_keys: list[str | None] = []
         self.detokenize_actors: list[object] = []
         self.format_vault: dict[tuple[int, str], str] = {}
         self.tokenize_options: list[tuple[str, str | None, int | None]] = []
@@ -248,9 +250,11 @@ class FakeService:
                              "added_at_index": member.since}
                             for member in self.membership.members]}
 
-    async def change_member(self, action: str, node_id: str, peer_addr: str | None) -> Outcome:
+    async def change_member(self, action: str, node_id: str, peer_addr: str | None,
+                            key_id: str | None = None) -> Outcome:
         """As the real service: validated, then applied at once (a real primary waits for the commit)."""
         self._check_available()
+        self.member_change_keys.append(key_id)
         action, node_id, peer_addr = validate_member_change(action, node_id, peer_addr)
         try:
             if action == "add":

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import pytest
 from _http_checks import check_problem
-from _http_support import FakeService, KeyRing
+from _http_support import FakeService, KeyRing, ProblemTestServer
 from aiohttp.test_utils import TestClient
+
+from tokenvault.api.http import HttpLimits, build_app
+from tokenvault.metrics import Metrics
 
 
 async def expect_problem(response, status: int) -> dict:
@@ -62,6 +65,23 @@ async def test_a_malformed_add_is_400_and_changes_nothing(
     problem = await expect_problem(response, 400)
     assert "127.0.0.1" not in problem["detail"], "the input is never echoed"
     assert service.membership == before
+
+
+async def test_a_membership_change_names_the_runtime_key_that_asked(key_ring: KeyRing) -> None:
+    """The service checks that key again after a read barrier (a forwarded change names none: docs/security.md,
+    "Revocation"); a bootstrap key names none. The service's table is the runtime lookup, as create_app wires it."""
+    service = FakeService()
+    app = build_app(service, key_ring.table(service.api_key), HttpLimits(), Metrics())
+    async with TestClient(ProblemTestServer(app, host="127.0.0.1", port=0)) as client:
+        created = await client.post("/v1/admin/keys", json={"name": "ops", "scopes": ["admin"]},
+                                    headers=key_ring.bearer("admin"))
+        runtime = await created.json()
+        headers = {"Authorization": f"Bearer {runtime['key']}"}
+        assert (await client.post("/v1/admin/members", json={"node_id": "n4", "peer_addr": "127.0.0.1:8204"},
+                                  headers=headers)).status == 201
+        assert (await client.post("/v1/admin/members/n4/remove", headers=headers)).status == 200
+        assert (await client.post("/v1/admin/members/n9/remove", headers=key_ring.bearer("admin"))).status == 409
+    assert service.member_change_keys == [runtime["id"], runtime["id"], None]
 
 
 async def test_member_endpoints_need_the_admin_scope(client: TestClient, key_ring: KeyRing) -> None:

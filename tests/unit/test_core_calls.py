@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from typing import Any
 
@@ -15,7 +16,8 @@ from tokenvault.api.core_calls import CoreCalls
 from tokenvault.api.remote import RemoteService
 from tokenvault.core import backup
 from tokenvault.core.backup import BackupBusy
-from tokenvault.errors import NotFound
+from tokenvault.core import commands
+from tokenvault.errors import MembershipChangeRefused, NotFound, ServiceError
 
 
 def core_calls(node: RunningNode) -> CoreCalls:
@@ -150,3 +152,25 @@ async def test_a_worker_cannot_read_or_close_another_worker_s_backup_stream(sing
         for channel in (core1, channel1, core2, channel2):
             await channel.close()
         await calls.close_backups()
+
+
+async def test_a_worker_s_membership_change_carries_its_runtime_key_to_the_core_which_refuses_a_revoked_one(
+        single: RunningNode) -> None:
+    """docs/security.md, "Revocation": the core checks the key a worker authenticated, after a read barrier;
+    a revoked key's change is 401 and changes nothing, a key still held gets the change's own answer."""
+    admin = commands.Actor(name="admin", request_id="r")
+    revoked_id = json.loads((await single.service.create_key("leaked", ["admin"], admin)).body)["id"]
+    kept_id = json.loads((await single.service.create_key("kept", ["admin"], admin)).body)["id"]
+    assert (await single.service.revoke_key(revoked_id, admin)).status == 200
+    core, channel = await pair(core_calls(single).handlers)
+    try:
+        worker = RemoteService(single.node_id, channel)
+        with pytest.raises(ServiceError) as raised:
+            await worker.change_member("add", "n9", "127.0.0.1:9", revoked_id)
+        assert raised.value.status == 401
+        assert [member.node_id for member in single.node.replica.membership.members] == [single.node_id]
+        with pytest.raises(MembershipChangeRefused):
+            await worker.change_member("remove", "n9", None, kept_id)  # not a member: the change's own 409
+    finally:
+        await core.close()
+        await channel.close()

@@ -875,6 +875,8 @@ async def test_a_key_revoked_before_a_node_acts_on_it_is_refused_there_and_by_th
         "re-tokenize": lambda: backup.service.retokenize(tokens, revoked),
         "detokenize on the primary": lambda: primary.service.detokenize(tokens, revoked),
         "an HTTP worker's detokenize": lambda: backup.service.detokenize_read_point(1, 1, revoked),
+        "a membership change (forwarded, naming no key)": lambda: backup.service.change_member(
+            "remove", "n9", None, key_id),
     }
     for name, call in refused.items():
         with pytest.raises(ServiceError) as raised:

@@ -28,6 +28,7 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.samples import Sample
 
+from tokenvault import auth
 from tokenvault.api.channel import MAX_CONCURRENT_CALLS, Channel, ServedCall, current_call, encode_failure
 from tokenvault.api.service import (NodeService, _actor, _optional_idempotency_key, _principal, _strings)
 from tokenvault.api.validation import (SEALED_TOKENIZE_MEMBERS, require_item_list, validate_epoch,
@@ -272,9 +273,13 @@ class CoreCalls:
         return await self._service.list_members()
 
     async def _change_member(self, arguments: dict[str, Any]) -> Any:
-        _members(arguments, ("action", "node_id", "peer_addr"))
-        # The service checks the three (validate_member_change) before anything else.
-        return await self._service.change_member(arguments["action"], arguments["node_id"], arguments["peer_addr"])
+        _members(arguments, ("action", "node_id", "peer_addr", "key_id"))
+        key_id = arguments["key_id"]
+        if key_id is not None and (type(key_id) is not str or not auth.RUNTIME_KEY_ID_PATTERN.match(key_id)):
+            raise InvalidRequest("key_id must be a runtime key id or null")
+        # The service checks the other three (validate_member_change) before anything else.
+        return await self._service.change_member(arguments["action"], arguments["node_id"], arguments["peer_addr"],
+                                                 key_id)
 
     async def _list_keys(self, arguments: dict[str, Any]) -> Any:
         _members(arguments, ())

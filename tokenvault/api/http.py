@@ -710,24 +710,24 @@ class _Api:
 
     async def add_member(self, request: Request) -> AnyResponse:
         """Add a node as a learner; it counts in no majority until promoted (docs/api.md, "Membership")."""
-        self.admit(request, auth.ADMIN)
+        principal = self.admit(request, auth.ADMIN)
         await self.receive_body(request)
         with self.inflight_slot():
             document = require_members(await self.read_json(request, body_required=True), ("node_id", "peer_addr"))
             # Checked here too, not only by the service: a node of HTTP workers carries the fields to its core.
             _, node_id, peer_addr = validate_member_change("add", document["node_id"], document["peer_addr"])
-            return outcome_response(await self.service.change_member("add", node_id, peer_addr))
+            return outcome_response(await self.service.change_member("add", node_id, peer_addr, principal.key_id))
 
     async def change_member(self, request: Request) -> AnyResponse:
         """Promote a caught-up learner to voter, or remove a member (live or dead, the primary included)."""
-        self.admit(request, auth.ADMIN)
+        principal = self.admit(request, auth.ADMIN)
         await self.receive_body(request)
         with self.inflight_slot():
             document = await self.read_json(request, body_required=False)
             if document is not EMPTY_BODY:
                 require_members(document, ())
             return outcome_response(await self.service.change_member(
-                path_parameter(request, "action"), path_parameter(request, "node_id"), None))
+                path_parameter(request, "action"), path_parameter(request, "node_id"), None, principal.key_id))
 
     async def cluster(self, request: Request) -> Response:
         self.admit(request, auth.ADMIN)

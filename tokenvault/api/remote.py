@@ -603,9 +603,10 @@ class RemoteService:
     async def list_members(self) -> dict[str, Any]:
         return _document(await self._call("list_members", {}))
 
-    async def change_member(self, action: str, node_id: str, peer_addr: str | None) -> Outcome:
+    async def change_member(self, action: str, node_id: str, peer_addr: str | None,
+                            key_id: str | None = None) -> Outcome:
         return _outcome(await self._call("change_member", {"action": action, "node_id": node_id,
-                                                           "peer_addr": peer_addr}))
+                                                           "peer_addr": peer_addr, "key_id": key_id}))
 
     async def open_backup(self) -> RemoteBackupStream:
         opened = _document(await self._call("backup.open", {}))

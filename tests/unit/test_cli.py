@@ -78,6 +78,61 @@ def test_the_member_tables_title_shows_the_nodes_configuration_index_as_it_is(
     assert "\x1b" not in result.stdout
 
 
+def _long_cells(primary: FakeVaultServer) -> list[str]:
+    """Give the fake node's cluster view, epochs, keys and members long cells; return each cell's text."""
+    peer = "https://node-with-a-rather-long-name-1.tokenvault.example.internal:9443"
+    created = "2026-12-04T20:00:00.000Z"
+    primary.responders[("GET", "/v1/admin/cluster")] = lambda request: Reply(200, {"nodes": [
+        {"id": "node-with-a-rather-long-name-1", "role": "primary", "reachable": False, "peer_addr": peer,
+         "last_contact": created, "match_index": 1234567890123}]})
+    primary.responders[("GET", "/v1/admin/epochs")] = lambda request: Reply(200, {"active_epoch": 1, "epochs": [
+        {"epoch": 1, "created_at": "2026-12-04T20:00:00.123456789+00:00 (a long created_at)",
+         "state": "active-and-then-some-more-state"}]})
+    primary.responders[("GET", "/v1/admin/keys")] = lambda request: Reply(200, {"keys": [
+        {"id": "0123456789abcdef0123456789abcdef", "name": "a-key-with-a-long-descriptive-name-for-ci",
+         "scopes": ["admin", "detokenize", "detokenize_masked", "tokenize"], "created_at": created}]})
+    primary.responders[("GET", "/v1/admin/members")] = lambda request: Reply(200, {
+        "primary_id": "node-with-a-rather-long-name-1", "configuration_index": 1234567890, "committed": True,
+        "members": [{"id": "node-with-a-rather-long-name-1", "peer_addr": peer, "role": "voter",
+                     "match_index": 1234567890123, "added_at_index": 1234567890}]})
+    return [primary.url, "node-with-a-rather-long-name-1", peer, created, "false", "1234567890123",
+            "2026-12-04T20:00:00.123456789+00:00 (a long created_at)", "active-and-then-some-more-state",
+            "0123456789abcdef0123456789abcdef", "a-key-with-a-long-descriptive-name-for-ci",
+            "admin,detokenize,detokenize_masked,tokenize", "1234567890"]
+
+
+TABLE_COMMANDS = (["status"], ["epoch", "list"], ["key", "list"], ["member", "list"])
+
+
+def test_tables_piped_without_columns_show_every_cell_whole(
+        runner: CliRunner, primary: FakeVaultServer) -> None:
+    """Output that is not a terminal took rich's 80 columns: cells were cut with "…" (the URL as
+    "http://127.0…", false as "fal…"), so a file or a program reading the tables lost characters (checked on
+    the code before). Without COLUMNS, a table printed where stdout is not a terminal is as wide as it needs."""
+    cells = _long_cells(primary)
+    shown = ""
+    for command in TABLE_COMMANDS:
+        result = runner.invoke(tokenvault, ["admin", *command, "--url", primary.url, "--api-key", ADMIN_KEY],
+                               env={"COLUMNS": None})
+        assert result.exit_code == 0, result.output
+        assert "…" not in result.stdout, result.stdout
+        shown += result.stdout
+    for cell in cells:
+        assert cell in shown, cell
+
+
+def test_tables_on_a_narrow_terminal_fold_cells_never_cut_them(
+        runner: CliRunner, primary: FakeVaultServer) -> None:
+    """Where the width is narrower than a table (here COLUMNS=40), a cell folds onto more lines: its
+    characters are all shown, never replaced by "…" (checked on the code before)."""
+    _long_cells(primary)
+    for command in TABLE_COMMANDS:
+        result = runner.invoke(tokenvault, ["admin", *command, "--url", primary.url, "--api-key", ADMIN_KEY],
+                               env={"COLUMNS": "40"})
+        assert result.exit_code == 0, result.output
+        assert "…" not in result.stdout, result.stdout
+
+
 def test_status_json_carries_health_and_cluster(runner: CliRunner, primary: FakeVaultServer) -> None:
     result = runner.invoke(tokenvault, ["admin", "status", "--json", "--url", primary.url, "--api-key", ADMIN_KEY])
     assert result.exit_code == 0, result.output

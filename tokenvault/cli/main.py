@@ -63,6 +63,9 @@ MAX_LINE_CHARS = MAX_VALUE_BYTES
 # max_body_bytes.
 MAX_BATCH_BYTES = 4 << 20
 MAX_CELL_CHARS = 80
+# The width of the console the tables print on where stdout is not a terminal: wider than any table, which
+# takes only the width it needs.
+PIPED_TABLE_WIDTH = 1 << 16
 
 
 def _is_utf8(text: str) -> bool:
@@ -100,6 +103,21 @@ def _cell(value: Any) -> Text:
     text = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
     text = printable_text(text, MAX_CELL_CHARS + 1)
     return Text(text if len(text) <= MAX_CELL_CHARS else text[: MAX_CELL_CHARS - 1] + "…")
+
+
+def _table_console() -> Console:
+    """The console a table prints on. Why a width where stdout is not a terminal (and COLUMNS is not set):
+    rich then took 80 columns, or the width of a terminal on stdin, and cut cells short with "…", so a file
+    or a program reading the table lost characters; a table takes only the width it needs."""
+    piped = not sys.stdout.isatty() and "COLUMNS" not in os.environ
+    return Console(width=PIPED_TABLE_WIDTH if piped else None)
+
+
+def _add_columns(table: Table, names: Iterable[str | Text]) -> None:
+    """Why fold: on a terminal narrower than the table a cell goes on over more lines, where rich's default
+    cut it short with "…"."""
+    for name in names:
+        table.add_column(name, overflow="fold")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -173,10 +191,9 @@ def status(connection: Connection, as_json: bool) -> None:
                     "cluster": cluster if isinstance(cluster, dict) else None}
         click.echo(json.dumps(document, indent=2))
     else:
-        console = Console()
+        console = _table_console()
         table = Table(title="Nodes (GET /health)")
-        for column in ("url", "node", "role", "view", "primary", "commit", "applied", "epoch"):
-            table.add_column(column)
+        _add_columns(table, ("url", "node", "role", "view", "primary", "commit", "applied", "epoch"))
         for url, health, error in rows:
             if health is None:
                 table.add_row(url, "-", "[red]down[/red]", "-", "-", "-", "-", "-")
@@ -204,8 +221,7 @@ def _print_cluster_view(console: Console, cluster: Any) -> None:
     for node in nodes:
         columns.extend(key for key in node if key not in columns)
     table = Table(title="Cluster view (GET /v1/admin/cluster)")
-    for column in columns:
-        table.add_column(_cell(column))
+    _add_columns(table, (_cell(column) for column in columns))
     for node in nodes:
         table.add_row(*(_cell(node.get(column)) for column in columns))
     console.print(table)
@@ -333,11 +349,10 @@ def epoch_list(connection: Connection, as_json: bool) -> None:
         click.echo(json.dumps({"active_epoch": result.active_epoch, "epochs": epochs}, indent=2))
         return
     table = Table(title=f"Epochs (active: {result.active_epoch})")
-    for column in ("epoch", "state", "created_at"):
-        table.add_column(column)
+    _add_columns(table, ("epoch", "state", "created_at"))
     for entry in result.epochs:
         table.add_row(str(entry.epoch), _cell(entry.state), _cell(entry.created_at))
-    Console().print(table)
+    _table_console().print(table)
 
 
 @admin.group("key")
@@ -391,11 +406,10 @@ def key_list(connection: Connection, as_json: bool) -> None:
                                          "created_at": info.created_at} for info in keys]}, indent=2))
         return
     table = Table(title=f"Runtime API keys ({len(keys)})")
-    for column in ("id", "name", "scopes", "created_at"):
-        table.add_column(column)
+    _add_columns(table, ("id", "name", "scopes", "created_at"))
     for info in keys:
         table.add_row(_cell(info.id), _cell(info.name), _cell(",".join(info.scopes)), _cell(info.created_at))
-    Console().print(table)
+    _table_console().print(table)
 
 
 @key_group.command("revoke")
@@ -437,13 +451,12 @@ def member_list(connection: Connection, as_json: bool) -> None:
     # Why a Text: the index is the node's, and a str title is read as rich markup.
     table = Table(title=Text("Members (configuration at index ") + _cell(members.get("configuration_index"))
                   + f", {state})")
-    for column in ("id", "role", "peer_addr", "match_index", "added_at_index"):
-        table.add_column(column)
+    _add_columns(table, ("id", "role", "peer_addr", "match_index", "added_at_index"))
     for member in members["members"]:
         primary = " (primary)" if member.get("id") == members.get("primary_id") else ""
         table.add_row(_cell(member.get("id")) + primary, _cell(member.get("role")), _cell(member.get("peer_addr")),
                       _cell(member.get("match_index")), _cell(member.get("added_at_index")))
-    Console().print(table)
+    _table_console().print(table)
 
 
 def _member_wait_option(command: Callable[..., Any]) -> Callable[..., Any]:

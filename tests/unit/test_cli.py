@@ -156,6 +156,20 @@ def test_status_with_every_node_down_exits_3(runner: CliRunner) -> None:
     assert "down" in result.stdout
 
 
+def test_status_names_a_down_nodes_url_once_in_its_line(runner: CliRunner, primary: FakeVaultServer) -> None:
+    """The line on a node that is down said its URL twice ("URL: no node available: URL: Cannot connect ...",
+    checked on the code before), and a node's error answer named it again as "(from URL)"."""
+    down = closed_port_url()
+    primary.responders[("GET", "/health")] = lambda request: problem(500, "Internal Server Error", "boom")
+    result = runner.invoke(tokenvault, ["admin", "status", "--url", f"{down},{primary.url}", "--timeout", "0.5"])
+    assert result.exit_code == 3
+    down_line = next(line for line in result.stderr.splitlines() if down in line)
+    assert down_line.startswith(f"{down}: ") and down_line.count(down) == 1, down_line
+    assert "Cannot connect to host" in down_line
+    failing_line = next(line for line in result.stderr.splitlines() if primary.url in line)
+    assert failing_line == f"{primary.url}: 500 Internal Server Error: boom", failing_line
+
+
 def test_epoch_rotate_fails_over_and_sends_the_idempotency_key(
         runner: CliRunner, backup: FakeVaultServer) -> None:
     result = runner.invoke(tokenvault, ["admin", "epoch", "rotate", "--url", closed_port_url(), "--url",

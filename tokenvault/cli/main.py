@@ -51,7 +51,7 @@ from tokenvault.cli import lifecycle
 from tokenvault.cli.connection import (EXIT_AUDIT_BROKEN, EXIT_SERVICE_ERROR, EXIT_UNREACHABLE, EXIT_USAGE,
                                               Connection, connection_options, fail, group_connection_options,
                                               run_client)
-from tokenvault.client.vault import VaultError, printable_text
+from tokenvault.client.vault import NoNodeAvailable, ProblemError, VaultError, printable_text
 from tokenvault.crypto.keys import MAX_VALUE_BYTES
 
 AUDIT_PAGE_RECORDS = 1000
@@ -162,13 +162,14 @@ def admin() -> None:
     The connection options may stand here, before the subcommand, or after it."""
 
 
-async def _status(connection: Connection) -> tuple[list[tuple[str, dict[str, Any] | None, str]], Any]:
+async def _status(
+        connection: Connection) -> tuple[list[tuple[str, dict[str, Any] | None, VaultError | None]], Any]:
     async with connection.client() as vault:
-        async def probe(url: str) -> tuple[str, dict[str, Any] | None, str]:
+        async def probe(url: str) -> tuple[str, dict[str, Any] | None, VaultError | None]:
             try:
-                return url, await vault.health(url), ""
+                return url, await vault.health(url), None
             except VaultError as error:
-                return url, None, str(error)
+                return url, None, error
 
         rows = list(await asyncio.gather(*(probe(url) for url in connection.urls)))
         cluster: Any = None
@@ -187,7 +188,8 @@ def status(connection: Connection, as_json: bool) -> None:
     """Every node's role, view, commit and applied index and active epoch."""
     rows, cluster = run_client(_status(connection))
     if as_json:
-        document = {"nodes": [{"url": url, "health": health, "error": error or None} for url, health, error in rows],
+        document = {"nodes": [{"url": url, "health": health, "error": None if error is None else str(error)}
+                              for url, health, error in rows],
                     "cluster": cluster if isinstance(cluster, dict) else None}
         click.echo(json.dumps(document, indent=2))
     else:
@@ -204,10 +206,21 @@ def status(connection: Connection, as_json: bool) -> None:
         console.print(table)
         for url, health, error in rows:
             if health is None:
-                click.echo(f"{url}: {error}", err=True)
+                click.echo(_down_line(url, error), err=True)
         _print_cluster_view(console, cluster)
     if all(health is None for _, health, _ in rows):
         sys.exit(EXIT_UNREACHABLE)
+
+
+def _down_line(url: str, error: VaultError | None) -> str:
+    """The line on a node whose health could not be read, naming its URL once. Why: the error names it
+    already (a NoNodeAvailable's failure is "URL: reason", a node's answer ends "(from URL)"), and the line
+    put the URL before it, so that it said "URL: no node available: URL: reason"."""
+    if isinstance(error, NoNodeAvailable):
+        return f"{url}: " + "; ".join(failure.removeprefix(f"{url}: ") for failure in error.failures)
+    if isinstance(error, ProblemError):
+        return f"{url}: " + str(error).removesuffix(f" (from {error.url})")
+    return f"{url}: {error}"
 
 
 def _print_cluster_view(console: Console, cluster: Any) -> None:

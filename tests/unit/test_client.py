@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -209,6 +210,51 @@ async def test_an_https_node_not_listening_is_named_by_its_address_not_by_the_cl
     message = str(caught.value)
     assert "object at 0x" not in message and "SSLContext" not in message, message
     assert f"ClientConnectorError: Cannot connect to host {address} [Connect call failed" in message, message
+
+
+async def test_an_http_url_of_an_https_node_fails_with_a_hint_to_try_https(tmp_path: Path) -> None:
+    """An http:// URL of a node that serves TLS failed with only "ServerDisconnectedError: Server
+    disconnected (N times)" (checked on the code before). The failure now asks whether the node serves
+    HTTPS and names the https:// URL to try; the retries are as before."""
+    files = node_tls_files(tmp_path / "tls")
+    with FakeVaultServer("n1", tls_files=files, api_key=API_KEY) as node:
+        url = node.url.replace("https://", "http://")
+        hint = f"(is the node serving HTTPS? try {node.url})"
+        async with AsyncClient(url, API_KEY, deadline_seconds=0.3, retry_after_cap_seconds=0.05) as vault:
+            with pytest.raises(NoNodeAvailable) as caught:
+                await vault.list_epochs()
+            assert f"{url}: ServerDisconnectedError: Server disconnected {hint}" in str(caught.value)
+            with pytest.raises(NoNodeAvailable, match=re.escape(hint)):
+                await vault.health(url)
+            with pytest.raises(OutcomeUnknown, match=re.escape(hint)):
+                await vault.create_key("ci", ["tokenize"])
+    assert node.requests == []
+
+
+async def test_an_https_url_of_a_plain_http_node_fails_with_a_hint_to_try_http(node_a: FakeVaultServer,
+                                                                              tmp_path: Path) -> None:
+    """The reverse: an https:// URL of a node serving plain HTTP failed with only the TLS library's
+    "[SSL: WRONG_VERSION_NUMBER] wrong version number" (checked on the code before); the failure now asks
+    whether the node serves plain HTTP and names the http:// URL to try."""
+    url = node_a.url.replace("http://", "https://")
+    hint = f"(is the node serving plain HTTP? try {node_a.url})"
+    files = node_tls_files(tmp_path / "tls")
+    async with AsyncClient(url, API_KEY, deadline_seconds=0.3, retry_after_cap_seconds=0.05,
+                           ca_file=files.ca_file) as vault:
+        with pytest.raises(NoNodeAvailable, match=re.escape(hint)):
+            await vault.list_epochs()
+        with pytest.raises(NoNodeAvailable, match=re.escape(hint)):
+            await vault.health(url)
+    assert node_a.calls("/v1/admin/epochs") == []
+
+
+def test_a_connection_failure_of_the_url_s_own_scheme_has_no_scheme_hint() -> None:
+    """A node that is not listening is not a scheme mistake: no hint (the hint is for the two failures a
+    wrong scheme gives)."""
+    with Client(closed_port_url(), API_KEY, deadline_seconds=0.2, retry_after_cap_seconds=0.05) as vault:
+        with pytest.raises(NoNodeAvailable) as caught:
+            vault.list_epochs()
+    assert "try http" not in str(caught.value) and "serving" not in str(caught.value)
 
 
 async def test_client_errors_are_typed_and_not_retried(node_a: FakeVaultServer, node_b: FakeVaultServer) -> None:

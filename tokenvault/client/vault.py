@@ -381,7 +381,26 @@ def _had_no_effect(problem: ProblemError) -> bool:
     return problem.effect == EFFECT_NONE
 
 
-def _describe_failure(error: BaseException) -> str:
+# What the TLS library says when an https:// URL meets a node that answers in plain HTTP (its answer read as
+# a TLS record); OpenSSL 3.2 and later may say RECORD_LAYER_FAILURE where earlier versions said the first.
+_PLAIN_HTTP_SSL_REASONS = frozenset({"WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE"})
+
+
+def _scheme_hint(error: BaseException, url: str) -> str:
+    """A hint, after the failure, that the URL's scheme may be the wrong one for the node; "" otherwise.
+    Why: an http:// URL of a node serving TLS failed with only "Server disconnected" (the node closes the
+    connection on the bytes that are not a TLS handshake, before any response), and an https:// URL of a
+    plain HTTP node with only the TLS library's "wrong version number"."""
+    if isinstance(error, aiohttp.ServerDisconnectedError) and url.startswith("http://"):
+        return f" (is the node serving HTTPS? try https://{url.removeprefix('http://')})"
+    if isinstance(error, aiohttp.ClientSSLError) and url.startswith("https://"):
+        cause = getattr(error, "os_error", None)
+        if isinstance(cause, ssl.SSLError) and cause.reason in _PLAIN_HTTP_SSL_REASONS:
+            return f" (is the node serving plain HTTP? try http://{url.removeprefix('https://')})"
+    return ""
+
+
+def _describe_failure(error: BaseException, url: str) -> str:
     if isinstance(error, asyncio.TimeoutError):
         return "timed out"
     name = type(error).__name__
@@ -396,7 +415,7 @@ def _describe_failure(error: BaseException) -> str:
     if isinstance(error, aiohttp.ClientConnectorCertificateError):
         described += ("; its certificate is not one this client trusts: give the cluster CA (ca_file; the CLI's "
                       "--ca-file, or --cluster-json, whose ca_file it is)")
-    return described
+    return described + _scheme_hint(error, url)
 
 
 def _require_int(body: Any, field: str) -> int:
@@ -624,7 +643,7 @@ class AsyncClient:
             try:
                 answer = await self._send_once(base_url, "GET", "/health", None, {})
             except (aiohttp.ClientError, asyncio.TimeoutError) as error:
-                raise NoNodeAvailable([f"{base_url}: {_describe_failure(error)}"]) from None
+                raise NoNodeAvailable([f"{base_url}: {_describe_failure(error, base_url)}"]) from None
             if answer.status != 200:
                 raise _problem_from(answer, self._retry_after_cap_seconds)
         else:
@@ -767,9 +786,9 @@ class AsyncClient:
                     if not isinstance(error, _NOT_SENT_ERRORS):
                         outcome_unknown = True
                         if single_shot is not None:
-                            raise OutcomeUnknown(single_shot[0], url, _describe_failure(error),
+                            raise OutcomeUnknown(single_shot[0], url, _describe_failure(error, url),
                                                  single_shot[1]) from None
-                    failures.append(f"{url}: {_describe_failure(error)}")
+                    failures.append(f"{url}: {_describe_failure(error, url)}")
                     untrusted += isinstance(error, aiohttp.ClientConnectorCertificateError)
                     continue
                 retry_conflict = answer.status == 409 and idempotent and outcome_unknown

@@ -63,7 +63,8 @@ from tokenvault.devcluster.cluster_spec import (
     ClusterSpec as ClusterSpec, NodeSettings as NodeSettings, NodeSpec as NodeSpec,
     base_port_from_environment as base_port_from_environment, contract_ports as contract_ports,
     default_cluster_directory as default_cluster_directory, key_directory as key_directory,
-    load_cluster as load_cluster, plan_nodes as plan_nodes, settings_from_environment as settings_from_environment)
+    load_cluster as load_cluster, plan_nodes as plan_nodes, run_cluster_command as run_cluster_command,
+    settings_from_environment as settings_from_environment)
 from tokenvault.smallfiles import FileTooLarge, read_small_file
 
 DEFAULT_START_TIMEOUT_SECONDS = 30.0
@@ -162,7 +163,7 @@ def _check_node_count(spec: ClusterSpec, nodes: int | None) -> None:
     if nodes is not None and nodes != len(spec.nodes):
         raise ClusterError(
             f"the cluster in {spec.directory} has {len(spec.nodes)} node(s), not {nodes}; run "
-            f"'./run_cluster.sh start' without --nodes to restart it, or stop it and remove the directory "
+            f"'{run_cluster_command(spec.directory, 'start')}' without --nodes to restart it, or stop it and remove the directory "
             f"(or set TOKENVAULT_CLUSTER_DIR elsewhere) to create a {nodes}-node cluster")
 
 
@@ -520,7 +521,7 @@ def _wait(spec: ClusterSpec, node_ids: Sequence[str], timeout_seconds: float,
         if time.monotonic() >= deadline:
             lines = "\n".join(status.describe() for status in statuses)
             raise ClusterError(f"timed out after {timeout_seconds:g} s waiting for {what}:\n{lines}\n"
-                               f"(see './run_cluster.sh logs NODE_ID')")
+                               f"(see '{run_cluster_command(spec.directory, 'logs NODE_ID')}')")
         time.sleep(POLL_INTERVAL_SECONDS)
 
 
@@ -572,8 +573,9 @@ def start_cluster(directory: Path | str, nodes: int | None = None, base_port: in
     try:
         statuses = wait_for_primary(spec, timeout_seconds)
     except ClusterError as error:
-        raise ClusterError(f"{error}\n(nodes that did start keep running: './run_cluster.sh status' shows "
-                           f"them, './run_cluster.sh stop' stops them)") from None
+        raise ClusterError(f"{error}\n(nodes that did start keep running: "
+                           f"'{run_cluster_command(spec.directory, 'status')}' shows them, "
+                           f"'{run_cluster_command(spec.directory, 'stop')}' stops them)") from None
     return spec, _settle(spec, statuses)
 
 

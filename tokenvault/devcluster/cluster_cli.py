@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import functools
 import os
-import shlex
 import shutil
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import click
@@ -53,9 +51,7 @@ def _print_started(spec: ClusterSpec, statuses: list[NodeStatus]) -> None:
         _echo(f"  {info.name:<12} {info.key}  scopes: {', '.join(info.scopes)}")
     # Why: the demo changes the cluster it runs on; run without the variable, as suggested after a start or
     # restore in another directory, it ran on ./.cluster, another cluster.
-    demo = "./run_cluster.sh demo"
-    if spec.directory != Path(".cluster").absolute():
-        demo = f"TOKENVAULT_CLUSTER_DIR={shlex.quote(str(spec.directory))} {demo}"
+    demo = cluster.run_cluster_command(spec.directory, "demo")
     if spec.ca_file is not None:
         _echo(f"\nCluster CA (clients verify nodes against it): {spec.ca_file}")
         _echo(f"Try: curl -s --cacert {spec.ca_file} {spec.nodes[0].http_url}/health   or   {demo}")

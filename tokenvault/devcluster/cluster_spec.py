@@ -14,6 +14,7 @@ from __future__ import annotations
 import hmac
 import json
 import os
+import shlex
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -170,6 +171,16 @@ class NodeSettings:
 def default_cluster_directory(environ: Mapping[str, str] | None = None) -> Path:
     environment = os.environ if environ is None else environ
     return Path(environment.get("TOKENVAULT_CLUSTER_DIR") or ".cluster").expanduser().absolute()
+
+
+def run_cluster_command(directory: Path, command: str) -> str:
+    """``./run_cluster.sh COMMAND`` as it is typed for the cluster in ``directory``: with
+    TOKENVAULT_CLUSTER_DIR when that is not the default ./.cluster. Why: a hint without it, given for a
+    cluster elsewhere, ran on ./.cluster, another cluster or none."""
+    line = f"./run_cluster.sh {command}"
+    if directory != default_cluster_directory({}):
+        line = f"TOKENVAULT_CLUSTER_DIR={shlex.quote(str(directory))} {line}"
+    return line
 
 
 def base_port_from_environment(environ: Mapping[str, str] | None = None) -> int:
@@ -383,7 +394,8 @@ def load_cluster(directory: Path | str) -> ClusterSpec:
             raise TypeError("ca_file")
         ca_file = Path(ca_text) if ca_text else None
     except FileNotFoundError:
-        raise ClusterError(f"no cluster in {directory} (no {CLUSTER_FILE_NAME}); run './run_cluster.sh start'")
+        raise ClusterError(f"no cluster in {directory} (no {CLUSTER_FILE_NAME}); "
+                           f"run '{run_cluster_command(directory, 'start')}'")
     except FileTooLarge:
         raise ClusterError(f"{path} is larger than {MAX_CLUSTER_FILE_BYTES} bytes: not a cluster file") from None
     except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):

@@ -102,7 +102,8 @@ class Demo:
         statuses = await self.show_cluster("1. The cluster as every node reports it (GET /health):")
         primary = cluster.primary_of(statuses)
         if primary is None or any(status.health is None for status in statuses):
-            raise DemoFailed("every node must be up with a primary elected: run './run_cluster.sh start' first")
+            raise DemoFailed(f"every node must be up with a primary elected: run "
+                             f"'{cluster.run_cluster_command(self.spec.directory, 'start')}' first")
         await self.concurrent_tokenize()
         await self.determinism()
         if len(self.spec.nodes) >= 3:

@@ -28,7 +28,7 @@ from tokenvault.crypto.tls import CA_CERT_FILE_NAME, CA_KEY_FILE_NAME, create_no
 from tokenvault.devcluster.cluster import (DEFAULT_START_TIMEOUT_SECONDS, DEFAULT_STOP_TIMEOUT_SECONDS, Report,
                                            _locked, _silent, _wait, _wait_gone, launch_node, running_pid)
 from tokenvault.devcluster.cluster_spec import (HOST, TLS_DIRECTORY_NAME, ClusterError, ClusterSpec, NodeSpec,
-                                                _write_private_file, load_cluster)
+                                                _write_private_file, load_cluster, run_cluster_command)
 
 DEFAULT_CHANGE_TIMEOUT_SECONDS = 300.0
 _NODE_NUMBER = re.compile(r"n([0-9]{1,6})\Z")
@@ -107,8 +107,9 @@ def add_node(directory: Path | str, timeout_seconds: float = DEFAULT_CHANGE_TIME
     try:
         members = asyncio.run(join())
     except VaultError as error:
+        remove = run_cluster_command(spec.directory, f"remove-node {node.node_id}")
         raise ClusterError(f"{node.node_id} runs (a learner, or not yet a member) but was not made a voter: "
-                           f"{error}; './run_cluster.sh remove-node {node.node_id}' takes it out") from None
+                           f"{error}; '{remove}' takes it out") from None
     voters = [member["id"] for member in members["members"] if member.get("role") == "voter"]
     report(f"{node.node_id} caught up and is a voter (voters: {', '.join(voters)})")
     return node

@@ -807,6 +807,8 @@ async def test_a_data_dir_restored_from_a_real_store_serves_every_token(tmp_path
     finally:
         await running.close()
 
+    # What admin backup's summary says of it (the count was never filled in before: None).
+    assert verify_backup_file(path).token_count == 301
     target = dataclasses.replace(source_config, data_dir=tmp_path / "target" / "data")
     restored = restore_data_dir(path, target)
     assert (restored.index, restored.view, restored.epochs, restored.token_count) == (index, view, 2, 301)

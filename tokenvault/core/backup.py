@@ -229,7 +229,7 @@ class VerifiedBackup:
     view: int
     size_bytes: int
     file_count: int
-    token_count: int | None
+    token_count: int  # opaque tokens: the store's count (card and digits tokens are not in it)
     # Rows it may hold that were deleted and not yet shredded when it was taken (its manifest; None: none).
     pending_shred: PendingShred | None
 
@@ -238,15 +238,6 @@ def shred_scope(pending: PendingShred) -> str:
     """What a node restored from a backup holding ``pending`` compacts at its start, for the operator."""
     count = pending.key_count
     return "its whole store" if count is None else f"the ranges of the {count} keys the backup lists"
-
-
-def _staged_summary(staged: StagedSnapshot, size_bytes: int) -> VerifiedBackup:
-    # The manifest (format 1) has no token count; a later format may carry one.
-    token_count = getattr(staged.manifest, "token_count", None)
-    return VerifiedBackup(index=staged.index, view=staged.view, size_bytes=size_bytes,
-                          file_count=len(staged.manifest.files),
-                          token_count=token_count if isinstance(token_count, int) else None,
-                          pending_shred=staged.manifest.pending)
 
 
 SCRATCH_PREFIX = ".tokenvault-restore-"
@@ -369,10 +360,12 @@ def verify_backup_file(path: Path, scratch_parent: Path | None = None) -> Verifi
     path = Path(path)
     with staged_backup(path, scratch_parent or path.absolute().parent) as staged:
         try:
-            VaultStore.verify_checkpoint(staged.checkpoint_dir, staged.index, staged.view)
+            token_count = VaultStore.verify_checkpoint(staged.checkpoint_dir, staged.index, staged.view)
         except SnapshotRejected as error:
             raise BackupRefused(f"backup file {path} is refused: {error}") from None
-        return _staged_summary(staged, path.stat().st_size)
+        return VerifiedBackup(index=staged.index, view=staged.view, size_bytes=path.stat().st_size,
+                              file_count=len(staged.manifest.files), token_count=token_count,
+                              pending_shred=staged.manifest.pending)
 
 
 # ---------------------------------------------------------------- restoring

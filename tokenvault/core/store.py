@@ -729,10 +729,10 @@ class VaultStore:
         return index, view
 
     @staticmethod
-    def verify_checkpoint(directory: Path, index: int, view: int) -> None:
-        """Check a received checkpoint without a full scan; raises SnapshotRejected, never anything else
-        (tokenvault.core.store_files.verify_checkpoint)."""
-        verify_checkpoint(directory, index, view)
+    def verify_checkpoint(directory: Path, index: int, view: int) -> int:
+        """Check a received checkpoint without a full scan and return its token count (opaque tokens); raises
+        SnapshotRejected, never anything else (tokenvault.core.store_files.verify_checkpoint)."""
+        return verify_checkpoint(directory, index, view)
 
     def prepare_install(self, staged: Path, index: int, view: int) -> PreparedInstall:
         """Verify ``staged`` and move it into the store as the next generation, open; CURRENT is not switched.

@@ -208,8 +208,9 @@ def read_state(database: Rdict, meta: tuple[int, int, int], error: type[StoreErr
     return LoadedState(meta, active_epoch, api_keys, audit_head, audit_anchor, membership, floor_ms, has_life)
 
 
-def verify_checkpoint(directory: Path, index: int, view: int) -> None:
+def verify_checkpoint(directory: Path, index: int, view: int) -> int:
     """Check a received checkpoint without a full scan; raises SnapshotRejected, never anything else.
+    Returns its token count (the meta's: opaque tokens), checked as below.
 
     Checks, before anything opens it: RocksDB's WAL files within
     MAX_CHECKPOINT_WAL_BYTES, and the files an open reads whole within
@@ -245,6 +246,7 @@ def verify_checkpoint(directory: Path, index: int, view: int) -> None:
         raise SnapshotRejected("checkpoint is damaged") from None
     finally:
         database.close()
+    return token_count
 
 
 def check_checkpoint_wal(directory: Path) -> None:

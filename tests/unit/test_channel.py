@@ -16,15 +16,15 @@ from structlog.testing import capture_logs
 
 from tokenvault import auth
 from node_support import RunningNode, wait_until
-from tokenvault.api.channel import (MAX_CONTAINER_ITEMS, MAX_FRAME_ELEMENTS, Channel, ChannelClosed, current_call,
-                                    decode_message, max_frame_bytes)
+from tokenvault.api.channel import (DEFAULT_REQUESTS_IN_FLIGHT, MAX_CONTAINER_ITEMS, MAX_FRAME_ELEMENTS, Channel,
+                                    ChannelClosed, current_call, decode_message, max_frame_bytes)
 from tokenvault.api.core_calls import CoreCalls, merge_expositions
 from tokenvault.api.http import HttpLimits
 from tokenvault.api.remote import EPOCH_TOPIC, RemoteService, _decode_epoch_keys, decode_key_rows
 from tokenvault.crypto.keys import EpochKeys, new_epoch_secret
 from tokenvault.config import HttpConfig, LimitsConfig, RateLimitsConfig
-from tokenvault.errors import (IdempotencyMismatch, InvalidRequest, Outcome, PayloadTooLarge, RateLimited,
-                               ServiceError, Unauthenticated, Unavailable, problem_body_of)
+from tokenvault.errors import (IdempotencyMismatch, InvalidRequest, Outcome, Overloaded, PayloadTooLarge,
+                               RateLimited, ServiceError, Unauthenticated, Unavailable, problem_body_of)
 from tokenvault.metrics import Metrics
 
 FRAME_BYTES = 64 * 1024
@@ -593,3 +593,43 @@ async def test_a_handler_knows_its_call_and_learns_when_its_caller_gave_it_up() 
         await worker.close()
         await core.close()
     assert closed == [True]
+
+
+async def test_the_calls_a_worker_has_in_flight_in_its_core_are_bounded_in_bytes_past_which_they_are_overloaded(
+        ) -> None:
+    """docs/security.md: the core holds at most ``max_call_bytes_in_flight`` of one worker's calls it has not
+    answered, by default (DEFAULT_REQUESTS_IN_FLIGHT + 1) frame bounds; a call past it is answered 503
+    overloaded at once, with no effect, and the channel stays up. Before, the core held up to 4,096 calls
+    of a frame each, whatever their size (about 69 GiB at the default limits)."""
+    gate = asyncio.Event()
+    held: list[int] = []
+
+    async def hold(arguments: dict[str, Any]) -> Any:
+        held.append(len(arguments["pad"]))
+        await gate.wait()
+        return len(arguments["pad"])
+
+    core, worker = await pair({"hold": hold})
+    pad = b"x" * (FRAME_BYTES - 1024)  # each call's frame is just under the frame bound
+    budget = (DEFAULT_REQUESTS_IN_FLIGHT + 1) * FRAME_BYTES
+    sent = budget // len(pad) + 40
+    calls: list[asyncio.Task[Any]] = []
+    try:
+        calls.extend(asyncio.create_task(worker.call("hold", {"pad": pad})) for _ in range(sent))
+        await wait_until(lambda: len(held) + sum(call.done() for call in calls) == sent, 10.0,
+                         "every call to be held or refused")
+        refused = [call.exception() for call in calls if call.done()]
+        assert refused and all(isinstance(error, Overloaded) and error.no_effect and "Retry-After" in error.headers
+                               for error in refused)
+        # Held: the calls that fit the budget, in order, each a frame of the pad and a few bytes of headers.
+        assert len(held) * len(pad) <= budget < (len(held) + 1) * (len(pad) + 64)
+        assert all(not call.done() for call in calls[:len(held)])
+        assert not core.closed.is_set() and not worker.closed.is_set()
+        gate.set()
+        assert await asyncio.gather(*calls[:len(held)]) == [len(pad)] * len(held)
+        assert await worker.call("hold", {"pad": pad}) == len(pad)  # answered calls free their bytes
+    finally:
+        gate.set()
+        await core.close()
+        await worker.close()
+        await asyncio.gather(*calls, return_exceptions=True)

@@ -6,18 +6,21 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
 
 from node_support import RunningNode, wait_until
 from test_channel import pair
-from tokenvault.api.core_calls import CoreCalls
+from tokenvault.api.core_calls import MAX_READ_POINTS_IN_FLIGHT, CoreCalls
 from tokenvault.api.remote import RemoteService
 from tokenvault.core import backup
 from tokenvault.core.backup import BackupBusy
+from tokenvault.config import LimitsConfig
 from tokenvault.core import commands
-from tokenvault.errors import MembershipChangeRefused, NotFound, ServiceError
+from tokenvault.errors import MembershipChangeRefused, NotFound, Overloaded, ServiceError
+from tokenvault.metrics import Metrics
 
 
 def core_calls(node: RunningNode) -> CoreCalls:
@@ -174,3 +177,39 @@ async def test_a_worker_s_membership_change_carries_its_runtime_key_to_the_core_
     finally:
         await core.close()
         await channel.close()
+
+
+async def test_one_worker_cannot_take_the_read_points_of_the_others() -> None:
+    """docs/architecture.md: at most MAX_READ_POINTS_IN_FLIGHT read points run at once in a core, and each
+    worker's channel at most its share of them (that bound over the node's workers), so a worker that
+    holds all it may still leaves every other worker its share. Before, one worker could hold all 4,096 and
+    every other worker's reads were refused as an overload until it let go."""
+    gate = asyncio.Event()
+    running: list[int] = []
+
+    async def tokenize_read_point(epoch: int) -> int:
+        running.append(epoch)
+        await gate.wait()
+        return 7
+
+    service = SimpleNamespace(node=SimpleNamespace(config=SimpleNamespace(limits=LimitsConfig())),
+                              tokenize_read_point=tokenize_read_point)
+    calls = CoreCalls(cast(Any, service), Metrics("core"), lambda: [], max_backup_streams=1, worker_count=2)
+    share = MAX_READ_POINTS_IN_FLIGHT // 2
+    points = [{"kind": "tokenize", "epoch": 1, "items": 1}] * share
+    greedy_core, greedy = await pair(calls.handlers)
+    other_core, other = await pair(calls.handlers)
+    try:
+        first = asyncio.create_task(greedy.call("read_points", {"points": points}))
+        await wait_until(lambda: len(running) == share, 5.0, "the greedy worker's points to run")
+        with pytest.raises(Overloaded):  # past its share, though half the core's points are free
+            await asyncio.wait_for(greedy.call("read_points", {"points": points[:1]}), 5.0)
+        second = asyncio.create_task(other.call("read_points", {"points": points}))
+        await wait_until(lambda: len(running) == 2 * share, 5.0, "the other worker's points to run")
+        gate.set()
+        assert await first == await second == [[7]] * share
+        assert await greedy.call("read_points", {"points": points[:1]}) == [[7]]  # its share is free again
+    finally:
+        gate.set()
+        for channel in (greedy, other, greedy_core, other_core):
+            await channel.close()

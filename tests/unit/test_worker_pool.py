@@ -7,12 +7,13 @@ import asyncio
 import socket
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
 from node_support import free_ports, wait_until
 from tokenvault.api import workers as workers_module
+from tokenvault.api.channel import max_frame_bytes
 from tokenvault.api.workers import WorkerPool, WorkerStartError
 from tokenvault.config import LimitsConfig
 
@@ -118,6 +119,7 @@ class _FakeProcess:
 class _FakeChannel:
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.closed = asyncio.Event()
+        self.kwargs = kwargs
 
     def start(self) -> "_FakeChannel":
         return self
@@ -156,7 +158,8 @@ class _PoolAsyncio:
         return None, None
 
 
-def faked_pool(monkeypatch: pytest.MonkeyPatch, count: int) -> tuple[WorkerPool, _PoolAsyncio]:
+def faked_pool(monkeypatch: pytest.MonkeyPatch, count: int,
+               max_inflight_requests: int = 256) -> tuple[WorkerPool, _PoolAsyncio]:
     """A pool of ``count`` workers whose own code runs over fake processes, channels, clock and sleeps."""
     clock = _FakeClock()
     fake_asyncio = _PoolAsyncio(clock)
@@ -165,7 +168,8 @@ def faked_pool(monkeypatch: pytest.MonkeyPatch, count: int) -> tuple[WorkerPool,
     monkeypatch.setattr(workers_module, "Channel", _FakeChannel)
     calls: Any = SimpleNamespace(handlers={}, api_key_rows=lambda: [], active_epoch_keys=lambda: [],
                                  limits=LimitsConfig())
-    return WorkerPool(Path("node.toml"), count, calls, max_body_bytes=1024, host="127.0.0.1", port=0), fake_asyncio
+    return WorkerPool(Path("node.toml"), count, calls, max_body_bytes=1024, host="127.0.0.1", port=0,
+                      max_inflight_requests=max_inflight_requests), fake_asyncio
 
 
 async def test_a_dead_worker_is_started_again_after_0_1_0_5_1_2_then_5_s_and_afresh_once_one_ran_10_s(
@@ -317,3 +321,20 @@ async def test_a_restart_whose_fork_fails_once_is_tried_again_and_the_slot_is_no
     finally:
         await workers.close(grace_seconds=1.0)
         await asyncio.gather(supervisor, return_exceptions=True)
+
+
+@pytest.mark.parametrize(("count", "max_inflight_requests", "share"), [(1, 256, 256), (3, 256, 86), (4, 10, 3)])
+async def test_the_core_holds_of_a_workers_calls_a_frame_for_each_request_of_its_share_and_one_more(
+        monkeypatch: pytest.MonkeyPatch, count: int, max_inflight_requests: int, share: int) -> None:
+    """docs/security.md: the core holds unanswered at most max_call_bytes_in_flight of one worker's calls,
+    a frame bound for each request the worker may work on at once (its share of [http]
+    max_inflight_requests, rounded up as the worker's own bound) and one more; before, its channels had
+    no byte budget, only the 4,096 calls of a frame each."""
+    workers, _ = faked_pool(monkeypatch, count, max_inflight_requests)
+    monkeypatch.setattr(workers, "_listen", socket.socket)  # an unbound socket: nothing listens
+    slot = workers._slots[-1]
+    try:
+        await workers._spawn(slot)
+        assert cast(Any, slot.channel).kwargs["max_call_bytes"] == (share + 1) * max_frame_bytes(1024)
+    finally:
+        await workers.close(grace_seconds=1.0)

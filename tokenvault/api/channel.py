@@ -41,7 +41,11 @@ ties what a worker holds open (its backup streams) to the worker's channel.
 A channel that closes fails every call waiting on it with ``ChannelClosed``. Calls
 wait for the socket to drain before they finish, and at most MAX_CONCURRENT_CALLS
 are served at once, so a side that stops reading makes the other one wait, never
-buffer without bound. Pushes do not wait: once more than HOLD_BACK_BYTES wait in
+buffer without bound. What the calls a side serves hold is bounded in bytes too: the frames of the
+calls it accepted and has not answered take at most ``max_call_bytes_in_flight`` (by default a frame
+for each request a worker may work on at once, and one more: see ``max_call_bytes_in_flight``), and a
+call that would pass it is answered 503 ``overloaded`` at once, its arguments dropped, the channel up.
+Pushes do not wait: once more than HOLD_BACK_BYTES wait in
 the socket's buffer, every frame is held back, in order, until it drains, and a
 push of a topic whose previous push is still held takes that push's place. Each
 push carries the whole state of its topic (the key table, the active epoch's
@@ -66,7 +70,7 @@ import msgpack
 from protocol.codec import unpack_bounded
 from tokenvault.api.httpserver import FRAMING_HEADERS
 from tokenvault.core.commands import MAX_ITEMS, MAX_METADATA_CIPHERTEXT_BYTES, MAX_TOKEN_CHARS
-from tokenvault.errors import (InvalidRequest, Outcome, PayloadTooLarge, ServiceError, Unavailable,
+from tokenvault.errors import (InvalidRequest, Outcome, Overloaded, PayloadTooLarge, ServiceError, Unavailable,
                                error_from_problem)
 from tokenvault.logs import get_logger
 
@@ -95,6 +99,9 @@ DEFAULT_MAX_VALUE_BYTES = 4096
 HOLD_BACK_BYTES = 1024 * 1024
 # Calls one side runs at once for the other; beyond it a call is refused with 503 at once.
 MAX_CONCURRENT_CALLS = 4096
+# [http] max_inflight_requests' default (tokenvault.config.HttpConfig): the requests a worker of a
+# one-worker node works on at once, for a channel not given its own byte budget (max_call_bytes_in_flight).
+DEFAULT_REQUESTS_IN_FLIGHT = 256
 # The problem type of a failure that is no ServiceError of this project (a bug): answered as 503.
 _INTERNAL_TITLE = "Service unavailable"
 # The msgpack bounds of a frame (decode_message), from the largest legitimate ones. An array or map
@@ -151,6 +158,18 @@ def max_frame_bytes(max_body_bytes: int, max_items: int = DEFAULT_MAX_ITEMS,
     return max(request, answer, MIN_FRAME_BYTES) + FRAME_OVERHEAD_BYTES
 
 
+def max_call_bytes_in_flight(max_frame_bytes: int, requests_in_flight: int = DEFAULT_REQUESTS_IN_FLIGHT) -> int:
+    """The bytes of calls a core holds for one worker at most (the frames of the calls it accepted and has
+    not answered yet): a frame bound for each request the worker may work on at once (``requests_in_flight``,
+    its share of ``[http] max_inflight_requests``: a request waits on one call at a time, and a merged call
+    is smaller than the requests it merges), and one more for the calls no request bound counts (health,
+    metrics, backup reads, flush_store: small ones). A working worker stays within it; a broken one is
+    answered 503 overloaded past it, instead of the core holding MAX_CONCURRENT_CALLS frames (about 69 GiB
+    at the default limits). Calls whose requests the worker gave up on (a timeout) count until the core ends them,
+    so a core that far behind refuses new ones as an overload too."""
+    return (requests_in_flight + 1) * max_frame_bytes
+
+
 class ServedCall:
     """A call this side is answering: the channel it came on, and whether its caller gave up on it."""
 
@@ -188,12 +207,16 @@ class Channel:
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
                  handlers: Mapping[str, Handler], on_push: PushHandler | None = None,
-                 max_frame_bytes: int, name: str) -> None:
+                 max_frame_bytes: int, max_call_bytes: int | None = None, name: str) -> None:
         self._reader = reader
         self._writer = writer
         self._handlers = dict(handlers)
         self._on_push = on_push
         self._max_frame_bytes = max_frame_bytes
+        # The bytes of the other side's calls this side may hold unanswered (by default
+        # max_call_bytes_in_flight of the frame bound), and those it holds (_serve).
+        self._max_call_bytes = max_call_bytes_in_flight(max_frame_bytes) if max_call_bytes is None else max_call_bytes
+        self._call_bytes = 0
         self.name = name
         self._ids = itertools.count(1)
         self._waiting: dict[int, asyncio.Future[Any]] = {}
@@ -214,6 +237,11 @@ class Channel:
     @property
     def max_frame_bytes(self) -> int:
         return self._max_frame_bytes
+
+    @property
+    def max_call_bytes(self) -> int:
+        """The bytes of the other side's calls this side holds unanswered at most (max_call_bytes_in_flight)."""
+        return self._max_call_bytes
 
     def start(self) -> Channel:
         self._run_task = asyncio.get_running_loop().create_task(self._run(), name=f"channel-{self.name}")
@@ -315,7 +343,7 @@ class Channel:
                 if length > self._max_frame_bytes:
                     raise ChannelProtocolError(f"a frame of {length} bytes is over the bound")
                 message = decode_message(await self._reader.readexactly(length))
-                self._dispatch(message)
+                self._dispatch(message, length)
         except (asyncio.IncompleteReadError, ConnectionError):
             pass  # the other process is gone
         except (ChannelProtocolError, ValueError, TypeError, msgpack.UnpackException) as error:
@@ -323,7 +351,7 @@ class Channel:
         finally:
             self._close_now()
 
-    def _dispatch(self, message: object) -> None:
+    def _dispatch(self, message: object, frame_bytes: int) -> None:
         if not isinstance(message, list) or not message:
             raise ChannelProtocolError("a message is not a non-empty array")
         # The kind and a call's id are plain integers: msgpack's true is no REPLY, nor call 1's id.
@@ -335,7 +363,7 @@ class Channel:
                 # An id still in use here (served, or its abandon still awaited): its CANCEL, its
                 # answer and its served call could no longer be told from the other's.
                 raise ChannelProtocolError("a call whose id is in use")
-            self._serve(call_id, message[2], message[3])
+            self._serve(call_id, message[2], message[3], frame_bytes)
         elif kind == REPLY and len(message) == 4 and call_id is not None:
             future = self._waiting.get(call_id)
             if future is not None and not future.done():
@@ -357,12 +385,19 @@ class Channel:
         else:
             raise ChannelProtocolError("a message of unknown kind or shape")
 
-    def _serve(self, call_id: int, method: str, arguments: dict[str, Any]) -> None:
+    def _serve(self, call_id: int, method: str, arguments: dict[str, Any], frame_bytes: int) -> None:
+        """Run call ``call_id``, whose frame took ``frame_bytes``: held, with its arguments, until answered."""
         handler = self._handlers.get(method)
         if handler is None or len(self._serving) >= MAX_CONCURRENT_CALLS:
             reason = "unknown call" if handler is None else "too many calls at once"
             self._reply_failure(call_id, Unavailable(f"the core refused a channel call ({reason})"))
             return
+        if self._call_bytes + frame_bytes > self._max_call_bytes:
+            # Refused before it is held: its arguments go with this frame, the channel stays up.
+            self._reply_failure(call_id, Overloaded("the node's core holds as many calls from this process as "
+                                                    "it takes; the request had no effect: retry later"))
+            return
+        self._call_bytes += frame_bytes
         served = ServedCall(self, call_id)
         self._served[call_id] = served
         context = contextvars.copy_context()
@@ -373,6 +408,7 @@ class Channel:
         def done(finished: asyncio.Task[None]) -> None:
             self._serving.discard(finished)
             self._served.pop(call_id, None)
+            self._call_bytes -= frame_bytes
 
         task.add_done_callback(done)
 

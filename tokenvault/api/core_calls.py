@@ -49,7 +49,8 @@ WORKER_METRICS_TIMEOUT_SECONDS = 1.0
 # Read points one read_points call may carry (a worker sends at most this many a call), and read points
 # of all workers run at once, past which a call is refused as an overload: the same bound as the channel's
 # on calls served at once (tokenvault.api.channel.MAX_CONCURRENT_CALLS), which bounded points before
-# they were merged.
+# they were merged. Of these, one worker's channel runs at most MAX_READ_POINTS_IN_FLIGHT // W (W workers,
+# at least one point): CoreCalls._read_points.
 MAX_READ_POINTS = MAX_CONCURRENT_CALLS
 MAX_READ_POINTS_IN_FLIGHT = MAX_CONCURRENT_CALLS
 MAX_AUDIT_LIMIT = 10_000
@@ -74,13 +75,17 @@ class CoreCalls:
     """The core's side of every worker channel: ``handlers`` for a Channel, plus the backup streams open."""
 
     def __init__(self, service: NodeService, metrics: Metrics, workers: Callable[[], list[tuple[str, Channel]]],
-                 *, max_backup_streams: int) -> None:
+                 *, max_backup_streams: int, worker_count: int = 1) -> None:
         self._service = service
         self._metrics = metrics
         self._workers = workers
         # Half the age: each worker keeps the page it relays for the other half (tokenvault.api.http).
         self._exposition = RecentRender(self._render_node_exposition, METRICS_MAX_AGE_SECONDS / 2)
         self._read_points_in_flight = 0
+        # Each worker's channel runs at most its share of the read points (_read_points): one worker that
+        # takes all it may still leaves every other worker its own.
+        self._read_points_share = max(1, MAX_READ_POINTS_IN_FLIGHT // max(1, worker_count))
+        self._read_points_of: dict[Channel | None, int] = {}
         self._limits = service.node.config.limits
         self._max_backup_streams = max_backup_streams
         # Each open stream with the call that opened it (its channel; None: a handler called outside one).
@@ -165,20 +170,40 @@ class CoreCalls:
     async def _read_points(self, arguments: dict[str, Any]) -> Any:
         """The read points one worker needed in one loop turn (tokenvault.api.merge.ReadPointMerger), each
         run as it would be alone; one result per point: ``[index]`` or its error as the channel carries
-        one (``encode_failure``)."""
+        one (``encode_failure``).
+
+        At most MAX_READ_POINTS_IN_FLIGHT points run at once in the core, and at most an even share of them
+        (that bound over the node's workers, at least one) for one worker's channel; a call that would pass
+        either is refused whole as an overload (503, no effect). A fixed share, not one that grows while
+        the others are idle: a worker that took the idle ones' shares would hold them for as long as its
+        reads wait, and the others' reads would be refused meanwhile. A working worker needs no more than
+        its share: it works on its share of [http] max_inflight_requests (256 by default) at once, one read
+        point a request."""
         _members(arguments, ("points",))
         points = arguments["points"]
         if not isinstance(points, list) or not 1 <= len(points) <= MAX_READ_POINTS:
             raise InvalidRequest(f"points must be a list of 1 to {MAX_READ_POINTS} read points")
         # Every point is checked before any runs: a malformed call changes nothing (no audit record).
         runs = [self._read_point(point) for point in points]
+        call = current_call()
+        channel = None if call is None else call.channel
+        held = self._read_points_of.get(channel, 0)
         if self._read_points_in_flight + len(runs) > MAX_READ_POINTS_IN_FLIGHT:
             raise Overloaded("the node's core is answering as many read points as it takes; retry")
+        if channel is not None and held + len(runs) > self._read_points_share:
+            raise Overloaded("the node's core is answering as many read points of this worker as one worker "
+                             "may have at once; retry")
         self._read_points_in_flight += len(runs)
+        self._read_points_of[channel] = held + len(runs)
         try:
             results = await asyncio.gather(*(run() for run in runs), return_exceptions=True)
         finally:
             self._read_points_in_flight -= len(runs)
+            left = self._read_points_of[channel] - len(runs)
+            if left:
+                self._read_points_of[channel] = left
+            else:
+                del self._read_points_of[channel]  # a closed channel's entry does not outlive its points
         answers: list[list[Any]] = []
         for result in results:
             if isinstance(result, ServiceError):

@@ -32,7 +32,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tokenvault.api.channel import Channel, max_frame_bytes
+from tokenvault.api.channel import DEFAULT_REQUESTS_IN_FLIGHT, Channel, max_call_bytes_in_flight, max_frame_bytes
 from tokenvault.api.core_calls import CoreCalls
 from tokenvault.api.httpserver import listening_socket
 from tokenvault.api.remote import CATCH_UP_TOPIC, EPOCH_TOPIC, KEYS_TOPIC, TLS_TOPIC
@@ -75,7 +75,7 @@ class WorkerPool:
     """W worker processes serving one node's HTTP port."""
 
     def __init__(self, config_path: Path, count: int, calls: CoreCalls, *, max_body_bytes: int,
-                 host: str, port: int) -> None:
+                 host: str, port: int, max_inflight_requests: int = DEFAULT_REQUESTS_IN_FLIGHT) -> None:
         if count < 1:
             raise ValueError("a worker pool has at least one worker")
         self._config_path = config_path
@@ -85,6 +85,9 @@ class WorkerPool:
         # The same bound as the workers' own (tokenvault.api.worker), from the same [limits].
         limits = calls.limits
         self._frame_bytes = max_frame_bytes(max_body_bytes, limits.max_items, limits.max_value_bytes)
+        # The bytes of one worker's calls the core holds unanswered at most: a frame for each request of the
+        # worker's share of [http] max_inflight_requests (rounded up, as HttpLimits.from_config), and one.
+        self._call_bytes = max_call_bytes_in_flight(self._frame_bytes, -(-max_inflight_requests // count))
         self._slots = [_Slot(index) for index in range(1, count + 1)]
         self._supervisors: set[asyncio.Task[None]] = set()
         self._closing = False
@@ -220,7 +223,8 @@ class WorkerPool:
                 slot.ready.set()
 
         slot.channel = Channel(reader, writer, handlers=self._calls.handlers, on_push=on_push,
-                               max_frame_bytes=self._frame_bytes, name=f"worker-{slot.index}").start()
+                               max_frame_bytes=self._frame_bytes, max_call_bytes=self._call_bytes,
+                               name=f"worker-{slot.index}").start()
         slot.channel.push(KEYS_TOPIC, self._calls.api_key_rows())
         slot.channel.push(EPOCH_TOPIC, self._calls.active_epoch_keys())
 

@@ -16,8 +16,9 @@ from structlog.testing import capture_logs
 
 from tokenvault import auth
 from node_support import RunningNode, wait_until
-from tokenvault.api.channel import (DEFAULT_REQUESTS_IN_FLIGHT, MAX_CONTAINER_ITEMS, MAX_FRAME_ELEMENTS, Channel,
-                                    ChannelClosed, current_call, decode_message, max_frame_bytes)
+from tokenvault.api.channel import (DEFAULT_REQUESTS_IN_FLIGHT, MAX_CONCURRENT_CALLS, MAX_CONTAINER_ITEMS,
+                                    MAX_FRAME_ELEMENTS, Channel, ChannelClosed, current_call, decode_message,
+                                    max_frame_bytes)
 from tokenvault.api.core_calls import CoreCalls, merge_expositions
 from tokenvault.api.http import HttpLimits
 from tokenvault.api.remote import EPOCH_TOPIC, RemoteService, _decode_epoch_keys, decode_key_rows
@@ -628,6 +629,35 @@ async def test_the_calls_a_worker_has_in_flight_in_its_core_are_bounded_in_bytes
         gate.set()
         assert await asyncio.gather(*calls[:len(held)]) == [len(pad)] * len(held)
         assert await worker.call("hold", {"pad": pad}) == len(pad)  # answered calls free their bytes
+    finally:
+        gate.set()
+        await core.close()
+        await worker.close()
+        await asyncio.gather(*calls, return_exceptions=True)
+
+
+async def test_calls_past_the_most_a_core_runs_at_once_are_overloaded_and_the_channel_stays_up() -> None:
+    """docs/api.md: an overload is 503 "overloaded" (no effect, Retry-After). A call past the
+    MAX_CONCURRENT_CALLS a core runs at once for one worker was answered as a plain 503 "unavailable"."""
+    gate = asyncio.Event()
+    held: list[int] = []
+
+    async def hold(arguments: dict[str, Any]) -> Any:
+        held.append(1)
+        await gate.wait()
+        return 1
+
+    core, worker = await pair({"hold": hold})
+    calls = [asyncio.create_task(worker.call("hold", {})) for _ in range(MAX_CONCURRENT_CALLS + 3)]
+    try:
+        await wait_until(lambda: len(held) + sum(call.done() for call in calls) == len(calls), 10.0,
+                         "every call to be held or refused")
+        refused = [call.exception() for call in calls if call.done()]
+        assert len(held) == MAX_CONCURRENT_CALLS and len(refused) == 3
+        assert all(isinstance(error, Overloaded) and error.no_effect for error in refused), refused
+        assert not core.closed.is_set() and not worker.closed.is_set()
+        gate.set()
+        assert sum(await asyncio.gather(*calls[:MAX_CONCURRENT_CALLS])) == MAX_CONCURRENT_CALLS
     finally:
         gate.set()
         await core.close()

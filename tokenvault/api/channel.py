@@ -388,9 +388,13 @@ class Channel:
     def _serve(self, call_id: int, method: str, arguments: dict[str, Any], frame_bytes: int) -> None:
         """Run call ``call_id``, whose frame took ``frame_bytes``: held, with its arguments, until answered."""
         handler = self._handlers.get(method)
-        if handler is None or len(self._serving) >= MAX_CONCURRENT_CALLS:
-            reason = "unknown call" if handler is None else "too many calls at once"
-            self._reply_failure(call_id, Unavailable(f"the core refused a channel call ({reason})"))
+        if handler is None:
+            self._reply_failure(call_id, Unavailable("the core refused a channel call (unknown call)"))
+            return
+        if len(self._serving) >= MAX_CONCURRENT_CALLS:
+            # An overload like the byte budget's below (503 overloaded, no effect), not a failure of the node.
+            self._reply_failure(call_id, Overloaded("the node's core holds as many calls from this process at "
+                                                    "once as it takes; the request had no effect: retry later"))
             return
         if self._call_bytes + frame_bytes > self._max_call_bytes:
             # Refused before it is held: its arguments go with this frame, the channel stays up.

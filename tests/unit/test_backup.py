@@ -263,6 +263,38 @@ async def test_a_leftover_checkpoint_of_a_dead_process_is_removed_by_the_next_ba
         await wait_until(lambda: work_dirs(service) == [], 10.0, "every checkpoint to be deleted")
 
 
+async def test_a_stream_opened_while_another_removes_leftovers_keeps_its_checkpoint(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With max_backup_streams above 1, a stream may open while another's removal of dead leftovers has
+    not run yet. That removal took a copy of the open streams when its own stream opened, so it deleted
+    the newer stream's checkpoint as a leftover, and that stream broke off. It now asks, entry by entry,
+    which streams are open then."""
+    from tokenvault.core import backup as core_backup
+    remove = core_backup._remove_leftovers
+    removals: list[Path] = []
+    first_may_go = threading.Event()
+
+    def first_waits(work_root: Path, is_active: Any) -> None:
+        removals.append(work_root)
+        if len(removals) == 1:
+            first_may_go.wait(10.0)
+        remove(work_root, is_active)
+    monkeypatch.setattr(core_backup, "_remove_leftovers", first_waits)
+    store, root = CheckpointingStore(CHECKPOINT_FILES), tmp_path / BACKUP_WORK_DIR_NAME
+    first = asyncio.create_task(BackupStream.open(store, root, NothingToShred()))
+    await wait_until(lambda: len(removals) == 1, 5.0, "the first stream's removal of leftovers to start")
+    second = await BackupStream.open(store, root, NothingToShred())
+    first_may_go.set()
+    opened = await first
+    try:
+        for stream in (second, opened):
+            assert len(b"".join([chunk async for chunk in stream.chunks()])) == stream.total_bytes
+    finally:
+        await second.close()
+        await opened.close()
+    assert list(root.iterdir()) == []
+
+
 async def test_a_checkpoint_left_by_a_node_killed_mid_backup_is_removed_when_it_starts_again(tmp_path: Path) -> None:
     """A stream's checkpoint hard-links the store's table files, so one left by a node killed mid-stream kept
     the bytes of every row deleted (or epoch secret destroyed) and shredded since, in the data directory,

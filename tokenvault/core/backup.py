@@ -41,8 +41,9 @@ import fcntl
 import os
 import shutil
 import tempfile
+import threading
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -107,8 +108,11 @@ class BackupStream:
 
     # Work directories of the streams open in this process; any other entry of a work root is a
     # leftover of a process that died mid-stream and is removed when the next stream opens (and when the
-    # node starts: tokenvault.core.node).
+    # node starts: tokenvault.core.node). Read by that removal in its thread, at each entry (is_active):
+    # a copy taken when the stream opened would not hold a stream opened meanwhile, whose checkpoint the
+    # removal would then delete.
     _active_work_dirs: set[Path] = set()
+    _active_lock = threading.Lock()
     _closing_tasks: set[asyncio.Task[None]] = set()
 
     def __init__(self, source: Any, work_dir: Path) -> None:
@@ -126,9 +130,9 @@ class BackupStream:
         """Take a checkpoint of ``store`` (in a worker thread) under a fresh directory in ``work_root``; its
         manifest says whether it may hold rows deleted and not yet shredded (``shreds``: the node's shredder)."""
         work_dir = work_root / f"backup-{uuid.uuid4().hex}"
-        cls._active_work_dirs.add(work_dir)
-        created = asyncio.ensure_future(_create_source(store, work_root, work_dir, frozenset(cls._active_work_dirs),
-                                                       shreds))
+        with cls._active_lock:
+            cls._active_work_dirs.add(work_dir)
+        created = asyncio.ensure_future(_create_source(store, work_root, work_dir, cls.is_active, shreds))
         try:
             source = await asyncio.shield(created)
         except asyncio.CancelledError:
@@ -156,7 +160,14 @@ class BackupStream:
         try:
             await asyncio.to_thread(_discard_files, source, work_dir)
         finally:
-            cls._active_work_dirs.discard(work_dir)  # on the loop's thread, like every other use of the set
+            with cls._active_lock:
+                cls._active_work_dirs.discard(work_dir)
+
+    @classmethod
+    def is_active(cls, work_dir: Path) -> bool:
+        """Whether ``work_dir`` is the work directory of a stream open now (callable from any thread)."""
+        with cls._active_lock:
+            return work_dir in cls._active_work_dirs
 
     async def read(self, offset: int, length: int) -> bytes:
         """``length`` bytes of the stream from ``offset``, read in a worker thread."""
@@ -205,16 +216,16 @@ def _discard_files(source: SnapshotSource | None, work_dir: Path) -> None:
         shutil.rmtree(work_dir, ignore_errors=True)
 
 
-async def _create_source(store: Any, work_root: Path, work_dir: Path, active: frozenset[Path],
+async def _create_source(store: Any, work_root: Path, work_dir: Path, is_active: Callable[[Path], bool],
                          shreds: ShredState) -> SnapshotSource:
-    await asyncio.to_thread(_remove_leftovers, work_root, active)
+    await asyncio.to_thread(_remove_leftovers, work_root, is_active)
     return await create_source(store, work_dir, shreds, asyncio.to_thread)
 
 
-def _remove_leftovers(work_root: Path, active: frozenset[Path]) -> None:
+def _remove_leftovers(work_root: Path, is_active: Callable[[Path], bool]) -> None:
     work_root.mkdir(mode=0o700, parents=True, exist_ok=True)
     for leftover in work_root.iterdir():
-        if leftover not in active:
+        if not is_active(leftover):
             shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
 
 

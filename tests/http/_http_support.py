@@ -67,6 +67,8 @@ class FakeService:
         self.runtime_keys: dict[str, auth.RuntimeKey] = {}
         # The runtime key id each membership change named (None: a bootstrap key), in order.
         self.member_change_keys: list[str | None] = []
+        # The runtime key id each admin read that reaches the primary named (None: a bootstrap key), in order.
+        self.admin_read_keys: list[tuple[str, str | None]] = []
         self.detokenize_actors: list[object] = []
         self.format_vault: dict[tuple[int, str], str] = {}
         self.tokenize_options: list[tuple[str, str | None, int | None]] = []
@@ -166,8 +168,9 @@ class FakeService:
 
         return await self._idempotent(principal, idempotency_key, "rotate", b"{}", work)
 
-    async def list_epochs(self) -> dict:
+    async def list_epochs(self, key_id: str | None = None) -> dict:
         self._check_available()
+        self.admin_read_keys.append(("epochs", key_id))
         epochs = [
             {"epoch": epoch, "created_at": created_at, "state": self._state(epoch)}
             for epoch, created_at in sorted(self.epoch_created_at.items())
@@ -211,8 +214,9 @@ class FakeService:
             del self.vault[token]
         return Outcome(200, _json_bytes({"epoch": epoch, "state": "destroyed"}), False)
 
-    async def epoch_tokens(self, epoch: int, after: str | None, limit: int) -> dict:
+    async def epoch_tokens(self, epoch: int, after: str | None, limit: int, key_id: str | None = None) -> dict:
         self._check_available()
+        self.admin_read_keys.append(("epoch tokens", key_id))
         if epoch not in self.epoch_created_at:
             raise NotFound("no epoch has this number")
         tokens = sorted(token for token in self.vault if parse_token(token).epoch == epoch
@@ -231,8 +235,9 @@ class FakeService:
                 "created_at": "2024-01-01T00:00:00.000Z", "key": key}
         return Outcome(201, _json_bytes(body), False)
 
-    async def list_keys(self) -> dict:
+    async def list_keys(self, key_id: str | None = None) -> dict:
         self._check_available()
+        self.admin_read_keys.append(("keys", key_id))
         return {"keys": [{"id": entry.key_id, "name": entry.name, "scopes": sorted(entry.scopes),
                           "created_at": "2024-01-01T00:00:00.000Z"} for entry in self.runtime_keys.values()]}
 
@@ -242,8 +247,9 @@ class FakeService:
             raise NotFound("no runtime API key has this id")
         return Outcome(200, _json_bytes({"id": key_id, "revoked": True}), False)
 
-    async def list_members(self) -> dict:
+    async def list_members(self, key_id: str | None = None) -> dict:
         self._check_available()
+        self.admin_read_keys.append(("members", key_id))
         return {"primary_id": self.node_id, "configuration_index": 1, "committed": True, "commit_index": 1,
                 "members": [{"id": member.node_id, "peer_addr": member.address or None,
                              "role": "voter" if member.voter else "learner", "match_index": 1,

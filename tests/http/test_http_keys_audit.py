@@ -105,6 +105,21 @@ async def test_a_runtime_key_authenticates_until_it_is_revoked(key_ring: KeyRing
                                                headers=bearer), 401)
 
 
+async def test_the_admin_reads_that_reach_the_primary_name_the_runtime_key_that_asked(key_ring: KeyRing) -> None:
+    """The service checks that key again after a read barrier (a forwarded read names none: docs/security.md,
+    "Revocation"); a bootstrap key names none. The service's table is the runtime lookup, as create_app wires it."""
+    service = FakeService()
+    app = build_app(service, key_ring.table(service.api_key), HttpLimits(), Metrics())
+    async with TestClient(ProblemTestServer(app, host="127.0.0.1", port=0)) as client:
+        created = await (await client.post("/v1/admin/keys", json={"name": "ops", "scopes": ["admin"]},
+                                           headers=key_ring.bearer("admin"))).json()
+        for headers in ({"Authorization": f"Bearer {created['key']}"}, key_ring.bearer("admin")):
+            for path in ("/v1/admin/keys", "/v1/admin/epochs", "/v1/admin/members", "/v1/admin/epochs/1/tokens"):
+                assert (await client.get(path, headers=headers)).status == 200, path
+    assert service.admin_read_keys == [(read, key_id) for key_id in (created["id"], None)
+                                       for read in ("keys", "epochs", "members", "epoch tokens")]
+
+
 async def test_a_detokenize_answer_names_the_request_id_of_its_audit_record(
         client: TestClient, key_ring: KeyRing, service: FakeService) -> None:
     first = await client.post("/v1/detokenize", json={"tokens": ["tv1_" + "a" * 32]},

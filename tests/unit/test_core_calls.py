@@ -213,3 +213,27 @@ async def test_one_worker_cannot_take_the_read_points_of_the_others() -> None:
         gate.set()
         for channel in (greedy, other, greedy_core, other_core):
             await channel.close()
+
+
+async def test_a_worker_s_admin_reads_carry_its_runtime_key_to_the_core_which_refuses_a_revoked_one(
+        single: RunningNode) -> None:
+    """docs/security.md, "Revocation": the key, epoch and member listings and an epoch's token pages name the
+    key a worker authenticated, which the core checks after a read barrier; a key still held is answered."""
+    admin = commands.Actor(name="admin", request_id="r")
+    revoked_id = json.loads((await single.service.create_key("leaked", ["admin"], admin)).body)["id"]
+    kept_id = json.loads((await single.service.create_key("kept", ["admin"], admin)).body)["id"]
+    assert (await single.service.revoke_key(revoked_id, admin)).status == 200
+    core, channel = await pair(core_calls(single).handlers)
+    try:
+        worker = RemoteService(single.node_id, channel)
+        reads = {"keys": worker.list_keys, "epochs": worker.list_epochs, "members": worker.list_members,
+                 "epoch tokens": lambda key_id: worker.epoch_tokens(1, None, 10, key_id)}
+        for name, read in reads.items():
+            with pytest.raises(ServiceError) as raised:
+                await read(revoked_id)
+            assert raised.value.status == 401, name
+            assert await read(kept_id), name
+            assert await read(None), name
+    finally:
+        await core.close()
+        await channel.close()

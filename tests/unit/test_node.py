@@ -877,6 +877,11 @@ async def test_a_key_revoked_before_a_node_acts_on_it_is_refused_there_and_by_th
         "an HTTP worker's detokenize": lambda: backup.service.detokenize_read_point(1, 1, revoked),
         "a membership change (forwarded, naming no key)": lambda: backup.service.change_member(
             "remove", "n9", None, key_id),
+        "list keys (forwarded, naming no key)": lambda: backup.service.list_keys(key_id),
+        "list epochs (forwarded, naming no key)": lambda: backup.service.list_epochs(key_id),
+        "list members (forwarded, naming no key)": lambda: backup.service.list_members(key_id),
+        "an epoch's tokens (forwarded, naming no key)": lambda: backup.service.epoch_tokens(1, None, 10, key_id),
+        "list keys on the primary": lambda: primary.service.list_keys(key_id),
     }
     for name, call in refused.items():
         with pytest.raises(ServiceError) as raised:

@@ -71,6 +71,14 @@ def _int(value: object, name: str, minimum: int, maximum: int) -> int:
     return value
 
 
+def _key_id(arguments: dict[str, Any]) -> str | None:
+    """The runtime key id a worker call names (None: a bootstrap key), which the service checks again."""
+    key_id = arguments["key_id"]
+    if key_id is not None and (type(key_id) is not str or not auth.RUNTIME_KEY_ID_PATTERN.match(key_id)):
+        raise InvalidRequest("key_id must be a runtime key id or null")
+    return key_id
+
+
 class CoreCalls:
     """The core's side of every worker channel: ``handlers`` for a Channel, plus the backup streams open."""
 
@@ -240,8 +248,8 @@ class CoreCalls:
                                                 _checked_actor(arguments["actor"]))
 
     async def _list_epochs(self, arguments: dict[str, Any]) -> Any:
-        _members(arguments, ())
-        return await self._service.list_epochs()
+        _members(arguments, ("key_id",))
+        return await self._service.list_epochs(_key_id(arguments))
 
     async def _create_key(self, arguments: dict[str, Any]) -> Any:
         _members(arguments, ("name", "scopes", "actor"))
@@ -273,12 +281,13 @@ class CoreCalls:
                                               validate_lookup_epoch(arguments["epoch"]))
 
     async def _epoch_tokens(self, arguments: dict[str, Any]) -> Any:
-        _members(arguments, ("epoch", "after", "limit"))
+        _members(arguments, ("epoch", "after", "limit", "key_id"))
         after = arguments["after"]
         if after is not None and (not isinstance(after, str) or not validate_lookup_tokens([after])):
             raise InvalidRequest("after must be a token or null")
         return await self._service.epoch_tokens(validate_epoch(arguments["epoch"]), after,
-                                                _int(arguments["limit"], "limit", 1, MAX_TOKEN_PAGE))
+                                                _int(arguments["limit"], "limit", 1, MAX_TOKEN_PAGE),
+                                                _key_id(arguments))
 
     async def _destroy_epoch(self, arguments: dict[str, Any]) -> Any:
         _members(arguments, ("epoch", "actor"))
@@ -294,21 +303,19 @@ class CoreCalls:
                                               through_hash, _checked_actor(arguments["actor"]))
 
     async def _list_members(self, arguments: dict[str, Any]) -> Any:
-        _members(arguments, ())
-        return await self._service.list_members()
+        _members(arguments, ("key_id",))
+        return await self._service.list_members(_key_id(arguments))
 
     async def _change_member(self, arguments: dict[str, Any]) -> Any:
         _members(arguments, ("action", "node_id", "peer_addr", "key_id"))
-        key_id = arguments["key_id"]
-        if key_id is not None and (type(key_id) is not str or not auth.RUNTIME_KEY_ID_PATTERN.match(key_id)):
-            raise InvalidRequest("key_id must be a runtime key id or null")
+        key_id = _key_id(arguments)
         # The service checks the other three (validate_member_change) before anything else.
         return await self._service.change_member(arguments["action"], arguments["node_id"], arguments["peer_addr"],
                                                  key_id)
 
     async def _list_keys(self, arguments: dict[str, Any]) -> Any:
-        _members(arguments, ())
-        return await self._service.list_keys()
+        _members(arguments, ("key_id",))
+        return await self._service.list_keys(_key_id(arguments))
 
     async def _audit_page(self, arguments: dict[str, Any]) -> Any:
         _members(arguments, ("after", "limit"))

@@ -671,8 +671,8 @@ class _Api:
         return outcome_response(outcome)
 
     async def list_epochs(self, request: Request) -> Response:
-        self.admit(request, auth.ADMIN)
-        return json_response(await self.service.list_epochs(), headers=NO_STORE_HEADERS)
+        principal = self.admit(request, auth.ADMIN)
+        return json_response(await self.service.list_epochs(principal.key_id), headers=NO_STORE_HEADERS)
 
     async def create_key(self, request: Request) -> AnyResponse:
         principal = self.admit(request, auth.ADMIN)
@@ -684,8 +684,8 @@ class _Api:
             return outcome_response(outcome)
 
     async def list_keys(self, request: Request) -> Response:
-        self.admit(request, auth.ADMIN)
-        return json_response(await self.service.list_keys(), headers=NO_STORE_HEADERS)
+        principal = self.admit(request, auth.ADMIN)
+        return json_response(await self.service.list_keys(principal.key_id), headers=NO_STORE_HEADERS)
 
     async def revoke_key(self, request: Request) -> AnyResponse:
         principal = self.admit(request, auth.ADMIN)
@@ -705,8 +705,8 @@ class _Api:
         return json_response(await self.service.audit_page(after, limit), headers=NO_STORE_HEADERS)
 
     async def list_members(self, request: Request) -> Response:
-        self.admit(request, auth.ADMIN)
-        return json_response(await self.service.list_members(), headers=NO_STORE_HEADERS)
+        principal = self.admit(request, auth.ADMIN)
+        return json_response(await self.service.list_members(principal.key_id), headers=NO_STORE_HEADERS)
 
     async def add_member(self, request: Request) -> AnyResponse:
         """Add a node as a learner; it counts in no majority until promoted (docs/api.md, "Membership")."""

@@ -145,10 +145,11 @@ class LifecycleRoutes:
                                                                       self.api.actor(principal)))
 
     async def epoch_tokens(self, request: Request) -> AnyResponse:
-        self.api.admit(request, auth.ADMIN)
+        principal = self.api.admit(request, auth.ADMIN)
         epoch = path_epoch(request)
         after, limit = token_page_query(request)
-        return json_response(await self.api.service.epoch_tokens(epoch, after, limit), headers=NO_STORE_HEADERS)
+        return json_response(await self.api.service.epoch_tokens(epoch, after, limit, principal.key_id),
+                             headers=NO_STORE_HEADERS)
 
 
 def add_lifecycle_routes(router: Router, api: Application) -> None:

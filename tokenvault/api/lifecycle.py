@@ -107,6 +107,8 @@ class LifecycleOperations:
 
         async def _refuse_revoked_key(self, actor: commands.Actor | None, index: int | None) -> None: ...
 
+        async def _refuse_revoked_key_id(self, key_id: str | None) -> None: ...
+
         async def _seal(self, epoch: int, values: list[str]) -> tuple[tuple[str, bytes], ...]: ...
 
         def _decrypt(self, token: str, ciphertext: bytes) -> str | None: ...
@@ -280,8 +282,11 @@ class LifecycleOperations:
                 for members, command in commands_by_group for mapping, (token, _) in zip(members, command.items)}
 
     # ------------------------------------------------------------------ an epoch's tokens
-    async def epoch_tokens(self, epoch: int, after: str | None, limit: int) -> dict[str, Any]:
-        """A page of the tokens issued in ``epoch`` after the token ``after``, for the migration."""
+    async def epoch_tokens(self, epoch: int, after: str | None, limit: int,
+                           key_id: str | None = None) -> dict[str, Any]:
+        """A page of the tokens issued in ``epoch`` after the token ``after``, for the migration. ``key_id``:
+        the runtime key that asked (None: a bootstrap key), checked here (_refuse_revoked_key_id)."""
+        await self._refuse_revoked_key_id(key_id)
         arguments = {"epoch": epoch, "after": after, "limit": limit}
         document: dict[str, Any] = await self._route(EPOCH_TOKENS, arguments, self._epoch_tokens_here)
         return document

@@ -19,7 +19,7 @@ from protocol import Membership, MembershipError, NotPrimary, ProposalRejected, 
 from protocol.membership import is_member_address
 from tokenvault.config import NODE_ID_PATTERN, ConfigError, split_host_port
 from tokenvault.core.node import NodeBusy, ProposalLost, ProposalOutcomeUnknown
-from tokenvault.errors import InvalidRequest, MembershipChangeRefused, Outcome, Overloaded, Unavailable, revoked_key
+from tokenvault.errors import InvalidRequest, MembershipChangeRefused, Outcome, Overloaded, Unavailable
 from tokenvault.logs import get_logger
 
 log = get_logger("service")
@@ -73,8 +73,12 @@ class MembershipOperations:
 
         async def _read_barrier(self) -> None: ...
 
-    async def list_members(self) -> dict[str, Any]:
-        """The configuration in effect on the primary (after a read barrier), with each member's progress."""
+        async def _refuse_revoked_key_id(self, key_id: str | None) -> None: ...
+
+    async def list_members(self, key_id: str | None = None) -> dict[str, Any]:
+        """The configuration in effect on the primary (after a read barrier), with each member's progress.
+        ``key_id``: the runtime key that asked (None: a bootstrap key), checked here as for a change."""
+        await self._refuse_revoked_key_id(key_id)
         members: dict[str, Any] = await self._route(LIST_MEMBERS, {}, self._list_members_here)
         return members
 
@@ -86,13 +90,7 @@ class MembershipOperations:
         this node checks it, after a read barrier (a backup's read index) that applies every revocation
         acknowledged before the request started: 401 if it is gone (docs/security.md, "Revocation")."""
         action, node_id, peer_addr = validate_member_change(action, node_id, peer_addr)
-        if key_id is not None:
-            try:
-                await self._read_barrier()
-            except NotPrimary:
-                raise Unavailable("no primary is known right now; retry shortly", no_effect=True) from None
-            if self.node.store.api_key(key_id) is None:
-                raise revoked_key()
+        await self._refuse_revoked_key_id(key_id)
         arguments = {"action": action, "node_id": node_id, "peer_addr": peer_addr}
         outcome: Outcome = await self._route(CHANGE_MEMBER, arguments, self._change_member_here)
         return outcome

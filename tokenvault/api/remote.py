@@ -560,8 +560,8 @@ class RemoteService:
             "principal": principal, "idempotency_key": idempotency_key,
             "actor": (actor or commands.NO_ACTOR).fields()}))
 
-    async def list_epochs(self) -> dict[str, Any]:
-        return _document(await self._call("list_epochs", {}))
+    async def list_epochs(self, key_id: str | None = None) -> dict[str, Any]:
+        return _document(await self._call("list_epochs", {"key_id": key_id}))
 
     async def create_key(self, name: str, scopes: list[str], actor: commands.Actor) -> Outcome:
         return _outcome(await self._call("create_key", {"name": name, "scopes": scopes, "actor": actor.fields()}))
@@ -569,8 +569,8 @@ class RemoteService:
     async def revoke_key(self, key_id: str, actor: commands.Actor) -> Outcome:
         return _outcome(await self._call("revoke_key", {"key_id": key_id, "actor": actor.fields()}))
 
-    async def list_keys(self) -> dict[str, Any]:
-        return _document(await self._call("list_keys", {}))
+    async def list_keys(self, key_id: str | None = None) -> dict[str, Any]:
+        return _document(await self._call("list_keys", {"key_id": key_id}))
 
     async def audit_page(self, after: int, limit: int) -> dict[str, Any]:
         return _document(await self._call("audit_page", {"after": after, "limit": limit}))
@@ -588,8 +588,10 @@ class RemoteService:
         return _document(await self._call("retokenize", {"tokens": tokens, "epoch": epoch,
                                                          "actor": (actor or commands.NO_ACTOR).fields()}))
 
-    async def epoch_tokens(self, epoch: int, after: str | None, limit: int) -> dict[str, Any]:
-        return _document(await self._call("epoch_tokens", {"epoch": epoch, "after": after, "limit": limit}))
+    async def epoch_tokens(self, epoch: int, after: str | None, limit: int,
+                           key_id: str | None = None) -> dict[str, Any]:
+        return _document(await self._call("epoch_tokens", {"epoch": epoch, "after": after, "limit": limit,
+                                                           "key_id": key_id}))
 
     async def destroy_epoch(self, epoch: int, actor: commands.Actor | None = None) -> Outcome:
         return _outcome(await self._call("destroy_epoch", {"epoch": epoch,
@@ -600,8 +602,8 @@ class RemoteService:
         return _outcome(await self._call("trim_audit", {"through_seq": through_seq, "through_hash": through_hash,
                                                         "actor": (actor or commands.NO_ACTOR).fields()}))
 
-    async def list_members(self) -> dict[str, Any]:
-        return _document(await self._call("list_members", {}))
+    async def list_members(self, key_id: str | None = None) -> dict[str, Any]:
+        return _document(await self._call("list_members", {"key_id": key_id}))
 
     async def change_member(self, action: str, node_id: str, peer_addr: str | None,
                             key_id: str | None = None) -> Outcome:

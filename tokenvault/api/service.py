@@ -732,6 +732,17 @@ class NodeService(LifecycleOperations, MembershipOperations):
         if key_id is not None and self.node.store.api_key(key_id) is None:
             raise revoked_key()
 
+    async def _refuse_revoked_key_id(self, key_id: str | None) -> None:
+        """401 when the runtime key ``key_id`` (None: a bootstrap key, never checked) is not in this node's
+        table after a read barrier (a backup's read index), which applies every revocation acknowledged
+        before the request started: for the requests that reach the primary naming no key (admin reads,
+        membership changes), which the primary cannot check (docs/security.md, "Revocation")."""
+        if key_id is None:
+            return
+        await self._read_barrier_anywhere()
+        if self.node.store.api_key(key_id) is None:
+            raise revoked_key()
+
     async def _refuse_forwarded_revoked_key(self, key_id: str | None) -> None:
         """On the primary: 401 for a forwarded request of a runtime key it no longer holds. The backup
         authenticated the key against the table it has applied, which may lag a revocation; a key created
@@ -959,7 +970,9 @@ class NodeService(LifecycleOperations, MembershipOperations):
             log.error("epoch.wrap_failed", reason=str(error)[:300])
             raise Unavailable("the master key's token cannot wrap a new epoch secret right now; retry") from None
 
-    async def list_epochs(self) -> dict[str, Any]:
+    async def list_epochs(self, key_id: str | None = None) -> dict[str, Any]:
+        """``key_id``: the runtime key that asked (None: a bootstrap key), checked here (_refuse_revoked_key_id)."""
+        await self._refuse_revoked_key_id(key_id)
         return await self._route(EPOCHS, {}, self._list_epochs_here)
 
     async def _list_epochs_here(self) -> dict[str, Any]:
@@ -1008,7 +1021,9 @@ class NodeService(LifecycleOperations, MembershipOperations):
         log.info("api_key.revoked", key_id=key_id)
         return Outcome(200, _json({"id": key_id, "revoked": True}), False)
 
-    async def list_keys(self) -> dict[str, Any]:
+    async def list_keys(self, key_id: str | None = None) -> dict[str, Any]:
+        """``key_id``: the runtime key that asked (None: a bootstrap key), checked here (_refuse_revoked_key_id)."""
+        await self._refuse_revoked_key_id(key_id)
         return await self._route(LIST_KEYS, {}, self._list_keys_here)
 
     async def _list_keys_here(self) -> dict[str, Any]:

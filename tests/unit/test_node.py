@@ -895,6 +895,26 @@ async def test_a_key_revoked_before_a_node_acts_on_it_is_refused_there_and_by_th
     assert (await backup.service.tokenize(f"key-{fresh['id']}", ["by-a-fresh-key"], None)).status == 200
 
 
+async def test_a_re_tokenize_of_a_revoked_key_writes_nothing_on_the_primary(trio: Cluster) -> None:
+    """docs/security.md, "Revocation": a backup forwards a re-tokenize to the primary naming no key, and the
+    primary writes the new mappings; so the backup checks the key first, after a read barrier, and a key
+    revoked before the request started gets 401 with no mapping written in the active epoch."""
+    primary = await trio.wait_for_stable_primary()
+    backup = trio.backups()[0]
+    admin = commands.Actor(name="admin", request_id="r")
+    key_id = json.loads((await primary.service.create_key("leaked", ["retokenize"], admin)).body)["id"]
+    _, tokens = await tokens_of(primary, ["issued-in-epoch-1"])
+    assert (await primary.service.rotate_epoch("admin", None, admin)).status == 201
+    assert (await primary.service.revoke_key(key_id, admin)).status == 200
+    await wait_until(lambda: backup.node.store.api_key(key_id) is None, 5, "the backup to apply the revocation")
+    revoked = commands.Actor(name="leaked", key_id=key_id, node=backup.node_id, request_id="q")
+    with pytest.raises(ServiceError) as raised:
+        await asyncio.wait_for(backup.service.retokenize(tokens, revoked), 10)
+    assert raised.value.status == 401
+    await primary.service._read_barrier()
+    assert primary.node.store.epoch_tokens(2, None, 10) == []
+    assert (await backup.service.retokenize(tokens, admin))["tokens"][0] is not None
+
 async def test_a_restarted_backup_catches_up(trio: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
     """It applies what it missed, and says so: node.replayed at its start, node.recovered once its store
     has applied what the primary had committed (CONTRACT.md section 4: how far it replayed and caught up)."""

@@ -146,7 +146,10 @@ class LifecycleOperations:
         """``{"epoch": active, "tokens": [...]}``: each token's value tokenized in the active epoch, in the
         token's own format, with its expiry and metadata (None for an unknown, deleted or expired token),
         computed on the primary; card and digits tokens are looked up in ``epoch`` (default: the active
-        one). Audited like a detokenize."""
+        one). Audited like a detokenize. A backup forwards it naming no key, and the primary writes the new
+        mappings, so the runtime key that asked is checked here first (_refuse_revoked_key_id: 401 and
+        nothing written if it was revoked before the request started; docs/security.md, "Revocation")."""
+        await self._refuse_revoked_key_id(actor.key_id if actor is not None else None)
         arguments: dict[str, Any] = {"tokens": tokens, "epoch": epoch}
         document: dict[str, Any] = await self._route(RETOKENIZE, arguments, self._retokenize_here)
         if self._audit is not None:
@@ -161,8 +164,6 @@ class LifecycleOperations:
             except AuditUnavailable as error:
                 raise Unavailable(f"{error}; the new tokens were not returned (every re-tokenize is audited)") from None
             await self._refuse_revoked_key(actor, index)
-        else:
-            await self._refuse_revoked_key(actor, None)
         return document
 
     async def _retokenize_here(self, tokens: list[str], epoch: int | None = None) -> dict[str, Any]:

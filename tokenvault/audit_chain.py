@@ -12,6 +12,7 @@ breaks the link to the next one. tokenvault/api/audit.py has the group commit.
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,8 +21,22 @@ import msgpack
 GENESIS_HASH = bytes(32)
 # The fields of one record as the API pages them out, in canonical order.
 RECORD_FIELDS = ("at_ms", "node", "key_name", "key_id", "action", "items", "found", "request_id", "subject")
+# Every member of a record's JSON form (record_document), and no other: a member outside RECORD_FIELDS is
+# not hashed, so a record that carries one is not the record the chain holds.
+RECORD_MEMBERS = frozenset({"seq", *RECORD_FIELDS, "prev_hash", "hash"})
+# A hash as a record (and an anchor) names it: bytes.hex(), 64 lowercase hex digits and nothing else.
+HASH_TEXT = re.compile(r"[0-9a-f]{64}")
 # The action of a trim's own record, whose subject is the record it trimmed through: the anchor.
 TRIM_ACTION = "audit.trim"
+
+
+def parse_hash(text: object) -> bytes:
+    """The 32 bytes of a hash in the exact form a node writes (``HASH_TEXT``); ValueError otherwise.
+    bytes.fromhex alone also takes uppercase digits and whitespace, which no node writes."""
+    if not isinstance(text, str) or not HASH_TEXT.fullmatch(text):
+        raise ValueError("a hash is 64 lowercase hex digits")
+    return bytes.fromhex(text)
+
 
 def chain_hash(previous: bytes, seq: int, fields: Sequence[Any]) -> bytes:
     """The hash of record ``seq``: SHA-256 over the previous hash and the canonical encoding."""
@@ -57,7 +72,8 @@ class ChainVerifier:
         self.previous_hash, self.last_seq, self.anchor_seq = anchor_hash, anchor_seq, anchor_seq
 
     def check(self, record: Any) -> None:
-        """Raise ChainBreak at the first record that is malformed, out of order or does not hash."""
+        """Raise ChainBreak at the first record that is malformed, out of order or does not hash: its members
+        exactly ``RECORD_MEMBERS`` and its hashes in the form a node writes (parse_hash)."""
         expected_seq = self.last_seq + 1
         if not isinstance(record, dict):
             raise ChainBreak(expected_seq, "is not a JSON object")
@@ -68,10 +84,12 @@ class ChainVerifier:
             raise ChainBreak(seq, "cannot be read from the store")
         try:
             fields = [record[name] for name in RECORD_FIELDS]
-            previous = bytes.fromhex(record["prev_hash"])
-            stored = bytes.fromhex(record["hash"])
-        except (KeyError, TypeError, ValueError):
+            previous = parse_hash(record["prev_hash"])
+            stored = parse_hash(record["hash"])
+        except (KeyError, ValueError):
             raise ChainBreak(seq, "lacks a field or has a malformed hash") from None
+        if record.keys() != RECORD_MEMBERS:
+            raise ChainBreak(seq, "holds members the chain does not hash")
         if previous != self.previous_hash:
             raise ChainBreak(seq, "does not link to the previous record's hash")
         try:

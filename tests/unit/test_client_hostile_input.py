@@ -249,6 +249,64 @@ def test_a_record_msgpack_cannot_pack_is_a_chain_break_at_that_record(field: str
     assert verifier.count == 1
 
 
+def test_a_record_with_a_member_the_chain_does_not_hash_is_a_chain_break_at_that_record() -> None:
+    """Only RECORD_FIELDS are hashed: a record carrying anything more is not the record the chain holds."""
+    records = audit_records(3)
+    records[1]["note"] = "added after the record was written"
+    verifier = ChainVerifier()
+    verifier.check(records[0])
+    with pytest.raises(ChainBreak) as caught:
+        verifier.check(records[1])
+    assert (caught.value.seq, caught.value.reason) == (2, "holds members the chain does not hash")
+    assert verifier.count == 1
+
+
+@pytest.mark.parametrize("member, rewrite", [
+    ("hash", str.upper), ("prev_hash", str.upper), ("hash", lambda text: text[:32] + " " + text[32:]),
+    ("prev_hash", lambda text: text + "\n"), ("hash", lambda text: " " + text)],
+    ids=["uppercase-hash", "uppercase-prev-hash", "space-inside", "newline-after", "space-before"])
+def test_a_hash_not_in_the_form_a_node_writes_is_a_chain_break_at_that_record(
+        member: str, rewrite: Callable[[str], str]) -> None:
+    """bytes.fromhex would read each of these as the same 32 bytes; a node writes 64 lowercase hex digits."""
+    records = audit_records(3)
+    records[1][member] = rewrite(records[1][member])
+    verifier = ChainVerifier()
+    verifier.check(records[0])
+    with pytest.raises(ChainBreak) as caught:
+        verifier.check(records[1])
+    assert (caught.value.seq, caught.value.reason) == (2, "lacks a field or has a malformed hash")
+    assert verifier.count == 1
+
+
+@pytest.mark.parametrize("command", ["verify", "export"])
+def test_audit_verify_and_export_report_a_record_with_an_unhashed_member_as_broken_with_exit_4(
+        runner: CliRunner, node_a: FakeVaultServer, tmp_path: Path, command: str) -> None:
+    records = audit_records(20)
+    records[11]["note"] = "not hashed"
+    node_a.responders[("GET", "/v1/admin/audit")] = lambda request: Reply(
+        200, {"records": records, "last_seq": 20, "next_after": None, "anchor": None})
+    out = tmp_path / "audit.jsonl"
+    extra = ["--out", str(out)] if command == "export" else []
+    result = runner.invoke(tokenvault, ["admin", "audit", command, *extra, "--url", node_a.url,
+                                        "--api-key", CLIENT_KEY])
+    assert result.exit_code == 4, result.output
+    assert "audit trail BROKEN at record 12: holds members the chain does not hash (11 records before it " \
+           "verified)" in result.stderr
+    if command == "export":
+        assert [json.loads(line)["seq"] for line in out.read_text().splitlines()] == list(range(1, 12))
+
+
+def test_audit_verify_reports_an_anchor_hash_in_uppercase_as_broken_with_exit_4(
+        runner: CliRunner, node_a: FakeVaultServer) -> None:
+    """The anchor is the hash of the last record trimmed, named as a node names every hash."""
+    records = audit_records(5)
+    node_a.responders[("GET", "/v1/admin/audit")] = lambda request: Reply(
+        200, {"records": records[2:], "last_seq": 5, "next_after": None,
+              "anchor": {"seq": 2, "hash": records[1]["hash"].upper()}})
+    result = runner.invoke(tokenvault, ["admin", "audit", "verify", "--url", node_a.url, "--api-key", CLIENT_KEY])
+    assert result.exit_code == 4, result.output
+    assert "audit trail BROKEN at record 3: the trail's anchor hash is malformed" in result.stderr
+
 @pytest.mark.parametrize("command", ["verify", "export"])
 @pytest.mark.parametrize("value", [2**64, "\ud800"], ids=["past-u64", "lone-surrogate"])
 def test_audit_verify_and_export_report_a_record_out_of_range_as_broken_with_exit_4(

@@ -612,11 +612,11 @@ def _anchor_change(verifier: Any, before: tuple[int, str] | None, now: tuple[int
 def _start_at_anchor(verifier: Any, anchor: tuple[int, str]) -> None:
     """A trimmed trail is checked from its anchor (the last record dropped): what came before it can be
     checked only in the export it was trimmed after."""
-    from tokenvault.audit_chain import ChainBreak
+    from tokenvault.audit_chain import ChainBreak, parse_hash
 
     seq, digest = anchor
     try:
-        verifier.start_at(seq, bytes.fromhex(digest))
+        verifier.start_at(seq, parse_hash(digest))
     except ValueError:
         raise ChainBreak(seq + 1, "the trail's anchor hash is malformed") from None
 

@@ -245,6 +245,28 @@ async def test_idempotency_keys_are_scoped_per_principal(single: RunningNode) ->
         await service.tokenize("bob", ["alice-value"], "shared-key")
 
 
+async def test_a_key_past_its_retention_is_a_new_request_before_the_purge_reaches_it(
+        single: RunningNode, monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/guarantees.md, "Idempotency": a record is kept for the retention, then the key may be used
+    again. A record past it that no purge has reached yet (nothing was applied since it expired) must
+    not answer: the apply takes the new request in its place, so the service must not 422 or replay it."""
+    service = single.service
+    retention_seconds = single.node.store.retention_ms / 1000
+    long_ago = time.time() - retention_seconds - 60
+    monkeypatch.setattr(service_module, "time", SimpleNamespace(
+        time=lambda: long_ago, strftime=time.strftime, gmtime=time.gmtime))
+    first = await service.tokenize("p", ["written-long-ago"], "reused-key")
+    assert first.status == 200 and not first.replayed
+    monkeypatch.undo()
+    record = single.node.store.idempotency_get("p", "reused-key")
+    assert record is not None and record.created_at_ms < (time.time() - retention_seconds) * 1000
+    again = await service.tokenize("p", ["written-now"], "reused-key")
+    assert again.status == 200 and not again.replayed
+    assert body(again)["tokens"] != body(first)["tokens"]
+    replay = await service.tokenize("p", ["written-now"], "reused-key")
+    assert replay.replayed and replay.body == again.body
+
+
 # --------------------------------------------------------------------------- repeat tokenize is a read
 
 def tokenize_reads(running: RunningNode) -> float:

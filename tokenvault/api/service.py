@@ -1445,7 +1445,11 @@ class _IdempotencySlot:
     async def __aenter__(self) -> Outcome | None:
         if self.key is None:
             return None
-        if self.service.node.store.idempotency_get(self.principal, self.key) is not None:
+        store = self.service.node.store
+        record = store.idempotency_get(self.principal, self.key)
+        # A record past the retention that no purge has reached yet no longer answers: the apply puts the
+        # new request in its place (VaultStore._existing_response), so it is proposed, not replayed or 422.
+        if record is not None and record.created_at_ms >= _now_ms() - store.retention_ms:
             return self.service._replay(self.principal, self.key, self.kind, self.fingerprint)
         slot = (self.principal, self.key)
         if slot in self.service._in_flight:

@@ -299,6 +299,16 @@ async def test_rotate_generates_one_idempotency_key_reused_across_failover(
     assert first_key == second_key and first_key
 
 
+async def test_an_empty_idempotency_key_is_sent_as_given_and_not_dropped_or_replaced(node_a: FakeVaultServer) -> None:
+    """An empty key is not a missing one: the node answers it 400 (docs/api.md, "Idempotency"). The client
+    dropped it from a tokenize (sent without any key) and replaced it by a random one for a rotation."""
+    async with AsyncClient(node_a.url, API_KEY) as vault:
+        await vault.tokenize(["v"], idempotency_key="")
+        await vault.rotate_epoch("")
+    assert node_a.calls("/v1/tokenize")[0].headers.get("Idempotency-Key") == ""
+    assert node_a.calls("/v1/admin/epochs")[0].headers.get("Idempotency-Key") == ""
+
+
 async def test_in_flight_409_is_retried_only_after_an_uncertain_attempt(node_a: FakeVaultServer) -> None:
     answers = iter([DROP, problem(409, "Conflict", "in flight")])
     node_a.responders[("POST", "/v1/tokenize")] = lambda request: next(answers, None)

@@ -472,7 +472,8 @@ class AsyncClient:
                        ttl_seconds: int | None = None) -> TokenizeResult:
         """Tokenize ``values``; the version 2 options (``format``, ``metadata``, ``ttl_seconds``) are sent
         only when given."""
-        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        # An empty key is sent as given (the node answers 400), never taken for no key.
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key is not None else {}
         document: dict[str, Any] = {"values": list(values)}
         for name, option in (("format", token_format), ("metadata", metadata), ("ttl_seconds", ttl_seconds)):
             if option is not None:
@@ -517,7 +518,7 @@ class AsyncClient:
 
     async def rotate_epoch(self, idempotency_key: str | None = None) -> RotateResult:
         """Rotate the epoch. Without a key, one is generated so that a retry never rotates twice."""
-        key = idempotency_key or f"tvclient-rotate-{uuid.uuid4()}"
+        key = idempotency_key if idempotency_key is not None else f"tvclient-rotate-{uuid.uuid4()}"
         answer = await self._request("POST", "/v1/admin/epochs", {}, {"Idempotency-Key": key},
                                      idempotent=True)
         return RotateResult(_require_int(answer.body, "epoch"), _replayed(answer))

@@ -281,8 +281,16 @@ def test_a_hash_not_in_the_form_a_node_writes_is_a_chain_break_at_that_record(
 @pytest.mark.parametrize("command", ["verify", "export"])
 def test_audit_verify_and_export_report_a_record_with_an_unhashed_member_as_broken_with_exit_4(
         runner: CliRunner, node_a: FakeVaultServer, tmp_path: Path, command: str) -> None:
+    check_record_12_breaks_the_trail(runner, node_a, tmp_path, command, "note", "not hashed",
+                                     "holds members the chain does not hash")
+
+
+def check_record_12_breaks_the_trail(runner: CliRunner, node_a: FakeVaultServer, tmp_path: Path, command: str,
+                                     member: str, value: Any, reason: str) -> None:
+    """``audit verify`` or ``audit export`` of 20 records whose 12th has ``member`` set to ``value``: exit 4,
+    broken at record 12 for ``reason``, and an export keeps the 11 records before it."""
     records = audit_records(20)
-    records[11]["note"] = "not hashed"
+    records[11][member] = value
     node_a.responders[("GET", "/v1/admin/audit")] = lambda request: Reply(
         200, {"records": records, "last_seq": 20, "next_after": None, "anchor": None})
     out = tmp_path / "audit.jsonl"
@@ -290,8 +298,8 @@ def test_audit_verify_and_export_report_a_record_with_an_unhashed_member_as_brok
     result = runner.invoke(tokenvault, ["admin", "audit", command, *extra, "--url", node_a.url,
                                         "--api-key", CLIENT_KEY])
     assert result.exit_code == 4, result.output
-    assert "audit trail BROKEN at record 12: holds members the chain does not hash (11 records before it " \
-           "verified)" in result.stderr
+    assert f"audit trail BROKEN at record 12: {reason} (11 records before it verified)" in result.stderr
+    assert "Traceback" not in result.output
     if command == "export":
         assert [json.loads(line)["seq"] for line in out.read_text().splitlines()] == list(range(1, 12))
 
@@ -307,24 +315,13 @@ def test_audit_verify_reports_an_anchor_hash_in_uppercase_as_broken_with_exit_4(
     assert result.exit_code == 4, result.output
     assert "audit trail BROKEN at record 3: the trail's anchor hash is malformed" in result.stderr
 
+
 @pytest.mark.parametrize("command", ["verify", "export"])
 @pytest.mark.parametrize("value", [2**64, "\ud800"], ids=["past-u64", "lone-surrogate"])
 def test_audit_verify_and_export_report_a_record_out_of_range_as_broken_with_exit_4(
         runner: CliRunner, node_a: FakeVaultServer, tmp_path: Path, command: str, value: Any) -> None:
-    records = audit_records(20)
-    records[11]["found"] = value
-    node_a.responders[("GET", "/v1/admin/audit")] = lambda request: Reply(
-        200, {"records": records, "last_seq": 20, "next_after": None, "anchor": None})
-    out = tmp_path / "audit.jsonl"
-    extra = ["--out", str(out)] if command == "export" else []
-    result = runner.invoke(tokenvault, ["admin", "audit", command, *extra, "--url", node_a.url,
-                                        "--api-key", CLIENT_KEY])
-    assert result.exit_code == 4, result.output
-    assert "audit trail BROKEN at record 12: holds a value out of range (11 records before it verified)" \
-        in result.stderr
-    assert "Traceback" not in result.output
-    if command == "export":
-        assert [json.loads(line)["seq"] for line in out.read_text().splitlines()] == list(range(1, 12))
+    check_record_12_breaks_the_trail(runner, node_a, tmp_path, command, "found", value,
+                                     "holds a value out of range")
 
 
 # ---------------------------------------------------------------- the backup download

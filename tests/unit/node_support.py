@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import datetime
 import hashlib
 import hmac
+import ipaddress
 import os
 import socket
 import ssl
@@ -33,6 +35,8 @@ from tokenvault.core.node import Node
 from tokenvault.api.http import HttpApp, http_server
 from tokenvault.api.service import NodeService
 from tokenvault.core.transport import GREETING
+from tokenvault.crypto import tls
+from tokenvault.crypto.tls import NodeTlsFiles
 from tokenvault.devcluster.cluster import process_stats
 
 POLL_INTERVAL_SECONDS = 0.01
@@ -421,6 +425,41 @@ class RawPeer:
 
     def close(self) -> None:
         self.writer.close()
+
+
+def write_certificate_naming(ca_cert_file: Path, ca_key_file: Path, node_ids: list[str], directory: Path,
+                             stem: str) -> NodeTlsFiles:
+    """A certificate for 127.0.0.1 signed by the cluster CA (as ``tls.create_node_certificate`` makes one)
+    whose subject alternative names name every one of ``node_ids``, which the cluster tool never writes,
+    and its key, as ``<stem>.crt`` and ``<stem>.key`` under ``directory``."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    ca = tls.load_certificate(ca_cert_file)
+    ca_key = tls.load_private_key(ca_key_file)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    names: list[x509.GeneralName] = [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    names += [x509.UniformResourceIdentifier(tls.node_identity_uri(node_id)) for node_id in node_ids]
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, node_ids[0])]))
+        .issuer_name(ca.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+                       critical=False)
+        .sign(ca_key, hashes.SHA256()))
+    cert_file, key_file = directory / f"{stem}.crt", directory / f"{stem}.key"
+    cert_file.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    os.chmod(key_file, 0o600)
+    return NodeTlsFiles(cert_file, key_file, ca_cert_file)
 
 
 def data_files(directory: Path) -> list[Path]:

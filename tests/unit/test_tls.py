@@ -18,7 +18,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
-from node_support import make_configs
+from node_support import make_configs, write_certificate_naming
 from tokenvault.config import TlsConfig, write_node_config
 from tokenvault.crypto import tls
 from tokenvault.crypto.tls import NodeTlsFiles, TlsError
@@ -128,6 +128,24 @@ def test_a_certificate_from_another_ca(cluster_files: tls.ClusterTlsFiles, tmp_p
 
 def test_a_certificate_for_another_node(cluster_files: tls.ClusterTlsFiles) -> None:
     _expect_error(cluster_files.nodes["n2"], "does not name node 'n1'", node_id="n1")
+
+
+def test_a_node_certificate_naming_several_nodes_is_refused_when_loaded(
+        cluster_files: tls.ClusterTlsFiles, tmp_path: Path) -> None:
+    """A peer takes the member on the other end of a link from the certificate's node ids: one of several
+    (signed by the cluster CA) passed the checks with any of its ids (checked on the code before), and
+    whoever held its key could pose as each member it names."""
+    files = write_certificate_naming(cluster_files.ca_cert_file, cluster_files.ca_key_file, ["n1", "n2"],
+                                     tmp_path, "two")
+    for node_id in ("n1", "n2", None):
+        message = _expect_error(files, str(files.cert_file), "names 2 nodes", "urn:tokenvault:node:<id>",
+                                node_id=node_id)
+        assert "BEGIN" not in message
+    with pytest.raises(TlsError, match="names 2 nodes"):
+        tls.load_node_tls(files, "n1")
+    # The same certificate naming one node only is usable.
+    one = write_certificate_naming(cluster_files.ca_cert_file, cluster_files.ca_key_file, ["n1"], tmp_path, "one")
+    assert tls.certificate_node_ids(tls.check_node_files(one, "n1")) == ("n1",)
 
 
 def test_an_expired_certificate_and_one_not_yet_valid(cluster_files: tls.ClusterTlsFiles) -> None:

@@ -22,7 +22,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from node_support import (RAW_PEER_INCARNATION, RawPeer, free_ports, handshake_proof, retry_until_ok, start_cluster,
-                          wait_until)
+                          wait_until, write_certificate_naming)
 from protocol import ForwardRequest, Hello, HelloProof, RequestVote, encode_frame
 from tokenvault.crypto import tls
 from tokenvault.core import transport as transport_module
@@ -712,6 +712,38 @@ async def test_a_dialer_whose_certificate_names_another_member_is_refused(
     assert failures and failures[0]["reason"] == "HandshakeError"
 
 
+@pytest.fixture(scope="module")
+def several_ids_tls(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tls.PeerTlsContexts]:
+    """Peer contexts for n1..n3 from one cluster CA, and with certificates that CA signed naming several
+    members (which a node refuses to load, tls.check_node_files, but a peer may present): "n3+n1" names
+    n3 and n1, "n2+n3" names n2 and n3."""
+    root = tmp_path_factory.mktemp("peer-tls-several")
+    files = tls.create_cluster_tls(root / "cluster", {node_id: ["127.0.0.1"] for node_id in IDS})
+    contexts = {node_id: tls.load_node_tls(files.nodes[node_id], node_id).peers for node_id in IDS}
+    for node_ids in (["n3", "n1"], ["n2", "n3"]):
+        several = write_certificate_naming(files.ca_cert_file, files.ca_key_file, node_ids, root, "+".join(node_ids))
+        contexts["+".join(node_ids)] = tls.PeerTlsContexts(tls.peer_server_context(several),
+                                                           tls.peer_client_context(several))
+    return contexts
+
+
+async def test_a_dialer_whose_certificate_names_several_members_is_refused(
+        mesh: Mesh, several_ids_tls: dict[str, tls.PeerTlsContexts]) -> None:
+    # A certificate the cluster CA signed for n3 that names n1 too, and the cluster secret, claiming to be n1
+    # (the one id that may dial n2): the acceptor took any id the certificate named (checked on the code
+    # before: the handshake completed and n2 linked "n1").
+    acceptor = await mesh.start("n2", tls=several_ids_tls["n2"])
+    impostor = await RawPeer.connect(mesh.ports["n2"], tls_context=several_ids_tls["n3+n1"].client)
+    try:
+        with pytest.raises((AssertionError, EOFError, ConnectionError)):
+            await impostor.handshake("n1", "n2", mesh.secret)
+        await impostor.read_until_closed()
+    finally:
+        impostor.close()
+    await wait_until(lambda: acceptor.transport.handshake_failures == 1, 5, "the refusal")
+    assert not acceptor.transport.is_connected("n1") and acceptor.received == []
+
+
 async def dialed_by_n1(mesh: Mesh, greeting: bytes, server_tls: ssl.SSLContext | None = None,
                        dialer_tls: tls.PeerTlsContexts | None = None) -> tuple[Side, list[bytes]]:
     """n1 started against a fake acceptor on n2's port that greets with ``greeting`` (then runs TLS with
@@ -744,6 +776,16 @@ async def test_the_dialer_refuses_an_acceptor_whose_certificate_names_another_me
     dialer, hellos = await dialed_by_n1(mesh, transport_module.GREETING, cluster_tls["n3"].server, cluster_tls["n1"])
     assert not dialer.transport.is_connected("n2")
     assert all(data == b"" for data in hellos)
+
+
+async def test_the_dialer_refuses_an_acceptor_whose_certificate_names_several_members(
+        mesh: Mesh, several_ids_tls: dict[str, tls.PeerTlsContexts]) -> None:
+    # An acceptor on n2's address presenting a certificate of the cluster CA that names n2 and n3: n1 sends
+    # it nothing, not even a Hello (on the code before it sent its Hello).
+    dialer, hellos = await dialed_by_n1(mesh, transport_module.GREETING, several_ids_tls["n2+n3"].server,
+                                        several_ids_tls["n1"])
+    assert not dialer.transport.is_connected("n2")
+    assert hellos and all(data == b"" for data in hellos)
 
 
 @pytest.mark.parametrize("with_tls", [False, True], ids=["plain", "mutual-tls"])

@@ -14,8 +14,10 @@ own stays under twice READ_CHUNK_BYTES, 512 KiB, per connection, and at most
    the dialer's arrives (bytes read before the switch would be lost to TLS).
 3. With TLS (the default for generated clusters), mutual TLS 1.3: both sides
    present a certificate signed by the cluster CA. The dialer checks that the
-   acceptor's certificate names the peer it dialled; the acceptor takes the
-   dialer's node id from its certificate. TLS then protects every frame of the
+   acceptor's certificate names the peer it dialled and no other member; the
+   acceptor takes the dialer's node id from its certificate, which must name
+   exactly one (a certificate of several would let its holder pose as each of
+   them). TLS then protects every frame of the
    connection (confidentiality and integrity), so a relayed handshake gains an
    attacker nothing.
 4. Both sides prove they hold the cluster secret with an HMAC over the other
@@ -450,8 +452,8 @@ class PeerTransport:
         if self._tls is not None:
             # Verifies the chain up to the cluster CA and the address dialled (an IP or DNS name in the SANs).
             await writer.start_tls(self._tls.client, server_hostname=peer.host)
-            if peer.node_id not in peer_node_ids(writer.get_extra_info("peercert")):
-                raise HandshakeError("the acceptor's certificate does not name the peer dialled")
+            if set(peer_node_ids(writer.get_extra_info("peercert"))) != {peer.node_id}:
+                raise HandshakeError("the acceptor's certificate does not name the peer dialled, and it alone")
         decoder = FrameDecoder(HANDSHAKE_MAX_FRAME_BYTES)
         my_nonce = os.urandom(NONCE_BYTES)
         writer.write(encode_frame(Hello(node_id=self.node_id, nonce=my_nonce, incarnation=self._incarnation)))
@@ -516,8 +518,9 @@ class PeerTransport:
         hello = await _read_handshake_frame(reader, decoder)
         if not isinstance(hello, Hello) or hello.node_id not in self.peers or not hello.node_id < self.node_id:
             raise HandshakeError("unknown peer or wrong dialing direction")
-        if certified is not None and hello.node_id not in certified:
-            raise HandshakeError("the dialer's certificate does not name the member it claims to be")
+        if certified is not None and set(certified) != {hello.node_id}:
+            # A certificate naming several members would let whoever holds its key claim each of them.
+            raise HandshakeError("the dialer's certificate does not name the member it claims to be, and it alone")
         if len(hello.nonce) != NONCE_BYTES or len(hello.incarnation) != INCARNATION_BYTES:
             raise HandshakeError("bad nonce or incarnation")
         my_nonce = os.urandom(NONCE_BYTES)

@@ -9,8 +9,8 @@ name is the node id as well, for people reading the certificate.
 
 Every file a node uses is checked before it serves (`load_node_tls`): a missing,
 unreadable or malformed file, a key that does not belong to its certificate, a
-certificate not signed by the cluster CA or outside its validity period, each
-gives a `TlsError` that names the file and what is wrong and never contains key
+certificate not signed by the cluster CA or outside its validity period, or one
+that names another node or several, each gives a `TlsError` that names the file and what is wrong and never contains key
 material. Private keys are written with mode 0600 and must not be readable by
 group or others when read back.
 
@@ -316,9 +316,15 @@ def _checked_certificates(files: NodeTlsFiles, node_id: str | None,
         # server's; the other member would refuse every link it makes or takes.
         raise TlsError(f"node certificate {str(files.cert_file)!r} may not be used for {' and '.join(missing)} "
                        "authentication, which the peer links need (extended key usage)")
-    if node_id is not None and node_id not in certificate_node_ids(certificate):
+    named = set(certificate_node_ids(certificate))
+    if node_id is not None and node_id not in named:
         raise TlsError(f"node certificate {str(files.cert_file)!r} does not name node {node_id!r} "
                        f"(expected the subject alternative name {node_identity_uri(node_id)})")
+    if len(named) > 1:
+        # A peer takes the member on the other end of a link from this name: a certificate of several would
+        # let whoever holds its key pose as each of them.
+        raise TlsError(f"node certificate {str(files.cert_file)!r} names {len(named)} nodes; a node certificate "
+                       f"must name its own node only (one subject alternative name {NODE_IDENTITY_URI_PREFIX}<id>)")
     return certificate, min(ca_certificates, key=lambda ca_certificate: ca_certificate.not_valid_after_utc)
 
 

@@ -311,7 +311,7 @@ async def test_the_send_queue_is_bounded_in_bytes_and_says_what_it_dropped(
                 if request_id % 4 == 0:
                     await asyncio.sleep(0)  # let the writer push what the kernel still takes
             connection = acceptor.transport._connections["n1"]
-            assert 0 < connection.queued_bytes <= bound
+            assert 0 < connection.queued_bytes <= connection.backlog_bytes() <= bound
             # Refused by bytes: far fewer frames than the frame bound were taken.
             assert accepted < transport_module.SEND_QUEUE_MAX_MESSAGES
             for request_id in range(accepted, accepted + 3):
@@ -330,13 +330,36 @@ async def test_the_send_queue_is_bounded_in_bytes_and_says_what_it_dropped(
 async def test_a_frame_larger_than_the_byte_bound_goes_alone_into_an_empty_queue(
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(transport_module, "SEND_QUEUE_MAX_BYTES", 10_000)
-    connection = transport_module._Connection("n2", None, None, None)  # type: ignore[arg-type]
+    connection = transport_module._Connection("n2", None, FakeWriter(), None)  # type: ignore[arg-type]
     assert connection.enqueue(b"x" * 20_000) is None  # alone: it is not held back for ever
     assert connection.enqueue(b"y") == "bytes"
     connection.queue.get_nowait()
     connection.queued_bytes = 0
     assert connection.enqueue(b"x" * 6_000) is None and connection.enqueue(b"x" * 4_000) is None
     assert connection.enqueue(b"z") == "bytes" and connection.queued_bytes == 10_000
+
+
+def test_the_byte_bound_counts_what_the_link_wrote_and_the_socket_did_not_take(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A peer that stops reading costs its link at most SEND_QUEUE_MAX_BYTES (or one larger frame alone):
+    the writer moves queued frames into the transport's buffer, where the socket does not take them, and
+    the queue counted only itself, so it filled again and the link held twice the bound (checked on the
+    code before: the second frame was queued with a full bound in the transport's buffer)."""
+    monkeypatch.setattr(transport_module, "SEND_QUEUE_MAX_BYTES", 10_000)
+    writer = FakeWriter()
+    connection = transport_module._Connection("n2", None, writer, None)  # type: ignore[arg-type]
+    assert connection.enqueue(b"x" * 6_000) is None and connection.enqueue(b"x" * 4_000) is None
+    connection.flush()  # as the writer task does: into the transport, whose socket takes nothing
+    assert connection.queued_bytes == 0 and connection.backlog_bytes() == 10_000
+    assert connection.enqueue(b"y" * 6_000) == "bytes" and connection.enqueue(b"z") == "bytes"
+    assert connection.backlog_bytes() == 10_000
+    writer.transport.buffered = 4_000  # the socket took some
+    assert connection.enqueue(b"y" * 6_000) is None and connection.enqueue(b"z") == "bytes"
+    assert connection.backlog_bytes() == 10_000
+    writer.transport.buffered = 0  # and the rest: a larger frame goes alone into an empty link
+    connection.queue.get_nowait()
+    connection.queued_bytes = 0
+    assert connection.enqueue(b"x" * 20_000) is None and connection.enqueue(b"z") == "bytes"
 
 
 # --------------------------------------------------------------------------- hostile peers
@@ -963,24 +986,28 @@ async def test_a_peer_that_goes_silent_is_logged_down_with_reason_silent(mesh: M
     assert down == [("warning", "n1", "closed"), ("warning", "n1", "silent")]
 
 
+class FakeTransport:
+    buffered = 0
+
+    def get_write_buffer_size(self) -> int:
+        return self.buffered
+
+
+class FakeWriter:
+    """A link's writer whose socket takes nothing: what is written stays in the transport's buffer."""
+
+    def __init__(self) -> None:
+        self.transport = FakeTransport()
+        self.written: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+        self.transport.buffered += len(data)  # the socket takes nothing yet
+
+
 def test_a_link_counts_the_bytes_given_to_it_until_they_reach_the_kernel() -> None:
     """_Connection.backlog_bytes (what a snapshot source reads before sending a chunk again): queued frames
     count until written, then the transport's own buffer counts until the socket takes them."""
-    class FakeTransport:
-        buffered = 0
-
-        def get_write_buffer_size(self) -> int:
-            return self.buffered
-
-    class FakeWriter:
-        def __init__(self) -> None:
-            self.transport = FakeTransport()
-            self.written: list[bytes] = []
-
-        def write(self, data: bytes) -> None:
-            self.written.append(data)
-            self.transport.buffered += len(data)  # the socket takes nothing yet
-
     writer = FakeWriter()
     connection = transport_module._Connection("n2", None, writer, None)  # type: ignore[arg-type]
     frames = [encode_frame(RequestVote(1, 2, 3)), b"x" * 5000]

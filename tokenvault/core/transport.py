@@ -32,8 +32,10 @@ connection; a frame that fails to decode later closes that one connection too.
 
 Replication messages are fire-and-forget: the replication core tolerates loss,
 so a full send queue drops the newest message instead of blocking the driver.
-A link's queue is full at SEND_QUEUE_MAX_MESSAGES frames or SEND_QUEUE_MAX_BYTES
-bytes (a frame larger than the byte bound still goes alone into an empty queue):
+A link's queue is full at SEND_QUEUE_MAX_MESSAGES frames, or once it and the bytes
+written to the socket's transport that the kernel has not taken reach
+SEND_QUEUE_MAX_BYTES (a frame larger than the byte bound still goes alone into an
+empty link):
 a peer that stops reading costs its link at most that much memory, whatever the
 frames hold. Each drop is reported (``on_dropped``: the node counts it in a metric)
 and logged as ``peer.send_queue_full``, summed over a second per peer and limit.
@@ -191,10 +193,15 @@ class _Connection:
         self.silent = False
 
     def enqueue(self, frame: bytes) -> str | None:
-        """Queue ``frame``: None, or the bound that refused it (``messages`` or ``bytes``)."""
+        """Queue ``frame``: None, or the bound that refused it (``messages`` or ``bytes``).
+
+        The byte bound counts the transport's buffer too (``backlog_bytes``): the writer moves queued frames
+        there, and a peer that stops reading leaves them there, so a bound on the queue alone let the link
+        hold twice SEND_QUEUE_MAX_BYTES."""
         if self.queue.full():
             return "messages"
-        if self.queued_bytes and self.queued_bytes + len(frame) > SEND_QUEUE_MAX_BYTES:
+        backlog = self.backlog_bytes()
+        if backlog and backlog + len(frame) > SEND_QUEUE_MAX_BYTES:
             return "bytes"
         self.queue.put_nowait(frame)
         self.queued_bytes += len(frame)

@@ -199,6 +199,51 @@ async def test_set_peers_links_a_new_member_and_drops_a_removed_one(mesh: Mesh) 
     assert not joined.transport.is_connected("n2") and mesh.sides["n1"].transport.is_connected("n3")
 
 
+async def test_a_member_removed_while_its_handshake_runs_is_not_linked(mesh: Mesh) -> None:
+    """set_peers closes the links of a member that left and accepts none from it; a handshake already
+    running when it left completed and was linked (checked on the code before: n2 linked n1 after n1
+    left and delivered its frame), and stayed up for as long as n1 pinged it."""
+    acceptor = await mesh.start("n2", idle_timeout_seconds=QUIET_SECONDS)
+    peer = await RawPeer.connect(mesh.ports["n2"])
+    try:
+        my_nonce = os.urandom(32)
+        await peer.send(encode_frame(Hello(node_id="n1", nonce=my_nonce, incarnation=RAW_PEER_INCARNATION)))
+        hello, _ = await peer.receive(2)
+        acceptor.transport.set_peers([address for address in mesh.addresses() if address.node_id != "n1"])
+        proof = HelloProof(node_id="n1", mac=handshake_proof(mesh.secret, hello.nonce, "n1", "n2"))
+        await peer.send(encode_frame(proof) + encode_frame(forward(1)))
+        await peer.read_until_closed()
+    finally:
+        peer.close()
+    assert not acceptor.transport.is_connected("n1") and acceptor.received == []
+
+
+async def test_a_peer_removed_while_the_dialer_s_handshake_runs_is_not_linked(mesh: Mesh) -> None:
+    """The dialer's side of the same: n2 leaves n1's peers while n1's handshake with it runs: n1 linked it
+    all the same (checked on the code before: peer.up for n2 after it left)."""
+    dialers: list[PeerTransport] = []
+
+    def leave_then_prove(hello: Hello) -> bytes:
+        # n3 (never started, which n1 dials too) leaves with it, so that n1 ends up dialling nobody.
+        dialers[0].set_peers([address for address in mesh.addresses() if address.node_id == "n1"])
+        nonce = os.urandom(32)
+        return (encode_frame(Hello(node_id="n2", nonce=nonce, incarnation=RAW_PEER_INCARNATION))
+                + encode_frame(HelloProof(node_id="n2", mac=handshake_proof(mesh.secret, hello.nonce, "n2", "n1"))))
+
+    server, hellos = await fake_acceptor(mesh.ports["n2"], leave_then_prove)
+    try:
+        with capture_logs() as logs:
+            dialer = await mesh.start("n1", idle_timeout_seconds=QUIET_SECONDS)
+            dialers.append(dialer.transport)
+            # Its dialers end once their peers have left: n2's at once, or (linked) when the fake acceptor
+            # hangs up.
+            await wait_until(lambda: hellos and not dialer.transport._tasks, 10, "n1 to stop dialling")
+    finally:
+        server.close()
+    assert not dialer.transport.is_connected("n2")
+    assert [entry for entry in logs if entry["event"] == "peer.up"] == []
+
+
 async def test_send_without_a_connection_returns_false(mesh: Mesh) -> None:
     side = await mesh.start("n1")
     assert side.transport.send("n2", forward(1)) is False

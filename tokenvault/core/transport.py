@@ -445,6 +445,9 @@ class PeerTransport:
         except BaseException:
             _abort(writer)
             raise
+        if self.peers.get(peer.node_id) is not peer:
+            _abort(writer)  # it left, or moved, while the handshake ran (set_peers): not linked
+            return False
         established = time.monotonic()
         await self._serve_connection(_Connection(peer.node_id, reader, writer, FrameDecoder(self._max_frame_bytes)))
         return time.monotonic() - established >= RECONNECT_DELAY_SECONDS_MAX
@@ -506,6 +509,9 @@ class PeerTransport:
             return
         finally:
             self.unauthenticated_connections -= 1
+        if peer_id not in self.peers:
+            _abort(writer)  # it left while the handshake ran (set_peers): accepted no more
+            return
         await self._serve_connection(_Connection(peer_id, reader, writer, FrameDecoder(self._max_frame_bytes)))
 
     def _refuse(self, remote: str) -> None:

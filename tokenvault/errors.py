@@ -21,6 +21,17 @@ PROBLEM_TYPE_PREFIX = "urn:tokenvault:problem:"
 DEFAULT_RETRY_AFTER_SECONDS = 1
 
 
+# Statuses of the 2xx-5xx range whose answer carries no body (RFC 9110).
+_BODILESS_STATUSES = frozenset({204, 205, 304})
+
+
+def is_body_status(status: object) -> bool:
+    """Whether an answer of ``status`` may carry the JSON body every answer of this service has: 200-599
+    but 204, 205 and 304 (a client or proxy would read such a body as the next answer). Answers that come
+    from another process (a worker's core, a forwarded request's primary) are checked with it."""
+    return type(status) is int and 200 <= status <= 599 and status not in _BODILESS_STATUSES
+
+
 @dataclass(frozen=True, slots=True)
 class Outcome:
     """A finished write as the service returns it: status and JSON body bytes, sent as-is.

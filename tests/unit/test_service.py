@@ -745,6 +745,18 @@ def test_a_forwarded_answer_that_does_not_decode_to_its_shape_is_a_503_with_no_e
     assert raised.value.no_effect
 
 
+@pytest.mark.parametrize("status", [0, 99, 101, 199, 204, 304, 600, 2**40, 2**63 - 1])
+def test_a_forwarded_answer_of_a_status_out_of_range_is_a_503_whose_outcome_is_unknown(status: int) -> None:
+    """A ForwardResponse's status is any integer the codec decodes: one no HTTP answer of a body has was
+    passed on as the request's answer (or into the error classes), a status line no client reads. Only a
+    broken primary sends one, and what it did is unknown: a 503 that does not say the request had no effect."""
+    for kind in ("tokenize", "detokenize", "epochs"):
+        with pytest.raises(Unavailable, match="no answer of this request has") as raised:
+            service_module._decode_forward_response(kind, ForwardResponse(request_id=1, status=status,
+                                                                          body=b"{}", headers=()))
+        assert not raised.value.no_effect
+
+
 def test_the_largest_forwarded_lookup_answers_decode() -> None:
     tokens = [f"tv1_{number:032d}" for number in range(service_module.commands.MAX_ITEMS)]
     detokenized = {token: "v" * 8 for token in tokens} | {tokens[0]: None}

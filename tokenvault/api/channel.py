@@ -71,7 +71,7 @@ from protocol.codec import unpack_bounded
 from tokenvault.api.httpserver import FRAMING_HEADERS
 from tokenvault.core.commands import MAX_ITEMS, MAX_METADATA_CIPHERTEXT_BYTES, MAX_TOKEN_CHARS
 from tokenvault.errors import (InvalidRequest, Outcome, Overloaded, PayloadTooLarge, ServiceError, Unavailable,
-                               error_from_problem)
+                               error_from_problem, is_body_status)
 from tokenvault.logs import get_logger
 
 log = get_logger("channel")
@@ -118,7 +118,6 @@ MAX_FRAME_ELEMENTS = 10 * MAX_ITEMS
 
 # What a worker takes from its core's answers to write into an HTTP answer (_decode_result,
 # decode_failure): a status that carries a body, and headers that do not frame the answer.
-_BODILESS_STATUSES = frozenset({204, 205, 304})
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}")
 _HEADER_VALUE = re.compile(r"[\t\x20-\x7e]{0,1024}")
 # The headers the HTTP server writes itself, and those of the problem body the worker writes.
@@ -499,17 +498,11 @@ def decode_message(frame: bytes) -> Any:
 
 def _decode_result(is_outcome: object, result: Any) -> Any:
     if is_outcome is True:
-        if (not isinstance(result, list) or len(result) != 3 or not _is_outcome_status(result[0])
+        if (not isinstance(result, list) or len(result) != 3 or not is_body_status(result[0])
                 or not isinstance(result[1], bytes) or not isinstance(result[2], bool)):
             raise ChannelProtocolError("an outcome out of shape")
         return Outcome(result[0], result[1], result[2])
     return result
-
-
-def _is_outcome_status(status: object) -> bool:
-    """Whether an Outcome may carry ``status``: the worker answers it with its body as JSON, which 1xx,
-    204, 205 and 304 answers cannot carry (a client or proxy would read the body as the next answer)."""
-    return type(status) is int and 200 <= status <= 599 and status not in _BODILESS_STATUSES
 
 
 def _is_failure_header(name: object, value: object) -> bool:

@@ -32,7 +32,7 @@ from tokenvault.crypto.keys import DecryptError, KeyCustodyError, new_epoch_secr
 from tokenvault.auth import PRINCIPAL_NAME_PATTERN
 from tokenvault.errors import (EpochChanged, IdempotencyInFlight, IdempotencyMismatch, InvalidRequest,
                                KeyLimitReached, NotFound, Outcome, Overloaded, PayloadTooLarge, ServiceError,
-                               TokenCollision, Unavailable, EFFECT_NONE, error_from_problem,
+                               TokenCollision, Unavailable, EFFECT_NONE, error_from_problem, is_body_status,
                                problem_body_of, revoked_key)
 from tokenvault.logs import SummedEvent, get_logger
 from tokenvault.futures import await_future, computed_in_slices
@@ -1390,6 +1390,11 @@ def _decode_forward_response(kind: str, response: ForwardResponse) -> Any:
     """What the local call of ``kind`` would have returned: the decoded document of a read (msgpack or
     JSON), else an Outcome; an error answer is raised as the matching ServiceError."""
     headers = dict(response.headers)
+    if not is_body_status(response.status):
+        # Out of HTTP's range, or one that cannot carry the body it came with: only a broken primary answers
+        # so. Passed on, it would make a status line no client reads; what the primary did is unknown.
+        raise Unavailable("the primary answered with a status no answer of this request has; it may have taken "
+                          "effect (once): retry, ideally with an Idempotency-Key")
     if response.status >= 400:
         try:
             problem = json.loads(response.body)

@@ -31,9 +31,9 @@ from tokenvault.core import wal as wal_module
 from tokenvault.config import TimingConfig, TlsConfig, WalConfig
 from tokenvault.crypto import tls
 from tokenvault.crypto.keys import new_epoch_secret
-from tokenvault.errors import ServiceError, Unavailable
+from tokenvault.errors import ServiceError, Unavailable, problem_body_of
 from tokenvault.logs import configure_logging, reset_logging
-from tokenvault.core.node import STORE_DAMAGED_FILE, Node, TaskEnded, fatal_text
+from tokenvault.core.node import STORE_DAMAGED_FILE, Node, ProposalOutcomeUnknown, TaskEnded, fatal_text
 from tokenvault.core.store_files import read_current
 from tokenvault.core.store_layout import Outcome as ApplyOutcome
 from tokenvault.core.store_layout import StoreCorruption, StoreDamaged
@@ -85,6 +85,28 @@ async def test_propose_resolves_with_the_store_result_of_that_entry(single: Runn
     stale = await node.propose(rotate_payload(single, 2), timeout_seconds=2)
     assert stale.outcome == ApplyOutcome.STALE_EPOCH and stale.index == result.index + 1
     assert [record.epoch for record in node.store.epochs()] == [1, 2]
+
+
+async def test_a_proposal_the_store_applies_without_a_result_is_answered_as_taking_effect_not_as_lost(
+        single: RunningNode, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An entry at a proposal's index with the proposal's view is that proposal (log matching): when the
+    store takes it as applied already and returns no result for it, the write took effect, once. It was
+    answered ProposalLost, which the service turns into 503 "effect": "none", inviting a second rotation
+    (checked on the code before); it is now ProposalOutcomeUnknown, "effect": "unknown"."""
+    node = single.node
+    apply_batch = node.store.apply_batch
+
+    def applied_without_results(entries):
+        apply_batch(entries)
+        return []
+    monkeypatch.setattr(node.store, "apply_batch", applied_without_results)
+    with pytest.raises(ProposalOutcomeUnknown):
+        await node.propose(rotate_payload(single, 2), timeout_seconds=2)
+    assert node.store.active_epoch() == 2
+    with pytest.raises(Unavailable) as raised:
+        await single.service.rotate_epoch("p", None)
+    assert json.loads(problem_body_of(raised.value))["effect"] == "unknown"
+    assert node.store.active_epoch() == 3
 
 
 async def test_each_entry_costs_one_fsync_and_the_commit_index_that_follows_none(single: RunningNode,

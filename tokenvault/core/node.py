@@ -779,7 +779,10 @@ class Node:
             elif entry.kind == EntryKind.CONFIG:
                 pending.future.set_result(None)  # a configuration change has no result but its commit
             elif result is None:
-                pending.future.set_exception(ProposalLost("entry was applied before this process started"))
+                # Same index, same view: by log matching this is the proposed entry, and the store found it
+                # applied already, so it took effect, once; only its result is not here to answer with.
+                pending.future.set_exception(ProposalOutcomeUnknown("the write was applied without its result "
+                                                                    "reaching this request"))
             else:
                 pending.future.set_result(result)
         if issued and self.replica.role == Role.PRIMARY:

@@ -109,6 +109,25 @@ async def test_a_proposal_the_store_applies_without_a_result_is_answered_as_taki
     assert node.store.active_epoch() == 3
 
 
+async def test_a_proposal_a_later_one_of_this_node_replaces_at_its_index_is_answered_as_outcome_unknown(
+        single: RunningNode, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A primary proposes at the index of one of its earlier proposals only after its log lost that entry
+    (a later primary's shorter log replaced its tail, or a snapshot reset the log), and the replaced entry
+    may still be held elsewhere and committed by a primary holding it: nothing proves it had no effect.
+    It was answered ProposalLost ("superseded"), a 503 "effect": "none" (checked on the code before)."""
+    node = single.node
+    far = node.replica.last_index + 1000
+    places = iter([(far, node.replica.view), (far, node.replica.view + 2)])
+    monkeypatch.setattr(node.replica, "propose", lambda payload: next(places))
+    first = asyncio.ensure_future(node.propose(rotate_payload(single, 2), timeout_seconds=5))
+    await wait_until(lambda: far in node._pending_proposals, 5, "the first proposal to be made")
+    second = asyncio.ensure_future(node.propose(rotate_payload(single, 3), timeout_seconds=5))
+    await wait_until(first.done, 5, "the first proposal to be answered")
+    second.cancel()
+    with pytest.raises(ProposalOutcomeUnknown):
+        await first
+
+
 async def test_each_entry_costs_one_fsync_and_the_commit_index_that_follows_none(single: RunningNode,
                                                                                 monkeypatch) -> None:
     """The Ready that only moves the commit index (and applies) writes its hard state with the next

@@ -622,7 +622,11 @@ class Node:
             return
         previous = self._pending_proposals.pop(index, None)
         if previous is not None and not previous.future.done():
-            previous.future.set_exception(ProposalLost("superseded"))
+            # This log lost the earlier entry (a later primary's shorter log replaced its tail, or a snapshot
+            # reset it), but another replica may still hold it and a primary holding it commit it: nothing
+            # proves it had no effect, so it is not ProposalLost.
+            previous.future.set_exception(ProposalOutcomeUnknown("a later proposal of this node took the "
+                                                                 "index where this write stood"))
         self._pending_proposals[index] = _PendingProposal(view, result)
 
     def _change_membership_now(self, change: Callable[[Membership], Membership], result: asyncio.Future[Any]) -> None:

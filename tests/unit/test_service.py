@@ -26,6 +26,7 @@ import msgpack
 
 from protocol import AppendEntries, AppendReply, ForwardRequest, ForwardResponse, FrameDecoder, ProposalRejected
 from tokenvault.core import commands
+from tokenvault.api.lifecycle import RETOKENIZE
 from tokenvault.core.node import ProposalLost
 from tokenvault.crypto.keys import EpochKeys, new_epoch_secret
 from tokenvault.errors import (EpochChanged, IdempotencyInFlight, IdempotencyMismatch, InvalidRequest,
@@ -755,6 +756,17 @@ def test_a_forwarded_answer_of_a_status_out_of_range_is_a_503_whose_outcome_is_u
             service_module._decode_forward_response(kind, ForwardResponse(request_id=1, status=status,
                                                                           body=b"{}", headers=()))
         assert not raised.value.no_effect
+
+
+def test_a_forwarded_retokenize_whose_answer_does_not_decode_is_a_503_whose_effect_is_unknown() -> None:
+    """A re-tokenize is a write the primary ran before it answered: an answer the backup cannot read says
+    nothing of whether its tokens were issued, so it is not "no effect" as an unreadable read's answer is
+    (it was, checked on the code before)."""
+    with pytest.raises(Unavailable, match="could not be read") as raised:
+        service_module._decode_forward_response(RETOKENIZE, ForwardResponse(request_id=1, status=200,
+                                                                             body=b"{not json", headers=()))
+    assert not raised.value.no_effect
+    assert json.loads(problem_body_of(raised.value))["effect"] == "unknown"
 
 
 def test_the_largest_forwarded_lookup_answers_decode() -> None:

@@ -26,7 +26,8 @@ from tokenvault import auth
 from tokenvault.core import commands
 from tokenvault.api.audit import AuditBuffer, AuditUnavailable
 from tokenvault.api.coalesce import TokenizeCoalescer
-from tokenvault.api.lifecycle import LIFECYCLE_DOCUMENT_KINDS, LIFECYCLE_FORWARDED_MEMBERS, LifecycleOperations
+from tokenvault.api.lifecycle import (LIFECYCLE_DOCUMENT_KINDS, LIFECYCLE_FORWARDED_MEMBERS, RETOKENIZE,
+                                      LifecycleOperations)
 from tokenvault.core.backup import BACKUP_WORK_DIR_NAME, BackupStream
 from tokenvault.crypto.keys import DecryptError, KeyCustodyError, new_epoch_secret
 from tokenvault.auth import PRINCIPAL_NAME_PATTERN
@@ -1412,7 +1413,9 @@ def _decode_forward_response(kind: str, response: ForwardResponse) -> Any:
         try:
             return json.loads(response.body)
         except (ValueError, RecursionError):  # RecursionError: JSON nested too deeply
-            raise Unavailable("the primary's answer could not be read", no_effect=True) from None
+            # The primary ran the request before it answered: a read had no effect, a re-tokenize may have
+            # issued its tokens.
+            raise Unavailable("the primary's answer could not be read", no_effect=kind != RETOKENIZE) from None
     return Outcome(response.status, response.body, headers.get("Idempotent-Replayed") == "true")
 
 

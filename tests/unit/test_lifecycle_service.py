@@ -19,7 +19,7 @@ from structlog.testing import capture_logs
 
 from node_support import (Cluster, RunningNode, cluster_with_a_stopped_backup, files_holding, make_configs, save_backup,
                           start_node, wait_until)
-from protocol import AppendEntries, ForwardRequest, ForwardResponse, Heartbeat
+from protocol import AppendEntries, ForwardRequest, ForwardResponse, Heartbeat, ProposalRejected
 from tokenvault.config import AuditConfig
 from tokenvault.core import commands
 from test_ff1 import luhn_complete
@@ -28,7 +28,7 @@ from tokenvault.api.service import NodeService
 from tokenvault.futures import SLICE_ITEMS
 from tokenvault.core import shred as shred_module
 from tokenvault.crypto.formats import FormatKeys
-from tokenvault.errors import EpochActive, EpochDestroyed, NotFound, Outcome
+from tokenvault.errors import EpochActive, EpochDestroyed, NotFound, Outcome, Unavailable
 
 # No node named: a change forwarded by a backup is recorded in the backup's name (the primary fills it in).
 ACTOR = commands.Actor(name="admin", request_id="r")
@@ -866,3 +866,28 @@ async def test_a_restarted_node_logs_shred_done_once_the_delete_it_found_in_its_
     assert [(entry["log_level"], entry["through_index"], entry["rows"]) for entry in done] == [("info", noted[0], 2)]
     assert type(done[0]["store_seconds"]) is float and 0 <= done[0]["store_seconds"] < 10
     assert still_on_disk_when_said == [False], "shred.done was said while a file still held the ciphertext"
+
+
+async def test_a_retokenize_one_of_whose_entries_is_refused_after_another_was_proposed_may_have_taken_effect(
+        single: RunningNode, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A re-tokenize of mappings with and without metadata proposes two entries together: when the primary
+    refuses the second (its queue of uncommitted entries full) after the first was proposed, the first's
+    tokens are issued, so the answer is a 503 whose effect is unknown. It was the refusal's own 503
+    overloaded, "effect": "none", while the first entry committed (checked on the code before)."""
+    service = single.service
+    plain = body(await service.tokenize("p", ["plain-1"], None))["tokens"]
+    described = body(await service.tokenize("p", ["plain-2"], None, metadata_json='{"k":"o"}'))["tokens"]
+    assert body(await service.rotate_epoch("admin", None)) == {"epoch": 2}
+    propose, payloads = single.node.propose, []
+
+    async def second_refused(payload: bytes, timeout_seconds: float):
+        payloads.append(payload)
+        if len(payloads) == 2:
+            raise ProposalRejected("too many uncommitted entries")
+        return await propose(payload, timeout_seconds)
+    monkeypatch.setattr(single.node, "propose", second_refused)
+    with pytest.raises(Unavailable) as raised:
+        await service.retokenize(plain + described, ACTOR)
+    assert len(payloads) == 2 and not raised.value.no_effect
+    issued = commands.decode_command(payloads[0]).items[0][0]
+    assert single.node.store.lookup([issued], int(time.time() * 1000)), "the first entry was written"

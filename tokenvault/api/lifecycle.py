@@ -37,6 +37,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from protocol import NotPrimary
 from tokenvault.api.audit import AuditUnavailable
 from tokenvault.api.validation import require_item_list, validate_lookup_epoch, validate_lookup_tokens
 from tokenvault.core import commands
@@ -46,7 +47,7 @@ from tokenvault.crypto import formats
 from tokenvault.crypto.tokens import is_token, parse_token
 from tokenvault.futures import computed_in_slices
 from tokenvault.errors import (AuditTrimRefused, EpochActive, EpochDestroyed, InvalidRequest, NotFound, Outcome,
-                               TokenCollision, Unavailable)
+                               ServiceError, TokenCollision, Unavailable)
 
 if TYPE_CHECKING:
     from tokenvault.api.audit import AuditBuffer
@@ -68,6 +69,25 @@ LIFECYCLE_FORWARDED_MEMBERS: dict[str, tuple[str, ...]] = {
 }
 # Forwarded kinds whose answer is a JSON document rather than an Outcome.
 LIFECYCLE_DOCUMENT_KINDS = frozenset({RETOKENIZE, EPOCH_TOKENS})
+
+
+def _results_of_entries_proposed_together(answers: list[ApplyResult | BaseException]) -> list[ApplyResult]:
+    """The results of entries proposed together, or the failure to answer: one that may still take effect
+    if any does; a refusal (never proposed) only when every entry was refused, since a refusal's "no effect"
+    is its own entry's, and the request took effect in part when another entry was written."""
+    failures = [answer for answer in answers if isinstance(answer, BaseException)]
+    if not failures:
+        return [answer for answer in answers if not isinstance(answer, BaseException)]
+    unknown = [failure for failure in failures if not (isinstance(failure, NotPrimary) or (
+        isinstance(failure, ServiceError) and (failure.no_effect or failure.status < 500)))]
+    if unknown:
+        raise unknown[0]
+    if len(failures) == len(answers):
+        raise failures[0]
+    raise Unavailable("some of this request's entries were written and another was refused; it took effect in "
+                      "part: retry")
+
+
 def _json(document: object) -> bytes:
     return json.dumps(document, separators=(",", ":")).encode()
 
@@ -272,8 +292,9 @@ class LifecycleOperations:
                 expires_at_ms=expiries[0] if one_expiry else None, metadata=metadata,
                 item_expires_at_ms=None if one_expiry else expiries, carries_lives=True)
             commands_by_group.append((members, command))
-        results = await asyncio.gather(*(self._propose(commands.encode_command(command))
-                                         for _, command in commands_by_group))
+        answers = await asyncio.gather(*(self._propose(commands.encode_command(command))
+                                         for _, command in commands_by_group), return_exceptions=True)
+        results = _results_of_entries_proposed_together(answers)
         if any(result.outcome == ApplyOutcome.TOKEN_COLLISION for result in results):
             raise TokenCollision("a card or digits token this re-tokenize would issue is held by a value of the "
                                  "other format in the active epoch; re-tokenize the others, or after a rotation")

@@ -47,19 +47,27 @@ class ConfigError(ValueError):
     """The configuration is invalid or a file it names cannot be used."""
 
 
+def _shown(value: int | float) -> str:
+    """A refused number as an error message shows it. TOML reads integers of any length (a hexadecimal one of
+    thousands of digits in a small file), and Python will not write one of more than 4300 digits as text."""
+    if isinstance(value, int) and value.bit_length() > 64:
+        return f"an integer of {value.bit_length()} bits"
+    return str(value)
+
+
 def _check_int(name: str, value: object, minimum: int, maximum: int) -> None:
     # bool is an int subclass; `fsync = true` must not pass as a port.
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(f"{name} must be an integer")
     if not minimum <= value <= maximum:
-        raise ConfigError(f"{name} must be between {minimum} and {maximum}, got {value}")
+        raise ConfigError(f"{name} must be between {minimum} and {maximum}, got {_shown(value)}")
 
 
 def _check_fraction(name: str, value: object, minimum: float, maximum: float) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(f"{name} must be a number")
     if not minimum <= value <= maximum:
-        raise ConfigError(f"{name} must be between {minimum:g} and {maximum:g}, got {value}")
+        raise ConfigError(f"{name} must be between {minimum:g} and {maximum:g}, got {_shown(value)}")
 
 
 def _check_bool(name: str, value: object) -> None:
@@ -211,10 +219,14 @@ class MemberConfig:
         url = _check_string(name, self.http_url, 300)
         if not url.isascii() or any(character.isspace() or not character.isprintable() for character in url):
             raise ConfigError(f"{name} must be printable ASCII without spaces")
-        parts = urlsplit(url)
+        shape = f"{name} must look like https://host:port (or http://host:port without TLS)"
+        try:
+            parts = urlsplit(url)
+        except ValueError:  # an unclosed bracket, or brackets around something not an IPv6 address
+            raise ConfigError(shape) from None
         # https:// when the cluster has a [tls] section, http:// for a plain one (NodeConfig checks which).
         if parts.scheme not in ("http", "https") or parts.path not in ("", "/") or parts.query or parts.fragment:
-            raise ConfigError(f"{name} must look like https://host:port (or http://host:port without TLS)")
+            raise ConfigError(shape)
         if parts.username is not None or parts.password is not None:
             raise ConfigError(f"{name} must not contain credentials")
         try:
@@ -844,6 +856,8 @@ def parse_config(text: str) -> NodeConfig:
         raise ConfigError(f"not valid TOML: {error}") from None
     except RecursionError:  # the decoder recurses into nested arrays and tables
         raise ConfigError("not valid TOML for a node config: nested too deeply") from None
+    except ValueError:  # int() of a decimal literal of more than 4300 digits; no key takes one
+        raise ConfigError("not valid TOML for a node config: an integer too long to read") from None
     return config_from_mapping(document)
 
 

@@ -270,6 +270,33 @@ def test_toml_nested_too_deeply_is_a_config_error_not_a_traceback() -> None:
         parse_config("x = " + "[" * 100_000 + "]" * 100_000 + "\n")
 
 
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        # Python refuses to turn an integer of more than 4300 decimal digits into text: the decoder raised
+        # that ValueError on a long decimal literal, and the range check on a long hexadecimal one when it
+        # wrote the value into its message; `tokenvault serve` printed either as a traceback.
+        ("[http]\nport = 1" + "0" * 5000, "not valid TOML for a node config: an integer"),
+        ("[http]\nport = 0x" + "f" * 4000, "http.port must be between 1 and 65535, got an integer of"),
+        ("[shred]\nmax_busy_fraction = 0x" + "f" * 4000, "shred.max_busy_fraction must be between 0.01 and 1, got"),
+        ("[timing]\ntick_ms = 0o" + "7" * 6000, "timing.tick_ms must be between 1 and 10000, got an integer of 18000 bits"),
+        ("[[rate_limits.keys]]\nname = 'admin'\nadmin_per_second = 0x" + "f" * 4000,
+         "rate_limits.keys[admin].admin_per_second must be between 0 and 10000000, got an integer of"),
+    ],
+)
+def test_an_integer_too_long_to_print_is_a_config_error_naming_the_key(section: str, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(MINIMAL + "\n" + section + "\n")
+    assert message in str(caught.value) and len(str(caught.value)) < 200
+
+
+@pytest.mark.parametrize("url", ["http://[zz:8101", "http://[zz]:8101", "http://[127.0.0.1]:8101", "http://[::1:8101"])
+def test_a_malformed_bracketed_host_in_http_url_is_a_config_error(url: str) -> None:
+    """urlsplit raises ValueError on these; it escaped the loader as a traceback (checked on the code before)."""
+    with pytest.raises(ConfigError, match=r"members\[n1\]\.http_url must look like https://host:port"):
+        parse_config(MINIMAL.replace('http_url = "http://127.0.0.1:8101"', f'http_url = "{url}"'))
+
+
 def test_load_config_reads_files_and_prefixes_errors(tmp_path: Path) -> None:
     path = tmp_path / "node.toml"
     path.write_text(FULL_EXAMPLE)

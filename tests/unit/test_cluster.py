@@ -434,7 +434,11 @@ def test_every_knob_read_when_a_cluster_is_generated_is_one_start_notes_as_ignor
                                          {"TOKENVAULT_WAL_FSYNC": "maybe"}, {"TOKENVAULT_LOG_LEVEL": "loud"},
                                          {"TOKENVAULT_SEALER": "yes"}, {"TOKENVAULT_TLS": "off"},
                                          {"TOKENVAULT_ELECTION_TIMEOUT_TICKS": "4",
-                                          "TOKENVAULT_HEARTBEAT_INTERVAL_TICKS": "9"}])
+                                          "TOKENVAULT_HEARTBEAT_INTERVAL_TICKS": "9"},
+                                         # str.isdigit is true of these, and int() raised ValueError (a traceback)
+                                         # on the first two and read the third as 3 (checked on the code before).
+                                         {"TOKENVAULT_TICK_MS": "\u00b2"}, {"TOKENVAULT_REQUEST_TIMEOUT_MS": "9" * 5000},
+                                         {"TOKENVAULT_HTTP_WORKERS": "\u0663"}])
 def test_bad_environment_knobs_are_clear_errors(environment: dict[str, str]) -> None:
     with pytest.raises(ClusterError):
         cluster.settings_from_environment(environment)
@@ -445,8 +449,9 @@ def test_directory_and_base_port_defaults() -> None:
     assert cluster.default_cluster_directory({"TOKENVAULT_CLUSTER_DIR": "rel/dir"}) == Path.cwd() / "rel/dir"
     assert cluster.base_port_from_environment({}) == 8100
     assert cluster.base_port_from_environment({"TOKENVAULT_BASE_PORT": "9000"}) == 9000
-    with pytest.raises(ClusterError):
-        cluster.base_port_from_environment({"TOKENVAULT_BASE_PORT": "65500"})
+    for text in ("65500", "\u00b2", "9" * 5000, "\u0663"):  # the last three: see the knobs' test above
+        with pytest.raises(ClusterError):
+            cluster.base_port_from_environment({"TOKENVAULT_BASE_PORT": text})
 
 
 def test_lifecycle_start_status_kill_restart_stop(fake_serve: None, cluster_directory: Path) -> None:

@@ -188,17 +188,23 @@ def base_port_from_environment(environ: Mapping[str, str] | None = None) -> int:
     text = environment.get("TOKENVAULT_BASE_PORT", "").strip()
     if not text:
         return DEFAULT_BASE_PORT
-    if not text.isdigit() or not 1 <= int(text) <= 65535 - 100 - max(ALLOWED_NODE_COUNTS):
+    if not _is_decimal(text) or not 1 <= int(text) <= 65535 - 100 - max(ALLOWED_NODE_COUNTS):
         raise ClusterError(f"TOKENVAULT_BASE_PORT must be an integer from 1 to {65535 - 105}")
     return int(text)
+
+
+def _is_decimal(text: str) -> bool:
+    """ASCII digits, at most 18 of them. str.isdigit is true of "²" (which int() refuses) and of other
+    scripts' digits, and int() refuses more than 4300 digits: each was a ValueError, not a clear error."""
+    return text.isascii() and text.isdigit() and len(text) <= 18
 
 
 def _environment_integer(environment: Mapping[str, str], name: str, default: int) -> int:
     text = environment.get(name, "").strip()
     if not text:
         return default
-    if not text.isdigit():
-        raise ClusterError(f"{name} must be a non-negative integer")
+    if not _is_decimal(text):
+        raise ClusterError(f"{name} must be a non-negative integer of at most 18 digits")
     return int(text)
 
 

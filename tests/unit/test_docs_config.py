@@ -4,12 +4,15 @@ other, with the code's type, default and range; no document names a ``[table] ke
 What the code reads is taken from the loader itself: a document holding every table is parsed while
 ``config._check_known_keys``, the check that refuses any other key, records the keys it allows in each table.
 The ranges are the bounds ``config._check_int`` and ``config._check_fraction`` are given while the parsed
-records are checked, again with each key that is absent by default set. The defaults are the records' own.
+records are checked, again with each key that is absent by default set; a string's length bound is the one
+``config._check_string`` is first given for the key. The defaults are the records' own.
 
 The page's rows are those of its tables whose header begins ``| key |``: the first column names the key
 (`` `node_id` ``, `` `[http] port` ``, `` `[[members]] id` ``), then its type, its default (``required``,
 ``absent``, or its TOML value in backquotes, perhaps followed by words), what is allowed (for a number, beginning
-"`low` to `high`", where ``high`` may name a key of the same table, or that key ``- 1``) and what it does.
+"`low` to `high`", where ``high`` may name a key of the same table, or that key ``- 1``; for a string whose
+length the code bounds below the general 4096 characters, saying "at most N characters" or "1–N characters")
+and what it does.
 """
 
 from __future__ import annotations
@@ -46,6 +49,9 @@ TYPE_WORDS = {"str": "string", "int": "integer", "bool": "boolean", "float": "nu
 TABLE_KEY = re.compile(r"`(\[\[?)([a-z][a-z0-9_.]*)(\]\]?)\s+([a-z][a-z0-9_]*)`")
 ROW_KEY = re.compile(r"`(?:(\[\[?)([a-z][a-z0-9_.]*)(\]\]?) )?([a-z][a-z0-9_]*)`")
 RANGE = re.compile(r"`([^`]+)` to `([^`]+)`")
+LENGTH = re.compile(r"(?:at most |1–)(\d+) characters")
+# What the page says of every string ("A string is not empty and, unless its row says less, at most 4096").
+GENERAL_STRING_CHARACTERS = 4096
 
 
 class Table(NamedTuple):
@@ -119,6 +125,35 @@ def code_bounds(tables: dict[str, Table]) -> dict[tuple[str, str], tuple[Any, An
                       if field.default is None and _annotation(field) == "int"}
             if absent:
                 dataclasses.replace(table.record, **absent)
+    return bounds
+
+
+def code_string_bounds() -> dict[tuple[str, str], int]:
+    """(table, key) -> the most characters ``config._check_string`` allows the key's value: the least bound it
+    is given for the key, but not the one of the host inside a member's peer_addr or http_url, which
+    ``config._check_host`` checks after the whole value (node_id is checked as a string, then as an id)."""
+    bounds: dict[tuple[str, str], int] = {}
+    check_string, check_host = config._check_string, config._check_host
+    in_host_check = []
+
+    def record(name: str, value: object, max_chars: int = GENERAL_STRING_CHARACTERS) -> str:
+        # "node_id", "http.host", "members[n1].peer_addr", "tls.cert_file"; not "rate_limits.keys: ...".
+        match = re.fullmatch(r"(?:([a-z][a-z0-9_.]*?)(?:\[[^\]]*\])?\.)?([a-z][a-z0-9_]*)", name)
+        if match:
+            key = (match[1] or "", match[2])
+            if key not in bounds or not in_host_check:
+                bounds[key] = min(bounds.get(key, max_chars), max_chars)
+        return check_string(name, value, max_chars)
+
+    def record_host(name: str, value: object) -> None:
+        in_host_check.append(name)
+        try:
+            check_host(name, value)
+        finally:
+            in_host_check.pop()
+
+    with mock.patch.object(config, "_check_string", record), mock.patch.object(config, "_check_host", record_host):
+        config.parse_config(PROBE)
     return bounds
 
 
@@ -206,6 +241,7 @@ def reference_problems(text: str) -> list[str]:
     """Everything on which the page ``text`` and tokenvault/config.py disagree, one line each."""
     tables = code_tables()
     bounds = code_bounds(tables)
+    string_bounds = code_string_bounds()
     rows, problems = documented_rows(text)
     by_key: dict[tuple[str, str], Row] = {}
     for row in rows:
@@ -242,6 +278,13 @@ def reference_problems(text: str) -> list[str]:
                 problems.append(f"{label}: allowed {row.allowed[:40]!r}..., the code's range is {low!r} to {high!r}")
         elif span:
             problems.append(f"{label}: a range, but config.py checks none")
+        length = LENGTH.search(row.allowed)
+        code_length = string_bounds.get((name, key), GENERAL_STRING_CHARACTERS)
+        # A row that names no length has the general one; a name checked by a pattern (an API key's) is not seen.
+        if (length and (name, key) in string_bounds and int(length[1]) != code_length) or (
+                not length and code_length != GENERAL_STRING_CHARACTERS):
+            problems.append(f"{label}: at most {length[1] if length else GENERAL_STRING_CHARACTERS} characters, "
+                            f"the code's bound is {code_length}")
     problems.extend(stale_references(text, tables))
     return problems
 
@@ -258,6 +301,9 @@ def test_the_probe_reads_every_kind_of_table_its_keys_and_their_ranges() -> None
     assert bounds[("http", "workers")] == (0, config.MAX_HTTP_WORKERS)  # absent by default: set to be checked
     assert bounds[("rate_limits.keys", "admin_burst")] == (0, 10_000_000)
     assert bounds[("shred", "max_busy_fraction")] == (0.01, 1.0)
+    string_bounds = code_string_bounds()
+    assert string_bounds[("", "node_id")] == 32 and string_bounds[("members", "peer_addr")] == 300
+    assert string_bounds[("http", "host")] == 253 and string_bounds[("tls", "ca_file")] == GENERAL_STRING_CHARACTERS
 
 
 def test_docs_configuration_md_has_a_row_for_every_key_and_only_those_with_the_codes_type_default_and_range() -> None:
@@ -292,6 +338,8 @@ def test_the_check_sees_a_missing_row_a_wrong_default_type_or_range_and_a_key_th
         (r"\| `\[\[members\]\] peer_addr` \|", "| `[members] peer_addr` |"),
         (r"(\| `\[sealer\] enabled` \|[^|]*\|[^|]*\| )`true` or `false`", r"\1`0` to `1`"),
         (r"^## `\[peer\]`\n", "## `[peer]`\n\nSee also `[peer] max_links`.\n"),
+        (r"(\| `\[pkcs11\] key_label` \|[^|]*\|[^|]*\| )at most 256 characters", r"\1at most 255 characters"),
+        (r"(\| `\[\[members\]\] http_url` \|[^|]*\|[^|]*\| )at most 300 characters of", r"\1"),
     ]
     for pattern, replacement in edits:
         text, count = re.subn(pattern, replacement, text, flags=re.MULTILINE)
@@ -304,11 +352,13 @@ def test_the_check_sees_a_missing_row_a_wrong_default_type_or_range_and_a_key_th
         "`[wal] max_segment_bytes`: read by config.py, no row",
         "`log_level`: default '`info`', the code's is 'info'",
         "`[[members]] id`: default 'absent', the code's is required",
+        "`[[members]] http_url`: at most 4096 characters, the code's bound is 300",
         "`[http] port`: default '`8102`', the code's is 8101",
         "`[http] max_body_reads_per_key`: allowed '`1` to `max_connections`'..., the code's range is 1 to 256",
         "`[timing] tick_ms`: allowed '`1` to `1000`'..., the code's range is 1 to 10000",
         "`[sealer] enabled`: a range, but config.py checks none",
         "`[audit] flush_ms`: type 'number', the code's is 'integer'",
+        "`[pkcs11] key_label`: at most 255 characters, the code's bound is 256",
         "`log_format`: a row, but config.py reads no such key",
         "`[members] peer_addr`: it is `[[members]] peer_addr`",
         "`[peer] max_links`: config.py reads no such key",

@@ -474,6 +474,8 @@ class Pkcs11Config:
         _check_path("pkcs11.pin_file", self.pin_file, optional=True)
         # Labels are at most 32 bytes in PKCS#11 (CK_TOKEN_INFO.label); key labels have no fixed bound.
         _check_string("pkcs11.token_label", self.token_label, 32)
+        if len(self.token_label.encode("utf-8", "surrogatepass")) > 32:
+            raise ConfigError("pkcs11.token_label must be at most 32 bytes in UTF-8 (a PKCS#11 token label's size)")
         _check_string("pkcs11.key_label", self.key_label, 256)
         if not isinstance(self.pin_env, str) or not _ENVIRONMENT_VARIABLE_PATTERN.match(self.pin_env):
             raise ConfigError("pkcs11.pin_env must be an environment variable name ([A-Za-z_][A-Za-z0-9_]*)")

@@ -15,6 +15,7 @@ from tokenvault.config import (
     MemberConfig,
     NodeConfig,
     PeerConfig,
+    Pkcs11Config,
     ShredConfig,
     TimingConfig,
     TlsConfig,
@@ -295,6 +296,14 @@ def test_a_malformed_bracketed_host_in_http_url_is_a_config_error(url: str) -> N
     """urlsplit raises ValueError on these; it escaped the loader as a traceback (checked on the code before)."""
     with pytest.raises(ConfigError, match=r"members\[n1\]\.http_url must look like https://host:port"):
         parse_config(MINIMAL.replace('http_url = "http://127.0.0.1:8101"', f'http_url = "{url}"'))
+
+
+def test_a_pkcs11_token_label_is_at_most_32_bytes_in_utf8() -> None:
+    """A PKCS#11 token label is 32 bytes (CK_TOKEN_INFO.label): one of 17 two-byte characters passed the
+    32-character check and could name no token, which the node found only at start (checked on the code before)."""
+    assert Pkcs11Config(module=Path("/m.so"), token_label="\u00e9" * 16, key_label="k").token_label == "\u00e9" * 16
+    with pytest.raises(ConfigError, match="pkcs11.token_label must be at most 32 bytes in UTF-8"):
+        Pkcs11Config(module=Path("/m.so"), token_label="\u00e9" * 17, key_label="k")
 
 
 def test_load_config_reads_files_and_prefixes_errors(tmp_path: Path) -> None:

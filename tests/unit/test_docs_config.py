@@ -324,6 +324,25 @@ def test_the_example_in_docs_configuration_md_is_a_valid_config() -> None:
     assert node.tls is not None and len(node.members) == 3
 
 
+def test_every_key_the_store_is_opened_with_is_listed_as_one_every_node_must_share() -> None:
+    """Apply is a function of the log and of what the store was opened with: a config key that reaches
+    VaultStore.open (in Node's constructor) shapes the replicated state, so the page must say every node needs
+    the same value."""
+    node_source = (ROOT / "tokenvault" / "core" / "node.py").read_text(encoding="utf-8")
+    start = node_source.index("VaultStore.open(")
+    depth, end = 0, start
+    for end in range(start + len("VaultStore.open"), len(node_source)):
+        depth += {"(": 1, ")": -1}.get(node_source[end], 0)
+        if depth == 0:
+            break
+    keys = set(re.findall(r"config\.([a-z_]+)\.([a-z_]+)", node_source[start:end]))
+    assert ("idempotency", "retention_hours") in keys
+    page = REFERENCE.read_text(encoding="utf-8")
+    shared = page[page.index("## What every node of a cluster must share"):]
+    shared = shared[:shared.index("\n## ", 1)]
+    assert {(table, key) for table, key in keys if f"`[{table}] {key}`" not in shared} == set()
+
+
 def test_the_check_sees_a_missing_row_a_wrong_default_type_or_range_and_a_key_the_code_does_not_read() -> None:
     text = REFERENCE.read_text(encoding="utf-8")
     edits = [

@@ -343,6 +343,67 @@ def test_every_key_the_store_is_opened_with_is_listed_as_one_every_node_must_sha
     assert {(table, key) for table, key in keys if f"`[{table}] {key}`" not in shared} == set()
 
 
+# `` `[http] max_connections` (1024) ``, `` `peer.max_unauthenticated_connections` (default 8) ``, `` `body_timeout_ms`
+# (10 s) ``, `` `max_inflight_requests` (256 by default ``: a default stated in prose beside the key it is of.
+PROSE_DEFAULT = re.compile(r"`(?:\[\[?[a-z_.]+\]\]? |[a-z_]+\.)?([a-z_]+)`\s+\((?:default\s+)?(\d[\d,]*)"
+                           r"(?:\s+(s|ms|MiB))?(?:[),;]| by default)")
+UNITS = {None: 1, "ms": 1, "s": 1000, "MiB": 1 << 20}
+# The rows of docs/api.md's "| key | default | ..." tables: `` | `max_body_reads` | 256 | `` and
+# `` | `tokenize_per_second`, `tokenize_burst` | 0, 0 | ``.
+KEY_DEFAULT_ROW = re.compile(r"^\| ((?:`[a-z_]+`(?:, )?)+) \| (\d[\d, ]*)(?: \(at most (\d+)\))?(?: \||\s\()", re.MULTILINE)
+
+
+def stated_defaults(text: str) -> list[tuple[str, int, int | None]]:
+    """(key, the default the text gives it, the most it says the key allows or None) for every default stated
+    beside a key's name, as a number of the key's own unit (a timeout's 10 s is 10000 ms)."""
+    stated: list[tuple[str, int, int | None]] = []
+    for key, number, unit in PROSE_DEFAULT.findall(text):
+        scale = UNITS[unit or None] if unit != "s" or key.endswith("_ms") else 0
+        stated.append((key, int(number.replace(",", "")) * scale, None))
+    for keys, numbers, most in KEY_DEFAULT_ROW.findall(text):
+        names, values = re.findall(r"`([a-z_]+)`", keys), [int(value) for value in numbers.split(",")]
+        if len(names) == len(values):
+            stated.extend((name, value, int(most) if most else None) for name, value in zip(names, values))
+    return stated
+
+
+def default_problems(text: str, tables: dict[str, Table]) -> list[str]:
+    """The defaults (and "at most" bounds) ``text`` states beside a key's name that are not the code's. A key name
+    that more than one table holds with a number as its default cannot be told apart, and is not checked."""
+    numeric: dict[str, list[tuple[Any, Any]]] = {}
+    bounds = code_bounds(tables)
+    for name, table in tables.items():
+        for field in dataclasses.fields(table.record):
+            kind, value = _code_default(field)
+            if field.name in table.keys and kind == "value" and type(value) in (int, float):
+                numeric.setdefault(field.name, []).append((value, bounds.get((name, field.name), (None, None))[1]))
+    problems = []
+    for key, value, most in stated_defaults(text):
+        if len(numeric.get(key, [])) != 1:
+            continue
+        (code_value, code_most), = numeric[key]
+        if value != code_value:
+            problems.append(f"`{key}`: default {value}, the code's is {code_value}")
+        if most is not None and most != code_most:
+            problems.append(f"`{key}`: at most {most}, the code's bound is {code_most}")
+    return problems
+
+
+def test_every_default_a_document_states_beside_a_key_is_the_codes() -> None:
+    tables = code_tables()
+    stated = {key for document in DOCUMENTS for key, _, _ in stated_defaults(document.read_text(encoding="utf-8"))}
+    assert {"max_connections", "header_timeout_ms", "max_unauthenticated_connections", "retention_hours",
+            "max_body_bytes", "tokenize_burst", "max_backup_streams"} <= stated  # not vacuous
+    problems = [f"{document.relative_to(ROOT)}: {problem}" for document in DOCUMENTS
+                for problem in default_problems(document.read_text(encoding="utf-8"), tables)]
+    assert problems == []
+    wrong = ("`[http] max_connections` (1000), `body_timeout_ms` (5 s), `max_body_bytes` (8 MiB)\n"
+             "| `max_backup_streams` | 1 (at most 8) | x |\n| `admin_per_second`, `admin_burst` | 0, 5 | x |\n")
+    assert default_problems(wrong, tables) == [
+        "`max_connections`: default 1000, the code's is 1024", "`body_timeout_ms`: default 5000, the code's is 10000",
+        "`max_backup_streams`: at most 8, the code's bound is 16", "`admin_burst`: default 5, the code's is 0"]
+
+
 def test_the_check_sees_a_missing_row_a_wrong_default_type_or_range_and_a_key_the_code_does_not_read() -> None:
     text = REFERENCE.read_text(encoding="utf-8")
     edits = [

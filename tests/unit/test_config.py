@@ -143,6 +143,8 @@ def test_minimal_config_gets_the_documented_defaults() -> None:
         (('node_id = "n1"', 'node_id = "n 1"'), "node_id must be"),
         (('data_dir = "/data/n1"', 'data_dir = "relative/dir"'), "data_dir must be an absolute"),
         (('data_dir = "/data/n1"', "data_dir = 5"), "data_dir must be a non-empty string"),
+        (('data_dir = "/data/n1"', 'data_dir = "/data\\u0000/n1"'), "data_dir is not a usable path"),
+        (('node_id = "n1"', 'node_id = "n1"\njoin = 1'), "join must be true or false"),
         (('scopes = ["admin"]', 'scopes = ["root"]'), "scopes may only contain"),
         (('scopes = ["admin"]', 'scopes = ["admin", "admin"]'), "twice"),
         (('scopes = ["admin"]', "scopes = []"), "scopes must be a non-empty"),
@@ -197,6 +199,14 @@ def test_invalid_values_are_refused_with_a_clear_message(replacement: tuple[str,
         ("[shred]\nmax_busy_fraction = 1.5", "shred.max_busy_fraction must be between"),
         ("[shred]\nmax_busy_fraction = true", "shred.max_busy_fraction must be a number"),
         ("[shred]\nmax_busy_fraction = 'half'", "shred.max_busy_fraction must be a number"),
+        ("[shred]\nmax_busy_fraction = nan", "shred.max_busy_fraction must be between 0.01 and 1, got nan"),
+        ("[shred]\nmax_busy_fraction = inf", "shred.max_busy_fraction must be between 0.01 and 1, got inf"),
+        ("[http]\nworkers = true", "http.workers must be an integer"),
+        ("[http]\nport = 1979-05-27", "http.port must be an integer"),
+        ("[http]\nstore_reads = 1", "http.store_reads must be true or false"),
+        ("[http]\nport = 8102\n[http]\nport = 8103", "not valid TOML"),
+        ("[tls]\ncert_file = '/a'\nkey_file = \"/k\\u0000\"\nca_file = '/c'", "tls.key_file is not a usable path"),
+        ("[audit]\nflush_ms = -1", "audit.flush_ms must be between 0 and 1000, got -1"),
     ],
 )
 def test_invalid_sections_are_refused(section: str, message: str) -> None:
@@ -318,6 +328,9 @@ def test_load_config_reads_files_and_prefixes_errors(tmp_path: Path) -> None:
         load_config(path)
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(tmp_path / "absent.toml")
+    path.write_text(MINIMAL + "#" * (1 << 20))
+    with pytest.raises(ConfigError, match="is larger than 1048576 bytes"):
+        load_config(path)
 
 
 def test_round_trip_of_the_full_example(tmp_path: Path) -> None:

@@ -59,6 +59,17 @@ _SHA256_HEX_PATTERN = re.compile(r"[0-9a-f]{64}\Z")
 _SALT_HEX_PATTERN = re.compile(r"[0-9a-f]{32}\Z")
 
 
+def looks_like_a_key(name: str) -> bool:
+    """Whether a name given to an API key starts as the vault's keys do (``tvk_``, ``tvk1_``): an API key
+    pasted where its name goes. A name is logged, counted in metrics, written in the audit trail and
+    echoed in errors, so such a name is refused, and never echoed."""
+    return name.startswith((API_KEY_PREFIX, RUNTIME_KEY_PREFIX))
+
+
+KEY_AS_NAME = ("an API key name may not start with 'tvk_' or 'tvk1_' as API keys do (the key itself pasted "
+               "where its name goes?); the name is logged and audited: choose another")
+
+
 class ApiKeyTableError(ValueError):
     """The configured API key entries are invalid (never includes a hash)."""
 
@@ -151,6 +162,8 @@ class ApiKeyEntry:
                 "an API key name is 1-64 characters of [A-Za-z0-9_.-] starting with a letter "
                 "or digit"
             )
+        if looks_like_a_key(self.name):
+            raise ApiKeyTableError(KEY_AS_NAME)
         if RUNTIME_IDENTITY_PATTERN.match(self.name):
             raise ApiKeyTableError(
                 f"API key name {self.name!r} has the form key-<16 hex digits>, which is how the vault names "

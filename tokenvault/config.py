@@ -22,7 +22,8 @@ from typing import Any, Mapping
 from urllib.parse import urlsplit
 
 from protocol.membership import MAX_MEMBERS
-from tokenvault.auth import ALL_SCOPES, PRINCIPAL_NAME_PATTERN, ApiKeyEntry, ApiKeyTable, ApiKeyTableError
+from tokenvault.auth import (ALL_SCOPES, KEY_AS_NAME, PRINCIPAL_NAME_PATTERN, ApiKeyEntry, ApiKeyTable,
+                             ApiKeyTableError, looks_like_a_key)
 from tokenvault.crypto.keys import (MASTER_KEY_ENVIRONMENT_VARIABLE, MAX_VALUE_BYTES, CryptoError, KeyWrapper, MasterKey,
                                    read_secret_file, take_from_environment)
 from tokenvault.crypto.tls import NodeTlsFiles
@@ -290,6 +291,8 @@ class KeyRateLimitsConfig:
         if not isinstance(self.name, str) or not PRINCIPAL_NAME_PATTERN.match(self.name):
             raise ConfigError("rate_limits.keys: name must be an API key name (1-64 characters of "
                               "[A-Za-z0-9_.-] starting with a letter or digit)")
+        if looks_like_a_key(self.name):
+            raise ConfigError(f"rate_limits.keys: {KEY_AS_NAME}")
         for kind in RATE_LIMIT_KINDS:
             rate, burst = getattr(self, f"{kind}_per_second"), getattr(self, f"{kind}_burst")
             label = f"rate_limits.keys[{self.name}].{kind}"

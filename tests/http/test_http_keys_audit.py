@@ -46,6 +46,8 @@ async def test_create_list_and_revoke_a_key(client: TestClient, key_ring: KeyRin
     {"name": "ok", "scopes": [1]},
     {"name": "ok"},
     {"name": "ok", "scopes": ["tokenize"], "extra": 1},
+    {"name": "tvk_" + "k" * 43, "scopes": ["tokenize"]},  # a key pasted as its name (logged and audited)
+    {"name": "tvk1_0123456789abcdef_" + "k" * 20, "scopes": ["tokenize"]},
 ])
 async def test_a_malformed_key_request_is_400_and_creates_nothing(
         client: TestClient, key_ring: KeyRing, service: FakeService, document: dict) -> None:

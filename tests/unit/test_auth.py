@@ -116,6 +116,18 @@ def test_no_bootstrap_key_takes_the_identity_of_a_runtime_key() -> None:
         assert _entry(name, generate_api_key(), TOKENIZE).name == name
 
 
+def test_an_api_key_pasted_as_a_name_is_refused_without_echoing_it() -> None:
+    """A key's name is logged, counted in metrics, audited and echoed in errors: a name that starts as the
+    vault's keys do (the key itself pasted where its name goes) is refused, and the error does not repeat
+    it. A name that only contains the prefix is a name."""
+    for pasted in (generate_api_key(), "tvk1_" + "a" * 40, "tvk_x"):
+        with pytest.raises(ApiKeyTableError, match="may not start with 'tvk_' or 'tvk1_'") as raised:
+            _entry(pasted, generate_api_key(), TOKENIZE)
+        assert pasted not in str(raised.value)
+    for name in ("tvk", "my-tvk_bot", "TVK_reader"):
+        assert _entry(name, generate_api_key(), TOKENIZE).name == name
+
+
 def test_table_refuses_duplicate_names_and_duplicate_keys() -> None:
     key = generate_api_key()
     with pytest.raises(ApiKeyTableError, match="twice"):

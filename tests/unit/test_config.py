@@ -558,6 +558,7 @@ detokenize_per_second = 0
 @pytest.mark.parametrize(("tables", "message"), [
     ('[[rate_limits.keys]]\ntokenize_per_second = 1', "rate_limits.keys[0] is missing name"),
     ('[[rate_limits.keys]]\nname = "a b"', "must be an API key name"),
+    ('[[rate_limits.keys]]\nname = "tvk_' + 'k' * 43 + '"', "may not start with 'tvk_'"),  # a key, not echoed
     ('[[rate_limits.keys]]\nname = "k"\ntokenize_burst = 5', "needs tokenize_per_second"),
     ('[[rate_limits.keys]]\nname = "k"\nadmin_per_second = -2', "admin_per_second must be between 0"),
     ('[[rate_limits.keys]]\nname = "k"\nquota = 1', "unknown key"),

@@ -380,6 +380,8 @@ def validate_key_request(document: dict[str, Any]) -> tuple[str, list[str]]:
     name, scopes = document["name"], document["scopes"]
     if not isinstance(name, str) or not auth.PRINCIPAL_NAME_PATTERN.match(name):
         raise InvalidRequest("'name' must be 1-64 characters of [A-Za-z0-9_.-] starting with a letter or digit")
+    if auth.looks_like_a_key(name):
+        raise InvalidRequest(f"'name': {auth.KEY_AS_NAME}")
     if not isinstance(scopes, list) or not scopes:
         raise InvalidRequest("'scopes' must be a non-empty array of scope names")
     if len(scopes) > len(auth.ALL_SCOPES):

@@ -11,7 +11,7 @@ from protocol.membership import Member, Membership, MembershipError
 from protocol.messages import (MESSAGE_REGISTRY, MESSAGE_TYPES, AppendEntries, AppendReply, ForwardRequest,
                                ForwardResponse, Heartbeat, HeartbeatReply, Hello, HelloProof, HelloRefused,
                                InstallSnapshot, Message, Ping, PreVote, PreVoteReply, ReadIndex, ReadIndexReply,
-                               RequestVote, SnapshotReply, VoteReply)
+                               ReplicatedSettings, RequestVote, SnapshotReply, VoteReply)
 from protocol.records import (BackupLostEntries, BecamePrimary, ElectionStarted, Event, MemberBelowFloor,
                               MembershipChanged, PrimaryChanged, ReadResult, Ready, ReplicaConfig, RestoredState, Role, SnapshotChunk,
                               SnapshotRead, SnapshotToInstall, SteppedDown, TransferEnd)
@@ -25,7 +25,7 @@ __all__ = [
     "MESSAGE_REGISTRY", "MESSAGE_TYPES", "AppendEntries", "AppendReply", "ForwardRequest", "ForwardResponse",
     "Heartbeat", "HeartbeatReply", "Hello", "HelloProof", "HelloRefused", "InstallSnapshot", "Message", "Ping",
     "PreVote", "PreVoteReply",
-    "ReadIndex", "ReadIndexReply", "RequestVote",
+    "ReadIndex", "ReadIndexReply", "ReplicatedSettings", "RequestVote",
     "SnapshotReply", "VoteReply",
     "BackupLostEntries", "BecamePrimary", "ElectionStarted", "Event", "MemberBelowFloor", "PrimaryChanged", "ReadResult", "Ready",
     "ReplicaConfig",

@@ -13,6 +13,7 @@ largest legitimate message holds is built.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -20,7 +21,7 @@ import msgpack
 
 from protocol.errors import ProtocolError
 from protocol.membership import MAX_MEMBERS, is_member_id
-from protocol.messages import MESSAGE_REGISTRY, MESSAGE_TYPES, Message
+from protocol.messages import MESSAGE_REGISTRY, MESSAGE_TYPES, Message, ReplicatedSettings
 from protocol.types import MAX_ENTRIES_PER_MESSAGE, Entry, EntryKind
 
 PROTOCOL_VERSION = 1
@@ -34,6 +35,10 @@ MAX_FLOOR_PAIRS = MAX_MEMBERS
 # Entries one AppendEntries may carry: 4x the 256 a replica batches by default; ReplicaConfig refuses a
 # max_entries_per_message above it, since every receiver refuses a larger batch.
 MAX_ENTRIES_PER_FRAME = MAX_ENTRIES_PER_MESSAGE
+# A Hello's settings: a few named integers (one today), so that a Hello stays well under the handshake's
+# 1 KiB frame bound (tokenvault/core/transport.py) with every one of them at its longest.
+MAX_SETTINGS = 8
+SETTING_NAME = re.compile(r"[a-z][a-z0-9_.]{0,47}\Z")
 
 
 # --------------------------------------------------------------------------- bounded msgpack
@@ -166,6 +171,24 @@ def _decode_floors(value: Any) -> tuple[tuple[str, int], ...]:
     return _decode_pairs(value, MAX_FLOOR_PAIRS, "member floor", _check_member_id, _check_integer)
 
 
+def _check_setting_name(value: Any) -> str:
+    if type(value) is not str or SETTING_NAME.match(value) is None:
+        raise ProtocolError("expected a setting name")
+    name: str = value
+    return name
+
+
+def decode_settings(value: Any) -> ReplicatedSettings:
+    """A Hello's settings: at most MAX_SETTINGS [name, value] pairs, sorted by name, each name once (the form
+    the handshake proof covers, so that two equal sets of settings are equal pairs)."""
+    settings: ReplicatedSettings = _decode_pairs(value, MAX_SETTINGS, "setting", _check_setting_name,
+                                                 _check_integer)
+    names = [name for name, _ in settings]
+    if names != sorted(set(names)):
+        raise ProtocolError("settings must be sorted by name, each name once")
+    return settings
+
+
 def _identity(value: Any) -> Any:
     return value
 
@@ -179,6 +202,7 @@ _FIELD_CODECS: dict[str, tuple[Callable[[Any], Any], Callable[[Any], Any]]] = {
     "tuple[Entry, ...]": (_encode_entries, _decode_entries),
     "tuple[tuple[str, str], ...]": (_encode_pairs, _decode_headers),
     "tuple[tuple[str, int], ...]": (_encode_pairs, _decode_floors),
+    "ReplicatedSettings": (_encode_pairs, decode_settings),
 }
 
 

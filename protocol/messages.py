@@ -215,16 +215,23 @@ class ReadIndexReply(Message):
 # --------------------------------------------------------------------------- transport frames
 # The replica ignores these; the node's transport and request forwarding use them.
 
+# The settings that shape the replicated state, which every node of a cluster must share (a Hello carries the
+# sender's): (name, value) pairs, sorted by name, each name once (protocol/codec.py bounds and checks them).
+ReplicatedSettings = tuple[tuple[str, int], ...]
+
 
 @dataclass(frozen=True, slots=True)
 class Hello(Message):
-    """Opens a peer connection: who is calling, a fresh challenge nonce, and the incarnation of the caller's
-    data directory (tokenvault/core/incarnations.py), which the caller's proof covers."""
+    """Opens a peer connection: who is calling, a fresh challenge nonce, the incarnation of the caller's
+    data directory (tokenvault/core/incarnations.py) and the caller's replicated-state settings (its
+    ``[idempotency]`` retention: two nodes that differ would apply one log to different states), which the
+    caller's proof covers."""
 
     TYPE_TAG: ClassVar[int] = 16
     node_id: str
     nonce: bytes
     incarnation: bytes
+    settings: ReplicatedSettings = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -667,6 +667,14 @@ class NodeConfig:
         """Every member except this node."""
         return tuple(member for member in self.members if member.id != self.node_id)
 
+    @property
+    def replicated_settings(self) -> tuple[tuple[str, int], ...]:
+        """The settings that shape the replicated state, sorted by name: the idempotency retention decides
+        which idempotency keys still answer as each entry is applied, so nodes that differ would apply one
+        log to different states. The peer handshake carries them, and a node refuses the links of a peer
+        whose settings differ (tokenvault/core/transport.py, docs/configuration.md)."""
+        return (("idempotency.retention_ms", self.idempotency.retention_ms),)
+
     def api_key_table(self) -> ApiKeyTable:
         return ApiKeyTable(self.api_keys)
 

@@ -19,10 +19,12 @@ entries = st.lists(st.builds(Entry, index=integers, view=integers, kind=st.sampl
                              payload=st.binary(max_size=64)), max_size=8).map(tuple)
 headers = st.lists(st.tuples(st.text(max_size=20), st.text(max_size=40)), max_size=6).map(tuple)
 floors = st.lists(st.tuples(st.text(min_size=1, max_size=16), integers), max_size=9).map(tuple)
+replicated_settings = st.dictionaries(st.from_regex(r"[a-z][a-z0-9_.]{0,47}", fullmatch=True), integers,
+                                      max_size=8).map(lambda settings: tuple(sorted(settings.items())))
 FIELD_STRATEGIES = {
     "int": integers, "bool": st.booleans(), "str": st.text(max_size=40), "bytes": st.binary(max_size=128),
     "tuple[Entry, ...]": entries, "tuple[tuple[str, str], ...]": headers,
-    "tuple[tuple[str, int], ...]": floors,
+    "tuple[tuple[str, int], ...]": floors, "ReplicatedSettings": replicated_settings,
 }
 
 

@@ -353,10 +353,12 @@ RAW_PEER_INCARNATION = b"\x07" * 16
 
 
 def handshake_proof(secret: bytes, nonce: bytes, prover_id: str, verifier_id: str,
-                    prover_incarnation: bytes = RAW_PEER_INCARNATION) -> bytes:
+                    prover_incarnation: bytes = RAW_PEER_INCARNATION,
+                    prover_settings: tuple[tuple[str, int], ...] = ()) -> bytes:
     """The peer handshake MAC as transport.py documents it, written independently for the tests."""
+    settings = b"\x00".join(b"%s=%d" % (name.encode(), value) for name, value in prover_settings)
     message = (HANDSHAKE_CONTEXT + prover_id.encode() + b"\x00" + verifier_id.encode() + b"\x00" + nonce
-               + b"\x00" + prover_incarnation)
+               + b"\x00" + prover_incarnation + b"\x00" + settings)
     return hmac.new(secret, message, hashlib.sha256).digest()
 
 
@@ -412,15 +414,19 @@ class RawPeer:
         return await asyncio.wait_for(read(), timeout_seconds)
 
     async def handshake(self, my_id: str, acceptor_id: str, secret: bytes,
-                        trailing: bytes = b"") -> None:
-        """Dial side of the handshake; ``trailing`` bytes go out in the same write as the proof."""
+                        trailing: bytes = b"", settings: tuple[tuple[str, int], ...] = ()) -> None:
+        """Dial side of the handshake; ``trailing`` bytes go out in the same write as the proof; ``settings``
+        are the replicated-state settings presented (a real node's: its config's replicated_settings)."""
         my_nonce = os.urandom(NONCE_BYTES)
-        await self.send(encode_frame(Hello(node_id=my_id, nonce=my_nonce, incarnation=RAW_PEER_INCARNATION)))
+        await self.send(encode_frame(Hello(node_id=my_id, nonce=my_nonce, incarnation=RAW_PEER_INCARNATION,
+                                           settings=settings)))
         hello, proof = await self.receive(2)
         assert isinstance(hello, Hello) and hello.node_id == acceptor_id
         assert isinstance(proof, HelloProof)
-        assert hmac.compare_digest(proof.mac, handshake_proof(secret, my_nonce, acceptor_id, my_id, hello.incarnation))
-        answer = HelloProof(node_id=my_id, mac=handshake_proof(secret, hello.nonce, my_id, acceptor_id))
+        assert hmac.compare_digest(proof.mac, handshake_proof(secret, my_nonce, acceptor_id, my_id, hello.incarnation,
+                                                              hello.settings))
+        answer = HelloProof(node_id=my_id, mac=handshake_proof(secret, hello.nonce, my_id, acceptor_id,
+                                                               prover_settings=settings))
         await self.send(encode_frame(answer) + trailing)
 
     def close(self) -> None:

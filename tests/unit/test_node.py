@@ -28,7 +28,7 @@ from protocol import AppendEntries, NotPrimary, Role
 from tokenvault.core import commands
 from tokenvault.core import store as store_module
 from tokenvault.core import wal as wal_module
-from tokenvault.config import TimingConfig, TlsConfig, WalConfig
+from tokenvault.config import IdempotencyConfig, TimingConfig, TlsConfig, WalConfig
 from tokenvault.crypto import tls
 from tokenvault.crypto.keys import new_epoch_secret
 from tokenvault.errors import ServiceError, Unavailable, problem_body_of
@@ -491,6 +491,46 @@ async def test_a_store_that_refuses_to_close_is_logged_once_and_the_next_start_r
     finally:
         await again.close()
     assert not again.node.close_failed
+
+
+async def test_a_node_configured_with_another_idempotency_retention_is_never_linked(tmp_path: Path) -> None:
+    """docs/configuration.md, what every node must share: n3's [idempotency] retention_hours differs, so it
+    would apply the log to another state; n1 and n2 refuse its links and it refuses theirs, each says so
+    naming the setting and both values, and the two others serve without it."""
+    configs = make_configs(tmp_path, 3)
+    configs[2] = dataclasses.replace(configs[2], idempotency=IdempotencyConfig(retention_hours=72))
+    cluster = Cluster(configs)
+    try:
+        with capture_logs() as logs:
+            for config in configs:
+                cluster.nodes.append(await start_node(config))
+            primary = await wait_until(lambda: next(iter(
+                running for running in cluster.primaries() if running.node.store.active_epoch() >= 1), None),
+                10, "n1 or n2 to serve as primary")
+            assert primary.node_id in ("n1", "n2")
+            await tokens_of(primary, ["served without n3"])
+
+            def differ() -> list[tuple[object, ...]]:
+                return sorted((entry["peer"], entry["setting"], entry["this_node_value"], entry["peer_value"])
+                              for entry in logs if entry["event"] == "peer.settings_differ")
+
+            def failures(node_id: str) -> int:
+                transport = cluster.by_id(node_id).node.transport
+                return 0 if transport is None else transport.handshake_failures
+
+            await wait_until(lambda: len(differ()) >= 4, 10, "both pairs to refuse each other")
+            await wait_until(lambda: all(failures(node_id) >= 3 for node_id in ("n1", "n2", "n3")), 10,
+                             "links refused again")
+        hours = 3_600_000
+        assert differ() == [("n1", "idempotency.retention_ms", 72 * hours, 48 * hours),  # on n3, once per peer
+                            ("n2", "idempotency.retention_ms", 72 * hours, 48 * hours),
+                            ("n3", "idempotency.retention_ms", 48 * hours, 72 * hours),  # on n1 and on n2
+                            ("n3", "idempotency.retention_ms", 48 * hours, 72 * hours)]
+        n3 = cluster.by_id("n3").node
+        assert n3.transport is not None and not any(n3.transport.is_connected(peer) for peer in ("n1", "n2"))
+        assert cluster.by_id("n3").node.store.active_epoch() == 0  # it received nothing
+    finally:
+        await cluster.close()
 
 
 def test_a_peer_link_is_reported_down_after_twice_the_longest_election_timeout() -> None:

@@ -32,6 +32,8 @@ EXAMPLES = [
     PreVote(view=6, last_index=12, last_view=5, poll=4),
     PreVoteReply(view=6, granted=False, last_index=12, poll=4),
     Hello(node_id="n1", nonce=b"\x01" * 16, incarnation=b"\x02" * 16),
+    Hello(node_id="n1", nonce=b"\x01" * 16, incarnation=b"\x02" * 16,
+          settings=(("a.b", 0), ("idempotency.retention_ms", 172_800_000))),
     HelloProof(node_id="n2", mac=b"\x02" * 32),
     HelloRefused(node_id="n2", reason="this node's data directory is not the one it had"),
     ForwardRequest(request_id=17, kind="tokenize", body=b'{"values":[]}'),
@@ -93,6 +95,14 @@ def test_zero_length_frame_is_refused() -> None:
     [PROTOCOL_VERSION, 5, 1, 1, 1, {"n1": 1}],                           # floors as a map
     [PROTOCOL_VERSION, 16, b"n1", b"x"],          # bytes where text belongs
     [PROTOCOL_VERSION, 16, "n1", "x"],            # text where bytes belong
+    [PROTOCOL_VERSION, 16, "n1", b"x", b"y", [["b", 1], ["a", 1]]],      # settings out of order
+    [PROTOCOL_VERSION, 16, "n1", b"x", b"y", [["a", 1], ["a", 2]]],      # a setting twice
+    [PROTOCOL_VERSION, 16, "n1", b"x", b"y", [["a=1", 1]]],              # a name that could forge the proof
+    [PROTOCOL_VERSION, 16, "n1", b"x", b"y", [["a" * 49, 1]]],           # a name too long
+    [PROTOCOL_VERSION, 16, "n1", b"x", b"y", [["a", -1]]],               # a negative value
+    [PROTOCOL_VERSION, 16, "n1", b"x", b"y", [["a", True]]],             # a boolean value
+    [PROTOCOL_VERSION, 16, "n1", b"x", b"y", [[f"s{i}", 1] for i in range(9)]],  # more than 8 settings
+    [PROTOCOL_VERSION, 16, "n1", b"x", b"y", {"a": 1}],                  # settings as a map
     [PROTOCOL_VERSION, 3, 1, 0, 0, 0, [[1, 1, 7, b""]]],   # unknown entry kind
     [PROTOCOL_VERSION, 3, 1, 0, 0, 0, [[1, 1, 0]]],        # short entry
     [PROTOCOL_VERSION, 19, 1, 200, b"", [["a"]]],          # short header pair

@@ -7,6 +7,8 @@ Real PeerTransport objects talk to each other, and a hand-driven RawPeer
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import json
 import os
 import select
@@ -23,7 +25,9 @@ from structlog.testing import capture_logs
 
 from node_support import (RAW_PEER_INCARNATION, RawPeer, free_ports, handshake_proof, retry_until_ok, start_cluster,
                           wait_until, write_certificate_naming)
-from protocol import ForwardRequest, Hello, HelloProof, RequestVote, encode_frame
+from protocol import ForwardRequest, FrameDecoder, Hello, HelloProof, RequestVote, encode_frame
+from protocol.codec import MAX_SETTINGS
+from protocol.membership import MAX_NODE_ID_BYTES
 from tokenvault.crypto import tls
 from tokenvault.core import transport as transport_module
 from tokenvault.errors import Unavailable
@@ -167,6 +171,116 @@ async def test_a_peer_that_stops_refusing_this_node_leaves_its_refused_by(mesh: 
     await wait_until(lambda: 7 in forwards(mesh.sides["n2"]), 5, "a frame over the accepted link")
     mesh.sides["n2"].transport.send("n1", forward(8))
     await wait_until(lambda: n1.transport.refused_by() == [], 5, "n2 to leave refused_by")
+
+
+HOUR_RETENTION = (("idempotency.retention_ms", 3_600_000),)
+TWO_HOUR_RETENTION = (("idempotency.retention_ms", 7_200_000),)
+
+
+@pytest.mark.parametrize("dialer_settings, acceptor_settings", [(HOUR_RETENTION, TWO_HOUR_RETENTION),
+                                                                (TWO_HOUR_RETENTION, HOUR_RETENTION)],
+                         ids=["dialer-shorter", "acceptor-shorter"])
+async def test_peers_whose_replicated_settings_differ_refuse_each_other_both_ways_and_say_it_once(
+        mesh: Mesh, dialer_settings: tuple[tuple[str, int], ...],
+        acceptor_settings: tuple[tuple[str, int], ...]) -> None:
+    """Two nodes with different idempotency retention would apply one log to different states
+    (docs/configuration.md): n1 (the dialer) and n2 prove the cluster secret to each other, and each refuses
+    the link, however often n1 redials, and says so once, naming the setting and both values."""
+    settings = {"n1": dialer_settings, "n2": acceptor_settings}
+    with capture_logs() as logs:
+        n2 = await mesh.start("n2", settings=acceptor_settings)
+        n1 = await mesh.start("n1", settings=dialer_settings)
+
+        def said(node_id: str) -> list[dict[str, object]]:
+            return [entry for entry in logs if entry["event"] == "peer.settings_differ"
+                    and entry["peer"] == ("n2" if node_id == "n1" else "n1")]
+
+        await wait_until(lambda: said("n1") and said("n2") and n1.transport.handshake_failures >= 3
+                         and n2.transport.handshake_failures >= 3, 10, "both sides to refuse several links")
+        assert not n1.transport.send("n2", forward(5)) and not n2.transport.send("n1", forward(6))
+    assert not any(entry["event"] == "peer.up" for entry in logs), "no link was ever served"
+    assert n1.received == [] and n2.received == []
+    for node_id, other in (("n1", "n2"), ("n2", "n1")):
+        lines = said(node_id)
+        assert len(lines) == 1, lines
+        assert lines[0]["log_level"] == "error"
+        assert lines[0]["setting"] == "idempotency.retention_ms"
+        assert lines[0]["this_node_value"] == settings[node_id][0][1]
+        assert lines[0]["peer_value"] == settings[other][0][1]
+        assert "stop every node" in str(lines[0]["detail"])
+    assert {entry["reason"] for entry in logs if entry["event"] == "peer.handshake_failed"
+            and "peer" in entry} == {"SettingsDiffer"}  # the dialer's attempts, by type
+
+
+async def test_peers_with_equal_replicated_settings_link_as_before(mesh: Mesh) -> None:
+    with capture_logs() as logs:
+        n1 = await mesh.start("n1", settings=HOUR_RETENTION)
+        n2 = await mesh.start("n2", settings=HOUR_RETENTION)
+        await wait_until(lambda: n1.transport.is_connected("n2") and n2.transport.is_connected("n1"), 5, "n1-n2")
+        assert n1.transport.send("n2", forward(1))
+        await wait_until(lambda: 1 in forwards(n2), 5, "n1 -> n2")
+        assert n2.transport.send("n1", forward(2))
+        await wait_until(lambda: 2 in forwards(n1), 5, "n2 -> n1")
+    assert n1.transport.handshake_failures == 0 and n2.transport.handshake_failures == 0
+    assert not any(entry["event"] == "peer.settings_differ" for entry in logs)
+
+
+async def test_a_hello_whose_settings_were_changed_on_the_way_fails_the_proof(mesh: Mesh) -> None:
+    """The proof covers the settings a Hello gives: a relay between n1 (two hours) and n2 (one hour) that
+    rewrites n1's Hello to show n2's own settings, and passes everything else on as it is, does not get n1
+    linked (without the settings in the proof, n2 took the rewritten Hello for n1's and served the link)."""
+    n2 = await mesh.start("n2", settings=HOUR_RETENTION)
+    relayed: list[Hello] = []
+    pipes: list[asyncio.Task[None]] = []
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError):
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        writer.close()
+
+    async def relay(from_n1: asyncio.StreamReader, to_n1: asyncio.StreamWriter) -> None:
+        from_n2, to_n2 = await asyncio.open_connection("127.0.0.1", mesh.ports["n2"])
+        pipes.append(asyncio.create_task(pipe(from_n2, to_n1)))
+        with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+            prefix = await from_n1.readexactly(4)
+            (hello,) = FrameDecoder().feed(prefix + await from_n1.readexactly(int.from_bytes(prefix, "big")))
+            assert isinstance(hello, Hello)
+            relayed.append(hello)
+            to_n2.write(encode_frame(dataclasses.replace(hello, settings=HOUR_RETENTION)))
+            await pipe(from_n1, to_n2)
+
+    proxy = await asyncio.start_server(relay, "127.0.0.1", 0)
+    proxy_port = proxy.sockets[0].getsockname()[1]
+    try:
+        with capture_logs() as logs:
+            received: list[tuple[str, object]] = []
+            n1 = PeerTransport("n1", "127.0.0.1", mesh.ports["n1"],
+                               [PeerAddress("n1", "127.0.0.1", mesh.ports["n1"]),
+                                PeerAddress("n2", "127.0.0.1", proxy_port)], mesh.secret,
+                               lambda sender, message: received.append((sender, message)), MAX_FRAME_BYTES,
+                               settings=TWO_HOUR_RETENTION)
+            mesh.sides["n1"] = Side(n1, received)
+            await n1.start()
+            await wait_until(lambda: n2.transport.handshake_failures >= 3, 10, "n2 to refuse several links")
+        assert relayed and all(hello.settings == TWO_HOUR_RETENTION for hello in relayed)
+        assert not any(entry["event"] == "peer.up" for entry in logs), "n2 never served the link"
+        assert not any(entry["event"] == "peer.settings_differ" and entry["peer"] == "n1" for entry in logs)
+    finally:
+        proxy.close()
+        for task in pipes:
+            task.cancel()
+        await asyncio.gather(*pipes, return_exceptions=True)
+
+
+def test_the_largest_hello_fits_the_handshake_frame_bound() -> None:
+    """A Hello with the longest member id and the most, longest settings the codec takes is read by a
+    handshake decoder (HANDSHAKE_MAX_FRAME_BYTES), so a future setting cannot make a member unable to link."""
+    settings = tuple((f"{index}".rjust(48, "a"), 2**63 - 1) for index in range(MAX_SETTINGS))
+    hello = Hello(node_id="n" * MAX_NODE_ID_BYTES, nonce=b"\xff" * transport_module.NONCE_BYTES,
+                  incarnation=b"\xff" * 16, settings=settings)
+    assert transport_module.FrameDecoder(transport_module.HANDSHAKE_MAX_FRAME_BYTES).feed(encode_frame(hello)) == [hello]
 
 
 async def test_set_peers_links_a_new_member_and_drops_a_removed_one(mesh: Mesh) -> None:
@@ -667,7 +781,7 @@ async def test_a_stranger_and_a_garbling_peer_do_not_disturb_a_cluster(
         garbler = await RawPeer.connect(target.config.peer.port)
         try:
             # It holds the secret (a confused or buggy member): its garbage costs only its own link.
-            await garbler.handshake("n1", "n3", secret)
+            await garbler.handshake("n1", "n3", secret, settings=target.config.replicated_settings)
             await garbler.send(b"\xff\xff\xff\xff garbage")
             await garbler.read_until_closed()
         finally:
@@ -995,13 +1109,17 @@ async def test_a_16_mib_frame_before_authentication_allocates_almost_nothing(
     assert peak - baseline < 4 * 1024 * 1024, f"{peak - baseline} bytes allocated during the attack"
 
 
-async def test_a_dialer_refuses_an_acceptor_of_another_peer_protocol_version_and_says_so(mesh: Mesh) -> None:
+@pytest.mark.parametrize("offset", [-1, 1, 100], ids=["older", "newer", "newer-by-more-digits"])
+async def test_a_dialer_refuses_an_acceptor_of_another_peer_protocol_version_and_says_so(
+        mesh: Mesh, offset: int) -> None:
     """Nodes of different versions do not link (docs/replication.md, "Messages"): the acceptor's greeting
     names its version, and a dialer greeted by another version logs the handshake failure as
-    PeerVersionMismatch and sends nothing, not even a Hello."""
-    older = transport_module.GREETING_PREFIX + b"%d\n" % (transport_module.PEER_PROTOCOL_VERSION - 1)
+    PeerVersionMismatch and sends nothing, not even a Hello. A version with fewer digits (9 against 10)
+    is told apart too: the greeting is read up to its newline (before, the dialer waited for a byte that
+    never came and failed by timeout)."""
+    other = transport_module.GREETING_PREFIX + b"%d\n" % (transport_module.PEER_PROTOCOL_VERSION + offset)
     with capture_logs() as logs:
-        dialer, received = await dialed_by_n1(mesh, older)
+        dialer, received = await dialed_by_n1(mesh, other)
     assert not dialer.transport.is_connected("n2")
     assert received and all(data == b"" for data in received)
     assert {entry["reason"] for entry in logs if entry["event"] == "peer.handshake_failed"} == {"PeerVersionMismatch"}

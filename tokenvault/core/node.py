@@ -200,7 +200,8 @@ class Node:
                                            idle_timeout_seconds=_link_idle_timeout_seconds(config), tls=peer_tls,
                                            max_unauthenticated_connections=config.peer.max_unauthenticated_connections,
                                            incarnation=self.incarnation, admit=self.admit_peer,
-                                           on_dropped=self.metrics.record_peer_message_dropped)
+                                           on_dropped=self.metrics.record_peer_message_dropped,
+                                           settings=config.replicated_settings)
             self._follow_membership()  # links to the committed configuration's members too, not only the newest's
         self._inbox: deque[tuple[Any, ...]] = deque()
         self._wakeup = asyncio.Event()

@@ -23,6 +23,9 @@ own stays under twice READ_CHUNK_BYTES, 512 KiB, per connection, and at most
 4. Both sides prove they hold the cluster secret with an HMAC over the other
    side's random nonce (a second factor under TLS; the only one in a plain
    cluster), and the id in the Hello must be the one the certificate names.
+   The proof also covers the incarnation and the replicated-state settings the
+   prover's Hello gave; a member in another incarnation, or with settings
+   other than this node's, is refused once it has proved itself.
    Handshake frames are read one at a time with exact reads through a decoder
    limited to ``HANDSHAKE_MAX_FRAME_BYTES``: a larger length prefix is refused
    before any of its body is read.
@@ -53,19 +56,21 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 from dataclasses import dataclass
 
-from protocol import FrameDecoder, Hello, HelloProof, HelloRefused, Message, Ping, ProtocolError, encode_frame
-from protocol.codec import LENGTH_PREFIX_BYTES
+from protocol import (FrameDecoder, Hello, HelloProof, HelloRefused, Message, Ping, ProtocolError, ReplicatedSettings,
+                      encode_frame)
+from protocol.codec import LENGTH_PREFIX_BYTES, decode_settings
 from tokenvault.futures import cancel_and_wait
 from tokenvault.logs import SummedEvent, get_logger
 from tokenvault.core.incarnations import INCARNATION_BYTES
 from tokenvault.crypto.tls import PeerTlsContexts, peer_node_ids
 
 HANDSHAKE_TIMEOUT_SECONDS = 3.0
-# peer.incarnation_changed is said once per member and incarnation, peer.refused_this_node once per peer,
-# for at most this many of them.
+# peer.incarnation_changed is said once per member and incarnation, peer.settings_differ once per member and
+# settings, peer.refused_this_node once per peer, for at most this many of them.
 MAX_INCARNATIONS_REFUSED_LOGGED = 64
 REFUSAL_REASON_MAX_CHARS = 400
-# Hello and HelloProof are under 100 bytes; nothing larger is read from a peer not yet authenticated.
+# A HelloProof is under 100 bytes, a Hello under 700 with the most settings the codec allows (MAX_SETTINGS);
+# nothing larger is read from a peer not yet authenticated.
 HANDSHAKE_MAX_FRAME_BYTES = 1024
 DEFAULT_MAX_UNAUTHENTICATED_CONNECTIONS = 8
 # Sent by the acceptor first; the version lets nodes of different versions refuse each other cleanly
@@ -78,10 +83,15 @@ DEFAULT_MAX_UNAUTHENTICATED_CONNECTIONS = 8
 # request carry the candidate's ``since``, an append a sequence number its reply echoes, a heartbeat the
 # primary's own commit index and its reply the backup's last index (protocol/messages.py). 9: a re-tokenize's
 # tokenize entry may say that it carries each mapping's life (``carries_lives``, a 14th field;
-# tokenvault/core/commands.py), which a node of version 8 refuses to decode.
-PEER_PROTOCOL_VERSION = 9
+# tokenvault/core/commands.py), which a node of version 8 refuses to decode. 10: the Hello carries the sender's
+# replicated-state settings (``settings``), which its proof covers.
+PEER_PROTOCOL_VERSION = 10
 GREETING_PREFIX = b"TVPEER"
 GREETING = GREETING_PREFIX + b"%d\n" % PEER_PROTOCOL_VERSION
+# A greeting is read up to its newline, at most this long: versions differ in their number of digits (9 and 10),
+# and a dialer that read as many bytes as its own greeting has would wait, for a shorter one, on a byte
+# that never comes, and fail by timeout instead of as PeerVersionMismatch.
+GREETING_MAX_BYTES = len(GREETING_PREFIX) + 20
 NONCE_BYTES = 32
 SEND_QUEUE_MAX_MESSAGES = 4096
 # A forwarded request's body may be 8 MiB and an append 4 MiB and more: frames alone would let a peer
@@ -111,11 +121,15 @@ class PeerAddress:
     port: int
 
 
-def _proof(secret: bytes, nonce: bytes, prover_id: str, verifier_id: str, prover_incarnation: bytes) -> bytes:
+def _proof(secret: bytes, nonce: bytes, prover_id: str, verifier_id: str, prover_incarnation: bytes,
+           prover_settings: ReplicatedSettings) -> bytes:
     """The MAC that shows the prover holds the cluster secret, bound to both ids, the nonce and the
-    incarnation the prover's Hello gave."""
+    incarnation and settings the prover's Hello gave (so that no one without the secret can present a
+    member's Hello with other settings). The incarnation has a fixed length and a setting's name holds
+    neither ``=`` nor NUL (protocol.codec.SETTING_NAME), so the message reads back one way only."""
+    settings = b"\x00".join(f"{name}={value}".encode() for name, value in prover_settings)
     message = (b"tokenvault/peer-handshake\x00" + prover_id.encode() + b"\x00" + verifier_id.encode() + b"\x00"
-               + nonce + b"\x00" + prover_incarnation)
+               + nonce + b"\x00" + prover_incarnation + b"\x00" + settings)
     return hmac.new(secret, message, hashlib.sha256).digest()
 
 
@@ -132,6 +146,11 @@ class IncarnationChanged(HandshakeError):
     """A member came back in another life of its data directory (tokenvault/core/incarnations.py)."""
 
 
+class SettingsDiffer(HandshakeError):
+    """A member proved the cluster secret with replicated-state settings other than this node's: the two
+    would apply the same log to different states (docs/configuration.md, what every node must share)."""
+
+
 class RefusedByPeer(Exception):
     """The other side refused this node (HelloRefused), and said why."""
 
@@ -140,6 +159,12 @@ class RefusedByPeer(Exception):
 INCARNATION_REFUSAL = ("this node's data directory is not the one it had when the peer last saw it (started empty, or "
                        "on another disk): it forgot what it acknowledged and must not vote; replace it with a new "
                        "member (run_cluster.sh add-node, then remove-node of this one; docs/failure-modes.md)")
+
+
+# What peer.settings_differ says besides the setting and both values.
+SETTINGS_DIFFER_DETAIL = ("every node of a cluster must have the same replicated-state settings, or they apply the "
+                          "same log to different states, so this link is refused; to change one, stop every node, "
+                          "give every node's config the same value, then start them (docs/configuration.md)")
 
 
 def _abort(writer: asyncio.StreamWriter) -> None:
@@ -164,6 +189,15 @@ def _remote_address(writer: asyncio.StreamWriter) -> str:
 def _host(remote: str) -> str:
     """The host of a ``_remote_address`` (its port dropped: each new connection has another)."""
     return remote.rsplit(":", 1)[0] if ":" in remote else remote
+
+
+async def _read_greeting(reader: asyncio.StreamReader) -> bytes:
+    """The acceptor's greeting: its bytes up to and with its newline, or GREETING_MAX_BYTES of them. Read a
+    byte at a time past the shortest greeting, so that nothing after the newline (the start of TLS) is taken."""
+    greeting = await reader.readexactly(len(GREETING_PREFIX) + 2)  # the prefix, one digit and the newline
+    while not greeting.endswith(b"\n") and len(greeting) < GREETING_MAX_BYTES:
+        greeting += await reader.readexactly(1)
+    return greeting
 
 
 async def _read_handshake_frame(reader: asyncio.StreamReader, decoder: FrameDecoder) -> object:
@@ -267,10 +301,12 @@ class PeerTransport:
                  max_unauthenticated_connections: int = DEFAULT_MAX_UNAUTHENTICATED_CONNECTIONS,
                  handshake_timeout_seconds: float = HANDSHAKE_TIMEOUT_SECONDS,
                  incarnation: bytes | None = None, admit: Callable[[str, bytes], bool] | None = None,
-                 on_dropped: Callable[[str], None] | None = None) -> None:
+                 on_dropped: Callable[[str], None] | None = None, settings: ReplicatedSettings = ()) -> None:
         """``incarnation``: this node's (random when not given); ``admit(member, incarnation)``: whether a
         member that proved the cluster secret is in the incarnation this node knows (None: every one is);
-        ``on_dropped(peer)``: called for each message a full link refused."""
+        ``on_dropped(peer)``: called for each message a full link refused; ``settings``: this node's
+        replicated-state settings (NodeConfig.replicated_settings), sorted by name: a peer whose Hello gives
+        others is refused."""
         if max_unauthenticated_connections < 1:
             raise ValueError("max_unauthenticated_connections must be at least 1")
         if handshake_timeout_seconds <= 0:
@@ -292,6 +328,11 @@ class PeerTransport:
             raise ValueError(f"an incarnation is {INCARNATION_BYTES} bytes")
         self._admit = admit
         self._incarnations_refused: set[tuple[str, bytes]] = set()
+        try:
+            self._settings = decode_settings([[name, value] for name, value in settings])
+        except ProtocolError as error:  # what a peer would refuse to decode
+            raise ValueError(f"settings: {error}") from None
+        self._settings_refused: set[tuple[str, ReplicatedSettings]] = set()
         self._refused_by: set[str] = set()
         self._connections: dict[str, _Connection] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -454,7 +495,7 @@ class PeerTransport:
 
     async def _authenticate_as_dialer(self, peer: PeerAddress, reader: asyncio.StreamReader,
                                       writer: asyncio.StreamWriter) -> None:
-        greeting = await reader.readexactly(len(GREETING))
+        greeting = await _read_greeting(reader)
         if greeting != GREETING:
             if greeting.startswith(GREETING_PREFIX):
                 raise PeerVersionMismatch("the acceptor runs another peer protocol version")
@@ -466,7 +507,8 @@ class PeerTransport:
                 raise HandshakeError("the acceptor's certificate does not name the peer dialled, and it alone")
         decoder = FrameDecoder(HANDSHAKE_MAX_FRAME_BYTES)
         my_nonce = os.urandom(NONCE_BYTES)
-        writer.write(encode_frame(Hello(node_id=self.node_id, nonce=my_nonce, incarnation=self._incarnation)))
+        writer.write(encode_frame(Hello(node_id=self.node_id, nonce=my_nonce, incarnation=self._incarnation,
+                                        settings=self._settings)))
         await writer.drain()
         hello = await _read_handshake_frame(reader, decoder)
         proof = await _read_handshake_frame(reader, decoder)
@@ -474,16 +516,23 @@ class PeerTransport:
             raise HandshakeError("unexpected handshake frames")
         if len(hello.nonce) != NONCE_BYTES or len(hello.incarnation) != INCARNATION_BYTES:
             raise HandshakeError("bad nonce or incarnation")  # a short nonce would weaken our proof
-        expected = _proof(self._secret, my_nonce, peer.node_id, self.node_id, hello.incarnation)
+        expected = _proof(self._secret, my_nonce, peer.node_id, self.node_id, hello.incarnation, hello.settings)
         if not hmac.compare_digest(expected, proof.mac):
             raise HandshakeError("peer failed to prove the cluster secret")
         our_proof = encode_frame(HelloProof(node_id=self.node_id, mac=_proof(
-            self._secret, hello.nonce, self.node_id, peer.node_id, self._incarnation)))
+            self._secret, hello.nonce, self.node_id, peer.node_id, self._incarnation, self._settings)))
         try:
             self._check_incarnation(peer.node_id, hello.incarnation)
         except IncarnationChanged:
             # Our proof first, so that the acceptor takes the refusal from a member, not from anyone.
             await self._send_refusal(writer, our_proof)
+            raise
+        try:
+            self._check_settings(peer.node_id, hello.settings)
+        except SettingsDiffer:
+            # Our proof still goes: with it the acceptor knows our settings are a member's, and refuses the
+            # link and says why on its side too (no HelloRefused is needed: each side holds both settings).
+            await self._send_before_abort(writer, our_proof)
             raise
         writer.write(our_proof)
         await writer.drain()
@@ -537,13 +586,14 @@ class PeerTransport:
         if len(hello.nonce) != NONCE_BYTES or len(hello.incarnation) != INCARNATION_BYTES:
             raise HandshakeError("bad nonce or incarnation")
         my_nonce = os.urandom(NONCE_BYTES)
-        writer.write(encode_frame(Hello(node_id=self.node_id, nonce=my_nonce, incarnation=self._incarnation))
+        writer.write(encode_frame(Hello(node_id=self.node_id, nonce=my_nonce, incarnation=self._incarnation,
+                                        settings=self._settings))
                      + encode_frame(HelloProof(node_id=self.node_id, mac=_proof(
-                         self._secret, hello.nonce, self.node_id, hello.node_id, self._incarnation))))
+                         self._secret, hello.nonce, self.node_id, hello.node_id, self._incarnation, self._settings))))
         await writer.drain()
         # The dialer sends nothing after Hello until it has our proof, so the next frame must be its proof.
         proof = await _read_handshake_frame(reader, decoder)
-        expected = _proof(self._secret, my_nonce, hello.node_id, self.node_id, hello.incarnation)
+        expected = _proof(self._secret, my_nonce, hello.node_id, self.node_id, hello.incarnation, hello.settings)
         if not isinstance(proof, HelloProof) or not hmac.compare_digest(expected, proof.mac):
             raise HandshakeError("peer failed to prove the cluster secret")
         try:
@@ -551,6 +601,7 @@ class PeerTransport:
         except IncarnationChanged:
             await self._send_refusal(writer)
             raise
+        self._check_settings(hello.node_id, hello.settings)  # the dialer checked ours and says so itself
         return hello.node_id
 
     async def _send_refusal(self, writer: asyncio.StreamWriter, before: bytes = b"") -> None:
@@ -558,7 +609,14 @@ class PeerTransport:
         dialer's proof), and wait until that has left this process (the connection is aborted next, which
         would drop what is still buffered). The other side reads it as its first frame after the handshake,
         from an authenticated peer."""
-        writer.write(before + encode_frame(HelloRefused(node_id=self.node_id, reason=INCARNATION_REFUSAL)))
+        await self._send_before_abort(
+            writer, before + encode_frame(HelloRefused(node_id=self.node_id, reason=INCARNATION_REFUSAL)))
+
+    @staticmethod
+    async def _send_before_abort(writer: asyncio.StreamWriter, data: bytes) -> None:
+        """Write ``data`` and wait until it has left this process: the connection is aborted next, which
+        would drop what is still buffered."""
+        writer.write(data)
         writer.transport.set_write_buffer_limits(high=0)
         with contextlib.suppress(ConnectionError, OSError):
             await writer.drain()
@@ -590,6 +648,22 @@ class PeerTransport:
                       "refused; replace it with a new member (run_cluster.sh add-node, then remove-node of "
                       "this one; docs/failure-modes.md)")
         raise IncarnationChanged(f"{peer_id} is in another incarnation")
+
+    def _check_settings(self, peer_id: str, settings: ReplicatedSettings) -> None:
+        """Refuse a member that proved the secret with replicated-state settings other than this node's: one
+        log applied with another idempotency retention holds another state (docs/configuration.md). Said
+        once per member and settings, one line per setting that differs (an absent one as null)."""
+        if settings == self._settings:
+            return
+        said = self._settings_refused
+        if (peer_id, settings) not in said and len(said) < MAX_INCARNATIONS_REFUSED_LOGGED:
+            said.add((peer_id, settings))  # the rest as handshake failures
+            ours, theirs = dict(self._settings), dict(settings)
+            for name in sorted(ours.keys() | theirs.keys()):
+                if ours.get(name) != theirs.get(name):
+                    log.error("peer.settings_differ", peer=peer_id, setting=name, this_node_value=ours.get(name),
+                              peer_value=theirs.get(name), detail=SETTINGS_DIFFER_DETAIL)
+        raise SettingsDiffer(f"{peer_id} has other replicated-state settings")
 
     # ----------------------------------------------------------------- serving
     async def _serve_connection(self, connection: _Connection) -> None:

@@ -341,6 +341,9 @@ def test_every_key_the_store_is_opened_with_is_listed_as_one_every_node_must_sha
     shared = page[page.index("## What every node of a cluster must share"):]
     shared = shared[:shared.index("\n## ", 1)]
     assert {(table, key) for table, key in keys if f"`[{table}] {key}`" not in shared} == set()
+    # And the peer handshake carries each (NodeConfig.replicated_settings), so nodes that differ never link.
+    carried = {name.split(".")[0] for name, _ in config.parse_config(PROBE).replicated_settings}
+    assert {table for table, _ in keys} <= carried, "a setting the store is opened with is not in the handshake"
 
 
 # `` `[http] max_connections` (1024) ``, `` `peer.max_unauthenticated_connections` (default 8) ``, `` `body_timeout_ms`

@@ -521,6 +521,30 @@ def test_the_byte_bound_counts_what_the_link_wrote_and_the_socket_did_not_take(
     assert connection.enqueue(b"x" * 20_000) is None and connection.enqueue(b"z") == "bytes"
 
 
+def test_one_write_moves_at_most_write_bytes_max_into_the_transport_or_one_larger_frame() -> None:
+    """On a TLS link the transport counts only what it has not encrypted yet (asyncio's SSL transport hands
+    the rest to the socket transport beneath it, uncounted, until that one pauses it: measured, 0 bytes
+    counted while 12.9 MB sat beneath), so what one write moves out of the queue is what the byte bound
+    cannot see. Each write moves at most WRITE_BYTES_MAX (a larger frame alone); before, up to
+    FRAMES_PER_WRITE frames of any size, the whole 64 MiB queue."""
+    writer = FakeWriter()
+    connection = transport_module._Connection("n2", None, writer, None)  # type: ignore[arg-type]
+    frame = b"x" * (transport_module.WRITE_BYTES_MAX // 4)
+    for _ in range(10):
+        assert connection.enqueue(frame) is None
+    writer.transport.buffered = 0
+    connection.flush()
+    assert len(writer.written) == 1 and len(writer.written[0]) == transport_module.WRITE_BYTES_MAX
+    assert connection.queued_bytes == 6 * len(frame)
+    large = b"y" * (2 * transport_module.WRITE_BYTES_MAX)
+    writer.transport.buffered = 0
+    connection.queue = asyncio.Queue(transport_module.SEND_QUEUE_MAX_MESSAGES)
+    connection.queued_bytes = 0
+    assert connection.enqueue(large) is None and connection.enqueue(frame) is None
+    connection.flush()
+    assert writer.written[-1] == large and connection.queued_bytes == len(frame)
+
+
 # --------------------------------------------------------------------------- hostile peers
 
 async def test_transports_with_different_secrets_never_connect(mesh: Mesh) -> None:

@@ -99,6 +99,11 @@ SEND_QUEUE_MAX_MESSAGES = 4096
 SEND_QUEUE_MAX_BYTES = 64 * 1024 * 1024
 # Queued frames coalesced into one socket write, to save syscalls.
 FRAMES_PER_WRITE = 512
+# And at most about this many bytes (a larger frame goes alone). On a TLS link the transport counts only what
+# it has not encrypted yet: what it encrypted sits in the socket transport beneath it, uncounted, until that
+# one's flow control pauses it. One write at a time of at most this much keeps that part near this bound (plus
+# the socket transport's 64 KiB high-water mark), not up to the whole queue.
+WRITE_BYTES_MAX = 1 << 20
 RECONNECT_DELAY_SECONDS_MIN = 0.05
 RECONNECT_DELAY_SECONDS_MAX = 1.0
 READ_CHUNK_BYTES = 256 * 1024
@@ -258,10 +263,14 @@ class _Connection:
             self._write_queued([])
 
     def _write_queued(self, frames: list[bytes]) -> bool:
-        """Write ``frames`` and whatever else is queued (up to FRAMES_PER_WRITE) in one write; False if
-        the socket is gone (then it is aborted, and the read side reports the peer down)."""
-        while not self.queue.empty() and len(frames) < FRAMES_PER_WRITE:
-            frames.append(self.queue.get_nowait())
+        """Write ``frames`` and whatever else is queued (up to FRAMES_PER_WRITE frames and WRITE_BYTES_MAX
+        bytes) in one write; False if the socket is gone (then it is aborted, and the read side reports the
+        peer down)."""
+        size = sum(len(frame) for frame in frames)
+        while not self.queue.empty() and len(frames) < FRAMES_PER_WRITE and size < WRITE_BYTES_MAX:
+            frame = self.queue.get_nowait()
+            frames.append(frame)
+            size += len(frame)
         data = b"".join(frames)
         self.queued_bytes -= len(data)  # every frame came from the queue
         try:

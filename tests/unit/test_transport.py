@@ -1204,3 +1204,13 @@ def test_a_link_counts_the_bytes_given_to_it_until_they_reach_the_kernel() -> No
     assert connection.queued_bytes == 0 and connection.backlog_bytes() == sum(map(len, frames))
     writer.transport.buffered = 0  # the kernel took them
     assert connection.backlog_bytes() == 0
+
+
+async def test_a_dialer_greeted_by_something_else_than_a_vault_refuses_at_once(mesh: Mesh) -> None:
+    """A server on the peer port that sends a short banner with no newline: refused as no vault peer as soon
+    as its first bytes are read, not after waiting (for the handshake timeout) on bytes it never sends."""
+    with capture_logs() as logs:
+        dialer, received = await dialed_by_n1(mesh, b"SSH-2.0-")
+    assert not dialer.transport.is_connected("n2")
+    assert {entry["reason"] for entry in logs if entry["event"] == "peer.handshake_failed"} == {"HandshakeError"}
+    assert all(data == b"" for data in received)

@@ -200,7 +200,8 @@ async def _read_greeting(reader: asyncio.StreamReader) -> bytes:
     """The acceptor's greeting: its bytes up to and with its newline, or GREETING_MAX_BYTES of them. Read a
     byte at a time past the shortest greeting, so that nothing after the newline (the start of TLS) is taken."""
     greeting = await reader.readexactly(len(GREETING_PREFIX) + 2)  # the prefix, one digit and the newline
-    while not greeting.endswith(b"\n") and len(greeting) < GREETING_MAX_BYTES:
+    # Not a vault's greeting at all: refused at once, not after waiting on bytes such a server may never send.
+    while greeting.startswith(GREETING_PREFIX) and not greeting.endswith(b"\n") and len(greeting) < GREETING_MAX_BYTES:
         greeting += await reader.readexactly(1)
     return greeting
 

@@ -963,6 +963,14 @@ async def test_a_key_revoked_before_a_node_acts_on_it_is_refused_there_and_by_th
         "list members (forwarded, naming no key)": lambda: backup.service.list_members(key_id),
         "an epoch's tokens (forwarded, naming no key)": lambda: backup.service.epoch_tokens(1, None, 10, key_id),
         "list keys on the primary": lambda: primary.service.list_keys(key_id),
+        # The primary's own HTTP workers authenticate against the table its core last pushed them, which may
+        # lag a revocation the core applied: its writes are checked there too (they went through before).
+        "tokenize on the primary (a write)": lambda: primary.service.tokenize(f"key-{key_id}", ["new-here"], None),
+        "a worker's sealed tokenize on the primary (a write)": lambda: primary.service.tokenize_sealed(
+            f"key-{key_id}", 1, ["sealed-here"], [primary.node.keyring.get(1).seal("sealed-here")]),
+        "rotate on the primary": lambda: primary.service.rotate_epoch(f"key-{key_id}", None, revoked),
+        "create a key on the primary": lambda: primary.service.create_key("heir", ["admin"], revoked),
+        "delete on the primary": lambda: primary.service.delete_tokens(tokens, revoked),
     }
     for name, call in refused.items():
         with pytest.raises(ServiceError) as raised:
@@ -970,6 +978,17 @@ async def test_a_key_revoked_before_a_node_acts_on_it_is_refused_there_and_by_th
         assert raised.value.status == 401, name
     assert [entry.name for entry in primary.node.store.api_keys()] == []
     assert primary.node.store.active_epoch() == 1
+    # A node that has applied the revocation refuses a lookup before it looks anything up or audits it: no
+    # record of a detokenize that answered nothing (before, each was audited, then refused).
+    audited = primary.node.store.audit_seq
+    for call in (lambda: backup.service.detokenize(tokens, revoked),
+                 lambda: primary.service.detokenize(tokens, revoked),
+                 lambda: backup.service.reveal(tokens, revoked),
+                 lambda: backup.service.detokenize_read_point(1, 1, revoked)):
+        with pytest.raises(ServiceError) as raised:
+            await asyncio.wait_for(call(), 10)
+        assert raised.value.status == 401
+    assert primary.node.store.audit_seq == audited
     assert await primary.service.detokenize(tokens) == ["seen-before-the-revocation"]
     # A key created a moment ago, which the primary may not have applied yet, is not refused.
     fresh = json.loads((await backup.service.create_key("fresh", ["tokenize"], admin)).body)

@@ -236,8 +236,15 @@ class NodeService(LifecycleOperations, MembershipOperations):
     async def _route(self, kind: str, arguments: dict[str, Any],
                      local: Callable[..., Awaitable[_Result]]) -> _Result:
         """Run ``local`` here if this node is the primary, else forward to the primary, whose answer
-        is decoded into what ``local`` returns (_decode_forward_response)."""
+        is decoded into what ``local`` returns (_decode_forward_response).
+
+        Here on the primary, a request of a runtime key its table no longer holds is 401 before anything
+        runs: its own HTTP workers authenticate against the table the core last pushed them, which may lag
+        a revocation the core applied (a forwarded request is checked so too: _serve_forward)."""
         if self._is_primary():
+            key_id = _runtime_key_of(arguments)
+            if key_id is not None and self.node.store.api_key(key_id) is None:
+                raise revoked_key()
             try:
                 return await local(**arguments)
             except NotPrimary:
@@ -390,6 +397,7 @@ class NodeService(LifecycleOperations, MembershipOperations):
             arguments = {"principal": principal, "epoch": epoch, "values": values,
                          "items": [[token, ciphertext] for token, ciphertext in items]}
             return await self._route(TOKENIZE_SEALED, arguments, self._tokenize_sealed_here)
+        self._refuse_revoked_principal(principal)  # this node's own workers' table may lag (_route)
         self.node.metrics.record_sealed("worker", len(items))
         result = await self._coalescer.submit(epoch, items)
         if result.outcome == ApplyOutcome.OK:
@@ -447,6 +455,7 @@ class NodeService(LifecycleOperations, MembershipOperations):
                 return await self._route(TOKENIZE_SEALED_EXTENDED, arguments, self._tokenize_sealed_extended_here)
             arguments = {"principal": principal, "values": values, "idempotency_key": None, **options.forwarded()}
             return await self._route(TOKENIZE_EXTENDED, arguments, self._tokenize_extended_here)
+        self._refuse_revoked_principal(principal)  # this node's own workers' table may lag (_route)
         self.node.metrics.record_sealed("worker", len(items))
         if options.merges_with_ttl:  # opaque, a TTL, no metadata: merged with others (coalesce.py)
             result = await self._coalescer.submit(epoch, items, options.ttl_seconds)
@@ -625,10 +634,11 @@ class NodeService(LifecycleOperations, MembershipOperations):
         tokens are looked up again (a deleted one reads null, one of an epoch destroyed meanwhile too:
         its keys are gone, though its row may still be there); with it off (or an index unknown), a
         read barrier."""
+        self._refuse_key_gone(actor)
         found = self.node.store.lookup(tokens, _now_ms())
         values = await self._detokenize(tokens, found, barrier=self._audit is None)
         index = await self._audit_detokenize(values, actor, None)
-        await self._refuse_revoked_key(actor, index)
+        await self._refuse_revoked_key(actor, index, any(value is not None for value in values))
         if found and self._audit is not None:
             await self._caught_up_to(index)
             still = self._still_live(list(found), None, _now_ms())
@@ -642,13 +652,14 @@ class NodeService(LifecycleOperations, MembershipOperations):
         metadata when asked, and with ``masked`` every value masked (formats.mask_value) before it
         leaves this method; metadata comes as ``"metadata_json"``, each mapping's canonical JSON text or
         None. Audited like ``detokenize``; a masked reveal's record says "masked"."""
+        self._refuse_key_gone(actor)
         found, local, epoch = await self._lookup_mappings(tokens, epoch, include_metadata,
                                                           barrier=self._audit is None)
         values = [found[token][0] if token in found else None for token in tokens]
         found_count = sum(value is not None for value in values)
         self.node.metrics.record_detokenized(found_count, len(values) - found_count)
         index = await self._audit_detokenize(values, actor, MASKED_SUBJECT if masked else None)
-        await self._refuse_revoked_key(actor, index)
+        await self._refuse_revoked_key(actor, index, found_count > 0)
         if local and self._audit is not None:
             # As in detokenize: what this node found itself is answered once it applied the record's own
             # entry, and looked up again (the primary answered the rest after its own read barrier).
@@ -685,6 +696,7 @@ class NodeService(LifecycleOperations, MembershipOperations):
         lacks is asked of the core. Deletes and destroys are rare, so the view seldom has to catch up.
         ``metadata``: the worker answers metadata too, which a later tokenize may have replaced: the index
         returned is then also at or past the last that did (Node.metadata_index)."""
+        self._refuse_key_gone(actor)
         if active_epoch is not None:
             await self._read_barrier_anywhere()
             if self.node.store.active_epoch() != active_epoch:
@@ -713,18 +725,27 @@ class NodeService(LifecycleOperations, MembershipOperations):
         except AuditUnavailable as error:
             raise Unavailable(f"{error}; the values were not returned (every detokenize is audited)") from None
 
-    async def _refuse_revoked_key(self, actor: commands.Actor | None, index: int | None) -> None:
+    def _refuse_key_gone(self, actor: commands.Actor | None) -> None:
+        """401 at once, before anything is looked up or audited, when the runtime key that sent the request
+        is no longer in this node's table (a revocation this node has applied since the HTTP layer, or a
+        worker whose table lagged, authenticated it)."""
+        if actor is not None and actor.key_id is not None and self.node.store.api_key(actor.key_id) is None:
+            raise revoked_key()
+
+    async def _refuse_revoked_key(self, actor: commands.Actor | None, index: int | None,
+                                  anything_found: bool = True) -> None:
         """401 when the runtime key that sent a detokenize, reveal or re-tokenize is no longer in this
         node's table once it has applied ``index``, the entry of the request's audit record: the HTTP layer
         authenticated the key against the table as it was, which may not hold a revocation acknowledged
         before the request started yet (a node catching up, a slow one); that entry comes after it. With
-        the audit trail off (no index) the table as of the read barrier the lookup took is checked."""
-        if actor is None or actor.key_id is None:
+        the audit trail off (no index) the table as of the read barrier the lookup took is checked. When
+        nothing was found (``anything_found`` false: every value null) there is nothing to withhold, and
+        the request does not wait for its entry."""
+        if actor is None or actor.key_id is None or not anything_found:
             return
         if index is not None:
             await self._caught_up_to(index)
-        if self.node.store.api_key(actor.key_id) is None:
-            raise revoked_key()
+        self._refuse_key_gone(actor)
 
     def _refuse_revoked_principal(self, principal: str) -> None:
         """401 when a tokenize answered as a read here, after its read barrier (so with every revocation

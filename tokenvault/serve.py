@@ -126,7 +126,8 @@ async def run_node(config: NodeConfig, config_path: Path | None = None) -> int:
     calls: CoreCalls | None = None
     if worker_count > 0 and config_path is not None:
         calls = CoreCalls(service, metrics, lambda: pool.channels() if pool is not None else [],
-                          max_backup_streams=config.http.max_backup_streams, worker_count=worker_count)
+                          max_backup_streams=config.http.max_backup_streams, worker_count=worker_count,
+                          requests_in_flight=config.http.max_inflight_requests)
         pool = WorkerPool(config_path, worker_count, calls, max_body_bytes=config.limits.max_body_bytes,
                           host=config.http.host, port=config.http.port,
                           max_inflight_requests=config.http.max_inflight_requests)

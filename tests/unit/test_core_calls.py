@@ -179,6 +179,19 @@ async def test_a_worker_s_membership_change_carries_its_runtime_key_to_the_core_
         await channel.close()
 
 
+@pytest.mark.parametrize(("workers", "requests", "share"), [
+    (2, 256, 2048), (4, 8192, 2048), (15, 256, 273), (1, 100_000, 4096), (3, 0, 1365)])
+def test_a_worker_s_share_of_read_points_covers_the_requests_it_may_work_on(
+        workers: int, requests: int, share: int) -> None:
+    """A worker's share of the core's read points is at least its share of [http] max_inflight_requests (one
+    read point a request), within the node's 4,096: a worker of 4 with max_inflight_requests 8,192 may work
+    on 2,048 requests at once, and was given 1,024 read points (4,096 / 4), so a working worker was refused."""
+    service = SimpleNamespace(node=SimpleNamespace(config=SimpleNamespace(limits=LimitsConfig())))
+    calls = CoreCalls(cast(Any, service), Metrics("core"), lambda: [], max_backup_streams=1, worker_count=workers,
+                      requests_in_flight=requests)
+    assert calls._read_points_share == share
+
+
 async def test_one_worker_cannot_take_the_read_points_of_the_others() -> None:
     """docs/architecture.md: at most MAX_READ_POINTS_IN_FLIGHT read points run at once in a core, and each
     worker's channel at most its share of them (that bound over the node's workers), so a worker that

@@ -83,7 +83,7 @@ class CoreCalls:
     """The core's side of every worker channel: ``handlers`` for a Channel, plus the backup streams open."""
 
     def __init__(self, service: NodeService, metrics: Metrics, workers: Callable[[], list[tuple[str, Channel]]],
-                 *, max_backup_streams: int, worker_count: int = 1) -> None:
+                 *, max_backup_streams: int, worker_count: int = 1, requests_in_flight: int = 0) -> None:
         self._service = service
         self._metrics = metrics
         self._workers = workers
@@ -92,7 +92,12 @@ class CoreCalls:
         self._read_points_in_flight = 0
         # Each worker's channel runs at most its share of the read points (_read_points): one worker that
         # takes all it may still leaves every other worker its own.
-        self._read_points_share = max(1, MAX_READ_POINTS_IN_FLIGHT // max(1, worker_count))
+        # At least the requests one worker may work on at once (its share of ``requests_in_flight``, [http]
+        # max_inflight_requests), one read point each, so that a working worker is never refused below the
+        # node's bound: that share can be the larger one where max_inflight_requests is set above 4,096.
+        count = max(1, worker_count)
+        self._read_points_share = min(MAX_READ_POINTS_IN_FLIGHT,
+                                      max(1, MAX_READ_POINTS_IN_FLIGHT // count, -(-requests_in_flight // count)))
         self._read_points_of: dict[Channel | None, int] = {}
         self._limits = service.node.config.limits
         self._max_backup_streams = max_backup_streams

@@ -206,15 +206,16 @@ def write_secret_file(path: Path | str, secret: bytes) -> None:
     """Write ``secret`` as hex to a new file created with mode 0600.
 
     Refuses to overwrite an existing file, so a cluster's keys are never
-    replaced by accident. The secret is written and fsynced under a
-    temporary name first and then linked to ``path`` (which fails if ``path``
-    exists), so ``path`` appears whole or not at all: a write that fails
-    half-way (a full disk) leaves no partial key file behind that every later
-    try would refuse to replace."""
+    replaced by accident. A write that fails half-way (a full disk) removes
+    the file it created, so no partial key file is left behind that every
+    later try would refuse to replace. Written in place, not under a
+    temporary name linked into place: a process killed meanwhile would leave
+    a hidden whole copy of the secret that nothing removes, where a partial
+    file under the key's own name is seen (the key's reader refuses it as
+    malformed, naming it), and hard links are not on every file system."""
     path = Path(path)
-    temporary = path.with_name(f".{path.name}.{os.urandom(6).hex()}.tmp")
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    descriptor = os.open(temporary, flags, 0o600)
+    descriptor = os.open(path, flags, 0o600)
     try:
         try:
             os.fchmod(descriptor, 0o600)
@@ -222,9 +223,9 @@ def write_secret_file(path: Path | str, secret: bytes) -> None:
             os.fsync(descriptor)
         finally:
             os.close(descriptor)
-        os.link(temporary, path, follow_symlinks=False)
-    finally:
-        temporary.unlink(missing_ok=True)
+    except BaseException:
+        path.unlink(missing_ok=True)  # this call created it (O_EXCL): only ever our own partial file
+        raise
     fsync_directory(path.parent)
 
 

@@ -310,6 +310,24 @@ async def test_a_checkpoint_left_by_a_node_killed_mid_backup_is_removed_when_it_
         await running.close()
 
 
+async def test_backup_leftovers_a_node_cannot_remove_at_its_start_are_said(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What cannot be removed (a read-only mount, a file the node may not delete) is logged once with what is
+    left, since it may hold rows shredded since; before, the removal ignored its errors without a word."""
+    from tokenvault.core import node as node_module
+    config, = make_configs(tmp_path, 1)
+    leftover = config.data_dir / BACKUP_WORK_DIR_NAME / "backup-0123" / "source-1"
+    leftover.mkdir(parents=True)
+    (leftover / "000001.sst").write_bytes(b"rows deleted since this checkpoint was taken")
+    monkeypatch.setattr(node_module.shutil, "rmtree", lambda path, ignore_errors=False: None)  # removes nothing
+    with capture_logs() as logs:
+        running = await start_node(config)
+        await running.close()
+    (said,) = [entry for entry in logs if entry["event"] == "node.backup_leftovers_not_removed"]
+    assert said["log_level"] == "warning" and said["entries"] == 3
+    assert said["directory"] == str(config.data_dir / BACKUP_WORK_DIR_NAME)
+
+
 # ---------------------------------------------------------------- the CLI download
 
 

@@ -89,6 +89,20 @@ class TaskEnded(Exception):
     """The driver or the ticker returned, which they never do while the node runs."""
 
 
+def _remove_backup_leftovers(work_root: Path) -> None:
+    """Remove the backup checkpoints a process that died mid-stream left (Node's constructor); what cannot be
+    removed is said, once: those files may hold rows deleted and shredded since (docs/guarantees.md)."""
+    shutil.rmtree(work_root, ignore_errors=True)
+    if os.path.lexists(work_root):
+        try:
+            left = sum(1 for _ in work_root.rglob("*")) if work_root.is_dir() else 1
+        except OSError:
+            left = -1  # not even listable
+        log.warning("node.backup_leftovers_not_removed", directory=str(work_root), entries=left,
+                    detail="remove it by hand with the node stopped: a backup checkpoint left there may hold "
+                           "rows deleted and shredded since")
+
+
 def fatal_text(error: BaseException) -> str:
     """What node.fatal says of ``error`` besides its type, 300 characters at most: an OSError's strerror
     and file; RocksDB's status (rocksdict raises it as a bare Exception; store_layout.reason cuts out the
@@ -238,7 +252,7 @@ class Node:
         # A backup stream's checkpoint left by a process that died mid-stream: hard links to the store's
         # table files, it would keep the bytes of rows deleted (and epoch secrets destroyed) and shredded since.
         # No stream is open before the node starts; the store's lock, taken above, keeps a second process here.
-        shutil.rmtree(self.data_dir / BACKUP_WORK_DIR_NAME, ignore_errors=True)
+        _remove_backup_leftovers(self.data_dir / BACKUP_WORK_DIR_NAME)
         self.snapshots = SnapshotTransfers(self.data_dir, lambda: self.store, self._run_in_driver,
                                            self.send_to_peer, self.shredder, self._peer_backlog_bytes)
         self.metrics.watch_disk(self._disk_free_bytes, self._store_table_bytes, lambda: float(self.wal.segment_bytes))

@@ -905,17 +905,23 @@ async def test_a_dialer_whose_certificate_names_another_member_is_refused(
     # n3's genuine certificate and the cluster secret, claiming to be n1 (the one id that may dial n2).
     acceptor = await mesh.start("n2", tls=cluster_tls["n2"])
     with capture_logs() as logs:
-        impostor = await RawPeer.connect(mesh.ports["n2"], tls_context=cluster_tls["n3"].client)
-        try:
-            with pytest.raises((AssertionError, EOFError, ConnectionError)):
-                await impostor.handshake("n1", "n2", mesh.secret)
-            await impostor.read_until_closed()
-        finally:
-            impostor.close()
-        await wait_until(lambda: acceptor.transport.handshake_failures == 1, 5, "the refusal")
-    assert not acceptor.transport.is_connected("n1") and acceptor.received == []
+        await claiming_n1_is_refused_by(acceptor, mesh, cluster_tls["n3"].client)
     failures = [entry for entry in logs if entry["event"] == "peer.handshake_failed"]
     assert failures and failures[0]["reason"] == "HandshakeError"
+
+
+async def claiming_n1_is_refused_by(acceptor: Side, mesh: Mesh, tls_context: ssl.SSLContext) -> None:
+    """A raw peer dials n2 (``acceptor``) with ``tls_context`` and the cluster secret, claiming to be n1: the
+    handshake fails, the acceptor counts one refusal and links nothing."""
+    impostor = await RawPeer.connect(mesh.ports["n2"], tls_context=tls_context)
+    try:
+        with pytest.raises((AssertionError, EOFError, ConnectionError)):
+            await impostor.handshake("n1", "n2", mesh.secret)
+        await impostor.read_until_closed()
+    finally:
+        impostor.close()
+    await wait_until(lambda: acceptor.transport.handshake_failures == 1, 5, "the refusal")
+    assert not acceptor.transport.is_connected("n1") and acceptor.received == []
 
 
 @pytest.fixture(scope="module")
@@ -939,15 +945,7 @@ async def test_a_dialer_whose_certificate_names_several_members_is_refused(
     # (the one id that may dial n2): the acceptor took any id the certificate named (checked on the code
     # before: the handshake completed and n2 linked "n1").
     acceptor = await mesh.start("n2", tls=several_ids_tls["n2"])
-    impostor = await RawPeer.connect(mesh.ports["n2"], tls_context=several_ids_tls["n3+n1"].client)
-    try:
-        with pytest.raises((AssertionError, EOFError, ConnectionError)):
-            await impostor.handshake("n1", "n2", mesh.secret)
-        await impostor.read_until_closed()
-    finally:
-        impostor.close()
-    await wait_until(lambda: acceptor.transport.handshake_failures == 1, 5, "the refusal")
-    assert not acceptor.transport.is_connected("n1") and acceptor.received == []
+    await claiming_n1_is_refused_by(acceptor, mesh, several_ids_tls["n3+n1"].client)
 
 
 async def dialed_by_n1(mesh: Mesh, greeting: bytes, server_tls: ssl.SSLContext | None = None,

@@ -19,6 +19,7 @@ from node_support import RunningNode, wait_until
 from tokenvault.api.channel import (DEFAULT_REQUESTS_IN_FLIGHT, MAX_CONCURRENT_CALLS, MAX_CONTAINER_ITEMS,
                                     MAX_FRAME_ELEMENTS, Channel, ChannelClosed, current_call, decode_message,
                                     max_frame_bytes)
+from tokenvault.api import channel as channel_module
 from tokenvault.api.core_calls import CoreCalls, merge_expositions
 from tokenvault.api.http import HttpLimits
 from tokenvault.api.remote import EPOCH_TOPIC, RemoteService, _decode_epoch_keys, decode_key_rows
@@ -663,3 +664,31 @@ async def test_calls_past_the_most_a_core_runs_at_once_are_overloaded_and_the_ch
         await core.close()
         await worker.close()
         await asyncio.gather(*calls, return_exceptions=True)
+
+
+async def test_a_side_that_sends_calls_it_must_refuse_and_never_reads_is_closed_with_bounded_frames() -> None:
+    """A refusal (an overload, an unknown call) does not wait for the socket as an answer does: a worker
+    that floods its core with calls and never reads its answers made the core hold a failure frame for each,
+    without bound. Past MAX_HELD_FRAMES_WHEN_REFUSING frames held unwritten the core closes the channel
+    (channel.refused) instead."""
+    core_socket, raw = socket.socketpair()
+    reader, writer = await asyncio.open_unix_connection(sock=core_socket)
+    core = Channel(reader, writer, handlers={}, max_frame_bytes=FRAME_BYTES, name="core").start()
+    raw.setblocking(False)
+    loop = asyncio.get_running_loop()
+    calls = b"".join(struct.pack(">I", len(frame)) + frame
+                     for frame in (msgpack.packb([0, call_id, "nothing-here", {}]) for call_id in range(1, 2001)))
+    sent = 0
+    try:
+        while not core.closed.is_set() and sent < 200:  # at most 400,000 calls, each refused
+            try:
+                await asyncio.wait_for(loop.sock_sendall(raw, calls), 5.0)
+            except (BrokenPipeError, ConnectionResetError):
+                break  # closed meanwhile
+            sent += 1
+            held = len(core._outgoing)
+            assert held <= channel_module.MAX_HELD_FRAMES_WHEN_REFUSING
+        await wait_until(core.closed.is_set, 5.0, "the core to close the channel of a side that does not read")
+    finally:
+        raw.close()
+        await core.close()

@@ -99,6 +99,12 @@ DEFAULT_MAX_VALUE_BYTES = 4096
 HOLD_BACK_BYTES = 1024 * 1024
 # Calls one side runs at once for the other; beyond it a call is refused with 503 at once.
 MAX_CONCURRENT_CALLS = 4096
+# Frames held unwritten (the other side is not reading) past which a call this side must refuse closes the
+# channel instead: a refusal does not wait for the socket as an answer does, so a side that sends calls
+# and never reads its answers would otherwise grow them without bound. A working side has no more calls
+# waiting than the requests it works on, whose answers (MAX_CONCURRENT_CALLS at most, each waiting for
+# the socket) and refusals stay far below this.
+MAX_HELD_FRAMES_WHEN_REFUSING = 2 * MAX_CONCURRENT_CALLS
 # [http] max_inflight_requests' default (tokenvault.config.HttpConfig): the requests a worker of a
 # one-worker node works on at once, for a channel not given its own byte budget (max_call_bytes_in_flight).
 DEFAULT_REQUESTS_IN_FLIGHT = 256
@@ -388,17 +394,17 @@ class Channel:
         """Run call ``call_id``, whose frame took ``frame_bytes``: held, with its arguments, until answered."""
         handler = self._handlers.get(method)
         if handler is None:
-            self._reply_failure(call_id, Unavailable("the core refused a channel call (unknown call)"))
+            self._refuse(call_id, Unavailable("the core refused a channel call (unknown call)"))
             return
         if len(self._serving) >= MAX_CONCURRENT_CALLS:
             # An overload like the byte budget's below (503 overloaded, no effect), not a failure of the node.
-            self._reply_failure(call_id, Overloaded("the node's core holds as many calls from this process at "
-                                                    "once as it takes; the request had no effect: retry later"))
+            self._refuse(call_id, Overloaded("the node's core holds as many calls from this process at "
+                                             "once as it takes; the request had no effect: retry later"))
             return
         if self._call_bytes + frame_bytes > self._max_call_bytes:
             # Refused before it is held: its arguments go with this frame, the channel stays up.
-            self._reply_failure(call_id, Overloaded("the node's core holds as many calls from this process as "
-                                                    "it takes; the request had no effect: retry later"))
+            self._refuse(call_id, Overloaded("the node's core holds as many calls from this process as "
+                                             "it takes; the request had no effect: retry later"))
             return
         self._call_bytes += frame_bytes
         served = ServedCall(self, call_id)
@@ -444,6 +450,13 @@ class Channel:
             await self._writer.drain()
         except (ConnectionError, RuntimeError):
             self._close_now()
+
+    def _refuse(self, call_id: int, error: ServiceError) -> None:
+        """Refuse call ``call_id`` at once (an overload, an unknown call); ChannelProtocolError, which closes
+        the channel, when the other side does not read what it was answered (MAX_HELD_FRAMES_WHEN_REFUSING)."""
+        if len(self._outgoing) >= MAX_HELD_FRAMES_WHEN_REFUSING:
+            raise ChannelProtocolError("the other side sends calls past the bounds and does not read the answers")
+        self._reply_failure(call_id, error)
 
     def _reply_failure(self, call_id: int, error: ServiceError) -> None:
         try:

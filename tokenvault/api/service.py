@@ -242,9 +242,7 @@ class NodeService(LifecycleOperations, MembershipOperations):
         runs: its own HTTP workers authenticate against the table the core last pushed them, which may lag
         a revocation the core applied (a forwarded request is checked so too: _serve_forward)."""
         if self._is_primary():
-            key_id = _runtime_key_of(arguments)
-            if key_id is not None and self.node.store.api_key(key_id) is None:
-                raise revoked_key()
+            self._refuse_gone_key(_runtime_key_of(arguments))
             try:
                 return await local(**arguments)
             except NotPrimary:
@@ -725,12 +723,17 @@ class NodeService(LifecycleOperations, MembershipOperations):
         except AuditUnavailable as error:
             raise Unavailable(f"{error}; the values were not returned (every detokenize is audited)") from None
 
+    def _refuse_gone_key(self, key_id: str | None) -> None:
+        """401 when the runtime key ``key_id`` (None: a bootstrap key, never checked) is not in this node's
+        table now: the one check every revocation path below makes, at its own moment."""
+        if key_id is not None and self.node.store.api_key(key_id) is None:
+            raise revoked_key()
+
     def _refuse_key_gone(self, actor: commands.Actor | None) -> None:
         """401 at once, before anything is looked up or audited, when the runtime key that sent the request
         is no longer in this node's table (a revocation this node has applied since the HTTP layer, or a
         worker whose table lagged, authenticated it)."""
-        if actor is not None and actor.key_id is not None and self.node.store.api_key(actor.key_id) is None:
-            raise revoked_key()
+        self._refuse_gone_key(None if actor is None else actor.key_id)
 
     async def _refuse_revoked_key(self, actor: commands.Actor | None, index: int | None,
                                   anything_found: bool = True) -> None:
@@ -750,9 +753,7 @@ class NodeService(LifecycleOperations, MembershipOperations):
     def _refuse_revoked_principal(self, principal: str) -> None:
         """401 when a tokenize answered as a read here, after its read barrier (so with every revocation
         acknowledged before the request started applied), comes from a runtime key no longer in the table."""
-        key_id = auth.runtime_key_id_of_identity(principal)
-        if key_id is not None and self.node.store.api_key(key_id) is None:
-            raise revoked_key()
+        self._refuse_gone_key(auth.runtime_key_id_of_identity(principal))
 
     async def _refuse_revoked_key_id(self, key_id: str | None) -> None:
         """401 when the runtime key ``key_id`` (None: a bootstrap key, never checked) is not in this node's
@@ -762,8 +763,7 @@ class NodeService(LifecycleOperations, MembershipOperations):
         if key_id is None:
             return
         await self._read_barrier_anywhere()
-        if self.node.store.api_key(key_id) is None:
-            raise revoked_key()
+        self._refuse_gone_key(key_id)
 
     async def _refuse_forwarded_revoked_key(self, key_id: str | None) -> None:
         """On the primary: 401 for a forwarded request of a runtime key it no longer holds. The backup
@@ -772,8 +772,7 @@ class NodeService(LifecycleOperations, MembershipOperations):
         if key_id is None or self.node.store.api_key(key_id) is not None:
             return
         await self._read_barrier()
-        if self.node.store.api_key(key_id) is None:
-            raise revoked_key()
+        self._refuse_gone_key(key_id)
 
     async def _lookup_mappings(self, tokens: list[str], epoch: int | None, include_metadata: bool, *,
                                barrier: bool = False

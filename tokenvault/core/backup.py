@@ -481,7 +481,7 @@ def _install_store(store_dir: Path, staged: StagedSnapshot, config: Any, master_
     try:
         # A new, empty store, into which the checkpoint is installed as a received snapshot would be:
         # prepare_install verifies it (RocksDB options, meta at (index, view), epochs, token count).
-        store = VaultStore.open(store_dir, retention_ms=config.idempotency.retention_hours * 3600 * 1000)
+        store = VaultStore.open(store_dir, retention_ms=config.idempotency.retention_ms)
     except StoreError as error:
         raise BackupError(f"cannot create the store in {store_dir}: {error}") from None
     try:

@@ -168,7 +168,7 @@ class Node:
         # counts in no election: docs/failure-modes.md).
         self.member_floors = MemberFloors(self.data_dir)
         self.store = VaultStore.open(self.data_dir / STORE_DIRECTORY,
-                                     retention_ms=config.idempotency.retention_hours * 3600 * 1000)
+                                     retention_ms=config.idempotency.retention_ms)
         self.wal, recovered = WriteAheadLog.open(self.data_dir / "wal",
                                                  max_segment_bytes=config.wal.max_segment_bytes,
                                                  fsync=config.wal.fsync)

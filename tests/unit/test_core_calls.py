@@ -157,14 +157,20 @@ async def test_a_worker_cannot_read_or_close_another_worker_s_backup_stream(sing
         await calls.close_backups()
 
 
-async def test_a_worker_s_membership_change_carries_its_runtime_key_to_the_core_which_refuses_a_revoked_one(
-        single: RunningNode) -> None:
-    """docs/security.md, "Revocation": the core checks the key a worker authenticated, after a read barrier;
-    a revoked key's change is 401 and changes nothing, a key still held gets the change's own answer."""
+async def a_revoked_and_a_kept_admin_key(single: RunningNode) -> tuple[str, str]:
+    """The ids of two runtime admin keys made on ``single``, the first revoked since."""
     admin = commands.Actor(name="admin", request_id="r")
     revoked_id = json.loads((await single.service.create_key("leaked", ["admin"], admin)).body)["id"]
     kept_id = json.loads((await single.service.create_key("kept", ["admin"], admin)).body)["id"]
     assert (await single.service.revoke_key(revoked_id, admin)).status == 200
+    return revoked_id, kept_id
+
+
+async def test_a_worker_s_membership_change_carries_its_runtime_key_to_the_core_which_refuses_a_revoked_one(
+        single: RunningNode) -> None:
+    """docs/security.md, "Revocation": the core checks the key a worker authenticated, after a read barrier;
+    a revoked key's change is 401 and changes nothing, a key still held gets the change's own answer."""
+    revoked_id, kept_id = await a_revoked_and_a_kept_admin_key(single)
     core, channel = await pair(core_calls(single).handlers)
     try:
         worker = RemoteService(single.node_id, channel)
@@ -232,10 +238,7 @@ async def test_a_worker_s_admin_reads_carry_its_runtime_key_to_the_core_which_re
         single: RunningNode) -> None:
     """docs/security.md, "Revocation": the key, epoch and member listings and an epoch's token pages name the
     key a worker authenticated, which the core checks after a read barrier; a key still held is answered."""
-    admin = commands.Actor(name="admin", request_id="r")
-    revoked_id = json.loads((await single.service.create_key("leaked", ["admin"], admin)).body)["id"]
-    kept_id = json.loads((await single.service.create_key("kept", ["admin"], admin)).body)["id"]
-    assert (await single.service.revoke_key(revoked_id, admin)).status == 200
+    revoked_id, kept_id = await a_revoked_and_a_kept_admin_key(single)
     core, channel = await pair(core_calls(single).handlers)
     try:
         worker = RemoteService(single.node_id, channel)
